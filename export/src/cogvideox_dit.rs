@@ -1,0 +1,475 @@
+//! CogVideoX diffusion transformer (`CogVideoXTransformer3DModel`) as an ONNX graph.
+//!
+//! Mirrors diffusers 0.42.1 `models/transformers/cogvideox_transformer_3d.py`: patch embedding
+//! with text projection, sinusoidal timestep embedding, `CogVideoXBlock`s (LayerNormZero
+//! modulation, joint text+video attention with QK LayerNorm and RoPE on the video tokens,
+//! GELU-tanh feed-forward), final norm, AdaLayerNorm, projection and unpatchify.
+//!
+//! Graph contract (DESIGN.md): inputs `hidden_states [B,F,Cin,H,W]`, `encoder_hidden_states
+//! [B,L,Dtext]`, `timestep` int64 `[B]`, `rope_cos`/`rope_sin [F·(H/p)·(W/p), Dhead]`; output
+//! `sample [B,F,Cout,H,W]`. RoPE tables are inputs because they depend on the sample size,
+//! which stays dynamic; the runtime builds them as the diffusers pipeline does.
+//!
+//! ```text
+//! v2l-export dit path/to/transformer -o out/   # writes out/dit.onnx
+//! ```
+
+use serde::Deserialize;
+use v2l_graphs::{DType, Dim, Graph, Value};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ExportError, Result};
+use crate::scope::{LinearInfo, Scope};
+
+pub const CLASS_NAME: &str = "CogVideoXTransformer3DModel";
+
+/// The `config.json` fields the graph depends on (defaults as in diffusers).
+#[derive(Clone, Debug, Deserialize)]
+pub struct DitConfig {
+    #[serde(default = "d30")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d64")]
+    pub attention_head_dim: usize,
+    #[serde(default = "d16")]
+    pub in_channels: usize,
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: i64,
+    #[serde(default = "d512")]
+    pub time_embed_dim: usize,
+    #[serde(default)]
+    pub ofs_embed_dim: Option<usize>,
+    #[serde(default = "d4096")]
+    pub text_embed_dim: usize,
+    #[serde(default = "d30")]
+    pub num_layers: usize,
+    #[serde(default = "yes")]
+    pub attention_bias: bool,
+    #[serde(default = "d2")]
+    pub patch_size: usize,
+    #[serde(default)]
+    pub patch_size_t: Option<usize>,
+    #[serde(default = "gelu_approx")]
+    pub activation_fn: String,
+    #[serde(default = "silu")]
+    pub timestep_activation_fn: String,
+    #[serde(default = "yes")]
+    pub norm_elementwise_affine: bool,
+    #[serde(default = "eps5")]
+    pub norm_eps: f32,
+    #[serde(default)]
+    pub use_rotary_positional_embeddings: bool,
+    #[serde(default)]
+    pub use_learned_positional_embeddings: bool,
+    #[serde(default = "yes")]
+    pub patch_bias: bool,
+    #[serde(default = "d49")]
+    pub sample_frames: usize,
+    #[serde(default = "d60")]
+    pub sample_height: usize,
+    #[serde(default = "d90")]
+    pub sample_width: usize,
+    #[serde(default = "d226")]
+    pub max_text_seq_length: usize,
+    #[serde(default = "d4")]
+    pub temporal_compression_ratio: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn d2() -> usize {
+    2
+}
+fn d4() -> usize {
+    4
+}
+fn d16() -> usize {
+    16
+}
+fn d30() -> usize {
+    30
+}
+fn d49() -> usize {
+    49
+}
+fn d60() -> usize {
+    60
+}
+fn d64() -> usize {
+    64
+}
+fn d90() -> usize {
+    90
+}
+fn d226() -> usize {
+    226
+}
+fn d512() -> usize {
+    512
+}
+fn d4096() -> usize {
+    4096
+}
+fn eps5() -> f32 {
+    1e-5
+}
+fn gelu_approx() -> String {
+    "gelu-approximate".into()
+}
+fn silu() -> String {
+    "silu".into()
+}
+
+impl DitConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+}
+
+/// Export choices that are not in the checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct DitOptions {
+    /// Storage type of the weights (`None`: f32). The graph computes in f32 either way.
+    pub weight_dtype: Option<DType>,
+}
+
+/// The exported graph and what a LoRA can target in it.
+pub struct DitExport {
+    pub graph: Graph,
+    pub config: DitConfig,
+    /// Every `nn.Linear`, in `named_modules()` order (the LiLoRA layer order).
+    pub linears: Vec<LinearInfo>,
+    /// Checkpoint tensors the graph does not use.
+    pub unused_keys: Vec<String>,
+}
+
+/// Builds the DiT graph from a diffusers transformer checkpoint.
+pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
+    let cfg: DitConfig = ckpt.config(CLASS_NAME)?;
+    check_supported(ckpt, &cfg)?;
+    let mut g = Graph::new("cogvideox_dit");
+    let mut vb = Scope::new(ckpt);
+    vb.weight_dtype = opts.weight_dtype;
+
+    let dh = cfg.attention_head_dim as i64;
+    let hidden = g.input(
+        "hidden_states",
+        DType::F32,
+        vec!["batch".into(), "frames".into(), Dim::Fixed(cfg.in_channels as i64), "height".into(), "width".into()],
+    );
+    let text = g.input(
+        "encoder_hidden_states",
+        DType::F32,
+        vec!["batch".into(), "text_len".into(), Dim::Fixed(cfg.text_embed_dim as i64)],
+    );
+    let timestep = g.input("timestep", DType::I64, vec!["batch".into()]);
+    let rope_cos = g.input("rope_cos", DType::F32, vec!["video_tokens".into(), Dim::Fixed(dh)]);
+    let rope_sin = g.input("rope_sin", DType::F32, vec!["video_tokens".into(), Dim::Fixed(dh)]);
+
+    // Modules are visited in `named_modules()` order so `linears` comes out in LiLoRA order.
+    let tokens = patch_embed(&mut g, &vb.pp("patch_embed"), &cfg, &text, &hidden)?;
+    let temb = time_embedding(&mut g, &vb, &cfg, &timestep)?;
+    let text_len = g.shape_range(&text, 1, 2);
+    let rope = g.scoped("rope", |g| Rope::new(g, &text_len, &rope_cos, &rope_sin, dh));
+
+    let (mut enc, mut x) = split_text(&mut g, &tokens, &text_len);
+    let temb_act = g.silu(&temb);
+    for i in 0..cfg.num_layers {
+        let blk = vb.pp("transformer_blocks").pp(i);
+        (x, enc) = block(&mut g, &blk, &cfg, &x, &enc, &temb_act, &rope, &text_len)?;
+    }
+
+    let x = vb.layer_norm(&mut g, &x, "norm_final", cfg.inner_dim(), cfg.norm_eps, cfg.norm_elementwise_affine)?;
+    let x = ada_layer_norm(&mut g, &vb.pp("norm_out"), &cfg, &x, &temb_act)?;
+    let p = cfg.patch_size;
+    let x = vb.linear(&mut g, &x, "proj_out", cfg.inner_dim(), p * p * cfg.out_channels(), true)?;
+    let sample = g.scoped("unpatchify", |g| unpatchify(g, &x, &hidden, p as i64, cfg.out_channels() as i64));
+    g.output(
+        &sample,
+        "sample",
+        DType::F32,
+        vec!["batch".into(), "frames".into(), Dim::Fixed(cfg.out_channels() as i64), "height".into(), "width".into()],
+    );
+    g.metadata("v2l.architecture", CLASS_NAME);
+    let linears = vb.linears();
+    let unused_keys = ckpt.unused_keys();
+    Ok(DitExport { graph: g, config: cfg, linears, unused_keys })
+}
+
+fn check_supported(ckpt: &Checkpoint, cfg: &DitConfig) -> Result<()> {
+    let path = ckpt.dir().join("config.json");
+    let unsupported = |what: &str| Err(ExportError::Unsupported { path: path.clone(), what: what.into() });
+    if cfg.patch_size_t.is_some() {
+        return unsupported("CogVideoX 1.5 temporal patching (`patch_size_t`)");
+    }
+    if cfg.ofs_embed_dim.is_some() {
+        return unsupported("the `ofs` embedding of CogVideoX 1.5 I2V (`ofs_embed_dim`)");
+    }
+    if !cfg.use_rotary_positional_embeddings {
+        return unsupported("sin-cos positional embeddings without RoPE (`use_rotary_positional_embeddings: false`)");
+    }
+    if cfg.activation_fn != "gelu-approximate" {
+        return unsupported(&format!("activation_fn `{}`", cfg.activation_fn));
+    }
+    if cfg.timestep_activation_fn != "silu" {
+        return unsupported(&format!("timestep_activation_fn `{}`", cfg.timestep_activation_fn));
+    }
+    if cfg.inner_dim() % 2 != 0 || cfg.attention_head_dim % 2 != 0 {
+        return unsupported("an odd inner or head dimension");
+    }
+    Ok(())
+}
+
+/// `CogVideoXPatchEmbed`: text projection, per-frame patch convolution, `[text; video]` tokens.
+fn patch_embed(g: &mut Graph, vb: &Scope, cfg: &DitConfig, text: &Value, hidden: &Value) -> Result<Value> {
+    let d = cfg.inner_dim();
+    let p = cfg.patch_size;
+    let w = vb.pp("proj").weight(g, "weight", &[d, cfg.in_channels, p, p])?;
+    let b = if cfg.patch_bias { Some(vb.pp("proj").weight(g, "bias", &[d])?) } else { None };
+    let t = vb.linear(g, text, "text_proj", cfg.text_embed_dim, d, true)?;
+    let tokens = g.scoped(vb.prefix(), |g| {
+        // [B,F,C,H,W] -> [B·F,C,H,W] -> conv -> [B,F,D,h·w] -> [B,F,h·w,D] -> [B,F·h·w,D]
+        let chw = g.shape_range(hidden, 2, 5);
+        let minus1 = g.const_i64(&[-1]);
+        let s = g.concat(&[&minus1, &chw], 0);
+        let frames = g.reshape(hidden, &s);
+        let p = p as i64;
+        let mut ins = vec![&frames, &w];
+        if let Some(b) = b.as_ref() {
+            ins.push(b);
+        }
+        let y = g.op(
+            "Conv",
+            &ins,
+            vec![("kernel_shape", v2l_graphs::Attr::Ints(vec![p, p])), ("strides", v2l_graphs::Attr::Ints(vec![p, p]))],
+        );
+        let bf = g.shape_range(hidden, 0, 2);
+        let tail = g.const_i64(&[d as i64, -1]);
+        let s = g.concat(&[&bf, &tail], 0);
+        let y = g.reshape(&y, &s);
+        let y = g.transpose(&y, &[0, 1, 3, 2]);
+        let y = g.reshape_to(&y, &[0, -1, d as i64]);
+        g.concat(&[&t, &y], 1)
+    });
+    if cfg.use_learned_positional_embeddings {
+        // CogVideoX-5B-I2V 1.0: a learned table for the default sample size only (as diffusers).
+        let ph = cfg.sample_height / p;
+        let pw = cfg.sample_width / p;
+        let pf = (cfg.sample_frames - 1) / cfg.temporal_compression_ratio + 1;
+        let n = cfg.max_text_seq_length + ph * pw * pf;
+        let pos = vb.weight(g, "pos_embedding", &[1, n, d])?;
+        return Ok(g.add(&tokens, &pos));
+    }
+    Ok(tokens)
+}
+
+/// `Timesteps` (sinusoidal, diffusers' `get_timestep_embedding`) then `TimestepEmbedding`.
+fn time_embedding(g: &mut Graph, vb: &Scope, cfg: &DitConfig, timestep: &Value) -> Result<Value> {
+    let dim = cfg.inner_dim();
+    let half = dim / 2;
+    // Same f32 arithmetic as diffusers: exp(-ln(10000)·i / (half - shift)).
+    let c = -(10000f64.ln()) as f32;
+    let denom = (half as i64 - cfg.freq_shift) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| ((c * i as f32) / denom).exp()).collect();
+    let emb = g.scoped("time_proj", |g| {
+        let f = g.const_f32(&freqs, &[1, half as i64]);
+        let t = g.cast(timestep, DType::F32);
+        let t = g.unsqueeze(&t, &[1]);
+        let arg = g.mul(&t, &f);
+        let (s, c) = (g.sin(&arg), g.cos(&arg));
+        if cfg.flip_sin_to_cos {
+            g.concat(&[&c, &s], 1)
+        } else {
+            g.concat(&[&s, &c], 1)
+        }
+    });
+    let te = vb.pp("time_embedding");
+    let h = te.linear(g, &emb, "linear_1", dim, cfg.time_embed_dim, true)?;
+    let h = g.silu(&h);
+    te.linear(g, &h, "linear_2", cfg.time_embed_dim, cfg.time_embed_dim, true)
+}
+
+/// RoPE tables extended over the text tokens with cos = 1, sin = 0, so one multiply-add
+/// rotates the video tokens and leaves the text tokens exactly as they were.
+struct Rope {
+    cos: Value,
+    sin: Value,
+    /// `[Dh, Dh]` matrix with `x·R = stack(-x_odd, x_even)` interleaved: exact (one ±1 per column).
+    rotate: Value,
+}
+
+impl Rope {
+    fn new(g: &mut Graph, text_len: &Value, cos: &Value, sin: &Value, dh: i64) -> Rope {
+        let width = g.const_i64(&[dh]);
+        let shape = g.concat(&[text_len, &width], 0);
+        let one = g.scalar(1.0);
+        let zero = g.scalar(0.0);
+        let ones = g.op("Expand", &[&one, &shape], vec![]);
+        let zeros = g.op("Expand", &[&zero, &shape], vec![]);
+        let cos = g.concat(&[&ones, cos], 0);
+        let sin = g.concat(&[&zeros, sin], 0);
+        let n = dh as usize;
+        let mut r = vec![0f32; n * n];
+        for i in 0..n / 2 {
+            // out[2i] = -x[2i+1], out[2i+1] = x[2i]
+            r[(2 * i + 1) * n + 2 * i] = -1.0;
+            r[(2 * i) * n + 2 * i + 1] = 1.0;
+        }
+        let rotate = g.const_f32(&r, &[dh, dh]);
+        Rope { cos, sin, rotate }
+    }
+
+    /// `x·cos + rotate(x)·sin` for `x [B,H,S,Dh]`.
+    fn apply(&self, g: &mut Graph, x: &Value) -> Value {
+        let xr = g.matmul(x, &self.rotate);
+        let a = g.mul(x, &self.cos);
+        let b = g.mul(&xr, &self.sin);
+        g.add(&a, &b)
+    }
+}
+
+/// `CogVideoXLayerNormZero`: returns (norm x, norm enc, gate, enc gate), gates `[B,1,D]`.
+fn layer_norm_zero(
+    g: &mut Graph,
+    vb: &Scope,
+    cfg: &DitConfig,
+    x: &Value,
+    enc: &Value,
+    temb_act: &Value,
+) -> Result<(Value, Value, Value, Value)> {
+    let d = cfg.inner_dim();
+    let m = vb.linear(g, temb_act, "linear", cfg.time_embed_dim, 6 * d, true)?;
+    let nx = vb.layer_norm(g, x, "norm", d, cfg.norm_eps, cfg.norm_elementwise_affine)?;
+    let ne = vb.layer_norm(g, enc, "norm", d, cfg.norm_eps, cfg.norm_elementwise_affine)?;
+    Ok(g.scoped(vb.prefix(), |g| {
+        let m = g.unsqueeze(&m, &[1]);
+        let parts = g.chunk(&m, 6, 2);
+        let nx = modulate(g, &nx, &parts[1], &parts[0]);
+        let ne = modulate(g, &ne, &parts[4], &parts[3]);
+        (nx, ne, parts[2].clone(), parts[5].clone())
+    }))
+}
+
+/// `x·(1 + scale) + shift`, in diffusers' order of operations.
+fn modulate(g: &mut Graph, x: &Value, scale: &Value, shift: &Value) -> Value {
+    let one = g.scalar(1.0);
+    let s = g.add(&one, scale);
+    let y = g.mul(x, &s);
+    g.add(&y, shift)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block(
+    g: &mut Graph,
+    vb: &Scope,
+    cfg: &DitConfig,
+    x: &Value,
+    enc: &Value,
+    temb_act: &Value,
+    rope: &Rope,
+    text_len: &Value,
+) -> Result<(Value, Value)> {
+    let (nx, ne, gate, enc_gate) = layer_norm_zero(g, &vb.pp("norm1"), cfg, x, enc, temb_act)?;
+    let (ax, ae) = attention(g, &vb.pp("attn1"), cfg, &nx, &ne, rope, text_len)?;
+    let x = gated_residual(g, x, &gate, &ax);
+    let enc = gated_residual(g, enc, &enc_gate, &ae);
+
+    let (nx, ne, gate, enc_gate) = layer_norm_zero(g, &vb.pp("norm2"), cfg, &x, &enc, temb_act)?;
+    let h = g.concat(&[&ne, &nx], 1);
+    let ff = vb.pp("ff").pp("net");
+    let d = cfg.inner_dim();
+    let h = ff.pp("0").linear(g, &h, "proj", d, 4 * d, true)?;
+    let h = g.scoped(ff.prefix(), |g| g.gelu_tanh(&h));
+    let h = ff.linear(g, &h, "2", 4 * d, d, true)?;
+    let (he, hx) = split_text(g, &h, text_len);
+    let x = gated_residual(g, &x, &gate, &hx);
+    let enc = gated_residual(g, &enc, &enc_gate, &he);
+    Ok((x, enc))
+}
+
+fn gated_residual(g: &mut Graph, x: &Value, gate: &Value, h: &Value) -> Value {
+    let gh = g.mul(gate, h);
+    g.add(x, &gh)
+}
+
+/// Splits `[B, L+N, D]` into (text `[B,L,D]`, video `[B,N,D]`).
+fn split_text(g: &mut Graph, x: &Value, text_len: &Value) -> (Value, Value) {
+    let zero = g.const_i64(&[0]);
+    let end = g.const_i64(&[i64::MAX]);
+    (g.slice_dyn(x, 1, &zero, text_len), g.slice_dyn(x, 1, text_len, &end))
+}
+
+/// Joint attention (`CogVideoXAttnProcessor2_0`): returns (video out, text out).
+fn attention(
+    g: &mut Graph,
+    vb: &Scope,
+    cfg: &DitConfig,
+    x: &Value,
+    enc: &Value,
+    rope: &Rope,
+    text_len: &Value,
+) -> Result<(Value, Value)> {
+    let d = cfg.inner_dim();
+    let (h, dh) = (cfg.num_attention_heads as i64, cfg.attention_head_dim as i64);
+    let s = g.concat(&[enc, x], 1);
+    let bias = cfg.attention_bias;
+    let q = vb.linear(g, &s, "to_q", d, d, bias)?;
+    let k = vb.linear(g, &s, "to_k", d, d, bias)?;
+    let v = vb.linear(g, &s, "to_v", d, d, bias)?;
+    let heads = |g: &mut Graph, t: &Value| {
+        let t = g.reshape_to(t, &[0, 0, h, dh]);
+        g.transpose(&t, &[0, 2, 1, 3])
+    };
+    let (q, k, v) = g.scoped(vb.prefix(), |g| (heads(g, &q), heads(g, &k), heads(g, &v)));
+    let q = vb.layer_norm(g, &q, "norm_q", dh as usize, 1e-6, true)?;
+    let k = vb.layer_norm(g, &k, "norm_k", dh as usize, 1e-6, true)?;
+    let o = g.scoped(vb.prefix(), |g| {
+        let q = rope.apply(g, &q);
+        let k = rope.apply(g, &k);
+        let kt = g.transpose(&k, &[0, 1, 3, 2]);
+        let scores = g.matmul(&q, &kt);
+        let scale = g.scalar(1.0 / (dh as f32).sqrt());
+        let scores = g.mul(&scores, &scale);
+        let p = g.softmax(&scores, -1);
+        let o = g.matmul(&p, &v);
+        let o = g.transpose(&o, &[0, 2, 1, 3]);
+        g.reshape_to(&o, &[0, 0, d as i64])
+    });
+    let o = vb.pp("to_out").linear(g, &o, "0", d, d, true)?;
+    let (oe, ox) = g.scoped(vb.prefix(), |g| split_text(g, &o, text_len));
+    Ok((ox, oe))
+}
+
+/// `AdaLayerNorm(chunk_dim=1)`: `norm(x)·(1 + scale) + shift` with `shift, scale = linear(silu(temb))`.
+fn ada_layer_norm(g: &mut Graph, vb: &Scope, cfg: &DitConfig, x: &Value, temb_act: &Value) -> Result<Value> {
+    let d = cfg.inner_dim();
+    let m = vb.linear(g, temb_act, "linear", cfg.time_embed_dim, 2 * d, true)?;
+    let nx = vb.layer_norm(g, x, "norm", d, cfg.norm_eps, cfg.norm_elementwise_affine)?;
+    Ok(g.scoped(vb.prefix(), |g| {
+        let m = g.unsqueeze(&m, &[1]);
+        let parts = g.chunk(&m, 2, 2);
+        modulate(g, &nx, &parts[1], &parts[0])
+    }))
+}
+
+/// `[B, F·h·w, p·p·C] -> [B, F, C, h·p, w·p]`.
+fn unpatchify(g: &mut Graph, x: &Value, hidden: &Value, p: i64, c: i64) -> Value {
+    let bf = g.shape_range(hidden, 0, 2);
+    let hw = g.shape_range(hidden, 3, 5);
+    let pp = g.const_i64(&[p]);
+    let hw_p = g.div(&hw, &pp);
+    let tail = g.const_i64(&[c, p, p]);
+    let s = g.concat(&[&bf, &hw_p, &tail], 0);
+    let y = g.reshape(x, &s);
+    let y = g.transpose(&y, &[0, 1, 4, 2, 5, 3, 6]);
+    let cc = g.const_i64(&[c]);
+    let s = g.concat(&[&bf, &cc, &hw], 0);
+    g.reshape(&y, &s)
+}

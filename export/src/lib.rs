@@ -1,0 +1,19 @@
+//! `v2l-export`: checkpoint readers and one ONNX exporter per architecture.
+//!
+//! Data flows `Checkpoint` (memory-mapped safetensors + `config.json`) → [`Scope`] (a prefix
+//! into the checkpoint, like candle's `VarBuilder`) → an architecture file that builds a
+//! [`v2l_graphs::Graph`] whose initializers keep their checkpoint names.
+//!
+//! | file | architecture |
+//! |---|---|
+//! | [`cogvideox_dit`] | `CogVideoXTransformer3DModel` |
+//! | [`cogvideox_vae`] | `AutoencoderKLCogVideoX` encoder and decoder |
+
+pub mod checkpoint;
+pub mod cogvideox_dit;
+pub mod error;
+pub mod scope;
+
+pub use checkpoint::{Checkpoint, TensorRef};
+pub use error::{ExportError, Result};
+pub use scope::{LinearInfo, Scope};

@@ -1,0 +1,104 @@
+//! A checkpoint path prefix paired with the graph: the candle `VarBuilder` idea.
+//!
+//! Architecture code reads like the PyTorch module it mirrors:
+//! `let attn = vb.pp("transformer_blocks").pp(i).pp("attn1"); attn.linear(g, &x, "to_q", d, d, true)`
+//! adds the initializer `transformer_blocks.{i}.attn1.to_q.weight` under its checkpoint name.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use v2l_graphs::{DType, Graph, Value};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+
+/// An `nn.Linear` the exporter emitted: a layer a LoRA can target.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinearInfo {
+    /// Module path (`transformer_blocks.0.attn1.to_q`); the weight is `<name>.weight`.
+    pub name: String,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+#[derive(Clone)]
+pub struct Scope<'a> {
+    ckpt: &'a Checkpoint,
+    prefix: String,
+    linears: Rc<RefCell<Vec<LinearInfo>>>,
+    /// The type initializers are written in (the graph computes in f32; see `ExportOptions`).
+    pub weight_dtype: Option<DType>,
+}
+
+impl<'a> Scope<'a> {
+    pub fn new(ckpt: &'a Checkpoint) -> Self {
+        Scope { ckpt, prefix: String::new(), linears: Rc::default(), weight_dtype: None }
+    }
+
+    /// Descends into a submodule (`pp` as in candle: "push prefix").
+    pub fn pp(&self, name: impl std::fmt::Display) -> Scope<'a> {
+        Scope {
+            ckpt: self.ckpt,
+            prefix: self.key(&name.to_string()),
+            linears: self.linears.clone(),
+            weight_dtype: self.weight_dtype,
+        }
+    }
+
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The linear layers emitted so far through this scope tree, in call order.
+    pub fn linears(&self) -> Vec<LinearInfo> {
+        self.linears.borrow().clone()
+    }
+
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.ckpt
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.ckpt.contains(&self.key(name))
+    }
+
+    /// Adds the checkpoint tensor `name` (shape-checked) as an f32-computing initializer.
+    ///
+    /// With `weight_dtype` set to f16/bf16 the initializer keeps that storage type and a Cast
+    /// to f32 follows it, so big models stay small on disk while the graph still computes in f32.
+    pub fn weight(&self, g: &mut Graph, name: &str, shape: &[usize]) -> Result<Value> {
+        let t = self.ckpt.tensor(&self.key(name), shape)?;
+        let dims = shape.iter().map(|&d| d as i64).collect();
+        let store = self.weight_dtype.unwrap_or(DType::F32);
+        let v = g.initializer(&t.key, store, dims, t.data);
+        Ok(if store == DType::F32 { v } else { g.cast(&v, DType::F32) })
+    }
+
+    /// `nn.Linear(in, out)` named `name` under this scope, applied to `x`.
+    pub fn linear(&self, g: &mut Graph, x: &Value, name: &str, inp: usize, out: usize, bias: bool) -> Result<Value> {
+        let s = self.pp(name);
+        let w = s.weight(g, "weight", &[out, inp])?;
+        let b = if bias { Some(s.weight(g, "bias", &[out])?) } else { None };
+        self.linears.borrow_mut().push(LinearInfo { name: s.prefix().to_string(), out_features: out, in_features: inp });
+        Ok(g.scoped(s.prefix(), |g| g.linear(x, &w, b.as_ref(), out as i64)))
+    }
+
+    /// `nn.LayerNorm(dim, eps, elementwise_affine)` named `name` under this scope.
+    pub fn layer_norm(&self, g: &mut Graph, x: &Value, name: &str, dim: usize, eps: f32, affine: bool) -> Result<Value> {
+        let s = self.pp(name);
+        let (w, b) = if affine {
+            (s.weight(g, "weight", &[dim])?, s.weight(g, "bias", &[dim])?)
+        } else {
+            (g.const_f32(&vec![1.0; dim], &[dim as i64]), g.const_f32(&vec![0.0; dim], &[dim as i64]))
+        };
+        Ok(g.scoped(s.prefix(), |g| g.layer_norm(x, &w, &b, eps)))
+    }
+}

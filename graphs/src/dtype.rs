@@ -1,0 +1,136 @@
+//! Element types shared by checkpoints, ONNX tensors and engine weights.
+
+use half::{bf16, f16};
+
+/// An element type v2l stores weights or activations in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I64,
+    I32,
+    U8,
+    Bool,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    /// The `TensorProto.DataType` code.
+    pub fn onnx_code(self) -> i32 {
+        match self {
+            DType::F32 => 1,
+            DType::U8 => 2,
+            DType::I32 => 6,
+            DType::I64 => 7,
+            DType::Bool => 9,
+            DType::F16 => 10,
+            DType::F64 => 11,
+            DType::BF16 => 16,
+        }
+    }
+
+    /// The inverse of [`DType::onnx_code`].
+    pub fn from_onnx_code(code: i32) -> Option<DType> {
+        [
+            DType::F32,
+            DType::U8,
+            DType::I32,
+            DType::I64,
+            DType::Bool,
+            DType::F16,
+            DType::F64,
+            DType::BF16,
+        ]
+        .into_iter()
+        .find(|d| d.onnx_code() == code)
+    }
+
+    /// Floating types that weights may be stored in.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F64 => "f64",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::U8 => "u8",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Converts little-endian float bytes from `src` to `dst`, appending to `out`.
+///
+/// Upcasts are exact; downcasts round to nearest even once (the `half` crate's rule,
+/// which is also PyTorch's). Returns `None` for a pair that is not float → float.
+pub fn convert_floats(bytes: &[u8], src: DType, dst: DType, out: &mut Vec<u8>) -> Option<()> {
+    if src == dst {
+        out.extend_from_slice(bytes);
+        return Some(());
+    }
+    let n = bytes.len() / src.size();
+    out.reserve(n * dst.size());
+    for i in 0..n {
+        let chunk = &bytes[i * src.size()..(i + 1) * src.size()];
+        let v = match src {
+            DType::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as f64,
+            DType::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f64(),
+            DType::BF16 => bf16::from_le_bytes([chunk[0], chunk[1]]).to_f64(),
+            DType::F64 => f64::from_le_bytes(chunk.try_into().ok()?),
+            _ => return None,
+        };
+        match dst {
+            DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+            // Round through f32 first for an f32 source so the rounding happens once.
+            DType::F16 => out.extend_from_slice(&f16::from_f32(v as f32).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&bf16::from_f32(v as f32).to_le_bytes()),
+            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn onnx_codes_round_trip() {
+        for d in [DType::F32, DType::F16, DType::BF16, DType::I64, DType::U8] {
+            assert_eq!(DType::from_onnx_code(d.onnx_code()), Some(d));
+        }
+    }
+
+    #[test]
+    fn bf16_upcast_is_exact_and_downcast_rounds_once() {
+        let x = 1.0f32 + 2f32.powi(-9); // between two bf16 values: ties to even -> 1.0
+        let mut b = Vec::new();
+        convert_floats(&x.to_le_bytes(), DType::F32, DType::BF16, &mut b).unwrap();
+        let mut back = Vec::new();
+        convert_floats(&b, DType::BF16, DType::F32, &mut back).unwrap();
+        assert_eq!(f32::from_le_bytes(back[..4].try_into().unwrap()), 1.0);
+    }
+}

@@ -1,0 +1,14 @@
+//! `v2l-graphs`: ONNX model IO and a small typed graph builder.
+//!
+//! The bottom layer of v2l. `export` builds architectures with [`Graph`], this crate writes
+//! them with [`save`]; `runtime` reads the written models back with [`read_model`]. Nothing here
+//! knows about any particular model.
+
+pub mod builder;
+pub mod dtype;
+pub mod proto;
+pub mod write;
+
+pub use builder::{Attr, Dim, Graph, Initializer, IoSpec, TensorData, Value, OPSET};
+pub use dtype::DType;
+pub use write::{read_model, save, ExternalData, WriteError, Written};

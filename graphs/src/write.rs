@@ -1,0 +1,272 @@
+//! Writing a [`Graph`] as an ONNX model file, with external data for large models.
+//!
+//! Protobuf messages are limited to 2 GiB, and CogVideoX-5B is 22 GB in f32, so weights go to
+//! a side file (`<model>.onnx.data`, referenced by relative path as the ONNX external-data spec
+//! says) once they exceed [`EXTERNAL_THRESHOLD`]. Tensors are streamed from their source buffers
+//! one at a time, so writing never holds a second copy of the model in memory. Both files are
+//! written under temporary names and renamed at the end: an interrupted export leaves no
+//! half-written model behind.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use crate::builder::{Dim, Graph, Initializer, IoSpec, TensorData, OPSET};
+use crate::dtype::{convert_floats, DType};
+use crate::proto;
+
+/// Models whose weights exceed this many bytes are written with external data.
+pub const EXTERNAL_THRESHOLD: u64 = 1 << 30;
+
+/// Initializers smaller than this stay inside the protobuf even in external mode.
+const INLINE_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("initializer {name}: cannot convert {from} to {to}")]
+    Convert { name: String, from: DType, to: DType },
+    #[error("initializer {name}: {got} bytes of data for {want} bytes of {dtype}{dims:?}")]
+    Size { name: String, got: usize, want: usize, dtype: DType, dims: Vec<i64> },
+}
+
+/// How weights are stored in the written model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ExternalData {
+    /// External data above [`EXTERNAL_THRESHOLD`], inline below.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// What [`save`] wrote.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub model: PathBuf,
+    pub data: Option<PathBuf>,
+    pub weight_bytes: u64,
+}
+
+/// Writes `graph` to `path` (and `path` + `.data` in external mode).
+pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, WriteError> {
+    let weight_bytes: u64 = graph.initializers.iter().map(|i| i.byte_len() as u64).sum();
+    let external = match mode {
+        ExternalData::Auto => weight_bytes > EXTERNAL_THRESHOLD,
+        ExternalData::Always => true,
+        ExternalData::Never => false,
+    };
+    let io_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| WriteError::Io { path: p.clone(), source }
+    };
+
+    let data_path = PathBuf::from(format!("{}.data", path.display()));
+    let data_name = data_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp_model = tmp_name(path);
+    let tmp_data = tmp_name(&data_path);
+
+    let result = (|| {
+        let mut initializers = Vec::with_capacity(graph.initializers.len());
+        let mut data_file = if external {
+            Some(BufWriter::with_capacity(8 << 20, File::create(&tmp_data).map_err(io_err(&data_path))?))
+        } else {
+            None
+        };
+        let mut offset: u64 = 0;
+        let mut scratch = Vec::new();
+        for init in &graph.initializers {
+            scratch.clear();
+            encode_data(init, &mut scratch)?;
+            let mut t = proto::TensorProto {
+                name: init.name.clone(),
+                dims: init.dims.clone(),
+                data_type: init.dtype.onnx_code(),
+                ..Default::default()
+            };
+            match data_file.as_mut() {
+                Some(f) if scratch.len() > INLINE_MAX => {
+                    // Align each tensor to 64 bytes so a loader may map it directly.
+                    let pad = (64 - offset % 64) % 64;
+                    f.write_all(&vec![0u8; pad as usize]).map_err(io_err(&data_path))?;
+                    offset += pad;
+                    f.write_all(&scratch).map_err(io_err(&data_path))?;
+                    t.data_location = proto::data_location::EXTERNAL;
+                    t.external_data = vec![
+                        entry("location", &data_name),
+                        entry("offset", &offset.to_string()),
+                        entry("length", &scratch.len().to_string()),
+                    ];
+                    offset += scratch.len() as u64;
+                }
+                _ => t.raw_data = std::mem::take(&mut scratch),
+            }
+            initializers.push(t);
+        }
+        if let Some(mut f) = data_file {
+            f.flush().map_err(io_err(&data_path))?;
+            f.get_ref().sync_all().map_err(io_err(&data_path))?;
+        }
+        let model = to_model_proto(graph, initializers);
+        let bytes = model.encode_to_vec();
+        std::fs::write(&tmp_model, bytes).map_err(io_err(path))?;
+        if external {
+            std::fs::rename(&tmp_data, &data_path).map_err(io_err(&data_path))?;
+        } else if data_path.exists() {
+            // A stale side file from an earlier external export would confuse readers.
+            std::fs::remove_file(&data_path).map_err(io_err(&data_path))?;
+        }
+        std::fs::rename(&tmp_model, path).map_err(io_err(path))?;
+        Ok(Written { model: path.to_path_buf(), data: external.then_some(data_path.clone()), weight_bytes })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp_model);
+        let _ = std::fs::remove_file(&tmp_data);
+    }
+    result
+}
+
+fn tmp_name(p: &Path) -> PathBuf {
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    p.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+}
+
+fn entry(k: &str, v: &str) -> proto::StringStringEntryProto {
+    proto::StringStringEntryProto { key: k.into(), value: v.into() }
+}
+
+/// Appends `init`'s bytes in its declared type to `out`.
+fn encode_data(init: &Initializer, out: &mut Vec<u8>) -> Result<(), WriteError> {
+    let want = init.byte_len();
+    match &init.data {
+        TensorData::Owned(b) => out.extend_from_slice(b),
+        TensorData::Shared { stored, .. } => {
+            let bytes = init.data.stored_bytes();
+            convert_floats(bytes, *stored, init.dtype, out).ok_or_else(|| WriteError::Convert {
+                name: init.name.clone(),
+                from: *stored,
+                to: init.dtype,
+            })?;
+        }
+    }
+    if out.len() != want {
+        return Err(WriteError::Size {
+            name: init.name.clone(),
+            got: out.len(),
+            want,
+            dtype: init.dtype,
+            dims: init.dims.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn value_info(io: &IoSpec) -> proto::ValueInfoProto {
+    use proto::tensor_shape_proto::{dimension::Value as D, Dimension};
+    let dim = io
+        .dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Dim::Fixed(v) => D::DimValue(*v),
+                Dim::Named(s) => D::DimParam(s.clone()),
+            }),
+        })
+        .collect();
+    proto::ValueInfoProto {
+        name: io.name.clone(),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                elem_type: io.dtype.onnx_code(),
+                shape: Some(proto::TensorShapeProto { dim }),
+            })),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+fn to_model_proto(graph: &Graph, initializer: Vec<proto::TensorProto>) -> proto::ModelProto {
+    proto::ModelProto {
+        ir_version: 8,
+        opset_import: vec![proto::OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        producer_name: "v2l".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(proto::GraphProto {
+            node: graph.nodes.clone(),
+            name: graph.name.clone(),
+            initializer,
+            input: graph.inputs.iter().map(value_info).collect(),
+            output: graph.outputs.iter().map(value_info).collect(),
+            ..Default::default()
+        }),
+        metadata_props: graph.metadata.iter().map(|(k, v)| entry(k, v)).collect(),
+        ..Default::default()
+    }
+}
+
+/// Reads a model's protobuf (without resolving external data).
+pub fn read_model(path: &Path) -> Result<proto::ModelProto, std::io::Error> {
+    let bytes = std::fs::read(path)?;
+    proto::ModelProto::decode(bytes.as_slice()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_graph() -> Graph {
+        let mut g = Graph::new("t");
+        let x = g.input("x", DType::F32, vec!["n".into(), 2.into()]);
+        let w = g.initializer(
+            "layer.weight",
+            DType::F32,
+            vec![3, 2],
+            TensorData::Owned((0..6).flat_map(|v| (v as f32).to_le_bytes()).collect()),
+        );
+        let y = g.linear(&x, &w, None, 3);
+        g.output(&y, "y", DType::F32, vec!["n".into(), 3.into()]);
+        g
+    }
+
+    #[test]
+    fn inline_and_external_keep_names_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [ExternalData::Never, ExternalData::Always] {
+            let p = dir.path().join(format!("{mode:?}.onnx"));
+            let w = save(&tiny_graph(), &p, mode).unwrap();
+            let m = read_model(&p).unwrap();
+            let g = m.graph.unwrap();
+            let t = g.initializer.iter().find(|t| t.name == "layer.weight").unwrap();
+            assert_eq!(t.dims, vec![3, 2]);
+            // 24 bytes is below INLINE_MAX, so even external mode keeps it inline.
+            assert_eq!(t.raw_data.len(), 24);
+            assert_eq!(w.data.is_some(), mode == ExternalData::Always);
+            assert_eq!(g.output[0].name, "y");
+        }
+    }
+
+    #[test]
+    fn external_tensors_are_aligned_and_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = Graph::new("big");
+        let bytes: Vec<u8> = (0..4096u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        g.initializer("a", DType::F32, vec![4096], TensorData::Owned(bytes.clone()));
+        g.initializer("b", DType::F32, vec![4096], TensorData::Owned(bytes.clone()));
+        let p = dir.path().join("m.onnx");
+        let w = save(&g, &p, ExternalData::Always).unwrap();
+        let data = std::fs::read(w.data.unwrap()).unwrap();
+        let m = read_model(&p).unwrap();
+        for t in &m.graph.unwrap().initializer {
+            let get = |k: &str| t.external_data.iter().find(|e| e.key == k).unwrap().value.parse::<usize>().unwrap();
+            let (off, len) = (get("offset"), get("length"));
+            assert_eq!(off % 64, 0);
+            assert_eq!(&data[off..off + len], &bytes[..]);
+        }
+        // No temporary files remain.
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+}
