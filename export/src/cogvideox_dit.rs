@@ -350,7 +350,7 @@ fn layer_norm_zero(
     let ne = vb.layer_norm(g, enc, "norm", d, cfg.norm_eps, cfg.norm_elementwise_affine)?;
     Ok(g.scoped(vb.prefix(), |g| {
         let m = g.unsqueeze(&m, &[1]);
-        let parts = g.chunk(&m, 6, 2);
+        let parts = g.chunk(&m, 6, d as i64, 2);
         let nx = modulate(g, &nx, &parts[1], &parts[0]);
         let ne = modulate(g, &ne, &parts[4], &parts[3]);
         (nx, ne, parts[2].clone(), parts[5].clone())
@@ -454,7 +454,7 @@ fn ada_layer_norm(g: &mut Graph, vb: &Scope, cfg: &DitConfig, x: &Value, temb_ac
     let nx = vb.layer_norm(g, x, "norm", d, cfg.norm_eps, cfg.norm_elementwise_affine)?;
     Ok(g.scoped(vb.prefix(), |g| {
         let m = g.unsqueeze(&m, &[1]);
-        let parts = g.chunk(&m, 2, 2);
+        let parts = g.chunk(&m, 2, d as i64, 2);
         modulate(g, &nx, &parts[1], &parts[0])
     }))
 }

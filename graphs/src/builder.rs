@@ -338,9 +338,15 @@ impl Graph {
         self.op("Slice", &[x, start, end, &a], vec![])
     }
 
-    /// Splits `x` along `axis` into `n` equal chunks (`torch.chunk` for divisible sizes).
-    pub fn chunk(&mut self, x: &Value, n: usize, axis: i64) -> Vec<Value> {
-        self.op_n("Split", &[x], vec![("axis", Attr::Int(axis)), ("num_outputs", Attr::Int(n as i64))], n)
+    /// Splits `x` along `axis` into pieces of the given sizes (`torch.split`).
+    pub fn split(&mut self, x: &Value, sizes: &[i64], axis: i64) -> Vec<Value> {
+        let s = self.const_i64(sizes);
+        self.op_n("Split", &[x, &s], vec![("axis", Attr::Int(axis))], sizes.len())
+    }
+
+    /// `torch.chunk(x, n, axis)` for an axis of `n · size` elements.
+    pub fn chunk(&mut self, x: &Value, n: usize, size: i64, axis: i64) -> Vec<Value> {
+        self.split(x, &vec![size; n], axis)
     }
 
     pub fn unsqueeze(&mut self, x: &Value, axes: &[i64]) -> Value {

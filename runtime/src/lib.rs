@@ -1,1 +1,15 @@
-pub fn _x(){}
+//! `v2l-runtime`: runs exported graphs.
+//!
+//! [`ort_env`] finds and loads ONNX Runtime, [`session::Model`] runs one graph on host
+//! [`tensor::Tensor`]s, [`stage`] runs one pipeline component on a safetensors file of inputs
+//! (the way a user checks an export against PyTorch), and [`vae`] drives the VAE's frame-batch
+//! loop with its causal-conv cache.
+
+pub mod error;
+pub mod ort_env;
+pub mod session;
+pub mod tensor;
+
+pub use error::{Result, RuntimeError};
+pub use session::{Model, SessionOptions};
+pub use tensor::{read_safetensors, rel_l2, write_safetensors, Tensor};

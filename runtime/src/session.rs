@@ -1,0 +1,105 @@
+//! One ONNX model loaded in ONNX Runtime, run on host tensors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+use ort::value::{DynValue, Tensor as OrtTensor, ValueType};
+
+use crate::error::{Result, RuntimeError};
+use crate::tensor::{Data, Tensor};
+
+/// Session settings that matter for speed and reproducibility.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Intra-op threads (0: ONNX Runtime's default, one per core).
+    pub threads: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { threads: 0 }
+    }
+}
+
+/// An ONNX model ready to run on the CPU backend.
+pub struct Model {
+    path: PathBuf,
+    session: Session,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> RuntimeError {
+    let context = context.to_string();
+    move |e| RuntimeError::Ort { context, message: e.to_string() }
+}
+
+impl Model {
+    /// Loads `path` (external data files are resolved beside it).
+    pub fn load(path: &Path, opts: &SessionOptions) -> Result<Model> {
+        let env = crate::ort_env::init()?;
+        if !path.is_file() {
+            return Err(RuntimeError::Io {
+                path: path.into(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file"),
+            });
+        }
+        let ctx = path.display().to_string();
+        let mut b = Session::builder(env).map_err(ort_err(&ctx))?;
+        if opts.threads > 0 {
+            b = b.with_intra_threads(opts.threads).map_err(|e| RuntimeError::Ort { context: ctx.clone(), message: e.to_string() })?;
+        }
+        let session = b.commit_from_file(path).map_err(ort_err(&ctx))?;
+        let inputs = session.inputs().iter().map(|o| o.name().to_string()).collect();
+        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        Ok(Model { path: path.into(), session, inputs, outputs })
+    }
+
+    pub fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Runs the model. Every graph input must be given; all outputs are returned.
+    pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        let ctx = self.path.display().to_string();
+        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(self.inputs.len());
+        for name in &self.inputs {
+            let t = inputs.get(name).ok_or_else(|| RuntimeError::Invalid {
+                what: ctx.clone(),
+                message: format!("input `{name}` was not given"),
+            })?;
+            values.push((name.clone(), to_ort(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?));
+        }
+        let outs = self.session.run(values).map_err(ort_err(&ctx))?;
+        let mut result = BTreeMap::new();
+        for (name, v) in outs.iter() {
+            result.insert(name.to_string(), from_ort(&v).map_err(ort_err(format!("{ctx}: output `{name}`")))?);
+        }
+        Ok(result)
+    }
+}
+
+fn to_ort(t: &Tensor) -> ort::Result<DynValue> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    Ok(match &t.data {
+        Data::F32(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+        Data::I64(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+        Data::U8(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+    })
+}
+
+fn from_ort(v: &ort::value::DynValueRef<'_>) -> ort::Result<Tensor> {
+    let is_i64 = matches!(v.dtype(), ValueType::Tensor { ty: ort::value::TensorElementType::Int64, .. });
+    if is_i64 {
+        let (shape, data) = v.try_extract_tensor::<i64>()?;
+        Ok(Tensor { shape: shape.iter().map(|&d| d as usize).collect(), data: Data::I64(data.to_vec()) })
+    } else {
+        let (shape, data) = v.try_extract_tensor::<f32>()?;
+        Ok(Tensor { shape: shape.iter().map(|&d| d as usize).collect(), data: Data::F32(data.to_vec()) })
+    }
+}
