@@ -144,6 +144,8 @@ pub struct DitOptions {
 pub struct DitExport {
     pub graph: Graph,
     pub config: DitConfig,
+    /// `config.json` as read.
+    pub raw_config: serde_json::Value,
     /// Every `nn.Linear`, in `named_modules()` order (the LiLoRA layer order).
     pub linears: Vec<LinearInfo>,
     /// Checkpoint tensors the graph does not use.
@@ -153,6 +155,7 @@ pub struct DitExport {
 /// Builds the DiT graph from a diffusers transformer checkpoint.
 pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
     let cfg: DitConfig = ckpt.config(CLASS_NAME)?;
+    let raw_config: serde_json::Value = ckpt.config(CLASS_NAME)?;
     check_supported(ckpt, &cfg)?;
     let mut g = Graph::new("cogvideox_dit");
     let mut vb = Scope::new(ckpt);
@@ -200,7 +203,7 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
     g.metadata("v2l.architecture", CLASS_NAME);
     let linears = vb.linears();
     let unused_keys = ckpt.unused_keys();
-    Ok(DitExport { graph: g, config: cfg, linears, unused_keys })
+    Ok(DitExport { graph: g, config: cfg, raw_config, linears, unused_keys })
 }
 
 fn check_supported(ckpt: &Checkpoint, cfg: &DitConfig) -> Result<()> {
@@ -472,4 +475,22 @@ fn unpatchify(g: &mut Graph, x: &Value, hidden: &Value, p: i64, c: i64) -> Value
     let cc = g.const_i64(&[c]);
     let s = g.concat(&[&bf, &cc, &hw], 0);
     g.reshape(&y, &s)
+}
+
+impl DitExport {
+    /// The manifest entry for this export written to `file` with weights stored as `weight_dtype`.
+    pub fn manifest_entry(&self, file: &str, weight_dtype: DType) -> crate::manifest::DitEntry {
+        crate::manifest::DitEntry {
+            file: file.into(),
+            class_name: CLASS_NAME.into(),
+            weight_dtype: weight_dtype.to_string(),
+            patch_size: self.config.patch_size,
+            attention_head_dim: self.config.attention_head_dim,
+            in_channels: self.config.in_channels,
+            out_channels: self.config.out_channels(),
+            text_embed_dim: self.config.text_embed_dim,
+            config: self.raw_config.clone(),
+            lora_targets: self.linears.clone(),
+        }
+    }
 }

@@ -12,8 +12,10 @@
 pub mod checkpoint;
 pub mod cogvideox_dit;
 pub mod error;
+pub mod manifest;
 pub mod scope;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use error::{ExportError, Result};
+pub use manifest::Manifest;
 pub use scope::{LinearInfo, Scope};

@@ -2,12 +2,12 @@
 //!
 //! [`ort_env`] finds and loads ONNX Runtime, [`session::Model`] runs one graph on host
 //! [`tensor::Tensor`]s, [`stage`] runs one pipeline component on a safetensors file of inputs
-//! (the way a user checks an export against PyTorch), and [`vae`] drives the VAE's frame-batch
-//! loop with its causal-conv cache.
+//! (the way a user checks an export against PyTorch).
 
 pub mod error;
 pub mod ort_env;
 pub mod session;
+pub mod stage;
 pub mod tensor;
 
 pub use error::{Result, RuntimeError};

@@ -1,1 +1,138 @@
-fn main(){}
+//! `v2l-export`: rebuild a PyTorch-trained model as an ONNX graph, from its checkpoint alone.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use v2l_cli::{bytes, main_with, Failure};
+use v2l_export::{cogvideox_dit, Checkpoint, Manifest};
+use v2l_graphs::{DType, ExternalData};
+
+/// Export diffusers / upstream checkpoints to ONNX graphs, without PyTorch.
+///
+/// Each subcommand writes its graph(s) into the output directory and records them in
+/// `<dir>/manifest.json`, so components can be exported one at a time into one directory.
+/// Weights a LoRA can target keep their checkpoint names as ONNX initializers.
+///
+/// Examples:
+///   v2l-export dit models/cogvideox/transformer -o out/
+///   v2l-export vae models/cogvideox/vae -o out/
+///   v2l-run --engine out/ stage dit --inputs dit_in.safetensors -o dit_out.safetensors
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// CogVideoX transformer (`CogVideoXTransformer3DModel`) -> <dir>/dit.onnx
+    Dit {
+        /// diffusers transformer directory (config.json + safetensors, single or sharded)
+        checkpoint: PathBuf,
+        #[command(flatten)]
+        out: OutputArgs,
+        /// Storage type of the weights; the graph computes in f32 either way
+        /// (f16/bf16 weights are followed by a Cast and halve the file size)
+        #[arg(long, value_enum, default_value = "f32")]
+        weight_dtype: WeightDType,
+    },
+    /// CogVideoX 3D VAE (`AutoencoderKLCogVideoX`) -> <dir>/vae_encoder.onnx, <dir>/vae_decoder.onnx
+    Vae {
+        /// diffusers VAE directory (config.json + safetensors)
+        checkpoint: PathBuf,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Output directory (created if missing)
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Put weights in a side file `<model>.onnx.data`: `auto` does so above 1 GiB
+    /// (protobuf cannot hold more than 2 GiB)
+    #[arg(long, value_enum, default_value = "auto")]
+    external_data: External,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<WeightDType> for DType {
+    fn from(w: WeightDType) -> DType {
+        match w {
+            WeightDType::F32 => DType::F32,
+            WeightDType::F16 => DType::F16,
+            WeightDType::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum External {
+    Auto,
+    Always,
+    Never,
+}
+
+impl From<External> for ExternalData {
+    fn from(e: External) -> ExternalData {
+        match e {
+            External::Auto => ExternalData::Auto,
+            External::Always => ExternalData::Always,
+            External::Never => ExternalData::Never,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    main_with(|| match cli.command {
+        Command::Dit { checkpoint, out, weight_dtype } => export_dit(&checkpoint, &out, weight_dtype.into()),
+        Command::Vae { checkpoint, out } => export_vae(&checkpoint, &out),
+    })
+}
+
+fn prepare_dir(dir: &Path) -> Result<Manifest, Failure> {
+    std::fs::create_dir_all(dir).map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(Manifest::read_or_default(dir)?)
+}
+
+fn warn_unused(keys: &[String]) {
+    if !keys.is_empty() {
+        eprintln!("warning: {} checkpoint tensors were not used: {}", keys.len(), keys.join(", "));
+    }
+}
+
+fn export_dit(checkpoint: &Path, out: &OutputArgs, weight_dtype: DType) -> Result<(), Failure> {
+    let ck = Checkpoint::open_dir(checkpoint)?;
+    let opts = cogvideox_dit::DitOptions { weight_dtype: (weight_dtype != DType::F32).then_some(weight_dtype) };
+    let ex = cogvideox_dit::export(&ck, &opts)?;
+    warn_unused(&ex.unused_keys);
+    let mut manifest = prepare_dir(&out.output)?;
+    let file = "dit.onnx";
+    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
+    manifest.dit = Some(ex.manifest_entry(file, weight_dtype));
+    manifest.write(&out.output)?;
+    println!(
+        "wrote {} ({} layers, {} LoRA-targetable linears, {} of {} weights{})",
+        written.model.display(),
+        ex.config.num_layers,
+        ex.linears.len(),
+        bytes(written.weight_bytes),
+        weight_dtype,
+        if written.data.is_some() { ", external data" } else { "" }
+    );
+    Ok(())
+}
+
+fn export_vae(_checkpoint: &Path, _out: &OutputArgs) -> Result<(), Failure> {
+    Err(Failure::new("VAE export is not available in this build yet"))
+}

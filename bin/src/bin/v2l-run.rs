@@ -1,0 +1,94 @@
+//! `v2l-run`: run exported graphs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use v2l_cli::{main_with, Failure};
+use v2l_runtime::stage::{check_inputs, run_stage, ExportDir, Stage};
+use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
+
+/// Run an exported model: one component at a time with `stage`.
+///
+/// `stage` runs a single component on tensors from a safetensors file, named as diffusers
+/// names them, and writes its outputs to another safetensors file: the way to check an
+/// export against PyTorch outputs.
+///
+///   dit         hidden_states, encoder_hidden_states, timestep, rope_cos, rope_sin -> sample
+///   vae-encode  video [B,3,F,H,W] in [-1,1]           -> posterior_mean, posterior_logvar
+///   vae-decode  latents [B,16,f,h,w] (unscaled)        -> sample
+///
+/// Example:
+///   v2l-run --engine out/ stage dit --inputs dit_io.safetensors -o dit_out.safetensors
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// Export directory (from `v2l-export`) or a model file inside one
+    #[arg(long, global = true)]
+    engine: Option<PathBuf>,
+    /// CPU threads for ONNX Runtime (0: one per core)
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one component on named tensors
+    Stage {
+        #[arg(value_enum)]
+        stage: StageArg,
+        /// safetensors file with the stage's input tensors
+        #[arg(long)]
+        inputs: PathBuf,
+        /// safetensors file to write the outputs to
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StageArg {
+    Dit,
+    VaeEncode,
+    VaeDecode,
+    Hypernet,
+}
+
+impl From<StageArg> for Stage {
+    fn from(s: StageArg) -> Stage {
+        match s {
+            StageArg::Dit => Stage::Dit,
+            StageArg::VaeEncode => Stage::VaeEncode,
+            StageArg::VaeDecode => Stage::VaeDecode,
+            StageArg::Hypernet => Stage::Hypernet,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    main_with(|| {
+        let engine = cli.engine.as_ref().ok_or_else(|| {
+            Failure::new("no engine given").with_hint("pass --engine <export dir>, e.g. `v2l-run --engine out/ stage dit ...`")
+        })?;
+        let opts = SessionOptions { threads: cli.threads };
+        match cli.command {
+            Some(Command::Stage { stage, inputs, output }) => {
+                let stage = Stage::from(stage);
+                let dir = ExportDir::open(engine)?;
+                let tensors = read_safetensors(&inputs)?;
+                check_inputs(stage, &tensors, &inputs)?;
+                let out = run_stage(&dir, stage, &tensors, &opts)?;
+                write_safetensors(&output, &out)?;
+                for (name, t) in &out {
+                    println!("{name} {:?}", t.shape);
+                }
+                Ok(())
+            }
+            None => Err(Failure::new("the end-to-end video pipeline is not available in this build yet")
+                .with_hint("run one component with `v2l-run --engine <dir> stage <dit|vae-encode|vae-decode> ...`")),
+        }
+    })
+}

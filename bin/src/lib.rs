@@ -1,0 +1,73 @@
+//! Shared plumbing of the `v2l-*` binaries: error reporting and exit codes.
+//!
+//! Exit codes: 0 success, 1 bad input or failed work (one `error:` line, maybe a `hint:` line),
+//! 2 command-line usage errors (from clap). Data goes to stdout, messages to stderr.
+
+use std::fmt::Display;
+use std::process::ExitCode;
+
+/// A failure as shown to the user: the message and an optional fix.
+pub struct Failure {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl Failure {
+    pub fn new(message: impl Display) -> Self {
+        Failure { message: message.to_string(), hint: None }
+    }
+
+    pub fn with_hint(mut self, hint: impl Display) -> Self {
+        self.hint = Some(hint.to_string());
+        self
+    }
+}
+
+impl From<v2l_export::ExportError> for Failure {
+    fn from(e: v2l_export::ExportError) -> Self {
+        Failure::new(e)
+    }
+}
+
+impl From<v2l_runtime::RuntimeError> for Failure {
+    fn from(e: v2l_runtime::RuntimeError) -> Self {
+        let hint = e.hint();
+        Failure { message: e.to_string(), hint }
+    }
+}
+
+impl From<v2l_graphs::WriteError> for Failure {
+    fn from(e: v2l_graphs::WriteError) -> Self {
+        Failure::new(e)
+    }
+}
+
+/// Runs `f`, printing a failure as `error: …` / `hint: …` and mapping it to exit code 1.
+pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
+    match f() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            if let Some(h) = e.hint {
+                eprintln!("hint: {h}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Human-readable byte count.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

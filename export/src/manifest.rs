@@ -1,0 +1,78 @@
+//! `manifest.json` of an export directory: which graphs it holds and what they need.
+//!
+//! Each `v2l-export` subcommand adds its component to the manifest in the output directory,
+//! so `dit`, `vae` and `hypernet` can be exported one at a time into one directory. The
+//! runtime reads it to find graphs, LoRA targets and the VAE's batching contract.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ExportError, Result};
+use crate::scope::LinearInfo;
+
+pub const FILE_NAME: &str = "manifest.json";
+/// Bumped when a field changes meaning; readers refuse other versions.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dit: Option<DitEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<serde_json::Value>,
+}
+
+/// The exported transformer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DitEntry {
+    pub file: String,
+    pub class_name: String,
+    /// Storage type of the weights in the graph (the graph computes in f32).
+    pub weight_dtype: String,
+    pub patch_size: usize,
+    pub attention_head_dim: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub text_embed_dim: usize,
+    /// The `config.json` the graph was built from, verbatim.
+    pub config: serde_json::Value,
+    /// Every `nn.Linear` in module order: initializer `<name>.weight` of shape `[out, in]`.
+    pub lora_targets: Vec<LinearInfo>,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`, or an empty manifest if there is none.
+    pub fn read_or_default(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            return Ok(Manifest { format_version: FORMAT_VERSION, ..Default::default() });
+        }
+        Self::read(dir)
+    }
+
+    /// Reads `dir/manifest.json`, checking its format version.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(FILE_NAME);
+        let text = std::fs::read_to_string(&path).map_err(|source| ExportError::Io { path: path.clone(), source })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| ExportError::Config { path: path.clone(), message: e.to_string() })?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(ExportError::Config {
+                path,
+                message: format!("format version {} (this v2l reads {FORMAT_VERSION}); export again", m.format_version),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Writes `dir/manifest.json` atomically.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(FILE_NAME);
+        let tmp = dir.join(format!(".{FILE_NAME}.tmp{}", std::process::id()));
+        let text = serde_json::to_string_pretty(self).map_err(|e| ExportError::Config { path: path.clone(), message: e.to_string() })?;
+        std::fs::write(&tmp, text + "\n").map_err(|source| ExportError::Io { path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| ExportError::Io { path: path.clone(), source })
+    }
+}

@@ -1,0 +1,113 @@
+//! Running one pipeline component on named tensors: `v2l-run ... stage <name>`.
+//!
+//! This is how a user validates an export against PyTorch: dump a component's inputs from
+//! diffusers to safetensors, run the same component here, compare the outputs. Tensor names
+//! follow the fixtures (DESIGN.md).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use v2l_export::Manifest;
+
+use crate::error::{Result, RuntimeError};
+use crate::session::{Model, SessionOptions};
+use crate::tensor::Tensor;
+
+/// A component that `stage` can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Dit,
+    VaeEncode,
+    VaeDecode,
+    Hypernet,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Dit => "dit",
+            Stage::VaeEncode => "vae-encode",
+            Stage::VaeDecode => "vae-decode",
+            Stage::Hypernet => "hypernet",
+        }
+    }
+
+    /// Input tensor names, as in the fixtures.
+    pub fn inputs(self) -> &'static [&'static str] {
+        match self {
+            Stage::Dit => &["hidden_states", "encoder_hidden_states", "timestep", "rope_cos", "rope_sin"],
+            Stage::VaeEncode => &["video"],
+            Stage::VaeDecode => &["latents"],
+            Stage::Hypernet => &["reference_latents"],
+        }
+    }
+}
+
+/// An export directory (or a file inside one) and its manifest.
+pub struct ExportDir {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl ExportDir {
+    /// Opens `path`: an export directory, or a model file inside one.
+    pub fn open(path: &Path) -> Result<ExportDir> {
+        let dir = if path.is_file() { path.parent().unwrap_or(Path::new(".")).to_path_buf() } else { path.to_path_buf() };
+        if !dir.is_dir() {
+            return Err(RuntimeError::Io {
+                path: path.into(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such engine or export directory"),
+            });
+        }
+        let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile { path: dir.clone(), message: e.to_string() })?;
+        Ok(ExportDir { dir, manifest })
+    }
+
+    fn missing(&self, what: &str, cmd: &str) -> RuntimeError {
+        RuntimeError::Invalid {
+            what: self.dir.display().to_string(),
+            message: format!("holds no {what}; export one with `v2l-export {cmd} ... -o {}`", self.dir.display()),
+        }
+    }
+
+    /// Loads the DiT graph.
+    pub fn dit(&self, opts: &SessionOptions) -> Result<Model> {
+        let e = self.manifest.dit.as_ref().ok_or_else(|| self.missing("DiT", "dit"))?;
+        Model::load(&self.dir.join(&e.file), opts)
+    }
+}
+
+/// Checks that `inputs` holds every tensor `stage` needs; `source` names the file for errors.
+pub fn check_inputs(stage: Stage, inputs: &BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
+    for name in stage.inputs() {
+        if !inputs.contains_key(*name) {
+            return Err(RuntimeError::MissingTensor { path: source.into(), name: name.to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// Runs `stage` of the export in `dir` on `inputs`.
+pub fn run_stage(
+    dir: &ExportDir,
+    stage: Stage,
+    inputs: &BTreeMap<String, Tensor>,
+    opts: &SessionOptions,
+) -> Result<BTreeMap<String, Tensor>> {
+    match stage {
+        Stage::Dit => {
+            let mut m = dir.dit(opts)?;
+            let feed = stage.inputs().iter().map(|n| (n.to_string(), inputs[*n].clone())).collect();
+            let mut out = m.run(&feed)?;
+            let sample = out.remove("sample").ok_or_else(|| RuntimeError::Invalid {
+                what: dir.dir.display().to_string(),
+                message: "the DiT graph has no `sample` output".into(),
+            })?;
+            Ok(BTreeMap::from([("sample".to_string(), sample)]))
+        }
+        Stage::VaeEncode | Stage::VaeDecode | Stage::Hypernet => Err(RuntimeError::Invalid {
+            what: format!("stage {}", stage.name()),
+            message: "not available in this build yet".into(),
+        }),
+    }
+}
