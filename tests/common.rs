@@ -28,10 +28,96 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     assert_eq!(got.shape, want.shape, "{what}: shape");
     let err = got.rel_l2(want);
     eprintln!("{what}: relative L2 error {err:.3e} (bound {tol:.0e})");
-    assert!(err <= tol, "{what}: relative L2 error {err:.3e} > {tol:.0e}");
+    assert!(
+        err <= tol,
+        "{what}: relative L2 error {err:.3e} > {tol:.0e}"
+    );
 }
 
 /// Picks the named tensors out of a fixture map.
 pub fn pick(m: &BTreeMap<String, Tensor>, names: &[&str]) -> BTreeMap<String, Tensor> {
-    names.iter().map(|n| (n.to_string(), m[*n].clone())).collect()
+    names
+        .iter()
+        .map(|n| (n.to_string(), m[*n].clone()))
+        .collect()
+}
+
+/// Writes a synthetic CogVideoX transformer checkpoint for `config` (f32 unless `dtype`).
+pub fn synthetic_dit(dir: &Path, mut config: serde_json::Value, dtype: v2l_graphs::DType) {
+    use v2l_export::cogvideox_dit::{checkpoint_layout, DitConfig, CLASS_NAME};
+    config["_class_name"] = CLASS_NAME.into();
+    let cfg: DitConfig = serde_json::from_value(config.clone()).unwrap();
+    let layout = checkpoint_layout(&cfg);
+    v2l_export::synthetic::write_checkpoint(dir, &config, &layout, dtype, 7, &mut |_, _| {})
+        .unwrap();
+}
+
+/// Deterministic pseudo-random f32 values in [-1, 1).
+pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// DiT inputs of the given sizes (latent frames, latent height/width, text length).
+pub fn dit_inputs(
+    batch: usize,
+    frames: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    text_len: usize,
+    text_dim: usize,
+    patch: usize,
+    head_dim: usize,
+) -> BTreeMap<String, Tensor> {
+    let s = frames * (h / patch) * (w / patch);
+    let mut m = BTreeMap::new();
+    let hs = vec![batch, frames, cin, h, w];
+    m.insert(
+        "hidden_states".into(),
+        Tensor::f32(hs.clone(), noise(hs.iter().product(), 1)),
+    );
+    m.insert(
+        "encoder_hidden_states".into(),
+        Tensor::f32(
+            vec![batch, text_len, text_dim],
+            noise(batch * text_len * text_dim, 2),
+        ),
+    );
+    m.insert(
+        "timestep".into(),
+        Tensor::i64(
+            vec![batch],
+            (0..batch as i64).map(|i| 999 - 250 * i).collect(),
+        ),
+    );
+    let angles = noise(s * head_dim, 3);
+    m.insert(
+        "rope_cos".into(),
+        Tensor::f32(
+            vec![s, head_dim],
+            angles.iter().map(|a| (a * 3.0).cos()).collect(),
+        ),
+    );
+    m.insert(
+        "rope_sin".into(),
+        Tensor::f32(
+            vec![s, head_dim],
+            angles.iter().map(|a| (a * 3.0).sin()).collect(),
+        ),
+    );
+    m
+}
+
+/// Asserts every value of `t` is finite.
+pub fn assert_finite(what: &str, t: &Tensor) {
+    let v = t.as_f32(what).unwrap();
+    assert!(v.iter().all(|x| x.is_finite()), "{what}: non-finite values");
 }

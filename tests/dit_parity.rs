@@ -13,18 +13,31 @@ fn dit_matches_diffusers() {
 
     // All 21 nn.Linear weights are initializers under their checkpoint names, in LiLoRA order.
     let order: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny().join("variant.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("variant.json")).unwrap())
+            .unwrap();
     let expected: Vec<String> = order["lilora_layer_order"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v.as_str().unwrap().trim_start_matches("lora_unet__").to_string())
+        .map(|v| {
+            v.as_str()
+                .unwrap()
+                .trim_start_matches("lora_unet__")
+                .to_string()
+        })
         .collect();
-    let got: Vec<String> = ex.linears.iter().map(|l| l.name.replace('.', "_")).collect();
+    let got: Vec<String> = ex
+        .linears
+        .iter()
+        .map(|l| l.name.replace('.', "_"))
+        .collect();
     assert_eq!(got, expected);
     for l in &ex.linears {
         let name = format!("{}.weight", l.name);
-        assert!(ex.graph.initializers().iter().any(|i| i.name == name), "{name} is not an initializer");
+        assert!(
+            ex.graph.initializers().iter().any(|i| i.name == name),
+            "{name} is not an initializer"
+        );
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -32,7 +45,42 @@ fn dit_matches_diffusers() {
     save(&ex.graph, &path, ExternalData::Auto).unwrap();
     let mut model = Model::load(&path, &SessionOptions::default()).unwrap();
     let io = load("dit_io.safetensors");
-    let inputs = pick(&io, &["hidden_states", "encoder_hidden_states", "timestep", "rope_cos", "rope_sin"]);
+    let inputs = pick(
+        &io,
+        &[
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "rope_cos",
+            "rope_sin",
+        ],
+    );
     let out = model.run(&inputs).unwrap();
     assert_close("dit sample", &out["sample"], &io["output"], F32_REL_L2);
+}
+
+/// No dimension of the fixture is baked in: another depth, width, head size, channel count,
+/// frame count and aspect ratio export and run.
+#[test]
+fn dit_of_another_shape_exports_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck_dir = dir.path().join("transformer");
+    let config = serde_json::json!({
+        "num_attention_heads": 3, "attention_head_dim": 8, "in_channels": 16, "out_channels": 8,
+        "time_embed_dim": 20, "text_embed_dim": 24, "num_layers": 3, "patch_size": 2,
+        "use_rotary_positional_embeddings": true, "max_text_seq_length": 5,
+    });
+    synthetic_dit(&ck_dir, config, v2l_graphs::DType::F32);
+    let ck = Checkpoint::open_dir(&ck_dir).unwrap();
+    let ex = cogvideox_dit::export(&ck, &Default::default()).unwrap();
+    assert_eq!(ex.linears.len(), 3 + 3 * 8 + 2);
+    let path = dir.path().join("dit.onnx");
+    save(&ex.graph, &path, ExternalData::Auto).unwrap();
+    let mut model = Model::load(&path, &SessionOptions::default()).unwrap();
+    // 3 latent frames, 6x10 latents (non-square), 5 text tokens, batch 1.
+    let out = model
+        .run(&dit_inputs(1, 3, 16, 6, 10, 5, 24, 2, 8))
+        .unwrap();
+    assert_eq!(out["sample"].shape, vec![1, 3, 8, 6, 10]);
+    assert_finite("sample", &out["sample"]);
 }

@@ -14,7 +14,10 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(message: impl Display) -> Self {
-        Failure { message: message.to_string(), hint: None }
+        Failure {
+            message: message.to_string(),
+            hint: None,
+        }
     }
 
     pub fn with_hint(mut self, hint: impl Display) -> Self {
@@ -32,7 +35,10 @@ impl From<v2l_export::ExportError> for Failure {
 impl From<v2l_runtime::RuntimeError> for Failure {
     fn from(e: v2l_runtime::RuntimeError) -> Self {
         let hint = e.hint();
-        Failure { message: e.to_string(), hint }
+        Failure {
+            message: e.to_string(),
+            hint,
+        }
     }
 }
 

@@ -29,8 +29,15 @@ impl TensorRef {
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = Vec::new();
         // `open` only admits float dtypes, so conversion cannot fail.
-        let _ = v2l_graphs::dtype::convert_floats(self.data.stored_bytes(), self.dtype, DType::F32, &mut out);
-        out.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        let _ = v2l_graphs::dtype::convert_floats(
+            self.data.stored_bytes(),
+            self.dtype,
+            DType::F32,
+            &mut out,
+        );
+        out.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     }
 }
 
@@ -52,7 +59,10 @@ pub struct Checkpoint {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
-    move |source| ExportError::Io { path: path.to_path_buf(), source }
+    move |source| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Checkpoint {
@@ -62,17 +72,26 @@ impl Checkpoint {
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ExportError::Config { path: config_path.clone(), message: e.to_string() })?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ExportError::Config {
+                path: config_path.clone(),
+                message: e.to_string(),
+            })?;
         let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io(&index))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ExportError::Config { path: index.clone(), message: e.to_string() })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ExportError::Config {
-                path: index.clone(),
-                message: "no `weight_map` object".into(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ExportError::Config {
+                    path: index.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ExportError::Config {
+                    path: index.clone(),
+                    message: "no `weight_map` object".into(),
+                })?;
             let names: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
@@ -80,7 +99,10 @@ impl Checkpoint {
             if !single.exists() {
                 return Err(ExportError::Io {
                     path: single,
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no weights file (nor a sharded index)"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no weights file (nor a sharded index)",
+                    ),
                 });
             }
             vec![single]
@@ -92,7 +114,10 @@ impl Checkpoint {
 
     /// Opens a single safetensors file (hypernetwork, LiLoRA, LoRA files).
     pub fn open_file(path: &Path) -> Result<Self> {
-        Self::open_files(path.parent().unwrap_or(Path::new(".")), &[path.to_path_buf()])
+        Self::open_files(
+            path.parent().unwrap_or(Path::new(".")),
+            &[path.to_path_buf()],
+        )
     }
 
     fn open_files(dir: &Path, paths: &[PathBuf]) -> Result<Self> {
@@ -103,9 +128,14 @@ impl Checkpoint {
             // SAFETY: the map is read-only; a checkpoint modified while v2l reads it is the
             // caller's race, as with any memory-mapped reader (safetensors, PyTorch).
             let mmap = unsafe { Mmap::map(&file) }.map_err(io(path))?;
-            let bad = |message: String| ExportError::Safetensors { path: path.clone(), message };
-            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
-            let (header_len, _) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+            let bad = |message: String| ExportError::Safetensors {
+                path: path.clone(),
+                message,
+            };
+            let st =
+                safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
+            let (header_len, _) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
             let base = 8 + header_len;
             for (key, view) in st.tensors() {
                 let dtype = match view.dtype() {
@@ -115,17 +145,36 @@ impl Checkpoint {
                     safetensors::Dtype::F64 => DType::F64,
                     safetensors::Dtype::I64 => DType::I64,
                     other => {
-                        return Err(ExportError::DType { path: path.clone(), key, dtype: format!("{other:?}") });
+                        return Err(ExportError::DType {
+                            path: path.clone(),
+                            key,
+                            dtype: format!("{other:?}"),
+                        });
                     }
                 };
                 let data = view.data();
                 let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
                 debug_assert!(start >= base);
-                entries.insert(key, Entry { file: i, dtype, shape: view.shape().to_vec(), start, end: start + data.len() });
+                entries.insert(
+                    key,
+                    Entry {
+                        file: i,
+                        dtype,
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + data.len(),
+                    },
+                );
             }
             files.push((path.clone(), Arc::new(mmap)));
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), files, entries, config: None, used: RefCell::new(BTreeSet::new()) })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            entries,
+            config: None,
+            used: RefCell::new(BTreeSet::new()),
+        })
     }
 
     /// The directory (or the file's parent) the checkpoint was opened from.
@@ -145,7 +194,10 @@ impl Checkpoint {
             path: self.dir.join("config.json"),
             message: "no config.json".into(),
         })?;
-        let class = value.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
+        let class = value
+            .get("_class_name")
+            .and_then(|c| c.as_str())
+            .unwrap_or("");
         if class != expected_class {
             return Err(ExportError::UnknownClass {
                 path: path.clone(),
@@ -153,8 +205,10 @@ impl Checkpoint {
                 expected: expected_class.to_string(),
             });
         }
-        serde_json::from_value(value.clone())
-            .map_err(|e| ExportError::Config { path: path.clone(), message: e.to_string() })
+        serde_json::from_value(value.clone()).map_err(|e| ExportError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -173,14 +227,22 @@ impl Checkpoint {
         let e = self
             .entries
             .get(key)
-            .ok_or_else(|| ExportError::MissingKey { path: self.path_of(key).to_path_buf(), key: key.to_string() })?;
+            .ok_or_else(|| ExportError::MissingKey {
+                path: self.path_of(key).to_path_buf(),
+                key: key.to_string(),
+            })?;
         self.used.borrow_mut().insert(key.to_string());
         let buffer: Arc<dyn AsRef<[u8]> + Send + Sync> = self.files[e.file].1.clone();
         Ok(TensorRef {
             key: key.to_string(),
             dtype: e.dtype,
             shape: e.shape.clone(),
-            data: TensorData::Shared { buffer, start: e.start, end: e.end, stored: e.dtype },
+            data: TensorData::Shared {
+                buffer,
+                start: e.start,
+                end: e.end,
+                stored: e.dtype,
+            },
         })
     }
 
@@ -196,7 +258,11 @@ impl Checkpoint {
             });
         }
         if !t.dtype.is_float() {
-            return Err(ExportError::DType { path: self.path_of(key).to_path_buf(), key: key.into(), dtype: t.dtype.to_string() });
+            return Err(ExportError::DType {
+                path: self.path_of(key).to_path_buf(),
+                key: key.into(),
+                dtype: t.dtype.to_string(),
+            });
         }
         Ok(t)
     }
@@ -204,7 +270,11 @@ impl Checkpoint {
     /// Keys that no exporter asked for, sorted (reported so a silently ignored weight shows).
     pub fn unused_keys(&self) -> Vec<String> {
         let used = self.used.borrow();
-        self.keys().into_iter().filter(|k| !used.contains(*k)).map(String::from).collect()
+        self.keys()
+            .into_iter()
+            .filter(|k| !used.contains(*k))
+            .map(String::from)
+            .collect()
     }
 }
 
@@ -213,21 +283,40 @@ mod tests {
     use super::*;
 
     fn write_st(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-        let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.2.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|t| t.2.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
         let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
             .iter()
             .zip(&bytes)
-            .map(|(t, b)| (t.0.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.1.clone(), b).unwrap()))
+            .map(|(t, b)| {
+                (
+                    t.0.to_string(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.1.clone(), b)
+                        .unwrap(),
+                )
+            })
             .collect();
-        safetensors::serialize_to_file(views, None, path).unwrap();
+        safetensors::serialize_to_file(views, &None, path).unwrap();
     }
 
     #[test]
     fn sharded_directory_reads_all_shards_and_reports_unused() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("config.json"), r#"{"_class_name": "X", "n": 2}"#).unwrap();
-        write_st(&d.path().join("a.safetensors"), &[("w1", vec![2], vec![1.0, 2.0])]);
-        write_st(&d.path().join("b.safetensors"), &[("w2", vec![1], vec![3.0]), ("extra", vec![1], vec![0.0])]);
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"_class_name": "X", "n": 2}"#,
+        )
+        .unwrap();
+        write_st(
+            &d.path().join("a.safetensors"),
+            &[("w1", vec![2], vec![1.0, 2.0])],
+        );
+        write_st(
+            &d.path().join("b.safetensors"),
+            &[("w2", vec![1], vec![3.0]), ("extra", vec![1], vec![0.0])],
+        );
         std::fs::write(
             d.path().join("diffusion_pytorch_model.safetensors.index.json"),
             r#"{"weight_map": {"w1": "a.safetensors", "w2": "b.safetensors", "extra": "b.safetensors"}}"#,
@@ -238,7 +327,10 @@ mod tests {
         assert_eq!(ck.tensor("w2", &[1]).unwrap().to_f32(), vec![3.0]);
         assert_eq!(ck.unused_keys(), vec!["extra".to_string()]);
         let err = ck.tensor("w1", &[3]).unwrap_err().to_string();
-        assert!(err.contains("a.safetensors") && err.contains("`w1`") && err.contains("[3]"), "{err}");
+        assert!(
+            err.contains("a.safetensors") && err.contains("`w1`") && err.contains("[3]"),
+            "{err}"
+        );
         let err = ck.get("nope").unwrap_err().to_string();
         assert!(err.contains("missing tensor `nope`"), "{err}");
         let err = ck.config::<serde_json::Value>("Y").unwrap_err().to_string();
@@ -253,6 +345,9 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 3]).unwrap();
         let err = Checkpoint::open_file(&p).err().unwrap().to_string();
-        assert!(err.contains("m.safetensors") && err.contains("not a valid safetensors"), "{err}");
+        assert!(
+            err.contains("m.safetensors") && err.contains("not a valid safetensors"),
+            "{err}"
+        );
     }
 }

@@ -165,22 +165,42 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
     let hidden = g.input(
         "hidden_states",
         DType::F32,
-        vec!["batch".into(), "frames".into(), Dim::Fixed(cfg.in_channels as i64), "height".into(), "width".into()],
+        vec![
+            "batch".into(),
+            "frames".into(),
+            Dim::Fixed(cfg.in_channels as i64),
+            "height".into(),
+            "width".into(),
+        ],
     );
     let text = g.input(
         "encoder_hidden_states",
         DType::F32,
-        vec!["batch".into(), "text_len".into(), Dim::Fixed(cfg.text_embed_dim as i64)],
+        vec![
+            "batch".into(),
+            "text_len".into(),
+            Dim::Fixed(cfg.text_embed_dim as i64),
+        ],
     );
     let timestep = g.input("timestep", DType::I64, vec!["batch".into()]);
-    let rope_cos = g.input("rope_cos", DType::F32, vec!["video_tokens".into(), Dim::Fixed(dh)]);
-    let rope_sin = g.input("rope_sin", DType::F32, vec!["video_tokens".into(), Dim::Fixed(dh)]);
+    let rope_cos = g.input(
+        "rope_cos",
+        DType::F32,
+        vec!["video_tokens".into(), Dim::Fixed(dh)],
+    );
+    let rope_sin = g.input(
+        "rope_sin",
+        DType::F32,
+        vec!["video_tokens".into(), Dim::Fixed(dh)],
+    );
 
     // Modules are visited in `named_modules()` order so `linears` comes out in LiLoRA order.
     let tokens = patch_embed(&mut g, &vb.pp("patch_embed"), &cfg, &text, &hidden)?;
     let temb = time_embedding(&mut g, &vb, &cfg, &timestep)?;
     let text_len = g.shape_range(&text, 1, 2);
-    let rope = g.scoped("rope", |g| Rope::new(g, &text_len, &rope_cos, &rope_sin, dh));
+    let rope = g.scoped("rope", |g| {
+        Rope::new(g, &text_len, &rope_cos, &rope_sin, dh)
+    });
 
     let (mut enc, mut x) = split_text(&mut g, &tokens, &text_len);
     let temb_act = g.silu(&temb);
@@ -189,26 +209,59 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
         (x, enc) = block(&mut g, &blk, &cfg, &x, &enc, &temb_act, &rope, &text_len)?;
     }
 
-    let x = vb.layer_norm(&mut g, &x, "norm_final", cfg.inner_dim(), cfg.norm_eps, cfg.norm_elementwise_affine)?;
+    let x = vb.layer_norm(
+        &mut g,
+        &x,
+        "norm_final",
+        cfg.inner_dim(),
+        cfg.norm_eps,
+        cfg.norm_elementwise_affine,
+    )?;
     let x = ada_layer_norm(&mut g, &vb.pp("norm_out"), &cfg, &x, &temb_act)?;
     let p = cfg.patch_size;
-    let x = vb.linear(&mut g, &x, "proj_out", cfg.inner_dim(), p * p * cfg.out_channels(), true)?;
-    let sample = g.scoped("unpatchify", |g| unpatchify(g, &x, &hidden, p as i64, cfg.out_channels() as i64));
+    let x = vb.linear(
+        &mut g,
+        &x,
+        "proj_out",
+        cfg.inner_dim(),
+        p * p * cfg.out_channels(),
+        true,
+    )?;
+    let sample = g.scoped("unpatchify", |g| {
+        unpatchify(g, &x, &hidden, p as i64, cfg.out_channels() as i64)
+    });
     g.output(
         &sample,
         "sample",
         DType::F32,
-        vec!["batch".into(), "frames".into(), Dim::Fixed(cfg.out_channels() as i64), "height".into(), "width".into()],
+        vec![
+            "batch".into(),
+            "frames".into(),
+            Dim::Fixed(cfg.out_channels() as i64),
+            "height".into(),
+            "width".into(),
+        ],
     );
     g.metadata("v2l.architecture", CLASS_NAME);
     let linears = vb.linears();
     let unused_keys = ckpt.unused_keys();
-    Ok(DitExport { graph: g, config: cfg, raw_config, linears, unused_keys })
+    Ok(DitExport {
+        graph: g,
+        config: cfg,
+        raw_config,
+        linears,
+        unused_keys,
+    })
 }
 
 fn check_supported(ckpt: &Checkpoint, cfg: &DitConfig) -> Result<()> {
     let path = ckpt.dir().join("config.json");
-    let unsupported = |what: &str| Err(ExportError::Unsupported { path: path.clone(), what: what.into() });
+    let unsupported = |what: &str| {
+        Err(ExportError::Unsupported {
+            path: path.clone(),
+            what: what.into(),
+        })
+    };
     if cfg.patch_size_t.is_some() {
         return unsupported("CogVideoX 1.5 temporal patching (`patch_size_t`)");
     }
@@ -222,7 +275,10 @@ fn check_supported(ckpt: &Checkpoint, cfg: &DitConfig) -> Result<()> {
         return unsupported(&format!("activation_fn `{}`", cfg.activation_fn));
     }
     if cfg.timestep_activation_fn != "silu" {
-        return unsupported(&format!("timestep_activation_fn `{}`", cfg.timestep_activation_fn));
+        return unsupported(&format!(
+            "timestep_activation_fn `{}`",
+            cfg.timestep_activation_fn
+        ));
     }
     if cfg.inner_dim() % 2 != 0 || cfg.attention_head_dim % 2 != 0 {
         return unsupported("an odd inner or head dimension");
@@ -231,11 +287,23 @@ fn check_supported(ckpt: &Checkpoint, cfg: &DitConfig) -> Result<()> {
 }
 
 /// `CogVideoXPatchEmbed`: text projection, per-frame patch convolution, `[text; video]` tokens.
-fn patch_embed(g: &mut Graph, vb: &Scope, cfg: &DitConfig, text: &Value, hidden: &Value) -> Result<Value> {
+fn patch_embed(
+    g: &mut Graph,
+    vb: &Scope,
+    cfg: &DitConfig,
+    text: &Value,
+    hidden: &Value,
+) -> Result<Value> {
     let d = cfg.inner_dim();
     let p = cfg.patch_size;
-    let w = vb.pp("proj").weight(g, "weight", &[d, cfg.in_channels, p, p])?;
-    let b = if cfg.patch_bias { Some(vb.pp("proj").weight(g, "bias", &[d])?) } else { None };
+    let w = vb
+        .pp("proj")
+        .weight(g, "weight", &[d, cfg.in_channels, p, p])?;
+    let b = if cfg.patch_bias {
+        Some(vb.pp("proj").weight(g, "bias", &[d])?)
+    } else {
+        None
+    };
     let t = vb.linear(g, text, "text_proj", cfg.text_embed_dim, d, true)?;
     let tokens = g.scoped(vb.prefix(), |g| {
         // [B,F,C,H,W] -> [B·F,C,H,W] -> conv -> [B,F,D,h·w] -> [B,F,h·w,D] -> [B,F·h·w,D]
@@ -251,7 +319,10 @@ fn patch_embed(g: &mut Graph, vb: &Scope, cfg: &DitConfig, text: &Value, hidden:
         let y = g.op(
             "Conv",
             &ins,
-            vec![("kernel_shape", v2l_graphs::Attr::Ints(vec![p, p])), ("strides", v2l_graphs::Attr::Ints(vec![p, p]))],
+            vec![
+                ("kernel_shape", v2l_graphs::Attr::Ints(vec![p, p])),
+                ("strides", v2l_graphs::Attr::Ints(vec![p, p])),
+            ],
         );
         let bf = g.shape_range(hidden, 0, 2);
         let tail = g.const_i64(&[d as i64, -1]);
@@ -296,7 +367,14 @@ fn time_embedding(g: &mut Graph, vb: &Scope, cfg: &DitConfig, timestep: &Value) 
     let te = vb.pp("time_embedding");
     let h = te.linear(g, &emb, "linear_1", dim, cfg.time_embed_dim, true)?;
     let h = g.silu(&h);
-    te.linear(g, &h, "linear_2", cfg.time_embed_dim, cfg.time_embed_dim, true)
+    te.linear(
+        g,
+        &h,
+        "linear_2",
+        cfg.time_embed_dim,
+        cfg.time_embed_dim,
+        true,
+    )
 }
 
 /// RoPE tables extended over the text tokens with cos = 1, sin = 0, so one multiply-add
@@ -406,7 +484,10 @@ fn gated_residual(g: &mut Graph, x: &Value, gate: &Value, h: &Value) -> Value {
 fn split_text(g: &mut Graph, x: &Value, text_len: &Value) -> (Value, Value) {
     let zero = g.const_i64(&[0]);
     let end = g.const_i64(&[i64::MAX]);
-    (g.slice_dyn(x, 1, &zero, text_len), g.slice_dyn(x, 1, text_len, &end))
+    (
+        g.slice_dyn(x, 1, &zero, text_len),
+        g.slice_dyn(x, 1, text_len, &end),
+    )
 }
 
 /// Joint attention (`CogVideoXAttnProcessor2_0`): returns (video out, text out).
@@ -420,7 +501,10 @@ fn attention(
     text_len: &Value,
 ) -> Result<(Value, Value)> {
     let d = cfg.inner_dim();
-    let (h, dh) = (cfg.num_attention_heads as i64, cfg.attention_head_dim as i64);
+    let (h, dh) = (
+        cfg.num_attention_heads as i64,
+        cfg.attention_head_dim as i64,
+    );
     let s = g.concat(&[enc, x], 1);
     let bias = cfg.attention_bias;
     let q = vb.linear(g, &s, "to_q", d, d, bias)?;
@@ -451,7 +535,13 @@ fn attention(
 }
 
 /// `AdaLayerNorm(chunk_dim=1)`: `norm(x)·(1 + scale) + shift` with `shift, scale = linear(silu(temb))`.
-fn ada_layer_norm(g: &mut Graph, vb: &Scope, cfg: &DitConfig, x: &Value, temb_act: &Value) -> Result<Value> {
+fn ada_layer_norm(
+    g: &mut Graph,
+    vb: &Scope,
+    cfg: &DitConfig,
+    x: &Value,
+    temb_act: &Value,
+) -> Result<Value> {
     let d = cfg.inner_dim();
     let m = vb.linear(g, temb_act, "linear", cfg.time_embed_dim, 2 * d, true)?;
     let nx = vb.layer_norm(g, x, "norm", d, cfg.norm_eps, cfg.norm_elementwise_affine)?;
@@ -492,5 +582,123 @@ impl DitExport {
             config: self.raw_config.clone(),
             lora_targets: self.linears.clone(),
         }
+    }
+}
+
+/// Every tensor the exporter reads for `cfg`, with its shape, in module order.
+///
+/// Used to generate full-scale test and benchmark checkpoints; a unit test checks it against the
+/// fixture checkpoint key for key, so it cannot drift from [`export`].
+pub fn checkpoint_layout(cfg: &DitConfig) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.inner_dim();
+    let (p, te, dh) = (cfg.patch_size, cfg.time_embed_dim, cfg.attention_head_dim);
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    let linear =
+        |out: &mut Vec<(String, Vec<usize>)>, name: String, i: usize, o: usize, bias: bool| {
+            out.push((format!("{name}.weight"), vec![o, i]));
+            if bias {
+                out.push((format!("{name}.bias"), vec![o]));
+            }
+        };
+    let norm = |out: &mut Vec<(String, Vec<usize>)>, name: String, n: usize| {
+        if cfg.norm_elementwise_affine || name.ends_with("norm_q") || name.ends_with("norm_k") {
+            out.push((format!("{name}.weight"), vec![n]));
+            out.push((format!("{name}.bias"), vec![n]));
+        }
+    };
+    out.push((
+        "patch_embed.proj.weight".into(),
+        vec![d, cfg.in_channels, p, p],
+    ));
+    if cfg.patch_bias {
+        out.push(("patch_embed.proj.bias".into(), vec![d]));
+    }
+    linear(
+        &mut out,
+        "patch_embed.text_proj".into(),
+        cfg.text_embed_dim,
+        d,
+        true,
+    );
+    linear(&mut out, "time_embedding.linear_1".into(), d, te, true);
+    linear(&mut out, "time_embedding.linear_2".into(), te, te, true);
+    for b in 0..cfg.num_layers {
+        let blk = format!("transformer_blocks.{b}");
+        for (n, parts) in [("norm1", true), ("norm2", false)] {
+            linear(&mut out, format!("{blk}.{n}.linear"), te, 6 * d, true);
+            norm(&mut out, format!("{blk}.{n}.norm"), d);
+            if parts {
+                norm(&mut out, format!("{blk}.attn1.norm_q"), dh);
+                norm(&mut out, format!("{blk}.attn1.norm_k"), dh);
+                for q in ["to_q", "to_k", "to_v"] {
+                    linear(
+                        &mut out,
+                        format!("{blk}.attn1.{q}"),
+                        d,
+                        d,
+                        cfg.attention_bias,
+                    );
+                }
+                linear(&mut out, format!("{blk}.attn1.to_out.0"), d, d, true);
+            }
+        }
+        linear(&mut out, format!("{blk}.ff.net.0.proj"), d, 4 * d, true);
+        linear(&mut out, format!("{blk}.ff.net.2"), 4 * d, d, true);
+    }
+    norm(&mut out, "norm_final".into(), d);
+    linear(&mut out, "norm_out.linear".into(), te, 2 * d, true);
+    norm(&mut out, "norm_out.norm".into(), d);
+    linear(
+        &mut out,
+        "proj_out".into(),
+        d,
+        p * p * cfg.out_channels(),
+        true,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/cogvideox-tiny/transformer")
+    }
+
+    #[test]
+    fn layout_matches_the_fixture_checkpoint() {
+        let ck = Checkpoint::open_dir(&tiny_dir()).unwrap();
+        let cfg: DitConfig = ck.config(CLASS_NAME).unwrap();
+        let mut layout = checkpoint_layout(&cfg);
+        layout.sort();
+        let mut keys: Vec<(String, Vec<usize>)> = ck
+            .keys()
+            .into_iter()
+            .map(|k| (k.to_string(), ck.get(k).unwrap().shape))
+            .collect();
+        keys.sort();
+        assert_eq!(layout, keys);
+    }
+
+    #[test]
+    fn unsupported_variants_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(tiny_dir().join(f), d.path().join(f)).unwrap();
+        }
+        let text = std::fs::read_to_string(d.path().join("config.json")).unwrap();
+        std::fs::write(
+            d.path().join("config.json"),
+            text.replace("\"patch_size_t\": null", "\"patch_size_t\": 2"),
+        )
+        .unwrap();
+        let ck = Checkpoint::open_dir(d.path()).unwrap();
+        let err = export(&ck, &Default::default()).err().unwrap().to_string();
+        assert!(
+            err.contains("config.json") && err.contains("patch_size_t"),
+            "{err}"
+        );
     }
 }

@@ -5,19 +5,35 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: missing tensor `{key}`")]
     MissingKey { path: PathBuf, key: String },
     #[error("{path}: tensor `{key}` has shape {found:?}, but the config implies {expected:?}")]
-    Shape { path: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        path: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("{path}: tensor `{key}` has dtype {dtype}; expected f32, f16 or bf16")]
-    DType { path: PathBuf, key: String, dtype: String },
+    DType {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error("{path}: `_class_name` is `{found}`, expected `{expected}`")]
-    UnknownClass { path: PathBuf, found: String, expected: String },
+    UnknownClass {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("{path}: {what} is not supported yet")]
     Unsupported { path: PathBuf, what: String },
     #[error(transparent)]

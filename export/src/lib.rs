@@ -14,6 +14,7 @@ pub mod cogvideox_dit;
 pub mod error;
 pub mod manifest;
 pub mod scope;
+pub mod synthetic;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use error::{ExportError, Result};

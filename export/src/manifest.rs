@@ -47,7 +47,10 @@ impl Manifest {
     pub fn read_or_default(dir: &Path) -> Result<Manifest> {
         let path = dir.join(FILE_NAME);
         if !path.exists() {
-            return Ok(Manifest { format_version: FORMAT_VERSION, ..Default::default() });
+            return Ok(Manifest {
+                format_version: FORMAT_VERSION,
+                ..Default::default()
+            });
         }
         Self::read(dir)
     }
@@ -55,13 +58,21 @@ impl Manifest {
     /// Reads `dir/manifest.json`, checking its format version.
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(FILE_NAME);
-        let text = std::fs::read_to_string(&path).map_err(|source| ExportError::Io { path: path.clone(), source })?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| ExportError::Config { path: path.clone(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ExportError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| ExportError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         if m.format_version != FORMAT_VERSION {
             return Err(ExportError::Config {
                 path,
-                message: format!("format version {} (this v2l reads {FORMAT_VERSION}); export again", m.format_version),
+                message: format!(
+                    "format version {} (this v2l reads {FORMAT_VERSION}); export again",
+                    m.format_version
+                ),
             });
         }
         Ok(m)
@@ -71,8 +82,17 @@ impl Manifest {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(FILE_NAME);
         let tmp = dir.join(format!(".{FILE_NAME}.tmp{}", std::process::id()));
-        let text = serde_json::to_string_pretty(self).map_err(|e| ExportError::Config { path: path.clone(), message: e.to_string() })?;
-        std::fs::write(&tmp, text + "\n").map_err(|source| ExportError::Io { path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, &path).map_err(|source| ExportError::Io { path: path.clone(), source })
+        let text = serde_json::to_string_pretty(self).map_err(|e| ExportError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&tmp, text + "\n").map_err(|source| ExportError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|source| ExportError::Io {
+            path: path.clone(),
+            source,
+        })
     }
 }

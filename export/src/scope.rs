@@ -32,7 +32,12 @@ pub struct Scope<'a> {
 
 impl<'a> Scope<'a> {
     pub fn new(ckpt: &'a Checkpoint) -> Self {
-        Scope { ckpt, prefix: String::new(), linears: Rc::default(), weight_dtype: None }
+        Scope {
+            ckpt,
+            prefix: String::new(),
+            linears: Rc::default(),
+            weight_dtype: None,
+        }
     }
 
     /// Descends into a submodule (`pp` as in candle: "push prefix").
@@ -79,25 +84,56 @@ impl<'a> Scope<'a> {
         let dims = shape.iter().map(|&d| d as i64).collect();
         let store = self.weight_dtype.unwrap_or(DType::F32);
         let v = g.initializer(&t.key, store, dims, t.data);
-        Ok(if store == DType::F32 { v } else { g.cast(&v, DType::F32) })
+        Ok(if store == DType::F32 {
+            v
+        } else {
+            g.cast(&v, DType::F32)
+        })
     }
 
     /// `nn.Linear(in, out)` named `name` under this scope, applied to `x`.
-    pub fn linear(&self, g: &mut Graph, x: &Value, name: &str, inp: usize, out: usize, bias: bool) -> Result<Value> {
+    pub fn linear(
+        &self,
+        g: &mut Graph,
+        x: &Value,
+        name: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Value> {
         let s = self.pp(name);
         let w = s.weight(g, "weight", &[out, inp])?;
-        let b = if bias { Some(s.weight(g, "bias", &[out])?) } else { None };
-        self.linears.borrow_mut().push(LinearInfo { name: s.prefix().to_string(), out_features: out, in_features: inp });
+        let b = if bias {
+            Some(s.weight(g, "bias", &[out])?)
+        } else {
+            None
+        };
+        self.linears.borrow_mut().push(LinearInfo {
+            name: s.prefix().to_string(),
+            out_features: out,
+            in_features: inp,
+        });
         Ok(g.scoped(s.prefix(), |g| g.linear(x, &w, b.as_ref(), out as i64)))
     }
 
     /// `nn.LayerNorm(dim, eps, elementwise_affine)` named `name` under this scope.
-    pub fn layer_norm(&self, g: &mut Graph, x: &Value, name: &str, dim: usize, eps: f32, affine: bool) -> Result<Value> {
+    pub fn layer_norm(
+        &self,
+        g: &mut Graph,
+        x: &Value,
+        name: &str,
+        dim: usize,
+        eps: f32,
+        affine: bool,
+    ) -> Result<Value> {
         let s = self.pp(name);
         let (w, b) = if affine {
             (s.weight(g, "weight", &[dim])?, s.weight(g, "bias", &[dim])?)
         } else {
-            (g.const_f32(&vec![1.0; dim], &[dim as i64]), g.const_f32(&vec![0.0; dim], &[dim as i64]))
+            (
+                g.const_f32(&vec![1.0; dim], &[dim as i64]),
+                g.const_f32(&vec![0.0; dim], &[dim as i64]),
+            )
         };
         Ok(g.scoped(s.prefix(), |g| g.layer_norm(x, &w, &b, eps)))
     }

@@ -71,7 +71,9 @@ impl std::fmt::Debug for TensorData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TensorData::Owned(b) => write!(f, "Owned({} bytes)", b.len()),
-            TensorData::Shared { start, end, stored, .. } => {
+            TensorData::Shared {
+                start, end, stored, ..
+            } => {
                 write!(f, "Shared({stored}, {} bytes)", end - start)
             }
         }
@@ -83,7 +85,9 @@ impl TensorData {
     pub fn stored_bytes(&self) -> &[u8] {
         match self {
             TensorData::Owned(b) => b,
-            TensorData::Shared { buffer, start, end, .. } => &(**buffer).as_ref()[*start..*end],
+            TensorData::Shared {
+                buffer, start, end, ..
+            } => &(**buffer).as_ref()[*start..*end],
         }
     }
 }
@@ -131,7 +135,10 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Self {
-        Graph { name: name.into(), ..Default::default() }
+        Graph {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     /// Runs `f` with `name` pushed onto the node-name scope.
@@ -153,7 +160,11 @@ impl Graph {
 
     /// Declares a graph input.
     pub fn input(&mut self, name: &str, dtype: DType, dims: Vec<Dim>) -> Value {
-        self.inputs.push(IoSpec { name: name.into(), dtype, dims });
+        self.inputs.push(IoSpec {
+            name: name.into(),
+            dtype,
+            dims,
+        });
         Value(name.into())
     }
 
@@ -162,14 +173,30 @@ impl Graph {
         let v = if v.name() == name {
             v.clone()
         } else {
-            self.push_node("Identity", &[v], vec![], vec![name.to_string()], None).remove(0)
+            self.push_node("Identity", &[v], vec![], vec![name.to_string()], None)
+                .remove(0)
         };
-        self.outputs.push(IoSpec { name: v.name().into(), dtype, dims });
+        self.outputs.push(IoSpec {
+            name: v.name().into(),
+            dtype,
+            dims,
+        });
     }
 
     /// Adds an initializer with an exact name (checkpoint keys keep theirs).
-    pub fn initializer(&mut self, name: &str, dtype: DType, dims: Vec<i64>, data: TensorData) -> Value {
-        self.initializers.push(Initializer { name: name.into(), dtype, dims, data });
+    pub fn initializer(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        dims: Vec<i64>,
+        data: TensorData,
+    ) -> Value {
+        self.initializers.push(Initializer {
+            name: name.into(),
+            dtype,
+            dims,
+            data,
+        });
         Value(name.into())
     }
 
@@ -189,7 +216,12 @@ impl Graph {
     pub fn const_i64(&mut self, values: &[i64]) -> Value {
         let name = self.fresh("const");
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializer(&name, DType::I64, vec![values.len() as i64], TensorData::Owned(bytes))
+        self.initializer(
+            &name,
+            DType::I64,
+            vec![values.len() as i64],
+            TensorData::Owned(bytes),
+        )
     }
 
     /// Records key/value metadata in the written model.
@@ -219,7 +251,13 @@ impl Graph {
     }
 
     /// Adds a node with `n` outputs.
-    pub fn op_n(&mut self, op: &str, inputs: &[&Value], attrs: Vec<(&str, Attr)>, n: usize) -> Vec<Value> {
+    pub fn op_n(
+        &mut self,
+        op: &str,
+        inputs: &[&Value],
+        attrs: Vec<(&str, Attr)>,
+        n: usize,
+    ) -> Vec<Value> {
         let name = self.fresh(op);
         let outputs = (0..n).map(|i| format!("{name}:{i}")).collect();
         self.push_node(op, inputs, attrs, outputs, Some(name))
@@ -303,7 +341,11 @@ impl Graph {
 
     /// `Shape(x)[start..end]` as a 1-D int64 tensor.
     pub fn shape_range(&mut self, x: &Value, start: i64, end: i64) -> Value {
-        self.op("Shape", &[x], vec![("start", Attr::Int(start)), ("end", Attr::Int(end))])
+        self.op(
+            "Shape",
+            &[x],
+            vec![("start", Attr::Int(start)), ("end", Attr::Int(end))],
+        )
     }
 
     pub fn reshape(&mut self, x: &Value, shape: &Value) -> Value {
@@ -341,7 +383,12 @@ impl Graph {
     /// Splits `x` along `axis` into pieces of the given sizes (`torch.split`).
     pub fn split(&mut self, x: &Value, sizes: &[i64], axis: i64) -> Vec<Value> {
         let s = self.const_i64(sizes);
-        self.op_n("Split", &[x, &s], vec![("axis", Attr::Int(axis))], sizes.len())
+        self.op_n(
+            "Split",
+            &[x, &s],
+            vec![("axis", Attr::Int(axis))],
+            sizes.len(),
+        )
     }
 
     /// `torch.chunk(x, n, axis)` for an axis of `n · size` elements.
@@ -365,7 +412,13 @@ impl Graph {
     /// Lowered as Flatten → `Gemm(transB=1)` → Reshape so the weight initializer is consumed
     /// as stored, untransposed: a TensorRT refit or an ORT initializer override can then replace
     /// it by its checkpoint name.
-    pub fn linear(&mut self, x: &Value, weight: &Value, bias: Option<&Value>, out_features: i64) -> Value {
+    pub fn linear(
+        &mut self,
+        x: &Value,
+        weight: &Value,
+        bias: Option<&Value>,
+        out_features: i64,
+    ) -> Value {
         let lead = self.op("Shape", &[x], vec![("end", Attr::Int(-1))]);
         let x2 = self.op("Flatten", &[x], vec![("axis", Attr::Int(-1))]);
         let mut ins = vec![&x2, weight];
@@ -410,7 +463,10 @@ impl Graph {
 }
 
 fn attr_proto(name: &str, a: Attr) -> proto::AttributeProto {
-    let mut p = proto::AttributeProto { name: name.into(), ..Default::default() };
+    let mut p = proto::AttributeProto {
+        name: name.into(),
+        ..Default::default()
+    };
     match a {
         Attr::Int(i) => {
             p.r#type = attribute_type::INT;

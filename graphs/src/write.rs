@@ -26,11 +26,24 @@ const INLINE_MAX: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("cannot write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initializer {name}: cannot convert {from} to {to}")]
-    Convert { name: String, from: DType, to: DType },
+    Convert {
+        name: String,
+        from: DType,
+        to: DType,
+    },
     #[error("initializer {name}: {got} bytes of data for {want} bytes of {dtype}{dims:?}")]
-    Size { name: String, got: usize, want: usize, dtype: DType, dims: Vec<i64> },
+    Size {
+        name: String,
+        got: usize,
+        want: usize,
+        dtype: DType,
+        dims: Vec<i64>,
+    },
 }
 
 /// How weights are stored in the written model.
@@ -61,18 +74,27 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
     };
     let io_err = |p: &Path| {
         let p = p.to_path_buf();
-        move |source| WriteError::Io { path: p.clone(), source }
+        move |source| WriteError::Io {
+            path: p.clone(),
+            source,
+        }
     };
 
     let data_path = PathBuf::from(format!("{}.data", path.display()));
-    let data_name = data_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let data_name = data_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp_model = tmp_name(path);
     let tmp_data = tmp_name(&data_path);
 
     let result = (|| {
         let mut initializers = Vec::with_capacity(graph.initializers.len());
         let mut data_file = if external {
-            Some(BufWriter::with_capacity(8 << 20, File::create(&tmp_data).map_err(io_err(&data_path))?))
+            Some(BufWriter::with_capacity(
+                8 << 20,
+                File::create(&tmp_data).map_err(io_err(&data_path))?,
+            ))
         } else {
             None
         };
@@ -91,7 +113,8 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
                 Some(f) if scratch.len() > INLINE_MAX => {
                     // Align each tensor to 64 bytes so a loader may map it directly.
                     let pad = (64 - offset % 64) % 64;
-                    f.write_all(&vec![0u8; pad as usize]).map_err(io_err(&data_path))?;
+                    f.write_all(&vec![0u8; pad as usize])
+                        .map_err(io_err(&data_path))?;
                     offset += pad;
                     f.write_all(&scratch).map_err(io_err(&data_path))?;
                     t.data_location = proto::data_location::EXTERNAL;
@@ -120,7 +143,11 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
             std::fs::remove_file(&data_path).map_err(io_err(&data_path))?;
         }
         std::fs::rename(&tmp_model, path).map_err(io_err(path))?;
-        Ok(Written { model: path.to_path_buf(), data: external.then_some(data_path.clone()), weight_bytes })
+        Ok(Written {
+            model: path.to_path_buf(),
+            data: external.then_some(data_path.clone()),
+            weight_bytes,
+        })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp_model);
@@ -130,12 +157,18 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
 }
 
 fn tmp_name(p: &Path) -> PathBuf {
-    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     p.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
 
 fn entry(k: &str, v: &str) -> proto::StringStringEntryProto {
-    proto::StringStringEntryProto { key: k.into(), value: v.into() }
+    proto::StringStringEntryProto {
+        key: k.into(),
+        value: v.into(),
+    }
 }
 
 /// Appends `init`'s bytes in its declared type to `out`.
@@ -179,10 +212,12 @@ fn value_info(io: &IoSpec) -> proto::ValueInfoProto {
     proto::ValueInfoProto {
         name: io.name.clone(),
         r#type: Some(proto::TypeProto {
-            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                elem_type: io.dtype.onnx_code(),
-                shape: Some(proto::TensorShapeProto { dim }),
-            })),
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: io.dtype.onnx_code(),
+                    shape: Some(proto::TensorShapeProto { dim }),
+                },
+            )),
         }),
         doc_string: String::new(),
     }
@@ -191,7 +226,10 @@ fn value_info(io: &IoSpec) -> proto::ValueInfoProto {
 fn to_model_proto(graph: &Graph, initializer: Vec<proto::TensorProto>) -> proto::ModelProto {
     proto::ModelProto {
         ir_version: 8,
-        opset_import: vec![proto::OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
         producer_name: "v2l".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(proto::GraphProto {
@@ -210,7 +248,8 @@ fn to_model_proto(graph: &Graph, initializer: Vec<proto::TensorProto>) -> proto:
 /// Reads a model's protobuf (without resolving external data).
 pub fn read_model(path: &Path) -> Result<proto::ModelProto, std::io::Error> {
     let bytes = std::fs::read(path)?;
-    proto::ModelProto::decode(bytes.as_slice()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    proto::ModelProto::decode(bytes.as_slice())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]
@@ -239,7 +278,11 @@ mod tests {
             let w = save(&tiny_graph(), &p, mode).unwrap();
             let m = read_model(&p).unwrap();
             let g = m.graph.unwrap();
-            let t = g.initializer.iter().find(|t| t.name == "layer.weight").unwrap();
+            let t = g
+                .initializer
+                .iter()
+                .find(|t| t.name == "layer.weight")
+                .unwrap();
             assert_eq!(t.dims, vec![3, 2]);
             // 24 bytes is below INLINE_MAX, so even external mode keeps it inline.
             assert_eq!(t.raw_data.len(), 24);
@@ -252,21 +295,44 @@ mod tests {
     fn external_tensors_are_aligned_and_complete() {
         let dir = tempfile::tempdir().unwrap();
         let mut g = Graph::new("big");
-        let bytes: Vec<u8> = (0..4096u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
-        g.initializer("a", DType::F32, vec![4096], TensorData::Owned(bytes.clone()));
-        g.initializer("b", DType::F32, vec![4096], TensorData::Owned(bytes.clone()));
+        let bytes: Vec<u8> = (0..4096u32)
+            .flat_map(|v| (v as f32).to_le_bytes())
+            .collect();
+        g.initializer(
+            "a",
+            DType::F32,
+            vec![4096],
+            TensorData::Owned(bytes.clone()),
+        );
+        g.initializer(
+            "b",
+            DType::F32,
+            vec![4096],
+            TensorData::Owned(bytes.clone()),
+        );
         let p = dir.path().join("m.onnx");
         let w = save(&g, &p, ExternalData::Always).unwrap();
         let data = std::fs::read(w.data.unwrap()).unwrap();
         let m = read_model(&p).unwrap();
         for t in &m.graph.unwrap().initializer {
-            let get = |k: &str| t.external_data.iter().find(|e| e.key == k).unwrap().value.parse::<usize>().unwrap();
+            let get = |k: &str| {
+                t.external_data
+                    .iter()
+                    .find(|e| e.key == k)
+                    .unwrap()
+                    .value
+                    .parse::<usize>()
+                    .unwrap()
+            };
             let (off, len) = (get("offset"), get("length"));
             assert_eq!(off % 64, 0);
             assert_eq!(&data[off..off + len], &bytes[..]);
         }
         // No temporary files remain.
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 }

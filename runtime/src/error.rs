@@ -12,7 +12,10 @@ pub enum RuntimeError {
     #[error("{context}: {message}")]
     Ort { context: String, message: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     BadFile { path: PathBuf, message: String },
     #[error("{path}: missing tensor `{name}`")]

@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 
 use crate::error::{Result, RuntimeError};
 
-static INIT: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
+static INIT: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> =
+    OnceLock::new();
 
 /// Loads ONNX Runtime once per process and returns its environment; later calls return the
 /// first outcome.
@@ -38,7 +39,9 @@ pub fn init() -> Result<&'static ort::environment::Environment> {
         Err(e) => {
             let parts: Vec<&str> = e.split('\u{0}').collect();
             if parts[0] == "missing" {
-                Err(RuntimeError::OrtMissing { searched: parts.get(1).unwrap_or(&"").to_string() })
+                Err(RuntimeError::OrtMissing {
+                    searched: parts.get(1).unwrap_or(&"").to_string(),
+                })
             } else {
                 Err(RuntimeError::OrtLoad {
                     path: PathBuf::from(parts.get(1).unwrap_or(&"")),
@@ -55,8 +58,12 @@ fn library_in(dir: &Path) -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            (n.starts_with("libonnxruntime.so") || n.starts_with("libonnxruntime.") && n.ends_with(".dylib"))
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (n.starts_with("libonnxruntime.so")
+                || n.starts_with("libonnxruntime.") && n.ends_with(".dylib"))
                 && !n.contains("providers")
         })
         .collect();
@@ -93,10 +100,15 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
             }
         }
     }
-    searched.push(".v2l/onnxruntime in the current directory, its ancestors and the executable's".into());
+    searched.push(
+        ".v2l/onnxruntime in the current directory, its ancestors and the executable's".into(),
+    );
     searched.push("the `onnxruntime` Python package".into());
     let out = std::process::Command::new("python3")
-        .args(["-c", "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))"])
+        .args([
+            "-c",
+            "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))",
+        ])
         .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
@@ -109,5 +121,7 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
 
 /// The library path ONNX Runtime was loaded from, once [`init`] succeeded.
 pub fn library_path() -> Option<&'static Path> {
-    INIT.get().and_then(|r| r.as_ref().ok()).map(|(p, _)| p.as_path())
+    INIT.get()
+        .and_then(|r| r.as_ref().ok())
+        .map(|(p, _)| p.as_path())
 }

@@ -32,7 +32,10 @@ pub struct Model {
 
 fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> RuntimeError {
     let context = context.to_string();
-    move |e| RuntimeError::Ort { context, message: e.to_string() }
+    move |e| RuntimeError::Ort {
+        context,
+        message: e.to_string(),
+    }
 }
 
 impl Model {
@@ -48,12 +51,30 @@ impl Model {
         let ctx = path.display().to_string();
         let mut b = Session::builder(env).map_err(ort_err(&ctx))?;
         if opts.threads > 0 {
-            b = b.with_intra_threads(opts.threads).map_err(|e| RuntimeError::Ort { context: ctx.clone(), message: e.to_string() })?;
+            b = b
+                .with_intra_threads(opts.threads)
+                .map_err(|e| RuntimeError::Ort {
+                    context: ctx.clone(),
+                    message: e.to_string(),
+                })?;
         }
         let session = b.commit_from_file(path).map_err(ort_err(&ctx))?;
-        let inputs = session.inputs().iter().map(|o| o.name().to_string()).collect();
-        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
-        Ok(Model { path: path.into(), session, inputs, outputs })
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        Ok(Model {
+            path: path.into(),
+            session,
+            inputs,
+            outputs,
+        })
     }
 
     pub fn input_names(&self) -> &[String] {
@@ -73,12 +94,18 @@ impl Model {
                 what: ctx.clone(),
                 message: format!("input `{name}` was not given"),
             })?;
-            values.push((name.clone(), to_ort(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?));
+            values.push((
+                name.clone(),
+                to_ort(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?,
+            ));
         }
         let outs = self.session.run(values).map_err(ort_err(&ctx))?;
         let mut result = BTreeMap::new();
         for (name, v) in outs.iter() {
-            result.insert(name.to_string(), from_ort(&v).map_err(ort_err(format!("{ctx}: output `{name}`")))?);
+            result.insert(
+                name.to_string(),
+                from_ort(&v).map_err(ort_err(format!("{ctx}: output `{name}`")))?,
+            );
         }
         Ok(result)
     }
@@ -94,12 +121,24 @@ fn to_ort(t: &Tensor) -> ort::Result<DynValue> {
 }
 
 fn from_ort(v: &ort::value::DynValueRef<'_>) -> ort::Result<Tensor> {
-    let is_i64 = matches!(v.dtype(), ValueType::Tensor { ty: ort::value::TensorElementType::Int64, .. });
+    let is_i64 = matches!(
+        v.dtype(),
+        ValueType::Tensor {
+            ty: ort::value::TensorElementType::Int64,
+            ..
+        }
+    );
     if is_i64 {
         let (shape, data) = v.try_extract_tensor::<i64>()?;
-        Ok(Tensor { shape: shape.iter().map(|&d| d as usize).collect(), data: Data::I64(data.to_vec()) })
+        Ok(Tensor {
+            shape: shape.iter().map(|&d| d as usize).collect(),
+            data: Data::I64(data.to_vec()),
+        })
     } else {
         let (shape, data) = v.try_extract_tensor::<f32>()?;
-        Ok(Tensor { shape: shape.iter().map(|&d| d as usize).collect(), data: Data::F32(data.to_vec()) })
+        Ok(Tensor {
+            shape: shape.iter().map(|&d| d as usize).collect(),
+            data: Data::F32(data.to_vec()),
+        })
     }
 }

@@ -35,7 +35,13 @@ impl Stage {
     /// Input tensor names, as in the fixtures.
     pub fn inputs(self) -> &'static [&'static str] {
         match self {
-            Stage::Dit => &["hidden_states", "encoder_hidden_states", "timestep", "rope_cos", "rope_sin"],
+            Stage::Dit => &[
+                "hidden_states",
+                "encoder_hidden_states",
+                "timestep",
+                "rope_cos",
+                "rope_sin",
+            ],
             Stage::VaeEncode => &["video"],
             Stage::VaeDecode => &["latents"],
             Stage::Hypernet => &["reference_latents"],
@@ -52,27 +58,44 @@ pub struct ExportDir {
 impl ExportDir {
     /// Opens `path`: an export directory, or a model file inside one.
     pub fn open(path: &Path) -> Result<ExportDir> {
-        let dir = if path.is_file() { path.parent().unwrap_or(Path::new(".")).to_path_buf() } else { path.to_path_buf() };
+        let dir = if path.is_file() {
+            path.parent().unwrap_or(Path::new(".")).to_path_buf()
+        } else {
+            path.to_path_buf()
+        };
         if !dir.is_dir() {
             return Err(RuntimeError::Io {
                 path: path.into(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such engine or export directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such engine or export directory",
+                ),
             });
         }
-        let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile { path: dir.clone(), message: e.to_string() })?;
+        let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile {
+            path: dir.clone(),
+            message: e.to_string(),
+        })?;
         Ok(ExportDir { dir, manifest })
     }
 
     fn missing(&self, what: &str, cmd: &str) -> RuntimeError {
         RuntimeError::Invalid {
             what: self.dir.display().to_string(),
-            message: format!("holds no {what}; export one with `v2l-export {cmd} ... -o {}`", self.dir.display()),
+            message: format!(
+                "holds no {what}; export one with `v2l-export {cmd} ... -o {}`",
+                self.dir.display()
+            ),
         }
     }
 
     /// Loads the DiT graph.
     pub fn dit(&self, opts: &SessionOptions) -> Result<Model> {
-        let e = self.manifest.dit.as_ref().ok_or_else(|| self.missing("DiT", "dit"))?;
+        let e = self
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))?;
         Model::load(&self.dir.join(&e.file), opts)
     }
 }
@@ -81,7 +104,10 @@ impl ExportDir {
 pub fn check_inputs(stage: Stage, inputs: &BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
     for name in stage.inputs() {
         if !inputs.contains_key(*name) {
-            return Err(RuntimeError::MissingTensor { path: source.into(), name: name.to_string() });
+            return Err(RuntimeError::MissingTensor {
+                path: source.into(),
+                name: name.to_string(),
+            });
         }
     }
     Ok(())
@@ -97,7 +123,11 @@ pub fn run_stage(
     match stage {
         Stage::Dit => {
             let mut m = dir.dit(opts)?;
-            let feed = stage.inputs().iter().map(|n| (n.to_string(), inputs[*n].clone())).collect();
+            let feed = stage
+                .inputs()
+                .iter()
+                .map(|n| (n.to_string(), inputs[*n].clone()))
+                .collect();
             let mut out = m.run(&feed)?;
             let sample = out.remove("sample").ok_or_else(|| RuntimeError::Invalid {
                 what: dir.dir.display().to_string(),

@@ -25,11 +25,17 @@ pub struct Tensor {
 impl Tensor {
     pub fn f32(shape: Vec<usize>, v: Vec<f32>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), v.len());
-        Tensor { shape, data: Data::F32(v) }
+        Tensor {
+            shape,
+            data: Data::F32(v),
+        }
     }
 
     pub fn i64(shape: Vec<usize>, v: Vec<i64>) -> Tensor {
-        Tensor { shape, data: Data::I64(v) }
+        Tensor {
+            shape,
+            data: Data::I64(v),
+        }
     }
 
     pub fn zeros(shape: Vec<usize>) -> Tensor {
@@ -45,7 +51,10 @@ impl Tensor {
     pub fn as_f32(&self, what: &str) -> Result<&[f32]> {
         match &self.data {
             Data::F32(v) => Ok(v),
-            _ => Err(RuntimeError::Invalid { what: what.into(), message: "expected a float32 tensor".into() }),
+            _ => Err(RuntimeError::Invalid {
+                what: what.into(),
+                message: "expected a float32 tensor".into(),
+            }),
         }
     }
 
@@ -71,26 +80,52 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 /// Reads every tensor of a safetensors file (f16/bf16/f64 are widened or narrowed to f32).
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io { path: path.into(), source })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| RuntimeError::BadFile { path: path.into(), message: format!("not a valid safetensors file: {e}") })?;
+    let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| RuntimeError::BadFile {
+        path: path.into(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let b = view.data();
         let shape = view.shape().to_vec();
         let data = match view.dtype() {
-            safetensors::Dtype::F32 => Data::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-            safetensors::Dtype::F16 => Data::F32(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-            safetensors::Dtype::BF16 => Data::F32(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+            safetensors::Dtype::F32 => Data::F32(
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            safetensors::Dtype::F16 => Data::F32(
+                b.chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            safetensors::Dtype::BF16 => Data::F32(
+                b.chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
             safetensors::Dtype::F64 => Data::F32(
-                b.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32).collect(),
+                b.chunks_exact(8)
+                    .map(|c| {
+                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                    })
+                    .collect(),
             ),
             safetensors::Dtype::I64 => Data::I64(
-                b.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect(),
+                b.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
             ),
             safetensors::Dtype::U8 => Data::U8(b.to_vec()),
             other => {
-                return Err(RuntimeError::BadFile { path: path.into(), message: format!("tensor `{name}` has unsupported dtype {other:?}") })
+                return Err(RuntimeError::BadFile {
+                    path: path.into(),
+                    message: format!("tensor `{name}` has unsupported dtype {other:?}"),
+                })
             }
         };
         out.insert(name, Tensor { shape, data });
@@ -104,8 +139,14 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
         .iter()
         .map(|(k, t)| {
             let (dt, b) = match &t.data {
-                Data::F32(v) => (safetensors::Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                Data::I64(v) => (safetensors::Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                Data::F32(v) => (
+                    safetensors::Dtype::F32,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+                Data::I64(v) => (
+                    safetensors::Dtype::I64,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
                 Data::U8(v) => (safetensors::Dtype::U8, v.clone()),
             };
             (k.clone(), dt, t.shape.clone(), b)
@@ -116,19 +157,30 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
         .map(|(k, dt, s, b)| {
             safetensors::tensor::TensorView::new(*dt, s.clone(), b)
                 .map(|v| (k.clone(), v))
-                .map_err(|e| RuntimeError::Invalid { what: k.clone(), message: e.to_string() })
+                .map_err(|e| RuntimeError::Invalid {
+                    what: k.clone(),
+                    message: e.to_string(),
+                })
         })
         .collect::<Result<Vec<_>>>()?;
-    let blob = safetensors::serialize(views, &None)
-        .map_err(|e| RuntimeError::Invalid { what: path.display().to_string(), message: e.to_string() })?;
+    let blob = safetensors::serialize(views, &None).map_err(|e| RuntimeError::Invalid {
+        what: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     write_atomic(path, &blob)
 }
 
 /// Writes `bytes` to a temporary sibling of `path`, then renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    let io = |source| RuntimeError::Io { path: path.into(), source };
+    let io = |source| RuntimeError::Io {
+        path: path.into(),
+        source,
+    };
     if let Err(e) = std::fs::write(&tmp, bytes) {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(e));

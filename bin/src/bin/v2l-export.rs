@@ -95,25 +95,36 @@ impl From<External> for ExternalData {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| match cli.command {
-        Command::Dit { checkpoint, out, weight_dtype } => export_dit(&checkpoint, &out, weight_dtype.into()),
+        Command::Dit {
+            checkpoint,
+            out,
+            weight_dtype,
+        } => export_dit(&checkpoint, &out, weight_dtype.into()),
         Command::Vae { checkpoint, out } => export_vae(&checkpoint, &out),
     })
 }
 
 fn prepare_dir(dir: &Path) -> Result<Manifest, Failure> {
-    std::fs::create_dir_all(dir).map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
     Ok(Manifest::read_or_default(dir)?)
 }
 
 fn warn_unused(keys: &[String]) {
     if !keys.is_empty() {
-        eprintln!("warning: {} checkpoint tensors were not used: {}", keys.len(), keys.join(", "));
+        eprintln!(
+            "warning: {} checkpoint tensors were not used: {}",
+            keys.len(),
+            keys.join(", ")
+        );
     }
 }
 
 fn export_dit(checkpoint: &Path, out: &OutputArgs, weight_dtype: DType) -> Result<(), Failure> {
     let ck = Checkpoint::open_dir(checkpoint)?;
-    let opts = cogvideox_dit::DitOptions { weight_dtype: (weight_dtype != DType::F32).then_some(weight_dtype) };
+    let opts = cogvideox_dit::DitOptions {
+        weight_dtype: (weight_dtype != DType::F32).then_some(weight_dtype),
+    };
     let ex = cogvideox_dit::export(&ck, &opts)?;
     warn_unused(&ex.unused_keys);
     let mut manifest = prepare_dir(&out.output)?;
@@ -128,11 +139,17 @@ fn export_dit(checkpoint: &Path, out: &OutputArgs, weight_dtype: DType) -> Resul
         ex.linears.len(),
         bytes(written.weight_bytes),
         weight_dtype,
-        if written.data.is_some() { ", external data" } else { "" }
+        if written.data.is_some() {
+            ", external data"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
 
 fn export_vae(_checkpoint: &Path, _out: &OutputArgs) -> Result<(), Failure> {
-    Err(Failure::new("VAE export is not available in this build yet"))
+    Err(Failure::new(
+        "VAE export is not available in this build yet",
+    ))
 }

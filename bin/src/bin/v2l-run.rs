@@ -45,6 +45,13 @@ enum Command {
         /// safetensors file to write the outputs to
         #[arg(short, long)]
         output: PathBuf,
+        /// Reference outputs (e.g. from PyTorch) to compare against: prints the relative L2
+        /// error of each output against the tensor of the same name in this file
+        #[arg(long)]
+        compare: Option<PathBuf>,
+        /// Reference tensor name for an output, as OUTPUT=REFERENCE (e.g. sample=output); repeatable
+        #[arg(long = "compare-name", value_name = "OUT=REF")]
+        compare_names: Vec<String>,
     },
 }
 
@@ -71,11 +78,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| {
         let engine = cli.engine.as_ref().ok_or_else(|| {
-            Failure::new("no engine given").with_hint("pass --engine <export dir>, e.g. `v2l-run --engine out/ stage dit ...`")
+            Failure::new("no engine given")
+                .with_hint("pass --engine <export dir>, e.g. `v2l-run --engine out/ stage dit ...`")
         })?;
-        let opts = SessionOptions { threads: cli.threads };
+        let opts = SessionOptions {
+            threads: cli.threads,
+        };
         match cli.command {
-            Some(Command::Stage { stage, inputs, output }) => {
+            Some(Command::Stage { stage, inputs, output, compare, compare_names }) => {
                 let stage = Stage::from(stage);
                 let dir = ExportDir::open(engine)?;
                 let tensors = read_safetensors(&inputs)?;
@@ -85,10 +95,50 @@ fn main() -> ExitCode {
                 for (name, t) in &out {
                     println!("{name} {:?}", t.shape);
                 }
+                if let Some(reference) = compare {
+                    compare_outputs(&out, &reference, &compare_names)?;
+                }
                 Ok(())
             }
             None => Err(Failure::new("the end-to-end video pipeline is not available in this build yet")
                 .with_hint("run one component with `v2l-run --engine <dir> stage <dit|vae-encode|vae-decode> ...`")),
         }
     })
+}
+
+/// Prints `relative L2 error` of each output against a reference file.
+fn compare_outputs(
+    out: &std::collections::BTreeMap<String, v2l_runtime::Tensor>,
+    reference: &std::path::Path,
+    names: &[String],
+) -> Result<(), Failure> {
+    let refs = read_safetensors(reference)?;
+    for (name, t) in out {
+        let ref_name = names
+            .iter()
+            .filter_map(|m| m.split_once('='))
+            .find(|(o, _)| o == name)
+            .map(|(_, r)| r.to_string())
+            .unwrap_or_else(|| name.clone());
+        let r = refs.get(&ref_name).ok_or_else(|| {
+            Failure::new(format!(
+                "{}: no tensor `{ref_name}` to compare `{name}` with",
+                reference.display()
+            ))
+            .with_hint("map names with --compare-name OUTPUT=REFERENCE")
+        })?;
+        if r.shape != t.shape {
+            return Err(Failure::new(format!(
+                "{}: `{ref_name}` has shape {:?}, the output `{name}` {:?}",
+                reference.display(),
+                r.shape,
+                t.shape
+            )));
+        }
+        println!(
+            "{name} vs {ref_name}: relative L2 error {:.3e}",
+            t.rel_l2(r)
+        );
+    }
+    Ok(())
 }
