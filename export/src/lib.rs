@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod cogvideox_dit;
+pub mod cogvideox_vae;
 pub mod error;
 pub mod manifest;
 pub mod scope;

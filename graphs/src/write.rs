@@ -125,7 +125,10 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
                     ];
                     offset += scratch.len() as u64;
                 }
-                _ => t.raw_data = std::mem::take(&mut scratch),
+                // Copy small tensors out of the reused buffer: taking it would hand its whole
+                // (largest-tensor-sized) capacity to a 100-byte tensor.
+                Some(_) => t.raw_data = scratch.clone(),
+                None => t.raw_data = std::mem::take(&mut scratch),
             }
             initializers.push(t);
         }

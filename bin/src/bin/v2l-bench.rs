@@ -1,0 +1,161 @@
+//! `v2l-bench`: benchmarks that print numbers (never pass/fail tests).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use v2l_cli::{bytes, main_with, Failure};
+use v2l_export::{cogvideox_dit, synthetic, Checkpoint};
+use v2l_graphs::{DType, ExternalData};
+
+/// Benchmarks of v2l's own work, printed as a table (or one JSON object with --json).
+///
+///   export   generate a CogVideoX-5B-shaped checkpoint (bf16, the real layer shapes of
+///            CogVideoX-Fun-5B-InP) and time its export to ONNX with external data,
+///            reporting peak memory: the export must not hold a copy of the model.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Print one JSON object on stdout instead of a table
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Export a full-size CogVideoX-5B DiT (generated weights) and report time and peak memory
+    Export {
+        /// Transformer blocks to generate (42 is CogVideoX-5B)
+        #[arg(long, default_value_t = 42)]
+        layers: usize,
+        /// Scratch directory for the generated checkpoint and the export (needs ~2x11 GB at 42 blocks)
+        #[arg(long, default_value = "target/v2l-bench-export")]
+        dir: PathBuf,
+        /// Keep the generated files instead of deleting them at the end
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    main_with(|| match cli.command {
+        Command::Export { layers, dir, keep } => bench_export(layers, &dir, keep, cli.json),
+    })
+}
+
+/// A `/proc/self/status` field in kB.
+fn status_kb(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Samples anonymous RSS (heap: what a copy of the model would occupy) every 20 ms.
+struct AnonPeak {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AnonPeak {
+    fn start() -> AnonPeak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let (s, p) = (stop.clone(), peak.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(kb) = status_kb("RssAnon:") {
+                    p.fetch_max(kb, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        AnonPeak { stop, peak, handle: Some(handle) }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.peak.load(Ordering::Relaxed) * 1024
+    }
+}
+
+fn fullscale_config(layers: usize) -> Result<serde_json::Value, Failure> {
+    // The CogVideoX-Fun-5B-InP config, as listed with the real layer shapes in the fixtures.
+    let mut c: serde_json::Value = serde_json::from_str(include_str!("../../../tests/fixtures/fullscale_linear_shapes.json"))
+        .map_err(|e| Failure::new(format!("embedded shapes: {e}")))?;
+    let mut config = c["cogvideox-fun-5b-inp"]["config"].take();
+    config["num_layers"] = layers.into();
+    config["_class_name"] = cogvideox_dit::CLASS_NAME.into();
+    Ok(config)
+}
+
+fn bench_export(layers: usize, dir: &std::path::Path, keep: bool, json: bool) -> Result<(), Failure> {
+    let config = fullscale_config(layers)?;
+    let cfg: cogvideox_dit::DitConfig =
+        serde_json::from_value(config.clone()).map_err(|e| Failure::new(format!("config: {e}")))?;
+    let layout = cogvideox_dit::checkpoint_layout(&cfg);
+    let ck_dir = dir.join("transformer");
+    let out_dir = dir.join("export");
+    let params: usize = layout.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+
+    let t0 = Instant::now();
+    let mut last = Instant::now();
+    synthetic::write_checkpoint(&ck_dir, &config, &layout, DType::BF16, 1, &mut |done, total| {
+        if !json && last.elapsed() > Duration::from_secs(2) {
+            eprint!("\rgenerating checkpoint: {:>3}% of {}", done * 100 / total.max(1), bytes(total));
+            last = Instant::now();
+        }
+    })?;
+    let gen_s = t0.elapsed().as_secs_f64();
+    if !json {
+        eprintln!("\rgenerated {} ({params} parameters, bf16) in {gen_s:.1} s", ck_dir.display());
+    }
+
+    // Reset the kernel's peak-RSS counter so VmHWM covers the export alone.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let sampler = AnonPeak::start();
+    let t1 = Instant::now();
+    let ck = Checkpoint::open_dir(&ck_dir)?;
+    let opts = cogvideox_dit::DitOptions { weight_dtype: Some(DType::BF16) };
+    let ex = cogvideox_dit::export(&ck, &opts)?;
+    let build_s = t1.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&out_dir).map_err(|e| Failure::new(format!("{}: {e}", out_dir.display())))?;
+    let written = v2l_graphs::save(&ex.graph, &out_dir.join("dit.onnx"), ExternalData::Always)?;
+    let export_s = t1.elapsed().as_secs_f64();
+    let anon_peak = sampler.finish();
+    let hwm = status_kb("VmHWM:").unwrap_or(0) * 1024;
+    let data_len = written.data.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()).unwrap_or(0);
+
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "layers": layers, "params": params, "weight_dtype": "bf16",
+                "generate_s": gen_s, "graph_build_s": build_s, "export_s": export_s,
+                "weight_bytes": written.weight_bytes, "external_data_bytes": data_len,
+                "export_gbps": written.weight_bytes as f64 / export_s / 1e9,
+                "peak_rss_mb": hwm as f64 / 1e6, "peak_anon_rss_mb": anon_peak as f64 / 1e6,
+            })
+        );
+    } else {
+        println!("CogVideoX-5B-shaped DiT export ({layers} blocks, {params} parameters, bf16 weights, external data)");
+        println!("  graph build        {build_s:>8.2} s");
+        println!("  export total       {export_s:>8.2} s   ({:.2} GB/s of weights written)", written.weight_bytes as f64 / export_s / 1e9);
+        println!("  weights written    {:>10}", bytes(written.weight_bytes));
+        println!("  peak RSS           {:>10}   (includes file-backed pages of the memory-mapped checkpoint)", bytes(hwm));
+        println!("  peak anonymous RSS {:>10}   (heap: a copy of the model would show here)", bytes(anon_peak));
+    }
+    if !keep {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}

@@ -1,0 +1,760 @@
+//! CogVideoX 3D VAE (`AutoencoderKLCogVideoX`) as two ONNX graphs: encoder and decoder.
+//!
+//! Mirrors diffusers 0.42.1 `models/autoencoders/autoencoder_kl_cogvideox.py` (with
+//! `CogVideoXDownsample3D` / `CogVideoXUpsample3D` from `downsampling.py` / `upsampling.py`):
+//! causal 3D convolutions, GroupNorm resnets, time+space down/upsampling, and in the decoder
+//! the SpatialNorm3D conditioning on the latents. The VAE has no attention.
+//!
+//! diffusers never runs the VAE over a whole clip: `_encode` / `_decode` loop over frame
+//! batches ([`frame_batches`]; 8 video frames, 2 latent frames, the first batch also takes the
+//! remainder) and thread a cache of the last frames of every causal convolution's input from one
+//! batch to the next. GroupNorm statistics and the odd/even frame rules see only the current
+//! batch, so the batching is part of the numerics and must be reproduced. Each graph here is
+//! ONE batch of that loop; the runtime owns the loop.
+//!
+//! Graph contract (per batch):
+//!
+//! | graph | inputs | outputs |
+//! |---|---|---|
+//! | encoder | `video [B,Cin,T,H,W]`, `first_batch [1]`, `cache_in.*` | `posterior_mean`, `posterior_logvar [B,L,T',H/s,W/s]`, `cache_out.*` |
+//! | decoder | `latents [B,L,T',h,w]`, `first_batch [1]`, `cache_in.*` | `sample [B,Cout,T,h·s,w·s]`, `cache_out.*` |
+//!
+//! * `first_batch` is 1.0 for the first batch of a clip, 0.0 afterwards. With 1.0 each causal
+//!   conv pads time by replicating the first frame of its input (diffusers with no cache) and
+//!   the `cache_in.*` values are ignored (feed zeros of the declared shape); with 0.0 it pads
+//!   with `cache_in.*`.
+//! * `cache_in.<module>` (one per causal conv with a temporal kernel > 1, e.g.
+//!   `cache_in.encoder.down_blocks.0.resnets.0.conv1`) is `[B, C, k_t-1, H·num/den, W·num/den]`
+//!   as listed in [`CacheSpec`]; after a batch, feed each `cache_out.<module>` back as
+//!   `cache_in.<module>` of the next batch.
+//! * The decoder's `latents` are the raw VAE latents: the caller has already divided by
+//!   `scaling_factor` (recorded in the metadata) as the pipelines do.
+//! * `posterior_logvar` is clamped to [-30, 20] as `DiagonalGaussianDistribution` does; the
+//!   caller concatenates the batches on the time axis.
+//!
+//! Sizes B, T, H, W are dynamic. The frame-count rules that depend on parity (Downsample3D
+//! keeps frame 0 apart when T is odd, Upsample3D gives 2T-1 frames for odd T, SpatialNorm3D
+//! maps latent frame 0 to output frame 0 alone) are computed in the graph from `T mod 2`.
+//!
+//! ```text
+//! v2l-export vae path/to/vae -o out/   # writes out/vae_encoder.onnx, out/vae_decoder.onnx
+//! ```
+
+use serde::{Deserialize, Serialize};
+use v2l_graphs::{Attr, DType, Dim, Graph, Value};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ExportError, Result};
+use crate::scope::Scope;
+
+/// The `_class_name` this exporter accepts in `config.json`.
+pub const CLASS_NAME: &str = "AutoencoderKLCogVideoX";
+
+/// `AutoencoderKLCogVideoX.num_sample_frames_batch_size`: video frames per encoder batch
+/// (an attribute set in `__init__`, not a config field).
+pub const SAMPLE_FRAMES_BATCH_SIZE: usize = 8;
+
+/// `AutoencoderKLCogVideoX.num_latent_frames_batch_size`: latent frames per decoder batch
+/// (an attribute set in `__init__`, not a config field).
+pub const LATENT_FRAMES_BATCH_SIZE: usize = 2;
+
+/// Kernel size of every `CogVideoXCausalConv3d` with a cache (hard-coded 3 in diffusers).
+const KERNEL: usize = 3;
+
+/// `eps` of the GroupNorms diffusers hard-codes (encoder `norm_out`, every SpatialNorm3D).
+const FIXED_EPS: f32 = 1e-6;
+
+/// The `config.json` fields the graphs depend on (defaults as in diffusers).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct VaeConfig {
+    #[serde(default = "d3")]
+    pub in_channels: usize,
+    #[serde(default = "d3")]
+    pub out_channels: usize,
+    #[serde(default = "down_types")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "up_types")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d16")]
+    pub latent_channels: usize,
+    #[serde(default = "d3")]
+    pub layers_per_block: usize,
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    #[serde(default = "eps6")]
+    pub norm_eps: f32,
+    #[serde(default = "d32")]
+    pub norm_num_groups: usize,
+    #[serde(default = "f4")]
+    pub temporal_compression_ratio: f64,
+    #[serde(default = "scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default)]
+    pub invert_scale_latents: bool,
+    #[serde(default)]
+    pub use_quant_conv: bool,
+    #[serde(default)]
+    pub use_post_quant_conv: bool,
+}
+
+fn d3() -> usize {
+    3
+}
+fn d16() -> usize {
+    16
+}
+fn d32() -> usize {
+    32
+}
+fn f4() -> f64 {
+    4.0
+}
+fn eps6() -> f32 {
+    1e-6
+}
+fn scaling() -> f64 {
+    1.152_584_26
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn channels() -> Vec<usize> {
+    vec![128, 256, 256, 512]
+}
+fn down_types() -> Vec<String> {
+    vec!["CogVideoXDownBlock3D".into(); 4]
+}
+fn up_types() -> Vec<String> {
+    vec!["CogVideoXUpBlock3D".into(); 4]
+}
+
+impl VaeConfig {
+    /// `temporal_compress_level = int(np.log2(temporal_compression_ratio))`: how many of the
+    /// first down/up blocks also resample time.
+    pub fn temporal_compress_level(&self) -> usize {
+        self.temporal_compression_ratio.log2().trunc().max(0.0) as usize
+    }
+
+    /// Spatial factor between video and latents (one 2× resampler per block but the last).
+    pub fn spatial_compression(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+/// A spatial size relative to the graph's main input: `floor(size · num / den)`.
+///
+/// Why a ratio: encoder caches live at `H/2^k` (each Downsample3D maps `H` to `floor(H/2)`,
+/// and chained floors equal one floor), decoder caches at `h·2^k`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpatialScale {
+    pub num: usize,
+    pub den: usize,
+}
+
+impl SpatialScale {
+    /// The main input's own resolution.
+    pub const ONE: SpatialScale = SpatialScale { num: 1, den: 1 };
+
+    /// The size at this scale for a main-input size `size`.
+    pub fn apply(&self, size: usize) -> usize {
+        size * self.num / self.den
+    }
+
+    fn halved(self) -> Self {
+        SpatialScale { num: self.num, den: self.den * 2 }
+    }
+
+    fn doubled(self) -> Self {
+        SpatialScale { num: self.num * 2, den: self.den }
+    }
+
+    /// The symbolic dim name of `base` at this scale (`height/4`, `latent_width*2`).
+    fn dim(&self, base: &str) -> Dim {
+        let mut s = base.to_string();
+        if self.num != 1 {
+            s = format!("{s}*{}", self.num);
+        }
+        if self.den != 1 {
+            s = format!("{s}/{}", self.den);
+        }
+        Dim::Named(s)
+    }
+}
+
+/// One causal-conv cache the runtime threads between frame batches.
+///
+/// Why: the runtime must build zero caches for the first batch, so it needs each shape as a
+/// function of the clip's size: `[B, channels, frames, spatial_divisor.apply(H), spatial_divisor.apply(W)]`
+/// where H, W are the graph's main input size (`video` for the encoder, `latents` for the decoder).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSpec {
+    /// Graph input name, `cache_in.<module path>`; the matching output is [`CacheSpec::output_name`].
+    pub name: String,
+    /// Input channels of the convolution.
+    pub channels: usize,
+    /// `k_t - 1` frames.
+    pub frames: usize,
+    /// Spatial size relative to the graph's main input.
+    pub spatial_divisor: SpatialScale,
+}
+
+impl CacheSpec {
+    /// The graph output carrying this cache for the next batch (`cache_out.<module path>`).
+    pub fn output_name(&self) -> String {
+        format!("cache_out.{}", self.module())
+    }
+
+    /// The diffusers module path (`encoder.conv_in`).
+    pub fn module(&self) -> &str {
+        self.name.strip_prefix("cache_in.").unwrap_or(&self.name)
+    }
+
+    /// The cache's shape for batch size `batch` and main-input spatial size `height × width`.
+    pub fn shape(&self, batch: usize, height: usize, width: usize) -> [usize; 5] {
+        [batch, self.channels, self.frames, self.spatial_divisor.apply(height), self.spatial_divisor.apply(width)]
+    }
+}
+
+/// Both graphs, their cache contracts, and what the checkpoint held that they do not use.
+pub struct VaeExport {
+    pub encoder: Graph,
+    pub decoder: Graph,
+    pub config: VaeConfig,
+    /// Encoder caches in graph-input order (spatial scale relative to `video`).
+    pub encoder_caches: Vec<CacheSpec>,
+    /// Decoder caches in graph-input order (spatial scale relative to `latents`).
+    pub decoder_caches: Vec<CacheSpec>,
+    /// Checkpoint tensors neither graph uses.
+    pub unused_keys: Vec<String>,
+}
+
+/// diffusers' `(start, end)` frame ranges of `_encode` / `_decode` for `num_frames` frames in
+/// batches of `batch`: `max(n / batch, 1)` batches, the first also taking `n % batch`.
+///
+/// Why: GroupNorm and the parity rules depend on each batch's frames, so the runtime must cut
+/// the clip exactly as diffusers does. Empty for `num_frames == 0`; `batch == 0` is one batch.
+pub fn frame_batches(num_frames: usize, batch: usize) -> Vec<(usize, usize)> {
+    if num_frames == 0 {
+        return Vec::new();
+    }
+    if batch == 0 {
+        return vec![(0, num_frames)];
+    }
+    let rem = num_frames % batch;
+    (0..(num_frames / batch).max(1))
+        .map(|i| {
+            let start = batch * i + if i == 0 { 0 } else { rem };
+            // Python slicing clamps the end (fewer frames than one batch).
+            let end = (batch * (i + 1) + rem).min(num_frames);
+            (start, end)
+        })
+        .collect()
+}
+
+/// Builds the encoder and decoder graphs from a diffusers `vae` directory.
+pub fn export(ckpt: &Checkpoint) -> Result<VaeExport> {
+    let cfg: VaeConfig = ckpt.config(CLASS_NAME)?;
+    check_supported(ckpt, &cfg)?;
+    let (encoder, encoder_caches) = encoder(ckpt, &cfg)?;
+    let (decoder, decoder_caches) = decoder(ckpt, &cfg)?;
+    let unused_keys = ckpt.unused_keys();
+    Ok(VaeExport { encoder, decoder, config: cfg, encoder_caches, decoder_caches, unused_keys })
+}
+
+fn check_supported(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<()> {
+    let path = ckpt.dir().join("config.json");
+    let unsupported = |what: String| Err(ExportError::Unsupported { path: path.clone(), what });
+    let bad = |message: String| Err(ExportError::Config { path: path.clone(), message });
+    if cfg.use_quant_conv {
+        return unsupported("`use_quant_conv: true`".into());
+    }
+    if cfg.use_post_quant_conv {
+        return unsupported("`use_post_quant_conv: true`".into());
+    }
+    if cfg.act_fn != "silu" && cfg.act_fn != "swish" {
+        return unsupported(format!("act_fn `{}`", cfg.act_fn));
+    }
+    if let Some(t) = cfg.down_block_types.iter().find(|t| *t != "CogVideoXDownBlock3D") {
+        return unsupported(format!("down block type `{t}`"));
+    }
+    if let Some(t) = cfg.up_block_types.iter().find(|t| *t != "CogVideoXUpBlock3D") {
+        return unsupported(format!("up block type `{t}`"));
+    }
+    let n = cfg.block_out_channels.len();
+    if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
+        return bad(format!(
+            "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same non-zero length",
+            cfg.down_block_types.len(),
+            cfg.up_block_types.len()
+        ));
+    }
+    if cfg.layers_per_block == 0 {
+        return unsupported("`layers_per_block: 0`".into());
+    }
+    if !(cfg.temporal_compression_ratio >= 1.0 && cfg.temporal_compression_ratio.is_finite()) {
+        return bad(format!("temporal_compression_ratio {} must be ≥ 1", cfg.temporal_compression_ratio));
+    }
+    let g = cfg.norm_num_groups;
+    if g == 0 || cfg.block_out_channels.iter().any(|c| c % g != 0) {
+        return bad(format!("norm_num_groups {g} must divide every block_out_channels entry {:?}", cfg.block_out_channels));
+    }
+    Ok(())
+}
+
+// ---- causal convolution and its cache -------------------------------------------------------
+
+/// Per-graph state of the causal convolutions: the `first_batch` switch and the caches seen.
+struct Causal {
+    /// `first_batch > 0.5` as a bool `[1]`.
+    first: Value,
+    /// Symbolic names of the main input's height and width (for the cache dims).
+    hw: (&'static str, &'static str),
+    caches: Vec<CacheSpec>,
+    cache_outs: Vec<Value>,
+}
+
+impl Causal {
+    fn new(g: &mut Graph, hw: (&'static str, &'static str)) -> Causal {
+        let flag = g.input("first_batch", DType::F32, vec![Dim::Fixed(1)]);
+        let half = g.scalar(0.5);
+        let first = g.op("Greater", &[&flag, &half], vec![]);
+        Causal { first, hw, caches: Vec::new(), cache_outs: Vec::new() }
+    }
+
+    fn cache_dims(&self, spec: &CacheSpec) -> Vec<Dim> {
+        vec![
+            "batch".into(),
+            Dim::Fixed(spec.channels as i64),
+            Dim::Fixed(spec.frames as i64),
+            spec.spatial_divisor.dim(self.hw.0),
+            spec.spatial_divisor.dim(self.hw.1),
+        ]
+    }
+
+    /// Declares `cache_out.*` for every cache, in input order.
+    fn declare_outputs(&self, g: &mut Graph) {
+        for (spec, v) in self.caches.iter().zip(&self.cache_outs) {
+            let dims = self.cache_dims(spec);
+            g.output(v, &spec.output_name(), DType::F32, dims);
+        }
+    }
+}
+
+/// `CogVideoXCausalConv3d(cin, cout, kernel_size=3)` (pad_mode "first") at module `vb`, on `x`
+/// whose spatial size is `scale` of the main input. Time is padded in front with the cache
+/// (or the first frame twice on the first batch), space with zeros inside the Conv.
+fn causal_conv(
+    g: &mut Graph,
+    cx: &mut Causal,
+    vb: &Scope,
+    x: &Value,
+    cin: usize,
+    cout: usize,
+    scale: SpatialScale,
+) -> Result<Value> {
+    let k = KERNEL;
+    let w = vb.pp("conv").weight(g, "weight", &[cout, cin, k, k, k])?;
+    let b = vb.pp("conv").weight(g, "bias", &[cout])?;
+    let spec = CacheSpec {
+        name: format!("cache_in.{}", vb.prefix()),
+        channels: cin,
+        frames: k - 1,
+        spatial_divisor: scale,
+    };
+    let dims = cx.cache_dims(&spec);
+    let cache = g.input(&spec.name, DType::F32, dims);
+    let (y, cache_out) = g.scoped(vb.prefix(), |g| {
+        let x0 = g.slice(x, 2, 0, 1);
+        let copies = vec![&x0; k - 1];
+        let replicated = if k == 2 { x0.clone() } else { g.concat(&copies, 2) };
+        let pad = g.op("Where", &[&cx.first, &replicated, &cache], vec![]);
+        let padded = g.concat(&[&pad, x], 2);
+        let cache_out = g.slice(&padded, 2, -(k as i64 - 1), i64::MAX);
+        let p = (k as i64 - 1) / 2;
+        let y = g.op(
+            "Conv",
+            &[&padded, &w, &b],
+            vec![
+                ("kernel_shape", Attr::Ints(vec![k as i64; 3])),
+                ("pads", Attr::Ints(vec![0, p, p, 0, p, p])),
+            ],
+        );
+        (y, cache_out)
+    });
+    cx.caches.push(spec);
+    cx.cache_outs.push(cache_out);
+    Ok(y)
+}
+
+/// A 1×1×1 `Conv3d(cin, cout)` whose `weight`/`bias` live at `vb` (conv_shortcut, and the
+/// kernel-1 causal convs of SpatialNorm3D, which neither pad nor read their cache).
+fn conv1x1(g: &mut Graph, vb: &Scope, x: &Value, cin: usize, cout: usize) -> Result<Value> {
+    let w = vb.weight(g, "weight", &[cout, cin, 1, 1, 1])?;
+    let b = vb.weight(g, "bias", &[cout])?;
+    Ok(g.scoped(vb.prefix(), |g| g.op("Conv", &[x, &w, &b], vec![("kernel_shape", Attr::Ints(vec![1, 1, 1]))])))
+}
+
+/// `nn.Conv2d(k=3)` applied to every frame (`[B,C,T,H,W] -> [B·T,C,H,W]`, as diffusers does),
+/// with `pads` in ONNX order `[top, left, bottom, right]`.
+fn per_frame_conv2d(g: &mut Graph, x: &Value, w: &Value, b: &Value, stride: i64, pads: [i64; 4]) -> Value {
+    let xt = g.transpose(x, &[0, 2, 1, 3, 4]);
+    let bt = g.shape_range(&xt, 0, 2);
+    let chw = g.shape_range(&xt, 2, 5);
+    let minus1 = g.const_i64(&[-1]);
+    let s = g.concat(&[&minus1, &chw], 0);
+    let frames = g.reshape(&xt, &s);
+    let y = g.op(
+        "Conv",
+        &[&frames, w, b],
+        vec![
+            ("kernel_shape", Attr::Ints(vec![3, 3])),
+            ("strides", Attr::Ints(vec![stride, stride])),
+            ("pads", Attr::Ints(pads.to_vec())),
+        ],
+    );
+    let chw = g.shape_range(&y, 1, 4);
+    let s = g.concat(&[&bt, &chw], 0);
+    let y = g.reshape(&y, &s);
+    g.transpose(&y, &[0, 2, 1, 3, 4])
+}
+
+// ---- normalisation --------------------------------------------------------------------------
+
+/// `nn.GroupNorm(groups, channels, eps, affine=True)` at `vb` on `[B,C,T,H,W]`: statistics
+/// (mean, biased variance, two passes) over (C/G, T, H, W) of this batch, in f32.
+fn group_norm(g: &mut Graph, vb: &Scope, x: &Value, channels: usize, groups: usize, eps: f32) -> Result<Value> {
+    let gamma = vb.weight(g, "weight", &[channels])?;
+    let beta = vb.weight(g, "bias", &[channels])?;
+    Ok(g.scoped(vb.prefix(), |g| {
+        let shape = g.shape(x);
+        let xg = g.reshape_to(x, &[0, groups as i64, -1]);
+        let mean_attrs = || vec![("axes", Attr::Ints(vec![2])), ("keepdims", Attr::Int(1))];
+        let mean = g.op("ReduceMean", &[&xg], mean_attrs());
+        let d = g.sub(&xg, &mean);
+        let d2 = g.mul(&d, &d);
+        let var = g.op("ReduceMean", &[&d2], mean_attrs());
+        let e = g.scalar(eps);
+        let ve = g.add(&var, &e);
+        let sd = g.op("Sqrt", &[&ve], vec![]);
+        let y = g.div(&d, &sd);
+        let y = g.reshape(&y, &shape);
+        let c = channels as i64;
+        let gm = g.reshape_to(&gamma, &[c, 1, 1, 1]);
+        let bt = g.reshape_to(&beta, &[c, 1, 1, 1]);
+        let y = g.mul(&y, &gm);
+        g.add(&y, &bt)
+    }))
+}
+
+/// Nearest-neighbour upscaling by integer factors: every frame `rt` times, every pixel `rs×rs`
+/// (what `F.interpolate(mode="nearest")` does for these exact ratios).
+fn repeat(g: &mut Graph, x: &Value, rt: i64, rs: i64) -> Value {
+    if rt == 1 && rs == 1 {
+        return x.clone();
+    }
+    let u = g.unsqueeze(x, &[3, 5, 7]);
+    let e = g.const_i64(&[1, 1, 1, rt, 1, rs, 1, rs]);
+    let u = g.op("Expand", &[&u, &e], vec![]);
+    let s = g.shape(x);
+    let m = g.const_i64(&[1, 1, rt, rs, rs]);
+    let s = g.mul(&s, &m);
+    g.reshape(&u, &s)
+}
+
+/// The latents `zq` of the decoder batch with the static time/space ratios of the current
+/// stage, for `CogVideoXSpatialNorm3D`.
+struct Zq<'a> {
+    zq: &'a Value,
+    channels: usize,
+    /// Frame ratio between this stage and the latents (2^time-upsamplers so far).
+    rt: i64,
+    /// Spatial ratio (2^upsamplers so far).
+    rs: i64,
+}
+
+/// `CogVideoXSpatialNorm3D(f_channels, zq_channels, groups)` at `vb`:
+/// `GroupNorm(f) · conv_y(zq↑) + conv_b(zq↑)`.
+///
+/// diffusers resizes zq to f's size (frame 0 alone when f has an odd count > 1). With f having
+/// `Tf = rt·(n-1)+1` frames (odd) or `rt·n` (even), both cases are exactly the LAST `Tf` frames
+/// of zq repeated `rt` times. conv_y/conv_b are 1×1×1, so they run on the small zq before the
+/// repeat.
+fn spatial_norm(g: &mut Graph, vb: &Scope, f: &Value, f_channels: usize, z: &Zq, groups: usize) -> Result<Value> {
+    let y = conv1x1(g, &vb.pp("conv_y").pp("conv"), z.zq, z.channels, f_channels)?;
+    let b = conv1x1(g, &vb.pp("conv_b").pp("conv"), z.zq, z.channels, f_channels)?;
+    let n = group_norm(g, &vb.pp("norm_layer"), f, f_channels, groups, FIXED_EPS)?;
+    Ok(g.scoped(vb.prefix(), |g| {
+        let mut y = repeat(g, &y, z.rt, z.rs);
+        let mut b = repeat(g, &b, z.rt, z.rs);
+        if z.rt > 1 {
+            let tf = g.shape_range(f, 2, 3);
+            let start = g.op("Neg", &[&tf], vec![]);
+            let end = g.const_i64(&[i64::MAX]);
+            y = g.slice_dyn(&y, 2, &start, &end);
+            b = g.slice_dyn(&b, 2, &start, &end);
+        }
+        let o = g.mul(&n, &y);
+        g.add(&o, &b)
+    }))
+}
+
+/// The norm a resnet uses: plain GroupNorm (encoder) or SpatialNorm3D on the latents (decoder).
+enum Norm<'a> {
+    Group,
+    Spatial(Zq<'a>),
+}
+
+fn norm(g: &mut Graph, vb: &Scope, x: &Value, channels: usize, kind: &Norm, cfg: &VaeConfig) -> Result<Value> {
+    match kind {
+        Norm::Group => group_norm(g, vb, x, channels, cfg.norm_num_groups, cfg.norm_eps),
+        Norm::Spatial(z) => spatial_norm(g, vb, x, channels, z, cfg.norm_num_groups),
+    }
+}
+
+// ---- blocks ---------------------------------------------------------------------------------
+
+/// `CogVideoXResnetBlock3D(cin, cout, temb_channels=0)` at `vb`.
+#[allow(clippy::too_many_arguments)]
+fn resnet(
+    g: &mut Graph,
+    cx: &mut Causal,
+    vb: &Scope,
+    cfg: &VaeConfig,
+    x: &Value,
+    cin: usize,
+    cout: usize,
+    kind: &Norm,
+    scale: SpatialScale,
+) -> Result<Value> {
+    let h = norm(g, &vb.pp("norm1"), x, cin, kind, cfg)?;
+    let h = g.scoped(vb.prefix(), |g| g.silu(&h));
+    let h = causal_conv(g, cx, &vb.pp("conv1"), &h, cin, cout, scale)?;
+    let h = norm(g, &vb.pp("norm2"), &h, cout, kind, cfg)?;
+    let h = g.scoped(vb.prefix(), |g| g.silu(&h));
+    let h = causal_conv(g, cx, &vb.pp("conv2"), &h, cout, cout, scale)?;
+    let skip = if cin != cout { conv1x1(g, &vb.pp("conv_shortcut"), x, cin, cout)? } else { x.clone() };
+    Ok(g.scoped(vb.prefix(), |g| g.add(&h, &skip)))
+}
+
+/// `T mod 2` of `x [B,C,T,H,W]` as an int64 `[1]`.
+fn frames_odd(g: &mut Graph, x: &Value) -> Value {
+    let t = g.shape_range(x, 2, 3);
+    let two = g.const_i64(&[2]);
+    g.op("Mod", &[&t, &two], vec![])
+}
+
+/// `CogVideoXDownsample3D` at `vb`: with `compress_time`, average consecutive frame pairs
+/// (odd T keeps frame 0 alone: T → (T+1)/2); then zero-pad right/bottom by one and a
+/// stride-2 3×3 Conv2d per frame.
+fn downsample(g: &mut Graph, vb: &Scope, x: &Value, c: usize, compress_time: bool) -> Result<Value> {
+    let w = vb.pp("conv").weight(g, "weight", &[c, c, 3, 3])?;
+    let b = vb.pp("conv").weight(g, "bias", &[c])?;
+    Ok(g.scoped(vb.prefix(), |g| {
+        let x = if compress_time {
+            // [x0, x] dropped to an even count: odd T starts at x0,x0 (whose mean is x0 exactly),
+            // even T starts at x0,x1. Then pairs (0,1),(2,3),... are averaged.
+            let odd = frames_odd(g, x);
+            let one = g.const_i64(&[1]);
+            let start = g.sub(&one, &odd);
+            let end = g.const_i64(&[i64::MAX]);
+            let x0 = g.slice(x, 2, 0, 1);
+            let y = g.concat(&[&x0, x], 2);
+            let y = g.slice_dyn(&y, 2, &start, &end);
+            let axes = g.const_i64(&[2]);
+            let step = g.const_i64(&[2]);
+            let zero = g.const_i64(&[0]);
+            let a = g.op("Slice", &[&y, &zero, &end, &axes, &step], vec![]);
+            let bb = g.op("Slice", &[&y, &one, &end, &axes, &step], vec![]);
+            let s = g.add(&a, &bb);
+            let half = g.scalar(0.5);
+            g.mul(&s, &half)
+        } else {
+            x.clone()
+        };
+        per_frame_conv2d(g, &x, &w, &b, 2, [0, 0, 1, 1])
+    }))
+}
+
+/// `CogVideoXUpsample3D` at `vb`: nearest 2× in space, and with `compress_time` 2× in time
+/// except that frame 0 of an odd count stays single (T → 2T-1, T=1 → 1); then a 3×3 Conv2d
+/// (padding 1) per frame. Doubling everything and dropping the first frame when T is odd
+/// gives exactly diffusers' split into first frame and rest.
+fn upsample(g: &mut Graph, vb: &Scope, x: &Value, c: usize, compress_time: bool) -> Result<Value> {
+    let w = vb.pp("conv").weight(g, "weight", &[c, c, 3, 3])?;
+    let b = vb.pp("conv").weight(g, "bias", &[c])?;
+    Ok(g.scoped(vb.prefix(), |g| {
+        let x = if compress_time {
+            let odd = frames_odd(g, x);
+            let y = repeat(g, x, 2, 2);
+            let end = g.const_i64(&[i64::MAX]);
+            g.slice_dyn(&y, 2, &odd, &end)
+        } else {
+            repeat(g, x, 1, 2)
+        };
+        per_frame_conv2d(g, &x, &w, &b, 1, [1, 1, 1, 1])
+    }))
+}
+
+fn record_metadata(g: &mut Graph, cfg: &VaeConfig, part: &str, caches: &[CacheSpec]) {
+    g.metadata("v2l.architecture", CLASS_NAME);
+    g.metadata("v2l.vae.part", part);
+    g.metadata("scaling_factor", &cfg.scaling_factor.to_string());
+    if let Some(s) = cfg.shift_factor {
+        g.metadata("shift_factor", &s.to_string());
+    }
+    g.metadata("invert_scale_latents", &cfg.invert_scale_latents.to_string());
+    g.metadata("temporal_compression_ratio", &(1usize << cfg.temporal_compress_level()).to_string());
+    g.metadata("spatial_compression_ratio", &cfg.spatial_compression().to_string());
+    // Serialising plain structs of strings and integers cannot fail.
+    if let Ok(json) = serde_json::to_string(caches) {
+        g.metadata("v2l.vae.caches", &json);
+    }
+}
+
+// ---- encoder --------------------------------------------------------------------------------
+
+/// `CogVideoXEncoder3D` on one frame batch, then the posterior's mean and clamped logvar.
+fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)> {
+    let mut g = Graph::new("cogvideox_vae_encoder");
+    let vb = Scope::new(ckpt).pp("encoder");
+    let video = g.input(
+        "video",
+        DType::F32,
+        vec!["batch".into(), Dim::Fixed(cfg.in_channels as i64), "frames".into(), "height".into(), "width".into()],
+    );
+    let mut cx = Causal::new(&mut g, ("height", "width"));
+    let ch = &cfg.block_out_channels;
+    let n = ch.len();
+    let level = cfg.temporal_compress_level();
+    let mut scale = SpatialScale::ONE;
+
+    let mut x = causal_conv(&mut g, &mut cx, &vb.pp("conv_in"), &video, cfg.in_channels, ch[0], scale)?;
+    let mut cin = ch[0];
+    for (i, &cout) in ch.iter().enumerate() {
+        let blk = vb.pp("down_blocks").pp(i);
+        for j in 0..cfg.layers_per_block {
+            let c = if j == 0 { cin } else { cout };
+            x = resnet(&mut g, &mut cx, &blk.pp("resnets").pp(j), cfg, &x, c, cout, &Norm::Group, scale)?;
+        }
+        if i + 1 != n {
+            x = downsample(&mut g, &blk.pp("downsamplers").pp(0), &x, cout, i < level)?;
+            scale = scale.halved();
+        }
+        cin = cout;
+    }
+    let c = ch[n - 1];
+    let mid = vb.pp("mid_block").pp("resnets");
+    for j in 0..2 {
+        x = resnet(&mut g, &mut cx, &mid.pp(j), cfg, &x, c, c, &Norm::Group, scale)?;
+    }
+    let x = group_norm(&mut g, &vb.pp("norm_out"), &x, c, cfg.norm_num_groups, FIXED_EPS)?;
+    let x = g.scoped("encoder.conv_act", |g| g.silu(&x));
+    let l = cfg.latent_channels;
+    let x = causal_conv(&mut g, &mut cx, &vb.pp("conv_out"), &x, c, 2 * l, scale)?;
+
+    let (mean, logvar) = g.scoped("posterior", |g| {
+        let mean = g.slice(&x, 1, 0, l as i64);
+        let logvar = g.slice(&x, 1, l as i64, 2 * l as i64);
+        let lo = g.scalar(-30.0);
+        let hi = g.scalar(20.0);
+        let logvar = g.op("Clip", &[&logvar, &lo, &hi], vec![]);
+        (mean, logvar)
+    });
+    let latent_dims = || -> Vec<Dim> {
+        vec!["batch".into(), Dim::Fixed(l as i64), "latent_frames".into(), "latent_height".into(), "latent_width".into()]
+    };
+    g.output(&mean, "posterior_mean", DType::F32, latent_dims());
+    g.output(&logvar, "posterior_logvar", DType::F32, latent_dims());
+    cx.declare_outputs(&mut g);
+    record_metadata(&mut g, cfg, "encoder", &cx.caches);
+    g.metadata("num_sample_frames_batch_size", &SAMPLE_FRAMES_BATCH_SIZE.to_string());
+    Ok((g, cx.caches))
+}
+
+// ---- decoder --------------------------------------------------------------------------------
+
+/// `CogVideoXDecoder3D` on one latent batch (the latents also condition every SpatialNorm3D).
+fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)> {
+    let mut g = Graph::new("cogvideox_vae_decoder");
+    let vb = Scope::new(ckpt).pp("decoder");
+    let l = cfg.latent_channels;
+    let z = g.input(
+        "latents",
+        DType::F32,
+        vec!["batch".into(), Dim::Fixed(l as i64), "latent_frames".into(), "latent_height".into(), "latent_width".into()],
+    );
+    let mut cx = Causal::new(&mut g, ("latent_height", "latent_width"));
+    let ch: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+    let n = ch.len();
+    let level = cfg.temporal_compress_level();
+    let mut scale = SpatialScale::ONE;
+    let (mut rt, mut rs) = (1i64, 1i64);
+    let zq = |rt, rs| Norm::Spatial(Zq { zq: &z, channels: l, rt, rs });
+
+    let mut x = causal_conv(&mut g, &mut cx, &vb.pp("conv_in"), &z, l, ch[0], scale)?;
+    let mid = vb.pp("mid_block").pp("resnets");
+    for j in 0..2 {
+        x = resnet(&mut g, &mut cx, &mid.pp(j), cfg, &x, ch[0], ch[0], &zq(rt, rs), scale)?;
+    }
+    let mut cin = ch[0];
+    for (i, &cout) in ch.iter().enumerate() {
+        let blk = vb.pp("up_blocks").pp(i);
+        for j in 0..cfg.layers_per_block + 1 {
+            let c = if j == 0 { cin } else { cout };
+            x = resnet(&mut g, &mut cx, &blk.pp("resnets").pp(j), cfg, &x, c, cout, &zq(rt, rs), scale)?;
+        }
+        if i + 1 != n {
+            let compress_time = i < level;
+            x = upsample(&mut g, &blk.pp("upsamplers").pp(0), &x, cout, compress_time)?;
+            scale = scale.doubled();
+            rs *= 2;
+            if compress_time {
+                rt *= 2;
+            }
+        }
+        cin = cout;
+    }
+    let c = ch[n - 1];
+    let x = norm(&mut g, &vb.pp("norm_out"), &x, c, &zq(rt, rs), cfg)?;
+    let x = g.scoped("decoder.conv_act", |g| g.silu(&x));
+    let x = causal_conv(&mut g, &mut cx, &vb.pp("conv_out"), &x, c, cfg.out_channels, scale)?;
+    g.output(
+        &x,
+        "sample",
+        DType::F32,
+        vec!["batch".into(), Dim::Fixed(cfg.out_channels as i64), "frames".into(), "height".into(), "width".into()],
+    );
+    cx.declare_outputs(&mut g);
+    record_metadata(&mut g, cfg, "decoder", &cx.caches);
+    g.metadata("num_latent_frames_batch_size", &LATENT_FRAMES_BATCH_SIZE.to_string());
+    Ok((g, cx.caches))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_batches_match_diffusers() {
+        assert_eq!(frame_batches(17, 8), vec![(0, 9), (9, 17)]);
+        assert_eq!(frame_batches(5, 2), vec![(0, 3), (3, 5)]);
+        assert_eq!(frame_batches(49, 8), vec![(0, 9), (9, 17), (17, 25), (25, 33), (33, 41), (41, 49)]);
+        assert_eq!(frame_batches(13, 2), vec![(0, 3), (3, 5), (5, 7), (7, 9), (9, 11), (11, 13)]);
+        assert_eq!(frame_batches(1, 8), vec![(0, 1)]);
+        assert_eq!(frame_batches(5, 8), vec![(0, 5)]);
+        assert_eq!(frame_batches(16, 8), vec![(0, 8), (8, 16)]);
+        assert!(frame_batches(0, 8).is_empty());
+    }
+
+    #[test]
+    fn spatial_scale_floors_like_chained_downsamples() {
+        let s = SpatialScale::ONE.halved().halved().halved();
+        assert_eq!(s.apply(64), 8);
+        assert_eq!(s.apply(60), 7); // 60 -> 30 -> 15 -> 7
+        assert_eq!(SpatialScale::ONE.doubled().apply(8), 16);
+    }
+}
