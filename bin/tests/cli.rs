@@ -1,0 +1,138 @@
+//! The real binaries, run in temporary directories: outputs, manifests, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-tiny")
+}
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    let exe = match bin {
+        "v2l-export" => env!("CARGO_BIN_EXE_v2l-export"),
+        "v2l-run" => env!("CARGO_BIN_EXE_v2l-run"),
+        _ => unreachable!(),
+    };
+    Command::new(exe).args(args).output().expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A bad input: exit code 1, one `error:` line naming `needle`, no panic or backtrace.
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+}
+
+/// Copies the tiny transformer checkpoint so a test can break it.
+fn copy_transformer(dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(tiny().join("transformer").join(f), dst.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn export_dit_writes_graph_and_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = run("v2l-export", &["dit", tiny().join("transformer").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("dit.onnx").is_file());
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    insta::assert_snapshot!("dit_manifest", serde_json::to_string_pretty(&manifest["dit"]["lora_targets"]).unwrap());
+    assert_eq!(manifest["dit"]["file"], "dit.onnx");
+
+    let result = d.path().join("sample.safetensors");
+    let io = tiny().join("dit_io.safetensors");
+    let o = run(
+        "v2l-run",
+        &["--engine", out.to_str().unwrap(), "stage", "dit", "--inputs", io.to_str().unwrap(), "-o", result.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "sample [2, 5, 16, 8, 8]\n");
+    assert!(result.is_file());
+}
+
+#[test]
+fn export_help_is_stable() {
+    let o = run("v2l-export", &["--help"]);
+    insta::assert_snapshot!("v2l_export_help", String::from_utf8_lossy(&o.stdout));
+    let o = run("v2l-run", &["--help"]);
+    insta::assert_snapshot!("v2l_run_help", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn bad_checkpoints_fail_cleanly_without_output() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let out_s = out.to_str().unwrap();
+
+    // Missing directory.
+    let o = run("v2l-export", &["dit", "/nonexistent/transformer", "-o", out_s]);
+    assert_clean_failure(&o, "/nonexistent/transformer/config.json");
+
+    // Wrong `_class_name` (a VAE given as the transformer).
+    let o = run("v2l-export", &["dit", tiny().join("vae").to_str().unwrap(), "-o", out_s]);
+    assert_clean_failure(&o, "`AutoencoderKLCogVideoX`");
+
+    // Truncated weights file.
+    let ck = d.path().join("truncated");
+    copy_transformer(&ck);
+    let w = ck.join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let o = run("v2l-export", &["dit", ck.to_str().unwrap(), "-o", out_s]);
+    assert_clean_failure(&o, "diffusion_pytorch_model.safetensors: not a valid safetensors file");
+
+    // A config that disagrees with the weights' shapes.
+    let ck = d.path().join("shape");
+    copy_transformer(&ck);
+    let cfg = std::fs::read_to_string(ck.join("config.json")).unwrap();
+    std::fs::write(ck.join("config.json"), cfg.replace("\"text_embed_dim\": 32", "\"text_embed_dim\": 48")).unwrap();
+    let o = run("v2l-export", &["dit", ck.to_str().unwrap(), "-o", out_s]);
+    assert_clean_failure(&o, "tensor `patch_embed.text_proj.weight` has shape [32, 32], but the config implies [32, 48]");
+
+    // A missing key.
+    let ck = d.path().join("missing");
+    copy_transformer(&ck);
+    let w = ck.join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter(|(k, _)| k != "proj_out.bias").collect();
+    safetensors::serialize_to_file(kept, &None, &w).unwrap();
+    let o = run("v2l-export", &["dit", ck.to_str().unwrap(), "-o", out_s]);
+    assert_clean_failure(&o, "missing tensor `proj_out.bias`");
+
+    // Nothing was written by any of the failures.
+    assert!(!out.join("dit.onnx").exists());
+}
+
+#[test]
+fn bad_run_inputs_fail_cleanly_without_output() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = run("v2l-export", &["dit", tiny().join("transformer").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    let engine = out.to_str().unwrap();
+    let result = d.path().join("r.safetensors");
+    let r = result.to_str().unwrap();
+
+    let o = run("v2l-run", &["--engine", "/nonexistent", "stage", "dit", "--inputs", "x", "-o", r]);
+    assert_clean_failure(&o, "/nonexistent");
+
+    let vae_io = tiny().join("vae_io.safetensors");
+    let o = run("v2l-run", &["--engine", engine, "stage", "dit", "--inputs", vae_io.to_str().unwrap(), "-o", r]);
+    assert_clean_failure(&o, "missing tensor `hidden_states`");
+
+    let dit_io = tiny().join("dit_io.safetensors");
+    let o = run("v2l-run", &["--engine", engine, "stage", "dit", "--inputs", dit_io.to_str().unwrap(), "-o", "/nonexistent/dir/x.safetensors"]);
+    assert_clean_failure(&o, "/nonexistent/dir/x.safetensors");
+    assert!(!result.exists());
+}
