@@ -24,9 +24,16 @@ fn stderr(o: &Output) -> String {
 fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(1), "stderr: {err}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
     assert!(err.contains(needle), "expected `{needle}` in: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
 }
 
 /// Copies the tiny transformer checkpoint so a test can break it.
@@ -41,21 +48,45 @@ fn copy_transformer(dst: &Path) {
 fn export_dit_writes_graph_and_manifest() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    let o = run("v2l-export", &["dit", tiny().join("transformer").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let o = run(
+        "v2l-export",
+        &[
+            "dit",
+            tiny().join("transformer").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.join("dit.onnx").is_file());
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-    insta::assert_snapshot!("dit_manifest", serde_json::to_string_pretty(&manifest["dit"]["lora_targets"]).unwrap());
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    insta::assert_snapshot!(
+        "dit_manifest",
+        serde_json::to_string_pretty(&manifest["dit"]["lora_targets"]).unwrap()
+    );
     assert_eq!(manifest["dit"]["file"], "dit.onnx");
 
     let result = d.path().join("sample.safetensors");
     let io = tiny().join("dit_io.safetensors");
     let o = run(
         "v2l-run",
-        &["--engine", out.to_str().unwrap(), "stage", "dit", "--inputs", io.to_str().unwrap(), "-o", result.to_str().unwrap()],
+        &[
+            "--engine",
+            out.to_str().unwrap(),
+            "stage",
+            "dit",
+            "--inputs",
+            io.to_str().unwrap(),
+            "-o",
+            result.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "sample [2, 5, 16, 8, 8]\n");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "sample [2, 5, 16, 8, 8]\n"
+    );
     assert!(result.is_file());
 }
 
@@ -74,11 +105,17 @@ fn bad_checkpoints_fail_cleanly_without_output() {
     let out_s = out.to_str().unwrap();
 
     // Missing directory.
-    let o = run("v2l-export", &["dit", "/nonexistent/transformer", "-o", out_s]);
+    let o = run(
+        "v2l-export",
+        &["dit", "/nonexistent/transformer", "-o", out_s],
+    );
     assert_clean_failure(&o, "/nonexistent/transformer/config.json");
 
     // Wrong `_class_name` (a VAE given as the transformer).
-    let o = run("v2l-export", &["dit", tiny().join("vae").to_str().unwrap(), "-o", out_s]);
+    let o = run(
+        "v2l-export",
+        &["dit", tiny().join("vae").to_str().unwrap(), "-o", out_s],
+    );
     assert_clean_failure(&o, "`AutoencoderKLCogVideoX`");
 
     // Truncated weights file.
@@ -88,15 +125,25 @@ fn bad_checkpoints_fail_cleanly_without_output() {
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
     let o = run("v2l-export", &["dit", ck.to_str().unwrap(), "-o", out_s]);
-    assert_clean_failure(&o, "diffusion_pytorch_model.safetensors: not a valid safetensors file");
+    assert_clean_failure(
+        &o,
+        "diffusion_pytorch_model.safetensors: not a valid safetensors file",
+    );
 
     // A config that disagrees with the weights' shapes.
     let ck = d.path().join("shape");
     copy_transformer(&ck);
     let cfg = std::fs::read_to_string(ck.join("config.json")).unwrap();
-    std::fs::write(ck.join("config.json"), cfg.replace("\"text_embed_dim\": 32", "\"text_embed_dim\": 48")).unwrap();
+    std::fs::write(
+        ck.join("config.json"),
+        cfg.replace("\"text_embed_dim\": 32", "\"text_embed_dim\": 48"),
+    )
+    .unwrap();
     let o = run("v2l-export", &["dit", ck.to_str().unwrap(), "-o", out_s]);
-    assert_clean_failure(&o, "tensor `patch_embed.text_proj.weight` has shape [32, 32], but the config implies [32, 48]");
+    assert_clean_failure(
+        &o,
+        "tensor `patch_embed.text_proj.weight` has shape [32, 32], but the config implies [32, 48]",
+    );
 
     // A missing key.
     let ck = d.path().join("missing");
@@ -104,8 +151,11 @@ fn bad_checkpoints_fail_cleanly_without_output() {
     let w = ck.join("diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let kept: Vec<(String, safetensors::tensor::TensorView)> =
-        st.tensors().into_iter().filter(|(k, _)| k != "proj_out.bias").collect();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k != "proj_out.bias")
+        .collect();
     safetensors::serialize_to_file(kept, &None, &w).unwrap();
     let o = run("v2l-export", &["dit", ck.to_str().unwrap(), "-o", out_s]);
     assert_clean_failure(&o, "missing tensor `proj_out.bias`");
@@ -118,21 +168,65 @@ fn bad_checkpoints_fail_cleanly_without_output() {
 fn bad_run_inputs_fail_cleanly_without_output() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    let o = run("v2l-export", &["dit", tiny().join("transformer").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let o = run(
+        "v2l-export",
+        &[
+            "dit",
+            tiny().join("transformer").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success());
     let engine = out.to_str().unwrap();
     let result = d.path().join("r.safetensors");
     let r = result.to_str().unwrap();
 
-    let o = run("v2l-run", &["--engine", "/nonexistent", "stage", "dit", "--inputs", "x", "-o", r]);
+    let o = run(
+        "v2l-run",
+        &[
+            "--engine",
+            "/nonexistent",
+            "stage",
+            "dit",
+            "--inputs",
+            "x",
+            "-o",
+            r,
+        ],
+    );
     assert_clean_failure(&o, "/nonexistent");
 
     let vae_io = tiny().join("vae_io.safetensors");
-    let o = run("v2l-run", &["--engine", engine, "stage", "dit", "--inputs", vae_io.to_str().unwrap(), "-o", r]);
+    let o = run(
+        "v2l-run",
+        &[
+            "--engine",
+            engine,
+            "stage",
+            "dit",
+            "--inputs",
+            vae_io.to_str().unwrap(),
+            "-o",
+            r,
+        ],
+    );
     assert_clean_failure(&o, "missing tensor `hidden_states`");
 
     let dit_io = tiny().join("dit_io.safetensors");
-    let o = run("v2l-run", &["--engine", engine, "stage", "dit", "--inputs", dit_io.to_str().unwrap(), "-o", "/nonexistent/dir/x.safetensors"]);
+    let o = run(
+        "v2l-run",
+        &[
+            "--engine",
+            engine,
+            "stage",
+            "dit",
+            "--inputs",
+            dit_io.to_str().unwrap(),
+            "-o",
+            "/nonexistent/dir/x.safetensors",
+        ],
+    );
     assert_clean_failure(&o, "/nonexistent/dir/x.safetensors");
     assert!(!result.exists());
 }

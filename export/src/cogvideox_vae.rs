@@ -165,11 +165,17 @@ impl SpatialScale {
     }
 
     fn halved(self) -> Self {
-        SpatialScale { num: self.num, den: self.den * 2 }
+        SpatialScale {
+            num: self.num,
+            den: self.den * 2,
+        }
     }
 
     fn doubled(self) -> Self {
-        SpatialScale { num: self.num * 2, den: self.den }
+        SpatialScale {
+            num: self.num * 2,
+            den: self.den,
+        }
     }
 
     /// The symbolic dim name of `base` at this scale (`height/4`, `latent_width*2`).
@@ -215,7 +221,13 @@ impl CacheSpec {
 
     /// The cache's shape for batch size `batch` and main-input spatial size `height × width`.
     pub fn shape(&self, batch: usize, height: usize, width: usize) -> [usize; 5] {
-        [batch, self.channels, self.frames, self.spatial_divisor.apply(height), self.spatial_divisor.apply(width)]
+        [
+            batch,
+            self.channels,
+            self.frames,
+            self.spatial_divisor.apply(height),
+            self.spatial_divisor.apply(width),
+        ]
     }
 }
 
@@ -262,13 +274,30 @@ pub fn export(ckpt: &Checkpoint) -> Result<VaeExport> {
     let (encoder, encoder_caches) = encoder(ckpt, &cfg)?;
     let (decoder, decoder_caches) = decoder(ckpt, &cfg)?;
     let unused_keys = ckpt.unused_keys();
-    Ok(VaeExport { encoder, decoder, config: cfg, encoder_caches, decoder_caches, unused_keys })
+    Ok(VaeExport {
+        encoder,
+        decoder,
+        config: cfg,
+        encoder_caches,
+        decoder_caches,
+        unused_keys,
+    })
 }
 
 fn check_supported(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<()> {
     let path = ckpt.dir().join("config.json");
-    let unsupported = |what: String| Err(ExportError::Unsupported { path: path.clone(), what });
-    let bad = |message: String| Err(ExportError::Config { path: path.clone(), message });
+    let unsupported = |what: String| {
+        Err(ExportError::Unsupported {
+            path: path.clone(),
+            what,
+        })
+    };
+    let bad = |message: String| {
+        Err(ExportError::Config {
+            path: path.clone(),
+            message,
+        })
+    };
     if cfg.use_quant_conv {
         return unsupported("`use_quant_conv: true`".into());
     }
@@ -278,10 +307,18 @@ fn check_supported(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<()> {
     if cfg.act_fn != "silu" && cfg.act_fn != "swish" {
         return unsupported(format!("act_fn `{}`", cfg.act_fn));
     }
-    if let Some(t) = cfg.down_block_types.iter().find(|t| *t != "CogVideoXDownBlock3D") {
+    if let Some(t) = cfg
+        .down_block_types
+        .iter()
+        .find(|t| *t != "CogVideoXDownBlock3D")
+    {
         return unsupported(format!("down block type `{t}`"));
     }
-    if let Some(t) = cfg.up_block_types.iter().find(|t| *t != "CogVideoXUpBlock3D") {
+    if let Some(t) = cfg
+        .up_block_types
+        .iter()
+        .find(|t| *t != "CogVideoXUpBlock3D")
+    {
         return unsupported(format!("up block type `{t}`"));
     }
     let n = cfg.block_out_channels.len();
@@ -296,11 +333,17 @@ fn check_supported(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<()> {
         return unsupported("`layers_per_block: 0`".into());
     }
     if !(cfg.temporal_compression_ratio >= 1.0 && cfg.temporal_compression_ratio.is_finite()) {
-        return bad(format!("temporal_compression_ratio {} must be ≥ 1", cfg.temporal_compression_ratio));
+        return bad(format!(
+            "temporal_compression_ratio {} must be ≥ 1",
+            cfg.temporal_compression_ratio
+        ));
     }
     let g = cfg.norm_num_groups;
     if g == 0 || cfg.block_out_channels.iter().any(|c| c % g != 0) {
-        return bad(format!("norm_num_groups {g} must divide every block_out_channels entry {:?}", cfg.block_out_channels));
+        return bad(format!(
+            "norm_num_groups {g} must divide every block_out_channels entry {:?}",
+            cfg.block_out_channels
+        ));
     }
     Ok(())
 }
@@ -322,7 +365,12 @@ impl Causal {
         let flag = g.input("first_batch", DType::F32, vec![Dim::Fixed(1)]);
         let half = g.scalar(0.5);
         let first = g.op("Greater", &[&flag, &half], vec![]);
-        Causal { first, hw, caches: Vec::new(), cache_outs: Vec::new() }
+        Causal {
+            first,
+            hw,
+            caches: Vec::new(),
+            cache_outs: Vec::new(),
+        }
     }
 
     fn cache_dims(&self, spec: &CacheSpec) -> Vec<Dim> {
@@ -370,7 +418,11 @@ fn causal_conv(
     let (y, cache_out) = g.scoped(vb.prefix(), |g| {
         let x0 = g.slice(x, 2, 0, 1);
         let copies = vec![&x0; k - 1];
-        let replicated = if k == 2 { x0.clone() } else { g.concat(&copies, 2) };
+        let replicated = if k == 2 {
+            x0.clone()
+        } else {
+            g.concat(&copies, 2)
+        };
         let pad = g.op("Where", &[&cx.first, &replicated, &cache], vec![]);
         let padded = g.concat(&[&pad, x], 2);
         let cache_out = g.slice(&padded, 2, -(k as i64 - 1), i64::MAX);
@@ -395,12 +447,25 @@ fn causal_conv(
 fn conv1x1(g: &mut Graph, vb: &Scope, x: &Value, cin: usize, cout: usize) -> Result<Value> {
     let w = vb.weight(g, "weight", &[cout, cin, 1, 1, 1])?;
     let b = vb.weight(g, "bias", &[cout])?;
-    Ok(g.scoped(vb.prefix(), |g| g.op("Conv", &[x, &w, &b], vec![("kernel_shape", Attr::Ints(vec![1, 1, 1]))])))
+    Ok(g.scoped(vb.prefix(), |g| {
+        g.op(
+            "Conv",
+            &[x, &w, &b],
+            vec![("kernel_shape", Attr::Ints(vec![1, 1, 1]))],
+        )
+    }))
 }
 
 /// `nn.Conv2d(k=3)` applied to every frame (`[B,C,T,H,W] -> [B·T,C,H,W]`, as diffusers does),
 /// with `pads` in ONNX order `[top, left, bottom, right]`.
-fn per_frame_conv2d(g: &mut Graph, x: &Value, w: &Value, b: &Value, stride: i64, pads: [i64; 4]) -> Value {
+fn per_frame_conv2d(
+    g: &mut Graph,
+    x: &Value,
+    w: &Value,
+    b: &Value,
+    stride: i64,
+    pads: [i64; 4],
+) -> Value {
     let xt = g.transpose(x, &[0, 2, 1, 3, 4]);
     let bt = g.shape_range(&xt, 0, 2);
     let chw = g.shape_range(&xt, 2, 5);
@@ -426,7 +491,14 @@ fn per_frame_conv2d(g: &mut Graph, x: &Value, w: &Value, b: &Value, stride: i64,
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)` at `vb` on `[B,C,T,H,W]`: statistics
 /// (mean, biased variance, two passes) over (C/G, T, H, W) of this batch, in f32.
-fn group_norm(g: &mut Graph, vb: &Scope, x: &Value, channels: usize, groups: usize, eps: f32) -> Result<Value> {
+fn group_norm(
+    g: &mut Graph,
+    vb: &Scope,
+    x: &Value,
+    channels: usize,
+    groups: usize,
+    eps: f32,
+) -> Result<Value> {
     let gamma = vb.weight(g, "weight", &[channels])?;
     let beta = vb.weight(g, "bias", &[channels])?;
     Ok(g.scoped(vb.prefix(), |g| {
@@ -483,7 +555,14 @@ struct Zq<'a> {
 /// `Tf = rt·(n-1)+1` frames (odd) or `rt·n` (even), both cases are exactly the LAST `Tf` frames
 /// of zq repeated `rt` times. conv_y/conv_b are 1×1×1, so they run on the small zq before the
 /// repeat.
-fn spatial_norm(g: &mut Graph, vb: &Scope, f: &Value, f_channels: usize, z: &Zq, groups: usize) -> Result<Value> {
+fn spatial_norm(
+    g: &mut Graph,
+    vb: &Scope,
+    f: &Value,
+    f_channels: usize,
+    z: &Zq,
+    groups: usize,
+) -> Result<Value> {
     let y = conv1x1(g, &vb.pp("conv_y").pp("conv"), z.zq, z.channels, f_channels)?;
     let b = conv1x1(g, &vb.pp("conv_b").pp("conv"), z.zq, z.channels, f_channels)?;
     let n = group_norm(g, &vb.pp("norm_layer"), f, f_channels, groups, FIXED_EPS)?;
@@ -508,7 +587,14 @@ enum Norm<'a> {
     Spatial(Zq<'a>),
 }
 
-fn norm(g: &mut Graph, vb: &Scope, x: &Value, channels: usize, kind: &Norm, cfg: &VaeConfig) -> Result<Value> {
+fn norm(
+    g: &mut Graph,
+    vb: &Scope,
+    x: &Value,
+    channels: usize,
+    kind: &Norm,
+    cfg: &VaeConfig,
+) -> Result<Value> {
     match kind {
         Norm::Group => group_norm(g, vb, x, channels, cfg.norm_num_groups, cfg.norm_eps),
         Norm::Spatial(z) => spatial_norm(g, vb, x, channels, z, cfg.norm_num_groups),
@@ -536,7 +622,11 @@ fn resnet(
     let h = norm(g, &vb.pp("norm2"), &h, cout, kind, cfg)?;
     let h = g.scoped(vb.prefix(), |g| g.silu(&h));
     let h = causal_conv(g, cx, &vb.pp("conv2"), &h, cout, cout, scale)?;
-    let skip = if cin != cout { conv1x1(g, &vb.pp("conv_shortcut"), x, cin, cout)? } else { x.clone() };
+    let skip = if cin != cout {
+        conv1x1(g, &vb.pp("conv_shortcut"), x, cin, cout)?
+    } else {
+        x.clone()
+    };
     Ok(g.scoped(vb.prefix(), |g| g.add(&h, &skip)))
 }
 
@@ -550,7 +640,13 @@ fn frames_odd(g: &mut Graph, x: &Value) -> Value {
 /// `CogVideoXDownsample3D` at `vb`: with `compress_time`, average consecutive frame pairs
 /// (odd T keeps frame 0 alone: T → (T+1)/2); then zero-pad right/bottom by one and a
 /// stride-2 3×3 Conv2d per frame.
-fn downsample(g: &mut Graph, vb: &Scope, x: &Value, c: usize, compress_time: bool) -> Result<Value> {
+fn downsample(
+    g: &mut Graph,
+    vb: &Scope,
+    x: &Value,
+    c: usize,
+    compress_time: bool,
+) -> Result<Value> {
     let w = vb.pp("conv").weight(g, "weight", &[c, c, 3, 3])?;
     let b = vb.pp("conv").weight(g, "bias", &[c])?;
     Ok(g.scoped(vb.prefix(), |g| {
@@ -606,9 +702,18 @@ fn record_metadata(g: &mut Graph, cfg: &VaeConfig, part: &str, caches: &[CacheSp
     if let Some(s) = cfg.shift_factor {
         g.metadata("shift_factor", &s.to_string());
     }
-    g.metadata("invert_scale_latents", &cfg.invert_scale_latents.to_string());
-    g.metadata("temporal_compression_ratio", &(1usize << cfg.temporal_compress_level()).to_string());
-    g.metadata("spatial_compression_ratio", &cfg.spatial_compression().to_string());
+    g.metadata(
+        "invert_scale_latents",
+        &cfg.invert_scale_latents.to_string(),
+    );
+    g.metadata(
+        "temporal_compression_ratio",
+        &(1usize << cfg.temporal_compress_level()).to_string(),
+    );
+    g.metadata(
+        "spatial_compression_ratio",
+        &cfg.spatial_compression().to_string(),
+    );
     // Serialising plain structs of strings and integers cannot fail.
     if let Ok(json) = serde_json::to_string(caches) {
         g.metadata("v2l.vae.caches", &json);
@@ -624,7 +729,13 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let video = g.input(
         "video",
         DType::F32,
-        vec!["batch".into(), Dim::Fixed(cfg.in_channels as i64), "frames".into(), "height".into(), "width".into()],
+        vec![
+            "batch".into(),
+            Dim::Fixed(cfg.in_channels as i64),
+            "frames".into(),
+            "height".into(),
+            "width".into(),
+        ],
     );
     let mut cx = Causal::new(&mut g, ("height", "width"));
     let ch = &cfg.block_out_channels;
@@ -632,13 +743,31 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let level = cfg.temporal_compress_level();
     let mut scale = SpatialScale::ONE;
 
-    let mut x = causal_conv(&mut g, &mut cx, &vb.pp("conv_in"), &video, cfg.in_channels, ch[0], scale)?;
+    let mut x = causal_conv(
+        &mut g,
+        &mut cx,
+        &vb.pp("conv_in"),
+        &video,
+        cfg.in_channels,
+        ch[0],
+        scale,
+    )?;
     let mut cin = ch[0];
     for (i, &cout) in ch.iter().enumerate() {
         let blk = vb.pp("down_blocks").pp(i);
         for j in 0..cfg.layers_per_block {
             let c = if j == 0 { cin } else { cout };
-            x = resnet(&mut g, &mut cx, &blk.pp("resnets").pp(j), cfg, &x, c, cout, &Norm::Group, scale)?;
+            x = resnet(
+                &mut g,
+                &mut cx,
+                &blk.pp("resnets").pp(j),
+                cfg,
+                &x,
+                c,
+                cout,
+                &Norm::Group,
+                scale,
+            )?;
         }
         if i + 1 != n {
             x = downsample(&mut g, &blk.pp("downsamplers").pp(0), &x, cout, i < level)?;
@@ -649,9 +778,26 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let c = ch[n - 1];
     let mid = vb.pp("mid_block").pp("resnets");
     for j in 0..2 {
-        x = resnet(&mut g, &mut cx, &mid.pp(j), cfg, &x, c, c, &Norm::Group, scale)?;
+        x = resnet(
+            &mut g,
+            &mut cx,
+            &mid.pp(j),
+            cfg,
+            &x,
+            c,
+            c,
+            &Norm::Group,
+            scale,
+        )?;
     }
-    let x = group_norm(&mut g, &vb.pp("norm_out"), &x, c, cfg.norm_num_groups, FIXED_EPS)?;
+    let x = group_norm(
+        &mut g,
+        &vb.pp("norm_out"),
+        &x,
+        c,
+        cfg.norm_num_groups,
+        FIXED_EPS,
+    )?;
     let x = g.scoped("encoder.conv_act", |g| g.silu(&x));
     let l = cfg.latent_channels;
     let x = causal_conv(&mut g, &mut cx, &vb.pp("conv_out"), &x, c, 2 * l, scale)?;
@@ -665,13 +811,22 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
         (mean, logvar)
     });
     let latent_dims = || -> Vec<Dim> {
-        vec!["batch".into(), Dim::Fixed(l as i64), "latent_frames".into(), "latent_height".into(), "latent_width".into()]
+        vec![
+            "batch".into(),
+            Dim::Fixed(l as i64),
+            "latent_frames".into(),
+            "latent_height".into(),
+            "latent_width".into(),
+        ]
     };
     g.output(&mean, "posterior_mean", DType::F32, latent_dims());
     g.output(&logvar, "posterior_logvar", DType::F32, latent_dims());
     cx.declare_outputs(&mut g);
     record_metadata(&mut g, cfg, "encoder", &cx.caches);
-    g.metadata("num_sample_frames_batch_size", &SAMPLE_FRAMES_BATCH_SIZE.to_string());
+    g.metadata(
+        "num_sample_frames_batch_size",
+        &SAMPLE_FRAMES_BATCH_SIZE.to_string(),
+    );
     Ok((g, cx.caches))
 }
 
@@ -685,7 +840,13 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let z = g.input(
         "latents",
         DType::F32,
-        vec!["batch".into(), Dim::Fixed(l as i64), "latent_frames".into(), "latent_height".into(), "latent_width".into()],
+        vec![
+            "batch".into(),
+            Dim::Fixed(l as i64),
+            "latent_frames".into(),
+            "latent_height".into(),
+            "latent_width".into(),
+        ],
     );
     let mut cx = Causal::new(&mut g, ("latent_height", "latent_width"));
     let ch: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
@@ -693,19 +854,46 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let level = cfg.temporal_compress_level();
     let mut scale = SpatialScale::ONE;
     let (mut rt, mut rs) = (1i64, 1i64);
-    let zq = |rt, rs| Norm::Spatial(Zq { zq: &z, channels: l, rt, rs });
+    let zq = |rt, rs| {
+        Norm::Spatial(Zq {
+            zq: &z,
+            channels: l,
+            rt,
+            rs,
+        })
+    };
 
     let mut x = causal_conv(&mut g, &mut cx, &vb.pp("conv_in"), &z, l, ch[0], scale)?;
     let mid = vb.pp("mid_block").pp("resnets");
     for j in 0..2 {
-        x = resnet(&mut g, &mut cx, &mid.pp(j), cfg, &x, ch[0], ch[0], &zq(rt, rs), scale)?;
+        x = resnet(
+            &mut g,
+            &mut cx,
+            &mid.pp(j),
+            cfg,
+            &x,
+            ch[0],
+            ch[0],
+            &zq(rt, rs),
+            scale,
+        )?;
     }
     let mut cin = ch[0];
     for (i, &cout) in ch.iter().enumerate() {
         let blk = vb.pp("up_blocks").pp(i);
         for j in 0..cfg.layers_per_block + 1 {
             let c = if j == 0 { cin } else { cout };
-            x = resnet(&mut g, &mut cx, &blk.pp("resnets").pp(j), cfg, &x, c, cout, &zq(rt, rs), scale)?;
+            x = resnet(
+                &mut g,
+                &mut cx,
+                &blk.pp("resnets").pp(j),
+                cfg,
+                &x,
+                c,
+                cout,
+                &zq(rt, rs),
+                scale,
+            )?;
         }
         if i + 1 != n {
             let compress_time = i < level;
@@ -721,16 +909,33 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let c = ch[n - 1];
     let x = norm(&mut g, &vb.pp("norm_out"), &x, c, &zq(rt, rs), cfg)?;
     let x = g.scoped("decoder.conv_act", |g| g.silu(&x));
-    let x = causal_conv(&mut g, &mut cx, &vb.pp("conv_out"), &x, c, cfg.out_channels, scale)?;
+    let x = causal_conv(
+        &mut g,
+        &mut cx,
+        &vb.pp("conv_out"),
+        &x,
+        c,
+        cfg.out_channels,
+        scale,
+    )?;
     g.output(
         &x,
         "sample",
         DType::F32,
-        vec!["batch".into(), Dim::Fixed(cfg.out_channels as i64), "frames".into(), "height".into(), "width".into()],
+        vec![
+            "batch".into(),
+            Dim::Fixed(cfg.out_channels as i64),
+            "frames".into(),
+            "height".into(),
+            "width".into(),
+        ],
     );
     cx.declare_outputs(&mut g);
     record_metadata(&mut g, cfg, "decoder", &cx.caches);
-    g.metadata("num_latent_frames_batch_size", &LATENT_FRAMES_BATCH_SIZE.to_string());
+    g.metadata(
+        "num_latent_frames_batch_size",
+        &LATENT_FRAMES_BATCH_SIZE.to_string(),
+    );
     Ok((g, cx.caches))
 }
 
@@ -742,8 +947,14 @@ mod tests {
     fn frame_batches_match_diffusers() {
         assert_eq!(frame_batches(17, 8), vec![(0, 9), (9, 17)]);
         assert_eq!(frame_batches(5, 2), vec![(0, 3), (3, 5)]);
-        assert_eq!(frame_batches(49, 8), vec![(0, 9), (9, 17), (17, 25), (25, 33), (33, 41), (41, 49)]);
-        assert_eq!(frame_batches(13, 2), vec![(0, 3), (3, 5), (5, 7), (7, 9), (9, 11), (11, 13)]);
+        assert_eq!(
+            frame_batches(49, 8),
+            vec![(0, 9), (9, 17), (17, 25), (25, 33), (33, 41), (41, 49)]
+        );
+        assert_eq!(
+            frame_batches(13, 2),
+            vec![(0, 3), (3, 5), (5, 7), (7, 9), (9, 11), (11, 13)]
+        );
         assert_eq!(frame_batches(1, 8), vec![(0, 1)]);
         assert_eq!(frame_batches(5, 8), vec![(0, 5)]);
         assert_eq!(frame_batches(16, 8), vec![(0, 8), (8, 16)]);
@@ -756,5 +967,29 @@ mod tests {
         assert_eq!(s.apply(64), 8);
         assert_eq!(s.apply(60), 7); // 60 -> 30 -> 15 -> 7
         assert_eq!(SpatialScale::ONE.doubled().apply(8), 16);
+    }
+}
+
+impl VaeExport {
+    /// The manifest entry for these graphs written as `encoder` and `decoder`.
+    pub fn manifest_entry(
+        &self,
+        encoder: &str,
+        decoder: &str,
+        raw_config: serde_json::Value,
+    ) -> crate::manifest::VaeEntry {
+        crate::manifest::VaeEntry {
+            encoder: encoder.into(),
+            decoder: decoder.into(),
+            class_name: CLASS_NAME.into(),
+            scaling_factor: self.config.scaling_factor,
+            latent_channels: self.config.latent_channels,
+            in_channels: self.config.in_channels,
+            encoder_frame_batch: SAMPLE_FRAMES_BATCH_SIZE,
+            decoder_frame_batch: LATENT_FRAMES_BATCH_SIZE,
+            encoder_caches: self.encoder_caches.clone(),
+            decoder_caches: self.decoder_caches.clone(),
+            config: raw_config,
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cogvideox_vae::CacheSpec;
 use crate::error::{ExportError, Result};
 use crate::scope::LinearInfo;
 
@@ -21,7 +22,26 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dit: Option<DitEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vae: Option<serde_json::Value>,
+    pub vae: Option<VaeEntry>,
+}
+
+/// The exported VAE: two per-frame-batch graphs and the loop contract between them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VaeEntry {
+    pub encoder: String,
+    pub decoder: String,
+    pub class_name: String,
+    pub scaling_factor: f64,
+    pub latent_channels: usize,
+    pub in_channels: usize,
+    /// Frames per encoder batch (diffusers' `num_sample_frames_batch_size`).
+    pub encoder_frame_batch: usize,
+    /// Latent frames per decoder batch (diffusers' `num_latent_frames_batch_size`).
+    pub decoder_frame_batch: usize,
+    pub encoder_caches: Vec<CacheSpec>,
+    pub decoder_caches: Vec<CacheSpec>,
+    /// The `config.json` the graphs were built from, verbatim.
+    pub config: serde_json::Value,
 }
 
 /// The exported transformer.

@@ -33,7 +33,11 @@ fn tiny_vae_graphs_have_the_cache_contract() {
     }
     want.push("encoder.conv_out".into());
     assert_eq!(names(&vae.encoder_caches), want);
-    let shapes: Vec<[usize; 5]> = vae.encoder_caches.iter().map(|c| c.shape(1, 64, 64)).collect();
+    let shapes: Vec<[usize; 5]> = vae
+        .encoder_caches
+        .iter()
+        .map(|c| c.shape(1, 64, 64))
+        .collect();
     assert_eq!(shapes[0], [1, 3, 2, 64, 64]);
     assert_eq!(shapes[3], [1, 8, 2, 32, 32]); // down_blocks.1 conv1
     assert_eq!(shapes[5], [1, 8, 2, 16, 16]); // down_blocks.2 conv1 (8 -> 16)
@@ -53,7 +57,12 @@ fn tiny_vae_graphs_have_the_cache_contract() {
 
     // Every cache is an input named `cache_in.*` and an output named `cache_out.*`.
     for (g, caches, main, out) in [
-        (&vae.encoder, &vae.encoder_caches, "video", vec!["posterior_mean", "posterior_logvar"]),
+        (
+            &vae.encoder,
+            &vae.encoder_caches,
+            "video",
+            vec!["posterior_mean", "posterior_logvar"],
+        ),
         (&vae.decoder, &vae.decoder_caches, "latents", vec!["sample"]),
     ] {
         let ins: Vec<&str> = g.inputs().iter().map(|i| i.name.as_str()).collect();
@@ -90,7 +99,9 @@ fn quant_conv_is_reported_unsupported() {
     .expect("copy");
     let ck = Checkpoint::open_dir(dir.path()).expect("open");
     match cogvideox_vae::export(&ck) {
-        Err(ExportError::Unsupported { what, .. }) => assert!(what.contains("use_quant_conv"), "{what}"),
+        Err(ExportError::Unsupported { what, .. }) => {
+            assert!(what.contains("use_quant_conv"), "{what}")
+        }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("quant_conv accepted"),
     }

@@ -2,13 +2,15 @@
 //!
 //! [`ort_env`] finds and loads ONNX Runtime, [`session::Model`] runs one graph on host
 //! [`tensor::Tensor`]s, [`stage`] runs one pipeline component on a safetensors file of inputs
-//! (the way a user checks an export against PyTorch).
+//! (the way a user checks an export against PyTorch), and [`vae::Vae`] drives the VAE's
+//! frame-batch loop with its causal-conv cache.
 
 pub mod error;
 pub mod ort_env;
 pub mod session;
 pub mod stage;
 pub mod tensor;
+pub mod vae;
 
 pub use error::{Result, RuntimeError};
 pub use session::{Model, SessionOptions};

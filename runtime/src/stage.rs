@@ -135,7 +135,18 @@ pub fn run_stage(
             })?;
             Ok(BTreeMap::from([("sample".to_string(), sample)]))
         }
-        Stage::VaeEncode | Stage::VaeDecode | Stage::Hypernet => Err(RuntimeError::Invalid {
+        Stage::VaeEncode => {
+            let (mean, logvar) = crate::vae::Vae::load(dir, opts)?.encode(&inputs["video"])?;
+            Ok(BTreeMap::from([
+                ("posterior_mean".to_string(), mean),
+                ("posterior_logvar".to_string(), logvar),
+            ]))
+        }
+        Stage::VaeDecode => {
+            let sample = crate::vae::Vae::load(dir, opts)?.decode(&inputs["latents"])?;
+            Ok(BTreeMap::from([("sample".to_string(), sample)]))
+        }
+        Stage::Hypernet => Err(RuntimeError::Invalid {
             what: format!("stage {}", stage.name()),
             message: "not available in this build yet".into(),
         }),

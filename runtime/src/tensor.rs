@@ -67,6 +67,44 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// `self[.., start..end, ..]` along `axis` (f32 tensors).
+    pub fn slice_axis(&self, axis: usize, start: usize, end: usize) -> Result<Tensor> {
+        let v = self.as_f32("slice")?;
+        let outer: usize = self.shape[..axis].iter().product();
+        let inner: usize = self.shape[axis + 1..].iter().product();
+        let n = self.shape[axis];
+        let mut out = Vec::with_capacity(outer * (end - start) * inner);
+        for o in 0..outer {
+            out.extend_from_slice(&v[(o * n + start) * inner..(o * n + end) * inner]);
+        }
+        let mut shape = self.shape.clone();
+        shape[axis] = end - start;
+        Ok(Tensor::f32(shape, out))
+    }
+
+    /// Concatenates f32 tensors along `axis` (all other dims must agree).
+    pub fn concat(parts: &[Tensor], axis: usize) -> Result<Tensor> {
+        let first = parts.first().ok_or_else(|| RuntimeError::Invalid {
+            what: "concat".into(),
+            message: "no tensors".into(),
+        })?;
+        let outer: usize = first.shape[..axis].iter().product();
+        let inner: usize = first.shape[axis + 1..].iter().product();
+        let total: usize = parts.iter().map(|p| p.shape[axis]).sum();
+        let mut out = Vec::with_capacity(outer * total * inner);
+        for o in 0..outer {
+            for p in parts {
+                let n = p.shape[axis];
+                out.extend_from_slice(&p.as_f32("concat")?[o * n * inner..(o + 1) * n * inner]);
+            }
+        }
+        let mut shape = first.shape.clone();
+        shape[axis] = total;
+        Ok(Tensor::f32(shape, out))
+    }
+}
+
 /// `‖a − b‖ / ‖b‖` in f64.
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);

@@ -76,7 +76,11 @@ impl AnonPeak {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        AnonPeak { stop, peak, handle: Some(handle) }
+        AnonPeak {
+            stop,
+            peak,
+            handle: Some(handle),
+        }
     }
 
     fn finish(mut self) -> u64 {
@@ -90,34 +94,58 @@ impl AnonPeak {
 
 fn fullscale_config(layers: usize) -> Result<serde_json::Value, Failure> {
     // The CogVideoX-Fun-5B-InP config, as listed with the real layer shapes in the fixtures.
-    let mut c: serde_json::Value = serde_json::from_str(include_str!("../../../tests/fixtures/fullscale_linear_shapes.json"))
-        .map_err(|e| Failure::new(format!("embedded shapes: {e}")))?;
+    let mut c: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../tests/fixtures/fullscale_linear_shapes.json"
+    ))
+    .map_err(|e| Failure::new(format!("embedded shapes: {e}")))?;
     let mut config = c["cogvideox-fun-5b-inp"]["config"].take();
     config["num_layers"] = layers.into();
     config["_class_name"] = cogvideox_dit::CLASS_NAME.into();
     Ok(config)
 }
 
-fn bench_export(layers: usize, dir: &std::path::Path, keep: bool, json: bool) -> Result<(), Failure> {
+fn bench_export(
+    layers: usize,
+    dir: &std::path::Path,
+    keep: bool,
+    json: bool,
+) -> Result<(), Failure> {
     let config = fullscale_config(layers)?;
     let cfg: cogvideox_dit::DitConfig =
         serde_json::from_value(config.clone()).map_err(|e| Failure::new(format!("config: {e}")))?;
     let layout = cogvideox_dit::checkpoint_layout(&cfg);
     let ck_dir = dir.join("transformer");
     let out_dir = dir.join("export");
-    let params: usize = layout.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let params: usize = layout
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
 
     let t0 = Instant::now();
     let mut last = Instant::now();
-    synthetic::write_checkpoint(&ck_dir, &config, &layout, DType::BF16, 1, &mut |done, total| {
-        if !json && last.elapsed() > Duration::from_secs(2) {
-            eprint!("\rgenerating checkpoint: {:>3}% of {}", done * 100 / total.max(1), bytes(total));
-            last = Instant::now();
-        }
-    })?;
+    synthetic::write_checkpoint(
+        &ck_dir,
+        &config,
+        &layout,
+        DType::BF16,
+        1,
+        &mut |done, total| {
+            if !json && last.elapsed() > Duration::from_secs(2) {
+                eprint!(
+                    "\rgenerating checkpoint: {:>3}% of {}",
+                    done * 100 / total.max(1),
+                    bytes(total)
+                );
+                last = Instant::now();
+            }
+        },
+    )?;
     let gen_s = t0.elapsed().as_secs_f64();
     if !json {
-        eprintln!("\rgenerated {} ({params} parameters, bf16) in {gen_s:.1} s", ck_dir.display());
+        eprintln!(
+            "\rgenerated {} ({params} parameters, bf16) in {gen_s:.1} s",
+            ck_dir.display()
+        );
     }
 
     // Reset the kernel's peak-RSS counter so VmHWM covers the export alone.
@@ -125,15 +153,23 @@ fn bench_export(layers: usize, dir: &std::path::Path, keep: bool, json: bool) ->
     let sampler = AnonPeak::start();
     let t1 = Instant::now();
     let ck = Checkpoint::open_dir(&ck_dir)?;
-    let opts = cogvideox_dit::DitOptions { weight_dtype: Some(DType::BF16) };
+    let opts = cogvideox_dit::DitOptions {
+        weight_dtype: Some(DType::BF16),
+    };
     let ex = cogvideox_dit::export(&ck, &opts)?;
     let build_s = t1.elapsed().as_secs_f64();
-    std::fs::create_dir_all(&out_dir).map_err(|e| Failure::new(format!("{}: {e}", out_dir.display())))?;
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| Failure::new(format!("{}: {e}", out_dir.display())))?;
     let written = v2l_graphs::save(&ex.graph, &out_dir.join("dit.onnx"), ExternalData::Always)?;
     let export_s = t1.elapsed().as_secs_f64();
     let anon_peak = sampler.finish();
     let hwm = status_kb("VmHWM:").unwrap_or(0) * 1024;
-    let data_len = written.data.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()).unwrap_or(0);
+    let data_len = written
+        .data
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .unwrap_or(0);
 
     if json {
         println!(
@@ -149,10 +185,16 @@ fn bench_export(layers: usize, dir: &std::path::Path, keep: bool, json: bool) ->
     } else {
         println!("CogVideoX-5B-shaped DiT export ({layers} blocks, {params} parameters, bf16 weights, external data)");
         println!("  graph build        {build_s:>8.2} s");
-        println!("  export total       {export_s:>8.2} s   ({:.2} GB/s of weights written)", written.weight_bytes as f64 / export_s / 1e9);
+        println!(
+            "  export total       {export_s:>8.2} s   ({:.2} GB/s of weights written)",
+            written.weight_bytes as f64 / export_s / 1e9
+        );
         println!("  weights written    {:>10}", bytes(written.weight_bytes));
         println!("  peak RSS           {:>10}   (includes file-backed pages of the memory-mapped checkpoint)", bytes(hwm));
-        println!("  peak anonymous RSS {:>10}   (heap: a copy of the model would show here)", bytes(anon_peak));
+        println!(
+            "  peak anonymous RSS {:>10}   (heap: a copy of the model would show here)",
+            bytes(anon_peak)
+        );
     }
     if !keep {
         let _ = std::fs::remove_dir_all(dir);

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{bytes, main_with, Failure};
-use v2l_export::{cogvideox_dit, Checkpoint, Manifest};
+use v2l_export::{cogvideox_dit, cogvideox_vae, Checkpoint, Manifest};
 use v2l_graphs::{DType, ExternalData};
 
 /// Export diffusers / upstream checkpoints to ONNX graphs, without PyTorch.

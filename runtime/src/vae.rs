@@ -1,0 +1,147 @@
+//! The CogVideoX VAE's frame-batch loop around its two per-batch graphs.
+//!
+//! diffusers encodes 8 frames at a time (decodes 2 latent frames at a time), the first batch
+//! also taking the remainder, and carries each causal convolution's last frames to the next
+//! batch. Normalisation statistics are per batch, so this batching is part of the numbers. The
+//! exported graphs compute one batch with the caches as explicit inputs and outputs
+//! (`cache_in.*` → `cache_out.*`, see `v2l_export::cogvideox_vae`); this loop threads them.
+//! Memory stays bounded by one batch however long the clip.
+
+use std::collections::BTreeMap;
+
+use v2l_export::cogvideox_vae::{frame_batches, CacheSpec};
+use v2l_export::manifest::VaeEntry;
+
+use crate::error::{Result, RuntimeError};
+use crate::session::{Model, SessionOptions};
+use crate::stage::ExportDir;
+use crate::tensor::Tensor;
+
+/// Encoder and decoder sessions with their loop contract.
+pub struct Vae {
+    pub entry: VaeEntry,
+    encoder: Model,
+    decoder: Model,
+}
+
+impl Vae {
+    pub fn load(dir: &ExportDir, opts: &SessionOptions) -> Result<Vae> {
+        let entry = dir
+            .manifest
+            .vae
+            .clone()
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: dir.dir.display().to_string(),
+                message: format!(
+                    "holds no VAE; export one with `v2l-export vae ... -o {}`",
+                    dir.dir.display()
+                ),
+            })?;
+        let encoder = Model::load(&dir.dir.join(&entry.encoder), opts)?;
+        let decoder = Model::load(&dir.dir.join(&entry.decoder), opts)?;
+        Ok(Vae {
+            entry,
+            encoder,
+            decoder,
+        })
+    }
+
+    /// `video [B, C, F, H, W]` in [-1, 1] → (`posterior_mean`, `posterior_logvar`), `[B, 16, f, h, w]`.
+    pub fn encode(&mut self, video: &Tensor) -> Result<(Tensor, Tensor)> {
+        check_5d(video, "video", self.entry.in_channels)?;
+        let mut outs = run_batches(
+            &mut self.encoder,
+            &self.entry.encoder_caches,
+            "video",
+            video,
+            self.entry.encoder_frame_batch,
+        )?;
+        let take = |outs: &mut Vec<BTreeMap<String, Tensor>>, name: &str| -> Result<Tensor> {
+            let parts = outs
+                .iter_mut()
+                .map(|o| o.remove(name).ok_or_else(|| missing_output(name)))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::concat(&parts, 2)
+        };
+        let mean = take(&mut outs, "posterior_mean")?;
+        let logvar = take(&mut outs, "posterior_logvar")?;
+        Ok((mean, logvar))
+    }
+
+    /// `latents [B, 16, f, h, w]` (already divided by the scaling factor) → `[B, 3, F, H, W]`.
+    pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
+        check_5d(latents, "latents", self.entry.latent_channels)?;
+        let outs = run_batches(
+            &mut self.decoder,
+            &self.entry.decoder_caches,
+            "latents",
+            latents,
+            self.entry.decoder_frame_batch,
+        )?;
+        let parts = outs
+            .into_iter()
+            .map(|mut o| o.remove("sample").ok_or_else(|| missing_output("sample")))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::concat(&parts, 2)
+    }
+}
+
+fn missing_output(name: &str) -> RuntimeError {
+    RuntimeError::Invalid {
+        what: "VAE graph".into(),
+        message: format!("no `{name}` output"),
+    }
+}
+
+fn check_5d(t: &Tensor, name: &str, channels: usize) -> Result<()> {
+    let ok = t.shape.len() == 5
+        && t.shape[1] == channels
+        && t.shape[2] > 0
+        && t.shape[3] > 0
+        && t.shape[4] > 0;
+    if !ok {
+        return Err(RuntimeError::Invalid {
+            what: format!("`{name}`"),
+            message: format!(
+                "shape {:?}; expected [batch, {channels}, frames > 0, height, width]",
+                t.shape
+            ),
+        });
+    }
+    t.as_f32(name).map(|_| ())
+}
+
+/// Runs `model` over diffusers' frame batches of `x` (axis 2), threading the caches.
+fn run_batches(
+    model: &mut Model,
+    caches: &[CacheSpec],
+    input: &str,
+    x: &Tensor,
+    batch_frames: usize,
+) -> Result<Vec<BTreeMap<String, Tensor>>> {
+    let (b, h, w) = (x.shape[0], x.shape[3], x.shape[4]);
+    let mut feed: BTreeMap<String, Tensor> = caches
+        .iter()
+        .map(|c| (c.name.clone(), Tensor::zeros(c.shape(b, h, w).to_vec())))
+        .collect();
+    let mut results = Vec::new();
+    for (i, (start, end)) in frame_batches(x.shape[2], batch_frames)
+        .into_iter()
+        .enumerate()
+    {
+        feed.insert(input.to_string(), x.slice_axis(2, start, end)?);
+        feed.insert(
+            "first_batch".into(),
+            Tensor::f32(vec![1], vec![if i == 0 { 1.0 } else { 0.0 }]),
+        );
+        let mut out = model.run(&feed)?;
+        for c in caches {
+            let next = out
+                .remove(&c.output_name())
+                .ok_or_else(|| missing_output(&c.output_name()))?;
+            feed.insert(c.name.clone(), next);
+        }
+        results.push(out);
+    }
+    Ok(results)
+}
