@@ -6,6 +6,7 @@
 //! frame-batch loop with its causal-conv cache.
 
 pub mod error;
+pub mod lora;
 pub mod ort_env;
 pub mod session;
 pub mod stage;

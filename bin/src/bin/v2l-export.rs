@@ -148,8 +148,25 @@ fn export_dit(checkpoint: &Path, out: &OutputArgs, weight_dtype: DType) -> Resul
     Ok(())
 }
 
-fn export_vae(_checkpoint: &Path, _out: &OutputArgs) -> Result<(), Failure> {
-    Err(Failure::new(
-        "VAE export is not available in this build yet",
-    ))
+fn export_vae(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
+    let ck = Checkpoint::open_dir(checkpoint)?;
+    let ex = cogvideox_vae::export(&ck)?;
+    let raw_config: serde_json::Value = ck.config(cogvideox_vae::CLASS_NAME)?;
+    warn_unused(&ex.unused_keys);
+    let mut manifest = prepare_dir(&out.output)?;
+    let (enc, dec) = ("vae_encoder.onnx", "vae_decoder.onnx");
+    let we = v2l_graphs::save(&ex.encoder, &out.output.join(enc), out.external_data.into())?;
+    let wd = v2l_graphs::save(&ex.decoder, &out.output.join(dec), out.external_data.into())?;
+    manifest.vae = Some(ex.manifest_entry(enc, dec, raw_config));
+    manifest.write(&out.output)?;
+    println!(
+        "wrote {} and {} ({} + {} of f32 weights; {} + {} causal-conv caches)",
+        we.model.display(),
+        wd.model.display(),
+        bytes(we.weight_bytes),
+        bytes(wd.weight_bytes),
+        ex.encoder_caches.len(),
+        ex.decoder_caches.len()
+    );
+    Ok(())
 }

@@ -1,0 +1,1 @@
+//! placeholder: the fuse kernel (being written)
