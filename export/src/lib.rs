@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`cogvideox_dit`] | `CogVideoXTransformer3DModel` |
 //! | [`cogvideox_vae`] | `AutoencoderKLCogVideoX` encoder and decoder |
+//! | [`video2lora_hypernet`] | Video2LoRA hypernetwork `VideoHyperDream` (reference latents → LiLoRA rows) |
 
 pub mod checkpoint;
 pub mod cogvideox_dit;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod manifest;
 pub mod scope;
 pub mod synthetic;
+pub mod video2lora_hypernet;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use error::{ExportError, Result};

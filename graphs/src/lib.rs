@@ -11,4 +11,4 @@ pub mod write;
 
 pub use builder::{Attr, Dim, Graph, Initializer, IoSpec, TensorData, Value, OPSET};
 pub use dtype::DType;
-pub use write::{read_model, save, ExternalData, WriteError, Written};
+pub use write::{read_initializers, read_model, save, ExternalData, WriteError, Written};

@@ -22,6 +22,10 @@ pub enum RuntimeError {
     MissingTensor { path: PathBuf, name: String },
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    #[error(transparent)]
+    Lora(#[from] crate::lora::format::LoraError),
+    #[error(transparent)]
+    LiLora(#[from] crate::lora::lilora::LiLoraError),
 }
 
 impl RuntimeError {

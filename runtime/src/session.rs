@@ -41,6 +41,12 @@ fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> Runtim
 impl Model {
     /// Loads `path` (external data files are resolved beside it).
     pub fn load(path: &Path, opts: &SessionOptions) -> Result<Model> {
+        Self::load_with_weights(path, opts, Vec::new())
+    }
+
+    /// Loads `path` with some initializers replaced (fused LoRA weights): ONNX Runtime builds
+    /// the session, constant folding included, from the replacements.
+    pub fn load_with_weights(path: &Path, opts: &SessionOptions, weights: Vec<(String, Tensor)>) -> Result<Model> {
         let env = crate::ort_env::init()?;
         if !path.is_file() {
             return Err(RuntimeError::Io {
@@ -57,6 +63,10 @@ impl Model {
                     context: ctx.clone(),
                     message: e.to_string(),
                 })?;
+        }
+        for (name, t) in weights {
+            let v = to_ort(&t).map_err(ort_err(format!("{ctx}: weight `{name}`")))?;
+            b = b.with_initializer(&name, v).map_err(|e| RuntimeError::Ort { context: format!("{ctx}: weight `{name}`"), message: e.to_string() })?;
         }
         let session = b.commit_from_file(path).map_err(ort_err(&ctx))?;
         let inputs = session

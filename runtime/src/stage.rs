@@ -113,16 +113,33 @@ pub fn check_inputs(stage: Stage, inputs: &BTreeMap<String, Tensor>, source: &Pa
     Ok(())
 }
 
-/// Runs `stage` of the export in `dir` on `inputs`.
+/// A LoRA to fuse into the DiT's weights for a run: the file it came from and its multiplier.
+pub struct AppliedLora {
+    pub lora: crate::lora::format::Lora,
+    pub source: PathBuf,
+    pub multiplier: f32,
+}
+
+/// Runs `stage` of the export in `dir` on `inputs`, with `lora` fused into the DiT if given.
 pub fn run_stage(
     dir: &ExportDir,
     stage: Stage,
     inputs: &BTreeMap<String, Tensor>,
     opts: &SessionOptions,
+    lora: Option<&AppliedLora>,
 ) -> Result<BTreeMap<String, Tensor>> {
+    if lora.is_some() && stage != Stage::Dit {
+        return Err(RuntimeError::Invalid {
+            what: format!("stage {}", stage.name()),
+            message: "--lora applies to the dit stage only".into(),
+        });
+    }
     match stage {
         Stage::Dit => {
-            let mut m = dir.dit(opts)?;
+            let mut m = match lora {
+                None => dir.dit(opts)?,
+                Some(l) => dir.dit_with_lora(opts, l)?,
+            };
             let feed = stage
                 .inputs()
                 .iter()

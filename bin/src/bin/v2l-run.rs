@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{main_with, Failure};
-use v2l_runtime::stage::{check_inputs, run_stage, ExportDir, Stage};
+use v2l_runtime::stage::{check_inputs, run_stage, AppliedLora, ExportDir, Stage};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 
 /// Run an exported model: one component at a time with `stage`.
@@ -45,6 +45,12 @@ enum Command {
         /// safetensors file to write the outputs to
         #[arg(short, long)]
         output: PathBuf,
+        /// LoRA to fuse into the DiT (diffusers/PEFT, kohya or ComfyUI safetensors)
+        #[arg(long)]
+        lora: Option<PathBuf>,
+        /// LoRA multiplier: the fuse scale is multiplier · alpha / rank
+        #[arg(long, default_value_t = 1.0)]
+        lora_scale: f32,
         /// Reference outputs (e.g. from PyTorch) to compare against: prints the relative L2
         /// error of each output against the tensor of the same name in this file
         #[arg(long)]
@@ -85,12 +91,20 @@ fn main() -> ExitCode {
             threads: cli.threads,
         };
         match cli.command {
-            Some(Command::Stage { stage, inputs, output, compare, compare_names }) => {
+            Some(Command::Stage { stage, inputs, output, lora, lora_scale, compare, compare_names }) => {
                 let stage = Stage::from(stage);
                 let dir = ExportDir::open(engine)?;
                 let tensors = read_safetensors(&inputs)?;
                 check_inputs(stage, &tensors, &inputs)?;
-                let out = run_stage(&dir, stage, &tensors, &opts)?;
+                let lora = match lora {
+                    Some(path) => {
+                        let modules: Vec<String> = dir.dit_targets()?.iter().map(|t| t.name.clone()).collect();
+                        let lora = v2l_runtime::lora::format::read(&path, Some(&modules)).map_err(v2l_runtime::RuntimeError::from)?;
+                        Some(AppliedLora { lora, source: path, multiplier: lora_scale })
+                    }
+                    None => None,
+                };
+                let out = run_stage(&dir, stage, &tensors, &opts, lora.as_ref())?;
                 write_safetensors(&output, &out)?;
                 for (name, t) in &out {
                     println!("{name} {:?}", t.shape);

@@ -2,6 +2,12 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | [`format`] | diffusers/PEFT, kohya/musubi and ComfyUI LoRA files, read and written |
+//! | [`lilora`] | Video2LoRA's LiLoRA auxiliaries: hypernetwork rows → standard LoRA factors |
+//! | [`apply`] | matching a LoRA to a model's layers and fusing it from the base weights |
 //! | [`fuse`] | the fuse kernel `W' = W + s·B·A`, f32/f16/bf16, streaming, multi-threaded |
 
+pub mod apply;
+pub mod format;
 pub mod fuse;
+pub mod lilora;

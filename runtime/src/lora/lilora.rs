@@ -1,0 +1,152 @@
+//! Video2LoRA's LiLoRA: shared auxiliary matrices that turn a hypernetwork's per-layer rows
+//! into standard LoRA factors (see `docs/video2lora.md` and the authors' `LoRAModule`).
+//!
+//! For layer i with `down_aux [a, in]`, `up_aux [out, b]` and the predicted row
+//! `[down_w (a·r) | up_w (b·r)]`: `lora_A = down_w [r,a] · down_aux`, `lora_B = up_aux · up_w [b,r]`,
+//! scale `multiplier · alpha / r`. Layer i is the DiT's i-th `nn.Linear` in module order.
+
+use std::path::{Path, PathBuf};
+
+use v2l_export::LinearInfo;
+
+use super::format::{Factor, Lora, LoraFormat, LoraLayer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiLoraError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Bad { path: PathBuf, message: String },
+    #[error("{path}: missing `{key}` for the model's layer `{module}`")]
+    Missing { path: PathBuf, key: String, module: String },
+    #[error("{path}: `{key}` has shape {found:?}; the model's layer needs {expected}")]
+    Shape { path: PathBuf, key: String, found: Vec<usize>, expected: String },
+    #[error("{path}: {extra} auxiliary pairs match no layer of the model (first: `{first}`)")]
+    Extra { path: PathBuf, extra: usize, first: String },
+    #[error("hypernetwork predicts {rows} rows of width {width}, but the LiLoRA file {path} has {layers} layers needing width {needed}·r")]
+    Rows { path: PathBuf, rows: usize, width: usize, layers: usize, needed: usize },
+}
+
+type Result<T> = std::result::Result<T, LiLoraError>;
+
+/// One layer's auxiliaries.
+#[derive(Clone, Debug)]
+pub struct AuxLayer {
+    pub module: String,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// `[a, in]`
+    pub down_aux: Vec<f32>,
+    /// `[out, b]`
+    pub up_aux: Vec<f32>,
+}
+
+/// The auxiliaries of every layer, in the hypernetwork's row order.
+#[derive(Clone, Debug)]
+pub struct LiLora {
+    pub path: PathBuf,
+    pub a: usize,
+    pub b: usize,
+    pub layers: Vec<AuxLayer>,
+}
+
+/// The upstream key prefix of a module (`lora_unet__` + path with '.' → '_').
+pub fn upstream_name(module: &str) -> String {
+    format!("lora_unet__{}", module.replace('.', "_"))
+}
+
+impl LiLora {
+    /// Loads `path` and maps it onto `linears` (the DiT's `nn.Linear`s in module order),
+    /// checking every name exists and every shape agrees.
+    pub fn load(path: &Path, linears: &[LinearInfo]) -> Result<LiLora> {
+        let bytes = std::fs::read(path).map_err(|source| LiLoraError::Io { path: path.into(), source })?;
+        let bad = |message: String| LiLoraError::Bad { path: path.into(), message };
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let get = |key: &str, module: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            let v = st.tensor(key).map_err(|_| LiLoraError::Missing { path: path.into(), key: key.into(), module: module.into() })?;
+            let data: Vec<f32> = match v.dtype() {
+                safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                safetensors::Dtype::F16 => v.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                safetensors::Dtype::BF16 => v.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                d => return Err(bad(format!("`{key}` has dtype {d:?}"))),
+            };
+            if data.iter().any(|x| !x.is_finite()) {
+                return Err(bad(format!("`{key}` holds NaN or Inf")));
+            }
+            Ok((v.shape().to_vec(), data))
+        };
+        let mut layers = Vec::with_capacity(linears.len());
+        let (mut a, mut b) = (0, 0);
+        for (i, l) in linears.iter().enumerate() {
+            let name = upstream_name(&l.name);
+            let (kd, ku) = (format!("{name}.down_aux"), format!("{name}.up_aux"));
+            let (ds, down_aux) = get(&kd, &l.name)?;
+            let (us, up_aux) = get(&ku, &l.name)?;
+            if i == 0 {
+                a = ds.first().copied().unwrap_or(0);
+                b = us.get(1).copied().unwrap_or(0);
+            }
+            if ds != [a, l.in_features] {
+                return Err(LiLoraError::Shape { path: path.into(), key: kd, found: ds, expected: format!("[{a}, {}]", l.in_features) });
+            }
+            if us != [l.out_features, b] {
+                return Err(LiLoraError::Shape { path: path.into(), key: ku, found: us, expected: format!("[{}, {b}]", l.out_features) });
+            }
+            layers.push(AuxLayer { module: l.name.clone(), out_features: l.out_features, in_features: l.in_features, down_aux, up_aux });
+        }
+        let used: std::collections::HashSet<String> = linears.iter().map(|l| upstream_name(&l.name)).collect();
+        let extra: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|k| !used.contains(k.trim_end_matches(".down_aux").trim_end_matches(".up_aux")))
+            .cloned()
+            .collect();
+        if let Some(first) = extra.first() {
+            return Err(LiLoraError::Extra { path: path.into(), extra: extra.len(), first: first.clone() });
+        }
+        Ok(LiLora { path: path.into(), a, b, layers })
+    }
+
+    /// Turns hypernetwork rows `[N, (a+b)·r]` (one batch item) into a standard LoRA whose
+    /// alpha makes the fuse scale `multiplier · alpha / r` (upstream passes both as the LoRA weight).
+    pub fn to_lora(&self, rows: &[f32], width: usize, multiplier: f32, alpha: f32) -> Result<Lora> {
+        let n = self.layers.len();
+        let ab = self.a + self.b;
+        if width == 0 || rows.len() != n * width || width % ab != 0 {
+            return Err(LiLoraError::Rows { path: self.path.clone(), rows: rows.len() / width.max(1), width, layers: n, needed: ab });
+        }
+        let r = width / ab;
+        let (a, b) = (self.a, self.b);
+        let layers = self
+            .layers
+            .iter()
+            .zip(rows.chunks_exact(width))
+            .map(|(l, row)| {
+                let (down_w, up_w) = row.split_at(a * r); // down_w [r, a], up_w [b, r]
+                let mut lora_a = vec![0f32; r * l.in_features];
+                for k in 0..r {
+                    for (p, &w) in down_w[k * a..(k + 1) * a].iter().enumerate() {
+                        let aux = &l.down_aux[p * l.in_features..(p + 1) * l.in_features];
+                        for (o, &x) in lora_a[k * l.in_features..(k + 1) * l.in_features].iter_mut().zip(aux) {
+                            *o += w * x;
+                        }
+                    }
+                }
+                let mut lora_b = vec![0f32; l.out_features * r];
+                for i in 0..l.out_features {
+                    let aux = &l.up_aux[i * b..(i + 1) * b];
+                    for k in 0..r {
+                        lora_b[i * r + k] = aux.iter().enumerate().map(|(q, &x)| x * up_w[q * r + k]).sum();
+                    }
+                }
+                LoraLayer {
+                    module: l.module.clone(),
+                    a: Factor::from_f32([r, l.in_features], &lora_a),
+                    b: Factor::from_f32([l.out_features, r], &lora_b),
+                    alpha: multiplier * alpha,
+                }
+            })
+            .collect();
+        Ok(Lora { format: LoraFormat::Diffusers, layers })
+    }
+}
