@@ -6,6 +6,8 @@
 use std::fmt::Display;
 use std::process::ExitCode;
 
+pub mod bench_fuse;
+
 /// A failure as shown to the user: the message and an optional fix.
 pub struct Failure {
     pub message: String,

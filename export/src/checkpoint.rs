@@ -177,6 +177,18 @@ impl Checkpoint {
         })
     }
 
+    /// Each file with the keys it holds (sorted), in opening order.
+    pub fn files(&self) -> Vec<(PathBuf, Vec<String>)> {
+        let mut out: Vec<(PathBuf, Vec<String>)> = self.files.iter().map(|(p, _)| (p.clone(), Vec::new())).collect();
+        for (k, e) in &self.entries {
+            out[e.file].1.push(k.clone());
+        }
+        for (_, keys) in &mut out {
+            keys.sort();
+        }
+        out
+    }
+
     /// The directory (or the file's parent) the checkpoint was opened from.
     pub fn dir(&self) -> &Path {
         &self.dir

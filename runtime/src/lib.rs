@@ -12,6 +12,7 @@ pub mod session;
 pub mod stage;
 pub mod tensor;
 pub mod vae;
+pub mod video;
 
 pub use error::{Result, RuntimeError};
 pub use session::{Model, SessionOptions};

@@ -98,6 +98,20 @@ impl ExportDir {
             .ok_or_else(|| self.missing("DiT", "dit"))?;
         Model::load(&self.dir.join(&e.file), opts)
     }
+
+    /// The DiT's LoRA-targetable linear layers.
+    pub fn dit_targets(&self) -> Result<&[v2l_export::LinearInfo]> {
+        Ok(&self.manifest.dit.as_ref().ok_or_else(|| self.missing("DiT", "dit"))?.lora_targets)
+    }
+
+    /// Loads the DiT with `lora` fused into its weights (an ORT session built with the fused
+    /// initializers in place of the base ones).
+    pub fn dit_with_lora(&self, opts: &SessionOptions, lora: &AppliedLora) -> Result<Model> {
+        let e = self.manifest.dit.as_ref().ok_or_else(|| self.missing("DiT", "dit"))?;
+        let path = self.dir.join(&e.file);
+        let weights = crate::lora::apply::fused_weights(&path, &e.lora_targets, &lora.lora, lora.multiplier, &lora.source)?;
+        Model::load_with_weights(&path, opts, weights)
+    }
 }
 
 /// Checks that `inputs` holds every tensor `stage` needs; `source` names the file for errors.

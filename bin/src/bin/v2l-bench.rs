@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use v2l_cli::bench_fuse::{bench_fuse, FuseBench};
 use v2l_cli::{bytes, main_with, Failure};
 use v2l_export::{cogvideox_dit, synthetic, Checkpoint};
 use v2l_graphs::{DType, ExternalData};
@@ -16,6 +17,8 @@ use v2l_graphs::{DType, ExternalData};
 ///   export   generate a CogVideoX-5B-shaped checkpoint (bf16, the real layer shapes of
 ///            CogVideoX-Fun-5B-InP) and time its export to ONNX with external data,
 ///            reporting peak memory: the export must not hold a copy of the model.
+///   fuse     time the LoRA fuse kernel (W' = W + s·B·A, rank 1) on the CogVideoX-5B layer
+///            shapes in f32, f16 and bf16, one block and the full model, against memcpy.
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -40,12 +43,44 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Time the LoRA fuse kernel against this machine's memcpy bandwidth
+    Fuse {
+        /// Threads for the fuse and the memcpy (0: all cores)
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed passes per measurement (after one warm-up pass); medians are reported
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// Cap on base + target weight memory in GiB (the full model is streamed through it)
+        #[arg(long, default_value_t = 8.0)]
+        max_mem_gib: f64,
+        /// memcpy buffer size in MiB
+        #[arg(long, default_value_t = 1024)]
+        memcpy_mib: usize,
+        /// Skip the in-place path (time only fuse_from, the LoRA-switching path)
+        #[arg(long)]
+        no_in_place: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| match cli.command {
         Command::Export { layers, dir, keep } => bench_export(layers, &dir, keep, cli.json),
+        Command::Fuse {
+            threads,
+            repeat,
+            max_mem_gib,
+            memcpy_mib,
+            no_in_place,
+        } => bench_fuse(&FuseBench {
+            threads,
+            repeat,
+            max_mem_gib,
+            memcpy_mib,
+            in_place: !no_in_place,
+            json: cli.json,
+        }),
     })
 }
 

@@ -1,0 +1,158 @@
+//! `v2l-lora`: inspect, convert and fuse LoRA files.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use v2l_cli::{main_with, Failure};
+use v2l_runtime::lora::format::{self, Lora, LoraFormat};
+use v2l_runtime::RuntimeError;
+
+/// Inspect, convert and fuse LoRA files.
+///
+/// Reads diffusers/PEFT (`transformer.<module>.lora_A/lora_B`, alpha in the
+/// `lora_adapter_metadata`), kohya/musubi (`lora_unet_<module>.lora_down/lora_up/alpha`) and
+/// ComfyUI (`diffusion_model.<module>.lora_A/lora_B`, optional `alpha`) safetensors files.
+/// Conversions keep every factor bitwise.
+///
+/// Examples:
+///   v2l-lora inspect my_lora.safetensors
+///   v2l-lora convert my_lora.safetensors -o comfy.safetensors --format comfyui
+///   v2l-lora fuse --base CogVideoX-5b/transformer --lora my_lora.safetensors -o fused/transformer
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a LoRA file's format, layers, ranks and alphas
+    Inspect {
+        file: PathBuf,
+        /// One JSON object on stdout
+        #[arg(long)]
+        json: bool,
+        /// Model (diffusers transformer directory or export directory) to resolve kohya names
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Rewrite a LoRA file in another format
+    Convert {
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum)]
+        format: FormatArg,
+        /// Model (diffusers transformer directory or export directory) to resolve kohya names
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Write a copy of a diffusers transformer checkpoint with a LoRA fused into its weights
+    Fuse {
+        /// diffusers transformer directory
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        lora: PathBuf,
+        /// Multiplier: each layer's fuse scale is scale · alpha / rank
+        #[arg(long, default_value_t = 1.0)]
+        scale: f32,
+        /// Output directory (must not exist)
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Diffusers,
+    Kohya,
+    Comfyui,
+}
+
+impl From<FormatArg> for LoraFormat {
+    fn from(f: FormatArg) -> LoraFormat {
+        match f {
+            FormatArg::Diffusers => LoraFormat::Diffusers,
+            FormatArg::Kohya => LoraFormat::Kohya,
+            FormatArg::Comfyui => LoraFormat::ComfyUi,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    main_with(|| match cli.command {
+        Command::Inspect { file, json, model } => inspect(&read(&file, model.as_deref())?, json),
+        Command::Convert { input, output, format, model } => {
+            let lora = read(&input, model.as_deref())?;
+            format::write(&output, &lora, format.into()).map_err(RuntimeError::from)?;
+            println!("wrote {} ({} layers, {})", output.display(), lora.layers.len(), LoraFormat::from(format).name());
+            Ok(())
+        }
+        Command::Fuse { base, lora, scale, output } => {
+            let modules = model_modules(&base)?;
+            let l = format::read(&lora, Some(&modules)).map_err(RuntimeError::from)?;
+            let n = v2l_runtime::lora::apply::fuse_checkpoint(&base, &l, scale, &lora, &output)?;
+            println!("wrote {} ({n} layers fused at scale {scale})", output.display());
+            Ok(())
+        }
+    })
+}
+
+/// Module paths of a model: from an export manifest or a diffusers checkpoint's 2-D weights.
+fn model_modules(dir: &Path) -> Result<Vec<String>, Failure> {
+    if dir.join(v2l_export::manifest::FILE_NAME).exists() {
+        let m = v2l_export::Manifest::read(dir)?;
+        if let Some(d) = m.dit {
+            return Ok(d.lora_targets.into_iter().map(|t| t.name).collect());
+        }
+    }
+    let ck = v2l_export::Checkpoint::open_dir(dir)?;
+    Ok(v2l_runtime::lora::apply::checkpoint_linears(&ck).into_iter().map(|t| t.name).collect())
+}
+
+fn read(file: &Path, model: Option<&Path>) -> Result<Lora, Failure> {
+    let modules = model.map(model_modules).transpose()?;
+    format::read(file, modules.as_deref()).map_err(|e| {
+        let hint = matches!(e, format::LoraError::UnresolvedKohya { .. })
+            .then_some("kohya names drop the dots of module paths; pass --model <transformer dir> to resolve them");
+        let f = Failure::from(RuntimeError::from(e));
+        match hint {
+            Some(h) => f.with_hint(h),
+            None => f,
+        }
+    })
+}
+
+fn inspect(lora: &Lora, json: bool) -> Result<(), Failure> {
+    let params: usize = lora.layers.iter().map(|l| l.a.shape[0] * l.a.shape[1] + l.b.shape[0] * l.b.shape[1]).sum();
+    if json {
+        let layers: Vec<_> = lora
+            .layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({"module": l.module, "rank": l.rank(), "alpha": l.alpha, "in_features": l.a.shape[1],
+                    "out_features": l.b.shape[0], "dtype": l.a.dtype.name()})
+            })
+            .collect();
+        println!("{}", serde_json::json!({"format": lora.format.name(), "parameters": params, "layers": layers}));
+        return Ok(());
+    }
+    println!("format: {}  layers: {}  parameters: {params}", lora.format.name(), lora.layers.len());
+    println!("{:<48} {:>5} {:>8} {:>7} {:>7} {:>6}", "module", "rank", "alpha", "in", "out", "dtype");
+    for l in &lora.layers {
+        println!(
+            "{:<48} {:>5} {:>8} {:>7} {:>7} {:>6}",
+            l.module,
+            l.rank(),
+            l.alpha,
+            l.a.shape[1],
+            l.b.shape[0],
+            l.a.dtype.name()
+        );
+    }
+    Ok(())
+}
