@@ -18,8 +18,8 @@ fn export_tiny_vae(dir: &std::path::Path) -> Vae {
     let raw: serde_json::Value = ck.config(cogvideox_vae::CLASS_NAME).unwrap();
     let manifest = Manifest {
         format_version: v2l_export::manifest::FORMAT_VERSION,
-        dit: None,
         vae: Some(ex.manifest_entry("e.onnx", "d.onnx", raw)),
+        ..Default::default()
     };
     manifest.write(dir).unwrap();
     Vae::load(&ExportDir::open(dir).unwrap(), &SessionOptions::default()).unwrap()

@@ -94,38 +94,57 @@ fn layers() -> Result<Vec<(String, Layer)>, Failure> {
         .collect()
 }
 
-/// Copies `src` into `dst` with `threads` threads (the same split the fuse uses: contiguous).
-fn par_copy(src: &[u8], dst: &mut [u8], threads: usize) {
-    let per = src.len().div_ceil(threads.max(1));
+/// Runs `f(part_index, part)` on `threads` contiguous parts of `v`, one thread each.
+fn par_parts<T: Send>(v: &mut [T], threads: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let per = v.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
-        for (d, sr) in dst.chunks_mut(per).zip(src.chunks(per)) {
-            s.spawn(move || d.copy_from_slice(sr));
+        for (c, part) in v.chunks_mut(per).enumerate() {
+            let f = &f;
+            s.spawn(move || f(c * per, part));
         }
     });
 }
 
-/// A vector of `n` copies of `pattern` repeated, written in parallel (the first touch of every
-/// page happens here, not in a timed pass).
-fn filled<T: Copy + Send + Sync>(n: usize, pattern: &[T], threads: usize) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    let per = n.div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|s| {
-        for (c, part) in v.spare_capacity_mut()[..n].chunks_mut(per).enumerate() {
-            s.spawn(move || {
-                let mut k = (c * per) % pattern.len();
-                for x in part.iter_mut() {
-                    x.write(pattern[k]);
-                    k += 1;
-                    if k == pattern.len() {
-                        k = 0;
-                    }
-                }
-            });
+/// Fills `v` with `pattern` repeated from `pattern[0]` at index 0.
+fn fill<T: Copy + Send + Sync>(v: &mut [T], pattern: &[T], threads: usize) {
+    par_parts(v, threads, |start, part| {
+        let mut k = start % pattern.len();
+        for x in part.iter_mut() {
+            *x = pattern[k];
+            k += 1;
+            if k == pattern.len() {
+                k = 0;
+            }
         }
     });
-    // SAFETY: the loop above initialised all n elements.
+}
+
+/// A vector of `n` non-zero words, written by `threads` threads (every page touched).
+fn touched(n: usize, threads: usize) -> Vec<u32> {
+    let mut v: Vec<u32> = Vec::with_capacity(n);
+    par_parts(&mut v.spare_capacity_mut()[..n], threads, |start, part| {
+        for (i, x) in part.iter_mut().enumerate() {
+            x.write(0x3C00_3C00 ^ (start + i) as u32);
+        }
+    });
+    // SAFETY: all n elements were initialised above.
     unsafe { v.set_len(n) };
     v
+}
+
+/// Storage types the pools are viewed as.
+trait Plain: Copy + Send + Sync {}
+impl Plain for f32 {}
+impl Plain for f16 {}
+impl Plain for bf16 {}
+
+/// A pool of words viewed as `T` (f32, f16, bf16: every bit pattern is a valid value).
+fn view<T: Plain>(v: &mut [u32]) -> &mut [T] {
+    // SAFETY: T is a plain float type of size 2 or 4 and alignment <= 4, so the u32 buffer
+    // reinterprets exactly, with no prefix or suffix.
+    let (pre, mid, post) = unsafe { v.align_to_mut::<T>() };
+    assert!(pre.is_empty() && post.is_empty());
+    mid
 }
 
 /// Deterministic values in [-1, 1).
@@ -141,33 +160,56 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-struct Memcpy {
-    bytes: u64,
-    gbps: (f64, f64, f64),
-    gbps_1t: (f64, f64, f64),
+/// The reference copies, sampled between fuse passes so that every fuse number has memcpy
+/// numbers taken right before and after it (the machine's bandwidth drifts).
+struct Copier {
+    src: Vec<f32>,
+    dst: Vec<f32>,
+    threads: usize,
+    memcpy: Vec<f64>,
+    stream: Vec<f64>,
 }
 
-fn bench_memcpy(mib: usize, threads: usize, repeat: usize) -> Memcpy {
-    let n = mib << 20;
-    let src = vec![0x5Au8; n];
-    let mut dst = vec![0xA5u8; n];
-    let mut run = |t: usize| {
-        par_copy(&src, &mut dst, t); // warm-up
-        let mut g: Vec<f64> = (0..repeat)
-            .map(|_| {
-                let t0 = Instant::now();
-                par_copy(&src, &mut dst, t);
-                2.0 * n as f64 / t0.elapsed().as_secs_f64() / 1e9
-            })
-            .collect();
-        stats(&mut g)
-    };
-    let gbps = run(threads);
-    let gbps_1t = if threads == 1 { gbps } else { run(1) };
-    Memcpy {
-        bytes: n as u64,
-        gbps,
-        gbps_1t,
+impl Copier {
+    fn new(mib: usize, threads: usize) -> Copier {
+        let n = (mib << 20) / 4;
+        Copier {
+            src: view::<f32>(&mut touched(n, threads)).to_vec(),
+            dst: view::<f32>(&mut touched(n, threads)).to_vec(),
+            threads,
+            memcpy: Vec::new(),
+            stream: Vec::new(),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.src.len() * 4) as u64
+    }
+
+    /// One libc memcpy (`copy_from_slice`) of the buffer, split across the threads: GB/s.
+    fn memcpy(&mut self) -> f64 {
+        let src = &self.src;
+        let t0 = Instant::now();
+        par_parts(&mut self.dst, self.threads, |start, part| {
+            part.copy_from_slice(&src[start..start + part.len()])
+        });
+        let g = 2.0 * self.bytes() as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        self.memcpy.push(g);
+        g
+    }
+
+    /// One `fuse::restore_from` (the kernel's streaming copy) of the buffer: GB/s.
+    fn stream(&mut self) -> Result<f64, Failure> {
+        let t0 = Instant::now();
+        fuse::restore_from(
+            Weights::F32(&self.src),
+            WeightsMut::F32(&mut self.dst),
+            self.threads,
+        )
+        .map_err(|e| Failure::new(format!("restore_from: {e}")))?;
+        let g = 2.0 * self.bytes() as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        self.stream.push(g);
+        Ok(g)
     }
 }
 
@@ -182,78 +224,95 @@ struct Row {
     pool_reused: bool,
     seconds: f64,
     gbps: (f64, f64, f64),
+    /// fuse GB/s over the mean of the memcpy samples right before and after the pass.
+    ratio: (f64, f64, f64),
 }
 
 struct Scope<'a> {
     name: &'static str,
     layers: Vec<&'a Layer>,
+    /// `(B, A)` per layer.
+    factors: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
-/// Times `fuse_from` (and `fuse_in_place`) over the layers of each scope in storage type `T`.
+struct Ctx<'a> {
+    o: &'a FuseBench,
+    threads: usize,
+    scopes: &'a [Scope<'a>],
+    copier: Copier,
+    progress: bool,
+}
+
+impl Ctx<'_> {
+    fn say(&self, msg: std::fmt::Arguments) {
+        if self.progress {
+            eprint!("\r{msg:<70}");
+        }
+    }
+}
+
+/// Times `fuse_from` (and `fuse_in_place`) over the layers of each scope in storage type `T`,
+/// in the pools `base` and `target`.
 fn bench_dtype<T>(
+    cx: &mut Ctx,
     dtype: &'static str,
     conv: fn(f32) -> T,
-    scopes: &[Scope],
-    factors: &[Vec<(Vec<f32>, Vec<f32>)>],
-    pool_cap: u64,
-    o: &FuseBench,
-    threads: usize,
+    base: &mut [u32],
+    target: &mut [u32],
 ) -> Result<Vec<Row>, Failure>
 where
-    T: Copy + Send + Sync,
+    T: Plain,
     for<'a> &'a [T]: Into<Weights<'a>>,
     for<'a> &'a mut [T]: Into<WeightsMut<'a>>,
 {
     let size = std::mem::size_of::<T>();
-    let mut rows = Vec::new();
     let pattern: Vec<T> = values(PATTERN, 7)
         .into_iter()
         .map(|x| conv(0.1 * x + 0.001))
         .collect();
-    for (scope, facs) in scopes.iter().zip(factors) {
+    let base: &mut [T] = view(base);
+    let target: &mut [T] = view(target);
+    cx.say(format_args!("{dtype}: filling the pools"));
+    fill(base, &pattern, cx.threads);
+    fill(target, &pattern[1..], cx.threads);
+    let base: &[T] = base;
+    let cap = base.len();
+
+    let mut rows = Vec::new();
+    for scope in cx.scopes {
         let total: usize = scope.layers.iter().map(|l| l.out * l.inp).sum();
-        let largest = scope.layers.iter().map(|l| l.out * l.inp).max().unwrap_or(0);
-        let cap_elems = (pool_cap / size as u64) as usize;
-        if largest > cap_elems {
-            return Err(Failure::new(format!(
-                "{dtype}: the largest layer ({}) does not fit the memory cap ({} per copy)",
-                bytes((largest * size) as u64),
-                bytes(pool_cap)
-            ))
-            .with_hint("raise --max-mem-gib or free memory"));
-        }
-        let pool = total.min(cap_elems);
+        let pool = total.min(cap);
         // Ring layout: a layer that does not fit before the end of the pool starts over at 0.
         let mut offsets = Vec::with_capacity(scope.layers.len());
         let mut pos = 0;
         for l in &scope.layers {
             let n = l.out * l.inp;
+            if n > pool {
+                return Err(Failure::new(format!(
+                    "{dtype}: a {}x{} layer does not fit the {} memory cap per copy",
+                    l.out,
+                    l.inp,
+                    bytes((cap * size) as u64)
+                ))
+                .with_hint("raise --max-mem-gib or free memory"));
+            }
             if pos + n > pool {
                 pos = 0;
             }
             offsets.push(pos);
             pos += n;
         }
-        if !o.json {
-            eprint!(
-                "\r{dtype} {}: filling {} + {}...          ",
-                scope.name,
-                bytes((pool * size) as u64),
-                bytes((pool * size) as u64)
-            );
-        }
-        let base = filled(pool, &pattern, threads);
-        let mut target = filled(pool, &pattern[1..], threads);
-
         let weight_bytes = (total * size) as u64;
         let mut paths: Vec<&'static str> = vec!["from"];
-        if o.in_place {
+        if cx.o.in_place {
             paths.push("in-place");
         }
         for path in paths {
-            let mut pass = || -> Result<f64, Failure> {
+            let threads = cx.threads;
+            let pass = |target: &mut [T]| -> Result<f64, Failure> {
                 let t0 = Instant::now();
-                for ((l, &off), (b, a)) in scope.layers.iter().zip(&offsets).zip(facs) {
+                for ((l, &off), (b, a)) in scope.layers.iter().zip(&offsets).zip(&scope.factors)
+                {
                     let n = l.out * l.inp;
                     let f = Factors {
                         b,
@@ -263,14 +322,7 @@ where
                     };
                     let t = &mut target[off..off + n];
                     let r = if path == "from" {
-                        fuse::fuse_from(
-                            (&base[off..off + n]).into(),
-                            t.into(),
-                            l.out,
-                            l.inp,
-                            &f,
-                            threads,
-                        )
+                        fuse::fuse_from((&base[off..off + n]).into(), t.into(), l.out, l.inp, &f, threads)
                     } else {
                         fuse::fuse_in_place(t.into(), l.out, l.inp, &f, threads)
                     };
@@ -278,25 +330,26 @@ where
                 }
                 Ok(t0.elapsed().as_secs_f64())
             };
-            if !o.json {
-                eprint!("\r{dtype} {} {path}: warm-up...            ", scope.name);
-            }
-            pass()?;
-            let mut secs = Vec::with_capacity(o.repeat);
-            for r in 0..o.repeat {
-                if !o.json {
-                    eprint!(
-                        "\r{dtype} {} {path}: pass {}/{}...         ",
-                        scope.name,
-                        r + 1,
-                        o.repeat
-                    );
-                }
-                secs.push(pass()?);
-            }
+            cx.say(format_args!("{dtype} {} {path}: warm-up", scope.name));
+            pass(target)?;
             let traffic = 2.0 * weight_bytes as f64;
-            let mut g: Vec<f64> = secs.iter().map(|s| traffic / s / 1e9).collect();
-            let (s_med, _, _) = stats(&mut secs);
+            let (mut secs, mut gbps, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+            let mut m_before = cx.copier.memcpy();
+            for r in 0..cx.o.repeat {
+                cx.say(format_args!(
+                    "{dtype} {} {path}: pass {}/{}",
+                    scope.name,
+                    r + 1,
+                    cx.o.repeat
+                ));
+                let s = pass(target)?;
+                let m_after = cx.copier.memcpy();
+                let g = traffic / s / 1e9;
+                secs.push(s);
+                gbps.push(g);
+                ratio.push(g / ((m_before + m_after) / 2.0));
+                m_before = m_after;
+            }
             rows.push(Row {
                 path,
                 dtype,
@@ -305,13 +358,11 @@ where
                 weight_bytes,
                 pool_bytes: (pool * size) as u64,
                 pool_reused: pool < total,
-                seconds: s_med,
-                gbps: stats(&mut g),
+                seconds: stats(&mut secs).0,
+                gbps: stats(&mut gbps),
+                ratio: stats(&mut ratio),
             });
         }
-    }
-    if !o.json {
-        eprint!("\r{:60}\r", "");
     }
     Ok(rows)
 }
@@ -323,56 +374,80 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     }
     let threads = fuse::resolve_threads(o.threads);
     let all = layers()?;
+    let factors = |ls: &[&Layer]| -> Vec<(Vec<f32>, Vec<f32>)> {
+        ls.iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let small = |v: Vec<f32>| v.into_iter().map(|x| 0.01 * x).collect();
+                (
+                    small(values(l.out * RANK, 2 * i as u64 + 1)),
+                    small(values(RANK * l.inp, 2 * i as u64 + 2)),
+                )
+            })
+            .collect()
+    };
     let block: Vec<&Layer> = all
         .iter()
         .filter(|(n, _)| n.starts_with("transformer_blocks.0."))
         .map(|(_, l)| l)
         .collect();
+    let full: Vec<&Layer> = all.iter().map(|(_, l)| l).collect();
     let scopes = [
         Scope {
             name: "block",
+            factors: factors(&block),
             layers: block,
         },
         Scope {
             name: "full-model",
-            layers: all.iter().map(|(_, l)| l).collect(),
+            factors: factors(&full),
+            layers: full,
         },
     ];
-    let factors: Vec<Vec<(Vec<f32>, Vec<f32>)>> = scopes
-        .iter()
-        .map(|s| {
-            s.layers
-                .iter()
-                .enumerate()
-                .map(|(i, l)| {
-                    let b = values(l.out * RANK, 2 * i as u64 + 1);
-                    let a = values(RANK * l.inp, 2 * i as u64 + 2);
-                    (
-                        b.iter().map(|x| 0.01 * x).collect(),
-                        a.iter().map(|x| 0.01 * x).collect(),
-                    )
-                })
-                .collect()
-        })
-        .collect();
 
-    if !o.json {
-        eprint!("memcpy...");
+    // base + target pools: within --max-mem-gib and 70 % of the memory available now (after
+    // the memcpy buffers are allocated).
+    let progress = !o.json;
+    if progress {
+        eprint!("memcpy buffers...");
     }
-    let mc = bench_memcpy(o.memcpy_mib, threads, o.repeat);
-
-    // base + target pools: within --max-mem-gib and 70 % of the memory available now.
+    let copier = Copier::new(o.memcpy_mib, threads);
     let cap = (o.max_mem_gib * (1u64 << 30) as f64) as u64;
     let avail = mem_available().map_or(cap, |a| a / 10 * 7);
-    let pool_cap = cap.min(avail) / 2;
+    let per_copy = (cap.min(avail) / 2) as usize / 4;
+    if progress {
+        eprint!("\rpools: {} + {}...", bytes(per_copy as u64 * 4), bytes(per_copy as u64 * 4));
+    }
+    let mut base = touched(per_copy, threads);
+    let mut target = touched(per_copy, threads);
+    let mut cx = Ctx {
+        o,
+        threads,
+        scopes: &scopes,
+        copier,
+        progress,
+    };
+
+    // The reference copies on their own, interleaved.
+    for r in 0..o.repeat {
+        cx.say(format_args!("memcpy / streaming copy {}/{}", r + 1, o.repeat));
+        cx.copier.memcpy();
+        cx.copier.stream()?;
+    }
+    let mut stream = cx.copier.stream.clone();
+    let stream = stats(&mut stream);
 
     let mut rows = Vec::new();
-    let f = &factors;
-    rows.extend(bench_dtype::<f32>("f32", |x| x, &scopes, f, pool_cap, o, threads)?);
-    rows.extend(bench_dtype::<f16>("f16", f16::from_f32, &scopes, f, pool_cap, o, threads)?);
-    rows.extend(bench_dtype::<bf16>("bf16", bf16::from_f32, &scopes, f, pool_cap, o, threads)?);
+    rows.extend(bench_dtype::<f32>(&mut cx, "f32", |x| x, &mut base, &mut target)?);
+    rows.extend(bench_dtype::<f16>(&mut cx, "f16", f16::from_f32, &mut base, &mut target)?);
+    rows.extend(bench_dtype::<bf16>(&mut cx, "bf16", bf16::from_f32, &mut base, &mut target)?);
+    if progress {
+        eprint!("\r{:70}\r", "");
+    }
+    let mut mc = cx.copier.memcpy.clone();
+    let memcpy = stats(&mut mc);
+    let copy_bytes = cx.copier.bytes();
 
-    let memcpy = mc.gbps.0;
     if o.json {
         let results: Vec<serde_json::Value> = rows
             .iter()
@@ -384,15 +459,18 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
                     "pool_bytes": r.pool_bytes, "pool_reused": r.pool_reused,
                     "seconds": r.seconds,
                     "gbps": r.gbps.0, "gbps_min": r.gbps.1, "gbps_max": r.gbps.2,
-                    "ratio": r.gbps.0 / memcpy,
+                    "ratio": r.ratio.0, "ratio_min": r.ratio.1, "ratio_max": r.ratio.2,
+                    "ratio_to_streaming_copy": r.gbps.0 / stream.0,
                 })
             })
             .collect();
         println!(
             "{}",
             serde_json::json!({
-                "memcpy_gbps": memcpy, "memcpy_gbps_min": mc.gbps.1, "memcpy_gbps_max": mc.gbps.2,
-                "memcpy_1thread_gbps": mc.gbps_1t.0, "memcpy_bytes": mc.bytes,
+                "memcpy_gbps": memcpy.0, "memcpy_gbps_min": memcpy.1, "memcpy_gbps_max": memcpy.2,
+                "memcpy_samples": mc.len(), "memcpy_bytes": copy_bytes,
+                "streaming_copy_gbps": stream.0, "streaming_copy_gbps_min": stream.1,
+                "streaming_copy_gbps_max": stream.2,
                 "threads": threads, "kernel": fuse::kernel_name(), "rank": RANK,
                 "repeat": o.repeat, "results": results,
             })
@@ -401,36 +479,34 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     }
 
     println!(
-        "LoRA fuse, CogVideoX-Fun-5B-InP layer shapes, rank {RANK}, kernel {}, {threads} thread(s)",
+        "LoRA fuse W' = W + s·B·A, rank {RANK}, CogVideoX-Fun-5B-InP layer shapes; kernel {}, {threads} thread(s)",
         fuse::kernel_name()
     );
     println!(
-        "GB/s = (bytes of W read + bytes written) / s; median of {} passes [min .. max]",
+        "GB/s = (bytes of W read + bytes written) / s: median [min .. max] of {} passes",
         o.repeat
     );
     println!();
     println!(
-        "memcpy {} ({threads} threads)  {:>6.1} GB/s  [{:.1} .. {:.1}]",
-        bytes(mc.bytes),
-        mc.gbps.0,
-        mc.gbps.1,
-        mc.gbps.2
+        "memcpy {} (libc, {threads} threads)  {:>6.1} GB/s  [{:.1} .. {:.1}]  ({} samples, taken between all passes)",
+        bytes(copy_bytes),
+        memcpy.0,
+        memcpy.1,
+        memcpy.2,
+        mc.len()
     );
     println!(
-        "memcpy {} (1 thread)   {:>6.1} GB/s  [{:.1} .. {:.1}]",
-        bytes(mc.bytes),
-        mc.gbps_1t.0,
-        mc.gbps_1t.1,
-        mc.gbps_1t.2
+        "streaming copy (fuse::restore_from)     {:>6.1} GB/s  [{:.1} .. {:.1}]",
+        stream.0, stream.1, stream.2
     );
     println!();
     println!(
-        "{:<9} {:<5} {:<11} {:>6} {:>10} {:>8} {:>7} {:>17} {:>9}",
-        "path", "dtype", "scope", "layers", "W bytes", "time", "GB/s", "[min .. max]", "/memcpy"
+        "{:<9} {:<5} {:<11} {:>6} {:>10} {:>8} {:>6} {:>15} {:>8} {:>13}",
+        "path", "dtype", "scope", "layers", "W bytes", "time", "GB/s", "[min .. max]", "/memcpy", "[min .. max]"
     );
     for r in &rows {
         println!(
-            "{:<9} {:<5} {:<11} {:>6} {:>10} {:>7.3}s {:>7.1} {:>17} {:>8.0}%",
+            "{:<9} {:<5} {:<11} {:>6} {:>10} {:>7.3}s {:>6.1} {:>15} {:>7.0}% {:>13}",
             r.path,
             r.dtype,
             r.scope,
@@ -439,16 +515,21 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
             r.seconds,
             r.gbps.0,
             format!("[{:.1} .. {:.1}]", r.gbps.1, r.gbps.2),
-            100.0 * r.gbps.0 / memcpy
+            100.0 * r.ratio.0,
+            format!("[{:.0} .. {:.0}%]", 100.0 * r.ratio.1, 100.0 * r.ratio.2),
         );
     }
     println!();
-    let mut reused: Vec<&Row> = rows.iter().filter(|r| r.pool_reused && r.path == "from").collect();
-    reused.dedup_by_key(|r| r.dtype);
-    for r in reused {
+    println!("/memcpy: each pass over the mean of the memcpy samples just before and after it (median of passes).");
+    let mut seen = Vec::new();
+    for r in rows.iter().filter(|r| r.pool_reused) {
+        if seen.contains(&r.dtype) {
+            continue;
+        }
+        seen.push(r.dtype);
         println!(
             "{} {}: all {} layers ({} per copy) streamed through a {} base + {} target pool \
-             (layers past the end reuse it from the start; far larger than the cache)",
+             (a layer past the end of the pool reuses it from the start; far larger than the cache)",
             r.dtype,
             r.scope,
             r.layers,

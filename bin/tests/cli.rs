@@ -11,6 +11,7 @@ fn run(bin: &str, args: &[&str]) -> Output {
     let exe = match bin {
         "v2l-export" => env!("CARGO_BIN_EXE_v2l-export"),
         "v2l-run" => env!("CARGO_BIN_EXE_v2l-run"),
+        "v2l-lora" => env!("CARGO_BIN_EXE_v2l-lora"),
         _ => unreachable!(),
     };
     Command::new(exe).args(args).output().expect("binary runs")
@@ -229,4 +230,62 @@ fn bad_run_inputs_fail_cleanly_without_output() {
     );
     assert_clean_failure(&o, "/nonexistent/dir/x.safetensors");
     assert!(!result.exists());
+}
+
+/// dit + vae + hypernet exported into one directory; `v2l-lora predict` from the fixture's
+/// reference frames reproduces upstream's reference latents and hypernetwork rows, and the
+/// predicted LoRA fused into the DiT gives upstream's `output_with_lilora`.
+#[test]
+fn predict_matches_upstream_video2lora() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("e");
+    let o_s = out.to_str().unwrap();
+    let t = tiny();
+    let p = |f: &str| t.join(f).to_str().unwrap().to_string();
+    for args in [
+        vec!["dit".to_string(), p("transformer"), "-o".into(), o_s.into()],
+        vec!["vae".to_string(), p("vae"), "-o".into(), o_s.into()],
+        vec!["hypernet".to_string(), p("hypernetwork.safetensors"), "--lilora".into(), p("lilora.safetensors"), "--dit".into(), p("transformer"), "-o".into(), o_s.into()],
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let o = run("v2l-export", &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let lora = d.path().join("pred.safetensors");
+    let dump = d.path().join("dump.safetensors");
+    let o = run(
+        "v2l-lora",
+        &["predict", "--engine", o_s, "--reference", &p("e2e_io.safetensors"), "-o", lora.to_str().unwrap(), "--dump", dump.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = v2l_runtime::read_safetensors(&dump).unwrap();
+    let want = v2l_runtime::read_safetensors(&t.join("e2e_io.safetensors")).unwrap();
+    for name in ["reference_latents", "hyper_weights"] {
+        let err = got[name].rel_l2(&want[name]);
+        eprintln!("{name}: relative L2 error {err:.3e}");
+        assert!(err <= 1e-4, "{name}: {err:.3e}");
+    }
+    let result = d.path().join("o.safetensors");
+    let o = run(
+        "v2l-run",
+        &["--engine", o_s, "stage", "dit", "--inputs", &p("dit_io.safetensors"), "-o", result.to_str().unwrap(), "--lora", lora.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = v2l_runtime::read_safetensors(&result).unwrap();
+    let want = v2l_runtime::read_safetensors(&t.join("dit_io.safetensors")).unwrap();
+    let err = got["sample"].rel_l2(&want["output_with_lilora"]);
+    eprintln!("dit with predicted LoRA: relative L2 error {err:.3e}");
+    assert!(err <= 1e-4);
+
+    // A video that cannot be decoded, and one with no frames: clear errors, no LoRA file.
+    let junk = d.path().join("junk.mp4");
+    std::fs::write(&junk, b"not a video").unwrap();
+    let bad = d.path().join("bad.safetensors");
+    let o = run("v2l-lora", &["predict", "--engine", o_s, "--reference", junk.to_str().unwrap(), "-o", bad.to_str().unwrap()]);
+    assert_clean_failure(&o, "cannot decode video");
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = run("v2l-lora", &["predict", "--engine", o_s, "--reference", empty.to_str().unwrap(), "-o", bad.to_str().unwrap()]);
+    assert_clean_failure(&o, "no frames");
+    assert!(!bad.exists());
 }

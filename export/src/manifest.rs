@@ -23,6 +23,22 @@ pub struct Manifest {
     pub dit: Option<DitEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<VaeEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypernet: Option<HypernetEntry>,
+}
+
+/// The exported Video2LoRA hypernetwork and the LiLoRA auxiliaries that turn its rows into LoRAs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HypernetEntry {
+    pub file: String,
+    pub dims: crate::video2lora_hypernet::HypernetDims,
+    /// The LiLoRA auxiliaries, copied into the export directory.
+    pub lilora: String,
+    /// LiLoRA `a` (rows of `down_aux`) and `b` (columns of `up_aux`): D = (a + b) · r.
+    pub lilora_a: usize,
+    pub lilora_b: usize,
+    /// Module paths of the DiT layers the rows map to, in row order.
+    pub layers: Vec<String>,
 }
 
 /// The exported VAE: two per-frame-batch graphs and the loop contract between them.

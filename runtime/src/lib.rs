@@ -8,6 +8,7 @@
 pub mod error;
 pub mod lora;
 pub mod ort_env;
+pub mod predict;
 pub mod session;
 pub mod stage;
 pub mod tensor;

@@ -177,9 +177,9 @@ pub fn run_stage(
             let sample = crate::vae::Vae::load(dir, opts)?.decode(&inputs["latents"])?;
             Ok(BTreeMap::from([("sample".to_string(), sample)]))
         }
-        Stage::Hypernet => Err(RuntimeError::Invalid {
-            what: format!("stage {}", stage.name()),
-            message: "not available in this build yet".into(),
-        }),
+        Stage::Hypernet => {
+            let hw = crate::predict::Predictor::load(dir, opts)?.hyper_weights(&inputs["reference_latents"])?;
+            Ok(BTreeMap::from([("hyper_weights".to_string(), hw)]))
+        }
     }
 }

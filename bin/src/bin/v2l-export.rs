@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{bytes, main_with, Failure};
-use v2l_export::{cogvideox_dit, cogvideox_vae, Checkpoint, Manifest};
+use v2l_export::{cogvideox_dit, cogvideox_vae, video2lora_hypernet, Checkpoint, Manifest};
 use v2l_graphs::{DType, ExternalData};
 
 /// Export diffusers / upstream checkpoints to ONNX graphs, without PyTorch.
@@ -37,6 +37,23 @@ enum Command {
         /// (f16/bf16 weights are followed by a Cast and halve the file size)
         #[arg(long, value_enum, default_value = "f32")]
         weight_dtype: WeightDType,
+    },
+    /// Video2LoRA hypernetwork (`VideoHyperDream`) -> <dir>/hypernet.onnx, plus its LiLoRA
+    /// auxiliaries, checked against the DiT's linear layers
+    Hypernet {
+        /// Hypernetwork checkpoint (upstream `img_weight_generator.*` keys)
+        checkpoint: PathBuf,
+        /// LiLoRA auxiliaries (`lora_unet__<module>.down_aux` / `.up_aux`)
+        #[arg(long)]
+        lilora: PathBuf,
+        /// diffusers transformer directory the LoRA targets (its nn.Linear order is the row order)
+        #[arg(long)]
+        dit: PathBuf,
+        /// Refinement iterations unrolled in the graph (the paper's k)
+        #[arg(long, default_value_t = 4)]
+        iterations: usize,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// CogVideoX 3D VAE (`AutoencoderKLCogVideoX`) -> <dir>/vae_encoder.onnx, <dir>/vae_decoder.onnx
     Vae {
@@ -101,6 +118,7 @@ fn main() -> ExitCode {
             weight_dtype,
         } => export_dit(&checkpoint, &out, weight_dtype.into()),
         Command::Vae { checkpoint, out } => export_vae(&checkpoint, &out),
+        Command::Hypernet { checkpoint, lilora, dit, iterations, out } => export_hypernet(&checkpoint, &lilora, &dit, iterations, &out),
     })
 }
 
@@ -167,6 +185,63 @@ fn export_vae(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
         bytes(wd.weight_bytes),
         ex.encoder_caches.len(),
         ex.decoder_caches.len()
+    );
+    Ok(())
+}
+
+fn export_hypernet(checkpoint: &Path, lilora: &Path, dit: &Path, iterations: usize, out: &OutputArgs) -> Result<(), Failure> {
+    let ck = Checkpoint::open_file(checkpoint)?;
+    let ex = video2lora_hypernet::export(&ck, &video2lora_hypernet::HypernetOptions { iterations })?;
+    warn_unused(&ex.unused_keys);
+    let linears = cogvideox_dit::export(&Checkpoint::open_dir(dit)?, &Default::default())?.linears;
+    let aux = v2l_runtime::lora::lilora::LiLora::load(lilora, &linears).map_err(v2l_runtime::RuntimeError::from)?;
+    let d = &ex.dims;
+    if d.num_layers != aux.layers.len() {
+        return Err(Failure::new(format!(
+            "{}: the hypernetwork predicts {} rows, but {} has {} layers (one per nn.Linear of the DiT)",
+            checkpoint.display(),
+            d.num_layers,
+            lilora.display(),
+            aux.layers.len()
+        )));
+    }
+    if d.weight_dim % (aux.a + aux.b) != 0 {
+        return Err(Failure::new(format!(
+            "{}: rows of width {} are not a multiple of the LiLoRA a + b = {} + {}",
+            checkpoint.display(),
+            d.weight_dim,
+            aux.a,
+            aux.b
+        )));
+    }
+    let mut manifest = prepare_dir(&out.output)?;
+    let file = "hypernet.onnx";
+    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
+    let lilora_name = "lilora.safetensors";
+    let dst = out.output.join(lilora_name);
+    if std::fs::canonicalize(lilora).ok() != std::fs::canonicalize(&dst).ok() {
+        let tmp = out.output.join(format!(".{lilora_name}.tmp{}", std::process::id()));
+        std::fs::copy(lilora, &tmp).and_then(|_| std::fs::rename(&tmp, &dst)).map_err(|e| Failure::new(format!("{}: {e}", dst.display())))?;
+    }
+    manifest.hypernet = Some(v2l_export::manifest::HypernetEntry {
+        file: file.into(),
+        dims: ex.dims.clone(),
+        lilora: lilora_name.into(),
+        lilora_a: aux.a,
+        lilora_b: aux.b,
+        layers: linears.iter().map(|l| l.name.clone()).collect(),
+    });
+    manifest.write(&out.output)?;
+    println!(
+        "wrote {} ({} rows of width {}, {} heads, {} blocks, {} iterations; {} of weights) and {}",
+        written.model.display(),
+        d.num_layers,
+        d.weight_dim,
+        d.heads,
+        d.blocks,
+        d.iterations,
+        bytes(written.weight_bytes),
+        dst.display()
     );
     Ok(())
 }

@@ -49,6 +49,41 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Predict a LoRA from a reference video with the Video2LoRA hypernetwork
+    ///
+    /// The clip is resized to the generation size, scaled to [0, 1], encoded by the VAE
+    /// (posterior mode) and multiplied by its scaling factor; the hypernetwork predicts one row
+    /// per DiT linear layer and the LiLoRA auxiliaries turn the rows into standard LoRA factors.
+    /// Needs an export directory with `dit`, `vae` and `hypernet` exported into it.
+    Predict {
+        /// Export directory
+        #[arg(long)]
+        engine: PathBuf,
+        /// Reference clip: a video file (ffmpeg), a directory of PNGs, or a safetensors file
+        /// with `reference_u8 [F, H, W, 3]`
+        #[arg(long)]
+        reference: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Use only the first N frames
+        #[arg(long)]
+        frames: Option<usize>,
+        /// Generation height in pixels (default: the VAE config's sample_height)
+        #[arg(long)]
+        height: Option<usize>,
+        /// Generation width in pixels (default: the VAE config's sample_width)
+        #[arg(long)]
+        width: Option<usize>,
+        /// Upstream's LoRA weight w (used as multiplier and alpha: fuse scale w²)
+        #[arg(long, default_value_t = 1.0)]
+        lora_weight: f32,
+        /// Output format
+        #[arg(long, value_enum, default_value = "diffusers")]
+        format: FormatArg,
+        /// Also write reference_latents and hyper_weights to this safetensors file
+        #[arg(long)]
+        dump: Option<PathBuf>,
+    },
     /// Write a copy of a diffusers transformer checkpoint with a LoRA fused into its weights
     Fuse {
         /// diffusers transformer directory
@@ -91,6 +126,9 @@ fn main() -> ExitCode {
             format::write(&output, &lora, format.into()).map_err(RuntimeError::from)?;
             println!("wrote {} ({} layers, {})", output.display(), lora.layers.len(), LoraFormat::from(format).name());
             Ok(())
+        }
+        Command::Predict { engine, reference, output, frames, height, width, lora_weight, format, dump } => {
+            predict(&engine, &reference, &output, frames, height, width, lora_weight, format.into(), dump.as_deref())
         }
         Command::Fuse { base, lora, scale, output } => {
             let modules = model_modules(&base)?;
@@ -154,5 +192,45 @@ fn inspect(lora: &Lora, json: bool) -> Result<(), Failure> {
             l.a.dtype.name()
         );
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn predict(
+    engine: &Path,
+    reference: &Path,
+    output: &Path,
+    frames: Option<usize>,
+    height: Option<usize>,
+    width: Option<usize>,
+    lora_weight: f32,
+    format: LoraFormat,
+    dump: Option<&Path>,
+) -> Result<(), Failure> {
+    use v2l_runtime::stage::ExportDir;
+    let dir = ExportDir::open(engine)?;
+    let opts = v2l_runtime::SessionOptions::default();
+    let mut vae = v2l_runtime::vae::Vae::load(&dir, &opts)?;
+    let mut predictor = v2l_runtime::predict::Predictor::load(&dir, &opts)?;
+    let cfg = &vae.entry.config;
+    let size = |v: Option<usize>, key: &str| v.or_else(|| cfg.get(key).and_then(|x| x.as_u64()).map(|x| x as usize));
+    let (h, w) = match (size(height, "sample_height"), size(width, "sample_width")) {
+        (Some(h), Some(w)) => (h, w),
+        _ => return Err(Failure::new("no generation size in the VAE config").with_hint("pass --height and --width")),
+    };
+    let mut clip = v2l_runtime::video::read_frames(reference, h, w)?;
+    if let Some(n) = frames {
+        clip.truncate(n);
+    }
+    let p = predictor.predict(&mut vae, &clip, lora_weight)?;
+    format::write(output, &p.lora, format).map_err(RuntimeError::from)?;
+    if let Some(d) = dump {
+        let m = std::collections::BTreeMap::from([
+            ("reference_latents".to_string(), p.reference_latents),
+            ("hyper_weights".to_string(), p.hyper_weights),
+        ]);
+        v2l_runtime::write_safetensors(d, &m)?;
+    }
+    println!("wrote {} ({} layers, rank {}, {} frames of {h}x{w})", output.display(), p.lora.layers.len(), p.lora.layers.first().map(|l| l.rank()).unwrap_or(0), clip.frames);
     Ok(())
 }

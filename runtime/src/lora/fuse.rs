@@ -42,8 +42,6 @@ pub use half::{bf16, f16};
 /// Columns per tile for rank > 1 (a 4 KiB f32 tile).
 pub const CHUNK: usize = 1024;
 
-/// Below this many elements per thread, extra threads cost more than they save.
-const MIN_ELEMS_PER_THREAD: usize = 1 << 16;
 
 /// A shape or dtype mismatch between a weight and its LoRA factors, or bad factor values.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -261,9 +259,9 @@ pub fn restore_from(base: Weights, target: WeightsMut, threads: usize) -> Result
         });
     }
     match (base, target) {
-        (Weights::F32(b), WeightsMut::F32(t)) => par_copy(b, t, threads),
-        (Weights::F16(b), WeightsMut::F16(t)) => par_copy(b, t, threads),
-        (Weights::BF16(b), WeightsMut::BF16(t)) => par_copy(b, t, threads),
+        (Weights::F32(b), WeightsMut::F32(t)) => par_copy(b, t, threads, Isa::detect()),
+        (Weights::F16(b), WeightsMut::F16(t)) => par_copy(b, t, threads, Isa::detect()),
+        (Weights::BF16(b), WeightsMut::BF16(t)) => par_copy(b, t, threads, Isa::detect()),
         (b, t) => {
             return Err(FuseError::DTypeMismatch {
                 base: b.dtype(),
@@ -468,17 +466,8 @@ impl Elem for bf16 {
     }
 }
 
-/// `d` for column `j` of a row with coefficients `coef[k] = s·B[i,k]`, in the documented order.
-#[inline(always)]
-fn delta_at(coef: &[f32], a: &[f32], inp: usize, j: usize) -> f32 {
-    let mut d = coef[0] * a[j];
-    for (k, &c) in coef.iter().enumerate().skip(1) {
-        d += c * a[k * inp + j];
-    }
-    d
-}
-
-/// `tile[t] = d` for columns `j0 .. j0 + tile.len()`, same order as [`delta_at`].
+/// `tile[t] = d` for columns `j0 .. j0 + tile.len()` of the row whose `coef[k] = s·B[i,k]`,
+/// in the documented order (the same as `Rows::value`).
 #[inline(always)]
 fn delta_tile(tile: &mut [f32], coef: &[f32], a: &[f32], inp: usize, j0: usize) {
     let n = tile.len();
@@ -518,7 +507,7 @@ unsafe fn scalar_elem<T: Elem>(src: *const T, dst: *mut T, j: usize, d: f32) {
     *dst.add(j) = T::down(w + d);
 }
 
-/// A contiguous block of rows handed to one thread. `src == dst` for in-place.
+/// A contiguous block of rows for one thread. `src == dst` for in-place.
 struct Rows<'a, T> {
     src: *const T,
     dst: *mut T,
@@ -531,11 +520,29 @@ struct Rows<'a, T> {
     scale: f32,
 }
 
-// SAFETY: each `Rows` covers a disjoint row range of `dst` (and reads `src` only there), and
-// lives inside a `std::thread::scope` that outlives no borrow.
-unsafe impl<T: Send> Send for Rows<'_, T> {}
-
 impl<T: Elem> Rows<'_, T> {
+    /// The fused value at flat index `p` of the block (row `p / inp`, column `p % inp`),
+    /// computed element-wise in the documented order (bitwise the same as the vector paths).
+    ///
+    /// # Safety
+    /// `p < nrows · inp`.
+    #[inline(always)]
+    unsafe fn value(&self, p: usize) -> T {
+        let d = self.delta(p / self.inp, p % self.inp);
+        T::down((*self.src.add(p)).up() + d)
+    }
+
+    /// `d` for row `i` (of the block), column `j`, in the documented order.
+    #[inline(always)]
+    fn delta(&self, i: usize, j: usize) -> f32 {
+        let b = &self.b[i * self.rank..][..self.rank];
+        let mut d = (self.scale * b[0]) * self.a[j];
+        for (k, &bk) in b.iter().enumerate().skip(1) {
+            d += (self.scale * bk) * self.a[k * self.inp + j];
+        }
+        d
+    }
+
     fn run(&self, isa: Isa, streaming: bool) {
         let mut coef = vec![0f32; self.rank];
         match isa {
@@ -585,7 +592,50 @@ impl<T: Elem> Rows<'_, T> {
     }
 }
 
-/// Splits `dst` (and `src`) by rows across threads and runs the inner loop.
+/// A raw pointer that may cross threads (each thread touches a disjoint part of the buffer).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+
+// SAFETY: used only to hand disjoint row/element ranges of one buffer to scoped threads.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the `SendPtr`, not its raw field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Runs `work(block)` for every block in `0..nblocks` on up to `threads` threads. Blocks are
+/// handed out dynamically (an atomic counter), so a thread that loses its core to another
+/// process does not hold up the others.
+fn par_blocks(nblocks: usize, threads: usize, work: impl Fn(usize) + Sync) {
+    let threads = threads.clamp(1, nblocks.max(1));
+    if threads == 1 {
+        (0..nblocks).for_each(work);
+        return;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let worker = || loop {
+        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if k >= nblocks {
+            break;
+        }
+        work(k);
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(worker);
+        }
+        worker();
+    });
+}
+
+/// Elements per work block handed to a thread (1 MiB of f32).
+const BLOCK_ELEMS: usize = 1 << 18;
+
+/// Splits `dst` (and `src`) into blocks of whole rows across threads and runs the inner loop.
 fn run<T: Elem>(
     src: Option<&[T]>,
     dst: &mut [T],
@@ -595,12 +645,12 @@ fn run<T: Elem>(
     threads: usize,
     isa: Isa,
 ) {
-    let max_useful = (out * inp / MIN_ELEMS_PER_THREAD).max(1);
-    let threads = resolve_threads(threads).min(max_useful);
-    run_exact(src, dst, out, inp, f, threads, isa)
+    let block_rows = (BLOCK_ELEMS / inp).max(1);
+    run_exact(src, dst, out, inp, f, resolve_threads(threads), block_rows, isa)
 }
 
-/// [`run`] with exactly `threads` threads (capped at `out`).
+/// [`run`] with explicit thread count and rows per block.
+#[allow(clippy::too_many_arguments)]
 fn run_exact<T: Elem>(
     src: Option<&[T]>,
     dst: &mut [T],
@@ -608,58 +658,52 @@ fn run_exact<T: Elem>(
     inp: usize,
     f: &Factors,
     threads: usize,
+    block_rows: usize,
     isa: Isa,
 ) {
-    let streaming = src.is_some() && std::env::var("V2L_FUSE_NT").map_or(true, |v| v != "0"); // EXPERIMENT
-    let dst_ptr = dst.as_mut_ptr();
-    let src_ptr = src.map_or(dst_ptr as *const T, |s| s.as_ptr());
-    let block = |row: usize, n: usize| Rows {
-        // SAFETY (of the adds): row + n <= out, and both buffers hold out·inp elements.
-        src: unsafe { src_ptr.add(row * inp) },
-        dst: unsafe { dst_ptr.add(row * inp) },
-        nrows: n,
-        inp,
-        b: &f.b[row * f.rank..(row + n) * f.rank],
-        a: f.a,
-        rank: f.rank,
-        scale: f.scale,
-    };
-    let threads = threads.clamp(1, out);
-    if threads == 1 {
-        block(0, out).run(isa, streaming);
-        return;
-    }
-    let per = out.div_ceil(threads);
-    std::thread::scope(|s| {
-        let mut row = 0;
-        let mut last = None;
-        while row < out {
-            let n = per.min(out - row);
-            let rows = block(row, n);
-            row += n;
-            if row < out {
-                s.spawn(move || rows.run(isa, streaming));
-            } else {
-                last = Some(rows);
-            }
-        }
-        if let Some(rows) = last {
-            rows.run(isa, streaming);
-        }
+    debug_assert!(dst.len() == out * inp && src.is_none_or(|s| s.len() == out * inp));
+    let streaming = src.is_some();
+    let dst = SendPtr(dst.as_mut_ptr());
+    let src = SendPtr(src.map_or(dst.get() as *const T, |s| s.as_ptr()) as *mut T);
+    let nblocks = out.div_ceil(block_rows);
+    par_blocks(nblocks, threads, |k| {
+        let row = k * block_rows;
+        let n = block_rows.min(out - row);
+        let rows = Rows {
+            // SAFETY: row + n <= out, and both buffers hold out·inp elements.
+            src: unsafe { src.get().add(row * inp) },
+            dst: unsafe { dst.get().add(row * inp) },
+            nrows: n,
+            inp,
+            b: &f.b[row * f.rank..(row + n) * f.rank],
+            a: f.a,
+            rank: f.rank,
+            scale: f.scale,
+        };
+        rows.run(isa, streaming);
     });
 }
 
-fn par_copy<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], threads: usize) {
-    let max_useful = (src.len() / MIN_ELEMS_PER_THREAD).max(1);
-    let threads = resolve_threads(threads).min(max_useful);
-    if threads <= 1 {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let per = src.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for (d, sr) in dst.chunks_mut(per).zip(src.chunks(per)) {
-            s.spawn(move || d.copy_from_slice(sr));
+/// `dst = src` in blocks across threads; streaming stores where available.
+fn par_copy<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], threads: usize, isa: Isa) {
+    let n = src.len();
+    let (s, d) = (SendPtr(src.as_ptr() as *mut T), SendPtr(dst.as_mut_ptr()));
+    par_blocks(n.div_ceil(BLOCK_ELEMS), resolve_threads(threads), |k| {
+        let start = k * BLOCK_ELEMS;
+        let len = BLOCK_ELEMS.min(n - start);
+        // SAFETY: start + len <= n for both buffers; blocks are disjoint; `dst` is borrowed
+        // mutably (no other access) and `src` cannot overlap it.
+        unsafe {
+            let (sp, dp) = (s.get().add(start), d.get().add(start));
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => avx::stream_copy(
+                    sp as *const u8,
+                    dp as *mut u8,
+                    len * std::mem::size_of::<T>(),
+                ),
+                _ => std::ptr::copy_nonoverlapping(sp, dp, len),
+            }
         }
     });
 }
@@ -667,7 +711,7 @@ fn par_copy<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], threads: usize) {
 /// The explicit AVX2 + F16C inner loop.
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{delta_at, delta_tile, scalar_elem, Elem, Rows, CHUNK};
+    use super::{delta_tile, Elem, Rows, CHUNK};
     use std::arch::x86_64::*;
 
     pub(super) type V = __m256;
@@ -678,27 +722,51 @@ mod avx {
     /// AVX2 and F16C available; `r.src`/`r.dst` cover `r.nrows · r.inp` elements.
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn rows<T: Elem, const NT: bool>(r: &Rows<T>, coef: &mut [f32]) {
+        // The block is walked as one flat range of out·in elements in groups of 16 whose
+        // destination is 32-byte aligned, so that every store is a whole aligned vector:
+        // mixing scalar and streaming stores in one cache line costs a read-for-ownership
+        // and a flush (it halved the speed when rows were not multiples of the alignment).
+        // A group inside one row is computed 16-wide; for a group across a row boundary only
+        // the 16 deltas are computed element by element.
+        // Only the unaligned start and the last < 16 elements of the block use scalar stores.
         let inp = r.inp;
-        let a = r.a;
+        let total = r.nrows * inp;
+        let (src, dst, a) = (r.src, r.dst, r.a);
         let mut tile = [0f32; CHUNK];
-        for i in 0..r.nrows {
+        let head = (dst.align_offset(32)).min(total);
+        for p in 0..head {
+            *dst.add(p) = r.value(p);
+        }
+        let mut p = head;
+        while p + 16 <= total {
+            let i = p / inp;
+            let j = p - i * inp;
+            if j + 16 > inp {
+                // A group across row boundaries: the 16 deltas element by element (walking
+                // into the next rows), the rest 16-wide as usual.
+                let mut d = [0f32; 16];
+                let (mut ii, mut jj) = (i, j);
+                for dt in d.iter_mut() {
+                    *dt = r.delta(ii, jj);
+                    jj += 1;
+                    if jj == inp {
+                        (ii, jj) = (ii + 1, 0);
+                    }
+                }
+                let (w0, w1) = T::load16(src.add(p));
+                let d0 = _mm256_loadu_ps(d.as_ptr());
+                let d1 = _mm256_loadu_ps(d.as_ptr().add(8));
+                T::store16::<NT>(dst.add(p), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
+                p += 16;
+                continue;
+            }
+            // The whole 16-groups of row i from column j.
+            let end = j + (inp - j) / 16 * 16;
             for (c, &b) in coef.iter_mut().zip(&r.b[i * r.rank..][..r.rank]) {
                 *c = r.scale * b;
             }
-            let src = r.src.add(i * inp);
-            let dst = r.dst.add(i * inp);
-            // Scalar head up to a 32-byte aligned destination, 16-wide body, scalar tail.
-            let mis = dst as usize & 31;
-            let head = if mis == 0 {
-                0
-            } else {
-                ((32 - mis) / size_of::<T>()).min(inp)
-            };
-            for j in 0..head {
-                scalar_elem(src, dst, j, delta_at(coef, a, inp, j));
-            }
-            let end = head + (inp - head) / 16 * 16;
-            let mut j0 = head;
+            let (src, dst) = (src.add(i * inp), dst.add(i * inp));
+            let mut j0 = j;
             while j0 < end {
                 let n = CHUNK.min(end - j0);
                 if r.rank == 1 {
@@ -730,15 +798,36 @@ mod avx {
                 }
                 j0 += n;
             }
-            for j in end..inp {
-                scalar_elem(src, dst, j, delta_at(coef, a, inp, j));
-            }
+            p += end - j;
+        }
+        for p in p..total {
+            *dst.add(p) = r.value(p);
         }
         if NT {
             // Streaming stores are weakly ordered: make them visible before the caller
             // (or the thread join) hands the weights on.
             _mm_sfence();
         }
+    }
+
+    /// `len` bytes from `src` to `dst` (not overlapping) with streaming stores.
+    ///
+    /// # Safety
+    /// AVX2 available; both ranges valid for `len` bytes and disjoint.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn stream_copy(src: *const u8, dst: *mut u8, len: usize) {
+        let head = (dst.align_offset(32)).min(len);
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        let mut i = head;
+        while i + 64 <= len {
+            let a = _mm256_loadu_si256(src.add(i) as *const __m256i);
+            let b = _mm256_loadu_si256(src.add(i + 32) as *const __m256i);
+            _mm256_stream_si256(dst.add(i) as *mut __m256i, a);
+            _mm256_stream_si256(dst.add(i + 32) as *mut __m256i, b);
+            i += 64;
+        }
+        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
+        _mm_sfence();
     }
 
     #[inline(always)]
@@ -919,7 +1008,7 @@ mod tests {
                             // fuse_from into a destination shifted by `offset` elements.
                             let mut buf = vec![conv(9.0); out * inp + offset];
                             let dst = &mut buf[offset..];
-                            run_exact(Some(&base), dst, out, inp, &l.factors(), threads, isa);
+                            run_exact(Some(&base), dst, out, inp, &l.factors(), threads, 2, isa);
                             assert_eq!(
                                 dst, &want[..],
                                 "from: {out}x{inp} r{rank} t{threads} {isa:?} +{offset}"
@@ -928,7 +1017,7 @@ mod tests {
                             let mut buf = vec![conv(0.0); out * inp + offset];
                             buf[offset..].copy_from_slice(&base);
                             let w = &mut buf[offset..];
-                            run_exact(None, w, out, inp, &l.factors(), threads, isa);
+                            run_exact(None, w, out, inp, &l.factors(), threads, 2, isa);
                             assert_eq!(
                                 w, &want[..],
                                 "in place: {out}x{inp} r{rank} t{threads} {isa:?} +{offset}"
@@ -1025,14 +1114,14 @@ mod tests {
             base[3] = bf16::NAN;
             base[20] = bf16::INFINITY;
             let mut t = vec![bf16::ZERO; out * inp];
-            run_exact(Some(&base), &mut t, out, inp, &l.factors(), 1, isa);
+            run_exact(Some(&base), &mut t, out, inp, &l.factors(), 1, 1, isa);
             assert!(t[3].is_nan() && t[20] == bf16::INFINITY, "{isa:?}");
             let mut base = vec![f16::from_f32(0.5); out * inp];
             base[3] = f16::NAN;
             base[20] = f16::from_f32(65504.0); // + d may overflow to inf: must match reference
             let want = reference(&base, out, inp, &l, f16::from_f32);
             let mut t = vec![f16::ZERO; out * inp];
-            run_exact(Some(&base), &mut t, out, inp, &l.factors(), 1, isa);
+            run_exact(Some(&base), &mut t, out, inp, &l.factors(), 1, 1, isa);
             assert!(t[3].is_nan(), "{isa:?}");
             assert_eq!(t[20], want[20], "{isa:?}");
         }
@@ -1060,6 +1149,21 @@ mod tests {
             assert_ne!(t, with_x);
             fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).unwrap();
             assert_eq!(t, with_x);
+        }
+    }
+
+    #[test]
+    fn restore_copies_bitwise() {
+        for n in [1, 15, 33, 1000, 2 * BLOCK_ELEMS + 77] {
+            let src: Vec<bf16> = values(n + 3, n as u64).into_iter().map(bf16::from_f32).collect();
+            for isa in isas() {
+                for (so, d_off) in [(0, 0), (1, 0), (0, 3), (2, 1)] {
+                    let mut dst = vec![bf16::ZERO; n + 3];
+                    par_copy(&src[so..so + n], &mut dst[d_off..d_off + n], 3, isa);
+                    assert_eq!(&dst[d_off..d_off + n], &src[so..so + n], "{n} {isa:?}");
+                    assert!(dst[..d_off].iter().chain(&dst[d_off + n..]).all(|x| *x == bf16::ZERO));
+                }
+            }
         }
     }
 
