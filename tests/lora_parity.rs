@@ -117,3 +117,56 @@ fn mismatched_loras_are_refused() {
     let err = LiLora::load(&tiny().join("lilora.safetensors"), &targets[..20]).unwrap_err().to_string();
     assert!(err.contains("match no layer"), "{err}");
 }
+
+/// X → Y → X on the DiT's real weights gives X's weights bitwise, in f32, f16 and bf16, with
+/// X = the predicted Video2LoRA LoRA (all 21 layers) and Y = the PEFT LoRA (8 layers).
+#[test]
+fn switching_loras_is_exact_in_every_dtype() {
+    use v2l_runtime::lora::switch::{Buffer, SwitchableWeights};
+    let dir = tempfile::tempdir().unwrap();
+    let targets = export_dit(dir.path());
+    let x = video2lora(&targets);
+    let y = format::read(&tiny().join("peft_lora/pytorch_lora_weights.safetensors"), None).unwrap();
+    let fused = load("fused_linear_weights.safetensors");
+    let ck = Checkpoint::open_dir(&tiny().join("transformer")).unwrap();
+    let src = std::path::Path::new("x");
+    for dtype in ["f32", "f16", "bf16"] {
+        let weights = targets
+            .iter()
+            .map(|t| {
+                let w = ck.get(&format!("{}.weight", t.name)).unwrap().to_f32();
+                let buf = match dtype {
+                    "f32" => Buffer::F32(w),
+                    "f16" => Buffer::F16(w.iter().map(|v| half::f16::from_f32(*v)).collect()),
+                    _ => Buffer::BF16(w.iter().map(|v| half::bf16::from_f32(*v)).collect()),
+                };
+                (t.clone(), buf)
+            })
+            .collect();
+        let mut sw = SwitchableWeights::new(weights);
+        let base: Vec<Buffer> = targets.iter().map(|t| sw.live(&t.name).unwrap().clone()).collect();
+        assert_eq!(sw.apply(Some((&x, 1.0, src))).unwrap().len(), 21);
+        let after_x: Vec<Buffer> = targets.iter().map(|t| sw.live(&t.name).unwrap().clone()).collect();
+        if dtype == "f32" {
+            for t in &targets {
+                let Buffer::F32(v) = sw.live(&t.name).unwrap() else { unreachable!() };
+                let want = &fused[&format!("{}.weight", t.name)];
+                assert!(Tensor::f32(want.shape.clone(), v.clone()).rel_l2(want) <= 1e-5);
+            }
+        }
+        sw.apply(Some((&y, 1.0, src))).unwrap();
+        sw.apply(Some((&x, 1.0, src))).unwrap();
+        let again: Vec<Buffer> = targets.iter().map(|t| sw.live(&t.name).unwrap().clone()).collect();
+        assert!(after_x == again, "{dtype}: X -> Y -> X is not bitwise");
+        // Clearing restores the base bitwise; a bad LoRA leaves the live weights untouched.
+        sw.apply(None).unwrap();
+        let cleared: Vec<Buffer> = targets.iter().map(|t| sw.live(&t.name).unwrap().clone()).collect();
+        assert!(cleared == base, "{dtype}: clearing did not restore the base");
+        let mut nan = y.clone();
+        nan.layers[3].a = format::Factor::from_f32(nan.layers[3].a.shape, &vec![f32::NAN; 4 * 32]);
+        sw.apply(Some((&x, 1.0, src))).unwrap();
+        assert!(sw.apply(Some((&nan, 1.0, src))).is_err());
+        let still: Vec<Buffer> = targets.iter().map(|t| sw.live(&t.name).unwrap().clone()).collect();
+        assert!(still == after_x, "{dtype}: a refused LoRA changed weights");
+    }
+}

@@ -5,9 +5,11 @@
 //! | [`format`] | diffusers/PEFT, kohya/musubi and ComfyUI LoRA files, read and written |
 //! | [`lilora`] | Video2LoRA's LiLoRA auxiliaries: hypernetwork rows → standard LoRA factors |
 //! | [`apply`] | matching a LoRA to a model's layers and fusing it from the base weights |
+//! | [`switch`] | base + live weights: switching LoRAs rewrites the union of touched layers from the base |
 //! | [`fuse`] | the fuse kernel `W' = W + s·B·A`, f32/f16/bf16, streaming, multi-threaded |
 
 pub mod apply;
 pub mod format;
 pub mod fuse;
 pub mod lilora;
+pub mod switch;

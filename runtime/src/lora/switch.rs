@@ -1,0 +1,115 @@
+//! Switching LoRAs on a set of resident weights without drift.
+//!
+//! [`SwitchableWeights`] keeps each targetable weight twice: the base, never modified, and the
+//! live copy an engine reads. Applying a LoRA rewrites the union of the layers the previous and
+//! the new LoRA touch, from the base (`fuse_from` for layers the new one touches, `restore_from`
+//! for the others), so X → Y → X gives X's weights bitwise and no earlier LoRA leaves anything
+//! behind. Everything is validated before the first weight is written.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use half::{bf16, f16};
+use v2l_export::LinearInfo;
+
+use super::apply::match_targets;
+use super::format::Lora;
+use super::fuse::{fuse_from, restore_from, Factors, Weights, WeightsMut};
+use crate::error::{Result, RuntimeError};
+
+/// A weight buffer in its storage type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Buffer {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Buffer {
+    fn view(&self) -> Weights<'_> {
+        match self {
+            Buffer::F32(v) => Weights::F32(v),
+            Buffer::F16(v) => Weights::F16(v),
+            Buffer::BF16(v) => Weights::BF16(v),
+        }
+    }
+
+    fn view_mut(&mut self) -> WeightsMut<'_> {
+        match self {
+            Buffer::F32(v) => WeightsMut::F32(v),
+            Buffer::F16(v) => WeightsMut::F16(v),
+            Buffer::BF16(v) => WeightsMut::BF16(v),
+        }
+    }
+}
+
+struct Layer {
+    info: LinearInfo,
+    base: Buffer,
+    live: Buffer,
+}
+
+/// Base and live copies of a model's LoRA-targetable weights.
+pub struct SwitchableWeights {
+    layers: Vec<Layer>,
+    index: HashMap<String, usize>,
+    /// Layers the current LoRA changed.
+    touched: BTreeSet<usize>,
+    pub threads: usize,
+}
+
+impl SwitchableWeights {
+    /// Takes the base weights (`[out, in]` each, as described by `infos`).
+    pub fn new(weights: Vec<(LinearInfo, Buffer)>) -> SwitchableWeights {
+        let index = weights.iter().enumerate().map(|(i, (info, _))| (info.name.clone(), i)).collect();
+        let layers = weights.into_iter().map(|(info, base)| Layer { info, live: base.clone(), base }).collect();
+        SwitchableWeights { layers, index, touched: BTreeSet::new(), threads: 0 }
+    }
+
+    pub fn targets(&self) -> Vec<LinearInfo> {
+        self.layers.iter().map(|l| l.info.clone()).collect()
+    }
+
+    /// The live weight of `module`.
+    pub fn live(&self, module: &str) -> Option<&Buffer> {
+        self.index.get(module).map(|&i| &self.layers[i].live)
+    }
+
+    /// Makes the live weights `base + s·B·A` for `lora` (or the base for `None`). Returns the
+    /// module paths rewritten (the union of the previous and the new LoRA's layers).
+    pub fn apply(&mut self, lora: Option<(&Lora, f32, &Path)>) -> Result<Vec<String>> {
+        // Validate and prepare everything first: a bad LoRA leaves the live weights untouched.
+        let mut plan: Vec<(usize, Vec<f32>, Vec<f32>, usize, f32)> = Vec::new();
+        if let Some((lora, multiplier, source)) = lora {
+            let targets = self.targets();
+            for (t, l) in match_targets(lora, &targets, source)? {
+                let (a, b) = (l.a.to_f32(), l.b.to_f32());
+                super::fuse::check_finite(&l.module, &a)
+                    .and_then(|_| super::fuse::check_finite(&l.module, &b))
+                    .map_err(|e| RuntimeError::Invalid { what: source.display().to_string(), message: e.to_string() })?;
+                plan.push((self.index[&t.name], a, b, l.rank(), l.scale(multiplier)));
+            }
+        }
+        let next: BTreeSet<usize> = plan.iter().map(|p| p.0).collect();
+        let threads = self.threads;
+        let mut rewritten = Vec::new();
+        for &i in self.touched.difference(&next) {
+            let layer = &mut self.layers[i];
+            restore_from(layer.base.view(), layer.live.view_mut(), threads)
+                .map_err(|e| RuntimeError::Invalid { what: layer.info.name.clone(), message: e.to_string() })?;
+            rewritten.push(layer.info.name.clone());
+        }
+        for (i, a, b, rank, scale) in &plan {
+            let layer = &mut self.layers[*i];
+            let f = Factors { b, a, rank: *rank, scale: *scale };
+            let (o, n) = (layer.info.out_features, layer.info.in_features);
+            let Layer { base, live, info } = layer;
+            fuse_from(base.view(), live.view_mut(), o, n, &f, threads)
+                .map_err(|e| RuntimeError::Invalid { what: info.name.clone(), message: e.to_string() })?;
+            rewritten.push(info.name.clone());
+        }
+        self.touched = next;
+        rewritten.sort();
+        Ok(rewritten)
+    }
+}
