@@ -29,11 +29,8 @@ fn export_and_load(dir: &Path, iterations: usize) -> Model {
         ),
         (16, 150, 21, 2, 4, iterations)
     );
-    // Only the copy of the sinusoid table upstream registers but never reads is left over.
-    assert_eq!(
-        ex.unused_keys,
-        vec!["img_weight_generator.block_pos_emb".to_string()]
-    );
+    // The top-level copy of the sinusoid table upstream never reads is skipped on purpose.
+    assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
     let path = dir.join(format!("hypernet_k{iterations}.onnx"));
     save(&ex.graph, &path, ExternalData::Auto).unwrap();
     Model::load(&path, &SessionOptions::default()).unwrap()
@@ -95,7 +92,10 @@ fn hypernet_with_fewer_iterations() {
     let k2_vs_k4 = outs[1].rel_l2(&io["hyper_weights"]);
     eprintln!("relative L2 to the k = 4 output: k = 1 {k1_vs_k4:.3e}, k = 2 {k2_vs_k4:.3e}");
     assert!(k1_vs_k4 > 1e-3, "k = 1 gives the k = 4 output");
-    assert!(outs[0].rel_l2(&outs[1]) > 1e-3, "k = 1 gives the k = 2 output");
+    assert!(
+        outs[0].rel_l2(&outs[1]) > 1e-3,
+        "k = 1 gives the k = 2 output"
+    );
 }
 
 /// A checkpoint without `feature_proj.weight` is refused with the file and the key named.

@@ -25,6 +25,9 @@ pub struct Manifest {
     pub vae: Option<VaeEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypernet: Option<HypernetEntry>,
+    /// The diffusers `scheduler_config.json`, copied into the directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
 }
 
 /// The exported Video2LoRA hypernetwork and the LiLoRA auxiliaries that turn its rows into LoRAs.

@@ -29,16 +29,18 @@
 //! weights).
 //!
 //! The top-level `img_weight_generator.block_pos_emb` buffer is a copy upstream registers but
-//! never reads (only `decoder_model.block_pos_emb` is used). The exporter does not read it
-//! either, so it appears in [`HypernetExport::unused_keys`]: that list is exactly what the graph
-//! does not use.
+//! never reads (only `decoder_model.block_pos_emb` is used). The exporter skips it on purpose:
+//! if present it is shape-checked (`[1, 2N, D]`, as upstream's strict `load_state_dict` would)
+//! and marked as read, but it is not put in the graph. So [`HypernetExport::unused_keys`] is
+//! empty for an upstream checkpoint, and anything it lists is a tensor the exporter did not
+//! expect (and that a CLI warning should show).
 //!
 //! Graph contract: input `reference_latents [B, C, T, H, W]` (the VAE latents, already
 //! multiplied by the VAE scaling factor; B, T, H, W dynamic); output `hyper_weights [B, N, D]`,
 //! row i being LiLoRA layer i's `[down_w | up_w]`.
 //!
 //! ```text
-//! v2l-export hypernet path/to/hypernetwork.safetensors -o out/   # writes out/hypernet.onnx
+//! v2l-export hypernet hypernetwork.safetensors --lilora lilora.safetensors --dit transformer/ -o out/
 //! ```
 
 use std::collections::BTreeSet;
@@ -90,8 +92,8 @@ pub struct HypernetDims {
 pub struct HypernetExport {
     pub graph: Graph,
     pub dims: HypernetDims,
-    /// Checkpoint tensors the graph does not use (for an upstream checkpoint: the unused
-    /// top-level `img_weight_generator.block_pos_emb` copy).
+    /// Checkpoint tensors the exporter did not expect (empty for an upstream checkpoint; the
+    /// top-level `block_pos_emb` copy is skipped on purpose, see the module docs).
     pub unused_keys: Vec<String>,
 }
 
@@ -222,6 +224,11 @@ pub fn export(ckpt: &Checkpoint, opts: &HypernetOptions) -> Result<HypernetExpor
     // Every weight is added once here; the unrolled iterations below only refer to them.
     let feature_proj = Linear::load(&vb, &mut g, "feature_proj", c, d, false)?;
     let decoder = WeightDecoder::load(&vb.pp("decoder_model"), &mut g, &dims)?;
+    // Upstream's unused copy of the table: checked and consumed, not part of the graph.
+    let unused_copy = key("block_pos_emb");
+    if ckpt.contains(&unused_copy) {
+        ckpt.tensor(&unused_copy, &[1, 2 * n, d])?;
+    }
 
     // 1-2. Tokens [B, L = T·H·W, C] (no positional encoding), projected to the context.
     let tokens = g.scoped("tokens", |g| {
@@ -480,9 +487,7 @@ impl WeightDecoder {
     }
 
     fn invariants(&self, g: &mut Graph, context: &Value, n: usize) -> Invariants {
-        let table = g.scoped(&self.name, |g| {
-            g.slice(&self.block_pos_emb, 1, 0, n as i64)
-        });
+        let table = g.scoped(&self.name, |g| g.slice(&self.block_pos_emb, 1, 0, n as i64));
         let pos = self.pos_emb_proj.apply(g, &table);
         let cross_kv = self
             .blocks
@@ -631,8 +636,10 @@ mod tests {
         let unique: BTreeSet<&str> = names.iter().copied().collect();
         assert_eq!(unique.len(), names.len(), "an initializer was added twice");
         let from_ckpt = names.iter().filter(|n| ck.contains(n)).count();
+        // Every checkpoint tensor but the unused top-level copy of the table is in the graph.
         assert_eq!(from_ckpt, ck.keys().len() - 1);
-        assert_eq!(ex.unused_keys, vec![key("block_pos_emb")]);
+        assert!(!names.contains(&key("block_pos_emb").as_str()));
+        assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
         let one = export(
             &Checkpoint::open_file(&fixture()).unwrap(),
             &HypernetOptions { iterations: 1 },

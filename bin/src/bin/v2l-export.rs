@@ -55,6 +55,23 @@ enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// A whole diffusers pipeline directory (transformer/, vae/, scheduler/), and optionally the
+    /// Video2LoRA hypernetwork: every graph plus the scheduler config, in one directory
+    Pipeline {
+        /// diffusers model directory with transformer/, vae/ and scheduler/
+        model: PathBuf,
+        /// Video2LoRA hypernetwork checkpoint (needs --lilora)
+        #[arg(long, requires = "lilora")]
+        hypernet: Option<PathBuf>,
+        /// LiLoRA auxiliaries for the hypernetwork
+        #[arg(long, requires = "hypernet")]
+        lilora: Option<PathBuf>,
+        /// Refinement iterations of the hypernetwork
+        #[arg(long, default_value_t = 4)]
+        iterations: usize,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// CogVideoX 3D VAE (`AutoencoderKLCogVideoX`) -> <dir>/vae_encoder.onnx, <dir>/vae_decoder.onnx
     Vae {
         /// diffusers VAE directory (config.json + safetensors)
@@ -118,6 +135,9 @@ fn main() -> ExitCode {
             weight_dtype,
         } => export_dit(&checkpoint, &out, weight_dtype.into()),
         Command::Vae { checkpoint, out } => export_vae(&checkpoint, &out),
+        Command::Pipeline { model, hypernet, lilora, iterations, out } => {
+            export_pipeline(&model, hypernet.as_deref(), lilora.as_deref(), iterations, &out)
+        }
         Command::Hypernet { checkpoint, lilora, dit, iterations, out } => export_hypernet(&checkpoint, &lilora, &dit, iterations, &out),
     })
 }
@@ -243,5 +263,27 @@ fn export_hypernet(checkpoint: &Path, lilora: &Path, dit: &Path, iterations: usi
         bytes(written.weight_bytes),
         dst.display()
     );
+    Ok(())
+}
+
+fn export_pipeline(model: &Path, hypernet: Option<&Path>, lilora: Option<&Path>, iterations: usize, out: &OutputArgs) -> Result<(), Failure> {
+    let sched = model.join("scheduler").join("scheduler_config.json");
+    if !sched.is_file() {
+        return Err(Failure::new(format!("{}: missing (a diffusers pipeline directory has scheduler/scheduler_config.json)", sched.display())));
+    }
+    export_dit(&model.join("transformer"), out, DType::F32)?;
+    export_vae(&model.join("vae"), out)?;
+    if let (Some(h), Some(l)) = (hypernet, lilora) {
+        export_hypernet(h, l, &model.join("transformer"), iterations, out)?;
+    }
+    let name = "scheduler_config.json";
+    let tmp = out.output.join(format!(".{name}.tmp{}", std::process::id()));
+    std::fs::copy(&sched, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, out.output.join(name)))
+        .map_err(|e| Failure::new(format!("{}: {e}", out.output.join(name).display())))?;
+    let mut manifest = Manifest::read_or_default(&out.output)?;
+    manifest.scheduler = Some(name.into());
+    manifest.write(&out.output)?;
+    println!("wrote {}", out.output.join(name).display());
     Ok(())
 }

@@ -377,7 +377,12 @@ trait Elem: Copy + Send + Sync + 'static {
     fn up(self) -> f32;
     fn down(x: f32) -> Self;
 
-    /// 16 elements at `p` as two f32x8 (elements 0..8, 8..16).
+    /// The lane layout of `load16`/`store16`: `false`, elements 0..8 and 8..16; `true`, the
+    /// even and the odd elements (bf16: its conversions are then a shift or a mask, no shuffle).
+    #[cfg(target_arch = "x86_64")]
+    const EVEN_ODD: bool = false;
+
+    /// 16 elements at `p` as two f32x8 (in the `EVEN_ODD` layout).
     ///
     /// # Safety
     /// `p..p+16` readable; AVX2 and F16C available.
@@ -455,6 +460,8 @@ impl Elem for bf16 {
         bf16::from_bits(bf16_round(x))
     }
     #[cfg(target_arch = "x86_64")]
+    const EVEN_ODD: bool = true;
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const bf16) -> (avx::V, avx::V) {
         avx::load16_bf16(p as *const u16)
@@ -516,6 +523,9 @@ struct Rows<'a, T> {
     /// `B` rows of this block, `[nrows, rank]`.
     b: &'a [f32],
     a: &'a [f32],
+    /// For rank 1 and an `EVEN_ODD` type on the AVX2 path: A's even elements then its odd
+    /// elements, each padded to `inp / 2 + 9` (see [`split_even_odd`]); else empty.
+    a_split: &'a [f32],
     rank: usize,
     scale: f32,
 }
@@ -666,6 +676,7 @@ fn run_exact<T: Elem>(
     let dst = SendPtr(dst.as_mut_ptr());
     let src = SendPtr(src.map_or(dst.get() as *const T, |s| s.as_ptr()) as *mut T);
     let nblocks = out.div_ceil(block_rows);
+    let a_split = split_even_odd::<T>(f, inp, isa);
     par_blocks(nblocks, threads, |k| {
         let row = k * block_rows;
         let n = block_rows.min(out - row);
@@ -677,11 +688,27 @@ fn run_exact<T: Elem>(
             inp,
             b: &f.b[row * f.rank..(row + n) * f.rank],
             a: f.a,
+            a_split: &a_split,
             rank: f.rank,
             scale: f.scale,
         };
         rows.run(isa, streaming);
     });
+}
+
+/// `Rows::a_split` for this layer (built once per call, shared by the threads).
+fn split_even_odd<T: Elem>(f: &Factors, inp: usize, isa: Isa) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if T::EVEN_ODD && f.rank == 1 && isa == Isa::Avx2 {
+        let h = inp / 2 + 9;
+        let mut v = vec![0f32; 2 * h];
+        for (j, &x) in f.a.iter().enumerate() {
+            v[(j % 2) * h + j / 2] = x;
+        }
+        return v;
+    }
+    let _ = (f, inp, isa);
+    Vec::new()
 }
 
 /// `dst = src` in blocks across threads; streaming stores where available.
@@ -754,8 +781,8 @@ mod avx {
                     }
                 }
                 let (w0, w1) = T::load16(src.add(p));
-                let d0 = _mm256_loadu_ps(d.as_ptr());
-                let d1 = _mm256_loadu_ps(d.as_ptr().add(8));
+                let (d0, d1) =
+                    layout::<T>(_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(d.as_ptr().add(8)));
                 T::store16::<NT>(dst.add(p), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
                 p += 16;
                 continue;
@@ -771,13 +798,26 @@ mod avx {
                 let n = CHUNK.min(end - j0);
                 if r.rank == 1 {
                     let c = _mm256_set1_ps(coef[0]);
-                    let ap = a.as_ptr();
+                    // The A values of a group's two vectors: contiguous, or (EVEN_ODD) from
+                    // the even/odd split of A, whose roles swap at odd columns.
+                    let (mut lo, mut hi, step) = if T::EVEN_ODD {
+                        let h = r.a_split.len() / 2;
+                        let (ae, ao) = (r.a_split.as_ptr(), r.a_split.as_ptr().add(h));
+                        if j0 % 2 == 0 {
+                            (ae.add(j0 / 2), ao.add(j0 / 2), 8)
+                        } else {
+                            (ao.add(j0 / 2), ae.add(j0 / 2 + 1), 8)
+                        }
+                    } else {
+                        (a.as_ptr().add(j0), a.as_ptr().add(j0 + 8), 16)
+                    };
                     let mut j = j0;
                     while j < j0 + n {
                         let (w0, w1) = T::load16(src.add(j));
-                        let d0 = _mm256_mul_ps(c, _mm256_loadu_ps(ap.add(j)));
-                        let d1 = _mm256_mul_ps(c, _mm256_loadu_ps(ap.add(j + 8)));
+                        let d0 = _mm256_mul_ps(c, _mm256_loadu_ps(lo));
+                        let d1 = _mm256_mul_ps(c, _mm256_loadu_ps(hi));
                         T::store16::<NT>(dst.add(j), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
+                        (lo, hi) = (lo.add(step), hi.add(step));
                         j += 16;
                     }
                 } else {
@@ -786,8 +826,8 @@ mod avx {
                     let mut t = 0;
                     while t < n {
                         let (w0, w1) = T::load16(src.add(j0 + t));
-                        let d0 = _mm256_loadu_ps(tp.add(t));
-                        let d1 = _mm256_loadu_ps(tp.add(t + 8));
+                        let (d0, d1) =
+                            layout::<T>(_mm256_loadu_ps(tp.add(t)), _mm256_loadu_ps(tp.add(t + 8)));
                         T::store16::<NT>(
                             dst.add(j0 + t),
                             _mm256_add_ps(w0, d0),
@@ -862,34 +902,48 @@ mod avx {
 
     #[inline(always)]
     pub(super) unsafe fn load16_bf16(p: *const u16) -> (V, V) {
+        // bf16 → f32 is `bits << 16`: the even elements are the low halves of the u32 lanes
+        // shifted up, the odd ones the high halves in place.
         let v = _mm256_loadu_si256(p as *const __m256i);
-        let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v));
-        let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(v));
-        (
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(lo)),
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(hi)),
-        )
+        let even = _mm256_slli_epi32::<16>(v);
+        let odd = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
+        (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
     }
 
-    /// f32x8 → bf16 bits in the low half of each u32 lane (see `bf16_round`).
+    /// f32x8 → bf16 bits (round-to-nearest-even) in the high half of each u32 lane.
+    ///
+    /// NaN lanes get no rounding bias: they are truncated, and stay NaN because `x` comes out
+    /// of an add and so is a quiet NaN (bit 22 set) — the same bits as `bf16_round`.
     #[inline(always)]
     unsafe fn bf16_round8(x: V) -> __m256i {
         let b = _mm256_castps_si256(x);
-        let top = _mm256_srli_epi32::<16>(b);
-        let lsb = _mm256_and_si256(top, _mm256_set1_epi32(1));
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
         let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, bias));
-        let quiet = _mm256_or_si256(top, _mm256_set1_epi32(0x0040));
-        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-        _mm256_blendv_epi8(rounded, quiet, nan)
+        let ordered = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(x, x));
+        _mm256_add_epi32(b, _mm256_and_si256(bias, ordered))
     }
 
     #[inline(always)]
-    pub(super) unsafe fn store16_bf16<const NT: bool>(p: *mut u16, lo: V, hi: V) {
-        // packus interleaves 128-bit lanes: [lo0-3, hi0-3, lo4-7, hi4-7]; 0xD8 reorders the
-        // 64-bit quarters to [lo0-3, lo4-7, hi0-3, hi4-7].
-        let packed = _mm256_packus_epi32(bf16_round8(lo), bf16_round8(hi));
-        store256::<NT>(p, _mm256_permute4x64_epi64::<0xD8>(packed));
+    pub(super) unsafe fn store16_bf16<const NT: bool>(p: *mut u16, even: V, odd: V) {
+        let e = _mm256_srli_epi32::<16>(bf16_round8(even));
+        let o = _mm256_and_si256(bf16_round8(odd), _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
+        store256::<NT>(p, _mm256_or_si256(e, o));
+    }
+
+    /// Natural-order deltas (elements 0..8, 8..16) in `T`'s lane layout.
+    #[inline(always)]
+    unsafe fn layout<T: Elem>(d0: V, d1: V) -> (V, V) {
+        if T::EVEN_ODD {
+            // shuffle_ps gives [0 2 8 10 | 4 6 12 14]; the 64-bit permute sorts it.
+            let e = _mm256_shuffle_ps::<0x88>(d0, d1);
+            let o = _mm256_shuffle_ps::<0xDD>(d0, d1);
+            (
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e))),
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(o))),
+            )
+        } else {
+            (d0, d1)
+        }
     }
 
     #[inline(always)]
