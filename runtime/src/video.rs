@@ -104,3 +104,79 @@ fn ffmpeg_decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
     }
     Ok(out.stdout)
 }
+
+/// Float frames `[1, F, H, W, 3]` in [0, 1] → RGB8 (round to nearest).
+pub fn to_rgb8(frames: &Tensor) -> Result<Frames> {
+    let v = frames.as_f32("frames")?;
+    if frames.shape.len() != 5 || frames.shape[0] != 1 || frames.shape[4] != 3 {
+        return Err(RuntimeError::Invalid { what: "frames".into(), message: format!("shape {:?}; expected [1, F, H, W, 3]", frames.shape) });
+    }
+    Ok(Frames {
+        frames: frames.shape[1],
+        height: frames.shape[2],
+        width: frames.shape[3],
+        rgb: v.iter().map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8).collect(),
+    })
+}
+
+/// Pipes raw RGB24 frames into ffmpeg writing `path` (format from its extension), under a
+/// temporary name renamed into place on success.
+fn ffmpeg_encode(path: &Path, rgb: &[u8], width: usize, height: usize, fps: u32, args: &[&str]) -> Result<()> {
+    use std::io::Write;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".tmp{}.{name}", std::process::id()));
+    let mut child = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &format!("{width}x{height}"), "-r", &fps.to_string(), "-i", "-"])
+        .args(args)
+        .arg(&tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| RuntimeError::Invalid {
+            what: "ffmpeg".into(),
+            message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
+        })?;
+    let wrote = child.stdin.take().map(|mut s| s.write_all(rgb));
+    let out = child.wait_with_output().map_err(|source| RuntimeError::Io { path: path.into(), source })?;
+    if !out.status.success() || !matches!(wrote, Some(Ok(()))) {
+        let _ = std::fs::remove_file(&tmp);
+        let msg = String::from_utf8_lossy(&out.stderr);
+        return Err(bad(path, format!("ffmpeg could not write it: {}", msg.lines().last().unwrap_or("unknown error").trim())));
+    }
+    std::fs::rename(&tmp, path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        RuntimeError::Io { path: path.into(), source }
+    })
+}
+
+/// Writes an H.264 mp4 (yuv420p, even-padded) at `fps`.
+pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<()> {
+    ffmpeg_encode(
+        path,
+        &frames.rgb,
+        frames.width,
+        frames.height,
+        fps,
+        &["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "12", "-movflags", "+faststart"],
+    )
+}
+
+/// Writes all frames tiled in a grid (`cols` per row, 2 px gaps) as one PNG, for people to look at.
+pub fn write_contact_sheet(path: &Path, frames: &Frames, cols: usize) -> Result<()> {
+    let cols = cols.clamp(1, frames.frames.max(1));
+    let rows = frames.frames.div_ceil(cols);
+    let gap = 2;
+    let (fw, fh) = (frames.width, frames.height);
+    let (w, h) = (cols * fw + (cols + 1) * gap, rows * fh + (rows + 1) * gap);
+    let mut sheet = vec![32u8; w * h * 3];
+    for i in 0..frames.frames {
+        let (x0, y0) = (gap + (i % cols) * (fw + gap), gap + (i / cols) * (fh + gap));
+        for y in 0..fh {
+            let src = &frames.rgb[((i * fh + y) * fw) * 3..((i * fh + y) * fw + fw) * 3];
+            let dst = ((y0 + y) * w + x0) * 3;
+            sheet[dst..dst + fw * 3].copy_from_slice(src);
+        }
+    }
+    ffmpeg_encode(path, &sheet, w, h, 1, &["-frames:v", "1"])
+}

@@ -11,37 +11,51 @@
 //!
 //! # Arithmetic (the same on every code path, so results never depend on the machine)
 //!
-//! Per element, in f32, with separate multiplies and adds (never FMA — Rust does not contract
-//! `a * b + c`, and the explicit SIMD path uses `mul` then `add` too):
+//! Per element, in f32, with separate multiplies and adds — never FMA: Rust does not contract
+//! `a * b + c`, and the SIMD path uses `mul` then `add` too, so the portable and the AVX2 paths
+//! give the same bits (FMA would round once less and differ in the last bit):
 //!
 //! ```text
-//! c_k   = s * B[i,k]                                  (once per row)
-//! d     = c_0 * A[0,j];  d = d + c_k * A[k,j]  for k = 1 .. r-1   (in this order)
-//! W'[i,j] = round_T(upcast(W[i,j]) + d)               (one rounding to the storage type)
+//! c_k     = s * B[i,k]
+//! d       = c_0 * A[0,j];  d = d + c_k * A[k,j]  for k = 1 .. r-1   (in this order)
+//! W'[i,j] = round_T(upcast(W[i,j]) + d)                             (one rounding)
 //! ```
 //!
-//! `round_T` is round-to-nearest-even (f16: F16C `vcvtps2ph` / `half`; bf16: the bit trick
-//! `(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16`, with NaN kept NaN). `B·A` is never
-//! materialised: for rank 1 the product is formed on the fly; for rank > 1 a row is processed in
-//! column chunks of [`CHUNK`] with the `d` values of the chunk in a 4 KiB f32 tile (L1).
+//! `round_T` is round-to-nearest-even: f16 by F16C `vcvtps2ph` or `half`'s conversion, bf16 by
+//! `(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16` with NaN kept NaN. `B·A` is never
+//! materialised: at rank 1 the product is formed in registers; at rank > 1 a row is processed
+//! in column chunks of [`CHUNK`], the chunk's `d` values in a 4 KiB f32 tile (L1).
 //!
 //! # Speed
 //!
-//! Rows are split across threads (`threads == 0`: all available cores; small layers use fewer).
-//! On x86_64 with AVX2 + F16C (detected at run time; the workspace targets baseline x86_64) the
-//! inner loop is explicit AVX2, 16 elements per step, and [`fuse_from`] writes `target` with
-//! non-temporal (streaming) stores: the target is not read, so this avoids the
-//! read-for-ownership that would make a normal store cost 3 memory transfers per element
-//! instead of 2. Elsewhere a portable loop (auto-vectorised for f32/bf16) gives the same bits.
+//! The layer is cut into blocks of whole rows (about 1 MiB of f32 each) handed out to
+//! `threads` threads (`0`: all cores; a small layer uses fewer) through an atomic counter, so
+//! a thread that loses its core to another process does not hold the others up.
+//!
+//! On x86_64 with AVX2 + F16C (detected at run time: the workspace builds for baseline x86_64)
+//! the inner loop is explicit AVX2, 16 elements a step:
+//! * [`fuse_from`] writes `target` with non-temporal (streaming) stores. `target` is never read,
+//!   and a normal store would first read each line in (read-for-ownership): 3 memory
+//!   transfers per element instead of 2. [`restore_from`] is a streaming copy for the same
+//!   reason. The in-place path reads each line anyway and uses normal stores.
+//! * A block is walked as one flat range in 16-element groups whose destination is 32-byte
+//!   aligned, groups crossing a row boundary included, so every store is a whole aligned
+//!   vector (a scalar store into a line that also gets streaming stores costs a
+//!   read-for-ownership and a flush: rows whose length is not a multiple of the alignment
+//!   ran at half speed). Only a block's unaligned first and last few elements are scalar.
+//! * bf16 is handled as even/odd lanes (`bits << 16` and `bits & 0xFFFF0000`), so that its
+//!   conversions need no shuffles; at rank 1, A is split into its even and odd elements
+//!   once per call to match.
+//!
+//! Elsewhere a portable loop (auto-vectorised where the compiler can) gives the same bits.
 //!
 //! NaN/Inf in the factors are not checked here (not in the hot loop): callers run
-//! [`check_finite`] once per LoRA.
+//! [`check_finite`] once per LoRA. A NaN weight stays NaN; an overflow gives ±inf.
 
 pub use half::{bf16, f16};
 
 /// Columns per tile for rank > 1 (a 4 KiB f32 tile).
 pub const CHUNK: usize = 1024;
-
 
 /// A shape or dtype mismatch between a weight and its LoRA factors, or bad factor values.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -803,7 +817,7 @@ mod avx {
                     let (mut lo, mut hi, step) = if T::EVEN_ODD {
                         let h = r.a_split.len() / 2;
                         let (ae, ao) = (r.a_split.as_ptr(), r.a_split.as_ptr().add(h));
-                        if j0 % 2 == 0 {
+                        if j0.is_multiple_of(2) {
                             (ae.add(j0 / 2), ao.add(j0 / 2), 8)
                         } else {
                             (ao.add(j0 / 2), ae.add(j0 / 2 + 1), 8)
@@ -1114,7 +1128,7 @@ mod tests {
                     &l.factors(),
                     3,
                 )
-                .unwrap();
+                .expect("valid shapes");
                 for (x, e) in t.iter().zip(&exact) {
                     // |w| <= 1, |d| <= 0.37·rank: a few ulps of the largest term.
                     let tol = 8.0 * f32::EPSILON as f64 * (1.0 + 0.37 * rank as f64);
@@ -1131,10 +1145,10 @@ mod tests {
         let base: Vec<bf16> = values(out * inp, 1).into_iter().map(bf16::from_f32).collect();
         let want = reference(&base, out, inp, &l, bf16::from_f32);
         let mut t = vec![bf16::ZERO; out * inp];
-        fuse_from((&base[..]).into(), (&mut t[..]).into(), out, inp, &l.factors(), 0).unwrap();
+        fuse_from((&base[..]).into(), (&mut t[..]).into(), out, inp, &l.factors(), 0).expect("valid shapes");
         assert_eq!(t, want);
         let mut w = base.clone();
-        fuse_in_place((&mut w[..]).into(), out, inp, &l.factors(), 2).unwrap();
+        fuse_in_place((&mut w[..]).into(), out, inp, &l.factors(), 2).expect("valid shapes");
         assert_eq!(w, want);
     }
 
@@ -1193,15 +1207,15 @@ mod tests {
         let y = Lora::new(out, inp, 4, 22);
         let mut t = base.clone();
         for threads in [1, 3] {
-            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).unwrap();
+            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).expect("valid shapes");
             let with_x = t.clone();
             assert_ne!(with_x, base);
-            restore_from(wrap(&base), wrap_mut(&mut t), threads).unwrap();
+            restore_from(wrap(&base), wrap_mut(&mut t), threads).expect("valid shapes");
             assert_eq!(t, base);
-            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).unwrap();
-            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &y.factors(), threads).unwrap();
+            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).expect("valid shapes");
+            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &y.factors(), threads).expect("valid shapes");
             assert_ne!(t, with_x);
-            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).unwrap();
+            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).expect("valid shapes");
             assert_eq!(t, with_x);
         }
     }
@@ -1358,9 +1372,9 @@ mod tests {
     fn check_finite_finds_first_bad_value() {
         assert_eq!(check_finite("a", &[0.0, 1.0, -3.4e38]), Ok(()));
         assert_eq!(check_finite("a", &[]), Ok(()));
-        let e = check_finite("up", &[0.0, f32::INFINITY, f32::NAN]).unwrap_err();
+        let e = check_finite("up", &[0.0, f32::INFINITY, f32::NAN]).expect_err("must fail");
         assert!(matches!(e, FuseError::NonFinite { index: 1, .. }), "{e}");
-        let e = check_finite("down", &[1.0, f32::NAN]).unwrap_err();
+        let e = check_finite("down", &[1.0, f32::NAN]).expect_err("must fail");
         assert!(matches!(e, FuseError::NonFinite { index: 1, ref name, .. } if name == "down"));
     }
 
