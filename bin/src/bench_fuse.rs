@@ -246,7 +246,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn say(&self, msg: std::fmt::Arguments) {
         if self.progress {
-            eprint!("\r{msg:<70}");
+            eprint!("\r{:<70}", msg.to_string());
         }
     }
 }
@@ -292,7 +292,7 @@ where
                     "{dtype}: a {}x{} layer does not fit the {} memory cap per copy",
                     l.out,
                     l.inp,
-                    bytes((cap * size) as u64)
+                    bytes(std::mem::size_of_val(base) as u64)
                 ))
                 .with_hint("raise --max-mem-gib or free memory"));
             }

@@ -5,6 +5,7 @@
 //! (the way a user checks an export against PyTorch), and [`vae::Vae`] drives the VAE's
 //! frame-batch loop with its causal-conv cache.
 
+pub mod backend;
 pub mod error;
 pub mod lora;
 pub mod ort_env;

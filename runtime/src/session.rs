@@ -10,16 +10,12 @@ use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
 
 /// Session settings that matter for speed and reproducibility.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
     /// Intra-op threads (0: ONNX Runtime's default, one per core).
     pub threads: usize,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions { threads: 0 }
-    }
+    /// CPU (default), CUDA or TensorRT.
+    pub backend: crate::backend::BackendOptions,
 }
 
 /// An ONNX model ready to run on the CPU backend.
@@ -63,6 +59,14 @@ impl Model {
                     context: ctx.clone(),
                     message: e.to_string(),
                 })?;
+        }
+        let eps = opts.backend.dispatch();
+        if !eps.is_empty() {
+            let backend = opts.backend.backend.name();
+            b = b.with_execution_providers(eps).map_err(|e| RuntimeError::Ort {
+                context: format!("{ctx}: {backend} execution provider"),
+                message: format!("{e} (needs the onnxruntime-gpu library with its CUDA/TensorRT dependencies on this machine)"),
+            })?;
         }
         for (name, t) in weights {
             let v = to_ort(&t).map_err(ort_err(format!("{ctx}: weight `{name}`")))?;

@@ -1195,6 +1195,49 @@ mod tests {
         }
     }
 
+    /// NaN weights with any payload (signalling or quiet, either sign) come out as the same
+    /// NaN bits on every path (vector body, scalar head/tail, row-crossing groups).
+    #[test]
+    fn nan_payloads_agree_across_paths() {
+        let (out, inp) = (5, 37);
+        let l = Lora::new(out, inp, 1, 4);
+        let l4 = Lora::new(out, inp, 4, 4);
+        let bf: Vec<bf16> = (0..out * inp)
+            .map(|i| match i % 5 {
+                0 => bf16::from_bits(0x7F81 + (i as u16 % 60)), // signalling, small payload
+                1 => bf16::from_bits(0xFFC0 | (i as u16 % 60)), // quiet, negative
+                2 => bf16::from_bits(0x7FFF),
+                _ => bf16::from_f32(0.25),
+            })
+            .collect();
+        let hf: Vec<f16> = (0..out * inp)
+            .map(|i| match i % 5 {
+                0 => f16::from_bits(0x7C01 + (i as u16 % 200)),
+                1 => f16::from_bits(0xFE00 | (i as u16 % 200)),
+                2 => f16::from_bits(0x7FFF),
+                _ => f16::from_f32(0.25),
+            })
+            .collect();
+        for lora in [&l, &l4] {
+            for offset in [0, 1, 5] {
+                let mut want_bf = None;
+                let mut want_hf = None;
+                for isa in isas() {
+                    let mut t = vec![bf16::ZERO; out * inp + offset];
+                    run_exact(Some(&bf), &mut t[offset..], out, inp, &lora.factors(), 2, 2, isa);
+                    let bits: Vec<u16> = t[offset..].iter().map(|x| x.to_bits()).collect();
+                    assert!(bits.iter().zip(&bf).all(|(b, x)| x.is_nan() == bf16::from_bits(*b).is_nan()));
+                    assert_eq!(want_bf.get_or_insert(bits.clone()), &bits, "bf16 {isa:?}");
+                    let mut t = vec![f16::ZERO; out * inp + offset];
+                    run_exact(Some(&hf), &mut t[offset..], out, inp, &lora.factors(), 2, 2, isa);
+                    let bits: Vec<u16> = t[offset..].iter().map(|x| x.to_bits()).collect();
+                    assert!(bits.iter().zip(&hf).all(|(b, x)| x.is_nan() == f16::from_bits(*b).is_nan()));
+                    assert_eq!(want_hf.get_or_insert(bits.clone()), &bits, "f16 {isa:?}");
+                }
+            }
+        }
+    }
+
     /// Fuse X, restore: base bitwise. X → Y → X: X's weights bitwise. All dtypes.
     fn switching<T: Elem + PartialEq + std::fmt::Debug>(
         conv: impl Fn(f32) -> T,

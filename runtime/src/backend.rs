@@ -1,0 +1,192 @@
+//! Execution backends: ONNX Runtime's CPU provider (runs here), CUDA and TensorRT (built and
+//! unit-tested for their option plumbing; **not yet run on a GPU**).
+//!
+//! Two traps this module exists for:
+//! - ORT's TensorRT engine cache key ignores initializer values, so a cached engine silently
+//!   keeps old weights. v2l keys the cache directory by the hash of the weights the engine was
+//!   built from ([`BackendOptions::trt_cache_prefix`]).
+//! - ORT falls back to the CPU quietly when a provider fails to register. v2l registers GPU
+//!   providers with `error_on_failure`, so a missing CUDA/TensorRT library is an error.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Cpu,
+    Cuda,
+    TensorRt,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::TensorRt => "tensorrt",
+        }
+    }
+}
+
+/// Numeric precision of an engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+    Int8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+/// Backend settings of a session.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendOptions {
+    pub backend: Backend,
+    pub device_id: i32,
+    /// TensorRT engine cache directory (one subdirectory per weight hash).
+    pub trt_cache_dir: Option<PathBuf>,
+    /// Hash of the weights the session is built from (base weights, or base + LoRA).
+    pub weight_hash: String,
+}
+
+impl BackendOptions {
+    /// The engine-cache prefix for these weights: ORT's own key covers the graph, not the
+    /// initializer values, so the weight hash must be part of the key.
+    pub fn trt_cache_prefix(&self) -> String {
+        format!("v2l_{}", self.weight_hash)
+    }
+
+    /// TensorRT provider options, as ORT option keys (kept as data so they can be tested here).
+    ///
+    /// fp32 engines (TensorRT 11 builds strongly typed networks: precision lives in the graph's
+    /// types); weight-stripped, refittable engines cached per weight hash, refitted from the
+    /// ONNX weights at load — only the weights a LoRA can target need refitting.
+    pub fn tensorrt_options(&self) -> Vec<(String, String)> {
+        let mut o = vec![
+            ("device_id".to_string(), self.device_id.to_string()),
+            ("trt_engine_cache_enable".into(), "1".into()),
+            ("trt_engine_cache_prefix".into(), self.trt_cache_prefix()),
+            ("trt_weight_stripped_engine_enable".into(), "1".into()),
+            ("trt_layer_norm_fp32_fallback".into(), "1".into()),
+        ];
+        if let Some(dir) = &self.trt_cache_dir {
+            let d = dir.join(&self.weight_hash).display().to_string();
+            o.push(("trt_engine_cache_path".into(), d.clone()));
+            o.push(("trt_timing_cache_enable".into(), "1".into()));
+            o.push(("trt_timing_cache_path".into(), dir.display().to_string()));
+        }
+        o
+    }
+
+    /// CUDA provider options.
+    pub fn cuda_options(&self) -> Vec<(String, String)> {
+        vec![("device_id".to_string(), self.device_id.to_string())]
+    }
+
+    /// The providers to register, in priority order (TensorRT falls back to CUDA for
+    /// unsupported nodes, never silently to the CPU for the whole model).
+    pub(crate) fn dispatch(&self) -> Vec<ort::ep::ExecutionProviderDispatch> {
+        use ort::ep::ArbitrarilyConfigurableExecutionProvider;
+        let cuda = || {
+            self.cuda_options()
+                .into_iter()
+                .fold(ort::ep::CUDA::default(), |ep, (k, v)| ep.with_arbitrary_config(k, v))
+                .build()
+                .error_on_failure()
+        };
+        match self.backend {
+            Backend::Cpu => Vec::new(),
+            Backend::Cuda => vec![cuda()],
+            Backend::TensorRt => vec![
+                self.tensorrt_options()
+                    .into_iter()
+                    .fold(ort::ep::TensorRT::default(), |ep, (k, v)| ep.with_arbitrary_config(k, v))
+                    .build()
+                    .error_on_failure(),
+                cuda(),
+            ],
+        }
+    }
+}
+
+/// A 128-bit content hash (two independent 64-bit multiply–xorshift lanes over 8-byte words),
+/// as lowercase hex. Not cryptographic: it detects a changed or mismatched weight file.
+pub fn content_hash(parts: &[&[u8]]) -> String {
+    let mut h = [0x243F_6A88_85A3_08D3u64, 0x1319_8A2E_0370_7344u64];
+    let mut total = 0u64;
+    for part in parts {
+        total = total.wrapping_add(part.len() as u64);
+        let mut chunks = part.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            h[0] = (h[0] ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+            h[1] = (h[1] ^ w.rotate_left(17)).wrapping_mul(0xC2B2_AE3D_27D4_EB4F).rotate_left(31);
+        }
+        for (i, b) in chunks.remainder().iter().enumerate() {
+            h[i % 2] = (h[i % 2] ^ *b as u64).wrapping_mul(0x1000_0000_01B3);
+        }
+        // Part boundary, so ["ab","c"] and ["a","bc"] differ.
+        h[0] = (h[0] ^ total).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    let fin = |mut x: u64| {
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        x ^ (x >> 33)
+    };
+    format!("{:016x}{:016x}", fin(h[0] ^ total), fin(h[1] ^ total.rotate_left(7)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trt_cache_is_keyed_by_the_weights() {
+        let a = BackendOptions {
+            backend: Backend::TensorRt,
+            trt_cache_dir: Some("/cache".into()),
+            weight_hash: content_hash(&[&[1, 2, 3]]),
+            ..Default::default()
+        };
+        let mut b = a.clone();
+        b.weight_hash = content_hash(&[&[1, 2, 4]]);
+        assert_ne!(a.trt_cache_prefix(), b.trt_cache_prefix());
+        let get = |o: &BackendOptions, k: &str| o.tensorrt_options().into_iter().find(|(key, _)| key == k).map(|(_, v)| v);
+        assert_ne!(get(&a, "trt_engine_cache_path"), get(&b, "trt_engine_cache_path"));
+        assert_eq!(get(&a, "trt_weight_stripped_engine_enable").as_deref(), Some("1"));
+        assert_eq!(get(&a, "trt_engine_cache_enable").as_deref(), Some("1"));
+        assert!(get(&a, "trt_engine_cache_path").unwrap().starts_with("/cache/"));
+    }
+
+    #[test]
+    fn gpu_backends_register_loudly() {
+        let o = BackendOptions { backend: Backend::TensorRt, ..Default::default() };
+        assert_eq!(o.dispatch().len(), 2);
+        assert!(BackendOptions::default().dispatch().is_empty());
+    }
+
+    #[test]
+    fn content_hash_sees_every_byte_and_boundary() {
+        let x = content_hash(&[b"abcdefghij"]);
+        assert_eq!(x, content_hash(&[b"abcdefghij"]));
+        assert_ne!(x, content_hash(&[b"abcdefghik"]));
+        assert_ne!(content_hash(&[b"ab", b"c"]), content_hash(&[b"a", b"bc"]));
+        assert_eq!(x.len(), 32);
+    }
+}
