@@ -311,8 +311,7 @@ where
             let threads = cx.threads;
             let pass = |target: &mut [T]| -> Result<f64, Failure> {
                 let t0 = Instant::now();
-                for ((l, &off), (b, a)) in scope.layers.iter().zip(&offsets).zip(&scope.factors)
-                {
+                for ((l, &off), (b, a)) in scope.layers.iter().zip(&offsets).zip(&scope.factors) {
                     let n = l.out * l.inp;
                     let f = Factors {
                         b,
@@ -322,7 +321,14 @@ where
                     };
                     let t = &mut target[off..off + n];
                     let r = if path == "from" {
-                        fuse::fuse_from((&base[off..off + n]).into(), t.into(), l.out, l.inp, &f, threads)
+                        fuse::fuse_from(
+                            (&base[off..off + n]).into(),
+                            t.into(),
+                            l.out,
+                            l.inp,
+                            &f,
+                            threads,
+                        )
                     } else {
                         fuse::fuse_in_place(t.into(), l.out, l.inp, &f, threads)
                     };
@@ -416,7 +422,11 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     let avail = mem_available().map_or(cap, |a| a / 10 * 7);
     let per_copy = (cap.min(avail) / 2) as usize / 4;
     if progress {
-        eprint!("\rpools: {} + {}...", bytes(per_copy as u64 * 4), bytes(per_copy as u64 * 4));
+        eprint!(
+            "\rpools: {} + {}...",
+            bytes(per_copy as u64 * 4),
+            bytes(per_copy as u64 * 4)
+        );
     }
     let mut base = touched(per_copy, threads);
     let mut target = touched(per_copy, threads);
@@ -430,7 +440,11 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
 
     // The reference copies on their own, interleaved.
     for r in 0..o.repeat {
-        cx.say(format_args!("memcpy / streaming copy {}/{}", r + 1, o.repeat));
+        cx.say(format_args!(
+            "memcpy / streaming copy {}/{}",
+            r + 1,
+            o.repeat
+        ));
         cx.copier.memcpy();
         cx.copier.stream()?;
     }
@@ -438,9 +452,27 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     let stream = stats(&mut stream);
 
     let mut rows = Vec::new();
-    rows.extend(bench_dtype::<f32>(&mut cx, "f32", |x| x, &mut base, &mut target)?);
-    rows.extend(bench_dtype::<f16>(&mut cx, "f16", f16::from_f32, &mut base, &mut target)?);
-    rows.extend(bench_dtype::<bf16>(&mut cx, "bf16", bf16::from_f32, &mut base, &mut target)?);
+    rows.extend(bench_dtype::<f32>(
+        &mut cx,
+        "f32",
+        |x| x,
+        &mut base,
+        &mut target,
+    )?);
+    rows.extend(bench_dtype::<f16>(
+        &mut cx,
+        "f16",
+        f16::from_f32,
+        &mut base,
+        &mut target,
+    )?);
+    rows.extend(bench_dtype::<bf16>(
+        &mut cx,
+        "bf16",
+        bf16::from_f32,
+        &mut base,
+        &mut target,
+    )?);
     if progress {
         eprint!("\r{:70}\r", "");
     }
@@ -502,7 +534,16 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     println!();
     println!(
         "{:<9} {:<5} {:<11} {:>6} {:>10} {:>8} {:>6} {:>15} {:>8} {:>13}",
-        "path", "dtype", "scope", "layers", "W bytes", "time", "GB/s", "[min .. max]", "/memcpy", "[min .. max]"
+        "path",
+        "dtype",
+        "scope",
+        "layers",
+        "W bytes",
+        "time",
+        "GB/s",
+        "[min .. max]",
+        "/memcpy",
+        "[min .. max]"
     );
     for r in &rows {
         println!(

@@ -245,7 +245,16 @@ fn predict_matches_upstream_video2lora() {
     for args in [
         vec!["dit".to_string(), p("transformer"), "-o".into(), o_s.into()],
         vec!["vae".to_string(), p("vae"), "-o".into(), o_s.into()],
-        vec!["hypernet".to_string(), p("hypernetwork.safetensors"), "--lilora".into(), p("lilora.safetensors"), "--dit".into(), p("transformer"), "-o".into(), o_s.into()],
+        vec![
+            "hypernet".to_string(),
+            p("hypernetwork.safetensors"),
+            "--lilora".into(),
+            p("lilora.safetensors"),
+            "--dit".into(),
+            p("transformer"),
+            "-o".into(),
+            o_s.into(),
+        ],
     ] {
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let o = run("v2l-export", &args);
@@ -255,7 +264,17 @@ fn predict_matches_upstream_video2lora() {
     let dump = d.path().join("dump.safetensors");
     let o = run(
         "v2l-lora",
-        &["predict", "--engine", o_s, "--reference", &p("e2e_io.safetensors"), "-o", lora.to_str().unwrap(), "--dump", dump.to_str().unwrap()],
+        &[
+            "predict",
+            "--engine",
+            o_s,
+            "--reference",
+            &p("e2e_io.safetensors"),
+            "-o",
+            lora.to_str().unwrap(),
+            "--dump",
+            dump.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let got = v2l_runtime::read_safetensors(&dump).unwrap();
@@ -268,7 +287,18 @@ fn predict_matches_upstream_video2lora() {
     let result = d.path().join("o.safetensors");
     let o = run(
         "v2l-run",
-        &["--engine", o_s, "stage", "dit", "--inputs", &p("dit_io.safetensors"), "-o", result.to_str().unwrap(), "--lora", lora.to_str().unwrap()],
+        &[
+            "--engine",
+            o_s,
+            "stage",
+            "dit",
+            "--inputs",
+            &p("dit_io.safetensors"),
+            "-o",
+            result.to_str().unwrap(),
+            "--lora",
+            lora.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let got = v2l_runtime::read_safetensors(&result).unwrap();
@@ -281,11 +311,33 @@ fn predict_matches_upstream_video2lora() {
     let junk = d.path().join("junk.mp4");
     std::fs::write(&junk, b"not a video").unwrap();
     let bad = d.path().join("bad.safetensors");
-    let o = run("v2l-lora", &["predict", "--engine", o_s, "--reference", junk.to_str().unwrap(), "-o", bad.to_str().unwrap()]);
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            o_s,
+            "--reference",
+            junk.to_str().unwrap(),
+            "-o",
+            bad.to_str().unwrap(),
+        ],
+    );
     assert_clean_failure(&o, "cannot decode video");
     let empty = d.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let o = run("v2l-lora", &["predict", "--engine", o_s, "--reference", empty.to_str().unwrap(), "-o", bad.to_str().unwrap()]);
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            o_s,
+            "--reference",
+            empty.to_str().unwrap(),
+            "-o",
+            bad.to_str().unwrap(),
+        ],
+    );
     assert_clean_failure(&o, "no frames");
     assert!(!bad.exists());
 }

@@ -179,7 +179,11 @@ impl Checkpoint {
 
     /// Each file with the keys it holds (sorted), in opening order.
     pub fn files(&self) -> Vec<(PathBuf, Vec<String>)> {
-        let mut out: Vec<(PathBuf, Vec<String>)> = self.files.iter().map(|(p, _)| (p.clone(), Vec::new())).collect();
+        let mut out: Vec<(PathBuf, Vec<String>)> = self
+            .files
+            .iter()
+            .map(|(p, _)| (p.clone(), Vec::new()))
+            .collect();
         for (k, e) in &self.entries {
             out[e.file].1.push(k.clone());
         }

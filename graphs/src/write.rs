@@ -342,21 +342,36 @@ mod tests {
 
 /// Reads the bytes of the named initializers of the model at `path` (inline or external data),
 /// returning `(name, dtype, dims, bytes)` in the order asked. Missing names are reported by name.
-pub fn read_initializers(path: &Path, names: &[String]) -> Result<Vec<(String, DType, Vec<i64>, Vec<u8>)>, std::io::Error> {
+pub fn read_initializers(
+    path: &Path,
+    names: &[String],
+) -> Result<Vec<(String, DType, Vec<i64>, Vec<u8>)>, std::io::Error> {
     use std::io::{Read, Seek, SeekFrom};
     let model = read_model(path)?;
     let graph = model.graph.unwrap_or_default();
-    let by_name: std::collections::HashMap<&str, &proto::TensorProto> =
-        graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let by_name: std::collections::HashMap<&str, &proto::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
     let dir = path.parent().unwrap_or(Path::new("."));
     let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
     let mut out = Vec::with_capacity(names.len());
     for name in names {
-        let t = by_name.get(name.as_str()).ok_or_else(|| invalid(format!("{}: no initializer `{name}`", path.display())))?;
-        let dtype = DType::from_onnx_code(t.data_type).ok_or_else(|| invalid(format!("`{name}`: unsupported data type {}", t.data_type)))?;
+        let t = by_name
+            .get(name.as_str())
+            .ok_or_else(|| invalid(format!("{}: no initializer `{name}`", path.display())))?;
+        let dtype = DType::from_onnx_code(t.data_type)
+            .ok_or_else(|| invalid(format!("`{name}`: unsupported data type {}", t.data_type)))?;
         let bytes = if t.data_location == proto::data_location::EXTERNAL {
-            let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
-            let loc = get("location").ok_or_else(|| invalid(format!("`{name}`: external data without a location")))?;
+            let get = |k: &str| {
+                t.external_data
+                    .iter()
+                    .find(|e| e.key == k)
+                    .map(|e| e.value.clone())
+            };
+            let loc = get("location")
+                .ok_or_else(|| invalid(format!("`{name}`: external data without a location")))?;
             let off: u64 = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
             let len: usize = get("length").and_then(|v| v.parse().ok()).unwrap_or(0);
             let mut f = File::open(dir.join(&loc))?;

@@ -106,7 +106,9 @@ impl BackendOptions {
         let cuda = || {
             self.cuda_options()
                 .into_iter()
-                .fold(ort::ep::CUDA::default(), |ep, (k, v)| ep.with_arbitrary_config(k, v))
+                .fold(ort::ep::CUDA::default(), |ep, (k, v)| {
+                    ep.with_arbitrary_config(k, v)
+                })
                 .build()
                 .error_on_failure()
         };
@@ -116,7 +118,9 @@ impl BackendOptions {
             Backend::TensorRt => vec![
                 self.tensorrt_options()
                     .into_iter()
-                    .fold(ort::ep::TensorRT::default(), |ep, (k, v)| ep.with_arbitrary_config(k, v))
+                    .fold(ort::ep::TensorRT::default(), |ep, (k, v)| {
+                        ep.with_arbitrary_config(k, v)
+                    })
                     .build()
                     .error_on_failure(),
                 cuda(),
@@ -135,8 +139,12 @@ pub fn content_hash(parts: &[&[u8]]) -> String {
         let mut chunks = part.chunks_exact(8);
         for c in &mut chunks {
             let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            h[0] = (h[0] ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-            h[1] = (h[1] ^ w.rotate_left(17)).wrapping_mul(0xC2B2_AE3D_27D4_EB4F).rotate_left(31);
+            h[0] = (h[0] ^ w)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .rotate_left(29);
+            h[1] = (h[1] ^ w.rotate_left(17))
+                .wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+                .rotate_left(31);
         }
         for (i, b) in chunks.remainder().iter().enumerate() {
             h[i % 2] = (h[i % 2] ^ *b as u64).wrapping_mul(0x1000_0000_01B3);
@@ -149,7 +157,11 @@ pub fn content_hash(parts: &[&[u8]]) -> String {
         x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
         x ^ (x >> 33)
     };
-    format!("{:016x}{:016x}", fin(h[0] ^ total), fin(h[1] ^ total.rotate_left(7)))
+    format!(
+        "{:016x}{:016x}",
+        fin(h[0] ^ total),
+        fin(h[1] ^ total.rotate_left(7))
+    )
 }
 
 #[cfg(test)]
@@ -167,16 +179,32 @@ mod tests {
         let mut b = a.clone();
         b.weight_hash = content_hash(&[&[1, 2, 4]]);
         assert_ne!(a.trt_cache_prefix(), b.trt_cache_prefix());
-        let get = |o: &BackendOptions, k: &str| o.tensorrt_options().into_iter().find(|(key, _)| key == k).map(|(_, v)| v);
-        assert_ne!(get(&a, "trt_engine_cache_path"), get(&b, "trt_engine_cache_path"));
-        assert_eq!(get(&a, "trt_weight_stripped_engine_enable").as_deref(), Some("1"));
+        let get = |o: &BackendOptions, k: &str| {
+            o.tensorrt_options()
+                .into_iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v)
+        };
+        assert_ne!(
+            get(&a, "trt_engine_cache_path"),
+            get(&b, "trt_engine_cache_path")
+        );
+        assert_eq!(
+            get(&a, "trt_weight_stripped_engine_enable").as_deref(),
+            Some("1")
+        );
         assert_eq!(get(&a, "trt_engine_cache_enable").as_deref(), Some("1"));
-        assert!(get(&a, "trt_engine_cache_path").unwrap().starts_with("/cache/"));
+        assert!(get(&a, "trt_engine_cache_path")
+            .unwrap()
+            .starts_with("/cache/"));
     }
 
     #[test]
     fn gpu_backends_register_loudly() {
-        let o = BackendOptions { backend: Backend::TensorRt, ..Default::default() };
+        let o = BackendOptions {
+            backend: Backend::TensorRt,
+            ..Default::default()
+        };
         assert_eq!(o.dispatch().len(), 2);
         assert!(BackendOptions::default().dispatch().is_empty());
     }

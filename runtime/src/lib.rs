@@ -6,6 +6,7 @@
 //! frame-batch loop with its causal-conv cache.
 
 pub mod backend;
+pub mod bundle;
 pub mod error;
 pub mod lora;
 pub mod ort_env;

@@ -30,10 +30,17 @@ pub struct Predictor {
 
 impl Predictor {
     pub fn load(dir: &ExportDir, opts: &SessionOptions) -> Result<Predictor> {
-        let e = dir.manifest.hypernet.as_ref().ok_or_else(|| RuntimeError::Invalid {
-            what: dir.dir.display().to_string(),
-            message: format!("holds no hypernetwork; export one with `v2l-export hypernet ... -o {}`", dir.dir.display()),
-        })?;
+        let e = dir
+            .manifest
+            .hypernet
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: dir.dir.display().to_string(),
+                message: format!(
+                    "holds no hypernetwork; export one with `v2l-export hypernet ... -o {}`",
+                    dir.dir.display()
+                ),
+            })?;
         let targets: Vec<LinearInfo> = match &dir.manifest.dit {
             Some(d) => d.lora_targets.clone(),
             None => {
@@ -47,31 +54,64 @@ impl Predictor {
         if lilora.layers.len() != e.dims.num_layers {
             return Err(RuntimeError::Invalid {
                 what: dir.dir.display().to_string(),
-                message: format!("the hypernetwork predicts {} rows but the LiLoRA file has {} layers", e.dims.num_layers, lilora.layers.len()),
+                message: format!(
+                    "the hypernetwork predicts {} rows but the LiLoRA file has {} layers",
+                    e.dims.num_layers,
+                    lilora.layers.len()
+                ),
             });
         }
-        Ok(Predictor { hypernet: Model::load(&dir.dir.join(&e.file), opts)?, lilora })
+        Ok(Predictor {
+            hypernet: Model::load(&dir.dir.join(&e.file), opts)?,
+            lilora,
+        })
     }
 
     /// `reference_latents [B, C, T, H, W]` → `hyper_weights [B, N, D]`.
     pub fn hyper_weights(&mut self, reference_latents: &Tensor) -> Result<Tensor> {
-        let inputs = std::collections::BTreeMap::from([("reference_latents".to_string(), reference_latents.clone())]);
-        self.hypernet.run(&inputs)?.remove("hyper_weights").ok_or_else(|| RuntimeError::Invalid {
-            what: "hypernetwork graph".into(),
-            message: "no `hyper_weights` output".into(),
-        })
+        let inputs = std::collections::BTreeMap::from([(
+            "reference_latents".to_string(),
+            reference_latents.clone(),
+        )]);
+        self.hypernet
+            .run(&inputs)?
+            .remove("hyper_weights")
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: "hypernetwork graph".into(),
+                message: "no `hyper_weights` output".into(),
+            })
     }
 
     /// Predicts a LoRA from RGB frames. `lora_weight` is upstream's LoRA weight, passed as both
     /// multiplier and alpha, so the fuse scale is `lora_weight²`.
-    pub fn predict(&mut self, vae: &mut Vae, frames: &Frames, lora_weight: f32) -> Result<Prediction> {
+    pub fn predict(
+        &mut self,
+        vae: &mut Vae,
+        frames: &Frames,
+        lora_weight: f32,
+    ) -> Result<Prediction> {
         let (mean, _) = vae.encode(&frames.to_unit_video())?;
         let sf = vae.entry.scaling_factor as f32;
-        let latents = Tensor::f32(mean.shape.clone(), mean.as_f32("posterior_mean")?.iter().map(|v| v * sf).collect());
+        let latents = Tensor::f32(
+            mean.shape.clone(),
+            mean.as_f32("posterior_mean")?
+                .iter()
+                .map(|v| v * sf)
+                .collect(),
+        );
         let hw = self.hyper_weights(&latents)?;
         let width = hw.shape.last().copied().unwrap_or(0);
         let rows = hw.as_f32("hyper_weights")?;
-        let lora = self.lilora.to_lora(&rows[..self.lilora.layers.len() * width], width, lora_weight, lora_weight)?;
-        Ok(Prediction { reference_latents: latents, hyper_weights: hw, lora })
+        let lora = self.lilora.to_lora(
+            &rows[..self.lilora.layers.len() * width],
+            width,
+            lora_weight,
+            lora_weight,
+        )?;
+        Ok(Prediction {
+            reference_latents: latents,
+            hyper_weights: hw,
+            lora,
+        })
     }
 }

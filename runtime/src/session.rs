@@ -42,7 +42,11 @@ impl Model {
 
     /// Loads `path` with some initializers replaced (fused LoRA weights): ONNX Runtime builds
     /// the session, constant folding included, from the replacements.
-    pub fn load_with_weights(path: &Path, opts: &SessionOptions, weights: Vec<(String, Tensor)>) -> Result<Model> {
+    pub fn load_with_weights(
+        path: &Path,
+        opts: &SessionOptions,
+        weights: Vec<(String, Tensor)>,
+    ) -> Result<Model> {
         let env = crate::ort_env::init()?;
         if !path.is_file() {
             return Err(RuntimeError::Io {
@@ -70,7 +74,12 @@ impl Model {
         }
         for (name, t) in weights {
             let v = to_ort(&t).map_err(ort_err(format!("{ctx}: weight `{name}`")))?;
-            b = b.with_initializer(&name, v).map_err(|e| RuntimeError::Ort { context: format!("{ctx}: weight `{name}`"), message: e.to_string() })?;
+            b = b
+                .with_initializer(&name, v)
+                .map_err(|e| RuntimeError::Ort {
+                    context: format!("{ctx}: weight `{name}`"),
+                    message: e.to_string(),
+                })?;
         }
         let session = b.commit_from_file(path).map_err(ort_err(&ctx))?;
         let inputs = session

@@ -53,6 +53,8 @@ impl Stage {
 pub struct ExportDir {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// The engine bundle, when the directory was compiled by `v2l-compile` (checked on open).
+    pub bundle: Option<crate::bundle::Bundle>,
 }
 
 impl ExportDir {
@@ -76,7 +78,12 @@ impl ExportDir {
             path: dir.clone(),
             message: e.to_string(),
         })?;
-        Ok(ExportDir { dir, manifest })
+        let bundle = crate::bundle::verify(&dir)?;
+        Ok(ExportDir {
+            dir,
+            manifest,
+            bundle,
+        })
     }
 
     fn missing(&self, what: &str, cmd: &str) -> RuntimeError {
@@ -101,15 +108,30 @@ impl ExportDir {
 
     /// The DiT's LoRA-targetable linear layers.
     pub fn dit_targets(&self) -> Result<&[v2l_export::LinearInfo]> {
-        Ok(&self.manifest.dit.as_ref().ok_or_else(|| self.missing("DiT", "dit"))?.lora_targets)
+        Ok(&self
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))?
+            .lora_targets)
     }
 
     /// Loads the DiT with `lora` fused into its weights (an ORT session built with the fused
     /// initializers in place of the base ones).
     pub fn dit_with_lora(&self, opts: &SessionOptions, lora: &AppliedLora) -> Result<Model> {
-        let e = self.manifest.dit.as_ref().ok_or_else(|| self.missing("DiT", "dit"))?;
+        let e = self
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))?;
         let path = self.dir.join(&e.file);
-        let weights = crate::lora::apply::fused_weights(&path, &e.lora_targets, &lora.lora, lora.multiplier, &lora.source)?;
+        let weights = crate::lora::apply::fused_weights(
+            &path,
+            &e.lora_targets,
+            &lora.lora,
+            lora.multiplier,
+            &lora.source,
+        )?;
         Model::load_with_weights(&path, opts, weights)
     }
 }
@@ -178,7 +200,8 @@ pub fn run_stage(
             Ok(BTreeMap::from([("sample".to_string(), sample)]))
         }
         Stage::Hypernet => {
-            let hw = crate::predict::Predictor::load(dir, opts)?.hyper_weights(&inputs["reference_latents"])?;
+            let hw = crate::predict::Predictor::load(dir, opts)?
+                .hyper_weights(&inputs["reference_latents"])?;
             Ok(BTreeMap::from([("hyper_weights".to_string(), hw)]))
         }
     }

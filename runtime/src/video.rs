@@ -41,31 +41,62 @@ impl Frames {
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
-    RuntimeError::BadFile { path: path.into(), message: message.into() }
+    RuntimeError::BadFile {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 /// Reads a reference clip, resized to `height × width` (ffmpeg bicubic) where it is decoded by
 /// ffmpeg; a safetensors clip must already have that size.
 pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
     if !path.exists() {
-        return Err(RuntimeError::Io { path: path.into(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory") });
+        return Err(RuntimeError::Io {
+            path: path.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        });
     }
     let frames = if path.extension().is_some_and(|e| e == "safetensors") {
         let t = crate::tensor::read_safetensors(path)?;
-        let r = t.get("reference_u8").ok_or_else(|| RuntimeError::MissingTensor { path: path.into(), name: "reference_u8".into() })?;
+        let r = t
+            .get("reference_u8")
+            .ok_or_else(|| RuntimeError::MissingTensor {
+                path: path.into(),
+                name: "reference_u8".into(),
+            })?;
         let Data::U8(rgb) = &r.data else {
             return Err(bad(path, "`reference_u8` must be uint8"));
         };
         if r.shape.len() != 4 || r.shape[3] != 3 {
-            return Err(bad(path, format!("`reference_u8` has shape {:?}; expected [frames, height, width, 3]", r.shape)));
+            return Err(bad(
+                path,
+                format!(
+                    "`reference_u8` has shape {:?}; expected [frames, height, width, 3]",
+                    r.shape
+                ),
+            ));
         }
         if (r.shape[1], r.shape[2]) != (height, width) {
-            return Err(bad(path, format!("frames are {}×{}, the model needs {height}×{width}", r.shape[1], r.shape[2])));
+            return Err(bad(
+                path,
+                format!(
+                    "frames are {}×{}, the model needs {height}×{width}",
+                    r.shape[1], r.shape[2]
+                ),
+            ));
         }
-        Frames { frames: r.shape[0], height, width, rgb: rgb.clone() }
+        Frames {
+            frames: r.shape[0],
+            height,
+            width,
+            rgb: rgb.clone(),
+        }
     } else if path.is_dir() {
         let mut pngs: Vec<_> = std::fs::read_dir(path)
-            .map_err(|source| RuntimeError::Io { path: path.into(), source })?
+            .map_err(|source| RuntimeError::Io {
+                path: path.into(),
+                source,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
             .collect();
@@ -74,10 +105,20 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
         for p in &pngs {
             rgb.extend(ffmpeg_decode(p, height, width)?);
         }
-        Frames { frames: pngs.len(), height, width, rgb }
+        Frames {
+            frames: pngs.len(),
+            height,
+            width,
+            rgb,
+        }
     } else {
         let rgb = ffmpeg_decode(path, height, width)?;
-        Frames { frames: rgb.len() / (height * width * 3), height, width, rgb }
+        Frames {
+            frames: rgb.len() / (height * width * 3),
+            height,
+            width,
+            rgb,
+        }
     };
     if frames.frames == 0 {
         return Err(bad(path, "the video has no frames"));
@@ -99,7 +140,12 @@ fn ffmpeg_decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
         })?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
-        let first = msg.lines().last().unwrap_or("ffmpeg failed").trim().to_string();
+        let first = msg
+            .lines()
+            .last()
+            .unwrap_or("ffmpeg failed")
+            .trim()
+            .to_string();
         return Err(bad(path, format!("cannot decode video: {first}")));
     }
     Ok(out.stdout)
@@ -109,21 +155,37 @@ fn ffmpeg_decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
 pub fn to_rgb8(frames: &Tensor) -> Result<Frames> {
     let v = frames.as_f32("frames")?;
     if frames.shape.len() != 5 || frames.shape[0] != 1 || frames.shape[4] != 3 {
-        return Err(RuntimeError::Invalid { what: "frames".into(), message: format!("shape {:?}; expected [1, F, H, W, 3]", frames.shape) });
+        return Err(RuntimeError::Invalid {
+            what: "frames".into(),
+            message: format!("shape {:?}; expected [1, F, H, W, 3]", frames.shape),
+        });
     }
     Ok(Frames {
         frames: frames.shape[1],
         height: frames.shape[2],
         width: frames.shape[3],
-        rgb: v.iter().map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8).collect(),
+        rgb: v
+            .iter()
+            .map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect(),
     })
 }
 
 /// Pipes raw RGB24 frames into ffmpeg writing `path` (format from its extension), under a
 /// temporary name renamed into place on success.
-fn ffmpeg_encode(path: &Path, rgb: &[u8], width: usize, height: usize, fps: u32, args: &[&str]) -> Result<()> {
+fn ffmpeg_encode(
+    path: &Path,
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    fps: u32,
+    args: &[&str],
+) -> Result<()> {
     use std::io::Write;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".tmp{}.{name}", std::process::id()));
     let mut child = Command::new("ffmpeg")
         .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &format!("{width}x{height}"), "-r", &fps.to_string(), "-i", "-"])
@@ -138,15 +200,29 @@ fn ffmpeg_encode(path: &Path, rgb: &[u8], width: usize, height: usize, fps: u32,
             message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
         })?;
     let wrote = child.stdin.take().map(|mut s| s.write_all(rgb));
-    let out = child.wait_with_output().map_err(|source| RuntimeError::Io { path: path.into(), source })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
     if !out.status.success() || !matches!(wrote, Some(Ok(()))) {
         let _ = std::fs::remove_file(&tmp);
         let msg = String::from_utf8_lossy(&out.stderr);
-        return Err(bad(path, format!("ffmpeg could not write it: {}", msg.lines().last().unwrap_or("unknown error").trim())));
+        return Err(bad(
+            path,
+            format!(
+                "ffmpeg could not write it: {}",
+                msg.lines().last().unwrap_or("unknown error").trim()
+            ),
+        ));
     }
     std::fs::rename(&tmp, path).map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
-        RuntimeError::Io { path: path.into(), source }
+        RuntimeError::Io {
+            path: path.into(),
+            source,
+        }
     })
 }
 
@@ -158,7 +234,18 @@ pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<()> {
         frames.width,
         frames.height,
         fps,
-        &["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "12", "-movflags", "+faststart"],
+        &[
+            "-vf",
+            "pad=ceil(iw/2)*2:ceil(ih/2)*2",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-crf",
+            "12",
+            "-movflags",
+            "+faststart",
+        ],
     )
 }
 

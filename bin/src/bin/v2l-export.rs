@@ -135,10 +135,26 @@ fn main() -> ExitCode {
             weight_dtype,
         } => export_dit(&checkpoint, &out, weight_dtype.into()),
         Command::Vae { checkpoint, out } => export_vae(&checkpoint, &out),
-        Command::Pipeline { model, hypernet, lilora, iterations, out } => {
-            export_pipeline(&model, hypernet.as_deref(), lilora.as_deref(), iterations, &out)
-        }
-        Command::Hypernet { checkpoint, lilora, dit, iterations, out } => export_hypernet(&checkpoint, &lilora, &dit, iterations, &out),
+        Command::Pipeline {
+            model,
+            hypernet,
+            lilora,
+            iterations,
+            out,
+        } => export_pipeline(
+            &model,
+            hypernet.as_deref(),
+            lilora.as_deref(),
+            iterations,
+            &out,
+        ),
+        Command::Hypernet {
+            checkpoint,
+            lilora,
+            dit,
+            iterations,
+            out,
+        } => export_hypernet(&checkpoint, &lilora, &dit, iterations, &out),
     })
 }
 
@@ -209,12 +225,20 @@ fn export_vae(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn export_hypernet(checkpoint: &Path, lilora: &Path, dit: &Path, iterations: usize, out: &OutputArgs) -> Result<(), Failure> {
+fn export_hypernet(
+    checkpoint: &Path,
+    lilora: &Path,
+    dit: &Path,
+    iterations: usize,
+    out: &OutputArgs,
+) -> Result<(), Failure> {
     let ck = Checkpoint::open_file(checkpoint)?;
-    let ex = video2lora_hypernet::export(&ck, &video2lora_hypernet::HypernetOptions { iterations })?;
+    let ex =
+        video2lora_hypernet::export(&ck, &video2lora_hypernet::HypernetOptions { iterations })?;
     warn_unused(&ex.unused_keys);
     let linears = cogvideox_dit::export(&Checkpoint::open_dir(dit)?, &Default::default())?.linears;
-    let aux = v2l_runtime::lora::lilora::LiLora::load(lilora, &linears).map_err(v2l_runtime::RuntimeError::from)?;
+    let aux = v2l_runtime::lora::lilora::LiLora::load(lilora, &linears)
+        .map_err(v2l_runtime::RuntimeError::from)?;
     let d = &ex.dims;
     if d.num_layers != aux.layers.len() {
         return Err(Failure::new(format!(
@@ -240,8 +264,12 @@ fn export_hypernet(checkpoint: &Path, lilora: &Path, dit: &Path, iterations: usi
     let lilora_name = "lilora.safetensors";
     let dst = out.output.join(lilora_name);
     if std::fs::canonicalize(lilora).ok() != std::fs::canonicalize(&dst).ok() {
-        let tmp = out.output.join(format!(".{lilora_name}.tmp{}", std::process::id()));
-        std::fs::copy(lilora, &tmp).and_then(|_| std::fs::rename(&tmp, &dst)).map_err(|e| Failure::new(format!("{}: {e}", dst.display())))?;
+        let tmp = out
+            .output
+            .join(format!(".{lilora_name}.tmp{}", std::process::id()));
+        std::fs::copy(lilora, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &dst))
+            .map_err(|e| Failure::new(format!("{}: {e}", dst.display())))?;
     }
     manifest.hypernet = Some(v2l_export::manifest::HypernetEntry {
         file: file.into(),
@@ -266,10 +294,19 @@ fn export_hypernet(checkpoint: &Path, lilora: &Path, dit: &Path, iterations: usi
     Ok(())
 }
 
-fn export_pipeline(model: &Path, hypernet: Option<&Path>, lilora: Option<&Path>, iterations: usize, out: &OutputArgs) -> Result<(), Failure> {
+fn export_pipeline(
+    model: &Path,
+    hypernet: Option<&Path>,
+    lilora: Option<&Path>,
+    iterations: usize,
+    out: &OutputArgs,
+) -> Result<(), Failure> {
     let sched = model.join("scheduler").join("scheduler_config.json");
     if !sched.is_file() {
-        return Err(Failure::new(format!("{}: missing (a diffusers pipeline directory has scheduler/scheduler_config.json)", sched.display())));
+        return Err(Failure::new(format!(
+            "{}: missing (a diffusers pipeline directory has scheduler/scheduler_config.json)",
+            sched.display()
+        )));
     }
     export_dit(&model.join("transformer"), out, DType::F32)?;
     export_vae(&model.join("vae"), out)?;
@@ -277,7 +314,9 @@ fn export_pipeline(model: &Path, hypernet: Option<&Path>, lilora: Option<&Path>,
         export_hypernet(h, l, &model.join("transformer"), iterations, out)?;
     }
     let name = "scheduler_config.json";
-    let tmp = out.output.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = out
+        .output
+        .join(format!(".{name}.tmp{}", std::process::id()));
     std::fs::copy(&sched, &tmp)
         .and_then(|_| std::fs::rename(&tmp, out.output.join(name)))
         .map_err(|e| Failure::new(format!("{}: {e}", out.output.join(name).display())))?;

@@ -121,20 +121,56 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| match cli.command {
         Command::Inspect { file, json, model } => inspect(&read(&file, model.as_deref())?, json),
-        Command::Convert { input, output, format, model } => {
+        Command::Convert {
+            input,
+            output,
+            format,
+            model,
+        } => {
             let lora = read(&input, model.as_deref())?;
             format::write(&output, &lora, format.into()).map_err(RuntimeError::from)?;
-            println!("wrote {} ({} layers, {})", output.display(), lora.layers.len(), LoraFormat::from(format).name());
+            println!(
+                "wrote {} ({} layers, {})",
+                output.display(),
+                lora.layers.len(),
+                LoraFormat::from(format).name()
+            );
             Ok(())
         }
-        Command::Predict { engine, reference, output, frames, height, width, lora_weight, format, dump } => {
-            predict(&engine, &reference, &output, frames, height, width, lora_weight, format.into(), dump.as_deref())
-        }
-        Command::Fuse { base, lora, scale, output } => {
+        Command::Predict {
+            engine,
+            reference,
+            output,
+            frames,
+            height,
+            width,
+            lora_weight,
+            format,
+            dump,
+        } => predict(
+            &engine,
+            &reference,
+            &output,
+            frames,
+            height,
+            width,
+            lora_weight,
+            format.into(),
+            dump.as_deref(),
+        ),
+        Command::Fuse {
+            base,
+            lora,
+            scale,
+            output,
+        } => {
             let modules = model_modules(&base)?;
             let l = format::read(&lora, Some(&modules)).map_err(RuntimeError::from)?;
             let n = v2l_runtime::lora::apply::fuse_checkpoint(&base, &l, scale, &lora, &output)?;
-            println!("wrote {} ({n} layers fused at scale {scale})", output.display());
+            println!(
+                "wrote {} ({n} layers fused at scale {scale})",
+                output.display()
+            );
             Ok(())
         }
     })
@@ -149,7 +185,10 @@ fn model_modules(dir: &Path) -> Result<Vec<String>, Failure> {
         }
     }
     let ck = v2l_export::Checkpoint::open_dir(dir)?;
-    Ok(v2l_runtime::lora::apply::checkpoint_linears(&ck).into_iter().map(|t| t.name).collect())
+    Ok(v2l_runtime::lora::apply::checkpoint_linears(&ck)
+        .into_iter()
+        .map(|t| t.name)
+        .collect())
 }
 
 fn read(file: &Path, model: Option<&Path>) -> Result<Lora, Failure> {
@@ -166,7 +205,11 @@ fn read(file: &Path, model: Option<&Path>) -> Result<Lora, Failure> {
 }
 
 fn inspect(lora: &Lora, json: bool) -> Result<(), Failure> {
-    let params: usize = lora.layers.iter().map(|l| l.a.shape[0] * l.a.shape[1] + l.b.shape[0] * l.b.shape[1]).sum();
+    let params: usize = lora
+        .layers
+        .iter()
+        .map(|l| l.a.shape[0] * l.a.shape[1] + l.b.shape[0] * l.b.shape[1])
+        .sum();
     if json {
         let layers: Vec<_> = lora
             .layers
@@ -176,11 +219,21 @@ fn inspect(lora: &Lora, json: bool) -> Result<(), Failure> {
                     "out_features": l.b.shape[0], "dtype": l.a.dtype.name()})
             })
             .collect();
-        println!("{}", serde_json::json!({"format": lora.format.name(), "parameters": params, "layers": layers}));
+        println!(
+            "{}",
+            serde_json::json!({"format": lora.format.name(), "parameters": params, "layers": layers})
+        );
         return Ok(());
     }
-    println!("format: {}  layers: {}  parameters: {params}", lora.format.name(), lora.layers.len());
-    println!("{:<48} {:>5} {:>8} {:>7} {:>7} {:>6}", "module", "rank", "alpha", "in", "out", "dtype");
+    println!(
+        "format: {}  layers: {}  parameters: {params}",
+        lora.format.name(),
+        lora.layers.len()
+    );
+    println!(
+        "{:<48} {:>5} {:>8} {:>7} {:>7} {:>6}",
+        "module", "rank", "alpha", "in", "out", "dtype"
+    );
     for l in &lora.layers {
         println!(
             "{:<48} {:>5} {:>8} {:>7} {:>7} {:>6}",
@@ -213,10 +266,15 @@ fn predict(
     let mut vae = v2l_runtime::vae::Vae::load(&dir, &opts)?;
     let mut predictor = v2l_runtime::predict::Predictor::load(&dir, &opts)?;
     let cfg = &vae.entry.config;
-    let size = |v: Option<usize>, key: &str| v.or_else(|| cfg.get(key).and_then(|x| x.as_u64()).map(|x| x as usize));
+    let size = |v: Option<usize>, key: &str| {
+        v.or_else(|| cfg.get(key).and_then(|x| x.as_u64()).map(|x| x as usize))
+    };
     let (h, w) = match (size(height, "sample_height"), size(width, "sample_width")) {
         (Some(h), Some(w)) => (h, w),
-        _ => return Err(Failure::new("no generation size in the VAE config").with_hint("pass --height and --width")),
+        _ => {
+            return Err(Failure::new("no generation size in the VAE config")
+                .with_hint("pass --height and --width"))
+        }
     };
     let mut clip = v2l_runtime::video::read_frames(reference, h, w)?;
     if let Some(n) = frames {
@@ -231,6 +289,12 @@ fn predict(
         ]);
         v2l_runtime::write_safetensors(d, &m)?;
     }
-    println!("wrote {} ({} layers, rank {}, {} frames of {h}x{w})", output.display(), p.lora.layers.len(), p.lora.layers.first().map(|l| l.rank()).unwrap_or(0), clip.frames);
+    println!(
+        "wrote {} ({} layers, rank {}, {} frames of {h}x{w})",
+        output.display(),
+        p.lora.layers.len(),
+        p.lora.layers.first().map(|l| l.rank()).unwrap_or(0),
+        clip.frames
+    );
     Ok(())
 }

@@ -87,7 +87,10 @@ fn main() -> ExitCode {
             Failure::new("no engine given")
                 .with_hint("pass --engine <export dir>, e.g. `v2l-run --engine out/ stage dit ...`")
         })?;
-        let opts = SessionOptions { threads: cli.threads, ..Default::default() };
+        let opts = SessionOptions {
+            threads: cli.threads,
+            ..Default::default()
+        };
         match cli.command {
             Some(Command::Stage { stage, inputs, output, lora, lora_scale, compare, compare_names }) => {
                 let stage = Stage::from(stage);

@@ -11,9 +11,18 @@ use crate::tensor::Tensor;
 
 /// Pairs every LoRA layer with the model's linear layer of the same module path, checking shapes.
 /// A layer that matches nothing is an error (a LoRA for another model must not half-apply).
-pub fn match_targets<'a>(lora: &'a Lora, targets: &'a [LinearInfo], source: &Path) -> std::result::Result<Vec<(&'a LinearInfo, &'a LoraLayer)>, LoraError> {
-    let by_name: std::collections::HashMap<&str, &LinearInfo> = targets.iter().map(|t| (t.name.as_str(), t)).collect();
-    let unmatched: Vec<&LoraLayer> = lora.layers.iter().filter(|l| !by_name.contains_key(l.module.as_str())).collect();
+pub fn match_targets<'a>(
+    lora: &'a Lora,
+    targets: &'a [LinearInfo],
+    source: &Path,
+) -> std::result::Result<Vec<(&'a LinearInfo, &'a LoraLayer)>, LoraError> {
+    let by_name: std::collections::HashMap<&str, &LinearInfo> =
+        targets.iter().map(|t| (t.name.as_str(), t)).collect();
+    let unmatched: Vec<&LoraLayer> = lora
+        .layers
+        .iter()
+        .filter(|l| !by_name.contains_key(l.module.as_str()))
+        .collect();
     if let Some(first) = unmatched.first() {
         return Err(LoraError::Unmatched {
             path: source.into(),
@@ -43,10 +52,22 @@ pub fn match_targets<'a>(lora: &'a Lora, targets: &'a [LinearInfo], source: &Pat
 
 /// The fused weights `W + s·B·A` (s = multiplier·alpha/r) of every layer `lora` touches, read
 /// from the base weights in the ONNX model at `model`, named as its initializers.
-pub fn fused_weights(model: &Path, targets: &[LinearInfo], lora: &Lora, multiplier: f32, source: &Path) -> Result<Vec<(String, Tensor)>> {
+pub fn fused_weights(
+    model: &Path,
+    targets: &[LinearInfo],
+    lora: &Lora,
+    multiplier: f32,
+    source: &Path,
+) -> Result<Vec<(String, Tensor)>> {
     let pairs = match_targets(lora, targets, source)?;
-    let names: Vec<String> = pairs.iter().map(|(t, _)| format!("{}.weight", t.name)).collect();
-    let base = v2l_graphs::read_initializers(model, &names).map_err(|source| RuntimeError::Io { path: model.into(), source })?;
+    let names: Vec<String> = pairs
+        .iter()
+        .map(|(t, _)| format!("{}.weight", t.name))
+        .collect();
+    let base = v2l_graphs::read_initializers(model, &names).map_err(|source| RuntimeError::Io {
+        path: model.into(),
+        source,
+    })?;
     let mut out = Vec::with_capacity(pairs.len());
     for ((t, l), (name, dtype, _, bytes)) in pairs.into_iter().zip(base) {
         if dtype != v2l_graphs::DType::F32 {
@@ -55,13 +76,34 @@ pub fn fused_weights(model: &Path, targets: &[LinearInfo], lora: &Lora, multipli
                 message: format!("`{name}` is stored as {dtype}; fusing into f16/bf16 engine weights needs an engine bundle (not yet)"),
             });
         }
-        let w: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let w: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let mut fused = vec![0f32; w.len()];
         let (a, b) = (l.a.to_f32(), l.b.to_f32());
-        let f = Factors { b: &b, a: &a, rank: l.rank(), scale: l.scale(multiplier) };
-        fuse_from(Weights::F32(&w), WeightsMut::F32(&mut fused), t.out_features, t.in_features, &f, 0)
-            .map_err(|e| RuntimeError::Invalid { what: name.clone(), message: e.to_string() })?;
-        out.push((name, Tensor::f32(vec![t.out_features, t.in_features], fused)));
+        let f = Factors {
+            b: &b,
+            a: &a,
+            rank: l.rank(),
+            scale: l.scale(multiplier),
+        };
+        fuse_from(
+            Weights::F32(&w),
+            WeightsMut::F32(&mut fused),
+            t.out_features,
+            t.in_features,
+            &f,
+            0,
+        )
+        .map_err(|e| RuntimeError::Invalid {
+            what: name.clone(),
+            message: e.to_string(),
+        })?;
+        out.push((
+            name,
+            Tensor::f32(vec![t.out_features, t.in_features], fused),
+        ));
     }
     Ok(out)
 }
@@ -74,7 +116,11 @@ pub fn checkpoint_linears(ck: &v2l_export::Checkpoint) -> Vec<LinearInfo> {
             let module = k.strip_suffix(".weight")?;
             let t = ck.get(k).ok()?;
             match t.shape.as_slice() {
-                [o, i] => Some(LinearInfo { name: module.to_string(), out_features: *o, in_features: *i }),
+                [o, i] => Some(LinearInfo {
+                    name: module.to_string(),
+                    out_features: *o,
+                    in_features: *i,
+                }),
                 _ => None,
             }
         })
@@ -84,9 +130,18 @@ pub fn checkpoint_linears(ck: &v2l_export::Checkpoint) -> Vec<LinearInfo> {
 /// Writes a copy of the diffusers checkpoint `base` with `lora` fused into its weights to `out`
 /// (same file names and shards; weights keep their dtype, fused in f32 and rounded once).
 /// The directory appears complete or not at all: it is written under a temporary name first.
-pub fn fuse_checkpoint(base: &Path, lora: &Lora, multiplier: f32, source: &Path, out: &Path) -> Result<usize> {
+pub fn fuse_checkpoint(
+    base: &Path,
+    lora: &Lora,
+    multiplier: f32,
+    source: &Path,
+    out: &Path,
+) -> Result<usize> {
     use v2l_graphs::DType;
-    let ck = v2l_export::Checkpoint::open_dir(base).map_err(|e| RuntimeError::BadFile { path: base.into(), message: e.to_string() })?;
+    let ck = v2l_export::Checkpoint::open_dir(base).map_err(|e| RuntimeError::BadFile {
+        path: base.into(),
+        message: e.to_string(),
+    })?;
     let targets = checkpoint_linears(&ck);
     let pairs = match_targets(lora, &targets, source)?;
     if out.exists() {
@@ -97,46 +152,86 @@ pub fn fuse_checkpoint(base: &Path, lora: &Lora, multiplier: f32, source: &Path,
     }
     let io = |p: &Path| {
         let p = p.to_path_buf();
-        move |source| RuntimeError::Io { path: p.clone(), source }
+        move |source| RuntimeError::Io {
+            path: p.clone(),
+            source,
+        }
     };
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = out.with_file_name(format!(".{name}.partial{}", std::process::id()));
     let result = (|| {
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        let mut fused: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
+        let mut fused: std::collections::HashMap<String, Vec<u8>> =
+            std::collections::HashMap::new();
         for (t, l) in &pairs {
             let key = format!("{}.weight", t.name);
-            let w = ck.get(&key).map_err(|e| RuntimeError::BadFile { path: base.into(), message: e.to_string() })?;
+            let w = ck.get(&key).map_err(|e| RuntimeError::BadFile {
+                path: base.into(),
+                message: e.to_string(),
+            })?;
             let bytes = w.data.stored_bytes();
             let (a, b) = (l.a.to_f32(), l.b.to_f32());
-            let f = Factors { b: &b, a: &a, rank: l.rank(), scale: l.scale(multiplier) };
+            let f = Factors {
+                b: &b,
+                a: &a,
+                rank: l.rank(),
+                scale: l.scale(multiplier),
+            };
             let (o, i) = (t.out_features, t.in_features);
-            let fail = |e: super::fuse::FuseError| RuntimeError::Invalid { what: key.clone(), message: e.to_string() };
+            let fail = |e: super::fuse::FuseError| RuntimeError::Invalid {
+                what: key.clone(),
+                message: e.to_string(),
+            };
             let bytes: Vec<u8> = match w.dtype {
                 DType::F32 => {
-                    let mut v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    let mut v: Vec<f32> = bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
                     fuse_in_place(WeightsMut::F32(&mut v), o, i, &f, 0).map_err(fail)?;
                     v.iter().flat_map(|x| x.to_le_bytes()).collect()
                 }
                 DType::F16 => {
-                    let mut v: Vec<half::f16> = bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+                    let mut v: Vec<half::f16> = bytes
+                        .chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                        .collect();
                     fuse_in_place(WeightsMut::F16(&mut v), o, i, &f, 0).map_err(fail)?;
                     v.iter().flat_map(|x| x.to_le_bytes()).collect()
                 }
                 DType::BF16 => {
-                    let mut v: Vec<half::bf16> = bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect();
+                    let mut v: Vec<half::bf16> = bytes
+                        .chunks_exact(2)
+                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                        .collect();
                     fuse_in_place(WeightsMut::BF16(&mut v), o, i, &f, 0).map_err(fail)?;
                     v.iter().flat_map(|x| x.to_le_bytes()).collect()
                 }
-                d => return Err(RuntimeError::Invalid { what: key, message: format!("cannot fuse into a {d} weight") }),
+                d => {
+                    return Err(RuntimeError::Invalid {
+                        what: key,
+                        message: format!("cannot fuse into a {d} weight"),
+                    })
+                }
             };
             fused.insert(key, bytes);
         }
         for (file, keys) in ck.files() {
-            let fname = file.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            let fname = file
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
             let tensors = keys
                 .iter()
-                .map(|k| ck.get(k).map_err(|e| RuntimeError::BadFile { path: file.clone(), message: e.to_string() }))
+                .map(|k| {
+                    ck.get(k).map_err(|e| RuntimeError::BadFile {
+                        path: file.clone(),
+                        message: e.to_string(),
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?;
             let mut views = Vec::with_capacity(keys.len());
             for t in &tensors {
@@ -152,14 +247,24 @@ pub fn fuse_checkpoint(base: &Path, lora: &Lora, multiplier: f32, source: &Path,
                     _ => safetensors::Dtype::F32,
                 };
                 let view = safetensors::tensor::TensorView::new(dt, t.shape.clone(), data)
-                    .map_err(|e| RuntimeError::Invalid { what: t.key.clone(), message: e.to_string() })?;
+                    .map_err(|e| RuntimeError::Invalid {
+                        what: t.key.clone(),
+                        message: e.to_string(),
+                    })?;
                 views.push((t.key.clone(), view));
             }
             let dst = tmp.join(&fname);
-            safetensors::serialize_to_file(views, &None, &dst)
-                .map_err(|e| RuntimeError::Invalid { what: dst.display().to_string(), message: e.to_string() })?;
+            safetensors::serialize_to_file(views, &None, &dst).map_err(|e| {
+                RuntimeError::Invalid {
+                    what: dst.display().to_string(),
+                    message: e.to_string(),
+                }
+            })?;
         }
-        for extra in ["config.json", "diffusion_pytorch_model.safetensors.index.json"] {
+        for extra in [
+            "config.json",
+            "diffusion_pytorch_model.safetensors.index.json",
+        ] {
             let src = base.join(extra);
             if src.exists() {
                 std::fs::copy(&src, tmp.join(extra)).map_err(io(&src))?;
@@ -173,4 +278,3 @@ pub fn fuse_checkpoint(base: &Path, lora: &Lora, multiplier: f32, source: &Path,
     }
     result
 }
-

@@ -37,23 +37,48 @@ impl LoraFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Bad { path: PathBuf, message: String },
     #[error("{path}: no LoRA tensors in a known format (diffusers/PEFT `lora_A`/`lora_B`, kohya `lora_down`/`lora_up`, ComfyUI `diffusion_model.`)")]
     UnknownFormat { path: PathBuf },
     #[error("{path}: layer `{module}` has {present} but no {missing}")]
-    MissingPair { path: PathBuf, module: String, present: String, missing: String },
+    MissingPair {
+        path: PathBuf,
+        module: String,
+        present: String,
+        missing: String,
+    },
     #[error("{path}: layer `{module}`: A is {a:?} and B is {b:?}; their ranks disagree")]
-    Rank { path: PathBuf, module: String, a: [usize; 2], b: [usize; 2] },
+    Rank {
+        path: PathBuf,
+        module: String,
+        a: [usize; 2],
+        b: [usize; 2],
+    },
     #[error("{path}: tensor `{key}` holds NaN or Inf")]
     NonFinite { path: PathBuf, key: String },
     #[error("{path}: kohya layer name `{name}` matches no module of the model")]
     UnresolvedKohya { path: PathBuf, name: String },
     #[error("{path}: {count} of {total} LoRA layers match no linear layer of the model (first: `{first}`)")]
-    Unmatched { path: PathBuf, count: usize, total: usize, first: String },
+    Unmatched {
+        path: PathBuf,
+        count: usize,
+        total: usize,
+        first: String,
+    },
     #[error("{path}: layer `{module}`: B·A is [{out}, {inp}] but the model's weight is [{w_out}, {w_in}]")]
-    TargetShape { path: PathBuf, module: String, out: usize, inp: usize, w_out: usize, w_in: usize },
+    TargetShape {
+        path: PathBuf,
+        module: String,
+        out: usize,
+        inp: usize,
+        w_out: usize,
+        w_in: usize,
+    },
 }
 
 type Result<T> = std::result::Result<T, LoraError>;
@@ -68,16 +93,29 @@ pub struct Factor {
 
 impl Factor {
     pub fn from_f32(shape: [usize; 2], v: &[f32]) -> Factor {
-        Factor { dtype: DType::F32, shape, bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        Factor {
+            dtype: DType::F32,
+            shape,
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
     }
 
     /// The values widened to f32.
     pub fn to_f32(&self) -> Vec<f32> {
         let b = &self.bytes;
         match self.dtype {
-            DType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            DType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
         }
     }
 }
@@ -136,18 +174,28 @@ fn to_st_dtype(d: DType) -> safetensors::Dtype {
 }
 
 /// The PEFT `lora_alpha` (and per-module `alpha_pattern`) from diffusers' metadata JSON.
-fn peft_alpha(meta: Option<&HashMap<String, String>>) -> (Option<f32>, BTreeMap<String, f32>, bool) {
+fn peft_alpha(
+    meta: Option<&HashMap<String, String>>,
+) -> (Option<f32>, BTreeMap<String, f32>, bool) {
     let Some(json) = meta.and_then(|m| m.get("lora_adapter_metadata")) else {
         return (None, BTreeMap::new(), false);
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
         return (None, BTreeMap::new(), false);
     };
-    let get = |k: &str| v.get(format!("transformer.{k}")).or_else(|| v.get(k)).or_else(|| v.get("transformer").and_then(|t| t.get(k)));
+    let get = |k: &str| {
+        v.get(format!("transformer.{k}"))
+            .or_else(|| v.get(k))
+            .or_else(|| v.get("transformer").and_then(|t| t.get(k)))
+    };
     let alpha = get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32);
     let pattern = get("alpha_pattern")
         .and_then(|p| p.as_object())
-        .map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()? as f32))).collect())
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? as f32)))
+                .collect()
+        })
         .unwrap_or_default();
     let rslora = get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
     (alpha, pattern, rslora)
@@ -156,24 +204,50 @@ fn peft_alpha(meta: Option<&HashMap<String, String>>) -> (Option<f32>, BTreeMap<
 /// Reads a LoRA file in any supported format. `modules` (the model's module paths) resolves
 /// kohya names; without it, only kohya files that record their module names can be read.
 pub fn read(path: &Path, modules: Option<&[String]>) -> Result<Lora> {
-    let bytes = std::fs::read(path).map_err(|source| LoraError::Io { path: path.into(), source })?;
-    let bad = |message: String| LoraError::Bad { path: path.into(), message };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|source| LoraError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let bad = |message: String| LoraError::Bad {
+        path: path.into(),
+        message,
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut raw: BTreeMap<String, Raw> = BTreeMap::new();
     for (k, v) in st.tensors() {
         let Some(dtype) = st_dtype(v.dtype()) else {
-            return Err(bad(format!("tensor `{k}` has dtype {:?}; LoRA factors must be f32, f16 or bf16", v.dtype())));
+            return Err(bad(format!(
+                "tensor `{k}` has dtype {:?}; LoRA factors must be f32, f16 or bf16",
+                v.dtype()
+            )));
         };
-        raw.insert(k, Raw { dtype, shape: v.shape().to_vec(), bytes: v.data().to_vec() });
+        raw.insert(
+            k,
+            Raw {
+                dtype,
+                shape: v.shape().to_vec(),
+                bytes: v.data().to_vec(),
+            },
+        );
     }
     let metadata = meta.metadata().as_ref();
 
     let any = |suffix: &str| raw.keys().any(|k| k.ends_with(suffix));
     let (format, lora) = if any(".lora_down.weight") {
-        (LoraFormat::Kohya, read_kohya(path, &raw, metadata, modules)?)
+        (
+            LoraFormat::Kohya,
+            read_kohya(path, &raw, metadata, modules)?,
+        )
     } else if raw.keys().any(|k| k.starts_with("diffusion_model.")) && any(".lora_A.weight") {
-        (LoraFormat::ComfyUi, read_ab(path, &raw, "diffusion_model.", |_, m| alpha_tensor(&raw, &format!("diffusion_model.{m}.alpha")))?)
+        (
+            LoraFormat::ComfyUi,
+            read_ab(path, &raw, "diffusion_model.", |_, m| {
+                alpha_tensor(&raw, &format!("diffusion_model.{m}.alpha"))
+            })?,
+        )
     } else if any(".lora_A.weight") {
         let (alpha, pattern, rslora) = peft_alpha(metadata);
         let prefix = if raw.keys().any(|k| k.starts_with("transformer.")) {
@@ -184,7 +258,11 @@ pub fn read(path: &Path, modules: Option<&[String]>) -> Result<Lora> {
             ""
         };
         let layers = read_ab(path, &raw, prefix, |r, m| {
-            let a = pattern.iter().find(|(p, _)| m == p.as_str() || m.ends_with(&format!(".{p}"))).map(|(_, a)| *a).or(alpha);
+            let a = pattern
+                .iter()
+                .find(|(p, _)| m == p.as_str() || m.ends_with(&format!(".{p}")))
+                .map(|(_, a)| *a)
+                .or(alpha);
             // PEFT: alpha = r when absent; rsLoRA scales by alpha/√r, expressed here as an alpha.
             let a = a.unwrap_or(r as f32);
             Some(if rslora { a * (r as f32).sqrt() } else { a })
@@ -196,28 +274,59 @@ pub fn read(path: &Path, modules: Option<&[String]>) -> Result<Lora> {
     for l in &lora {
         for (f, which) in [(&l.a, "A"), (&l.b, "B")] {
             if f.to_f32().iter().any(|x| !x.is_finite()) {
-                return Err(LoraError::NonFinite { path: path.into(), key: format!("{} ({which})", l.module) });
+                return Err(LoraError::NonFinite {
+                    path: path.into(),
+                    key: format!("{} ({which})", l.module),
+                });
             }
         }
     }
-    Ok(Lora { format, layers: lora })
+    Ok(Lora {
+        format,
+        layers: lora,
+    })
 }
 
 fn alpha_tensor(raw: &BTreeMap<String, Raw>, key: &str) -> Option<f32> {
     let r = raw.get(key)?;
-    Factor { dtype: r.dtype, shape: [1, 1], bytes: r.bytes.clone() }.to_f32().first().copied()
+    Factor {
+        dtype: r.dtype,
+        shape: [1, 1],
+        bytes: r.bytes.clone(),
+    }
+    .to_f32()
+    .first()
+    .copied()
 }
 
 fn factor(path: &Path, key: &str, r: &Raw) -> Result<Factor> {
     match r.shape.as_slice() {
-        [a, b] => Ok(Factor { dtype: r.dtype, shape: [*a, *b], bytes: r.bytes.clone() }),
+        [a, b] => Ok(Factor {
+            dtype: r.dtype,
+            shape: [*a, *b],
+            bytes: r.bytes.clone(),
+        }),
         // Some trainers store linear factors as 1×1 convolutions.
-        [a, b, 1, 1] => Ok(Factor { dtype: r.dtype, shape: [*a, *b], bytes: r.bytes.clone() }),
-        s => Err(LoraError::Bad { path: path.into(), message: format!("tensor `{key}` has shape {s:?}; expected a matrix") }),
+        [a, b, 1, 1] => Ok(Factor {
+            dtype: r.dtype,
+            shape: [*a, *b],
+            bytes: r.bytes.clone(),
+        }),
+        s => Err(LoraError::Bad {
+            path: path.into(),
+            message: format!("tensor `{key}` has shape {s:?}; expected a matrix"),
+        }),
     }
 }
 
-fn pair(path: &Path, module: &str, a: Option<(&str, &Raw)>, b: Option<(&str, &Raw)>, names: [&str; 2], alpha: Option<f32>) -> Result<LoraLayer> {
+fn pair(
+    path: &Path,
+    module: &str,
+    a: Option<(&str, &Raw)>,
+    b: Option<(&str, &Raw)>,
+    names: [&str; 2],
+    alpha: Option<f32>,
+) -> Result<LoraLayer> {
     let missing = |present: &str, missing: &str| LoraError::MissingPair {
         path: path.into(),
         module: module.into(),
@@ -229,10 +338,20 @@ fn pair(path: &Path, module: &str, a: Option<(&str, &Raw)>, b: Option<(&str, &Ra
     let a = factor(path, ka, ra)?;
     let b = factor(path, kb, rb)?;
     if a.shape[0] != b.shape[1] || a.shape[0] == 0 {
-        return Err(LoraError::Rank { path: path.into(), module: module.into(), a: a.shape, b: b.shape });
+        return Err(LoraError::Rank {
+            path: path.into(),
+            module: module.into(),
+            a: a.shape,
+            b: b.shape,
+        });
     }
     let alpha = alpha.unwrap_or(a.shape[0] as f32);
-    Ok(LoraLayer { module: module.into(), a, b, alpha })
+    Ok(LoraLayer {
+        module: module.into(),
+        a,
+        b,
+        alpha,
+    })
 }
 
 /// Reads `<prefix><module>.lora_A.weight` / `.lora_B.weight` pairs.
@@ -245,7 +364,10 @@ fn read_ab(
     let mut modules: Vec<String> = raw
         .keys()
         .filter_map(|k| k.strip_prefix(prefix))
-        .filter_map(|k| k.strip_suffix(".lora_A.weight").or_else(|| k.strip_suffix(".lora_B.weight")))
+        .filter_map(|k| {
+            k.strip_suffix(".lora_A.weight")
+                .or_else(|| k.strip_suffix(".lora_B.weight"))
+        })
         .map(String::from)
         .collect();
     modules.sort();
@@ -281,23 +403,39 @@ fn read_kohya(
     if let Some(m) = modules {
         resolve.extend(m.iter().map(|p| (kohya_name(p), p.clone())));
     }
-    if let Some(recorded) = meta.and_then(|m| m.get(KOHYA_MODULES_KEY)).and_then(|j| serde_json::from_str::<BTreeMap<String, String>>(j).ok()) {
+    if let Some(recorded) = meta
+        .and_then(|m| m.get(KOHYA_MODULES_KEY))
+        .and_then(|j| serde_json::from_str::<BTreeMap<String, String>>(j).ok())
+    {
         resolve.extend(recorded);
     }
     let mut names: Vec<&str> = raw
         .keys()
-        .filter_map(|k| k.strip_suffix(".lora_down.weight").or_else(|| k.strip_suffix(".lora_up.weight")))
+        .filter_map(|k| {
+            k.strip_suffix(".lora_down.weight")
+                .or_else(|| k.strip_suffix(".lora_up.weight"))
+        })
         .collect();
     names.sort_unstable();
     names.dedup();
     let mut layers = Vec::new();
     for n in names {
-        let module = resolve.get(n).ok_or_else(|| LoraError::UnresolvedKohya { path: path.into(), name: n.into() })?;
+        let module = resolve.get(n).ok_or_else(|| LoraError::UnresolvedKohya {
+            path: path.into(),
+            name: n.into(),
+        })?;
         let kd = format!("{n}.lora_down.weight");
         let ku = format!("{n}.lora_up.weight");
         let a = raw.get(&kd).map(|r| (kd.as_str(), r));
         let b = raw.get(&ku).map(|r| (ku.as_str(), r));
-        layers.push(pair(path, module, a, b, ["lora_down", "lora_up"], alpha_tensor(raw, &format!("{n}.alpha")))?);
+        layers.push(pair(
+            path,
+            module,
+            a,
+            b,
+            ["lora_down", "lora_up"],
+            alpha_tensor(raw, &format!("{n}.alpha")),
+        )?);
     }
     layers.sort_by(|x, y| x.module.cmp(&y.module));
     Ok(layers)
@@ -311,8 +449,18 @@ pub fn write(path: &Path, lora: &Lora, format: LoraFormat) -> Result<()> {
     match format {
         LoraFormat::Diffusers => {
             for l in &lora.layers {
-                tensors.push((format!("transformer.{}.lora_A.weight", l.module), l.a.dtype, l.a.shape.to_vec(), l.a.bytes.clone()));
-                tensors.push((format!("transformer.{}.lora_B.weight", l.module), l.b.dtype, l.b.shape.to_vec(), l.b.bytes.clone()));
+                tensors.push((
+                    format!("transformer.{}.lora_A.weight", l.module),
+                    l.a.dtype,
+                    l.a.shape.to_vec(),
+                    l.a.bytes.clone(),
+                ));
+                tensors.push((
+                    format!("transformer.{}.lora_B.weight", l.module),
+                    l.b.dtype,
+                    l.b.shape.to_vec(),
+                    l.b.bytes.clone(),
+                ));
             }
             // One `lora_alpha` for the common value, `alpha_pattern` for the others (full paths).
             let common = lora.layers.first().map(|l| l.alpha).unwrap_or(1.0);
@@ -335,30 +483,62 @@ pub fn write(path: &Path, lora: &Lora, format: LoraFormat) -> Result<()> {
             let mut names = BTreeMap::new();
             for l in &lora.layers {
                 let n = kohya_name(&l.module);
-                tensors.push((format!("{n}.lora_down.weight"), l.a.dtype, l.a.shape.to_vec(), l.a.bytes.clone()));
-                tensors.push((format!("{n}.lora_up.weight"), l.b.dtype, l.b.shape.to_vec(), l.b.bytes.clone()));
+                tensors.push((
+                    format!("{n}.lora_down.weight"),
+                    l.a.dtype,
+                    l.a.shape.to_vec(),
+                    l.a.bytes.clone(),
+                ));
+                tensors.push((
+                    format!("{n}.lora_up.weight"),
+                    l.b.dtype,
+                    l.b.shape.to_vec(),
+                    l.b.bytes.clone(),
+                ));
                 tensors.push((format!("{n}.alpha"), DType::F32, vec![], scalar(l.alpha)));
                 names.insert(n, l.module.clone());
             }
-            meta.insert(KOHYA_MODULES_KEY.into(), serde_json::to_string(&names).unwrap_or_default());
+            meta.insert(
+                KOHYA_MODULES_KEY.into(),
+                serde_json::to_string(&names).unwrap_or_default(),
+            );
         }
         LoraFormat::ComfyUi => {
             for l in &lora.layers {
                 let n = format!("diffusion_model.{}", l.module);
-                tensors.push((format!("{n}.lora_A.weight"), l.a.dtype, l.a.shape.to_vec(), l.a.bytes.clone()));
-                tensors.push((format!("{n}.lora_B.weight"), l.b.dtype, l.b.shape.to_vec(), l.b.bytes.clone()));
+                tensors.push((
+                    format!("{n}.lora_A.weight"),
+                    l.a.dtype,
+                    l.a.shape.to_vec(),
+                    l.a.bytes.clone(),
+                ));
+                tensors.push((
+                    format!("{n}.lora_B.weight"),
+                    l.b.dtype,
+                    l.b.shape.to_vec(),
+                    l.b.bytes.clone(),
+                ));
                 tensors.push((format!("{n}.alpha"), DType::F32, vec![], scalar(l.alpha)));
             }
         }
     }
-    let bad = |e: safetensors::SafeTensorError| LoraError::Bad { path: path.into(), message: e.to_string() };
+    let bad = |e: safetensors::SafeTensorError| LoraError::Bad {
+        path: path.into(),
+        message: e.to_string(),
+    };
     let views = tensors
         .iter()
-        .map(|(k, d, s, b)| safetensors::tensor::TensorView::new(to_st_dtype(*d), s.clone(), b).map(|v| (k.clone(), v)))
+        .map(|(k, d, s, b)| {
+            safetensors::tensor::TensorView::new(to_st_dtype(*d), s.clone(), b)
+                .map(|v| (k.clone(), v))
+        })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(bad)?;
     let blob = safetensors::serialize(views, &Some(meta)).map_err(bad)?;
-    crate::tensor::write_atomic(path, &blob).map_err(|e| LoraError::Bad { path: path.into(), message: e.to_string() })
+    crate::tensor::write_atomic(path, &blob).map_err(|e| LoraError::Bad {
+        path: path.into(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -368,13 +548,20 @@ mod tests {
     fn sample() -> Lora {
         let layer = |m: &str, alpha: f32| LoraLayer {
             module: m.into(),
-            a: Factor { dtype: DType::BF16, shape: [2, 3], bytes: (0..12u8).collect() },
+            a: Factor {
+                dtype: DType::BF16,
+                shape: [2, 3],
+                bytes: (0..12u8).collect(),
+            },
             b: Factor::from_f32([4, 2], &[0.5, -1.0, 2.0, 3.0, 1e-3, 7.0, -2.5, 0.25]),
             alpha,
         };
         Lora {
             format: LoraFormat::Diffusers,
-            layers: vec![layer("ff.net.0.proj", 4.0), layer("transformer_blocks.0.attn1.to_out.0", 2.0)],
+            layers: vec![
+                layer("ff.net.0.proj", 4.0),
+                layer("transformer_blocks.0.attn1.to_out.0", 2.0),
+            ],
         }
     }
 
@@ -382,7 +569,12 @@ mod tests {
     fn every_format_round_trips_bitwise() {
         let d = tempfile::tempdir().unwrap();
         let mut lora = sample();
-        for f in [LoraFormat::Diffusers, LoraFormat::Kohya, LoraFormat::ComfyUi, LoraFormat::Diffusers] {
+        for f in [
+            LoraFormat::Diffusers,
+            LoraFormat::Kohya,
+            LoraFormat::ComfyUi,
+            LoraFormat::Diffusers,
+        ] {
             let p = d.path().join(format!("{}.safetensors", f.name()));
             write(&p, &lora, f).unwrap();
             let back = read(&p, None).unwrap();
@@ -402,8 +594,14 @@ mod tests {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         safetensors::serialize_to_file(st.tensors(), &None, &p).unwrap();
         let err = read(&p, None).unwrap_err().to_string();
-        assert!(err.contains("lora_unet_ff_net_0_proj") && err.contains("matches no module"), "{err}");
-        let modules = vec!["ff.net.0.proj".to_string(), "transformer_blocks.0.attn1.to_out.0".to_string()];
+        assert!(
+            err.contains("lora_unet_ff_net_0_proj") && err.contains("matches no module"),
+            "{err}"
+        );
+        let modules = vec![
+            "ff.net.0.proj".to_string(),
+            "transformer_blocks.0.attn1.to_out.0".to_string(),
+        ];
         assert_eq!(read(&p, Some(&modules)).unwrap().layers, sample().layers);
     }
 
@@ -415,12 +613,18 @@ mod tests {
         let p = d.path().join("r.safetensors");
         write(&p, &lora, LoraFormat::ComfyUi).unwrap();
         let err = read(&p, None).unwrap_err().to_string();
-        assert!(err.contains("ranks disagree") && err.contains("ff.net.0.proj"), "{err}");
+        assert!(
+            err.contains("ranks disagree") && err.contains("ff.net.0.proj"),
+            "{err}"
+        );
 
         let mut lora = sample();
         lora.layers[1].b = Factor::from_f32([4, 2], &[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
         write(&p, &lora, LoraFormat::Diffusers).unwrap();
         let err = read(&p, None).unwrap_err().to_string();
-        assert!(err.contains("NaN or Inf") && err.contains("to_out.0"), "{err}");
+        assert!(
+            err.contains("NaN or Inf") && err.contains("to_out.0"),
+            "{err}"
+        );
     }
 }

@@ -670,7 +670,16 @@ fn run<T: Elem>(
     isa: Isa,
 ) {
     let block_rows = (BLOCK_ELEMS / inp).max(1);
-    run_exact(src, dst, out, inp, f, resolve_threads(threads), block_rows, isa)
+    run_exact(
+        src,
+        dst,
+        out,
+        inp,
+        f,
+        resolve_threads(threads),
+        block_rows,
+        isa,
+    )
 }
 
 /// [`run`] with explicit thread count and rows per block.
@@ -795,8 +804,10 @@ mod avx {
                     }
                 }
                 let (w0, w1) = T::load16(src.add(p));
-                let (d0, d1) =
-                    layout::<T>(_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(d.as_ptr().add(8)));
+                let (d0, d1) = layout::<T>(
+                    _mm256_loadu_ps(d.as_ptr()),
+                    _mm256_loadu_ps(d.as_ptr().add(8)),
+                );
                 T::store16::<NT>(dst.add(p), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
                 p += 16;
                 continue;
@@ -1078,7 +1089,8 @@ mod tests {
                             let dst = &mut buf[offset..];
                             run_exact(Some(&base), dst, out, inp, &l.factors(), threads, 2, isa);
                             assert_eq!(
-                                dst, &want[..],
+                                dst,
+                                &want[..],
                                 "from: {out}x{inp} r{rank} t{threads} {isa:?} +{offset}"
                             );
                             // in place on a shifted copy of base.
@@ -1087,7 +1099,8 @@ mod tests {
                             let w = &mut buf[offset..];
                             run_exact(None, w, out, inp, &l.factors(), threads, 2, isa);
                             assert_eq!(
-                                w, &want[..],
+                                w,
+                                &want[..],
                                 "in place: {out}x{inp} r{rank} t{threads} {isa:?} +{offset}"
                             );
                         }
@@ -1142,10 +1155,21 @@ mod tests {
     fn public_api_matches_reference() {
         let (out, inp) = (300, 700); // big enough for the thread heuristic to split
         let l = Lora::new(out, inp, 1, 11);
-        let base: Vec<bf16> = values(out * inp, 1).into_iter().map(bf16::from_f32).collect();
+        let base: Vec<bf16> = values(out * inp, 1)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
         let want = reference(&base, out, inp, &l, bf16::from_f32);
         let mut t = vec![bf16::ZERO; out * inp];
-        fuse_from((&base[..]).into(), (&mut t[..]).into(), out, inp, &l.factors(), 0).expect("valid shapes");
+        fuse_from(
+            (&base[..]).into(),
+            (&mut t[..]).into(),
+            out,
+            inp,
+            &l.factors(),
+            0,
+        )
+        .expect("valid shapes");
         assert_eq!(t, want);
         let mut w = base.clone();
         fuse_in_place((&mut w[..]).into(), out, inp, &l.factors(), 2).expect("valid shapes");
@@ -1224,14 +1248,38 @@ mod tests {
                 let mut want_hf = None;
                 for isa in isas() {
                     let mut t = vec![bf16::ZERO; out * inp + offset];
-                    run_exact(Some(&bf), &mut t[offset..], out, inp, &lora.factors(), 2, 2, isa);
+                    run_exact(
+                        Some(&bf),
+                        &mut t[offset..],
+                        out,
+                        inp,
+                        &lora.factors(),
+                        2,
+                        2,
+                        isa,
+                    );
                     let bits: Vec<u16> = t[offset..].iter().map(|x| x.to_bits()).collect();
-                    assert!(bits.iter().zip(&bf).all(|(b, x)| x.is_nan() == bf16::from_bits(*b).is_nan()));
+                    assert!(bits
+                        .iter()
+                        .zip(&bf)
+                        .all(|(b, x)| x.is_nan() == bf16::from_bits(*b).is_nan()));
                     assert_eq!(want_bf.get_or_insert(bits.clone()), &bits, "bf16 {isa:?}");
                     let mut t = vec![f16::ZERO; out * inp + offset];
-                    run_exact(Some(&hf), &mut t[offset..], out, inp, &lora.factors(), 2, 2, isa);
+                    run_exact(
+                        Some(&hf),
+                        &mut t[offset..],
+                        out,
+                        inp,
+                        &lora.factors(),
+                        2,
+                        2,
+                        isa,
+                    );
                     let bits: Vec<u16> = t[offset..].iter().map(|x| x.to_bits()).collect();
-                    assert!(bits.iter().zip(&hf).all(|(b, x)| x.is_nan() == f16::from_bits(*b).is_nan()));
+                    assert!(bits
+                        .iter()
+                        .zip(&hf)
+                        .all(|(b, x)| x.is_nan() == f16::from_bits(*b).is_nan()));
                     assert_eq!(want_hf.get_or_insert(bits.clone()), &bits, "f16 {isa:?}");
                 }
             }
@@ -1250,15 +1298,47 @@ mod tests {
         let y = Lora::new(out, inp, 4, 22);
         let mut t = base.clone();
         for threads in [1, 3] {
-            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).expect("valid shapes");
+            fuse_from(
+                wrap(&base),
+                wrap_mut(&mut t),
+                out,
+                inp,
+                &x.factors(),
+                threads,
+            )
+            .expect("valid shapes");
             let with_x = t.clone();
             assert_ne!(with_x, base);
             restore_from(wrap(&base), wrap_mut(&mut t), threads).expect("valid shapes");
             assert_eq!(t, base);
-            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).expect("valid shapes");
-            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &y.factors(), threads).expect("valid shapes");
+            fuse_from(
+                wrap(&base),
+                wrap_mut(&mut t),
+                out,
+                inp,
+                &x.factors(),
+                threads,
+            )
+            .expect("valid shapes");
+            fuse_from(
+                wrap(&base),
+                wrap_mut(&mut t),
+                out,
+                inp,
+                &y.factors(),
+                threads,
+            )
+            .expect("valid shapes");
             assert_ne!(t, with_x);
-            fuse_from(wrap(&base), wrap_mut(&mut t), out, inp, &x.factors(), threads).expect("valid shapes");
+            fuse_from(
+                wrap(&base),
+                wrap_mut(&mut t),
+                out,
+                inp,
+                &x.factors(),
+                threads,
+            )
+            .expect("valid shapes");
             assert_eq!(t, with_x);
         }
     }
@@ -1266,13 +1346,19 @@ mod tests {
     #[test]
     fn restore_copies_bitwise() {
         for n in [1, 15, 33, 1000, 2 * BLOCK_ELEMS + 77] {
-            let src: Vec<bf16> = values(n + 3, n as u64).into_iter().map(bf16::from_f32).collect();
+            let src: Vec<bf16> = values(n + 3, n as u64)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
             for isa in isas() {
                 for (so, d_off) in [(0, 0), (1, 0), (0, 3), (2, 1)] {
                     let mut dst = vec![bf16::ZERO; n + 3];
                     par_copy(&src[so..so + n], &mut dst[d_off..d_off + n], 3, isa);
                     assert_eq!(&dst[d_off..d_off + n], &src[so..so + n], "{n} {isa:?}");
-                    assert!(dst[..d_off].iter().chain(&dst[d_off + n..]).all(|x| *x == bf16::ZERO));
+                    assert!(dst[..d_off]
+                        .iter()
+                        .chain(&dst[d_off + n..])
+                        .all(|x| *x == bf16::ZERO));
                 }
             }
         }
@@ -1290,7 +1376,11 @@ mod tests {
 
     #[test]
     fn switching_is_exact_bf16() {
-        switching::<bf16>(bf16::from_f32, |w| Weights::BF16(w), |w| WeightsMut::BF16(w));
+        switching::<bf16>(
+            bf16::from_f32,
+            |w| Weights::BF16(w),
+            |w| WeightsMut::BF16(w),
+        );
     }
 
     #[test]
@@ -1337,15 +1427,42 @@ mod tests {
         );
         assert!(matches!(
             fuse_in_place(WeightsMut::F32(&mut short), out, inp, &f, 1),
-            Err(FuseError::WeightLen { which: "weight", len: 23, expected: 24, .. })
+            Err(FuseError::WeightLen {
+                which: "weight",
+                len: 23,
+                expected: 24,
+                ..
+            })
         ));
         assert!(matches!(
-            fuse_from(Weights::F32(&base[1..]), WeightsMut::F32(&mut t), out, inp, &f, 1),
-            Err(FuseError::WeightLen { which: "base", len: 23, .. })
+            fuse_from(
+                Weights::F32(&base[1..]),
+                WeightsMut::F32(&mut t),
+                out,
+                inp,
+                &f,
+                1
+            ),
+            Err(FuseError::WeightLen {
+                which: "base",
+                len: 23,
+                ..
+            })
         ));
         assert!(matches!(
-            fuse_from(Weights::F32(&base), WeightsMut::F32(&mut short), out, inp, &f, 1),
-            Err(FuseError::WeightLen { which: "target", len: 23, .. })
+            fuse_from(
+                Weights::F32(&base),
+                WeightsMut::F32(&mut short),
+                out,
+                inp,
+                &f,
+                1
+            ),
+            Err(FuseError::WeightLen {
+                which: "target",
+                len: 23,
+                ..
+            })
         ));
         let bad_b = Factors { b: &b[1..], ..f };
         assert_eq!(
@@ -1359,7 +1476,14 @@ mod tests {
         );
         let bad_a = Factors { a: &a[..11], ..f };
         assert_eq!(
-            fuse_from(Weights::F32(&base), WeightsMut::F32(&mut t), out, inp, &bad_a, 1),
+            fuse_from(
+                Weights::F32(&base),
+                WeightsMut::F32(&mut t),
+                out,
+                inp,
+                &bad_a,
+                1
+            ),
             Err(FuseError::ALen {
                 len: 11,
                 expected: 12,
@@ -1374,7 +1498,14 @@ mod tests {
             Err(FuseError::BLen { .. })
         ));
         assert_eq!(
-            fuse_from(Weights::F32(&base), WeightsMut::F16(&mut t16), out, inp, &f, 1),
+            fuse_from(
+                Weights::F32(&base),
+                WeightsMut::F16(&mut t16),
+                out,
+                inp,
+                &f,
+                1
+            ),
             Err(FuseError::DTypeMismatch {
                 base: "f32",
                 target: "f16"

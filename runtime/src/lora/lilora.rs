@@ -14,17 +14,39 @@ use super::format::{Factor, Lora, LoraFormat, LoraLayer};
 #[derive(Debug, thiserror::Error)]
 pub enum LiLoraError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Bad { path: PathBuf, message: String },
     #[error("{path}: missing `{key}` for the model's layer `{module}`")]
-    Missing { path: PathBuf, key: String, module: String },
+    Missing {
+        path: PathBuf,
+        key: String,
+        module: String,
+    },
     #[error("{path}: `{key}` has shape {found:?}; the model's layer needs {expected}")]
-    Shape { path: PathBuf, key: String, found: Vec<usize>, expected: String },
+    Shape {
+        path: PathBuf,
+        key: String,
+        found: Vec<usize>,
+        expected: String,
+    },
     #[error("{path}: {extra} auxiliary pairs match no layer of the model (first: `{first}`)")]
-    Extra { path: PathBuf, extra: usize, first: String },
+    Extra {
+        path: PathBuf,
+        extra: usize,
+        first: String,
+    },
     #[error("hypernetwork predicts {rows} rows of width {width}, but the LiLoRA file {path} has {layers} layers needing width {needed}·r")]
-    Rows { path: PathBuf, rows: usize, width: usize, layers: usize, needed: usize },
+    Rows {
+        path: PathBuf,
+        rows: usize,
+        width: usize,
+        layers: usize,
+        needed: usize,
+    },
 }
 
 type Result<T> = std::result::Result<T, LiLoraError>;
@@ -59,15 +81,38 @@ impl LiLora {
     /// Loads `path` and maps it onto `linears` (the DiT's `nn.Linear`s in module order),
     /// checking every name exists and every shape agrees.
     pub fn load(path: &Path, linears: &[LinearInfo]) -> Result<LiLora> {
-        let bytes = std::fs::read(path).map_err(|source| LiLoraError::Io { path: path.into(), source })?;
-        let bad = |message: String| LiLoraError::Bad { path: path.into(), message };
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let bytes = std::fs::read(path).map_err(|source| LiLoraError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let bad = |message: String| LiLoraError::Bad {
+            path: path.into(),
+            message,
+        };
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let get = |key: &str, module: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let v = st.tensor(key).map_err(|_| LiLoraError::Missing { path: path.into(), key: key.into(), module: module.into() })?;
+            let v = st.tensor(key).map_err(|_| LiLoraError::Missing {
+                path: path.into(),
+                key: key.into(),
+                module: module.into(),
+            })?;
             let data: Vec<f32> = match v.dtype() {
-                safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                safetensors::Dtype::F16 => v.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                safetensors::Dtype::BF16 => v.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                safetensors::Dtype::F32 => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                safetensors::Dtype::F16 => v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::BF16 => v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
                 d => return Err(bad(format!("`{key}` has dtype {d:?}"))),
             };
             if data.iter().any(|x| !x.is_finite()) {
@@ -87,14 +132,31 @@ impl LiLora {
                 b = us.get(1).copied().unwrap_or(0);
             }
             if ds != [a, l.in_features] {
-                return Err(LiLoraError::Shape { path: path.into(), key: kd, found: ds, expected: format!("[{a}, {}]", l.in_features) });
+                return Err(LiLoraError::Shape {
+                    path: path.into(),
+                    key: kd,
+                    found: ds,
+                    expected: format!("[{a}, {}]", l.in_features),
+                });
             }
             if us != [l.out_features, b] {
-                return Err(LiLoraError::Shape { path: path.into(), key: ku, found: us, expected: format!("[{}, {b}]", l.out_features) });
+                return Err(LiLoraError::Shape {
+                    path: path.into(),
+                    key: ku,
+                    found: us,
+                    expected: format!("[{}, {b}]", l.out_features),
+                });
             }
-            layers.push(AuxLayer { module: l.name.clone(), out_features: l.out_features, in_features: l.in_features, down_aux, up_aux });
+            layers.push(AuxLayer {
+                module: l.name.clone(),
+                out_features: l.out_features,
+                in_features: l.in_features,
+                down_aux,
+                up_aux,
+            });
         }
-        let used: std::collections::HashSet<String> = linears.iter().map(|l| upstream_name(&l.name)).collect();
+        let used: std::collections::HashSet<String> =
+            linears.iter().map(|l| upstream_name(&l.name)).collect();
         let extra: Vec<String> = st
             .names()
             .into_iter()
@@ -102,9 +164,18 @@ impl LiLora {
             .cloned()
             .collect();
         if let Some(first) = extra.first() {
-            return Err(LiLoraError::Extra { path: path.into(), extra: extra.len(), first: first.clone() });
+            return Err(LiLoraError::Extra {
+                path: path.into(),
+                extra: extra.len(),
+                first: first.clone(),
+            });
         }
-        Ok(LiLora { path: path.into(), a, b, layers })
+        Ok(LiLora {
+            path: path.into(),
+            a,
+            b,
+            layers,
+        })
     }
 
     /// Turns hypernetwork rows `[N, (a+b)·r]` (one batch item) into a standard LoRA whose
@@ -113,7 +184,13 @@ impl LiLora {
         let n = self.layers.len();
         let ab = self.a + self.b;
         if width == 0 || rows.len() != n * width || width % ab != 0 {
-            return Err(LiLoraError::Rows { path: self.path.clone(), rows: rows.len() / width.max(1), width, layers: n, needed: ab });
+            return Err(LiLoraError::Rows {
+                path: self.path.clone(),
+                rows: rows.len() / width.max(1),
+                width,
+                layers: n,
+                needed: ab,
+            });
         }
         let r = width / ab;
         let (a, b) = (self.a, self.b);
@@ -127,7 +204,10 @@ impl LiLora {
                 for k in 0..r {
                     for (p, &w) in down_w[k * a..(k + 1) * a].iter().enumerate() {
                         let aux = &l.down_aux[p * l.in_features..(p + 1) * l.in_features];
-                        for (o, &x) in lora_a[k * l.in_features..(k + 1) * l.in_features].iter_mut().zip(aux) {
+                        for (o, &x) in lora_a[k * l.in_features..(k + 1) * l.in_features]
+                            .iter_mut()
+                            .zip(aux)
+                        {
                             *o += w * x;
                         }
                     }
@@ -136,7 +216,11 @@ impl LiLora {
                 for i in 0..l.out_features {
                     let aux = &l.up_aux[i * b..(i + 1) * b];
                     for k in 0..r {
-                        lora_b[i * r + k] = aux.iter().enumerate().map(|(q, &x)| x * up_w[q * r + k]).sum();
+                        lora_b[i * r + k] = aux
+                            .iter()
+                            .enumerate()
+                            .map(|(q, &x)| x * up_w[q * r + k])
+                            .sum();
                     }
                 }
                 LoraLayer {
@@ -147,6 +231,9 @@ impl LiLora {
                 }
             })
             .collect();
-        Ok(Lora { format: LoraFormat::Diffusers, layers })
+        Ok(Lora {
+            format: LoraFormat::Diffusers,
+            layers,
+        })
     }
 }

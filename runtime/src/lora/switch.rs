@@ -61,9 +61,25 @@ pub struct SwitchableWeights {
 impl SwitchableWeights {
     /// Takes the base weights (`[out, in]` each, as described by `infos`).
     pub fn new(weights: Vec<(LinearInfo, Buffer)>) -> SwitchableWeights {
-        let index = weights.iter().enumerate().map(|(i, (info, _))| (info.name.clone(), i)).collect();
-        let layers = weights.into_iter().map(|(info, base)| Layer { info, live: base.clone(), base }).collect();
-        SwitchableWeights { layers, index, touched: BTreeSet::new(), threads: 0 }
+        let index = weights
+            .iter()
+            .enumerate()
+            .map(|(i, (info, _))| (info.name.clone(), i))
+            .collect();
+        let layers = weights
+            .into_iter()
+            .map(|(info, base)| Layer {
+                info,
+                live: base.clone(),
+                base,
+            })
+            .collect();
+        SwitchableWeights {
+            layers,
+            index,
+            touched: BTreeSet::new(),
+            threads: 0,
+        }
     }
 
     pub fn targets(&self) -> Vec<LinearInfo> {
@@ -86,7 +102,10 @@ impl SwitchableWeights {
                 let (a, b) = (l.a.to_f32(), l.b.to_f32());
                 super::fuse::check_finite(&l.module, &a)
                     .and_then(|_| super::fuse::check_finite(&l.module, &b))
-                    .map_err(|e| RuntimeError::Invalid { what: source.display().to_string(), message: e.to_string() })?;
+                    .map_err(|e| RuntimeError::Invalid {
+                        what: source.display().to_string(),
+                        message: e.to_string(),
+                    })?;
                 plan.push((self.index[&t.name], a, b, l.rank(), l.scale(multiplier)));
             }
         }
@@ -95,17 +114,30 @@ impl SwitchableWeights {
         let mut rewritten = Vec::new();
         for &i in self.touched.difference(&next) {
             let layer = &mut self.layers[i];
-            restore_from(layer.base.view(), layer.live.view_mut(), threads)
-                .map_err(|e| RuntimeError::Invalid { what: layer.info.name.clone(), message: e.to_string() })?;
+            restore_from(layer.base.view(), layer.live.view_mut(), threads).map_err(|e| {
+                RuntimeError::Invalid {
+                    what: layer.info.name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
             rewritten.push(layer.info.name.clone());
         }
         for (i, a, b, rank, scale) in &plan {
             let layer = &mut self.layers[*i];
-            let f = Factors { b, a, rank: *rank, scale: *scale };
+            let f = Factors {
+                b,
+                a,
+                rank: *rank,
+                scale: *scale,
+            };
             let (o, n) = (layer.info.out_features, layer.info.in_features);
             let Layer { base, live, info } = layer;
-            fuse_from(base.view(), live.view_mut(), o, n, &f, threads)
-                .map_err(|e| RuntimeError::Invalid { what: info.name.clone(), message: e.to_string() })?;
+            fuse_from(base.view(), live.view_mut(), o, n, &f, threads).map_err(|e| {
+                RuntimeError::Invalid {
+                    what: info.name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
             rewritten.push(info.name.clone());
         }
         self.touched = next;

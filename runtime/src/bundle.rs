@@ -1,0 +1,231 @@
+//! Engine bundles: what `v2l-compile` writes and `v2l-run --engine` loads.
+//!
+//! A bundle is a directory: the export's graphs and manifest (pipeline parts: scheduler config,
+//! VAE scaling and frame batching, hypernetwork dimensions, LiLoRA auxiliaries) plus
+//! `bundle.json`, which records the backend and precision, the LoRA target table (initializer,
+//! shape, dtype), a hash of the base weights the targets start from, and the size and hash of
+//! every file. Loading re-checks all of it and refuses a mismatched or modified part.
+//!
+//! fp32 is what runs today; the precision field is there so fp16/bf16 graphs (a precision pass
+//! over the graph, normalisation kept in f32) and int8 (calibrated Q/DQ) can land without a
+//! format change.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use v2l_export::Manifest;
+
+use crate::backend::{content_hash, Backend, Precision};
+use crate::error::{Result, RuntimeError};
+
+pub const FILE_NAME: &str = "bundle.json";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BundleFile {
+    pub name: String,
+    pub bytes: u64,
+    pub hash: String,
+}
+
+/// One weight a LoRA can be fused into.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraTarget {
+    pub initializer: String,
+    pub shape: [usize; 2],
+    pub dtype: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Bundle {
+    pub format_version: u32,
+    pub backend: Backend,
+    pub precision: Precision,
+    /// How a LoRA reaches the weights on this backend (see README: LoRA strategies).
+    pub lora_strategy: String,
+    /// Hash of the DiT's LoRA-targetable base weights (keys engine caches; checks LoRA bases).
+    pub weight_hash: String,
+    pub lora_targets: Vec<LoraTarget>,
+    pub files: Vec<BundleFile>,
+    pub producer: String,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+fn file_entry(dir: &Path, name: &str) -> Result<BundleFile> {
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    Ok(BundleFile {
+        name: name.into(),
+        bytes: bytes.len() as u64,
+        hash: content_hash(&[&bytes]),
+    })
+}
+
+/// Files an export directory's manifest refers to (graphs, their external data, side files).
+fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
+    let mut names = vec![v2l_export::manifest::FILE_NAME.to_string()];
+    let mut graph = |f: &str| {
+        names.push(f.to_string());
+        let data = format!("{f}.data");
+        if dir.join(&data).exists() {
+            names.push(data);
+        }
+    };
+    if let Some(d) = &m.dit {
+        graph(&d.file);
+    }
+    if let Some(v) = &m.vae {
+        graph(&v.encoder);
+        graph(&v.decoder);
+    }
+    if let Some(h) = &m.hypernet {
+        graph(&h.file);
+        names.push(h.lilora.clone());
+    }
+    if let Some(s) = &m.scheduler {
+        names.push(s.clone());
+    }
+    names
+}
+
+/// Compiles the export directory `src` (or the directory of a model file inside one) into an
+/// engine bundle at `out`, written under a temporary name and renamed when complete.
+pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -> Result<Bundle> {
+    if precision != Precision::Fp32 {
+        return Err(RuntimeError::Invalid {
+            what: format!("--precision {}", precision.name()),
+            message: "only fp32 engines are built so far (fp16/bf16 precision passes and int8 calibration are next)".into(),
+        });
+    }
+    let dir = if src.is_file() {
+        src.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        src.to_path_buf()
+    };
+    let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile {
+        path: dir.clone(),
+        message: format!("{e} (v2l-compile takes a directory written by v2l-export)"),
+    })?;
+    if out.exists() {
+        return Err(RuntimeError::Invalid {
+            what: out.display().to_string(),
+            message: "already exists; remove it or choose another output".into(),
+        });
+    }
+    let (weight_hash, lora_targets) = match &manifest.dit {
+        Some(d) => {
+            let names: Vec<String> = d
+                .lora_targets
+                .iter()
+                .map(|t| format!("{}.weight", t.name))
+                .collect();
+            let model = dir.join(&d.file);
+            let w = v2l_graphs::read_initializers(&model, &names).map_err(io(&model))?;
+            let parts: Vec<&[u8]> = w.iter().map(|(_, _, _, b)| b.as_slice()).collect();
+            let targets = w
+                .iter()
+                .zip(&d.lora_targets)
+                .map(|((name, dtype, _, _), t)| LoraTarget {
+                    initializer: name.clone(),
+                    shape: [t.out_features, t.in_features],
+                    dtype: dtype.to_string(),
+                })
+                .collect();
+            (content_hash(&parts), targets)
+        }
+        None => (content_hash(&[]), Vec::new()),
+    };
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = out.with_file_name(format!(".{name}.partial{}", std::process::id()));
+    let result = (|| {
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let mut files = Vec::new();
+        for f in manifest_files(&dir, &manifest) {
+            let (from, to) = (dir.join(&f), tmp.join(&f));
+            // A hard link is instant for 20 GB models; copy across file systems.
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(io(&from))?;
+            }
+            files.push(file_entry(&tmp, &f)?);
+        }
+        let bundle = Bundle {
+            format_version: FORMAT_VERSION,
+            backend,
+            precision,
+            lora_strategy: default_strategy(backend).into(),
+            weight_hash,
+            lora_targets,
+            files,
+            producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
+        };
+        let text = serde_json::to_string_pretty(&bundle).map_err(|e| RuntimeError::Invalid {
+            what: FILE_NAME.into(),
+            message: e.to_string(),
+        })?;
+        let p = tmp.join(FILE_NAME);
+        std::fs::write(&p, text + "\n").map_err(io(&p))?;
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        Ok(bundle)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// The LoRA strategy a backend uses by default (README: "LoRA strategies").
+pub fn default_strategy(backend: Backend) -> &'static str {
+    match backend {
+        // Measured on the tiny model: rebuilding the session with fused initializers costs a
+        // session build, but every DiT step then runs at base speed.
+        Backend::Cpu | Backend::Cuda => "fused",
+        // Refit of a weight-stripped engine: the TensorRT form of "fused".
+        Backend::TensorRt => "refit",
+    }
+}
+
+/// Reads and checks `dir/bundle.json`: format version, then every file's size and hash.
+/// `Ok(None)` for a plain export directory (no bundle).
+pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
+    let path = dir.join(FILE_NAME);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let bad = |m: String| RuntimeError::BadFile {
+        path: path.clone(),
+        message: m,
+    };
+    let version: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let v = version
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    if v != FORMAT_VERSION as u64 {
+        return Err(bad(format!(
+            "bundle format version {v}; this v2l reads {FORMAT_VERSION}: compile the engine again"
+        )));
+    }
+    let bundle: Bundle = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    for f in &bundle.files {
+        let p: PathBuf = dir.join(&f.name);
+        let got =
+            file_entry(dir, &f.name).map_err(|_| bad(format!("part `{}` is missing", f.name)))?;
+        if got.bytes != f.bytes || got.hash != f.hash {
+            return Err(RuntimeError::BadFile {
+                path: p,
+                message: "does not match the engine bundle it belongs to (modified or from another model); compile again".into(),
+            });
+        }
+    }
+    Ok(Some(bundle))
+}
