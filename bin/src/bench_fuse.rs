@@ -1,8 +1,10 @@
-//! `v2l-bench fuse`: LoRA fuse throughput against this machine's memcpy bandwidth.
+//! `v2l-bench fuse`: LoRA fuse throughput against this machine's copy bandwidth.
 //!
 //! Measures, in one run:
-//! * memcpy bandwidth: a large buffer copy (split across the same threads as the fuse),
-//!   counted as bytes read + bytes written per second;
+//! * memcpy bandwidth: a 1 GiB libc `memcpy` (`copy_from_slice`), split across the same
+//!   threads as the fuse, counted as bytes read + bytes written per second; and the fuse
+//!   module's own streaming copy (`fuse::restore_from`, what restoring an untouched layer
+//!   costs), the best copy this machine does;
 //! * the fuse kernel (`v2l_runtime::lora::fuse`) at rank 1 (the Video2LoRA case) on the real
 //!   layer shapes of CogVideoX-Fun-5B-InP, for f32, f16 and bf16, at two scopes — one
 //!   transformer block (`transformer_blocks.0.*`, 8 layers) and the full model (341 layers) —
@@ -11,12 +13,14 @@
 //!
 //! The full model does not fit in memory twice (22 GB per copy in f32), so its layers are laid
 //! out in a ring over a base pool and a target pool of at most `--max-mem-gib` together: every
-//! one of the 341 layers is fused with its real shape and all its bytes move through DRAM,
-//! but layers past the end of a pool reuse it from its start. The pools are far larger than
-//! the last-level cache, so nothing is served from cache; the output states the pool size.
+//! one of the 341 layers is fused with its real shape and all its bytes go through DRAM, but
+//! layers past the end of a pool reuse it from its start. The pools are far larger than the
+//! last-level cache, so nothing is served from cache; the output states the pool size.
 //!
-//! All numbers are medians over `--repeat` timed passes (after one untimed warm-up pass), with
-//! the min and max as the machine's noise.
+//! Numbers are medians over `--repeat` timed passes (after one untimed warm-up pass), with the
+//! min and max as the machine's noise. The bandwidth of a shared machine drifts, so a copy of
+//! each kind is timed between every two passes, and each pass's ratio is taken against the
+//! mean of the copies just before and after it.
 
 use std::time::Instant;
 
@@ -226,6 +230,8 @@ struct Row {
     gbps: (f64, f64, f64),
     /// fuse GB/s over the mean of the memcpy samples right before and after the pass.
     ratio: (f64, f64, f64),
+    /// The same against the streaming-copy samples.
+    ratio_stream: (f64, f64, f64),
 }
 
 struct Scope<'a> {
@@ -339,8 +345,10 @@ where
             cx.say(format_args!("{dtype} {} {path}: warm-up", scope.name));
             pass(target)?;
             let traffic = 2.0 * weight_bytes as f64;
-            let (mut secs, mut gbps, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut secs, mut gbps) = (Vec::new(), Vec::new());
+            let (mut ratio, mut ratio_stream) = (Vec::new(), Vec::new());
             let mut m_before = cx.copier.memcpy();
+            let mut s_before = cx.copier.stream()?;
             for r in 0..cx.o.repeat {
                 cx.say(format_args!(
                     "{dtype} {} {path}: pass {}/{}",
@@ -350,11 +358,13 @@ where
                 ));
                 let s = pass(target)?;
                 let m_after = cx.copier.memcpy();
+                let s_after = cx.copier.stream()?;
                 let g = traffic / s / 1e9;
                 secs.push(s);
                 gbps.push(g);
                 ratio.push(g / ((m_before + m_after) / 2.0));
-                m_before = m_after;
+                ratio_stream.push(g / ((s_before + s_after) / 2.0));
+                (m_before, s_before) = (m_after, s_after);
             }
             rows.push(Row {
                 path,
@@ -367,6 +377,7 @@ where
                 seconds: stats(&mut secs).0,
                 gbps: stats(&mut gbps),
                 ratio: stats(&mut ratio),
+                ratio_stream: stats(&mut ratio_stream),
             });
         }
     }
@@ -448,9 +459,6 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
         cx.copier.memcpy();
         cx.copier.stream()?;
     }
-    let mut stream = cx.copier.stream.clone();
-    let stream = stats(&mut stream);
-
     let mut rows = Vec::new();
     rows.extend(bench_dtype::<f32>(
         &mut cx,
@@ -478,6 +486,8 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     }
     let mut mc = cx.copier.memcpy.clone();
     let memcpy = stats(&mut mc);
+    let mut sc = cx.copier.stream.clone();
+    let stream = stats(&mut sc);
     let copy_bytes = cx.copier.bytes();
 
     if o.json {
@@ -492,7 +502,7 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
                     "seconds": r.seconds,
                     "gbps": r.gbps.0, "gbps_min": r.gbps.1, "gbps_max": r.gbps.2,
                     "ratio": r.ratio.0, "ratio_min": r.ratio.1, "ratio_max": r.ratio.2,
-                    "ratio_to_streaming_copy": r.gbps.0 / stream.0,
+                    "ratio_to_streaming_copy": r.ratio_stream.0,
                 })
             })
             .collect();
@@ -528,12 +538,12 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
         mc.len()
     );
     println!(
-        "streaming copy (fuse::restore_from)     {:>6.1} GB/s  [{:.1} .. {:.1}]",
-        stream.0, stream.1, stream.2
+        "streaming copy (fuse::restore_from)     {:>6.1} GB/s  [{:.1} .. {:.1}]  ({} samples, likewise)",
+        stream.0, stream.1, stream.2, sc.len()
     );
     println!();
     println!(
-        "{:<9} {:<5} {:<11} {:>6} {:>10} {:>8} {:>6} {:>15} {:>8} {:>13}",
+        "{:<9} {:<5} {:<11} {:>6} {:>10} {:>8} {:>6} {:>15} {:>8} {:>13} {:>8}",
         "path",
         "dtype",
         "scope",
@@ -543,11 +553,12 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
         "GB/s",
         "[min .. max]",
         "/memcpy",
-        "[min .. max]"
+        "[min .. max]",
+        "/stream"
     );
     for r in &rows {
         println!(
-            "{:<9} {:<5} {:<11} {:>6} {:>10} {:>7.3}s {:>6.1} {:>15} {:>7.0}% {:>13}",
+            "{:<9} {:<5} {:<11} {:>6} {:>10} {:>7.3}s {:>6.1} {:>15} {:>7.0}% {:>13} {:>7.0}%",
             r.path,
             r.dtype,
             r.scope,
@@ -558,10 +569,14 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
             format!("[{:.1} .. {:.1}]", r.gbps.1, r.gbps.2),
             100.0 * r.ratio.0,
             format!("[{:.0} .. {:.0}%]", 100.0 * r.ratio.1, 100.0 * r.ratio.2),
+            100.0 * r.ratio_stream.0,
         );
     }
     println!();
-    println!("/memcpy: each pass over the mean of the memcpy samples just before and after it (median of passes).");
+    println!(
+        "/memcpy, /stream: each pass over the mean of the memcpy (streaming copy) samples taken just \
+         before and after it; median over the passes"
+    );
     let mut seen = Vec::new();
     for r in rows.iter().filter(|r| r.pool_reused) {
         if seen.contains(&r.dtype) {

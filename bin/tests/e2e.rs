@@ -1,0 +1,94 @@
+//! End to end against diffusers' `CogVideoXImageToVideoPipeline` on the tiny model (fixture
+//! `e2e_io`): export, compile, then generate without and with the Video2LoRA reference.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use v2l_runtime::pipeline::{Pipeline, Request};
+use v2l_runtime::stage::ExportDir;
+use v2l_runtime::tensor::Data;
+use v2l_runtime::video::Frames;
+use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-tiny")
+}
+
+/// Exports the tiny pipeline (with the hypernetwork) and compiles it; returns the engine dir.
+pub fn engine(dir: &Path) -> PathBuf {
+    let t = tiny();
+    let ex = dir.join("export");
+    let eng = dir.join("engine");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))
+        .args(["pipeline", t.to_str().unwrap(), "--hypernet"])
+        .arg(t.join("hypernetwork.safetensors"))
+        .arg("--lilora")
+        .arg(t.join("lilora.safetensors"))
+        .arg("-o")
+        .arg(&ex)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile")).arg(&ex).arg("-o").arg(&eng).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eng
+}
+
+fn frames_of(t: &Tensor) -> Frames {
+    let Data::U8(rgb) = &t.data else { panic!("u8") };
+    let s = &t.shape;
+    let (f, h, w) = if s.len() == 3 { (1, s[0], s[1]) } else { (s[0], s[1], s[2]) };
+    Frames { frames: f, height: h, width: w, rgb: rgb.clone() }
+}
+
+fn mae(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.as_f32("a").unwrap(), b.as_f32("b").unwrap());
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.len() as f64
+}
+
+#[test]
+fn image_to_video_matches_diffusers_with_and_without_video2lora() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine(d.path());
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let mut p = Pipeline::load(ExportDir::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
+    let mut req = Request {
+        image: frames_of(&io["first_frame_u8"]),
+        prompt_embeds: io["prompt_embeds"].clone(),
+        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
+        frames: 17,
+        steps: 4,
+        guidance: 6.0,
+        noise: io["initial_noise"].clone(),
+        reference: None,
+    };
+    let mut steps_seen = 0;
+    let base = p.generate(&req, &mut |_, _| steps_seen += 1).unwrap();
+    assert_eq!(steps_seen, 4);
+    for (i, l) in base.latents_steps.iter().enumerate() {
+        let err = l.rel_l2(&io[&format!("base_latents_step{i}")]);
+        eprintln!("base latents step {i}: relative L2 {err:.3e} (bound 1e-3)");
+        assert!(err <= 1e-3);
+    }
+    let m = mae(&base.frames, &io["base_frames"]);
+    eprintln!("base frames: mean absolute error {m:.3e} (bound 2e-3)");
+    assert!(m <= 2e-3);
+
+    req.reference = Some((frames_of(&io["reference_u8"]), 1.0));
+    let lora = p.generate(&req, &mut |_, _| {}).unwrap();
+    for name in ["reference_latents", "hyper_weights"] {
+        let got = if name == "hyper_weights" { lora.hyper_weights.as_ref() } else { lora.reference_latents.as_ref() };
+        let err = got.unwrap().rel_l2(&io[name]);
+        eprintln!("{name}: relative L2 {err:.3e} (bound 1e-4)");
+        assert!(err <= 1e-4);
+    }
+    for (i, l) in lora.latents_steps.iter().enumerate() {
+        let err = l.rel_l2(&io[&format!("lilora_latents_step{i}")]);
+        eprintln!("lilora latents step {i}: relative L2 {err:.3e} (bound 1e-3)");
+        assert!(err <= 1e-3);
+    }
+    let m = mae(&lora.frames, &io["lilora_frames"]);
+    eprintln!("lilora frames: mean absolute error {m:.3e} (bound 2e-3)");
+    assert!(m <= 2e-3);
+}

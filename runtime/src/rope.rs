@@ -1,0 +1,177 @@
+//! The 3D rotary position embedding CogVideoX 1.0 feeds its transformer (`rope_cos`, `rope_sin`),
+//! built as diffusers 0.42.1's `CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings`
+//! does for `patch_size_t = None`: a crop region of the grid inside the transformer's base grid
+//! (`get_resize_crop_region_for_grid`), then `get_3d_rotary_pos_embed` with `use_real=True` and
+//! linspace grids.
+//!
+//! Precision mirrors torch: the grids (torch's scalar `linspace` scheme), frequencies and angles
+//! are float32 (the crop arithmetic is Python float64/int), with the same operation order.
+//! `cos`/`sin` of the float32 angles are evaluated in float64 and rounded, i.e. correctly
+//! rounded. torch evaluates them with MKL's float32 vector math, which is within one ulp but
+//! not always correctly rounded: on the tiny fixture 2 of the distinct angles (1.0 and
+//! 10000^(-1/3)) come out one float32 ulp apart, 2.5e-8 relative L2 over `rope_cos`; `rope_sin`
+//! is bitwise equal.
+
+use crate::scheduler::linspace_f32;
+
+/// `rope_cos`, `rope_sin`, each `[latent_frames · (latent_height/p) · (latent_width/p), head_dim]`
+/// row-major (rows ordered frame, then row, then column).
+///
+/// `latent_height`/`latent_width` are the latent sizes (pixels / 8); `sample_height` /
+/// `sample_width` are the transformer config's values (latent units).
+///
+/// Panics if `patch_size` is 0 or `head_dim` is not a multiple of 8 (diffusers splits the head
+/// dimension as `D/4 + 3·D/8 + 3·D/8`, with even parts).
+pub fn cogvideox_rope(
+    head_dim: usize,
+    latent_frames: usize,
+    latent_height: usize,
+    latent_width: usize,
+    patch_size: usize,
+    sample_height: usize,
+    sample_width: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        patch_size > 0,
+        "cogvideox_rope: patch_size must be positive"
+    );
+    assert!(
+        head_dim % 8 == 0,
+        "cogvideox_rope: head_dim {head_dim} is not a multiple of 8"
+    );
+    let grid_h = latent_height / patch_size;
+    let grid_w = latent_width / patch_size;
+    let base_h = sample_height / patch_size;
+    let base_w = sample_width / patch_size;
+
+    let ((top, left), (bottom, right)) =
+        resize_crop_region_for_grid(grid_h, grid_w, base_w, base_h);
+
+    // get_3d_rotary_pos_embed, grid_type = "linspace"
+    let pos_h = linspace_f32(
+        top as f32,
+        py_true_div(bottom * (grid_h as i64 - 1), grid_h as i64) as f32,
+        grid_h,
+    );
+    let pos_w = linspace_f32(
+        left as f32,
+        py_true_div(right * (grid_w as i64 - 1), grid_w as i64) as f32,
+        grid_w,
+    );
+    let t = latent_frames as i64;
+    let pos_t = linspace_f32(0.0, py_true_div(t * (t - 1), t) as f32, latent_frames);
+
+    let dim_t = head_dim / 4;
+    let dim_h = head_dim / 8 * 3;
+    let dim_w = dim_h;
+    let (t_cos, t_sin) = rotary_1d(dim_t, &pos_t, 10000.0);
+    let (h_cos, h_sin) = rotary_1d(dim_h, &pos_h, 10000.0);
+    let (w_cos, w_sin) = rotary_1d(dim_w, &pos_w, 10000.0);
+
+    let rows = latent_frames * grid_h * grid_w;
+    let mut cos = Vec::with_capacity(rows * head_dim);
+    let mut sin = Vec::with_capacity(rows * head_dim);
+    for f in 0..latent_frames {
+        for y in 0..grid_h {
+            for x in 0..grid_w {
+                cos.extend_from_slice(&t_cos[f * dim_t..(f + 1) * dim_t]);
+                cos.extend_from_slice(&h_cos[y * dim_h..(y + 1) * dim_h]);
+                cos.extend_from_slice(&w_cos[x * dim_w..(x + 1) * dim_w]);
+                sin.extend_from_slice(&t_sin[f * dim_t..(f + 1) * dim_t]);
+                sin.extend_from_slice(&h_sin[y * dim_h..(y + 1) * dim_h]);
+                sin.extend_from_slice(&w_sin[x * dim_w..(x + 1) * dim_w]);
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// Python's `a / b` for ints (correctly rounded; exact conversion for the small ints here).
+fn py_true_div(a: i64, b: i64) -> f64 {
+    if b == 0 {
+        // Only reached for an empty grid, whose linspace has no elements.
+        return 0.0;
+    }
+    a as f64 / b as f64
+}
+
+/// diffusers' `get_resize_crop_region_for_grid((h, w), tgt_width, tgt_height)`: Python floats,
+/// `round` is half-to-even.
+fn resize_crop_region_for_grid(
+    h: usize,
+    w: usize,
+    tgt_width: usize,
+    tgt_height: usize,
+) -> ((i64, i64), (i64, i64)) {
+    let (tw, th) = (tgt_width as f64, tgt_height as f64);
+    let (hf, wf) = (h as f64, w as f64);
+    let r = hf / wf;
+    let (resize_height, resize_width) = if r > th / tw {
+        (tgt_height as i64, (th / hf * wf).round_ties_even() as i64)
+    } else {
+        ((tw / wf * hf).round_ties_even() as i64, tgt_width as i64)
+    };
+    let crop_top = ((tgt_height as i64 - resize_height) as f64 / 2.0).round_ties_even() as i64;
+    let crop_left = ((tgt_width as i64 - resize_width) as f64 / 2.0).round_ties_even() as i64;
+    (
+        (crop_top, crop_left),
+        (crop_top + resize_height, crop_left + resize_width),
+    )
+}
+
+/// `get_1d_rotary_pos_embed(dim, pos, theta, use_real=True, repeat_interleave_real=True)` with
+/// float32 frequencies: `[S, dim]` cos and sin, each frequency repeated twice.
+fn rotary_1d(dim: usize, pos: &[f32], theta: f32) -> (Vec<f32>, Vec<f32>) {
+    // 1.0 / theta ** (arange(0, dim, 2, float32) / dim), all float32 (the reciprocal is exact
+    // division; `powf` is the C library's, as torch's scalar float `std::pow` is).
+    let freqs: Vec<f32> = (0..dim / 2)
+        .map(|j| 1.0f32 / theta.powf((2 * j) as f32 / dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(pos.len() * dim);
+    let mut sin = Vec::with_capacity(pos.len() * dim);
+    for &p in pos {
+        for &f in &freqs {
+            let angle = (p * f) as f64; // torch.outer in float32
+            let (s, c) = (angle.sin() as f32, angle.cos() as f32);
+            cos.extend_from_slice(&[c, c]);
+            sin.extend_from_slice(&[s, s]);
+        }
+    }
+    (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crop_region_matches_diffusers() {
+        // Square grid in a square base: the whole base.
+        assert_eq!(resize_crop_region_for_grid(4, 4, 4, 4), ((0, 0), (4, 4)));
+        // CogVideoX-5B at 480x720 (latent 60x90, patch 2 -> 30x45; base 30x45).
+        assert_eq!(
+            resize_crop_region_for_grid(30, 45, 45, 30),
+            ((0, 0), (30, 45))
+        );
+        // A square grid inside a 30x45 base: resize to 30x30, centred (left = round(7.5) = 8).
+        assert_eq!(
+            resize_crop_region_for_grid(30, 30, 45, 30),
+            ((0, 8), (30, 38))
+        );
+        // A wide grid: height shrinks; top = round((30 - 15) / 2) = round(7.5) = 8.
+        assert_eq!(
+            resize_crop_region_for_grid(10, 30, 45, 30),
+            ((8, 0), (23, 45))
+        );
+    }
+
+    #[test]
+    fn shapes() {
+        let (c, s) = cogvideox_rope(64, 13, 60, 90, 2, 60, 90);
+        assert_eq!(c.len(), 13 * 30 * 45 * 64);
+        assert_eq!(s.len(), c.len());
+        // First row: all angles zero.
+        assert!(c[..64].iter().all(|&v| v == 1.0));
+        assert!(s[..64].iter().all(|&v| v == 0.0));
+    }
+}
