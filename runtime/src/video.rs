@@ -31,6 +31,13 @@ impl Frames {
         Tensor::f32(vec![1, 3, f, h, w], v)
     }
 
+    /// The first frame alone.
+    pub fn frames_first(&self) -> Frames {
+        let mut f = self.clone();
+        f.truncate(1);
+        f
+    }
+
     /// Keeps the first `n` frames.
     pub fn truncate(&mut self, n: usize) {
         if n < self.frames {

@@ -8,7 +8,15 @@ use v2l_cli::{main_with, Failure};
 use v2l_runtime::stage::{check_inputs, run_stage, AppliedLora, ExportDir, Stage};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 
-/// Run an exported model: one component at a time with `stage`.
+/// Generate a video from a first frame (and optionally a reference clip whose effect a
+/// Video2LoRA LoRA carries), or run one component at a time with `stage`.
+///
+/// Generation (CogVideoX image-to-video, classifier-free guidance, DDIM):
+///   v2l-run --engine engine/ --image first.png --prompt-embeds prompt.safetensors \
+///       --reference ref.mp4 --seed 42 -o out.mp4
+/// writes out.mp4 and out.png (a contact sheet of every frame). Prompt embeddings come from a
+/// safetensors file with `prompt_embeds` and `negative_prompt_embeds` [1, L, D] (text-encoder
+/// export is not in v2l yet). Without --reference no LoRA is applied.
 ///
 /// `stage` runs a single component on tensors from a safetensors file, named as diffusers
 /// names them, and writes its outputs to another safetensors file: the way to check an
@@ -29,8 +37,61 @@ struct Cli {
     /// CPU threads for ONNX Runtime (0: one per core)
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    gen: GenerateArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// First frame (PNG or anything ffmpeg reads), resized to --width x --height
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// safetensors with `prompt_embeds` and `negative_prompt_embeds` [1, L, D]
+    #[arg(long)]
+    prompt_embeds: Option<PathBuf>,
+    /// Reference clip (mp4, a directory of PNGs, or safetensors `reference_u8 [F,H,W,3]`)
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Frames to generate, 1 + 4k (default: the model's sample_frames)
+    #[arg(long)]
+    frames: Option<usize>,
+    /// Height in pixels (default: the VAE config's sample_height)
+    #[arg(long)]
+    height: Option<usize>,
+    /// Width in pixels (default: the VAE config's sample_width)
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale
+    #[arg(long, default_value_t = 6.0)]
+    guidance: f32,
+    /// Seed of v2l's Gaussian noise (the same seed gives the same video)
+    #[arg(long, conflicts_with = "noise")]
+    seed: Option<u64>,
+    /// safetensors with `initial_noise [1, f, 16, h, w]` (e.g. torch's, for exact comparisons)
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Video2LoRA LoRA weight w (upstream passes it as multiplier and alpha: scale w²)
+    #[arg(long, default_value_t = 1.0)]
+    lora_scale: f32,
+    /// Output mp4 (a contact sheet PNG is written beside it)
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Also write intermediates (reference_latents, hyper_weights, latents_step{i}, frames)
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Frames per second of the mp4
+    #[arg(long, default_value_t = 8)]
+    fps: u32,
+    /// No progress bar
+    #[arg(long)]
+    quiet: bool,
+    /// Print a JSON summary (timings per stage, output paths) on stdout
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -115,8 +176,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            None => Err(Failure::new("the end-to-end video pipeline is not available in this build yet")
-                .with_hint("run one component with `v2l-run --engine <dir> stage <dit|vae-encode|vae-decode> ...`")),
+            None => generate(engine, &cli.gen, &opts),
         }
     })
 }
@@ -154,6 +214,113 @@ fn compare_outputs(
             "{name} vs {ref_name}: relative L2 error {:.3e}",
             t.rel_l2(r)
         );
+    }
+    Ok(())
+}
+
+fn need<'a, T>(v: &'a Option<T>, flag: &str) -> Result<&'a T, Failure> {
+    v.as_ref().ok_or_else(|| Failure::new(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`"))
+}
+
+fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
+    use v2l_runtime::video;
+    let image_path = need(&g.image, "--image")?;
+    let prompt_path = need(&g.prompt_embeds, "--prompt-embeds")?;
+    let output = need(&g.output, "-o/--output")?;
+    if g.seed.is_none() && g.noise.is_none() {
+        return Err(Failure::new("give --seed N or --noise <safetensors>"));
+    }
+    // Check the output location before the work, not after it.
+    let out_dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !out_dir.is_dir() {
+        return Err(Failure::new(format!("{}: the output directory does not exist", output.display())));
+    }
+    let t0 = std::time::Instant::now();
+    let dir = ExportDir::open(engine)?;
+    let cfg = |key: &str, from_dit: bool| -> Option<usize> {
+        let c = if from_dit { dir.manifest.dit.as_ref().map(|d| &d.config) } else { dir.manifest.vae.as_ref().map(|v| &v.config) };
+        c.and_then(|c| c.get(key)).and_then(|v| v.as_u64()).map(|v| v as usize)
+    };
+    let height = g.height.or(cfg("sample_height", false)).ok_or_else(|| Failure::new("--height is required"))?;
+    let width = g.width.or(cfg("sample_width", false)).ok_or_else(|| Failure::new("--width is required"))?;
+    let frames = g.frames.or(cfg("sample_frames", true)).ok_or_else(|| Failure::new("--frames is required"))?;
+    let prompts = read_safetensors(prompt_path)?;
+    let get = |name: &str| {
+        prompts.get(name).cloned().ok_or_else(|| {
+            Failure::from(v2l_runtime::RuntimeError::MissingTensor { path: prompt_path.clone(), name: name.into() })
+        })
+    };
+    let (prompt_embeds, negative_prompt_embeds) = (get("prompt_embeds")?, get("negative_prompt_embeds")?);
+    let image = video::read_frames(image_path, height, width)?;
+    let reference = match &g.reference {
+        Some(r) => Some((video::read_frames(r, height, width)?, g.lora_scale)),
+        None => None,
+    };
+    let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
+    let channels = dir.manifest.dit.as_ref().map(|d| d.in_channels / 2).unwrap_or(16);
+    let noise = match (&g.noise, g.seed) {
+        (Some(p), _) => read_safetensors(p)?
+            .remove("initial_noise")
+            .ok_or_else(|| Failure::from(v2l_runtime::RuntimeError::MissingTensor { path: p.clone(), name: "initial_noise".into() }))?,
+        (None, Some(seed)) => gaussian_noise(vec![1, lf, channels, lh, lw], seed),
+        (None, None) => unreachable!("checked above"),
+    };
+    let mut pipeline = Pipeline::load(dir, opts)?;
+    let req = Request {
+        image: image.frames_first(),
+        prompt_embeds,
+        negative_prompt_embeds,
+        frames,
+        steps: g.steps,
+        guidance: g.guidance,
+        noise,
+        reference,
+    };
+    let bar = !g.quiet && std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let gen = pipeline.generate(&req, &mut |i, n| {
+        if bar {
+            let w = 30;
+            let done = i * w / n.max(1);
+            let el = started.elapsed().as_secs_f64();
+            eprint!("\rdenoising [{}{}] {i}/{n}  {el:.1}s", "#".repeat(done), " ".repeat(w - done));
+            if i == n {
+                eprintln!();
+            }
+        }
+    })?;
+    let rgb = video::to_rgb8(&gen.frames)?;
+    let sheet = output.with_extension("png");
+    video::write_mp4(output, &rgb, g.fps)?;
+    video::write_contact_sheet(&sheet, &rgb, 8)?;
+    if let Some(d) = &g.dump {
+        let mut m = std::collections::BTreeMap::new();
+        for (i, l) in gen.latents_steps.iter().enumerate() {
+            m.insert(format!("latents_step{i}"), l.clone());
+        }
+        if let Some(t) = &gen.reference_latents {
+            m.insert("reference_latents".into(), t.clone());
+        }
+        if let Some(t) = &gen.hyper_weights {
+            m.insert("hyper_weights".into(), t.clone());
+        }
+        m.insert("frames".into(), gen.frames.clone());
+        write_safetensors(d, &m)?;
+    }
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "output": output, "contact_sheet": sheet, "dump": g.dump,
+                "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": g.steps,
+                "lora": gen.lora.as_ref().map(|l| l.layers.len()),
+                "stages_ms": gen.timings, "wall_ms": t0.elapsed().as_secs_f64() * 1e3,
+            })
+        );
+    } else if !g.quiet {
+        println!("wrote {} and {} ({} frames of {}x{})", output.display(), sheet.display(), rgb.frames, rgb.width, rgb.height);
     }
     Ok(())
 }
