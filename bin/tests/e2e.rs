@@ -92,3 +92,58 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     eprintln!("lilora frames: mean absolute error {m:.3e} (bound 2e-3)");
     assert!(m <= 2e-3);
 }
+
+/// `v2l-run` end to end through the binary: the same seed gives the same video; bad inputs give
+/// one clear error and no mp4.
+#[test]
+fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine(d.path());
+    let t = tiny();
+    let run = |extra: &[&str], out: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+        c.arg("--engine").arg(&eng).arg("--image").arg(t.join("first_frame.png"));
+        c.arg("--prompt-embeds").arg(t.join("e2e_io.safetensors"));
+        c.args(["--steps", "2", "--seed", "3", "--quiet"]).arg("-o").arg(out).args(extra);
+        c.output().unwrap()
+    };
+    let (a, b) = (d.path().join("a.mp4"), d.path().join("b.mp4"));
+    let dump = |p: &Path| p.with_extension("safetensors");
+    for p in [&a, &b] {
+        let o = run(&["--dump", dump(p).to_str().unwrap()], p);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(p.is_file() && p.with_extension("png").is_file());
+    }
+    let (fa, fb) = (read_safetensors(&dump(&a)).unwrap(), read_safetensors(&dump(&b)).unwrap());
+    assert_eq!(fa["frames"], fb["frames"], "same seed, different frames");
+
+    let fails = |o: std::process::Output, needle: &str| {
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+        assert!(err.contains(needle), "expected `{needle}` in {err}");
+    };
+    let out = d.path().join("bad.mp4");
+    fails(run(&["--reference", "/nonexistent.mp4"], &out), "/nonexistent.mp4");
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(run(&["--reference", empty.to_str().unwrap()], &out), "no frames");
+    let junk = d.path().join("junk.mp4");
+    std::fs::write(&junk, b"junk").unwrap();
+    fails(run(&["--reference", junk.to_str().unwrap()], &out), "cannot decode video");
+    fails(run(&[], Path::new("/nonexistent/dir/out.mp4")), "output directory does not exist");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&eng)
+        .arg("--image")
+        .arg(t.join("first_frame.png"))
+        .args(["--prompt-embeds", "/nonexistent/prompt.safetensors", "--seed", "1", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    fails(o, "/nonexistent/prompt.safetensors");
+    // An engine part swapped for another model's: refused on load.
+    std::fs::copy(t.join("vae/diffusion_pytorch_model.safetensors"), eng.join("lilora.safetensors")).unwrap();
+    fails(run(&[], &out), "does not match the engine bundle");
+    assert!(!out.exists());
+}
