@@ -64,7 +64,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
         reference: None,
     };
     let mut steps_seen = 0;
-    let base = p.generate(&req, &mut |_, _| steps_seen += 1).unwrap();
+    let base = p.generate(&req, &mut |_, _| { steps_seen += 1; true }).unwrap();
     assert_eq!(steps_seen, 4);
     for (i, l) in base.latents_steps.iter().enumerate() {
         let err = l.rel_l2(&io[&format!("base_latents_step{i}")]);
@@ -76,7 +76,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     assert!(m <= 2e-3);
 
     req.reference = Some((frames_of(&io["reference_u8"]), 1.0));
-    let lora = p.generate(&req, &mut |_, _| {}).unwrap();
+    let lora = p.generate(&req, &mut |_, _| true).unwrap();
     for name in ["reference_latents", "hyper_weights"] {
         let got = if name == "hyper_weights" { lora.hyper_weights.as_ref() } else { lora.reference_latents.as_ref() };
         let err = got.unwrap().rel_l2(&io[name]);

@@ -22,6 +22,8 @@ pub enum RuntimeError {
     MissingTensor { path: PathBuf, name: String },
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    #[error("cancelled")]
+    Cancelled,
     #[error(transparent)]
     Lora(#[from] crate::lora::format::LoraError),
     #[error(transparent)]

@@ -103,8 +103,9 @@ impl Pipeline {
         p.predict(&mut self.vae, clip, lora_weight)
     }
 
-    /// Runs one request; `progress(step, steps)` is called after each denoising step.
-    pub fn generate(&mut self, req: &Request, progress: &mut dyn FnMut(usize, usize)) -> Result<Generation> {
+    /// Runs one request; `progress(step, steps)` is called after each denoising step and
+    /// returns `false` to cancel the run ([`RuntimeError::Cancelled`]).
+    pub fn generate(&mut self, req: &Request, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Generation> {
         let mut timings = BTreeMap::new();
         let t_all = Instant::now();
         let dit = self.dir.manifest.dit.clone().ok_or_else(|| RuntimeError::Invalid {
@@ -220,7 +221,9 @@ impl Pipeline {
             let guided: Vec<f32> = (0..n).map(|k| pred[k] + req.guidance * (pred[n + k] - pred[k])).collect();
             latents = sched.step(&guided, t, &latents);
             latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
-            progress(i + 1, timesteps.len());
+            if !progress(i + 1, timesteps.len()) {
+                return Err(RuntimeError::Cancelled);
+            }
         }
         dit_ms.sort_by(|a, b| a.total_cmp(b));
         if let Some(m) = dit_ms.get(dit_ms.len() / 2) {

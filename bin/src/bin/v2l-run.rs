@@ -290,6 +290,7 @@ fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -
                 eprintln!();
             }
         }
+        true
     })?;
     let rgb = video::to_rgb8(&gen.frames)?;
     let sheet = output.with_extension("png");
