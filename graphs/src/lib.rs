@@ -6,9 +6,10 @@
 
 pub mod builder;
 pub mod dtype;
+pub mod passes;
 pub mod proto;
 pub mod write;
 
 pub use builder::{Attr, Dim, Graph, Initializer, IoSpec, TensorData, Value, OPSET};
 pub use dtype::DType;
-pub use write::{read_initializers, read_model, save, ExternalData, WriteError, Written};
+pub use write::{read_initializers, read_model, save, write_model, ExternalData, WriteError, Written};

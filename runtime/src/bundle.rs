@@ -47,6 +47,10 @@ pub struct Bundle {
     pub weight_hash: String,
     pub lora_targets: Vec<LoraTarget>,
     pub files: Vec<BundleFile>,
+    /// DiT graph variants for the LoRA strategies that keep one session: `bound` (targeted
+    /// weights are also inputs) and `unfused` (a low-rank branch per targeted layer).
+    #[serde(default)]
+    pub dit_variants: std::collections::BTreeMap<String, String>,
     pub producer: String,
 }
 
@@ -157,6 +161,24 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             }
             files.push(file_entry(&tmp, &f)?);
         }
+        let mut dit_variants = std::collections::BTreeMap::new();
+        if let Some(d) = &manifest.dit {
+            let names: Vec<String> = d.lora_targets.iter().map(|t| format!("{}.weight", t.name)).collect();
+            let src = tmp.join(&d.file);
+            let pass_err = |e: v2l_graphs::passes::PassError| RuntimeError::BadFile { path: src.clone(), message: e.to_string() };
+            for (variant, file) in [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")] {
+                let mut model = v2l_graphs::read_model(&src).map_err(io(&src))?;
+                if variant == "bound" {
+                    v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names).map_err(pass_err)?;
+                } else {
+                    v2l_graphs::passes::add_lora_branches(&mut model, &names).map_err(pass_err)?;
+                }
+                let p = tmp.join(file);
+                v2l_graphs::write_model(&p, &model).map_err(|e| RuntimeError::Invalid { what: p.display().to_string(), message: e.to_string() })?;
+                files.push(file_entry(&tmp, file)?);
+                dit_variants.insert(variant.to_string(), file.to_string());
+            }
+        }
         let bundle = Bundle {
             format_version: FORMAT_VERSION,
             backend,
@@ -165,6 +187,7 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             weight_hash,
             lora_targets,
             files,
+            dit_variants,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
         };
         let text = serde_json::to_string_pretty(&bundle).map_err(|e| RuntimeError::Invalid {

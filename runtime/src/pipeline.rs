@@ -19,7 +19,8 @@ use crate::lora::format::Lora;
 use crate::predict::Predictor;
 use crate::rope::cogvideox_rope;
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
-use crate::session::{Model, SessionOptions};
+use crate::lora::strategy::{DitRunner, Strategy};
+use crate::session::SessionOptions;
 use crate::stage::{AppliedLora, ExportDir};
 use crate::tensor::Tensor;
 use crate::vae::Vae;
@@ -57,41 +58,45 @@ pub struct Generation {
 /// A loaded pipeline: VAE, DiT (rebuilt with fused weights when a LoRA is applied), scheduler.
 pub struct Pipeline {
     dir: ExportDir,
-    opts: SessionOptions,
     vae: Vae,
-    dit: Model,
+    dit: DitRunner,
     scheduler: SchedulerConfig,
     predictor: Option<Predictor>,
 }
 
 impl Pipeline {
+    /// Loads with the engine's default LoRA strategy (`fused` for a plain export directory).
     pub fn load(dir: ExportDir, opts: &SessionOptions) -> Result<Pipeline> {
+        let strategy = dir.bundle.as_ref().and_then(|b| Strategy::parse(&b.lora_strategy)).unwrap_or_default();
+        Self::load_with_strategy(dir, opts, strategy)
+    }
+
+    pub fn load_with_strategy(dir: ExportDir, opts: &SessionOptions, strategy: Strategy) -> Result<Pipeline> {
         let sched = dir.manifest.scheduler.clone().ok_or_else(|| RuntimeError::Invalid {
             what: dir.dir.display().to_string(),
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
         let scheduler = SchedulerConfig::from_file(&dir.dir.join(sched))?;
         let vae = Vae::load(&dir, opts)?;
-        let dit = dir.dit(opts)?;
+        let dit = DitRunner::load(&dir, opts, strategy)?;
         let predictor = match dir.manifest.hypernet {
             Some(_) => Some(Predictor::load(&dir, opts)?),
             None => None,
         };
-        Ok(Pipeline { dir, opts: opts.clone(), vae, dit, scheduler, predictor })
+        Ok(Pipeline { dir, vae, dit, scheduler, predictor })
     }
 
     pub fn export_dir(&self) -> &ExportDir {
         &self.dir
     }
 
-    /// Fuses `lora` into the DiT's weights (a new session from the base weights: strategy
-    /// "fused"), or restores the base weights for `None`.
+    /// Applies `lora` to the DiT by the pipeline's strategy, or restores the base for `None`.
     pub fn set_lora(&mut self, lora: Option<&AppliedLora>) -> Result<()> {
-        self.dit = match lora {
-            Some(l) => self.dir.dit_with_lora(&self.opts, l)?,
-            None => self.dir.dit(&self.opts)?,
-        };
-        Ok(())
+        self.dit.set_lora(&self.dir, lora)
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.dit.strategy
     }
 
     /// Predicts the reference clip's LoRA.

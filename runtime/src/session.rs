@@ -24,6 +24,8 @@ pub struct Model {
     session: Session,
     inputs: Vec<String>,
     outputs: Vec<String>,
+    /// Inputs converted once and passed by reference on every run (bound weights, LoRA factors).
+    fixed: std::collections::HashMap<String, DynValue>,
 }
 
 fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> RuntimeError {
@@ -97,6 +99,7 @@ impl Model {
             session,
             inputs,
             outputs,
+            fixed: Default::default(),
         })
     }
 
@@ -108,19 +111,36 @@ impl Model {
         &self.outputs
     }
 
-    /// Runs the model. Every graph input must be given; all outputs are returned.
+    /// Sets inputs that stay the same across runs (converted once, passed by reference).
+    pub fn set_fixed_inputs(&mut self, inputs: Vec<(String, Tensor)>) -> Result<()> {
+        let ctx = self.path.display().to_string();
+        for (name, t) in inputs {
+            let v = to_ort(&t).map_err(ort_err(format!("{ctx}: input `{name}`")))?;
+            self.fixed.insert(name, v);
+        }
+        Ok(())
+    }
+
+    /// Runs the model. Every graph input must be given (here or as a fixed input); all outputs
+    /// are returned.
     pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
         let ctx = self.path.display().to_string();
-        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(self.inputs.len());
+        let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(self.inputs.len());
         for name in &self.inputs {
-            let t = inputs.get(name).ok_or_else(|| RuntimeError::Invalid {
-                what: ctx.clone(),
-                message: format!("input `{name}` was not given"),
-            })?;
-            values.push((
-                name.clone(),
-                to_ort(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?,
-            ));
+            if let Some(t) = inputs.get(name) {
+                values.push((name.clone(), to_ort(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?.into()));
+            } else if let Some(v) = self.fixed.get(name) {
+                values.push((name.clone(), v.into()));
+            } else {
+                return Err(RuntimeError::Invalid { what: ctx.clone(), message: format!("input `{name}` was not given") });
+            }
+        }
+        // ORT lists initializers that are also graph inputs (overridable weights) apart from
+        // the inputs; they are fed by name all the same.
+        for (name, v) in &self.fixed {
+            if !self.inputs.contains(name) {
+                values.push((name.clone(), v.into()));
+            }
         }
         let outs = self.session.run(values).map_err(ort_err(&ctx))?;
         let mut result = BTreeMap::new();

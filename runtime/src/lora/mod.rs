@@ -6,10 +6,12 @@
 //! | [`lilora`] | Video2LoRA's LiLoRA auxiliaries: hypernetwork rows → standard LoRA factors |
 //! | [`apply`] | matching a LoRA to a model's layers and fusing it from the base weights |
 //! | [`switch`] | base + live weights: switching LoRAs rewrites the union of touched layers from the base |
+//! | [`strategy`] | fused / bound / unfused: three ways to apply a LoRA to the DiT, one API |
 //! | [`fuse`] | the fuse kernel `W' = W + s·B·A`, f32/f16/bf16, streaming, multi-threaded |
 
 pub mod apply;
 pub mod format;
 pub mod fuse;
 pub mod lilora;
+pub mod strategy;
 pub mod switch;

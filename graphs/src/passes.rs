@@ -1,0 +1,117 @@
+//! Graph passes over a written model: small patches, each one idea.
+//!
+//! Both passes serve the LoRA strategies that avoid rebuilding a session per LoRA:
+//! - [`bind_weights_as_inputs`]: the LoRA-targetable weights also become graph inputs. Since
+//!   ONNX IR 4 an initializer that is also an input is that input's default, so a runtime can
+//!   pass fused weights per request, and the initializer still holds the base.
+//! - [`add_lora_branches`]: every `Gemm` consuming a targeted weight gets a parallel low-rank
+//!   branch `y += s·(x·Aᵀ)·Bᵀ` whose `A [r, in]`, `B [out, r]` and `s [1]` are graph inputs, so
+//!   weights stay untouched and the LoRA is just data.
+
+use std::collections::HashMap;
+
+use crate::builder::Attr;
+use crate::dtype::DType;
+use crate::proto::{self, ModelProto};
+
+fn io(name: &str, dtype: DType, dims: Vec<Result<i64, String>>) -> proto::ValueInfoProto {
+    use proto::tensor_shape_proto::{dimension::Value as D, Dimension};
+    proto::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                elem_type: dtype.onnx_code(),
+                shape: Some(proto::TensorShapeProto {
+                    dim: dims
+                        .into_iter()
+                        .map(|d| Dimension { value: Some(match d { Ok(v) => D::DimValue(v), Err(s) => D::DimParam(s) }) })
+                        .collect(),
+                }),
+            })),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+/// Errors name the weight that is not where the pass expects it.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("no initializer `{0}` in the model")]
+    MissingInitializer(String),
+    #[error("`{0}` is not consumed by a Gemm as its B input (was the model exported by v2l?)")]
+    NotGemm(String),
+}
+
+/// Declares the named initializers as graph inputs as well (their values become defaults).
+pub fn bind_weights_as_inputs(model: &mut ModelProto, names: &[String]) -> Result<(), PassError> {
+    let graph = model.graph.get_or_insert_with(Default::default);
+    let inits: HashMap<&str, &proto::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut new_inputs = Vec::new();
+    for n in names {
+        let t = inits.get(n.as_str()).ok_or_else(|| PassError::MissingInitializer(n.clone()))?;
+        let dtype = DType::from_onnx_code(t.data_type).unwrap_or(DType::F32);
+        new_inputs.push(io(n, dtype, t.dims.iter().map(|&d| Ok(d)).collect()));
+    }
+    graph.input.extend(new_inputs);
+    Ok(())
+}
+
+/// Input names of the branch added for weight `name` (`<module>.weight`).
+pub fn lora_input_names(weight: &str) -> [String; 3] {
+    let module = weight.strip_suffix(".weight").unwrap_or(weight);
+    [format!("{module}.lora_A"), format!("{module}.lora_B"), format!("{module}.lora_scale")]
+}
+
+/// Adds an unfused LoRA branch to every Gemm whose B input is one of `weights`.
+pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(), PassError> {
+    let graph = model.graph.get_or_insert_with(Default::default);
+    let shapes: HashMap<String, Vec<i64>> = graph.initializer.iter().map(|t| (t.name.clone(), t.dims.clone())).collect();
+    let mut nodes = Vec::with_capacity(graph.node.len() + 4 * weights.len());
+    let mut found: HashMap<&str, bool> = weights.iter().map(|w| (w.as_str(), false)).collect();
+    let attr = |name: &str, a: Attr| {
+        let mut p = proto::AttributeProto { name: name.into(), ..Default::default() };
+        if let Attr::Int(i) = a {
+            p.r#type = proto::attribute_type::INT;
+            p.i = i;
+        }
+        p
+    };
+    let node = |op: &str, name: String, inputs: Vec<String>, output: String, attrs: Vec<proto::AttributeProto>| proto::NodeProto {
+        input: inputs,
+        output: vec![output],
+        name,
+        op_type: op.into(),
+        attribute: attrs,
+        ..Default::default()
+    };
+    for mut n in std::mem::take(&mut graph.node) {
+        let target = (n.op_type == "Gemm").then(|| n.input.get(1).cloned()).flatten().filter(|w| found.contains_key(w.as_str()));
+        let Some(w) = target else {
+            nodes.push(n);
+            continue;
+        };
+        found.insert(weights.iter().find(|x| **x == w).map(|x| x.as_str()).unwrap_or(""), true);
+        let [a, b, s] = lora_input_names(&w);
+        let x = n.input[0].clone();
+        let y = n.output[0].clone();
+        let base = format!("{y}/base");
+        n.output[0] = base.clone();
+        let p = n.name.clone();
+        nodes.push(n);
+        nodes.push(node("Gemm", format!("{p}/lora_down"), vec![x, a.clone()], format!("{p}/lora_down:0"), vec![attr("transB", Attr::Int(1))]));
+        nodes.push(node("Gemm", format!("{p}/lora_up"), vec![format!("{p}/lora_down:0"), b.clone()], format!("{p}/lora_up:0"), vec![attr("transB", Attr::Int(1))]));
+        nodes.push(node("Mul", format!("{p}/lora_scale"), vec![format!("{p}/lora_up:0"), s.clone()], format!("{p}/lora_scaled:0"), vec![]));
+        nodes.push(node("Add", format!("{p}/lora_add"), vec![base, format!("{p}/lora_scaled:0")], y, vec![]));
+        let dims = shapes.get(&w).cloned().unwrap_or_default();
+        let (out, inp) = (dims.first().copied().unwrap_or(0), dims.get(1).copied().unwrap_or(0));
+        let module = w.strip_suffix(".weight").unwrap_or(&w).to_string();
+        graph.input.push(io(&a, DType::F32, vec![Err(format!("{module}.rank")), Ok(inp)]));
+        graph.input.push(io(&b, DType::F32, vec![Ok(out), Err(format!("{module}.rank"))]));
+        graph.input.push(io(&s, DType::F32, vec![Ok(1)]));
+    }
+    graph.node = nodes;
+    if let Some((w, _)) = found.iter().find(|(_, f)| !**f) {
+        return Err(PassError::NotGemm(w.to_string()));
+    }
+    Ok(())
+}
