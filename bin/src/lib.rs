@@ -7,6 +7,7 @@ use std::fmt::Display;
 use std::process::ExitCode;
 
 pub mod bench_fuse;
+pub mod bench_pipeline;
 
 /// A failure as shown to the user: the message and an optional fix.
 pub struct Failure {

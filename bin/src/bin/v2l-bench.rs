@@ -31,6 +31,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Latency per pipeline stage and per LoRA strategy for an engine, at its default sample size
+    Pipeline {
+        /// Engine bundle (from v2l-compile)
+        #[arg(long)]
+        engine: PathBuf,
+        /// Runs per measurement (medians are reported)
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// Denoising steps of the whole-run measurement
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// ONNX Runtime intra-op threads (0: one per core)
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Export a full-size CogVideoX-5B DiT (generated weights) and report time and peak memory
     Export {
         /// Transformer blocks to generate (42 is CogVideoX-5B)
@@ -67,6 +82,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| match cli.command {
         Command::Export { layers, dir, keep } => bench_export(layers, &dir, keep, cli.json),
+        Command::Pipeline { engine, repeat, steps, threads } => {
+            v2l_cli::bench_pipeline::bench_pipeline(&engine, repeat, steps, threads, cli.json)
+        }
         Command::Fuse {
             threads,
             repeat,
