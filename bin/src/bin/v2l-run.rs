@@ -63,6 +63,7 @@ struct GenerateArgs {
     /// Width in pixels (default: the VAE config's sample_width)
     #[arg(long)]
     width: Option<usize>,
+    /// Denoising steps
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Classifier-free guidance scale
@@ -74,6 +75,10 @@ struct GenerateArgs {
     /// safetensors with `initial_noise [1, f, 16, h, w]` (e.g. torch's, for exact comparisons)
     #[arg(long)]
     noise: Option<PathBuf>,
+    /// How the LoRA reaches the DiT: fused (session rebuilt with fused weights), bound (fused
+    /// weights bound as inputs), unfused (low-rank branch); default: the engine's
+    #[arg(long)]
+    lora_strategy: Option<String>,
     /// Video2LoRA LoRA weight w (upstream passes it as multiplier and alpha: scale w²)
     #[arg(long, default_value_t = 1.0)]
     lora_scale: f32,
@@ -267,7 +272,14 @@ fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -
         (None, Some(seed)) => gaussian_noise(vec![1, lf, channels, lh, lw], seed),
         (None, None) => unreachable!("checked above"),
     };
-    let mut pipeline = Pipeline::load(dir, opts)?;
+    let mut pipeline = match &g.lora_strategy {
+        None => Pipeline::load(dir, opts)?,
+        Some(s) => {
+            let strategy = v2l_runtime::lora::strategy::Strategy::parse(s)
+                .ok_or_else(|| Failure::new(format!("--lora-strategy {s}: expected fused, bound or unfused")))?;
+            Pipeline::load_with_strategy(dir, opts, strategy)?
+        }
+    };
     let req = Request {
         image: image.frames_first(),
         prompt_embeds,
