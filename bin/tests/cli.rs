@@ -341,3 +341,42 @@ fn predict_matches_upstream_video2lora() {
     assert_clean_failure(&o, "no frames");
     assert!(!bad.exists());
 }
+
+/// `v2l-lora fuse` writes a diffusers checkpoint whose export reproduces PyTorch's output with
+/// the PEFT LoRA active; `convert` through kohya and ComfyUI keeps the file usable; a LoRA for
+/// another model is refused without writing anything.
+#[test]
+fn lora_fuse_and_convert_through_the_cli() {
+    let d = tempfile::tempdir().unwrap();
+    let t = tiny();
+    let p = |f: &str| t.join(f).to_str().unwrap().to_string();
+    let peft = p("peft_lora/pytorch_lora_weights.safetensors");
+    let kohya = d.path().join("k.safetensors");
+    let comfy = d.path().join("c.safetensors");
+    for (i, o, f) in [(peft.as_str(), &kohya, "kohya"), (kohya.to_str().unwrap(), &comfy, "comfyui")] {
+        let r = run("v2l-lora", &["convert", i, "-o", o.to_str().unwrap(), "--format", f]);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    let fused = d.path().join("fused");
+    let r = run("v2l-lora", &["fuse", "--base", &p("transformer"), "--lora", comfy.to_str().unwrap(), "-o", fused.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let out = d.path().join("out");
+    let r = run("v2l-export", &["dit", fused.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let res = d.path().join("r.safetensors");
+    let r = run("v2l-run", &["--engine", out.to_str().unwrap(), "stage", "dit", "--inputs", &p("dit_io.safetensors"), "-o", res.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let got = v2l_runtime::read_safetensors(&res).unwrap();
+    let want = v2l_runtime::read_safetensors(&t.join("peft_lora_io.safetensors")).unwrap();
+    let err = got["sample"].rel_l2(&want["output_with_peft_lora"]);
+    eprintln!("fused checkpoint vs PEFT: relative L2 {err:.3e}");
+    assert!(err <= 1e-4);
+
+    // The LiLoRA auxiliaries are not a LoRA; a LoRA for other modules matches nothing.
+    let bad = d.path().join("bad");
+    let r = run("v2l-lora", &["fuse", "--base", &p("transformer"), "--lora", &p("lilora.safetensors"), "-o", bad.to_str().unwrap()]);
+    assert_clean_failure(&r, "no LoRA tensors in a known format");
+    let r = run("v2l-lora", &["fuse", "--base", &p("vae"), "--lora", comfy.to_str().unwrap(), "-o", bad.to_str().unwrap()]);
+    assert_clean_failure(&r, "match no linear layer of the model");
+    assert!(!bad.exists());
+}

@@ -6,6 +6,7 @@ use v2l_export::LinearInfo;
 
 use super::format::{Lora, LoraError, LoraLayer};
 use super::fuse::{fuse_from, fuse_in_place, Factors, Weights, WeightsMut};
+use super::switch::Buffer;
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
 
@@ -185,38 +186,12 @@ pub fn fuse_checkpoint(
                 what: key.clone(),
                 message: e.to_string(),
             };
-            let bytes: Vec<u8> = match w.dtype {
-                DType::F32 => {
-                    let mut v: Vec<f32> = bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    fuse_in_place(WeightsMut::F32(&mut v), o, i, &f, 0).map_err(fail)?;
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-                DType::F16 => {
-                    let mut v: Vec<half::f16> = bytes
-                        .chunks_exact(2)
-                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                        .collect();
-                    fuse_in_place(WeightsMut::F16(&mut v), o, i, &f, 0).map_err(fail)?;
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-                DType::BF16 => {
-                    let mut v: Vec<half::bf16> = bytes
-                        .chunks_exact(2)
-                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                        .collect();
-                    fuse_in_place(WeightsMut::BF16(&mut v), o, i, &f, 0).map_err(fail)?;
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-                d => {
-                    return Err(RuntimeError::Invalid {
-                        what: key,
-                        message: format!("cannot fuse into a {d} weight"),
-                    })
-                }
-            };
+            let mut buf = Buffer::from_le_bytes(w.dtype, bytes).ok_or_else(|| RuntimeError::Invalid {
+                what: key.clone(),
+                message: format!("cannot fuse into a {} weight", w.dtype),
+            })?;
+            fuse_in_place(buf.view_mut(), o, i, &f, 0).map_err(fail)?;
+            let bytes = buf.to_le_bytes();
             fused.insert(key, bytes);
         }
         for (file, keys) in ck.files() {

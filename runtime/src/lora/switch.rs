@@ -26,7 +26,26 @@ pub enum Buffer {
 }
 
 impl Buffer {
-    fn view(&self) -> Weights<'_> {
+    /// Reads little-endian f32/f16/bf16 bytes; `None` for another dtype.
+    pub fn from_le_bytes(dtype: v2l_graphs::DType, b: &[u8]) -> Option<Buffer> {
+        use v2l_graphs::DType;
+        Some(match dtype {
+            DType::F32 => Buffer::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            DType::F16 => Buffer::F16(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+            DType::BF16 => Buffer::BF16(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
+            _ => return None,
+        })
+    }
+
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Buffer::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Buffer::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    pub(crate) fn view(&self) -> Weights<'_> {
         match self {
             Buffer::F32(v) => Weights::F32(v),
             Buffer::F16(v) => Weights::F16(v),
@@ -34,7 +53,7 @@ impl Buffer {
         }
     }
 
-    fn view_mut(&mut self) -> WeightsMut<'_> {
+    pub(crate) fn view_mut(&mut self) -> WeightsMut<'_> {
         match self {
             Buffer::F32(v) => WeightsMut::F32(v),
             Buffer::F16(v) => WeightsMut::F16(v),
