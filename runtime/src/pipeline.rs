@@ -95,6 +95,12 @@ impl Pipeline {
         self.dit.set_lora(&self.dir, lora)
     }
 
+    /// Sample the VAE posterior (mean + σ·ε, ε from `seed`) instead of taking its mode, for the
+    /// first frame and reference clips, as the stock pipeline and upstream Video2LoRA do.
+    pub fn set_posterior_sampling(&mut self, seed: Option<u64>) {
+        self.vae.posterior_seed = seed;
+    }
+
     pub fn strategy(&self) -> Strategy {
         self.dit.strategy
     }
@@ -173,7 +179,7 @@ impl Pipeline {
         let t = Instant::now();
         let image = req.image.to_unit_video();
         let image = Tensor::f32(image.shape.clone(), image.as_f32("image")?.iter().map(|v| v * 2.0 - 1.0).collect());
-        let (mean, _) = self.vae.encode(&image)?;
+        let mean = self.vae.latent(&image)?;
         timings.insert("vae_encode".into(), ms(t));
         let sf = self.vae.entry.scaling_factor as f32;
         let frame = lh * lw;
@@ -276,27 +282,4 @@ fn config_usize(cfg: &serde_json::Value, key: &str) -> Option<usize> {
     cfg.get(key).and_then(|v| v.as_u64()).map(|v| v as usize)
 }
 
-/// Standard normal noise from `seed` (splitmix64 + Box–Muller): the same seed gives the same
-/// noise on every machine. It is not PyTorch's generator; pass `--noise` to reuse torch noise.
-pub fn gaussian_noise(shape: Vec<usize>, seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let mut v = Vec::with_capacity(n + 1);
-    while v.len() < n {
-        let (u1, u2) = (next(), next());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let th = 2.0 * std::f64::consts::PI * u2;
-        v.push((r * th.cos()) as f32);
-        v.push((r * th.sin()) as f32);
-    }
-    v.truncate(n);
-    Tensor::f32(shape, v)
-}
+pub use crate::tensor::gaussian_noise;

@@ -90,7 +90,7 @@ impl Predictor {
         frames: &Frames,
         lora_weight: f32,
     ) -> Result<Prediction> {
-        let (mean, _) = vae.encode(&frames.to_unit_video())?;
+        let mean = vae.latent(&frames.to_unit_video())?;
         let sf = vae.entry.scaling_factor as f32;
         let latents = Tensor::f32(
             mean.shape.clone(),

@@ -20,6 +20,8 @@ use crate::tensor::Tensor;
 /// Encoder and decoder sessions with their loop contract.
 pub struct Vae {
     pub entry: VaeEntry,
+    /// `Some(seed)`: [`Vae::latent`] samples the posterior; `None`: it takes the mode (mean).
+    pub posterior_seed: Option<u64>,
     encoder: Model,
     decoder: Model,
 }
@@ -41,6 +43,7 @@ impl Vae {
         let decoder = Model::load(&dir.dir.join(&entry.decoder), opts)?;
         Ok(Vae {
             entry,
+            posterior_seed: None,
             encoder,
             decoder,
         })
@@ -66,6 +69,19 @@ impl Vae {
         let mean = take(&mut outs, "posterior_mean")?;
         let logvar = take(&mut outs, "posterior_logvar")?;
         Ok((mean, logvar))
+    }
+
+    /// The latent of `video`: the posterior mode, or a sample `mean + exp(logvar / 2)·ε` with ε
+    /// drawn from `posterior_seed`. Not multiplied by the scaling factor.
+    pub fn latent(&mut self, video: &Tensor) -> Result<Tensor> {
+        let (mean, logvar) = self.encode(video)?;
+        let Some(seed) = self.posterior_seed else {
+            return Ok(mean);
+        };
+        let eps = crate::tensor::gaussian_noise(mean.shape.clone(), seed);
+        let (m, lv, e) = (mean.as_f32("mean")?, logvar.as_f32("logvar")?, eps.as_f32("eps")?);
+        let v = m.iter().zip(lv).zip(e).map(|((m, lv), e)| m + (0.5 * lv).exp() * e).collect();
+        Ok(Tensor::f32(mean.shape.clone(), v))
     }
 
     /// `latents [B, 16, f, h, w]` (already divided by the scaling factor) → `[B, 3, F, H, W]`.

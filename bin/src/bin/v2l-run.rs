@@ -75,6 +75,9 @@ struct GenerateArgs {
     /// safetensors with `initial_noise [1, f, 16, h, w]` (e.g. torch's, for exact comparisons)
     #[arg(long)]
     noise: Option<PathBuf>,
+    /// Sample the VAE posterior with this seed (first frame and reference) instead of its mode
+    #[arg(long)]
+    posterior_seed: Option<u64>,
     /// How the LoRA reaches the DiT: fused (session rebuilt with fused weights), bound (fused
     /// weights bound as inputs), unfused (low-rank branch); default: the engine's
     #[arg(long)]
@@ -280,6 +283,7 @@ fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -
             Pipeline::load_with_strategy(dir, opts, strategy)?
         }
     };
+    pipeline.set_posterior_sampling(g.posterior_seed);
     let req = Request {
         image: image.frames_first(),
         prompt_embeds,

@@ -45,7 +45,12 @@
 //!   ran at half speed). Only a block's unaligned first and last few elements are scalar.
 //! * bf16 is handled as even/odd lanes (`bits << 16` and `bits & 0xFFFF0000`), so that its
 //!   conversions need no shuffles; at rank 1, A is split into its even and odd elements
-//!   once per call to match.
+//!   once per call to match. Its rounding skips the NaN lane mask when the factors are all
+//!   finite (one pass over A and B per call), which is exact then (see `avx::bf16_round8`).
+//!
+//! bf16 and f16 cost more arithmetic per byte than f32; on a machine with few cores they
+//! are near the compute limit rather than the memory limit (in L1, one core here does about
+//! 12 G bf16 and 14 G f16 elements/s, i.e. 48 and 56 GB/s of W read + written).
 //!
 //! Elsewhere a portable loop (auto-vectorised where the compiler can) gives the same bits.
 //!
@@ -404,11 +409,12 @@ trait Elem: Copy + Send + Sync + 'static {
     unsafe fn load16(p: *const Self) -> (avx::V, avx::V);
 
     /// Rounds and stores 16 elements at `p`; with `NT`, a streaming store (`p` 32-byte aligned).
+    /// `G`: guard against NaNs with arbitrary payloads (bf16; see `avx::bf16_round8`).
     ///
     /// # Safety
     /// `p..p+16` writable; AVX2 and F16C available; aligned as above.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn store16<const NT: bool>(p: *mut Self, lo: avx::V, hi: avx::V);
+    unsafe fn store16<const NT: bool, const G: bool>(p: *mut Self, lo: avx::V, hi: avx::V);
 }
 
 impl Elem for f32 {
@@ -427,7 +433,7 @@ impl Elem for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn store16<const NT: bool>(p: *mut f32, lo: avx::V, hi: avx::V) {
+    unsafe fn store16<const NT: bool, const G: bool>(p: *mut f32, lo: avx::V, hi: avx::V) {
         avx::store16_f32::<NT>(p, lo, hi)
     }
 }
@@ -448,7 +454,7 @@ impl Elem for f16 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn store16<const NT: bool>(p: *mut f16, lo: avx::V, hi: avx::V) {
+    unsafe fn store16<const NT: bool, const G: bool>(p: *mut f16, lo: avx::V, hi: avx::V) {
         avx::store16_f16::<NT>(p as *mut u16, lo, hi)
     }
 }
@@ -482,8 +488,8 @@ impl Elem for bf16 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn store16<const NT: bool>(p: *mut bf16, lo: avx::V, hi: avx::V) {
-        avx::store16_bf16::<NT>(p as *mut u16, lo, hi)
+    unsafe fn store16<const NT: bool, const G: bool>(p: *mut bf16, lo: avx::V, hi: avx::V) {
+        avx::store16_bf16::<NT, G>(p as *mut u16, lo, hi)
     }
 }
 
@@ -542,6 +548,9 @@ struct Rows<'a, T> {
     a_split: &'a [f32],
     rank: usize,
     scale: f32,
+    /// Some factor (or the scale) is not finite: the bf16 AVX2 path must guard against NaN
+    /// payloads (see `avx::bf16_round8`).
+    nan_guard: bool,
 }
 
 impl<T: Elem> Rows<'_, T> {
@@ -574,10 +583,11 @@ impl<T: Elem> Rows<'_, T> {
             // were detected.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe {
-                if streaming {
-                    avx::rows::<T, true>(self, &mut coef)
-                } else {
-                    avx::rows::<T, false>(self, &mut coef)
+                match (streaming, self.nan_guard) {
+                    (true, false) => avx::rows::<T, true, false>(self, &mut coef),
+                    (false, false) => avx::rows::<T, false, false>(self, &mut coef),
+                    (true, true) => avx::rows::<T, true, true>(self, &mut coef),
+                    (false, true) => avx::rows::<T, false, true>(self, &mut coef),
                 }
             },
             // SAFETY: as above.
@@ -700,6 +710,9 @@ fn run_exact<T: Elem>(
     let src = SendPtr(src.map_or(dst.get() as *const T, |s| s.as_ptr()) as *mut T);
     let nblocks = out.div_ceil(block_rows);
     let a_split = split_even_odd::<T>(f, inp, isa);
+    // One pass over the factors (out·r + r·in elements, against out·in for the layer).
+    let nan_guard = is_even_odd::<T>()
+        && !(f.scale.is_finite() && f.b.iter().chain(f.a).all(|x| x.is_finite()));
     par_blocks(nblocks, threads, |k| {
         let row = k * block_rows;
         let n = block_rows.min(out - row);
@@ -714,9 +727,18 @@ fn run_exact<T: Elem>(
             a_split: &a_split,
             rank: f.rank,
             scale: f.scale,
+            nan_guard,
         };
         rows.run(isa, streaming);
     });
+}
+
+/// Whether `T` uses the even/odd lane layout (bf16 on x86_64).
+fn is_even_odd<T: Elem>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return T::EVEN_ODD;
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
 }
 
 /// `Rows::a_split` for this layer (built once per call, shared by the threads).
@@ -771,7 +793,10 @@ mod avx {
     /// # Safety
     /// AVX2 and F16C available; `r.src`/`r.dst` cover `r.nrows · r.inp` elements.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn rows<T: Elem, const NT: bool>(r: &Rows<T>, coef: &mut [f32]) {
+    pub(super) unsafe fn rows<T: Elem, const NT: bool, const G: bool>(
+        r: &Rows<T>,
+        coef: &mut [f32],
+    ) {
         // The block is walked as one flat range of out·in elements in groups of 16 whose
         // destination is 32-byte aligned, so that every store is a whole aligned vector:
         // mixing scalar and streaming stores in one cache line costs a read-for-ownership
@@ -808,7 +833,7 @@ mod avx {
                     _mm256_loadu_ps(d.as_ptr()),
                     _mm256_loadu_ps(d.as_ptr().add(8)),
                 );
-                T::store16::<NT>(dst.add(p), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
+                T::store16::<NT, G>(dst.add(p), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
                 p += 16;
                 continue;
             }
@@ -841,7 +866,7 @@ mod avx {
                         let (w0, w1) = T::load16(src.add(j));
                         let d0 = _mm256_mul_ps(c, _mm256_loadu_ps(lo));
                         let d1 = _mm256_mul_ps(c, _mm256_loadu_ps(hi));
-                        T::store16::<NT>(dst.add(j), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
+                        T::store16::<NT, G>(dst.add(j), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
                         (lo, hi) = (lo.add(step), hi.add(step));
                         j += 16;
                     }
@@ -853,7 +878,7 @@ mod avx {
                         let (w0, w1) = T::load16(src.add(j0 + t));
                         let (d0, d1) =
                             layout::<T>(_mm256_loadu_ps(tp.add(t)), _mm256_loadu_ps(tp.add(t + 8)));
-                        T::store16::<NT>(
+                        T::store16::<NT, G>(
                             dst.add(j0 + t),
                             _mm256_add_ps(w0, d0),
                             _mm256_add_ps(w1, d1),
@@ -937,21 +962,37 @@ mod avx {
 
     /// f32x8 → bf16 bits (round-to-nearest-even) in the high half of each u32 lane.
     ///
-    /// NaN lanes get no rounding bias: they are truncated, and stay NaN because `x` comes out
-    /// of an add and so is a quiet NaN (bit 22 set) — the same bits as `bf16_round`.
+    /// `x` always comes out of an add, so a NaN `x` is quiet (bit 22 set) and truncating it
+    /// gives `bf16_round`'s bits. With `G`, NaN lanes get no rounding bias (are truncated).
+    /// Without, a NaN is rounded like a number, which is the same as truncating when its low
+    /// 16 bits are zero: true of every NaN the kernel can produce from finite factors (a NaN
+    /// weight is a widened bf16, and inf − inf or 0·inf give the default NaN `0xFFC00000`).
+    /// A NaN payload from the factors themselves could carry into the exponent, so callers
+    /// pass `G` unless the factors are all finite (`Rows::nan_guard`); it costs ~25 %.
     #[inline(always)]
-    unsafe fn bf16_round8(x: V) -> __m256i {
+    unsafe fn bf16_round8<const G: bool>(x: V) -> __m256i {
         let b = _mm256_castps_si256(x);
         let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
         let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-        let ordered = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(x, x));
-        _mm256_add_epi32(b, _mm256_and_si256(bias, ordered))
+        if G {
+            let ordered = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(x, x));
+            _mm256_add_epi32(b, _mm256_and_si256(bias, ordered))
+        } else {
+            _mm256_add_epi32(b, bias)
+        }
     }
 
     #[inline(always)]
-    pub(super) unsafe fn store16_bf16<const NT: bool>(p: *mut u16, even: V, odd: V) {
-        let e = _mm256_srli_epi32::<16>(bf16_round8(even));
-        let o = _mm256_and_si256(bf16_round8(odd), _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
+    pub(super) unsafe fn store16_bf16<const NT: bool, const G: bool>(
+        p: *mut u16,
+        even: V,
+        odd: V,
+    ) {
+        let e = _mm256_srli_epi32::<16>(bf16_round8::<G>(even));
+        let o = _mm256_and_si256(
+            bf16_round8::<G>(odd),
+            _mm256_set1_epi32(0xFFFF_0000_u32 as i32),
+        );
         store256::<NT>(p, _mm256_or_si256(e, o));
     }
 
@@ -1281,6 +1322,40 @@ mod tests {
                         .zip(&hf)
                         .all(|(b, x)| x.is_nan() == f16::from_bits(*b).is_nan()));
                     assert_eq!(want_hf.get_or_insert(bits.clone()), &bits, "f16 {isa:?}");
+                }
+            }
+        }
+    }
+
+    /// Non-finite factors (which callers should reject with `check_finite`) still give NaN,
+    /// never a number, wherever a NaN with any payload enters the delta — on every path
+    /// (this is what the bf16 NaN guard is for).
+    #[test]
+    fn nan_factors_give_nan() {
+        let (out, inp) = (6, 45);
+        for rank in [1, 3] {
+            let mut l = Lora::new(out, inp, rank, 9);
+            l.a[7] = f32::from_bits(0x7FFF_FFFF); // payload that would carry when rounded
+            l.a[30] = f32::from_bits(0xFFBF_FFFF); // signalling, negative
+            l.b[2 * rank] = f32::from_bits(0x7F80_FFFF);
+            let base: Vec<bf16> = values(out * inp, 5).into_iter().map(bf16::from_f32).collect();
+            let mut want: Option<Vec<u16>> = None;
+            for isa in isas() {
+                for offset in [0, 3] {
+                    let mut t = vec![bf16::ZERO; out * inp + offset];
+                    run_exact(Some(&base), &mut t[offset..], out, inp, &l.factors(), 2, 2, isa);
+                    let t = &t[offset..];
+                    for i in 0..out {
+                        for j in 0..inp {
+                            let nan = i == 2 || j == 7 || j == 30;
+                            assert_eq!(t[i * inp + j].is_nan(), nan, "r{rank} {isa:?} [{i},{j}]");
+                        }
+                    }
+                    // Numbers bitwise; NaN payloads may differ where two NaNs meet (the
+                    // compiler may commute a multiply's operands).
+                    let bits: Vec<u16> =
+                        t.iter().map(|x| if x.is_nan() { 0x7FC0 } else { x.to_bits() }).collect();
+                    assert_eq!(want.get_or_insert(bits.clone()), &bits, "r{rank} {isa:?}");
                 }
             }
         }
