@@ -1,0 +1,743 @@
+//! The C ABI called from Rust: results equal the Rust API's bitwise, bad calls are refused with
+//! a status and a message, progress and cancellation, and two threads generating at once.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::ffi::{c_void, CStr};
+use std::ptr::{null, null_mut};
+use std::sync::mpsc;
+
+use common::*;
+use v2l::*;
+
+/// A raw pointer that a test moves to another thread on purpose.
+struct Shared<T>(*mut T);
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+#[test]
+fn version_abi_and_status_names() {
+    let v = unsafe { CStr::from_ptr(v2l_version()) }.to_str().unwrap();
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+    assert_eq!(v2l_abi_version(), V2L_ABI_VERSION);
+    let name = |s: i32| {
+        unsafe { CStr::from_ptr(v2l_status_str(s)) }
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(name(V2lStatus::Ok as i32), "V2L_STATUS_OK");
+    assert_eq!(name(V2lStatus::Busy as i32), "V2L_STATUS_BUSY");
+    assert_eq!(name(V2lStatus::Panic as i32), "V2L_STATUS_PANIC");
+    assert_eq!(name(-7), "unknown status");
+    // The header's names are the ones v2l_status_str gives.
+    let header = include_str!("../include/v2l.h");
+    for s in 0..=11 {
+        assert!(
+            header.contains(&format!("{} = {s},", name(s))),
+            "{} missing from v2l.h",
+            name(s)
+        );
+    }
+}
+
+#[test]
+fn a_panic_becomes_a_status_and_a_message() {
+    assert_eq!(v2l::testing::guard_panic(), V2lStatus::Panic);
+    let msg = last_error();
+    assert!(
+        msg.contains("internal error") && msg.contains("deliberate test panic"),
+        "{msg}"
+    );
+    // The next call clears it.
+    let mut n = 0;
+    fails(
+        unsafe { v2l_lora_layer_count(null(), &mut n) },
+        V2lStatus::InvalidHandle,
+        "`lora` is NULL",
+    );
+    assert!(!last_error().contains("panic"));
+}
+
+#[test]
+fn bad_arguments_and_handles_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = build_engine(d.path());
+    let inp = inputs();
+    let mut e = null_mut();
+
+    // Engine: NULL pointers, empty and missing paths, a directory that is not an engine.
+    fails(
+        unsafe { v2l_engine_open(null(), null(), &mut e) },
+        V2lStatus::NullPointer,
+        "`path` is NULL",
+    );
+    fails(
+        unsafe { v2l_engine_open(cpath(&eng).as_ptr(), null(), null_mut()) },
+        V2lStatus::NullPointer,
+        "`out_engine`",
+    );
+    fails(
+        unsafe { v2l_engine_open(c("").as_ptr(), null(), &mut e) },
+        V2lStatus::InvalidArgument,
+        "empty",
+    );
+    fails(
+        unsafe { v2l_engine_open(c("/nonexistent/engine").as_ptr(), null(), &mut e) },
+        V2lStatus::Io,
+        "/nonexistent/engine",
+    );
+    assert!(e.is_null(), "*out is NULL on failure");
+    fails(
+        unsafe { v2l_engine_open(cpath(&tiny()).as_ptr(), null(), &mut e) },
+        V2lStatus::Io,
+        "cogvideox-tiny",
+    );
+    let opts = V2lEngineOptions { threads: 1 };
+    ok(unsafe { v2l_engine_open(cpath(&eng).as_ptr(), &opts, &mut e) });
+    // The thread's message is cleared by a successful call, and is per thread.
+    assert_eq!(last_error(), "");
+    fails(
+        unsafe { v2l_engine_open(null(), null(), &mut e) },
+        V2lStatus::NullPointer,
+        "`path` is NULL",
+    );
+    std::thread::spawn(|| assert_eq!(last_error(), ""))
+        .join()
+        .unwrap();
+    assert!(last_error().contains("`path` is NULL"));
+    e = open(&eng);
+
+    let g = generator(e);
+    let mut lora = null_mut();
+    let peft = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    ok(unsafe { v2l_engine_load_lora(e, cpath(&peft).as_ptr(), &mut lora) });
+    let mut layers = 0;
+    ok(unsafe { v2l_lora_layer_count(lora, &mut layers) });
+    assert_eq!(layers, 8, "attn1.to_q/k/v/to_out.0 of 2 blocks");
+    ok(unsafe { v2l_lora_free(lora) });
+    fails(
+        unsafe { v2l_engine_load_lora(e, c("/nonexistent/lora.safetensors").as_ptr(), &mut lora) },
+        V2lStatus::Io,
+        "/nonexistent/lora.safetensors",
+    );
+    assert!(lora.is_null());
+    ok(unsafe { v2l_engine_load_lora(e, cpath(&peft).as_ptr(), &mut lora) });
+    // A LoRA file for another model: its layers match none of this DiT's.
+    let junk = d.path().join("other.safetensors");
+    let mut other = std::collections::BTreeMap::new();
+    other.insert(
+        "transformer.nope.lora_A.weight".to_string(),
+        v2l_runtime::Tensor::f32(vec![2, 4], vec![0.5; 8]),
+    );
+    other.insert(
+        "transformer.nope.lora_B.weight".to_string(),
+        v2l_runtime::Tensor::f32(vec![4, 2], vec![0.5; 8]),
+    );
+    v2l_runtime::write_safetensors(&junk, &other).unwrap();
+    let mut bad = null_mut();
+    ok(unsafe { v2l_engine_load_lora(e, cpath(&junk).as_ptr(), &mut bad) });
+    fails(
+        unsafe { v2l_generator_set_lora(g, bad, 1.0) },
+        V2lStatus::Lora,
+        "match no linear layer of the model (first: `nope`)",
+    );
+    ok(unsafe { v2l_lora_free(bad) });
+
+    // Wrong handle kinds (a C cast away), NULL handles.
+    fails(
+        unsafe { v2l_generator_new(lora.cast(), &mut null_mut()) },
+        V2lStatus::InvalidHandle,
+        "is the handle of a LoRA, not of an engine",
+    );
+    fails(
+        unsafe { v2l_generator_set_lora(g, e.cast(), 1.0) },
+        V2lStatus::InvalidHandle,
+        "is the handle of an engine, not of a LoRA",
+    );
+    fails(
+        unsafe { v2l_generator_clear_lora(lora.cast()) },
+        V2lStatus::InvalidHandle,
+        "not of a generator",
+    );
+    fails(
+        unsafe { v2l_engine_free(g.cast()) },
+        V2lStatus::InvalidHandle,
+        "is the handle of a generator",
+    );
+    fails(
+        unsafe { v2l_generator_cancel(null()) },
+        V2lStatus::InvalidHandle,
+        "`generator` is NULL",
+    );
+    let mut local = 0u64;
+    fails(
+        unsafe { v2l_lora_free((&mut local as *mut u64).cast()) },
+        V2lStatus::InvalidHandle,
+        "not a live handle",
+    );
+    fails(
+        unsafe { v2l_generator_set_lora(g, lora, f32::NAN) },
+        V2lStatus::InvalidArgument,
+        "`scale` is NaN",
+    );
+
+    // Generation parameters: sizes, NULLs, buffer lengths.
+    let p = params(&inp, 9, 2, 1);
+    let (mut n, mut f) = (0, 0);
+    ok(unsafe { v2l_generator_output_size(g, &p, &mut n, &mut f) });
+    assert_eq!((n, f), (9 * 64 * 64 * 3, 9));
+    let size = |q: &V2lGenerateParams| {
+        let (mut n, mut f) = (0, 0);
+        (
+            unsafe { v2l_generator_output_size(g, q, &mut n, &mut f) },
+            n,
+            f,
+        )
+    };
+    // The frames the VAE decodes, as diffusers does: latent batches of 2, the first taking the
+    // remainder; an even batch decodes to 4 frames per latent, an odd one to 1 + 4(n - 1).
+    for (frames, decoded) in [(1, 1), (5, 8), (9, 9), (13, 16), (17, 17), (49, 49)] {
+        let (s, n, f) = size(&V2lGenerateParams { frames, ..p });
+        ok(s);
+        assert_eq!(
+            (f, n),
+            (decoded, decoded as usize * 64 * 64 * 3),
+            "{frames} frames"
+        );
+    }
+    fails(
+        size(&V2lGenerateParams { frames: 8, ..p }).0,
+        V2lStatus::InvalidArgument,
+        "1 + 4k",
+    );
+    fails(
+        size(&V2lGenerateParams { height: 40, ..p }).0,
+        V2lStatus::InvalidArgument,
+        "multiples of 16",
+    );
+    fails(
+        size(&V2lGenerateParams { steps: 0, ..p }).0,
+        V2lStatus::InvalidArgument,
+        "steps",
+    );
+    fails(
+        size(&V2lGenerateParams {
+            frames: u32::MAX - 2,
+            height: 65536 - 16,
+            width: 65536 - 16,
+            ..p
+        })
+        .0,
+        V2lStatus::InvalidArgument,
+        "too large",
+    );
+    fails(
+        unsafe { v2l_generator_output_size(g, null(), &mut n, null_mut()) },
+        V2lStatus::NullPointer,
+        "`params`",
+    );
+    fails(
+        unsafe { v2l_generator_output_size(g, &p, null_mut(), null_mut()) },
+        V2lStatus::NullPointer,
+        "`out_bytes`",
+    );
+    ok(unsafe { v2l_generator_output_size(g, &p, &mut n, null_mut()) });
+    let mut out = vec![0u8; n];
+    let run = |q: &V2lGenerateParams, out: &mut [u8]| unsafe {
+        v2l_generator_generate(g, q, None, null_mut(), out.as_mut_ptr(), out.len())
+    };
+    fails(
+        run(&p, &mut out[..n - 1]),
+        V2lStatus::BufferSize,
+        &format!("need {n}"),
+    );
+    fails(
+        unsafe { v2l_generator_generate(g, &p, None, null_mut(), null_mut(), n) },
+        V2lStatus::NullPointer,
+        "`out`",
+    );
+    fails(
+        run(
+            &V2lGenerateParams {
+                first_frame_len: 64 * 64 * 4,
+                ..p
+            },
+            &mut out,
+        ),
+        V2lStatus::BufferSize,
+        "params.first_frame",
+    );
+    fails(
+        run(
+            &V2lGenerateParams {
+                first_frame: null(),
+                ..p
+            },
+            &mut out,
+        ),
+        V2lStatus::NullPointer,
+        "params.first_frame",
+    );
+    fails(
+        run(
+            &V2lGenerateParams {
+                prompt_embeds: null(),
+                ..p
+            },
+            &mut out,
+        ),
+        V2lStatus::NullPointer,
+        "params.prompt_embeds",
+    );
+    fails(
+        run(&V2lGenerateParams { embed_dim: 16, ..p }, &mut out),
+        V2lStatus::InvalidArgument,
+        "[L >= 1, 32]",
+    );
+    fails(
+        run(
+            &V2lGenerateParams {
+                guidance: f32::INFINITY,
+                ..p
+            },
+            &mut out,
+        ),
+        V2lStatus::InvalidArgument,
+        "guidance",
+    );
+    let noise = vec![0f32; 3 * 16 * 8 * 8];
+    fails(
+        run(
+            &V2lGenerateParams {
+                noise: noise.as_ptr(),
+                noise_len: noise.len() - 1,
+                ..p
+            },
+            &mut out,
+        ),
+        V2lStatus::BufferSize,
+        "[1, 3, 16, 8, 8]",
+    );
+    let misaligned = unsafe { (noise.as_ptr() as *const u8).add(1) } as *const f32;
+    fails(
+        run(
+            &V2lGenerateParams {
+                noise: misaligned,
+                noise_len: noise.len(),
+                ..p
+            },
+            &mut out,
+        ),
+        V2lStatus::InvalidArgument,
+        "aligned",
+    );
+    assert!(out.iter().all(|&b| b == 0), "a refused call writes nothing");
+
+    // Reference clips: length, dimensions, NULL.
+    let r = &inp.reference;
+    let mut l2 = null_mut();
+    let pred = |len: usize, frames: u32, l2: &mut *mut V2lLora| unsafe {
+        v2l_generator_predict_lora(g, r.rgb.as_ptr(), len, frames, 64, 64, 1.0, l2)
+    };
+    fails(
+        pred(r.rgb.len(), 5, &mut l2),
+        V2lStatus::BufferSize,
+        "5 frames of 64x64 RGB8 are 61440",
+    );
+    fails(
+        pred(0, 0, &mut l2),
+        V2lStatus::InvalidArgument,
+        "at least 1",
+    );
+    fails(
+        unsafe { v2l_generator_predict_lora(g, null(), 3, 1, 1, 1, 1.0, &mut l2) },
+        V2lStatus::NullPointer,
+        "`rgb`",
+    );
+    fails(
+        unsafe {
+            v2l_generator_predict_lora_from_video(
+                g,
+                c("/nonexistent.mp4").as_ptr(),
+                64,
+                64,
+                1.0,
+                &mut l2,
+            )
+        },
+        V2lStatus::Io,
+        "/nonexistent.mp4",
+    );
+    assert!(l2.is_null());
+
+    // Use after free and double free are refused; freeing NULL is a no-op.
+    ok(unsafe { v2l_lora_free(lora) });
+    fails(
+        unsafe { v2l_generator_set_lora(g, lora, 1.0) },
+        V2lStatus::InvalidHandle,
+        "not a live handle of a LoRA",
+    );
+    fails(
+        unsafe { v2l_lora_free(lora) },
+        V2lStatus::InvalidHandle,
+        "already freed",
+    );
+    ok(unsafe { v2l_lora_free(null_mut()) });
+    // A generator outlives its engine.
+    ok(unsafe { v2l_engine_free(e) });
+    fails(
+        unsafe { v2l_generator_new(e, &mut null_mut()) },
+        V2lStatus::InvalidHandle,
+        "already freed",
+    );
+    fails(
+        unsafe { v2l_engine_free(e) },
+        V2lStatus::InvalidHandle,
+        "already freed",
+    );
+    let small = params(&inp, 1, 1, 1);
+    let _ = generate(g, &small);
+    ok(unsafe { v2l_generator_free(g) });
+    fails(
+        unsafe { v2l_generator_free(g) },
+        V2lStatus::InvalidHandle,
+        "already freed",
+    );
+    fails(
+        generate_with_no_size_query(g, &small, None, null_mut()).0,
+        V2lStatus::InvalidHandle,
+        "already freed",
+    );
+    ok(unsafe { v2l_generator_free(null_mut()) });
+    ok(unsafe { v2l_engine_free(null_mut()) });
+}
+
+#[test]
+fn generation_matches_the_rust_api_bitwise() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = build_engine(d.path());
+    let inp = inputs();
+    let e = open(&eng);
+    let g = generator(e);
+    let (frames, steps, seed) = (17u32, 4u32, 42u64);
+    let p = params(&inp, frames, steps, seed);
+    let rust = |lora| rust_generate(&eng, &inp, frames as usize, steps as usize, seed, lora);
+
+    let base = generate(g, &p);
+    assert_eq!(
+        base,
+        rust(RustLora::None),
+        "base generation differs from the Rust API"
+    );
+    // The same seed as explicit noise.
+    let noise = v2l_runtime::pipeline::gaussian_noise(vec![1, 5, 16, 8, 8], seed);
+    let noise = noise.as_f32("noise").unwrap();
+    let explicit = V2lGenerateParams {
+        noise: noise.as_ptr(),
+        noise_len: noise.len(),
+        seed: 7,
+        ..p
+    };
+    assert_eq!(generate(g, &explicit), base);
+
+    // Predicted from the reference clip, applied at scale 1: Rust's `reference` request.
+    let predicted = predict(g, &inp.reference, inp.reference.frames, 1.0);
+    let mut layers = 0;
+    ok(unsafe { v2l_lora_layer_count(predicted, &mut layers) });
+    assert_eq!(layers, 21, "one per linear layer of the DiT");
+    ok(unsafe { v2l_generator_set_lora(g, predicted, 1.0) });
+    let with_predicted = generate(g, &p);
+    assert_ne!(with_predicted, base);
+    assert_eq!(
+        with_predicted,
+        rust(RustLora::Reference(&inp.reference, 1.0)),
+        "predicted-LoRA generation differs"
+    );
+
+    // Switch to a LoRA file at scale 0.5.
+    let peft = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    let mut file = null_mut();
+    ok(unsafe { v2l_engine_load_lora(e, cpath(&peft).as_ptr(), &mut file) });
+    ok(unsafe { v2l_generator_set_lora(g, file, 0.5) });
+    let with_file = generate(g, &p);
+    assert_ne!(with_file, base);
+    assert_eq!(
+        with_file,
+        rust(RustLora::File(&peft, 0.5)),
+        "LoRA-file generation differs"
+    );
+
+    // Switching back and clearing: nothing accumulates.
+    ok(unsafe { v2l_generator_set_lora(g, predicted, 1.0) });
+    assert_eq!(generate(g, &p), with_predicted);
+    ok(unsafe { v2l_generator_clear_lora(g) });
+    assert_eq!(generate(g, &p), base);
+
+    // A freed LoRA's weights stay fused in the generator it was applied to.
+    ok(unsafe { v2l_generator_set_lora(g, file, 0.5) });
+    ok(unsafe { v2l_lora_free(file) });
+    assert_eq!(generate(g, &p), with_file);
+
+    for s in unsafe {
+        [
+            v2l_lora_free(predicted),
+            v2l_generator_free(g),
+            v2l_engine_free(e),
+        ]
+    } {
+        ok(s);
+    }
+}
+
+#[test]
+fn predicting_from_a_video_file_equals_predicting_from_its_frames() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = build_engine(d.path());
+    let inp = inputs();
+    let e = open(&eng);
+    let g = generator(e);
+    let video = tiny().join("reference.mp4");
+    let mut from_file = null_mut();
+    ok(unsafe {
+        v2l_generator_predict_lora_from_video(
+            g,
+            cpath(&video).as_ptr(),
+            64,
+            64,
+            1.0,
+            &mut from_file,
+        )
+    });
+    let frames = v2l_runtime::video::read_frames(&video, 64, 64).unwrap();
+    let from_frames = predict(g, &frames, frames.frames, 1.0);
+    // Both applied give the same video.
+    let p = params(&inp, 5, 2, 3);
+    ok(unsafe { v2l_generator_set_lora(g, from_file, 1.0) });
+    let a = generate(g, &p);
+    ok(unsafe { v2l_generator_set_lora(g, from_frames, 1.0) });
+    assert_eq!(generate(g, &p), a);
+    for s in unsafe {
+        [
+            v2l_lora_free(from_file),
+            v2l_lora_free(from_frames),
+            v2l_generator_free(g),
+            v2l_engine_free(e),
+        ]
+    } {
+        ok(s);
+    }
+}
+
+/// Records calls and answers from a table: what the progress test's callback sees and does.
+struct Progress {
+    calls: Vec<(u32, u32)>,
+    cancel_at: u32,
+    generator: *mut V2lGenerator,
+    inner_status: Vec<V2lStatus>,
+    /// Sends the step to another thread and waits for its answer before returning.
+    handshake: Option<(mpsc::Sender<u32>, mpsc::Receiver<()>)>,
+}
+
+unsafe extern "C" fn on_progress(user: *mut c_void, step: u32, steps: u32) -> i32 {
+    let p = &mut *(user as *mut Progress);
+    p.calls.push((step, steps));
+    // Other calls on the generator from inside the callback: busy, except output_size.
+    let mut lora = null_mut();
+    p.inner_status.push(v2l_generator_clear_lora(p.generator));
+    p.inner_status.push(v2l_generator_predict_lora(
+        p.generator,
+        [0u8; 3].as_ptr(),
+        3,
+        1,
+        1,
+        1,
+        1.0,
+        &mut lora,
+    ));
+    if let Some((tx, rx)) = &p.handshake {
+        tx.send(step).unwrap();
+        rx.recv().unwrap();
+    }
+    i32::from(step == p.cancel_at)
+}
+
+#[test]
+fn progress_callback_and_cancellation() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = build_engine(d.path());
+    let inp = inputs();
+    let e = open(&eng);
+    let g = generator(e);
+    let p = params(&inp, 5, 3, 11);
+    let base = generate(g, &p);
+    // Owned through a raw pointer only: the callback and the test both reach it through `st`.
+    let st: *mut Progress = Box::into_raw(Box::new(Progress {
+        calls: vec![],
+        cancel_at: 0,
+        generator: g,
+        inner_status: vec![],
+        handshake: None,
+    }));
+    let user = st as *mut c_void;
+    let state = || unsafe { &mut *st };
+
+    // Called after every step; the result is the same as without a callback.
+    let (s, out) = generate_with(g, &p, Some(on_progress), user);
+    ok(s);
+    assert_eq!(out, base);
+    assert_eq!(state().calls, vec![(1, 3), (2, 3), (3, 3)]);
+    assert!(
+        state().inner_status.iter().all(|&s| s == V2lStatus::Busy),
+        "{:?}",
+        state().inner_status
+    );
+
+    // The callback cancels at step 2: nothing is written.
+    state().calls.clear();
+    state().cancel_at = 2;
+    let (s, out) = generate_with(g, &p, Some(on_progress), user);
+    fails(
+        s,
+        V2lStatus::Cancelled,
+        "cancelled by the progress callback after step 2 of 3",
+    );
+    assert_eq!(state().calls.len(), 2);
+    assert!(out.iter().all(|&b| b == 0));
+
+    // Another thread cancels while step 1's callback waits for it.
+    state().cancel_at = 0;
+    state().calls.clear();
+    let (to_other, from_main) = mpsc::channel();
+    let (to_main, from_other) = mpsc::channel();
+    state().handshake = Some((to_other, from_other));
+    let shared = Shared(g);
+    let other = std::thread::spawn(move || {
+        let shared = shared;
+        let step: u32 = from_main.recv().unwrap();
+        let s = unsafe { v2l_generator_cancel(shared.0) };
+        to_main.send(()).unwrap();
+        // Keep answering until the generation ends.
+        while from_main.recv().is_ok() {
+            let _ = to_main.send(());
+        }
+        (step, s)
+    });
+    let (s, _) = generate_with(g, &p, Some(on_progress), user);
+    fails(
+        s,
+        V2lStatus::Cancelled,
+        "cancelled by v2l_generator_cancel after step 1 of 3",
+    );
+    state().handshake = None;
+    assert_eq!(other.join().unwrap(), (1, V2lStatus::Ok));
+
+    // A cancel request made between generations is ignored: the next one runs whole.
+    ok(unsafe { v2l_generator_cancel(g) });
+    assert_eq!(generate(g, &p), base);
+
+    // Freeing the generator from another thread mid-generation cancels the run; the handle is
+    // gone afterwards, and nothing is used after free (the run holds its own reference).
+    state().calls.clear();
+    let (to_other, from_main) = mpsc::channel();
+    let (to_main, from_other) = mpsc::channel();
+    state().handshake = Some((to_other, from_other));
+    let other = std::thread::spawn(move || {
+        let shared = shared;
+        from_main.recv().unwrap();
+        let s = unsafe { v2l_generator_free(shared.0) };
+        to_main.send(()).unwrap();
+        while from_main.recv().is_ok() {
+            let _ = to_main.send(());
+        }
+        s
+    });
+    let (s, _) = generate_with_no_size_query(g, &p, Some(on_progress), user);
+    fails(
+        s,
+        V2lStatus::Cancelled,
+        "cancelled by v2l_generator_free after step 1 of 3",
+    );
+    state().handshake = None;
+    ok(other.join().unwrap());
+    fails(
+        unsafe { v2l_generator_cancel(g) },
+        V2lStatus::InvalidHandle,
+        "already freed",
+    );
+    drop(unsafe { Box::from_raw(st) });
+    ok(unsafe { v2l_engine_free(e) });
+}
+
+/// `generate_with` without the size query (which would fail once the handle is freed).
+fn generate_with_no_size_query(
+    g: *mut V2lGenerator,
+    p: &V2lGenerateParams,
+    progress: V2lProgressFn,
+    user: *mut c_void,
+) -> (V2lStatus, Vec<u8>) {
+    let mut out = vec![0u8; 32 * (p.height * p.width * 3) as usize];
+    let s = unsafe { v2l_generator_generate(g, p, progress, user, out.as_mut_ptr(), out.len()) };
+    (s, out)
+}
+
+#[test]
+fn two_threads_with_two_loras_get_what_each_gets_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = build_engine(d.path());
+    let inp = inputs();
+    let e = open(&eng);
+    let predictor = generator(e);
+    let predicted = predict(predictor, &inp.reference, 9, 1.0);
+    ok(unsafe { v2l_generator_free(predictor) });
+    let mut file = null_mut();
+    let peft = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    ok(unsafe { v2l_engine_load_lora(e, cpath(&peft).as_ptr(), &mut file) });
+
+    // Each on its own: a fresh generator from the engine, the LoRA, one generation.
+    let run = |e: Shared<V2lEngine>, lora: Shared<V2lLora>, scale: f32| {
+        let g = generator(e.0);
+        ok(unsafe { v2l_generator_set_lora(g, lora.0, scale) });
+        let out = generate(g, &params(&inp, 9, 3, 5));
+        ok(unsafe { v2l_generator_free(g) });
+        out
+    };
+    let (se, sp, sf) = (Shared(e), Shared(predicted), Shared(file));
+    let alone_a = run(se, sp, 1.0);
+    let alone_b = run(se, sf, 0.8);
+    assert_ne!(alone_a, alone_b);
+
+    // Both at once, twice, sharing the engine and the LoRA handles.
+    for round in 0..2 {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| run(se, sp, 1.0));
+            let b = s.spawn(|| run(se, sf, 0.8));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(
+            a == alone_a,
+            "round {round}: thread A's frames differ from its solo run"
+        );
+        assert!(
+            b == alone_b,
+            "round {round}: thread B's frames differ from its solo run"
+        );
+    }
+    for s in unsafe {
+        [
+            v2l_lora_free(predicted),
+            v2l_lora_free(file),
+            v2l_engine_free(e),
+        ]
+    } {
+        ok(s);
+    }
+}

@@ -1,0 +1,285 @@
+//! Test helpers: the tiny CogVideoX engine built with the library crates (what
+//! `v2l-export pipeline ... --hypernet --lilora` then `v2l-compile` do), its inputs, and
+//! safe-ish wrappers around the C ABI.
+
+#![allow(dead_code)]
+
+use std::ffi::{c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::ptr::null_mut;
+
+use v2l::*;
+use v2l_export::{cogvideox_dit, cogvideox_vae, video2lora_hypernet, Checkpoint, Manifest};
+use v2l_graphs::{DType, ExternalData};
+use v2l_runtime::backend::{Backend, Precision};
+use v2l_runtime::tensor::Data;
+use v2l_runtime::video::Frames;
+use v2l_runtime::{read_safetensors, Tensor};
+
+pub fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-tiny")
+}
+
+/// Exports the tiny pipeline with the hypernetwork into `dir/export` and compiles it into the
+/// engine bundle `dir/engine`, which it returns.
+pub fn build_engine(dir: &Path) -> PathBuf {
+    let t = tiny();
+    let ex = dir.join("export");
+    std::fs::create_dir_all(&ex).unwrap();
+    let mut m = Manifest::read_or_default(&ex).unwrap();
+
+    let dit_ck = Checkpoint::open_dir(&t.join("transformer")).unwrap();
+    let dit = cogvideox_dit::export(&dit_ck, &Default::default()).unwrap();
+    v2l_graphs::save(&dit.graph, &ex.join("dit.onnx"), ExternalData::Auto).unwrap();
+    m.dit = Some(dit.manifest_entry("dit.onnx", DType::F32));
+
+    let vae_ck = Checkpoint::open_dir(&t.join("vae")).unwrap();
+    let vae = cogvideox_vae::export(&vae_ck).unwrap();
+    let raw: serde_json::Value = vae_ck.config(cogvideox_vae::CLASS_NAME).unwrap();
+    v2l_graphs::save(
+        &vae.encoder,
+        &ex.join("vae_encoder.onnx"),
+        ExternalData::Auto,
+    )
+    .unwrap();
+    v2l_graphs::save(
+        &vae.decoder,
+        &ex.join("vae_decoder.onnx"),
+        ExternalData::Auto,
+    )
+    .unwrap();
+    m.vae = Some(vae.manifest_entry("vae_encoder.onnx", "vae_decoder.onnx", raw));
+
+    let hck = Checkpoint::open_file(&t.join("hypernetwork.safetensors")).unwrap();
+    let hyper = video2lora_hypernet::export(
+        &hck,
+        &video2lora_hypernet::HypernetOptions { iterations: 4 },
+    )
+    .unwrap();
+    let aux = v2l_runtime::lora::lilora::LiLora::load(&t.join("lilora.safetensors"), &dit.linears)
+        .unwrap();
+    v2l_graphs::save(&hyper.graph, &ex.join("hypernet.onnx"), ExternalData::Auto).unwrap();
+    std::fs::copy(t.join("lilora.safetensors"), ex.join("lilora.safetensors")).unwrap();
+    m.hypernet = Some(v2l_export::manifest::HypernetEntry {
+        file: "hypernet.onnx".into(),
+        dims: hyper.dims.clone(),
+        lilora: "lilora.safetensors".into(),
+        lilora_a: aux.a,
+        lilora_b: aux.b,
+        layers: dit.linears.iter().map(|l| l.name.clone()).collect(),
+    });
+
+    std::fs::copy(
+        t.join("scheduler/scheduler_config.json"),
+        ex.join("scheduler_config.json"),
+    )
+    .unwrap();
+    m.scheduler = Some("scheduler_config.json".into());
+    m.write(&ex).unwrap();
+
+    let eng = dir.join("engine");
+    v2l_runtime::bundle::compile(&ex, &eng, Backend::Cpu, Precision::Fp32).unwrap();
+    eng
+}
+
+/// The fixture's generation inputs (e2e_io.safetensors).
+pub struct Inputs {
+    pub first_frame: Frames,
+    pub reference: Frames,
+    pub prompt: Tensor,
+    pub negative: Tensor,
+}
+
+fn frames_of(t: &Tensor) -> Frames {
+    let Data::U8(rgb) = &t.data else {
+        panic!("expected u8")
+    };
+    let s = &t.shape;
+    let (f, h, w) = if s.len() == 3 {
+        (1, s[0], s[1])
+    } else {
+        (s[0], s[1], s[2])
+    };
+    Frames {
+        frames: f,
+        height: h,
+        width: w,
+        rgb: rgb.clone(),
+    }
+}
+
+pub fn inputs() -> Inputs {
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    Inputs {
+        first_frame: frames_of(&io["first_frame_u8"]),
+        reference: frames_of(&io["reference_u8"]),
+        prompt: io["prompt_embeds"].clone(),
+        negative: io["negative_prompt_embeds"].clone(),
+    }
+}
+
+pub fn c(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+pub fn cpath(p: &Path) -> CString {
+    CString::new(p.to_str().unwrap()).unwrap()
+}
+
+pub fn last_error() -> String {
+    unsafe { CStr::from_ptr(v2l_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Panics with the thread's error message unless `s` is OK.
+#[track_caller]
+pub fn ok(s: V2lStatus) {
+    assert_eq!(s, V2lStatus::Ok, "{}", last_error());
+}
+
+/// Asserts `s` is `want` and the error message contains `needle`.
+#[track_caller]
+pub fn fails(s: V2lStatus, want: V2lStatus, needle: &str) {
+    let msg = last_error();
+    assert_eq!(s, want, "message: {msg}");
+    assert!(msg.contains(needle), "expected `{needle}` in `{msg}`");
+}
+
+pub fn open(engine: &Path) -> *mut V2lEngine {
+    let mut e = std::ptr::null_mut();
+    ok(unsafe { v2l_engine_open(cpath(engine).as_ptr(), std::ptr::null(), &mut e) });
+    assert!(!e.is_null());
+    e
+}
+
+pub fn generator(e: *const V2lEngine) -> *mut V2lGenerator {
+    let mut g = std::ptr::null_mut();
+    ok(unsafe { v2l_generator_new(e, &mut g) });
+    g
+}
+
+/// Parameters borrowing `inp`'s buffers.
+pub fn params(inp: &Inputs, frames: u32, steps: u32, seed: u64) -> V2lGenerateParams {
+    V2lGenerateParams {
+        frames,
+        height: inp.first_frame.height as u32,
+        width: inp.first_frame.width as u32,
+        steps,
+        guidance: 6.0,
+        seed,
+        first_frame: inp.first_frame.rgb.as_ptr(),
+        first_frame_len: inp.first_frame.rgb.len(),
+        prompt_embeds: inp.prompt.as_f32("p").unwrap().as_ptr(),
+        negative_prompt_embeds: inp.negative.as_f32("n").unwrap().as_ptr(),
+        embed_len: inp.prompt.shape[1] as u32,
+        embed_dim: inp.prompt.shape[2] as u32,
+        noise: std::ptr::null(),
+        noise_len: 0,
+    }
+}
+
+/// Generates through the C ABI (with an optional progress callback); the status and frames.
+pub fn generate_with(
+    g: *mut V2lGenerator,
+    p: &V2lGenerateParams,
+    progress: V2lProgressFn,
+    user: *mut c_void,
+) -> (V2lStatus, Vec<u8>) {
+    let mut n = 0usize;
+    ok(unsafe { v2l_generator_output_size(g, p, &mut n, null_mut()) });
+    let mut out = vec![0u8; n];
+    let s = unsafe { v2l_generator_generate(g, p, progress, user, out.as_mut_ptr(), out.len()) };
+    (s, out)
+}
+
+pub fn generate(g: *mut V2lGenerator, p: &V2lGenerateParams) -> Vec<u8> {
+    let (s, out) = generate_with(g, p, None, std::ptr::null_mut());
+    ok(s);
+    out
+}
+
+/// Predicts the reference clip's LoRA (first `frames` frames) through the C ABI.
+pub fn predict(
+    g: *mut V2lGenerator,
+    reference: &Frames,
+    frames: usize,
+    weight: f32,
+) -> *mut V2lLora {
+    let n = frames * reference.height * reference.width * 3;
+    let mut l = std::ptr::null_mut();
+    ok(unsafe {
+        v2l_generator_predict_lora(
+            g,
+            reference.rgb.as_ptr(),
+            n,
+            frames as u32,
+            reference.height as u32,
+            reference.width as u32,
+            weight,
+            &mut l,
+        )
+    });
+    l
+}
+
+/// The same generation through the Rust API: `lora` is `(reference frames, weight)` for a
+/// predicted LoRA, or a LoRA file with its multiplier.
+pub enum RustLora<'a> {
+    None,
+    Reference(&'a Frames, f32),
+    File(&'a Path, f32),
+}
+
+pub fn rust_generate(
+    engine: &Path,
+    inp: &Inputs,
+    frames: usize,
+    steps: usize,
+    seed: u64,
+    lora: RustLora,
+) -> Vec<u8> {
+    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
+    use v2l_runtime::stage::{AppliedLora, ExportDir};
+    let dir = ExportDir::open(engine).unwrap();
+    let dit = dir.manifest.dit.clone().unwrap();
+    let mut p = Pipeline::load(dir, &Default::default()).unwrap();
+    let (h, w) = (inp.first_frame.height, inp.first_frame.width);
+    let mut reference = None;
+    match lora {
+        RustLora::None => {}
+        RustLora::Reference(clip, weight) => reference = Some((clip.clone(), weight)),
+        RustLora::File(path, multiplier) => {
+            let modules: Vec<String> = dit.lora_targets.iter().map(|t| t.name.clone()).collect();
+            let lora = v2l_runtime::lora::format::read(path, Some(&modules)).unwrap();
+            p.set_lora(Some(&AppliedLora {
+                lora,
+                source: path.into(),
+                multiplier,
+            }))
+            .unwrap();
+        }
+    }
+    let req = Request {
+        image: inp.first_frame.clone(),
+        prompt_embeds: inp.prompt.clone(),
+        negative_prompt_embeds: inp.negative.clone(),
+        frames,
+        steps,
+        guidance: 6.0,
+        noise: gaussian_noise(
+            vec![1, (frames - 1) / 4 + 1, dit.in_channels / 2, h / 8, w / 8],
+            seed,
+        ),
+        reference,
+    };
+    let gen = p.generate(&req, &mut |_, _| true).unwrap();
+    v2l_runtime::video::to_rgb8(&gen.frames).unwrap().rgb
+}
+
+/// Truncates a clip to its first `n` frames.
+pub fn first_frames(f: &Frames, n: usize) -> Frames {
+    let mut f = f.clone();
+    f.truncate(n);
+    f
+}
