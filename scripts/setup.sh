@@ -2,7 +2,8 @@
 # Installs what v2l needs at run time, from the project's own files and public registries only:
 #   - the ONNX Runtime shared library, unpacked from the `onnxruntime` wheel on PyPI into
 #     .v2l/onnxruntime/ (ort is built with `load-dynamic`: nothing is downloaded at build time);
-#   - ffmpeg, from Debian packages (video in and out).
+#   - ffmpeg, from Debian packages (video in and out);
+#   - valgrind and a C compiler for the C ABI tests, from Debian packages if missing.
 # Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,19 @@ with zipfile.ZipFile(wheel) as z:
             print("setup: installed", os.path.join(dest, base))
 PY
 fi
+
+# valgrind and a C compiler: the C ABI tests build examples/c and run it under valgrind.
+for tool in valgrind cc; do
+  if ! command -v "$tool" >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "setup: installing $tool from Debian packages"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$([ "$tool" = cc ] && echo gcc || echo valgrind)" >/dev/null
+    else
+      echo "setup: $tool not found (needed by the C ABI tests)" >&2
+    fi
+  fi
+done
 
 if command -v ffmpeg >/dev/null; then
   echo "setup: ffmpeg present"
