@@ -256,3 +256,18 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
     }
     Ok(Some(bundle))
 }
+
+/// Session options for running `dir`: its bundle's backend (CPU for a plain export directory),
+/// with the TensorRT engine cache under `<engine>/trt_cache/<weight hash>`.
+pub fn session_options(dir: &crate::stage::ExportDir, threads: usize) -> crate::session::SessionOptions {
+    let backend = match &dir.bundle {
+        Some(b) => crate::backend::BackendOptions {
+            backend: b.backend,
+            device_id: 0,
+            trt_cache_dir: Some(dir.dir.join("trt_cache")),
+            weight_hash: b.weight_hash.clone(),
+        },
+        None => Default::default(),
+    };
+    crate::session::SessionOptions { threads, backend }
+}

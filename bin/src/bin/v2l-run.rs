@@ -164,6 +164,7 @@ fn main() -> ExitCode {
             Some(Command::Stage { stage, inputs, output, lora, lora_scale, compare, compare_names }) => {
                 let stage = Stage::from(stage);
                 let dir = ExportDir::open(engine)?;
+                let opts = v2l_runtime::bundle::session_options(&dir, opts.threads);
                 let tensors = read_safetensors(&inputs)?;
                 check_inputs(stage, &tensors, &inputs)?;
                 let lora = match lora {
@@ -247,6 +248,7 @@ fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -
     }
     let t0 = std::time::Instant::now();
     let dir = ExportDir::open(engine)?;
+    let opts = &v2l_runtime::bundle::session_options(&dir, opts.threads);
     let cfg = |key: &str, from_dit: bool| -> Option<usize> {
         let c = if from_dit { dir.manifest.dit.as_ref().map(|d| &d.config) } else { dir.manifest.vae.as_ref().map(|v| &v.config) };
         c.and_then(|c| c.get(key)).and_then(|v| v.as_u64()).map(|v| v as usize)
