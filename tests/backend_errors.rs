@@ -15,9 +15,22 @@ fn missing_gpu_provider_is_a_clear_error() {
     let path = dir.path().join("dit.onnx");
     save(&ex.graph, &path, ExternalData::Auto).unwrap();
     for backend in [Backend::Cuda, Backend::TensorRt] {
-        let opts = SessionOptions { backend: BackendOptions { backend, ..Default::default() }, ..Default::default() };
-        let err = Model::load(&path, &opts).err().expect("a CPU-only ONNX Runtime cannot register a GPU provider").to_string();
+        let opts = SessionOptions {
+            backend: BackendOptions {
+                backend,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = Model::load(&path, &opts)
+            .err()
+            .expect("a CPU-only ONNX Runtime cannot register a GPU provider")
+            .to_string();
         eprintln!("{}: {err}", backend.name());
-        assert!(err.contains(&format!("{} execution provider", backend.name())) && err.contains("onnxruntime-gpu"), "{err}");
+        assert!(
+            err.contains(&format!("{} execution provider", backend.name()))
+                && err.contains("onnxruntime-gpu"),
+            "{err}"
+        );
     }
 }

@@ -40,6 +40,8 @@ pub struct FuseBench {
     pub memcpy_mib: usize,
     /// Also time `fuse_in_place`.
     pub in_place: bool,
+    /// Storage types to time, in order (`f32`, `f16`, `bf16`).
+    pub dtypes: Vec<String>,
     pub json: bool,
 }
 
@@ -62,6 +64,27 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     };
     (med, v[0], v[n - 1])
+}
+
+/// CPU time (user + system) this process has used, all threads, in seconds
+/// (`/proc/self/stat`, clock ticks of 1/100 s).
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command name: field 3 (state) is f[0]; utime is field 14, stime field 15.
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// The 1-minute load average (`/proc/loadavg`).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
@@ -227,6 +250,9 @@ struct Row {
     pool_bytes: u64,
     pool_reused: bool,
     seconds: f64,
+    /// CPU time used during the timed passes over (their wall time × threads): below 1 when
+    /// other processes took the cores (a compute-heavier dtype then loses more).
+    cpu_share: f64,
     gbps: (f64, f64, f64),
     /// fuse GB/s over the mean of the memcpy samples right before and after the pass.
     ratio: (f64, f64, f64),
@@ -346,6 +372,7 @@ where
             pass(target)?;
             let traffic = 2.0 * weight_bytes as f64;
             let (mut secs, mut gbps) = (Vec::new(), Vec::new());
+            let mut cpu = 0.0;
             let (mut ratio, mut ratio_stream) = (Vec::new(), Vec::new());
             let mut m_before = cx.copier.memcpy();
             let mut s_before = cx.copier.stream()?;
@@ -356,7 +383,11 @@ where
                     r + 1,
                     cx.o.repeat
                 ));
+                let c0 = cpu_seconds();
                 let s = pass(target)?;
+                if let (Some(c0), Some(c1)) = (c0, cpu_seconds()) {
+                    cpu += c1 - c0;
+                }
                 let m_after = cx.copier.memcpy();
                 let s_after = cx.copier.stream()?;
                 let g = traffic / s / 1e9;
@@ -374,6 +405,7 @@ where
                 weight_bytes,
                 pool_bytes: (pool * size) as u64,
                 pool_reused: pool < total,
+                cpu_share: cpu / (secs.iter().sum::<f64>() * threads as f64),
                 seconds: stats(&mut secs).0,
                 gbps: stats(&mut gbps),
                 ratio: stats(&mut ratio),
@@ -389,7 +421,15 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     if o.repeat == 0 {
         return Err(Failure::new("--repeat must be at least 1"));
     }
+    if let Some(d) = o
+        .dtypes
+        .iter()
+        .find(|d| !["f32", "f16", "bf16"].contains(&d.as_str()))
+    {
+        return Err(Failure::new(format!("unknown dtype `{d}`")).with_hint("use f32, f16, bf16"));
+    }
     let threads = fuse::resolve_threads(o.threads);
+    let load_before = load_average();
     let all = layers()?;
     let factors = |ls: &[&Layer]| -> Vec<(Vec<f32>, Vec<f32>)> {
         ls.iter()
@@ -460,30 +500,19 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
         cx.copier.stream()?;
     }
     let mut rows = Vec::new();
-    rows.extend(bench_dtype::<f32>(
-        &mut cx,
-        "f32",
-        |x| x,
-        &mut base,
-        &mut target,
-    )?);
-    rows.extend(bench_dtype::<f16>(
-        &mut cx,
-        "f16",
-        f16::from_f32,
-        &mut base,
-        &mut target,
-    )?);
-    rows.extend(bench_dtype::<bf16>(
-        &mut cx,
-        "bf16",
-        bf16::from_f32,
-        &mut base,
-        &mut target,
-    )?);
+    for dtype in &o.dtypes {
+        let (b, t) = (&mut base, &mut target);
+        rows.extend(match dtype.as_str() {
+            "f32" => bench_dtype::<f32>(&mut cx, "f32", |x| x, b, t)?,
+            "f16" => bench_dtype::<f16>(&mut cx, "f16", f16::from_f32, b, t)?,
+            "bf16" => bench_dtype::<bf16>(&mut cx, "bf16", bf16::from_f32, b, t)?,
+            _ => unreachable!("checked above"),
+        });
+    }
     if progress {
         eprint!("\r{:70}\r", "");
     }
+    let load_after = load_average();
     let mut mc = cx.copier.memcpy.clone();
     let memcpy = stats(&mut mc);
     let mut sc = cx.copier.stream.clone();
@@ -499,7 +528,7 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
                     "layers": r.layers, "bytes": r.weight_bytes,
                     "traffic_bytes": 2 * r.weight_bytes,
                     "pool_bytes": r.pool_bytes, "pool_reused": r.pool_reused,
-                    "seconds": r.seconds,
+                    "seconds": r.seconds, "cpu_share": r.cpu_share,
                     "gbps": r.gbps.0, "gbps_min": r.gbps.1, "gbps_max": r.gbps.2,
                     "ratio": r.ratio.0, "ratio_min": r.ratio.1, "ratio_max": r.ratio.2,
                     "ratio_to_streaming_copy": r.ratio_stream.0,
@@ -510,6 +539,7 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
             "{}",
             serde_json::json!({
                 "memcpy_gbps": memcpy.0, "memcpy_gbps_min": memcpy.1, "memcpy_gbps_max": memcpy.2,
+                "load_average_before": load_before, "load_average_after": load_after,
                 "memcpy_samples": mc.len(), "memcpy_bytes": copy_bytes,
                 "streaming_copy_gbps": stream.0, "streaming_copy_gbps_min": stream.1,
                 "streaming_copy_gbps_max": stream.2,
@@ -528,6 +558,14 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
         "GB/s = (bytes of W read + bytes written) / s: median [min .. max] of {} passes",
         o.repeat
     );
+    let la = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
+    println!(
+        "machine: {} cores, 1-min load average {} before, {} after (other processes on the cores \
+         slow the fuse, f16/bf16 most: see cpu)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        la(load_before),
+        la(load_after)
+    );
     println!();
     println!(
         "memcpy {} (libc, {threads} threads)  {:>6.1} GB/s  [{:.1} .. {:.1}]  ({} samples, taken between all passes)",
@@ -543,7 +581,7 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     );
     println!();
     println!(
-        "{:<9} {:<5} {:<11} {:>6} {:>10} {:>8} {:>6} {:>15} {:>8} {:>13} {:>8}",
+        "{:<9} {:<5} {:<11} {:>6} {:>10} {:>8} {:>6} {:>15} {:>8} {:>13} {:>8} {:>5}",
         "path",
         "dtype",
         "scope",
@@ -554,11 +592,12 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
         "[min .. max]",
         "/memcpy",
         "[min .. max]",
-        "/stream"
+        "/stream",
+        "cpu"
     );
     for r in &rows {
         println!(
-            "{:<9} {:<5} {:<11} {:>6} {:>10} {:>7.3}s {:>6.1} {:>15} {:>7.0}% {:>13} {:>7.0}%",
+            "{:<9} {:<5} {:<11} {:>6} {:>10} {:>7.3}s {:>6.1} {:>15} {:>7.0}% {:>13} {:>7.0}% {:>4.0}%",
             r.path,
             r.dtype,
             r.scope,
@@ -570,12 +609,17 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
             100.0 * r.ratio.0,
             format!("[{:.0} .. {:.0}%]", 100.0 * r.ratio.1, 100.0 * r.ratio.2),
             100.0 * r.ratio_stream.0,
+            100.0 * r.cpu_share,
         );
     }
     println!();
     println!(
         "/memcpy, /stream: each pass over the mean of the memcpy (streaming copy) samples taken just \
          before and after it; median over the passes"
+    );
+    println!(
+        "cpu: CPU time the fuse threads got during the passes / (wall time x threads); 1/100 s \
+         resolution, rough for the short block passes"
     );
     let mut seen = Vec::new();
     for r in rows.iter().filter(|r| r.pool_reused) {

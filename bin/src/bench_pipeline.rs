@@ -33,31 +33,77 @@ fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
 
-pub fn bench_pipeline(engine: &Path, repeat: usize, steps: usize, threads: usize, json: bool) -> Result<(), Failure> {
+pub fn bench_pipeline(
+    engine: &Path,
+    repeat: usize,
+    steps: usize,
+    threads: usize,
+    json: bool,
+) -> Result<(), Failure> {
     let repeat = repeat.max(1);
-    let opts = SessionOptions { threads, ..Default::default() };
+    let opts = SessionOptions {
+        threads,
+        ..Default::default()
+    };
     let open = || ExportDir::open(engine).map_err(Failure::from);
     let dir = open()?;
     let cfg = |from_dit: bool, key: &str| -> Result<usize, Failure> {
-        let c = if from_dit { dir.manifest.dit.as_ref().map(|d| &d.config) } else { dir.manifest.vae.as_ref().map(|v| &v.config) };
-        c.and_then(|c| c.get(key)).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| Failure::new(format!("engine config has no {key}")))
+        let c = if from_dit {
+            dir.manifest.dit.as_ref().map(|d| &d.config)
+        } else {
+            dir.manifest.vae.as_ref().map(|v| &v.config)
+        };
+        c.and_then(|c| c.get(key))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| Failure::new(format!("engine config has no {key}")))
     };
-    let (frames, height, width) = (cfg(true, "sample_frames")?, cfg(false, "sample_height")?, cfg(false, "sample_width")?);
-    let text_dim = dir.manifest.dit.as_ref().map(|d| d.text_embed_dim).unwrap_or(4096);
+    let (frames, height, width) = (
+        cfg(true, "sample_frames")?,
+        cfg(false, "sample_height")?,
+        cfg(false, "sample_width")?,
+    );
+    let text_dim = dir
+        .manifest
+        .dit
+        .as_ref()
+        .map(|d| d.text_embed_dim)
+        .unwrap_or(4096);
     let text_len = cfg(true, "max_text_seq_length").unwrap_or(226);
-    let channels = dir.manifest.dit.as_ref().map(|d| d.in_channels / 2).unwrap_or(16);
+    let channels = dir
+        .manifest
+        .dit
+        .as_ref()
+        .map(|d| d.in_channels / 2)
+        .unwrap_or(16);
     drop(dir);
 
     // Deterministic synthetic inputs of the default size.
     let rgb = |n: usize, seed: u64| -> Frames {
         let noise = gaussian_noise(vec![n * height * width * 3], seed);
-        let v = noise.as_f32("noise").map(|v| v.iter().map(|x| ((x * 40.0) + 128.0).clamp(0.0, 255.0) as u8).collect()).unwrap_or_default();
-        Frames { frames: n, height, width, rgb: v }
+        let v = noise
+            .as_f32("noise")
+            .map(|v| {
+                v.iter()
+                    .map(|x| ((x * 40.0) + 128.0).clamp(0.0, 255.0) as u8)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Frames {
+            frames: n,
+            height,
+            width,
+            rgb: v,
+        }
     };
     let clip = rgb(frames, 1);
     let (lf, lh, lw) = ((frames - 1) / 4 + 1, height / 8, width / 8);
@@ -75,17 +121,26 @@ pub fn bench_pipeline(engine: &Path, repeat: usize, steps: usize, threads: usize
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut strategies = BTreeMap::new();
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
-        let (p, load_ms) = time(|| Pipeline::load_with_strategy(open()?, &opts, strategy).map_err(Failure::from));
+        let (p, load_ms) =
+            time(|| Pipeline::load_with_strategy(open()?, &opts, strategy).map_err(Failure::from));
         let mut p = p?;
         stages.entry("load".into()).or_default().push(load_ms);
         // Predict twice to have two LoRAs to switch between.
         let mut loras = Vec::new();
         for seed in [1u64, 9] {
-            let c = if seed == 1 { clip.clone() } else { rgb(frames, seed) };
+            let c = if seed == 1 {
+                clip.clone()
+            } else {
+                rgb(frames, seed)
+            };
             let t = Instant::now();
             let pred = p.predict(&c, 1.0)?;
             let total = t.elapsed().as_secs_f64() * 1e3;
-            loras.push(AppliedLora { lora: pred.lora, source: "bench".into(), multiplier: 1.0 });
+            loras.push(AppliedLora {
+                lora: pred.lora,
+                source: "bench".into(),
+                multiplier: 1.0,
+            });
             if strategy == Strategy::Fused {
                 stages.entry("predict_lora".into()).or_default().push(total);
             }
@@ -104,11 +159,25 @@ pub fn bench_pipeline(engine: &Path, repeat: usize, steps: usize, threads: usize
             totals.push(ms);
             gens.push(g.timings);
         }
-        let col = |k: &str| gens.iter().filter_map(|t| t.get(k).copied()).collect::<Vec<_>>();
-        strategies.insert(strategy.name(), (stats(switch), stats(col("dit_step")), stats(totals.clone())));
+        let col = |k: &str| {
+            gens.iter()
+                .filter_map(|t| t.get(k).copied())
+                .collect::<Vec<_>>()
+        };
+        strategies.insert(
+            strategy.name(),
+            (stats(switch), stats(col("dit_step")), stats(totals.clone())),
+        );
         if strategy == Strategy::Fused {
             for k in ["vae_encode", "dit_step", "vae_decode"] {
-                stages.insert(if k == "vae_encode" { "vae_encode_first_frame".into() } else { k.to_string() }, col(k));
+                stages.insert(
+                    if k == "vae_encode" {
+                        "vae_encode_first_frame".into()
+                    } else {
+                        k.to_string()
+                    },
+                    col(k),
+                );
             }
             stages.insert("total".into(), totals);
         }
@@ -130,7 +199,10 @@ pub fn bench_pipeline(engine: &Path, repeat: usize, steps: usize, threads: usize
     stages.insert("vae_encode".into(), enc);
     stages.insert("hypernet".into(), hyp);
 
-    let med: BTreeMap<String, f64> = stages.iter().map(|(k, v)| (k.clone(), stats(v.clone()).0)).collect();
+    let med: BTreeMap<String, f64> = stages
+        .iter()
+        .map(|(k, v)| (k.clone(), stats(v.clone()).0))
+        .collect();
     if json {
         let mut s = serde_json::Map::new();
         for (k, v) in &med {

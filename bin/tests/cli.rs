@@ -353,18 +353,50 @@ fn lora_fuse_and_convert_through_the_cli() {
     let peft = p("peft_lora/pytorch_lora_weights.safetensors");
     let kohya = d.path().join("k.safetensors");
     let comfy = d.path().join("c.safetensors");
-    for (i, o, f) in [(peft.as_str(), &kohya, "kohya"), (kohya.to_str().unwrap(), &comfy, "comfyui")] {
-        let r = run("v2l-lora", &["convert", i, "-o", o.to_str().unwrap(), "--format", f]);
+    for (i, o, f) in [
+        (peft.as_str(), &kohya, "kohya"),
+        (kohya.to_str().unwrap(), &comfy, "comfyui"),
+    ] {
+        let r = run(
+            "v2l-lora",
+            &["convert", i, "-o", o.to_str().unwrap(), "--format", f],
+        );
         assert!(r.status.success(), "{}", stderr(&r));
     }
     let fused = d.path().join("fused");
-    let r = run("v2l-lora", &["fuse", "--base", &p("transformer"), "--lora", comfy.to_str().unwrap(), "-o", fused.to_str().unwrap()]);
+    let r = run(
+        "v2l-lora",
+        &[
+            "fuse",
+            "--base",
+            &p("transformer"),
+            "--lora",
+            comfy.to_str().unwrap(),
+            "-o",
+            fused.to_str().unwrap(),
+        ],
+    );
     assert!(r.status.success(), "{}", stderr(&r));
     let out = d.path().join("out");
-    let r = run("v2l-export", &["dit", fused.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let r = run(
+        "v2l-export",
+        &["dit", fused.to_str().unwrap(), "-o", out.to_str().unwrap()],
+    );
     assert!(r.status.success(), "{}", stderr(&r));
     let res = d.path().join("r.safetensors");
-    let r = run("v2l-run", &["--engine", out.to_str().unwrap(), "stage", "dit", "--inputs", &p("dit_io.safetensors"), "-o", res.to_str().unwrap()]);
+    let r = run(
+        "v2l-run",
+        &[
+            "--engine",
+            out.to_str().unwrap(),
+            "stage",
+            "dit",
+            "--inputs",
+            &p("dit_io.safetensors"),
+            "-o",
+            res.to_str().unwrap(),
+        ],
+    );
     assert!(r.status.success(), "{}", stderr(&r));
     let got = v2l_runtime::read_safetensors(&res).unwrap();
     let want = v2l_runtime::read_safetensors(&t.join("peft_lora_io.safetensors")).unwrap();
@@ -374,9 +406,31 @@ fn lora_fuse_and_convert_through_the_cli() {
 
     // The LiLoRA auxiliaries are not a LoRA; a LoRA for other modules matches nothing.
     let bad = d.path().join("bad");
-    let r = run("v2l-lora", &["fuse", "--base", &p("transformer"), "--lora", &p("lilora.safetensors"), "-o", bad.to_str().unwrap()]);
+    let r = run(
+        "v2l-lora",
+        &[
+            "fuse",
+            "--base",
+            &p("transformer"),
+            "--lora",
+            &p("lilora.safetensors"),
+            "-o",
+            bad.to_str().unwrap(),
+        ],
+    );
     assert_clean_failure(&r, "no LoRA tensors in a known format");
-    let r = run("v2l-lora", &["fuse", "--base", &p("vae"), "--lora", comfy.to_str().unwrap(), "-o", bad.to_str().unwrap()]);
+    let r = run(
+        "v2l-lora",
+        &[
+            "fuse",
+            "--base",
+            &p("vae"),
+            "--lora",
+            comfy.to_str().unwrap(),
+            "-o",
+            bad.to_str().unwrap(),
+        ],
+    );
     assert_clean_failure(&r, "match no linear layer of the model");
     assert!(!bad.exists());
 }

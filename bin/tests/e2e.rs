@@ -29,7 +29,12 @@ pub fn engine(dir: &Path) -> PathBuf {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile")).arg(&ex).arg("-o").arg(&eng).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+        .arg(&ex)
+        .arg("-o")
+        .arg(&eng)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     eng
 }
@@ -37,14 +42,27 @@ pub fn engine(dir: &Path) -> PathBuf {
 fn frames_of(t: &Tensor) -> Frames {
     let Data::U8(rgb) = &t.data else { panic!("u8") };
     let s = &t.shape;
-    let (f, h, w) = if s.len() == 3 { (1, s[0], s[1]) } else { (s[0], s[1], s[2]) };
-    Frames { frames: f, height: h, width: w, rgb: rgb.clone() }
+    let (f, h, w) = if s.len() == 3 {
+        (1, s[0], s[1])
+    } else {
+        (s[0], s[1], s[2])
+    };
+    Frames {
+        frames: f,
+        height: h,
+        width: w,
+        rgb: rgb.clone(),
+    }
 }
 
 fn mae(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (a.as_f32("a").unwrap(), b.as_f32("b").unwrap());
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.len() as f64
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum::<f64>()
+        / a.len() as f64
 }
 
 #[test]
@@ -64,7 +82,12 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
         reference: None,
     };
     let mut steps_seen = 0;
-    let base = p.generate(&req, &mut |_, _| { steps_seen += 1; true }).unwrap();
+    let base = p
+        .generate(&req, &mut |_, _| {
+            steps_seen += 1;
+            true
+        })
+        .unwrap();
     assert_eq!(steps_seen, 4);
     for (i, l) in base.latents_steps.iter().enumerate() {
         let err = l.rel_l2(&io[&format!("base_latents_step{i}")]);
@@ -78,7 +101,11 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     req.reference = Some((frames_of(&io["reference_u8"]), 1.0));
     let lora = p.generate(&req, &mut |_, _| true).unwrap();
     for name in ["reference_latents", "hyper_weights"] {
-        let got = if name == "hyper_weights" { lora.hyper_weights.as_ref() } else { lora.reference_latents.as_ref() };
+        let got = if name == "hyper_weights" {
+            lora.hyper_weights.as_ref()
+        } else {
+            lora.reference_latents.as_ref()
+        };
         let err = got.unwrap().rel_l2(&io[name]);
         eprintln!("{name}: relative L2 {err:.3e} (bound 1e-4)");
         assert!(err <= 1e-4);
@@ -102,9 +129,15 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
     let t = tiny();
     let run = |extra: &[&str], out: &Path| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
-        c.arg("--engine").arg(&eng).arg("--image").arg(t.join("first_frame.png"));
+        c.arg("--engine")
+            .arg(&eng)
+            .arg("--image")
+            .arg(t.join("first_frame.png"));
         c.arg("--prompt-embeds").arg(t.join("e2e_io.safetensors"));
-        c.args(["--steps", "2", "--seed", "3", "--quiet"]).arg("-o").arg(out).args(extra);
+        c.args(["--steps", "2", "--seed", "3", "--quiet"])
+            .arg("-o")
+            .arg(out)
+            .args(extra);
         c.output().unwrap()
     };
     let (a, b) = (d.path().join("a.mp4"), d.path().join("b.mp4"));
@@ -114,36 +147,65 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(p.is_file() && p.with_extension("png").is_file());
     }
-    let (fa, fb) = (read_safetensors(&dump(&a)).unwrap(), read_safetensors(&dump(&b)).unwrap());
+    let (fa, fb) = (
+        read_safetensors(&dump(&a)).unwrap(),
+        read_safetensors(&dump(&b)).unwrap(),
+    );
     assert_eq!(fa["frames"], fb["frames"], "same seed, different frames");
 
     let fails = |o: std::process::Output, needle: &str| {
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(1), "{err}");
-        assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error:")).count(),
+            1,
+            "{err}"
+        );
         assert!(err.contains(needle), "expected `{needle}` in {err}");
     };
     let out = d.path().join("bad.mp4");
-    fails(run(&["--reference", "/nonexistent.mp4"], &out), "/nonexistent.mp4");
+    fails(
+        run(&["--reference", "/nonexistent.mp4"], &out),
+        "/nonexistent.mp4",
+    );
     let empty = d.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    fails(run(&["--reference", empty.to_str().unwrap()], &out), "no frames");
+    fails(
+        run(&["--reference", empty.to_str().unwrap()], &out),
+        "no frames",
+    );
     let junk = d.path().join("junk.mp4");
     std::fs::write(&junk, b"junk").unwrap();
-    fails(run(&["--reference", junk.to_str().unwrap()], &out), "cannot decode video");
-    fails(run(&[], Path::new("/nonexistent/dir/out.mp4")), "output directory does not exist");
+    fails(
+        run(&["--reference", junk.to_str().unwrap()], &out),
+        "cannot decode video",
+    );
+    fails(
+        run(&[], Path::new("/nonexistent/dir/out.mp4")),
+        "output directory does not exist",
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
         .arg("--engine")
         .arg(&eng)
         .arg("--image")
         .arg(t.join("first_frame.png"))
-        .args(["--prompt-embeds", "/nonexistent/prompt.safetensors", "--seed", "1", "-o"])
+        .args([
+            "--prompt-embeds",
+            "/nonexistent/prompt.safetensors",
+            "--seed",
+            "1",
+            "-o",
+        ])
         .arg(&out)
         .output()
         .unwrap();
     fails(o, "/nonexistent/prompt.safetensors");
     // An engine part swapped for another model's: refused on load.
-    std::fs::copy(t.join("vae/diffusion_pytorch_model.safetensors"), eng.join("lilora.safetensors")).unwrap();
+    std::fs::copy(
+        t.join("vae/diffusion_pytorch_model.safetensors"),
+        eng.join("lilora.safetensors"),
+    )
+    .unwrap();
     fails(run(&[], &out), "does not match the engine bundle");
     assert!(!out.exists());
 }
@@ -170,11 +232,27 @@ fn lora_strategies_agree_and_switching_is_exact() {
         reference: None,
     };
     let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
-    let y = AppliedLora { lora: format::read(&y_path, None).unwrap(), source: y_path, multiplier: 1.0 };
+    let y = AppliedLora {
+        lora: format::read(&y_path, None).unwrap(),
+        source: y_path,
+        multiplier: 1.0,
+    };
     let mut results = Vec::new();
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
-        let mut p = Pipeline::load_with_strategy(ExportDir::open(&eng).unwrap(), &SessionOptions::default(), strategy).unwrap();
-        let x = AppliedLora { lora: p.predict(&frames_of(&io["reference_u8"]), 1.0).unwrap().lora, source: "x".into(), multiplier: 1.0 };
+        let mut p = Pipeline::load_with_strategy(
+            ExportDir::open(&eng).unwrap(),
+            &SessionOptions::default(),
+            strategy,
+        )
+        .unwrap();
+        let x = AppliedLora {
+            lora: p
+                .predict(&frames_of(&io["reference_u8"]), 1.0)
+                .unwrap()
+                .lora,
+            source: "x".into(),
+            multiplier: 1.0,
+        };
         p.set_lora(Some(&x)).unwrap();
         // The last latents: frames of this random-weight model are mostly clamped to 0 or 1.
         let run = |p: &mut Pipeline| {
@@ -186,7 +264,10 @@ fn lora_strategies_agree_and_switching_is_exact() {
         let (ly, _) = run(&mut p);
         p.set_lora(Some(&x)).unwrap();
         let (lx2, fx2) = run(&mut p);
-        assert!(lx == lx2 && fx == fx2, "{strategy:?}: X -> Y -> X output differs");
+        assert!(
+            lx == lx2 && fx == fx2,
+            "{strategy:?}: X -> Y -> X output differs"
+        );
         assert!(lx.rel_l2(&ly) > 1e-3, "{strategy:?}: Y had no effect");
         results.push((strategy, lx, ly));
     }

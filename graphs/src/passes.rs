@@ -19,15 +19,22 @@ fn io(name: &str, dtype: DType, dims: Vec<Result<i64, String>>) -> proto::ValueI
     proto::ValueInfoProto {
         name: name.into(),
         r#type: Some(proto::TypeProto {
-            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                elem_type: dtype.onnx_code(),
-                shape: Some(proto::TensorShapeProto {
-                    dim: dims
-                        .into_iter()
-                        .map(|d| Dimension { value: Some(match d { Ok(v) => D::DimValue(v), Err(s) => D::DimParam(s) }) })
-                        .collect(),
-                }),
-            })),
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: dtype.onnx_code(),
+                    shape: Some(proto::TensorShapeProto {
+                        dim: dims
+                            .into_iter()
+                            .map(|d| Dimension {
+                                value: Some(match d {
+                                    Ok(v) => D::DimValue(v),
+                                    Err(s) => D::DimParam(s),
+                                }),
+                            })
+                            .collect(),
+                    }),
+                },
+            )),
         }),
         doc_string: String::new(),
     }
@@ -45,10 +52,16 @@ pub enum PassError {
 /// Declares the named initializers as graph inputs as well (their values become defaults).
 pub fn bind_weights_as_inputs(model: &mut ModelProto, names: &[String]) -> Result<(), PassError> {
     let graph = model.graph.get_or_insert_with(Default::default);
-    let inits: HashMap<&str, &proto::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let inits: HashMap<&str, &proto::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
     let mut new_inputs = Vec::new();
     for n in names {
-        let t = inits.get(n.as_str()).ok_or_else(|| PassError::MissingInitializer(n.clone()))?;
+        let t = inits
+            .get(n.as_str())
+            .ok_or_else(|| PassError::MissingInitializer(n.clone()))?;
         let dtype = DType::from_onnx_code(t.data_type).unwrap_or(DType::F32);
         new_inputs.push(io(n, dtype, t.dims.iter().map(|&d| Ok(d)).collect()));
     }
@@ -59,24 +72,39 @@ pub fn bind_weights_as_inputs(model: &mut ModelProto, names: &[String]) -> Resul
 /// Input names of the branch added for weight `name` (`<module>.weight`).
 pub fn lora_input_names(weight: &str) -> [String; 3] {
     let module = weight.strip_suffix(".weight").unwrap_or(weight);
-    [format!("{module}.lora_A"), format!("{module}.lora_B"), format!("{module}.lora_scale")]
+    [
+        format!("{module}.lora_A"),
+        format!("{module}.lora_B"),
+        format!("{module}.lora_scale"),
+    ]
 }
 
 /// Adds an unfused LoRA branch to every Gemm whose B input is one of `weights`.
 pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(), PassError> {
     let graph = model.graph.get_or_insert_with(Default::default);
-    let shapes: HashMap<String, Vec<i64>> = graph.initializer.iter().map(|t| (t.name.clone(), t.dims.clone())).collect();
+    let shapes: HashMap<String, Vec<i64>> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.dims.clone()))
+        .collect();
     let mut nodes = Vec::with_capacity(graph.node.len() + 4 * weights.len());
     let mut found: HashMap<&str, bool> = weights.iter().map(|w| (w.as_str(), false)).collect();
     let attr = |name: &str, a: Attr| {
-        let mut p = proto::AttributeProto { name: name.into(), ..Default::default() };
+        let mut p = proto::AttributeProto {
+            name: name.into(),
+            ..Default::default()
+        };
         if let Attr::Int(i) = a {
             p.r#type = proto::attribute_type::INT;
             p.i = i;
         }
         p
     };
-    let node = |op: &str, name: String, inputs: Vec<String>, output: String, attrs: Vec<proto::AttributeProto>| proto::NodeProto {
+    let node = |op: &str,
+                name: String,
+                inputs: Vec<String>,
+                output: String,
+                attrs: Vec<proto::AttributeProto>| proto::NodeProto {
         input: inputs,
         output: vec![output],
         name,
@@ -85,12 +113,22 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
         ..Default::default()
     };
     for mut n in std::mem::take(&mut graph.node) {
-        let target = (n.op_type == "Gemm").then(|| n.input.get(1).cloned()).flatten().filter(|w| found.contains_key(w.as_str()));
+        let target = (n.op_type == "Gemm")
+            .then(|| n.input.get(1).cloned())
+            .flatten()
+            .filter(|w| found.contains_key(w.as_str()));
         let Some(w) = target else {
             nodes.push(n);
             continue;
         };
-        found.insert(weights.iter().find(|x| **x == w).map(|x| x.as_str()).unwrap_or(""), true);
+        found.insert(
+            weights
+                .iter()
+                .find(|x| **x == w)
+                .map(|x| x.as_str())
+                .unwrap_or(""),
+            true,
+        );
         let [a, b, s] = lora_input_names(&w);
         let x = n.input[0].clone();
         let y = n.output[0].clone();
@@ -98,15 +136,50 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
         n.output[0] = base.clone();
         let p = n.name.clone();
         nodes.push(n);
-        nodes.push(node("Gemm", format!("{p}/lora_down"), vec![x, a.clone()], format!("{p}/lora_down:0"), vec![attr("transB", Attr::Int(1))]));
-        nodes.push(node("Gemm", format!("{p}/lora_up"), vec![format!("{p}/lora_down:0"), b.clone()], format!("{p}/lora_up:0"), vec![attr("transB", Attr::Int(1))]));
-        nodes.push(node("Mul", format!("{p}/lora_scale"), vec![format!("{p}/lora_up:0"), s.clone()], format!("{p}/lora_scaled:0"), vec![]));
-        nodes.push(node("Add", format!("{p}/lora_add"), vec![base, format!("{p}/lora_scaled:0")], y, vec![]));
+        nodes.push(node(
+            "Gemm",
+            format!("{p}/lora_down"),
+            vec![x, a.clone()],
+            format!("{p}/lora_down:0"),
+            vec![attr("transB", Attr::Int(1))],
+        ));
+        nodes.push(node(
+            "Gemm",
+            format!("{p}/lora_up"),
+            vec![format!("{p}/lora_down:0"), b.clone()],
+            format!("{p}/lora_up:0"),
+            vec![attr("transB", Attr::Int(1))],
+        ));
+        nodes.push(node(
+            "Mul",
+            format!("{p}/lora_scale"),
+            vec![format!("{p}/lora_up:0"), s.clone()],
+            format!("{p}/lora_scaled:0"),
+            vec![],
+        ));
+        nodes.push(node(
+            "Add",
+            format!("{p}/lora_add"),
+            vec![base, format!("{p}/lora_scaled:0")],
+            y,
+            vec![],
+        ));
         let dims = shapes.get(&w).cloned().unwrap_or_default();
-        let (out, inp) = (dims.first().copied().unwrap_or(0), dims.get(1).copied().unwrap_or(0));
+        let (out, inp) = (
+            dims.first().copied().unwrap_or(0),
+            dims.get(1).copied().unwrap_or(0),
+        );
         let module = w.strip_suffix(".weight").unwrap_or(&w).to_string();
-        graph.input.push(io(&a, DType::F32, vec![Err(format!("{module}.rank")), Ok(inp)]));
-        graph.input.push(io(&b, DType::F32, vec![Ok(out), Err(format!("{module}.rank"))]));
+        graph.input.push(io(
+            &a,
+            DType::F32,
+            vec![Err(format!("{module}.rank")), Ok(inp)],
+        ));
+        graph.input.push(io(
+            &b,
+            DType::F32,
+            vec![Ok(out), Err(format!("{module}.rank"))],
+        ));
         graph.input.push(io(&s, DType::F32, vec![Ok(1)]));
     }
     graph.node = nodes;

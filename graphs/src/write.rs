@@ -393,7 +393,10 @@ pub fn read_initializers(
 /// keep their data location, so external data stays shared with the original).
 pub fn write_model(path: &Path, model: &proto::ModelProto) -> Result<(), WriteError> {
     let tmp = tmp_name(path);
-    let io_err = |source| WriteError::Io { path: path.to_path_buf(), source };
+    let io_err = |source| WriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     std::fs::write(&tmp, model.encode_to_vec()).map_err(io_err)?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -163,18 +163,29 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
         }
         let mut dit_variants = std::collections::BTreeMap::new();
         if let Some(d) = &manifest.dit {
-            let names: Vec<String> = d.lora_targets.iter().map(|t| format!("{}.weight", t.name)).collect();
+            let names: Vec<String> = d
+                .lora_targets
+                .iter()
+                .map(|t| format!("{}.weight", t.name))
+                .collect();
             let src = tmp.join(&d.file);
-            let pass_err = |e: v2l_graphs::passes::PassError| RuntimeError::BadFile { path: src.clone(), message: e.to_string() };
+            let pass_err = |e: v2l_graphs::passes::PassError| RuntimeError::BadFile {
+                path: src.clone(),
+                message: e.to_string(),
+            };
             for (variant, file) in [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")] {
                 let mut model = v2l_graphs::read_model(&src).map_err(io(&src))?;
                 if variant == "bound" {
-                    v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names).map_err(pass_err)?;
+                    v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
+                        .map_err(pass_err)?;
                 } else {
                     v2l_graphs::passes::add_lora_branches(&mut model, &names).map_err(pass_err)?;
                 }
                 let p = tmp.join(file);
-                v2l_graphs::write_model(&p, &model).map_err(|e| RuntimeError::Invalid { what: p.display().to_string(), message: e.to_string() })?;
+                v2l_graphs::write_model(&p, &model).map_err(|e| RuntimeError::Invalid {
+                    what: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
                 files.push(file_entry(&tmp, file)?);
                 dit_variants.insert(variant.to_string(), file.to_string());
             }
@@ -259,7 +270,10 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
 
 /// Session options for running `dir`: its bundle's backend (CPU for a plain export directory),
 /// with the TensorRT engine cache under `<engine>/trt_cache/<weight hash>`.
-pub fn session_options(dir: &crate::stage::ExportDir, threads: usize) -> crate::session::SessionOptions {
+pub fn session_options(
+    dir: &crate::stage::ExportDir,
+    threads: usize,
+) -> crate::session::SessionOptions {
     let backend = match &dir.bundle {
         Some(b) => crate::backend::BackendOptions {
             backend: b.backend,

@@ -16,10 +16,10 @@ use std::time::Instant;
 
 use crate::error::{Result, RuntimeError};
 use crate::lora::format::Lora;
+use crate::lora::strategy::{DitRunner, Strategy};
 use crate::predict::Predictor;
 use crate::rope::cogvideox_rope;
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
-use crate::lora::strategy::{DitRunner, Strategy};
 use crate::session::SessionOptions;
 use crate::stage::{AppliedLora, ExportDir};
 use crate::tensor::Tensor;
@@ -67,11 +67,19 @@ pub struct Pipeline {
 impl Pipeline {
     /// Loads with the engine's default LoRA strategy (`fused` for a plain export directory).
     pub fn load(dir: ExportDir, opts: &SessionOptions) -> Result<Pipeline> {
-        let strategy = dir.bundle.as_ref().and_then(|b| Strategy::parse(&b.lora_strategy)).unwrap_or_default();
+        let strategy = dir
+            .bundle
+            .as_ref()
+            .and_then(|b| Strategy::parse(&b.lora_strategy))
+            .unwrap_or_default();
         Self::load_with_strategy(dir, opts, strategy)
     }
 
-    pub fn load_with_strategy(dir: ExportDir, opts: &SessionOptions, strategy: Strategy) -> Result<Pipeline> {
+    pub fn load_with_strategy(
+        dir: ExportDir,
+        opts: &SessionOptions,
+        strategy: Strategy,
+    ) -> Result<Pipeline> {
         let sched = dir.manifest.scheduler.clone().ok_or_else(|| RuntimeError::Invalid {
             what: dir.dir.display().to_string(),
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
@@ -83,7 +91,13 @@ impl Pipeline {
             Some(_) => Some(Predictor::load(&dir, opts)?),
             None => None,
         };
-        Ok(Pipeline { dir, vae, dit, scheduler, predictor })
+        Ok(Pipeline {
+            dir,
+            vae,
+            dit,
+            scheduler,
+            predictor,
+        })
     }
 
     pub fn export_dir(&self) -> &ExportDir {
@@ -106,7 +120,11 @@ impl Pipeline {
     }
 
     /// Predicts the reference clip's LoRA.
-    pub fn predict(&mut self, clip: &Frames, lora_weight: f32) -> Result<crate::predict::Prediction> {
+    pub fn predict(
+        &mut self,
+        clip: &Frames,
+        lora_weight: f32,
+    ) -> Result<crate::predict::Prediction> {
         let p = self.predictor.as_mut().ok_or_else(|| RuntimeError::Invalid {
             what: self.dir.dir.display().to_string(),
             message: "holds no hypernetwork; export with `v2l-export pipeline ... --hypernet F --lilora F`".into(),
@@ -116,16 +134,29 @@ impl Pipeline {
 
     /// Runs one request; `progress(step, steps)` is called after each denoising step and
     /// returns `false` to cancel the run ([`RuntimeError::Cancelled`]).
-    pub fn generate(&mut self, req: &Request, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Generation> {
+    pub fn generate(
+        &mut self,
+        req: &Request,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Generation> {
         let mut timings = BTreeMap::new();
         let t_all = Instant::now();
-        let dit = self.dir.manifest.dit.clone().ok_or_else(|| RuntimeError::Invalid {
-            what: self.dir.dir.display().to_string(),
-            message: "holds no DiT".into(),
-        })?;
+        let dit = self
+            .dir
+            .manifest
+            .dit
+            .clone()
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: self.dir.dir.display().to_string(),
+                message: "holds no DiT".into(),
+            })?;
         let (h, w) = (req.image.height, req.image.width);
         let (sp, tc) = (8usize, 4usize);
-        if h % (sp * dit.patch_size) != 0 || w % (sp * dit.patch_size) != 0 || req.frames == 0 || (req.frames - 1) % tc != 0 {
+        if h % (sp * dit.patch_size) != 0
+            || w % (sp * dit.patch_size) != 0
+            || req.frames == 0
+            || (req.frames - 1) % tc != 0
+        {
             return Err(RuntimeError::Invalid {
                 what: "request".into(),
                 message: format!(
@@ -142,14 +173,24 @@ impl Pipeline {
         if req.noise.shape != [1, lf, c, lh, lw] {
             return Err(RuntimeError::Invalid {
                 what: "noise".into(),
-                message: format!("shape {:?}; expected {:?}", req.noise.shape, [1, lf, c, lh, lw]),
+                message: format!(
+                    "shape {:?}; expected {:?}",
+                    req.noise.shape,
+                    [1, lf, c, lh, lw]
+                ),
             });
         }
-        for (name, t) in [("prompt_embeds", &req.prompt_embeds), ("negative_prompt_embeds", &req.negative_prompt_embeds)] {
+        for (name, t) in [
+            ("prompt_embeds", &req.prompt_embeds),
+            ("negative_prompt_embeds", &req.negative_prompt_embeds),
+        ] {
             if t.shape.len() != 3 || t.shape[0] != 1 || t.shape[2] != dit.text_embed_dim {
                 return Err(RuntimeError::Invalid {
                     what: name.into(),
-                    message: format!("shape {:?}; expected [1, L, {}]", t.shape, dit.text_embed_dim),
+                    message: format!(
+                        "shape {:?}; expected [1, L, {}]",
+                        t.shape, dit.text_embed_dim
+                    ),
                 });
             }
         }
@@ -167,7 +208,11 @@ impl Pipeline {
             let p = self.predict(clip, *weight)?;
             timings.insert("predict_lora".into(), ms(t));
             let t = Instant::now();
-            let applied = AppliedLora { lora: p.lora.clone(), source: "reference".into(), multiplier: 1.0 };
+            let applied = AppliedLora {
+                lora: p.lora.clone(),
+                source: "reference".into(),
+                multiplier: 1.0,
+            };
             self.set_lora(Some(&applied))?;
             timings.insert("lora_fuse".into(), ms(t));
             reference_latents = Some(p.reference_latents);
@@ -178,14 +223,29 @@ impl Pipeline {
         // First frame -> image latents [1, lf, C, lh, lw] (frame 0, zeros after).
         let t = Instant::now();
         let image = req.image.to_unit_video();
-        let image = Tensor::f32(image.shape.clone(), image.as_f32("image")?.iter().map(|v| v * 2.0 - 1.0).collect());
+        let image = Tensor::f32(
+            image.shape.clone(),
+            image
+                .as_f32("image")?
+                .iter()
+                .map(|v| v * 2.0 - 1.0)
+                .collect(),
+        );
         let mean = self.vae.latent(&image)?;
         timings.insert("vae_encode".into(), ms(t));
         let sf = self.vae.entry.scaling_factor as f32;
         let frame = lh * lw;
         let mut image_latents = vec![0f32; lf * c * frame];
-        for (ch, chunk) in mean.as_f32("posterior_mean")?.chunks_exact(frame).take(c).enumerate() {
-            for (o, v) in image_latents[ch * frame..(ch + 1) * frame].iter_mut().zip(chunk) {
+        for (ch, chunk) in mean
+            .as_f32("posterior_mean")?
+            .chunks_exact(frame)
+            .take(c)
+            .enumerate()
+        {
+            for (o, v) in image_latents[ch * frame..(ch + 1) * frame]
+                .iter_mut()
+                .zip(chunk)
+            {
                 *o = v * sf;
             }
         }
@@ -203,12 +263,29 @@ impl Pipeline {
         );
         let seq = rope_cos.len() / dit.attention_head_dim;
         let mut inputs = BTreeMap::new();
-        inputs.insert("rope_cos".to_string(), Tensor::f32(vec![seq, dit.attention_head_dim], rope_cos));
-        inputs.insert("rope_sin".to_string(), Tensor::f32(vec![seq, dit.attention_head_dim], rope_sin));
-        let text = Tensor::concat(&[req.negative_prompt_embeds.clone(), req.prompt_embeds.clone()], 0)?;
+        inputs.insert(
+            "rope_cos".to_string(),
+            Tensor::f32(vec![seq, dit.attention_head_dim], rope_cos),
+        );
+        inputs.insert(
+            "rope_sin".to_string(),
+            Tensor::f32(vec![seq, dit.attention_head_dim], rope_sin),
+        );
+        let text = Tensor::concat(
+            &[
+                req.negative_prompt_embeds.clone(),
+                req.prompt_embeds.clone(),
+            ],
+            0,
+        )?;
         inputs.insert("encoder_hidden_states".to_string(), text);
 
-        let mut latents: Vec<f32> = req.noise.as_f32("noise")?.iter().map(|v| v * sched.init_noise_sigma()).collect();
+        let mut latents: Vec<f32> = req
+            .noise
+            .as_f32("noise")?
+            .iter()
+            .map(|v| v * sched.init_noise_sigma())
+            .collect();
         let mut latents_steps = Vec::with_capacity(req.steps);
         let timesteps = sched.timesteps().to_vec();
         let mut dit_ms = Vec::with_capacity(timesteps.len());
@@ -221,15 +298,23 @@ impl Pipeline {
                     hs.extend_from_slice(&image_latents[f * c * frame..(f + 1) * c * frame]);
                 }
             }
-            inputs.insert("hidden_states".to_string(), Tensor::f32(vec![2, lf, 2 * c, lh, lw], hs));
+            inputs.insert(
+                "hidden_states".to_string(),
+                Tensor::f32(vec![2, lf, 2 * c, lh, lw], hs),
+            );
             inputs.insert("timestep".to_string(), Tensor::i64(vec![2], vec![t, t]));
             let ts = Instant::now();
             let out = self.dit.run(&inputs)?;
             dit_ms.push(ms(ts));
-            let pred = out.get("sample").ok_or_else(|| RuntimeError::Invalid { what: "DiT".into(), message: "no `sample` output".into() })?;
+            let pred = out.get("sample").ok_or_else(|| RuntimeError::Invalid {
+                what: "DiT".into(),
+                message: "no `sample` output".into(),
+            })?;
             let pred = pred.as_f32("sample")?;
             let n = latents.len();
-            let guided: Vec<f32> = (0..n).map(|k| pred[k] + req.guidance * (pred[n + k] - pred[k])).collect();
+            let guided: Vec<f32> = (0..n)
+                .map(|k| pred[k] + req.guidance * (pred[n + k] - pred[k]))
+                .collect();
             latents = sched.step(&guided, t, &latents);
             latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
             if !progress(i + 1, timesteps.len()) {
@@ -247,7 +332,10 @@ impl Pipeline {
         for f in 0..lf {
             for ch in 0..c {
                 let src = &latents[(f * c + ch) * frame..(f * c + ch + 1) * frame];
-                for (o, v) in z[(ch * lf + f) * frame..(ch * lf + f + 1) * frame].iter_mut().zip(src) {
+                for (o, v) in z[(ch * lf + f) * frame..(ch * lf + f + 1) * frame]
+                    .iter_mut()
+                    .zip(src)
+                {
                     *o = v / sf;
                 }
             }

@@ -120,17 +120,18 @@ impl SchedulerConfig {
                 "explicit betas are not supported (use beta_start/beta_end/beta_schedule)".into(),
             ));
         }
-        let schedule =
-            match self.beta_schedule.as_str() {
-                "scaled_linear" => BetaSchedule::ScaledLinear,
-                "linear" => BetaSchedule::Linear,
-                other => return Err(field(
+        let schedule = match self.beta_schedule.as_str() {
+            "scaled_linear" => BetaSchedule::ScaledLinear,
+            "linear" => BetaSchedule::Linear,
+            other => {
+                return Err(field(
                     "beta_schedule",
                     format!(
                         "unsupported value {other:?} (supported: \"scaled_linear\", \"linear\")"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         if self.clip_sample {
             return Err(field(
                 "clip_sample",

@@ -125,14 +125,23 @@ impl Model {
     /// are returned.
     pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
         let ctx = self.path.display().to_string();
-        let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(self.inputs.len());
+        let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> =
+            Vec::with_capacity(self.inputs.len());
         for name in &self.inputs {
             if let Some(t) = inputs.get(name) {
-                values.push((name.clone(), to_ort(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?.into()));
+                values.push((
+                    name.clone(),
+                    to_ort(t)
+                        .map_err(ort_err(format!("{ctx}: input `{name}`")))?
+                        .into(),
+                ));
             } else if let Some(v) = self.fixed.get(name) {
                 values.push((name.clone(), v.into()));
             } else {
-                return Err(RuntimeError::Invalid { what: ctx.clone(), message: format!("input `{name}` was not given") });
+                return Err(RuntimeError::Invalid {
+                    what: ctx.clone(),
+                    message: format!("input `{name}` was not given"),
+                });
             }
         }
         // ORT lists initializers that are also graph inputs (overridable weights) apart from

@@ -79,8 +79,17 @@ impl Vae {
             return Ok(mean);
         };
         let eps = crate::tensor::gaussian_noise(mean.shape.clone(), seed);
-        let (m, lv, e) = (mean.as_f32("mean")?, logvar.as_f32("logvar")?, eps.as_f32("eps")?);
-        let v = m.iter().zip(lv).zip(e).map(|((m, lv), e)| m + (0.5 * lv).exp() * e).collect();
+        let (m, lv, e) = (
+            mean.as_f32("mean")?,
+            logvar.as_f32("logvar")?,
+            eps.as_f32("eps")?,
+        );
+        let v = m
+            .iter()
+            .zip(lv)
+            .zip(e)
+            .map(|((m, lv), e)| m + (0.5 * lv).exp() * e)
+            .collect();
         Ok(Tensor::f32(mean.shape.clone(), v))
     }
 

@@ -75,6 +75,9 @@ enum Command {
         /// Skip the in-place path (time only fuse_from, the LoRA-switching path)
         #[arg(long)]
         no_in_place: bool,
+        /// Storage types to time, in this order
+        #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16")]
+        dtype: Vec<String>,
     },
 }
 
@@ -82,21 +85,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| match cli.command {
         Command::Export { layers, dir, keep } => bench_export(layers, &dir, keep, cli.json),
-        Command::Pipeline { engine, repeat, steps, threads } => {
-            v2l_cli::bench_pipeline::bench_pipeline(&engine, repeat, steps, threads, cli.json)
-        }
+        Command::Pipeline {
+            engine,
+            repeat,
+            steps,
+            threads,
+        } => v2l_cli::bench_pipeline::bench_pipeline(&engine, repeat, steps, threads, cli.json),
         Command::Fuse {
             threads,
             repeat,
             max_mem_gib,
             memcpy_mib,
             no_in_place,
+            dtype,
         } => bench_fuse(&FuseBench {
             threads,
             repeat,
             max_mem_gib,
             memcpy_mib,
             in_place: !no_in_place,
+            dtypes: dtype,
             json: cli.json,
         }),
     })

@@ -161,7 +161,15 @@ fn main() -> ExitCode {
             ..Default::default()
         };
         match cli.command {
-            Some(Command::Stage { stage, inputs, output, lora, lora_scale, compare, compare_names }) => {
+            Some(Command::Stage {
+                stage,
+                inputs,
+                output,
+                lora,
+                lora_scale,
+                compare,
+                compare_names,
+            }) => {
                 let stage = Stage::from(stage);
                 let dir = ExportDir::open(engine)?;
                 let opts = v2l_runtime::bundle::session_options(&dir, opts.threads);
@@ -169,9 +177,15 @@ fn main() -> ExitCode {
                 check_inputs(stage, &tensors, &inputs)?;
                 let lora = match lora {
                     Some(path) => {
-                        let modules: Vec<String> = dir.dit_targets()?.iter().map(|t| t.name.clone()).collect();
-                        let lora = v2l_runtime::lora::format::read(&path, Some(&modules)).map_err(v2l_runtime::RuntimeError::from)?;
-                        Some(AppliedLora { lora, source: path, multiplier: lora_scale })
+                        let modules: Vec<String> =
+                            dir.dit_targets()?.iter().map(|t| t.name.clone()).collect();
+                        let lora = v2l_runtime::lora::format::read(&path, Some(&modules))
+                            .map_err(v2l_runtime::RuntimeError::from)?;
+                        Some(AppliedLora {
+                            lora,
+                            source: path,
+                            multiplier: lora_scale,
+                        })
                     }
                     None => None,
                 };
@@ -228,10 +242,16 @@ fn compare_outputs(
 }
 
 fn need<'a, T>(v: &'a Option<T>, flag: &str) -> Result<&'a T, Failure> {
-    v.as_ref().ok_or_else(|| Failure::new(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`"))
+    v.as_ref().ok_or_else(|| {
+        Failure::new(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`")
+    })
 }
 
-fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -> Result<(), Failure> {
+fn generate(
+    engine: &std::path::Path,
+    g: &GenerateArgs,
+    opts: &SessionOptions,
+) -> Result<(), Failure> {
     use std::io::IsTerminal;
     use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
     use v2l_runtime::video;
@@ -242,46 +262,84 @@ fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -
         return Err(Failure::new("give --seed N or --noise <safetensors>"));
     }
     // Check the output location before the work, not after it.
-    let out_dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let out_dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
     if !out_dir.is_dir() {
-        return Err(Failure::new(format!("{}: the output directory does not exist", output.display())));
+        return Err(Failure::new(format!(
+            "{}: the output directory does not exist",
+            output.display()
+        )));
     }
     let t0 = std::time::Instant::now();
     let dir = ExportDir::open(engine)?;
     let opts = &v2l_runtime::bundle::session_options(&dir, opts.threads);
     let cfg = |key: &str, from_dit: bool| -> Option<usize> {
-        let c = if from_dit { dir.manifest.dit.as_ref().map(|d| &d.config) } else { dir.manifest.vae.as_ref().map(|v| &v.config) };
-        c.and_then(|c| c.get(key)).and_then(|v| v.as_u64()).map(|v| v as usize)
+        let c = if from_dit {
+            dir.manifest.dit.as_ref().map(|d| &d.config)
+        } else {
+            dir.manifest.vae.as_ref().map(|v| &v.config)
+        };
+        c.and_then(|c| c.get(key))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
     };
-    let height = g.height.or(cfg("sample_height", false)).ok_or_else(|| Failure::new("--height is required"))?;
-    let width = g.width.or(cfg("sample_width", false)).ok_or_else(|| Failure::new("--width is required"))?;
-    let frames = g.frames.or(cfg("sample_frames", true)).ok_or_else(|| Failure::new("--frames is required"))?;
+    let height = g
+        .height
+        .or(cfg("sample_height", false))
+        .ok_or_else(|| Failure::new("--height is required"))?;
+    let width = g
+        .width
+        .or(cfg("sample_width", false))
+        .ok_or_else(|| Failure::new("--width is required"))?;
+    let frames = g
+        .frames
+        .or(cfg("sample_frames", true))
+        .ok_or_else(|| Failure::new("--frames is required"))?;
     let prompts = read_safetensors(prompt_path)?;
     let get = |name: &str| {
         prompts.get(name).cloned().ok_or_else(|| {
-            Failure::from(v2l_runtime::RuntimeError::MissingTensor { path: prompt_path.clone(), name: name.into() })
+            Failure::from(v2l_runtime::RuntimeError::MissingTensor {
+                path: prompt_path.clone(),
+                name: name.into(),
+            })
         })
     };
-    let (prompt_embeds, negative_prompt_embeds) = (get("prompt_embeds")?, get("negative_prompt_embeds")?);
+    let (prompt_embeds, negative_prompt_embeds) =
+        (get("prompt_embeds")?, get("negative_prompt_embeds")?);
     let image = video::read_frames(image_path, height, width)?;
     let reference = match &g.reference {
         Some(r) => Some((video::read_frames(r, height, width)?, g.lora_scale)),
         None => None,
     };
     let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
-    let channels = dir.manifest.dit.as_ref().map(|d| d.in_channels / 2).unwrap_or(16);
+    let channels = dir
+        .manifest
+        .dit
+        .as_ref()
+        .map(|d| d.in_channels / 2)
+        .unwrap_or(16);
     let noise = match (&g.noise, g.seed) {
         (Some(p), _) => read_safetensors(p)?
             .remove("initial_noise")
-            .ok_or_else(|| Failure::from(v2l_runtime::RuntimeError::MissingTensor { path: p.clone(), name: "initial_noise".into() }))?,
+            .ok_or_else(|| {
+                Failure::from(v2l_runtime::RuntimeError::MissingTensor {
+                    path: p.clone(),
+                    name: "initial_noise".into(),
+                })
+            })?,
         (None, Some(seed)) => gaussian_noise(vec![1, lf, channels, lh, lw], seed),
         (None, None) => unreachable!("checked above"),
     };
     let mut pipeline = match &g.lora_strategy {
         None => Pipeline::load(dir, opts)?,
         Some(s) => {
-            let strategy = v2l_runtime::lora::strategy::Strategy::parse(s)
-                .ok_or_else(|| Failure::new(format!("--lora-strategy {s}: expected fused, bound or unfused")))?;
+            let strategy = v2l_runtime::lora::strategy::Strategy::parse(s).ok_or_else(|| {
+                Failure::new(format!(
+                    "--lora-strategy {s}: expected fused, bound or unfused"
+                ))
+            })?;
             Pipeline::load_with_strategy(dir, opts, strategy)?
         }
     };
@@ -303,7 +361,11 @@ fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -
             let w = 30;
             let done = i * w / n.max(1);
             let el = started.elapsed().as_secs_f64();
-            eprint!("\rdenoising [{}{}] {i}/{n}  {el:.1}s", "#".repeat(done), " ".repeat(w - done));
+            eprint!(
+                "\rdenoising [{}{}] {i}/{n}  {el:.1}s",
+                "#".repeat(done),
+                " ".repeat(w - done)
+            );
             if i == n {
                 eprintln!();
             }
@@ -339,7 +401,14 @@ fn generate(engine: &std::path::Path, g: &GenerateArgs, opts: &SessionOptions) -
             })
         );
     } else if !g.quiet {
-        println!("wrote {} and {} ({} frames of {}x{})", output.display(), sheet.display(), rgb.frames, rgb.width, rgb.height);
+        println!(
+            "wrote {} and {} ({} frames of {}x{})",
+            output.display(),
+            sheet.display(),
+            rgb.frames,
+            rgb.width,
+            rgb.height
+        );
     }
     Ok(())
 }

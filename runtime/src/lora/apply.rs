@@ -186,10 +186,11 @@ pub fn fuse_checkpoint(
                 what: key.clone(),
                 message: e.to_string(),
             };
-            let mut buf = Buffer::from_le_bytes(w.dtype, bytes).ok_or_else(|| RuntimeError::Invalid {
-                what: key.clone(),
-                message: format!("cannot fuse into a {} weight", w.dtype),
-            })?;
+            let mut buf =
+                Buffer::from_le_bytes(w.dtype, bytes).ok_or_else(|| RuntimeError::Invalid {
+                    what: key.clone(),
+                    message: format!("cannot fuse into a {} weight", w.dtype),
+                })?;
             fuse_in_place(buf.view_mut(), o, i, &f, 0).map_err(fail)?;
             let bytes = buf.to_le_bytes();
             fused.insert(key, bytes);

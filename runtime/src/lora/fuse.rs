@@ -43,14 +43,18 @@
 //!   vector (a scalar store into a line that also gets streaming stores costs a
 //!   read-for-ownership and a flush: rows whose length is not a multiple of the alignment
 //!   ran at half speed). Only a block's unaligned first and last few elements are scalar.
+//! * W is prefetched into L2 16 KiB ahead of the loads: the hardware prefetchers alone kept
+//!   too few lines in flight per core (bf16 at in = 12288, where A also streams from L2,
+//!   ran at 40 % of the copy speed without it, at par with it).
 //! * bf16 is handled as even/odd lanes (`bits << 16` and `bits & 0xFFFF0000`), so that its
 //!   conversions need no shuffles; at rank 1, A is split into its even and odd elements
 //!   once per call to match. Its rounding skips the NaN lane mask when the factors are all
 //!   finite (one pass over A and B per call), which is exact then (see `avx::bf16_round8`).
 //!
-//! bf16 and f16 cost more arithmetic per byte than f32; on a machine with few cores they
-//! are near the compute limit rather than the memory limit (in L1, one core here does about
-//! 12 G bf16 and 14 G f16 elements/s, i.e. 48 and 56 GB/s of W read + written).
+//! bf16 and f16 cost more arithmetic per byte than f32: in L1 one core of the development
+//! machine (Zen 4) does about 12 G bf16 and 14 G f16 elements/s, i.e. 48 and 56 GB/s of W
+//! read + written, so with few cores and other processes on them they become compute-bound
+//! before f32 does.
 //!
 //! Elsewhere a portable loop (auto-vectorised where the compiler can) gives the same bits.
 //!
@@ -797,100 +801,55 @@ mod avx {
         r: &Rows<T>,
         coef: &mut [f32],
     ) {
-        // The block is walked as one flat range of out·in elements in groups of 16 whose
-        // destination is 32-byte aligned, so that every store is a whole aligned vector:
-        // mixing scalar and streaming stores in one cache line costs a read-for-ownership
-        // and a flush (it halved the speed when rows were not multiples of the alignment).
-        // A group inside one row is computed 16-wide; for a group across a row boundary only
-        // the 16 deltas are computed element by element.
-        // Only the unaligned start and the last < 16 elements of the block use scalar stores.
+        // The block is cut into groups of 16 elements on one flat grid whose destination is
+        // 32-byte aligned, so that every store is a whole aligned vector: mixing scalar and
+        // streaming stores in one cache line costs a read-for-ownership and a flush (it
+        // halved the speed when rows were not multiples of the alignment). Only the unaligned
+        // start and the last < 16 elements of the block are scalar.
+        //
+        // Groups inside a row are computed 16-wide; a group across a row boundary gets its 16
+        // deltas element by element.
         let inp = r.inp;
         let total = r.nrows * inp;
-        let (src, dst, a) = (r.src, r.dst, r.a);
+        let dst = r.dst;
         let mut tile = [0f32; CHUNK];
         let head = (dst.align_offset(32)).min(total);
         for p in 0..head {
             *dst.add(p) = r.value(p);
         }
-        let mut p = head;
-        while p + 16 <= total {
-            let i = p / inp;
-            let j = p - i * inp;
-            if j + 16 > inp {
-                // A group across row boundaries: the 16 deltas element by element (walking
-                // into the next rows), the rest 16-wide as usual.
-                let mut d = [0f32; 16];
-                let (mut ii, mut jj) = (i, j);
-                for dt in d.iter_mut() {
-                    *dt = r.delta(ii, jj);
-                    jj += 1;
-                    if jj == inp {
-                        (ii, jj) = (ii + 1, 0);
-                    }
-                }
-                let (w0, w1) = T::load16(src.add(p));
-                let (d0, d1) = layout::<T>(
-                    _mm256_loadu_ps(d.as_ptr()),
-                    _mm256_loadu_ps(d.as_ptr().add(8)),
-                );
-                T::store16::<NT, G>(dst.add(p), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
-                p += 16;
-                continue;
-            }
-            // The whole 16-groups of row i from column j.
-            let end = j + (inp - j) / 16 * 16;
-            for (c, &b) in coef.iter_mut().zip(&r.b[i * r.rank..][..r.rank]) {
-                *c = r.scale * b;
-            }
-            let (src, dst) = (src.add(i * inp), dst.add(i * inp));
-            let mut j0 = j;
-            while j0 < end {
-                let n = CHUNK.min(end - j0);
-                if r.rank == 1 {
-                    let c = _mm256_set1_ps(coef[0]);
-                    // The A values of a group's two vectors: contiguous, or (EVEN_ODD) from
-                    // the even/odd split of A, whose roles swap at odd columns.
-                    let (mut lo, mut hi, step) = if T::EVEN_ODD {
-                        let h = r.a_split.len() / 2;
-                        let (ae, ao) = (r.a_split.as_ptr(), r.a_split.as_ptr().add(h));
-                        if j0.is_multiple_of(2) {
-                            (ae.add(j0 / 2), ao.add(j0 / 2), 8)
-                        } else {
-                            (ao.add(j0 / 2), ae.add(j0 / 2 + 1), 8)
-                        }
-                    } else {
-                        (a.as_ptr().add(j0), a.as_ptr().add(j0 + 8), 16)
-                    };
-                    let mut j = j0;
-                    while j < j0 + n {
-                        let (w0, w1) = T::load16(src.add(j));
-                        let d0 = _mm256_mul_ps(c, _mm256_loadu_ps(lo));
-                        let d1 = _mm256_mul_ps(c, _mm256_loadu_ps(hi));
-                        T::store16::<NT, G>(dst.add(j), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
-                        (lo, hi) = (lo.add(step), hi.add(step));
-                        j += 16;
-                    }
+        let end = head + (total - head) / 16 * 16;
+        // Row i's groups inside the row: `n` columns from flat position `q`.
+        let in_row = |i: usize| -> (usize, usize) {
+            let q = head + ((i * inp).max(head) - head).div_ceil(16) * 16;
+            let row_end = ((i + 1) * inp).min(end);
+            (
+                q,
+                if q + 16 <= row_end {
+                    (row_end - q) / 16 * 16
                 } else {
-                    delta_tile(&mut tile[..n], coef, a, inp, j0);
-                    let tp = tile.as_ptr();
-                    let mut t = 0;
-                    while t < n {
-                        let (w0, w1) = T::load16(src.add(j0 + t));
-                        let (d0, d1) =
-                            layout::<T>(_mm256_loadu_ps(tp.add(t)), _mm256_loadu_ps(tp.add(t + 8)));
-                        T::store16::<NT, G>(
-                            dst.add(j0 + t),
-                            _mm256_add_ps(w0, d0),
-                            _mm256_add_ps(w1, d1),
-                        );
-                        t += 16;
-                    }
-                }
-                j0 += n;
+                    0
+                },
+            )
+        };
+        // (Column panels across the rows, to keep A in L1 for long rows, were tried: the
+        // broken-up W stream cost more than they saved, at every panel width.)
+        for i in 0..r.nrows {
+            let (q, n) = in_row(i);
+            if n > 0 {
+                in_row_groups::<T, NT, G>(r, i, q - i * inp, n, coef, &mut tile);
             }
-            p += end - j;
         }
-        for p in p..total {
+        // The groups across row boundaries: each is the one after some row's in-row groups.
+        let mut next = 0;
+        for i in 0..r.nrows {
+            let (q, n) = in_row(i);
+            let q = q + n;
+            if q >= next && q + 16 <= end && q / inp != (q + 15) / inp {
+                crossing_group::<T, NT, G>(r, q);
+                next = q + 16;
+            }
+        }
+        for p in end..total {
             *dst.add(p) = r.value(p);
         }
         if NT {
@@ -898,6 +857,103 @@ mod avx {
             // (or the thread join) hands the weights on.
             _mm_sfence();
         }
+    }
+
+    /// How far ahead of the loads W is prefetched into L2. One core's hardware prefetchers
+    /// alone kept too few lines in flight (at in = 12288, where A streams from L2 too, bf16
+    /// ran at 40 % of the copy speed); 16 KiB ahead roughly doubled that.
+    const PREFETCH_BYTES: usize = 16 << 10;
+
+    /// Prefetches the line at `p` into L2 (`p` may be past the end of the buffer: a prefetch
+    /// never faults).
+    #[inline(always)]
+    unsafe fn prefetch_l2<T>(p: *const T) {
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+    }
+
+    /// Columns `j .. j + len` of row `i` (`len` a multiple of 16, `dst` aligned at `j`).
+    #[inline(always)]
+    unsafe fn in_row_groups<T: Elem, const NT: bool, const G: bool>(
+        r: &Rows<T>,
+        i: usize,
+        j: usize,
+        len: usize,
+        coef: &mut [f32],
+        tile: &mut [f32; CHUNK],
+    ) {
+        let (inp, a) = (r.inp, r.a);
+        for (c, &b) in coef.iter_mut().zip(&r.b[i * r.rank..][..r.rank]) {
+            *c = r.scale * b;
+        }
+        let (src, dst) = (r.src.add(i * inp), r.dst.add(i * inp));
+        let end = j + len;
+        let mut j0 = j;
+        while j0 < end {
+            let n = CHUNK.min(end - j0);
+            if r.rank == 1 {
+                let c = _mm256_set1_ps(coef[0]);
+                // The A values of a group's two vectors: contiguous, or (EVEN_ODD) from the
+                // even/odd split of A, whose roles swap at odd columns.
+                let (mut lo, mut hi, step) = if T::EVEN_ODD {
+                    let h = r.a_split.len() / 2;
+                    let (ae, ao) = (r.a_split.as_ptr(), r.a_split.as_ptr().add(h));
+                    if j0.is_multiple_of(2) {
+                        (ae.add(j0 / 2), ao.add(j0 / 2), 8)
+                    } else {
+                        (ao.add(j0 / 2), ae.add(j0 / 2 + 1), 8)
+                    }
+                } else {
+                    (a.as_ptr().add(j0), a.as_ptr().add(j0 + 8), 16)
+                };
+                let mut j = j0;
+                while j < j0 + n {
+                    prefetch_l2(src.wrapping_add(j + PREFETCH_BYTES / size_of::<T>()));
+                    let (w0, w1) = T::load16(src.add(j));
+                    let d0 = _mm256_mul_ps(c, _mm256_loadu_ps(lo));
+                    let d1 = _mm256_mul_ps(c, _mm256_loadu_ps(hi));
+                    T::store16::<NT, G>(dst.add(j), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
+                    (lo, hi) = (lo.add(step), hi.add(step));
+                    j += 16;
+                }
+            } else {
+                delta_tile(&mut tile[..n], coef, a, inp, j0);
+                let tp = tile.as_ptr();
+                let mut t = 0;
+                while t < n {
+                    prefetch_l2(src.wrapping_add(j0 + t + PREFETCH_BYTES / size_of::<T>()));
+                    let (w0, w1) = T::load16(src.add(j0 + t));
+                    let (d0, d1) =
+                        layout::<T>(_mm256_loadu_ps(tp.add(t)), _mm256_loadu_ps(tp.add(t + 8)));
+                    T::store16::<NT, G>(
+                        dst.add(j0 + t),
+                        _mm256_add_ps(w0, d0),
+                        _mm256_add_ps(w1, d1),
+                    );
+                    t += 16;
+                }
+            }
+            j0 += n;
+        }
+    }
+
+    /// The group at flat position `q`, which crosses a row boundary (maybe several).
+    #[inline(always)]
+    unsafe fn crossing_group<T: Elem, const NT: bool, const G: bool>(r: &Rows<T>, q: usize) {
+        let mut d = [0f32; 16];
+        let (mut i, mut j) = (q / r.inp, q % r.inp);
+        for dt in d.iter_mut() {
+            *dt = r.delta(i, j);
+            j += 1;
+            if j == r.inp {
+                (i, j) = (i + 1, 0);
+            }
+        }
+        let (w0, w1) = T::load16(r.src.add(q));
+        let (d0, d1) = layout::<T>(
+            _mm256_loadu_ps(d.as_ptr()),
+            _mm256_loadu_ps(d.as_ptr().add(8)),
+        );
+        T::store16::<NT, G>(r.dst.add(q), _mm256_add_ps(w0, d0), _mm256_add_ps(w1, d1));
     }
 
     /// `len` bytes from `src` to `dst` (not overlapping) with streaming stores.
@@ -910,6 +966,7 @@ mod avx {
         std::ptr::copy_nonoverlapping(src, dst, head);
         let mut i = head;
         while i + 64 <= len {
+            prefetch_l2(src.wrapping_add(i + PREFETCH_BYTES));
             let a = _mm256_loadu_si256(src.add(i) as *const __m256i);
             let b = _mm256_loadu_si256(src.add(i + 32) as *const __m256i);
             _mm256_stream_si256(dst.add(i) as *mut __m256i, a);
@@ -983,11 +1040,7 @@ mod avx {
     }
 
     #[inline(always)]
-    pub(super) unsafe fn store16_bf16<const NT: bool, const G: bool>(
-        p: *mut u16,
-        even: V,
-        odd: V,
-    ) {
+    pub(super) unsafe fn store16_bf16<const NT: bool, const G: bool>(p: *mut u16, even: V, odd: V) {
         let e = _mm256_srli_epi32::<16>(bf16_round8::<G>(even));
         let o = _mm256_and_si256(
             bf16_round8::<G>(odd),
@@ -1109,7 +1162,16 @@ mod tests {
         v
     }
 
-    const SHAPES: &[(usize, usize)] = &[(7, 13), (1, 1), (5, 1), (3, 40), (9, 2051), (33, 70)];
+    const SHAPES: &[(usize, usize)] = &[
+        (7, 13),
+        (1, 1),
+        (5, 1),
+        (3, 40),
+        (9, 2051),
+        (33, 70),
+        (5, 4133),
+        (3, 6160),
+    ];
 
     /// Every shape × rank × thread count × isa × (from, in place) × destination misalignment
     /// against the same-order reference: bitwise.
@@ -1338,12 +1400,24 @@ mod tests {
             l.a[7] = f32::from_bits(0x7FFF_FFFF); // payload that would carry when rounded
             l.a[30] = f32::from_bits(0xFFBF_FFFF); // signalling, negative
             l.b[2 * rank] = f32::from_bits(0x7F80_FFFF);
-            let base: Vec<bf16> = values(out * inp, 5).into_iter().map(bf16::from_f32).collect();
+            let base: Vec<bf16> = values(out * inp, 5)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
             let mut want: Option<Vec<u16>> = None;
             for isa in isas() {
                 for offset in [0, 3] {
                     let mut t = vec![bf16::ZERO; out * inp + offset];
-                    run_exact(Some(&base), &mut t[offset..], out, inp, &l.factors(), 2, 2, isa);
+                    run_exact(
+                        Some(&base),
+                        &mut t[offset..],
+                        out,
+                        inp,
+                        &l.factors(),
+                        2,
+                        2,
+                        isa,
+                    );
                     let t = &t[offset..];
                     for i in 0..out {
                         for j in 0..inp {
@@ -1353,8 +1427,10 @@ mod tests {
                     }
                     // Numbers bitwise; NaN payloads may differ where two NaNs meet (the
                     // compiler may commute a multiply's operands).
-                    let bits: Vec<u16> =
-                        t.iter().map(|x| if x.is_nan() { 0x7FC0 } else { x.to_bits() }).collect();
+                    let bits: Vec<u16> = t
+                        .iter()
+                        .map(|x| if x.is_nan() { 0x7FC0 } else { x.to_bits() })
+                        .collect();
                     assert_eq!(want.get_or_insert(bits.clone()), &bits, "r{rank} {isa:?}");
                 }
             }

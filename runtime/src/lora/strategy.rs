@@ -40,7 +40,9 @@ impl Strategy {
     }
 
     pub fn parse(s: &str) -> Option<Strategy> {
-        [Strategy::Fused, Strategy::Bound, Strategy::Unfused].into_iter().find(|x| x.name() == s)
+        [Strategy::Fused, Strategy::Bound, Strategy::Unfused]
+            .into_iter()
+            .find(|x| x.name() == s)
     }
 }
 
@@ -82,16 +84,42 @@ impl DitRunner {
             Strategy::Fused => dir.dit(opts)?,
             Strategy::Bound => {
                 let mut m = Model::load(&variant(dir, "bound")?, opts)?;
-                let e = dir.manifest.dit.as_ref().ok_or_else(|| RuntimeError::Invalid { what: "engine".into(), message: "no DiT".into() })?;
-                let names: Vec<String> = targets.iter().map(|t| format!("{}.weight", t.name)).collect();
+                let e = dir
+                    .manifest
+                    .dit
+                    .as_ref()
+                    .ok_or_else(|| RuntimeError::Invalid {
+                        what: "engine".into(),
+                        message: "no DiT".into(),
+                    })?;
+                let names: Vec<String> = targets
+                    .iter()
+                    .map(|t| format!("{}.weight", t.name))
+                    .collect();
                 let path = dir.dir.join(&e.file);
-                let base = v2l_graphs::read_initializers(&path, &names).map_err(|source| RuntimeError::Io { path: path.clone(), source })?;
+                let base = v2l_graphs::read_initializers(&path, &names).map_err(|source| {
+                    RuntimeError::Io {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
                 let mut bufs = Vec::with_capacity(base.len());
                 for (t, (name, dtype, _, bytes)) in targets.iter().zip(base) {
                     if dtype != v2l_graphs::DType::F32 {
-                        return Err(RuntimeError::Invalid { what: name, message: format!("bound weights need f32, found {dtype}") });
+                        return Err(RuntimeError::Invalid {
+                            what: name,
+                            message: format!("bound weights need f32, found {dtype}"),
+                        });
                     }
-                    bufs.push((t.clone(), Buffer::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())));
+                    bufs.push((
+                        t.clone(),
+                        Buffer::F32(
+                            bytes
+                                .chunks_exact(4)
+                                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                                .collect(),
+                        ),
+                    ));
                 }
                 let sw = SwitchableWeights::new(bufs);
                 m.set_fixed_inputs(targets.iter().map(|t| live_tensor(&sw, t)).collect())?;
@@ -104,7 +132,13 @@ impl DitRunner {
                 m
             }
         };
-        Ok(DitRunner { strategy, model, opts: opts.clone(), targets, weights })
+        Ok(DitRunner {
+            strategy,
+            model,
+            opts: opts.clone(),
+            targets,
+            weights,
+        })
     }
 
     /// Applies `lora` (or the base weights for `None`). Everything is validated first: a
@@ -118,22 +152,36 @@ impl DitRunner {
                 };
             }
             Strategy::Bound => {
-                let sw = self.weights.as_mut().ok_or_else(|| RuntimeError::Invalid { what: "bound".into(), message: "no weights".into() })?;
-                let changed = sw.apply(lora.map(|l| (&l.lora, l.multiplier, l.source.as_path())))?;
-                let by_name: BTreeMap<&str, &LinearInfo> = self.targets.iter().map(|t| (t.name.as_str(), t)).collect();
+                let sw = self.weights.as_mut().ok_or_else(|| RuntimeError::Invalid {
+                    what: "bound".into(),
+                    message: "no weights".into(),
+                })?;
+                let changed =
+                    sw.apply(lora.map(|l| (&l.lora, l.multiplier, l.source.as_path())))?;
+                let by_name: BTreeMap<&str, &LinearInfo> =
+                    self.targets.iter().map(|t| (t.name.as_str(), t)).collect();
                 let sw = &*sw;
-                let fixed = changed.iter().filter_map(|n| by_name.get(n.as_str())).map(|t| live_tensor(sw, t)).collect();
+                let fixed = changed
+                    .iter()
+                    .filter_map(|n| by_name.get(n.as_str()))
+                    .map(|t| live_tensor(sw, t))
+                    .collect();
                 self.model.set_fixed_inputs(fixed)?;
             }
             Strategy::Unfused => {
-                let mut fixed: BTreeMap<String, Tensor> = self.targets.iter().flat_map(zero_factors).collect();
+                let mut fixed: BTreeMap<String, Tensor> =
+                    self.targets.iter().flat_map(zero_factors).collect();
                 if let Some(l) = lora {
                     for (t, layer) in match_targets(&l.lora, &self.targets, &l.source)? {
                         let (a, b) = (layer.a.to_f32(), layer.b.to_f32());
                         if a.iter().chain(&b).any(|v| !v.is_finite()) {
-                            return Err(RuntimeError::Invalid { what: l.source.display().to_string(), message: format!("layer `{}` holds NaN or Inf", layer.module) });
+                            return Err(RuntimeError::Invalid {
+                                what: l.source.display().to_string(),
+                                message: format!("layer `{}` holds NaN or Inf", layer.module),
+                            });
                         }
-                        let [na, nb, ns] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+                        let [na, nb, ns] =
+                            v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
                         let r = layer.rank();
                         fixed.insert(na, Tensor::f32(vec![r, t.in_features], a));
                         fixed.insert(nb, Tensor::f32(vec![t.out_features, r], b));
@@ -156,5 +204,8 @@ fn live_tensor(sw: &SwitchableWeights, t: &LinearInfo) -> (String, Tensor) {
         Some(Buffer::F32(v)) => v.clone(),
         _ => Vec::new(),
     };
-    (format!("{}.weight", t.name), Tensor::f32(vec![t.out_features, t.in_features], v))
+    (
+        format!("{}.weight", t.name),
+        Tensor::f32(vec![t.out_features, t.in_features], v),
+    )
 }
