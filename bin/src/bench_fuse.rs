@@ -174,17 +174,12 @@ fn view<T: Plain>(v: &mut [u32]) -> &mut [T] {
     mid
 }
 
-/// Deterministic values in [-1, 1).
+/// Deterministic standard-normal values (the runtime's seeded generator).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    match v2l_runtime::tensor::gaussian_noise(vec![n], seed).data {
+        v2l_runtime::tensor::Data::F32(v) => v,
+        _ => vec![0.0; n],
+    }
 }
 
 /// The reference copies, sampled between fuse passes so that every fuse number has memcpy

@@ -17,6 +17,15 @@ fn run(bin: &str, args: &[&str]) -> Output {
     Command::new(exe).args(args).output().expect("binary runs")
 }
 
+/// `v2l-run --engine <engine> stage dit --inputs <inputs> -o <out> [extra...]`.
+fn stage_dit(engine: &str, inputs: &str, out: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--engine", engine, "stage", "dit", "--inputs", inputs, "-o", out,
+    ];
+    args.extend_from_slice(extra);
+    run("v2l-run", &args)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -70,18 +79,11 @@ fn export_dit_writes_graph_and_manifest() {
 
     let result = d.path().join("sample.safetensors");
     let io = tiny().join("dit_io.safetensors");
-    let o = run(
-        "v2l-run",
-        &[
-            "--engine",
-            out.to_str().unwrap(),
-            "stage",
-            "dit",
-            "--inputs",
-            io.to_str().unwrap(),
-            "-o",
-            result.to_str().unwrap(),
-        ],
+    let o = stage_dit(
+        out.to_str().unwrap(),
+        io.to_str().unwrap(),
+        result.to_str().unwrap(),
+        &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
@@ -183,50 +185,19 @@ fn bad_run_inputs_fail_cleanly_without_output() {
     let result = d.path().join("r.safetensors");
     let r = result.to_str().unwrap();
 
-    let o = run(
-        "v2l-run",
-        &[
-            "--engine",
-            "/nonexistent",
-            "stage",
-            "dit",
-            "--inputs",
-            "x",
-            "-o",
-            r,
-        ],
-    );
+    let o = stage_dit("/nonexistent", "x", r, &[]);
     assert_clean_failure(&o, "/nonexistent");
 
     let vae_io = tiny().join("vae_io.safetensors");
-    let o = run(
-        "v2l-run",
-        &[
-            "--engine",
-            engine,
-            "stage",
-            "dit",
-            "--inputs",
-            vae_io.to_str().unwrap(),
-            "-o",
-            r,
-        ],
-    );
+    let o = stage_dit(engine, vae_io.to_str().unwrap(), r, &[]);
     assert_clean_failure(&o, "missing tensor `hidden_states`");
 
     let dit_io = tiny().join("dit_io.safetensors");
-    let o = run(
-        "v2l-run",
-        &[
-            "--engine",
-            engine,
-            "stage",
-            "dit",
-            "--inputs",
-            dit_io.to_str().unwrap(),
-            "-o",
-            "/nonexistent/dir/x.safetensors",
-        ],
+    let o = stage_dit(
+        engine,
+        dit_io.to_str().unwrap(),
+        "/nonexistent/dir/x.safetensors",
+        &[],
     );
     assert_clean_failure(&o, "/nonexistent/dir/x.safetensors");
     assert!(!result.exists());
@@ -285,20 +256,11 @@ fn predict_matches_upstream_video2lora() {
         assert!(err <= 1e-4, "{name}: {err:.3e}");
     }
     let result = d.path().join("o.safetensors");
-    let o = run(
-        "v2l-run",
-        &[
-            "--engine",
-            o_s,
-            "stage",
-            "dit",
-            "--inputs",
-            &p("dit_io.safetensors"),
-            "-o",
-            result.to_str().unwrap(),
-            "--lora",
-            lora.to_str().unwrap(),
-        ],
+    let o = stage_dit(
+        o_s,
+        &p("dit_io.safetensors"),
+        result.to_str().unwrap(),
+        &["--lora", lora.to_str().unwrap()],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let got = v2l_runtime::read_safetensors(&result).unwrap();
@@ -384,18 +346,11 @@ fn lora_fuse_and_convert_through_the_cli() {
     );
     assert!(r.status.success(), "{}", stderr(&r));
     let res = d.path().join("r.safetensors");
-    let r = run(
-        "v2l-run",
-        &[
-            "--engine",
-            out.to_str().unwrap(),
-            "stage",
-            "dit",
-            "--inputs",
-            &p("dit_io.safetensors"),
-            "-o",
-            res.to_str().unwrap(),
-        ],
+    let r = stage_dit(
+        out.to_str().unwrap(),
+        &p("dit_io.safetensors"),
+        res.to_str().unwrap(),
+        &[],
     );
     assert!(r.status.success(), "{}", stderr(&r));
     let got = v2l_runtime::read_safetensors(&res).unwrap();

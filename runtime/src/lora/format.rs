@@ -443,25 +443,40 @@ fn read_kohya(
 
 /// Writes `lora` in `format` to `path` atomically.
 pub fn write(path: &Path, lora: &Lora, format: LoraFormat) -> Result<()> {
+    // Each format's key prefix, names of A and B, and whether alpha is a per-layer tensor.
+    let (down, up, alpha_tensor) = match format {
+        LoraFormat::Diffusers => ("lora_A.weight", "lora_B.weight", false),
+        LoraFormat::Kohya => ("lora_down.weight", "lora_up.weight", true),
+        LoraFormat::ComfyUi => ("lora_A.weight", "lora_B.weight", true),
+    };
+    let prefix = |module: &str| match format {
+        LoraFormat::Diffusers => format!("transformer.{module}"),
+        LoraFormat::Kohya => kohya_name(module),
+        LoraFormat::ComfyUi => format!("diffusion_model.{module}"),
+    };
     let mut tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = Vec::new();
+    for l in &lora.layers {
+        let n = prefix(&l.module);
+        for (name, f) in [(down, &l.a), (up, &l.b)] {
+            tensors.push((
+                format!("{n}.{name}"),
+                f.dtype,
+                f.shape.to_vec(),
+                f.bytes.clone(),
+            ));
+        }
+        if alpha_tensor {
+            tensors.push((
+                format!("{n}.alpha"),
+                DType::F32,
+                vec![],
+                l.alpha.to_le_bytes().to_vec(),
+            ));
+        }
+    }
     let mut meta: HashMap<String, String> = HashMap::new();
-    let scalar = |v: f32| v.to_le_bytes().to_vec();
     match format {
         LoraFormat::Diffusers => {
-            for l in &lora.layers {
-                tensors.push((
-                    format!("transformer.{}.lora_A.weight", l.module),
-                    l.a.dtype,
-                    l.a.shape.to_vec(),
-                    l.a.bytes.clone(),
-                ));
-                tensors.push((
-                    format!("transformer.{}.lora_B.weight", l.module),
-                    l.b.dtype,
-                    l.b.shape.to_vec(),
-                    l.b.bytes.clone(),
-                ));
-            }
             // One `lora_alpha` for the common value, `alpha_pattern` for the others (full paths).
             let common = lora.layers.first().map(|l| l.alpha).unwrap_or(1.0);
             let pattern: serde_json::Map<String, serde_json::Value> = lora
@@ -480,47 +495,18 @@ pub fn write(path: &Path, lora: &Lora, format: LoraFormat) -> Result<()> {
             meta.insert("format".into(), "pt".into());
         }
         LoraFormat::Kohya => {
-            let mut names = BTreeMap::new();
-            for l in &lora.layers {
-                let n = kohya_name(&l.module);
-                tensors.push((
-                    format!("{n}.lora_down.weight"),
-                    l.a.dtype,
-                    l.a.shape.to_vec(),
-                    l.a.bytes.clone(),
-                ));
-                tensors.push((
-                    format!("{n}.lora_up.weight"),
-                    l.b.dtype,
-                    l.b.shape.to_vec(),
-                    l.b.bytes.clone(),
-                ));
-                tensors.push((format!("{n}.alpha"), DType::F32, vec![], scalar(l.alpha)));
-                names.insert(n, l.module.clone());
-            }
+            // kohya names drop the dots; record the module paths so v2l can read them back alone.
+            let names: BTreeMap<String, String> = lora
+                .layers
+                .iter()
+                .map(|l| (kohya_name(&l.module), l.module.clone()))
+                .collect();
             meta.insert(
                 KOHYA_MODULES_KEY.into(),
                 serde_json::to_string(&names).unwrap_or_default(),
             );
         }
-        LoraFormat::ComfyUi => {
-            for l in &lora.layers {
-                let n = format!("diffusion_model.{}", l.module);
-                tensors.push((
-                    format!("{n}.lora_A.weight"),
-                    l.a.dtype,
-                    l.a.shape.to_vec(),
-                    l.a.bytes.clone(),
-                ));
-                tensors.push((
-                    format!("{n}.lora_B.weight"),
-                    l.b.dtype,
-                    l.b.shape.to_vec(),
-                    l.b.bytes.clone(),
-                ));
-                tensors.push((format!("{n}.alpha"), DType::F32, vec![], scalar(l.alpha)));
-            }
-        }
+        LoraFormat::ComfyUi => {}
     }
     let bad = |e: safetensors::SafeTensorError| LoraError::Bad {
         path: path.into(),
