@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 pub mod bench_fuse;
 pub mod bench_pipeline;
+pub mod bench_scale;
 
 /// A failure as shown to the user: the message and an optional fix.
 pub struct Failure {

@@ -79,11 +79,17 @@ impl<'a> Scope<'a> {
     ///
     /// With `weight_dtype` set to f16/bf16 the initializer keeps that storage type and a Cast
     /// to f32 follows it, so big models stay small on disk while the graph still computes in f32.
+    ///
+    /// A module applied twice (CogVideoX's `norm1.norm` on video and on text tokens) reads its
+    /// weight once: ONNX requires initializer names to be unique.
     pub fn weight(&self, g: &mut Graph, name: &str, shape: &[usize]) -> Result<Value> {
         let t = self.ckpt.tensor(&self.key(name), shape)?;
         let dims = shape.iter().map(|&d| d as i64).collect();
         let store = self.weight_dtype.unwrap_or(DType::F32);
-        let v = g.initializer(&t.key, store, dims, t.data);
+        let v = match g.find_initializer(&t.key) {
+            Some(v) => v,
+            None => g.initializer(&t.key, store, dims, t.data),
+        };
         Ok(if store == DType::F32 {
             v
         } else {

@@ -200,6 +200,14 @@ impl Graph {
         Value(name.into())
     }
 
+    /// The initializer already named `name`, if any.
+    pub fn find_initializer(&self, name: &str) -> Option<Value> {
+        self.initializers
+            .iter()
+            .any(|i| i.name == name)
+            .then(|| Value(name.into()))
+    }
+
     /// Adds a float32 constant under a generated name.
     pub fn const_f32(&mut self, values: &[f32], dims: &[i64]) -> Value {
         let name = self.fresh("const");
@@ -462,7 +470,7 @@ impl Graph {
     }
 }
 
-fn attr_proto(name: &str, a: Attr) -> proto::AttributeProto {
+pub(crate) fn attr_proto(name: &str, a: Attr) -> proto::AttributeProto {
     let mut p = proto::AttributeProto {
         name: name.into(),
         ..Default::default()

@@ -13,5 +13,5 @@ pub mod write;
 pub use builder::{Attr, Dim, Graph, Initializer, IoSpec, TensorData, Value, OPSET};
 pub use dtype::DType;
 pub use write::{
-    read_initializers, read_model, save, write_model, ExternalData, WriteError, Written,
+    for_each_initializer, read_initializers, read_model, save, write_model, ExternalData, WriteError, Written,
 };

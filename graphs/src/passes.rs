@@ -1,6 +1,7 @@
 //! Graph passes over a written model: small patches, each one idea.
 //!
-//! Both passes serve the LoRA strategies that avoid rebuilding a session per LoRA:
+//! [`fuse_attention`] and [`fuse_gelu`] (`passes/attention.rs`, `passes/gelu.rs`) are the backend
+//! rewrites `v2l-compile` applies for ONNX Runtime. The other two serve the LoRA strategies that avoid rebuilding a session per LoRA:
 //! - [`bind_weights_as_inputs`]: the LoRA-targetable weights also become graph inputs. Since
 //!   ONNX IR 4 an initializer that is also an input is that input's default, so a runtime can
 //!   pass fused weights per request, and the initializer still holds the base.
@@ -10,7 +11,33 @@
 
 use std::collections::HashMap;
 
-use crate::builder::Attr;
+mod attention;
+mod gelu;
+pub use attention::{fuse_attention, MS_DOMAIN};
+pub use gelu::fuse_gelu;
+
+/// Removes initializers no node reads and that are not graph inputs (left behind by fusions).
+fn drop_unused_initializers(graph: &mut proto::GraphProto) {
+    let used: std::collections::HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(graph.input.iter().map(|i| i.name.clone()))
+        .collect();
+    graph.initializer.retain(|t| used.contains(&t.name));
+}
+
+/// Declares ONNX Runtime's contrib domain once a pass has emitted one of its ops.
+fn import_ms_domain(model: &mut ModelProto) {
+    if !model.opset_import.iter().any(|o| o.domain == MS_DOMAIN) {
+        model.opset_import.push(proto::OperatorSetIdProto {
+            domain: MS_DOMAIN.into(),
+            version: 1,
+        });
+    }
+}
+
+use crate::builder::{attr_proto, Attr};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto};
 
@@ -89,17 +116,6 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
         .collect();
     let mut nodes = Vec::with_capacity(graph.node.len() + 4 * weights.len());
     let mut found: HashMap<&str, bool> = weights.iter().map(|w| (w.as_str(), false)).collect();
-    let attr = |name: &str, a: Attr| {
-        let mut p = proto::AttributeProto {
-            name: name.into(),
-            ..Default::default()
-        };
-        if let Attr::Int(i) = a {
-            p.r#type = proto::attribute_type::INT;
-            p.i = i;
-        }
-        p
-    };
     let node = |op: &str,
                 name: String,
                 inputs: Vec<String>,
@@ -141,14 +157,14 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
             format!("{p}/lora_down"),
             vec![x, a.clone()],
             format!("{p}/lora_down:0"),
-            vec![attr("transB", Attr::Int(1))],
+            vec![attr_proto("transB", Attr::Int(1))],
         ));
         nodes.push(node(
             "Gemm",
             format!("{p}/lora_up"),
             vec![format!("{p}/lora_down:0"), b.clone()],
             format!("{p}/lora_up:0"),
-            vec![attr("transB", Attr::Int(1))],
+            vec![attr_proto("transB", Attr::Int(1))],
         ));
         nodes.push(node(
             "Mul",

@@ -346,6 +346,21 @@ pub fn read_initializers(
     path: &Path,
     names: &[String],
 ) -> Result<Vec<(String, DType, Vec<i64>, Vec<u8>)>, std::io::Error> {
+    let mut out = Vec::with_capacity(names.len());
+    for_each_initializer(path, names, &mut |name, dtype, dims, bytes| {
+        out.push((name.to_string(), dtype, dims.to_vec(), bytes));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with each named initializer in turn (name, dtype, dims, bytes), so a caller that
+/// only hashes or converts weights holds one at a time, never the whole model.
+pub fn for_each_initializer(
+    path: &Path,
+    names: &[String],
+    f: &mut dyn FnMut(&str, DType, &[i64], Vec<u8>) -> Result<(), std::io::Error>,
+) -> Result<(), std::io::Error> {
     use std::io::{Read, Seek, SeekFrom};
     let model = read_model(path)?;
     let graph = model.graph.unwrap_or_default();
@@ -356,7 +371,7 @@ pub fn read_initializers(
         .collect();
     let dir = path.parent().unwrap_or(Path::new("."));
     let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-    let mut out = Vec::with_capacity(names.len());
+    let mut files: std::collections::HashMap<String, File> = Default::default();
     for name in names {
         let t = by_name
             .get(name.as_str())
@@ -374,7 +389,10 @@ pub fn read_initializers(
                 .ok_or_else(|| invalid(format!("`{name}`: external data without a location")))?;
             let off: u64 = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
             let len: usize = get("length").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let mut f = File::open(dir.join(&loc))?;
+            let f = match files.entry(loc.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(File::open(dir.join(&loc))?),
+            };
             f.seek(SeekFrom::Start(off))?;
             let mut b = vec![0u8; len];
             f.read_exact(&mut b)?;
@@ -384,9 +402,9 @@ pub fn read_initializers(
         } else {
             t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
         };
-        out.push((name.clone(), dtype, t.dims.clone(), bytes));
+        f(name, dtype, &t.dims, bytes)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Writes a model protobuf to `path` atomically (for passes over an existing model; tensors

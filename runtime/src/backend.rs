@@ -129,39 +129,37 @@ impl BackendOptions {
     }
 }
 
-/// A 128-bit content hash (two independent 64-bit multiply–xorshift lanes over 8-byte words),
-/// as lowercase hex. Not cryptographic: it detects a changed or mismatched weight file.
+/// BLAKE3 of a sequence of byte strings, each length-prefixed (so `["ab","c"]` and
+/// `["a","bc"]` differ), as 64 lowercase hex digits.
 pub fn content_hash(parts: &[&[u8]]) -> String {
-    let mut h = [0x243F_6A88_85A3_08D3u64, 0x1319_8A2E_0370_7344u64];
-    let mut total = 0u64;
-    for part in parts {
-        total = total.wrapping_add(part.len() as u64);
-        let mut chunks = part.chunks_exact(8);
-        for c in &mut chunks {
-            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            h[0] = (h[0] ^ w)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .rotate_left(29);
-            h[1] = (h[1] ^ w.rotate_left(17))
-                .wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-                .rotate_left(31);
-        }
-        for (i, b) in chunks.remainder().iter().enumerate() {
-            h[i % 2] = (h[i % 2] ^ *b as u64).wrapping_mul(0x1000_0000_01B3);
-        }
-        // Part boundary, so ["ab","c"] and ["a","bc"] differ.
-        h[0] = (h[0] ^ total).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut h = PartsHasher::default();
+    for p in parts {
+        h.part(p);
     }
-    let fin = |mut x: u64| {
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        x ^ (x >> 33)
-    };
-    format!(
-        "{:016x}{:016x}",
-        fin(h[0] ^ total),
-        fin(h[1] ^ total.rotate_left(7))
-    )
+    h.finish()
+}
+
+/// Streams parts into a [`content_hash`] without holding them all: one weight at a time.
+#[derive(Default)]
+pub struct PartsHasher(blake3::Hasher);
+
+impl PartsHasher {
+    pub fn part(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    pub fn finish(&self) -> String {
+        self.0.finalize().to_hex().to_string()
+    }
+}
+
+/// BLAKE3 of a file's bytes, read in 1 MiB blocks (bundle files reach tens of GB).
+pub fn file_hash(path: &std::path::Path) -> std::io::Result<(u64, String)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let n = std::io::copy(&mut f, &mut h)?;
+    Ok((n, h.finalize().to_hex().to_string()))
 }
 
 #[cfg(test)]

@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use v2l_export::Manifest;
 
-use crate::backend::{content_hash, Backend, Precision};
+use crate::backend::{file_hash, Backend, PartsHasher, Precision};
 use crate::error::{Result, RuntimeError};
 
 pub const FILE_NAME: &str = "bundle.json";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: BLAKE3 hashes; backend rewrites (attention fusion) in the bundle's DiT graphs.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BundleFile {
@@ -61,14 +62,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
     }
 }
 
+/// Size and hash of `dir/name`, streamed (never the whole file in memory).
 fn file_entry(dir: &Path, name: &str) -> Result<BundleFile> {
     let path = dir.join(name);
-    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let (bytes, hash) = file_hash(&path).map_err(io(&path))?;
     Ok(BundleFile {
         name: name.into(),
-        bytes: bytes.len() as u64,
-        hash: content_hash(&[&bytes]),
+        bytes,
+        hash,
     })
+}
+
+/// Whether the backend's runtime gets `com.microsoft.MultiHeadAttention` (ONNX Runtime CPU and
+/// CUDA kernels that never materialise the score matrix). TensorRT keeps the plain
+/// `MatMul → Softmax → MatMul` pattern, which its builder fuses into its own attention kernel.
+pub fn fuses_attention(backend: Backend) -> bool {
+    matches!(backend, Backend::Cpu | Backend::Cuda)
 }
 
 /// Files an export directory's manifest refers to (graphs, their external data, side files).
@@ -130,20 +139,24 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                 .map(|t| format!("{}.weight", t.name))
                 .collect();
             let model = dir.join(&d.file);
-            let w = v2l_graphs::read_initializers(&model, &names).map_err(io(&model))?;
-            let parts: Vec<&[u8]> = w.iter().map(|(_, _, _, b)| b.as_slice()).collect();
-            let targets = w
-                .iter()
-                .zip(&d.lora_targets)
-                .map(|((name, dtype, _, _), t)| LoraTarget {
-                    initializer: name.clone(),
-                    shape: [t.out_features, t.in_features],
-                    dtype: dtype.to_string(),
-                })
-                .collect();
-            (content_hash(&parts), targets)
+            let mut hash = PartsHasher::default();
+            let mut targets = Vec::with_capacity(names.len());
+            let mut shapes = d.lora_targets.iter();
+            v2l_graphs::for_each_initializer(&model, &names, &mut |name, dtype, _, bytes| {
+                hash.part(&bytes);
+                if let Some(t) = shapes.next() {
+                    targets.push(LoraTarget {
+                        initializer: name.to_string(),
+                        shape: [t.out_features, t.in_features],
+                        dtype: dtype.to_string(),
+                    });
+                }
+                Ok(())
+            })
+            .map_err(io(&model))?;
+            (hash.finish(), targets)
         }
-        None => (content_hash(&[]), Vec::new()),
+        None => (PartsHasher::default().finish(), Vec::new()),
     };
     let name = out
         .file_name()
@@ -152,16 +165,18 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
     let tmp = out.with_file_name(format!(".{name}.partial{}", std::process::id()));
     let result = (|| {
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        let mut files = Vec::new();
-        for f in manifest_files(&dir, &manifest) {
-            let (from, to) = (dir.join(&f), tmp.join(&f));
-            // A hard link is instant for 20 GB models; copy across file systems.
+        let names = manifest_files(&dir, &manifest);
+        for f in &names {
+            let (from, to) = (dir.join(f), tmp.join(f));
+            // A hard link is instant for 20 GB models; copy across file systems. Rewritten
+            // graphs replace their link (write to a temporary name, rename), so the export
+            // itself is never modified.
             if std::fs::hard_link(&from, &to).is_err() {
                 std::fs::copy(&from, &to).map_err(io(&from))?;
             }
-            files.push(file_entry(&tmp, &f)?);
         }
         let mut dit_variants = std::collections::BTreeMap::new();
+        let mut variant_files = Vec::new();
         if let Some(d) = &manifest.dit {
             let names: Vec<String> = d
                 .lora_targets
@@ -173,23 +188,46 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                 path: src.clone(),
                 message: e.to_string(),
             };
+            let write = |p: &Path, model: &v2l_graphs::proto::ModelProto| {
+                v2l_graphs::write_model(p, model).map_err(|e| RuntimeError::Invalid {
+                    what: p.display().to_string(),
+                    message: e.to_string(),
+                })
+            };
+            let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;
+            if fuses_attention(backend) {
+                let heads = d
+                    .config
+                    .get("num_attention_heads")
+                    .and_then(|v| v.as_i64())
+                    .unwrap_or(0);
+                let attention = if heads > 0 {
+                    v2l_graphs::passes::fuse_attention(&mut base, heads)
+                } else {
+                    0
+                };
+                if attention + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
+                    write(&src, &base)?;
+                }
+            }
             for (variant, file) in [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")] {
-                let mut model = v2l_graphs::read_model(&src).map_err(io(&src))?;
+                let mut model = base.clone();
                 if variant == "bound" {
                     v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
                         .map_err(pass_err)?;
                 } else {
                     v2l_graphs::passes::add_lora_branches(&mut model, &names).map_err(pass_err)?;
                 }
-                let p = tmp.join(file);
-                v2l_graphs::write_model(&p, &model).map_err(|e| RuntimeError::Invalid {
-                    what: p.display().to_string(),
-                    message: e.to_string(),
-                })?;
-                files.push(file_entry(&tmp, file)?);
+                write(&tmp.join(file), &model)?;
+                variant_files.push(file.to_string());
                 dit_variants.insert(variant.to_string(), file.to_string());
             }
         }
+        let files = names
+            .iter()
+            .chain(&variant_files)
+            .map(|f| file_entry(&tmp, f))
+            .collect::<Result<Vec<_>>>()?;
         let bundle = Bundle {
             format_version: FORMAT_VERSION,
             backend,

@@ -156,6 +156,15 @@ pub struct AppliedLora {
     pub multiplier: f32,
 }
 
+/// What a stage run produced, and where its time went.
+pub struct StageRun {
+    pub outputs: BTreeMap<String, Tensor>,
+    /// Session building (graph load, optimisation, weights), in milliseconds.
+    pub load_ms: f64,
+    /// Running the component on the inputs, in milliseconds.
+    pub run_ms: f64,
+}
+
 /// Runs `stage` of the export in `dir` on `inputs`, with `lora` fused into the DiT if given.
 pub fn run_stage(
     dir: &ExportDir,
@@ -163,19 +172,22 @@ pub fn run_stage(
     inputs: &BTreeMap<String, Tensor>,
     opts: &SessionOptions,
     lora: Option<&AppliedLora>,
-) -> Result<BTreeMap<String, Tensor>> {
+) -> Result<StageRun> {
     if lora.is_some() && stage != Stage::Dit {
         return Err(RuntimeError::Invalid {
             what: format!("stage {}", stage.name()),
             message: "--lora applies to the dit stage only".into(),
         });
     }
-    match stage {
+    let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+    let t0 = std::time::Instant::now();
+    let (outputs, load_ms) = match stage {
         Stage::Dit => {
             let mut m = match lora {
                 None => dir.dit(opts)?,
                 Some(l) => dir.dit_with_lora(opts, l)?,
             };
+            let load_ms = ms(t0);
             let feed = stage
                 .inputs()
                 .iter()
@@ -186,23 +198,36 @@ pub fn run_stage(
                 what: dir.dir.display().to_string(),
                 message: "the DiT graph has no `sample` output".into(),
             })?;
-            Ok(BTreeMap::from([("sample".to_string(), sample)]))
+            (BTreeMap::from([("sample".to_string(), sample)]), load_ms)
         }
         Stage::VaeEncode => {
-            let (mean, logvar) = crate::vae::Vae::load(dir, opts)?.encode(&inputs["video"])?;
-            Ok(BTreeMap::from([
-                ("posterior_mean".to_string(), mean),
-                ("posterior_logvar".to_string(), logvar),
-            ]))
+            let mut vae = crate::vae::Vae::load(dir, opts)?;
+            let load_ms = ms(t0);
+            let (mean, logvar) = vae.encode(&inputs["video"])?;
+            (
+                BTreeMap::from([
+                    ("posterior_mean".to_string(), mean),
+                    ("posterior_logvar".to_string(), logvar),
+                ]),
+                load_ms,
+            )
         }
         Stage::VaeDecode => {
-            let sample = crate::vae::Vae::load(dir, opts)?.decode(&inputs["latents"])?;
-            Ok(BTreeMap::from([("sample".to_string(), sample)]))
+            let mut vae = crate::vae::Vae::load(dir, opts)?;
+            let load_ms = ms(t0);
+            let sample = vae.decode(&inputs["latents"])?;
+            (BTreeMap::from([("sample".to_string(), sample)]), load_ms)
         }
         Stage::Hypernet => {
-            let hw = crate::predict::Predictor::load(dir, opts)?
-                .hyper_weights(&inputs["reference_latents"])?;
-            Ok(BTreeMap::from([("hyper_weights".to_string(), hw)]))
+            let mut p = crate::predict::Predictor::load(dir, opts)?;
+            let load_ms = ms(t0);
+            let hw = p.hyper_weights(&inputs["reference_latents"])?;
+            (BTreeMap::from([("hyper_weights".to_string(), hw)]), load_ms)
         }
-    }
+    };
+    Ok(StageRun {
+        outputs,
+        load_ms,
+        run_ms: ms(t0) - load_ms,
+    })
 }

@@ -17,6 +17,10 @@ use v2l_graphs::{DType, ExternalData};
 ///   export   generate a CogVideoX-5B-shaped checkpoint (bf16, the real layer shapes of
 ///            CogVideoX-Fun-5B-InP) and time its export to ONNX with external data,
 ///            reporting peak memory: the export must not hold a copy of the model.
+///   scale    a CogVideoX-5B-shaped DiT (real config, generated weights, --layers blocks) at
+///            real sample sizes: DiT step time, whole-process time and peak RSS of
+///            `v2l-run stage dit`; with --torch-python, diffusers on the same checkpoint and
+///            inputs in the same run, the speed-up and the relative L2 between the outputs.
 ///   fuse     time the LoRA fuse kernel (W' = W + s·B·A, rank 1) on the CogVideoX-5B layer
 ///            shapes in f32, f16 and bf16, one block and the full model, against memcpy.
 #[derive(Parser)]
@@ -58,6 +62,39 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// CogVideoX-5B-shaped DiT at real sizes, against PyTorch + diffusers
+    ///
+    /// Example (the two cases of the scale issue, PyTorch alongside):
+    ///   v2l-bench scale --torch-python ~/venv/bin/python
+    ///   v2l-bench scale --frames 49 --height 480 --width 720 --json
+    Scale {
+        /// Transformer blocks (CogVideoX-5B has 42)
+        #[arg(long, default_value_t = 1)]
+        layers: usize,
+        /// Engine precision
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// Pixel frames (1 + 4k); with --height and --width replaces the default sweep
+        /// (9x256x384 and 13x480x720)
+        #[arg(long, requires_all = ["height", "width"])]
+        frames: Option<usize>,
+        #[arg(long, requires_all = ["frames", "width"])]
+        height: Option<usize>,
+        #[arg(long, requires_all = ["frames", "height"])]
+        width: Option<usize>,
+        /// Python with torch and diffusers: run the same module there too
+        #[arg(long)]
+        torch_python: Option<PathBuf>,
+        /// Threads for both v2l (ONNX Runtime intra-op) and PyTorch
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Processes per measurement (medians are reported)
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Scratch directory (the generated checkpoint is kept there and reused)
+        #[arg(long, default_value = "target/v2l-bench-scale")]
+        dir: PathBuf,
+    },
     /// Time the LoRA fuse kernel against this machine's memcpy bandwidth
     Fuse {
         /// Threads for the fuse and the memcpy (0: all cores)
@@ -91,6 +128,32 @@ fn main() -> ExitCode {
             steps,
             threads,
         } => v2l_cli::bench_pipeline::bench_pipeline(&engine, repeat, steps, threads, cli.json),
+        Command::Scale {
+            layers,
+            precision,
+            frames,
+            height,
+            width,
+            torch_python,
+            threads,
+            repeat,
+            dir,
+        } => {
+            let cases = match (frames, height, width) {
+                (Some(f), Some(h), Some(w)) => vec![(f, h, w)],
+                _ => vec![(9, 256, 384), (13, 480, 720)],
+            };
+            v2l_cli::bench_scale::bench_scale(&v2l_cli::bench_scale::ScaleBench {
+                layers,
+                precision,
+                cases,
+                torch_python,
+                threads,
+                repeat,
+                dir,
+                json: cli.json,
+            })
+        }
         Command::Fuse {
             threads,
             repeat,

@@ -127,6 +127,9 @@ enum Command {
         /// Reference tensor name for an output, as OUTPUT=REFERENCE (e.g. sample=output); repeatable
         #[arg(long = "compare-name", value_name = "OUT=REF")]
         compare_names: Vec<String>,
+        /// Print one JSON object on stdout: output shapes, session build and run time (ms)
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -169,6 +172,7 @@ fn main() -> ExitCode {
                 lora_scale,
                 compare,
                 compare_names,
+                json,
             }) => {
                 let stage = Stage::from(stage);
                 let dir = ExportDir::open(engine)?;
@@ -189,10 +193,24 @@ fn main() -> ExitCode {
                     }
                     None => None,
                 };
-                let out = run_stage(&dir, stage, &tensors, &opts, lora.as_ref())?;
+                let run = run_stage(&dir, stage, &tensors, &opts, lora.as_ref())?;
+                let out = run.outputs;
                 write_safetensors(&output, &out)?;
-                for (name, t) in &out {
-                    println!("{name} {:?}", t.shape);
+                if json {
+                    let shapes: serde_json::Map<String, serde_json::Value> = out
+                        .iter()
+                        .map(|(n, t)| (n.clone(), serde_json::json!(t.shape)))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
+                        })
+                    );
+                } else {
+                    for (name, t) in &out {
+                        println!("{name} {:?}", t.shape);
+                    }
                 }
                 if let Some(reference) = compare {
                     compare_outputs(&out, &reference, &compare_names)?;

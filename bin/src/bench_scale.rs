@@ -1,0 +1,307 @@
+//! `v2l-bench scale`: a CogVideoX-5B-shaped DiT (the real config, generated weights) at real
+//! sample sizes, run as users run it, side by side with PyTorch + diffusers.
+//!
+//! Each measurement is a separate process, so its peak RSS is its own: `v2l-run stage dit`
+//! (session build included) for v2l, `bench_scale/torch_baseline.py` for PyTorch, on the same
+//! checkpoint and the same inputs. The two outputs are compared (relative L2), so a speed-up
+//! that changed the numbers shows.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use v2l_export::{cogvideox_dit, synthetic};
+use v2l_graphs::DType;
+use v2l_runtime::{read_safetensors, write_safetensors, Tensor};
+
+use crate::Failure;
+
+/// The PyTorch side, written beside the checkpoint when `--torch-python` is given.
+const TORCH_SCRIPT: &str = include_str!("bench_scale/torch_baseline.py");
+
+/// What `v2l-bench scale` measures.
+pub struct ScaleBench {
+    pub layers: usize,
+    pub precision: String,
+    /// (pixel frames, height, width) per case.
+    pub cases: Vec<(usize, usize, usize)>,
+    pub torch_python: Option<PathBuf>,
+    pub threads: usize,
+    pub repeat: usize,
+    pub dir: PathBuf,
+    pub json: bool,
+}
+
+/// One process run: wall time, peak RSS, and its stdout.
+struct ProcRun {
+    wall_s: f64,
+    peak_rss_mb: f64,
+    stdout: String,
+}
+
+fn fail(what: impl std::fmt::Display) -> Failure {
+    Failure::new(what)
+}
+
+/// Runs `cmd` to completion, reading its peak RSS from the kernel (`wait4`).
+fn run_measured(cmd: &mut Command) -> Result<ProcRun, Failure> {
+    let shown = format!("{cmd:?}");
+    let t = Instant::now();
+    let out_file = tempfile::NamedTempFile::new().map_err(|e| fail(format!("temp file: {e}")))?;
+    let stdout = out_file
+        .reopen()
+        .map_err(|e| fail(format!("temp file: {e}")))?;
+    let child = cmd
+        .stdout(stdout)
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {shown}: {e}")))?;
+    let mut status = 0i32;
+    // SAFETY: rusage is plain data the kernel fills; the pid is our own child's.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall_s = t.elapsed().as_secs_f64();
+    if r != pid {
+        return Err(fail(format!("waiting for {shown} failed")));
+    }
+    let text = std::fs::read_to_string(out_file.path()).unwrap_or_default();
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        return Err(fail(format!(
+            "{shown} failed (status {status}); its stderr is above"
+        )));
+    }
+    Ok(ProcRun {
+        wall_s,
+        peak_rss_mb: usage.ru_maxrss as f64 * 1024.0 / 1e6,
+        stdout: text,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn last_json(stdout: &str) -> Result<serde_json::Value, Failure> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| fail(format!("no JSON line in the output:\n{stdout}")))
+}
+
+/// The CogVideoX-5B I2V config (32 input channels) with `layers` blocks.
+pub fn cogvideox_5b_config(layers: usize) -> Result<serde_json::Value, Failure> {
+    let mut c: serde_json::Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/fullscale_linear_shapes.json"))
+            .map_err(|e| fail(format!("embedded shapes: {e}")))?;
+    let mut config = c["cogvideox-fun-5b-inp"]["config"].take();
+    config["num_layers"] = layers.into();
+    config["in_channels"] = 32.into();
+    config["_class_name"] = cogvideox_dit::CLASS_NAME.into();
+    Ok(config)
+}
+
+fn sibling(name: &str) -> Result<PathBuf, Failure> {
+    let exe = std::env::current_exe().map_err(|e| fail(format!("current exe: {e}")))?;
+    let p = exe.with_file_name(name);
+    if !p.is_file() {
+        return Err(fail(format!("{} not found", p.display()))
+            .with_hint("build every binary: cargo build --release"));
+    }
+    Ok(p)
+}
+
+/// Generates (or reuses) the checkpoint, exports and compiles it.
+fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64), Failure> {
+    let config = cogvideox_5b_config(b.layers)?;
+    let ck = b.dir.join(format!("transformer-{}l", b.layers));
+    let same = std::fs::read_to_string(ck.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|c| c == config);
+    if !same {
+        log(&format!("generating {} (f32, {} blocks)", ck.display(), b.layers));
+        let _ = std::fs::remove_dir_all(&ck);
+        let cfg: cogvideox_dit::DitConfig =
+            serde_json::from_value(config.clone()).map_err(|e| fail(format!("config: {e}")))?;
+        let layout = cogvideox_dit::checkpoint_layout(&cfg);
+        synthetic::write_checkpoint(&ck, &config, &layout, DType::F32, 1, &mut |_, _| {})?;
+    }
+    let export = b.dir.join("export");
+    let engine = b.dir.join("engine");
+    for d in [&export, &engine] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    log("exporting and compiling");
+    let status = |c: &mut Command| -> Result<(), Failure> {
+        let ok = c.status().map(|s| s.success()).unwrap_or(false);
+        if ok {
+            Ok(())
+        } else {
+            Err(fail(format!("{c:?} failed")))
+        }
+    };
+    status(
+        Command::new(sibling("v2l-export")?)
+            .args(["dit"])
+            .arg(&ck)
+            .arg("-o")
+            .arg(&export)
+            .stdout(std::process::Stdio::null()),
+    )?;
+    let t = Instant::now();
+    status(
+        Command::new(sibling("v2l-compile")?)
+            .arg(&export)
+            .arg("-o")
+            .arg(&engine)
+            .args(["--backend", "cpu", "--precision", &b.precision])
+            .stdout(std::process::Stdio::null()),
+    )?;
+    Ok((ck, engine, t.elapsed().as_secs_f64()))
+}
+
+/// DiT inputs at a pixel size: batch 2 (classifier-free guidance), the full 226-token prompt.
+fn dit_inputs(cfg: &serde_json::Value, frames: usize, h: usize, w: usize) -> Vec<(String, Tensor)> {
+    let get = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
+    let (p, dh, cin, text) = (
+        get("patch_size"),
+        get("attention_head_dim"),
+        get("in_channels"),
+        get("text_embed_dim"),
+    );
+    let (lf, lh, lw) = ((frames - 1) / 4 + 1, h / 8, w / 8);
+    let (cos, sin) = v2l_runtime::rope::cogvideox_rope(
+        dh,
+        lf,
+        lh,
+        lw,
+        p,
+        get("sample_height"),
+        get("sample_width"),
+    );
+    let s = lf * (lh / p) * (lw / p);
+    vec![
+        (
+            "hidden_states".into(),
+            v2l_runtime::tensor::gaussian_noise(vec![2, lf, cin, lh, lw], 1),
+        ),
+        (
+            "encoder_hidden_states".into(),
+            v2l_runtime::tensor::gaussian_noise(vec![2, 226, text], 2),
+        ),
+        ("timestep".into(), Tensor::i64(vec![2], vec![999, 999])),
+        ("rope_cos".into(), Tensor::f32(vec![s, dh], cos)),
+        ("rope_sin".into(), Tensor::f32(vec![s, dh], sin)),
+    ]
+}
+
+pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
+    let quiet = b.json;
+    let log = |m: &str| {
+        if !quiet {
+            eprintln!("scale: {m}");
+        }
+    };
+    std::fs::create_dir_all(&b.dir).map_err(|e| fail(format!("{}: {e}", b.dir.display())))?;
+    let (ck, engine, compile_s) = prepare(b, &log)?;
+    let config = cogvideox_5b_config(b.layers)?;
+    let script = b.dir.join("torch_baseline.py");
+    if b.torch_python.is_some() {
+        std::fs::write(&script, TORCH_SCRIPT)
+            .map_err(|e| fail(format!("{}: {e}", script.display())))?;
+    }
+    let mut rows = Vec::new();
+    for &(frames, h, w) in &b.cases {
+        if frames == 0 || (frames - 1) % 4 != 0 || h % 16 != 0 || w % 16 != 0 {
+            return Err(fail(format!(
+                "case {frames}x{h}x{w}: frames must be 1 + 4k, height and width multiples of 16"
+            )));
+        }
+        let case = b.dir.join(format!("dit-{frames}x{h}x{w}"));
+        std::fs::create_dir_all(&case).map_err(|e| fail(format!("{}: {e}", case.display())))?;
+        let inputs = case.join("inputs.safetensors");
+        let feed = dit_inputs(&config, frames, h, w);
+        let tokens = 226 + feed[3].1.shape[0];
+        write_safetensors(&inputs, &feed.into_iter().collect())?;
+        let out = case.join("v2l.safetensors");
+        let (mut ms, mut load, mut wall, mut rss) = (vec![], vec![], vec![], vec![]);
+        for i in 0..b.repeat.max(1) {
+            log(&format!(
+                "{frames}x{h}x{w} ({tokens} tokens): v2l run {}/{}",
+                i + 1,
+                b.repeat.max(1)
+            ));
+            let r = run_measured(
+                Command::new(sibling("v2l-run")?)
+                    .arg("--engine")
+                    .arg(&engine)
+                    .args(["--threads", &b.threads.to_string(), "stage", "dit", "--json"])
+                    .arg("--inputs")
+                    .arg(&inputs)
+                    .arg("-o")
+                    .arg(&out),
+            )?;
+            let j = last_json(&r.stdout)?;
+            ms.push(j["run_ms"].as_f64().unwrap_or(f64::NAN));
+            load.push(j["load_ms"].as_f64().unwrap_or(f64::NAN) / 1e3);
+            wall.push(r.wall_s);
+            rss.push(r.peak_rss_mb);
+        }
+        let mut row = serde_json::json!({
+            "layers": b.layers, "precision": b.precision, "frames": frames, "height": h,
+            "width": w, "tokens": tokens, "ms": median(ms), "process_s": median(wall),
+            "peak_rss_mb": median(rss), "load_s": median(load), "lora_switch_ms": null,
+            "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
+        });
+        if let Some(py) = &b.torch_python {
+            log(&format!("{frames}x{h}x{w}: PyTorch"));
+            let tout = case.join("torch.safetensors");
+            let r = run_measured(
+                Command::new(py)
+                    .arg(&script)
+                    .arg("dit")
+                    .arg(&ck)
+                    .arg(&inputs)
+                    .arg(&tout)
+                    .args(["--threads", &b.threads.to_string()])
+                    .args(["--repeat", &b.repeat.max(1).to_string()]),
+            )?;
+            let j = last_json(&r.stdout)?;
+            row["torch_ms"] = j["ms"].clone();
+            row["torch_peak_rss_mb"] = r.peak_rss_mb.into();
+            let a = read_safetensors(&out)?;
+            let t = read_safetensors(&tout)?;
+            if let (Some(a), Some(t)) = (a.get("sample"), t.get("sample")) {
+                row["rel_l2_vs_torch"] = a.rel_l2(t).into();
+            }
+        }
+        if !b.json {
+            print_row(&row);
+        }
+        rows.push(row);
+    }
+    if b.json {
+        println!(
+            "{}",
+            serde_json::json!({"dit": rows, "vae": [], "compile_s": compile_s, "threads": b.threads})
+        );
+    }
+    Ok(())
+}
+
+fn print_row(r: &serde_json::Value) {
+    let f = |k: &str| r[k].as_f64().map(|v| format!("{v:.1}")).unwrap_or("-".into());
+    let ratio = match (r["ms"].as_f64(), r["torch_ms"].as_f64()) {
+        (Some(a), Some(b)) => format!("{:.2}x", b / a),
+        _ => "-".into(),
+    };
+    println!(
+        "DiT {}L {} {}x{}x{} ({} tokens): v2l step {} ms, process {} s, peak {} MB | torch {} ms, peak {} MB | speed-up {ratio}, rel L2 {}",
+        r["layers"], r["precision"].as_str().unwrap_or(""), r["frames"], r["height"], r["width"], r["tokens"],
+        f("ms"), f("process_s"), f("peak_rss_mb"), f("torch_ms"), f("torch_peak_rss_mb"),
+        r["rel_l2_vs_torch"].as_f64().map(|v| format!("{v:.2e}")).unwrap_or("-".into()),
+    );
+}
+

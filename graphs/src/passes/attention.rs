@@ -1,0 +1,213 @@
+//! Attention fusion: the exported `MatMul → Mul → Softmax → MatMul` becomes ONNX Runtime's
+//! `com.microsoft.MultiHeadAttention`, whose CPU and CUDA kernels never materialise the
+//! `[B, heads, S, S]` score matrix (flash-style tiling). At CogVideoX-5B width and 13 frames of
+//! 480×720 the plain form needs ~24 GB for scores and probabilities; the fused one ~1 GB.
+//!
+//! The exporter keeps the plain, portable form (TensorRT's parser fuses it by itself); this
+//! pass is what `v2l-compile` applies for ONNX Runtime backends. It matches exactly what
+//! `v2l-export` emits for an attention block:
+//!
+//! ```text
+//! q, k, v [B,H,S,Dh] ─ Transpose(k,0132) ─ MatMul(q,·) ─ Mul(scale) ─ Softmax(-1) ─ MatMul(·,v)
+//!                     ─ Transpose(0213) ─ Reshape([0,0,D])  ⇒  out [B,S,D]
+//! ```
+//!
+//! and rewrites it as `Transpose(0213) ─ Reshape([0,0,D])` of each of q, k, v feeding
+//! `MultiHeadAttention(q, k, v)`. All three go in as `[B,S,D]`: ONNX Runtime 1.31's CPU kernel
+//! takes its flash path only then (key and value given as BNSH select the unfused path, which
+//! allocates `B·heads·S²` probabilities: 12 GB at 5,626 tokens).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::builder::Attr;
+use crate::proto::{self, ModelProto, NodeProto};
+
+/// ONNX Runtime's contrib-op domain.
+pub const MS_DOMAIN: &str = "com.microsoft";
+
+fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+fn attr_ints<'a>(n: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.ints.as_slice())
+}
+
+/// The value of a scalar f32 initializer.
+fn scalar_f32(t: &proto::TensorProto) -> Option<f32> {
+    if t.data_type != crate::DType::F32.onnx_code() || t.dims.iter().product::<i64>() != 1 {
+        return None;
+    }
+    match (t.raw_data.as_slice(), t.float_data.first()) {
+        ([a, b, c, d], _) => Some(f32::from_le_bytes([*a, *b, *c, *d])),
+        (_, Some(v)) => Some(*v),
+        _ => None,
+    }
+}
+
+fn i64s(t: &proto::TensorProto) -> Vec<i64> {
+    t.raw_data
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
+}
+
+/// One matched attention: node indices and the tensors the fused node needs.
+struct Match {
+    remove: [usize; 6],
+    reshape: usize,
+    q: String,
+    k: String,
+    v: String,
+    scale: f32,
+    shape: String,
+}
+
+/// Rewrites every attention of the pattern above; returns how many were fused.
+///
+/// `num_heads` is the model's head count (the exported graph's shapes are dynamic, so it
+/// comes from the checkpoint config). A pattern whose `Reshape` target is not a multiple of
+/// `num_heads` is left alone.
+pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let inits: HashMap<&str, &proto::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for o in &n.output {
+            producer.insert(o.as_str(), i);
+        }
+        for x in &n.input {
+            consumers.entry(x.as_str()).or_default().push(i);
+        }
+    }
+    let nodes = &graph.node;
+    let op = |i: usize, t: &str| nodes.get(i).filter(|n| n.op_type == t && n.domain.is_empty());
+    let from = |name: &str, t: &str| producer.get(name).copied().and_then(|i| op(i, t).map(|n| (i, n)));
+    let only_use = |name: &str, t: &str| match consumers.get(name).map(Vec::as_slice) {
+        Some([i]) => op(*i, t).map(|n| (*i, n)),
+        _ => None,
+    };
+    let mut found = Vec::new();
+    for (si, s) in nodes.iter().enumerate() {
+        if op(si, "Softmax").is_none() || attr_i(s, "axis") != Some(-1) {
+            continue;
+        }
+        let m = (|| {
+            let (mi, mul) = from(s.input.first()?, "Mul")?;
+            only_use(mul.output.first()?, "Softmax")?;
+            // Mul(scores, scale) with the scale a scalar initializer.
+            let (scores, scale_init) = match (inits.get(mul.input.get(1)?.as_str()), inits.get(mul.input.first()?.as_str())) {
+                (Some(t), _) => (mul.input.first()?, t),
+                (None, Some(t)) => (mul.input.get(1)?, t),
+                _ => return None,
+            };
+            let scale = scalar_f32(scale_init)?;
+            let (qi, qk) = from(scores, "MatMul")?;
+            only_use(qk.output.first()?, "Mul")?;
+            let (ti, kt) = from(qk.input.get(1)?, "Transpose")?;
+            only_use(kt.output.first()?, "MatMul")?;
+            if attr_ints(kt, "perm") != Some(&[0, 1, 3, 2]) {
+                return None;
+            }
+            let (pi, pv) = only_use(s.output.first()?, "MatMul")?;
+            if pv.input.first() != s.output.first() {
+                return None;
+            }
+            let (oi, ot) = only_use(pv.output.first()?, "Transpose")?;
+            if attr_ints(ot, "perm") != Some(&[0, 2, 1, 3]) {
+                return None;
+            }
+            let (ri, r) = only_use(ot.output.first()?, "Reshape")?;
+            let shape = r.input.get(1)?;
+            let target = i64s(inits.get(shape.as_str())?);
+            if !matches!(target.as_slice(), [0, 0, d] if *d > 0 && d % num_heads == 0) {
+                return None;
+            }
+            Some(Match {
+                remove: [ti, qi, mi, si, pi, oi],
+                reshape: ri,
+                q: qk.input.first()?.clone(),
+                k: kt.input.first()?.clone(),
+                v: pv.input.get(1)?.clone(),
+                scale,
+                shape: shape.clone(),
+            })
+        })();
+        found.extend(m);
+    }
+    if found.is_empty() {
+        return 0;
+    }
+    let count = found.len();
+    let mut removed: HashSet<usize> = HashSet::new();
+    let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    for m in found {
+        removed.extend(m.remove);
+        let r = &graph.node[m.reshape];
+        let base = r.name.rsplit_once('/').map(|(p, _)| p).unwrap_or(&r.name).to_string();
+        let node = |op: &str, name: String, input: Vec<String>, output: String, attribute| NodeProto {
+            input,
+            output: vec![output],
+            name,
+            op_type: op.into(),
+            attribute,
+            ..Default::default()
+        };
+        // [B,H,S,Dh] -> [B,S,H,Dh] -> [B,S,D] for each of q, k, v.
+        let mut new = Vec::with_capacity(7);
+        let mut bsd = Vec::with_capacity(3);
+        for (t, x) in [("query", m.q), ("key", m.k), ("value", m.v)] {
+            let (bsnh, out) = (format!("{base}/mha_{t}_bsnh:0"), format!("{base}/mha_{t}:0"));
+            new.push(node(
+                "Transpose",
+                format!("{base}/mha_{t}_transpose"),
+                vec![x],
+                bsnh.clone(),
+                vec![crate::builder::attr_proto("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            ));
+            new.push(node(
+                "Reshape",
+                format!("{base}/mha_{t}_reshape"),
+                vec![bsnh, m.shape.clone()],
+                out.clone(),
+                vec![],
+            ));
+            bsd.push(out);
+        }
+        let mut mha = node(
+            "MultiHeadAttention",
+            format!("{base}/MultiHeadAttention"),
+            bsd,
+            r.output.first().cloned().unwrap_or_default(),
+            vec![
+                crate::builder::attr_proto("num_heads", Attr::Int(num_heads)),
+                crate::builder::attr_proto("scale", Attr::Float(m.scale)),
+            ],
+        );
+        mha.domain = MS_DOMAIN.into();
+        new.push(mha);
+        replace.insert(m.reshape, new);
+    }
+    let old = std::mem::take(&mut graph.node);
+    for (i, n) in old.into_iter().enumerate() {
+        if let Some(new) = replace.remove(&i) {
+            graph.node.extend(new);
+        } else if !removed.contains(&i) {
+            graph.node.push(n);
+        }
+    }
+    // The scale constants are now attributes.
+    super::drop_unused_initializers(graph);
+    super::import_ms_domain(model);
+    count
+}

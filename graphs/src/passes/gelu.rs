@@ -1,0 +1,151 @@
+//! GELU fusion: the exported tanh-approximated GELU (nine elementwise nodes, each writing a
+//! tensor the size of the feed-forward activation) becomes one `com.microsoft.FastGelu`, the
+//! same formula in one pass over memory. At CogVideoX-5B width the nine nodes cost ~0.6 s of a
+//! 5 s block step at 1,378 tokens (first-touch of eight 135 MB intermediates); the fused op ~30 ms.
+//!
+//! Matches what `Graph::gelu_tanh` emits, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`:
+//!
+//! ```text
+//! Mul(x,x) → Mul(·,x) → Mul(·,c) → Add(x,·) → Mul(·,k) → Tanh → Add(·,1) ─┐
+//! Mul(x,0.5) ───────────────────────────────────────────────────────────── Mul → y
+//! ```
+
+use std::collections::{HashMap, HashSet};
+
+use super::attention::MS_DOMAIN;
+use crate::proto::{self, ModelProto, NodeProto};
+
+fn scalar(inits: &HashMap<&str, &proto::TensorProto>, name: &str) -> Option<f32> {
+    let t = inits.get(name)?;
+    if t.data_type != crate::DType::F32.onnx_code() || t.dims.iter().product::<i64>() != 1 {
+        return None;
+    }
+    match (t.raw_data.as_slice(), t.float_data.first()) {
+        ([a, b, c, d], _) => Some(f32::from_le_bytes([*a, *b, *c, *d])),
+        (_, Some(v)) => Some(*v),
+        _ => None,
+    }
+}
+
+/// Rewrites every tanh-GELU of the exported form; returns how many were fused.
+pub fn fuse_gelu(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let inits: HashMap<&str, &proto::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for o in &n.output {
+            producer.insert(o.as_str(), i);
+        }
+        for x in &n.input {
+            *uses.entry(x.as_str()).or_default() += 1;
+        }
+    }
+    let nodes = &graph.node;
+    let near = |v: Option<f32>, want: f32| v.is_some_and(|v| (v - want).abs() <= 1e-6 * want.abs());
+    // The producer of `name` if it is a default-domain `op` whose output nothing else reads.
+    let inner = |name: &str, op: &str| -> Option<(usize, &NodeProto)> {
+        let i = *producer.get(name)?;
+        let n = nodes.get(i)?;
+        (n.op_type == op && n.domain.is_empty() && uses.get(name) == Some(&1)).then_some((i, n))
+    };
+    // Splits a binary node's inputs into (the non-constant one, the scalar constant).
+    let with_const = |n: &NodeProto| -> Option<(String, Option<f32>)> {
+        let (a, b) = (n.input.first()?, n.input.get(1)?);
+        match (scalar(&inits, a), scalar(&inits, b)) {
+            (None, c @ Some(_)) => Some((a.clone(), c)),
+            (c @ Some(_), None) => Some((b.clone(), c)),
+            _ => None,
+        }
+    };
+    let k = (2.0f64 / std::f64::consts::PI).sqrt() as f32;
+    let mut fused: Vec<(usize, Vec<usize>, String, String)> = Vec::new();
+    for (yi, y) in nodes.iter().enumerate() {
+        if y.op_type != "Mul" || !y.domain.is_empty() || y.input.len() != 2 {
+            continue;
+        }
+        let m = (|| {
+            // One side is x·0.5, the other 1 + tanh(...).
+            let (hi, h, ti, t1) = match (inner(&y.input[0], "Mul"), inner(&y.input[1], "Add")) {
+                (Some(h), Some(t)) => (h.0, h.1, t.0, t.1),
+                _ => match (inner(&y.input[1], "Mul"), inner(&y.input[0], "Add")) {
+                    (Some(h), Some(t)) => (h.0, h.1, t.0, t.1),
+                    _ => return None,
+                },
+            };
+            let (x, half) = with_const(h)?;
+            let (tanh_out, one) = with_const(t1)?;
+            if !near(half, 0.5) || !near(one, 1.0) {
+                return None;
+            }
+            let (tni, tn) = inner(&tanh_out, "Tanh")?;
+            let (ki, km) = inner(tn.input.first()?, "Mul")?;
+            let (sum, kc) = with_const(km)?;
+            if !near(kc, k) {
+                return None;
+            }
+            let (ai, add) = inner(&sum, "Add")?;
+            let cx3 = match (add.input.first(), add.input.get(1)) {
+                (Some(a), Some(b)) if *a == x => b.clone(),
+                (Some(a), Some(b)) if *b == x => a.clone(),
+                _ => return None,
+            };
+            let (ci, cm) = inner(&cx3, "Mul")?;
+            let (x3, c) = with_const(cm)?;
+            if !near(c, 0.044715) {
+                return None;
+            }
+            let (x3i, x3n) = inner(&x3, "Mul")?;
+            let x2 = match (x3n.input.first(), x3n.input.get(1)) {
+                (Some(a), Some(b)) if *b == x => a.clone(),
+                (Some(a), Some(b)) if *a == x => b.clone(),
+                _ => return None,
+            };
+            let (x2i, x2n) = inner(&x2, "Mul")?;
+            if x2n.input.iter().any(|i| *i != x) {
+                return None;
+            }
+            let gone = vec![hi, ti, tni, ki, ai, ci, x3i, x2i];
+            Some((yi, gone, x, y.output.first()?.clone()))
+        })();
+        fused.extend(m);
+    }
+    if fused.is_empty() {
+        return 0;
+    }
+    let count = fused.len();
+    let removed: HashSet<usize> = fused.iter().flat_map(|f| f.1.iter().copied()).collect();
+    let mut replace: HashMap<usize, NodeProto> = HashMap::new();
+    for (yi, _, x, out) in fused {
+        let name = &graph.node[yi].name;
+        let base = name.rsplit_once('/').map(|(p, _)| p).unwrap_or(name);
+        replace.insert(
+            yi,
+            NodeProto {
+                input: vec![x],
+                output: vec![out],
+                name: format!("{base}/FastGelu"),
+                op_type: "FastGelu".into(),
+                domain: MS_DOMAIN.into(),
+                ..Default::default()
+            },
+        );
+    }
+    let old = std::mem::take(&mut graph.node);
+    for (i, n) in old.into_iter().enumerate() {
+        if let Some(new) = replace.remove(&i) {
+            graph.node.push(new);
+        } else if !removed.contains(&i) {
+            graph.node.push(n);
+        }
+    }
+    super::drop_unused_initializers(graph);
+    super::import_ms_domain(model);
+    count
+}
