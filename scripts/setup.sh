@@ -35,6 +35,17 @@ with zipfile.ZipFile(wheel) as z:
 PY
 fi
 
+# The onnx checker, for the one test that validates every written graph with
+# onnx.checker.check_model(full_check=True). The product itself needs no Python.
+ONNX_VERSION="${V2L_ONNX_VERSION:-1.23.2}"
+if [ -x .v2l/py/bin/python ] && .v2l/py/bin/python -c "import onnx" 2>/dev/null; then
+  echo "setup: onnx checker present in .v2l/py"
+else
+  echo "setup: installing onnx==$ONNX_VERSION into .v2l/py (test-only)"
+  python3 -m venv .v2l/py
+  .v2l/py/bin/python -m pip install --quiet "onnx==$ONNX_VERSION"
+fi
+
 # valgrind and a C compiler: the C ABI tests build examples/c and run it under valgrind.
 for tool in valgrind cc; do
   if ! command -v "$tool" >/dev/null; then

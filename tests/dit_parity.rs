@@ -84,3 +84,36 @@ fn dit_of_another_shape_exports_and_runs() {
     assert_eq!(out["sample"].shape, vec![1, 3, 8, 6, 10]);
     assert_finite("sample", &out["sample"]);
 }
+
+/// The graph `v2l-compile` gives ONNX Runtime: attention as `com.microsoft.MultiHeadAttention`
+/// (no score matrix) and GELU as `com.microsoft.FastGelu`, still what diffusers computes.
+#[test]
+fn dit_with_fused_attention_and_gelu_matches_diffusers() {
+    let ck = Checkpoint::open_dir(&tiny().join("transformer")).unwrap();
+    let ex = cogvideox_dit::export(&ck, &Default::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dit.onnx");
+    save(&ex.graph, &path, ExternalData::Auto).unwrap();
+    let mut m = v2l_graphs::read_model(&path).unwrap();
+    let heads = ex.config.num_attention_heads as i64;
+    assert_eq!(v2l_graphs::passes::fuse_attention(&mut m, heads), 2, "one per block");
+    assert_eq!(v2l_graphs::passes::fuse_gelu(&mut m), 2, "one per block");
+    let ops: Vec<&str> = m.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+    assert!(!ops.contains(&"Softmax") && !ops.contains(&"Tanh"), "{ops:?}");
+    // A second pass finds nothing left to fuse.
+    assert_eq!(v2l_graphs::passes::fuse_attention(&mut m, heads), 0);
+    assert_eq!(v2l_graphs::passes::fuse_gelu(&mut m), 0);
+    let fused = dir.path().join("dit_fused.onnx");
+    v2l_graphs::write_model(&fused, &m).unwrap();
+
+    let io = load("dit_io.safetensors");
+    let inputs = pick(
+        &io,
+        &["hidden_states", "encoder_hidden_states", "timestep", "rope_cos", "rope_sin"],
+    );
+    let out = Model::load(&fused, &SessionOptions::default())
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    assert_close("fused dit sample", &out["sample"], &io["output"], 1e-5);
+}

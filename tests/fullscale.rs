@@ -49,7 +49,7 @@ fn cogvideox_5b_width_exports_and_loads() {
         .collect();
     assert_eq!(ours, real);
 
-    // f32 weights of two blocks exceed 1 GiB: the writer must switch to external data.
+    // f32 weights of two blocks exceed 64 MiB: the writer must switch to external data.
     let path = dir.path().join("dit.onnx");
     let written = save(&ex.graph, &path, ExternalData::Auto).unwrap();
     assert!(

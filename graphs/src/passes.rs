@@ -2,9 +2,8 @@
 //!
 //! [`fuse_attention`] and [`fuse_gelu`] (`passes/attention.rs`, `passes/gelu.rs`) are the backend
 //! rewrites `v2l-compile` applies for ONNX Runtime. The other two serve the LoRA strategies that avoid rebuilding a session per LoRA:
-//! - [`bind_weights_as_inputs`]: the LoRA-targetable weights also become graph inputs. Since
-//!   ONNX IR 4 an initializer that is also an input is that input's default, so a runtime can
-//!   pass fused weights per request, and the initializer still holds the base.
+//! - [`bind_weights_as_inputs`]: the LoRA-targetable weights become graph inputs, so a runtime
+//!   passes (fused) weights per request; the base stays in the main graph's weight file.
 //! - [`add_lora_branches`]: every `Gemm` consuming a targeted weight gets a parallel low-rank
 //!   branch `y += s·(x·Aᵀ)·Bᵀ` whose `A [r, in]`, `B [out, r]` and `s [1]` are graph inputs, so
 //!   weights stay untouched and the LoRA is just data.
@@ -76,7 +75,11 @@ pub enum PassError {
     NotGemm(String),
 }
 
-/// Declares the named initializers as graph inputs as well (their values become defaults).
+/// Turns the named initializers into required graph inputs (the initializers are removed).
+///
+/// Why removed, not kept as defaults: ONNX Runtime would load the defaults into memory beside
+/// the weights the runtime binds, one more copy of every targeted weight. The base values stay
+/// in the main graph's weight file, which the runtime memory-maps.
 pub fn bind_weights_as_inputs(model: &mut ModelProto, names: &[String]) -> Result<(), PassError> {
     let graph = model.graph.get_or_insert_with(Default::default);
     let inits: HashMap<&str, &proto::TensorProto> = graph
@@ -93,6 +96,8 @@ pub fn bind_weights_as_inputs(model: &mut ModelProto, names: &[String]) -> Resul
         new_inputs.push(io(n, dtype, t.dims.iter().map(|&d| Ok(d)).collect()));
     }
     graph.input.extend(new_inputs);
+    let bound: std::collections::HashSet<&String> = names.iter().collect();
+    graph.initializer.retain(|t| !bound.contains(&t.name));
     Ok(())
 }
 

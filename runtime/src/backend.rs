@@ -154,14 +154,6 @@ impl PartsHasher {
     }
 }
 
-/// BLAKE3 of a file's bytes, read in 1 MiB blocks (bundle files reach tens of GB).
-pub fn file_hash(path: &std::path::Path) -> std::io::Result<(u64, String)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = blake3::Hasher::new();
-    let n = std::io::copy(&mut f, &mut h)?;
-    Ok((n, h.finalize().to_hex().to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +205,6 @@ mod tests {
         assert_eq!(x, content_hash(&[b"abcdefghij"]));
         assert_ne!(x, content_hash(&[b"abcdefghik"]));
         assert_ne!(content_hash(&[b"ab", b"c"]), content_hash(&[b"a", b"bc"]));
-        assert_eq!(x.len(), 32);
+        assert_eq!(x.len(), 64);
     }
 }

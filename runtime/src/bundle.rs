@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use v2l_export::Manifest;
 
-use crate::backend::{file_hash, Backend, PartsHasher, Precision};
+use crate::backend::{Backend, PartsHasher, Precision};
 use crate::error::{Result, RuntimeError};
 
 pub const FILE_NAME: &str = "bundle.json";
@@ -60,6 +60,45 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
         path: path.into(),
         source,
     }
+}
+
+/// Files up to this size are hashed whole on every load; bigger ones (multi-GB weights) by
+/// [`SAMPLES`] blocks spread over the file, so loading a 20 GB engine does not read 20 GB.
+const FULL_HASH_MAX: u64 = 256 << 20;
+const SAMPLES: u64 = 64;
+const SAMPLE_BYTES: u64 = 1 << 20;
+
+/// BLAKE3 of a file: all of it up to [`FULL_HASH_MAX`], else its length and [`SAMPLES`] evenly
+/// spaced blocks (first and last included). A sampled hash catches a swapped, truncated or
+/// re-exported weight file; it can miss an edit that touches no sampled block.
+fn file_hash(path: &Path) -> std::io::Result<(u64, String)> {
+    file_hash_with(path, FULL_HASH_MAX, SAMPLES, SAMPLE_BYTES)
+}
+
+fn file_hash_with(
+    path: &Path,
+    full_max: u64,
+    samples: u64,
+    sample_bytes: u64,
+) -> std::io::Result<(u64, String)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = blake3::Hasher::new();
+    if len <= full_max.max(sample_bytes * samples) {
+        let n = std::io::copy(&mut f, &mut h)?;
+        return Ok((n, h.finalize().to_hex().to_string()));
+    }
+    h.update(&len.to_le_bytes());
+    let mut block = vec![0u8; sample_bytes as usize];
+    let stride = (len - sample_bytes) / (samples - 1).max(1);
+    for i in 0..samples {
+        let at = if i + 1 == samples { len - sample_bytes } else { i * stride };
+        f.seek(SeekFrom::Start(at))?;
+        f.read_exact(&mut block)?;
+        h.update(&block);
+    }
+    Ok((len, format!("sampled:{}", h.finalize().to_hex())))
 }
 
 /// Size and hash of `dir/name`, streamed (never the whole file in memory).
@@ -322,4 +361,31 @@ pub fn session_options(
         None => Default::default(),
     };
     crate::session::SessionOptions { threads, backend }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_files_are_hashed_by_samples_that_see_swaps_and_truncation() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("w.data");
+        let bytes: Vec<u8> = (0..100_000u32).flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&p, &bytes).unwrap();
+        let hash = |p: &Path| file_hash_with(p, 1000, 8, 64).unwrap();
+        let (n, h) = hash(&p);
+        assert_eq!(n, bytes.len() as u64);
+        assert!(h.starts_with("sampled:"), "{h}");
+        // The first and last blocks are sampled; a truncated file changes the length.
+        for (at, len) in [(0, bytes.len()), (bytes.len() - 1, bytes.len()), (0, bytes.len() - 4)] {
+            let mut b = bytes[..len].to_vec();
+            b[at.min(len - 1)] ^= 1;
+            std::fs::write(&p, &b).unwrap();
+            assert_ne!(hash(&p).1, h, "change at {at}, length {len}");
+        }
+        // Small files are hashed whole: any byte counts.
+        let (_, small) = file_hash_with(&p, u64::MAX, 8, 64).unwrap();
+        assert!(!small.starts_with("sampled:"));
+    }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ort::session::Session;
-use ort::value::{DynValue, Tensor as OrtTensor, ValueType};
+use ort::value::{DynValue, DynValueRef, Tensor as OrtTensor, TensorRef, ValueType};
 
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
@@ -122,27 +122,41 @@ impl Model {
     }
 
     /// Runs the model. Every graph input must be given (here or as a fixed input); all outputs
-    /// are returned.
+    /// are returned. Inputs are passed to ONNX Runtime by reference, not copied.
     pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        self.run_with(inputs, &[])
+    }
+
+    /// [`Model::run`] with more f32 inputs borrowed for this call only, as `(name, shape, data)`:
+    /// how the `bound` LoRA strategy passes its live weights without a second copy.
+    pub fn run_with(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        borrowed: &[(&str, &[usize], &[f32])],
+    ) -> Result<BTreeMap<String, Tensor>> {
         let ctx = self.path.display().to_string();
         let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> =
-            Vec::with_capacity(self.inputs.len());
+            Vec::with_capacity(self.inputs.len() + borrowed.len());
         for name in &self.inputs {
             if let Some(t) = inputs.get(name) {
-                values.push((
-                    name.clone(),
-                    to_ort(t)
-                        .map_err(ort_err(format!("{ctx}: input `{name}`")))?
-                        .into(),
-                ));
+                let v = view(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?;
+                values.push((name.clone(), v.into()));
             } else if let Some(v) = self.fixed.get(name) {
                 values.push((name.clone(), v.into()));
+            } else if borrowed.iter().any(|(n, _, _)| n == name) {
+                continue;
             } else {
                 return Err(RuntimeError::Invalid {
                     what: ctx.clone(),
                     message: format!("input `{name}` was not given"),
                 });
             }
+        }
+        for (name, shape, data) in borrowed {
+            let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            let v = TensorRef::from_array_view((s, *data))
+                .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
+            values.push((name.to_string(), v.into_dyn().into()));
         }
         // ORT lists initializers that are also graph inputs (overridable weights) apart from
         // the inputs; they are fed by name all the same.
@@ -161,6 +175,16 @@ impl Model {
         }
         Ok(result)
     }
+}
+
+/// `t` as an ONNX Runtime value borrowing its data.
+fn view(t: &Tensor) -> ort::Result<DynValueRef<'_>> {
+    let s: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    Ok(match &t.data {
+        Data::F32(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
+        Data::I64(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
+        Data::U8(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
+    })
 }
 
 fn to_ort(t: &Tensor) -> ort::Result<DynValue> {

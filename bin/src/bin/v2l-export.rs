@@ -86,8 +86,8 @@ struct OutputArgs {
     /// Output directory (created if missing)
     #[arg(short, long)]
     output: PathBuf,
-    /// Put weights in a side file `<model>.onnx.data`: `auto` does so above 1 GiB
-    /// (protobuf cannot hold more than 2 GiB)
+    /// Put weights in a side file `<model>.onnx.data`: `auto` does so above 64 MiB
+    /// (protobuf holds at most 2 GiB, and ONNX Runtime loads external weights faster)
     #[arg(long, value_enum, default_value = "auto")]
     external_data: External,
 }

@@ -3,7 +3,7 @@
 //! | strategy | how | switch cost | step cost |
 //! |---|---|---|---|
 //! | `fused` | a new ORT session whose initializers are `W + s·B·A` | a session build | base |
-//! | `bound` | one session of `dit_bound.onnx`; targeted weights are inputs, fused weights bound once per LoRA | a fuse of touched layers | weights not constant-folded/prepacked |
+//! | `bound` | one session of `dit_bound.onnx`; targeted weights are inputs, passed by reference from the one live copy on every run (the base stays memory-mapped in the weight file) | a fuse of touched layers | weights not constant-folded/prepacked |
 //! | `unfused` | one session of `dit_unfused.onnx`; a branch `s·(x·Aᵀ)·Bᵀ` per layer, factors as inputs | copying the factors | one low-rank branch per layer |
 //!
 //! `bench pipeline` measures them; README says which backend uses which by default and why.
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use v2l_export::LinearInfo;
 
 use super::apply::match_targets;
-use super::switch::{Buffer, SwitchableWeights};
+use super::switch::{BaseWeights, Buffer, SwitchableWeights};
 use crate::error::{Result, RuntimeError};
 use crate::session::{Model, SessionOptions};
 use crate::stage::{AppliedLora, ExportDir};
@@ -83,7 +83,6 @@ impl DitRunner {
         let model = match strategy {
             Strategy::Fused => dir.dit(opts)?,
             Strategy::Bound => {
-                let mut m = Model::load(&variant(dir, "bound")?, opts)?;
                 let e = dir
                     .manifest
                     .dit
@@ -92,39 +91,9 @@ impl DitRunner {
                         what: "engine".into(),
                         message: "no DiT".into(),
                     })?;
-                let names: Vec<String> = targets
-                    .iter()
-                    .map(|t| format!("{}.weight", t.name))
-                    .collect();
-                let path = dir.dir.join(&e.file);
-                let base = v2l_graphs::read_initializers(&path, &names).map_err(|source| {
-                    RuntimeError::Io {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                let mut bufs = Vec::with_capacity(base.len());
-                for (t, (name, dtype, _, bytes)) in targets.iter().zip(base) {
-                    if dtype != v2l_graphs::DType::F32 {
-                        return Err(RuntimeError::Invalid {
-                            what: name,
-                            message: format!("bound weights need f32, found {dtype}"),
-                        });
-                    }
-                    bufs.push((
-                        t.clone(),
-                        Buffer::F32(
-                            bytes
-                                .chunks_exact(4)
-                                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                                .collect(),
-                        ),
-                    ));
-                }
-                let sw = SwitchableWeights::new(bufs);
-                m.set_fixed_inputs(targets.iter().map(|t| live_tensor(&sw, t)).collect())?;
+                let sw = SwitchableWeights::from_base(mapped_base(&dir.dir.join(&e.file), &targets)?);
                 weights = Some(sw);
-                m
+                Model::load(&variant(dir, "bound")?, opts)?
             }
             Strategy::Unfused => {
                 let mut m = Model::load(&variant(dir, "unfused")?, opts)?;
@@ -156,17 +125,9 @@ impl DitRunner {
                     what: "bound".into(),
                     message: "no weights".into(),
                 })?;
-                let changed =
-                    sw.apply(lora.map(|l| (&l.lora, l.multiplier, l.source.as_path())))?;
-                let by_name: BTreeMap<&str, &LinearInfo> =
-                    self.targets.iter().map(|t| (t.name.as_str(), t)).collect();
-                let sw = &*sw;
-                let fixed = changed
-                    .iter()
-                    .filter_map(|n| by_name.get(n.as_str()))
-                    .map(|t| live_tensor(sw, t))
-                    .collect();
-                self.model.set_fixed_inputs(fixed)?;
+                // The session reads the live weights by reference on every run, so
+                // rewriting them is the whole switch.
+                sw.apply(lora.map(|l| (&l.lora, l.multiplier, l.source.as_path())))?;
             }
             Strategy::Unfused => {
                 let mut fixed: BTreeMap<String, Tensor> =
@@ -195,17 +156,85 @@ impl DitRunner {
     }
 
     pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
-        self.model.run(inputs)
+        let Some(sw) = &self.weights else {
+            return self.model.run(inputs);
+        };
+        let names: Vec<String> = self.targets.iter().map(|t| format!("{}.weight", t.name)).collect();
+        let shapes: Vec<[usize; 2]> = self
+            .targets
+            .iter()
+            .map(|t| [t.out_features, t.in_features])
+            .collect();
+        let mut bound = Vec::with_capacity(names.len());
+        for ((t, name), shape) in self.targets.iter().zip(&names).zip(&shapes) {
+            let Some(Buffer::F32(v)) = sw.live(&t.name) else {
+                return Err(RuntimeError::Invalid {
+                    what: name.clone(),
+                    message: "bound weights need f32".into(),
+                });
+            };
+            bound.push((name.as_str(), &shape[..], v.as_slice()));
+        }
+        self.model.run_with(inputs, &bound)
     }
 }
 
-fn live_tensor(sw: &SwitchableWeights, t: &LinearInfo) -> (String, Tensor) {
-    let v = match sw.live(&t.name) {
-        Some(Buffer::F32(v)) => v.clone(),
-        _ => Vec::new(),
+/// The base of every targeted weight, memory-mapped from the DiT's external weight file when it
+/// has one (f32 only: the `bound` graph takes f32 weights), so `bound` holds one copy in memory:
+/// the live weights.
+fn mapped_base(model: &std::path::Path, targets: &[LinearInfo]) -> Result<Vec<(LinearInfo, BaseWeights)>> {
+    use v2l_graphs::InitializerData;
+    let names: Vec<String> = targets.iter().map(|t| format!("{}.weight", t.name)).collect();
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| RuntimeError::Io { path, source }
     };
-    (
-        format!("{}.weight", t.name),
-        Tensor::f32(vec![t.out_features, t.in_features], v),
-    )
+    let infos = v2l_graphs::locate_initializers(model, &names).map_err(io(model))?;
+    let mut maps: BTreeMap<PathBuf, std::sync::Arc<memmap2::Mmap>> = BTreeMap::new();
+    let mut out = Vec::with_capacity(infos.len());
+    for (t, info) in targets.iter().zip(infos) {
+        let bad = |message: String| RuntimeError::BadFile {
+            path: model.to_path_buf(),
+            message,
+        };
+        if info.dtype != v2l_graphs::DType::F32 {
+            return Err(RuntimeError::Invalid {
+                what: info.name,
+                message: format!("bound weights need f32, found {}", info.dtype),
+            });
+        }
+        let want = t.out_features * t.in_features * 4;
+        let base = match info.data {
+            InitializerData::Inline(bytes) => {
+                if bytes.len() != want {
+                    return Err(bad(format!("`{}` holds {} bytes, expected {want}", info.name, bytes.len())));
+                }
+                BaseWeights::Owned(
+                    Buffer::from_le_bytes(info.dtype, &bytes).unwrap_or(Buffer::F32(Vec::new())),
+                )
+            }
+            InitializerData::External { file, offset, len } => {
+                let map = match maps.get(&file) {
+                    Some(m) => m.clone(),
+                    None => {
+                        let f = std::fs::File::open(&file).map_err(io(&file))?;
+                        // SAFETY: bundle files are written once and verified on load; v2l never
+                        // writes to a weight file it has mapped.
+                        let m = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&f) }.map_err(io(&file))?);
+                        maps.insert(file.clone(), m.clone());
+                        m
+                    }
+                };
+                if len != want {
+                    return Err(bad(format!("`{}` holds {len} bytes, expected {want}", info.name)));
+                }
+                BaseWeights::mapped(map, offset as usize, len, info.dtype).ok_or_else(|| {
+                    bad(format!("`{}`: external data out of range or misaligned", info.name))
+                })?
+            }
+        };
+        out.push((t.clone(), base));
+    }
+    Ok(out)
 }
+

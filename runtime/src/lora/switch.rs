@@ -74,9 +74,87 @@ impl Buffer {
     }
 }
 
+/// A base weight: owned, or a range of a memory-mapped weight file (never copied; only the
+/// pages a fuse or restore reads are brought in, and the kernel may drop them again).
+#[derive(Clone, Debug)]
+pub enum BaseWeights {
+    Owned(Buffer),
+    Mapped {
+        map: std::sync::Arc<memmap2::Mmap>,
+        start: usize,
+        /// Elements (not bytes).
+        len: usize,
+        dtype: v2l_graphs::DType,
+    },
+}
+
+impl BaseWeights {
+    /// A mapped range, checked for bounds, alignment and type.
+    pub fn mapped(
+        map: std::sync::Arc<memmap2::Mmap>,
+        start: usize,
+        bytes: usize,
+        dtype: v2l_graphs::DType,
+    ) -> Option<BaseWeights> {
+        let size = match dtype {
+            v2l_graphs::DType::F32 => 4,
+            v2l_graphs::DType::F16 | v2l_graphs::DType::BF16 => 2,
+            _ => return None,
+        };
+        let end = start.checked_add(bytes)?;
+        let slice = map.get(start..end)?;
+        if bytes % size != 0 || (slice.as_ptr() as usize) % size != 0 {
+            return None;
+        }
+        Some(BaseWeights::Mapped {
+            map,
+            start,
+            len: bytes / size,
+            dtype,
+        })
+    }
+
+    pub(crate) fn view(&self) -> Weights<'_> {
+        match self {
+            BaseWeights::Owned(b) => b.view(),
+            BaseWeights::Mapped {
+                map,
+                start,
+                len,
+                dtype,
+            } => {
+                let p = map.as_ptr().wrapping_add(*start);
+                // SAFETY: `mapped` checked that `start..start + len·size` lies inside the map and
+                // that `p` is aligned for the element type; f32/f16/bf16 accept any bit pattern,
+                // and the map is read-only and lives as long as `self`.
+                unsafe {
+                    match dtype {
+                        v2l_graphs::DType::F32 => {
+                            Weights::F32(std::slice::from_raw_parts(p.cast::<f32>(), *len))
+                        }
+                        v2l_graphs::DType::F16 => {
+                            Weights::F16(std::slice::from_raw_parts(p.cast::<f16>(), *len))
+                        }
+                        _ => Weights::BF16(std::slice::from_raw_parts(p.cast::<bf16>(), *len)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// An owned copy (the live weights start as the base).
+    fn to_buffer(&self) -> Buffer {
+        match self.view() {
+            Weights::F32(v) => Buffer::F32(v.to_vec()),
+            Weights::F16(v) => Buffer::F16(v.to_vec()),
+            Weights::BF16(v) => Buffer::BF16(v.to_vec()),
+        }
+    }
+}
+
 struct Layer {
     info: LinearInfo,
-    base: Buffer,
+    base: BaseWeights,
     live: Buffer,
 }
 
@@ -92,6 +170,16 @@ pub struct SwitchableWeights {
 impl SwitchableWeights {
     /// Takes the base weights (`[out, in]` each, as described by `infos`).
     pub fn new(weights: Vec<(LinearInfo, Buffer)>) -> SwitchableWeights {
+        Self::from_base(
+            weights
+                .into_iter()
+                .map(|(i, b)| (i, BaseWeights::Owned(b)))
+                .collect(),
+        )
+    }
+
+    /// Takes base weights that may be memory-mapped: only the live copy is held in memory.
+    pub fn from_base(weights: Vec<(LinearInfo, BaseWeights)>) -> SwitchableWeights {
         let index = weights
             .iter()
             .enumerate()
@@ -101,7 +189,7 @@ impl SwitchableWeights {
             .into_iter()
             .map(|(info, base)| Layer {
                 info,
-                live: base.clone(),
+                live: base.to_buffer(),
                 base,
             })
             .collect();

@@ -1,0 +1,89 @@
+//! Every graph v2l writes is valid ONNX: `onnx.checker.check_model(full_check=True)` on the
+//! whole tiny pipeline export (DiT, VAE encoder and decoder, hypernetwork) and on the engines
+//! compiled from it for each backend (with their rewrites and LoRA-strategy variants).
+//!
+//! The checker is the `onnx` Python package that `scripts/setup.sh` installs into `.v2l/py`;
+//! only this test uses Python.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn python() -> PathBuf {
+    let p = root().join(".v2l/py/bin/python");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `bash scripts/setup.sh` (it installs the onnx checker)",
+        p.display()
+    );
+    p
+}
+
+fn run(exe: &str, args: &[&std::ffi::OsStr]) {
+    let o = Command::new(exe).args(args).output().expect("binary runs");
+    assert!(
+        o.status.success(),
+        "{exe} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn onnx_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_written_graph_passes_the_onnx_checker() {
+    let tiny = root().join("tests/fixtures/cogvideox-tiny");
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    run(
+        env!("CARGO_BIN_EXE_v2l-export"),
+        &[
+            "pipeline".as_ref(),
+            tiny.as_os_str(),
+            "--hypernet".as_ref(),
+            tiny.join("hypernetwork.safetensors").as_os_str(),
+            "--lilora".as_ref(),
+            tiny.join("lilora.safetensors").as_os_str(),
+            "-o".as_ref(),
+            export.as_os_str(),
+        ],
+    );
+    let mut models = onnx_files(&export);
+    assert_eq!(models.len(), 4, "dit, vae encoder/decoder, hypernet: {models:?}");
+    for backend in ["cpu", "cuda", "tensorrt"] {
+        let engine = d.path().join(format!("engine-{backend}"));
+        run(
+            env!("CARGO_BIN_EXE_v2l-compile"),
+            &[
+                export.as_os_str(),
+                "-o".as_ref(),
+                engine.as_os_str(),
+                "--backend".as_ref(),
+                backend.as_ref(),
+            ],
+        );
+        let files = onnx_files(&engine);
+        assert_eq!(files.len(), 6, "4 graphs + bound/unfused DiT: {files:?}");
+        models.extend(files);
+    }
+    let o = Command::new(python())
+        .arg(root().join("bin/tests/onnx_checker.py"))
+        .args(&models)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "invalid graphs:\n{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), models.len());
+}
