@@ -212,6 +212,13 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         std::fs::write(&script, TORCH_SCRIPT)
             .map_err(|e| fail(format!("{}: {e}", script.display())))?;
     }
+    log("LoRA switch (bound strategy, rank 64 on every targeted layer)");
+    let (switch_ms, bound_mb) = bench_switch(&engine, b.threads, b.repeat.max(3), 64)?;
+    if !b.json {
+        println!(
+            "LoRA switch: {switch_ms:.1} ms (bound strategy, rank 64, all targeted layers); the loaded bound DiT adds {bound_mb:.0} MB resident"
+        );
+    }
     let mut rows = Vec::new();
     for &(frames, h, w) in &b.cases {
         if frames == 0 || (frames - 1) % 4 != 0 || h % 16 != 0 || w % 16 != 0 {
@@ -252,7 +259,8 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         let mut row = serde_json::json!({
             "layers": b.layers, "precision": b.precision, "frames": frames, "height": h,
             "width": w, "tokens": tokens, "ms": median(ms), "process_s": median(wall),
-            "peak_rss_mb": median(rss), "load_s": median(load), "lora_switch_ms": null,
+            "peak_rss_mb": median(rss), "load_s": median(load), "lora_switch_ms": switch_ms,
+            "bound_resident_mb": bound_mb,
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
         if let Some(py) = &b.torch_python {
@@ -289,6 +297,64 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// A `/proc/self/status` field in MB.
+fn status_mb(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with(field))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map(|kb| kb * 1024.0 / 1e6)
+        .unwrap_or(f64::NAN)
+}
+
+/// Loads the DiT with the `bound` LoRA strategy (the CPU default) and times switching to a
+/// rank-`rank` LoRA on every targeted layer (the union rewrite from the base, `SwitchableWeights`).
+/// Returns (median switch ms, resident MB the loaded runner added).
+fn bench_switch(engine: &std::path::Path, threads: usize, repeat: usize, rank: usize) -> Result<(f64, f64), Failure> {
+    use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
+    use v2l_runtime::lora::strategy::{DitRunner, Strategy};
+    use v2l_runtime::stage::{AppliedLora, ExportDir};
+    let dir = ExportDir::open(engine)?;
+    let opts = v2l_runtime::bundle::session_options(&dir, threads);
+    let before = status_mb("VmRSS:");
+    let mut runner = DitRunner::load(&dir, &opts, Strategy::Bound)?;
+    let added = status_mb("VmRSS:") - before;
+    let layers = dir
+        .dit_targets()?
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let a = v2l_runtime::tensor::gaussian_noise(vec![rank * t.in_features], 2 * i as u64);
+            let b = v2l_runtime::tensor::gaussian_noise(vec![t.out_features * rank], 2 * i as u64 + 1);
+            let small = |v: &[f32]| v.iter().map(|x| x * 0.01).collect::<Vec<f32>>();
+            Ok(LoraLayer {
+                module: t.name.clone(),
+                a: Factor::from_f32([rank, t.in_features], &small(a.as_f32("a")?)),
+                b: Factor::from_f32([t.out_features, rank], &small(b.as_f32("b")?)),
+                alpha: rank as f32,
+            })
+        })
+        .collect::<Result<Vec<_>, v2l_runtime::RuntimeError>>()?;
+    let lora = AppliedLora {
+        lora: Lora {
+            format: LoraFormat::Diffusers,
+            layers,
+        },
+        source: "<generated>".into(),
+        multiplier: 1.0,
+    };
+    let mut times = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        runner.set_lora(&dir, Some(&lora))?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        runner.set_lora(&dir, None)?;
+    }
+    Ok((median(times), added))
 }
 
 fn print_row(r: &serde_json::Value) {

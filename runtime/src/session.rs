@@ -69,9 +69,14 @@ impl Model {
         let eps = opts.backend.dispatch();
         if !eps.is_empty() {
             let backend = opts.backend.backend.name();
+            let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
             b = b.with_execution_providers(eps).map_err(|e| RuntimeError::Ort {
                 context: format!("{ctx}: {backend} execution provider"),
-                message: format!("{e} (needs the onnxruntime-gpu library with its CUDA/TensorRT dependencies on this machine)"),
+                message: if gpu {
+                    format!("{e} (needs the onnxruntime-gpu library with its CUDA/TensorRT dependencies on this machine)")
+                } else {
+                    e.to_string()
+                },
             })?;
         }
         for (name, t) in weights {
