@@ -216,7 +216,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     let (switch_ms, bound_mb) = bench_switch(&engine, b.threads, b.repeat.max(3), 64)?;
     if !b.json {
         println!(
-            "LoRA switch: {switch_ms:.1} ms (bound strategy, rank 64, all targeted layers); the loaded bound DiT adds {bound_mb:.0} MB resident"
+            "LoRA switch: {switch_ms:.1} ms (bound strategy, rank 64, all targeted layers); the loaded bound DiT adds {bound_mb:.0} MB of heap"
         );
     }
     let mut rows = Vec::new();
@@ -260,7 +260,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             "layers": b.layers, "precision": b.precision, "frames": frames, "height": h,
             "width": w, "tokens": tokens, "ms": median(ms), "process_s": median(wall),
             "peak_rss_mb": median(rss), "load_s": median(load), "lora_switch_ms": switch_ms,
-            "bound_resident_mb": bound_mb,
+            "bound_heap_mb": bound_mb,
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
         if let Some(py) = &b.torch_python {
@@ -313,16 +313,17 @@ fn status_mb(field: &str) -> f64 {
 
 /// Loads the DiT with the `bound` LoRA strategy (the CPU default) and times switching to a
 /// rank-`rank` LoRA on every targeted layer (the union rewrite from the base, `SwitchableWeights`).
-/// Returns (median switch ms, resident MB the loaded runner added).
+/// Returns (median switch ms, anonymous resident MB the loaded runner added: heap, not the
+/// page cache of the memory-mapped base weights).
 fn bench_switch(engine: &std::path::Path, threads: usize, repeat: usize, rank: usize) -> Result<(f64, f64), Failure> {
     use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
     use v2l_runtime::lora::strategy::{DitRunner, Strategy};
     use v2l_runtime::stage::{AppliedLora, ExportDir};
     let dir = ExportDir::open(engine)?;
     let opts = v2l_runtime::bundle::session_options(&dir, threads);
-    let before = status_mb("VmRSS:");
+    let before = status_mb("RssAnon:");
     let mut runner = DitRunner::load(&dir, &opts, Strategy::Bound)?;
-    let added = status_mb("VmRSS:") - before;
+    let added = status_mb("RssAnon:") - before;
     let layers = dir
         .dit_targets()?
         .iter()

@@ -4,7 +4,8 @@
 //! VAE scaling and frame batching, hypernetwork dimensions, LiLoRA auxiliaries) plus
 //! `bundle.json`, which records the backend and precision, the LoRA target table (initializer,
 //! shape, dtype), a hash of the base weights the targets start from, and the size and hash of
-//! every file. Loading re-checks all of it and refuses a mismatched or modified part.
+//! every file. Loading re-checks all of it (big files by sampled blocks, see [`file_hash`]) and
+//! refuses a mismatched or modified part.
 //!
 //! fp32 is what runs today; the precision field is there so fp16/bf16 graphs (a precision pass
 //! over the graph, normalisation kept in f32) and int8 (calibrated Q/DQ) can land without a

@@ -11,7 +11,11 @@ use v2l_runtime::backend::{Backend, Precision};
 ///
 /// The bundle holds the graphs, the pipeline manifest, the LoRA target table (initializer,
 /// shape, dtype), a hash of the base weights and of every file. `v2l-run --engine` checks them
-/// all on load and refuses a modified or mismatched part.
+/// all on load (files over 256 MiB by 64 sampled blocks, so a 20 GB engine loads without
+/// reading 20 GB) and refuses a modified or mismatched part.
+///
+/// The DiT is rewritten for the backend: on cpu/cuda attention becomes ONNX Runtime's fused
+/// MultiHeadAttention and GELU its FastGelu; tensorrt keeps the plain pattern its builder fuses.
 ///
 /// Backends: `cpu` (ONNX Runtime, runs here); `cuda` and `tensorrt` go through ONNX Runtime's
 /// execution providers on a machine with onnxruntime-gpu (not yet run on a GPU). Precision:
