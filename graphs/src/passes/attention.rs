@@ -8,14 +8,14 @@
 //! `v2l-export` emits for an attention block:
 //!
 //! ```text
-//! q, k, v [B,H,S,Dh] ─ Transpose(k,0132) ─ MatMul(q,·) ─ Mul(scale) ─ Softmax(-1) ─ MatMul(·,v)
-//!                     ─ Transpose(0213) ─ Reshape([0,0,D])  ⇒  out [B,S,D]
+//! q, k, v [B,S,H,Dh] ─ Transpose(q,0213), Transpose(k,0231), Transpose(v,0213)
+//!   ─ MatMul(q,kᵀ) ─ Mul(scale) ─ Softmax(-1) ─ MatMul(·,v) ─ Transpose(0213) ─ Reshape([0,0,D])
 //! ```
 //!
-//! and rewrites it as `Transpose(0213) ─ Reshape([0,0,D])` of each of q, k, v feeding
-//! `MultiHeadAttention(q, k, v)`. All three go in as `[B,S,D]`: ONNX Runtime 1.31's CPU kernel
-//! takes its flash path only then (key and value given as BNSH select the unfused path, which
-//! allocates `B·heads·S²` probabilities: 12 GB at 5,626 tokens).
+//! and rewrites it as `Reshape([0,0,D])` (free) of each of q, k, v feeding
+//! `MultiHeadAttention(q, k, v)`: no transposes left. All three go in as `[B,S,D]`: ONNX
+//! Runtime 1.31's CPU kernel takes its flash path only then (key and value given as BNSH select
+//! the unfused path, which allocates `B·heads·S²` probabilities: 12 GB at 5,626 tokens).
 
 use std::collections::{HashMap, HashSet};
 
@@ -57,7 +57,7 @@ fn i64s(t: &proto::TensorProto) -> Vec<i64> {
 
 /// One matched attention: node indices and the tensors the fused node needs.
 struct Match {
-    remove: [usize; 6],
+    remove: [usize; 8],
     reshape: usize,
     q: String,
     k: String,
@@ -114,15 +114,19 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
             let scale = scalar_f32(scale_init)?;
             let (qi, qk) = from(scores, "MatMul")?;
             only_use(qk.output.first()?, "Mul")?;
-            let (ti, kt) = from(qk.input.get(1)?, "Transpose")?;
-            only_use(kt.output.first()?, "MatMul")?;
-            if attr_ints(kt, "perm") != Some(&[0, 1, 3, 2]) {
-                return None;
-            }
+            // Each of q, kᵀ, v is a Transpose (read only here) of a `[B,S,H,Dh]` tensor.
+            let head_major = |name: &str, perm: &[i64]| {
+                let (i, t) = from(name, "Transpose")?;
+                only_use(t.output.first()?, "MatMul")?;
+                (attr_ints(t, "perm") == Some(perm)).then(|| (i, t.input.first().cloned()))
+            };
+            let (tq, q) = head_major(qk.input.first()?, &[0, 2, 1, 3])?;
+            let (tk, k) = head_major(qk.input.get(1)?, &[0, 2, 3, 1])?;
             let (pi, pv) = only_use(s.output.first()?, "MatMul")?;
             if pv.input.first() != s.output.first() {
                 return None;
             }
+            let (tv, v) = head_major(pv.input.get(1)?, &[0, 2, 1, 3])?;
             let (oi, ot) = only_use(pv.output.first()?, "Transpose")?;
             if attr_ints(ot, "perm") != Some(&[0, 2, 1, 3]) {
                 return None;
@@ -134,11 +138,11 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
                 return None;
             }
             Some(Match {
-                remove: [ti, qi, mi, si, pi, oi],
+                remove: [tq, tk, tv, qi, mi, si, pi, oi],
                 reshape: ri,
-                q: qk.input.first()?.clone(),
-                k: kt.input.first()?.clone(),
-                v: pv.input.get(1)?.clone(),
+                q: q?,
+                k: k?,
+                v: v?,
                 scale,
                 shape: shape.clone(),
             })
@@ -163,22 +167,15 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
             attribute,
             ..Default::default()
         };
-        // [B,H,S,Dh] -> [B,S,H,Dh] -> [B,S,D] for each of q, k, v.
-        let mut new = Vec::with_capacity(7);
+        // [B,S,H,Dh] -> [B,S,D] for each of q, k, v (no data movement).
+        let mut new = Vec::with_capacity(4);
         let mut bsd = Vec::with_capacity(3);
         for (t, x) in [("query", m.q), ("key", m.k), ("value", m.v)] {
-            let (bsnh, out) = (format!("{base}/mha_{t}_bsnh:0"), format!("{base}/mha_{t}:0"));
-            new.push(node(
-                "Transpose",
-                format!("{base}/mha_{t}_transpose"),
-                vec![x],
-                bsnh.clone(),
-                vec![crate::builder::attr_proto("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-            ));
+            let out = format!("{base}/mha_{t}:0");
             new.push(node(
                 "Reshape",
                 format!("{base}/mha_{t}_reshape"),
-                vec![bsnh, m.shape.clone()],
+                vec![x, m.shape.clone()],
                 out.clone(),
                 vec![],
             ));
