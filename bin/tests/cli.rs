@@ -389,3 +389,85 @@ fn lora_fuse_and_convert_through_the_cli() {
     assert_clean_failure(&r, "match no linear layer of the model");
     assert!(!bad.exists());
 }
+
+/// The PEFT fixture LoRA rewritten with other `lora_adapter_metadata` (None: no metadata).
+fn peft_with_metadata(dst: &Path, metadata: Option<&str>) {
+    let src = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let meta = metadata.map(|m| {
+        std::collections::HashMap::from([("lora_adapter_metadata".to_string(), m.to_string())])
+    });
+    safetensors::serialize_to_file(st.tensors(), &meta, dst).unwrap();
+}
+
+/// Issue 15's bad inputs to `v2l-lora` and `v2l-export`: each one clear error before any work,
+/// nothing written.
+#[test]
+fn bad_numbers_sizes_and_metadata_are_refused_before_work() {
+    let d = tempfile::tempdir().unwrap();
+    let t = tiny();
+    let ts = |p: PathBuf| p.to_str().unwrap().to_string();
+    let (peft, out) = (
+        ts(t.join("peft_lora/pytorch_lora_weights.safetensors")),
+        ts(d.path().join("out.safetensors")),
+    );
+    let transformer = ts(t.join("transformer"));
+    let fused = ts(d.path().join("fused"));
+    for scale in ["inf", "NaN"] {
+        let o = run(
+            "v2l-lora",
+            &["fuse", "--base", &transformer, "--lora", &peft, "--scale", scale, "-o", &fused],
+        );
+        assert_clean_failure(&o, "--scale");
+    }
+    assert!(!Path::new(&fused).exists());
+
+    // A missing engine is not reached: the size and the weight are checked first.
+    let engine = ts(d.path().join("no-engine"));
+    let reference = ts(t.join("reference.mp4"));
+    for (extra, needle) in [
+        (&["--height", "0", "--width", "64"][..], "--height: 0"),
+        (&["--height", "50", "--width", "64"][..], "--height: 50"),
+        (&["--lora-weight", "NaN"][..], "--lora-weight"),
+    ] {
+        let mut args = vec!["predict", "--engine", &engine, "--reference", &reference, "-o", &out];
+        args.extend_from_slice(extra);
+        assert_clean_failure(&run("v2l-lora", &args), needle);
+    }
+    assert!(!Path::new(&out).exists());
+
+    // Converting a file onto itself would destroy it.
+    let copy = d.path().join("copy.safetensors");
+    std::fs::copy(&peft, &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let o = run(
+        "v2l-lora",
+        &["convert", &ts(copy.clone()), "-o", &ts(copy.clone()), "--format", "kohya"],
+    );
+    assert_clean_failure(&o, "the output is the input file");
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+
+    // Metadata that cannot be read is an error, never a silent alpha = rank.
+    for (meta, needle) in [
+        ("{not json", "not valid JSON"),
+        (r#"{"transformer.lora_alpha": "lots"}"#, "lora_alpha is \"lots\""),
+        (r#"{"lora_alpha": 8, "alpha_pattern": {"x": null}}"#, "alpha_pattern `x`"),
+    ] {
+        let f = d.path().join("meta.safetensors");
+        peft_with_metadata(&f, Some(meta));
+        assert_clean_failure(&run("v2l-lora", &["inspect", &ts(f)]), needle);
+    }
+
+    // An unrolled hypernetwork with 100000 iterations would run until the OOM killer.
+    let ex = d.path().join("ex");
+    let o = run(
+        "v2l-export",
+        &[
+            "pipeline", &ts(t.clone()), "--hypernet", &ts(t.join("hypernetwork.safetensors")),
+            "--lilora", &ts(t.join("lilora.safetensors")), "--iterations", "100000", "-o", &ts(ex.clone()),
+        ],
+    );
+    assert_clean_failure(&o, "V2L_MAX_ITERATIONS");
+    assert!(!ex.exists());
+}

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod bundle;
 pub mod error;
+pub mod limits;
 pub mod lora;
 pub mod ort_env;
 pub mod pipeline;

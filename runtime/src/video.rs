@@ -57,6 +57,7 @@ fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
 /// Reads a reference clip, resized to `height × width` (ffmpeg bicubic) where it is decoded by
 /// ffmpeg; a safetensors clip must already have that size.
 pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
+    crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
     if !path.exists() {
         return Err(RuntimeError::Io {
             path: path.into(),

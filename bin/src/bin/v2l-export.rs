@@ -141,20 +141,26 @@ fn main() -> ExitCode {
             lilora,
             iterations,
             out,
-        } => export_pipeline(
+        } => {
+            v2l_runtime::limits::Limits::from_env()?.check_iterations(iterations)?;
+            export_pipeline(
             &model,
             hypernet.as_deref(),
             lilora.as_deref(),
             iterations,
             &out,
-        ),
+        )
+        }
         Command::Hypernet {
             checkpoint,
             lilora,
             dit,
             iterations,
             out,
-        } => export_hypernet(&checkpoint, &lilora, &dit, iterations, &out),
+        } => {
+            v2l_runtime::limits::Limits::from_env()?.check_iterations(iterations)?;
+            export_hypernet(&checkpoint, &lilora, &dit, iterations, &out)
+        }
     })
 }
 

@@ -127,6 +127,13 @@ fn main() -> ExitCode {
             format,
             model,
         } => {
+            if same_file(&input, &output) {
+                return Err(Failure::new(format!(
+                    "{}: the output is the input file; converting in place would lose it",
+                    output.display()
+                ))
+                .with_hint("write to another file, e.g. -o converted.safetensors"));
+            }
             let lora = read(&input, model.as_deref())?;
             format::write(&output, &lora, format.into()).map_err(RuntimeError::from)?;
             println!(
@@ -147,7 +154,9 @@ fn main() -> ExitCode {
             lora_weight,
             format,
             dump,
-        } => predict(
+        } => {
+            v2l_runtime::limits::finite("--lora-weight", lora_weight)?;
+            predict(
             &engine,
             &reference,
             &output,
@@ -157,13 +166,15 @@ fn main() -> ExitCode {
             lora_weight,
             format.into(),
             dump.as_deref(),
-        ),
+        )
+        }
         Command::Fuse {
             base,
             lora,
             scale,
             output,
         } => {
+            v2l_runtime::limits::finite("--scale", scale)?;
             let modules = model_modules(&base)?;
             let l = format::read(&lora, Some(&modules)).map_err(RuntimeError::from)?;
             let n = v2l_runtime::lora::apply::fuse_checkpoint(&base, &l, scale, &lora, &output)?;
@@ -174,6 +185,14 @@ fn main() -> ExitCode {
             Ok(())
         }
     })
+}
+
+/// Whether two paths name the same existing file (also through links or `./` spellings).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 /// Module paths of a model: from an export manifest or a diffusers checkpoint's 2-D weights.
@@ -261,6 +280,9 @@ fn predict(
     dump: Option<&Path>,
 ) -> Result<(), Failure> {
     use v2l_runtime::stage::ExportDir;
+    if let (Some(h), Some(w)) = (height, width) {
+        v2l_runtime::limits::Limits::from_env()?.check_frame_size(h, w, 16)?;
+    }
     let dir = ExportDir::open(engine)?;
     let opts = v2l_runtime::SessionOptions::default();
     let mut vae = v2l_runtime::vae::Vae::load(&dir, &opts)?;
@@ -276,6 +298,9 @@ fn predict(
                 .with_hint("pass --height and --width"))
         }
     };
+    // The generation's rules (v2l-run refuses the same sizes), checked before reading the clip.
+    let limits = v2l_runtime::limits::Limits::from_env()?;
+    limits.check_frame_size(h, w, 16)?;
     let mut clip = v2l_runtime::video::read_frames(reference, h, w)?;
     if let Some(n) = frames {
         clip.truncate(n);

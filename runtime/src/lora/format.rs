@@ -52,7 +52,7 @@ pub enum LoraError {
         present: String,
         missing: String,
     },
-    #[error("{path}: layer `{module}`: A is {a:?} and B is {b:?}; their ranks disagree")]
+    #[error("{path}: layer `{module}`: A is {a:?} and B is {b:?}: the ranks must agree, be positive and not exceed the layer's dimensions")]
     Rank {
         path: PathBuf,
         module: String,
@@ -173,32 +173,46 @@ fn to_st_dtype(d: DType) -> safetensors::Dtype {
     }
 }
 
+/// PEFT's alphas: `lora_alpha`, the per-module `alpha_pattern`, and whether rsLoRA scaling is on.
+type PeftAlpha = (Option<f32>, BTreeMap<String, f32>, bool);
+
 /// The PEFT `lora_alpha` (and per-module `alpha_pattern`) from diffusers' metadata JSON.
-fn peft_alpha(
-    meta: Option<&HashMap<String, String>>,
-) -> (Option<f32>, BTreeMap<String, f32>, bool) {
+///
+/// Metadata that is present but unreadable is an error, never "alpha = rank": silently
+/// defaulting would fuse the LoRA at the wrong strength.
+fn peft_alpha(path: &Path, meta: Option<&HashMap<String, String>>) -> Result<PeftAlpha> {
     let Some(json) = meta.and_then(|m| m.get("lora_adapter_metadata")) else {
-        return (None, BTreeMap::new(), false);
+        return Ok((None, BTreeMap::new(), false));
     };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
-        return (None, BTreeMap::new(), false);
+    let bad = |message: String| LoraError::Bad {
+        path: path.into(),
+        message,
     };
+    let v = serde_json::from_str::<serde_json::Value>(json)
+        .map_err(|e| bad(format!("`lora_adapter_metadata` is not valid JSON: {e}")))?;
     let get = |k: &str| {
         v.get(format!("transformer.{k}"))
             .or_else(|| v.get(k))
             .or_else(|| v.get("transformer").and_then(|t| t.get(k)))
     };
-    let alpha = get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32);
-    let pattern = get("alpha_pattern")
-        .and_then(|p| p.as_object())
-        .map(|o| {
-            o.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? as f32)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let number = |what: &str, x: &serde_json::Value| {
+        x.as_f64()
+            .map(|a| a as f32)
+            .filter(|a| a.is_finite())
+            .ok_or_else(|| bad(format!("`lora_adapter_metadata`: {what} is {x}, not a finite number")))
+    };
+    let alpha = get("lora_alpha").map(|a| number("lora_alpha", a)).transpose()?;
+    let mut pattern = BTreeMap::new();
+    if let Some(p) = get("alpha_pattern").filter(|p| !p.is_null()) {
+        let o = p
+            .as_object()
+            .ok_or_else(|| bad(format!("`lora_adapter_metadata`: alpha_pattern is {p}, not an object")))?;
+        for (k, x) in o {
+            pattern.insert(k.clone(), number(&format!("alpha_pattern `{k}`"), x)?);
+        }
+    }
     let rslora = get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
-    (alpha, pattern, rslora)
+    Ok((alpha, pattern, rslora))
 }
 
 /// Reads a LoRA file in any supported format. `modules` (the model's module paths) resolves
@@ -249,7 +263,7 @@ pub fn read(path: &Path, modules: Option<&[String]>) -> Result<Lora> {
             })?,
         )
     } else if any(".lora_A.weight") {
-        let (alpha, pattern, rslora) = peft_alpha(metadata);
+        let (alpha, pattern, rslora) = peft_alpha(path, metadata)?;
         let prefix = if raw.keys().any(|k| k.starts_with("transformer.")) {
             "transformer."
         } else if raw.keys().any(|k| k.starts_with("base_model.model.")) {
@@ -337,7 +351,7 @@ fn pair(
     let (kb, rb) = b.ok_or_else(|| missing(names[0], names[1]))?;
     let a = factor(path, ka, ra)?;
     let b = factor(path, kb, rb)?;
-    if a.shape[0] != b.shape[1] || a.shape[0] == 0 {
+    if a.shape[0] != b.shape[1] || a.shape[0] == 0 || a.shape[0] > a.shape[1].min(b.shape[0]) {
         return Err(LoraError::Rank {
             path: path.into(),
             module: module.into(),
@@ -568,6 +582,24 @@ mod tests {
             assert_eq!(back.layers, lora.layers);
             lora = back;
         }
+    }
+
+    #[test]
+    fn a_rank_above_the_layer_size_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.safetensors");
+        let lora = Lora {
+            format: LoraFormat::Diffusers,
+            layers: vec![LoraLayer {
+                module: "attn1.to_q".into(),
+                a: Factor::from_f32([64, 32], &[0.0; 64 * 32]),
+                b: Factor::from_f32([32, 64], &[0.0; 32 * 64]),
+                alpha: 64.0,
+            }],
+        };
+        write(&p, &lora, LoraFormat::Diffusers).unwrap();
+        let err = read(&p, None).unwrap_err().to_string();
+        assert!(err.contains("not exceed the layer's dimensions"), "{err}");
     }
 
     #[test]

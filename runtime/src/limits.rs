@@ -1,0 +1,155 @@
+//! What a request may ask for, checked before any work starts.
+//!
+//! Every front end (CLI, C ABI, server) goes through these checks, so a bad size or a NaN is
+//! one clear error in microseconds instead of minutes of loading, an out-of-memory kill or a
+//! black video. The limits are generous defaults for this class of model on one machine; a
+//! user with the memory raises them with environment variables (`V2L_MAX_FRAMES`,
+//! `V2L_MAX_PIXELS`, `V2L_MAX_STEPS`, `V2L_MAX_THREADS`, `V2L_MAX_ITERATIONS`).
+
+use crate::error::{Result, RuntimeError};
+
+/// Upper bounds on a request's sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Video frames (CogVideoX generates 49; 1 + 4·64).
+    pub max_frames: usize,
+    /// Height × width in pixels (1920×1080).
+    pub max_pixels: usize,
+    /// Denoising steps.
+    pub max_steps: usize,
+    /// ONNX Runtime threads.
+    pub max_threads: usize,
+    /// Hypernetwork refinement iterations unrolled at export.
+    pub max_iterations: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frames: 257,
+            max_pixels: 1920 * 1080,
+            max_steps: 1000,
+            max_threads: 256,
+            max_iterations: 64,
+        }
+    }
+}
+
+fn invalid(what: &str, message: String) -> RuntimeError {
+    RuntimeError::Invalid {
+        what: what.into(),
+        message,
+    }
+}
+
+impl Limits {
+    /// The defaults, each overridable by its environment variable (a bad value is an error).
+    pub fn from_env() -> Result<Limits> {
+        let mut l = Limits::default();
+        for (var, field) in [
+            ("V2L_MAX_FRAMES", &mut l.max_frames),
+            ("V2L_MAX_PIXELS", &mut l.max_pixels),
+            ("V2L_MAX_STEPS", &mut l.max_steps),
+            ("V2L_MAX_THREADS", &mut l.max_threads),
+            ("V2L_MAX_ITERATIONS", &mut l.max_iterations),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                *field = v.trim().parse().map_err(|_| {
+                    invalid(var, format!("`{v}` is not a positive integer"))
+                })?;
+            }
+        }
+        Ok(l)
+    }
+
+    /// `frames` of `height × width`: positive, within the limits, the sizes multiples of
+    /// `multiple` (VAE stride × patch size) and frames `1 + 4k` (the VAE's time stride).
+    pub fn check_video(&self, frames: usize, height: usize, width: usize, multiple: usize) -> Result<()> {
+        self.check_frame_size(height, width, multiple)?;
+        if frames == 0 || (frames - 1) % 4 != 0 {
+            return Err(invalid("--frames", format!("{frames}: must be 1 + 4k (1, 5, 9, …, 49)")));
+        }
+        if frames > self.max_frames {
+            return Err(invalid(
+                "--frames",
+                format!("{frames} is over the limit of {} (raise it with V2L_MAX_FRAMES)", self.max_frames),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `height × width`: positive multiples of `multiple`, at most `max_pixels`.
+    pub fn check_frame_size(&self, height: usize, width: usize, multiple: usize) -> Result<()> {
+        for (flag, v) in [("--height", height), ("--width", width)] {
+            if v == 0 || (multiple > 0 && v % multiple != 0) {
+                return Err(invalid(flag, format!("{v}: must be a positive multiple of {multiple}")));
+            }
+        }
+        if height.saturating_mul(width) > self.max_pixels {
+            return Err(invalid(
+                "--height/--width",
+                format!(
+                    "{height}x{width} is over the limit of {} pixels (raise it with V2L_MAX_PIXELS)",
+                    self.max_pixels
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `n` of what `flag` counts, in `1..=max` (`env` names the override).
+    pub fn check_count(flag: &str, n: usize, max: usize, env: &str) -> Result<()> {
+        if n == 0 {
+            return Err(invalid(flag, "must be at least 1".into()));
+        }
+        if n > max {
+            return Err(invalid(flag, format!("{n} is over the limit of {max} (raise it with {env})")));
+        }
+        Ok(())
+    }
+
+    pub fn check_steps(&self, steps: usize) -> Result<()> {
+        Self::check_count("--steps", steps, self.max_steps, "V2L_MAX_STEPS")
+    }
+
+    /// Threads: 0 means "one per core"; otherwise at most `max_threads`.
+    pub fn check_threads(&self, threads: usize) -> Result<()> {
+        if threads == 0 {
+            return Ok(());
+        }
+        Self::check_count("--threads", threads, self.max_threads, "V2L_MAX_THREADS")
+    }
+
+    pub fn check_iterations(&self, iterations: usize) -> Result<()> {
+        Self::check_count("--iterations", iterations, self.max_iterations, "V2L_MAX_ITERATIONS")
+    }
+}
+
+/// `v` if finite: NaN or ±inf in a scale, guidance or weight would silently spoil every output.
+pub fn finite(what: &str, v: f32) -> Result<f32> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(invalid(what, format!("{v} is not a finite number")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_counts_and_floats_are_checked() {
+        let l = Limits::default();
+        assert!(l.check_video(49, 480, 720, 16).is_ok());
+        for (f, h, w) in [(49, 0, 720), (49, 480, 0), (49, 100_000, 720), (0, 480, 720), (48, 480, 720), (1_000_001, 480, 720), (49, 50, 720)] {
+            let e = l.check_video(f, h, w, 16).unwrap_err().to_string();
+            assert!(e.starts_with("--"), "{f}x{h}x{w}: {e}");
+        }
+        assert!(l.check_steps(0).is_err() && l.check_steps(50).is_ok() && l.check_steps(1_000_000).is_err());
+        assert!(l.check_threads(0).is_ok() && l.check_threads(100_000).is_err());
+        assert!(l.check_iterations(100_000).unwrap_err().to_string().contains("V2L_MAX_ITERATIONS"));
+        assert!(finite("--guidance", f32::NAN).is_err() && finite("--guidance", f32::INFINITY).is_err());
+        assert_eq!(finite("--guidance", -1.0).unwrap(), -1.0);
+    }
+}
