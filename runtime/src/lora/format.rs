@@ -632,7 +632,7 @@ mod tests {
         write(&p, &lora, LoraFormat::ComfyUi).unwrap();
         let err = read(&p, None).unwrap_err().to_string();
         assert!(
-            err.contains("ranks disagree") && err.contains("ff.net.0.proj"),
+            err.contains("ranks must agree") && err.contains("ff.net.0.proj"),
             "{err}"
         );
 
