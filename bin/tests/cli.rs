@@ -471,3 +471,56 @@ fn bad_numbers_sizes_and_metadata_are_refused_before_work() {
     assert_clean_failure(&o, "V2L_MAX_ITERATIONS");
     assert!(!ex.exists());
 }
+
+/// Issue 15's bad `v2l-run` inputs: refused from the command line alone, before the engine is
+/// opened (the engine path here does not even exist), with the flag named.
+#[test]
+fn v2l_run_checks_its_flags_before_opening_the_engine() {
+    let d = tempfile::tempdir().unwrap();
+    let t = tiny();
+    let image = t.join("first_frame.png");
+    let out = d.path().join("a.mp4");
+    let (image, out_s) = (image.to_str().unwrap(), out.to_str().unwrap());
+    let base = [
+        "--engine", "/nonexistent-engine", "--image", image, "--prompt-embeds", "p.safetensors",
+        "--seed", "1",
+    ];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--frames", "9", "--height", "0", "--width", "64", "-o", out_s], "--height: 0"),
+        (&["--frames", "9", "--height", "100000", "--width", "64", "-o", out_s], "V2L_MAX_PIXELS"),
+        (&["--frames", "1000001", "--height", "64", "--width", "64", "-o", out_s], "V2L_MAX_FRAMES"),
+        (&["--threads", "100000", "-o", out_s], "V2L_MAX_THREADS"),
+        (&["--steps", "0", "-o", out_s], "--steps"),
+        (&["--guidance", "NaN", "-o", out_s], "--guidance: NaN"),
+        (&["--guidance", "inf", "-o", out_s], "--guidance: inf"),
+        (&["--lora-scale", "NaN", "-o", out_s], "--lora-scale: NaN"),
+        (&["--fps", "0", "-o", out_s], "--fps 0"),
+        (&["-o", "/dev/null"], "needs a .mp4 extension"),
+        (&["-o", "/nonexistent-dir/a.mp4"], "output directory does not exist"),
+        (&["--dump", "/nonexistent-dir/d.safetensors", "-o", out_s], "output directory does not exist"),
+        // A negative guidance parses (as `--guidance=-1` always did); the missing engine is next.
+        (&["--guidance", "-1", "-o", out_s], "/nonexistent-engine"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        assert_clean_failure(&run("v2l-run", &args), needle);
+    }
+    assert!(!out.exists());
+
+    // ORT_DYLIB_PATH that does not exist is an error, not a silent fallback.
+    let ex = d.path().join("ex");
+    let o = run(
+        "v2l-export",
+        &["dit", t.join("transformer").to_str().unwrap(), "-o", ex.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .args(["--engine", ex.to_str().unwrap(), "stage", "dit"])
+        .args(["--inputs", t.join("dit_io.safetensors").to_str().unwrap(), "-o"])
+        .arg(d.path().join("o.safetensors"))
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "ORT_DYLIB_PATH=/nonexistent/libonnxruntime.so");
+}

@@ -81,6 +81,9 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
         if let Some(l) = library_in(&p) {
             return Some(l);
         }
+        // An explicit choice that does not exist is an error, never a silent fallback to
+        // another library.
+        return None;
     }
     let mut roots: Vec<PathBuf> = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {

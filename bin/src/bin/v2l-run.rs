@@ -67,7 +67,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Classifier-free guidance scale
-    #[arg(long, default_value_t = 6.0)]
+    #[arg(long, default_value_t = 6.0, allow_negative_numbers = true)]
     guidance: f32,
     /// Seed of v2l's Gaussian noise (the same seed gives the same video)
     #[arg(long, conflicts_with = "noise")]
@@ -175,6 +175,8 @@ fn main() -> ExitCode {
                 json,
             }) => {
                 let stage = Stage::from(stage);
+                v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
+                v2l_runtime::limits::Limits::from_env()?.check_threads(opts.threads)?;
                 let dir = ExportDir::open(engine)?;
                 let opts = v2l_runtime::bundle::session_options(&dir, opts.threads);
                 let tensors = read_safetensors(&inputs)?;
@@ -259,6 +261,30 @@ fn compare_outputs(
     Ok(())
 }
 
+/// An output path that can be written: a file name with one of `exts`, in an existing
+/// directory, not a directory or a device. Checked before the work, not after it.
+fn check_output(path: &std::path::Path, exts: &[&str]) -> Result<(), Failure> {
+    let bad = |m: String| Failure::new(format!("{}: {m}", path.display()));
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !exts.contains(&ext) {
+        return Err(bad(format!("the output needs a .{} extension", exts.join(" or ."))));
+    }
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.is_file() {
+            return Err(bad("exists and is not a regular file".into()));
+        }
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() && !m.permissions().readonly() => Ok(()),
+        Ok(_) => Err(bad("the output directory is not writable".into())),
+        Err(_) => Err(bad("the output directory does not exist".into())),
+    }
+}
+
 fn need<'a, T>(v: &'a Option<T>, flag: &str) -> Result<&'a T, Failure> {
     v.as_ref().ok_or_else(|| {
         Failure::new(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`")
@@ -279,16 +305,21 @@ fn generate(
     if g.seed.is_none() && g.noise.is_none() {
         return Err(Failure::new("give --seed N or --noise <safetensors>"));
     }
-    // Check the output location before the work, not after it.
-    let out_dir = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    if !out_dir.is_dir() {
-        return Err(Failure::new(format!(
-            "{}: the output directory does not exist",
-            output.display()
-        )));
+    // Everything the command line alone decides is checked before the engine is opened.
+    check_output(output, &["mp4"])?;
+    if let Some(d) = &g.dump {
+        check_output(d, &["safetensors"])?;
+    }
+    let limits = v2l_runtime::limits::Limits::from_env()?;
+    limits.check_steps(g.steps)?;
+    limits.check_threads(opts.threads)?;
+    v2l_runtime::limits::finite("--guidance", g.guidance)?;
+    v2l_runtime::limits::finite("--lora-scale", g.lora_scale)?;
+    if g.fps == 0 || g.fps > 240 {
+        return Err(Failure::new(format!("--fps {}: must be 1 to 240", g.fps)));
+    }
+    if let (Some(f), Some(h), Some(w)) = (g.frames, g.height, g.width) {
+        limits.check_video(f, h, w, 16)?;
     }
     let t0 = std::time::Instant::now();
     let dir = ExportDir::open(engine)?;
@@ -315,6 +346,7 @@ fn generate(
         .frames
         .or(cfg("sample_frames", true))
         .ok_or_else(|| Failure::new("--frames is required"))?;
+    limits.check_video(frames, height, width, 16)?;
     let prompts = read_safetensors(prompt_path)?;
     let get = |name: &str| {
         prompts.get(name).cloned().ok_or_else(|| {
