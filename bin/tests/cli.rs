@@ -524,3 +524,46 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
         .unwrap();
     assert_clean_failure(&o, "ORT_DYLIB_PATH=/nonexistent/libonnxruntime.so");
 }
+
+/// `bundle.json` is verified like every other part: editing its strategy or weight hash makes
+/// the engine refuse to load; a TensorRT bundle records what actually runs (`fused`).
+#[test]
+fn edited_bundle_json_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let t = tiny();
+    let ex = d.path().join("ex");
+    let o = run(
+        "v2l-export",
+        &["dit", t.join("transformer").to_str().unwrap(), "-o", ex.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let compile = |backend: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+            .arg(&ex)
+            .arg("-o")
+            .arg(out)
+            .args(["--backend", backend])
+            .output()
+            .unwrap()
+    };
+    let trt = d.path().join("trt");
+    assert!(compile("tensorrt", &trt).status.success());
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trt.join("bundle.json")).unwrap()).unwrap();
+    assert_eq!(b["lora_strategy"], "fused");
+
+    let eng = d.path().join("eng");
+    assert!(compile("cpu", &eng).status.success());
+    let inputs = t.join("dit_io.safetensors");
+    let out = d.path().join("o.safetensors");
+    let stage = |eng: &Path| {
+        stage_dit(eng.to_str().unwrap(), inputs.to_str().unwrap(), out.to_str().unwrap(), &[])
+    };
+    assert!(stage(&eng).status.success());
+    let text = std::fs::read_to_string(eng.join("bundle.json")).unwrap();
+    for (from, to) in [("\"bound\"", "\"fused\""), ("\"weight_hash\": \"", "\"weight_hash\": \"0")] {
+        assert!(text.contains(from), "{from}");
+        std::fs::write(eng.join("bundle.json"), text.replacen(from, to, 1)).unwrap();
+        assert_clean_failure(&stage(&eng), "was edited after `v2l-compile` wrote it");
+    }
+}

@@ -54,6 +54,22 @@ pub struct Bundle {
     #[serde(default)]
     pub dit_variants: std::collections::BTreeMap<String, String>,
     pub producer: String,
+    /// BLAKE3 of this record with this field empty: an edit to `bundle.json` itself (strategy,
+    /// weight hash, target table) is caught like an edit to any other part.
+    #[serde(default)]
+    pub bundle_hash: String,
+}
+
+impl Bundle {
+    fn self_hash(&self) -> Result<String> {
+        let mut b = self.clone();
+        b.bundle_hash.clear();
+        let text = serde_json::to_string(&b).map_err(|e| RuntimeError::Invalid {
+            what: FILE_NAME.into(),
+            message: e.to_string(),
+        })?;
+        Ok(blake3::hash(text.as_bytes()).to_hex().to_string())
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
@@ -278,6 +294,11 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             files,
             dit_variants,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
+            bundle_hash: String::new(),
+        };
+        let bundle = Bundle {
+            bundle_hash: bundle.self_hash()?,
+            ..bundle
         };
         let text = serde_json::to_string_pretty(&bundle).map_err(|e| RuntimeError::Invalid {
             what: FILE_NAME.into(),
@@ -304,8 +325,9 @@ pub fn default_strategy(backend: Backend) -> &'static str {
     match backend {
         // Same mechanism on CUDA; not yet measured on a GPU.
         Backend::Cpu | Backend::Cuda => "bound",
-        // Refit of a weight-stripped engine: TensorRT's form of fused weights (not yet run).
-        Backend::TensorRt => "refit",
+        // One engine per LoRA, its cache keyed by the hash of its fused weights (refitting a
+        // weight-stripped engine in place is not written yet; not run on a GPU).
+        Backend::TensorRt => "fused",
     }
 }
 
@@ -332,6 +354,11 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
         )));
     }
     let bundle: Bundle = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if bundle.self_hash()? != bundle.bundle_hash {
+        return Err(bad(
+            "was edited after `v2l-compile` wrote it (its recorded hash does not match); compile the engine again".into(),
+        ));
+    }
     for f in &bundle.files {
         let p: PathBuf = dir.join(&f.name);
         let got =

@@ -67,11 +67,16 @@ pub struct Pipeline {
 impl Pipeline {
     /// Loads with the engine's default LoRA strategy (`fused` for a plain export directory).
     pub fn load(dir: ExportDir, opts: &SessionOptions) -> Result<Pipeline> {
-        let strategy = dir
-            .bundle
-            .as_ref()
-            .and_then(|b| Strategy::parse(&b.lora_strategy))
-            .unwrap_or_default();
+        let strategy = match dir.bundle.as_ref() {
+            None => Strategy::default(),
+            Some(b) => Strategy::parse(&b.lora_strategy).ok_or_else(|| RuntimeError::BadFile {
+                path: dir.dir.join(crate::bundle::FILE_NAME),
+                message: format!(
+                    "LoRA strategy `{}` is not one this v2l runs (fused, bound, unfused); compile the engine again",
+                    b.lora_strategy
+                ),
+            })?,
+        };
         Self::load_with_strategy(dir, opts, strategy)
     }
 

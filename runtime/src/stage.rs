@@ -132,7 +132,20 @@ impl ExportDir {
             lora.multiplier,
             &lora.source,
         )?;
-        Model::load_with_weights(&path, opts, weights)
+        let mut opts = opts.clone();
+        if opts.backend.backend == crate::backend::Backend::TensorRt {
+            // TensorRT's engine cache key ignores weight values: key this session's engine by
+            // its fused weights, or a cached engine of another LoRA (or the base) would be reused.
+            let mut h = crate::backend::PartsHasher::default();
+            h.part(opts.backend.weight_hash.as_bytes());
+            for (name, t) in &weights {
+                h.part(name.as_bytes());
+                let v = t.as_f32(name)?;
+                h.part(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+            }
+            opts.backend.weight_hash = h.finish();
+        }
+        Model::load_with_weights(&path, &opts, weights)
     }
 }
 
