@@ -567,3 +567,47 @@ fn edited_bundle_json_is_refused() {
         assert_clean_failure(&stage(&eng), "was edited after `v2l-compile` wrote it");
     }
 }
+
+/// A failed `v2l-export pipeline` leaves nothing behind (parts are staged and moved in only
+/// when all succeeded), and a bad scheduler config is refused at export, not at generation.
+#[test]
+fn failed_pipeline_export_leaves_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let t = tiny();
+    let model = d.path().join("model");
+    for part in ["transformer", "vae", "scheduler"] {
+        std::fs::create_dir_all(model.join(part)).unwrap();
+        for e in std::fs::read_dir(t.join(part)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), model.join(part).join(e.file_name())).unwrap();
+        }
+    }
+    let sched = model.join("scheduler/scheduler_config.json");
+    let good = std::fs::read_to_string(&sched).unwrap();
+    let re = good
+        .lines()
+        .map(|l| if l.contains("num_train_timesteps") { "  \"num_train_timesteps\": -3," } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&sched, re).unwrap();
+    let out = d.path().join("out");
+    let m = model.to_str().unwrap();
+    let o = run("v2l-export", &["pipeline", m, "-o", out.to_str().unwrap()]);
+    assert_clean_failure(&o, "num_train_timesteps");
+    assert!(!out.exists());
+
+    // The hypernetwork fails after the DiT and VAE were written: still nothing in `out`.
+    std::fs::write(&sched, good).unwrap();
+    let o = run(
+        "v2l-export",
+        &[
+            "pipeline", m, "--hypernet", t.join("hypernetwork.safetensors").to_str().unwrap(),
+            "--lilora", t.join("transformer/config.json").to_str().unwrap(), "-o", out.to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure(&o, "config.json");
+    assert!(!out.exists(), "a failed export left {out:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "staging directories left: {leftovers:?}");
+    assert!(!stderr(&o).contains(".v2l-export-"), "{}", stderr(&o));
+}

@@ -90,6 +90,21 @@ struct OutputArgs {
     /// (protobuf holds at most 2 GiB, and ONNX Runtime loads external weights faster)
     #[arg(long, value_enum, default_value = "auto")]
     external_data: External,
+    /// Where the files end up when `output` is a staging directory (messages name this).
+    #[arg(skip)]
+    shown_as: Option<PathBuf>,
+}
+
+impl OutputArgs {
+    /// `file` as the user will find it.
+    fn shown(&self, file: &str) -> String {
+        self.shown_as
+            .as_ref()
+            .unwrap_or(&self.output)
+            .join(file)
+            .display()
+            .to_string()
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -194,7 +209,7 @@ fn export_dit(checkpoint: &Path, out: &OutputArgs, weight_dtype: DType) -> Resul
     manifest.write(&out.output)?;
     println!(
         "wrote {} ({} layers, {} LoRA-targetable linears, {} of {} weights{})",
-        written.model.display(),
+        out.shown(file),
         ex.config.num_layers,
         ex.linears.len(),
         bytes(written.weight_bytes),
@@ -221,8 +236,8 @@ fn export_vae(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
     manifest.write(&out.output)?;
     println!(
         "wrote {} and {} ({} + {} of f32 weights; {} + {} causal-conv caches)",
-        we.model.display(),
-        wd.model.display(),
+        out.shown(enc),
+        out.shown(dec),
         bytes(we.weight_bytes),
         bytes(wd.weight_bytes),
         ex.encoder_caches.len(),
@@ -288,14 +303,14 @@ fn export_hypernet(
     manifest.write(&out.output)?;
     println!(
         "wrote {} ({} rows of width {}, {} heads, {} blocks, {} iterations; {} of weights) and {}",
-        written.model.display(),
+        out.shown(file),
         d.num_layers,
         d.weight_dim,
         d.heads,
         d.blocks,
         d.iterations,
         bytes(written.weight_bytes),
-        dst.display()
+        out.shown(lilora_name)
     );
     Ok(())
 }
@@ -314,21 +329,67 @@ fn export_pipeline(
             sched.display()
         )));
     }
-    export_dit(&model.join("transformer"), out, DType::F32)?;
-    export_vae(&model.join("vae"), out)?;
+    // The sampler's config is checked now, not at the first generation.
+    v2l_runtime::scheduler::SchedulerConfig::from_file(&sched)?;
+    // Every part is written to a staging directory beside the output and moved in only when
+    // all succeeded: a failed export leaves nothing a later `v2l-compile` would accept.
+    let parent = out
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| Failure::new(format!("cannot create {}: {e}", parent.display())))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".v2l-export-")
+        .tempdir_in(parent)
+        .map_err(|e| Failure::new(format!("cannot create a staging directory in {}: {e}", parent.display())))?;
+    let stage = OutputArgs {
+        output: staging.path().to_path_buf(),
+        external_data: out.external_data,
+        shown_as: Some(out.output.clone()),
+    };
+    // An existing manifest (other parts exported before) carries over.
+    if let Ok(m) = Manifest::read(&out.output) {
+        m.write(&stage.output)?;
+    }
+    export_dit(&model.join("transformer"), &stage, DType::F32)?;
+    export_vae(&model.join("vae"), &stage)?;
     if let (Some(h), Some(l)) = (hypernet, lilora) {
-        export_hypernet(h, l, &model.join("transformer"), iterations, out)?;
+        export_hypernet(h, l, &model.join("transformer"), iterations, &stage)?;
     }
     let name = "scheduler_config.json";
-    let tmp = out
-        .output
-        .join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::copy(&sched, &tmp)
-        .and_then(|_| std::fs::rename(&tmp, out.output.join(name)))
-        .map_err(|e| Failure::new(format!("{}: {e}", out.output.join(name).display())))?;
-    let mut manifest = Manifest::read_or_default(&out.output)?;
+    std::fs::copy(&sched, stage.output.join(name))
+        .map_err(|e| Failure::new(format!("{}: {e}", stage.output.join(name).display())))?;
+    let mut manifest = Manifest::read_or_default(&stage.output)?;
     manifest.scheduler = Some(name.into());
-    manifest.write(&out.output)?;
+    manifest.write(&stage.output)?;
+    publish(staging, &out.output)?;
     println!("wrote {}", out.output.join(name).display());
+    Ok(())
+}
+
+/// Moves a finished staging directory's files into `out` (created if missing), the manifest
+/// last, so `out` only ever holds a complete export.
+fn publish(staging: tempfile::TempDir, out: &Path) -> Result<(), Failure> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| Failure::new(format!("{}: {e}", p.display()))
+    };
+    if !out.exists() {
+        let src = staging.keep();
+        return std::fs::rename(&src, out).map_err(io(out));
+    }
+    let manifest = v2l_export::manifest::FILE_NAME;
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(staging.path())
+        .map_err(io(staging.path()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .filter(|n| n != manifest)
+        .collect();
+    names.push(manifest.into());
+    for n in names {
+        let (from, to) = (staging.path().join(&n), out.join(&n));
+        std::fs::rename(&from, &to).map_err(io(&to))?;
+    }
     Ok(())
 }
