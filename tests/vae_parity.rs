@@ -71,3 +71,41 @@ fn vae_runs_at_other_sizes() {
     assert_eq!(decoded.shape, vec![2, 3, 25, 32, 48]);
     assert_finite("decoded", &decoded);
 }
+
+/// Tiled encode and decode (diffusers' `enable_tiling()`, fixture `vae_tiling_io` made by
+/// `fixtures/gen/vae_tiling.py`): 64×64 frames cut into 2×2 overlapping 48-px tiles, each run
+/// through the frame-batch loop alone, blended and stitched as diffusers does.
+#[test]
+fn tiled_vae_matches_diffusers_enable_tiling() {
+    use v2l_runtime::vae::{Tiling, TilingMode};
+    let dir = tempfile::tempdir().unwrap();
+    let mut vae = export_tiny_vae(dir.path());
+    let path = tiny().join("vae_tiling_io.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let t: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["tiling"]).unwrap();
+    let f = |k: &str| t[k].as_f64().unwrap();
+    vae.tiling = TilingMode::On;
+    vae.tile = Tiling {
+        sample_height: f("tile_sample_min_height") as usize,
+        sample_width: f("tile_sample_min_width") as usize,
+        overlap_height: f("tile_overlap_factor_height"),
+        overlap_width: f("tile_overlap_factor_width"),
+        factor: 8,
+    };
+    let io = load("vae_io.safetensors");
+    let tiled = load("vae_tiling_io.safetensors");
+    let (mean, logvar) = vae.encode(&io["video"]).unwrap();
+    assert_close("tiled posterior_mean", &mean, &tiled["tiled_posterior_mean"], F32_REL_L2);
+    assert_close("tiled posterior_logvar", &logvar, &tiled["tiled_posterior_logvar"], F32_REL_L2);
+    let decoded = vae.decode(&io["latents"]).unwrap();
+    assert_close("tiled decoded", &decoded, &tiled["tiled_decoded"], F32_REL_L2);
+    // Tiling really happened: the tiled result is not the untiled one.
+    let seam = decoded.rel_l2(&io["decoded"]);
+    eprintln!("tiled vs untiled decode: relative L2 {seam:.3e}");
+    assert!(seam > 1e-3, "{seam}");
+    // `auto` leaves these small frames untiled.
+    vae.tiling = TilingMode::Auto;
+    assert_close("auto decoded", &vae.decode(&io["latents"]).unwrap(), &io["decoded"], F32_REL_L2);
+}

@@ -9,6 +9,9 @@
 
 use std::collections::BTreeMap;
 
+mod tiling;
+pub use tiling::{Tiling, TilingMode};
+
 use v2l_export::cogvideox_vae::{frame_batches, CacheSpec};
 use v2l_export::manifest::VaeEntry;
 
@@ -22,6 +25,10 @@ pub struct Vae {
     pub entry: VaeEntry,
     /// `Some(seed)`: [`Vae::latent`] samples the posterior; `None`: it takes the mode (mean).
     pub posterior_seed: Option<u64>,
+    /// When encode and decode tile frames spatially (default: `auto`).
+    pub tiling: TilingMode,
+    /// Tile geometry (diffusers' defaults for this VAE unless changed).
+    pub tile: Tiling,
     encoder: Model,
     decoder: Model,
 }
@@ -41,7 +48,10 @@ impl Vae {
             })?;
         let encoder = Model::load(&dir.dir.join(&entry.encoder), opts)?;
         let decoder = Model::load(&dir.dir.join(&entry.decoder), opts)?;
+        let tile = Tiling::for_config(&entry.config);
         Ok(Vae {
+            tiling: TilingMode::default(),
+            tile,
             entry,
             posterior_seed: None,
             encoder,
@@ -52,6 +62,22 @@ impl Vae {
     /// `video [B, C, F, H, W]` in [-1, 1] → (`posterior_mean`, `posterior_logvar`), `[B, 16, f, h, w]`.
     pub fn encode(&mut self, video: &Tensor) -> Result<(Tensor, Tensor)> {
         check_5d(video, "video", self.entry.in_channels)?;
+        let tile = self.tile;
+        if tile.applies(self.tiling, video.shape[3], video.shape[4]) {
+            let mut parts = tile
+                .run(video, false, &mut |t| {
+                    self.encode_untiled(t).map(|(m, l)| vec![m, l])
+                })?
+                .into_iter();
+            return match (parts.next(), parts.next()) {
+                (Some(m), Some(l)) => Ok((m, l)),
+                _ => Err(missing_output("posterior_mean")),
+            };
+        }
+        self.encode_untiled(video)
+    }
+
+    fn encode_untiled(&mut self, video: &Tensor) -> Result<(Tensor, Tensor)> {
         let mut outs = run_batches(
             &mut self.encoder,
             &self.entry.encoder_caches,
@@ -96,6 +122,18 @@ impl Vae {
     /// `latents [B, 16, f, h, w]` (already divided by the scaling factor) → `[B, 3, F, H, W]`.
     pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
         check_5d(latents, "latents", self.entry.latent_channels)?;
+        let tile = self.tile;
+        let f = tile.factor;
+        if tile.applies(self.tiling, latents.shape[3] * f, latents.shape[4] * f) {
+            return tile
+                .run(latents, true, &mut |t| self.decode_untiled(t).map(|s| vec![s]))?
+                .pop()
+                .ok_or_else(|| missing_output("sample"));
+        }
+        self.decode_untiled(latents)
+    }
+
+    fn decode_untiled(&mut self, latents: &Tensor) -> Result<Tensor> {
         let outs = run_batches(
             &mut self.decoder,
             &self.entry.decoder_caches,

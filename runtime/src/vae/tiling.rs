@@ -1,0 +1,231 @@
+//! Spatial tiling of the VAE, as diffusers' `AutoencoderKLCogVideoX.enable_tiling()` does it.
+//!
+//! Frames larger than a tile are cut into overlapping tiles; each tile runs the whole
+//! frame-batch loop on its own (its own causal caches and GroupNorm statistics), and the tiles
+//! are blended linearly over the overlap, then cropped and stitched. Memory is bounded by one
+//! tile of one frame batch whatever the resolution; the result differs slightly from untiled
+//! decoding (each tile normalises alone), exactly as diffusers' tiled result does.
+//!
+//! The order of blending matters and follows diffusers: tiles are visited row by row; each is
+//! first blended with the (already blended) tile above, then with the (already blended) tile
+//! to its left, in place.
+
+use crate::error::{Result, RuntimeError};
+use crate::tensor::Tensor;
+
+/// When to tile.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TilingMode {
+    /// Tile frames of more than [`AUTO_MIN_PIXELS`] that are larger than a tile: real
+    /// resolutions (480×720 and up) are tiled, small test sizes are not.
+    #[default]
+    Auto,
+    /// diffusers' `enable_tiling()`: tile whenever a frame is larger than a tile.
+    On,
+    Off,
+}
+
+/// `auto` leaves frames up to 256×256 pixels untiled.
+pub const AUTO_MIN_PIXELS: usize = 256 * 256;
+
+impl TilingMode {
+    pub fn parse(s: &str) -> Option<TilingMode> {
+        match s {
+            "auto" => Some(TilingMode::Auto),
+            "on" => Some(TilingMode::On),
+            "off" => Some(TilingMode::Off),
+            _ => None,
+        }
+    }
+}
+
+/// Tile geometry in sample pixels (diffusers' attribute names in the docs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tiling {
+    /// `tile_sample_min_height` / `_width`: a tile's size in pixels.
+    pub sample_height: usize,
+    pub sample_width: usize,
+    /// `tile_overlap_factor_height` / `_width`: the fraction of a tile shared with the next.
+    pub overlap_height: f64,
+    pub overlap_width: f64,
+    /// Pixels per latent (`2^(len(block_out_channels) - 1)`).
+    pub factor: usize,
+}
+
+impl Tiling {
+    /// diffusers' defaults for a VAE `config.json`: half the configured sample size, overlaps
+    /// 1/6 (height) and 1/5 (width).
+    pub fn for_config(config: &serde_json::Value) -> Tiling {
+        let get = |k: &str, d: usize| config.get(k).and_then(|v| v.as_u64()).map_or(d, |v| v as usize);
+        let blocks = config
+            .get("block_out_channels")
+            .and_then(|v| v.as_array())
+            .map_or(4, |a| a.len());
+        Tiling {
+            sample_height: get("sample_height", 480) / 2,
+            sample_width: get("sample_width", 720) / 2,
+            overlap_height: 1.0 / 6.0,
+            overlap_width: 1.0 / 5.0,
+            factor: 1 << blocks.saturating_sub(1),
+        }
+    }
+
+    fn latent_height(&self) -> usize {
+        (self.sample_height as f64 / self.factor as f64) as usize
+    }
+
+    fn latent_width(&self) -> usize {
+        (self.sample_width as f64 / self.factor as f64) as usize
+    }
+
+    /// Whether `mode` tiles a frame of `height × width` pixels.
+    pub fn applies(&self, mode: TilingMode, height: usize, width: usize) -> bool {
+        let larger = height > self.sample_height || width > self.sample_width;
+        match mode {
+            TilingMode::Off => false,
+            TilingMode::On => larger,
+            TilingMode::Auto => larger && height * width > AUTO_MIN_PIXELS,
+        }
+    }
+
+    /// Tile geometry for decoding (`to_sample`) or encoding, in input and output units:
+    /// (input tile h, w; input stride h, w; blend extent h, w; kept rows, columns).
+    fn plan(&self, to_sample: bool) -> Result<[usize; 8]> {
+        let (lh, lw) = (self.latent_height(), self.latent_width());
+        let (sh, sw) = (self.sample_height, self.sample_width);
+        let ((ih, iw), (oh, ow)) = if to_sample { ((lh, lw), (sh, sw)) } else { ((sh, sw), (lh, lw)) };
+        let stride_h = (ih as f64 * (1.0 - self.overlap_height)) as usize;
+        let stride_w = (iw as f64 * (1.0 - self.overlap_width)) as usize;
+        let blend_h = (oh as f64 * self.overlap_height) as usize;
+        let blend_w = (ow as f64 * self.overlap_width) as usize;
+        if stride_h == 0 || stride_w == 0 || ih == 0 || iw == 0 {
+            return Err(RuntimeError::Invalid {
+                what: "VAE tiling".into(),
+                message: format!("tile {sh}x{sw} px is too small for a {}x spatial factor", self.factor),
+            });
+        }
+        Ok([ih, iw, stride_h, stride_w, blend_h, blend_w, oh - blend_h, ow - blend_w])
+    }
+
+    /// Runs `f` (the whole frame-batch loop, returning one or more tensors `[B,C,F,h,w]`) tile
+    /// by tile over `x [B,C,F,H,W]` and stitches each output as diffusers does.
+    pub fn run(
+        &self,
+        x: &Tensor,
+        to_sample: bool,
+        f: &mut dyn FnMut(&Tensor) -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
+        let [ih, iw, sh, sw, bh, bw, keep_h, keep_w] = self.plan(to_sample)?;
+        let (h, w) = (x.shape[3], x.shape[4]);
+        let mut rows: Vec<Vec<Vec<Tensor>>> = Vec::new();
+        for i in (0..h).step_by(sh) {
+            let band = x.slice_axis(3, i, (i + ih).min(h))?;
+            let mut row = Vec::new();
+            for j in (0..w).step_by(sw) {
+                row.push(f(&band.slice_axis(4, j, (j + iw).min(w))?)?);
+            }
+            rows.push(row);
+        }
+        let outputs = rows.first().and_then(|r| r.first()).map_or(0, Vec::len);
+        (0..outputs)
+            .map(|k| {
+                let mut grid: Vec<Vec<Tensor>> = rows
+                    .iter_mut()
+                    .map(|r| r.iter_mut().map(|t| std::mem::replace(&mut t[k], Tensor::f32(vec![0], Vec::new()))).collect())
+                    .collect();
+                stitch(&mut grid, bh, bw, keep_h, keep_w)
+            })
+            .collect()
+    }
+}
+
+/// Blends every tile with its upper and left neighbours (in place, in diffusers' order), crops
+/// each to `keep_h × keep_w` and concatenates the grid.
+fn stitch(grid: &mut [Vec<Tensor>], bh: usize, bw: usize, keep_h: usize, keep_w: usize) -> Result<Tensor> {
+    for i in 0..grid.len() {
+        for j in 0..grid[i].len() {
+            if i > 0 {
+                let (above, here) = grid.split_at_mut(i);
+                blend(&above[i - 1][j], &mut here[0][j], 3, bh)?;
+            }
+            if j > 0 {
+                let (left, here) = grid[i].split_at_mut(j);
+                blend(&left[j - 1], &mut here[0], 4, bw)?;
+            }
+        }
+    }
+    let mut bands = Vec::with_capacity(grid.len());
+    for row in grid.iter() {
+        let cropped = row
+            .iter()
+            .map(|t| {
+                let t = t.slice_axis(3, 0, keep_h.min(t.shape[3]))?;
+                t.slice_axis(4, 0, keep_w.min(t.shape[4]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        bands.push(Tensor::concat(&cropped, 4)?);
+    }
+    Tensor::concat(&bands, 3)
+}
+
+/// `b[.., y, ..] = a[.., len_a − e + y, ..]·(1 − y/e) + b[.., y, ..]·(y/e)` for `y < e` along
+/// `axis` (3: rows, 4: columns), with `e = min(extent, a's and b's length)`.
+fn blend(a: &Tensor, b: &mut Tensor, axis: usize, extent: usize) -> Result<()> {
+    let (na, nb) = (a.shape[axis], b.shape[axis]);
+    let e = extent.min(na).min(nb);
+    if e == 0 {
+        return Ok(());
+    }
+    let mismatch = a.shape.iter().zip(&b.shape).enumerate().any(|(d, (x, y))| d != axis && x != y);
+    if a.shape.len() != 5 || b.shape.len() != 5 || mismatch {
+        return Err(RuntimeError::Invalid {
+            what: "VAE tiling".into(),
+            message: format!("cannot blend tiles {:?} and {:?}", a.shape, b.shape),
+        });
+    }
+    let inner: usize = a.shape[axis + 1..].iter().product();
+    let outer: usize = a.shape[..axis].iter().product();
+    let av = a.as_f32("tile")?;
+    let crate::tensor::Data::F32(bv) = &mut b.data else {
+        return Err(RuntimeError::Invalid {
+            what: "VAE tiling".into(),
+            message: "tiles must be f32".into(),
+        });
+    };
+    for o in 0..outer {
+        for y in 0..e {
+            let t = y as f32 / e as f32;
+            let ra = (o * na + na - e + y) * inner;
+            let rb = (o * nb + y) * inner;
+            for c in 0..inner {
+                bv[rb + c] = av[ra + c] * (1.0 - t) + bv[rb + c] * t;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untouched_interior_and_linear_seams() {
+        // Identity "model" on a ramp: blending two copies of the same content keeps it.
+        let t = Tiling {
+            sample_height: 8,
+            sample_width: 8,
+            overlap_height: 0.25,
+            overlap_width: 0.25,
+            factor: 1,
+        };
+        let (h, w) = (14, 20);
+        let v: Vec<f32> = (0..h * w).map(|i| i as f32).collect();
+        let x = Tensor::f32(vec![1, 1, 1, h, w], v.clone());
+        let out = t.run(&x, true, &mut |tile| Ok(vec![tile.clone()])).unwrap();
+        assert_eq!(out[0].shape, vec![1, 1, 1, h, w]);
+        assert_eq!(out[0].as_f32("o").unwrap(), &v[..]);
+        assert!(t.applies(TilingMode::On, 9, 8) && !t.applies(TilingMode::Off, 900, 900));
+        assert!(!t.applies(TilingMode::Auto, 64, 64));
+    }
+}
