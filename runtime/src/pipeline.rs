@@ -120,6 +120,11 @@ impl Pipeline {
         self.vae.posterior_seed = seed;
     }
 
+    /// When the VAE tiles frames (default `auto`: real resolutions, not small test sizes).
+    pub fn set_vae_tiling(&mut self, mode: crate::vae::TilingMode) {
+        self.vae.tiling = mode;
+    }
+
     pub fn strategy(&self) -> Strategy {
         self.dit.strategy
     }

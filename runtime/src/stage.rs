@@ -185,6 +185,7 @@ pub fn run_stage(
     inputs: &BTreeMap<String, Tensor>,
     opts: &SessionOptions,
     lora: Option<&AppliedLora>,
+    vae_tiling: crate::vae::TilingMode,
 ) -> Result<StageRun> {
     if lora.is_some() && stage != Stage::Dit {
         return Err(RuntimeError::Invalid {
@@ -215,6 +216,7 @@ pub fn run_stage(
         }
         Stage::VaeEncode => {
             let mut vae = crate::vae::Vae::load(dir, opts)?;
+            vae.tiling = vae_tiling;
             let load_ms = ms(t0);
             let (mean, logvar) = vae.encode(&inputs["video"])?;
             (
@@ -227,6 +229,7 @@ pub fn run_stage(
         }
         Stage::VaeDecode => {
             let mut vae = crate::vae::Vae::load(dir, opts)?;
+            vae.tiling = vae_tiling;
             let load_ms = ms(t0);
             let sample = vae.decode(&inputs["latents"])?;
             (BTreeMap::from([("sample".to_string(), sample)]), load_ms)

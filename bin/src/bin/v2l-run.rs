@@ -94,6 +94,11 @@ struct GenerateArgs {
     /// Frames per second of the mp4
     #[arg(long, default_value_t = 8)]
     fps: u32,
+    /// Tile the VAE spatially as diffusers' enable_tiling() does: `on` whenever a frame is
+    /// larger than a tile (half the VAE's sample size), `auto` likewise above 256x256 pixels
+    /// (real resolutions; memory bounded by one tile), `off` never
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    vae_tiling: TilingArg,
     /// No progress bar
     #[arg(long)]
     quiet: bool,
@@ -131,6 +136,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TilingArg {
+    Auto,
+    On,
+    Off,
+}
+
+impl From<TilingArg> for v2l_runtime::vae::TilingMode {
+    fn from(t: TilingArg) -> Self {
+        match t {
+            TilingArg::Auto => Self::Auto,
+            TilingArg::On => Self::On,
+            TilingArg::Off => Self::Off,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -195,7 +217,7 @@ fn main() -> ExitCode {
                     }
                     None => None,
                 };
-                let run = run_stage(&dir, stage, &tensors, &opts, lora.as_ref())?;
+                let run = run_stage(&dir, stage, &tensors, &opts, lora.as_ref(), cli.gen.vae_tiling.into())?;
                 let out = run.outputs;
                 write_safetensors(&output, &out)?;
                 if json {
@@ -394,6 +416,7 @@ fn generate(
         }
     };
     pipeline.set_posterior_sampling(g.posterior_seed);
+    pipeline.set_vae_tiling(g.vae_tiling.into());
     let req = Request {
         image: image.frames_first(),
         prompt_embeds,
