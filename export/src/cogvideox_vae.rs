@@ -490,7 +490,11 @@ fn per_frame_conv2d(
 // ---- normalisation --------------------------------------------------------------------------
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)` at `vb` on `[B,C,T,H,W]`: statistics
-/// (mean, biased variance, two passes) over (C/G, T, H, W) of this batch, in f32.
+/// (mean, biased variance) over (C/G, T, H, W) of this batch, in f32.
+///
+/// Lowered as `[B, G, C/G·T·H·W]` → `InstanceNormalization` (one op with its own CPU kernel:
+/// 14.8 ms against 23.9 ms for the ReduceMean/Sub/Mul/ReduceMean/Sqrt/Div chain on a
+/// `[1,256,5,60,90]` tensor; `GroupNormalization`-21 has no ORT CPU kernel) → per-channel affine.
 fn group_norm(
     g: &mut Graph,
     vb: &Scope,
@@ -504,15 +508,13 @@ fn group_norm(
     Ok(g.scoped(vb.prefix(), |g| {
         let shape = g.shape(x);
         let xg = g.reshape_to(x, &[0, groups as i64, -1]);
-        let mean_attrs = || vec![("axes", Attr::Ints(vec![2])), ("keepdims", Attr::Int(1))];
-        let mean = g.op("ReduceMean", &[&xg], mean_attrs());
-        let d = g.sub(&xg, &mean);
-        let d2 = g.mul(&d, &d);
-        let var = g.op("ReduceMean", &[&d2], mean_attrs());
-        let e = g.scalar(eps);
-        let ve = g.add(&var, &e);
-        let sd = g.op("Sqrt", &[&ve], vec![]);
-        let y = g.div(&d, &sd);
+        let ones = g.const_f32(&vec![1.0; groups], &[groups as i64]);
+        let zeros = g.const_f32(&vec![0.0; groups], &[groups as i64]);
+        let y = g.op(
+            "InstanceNormalization",
+            &[&xg, &ones, &zeros],
+            vec![("epsilon", Attr::Float(eps))],
+        );
         let y = g.reshape(&y, &shape);
         let c = channels as i64;
         let gm = g.reshape_to(&gamma, &[c, 1, 1, 1]);
@@ -567,8 +569,10 @@ fn spatial_norm(
     let b = conv1x1(g, &vb.pp("conv_b").pp("conv"), z.zq, z.channels, f_channels)?;
     let n = group_norm(g, &vb.pp("norm_layer"), f, f_channels, groups, FIXED_EPS)?;
     Ok(g.scoped(vb.prefix(), |g| {
-        let mut y = repeat(g, &y, z.rt, z.rs);
-        let mut b = repeat(g, &b, z.rt, z.rs);
+        // Time first, at the latents' small spatial size: repeat each latent frame `rt` times
+        // and keep the last frames (diffusers' odd-frame rule: the first frame stays single).
+        let mut y = repeat(g, &y, z.rt, 1);
+        let mut b = repeat(g, &b, z.rt, 1);
         if z.rt > 1 {
             let tf = g.shape_range(f, 2, 3);
             let start = g.op("Neg", &[&tf], vec![]);
@@ -576,8 +580,26 @@ fn spatial_norm(
             y = g.slice_dyn(&y, 2, &start, &end);
             b = g.slice_dyn(&b, 2, &start, &end);
         }
-        let o = g.mul(&n, &y);
-        g.add(&o, &b)
+        if z.rs == 1 {
+            let o = g.mul(&n, &y);
+            return g.add(&o, &b);
+        }
+        // Space by broadcasting, never materialising the upsampled maps: view the normalised
+        // `[B,C,T,H,W]` as `[B,C,T,h,rs,w,rs]` and the maps as `[B,C,T,h,1,w,1]`. Nearest
+        // upsampling by an integer factor is exactly this replication (same values, bitwise).
+        let shape = g.shape(&n);
+        let bct = g.shape_range(&n, 0, 3);
+        let hw = g.shape_range(&n, 3, 5);
+        let r = g.const_i64(&[z.rs]);
+        let small = g.div(&hw, &r);
+        let (h, w) = (g.slice(&small, 0, 0, 1), g.slice(&small, 0, 1, 2));
+        let s7 = g.concat(&[&bct, &h, &r, &w, &r], 0);
+        let n7 = g.reshape(&n, &s7);
+        let y7 = g.unsqueeze(&y, &[4, 6]);
+        let b7 = g.unsqueeze(&b, &[4, 6]);
+        let o = g.mul(&n7, &y7);
+        let o = g.add(&o, &b7);
+        g.reshape(&o, &shape)
     }))
 }
 
