@@ -14,6 +14,8 @@ pub mod bench_scale;
 pub struct Failure {
     pub message: String,
     pub hint: Option<String>,
+    /// 2 for a command line that cannot work (a missing argument), 1 for bad input or work.
+    pub exit_code: u8,
 }
 
 impl Failure {
@@ -21,6 +23,15 @@ impl Failure {
         Failure {
             message: message.to_string(),
             hint: None,
+            exit_code: 1,
+        }
+    }
+
+    /// A command-line usage error (exit code 2, as clap's own).
+    pub fn usage(message: impl Display) -> Self {
+        Failure {
+            exit_code: 2,
+            ..Failure::new(message)
         }
     }
 
@@ -42,6 +53,7 @@ impl From<v2l_runtime::RuntimeError> for Failure {
         Failure {
             message: e.to_string(),
             hint,
+            exit_code: 1,
         }
     }
 }
@@ -61,7 +73,7 @@ pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
             if let Some(h) = e.hint {
                 eprintln!("hint: {h}");
             }
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code)
         }
     }
 }

@@ -508,6 +508,11 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
     }
     assert!(!out.exists());
 
+    // A missing required argument is a usage error: exit code 2, like clap's own.
+    let o = run("v2l-run", &["--engine", "/nonexistent-engine", "-o", out_s]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--image is required"), "{}", stderr(&o));
+
     // ORT_DYLIB_PATH that does not exist is an error, not a silent fallback.
     let ex = d.path().join("ex");
     let o = run(

@@ -2,8 +2,9 @@
 //!
 //! [`ort_env`] finds and loads ONNX Runtime, [`session::Model`] runs one graph on host
 //! [`tensor::Tensor`]s, [`stage`] runs one pipeline component on a safetensors file of inputs
-//! (the way a user checks an export against PyTorch), and [`vae::Vae`] drives the VAE's
-//! frame-batch loop with its causal-conv cache.
+//! (the way a user checks an export against PyTorch), [`vae::Vae`] drives the VAE's
+//! frame-batch loop with its causal-conv cache (and tiles frames, [`vae::Tiling`]), and
+//! [`limits`] checks a request's sizes and numbers before any work starts.
 
 pub mod backend;
 pub mod bundle;

@@ -32,8 +32,30 @@ fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> Runtim
     let context = context.to_string();
     move |e| RuntimeError::Ort {
         context,
-        message: e.to_string(),
+        message: plain(&e.to_string()),
     }
+}
+
+/// ONNX Runtime's message without terminal colour codes, on one line.
+fn plain(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI sequence: ESC [ parameters final-byte.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(if c == '\n' || c == '\r' { ' ' } else { c });
+    }
+    out.trim().to_string()
 }
 
 impl Model {
@@ -221,5 +243,16 @@ fn from_ort(v: &ort::value::DynValueRef<'_>) -> ort::Result<Tensor> {
             shape: shape.iter().map(|&d| d as usize).collect(),
             data: Data::F32(data.to_vec()),
         })
+    }
+}
+
+#[cfg(test)]
+mod message_tests {
+    #[test]
+    fn colour_codes_and_newlines_are_removed() {
+        assert_eq!(
+            super::plain("\u{1b}[1;31m2026 [E:onnxruntime] bad\u{1b}[m\nshape {2,3}\n"),
+            "2026 [E:onnxruntime] bad shape {2,3}"
+        );
     }
 }

@@ -6,6 +6,7 @@ one warm-up), peak RSS, and the output written for v2l to compare against.
 
   PY torch_baseline.py dit <transformer dir> <inputs.safetensors> <out.safetensors> --threads 2
   PY torch_baseline.py vae-decode <vae dir> <inputs.safetensors> <out.safetensors> --threads 2
+  PY torch_baseline.py make-vae <vae dir>   (a random CogVideoX VAE at the real widths)
 """
 import argparse
 import json
@@ -23,10 +24,10 @@ def peak_rss_mb():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["dit", "vae-decode"])
+    ap.add_argument("what", choices=["dit", "vae-decode", "make-vae"])
     ap.add_argument("model")
-    ap.add_argument("inputs")
-    ap.add_argument("output")
+    ap.add_argument("inputs", nargs="?")
+    ap.add_argument("output", nargs="?")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -34,6 +35,14 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    if a.what == "make-vae":
+        from diffusers import AutoencoderKLCogVideoX
+
+        torch.manual_seed(0)
+        # diffusers' default config is CogVideoX's VAE (block_out_channels 128/256/256/512).
+        AutoencoderKLCogVideoX().save_pretrained(a.model)
+        print(json.dumps({"written": a.model}))
+        return
     x = load_file(a.inputs)
     t0 = time.perf_counter()
     if a.what == "dit":

@@ -94,6 +94,13 @@ enum Command {
         /// Scratch directory (the generated checkpoint is kept there and reused)
         #[arg(long, default_value = "target/v2l-bench-scale")]
         dir: PathBuf,
+        /// VAE decode case as FRAMESxHEIGHTxWIDTH in pixels (repeatable; default 9x240x360,
+        /// 3 latent frames of 30x45); needs --torch-python to generate the real-width VAE
+        #[arg(long = "vae", value_name = "FxHxW")]
+        vae_cases: Vec<String>,
+        /// Skip the VAE measurements
+        #[arg(long)]
+        no_vae: bool,
     },
     /// Time the LoRA fuse kernel against this machine's memcpy bandwidth
     Fuse {
@@ -138,7 +145,23 @@ fn main() -> ExitCode {
             threads,
             repeat,
             dir,
+            vae_cases,
+            no_vae,
         } => {
+            let parse = |s: &String| -> Result<(usize, usize, usize), Failure> {
+                let v: Vec<usize> = s.split('x').filter_map(|p| p.parse().ok()).collect();
+                match v.as_slice() {
+                    [f, h, w] => Ok((*f, *h, *w)),
+                    _ => Err(Failure::new(format!("--vae {s}: expected FRAMESxHEIGHTxWIDTH, e.g. 9x240x360"))),
+                }
+            };
+            let vae_cases = if no_vae {
+                Vec::new()
+            } else if vae_cases.is_empty() {
+                vec![(9, 240, 360)]
+            } else {
+                vae_cases.iter().map(parse).collect::<Result<_, _>>()?
+            };
             let cases = match (frames, height, width) {
                 (Some(f), Some(h), Some(w)) => vec![(f, h, w)],
                 _ => vec![(9, 256, 384), (13, 480, 720)],
@@ -152,6 +175,7 @@ fn main() -> ExitCode {
                 repeat,
                 dir,
                 json: cli.json,
+                vae_cases,
             })
         }
         Command::Fuse {

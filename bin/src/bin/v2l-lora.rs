@@ -91,8 +91,8 @@ enum Command {
         base: PathBuf,
         #[arg(long)]
         lora: PathBuf,
-        /// Multiplier: each layer's fuse scale is scale · alpha / rank
-        #[arg(long, default_value_t = 1.0)]
+        /// Multiplier: each layer's fuse scale is scale · alpha / rank (`--lora-scale` as in v2l-run)
+        #[arg(long, visible_alias = "lora-scale", default_value_t = 1.0, allow_negative_numbers = true)]
         scale: f32,
         /// Output directory (must not exist)
         #[arg(short, long)]

@@ -69,7 +69,8 @@ struct GenerateArgs {
     /// Classifier-free guidance scale
     #[arg(long, default_value_t = 6.0, allow_negative_numbers = true)]
     guidance: f32,
-    /// Seed of v2l's Gaussian noise (the same seed gives the same video)
+    /// Seed of v2l's Gaussian noise (the same seed gives the same video); generation needs
+    /// --seed or --noise
     #[arg(long, conflicts_with = "noise")]
     seed: Option<u64>,
     /// safetensors with `initial_noise [1, f, 16, h, w]` (e.g. torch's, for exact comparisons)
@@ -178,7 +179,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| {
         let engine = cli.engine.as_ref().ok_or_else(|| {
-            Failure::new("no engine given")
+            Failure::usage("no engine given")
                 .with_hint("pass --engine <export dir>, e.g. `v2l-run --engine out/ stage dit ...`")
         })?;
         let opts = SessionOptions {
@@ -309,7 +310,7 @@ fn check_output(path: &std::path::Path, exts: &[&str]) -> Result<(), Failure> {
 
 fn need<'a, T>(v: &'a Option<T>, flag: &str) -> Result<&'a T, Failure> {
     v.as_ref().ok_or_else(|| {
-        Failure::new(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`")
+        Failure::usage(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`")
     })
 }
 
@@ -325,7 +326,7 @@ fn generate(
     let prompt_path = need(&g.prompt_embeds, "--prompt-embeds")?;
     let output = need(&g.output, "-o/--output")?;
     if g.seed.is_none() && g.noise.is_none() {
-        return Err(Failure::new("give --seed N or --noise <safetensors>"));
+        return Err(Failure::usage("give --seed N or --noise <safetensors>"));
     }
     // Everything the command line alone decides is checked before the engine is opened.
     check_output(output, &["mp4"])?;
