@@ -236,33 +236,30 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         let tokens = 226 + feed[3].1.shape[0];
         write_safetensors(&inputs, &feed.into_iter().collect())?;
         let out = case.join("v2l.safetensors");
-        let (mut ms, mut load, mut wall, mut rss) = (vec![], vec![], vec![], vec![]);
-        for i in 0..b.repeat.max(1) {
-            log(&format!(
-                "{frames}x{h}x{w} ({tokens} tokens): v2l run {}/{}",
-                i + 1,
-                b.repeat.max(1)
-            ));
-            let r = run_measured(
-                Command::new(sibling("v2l-run")?)
-                    .arg("--engine")
-                    .arg(&engine)
-                    .args(["--threads", &b.threads.to_string(), "stage", "dit", "--json"])
-                    .arg("--inputs")
-                    .arg(&inputs)
-                    .arg("-o")
-                    .arg(&out),
-            )?;
-            let j = last_json(&r.stdout)?;
-            ms.push(j["run_ms"].as_f64().unwrap_or(f64::NAN));
-            load.push(j["load_ms"].as_f64().unwrap_or(f64::NAN) / 1e3);
-            wall.push(r.wall_s);
-            rss.push(r.peak_rss_mb);
-        }
+        // One process running the step `repeat` times: `ms` is the median step (as a
+        // generation's steps run), `first_ms` the cold first step; then a one-step process for
+        // the whole-process time and peak RSS of `v2l-run stage dit` as a user runs it once.
+        let stage = |repeat: usize| {
+            let mut c = Command::new(sibling("v2l-run")?);
+            c.arg("--engine")
+                .arg(&engine)
+                .args(["--threads", &b.threads.to_string(), "stage", "dit", "--json"])
+                .args(["--repeat", &repeat.to_string(), "--inputs"])
+                .arg(&inputs)
+                .arg("-o")
+                .arg(&out);
+            Ok::<_, Failure>(c)
+        };
+        log(&format!("{frames}x{h}x{w} ({tokens} tokens): v2l, {} steps in one process", b.repeat.max(1)));
+        let steps = last_json(&run_measured(&mut stage(b.repeat.max(1))?)?.stdout)?;
+        log(&format!("{frames}x{h}x{w}: v2l, one step as a whole process"));
+        let once = run_measured(&mut stage(1)?)?;
+        let j = last_json(&once.stdout)?;
         let mut row = serde_json::json!({
             "layers": b.layers, "precision": b.precision, "frames": frames, "height": h,
-            "width": w, "tokens": tokens, "ms": median(ms), "process_s": median(wall),
-            "peak_rss_mb": median(rss), "load_s": median(load), "lora_switch_ms": switch_ms,
+            "width": w, "tokens": tokens, "ms": steps["run_ms"], "runs_ms": steps["runs_ms"],
+            "first_ms": j["run_ms"], "process_s": once.wall_s, "peak_rss_mb": once.peak_rss_mb,
+            "load_s": j["load_ms"].as_f64().map(|v| v / 1e3), "lora_switch_ms": switch_ms,
             "bound_heap_mb": bound_mb,
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
@@ -281,6 +278,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             )?;
             let j = last_json(&r.stdout)?;
             row["torch_ms"] = j["ms"].clone();
+            row["torch_runs_ms"] = j["runs_ms"].clone();
             row["torch_peak_rss_mb"] = r.peak_rss_mb.into();
             let a = read_safetensors(&out)?;
             let t = read_safetensors(&tout)?;

@@ -136,6 +136,10 @@ enum Command {
         /// Print one JSON object on stdout: output shapes, session build and run time (ms)
         #[arg(long)]
         json: bool,
+        /// Run the component this many times on one loaded session (timings: the median, and
+        /// every run with --json; the first run pays for first-touch memory)
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
 }
 
@@ -196,6 +200,7 @@ fn main() -> ExitCode {
                 compare,
                 compare_names,
                 json,
+                repeat,
             }) => {
                 let stage = Stage::from(stage);
                 v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
@@ -218,7 +223,16 @@ fn main() -> ExitCode {
                     }
                     None => None,
                 };
-                let run = run_stage(&dir, stage, &tensors, &opts, lora.as_ref(), cli.gen.vae_tiling.into())?;
+                v2l_runtime::limits::Limits::check_count("--repeat", repeat, 1000, "a smaller --repeat")?;
+                let run = run_stage(
+                    &dir,
+                    stage,
+                    &tensors,
+                    &opts,
+                    lora.as_ref(),
+                    cli.gen.vae_tiling.into(),
+                    repeat,
+                )?;
                 let out = run.outputs;
                 write_safetensors(&output, &out)?;
                 if json {
@@ -230,6 +244,7 @@ fn main() -> ExitCode {
                         "{}",
                         serde_json::json!({
                             "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
+                            "runs_ms": run.runs_ms,
                         })
                     );
                 } else {
