@@ -15,6 +15,68 @@ mod gelu;
 pub use attention::{fuse_attention, MS_DOMAIN};
 pub use gelu::fuse_gelu;
 
+/// What a fusion matches on: initializers by name, the node producing each tensor and the
+/// nodes reading it.
+struct Index<'g> {
+    inits: HashMap<&'g str, &'g proto::TensorProto>,
+    producer: HashMap<&'g str, usize>,
+    consumers: HashMap<&'g str, Vec<usize>>,
+}
+
+impl<'g> Index<'g> {
+    fn new(graph: &'g proto::GraphProto) -> Index<'g> {
+        let mut ix = Index {
+            inits: graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect(),
+            producer: HashMap::new(),
+            consumers: HashMap::new(),
+        };
+        for (i, n) in graph.node.iter().enumerate() {
+            for o in &n.output {
+                ix.producer.insert(o.as_str(), i);
+            }
+            for x in &n.input {
+                ix.consumers.entry(x.as_str()).or_default().push(i);
+            }
+        }
+        ix
+    }
+}
+
+/// The end of every fusion: node `i` of `replace` takes the place of node `i`, the `removed`
+/// ones disappear, initializers nothing reads any more are dropped and the contrib domain is
+/// declared.
+fn splice(
+    model: &mut ModelProto,
+    removed: &std::collections::HashSet<usize>,
+    mut replace: HashMap<usize, Vec<proto::NodeProto>>,
+) {
+    let Some(graph) = model.graph.as_mut() else {
+        return;
+    };
+    let old = std::mem::take(&mut graph.node);
+    for (i, n) in old.into_iter().enumerate() {
+        if let Some(new) = replace.remove(&i) {
+            graph.node.extend(new);
+        } else if !removed.contains(&i) {
+            graph.node.push(n);
+        }
+    }
+    drop_unused_initializers(graph);
+    import_ms_domain(model);
+}
+
+/// The value of a scalar f32 initializer (fusions read their constants with it).
+fn scalar_f32(t: &proto::TensorProto) -> Option<f32> {
+    if t.data_type != DType::F32.onnx_code() || t.dims.iter().product::<i64>() != 1 {
+        return None;
+    }
+    match (t.raw_data.as_slice(), t.float_data.first()) {
+        ([a, b, c, d], _) => Some(f32::from_le_bytes([*a, *b, *c, *d])),
+        (_, Some(v)) => Some(*v),
+        _ => None,
+    }
+}
+
 /// Removes initializers no node reads and that are not graph inputs (left behind by fusions).
 fn drop_unused_initializers(graph: &mut proto::GraphProto) {
     let used: std::collections::HashSet<String> = graph

@@ -36,18 +36,6 @@ fn attr_ints<'a>(n: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
         .map(|a| a.ints.as_slice())
 }
 
-/// The value of a scalar f32 initializer.
-fn scalar_f32(t: &proto::TensorProto) -> Option<f32> {
-    if t.data_type != crate::DType::F32.onnx_code() || t.dims.iter().product::<i64>() != 1 {
-        return None;
-    }
-    match (t.raw_data.as_slice(), t.float_data.first()) {
-        ([a, b, c, d], _) => Some(f32::from_le_bytes([*a, *b, *c, *d])),
-        (_, Some(v)) => Some(*v),
-        _ => None,
-    }
-}
-
 fn i64s(t: &proto::TensorProto) -> Vec<i64> {
     t.raw_data
         .chunks_exact(8)
@@ -75,21 +63,8 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
-    let inits: HashMap<&str, &proto::TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
-    let mut producer: HashMap<&str, usize> = HashMap::new();
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in graph.node.iter().enumerate() {
-        for o in &n.output {
-            producer.insert(o.as_str(), i);
-        }
-        for x in &n.input {
-            consumers.entry(x.as_str()).or_default().push(i);
-        }
-    }
+    let ix = super::Index::new(graph);
+    let (inits, producer, consumers) = (&ix.inits, &ix.producer, &ix.consumers);
     let nodes = &graph.node;
     let op = |i: usize, t: &str| nodes.get(i).filter(|n| n.op_type == t && n.domain.is_empty());
     let from = |name: &str, t: &str| producer.get(name).copied().and_then(|i| op(i, t).map(|n| (i, n)));
@@ -111,7 +86,7 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
                 (None, Some(t)) => (mul.input.get(1)?, t),
                 _ => return None,
             };
-            let scale = scalar_f32(scale_init)?;
+            let scale = super::scalar_f32(scale_init)?;
             let (qi, qk) = from(scores, "MatMul")?;
             only_use(qk.output.first()?, "Mul")?;
             // Each of q, kᵀ, v is a Transpose (read only here) of a `[B,S,H,Dh]` tensor.
@@ -195,16 +170,7 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
         new.push(mha);
         replace.insert(m.reshape, new);
     }
-    let old = std::mem::take(&mut graph.node);
-    for (i, n) in old.into_iter().enumerate() {
-        if let Some(new) = replace.remove(&i) {
-            graph.node.extend(new);
-        } else if !removed.contains(&i) {
-            graph.node.push(n);
-        }
-    }
-    // The scale constants are now attributes.
-    super::drop_unused_initializers(graph);
-    super::import_ms_domain(model);
+    // The scale constants are now attributes and get dropped.
+    super::splice(model, &removed, replace);
     count
 }

@@ -16,15 +16,7 @@ use super::attention::MS_DOMAIN;
 use crate::proto::{self, ModelProto, NodeProto};
 
 fn scalar(inits: &HashMap<&str, &proto::TensorProto>, name: &str) -> Option<f32> {
-    let t = inits.get(name)?;
-    if t.data_type != crate::DType::F32.onnx_code() || t.dims.iter().product::<i64>() != 1 {
-        return None;
-    }
-    match (t.raw_data.as_slice(), t.float_data.first()) {
-        ([a, b, c, d], _) => Some(f32::from_le_bytes([*a, *b, *c, *d])),
-        (_, Some(v)) => Some(*v),
-        _ => None,
-    }
+    super::scalar_f32(inits.get(name)?)
 }
 
 /// Rewrites every tanh-GELU of the exported form; returns how many were fused.
@@ -32,33 +24,21 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
-    let inits: HashMap<&str, &proto::TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
-    let mut producer: HashMap<&str, usize> = HashMap::new();
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for (i, n) in graph.node.iter().enumerate() {
-        for o in &n.output {
-            producer.insert(o.as_str(), i);
-        }
-        for x in &n.input {
-            *uses.entry(x.as_str()).or_default() += 1;
-        }
-    }
+    let ix = super::Index::new(graph);
+    let (inits, producer) = (&ix.inits, &ix.producer);
+    let reads = |name: &str| ix.consumers.get(name).map_or(0, Vec::len);
     let nodes = &graph.node;
     let near = |v: Option<f32>, want: f32| v.is_some_and(|v| (v - want).abs() <= 1e-6 * want.abs());
     // The producer of `name` if it is a default-domain `op` whose output nothing else reads.
     let inner = |name: &str, op: &str| -> Option<(usize, &NodeProto)> {
         let i = *producer.get(name)?;
         let n = nodes.get(i)?;
-        (n.op_type == op && n.domain.is_empty() && uses.get(name) == Some(&1)).then_some((i, n))
+        (n.op_type == op && n.domain.is_empty() && reads(name) == 1).then_some((i, n))
     };
     // Splits a binary node's inputs into (the non-constant one, the scalar constant).
     let with_const = |n: &NodeProto| -> Option<(String, Option<f32>)> {
         let (a, b) = (n.input.first()?, n.input.get(1)?);
-        match (scalar(&inits, a), scalar(&inits, b)) {
+        match (scalar(inits, a), scalar(inits, b)) {
             (None, c @ Some(_)) => Some((a.clone(), c)),
             (c @ Some(_), None) => Some((b.clone(), c)),
             _ => None,
@@ -121,31 +101,22 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
     }
     let count = fused.len();
     let removed: HashSet<usize> = fused.iter().flat_map(|f| f.1.iter().copied()).collect();
-    let mut replace: HashMap<usize, NodeProto> = HashMap::new();
+    let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     for (yi, _, x, out) in fused {
         let name = &graph.node[yi].name;
         let base = name.rsplit_once('/').map(|(p, _)| p).unwrap_or(name);
         replace.insert(
             yi,
-            NodeProto {
+            vec![NodeProto {
                 input: vec![x],
                 output: vec![out],
                 name: format!("{base}/FastGelu"),
                 op_type: "FastGelu".into(),
                 domain: MS_DOMAIN.into(),
                 ..Default::default()
-            },
+            }],
         );
     }
-    let old = std::mem::take(&mut graph.node);
-    for (i, n) in old.into_iter().enumerate() {
-        if let Some(new) = replace.remove(&i) {
-            graph.node.push(new);
-        } else if !removed.contains(&i) {
-            graph.node.push(n);
-        }
-    }
-    super::drop_unused_initializers(graph);
-    super::import_ms_domain(model);
+    super::splice(model, &removed, replace);
     count
 }
