@@ -96,10 +96,24 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
     save(&ex.graph, &path, ExternalData::Auto).unwrap();
     let mut m = v2l_graphs::read_model(&path).unwrap();
     let heads = ex.config.num_attention_heads as i64;
-    assert_eq!(v2l_graphs::passes::fuse_attention(&mut m, heads), 2, "one per block");
+    assert_eq!(
+        v2l_graphs::passes::fuse_attention(&mut m, heads),
+        2,
+        "one per block"
+    );
     assert_eq!(v2l_graphs::passes::fuse_gelu(&mut m), 2, "one per block");
-    let ops: Vec<&str> = m.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
-    assert!(!ops.contains(&"Softmax") && !ops.contains(&"Tanh"), "{ops:?}");
+    let ops: Vec<&str> = m
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.op_type.as_str())
+        .collect();
+    assert!(
+        !ops.contains(&"Softmax") && !ops.contains(&"Tanh"),
+        "{ops:?}"
+    );
     // A second pass finds nothing left to fuse.
     assert_eq!(v2l_graphs::passes::fuse_attention(&mut m, heads), 0);
     assert_eq!(v2l_graphs::passes::fuse_gelu(&mut m), 0);
@@ -109,7 +123,13 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
     let io = load("dit_io.safetensors");
     let inputs = pick(
         &io,
-        &["hidden_states", "encoder_hidden_states", "timestep", "rope_cos", "rope_sin"],
+        &[
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "rope_cos",
+            "rope_sin",
+        ],
     );
     let out = Model::load(&fused, &SessionOptions::default())
         .unwrap()

@@ -97,15 +97,35 @@ fn tiled_vae_matches_diffusers_enable_tiling() {
     let io = load("vae_io.safetensors");
     let tiled = load("vae_tiling_io.safetensors");
     let (mean, logvar) = vae.encode(&io["video"]).unwrap();
-    assert_close("tiled posterior_mean", &mean, &tiled["tiled_posterior_mean"], F32_REL_L2);
-    assert_close("tiled posterior_logvar", &logvar, &tiled["tiled_posterior_logvar"], F32_REL_L2);
+    assert_close(
+        "tiled posterior_mean",
+        &mean,
+        &tiled["tiled_posterior_mean"],
+        F32_REL_L2,
+    );
+    assert_close(
+        "tiled posterior_logvar",
+        &logvar,
+        &tiled["tiled_posterior_logvar"],
+        F32_REL_L2,
+    );
     let decoded = vae.decode(&io["latents"]).unwrap();
-    assert_close("tiled decoded", &decoded, &tiled["tiled_decoded"], F32_REL_L2);
+    assert_close(
+        "tiled decoded",
+        &decoded,
+        &tiled["tiled_decoded"],
+        F32_REL_L2,
+    );
     // Tiling really happened: the tiled result is not the untiled one.
     let seam = decoded.rel_l2(&io["decoded"]);
     eprintln!("tiled vs untiled decode: relative L2 {seam:.3e}");
     assert!(seam > 1e-3, "{seam}");
     // `auto` leaves these small frames untiled.
     vae.tiling = TilingMode::Auto;
-    assert_close("auto decoded", &vae.decode(&io["latents"]).unwrap(), &io["decoded"], F32_REL_L2);
+    assert_close(
+        "auto decoded",
+        &vae.decode(&io["latents"]).unwrap(),
+        &io["decoded"],
+        F32_REL_L2,
+    );
 }

@@ -95,9 +95,10 @@ fn last_json(stdout: &str) -> Result<serde_json::Value, Failure> {
 
 /// The CogVideoX-5B I2V config (32 input channels) with `layers` blocks.
 pub fn cogvideox_5b_config(layers: usize) -> Result<serde_json::Value, Failure> {
-    let mut c: serde_json::Value =
-        serde_json::from_str(include_str!("../../tests/fixtures/fullscale_linear_shapes.json"))
-            .map_err(|e| fail(format!("embedded shapes: {e}")))?;
+    let mut c: serde_json::Value = serde_json::from_str(include_str!(
+        "../../tests/fixtures/fullscale_linear_shapes.json"
+    ))
+    .map_err(|e| fail(format!("embedded shapes: {e}")))?;
     let mut config = c["cogvideox-fun-5b-inp"]["config"].take();
     config["num_layers"] = layers.into();
     config["in_channels"] = 32.into();
@@ -124,7 +125,11 @@ fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64)
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|c| c == config);
     if !same {
-        log(&format!("generating {} (f32, {} blocks)", ck.display(), b.layers));
+        log(&format!(
+            "generating {} (f32, {} blocks)",
+            ck.display(),
+            b.layers
+        ));
         let _ = std::fs::remove_dir_all(&ck);
         let cfg: cogvideox_dit::DitConfig =
             serde_json::from_value(config.clone()).map_err(|e| fail(format!("config: {e}")))?;
@@ -243,16 +248,27 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             let mut c = Command::new(sibling("v2l-run")?);
             c.arg("--engine")
                 .arg(&engine)
-                .args(["--threads", &b.threads.to_string(), "stage", "dit", "--json"])
+                .args([
+                    "--threads",
+                    &b.threads.to_string(),
+                    "stage",
+                    "dit",
+                    "--json",
+                ])
                 .args(["--repeat", &repeat.to_string(), "--inputs"])
                 .arg(&inputs)
                 .arg("-o")
                 .arg(&out);
             Ok::<_, Failure>(c)
         };
-        log(&format!("{frames}x{h}x{w} ({tokens} tokens): v2l, {} steps in one process", b.repeat.max(1)));
+        log(&format!(
+            "{frames}x{h}x{w} ({tokens} tokens): v2l, {} steps in one process",
+            b.repeat.max(1)
+        ));
         let steps = last_json(&run_measured(&mut stage(b.repeat.max(1))?)?.stdout)?;
-        log(&format!("{frames}x{h}x{w}: v2l, one step as a whole process"));
+        log(&format!(
+            "{frames}x{h}x{w}: v2l, one step as a whole process"
+        ));
         let once = run_measured(&mut stage(1)?)?;
         let j = last_json(&once.stdout)?;
         let mut row = serde_json::json!({
@@ -328,11 +344,27 @@ fn bench_vae(
         let _ = std::fs::remove_dir_all(d);
     }
     let quiet = |c: &mut Command| -> Result<(), Failure> {
-        let ok = c.stdout(std::process::Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
-        ok.then_some(()).ok_or_else(|| fail(format!("{c:?} failed")))
+        let ok = c
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(())
+            .ok_or_else(|| fail(format!("{c:?} failed")))
     };
-    quiet(Command::new(sibling("v2l-export")?).arg("vae").arg(&ck).arg("-o").arg(&export))?;
-    quiet(Command::new(sibling("v2l-compile")?).arg(&export).arg("-o").arg(&engine))?;
+    quiet(
+        Command::new(sibling("v2l-export")?)
+            .arg("vae")
+            .arg(&ck)
+            .arg("-o")
+            .arg(&export),
+    )?;
+    quiet(
+        Command::new(sibling("v2l-compile")?)
+            .arg(&export)
+            .arg("-o")
+            .arg(&engine),
+    )?;
     let config: serde_json::Value = std::fs::read_to_string(ck.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -341,7 +373,9 @@ fn bench_vae(
     let mut rows = Vec::new();
     for &(frames, h, w) in &b.vae_cases {
         if frames == 0 || (frames - 1) % 4 != 0 || h % 8 != 0 || w % 8 != 0 {
-            return Err(fail(format!("VAE case {frames}x{h}x{w}: frames 1 + 4k, sizes multiples of 8")));
+            return Err(fail(format!(
+                "VAE case {frames}x{h}x{w}: frames 1 + 4k, sizes multiples of 8"
+            )));
         }
         let (lf, lh, lw) = ((frames - 1) / 4 + 1, h / 8, w / 8);
         let tiled = tile.applies(v2l_runtime::vae::TilingMode::Auto, h, w);
@@ -349,14 +383,25 @@ fn bench_vae(
         std::fs::create_dir_all(&case).map_err(|e| fail(format!("{}: {e}", case.display())))?;
         let inputs = case.join("inputs.safetensors");
         let latents = v2l_runtime::tensor::gaussian_noise(vec![1, 16, lf, lh, lw], 5);
-        write_safetensors(&inputs, &[("latents".to_string(), latents)].into_iter().collect())?;
+        write_safetensors(
+            &inputs,
+            &[("latents".to_string(), latents)].into_iter().collect(),
+        )?;
         let out = case.join("v2l.safetensors");
-        log(&format!("VAE decode {lf}x{lh}x{lw} latents -> {frames}x{h}x{w} (tiled: {tiled}): v2l"));
+        log(&format!(
+            "VAE decode {lf}x{lh}x{lw} latents -> {frames}x{h}x{w} (tiled: {tiled}): v2l"
+        ));
         let r = run_measured(
             Command::new(sibling("v2l-run")?)
                 .arg("--engine")
                 .arg(&engine)
-                .args(["--threads", &b.threads.to_string(), "stage", "vae-decode", "--json"])
+                .args([
+                    "--threads",
+                    &b.threads.to_string(),
+                    "stage",
+                    "vae-decode",
+                    "--json",
+                ])
                 .args(["--vae-tiling", "auto", "--inputs"])
                 .arg(&inputs)
                 .arg("-o")
@@ -371,7 +416,11 @@ fn bench_vae(
         log(&format!("VAE decode {frames}x{h}x{w}: PyTorch"));
         let tout = case.join("torch.safetensors");
         let mut cmd = Command::new(py);
-        cmd.arg(script).arg("vae-decode").arg(&ck).arg(&inputs).arg(&tout);
+        cmd.arg(script)
+            .arg("vae-decode")
+            .arg(&ck)
+            .arg(&inputs)
+            .arg(&tout);
         cmd.args(["--threads", &b.threads.to_string()]);
         if tiled {
             cmd.arg("--tiling");
@@ -386,7 +435,12 @@ fn bench_vae(
             row["rel_l2_vs_torch"] = a.rel_l2(t).into();
         }
         if !b.json {
-            let f = |k: &str| row[k].as_f64().map(|v| format!("{v:.1}")).unwrap_or("-".into());
+            let f = |k: &str| {
+                row[k]
+                    .as_f64()
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or("-".into())
+            };
             println!(
                 "VAE decode {frames}x{h}x{w} (tiled: {tiled}): v2l {} ms, peak {} MB | torch {} ms, peak {} MB | rel L2 {}",
                 f("ms"), f("peak_rss_mb"), f("torch_ms"), f("torch_peak_rss_mb"),
@@ -414,7 +468,12 @@ fn status_mb(field: &str) -> f64 {
 /// rank-`rank` LoRA on every targeted layer (the union rewrite from the base, `SwitchableWeights`).
 /// Returns (median switch ms, anonymous resident MB the loaded runner added: heap, not the
 /// page cache of the memory-mapped base weights).
-fn bench_switch(engine: &std::path::Path, threads: usize, repeat: usize, rank: usize) -> Result<(f64, f64), Failure> {
+fn bench_switch(
+    engine: &std::path::Path,
+    threads: usize,
+    repeat: usize,
+    rank: usize,
+) -> Result<(f64, f64), Failure> {
     use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
     use v2l_runtime::lora::strategy::{DitRunner, Strategy};
     use v2l_runtime::stage::{AppliedLora, ExportDir};
@@ -429,7 +488,8 @@ fn bench_switch(engine: &std::path::Path, threads: usize, repeat: usize, rank: u
         .enumerate()
         .map(|(i, t)| {
             let a = v2l_runtime::tensor::gaussian_noise(vec![rank * t.in_features], 2 * i as u64);
-            let b = v2l_runtime::tensor::gaussian_noise(vec![t.out_features * rank], 2 * i as u64 + 1);
+            let b =
+                v2l_runtime::tensor::gaussian_noise(vec![t.out_features * rank], 2 * i as u64 + 1);
             let small = |v: &[f32]| v.iter().map(|x| x * 0.01).collect::<Vec<f32>>();
             Ok(LoraLayer {
                 module: t.name.clone(),
@@ -458,7 +518,11 @@ fn bench_switch(engine: &std::path::Path, threads: usize, repeat: usize, rank: u
 }
 
 fn print_row(r: &serde_json::Value) {
-    let f = |k: &str| r[k].as_f64().map(|v| format!("{v:.1}")).unwrap_or("-".into());
+    let f = |k: &str| {
+        r[k].as_f64()
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or("-".into())
+    };
     let ratio = match (r["ms"].as_f64(), r["torch_ms"].as_f64()) {
         (Some(a), Some(b)) => format!("{:.2}x", b / a),
         _ => "-".into(),
@@ -470,4 +534,3 @@ fn print_row(r: &serde_json::Value) {
         r["rel_l2_vs_torch"].as_f64().map(|v| format!("{v:.2e}")).unwrap_or("-".into()),
     );
 }
-

@@ -417,7 +417,17 @@ fn bad_numbers_sizes_and_metadata_are_refused_before_work() {
     for scale in ["inf", "NaN"] {
         let o = run(
             "v2l-lora",
-            &["fuse", "--base", &transformer, "--lora", &peft, "--scale", scale, "-o", &fused],
+            &[
+                "fuse",
+                "--base",
+                &transformer,
+                "--lora",
+                &peft,
+                "--scale",
+                scale,
+                "-o",
+                &fused,
+            ],
         );
         assert_clean_failure(&o, "--scale");
     }
@@ -431,7 +441,15 @@ fn bad_numbers_sizes_and_metadata_are_refused_before_work() {
         (&["--height", "50", "--width", "64"][..], "--height: 50"),
         (&["--lora-weight", "NaN"][..], "--lora-weight"),
     ] {
-        let mut args = vec!["predict", "--engine", &engine, "--reference", &reference, "-o", &out];
+        let mut args = vec![
+            "predict",
+            "--engine",
+            &engine,
+            "--reference",
+            &reference,
+            "-o",
+            &out,
+        ];
         args.extend_from_slice(extra);
         assert_clean_failure(&run("v2l-lora", &args), needle);
     }
@@ -443,7 +461,14 @@ fn bad_numbers_sizes_and_metadata_are_refused_before_work() {
     let before = std::fs::read(&copy).unwrap();
     let o = run(
         "v2l-lora",
-        &["convert", &ts(copy.clone()), "-o", &ts(copy.clone()), "--format", "kohya"],
+        &[
+            "convert",
+            &ts(copy.clone()),
+            "-o",
+            &ts(copy.clone()),
+            "--format",
+            "kohya",
+        ],
     );
     assert_clean_failure(&o, "the output is the input file");
     assert_eq!(std::fs::read(&copy).unwrap(), before);
@@ -451,8 +476,14 @@ fn bad_numbers_sizes_and_metadata_are_refused_before_work() {
     // Metadata that cannot be read is an error, never a silent alpha = rank.
     for (meta, needle) in [
         ("{not json", "not valid JSON"),
-        (r#"{"transformer.lora_alpha": "lots"}"#, "lora_alpha is \"lots\""),
-        (r#"{"lora_alpha": 8, "alpha_pattern": {"x": null}}"#, "alpha_pattern `x`"),
+        (
+            r#"{"transformer.lora_alpha": "lots"}"#,
+            "lora_alpha is \"lots\"",
+        ),
+        (
+            r#"{"lora_alpha": 8, "alpha_pattern": {"x": null}}"#,
+            "alpha_pattern `x`",
+        ),
     ] {
         let f = d.path().join("meta.safetensors");
         peft_with_metadata(&f, Some(meta));
@@ -464,8 +495,16 @@ fn bad_numbers_sizes_and_metadata_are_refused_before_work() {
     let o = run(
         "v2l-export",
         &[
-            "pipeline", &ts(t.clone()), "--hypernet", &ts(t.join("hypernetwork.safetensors")),
-            "--lilora", &ts(t.join("lilora.safetensors")), "--iterations", "100000", "-o", &ts(ex.clone()),
+            "pipeline",
+            &ts(t.clone()),
+            "--hypernet",
+            &ts(t.join("hypernetwork.safetensors")),
+            "--lilora",
+            &ts(t.join("lilora.safetensors")),
+            "--iterations",
+            "100000",
+            "-o",
+            &ts(ex.clone()),
         ],
     );
     assert_clean_failure(&o, "V2L_MAX_ITERATIONS");
@@ -482,13 +521,34 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
     let out = d.path().join("a.mp4");
     let (image, out_s) = (image.to_str().unwrap(), out.to_str().unwrap());
     let base = [
-        "--engine", "/nonexistent-engine", "--image", image, "--prompt-embeds", "p.safetensors",
-        "--seed", "1",
+        "--engine",
+        "/nonexistent-engine",
+        "--image",
+        image,
+        "--prompt-embeds",
+        "p.safetensors",
+        "--seed",
+        "1",
     ];
     let cases: &[(&[&str], &str)] = &[
-        (&["--frames", "9", "--height", "0", "--width", "64", "-o", out_s], "--height: 0"),
-        (&["--frames", "9", "--height", "100000", "--width", "64", "-o", out_s], "V2L_MAX_PIXELS"),
-        (&["--frames", "1000001", "--height", "64", "--width", "64", "-o", out_s], "V2L_MAX_FRAMES"),
+        (
+            &[
+                "--frames", "9", "--height", "0", "--width", "64", "-o", out_s,
+            ],
+            "--height: 0",
+        ),
+        (
+            &[
+                "--frames", "9", "--height", "100000", "--width", "64", "-o", out_s,
+            ],
+            "V2L_MAX_PIXELS",
+        ),
+        (
+            &[
+                "--frames", "1000001", "--height", "64", "--width", "64", "-o", out_s,
+            ],
+            "V2L_MAX_FRAMES",
+        ),
         (&["--threads", "100000", "-o", out_s], "V2L_MAX_THREADS"),
         (&["--steps", "0", "-o", out_s], "--steps"),
         (&["--guidance", "NaN", "-o", out_s], "--guidance: NaN"),
@@ -496,8 +556,14 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
         (&["--lora-scale", "NaN", "-o", out_s], "--lora-scale: NaN"),
         (&["--fps", "0", "-o", out_s], "--fps 0"),
         (&["-o", "/dev/null"], "needs a .mp4 extension"),
-        (&["-o", "/nonexistent-dir/a.mp4"], "output directory does not exist"),
-        (&["--dump", "/nonexistent-dir/d.safetensors", "-o", out_s], "output directory does not exist"),
+        (
+            &["-o", "/nonexistent-dir/a.mp4"],
+            "output directory does not exist",
+        ),
+        (
+            &["--dump", "/nonexistent-dir/d.safetensors", "-o", out_s],
+            "output directory does not exist",
+        ),
         // A negative guidance parses (as `--guidance=-1` always did); the missing engine is next.
         (&["--guidance", "-1", "-o", out_s], "/nonexistent-engine"),
     ];
@@ -517,13 +583,22 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
     let ex = d.path().join("ex");
     let o = run(
         "v2l-export",
-        &["dit", t.join("transformer").to_str().unwrap(), "-o", ex.to_str().unwrap()],
+        &[
+            "dit",
+            t.join("transformer").to_str().unwrap(),
+            "-o",
+            ex.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
         .args(["--engine", ex.to_str().unwrap(), "stage", "dit"])
-        .args(["--inputs", t.join("dit_io.safetensors").to_str().unwrap(), "-o"])
+        .args([
+            "--inputs",
+            t.join("dit_io.safetensors").to_str().unwrap(),
+            "-o",
+        ])
         .arg(d.path().join("o.safetensors"))
         .output()
         .unwrap();
@@ -539,7 +614,12 @@ fn edited_bundle_json_is_refused() {
     let ex = d.path().join("ex");
     let o = run(
         "v2l-export",
-        &["dit", t.join("transformer").to_str().unwrap(), "-o", ex.to_str().unwrap()],
+        &[
+            "dit",
+            t.join("transformer").to_str().unwrap(),
+            "-o",
+            ex.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let compile = |backend: &str, out: &Path| {
@@ -562,11 +642,19 @@ fn edited_bundle_json_is_refused() {
     let inputs = t.join("dit_io.safetensors");
     let out = d.path().join("o.safetensors");
     let stage = |eng: &Path| {
-        stage_dit(eng.to_str().unwrap(), inputs.to_str().unwrap(), out.to_str().unwrap(), &[])
+        stage_dit(
+            eng.to_str().unwrap(),
+            inputs.to_str().unwrap(),
+            out.to_str().unwrap(),
+            &[],
+        )
     };
     assert!(stage(&eng).status.success());
     let text = std::fs::read_to_string(eng.join("bundle.json")).unwrap();
-    for (from, to) in [("\"bound\"", "\"fused\""), ("\"weight_hash\": \"", "\"weight_hash\": \"0")] {
+    for (from, to) in [
+        ("\"bound\"", "\"fused\""),
+        ("\"weight_hash\": \"", "\"weight_hash\": \"0"),
+    ] {
         assert!(text.contains(from), "{from}");
         std::fs::write(eng.join("bundle.json"), text.replacen(from, to, 1)).unwrap();
         assert_clean_failure(&stage(&eng), "was edited after `v2l-compile` wrote it");
@@ -591,7 +679,13 @@ fn failed_pipeline_export_leaves_nothing() {
     let good = std::fs::read_to_string(&sched).unwrap();
     let re = good
         .lines()
-        .map(|l| if l.contains("num_train_timesteps") { "  \"num_train_timesteps\": -3," } else { l })
+        .map(|l| {
+            if l.contains("num_train_timesteps") {
+                "  \"num_train_timesteps\": -3,"
+            } else {
+                l
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(&sched, re).unwrap();
@@ -606,13 +700,26 @@ fn failed_pipeline_export_leaves_nothing() {
     let o = run(
         "v2l-export",
         &[
-            "pipeline", m, "--hypernet", t.join("hypernetwork.safetensors").to_str().unwrap(),
-            "--lilora", t.join("transformer/config.json").to_str().unwrap(), "-o", out.to_str().unwrap(),
+            "pipeline",
+            m,
+            "--hypernet",
+            t.join("hypernetwork.safetensors").to_str().unwrap(),
+            "--lilora",
+            t.join("transformer/config.json").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
         ],
     );
     assert_clean_failure(&o, "config.json");
     assert!(!out.exists(), "a failed export left {out:?}");
-    let leftovers: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(leftovers.len(), 1, "staging directories left: {leftovers:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "staging directories left: {leftovers:?}"
+    );
     assert!(!stderr(&o).contains(".v2l-export-"), "{}", stderr(&o));
 }

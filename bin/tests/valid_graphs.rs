@@ -60,7 +60,11 @@ fn every_written_graph_passes_the_onnx_checker() {
         ],
     );
     let mut models = onnx_files(&export);
-    assert_eq!(models.len(), 4, "dit, vae encoder/decoder, hypernet: {models:?}");
+    assert_eq!(
+        models.len(),
+        4,
+        "dit, vae encoder/decoder, hypernet: {models:?}"
+    );
     for backend in ["cpu", "cuda", "tensorrt"] {
         let engine = d.path().join(format!("engine-{backend}"));
         run(
@@ -85,5 +89,8 @@ fn every_written_graph_passes_the_onnx_checker() {
     let out = String::from_utf8_lossy(&o.stdout);
     eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "invalid graphs:\n{out}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), models.len());
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok ")).count(),
+        models.len()
+    );
 }

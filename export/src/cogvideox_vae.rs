@@ -516,8 +516,16 @@ fn group_norm(
         let s4 = g.concat(&[&head, &hw], 0);
         let xg = g.reshape(x, &s4);
         let mean2 = |g: &mut Graph, t: &Value| {
-            let rows = g.op("ReduceMean", &[t], vec![("axes", Attr::Ints(vec![3])), ("keepdims", Attr::Int(1))]);
-            g.op("ReduceMean", &[&rows], vec![("axes", Attr::Ints(vec![2])), ("keepdims", Attr::Int(1))])
+            let rows = g.op(
+                "ReduceMean",
+                &[t],
+                vec![("axes", Attr::Ints(vec![3])), ("keepdims", Attr::Int(1))],
+            );
+            g.op(
+                "ReduceMean",
+                &[&rows],
+                vec![("axes", Attr::Ints(vec![2])), ("keepdims", Attr::Int(1))],
+            )
         };
         let mean = mean2(g, &xg);
         let d = g.sub(&xg, &mean);

@@ -13,5 +13,6 @@ pub mod write;
 pub use builder::{Attr, Dim, Graph, Initializer, IoSpec, TensorData, Value, OPSET};
 pub use dtype::DType;
 pub use write::{
-    for_each_initializer, locate_initializers, read_initializers, InitializerData, InitializerInfo, read_model, save, write_model, ExternalData, WriteError, Written,
+    for_each_initializer, locate_initializers, read_initializers, read_model, save, write_model,
+    ExternalData, InitializerData, InitializerInfo, WriteError, Written,
 };

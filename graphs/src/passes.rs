@@ -26,7 +26,11 @@ struct Index<'g> {
 impl<'g> Index<'g> {
     fn new(graph: &'g proto::GraphProto) -> Index<'g> {
         let mut ix = Index {
-            inits: graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect(),
+            inits: graph
+                .initializer
+                .iter()
+                .map(|t| (t.name.as_str(), t))
+                .collect(),
             producer: HashMap::new(),
             consumers: HashMap::new(),
         };

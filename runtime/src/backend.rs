@@ -199,7 +199,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(o.dispatch().len(), 2);
-        assert_eq!(BackendOptions::default().dispatch().len(), 1, "CPU without arena");
+        assert_eq!(
+            BackendOptions::default().dispatch().len(),
+            1,
+            "CPU without arena"
+        );
     }
 
     #[test]

@@ -110,7 +110,11 @@ fn file_hash_with(
     let mut block = vec![0u8; sample_bytes as usize];
     let stride = (len - sample_bytes) / (samples - 1).max(1);
     for i in 0..samples {
-        let at = if i + 1 == samples { len - sample_bytes } else { i * stride };
+        let at = if i + 1 == samples {
+            len - sample_bytes
+        } else {
+            i * stride
+        };
         f.seek(SeekFrom::Start(at))?;
         f.read_exact(&mut block)?;
         h.update(&block);
@@ -406,7 +410,11 @@ mod tests {
         assert_eq!(n, bytes.len() as u64);
         assert!(h.starts_with("sampled:"), "{h}");
         // The first and last blocks are sampled; a truncated file changes the length.
-        for (at, len) in [(0, bytes.len()), (bytes.len() - 1, bytes.len()), (0, bytes.len() - 4)] {
+        for (at, len) in [
+            (0, bytes.len()),
+            (bytes.len() - 1, bytes.len()),
+            (0, bytes.len() - 4),
+        ] {
             let mut b = bytes[..len].to_vec();
             b[at.min(len - 1)] ^= 1;
             std::fs::write(&p, &b).unwrap();

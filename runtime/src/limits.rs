@@ -54,9 +54,10 @@ impl Limits {
             ("V2L_MAX_ITERATIONS", &mut l.max_iterations),
         ] {
             if let Ok(v) = std::env::var(var) {
-                *field = v.trim().parse().map_err(|_| {
-                    invalid(var, format!("`{v}` is not a positive integer"))
-                })?;
+                *field = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(var, format!("`{v}` is not a positive integer")))?;
             }
         }
         Ok(l)
@@ -64,15 +65,27 @@ impl Limits {
 
     /// `frames` of `height × width`: positive, within the limits, the sizes multiples of
     /// `multiple` (VAE stride × patch size) and frames `1 + 4k` (the VAE's time stride).
-    pub fn check_video(&self, frames: usize, height: usize, width: usize, multiple: usize) -> Result<()> {
+    pub fn check_video(
+        &self,
+        frames: usize,
+        height: usize,
+        width: usize,
+        multiple: usize,
+    ) -> Result<()> {
         self.check_frame_size(height, width, multiple)?;
         if frames == 0 || (frames - 1) % 4 != 0 {
-            return Err(invalid("--frames", format!("{frames}: must be 1 + 4k (1, 5, 9, …, 49)")));
+            return Err(invalid(
+                "--frames",
+                format!("{frames}: must be 1 + 4k (1, 5, 9, …, 49)"),
+            ));
         }
         if frames > self.max_frames {
             return Err(invalid(
                 "--frames",
-                format!("{frames} is over the limit of {} (raise it with V2L_MAX_FRAMES)", self.max_frames),
+                format!(
+                    "{frames} is over the limit of {} (raise it with V2L_MAX_FRAMES)",
+                    self.max_frames
+                ),
             ));
         }
         Ok(())
@@ -82,7 +95,10 @@ impl Limits {
     pub fn check_frame_size(&self, height: usize, width: usize, multiple: usize) -> Result<()> {
         for (flag, v) in [("--height", height), ("--width", width)] {
             if v == 0 || (multiple > 0 && v % multiple != 0) {
-                return Err(invalid(flag, format!("{v}: must be a positive multiple of {multiple}")));
+                return Err(invalid(
+                    flag,
+                    format!("{v}: must be a positive multiple of {multiple}"),
+                ));
             }
         }
         if height.saturating_mul(width) > self.max_pixels {
@@ -103,7 +119,10 @@ impl Limits {
             return Err(invalid(flag, "must be at least 1".into()));
         }
         if n > max {
-            return Err(invalid(flag, format!("{n} is over the limit of {max} (raise it with {env})")));
+            return Err(invalid(
+                flag,
+                format!("{n} is over the limit of {max} (raise it with {env})"),
+            ));
         }
         Ok(())
     }
@@ -121,7 +140,12 @@ impl Limits {
     }
 
     pub fn check_iterations(&self, iterations: usize) -> Result<()> {
-        Self::check_count("--iterations", iterations, self.max_iterations, "V2L_MAX_ITERATIONS")
+        Self::check_count(
+            "--iterations",
+            iterations,
+            self.max_iterations,
+            "V2L_MAX_ITERATIONS",
+        )
     }
 }
 
@@ -142,14 +166,32 @@ mod tests {
     fn sizes_counts_and_floats_are_checked() {
         let l = Limits::default();
         assert!(l.check_video(49, 480, 720, 16).is_ok());
-        for (f, h, w) in [(49, 0, 720), (49, 480, 0), (49, 100_000, 720), (0, 480, 720), (48, 480, 720), (1_000_001, 480, 720), (49, 50, 720)] {
+        for (f, h, w) in [
+            (49, 0, 720),
+            (49, 480, 0),
+            (49, 100_000, 720),
+            (0, 480, 720),
+            (48, 480, 720),
+            (1_000_001, 480, 720),
+            (49, 50, 720),
+        ] {
             let e = l.check_video(f, h, w, 16).unwrap_err().to_string();
             assert!(e.starts_with("--"), "{f}x{h}x{w}: {e}");
         }
-        assert!(l.check_steps(0).is_err() && l.check_steps(50).is_ok() && l.check_steps(1_000_000).is_err());
+        assert!(
+            l.check_steps(0).is_err()
+                && l.check_steps(50).is_ok()
+                && l.check_steps(1_000_000).is_err()
+        );
         assert!(l.check_threads(0).is_ok() && l.check_threads(100_000).is_err());
-        assert!(l.check_iterations(100_000).unwrap_err().to_string().contains("V2L_MAX_ITERATIONS"));
-        assert!(finite("--guidance", f32::NAN).is_err() && finite("--guidance", f32::INFINITY).is_err());
+        assert!(l
+            .check_iterations(100_000)
+            .unwrap_err()
+            .to_string()
+            .contains("V2L_MAX_ITERATIONS"));
+        assert!(
+            finite("--guidance", f32::NAN).is_err() && finite("--guidance", f32::INFINITY).is_err()
+        );
         assert_eq!(finite("--guidance", -1.0).unwrap(), -1.0);
     }
 }

@@ -234,7 +234,11 @@ pub fn run_stage(
                 what: dir.dir.display().to_string(),
                 message: "the DiT graph has no `sample` output".into(),
             })?;
-            (BTreeMap::from([("sample".to_string(), sample)]), load_ms, times)
+            (
+                BTreeMap::from([("sample".to_string(), sample)]),
+                load_ms,
+                times,
+            )
         }
         Stage::VaeEncode => {
             let mut vae = crate::vae::Vae::load(dir, opts)?;
@@ -255,13 +259,21 @@ pub fn run_stage(
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
             let (sample, times) = timed(runs, || vae.decode(&inputs["latents"]))?;
-            (BTreeMap::from([("sample".to_string(), sample)]), load_ms, times)
+            (
+                BTreeMap::from([("sample".to_string(), sample)]),
+                load_ms,
+                times,
+            )
         }
         Stage::Hypernet => {
             let mut p = crate::predict::Predictor::load(dir, opts)?;
             let load_ms = ms(t0);
             let (hw, times) = timed(runs, || p.hyper_weights(&inputs["reference_latents"]))?;
-            (BTreeMap::from([("hyper_weights".to_string(), hw)]), load_ms, times)
+            (
+                BTreeMap::from([("hyper_weights".to_string(), hw)]),
+                load_ms,
+                times,
+            )
         }
     };
     let mut sorted = runs_ms.clone();

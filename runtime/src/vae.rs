@@ -126,7 +126,9 @@ impl Vae {
         let f = tile.factor;
         if tile.applies(self.tiling, latents.shape[3] * f, latents.shape[4] * f) {
             return tile
-                .run(latents, true, &mut |t| self.decode_untiled(t).map(|s| vec![s]))?
+                .run(latents, true, &mut |t| {
+                    self.decode_untiled(t).map(|s| vec![s])
+                })?
                 .pop()
                 .ok_or_else(|| missing_output("sample"));
         }

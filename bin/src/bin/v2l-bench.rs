@@ -152,7 +152,9 @@ fn main() -> ExitCode {
                 let v: Vec<usize> = s.split('x').filter_map(|p| p.parse().ok()).collect();
                 match v.as_slice() {
                     [f, h, w] => Ok((*f, *h, *w)),
-                    _ => Err(Failure::new(format!("--vae {s}: expected FRAMESxHEIGHTxWIDTH, e.g. 9x240x360"))),
+                    _ => Err(Failure::new(format!(
+                        "--vae {s}: expected FRAMESxHEIGHTxWIDTH, e.g. 9x240x360"
+                    ))),
                 }
             };
             let vae_cases = if no_vae {

@@ -159,12 +159,12 @@ fn main() -> ExitCode {
         } => {
             v2l_runtime::limits::Limits::from_env()?.check_iterations(iterations)?;
             export_pipeline(
-            &model,
-            hypernet.as_deref(),
-            lilora.as_deref(),
-            iterations,
-            &out,
-        )
+                &model,
+                hypernet.as_deref(),
+                lilora.as_deref(),
+                iterations,
+                &out,
+            )
         }
         Command::Hypernet {
             checkpoint,
@@ -343,7 +343,12 @@ fn export_pipeline(
     let staging = tempfile::Builder::new()
         .prefix(".v2l-export-")
         .tempdir_in(parent)
-        .map_err(|e| Failure::new(format!("cannot create a staging directory in {}: {e}", parent.display())))?;
+        .map_err(|e| {
+            Failure::new(format!(
+                "cannot create a staging directory in {}: {e}",
+                parent.display()
+            ))
+        })?;
     let stage = OutputArgs {
         output: staging.path().to_path_buf(),
         external_data: out.external_data,

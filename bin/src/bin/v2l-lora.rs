@@ -92,7 +92,12 @@ enum Command {
         #[arg(long)]
         lora: PathBuf,
         /// Multiplier: each layer's fuse scale is scale · alpha / rank (`--lora-scale` as in v2l-run)
-        #[arg(long, visible_alias = "lora-scale", default_value_t = 1.0, allow_negative_numbers = true)]
+        #[arg(
+            long,
+            visible_alias = "lora-scale",
+            default_value_t = 1.0,
+            allow_negative_numbers = true
+        )]
         scale: f32,
         /// Output directory (must not exist)
         #[arg(short, long)]
@@ -157,16 +162,16 @@ fn main() -> ExitCode {
         } => {
             v2l_runtime::limits::finite("--lora-weight", lora_weight)?;
             predict(
-            &engine,
-            &reference,
-            &output,
-            frames,
-            height,
-            width,
-            lora_weight,
-            format.into(),
-            dump.as_deref(),
-        )
+                &engine,
+                &reference,
+                &output,
+                frames,
+                height,
+                width,
+                lora_weight,
+                format.into(),
+                dump.as_deref(),
+            )
         }
         Command::Fuse {
             base,

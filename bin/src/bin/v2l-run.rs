@@ -223,7 +223,12 @@ fn main() -> ExitCode {
                     }
                     None => None,
                 };
-                v2l_runtime::limits::Limits::check_count("--repeat", repeat, 1000, "a smaller --repeat")?;
+                v2l_runtime::limits::Limits::check_count(
+                    "--repeat",
+                    repeat,
+                    1000,
+                    "a smaller --repeat",
+                )?;
                 let run = run_stage(
                     &dir,
                     stage,
@@ -305,7 +310,10 @@ fn check_output(path: &std::path::Path, exts: &[&str]) -> Result<(), Failure> {
     let bad = |m: String| Failure::new(format!("{}: {m}", path.display()));
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if !exts.contains(&ext) {
-        return Err(bad(format!("the output needs a .{} extension", exts.join(" or ."))));
+        return Err(bad(format!(
+            "the output needs a .{} extension",
+            exts.join(" or .")
+        )));
     }
     if let Ok(m) = std::fs::metadata(path) {
         if !m.is_file() {

@@ -66,8 +66,17 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
     let ix = super::Index::new(graph);
     let (inits, producer, consumers) = (&ix.inits, &ix.producer, &ix.consumers);
     let nodes = &graph.node;
-    let op = |i: usize, t: &str| nodes.get(i).filter(|n| n.op_type == t && n.domain.is_empty());
-    let from = |name: &str, t: &str| producer.get(name).copied().and_then(|i| op(i, t).map(|n| (i, n)));
+    let op = |i: usize, t: &str| {
+        nodes
+            .get(i)
+            .filter(|n| n.op_type == t && n.domain.is_empty())
+    };
+    let from = |name: &str, t: &str| {
+        producer
+            .get(name)
+            .copied()
+            .and_then(|i| op(i, t).map(|n| (i, n)))
+    };
     let only_use = |name: &str, t: &str| match consumers.get(name).map(Vec::as_slice) {
         Some([i]) => op(*i, t).map(|n| (*i, n)),
         _ => None,
@@ -81,7 +90,10 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
             let (mi, mul) = from(s.input.first()?, "Mul")?;
             only_use(mul.output.first()?, "Softmax")?;
             // Mul(scores, scale) with the scale a scalar initializer.
-            let (scores, scale_init) = match (inits.get(mul.input.get(1)?.as_str()), inits.get(mul.input.first()?.as_str())) {
+            let (scores, scale_init) = match (
+                inits.get(mul.input.get(1)?.as_str()),
+                inits.get(mul.input.first()?.as_str()),
+            ) {
                 (Some(t), _) => (mul.input.first()?, t),
                 (None, Some(t)) => (mul.input.get(1)?, t),
                 _ => return None,
@@ -133,15 +145,21 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
     for m in found {
         removed.extend(m.remove);
         let r = &graph.node[m.reshape];
-        let base = r.name.rsplit_once('/').map(|(p, _)| p).unwrap_or(&r.name).to_string();
-        let node = |op: &str, name: String, input: Vec<String>, output: String, attribute| NodeProto {
-            input,
-            output: vec![output],
-            name,
-            op_type: op.into(),
-            attribute,
-            ..Default::default()
-        };
+        let base = r
+            .name
+            .rsplit_once('/')
+            .map(|(p, _)| p)
+            .unwrap_or(&r.name)
+            .to_string();
+        let node =
+            |op: &str, name: String, input: Vec<String>, output: String, attribute| NodeProto {
+                input,
+                output: vec![output],
+                name,
+                op_type: op.into(),
+                attribute,
+                ..Default::default()
+            };
         // [B,S,H,Dh] -> [B,S,D] for each of q, k, v (no data movement).
         let mut new = Vec::with_capacity(4);
         let mut bsd = Vec::with_capacity(3);

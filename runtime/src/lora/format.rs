@@ -199,14 +199,22 @@ fn peft_alpha(path: &Path, meta: Option<&HashMap<String, String>>) -> Result<Pef
         x.as_f64()
             .map(|a| a as f32)
             .filter(|a| a.is_finite())
-            .ok_or_else(|| bad(format!("`lora_adapter_metadata`: {what} is {x}, not a finite number")))
+            .ok_or_else(|| {
+                bad(format!(
+                    "`lora_adapter_metadata`: {what} is {x}, not a finite number"
+                ))
+            })
     };
-    let alpha = get("lora_alpha").map(|a| number("lora_alpha", a)).transpose()?;
+    let alpha = get("lora_alpha")
+        .map(|a| number("lora_alpha", a))
+        .transpose()?;
     let mut pattern = BTreeMap::new();
     if let Some(p) = get("alpha_pattern").filter(|p| !p.is_null()) {
-        let o = p
-            .as_object()
-            .ok_or_else(|| bad(format!("`lora_adapter_metadata`: alpha_pattern is {p}, not an object")))?;
+        let o = p.as_object().ok_or_else(|| {
+            bad(format!(
+                "`lora_adapter_metadata`: alpha_pattern is {p}, not an object"
+            ))
+        })?;
         for (k, x) in o {
             pattern.insert(k.clone(), number(&format!("alpha_pattern `{k}`"), x)?);
         }

@@ -91,7 +91,8 @@ impl DitRunner {
                         what: "engine".into(),
                         message: "no DiT".into(),
                     })?;
-                let sw = SwitchableWeights::from_base(mapped_base(&dir.dir.join(&e.file), &targets)?);
+                let sw =
+                    SwitchableWeights::from_base(mapped_base(&dir.dir.join(&e.file), &targets)?);
                 weights = Some(sw);
                 Model::load(&variant(dir, "bound")?, opts)?
             }
@@ -159,7 +160,11 @@ impl DitRunner {
         let Some(sw) = &self.weights else {
             return self.model.run(inputs);
         };
-        let names: Vec<String> = self.targets.iter().map(|t| format!("{}.weight", t.name)).collect();
+        let names: Vec<String> = self
+            .targets
+            .iter()
+            .map(|t| format!("{}.weight", t.name))
+            .collect();
         let shapes: Vec<[usize; 2]> = self
             .targets
             .iter()
@@ -182,9 +187,15 @@ impl DitRunner {
 /// The base of every targeted weight, memory-mapped from the DiT's external weight file when it
 /// has one (f32 only: the `bound` graph takes f32 weights), so `bound` holds one copy in memory:
 /// the live weights.
-fn mapped_base(model: &std::path::Path, targets: &[LinearInfo]) -> Result<Vec<(LinearInfo, BaseWeights)>> {
+fn mapped_base(
+    model: &std::path::Path,
+    targets: &[LinearInfo],
+) -> Result<Vec<(LinearInfo, BaseWeights)>> {
     use v2l_graphs::InitializerData;
-    let names: Vec<String> = targets.iter().map(|t| format!("{}.weight", t.name)).collect();
+    let names: Vec<String> = targets
+        .iter()
+        .map(|t| format!("{}.weight", t.name))
+        .collect();
     let io = |path: &std::path::Path| {
         let path = path.to_path_buf();
         move |source| RuntimeError::Io { path, source }
@@ -207,7 +218,11 @@ fn mapped_base(model: &std::path::Path, targets: &[LinearInfo]) -> Result<Vec<(L
         let base = match info.data {
             InitializerData::Inline(bytes) => {
                 if bytes.len() != want {
-                    return Err(bad(format!("`{}` holds {} bytes, expected {want}", info.name, bytes.len())));
+                    return Err(bad(format!(
+                        "`{}` holds {} bytes, expected {want}",
+                        info.name,
+                        bytes.len()
+                    )));
                 }
                 BaseWeights::Owned(
                     Buffer::from_le_bytes(info.dtype, &bytes).unwrap_or(Buffer::F32(Vec::new())),
@@ -220,16 +235,24 @@ fn mapped_base(model: &std::path::Path, targets: &[LinearInfo]) -> Result<Vec<(L
                         let f = std::fs::File::open(&file).map_err(io(&file))?;
                         // SAFETY: bundle files are written once and verified on load; v2l never
                         // writes to a weight file it has mapped.
-                        let m = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&f) }.map_err(io(&file))?);
+                        let m = std::sync::Arc::new(
+                            unsafe { memmap2::Mmap::map(&f) }.map_err(io(&file))?,
+                        );
                         maps.insert(file.clone(), m.clone());
                         m
                     }
                 };
                 if len != want {
-                    return Err(bad(format!("`{}` holds {len} bytes, expected {want}", info.name)));
+                    return Err(bad(format!(
+                        "`{}` holds {len} bytes, expected {want}",
+                        info.name
+                    )));
                 }
                 BaseWeights::mapped(map, offset as usize, len, info.dtype).ok_or_else(|| {
-                    bad(format!("`{}`: external data out of range or misaligned", info.name))
+                    bad(format!(
+                        "`{}`: external data out of range or misaligned",
+                        info.name
+                    ))
                 })?
             }
         };
@@ -237,4 +260,3 @@ fn mapped_base(model: &std::path::Path, targets: &[LinearInfo]) -> Result<Vec<(L
     }
     Ok(out)
 }
-

@@ -56,7 +56,12 @@ impl Tiling {
     /// diffusers' defaults for a VAE `config.json`: half the configured sample size, overlaps
     /// 1/6 (height) and 1/5 (width).
     pub fn for_config(config: &serde_json::Value) -> Tiling {
-        let get = |k: &str, d: usize| config.get(k).and_then(|v| v.as_u64()).map_or(d, |v| v as usize);
+        let get = |k: &str, d: usize| {
+            config
+                .get(k)
+                .and_then(|v| v.as_u64())
+                .map_or(d, |v| v as usize)
+        };
         let blocks = config
             .get("block_out_channels")
             .and_then(|v| v.as_array())
@@ -93,7 +98,11 @@ impl Tiling {
     fn plan(&self, to_sample: bool) -> Result<[usize; 8]> {
         let (lh, lw) = (self.latent_height(), self.latent_width());
         let (sh, sw) = (self.sample_height, self.sample_width);
-        let ((ih, iw), (oh, ow)) = if to_sample { ((lh, lw), (sh, sw)) } else { ((sh, sw), (lh, lw)) };
+        let ((ih, iw), (oh, ow)) = if to_sample {
+            ((lh, lw), (sh, sw))
+        } else {
+            ((sh, sw), (lh, lw))
+        };
         let stride_h = (ih as f64 * (1.0 - self.overlap_height)) as usize;
         let stride_w = (iw as f64 * (1.0 - self.overlap_width)) as usize;
         let blend_h = (oh as f64 * self.overlap_height) as usize;
@@ -101,10 +110,22 @@ impl Tiling {
         if stride_h == 0 || stride_w == 0 || ih == 0 || iw == 0 {
             return Err(RuntimeError::Invalid {
                 what: "VAE tiling".into(),
-                message: format!("tile {sh}x{sw} px is too small for a {}x spatial factor", self.factor),
+                message: format!(
+                    "tile {sh}x{sw} px is too small for a {}x spatial factor",
+                    self.factor
+                ),
             });
         }
-        Ok([ih, iw, stride_h, stride_w, blend_h, blend_w, oh - blend_h, ow - blend_w])
+        Ok([
+            ih,
+            iw,
+            stride_h,
+            stride_w,
+            blend_h,
+            blend_w,
+            oh - blend_h,
+            ow - blend_w,
+        ])
     }
 
     /// Runs `f` (the whole frame-batch loop, returning one or more tensors `[B,C,F,h,w]`) tile
@@ -131,7 +152,11 @@ impl Tiling {
             .map(|k| {
                 let mut grid: Vec<Vec<Tensor>> = rows
                     .iter_mut()
-                    .map(|r| r.iter_mut().map(|t| std::mem::replace(&mut t[k], Tensor::f32(vec![0], Vec::new()))).collect())
+                    .map(|r| {
+                        r.iter_mut()
+                            .map(|t| std::mem::replace(&mut t[k], Tensor::f32(vec![0], Vec::new())))
+                            .collect()
+                    })
                     .collect();
                 stitch(&mut grid, bh, bw, keep_h, keep_w)
             })
@@ -141,7 +166,13 @@ impl Tiling {
 
 /// Blends every tile with its upper and left neighbours (in place, in diffusers' order), crops
 /// each to `keep_h × keep_w` and concatenates the grid.
-fn stitch(grid: &mut [Vec<Tensor>], bh: usize, bw: usize, keep_h: usize, keep_w: usize) -> Result<Tensor> {
+fn stitch(
+    grid: &mut [Vec<Tensor>],
+    bh: usize,
+    bw: usize,
+    keep_h: usize,
+    keep_w: usize,
+) -> Result<Tensor> {
     for i in 0..grid.len() {
         for j in 0..grid[i].len() {
             if i > 0 {
@@ -176,7 +207,12 @@ fn blend(a: &Tensor, b: &mut Tensor, axis: usize, extent: usize) -> Result<()> {
     if e == 0 {
         return Ok(());
     }
-    let mismatch = a.shape.iter().zip(&b.shape).enumerate().any(|(d, (x, y))| d != axis && x != y);
+    let mismatch = a
+        .shape
+        .iter()
+        .zip(&b.shape)
+        .enumerate()
+        .any(|(d, (x, y))| d != axis && x != y);
     if a.shape.len() != 5 || b.shape.len() != 5 || mismatch {
         return Err(RuntimeError::Invalid {
             what: "VAE tiling".into(),
