@@ -71,7 +71,8 @@ impl Tiling {
             sample_width: get("sample_width", 720) / 2,
             overlap_height: 1.0 / 6.0,
             overlap_width: 1.0 / 5.0,
-            factor: 1 << blocks.saturating_sub(1),
+            // Capped so a malformed config cannot overflow the shift.
+            factor: 1 << blocks.saturating_sub(1).min(16),
         }
     }
 
