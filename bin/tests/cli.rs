@@ -723,3 +723,20 @@ fn failed_pipeline_export_leaves_nothing() {
     );
     assert!(!stderr(&o).contains(".v2l-export-"), "{}", stderr(&o));
 }
+
+/// A truncated or foreign safetensors file is described in words, not the parser's variant
+/// names (`MetadataIncompleteBuffer`, `HeaderTooLarge`).
+#[test]
+fn broken_safetensors_are_described_in_words() {
+    let d = tempfile::tempdir().unwrap();
+    let t = tiny();
+    let bytes = std::fs::read(t.join("peft_lora/pytorch_lora_weights.safetensors")).unwrap();
+    let cut = d.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let o = run("v2l-lora", &["inspect", cut.to_str().unwrap()]);
+    assert_clean_failure(&o, "shorter than its header says (truncated?)");
+    let cfg = t.join("transformer/config.json");
+    let o = run("v2l-lora", &["inspect", cfg.to_str().unwrap()]);
+    assert_clean_failure(&o, "is it a safetensors file at all?");
+    assert!(!stderr(&o).contains("HeaderTooLarge"), "{}", stderr(&o));
+}

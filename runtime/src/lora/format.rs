@@ -235,9 +235,9 @@ pub fn read(path: &Path, modules: Option<&[String]>) -> Result<Lora> {
         message,
     };
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        .map_err(|e| bad(crate::tensor::safetensors_problem(&e)))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        .map_err(|e| bad(crate::tensor::safetensors_problem(&e)))?;
     let mut raw: BTreeMap<String, Raw> = BTreeMap::new();
     for (k, v) in st.tensors() {
         let Some(dtype) = st_dtype(v.dtype()) else {

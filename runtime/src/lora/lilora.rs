@@ -90,7 +90,7 @@ impl LiLora {
             message,
         };
         let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| bad(crate::tensor::safetensors_problem(&e)))?;
         let get = |key: &str, module: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             let v = st.tensor(key).map_err(|_| LiLoraError::Missing {
                 path: path.into(),
