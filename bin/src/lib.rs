@@ -78,6 +78,33 @@ pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
     }
 }
 
+/// An output path that can be written: a file name with one of `exts`, in an existing
+/// directory, not a directory or a device. Checked before the work, not after it.
+pub fn check_output(path: &std::path::Path, exts: &[&str]) -> Result<(), Failure> {
+    let bad = |m: String| Failure::new(format!("{}: {m}", path.display()));
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !exts.contains(&ext) {
+        return Err(bad(format!(
+            "the output needs a .{} extension",
+            exts.join(" or .")
+        )));
+    }
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.is_file() {
+            return Err(bad("exists and is not a regular file".into()));
+        }
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() && !m.permissions().readonly() => Ok(()),
+        Ok(_) => Err(bad("the output directory is not writable".into())),
+        Err(_) => Err(bad("the output directory does not exist".into())),
+    }
+}
+
 /// Human-readable byte count.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -12,6 +12,8 @@ fn run(bin: &str, args: &[&str]) -> Output {
         "v2l-export" => env!("CARGO_BIN_EXE_v2l-export"),
         "v2l-run" => env!("CARGO_BIN_EXE_v2l-run"),
         "v2l-lora" => env!("CARGO_BIN_EXE_v2l-lora"),
+        "v2l-compile" => env!("CARGO_BIN_EXE_v2l-compile"),
+        "v2l-bench" => env!("CARGO_BIN_EXE_v2l-bench"),
         _ => unreachable!(),
     };
     Command::new(exe).args(args).output().expect("binary runs")
@@ -93,12 +95,35 @@ fn export_dit_writes_graph_and_manifest() {
     assert!(result.is_file());
 }
 
+/// Every binary's and subcommand's `--help` teaches by example, and is a snapshot: a change to
+/// the command-line interface shows up in review.
 #[test]
-fn export_help_is_stable() {
-    let o = run("v2l-export", &["--help"]);
-    insta::assert_snapshot!("v2l_export_help", String::from_utf8_lossy(&o.stdout));
-    let o = run("v2l-run", &["--help"]);
-    insta::assert_snapshot!("v2l_run_help", String::from_utf8_lossy(&o.stdout));
+fn every_help_has_an_example_and_is_stable() {
+    let commands: [(&str, &[&str]); 5] = [
+        ("v2l-export", &["dit", "vae", "hypernet", "pipeline"]),
+        ("v2l-compile", &[]),
+        ("v2l-run", &["stage"]),
+        ("v2l-lora", &["inspect", "convert", "predict", "fuse"]),
+        ("v2l-bench", &["pipeline", "export", "scale", "fuse"]),
+    ];
+    for (bin, subs) in commands {
+        for sub in std::iter::once(None).chain(subs.iter().map(Some)) {
+            let mut args: Vec<&str> = sub.into_iter().copied().collect();
+            args.push("--help");
+            let o = run(bin, &args);
+            assert!(o.status.success(), "{bin} {args:?}");
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                text.contains("Example"),
+                "{bin} {args:?} has no example:\n{text}"
+            );
+            let name = match sub {
+                None => format!("{}_help", bin.replace('-', "_")),
+                Some(s) => format!("{}_{s}_help", bin.replace('-', "_")),
+            };
+            insta::assert_snapshot!(name, text);
+        }
+    }
 }
 
 #[test]
@@ -130,7 +155,7 @@ fn bad_checkpoints_fail_cleanly_without_output() {
     let o = run("v2l-export", &["dit", ck.to_str().unwrap(), "-o", out_s]);
     assert_clean_failure(
         &o,
-        "diffusion_pytorch_model.safetensors: not a valid safetensors file",
+        "diffusion_pytorch_model.safetensors: not a valid safetensors file: the file is shorter than its header says (truncated?)",
     );
 
     // A config that disagrees with the weights' shapes.
@@ -439,7 +464,8 @@ fn bad_numbers_sizes_and_metadata_are_refused_before_work() {
     for (extra, needle) in [
         (&["--height", "0", "--width", "64"][..], "--height: 0"),
         (&["--height", "50", "--width", "64"][..], "--height: 50"),
-        (&["--lora-weight", "NaN"][..], "--lora-weight"),
+        (&["--lora-weight", "NaN"][..], "--lora-scale"),
+        (&["--lora-scale", "inf"][..], "--lora-scale"),
     ] {
         let mut args = vec![
             "predict",
@@ -739,4 +765,213 @@ fn broken_safetensors_are_described_in_words() {
     let o = run("v2l-lora", &["inspect", cfg.to_str().unwrap()]);
     assert_clean_failure(&o, "is it a safetensors file at all?");
     assert!(!stderr(&o).contains("HeaderTooLarge"), "{}", stderr(&o));
+}
+
+/// `stage` inputs are checked against the model before any session is built: dtypes, ranks,
+/// sizes that agree with the DiT, finite floats, timesteps in the scheduler's range; and an
+/// output path the stage cannot write is refused before the run.
+#[test]
+fn bad_stage_inputs_are_refused_before_work() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("e");
+    let o = run(
+        "v2l-export",
+        &[
+            "dit",
+            tiny().join("transformer").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let engine = out.to_str().unwrap();
+    let good = v2l_runtime::read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
+    let result = d.path().join("r.safetensors");
+    let r = result.to_str().unwrap();
+    type Edit = fn(&mut std::collections::BTreeMap<String, v2l_runtime::Tensor>);
+    let cases: [(Edit, &str); 6] = [
+        (
+            |m| {
+                m.insert(
+                    "timestep".into(),
+                    v2l_runtime::Tensor::i64(vec![2], vec![1_000_000_000_000, 3]),
+                );
+            },
+            "`timestep` holds 1000000000000; timesteps are 0 to 999",
+        ),
+        (
+            |m| {
+                m.insert(
+                    "timestep".into(),
+                    v2l_runtime::Tensor::f32(vec![2], vec![1.0, 3.0]),
+                );
+            },
+            "`timestep` must be int64",
+        ),
+        (
+            |m| {
+                let t = m.get_mut("hidden_states").unwrap();
+                if let v2l_runtime::tensor::Data::F32(v) = &mut t.data {
+                    v[17] = f32::NAN;
+                }
+            },
+            "`hidden_states` holds NaN at element 17",
+        ),
+        (
+            |m| {
+                m.insert(
+                    "rope_cos".into(),
+                    v2l_runtime::Tensor::f32(vec![79, 16], vec![0.0; 79 * 16]),
+                );
+            },
+            "`rope_cos` has shape [79, 16]; 5 frames of 8x8 latents in patches of 2 need [80, 16]",
+        ),
+        (
+            |m| {
+                m.insert(
+                    "encoder_hidden_states".into(),
+                    v2l_runtime::Tensor::f32(vec![2, 8, 31], vec![0.0; 2 * 8 * 31]),
+                );
+            },
+            "expected [2, L, 32]",
+        ),
+        (
+            |m| {
+                m.insert(
+                    "hidden_states".into(),
+                    v2l_runtime::Tensor::f32(vec![2, 5, 32, 8], vec![0.0; 2560]),
+                );
+            },
+            "`hidden_states` has shape [2, 5, 32, 8]; expected [B, F, C, H, W]",
+        ),
+    ];
+    for (edit, needle) in cases {
+        let mut m = good.clone();
+        edit(&mut m);
+        let inputs = d.path().join("in.safetensors");
+        v2l_runtime::write_safetensors(&inputs, &m).unwrap();
+        let o = stage_dit(engine, inputs.to_str().unwrap(), r, &[]);
+        assert_clean_failure(&o, needle);
+        assert!(!result.exists());
+    }
+    // An output the stage cannot write: refused before the DiT runs.
+    let dit_io = tiny().join("dit_io.safetensors");
+    let no_ext = d.path().join("r");
+    let o = stage_dit(
+        engine,
+        dit_io.to_str().unwrap(),
+        no_ext.to_str().unwrap(),
+        &[],
+    );
+    assert_clean_failure(&o, "needs a .safetensors extension");
+    assert!(!no_ext.exists());
+
+    // An engine goes into a new or an empty directory, never over other files.
+    let full = d.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), "mine").unwrap();
+    let o = run("v2l-compile", &[engine, "-o", full.to_str().unwrap()]);
+    assert_clean_failure(&o, "exists and is not empty");
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 1);
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = run("v2l-compile", &[engine, "-o", empty.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(empty.join("bundle.json").is_file());
+}
+
+/// A reference clip too short to carry motion is refused before any session is built; one of
+/// another aspect ratio is resized as diffusers does, with a warning that says so.
+#[test]
+fn short_and_squashed_reference_clips() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("e");
+    let o = run(
+        "v2l-export",
+        &[
+            "pipeline",
+            tiny().to_str().unwrap(),
+            "--hypernet",
+            tiny().join("hypernetwork.safetensors").to_str().unwrap(),
+            "--lilora",
+            tiny().join("lilora.safetensors").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let engine = out.to_str().unwrap();
+    let lora = d.path().join("l.safetensors");
+    let reference = tiny().join("reference.mp4");
+    let predict = |clip: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "predict",
+            "--engine",
+            engine,
+            "--reference",
+            clip.to_str().unwrap(),
+            "-o",
+            lora.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run("v2l-lora", &args)
+    };
+    for n in ["1", "4"] {
+        let o = predict(&reference, &["--frames", n]);
+        assert_clean_failure(&o, "needs at least 5 (two latent frames)");
+        assert!(!lora.exists());
+    }
+    // v2l-run checks the same before loading the pipeline.
+    let o = run(
+        "v2l-run",
+        &[
+            "--engine",
+            engine,
+            "--image",
+            tiny().join("first_frame.png").to_str().unwrap(),
+            "--prompt-embeds",
+            tiny().join("e2e_io.safetensors").to_str().unwrap(),
+            "--reference",
+            tiny().join("first_frame.png").to_str().unwrap(),
+            "--seed",
+            "1",
+            "--steps",
+            "1",
+            "-o",
+            d.path().join("v.mp4").to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure(&o, "first_frame.png: the reference clip has 1 frame;");
+
+    // A 4:3 clip for a 1:1 generation: predicted (as diffusers would), with a warning.
+    let wide = d.path().join("wide.mp4");
+    let ff = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=640x480:rate=8",
+        ])
+        .args(["-frames:v", "9", "-pix_fmt", "yuv420p"])
+        .arg(&wide)
+        .output()
+        .expect("ffmpeg runs");
+    assert!(ff.status.success(), "{}", stderr(&ff));
+    let o = predict(&wide, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning:")
+            && err.contains("640x480 (aspect 1.33) is resized to 64x64 (aspect 1.00)"),
+        "{err}"
+    );
+    // The fixture's own clip has the generation's aspect: no warning.
+    let o = predict(&reference, &[]);
+    assert!(
+        o.status.success() && !stderr(&o).contains("warning"),
+        "{}",
+        stderr(&o)
+    );
 }

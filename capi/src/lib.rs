@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::{Lora, LoraError};
 use v2l_runtime::lora::lilora::LiLoraError;
 use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
@@ -207,7 +208,12 @@ fn set_last_error(message: String) {
 fn guard(func: &str, f: impl FnOnce() -> Result<()>) -> V2lStatus {
     set_last_error(String::new());
     match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => V2lStatus::Ok,
+        Ok(Ok(())) => {
+            // Cleared again at the end: a call made from the progress callback during this one
+            // (answered BUSY on this thread) must not leave its message behind a success.
+            set_last_error(String::new());
+            V2lStatus::Ok
+        }
         Ok(Err(e)) => {
             set_last_error(format!("{func}: {}", e.message));
             e.status
@@ -540,27 +546,28 @@ fn decoded_frames(latent_frames: usize, batch: usize, levels: usize) -> usize {
     up(batch + latent_frames % batch) + (batches - 1) * up(batch)
 }
 
+/// The request limits every front end shares (`v2l_runtime::limits`), with their messages
+/// naming the C fields (`params.frames` for `prefix` "params.") instead of the command-line
+/// flags (`--frames`).
+fn limits<T>(prefix: &str, check: impl FnOnce(&Limits) -> v2l_runtime::Result<T>) -> Result<T> {
+    let named = |e: RuntimeError| match e {
+        RuntimeError::Invalid { what, message } => RuntimeError::Invalid {
+            what: what.replace("--", prefix),
+            message,
+        },
+        e => e,
+    };
+    let l = Limits::from_env()?;
+    check(&l).map_err(|e| Error::from(named(e)))
+}
+
 fn sizes(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Sizes> {
     let (f, h, w) = (p.frames as usize, p.height as usize, p.width as usize);
     let m = 8 * g.patch_size;
-    if f == 0 || (f - 1) % 4 != 0 {
-        return Err(Error::new(
-            V2lStatus::InvalidArgument,
-            format!("frames = {f}; it must be 1 + 4k"),
-        ));
-    }
-    if h == 0 || w == 0 || h % m != 0 || w % m != 0 {
-        return Err(Error::new(
-            V2lStatus::InvalidArgument,
-            format!("{w}x{h}: width and height must be positive multiples of {m}"),
-        ));
-    }
-    if p.steps == 0 {
-        return Err(Error::new(
-            V2lStatus::InvalidArgument,
-            "steps = 0; it must be at least 1",
-        ));
-    }
+    limits("params.", |l| {
+        l.check_video(f, h, w, m)?;
+        l.check_steps(p.steps as usize)
+    })?;
     let latent_frames = (f - 1) / 4 + 1;
     let frames = decoded_frames(latent_frames, g.decoder_frame_batch, g.temporal_levels);
     let out_bytes = product(&[frames, h, w, 3], "output")?;
@@ -652,6 +659,7 @@ pub unsafe extern "C" fn v2l_engine_open(
                 ),
             ));
         }
+        limits("options.", |l| l.check_threads(options.threads as usize))?;
         v2l_runtime::ort_env::init()?;
         let opts = SessionOptions {
             threads: options.threads as usize,
@@ -699,6 +707,9 @@ pub unsafe extern "C" fn v2l_engine_load_lora(
             .collect();
         let lora =
             v2l_runtime::lora::format::read(&path, Some(&modules)).map_err(RuntimeError::from)?;
+        // Shapes too, now: a LoRA for another model must fail here, not at `set_lora`.
+        v2l_runtime::lora::apply::match_targets(&lora, e.dir.dit_targets()?, &path)
+            .map_err(RuntimeError::from)?;
         *out = register(V2lLora { lora, source: path });
         Ok(())
     })

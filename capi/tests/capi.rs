@@ -101,6 +101,17 @@ fn bad_arguments_and_handles_are_refused() {
         V2lStatus::Io,
         "cogvideox-tiny",
     );
+    fails(
+        unsafe {
+            v2l_engine_open(
+                cpath(&eng).as_ptr(),
+                &V2lEngineOptions { threads: 100_000 },
+                &mut e,
+            )
+        },
+        V2lStatus::InvalidArgument,
+        "options.threads: 100000 is over the limit of 256 (raise it with V2L_MAX_THREADS)",
+    );
     let opts = V2lEngineOptions { threads: 1 };
     ok(unsafe { v2l_engine_open(cpath(&eng).as_ptr(), &opts, &mut e) });
     // The thread's message is cleared by a successful call, and is per thread.
@@ -144,13 +155,31 @@ fn bad_arguments_and_handles_are_refused() {
     );
     v2l_runtime::write_safetensors(&junk, &other).unwrap();
     let mut bad = null_mut();
-    ok(unsafe { v2l_engine_load_lora(e, cpath(&junk).as_ptr(), &mut bad) });
     fails(
-        unsafe { v2l_generator_set_lora(g, bad, 1.0) },
+        unsafe { v2l_engine_load_lora(e, cpath(&junk).as_ptr(), &mut bad) },
         V2lStatus::Lora,
         "match no linear layer of the model (first: `nope`)",
     );
-    ok(unsafe { v2l_lora_free(bad) });
+    assert!(bad.is_null());
+    // The right layer names with the wrong shapes: refused when loaded, not at `set_lora`.
+    let mut wrong = std::collections::BTreeMap::new();
+    for (k, t) in v2l_runtime::read_safetensors(&peft).unwrap() {
+        let (r, n) = (t.shape[0].min(t.shape[1]), t.shape[0].max(t.shape[1]) + 1);
+        let shape = if k.contains("lora_A") {
+            vec![r, n]
+        } else {
+            vec![n, r]
+        };
+        wrong.insert(k, v2l_runtime::Tensor::f32(shape, vec![0.5; r * n]));
+    }
+    let wrong_path = d.path().join("wrong_shape.safetensors");
+    v2l_runtime::write_safetensors(&wrong_path, &wrong).unwrap();
+    fails(
+        unsafe { v2l_engine_load_lora(e, cpath(&wrong_path).as_ptr(), &mut bad) },
+        V2lStatus::Lora,
+        "wrong_shape.safetensors",
+    );
+    assert!(bad.is_null());
 
     // Wrong handle kinds (a C cast away), NULL handles.
     fails(
@@ -222,7 +251,7 @@ fn bad_arguments_and_handles_are_refused() {
     fails(
         size(&V2lGenerateParams { height: 40, ..p }).0,
         V2lStatus::InvalidArgument,
-        "multiples of 16",
+        "params.height: 40: must be a positive multiple of 16",
     );
     fails(
         size(&V2lGenerateParams { steps: 0, ..p }).0,
@@ -238,7 +267,26 @@ fn bad_arguments_and_handles_are_refused() {
         })
         .0,
         V2lStatus::InvalidArgument,
-        "too large",
+        "params.height/params.width: 65520x65520 is over the limit",
+    );
+    // Within what a size_t holds but far over the frame limit (52 TB of output): refused.
+    fails(
+        size(&V2lGenerateParams {
+            frames: 0xFFFF_FFFD,
+            ..p
+        })
+        .0,
+        V2lStatus::InvalidArgument,
+        "params.frames: 4294967293 is over the limit of 257 (raise it with V2L_MAX_FRAMES)",
+    );
+    fails(
+        size(&V2lGenerateParams {
+            steps: 100_000,
+            ..p
+        })
+        .0,
+        V2lStatus::InvalidArgument,
+        "params.steps: 100000 is over the limit",
     );
     fails(
         unsafe { v2l_generator_output_size(g, null(), &mut n, null_mut()) },
@@ -357,6 +405,12 @@ fn bad_arguments_and_handles_are_refused() {
         pred(0, 0, &mut l2),
         V2lStatus::InvalidArgument,
         "at least 1",
+    );
+    // One frame is a still picture: no effect to predict.
+    fails(
+        pred(64 * 64 * 3, 1, &mut l2),
+        V2lStatus::InvalidArgument,
+        "the reference clip has 1 frame; Video2LoRA predicts an effect from motion",
     );
     fails(
         unsafe { v2l_generator_predict_lora(g, null(), 3, 1, 1, 1, 1.0, &mut l2) },
@@ -600,6 +654,8 @@ fn progress_callback_and_cancellation() {
         "{:?}",
         state().inner_status
     );
+    // Those inner calls failed with BUSY on this thread; the generation's success clears that.
+    assert_eq!(last_error(), "", "no BUSY message left behind a success");
 
     // The callback cancels at step 2: nothing is written.
     state().calls.clear();

@@ -9,7 +9,7 @@ pub enum ExportError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a valid safetensors file: {message}")]
+    #[error("{path}: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: missing tensor `{key}`")]
     MissingKey { path: PathBuf, key: String },

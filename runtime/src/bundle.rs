@@ -185,12 +185,7 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
         path: dir.clone(),
         message: format!("{e} (v2l-compile takes a directory written by v2l-export)"),
     })?;
-    if out.exists() {
-        return Err(RuntimeError::Invalid {
-            what: out.display().to_string(),
-            message: "already exists; remove it or choose another output".into(),
-        });
-    }
+    crate::limits::check_new_output_dir(out)?;
     let (weight_hash, lora_targets) = match &manifest.dit {
         Some(d) => {
             let names: Vec<String> = d

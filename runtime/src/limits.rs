@@ -149,6 +149,27 @@ impl Limits {
     }
 }
 
+/// A directory output that a command creates whole (an engine, a fused checkpoint): it may not
+/// exist yet, or be an empty directory (the finished output is renamed over it). Anything else
+/// is refused before the work, so no half-finished or mixed directory is ever left.
+pub fn check_new_output_dir(out: &std::path::Path) -> Result<()> {
+    let refuse = |m: &str| {
+        Err(invalid(
+            &out.display().to_string(),
+            format!("{m}; remove it or choose another output directory"),
+        ))
+    };
+    match std::fs::symlink_metadata(out) {
+        Err(_) => Ok(()),
+        Ok(m) if !m.is_dir() => refuse("exists and is not a directory"),
+        Ok(_) => match std::fs::read_dir(out).map(|mut entries| entries.next().is_none()) {
+            Ok(true) => Ok(()),
+            Ok(false) => refuse("exists and is not empty"),
+            Err(_) => refuse("exists and cannot be read"),
+        },
+    }
+}
+
 /// `v` if finite: NaN or ±inf in a scale, guidance or weight would silently spoil every output.
 pub fn finite(what: &str, v: f32) -> Result<f32> {
     if v.is_finite() {

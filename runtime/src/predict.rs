@@ -15,6 +15,26 @@ use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
 
+/// The fewest frames a reference clip may have: 5 frames are two latent frames, the least
+/// that carries motion (1 to 4 frames encode to a single latent frame: a still picture).
+pub const MIN_REFERENCE_FRAMES: usize = 5;
+
+/// Checks a reference clip before any work: enough frames to carry an effect. `source` names
+/// it in the error (a path, or "reference frames").
+pub fn check_reference(frames: &Frames, source: &str) -> Result<()> {
+    if frames.frames < MIN_REFERENCE_FRAMES {
+        return Err(RuntimeError::Invalid {
+            what: source.into(),
+            message: format!(
+                "the reference clip has {} frame{}; Video2LoRA predicts an effect from motion and needs at least {MIN_REFERENCE_FRAMES} (two latent frames)",
+                frames.frames,
+                if frames.frames == 1 { "" } else { "s" }
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// What a prediction computed, intermediates included (for `--dump` and parity checks).
 pub struct Prediction {
     pub reference_latents: Tensor,
@@ -90,6 +110,7 @@ impl Predictor {
         frames: &Frames,
         lora_weight: f32,
     ) -> Result<Prediction> {
+        check_reference(frames, "reference clip")?;
         let mean = vae.latent(&frames.to_unit_video())?;
         let sf = vae.entry.scaling_factor as f32;
         let latents = Tensor::f32(

@@ -149,14 +149,157 @@ impl ExportDir {
     }
 }
 
-/// Checks that `inputs` holds every tensor `stage` needs; `source` names the file for errors.
-pub fn check_inputs(stage: Stage, inputs: &BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
-    for name in stage.inputs() {
-        if !inputs.contains_key(*name) {
-            return Err(RuntimeError::MissingTensor {
+/// Checks `inputs` against what `stage` of the export in `dir` takes, before any session is
+/// built: every tensor present, of its dtype and rank, sizes that agree with each other and with
+/// the model, floats finite, timesteps within the scheduler's range. `source` names the file.
+/// A bad input is one clear error in milliseconds, not an ONNX Runtime kernel message after
+/// seconds of loading.
+pub fn check_inputs(
+    dir: &ExportDir,
+    stage: Stage,
+    inputs: &BTreeMap<String, Tensor>,
+    source: &Path,
+) -> Result<()> {
+    let bad = |name: &str, message: String| RuntimeError::BadFile {
+        path: source.into(),
+        message: format!("`{name}` {message}"),
+    };
+    let mut shapes = BTreeMap::new();
+    for &name in stage.inputs() {
+        let t = inputs
+            .get(name)
+            .ok_or_else(|| RuntimeError::MissingTensor {
                 path: source.into(),
                 name: name.to_string(),
-            });
+            })?;
+        let want_int = name == "timestep";
+        match (&t.data, want_int) {
+            (crate::tensor::Data::F32(v), false) => {
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(bad(
+                        name,
+                        format!("holds {} at element {i}; every value must be finite", v[i]),
+                    ));
+                }
+            }
+            (crate::tensor::Data::I64(_), true) => {}
+            _ => {
+                let want = if want_int { "int64" } else { "float32" };
+                return Err(bad(name, format!("must be {want}")));
+            }
+        }
+        shapes.insert(name, t.shape.as_slice());
+    }
+    let rank = |name: &str, n: usize, layout: &str| -> Result<&[usize]> {
+        let s = shapes.get(name).copied().unwrap_or(&[]);
+        if s.len() != n || s.contains(&0) {
+            return Err(bad(
+                name,
+                format!("has shape {s:?}; expected {layout} with no empty axis"),
+            ));
+        }
+        Ok(s)
+    };
+    let manifest = &dir.manifest;
+    match stage {
+        Stage::Dit => {
+            let d = manifest
+                .dit
+                .as_ref()
+                .ok_or_else(|| dir.missing("DiT", "dit"))?;
+            let hs = rank("hidden_states", 5, "[B, F, C, H, W]")?;
+            let (b, f, c, h, w) = (hs[0], hs[1], hs[2], hs[3], hs[4]);
+            let p = d.patch_size.max(1);
+            if c != d.in_channels || h % p != 0 || w % p != 0 {
+                return Err(bad("hidden_states", format!(
+                    "has shape {hs:?}; the DiT takes {} channels and H, W multiples of its patch size {p}",
+                    d.in_channels
+                )));
+            }
+            let ehs = rank("encoder_hidden_states", 3, "[B, L, D]")?;
+            if ehs[0] != b || ehs[2] != d.text_embed_dim {
+                return Err(bad("encoder_hidden_states", format!(
+                    "has shape {ehs:?}; expected [{b}, L, {}] (batch of hidden_states, the DiT's text width)",
+                    d.text_embed_dim
+                )));
+            }
+            let ts = rank("timestep", 1, "[B]")?;
+            if ts[0] != b {
+                return Err(bad("timestep", format!("has shape {ts:?}; expected [{b}]")));
+            }
+            let train_steps = match &manifest.scheduler {
+                Some(file) => {
+                    crate::scheduler::SchedulerConfig::from_file(&dir.dir.join(file))?
+                        .num_train_timesteps
+                }
+                None => 1000,
+            };
+            if let Some(crate::tensor::Data::I64(v)) = inputs.get("timestep").map(|t| &t.data) {
+                if let Some(t) = v.iter().find(|&&t| t < 0 || t as u64 >= train_steps as u64) {
+                    return Err(bad("timestep", format!(
+                        "holds {t}; timesteps are 0 to {} (the scheduler's num_train_timesteps - 1)",
+                        train_steps - 1
+                    )));
+                }
+            }
+            let tokens = f * (h / p) * (w / p);
+            for name in ["rope_cos", "rope_sin"] {
+                let r = rank(name, 2, "[tokens, head_dim]")?;
+                if r != [tokens, d.attention_head_dim] {
+                    return Err(bad(name, format!(
+                        "has shape {r:?}; {f} frames of {h}x{w} latents in patches of {p} need [{tokens}, {}]",
+                        d.attention_head_dim
+                    )));
+                }
+            }
+        }
+        Stage::VaeEncode => {
+            let v = manifest
+                .vae
+                .as_ref()
+                .ok_or_else(|| dir.missing("VAE", "vae"))?;
+            let s = rank("video", 5, "[B, 3, F, H, W]")?;
+            if s[1] != v.in_channels || s[3] % 8 != 0 || s[4] % 8 != 0 {
+                return Err(bad(
+                    "video",
+                    format!(
+                        "has shape {s:?}; the VAE takes {} channels and H, W multiples of 8",
+                        v.in_channels
+                    ),
+                ));
+            }
+        }
+        Stage::VaeDecode => {
+            let v = manifest
+                .vae
+                .as_ref()
+                .ok_or_else(|| dir.missing("VAE", "vae"))?;
+            let s = rank("latents", 5, "[B, C, F, H, W]")?;
+            if s[1] != v.latent_channels {
+                return Err(bad(
+                    "latents",
+                    format!(
+                        "has shape {s:?}; the VAE's latents have {} channels",
+                        v.latent_channels
+                    ),
+                ));
+            }
+        }
+        Stage::Hypernet => {
+            let e = manifest
+                .hypernet
+                .as_ref()
+                .ok_or_else(|| dir.missing("hypernetwork", "hypernet"))?;
+            let s = rank("reference_latents", 5, "[B, C, T, H, W]")?;
+            if s[1] != e.dims.feature_dim {
+                return Err(bad(
+                    "reference_latents",
+                    format!(
+                        "has shape {s:?}; the hypernetwork takes {} channels",
+                        e.dims.feature_dim
+                    ),
+                ));
+            }
         }
     }
     Ok(())
@@ -215,6 +358,12 @@ pub fn run_stage(
             message: "--lora applies to the dit stage only".into(),
         });
     }
+    let get = |name: &str| {
+        inputs.get(name).ok_or_else(|| RuntimeError::MissingTensor {
+            path: "stage inputs".into(),
+            name: name.into(),
+        })
+    };
     let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
     let t0 = std::time::Instant::now();
     let (outputs, load_ms, runs_ms) = match stage {
@@ -227,8 +376,8 @@ pub fn run_stage(
             let feed = stage
                 .inputs()
                 .iter()
-                .map(|n| (n.to_string(), inputs[*n].clone()))
-                .collect();
+                .map(|n| Ok((n.to_string(), get(n)?.clone())))
+                .collect::<Result<_>>()?;
             let (mut out, times) = timed(runs, || m.run(&feed))?;
             let sample = out.remove("sample").ok_or_else(|| RuntimeError::Invalid {
                 what: dir.dir.display().to_string(),
@@ -244,7 +393,7 @@ pub fn run_stage(
             let mut vae = crate::vae::Vae::load(dir, opts)?;
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
-            let ((mean, logvar), times) = timed(runs, || vae.encode(&inputs["video"]))?;
+            let ((mean, logvar), times) = timed(runs, || vae.encode(get("video")?))?;
             (
                 BTreeMap::from([
                     ("posterior_mean".to_string(), mean),
@@ -258,7 +407,7 @@ pub fn run_stage(
             let mut vae = crate::vae::Vae::load(dir, opts)?;
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
-            let (sample, times) = timed(runs, || vae.decode(&inputs["latents"]))?;
+            let (sample, times) = timed(runs, || vae.decode(get("latents")?))?;
             (
                 BTreeMap::from([("sample".to_string(), sample)]),
                 load_ms,
@@ -268,7 +417,7 @@ pub fn run_stage(
         Stage::Hypernet => {
             let mut p = crate::predict::Predictor::load(dir, opts)?;
             let load_ms = ms(t0);
-            let (hw, times) = timed(runs, || p.hyper_weights(&inputs["reference_latents"]))?;
+            let (hw, times) = timed(runs, || p.hyper_weights(get("reference_latents")?))?;
             (
                 BTreeMap::from([("hyper_weights".to_string(), hw)]),
                 load_ms,

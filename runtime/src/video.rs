@@ -134,6 +134,51 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
     Ok(frames)
 }
 
+/// The stored size `(height, width)` of the first video stream of `path` (or of the first PNG
+/// of a directory), by ffprobe; `None` where it cannot tell (a safetensors clip, no ffprobe).
+pub fn source_size(path: &Path) -> Option<(usize, usize)> {
+    let file = if path.is_dir() {
+        let mut pngs: Vec<_> = std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+            .collect();
+        pngs.sort();
+        pngs.into_iter().next()?
+    } else if path.extension().is_some_and(|e| e == "safetensors") {
+        return None;
+    } else {
+        path.to_path_buf()
+    };
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-show_entries"])
+        .args(["stream=width,height", "-of", "csv=p=0:s=x"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (w, h) = text.lines().next()?.trim().split_once('x')?;
+    Some((h.parse().ok()?, w.parse().ok()?))
+}
+
+/// A warning when `path`'s frames are resized to `height × width` with another aspect ratio
+/// (more than 1 % apart): diffusers and upstream Video2LoRA resize without cropping, so v2l
+/// does too, but the picture is squashed and the user should know.
+pub fn aspect_warning(path: &Path, height: usize, width: usize) -> Option<String> {
+    let (sh, sw) = source_size(path)?;
+    if sh == 0 || sw == 0 || height == 0 || width == 0 {
+        return None;
+    }
+    let (src, dst) = (sw as f64 / sh as f64, width as f64 / height as f64);
+    ((src / dst - 1.0).abs() > 0.01).then(|| {
+        format!(
+            "{}: {sw}x{sh} (aspect {src:.2}) is resized to {width}x{height} (aspect {dst:.2}) without cropping, as diffusers does; crop it first to keep its proportions",
+            path.display()
+        )
+    })
+}
+
 /// Decodes every frame of `path` to RGB24 at `height × width` with ffmpeg.
 fn ffmpeg_decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
     let out = Command::new("ffmpeg")

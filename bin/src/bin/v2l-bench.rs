@@ -23,6 +23,12 @@ use v2l_graphs::{DType, ExternalData};
 ///            inputs in the same run, the speed-up and the relative L2 between the outputs.
 ///   fuse     time the LoRA fuse kernel (W' = W + s·B·A, rank 1) on the CogVideoX-5B layer
 ///            shapes in f32, f16 and bf16, one block and the full model, against memcpy.
+///   pipeline latency per stage and per LoRA strategy of an engine, at its sample size.
+///
+/// Examples:
+///   v2l-bench fuse --json
+///   v2l-bench scale --torch-python ~/venv/bin/python --repeat 3
+///   v2l-bench pipeline --engine engine/ --repeat 5
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -36,8 +42,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Latency per pipeline stage and per LoRA strategy for an engine, at its default sample size
+    ///
+    /// Example:
+    ///   v2l-bench pipeline --engine engine/ --repeat 5 --json
+    #[command(verbatim_doc_comment)]
     Pipeline {
-        /// Engine bundle (from v2l-compile)
+        /// Engine bundle (from `v2l-compile`) or export directory (from `v2l-export`)
         #[arg(long)]
         engine: PathBuf,
         /// Runs per measurement (medians are reported)
@@ -51,6 +61,10 @@ enum Command {
         threads: usize,
     },
     /// Export a full-size CogVideoX-5B DiT (generated weights) and report time and peak memory
+    ///
+    /// Example:
+    ///   v2l-bench export --layers 42 --dir /scratch/v2l-bench
+    #[command(verbatim_doc_comment)]
     Export {
         /// Transformer blocks to generate (42 is CogVideoX-5B)
         #[arg(long, default_value_t = 42)]
@@ -67,6 +81,7 @@ enum Command {
     /// Example (the two cases of the scale issue, PyTorch alongside):
     ///   v2l-bench scale --torch-python ~/venv/bin/python
     ///   v2l-bench scale --frames 49 --height 480 --width 720 --json
+    #[command(verbatim_doc_comment)]
     Scale {
         /// Transformer blocks (CogVideoX-5B has 42)
         #[arg(long, default_value_t = 1)]
@@ -103,6 +118,10 @@ enum Command {
         no_vae: bool,
     },
     /// Time the LoRA fuse kernel against this machine's memcpy bandwidth
+    ///
+    /// Example:
+    ///   v2l-bench fuse --threads 2 --json
+    #[command(verbatim_doc_comment)]
     Fuse {
         /// Threads for the fuse and the memcpy (0: all cores)
         #[arg(long, default_value_t = 0)]

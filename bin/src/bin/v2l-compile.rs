@@ -27,9 +27,9 @@ use v2l_runtime::backend::{Backend, Precision};
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
-    /// Export directory (or a model file inside one)
+    /// Export directory (from `v2l-export`), or a model file inside one
     input: PathBuf,
-    /// Output engine directory (must not exist)
+    /// Output engine directory (created; if it exists it must be empty)
     #[arg(short, long)]
     output: PathBuf,
     #[arg(long, value_enum, default_value = "fp32")]

@@ -28,6 +28,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// CogVideoX transformer (`CogVideoXTransformer3DModel`) -> <dir>/dit.onnx
+    ///
+    /// Example:
+    ///   v2l-export dit models/CogVideoX-5b-I2V/transformer -o export/
+    #[command(verbatim_doc_comment)]
     Dit {
         /// diffusers transformer directory (config.json + safetensors, single or sharded)
         checkpoint: PathBuf,
@@ -40,6 +44,11 @@ enum Command {
     },
     /// Video2LoRA hypernetwork (`VideoHyperDream`) -> <dir>/hypernet.onnx, plus its LiLoRA
     /// auxiliaries, checked against the DiT's linear layers
+    ///
+    /// Example:
+    ///   v2l-export hypernet hypernetwork.safetensors --lilora lilora.safetensors \
+    ///       --dit models/CogVideoX-5b-I2V/transformer -o export/
+    #[command(verbatim_doc_comment)]
     Hypernet {
         /// Hypernetwork checkpoint (upstream `img_weight_generator.*` keys)
         checkpoint: PathBuf,
@@ -56,7 +65,13 @@ enum Command {
         out: OutputArgs,
     },
     /// A whole diffusers pipeline directory (transformer/, vae/, scheduler/), and optionally the
-    /// Video2LoRA hypernetwork: every graph plus the scheduler config, in one directory
+    /// Video2LoRA hypernetwork: every graph plus the scheduler config, in one directory. The
+    /// parts are staged and published together: a failed export leaves nothing behind.
+    ///
+    /// Example:
+    ///   v2l-export pipeline models/CogVideoX-5b-I2V --hypernet hypernetwork.safetensors \
+    ///       --lilora lilora.safetensors -o export/
+    #[command(verbatim_doc_comment)]
     Pipeline {
         /// diffusers model directory with transformer/, vae/ and scheduler/
         model: PathBuf,
@@ -73,6 +88,10 @@ enum Command {
         out: OutputArgs,
     },
     /// CogVideoX 3D VAE (`AutoencoderKLCogVideoX`) -> <dir>/vae_encoder.onnx, <dir>/vae_decoder.onnx
+    ///
+    /// Example:
+    ///   v2l-export vae models/CogVideoX-5b-I2V/vae -o export/
+    #[command(verbatim_doc_comment)]
     Vae {
         /// diffusers VAE directory (config.json + safetensors)
         checkpoint: PathBuf,
@@ -83,7 +102,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct OutputArgs {
-    /// Output directory (created if missing)
+    /// Output export directory (created if missing; each export adds its graphs to it)
     #[arg(short, long)]
     output: PathBuf,
     /// Put weights in a side file `<model>.onnx.data`: `auto` does so above 64 MiB

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use v2l_cli::{main_with, Failure};
+use v2l_cli::{check_output, main_with, Failure};
 use v2l_runtime::lora::format::{self, Lora, LoraFormat};
 use v2l_runtime::RuntimeError;
 
@@ -29,6 +29,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print a LoRA file's format, layers, ranks and alphas
+    ///
+    /// Example:
+    ///   v2l-lora inspect my_lora.safetensors --json
+    #[command(verbatim_doc_comment)]
     Inspect {
         file: PathBuf,
         /// One JSON object on stdout
@@ -38,9 +42,15 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
-    /// Rewrite a LoRA file in another format
+    /// Rewrite a LoRA file in another format (factors kept bitwise)
+    ///
+    /// Example:
+    ///   v2l-lora convert my_lora.safetensors -o comfy.safetensors --format comfyui
+    #[command(verbatim_doc_comment)]
     Convert {
+        /// LoRA file (diffusers/PEFT, kohya/musubi or ComfyUI safetensors)
         input: PathBuf,
+        /// Output .safetensors file, replaced if it exists (never the input itself)
         #[arg(short, long)]
         output: PathBuf,
         #[arg(long, value_enum)]
@@ -54,15 +64,22 @@ enum Command {
     /// The clip is resized to the generation size, scaled to [0, 1], encoded by the VAE
     /// (posterior mode) and multiplied by its scaling factor; the hypernetwork predicts one row
     /// per DiT linear layer and the LiLoRA auxiliaries turn the rows into standard LoRA factors.
-    /// Needs an export directory with `dit`, `vae` and `hypernet` exported into it.
+    /// Needs an engine with `dit`, `vae` and `hypernet` exported into it. The clip needs at
+    /// least 5 frames; one of another aspect ratio is squashed (as diffusers does), with a warning.
+    ///
+    /// Example:
+    ///   v2l-lora predict --engine engine/ --reference ref.mp4 -o ref_lora.safetensors
+    #[command(verbatim_doc_comment)]
     Predict {
-        /// Export directory
+        /// Engine bundle (from `v2l-compile`) or export directory (from `v2l-export`), with a
+        /// DiT, a VAE and a hypernetwork
         #[arg(long)]
         engine: PathBuf,
         /// Reference clip: a video file (ffmpeg), a directory of PNGs, or a safetensors file
         /// with `reference_u8 [F, H, W, 3]`
         #[arg(long)]
         reference: PathBuf,
+        /// Output .safetensors LoRA file, replaced if it exists
         #[arg(short, long)]
         output: PathBuf,
         /// Use only the first N frames
@@ -74,8 +91,14 @@ enum Command {
         /// Generation width in pixels (default: the VAE config's sample_width)
         #[arg(long)]
         width: Option<usize>,
-        /// Upstream's LoRA weight w (used as multiplier and alpha: fuse scale w²)
-        #[arg(long, default_value_t = 1.0)]
+        /// Video2LoRA LoRA weight w, as `v2l-run --lora-scale` (upstream uses it as multiplier
+        /// and alpha: fuse scale w²); `--lora-weight` is the old spelling
+        #[arg(
+            long = "lora-scale",
+            alias = "lora-weight",
+            default_value_t = 1.0,
+            allow_negative_numbers = true
+        )]
         lora_weight: f32,
         /// Output format
         #[arg(long, value_enum, default_value = "diffusers")]
@@ -85,10 +108,16 @@ enum Command {
         dump: Option<PathBuf>,
     },
     /// Write a copy of a diffusers transformer checkpoint with a LoRA fused into its weights
+    ///
+    /// Example:
+    ///   v2l-lora fuse --base CogVideoX-5b/transformer --lora my_lora.safetensors \
+    ///       --scale 0.8 -o fused/transformer
+    #[command(verbatim_doc_comment)]
     Fuse {
         /// diffusers transformer directory
         #[arg(long)]
         base: PathBuf,
+        /// LoRA file (diffusers/PEFT, kohya/musubi or ComfyUI safetensors)
         #[arg(long)]
         lora: PathBuf,
         /// Multiplier: each layer's fuse scale is scale · alpha / rank (`--lora-scale` as in v2l-run)
@@ -99,7 +128,7 @@ enum Command {
             allow_negative_numbers = true
         )]
         scale: f32,
-        /// Output directory (must not exist)
+        /// Output transformer directory (created; if it exists it must be empty)
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -160,7 +189,11 @@ fn main() -> ExitCode {
             format,
             dump,
         } => {
-            v2l_runtime::limits::finite("--lora-weight", lora_weight)?;
+            v2l_runtime::limits::finite("--lora-scale", lora_weight)?;
+            check_output(&output, &["safetensors"])?;
+            if let Some(d) = &dump {
+                check_output(d, &["safetensors"])?;
+            }
             predict(
                 &engine,
                 &reference,
@@ -289,12 +322,13 @@ fn predict(
         v2l_runtime::limits::Limits::from_env()?.check_frame_size(h, w, 16)?;
     }
     let dir = ExportDir::open(engine)?;
-    let opts = v2l_runtime::SessionOptions::default();
-    let mut vae = v2l_runtime::vae::Vae::load(&dir, &opts)?;
-    let mut predictor = v2l_runtime::predict::Predictor::load(&dir, &opts)?;
-    let cfg = &vae.entry.config;
+    let cfg = dir.manifest.vae.as_ref().map(|v| &v.config);
     let size = |v: Option<usize>, key: &str| {
-        v.or_else(|| cfg.get(key).and_then(|x| x.as_u64()).map(|x| x as usize))
+        v.or_else(|| {
+            cfg.and_then(|c| c.get(key))
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+        })
     };
     let (h, w) = match (size(height, "sample_height"), size(width, "sample_width")) {
         (Some(h), Some(w)) => (h, w),
@@ -303,13 +337,21 @@ fn predict(
                 .with_hint("pass --height and --width"))
         }
     };
-    // The generation's rules (v2l-run refuses the same sizes), checked before reading the clip.
+    // The generation's rules (v2l-run refuses the same sizes), and the clip itself, checked
+    // before any session is built.
     let limits = v2l_runtime::limits::Limits::from_env()?;
     limits.check_frame_size(h, w, 16)?;
     let mut clip = v2l_runtime::video::read_frames(reference, h, w)?;
     if let Some(n) = frames {
         clip.truncate(n);
     }
+    v2l_runtime::predict::check_reference(&clip, &reference.display().to_string())?;
+    if let Some(warning) = v2l_runtime::video::aspect_warning(reference, h, w) {
+        eprintln!("warning: {warning}");
+    }
+    let opts = v2l_runtime::SessionOptions::default();
+    let mut vae = v2l_runtime::vae::Vae::load(&dir, &opts)?;
+    let mut predictor = v2l_runtime::predict::Predictor::load(&dir, &opts)?;
     let p = predictor.predict(&mut vae, &clip, lora_weight)?;
     format::write(output, &p.lora, format).map_err(RuntimeError::from)?;
     if let Some(d) = dump {

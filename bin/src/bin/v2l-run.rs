@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use v2l_cli::{main_with, Failure};
+use v2l_cli::{check_output, main_with, Failure};
 use v2l_runtime::stage::{check_inputs, run_stage, AppliedLora, ExportDir, Stage};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 
@@ -31,7 +31,7 @@ use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
-    /// Export directory (from `v2l-export`) or a model file inside one
+    /// Engine bundle (from `v2l-compile`) or export directory (from `v2l-export`)
     #[arg(long, global = true)]
     engine: Option<PathBuf>,
     /// CPU threads for ONNX Runtime (0: one per core)
@@ -86,7 +86,7 @@ struct GenerateArgs {
     /// Video2LoRA LoRA weight w (upstream passes it as multiplier and alpha: scale w²)
     #[arg(long, default_value_t = 1.0)]
     lora_scale: f32,
-    /// Output mp4 (a contact sheet PNG is written beside it)
+    /// Output .mp4 file, replaced if it exists (a contact sheet .png is written beside it)
     #[arg(short, long)]
     output: Option<PathBuf>,
     /// Also write intermediates (reference_latents, hyper_weights, latents_step{i}, frames)
@@ -111,13 +111,27 @@ struct GenerateArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run one component on named tensors
+    ///
+    ///   dit         hidden_states, encoder_hidden_states, timestep, rope_cos, rope_sin -> sample
+    ///   vae-encode  video [B,3,F,H,W] in [-1,1]           -> posterior_mean, posterior_logvar
+    ///   vae-decode  latents [B,16,f,h,w] (unscaled)        -> sample
+    ///   hypernet    reference_latents [B,16,T,h,w]         -> hyper_weights
+    ///
+    /// Inputs are checked against the model before anything runs (dtypes, shapes, finite
+    /// values, timesteps within the scheduler's range).
+    ///
+    /// Examples:
+    ///   v2l-run --engine engine/ stage dit --inputs dit_in.safetensors -o dit_out.safetensors \
+    ///       --compare torch_out.safetensors --compare-name sample=output
+    ///   v2l-run --engine engine/ stage vae-decode --inputs latents.safetensors -o video.safetensors
+    #[command(verbatim_doc_comment)]
     Stage {
         #[arg(value_enum)]
         stage: StageArg,
         /// safetensors file with the stage's input tensors
         #[arg(long)]
         inputs: PathBuf,
-        /// safetensors file to write the outputs to
+        /// Output .safetensors file for the outputs, replaced if it exists
         #[arg(short, long)]
         output: PathBuf,
         /// LoRA to fuse into the DiT (diffusers/PEFT, kohya or ComfyUI safetensors)
@@ -203,12 +217,13 @@ fn main() -> ExitCode {
                 repeat,
             }) => {
                 let stage = Stage::from(stage);
+                check_output(&output, &["safetensors"])?;
                 v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
                 v2l_runtime::limits::Limits::from_env()?.check_threads(opts.threads)?;
                 let dir = ExportDir::open(engine)?;
                 let opts = v2l_runtime::bundle::session_options(&dir, opts.threads);
                 let tensors = read_safetensors(&inputs)?;
-                check_inputs(stage, &tensors, &inputs)?;
+                check_inputs(&dir, stage, &tensors, &inputs)?;
                 let lora = match lora {
                     Some(path) => {
                         let modules: Vec<String> =
@@ -303,33 +318,6 @@ fn compare_outputs(
     Ok(())
 }
 
-/// An output path that can be written: a file name with one of `exts`, in an existing
-/// directory, not a directory or a device. Checked before the work, not after it.
-fn check_output(path: &std::path::Path, exts: &[&str]) -> Result<(), Failure> {
-    let bad = |m: String| Failure::new(format!("{}: {m}", path.display()));
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if !exts.contains(&ext) {
-        return Err(bad(format!(
-            "the output needs a .{} extension",
-            exts.join(" or .")
-        )));
-    }
-    if let Ok(m) = std::fs::metadata(path) {
-        if !m.is_file() {
-            return Err(bad("exists and is not a regular file".into()));
-        }
-    }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() && !m.permissions().readonly() => Ok(()),
-        Ok(_) => Err(bad("the output directory is not writable".into())),
-        Err(_) => Err(bad("the output directory does not exist".into())),
-    }
-}
-
 fn need<'a, T>(v: &'a Option<T>, flag: &str) -> Result<&'a T, Failure> {
     v.as_ref().ok_or_else(|| {
         Failure::usage(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`")
@@ -405,9 +393,18 @@ fn generate(
         (get("prompt_embeds")?, get("negative_prompt_embeds")?);
     let image = video::read_frames(image_path, height, width)?;
     let reference = match &g.reference {
-        Some(r) => Some((video::read_frames(r, height, width)?, g.lora_scale)),
+        Some(r) => {
+            let clip = video::read_frames(r, height, width)?;
+            v2l_runtime::predict::check_reference(&clip, &r.display().to_string())?;
+            Some((clip, g.lora_scale))
+        }
         None => None,
     };
+    for path in std::iter::once(image_path).chain(g.reference.as_ref()) {
+        if let Some(warning) = video::aspect_warning(path, height, width) {
+            eprintln!("warning: {warning}");
+        }
+    }
     let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
     let channels = dir
         .manifest

@@ -145,12 +145,7 @@ pub fn fuse_checkpoint(
     })?;
     let targets = checkpoint_linears(&ck);
     let pairs = match_targets(lora, &targets, source)?;
-    if out.exists() {
-        return Err(RuntimeError::Invalid {
-            what: out.display().to_string(),
-            message: "already exists; remove it or choose another output directory".into(),
-        });
-    }
+    crate::limits::check_new_output_dir(out)?;
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| RuntimeError::Io {
