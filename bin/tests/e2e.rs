@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::pipeline::{Pipeline, Request};
 use v2l_runtime::stage::ExportDir;
 use v2l_runtime::tensor::Data;
@@ -118,6 +119,61 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     let m = mae(&lora.frames, &io["lilora_frames"]);
     eprintln!("lilora frames: mean absolute error {m:.3e} (bound 2e-3)");
     assert!(m <= 2e-3);
+
+    // The reference's LoRA was for that request only: base -> reference -> base is the base,
+    // bitwise, for every LoRA strategy; so is a reference request cancelled half-way.
+    req.reference = None;
+    let again = p.generate(&req, &mut |_, _| true).unwrap();
+    assert!(
+        again.frames == base.frames && again.latents_steps == base.latents_steps,
+        "a reference's LoRA lingered into the next request"
+    );
+    for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
+        let mut p = Pipeline::load_with_strategy(
+            ExportDir::open(&eng).unwrap(),
+            &SessionOptions::default(),
+            strategy,
+        )
+        .unwrap();
+        let mut with_ref = Request {
+            reference: Some((frames_of(&io["reference_u8"]), 1.0)),
+            steps: 2,
+            ..req.clone()
+        };
+        let short_base = {
+            with_ref.reference = None;
+            let g = p.generate(&with_ref, &mut |_, _| true).unwrap();
+            with_ref.reference = Some((frames_of(&io["reference_u8"]), 1.0));
+            g
+        };
+        let cancelled = p.generate(&with_ref, &mut |step, _| step < 1);
+        assert!(matches!(
+            cancelled,
+            Err(v2l_runtime::RuntimeError::Cancelled)
+        ));
+        let ref_run = p.generate(&with_ref, &mut |_, _| true).unwrap();
+        assert!(
+            ref_run.latents_steps != short_base.latents_steps,
+            "{strategy:?}"
+        );
+        with_ref.reference = None;
+        let after = p.generate(&with_ref, &mut |_, _| true).unwrap();
+        assert!(
+            after.latents_steps == short_base.latents_steps && after.frames == short_base.frames,
+            "{strategy:?}: base -> reference (cancelled, then whole) -> base is not the base"
+        );
+    }
+    // An image of several frames is refused, not read from the wrong channels.
+    let clip = Request {
+        image: frames_of(&io["reference_u8"]),
+        ..req.clone()
+    };
+    let e = p
+        .generate(&clip, &mut |_, _| true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("17 frames; the first frame is one frame"), "{e}");
 }
 
 /// `v2l-run` end to end through the binary: the same seed gives the same video; bad inputs give
@@ -216,7 +272,6 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
 #[test]
 fn lora_strategies_agree_and_switching_is_exact() {
     use v2l_runtime::lora::format;
-    use v2l_runtime::lora::strategy::Strategy;
     use v2l_runtime::stage::AppliedLora;
     let d = tempfile::tempdir().unwrap();
     let eng = engine(d.path());

@@ -27,6 +27,7 @@ use crate::vae::Vae;
 use crate::video::Frames;
 
 /// One generation request.
+#[derive(Clone)]
 pub struct Request {
     /// First frame, RGB8 at the output size.
     pub image: Frames,
@@ -62,6 +63,9 @@ pub struct Pipeline {
     dit: DitRunner,
     scheduler: SchedulerConfig,
     predictor: Option<Predictor>,
+    /// The LoRA set by [`Pipeline::set_lora`] (`None`: base weights); a request's reference
+    /// LoRA is applied on top for that request only.
+    applied: Option<AppliedLora>,
 }
 
 impl Pipeline {
@@ -102,6 +106,7 @@ impl Pipeline {
             dit,
             scheduler,
             predictor,
+            applied: None,
         })
     }
 
@@ -110,8 +115,12 @@ impl Pipeline {
     }
 
     /// Applies `lora` to the DiT by the pipeline's strategy, or restores the base for `None`.
+    /// This LoRA then stays until the next `set_lora`: it is the pipeline's own state, which
+    /// every request without a reference clip runs with.
     pub fn set_lora(&mut self, lora: Option<&AppliedLora>) -> Result<()> {
-        self.dit.set_lora(&self.dir, lora)
+        self.dit.set_lora(&self.dir, lora)?;
+        self.applied = lora.cloned();
+        Ok(())
     }
 
     /// Sample the VAE posterior (mean + σ·ε, ε from `seed`) instead of taking its mode, for the
@@ -144,122 +153,206 @@ impl Pipeline {
 
     /// Runs one request; `progress(step, steps)` is called after each denoising step and
     /// returns `false` to cancel the run ([`RuntimeError::Cancelled`]).
+    ///
+    /// A reference clip's LoRA is request-scoped: it is applied for this run only, and the DiT
+    /// goes back to the pipeline's own LoRA ([`Pipeline::set_lora`], or the base) afterwards,
+    /// whether the run succeeded, failed or was cancelled. Nothing lingers into the next request.
     pub fn generate(
         &mut self,
         req: &Request,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generation> {
-        let mut timings = BTreeMap::new();
         let t_all = Instant::now();
-        let dit = self
-            .dir
-            .manifest
-            .dit
-            .clone()
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: self.dir.dir.display().to_string(),
-                message: "holds no DiT".into(),
-            })?;
-        let (h, w) = (req.image.height, req.image.width);
-        let (sp, tc) = (8usize, 4usize);
-        if h % (sp * dit.patch_size) != 0
-            || w % (sp * dit.patch_size) != 0
-            || req.frames == 0
-            || (req.frames - 1) % tc != 0
-        {
-            return Err(RuntimeError::Invalid {
-                what: "request".into(),
-                message: format!(
-                    "{}x{} with {} frames: height and width must be multiples of {}, frames 1 + 4k",
-                    w,
-                    h,
-                    req.frames,
-                    sp * dit.patch_size
-                ),
-            });
+        let shape = self.check_request(req)?;
+        let mut timings = BTreeMap::new();
+        let prediction = match &req.reference {
+            Some((clip, weight)) => Some(self.apply_reference(clip, *weight, &mut timings)?),
+            None => None,
+        };
+        let result = self.run_request(req, &shape, &mut timings, progress);
+        if prediction.is_some() {
+            // Restore before reporting anything: a failed restore must not go unnoticed.
+            self.dit.set_lora(&self.dir, self.applied.as_ref())?;
         }
-        let (lf, lh, lw) = ((req.frames - 1) / tc + 1, h / sp, w / sp);
-        let c = dit.in_channels / 2;
-        if req.noise.shape != [1, lf, c, lh, lw] {
-            return Err(RuntimeError::Invalid {
-                what: "noise".into(),
-                message: format!(
-                    "shape {:?}; expected {:?}",
-                    req.noise.shape,
-                    [1, lf, c, lh, lw]
+        let (frames, latents_steps) = result?;
+        timings.insert("total".into(), ms(t_all));
+        let (reference_latents, hyper_weights, lora) = match prediction {
+            Some(p) => (
+                Some(p.reference_latents),
+                Some(p.hyper_weights),
+                Some(p.lora),
+            ),
+            None => (None, None, None),
+        };
+        Ok(Generation {
+            frames,
+            latents_steps,
+            reference_latents,
+            hyper_weights,
+            lora,
+            timings,
+        })
+    }
+
+    /// Step 0: the request's sizes against the model, before any work.
+    fn check_request(&self, req: &Request) -> Result<LatentShape> {
+        let dit = self.dit_entry()?;
+        let invalid = |what: &str, message: String| RuntimeError::Invalid {
+            what: what.into(),
+            message,
+        };
+        if req.image.frames != 1 {
+            return Err(invalid(
+                "image",
+                format!("{} frames; the first frame is one frame", req.image.frames),
+            ));
+        }
+        let (h, w) = (req.image.height, req.image.width);
+        let m = VAE_SPATIAL * dit.patch_size;
+        if h % m != 0 || w % m != 0 || req.frames == 0 || (req.frames - 1) % VAE_TEMPORAL != 0 {
+            return Err(invalid(
+                "request",
+                format!(
+                    "{w}x{h} with {} frames: height and width must be multiples of {m}, frames 1 + 4k",
+                    req.frames
                 ),
-            });
+            ));
+        }
+        let shape = LatentShape {
+            frames: (req.frames - 1) / VAE_TEMPORAL + 1,
+            channels: dit.in_channels / 2,
+            height: h / VAE_SPATIAL,
+            width: w / VAE_SPATIAL,
+        };
+        if req.noise.shape != shape.dims() {
+            return Err(invalid(
+                "noise",
+                format!("shape {:?}; expected {:?}", req.noise.shape, shape.dims()),
+            ));
         }
         for (name, t) in [
             ("prompt_embeds", &req.prompt_embeds),
             ("negative_prompt_embeds", &req.negative_prompt_embeds),
         ] {
             if t.shape.len() != 3 || t.shape[0] != 1 || t.shape[2] != dit.text_embed_dim {
-                return Err(RuntimeError::Invalid {
-                    what: name.into(),
-                    message: format!(
+                return Err(invalid(
+                    name,
+                    format!(
                         "shape {:?}; expected [1, L, {}]",
                         t.shape, dit.text_embed_dim
                     ),
-                });
+                ));
             }
         }
         if req.prompt_embeds.shape != req.negative_prompt_embeds.shape {
+            return Err(invalid(
+                "negative_prompt_embeds",
+                "must have the shape of prompt_embeds".into(),
+            ));
+        }
+        Ok(shape)
+    }
+
+    fn dit_entry(&self) -> Result<&v2l_export::manifest::DitEntry> {
+        self.dir
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: self.dir.dir.display().to_string(),
+                message: "holds no DiT".into(),
+            })
+    }
+
+    /// Step 1: the reference clip's LoRA, predicted and applied to the DiT for this request.
+    fn apply_reference(
+        &mut self,
+        clip: &Frames,
+        weight: f32,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<crate::predict::Prediction> {
+        let t = Instant::now();
+        let p = self.predict(clip, weight)?;
+        timings.insert("predict_lora".into(), ms(t));
+        let t = Instant::now();
+        let applied = AppliedLora {
+            lora: p.lora.clone(),
+            source: "reference".into(),
+            multiplier: 1.0,
+        };
+        self.dit.set_lora(&self.dir, Some(&applied))?;
+        timings.insert("lora_fuse".into(), ms(t));
+        Ok(p)
+    }
+
+    /// Steps 2 to 4 with the DiT as it is: encode the first frame, denoise, decode.
+    fn run_request(
+        &mut self,
+        req: &Request,
+        shape: &LatentShape,
+        timings: &mut BTreeMap<String, f64>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let t = Instant::now();
+        let image_latents = self.encode_image(&req.image, shape)?;
+        timings.insert("vae_encode".into(), ms(t));
+        let (latents, latents_steps, dit_ms) =
+            self.denoise(req, shape, &image_latents, progress)?;
+        if let Some(m) = median(dit_ms) {
+            timings.insert("dit_step".into(), m);
+        }
+        let t = Instant::now();
+        let frames = self.decode(&latents, shape)?;
+        timings.insert("vae_decode".into(), ms(t));
+        Ok((frames, latents_steps))
+    }
+
+    /// Step 2: the first frame in [-1, 1] → VAE latent × scaling factor as latent frame 0 of
+    /// `[lf, C, h, w]`, zeros after (diffusers' I2V padding).
+    fn encode_image(&mut self, image: &Frames, shape: &LatentShape) -> Result<Vec<f32>> {
+        let unit = image.to_unit_video();
+        let signed: Vec<f32> = unit
+            .as_f32("image")?
+            .iter()
+            .map(|v| v * 2.0 - 1.0)
+            .collect();
+        let mean = self.vae.latent(&Tensor::f32(unit.shape.clone(), signed))?;
+        let sf = self.vae.entry.scaling_factor as f32;
+        let frame = shape.height * shape.width;
+        let first = mean.as_f32("posterior_mean")?;
+        if first.len() < shape.channels * frame {
             return Err(RuntimeError::Invalid {
-                what: "negative_prompt_embeds".into(),
-                message: "must have the shape of prompt_embeds".into(),
+                what: "VAE encoder".into(),
+                message: format!(
+                    "the first frame's latent has {} values; expected at least {}",
+                    first.len(),
+                    shape.channels * frame
+                ),
             });
         }
-
-        // Reference clip -> LoRA fused into the DiT.
-        let (mut reference_latents, mut hyper_weights, mut lora) = (None, None, None);
-        if let Some((clip, weight)) = &req.reference {
-            let t = Instant::now();
-            let p = self.predict(clip, *weight)?;
-            timings.insert("predict_lora".into(), ms(t));
-            let t = Instant::now();
-            let applied = AppliedLora {
-                lora: p.lora.clone(),
-                source: "reference".into(),
-                multiplier: 1.0,
-            };
-            self.set_lora(Some(&applied))?;
-            timings.insert("lora_fuse".into(), ms(t));
-            reference_latents = Some(p.reference_latents);
-            hyper_weights = Some(p.hyper_weights);
-            lora = Some(p.lora);
-        }
-
-        // First frame -> image latents [1, lf, C, lh, lw] (frame 0, zeros after).
-        let t = Instant::now();
-        let image = req.image.to_unit_video();
-        let image = Tensor::f32(
-            image.shape.clone(),
-            image
-                .as_f32("image")?
-                .iter()
-                .map(|v| v * 2.0 - 1.0)
-                .collect(),
-        );
-        let mean = self.vae.latent(&image)?;
-        timings.insert("vae_encode".into(), ms(t));
-        let sf = self.vae.entry.scaling_factor as f32;
-        let frame = lh * lw;
-        let mut image_latents = vec![0f32; lf * c * frame];
-        for (ch, chunk) in mean
-            .as_f32("posterior_mean")?
-            .chunks_exact(frame)
-            .take(c)
-            .enumerate()
+        let mut image_latents = vec![0f32; shape.frames * shape.channels * frame];
+        for (o, v) in image_latents
+            .iter_mut()
+            .zip(&first[..shape.channels * frame])
         {
-            for (o, v) in image_latents[ch * frame..(ch + 1) * frame]
-                .iter_mut()
-                .zip(chunk)
-            {
-                *o = v * sf;
-            }
+            *o = v * sf;
         }
+        Ok(image_latents)
+    }
 
+    /// Step 3: the DDIM loop with classifier-free guidance (negative and positive prompt as one
+    /// batch of 2). Returns the final latents `[lf, C, h, w]`, the latents after every step, and
+    /// each DiT call's time.
+    fn denoise(
+        &mut self,
+        req: &Request,
+        shape: &LatentShape,
+        image_latents: &[f32],
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
+        let dit = self.dit_entry()?.clone();
+        let (lf, c, lh, lw) = (shape.frames, shape.channels, shape.height, shape.width);
+        let frame = lh * lw;
         let mut sched = DdimScheduler::new(&self.scheduler)?;
         sched.set_timesteps(req.steps)?;
         let (rope_cos, rope_sin) = cogvideox_rope(
@@ -271,7 +364,7 @@ impl Pipeline {
             config_usize(&dit.config, "sample_height").unwrap_or(lh),
             config_usize(&dit.config, "sample_width").unwrap_or(lw),
         );
-        let seq = rope_cos.len() / dit.attention_head_dim;
+        let seq = rope_cos.len() / dit.attention_head_dim.max(1);
         let mut inputs = BTreeMap::new();
         inputs.insert(
             "rope_cos".to_string(),
@@ -303,9 +396,12 @@ impl Pipeline {
             // [latents | image latents] on channels, for each of the 2 guidance branches.
             let mut hs = Vec::with_capacity(2 * lf * 2 * c * frame);
             for _ in 0..2 {
-                for f in 0..lf {
-                    hs.extend_from_slice(&latents[f * c * frame..(f + 1) * c * frame]);
-                    hs.extend_from_slice(&image_latents[f * c * frame..(f + 1) * c * frame]);
+                for (noisy, image) in latents
+                    .chunks_exact(c * frame)
+                    .zip(image_latents.chunks_exact(c * frame))
+                {
+                    hs.extend_from_slice(noisy);
+                    hs.extend_from_slice(image);
                 }
             }
             inputs.insert(
@@ -322,8 +418,17 @@ impl Pipeline {
             })?;
             let pred = pred.as_f32("sample")?;
             let n = latents.len();
-            let guided: Vec<f32> = (0..n)
-                .map(|k| pred[k] + req.guidance * (pred[n + k] - pred[k]))
+            if pred.len() != 2 * n {
+                return Err(RuntimeError::Invalid {
+                    what: "DiT".into(),
+                    message: format!("`sample` has {} values; expected {}", pred.len(), 2 * n),
+                });
+            }
+            let (uncond, cond) = pred.split_at(n);
+            let guided: Vec<f32> = uncond
+                .iter()
+                .zip(cond)
+                .map(|(u, c)| u + req.guidance * (c - u))
                 .collect();
             latents = sched.step(&guided, t, &latents);
             latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
@@ -331,45 +436,66 @@ impl Pipeline {
                 return Err(RuntimeError::Cancelled);
             }
         }
-        dit_ms.sort_by(|a, b| a.total_cmp(b));
-        if let Some(m) = dit_ms.get(dit_ms.len() / 2) {
-            timings.insert("dit_step".into(), *m);
-        }
-
-        // Decode: [1, lf, C, h, w] -> [1, C, lf, h, w] / scaling factor -> VAE -> frames.
-        let t = Instant::now();
-        let mut z = vec![0f32; latents.len()];
-        for f in 0..lf {
-            for ch in 0..c {
-                let src = &latents[(f * c + ch) * frame..(f * c + ch + 1) * frame];
-                for (o, v) in z[(ch * lf + f) * frame..(ch * lf + f + 1) * frame]
-                    .iter_mut()
-                    .zip(src)
-                {
-                    *o = v / sf;
-                }
-            }
-        }
-        let video = self.vae.decode(&Tensor::f32(vec![1, c, lf, lh, lw], z))?;
-        timings.insert("vae_decode".into(), ms(t));
-        let (fo, ho, wo) = (video.shape[2], video.shape[3], video.shape[4]);
-        let v = video.as_f32("sample")?;
-        let mut frames = vec![0f32; fo * ho * wo * 3];
-        for ch in 0..3 {
-            for p in 0..fo * ho * wo {
-                frames[p * 3 + ch] = (v[ch * fo * ho * wo + p] / 2.0 + 0.5).clamp(0.0, 1.0);
-            }
-        }
-        timings.insert("total".into(), ms(t_all));
-        Ok(Generation {
-            frames: Tensor::f32(vec![1, fo, ho, wo, 3], frames),
-            latents_steps,
-            reference_latents,
-            hyper_weights,
-            lora,
-            timings,
-        })
+        Ok((latents, latents_steps, dit_ms))
     }
+
+    /// Step 4: latents `[1, lf, C, h, w]` → `[1, C, lf, h, w]` / scaling factor → VAE → frames
+    /// `[1, F, H, W, 3]` as `(x / 2 + 0.5).clamp(0, 1)`.
+    fn decode(&mut self, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+        let (lf, c) = (shape.frames, shape.channels);
+        let frame = shape.height * shape.width;
+        let sf = self.vae.entry.scaling_factor as f32;
+        let mut z = vec![0f32; latents.len()];
+        for (i, plane) in latents.chunks_exact(frame).enumerate() {
+            let (f, ch) = (i / c, i % c);
+            let dst = (ch * lf + f) * frame;
+            for (o, v) in z[dst..dst + frame].iter_mut().zip(plane) {
+                *o = v / sf;
+            }
+        }
+        let video = self
+            .vae
+            .decode(&Tensor::f32(vec![1, c, lf, shape.height, shape.width], z))?;
+        if video.shape.len() != 5 || video.shape[1] != 3 {
+            return Err(RuntimeError::Invalid {
+                what: "VAE decoder".into(),
+                message: format!("output shape {:?}; expected [1, 3, F, H, W]", video.shape),
+            });
+        }
+        let (fo, ho, wo) = (video.shape[2], video.shape[3], video.shape[4]);
+        let plane = fo * ho * wo;
+        let v = video.as_f32("sample")?;
+        let mut frames = vec![0f32; plane * 3];
+        for (ch, values) in v.chunks_exact(plane).take(3).enumerate() {
+            for (p, x) in values.iter().enumerate() {
+                frames[p * 3 + ch] = (x / 2.0 + 0.5).clamp(0.0, 1.0);
+            }
+        }
+        Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))
+    }
+}
+
+/// VAE strides of CogVideoX: 8 pixels per latent, 4 frames per latent frame (after the first).
+const VAE_SPATIAL: usize = 8;
+const VAE_TEMPORAL: usize = 4;
+
+/// Latent video sizes of a request: `[1, frames, channels, height, width]`.
+struct LatentShape {
+    frames: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+}
+
+impl LatentShape {
+    fn dims(&self) -> [usize; 5] {
+        [1, self.frames, self.channels, self.height, self.width]
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
 }
 
 fn ms(t: Instant) -> f64 {

@@ -306,6 +306,7 @@ pub fn check_inputs(
 }
 
 /// A LoRA to fuse into the DiT's weights for a run: the file it came from and its multiplier.
+#[derive(Clone, Debug)]
 pub struct AppliedLora {
     pub lora: crate::lora::format::Lora,
     pub source: PathBuf,
