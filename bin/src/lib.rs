@@ -9,6 +9,7 @@ use std::process::ExitCode;
 pub mod bench_fuse;
 pub mod bench_pipeline;
 pub mod bench_scale;
+pub mod fuse_checkpoint;
 
 /// A failure as shown to the user: the message and an optional fix.
 pub struct Failure {
@@ -55,6 +56,12 @@ impl From<v2l_runtime::RuntimeError> for Failure {
             hint,
             exit_code: 1,
         }
+    }
+}
+
+impl From<v2l_contracts::ManifestError> for Failure {
+    fn from(e: v2l_contracts::ManifestError) -> Self {
+        Failure::new(e)
     }
 }
 

@@ -512,38 +512,13 @@ unsafe fn clip(
 
 /// Validated sizes of a request.
 struct Sizes {
-    /// Frames the VAE decodes (see [`decoded_frames`]).
+    /// Frames the VAE decodes (see `v2l_contracts::frame_batch::decoded_frames`).
     frames: usize,
     height: usize,
     width: usize,
     /// Latent noise shape `[1, lf, C, h/8, w/8]`.
     noise: Vec<usize>,
     out_bytes: usize,
-}
-
-/// Frames the CogVideoX VAE decodes from `latent_frames`, as diffusers does: the latents are
-/// cut into batches (`frame_batches` of v2l-export: `max(n / batch, 1)` batches, the first
-/// also taking `n % batch`) and each temporal upsampler maps `n` frames to
-/// `1 + 2(n - 1)` for odd `n > 1` (the first frame is not doubled), `2n` for even `n`, and 1
-/// to 1. So `1 + 4k` frames come back whole when every batch is odd (13 latents: 49 frames),
-/// but 5 frames (2 latents, one even batch) decode to 8.
-fn decoded_frames(latent_frames: usize, batch: usize, levels: usize) -> usize {
-    let up = |n: usize| {
-        (0..levels).fold(n, |n, _| match n {
-            0 | 1 => n,
-            n if n % 2 == 1 => 1 + 2 * (n - 1),
-            n => 2 * n,
-        })
-    };
-    // `frame_batches` in closed form (it would allocate one entry per batch).
-    if latent_frames == 0 {
-        return 0;
-    }
-    if batch == 0 || latent_frames < batch {
-        return up(latent_frames);
-    }
-    let batches = latent_frames / batch;
-    up(batch + latent_frames % batch) + (batches - 1) * up(batch)
 }
 
 /// The request limits every front end shares (`v2l_runtime::limits`), with their messages
@@ -569,7 +544,11 @@ fn sizes(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Sizes> {
         l.check_steps(p.steps as usize)
     })?;
     let latent_frames = (f - 1) / 4 + 1;
-    let frames = decoded_frames(latent_frames, g.decoder_frame_batch, g.temporal_levels);
+    let frames = v2l_contracts::frame_batch::decoded_frames(
+        latent_frames,
+        g.decoder_frame_batch,
+        g.temporal_levels,
+    );
     let out_bytes = product(&[frames, h, w, 3], "output")?;
     Ok(Sizes {
         frames,

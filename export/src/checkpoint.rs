@@ -294,29 +294,7 @@ impl Checkpoint {
     }
 }
 
-/// A safetensors parse error in words a user can act on (not the crate's variant names).
-pub fn safetensors_problem(e: &safetensors::SafeTensorError) -> String {
-    use safetensors::SafeTensorError as E;
-    let what = match e {
-        E::HeaderTooLarge | E::HeaderTooSmall | E::InvalidHeaderLength | E::InvalidHeaderStart => {
-            "its header length is impossible (is it a safetensors file at all?)".to_string()
-        }
-        E::InvalidHeader | E::InvalidHeaderDeserialization | E::JsonError(_) => {
-            "its JSON header cannot be read".to_string()
-        }
-        E::MetadataIncompleteBuffer => {
-            "the file is shorter than its header says (truncated?)".to_string()
-        }
-        E::InvalidOffset(name) => {
-            format!("tensor `{name}` has data offsets outside the file (truncated or corrupt)")
-        }
-        E::TensorInvalidInfo | E::InvalidTensorView(..) | E::ValidationOverflow => {
-            "a tensor's shape does not match its data".to_string()
-        }
-        other => other.to_string(),
-    };
-    format!("not a valid safetensors file: {what}")
-}
+pub use v2l_contracts::safetensors_problem;
 
 #[cfg(test)]
 mod tests {

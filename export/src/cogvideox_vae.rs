@@ -145,90 +145,18 @@ impl VaeConfig {
     }
 }
 
-/// A spatial size relative to the graph's main input: `floor(size · num / den)`.
-///
-/// Why a ratio: encoder caches live at `H/2^k` (each Downsample3D maps `H` to `floor(H/2)`,
-/// and chained floors equal one floor), decoder caches at `h·2^k`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SpatialScale {
-    pub num: usize,
-    pub den: usize,
-}
+pub use v2l_contracts::frame_batch::{frame_batches, CacheSpec, SpatialScale};
 
-impl SpatialScale {
-    /// The main input's own resolution.
-    pub const ONE: SpatialScale = SpatialScale { num: 1, den: 1 };
-
-    /// The size at this scale for a main-input size `size`.
-    pub fn apply(&self, size: usize) -> usize {
-        size * self.num / self.den
+/// The symbolic dim name of `base` at `scale` (`height/4`, `latent_width*2`).
+fn scale_dim(scale: SpatialScale, base: &str) -> Dim {
+    let mut s = base.to_string();
+    if scale.num != 1 {
+        s = format!("{s}*{}", scale.num);
     }
-
-    fn halved(self) -> Self {
-        SpatialScale {
-            num: self.num,
-            den: self.den * 2,
-        }
+    if scale.den != 1 {
+        s = format!("{s}/{}", scale.den);
     }
-
-    fn doubled(self) -> Self {
-        SpatialScale {
-            num: self.num * 2,
-            den: self.den,
-        }
-    }
-
-    /// The symbolic dim name of `base` at this scale (`height/4`, `latent_width*2`).
-    fn dim(&self, base: &str) -> Dim {
-        let mut s = base.to_string();
-        if self.num != 1 {
-            s = format!("{s}*{}", self.num);
-        }
-        if self.den != 1 {
-            s = format!("{s}/{}", self.den);
-        }
-        Dim::Named(s)
-    }
-}
-
-/// One causal-conv cache the runtime threads between frame batches.
-///
-/// Why: the runtime must build zero caches for the first batch, so it needs each shape as a
-/// function of the clip's size: `[B, channels, frames, spatial_divisor.apply(H), spatial_divisor.apply(W)]`
-/// where H, W are the graph's main input size (`video` for the encoder, `latents` for the decoder).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CacheSpec {
-    /// Graph input name, `cache_in.<module path>`; the matching output is [`CacheSpec::output_name`].
-    pub name: String,
-    /// Input channels of the convolution.
-    pub channels: usize,
-    /// `k_t - 1` frames.
-    pub frames: usize,
-    /// Spatial size relative to the graph's main input.
-    pub spatial_divisor: SpatialScale,
-}
-
-impl CacheSpec {
-    /// The graph output carrying this cache for the next batch (`cache_out.<module path>`).
-    pub fn output_name(&self) -> String {
-        format!("cache_out.{}", self.module())
-    }
-
-    /// The diffusers module path (`encoder.conv_in`).
-    pub fn module(&self) -> &str {
-        self.name.strip_prefix("cache_in.").unwrap_or(&self.name)
-    }
-
-    /// The cache's shape for batch size `batch` and main-input spatial size `height × width`.
-    pub fn shape(&self, batch: usize, height: usize, width: usize) -> [usize; 5] {
-        [
-            batch,
-            self.channels,
-            self.frames,
-            self.spatial_divisor.apply(height),
-            self.spatial_divisor.apply(width),
-        ]
-    }
+    Dim::Named(s)
 }
 
 /// Both graphs, their cache contracts, and what the checkpoint held that they do not use.
@@ -242,29 +170,6 @@ pub struct VaeExport {
     pub decoder_caches: Vec<CacheSpec>,
     /// Checkpoint tensors neither graph uses.
     pub unused_keys: Vec<String>,
-}
-
-/// diffusers' `(start, end)` frame ranges of `_encode` / `_decode` for `num_frames` frames in
-/// batches of `batch`: `max(n / batch, 1)` batches, the first also taking `n % batch`.
-///
-/// Why: GroupNorm and the parity rules depend on each batch's frames, so the runtime must cut
-/// the clip exactly as diffusers does. Empty for `num_frames == 0`; `batch == 0` is one batch.
-pub fn frame_batches(num_frames: usize, batch: usize) -> Vec<(usize, usize)> {
-    if num_frames == 0 {
-        return Vec::new();
-    }
-    if batch == 0 {
-        return vec![(0, num_frames)];
-    }
-    let rem = num_frames % batch;
-    (0..(num_frames / batch).max(1))
-        .map(|i| {
-            let start = batch * i + if i == 0 { 0 } else { rem };
-            // Python slicing clamps the end (fewer frames than one batch).
-            let end = (batch * (i + 1) + rem).min(num_frames);
-            (start, end)
-        })
-        .collect()
 }
 
 /// Builds the encoder and decoder graphs from a diffusers `vae` directory.
@@ -378,8 +283,8 @@ impl Causal {
             "batch".into(),
             Dim::Fixed(spec.channels as i64),
             Dim::Fixed(spec.frames as i64),
-            spec.spatial_divisor.dim(self.hw.0),
-            spec.spatial_divisor.dim(self.hw.1),
+            scale_dim(spec.spatial_divisor, self.hw.0),
+            scale_dim(spec.spatial_divisor, self.hw.1),
         ]
     }
 

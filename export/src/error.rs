@@ -11,6 +11,8 @@ pub enum ExportError {
     },
     #[error("{path}: {message}")]
     Safetensors { path: PathBuf, message: String },
+    #[error(transparent)]
+    Manifest(#[from] v2l_contracts::ManifestError),
     #[error("{path}: missing tensor `{key}`")]
     MissingKey { path: PathBuf, key: String },
     #[error("{path}: tensor `{key}` has shape {found:?}, but the config implies {expected:?}")]

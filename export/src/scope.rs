@@ -12,14 +12,8 @@ use v2l_graphs::{DType, Graph, Value};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
-/// An `nn.Linear` the exporter emitted: a layer a LoRA can target.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LinearInfo {
-    /// Module path (`transformer_blocks.0.attn1.to_q`); the weight is `<name>.weight`.
-    pub name: String,
-    pub out_features: usize,
-    pub in_features: usize,
-}
+/// An `nn.Linear` the exporter emitted: a layer a LoRA can target (a shared contract).
+pub use v2l_contracts::LinearInfo;
 
 #[derive(Clone)]
 pub struct Scope<'a> {

@@ -71,22 +71,7 @@ impl Default for HypernetOptions {
     }
 }
 
-/// The sizes of an exported hypernetwork.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HypernetDims {
-    /// C: channels of the reference latents.
-    pub feature_dim: usize,
-    /// D: length of one predicted row, `(a + b) · r`.
-    pub weight_dim: usize,
-    /// N: number of predicted rows (LiLoRA layers).
-    pub num_layers: usize,
-    /// Attention heads of every decoder block (head size D / heads).
-    pub heads: usize,
-    /// Decoder blocks.
-    pub blocks: usize,
-    /// Refinement iterations unrolled in the graph.
-    pub iterations: usize,
-}
+pub use v2l_contracts::manifest::HypernetDims;
 
 /// The exported graph and what it was built from.
 pub struct HypernetExport {

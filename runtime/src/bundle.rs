@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use v2l_export::Manifest;
+use v2l_contracts::Manifest;
 
 use crate::backend::{Backend, PartsHasher, Precision};
 use crate::error::{Result, RuntimeError};
@@ -142,7 +142,7 @@ pub fn fuses_attention(backend: Backend) -> bool {
 
 /// Files an export directory's manifest refers to (graphs, their external data, side files).
 fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
-    let mut names = vec![v2l_export::manifest::FILE_NAME.to_string()];
+    let mut names = vec![v2l_contracts::manifest::FILE_NAME.to_string()];
     let mut graph = |f: &str| {
         names.push(f.to_string());
         let data = format!("{f}.data");

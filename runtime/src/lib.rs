@@ -5,6 +5,12 @@
 //! (the way a user checks an export against PyTorch), [`vae::Vae`] drives the VAE's
 //! frame-batch loop with its causal-conv cache (and tiles frames, [`vae::Tiling`]), and
 //! [`limits`] checks a request's sizes and numbers before any work starts.
+//!
+//! [`pipeline::Pipeline`] generates in named steps (check the request, apply a reference clip's
+//! LoRA for that request only, encode the first frame, denoise, decode); [`predict`] turns a
+//! reference clip into a LoRA; [`lora`] reads, converts, fuses and switches LoRAs; [`bundle`]
+//! compiles and verifies engines. What the runtime shares with the exporter (the manifest, LoRA
+//! targets, frame-batch rules) comes from `v2l-contracts`: the runtime does not link the exporter.
 
 pub mod backend;
 pub mod bundle;

@@ -253,7 +253,7 @@ impl Pipeline {
         Ok(shape)
     }
 
-    fn dit_entry(&self) -> Result<&v2l_export::manifest::DitEntry> {
+    fn dit_entry(&self) -> Result<&v2l_contracts::manifest::DitEntry> {
         self.dir
             .manifest
             .dit

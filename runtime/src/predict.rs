@@ -4,7 +4,7 @@
 //! mode × scaling factor = `reference_latents` → hypernetwork → `hyper_weights [1, N, D]` →
 //! LiLoRA → a standard LoRA whose layers are the DiT's linears.
 
-use v2l_export::LinearInfo;
+use v2l_contracts::LinearInfo;
 
 use crate::error::{Result, RuntimeError};
 use crate::lora::format::Lora;

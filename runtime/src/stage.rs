@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use v2l_export::Manifest;
+use v2l_contracts::Manifest;
 
 use crate::error::{Result, RuntimeError};
 use crate::session::{Model, SessionOptions};
@@ -107,7 +107,7 @@ impl ExportDir {
     }
 
     /// The DiT's LoRA-targetable linear layers.
-    pub fn dit_targets(&self) -> Result<&[v2l_export::LinearInfo]> {
+    pub fn dit_targets(&self) -> Result<&[v2l_contracts::LinearInfo]> {
         Ok(&self
             .manifest
             .dit

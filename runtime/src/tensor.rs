@@ -255,4 +255,4 @@ pub fn gaussian_noise(shape: Vec<usize>, seed: u64) -> Tensor {
 }
 
 /// A safetensors parse error in words (shared with the exporter's checkpoint reader).
-pub use v2l_export::checkpoint::safetensors_problem;
+pub use v2l_contracts::safetensors_problem;

@@ -4,7 +4,7 @@
 //! also taking the remainder, and carries each causal convolution's last frames to the next
 //! batch. Normalisation statistics are per batch, so this batching is part of the numbers. The
 //! exported graphs compute one batch with the caches as explicit inputs and outputs
-//! (`cache_in.*` → `cache_out.*`, see `v2l_export::cogvideox_vae`); this loop threads them.
+//! (`cache_in.*` → `cache_out.*`, see `v2l_contracts::frame_batch`); this loop threads them.
 //! Memory stays bounded by one batch however long the clip.
 
 use std::collections::BTreeMap;
@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 mod tiling;
 pub use tiling::{Tiling, TilingMode};
 
-use v2l_export::cogvideox_vae::{frame_batches, CacheSpec};
-use v2l_export::manifest::VaeEntry;
+use v2l_contracts::frame_batch::{frame_batches, CacheSpec};
+use v2l_contracts::manifest::VaeEntry;
 
 use crate::error::{Result, RuntimeError};
 use crate::session::{Model, SessionOptions};

@@ -215,7 +215,7 @@ fn main() -> ExitCode {
             v2l_runtime::limits::finite("--scale", scale)?;
             let modules = model_modules(&base)?;
             let l = format::read(&lora, Some(&modules)).map_err(RuntimeError::from)?;
-            let n = v2l_runtime::lora::apply::fuse_checkpoint(&base, &l, scale, &lora, &output)?;
+            let n = v2l_cli::fuse_checkpoint::fuse_checkpoint(&base, &l, scale, &lora, &output)?;
             println!(
                 "wrote {} ({n} layers fused at scale {scale})",
                 output.display()
@@ -242,7 +242,7 @@ fn model_modules(dir: &Path) -> Result<Vec<String>, Failure> {
         }
     }
     let ck = v2l_export::Checkpoint::open_dir(dir)?;
-    Ok(v2l_runtime::lora::apply::checkpoint_linears(&ck)
+    Ok(v2l_cli::fuse_checkpoint::checkpoint_linears(&ck)
         .into_iter()
         .map(|t| t.name)
         .collect())

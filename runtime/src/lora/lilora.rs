@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use v2l_export::LinearInfo;
+use v2l_contracts::LinearInfo;
 
 use super::format::{Factor, Lora, LoraFormat, LoraLayer};
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use v2l_export::LinearInfo;
+use v2l_contracts::LinearInfo;
 
 use super::apply::match_targets;
 use super::switch::{BaseWeights, Buffer, SwitchableWeights};

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use half::{bf16, f16};
-use v2l_export::LinearInfo;
+use v2l_contracts::LinearInfo;
 
 use super::apply::match_targets;
 use super::format::Lora;
@@ -57,7 +57,8 @@ impl Buffer {
         }
     }
 
-    pub(crate) fn view(&self) -> Weights<'_> {
+    /// The buffer as the fuse kernel reads it.
+    pub fn view(&self) -> Weights<'_> {
         match self {
             Buffer::F32(v) => Weights::F32(v),
             Buffer::F16(v) => Weights::F16(v),
@@ -65,7 +66,8 @@ impl Buffer {
         }
     }
 
-    pub(crate) fn view_mut(&mut self) -> WeightsMut<'_> {
+    /// The buffer as the fuse kernel writes it.
+    pub fn view_mut(&mut self) -> WeightsMut<'_> {
         match self {
             Buffer::F32(v) => WeightsMut::F32(v),
             Buffer::F16(v) => WeightsMut::F16(v),
@@ -114,7 +116,8 @@ impl BaseWeights {
         })
     }
 
-    pub(crate) fn view(&self) -> Weights<'_> {
+    /// The buffer as the fuse kernel reads it.
+    pub fn view(&self) -> Weights<'_> {
         match self {
             BaseWeights::Owned(b) => b.view(),
             BaseWeights::Mapped {

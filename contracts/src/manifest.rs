@@ -1,0 +1,167 @@
+//! `manifest.json` of an export directory: which graphs it holds and what they need.
+//!
+//! Each `v2l-export` subcommand adds its component to the manifest in the output directory,
+//! so `dit`, `vae` and `hypernet` can be exported one at a time into one directory. The
+//! runtime reads it to find graphs, LoRA targets and the VAE's batching contract.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame_batch::CacheSpec;
+use crate::LinearInfo;
+
+/// Why a manifest could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, ManifestError>;
+
+pub const FILE_NAME: &str = "manifest.json";
+/// Bumped when a field changes meaning; readers refuse other versions.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dit: Option<DitEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<VaeEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypernet: Option<HypernetEntry>,
+    /// The diffusers `scheduler_config.json`, copied into the directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+}
+
+/// The exported Video2LoRA hypernetwork and the LiLoRA auxiliaries that turn its rows into LoRAs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HypernetEntry {
+    pub file: String,
+    pub dims: HypernetDims,
+    /// The LiLoRA auxiliaries, copied into the export directory.
+    pub lilora: String,
+    /// LiLoRA `a` (rows of `down_aux`) and `b` (columns of `up_aux`): D = (a + b) · r.
+    pub lilora_a: usize,
+    pub lilora_b: usize,
+    /// Module paths of the DiT layers the rows map to, in row order.
+    pub layers: Vec<String>,
+}
+
+/// The exported VAE: two per-frame-batch graphs and the loop contract between them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VaeEntry {
+    pub encoder: String,
+    pub decoder: String,
+    pub class_name: String,
+    pub scaling_factor: f64,
+    pub latent_channels: usize,
+    pub in_channels: usize,
+    /// Frames per encoder batch (diffusers' `num_sample_frames_batch_size`).
+    pub encoder_frame_batch: usize,
+    /// Latent frames per decoder batch (diffusers' `num_latent_frames_batch_size`).
+    pub decoder_frame_batch: usize,
+    pub encoder_caches: Vec<CacheSpec>,
+    pub decoder_caches: Vec<CacheSpec>,
+    /// The `config.json` the graphs were built from, verbatim.
+    pub config: serde_json::Value,
+}
+
+/// The exported transformer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DitEntry {
+    pub file: String,
+    pub class_name: String,
+    /// Storage type of the weights in the graph (the graph computes in f32).
+    pub weight_dtype: String,
+    pub patch_size: usize,
+    pub attention_head_dim: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub text_embed_dim: usize,
+    /// The `config.json` the graph was built from, verbatim.
+    pub config: serde_json::Value,
+    /// Every `nn.Linear` in module order: initializer `<name>.weight` of shape `[out, in]`.
+    pub lora_targets: Vec<LinearInfo>,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`, or an empty manifest if there is none.
+    pub fn read_or_default(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            return Ok(Manifest {
+                format_version: FORMAT_VERSION,
+                ..Default::default()
+            });
+        }
+        Self::read(dir)
+    }
+
+    /// Reads `dir/manifest.json`, checking its format version.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(FILE_NAME);
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| ManifestError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(ManifestError::Invalid {
+                path,
+                message: format!(
+                    "format version {} (this v2l reads {FORMAT_VERSION}); export again",
+                    m.format_version
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Writes `dir/manifest.json` atomically.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(FILE_NAME);
+        let tmp = dir.join(format!(".{FILE_NAME}.tmp{}", std::process::id()));
+        let text = serde_json::to_string_pretty(self).map_err(|e| ManifestError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&tmp, text + "\n").map_err(|source| ManifestError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|source| ManifestError::Io {
+            path: path.clone(),
+            source,
+        })
+    }
+}
+
+/// The sizes of an exported hypernetwork.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HypernetDims {
+    /// C: channels of the reference latents.
+    pub feature_dim: usize,
+    /// D: length of one predicted row, `(a + b) · r`.
+    pub weight_dim: usize,
+    /// N: number of predicted rows (LiLoRA layers).
+    pub num_layers: usize,
+    /// Attention heads of every decoder block (head size D / heads).
+    pub heads: usize,
+    /// Decoder blocks.
+    pub blocks: usize,
+    /// Refinement iterations unrolled in the graph.
+    pub iterations: usize,
+}
