@@ -4,7 +4,7 @@
 
 use v2l_export::{cogvideox_vae, Checkpoint, Manifest};
 use v2l_graphs::{save, ExternalData};
-use v2l_runtime::stage::ExportDir;
+use v2l_runtime::engine::ExportDir;
 use v2l_runtime::vae::Vae;
 use v2l_runtime::SessionOptions;
 use v2l_tests::*;

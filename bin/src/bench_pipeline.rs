@@ -10,11 +10,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use v2l_runtime::engine::ExportDir;
 use v2l_runtime::lora::strategy::Strategy;
+use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
-use v2l_runtime::stage::{AppliedLora, ExportDir};
 use v2l_runtime::video::Frames;
-use v2l_runtime::{SessionOptions, Tensor};
+use v2l_runtime::Tensor;
 
 use crate::Failure;
 
@@ -50,12 +51,9 @@ pub fn bench_pipeline(
     json: bool,
 ) -> Result<(), Failure> {
     let repeat = repeat.max(1);
-    let opts = SessionOptions {
-        threads,
-        ..Default::default()
-    };
     let open = || ExportDir::open(engine).map_err(Failure::from);
     let dir = open()?;
+    let opts = dir.session_options(threads);
     let cfg = |from_dit: bool, key: &str| -> Result<usize, Failure> {
         let c = if from_dit {
             dir.manifest.dit.as_ref().map(|d| &d.config)

@@ -474,11 +474,12 @@ fn bench_switch(
     repeat: usize,
     rank: usize,
 ) -> Result<(f64, f64), Failure> {
+    use v2l_runtime::engine::ExportDir;
     use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
     use v2l_runtime::lora::strategy::{DitRunner, Strategy};
-    use v2l_runtime::stage::{AppliedLora, ExportDir};
+    use v2l_runtime::lora::AppliedLora;
     let dir = ExportDir::open(engine)?;
-    let opts = v2l_runtime::bundle::session_options(&dir, threads);
+    let opts = dir.session_options(threads);
     let before = status_mb("RssAnon:");
     let mut runner = DitRunner::load(&dir, &opts, Strategy::Bound)?;
     let added = status_mb("RssAnon:") - before;

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use v2l_runtime::engine::ExportDir;
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::pipeline::{Pipeline, Request};
-use v2l_runtime::stage::ExportDir;
 use v2l_runtime::tensor::Data;
 use v2l_runtime::video::Frames;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
@@ -272,7 +272,7 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
 #[test]
 fn lora_strategies_agree_and_switching_is_exact() {
     use v2l_runtime::lora::format;
-    use v2l_runtime::stage::AppliedLora;
+    use v2l_runtime::lora::AppliedLora;
     let d = tempfile::tempdir().unwrap();
     let eng = engine(d.path());
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();

@@ -24,11 +24,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+use v2l_runtime::engine::ExportDir;
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::{Lora, LoraError};
 use v2l_runtime::lora::lilora::LiLoraError;
+use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
-use v2l_runtime::stage::{AppliedLora, ExportDir};
 use v2l_runtime::video::{self, Frames};
 use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
 
@@ -640,10 +641,8 @@ pub unsafe extern "C" fn v2l_engine_open(
         }
         limits("options.", |l| l.check_threads(options.threads as usize))?;
         v2l_runtime::ort_env::init()?;
-        let opts = SessionOptions {
-            threads: options.threads as usize,
-            ..Default::default()
-        };
+        // The bundle's backend: a CUDA or TensorRT engine is never run on the CPU provider.
+        let opts = dir.session_options(options.threads as usize);
         *out = register(V2lEngine { dir, opts });
         Ok(())
     })

@@ -127,6 +127,26 @@ fn bad_arguments_and_handles_are_refused() {
     assert!(last_error().contains("`path` is NULL"));
     e = open(&eng);
 
+    // A TensorRT engine runs on TensorRT or not at all: with this CPU-only ONNX Runtime its
+    // generator fails loudly instead of running on the CPU provider.
+    let trt = d.path().join("engine-trt");
+    v2l_runtime::bundle::compile(
+        &d.path().join("export"),
+        &trt,
+        v2l_runtime::backend::Backend::TensorRt,
+        v2l_runtime::backend::Precision::Fp32,
+    )
+    .unwrap();
+    let te = open(&trt);
+    let mut tg = null_mut();
+    let s = unsafe { v2l_generator_new(te, &mut tg) };
+    assert!(
+        matches!(s, V2lStatus::Runtime | V2lStatus::OrtUnavailable) && tg.is_null(),
+        "{s:?}"
+    );
+    assert!(last_error().contains("TensorRT"), "{}", last_error());
+    ok(unsafe { v2l_engine_free(te) });
+
     let g = generator(e);
     let mut lora = null_mut();
     let peft = tiny().join("peft_lora/pytorch_lora_weights.safetensors");

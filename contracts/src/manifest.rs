@@ -114,7 +114,14 @@ impl Manifest {
             path: path.clone(),
             source,
         })?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| ManifestError::Invalid {
+        Self::parse(&text, &path)
+    }
+
+    /// Parses `manifest.json` text (`path` names it in errors), checking its format version.
+    /// Untrusted input: fuzzed (`fuzz/fuzz_targets/manifest.rs`).
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest> {
+        let path = path.to_path_buf();
+        let m: Manifest = serde_json::from_str(text).map_err(|e| ManifestError::Invalid {
             path: path.clone(),
             message: e.to_string(),
         })?;

@@ -338,26 +338,11 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let bundle = Bundle::parse(&text, &path)?;
     let bad = |m: String| RuntimeError::BadFile {
         path: path.clone(),
         message: m,
     };
-    let version: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let v = version
-        .get("format_version")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
-    if v != FORMAT_VERSION as u64 {
-        return Err(bad(format!(
-            "bundle format version {v}; this v2l reads {FORMAT_VERSION}: compile the engine again"
-        )));
-    }
-    let bundle: Bundle = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    if bundle.self_hash()? != bundle.bundle_hash {
-        return Err(bad(
-            "was edited after `v2l-compile` wrote it (its recorded hash does not match); compile the engine again".into(),
-        ));
-    }
     for f in &bundle.files {
         let p: PathBuf = dir.join(&f.name);
         let got =
@@ -372,22 +357,46 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
     Ok(Some(bundle))
 }
 
-/// Session options for running `dir`: its bundle's backend (CPU for a plain export directory),
-/// with the TensorRT engine cache under `<engine>/trt_cache/<weight hash>`.
-pub fn session_options(
-    dir: &crate::stage::ExportDir,
-    threads: usize,
-) -> crate::session::SessionOptions {
-    let backend = match &dir.bundle {
-        Some(b) => crate::backend::BackendOptions {
-            backend: b.backend,
-            device_id: 0,
-            trt_cache_dir: Some(dir.dir.join("trt_cache")),
-            weight_hash: b.weight_hash.clone(),
-        },
-        None => Default::default(),
-    };
-    crate::session::SessionOptions { threads, backend }
+impl Bundle {
+    /// Parses `bundle.json` text (`path` names it in errors): format version, fields, its own
+    /// hash, and part names that stay inside the engine directory. Untrusted input: fuzzed
+    /// (`fuzz/fuzz_targets/bundle_json.rs`).
+    pub fn parse(text: &str, path: &Path) -> Result<Bundle> {
+        let bad = |m: String| RuntimeError::BadFile {
+            path: path.into(),
+            message: m,
+        };
+        let version: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let v = version
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        if v != FORMAT_VERSION as u64 {
+            return Err(bad(format!(
+                "bundle format version {v}; this v2l reads {FORMAT_VERSION}: compile the engine again"
+            )));
+        }
+        let bundle: Bundle = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        if bundle.self_hash()? != bundle.bundle_hash {
+            return Err(bad(
+                "was edited after `v2l-compile` wrote it (its recorded hash does not match); compile the engine again".into(),
+            ));
+        }
+        for f in &bundle.files {
+            let p = Path::new(&f.name);
+            let plain = p
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if f.name.is_empty() || !plain {
+                return Err(bad(format!(
+                    "part `{}` is not a file name inside the engine directory",
+                    f.name
+                )));
+            }
+        }
+        Ok(bundle)
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod bundle;
+pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod lora;

@@ -14,14 +14,15 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use crate::engine::ExportDir;
 use crate::error::{Result, RuntimeError};
 use crate::lora::format::Lora;
 use crate::lora::strategy::{DitRunner, Strategy};
+use crate::lora::AppliedLora;
 use crate::predict::Predictor;
 use crate::rope::cogvideox_rope;
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
 use crate::session::SessionOptions;
-use crate::stage::{AppliedLora, ExportDir};
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;

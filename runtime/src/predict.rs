@@ -6,11 +6,11 @@
 
 use v2l_contracts::LinearInfo;
 
+use crate::engine::ExportDir;
 use crate::error::{Result, RuntimeError};
 use crate::lora::format::Lora;
 use crate::lora::lilora::LiLora;
 use crate::session::{Model, SessionOptions};
-use crate::stage::ExportDir;
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;

@@ -122,7 +122,13 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
         path: path.into(),
         source,
     })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| RuntimeError::BadFile {
+    parse_safetensors(&bytes, path)
+}
+
+/// [`read_safetensors`] on bytes already in memory; `path` names them in errors. Untrusted
+/// input: fuzzed (`fuzz/fuzz_targets/safetensors.rs`).
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| RuntimeError::BadFile {
         path: path.into(),
         message: safetensors_problem(&e),
     })?;

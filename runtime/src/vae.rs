@@ -15,9 +15,9 @@ pub use tiling::{Tiling, TilingMode};
 use v2l_contracts::frame_batch::{frame_batches, CacheSpec};
 use v2l_contracts::manifest::VaeEntry;
 
+use crate::engine::ExportDir;
 use crate::error::{Result, RuntimeError};
 use crate::session::{Model, SessionOptions};
-use crate::stage::ExportDir;
 use crate::tensor::Tensor;
 
 /// Encoder and decoder sessions with their loop contract.

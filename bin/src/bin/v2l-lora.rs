@@ -317,7 +317,7 @@ fn predict(
     format: LoraFormat,
     dump: Option<&Path>,
 ) -> Result<(), Failure> {
-    use v2l_runtime::stage::ExportDir;
+    use v2l_runtime::engine::ExportDir;
     if let (Some(h), Some(w)) = (height, width) {
         v2l_runtime::limits::Limits::from_env()?.check_frame_size(h, w, 16)?;
     }
@@ -349,7 +349,7 @@ fn predict(
     if let Some(warning) = v2l_runtime::video::aspect_warning(reference, h, w) {
         eprintln!("warning: {warning}");
     }
-    let opts = v2l_runtime::SessionOptions::default();
+    let opts = dir.session_options(0);
     let mut vae = v2l_runtime::vae::Vae::load(&dir, &opts)?;
     let mut predictor = v2l_runtime::predict::Predictor::load(&dir, &opts)?;
     let p = predictor.predict(&mut vae, &clip, lora_weight)?;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{check_output, main_with, Failure};
-use v2l_runtime::stage::{check_inputs, run_stage, AppliedLora, ExportDir, Stage};
+use v2l_runtime::engine::ExportDir;
+use v2l_runtime::lora::AppliedLora;
+use v2l_runtime::stage::{check_inputs, run_stage, Stage};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 
 /// Generate a video from a first frame (and optionally a reference clip whose effect a
@@ -221,7 +223,7 @@ fn main() -> ExitCode {
                 v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
                 v2l_runtime::limits::Limits::from_env()?.check_threads(opts.threads)?;
                 let dir = ExportDir::open(engine)?;
-                let opts = v2l_runtime::bundle::session_options(&dir, opts.threads);
+                let opts = dir.session_options(opts.threads);
                 let tensors = read_safetensors(&inputs)?;
                 check_inputs(&dir, stage, &tensors, &inputs)?;
                 let lora = match lora {
@@ -356,7 +358,7 @@ fn generate(
     }
     let t0 = std::time::Instant::now();
     let dir = ExportDir::open(engine)?;
-    let opts = &v2l_runtime::bundle::session_options(&dir, opts.threads);
+    let opts = &dir.session_options(opts.threads);
     let cfg = |key: &str, from_dit: bool| -> Option<usize> {
         let c = if from_dit {
             dir.manifest.dit.as_ref().map(|d| &d.config)

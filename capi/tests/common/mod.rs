@@ -239,8 +239,9 @@ pub fn rust_generate(
     seed: u64,
     lora: RustLora,
 ) -> Vec<u8> {
+    use v2l_runtime::engine::ExportDir;
+    use v2l_runtime::lora::AppliedLora;
     use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
-    use v2l_runtime::stage::{AppliedLora, ExportDir};
     let dir = ExportDir::open(engine).unwrap();
     let dit = dir.manifest.dit.clone().unwrap();
     let mut p = Pipeline::load(dir, &Default::default()).unwrap();

@@ -230,13 +230,19 @@ pub fn read(path: &Path, modules: Option<&[String]>) -> Result<Lora> {
         path: path.into(),
         source,
     })?;
+    parse(&bytes, path, modules)
+}
+
+/// [`read`] on bytes already in memory; `path` names them in errors. Untrusted input: fuzzed
+/// (`fuzz/fuzz_targets/lora.rs`).
+pub fn parse(bytes: &[u8], path: &Path, modules: Option<&[String]>) -> Result<Lora> {
     let bad = |message: String| LoraError::Bad {
         path: path.into(),
         message,
     };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(crate::tensor::safetensors_problem(&e)))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| bad(crate::tensor::safetensors_problem(&e)))?;
     let mut raw: BTreeMap<String, Raw> = BTreeMap::new();
     for (k, v) in st.tensors() {

@@ -15,3 +15,11 @@ pub mod fuse;
 pub mod lilora;
 pub mod strategy;
 pub mod switch;
+
+/// A LoRA to fuse into the DiT's weights for a run: the file it came from and its multiplier.
+#[derive(Clone, Debug)]
+pub struct AppliedLora {
+    pub lora: format::Lora,
+    pub source: std::path::PathBuf,
+    pub multiplier: f32,
+}

@@ -16,9 +16,10 @@ use v2l_contracts::LinearInfo;
 
 use super::apply::match_targets;
 use super::switch::{BaseWeights, Buffer, SwitchableWeights};
+use crate::engine::ExportDir;
 use crate::error::{Result, RuntimeError};
+use crate::lora::AppliedLora;
 use crate::session::{Model, SessionOptions};
-use crate::stage::{AppliedLora, ExportDir};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,128 @@
+//! What an engine is: an export directory or a compiled engine bundle, opened and checked
+//! once (manifest read, every part's hash verified), then shared by everything that runs it.
+//! Plain data (`Send + Sync`): open it once and hand it to any number of pipelines and threads.
+
+use std::path::{Path, PathBuf};
+
+use v2l_contracts::Manifest;
+
+use crate::error::{Result, RuntimeError};
+use crate::lora::AppliedLora;
+use crate::session::{Model, SessionOptions};
+
+/// An export directory (or a file inside one) and its manifest.
+pub struct ExportDir {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// The engine bundle, when the directory was compiled by `v2l-compile` (checked on open).
+    pub bundle: Option<crate::bundle::Bundle>,
+}
+
+impl ExportDir {
+    /// Opens `path`: an export directory, or a model file inside one.
+    pub fn open(path: &Path) -> Result<ExportDir> {
+        let dir = if path.is_file() {
+            path.parent().unwrap_or(Path::new(".")).to_path_buf()
+        } else {
+            path.to_path_buf()
+        };
+        if !dir.is_dir() {
+            return Err(RuntimeError::Io {
+                path: path.into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such engine or export directory",
+                ),
+            });
+        }
+        let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile {
+            path: dir.clone(),
+            message: e.to_string(),
+        })?;
+        let bundle = crate::bundle::verify(&dir)?;
+        Ok(ExportDir {
+            dir,
+            manifest,
+            bundle,
+        })
+    }
+
+    /// Session options for running this engine: its bundle's backend (CPU for a plain export
+    /// directory), with the TensorRT engine cache under `<engine>/trt_cache/<weight hash>`.
+    /// Every front end builds its sessions from these, so a CUDA or TensorRT engine is never
+    /// silently run on the CPU provider.
+    pub fn session_options(&self, threads: usize) -> SessionOptions {
+        let backend = match &self.bundle {
+            Some(b) => crate::backend::BackendOptions {
+                backend: b.backend,
+                device_id: 0,
+                trt_cache_dir: Some(self.dir.join("trt_cache")),
+                weight_hash: b.weight_hash.clone(),
+            },
+            None => Default::default(),
+        };
+        SessionOptions { threads, backend }
+    }
+
+    pub(crate) fn missing(&self, what: &str, cmd: &str) -> RuntimeError {
+        RuntimeError::Invalid {
+            what: self.dir.display().to_string(),
+            message: format!(
+                "holds no {what}; export one with `v2l-export {cmd} ... -o {}`",
+                self.dir.display()
+            ),
+        }
+    }
+
+    /// Loads the DiT graph.
+    pub fn dit(&self, opts: &SessionOptions) -> Result<Model> {
+        let e = self
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))?;
+        Model::load(&self.dir.join(&e.file), opts)
+    }
+
+    /// The DiT's LoRA-targetable linear layers.
+    pub fn dit_targets(&self) -> Result<&[v2l_contracts::LinearInfo]> {
+        Ok(&self
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))?
+            .lora_targets)
+    }
+
+    /// Loads the DiT with `lora` fused into its weights (an ORT session built with the fused
+    /// initializers in place of the base ones).
+    pub fn dit_with_lora(&self, opts: &SessionOptions, lora: &AppliedLora) -> Result<Model> {
+        let e = self
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))?;
+        let path = self.dir.join(&e.file);
+        let weights = crate::lora::apply::fused_weights(
+            &path,
+            &e.lora_targets,
+            &lora.lora,
+            lora.multiplier,
+            &lora.source,
+        )?;
+        let mut opts = opts.clone();
+        if opts.backend.backend == crate::backend::Backend::TensorRt {
+            // TensorRT's engine cache key ignores weight values: key this session's engine by
+            // its fused weights, or a cached engine of another LoRA (or the base) would be reused.
+            let mut h = crate::backend::PartsHasher::default();
+            h.part(opts.backend.weight_hash.as_bytes());
+            for (name, t) in &weights {
+                h.part(name.as_bytes());
+                let v = t.as_f32(name)?;
+                h.part(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+            }
+            opts.backend.weight_hash = h.finish();
+        }
+        Model::load_with_weights(&path, &opts, weights)
+    }
+}
