@@ -79,9 +79,9 @@ pub fn fuse_checkpoint(
                 scale: l.scale(multiplier),
             };
             let (o, i) = (t.out_features, t.in_features);
-            let fail = |e: FuseError| RuntimeError::Invalid {
+            let fail = |e: FuseError| RuntimeError::Fuse {
                 what: key.clone(),
-                message: e.to_string(),
+                source: e,
             };
             let mut buf =
                 Buffer::from_le_bytes(w.dtype, bytes).ok_or_else(|| RuntimeError::Invalid {

@@ -1,7 +1,9 @@
 //! Shared plumbing of the `v2l-*` binaries: error reporting and exit codes.
 //!
-//! Exit codes: 0 success, 1 bad input or failed work (one `error:` line, maybe a `hint:` line),
-//! 2 command-line usage errors (from clap). Data goes to stdout, messages to stderr.
+//! Exit codes (one `error:` line, maybe a `hint:` line): 0 success, 1 bad input (a value, a
+//! file, a LoRA), 2 command-line usage errors (clap's), 3 ONNX Runtime missing or unloadable,
+//! 4 ONNX Runtime failed while running, 5 cancelled: `RuntimeError::kind`, the same
+//! classification the C ABI's status codes come from. Data goes to stdout, messages to stderr.
 
 use std::fmt::Display;
 use std::process::ExitCode;
@@ -54,7 +56,7 @@ impl From<v2l_runtime::RuntimeError> for Failure {
         Failure {
             message: e.to_string(),
             hint,
-            exit_code: 1,
+            exit_code: e.kind().exit_code(),
         }
     }
 }

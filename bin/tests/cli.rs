@@ -34,8 +34,13 @@ fn stderr(o: &Output) -> String {
 
 /// A bad input: exit code 1, one `error:` line naming `needle`, no panic or backtrace.
 fn assert_clean_failure(o: &Output, needle: &str) {
+    assert_clean_failure_with(o, 1, needle)
+}
+
+/// A failure with exit code `code`, one `error:` line naming `needle`, no panic or backtrace.
+fn assert_clean_failure_with(o: &Output, code: i32, needle: &str) {
     let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
     assert_eq!(
         err.lines().filter(|l| l.starts_with("error:")).count(),
         1,
@@ -628,7 +633,8 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
         .arg(d.path().join("o.safetensors"))
         .output()
         .unwrap();
-    assert_clean_failure(&o, "ORT_DYLIB_PATH=/nonexistent/libonnxruntime.so");
+    // Exit 3: ONNX Runtime is missing (an environment fault, not a bad input).
+    assert_clean_failure_with(&o, 3, "ORT_DYLIB_PATH=/nonexistent/libonnxruntime.so");
 }
 
 /// `bundle.json` is verified like every other part: editing its strategy or weight hash makes

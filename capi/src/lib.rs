@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use v2l_runtime::engine::ExportDir;
+use v2l_runtime::error::ErrorKind;
 use v2l_runtime::limits::Limits;
-use v2l_runtime::lora::format::{Lora, LoraError};
-use v2l_runtime::lora::lilora::LiLoraError;
+use v2l_runtime::lora::format::Lora;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
 use v2l_runtime::video::{self, Frames};
@@ -168,22 +168,7 @@ impl Error {
 
 impl From<RuntimeError> for Error {
     fn from(e: RuntimeError) -> Error {
-        #[allow(unreachable_patterns)]
-        let status = match &e {
-            RuntimeError::OrtMissing { .. } | RuntimeError::OrtLoad { .. } => {
-                V2lStatus::OrtUnavailable
-            }
-            RuntimeError::Ort { .. } => V2lStatus::Runtime,
-            RuntimeError::Io { .. }
-            | RuntimeError::BadFile { .. }
-            | RuntimeError::MissingTensor { .. } => V2lStatus::Io,
-            RuntimeError::Invalid { .. } => V2lStatus::InvalidArgument,
-            RuntimeError::Cancelled => V2lStatus::Cancelled,
-            RuntimeError::Lora(LoraError::Io { .. })
-            | RuntimeError::LiLora(LiLoraError::Io { .. }) => V2lStatus::Io,
-            RuntimeError::Lora(_) | RuntimeError::LiLora(_) => V2lStatus::Lora,
-            _ => V2lStatus::Runtime,
-        };
+        let status = status_of(&e);
         let mut message = e.to_string();
         if let Some(h) = e.hint() {
             message.push_str(" (hint: ");
@@ -191,6 +176,19 @@ impl From<RuntimeError> for Error {
             message.push(')');
         }
         Error { status, message }
+    }
+}
+
+/// The C status of a runtime error: from its [`ErrorKind`], the classification the command-line
+/// exit codes also come from.
+fn status_of(e: &RuntimeError) -> V2lStatus {
+    match e.kind() {
+        ErrorKind::BadInput => V2lStatus::InvalidArgument,
+        ErrorKind::BadFile => V2lStatus::Io,
+        ErrorKind::Lora => V2lStatus::Lora,
+        ErrorKind::OrtUnavailable => V2lStatus::OrtUnavailable,
+        ErrorKind::Runtime => V2lStatus::Runtime,
+        ErrorKind::Cancelled => V2lStatus::Cancelled,
     }
 }
 
@@ -242,6 +240,11 @@ pub mod testing {
     /// Runs a panicking closure through the entry-point guard: the status it returns.
     pub fn guard_panic() -> super::V2lStatus {
         super::guard("testing::guard_panic", || panic!("deliberate test panic"))
+    }
+
+    /// The C status a runtime error maps to.
+    pub fn status_of(e: &v2l_runtime::RuntimeError) -> super::V2lStatus {
+        super::status_of(e)
     }
 }
 

@@ -22,6 +22,13 @@ pub enum RuntimeError {
     MissingTensor { path: PathBuf, name: String },
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    /// The fuse kernel refused a LoRA's factors or a weight (NaN/inf values, sizes, dtypes).
+    #[error("{what}: {source}")]
+    Fuse {
+        what: String,
+        #[source]
+        source: crate::lora::fuse::FuseError,
+    },
     #[error("cancelled")]
     Cancelled,
     #[error(transparent)]
@@ -30,7 +37,58 @@ pub enum RuntimeError {
     LiLora(#[from] crate::lora::lilora::LiLoraError),
 }
 
+/// What kind of fault an error is: the one classification behind both the command-line exit
+/// codes and the C ABI's status codes (`capi`), so the same fault never maps two ways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A bad value or request: size, shape, NaN, limit, a component the engine lacks.
+    BadInput,
+    /// A file that is missing, unreadable or malformed (engine parts included).
+    BadFile,
+    /// A LoRA that does not fit the model, or whose factors cannot be fused.
+    Lora,
+    /// The ONNX Runtime library is missing or cannot be loaded.
+    OrtUnavailable,
+    /// ONNX Runtime failed while building a session or running a model.
+    Runtime,
+    /// The caller cancelled the run.
+    Cancelled,
+}
+
+impl ErrorKind {
+    /// The exit code of a `v2l-*` command that fails this way (2 is clap's usage error).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::BadInput | ErrorKind::BadFile | ErrorKind::Lora => 1,
+            ErrorKind::OrtUnavailable => 3,
+            ErrorKind::Runtime => 4,
+            ErrorKind::Cancelled => 5,
+        }
+    }
+}
+
 impl RuntimeError {
+    /// The kind of fault (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        use crate::lora::{format::LoraError, lilora::LiLoraError};
+        match self {
+            RuntimeError::OrtMissing { .. } | RuntimeError::OrtLoad { .. } => {
+                ErrorKind::OrtUnavailable
+            }
+            RuntimeError::Ort { .. } => ErrorKind::Runtime,
+            RuntimeError::Io { .. }
+            | RuntimeError::BadFile { .. }
+            | RuntimeError::MissingTensor { .. }
+            | RuntimeError::Lora(LoraError::Io { .. })
+            | RuntimeError::LiLora(LiLoraError::Io { .. }) => ErrorKind::BadFile,
+            RuntimeError::Invalid { .. } => ErrorKind::BadInput,
+            RuntimeError::Cancelled => ErrorKind::Cancelled,
+            RuntimeError::Lora(_) | RuntimeError::LiLora(_) | RuntimeError::Fuse { .. } => {
+                ErrorKind::Lora
+            }
+        }
+    }
+
     /// A one-line suggestion for the user, where one is known.
     pub fn hint(&self) -> Option<String> {
         match self {

@@ -96,9 +96,9 @@ pub fn fused_weights(
             &f,
             0,
         )
-        .map_err(|e| RuntimeError::Invalid {
+        .map_err(|e| RuntimeError::Fuse {
             what: name.clone(),
-            message: e.to_string(),
+            source: e,
         })?;
         out.push((
             name,

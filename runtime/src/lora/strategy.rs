@@ -137,12 +137,12 @@ impl DitRunner {
                 if let Some(l) = lora {
                     for (t, layer) in match_targets(&l.lora, &self.targets, &l.source)? {
                         let (a, b) = (layer.a.to_f32(), layer.b.to_f32());
-                        if a.iter().chain(&b).any(|v| !v.is_finite()) {
-                            return Err(RuntimeError::Invalid {
+                        super::fuse::check_finite(&layer.module, &a)
+                            .and_then(|_| super::fuse::check_finite(&layer.module, &b))
+                            .map_err(|e| RuntimeError::Fuse {
                                 what: l.source.display().to_string(),
-                                message: format!("layer `{}` holds NaN or Inf", layer.module),
-                            });
-                        }
+                                source: e,
+                            })?;
                         let [na, nb, ns] =
                             v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
                         let r = layer.rank();

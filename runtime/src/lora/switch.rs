@@ -224,9 +224,9 @@ impl SwitchableWeights {
                 let (a, b) = (l.a.to_f32(), l.b.to_f32());
                 super::fuse::check_finite(&l.module, &a)
                     .and_then(|_| super::fuse::check_finite(&l.module, &b))
-                    .map_err(|e| RuntimeError::Invalid {
+                    .map_err(|e| RuntimeError::Fuse {
                         what: source.display().to_string(),
-                        message: e.to_string(),
+                        source: e,
                     })?;
                 plan.push((self.index[&t.name], a, b, l.rank(), l.scale(multiplier)));
             }
@@ -237,9 +237,9 @@ impl SwitchableWeights {
         for &i in self.touched.difference(&next) {
             let layer = &mut self.layers[i];
             restore_from(layer.base.view(), layer.live.view_mut(), threads).map_err(|e| {
-                RuntimeError::Invalid {
+                RuntimeError::Fuse {
                     what: layer.info.name.clone(),
-                    message: e.to_string(),
+                    source: e,
                 }
             })?;
             rewritten.push(layer.info.name.clone());
@@ -255,9 +255,9 @@ impl SwitchableWeights {
             let (o, n) = (layer.info.out_features, layer.info.in_features);
             let Layer { base, live, info } = layer;
             fuse_from(base.view(), live.view_mut(), o, n, &f, threads).map_err(|e| {
-                RuntimeError::Invalid {
+                RuntimeError::Fuse {
                     what: info.name.clone(),
-                    message: e.to_string(),
+                    source: e,
                 }
             })?;
             rewritten.push(info.name.clone());

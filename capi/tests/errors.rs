@@ -1,0 +1,59 @@
+//! One classification of faults behind both front ends: every runtime error's kind, the exit
+//! code a `v2l-*` command gives for it and the C status `libv2l` returns, as one snapshot. A
+//! change to either mapping shows up here as a reviewed diff.
+
+use std::path::Path;
+
+use v2l::testing::status_of;
+use v2l_runtime::lora::fuse::FuseError;
+use v2l_runtime::RuntimeError;
+
+#[test]
+fn one_mapping_to_exit_codes_and_c_statuses() {
+    let limits = v2l_runtime::limits::Limits::default();
+    let errors: Vec<RuntimeError> = vec![
+        limits.check_video(48, 64, 64, 16).unwrap_err(),
+        v2l_runtime::limits::finite("--guidance", f32::NAN).unwrap_err(),
+        v2l_runtime::read_safetensors(Path::new("/nonexistent/x.safetensors")).unwrap_err(),
+        v2l_runtime::tensor::parse_safetensors(
+            b"not a safetensors file",
+            Path::new("x.safetensors"),
+        )
+        .unwrap_err(),
+        RuntimeError::MissingTensor {
+            path: "in.safetensors".into(),
+            name: "timestep".into(),
+        },
+        v2l_runtime::lora::format::parse(b"junk", Path::new("l.safetensors"), None)
+            .unwrap_err()
+            .into(),
+        RuntimeError::Fuse {
+            what: "l.safetensors".into(),
+            source: FuseError::NonFinite {
+                name: "transformer_blocks.0.attn1.to_q".into(),
+                index: 3,
+                value: f32::NAN,
+            },
+        },
+        RuntimeError::OrtMissing {
+            searched: ".v2l/onnxruntime".into(),
+        },
+        RuntimeError::Ort {
+            context: "dit.onnx".into(),
+            message: "bad shape".into(),
+        },
+        RuntimeError::Cancelled,
+    ];
+    let table: Vec<String> = errors
+        .iter()
+        .map(|e| {
+            format!(
+                "{:?} | exit {} | {:?} | {e}",
+                e.kind(),
+                e.kind().exit_code(),
+                status_of(e)
+            )
+        })
+        .collect();
+    insta::assert_snapshot!(table.join("\n"));
+}
