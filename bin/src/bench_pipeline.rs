@@ -113,7 +113,7 @@ pub fn bench_pipeline(
         steps,
         guidance: 6.0,
         noise: gaussian_noise(vec![1, lf, channels, lh, lw], 5),
-        reference: None,
+        lora: v2l_runtime::pipeline::RequestLora::Resident,
     };
 
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use v2l_runtime::engine::ExportDir;
 use v2l_runtime::lora::strategy::Strategy;
-use v2l_runtime::pipeline::{Pipeline, Request};
+use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::tensor::Data;
 use v2l_runtime::video::Frames;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
@@ -80,7 +80,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
         steps: 4,
         guidance: 6.0,
         noise: io["initial_noise"].clone(),
-        reference: None,
+        lora: RequestLora::Resident,
     };
     let mut steps_seen = 0;
     let base = p
@@ -99,7 +99,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     eprintln!("base frames: mean absolute error {m:.3e} (bound 2e-3)");
     assert!(m <= 2e-3);
 
-    req.reference = Some((frames_of(&io["reference_u8"]), 1.0));
+    req.lora = RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0);
     let lora = p.generate(&req, &mut |_, _| true).unwrap();
     for name in ["reference_latents", "hyper_weights"] {
         let got = if name == "hyper_weights" {
@@ -122,7 +122,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
 
     // The reference's LoRA was for that request only: base -> reference -> base is the base,
     // bitwise, for every LoRA strategy; so is a reference request cancelled half-way.
-    req.reference = None;
+    req.lora = RequestLora::Resident;
     let again = p.generate(&req, &mut |_, _| true).unwrap();
     assert!(
         again.frames == base.frames && again.latents_steps == base.latents_steps,
@@ -136,14 +136,14 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
         )
         .unwrap();
         let mut with_ref = Request {
-            reference: Some((frames_of(&io["reference_u8"]), 1.0)),
+            lora: RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0),
             steps: 2,
             ..req.clone()
         };
         let short_base = {
-            with_ref.reference = None;
+            with_ref.lora = RequestLora::Resident;
             let g = p.generate(&with_ref, &mut |_, _| true).unwrap();
-            with_ref.reference = Some((frames_of(&io["reference_u8"]), 1.0));
+            with_ref.lora = RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0);
             g
         };
         let cancelled = p.generate(&with_ref, &mut |step, _| step < 1);
@@ -156,7 +156,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
             ref_run.latents_steps != short_base.latents_steps,
             "{strategy:?}"
         );
-        with_ref.reference = None;
+        with_ref.lora = RequestLora::Resident;
         let after = p.generate(&with_ref, &mut |_, _| true).unwrap();
         assert!(
             after.latents_steps == short_base.latents_steps && after.frames == short_base.frames,
@@ -284,7 +284,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
         steps: 2,
         guidance: 6.0,
         noise: io["initial_noise"].clone(),
-        reference: None,
+        lora: RequestLora::Resident,
     };
     let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
     let y = AppliedLora {
@@ -324,6 +324,57 @@ fn lora_strategies_agree_and_switching_is_exact() {
             "{strategy:?}: X -> Y -> X output differs"
         );
         assert!(lx.rel_l2(&ly) > 1e-3, "{strategy:?}: Y had no effect");
+
+        // The same LoRAs chosen per request: Y alone is what set_lora(Y) gave, bitwise, and the
+        // pipeline's own X is back afterwards; X and Y merged with X at weight 0 is Y alone (the
+        // merge is exact); the base for one request, then X again.
+        let per_request = |p: &mut Pipeline, lora: RequestLora| {
+            let r = Request {
+                lora,
+                ..req.clone()
+            };
+            p.generate(&r, &mut |_, _| true)
+                .unwrap()
+                .latents_steps
+                .last()
+                .unwrap()
+                .clone()
+        };
+        assert!(
+            per_request(&mut p, RequestLora::Loras(vec![y.clone()])) == ly,
+            "{strategy:?}"
+        );
+        assert!(
+            per_request(&mut p, RequestLora::Resident) == lx,
+            "{strategy:?}"
+        );
+        let x0 = AppliedLora {
+            multiplier: 0.0,
+            ..x.clone()
+        };
+        let merged = per_request(&mut p, RequestLora::Loras(vec![y.clone(), x0]));
+        eprintln!(
+            "{strategy:?}: merged (Y, X at weight 0) vs Y alone: latents relative L2 {:.3e}",
+            merged.rel_l2(&ly)
+        );
+        assert!(merged.rel_l2(&ly) <= 1e-5, "{strategy:?}");
+        // Strength is linear in each weight: Y at 0.5 twice (rank doubled) is Y at 1.
+        let half = AppliedLora {
+            multiplier: 0.5,
+            ..y.clone()
+        };
+        let halves = per_request(&mut p, RequestLora::Loras(vec![half.clone(), half]));
+        eprintln!(
+            "{strategy:?}: Y at 0.5 twice vs Y at 1: latents relative L2 {:.3e}",
+            halves.rel_l2(&ly)
+        );
+        assert!(halves.rel_l2(&ly) <= 1e-5, "{strategy:?}");
+        let base = per_request(&mut p, RequestLora::Base);
+        assert!(base.rel_l2(&lx) > 1e-3, "{strategy:?}: Base still had X");
+        assert!(
+            per_request(&mut p, RequestLora::Resident) == lx,
+            "{strategy:?}"
+        );
         results.push((strategy, lx, ly));
     }
     for (s, fx, fy) in &results[1..] {

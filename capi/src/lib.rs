@@ -1002,7 +1002,7 @@ pub unsafe extern "C" fn v2l_generator_generate(
             steps: p.steps as usize,
             guidance,
             noise,
-            reference: None,
+            lora: v2l_runtime::pipeline::RequestLora::Resident,
         };
 
         let mut pipeline = lock(&g)?;

@@ -41,8 +41,25 @@ pub struct Request {
     pub guidance: f32,
     /// `[1, latent_frames, 16, h, w]`; see [`gaussian_noise`] for seeded noise.
     pub noise: Tensor,
-    /// Reference clip for a Video2LoRA LoRA, and upstream's LoRA weight.
-    pub reference: Option<(Frames, f32)>,
+    /// Which LoRA the DiT runs with for this request.
+    pub lora: RequestLora,
+}
+
+/// The LoRA a request runs with. Whatever it is, it holds for that request only: afterwards the
+/// DiT is back to the pipeline's own LoRA ([`Pipeline::set_lora`], or the base weights).
+#[derive(Clone, Debug, Default)]
+pub enum RequestLora {
+    /// The pipeline's own LoRA, set with [`Pipeline::set_lora`] (the base weights if none).
+    #[default]
+    Resident,
+    /// The base weights, whatever the pipeline holds.
+    Base,
+    /// A reference clip's LoRA, predicted by the Video2LoRA hypernetwork, with upstream's
+    /// LoRA weight (used as multiplier and alpha).
+    Reference(Frames, f32),
+    /// LoRAs (files or predicted), each with its multiplier; several are merged exactly by rank
+    /// concatenation ([`crate::lora::merge`]).
+    Loras(Vec<AppliedLora>),
 }
 
 /// What a run produced, with the intermediates `--dump` writes.
@@ -64,8 +81,8 @@ pub struct Pipeline {
     dit: DitRunner,
     scheduler: SchedulerConfig,
     predictor: Option<Predictor>,
-    /// The LoRA set by [`Pipeline::set_lora`] (`None`: base weights); a request's reference
-    /// LoRA is applied on top for that request only.
+    /// The LoRA set by [`Pipeline::set_lora`] (`None`: base weights); a request's own LoRA
+    /// ([`RequestLora`]) replaces it for that request only.
     applied: Option<AppliedLora>,
 }
 
@@ -117,7 +134,7 @@ impl Pipeline {
 
     /// Applies `lora` to the DiT by the pipeline's strategy, or restores the base for `None`.
     /// This LoRA then stays until the next `set_lora`: it is the pipeline's own state, which
-    /// every request without a reference clip runs with.
+    /// every request with [`RequestLora::Resident`] runs with.
     pub fn set_lora(&mut self, lora: Option<&AppliedLora>) -> Result<()> {
         self.dit.set_lora(&self.dir, lora)?;
         self.applied = lora.cloned();
@@ -155,9 +172,10 @@ impl Pipeline {
     /// Runs one request; `progress(step, steps)` is called after each denoising step and
     /// returns `false` to cancel the run ([`RuntimeError::Cancelled`]).
     ///
-    /// A reference clip's LoRA is request-scoped: it is applied for this run only, and the DiT
-    /// goes back to the pipeline's own LoRA ([`Pipeline::set_lora`], or the base) afterwards,
-    /// whether the run succeeded, failed or was cancelled. Nothing lingers into the next request.
+    /// The request's LoRA ([`RequestLora`]) is request-scoped: it is applied for this run only,
+    /// and the DiT goes back to the pipeline's own LoRA ([`Pipeline::set_lora`], or the base)
+    /// afterwards, whether the run succeeded, failed or was cancelled. Nothing lingers into the
+    /// next request.
     pub fn generate(
         &mut self,
         req: &Request,
@@ -166,14 +184,13 @@ impl Pipeline {
         let t_all = Instant::now();
         let shape = self.check_request(req)?;
         let mut timings = BTreeMap::new();
-        let prediction = match &req.reference {
-            Some((clip, weight)) => Some(self.apply_reference(clip, *weight, &mut timings)?),
-            None => None,
-        };
+        let (prediction, switched) = self.apply_request_lora(&req.lora, &mut timings)?;
         let result = self.run_request(req, &shape, &mut timings, progress);
-        if prediction.is_some() {
+        if switched {
             // Restore before reporting anything: a failed restore must not go unnoticed.
+            let t = Instant::now();
             self.dit.set_lora(&self.dir, self.applied.as_ref())?;
+            timings.insert("lora_restore".into(), ms(t));
         }
         let (frames, latents_steps) = result?;
         timings.insert("total".into(), ms(t_all));
@@ -265,25 +282,51 @@ impl Pipeline {
             })
     }
 
-    /// Step 1: the reference clip's LoRA, predicted and applied to the DiT for this request.
-    fn apply_reference(
+    /// Step 1: the request's LoRA onto the DiT. Returns the prediction (for a reference clip)
+    /// and whether the DiT was switched away from the pipeline's own LoRA (to restore after).
+    fn apply_request_lora(
         &mut self,
-        clip: &Frames,
-        weight: f32,
+        choice: &RequestLora,
         timings: &mut BTreeMap<String, f64>,
-    ) -> Result<crate::predict::Prediction> {
-        let t = Instant::now();
-        let p = self.predict(clip, weight)?;
-        timings.insert("predict_lora".into(), ms(t));
-        let t = Instant::now();
-        let applied = AppliedLora {
-            lora: p.lora.clone(),
-            source: "reference".into(),
-            multiplier: 1.0,
+    ) -> Result<(Option<crate::predict::Prediction>, bool)> {
+        let (prediction, lora) = match choice {
+            RequestLora::Resident => return Ok((None, false)),
+            RequestLora::Base if self.applied.is_none() => return Ok((None, false)),
+            RequestLora::Base => (None, None),
+            RequestLora::Reference(clip, weight) => {
+                let t = Instant::now();
+                let p = self.predict(clip, *weight)?;
+                timings.insert("predict_lora".into(), ms(t));
+                let applied = AppliedLora {
+                    lora: p.lora.clone(),
+                    source: "reference".into(),
+                    multiplier: 1.0,
+                };
+                (Some(p), Some(applied))
+            }
+            RequestLora::Loras(list) => match list.as_slice() {
+                [] => (None, None),
+                [one] => (None, Some(one.clone())),
+                several => {
+                    let parts: Vec<_> = several.iter().map(|l| (&l.lora, l.multiplier)).collect();
+                    let source = several
+                        .iter()
+                        .map(|l| l.source.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" + ");
+                    let merged = AppliedLora {
+                        lora: crate::lora::merge::merge(&parts)?,
+                        source: source.into(),
+                        multiplier: 1.0,
+                    };
+                    (None, Some(merged))
+                }
+            },
         };
-        self.dit.set_lora(&self.dir, Some(&applied))?;
+        let t = Instant::now();
+        self.dit.set_lora(&self.dir, lora.as_ref())?;
         timings.insert("lora_fuse".into(), ms(t));
-        Ok(p)
+        Ok((prediction, true))
     }
 
     /// Steps 2 to 4 with the DiT as it is: encode the first frame, denoise, decode.

@@ -18,7 +18,11 @@ use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 ///       --reference ref.mp4 --seed 42 -o out.mp4
 /// writes out.mp4 and out.png (a contact sheet of every frame). Prompt embeddings come from a
 /// safetensors file with `prompt_embeds` and `negative_prompt_embeds` [1, L, D] (text-encoder
-/// export is not in v2l yet). Without --reference no LoRA is applied.
+/// export is not in v2l yet). With --lora FILE (repeatable, --lora-weights) those LoRA files
+/// instead, merged exactly; without --reference or --lora no LoRA is applied.
+///
+///   v2l-run --engine engine/ --image first.png --prompt-embeds prompt.safetensors \
+///       --lora a.safetensors --lora b.safetensors --lora-weights 0.6,0.4 --seed 42 -o out.mp4
 ///
 /// `stage` runs a single component on tensors from a safetensors file, named as diffusers
 /// names them, and writes its outputs to another safetensors file: the way to check an
@@ -56,6 +60,19 @@ struct GenerateArgs {
     /// Reference clip (mp4, a directory of PNGs, or safetensors `reference_u8 [F,H,W,3]`)
     #[arg(long)]
     reference: Option<PathBuf>,
+    /// A LoRA file to generate with instead of a reference clip (diffusers/PEFT, kohya or
+    /// ComfyUI); repeat it for several, merged exactly (rank concatenation)
+    #[arg(long = "lora", value_name = "FILE", conflicts_with = "reference")]
+    loras: Vec<PathBuf>,
+    /// Multiplier of each --lora, comma-separated, in order (default: 1 each)
+    #[arg(
+        long,
+        value_name = "W,W,...",
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        requires = "loras"
+    )]
+    lora_weights: Vec<f32>,
     /// Frames to generate, 1 + 4k (default: the model's sample_frames)
     #[arg(long)]
     frames: Option<usize>,
@@ -320,6 +337,43 @@ fn compare_outputs(
     Ok(())
 }
 
+/// The `--lora` files with their `--lora-weights`, read and matched against the engine's DiT
+/// (names and shapes) before any session is built.
+fn read_loras(
+    dir: &ExportDir,
+    paths: &[PathBuf],
+    weights: &[f32],
+) -> Result<Vec<AppliedLora>, Failure> {
+    if !weights.is_empty() && weights.len() != paths.len() {
+        return Err(Failure::usage(format!(
+            "--lora-weights has {} values for {} --lora files",
+            weights.len(),
+            paths.len()
+        )));
+    }
+    let targets = dir.dit_targets()?;
+    let modules: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let multiplier = v2l_runtime::limits::finite(
+                "--lora-weights",
+                weights.get(i).copied().unwrap_or(1.0),
+            )?;
+            let lora = v2l_runtime::lora::format::read(path, Some(&modules))
+                .map_err(v2l_runtime::RuntimeError::from)?;
+            v2l_runtime::lora::apply::match_targets(&lora, targets, path)
+                .map_err(v2l_runtime::RuntimeError::from)?;
+            Ok(AppliedLora {
+                lora,
+                source: path.clone(),
+                multiplier,
+            })
+        })
+        .collect()
+}
+
 fn need<'a, T>(v: &'a Option<T>, flag: &str) -> Result<&'a T, Failure> {
     v.as_ref().ok_or_else(|| {
         Failure::usage(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`")
@@ -332,7 +386,7 @@ fn generate(
     opts: &SessionOptions,
 ) -> Result<(), Failure> {
     use std::io::IsTerminal;
-    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
+    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request, RequestLora};
     use v2l_runtime::video;
     let image_path = need(&g.image, "--image")?;
     let prompt_path = need(&g.prompt_embeds, "--prompt-embeds")?;
@@ -394,13 +448,14 @@ fn generate(
     let (prompt_embeds, negative_prompt_embeds) =
         (get("prompt_embeds")?, get("negative_prompt_embeds")?);
     let image = video::read_frames(image_path, height, width)?;
-    let reference = match &g.reference {
+    let lora = match &g.reference {
         Some(r) => {
             let clip = video::read_frames(r, height, width)?;
             v2l_runtime::predict::check_reference(&clip, &r.display().to_string())?;
-            Some((clip, g.lora_scale))
+            RequestLora::Reference(clip, g.lora_scale)
         }
-        None => None,
+        None if g.loras.is_empty() => RequestLora::Resident,
+        None => RequestLora::Loras(read_loras(&dir, &g.loras, &g.lora_weights)?),
     };
     for path in std::iter::once(image_path).chain(g.reference.as_ref()) {
         if let Some(warning) = video::aspect_warning(path, height, width) {
@@ -447,7 +502,7 @@ fn generate(
         steps: g.steps,
         guidance: g.guidance,
         noise,
-        reference,
+        lora,
     };
     let bar = !g.quiet && std::io::stderr().is_terminal();
     let started = std::time::Instant::now();

@@ -241,15 +241,17 @@ pub fn rust_generate(
 ) -> Vec<u8> {
     use v2l_runtime::engine::ExportDir;
     use v2l_runtime::lora::AppliedLora;
-    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
+    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request, RequestLora};
     let dir = ExportDir::open(engine).unwrap();
     let dit = dir.manifest.dit.clone().unwrap();
     let mut p = Pipeline::load(dir, &Default::default()).unwrap();
     let (h, w) = (inp.first_frame.height, inp.first_frame.width);
-    let mut reference = None;
+    let mut request_lora = RequestLora::Resident;
     match lora {
         RustLora::None => {}
-        RustLora::Reference(clip, weight) => reference = Some((clip.clone(), weight)),
+        RustLora::Reference(clip, weight) => {
+            request_lora = RequestLora::Reference(clip.clone(), weight)
+        }
         RustLora::File(path, multiplier) => {
             let modules: Vec<String> = dit.lora_targets.iter().map(|t| t.name.clone()).collect();
             let lora = v2l_runtime::lora::format::read(path, Some(&modules)).unwrap();
@@ -272,7 +274,7 @@ pub fn rust_generate(
             vec![1, (frames - 1) / 4 + 1, dit.in_channels / 2, h / 8, w / 8],
             seed,
         ),
-        reference,
+        lora: request_lora,
     };
     let gen = p.generate(&req, &mut |_, _| true).unwrap();
     v2l_runtime::video::to_rgb8(&gen.frames).unwrap().rgb

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`format`] | diffusers/PEFT, kohya/musubi and ComfyUI LoRA files, read and written |
 //! | [`lilora`] | Video2LoRA's LiLoRA auxiliaries: hypernetwork rows → standard LoRA factors |
+//! | [`merge`] | several LoRAs with weights as one, exactly (rank concatenation) |
 //! | [`apply`] | matching a LoRA to a model's layers and fusing it from the base weights |
 //! | [`switch`] | base + live weights: switching LoRAs rewrites the union of touched layers from the base |
 //! | [`strategy`] | fused / bound / unfused: three ways to apply a LoRA to the DiT, one API |
@@ -13,6 +14,7 @@ pub mod apply;
 pub mod format;
 pub mod fuse;
 pub mod lilora;
+pub mod merge;
 pub mod strategy;
 pub mod switch;
 
