@@ -3,11 +3,13 @@
 //!
 //! | module | contract |
 //! |---|---|
+//! | [`atomic`] | outputs written whole or not at all (`tempfile` + rename) |
 //! | [`manifest`] | `manifest.json` of an export directory: graphs, LoRA targets, VAE batching, hypernetwork sizes |
 //! | [`LinearInfo`] | one LoRA-targetable linear layer (module path and shape) |
 //! | [`frame_batch`] | diffusers' VAE frame batches, causal-conv cache shapes, frames a decode returns |
 //! | [`safetensors_problem`] | a safetensors parse error in words a user can act on |
 
+pub mod atomic;
 pub mod frame_batch;
 pub mod manifest;
 

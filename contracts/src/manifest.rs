@@ -137,22 +137,19 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Writes `dir/manifest.json` atomically.
+    /// Writes `dir/manifest.json` atomically (`tempfile`'s persist: no half-written manifest).
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(FILE_NAME);
-        let tmp = dir.join(format!(".{FILE_NAME}.tmp{}", std::process::id()));
+        let io = |source| ManifestError::Io {
+            path: path.clone(),
+            source,
+        };
         let text = serde_json::to_string_pretty(self).map_err(|e| ManifestError::Invalid {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        std::fs::write(&tmp, text + "\n").map_err(|source| ManifestError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| ManifestError::Io {
-            path: path.clone(),
-            source,
-        })
+        crate::atomic::write_atomic(&path, (text + "\n").as_bytes()).map_err(io)?;
+        Ok(())
     }
 }
 

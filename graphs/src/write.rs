@@ -12,6 +12,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+use v2l_contracts::atomic::temp_sibling;
 
 use crate::builder::{Dim, Graph, Initializer, IoSpec, TensorData, OPSET};
 use crate::dtype::{convert_floats, DType};
@@ -89,18 +90,22 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp_model = tmp_name(path);
-    let tmp_data = tmp_name(&data_path);
+    // Both files are temporary siblings until everything is written; dropped on any error.
+    let tmp_model = temp_sibling(path, ".tmp").map_err(io_err(path))?;
+    let tmp_data = if external {
+        Some(temp_sibling(&data_path, ".tmp").map_err(io_err(&data_path))?)
+    } else {
+        None
+    };
 
-    let result = (|| {
+    {
         let mut initializers = Vec::with_capacity(graph.initializers.len());
-        let mut data_file = if external {
-            Some(BufWriter::with_capacity(
+        let mut data_file = match &tmp_data {
+            Some(t) => Some(BufWriter::with_capacity(
                 8 << 20,
-                File::create(&tmp_data).map_err(io_err(&data_path))?,
-            ))
-        } else {
-            None
+                t.reopen().map_err(io_err(&data_path))?,
+            )),
+            None => None,
         };
         let mut offset: u64 = 0;
         let mut scratch = Vec::new();
@@ -142,33 +147,25 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
         }
         let model = to_model_proto(graph, initializers);
         let bytes = model.encode_to_vec();
-        std::fs::write(&tmp_model, bytes).map_err(io_err(path))?;
-        if external {
-            std::fs::rename(&tmp_data, &data_path).map_err(io_err(&data_path))?;
-        } else if data_path.exists() {
+        std::fs::write(tmp_model.path(), bytes).map_err(io_err(path))?;
+    }
+    match tmp_data {
+        Some(t) => {
+            t.persist(&data_path)
+                .map_err(|e| io_err(&data_path)(e.error))?;
+        }
+        None if data_path.exists() => {
             // A stale side file from an earlier external export would confuse readers.
             std::fs::remove_file(&data_path).map_err(io_err(&data_path))?;
         }
-        std::fs::rename(&tmp_model, path).map_err(io_err(path))?;
-        Ok(Written {
-            model: path.to_path_buf(),
-            data: external.then_some(data_path.clone()),
-            weight_bytes,
-        })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp_model);
-        let _ = std::fs::remove_file(&tmp_data);
+        None => {}
     }
-    result
-}
-
-fn tmp_name(p: &Path) -> PathBuf {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    p.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+    tmp_model.persist(path).map_err(|e| io_err(path)(e.error))?;
+    Ok(Written {
+        model: path.to_path_buf(),
+        data: external.then_some(data_path.clone()),
+        weight_bytes,
+    })
 }
 
 fn entry(k: &str, v: &str) -> proto::StringStringEntryProto {
@@ -469,14 +466,10 @@ pub fn for_each_initializer(
 /// Writes a model protobuf to `path` atomically (for passes over an existing model; tensors
 /// keep their data location, so external data stays shared with the original).
 pub fn write_model(path: &Path, model: &proto::ModelProto) -> Result<(), WriteError> {
-    let tmp = tmp_name(path);
-    let io_err = |source| WriteError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::write(&tmp, model.encode_to_vec()).map_err(io_err)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io_err(e)
+    v2l_contracts::atomic::write_atomic(path, &model.encode_to_vec()).map_err(|source| {
+        WriteError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }

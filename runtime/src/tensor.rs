@@ -214,24 +214,12 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
     write_atomic(path, &blob)
 }
 
-/// Writes `bytes` to a temporary sibling of `path`, then renames it into place.
+/// Writes `bytes` to a temporary sibling of `path`, then renames it into place (`tempfile`'s
+/// persist): a failure at any point leaves no file behind, and never a half-written `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    let io = |source| RuntimeError::Io {
+    v2l_contracts::atomic::write_atomic(path, bytes).map_err(|source| RuntimeError::Io {
         path: path.into(),
         source,
-    };
-    if let Err(e) = std::fs::write(&tmp, bytes) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
     })
 }
 

@@ -235,11 +235,17 @@ fn ffmpeg_encode(
     args: &[&str],
 ) -> Result<()> {
     use std::io::Write;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".tmp{}.{name}", std::process::id()));
+    // ffmpeg picks the container from the extension: the temporary file keeps it. It is
+    // deleted on every path that does not persist it.
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("mp4");
+    let tmp_file =
+        v2l_contracts::atomic::temp_sibling(path, &format!(".{ext}")).map_err(|source| {
+            RuntimeError::Io {
+                path: path.into(),
+                source,
+            }
+        })?;
+    let tmp = tmp_file.path().to_path_buf();
     let mut child = Command::new("ffmpeg")
         .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &format!("{width}x{height}"), "-r", &fps.to_string(), "-i", "-"])
         .args(args)
@@ -260,7 +266,6 @@ fn ffmpeg_encode(
             source,
         })?;
     if !out.status.success() || !matches!(wrote, Some(Ok(()))) {
-        let _ = std::fs::remove_file(&tmp);
         let msg = String::from_utf8_lossy(&out.stderr);
         return Err(bad(
             path,
@@ -270,13 +275,13 @@ fn ffmpeg_encode(
             ),
         ));
     }
-    std::fs::rename(&tmp, path).map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        RuntimeError::Io {
+    tmp_file
+        .persist(path)
+        .map(drop)
+        .map_err(|e| RuntimeError::Io {
             path: path.into(),
-            source,
-        }
-    })
+            source: e.error,
+        })
 }
 
 /// Writes an H.264 mp4 (yuv420p, even-padded) at `fps`.

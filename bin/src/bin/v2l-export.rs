@@ -304,12 +304,12 @@ fn export_hypernet(
     let lilora_name = "lilora.safetensors";
     let dst = out.output.join(lilora_name);
     if std::fs::canonicalize(lilora).ok() != std::fs::canonicalize(&dst).ok() {
-        let tmp = out
-            .output
-            .join(format!(".{lilora_name}.tmp{}", std::process::id()));
-        std::fs::copy(lilora, &tmp)
-            .and_then(|_| std::fs::rename(&tmp, &dst))
-            .map_err(|e| Failure::new(format!("{}: {e}", dst.display())))?;
+        let copy = || -> std::io::Result<()> {
+            let mut tmp = v2l_contracts::atomic::temp_sibling(&dst, ".tmp")?;
+            std::io::copy(&mut std::fs::File::open(lilora)?, &mut tmp)?;
+            tmp.persist(&dst).map(drop).map_err(|e| e.error)
+        };
+        copy().map_err(|e| Failure::new(format!("{}: {e}", dst.display())))?;
     }
     manifest.hypernet = Some(v2l_export::manifest::HypernetEntry {
         file: file.into(),
