@@ -980,4 +980,47 @@ fn short_and_squashed_reference_clips() {
         "{}",
         stderr(&o)
     );
+
+    // `v2l-run --lora`: files checked against the DiT before the pipeline loads; weights must
+    // match the files one to one; a LoRA and a reference clip are exclusive.
+    let peft = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    let peft = peft.to_str().unwrap();
+    let video = d.path().join("l.mp4");
+    let generate = |extra: &[&str]| {
+        let image = tiny().join("first_frame.png");
+        let prompts = tiny().join("e2e_io.safetensors");
+        let mut args = vec![
+            "--engine",
+            engine,
+            "--image",
+            image.to_str().unwrap(),
+            "--prompt-embeds",
+            prompts.to_str().unwrap(),
+            "--seed",
+            "1",
+            "--steps",
+            "1",
+            "-o",
+            video.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run("v2l-run", &args)
+    };
+    let o = generate(&["--lora", peft, "--lora", peft, "--lora-weights", "1"]);
+    assert_clean_failure_with(&o, 2, "--lora-weights has 1 values for 2 --lora files");
+    let lilora = tiny().join("lilora.safetensors");
+    let o = generate(&["--lora", lilora.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = generate(&["--lora", peft, "--reference", reference.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!video.exists());
+    let o = generate(&[
+        "--lora",
+        peft,
+        "--lora",
+        peft,
+        "--lora-weights",
+        "0.25,0.25",
+    ]);
+    assert!(o.status.success() && video.is_file(), "{}", stderr(&o));
 }

@@ -31,11 +31,11 @@ fuzz_target!(|data: &[u8]| {
     for names in [None, Some(modules.as_slice())] {
         if let Ok(lora) = v2l_runtime::lora::format::parse(data, path, names) {
             for l in &lora.layers {
-                let r = l.rank();
-                assert_eq!(l.a.shape[0], r);
-                assert_eq!(l.b.shape[1], r);
-                assert_eq!(l.a.to_f32().len(), l.a.shape[0] * l.a.shape[1]);
-                assert_eq!(l.b.to_f32().len(), l.b.shape[0] * l.b.shape[1]);
+                // Factor bytes agree with their shapes (what the fuse kernel relies on).
+                let size = |f: &v2l_runtime::lora::format::Factor| f.dtype.size() * f.shape[0] * f.shape[1];
+                assert_eq!(l.b.shape[1], l.rank());
+                assert_eq!(l.a.bytes.len(), size(&l.a));
+                assert_eq!(l.b.bytes.len(), size(&l.b));
             }
         }
     }
