@@ -4,7 +4,7 @@
 
 use v2l_export::{cogvideox_vae, Checkpoint, Manifest};
 use v2l_graphs::{save, ExternalData};
-use v2l_runtime::engine::ExportDir;
+use v2l_runtime::engine::Engine;
 use v2l_runtime::vae::Vae;
 use v2l_runtime::SessionOptions;
 use v2l_tests::*;
@@ -22,7 +22,7 @@ fn export_tiny_vae(dir: &std::path::Path) -> Vae {
         ..Default::default()
     };
     manifest.write(dir).unwrap();
-    Vae::load(&ExportDir::open(dir).unwrap(), &SessionOptions::default()).unwrap()
+    Vae::load(&Engine::open(dir).unwrap(), &SessionOptions::default()).unwrap()
 }
 
 #[test]

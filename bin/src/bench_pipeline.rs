@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use v2l_runtime::engine::ExportDir;
+use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
@@ -51,7 +51,7 @@ pub fn bench_pipeline(
     json: bool,
 ) -> Result<(), Failure> {
     let repeat = repeat.max(1);
-    let open = || ExportDir::open(engine).map_err(Failure::from);
+    let open = || Engine::open(engine).map_err(Failure::from);
     let dir = open()?;
     let opts = dir.session_options(threads);
     let cfg = |from_dit: bool, key: &str| -> Result<usize, Failure> {
@@ -188,7 +188,7 @@ pub fn bench_pipeline(
     for _ in 0..repeat {
         let (pred, ms) = time(|| p.predict(&clip, 1.0));
         let pred = pred?;
-        let mut vae = v2l_runtime::vae::Vae::load(p.export_dir(), &opts)?;
+        let mut vae = v2l_runtime::vae::Vae::load(p.engine(), &opts)?;
         let (_, e) = time(|| vae.encode(&clip.to_unit_video()));
         enc.push(e);
         hyp.push((ms - e).max(0.0));

@@ -474,11 +474,11 @@ fn bench_switch(
     repeat: usize,
     rank: usize,
 ) -> Result<(f64, f64), Failure> {
-    use v2l_runtime::engine::ExportDir;
+    use v2l_runtime::engine::Engine;
     use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
     use v2l_runtime::lora::strategy::{DitRunner, Strategy};
     use v2l_runtime::lora::AppliedLora;
-    let dir = ExportDir::open(engine)?;
+    let dir = Engine::open(engine)?;
     let opts = dir.session_options(threads);
     let before = status_mb("RssAnon:");
     let mut runner = DitRunner::load(&dir, &opts, Strategy::Bound)?;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use v2l_runtime::engine::ExportDir;
+use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::tensor::Data;
@@ -71,7 +71,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     let d = tempfile::tempdir().unwrap();
     let eng = engine(d.path());
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
-    let mut p = Pipeline::load(ExportDir::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
+    let mut p = Pipeline::load(Engine::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
     let mut req = Request {
         image: frames_of(&io["first_frame_u8"]),
         prompt_embeds: io["prompt_embeds"].clone(),
@@ -130,7 +130,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     );
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
         let mut p = Pipeline::load_with_strategy(
-            ExportDir::open(&eng).unwrap(),
+            Engine::open(&eng).unwrap(),
             &SessionOptions::default(),
             strategy,
         )
@@ -295,7 +295,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
     let mut results = Vec::new();
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
         let mut p = Pipeline::load_with_strategy(
-            ExportDir::open(&eng).unwrap(),
+            Engine::open(&eng).unwrap(),
             &SessionOptions::default(),
             strategy,
         )

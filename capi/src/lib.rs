@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use v2l_runtime::engine::ExportDir;
+use v2l_runtime::engine::Engine;
 use v2l_runtime::error::ErrorKind;
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
@@ -124,7 +124,7 @@ pub type V2lProgressFn =
 
 /// An opened engine: immutable, shareable between threads.
 pub struct V2lEngine {
-    dir: ExportDir,
+    dir: Engine,
     opts: SessionOptions,
 }
 
@@ -631,7 +631,7 @@ pub unsafe extern "C" fn v2l_engine_open(
         } else {
             *options
         };
-        let dir = ExportDir::open(&path)?;
+        let dir = Engine::open(&path)?;
         let m = &dir.manifest;
         if m.dit.is_none() || m.vae.is_none() || m.scheduler.is_none() {
             return Err(Error::new(
@@ -714,11 +714,7 @@ pub unsafe extern "C" fn v2l_generator_new(
         let e = lookup(engine, "engine")?;
         let out = out_handle(out_generator, "out_generator")?;
         // The engine was checked on open: reuse it rather than hash every file again.
-        let dir = ExportDir {
-            dir: e.dir.dir.clone(),
-            manifest: e.dir.manifest.clone(),
-            bundle: e.dir.bundle.clone(),
-        };
+        let dir = e.dir.clone();
         let dit = dir
             .manifest
             .dit

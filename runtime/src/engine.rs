@@ -10,17 +10,21 @@ use crate::error::{Result, RuntimeError};
 use crate::lora::AppliedLora;
 use crate::session::{Model, SessionOptions};
 
-/// An export directory (or a file inside one) and its manifest.
-pub struct ExportDir {
+/// An opened engine: an engine bundle from `v2l-compile` (every part's hash checked on open) or
+/// a plain export directory from `v2l-export` (or a model file inside either), with its
+/// manifest. Open it once; it is plain data (`Send + Sync`), so any number of pipelines and
+/// threads can share it.
+#[derive(Clone, Debug)]
+pub struct Engine {
     pub dir: PathBuf,
     pub manifest: Manifest,
     /// The engine bundle, when the directory was compiled by `v2l-compile` (checked on open).
     pub bundle: Option<crate::bundle::Bundle>,
 }
 
-impl ExportDir {
+impl Engine {
     /// Opens `path`: an export directory, or a model file inside one.
-    pub fn open(path: &Path) -> Result<ExportDir> {
+    pub fn open(path: &Path) -> Result<Engine> {
         let dir = if path.is_file() {
             path.parent().unwrap_or(Path::new(".")).to_path_buf()
         } else {
@@ -40,7 +44,7 @@ impl ExportDir {
             message: e.to_string(),
         })?;
         let bundle = crate::bundle::verify(&dir)?;
-        Ok(ExportDir {
+        Ok(Engine {
             dir,
             manifest,
             bundle,

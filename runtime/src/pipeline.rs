@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::engine::ExportDir;
+use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::lora::format::Lora;
 use crate::lora::strategy::{DitRunner, Strategy};
@@ -76,7 +76,7 @@ pub struct Generation {
 
 /// A loaded pipeline: VAE, DiT (rebuilt with fused weights when a LoRA is applied), scheduler.
 pub struct Pipeline {
-    dir: ExportDir,
+    dir: Engine,
     vae: Vae,
     dit: DitRunner,
     scheduler: SchedulerConfig,
@@ -88,7 +88,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Loads with the engine's default LoRA strategy (`fused` for a plain export directory).
-    pub fn load(dir: ExportDir, opts: &SessionOptions) -> Result<Pipeline> {
+    pub fn load(dir: Engine, opts: &SessionOptions) -> Result<Pipeline> {
         let strategy = match dir.bundle.as_ref() {
             None => Strategy::default(),
             Some(b) => Strategy::parse(&b.lora_strategy).ok_or_else(|| RuntimeError::BadFile {
@@ -103,7 +103,7 @@ impl Pipeline {
     }
 
     pub fn load_with_strategy(
-        dir: ExportDir,
+        dir: Engine,
         opts: &SessionOptions,
         strategy: Strategy,
     ) -> Result<Pipeline> {
@@ -128,7 +128,7 @@ impl Pipeline {
         })
     }
 
-    pub fn export_dir(&self) -> &ExportDir {
+    pub fn engine(&self) -> &Engine {
         &self.dir
     }
 

@@ -6,7 +6,7 @@
 
 use v2l_contracts::LinearInfo;
 
-use crate::engine::ExportDir;
+use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::lora::format::Lora;
 use crate::lora::lilora::LiLora;
@@ -49,7 +49,7 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    pub fn load(dir: &ExportDir, opts: &SessionOptions) -> Result<Predictor> {
+    pub fn load(dir: &Engine, opts: &SessionOptions) -> Result<Predictor> {
         let e = dir
             .manifest
             .hypernet

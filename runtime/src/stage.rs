@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::engine::ExportDir;
+use crate::engine::Engine;
 use crate::lora::AppliedLora;
 
 use crate::error::{Result, RuntimeError};
@@ -56,7 +56,7 @@ impl Stage {
 /// A bad input is one clear error in milliseconds, not an ONNX Runtime kernel message after
 /// seconds of loading.
 pub fn check_inputs(
-    dir: &ExportDir,
+    dir: &Engine,
     stage: Stage,
     inputs: &BTreeMap<String, Tensor>,
     source: &Path,
@@ -238,7 +238,7 @@ fn timed<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<(T, Vec<f64
 /// Runs `stage` of the export in `dir` on `inputs`, with `lora` fused into the DiT if given,
 /// `runs` times on one loaded session (for timing; the outputs are the last run's).
 pub fn run_stage(
-    dir: &ExportDir,
+    dir: &Engine,
     stage: Stage,
     inputs: &BTreeMap<String, Tensor>,
     opts: &SessionOptions,

@@ -15,7 +15,7 @@ pub use tiling::{Tiling, TilingMode};
 use v2l_contracts::frame_batch::{frame_batches, CacheSpec};
 use v2l_contracts::manifest::VaeEntry;
 
-use crate::engine::ExportDir;
+use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::session::{Model, SessionOptions};
 use crate::tensor::Tensor;
@@ -34,7 +34,7 @@ pub struct Vae {
 }
 
 impl Vae {
-    pub fn load(dir: &ExportDir, opts: &SessionOptions) -> Result<Vae> {
+    pub fn load(dir: &Engine, opts: &SessionOptions) -> Result<Vae> {
         let entry = dir
             .manifest
             .vae

@@ -317,11 +317,11 @@ fn predict(
     format: LoraFormat,
     dump: Option<&Path>,
 ) -> Result<(), Failure> {
-    use v2l_runtime::engine::ExportDir;
+    use v2l_runtime::engine::Engine;
     if let (Some(h), Some(w)) = (height, width) {
         v2l_runtime::limits::Limits::from_env()?.check_frame_size(h, w, 16)?;
     }
-    let dir = ExportDir::open(engine)?;
+    let dir = Engine::open(engine)?;
     let cfg = dir.manifest.vae.as_ref().map(|v| &v.config);
     let size = |v: Option<usize>, key: &str| {
         v.or_else(|| {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{check_output, main_with, Failure};
-use v2l_runtime::engine::ExportDir;
+use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::stage::{check_inputs, run_stage, Stage};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
@@ -239,7 +239,7 @@ fn main() -> ExitCode {
                 check_output(&output, &["safetensors"])?;
                 v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
                 v2l_runtime::limits::Limits::from_env()?.check_threads(opts.threads)?;
-                let dir = ExportDir::open(engine)?;
+                let dir = Engine::open(engine)?;
                 let opts = dir.session_options(opts.threads);
                 let tensors = read_safetensors(&inputs)?;
                 check_inputs(&dir, stage, &tensors, &inputs)?;
@@ -340,7 +340,7 @@ fn compare_outputs(
 /// The `--lora` files with their `--lora-weights`, read and matched against the engine's DiT
 /// (names and shapes) before any session is built.
 fn read_loras(
-    dir: &ExportDir,
+    dir: &Engine,
     paths: &[PathBuf],
     weights: &[f32],
 ) -> Result<Vec<AppliedLora>, Failure> {
@@ -411,7 +411,7 @@ fn generate(
         limits.check_video(f, h, w, 16)?;
     }
     let t0 = std::time::Instant::now();
-    let dir = ExportDir::open(engine)?;
+    let dir = Engine::open(engine)?;
     let opts = &dir.session_options(opts.threads);
     let cfg = |key: &str, from_dit: bool| -> Option<usize> {
         let c = if from_dit {

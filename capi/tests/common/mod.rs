@@ -239,10 +239,10 @@ pub fn rust_generate(
     seed: u64,
     lora: RustLora,
 ) -> Vec<u8> {
-    use v2l_runtime::engine::ExportDir;
+    use v2l_runtime::engine::Engine;
     use v2l_runtime::lora::AppliedLora;
     use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request, RequestLora};
-    let dir = ExportDir::open(engine).unwrap();
+    let dir = Engine::open(engine).unwrap();
     let dit = dir.manifest.dit.clone().unwrap();
     let mut p = Pipeline::load(dir, &Default::default()).unwrap();
     let (h, w) = (inp.first_frame.height, inp.first_frame.width);

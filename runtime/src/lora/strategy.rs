@@ -16,7 +16,7 @@ use v2l_contracts::LinearInfo;
 
 use super::apply::match_targets;
 use super::switch::{BaseWeights, Buffer, SwitchableWeights};
-use crate::engine::ExportDir;
+use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::lora::AppliedLora;
 use crate::session::{Model, SessionOptions};
@@ -57,7 +57,7 @@ pub struct DitRunner {
     weights: Option<SwitchableWeights>,
 }
 
-fn variant(dir: &ExportDir, name: &str) -> Result<PathBuf> {
+fn variant(dir: &Engine, name: &str) -> Result<PathBuf> {
     dir.bundle
         .as_ref()
         .and_then(|b| b.dit_variants.get(name))
@@ -78,7 +78,7 @@ fn zero_factors(t: &LinearInfo) -> [(String, Tensor); 3] {
 }
 
 impl DitRunner {
-    pub fn load(dir: &ExportDir, opts: &SessionOptions, strategy: Strategy) -> Result<DitRunner> {
+    pub fn load(dir: &Engine, opts: &SessionOptions, strategy: Strategy) -> Result<DitRunner> {
         let targets = dir.dit_targets()?.to_vec();
         let mut weights = None;
         let model = match strategy {
@@ -114,7 +114,7 @@ impl DitRunner {
 
     /// Applies `lora` (or the base weights for `None`). Everything is validated first: a
     /// refused LoRA leaves the previous one in place.
-    pub fn set_lora(&mut self, dir: &ExportDir, lora: Option<&AppliedLora>) -> Result<()> {
+    pub fn set_lora(&mut self, dir: &Engine, lora: Option<&AppliedLora>) -> Result<()> {
         match self.strategy {
             Strategy::Fused => {
                 self.model = match lora {
