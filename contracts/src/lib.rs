@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`atomic`] | outputs written whole or not at all (`tempfile` + rename) |
 //! | [`manifest`] | `manifest.json` of an export directory: graphs, LoRA targets, VAE batching, hypernetwork sizes |
+//! | [`noise`] | the one seeded generator: `--seed`'s noise, generated weights, test data |
 //! | [`LinearInfo`] | one LoRA-targetable linear layer (module path and shape) |
 //! | [`frame_batch`] | diffusers' VAE frame batches, causal-conv cache shapes, frames a decode returns |
 //! | [`safetensors_problem`] | a safetensors parse error in words a user can act on |
@@ -12,6 +13,7 @@
 pub mod atomic;
 pub mod frame_batch;
 pub mod manifest;
+pub mod noise;
 
 pub use manifest::{Manifest, ManifestError};
 

@@ -18,18 +18,15 @@ use crate::error::{ExportError, Result};
 /// Largest shard written (bytes of tensor data), as diffusers' default `max_shard_size` order.
 pub const SHARD_BYTES: usize = 5 << 30;
 
-/// Deterministic values of scale ~1/√fan_in (xorshift; the numbers only need to be finite and
-/// well-scaled for shape, loading and speed checks).
+/// Deterministic values of scale ~1/√fan_in (v2l's seeded generator; the numbers only need to
+/// be finite and well-scaled for shape, loading and speed checks).
 fn fill(n: usize, fan_in: usize, seed: u64, dtype: DType, out: &mut Vec<u8>) {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = v2l_contracts::noise::SplitMix64::new(seed);
     let scale = 1.0 / (fan_in.max(1) as f32).sqrt();
     out.clear();
     out.reserve(n * dtype.size());
     for _ in 0..n {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let v = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
+        let v = rng.symmetric() * scale;
         match dtype {
             DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
             DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),

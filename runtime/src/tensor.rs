@@ -223,29 +223,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Standard normal noise from `seed` (splitmix64 + Box–Muller): the same seed gives the same
-/// noise on every machine. It is not PyTorch's generator; pass `--noise` to reuse torch noise.
+/// Standard normal noise of `shape` from `seed` (`v2l_contracts::noise`): the same seed gives
+/// the same noise on every machine. It is not PyTorch's generator; pass `--noise` to reuse
+/// torch noise.
 pub fn gaussian_noise(shape: Vec<usize>, seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let mut v = Vec::with_capacity(n + 1);
-    while v.len() < n {
-        let (u1, u2) = (next(), next());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let th = 2.0 * std::f64::consts::PI * u2;
-        v.push((r * th.cos()) as f32);
-        v.push((r * th.sin()) as f32);
-    }
-    v.truncate(n);
-    Tensor::f32(shape, v)
+    Tensor::f32(shape, v2l_contracts::noise::gaussian(n, seed))
 }
 
 /// A safetensors parse error in words (shared with the exporter's checkpoint reader).

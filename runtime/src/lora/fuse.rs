@@ -1079,17 +1079,10 @@ mod avx {
 mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1).
+    /// Deterministic values in (-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        let mut rng = v2l_contracts::noise::SplitMix64::new(seed);
+        (0..n).map(|_| rng.symmetric()).collect()
     }
 
     struct Lora {
