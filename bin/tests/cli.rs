@@ -53,6 +53,20 @@ fn assert_clean_failure_with(o: &Output, code: i32, needle: &str) {
     );
 }
 
+/// `v2l-export dit` of the tiny transformer into `out`.
+fn export_tiny_dit(out: &Path) {
+    let o = run(
+        "v2l-export",
+        &[
+            "dit",
+            tiny().join("transformer").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// Copies the tiny transformer checkpoint so a test can break it.
 fn copy_transformer(dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
@@ -65,16 +79,7 @@ fn copy_transformer(dst: &Path) {
 fn export_dit_writes_graph_and_manifest() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    let o = run(
-        "v2l-export",
-        &[
-            "dit",
-            tiny().join("transformer").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    export_tiny_dit(&out);
     assert!(out.join("dit.onnx").is_file());
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
@@ -201,16 +206,7 @@ fn bad_checkpoints_fail_cleanly_without_output() {
 fn bad_run_inputs_fail_cleanly_without_output() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    let o = run(
-        "v2l-export",
-        &[
-            "dit",
-            tiny().join("transformer").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success());
+    export_tiny_dit(&out);
     let engine = out.to_str().unwrap();
     let result = d.path().join("r.safetensors");
     let r = result.to_str().unwrap();
@@ -780,16 +776,7 @@ fn broken_safetensors_are_described_in_words() {
 fn bad_stage_inputs_are_refused_before_work() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("e");
-    let o = run(
-        "v2l-export",
-        &[
-            "dit",
-            tiny().join("transformer").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    export_tiny_dit(&out);
     let engine = out.to_str().unwrap();
     let good = v2l_runtime::read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
     let result = d.path().join("r.safetensors");

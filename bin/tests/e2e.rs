@@ -352,23 +352,24 @@ fn lora_strategies_agree_and_switching_is_exact() {
             multiplier: 0.0,
             ..x.clone()
         };
-        let merged = per_request(&mut p, RequestLora::Loras(vec![y.clone(), x0]));
-        eprintln!(
-            "{strategy:?}: merged (Y, X at weight 0) vs Y alone: latents relative L2 {:.3e}",
-            merged.rel_l2(&ly)
+        let close_to_y = |what: &str, latents: Tensor| {
+            let err = latents.rel_l2(&ly);
+            eprintln!("{strategy:?}: {what} vs Y alone: latents relative L2 {err:.3e}");
+            assert!(err <= 1e-5, "{strategy:?}: {what}");
+        };
+        close_to_y(
+            "merged (Y, X at weight 0)",
+            per_request(&mut p, RequestLora::Loras(vec![y.clone(), x0])),
         );
-        assert!(merged.rel_l2(&ly) <= 1e-5, "{strategy:?}");
         // Strength is linear in each weight: Y at 0.5 twice (rank doubled) is Y at 1.
         let half = AppliedLora {
             multiplier: 0.5,
             ..y.clone()
         };
-        let halves = per_request(&mut p, RequestLora::Loras(vec![half.clone(), half]));
-        eprintln!(
-            "{strategy:?}: Y at 0.5 twice vs Y at 1: latents relative L2 {:.3e}",
-            halves.rel_l2(&ly)
+        close_to_y(
+            "Y at 0.5 twice",
+            per_request(&mut p, RequestLora::Loras(vec![half.clone(), half])),
         );
-        assert!(halves.rel_l2(&ly) <= 1e-5, "{strategy:?}");
         let base = per_request(&mut p, RequestLora::Base);
         assert!(base.rel_l2(&lx) > 1e-3, "{strategy:?}: Base still had X");
         assert!(
