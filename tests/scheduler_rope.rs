@@ -88,7 +88,8 @@ fn steps_match_diffusers() {
         let want = &io[&format!("step_prev_sample_t{t}")];
         let got = Tensor::f32(
             sample.shape.clone(),
-            s.step(model_output, t, sample.as_f32("sample").unwrap()),
+            s.step(model_output, t, sample.as_f32("sample").unwrap())
+                .unwrap(),
         );
         let bitwise = got == *want;
         eprintln!("step t={t}: bitwise equal: {bitwise}");

@@ -474,7 +474,7 @@ impl Pipeline {
                 .zip(cond)
                 .map(|(u, c)| u + req.guidance * (c - u))
                 .collect();
-            latents = sched.step(&guided, t, &latents);
+            latents = sched.step(&guided, t, &latents)?;
             latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
             if !progress(i + 1, timesteps.len()) {
                 return Err(RuntimeError::Cancelled);

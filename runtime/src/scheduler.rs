@@ -356,23 +356,31 @@ impl DdimScheduler {
     /// The float32 coefficients `[sqrt(alpha_t), sqrt(1 - alpha_t), a_t, b_t]` at timestep `t`,
     /// computed in the schedule's precision and then rounded, as torch does when the 0-dim
     /// coefficient tensors meet the float32 sample.
-    fn coefficients(&self, t: i64) -> [f32; 4] {
+    fn coefficients(&self, t: i64) -> Result<[f32; 4]> {
+        let bad = |message: String| RuntimeError::Invalid {
+            what: "DDIM step".into(),
+            message,
+        };
         let steps = self
             .num_inference_steps
-            .expect("DdimScheduler::step: call set_timesteps first");
+            .ok_or_else(|| bad("set_timesteps was not called".into()))?;
         let n = self.num_train_timesteps as i64;
-        // torch indexing: negative indices count from the end.
-        let index = |i: i64| -> usize {
-            assert!(
-                (-n..n).contains(&i),
-                "DdimScheduler::step: timestep {i} is out of range for {n} training timesteps"
-            );
-            (if i < 0 { i + n } else { i }) as usize
+        // torch indexing: negative indices count from the end; out of range is torch's IndexError.
+        let alpha = |i: i64| -> Result<f64> {
+            let k = if i < 0 { i + n } else { i };
+            usize::try_from(k)
+                .ok()
+                .and_then(|k| self.alphas_cumprod.get(k).copied())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "timestep {i} is out of range for {n} training timesteps"
+                    ))
+                })
         };
         let prev_t = t - (self.num_train_timesteps / steps) as i64;
-        let alpha_t = self.alphas_cumprod[index(t)];
+        let alpha_t = alpha(t)?;
         let alpha_prev = if prev_t >= 0 {
-            self.alphas_cumprod[index(prev_t)]
+            alpha(prev_t)?
         } else {
             self.final_alpha_cumprod
         };
@@ -381,29 +389,34 @@ impl DdimScheduler {
             let beta = 1.0 - a;
             let a_t = ((1.0 - ap) / (1.0 - a)).sqrt();
             let b_t = ap.sqrt() - a.sqrt() * a_t;
-            [a.sqrt(), beta.sqrt(), a_t, b_t]
+            Ok([a.sqrt(), beta.sqrt(), a_t, b_t])
         } else {
             let (a, ap) = (alpha_t, alpha_prev);
             let beta = 1.0 - a;
             let a_t = ((1.0 - ap) / (1.0 - a)).sqrt();
             let b_t = ap.sqrt() - a.sqrt() * a_t;
-            [a.sqrt() as f32, beta.sqrt() as f32, a_t as f32, b_t as f32]
+            Ok([a.sqrt() as f32, beta.sqrt() as f32, a_t as f32, b_t as f32])
         }
     }
 
     /// One DDIM step with eta = 0: `scheduler.step(model_output, t, sample).prev_sample`.
     ///
-    /// Panics if `set_timesteps` was not called, if the slices differ in length, or if `t` is
+    /// An error if `set_timesteps` was not called, if the slices differ in length, or if `t` is
     /// outside `[-num_train_timesteps, num_train_timesteps)` (torch would raise an IndexError).
-    pub fn step(&self, model_output: &[f32], t: i64, sample: &[f32]) -> Vec<f32> {
-        assert_eq!(
-            model_output.len(),
-            sample.len(),
-            "DdimScheduler::step: model_output and sample differ in size"
-        );
-        let [sqrt_a, sqrt_b, a_t, b_t] = self.coefficients(t);
+    pub fn step(&self, model_output: &[f32], t: i64, sample: &[f32]) -> Result<Vec<f32>> {
+        if model_output.len() != sample.len() {
+            return Err(RuntimeError::Invalid {
+                what: "DDIM step".into(),
+                message: format!(
+                    "model_output has {} values, sample {}",
+                    model_output.len(),
+                    sample.len()
+                ),
+            });
+        }
+        let [sqrt_a, sqrt_b, a_t, b_t] = self.coefficients(t)?;
         let prediction = self.prediction;
-        model_output
+        Ok(model_output
             .iter()
             .zip(sample)
             .map(|(&m, &x)| {
@@ -415,7 +428,7 @@ impl DdimScheduler {
                 };
                 a_t * x + b_t * x0
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -630,13 +643,33 @@ mod tests {
         s.set_timesteps(3).unwrap();
         // prev = t - 1000 // 3 = t - 333: with sample = model_output = 0 the output is 0, so
         // check the coefficients directly against the formula.
-        let [_, _, a_t, _] = s.coefficients(999);
+        let [_, _, a_t, _] = s.coefficients(999).unwrap();
         let (a, ap) = (s.alphas_cumprod[999], s.alphas_cumprod[666]);
         assert_eq!(a_t, ((1.0 - ap) / (1.0 - a)).sqrt() as f32);
         // t = 332: prev = -1 -> final alpha (1.0) -> a_t = 0, b_t = 1.
-        let [_, _, a_t, b_t] = s.coefficients(332);
+        let [_, _, a_t, b_t] = s.coefficients(332).unwrap();
         assert_eq!(a_t, 0.0);
         assert_eq!(b_t, 1.0);
+    }
+
+    #[test]
+    fn misuse_is_an_error_not_a_panic() {
+        let cfg = SchedulerConfig {
+            clip_sample: false,
+            ..Default::default()
+        };
+        let mut s = DdimScheduler::new(&cfg).unwrap();
+        let e = s.step(&[0.0], 999, &[0.0]).unwrap_err().to_string();
+        assert!(e.contains("set_timesteps was not called"), "{e}");
+        s.set_timesteps(4).unwrap();
+        let e = s.step(&[0.0], 1_000_000, &[0.0]).unwrap_err().to_string();
+        assert!(e.contains("timestep 1000000 is out of range"), "{e}");
+        let e = s.step(&[0.0, 1.0], 999, &[0.0]).unwrap_err().to_string();
+        assert!(e.contains("model_output has 2 values, sample 1"), "{e}");
+        assert!(
+            s.step(&[0.0], -1, &[0.0]).is_ok(),
+            "torch indexing: -1 is the last"
+        );
     }
 
     #[test]
