@@ -114,7 +114,8 @@ fn rope_matches_diffusers() {
         u("patch_size"),
         u("sample_height"),
         u("sample_width"),
-    );
+    )
+    .unwrap();
     for (name, got) in [("rope_cos", cos), ("rope_sin", sin)] {
         let want = &io[name];
         assert_eq!(want.shape, vec![80, 16]);
@@ -138,11 +139,11 @@ fn rope_matches_diffusers() {
 #[test]
 fn rope_non_square_shape() {
     // 480x720 px, 49 frames on CogVideoX-5B (head 64, patch 2, base 60x90): 13 x 30 x 45 tokens.
-    let (cos, sin) = cogvideox_rope(64, 13, 60, 90, 2, 60, 90);
+    let (cos, sin) = cogvideox_rope(64, 13, 60, 90, 2, 60, 90).unwrap();
     assert_eq!(cos.len(), 13 * 30 * 45 * 64);
     assert_eq!(sin.len(), cos.len());
     // A grid smaller than, and of another aspect than, the base (crop region inside it).
-    let (cos, sin) = cogvideox_rope(32, 3, 12, 20, 2, 8, 8);
+    let (cos, sin) = cogvideox_rope(32, 3, 12, 20, 2, 8, 8).unwrap();
     assert_eq!(cos.len(), 3 * 6 * 10 * 32);
     assert_eq!(sin.len(), cos.len());
     assert!(cos

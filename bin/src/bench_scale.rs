@@ -171,7 +171,12 @@ fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64)
 }
 
 /// DiT inputs at a pixel size: batch 2 (classifier-free guidance), the full 226-token prompt.
-fn dit_inputs(cfg: &serde_json::Value, frames: usize, h: usize, w: usize) -> Vec<(String, Tensor)> {
+fn dit_inputs(
+    cfg: &serde_json::Value,
+    frames: usize,
+    h: usize,
+    w: usize,
+) -> Result<Vec<(String, Tensor)>, Failure> {
     let get = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
     let (p, dh, cin, text) = (
         get("patch_size"),
@@ -188,9 +193,9 @@ fn dit_inputs(cfg: &serde_json::Value, frames: usize, h: usize, w: usize) -> Vec
         p,
         get("sample_height"),
         get("sample_width"),
-    );
+    )?;
     let s = lf * (lh / p) * (lw / p);
-    vec![
+    Ok(vec![
         (
             "hidden_states".into(),
             v2l_runtime::tensor::gaussian_noise(vec![2, lf, cin, lh, lw], 1),
@@ -202,7 +207,7 @@ fn dit_inputs(cfg: &serde_json::Value, frames: usize, h: usize, w: usize) -> Vec
         ("timestep".into(), Tensor::i64(vec![2], vec![999, 999])),
         ("rope_cos".into(), Tensor::f32(vec![s, dh], cos)),
         ("rope_sin".into(), Tensor::f32(vec![s, dh], sin)),
-    ]
+    ])
 }
 
 pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
@@ -237,7 +242,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         let case = b.dir.join(format!("dit-{frames}x{h}x{w}"));
         std::fs::create_dir_all(&case).map_err(|e| fail(format!("{}: {e}", case.display())))?;
         let inputs = case.join("inputs.safetensors");
-        let feed = dit_inputs(&config, frames, h, w);
+        let feed = dit_inputs(&config, frames, h, w)?;
         let tokens = 226 + feed[3].1.shape[0];
         write_safetensors(&inputs, &feed.into_iter().collect())?;
         let out = case.join("v2l.safetensors");

@@ -407,7 +407,7 @@ impl Pipeline {
             dit.patch_size,
             config_usize(&dit.config, "sample_height").unwrap_or(lh),
             config_usize(&dit.config, "sample_width").unwrap_or(lw),
-        );
+        )?;
         let seq = rope_cos.len() / dit.attention_head_dim.max(1);
         let mut inputs = BTreeMap::new();
         inputs.insert(

@@ -30,15 +30,16 @@ pub fn cogvideox_rope(
     patch_size: usize,
     sample_height: usize,
     sample_width: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    assert!(
-        patch_size > 0,
-        "cogvideox_rope: patch_size must be positive"
-    );
-    assert!(
-        head_dim % 8 == 0,
-        "cogvideox_rope: head_dim {head_dim} is not a multiple of 8"
-    );
+) -> crate::Result<(Vec<f32>, Vec<f32>)> {
+    // diffusers splits the head into time (1/4), height and width (3/8 each): a multiple of 8.
+    if patch_size == 0 || head_dim == 0 || head_dim % 8 != 0 {
+        return Err(crate::RuntimeError::Invalid {
+            what: "RoPE".into(),
+            message: format!(
+                "attention_head_dim {head_dim} with patch size {patch_size}: CogVideoX's 3-D RoPE needs a positive patch size and a head size that is a multiple of 8"
+            ),
+        });
+    }
     let grid_h = latent_height / patch_size;
     let grid_w = latent_width / patch_size;
     let base_h = sample_height / patch_size;
@@ -83,7 +84,7 @@ pub fn cogvideox_rope(
             }
         }
     }
-    (cos, sin)
+    Ok((cos, sin))
 }
 
 /// Python's `a / b` for ints (correctly rounded; exact conversion for the small ints here).
@@ -167,7 +168,7 @@ mod tests {
 
     #[test]
     fn shapes() {
-        let (c, s) = cogvideox_rope(64, 13, 60, 90, 2, 60, 90);
+        let (c, s) = cogvideox_rope(64, 13, 60, 90, 2, 60, 90).unwrap();
         assert_eq!(c.len(), 13 * 30 * 45 * 64);
         assert_eq!(s.len(), c.len());
         // First row: all angles zero.
