@@ -68,40 +68,101 @@ impl Tensor {
 }
 
 impl Tensor {
-    /// `self[.., start..end, ..]` along `axis` (f32 tensors).
+    /// `self[.., start..end, ..]` along `axis` (f32 tensors); an error for an axis or range
+    /// outside the shape.
     pub fn slice_axis(&self, axis: usize, start: usize, end: usize) -> Result<Tensor> {
         let v = self.as_f32("slice")?;
-        let outer: usize = self.shape[..axis].iter().product();
-        let inner: usize = self.shape[axis + 1..].iter().product();
-        let n = self.shape[axis];
+        let n = match self.shape.get(axis) {
+            Some(&n) if start <= end && end <= n => n,
+            _ => {
+                return Err(RuntimeError::Invalid {
+                    what: "slice".into(),
+                    message: format!(
+                        "{start}..{end} on axis {axis} of a tensor of shape {:?}",
+                        self.shape
+                    ),
+                })
+            }
+        };
+        let (outer, inner) = self.around(axis);
         let mut out = Vec::with_capacity(outer * (end - start) * inner);
-        for o in 0..outer {
-            out.extend_from_slice(&v[(o * n + start) * inner..(o * n + end) * inner]);
+        for chunk in v.chunks_exact(n * inner).take(outer) {
+            out.extend_from_slice(&chunk[start * inner..end * inner]);
         }
         let mut shape = self.shape.clone();
         shape[axis] = end - start;
         Ok(Tensor::f32(shape, out))
     }
 
-    /// Concatenates f32 tensors along `axis` (all other dims must agree).
+    /// Concatenates f32 tensors along `axis`; an error unless every other dimension agrees.
     pub fn concat(parts: &[Tensor], axis: usize) -> Result<Tensor> {
-        let first = parts.first().ok_or_else(|| RuntimeError::Invalid {
+        let bad = |message: String| RuntimeError::Invalid {
             what: "concat".into(),
-            message: "no tensors".into(),
-        })?;
-        let outer: usize = first.shape[..axis].iter().product();
-        let inner: usize = first.shape[axis + 1..].iter().product();
+            message,
+        };
+        let first = parts.first().ok_or_else(|| bad("no tensors".into()))?;
+        if axis >= first.shape.len() {
+            return Err(bad(format!("axis {axis} of shape {:?}", first.shape)));
+        }
+        let others = |s: &[usize]| {
+            let mut s = s.to_vec();
+            s.remove(axis);
+            s
+        };
+        for p in parts {
+            if p.shape.len() != first.shape.len() || others(&p.shape) != others(&first.shape) {
+                return Err(bad(format!(
+                    "shapes {:?} and {:?} differ off axis {axis}",
+                    first.shape, p.shape
+                )));
+            }
+        }
+        let (outer, inner) = first.around(axis);
         let total: usize = parts.iter().map(|p| p.shape[axis]).sum();
         let mut out = Vec::with_capacity(outer * total * inner);
+        let values: Vec<&[f32]> = parts
+            .iter()
+            .map(|p| p.as_f32("concat"))
+            .collect::<Result<_>>()?;
         for o in 0..outer {
-            for p in parts {
-                let n = p.shape[axis];
-                out.extend_from_slice(&p.as_f32("concat")?[o * n * inner..(o + 1) * n * inner]);
+            for (p, v) in parts.iter().zip(&values) {
+                let block = p.shape[axis] * inner;
+                out.extend_from_slice(&v[o * block..(o + 1) * block]);
             }
         }
         let mut shape = first.shape.clone();
         shape[axis] = total;
         Ok(Tensor::f32(shape, out))
+    }
+
+    /// Elements before and after `axis` (which the caller has checked is in range).
+    fn around(&self, axis: usize) -> (usize, usize) {
+        (
+            self.shape[..axis].iter().product(),
+            self.shape[axis + 1..].iter().product(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn slice_and_concat_check_their_arguments() {
+        let t = Tensor::f32(vec![2, 3, 2], (0..12).map(|i| i as f32).collect());
+        let s = t.slice_axis(1, 1, 3).unwrap();
+        assert_eq!(s.shape, [2, 2, 2]);
+        assert_eq!(s.as_f32("s").unwrap(), [2., 3., 4., 5., 8., 9., 10., 11.]);
+        assert!(t.slice_axis(3, 0, 1).is_err() && t.slice_axis(1, 2, 4).is_err());
+        assert!(t.slice_axis(1, 2, 1).is_err());
+        let c = Tensor::concat(&[s.clone(), t.clone()], 1).unwrap();
+        assert_eq!(c.shape, [2, 5, 2]);
+        assert_eq!(&c.as_f32("c").unwrap()[..6], [2., 3., 4., 5., 0., 1.]);
+        let other = Tensor::f32(vec![3, 3, 2], vec![0.0; 18]);
+        assert!(Tensor::concat(&[t.clone(), other], 1).is_err());
+        assert!(Tensor::concat(&[t], 3).is_err());
+        assert!(Tensor::concat(&[], 0).is_err());
     }
 }
 
