@@ -23,105 +23,68 @@ use crate::scope::{LinearInfo, Scope};
 
 pub const CLASS_NAME: &str = "CogVideoXTransformer3DModel";
 
-/// The `config.json` fields the graph depends on (defaults as in diffusers).
+/// The `config.json` fields the graph depends on; a missing field takes diffusers' default
+/// (`CogVideoXTransformer3DModel.__init__`, see [`Default`]).
 #[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
 pub struct DitConfig {
-    #[serde(default = "d30")]
     pub num_attention_heads: usize,
-    #[serde(default = "d64")]
     pub attention_head_dim: usize,
-    #[serde(default = "d16")]
     pub in_channels: usize,
-    #[serde(default)]
     pub out_channels: Option<usize>,
-    #[serde(default = "yes")]
     pub flip_sin_to_cos: bool,
-    #[serde(default)]
     pub freq_shift: i64,
-    #[serde(default = "d512")]
     pub time_embed_dim: usize,
-    #[serde(default)]
     pub ofs_embed_dim: Option<usize>,
-    #[serde(default = "d4096")]
     pub text_embed_dim: usize,
-    #[serde(default = "d30")]
     pub num_layers: usize,
-    #[serde(default = "yes")]
     pub attention_bias: bool,
-    #[serde(default = "d2")]
     pub patch_size: usize,
-    #[serde(default)]
     pub patch_size_t: Option<usize>,
-    #[serde(default = "gelu_approx")]
     pub activation_fn: String,
-    #[serde(default = "silu")]
     pub timestep_activation_fn: String,
-    #[serde(default = "yes")]
     pub norm_elementwise_affine: bool,
-    #[serde(default = "eps5")]
     pub norm_eps: f32,
-    #[serde(default)]
     pub use_rotary_positional_embeddings: bool,
-    #[serde(default)]
     pub use_learned_positional_embeddings: bool,
-    #[serde(default = "yes")]
     pub patch_bias: bool,
-    #[serde(default = "d49")]
     pub sample_frames: usize,
-    #[serde(default = "d60")]
     pub sample_height: usize,
-    #[serde(default = "d90")]
     pub sample_width: usize,
-    #[serde(default = "d226")]
     pub max_text_seq_length: usize,
-    #[serde(default = "d4")]
     pub temporal_compression_ratio: usize,
 }
 
-fn yes() -> bool {
-    true
-}
-fn d2() -> usize {
-    2
-}
-fn d4() -> usize {
-    4
-}
-fn d16() -> usize {
-    16
-}
-fn d30() -> usize {
-    30
-}
-fn d49() -> usize {
-    49
-}
-fn d60() -> usize {
-    60
-}
-fn d64() -> usize {
-    64
-}
-fn d90() -> usize {
-    90
-}
-fn d226() -> usize {
-    226
-}
-fn d512() -> usize {
-    512
-}
-fn d4096() -> usize {
-    4096
-}
-fn eps5() -> f32 {
-    1e-5
-}
-fn gelu_approx() -> String {
-    "gelu-approximate".into()
-}
-fn silu() -> String {
-    "silu".into()
+impl Default for DitConfig {
+    fn default() -> Self {
+        DitConfig {
+            num_attention_heads: 30,
+            attention_head_dim: 64,
+            in_channels: 16,
+            out_channels: None,
+            flip_sin_to_cos: true,
+            freq_shift: 0,
+            time_embed_dim: 512,
+            ofs_embed_dim: None,
+            text_embed_dim: 4096,
+            num_layers: 30,
+            attention_bias: true,
+            patch_size: 2,
+            patch_size_t: None,
+            activation_fn: "gelu-approximate".into(),
+            timestep_activation_fn: "silu".into(),
+            norm_elementwise_affine: true,
+            norm_eps: 1e-5,
+            use_rotary_positional_embeddings: false,
+            use_learned_positional_embeddings: false,
+            patch_bias: true,
+            sample_frames: 49,
+            sample_height: 60,
+            sample_width: 90,
+            max_text_seq_length: 226,
+            temporal_compression_ratio: 4,
+        }
+    }
 }
 
 impl DitConfig {

@@ -64,72 +64,50 @@ const KERNEL: usize = 3;
 /// `eps` of the GroupNorms diffusers hard-codes (encoder `norm_out`, every SpatialNorm3D).
 const FIXED_EPS: f32 = 1e-6;
 
-/// The `config.json` fields the graphs depend on (defaults as in diffusers).
+/// The `config.json` fields the graphs depend on; a missing field takes diffusers' default
+/// (`AutoencoderKLCogVideoX.__init__`, see [`Default`]).
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
 pub struct VaeConfig {
-    #[serde(default = "d3")]
     pub in_channels: usize,
-    #[serde(default = "d3")]
     pub out_channels: usize,
-    #[serde(default = "down_types")]
     pub down_block_types: Vec<String>,
-    #[serde(default = "up_types")]
     pub up_block_types: Vec<String>,
-    #[serde(default = "channels")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "d16")]
     pub latent_channels: usize,
-    #[serde(default = "d3")]
     pub layers_per_block: usize,
-    #[serde(default = "silu")]
     pub act_fn: String,
-    #[serde(default = "eps6")]
     pub norm_eps: f32,
-    #[serde(default = "d32")]
     pub norm_num_groups: usize,
-    #[serde(default = "f4")]
     pub temporal_compression_ratio: f64,
-    #[serde(default = "scaling")]
     pub scaling_factor: f64,
-    #[serde(default)]
     pub shift_factor: Option<f64>,
-    #[serde(default)]
     pub invert_scale_latents: bool,
-    #[serde(default)]
     pub use_quant_conv: bool,
-    #[serde(default)]
     pub use_post_quant_conv: bool,
 }
 
-fn d3() -> usize {
-    3
-}
-fn d16() -> usize {
-    16
-}
-fn d32() -> usize {
-    32
-}
-fn f4() -> f64 {
-    4.0
-}
-fn eps6() -> f32 {
-    1e-6
-}
-fn scaling() -> f64 {
-    1.152_584_26
-}
-fn silu() -> String {
-    "silu".into()
-}
-fn channels() -> Vec<usize> {
-    vec![128, 256, 256, 512]
-}
-fn down_types() -> Vec<String> {
-    vec!["CogVideoXDownBlock3D".into(); 4]
-}
-fn up_types() -> Vec<String> {
-    vec!["CogVideoXUpBlock3D".into(); 4]
+impl Default for VaeConfig {
+    fn default() -> Self {
+        VaeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["CogVideoXDownBlock3D".into(); 4],
+            up_block_types: vec!["CogVideoXUpBlock3D".into(); 4],
+            block_out_channels: vec![128, 256, 256, 512],
+            latent_channels: 16,
+            layers_per_block: 3,
+            act_fn: "silu".into(),
+            norm_eps: 1e-6,
+            norm_num_groups: 32,
+            temporal_compression_ratio: 4.0,
+            scaling_factor: 1.152_584_26,
+            shift_factor: None,
+            invert_scale_latents: false,
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+        }
+    }
 }
 
 impl VaeConfig {
