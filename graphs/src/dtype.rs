@@ -81,6 +81,43 @@ impl std::fmt::Display for DType {
     }
 }
 
+// Tensor bytes are little-endian (safetensors, ONNX); v2l reinterprets them in place.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "v2l reads little-endian tensor bytes as host floats"
+);
+
+/// Float values of little-endian `bytes` stored as `dtype` (f32, f16 or bf16), widened to f32
+/// (exactly); `None` for another dtype or a length that is not a whole number of elements.
+/// One copy, through `bytemuck` and `half`'s slice conversions (vectorised where the CPU can).
+pub fn f32_values(bytes: &[u8], dtype: DType) -> Option<Vec<f32>> {
+    use half::slice::HalfFloatSliceExt;
+    if bytes.len() % dtype.size() != 0 {
+        return None;
+    }
+    match dtype {
+        DType::F32 => Some(bytemuck::pod_collect_to_vec::<u8, f32>(bytes)),
+        DType::F16 => {
+            let h = bytemuck::pod_collect_to_vec::<u8, f16>(bytes);
+            let mut out = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            Some(out)
+        }
+        DType::BF16 => {
+            let h = bytemuck::pod_collect_to_vec::<u8, bf16>(bytes);
+            let mut out = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+/// The little-endian bytes of `values` (no copy).
+pub fn le_bytes<T: bytemuck::Pod>(values: &[T]) -> &[u8] {
+    bytemuck::cast_slice(values)
+}
+
 /// Converts little-endian float bytes from `src` to `dst`, appending to `out`.
 ///
 /// Upcasts are exact; downcasts round to nearest even once (the `half` crate's rule,
@@ -116,6 +153,24 @@ pub fn convert_floats(bytes: &[u8], src: DType, dst: DType, out: &mut Vec<u8>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f32_values_widen_every_float_type_exactly() {
+        let v = [1.5f32, -0.25, 3.0e-3, 65504.0];
+        assert_eq!(f32_values(le_bytes(&v), DType::F32).unwrap(), v);
+        let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+        let want: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(f32_values(le_bytes(&h), DType::F16).unwrap(), want);
+        let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        let want: Vec<f32> = b.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(f32_values(le_bytes(&b), DType::BF16).unwrap(), want);
+        // Unaligned input and ragged lengths.
+        let mut raw = vec![0u8];
+        raw.extend_from_slice(le_bytes(&v));
+        assert_eq!(f32_values(&raw[1..], DType::F32).unwrap(), v);
+        assert!(f32_values(&raw[..5], DType::F32).is_none());
+        assert!(f32_values(&raw[1..], DType::I64).is_none());
+    }
 
     #[test]
     fn onnx_codes_round_trip() {

@@ -123,7 +123,7 @@ impl Engine {
             for (name, t) in &weights {
                 h.part(name.as_bytes());
                 let v = t.as_f32(name)?;
-                h.part(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+                h.part(v2l_graphs::dtype::le_bytes(v));
             }
             opts.backend.weight_hash = h.finish();
         }

@@ -3,8 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use half::{bf16, f16};
-
 use crate::error::{Result, RuntimeError};
 
 /// The element data of a host tensor.
@@ -197,34 +195,20 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, T
     for (name, view) in st.tensors() {
         let b = view.data();
         let shape = view.shape().to_vec();
+        use v2l_graphs::dtype::f32_values;
+        use v2l_graphs::DType;
+        // safetensors has checked that every tensor's bytes are whole elements of its shape.
         let data = match view.dtype() {
-            safetensors::Dtype::F32 => Data::F32(
-                b.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            safetensors::Dtype::F16 => Data::F32(
-                b.chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
-            safetensors::Dtype::BF16 => Data::F32(
-                b.chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
+            safetensors::Dtype::F32 => Data::F32(f32_values(b, DType::F32).unwrap_or_default()),
+            safetensors::Dtype::F16 => Data::F32(f32_values(b, DType::F16).unwrap_or_default()),
+            safetensors::Dtype::BF16 => Data::F32(f32_values(b, DType::BF16).unwrap_or_default()),
             safetensors::Dtype::F64 => Data::F32(
-                b.chunks_exact(8)
-                    .map(|c| {
-                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-                    })
+                bytemuck::pod_collect_to_vec::<u8, f64>(b)
+                    .into_iter()
+                    .map(|x| x as f32)
                     .collect(),
             ),
-            safetensors::Dtype::I64 => Data::I64(
-                b.chunks_exact(8)
-                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                    .collect(),
-            ),
+            safetensors::Dtype::I64 => Data::I64(bytemuck::pod_collect_to_vec(b)),
             safetensors::Dtype::U8 => Data::U8(b.to_vec()),
             other => {
                 return Err(RuntimeError::BadFile {
@@ -240,18 +224,13 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, T
 
 /// Writes tensors to `path` atomically (a temporary file renamed into place).
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    use v2l_graphs::dtype::le_bytes;
     let bytes: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(k, t)| {
             let (dt, b) = match &t.data {
-                Data::F32(v) => (
-                    safetensors::Dtype::F32,
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ),
-                Data::I64(v) => (
-                    safetensors::Dtype::I64,
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ),
+                Data::F32(v) => (safetensors::Dtype::F32, le_bytes(v).to_vec()),
+                Data::I64(v) => (safetensors::Dtype::I64, le_bytes(v).to_vec()),
                 Data::U8(v) => (safetensors::Dtype::U8, v.clone()),
             };
             (k.clone(), dt, t.shape.clone(), b)

@@ -76,10 +76,7 @@ pub fn fused_weights(
                 message: format!("`{name}` is stored as {dtype}; fusing into f16/bf16 engine weights needs an engine bundle (not yet)"),
             });
         }
-        let w: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let w: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         let mut fused = vec![0f32; w.len()];
         let (a, b) = (l.a.to_f32(), l.b.to_f32());
         let f = Factors {

@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
 use v2l_graphs::DType;
 
 /// Where a LoRA file came from / how to write one.
@@ -96,27 +95,14 @@ impl Factor {
         Factor {
             dtype: DType::F32,
             shape,
-            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            bytes: v2l_graphs::dtype::le_bytes(v).to_vec(),
         }
     }
 
-    /// The values widened to f32.
+    /// The values widened to f32 (factors are f32, f16 or bf16 with whole elements: the
+    /// readers check both, so the empty fallback is never taken).
     pub fn to_f32(&self) -> Vec<f32> {
-        let b = &self.bytes;
-        match self.dtype {
-            DType::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        }
+        v2l_graphs::dtype::f32_values(&self.bytes, self.dtype).unwrap_or_default()
     }
 }
 

@@ -97,24 +97,14 @@ impl LiLora {
                 key: key.into(),
                 module: module.into(),
             })?;
-            let data: Vec<f32> = match v.dtype() {
-                safetensors::Dtype::F32 => v
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                safetensors::Dtype::F16 => v
-                    .data()
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                safetensors::Dtype::BF16 => v
-                    .data()
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
+            let dtype = match v.dtype() {
+                safetensors::Dtype::F32 => v2l_graphs::DType::F32,
+                safetensors::Dtype::F16 => v2l_graphs::DType::F16,
+                safetensors::Dtype::BF16 => v2l_graphs::DType::BF16,
                 d => return Err(bad(format!("`{key}` has dtype {d:?}"))),
             };
+            let data = v2l_graphs::dtype::f32_values(v.data(), dtype)
+                .ok_or_else(|| bad(format!("`{key}` holds a partial element")))?;
             if data.iter().any(|x| !x.is_finite()) {
                 return Err(bad(format!("`{key}` holds NaN or Inf")));
             }

@@ -29,31 +29,23 @@ impl Buffer {
     /// Reads little-endian f32/f16/bf16 bytes; `None` for another dtype.
     pub fn from_le_bytes(dtype: v2l_graphs::DType, b: &[u8]) -> Option<Buffer> {
         use v2l_graphs::DType;
+        if b.len() % dtype.size() != 0 {
+            return None;
+        }
         Some(match dtype {
-            DType::F32 => Buffer::F32(
-                b.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            DType::F16 => Buffer::F16(
-                b.chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
-            DType::BF16 => Buffer::BF16(
-                b.chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
+            DType::F32 => Buffer::F32(bytemuck::pod_collect_to_vec(b)),
+            DType::F16 => Buffer::F16(bytemuck::pod_collect_to_vec(b)),
+            DType::BF16 => Buffer::BF16(bytemuck::pod_collect_to_vec(b)),
             _ => return None,
         })
     }
 
     pub fn to_le_bytes(&self) -> Vec<u8> {
+        use v2l_graphs::dtype::le_bytes;
         match self {
-            Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Buffer::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Buffer::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Buffer::F32(v) => le_bytes(v).to_vec(),
+            Buffer::F16(v) => le_bytes(v).to_vec(),
+            Buffer::BF16(v) => le_bytes(v).to_vec(),
         }
     }
 
