@@ -252,7 +252,7 @@ impl Pipeline {
             ("prompt_embeds", &req.prompt_embeds),
             ("negative_prompt_embeds", &req.negative_prompt_embeds),
         ] {
-            if t.shape.len() != 3 || t.shape[0] != 1 || t.shape[2] != dit.text_embed_dim {
+            if !matches!(t.shape[..], [1, _, d] if d == dit.text_embed_dim) {
                 return Err(invalid(
                     name,
                     format!(
@@ -363,22 +363,18 @@ impl Pipeline {
         let mean = self.vae.latent(&Tensor::f32(unit.shape.clone(), signed))?;
         let sf = self.vae.entry.scaling_factor as f32;
         let frame = shape.height * shape.width;
-        let first = mean.as_f32("posterior_mean")?;
-        if first.len() < shape.channels * frame {
-            return Err(RuntimeError::Invalid {
+        let first = mean
+            .as_f32("posterior_mean")?
+            .get(..shape.channels * frame)
+            .ok_or_else(|| RuntimeError::Invalid {
                 what: "VAE encoder".into(),
                 message: format!(
-                    "the first frame's latent has {} values; expected at least {}",
-                    first.len(),
-                    shape.channels * frame
+                    "the first frame's latent has {:?} values; expected {} channels of {frame}",
+                    mean.shape, shape.channels
                 ),
-            });
-        }
+            })?;
         let mut image_latents = vec![0f32; shape.frames * shape.channels * frame];
-        for (o, v) in image_latents
-            .iter_mut()
-            .zip(&first[..shape.channels * frame])
-        {
+        for (o, v) in image_latents.iter_mut().zip(first) {
             *o = v * sf;
         }
         Ok(image_latents)
@@ -490,29 +486,34 @@ impl Pipeline {
         let frame = shape.height * shape.width;
         let sf = self.vae.entry.scaling_factor as f32;
         let mut z = vec![0f32; latents.len()];
-        for (i, plane) in latents.chunks_exact(frame).enumerate() {
-            let (f, ch) = (i / c, i % c);
-            let dst = (ch * lf + f) * frame;
-            for (o, v) in z[dst..dst + frame].iter_mut().zip(plane) {
-                *o = v / sf;
+        // [lf, C] planes → [C, lf] planes.
+        let mut dst_planes: Vec<&mut [f32]> = z.chunks_exact_mut(frame.max(1)).collect();
+        for (i, plane) in latents.chunks_exact(frame.max(1)).enumerate() {
+            let (f, ch) = (i / c.max(1), i % c.max(1));
+            if let Some(dst) = dst_planes.get_mut(ch * lf + f) {
+                for (o, v) in dst.iter_mut().zip(plane) {
+                    *o = v / sf;
+                }
             }
         }
         let video = self
             .vae
             .decode(&Tensor::f32(vec![1, c, lf, shape.height, shape.width], z))?;
-        if video.shape.len() != 5 || video.shape[1] != 3 {
+        let [_, 3, fo, ho, wo] = video.shape[..] else {
             return Err(RuntimeError::Invalid {
                 what: "VAE decoder".into(),
                 message: format!("output shape {:?}; expected [1, 3, F, H, W]", video.shape),
             });
-        }
-        let (fo, ho, wo) = (video.shape[2], video.shape[3], video.shape[4]);
-        let plane = fo * ho * wo;
+        };
+        let plane = (fo * ho * wo).max(1);
         let v = video.as_f32("sample")?;
-        let mut frames = vec![0f32; plane * 3];
+        let mut frames = vec![0f32; fo * ho * wo * 3];
+        // Channel planes → interleaved RGB.
         for (ch, values) in v.chunks_exact(plane).take(3).enumerate() {
-            for (p, x) in values.iter().enumerate() {
-                frames[p * 3 + ch] = (x / 2.0 + 0.5).clamp(0.0, 1.0);
+            for (px, x) in frames.chunks_exact_mut(3).zip(values) {
+                if let Some(o) = px.get_mut(ch) {
+                    *o = (x / 2.0 + 0.5).clamp(0.0, 1.0);
+                }
             }
         }
         Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))

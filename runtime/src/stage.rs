@@ -50,6 +50,14 @@ impl Stage {
     }
 }
 
+/// `shape` as exactly `N` non-empty axes, or the message for the tensor's error.
+fn sized<const N: usize>(shape: &[usize], layout: &str) -> std::result::Result<[usize; N], String> {
+    <[usize; N]>::try_from(shape)
+        .ok()
+        .filter(|d| !d.contains(&0))
+        .ok_or_else(|| format!("has shape {shape:?}; expected {layout} with no empty axis"))
+}
+
 /// Checks `inputs` against what `stage` of the export in `dir` takes, before any session is
 /// built: every tensor present, of its dtype and rank, sizes that agree with each other and with
 /// the model, floats finite, timesteps within the scheduler's range. `source` names the file.
@@ -76,10 +84,10 @@ pub fn check_inputs(
         let want_int = name == "timestep";
         match (&t.data, want_int) {
             (crate::tensor::Data::F32(v), false) => {
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
                     return Err(bad(
                         name,
-                        format!("holds {} at element {i}; every value must be finite", v[i]),
+                        format!("holds {x} at element {i}; every value must be finite"),
                     ));
                 }
             }
@@ -91,16 +99,7 @@ pub fn check_inputs(
         }
         shapes.insert(name, t.shape.as_slice());
     }
-    let rank = |name: &str, n: usize, layout: &str| -> Result<&[usize]> {
-        let s = shapes.get(name).copied().unwrap_or(&[]);
-        if s.len() != n || s.contains(&0) {
-            return Err(bad(
-                name,
-                format!("has shape {s:?}; expected {layout} with no empty axis"),
-            ));
-        }
-        Ok(s)
-    };
+    let dims = |name: &str| shapes.get(name).copied().unwrap_or(&[]);
     let manifest = &dir.manifest;
     match stage {
         Stage::Dit => {
@@ -108,8 +107,9 @@ pub fn check_inputs(
                 .dit
                 .as_ref()
                 .ok_or_else(|| dir.missing("DiT", "dit"))?;
-            let hs = rank("hidden_states", 5, "[B, F, C, H, W]")?;
-            let (b, f, c, h, w) = (hs[0], hs[1], hs[2], hs[3], hs[4]);
+            let hs = dims("hidden_states");
+            let [b, f, c, h, w] =
+                sized(hs, "[B, F, C, H, W]").map_err(|m| bad("hidden_states", m))?;
             let p = d.patch_size.max(1);
             if c != d.in_channels || h % p != 0 || w % p != 0 {
                 return Err(bad("hidden_states", format!(
@@ -117,15 +117,18 @@ pub fn check_inputs(
                     d.in_channels
                 )));
             }
-            let ehs = rank("encoder_hidden_states", 3, "[B, L, D]")?;
-            if ehs[0] != b || ehs[2] != d.text_embed_dim {
+            let ehs = dims("encoder_hidden_states");
+            let [eb, _, ed] =
+                sized(ehs, "[B, L, D]").map_err(|m| bad("encoder_hidden_states", m))?;
+            if eb != b || ed != d.text_embed_dim {
                 return Err(bad("encoder_hidden_states", format!(
                     "has shape {ehs:?}; expected [{b}, L, {}] (batch of hidden_states, the DiT's text width)",
                     d.text_embed_dim
                 )));
             }
-            let ts = rank("timestep", 1, "[B]")?;
-            if ts[0] != b {
+            let ts = dims("timestep");
+            let [tb] = sized(ts, "[B]").map_err(|m| bad("timestep", m))?;
+            if tb != b {
                 return Err(bad("timestep", format!("has shape {ts:?}; expected [{b}]")));
             }
             let train_steps = match &manifest.scheduler {
@@ -145,7 +148,7 @@ pub fn check_inputs(
             }
             let tokens = f * (h / p) * (w / p);
             for name in ["rope_cos", "rope_sin"] {
-                let r = rank(name, 2, "[tokens, head_dim]")?;
+                let r = sized(dims(name), "[tokens, head_dim]").map_err(|m| bad(name, m))?;
                 if r != [tokens, d.attention_head_dim] {
                     return Err(bad(name, format!(
                         "has shape {r:?}; {f} frames of {h}x{w} latents in patches of {p} need [{tokens}, {}]",
@@ -159,8 +162,9 @@ pub fn check_inputs(
                 .vae
                 .as_ref()
                 .ok_or_else(|| dir.missing("VAE", "vae"))?;
-            let s = rank("video", 5, "[B, 3, F, H, W]")?;
-            if s[1] != v.in_channels || s[3] % 8 != 0 || s[4] % 8 != 0 {
+            let s = sized(dims("video"), "[B, 3, F, H, W]").map_err(|m| bad("video", m))?;
+            let [_, c, _, h, w] = s;
+            if c != v.in_channels || h % 8 != 0 || w % 8 != 0 {
                 return Err(bad(
                     "video",
                     format!(
@@ -175,8 +179,9 @@ pub fn check_inputs(
                 .vae
                 .as_ref()
                 .ok_or_else(|| dir.missing("VAE", "vae"))?;
-            let s = rank("latents", 5, "[B, C, F, H, W]")?;
-            if s[1] != v.latent_channels {
+            let s = sized(dims("latents"), "[B, C, F, H, W]").map_err(|m| bad("latents", m))?;
+            let [_, c, _, _, _] = s;
+            if c != v.latent_channels {
                 return Err(bad(
                     "latents",
                     format!(
@@ -191,8 +196,10 @@ pub fn check_inputs(
                 .hypernet
                 .as_ref()
                 .ok_or_else(|| dir.missing("hypernetwork", "hypernet"))?;
-            let s = rank("reference_latents", 5, "[B, C, T, H, W]")?;
-            if s[1] != e.dims.feature_dim {
+            let s = sized(dims("reference_latents"), "[B, C, T, H, W]")
+                .map_err(|m| bad("reference_latents", m))?;
+            let [_, c, _, _, _] = s;
+            if c != e.dims.feature_dim {
                 return Err(bad(
                     "reference_latents",
                     format!(

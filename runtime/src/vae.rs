@@ -61,9 +61,9 @@ impl Vae {
 
     /// `video [B, C, F, H, W]` in [-1, 1] → (`posterior_mean`, `posterior_logvar`), `[B, 16, f, h, w]`.
     pub fn encode(&mut self, video: &Tensor) -> Result<(Tensor, Tensor)> {
-        check_5d(video, "video", self.entry.in_channels)?;
+        let [_, _, _, h, w] = check_5d(video, "video", self.entry.in_channels)?;
         let tile = self.tile;
-        if tile.applies(self.tiling, video.shape[3], video.shape[4]) {
+        if tile.applies(self.tiling, h, w) {
             let mut parts = tile
                 .run(video, false, &mut |t| {
                     self.encode_untiled(t).map(|(m, l)| vec![m, l])
@@ -121,10 +121,10 @@ impl Vae {
 
     /// `latents [B, 16, f, h, w]` (already divided by the scaling factor) → `[B, 3, F, H, W]`.
     pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
-        check_5d(latents, "latents", self.entry.latent_channels)?;
+        let [_, _, _, h, w] = check_5d(latents, "latents", self.entry.latent_channels)?;
         let tile = self.tile;
         let f = tile.factor;
-        if tile.applies(self.tiling, latents.shape[3] * f, latents.shape[4] * f) {
+        if tile.applies(self.tiling, h * f, w * f) {
             return tile
                 .run(latents, true, &mut |t| {
                     self.decode_untiled(t).map(|s| vec![s])
@@ -158,22 +158,20 @@ fn missing_output(name: &str) -> RuntimeError {
     }
 }
 
-fn check_5d(t: &Tensor, name: &str, channels: usize) -> Result<()> {
-    let ok = t.shape.len() == 5
-        && t.shape[1] == channels
-        && t.shape[2] > 0
-        && t.shape[3] > 0
-        && t.shape[4] > 0;
-    if !ok {
-        return Err(RuntimeError::Invalid {
+/// The `[B, C, F, H, W]` of a VAE input with `channels` channels and no empty axis.
+fn check_5d(t: &Tensor, name: &str, channels: usize) -> Result<[usize; 5]> {
+    match t.shape[..] {
+        [b, c, f, h, w] if c == channels && !t.shape.contains(&0) => {
+            t.as_f32(name).map(|_| [b, c, f, h, w])
+        }
+        _ => Err(RuntimeError::Invalid {
             what: format!("`{name}`"),
             message: format!(
                 "shape {:?}; expected [batch, {channels}, frames > 0, height, width]",
                 t.shape
             ),
-        });
+        }),
     }
-    t.as_f32(name).map(|_| ())
 }
 
 /// Runs `model` over diffusers' frame batches of `x` (axis 2), threading the caches.
@@ -184,16 +182,18 @@ fn run_batches(
     x: &Tensor,
     batch_frames: usize,
 ) -> Result<Vec<BTreeMap<String, Tensor>>> {
-    let (b, h, w) = (x.shape[0], x.shape[3], x.shape[4]);
+    let [b, _, frames, h, w] = x.shape[..] else {
+        return Err(RuntimeError::Invalid {
+            what: format!("`{input}`"),
+            message: format!("shape {:?}; expected [B, C, F, H, W]", x.shape),
+        });
+    };
     let mut feed: BTreeMap<String, Tensor> = caches
         .iter()
         .map(|c| (c.name.clone(), Tensor::zeros(c.shape(b, h, w).to_vec())))
         .collect();
     let mut results = Vec::new();
-    for (i, (start, end)) in frame_batches(x.shape[2], batch_frames)
-        .into_iter()
-        .enumerate()
-    {
+    for (i, (start, end)) in frame_batches(frames, batch_frames).into_iter().enumerate() {
         feed.insert(input.to_string(), x.slice_axis(2, start, end)?);
         feed.insert(
             "first_batch".into(),

@@ -20,11 +20,18 @@ impl Frames {
     /// `[1, 3, F, H, W]` float in [0, 1] (Video2LoRA's reference range), the VAE's layout.
     pub fn to_unit_video(&self) -> Tensor {
         let (f, h, w) = (self.frames, self.height, self.width);
-        let mut v = vec![0f32; 3 * f * h * w];
-        for t in 0..f {
-            for p in 0..h * w {
-                for c in 0..3 {
-                    v[(c * f + t) * h * w + p] = self.rgb[(t * h * w + p) * 3 + c] as f32 / 255.0;
+        let plane = h * w;
+        let mut v = vec![0f32; 3 * f * plane];
+        if plane > 0 && f > 0 {
+            // Interleaved RGB frames → one plane per channel and frame.
+            for (c, channel) in v.chunks_exact_mut(f * plane).enumerate() {
+                for (dst, frame) in channel
+                    .chunks_exact_mut(plane)
+                    .zip(self.rgb.chunks_exact(plane * 3))
+                {
+                    for (o, px) in dst.iter_mut().zip(frame.chunks_exact(3)) {
+                        *o = px.get(c).map_or(0.0, |&x| x as f32 / 255.0);
+                    }
                 }
             }
         }
@@ -75,7 +82,7 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
         let Data::U8(rgb) = &r.data else {
             return Err(bad(path, "`reference_u8` must be uint8"));
         };
-        if r.shape.len() != 4 || r.shape[3] != 3 {
+        let [n, fh, fw, 3] = r.shape[..] else {
             return Err(bad(
                 path,
                 format!(
@@ -83,18 +90,15 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
                     r.shape
                 ),
             ));
-        }
-        if (r.shape[1], r.shape[2]) != (height, width) {
+        };
+        if (fh, fw) != (height, width) {
             return Err(bad(
                 path,
-                format!(
-                    "frames are {}×{}, the model needs {height}×{width}",
-                    r.shape[1], r.shape[2]
-                ),
+                format!("frames are {fh}×{fw}, the model needs {height}×{width}"),
             ));
         }
         Frames {
-            frames: r.shape[0],
+            frames: n,
             height,
             width,
             rgb: rgb.clone(),
@@ -207,16 +211,16 @@ fn ffmpeg_decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
 /// Float frames `[1, F, H, W, 3]` in [0, 1] → RGB8 (round to nearest).
 pub fn to_rgb8(frames: &Tensor) -> Result<Frames> {
     let v = frames.as_f32("frames")?;
-    if frames.shape.len() != 5 || frames.shape[0] != 1 || frames.shape[4] != 3 {
+    let [1, f, h, w, 3] = frames.shape[..] else {
         return Err(RuntimeError::Invalid {
             what: "frames".into(),
             message: format!("shape {:?}; expected [1, F, H, W, 3]", frames.shape),
         });
-    }
+    };
     Ok(Frames {
-        frames: frames.shape[1],
-        height: frames.shape[2],
-        width: frames.shape[3],
+        frames: f,
+        height: h,
+        width: w,
         rgb: v
             .iter()
             .map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
@@ -314,13 +318,22 @@ pub fn write_contact_sheet(path: &Path, frames: &Frames, cols: usize) -> Result<
     let gap = 2;
     let (fw, fh) = (frames.width, frames.height);
     let (w, h) = (cols * fw + (cols + 1) * gap, rows * fh + (rows + 1) * gap);
+    if fw == 0 || fh == 0 {
+        return Err(bad(path, format!("frames of {fw}x{fh} pixels")));
+    }
     let mut sheet = vec![32u8; w * h * 3];
-    for i in 0..frames.frames {
+    for (i, frame) in frames
+        .rgb
+        .chunks_exact(fw * fh * 3)
+        .take(frames.frames)
+        .enumerate()
+    {
         let (x0, y0) = (gap + (i % cols) * (fw + gap), gap + (i / cols) * (fh + gap));
-        for y in 0..fh {
-            let src = &frames.rgb[((i * fh + y) * fw) * 3..((i * fh + y) * fw + fw) * 3];
+        for (y, src) in frame.chunks_exact(fw * 3).enumerate() {
             let dst = ((y0 + y) * w + x0) * 3;
-            sheet[dst..dst + fw * 3].copy_from_slice(src);
+            if let Some(d) = sheet.get_mut(dst..dst + fw * 3) {
+                d.copy_from_slice(src);
+            }
         }
     }
     ffmpeg_encode(path, &sheet, w, h, 1, &["-frames:v", "1"])
