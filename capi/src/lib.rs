@@ -16,6 +16,13 @@
 //! dereferenced. Every entry point runs under `catch_unwind`: a panic becomes
 //! `V2L_STATUS_PANIC`, never an unwind into C. See docs/c-api.md.
 
+// Input reaches this crate: no unwrap, expect or unchecked indexing outside tests (modules
+// that index provably in-bounds buffers in hot loops say so and allow it locally).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};

@@ -12,6 +12,13 @@
 //! compiles and verifies engines. What the runtime shares with the exporter (the manifest, LoRA
 //! targets, frame-batch rules) comes from `v2l-contracts`: the runtime does not link the exporter.
 
+// Input reaches this crate: no unwrap, expect or unchecked indexing outside tests (modules
+// that index provably in-bounds buffers in hot loops say so and allow it locally).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 pub mod backend;
 pub mod bundle;
 pub mod engine;

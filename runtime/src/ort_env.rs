@@ -38,7 +38,7 @@ pub fn init() -> Result<&'static ort::environment::Environment> {
         Ok((_, env)) => Ok(env),
         Err(e) => {
             let parts: Vec<&str> = e.split('\u{0}').collect();
-            if parts[0] == "missing" {
+            if parts.first() == Some(&"missing") {
                 Err(RuntimeError::OrtMissing {
                     searched: parts.get(1).unwrap_or(&"").to_string(),
                 })

@@ -123,12 +123,17 @@ impl Predictor {
         let hw = self.hyper_weights(&latents)?;
         let width = hw.shape.last().copied().unwrap_or(0);
         let rows = hw.as_f32("hyper_weights")?;
-        let lora = self.lilora.to_lora(
-            &rows[..self.lilora.layers.len() * width],
-            width,
-            lora_weight,
-            lora_weight,
-        )?;
+        let rows = rows
+            .get(..self.lilora.layers.len() * width)
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: "hypernetwork graph".into(),
+                message: format!(
+                    "`hyper_weights` has shape {:?}; expected {} rows",
+                    hw.shape,
+                    self.lilora.layers.len()
+                ),
+            })?;
+        let lora = self.lilora.to_lora(rows, width, lora_weight, lora_weight)?;
         Ok(Prediction {
             reference_latents: latents,
             hyper_weights: hw,

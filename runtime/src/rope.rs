@@ -72,15 +72,24 @@ pub fn cogvideox_rope(
     let rows = latent_frames * grid_h * grid_w;
     let mut cos = Vec::with_capacity(rows * head_dim);
     let mut sin = Vec::with_capacity(rows * head_dim);
-    for f in 0..latent_frames {
-        for y in 0..grid_h {
-            for x in 0..grid_w {
-                cos.extend_from_slice(&t_cos[f * dim_t..(f + 1) * dim_t]);
-                cos.extend_from_slice(&h_cos[y * dim_h..(y + 1) * dim_h]);
-                cos.extend_from_slice(&w_cos[x * dim_w..(x + 1) * dim_w]);
-                sin.extend_from_slice(&t_sin[f * dim_t..(f + 1) * dim_t]);
-                sin.extend_from_slice(&h_sin[y * dim_h..(y + 1) * dim_h]);
-                sin.extend_from_slice(&w_sin[x * dim_w..(x + 1) * dim_w]);
+    // Row (f, y, x) is [t(f) | h(y) | w(x)]; dims are positive (head_dim is a multiple of 8).
+    let rows_of = |v: &[f32], d: usize| {
+        v.chunks_exact(d.max(1))
+            .map(<[f32]>::to_vec)
+            .collect::<Vec<_>>()
+    };
+    let (tc, ts) = (rows_of(&t_cos, dim_t), rows_of(&t_sin, dim_t));
+    let (hc, hs) = (rows_of(&h_cos, dim_h), rows_of(&h_sin, dim_h));
+    let (wc, ws) = (rows_of(&w_cos, dim_w), rows_of(&w_sin, dim_w));
+    for (t_c, t_s) in tc.iter().zip(&ts) {
+        for (h_c, h_s) in hc.iter().zip(&hs) {
+            for (w_c, w_s) in wc.iter().zip(&ws) {
+                cos.extend_from_slice(t_c);
+                cos.extend_from_slice(h_c);
+                cos.extend_from_slice(w_c);
+                sin.extend_from_slice(t_s);
+                sin.extend_from_slice(h_s);
+                sin.extend_from_slice(w_s);
             }
         }
     }

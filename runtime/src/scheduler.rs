@@ -287,7 +287,7 @@ impl DdimScheduler {
         let final_alpha_cumprod = if cfg.set_alpha_to_one {
             1.0
         } else {
-            alphas_cumprod[0]
+            alphas_cumprod.first().copied().unwrap_or(1.0)
         };
         Ok(DdimScheduler {
             alphas_cumprod,
@@ -435,7 +435,9 @@ impl DdimScheduler {
 /// `rescale_zero_terminal_snr` on float64 `alphas_cumprod`.
 fn rescale_zero_terminal_snr_f64(ac: &mut [f64]) {
     let mut s: Vec<f64> = ac.iter().map(|a| a.sqrt()).collect();
-    let (s0, st) = (s[0], s[s.len() - 1]);
+    let (Some(&s0), Some(&st)) = (s.first(), s.last()) else {
+        return;
+    };
     let r = s0 / (s0 - st);
     for v in s.iter_mut() {
         *v -= st;
@@ -449,7 +451,9 @@ fn rescale_zero_terminal_snr_f64(ac: &mut [f64]) {
 /// `rescale_zero_terminal_snr` on float32 `alphas_cumprod`.
 fn rescale_zero_terminal_snr_f32(ac: &mut [f32]) {
     let mut s: Vec<f32> = ac.iter().map(|a| a.sqrt()).collect();
-    let (s0, st) = (s[0], s[s.len() - 1]);
+    let (Some(&s0), Some(&st)) = (s.first(), s.last()) else {
+        return;
+    };
     let r = s0 / (s0 - st);
     for v in s.iter_mut() {
         *v -= st;
@@ -530,7 +534,9 @@ fn np_linspace_f64(start: f64, stop: f64, num: usize) -> Vec<f64> {
     }
     let step = (stop - start) / (num - 1) as f64;
     let mut y: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
-    y[num - 1] = stop;
+    if let Some(last) = y.last_mut() {
+        *last = stop;
+    }
     y
 }
 

@@ -84,11 +84,13 @@ impl Tensor {
         };
         let (outer, inner) = self.around(axis);
         let mut out = Vec::with_capacity(outer * (end - start) * inner);
-        for chunk in v.chunks_exact(n * inner).take(outer) {
-            out.extend_from_slice(&chunk[start * inner..end * inner]);
+        for chunk in v.chunks_exact((n * inner).max(1)).take(outer) {
+            out.extend_from_slice(chunk.get(start * inner..end * inner).unwrap_or(&[]));
         }
         let mut shape = self.shape.clone();
-        shape[axis] = end - start;
+        if let Some(d) = shape.get_mut(axis) {
+            *d = end - start;
+        }
         Ok(Tensor::f32(shape, out))
     }
 
@@ -116,7 +118,8 @@ impl Tensor {
             }
         }
         let (outer, inner) = first.around(axis);
-        let total: usize = parts.iter().map(|p| p.shape[axis]).sum();
+        let len = |p: &Tensor| p.shape.get(axis).copied().unwrap_or(0);
+        let total: usize = parts.iter().map(len).sum();
         let mut out = Vec::with_capacity(outer * total * inner);
         let values: Vec<&[f32]> = parts
             .iter()
@@ -124,21 +127,22 @@ impl Tensor {
             .collect::<Result<_>>()?;
         for o in 0..outer {
             for (p, v) in parts.iter().zip(&values) {
-                let block = p.shape[axis] * inner;
-                out.extend_from_slice(&v[o * block..(o + 1) * block]);
+                let block = len(p) * inner;
+                out.extend_from_slice(v.get(o * block..(o + 1) * block).unwrap_or(&[]));
             }
         }
         let mut shape = first.shape.clone();
-        shape[axis] = total;
+        if let Some(d) = shape.get_mut(axis) {
+            *d = total;
+        }
         Ok(Tensor::f32(shape, out))
     }
 
     /// Elements before and after `axis` (which the caller has checked is in range).
     fn around(&self, axis: usize) -> (usize, usize) {
-        (
-            self.shape[..axis].iter().product(),
-            self.shape[axis + 1..].iter().product(),
-        )
+        let (before, from) = self.shape.split_at(axis.min(self.shape.len()));
+        let after = from.get(1..).unwrap_or(&[]);
+        (before.iter().product(), after.iter().product())
     }
 }
 

@@ -33,8 +33,8 @@ pub fn match_targets<'a>(
     }
     lora.layers
         .iter()
-        .map(|l| {
-            let t = by_name[l.module.as_str()];
+        .filter_map(|l| by_name.get(l.module.as_str()).map(|&t| (t, l)))
+        .map(|(t, l)| {
             if l.b.shape[0] != t.out_features || l.a.shape[1] != t.in_features {
                 return Err(LoraError::TargetShape {
                     path: source.into(),

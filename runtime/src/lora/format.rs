@@ -393,7 +393,7 @@ fn read_ab(
             let kb = format!("{prefix}{m}.lora_B.weight");
             let a = raw.get(&ka).map(|r| (ka.as_str(), r));
             let b = raw.get(&kb).map(|r| (kb.as_str(), r));
-            let rank = a.map(|(_, r)| r.shape[0]).unwrap_or(0);
+            let rank = a.and_then(|(_, r)| r.shape.first().copied()).unwrap_or(0);
             pair(path, m, a, b, ["lora_A", "lora_B"], alpha(rank, m))
         })
         .collect()

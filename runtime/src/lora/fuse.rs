@@ -61,6 +61,11 @@
 //! NaN/Inf in the factors are not checked here (not in the hot loop): callers run
 //! [`check_finite`] once per LoRA. A NaN weight stays NaN; an overflow gives ±inf.
 
+// The kernel indexes rows and tiles of buffers whose lengths `check_shapes` has verified
+// against `[out, in]` and the rank on entry; checked access in its inner loops would cost
+// bandwidth for nothing.
+#![allow(clippy::indexing_slicing)]
+
 pub use half::{bf16, f16};
 
 /// Columns per tile for rank > 1 (a 4 KiB f32 tile).

@@ -190,26 +190,30 @@ impl LiLora {
             .zip(rows.chunks_exact(width))
             .map(|(l, row)| {
                 let (down_w, up_w) = row.split_at(a * r); // down_w [r, a], up_w [b, r]
+                let (n_in, r1) = (l.in_features.max(1), r.max(1));
+                // lora_A[k, :] = Σ_p down_w[k, p] · down_aux[p, :], p ascending.
                 let mut lora_a = vec![0f32; r * l.in_features];
-                for k in 0..r {
-                    for (p, &w) in down_w[k * a..(k + 1) * a].iter().enumerate() {
-                        let aux = &l.down_aux[p * l.in_features..(p + 1) * l.in_features];
-                        for (o, &x) in lora_a[k * l.in_features..(k + 1) * l.in_features]
-                            .iter_mut()
-                            .zip(aux)
-                        {
+                for (dst, dw) in lora_a
+                    .chunks_exact_mut(n_in)
+                    .zip(down_w.chunks_exact(a.max(1)))
+                {
+                    for (&w, aux) in dw.iter().zip(l.down_aux.chunks_exact(n_in)) {
+                        for (o, &x) in dst.iter_mut().zip(aux) {
                             *o += w * x;
                         }
                     }
                 }
+                // lora_B[i, k] = Σ_q up_aux[i, q] · up_w[q, k], q ascending.
                 let mut lora_b = vec![0f32; l.out_features * r];
-                for i in 0..l.out_features {
-                    let aux = &l.up_aux[i * b..(i + 1) * b];
-                    for k in 0..r {
-                        lora_b[i * r + k] = aux
+                for (row, aux) in lora_b
+                    .chunks_exact_mut(r1)
+                    .zip(l.up_aux.chunks_exact(b.max(1)))
+                {
+                    for (k, o) in row.iter_mut().enumerate() {
+                        *o = aux
                             .iter()
-                            .enumerate()
-                            .map(|(q, &x)| x * up_w[q * r + k])
+                            .zip(up_w.chunks_exact(r1))
+                            .map(|(&x, u)| x * u.get(k).copied().unwrap_or(0.0))
                             .sum();
                     }
                 }

@@ -43,8 +43,11 @@ pub fn merge(loras: &[(&Lora, f32)]) -> Result<Lora> {
             let (r, s) = (l.rank(), l.scale(*multiplier));
             a.extend_from_slice(&l.a.to_f32());
             let lb = l.b.to_f32();
-            for (row, src) in b.chunks_exact_mut(rank).zip(lb.chunks_exact(r)) {
-                for (o, v) in row[col..col + r].iter_mut().zip(src) {
+            for (row, src) in b
+                .chunks_exact_mut(rank.max(1))
+                .zip(lb.chunks_exact(r.max(1)))
+            {
+                for (o, v) in row.iter_mut().skip(col).take(r).zip(src) {
                     *o = v * s;
                 }
             }

@@ -202,7 +202,10 @@ impl SwitchableWeights {
 
     /// The live weight of `module`.
     pub fn live(&self, module: &str) -> Option<&Buffer> {
-        self.index.get(module).map(|&i| &self.layers[i].live)
+        self.index
+            .get(module)
+            .and_then(|&i| self.layers.get(i))
+            .map(|l| &l.live)
     }
 
     /// Makes the live weights `base + s·B·A` for `lora` (or the base for `None`). Returns the
@@ -220,14 +223,24 @@ impl SwitchableWeights {
                         what: source.display().to_string(),
                         source: e,
                     })?;
-                plan.push((self.index[&t.name], a, b, l.rank(), l.scale(multiplier)));
+                let i = self
+                    .index
+                    .get(&t.name)
+                    .copied()
+                    .ok_or_else(|| RuntimeError::Invalid {
+                        what: source.display().to_string(),
+                        message: format!("layer `{}` is not a switchable weight", t.name),
+                    })?;
+                plan.push((i, a, b, l.rank(), l.scale(multiplier)));
             }
         }
         let next: BTreeSet<usize> = plan.iter().map(|p| p.0).collect();
         let threads = self.threads;
         let mut rewritten = Vec::new();
         for &i in self.touched.difference(&next) {
-            let layer = &mut self.layers[i];
+            let Some(layer) = self.layers.get_mut(i) else {
+                continue;
+            };
             restore_from(layer.base.view(), layer.live.view_mut(), threads).map_err(|e| {
                 RuntimeError::Fuse {
                     what: layer.info.name.clone(),
@@ -237,7 +250,9 @@ impl SwitchableWeights {
             rewritten.push(layer.info.name.clone());
         }
         for (i, a, b, rank, scale) in &plan {
-            let layer = &mut self.layers[*i];
+            let Some(layer) = self.layers.get_mut(*i) else {
+                continue;
+            };
             let f = Factors {
                 b,
                 a,
