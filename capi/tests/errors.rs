@@ -20,6 +20,10 @@ fn one_mapping_to_exit_codes_and_c_statuses() {
             Path::new("x.safetensors"),
         )
         .unwrap_err(),
+        RuntimeError::Manifest(v2l_contracts::ManifestError::Io {
+            path: "export/manifest.json".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not found"),
+        }),
         RuntimeError::MissingTensor {
             path: "in.safetensors".into(),
             name: "timestep".into(),

@@ -35,9 +35,7 @@ impl TensorRef {
             DType::F32,
             &mut out,
         );
-        out.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        v2l_graphs::dtype::f32_values(&out, DType::F32).unwrap_or_default()
     }
 }
 
@@ -185,7 +183,9 @@ impl Checkpoint {
             .map(|(p, _)| (p.clone(), Vec::new()))
             .collect();
         for (k, e) in &self.entries {
-            out[e.file].1.push(k.clone());
+            if let Some((_, keys)) = out.get_mut(e.file) {
+                keys.push(k.clone());
+            }
         }
         for (_, keys) in &mut out {
             keys.sort();
@@ -201,7 +201,10 @@ impl Checkpoint {
     /// The file a key lives in, or the first file for a missing key (for error messages).
     pub fn path_of(&self, key: &str) -> &Path {
         let i = self.entries.get(key).map(|e| e.file).unwrap_or(0);
-        &self.files[i].0
+        self.files
+            .get(i)
+            .map(|(p, _)| p.as_path())
+            .unwrap_or(&self.dir)
     }
 
     /// Deserialises `config.json` after checking its `_class_name`.
@@ -248,7 +251,14 @@ impl Checkpoint {
                 key: key.to_string(),
             })?;
         self.used.borrow_mut().insert(key.to_string());
-        let buffer: Arc<dyn AsRef<[u8]> + Send + Sync> = self.files[e.file].1.clone();
+        let buffer: Arc<dyn AsRef<[u8]> + Send + Sync> = self
+            .files
+            .get(e.file)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| ExportError::MissingKey {
+                path: self.dir.clone(),
+                key: key.to_string(),
+            })?;
         Ok(TensorRef {
             key: key.to_string(),
             dtype: e.dtype,

@@ -356,11 +356,18 @@ impl Rope {
         let sin = g.concat(&[&zeros, sin], 0);
         let sin = g.unsqueeze(&sin, &[1]);
         let n = dh as usize;
+        // out[2i] = -x[2i+1], out[2i+1] = x[2i]: row 2i+1 has -1 in column 2i, row 2i has 1 in
+        // column 2i+1.
         let mut r = vec![0f32; n * n];
-        for i in 0..n / 2 {
-            // out[2i] = -x[2i+1], out[2i+1] = x[2i]
-            r[(2 * i + 1) * n + 2 * i] = -1.0;
-            r[(2 * i) * n + 2 * i + 1] = 1.0;
+        for (row, line) in r.chunks_exact_mut(n.max(1)).enumerate() {
+            let (col, v) = if row % 2 == 0 {
+                (row + 1, 1.0)
+            } else {
+                (row - 1, -1.0)
+            };
+            if let Some(x) = line.get_mut(col) {
+                *x = v;
+            }
         }
         let rotate = g.const_f32(&r, &[dh, dh]);
         Rope { cos, sin, rotate }
@@ -390,10 +397,10 @@ fn layer_norm_zero(
     let ne = vb.layer_norm(g, enc, "norm", d, cfg.norm_eps, cfg.norm_elementwise_affine)?;
     Ok(g.scoped(vb.prefix(), |g| {
         let m = g.unsqueeze(&m, &[1]);
-        let parts = g.chunk(&m, 6, d as i64, 2);
-        let nx = modulate(g, &nx, &parts[1], &parts[0]);
-        let ne = modulate(g, &ne, &parts[4], &parts[3]);
-        (nx, ne, parts[2].clone(), parts[5].clone())
+        let [shift, scale, gate, enc_shift, enc_scale, enc_gate] = g.chunk::<6>(&m, d as i64, 2);
+        let nx = modulate(g, &nx, &scale, &shift);
+        let ne = modulate(g, &ne, &enc_scale, &enc_shift);
+        (nx, ne, gate, enc_gate)
     }))
 }
 
@@ -508,8 +515,8 @@ fn ada_layer_norm(
     let nx = vb.layer_norm(g, x, "norm", d, cfg.norm_eps, cfg.norm_elementwise_affine)?;
     Ok(g.scoped(vb.prefix(), |g| {
         let m = g.unsqueeze(&m, &[1]);
-        let parts = g.chunk(&m, 2, d as i64, 2);
-        modulate(g, &nx, &parts[1], &parts[0])
+        let [shift, scale] = g.chunk::<2>(&m, d as i64, 2);
+        modulate(g, &nx, &scale, &shift)
     }))
 }
 

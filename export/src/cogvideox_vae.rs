@@ -647,6 +647,17 @@ fn record_metadata(g: &mut Graph, cfg: &VaeConfig, part: &str, caches: &[CacheSp
 
 // ---- encoder --------------------------------------------------------------------------------
 
+/// The first and last of the block widths (the config must list at least one block).
+fn ends(ckpt: &Checkpoint, ch: &[usize]) -> Result<(usize, usize)> {
+    match (ch.first(), ch.last()) {
+        (Some(&f), Some(&l)) => Ok((f, l)),
+        _ => Err(ExportError::Config {
+            path: ckpt.dir().join("config.json"),
+            message: "block_out_channels is empty".into(),
+        }),
+    }
+}
+
 /// `CogVideoXEncoder3D` on one frame batch, then the posterior's mean and clamped logvar.
 fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)> {
     let mut g = Graph::new("cogvideox_vae_encoder");
@@ -665,6 +676,7 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let mut cx = Causal::new(&mut g, ("height", "width"));
     let ch = &cfg.block_out_channels;
     let n = ch.len();
+    let (first, last) = ends(ckpt, ch)?;
     let level = cfg.temporal_compress_level();
     let mut scale = SpatialScale::ONE;
 
@@ -674,10 +686,10 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
         &vb.pp("conv_in"),
         &video,
         cfg.in_channels,
-        ch[0],
+        first,
         scale,
     )?;
-    let mut cin = ch[0];
+    let mut cin = first;
     for (i, &cout) in ch.iter().enumerate() {
         let blk = vb.pp("down_blocks").pp(i);
         for j in 0..cfg.layers_per_block {
@@ -700,7 +712,7 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
         }
         cin = cout;
     }
-    let c = ch[n - 1];
+    let c = last;
     let mid = vb.pp("mid_block").pp("resnets");
     for j in 0..2 {
         x = resnet(
@@ -776,6 +788,7 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let mut cx = Causal::new(&mut g, ("latent_height", "latent_width"));
     let ch: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
     let n = ch.len();
+    let (first, last) = ends(ckpt, &ch)?;
     let level = cfg.temporal_compress_level();
     let mut scale = SpatialScale::ONE;
     let (mut rt, mut rs) = (1i64, 1i64);
@@ -788,7 +801,7 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
         })
     };
 
-    let mut x = causal_conv(&mut g, &mut cx, &vb.pp("conv_in"), &z, l, ch[0], scale)?;
+    let mut x = causal_conv(&mut g, &mut cx, &vb.pp("conv_in"), &z, l, first, scale)?;
     let mid = vb.pp("mid_block").pp("resnets");
     for j in 0..2 {
         x = resnet(
@@ -797,13 +810,13 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
             &mid.pp(j),
             cfg,
             &x,
-            ch[0],
-            ch[0],
+            first,
+            first,
             &zq(rt, rs),
             scale,
         )?;
     }
-    let mut cin = ch[0];
+    let mut cin = first;
     for (i, &cout) in ch.iter().enumerate() {
         let blk = vb.pp("up_blocks").pp(i);
         for j in 0..cfg.layers_per_block + 1 {
@@ -831,7 +844,7 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
         }
         cin = cout;
     }
-    let c = ch[n - 1];
+    let c = last;
     let x = norm(&mut g, &vb.pp("norm_out"), &x, c, &zq(rt, rs), cfg)?;
     let x = g.scoped("decoder.conv_act", |g| g.silu(&x));
     let x = causal_conv(

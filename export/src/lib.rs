@@ -10,6 +10,13 @@
 //! | [`cogvideox_vae`] | `AutoencoderKLCogVideoX` encoder and decoder |
 //! | [`video2lora_hypernet`] | Video2LoRA hypernetwork `VideoHyperDream` (reference latents → LiLoRA rows) |
 
+// Checkpoints and graphs come from users: no unwrap, expect or unchecked indexing outside
+// tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 pub mod checkpoint;
 pub mod cogvideox_dit;
 pub mod cogvideox_vae;

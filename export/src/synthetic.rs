@@ -93,12 +93,14 @@ pub fn write_checkpoint(
         let mut header = serde_json::Map::new();
         let mut off = 0usize;
         for &i in shard {
-            let (key, shape) = &layout[i];
+            let (Some((key, shape)), Some(&size)) = (layout.get(i), sizes.get(i)) else {
+                continue;
+            };
             header.insert(
                 key.clone(),
-                serde_json::json!({"dtype": st_dtype(dtype), "shape": shape, "data_offsets": [off, off + sizes[i]]}),
+                serde_json::json!({"dtype": st_dtype(dtype), "shape": shape, "data_offsets": [off, off + size]}),
             );
-            off += sizes[i];
+            off += size;
             weight_map.insert(key.clone(), name.clone());
         }
         let mut h = serde_json::Value::Object(header).to_string().into_bytes();
@@ -110,11 +112,13 @@ pub fn write_checkpoint(
             .map_err(io(&path))?;
         f.write_all(&h).map_err(io(&path))?;
         for &i in shard {
-            let (_, shape) = &layout[i];
-            let fan_in = if shape.len() > 1 {
-                shape[1..].iter().product()
-            } else {
-                shape[0]
+            let Some((_, shape)) = layout.get(i) else {
+                continue;
+            };
+            let fan_in = match shape.as_slice() {
+                [] => 1,
+                [n] => *n,
+                [_, rest @ ..] => rest.iter().product(),
             };
             fill(
                 shape.iter().product(),

@@ -87,7 +87,7 @@ impl TensorData {
             TensorData::Owned(b) => b,
             TensorData::Shared {
                 buffer, start, end, ..
-            } => &(**buffer).as_ref()[*start..*end],
+            } => (**buffer).as_ref().get(*start..*end).unwrap_or(&[]),
         }
     }
 }
@@ -399,9 +399,20 @@ impl Graph {
         )
     }
 
-    /// `torch.chunk(x, n, axis)` for an axis of `n · size` elements.
-    pub fn chunk(&mut self, x: &Value, n: usize, size: i64, axis: i64) -> Vec<Value> {
-        self.split(x, &vec![size; n], axis)
+    /// `torch.chunk(x, N, axis)` for an axis of `N · size` elements, as `N` named parts.
+    pub fn chunk<const N: usize>(&mut self, x: &Value, size: i64, axis: i64) -> [Value; N] {
+        let s = self.const_i64(&[size; N]);
+        let name = self.fresh("Split");
+        let parts: [Value; N] = std::array::from_fn(|i| Value(format!("{name}:{i}").into()));
+        let outputs = parts.iter().map(|v| v.name().to_string()).collect();
+        self.push_node(
+            "Split",
+            &[x, &s],
+            vec![("axis", Attr::Int(axis))],
+            outputs,
+            Some(name),
+        );
+        parts
     }
 
     pub fn unsqueeze(&mut self, x: &Value, axes: &[i64]) -> Value {

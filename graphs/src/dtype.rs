@@ -129,12 +129,11 @@ pub fn convert_floats(bytes: &[u8], src: DType, dst: DType, out: &mut Vec<u8>) -
     }
     let n = bytes.len() / src.size();
     out.reserve(n * dst.size());
-    for i in 0..n {
-        let chunk = &bytes[i * src.size()..(i + 1) * src.size()];
+    for chunk in bytes.chunks_exact(src.size()) {
         let v = match src {
-            DType::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as f64,
-            DType::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f64(),
-            DType::BF16 => bf16::from_le_bytes([chunk[0], chunk[1]]).to_f64(),
+            DType::F32 => f32::from_le_bytes(chunk.try_into().ok()?) as f64,
+            DType::F16 => f16::from_le_bytes(chunk.try_into().ok()?).to_f64(),
+            DType::BF16 => bf16::from_le_bytes(chunk.try_into().ok()?).to_f64(),
             DType::F64 => f64::from_le_bytes(chunk.try_into().ok()?),
             _ => return None,
         };

@@ -4,6 +4,13 @@
 //! them with [`save`]; `runtime` reads the written models back with [`read_model`]. Nothing here
 //! knows about any particular model.
 
+// Checkpoints and graphs come from users: no unwrap, expect or unchecked indexing outside
+// tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 pub mod builder;
 pub mod dtype;
 pub mod passes;

@@ -204,7 +204,9 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
             .then(|| n.input.get(1).cloned())
             .flatten()
             .filter(|w| found.contains_key(w.as_str()));
-        let Some(w) = target else {
+        let (Some(w), Some(x), Some(y)) =
+            (target, n.input.first().cloned(), n.output.first().cloned())
+        else {
             nodes.push(n);
             continue;
         };
@@ -217,10 +219,10 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
             true,
         );
         let [a, b, s] = lora_input_names(&w);
-        let x = n.input[0].clone();
-        let y = n.output[0].clone();
         let base = format!("{y}/base");
-        n.output[0] = base.clone();
+        if let Some(o) = n.output.first_mut() {
+            o.clone_from(&base);
+        }
         let p = n.name.clone();
         nodes.push(n);
         nodes.push(node(

@@ -239,14 +239,14 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                 .map(|t| format!("{}.weight", t.name))
                 .collect();
             let src = tmp.join(&d.file);
-            let pass_err = |e: v2l_graphs::passes::PassError| RuntimeError::BadFile {
+            let pass_err = |source| RuntimeError::GraphPass {
                 path: src.clone(),
-                message: e.to_string(),
+                source,
             };
             let write = |p: &Path, model: &v2l_graphs::proto::ModelProto| {
-                v2l_graphs::write_model(p, model).map_err(|e| RuntimeError::Invalid {
-                    what: p.display().to_string(),
-                    message: e.to_string(),
+                v2l_graphs::write_model(p, model).map_err(|source| RuntimeError::GraphWrite {
+                    path: p.into(),
+                    source,
                 })
             };
             let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;

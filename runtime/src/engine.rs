@@ -39,10 +39,7 @@ impl Engine {
                 ),
             });
         }
-        let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile {
-            path: dir.clone(),
-            message: e.to_string(),
-        })?;
+        let manifest = Manifest::read(&dir)?;
         let bundle = crate::bundle::verify(&dir)?;
         Ok(Engine {
             dir,

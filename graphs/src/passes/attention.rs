@@ -39,7 +39,7 @@ fn attr_ints<'a>(n: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
 fn i64s(t: &proto::TensorProto) -> Vec<i64> {
     t.raw_data
         .chunks_exact(8)
-        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .filter_map(|c| c.try_into().ok().map(i64::from_le_bytes))
         .collect()
 }
 
@@ -144,12 +144,14 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
     let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     for m in found {
         removed.extend(m.remove);
-        let r = &graph.node[m.reshape];
-        let base = r
-            .name
+        let Some(r) = graph.node.get(m.reshape) else {
+            continue;
+        };
+        let r_name = r.name.as_str();
+        let base = r_name
             .rsplit_once('/')
             .map(|(p, _)| p)
-            .unwrap_or(&r.name)
+            .unwrap_or(r_name)
             .to_string();
         let node =
             |op: &str, name: String, input: Vec<String>, output: String, attribute| NodeProto {

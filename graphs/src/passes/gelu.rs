@@ -52,9 +52,10 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
         }
         let m = (|| {
             // One side is x·0.5, the other 1 + tanh(...).
-            let (hi, h, ti, t1) = match (inner(&y.input[0], "Mul"), inner(&y.input[1], "Add")) {
+            let (in0, in1) = (y.input.first()?, y.input.get(1)?);
+            let (hi, h, ti, t1) = match (inner(in0, "Mul"), inner(in1, "Add")) {
                 (Some(h), Some(t)) => (h.0, h.1, t.0, t.1),
-                _ => match (inner(&y.input[1], "Mul"), inner(&y.input[0], "Add")) {
+                _ => match (inner(in1, "Mul"), inner(in0, "Add")) {
                     (Some(h), Some(t)) => (h.0, h.1, t.0, t.1),
                     _ => return None,
                 },
@@ -103,7 +104,11 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
     let removed: HashSet<usize> = fused.iter().flat_map(|f| f.1.iter().copied()).collect();
     let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     for (yi, _, x, out) in fused {
-        let name = &graph.node[yi].name;
+        let name = graph
+            .node
+            .get(yi)
+            .map(|n| n.name.as_str())
+            .unwrap_or("gelu");
         let base = name.rsplit_once('/').map(|(p, _)| p).unwrap_or(name);
         replace.insert(
             yi,

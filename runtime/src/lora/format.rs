@@ -535,9 +535,9 @@ pub fn write(path: &Path, lora: &Lora, format: LoraFormat) -> Result<()> {
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(bad)?;
     let blob = safetensors::serialize(views, &Some(meta)).map_err(bad)?;
-    crate::tensor::write_atomic(path, &blob).map_err(|e| LoraError::Bad {
+    v2l_contracts::atomic::write_atomic(path, &blob).map_err(|source| LoraError::Io {
         path: path.into(),
-        message: e.to_string(),
+        source,
     })
 }
 
