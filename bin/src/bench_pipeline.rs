@@ -189,7 +189,7 @@ pub fn bench_pipeline(
         let (pred, ms) = time(|| p.predict(&clip, 1.0));
         let pred = pred?;
         let mut vae = v2l_runtime::vae::Vae::load(p.engine(), &opts)?;
-        let (_, e) = time(|| vae.encode(&clip.to_unit_video()));
+        let (_, e) = time(|| vae.encode(&clip.to_unit_video()?));
         enc.push(e);
         hyp.push((ms - e).max(0.0));
         let _: &Tensor = &pred.hyper_weights;

@@ -23,6 +23,7 @@ pub mod backend;
 pub mod bundle;
 pub mod engine;
 pub mod error;
+pub mod layout;
 pub mod limits;
 pub mod lora;
 pub mod ort_env;

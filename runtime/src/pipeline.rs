@@ -354,7 +354,7 @@ impl Pipeline {
     /// Step 2: the first frame in [-1, 1] → VAE latent × scaling factor as latent frame 0 of
     /// `[lf, C, h, w]`, zeros after (diffusers' I2V padding).
     fn encode_image(&mut self, image: &Frames, shape: &LatentShape) -> Result<Vec<f32>> {
-        let unit = image.to_unit_video();
+        let unit = image.to_unit_video()?;
         let signed: Vec<f32> = unit
             .as_f32("image")?
             .iter()
@@ -433,17 +433,7 @@ impl Pipeline {
         let timesteps = sched.timesteps().to_vec();
         let mut dit_ms = Vec::with_capacity(timesteps.len());
         for (i, &t) in timesteps.iter().enumerate() {
-            // [latents | image latents] on channels, for each of the 2 guidance branches.
-            let mut hs = Vec::with_capacity(2 * lf * 2 * c * frame);
-            for _ in 0..2 {
-                for (noisy, image) in latents
-                    .chunks_exact(c * frame)
-                    .zip(image_latents.chunks_exact(c * frame))
-                {
-                    hs.extend_from_slice(noisy);
-                    hs.extend_from_slice(image);
-                }
-            }
+            let hs = crate::layout::guidance_batch(&latents, image_latents, lf, c, frame)?;
             inputs.insert(
                 "hidden_states".to_string(),
                 Tensor::f32(vec![2, lf, 2 * c, lh, lw], hs),
@@ -485,17 +475,7 @@ impl Pipeline {
         let (lf, c) = (shape.frames, shape.channels);
         let frame = shape.height * shape.width;
         let sf = self.vae.entry.scaling_factor as f32;
-        let mut z = vec![0f32; latents.len()];
-        // [lf, C] planes → [C, lf] planes.
-        let mut dst_planes: Vec<&mut [f32]> = z.chunks_exact_mut(frame.max(1)).collect();
-        for (i, plane) in latents.chunks_exact(frame.max(1)).enumerate() {
-            let (f, ch) = (i / c.max(1), i % c.max(1));
-            if let Some(dst) = dst_planes.get_mut(ch * lf + f) {
-                for (o, v) in dst.iter_mut().zip(plane) {
-                    *o = v / sf;
-                }
-            }
-        }
+        let z = crate::layout::swap_leading(latents, lf, c, frame, |v| v / sf)?;
         let video = self
             .vae
             .decode(&Tensor::f32(vec![1, c, lf, shape.height, shape.width], z))?;
@@ -505,17 +485,10 @@ impl Pipeline {
                 message: format!("output shape {:?}; expected [1, 3, F, H, W]", video.shape),
             });
         };
-        let plane = (fo * ho * wo).max(1);
-        let v = video.as_f32("sample")?;
-        let mut frames = vec![0f32; fo * ho * wo * 3];
-        // Channel planes → interleaved RGB.
-        for (ch, values) in v.chunks_exact(plane).take(3).enumerate() {
-            for (px, x) in frames.chunks_exact_mut(3).zip(values) {
-                if let Some(o) = px.get_mut(ch) {
-                    *o = (x / 2.0 + 0.5).clamp(0.0, 1.0);
-                }
-            }
-        }
+        let frames =
+            crate::layout::planes_to_interleaved(video.as_f32("sample")?, fo * ho * wo, |x| {
+                (x / 2.0 + 0.5).clamp(0.0, 1.0)
+            })?;
         Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))
     }
 }

@@ -111,7 +111,7 @@ impl Predictor {
         lora_weight: f32,
     ) -> Result<Prediction> {
         check_reference(frames, "reference clip")?;
-        let mean = vae.latent(&frames.to_unit_video())?;
+        let mean = vae.latent(&frames.to_unit_video()?)?;
         let sf = vae.entry.scaling_factor as f32;
         let latents = Tensor::f32(
             mean.shape.clone(),

@@ -18,24 +18,11 @@ pub struct Frames {
 
 impl Frames {
     /// `[1, 3, F, H, W]` float in [0, 1] (Video2LoRA's reference range), the VAE's layout.
-    pub fn to_unit_video(&self) -> Tensor {
+    /// An error if `rgb` does not hold `frames × height × width × 3` bytes.
+    pub fn to_unit_video(&self) -> Result<Tensor> {
         let (f, h, w) = (self.frames, self.height, self.width);
-        let plane = h * w;
-        let mut v = vec![0f32; 3 * f * plane];
-        if plane > 0 && f > 0 {
-            // Interleaved RGB frames → one plane per channel and frame.
-            for (c, channel) in v.chunks_exact_mut(f * plane).enumerate() {
-                for (dst, frame) in channel
-                    .chunks_exact_mut(plane)
-                    .zip(self.rgb.chunks_exact(plane * 3))
-                {
-                    for (o, px) in dst.iter_mut().zip(frame.chunks_exact(3)) {
-                        *o = px.get(c).map_or(0.0, |&x| x as f32 / 255.0);
-                    }
-                }
-            }
-        }
-        Tensor::f32(vec![1, 3, f, h, w], v)
+        let v = crate::layout::rgb8_to_planes(&self.rgb, f, h, w)?;
+        Ok(Tensor::f32(vec![1, 3, f, h, w], v))
     }
 
     /// The first frame alone.
