@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use v2l_contracts::Manifest;
 
 use crate::error::{Result, RuntimeError};
-use crate::lora::AppliedLora;
 use crate::session::{Model, SessionOptions};
 
 /// An opened engine: an engine bundle from `v2l-compile` (every part's hash checked on open) or
@@ -93,37 +92,5 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| self.missing("DiT", "dit"))?
             .lora_targets)
-    }
-
-    /// Loads the DiT with `lora` fused into its weights (an ORT session built with the fused
-    /// initializers in place of the base ones).
-    pub fn dit_with_lora(&self, opts: &SessionOptions, lora: &AppliedLora) -> Result<Model> {
-        let e = self
-            .manifest
-            .dit
-            .as_ref()
-            .ok_or_else(|| self.missing("DiT", "dit"))?;
-        let path = self.dir.join(&e.file);
-        let weights = crate::lora::apply::fused_weights(
-            &path,
-            &e.lora_targets,
-            &lora.lora,
-            lora.multiplier,
-            &lora.source,
-        )?;
-        let mut opts = opts.clone();
-        if opts.backend.backend == crate::backend::Backend::TensorRt {
-            // TensorRT's engine cache key ignores weight values: key this session's engine by
-            // its fused weights, or a cached engine of another LoRA (or the base) would be reused.
-            let mut h = crate::backend::PartsHasher::default();
-            h.part(opts.backend.weight_hash.as_bytes());
-            for (name, t) in &weights {
-                h.part(name.as_bytes());
-                let v = t.as_f32(name)?;
-                h.part(v2l_graphs::dtype::le_bytes(v));
-            }
-            opts.backend.weight_hash = h.finish();
-        }
-        Model::load_with_weights(&path, &opts, weights)
     }
 }

@@ -6,6 +6,12 @@
 //! frame-batch loop with its causal-conv cache (and tiles frames, [`vae::Tiling`]), and
 //! [`limits`] checks a request's sizes and numbers before any work starts.
 //!
+//! Module map, in the order data flows: [`engine::Engine`] (an opened, checked engine: what the
+//! engine is) → [`session`] / [`backend`] (ONNX Runtime sessions on the engine's backend) →
+//! [`lora`] (what a LoRA is: files, LiLoRA, merge, the fuse kernel, switching, strategies) →
+//! [`pipeline`] (what a request is, and running it; [`layout`] for its tensor layouts) and
+//! [`stage`] (one component at a time). [`limits`] and [`error`] serve all of them.
+//!
 //! [`pipeline::Pipeline`] generates in named steps (check the request, apply a reference clip's
 //! LoRA for that request only, encode the first frame, denoise, decode); [`predict`] turns a
 //! reference clip into a LoRA; [`lora`] reads, converts, fuses and switches LoRAs; [`bundle`]

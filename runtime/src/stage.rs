@@ -271,7 +271,7 @@ pub fn run_stage(
         Stage::Dit => {
             let mut m = match lora {
                 None => dir.dit(opts)?,
-                Some(l) => dir.dit_with_lora(opts, l)?,
+                Some(l) => crate::lora::strategy::fused_dit(dir, opts, l)?,
             };
             let load_ms = ms(t0);
             let feed = stage

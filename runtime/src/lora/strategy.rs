@@ -118,7 +118,7 @@ impl DitRunner {
         match self.strategy {
             Strategy::Fused => {
                 self.model = match lora {
-                    Some(l) => dir.dit_with_lora(&self.opts, l)?,
+                    Some(l) => fused_dit(dir, &self.opts, l)?,
                     None => dir.dit(&self.opts)?,
                 };
             }
@@ -260,4 +260,36 @@ fn mapped_base(
         out.push((t.clone(), base));
     }
     Ok(out)
+}
+
+/// Loads `engine`'s DiT with `lora` fused into its weights (an ORT session built with the fused
+/// initializers in place of the base ones): the `fused` strategy, and `stage dit --lora`.
+pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> Result<Model> {
+    let e = engine
+        .manifest
+        .dit
+        .as_ref()
+        .ok_or_else(|| engine.missing("DiT", "dit"))?;
+    let path = engine.dir.join(&e.file);
+    let weights = crate::lora::apply::fused_weights(
+        &path,
+        &e.lora_targets,
+        &lora.lora,
+        lora.multiplier,
+        &lora.source,
+    )?;
+    let mut opts = opts.clone();
+    if opts.backend.backend == crate::backend::Backend::TensorRt {
+        // TensorRT's engine cache key ignores weight values: key this session's engine by
+        // its fused weights, or a cached engine of another LoRA (or the base) would be reused.
+        let mut h = crate::backend::PartsHasher::default();
+        h.part(opts.backend.weight_hash.as_bytes());
+        for (name, t) in &weights {
+            h.part(name.as_bytes());
+            let v = t.as_f32(name)?;
+            h.part(v2l_graphs::dtype::le_bytes(v));
+        }
+        opts.backend.weight_hash = h.finish();
+    }
+    Model::load_with_weights(&path, &opts, weights)
 }
