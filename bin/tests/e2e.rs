@@ -56,6 +56,16 @@ fn frames_of(t: &Tensor) -> Frames {
     }
 }
 
+/// The engine's pipeline with a given LoRA strategy.
+fn load(engine: &Path, strategy: Strategy) -> Pipeline {
+    Pipeline::load_with_strategy(
+        Engine::open(engine).unwrap(),
+        &SessionOptions::default(),
+        strategy,
+    )
+    .unwrap()
+}
+
 fn mae(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (a.as_f32("a").unwrap(), b.as_f32("b").unwrap());
     assert_eq!(a.len(), b.len());
@@ -129,12 +139,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
         "a reference's LoRA lingered into the next request"
     );
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
-        let mut p = Pipeline::load_with_strategy(
-            Engine::open(&eng).unwrap(),
-            &SessionOptions::default(),
-            strategy,
-        )
-        .unwrap();
+        let mut p = load(&eng, strategy);
         let mut with_ref = Request {
             lora: RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0),
             steps: 2,
@@ -294,12 +299,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
     };
     let mut results = Vec::new();
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
-        let mut p = Pipeline::load_with_strategy(
-            Engine::open(&eng).unwrap(),
-            &SessionOptions::default(),
-            strategy,
-        )
-        .unwrap();
+        let mut p = load(&eng, strategy);
         let x = AppliedLora {
             lora: p
                 .predict(&frames_of(&io["reference_u8"]), 1.0)

@@ -100,6 +100,17 @@ pub fn check_inputs(
         shapes.insert(name, t.shape.as_slice());
     }
     let dims = |name: &str| shapes.get(name).copied().unwrap_or(&[]);
+    // A 5-D input whose axis 1 must be `want` channels for `model`.
+    let channels = |name: &str, layout: &str, want: usize, model: &str| {
+        let s: [usize; 5] = sized(dims(name), layout).map_err(|m| bad(name, m))?;
+        if s[1] != want {
+            return Err(bad(
+                name,
+                format!("has shape {s:?}; {model} takes {want} channels"),
+            ));
+        }
+        Ok(s)
+    };
     let manifest = &dir.manifest;
     match stage {
         Stage::Dit => {
@@ -162,15 +173,11 @@ pub fn check_inputs(
                 .vae
                 .as_ref()
                 .ok_or_else(|| dir.missing("VAE", "vae"))?;
-            let s = sized(dims("video"), "[B, 3, F, H, W]").map_err(|m| bad("video", m))?;
-            let [_, c, _, h, w] = s;
-            if c != v.in_channels || h % 8 != 0 || w % 8 != 0 {
+            let [_, _, _, h, w] = channels("video", "[B, 3, F, H, W]", v.in_channels, "the VAE")?;
+            if h % 8 != 0 || w % 8 != 0 {
                 return Err(bad(
                     "video",
-                    format!(
-                        "has shape {s:?}; the VAE takes {} channels and H, W multiples of 8",
-                        v.in_channels
-                    ),
+                    format!("is {h}x{w}; the VAE takes H, W multiples of 8"),
                 ));
             }
         }
@@ -179,35 +186,20 @@ pub fn check_inputs(
                 .vae
                 .as_ref()
                 .ok_or_else(|| dir.missing("VAE", "vae"))?;
-            let s = sized(dims("latents"), "[B, C, F, H, W]").map_err(|m| bad("latents", m))?;
-            let [_, c, _, _, _] = s;
-            if c != v.latent_channels {
-                return Err(bad(
-                    "latents",
-                    format!(
-                        "has shape {s:?}; the VAE's latents have {} channels",
-                        v.latent_channels
-                    ),
-                ));
-            }
+            channels("latents", "[B, C, F, H, W]", v.latent_channels, "the VAE")?;
         }
         Stage::Hypernet => {
             let e = manifest
                 .hypernet
                 .as_ref()
                 .ok_or_else(|| dir.missing("hypernetwork", "hypernet"))?;
-            let s = sized(dims("reference_latents"), "[B, C, T, H, W]")
-                .map_err(|m| bad("reference_latents", m))?;
-            let [_, c, _, _, _] = s;
-            if c != e.dims.feature_dim {
-                return Err(bad(
-                    "reference_latents",
-                    format!(
-                        "has shape {s:?}; the hypernetwork takes {} channels",
-                        e.dims.feature_dim
-                    ),
-                ));
-            }
+            let want = e.dims.feature_dim;
+            channels(
+                "reference_latents",
+                "[B, C, T, H, W]",
+                want,
+                "the hypernetwork",
+            )?;
         }
     }
     Ok(())

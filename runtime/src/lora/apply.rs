@@ -5,7 +5,7 @@ use std::path::Path;
 use v2l_contracts::LinearInfo;
 
 use super::format::{Lora, LoraError, LoraLayer};
-use super::fuse::{fuse_from, Factors, Weights, WeightsMut};
+use super::fuse::{fuse_from, Weights, WeightsMut};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
 
@@ -78,19 +78,13 @@ pub fn fused_weights(
         }
         let w: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         let mut fused = vec![0f32; w.len()];
-        let (a, b) = (l.a.to_f32(), l.b.to_f32());
-        let f = Factors {
-            b: &b,
-            a: &a,
-            rank: l.rank(),
-            scale: l.scale(multiplier),
-        };
+        let plan = l.fuse_plan(multiplier);
         fuse_from(
             Weights::F32(&w),
             WeightsMut::F32(&mut fused),
             t.out_features,
             t.in_features,
-            &f,
+            &plan.factors(),
             0,
         )
         .map_err(|e| RuntimeError::Fuse {

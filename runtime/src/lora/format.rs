@@ -127,6 +127,16 @@ impl LoraLayer {
     pub fn scale(&self, multiplier: f32) -> f32 {
         multiplier * self.alpha / self.rank() as f32
     }
+
+    /// The factors widened to f32 with the fuse scale at `multiplier`, for the fuse kernel.
+    pub fn fuse_plan(&self, multiplier: f32) -> super::fuse::FusePlan {
+        super::fuse::FusePlan {
+            b: self.b.to_f32(),
+            a: self.a.to_f32(),
+            rank: self.rank(),
+            scale: self.scale(multiplier),
+        }
+    }
 }
 
 /// A LoRA: layers sorted by module path.

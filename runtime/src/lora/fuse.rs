@@ -227,6 +227,34 @@ pub struct Factors<'a> {
     pub scale: f32,
 }
 
+/// One layer's LoRA update owned in f32, ready for the kernel: what a LoRA layer becomes at a
+/// given strength ([`crate::lora::format::LoraLayer::fuse_plan`]).
+#[derive(Clone, Debug)]
+pub struct FusePlan {
+    pub b: Vec<f32>,
+    pub a: Vec<f32>,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+impl FusePlan {
+    /// The kernel's borrowed view.
+    pub fn factors(&self) -> Factors<'_> {
+        Factors {
+            b: &self.b,
+            a: &self.a,
+            rank: self.rank,
+            scale: self.scale,
+        }
+    }
+
+    /// Both factors finite (`name`: the layer, for the error): checked once per LoRA, before
+    /// any weight is touched.
+    pub fn check_finite(&self, name: &str) -> Result<(), FuseError> {
+        check_finite(name, &self.a).and_then(|_| check_finite(name, &self.b))
+    }
+}
+
 /// `w += s·B·A`, in one pass over `w` (`[out, inp]` row-major).
 pub fn fuse_in_place(
     w: WeightsMut,

@@ -136,19 +136,18 @@ impl DitRunner {
                     self.targets.iter().flat_map(zero_factors).collect();
                 if let Some(l) = lora {
                     for (t, layer) in match_targets(&l.lora, &self.targets, &l.source)? {
-                        let (a, b) = (layer.a.to_f32(), layer.b.to_f32());
-                        super::fuse::check_finite(&layer.module, &a)
-                            .and_then(|_| super::fuse::check_finite(&layer.module, &b))
+                        let fp = layer.fuse_plan(l.multiplier);
+                        fp.check_finite(&layer.module)
                             .map_err(|e| RuntimeError::Fuse {
                                 what: l.source.display().to_string(),
                                 source: e,
                             })?;
                         let [na, nb, ns] =
                             v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
-                        let r = layer.rank();
-                        fixed.insert(na, Tensor::f32(vec![r, t.in_features], a));
-                        fixed.insert(nb, Tensor::f32(vec![t.out_features, r], b));
-                        fixed.insert(ns, Tensor::f32(vec![1], vec![layer.scale(l.multiplier)]));
+                        let r = fp.rank;
+                        fixed.insert(na, Tensor::f32(vec![r, t.in_features], fp.a));
+                        fixed.insert(nb, Tensor::f32(vec![t.out_features, r], fp.b));
+                        fixed.insert(ns, Tensor::f32(vec![1], vec![fp.scale]));
                     }
                 }
                 self.model.set_fixed_inputs(fixed.into_iter().collect())?;

@@ -14,7 +14,7 @@ use v2l_contracts::LinearInfo;
 
 use super::apply::match_targets;
 use super::format::Lora;
-use super::fuse::{fuse_from, restore_from, Factors, Weights, WeightsMut};
+use super::fuse::{fuse_from, restore_from, Weights, WeightsMut};
 use crate::error::{Result, RuntimeError};
 
 /// A weight buffer in its storage type.
@@ -212,17 +212,15 @@ impl SwitchableWeights {
     /// module paths rewritten (the union of the previous and the new LoRA's layers).
     pub fn apply(&mut self, lora: Option<(&Lora, f32, &Path)>) -> Result<Vec<String>> {
         // Validate and prepare everything first: a bad LoRA leaves the live weights untouched.
-        let mut plan: Vec<(usize, Vec<f32>, Vec<f32>, usize, f32)> = Vec::new();
+        let mut plan: Vec<(usize, super::fuse::FusePlan)> = Vec::new();
         if let Some((lora, multiplier, source)) = lora {
             let targets = self.targets();
             for (t, l) in match_targets(lora, &targets, source)? {
-                let (a, b) = (l.a.to_f32(), l.b.to_f32());
-                super::fuse::check_finite(&l.module, &a)
-                    .and_then(|_| super::fuse::check_finite(&l.module, &b))
-                    .map_err(|e| RuntimeError::Fuse {
-                        what: source.display().to_string(),
-                        source: e,
-                    })?;
+                let fp = l.fuse_plan(multiplier);
+                fp.check_finite(&l.module).map_err(|e| RuntimeError::Fuse {
+                    what: source.display().to_string(),
+                    source: e,
+                })?;
                 let i = self
                     .index
                     .get(&t.name)
@@ -231,7 +229,7 @@ impl SwitchableWeights {
                         what: source.display().to_string(),
                         message: format!("layer `{}` is not a switchable weight", t.name),
                     })?;
-                plan.push((i, a, b, l.rank(), l.scale(multiplier)));
+                plan.push((i, fp));
             }
         }
         let next: BTreeSet<usize> = plan.iter().map(|p| p.0).collect();
@@ -249,16 +247,11 @@ impl SwitchableWeights {
             })?;
             rewritten.push(layer.info.name.clone());
         }
-        for (i, a, b, rank, scale) in &plan {
+        for (i, fp) in &plan {
             let Some(layer) = self.layers.get_mut(*i) else {
                 continue;
             };
-            let f = Factors {
-                b,
-                a,
-                rank: *rank,
-                scale: *scale,
-            };
+            let f = fp.factors();
             let (o, n) = (layer.info.out_features, layer.info.in_features);
             let Layer { base, live, info } = layer;
             fuse_from(base.view(), live.view_mut(), o, n, &f, threads).map_err(|e| {
