@@ -55,89 +55,82 @@ pub fn fuse_checkpoint(
             source,
         }
     };
-    v2l_contracts::atomic::build_dir(
-        out,
-        |p, source| RuntimeError::Io {
-            path: p.into(),
-            source,
-        },
-        |tmp| {
-            let mut fused: std::collections::HashMap<String, Vec<u8>> =
-                std::collections::HashMap::new();
-            for (t, l) in &pairs {
-                let key = format!("{}.weight", t.name);
-                let w = ck.get(&key).map_err(|e| RuntimeError::BadFile {
-                    path: base.into(),
-                    message: e.to_string(),
-                })?;
-                let bytes = w.data.stored_bytes();
-                let plan = l.fuse_plan(multiplier);
-                let (o, i) = (t.out_features, t.in_features);
-                let fail = |e: FuseError| RuntimeError::Fuse {
+    v2l_contracts::atomic::build_dir(out, RuntimeError::io, |tmp| {
+        let mut fused: std::collections::HashMap<String, Vec<u8>> =
+            std::collections::HashMap::new();
+        for (t, l) in &pairs {
+            let key = format!("{}.weight", t.name);
+            let w = ck.get(&key).map_err(|e| RuntimeError::BadFile {
+                path: base.into(),
+                message: e.to_string(),
+            })?;
+            let bytes = w.data.stored_bytes();
+            let plan = l.fuse_plan(multiplier);
+            let (o, i) = (t.out_features, t.in_features);
+            let fail = |e: FuseError| RuntimeError::Fuse {
+                what: key.clone(),
+                source: e,
+            };
+            let mut buf =
+                Buffer::from_le_bytes(w.dtype, bytes).ok_or_else(|| RuntimeError::Invalid {
                     what: key.clone(),
-                    source: e,
-                };
-                let mut buf =
-                    Buffer::from_le_bytes(w.dtype, bytes).ok_or_else(|| RuntimeError::Invalid {
-                        what: key.clone(),
-                        message: format!("cannot fuse into a {} weight", w.dtype),
-                    })?;
-                fuse_in_place(buf.view_mut(), o, i, &plan.factors(), 0).map_err(fail)?;
-                let bytes = buf.to_le_bytes();
-                fused.insert(key, bytes);
-            }
-            for (file, keys) in ck.files() {
-                let fname = file
-                    .file_name()
-                    .map(|n| n.to_os_string())
-                    .unwrap_or_default();
-                let tensors = keys
-                    .iter()
-                    .map(|k| {
-                        ck.get(k).map_err(|e| RuntimeError::BadFile {
-                            path: file.clone(),
-                            message: e.to_string(),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let mut views = Vec::with_capacity(keys.len());
-                for t in &tensors {
-                    let data: &[u8] = match fused.get(&t.key) {
-                        Some(b) => b,
-                        None => t.data.stored_bytes(),
-                    };
-                    let dt = match t.dtype {
-                        DType::F16 => safetensors::Dtype::F16,
-                        DType::BF16 => safetensors::Dtype::BF16,
-                        DType::F64 => safetensors::Dtype::F64,
-                        DType::I64 => safetensors::Dtype::I64,
-                        _ => safetensors::Dtype::F32,
-                    };
-                    let view = safetensors::tensor::TensorView::new(dt, t.shape.clone(), data)
-                        .map_err(|e| RuntimeError::Invalid {
-                            what: t.key.clone(),
-                            message: e.to_string(),
-                        })?;
-                    views.push((t.key.clone(), view));
-                }
-                let dst = tmp.join(&fname);
-                safetensors::serialize_to_file(views, &None, &dst).map_err(|e| {
-                    RuntimeError::Invalid {
-                        what: dst.display().to_string(),
-                        message: e.to_string(),
-                    }
+                    message: format!("cannot fuse into a {} weight", w.dtype),
                 })?;
+            fuse_in_place(buf.view_mut(), o, i, &plan.factors(), 0).map_err(fail)?;
+            let bytes = buf.to_le_bytes();
+            fused.insert(key, bytes);
+        }
+        for (file, keys) in ck.files() {
+            let fname = file
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
+            let tensors = keys
+                .iter()
+                .map(|k| {
+                    ck.get(k).map_err(|e| RuntimeError::BadFile {
+                        path: file.clone(),
+                        message: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut views = Vec::with_capacity(keys.len());
+            for t in &tensors {
+                let data: &[u8] = match fused.get(&t.key) {
+                    Some(b) => b,
+                    None => t.data.stored_bytes(),
+                };
+                let dt = match t.dtype {
+                    DType::F16 => safetensors::Dtype::F16,
+                    DType::BF16 => safetensors::Dtype::BF16,
+                    DType::F64 => safetensors::Dtype::F64,
+                    DType::I64 => safetensors::Dtype::I64,
+                    _ => safetensors::Dtype::F32,
+                };
+                let view = safetensors::tensor::TensorView::new(dt, t.shape.clone(), data)
+                    .map_err(|e| RuntimeError::Invalid {
+                        what: t.key.clone(),
+                        message: e.to_string(),
+                    })?;
+                views.push((t.key.clone(), view));
             }
-            for extra in [
-                "config.json",
-                "diffusion_pytorch_model.safetensors.index.json",
-            ] {
-                let src = base.join(extra);
-                if src.exists() {
-                    std::fs::copy(&src, tmp.join(extra)).map_err(io(&src))?;
+            let dst = tmp.join(&fname);
+            safetensors::serialize_to_file(views, &None, &dst).map_err(|e| {
+                RuntimeError::Invalid {
+                    what: dst.display().to_string(),
+                    message: e.to_string(),
                 }
+            })?;
+        }
+        for extra in [
+            "config.json",
+            "diffusion_pytorch_model.safetensors.index.json",
+        ] {
+            let src = base.join(extra);
+            if src.exists() {
+                std::fs::copy(&src, tmp.join(extra)).map_err(io(&src))?;
             }
-            Ok(pairs.len())
-        },
-    )
+        }
+        Ok(pairs.len())
+    })
 }

@@ -213,105 +213,94 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
         }
         None => (PartsHasher::default().finish(), Vec::new()),
     };
-    v2l_contracts::atomic::build_dir(
-        out,
-        |p, source| RuntimeError::Io {
-            path: p.into(),
-            source,
-        },
-        |tmp| {
-            let names = manifest_files(&dir, &manifest);
-            for f in &names {
-                let (from, to) = (dir.join(f), tmp.join(f));
-                // A hard link is instant for 20 GB models; copy across file systems. Rewritten
-                // graphs replace their link (write to a temporary name, rename), so the export
-                // itself is never modified.
-                if std::fs::hard_link(&from, &to).is_err() {
-                    std::fs::copy(&from, &to).map_err(io(&from))?;
-                }
+    v2l_contracts::atomic::build_dir(out, RuntimeError::io, |tmp| {
+        let names = manifest_files(&dir, &manifest);
+        for f in &names {
+            let (from, to) = (dir.join(f), tmp.join(f));
+            // A hard link is instant for 20 GB models; copy across file systems. Rewritten
+            // graphs replace their link (write to a temporary name, rename), so the export
+            // itself is never modified.
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(io(&from))?;
             }
-            let mut dit_variants = std::collections::BTreeMap::new();
-            let mut variant_files = Vec::new();
-            if let Some(d) = &manifest.dit {
-                let names: Vec<String> = d
-                    .lora_targets
-                    .iter()
-                    .map(|t| format!("{}.weight", t.name))
-                    .collect();
-                let src = tmp.join(&d.file);
-                let pass_err = |source| RuntimeError::GraphPass {
-                    path: src.clone(),
-                    source,
-                };
-                let write = |p: &Path, model: &v2l_graphs::proto::ModelProto| {
-                    v2l_graphs::write_model(p, model).map_err(|source| RuntimeError::GraphWrite {
-                        path: p.into(),
-                        source,
-                    })
-                };
-                let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;
-                if fuses_attention(backend) {
-                    let heads = d
-                        .config
-                        .get("num_attention_heads")
-                        .and_then(|v| v.as_i64())
-                        .unwrap_or(0);
-                    let attention = if heads > 0 {
-                        v2l_graphs::passes::fuse_attention(&mut base, heads)
-                    } else {
-                        0
-                    };
-                    if attention + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
-                        write(&src, &base)?;
-                    }
-                }
-                for (variant, file) in
-                    [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")]
-                {
-                    let mut model = base.clone();
-                    if variant == "bound" {
-                        v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
-                            .map_err(pass_err)?;
-                    } else {
-                        v2l_graphs::passes::add_lora_branches(&mut model, &names)
-                            .map_err(pass_err)?;
-                    }
-                    write(&tmp.join(file), &model)?;
-                    variant_files.push(file.to_string());
-                    dit_variants.insert(variant.to_string(), file.to_string());
-                }
-            }
-            let files = names
+        }
+        let mut dit_variants = std::collections::BTreeMap::new();
+        let mut variant_files = Vec::new();
+        if let Some(d) = &manifest.dit {
+            let names: Vec<String> = d
+                .lora_targets
                 .iter()
-                .chain(&variant_files)
-                .map(|f| file_entry(&tmp, f))
-                .collect::<Result<Vec<_>>>()?;
-            let bundle = Bundle {
-                format_version: FORMAT_VERSION,
-                backend,
-                precision,
-                lora_strategy: default_strategy(backend).into(),
-                weight_hash,
-                lora_targets,
-                files,
-                dit_variants,
-                producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
-                bundle_hash: String::new(),
+                .map(|t| format!("{}.weight", t.name))
+                .collect();
+            let src = tmp.join(&d.file);
+            let pass_err = |source| RuntimeError::GraphPass {
+                path: src.clone(),
+                source,
             };
-            let bundle = Bundle {
-                bundle_hash: bundle.self_hash()?,
-                ..bundle
+            let write = |p: &Path, model: &v2l_graphs::proto::ModelProto| {
+                v2l_graphs::write_model(p, model).map_err(|source| RuntimeError::GraphWrite {
+                    path: p.into(),
+                    source,
+                })
             };
-            let text =
-                serde_json::to_string_pretty(&bundle).map_err(|e| RuntimeError::Invalid {
-                    what: FILE_NAME.into(),
-                    message: e.to_string(),
-                })?;
-            let p = tmp.join(FILE_NAME);
-            std::fs::write(&p, text + "\n").map_err(io(&p))?;
-            Ok(bundle)
-        },
-    )
+            let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;
+            if fuses_attention(backend) {
+                let heads = d
+                    .config
+                    .get("num_attention_heads")
+                    .and_then(|v| v.as_i64())
+                    .unwrap_or(0);
+                let attention = if heads > 0 {
+                    v2l_graphs::passes::fuse_attention(&mut base, heads)
+                } else {
+                    0
+                };
+                if attention + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
+                    write(&src, &base)?;
+                }
+            }
+            for (variant, file) in [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")] {
+                let mut model = base.clone();
+                if variant == "bound" {
+                    v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
+                        .map_err(pass_err)?;
+                } else {
+                    v2l_graphs::passes::add_lora_branches(&mut model, &names).map_err(pass_err)?;
+                }
+                write(&tmp.join(file), &model)?;
+                variant_files.push(file.to_string());
+                dit_variants.insert(variant.to_string(), file.to_string());
+            }
+        }
+        let files = names
+            .iter()
+            .chain(&variant_files)
+            .map(|f| file_entry(&tmp, f))
+            .collect::<Result<Vec<_>>>()?;
+        let bundle = Bundle {
+            format_version: FORMAT_VERSION,
+            backend,
+            precision,
+            lora_strategy: default_strategy(backend).into(),
+            weight_hash,
+            lora_targets,
+            files,
+            dit_variants,
+            producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
+            bundle_hash: String::new(),
+        };
+        let bundle = Bundle {
+            bundle_hash: bundle.self_hash()?,
+            ..bundle
+        };
+        let text = serde_json::to_string_pretty(&bundle).map_err(|e| RuntimeError::Invalid {
+            what: FILE_NAME.into(),
+            message: e.to_string(),
+        })?;
+        let p = tmp.join(FILE_NAME);
+        std::fs::write(&p, text + "\n").map_err(io(&p))?;
+        Ok(bundle)
+    })
 }
 
 /// The LoRA strategy a backend uses by default (README: "LoRA strategies").

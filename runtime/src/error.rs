@@ -85,6 +85,14 @@ impl ErrorKind {
 }
 
 impl RuntimeError {
+    /// An I/O failure on `path`.
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        RuntimeError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
     /// The kind of fault (see [`ErrorKind`]).
     pub fn kind(&self) -> ErrorKind {
         use crate::lora::{format::LoraError, lilora::LiLoraError};
