@@ -12,6 +12,8 @@ pub enum DType {
     I64,
     I32,
     U8,
+    /// Quantised weights (int8 engines).
+    I8,
     Bool,
 }
 
@@ -22,7 +24,7 @@ impl DType {
             DType::F64 | DType::I64 => 8,
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::U8 | DType::Bool => 1,
+            DType::U8 | DType::I8 | DType::Bool => 1,
         }
     }
 
@@ -31,6 +33,7 @@ impl DType {
         match self {
             DType::F32 => 1,
             DType::U8 => 2,
+            DType::I8 => 3,
             DType::I32 => 6,
             DType::I64 => 7,
             DType::Bool => 9,
@@ -45,6 +48,7 @@ impl DType {
         [
             DType::F32,
             DType::U8,
+            DType::I8,
             DType::I32,
             DType::I64,
             DType::Bool,
@@ -70,6 +74,7 @@ impl DType {
             DType::I64 => "i64",
             DType::I32 => "i32",
             DType::U8 => "u8",
+            DType::I8 => "i8",
             DType::Bool => "bool",
         }
     }
@@ -173,7 +178,7 @@ mod tests {
 
     #[test]
     fn onnx_codes_round_trip() {
-        for d in [DType::F32, DType::F16, DType::BF16, DType::I64, DType::U8] {
+        for d in [DType::F32, DType::F16, DType::BF16, DType::I64, DType::U8, DType::I8] {
             assert_eq!(DType::from_onnx_code(d.onnx_code()), Some(d));
         }
     }

@@ -15,6 +15,7 @@ pub mod builder;
 pub mod dtype;
 pub mod passes;
 pub mod proto;
+pub mod quant;
 pub mod write;
 
 pub use builder::{Attr, Dim, Graph, Initializer, IoSpec, TensorData, Value, OPSET};

@@ -12,8 +12,15 @@ use std::collections::HashMap;
 
 mod attention;
 mod gelu;
+mod quantize;
 pub use attention::{fuse_attention, MS_DOMAIN};
 pub use gelu::fuse_gelu;
+pub use quantize::{int8_names, quantize_linears_int8, Quantized};
+
+/// An integer attribute of a node.
+fn attr_i(n: &proto::NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
 
 /// What a fusion matches on: initializers by name, the node producing each tensor and the
 /// nodes reading it.
@@ -139,6 +146,11 @@ pub enum PassError {
     MissingInitializer(String),
     #[error("`{0}` is not consumed by a Gemm as its B input (was the model exported by v2l?)")]
     NotGemm(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Turns the named initializers into required graph inputs (the initializers are removed).

@@ -19,15 +19,12 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::attr_i;
 use crate::builder::Attr;
 use crate::proto::{self, ModelProto, NodeProto};
 
 /// ONNX Runtime's contrib-op domain.
 pub const MS_DOMAIN: &str = "com.microsoft";
-
-fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
-    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
-}
 
 fn attr_ints<'a>(n: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
     n.attribute
