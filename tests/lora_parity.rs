@@ -59,6 +59,7 @@ fn lilora_fused_weights_match_upstream() {
         &lora,
         1.0,
         std::path::Path::new("video2lora"),
+        &Default::default(),
     )
     .unwrap();
     let want = load("fused_linear_weights.safetensors");
@@ -83,6 +84,7 @@ fn dit_with_video2lora_matches_upstream() {
         &video2lora(&targets),
         1.0,
         std::path::Path::new("video2lora"),
+        &Default::default(),
     )
     .unwrap();
     let io = load("dit_io.safetensors");
@@ -107,7 +109,7 @@ fn dit_with_peft_lora_matches_upstream() {
         .layers
         .iter()
         .all(|l| l.rank() == 4 && l.scale(1.0) == 2.0));
-    let fused = fused_weights(&model, &targets, &lora, 1.0, &path).unwrap();
+    let fused = fused_weights(&model, &targets, &lora, 1.0, &path, &Default::default()).unwrap();
     let want = load("peft_lora_io.safetensors");
     assert_close(
         "dit output_with_peft_lora",
@@ -161,6 +163,7 @@ fn mismatched_loras_are_refused() {
         &other,
         1.0,
         std::path::Path::new("other.safetensors"),
+        &Default::default(),
     )
     .unwrap_err()
     .to_string();
@@ -178,6 +181,7 @@ fn mismatched_loras_are_refused() {
         &lora,
         1.0,
         std::path::Path::new("bad.safetensors"),
+        &Default::default(),
     )
     .unwrap_err()
     .to_string();

@@ -13,6 +13,7 @@ use std::time::Instant;
 use v2l_export::{cogvideox_dit, synthetic};
 use v2l_graphs::DType;
 use v2l_runtime::{read_safetensors, write_safetensors, Tensor};
+use v2l_runtime::lora::strategy::Strategy;
 
 use crate::Failure;
 
@@ -225,13 +226,32 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         std::fs::write(&script, TORCH_SCRIPT)
             .map_err(|e| fail(format!("{}: {e}", script.display())))?;
     }
-    log("LoRA switch (bound strategy, rank 64 on every targeted layer)");
-    let (switch_ms, bound_mb) = bench_switch(&engine, b.threads, b.repeat.max(3), 64)?;
+    // The engine's own LoRA strategy (`bound` for f32, `unfused` for int8); below fp32 also
+    // `fused` (re-quantising from the f32 base), the other way the precision issue names.
+    let strategy = v2l_runtime::engine::Engine::open(&engine)?
+        .bundle
+        .and_then(|b| Strategy::parse(&b.lora_strategy))
+        .unwrap_or_default();
+    log(&format!(
+        "LoRA switch ({} strategy, rank 64 on every targeted layer)",
+        strategy.name()
+    ));
+    let (switch_ms, bound_mb) = bench_switch(&engine, strategy, b.threads, b.repeat.max(3), 64)?;
     if !b.json {
         println!(
-            "LoRA switch: {switch_ms:.1} ms (bound strategy, rank 64, all targeted layers); the loaded bound DiT adds {bound_mb:.0} MB of heap"
+            "LoRA switch: {switch_ms:.1} ms ({} strategy, rank 64, all targeted layers); the loaded DiT runner adds {bound_mb:.0} MB of heap",
+            strategy.name()
         );
     }
+    let fused_switch_ms = if b.precision != "fp32" && strategy != Strategy::Fused {
+        let (ms, _) = bench_switch(&engine, Strategy::Fused, b.threads, b.repeat.max(3), 64)?;
+        if !b.json {
+            println!("LoRA switch: {ms:.1} ms (fused strategy: re-quantised from the f32 base, new session)");
+        }
+        Some(ms)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     for &(frames, h, w) in &b.cases {
         if frames == 0 || (frames - 1) % 4 != 0 || h % 16 != 0 || w % 16 != 0 {
@@ -281,7 +301,8 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             "width": w, "tokens": tokens, "ms": steps["run_ms"], "runs_ms": steps["runs_ms"],
             "first_ms": j["run_ms"], "process_s": once.wall_s, "peak_rss_mb": once.peak_rss_mb,
             "load_s": j["load_ms"].as_f64().map(|v| v / 1e3), "lora_switch_ms": switch_ms,
-            "bound_heap_mb": bound_mb,
+            "bound_heap_mb": bound_mb, "lora_strategy": strategy.name(),
+            "lora_switch_fused_ms": fused_switch_ms,
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
         if let Some(py) = &b.torch_python {
@@ -305,6 +326,30 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             let t = read_safetensors(&tout)?;
             if let (Some(a), Some(t)) = (a.get("sample"), t.get("sample")) {
                 row["rel_l2_vs_torch"] = a.rel_l2(t).into();
+            }
+            // Below fp32 the speed to beat is PyTorch in bf16, what users run.
+            if b.precision != "fp32" {
+                log(&format!("{frames}x{h}x{w}: PyTorch bf16"));
+                let bout = case.join("torch_bf16.safetensors");
+                let r = run_measured(
+                    Command::new(py)
+                        .arg(&script)
+                        .arg("dit")
+                        .arg(&ck)
+                        .arg(&inputs)
+                        .arg(&bout)
+                        .args(["--threads", &b.threads.to_string()])
+                        .args(["--repeat", &b.repeat.max(1).to_string()])
+                        .args(["--dtype", "bf16"]),
+                )?;
+                let j = last_json(&r.stdout)?;
+                row["torch_bf16_ms"] = j["ms"].clone();
+                row["torch_bf16_runs_ms"] = j["runs_ms"].clone();
+                row["torch_bf16_peak_rss_mb"] = r.peak_rss_mb.into();
+                let bf = read_safetensors(&bout)?;
+                if let (Some(a), Some(t)) = (bf.get("sample"), t.get("sample")) {
+                    row["torch_bf16_rel_l2_vs_torch"] = a.rel_l2(t).into();
+                }
             }
         }
         if !b.json {
@@ -469,24 +514,24 @@ fn status_mb(field: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Loads the DiT with the `bound` LoRA strategy (the CPU default) and times switching to a
-/// rank-`rank` LoRA on every targeted layer (the union rewrite from the base, `SwitchableWeights`).
-/// Returns (median switch ms, anonymous resident MB the loaded runner added: heap, not the
-/// page cache of the memory-mapped base weights).
+/// Loads the DiT with a LoRA `strategy` and times switching to a rank-`rank` LoRA on every
+/// targeted layer. Returns (median switch ms, anonymous resident MB the loaded runner added:
+/// heap, not the page cache of the memory-mapped base weights).
 fn bench_switch(
     engine: &std::path::Path,
+    strategy: Strategy,
     threads: usize,
     repeat: usize,
     rank: usize,
 ) -> Result<(f64, f64), Failure> {
     use v2l_runtime::engine::Engine;
     use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
-    use v2l_runtime::lora::strategy::{DitRunner, Strategy};
+    use v2l_runtime::lora::strategy::DitRunner;
     use v2l_runtime::lora::AppliedLora;
     let dir = Engine::open(engine)?;
     let opts = dir.session_options(threads);
     let before = status_mb("RssAnon:");
-    let mut runner = DitRunner::load(&dir, &opts, Strategy::Bound)?;
+    let mut runner = DitRunner::load(&dir, &opts, strategy)?;
     let added = status_mb("RssAnon:") - before;
     let layers = dir
         .dit_targets()?

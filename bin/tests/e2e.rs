@@ -17,6 +17,11 @@ fn tiny() -> PathBuf {
 
 /// Exports the tiny pipeline (with the hypernetwork) and compiles it; returns the engine dir.
 pub fn engine(dir: &Path) -> PathBuf {
+    engine_with(dir, &[])
+}
+
+/// [`engine`] with more `v2l-compile` flags (e.g. `--precision int8`).
+fn engine_with(dir: &Path, compile: &[&str]) -> PathBuf {
     let t = tiny();
     let ex = dir.join("export");
     let eng = dir.join("engine");
@@ -34,6 +39,7 @@ pub fn engine(dir: &Path) -> PathBuf {
         .arg(&ex)
         .arg("-o")
         .arg(&eng)
+        .args(compile)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -382,5 +388,106 @@ fn lora_strategies_agree_and_switching_is_exact() {
         let (ex, ey) = (fx.rel_l2(&results[0].1), fy.rel_l2(&results[0].2));
         eprintln!("{s:?} vs fused: latents relative L2 X {ex:.3e}, Y {ey:.3e}");
         assert!(fx.rel_l2(&results[0].1) <= 1e-4 && fy.rel_l2(&results[0].2) <= 1e-4);
+    }
+}
+
+/// An int8 engine (weight-only int8 DiT linears). Its DiT is within 2e-2 of PyTorch's f32
+/// output on the fixture, with and without a LoRA, under both int8 LoRA strategies (`unfused`:
+/// an f32 branch beside the int8 weights, the default; `fused`: re-quantised from the f32 base);
+/// X → Y → X gives X's output bitwise in each; `bound` (f32 weights by reference) is refused.
+#[test]
+fn int8_engine_tracks_fp32_and_switches_loras_exactly() {
+    use std::collections::BTreeMap;
+    use v2l_runtime::lora::format;
+    use v2l_runtime::lora::strategy::DitRunner;
+    use v2l_runtime::lora::AppliedLora;
+    let d = tempfile::tempdir().unwrap();
+    let f32_eng = engine(&d.path().join("f32"));
+    let i8_eng = engine_with(&d.path().join("int8"), &["--precision", "int8"]);
+    let bundle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(i8_eng.join("bundle.json")).unwrap())
+            .unwrap();
+    assert_eq!(bundle["precision"], "int8");
+    assert_eq!(bundle["lora_strategy"], "unfused");
+    let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    let y = AppliedLora {
+        lora: format::read(&y_path, None).unwrap(),
+        source: y_path,
+        multiplier: 1.0,
+    };
+
+    // The DiT stage against PyTorch f32 (fixtures `dit_io`, `peft_lora_io`).
+    let dit_io = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
+    let want_y = read_safetensors(&tiny().join("peft_lora_io.safetensors")).unwrap();
+    let inputs: BTreeMap<String, Tensor> = dit_io
+        .iter()
+        .filter(|(k, _)| !k.starts_with("output"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let engine8 = Engine::open(&i8_eng).unwrap();
+    let opts = engine8.session_options(0);
+    for strategy in [Strategy::Unfused, Strategy::Fused] {
+        let mut dit = DitRunner::load(&engine8, &opts, strategy).unwrap();
+        let base = dit.run(&inputs).unwrap()["sample"].clone();
+        dit.set_lora(&engine8, Some(&y)).unwrap();
+        let with_y = dit.run(&inputs).unwrap()["sample"].clone();
+        let (e_base, e_y) = (
+            base.rel_l2(&dit_io["output"]),
+            with_y.rel_l2(&want_y["output_with_peft_lora"]),
+        );
+        eprintln!("{strategy:?}: int8 DiT vs PyTorch f32: base {e_base:.3e}, LoRA {e_y:.3e}");
+        assert!(e_base > 1e-5, "{strategy:?}: the int8 engine ran f32 weights");
+        assert!(e_base <= 2e-2 && e_y <= 2e-2, "{strategy:?}");
+    }
+    let err = DitRunner::load(&engine8, &opts, Strategy::Bound)
+        .err()
+        .expect("bound is refused on an int8 engine")
+        .to_string();
+    assert!(err.contains("`bound` LoRA strategy feeds f32 weights"), "{err}");
+
+    // Whole generations: X -> Y -> X is bitwise X; how far two guided steps drift from f32 is
+    // printed (guidance 6 multiplies the DiT's error).
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let req = Request {
+        image: frames_of(&io["first_frame_u8"]),
+        prompt_embeds: io["prompt_embeds"].clone(),
+        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
+        frames: 17,
+        steps: 2,
+        guidance: 6.0,
+        noise: io["initial_noise"].clone(),
+        lora: RequestLora::Resident,
+    };
+    let run = |p: &mut Pipeline| {
+        let g = p.generate(&req, &mut |_, _| true).unwrap();
+        g.latents_steps.last().unwrap().clone()
+    };
+    let mut reference = load(&f32_eng, Strategy::Bound);
+    reference.set_lora(Some(&y)).unwrap();
+    let y32 = run(&mut reference);
+    for strategy in [Strategy::Unfused, Strategy::Fused] {
+        let mut p = load(&i8_eng, strategy);
+        let base8 = run(&mut p);
+        let x = AppliedLora {
+            lora: p
+                .predict(&frames_of(&io["reference_u8"]), 1.0)
+                .unwrap()
+                .lora,
+            source: "x".into(),
+            multiplier: 1.0,
+        };
+        p.set_lora(Some(&y)).unwrap();
+        let y8 = run(&mut p);
+        eprintln!(
+            "{strategy:?}: int8 vs f32 generation with LoRA Y, latents after 2 steps at guidance 6: {:.3e}",
+            y8.rel_l2(&y32)
+        );
+        assert!(y8.rel_l2(&base8) > 1e-3, "{strategy:?}: Y had no effect");
+        p.set_lora(Some(&x)).unwrap();
+        let x8 = run(&mut p);
+        p.set_lora(Some(&y)).unwrap();
+        assert!(run(&mut p) == y8, "{strategy:?}: X -> Y is not Y");
+        p.set_lora(Some(&x)).unwrap();
+        assert!(run(&mut p) == x8, "{strategy:?}: X -> Y -> X is not X");
     }
 }

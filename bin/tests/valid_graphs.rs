@@ -1,6 +1,7 @@
 //! Every graph v2l writes is valid ONNX: `onnx.checker.check_model(full_check=True)` on the
 //! whole tiny pipeline export (DiT, VAE encoder and decoder, hypernetwork) and on the engines
-//! compiled from it for each backend (with their rewrites and LoRA-strategy variants).
+//! compiled from it for each backend (with their rewrites and LoRA-strategy variants) and for
+//! int8 (DynamicQuantizeMatMul over int8 weights).
 //!
 //! The checker is the `onnx` Python package that `scripts/setup.sh` installs into `.v2l/py`;
 //! only this test uses Python.
@@ -65,8 +66,13 @@ fn every_written_graph_passes_the_onnx_checker() {
         4,
         "dit, vae encoder/decoder, hypernet: {models:?}"
     );
-    for backend in ["cpu", "cuda", "tensorrt"] {
-        let engine = d.path().join(format!("engine-{backend}"));
+    for (backend, precision) in [
+        ("cpu", "fp32"),
+        ("cuda", "fp32"),
+        ("tensorrt", "fp32"),
+        ("cpu", "int8"),
+    ] {
+        let engine = d.path().join(format!("engine-{backend}-{precision}"));
         run(
             env!("CARGO_BIN_EXE_v2l-compile"),
             &[
@@ -75,10 +81,13 @@ fn every_written_graph_passes_the_onnx_checker() {
                 engine.as_os_str(),
                 "--backend".as_ref(),
                 backend.as_ref(),
+                "--precision".as_ref(),
+                precision.as_ref(),
             ],
         );
         let files = onnx_files(&engine);
-        assert_eq!(files.len(), 6, "4 graphs + bound/unfused DiT: {files:?}");
+        // fp32: 4 graphs + the bound and unfused DiT; int8: 4 graphs + the int8 and unfused DiT.
+        assert_eq!(files.len(), 6, "{backend} {precision}: {files:?}");
         models.extend(files);
     }
     let o = Command::new(python())

@@ -178,7 +178,14 @@ mod tests {
 
     #[test]
     fn onnx_codes_round_trip() {
-        for d in [DType::F32, DType::F16, DType::BF16, DType::I64, DType::U8, DType::I8] {
+        for d in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::I64,
+            DType::U8,
+            DType::I8,
+        ] {
             assert_eq!(DType::from_onnx_code(d.onnx_code()), Some(d));
         }
     }

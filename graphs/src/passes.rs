@@ -15,7 +15,7 @@ mod gelu;
 mod quantize;
 pub use attention::{fuse_attention, MS_DOMAIN};
 pub use gelu::fuse_gelu;
-pub use quantize::{int8_names, quantize_linears_int8, Quantized};
+pub use quantize::{int8_names, quantize_linears_int8, use_int8_weights, Quantized};
 
 /// An integer attribute of a node.
 fn attr_i(n: &proto::NodeProto, name: &str) -> Option<i64> {

@@ -26,7 +26,11 @@ pub fn quantize_int8_per_output(
         return None;
     }
     let mut inv = vec![0f32; out];
-    for ((row, s), v) in w.chunks_exact(inp.max(1)).zip(scale.iter_mut()).zip(&mut inv) {
+    for ((row, s), v) in w
+        .chunks_exact(inp.max(1))
+        .zip(scale.iter_mut())
+        .zip(&mut inv)
+    {
         let mut max = 0f32;
         for x in row {
             if !x.is_finite() {
@@ -89,7 +93,11 @@ mod tests {
             assert!((s[o] - max / 127.0).abs() <= f32::EPSILON * max);
             for i in 0..inp {
                 let err = (back[o * inp + i] - row[i]).abs();
-                assert!(err <= 0.5 * s[o] * (1.0 + 1e-5), "[{o}][{i}]: {err} > {}", 0.5 * s[o]);
+                assert!(
+                    err <= 0.5 * s[o] * (1.0 + 1e-5),
+                    "[{o}][{i}]: {err} > {}",
+                    0.5 * s[o]
+                );
             }
             // The largest value of the row maps to ±127 exactly.
             assert!((0..inp).any(|i| q[i * out + o].unsigned_abs() == 127));

@@ -74,14 +74,30 @@ impl Engine {
         }
     }
 
-    /// Loads the DiT graph.
+    /// Loads the DiT graph (of the engine's precision).
     pub fn dit(&self, opts: &SessionOptions) -> Result<Model> {
+        Model::load(&self.dit_path()?, opts)
+    }
+
+    /// The DiT graph this engine runs without a LoRA: the export's, or the bundle's graph for
+    /// its precision (`dit_int8.onnx` in an int8 engine).
+    pub fn dit_path(&self) -> Result<PathBuf> {
         let e = self
             .manifest
             .dit
             .as_ref()
             .ok_or_else(|| self.missing("DiT", "dit"))?;
-        Model::load(&self.dir.join(&e.file), opts)
+        let variant = self.bundle.as_ref().and_then(|b| {
+            (b.precision != crate::backend::Precision::Fp32)
+                .then(|| b.dit_variants.get(b.precision.name()))
+                .flatten()
+        });
+        Ok(self.dir.join(variant.unwrap_or(&e.file)))
+    }
+
+    /// The engine's precision (fp32 for a plain export directory).
+    pub fn precision(&self) -> crate::backend::Precision {
+        self.bundle.as_ref().map(|b| b.precision).unwrap_or_default()
     }
 
     /// The DiT's LoRA-targetable linear layers.

@@ -211,6 +211,7 @@ fn view(t: &Tensor) -> ort::Result<DynValueRef<'_>> {
         Data::F32(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
         Data::I64(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
         Data::U8(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
+        Data::I8(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
     })
 }
 
@@ -220,6 +221,7 @@ fn to_ort(t: &Tensor) -> ort::Result<DynValue> {
         Data::F32(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
         Data::I64(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
         Data::U8(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+        Data::I8(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
     })
 }
 

@@ -11,6 +11,8 @@ pub enum Data {
     F32(Vec<f32>),
     I64(Vec<i64>),
     U8(Vec<u8>),
+    /// Quantised weights handed to an int8 engine.
+    I8(Vec<i8>),
 }
 
 /// A dense row-major host tensor.
@@ -214,6 +216,7 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, T
             ),
             safetensors::Dtype::I64 => Data::I64(bytemuck::pod_collect_to_vec(b)),
             safetensors::Dtype::U8 => Data::U8(b.to_vec()),
+            safetensors::Dtype::I8 => Data::I8(bytemuck::pod_collect_to_vec(b)),
             other => {
                 return Err(RuntimeError::BadFile {
                     path: path.into(),
@@ -236,6 +239,7 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
                 Data::F32(v) => (safetensors::Dtype::F32, le_bytes(v).to_vec()),
                 Data::I64(v) => (safetensors::Dtype::I64, le_bytes(v).to_vec()),
                 Data::U8(v) => (safetensors::Dtype::U8, v.clone()),
+                Data::I8(v) => (safetensors::Dtype::I8, le_bytes(v).to_vec()),
             };
             (k.clone(), dt, t.shape.clone(), b)
         })

@@ -34,26 +34,21 @@ pub struct Quantized {
     /// Bytes of f32 weights replaced and of int8 weights + scales written.
     pub f32_bytes: u64,
     pub int8_bytes: u64,
+    /// The initializer entries of the int8 weights and scales, pointing into the data file.
+    pub tensors: Vec<proto::TensorProto>,
 }
 
-/// Rewrites every `Gemm` whose B input is one of `weights` (f32 initializers of the model read
-/// from `source`, the model file `model` was read from) into `DynamicQuantizeMatMul`, writing
-/// the int8 weights to `data` (a file beside the model that will be written; it is referenced
-/// by file name). Every named weight must be consumed by such a Gemm, with `transB=1`, no
-/// `transA`, unit `alpha`/`beta` and a bias that is absent or `[out]`.
-pub fn quantize_linears_int8(
-    model: &mut ModelProto,
-    source: &Path,
+/// Which Gemm node consumes each of `weights`, checked: `transB=1`, no `transA`, unit
+/// `alpha`/`beta`, a bias absent or `[out]`, and every weight found exactly once.
+fn gemms_of(
+    graph: &proto::GraphProto,
     weights: &[String],
-    data: &Path,
-) -> Result<Quantized, PassError> {
-    let graph = model.graph.get_or_insert_with(Default::default);
-    let dims: HashMap<String, Vec<i64>> = graph
+) -> Result<HashMap<usize, String>, PassError> {
+    let dims: HashMap<&str, &[i64]> = graph
         .initializer
         .iter()
-        .map(|t| (t.name.clone(), t.dims.clone()))
+        .map(|t| (t.name.as_str(), t.dims.as_slice()))
         .collect();
-    // Which Gemm consumes each weight, checked before anything is written.
     let mut gemm_of: HashMap<&str, usize> = HashMap::new();
     for (i, n) in graph.node.iter().enumerate() {
         if n.op_type != "Gemm" || !n.domain.is_empty() {
@@ -71,23 +66,53 @@ pub fn quantize_linears_int8(
                     .find(|x| x.name == *a)
                     .is_none_or(|x| x.f == 1.0)
             });
-        let out = dims.get(w).and_then(|d| d.first().copied());
+        let out = dims.get(w.as_str()).and_then(|d| d.first());
         let bias_ok = match n.input.get(2).filter(|b| !b.is_empty()) {
             None => true,
-            Some(b) => dims.get(b).is_some_and(|d| d.len() == 1 && d.first() == out.as_ref()),
+            Some(b) => dims
+                .get(b.as_str())
+                .is_some_and(|d| d.len() == 1 && d.first() == out),
         };
         if !plain || !bias_ok || gemm_of.insert(w, i).is_some() {
             return Err(PassError::NotGemm(w.clone()));
         }
     }
     if let Some(w) = weights.iter().find(|w| !gemm_of.contains_key(w.as_str())) {
-        return Err(if dims.contains_key(w) {
+        return Err(if dims.contains_key(w.as_str()) {
             PassError::NotGemm(w.clone())
         } else {
             PassError::MissingInitializer(w.clone())
         });
     }
+    Ok(gemm_of
+        .into_iter()
+        .map(|(w, i)| (i, w.to_string()))
+        .collect())
+}
 
+/// Rewrites every `Gemm` whose B input is one of `weights` (f32 initializers of the model read
+/// from `source`, the model file `model` was read from) into `DynamicQuantizeMatMul`, writing
+/// the int8 weights to `data` (a file beside the model that will be written; it is referenced
+/// by file name). Every named weight must be consumed by such a Gemm ([`gemms_of`]).
+pub fn quantize_linears_int8(
+    model: &mut ModelProto,
+    source: &Path,
+    weights: &[String],
+    data: &Path,
+) -> Result<Quantized, PassError> {
+    gemms_of(model.graph.get_or_insert_with(Default::default), weights)?;
+    let done = write_int8_weights(source, weights, data)?;
+    use_int8_weights(model, weights, &done.tensors)?;
+    Ok(done)
+}
+
+/// Quantises the named f32 weights of the model at `source` into the external-data file `data`
+/// (written whole under a temporary name), returning the tensor entries that point into it.
+fn write_int8_weights(
+    source: &Path,
+    weights: &[String],
+    data: &Path,
+) -> Result<Quantized, PassError> {
     let io = |e: std::io::Error| PassError::Io {
         path: data.to_path_buf(),
         source: e,
@@ -100,7 +125,7 @@ pub fn quantize_linears_int8(
     let mut file = std::io::BufWriter::with_capacity(8 << 20, tmp.reopen().map_err(io)?);
     let mut offset = 0u64;
     let mut done = Quantized::default();
-    let mut new_tensors = Vec::with_capacity(2 * weights.len());
+    let mut tensors = Vec::with_capacity(2 * weights.len());
     let mut append = |name: String, dtype: DType, dims: Vec<i64>, bytes: &[u8]| {
         let pad = (64 - offset % 64) % 64;
         file.write_all(&vec![0u8; pad as usize])?;
@@ -110,7 +135,7 @@ pub fn quantize_linears_int8(
             key: k.into(),
             value: v,
         };
-        new_tensors.push(proto::TensorProto {
+        tensors.push(proto::TensorProto {
             name,
             dims,
             data_type: dtype.onnx_code(),
@@ -136,12 +161,21 @@ pub fn quantize_linears_int8(
         let w: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         let mut q = vec![0i8; w.len()];
         let mut scale = vec![0f32; out];
-        crate::quant::quantize_int8_per_output(&w, out, inp, &mut q, &mut scale).ok_or_else(
-            || bad(format!("`{name}`: not finite, or not {out}×{inp} values")),
-        )?;
+        crate::quant::quantize_int8_per_output(&w, out, inp, &mut q, &mut scale)
+            .ok_or_else(|| bad(format!("`{name}`: not finite, or not {out}×{inp} values")))?;
         let [qn, sn] = int8_names(name);
-        append(qn, DType::I8, vec![inp as i64, out as i64], bytemuck::cast_slice(&q))?;
-        append(sn, DType::F32, vec![out as i64], bytemuck::cast_slice(&scale))?;
+        append(
+            qn,
+            DType::I8,
+            vec![inp as i64, out as i64],
+            bytemuck::cast_slice(&q),
+        )?;
+        append(
+            sn,
+            DType::F32,
+            vec![out as i64],
+            bytemuck::cast_slice(&scale),
+        )?;
         done.layers += 1;
         done.f32_bytes += bytes.len() as u64;
         done.int8_bytes += (q.len() + 4 * scale.len()) as u64;
@@ -154,8 +188,26 @@ pub fn quantize_linears_int8(
     file.flush().map_err(io)?;
     drop(file);
     tmp.persist(data).map_err(|e| io(e.error))?;
+    done.tensors = tensors;
+    Ok(done)
+}
 
-    let by_node: HashMap<usize, &str> = gemm_of.iter().map(|(w, i)| (*i, *w)).collect();
+/// Points the Gemms reading `weights` at int8 weights already written (`tensors`, from
+/// [`quantize_linears_int8`] on the same weights): how a second graph of the same engine (the
+/// LoRA-branch variant) shares one int8 weight file.
+pub fn use_int8_weights(
+    model: &mut ModelProto,
+    weights: &[String],
+    tensors: &[proto::TensorProto],
+) -> Result<(), PassError> {
+    let graph = model.graph.get_or_insert_with(Default::default);
+    let by_node = gemms_of(graph, weights)?;
+    let have: std::collections::HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    for w in weights {
+        if let Some(missing) = int8_names(w).iter().find(|n| !have.contains(n.as_str())) {
+            return Err(PassError::MissingInitializer(missing.clone()));
+        }
+    }
     for (i, n) in graph.node.iter_mut().enumerate() {
         let Some(w) = by_node.get(&i) else { continue };
         let [qn, sn] = int8_names(w);
@@ -168,9 +220,9 @@ pub fn quantize_linears_int8(
     }
     let replaced: std::collections::HashSet<&String> = weights.iter().collect();
     graph.initializer.retain(|t| !replaced.contains(&t.name));
-    graph.initializer.extend(new_tensors);
+    graph.initializer.extend(tensors.iter().cloned());
     import_ms_domain(model);
-    Ok(done)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -211,9 +263,16 @@ mod tests {
         assert_eq!(q.layers, 1);
         assert_eq!(q.f32_bytes, 24);
         let g = m.graph.as_ref().unwrap();
-        let n = g.node.iter().find(|n| n.op_type == "DynamicQuantizeMatMul").unwrap();
+        let n = g
+            .node
+            .iter()
+            .find(|n| n.op_type == "DynamicQuantizeMatMul")
+            .unwrap();
         assert_eq!(n.domain, MS_DOMAIN);
-        assert_eq!(n.input[1..], ["lin.weight.int8", "lin.weight.scale", "", "lin.bias"]);
+        assert_eq!(
+            n.input[1..],
+            ["lin.weight.int8", "lin.weight.scale", "", "lin.bias"]
+        );
         assert!(!g.node.iter().any(|n| n.op_type == "Gemm"));
         assert!(!g.initializer.iter().any(|t| t.name == "lin.weight"));
         assert!(m.opset_import.iter().any(|o| o.domain == MS_DOMAIN));
@@ -238,7 +297,10 @@ mod tests {
         let mut m = crate::read_model(&src).unwrap();
         let data = d.path().join("q.data");
         let e = quantize_linears_int8(&mut m, &src, &["lin.bias".into()], &data).unwrap_err();
-        assert!(matches!(e, PassError::NotGemm(ref w) if w == "lin.bias"), "{e}");
+        assert!(
+            matches!(e, PassError::NotGemm(ref w) if w == "lin.bias"),
+            "{e}"
+        );
         let e = quantize_linears_int8(&mut m, &src, &["nope.weight".into()], &data).unwrap_err();
         assert!(matches!(e, PassError::MissingInitializer(_)), "{e}");
         assert!(!data.exists());

@@ -1,5 +1,6 @@
 //! Applying a LoRA to a model's weights: match layers to targets, fuse from the base weights.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use v2l_contracts::LinearInfo;
@@ -51,50 +52,101 @@ pub fn match_targets<'a>(
 }
 
 /// The fused weights `W + s·B·A` (s = multiplier·alpha/r) of every layer `lora` touches, read
-/// from the base weights in the ONNX model at `model`, named as its initializers.
+/// one layer at a time from the f32 base weights in the ONNX model at `model`, named as the
+/// engine's initializers: f32 `<module>.weight`, or for the weights in `int8` re-quantised as an
+/// int8 engine's own are (`<module>.weight.int8` `[in, out]` and `<module>.weight.scale` `[out]`,
+/// `v2l_graphs::quant`).
 pub fn fused_weights(
     model: &Path,
     targets: &[LinearInfo],
     lora: &Lora,
     multiplier: f32,
     source: &Path,
+    int8: &BTreeSet<String>,
 ) -> Result<Vec<(String, Tensor)>> {
     let pairs = match_targets(lora, targets, source)?;
     let names: Vec<String> = pairs
         .iter()
         .map(|(t, _)| format!("{}.weight", t.name))
         .collect();
-    let base = v2l_graphs::read_initializers(model, &names).map_err(|source| RuntimeError::Io {
+    let mut out = Vec::with_capacity(pairs.len());
+    let mut layers = pairs.into_iter();
+    let mut failed = None;
+    let read = v2l_graphs::for_each_initializer(model, &names, &mut |name, dtype, _, bytes| {
+        let Some((t, l)) = layers.next() else {
+            return Ok(());
+        };
+        match fuse_layer(name, dtype, &bytes, t, l, multiplier, int8.contains(name)) {
+            Ok(tensors) => out.extend(tensors),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+        Ok(())
+    });
+    read.map_err(|source| RuntimeError::Io {
         path: model.into(),
         source,
     })?;
-    let mut out = Vec::with_capacity(pairs.len());
-    for ((t, l), (name, dtype, _, bytes)) in pairs.into_iter().zip(base) {
-        if dtype != v2l_graphs::DType::F32 {
-            return Err(RuntimeError::Invalid {
-                what: model.display().to_string(),
-                message: format!("`{name}` is stored as {dtype}; fusing into f16/bf16 engine weights needs an engine bundle (not yet)"),
-            });
-        }
-        let w: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
-        let mut fused = vec![0f32; w.len()];
-        let plan = l.fuse_plan(multiplier);
-        fuse_from(
-            Weights::F32(&w),
-            WeightsMut::F32(&mut fused),
-            t.out_features,
-            t.in_features,
-            &plan.factors(),
-            0,
-        )
-        .map_err(|e| RuntimeError::Fuse {
-            what: name.clone(),
-            source: e,
-        })?;
-        out.push((
-            name,
-            Tensor::f32(vec![t.out_features, t.in_features], fused),
-        ));
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
     }
-    Ok(out)
+}
+
+/// One layer of [`fused_weights`].
+fn fuse_layer(
+    name: &str,
+    dtype: v2l_graphs::DType,
+    bytes: &[u8],
+    t: &LinearInfo,
+    l: &LoraLayer,
+    multiplier: f32,
+    int8: bool,
+) -> Result<Vec<(String, Tensor)>> {
+    if dtype != v2l_graphs::DType::F32 {
+        return Err(RuntimeError::Invalid {
+            what: name.into(),
+            message: format!("stored as {dtype}; fusing into f16/bf16 engine weights is not built yet"),
+        });
+    }
+    let w: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
+    let mut fused = vec![0f32; w.len()];
+    let plan = l.fuse_plan(multiplier);
+    let (o, i) = (t.out_features, t.in_features);
+    fuse_from(
+        Weights::F32(&w),
+        WeightsMut::F32(&mut fused),
+        o,
+        i,
+        &plan.factors(),
+        0,
+    )
+    .map_err(|e| RuntimeError::Fuse {
+        what: name.into(),
+        source: e,
+    })?;
+    Ok(match int8 {
+        false => vec![(name.to_string(), Tensor::f32(vec![o, i], fused))],
+        true => {
+            let mut q = vec![0i8; fused.len()];
+            let mut scale = vec![0f32; o];
+            v2l_graphs::quant::quantize_int8_per_output(&fused, o, i, &mut q, &mut scale)
+                .ok_or_else(|| RuntimeError::Invalid {
+                    what: name.into(),
+                    message: "the fused weight is not finite".into(),
+                })?;
+            let [qn, sn] = v2l_graphs::passes::int8_names(name);
+            vec![
+                (
+                    qn,
+                    Tensor {
+                        shape: vec![i, o],
+                        data: crate::tensor::Data::I8(q),
+                    },
+                ),
+                (sn, Tensor::f32(vec![o], scale)),
+            ]
+        }
+    })
 }

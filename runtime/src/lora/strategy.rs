@@ -83,6 +83,15 @@ impl DitRunner {
         let mut weights = None;
         let model = match strategy {
             Strategy::Fused => dir.dit(opts)?,
+            Strategy::Bound if dir.precision() != crate::backend::Precision::Fp32 => {
+                return Err(RuntimeError::Invalid {
+                    what: dir.dir.display().to_string(),
+                    message: format!(
+                        "the `bound` LoRA strategy feeds f32 weights; this {} engine uses `unfused` or `fused`",
+                        dir.precision().name()
+                    ),
+                })
+            }
             Strategy::Bound => {
                 let e = dir
                     .manifest
@@ -269,14 +278,23 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
         .dit
         .as_ref()
         .ok_or_else(|| engine.missing("DiT", "dit"))?;
-    let path = engine.dir.join(&e.file);
+    // The f32 base is the export's graph in every engine; an int8 engine's graph takes its
+    // int8 layers' fused weights re-quantised.
+    let base = engine.dir.join(&e.file);
+    let int8 = engine
+        .bundle
+        .as_ref()
+        .map(|b| b.int8_weights())
+        .unwrap_or_default();
     let weights = crate::lora::apply::fused_weights(
-        &path,
+        &base,
         &e.lora_targets,
         &lora.lora,
         lora.multiplier,
         &lora.source,
+        &int8,
     )?;
+    let path = engine.dit_path()?;
     let mut opts = opts.clone();
     if opts.backend.backend == crate::backend::Backend::TensorRt {
         // TensorRT's engine cache key ignores weight values: key this session's engine by
