@@ -871,6 +871,21 @@ fn bad_stage_inputs_are_refused_before_work() {
     let o = run("v2l-compile", &[engine, "-o", empty.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(empty.join("bundle.json").is_file());
+
+    // Precisions not built for a backend are refused by name, leaving nothing behind.
+    for (precision, backend, why) in [
+        ("bf16", "cpu", "fp16/bf16 precision passes are not built yet"),
+        ("int8", "tensorrt", "int8 engines are built for the CPU backend"),
+    ] {
+        let out = d.path().join(format!("{precision}-{backend}"));
+        let o = run(
+            "v2l-compile",
+            &[engine, "-o", out.to_str().unwrap(), "--precision", precision, "--backend", backend],
+        );
+        assert_clean_failure(&o, why);
+        assert!(stderr(&o).contains(&format!("--precision {precision}")));
+        assert!(!out.exists());
+    }
 }
 
 /// A reference clip too short to carry motion is refused before any session is built; one of

@@ -18,12 +18,20 @@ use v2l_runtime::backend::{Backend, Precision};
 /// MultiHeadAttention and GELU its FastGelu; tensorrt keeps the plain pattern its builder fuses.
 ///
 /// Backends: `cpu` (ONNX Runtime, runs here); `cuda` and `tensorrt` go through ONNX Runtime's
-/// execution providers on a machine with onnxruntime-gpu (not yet run on a GPU). Precision:
-/// fp32 today.
+/// execution providers on a machine with onnxruntime-gpu (not yet run on a GPU).
 ///
-/// Example:
+/// Precision: `fp32`, or on cpu `int8`: the DiT's token-wise linears (attention projections,
+/// feed-forward, text projection) as int8 weights with one scale per output channel, run by
+/// ONNX Runtime's DynamicQuantizeMatMul (activations quantised per tensor on the fly); the
+/// conditioning-path layers, the output projection, the VAE and the hypernetwork stay fp32.
+/// The fp32 weights stay in the bundle as the base LoRAs are fused from; a LoRA runs as an fp32
+/// low-rank branch beside the int8 weights (exact in the LoRA, switched by copying factors).
+/// fp16/bf16 are not built yet.
+///
+/// Examples:
 ///   v2l-export pipeline models/CogVideoX-5b-I2V -o export/
 ///   v2l-compile export/ -o engine/ --backend cpu
+///   v2l-compile export/ -o engine-int8/ --precision int8
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -32,6 +40,7 @@ struct Cli {
     /// Output engine directory (created; if it exists it must be empty)
     #[arg(short, long)]
     output: PathBuf,
+    /// Numeric precision of the engine (int8: cpu backend; fp16/bf16: not built yet)
     #[arg(long, value_enum, default_value = "fp32")]
     precision: PrecisionArg,
     #[arg(long, value_enum, default_value = "cpu")]
