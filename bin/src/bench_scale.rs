@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use v2l_export::{cogvideox_dit, synthetic};
 use v2l_graphs::DType;
-use v2l_runtime::{read_safetensors, write_safetensors, Tensor};
 use v2l_runtime::lora::strategy::Strategy;
+use v2l_runtime::{read_safetensors, write_safetensors};
 
 use crate::Failure;
 
@@ -171,46 +171,6 @@ fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64)
     Ok((ck, engine, t.elapsed().as_secs_f64()))
 }
 
-/// DiT inputs at a pixel size: batch 2 (classifier-free guidance), the full 226-token prompt.
-fn dit_inputs(
-    cfg: &serde_json::Value,
-    frames: usize,
-    h: usize,
-    w: usize,
-) -> Result<Vec<(String, Tensor)>, Failure> {
-    let get = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
-    let (p, dh, cin, text) = (
-        get("patch_size"),
-        get("attention_head_dim"),
-        get("in_channels"),
-        get("text_embed_dim"),
-    );
-    let (lf, lh, lw) = ((frames - 1) / 4 + 1, h / 8, w / 8);
-    let (cos, sin) = v2l_runtime::rope::cogvideox_rope(
-        dh,
-        lf,
-        lh,
-        lw,
-        p,
-        get("sample_height"),
-        get("sample_width"),
-    )?;
-    let s = lf * (lh / p) * (lw / p);
-    Ok(vec![
-        (
-            "hidden_states".into(),
-            v2l_runtime::tensor::gaussian_noise(vec![2, lf, cin, lh, lw], 1),
-        ),
-        (
-            "encoder_hidden_states".into(),
-            v2l_runtime::tensor::gaussian_noise(vec![2, 226, text], 2),
-        ),
-        ("timestep".into(), Tensor::i64(vec![2], vec![999, 999])),
-        ("rope_cos".into(), Tensor::f32(vec![s, dh], cos)),
-        ("rope_sin".into(), Tensor::f32(vec![s, dh], sin)),
-    ])
-}
-
 pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     let quiet = b.json;
     let log = |m: &str| {
@@ -262,7 +222,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         let case = b.dir.join(format!("dit-{frames}x{h}x{w}"));
         std::fs::create_dir_all(&case).map_err(|e| fail(format!("{}: {e}", case.display())))?;
         let inputs = case.join("inputs.safetensors");
-        let feed = dit_inputs(&config, frames, h, w)?;
+        let feed = v2l_runtime::accuracy::dit_sample_inputs(&config, frames, h, w, 226)?;
         let tokens = 226 + feed[3].1.shape[0];
         write_safetensors(&inputs, &feed.into_iter().collect())?;
         let out = case.join("v2l.safetensors");

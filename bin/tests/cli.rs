@@ -874,13 +874,29 @@ fn bad_stage_inputs_are_refused_before_work() {
 
     // Precisions not built for a backend are refused by name, leaving nothing behind.
     for (precision, backend, why) in [
-        ("bf16", "cpu", "fp16/bf16 precision passes are not built yet"),
-        ("int8", "tensorrt", "int8 engines are built for the CPU backend"),
+        (
+            "bf16",
+            "cpu",
+            "fp16/bf16 precision passes are not built yet",
+        ),
+        (
+            "int8",
+            "tensorrt",
+            "int8 engines are built for the CPU backend",
+        ),
     ] {
         let out = d.path().join(format!("{precision}-{backend}"));
         let o = run(
             "v2l-compile",
-            &[engine, "-o", out.to_str().unwrap(), "--precision", precision, "--backend", backend],
+            &[
+                engine,
+                "-o",
+                out.to_str().unwrap(),
+                "--precision",
+                precision,
+                "--backend",
+                backend,
+            ],
         );
         assert_clean_failure(&o, why);
         assert!(stderr(&o).contains(&format!("--precision {precision}")));

@@ -409,6 +409,10 @@ fn int8_engine_tracks_fp32_and_switches_loras_exactly() {
             .unwrap();
     assert_eq!(bundle["precision"], "int8");
     assert_eq!(bundle["lora_strategy"], "unfused");
+    // The compile-time accuracy record: the DiT, measured, below the bound.
+    let recorded = bundle["accuracy"][0]["rel_l2"].as_f64().unwrap();
+    assert_eq!(bundle["accuracy"][0]["stage"], "dit");
+    assert!(recorded > 1e-5 && recorded <= 2e-2, "{recorded}");
     let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
     let y = AppliedLora {
         lora: format::read(&y_path, None).unwrap(),
@@ -436,14 +440,20 @@ fn int8_engine_tracks_fp32_and_switches_loras_exactly() {
             with_y.rel_l2(&want_y["output_with_peft_lora"]),
         );
         eprintln!("{strategy:?}: int8 DiT vs PyTorch f32: base {e_base:.3e}, LoRA {e_y:.3e}");
-        assert!(e_base > 1e-5, "{strategy:?}: the int8 engine ran f32 weights");
+        assert!(
+            e_base > 1e-5,
+            "{strategy:?}: the int8 engine ran f32 weights"
+        );
         assert!(e_base <= 2e-2 && e_y <= 2e-2, "{strategy:?}");
     }
     let err = DitRunner::load(&engine8, &opts, Strategy::Bound)
         .err()
         .expect("bound is refused on an int8 engine")
         .to_string();
-    assert!(err.contains("`bound` LoRA strategy feeds f32 weights"), "{err}");
+    assert!(
+        err.contains("`bound` LoRA strategy feeds f32 weights"),
+        "{err}"
+    );
 
     // Whole generations: X -> Y -> X is bitwise X; how far two guided steps drift from f32 is
     // printed (guidance 6 multiplies the DiT's error).

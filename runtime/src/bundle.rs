@@ -54,6 +54,10 @@ pub struct Bundle {
     #[serde(default)]
     pub dit_variants: std::collections::BTreeMap<String, String>,
     pub producer: String,
+    /// Below fp32: each changed stage's relative L2 against the fp32 graph, measured at compile
+    /// time on generated inputs (`crate::accuracy`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accuracy: Vec<crate::accuracy::StageAccuracy>,
     /// BLAKE3 of this record with this field empty: an edit to `bundle.json` itself (strategy,
     /// weight hash, target table) is caught like an edit to any other part.
     #[serde(default)]
@@ -214,7 +218,10 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             })
             .map_err(io(&model))?;
             if precision == Precision::Int8 {
-                for t in targets.iter_mut().filter(|t| quantises_int8(&t.initializer)) {
+                for t in targets
+                    .iter_mut()
+                    .filter(|t| quantises_int8(&t.initializer))
+                {
                     t.dtype = v2l_graphs::DType::I8.name().into();
                 }
             }
@@ -234,6 +241,7 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             }
         }
         let mut dit_variants = std::collections::BTreeMap::new();
+        let mut accuracy = Vec::new();
         let mut variant_files = Vec::new();
         if let Some(d) = &manifest.dit {
             let names: Vec<String> = d
@@ -287,6 +295,12 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                 )
                 .map_err(pass_err)?;
                 write(&tmp.join(file), &model)?;
+                accuracy.push(crate::accuracy::dit_accuracy(
+                    d,
+                    &src,
+                    &tmp.join(file),
+                    &crate::session::SessionOptions::default(),
+                )?);
                 variant_files.extend([file.to_string(), data.to_string()]);
                 dit_variants.insert(precision.name().to_string(), file.to_string());
                 Some(q.tensors)
@@ -298,8 +312,10 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                 match (variant, &int8) {
                     // `bound` feeds f32 weights by reference; an int8 engine has none to feed.
                     ("bound", Some(_)) => continue,
-                    ("bound", None) => v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
-                        .map_err(pass_err)?,
+                    ("bound", None) => {
+                        v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
+                            .map_err(pass_err)?
+                    }
                     (_, int8) => {
                         v2l_graphs::passes::add_lora_branches(&mut model, &names)
                             .map_err(pass_err)?;
@@ -329,6 +345,7 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             files,
             dit_variants,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
+            accuracy,
             bundle_hash: String::new(),
         };
         let bundle = Bundle {
@@ -377,8 +394,8 @@ pub fn quantises_int8(name: &str) -> bool {
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let mut parts = module.rsplit('.');
     let (last, parent) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let conditioning = module.starts_with("time_embedding.")
-        || (last == "linear" && parent.starts_with("norm"));
+    let conditioning =
+        module.starts_with("time_embedding.") || (last == "linear" && parent.starts_with("norm"));
     !(conditioning || module == "proj_out")
 }
 

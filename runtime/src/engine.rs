@@ -97,7 +97,10 @@ impl Engine {
 
     /// The engine's precision (fp32 for a plain export directory).
     pub fn precision(&self) -> crate::backend::Precision {
-        self.bundle.as_ref().map(|b| b.precision).unwrap_or_default()
+        self.bundle
+            .as_ref()
+            .map(|b| b.precision)
+            .unwrap_or_default()
     }
 
     /// The DiT's LoRA-targetable linear layers.

@@ -25,6 +25,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod accuracy;
 pub mod backend;
 pub mod bundle;
 pub mod engine;

@@ -45,6 +45,10 @@ struct Cli {
     precision: PrecisionArg,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
+    /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
+    /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
+    #[arg(long)]
+    report: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -87,6 +91,21 @@ fn main() -> ExitCode {
             b.lora_targets.len(),
             b.weight_hash
         );
+        for a in &b.accuracy {
+            println!(
+                "accuracy: {} {:.2e} relative L2 against fp32 ({})",
+                a.stage, a.rel_l2, a.inputs
+            );
+        }
+        if cli.report {
+            let report = serde_json::json!({
+                "precision": b.precision.name(),
+                "backend": b.backend.name(),
+                "accuracy": b.accuracy,
+                "int8_weights": b.int8_weights(),
+            });
+            println!("{report}");
+        }
         Ok(())
     })
 }

@@ -107,7 +107,9 @@ fn fuse_layer(
     if dtype != v2l_graphs::DType::F32 {
         return Err(RuntimeError::Invalid {
             what: name.into(),
-            message: format!("stored as {dtype}; fusing into f16/bf16 engine weights is not built yet"),
+            message: format!(
+                "stored as {dtype}; fusing into f16/bf16 engine weights is not built yet"
+            ),
         });
     }
     let w: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
