@@ -266,48 +266,39 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
         if let Some(py) = &b.torch_python {
-            log(&format!("{frames}x{h}x{w}: PyTorch"));
-            let tout = case.join("torch.safetensors");
-            let r = run_measured(
-                Command::new(py)
-                    .arg(&script)
-                    .arg("dit")
-                    .arg(&ck)
-                    .arg(&inputs)
-                    .arg(&tout)
-                    .args(["--threads", &b.threads.to_string()])
-                    .args(["--repeat", &b.repeat.max(1).to_string()]),
-            )?;
-            let j = last_json(&r.stdout)?;
-            row["torch_ms"] = j["ms"].clone();
-            row["torch_runs_ms"] = j["runs_ms"].clone();
-            row["torch_peak_rss_mb"] = r.peak_rss_mb.into();
-            let a = read_safetensors(&out)?;
-            let t = read_safetensors(&tout)?;
-            if let (Some(a), Some(t)) = (a.get("sample"), t.get("sample")) {
-                row["rel_l2_vs_torch"] = a.rel_l2(t).into();
-            }
-            // Below fp32 the speed to beat is PyTorch in bf16, what users run.
-            if b.precision != "fp32" {
-                log(&format!("{frames}x{h}x{w}: PyTorch bf16"));
-                let bout = case.join("torch_bf16.safetensors");
+            // The same module in diffusers, in `dtype`: (median ms, runs, peak RSS MB, output).
+            let torch = |dtype: &str, out: &std::path::Path| {
+                log(&format!("{frames}x{h}x{w}: PyTorch {dtype}"));
                 let r = run_measured(
                     Command::new(py)
                         .arg(&script)
                         .arg("dit")
                         .arg(&ck)
                         .arg(&inputs)
-                        .arg(&bout)
+                        .arg(out)
                         .args(["--threads", &b.threads.to_string()])
                         .args(["--repeat", &b.repeat.max(1).to_string()])
-                        .args(["--dtype", "bf16"]),
+                        .args(["--dtype", dtype]),
                 )?;
                 let j = last_json(&r.stdout)?;
-                row["torch_bf16_ms"] = j["ms"].clone();
-                row["torch_bf16_runs_ms"] = j["runs_ms"].clone();
-                row["torch_bf16_peak_rss_mb"] = r.peak_rss_mb.into();
-                let bf = read_safetensors(&bout)?;
-                if let (Some(a), Some(t)) = (bf.get("sample"), t.get("sample")) {
+                let sample = read_safetensors(out)?.remove("sample");
+                Ok::<_, Failure>((j["ms"].clone(), j["runs_ms"].clone(), r.peak_rss_mb, sample))
+            };
+            let (ms, runs, rss, t) = torch("fp32", &case.join("torch.safetensors"))?;
+            row["torch_ms"] = ms;
+            row["torch_runs_ms"] = runs;
+            row["torch_peak_rss_mb"] = rss.into();
+            let a = read_safetensors(&out)?;
+            if let (Some(a), Some(t)) = (a.get("sample"), &t) {
+                row["rel_l2_vs_torch"] = a.rel_l2(t).into();
+            }
+            // Below fp32 the speed to beat is PyTorch in bf16, what users run.
+            if b.precision != "fp32" {
+                let (ms, runs, rss, bf) = torch("bf16", &case.join("torch_bf16.safetensors"))?;
+                row["torch_bf16_ms"] = ms;
+                row["torch_bf16_runs_ms"] = runs;
+                row["torch_bf16_peak_rss_mb"] = rss.into();
+                if let (Some(a), Some(t)) = (&bf, &t) {
                     row["torch_bf16_rel_l2_vs_torch"] = a.rel_l2(t).into();
                 }
             }

@@ -62,6 +62,35 @@ fn frames_of(t: &Tensor) -> Frames {
     }
 }
 
+/// The fixture's request (first frame, prompts, noise: 17 frames at guidance 6), two steps.
+fn two_step_request(io: &std::collections::BTreeMap<String, Tensor>) -> Request {
+    Request {
+        image: frames_of(&io["first_frame_u8"]),
+        prompt_embeds: io["prompt_embeds"].clone(),
+        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
+        frames: 17,
+        steps: 2,
+        guidance: 6.0,
+        noise: io["initial_noise"].clone(),
+        lora: RequestLora::Resident,
+    }
+}
+
+/// The Video2LoRA LoRA the pipeline predicts from the fixture's reference clip ("x").
+fn reference_lora(
+    p: &mut Pipeline,
+    io: &std::collections::BTreeMap<String, Tensor>,
+) -> v2l_runtime::lora::AppliedLora {
+    v2l_runtime::lora::AppliedLora {
+        lora: p
+            .predict(&frames_of(&io["reference_u8"]), 1.0)
+            .unwrap()
+            .lora,
+        source: "x".into(),
+        multiplier: 1.0,
+    }
+}
+
 /// The engine's pipeline with a given LoRA strategy.
 fn load(engine: &Path, strategy: Strategy) -> Pipeline {
     Pipeline::load_with_strategy(
@@ -89,14 +118,8 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
     let mut p = Pipeline::load(Engine::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
     let mut req = Request {
-        image: frames_of(&io["first_frame_u8"]),
-        prompt_embeds: io["prompt_embeds"].clone(),
-        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
         steps: 4,
-        guidance: 6.0,
-        noise: io["initial_noise"].clone(),
-        lora: RequestLora::Resident,
+        ..two_step_request(&io)
     };
     let mut steps_seen = 0;
     let base = p
@@ -287,16 +310,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
     let d = tempfile::tempdir().unwrap();
     let eng = engine(d.path());
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
-    let req = Request {
-        image: frames_of(&io["first_frame_u8"]),
-        prompt_embeds: io["prompt_embeds"].clone(),
-        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
-        steps: 2,
-        guidance: 6.0,
-        noise: io["initial_noise"].clone(),
-        lora: RequestLora::Resident,
-    };
+    let req = two_step_request(&io);
     let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
     let y = AppliedLora {
         lora: format::read(&y_path, None).unwrap(),
@@ -306,14 +320,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
     let mut results = Vec::new();
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
         let mut p = load(&eng, strategy);
-        let x = AppliedLora {
-            lora: p
-                .predict(&frames_of(&io["reference_u8"]), 1.0)
-                .unwrap()
-                .lora,
-            source: "x".into(),
-            multiplier: 1.0,
-        };
+        let x = reference_lora(&mut p, &io);
         p.set_lora(Some(&x)).unwrap();
         // The last latents: frames of this random-weight model are mostly clamped to 0 or 1.
         let run = |p: &mut Pipeline| {
@@ -458,16 +465,7 @@ fn int8_engine_tracks_fp32_and_switches_loras_exactly() {
     // Whole generations: X -> Y -> X is bitwise X; how far two guided steps drift from f32 is
     // printed (guidance 6 multiplies the DiT's error).
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
-    let req = Request {
-        image: frames_of(&io["first_frame_u8"]),
-        prompt_embeds: io["prompt_embeds"].clone(),
-        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
-        steps: 2,
-        guidance: 6.0,
-        noise: io["initial_noise"].clone(),
-        lora: RequestLora::Resident,
-    };
+    let req = two_step_request(&io);
     let run = |p: &mut Pipeline| {
         let g = p.generate(&req, &mut |_, _| true).unwrap();
         g.latents_steps.last().unwrap().clone()
@@ -478,14 +476,7 @@ fn int8_engine_tracks_fp32_and_switches_loras_exactly() {
     for strategy in [Strategy::Unfused, Strategy::Fused] {
         let mut p = load(&i8_eng, strategy);
         let base8 = run(&mut p);
-        let x = AppliedLora {
-            lora: p
-                .predict(&frames_of(&io["reference_u8"]), 1.0)
-                .unwrap()
-                .lora,
-            source: "x".into(),
-            multiplier: 1.0,
-        };
+        let x = reference_lora(&mut p, &io);
         p.set_lora(Some(&y)).unwrap();
         let y8 = run(&mut p);
         eprintln!(
