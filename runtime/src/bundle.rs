@@ -7,9 +7,9 @@
 //! every file. Loading re-checks all of it (big files by sampled blocks, see [`file_hash`]) and
 //! refuses a mismatched or modified part.
 //!
-//! fp32 is what runs today; the precision field is there so fp16/bf16 graphs (a precision pass
-//! over the graph, normalisation kept in f32) and int8 (calibrated Q/DQ) can land without a
-//! format change.
+//! Precision: fp32, or int8 on the CPU backend (`dit_int8.onnx`, the DiT's token-wise linears as
+//! `DynamicQuantizeMatMul` over int8 weights; the f32 graph stays as the LoRA base). Below fp32
+//! the bundle records each changed stage's accuracy against fp32 (`crate::accuracy`).
 
 use std::path::{Path, PathBuf};
 
