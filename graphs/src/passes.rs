@@ -17,6 +17,27 @@ pub use attention::{fuse_attention, MS_DOMAIN};
 pub use gelu::fuse_gelu;
 pub use quantize::{int8_names, quantize_linears_int8, use_int8_weights, Quantized};
 
+/// The initializer behind a node input: the input itself, or for weights stored as f16/bf16
+/// (`v2l-export --weight-dtype`) the initializer a `Cast` widens to f32. Maps each such Cast's
+/// output to (the Cast's node index, the initializer).
+fn cast_initializers(graph: &proto::GraphProto) -> HashMap<&str, (usize, &str)> {
+    let inits: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type == "Cast" && n.domain.is_empty())
+        .filter_map(|(i, n)| {
+            let src = n.input.first()?;
+            let out = n.output.first()?;
+            inits
+                .contains(src.as_str())
+                .then_some((out.as_str(), (i, src.as_str())))
+        })
+        .collect()
+}
+
 /// An integer attribute of a node.
 fn attr_i(n: &proto::NodeProto, name: &str) -> Option<i64> {
     n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
@@ -211,10 +232,15 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
         attribute: attrs,
         ..Default::default()
     };
+    let via_cast: HashMap<String, String> = cast_initializers(graph)
+        .into_iter()
+        .map(|(out, (_, w))| (out.to_string(), w.to_string()))
+        .collect();
     for mut n in std::mem::take(&mut graph.node) {
         let target = (n.op_type == "Gemm")
             .then(|| n.input.get(1).cloned())
             .flatten()
+            .map(|b| via_cast.get(&b).cloned().unwrap_or(b))
             .filter(|w| found.contains_key(w.as_str()));
         let (Some(w), Some(x), Some(y)) =
             (target, n.input.first().cloned(), n.output.first().cloned())

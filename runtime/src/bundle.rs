@@ -217,6 +217,17 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                 Ok(())
             })
             .map_err(io(&model))?;
+            if let Some(t) = targets.iter().find(|t| t.dtype != v2l_graphs::DType::F32.name()) {
+                if precision == Precision::Fp32 {
+                    return Err(RuntimeError::Invalid {
+                        what: dir.display().to_string(),
+                        message: format!(
+                            "stores its DiT weights as {} (`{}`); an fp32 engine takes an export with f32 weights (`v2l-export dit --weight-dtype f32`), or compile this one with --precision int8",
+                            t.dtype, t.initializer
+                        ),
+                    });
+                }
+            }
             if precision == Precision::Int8 {
                 for t in targets
                     .iter_mut()

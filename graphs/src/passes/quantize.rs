@@ -43,19 +43,29 @@ pub struct Quantized {
 fn gemms_of(
     graph: &proto::GraphProto,
     weights: &[String],
-) -> Result<HashMap<usize, String>, PassError> {
+) -> Result<HashMap<usize, (String, Option<usize>)>, PassError> {
     let dims: HashMap<&str, &[i64]> = graph
         .initializer
         .iter()
         .map(|t| (t.name.as_str(), t.dims.as_slice()))
         .collect();
-    let mut gemm_of: HashMap<&str, usize> = HashMap::new();
+    let casts = super::cast_initializers(graph);
+    // The initializer behind an input, and the Cast in between (f16/bf16-stored weights).
+    let source = |name: &str| -> Option<(String, Option<usize>)> {
+        match casts.get(name) {
+            Some((i, w)) => Some((w.to_string(), Some(*i))),
+            None => dims.contains_key(name).then(|| (name.to_string(), None)),
+        }
+    };
+    let mut found: HashMap<&str, (usize, Option<usize>)> = HashMap::new();
     for (i, n) in graph.node.iter().enumerate() {
         if n.op_type != "Gemm" || !n.domain.is_empty() {
             continue;
         }
-        let Some(w) = n.input.get(1) else { continue };
-        let Some(w) = weights.iter().find(|x| *x == w) else {
+        let Some((w, cast)) = n.input.get(1).and_then(|b| source(b)) else {
+            continue;
+        };
+        let Some(w) = weights.iter().find(|x| **x == w) else {
             continue;
         };
         let plain = attr_i(n, "transB") == Some(1)
@@ -69,24 +79,33 @@ fn gemms_of(
         let out = dims.get(w.as_str()).and_then(|d| d.first());
         let bias_ok = match n.input.get(2).filter(|b| !b.is_empty()) {
             None => true,
-            Some(b) => dims
-                .get(b.as_str())
+            Some(b) => source(b)
+                .and_then(|(b, _)| dims.get(b.as_str()))
                 .is_some_and(|d| d.len() == 1 && d.first() == out),
         };
-        if !plain || !bias_ok || gemm_of.insert(w, i).is_some() {
+        // The Cast must feed this Gemm alone, since it goes with the f32 weight.
+        let cast_alone = cast.is_none_or(|_| {
+            graph
+                .node
+                .iter()
+                .filter(|m| m.input.iter().any(|x| Some(x) == n.input.get(1)))
+                .count()
+                == 1
+        });
+        if !plain || !bias_ok || !cast_alone || found.insert(w, (i, cast)).is_some() {
             return Err(PassError::NotGemm(w.clone()));
         }
     }
-    if let Some(w) = weights.iter().find(|w| !gemm_of.contains_key(w.as_str())) {
+    if let Some(w) = weights.iter().find(|w| !found.contains_key(w.as_str())) {
         return Err(if dims.contains_key(w.as_str()) {
             PassError::NotGemm(w.clone())
         } else {
             PassError::MissingInitializer(w.clone())
         });
     }
-    Ok(gemm_of
+    Ok(found
         .into_iter()
-        .map(|(w, i)| (i, w.to_string()))
+        .map(|(w, (i, cast))| (i, (w.to_string(), cast)))
         .collect())
 }
 
@@ -152,13 +171,12 @@ fn write_int8_weights(
     };
     crate::write::for_each_initializer(source, weights, &mut |name, dtype, d, bytes| {
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-        let (&[out, inp], DType::F32) = (d, dtype) else {
+        let (&[out, inp], Some(w)) = (d, crate::dtype::f32_values(&bytes, dtype)) else {
             return Err(bad(format!(
-                "`{name}`: int8 quantisation takes a 2-D f32 weight, found {dtype}{d:?}"
+                "`{name}`: int8 quantisation takes a 2-D f32/f16/bf16 weight, found {dtype}{d:?}"
             )));
         };
         let (out, inp) = (out as usize, inp as usize);
-        let w: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         let mut q = vec![0i8; w.len()];
         let mut scale = vec![0f32; out];
         crate::quant::quantize_int8_per_output(&w, out, inp, &mut q, &mut scale)
@@ -208,8 +226,12 @@ pub fn use_int8_weights(
             return Err(PassError::MissingInitializer(missing.clone()));
         }
     }
+    let casts: std::collections::HashSet<usize> =
+        by_node.values().filter_map(|(_, c)| *c).collect();
     for (i, n) in graph.node.iter_mut().enumerate() {
-        let Some(w) = by_node.get(&i) else { continue };
+        let Some((w, _)) = by_node.get(&i) else {
+            continue;
+        };
         let [qn, sn] = int8_names(w);
         let x = n.input.first().cloned().unwrap_or_default();
         let bias = n.input.get(2).cloned().unwrap_or_default();
@@ -218,6 +240,12 @@ pub fn use_int8_weights(
         n.input = vec![x, qn, sn, String::new(), bias];
         n.attribute.clear();
     }
+    // The Casts that widened f16/bf16 weights go with them.
+    let mut i = 0;
+    graph.node.retain(|_| {
+        i += 1;
+        !casts.contains(&(i - 1))
+    });
     let replaced: std::collections::HashSet<&String> = weights.iter().collect();
     graph.initializer.retain(|t| !replaced.contains(&t.name));
     graph.initializer.extend(tensors.iter().cloned());

@@ -104,15 +104,11 @@ fn fuse_layer(
     multiplier: f32,
     int8: bool,
 ) -> Result<Vec<(String, Tensor)>> {
-    if dtype != v2l_graphs::DType::F32 {
-        return Err(RuntimeError::Invalid {
-            what: name.into(),
-            message: format!(
-                "stored as {dtype}; fusing into f16/bf16 engine weights is not built yet"
-            ),
-        });
-    }
-    let w: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
+    // f16/bf16-stored bases (`v2l-export --weight-dtype`) are widened exactly; the fuse is f32.
+    let w = v2l_graphs::dtype::f32_values(bytes, dtype).ok_or_else(|| RuntimeError::Invalid {
+        what: name.into(),
+        message: format!("stored as {dtype}; a LoRA fuses into f32, f16 or bf16 weights"),
+    })?;
     let mut fused = vec![0f32; w.len()];
     let plan = l.fuse_plan(multiplier);
     let (o, i) = (t.out_features, t.in_features);
