@@ -125,9 +125,12 @@ fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|c| c == config);
+    // Deep models are generated and exported with bf16 weights, as `v2l-bench export` makes
+    // them (42 blocks: 11 GB instead of 22 GB per copy); such an export compiles below fp32.
+    let dtype = if b.layers > 1 { DType::BF16 } else { DType::F32 };
     if !same {
         log(&format!(
-            "generating {} (f32, {} blocks)",
+            "generating {} ({dtype}, {} blocks)",
             ck.display(),
             b.layers
         ));
@@ -135,7 +138,7 @@ fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64)
         let cfg: cogvideox_dit::DitConfig =
             serde_json::from_value(config.clone()).map_err(|e| fail(format!("config: {e}")))?;
         let layout = cogvideox_dit::checkpoint_layout(&cfg);
-        synthetic::write_checkpoint(&ck, &config, &layout, DType::F32, 1, &mut |_, _| {})?;
+        synthetic::write_checkpoint(&ck, &config, &layout, dtype, 1, &mut |_, _| {})?;
     }
     let export = b.dir.join("export");
     let engine = b.dir.join("engine");
@@ -153,7 +156,7 @@ fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64)
     };
     status(
         Command::new(sibling("v2l-export")?)
-            .args(["dit"])
+            .args(["dit", "--weight-dtype", dtype.name()])
             .arg(&ck)
             .arg("-o")
             .arg(&export)
@@ -203,7 +206,9 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             strategy.name()
         );
     }
-    let fused_switch_ms = if b.precision != "fp32" && strategy != Strategy::Fused {
+    // (One block only: re-quantising a whole deep model per switch takes minutes.)
+    let fused_switch_ms = if b.precision != "fp32" && strategy != Strategy::Fused && b.layers == 1
+    {
         let (ms, _) = bench_switch(&engine, Strategy::Fused, b.threads, b.repeat.max(3), 64)?;
         if !b.json {
             println!("LoRA switch: {ms:.1} ms (fused strategy: re-quantised from the f32 base, new session)");

@@ -217,7 +217,10 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                 Ok(())
             })
             .map_err(io(&model))?;
-            if let Some(t) = targets.iter().find(|t| t.dtype != v2l_graphs::DType::F32.name()) {
+            if let Some(t) = targets
+                .iter()
+                .find(|t| t.dtype != v2l_graphs::DType::F32.name())
+            {
                 if precision == Precision::Fp32 {
                     return Err(RuntimeError::Invalid {
                         what: dir.display().to_string(),
@@ -310,7 +313,10 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                     d,
                     &src,
                     &tmp.join(file),
-                    &crate::session::SessionOptions::default(),
+                    &crate::session::SessionOptions {
+                        keep_weight_casts: true,
+                        ..Default::default()
+                    },
                 )?);
                 variant_files.extend([file.to_string(), data.to_string()]);
                 dit_variants.insert(precision.name().to_string(), file.to_string());

@@ -61,7 +61,11 @@ impl Engine {
             },
             None => Default::default(),
         };
-        SessionOptions { threads, backend }
+        SessionOptions {
+            threads,
+            backend,
+            ..Default::default()
+        }
     }
 
     pub(crate) fn missing(&self, what: &str, cmd: &str) -> RuntimeError {

@@ -16,6 +16,10 @@ pub struct SessionOptions {
     pub threads: usize,
     /// CPU (default), CUDA or TensorRT.
     pub backend: crate::backend::BackendOptions,
+    /// Leave the Casts of f16/bf16-stored weights to run per use instead of folding them into
+    /// f32 copies at session build: one f32 weight in memory at a time instead of the whole model
+    /// (how `v2l-compile` runs a deep bf16-stored DiT for its accuracy check).
+    pub keep_weight_casts: bool,
 }
 
 /// An ONNX model ready to run on the CPU backend.
@@ -83,6 +87,14 @@ impl Model {
         if opts.threads > 0 {
             b = b
                 .with_intra_threads(opts.threads)
+                .map_err(|e| RuntimeError::Ort {
+                    context: ctx.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        if opts.keep_weight_casts {
+            b = b
+                .with_disabled_optimizers("ConstantFolding")
                 .map_err(|e| RuntimeError::Ort {
                     context: ctx.clone(),
                     message: e.to_string(),

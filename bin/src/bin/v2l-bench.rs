@@ -83,7 +83,8 @@ enum Command {
     ///   v2l-bench scale --frames 49 --height 480 --width 720 --json
     #[command(verbatim_doc_comment)]
     Scale {
-        /// Transformer blocks (CogVideoX-5B has 42)
+        /// Transformer blocks (CogVideoX-5B has 42); more than one are generated and exported with
+        /// bf16 weights (as `v2l-bench export` makes them), which compile below fp32 (int8)
         #[arg(long, default_value_t = 1)]
         layers: usize,
         /// Engine precision

@@ -319,6 +319,47 @@ mod tests {
     }
 
     #[test]
+    fn bf16_stored_weights_are_quantised_through_their_cast() {
+        let d = tempfile::tempdir().unwrap();
+        let mut g = Graph::new("t");
+        let x = g.input("x", DType::F32, vec!["n".into(), 3.into()]);
+        let w: Vec<half::bf16> = (0..6)
+            .map(|v| half::bf16::from_f32(v as f32 - 2.5))
+            .collect();
+        let w = g.initializer(
+            "lin.weight",
+            DType::BF16,
+            vec![2, 3],
+            TensorData::Owned(bytemuck::cast_slice(&w).to_vec()),
+        );
+        let w32 = g.cast(&w, DType::F32);
+        let y = g.linear(&x, &w32, None, 2);
+        g.output(&y, "y", DType::F32, vec!["n".into(), 2.into()]);
+        let src = d.path().join("m.onnx");
+        save(&g, &src, ExternalData::Always).unwrap();
+        let mut m = crate::read_model(&src).unwrap();
+        let q = quantize_linears_int8(
+            &mut m,
+            &src,
+            &["lin.weight".into()],
+            &d.path().join("q.data"),
+        )
+        .unwrap();
+        assert_eq!(q.layers, 1);
+        let g = m.graph.unwrap();
+        assert!(!g
+            .node
+            .iter()
+            .any(|n| n.op_type == "Cast" || n.op_type == "Gemm"));
+        let n = g
+            .node
+            .iter()
+            .find(|n| n.op_type == "DynamicQuantizeMatMul")
+            .unwrap();
+        assert_eq!(n.input[1..3], ["lin.weight.int8", "lin.weight.scale"]);
+    }
+
+    #[test]
     fn a_weight_no_gemm_reads_is_refused_before_anything_is_written() {
         let d = tempfile::tempdir().unwrap();
         let src = model(d.path());
