@@ -127,7 +127,11 @@ fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64)
         .is_some_and(|c| c == config);
     // Deep models are generated and exported with bf16 weights, as `v2l-bench export` makes
     // them (42 blocks: 11 GB instead of 22 GB per copy); such an export compiles below fp32.
-    let dtype = if b.layers > 1 { DType::BF16 } else { DType::F32 };
+    let dtype = if b.layers > 1 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
     if !same {
         log(&format!(
             "generating {} ({dtype}, {} blocks)",
@@ -207,8 +211,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         );
     }
     // (One block only: re-quantising a whole deep model per switch takes minutes.)
-    let fused_switch_ms = if b.precision != "fp32" && strategy != Strategy::Fused && b.layers == 1
-    {
+    let fused_switch_ms = if b.precision != "fp32" && strategy != Strategy::Fused && b.layers == 1 {
         let (ms, _) = bench_switch(&engine, Strategy::Fused, b.threads, b.repeat.max(3), 64)?;
         if !b.json {
             println!("LoRA switch: {ms:.1} ms (fused strategy: re-quantised from the f32 base, new session)");

@@ -107,7 +107,7 @@ impl DitRunner {
                 Model::load(&variant(dir, "bound")?, opts)?
             }
             Strategy::Unfused => {
-                let mut m = Model::load(&variant(dir, "unfused")?, opts)?;
+                let mut m = Model::load(&variant(dir, "unfused")?, &dir.dit_options(opts))?;
                 m.set_fixed_inputs(targets.iter().flat_map(zero_factors).collect())?;
                 m
             }
@@ -308,5 +308,5 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
         }
         opts.backend.weight_hash = h.finish();
     }
-    Model::load_with_weights(&path, &opts, weights)
+    Model::load_with_weights(&path, &engine.dit_options(&opts), weights)
 }
