@@ -165,9 +165,9 @@ fn c_example_frames_equal_the_rust_api_bitwise() {
 /// Valgrind memcheck on the example (5 frames, 2 steps): no errors, nothing definitely,
 /// indirectly or possibly lost. ONNX Runtime's process-lifetime allocations (its environment,
 /// the loaded library) are "still reachable", which is not an error. examples/c/valgrind.supp
-/// suppresses two errors outside v2l (a glibc loader false positive while dlopen expands
-/// libonnxruntime's `$ORIGIN` RUNPATH, and a self-copy memcpy inside ONNX Runtime); no leak is
-/// suppressed.
+/// suppresses errors outside v2l (a glibc loader false positive while dlopen expands
+/// libonnxruntime's `$ORIGIN` RUNPATH, a self-copy memcpy inside ONNX Runtime, and an exit-time
+/// race between ONNX Runtime's worker threads and its static teardown); no leak is suppressed.
 #[test]
 fn c_example_is_clean_under_valgrind() {
     if std::env::var_os("V2L_SKIP_VALGRIND").is_some() {

@@ -350,7 +350,7 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
         let files = names
             .iter()
             .chain(&variant_files)
-            .map(|f| file_entry(&tmp, f))
+            .map(|f| file_entry(tmp, f))
             .collect::<Result<Vec<_>>>()?;
         let bundle = Bundle {
             format_version: FORMAT_VERSION,
