@@ -6,6 +6,10 @@
 //! | `bound` | one session of `dit_bound.onnx`; targeted weights are inputs, passed by reference from the one live copy on every run (the base stays memory-mapped in the weight file) | a fuse of touched layers | weights not constant-folded/prepacked |
 //! | `unfused` | one session of `dit_unfused.onnx`; a branch `s·(x·Aᵀ)·Bᵀ` per layer, factors as inputs | copying the factors | one low-rank branch per layer |
 //!
+//! On an int8 engine `unfused` (the default) keeps the LoRA as an f32 branch beside the int8
+//! weights and `fused` re-quantises the fused weights from the f32 base; `bound`, which feeds f32
+//! weights, is refused.
+//!
 //! `bench pipeline` measures them; README says which backend uses which by default and why.
 
 use std::collections::BTreeMap;
