@@ -281,11 +281,17 @@ mod tests {
         p
     }
 
-    #[test]
-    fn gemm_becomes_dynamic_quantize_matmul_with_int8_weights_in_a_new_file() {
+    /// [`model`] written to a temporary directory and read back: (dir, file, model).
+    fn read_back() -> (tempfile::TempDir, std::path::PathBuf, ModelProto) {
         let d = tempfile::tempdir().unwrap();
         let src = model(d.path());
-        let mut m = crate::read_model(&src).unwrap();
+        let m = crate::read_model(&src).unwrap();
+        (d, src, m)
+    }
+
+    #[test]
+    fn gemm_becomes_dynamic_quantize_matmul_with_int8_weights_in_a_new_file() {
+        let (d, src, mut m) = read_back();
         let data = d.path().join("m_int8.onnx.data");
         let q = quantize_linears_int8(&mut m, &src, &["lin.weight".into()], &data).unwrap();
         assert_eq!(q.layers, 1);
@@ -361,9 +367,7 @@ mod tests {
 
     #[test]
     fn a_weight_no_gemm_reads_is_refused_before_anything_is_written() {
-        let d = tempfile::tempdir().unwrap();
-        let src = model(d.path());
-        let mut m = crate::read_model(&src).unwrap();
+        let (d, src, mut m) = read_back();
         let data = d.path().join("q.data");
         let e = quantize_linears_int8(&mut m, &src, &["lin.bias".into()], &data).unwrap_err();
         assert!(
