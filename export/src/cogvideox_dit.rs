@@ -433,7 +433,7 @@ fn block(
     let ff = vb.pp("ff").pp("net");
     let d = cfg.inner_dim();
     let h = ff.pp("0").linear(g, &h, "proj", d, 4 * d, true)?;
-    let h = g.scoped(ff.prefix(), |g| g.gelu_tanh(&h));
+    let h = g.scoped(&format!("{}.0.gelu", ff.prefix()), |g| g.gelu_tanh(&h));
     let h = ff.linear(g, &h, "2", 4 * d, d, true)?;
     let (he, hx) = split_text(g, &h, text_len);
     let x = gated_residual(g, &x, &gate, &hx);
@@ -484,8 +484,8 @@ fn attention(
     let q = vb.layer_norm(g, &q, "norm_q", dh as usize, 1e-6, true)?;
     let k = vb.layer_norm(g, &k, "norm_k", dh as usize, 1e-6, true)?;
     let o = g.scoped(vb.prefix(), |g| {
-        let q = rope.apply(g, &q);
-        let k = rope.apply(g, &k);
+        // Scoped `rope`: kept f32 in bf16/fp16 engines (`v2l_graphs::passes::lower_precision`).
+        let (q, k) = g.scoped("rope", |g| (rope.apply(g, &q), rope.apply(g, &k)));
         let q = g.transpose(&q, &[0, 2, 1, 3]);
         let kt = g.transpose(&k, &[0, 2, 3, 1]);
         let v = g.transpose(&v, &[0, 2, 1, 3]);

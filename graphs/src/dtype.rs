@@ -45,20 +45,20 @@ impl DType {
 
     /// The inverse of [`DType::onnx_code`].
     pub fn from_onnx_code(code: i32) -> Option<DType> {
-        [
-            DType::F32,
-            DType::U8,
-            DType::I8,
-            DType::I32,
-            DType::I64,
-            DType::Bool,
-            DType::F16,
-            DType::F64,
-            DType::BF16,
-        ]
-        .into_iter()
-        .find(|d| d.onnx_code() == code)
+        DType::ALL.into_iter().find(|d| d.onnx_code() == code)
     }
+
+    const ALL: [DType; 9] = [
+        DType::F32,
+        DType::U8,
+        DType::I8,
+        DType::I32,
+        DType::I64,
+        DType::Bool,
+        DType::F16,
+        DType::F64,
+        DType::BF16,
+    ];
 
     /// Floating types that weights may be stored in.
     pub fn is_float(self) -> bool {
@@ -77,6 +77,13 @@ impl DType {
             DType::I8 => "i8",
             DType::Bool => "bool",
         }
+    }
+}
+
+impl DType {
+    /// The type [`DType::name`] names.
+    pub fn parse(name: &str) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.name() == name)
     }
 }
 

@@ -11,10 +11,13 @@
 use std::collections::HashMap;
 
 mod attention;
+mod data_file;
 mod gelu;
+mod precision;
 mod quantize;
 pub use attention::{fuse_attention, MS_DOMAIN};
 pub use gelu::fuse_gelu;
+pub use precision::{lower_precision, Lowered, Lowering, WeightFile};
 pub use quantize::{int8_names, quantize_linears_int8, use_int8_weights, Quantized};
 
 /// The initializer behind a node input: the input itself, or for weights stored as f16/bf16
@@ -167,6 +170,8 @@ pub enum PassError {
     MissingInitializer(String),
     #[error("`{0}` is not consumed by a Gemm as its B input (was the model exported by v2l?)")]
     NotGemm(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,

@@ -65,12 +65,15 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// The LoRA-targetable weights this engine stores as int8 (target dtype `i8`).
-    pub fn int8_weights(&self) -> std::collections::BTreeSet<String> {
+    /// The LoRA-targetable weights this engine stores in a type other than f32 (int8, f16,
+    /// bf16), and that type: what a LoRA fused into them is converted to.
+    pub fn stored_dtypes(&self) -> std::collections::BTreeMap<String, v2l_graphs::DType> {
         self.lora_targets
             .iter()
-            .filter(|t| t.dtype == v2l_graphs::DType::I8.name())
-            .map(|t| t.initializer.clone())
+            .filter_map(|t| {
+                let d = v2l_graphs::DType::parse(&t.dtype)?;
+                (d != v2l_graphs::DType::F32).then(|| (t.initializer.clone(), d))
+            })
             .collect()
     }
 
@@ -231,13 +234,16 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                     });
                 }
             }
-            if precision == Precision::Int8 {
-                for t in targets
-                    .iter_mut()
-                    .filter(|t| quantises_int8(&t.initializer))
-                {
-                    t.dtype = v2l_graphs::DType::I8.name().into();
-                }
+            // How the engine stores each target: int8 for the token-wise linears of an int8
+            // engine, every linear in the low type of an fp16/bf16 one.
+            for t in targets.iter_mut() {
+                let stored = match precision {
+                    Precision::Int8 if quantises_int8(&t.initializer) => v2l_graphs::DType::I8,
+                    Precision::Fp16 => v2l_graphs::DType::F16,
+                    Precision::Bf16 => v2l_graphs::DType::BF16,
+                    _ => continue,
+                };
+                t.dtype = stored.name().into();
             }
             (hash.finish(), targets)
         }
@@ -290,55 +296,75 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                     write(&src, &base)?;
                 }
             }
-            // int8: the DiT's linears as DynamicQuantizeMatMul over one int8 weight file
-            // shared by the main graph and the LoRA-branch variant; the f32 weights stay in
-            // the bundle as the base LoRAs are fused from (memory-mapped, never loaded whole).
-            let quantized: Vec<String> = lora_targets
-                .iter()
-                .filter(|t| t.dtype == v2l_graphs::DType::I8.name())
-                .map(|t| t.initializer.clone())
-                .collect();
-            let int8 = if precision == Precision::Int8 {
-                let (file, data) = ("dit_int8.onnx", "dit_int8.onnx.data");
-                let mut model = base.clone();
-                let q = v2l_graphs::passes::quantize_linears_int8(
-                    &mut model,
-                    &src,
-                    &quantized,
-                    &tmp.join(data),
-                )
-                .map_err(pass_err)?;
-                write(&tmp.join(file), &model)?;
-                accuracy.push(crate::accuracy::dit_accuracy(
-                    d,
-                    &src,
-                    &tmp.join(file),
-                    &crate::session::SessionOptions {
-                        keep_weight_casts: true,
-                        ..Default::default()
-                    },
-                )?);
-                variant_files.extend([file.to_string(), data.to_string()]);
-                dit_variants.insert(precision.name().to_string(), file.to_string());
-                Some(q.tensors)
-            } else {
-                None
+            // Below fp32, the DiT's graph for the precision (`dit_<precision>.onnx`) and its
+            // weight file, shared with the LoRA-branch variant; the f32 weights stay in the
+            // bundle as the base LoRAs are fused from (memory-mapped, never loaded whole).
+            let low_weights = match precision {
+                Precision::Fp32 => None,
+                _ => {
+                    let file = format!("dit_{}.onnx", precision.name());
+                    let data = format!("{file}.data");
+                    let mut model = base.clone();
+                    let weights = lower_dit(
+                        &mut model,
+                        &src,
+                        &tmp.join(&data),
+                        precision,
+                        backend,
+                        &lora_targets,
+                    )
+                    .map_err(pass_err)?;
+                    write(&tmp.join(&file), &model)?;
+                    // Accuracy is measured on the CPU: a typed fp16/bf16 graph (GPU backends)
+                    // through its emulated form, which is only written for this.
+                    let cpu_graph = match &weights {
+                        LowWeights::Float(how, tensors) if !how.emulate => {
+                            let p = tmp.join(format!("dit_{}_emulated.onnx", precision.name()));
+                            let mut m = base.clone();
+                            let how = v2l_graphs::passes::Lowering {
+                                emulate: true,
+                                ..*how
+                            };
+                            let reuse = v2l_graphs::passes::WeightFile::Reuse(tensors);
+                            v2l_graphs::passes::lower_precision(&mut m, &src, reuse, how)
+                                .map_err(pass_err)?;
+                            write(&p, &m)?;
+                            Some(p)
+                        }
+                        _ => None,
+                    };
+                    let measured = crate::accuracy::dit_accuracy(
+                        d,
+                        &src,
+                        cpu_graph.as_deref().unwrap_or(&tmp.join(&file)),
+                        &crate::session::SessionOptions {
+                            keep_weight_casts: true,
+                            ..Default::default()
+                        },
+                    );
+                    if let Some(p) = &cpu_graph {
+                        std::fs::remove_file(p).map_err(io(p))?;
+                    }
+                    accuracy.push(measured?);
+                    variant_files.extend([file.clone(), data]);
+                    dit_variants.insert(precision.name().to_string(), file);
+                    Some(weights)
+                }
             };
             for (variant, file) in [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")] {
                 let mut model = base.clone();
-                match (variant, &int8) {
-                    // `bound` feeds f32 weights by reference; an int8 engine has none to feed.
+                match (variant, &low_weights) {
+                    // `bound` feeds f32 weights by reference; a low-precision engine has none.
                     ("bound", Some(_)) => continue,
                     ("bound", None) => {
                         v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
                             .map_err(pass_err)?
                     }
-                    (_, int8) => {
+                    (_, low) => {
                         v2l_graphs::passes::add_lora_branches(&mut model, &names)
                             .map_err(pass_err)?;
-                        if let Some(tensors) = int8 {
-                            v2l_graphs::passes::use_int8_weights(&mut model, &quantized, tensors)
-                                .map_err(pass_err)?;
+                        if let Some(low) = low {
+                            low.reuse(&mut model, &src).map_err(pass_err)?;
                         }
                     }
                 }
@@ -379,6 +405,77 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
     })
 }
 
+/// The weights a below-fp32 DiT graph was written with, so the engine's second graph (its
+/// LoRA-branch variant) points at the same file.
+enum LowWeights {
+    Int8 {
+        weights: Vec<String>,
+        tensors: Vec<v2l_graphs::proto::TensorProto>,
+    },
+    Float(
+        v2l_graphs::passes::Lowering,
+        Vec<v2l_graphs::proto::TensorProto>,
+    ),
+}
+
+impl LowWeights {
+    fn reuse(
+        &self,
+        model: &mut v2l_graphs::proto::ModelProto,
+        src: &Path,
+    ) -> std::result::Result<(), v2l_graphs::passes::PassError> {
+        use v2l_graphs::passes::{lower_precision, use_int8_weights, WeightFile};
+        match self {
+            LowWeights::Int8 { weights, tensors } => use_int8_weights(model, weights, tensors),
+            LowWeights::Float(how, tensors) => {
+                lower_precision(model, src, WeightFile::Reuse(tensors), *how).map(|_| ())
+            }
+        }
+    }
+}
+
+/// Rewrites the DiT `model` (read from `src`) for `precision`, writing its new weights to
+/// `data`: int8 quantises the targets the table marks `i8` ([`quantises_int8`]); fp16/bf16
+/// lower the whole graph, typed for GPU backends and emulated for the CPU
+/// (`v2l_graphs::passes::lower_precision`).
+fn lower_dit(
+    model: &mut v2l_graphs::proto::ModelProto,
+    src: &Path,
+    data: &Path,
+    precision: Precision,
+    backend: Backend,
+    targets: &[LoraTarget],
+) -> std::result::Result<LowWeights, v2l_graphs::passes::PassError> {
+    use v2l_graphs::{passes, DType};
+    let dtype = match precision {
+        Precision::Int8 => {
+            let weights: Vec<String> = targets
+                .iter()
+                .filter(|t| t.dtype == DType::I8.name())
+                .map(|t| t.initializer.clone())
+                .collect();
+            let q = passes::quantize_linears_int8(model, src, &weights, data)?;
+            return Ok(LowWeights::Int8 {
+                weights,
+                tensors: q.tensors,
+            });
+        }
+        Precision::Fp16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+        Precision::Fp32 => {
+            return Err(passes::PassError::Unsupported(
+                "an fp32 graph is not lowered".into(),
+            ))
+        }
+    };
+    let how = passes::Lowering {
+        dtype,
+        emulate: backend == Backend::Cpu,
+    };
+    let l = passes::lower_precision(model, src, passes::WeightFile::Write(data), how)?;
+    Ok(LowWeights::Float(how, l.tensors))
+}
+
 /// The LoRA strategy a backend uses by default (README: "LoRA strategies").
 ///
 /// CPU: `bound`. Measured on the tiny model (`v2l-bench pipeline`): switching costs a fuse of the
@@ -392,6 +489,7 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
 pub fn default_strategy(backend: Backend, precision: Precision) -> &'static str {
     match (backend, precision) {
         (_, Precision::Int8) => "unfused",
+        (_, Precision::Fp16 | Precision::Bf16) => "fused",
         // Same mechanism on CUDA; not yet measured on a GPU.
         (Backend::Cpu | Backend::Cuda, _) => "bound",
         // One engine per LoRA, its cache keyed by the hash of its fused weights (refitting a
@@ -419,9 +517,9 @@ pub fn quantises_int8(name: &str) -> bool {
 /// The precisions `v2l-compile` builds, per backend; the others are refused with the reason.
 fn check_precision(backend: Backend, precision: Precision) -> Result<()> {
     let why = match (precision, backend) {
-        (Precision::Fp32, _) | (Precision::Int8, Backend::Cpu) => return Ok(()),
-        (Precision::Int8, _) => "int8 engines are built for the CPU backend (weight-only int8 through ONNX Runtime's DynamicQuantizeMatMul); TensorRT int8 needs calibrated Q/DQ, not built yet",
-        (Precision::Fp16 | Precision::Bf16, _) => "fp16/bf16 precision passes are not built yet (fp32 and, on the CPU backend, int8 are)",
+        (Precision::Fp32 | Precision::Fp16 | Precision::Bf16, _)
+        | (Precision::Int8, Backend::Cpu) => return Ok(()),
+        (Precision::Int8, _) => "int8 engines are built for the CPU backend (int8 weights through ONNX Runtime's DynamicQuantizeMatMul); TensorRT int8 needs calibrated Q/DQ, not built yet",
     };
     Err(RuntimeError::Invalid {
         what: format!("--precision {}", precision.name()),

@@ -93,9 +93,13 @@ impl Engine {
             .dit
             .as_ref()
             .is_some_and(|d| d.weight_dtype != v2l_graphs::DType::F32.name());
+        use crate::backend::Precision;
+        // An fp16/bf16 engine on the CPU widens its low weights per use (emulated graph).
+        let low = matches!(self.precision(), Precision::Fp16 | Precision::Bf16);
         SessionOptions {
             keep_weight_casts: opts.keep_weight_casts
-                || (stored_low && self.precision() != crate::backend::Precision::Fp32),
+                || low
+                || (stored_low && self.precision() == Precision::Int8),
             ..opts.clone()
         }
     }

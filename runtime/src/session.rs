@@ -224,6 +224,8 @@ fn view(t: &Tensor) -> ort::Result<DynValueRef<'_>> {
         Data::I64(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
         Data::U8(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
         Data::I8(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
+        Data::F16(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
+        Data::BF16(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
     })
 }
 
@@ -234,6 +236,8 @@ fn to_ort(t: &Tensor) -> ort::Result<DynValue> {
         Data::I64(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
         Data::U8(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
         Data::I8(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+        Data::F16(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+        Data::BF16(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
     })
 }
 

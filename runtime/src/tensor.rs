@@ -13,6 +13,24 @@ pub enum Data {
     U8(Vec<u8>),
     /// Quantised weights handed to an int8 engine.
     I8(Vec<i8>),
+    /// Fused weights handed to an fp16 or bf16 engine.
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
+}
+
+impl Data {
+    /// The elements' little-endian bytes (hashing, files).
+    pub fn le_bytes(&self) -> &[u8] {
+        use v2l_graphs::dtype::le_bytes;
+        match self {
+            Data::F32(v) => le_bytes(v),
+            Data::I64(v) => le_bytes(v),
+            Data::U8(v) => v,
+            Data::I8(v) => le_bytes(v),
+            Data::F16(v) => le_bytes(v),
+            Data::BF16(v) => le_bytes(v),
+        }
+    }
 }
 
 /// A dense row-major host tensor.
@@ -231,17 +249,18 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, T
 
 /// Writes tensors to `path` atomically (a temporary file renamed into place).
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    use v2l_graphs::dtype::le_bytes;
     let bytes: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(k, t)| {
-            let (dt, b) = match &t.data {
-                Data::F32(v) => (safetensors::Dtype::F32, le_bytes(v).to_vec()),
-                Data::I64(v) => (safetensors::Dtype::I64, le_bytes(v).to_vec()),
-                Data::U8(v) => (safetensors::Dtype::U8, v.clone()),
-                Data::I8(v) => (safetensors::Dtype::I8, le_bytes(v).to_vec()),
+            let dt = match &t.data {
+                Data::F32(_) => safetensors::Dtype::F32,
+                Data::I64(_) => safetensors::Dtype::I64,
+                Data::U8(_) => safetensors::Dtype::U8,
+                Data::I8(_) => safetensors::Dtype::I8,
+                Data::F16(_) => safetensors::Dtype::F16,
+                Data::BF16(_) => safetensors::Dtype::BF16,
             };
-            (k.clone(), dt, t.shape.clone(), b)
+            (k.clone(), dt, t.shape.clone(), t.data.le_bytes().to_vec())
         })
         .collect();
     let views = bytes

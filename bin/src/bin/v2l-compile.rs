@@ -102,7 +102,11 @@ fn main() -> ExitCode {
                 "precision": b.precision.name(),
                 "backend": b.backend.name(),
                 "accuracy": b.accuracy,
-                "int8_weights": b.int8_weights(),
+                "stored_weights": b
+                    .stored_dtypes()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.name()))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
             });
             println!("{report}");
         }

@@ -13,9 +13,9 @@
 //! itself is untouched (an int8 engine keeps it as the base LoRAs are fused from).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
+use super::data_file::DataFile;
 use super::{attr_i, import_ms_domain, PassError, MS_DOMAIN};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto};
@@ -132,43 +132,8 @@ fn write_int8_weights(
     weights: &[String],
     data: &Path,
 ) -> Result<Quantized, PassError> {
-    let io = |e: std::io::Error| PassError::Io {
-        path: data.to_path_buf(),
-        source: e,
-    };
-    let data_name = data
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = v2l_contracts::atomic::temp_sibling(data, ".tmp").map_err(io)?;
-    let mut file = std::io::BufWriter::with_capacity(8 << 20, tmp.reopen().map_err(io)?);
-    let mut offset = 0u64;
+    let mut file = DataFile::create(data)?;
     let mut done = Quantized::default();
-    let mut tensors = Vec::with_capacity(2 * weights.len());
-    let mut append = |name: String, dtype: DType, dims: Vec<i64>, bytes: &[u8]| {
-        let pad = (64 - offset % 64) % 64;
-        file.write_all(&vec![0u8; pad as usize])?;
-        offset += pad;
-        file.write_all(bytes)?;
-        let entry = |k: &str, v: String| proto::StringStringEntryProto {
-            key: k.into(),
-            value: v,
-        };
-        tensors.push(proto::TensorProto {
-            name,
-            dims,
-            data_type: dtype.onnx_code(),
-            data_location: proto::data_location::EXTERNAL,
-            external_data: vec![
-                entry("location", data_name.clone()),
-                entry("offset", offset.to_string()),
-                entry("length", bytes.len().to_string()),
-            ],
-            ..Default::default()
-        });
-        offset += bytes.len() as u64;
-        Ok::<(), std::io::Error>(())
-    };
     crate::write::for_each_initializer(source, weights, &mut |name, dtype, d, bytes| {
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         let (&[out, inp], Some(w)) = (d, crate::dtype::f32_values(&bytes, dtype)) else {
@@ -182,13 +147,13 @@ fn write_int8_weights(
         crate::quant::quantize_int8_per_output(&w, out, inp, &mut q, &mut scale)
             .ok_or_else(|| bad(format!("`{name}`: not finite, or not {out}×{inp} values")))?;
         let [qn, sn] = int8_names(name);
-        append(
+        file.append(
             qn,
             DType::I8,
             vec![inp as i64, out as i64],
             bytemuck::cast_slice(&q),
         )?;
-        append(
+        file.append(
             sn,
             DType::F32,
             vec![out as i64],
@@ -203,10 +168,7 @@ fn write_int8_weights(
         path: source.to_path_buf(),
         source: e,
     })?;
-    file.flush().map_err(io)?;
-    drop(file);
-    tmp.persist(data).map_err(|e| io(e.error))?;
-    done.tensors = tensors;
+    done.tensors = file.finish()?;
     Ok(done)
 }
 

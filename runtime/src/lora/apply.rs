@@ -1,6 +1,6 @@
 //! Applying a LoRA to a model's weights: match layers to targets, fuse from the base weights.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use v2l_contracts::LinearInfo;
@@ -8,7 +8,8 @@ use v2l_contracts::LinearInfo;
 use super::format::{Lora, LoraError, LoraLayer};
 use super::fuse::{fuse_from, Weights, WeightsMut};
 use crate::error::{Result, RuntimeError};
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
+use v2l_graphs::DType;
 
 /// Pairs every LoRA layer with the model's linear layer of the same module path, checking shapes.
 /// A layer that matches nothing is an error (a LoRA for another model must not half-apply).
@@ -53,16 +54,17 @@ pub fn match_targets<'a>(
 
 /// The fused weights `W + s·B·A` (s = multiplier·alpha/r) of every layer `lora` touches, read
 /// one layer at a time from the f32 base weights in the ONNX model at `model`, named as the
-/// engine's initializers: f32 `<module>.weight`, or for the weights in `int8` re-quantised as an
-/// int8 engine's own are (`<module>.weight.int8` `[in, out]` and `<module>.weight.scale` `[out]`,
-/// `v2l_graphs::quant`).
+/// engine's initializers and stored as the engine stores them (`stored`, absent = f32): f32
+/// `<module>.weight`; f16/bf16 rounded once from the f32 fuse; int8 re-quantised as an int8
+/// engine's own weights are (`<module>.weight.int8` `[in, out]` and `<module>.weight.scale`
+/// `[out]`, `v2l_graphs::quant`). From the same base, the same LoRA gives the same bits.
 pub fn fused_weights(
     model: &Path,
     targets: &[LinearInfo],
     lora: &Lora,
     multiplier: f32,
     source: &Path,
-    int8: &BTreeSet<String>,
+    stored: &BTreeMap<String, DType>,
 ) -> Result<Vec<(String, Tensor)>> {
     let pairs = match_targets(lora, targets, source)?;
     let names: Vec<String> = pairs
@@ -76,7 +78,8 @@ pub fn fused_weights(
         let Some((t, l)) = layers.next() else {
             return Ok(());
         };
-        match fuse_layer(name, dtype, &bytes, t, l, multiplier, int8.contains(name)) {
+        let to = stored.get(name).copied().unwrap_or(DType::F32);
+        match fuse_layer(name, dtype, &bytes, t, l, multiplier, to) {
             Ok(tensors) => out.extend(tensors),
             Err(e) => {
                 failed.get_or_insert(e);
@@ -102,7 +105,7 @@ fn fuse_layer(
     t: &LinearInfo,
     l: &LoraLayer,
     multiplier: f32,
-    int8: bool,
+    to: DType,
 ) -> Result<Vec<(String, Tensor)>> {
     // f16/bf16-stored bases (`v2l-export --weight-dtype`) are widened exactly; the fuse is f32.
     let w = v2l_graphs::dtype::f32_values(bytes, dtype).ok_or_else(|| RuntimeError::Invalid {
@@ -124,9 +127,23 @@ fn fuse_layer(
         what: name.into(),
         source: e,
     })?;
-    Ok(match int8 {
-        false => vec![(name.to_string(), Tensor::f32(vec![o, i], fused))],
-        true => {
+    let tensor = |data| {
+        vec![(
+            name.to_string(),
+            Tensor {
+                shape: vec![o, i],
+                data,
+            },
+        )]
+    };
+    Ok(match to {
+        DType::F16 => tensor(Data::F16(
+            fused.iter().map(|&x| half::f16::from_f32(x)).collect(),
+        )),
+        DType::BF16 => tensor(Data::BF16(
+            fused.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+        )),
+        DType::I8 => {
             let mut q = vec![0i8; fused.len()];
             let mut scale = vec![0f32; o];
             v2l_graphs::quant::quantize_int8_per_output(&fused, o, i, &mut q, &mut scale)
@@ -140,11 +157,12 @@ fn fuse_layer(
                     qn,
                     Tensor {
                         shape: vec![i, o],
-                        data: crate::tensor::Data::I8(q),
+                        data: Data::I8(q),
                     },
                 ),
                 (sn, Tensor::f32(vec![o], scale)),
             ]
         }
+        _ => vec![(name.to_string(), Tensor::f32(vec![o, i], fused))],
     })
 }

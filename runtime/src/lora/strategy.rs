@@ -282,13 +282,13 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
         .dit
         .as_ref()
         .ok_or_else(|| engine.missing("DiT", "dit"))?;
-    // The f32 base is the export's graph in every engine; an int8 engine's graph takes its
-    // int8 layers' fused weights re-quantised.
+    // The f32 base is the export's graph in every engine; a low-precision engine's graph takes
+    // the fused weights rounded or re-quantised to the type it stores them in.
     let base = engine.dir.join(&e.file);
-    let int8 = engine
+    let stored = engine
         .bundle
         .as_ref()
-        .map(|b| b.int8_weights())
+        .map(|b| b.stored_dtypes())
         .unwrap_or_default();
     let weights = crate::lora::apply::fused_weights(
         &base,
@@ -296,7 +296,7 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
         &lora.lora,
         lora.multiplier,
         &lora.source,
-        &int8,
+        &stored,
     )?;
     let path = engine.dit_path()?;
     let mut opts = opts.clone();
@@ -307,8 +307,7 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
         h.part(opts.backend.weight_hash.as_bytes());
         for (name, t) in &weights {
             h.part(name.as_bytes());
-            let v = t.as_f32(name)?;
-            h.part(v2l_graphs::dtype::le_bytes(v));
+            h.part(t.data.le_bytes());
         }
         opts.backend.weight_hash = h.finish();
     }

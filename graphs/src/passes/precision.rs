@@ -1,0 +1,554 @@
+//! fp16/bf16 graphs: weights and activations in the low type, what diffusers keeps in f32 kept
+//! f32, and the graph's inputs and outputs still f32 (the runtime's contract).
+//!
+//! Kept f32 ("islands"), following what diffusers computes when the model is in bf16/fp16:
+//! - `Softmax`: attention probabilities (torch's attention kernels accumulate them in f32);
+//! - nodes in a scope named `rope`: `apply_rotary_emb` computes `x·cos + rot(x)·sin` in f32 and
+//!   casts the result back;
+//! - `time_proj`: the sinusoidal timestep embedding is f32, cast to the model's type before
+//!   `time_embedding.linear_1`;
+//! - `gelu`: torch's GELU widens each element and rounds its output once;
+//! - LoRA branches added by [`super::add_lora_branches`] (`…/lora_*` nodes): a LoRA kept
+//!   beside low-precision weights stays f32.
+//!
+//! `LayerNormalization` runs in the low type with its default `stash_type = 1` (mean and
+//! variance in f32), as torch's `layer_norm` does. Everything else — the linears and their
+//! weights, the residual stream, modulation, attention's matrix products — is in the low type,
+//! as `transformer.to(torch.bfloat16)` has it.
+//!
+//! Two forms of the same typing ([`Lowering::emulate`]):
+//! - **typed**: every tensor in its type, for backends with low-precision kernels (TensorRT
+//!   builds it strongly typed: the types in the graph are the precision; CUDA).
+//! - **emulated**, for ONNX Runtime's CPU provider, which has no bf16 `MatMul`: every node that
+//!   computes reads its low inputs widened to f32 and its output is rounded back to the low
+//!   type. Tensors between nodes and the weights in memory stay low (weights are widened per
+//!   use, so the session must not constant-fold those Casts); each op sees exactly the low
+//!   values and rounds once, as a GPU kernel with f32 accumulation does.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use super::data_file::DataFile;
+use super::PassError;
+use crate::builder::{attr_proto, Attr};
+use crate::dtype::DType;
+use crate::proto::{self, ModelProto};
+
+/// How to lower a graph.
+#[derive(Clone, Copy, Debug)]
+pub struct Lowering {
+    /// `F16` or `BF16`.
+    pub dtype: DType,
+    /// The CPU form (see the module docs).
+    pub emulate: bool,
+}
+
+/// Where the converted weights go.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightFile<'a> {
+    /// A new external-data file beside the model that will be written.
+    Write(&'a Path),
+    /// Already written by an earlier lowering of the same weights ([`Lowered::tensors`]): how
+    /// a second graph of one engine (its LoRA-branch variant) shares one weight file.
+    Reuse(&'a [proto::TensorProto]),
+}
+
+/// What [`lower_precision`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lowered {
+    /// The converted initializers' entries.
+    pub tensors: Vec<proto::TensorProto>,
+    /// Initializers converted (to the low type, or widened to f32 for an island).
+    pub converted: usize,
+    /// Bytes of those initializers before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Nodes kept in f32 (islands).
+    pub f32_nodes: usize,
+    /// Casts inserted.
+    pub casts: usize,
+}
+
+/// Scopes kept in f32 (module docs).
+const F32_SCOPES: &[&str] = &["rope", "time_proj", "gelu"];
+
+/// Ops that only move or select elements: exact in any type and with low-type kernels on every
+/// backend (ONNX Runtime's CPU provider included), so they run in the type they are given.
+const DATA_OPS: &[&str] = &[
+    "Reshape",
+    "Transpose",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Slice",
+    "Split",
+    "Gather",
+    "Identity",
+    "Expand",
+    "Flatten",
+];
+
+/// Initializers up to this size stay inside the graph after conversion.
+const INLINE_MAX: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    /// No float data (shape arithmetic): untouched.
+    Int,
+    /// Reads any type, writes no float (`Shape`).
+    AnyInput,
+    /// A `Cast` to a float type: retargeted.
+    Cast,
+    /// Computes in f32 (module docs).
+    Island,
+    Data,
+    Compute,
+}
+
+fn is_island(n: &proto::NodeProto) -> bool {
+    let scope = n.name.split('/').next().unwrap_or("");
+    let last = scope.rsplit('.').next().unwrap_or("");
+    n.op_type == "Softmax" || F32_SCOPES.contains(&last) || n.name.contains("/lora_")
+}
+
+fn cast_to(n: &proto::NodeProto) -> Option<DType> {
+    n.attribute
+        .iter()
+        .find(|a| a.name == "to")
+        .and_then(|a| DType::from_onnx_code(a.i as i32))
+}
+
+/// Rewrites `model` (read from `source`, whose external data stays where it is) into the low
+/// type `how.dtype`, its converted weights in `weights`.
+pub fn lower_precision(
+    model: &mut ModelProto,
+    source: &Path,
+    weights: WeightFile,
+    how: Lowering,
+) -> Result<Lowered, PassError> {
+    let low = how.dtype;
+    if !matches!(low, DType::F16 | DType::BF16) {
+        return Err(PassError::Unsupported(format!(
+            "lowering to {low}: the low-precision graphs are f16 or bf16"
+        )));
+    }
+    let graph = model.graph.get_or_insert_with(Default::default);
+    unwrap_weight_casts(graph);
+
+    // Types as they are now; node outputs are filled in below.
+    let mut ty: HashMap<String, DType> = graph
+        .input
+        .iter()
+        .filter_map(|i| Some((i.name.clone(), input_dtype(i)?)))
+        .chain(
+            graph
+                .initializer
+                .iter()
+                .filter_map(|t| Some((t.name.clone(), DType::from_onnx_code(t.data_type)?))),
+        )
+        .collect();
+    let is_float = |ty: &HashMap<String, DType>, v: &str| ty.get(v).is_some_and(|d| d.is_float());
+
+    // Each node's role, in graph order (outputs' float-ness follows from inputs).
+    let mut roles = Vec::with_capacity(graph.node.len());
+    {
+        let mut float_seen: HashMap<String, DType> = ty.clone();
+        for n in &graph.node {
+            let float_in = n.input.iter().any(|x| is_float(&float_seen, x));
+            let role = match n.op_type.as_str() {
+                "Shape" | "Size" => Role::AnyInput,
+                "Cast" if cast_to(n).is_some_and(DType::is_float) => Role::Cast,
+                "Cast" => Role::Int,
+                _ if !float_in => Role::Int,
+                _ if is_island(n) => Role::Island,
+                op if DATA_OPS.contains(&op) && n.domain.is_empty() => Role::Data,
+                _ => Role::Compute,
+            };
+            if matches!(role, Role::Cast | Role::Island | Role::Data | Role::Compute) {
+                for o in &n.output {
+                    float_seen.insert(o.clone(), DType::F32);
+                }
+            }
+            roles.push(role);
+        }
+    }
+    // The type each role computes in, in the typed graph.
+    let typed = |role: Role, n: &proto::NodeProto| match role {
+        Role::Island => Some(DType::F32),
+        Role::Data | Role::Compute => Some(low),
+        Role::Cast => Some(if is_island(n) { DType::F32 } else { low }),
+        Role::Int | Role::AnyInput => None,
+    };
+
+    // Float initializers: low where every node reading them computes low, else f32.
+    let mut wanted: HashMap<&str, DType> = HashMap::new();
+    for (n, &role) in graph.node.iter().zip(&roles) {
+        let Some(t) = typed(role, n).filter(|_| role != Role::Cast) else {
+            continue;
+        };
+        for x in &n.input {
+            if let Some(DType::F32 | DType::F16 | DType::BF16) = ty.get(x.as_str()) {
+                let w = wanted.entry(x.as_str()).or_insert(t);
+                if *w != t {
+                    *w = DType::F32;
+                }
+            }
+        }
+    }
+    let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    // Sorted: the same model lowers to the same bytes.
+    let mut convert: Vec<(String, DType)> = wanted
+        .iter()
+        .filter(|(name, want)| inits.contains(*name) && ty.get(**name) != Some(*want))
+        .map(|(name, want)| (name.to_string(), *want))
+        .collect();
+    convert.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut done = Lowered::default();
+    let new_tensors = match weights {
+        WeightFile::Write(data) => convert_initializers(source, data, &convert, &mut done)?,
+        WeightFile::Reuse(tensors) => convert
+            .iter()
+            .map(|(name, want)| {
+                tensors
+                    .iter()
+                    .find(|t| t.name == *name && t.data_type == want.onnx_code())
+                    .cloned()
+                    .ok_or_else(|| PassError::MissingInitializer(format!("{name} ({want})")))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    done.tensors.clone_from(&new_tensors);
+    for (name, want) in &convert {
+        ty.insert(name.clone(), *want);
+    }
+    graph
+        .initializer
+        .retain(|t| !new_tensors.iter().any(|n| n.name == t.name));
+    graph.initializer.extend(new_tensors);
+
+    // Emit the nodes with their casts.
+    let mut casts: HashMap<(String, DType), String> = HashMap::new();
+    let mut nodes = Vec::with_capacity(graph.node.len() * 2);
+    let mut taken: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .chain(ty.keys().cloned())
+        .collect();
+    let mut fresh = |base: String| {
+        let mut name = base.clone();
+        let mut k = 1;
+        while taken.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        taken.insert(name.clone());
+        name
+    };
+    for (mut n, role) in std::mem::take(&mut graph.node).into_iter().zip(roles) {
+        let out_ty = typed(role, &n);
+        let compute = match role {
+            Role::Compute if how.emulate => Some(DType::F32),
+            Role::Cast | Role::Int | Role::AnyInput => None,
+            _ => out_ty,
+        };
+        if let Some(c) = compute {
+            for x in n.input.iter_mut() {
+                let Some(&t) = ty.get(x.as_str()).filter(|t| t.is_float()) else {
+                    continue;
+                };
+                if t == c {
+                    continue;
+                }
+                let key = (x.clone(), c);
+                if let Some(y) = casts.get(&key) {
+                    *x = y.clone();
+                    continue;
+                }
+                let y = fresh(format!("{x}.{}", c.name()));
+                nodes.push(cast_node(&format!("{y}/Cast"), x, &y, c));
+                done.casts += 1;
+                ty.insert(y.clone(), c);
+                casts.insert(key, y.clone());
+                *x = y;
+            }
+        }
+        if role == Role::Island {
+            done.f32_nodes += 1;
+        }
+        let Some(out_ty) = out_ty else {
+            nodes.push(n);
+            continue;
+        };
+        if role == Role::Cast {
+            n.attribute.retain(|a| a.name != "to");
+            n.attribute
+                .push(attr_proto("to", Attr::Int(out_ty.onnx_code() as i64)));
+        }
+        let round = role == Role::Compute && how.emulate;
+        let mut rounding = Vec::new();
+        for o in n.output.iter_mut().filter(|o| !o.is_empty()) {
+            ty.insert(o.clone(), out_ty);
+            if round {
+                let wide = fresh(format!("{o}.f32"));
+                rounding.push(cast_node(&format!("{o}/Round"), &wide, o, low));
+                done.casts += 1;
+                *o = wide;
+            }
+        }
+        nodes.push(n);
+        nodes.extend(rounding);
+    }
+    // The graph's outputs keep their declared f32.
+    for out in graph.output.iter().map(|o| o.name.clone()) {
+        if ty
+            .get(&out)
+            .is_some_and(|t| t.is_float() && *t != DType::F32)
+        {
+            let inner = fresh(format!("{out}.{}", low.name()));
+            for n in nodes.iter_mut() {
+                for v in n.output.iter_mut().chain(n.input.iter_mut()) {
+                    if *v == out {
+                        v.clone_from(&inner);
+                    }
+                }
+            }
+            nodes.push(cast_node(&format!("{out}/Cast"), &inner, &out, DType::F32));
+            done.casts += 1;
+        }
+    }
+    graph.node = nodes;
+    graph.value_info.clear();
+    Ok(done)
+}
+
+fn cast_node(name: &str, x: &str, y: &str, to: DType) -> proto::NodeProto {
+    proto::NodeProto {
+        input: vec![x.into()],
+        output: vec![y.into()],
+        name: name.into(),
+        op_type: "Cast".into(),
+        attribute: vec![attr_proto("to", Attr::Int(to.onnx_code() as i64))],
+        ..Default::default()
+    }
+}
+
+fn input_dtype(i: &proto::ValueInfoProto) -> Option<DType> {
+    match i.r#type.as_ref()?.value.as_ref()? {
+        proto::type_proto::Value::TensorType(t) => DType::from_onnx_code(t.elem_type),
+    }
+}
+
+/// Weights stored f16/bf16 reach their Gemm through a `Cast` to f32 (`v2l-export
+/// --weight-dtype`); the lowered graph reads them directly (and converts them if the stored
+/// type is not the wanted one), so those Casts go.
+fn unwrap_weight_casts(graph: &mut proto::GraphProto) {
+    let casts: HashMap<String, (usize, String)> = super::cast_initializers(graph)
+        .into_iter()
+        .map(|(out, (i, w))| (out.to_string(), (i, w.to_string())))
+        .collect();
+    let dtypes: HashMap<&str, i32> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t.data_type))
+        .collect();
+    let float = |code: Option<&i32>| {
+        code.and_then(|c| DType::from_onnx_code(*c))
+            .is_some_and(DType::is_float)
+    };
+    let casts: HashMap<String, (usize, String)> = casts
+        .into_iter()
+        .filter(|(_, (i, w))| {
+            float(dtypes.get(w.as_str()))
+                && graph
+                    .node
+                    .get(*i)
+                    .and_then(cast_to)
+                    .is_some_and(DType::is_float)
+        })
+        .collect();
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let casts: HashMap<String, (usize, String)> = casts
+        .into_iter()
+        .filter(|(out, _)| !outputs.contains(out.as_str()))
+        .collect();
+    let removed: HashSet<usize> = casts.values().map(|(i, _)| *i).collect();
+    for n in graph.node.iter_mut() {
+        for x in n.input.iter_mut() {
+            if let Some((_, w)) = casts.get(x.as_str()) {
+                x.clone_from(w);
+            }
+        }
+    }
+    let mut i = 0;
+    graph.node.retain(|_| {
+        i += 1;
+        !removed.contains(&(i - 1))
+    });
+}
+
+/// Converts the named initializers of the model at `source` to their wanted types: big ones
+/// into the external-data file `data`, small ones inline.
+fn convert_initializers(
+    source: &Path,
+    data: &Path,
+    convert: &[(String, DType)],
+    done: &mut Lowered,
+) -> Result<Vec<proto::TensorProto>, PassError> {
+    let want: HashMap<&str, DType> = convert.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+    let names: Vec<String> = convert.iter().map(|(n, _)| n.clone()).collect();
+    let mut file = DataFile::create(data)?;
+    let mut inline = Vec::new();
+    crate::write::for_each_initializer(source, &names, &mut |name, dtype, dims, bytes| {
+        let to = want.get(name).copied().unwrap_or(dtype);
+        let mut out = Vec::with_capacity(bytes.len() / dtype.size().max(1) * to.size());
+        crate::dtype::convert_floats(&bytes, dtype, to, &mut out).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("`{name}`: cannot convert {dtype} to {to}"),
+            )
+        })?;
+        done.converted += 1;
+        done.bytes_before += bytes.len() as u64;
+        done.bytes_after += out.len() as u64;
+        if out.len() <= INLINE_MAX {
+            inline.push(proto::TensorProto {
+                name: name.into(),
+                dims: dims.to_vec(),
+                data_type: to.onnx_code(),
+                raw_data: out,
+                ..Default::default()
+            });
+            Ok(())
+        } else {
+            file.append(name.into(), to, dims.to_vec(), &out)
+        }
+    })
+    .map_err(|e| PassError::Io {
+        path: source.to_path_buf(),
+        source: e,
+    })?;
+    let mut tensors = file.finish()?;
+    tensors.extend(inline);
+    Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{save, ExternalData, Graph, TensorData};
+
+    /// `y = softmax(rope(x·Wᵀ + b))` with a `rope` scope doing `h·c` (c an f32 input).
+    fn model(dir: &Path, stored: DType) -> std::path::PathBuf {
+        let mut g = Graph::new("t");
+        let x = g.input("x", DType::F32, vec!["n".into(), 4.into()]);
+        let c = g.input("c", DType::F32, vec!["n".into(), 4.into()]);
+        let w: Vec<f32> = (0..16).map(|v| v as f32 / 7.0 - 1.0).collect();
+        let mut bytes = Vec::new();
+        crate::dtype::convert_floats(bytemuck::cast_slice(&w), DType::F32, stored, &mut bytes)
+            .unwrap();
+        let w = g.initializer("lin.weight", stored, vec![4, 4], TensorData::Owned(bytes));
+        let w = if stored == DType::F32 {
+            w
+        } else {
+            g.cast(&w, DType::F32)
+        };
+        let b = g.const_f32(&[0.5, -0.5, 0.25, 0.0], &[4]);
+        let h = g.scoped("lin", |g| g.linear(&x, &w, Some(&b), 4));
+        let r = g.scoped("blk.rope", |g| g.mul(&h, &c));
+        let y = g.softmax(&r, -1);
+        let two = g.scalar(2.0);
+        let y = g.mul(&y, &two);
+        g.output(&y, "y", DType::F32, vec!["n".into(), 4.into()]);
+        let p = dir.join("m.onnx");
+        save(&g, &p, ExternalData::Always).unwrap();
+        p
+    }
+
+    fn lowered(stored: DType, emulate: bool) -> (ModelProto, Lowered) {
+        let d = tempfile::tempdir().unwrap();
+        let src = model(d.path(), stored);
+        let mut m = crate::read_model(&src).unwrap();
+        let how = Lowering {
+            dtype: DType::BF16,
+            emulate,
+        };
+        let data = d.path().join("low.data");
+        let done = lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
+        // A second graph of the same weights reuses the entries, converting nothing.
+        let mut again = crate::read_model(&src).unwrap();
+        let reused = lower_precision(&mut again, &src, WeightFile::Reuse(&done.tensors), how);
+        assert_eq!(reused.unwrap().converted, 0);
+        assert_eq!(again, m);
+        (m, done)
+    }
+
+    fn init_dtype(m: &ModelProto, name: &str) -> Option<DType> {
+        let g = m.graph.as_ref().unwrap();
+        let t = g.initializer.iter().find(|t| t.name == name)?;
+        DType::from_onnx_code(t.data_type)
+    }
+
+    fn node<'m>(m: &'m ModelProto, op: &str) -> Vec<&'m proto::NodeProto> {
+        let g = m.graph.as_ref().unwrap();
+        g.node.iter().filter(|n| n.op_type == op).collect()
+    }
+
+    #[test]
+    fn typed_graph_has_low_weights_f32_islands_and_f32_io() {
+        let (m, done) = lowered(DType::F32, false);
+        assert_eq!(init_dtype(&m, "lin.weight"), Some(DType::BF16));
+        // The Gemm reads the weight directly, its x through a Cast to bf16 (before the Flatten).
+        let gemm = node(&m, "Gemm")[0];
+        assert_eq!(gemm.input[1], "lin.weight");
+        assert_eq!(node(&m, "Flatten")[0].input, ["x.bf16"]);
+        // rope (h·c) and softmax are f32 islands; the scalar after softmax is bf16 again.
+        assert_eq!(done.f32_nodes, 2);
+        let casts = node(&m, "Cast");
+        let to = |n: &proto::NodeProto| cast_to(n).unwrap();
+        // x→bf16, h→f32 (rope), softmax out→bf16, y→f32 at the output.
+        assert_eq!(
+            casts.iter().map(|c| to(c)).collect::<Vec<_>>(),
+            [DType::BF16, DType::F32, DType::BF16, DType::F32]
+        );
+        let g = m.graph.as_ref().unwrap();
+        let last = g.node.last().unwrap();
+        assert_eq!(
+            (last.op_type.as_str(), last.output[0].as_str()),
+            ("Cast", "y")
+        );
+    }
+
+    #[test]
+    fn emulated_graph_computes_f32_and_rounds_every_output() {
+        let (m, _) = lowered(DType::F32, true);
+        // Weights stay bf16 in memory; the Gemm reads them widened and its output is rounded.
+        assert_eq!(init_dtype(&m, "lin.weight"), Some(DType::BF16));
+        let gemm = node(&m, "Gemm")[0];
+        assert!(
+            gemm.input.iter().all(|x| x.ends_with(".f32")),
+            "{:?}",
+            gemm.input
+        );
+        // Data movement runs in bf16 on the CPU too.
+        assert_eq!(node(&m, "Flatten")[0].input, ["x.bf16"]);
+        let g = m.graph.as_ref().unwrap();
+        let rounds: Vec<_> = g
+            .node
+            .iter()
+            .filter(|n| n.name.ends_with("/Round"))
+            .collect();
+        // The Gemm and the final Mul compute (rounded); the islands do not round.
+        assert_eq!(rounds.len(), 2);
+        assert!(rounds.iter().all(|n| cast_to(n) == Some(DType::BF16)));
+    }
+
+    #[test]
+    fn bf16_stored_weights_are_used_as_stored() {
+        let (m, done) = lowered(DType::BF16, false);
+        assert_eq!(init_dtype(&m, "lin.weight"), Some(DType::BF16));
+        // Only the bias and the scalar were converted; the stored weight's Cast is gone.
+        assert_eq!(done.converted, 2);
+        assert_eq!(node(&m, "Gemm")[0].input[1], "lin.weight");
+    }
+}
