@@ -62,6 +62,12 @@ fn plain(message: &str) -> String {
     out.trim().to_string()
 }
 
+/// The optimisers that would widen low-precision weights into f32 copies at session build (a
+/// `;`-separated list). `FuseFp16InitializerToFp32NodeTransformer` also reads an f16 weight
+/// from the model file even when the session was given a replacement (ORT 1.31): with it on,
+/// a LoRA fused into an fp16 engine was silently ignored.
+const KEEP_WEIGHT_CASTS: &str = "ConstantFolding;FuseFp16InitializerToFp32NodeTransformer";
+
 impl Model {
     /// Loads `path` (external data files are resolved beside it).
     pub fn load(path: &Path, opts: &SessionOptions) -> Result<Model> {
@@ -94,7 +100,7 @@ impl Model {
         }
         if opts.keep_weight_casts {
             b = b
-                .with_disabled_optimizers("ConstantFolding")
+                .with_disabled_optimizers(KEEP_WEIGHT_CASTS)
                 .map_err(|e| RuntimeError::Ort {
                     context: ctx.clone(),
                     message: e.to_string(),
