@@ -1,7 +1,8 @@
 //! Every graph v2l writes is valid ONNX: `onnx.checker.check_model(full_check=True)` on the
 //! whole tiny pipeline export (DiT, VAE encoder and decoder, hypernetwork) and on the engines
-//! compiled from it for each backend (with their rewrites and LoRA-strategy variants) and for
-//! int8 (DynamicQuantizeMatMul over int8 weights).
+//! compiled from it for each backend (with their rewrites and LoRA-strategy variants), for int8
+//! (DynamicQuantizeMatMul over int8 weights) and for fp16/bf16 (typed graphs for TensorRT,
+//! emulated ones for the CPU; the checker's type inference sees every Cast and island).
 //!
 //! The checker is the `onnx` Python package that `scripts/setup.sh` installs into `.v2l/py`;
 //! only this test uses Python.
@@ -71,6 +72,10 @@ fn every_written_graph_passes_the_onnx_checker() {
         ("cuda", "fp32"),
         ("tensorrt", "fp32"),
         ("cpu", "int8"),
+        ("cpu", "bf16"),
+        ("cpu", "fp16"),
+        ("tensorrt", "bf16"),
+        ("tensorrt", "fp16"),
     ] {
         let engine = d.path().join(format!("engine-{backend}-{precision}"));
         run(
@@ -86,7 +91,8 @@ fn every_written_graph_passes_the_onnx_checker() {
             ],
         );
         let files = onnx_files(&engine);
-        // fp32: 4 graphs + the bound and unfused DiT; int8: 4 graphs + the int8 and unfused DiT.
+        // fp32: 4 graphs + the bound and unfused DiT; below fp32: 4 graphs + the DiT of the
+        // precision and the unfused one.
         assert_eq!(files.len(), 6, "{backend} {precision}: {files:?}");
         models.extend(files);
     }

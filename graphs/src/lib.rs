@@ -12,6 +12,7 @@
 )]
 
 pub mod builder;
+pub mod check;
 pub mod dtype;
 pub mod passes;
 pub mod proto;

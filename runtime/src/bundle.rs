@@ -372,6 +372,9 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                 variant_files.push(file.to_string());
                 dit_variants.insert(variant.to_string(), file.to_string());
             }
+            if backend == Backend::TensorRt {
+                check_tensorrt_graphs(tmp, &d.file, &dit_variants, precision, &names)?;
+            }
         }
         let files = names
             .iter()
@@ -403,6 +406,45 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
         std::fs::write(&p, text + "\n").map_err(io(&p))?;
         Ok(bundle)
     })
+}
+
+/// What a CPU can check of the DiT graphs a TensorRT engine is built from
+/// (`v2l_graphs::check`): standard ops, LoRA targets read directly by their Gemm, stored in the
+/// precision's type (f32 where the `bound` variant takes them as inputs), consistent types.
+fn check_tensorrt_graphs(
+    dir: &Path,
+    export_file: &str,
+    variants: &std::collections::BTreeMap<String, String>,
+    precision: Precision,
+    targets: &[String],
+) -> Result<()> {
+    use v2l_graphs::DType;
+    let low = match precision {
+        Precision::Fp16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+        _ => DType::F32,
+    };
+    let fp32 = (precision == Precision::Fp32).then_some(("fp32", export_file));
+    for (variant, file) in variants
+        .iter()
+        .map(|(v, f)| (v.as_str(), f.as_str()))
+        .chain(fp32)
+    {
+        let path = dir.join(file);
+        let model = v2l_graphs::read_model(&path).map_err(io(&path))?;
+        let stored = if variant == "bound" { DType::F32 } else { low };
+        let problems = v2l_graphs::check::tensorrt_problems(&model, targets, stored);
+        if !problems.is_empty() {
+            return Err(RuntimeError::Invalid {
+                what: path.display().to_string(),
+                message: format!(
+                    "not buildable by TensorRT as v2l needs it: {}",
+                    problems.join("; ")
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The weights a below-fp32 DiT graph was written with, so the engine's second graph (its
