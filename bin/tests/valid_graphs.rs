@@ -72,6 +72,7 @@ fn every_written_graph_passes_the_onnx_checker() {
         ("cuda", "fp32"),
         ("tensorrt", "fp32"),
         ("cpu", "int8"),
+        ("cpu", "int4"),
         ("cpu", "bf16"),
         ("cpu", "fp16"),
         ("tensorrt", "bf16"),

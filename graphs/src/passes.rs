@@ -18,7 +18,7 @@ mod quantize;
 pub use attention::{fuse_attention, MS_DOMAIN};
 pub use gelu::fuse_gelu;
 pub use precision::{lower_precision, Lowered, Lowering, WeightFile};
-pub use quantize::{int8_names, quantize_linears_int8, use_int8_weights, Quantized};
+pub use quantize::{quantize_linears, use_quantized_weights, Quantized, WeightQuant};
 
 /// The initializer behind a node input: the input itself, or for weights stored as f16/bf16
 /// (`v2l-export --weight-dtype`) the initializer a `Cast` widens to f32. Maps each such Cast's

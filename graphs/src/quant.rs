@@ -1,8 +1,9 @@
-//! Weight quantisation: symmetric int8, one scale per output channel.
+//! Weight quantisation: symmetric int8 with one scale per output channel, and symmetric int4
+//! in blocks along the input axis.
 //!
-//! One function for the one idea, used at compile time (the int8 engine's weights) and at run
-//! time (a LoRA fused into an int8 engine is re-quantised from the f32 base the same way), so a
-//! weight quantised twice from the same values is bitwise the same.
+//! One function for each, used at compile time (the engine's weights) and at run time (a LoRA
+//! fused into a quantised engine is re-quantised from the f32 base the same way), so a weight
+//! quantised twice from the same values is bitwise the same.
 
 /// Largest magnitude of a quantised value: symmetric, so `-128` is never used and `q·scale`
 /// is the same distance from zero either side.
@@ -73,9 +74,95 @@ pub fn dequantize_int8_per_output(q: &[i8], scale: &[f32], out: usize, inp: usiz
     w
 }
 
+/// Input-axis block of the int4 weights (ONNX Runtime's `MatMulNBits` `block_size`): 32, the
+/// block llama.cpp's Q4_0 and ONNX Runtime's own quantiser default to.
+pub const INT4_BLOCK: usize = 32;
+
+/// Quantises a linear weight `w [out, inp]` to 4-bit codes in blocks of [`INT4_BLOCK`] along
+/// `inp`, laid out as `MatMulNBits` reads them: `codes [out, blocks, 16]` (two codes a byte,
+/// the even element in the low nibble), `scale [out, blocks]`. Symmetric: `w ≈ (code − 8)·scale`
+/// with `scale = max |w| / 7` over the block, so codes are 1..=15 and the default zero point (8)
+/// applies. A short last block is padded with code 8 (zero).
+///
+/// Returns `(codes, scales)`, or `None` when `w` is not `out × inp` finite values.
+pub fn quantize_int4_blockwise(w: &[f32], out: usize, inp: usize) -> Option<(Vec<u8>, Vec<f32>)> {
+    if w.len() != out.checked_mul(inp)? || w.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    let blocks = inp.div_ceil(INT4_BLOCK);
+    let mut codes = vec![0x88u8; out * blocks * INT4_BLOCK / 2];
+    let mut scales = vec![0f32; out * blocks];
+    for (o, row) in w.chunks_exact(inp.max(1)).enumerate().take(out) {
+        for (b, block) in row.chunks(INT4_BLOCK).enumerate() {
+            let max = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let (scale, inv) = if max > 0.0 {
+                (max / 7.0, 7.0 / max)
+            } else {
+                (1.0, 0.0)
+            };
+            *scales.get_mut(o * blocks + b)? = scale;
+            let blob = codes.get_mut((o * blocks + b) * INT4_BLOCK / 2..)?;
+            for (j, x) in block.iter().enumerate() {
+                let code = ((x * inv).round_ties_even().clamp(-7.0, 7.0) as i8 + 8) as u8;
+                let byte = blob.get_mut(j / 2)?;
+                *byte = if j % 2 == 0 {
+                    (*byte & 0xf0) | code
+                } else {
+                    (*byte & 0x0f) | (code << 4)
+                };
+            }
+        }
+    }
+    Some((codes, scales))
+}
+
+/// The f32 weight `[out, inp]` int4 codes stand for; for tests and accuracy reports.
+pub fn dequantize_int4_blockwise(codes: &[u8], scales: &[f32], out: usize, inp: usize) -> Vec<f32> {
+    let blocks = inp.div_ceil(INT4_BLOCK);
+    let mut w = vec![0f32; out * inp];
+    for (o, row) in w.chunks_exact_mut(inp.max(1)).enumerate() {
+        for (i, x) in row.iter_mut().enumerate() {
+            let (b, j) = (i / INT4_BLOCK, i % INT4_BLOCK);
+            let byte = codes
+                .get((o * blocks + b) * INT4_BLOCK / 2 + j / 2)
+                .copied()
+                .unwrap_or(0x88);
+            let code = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+            *x = (f32::from(code) - 8.0) * scales.get(o * blocks + b).copied().unwrap_or(0.0);
+        }
+    }
+    w
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int4_round_trip_is_within_half_a_step_per_block() {
+        let (out, inp) = (5, 70); // a short last block
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3 * (1 + i % 3) as f32)
+            .collect();
+        let (codes, scales) = quantize_int4_blockwise(&w, out, inp).unwrap();
+        assert_eq!(codes.len(), out * 3 * 16);
+        assert_eq!(scales.len(), out * 3);
+        let back = dequantize_int4_blockwise(&codes, &scales, out, inp);
+        for o in 0..out {
+            for i in 0..inp {
+                let s = scales[o * 3 + i / 32];
+                let err = (back[o * inp + i] - w[o * inp + i]).abs();
+                assert!(err <= 0.5 * s * (1.0 + 1e-5), "[{o}][{i}]: {err}");
+            }
+        }
+        // Codes stay in 1..=15; the padding of the short block is 8 (zero).
+        assert!(codes.iter().all(|b| b & 0x0f != 0 && b >> 4 != 0));
+        assert_eq!(codes[(3 - 1) * 16 + 15], 0x88);
+        // Low nibble first: w = [7, -7] with scale 1 packs as 15 | 1 << 4.
+        let (c, s) = quantize_int4_blockwise(&[7.0, -7.0], 1, 2).unwrap();
+        assert_eq!((c[0], s[0]), (0x1f, 1.0));
+        assert!(quantize_int4_blockwise(&[f32::NAN], 1, 1).is_none());
+    }
 
     #[test]
     fn int8_round_trip_is_within_half_a_step_per_channel() {

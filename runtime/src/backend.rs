@@ -41,15 +41,27 @@ pub enum Precision {
     Fp16,
     Bf16,
     Int8,
+    Int4,
 }
 
 impl Precision {
+    /// How the DiT's quantised linears are stored, for the integer precisions.
+    pub fn weight_quant(self) -> Option<v2l_graphs::passes::WeightQuant> {
+        use v2l_graphs::passes::WeightQuant;
+        match self {
+            Precision::Int8 => Some(WeightQuant::Int8),
+            Precision::Int4 => Some(WeightQuant::Int4),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
             Precision::Bf16 => "bf16",
             Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
         }
     }
 }

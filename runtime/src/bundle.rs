@@ -65,14 +65,15 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// The LoRA-targetable weights this engine stores in a type other than f32 (int8, f16,
-    /// bf16), and that type: what a LoRA fused into them is converted to.
-    pub fn stored_dtypes(&self) -> std::collections::BTreeMap<String, v2l_graphs::DType> {
+    /// The LoRA-targetable weights this engine stores other than as f32 (f16, bf16, int8,
+    /// int4), and how: what a LoRA fused into them is converted to.
+    pub fn stored(&self) -> std::collections::BTreeMap<String, crate::lora::apply::Stored> {
+        use crate::lora::apply::Stored;
         self.lora_targets
             .iter()
             .filter_map(|t| {
-                let d = v2l_graphs::DType::parse(&t.dtype)?;
-                (d != v2l_graphs::DType::F32).then(|| (t.initializer.clone(), d))
+                let s = Stored::parse(&t.dtype)?;
+                (s != Stored::Float(v2l_graphs::DType::F32)).then(|| (t.initializer.clone(), s))
             })
             .collect()
     }
@@ -234,16 +235,16 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                     });
                 }
             }
-            // How the engine stores each target: int8 for the token-wise linears of an int8
-            // engine, every linear in the low type of an fp16/bf16 one.
+            // How the engine stores each target: int8/int4 for the token-wise linears of an
+            // integer engine, every linear in the low type of an fp16/bf16 one.
             for t in targets.iter_mut() {
-                let stored = match precision {
-                    Precision::Int8 if quantises_int8(&t.initializer) => v2l_graphs::DType::I8,
-                    Precision::Fp16 => v2l_graphs::DType::F16,
-                    Precision::Bf16 => v2l_graphs::DType::BF16,
+                t.dtype = match (precision, precision.weight_quant()) {
+                    (_, Some(q)) if quantises(&t.initializer) => q.name(),
+                    (Precision::Fp16, _) => v2l_graphs::DType::F16.name(),
+                    (Precision::Bf16, _) => v2l_graphs::DType::BF16.name(),
                     _ => continue,
-                };
-                t.dtype = stored.name().into();
+                }
+                .into();
             }
             (hash.finish(), targets)
         }
@@ -450,7 +451,8 @@ fn check_tensorrt_graphs(
 /// The weights a below-fp32 DiT graph was written with, so the engine's second graph (its
 /// LoRA-branch variant) points at the same file.
 enum LowWeights {
-    Int8 {
+    Quantized {
+        how: v2l_graphs::passes::WeightQuant,
         weights: Vec<String>,
         tensors: Vec<v2l_graphs::proto::TensorProto>,
     },
@@ -466,9 +468,13 @@ impl LowWeights {
         model: &mut v2l_graphs::proto::ModelProto,
         src: &Path,
     ) -> std::result::Result<(), v2l_graphs::passes::PassError> {
-        use v2l_graphs::passes::{lower_precision, use_int8_weights, WeightFile};
+        use v2l_graphs::passes::{lower_precision, use_quantized_weights, WeightFile};
         match self {
-            LowWeights::Int8 { weights, tensors } => use_int8_weights(model, weights, tensors),
+            LowWeights::Quantized {
+                how,
+                weights,
+                tensors,
+            } => use_quantized_weights(model, weights, tensors, *how),
             LowWeights::Float(how, tensors) => {
                 lower_precision(model, src, WeightFile::Reuse(tensors), *how).map(|_| ())
             }
@@ -477,7 +483,7 @@ impl LowWeights {
 }
 
 /// Rewrites the DiT `model` (read from `src`) for `precision`, writing its new weights to
-/// `data`: int8 quantises the targets the table marks `i8` ([`quantises_int8`]); fp16/bf16
+/// `data`: int8/int4 quantise the targets the table marks so ([`quantises`]); fp16/bf16
 /// lower the whole graph, typed for GPU backends and emulated for the CPU
 /// (`v2l_graphs::passes::lower_precision`).
 fn lower_dit(
@@ -490,14 +496,18 @@ fn lower_dit(
 ) -> std::result::Result<LowWeights, v2l_graphs::passes::PassError> {
     use v2l_graphs::{passes, DType};
     let dtype = match precision {
-        Precision::Int8 => {
+        Precision::Int8 | Precision::Int4 => {
+            let how = precision
+                .weight_quant()
+                .ok_or_else(|| passes::PassError::Unsupported(precision.name().into()))?;
             let weights: Vec<String> = targets
                 .iter()
-                .filter(|t| t.dtype == DType::I8.name())
+                .filter(|t| t.dtype == how.name())
                 .map(|t| t.initializer.clone())
                 .collect();
-            let q = passes::quantize_linears_int8(model, src, &weights, data)?;
-            return Ok(LowWeights::Int8 {
+            let q = passes::quantize_linears(model, src, &weights, data, how)?;
+            return Ok(LowWeights::Quantized {
+                how,
                 weights,
                 tensors: q.tensors,
             });
@@ -530,7 +540,7 @@ fn lower_dit(
 /// base) is the other choice, measured in README "Precision".
 pub fn default_strategy(backend: Backend, precision: Precision) -> &'static str {
     match (backend, precision) {
-        (_, Precision::Int8) => "unfused",
+        (_, Precision::Int8 | Precision::Int4) => "unfused",
         (_, Precision::Fp16 | Precision::Bf16) => "fused",
         // Same mechanism on CUDA; not yet measured on a GPU.
         (Backend::Cpu | Backend::Cuda, _) => "bound",
@@ -540,14 +550,14 @@ pub fn default_strategy(backend: Backend, precision: Precision) -> &'static str 
     }
 }
 
-/// Whether an int8 engine stores the DiT weight `name` as int8: the token-wise linears
+/// Whether an int8/int4 engine quantises the DiT weight `name`: the token-wise linears
 /// (attention projections, feed-forward, text projection) are; kept f32 are the layers on the
 /// conditioning path, which run on one row per sample and whose error scales every token (time
 /// embedding, the adaptive norms' `norm*.linear`), and the output projection `proj_out`, whose
 /// error reaches the prediction with no residual to dilute it. On the tiny fixture DiT, int8
 /// everywhere is 1.1e-2 from f32 (`proj_out` alone 1.0e-2); token-wise only, 3.1e-3. The kept
 /// layers are ~12 % of a CogVideoX-5B block's weights and a negligible share of its FLOPs.
-pub fn quantises_int8(name: &str) -> bool {
+pub fn quantises(name: &str) -> bool {
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let mut parts = module.rsplit('.');
     let (last, parent) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -560,8 +570,8 @@ pub fn quantises_int8(name: &str) -> bool {
 fn check_precision(backend: Backend, precision: Precision) -> Result<()> {
     let why = match (precision, backend) {
         (Precision::Fp32 | Precision::Fp16 | Precision::Bf16, _)
-        | (Precision::Int8, Backend::Cpu) => return Ok(()),
-        (Precision::Int8, _) => "int8 engines are built for the CPU backend (int8 weights through ONNX Runtime's DynamicQuantizeMatMul); TensorRT int8 needs calibrated Q/DQ, not built yet",
+        | (Precision::Int8 | Precision::Int4, Backend::Cpu) => return Ok(()),
+        (Precision::Int8 | Precision::Int4, _) => "int8/int4 engines are built for the CPU backend (ONNX Runtime's DynamicQuantizeMatMul and MatMulNBits); TensorRT int8 needs calibrated Q/DQ, not built yet",
     };
     Err(RuntimeError::Invalid {
         what: format!("--precision {}", precision.name()),
@@ -656,8 +666,34 @@ mod tests {
             ("norm_out.linear.weight", false),
             ("proj_out.weight", false),
         ] {
-            assert_eq!(quantises_int8(name), int8, "{name}");
+            assert_eq!(quantises(name), int8, "{name}");
         }
+    }
+
+    /// The record's own hash survives a write and a read: floats round-trip exactly (serde_json's
+    /// default float parser can be off by one ulp; 0.0025133703820537446 was).
+    #[test]
+    fn a_written_record_parses_back_with_its_hash() {
+        let mut b = Bundle {
+            format_version: FORMAT_VERSION,
+            backend: Backend::Cpu,
+            precision: Precision::Bf16,
+            lora_strategy: "fused".into(),
+            weight_hash: "h".into(),
+            lora_targets: vec![],
+            files: vec![],
+            dit_variants: Default::default(),
+            producer: "v2l test".into(),
+            accuracy: vec![crate::accuracy::StageAccuracy {
+                stage: "dit".into(),
+                rel_l2: 0.0025133703820537446,
+                inputs: "x".into(),
+            }],
+            bundle_hash: String::new(),
+        };
+        b.bundle_hash = b.self_hash().unwrap();
+        let text = serde_json::to_string_pretty(&b).unwrap();
+        assert_eq!(Bundle::parse(&text, Path::new("bundle.json")).unwrap(), b);
     }
 
     #[test]

@@ -99,7 +99,7 @@ impl Engine {
         SessionOptions {
             keep_weight_casts: opts.keep_weight_casts
                 || low
-                || (stored_low && self.precision() == Precision::Int8),
+                || (stored_low && self.precision().weight_quant().is_some()),
             ..opts.clone()
         }
     }

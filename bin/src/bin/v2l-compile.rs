@@ -57,6 +57,7 @@ enum PrecisionArg {
     Fp16,
     Bf16,
     Int8,
+    Int4,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -74,6 +75,7 @@ fn main() -> ExitCode {
             PrecisionArg::Fp16 => Precision::Fp16,
             PrecisionArg::Bf16 => Precision::Bf16,
             PrecisionArg::Int8 => Precision::Int8,
+            PrecisionArg::Int4 => Precision::Int4,
         };
         let backend = match cli.backend {
             BackendArg::Cpu => Backend::Cpu,
@@ -103,7 +105,7 @@ fn main() -> ExitCode {
                 "backend": b.backend.name(),
                 "accuracy": b.accuracy,
                 "stored_weights": b
-                    .stored_dtypes()
+                    .stored()
                     .into_iter()
                     .map(|(k, v)| (k, v.name()))
                     .collect::<std::collections::BTreeMap<_, _>>(),

@@ -1,8 +1,12 @@
-//! Weight-only int8 for linear layers: `Gemm(x, W, b, transB=1)` becomes ONNX Runtime's
-//! `com.microsoft.DynamicQuantizeMatMul(x, W.int8, W.scale, ∅, b)`.
+//! Quantised linear layers: `Gemm(x, W, b, transB=1)` becomes one of ONNX Runtime's contrib ops
+//! ([`WeightQuant`]):
+//! - int8: `com.microsoft.DynamicQuantizeMatMul(x, W.int8, W.scale, ∅, b)`, weights symmetric
+//!   int8 with one scale per output channel, the activation quantised per tensor on the fly;
+//! - int4: `com.microsoft.MatMulNBits(x, W.int4, W.int4_scale, ∅, ∅, b)`, weight-only 4-bit in
+//!   blocks of 32 along the input axis ([`crate::quant`]), accuracy level 4 (the kernel
+//!   quantises activations to int8 per block for its VNNI/AMX path: the fastest here).
 //!
-//! Weights are symmetric int8 with one scale per output channel ([`crate::quant`]); the
-//! activation is quantised per tensor on the fly by the kernel. Measured on one CogVideoX-5B
+//! int8 is the CPU's fast path. Measured on one CogVideoX-5B
 //! block at 1,378 tokens (ORT 1.31, 2 threads, this machine's AVX-512 VNNI/AMX CPU): 0.8 s a
 //! step against 2.9 s in f32 and 3.1 s for `MatMulNBits` 8-bit (accuracy level 4), at rel L2
 //! 2.3e-3 against PyTorch f32 — see README "Precision".
@@ -20,10 +24,103 @@ use super::{attr_i, import_ms_domain, PassError, MS_DOMAIN};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto};
 
-/// Names of the int8 weight `[in, out]` and its per-output-channel scale `[out]` that replace
-/// the f32 initializer `weight` (`<module>.weight`).
-pub fn int8_names(weight: &str) -> [String; 2] {
-    [format!("{weight}.int8"), format!("{weight}.scale")]
+/// How a quantised engine stores its linear weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightQuant {
+    Int8,
+    Int4,
+}
+
+impl WeightQuant {
+    /// The name in a bundle's target table (`dtype`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightQuant::Int8 => "i8",
+            WeightQuant::Int4 => "i4",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<WeightQuant> {
+        [WeightQuant::Int8, WeightQuant::Int4]
+            .into_iter()
+            .find(|q| q.name() == name)
+    }
+
+    /// Names of the quantised weight and its scales that replace the f32 initializer `weight`
+    /// (`<module>.weight`): int8 `[in, out]` + `[out]`; int4 `[out, blocks, 16]` u8 +
+    /// `[out·blocks]`.
+    pub fn names(self, weight: &str) -> [String; 2] {
+        match self {
+            WeightQuant::Int8 => [format!("{weight}.int8"), format!("{weight}.scale")],
+            WeightQuant::Int4 => [format!("{weight}.int4"), format!("{weight}.int4_scale")],
+        }
+    }
+
+    /// Quantises one `[out, inp]` weight: the two tensors [`WeightQuant::names`] names, as
+    /// (dtype, dims, bytes), or `None` when the values are not `out × inp` finite floats.
+    pub fn quantize(
+        self,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+    ) -> Option<[(DType, Vec<i64>, Vec<u8>); 2]> {
+        let (o, i) = (out as i64, inp as i64);
+        match self {
+            WeightQuant::Int8 => {
+                let mut q = vec![0i8; w.len()];
+                let mut scale = vec![0f32; out];
+                crate::quant::quantize_int8_per_output(w, out, inp, &mut q, &mut scale)?;
+                Some([
+                    (DType::I8, vec![i, o], bytemuck::cast_slice(&q).to_vec()),
+                    (DType::F32, vec![o], bytemuck::cast_slice(&scale).to_vec()),
+                ])
+            }
+            WeightQuant::Int4 => {
+                let (codes, scales) = crate::quant::quantize_int4_blockwise(w, out, inp)?;
+                let blocks = inp.div_ceil(crate::quant::INT4_BLOCK) as i64;
+                let blob = (crate::quant::INT4_BLOCK / 2) as i64;
+                Some([
+                    (DType::U8, vec![o, blocks, blob], codes),
+                    (
+                        DType::F32,
+                        vec![o * blocks],
+                        bytemuck::cast_slice(&scales).to_vec(),
+                    ),
+                ])
+            }
+        }
+    }
+
+    /// The node that replaces `Gemm(x, W, bias, transB=1)` for a `[out, inp]` weight.
+    fn node(self, weight: &str, x: String, bias: String, out: i64, inp: i64) -> proto::NodeProto {
+        use crate::builder::{attr_proto, Attr};
+        let [q, s] = self.names(weight);
+        let (op, input, attribute) = match self {
+            WeightQuant::Int8 => (
+                "DynamicQuantizeMatMul",
+                vec![x, q, s, String::new(), bias],
+                vec![],
+            ),
+            WeightQuant::Int4 => (
+                "MatMulNBits",
+                vec![x, q, s, String::new(), String::new(), bias],
+                vec![
+                    attr_proto("K", Attr::Int(inp)),
+                    attr_proto("N", Attr::Int(out)),
+                    attr_proto("bits", Attr::Int(4)),
+                    attr_proto("block_size", Attr::Int(crate::quant::INT4_BLOCK as i64)),
+                    attr_proto("accuracy_level", Attr::Int(4)),
+                ],
+            ),
+        };
+        proto::NodeProto {
+            input,
+            op_type: op.into(),
+            domain: MS_DOMAIN.into(),
+            attribute,
+            ..Default::default()
+        }
+    }
 }
 
 /// What [`quantize_linears_int8`] did.
@@ -110,27 +207,29 @@ fn gemms_of(
 }
 
 /// Rewrites every `Gemm` whose B input is one of `weights` (f32 initializers of the model read
-/// from `source`, the model file `model` was read from) into `DynamicQuantizeMatMul`, writing
-/// the int8 weights to `data` (a file beside the model that will be written; it is referenced
+/// from `source`, the model file `model` was read from) into the `how` op, writing the
+/// quantised weights to `data` (a file beside the model that will be written; it is referenced
 /// by file name). Every named weight must be consumed by such a Gemm ([`gemms_of`]).
-pub fn quantize_linears_int8(
+pub fn quantize_linears(
     model: &mut ModelProto,
     source: &Path,
     weights: &[String],
     data: &Path,
+    how: WeightQuant,
 ) -> Result<Quantized, PassError> {
     gemms_of(model.graph.get_or_insert_with(Default::default), weights)?;
-    let done = write_int8_weights(source, weights, data)?;
-    use_int8_weights(model, weights, &done.tensors)?;
+    let done = write_quantized_weights(source, weights, data, how)?;
+    use_quantized_weights(model, weights, &done.tensors, how)?;
     Ok(done)
 }
 
 /// Quantises the named f32 weights of the model at `source` into the external-data file `data`
 /// (written whole under a temporary name), returning the tensor entries that point into it.
-fn write_int8_weights(
+fn write_quantized_weights(
     source: &Path,
     weights: &[String],
     data: &Path,
+    how: WeightQuant,
 ) -> Result<Quantized, PassError> {
     let mut file = DataFile::create(data)?;
     let mut done = Quantized::default();
@@ -138,30 +237,19 @@ fn write_int8_weights(
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         let (&[out, inp], Some(w)) = (d, crate::dtype::f32_values(&bytes, dtype)) else {
             return Err(bad(format!(
-                "`{name}`: int8 quantisation takes a 2-D f32/f16/bf16 weight, found {dtype}{d:?}"
+                "`{name}`: quantisation takes a 2-D f32/f16/bf16 weight, found {dtype}{d:?}"
             )));
         };
         let (out, inp) = (out as usize, inp as usize);
-        let mut q = vec![0i8; w.len()];
-        let mut scale = vec![0f32; out];
-        crate::quant::quantize_int8_per_output(&w, out, inp, &mut q, &mut scale)
+        let tensors = how
+            .quantize(&w, out, inp)
             .ok_or_else(|| bad(format!("`{name}`: not finite, or not {out}×{inp} values")))?;
-        let [qn, sn] = int8_names(name);
-        file.append(
-            qn,
-            DType::I8,
-            vec![inp as i64, out as i64],
-            bytemuck::cast_slice(&q),
-        )?;
-        file.append(
-            sn,
-            DType::F32,
-            vec![out as i64],
-            bytemuck::cast_slice(&scale),
-        )?;
+        for (tensor_name, (dtype, dims, bytes)) in how.names(name).into_iter().zip(tensors) {
+            done.int8_bytes += bytes.len() as u64;
+            file.append(tensor_name, dtype, dims, &bytes)?;
+        }
         done.layers += 1;
         done.f32_bytes += bytes.len() as u64;
-        done.int8_bytes += (q.len() + 4 * scale.len()) as u64;
         Ok(())
     })
     .map_err(|e| PassError::Io {
@@ -172,19 +260,28 @@ fn write_int8_weights(
     Ok(done)
 }
 
-/// Points the Gemms reading `weights` at int8 weights already written (`tensors`, from
-/// [`quantize_linears_int8`] on the same weights): how a second graph of the same engine (the
-/// LoRA-branch variant) shares one int8 weight file.
-pub fn use_int8_weights(
+/// Points the Gemms reading `weights` at quantised weights already written (`tensors`, from
+/// [`quantize_linears`] on the same weights): how a second graph of the same engine (the
+/// LoRA-branch variant) shares one weight file.
+pub fn use_quantized_weights(
     model: &mut ModelProto,
     weights: &[String],
     tensors: &[proto::TensorProto],
+    how: WeightQuant,
 ) -> Result<(), PassError> {
     let graph = model.graph.get_or_insert_with(Default::default);
     let by_node = gemms_of(graph, weights)?;
+    let dims: HashMap<&str, [i64; 2]> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| match t.dims.as_slice() {
+            &[o, i] => Some((t.name.as_str(), [o, i])),
+            _ => None,
+        })
+        .collect();
     let have: std::collections::HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     for w in weights {
-        if let Some(missing) = int8_names(w).iter().find(|n| !have.contains(n.as_str())) {
+        if let Some(missing) = how.names(w).iter().find(|n| !have.contains(n.as_str())) {
             return Err(PassError::MissingInitializer(missing.clone()));
         }
     }
@@ -194,13 +291,14 @@ pub fn use_int8_weights(
         let Some((w, _)) = by_node.get(&i) else {
             continue;
         };
-        let [qn, sn] = int8_names(w);
         let x = n.input.first().cloned().unwrap_or_default();
         let bias = n.input.get(2).cloned().unwrap_or_default();
-        n.op_type = "DynamicQuantizeMatMul".into();
-        n.domain = MS_DOMAIN.into();
-        n.input = vec![x, qn, sn, String::new(), bias];
-        n.attribute.clear();
+        let [out, inp] = dims.get(w.as_str()).copied().unwrap_or([0, 0]);
+        let new = how.node(w, x, bias, out, inp);
+        n.op_type = new.op_type;
+        n.domain = new.domain;
+        n.input = new.input;
+        n.attribute = new.attribute;
     }
     // The Casts that widened f16/bf16 weights go with them.
     let mut i = 0;
@@ -252,10 +350,46 @@ mod tests {
     }
 
     #[test]
+    fn gemm_becomes_matmul_nbits_with_int4_blocks() {
+        let (d, src, mut m) = read_back();
+        let data = d.path().join("q4.data");
+        let q = quantize_linears(
+            &mut m,
+            &src,
+            &["lin.weight".into()],
+            &data,
+            WeightQuant::Int4,
+        )
+        .unwrap();
+        assert_eq!(q.layers, 1);
+        let g = m.graph.as_ref().unwrap();
+        let n = g.node.iter().find(|n| n.op_type == "MatMulNBits").unwrap();
+        assert_eq!(n.domain, MS_DOMAIN);
+        assert_eq!(n.input[1..3], WeightQuant::Int4.names("lin.weight"));
+        assert_eq!(n.input[5], "lin.bias");
+        let attr = |k: &str| n.attribute.iter().find(|a| a.name == k).unwrap().i;
+        assert_eq!(
+            (attr("K"), attr("N"), attr("bits"), attr("block_size")),
+            (3, 2, 4, 32)
+        );
+        // [out, blocks, 16] codes and [out·blocks] scales, in the new file.
+        let dims: Vec<_> = q.tensors.iter().map(|t| t.dims.clone()).collect();
+        assert_eq!(dims, [vec![2, 1, 16], vec![2]]);
+        assert!(data.is_file());
+    }
+
+    #[test]
     fn gemm_becomes_dynamic_quantize_matmul_with_int8_weights_in_a_new_file() {
         let (d, src, mut m) = read_back();
         let data = d.path().join("m_int8.onnx.data");
-        let q = quantize_linears_int8(&mut m, &src, &["lin.weight".into()], &data).unwrap();
+        let q = quantize_linears(
+            &mut m,
+            &src,
+            &["lin.weight".into()],
+            &data,
+            WeightQuant::Int8,
+        )
+        .unwrap();
         assert_eq!(q.layers, 1);
         assert_eq!(q.f32_bytes, 24);
         let g = m.graph.as_ref().unwrap();
@@ -275,7 +409,7 @@ mod tests {
         // The int8 weight is [in, out] and dequantises to the f32 weight within half a step.
         let p = d.path().join("m_int8.onnx");
         crate::write_model(&p, &m).unwrap();
-        let names = int8_names("lin.weight").to_vec();
+        let names = WeightQuant::Int8.names("lin.weight").to_vec();
         let got = crate::read_initializers(&p, &names).unwrap();
         assert_eq!((got[0].1, got[0].2.as_slice()), (DType::I8, &[3i64, 2][..]));
         let qv: Vec<i8> = bytemuck::cast_slice(&got[0].3).to_vec();
@@ -306,11 +440,12 @@ mod tests {
         let src = d.path().join("m.onnx");
         save(&g, &src, ExternalData::Always).unwrap();
         let mut m = crate::read_model(&src).unwrap();
-        let q = quantize_linears_int8(
+        let q = quantize_linears(
             &mut m,
             &src,
             &["lin.weight".into()],
             &d.path().join("q.data"),
+            WeightQuant::Int8,
         )
         .unwrap();
         assert_eq!(q.layers, 1);
@@ -331,12 +466,20 @@ mod tests {
     fn a_weight_no_gemm_reads_is_refused_before_anything_is_written() {
         let (d, src, mut m) = read_back();
         let data = d.path().join("q.data");
-        let e = quantize_linears_int8(&mut m, &src, &["lin.bias".into()], &data).unwrap_err();
+        let e = quantize_linears(&mut m, &src, &["lin.bias".into()], &data, WeightQuant::Int8)
+            .unwrap_err();
         assert!(
             matches!(e, PassError::NotGemm(ref w) if w == "lin.bias"),
             "{e}"
         );
-        let e = quantize_linears_int8(&mut m, &src, &["nope.weight".into()], &data).unwrap_err();
+        let e = quantize_linears(
+            &mut m,
+            &src,
+            &["nope.weight".into()],
+            &data,
+            WeightQuant::Int8,
+        )
+        .unwrap_err();
         assert!(matches!(e, PassError::MissingInitializer(_)), "{e}");
         assert!(!data.exists());
     }

@@ -9,7 +9,32 @@ use super::format::{Lora, LoraError, LoraLayer};
 use super::fuse::{fuse_from, Weights, WeightsMut};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
+use v2l_graphs::passes::WeightQuant;
 use v2l_graphs::DType;
+
+/// How an engine stores one LoRA-targetable weight (its bundle's target table, `dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    Float(DType),
+    Quantized(WeightQuant),
+}
+
+impl Stored {
+    pub fn parse(name: &str) -> Option<Stored> {
+        WeightQuant::parse(name).map(Stored::Quantized).or_else(|| {
+            DType::parse(name)
+                .filter(|d| d.is_float())
+                .map(Stored::Float)
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stored::Float(d) => d.name(),
+            Stored::Quantized(q) => q.name(),
+        }
+    }
+}
 
 /// Pairs every LoRA layer with the model's linear layer of the same module path, checking shapes.
 /// A layer that matches nothing is an error (a LoRA for another model must not half-apply).
@@ -64,7 +89,7 @@ pub fn fused_weights(
     lora: &Lora,
     multiplier: f32,
     source: &Path,
-    stored: &BTreeMap<String, DType>,
+    stored: &BTreeMap<String, Stored>,
 ) -> Result<Vec<(String, Tensor)>> {
     let pairs = match_targets(lora, targets, source)?;
     let names: Vec<String> = pairs
@@ -78,7 +103,10 @@ pub fn fused_weights(
         let Some((t, l)) = layers.next() else {
             return Ok(());
         };
-        let to = stored.get(name).copied().unwrap_or(DType::F32);
+        let to = stored
+            .get(name)
+            .copied()
+            .unwrap_or(Stored::Float(DType::F32));
         match fuse_layer(name, dtype, &bytes, t, l, multiplier, to) {
             Ok(tensors) => out.extend(tensors),
             Err(e) => {
@@ -105,7 +133,7 @@ fn fuse_layer(
     t: &LinearInfo,
     l: &LoraLayer,
     multiplier: f32,
-    to: DType,
+    to: Stored,
 ) -> Result<Vec<(String, Tensor)>> {
     // f16/bf16-stored bases (`v2l-export --weight-dtype`) are widened exactly; the fuse is f32.
     let w = v2l_graphs::dtype::f32_values(bytes, dtype).ok_or_else(|| RuntimeError::Invalid {
@@ -137,32 +165,33 @@ fn fuse_layer(
         )]
     };
     Ok(match to {
-        DType::F16 => tensor(Data::F16(
+        Stored::Float(DType::F16) => tensor(Data::F16(
             fused.iter().map(|&x| half::f16::from_f32(x)).collect(),
         )),
-        DType::BF16 => tensor(Data::BF16(
+        Stored::Float(DType::BF16) => tensor(Data::BF16(
             fused.iter().map(|&x| half::bf16::from_f32(x)).collect(),
         )),
-        DType::I8 => {
-            let mut q = vec![0i8; fused.len()];
-            let mut scale = vec![0f32; o];
-            v2l_graphs::quant::quantize_int8_per_output(&fused, o, i, &mut q, &mut scale)
+        Stored::Float(_) => vec![(name.to_string(), Tensor::f32(vec![o, i], fused))],
+        Stored::Quantized(q) => {
+            let tensors = q
+                .quantize(&fused, o, i)
                 .ok_or_else(|| RuntimeError::Invalid {
                     what: name.into(),
                     message: "the fused weight is not finite".into(),
                 })?;
-            let [qn, sn] = v2l_graphs::passes::int8_names(name);
-            vec![
-                (
-                    qn,
-                    Tensor {
-                        shape: vec![i, o],
-                        data: Data::I8(q),
-                    },
-                ),
-                (sn, Tensor::f32(vec![o], scale)),
-            ]
+            q.names(name)
+                .into_iter()
+                .zip(tensors)
+                .map(|(n, (dtype, dims, bytes))| {
+                    let shape = dims.iter().map(|&d| d as usize).collect();
+                    let data = match dtype {
+                        DType::I8 => Data::I8(bytemuck::cast_slice(&bytes).to_vec()),
+                        DType::U8 => Data::U8(bytes),
+                        _ => Data::F32(bytemuck::pod_collect_to_vec(&bytes)),
+                    };
+                    (n, Tensor { shape, data })
+                })
+                .collect()
         }
-        _ => vec![(name.to_string(), Tensor::f32(vec![o, i], fused))],
     })
 }

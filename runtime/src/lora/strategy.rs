@@ -288,7 +288,7 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
     let stored = engine
         .bundle
         .as_ref()
-        .map(|b| b.stored_dtypes())
+        .map(|b| b.stored())
         .unwrap_or_default();
     let weights = crate::lora::apply::fused_weights(
         &base,
