@@ -432,13 +432,26 @@ fn fp16_engine_tracks_fp32_and_switches_loras_exactly() {
 /// and without a LoRA, under both LoRA strategies that keep low-precision weights; X → Y → X
 /// gives X's output bitwise in each; `bound` (f32 weights by reference) is refused.
 fn low_precision_engine(precision: &str, default_strategy: &str, bound: f64) {
+    low_precision_engine_with(precision, &[], default_strategy, bound)
+}
+
+/// Static int8 (Q/DQ, activation ranges calibrated on 8 generated samples): within 2e-2, LoRA
+/// fused (with recomputed channel scales) or as an f32 branch.
+#[test]
+fn static_int8_engine_tracks_fp32_and_switches_loras_exactly() {
+    low_precision_engine_with("int8", &["--calibration-samples", "8"], "unfused", 2e-2);
+}
+
+fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &str, bound: f64) {
     use std::collections::BTreeMap;
     use v2l_runtime::lora::format;
     use v2l_runtime::lora::strategy::DitRunner;
     use v2l_runtime::lora::AppliedLora;
     let d = tempfile::tempdir().unwrap();
     let f32_eng = engine(&d.path().join("f32"));
-    let i8_eng = engine_with(&d.path().join(precision), &["--precision", precision]);
+    let mut all_args = vec!["--precision", precision];
+    all_args.extend(args);
+    let i8_eng = engine_with(&d.path().join(precision), &all_args);
     let bundle: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(i8_eng.join("bundle.json")).unwrap())
             .unwrap();

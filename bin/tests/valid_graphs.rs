@@ -1,7 +1,7 @@
 //! Every graph v2l writes is valid ONNX: `onnx.checker.check_model(full_check=True)` on the
 //! whole tiny pipeline export (DiT, VAE encoder and decoder, hypernetwork) and on the engines
 //! compiled from it for each backend (with their rewrites and LoRA-strategy variants), for int8
-//! (DynamicQuantizeMatMul over int8 weights) and for fp16/bf16 (typed graphs for TensorRT,
+//! (DynamicQuantizeMatMul over int8 weights, or Q/DQ when calibrated), int4 (MatMulNBits) and for fp16/bf16 (typed graphs for TensorRT,
 //! emulated ones for the CPU; the checker's type inference sees every Cast and island).
 //!
 //! The checker is the `onnx` Python package that `scripts/setup.sh` installs into `.v2l/py`;
@@ -67,18 +67,23 @@ fn every_written_graph_passes_the_onnx_checker() {
         4,
         "dit, vae encoder/decoder, hypernet: {models:?}"
     );
-    for (backend, precision) in [
-        ("cpu", "fp32"),
-        ("cuda", "fp32"),
-        ("tensorrt", "fp32"),
-        ("cpu", "int8"),
-        ("cpu", "int4"),
-        ("cpu", "bf16"),
-        ("cpu", "fp16"),
-        ("tensorrt", "bf16"),
-        ("tensorrt", "fp16"),
+    let static_int8: &[&str] = &["--calibration-samples", "2"];
+    for (backend, precision, extra) in [
+        ("cpu", "fp32", &[][..]),
+        ("cuda", "fp32", &[]),
+        ("tensorrt", "fp32", &[]),
+        ("cpu", "int8", &[]),
+        ("cpu", "int8", static_int8),
+        ("tensorrt", "int8", static_int8),
+        ("cpu", "int4", &[]),
+        ("cpu", "bf16", &[]),
+        ("cpu", "fp16", &[]),
+        ("tensorrt", "bf16", &[]),
+        ("tensorrt", "fp16", &[]),
     ] {
-        let engine = d.path().join(format!("engine-{backend}-{precision}"));
+        let engine = d
+            .path()
+            .join(format!("engine-{backend}-{precision}-{}", extra.len()));
         run(
             env!("CARGO_BIN_EXE_v2l-compile"),
             &[
@@ -89,11 +94,14 @@ fn every_written_graph_passes_the_onnx_checker() {
                 backend.as_ref(),
                 "--precision".as_ref(),
                 precision.as_ref(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|a| a.as_ref()))
+            .collect::<Vec<_>>(),
         );
         let files = onnx_files(&engine);
         // fp32: 4 graphs + the bound and unfused DiT; below fp32: 4 graphs + the DiT of the
-        // precision and the unfused one.
+        // precision and the unfused one (static int8 too: Q/DQ graphs).
         assert_eq!(files.len(), 6, "{backend} {precision}: {files:?}");
         models.extend(files);
     }

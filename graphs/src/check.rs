@@ -4,7 +4,7 @@
 //! - standard ONNX ops only (TensorRT's parser knows no `com.microsoft` contrib op);
 //! - every LoRA target read directly as the `B` of a `Gemm`/`MatMul` (a refit replaces that
 //!   tensor; a `Cast` or `Transpose` in between would be folded into the engine and the refit
-//!   would miss it);
+//!   would miss it), or in a static int8 graph by the `QuantizeLinear` of its Q/DQ pair;
 //! - consistent types: the inputs of every op that needs one type have one type (a strongly
 //!   typed network takes the graph's types as the precision), and the targets are stored in
 //!   the type the engine's precision says.
@@ -57,10 +57,11 @@ pub fn tensorrt_problems(
             .filter(|n| n.input.iter().any(|x| x == w))
             .collect();
         let direct = readers.iter().all(|n| {
-            matches!(n.op_type.as_str(), "Gemm" | "MatMul")
-                && n.domain.is_empty()
+            let gemm_b = matches!(n.op_type.as_str(), "Gemm" | "MatMul")
                 && n.input.get(1) == Some(w)
-                && n.input.first() != Some(w)
+                && n.input.first() != Some(w);
+            let quantized = n.op_type == "QuantizeLinear" && n.input.first() == Some(w);
+            n.domain.is_empty() && (gemm_b || quantized)
         });
         if readers.is_empty() || !direct {
             let ops: Vec<&str> = readers.iter().map(|n| n.op_type.as_str()).collect();

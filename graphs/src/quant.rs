@@ -9,6 +9,28 @@
 /// is the same distance from zero either side.
 pub const INT8_MAX: f32 = 127.0;
 
+/// The symmetric int8 scale of each output channel of `w [out, inp]`: `max_i |w[o][i]| / 127`,
+/// 1 for an all-zero row; `None` for a size mismatch or a value that is not finite. Shared by
+/// the int8 weights and the Q/DQ weight scales (`v2l-calibration`).
+pub fn int8_scales_per_output(w: &[f32], out: usize, inp: usize) -> Option<Vec<f32>> {
+    if w.len() != out.checked_mul(inp)? {
+        return None;
+    }
+    w.chunks_exact(inp.max(1))
+        .take(out)
+        .map(|row| {
+            let mut max = 0f32;
+            for x in row {
+                if !x.is_finite() {
+                    return None;
+                }
+                max = max.max(x.abs());
+            }
+            Some(if max > 0.0 { max / INT8_MAX } else { 1.0 })
+        })
+        .collect()
+}
+
 /// Quantises a linear weight `w` stored `[out, inp]` row-major (the `B` of `Gemm(transB=1)`)
 /// into `q` laid out `[inp, out]` (the `B` of `com.microsoft.DynamicQuantizeMatMul`, which
 /// multiplies without transposing) and one scale per output channel: `w[o][i] ≈ q[i][o]·scale[o]`
@@ -26,22 +48,19 @@ pub fn quantize_int8_per_output(
     if w.len() != n || q.len() != n || scale.len() != out {
         return None;
     }
-    let mut inv = vec![0f32; out];
-    for ((row, s), v) in w
+    scale.copy_from_slice(&int8_scales_per_output(w, out, inp)?);
+    // An all-zero row has scale 1 and quantises to zeros.
+    let inv: Vec<f32> = w
         .chunks_exact(inp.max(1))
-        .zip(scale.iter_mut())
-        .zip(&mut inv)
-    {
-        let mut max = 0f32;
-        for x in row {
-            if !x.is_finite() {
-                return None;
+        .zip(scale.iter())
+        .map(|(row, s)| {
+            if row.iter().any(|x| *x != 0.0) {
+                1.0 / s
+            } else {
+                0.0
             }
-            max = max.max(x.abs());
-        }
-        *s = if max > 0.0 { max / INT8_MAX } else { 1.0 };
-        *v = if max > 0.0 { INT8_MAX / max } else { 0.0 };
-    }
+        })
+        .collect();
     // Transposing write in tiles, so both sides stay in cache on multi-MB layers.
     const TILE: usize = 64;
     for o0 in (0..out).step_by(TILE) {

@@ -33,6 +33,17 @@ pub fn dit_sample_inputs(
     width: usize,
     text: usize,
 ) -> Result<Vec<(String, Tensor)>> {
+    dit_inputs_at(cfg, [frames, height, width], text, 1, 999)
+}
+
+/// [`dit_sample_inputs`] with latents and prompt from `seed` and `seed + 1`, at `timestep`.
+pub fn dit_inputs_at(
+    cfg: &serde_json::Value,
+    [frames, height, width]: [usize; 3],
+    text: usize,
+    seed: u64,
+    timestep: i64,
+) -> Result<Vec<(String, Tensor)>> {
     let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     let (p, dh, cin, dim) = (
         get("patch_size"),
@@ -47,16 +58,33 @@ pub fn dit_sample_inputs(
     Ok(vec![
         (
             "hidden_states".into(),
-            gaussian_noise(vec![2, lf, cin, lh, lw], 1),
+            gaussian_noise(vec![2, lf, cin, lh, lw], seed),
         ),
         (
             "encoder_hidden_states".into(),
-            gaussian_noise(vec![2, text, dim], 2),
+            gaussian_noise(vec![2, text, dim], seed + 1),
         ),
-        ("timestep".into(), Tensor::i64(vec![2], vec![999, 999])),
+        (
+            "timestep".into(),
+            Tensor::i64(vec![2], vec![timestep, timestep]),
+        ),
         ("rope_cos".into(), Tensor::f32(vec![s, dh], cos)),
         ("rope_sin".into(), Tensor::f32(vec![s, dh], sin)),
     ])
+}
+
+/// The size compile-time samples run at: 9 frames at the model's sample size capped at
+/// 128×128 px, its full prompt length.
+pub fn sample_size(cfg: &serde_json::Value) -> ([usize; 3], usize) {
+    let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    (
+        [
+            9,
+            (get("sample_height") * 8).clamp(16, 128),
+            (get("sample_width") * 8).clamp(16, 128),
+        ],
+        get("max_text_seq_length").max(1),
+    )
 }
 
 /// The DiT graph at `low` against the fp32 graph at `fp32` on generated inputs: 9 frames at the
@@ -68,12 +96,7 @@ pub fn dit_accuracy(
     opts: &SessionOptions,
 ) -> Result<StageAccuracy> {
     let cfg = &dit.config;
-    let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-    let (h, w) = (
-        (get("sample_height") * 8).clamp(16, 128),
-        (get("sample_width") * 8).clamp(16, 128),
-    );
-    let text = get("max_text_seq_length").max(1);
+    let ([_, h, w], text) = sample_size(cfg);
     let inputs: BTreeMap<String, Tensor> =
         dit_sample_inputs(cfg, 9, h, w, text)?.into_iter().collect();
     let run = |path: &Path| -> Result<Tensor> {

@@ -58,6 +58,9 @@ pub struct Bundle {
     /// time on generated inputs (`crate::accuracy`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accuracy: Vec<crate::accuracy::StageAccuracy>,
+    /// Static int8: how the activation ranges were calibrated, and the scales.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::calibrate::CalibrationRecord>,
     /// BLAKE3 of this record with this field empty: an edit to `bundle.json` itself (strategy,
     /// weight hash, target table) is caught like an edit to any other part.
     #[serde(default)]
@@ -187,7 +190,19 @@ fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
 /// Compiles the export directory `src` (or the directory of a model file inside one) into an
 /// engine bundle at `out`, written under a temporary name and renamed when complete.
 pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -> Result<Bundle> {
-    check_precision(backend, precision)?;
+    compile_with(src, out, backend, precision, None)
+}
+
+/// [`compile`], and for int8 with a calibration: static int8 through Q/DQ
+/// (`crate::calibrate`), the form TensorRT builds (and ONNX Runtime's CPU provider runs).
+pub fn compile_with(
+    src: &Path,
+    out: &Path,
+    backend: Backend,
+    precision: Precision,
+    calibration: Option<&crate::calibrate::Calibration>,
+) -> Result<Bundle> {
+    check_precision(backend, precision, calibration.is_some())?;
     let dir = if src.is_file() {
         src.parent().unwrap_or(Path::new(".")).to_path_buf()
     } else {
@@ -239,6 +254,9 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             // integer engine, every linear in the low type of an fp16/bf16 one.
             for t in targets.iter_mut() {
                 t.dtype = match (precision, precision.weight_quant()) {
+                    (_, Some(_)) if calibration.is_some() && quantises(&t.initializer) => {
+                        crate::lora::apply::Stored::Qdq.name()
+                    }
                     (_, Some(q)) if quantises(&t.initializer) => q.name(),
                     (Precision::Fp16, _) => v2l_graphs::DType::F16.name(),
                     (Precision::Bf16, _) => v2l_graphs::DType::BF16.name(),
@@ -262,6 +280,7 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             }
         }
         let mut dit_variants = std::collections::BTreeMap::new();
+        let mut calibration_record = None;
         let mut accuracy = Vec::new();
         let mut variant_files = Vec::new();
         if let Some(d) = &manifest.dit {
@@ -306,15 +325,27 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                     let file = format!("dit_{}.onnx", precision.name());
                     let data = format!("{file}.data");
                     let mut model = base.clone();
-                    let weights = lower_dit(
-                        &mut model,
-                        &src,
-                        &tmp.join(&data),
-                        precision,
-                        backend,
-                        &lora_targets,
-                    )
-                    .map_err(pass_err)?;
+                    let weights = match calibration {
+                        Some(how) => {
+                            let record = calibrate_dit(d, &base, &src, tmp, &lora_targets, how)?;
+                            let weights = LowWeights::Qdq {
+                                weights: record.input_scales.keys().cloned().collect(),
+                                scales: record.input_scales.clone(),
+                            };
+                            weights.reuse(&mut model, &src).map_err(pass_err)?;
+                            calibration_record = Some(record);
+                            weights
+                        }
+                        None => lower_dit(
+                            &mut model,
+                            &src,
+                            &tmp.join(&data),
+                            precision,
+                            backend,
+                            &lora_targets,
+                        )
+                        .map_err(pass_err)?,
+                    };
                     write(&tmp.join(&file), &model)?;
                     // Accuracy is measured on the CPU: a typed fp16/bf16 graph (GPU backends)
                     // through its emulated form, which is only written for this.
@@ -347,7 +378,11 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
                         std::fs::remove_file(p).map_err(io(p))?;
                     }
                     accuracy.push(measured?);
-                    variant_files.extend([file.clone(), data]);
+                    variant_files.push(file.clone());
+                    // Q/DQ graphs keep the export's f32 weights: no weight file of their own.
+                    if tmp.join(&data).exists() {
+                        variant_files.push(data);
+                    }
                     dit_variants.insert(precision.name().to_string(), file);
                     Some(weights)
                 }
@@ -393,6 +428,7 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
             dit_variants,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
             accuracy,
+            calibration: calibration_record,
             bundle_hash: String::new(),
         };
         let bundle = Bundle {
@@ -460,6 +496,11 @@ enum LowWeights {
         v2l_graphs::passes::Lowering,
         Vec<v2l_graphs::proto::TensorProto>,
     ),
+    /// Static int8: Q/DQ around the linears, activation scales by weight.
+    Qdq {
+        weights: Vec<String>,
+        scales: std::collections::BTreeMap<String, f32>,
+    },
 }
 
 impl LowWeights {
@@ -478,8 +519,47 @@ impl LowWeights {
             LowWeights::Float(how, tensors) => {
                 lower_precision(model, src, WeightFile::Reuse(tensors), *how).map(|_| ())
             }
+            LowWeights::Qdq { weights, scales } => {
+                let scale = |w: &str| scales.get(w).copied().unwrap_or(1.0);
+                v2l_calibration::insert_qdq(model, src, weights, &scale).map(|_| ())
+            }
         }
     }
+}
+
+/// Calibrates the activation scales of the linears the target table marks `qdq`: runs the fp32
+/// graph `base` (read from `src`), with those linears' inputs as extra outputs, over the
+/// calibration samples (`crate::calibrate`).
+fn calibrate_dit(
+    dit: &v2l_contracts::manifest::DitEntry,
+    base: &v2l_graphs::proto::ModelProto,
+    src: &Path,
+    dir: &Path,
+    targets: &[LoraTarget],
+    how: &crate::calibrate::Calibration,
+) -> Result<crate::calibrate::CalibrationRecord> {
+    let weights: Vec<String> = targets
+        .iter()
+        .filter(|t| t.dtype == crate::lora::apply::Stored::Qdq.name())
+        .map(|t| t.initializer.clone())
+        .collect();
+    let mut observed = base.clone();
+    let pairs =
+        v2l_calibration::observe_linear_inputs(&mut observed, &weights).map_err(|source| {
+            RuntimeError::GraphPass {
+                path: src.into(),
+                source,
+            }
+        })?;
+    // Beside the export's graph, so its external weights resolve; removed when done.
+    let path = dir.join("dit_calibrating.onnx");
+    v2l_graphs::write_model(&path, &observed).map_err(|source| RuntimeError::GraphWrite {
+        path: path.clone(),
+        source,
+    })?;
+    let record = crate::calibrate::input_scales(&dit.config, &path, &pairs, how);
+    std::fs::remove_file(&path).map_err(io(&path))?;
+    record
 }
 
 /// Rewrites the DiT `model` (read from `src`) for `precision`, writing its new weights to
@@ -567,11 +647,14 @@ pub fn quantises(name: &str) -> bool {
 }
 
 /// The precisions `v2l-compile` builds, per backend; the others are refused with the reason.
-fn check_precision(backend: Backend, precision: Precision) -> Result<()> {
-    let why = match (precision, backend) {
-        (Precision::Fp32 | Precision::Fp16 | Precision::Bf16, _)
-        | (Precision::Int8 | Precision::Int4, Backend::Cpu) => return Ok(()),
-        (Precision::Int8 | Precision::Int4, _) => "int8/int4 engines are built for the CPU backend (ONNX Runtime's DynamicQuantizeMatMul and MatMulNBits); TensorRT int8 needs calibrated Q/DQ, not built yet",
+fn check_precision(backend: Backend, precision: Precision, calibrated: bool) -> Result<()> {
+    let why = match (precision, backend, calibrated) {
+        (_, _, true) if precision != Precision::Int8 => "a calibration is for int8 (static activation ranges); fp16/bf16/int4 take none",
+        (Precision::Fp32 | Precision::Fp16 | Precision::Bf16, _, _)
+        | (Precision::Int8, _, true)
+        | (Precision::Int8 | Precision::Int4, Backend::Cpu, _) => return Ok(()),
+        (Precision::Int8, _, false) => "int8 on cuda/tensorrt is static int8: give --calibration <dir> or --calibration-samples <n> (Q/DQ with calibrated activation ranges); dynamic int8 (DynamicQuantizeMatMul) is the cpu backend's",
+        (Precision::Int4, _, _) => "int4 engines are built for the CPU backend (ONNX Runtime's MatMulNBits)",
     };
     Err(RuntimeError::Invalid {
         what: format!("--precision {}", precision.name()),
@@ -689,6 +772,7 @@ mod tests {
                 rel_l2: 0.0025133703820537446,
                 inputs: "x".into(),
             }],
+            calibration: None,
             bundle_hash: String::new(),
         };
         b.bundle_hash = b.self_hash().unwrap();

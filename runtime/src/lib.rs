@@ -28,6 +28,7 @@
 pub mod accuracy;
 pub mod backend;
 pub mod bundle;
+pub mod calibrate;
 pub mod engine;
 pub mod error;
 pub mod layout;

@@ -20,18 +20,30 @@ use v2l_runtime::backend::{Backend, Precision};
 /// Backends: `cpu` (ONNX Runtime, runs here); `cuda` and `tensorrt` go through ONNX Runtime's
 /// execution providers on a machine with onnxruntime-gpu (not yet run on a GPU).
 ///
-/// Precision: `fp32`, or on cpu `int8`: the DiT's token-wise linears (attention projections,
-/// feed-forward, text projection) as int8 weights with one scale per output channel, run by
-/// ONNX Runtime's DynamicQuantizeMatMul (activations quantised per tensor on the fly); the
-/// conditioning-path layers, the output projection, the VAE and the hypernetwork stay fp32.
-/// The fp32 weights stay in the bundle as the base LoRAs are fused from; a LoRA runs as an fp32
-/// low-rank branch beside the int8 weights (exact in the LoRA, switched by copying factors).
-/// fp16/bf16 are not built yet.
+/// Precision (the DiT; the VAE and the hypernetwork stay fp32):
+///   fp32   every backend.
+///   bf16, fp16
+///          weights and activations in the type, softmax, RoPE, the timestep sinusoid, GELU
+///          and LoRA branches kept fp32, layer-norm statistics fp32. cuda/tensorrt get the
+///          typed graph (TensorRT builds it strongly typed); cpu, which has no bf16 MatMul,
+///          an emulated one: low-precision weights in memory, fp32 compute per op, every
+///          output rounded to the type (a fidelity check and half the weight memory, not a
+///          speed-up).
+///   int8   cpu: the token-wise linears (attention, feed-forward, text projection) as int8
+///          weights with one scale per output channel (DynamicQuantizeMatMul, activations
+///          quantised on the fly). With --calibration/--calibration-samples (any backend):
+///          static int8, Q/DQ with calibrated activation scales, the form TensorRT builds.
+///   int4   cpu: the same linears as 4-bit blocks of 32 (MatMulNBits).
+/// Conditioning-path layers and the output projection stay fp32 below fp32. The fp32 weights
+/// stay in the bundle as the base LoRAs are fused from. Every compile below fp32 measures the
+/// DiT against fp32 on generated inputs and records it in bundle.json (--report prints it).
 ///
 /// Examples:
 ///   v2l-export pipeline models/CogVideoX-5b-I2V -o export/
 ///   v2l-compile export/ -o engine/ --backend cpu
 ///   v2l-compile export/ -o engine-int8/ --precision int8
+///   v2l-compile export/ -o engine-trt/ --backend tensorrt --precision bf16
+///   v2l-compile export/ -o engine-trt8/ --backend tensorrt --precision int8 --calibration-samples 16
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -40,9 +52,21 @@ struct Cli {
     /// Output engine directory (created; if it exists it must be empty)
     #[arg(short, long)]
     output: PathBuf,
-    /// Numeric precision of the engine (int8: cpu backend; fp16/bf16: not built yet)
+    /// Numeric precision of the engine's DiT (see above)
     #[arg(long, value_enum, default_value = "fp32")]
     precision: PrecisionArg,
+    /// Static int8: a directory of DiT input files (`*.safetensors` with hidden_states,
+    /// encoder_hidden_states, timestep, rope_cos, rope_sin) to calibrate activation ranges on
+    #[arg(long, value_name = "DIR", conflicts_with = "calibration_samples")]
+    calibration: Option<PathBuf>,
+    /// Static int8 on N generated samples (seeded Gaussian latents at timesteps 999..0)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    calibration_samples: Option<u32>,
+    /// How ranges become scales: `minmax` (the default: a LoRA shifts activation ranges, and
+    /// clipping at a percentile of the base model's hurt LoRA outputs most), or
+    /// `percentile[:P]` (|x| at the P-th percentile, default 99.99)
+    #[arg(long, value_name = "METHOD", default_value = "minmax")]
+    calibration_method: String,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
@@ -82,8 +106,34 @@ fn main() -> ExitCode {
             BackendArg::Cuda => Backend::Cuda,
             BackendArg::Tensorrt => Backend::TensorRt,
         };
-        let b = v2l_runtime::bundle::compile(&cli.input, &cli.output, backend, precision)
-            .map_err(Failure::from)?;
+        use v2l_runtime::calibrate::{Calibration, Samples};
+        let samples = match (&cli.calibration, cli.calibration_samples) {
+            (Some(dir), _) => Some(Samples::Dir(dir.clone())),
+            (None, Some(n)) => Some(Samples::Generated(n as usize)),
+            (None, None) => None,
+        };
+        let calibration = match samples {
+            Some(samples) => Some(Calibration {
+                samples,
+                method: v2l_calibration::Method::parse(&cli.calibration_method).ok_or_else(
+                    || {
+                        Failure::usage(format!(
+                            "--calibration-method {}: expected `minmax` or `percentile[:P]` with 0 < P <= 100",
+                            cli.calibration_method
+                        ))
+                    },
+                )?,
+            }),
+            None => None,
+        };
+        let b = v2l_runtime::bundle::compile_with(
+            &cli.input,
+            &cli.output,
+            backend,
+            precision,
+            calibration.as_ref(),
+        )
+        .map_err(Failure::from)?;
         println!(
             "wrote {} ({} {}, {} files, {} LoRA targets, base weights {})",
             cli.output.display(),
@@ -93,6 +143,15 @@ fn main() -> ExitCode {
             b.lora_targets.len(),
             b.weight_hash
         );
+        if let Some(c) = &b.calibration {
+            println!(
+                "calibrated: {} linears, {} on {} samples ({})",
+                c.input_scales.len(),
+                c.method,
+                c.samples,
+                c.source
+            );
+        }
         for a in &b.accuracy {
             println!(
                 "accuracy: {} {:.2e} relative L2 against fp32 ({})",
@@ -104,6 +163,7 @@ fn main() -> ExitCode {
                 "precision": b.precision.name(),
                 "backend": b.backend.name(),
                 "accuracy": b.accuracy,
+                "calibration": b.calibration,
                 "stored_weights": b
                     .stored()
                     .into_iter()

@@ -17,10 +17,16 @@ use v2l_graphs::DType;
 pub enum Stored {
     Float(DType),
     Quantized(WeightQuant),
+    /// f32, quantised by the backend through Q/DQ with per-channel scales the engine carries
+    /// (`v2l_calibration::qdq`): a fused weight brings its recomputed scales.
+    Qdq,
 }
 
 impl Stored {
     pub fn parse(name: &str) -> Option<Stored> {
+        if name == Stored::Qdq.name() {
+            return Some(Stored::Qdq);
+        }
         WeightQuant::parse(name).map(Stored::Quantized).or_else(|| {
             DType::parse(name)
                 .filter(|d| d.is_float())
@@ -32,6 +38,7 @@ impl Stored {
         match self {
             Stored::Float(d) => d.name(),
             Stored::Quantized(q) => q.name(),
+            Stored::Qdq => "qdq",
         }
     }
 }
@@ -172,6 +179,22 @@ fn fuse_layer(
             fused.iter().map(|&x| half::bf16::from_f32(x)).collect(),
         )),
         Stored::Float(_) => vec![(name.to_string(), Tensor::f32(vec![o, i], fused))],
+        Stored::Qdq => {
+            let scales =
+                v2l_graphs::quant::int8_scales_per_output(&fused, o, i).ok_or_else(|| {
+                    RuntimeError::Invalid {
+                        what: name.into(),
+                        message: "the fused weight is not finite".into(),
+                    }
+                })?;
+            vec![
+                (
+                    v2l_calibration::QdqNames::of(name).weight_scale,
+                    Tensor::f32(vec![o], scales),
+                ),
+                (name.to_string(), Tensor::f32(vec![o, i], fused)),
+            ]
+        }
         Stored::Quantized(q) => {
             let tensors = q
                 .quantize(&fused, o, i)

@@ -1,0 +1,140 @@
+//! Calibrated (static) int8: runs the fp32 DiT over calibration samples to collect the ranges
+//! of the activations entering its quantised linears (`v2l_calibration`), for the Q/DQ graph
+//! `v2l-compile --precision int8 --calibration …` writes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use v2l_calibration::{Method, Ranges};
+
+use crate::error::{Result, RuntimeError};
+use crate::session::{Model, SessionOptions};
+use crate::tensor::Tensor;
+
+/// Where calibration samples come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Samples {
+    /// `*.safetensors` files of DiT inputs (what `v2l-run stage dit --inputs` reads), in name
+    /// order.
+    Dir(PathBuf),
+    /// `n` generated from the model's config: seeded Gaussian latents and prompt at timesteps
+    /// spread from 999 to 0, at the compile-time sample size. Not a denoising trajectory: real
+    /// latents mid-generation are closer to data than Gaussian noise.
+    Generated(usize),
+}
+
+/// How to calibrate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calibration {
+    pub samples: Samples,
+    pub method: Method,
+}
+
+/// What `bundle.json` records of a calibration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRecord {
+    pub method: String,
+    pub samples: usize,
+    /// The samples' directory, or `generated`.
+    pub source: String,
+    /// Activation scale of each quantised linear, by weight.
+    pub input_scales: BTreeMap<String, f32>,
+}
+
+const INPUTS: [&str; 5] = [
+    "hidden_states",
+    "encoder_hidden_states",
+    "timestep",
+    "rope_cos",
+    "rope_sin",
+];
+
+/// The samples, as DiT input maps.
+fn samples(cfg: &serde_json::Value, from: &Samples) -> Result<Vec<BTreeMap<String, Tensor>>> {
+    match from {
+        Samples::Generated(n) => {
+            let (size, text) = crate::accuracy::sample_size(cfg);
+            (0..*n)
+                .map(|k| {
+                    let t = 999 - (999 * k / n.saturating_sub(1).max(1)) as i64;
+                    // Seeds apart from the accuracy check's (1, 2): that stays out of sample.
+                    let feed =
+                        crate::accuracy::dit_inputs_at(cfg, size, text, 100 + 2 * k as u64, t)?;
+                    Ok(feed.into_iter().collect())
+                })
+                .collect()
+        }
+        Samples::Dir(dir) => {
+            let bad = |m: String| RuntimeError::BadFile {
+                path: dir.clone(),
+                message: m,
+            };
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|source| RuntimeError::Io {
+                    path: dir.clone(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(bad(
+                    "holds no .safetensors calibration samples (DiT inputs: hidden_states, encoder_hidden_states, timestep, rope_cos, rope_sin)".into(),
+                ));
+            }
+            files
+                .iter()
+                .map(|f| {
+                    let t = crate::tensor::read_safetensors(f)?;
+                    if let Some(missing) = INPUTS.iter().find(|k| !t.contains_key(**k)) {
+                        return Err(RuntimeError::BadFile {
+                            path: f.clone(),
+                            message: format!("calibration sample has no `{missing}`"),
+                        });
+                    }
+                    Ok(t.into_iter()
+                        .filter(|(k, _)| INPUTS.contains(&k.as_str()))
+                        .collect())
+                })
+                .collect()
+        }
+    }
+}
+
+/// Runs the observing DiT graph `observed` (the fp32 graph with the linears' inputs as extra
+/// outputs, `v2l_calibration::observe_linear_inputs`) over the samples and returns the
+/// activation scale of each linear, by weight.
+pub fn input_scales(
+    cfg: &serde_json::Value,
+    observed: &Path,
+    pairs: &[(String, String)],
+    how: &Calibration,
+) -> Result<CalibrationRecord> {
+    let feeds = samples(cfg, &how.samples)?;
+    let mut model = Model::load(observed, &SessionOptions::default())?;
+    let mut ranges = Ranges::default();
+    for feed in &feeds {
+        let out = model.run(feed)?;
+        for (_, x) in pairs {
+            let t = out.get(x).ok_or_else(|| RuntimeError::Invalid {
+                what: observed.display().to_string(),
+                message: format!("the observing graph has no output `{x}`"),
+            })?;
+            ranges.observe(x, t.as_f32(x)?);
+        }
+    }
+    Ok(CalibrationRecord {
+        method: how.method.name(),
+        samples: feeds.len(),
+        source: match &how.samples {
+            Samples::Dir(d) => d.display().to_string(),
+            Samples::Generated(_) => "generated".into(),
+        },
+        input_scales: pairs
+            .iter()
+            .map(|(w, x)| (w.clone(), ranges.scale(x, how.method)))
+            .collect(),
+    })
+}
