@@ -873,35 +873,61 @@ fn bad_stage_inputs_are_refused_before_work() {
     assert!(empty.join("bundle.json").is_file());
 
     // Precisions not built for a backend are refused by name, leaving nothing behind.
-    for (precision, backend, why) in [
-        (
-            "bf16",
-            "cpu",
-            "fp16/bf16 precision passes are not built yet",
-        ),
+    for (precision, backend, extra, why) in [
         (
             "int8",
             "tensorrt",
-            "int8 engines are built for the CPU backend",
+            "",
+            "give --calibration <dir> or --calibration-samples",
+        ),
+        (
+            "int4",
+            "cuda",
+            "",
+            "int4 engines are built for the CPU backend",
+        ),
+        (
+            "fp16",
+            "cpu",
+            "--calibration-samples=4",
+            "a calibration is for int8",
         ),
     ] {
         let out = d.path().join(format!("{precision}-{backend}"));
-        let o = run(
-            "v2l-compile",
-            &[
-                engine,
-                "-o",
-                out.to_str().unwrap(),
-                "--precision",
-                precision,
-                "--backend",
-                backend,
-            ],
-        );
+        let mut args = vec![
+            engine,
+            "-o",
+            out.to_str().unwrap(),
+            "--precision",
+            precision,
+            "--backend",
+            backend,
+        ];
+        args.extend([extra].into_iter().filter(|a| !a.is_empty()));
+        let o = run("v2l-compile", &args);
         assert_clean_failure(&o, why);
         assert!(stderr(&o).contains(&format!("--precision {precision}")));
         assert!(!out.exists());
     }
+    // A calibration directory with no samples is named.
+    let no_samples = d.path().join("no-samples");
+    std::fs::create_dir(&no_samples).unwrap();
+    let out = d.path().join("static-int8");
+    let o = run(
+        "v2l-compile",
+        &[
+            engine,
+            "-o",
+            out.to_str().unwrap(),
+            "--precision",
+            "int8",
+            "--calibration",
+            no_samples.to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure(&o, "holds no .safetensors calibration samples");
+    assert!(stderr(&o).contains("no-samples"));
+    assert!(!out.exists());
 }
 
 /// A reference clip too short to carry motion is refused before any session is built; one of

@@ -461,6 +461,16 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
     let recorded = bundle["accuracy"][0]["rel_l2"].as_f64().unwrap();
     assert_eq!(bundle["accuracy"][0]["stage"], "dit");
     assert!(recorded > 1e-5 && recorded <= bound, "{recorded}");
+    // And a short generation's frames against the fp32 engine's: close, not identical.
+    let frames = bundle["accuracy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["stage"] == "frames")
+        .expect("a frames record");
+    let psnr = frames["psnr_db"].as_f64().unwrap();
+    eprintln!("{precision}: compile-time generation PSNR {psnr:.1} dB");
+    assert!(psnr > 20.0 && psnr < 999.0, "{psnr}");
     let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
     let y = AppliedLora {
         lora: format::read(&y_path, None).unwrap(),

@@ -20,6 +20,9 @@ pub struct StageAccuracy {
     pub stage: String,
     /// Relative L2 of this engine's output against the fp32 graph's on the same inputs.
     pub rel_l2: f64,
+    /// For generated frames: PSNR (dB, peak 1) against the fp32 engine's frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psnr_db: Option<f64>,
     /// What it ran on, in words (sizes, seed).
     pub inputs: String,
 }
@@ -112,6 +115,100 @@ pub fn dit_accuracy(
     Ok(StageAccuracy {
         stage: "dit".into(),
         rel_l2: got.rel_l2(&want),
+        psnr_db: None,
         inputs: format!("batch 2, 9 frames {h}x{w} px, {text} prompt tokens, seeded Gaussian latents and prompt, timestep 999"),
     })
+}
+
+/// PSNR in dB of frames in [0, 1] against reference frames (peak 1); infinite when equal.
+pub fn psnr(frames: &[f32], reference: &[f32]) -> f64 {
+    let n = frames.len().min(reference.len()).max(1);
+    let mse = frames
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+        .sum::<f64>()
+        / n as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (1.0 / mse).log10()
+    }
+}
+
+/// Steps of the short generation [`generation_accuracy`] runs.
+const STEPS: usize = 4;
+
+/// A short generation (the compile-time sample size, [`STEPS`] steps at guidance 6, a seeded
+/// gradient as first frame, seeded prompt embeddings) run by the pipeline in `dir` with the fp32
+/// DiT (`fp32`, an engine without a bundle: the export's graphs) and with the engine below fp32
+/// (`low`): the frames' PSNR and relative L2. Both on the CPU, fp32 VAE and scheduler.
+pub fn generation_accuracy(
+    fp32: crate::engine::Engine,
+    low: crate::engine::Engine,
+) -> Result<StageAccuracy> {
+    use crate::lora::strategy::Strategy;
+    use crate::pipeline::{Pipeline, Request, RequestLora};
+    let cfg = fp32
+        .manifest
+        .dit
+        .as_ref()
+        .map(|d| d.config.clone())
+        .unwrap_or_default();
+    let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let ([frames, h, w], text) = sample_size(&cfg);
+    let rgb: Vec<u8> = (0..h * w)
+        .flat_map(|i| {
+            let (y, x) = (i / w.max(1), i % w.max(1));
+            [(255 * x / w.max(1)) as u8, (255 * y / h.max(1)) as u8, 128]
+        })
+        .collect();
+    let prompt = gaussian_noise(vec![1, text, get("text_embed_dim")], 7);
+    let req = Request {
+        image: crate::video::Frames {
+            frames: 1,
+            height: h,
+            width: w,
+            rgb,
+        },
+        negative_prompt_embeds: Tensor::zeros(prompt.shape.clone()),
+        prompt_embeds: prompt,
+        frames,
+        steps: STEPS,
+        guidance: 6.0,
+        noise: gaussian_noise(
+            vec![1, (frames - 1) / 4 + 1, get("out_channels"), h / 8, w / 8],
+            8,
+        ),
+        lora: RequestLora::Base,
+    };
+    let opts = SessionOptions {
+        keep_weight_casts: true,
+        ..Default::default()
+    };
+    let run = |e: crate::engine::Engine| -> Result<Tensor> {
+        let mut p = Pipeline::load_with_strategy(e, &opts, Strategy::Fused)?;
+        Ok(p.generate(&req, &mut |_, _| true)?.frames)
+    };
+    let (want, got) = (run(fp32)?, run(low)?);
+    let (a, b) = (got.as_f32("frames")?, want.as_f32("frames")?);
+    Ok(StageAccuracy {
+        stage: "frames".into(),
+        rel_l2: got.rel_l2(&want),
+        // Identical frames are recorded as 999 dB (JSON has no infinity).
+        psnr_db: Some(psnr(a, b).min(999.0)),
+        inputs: format!("{frames} frames {h}x{w} px, {STEPS} steps at guidance 6, seeded first frame, prompt and noise; fp32 VAE"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn psnr_of_a_known_error() {
+        // MSE 0.01 -> 20 dB.
+        let a = [0.5f32; 4];
+        let b = [0.6f32, 0.4, 0.6, 0.4];
+        assert!((super::psnr(&a, &b) - 20.0).abs() < 1e-4);
+        assert_eq!(super::psnr(&a, &a), f64::INFINITY);
+    }
 }

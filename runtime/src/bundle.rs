@@ -18,6 +18,7 @@ use v2l_contracts::Manifest;
 
 use crate::backend::{Backend, PartsHasher, Precision};
 use crate::error::{Result, RuntimeError};
+use crate::lora::strategy::Strategy;
 
 pub const FILE_NAME: &str = "bundle.json";
 /// 2: BLAKE3 hashes; backend rewrites (attention fusion) in the bundle's DiT graphs.
@@ -281,6 +282,8 @@ pub fn compile_with(
         }
         let mut dit_variants = std::collections::BTreeMap::new();
         let mut calibration_record = None;
+        // A typed fp16/bf16 graph's CPU form, written for the accuracy checks only.
+        let mut emulated: Option<PathBuf> = None;
         let mut accuracy = Vec::new();
         let mut variant_files = Vec::new();
         if let Some(d) = &manifest.dit {
@@ -349,7 +352,7 @@ pub fn compile_with(
                     write(&tmp.join(&file), &model)?;
                     // Accuracy is measured on the CPU: a typed fp16/bf16 graph (GPU backends)
                     // through its emulated form, which is only written for this.
-                    let cpu_graph = match &weights {
+                    emulated = match &weights {
                         LowWeights::Float(how, tensors) if !how.emulate => {
                             let p = tmp.join(format!("dit_{}_emulated.onnx", precision.name()));
                             let mut m = base.clone();
@@ -368,15 +371,12 @@ pub fn compile_with(
                     let measured = crate::accuracy::dit_accuracy(
                         d,
                         &src,
-                        cpu_graph.as_deref().unwrap_or(&tmp.join(&file)),
+                        emulated.as_deref().unwrap_or(&tmp.join(&file)),
                         &crate::session::SessionOptions {
                             keep_weight_casts: true,
                             ..Default::default()
                         },
                     );
-                    if let Some(p) = &cpu_graph {
-                        std::fs::remove_file(p).map_err(io(p))?;
-                    }
                     accuracy.push(measured?);
                     variant_files.push(file.clone());
                     // Q/DQ graphs keep the export's f32 weights: no weight file of their own.
@@ -411,6 +411,42 @@ pub fn compile_with(
             if backend == Backend::TensorRt {
                 check_tensorrt_graphs(tmp, &d.file, &dit_variants, precision, &names)?;
             }
+        }
+        // Below fp32, a short generation against fp32 when the export is a whole pipeline.
+        if precision != Precision::Fp32 && manifest.vae.is_some() && manifest.scheduler.is_some() {
+            let mut variants = dit_variants.clone();
+            if let Some(p) = emulated.as_ref().and_then(|p| p.file_name()) {
+                variants.insert(
+                    precision.name().to_string(),
+                    p.to_string_lossy().into_owned(),
+                );
+            }
+            let engine = |bundle| crate::engine::Engine {
+                dir: tmp.to_path_buf(),
+                manifest: manifest.clone(),
+                bundle,
+            };
+            let low = Bundle {
+                format_version: FORMAT_VERSION,
+                backend: Backend::Cpu,
+                precision,
+                lora_strategy: Strategy::Fused.name().into(),
+                weight_hash: weight_hash.clone(),
+                lora_targets: lora_targets.clone(),
+                files: Vec::new(),
+                dit_variants: variants,
+                producer: String::new(),
+                accuracy: Vec::new(),
+                calibration: calibration_record.clone(),
+                bundle_hash: String::new(),
+            };
+            accuracy.push(crate::accuracy::generation_accuracy(
+                engine(None),
+                engine(Some(low)),
+            )?);
+        }
+        if let Some(p) = &emulated {
+            std::fs::remove_file(p).map_err(io(p))?;
         }
         let files = names
             .iter()
@@ -771,6 +807,7 @@ mod tests {
                 stage: "dit".into(),
                 rel_l2: 0.0025133703820537446,
                 inputs: "x".into(),
+                psnr_db: Some(41.25),
             }],
             calibration: None,
             bundle_hash: String::new(),

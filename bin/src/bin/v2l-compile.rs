@@ -153,8 +153,12 @@ fn main() -> ExitCode {
             );
         }
         for a in &b.accuracy {
+            let psnr = a
+                .psnr_db
+                .map(|p| format!(", PSNR {p:.1} dB"))
+                .unwrap_or_default();
             println!(
-                "accuracy: {} {:.2e} relative L2 against fp32 ({})",
+                "accuracy: {} {:.2e} relative L2{psnr} against fp32 ({})",
                 a.stage, a.rel_l2, a.inputs
             );
         }
