@@ -24,6 +24,7 @@ const TORCH_SCRIPT: &str = include_str!("bench_scale/torch_baseline.py");
 pub struct ScaleBench {
     pub layers: usize,
     pub precision: String,
+    pub calibration_samples: Option<u32>,
     /// (pixel frames, height, width) per case.
     pub cases: Vec<(usize, usize, usize)>,
     pub torch_python: Option<PathBuf>,
@@ -173,6 +174,11 @@ fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64)
             .arg("-o")
             .arg(&engine)
             .args(["--backend", "cpu", "--precision", &b.precision])
+            .args(
+                b.calibration_samples
+                    .map(|n| vec!["--calibration-samples".to_string(), n.to_string()])
+                    .unwrap_or_default(),
+            )
             .stdout(std::process::Stdio::null()),
     )?;
     Ok((ck, engine, t.elapsed().as_secs_f64()))
@@ -271,7 +277,8 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         let once = run_measured(&mut stage(1)?)?;
         let j = last_json(&once.stdout)?;
         let mut row = serde_json::json!({
-            "layers": b.layers, "precision": b.precision, "frames": frames, "height": h,
+            "layers": b.layers, "precision": b.precision,
+            "calibration_samples": b.calibration_samples, "frames": frames, "height": h,
             "width": w, "tokens": tokens, "ms": steps["run_ms"], "runs_ms": steps["runs_ms"],
             "first_ms": j["run_ms"], "process_s": once.wall_s, "peak_rss_mb": once.peak_rss_mb,
             "load_s": j["load_ms"].as_f64().map(|v| v / 1e3), "lora_switch_ms": switch_ms,

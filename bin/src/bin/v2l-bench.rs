@@ -87,9 +87,12 @@ enum Command {
         /// bf16 weights (as `v2l-bench export` makes them), which compile below fp32 (int8)
         #[arg(long, default_value_t = 1)]
         layers: usize,
-        /// Engine precision
+        /// Engine precision (as `v2l-compile --precision`)
         #[arg(long, default_value = "fp32")]
         precision: String,
+        /// Static int8: calibrate on N generated samples (`v2l-compile --calibration-samples`)
+        #[arg(long, value_name = "N")]
+        calibration_samples: Option<u32>,
         /// Pixel frames (1 + 4k); with --height and --width replaces the default sweep
         /// (9x256x384 and 13x480x720)
         #[arg(long, requires_all = ["height", "width"])]
@@ -158,6 +161,7 @@ fn main() -> ExitCode {
         Command::Scale {
             layers,
             precision,
+            calibration_samples,
             frames,
             height,
             width,
@@ -191,6 +195,7 @@ fn main() -> ExitCode {
             v2l_cli::bench_scale::bench_scale(&v2l_cli::bench_scale::ScaleBench {
                 layers,
                 precision,
+                calibration_samples,
                 cases,
                 torch_python,
                 threads,

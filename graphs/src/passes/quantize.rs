@@ -24,6 +24,9 @@ use super::{attr_i, import_ms_domain, PassError, MS_DOMAIN};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto};
 
+/// One tensor of a quantised weight: (type, dims, little-endian bytes).
+pub type QuantTensor = (DType, Vec<i64>, Vec<u8>);
+
 /// How a quantised engine stores its linear weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightQuant {
@@ -58,12 +61,7 @@ impl WeightQuant {
 
     /// Quantises one `[out, inp]` weight: the two tensors [`WeightQuant::names`] names, as
     /// (dtype, dims, bytes), or `None` when the values are not `out × inp` finite floats.
-    pub fn quantize(
-        self,
-        w: &[f32],
-        out: usize,
-        inp: usize,
-    ) -> Option<[(DType, Vec<i64>, Vec<u8>); 2]> {
+    pub fn quantize(self, w: &[f32], out: usize, inp: usize) -> Option<[QuantTensor; 2]> {
         let (o, i) = (out as i64, inp as i64);
         match self {
             WeightQuant::Int8 => {
