@@ -94,15 +94,8 @@ impl Engine {
             .as_ref()
             .is_some_and(|d| d.weight_dtype != v2l_graphs::DType::F32.name());
         use crate::backend::Precision;
-        // An fp16/bf16 engine on the CPU widens its low weights per use (emulated graph). A
-        // static int8 engine's weights reach `QuantizeLinear`, which ONNX Runtime's constant
-        // folding would quantise from the model file's weights, ignoring a fused LoRA's (ORT
-        // 1.31): the Q/DQ of weights stays in the graph instead.
-        let qdq = self
-            .bundle
-            .as_ref()
-            .is_some_and(|b| b.calibration.is_some());
-        let low = qdq || matches!(self.precision(), Precision::Fp16 | Precision::Bf16);
+        // An fp16/bf16 engine on the CPU widens its low weights per use (emulated graph).
+        let low = matches!(self.precision(), Precision::Fp16 | Precision::Bf16);
         SessionOptions {
             keep_weight_casts: opts.keep_weight_casts
                 || low
