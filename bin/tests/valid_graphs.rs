@@ -1,5 +1,5 @@
 //! Every graph v2l writes is valid ONNX: `onnx.checker.check_model(full_check=True)` on the
-//! whole tiny pipeline export (DiT, VAE encoder and decoder, hypernetwork) and on the engines
+//! whole tiny pipeline export (DiT, VAE encoder and decoder, T5 text encoder, hypernetwork) and on the engines
 //! compiled from it for each backend (with their rewrites and LoRA-strategy variants), for int8
 //! (DynamicQuantizeMatMul over int8 weights, or Q/DQ when calibrated), int4 (MatMulNBits) and for fp16/bf16 (typed graphs for TensorRT,
 //! emulated ones for the CPU; the checker's type inference sees every Cast and island).
@@ -64,8 +64,8 @@ fn every_written_graph_passes_the_onnx_checker() {
     let mut models = onnx_files(&export);
     assert_eq!(
         models.len(),
-        4,
-        "dit, vae encoder/decoder, hypernet: {models:?}"
+        5,
+        "dit, vae encoder/decoder, text encoder, hypernet: {models:?}"
     );
     let static_int8: &[&str] = &["--calibration-samples", "2"];
     for (backend, precision, extra) in [
@@ -100,9 +100,9 @@ fn every_written_graph_passes_the_onnx_checker() {
             .collect::<Vec<_>>(),
         );
         let files = onnx_files(&engine);
-        // fp32: 4 graphs + the bound and unfused DiT; below fp32: 4 graphs + the DiT of the
+        // fp32: 5 graphs + the bound and unfused DiT; below fp32: 5 graphs + the DiT of the
         // precision and the unfused one (static int8 too: Q/DQ graphs).
-        assert_eq!(files.len(), 6, "{backend} {precision}: {files:?}");
+        assert_eq!(files.len(), 7, "{backend} {precision}: {files:?}");
         models.extend(files);
     }
     let o = Command::new(python())

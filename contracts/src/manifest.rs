@@ -38,9 +38,23 @@ pub struct Manifest {
     pub vae: Option<VaeEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypernet: Option<HypernetEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<TextEncoderEntry>,
     /// The diffusers `scheduler_config.json`, copied into the directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<String>,
+}
+
+/// The exported prompt encoder: `input_ids [B, L]` int64 → `prompt_embeds [B, L, d_model]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TextEncoderEntry {
+    pub file: String,
+    /// transformers `model_type` (`t5`).
+    pub model_type: String,
+    pub d_model: usize,
+    pub vocab_size: usize,
+    /// The `config.json` the graph was built from, verbatim.
+    pub config: serde_json::Value,
 }
 
 /// The exported Video2LoRA hypernetwork and the LiLoRA auxiliaries that turn its rows into LoRAs.

@@ -64,9 +64,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
 }
 
 impl Checkpoint {
-    /// Opens a diffusers model directory: `config.json` and either
-    /// `diffusion_pytorch_model.safetensors` or a sharded set listed in
-    /// `diffusion_pytorch_model.safetensors.index.json`.
+    /// Opens a diffusers or transformers model directory: `config.json` and either a single
+    /// weights file (`diffusion_pytorch_model.safetensors`, transformers' `model.safetensors`)
+    /// or a sharded set listed in its `.index.json`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
@@ -75,8 +75,12 @@ impl Checkpoint {
                 path: config_path.clone(),
                 message: e.to_string(),
             })?;
-        let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index.exists() {
+        let stems = ["diffusion_pytorch_model", "model"];
+        let index = stems
+            .iter()
+            .map(|s| dir.join(format!("{s}.safetensors.index.json")))
+            .find(|p| p.exists());
+        let files: Vec<PathBuf> = if let Some(index) = index {
             let text = std::fs::read_to_string(&index).map_err(io(&index))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| ExportError::Config {
@@ -93,21 +97,33 @@ impl Checkpoint {
             let names: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
-            let single = dir.join("diffusion_pytorch_model.safetensors");
-            if !single.exists() {
-                return Err(ExportError::Io {
-                    path: single,
+            let single = stems
+                .iter()
+                .map(|s| dir.join(format!("{s}.safetensors")))
+                .find(|p| p.exists())
+                .ok_or_else(|| ExportError::Io {
+                    path: dir.join("diffusion_pytorch_model.safetensors"),
                     source: std::io::Error::new(
                         std::io::ErrorKind::NotFound,
-                        "no weights file (nor a sharded index)",
+                        "no weights file (nor a sharded index; transformers' model.safetensors is read too)",
                     ),
-                });
-            }
+                })?;
             vec![single]
         };
         let mut ck = Self::open_files(dir, &files)?;
         ck.config = Some((config_path, config));
         Ok(ck)
+    }
+
+    /// The directory's `config.json`, as parsed (no class check).
+    pub fn raw_config(&self) -> Result<&serde_json::Value> {
+        self.config
+            .as_ref()
+            .map(|(_, v)| v)
+            .ok_or_else(|| ExportError::Config {
+                path: self.dir.join("config.json"),
+                message: "no config.json".into(),
+            })
     }
 
     /// Opens a single safetensors file (hypernetwork, LiLoRA, LoRA files).

@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`cogvideox_dit`] | `CogVideoXTransformer3DModel` |
 //! | [`cogvideox_vae`] | `AutoencoderKLCogVideoX` encoder and decoder |
+//! | [`t5_encoder`] | transformers `T5EncoderModel` (the prompt encoder) |
 //! | [`video2lora_hypernet`] | Video2LoRA hypernetwork `VideoHyperDream` (reference latents → LiLoRA rows) |
 
 // Checkpoints and graphs come from users: no unwrap, expect or unchecked indexing outside
@@ -24,6 +25,7 @@ pub mod error;
 pub mod manifest;
 pub mod scope;
 pub mod synthetic;
+pub mod t5_encoder;
 pub mod video2lora_hypernet;
 
 pub use checkpoint::{Checkpoint, TensorRef};

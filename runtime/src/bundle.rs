@@ -178,6 +178,9 @@ fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
         graph(&v.encoder);
         graph(&v.decoder);
     }
+    if let Some(t) = &m.text_encoder {
+        graph(&t.file);
+    }
     if let Some(h) = &m.hypernet {
         graph(&h.file);
         names.push(h.lilora.clone());

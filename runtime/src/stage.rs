@@ -21,6 +21,7 @@ pub enum Stage {
     VaeEncode,
     VaeDecode,
     Hypernet,
+    TextEncoder,
 }
 
 impl Stage {
@@ -30,6 +31,7 @@ impl Stage {
             Stage::VaeEncode => "vae-encode",
             Stage::VaeDecode => "vae-decode",
             Stage::Hypernet => "hypernet",
+            Stage::TextEncoder => "text-encoder",
         }
     }
 
@@ -46,6 +48,7 @@ impl Stage {
             Stage::VaeEncode => &["video"],
             Stage::VaeDecode => &["latents"],
             Stage::Hypernet => &["reference_latents"],
+            Stage::TextEncoder => &["input_ids"],
         }
     }
 }
@@ -81,7 +84,7 @@ pub fn check_inputs(
                 path: source.into(),
                 name: name.to_string(),
             })?;
-        let want_int = name == "timestep";
+        let want_int = name == "timestep" || name == "input_ids";
         match (&t.data, want_int) {
             (crate::tensor::Data::F32(v), false) => {
                 if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -201,6 +204,29 @@ pub fn check_inputs(
                 "the hypernetwork",
             )?;
         }
+        Stage::TextEncoder => {
+            let e = manifest
+                .text_encoder
+                .as_ref()
+                .ok_or_else(|| dir.missing("text encoder", "text-encoder"))?;
+            let _: [usize; 2] =
+                sized(dims("input_ids"), "[B, L]").map_err(|m| bad("input_ids", m))?;
+            if let Some(crate::tensor::Data::I64(ids)) = inputs.get("input_ids").map(|t| &t.data) {
+                if let Some((i, id)) = ids
+                    .iter()
+                    .enumerate()
+                    .find(|(_, id)| **id < 0 || **id as u64 >= e.vocab_size as u64)
+                {
+                    return Err(bad(
+                        "input_ids",
+                        format!(
+                            "holds {id} at element {i}; token ids are 0..{}",
+                            e.vocab_size
+                        ),
+                    ));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -313,6 +339,28 @@ pub fn run_stage(
             let (hw, times) = timed(runs, || p.hyper_weights(get("reference_latents")?))?;
             (
                 BTreeMap::from([("hyper_weights".to_string(), hw)]),
+                load_ms,
+                times,
+            )
+        }
+        Stage::TextEncoder => {
+            let e = dir
+                .manifest
+                .text_encoder
+                .as_ref()
+                .ok_or_else(|| dir.missing("text encoder", "text-encoder"))?;
+            let mut m = crate::session::Model::load(&dir.dir.join(&e.file), opts)?;
+            let load_ms = ms(t0);
+            let feed = BTreeMap::from([("input_ids".to_string(), get("input_ids")?.clone())]);
+            let (mut out, times) = timed(runs, || m.run(&feed))?;
+            let embeds = out
+                .remove("prompt_embeds")
+                .ok_or_else(|| RuntimeError::Invalid {
+                    what: e.file.clone(),
+                    message: "the text encoder graph has no `prompt_embeds` output".into(),
+                })?;
+            (
+                BTreeMap::from([("prompt_embeds".to_string(), embeds)]),
                 load_ms,
                 times,
             )

@@ -64,9 +64,9 @@ enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
-    /// A whole diffusers pipeline directory (transformer/, vae/, scheduler/), and optionally the
-    /// Video2LoRA hypernetwork: every graph plus the scheduler config, in one directory. The
-    /// parts are staged and published together: a failed export leaves nothing behind.
+    /// A whole diffusers pipeline directory (transformer/, vae/, scheduler/; text_encoder/ if
+    /// present) and optionally the Video2LoRA hypernetwork: every graph plus the scheduler config,
+    /// in one directory, staged and published together (a failed export leaves nothing behind).
     ///
     /// Example:
     ///   v2l-export pipeline models/CogVideoX-5b-I2V --hypernet hypernetwork.safetensors \
@@ -84,6 +84,19 @@ enum Command {
         /// Refinement iterations of the hypernetwork
         #[arg(long, default_value_t = 4)]
         iterations: usize,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// T5 prompt encoder (transformers `T5EncoderModel`, v1.1) -> <dir>/text_encoder.onnx:
+    /// `input_ids [B, L]` int64 -> `prompt_embeds [B, L, d_model]`, run as diffusers'
+    /// CogVideoX pipelines run it (no attention mask)
+    ///
+    /// Example:
+    ///   v2l-export text-encoder models/CogVideoX-5b-I2V/text_encoder -o export/
+    #[command(verbatim_doc_comment)]
+    TextEncoder {
+        /// transformers model directory (config.json + model.safetensors, single or sharded)
+        checkpoint: PathBuf,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -169,6 +182,7 @@ fn main() -> ExitCode {
             weight_dtype,
         } => export_dit(&checkpoint, &out, weight_dtype.into()),
         Command::Vae { checkpoint, out } => export_vae(&checkpoint, &out),
+        Command::TextEncoder { checkpoint, out } => export_text_encoder(&checkpoint, &out),
         Command::Pipeline {
             model,
             hypernet,
@@ -261,6 +275,31 @@ fn export_vae(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
         bytes(wd.weight_bytes),
         ex.encoder_caches.len(),
         ex.decoder_caches.len()
+    );
+    Ok(())
+}
+
+fn export_text_encoder(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
+    let ck = Checkpoint::open_dir(checkpoint)?;
+    let ex = v2l_export::t5_encoder::export(&ck)?;
+    warn_unused(&ex.unused_keys);
+    let mut manifest = prepare_dir(&out.output)?;
+    let file = "text_encoder.onnx";
+    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
+    manifest.text_encoder = Some(v2l_export::manifest::TextEncoderEntry {
+        file: file.into(),
+        model_type: ex.config.model_type.clone(),
+        d_model: ex.config.d_model,
+        vocab_size: ex.config.vocab_size,
+        config: ck.raw_config()?.clone(),
+    });
+    manifest.write(&out.output)?;
+    println!(
+        "wrote {} (T5 encoder, {} layers, d_model {}, {} of f32 weights)",
+        out.shown(file),
+        ex.config.num_layers,
+        ex.config.d_model,
+        bytes(written.weight_bytes)
     );
     Ok(())
 }
@@ -379,6 +418,10 @@ fn export_pipeline(
     }
     export_dit(&model.join("transformer"), &stage, DType::F32)?;
     export_vae(&model.join("vae"), &stage)?;
+    // The prompt encoder, when the pipeline directory has one.
+    if model.join("text_encoder").join("config.json").is_file() {
+        export_text_encoder(&model.join("text_encoder"), &stage)?;
+    }
     if let (Some(h), Some(l)) = (hypernet, lilora) {
         export_hypernet(h, l, &model.join("transformer"), iterations, &stage)?;
     }

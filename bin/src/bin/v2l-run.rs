@@ -199,6 +199,8 @@ enum StageArg {
     VaeEncode,
     VaeDecode,
     Hypernet,
+    /// The prompt encoder: `input_ids [B, L]` int64 -> `prompt_embeds`
+    TextEncoder,
 }
 
 impl From<StageArg> for Stage {
@@ -208,6 +210,7 @@ impl From<StageArg> for Stage {
             StageArg::VaeEncode => Stage::VaeEncode,
             StageArg::VaeDecode => Stage::VaeDecode,
             StageArg::Hypernet => Stage::Hypernet,
+            StageArg::TextEncoder => Stage::TextEncoder,
         }
     }
 }

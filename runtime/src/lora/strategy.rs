@@ -303,7 +303,11 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
     // A static int8 engine's weights reach `QuantizeLinear`, which ONNX Runtime's constant
     // folding quantises from the model file's weights, ignoring the fused ones given to the
     // session (ORT 1.31): with a fused LoRA the weights' Q/DQ stays unfolded.
-    if engine.bundle.as_ref().is_some_and(|b| b.calibration.is_some()) {
+    if engine
+        .bundle
+        .as_ref()
+        .is_some_and(|b| b.calibration.is_some())
+    {
         opts.keep_weight_casts = true;
     }
     if opts.backend.backend == crate::backend::Backend::TensorRt {
