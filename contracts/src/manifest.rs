@@ -53,6 +53,10 @@ pub struct TextEncoderEntry {
     pub model_type: String,
     pub d_model: usize,
     pub vocab_size: usize,
+    /// The tokenizer's files, copied from the model's `tokenizer/` into this subdirectory
+    /// (empty: none exported).
+    #[serde(default)]
+    pub tokenizer: String,
     /// The `config.json` the graph was built from, verbatim.
     pub config: serde_json::Value,
 }

@@ -188,6 +188,18 @@ fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
     if let Some(s) = &m.scheduler {
         names.push(s.clone());
     }
+    // The tokenizer's files, in their subdirectory.
+    if let Some(t) = m.text_encoder.as_ref().filter(|t| !t.tokenizer.is_empty()) {
+        if let Ok(entries) = std::fs::read_dir(dir.join(&t.tokenizer)) {
+            let mut files: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_file())
+                .map(|e| format!("{}/{}", t.tokenizer, e.file_name().to_string_lossy()))
+                .collect();
+            files.sort();
+            names.extend(files);
+        }
+    }
     names
 }
 
@@ -276,6 +288,9 @@ pub fn compile_with(
         let names = manifest_files(&dir, &manifest);
         for f in &names {
             let (from, to) = (dir.join(f), tmp.join(f));
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
             // A hard link is instant for 20 GB models; copy across file systems. Rewritten
             // graphs replace their link (write to a temporary name, rename), so the export
             // itself is never modified.

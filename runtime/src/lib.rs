@@ -42,6 +42,7 @@ pub mod scheduler;
 pub mod session;
 pub mod stage;
 pub mod tensor;
+pub mod text;
 pub mod vae;
 pub mod video;
 

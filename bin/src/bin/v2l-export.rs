@@ -97,6 +97,10 @@ enum Command {
     TextEncoder {
         /// transformers model directory (config.json + model.safetensors, single or sharded)
         checkpoint: PathBuf,
+        /// The model's tokenizer directory (spiece.model + tokenizer_config.json, or
+        /// tokenizer.json), checked and copied beside the graph so `v2l-run --prompt` works
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -182,7 +186,11 @@ fn main() -> ExitCode {
             weight_dtype,
         } => export_dit(&checkpoint, &out, weight_dtype.into()),
         Command::Vae { checkpoint, out } => export_vae(&checkpoint, &out),
-        Command::TextEncoder { checkpoint, out } => export_text_encoder(&checkpoint, &out),
+        Command::TextEncoder {
+            checkpoint,
+            tokenizer,
+            out,
+        } => export_text_encoder(&checkpoint, tokenizer.as_deref(), &out),
         Command::Pipeline {
             model,
             hypernet,
@@ -279,18 +287,27 @@ fn export_vae(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn export_text_encoder(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
+fn export_text_encoder(
+    checkpoint: &Path,
+    tokenizer: Option<&Path>,
+    out: &OutputArgs,
+) -> Result<(), Failure> {
     let ck = Checkpoint::open_dir(checkpoint)?;
     let ex = v2l_export::t5_encoder::export(&ck)?;
     warn_unused(&ex.unused_keys);
     let mut manifest = prepare_dir(&out.output)?;
     let file = "text_encoder.onnx";
     let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
+    let tokenizer_dir = match tokenizer {
+        Some(t) => copy_tokenizer(t, &out.output, ex.config.vocab_size)?,
+        None => String::new(),
+    };
     manifest.text_encoder = Some(v2l_export::manifest::TextEncoderEntry {
         file: file.into(),
         model_type: ex.config.model_type.clone(),
         d_model: ex.config.d_model,
         vocab_size: ex.config.vocab_size,
+        tokenizer: tokenizer_dir,
         config: ck.raw_config()?.clone(),
     });
     manifest.write(&out.output)?;
@@ -303,6 +320,39 @@ fn export_text_encoder(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failur
     );
     Ok(())
 }
+
+/// Checks the tokenizer in `src` (it loads, and its ids fit the encoder's `vocab_size`) and
+/// copies its files to `<out>/tokenizer/`. Returns that subdirectory's name.
+fn copy_tokenizer(src: &Path, out: &Path, vocab_size: usize) -> Result<String, Failure> {
+    let tok = v2l_runtime::text::tokenizer::PromptTokenizer::from_dir(src)?;
+    let probe = tok.ids("<extra_id_0> a")?;
+    if let Some(id) = probe.iter().find(|&&i| i < 0 || i as usize >= vocab_size) {
+        return Err(Failure::new(format!(
+            "{}: gives token id {id}, outside the text encoder's vocabulary of {vocab_size}",
+            src.display()
+        )));
+    }
+    let name = "tokenizer";
+    let dir = out.join(name);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
+    for f in TOKENIZER_FILES {
+        let from = src.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(f))
+                .map_err(|e| Failure::new(format!("{}: {e}", from.display())))?;
+        }
+    }
+    Ok(name.into())
+}
+
+/// The files of a tokenizer directory v2l reads (the rest is not needed).
+const TOKENIZER_FILES: [&str; 4] = [
+    "spiece.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+];
 
 fn export_hypernet(
     checkpoint: &Path,
@@ -420,7 +470,12 @@ fn export_pipeline(
     export_vae(&model.join("vae"), &stage)?;
     // The prompt encoder, when the pipeline directory has one.
     if model.join("text_encoder").join("config.json").is_file() {
-        export_text_encoder(&model.join("text_encoder"), &stage)?;
+        let tok = model.join("tokenizer");
+        export_text_encoder(
+            &model.join("text_encoder"),
+            tok.is_dir().then_some(tok.as_path()),
+            &stage,
+        )?;
     }
     if let (Some(h), Some(l)) = (hypernet, lilora) {
         export_hypernet(h, l, &model.join("transformer"), iterations, &stage)?;
@@ -456,6 +511,10 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<(), Failure> {
     names.push(manifest.into());
     for n in names {
         let (from, to) = (staging.path().join(&n), out.join(&n));
+        // A directory part (the tokenizer) replaces the one an earlier export left.
+        if from.is_dir() && to.is_dir() {
+            std::fs::remove_dir_all(&to).map_err(io(&to))?;
+        }
         std::fs::rename(&from, &to).map_err(io(&to))?;
     }
     Ok(())

@@ -1,0 +1,85 @@
+//! Prompt text → `prompt_embeds`: tokenize at the sequence length, run the text encoder, and
+//! remember the result per text, so one process never encodes the same prompt twice.
+
+use std::collections::BTreeMap;
+
+use crate::engine::Engine;
+use crate::error::{Result, RuntimeError};
+use crate::session::{Model, SessionOptions};
+use crate::tensor::Tensor;
+use crate::text::tokenizer::{Encoded, PromptTokenizer};
+
+/// The engine's tokenizer and text encoder, with a cache of encoded prompts.
+pub struct PromptEncoder {
+    tokenizer: PromptTokenizer,
+    model: Model,
+    cache: BTreeMap<(String, usize), (Vec<i64>, Tensor)>,
+}
+
+impl PromptEncoder {
+    /// Loads the tokenizer and text encoder of `engine` (exported by `v2l-export pipeline` from
+    /// a model directory with `tokenizer/` and `text_encoder/`).
+    pub fn load(engine: &Engine, opts: &SessionOptions) -> Result<PromptEncoder> {
+        let e = engine
+            .manifest
+            .text_encoder
+            .as_ref()
+            .ok_or_else(|| engine.missing("text encoder", "text-encoder"))?;
+        let dir = engine.dir.join(&e.tokenizer);
+        if e.tokenizer.is_empty() || !dir.is_dir() {
+            return Err(RuntimeError::Invalid {
+                what: engine.dir.display().to_string(),
+                message: "has a text encoder but no tokenizer; export the pipeline directory (its tokenizer/ is copied), or pass --prompt-embeds".into(),
+            });
+        }
+        Ok(PromptEncoder {
+            tokenizer: PromptTokenizer::from_dir(&dir)?,
+            model: Model::load(&engine.dir.join(&e.file), opts)?,
+            cache: BTreeMap::new(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    /// `[1, len, D]` embeddings of `text` and its `[len]` ids; the second call with the same
+    /// text and length is a lookup. `on_truncate` hears of a prompt longer than `len`.
+    pub fn encode(
+        &mut self,
+        text: &str,
+        len: usize,
+        on_truncate: &mut dyn FnMut(usize),
+    ) -> Result<(Vec<i64>, Tensor)> {
+        let key = (text.to_string(), len);
+        if let Some(hit) = self.cache.get(&key) {
+            return Ok(hit.clone());
+        }
+        let Encoded {
+            ids,
+            truncated_from,
+        } = self.tokenizer.encode(text, len)?;
+        if let Some(n) = truncated_from {
+            on_truncate(n);
+        }
+        let feed = BTreeMap::from([(
+            "input_ids".to_string(),
+            Tensor::i64(vec![1, ids.len()], ids.clone()),
+        )]);
+        let embeds = self
+            .model
+            .run(&feed)?
+            .remove("prompt_embeds")
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: "text encoder".into(),
+                message: "the graph has no `prompt_embeds` output".into(),
+            })?;
+        self.cache.insert(key, (ids.clone(), embeds.clone()));
+        Ok((ids, embeds))
+    }
+
+    /// Prompts encoded so far (distinct text and length).
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+}
