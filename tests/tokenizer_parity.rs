@@ -42,7 +42,11 @@ fn padded_and_truncated_ids_equal_diffusers_at_both_lengths() {
             let e = tok.encode(text.as_str().unwrap(), len).unwrap();
             assert_eq!(e.ids, want[i * len..(i + 1) * len], "{name} row {i}");
             let full = tok.ids(text.as_str().unwrap()).unwrap().len();
-            assert_eq!(e.truncated_from, (full > len).then_some(full), "{name} row {i}");
+            assert_eq!(
+                e.truncated_from,
+                (full > len).then_some(full),
+                "{name} row {i}"
+            );
         }
     }
 }
@@ -68,9 +72,16 @@ fn bad_tokenizer_directories_are_named() {
     assert!(err(&missing).contains("spiece.model"), "{}", err(&missing));
 
     let corrupt = copy("corrupt");
-    std::fs::write(corrupt.join("spiece.model"), b"\xff\xfe not a protobuf at all").unwrap();
+    std::fs::write(
+        corrupt.join("spiece.model"),
+        b"\xff\xfe not a protobuf at all",
+    )
+    .unwrap();
     let e = err(&corrupt);
-    assert!(e.contains("spiece.model") && e.contains("SentencePiece"), "{e}");
+    assert!(
+        e.contains("spiece.model") && e.contains("SentencePiece"),
+        "{e}"
+    );
 
     let other = copy("other");
     std::fs::write(
@@ -79,5 +90,8 @@ fn bad_tokenizer_directories_are_named() {
     )
     .unwrap();
     let e = err(&other);
-    assert!(e.contains("LlamaTokenizer") && e.contains("tokenizer_config.json"), "{e}");
+    assert!(
+        e.contains("LlamaTokenizer") && e.contains("tokenizer_config.json"),
+        "{e}"
+    );
 }

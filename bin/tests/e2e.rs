@@ -545,3 +545,110 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
         assert!(run(&mut p) == x8, "{strategy:?}: X -> Y -> X is not X");
     }
 }
+
+/// Prompt text in (fixture `e2e_text_io` + `e2e_text.json`: the stock pipeline driven by text,
+/// tokenizer and T5 encoder included): `v2l-run --prompt` reproduces its embeddings and frames,
+/// `stage text` its padded ids and embeddings at both lengths, and one process never encodes the
+/// same prompt twice.
+#[test]
+fn prompt_text_generation_matches_the_stock_pipeline() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine(d.path());
+    let t = tiny();
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("e2e_text.json")).unwrap()).unwrap();
+    let s = |k: &str| settings[k].to_string().trim_matches('"').to_string();
+    let (out, dump) = (d.path().join("v.mp4"), d.path().join("dump.safetensors"));
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&eng)
+        .arg("--image")
+        .arg(t.join(s("image")))
+        .args([
+            "--prompt",
+            &s("prompt"),
+            "--negative-prompt",
+            &s("negative_prompt"),
+        ])
+        .args(["--max-sequence-length", &s("max_sequence_length")])
+        .args([
+            "--frames",
+            &s("frames"),
+            "--height",
+            &s("height"),
+            "--width",
+            &s("width"),
+        ])
+        .args([
+            "--steps",
+            &s("steps"),
+            "--guidance",
+            &s("guidance"),
+            "--quiet",
+        ])
+        .arg("--noise")
+        .arg(t.join("e2e_text_io.safetensors"))
+        .arg("-o")
+        .arg(&out)
+        .arg("--dump")
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Both prompts are longer than 8 tokens: one warning line each.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("truncated to 8").count(), 2, "{err}");
+    let got = read_safetensors(&dump).unwrap();
+    let want = read_safetensors(&t.join("e2e_text_io.safetensors")).unwrap();
+    for k in ["prompt_embeds", "negative_prompt_embeds"] {
+        let e = got[k].rel_l2(&want[k]);
+        eprintln!("{k}: relative L2 {e:.3e}");
+        assert!(e <= 1e-5, "{k}: {e}");
+    }
+    let m = mae(&got["frames"], &want["frames"]);
+    eprintln!("frames from prompt text: MAE {m:.3e}");
+    assert!(m <= 2e-3, "{m}");
+
+    // stage text: ids exact, embeddings within 1e-5, at 8 and 226 tokens.
+    let prompts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("prompts.json")).unwrap()).unwrap();
+    let file = d.path().join("prompts.json");
+    std::fs::write(&file, prompts["prompts"].to_string()).unwrap();
+    let io = read_safetensors(&t.join("text_io.safetensors")).unwrap();
+    for (len, suffix) in [("8", "short"), ("226", "full")] {
+        let out = d.path().join(format!("text_{suffix}.safetensors"));
+        let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+            .arg("--engine")
+            .arg(&eng)
+            .args(["stage", "text", "--prompts"])
+            .arg(&file)
+            .args(["--max-sequence-length", len, "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = read_safetensors(&out).unwrap();
+        assert!(
+            r["input_ids"] == io[&format!("input_ids_{suffix}")],
+            "{suffix} ids"
+        );
+        let e = r["prompt_embeds"].rel_l2(&io[&format!("prompt_embeds_{suffix}")]);
+        assert!(e <= 1e-5, "{suffix}: {e}");
+    }
+
+    // The cache: the same text at the same length is encoded once.
+    let engine = Engine::open(&eng).unwrap();
+    let mut enc =
+        v2l_runtime::text::prompt::PromptEncoder::load(&engine, &SessionOptions::default())
+            .unwrap();
+    let mut quiet = |_| {};
+    let a = enc.encode("a cat", 8, &mut quiet).unwrap();
+    let b = enc.encode("a cat", 8, &mut quiet).unwrap();
+    assert!(a == b);
+    assert_eq!(enc.cached(), 1);
+    enc.encode("a cat", 16, &mut quiet).unwrap();
+    // The empty prompt is valid: `</s>` then padding.
+    let (ids, _) = enc.encode("", 4, &mut quiet).unwrap();
+    assert_eq!(ids, [1, 0, 0, 0]);
+    assert_eq!(enc.cached(), 3);
+}

@@ -14,12 +14,14 @@ use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 /// Video2LoRA LoRA carries), or run one component at a time with `stage`.
 ///
 /// Generation (CogVideoX image-to-video, classifier-free guidance, DDIM):
-///   v2l-run --engine engine/ --image first.png --prompt-embeds prompt.safetensors \
+///   v2l-run --engine engine/ --image first.png --prompt "a red car in the snow" \
 ///       --reference ref.mp4 --seed 42 -o out.mp4
-/// writes out.mp4 and out.png (a contact sheet of every frame). Prompt embeddings come from a
-/// safetensors file with `prompt_embeds` and `negative_prompt_embeds` [1, L, D] (text-encoder
-/// export is not in v2l yet). With --lora FILE (repeatable, --lora-weights) those LoRA files
-/// instead, merged exactly; without --reference or --lora no LoRA is applied.
+/// writes out.mp4 and out.png (a contact sheet of every frame). The prompt is tokenized and
+/// encoded by the engine's T5 text encoder as diffusers does it (padded/truncated to
+/// --max-sequence-length, `</s>` appended, no attention mask); or give precomputed embeddings
+/// with --prompt-embeds (a safetensors file with `prompt_embeds` and `negative_prompt_embeds`
+/// [1, L, D]). With --lora FILE (repeatable, --lora-weights) those LoRA files instead of a
+/// reference clip, merged exactly; without --reference or --lora no LoRA is applied.
 ///
 ///   v2l-run --engine engine/ --image first.png --prompt-embeds prompt.safetensors \
 ///       --lora a.safetensors --lora b.safetensors --lora-weights 0.6,0.4 --seed 42 -o out.mp4
@@ -28,9 +30,11 @@ use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 /// names them, and writes its outputs to another safetensors file: the way to check an
 /// export against PyTorch outputs.
 ///
-///   dit         hidden_states, encoder_hidden_states, timestep, rope_cos, rope_sin -> sample
-///   vae-encode  video [B,3,F,H,W] in [-1,1]           -> posterior_mean, posterior_logvar
-///   vae-decode  latents [B,16,f,h,w] (unscaled)        -> sample
+///   dit           hidden_states, encoder_hidden_states, timestep, rope_cos, rope_sin -> sample
+///   vae-encode    video [B,3,F,H,W] in [-1,1]           -> posterior_mean, posterior_logvar
+///   vae-decode    latents [B,16,f,h,w] (unscaled)        -> sample
+///   text-encoder  input_ids [B,L] int64                  -> prompt_embeds
+///   text          --prompts FILE (a JSON array of strings) -> input_ids, prompt_embeds
 ///
 /// Example:
 ///   v2l-run --engine out/ stage dit --inputs dit_io.safetensors -o dit_out.safetensors
@@ -54,7 +58,17 @@ struct GenerateArgs {
     /// First frame (PNG or anything ffmpeg reads), resized to --width x --height
     #[arg(long)]
     image: Option<PathBuf>,
-    /// safetensors with `prompt_embeds` and `negative_prompt_embeds` [1, L, D]
+    /// Prompt text, encoded by the engine's tokenizer and T5 text encoder
+    #[arg(long, conflicts_with = "prompt_embeds")]
+    prompt: Option<String>,
+    /// Negative prompt text (default: empty, as diffusers)
+    #[arg(long, requires = "prompt")]
+    negative_prompt: Option<String>,
+    /// Prompt tokens (padded or truncated to this; default: the DiT's max_text_seq_length)
+    #[arg(long, global = true)]
+    max_sequence_length: Option<usize>,
+    /// safetensors with `prompt_embeds` and `negative_prompt_embeds` [1, L, D], instead of
+    /// --prompt
     #[arg(long)]
     prompt_embeds: Option<PathBuf>,
     /// Reference clip (mp4, a directory of PNGs, or safetensors `reference_u8 [F,H,W,3]`)
@@ -135,6 +149,8 @@ enum Command {
     ///   vae-encode  video [B,3,F,H,W] in [-1,1]           -> posterior_mean, posterior_logvar
     ///   vae-decode  latents [B,16,f,h,w] (unscaled)        -> sample
     ///   hypernet    reference_latents [B,16,T,h,w]         -> hyper_weights
+    ///   text-encoder input_ids [B,L] int64                 -> prompt_embeds
+    ///   text        --prompts FILE (JSON array of strings) -> input_ids [N,L], prompt_embeds [N,L,D]
     ///
     /// Inputs are checked against the model before anything runs (dtypes, shapes, finite
     /// values, timesteps within the scheduler's range).
@@ -143,13 +159,17 @@ enum Command {
     ///   v2l-run --engine engine/ stage dit --inputs dit_in.safetensors -o dit_out.safetensors \
     ///       --compare torch_out.safetensors --compare-name sample=output
     ///   v2l-run --engine engine/ stage vae-decode --inputs latents.safetensors -o video.safetensors
+    ///   v2l-run --engine engine/ stage text --prompts prompts.json -o embeds.safetensors
     #[command(verbatim_doc_comment)]
     Stage {
         #[arg(value_enum)]
         stage: StageArg,
         /// safetensors file with the stage's input tensors
-        #[arg(long)]
-        inputs: PathBuf,
+        #[arg(long, required_unless_present = "prompts")]
+        inputs: Option<PathBuf>,
+        /// `text` stage: a JSON file holding an array of prompt strings
+        #[arg(long, conflicts_with = "inputs")]
+        prompts: Option<PathBuf>,
         /// Output .safetensors file for the outputs, replaced if it exists
         #[arg(short, long)]
         output: PathBuf,
@@ -201,6 +221,8 @@ enum StageArg {
     Hypernet,
     /// The prompt encoder: `input_ids [B, L]` int64 -> `prompt_embeds`
     TextEncoder,
+    /// Tokenizer + prompt encoder: `--prompts FILE` -> `input_ids`, `prompt_embeds`
+    Text,
 }
 
 impl From<StageArg> for Stage {
@@ -210,7 +232,7 @@ impl From<StageArg> for Stage {
             StageArg::VaeEncode => Stage::VaeEncode,
             StageArg::VaeDecode => Stage::VaeDecode,
             StageArg::Hypernet => Stage::Hypernet,
-            StageArg::TextEncoder => Stage::TextEncoder,
+            StageArg::TextEncoder | StageArg::Text => Stage::TextEncoder,
         }
     }
 }
@@ -230,6 +252,7 @@ fn main() -> ExitCode {
             Some(Command::Stage {
                 stage,
                 inputs,
+                prompts,
                 output,
                 lora,
                 lora_scale,
@@ -238,6 +261,23 @@ fn main() -> ExitCode {
                 json,
                 repeat,
             }) => {
+                if let StageArg::Text = stage {
+                    let file = prompts.as_ref().ok_or_else(|| {
+                        Failure::usage(
+                            "the text stage reads --prompts FILE (a JSON array of strings)",
+                        )
+                    })?;
+                    check_output(&output, &["safetensors"])?;
+                    let dir = Engine::open(engine)?;
+                    let opts = dir.session_options(opts.threads);
+                    return text_stage(&dir, &opts, file, &output, cli.gen.max_sequence_length);
+                }
+                let inputs = inputs.ok_or_else(|| {
+                    Failure::usage(format!(
+                        "stage {}: give --inputs FILE",
+                        Stage::from(stage).name()
+                    ))
+                })?;
                 let stage = Stage::from(stage);
                 check_output(&output, &["safetensors"])?;
                 v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
@@ -392,7 +432,9 @@ fn generate(
     use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request, RequestLora};
     use v2l_runtime::video;
     let image_path = need(&g.image, "--image")?;
-    let prompt_path = need(&g.prompt_embeds, "--prompt-embeds")?;
+    if g.prompt.is_none() && g.prompt_embeds.is_none() {
+        return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE"));
+    }
     let output = need(&g.output, "-o/--output")?;
     if g.seed.is_none() && g.noise.is_none() {
         return Err(Failure::usage("give --seed N or --noise <safetensors>"));
@@ -439,17 +481,38 @@ fn generate(
         .or(cfg("sample_frames", true))
         .ok_or_else(|| Failure::new("--frames is required"))?;
     limits.check_video(frames, height, width, 16)?;
-    let prompts = read_safetensors(prompt_path)?;
-    let get = |name: &str| {
-        prompts.get(name).cloned().ok_or_else(|| {
-            Failure::from(v2l_runtime::RuntimeError::MissingTensor {
-                path: prompt_path.clone(),
-                name: name.into(),
-            })
-        })
+    let (prompt_embeds, negative_prompt_embeds) = match (&g.prompt, &g.prompt_embeds) {
+        (Some(text), _) => {
+            let len = sequence_length(&dir, g.max_sequence_length)?;
+            let mut enc = v2l_runtime::text::prompt::PromptEncoder::load(&dir, opts)?;
+            let mut encode = |what: &str, text: &str| {
+                let mut warn = |n: usize| {
+                    eprintln!(
+                        "warning: {what} is {n} tokens; truncated to {len} (--max-sequence-length)"
+                    )
+                };
+                enc.encode(text, len, &mut warn).map(|(_, e)| e)
+            };
+            let negative = g.negative_prompt.as_deref().unwrap_or("");
+            (
+                encode("--prompt", text)?,
+                encode("--negative-prompt", negative)?,
+            )
+        }
+        (None, Some(path)) => {
+            let prompts = read_safetensors(path)?;
+            let get = |name: &str| {
+                prompts.get(name).cloned().ok_or_else(|| {
+                    Failure::from(v2l_runtime::RuntimeError::MissingTensor {
+                        path: path.clone(),
+                        name: name.into(),
+                    })
+                })
+            };
+            (get("prompt_embeds")?, get("negative_prompt_embeds")?)
+        }
+        (None, None) => return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE")),
     };
-    let (prompt_embeds, negative_prompt_embeds) =
-        (get("prompt_embeds")?, get("negative_prompt_embeds")?);
     let image = video::read_frames(image_path, height, width)?;
     let lora = match &g.reference {
         Some(r) => {
@@ -497,6 +560,10 @@ fn generate(
     };
     pipeline.set_posterior_sampling(g.posterior_seed);
     pipeline.set_vae_tiling(g.vae_tiling.into());
+    let dumped_prompts = g
+        .dump
+        .as_ref()
+        .map(|_| (prompt_embeds.clone(), negative_prompt_embeds.clone()));
     let req = Request {
         image: image.frames_first(),
         prompt_embeds,
@@ -541,6 +608,10 @@ fn generate(
             m.insert("hyper_weights".into(), t.clone());
         }
         m.insert("frames".into(), gen.frames.clone());
+        if let Some((p, n)) = dumped_prompts {
+            m.insert("prompt_embeds".into(), p);
+            m.insert("negative_prompt_embeds".into(), n);
+        }
         write_safetensors(d, &m)?;
     }
     if g.json {
@@ -562,6 +633,70 @@ fn generate(
             rgb.width,
             rgb.height
         );
+    }
+    Ok(())
+}
+
+/// The prompt length: `--max-sequence-length`, or the DiT's `max_text_seq_length`.
+fn sequence_length(dir: &Engine, given: Option<usize>) -> Result<usize, Failure> {
+    let len = match given {
+        Some(l) => l,
+        None => dir
+            .manifest
+            .dit
+            .as_ref()
+            .and_then(|d| d.config.get("max_text_seq_length"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| {
+                Failure::usage("give --max-sequence-length (the engine has no DiT to take it from)")
+            })?,
+    };
+    if !(1..=4096).contains(&len) {
+        return Err(Failure::usage(format!(
+            "--max-sequence-length {len}: must be 1 to 4096"
+        )));
+    }
+    Ok(len)
+}
+
+/// `stage text`: prompts from a JSON array → `input_ids [N, L]` and `prompt_embeds [N, L, D]`.
+fn text_stage(
+    dir: &Engine,
+    opts: &SessionOptions,
+    file: &std::path::Path,
+    output: &std::path::Path,
+    max_sequence_length: Option<usize>,
+) -> Result<(), Failure> {
+    let bad = |m: String| Failure::new(format!("{}: {m}", file.display()));
+    let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+    let prompts: Vec<String> = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("expected a JSON array of strings ({e})")))?;
+    if prompts.is_empty() {
+        return Err(bad("holds no prompts".into()));
+    }
+    let len = sequence_length(dir, max_sequence_length)?;
+    let mut enc = v2l_runtime::text::prompt::PromptEncoder::load(dir, opts)?;
+    let (mut ids, mut embeds) = (Vec::new(), Vec::new());
+    for (i, p) in prompts.iter().enumerate() {
+        let mut warn =
+            |n: usize| eprintln!("warning: prompt {i} is {n} tokens; truncated to {len}");
+        let (id, e) = enc.encode(p, len, &mut warn)?;
+        ids.extend(id);
+        embeds.push(e);
+    }
+    let n = prompts.len();
+    let embeds = v2l_runtime::Tensor::concat(&embeds, 0)?;
+    let out = std::collections::BTreeMap::from([
+        (
+            "input_ids".to_string(),
+            v2l_runtime::Tensor::i64(vec![n, len], ids),
+        ),
+        ("prompt_embeds".to_string(), embeds),
+    ]);
+    write_safetensors(output, &out)?;
+    for (name, t) in &out {
+        println!("{name} {:?}", t.shape);
     }
     Ok(())
 }

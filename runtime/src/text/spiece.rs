@@ -109,10 +109,7 @@ impl SpModel {
                 )
             })
             .collect();
-        let unknown = pieces
-            .iter()
-            .filter(|p| p.2 == PieceType::Unknown)
-            .count();
+        let unknown = pieces.iter().filter(|p| p.2 == PieceType::Unknown).count();
         if unknown != 1 {
             return Err(bad(format!(
                 "has {unknown} unknown pieces; a unigram model has exactly one"

@@ -125,11 +125,8 @@ fn read_config(path: &Path) -> Result<TokenizerConfig> {
 fn t5_tokenizer_json(model: &SpModel, config: &TokenizerConfig) -> serde_json::Value {
     use serde_json::json;
     let n = model.pieces.len();
-    let mut vocab: Vec<serde_json::Value> = model
-        .pieces
-        .iter()
-        .map(|(p, s, _)| json!([p, s]))
-        .collect();
+    let mut vocab: Vec<serde_json::Value> =
+        model.pieces.iter().map(|(p, s, _)| json!([p, s])).collect();
     let mut added: Vec<serde_json::Value> = Vec::new();
     let special = |id: usize, content: &str| {
         json!({"id": id, "content": content, "single_word": false, "lstrip": false,
@@ -147,18 +144,13 @@ fn t5_tokenizer_json(model: &SpModel, config: &TokenizerConfig) -> serde_json::V
         added.push(special(n + k, &name));
     }
     let prepend = if config.legacy { "always" } else { "first" };
-    let metaspace =
-        json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": prepend, "split": true});
+    let metaspace = json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": prepend, "split": true});
     let normalizer = if model.charsmap.is_empty() {
         serde_json::Value::Null
     } else {
         json!({"type": "Precompiled", "precompiled_charsmap": base64(&model.charsmap)})
     };
-    let eos = model
-        .pieces
-        .iter()
-        .position(|p| p.0 == "</s>")
-        .unwrap_or(1);
+    let eos = model.pieces.iter().position(|p| p.0 == "</s>").unwrap_or(1);
     let seq = |id: &str| json!({"Sequence": {"id": id, "type_id": 0}});
     let eos_tok = json!({"SpecialToken": {"id": "</s>", "type_id": 0}});
     json!({
@@ -192,7 +184,10 @@ fn base64(bytes: &[u8]) -> String {
         let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
-                let c = A.get(((v >> (18 - 6 * i)) & 63) as usize).copied().unwrap_or(b'=');
+                let c = A
+                    .get(((v >> (18 - 6 * i)) & 63) as usize)
+                    .copied()
+                    .unwrap_or(b'=');
                 out.push(char::from(c));
             } else {
                 out.push('=');
