@@ -24,8 +24,8 @@
 
 // Version of the C ABI described by this header. It changes whenever a function, a struct
 // layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
-// time.
-#define V2L_ABI_VERSION 1
+// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`.
+#define V2L_ABI_VERSION 2
 
 // What every call returns. `v2l_last_error()` has the message of a failed call.
 enum V2lStatus
@@ -104,7 +104,8 @@ typedef struct V2lGenerateParams {
   const uint8_t *first_frame;
   // Its length in bytes (must be `height * width * 3`).
   size_t first_frame_len;
-  // Text-encoder output for the prompt: `embed_len × embed_dim` floats (row-major `[L, D]`).
+  // Text-encoder output for the prompt: `embed_len × embed_dim` floats (row-major `[L, D]`);
+  // NULL when `prompt` gives the text instead.
   const float *prompt_embeds;
   // The same for the negative prompt (same `[L, D]`).
   const float *negative_prompt_embeds;
@@ -117,6 +118,15 @@ typedef struct V2lGenerateParams {
   const float *noise;
   // Its length in floats (ignored when `noise` is NULL).
   size_t noise_len;
+  // The prompt as text (UTF-8, NUL-terminated), encoded by the engine's tokenizer and T5
+  // text encoder as diffusers does (a prompt longer than the sequence length is truncated);
+  // NULL to pass `prompt_embeds` instead. Both set is an error. The same text is encoded once
+  // per generator.
+  const char *prompt;
+  // The negative prompt as text (NULL: empty, as diffusers); only with `prompt`.
+  const char *negative_prompt;
+  // Tokens of the encoded prompts (0: the DiT's `max_text_seq_length`); only with `prompt`.
+  uint32_t max_sequence_length;
 } V2lGenerateParams;
 
 // Progress callback: called on the generating thread after each denoising step with

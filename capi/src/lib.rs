@@ -42,8 +42,8 @@ use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
 
 /// Version of the C ABI described by this header. It changes whenever a function, a struct
 /// layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
-/// time.
-pub const V2L_ABI_VERSION: u32 = 1;
+/// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`.
+pub const V2L_ABI_VERSION: u32 = 2;
 
 /// What every call returns. `v2l_last_error()` has the message of a failed call.
 #[repr(i32)]
@@ -107,7 +107,8 @@ pub struct V2lGenerateParams {
     pub first_frame: *const u8,
     /// Its length in bytes (must be `height * width * 3`).
     pub first_frame_len: usize,
-    /// Text-encoder output for the prompt: `embed_len × embed_dim` floats (row-major `[L, D]`).
+    /// Text-encoder output for the prompt: `embed_len × embed_dim` floats (row-major `[L, D]`);
+    /// NULL when `prompt` gives the text instead.
     pub prompt_embeds: *const f32,
     /// The same for the negative prompt (same `[L, D]`).
     pub negative_prompt_embeds: *const f32,
@@ -120,6 +121,15 @@ pub struct V2lGenerateParams {
     pub noise: *const f32,
     /// Its length in floats (ignored when `noise` is NULL).
     pub noise_len: usize,
+    /// The prompt as text (UTF-8, NUL-terminated), encoded by the engine's tokenizer and T5
+    /// text encoder as diffusers does (a prompt longer than the sequence length is truncated);
+    /// NULL to pass `prompt_embeds` instead. Both set is an error. The same text is encoded once
+    /// per generator.
+    pub prompt: *const c_char,
+    /// The negative prompt as text (NULL: empty, as diffusers); only with `prompt`.
+    pub negative_prompt: *const c_char,
+    /// Tokens of the encoded prompts (0: the DiT's `max_text_seq_length`); only with `prompt`.
+    pub max_sequence_length: u32,
 }
 
 /// Progress callback: called on the generating thread after each denoising step with
@@ -139,6 +149,9 @@ pub struct V2lEngine {
 /// `v2l_generator_cancel` from any thread.
 pub struct V2lGenerator {
     pipeline: Mutex<Pipeline>,
+    /// The tokenizer and text encoder, loaded on the first request with prompt text.
+    prompts: Mutex<Option<v2l_runtime::text::prompt::PromptEncoder>>,
+    opts: SessionOptions,
     cancel: AtomicBool,
     /// Set by `v2l_generator_free`: a generation still running on another thread stops.
     freed: AtomicBool,
@@ -744,6 +757,8 @@ pub unsafe extern "C" fn v2l_generator_new(
         let pipeline = Pipeline::load(dir, &e.opts)?;
         *out = register(V2lGenerator {
             pipeline: Mutex::new(pipeline),
+            prompts: Mutex::new(None),
+            opts: e.opts.clone(),
             cancel: AtomicBool::new(false),
             freed: AtomicBool::new(false),
             patch_size,
@@ -882,6 +897,103 @@ pub unsafe extern "C" fn v2l_generator_clear_lora(generator: *mut V2lGenerator) 
     })
 }
 
+/// The request's embeddings from `prompt_embeds`/`negative_prompt_embeds`.
+unsafe fn prompt_embeddings(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<(Tensor, Tensor)> {
+    let (l, d) = (p.embed_len as usize, p.embed_dim as usize);
+    if l == 0 || d != g.text_embed_dim {
+        return Err(Error::new(
+            V2lStatus::InvalidArgument,
+            format!(
+                "prompt embeddings are [{l}, {d}]; the model needs [L >= 1, {}] (or give params.prompt as text)",
+                g.text_embed_dim
+            ),
+        ));
+    }
+    let n = product(&[l, d], "prompt embeddings")?;
+    let embeds = |ptr: *const f32, arg: &str| -> Result<Tensor> {
+        Ok(Tensor::f32(vec![1, l, d], input(ptr, n, arg)?.to_vec()))
+    };
+    Ok((
+        embeds(p.prompt_embeds, "params.prompt_embeds")?,
+        embeds(p.negative_prompt_embeds, "params.negative_prompt_embeds")?,
+    ))
+}
+
+/// The request's embeddings from `prompt`/`negative_prompt` text, through the generator's
+/// prompt encoder (loaded on first use, cached by text).
+unsafe fn prompt_text(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<(Tensor, Tensor)> {
+    if !p.prompt_embeds.is_null() || !p.negative_prompt_embeds.is_null() {
+        return Err(Error::new(
+            V2lStatus::InvalidArgument,
+            "params.prompt and params.prompt_embeds are both set; give the text or the embeddings",
+        ));
+    }
+    let text = |ptr: *const c_char, arg: &str| -> Result<String> {
+        if ptr.is_null() {
+            return Ok(String::new());
+        }
+        CStr::from_ptr(ptr)
+            .to_str()
+            .map(str::to_string)
+            .map_err(|e| {
+                Error::new(
+                    V2lStatus::InvalidArgument,
+                    format!("{arg} is not valid UTF-8 ({e})"),
+                )
+            })
+    };
+    let (prompt, negative) = (
+        text(p.prompt, "params.prompt")?,
+        text(p.negative_prompt, "params.negative_prompt")?,
+    );
+    let mut slot = match g.prompts.try_lock() {
+        Ok(s) => s,
+        Err(TryLockError::WouldBlock) => {
+            return Err(Error::new(
+                V2lStatus::Busy,
+                "the generator is in use by another call",
+            ))
+        }
+        Err(TryLockError::Poisoned(_)) => {
+            return Err(Error::new(
+                V2lStatus::Runtime,
+                "the prompt encoder was poisoned by a panic",
+            ))
+        }
+    };
+    let pipeline = lock(g)?;
+    let engine = pipeline.engine();
+    let len = match p.max_sequence_length {
+        0 => engine
+            .manifest
+            .dit
+            .as_ref()
+            .and_then(|d| d.config.get("max_text_seq_length"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(226) as usize,
+        n => n as usize,
+    };
+    if len > 4096 {
+        return Err(Error::new(
+            V2lStatus::InvalidArgument,
+            format!("params.max_sequence_length is {len}; at most 4096"),
+        ));
+    }
+    if slot.is_none() {
+        *slot = Some(v2l_runtime::text::prompt::PromptEncoder::load(
+            engine, &g.opts,
+        )?);
+    }
+    drop(pipeline);
+    let enc = slot
+        .as_mut()
+        .ok_or_else(|| Error::new(V2lStatus::Runtime, "no prompt encoder"))?;
+    let mut truncated = |_| {};
+    let (_, a) = enc.encode(&prompt, len, &mut truncated)?;
+    let (_, b) = enc.encode(&negative, len, &mut truncated)?;
+    Ok((a, b))
+}
+
 /// Checks `params`' sizes (frames 1 + 4k, height and width multiples of 8 × patch size,
 /// steps >= 1) and writes the output size in bytes, `frames × height × width × 3`, to
 /// `*out_bytes`, and the number of frames to `*out_frames` unless it is NULL. The frames are
@@ -962,23 +1074,11 @@ pub unsafe extern "C" fn v2l_generator_generate(
             "params.first_frame",
         )?;
         let guidance = finite(p.guidance, "params.guidance")?;
-        let (l, d) = (p.embed_len as usize, p.embed_dim as usize);
-        if l == 0 || d != g.text_embed_dim {
-            return Err(Error::new(
-                V2lStatus::InvalidArgument,
-                format!(
-                    "prompt embeddings are [{l}, {d}]; the model needs [L >= 1, {}]",
-                    g.text_embed_dim
-                ),
-            ));
-        }
-        let n = product(&[l, d], "prompt embeddings")?;
-        let embeds = |ptr: *const f32, arg: &str| -> Result<Tensor> {
-            Ok(Tensor::f32(vec![1, l, d], input(ptr, n, arg)?.to_vec()))
+        let (prompt_embeds, negative_prompt_embeds) = if p.prompt.is_null() {
+            prompt_embeddings(&g, p)?
+        } else {
+            prompt_text(&g, p)?
         };
-        let prompt_embeds = embeds(p.prompt_embeds, "params.prompt_embeds")?;
-        let negative_prompt_embeds =
-            embeds(p.negative_prompt_embeds, "params.negative_prompt_embeds")?;
         let noise = if p.noise.is_null() {
             gaussian_noise(s.noise.clone(), p.seed)
         } else {

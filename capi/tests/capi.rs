@@ -817,3 +817,85 @@ fn two_threads_with_two_loras_get_what_each_gets_alone() {
         ok(s);
     }
 }
+
+/// Prompt text through the C ABI (fixture `e2e_text_io`): the frames of the stock pipeline
+/// driven by text; the same as passing the embeddings the text encodes to; invalid UTF-8 and
+/// text together with embeddings refused by name.
+#[test]
+fn prompt_text_generates_what_the_stock_pipeline_does() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = build_engine(d.path());
+    let e = open(&eng);
+    let g = generator(e);
+    let inp = inputs();
+    let io = v2l_runtime::read_safetensors(&tiny().join("e2e_text_io.safetensors")).unwrap();
+    let noise = io["initial_noise"].as_f32("noise").unwrap();
+    let prompt = c("A red car drives through a snowy forest at dusk, cinematic lighting.");
+    let negative = c("blurry, low quality");
+    let mut p = params(&inp, 17, 4, 0);
+    p.prompt_embeds = std::ptr::null();
+    p.negative_prompt_embeds = std::ptr::null();
+    p.embed_len = 0;
+    p.embed_dim = 0;
+    p.noise = noise.as_ptr();
+    p.noise_len = noise.len();
+    p.prompt = prompt.as_ptr();
+    p.negative_prompt = negative.as_ptr();
+    p.max_sequence_length = 8;
+    let from_text = generate(g, &p);
+    // Against the stock pipeline's frames (float in [0, 1]; ours are RGB8).
+    let v2l_runtime::tensor::Data::F32(want) = &io["frames"].data else {
+        panic!("f32 frames")
+    };
+    assert_eq!(from_text.len(), want.len());
+    let mae = from_text
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (f64::from(a) / 255.0 - f64::from(b)).abs())
+        .sum::<f64>()
+        / want.len() as f64;
+    eprintln!("C ABI, prompt text: frames MAE {mae:.3e} (RGB8 rounding included)");
+    assert!(mae <= 2e-3, "{mae}");
+    // The embeddings those texts encode to give the same bytes.
+    let (pe, ne) = (
+        io["prompt_embeds"].as_f32("p").unwrap(),
+        io["negative_prompt_embeds"].as_f32("n").unwrap(),
+    );
+    let mut q = p;
+    q.prompt = std::ptr::null();
+    q.negative_prompt = std::ptr::null();
+    q.prompt_embeds = pe.as_ptr();
+    q.negative_prompt_embeds = ne.as_ptr();
+    q.embed_len = 8;
+    q.embed_dim = 32;
+    let from_embeds = generate(g, &q);
+    let worst = from_text
+        .iter()
+        .zip(&from_embeds)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "text and embeddings differ by {worst} levels");
+
+    let bad = [0x66u8, 0xff, 0x00];
+    let mut r = p;
+    r.prompt = bad.as_ptr().cast();
+    let (s, _) = generate_with(g, &r, None, std::ptr::null_mut());
+    fails(
+        s,
+        V2lStatus::InvalidArgument,
+        "params.prompt is not valid UTF-8",
+    );
+    let mut both = p;
+    both.prompt_embeds = pe.as_ptr();
+    let (s, _) = generate_with(g, &both, None, std::ptr::null_mut());
+    fails(
+        s,
+        V2lStatus::InvalidArgument,
+        "give the text or the embeddings",
+    );
+    unsafe {
+        v2l_generator_free(g);
+        v2l_engine_free(e);
+    }
+}

@@ -69,6 +69,23 @@ pub fn build_engine(dir: &Path) -> PathBuf {
         layers: dit.linears.iter().map(|l| l.name.clone()).collect(),
     });
 
+    // The prompt encoder and its tokenizer (copied as `v2l-export pipeline` does).
+    let te_ck = Checkpoint::open_dir(&t.join("text_encoder")).unwrap();
+    let te = v2l_export::t5_encoder::export(&te_ck).unwrap();
+    v2l_graphs::save(&te.graph, &ex.join("text_encoder.onnx"), ExternalData::Auto).unwrap();
+    std::fs::create_dir_all(ex.join("tokenizer")).unwrap();
+    for f in ["spiece.model", "tokenizer_config.json"] {
+        std::fs::copy(t.join("tokenizer").join(f), ex.join("tokenizer").join(f)).unwrap();
+    }
+    m.text_encoder = Some(v2l_export::manifest::TextEncoderEntry {
+        file: "text_encoder.onnx".into(),
+        model_type: "t5".into(),
+        d_model: te.config.d_model,
+        vocab_size: te.config.vocab_size,
+        tokenizer: "tokenizer".into(),
+        config: te_ck.raw_config().unwrap().clone(),
+    });
+
     std::fs::copy(
         t.join("scheduler/scheduler_config.json"),
         ex.join("scheduler_config.json"),
@@ -176,6 +193,9 @@ pub fn params(inp: &Inputs, frames: u32, steps: u32, seed: u64) -> V2lGeneratePa
         embed_dim: inp.prompt.shape[2] as u32,
         noise: std::ptr::null(),
         noise_len: 0,
+        prompt: std::ptr::null(),
+        negative_prompt: std::ptr::null(),
+        max_sequence_length: 0,
     }
 }
 
