@@ -17,8 +17,10 @@ mkdir -p "$out"
 $bin/v2l-export pipeline "$tiny" --hypernet "$tiny/hypernetwork.safetensors" --lilora "$tiny/lilora.safetensors" -o "$out/export"
 $bin/v2l-compile "$out/export" -o "$out/engine"
 
-# Generate: first frame + prompt embeddings (the tiny fixture's) + reference clip -> mp4 + contact sheet.
-$bin/v2l-run --engine "$out/engine" --image "$tiny/first_frame.png" --prompt-embeds "$tiny/e2e_io.safetensors" \
+# Generate: first frame + prompt text (tokenized and encoded by the exported T5) + reference clip
+# -> mp4 + contact sheet.
+$bin/v2l-run --engine "$out/engine" --image "$tiny/first_frame.png" \
+  --prompt "A red car drives through a snowy forest at dusk, cinematic lighting." --negative-prompt "blurry, low quality" \
   --reference "$tiny/reference.mp4" --frames 17 --steps 4 --guidance 6 --seed 42 -o "$out/video.mp4"
 
 # The LoRA the reference clip predicts, as a standard file diffusers or ComfyUI can load.

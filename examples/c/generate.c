@@ -14,6 +14,8 @@
  *   params.txt            "frames height width steps seed guidance embed_len embed_dim ref_frames"
  *   first_frame.rgb       height*width*3 bytes (RGB8)
  *   prompt_embeds.f32     embed_len*embed_dim floats; negative_prompt_embeds.f32 likewise
+ *   prompt.txt            (optional) prompt text used instead of the embeddings: the engine's
+ *                         tokenizer and T5 encoder turn it into them (V2lGenerateParams.prompt)
  *   reference.rgb         ref_frames*height*width*3 bytes
  *   expected_base.rgb, expected_lora.rgb   (optional) frames to compare with
  * and receives out_base.rgb and out_lora.rgb. MAX_DIFF (default 0: bitwise) is the largest
@@ -156,6 +158,19 @@ int main(int argc, char **argv) {
     params.first_frame_len = frame_bytes;
     params.prompt_embeds = prompt;
     params.negative_prompt_embeds = negative;
+    /* Prompt text instead, when DATA_DIR has prompt.txt (one line, UTF-8). */
+    char text[4096] = {0};
+    char text_path[4096];
+    snprintf(text_path, sizeof text_path, "%s/prompt.txt", data);
+    FILE *tf = fopen(text_path, "rb");
+    if (tf) {
+        size_t n = fread(text, 1, sizeof text - 1, tf);
+        fclose(tf);
+        while (n > 0 && (text[n - 1] == '\n' || text[n - 1] == '\r')) text[--n] = 0;
+        params.prompt = text;
+        params.prompt_embeds = NULL;
+        params.negative_prompt_embeds = NULL;
+    }
     params.embed_len = embed_len;
     params.embed_dim = embed_dim;
     params.noise = NULL; /* seeded noise */
