@@ -15,7 +15,7 @@ const EMBEDS_REL_L2: f64 = 1e-5;
 
 fn export_and_load(checkpoint: &Path, dir: &Path) -> Model {
     let ck = Checkpoint::open_dir(checkpoint).unwrap();
-    let ex = t5_encoder::export(&ck).unwrap();
+    let ex = t5_encoder::export(&ck, None).unwrap();
     assert_eq!((ex.config.d_model, ex.config.num_layers), (32, 2));
     assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
     let path = dir.join("text_encoder.onnx");
@@ -90,7 +90,7 @@ fn out_of_vocabulary_ids_are_refused_by_name() {
     let out = d.path().join("export");
     std::fs::create_dir_all(&out).unwrap();
     let ck = Checkpoint::open_dir(&tiny().join("text_encoder")).unwrap();
-    let ex = t5_encoder::export(&ck).unwrap();
+    let ex = t5_encoder::export(&ck, None).unwrap();
     save(
         &ex.graph,
         &out.join("text_encoder.onnx"),
@@ -103,6 +103,8 @@ fn out_of_vocabulary_ids_are_refused_by_name() {
         model_type: "t5".into(),
         d_model: 32,
         vocab_size: ex.config.vocab_size,
+        tokenizer: String::new(),
+        weight_dtype: "f32".into(),
         config: ck.raw_config().unwrap().clone(),
     });
     manifest.write(&out).unwrap();

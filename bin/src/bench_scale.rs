@@ -38,10 +38,10 @@ pub struct ScaleBench {
 }
 
 /// One process run: wall time, peak RSS, and its stdout.
-struct ProcRun {
-    wall_s: f64,
-    peak_rss_mb: f64,
-    stdout: String,
+pub struct ProcRun {
+    pub wall_s: f64,
+    pub peak_rss_mb: f64,
+    pub stdout: String,
 }
 
 fn fail(what: impl std::fmt::Display) -> Failure {
@@ -49,7 +49,7 @@ fn fail(what: impl std::fmt::Display) -> Failure {
 }
 
 /// Runs `cmd` to completion, reading its peak RSS from the kernel (`wait4`).
-fn run_measured(cmd: &mut Command) -> Result<ProcRun, Failure> {
+pub fn run_measured(cmd: &mut Command) -> Result<ProcRun, Failure> {
     let shown = format!("{cmd:?}");
     let t = Instant::now();
     let out_file = tempfile::NamedTempFile::new().map_err(|e| fail(format!("temp file: {e}")))?;
@@ -87,7 +87,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn last_json(stdout: &str) -> Result<serde_json::Value, Failure> {
+pub fn last_json(stdout: &str) -> Result<serde_json::Value, Failure> {
     stdout
         .lines()
         .rev()
@@ -108,7 +108,7 @@ pub fn cogvideox_5b_config(layers: usize) -> Result<serde_json::Value, Failure> 
     Ok(config)
 }
 
-fn sibling(name: &str) -> Result<PathBuf, Failure> {
+pub fn sibling(name: &str) -> Result<PathBuf, Failure> {
     let exe = std::env::current_exe().map_err(|e| fail(format!("current exe: {e}")))?;
     let p = exe.with_file_name(name);
     if !p.is_file() {

@@ -57,8 +57,15 @@ pub struct TextEncoderEntry {
     /// (empty: none exported).
     #[serde(default)]
     pub tokenizer: String,
+    /// Storage type of the weights in the graph (it computes in f32).
+    #[serde(default = "f32_name")]
+    pub weight_dtype: String,
     /// The `config.json` the graph was built from, verbatim.
     pub config: serde_json::Value,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// The exported Video2LoRA hypernetwork and the LiLoRA auxiliaries that turn its rows into LoRAs.

@@ -104,6 +104,20 @@ impl Engine {
         }
     }
 
+    /// Session options for the text encoder: an f16/bf16-stored encoder keeps its weights in
+    /// that type and widens each per use (a T5-XXL in bf16 is 9.5 GB; folded to f32, 19 GB).
+    pub fn text_encoder_options(&self, opts: &SessionOptions) -> SessionOptions {
+        let low = self
+            .manifest
+            .text_encoder
+            .as_ref()
+            .is_some_and(|t| t.weight_dtype != v2l_graphs::DType::F32.name());
+        SessionOptions {
+            keep_weight_casts: opts.keep_weight_casts || low,
+            ..opts.clone()
+        }
+    }
+
     /// The DiT graph this engine runs without a LoRA: the export's, or the bundle's graph for
     /// its precision (`dit_int8.onnx` in an int8 engine).
     pub fn dit_path(&self) -> Result<PathBuf> {

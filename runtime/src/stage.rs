@@ -349,7 +349,10 @@ pub fn run_stage(
                 .text_encoder
                 .as_ref()
                 .ok_or_else(|| dir.missing("text encoder", "text-encoder"))?;
-            let mut m = crate::session::Model::load(&dir.dir.join(&e.file), opts)?;
+            let mut m = crate::session::Model::load(
+                &dir.dir.join(&e.file),
+                &dir.text_encoder_options(opts),
+            )?;
             let load_ms = ms(t0);
             let feed = BTreeMap::from([("input_ids".to_string(), get("input_ids")?.clone())]);
             let (mut out, times) = timed(runs, || m.run(&feed))?;

@@ -60,15 +60,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
-    /// Export a full-size CogVideoX-5B DiT (generated weights) and report time and peak memory
+    /// Export a full-size CogVideoX-5B DiT or T5-XXL text encoder (generated bf16 weights) and
+    /// report time and peak memory; the T5 is then run once on 226 tokens as its own process
     ///
     /// Example:
     ///   v2l-bench export --layers 42 --dir /scratch/v2l-bench
+    ///   v2l-bench export --model t5-xxl
     #[command(verbatim_doc_comment)]
     Export {
-        /// Transformer blocks to generate (42 is CogVideoX-5B)
+        /// Transformer blocks to generate (42 is CogVideoX-5B; the T5-XXL has its 24)
         #[arg(long, default_value_t = 42)]
         layers: usize,
+        /// What to generate and export
+        #[arg(long, value_enum, default_value = "cogvideox")]
+        model: ExportModel,
         /// Scratch directory for the generated checkpoint and the export (needs ~2x11 GB at 42 blocks)
         #[arg(long, default_value = "target/v2l-bench-export")]
         dir: PathBuf,
@@ -151,7 +156,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| match cli.command {
-        Command::Export { layers, dir, keep } => bench_export(layers, &dir, keep, cli.json),
+        Command::Export {
+            layers,
+            model,
+            dir,
+            keep,
+        } => bench_export(layers, model, &dir, keep, cli.json),
         Command::Pipeline {
             engine,
             repeat,
@@ -279,17 +289,43 @@ fn fullscale_config(layers: usize) -> Result<serde_json::Value, Failure> {
     Ok(config)
 }
 
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum ExportModel {
+    Cogvideox,
+    T5Xxl,
+}
+
 fn bench_export(
     layers: usize,
+    model: ExportModel,
     dir: &std::path::Path,
     keep: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    let config = fullscale_config(layers)?;
-    let cfg: cogvideox_dit::DitConfig =
-        serde_json::from_value(config.clone()).map_err(|e| Failure::new(format!("config: {e}")))?;
-    let layout = cogvideox_dit::checkpoint_layout(&cfg);
-    let ck_dir = dir.join("transformer");
+    use v2l_export::t5_encoder;
+    let bad_config = |e: serde_json::Error| Failure::new(format!("config: {e}"));
+    let (config, layout, ck_dir) = match model {
+        ExportModel::Cogvideox => {
+            let config = fullscale_config(layers)?;
+            let cfg: cogvideox_dit::DitConfig =
+                serde_json::from_value(config.clone()).map_err(bad_config)?;
+            (
+                config,
+                cogvideox_dit::checkpoint_layout(&cfg),
+                dir.join("transformer"),
+            )
+        }
+        ExportModel::T5Xxl => {
+            let config = t5_encoder::t5_xxl_config();
+            let cfg: t5_encoder::T5Config =
+                serde_json::from_value(config.clone()).map_err(bad_config)?;
+            (
+                config,
+                t5_encoder::checkpoint_layout(&cfg),
+                dir.join("text_encoder"),
+            )
+        }
+    };
     let out_dir = dir.join("export");
     let params: usize = layout
         .iter()
@@ -328,14 +364,23 @@ fn bench_export(
     let sampler = AnonPeak::start();
     let t1 = Instant::now();
     let ck = Checkpoint::open_dir(&ck_dir)?;
-    let opts = cogvideox_dit::DitOptions {
-        weight_dtype: Some(DType::BF16),
+    let (graph, file) = match model {
+        ExportModel::Cogvideox => {
+            let opts = cogvideox_dit::DitOptions {
+                weight_dtype: Some(DType::BF16),
+            };
+            (cogvideox_dit::export(&ck, &opts)?.graph, "dit.onnx")
+        }
+        ExportModel::T5Xxl => (
+            t5_encoder::export(&ck, Some(DType::BF16))?.graph,
+            "text_encoder.onnx",
+        ),
     };
-    let ex = cogvideox_dit::export(&ck, &opts)?;
     let build_s = t1.elapsed().as_secs_f64();
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| Failure::new(format!("{}: {e}", out_dir.display())))?;
-    let written = v2l_graphs::save(&ex.graph, &out_dir.join("dit.onnx"), ExternalData::Always)?;
+    let written = v2l_graphs::save(&graph, &out_dir.join(file), ExternalData::Always)?;
+    drop(graph);
     let export_s = t1.elapsed().as_secs_f64();
     let anon_peak = sampler.finish();
     let hwm = status_kb("VmHWM:").unwrap_or(0) * 1024;
@@ -346,11 +391,18 @@ fn bench_export(
         .map(|m| m.len())
         .unwrap_or(0);
 
+    let run = match model {
+        ExportModel::T5Xxl => Some(run_t5(&ck, &out_dir, json)?),
+        ExportModel::Cogvideox => None,
+    };
     if json {
         println!(
             "{}",
             serde_json::json!({
-                "layers": layers, "params": params, "weight_dtype": "bf16",
+                "model": if model == ExportModel::T5Xxl { "t5-xxl" } else { "cogvideox" },
+                "t5_run": run,
+                "layers": if model == ExportModel::T5Xxl { 24 } else { layers },
+                "params": params, "weight_dtype": "bf16",
                 "generate_s": gen_s, "graph_build_s": build_s, "export_s": export_s,
                 "weight_bytes": written.weight_bytes, "external_data_bytes": data_len,
                 "export_gbps": written.weight_bytes as f64 / export_s / 1e9,
@@ -358,7 +410,10 @@ fn bench_export(
             })
         );
     } else {
-        println!("CogVideoX-5B-shaped DiT export ({layers} blocks, {params} parameters, bf16 weights, external data)");
+        match model {
+            ExportModel::Cogvideox => println!("CogVideoX-5B-shaped DiT export ({layers} blocks, {params} parameters, bf16 weights, external data)"),
+            ExportModel::T5Xxl => println!("T5-XXL-shaped encoder export (24 blocks, {params} parameters, bf16 weights, external data)"),
+        }
         println!("  graph build        {build_s:>8.2} s");
         println!(
             "  export total       {export_s:>8.2} s   ({:.2} GB/s of weights written)",
@@ -371,8 +426,67 @@ fn bench_export(
             bytes(anon_peak)
         );
     }
+    if let Some(r) = &run {
+        println!(
+            "  one encode, 226 tokens, as its own process: {:.1} s wall, {:.2} GB peak RSS (bf16 weights widened per use)",
+            r["process_s"].as_f64().unwrap_or(0.0),
+            r["peak_rss_mb"].as_f64().unwrap_or(0.0) / 1e3
+        );
+    }
     if !keep {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
+}
+
+/// Registers the exported T5 in `out`'s manifest and runs `v2l-run stage text-encoder` on one
+/// 226-token prompt as its own process: wall time, peak RSS, session build and run time.
+fn run_t5(
+    ck: &Checkpoint,
+    out: &std::path::Path,
+    json: bool,
+) -> Result<serde_json::Value, Failure> {
+    use v2l_cli::bench_scale::{last_json, run_measured, sibling};
+    let mut m = v2l_export::Manifest::read_or_default(out)?;
+    m.text_encoder = Some(v2l_export::manifest::TextEncoderEntry {
+        file: "text_encoder.onnx".into(),
+        model_type: "t5".into(),
+        d_model: 4096,
+        vocab_size: 32128,
+        tokenizer: String::new(),
+        weight_dtype: DType::BF16.name().into(),
+        config: ck.raw_config()?.clone(),
+    });
+    m.write(out)?;
+    let ids: Vec<i64> = (0..226).map(|i| (i * 7919 % 32000) as i64).collect();
+    let inputs = out.join("ids.safetensors");
+    let t = std::collections::BTreeMap::from([(
+        "input_ids".to_string(),
+        v2l_runtime::Tensor::i64(vec![1, 226], ids),
+    )]);
+    v2l_runtime::write_safetensors(&inputs, &t)?;
+    if !json {
+        eprintln!("running the encoder once (226 tokens)");
+    }
+    let r = run_measured(
+        std::process::Command::new(sibling("v2l-run")?)
+            .arg("--engine")
+            .arg(out)
+            .args([
+                "--threads",
+                "2",
+                "stage",
+                "text-encoder",
+                "--json",
+                "--inputs",
+            ])
+            .arg(&inputs)
+            .arg("-o")
+            .arg(out.join("embeds.safetensors")),
+    )?;
+    let j = last_json(&r.stdout)?;
+    Ok(serde_json::json!({
+        "tokens": 226, "process_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb,
+        "load_ms": j["load_ms"], "run_ms": j["run_ms"],
+    }))
 }

@@ -103,6 +103,10 @@ enum Command {
         tokenizer: Option<PathBuf>,
         #[command(flatten)]
         out: OutputArgs,
+        /// Storage type of the weights; the graph computes in f32 either way (T5-XXL: 19 GB
+        /// in f32, 9.5 GB in bf16)
+        #[arg(long, value_enum, default_value = "f32")]
+        weight_dtype: WeightDType,
     },
     /// CogVideoX 3D VAE (`AutoencoderKLCogVideoX`) -> <dir>/vae_encoder.onnx, <dir>/vae_decoder.onnx
     ///
@@ -190,7 +194,8 @@ fn main() -> ExitCode {
             checkpoint,
             tokenizer,
             out,
-        } => export_text_encoder(&checkpoint, tokenizer.as_deref(), &out),
+            weight_dtype,
+        } => export_text_encoder(&checkpoint, tokenizer.as_deref(), &out, weight_dtype.into()),
         Command::Pipeline {
             model,
             hypernet,
@@ -291,9 +296,11 @@ fn export_text_encoder(
     checkpoint: &Path,
     tokenizer: Option<&Path>,
     out: &OutputArgs,
+    weight_dtype: DType,
 ) -> Result<(), Failure> {
     let ck = Checkpoint::open_dir(checkpoint)?;
-    let ex = v2l_export::t5_encoder::export(&ck)?;
+    let ex =
+        v2l_export::t5_encoder::export(&ck, (weight_dtype != DType::F32).then_some(weight_dtype))?;
     warn_unused(&ex.unused_keys);
     let mut manifest = prepare_dir(&out.output)?;
     let file = "text_encoder.onnx";
@@ -308,15 +315,17 @@ fn export_text_encoder(
         d_model: ex.config.d_model,
         vocab_size: ex.config.vocab_size,
         tokenizer: tokenizer_dir,
+        weight_dtype: weight_dtype.name().into(),
         config: ck.raw_config()?.clone(),
     });
     manifest.write(&out.output)?;
     println!(
-        "wrote {} (T5 encoder, {} layers, d_model {}, {} of f32 weights)",
+        "wrote {} (T5 encoder, {} layers, d_model {}, {} of {} weights)",
         out.shown(file),
         ex.config.num_layers,
         ex.config.d_model,
-        bytes(written.weight_bytes)
+        bytes(written.weight_bytes),
+        weight_dtype
     );
     Ok(())
 }
@@ -475,6 +484,7 @@ fn export_pipeline(
             &model.join("text_encoder"),
             tok.is_dir().then_some(tok.as_path()),
             &stage,
+            DType::F32,
         )?;
     }
     if let (Some(h), Some(l)) = (hypernet, lilora) {

@@ -71,7 +71,7 @@ pub fn build_engine(dir: &Path) -> PathBuf {
 
     // The prompt encoder and its tokenizer (copied as `v2l-export pipeline` does).
     let te_ck = Checkpoint::open_dir(&t.join("text_encoder")).unwrap();
-    let te = v2l_export::t5_encoder::export(&te_ck).unwrap();
+    let te = v2l_export::t5_encoder::export(&te_ck, None).unwrap();
     v2l_graphs::save(&te.graph, &ex.join("text_encoder.onnx"), ExternalData::Auto).unwrap();
     std::fs::create_dir_all(ex.join("tokenizer")).unwrap();
     for f in ["spiece.model", "tokenizer_config.json"] {
@@ -83,6 +83,7 @@ pub fn build_engine(dir: &Path) -> PathBuf {
         d_model: te.config.d_model,
         vocab_size: te.config.vocab_size,
         tokenizer: "tokenizer".into(),
+        weight_dtype: "f32".into(),
         config: te_ck.raw_config().unwrap().clone(),
     });
 

@@ -34,7 +34,10 @@ impl PromptEncoder {
         }
         Ok(PromptEncoder {
             tokenizer: PromptTokenizer::from_dir(&dir)?,
-            model: Model::load(&engine.dir.join(&e.file), opts)?,
+            model: Model::load(
+                &engine.dir.join(&e.file),
+                &engine.text_encoder_options(opts),
+            )?,
             cache: BTreeMap::new(),
         })
     }
