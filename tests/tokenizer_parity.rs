@@ -95,3 +95,19 @@ fn bad_tokenizer_directories_are_named() {
         "{e}"
     );
 }
+
+/// A `tokenizer.json` is read as it is: the one transformers 5.23 saves for the fixture
+/// tokenizer (`save_pretrained`, `tokenizer_json/`) gives the same ids as `spiece.model`.
+#[test]
+fn a_tokenizer_json_gives_the_same_ids() {
+    let from_json = PromptTokenizer::from_dir(&tiny().join("tokenizer_json")).unwrap();
+    let from_spiece = PromptTokenizer::from_dir(&tiny().join("tokenizer")).unwrap();
+    for text in prompts()["prompts"].as_array().unwrap() {
+        let text = text.as_str().unwrap();
+        assert_eq!(
+            from_json.ids(text).unwrap(),
+            from_spiece.ids(text).unwrap(),
+            "{text:?}"
+        );
+    }
+}
