@@ -19,5 +19,5 @@
 pub mod qdq;
 pub mod ranges;
 
-pub use qdq::{insert_qdq, observe_linear_inputs, QdqNames};
+pub use qdq::{insert_qdq, observe_linear_inputs, QdqForm, QdqNames};
 pub use ranges::{Method, Ranges};

@@ -352,6 +352,7 @@ pub fn compile_with(
                             let weights = LowWeights::Qdq {
                                 weights: record.input_scales.keys().cloned().collect(),
                                 scales: record.input_scales.clone(),
+                                form: qdq_form(backend),
                             };
                             weights.reuse(&mut model, &src).map_err(pass_err)?;
                             calibration_record = Some(record);
@@ -392,6 +393,7 @@ pub fn compile_with(
                         emulated.as_deref().unwrap_or(&tmp.join(&file)),
                         &crate::session::SessionOptions {
                             keep_weight_casts: true,
+                            qdq_matmul: calibration.is_some(),
                             ..Default::default()
                         },
                     );
@@ -554,6 +556,7 @@ enum LowWeights {
     Qdq {
         weights: Vec<String>,
         scales: std::collections::BTreeMap<String, f32>,
+        form: v2l_calibration::QdqForm,
     },
 }
 
@@ -573,11 +576,24 @@ impl LowWeights {
             LowWeights::Float(how, tensors) => {
                 lower_precision(model, src, WeightFile::Reuse(tensors), *how).map(|_| ())
             }
-            LowWeights::Qdq { weights, scales } => {
+            LowWeights::Qdq {
+                weights,
+                scales,
+                form,
+            } => {
                 let scale = |w: &str| scales.get(w).copied().unwrap_or(1.0);
-                v2l_calibration::insert_qdq(model, src, weights, &scale).map(|_| ())
+                v2l_calibration::insert_qdq(model, src, weights, &scale, *form).map(|_| ())
             }
         }
+    }
+}
+
+/// The Q/DQ form a backend builds fast: ONNX Runtime's CPU provider fuses the MatMul form into
+/// int8 kernels; TensorRT and CUDA get the Gemm form (`v2l_calibration::QdqForm`).
+fn qdq_form(backend: Backend) -> v2l_calibration::QdqForm {
+    match backend {
+        Backend::Cpu => v2l_calibration::QdqForm::MatMul,
+        Backend::Cuda | Backend::TensorRt => v2l_calibration::QdqForm::Gemm,
     }
 }
 

@@ -100,6 +100,11 @@ impl Engine {
             keep_weight_casts: opts.keep_weight_casts
                 || low
                 || (stored_low && self.precision().weight_quant().is_some()),
+            qdq_matmul: opts.qdq_matmul
+                || self
+                    .bundle
+                    .as_ref()
+                    .is_some_and(|b| b.calibration.is_some()),
             ..opts.clone()
         }
     }

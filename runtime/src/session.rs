@@ -20,6 +20,14 @@ pub struct SessionOptions {
     /// f32 copies at session build: one f32 weight in memory at a time instead of the whole model
     /// (how `v2l-compile` runs a deep bf16-stored DiT for its accuracy check).
     pub keep_weight_casts: bool,
+    /// A static int8 (Q/DQ) graph in its MatMul form: ONNX Runtime's `MatMulAddFusion` would
+    /// turn each MatMul + bias Add into a Gemm before its Q/DQ fusion sees them, and the Gemm
+    /// runs dequantised in f32 (`v2l_calibration::QdqForm`).
+    pub qdq_matmul: bool,
+    /// No graph optimisation at all: for sessions given replacement weights that ONNX
+    /// Runtime's optimisers would otherwise fold from the model file's own (a fused LoRA on a
+    /// static int8 engine's Q/DQ weights).
+    pub unoptimized: bool,
 }
 
 /// An ONNX model ready to run on the CPU backend.
@@ -98,9 +106,24 @@ impl Model {
                     message: e.to_string(),
                 })?;
         }
-        if opts.keep_weight_casts {
+        if opts.unoptimized {
             b = b
-                .with_disabled_optimizers(KEEP_WEIGHT_CASTS)
+                .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
+                .map_err(|e| RuntimeError::Ort {
+                    context: ctx.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        let mut disabled: Vec<&str> = Vec::new();
+        if opts.keep_weight_casts {
+            disabled.push(KEEP_WEIGHT_CASTS);
+        }
+        if opts.qdq_matmul {
+            disabled.push("MatMulAddFusion");
+        }
+        if !disabled.is_empty() {
+            b = b
+                .with_disabled_optimizers(disabled.join(";"))
                 .map_err(|e| RuntimeError::Ort {
                     context: ctx.clone(),
                     message: e.to_string(),

@@ -300,16 +300,16 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
     )?;
     let path = engine.dit_path()?;
     let mut opts = opts.clone();
-    // A static int8 engine's weights reach `QuantizeLinear`, which ONNX Runtime's constant
-    // folding quantises from the model file's weights, ignoring the fused ones given to the
-    // session (ORT 1.31): with a fused LoRA the weights' Q/DQ stays unfolded.
-    if engine
+    // A static int8 engine's weights reach `Transpose`/`QuantizeLinear`, which ONNX Runtime's
+    // optimisers fold from the model file's weights, ignoring the fused ones given to the
+    // session (ORT 1.31; disabling ConstantFolding, TransposeOptimizer and the Q/DQ
+    // transformers by name was not enough): that session runs unoptimised (slower steps, exact
+    // LoRA). `unfused`, the default on these engines, is unaffected.
+    let qdq = engine
         .bundle
         .as_ref()
-        .is_some_and(|b| b.calibration.is_some())
-    {
-        opts.keep_weight_casts = true;
-    }
+        .is_some_and(|b| b.calibration.is_some());
+    opts.unoptimized |= qdq;
     if opts.backend.backend == crate::backend::Backend::TensorRt {
         // TensorRT's engine cache key ignores weight values: key this session's engine by
         // its fused weights, or a cached engine of another LoRA (or the base) would be reused.
@@ -321,5 +321,7 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
         }
         opts.backend.weight_hash = h.finish();
     }
-    Model::load_with_weights(&path, &engine.dit_options(&opts), weights)
+    let mut session = engine.dit_options(&opts);
+    session.qdq_matmul &= !qdq;
+    Model::load_with_weights(&path, &session, weights)
 }
