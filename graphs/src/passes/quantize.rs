@@ -347,18 +347,21 @@ mod tests {
         (d, src, m)
     }
 
+    /// [`model`] with `lin.weight` quantised `how` into `data_name`: (dir, data file, model,
+    /// what the pass did).
+    fn quantized(
+        how: WeightQuant,
+        data_name: &str,
+    ) -> (tempfile::TempDir, std::path::PathBuf, ModelProto, Quantized) {
+        let (d, src, mut m) = read_back();
+        let data = d.path().join(data_name);
+        let q = quantize_linears(&mut m, &src, &["lin.weight".into()], &data, how).unwrap();
+        (d, data, m, q)
+    }
+
     #[test]
     fn gemm_becomes_matmul_nbits_with_int4_blocks() {
-        let (d, src, mut m) = read_back();
-        let data = d.path().join("q4.data");
-        let q = quantize_linears(
-            &mut m,
-            &src,
-            &["lin.weight".into()],
-            &data,
-            WeightQuant::Int4,
-        )
-        .unwrap();
+        let (_d, data, m, q) = quantized(WeightQuant::Int4, "q4.data");
         assert_eq!(q.layers, 1);
         let g = m.graph.as_ref().unwrap();
         let n = g.node.iter().find(|n| n.op_type == "MatMulNBits").unwrap();
@@ -378,16 +381,7 @@ mod tests {
 
     #[test]
     fn gemm_becomes_dynamic_quantize_matmul_with_int8_weights_in_a_new_file() {
-        let (d, src, mut m) = read_back();
-        let data = d.path().join("m_int8.onnx.data");
-        let q = quantize_linears(
-            &mut m,
-            &src,
-            &["lin.weight".into()],
-            &data,
-            WeightQuant::Int8,
-        )
-        .unwrap();
+        let (d, _data, m, q) = quantized(WeightQuant::Int8, "m_int8.onnx.data");
         assert_eq!(q.layers, 1);
         assert_eq!(q.f32_bytes, 24);
         let g = m.graph.as_ref().unwrap();
