@@ -135,7 +135,7 @@ pub fn bench_pipeline(
             let pred = p.predict(&c, 1.0)?;
             let total = t.elapsed().as_secs_f64() * 1e3;
             loras.push(AppliedLora {
-                lora: pred.lora,
+                lora: pred.lora.into(),
                 source: "bench".into(),
                 multiplier: 1.0,
             });

@@ -530,7 +530,8 @@ fn bench_switch(
         lora: Lora {
             format: LoraFormat::Diffusers,
             layers,
-        },
+        }
+        .into(),
         source: "<generated>".into(),
         multiplier: 1.0,
     };

@@ -85,7 +85,8 @@ fn reference_lora(
         lora: p
             .predict(&frames_of(&io["reference_u8"]), 1.0)
             .unwrap()
-            .lora,
+            .lora
+            .into(),
         source: "x".into(),
         multiplier: 1.0,
     }
@@ -313,7 +314,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
     let req = two_step_request(&io);
     let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
     let y = AppliedLora {
-        lora: format::read(&y_path, None).unwrap(),
+        lora: format::read(&y_path, None).unwrap().into(),
         source: y_path,
         multiplier: 1.0,
     };
@@ -473,7 +474,7 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
     assert!(psnr > 20.0 && psnr < 999.0, "{psnr}");
     let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
     let y = AppliedLora {
-        lora: format::read(&y_path, None).unwrap(),
+        lora: format::read(&y_path, None).unwrap().into(),
         source: y_path,
         multiplier: 1.0,
     };

@@ -875,7 +875,7 @@ pub unsafe extern "C" fn v2l_generator_set_lora(
         let l = lookup(lora, "lora")?;
         let multiplier = finite(scale, "scale")?;
         let applied = AppliedLora {
-            lora: l.lora.clone(),
+            lora: l.lora.clone().into(),
             source: l.source.clone(),
             multiplier,
         };
@@ -964,13 +964,7 @@ unsafe fn prompt_text(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<(Tensor
     let pipeline = lock(g)?;
     let engine = pipeline.engine();
     let len = match p.max_sequence_length {
-        0 => engine
-            .manifest
-            .dit
-            .as_ref()
-            .and_then(|d| d.config.get("max_text_seq_length"))
-            .and_then(|v| v.as_u64())
-            .unwrap_or(226) as usize,
+        0 => engine.text_sequence_length().unwrap_or(226),
         n => n as usize,
     };
     if len > 4096 {

@@ -147,6 +147,56 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// An integer from the DiT's (`dit = true`) or the VAE's config, if it has one.
+    fn config_usize(&self, key: &str, dit: bool) -> Option<usize> {
+        let config = if dit {
+            self.manifest.dit.as_ref().map(|d| &d.config)
+        } else {
+            self.manifest.vae.as_ref().map(|v| &v.config)
+        };
+        config?.get(key)?.as_u64().map(|v| v as usize)
+    }
+
+    /// The video size a request gets when it names none: `(frames, height, width)` from the
+    /// DiT's `sample_frames` and the VAE's `sample_height`/`sample_width`, where they are set.
+    pub fn default_size(&self) -> (Option<usize>, Option<usize>, Option<usize>) {
+        (
+            self.config_usize("sample_frames", true),
+            self.config_usize("sample_height", false),
+            self.config_usize("sample_width", false),
+        )
+    }
+
+    /// The prompt length the DiT was trained with (`max_text_seq_length`, 226 for CogVideoX).
+    pub fn text_sequence_length(&self) -> Option<usize> {
+        self.config_usize("max_text_seq_length", true)
+    }
+
+    /// The initial latent noise `[1, latent frames, channels, h/8, w/8]` of a `frames × height ×
+    /// width` request, from `seed` (`crate::tensor::gaussian_noise`): what every front end
+    /// draws, so the same seed is the same video from the CLI, the C ABI and the server.
+    pub fn seeded_noise(
+        &self,
+        frames: usize,
+        height: usize,
+        width: usize,
+        seed: u64,
+    ) -> Result<crate::tensor::Tensor> {
+        let dit = self
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))?;
+        let shape = vec![
+            1,
+            (frames.max(1) - 1) / 4 + 1,
+            dit.in_channels / 2,
+            height / 8,
+            width / 8,
+        ];
+        Ok(crate::tensor::gaussian_noise(shape, seed))
+    }
+
     /// The DiT's LoRA-targetable linear layers.
     pub fn dit_targets(&self) -> Result<&[v2l_contracts::LinearInfo]> {
         Ok(&self

@@ -298,7 +298,7 @@ impl Pipeline {
                 let p = self.predict(clip, *weight)?;
                 timings.insert("predict_lora".into(), ms(t));
                 let applied = AppliedLora {
-                    lora: p.lora.clone(),
+                    lora: p.lora.clone().into(),
                     source: "reference".into(),
                     multiplier: 1.0,
                 };
@@ -308,14 +308,14 @@ impl Pipeline {
                 [] => (None, None),
                 [one] => (None, Some(one.clone())),
                 several => {
-                    let parts: Vec<_> = several.iter().map(|l| (&l.lora, l.multiplier)).collect();
+                    let parts: Vec<_> = several.iter().map(|l| (&*l.lora, l.multiplier)).collect();
                     let source = several
                         .iter()
                         .map(|l| l.source.display().to_string())
                         .collect::<Vec<_>>()
                         .join(" + ");
                     let merged = AppliedLora {
-                        lora: crate::lora::merge::merge(&parts)?,
+                        lora: crate::lora::merge::merge(&parts)?.into(),
                         source: source.into(),
                         multiplier: 1.0,
                     };

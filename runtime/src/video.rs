@@ -172,18 +172,98 @@ pub fn aspect_warning(path: &Path, height: usize, width: usize) -> Option<String
 
 /// Decodes every frame of `path` to RGB24 at `height × width` with ffmpeg.
 fn ffmpeg_decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-nostdin", "-i"])
-        .arg(path)
-        .args(["-vf", &format!("scale={width}:{height}:flags=bicubic"), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| RuntimeError::Invalid {
-            what: "ffmpeg".into(),
-            message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
-        })?;
-    if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr);
+    ffmpeg_decode_with(path, height, width, None)
+}
+
+/// How far ffmpeg may go on media from an untrusted source (a server upload).
+#[derive(Clone, Copy, Debug)]
+pub struct UntrustedMedia {
+    /// Frames decoded at most; the rest of the clip is not read.
+    pub max_frames: usize,
+    /// Wall-clock bound on the decode; ffmpeg is killed past it.
+    pub timeout: std::time::Duration,
+}
+
+/// Demuxers allowed for untrusted media: containers and still images only, so a playlist
+/// (HLS, concat) cannot make ffmpeg read other files or URLs.
+const UNTRUSTED_FORMATS: &str =
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,png_pipe,jpeg_pipe,webp_pipe";
+
+/// Decodes untrusted media at `path` (its name says nothing: the format is probed from the
+/// bytes) to at most `limits.max_frames` RGB8 frames of `height × width`, local file protocol
+/// and container/image demuxers only, killed after `limits.timeout`.
+pub fn read_untrusted(
+    path: &Path,
+    height: usize,
+    width: usize,
+    limits: UntrustedMedia,
+) -> Result<Frames> {
+    crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
+    let rgb = ffmpeg_decode_with(path, height, width, Some(limits))?;
+    let frames = rgb.len() / (height * width * 3).max(1);
+    if frames == 0 {
+        return Err(bad(path, "holds no video frames"));
+    }
+    Ok(Frames {
+        frames,
+        height,
+        width,
+        rgb,
+    })
+}
+
+fn ffmpeg_decode_with(
+    path: &Path,
+    height: usize,
+    width: usize,
+    untrusted: Option<UntrustedMedia>,
+) -> Result<Vec<u8>> {
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-v", "error", "-nostdin"]);
+    if untrusted.is_some() {
+        cmd.args([
+            "-protocol_whitelist",
+            "file",
+            "-format_whitelist",
+            UNTRUSTED_FORMATS,
+        ]);
+    }
+    cmd.arg("-i").arg(path);
+    if let Some(u) = untrusted {
+        cmd.args(["-frames:v", &u.max_frames.to_string()]);
+    }
+    cmd.args([
+        "-vf",
+        &format!("scale={width}:{height}:flags=bicubic"),
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = cmd.spawn().map_err(|e| RuntimeError::Invalid {
+        what: "ffmpeg".into(),
+        message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
+    })?;
+    let timeout = untrusted.map(|u| u.timeout);
+    let (status, stdout, stderr) = wait_bounded(child, timeout).map_err(|e| match e {
+        Waited::Io(source) => RuntimeError::Io {
+            path: path.into(),
+            source,
+        },
+        Waited::TimedOut(t) => bad(
+            path,
+            format!(
+                "decoding took longer than {:.0} s; the media is too long or malformed",
+                t.as_secs_f64()
+            ),
+        ),
+    })?;
+    if !status.success() {
+        let msg = String::from_utf8_lossy(&stderr);
         let first = msg
             .lines()
             .last()
@@ -192,7 +272,49 @@ fn ffmpeg_decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
             .to_string();
         return Err(bad(path, format!("cannot decode video: {first}")));
     }
-    Ok(out.stdout)
+    Ok(stdout)
+}
+
+enum Waited {
+    Io(std::io::Error),
+    TimedOut(std::time::Duration),
+}
+
+/// Collects a child's output, killing it if it runs past `timeout`.
+fn wait_bounded(
+    mut child: std::process::Child,
+    timeout: Option<std::time::Duration>,
+) -> std::result::Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), Waited> {
+    use std::io::Read;
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                // A read error ends the output early; the exit status reports the failure.
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if timeout.is_none() {
+            break child.wait().map_err(Waited::Io)?;
+        }
+        match child.try_wait().map_err(Waited::Io)? {
+            Some(s) => break s,
+            None if timeout.is_some_and(|t| started.elapsed() > t) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Waited::TimedOut(timeout.unwrap_or_default()));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
+    let joined = |h: std::thread::JoinHandle<Vec<u8>>| h.join().unwrap_or_default();
+    Ok((status, joined(out), joined(err)))
 }
 
 /// Float frames `[1, F, H, W, 3]` in [0, 1] → RGB8 (round to nearest).

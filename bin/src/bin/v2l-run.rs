@@ -293,7 +293,7 @@ fn main() -> ExitCode {
                         let lora = v2l_runtime::lora::format::read(&path, Some(&modules))
                             .map_err(v2l_runtime::RuntimeError::from)?;
                         Some(AppliedLora {
-                            lora,
+                            lora: lora.into(),
                             source: path,
                             multiplier: lora_scale,
                         })
@@ -409,7 +409,7 @@ fn read_loras(
             v2l_runtime::lora::apply::match_targets(&lora, targets, path)
                 .map_err(v2l_runtime::RuntimeError::from)?;
             Ok(AppliedLora {
-                lora,
+                lora: lora.into(),
                 source: path.clone(),
                 multiplier,
             })
@@ -429,7 +429,7 @@ fn generate(
     opts: &SessionOptions,
 ) -> Result<(), Failure> {
     use std::io::IsTerminal;
-    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request, RequestLora};
+    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
     use v2l_runtime::video;
     let image_path = need(&g.image, "--image")?;
     if g.prompt.is_none() && g.prompt_embeds.is_none() {
@@ -458,27 +458,18 @@ fn generate(
     let t0 = std::time::Instant::now();
     let dir = Engine::open(engine)?;
     let opts = &dir.session_options(opts.threads);
-    let cfg = |key: &str, from_dit: bool| -> Option<usize> {
-        let c = if from_dit {
-            dir.manifest.dit.as_ref().map(|d| &d.config)
-        } else {
-            dir.manifest.vae.as_ref().map(|v| &v.config)
-        };
-        c.and_then(|c| c.get(key))
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-    };
+    let (default_frames, default_height, default_width) = dir.default_size();
     let height = g
         .height
-        .or(cfg("sample_height", false))
+        .or(default_height)
         .ok_or_else(|| Failure::new("--height is required"))?;
     let width = g
         .width
-        .or(cfg("sample_width", false))
+        .or(default_width)
         .ok_or_else(|| Failure::new("--width is required"))?;
     let frames = g
         .frames
-        .or(cfg("sample_frames", true))
+        .or(default_frames)
         .ok_or_else(|| Failure::new("--frames is required"))?;
     limits.check_video(frames, height, width, 16)?;
     let (prompt_embeds, negative_prompt_embeds) = match (&g.prompt, &g.prompt_embeds) {
@@ -528,13 +519,6 @@ fn generate(
             eprintln!("warning: {warning}");
         }
     }
-    let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
-    let channels = dir
-        .manifest
-        .dit
-        .as_ref()
-        .map(|d| d.in_channels / 2)
-        .unwrap_or(16);
     let noise = match (&g.noise, g.seed) {
         (Some(p), _) => read_safetensors(p)?
             .remove("initial_noise")
@@ -544,7 +528,7 @@ fn generate(
                     name: "initial_noise".into(),
                 })
             })?,
-        (None, Some(seed)) => gaussian_noise(vec![1, lf, channels, lh, lw], seed),
+        (None, Some(seed)) => dir.seeded_noise(frames, height, width, seed)?,
         (None, None) => unreachable!("checked above"),
     };
     let mut pipeline = match &g.lora_strategy {
@@ -641,16 +625,9 @@ fn generate(
 fn sequence_length(dir: &Engine, given: Option<usize>) -> Result<usize, Failure> {
     let len = match given {
         Some(l) => l,
-        None => dir
-            .manifest
-            .dit
-            .as_ref()
-            .and_then(|d| d.config.get("max_text_seq_length"))
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| {
-                Failure::usage("give --max-sequence-length (the engine has no DiT to take it from)")
-            })?,
+        None => dir.text_sequence_length().ok_or_else(|| {
+            Failure::usage("give --max-sequence-length (the engine has no DiT to take it from)")
+        })?,
     };
     if !(1..=4096).contains(&len) {
         return Err(Failure::usage(format!(

@@ -277,7 +277,7 @@ pub fn rust_generate(
             let modules: Vec<String> = dit.lora_targets.iter().map(|t| t.name.clone()).collect();
             let lora = v2l_runtime::lora::format::read(path, Some(&modules)).unwrap();
             p.set_lora(Some(&AppliedLora {
-                lora,
+                lora: lora.into(),
                 source: path.into(),
                 multiplier,
             }))

@@ -19,9 +19,11 @@ pub mod strategy;
 pub mod switch;
 
 /// A LoRA to fuse into the DiT's weights for a run: the file it came from and its multiplier.
+/// The factors are shared (`Arc`): a server's LoRA cache hands the same LoRA to many requests
+/// without copying it.
 #[derive(Clone, Debug)]
 pub struct AppliedLora {
-    pub lora: format::Lora,
+    pub lora: std::sync::Arc<format::Lora>,
     pub source: std::path::PathBuf,
     pub multiplier: f32,
 }

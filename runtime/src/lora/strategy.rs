@@ -142,7 +142,7 @@ impl DitRunner {
                 })?;
                 // The session reads the live weights by reference on every run, so
                 // rewriting them is the whole switch.
-                sw.apply(lora.map(|l| (&l.lora, l.multiplier, l.source.as_path())))?;
+                sw.apply(lora.map(|l| (&*l.lora, l.multiplier, l.source.as_path())))?;
             }
             Strategy::Unfused => {
                 let mut fixed: BTreeMap<String, Tensor> =
