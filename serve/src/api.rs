@@ -1,0 +1,489 @@
+//! The HTTP API (see `openapi.rs` for the document clients read).
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/videos` | multipart job → `202 {id}`; `429` + `Retry-After` when the queue is full |
+//! | `GET /v1/videos/{id}` | state, progress, timings, error |
+//! | `GET /v1/videos/{id}/events` | server-sent progress events until the job ends |
+//! | `GET /v1/videos/{id}/content` | the mp4 |
+//! | `DELETE /v1/videos/{id}` | cancels (queued: at once; running: after the current step) |
+//! | `POST /v1/loras` | reference clip → predicted LoRA, or an uploaded LoRA file → `lora_id` |
+//! | `GET /v1/loras/{id}` | the LoRA as a diffusers/PEFT safetensors file |
+//! | `/healthz`, `/readyz`, `/metrics`, `/openapi.json` | probes, Prometheus text, the API document |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::multipart::{Multipart, MultipartRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::error::{ApiError, ErrorKindTag};
+use crate::form::{self, LoraRequest};
+use crate::jobs::{Cancelled, EnqueueError, Snapshot};
+use crate::metrics::Gauges;
+use crate::store::{JobRecord, Kind, State as JobState};
+use crate::worker::{Shared, IMAGE_FILE, PROMPT_FILE, REFERENCE_FILE, VIDEO_FILE};
+
+/// The router's state: what the workers share, and the shutdown signal (open event streams and
+/// waiting requests end when it flips).
+#[derive(Clone)]
+pub struct App {
+    pub shared: Arc<Shared>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub fn router(app: App) -> Router {
+    let upload_limit = app.shared.config.limits.upload_bytes;
+    let v1 = Router::new()
+        .route("/v1/videos", axum::routing::post(submit_video))
+        .route("/v1/videos/{id}", get(video_status).delete(cancel_video))
+        .route("/v1/videos/{id}/events", get(video_events))
+        .route("/v1/videos/{id}/content", get(video_content))
+        .route("/v1/loras", axum::routing::post(submit_lora))
+        .route("/v1/loras/{id}", get(download_lora))
+        .layer(DefaultBodyLimit::max(upload_limit))
+        .layer(middleware::from_fn_with_state(app.clone(), authorize));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /openapi.json")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method; see /openapi.json",
+            )
+        })
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
+}
+
+/// Counts every response by route and status, and errors by kind.
+async fn observe(State(app): State<App>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    let m = &app.shared.metrics;
+    m.request(&route, resp.status().as_u16());
+    if let Some(k) = resp.extensions().get::<ErrorKindTag>() {
+        m.error(k.0);
+    }
+    resp
+}
+
+/// With `--token-file`, `/v1/*` needs `Authorization: Bearer <token>`.
+async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response {
+    if let Some(token) = &app.shared.config.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.as_bytes(), token.as_bytes()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Constant-time equality (the token's length is not secret).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// 32 random hex digits from the OS.
+fn new_id() -> Result<String, ApiError> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(ApiError::internal)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn queue_full(app: &App, waiting: usize) -> ApiError {
+    let limits = &app.shared.config;
+    ApiError {
+        retry_after: Some(10),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue_full",
+            format!("{waiting} jobs are waiting (--queue {}); retry later", limits.queue),
+        )
+    }
+}
+
+fn draining() -> ApiError {
+    ApiError {
+        retry_after: Some(5),
+        ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down")
+    }
+}
+
+/// Refuses early, before reading the body, when no job can be taken.
+fn admit(app: &App) -> Result<(), ApiError> {
+    let jobs = &app.shared.jobs;
+    if jobs.draining() {
+        return Err(draining());
+    }
+    if jobs.depth() >= jobs.capacity() {
+        return Err(queue_full(app, jobs.depth()));
+    }
+    Ok(())
+}
+
+fn new_record(id: &str, kind: Kind, params: serde_json::Value) -> JobRecord {
+    JobRecord {
+        id: id.to_string(),
+        kind,
+        state: JobState::Queued,
+        created_at: crate::store::now(),
+        started_at: None,
+        finished_at: None,
+        step: 0,
+        steps: 0,
+        error: None,
+        timings: Default::default(),
+        lora_id: None,
+        lora_cached: None,
+        params,
+    }
+}
+
+/// Stores and queues a job whose files are in place; on refusal its directory goes.
+fn enqueue(app: &App, job: &JobRecord, dir: &std::path::Path) -> Result<(), ApiError> {
+    match app.shared.jobs.enqueue(job) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(dir);
+            Err(match e {
+                EnqueueError::Full(n) => queue_full(app, n),
+                EnqueueError::Draining => draining(),
+                EnqueueError::Store(e) => e.into(),
+            })
+        }
+    }
+}
+
+/// Runs a blocking check (decoding uploads) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
+}
+
+fn scratch(app: &App) -> Result<std::path::PathBuf, ApiError> {
+    let d = app.shared.config.state_dir.join("tmp");
+    std::fs::create_dir_all(&d).map_err(ApiError::internal)?;
+    Ok(d)
+}
+
+/// Keeps an uploaded LoRA: stored (diffusers format) and cached.
+fn keep_lora(app: &App, id: &str, lora: Arc<v2l_runtime::lora::format::Lora>) -> Result<(), ApiError> {
+    let path = app.shared.jobs.store.lora_path(id);
+    if !path.exists() {
+        v2l_runtime::lora::format::write(&path, &lora, v2l_runtime::lora::format::LoraFormat::Diffusers)
+            .map_err(ApiError::internal)?;
+    }
+    app.shared.cache.insert(id, lora);
+    Ok(())
+}
+
+async fn submit_video(State(app): State<App>, mp: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
+    {
+        admit(&app)?;
+        let form = form::read(mp, form::VIDEO_FIELDS).await?;
+        let (shared, scratch) = (app.shared.clone(), scratch(&app)?);
+        let req = blocking(move || {
+            let store = &shared.jobs.store;
+            form::video(&form, &shared.facts, &shared.config.limits, &scratch, &|id| {
+                store.lora_path(id).exists()
+            })
+        })
+        .await?;
+        let id = new_id()?;
+        let store = &app.shared.jobs.store;
+        let dir = store.job_dir(&id)?;
+        let saved = (|| {
+            crate::store::save_frames(&dir.join(IMAGE_FILE), &req.image)?;
+            if let Some(r) = &req.reference {
+                crate::store::save_frames(&dir.join(REFERENCE_FILE), r)?;
+            }
+            if let Some(p) = &req.prompt_embeds {
+                v2l_runtime::write_safetensors(&dir.join(PROMPT_FILE), p)?;
+            }
+            Ok::<_, v2l_runtime::RuntimeError>(())
+        })();
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(ApiError::internal(e));
+        }
+        if let Some((lid, lora)) = req.lora_upload {
+            keep_lora(&app, &lid, lora)?;
+        }
+        let params = serde_json::to_value(&req.params).map_err(ApiError::internal)?;
+        enqueue(&app, &new_record(&id, Kind::Video, params), &dir)?;
+        let mut r = (
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "id": id, "state": "queued",
+                "status_url": format!("/v1/videos/{id}"),
+                "events_url": format!("/v1/videos/{id}/events"),
+                "content_url": format!("/v1/videos/{id}/content"),
+            })),
+        )
+            .into_response();
+        if let Ok(v) = HeaderValue::from_str(&format!("/v1/videos/{id}")) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        Ok(r)
+    }
+}
+
+/// A video job by id (LoRA jobs are not videos).
+fn video_job(app: &App, id: &str) -> Result<JobRecord, ApiError> {
+    match app.shared.jobs.store.get(id)? {
+        Some(j) if j.kind == Kind::Video => Ok(j),
+        _ => Err(ApiError::not_found("video job")),
+    }
+}
+
+fn status_body(job: &JobRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(job).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("kind");
+        o.insert(
+            "progress".into(),
+            json!(if job.steps > 0 { job.step as f64 / job.steps as f64 } else { 0.0 }),
+        );
+        if job.state == JobState::Succeeded {
+            o.insert("content_url".into(), json!(format!("/v1/videos/{}/content", job.id)));
+        }
+    }
+    v
+}
+
+async fn video_status(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    video_job(&app, &id).map(|j| Json(status_body(&j)).into_response())
+}
+
+async fn video_events(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let job = video_job(&app, &id)?;
+    let first = Snapshot {
+        state: job.state,
+        step: job.step,
+        steps: job.steps,
+    };
+    let rx = app.shared.jobs.live(&id).map(|l| l.status.subscribe());
+    Ok(Sse::new(events(first, rx, app.shutdown.clone()))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn event(s: &Snapshot) -> Result<Event, Infallible> {
+    Ok(Event::default()
+        .event(if s.state.is_final() { "end" } else { "progress" })
+        .data(serde_json::to_string(s).unwrap_or_default()))
+}
+
+/// The job's snapshots as they change, ending with its final state (or at shutdown).
+fn events(
+    first: Snapshot,
+    rx: Option<watch::Receiver<Snapshot>>,
+    shutdown: watch::Receiver<bool>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let start = match &rx {
+        Some(rx) => *rx.borrow(),
+        None => first,
+    };
+    futures_util::stream::unfold(
+        (Some(start), rx, shutdown, false),
+        |(pending, mut rx, mut shutdown, ended)| async move {
+            if ended {
+                return None;
+            }
+            if let Some(s) = pending {
+                let end = s.state.is_final() || rx.is_none();
+                return Some((event(&s), (None, rx, shutdown, end)));
+            }
+            let r = rx.as_mut()?;
+            let next = tokio::select! {
+                changed = r.changed() => changed.ok().map(|_| *r.borrow_and_update()),
+                _ = shutdown.wait_for(|down| *down) => None,
+            };
+            let s = next?;
+            Some((event(&s), (None, rx, shutdown, s.state.is_final())))
+        },
+    )
+}
+
+async fn video_content(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    {
+        let job = video_job(&app, &id)?;
+        if job.state != JobState::Succeeded {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_ready",
+                format!("the job is {}; the video exists once it has succeeded", job.state.name()),
+            ));
+        }
+        let path = app.shared.jobs.store.job_dir(&id)?.join(VIDEO_FILE);
+        let bytes = tokio::fs::read(&path).await.map_err(ApiError::internal)?;
+        Ok(([(header::CONTENT_TYPE, "video/mp4")], bytes).into_response())
+    }
+}
+
+async fn cancel_video(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    {
+        video_job(&app, &id)?;
+        let (status, state) = match app.shared.jobs.cancel(&id)? {
+            Cancelled::Queued => (StatusCode::OK, "cancelled"),
+            Cancelled::Running => (StatusCode::ACCEPTED, "cancelling"),
+            Cancelled::Final(s) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "already_ended",
+                    format!("the job has already ended ({})", s.name()),
+                ))
+            }
+            Cancelled::Unknown => return Err(ApiError::not_found("video job")),
+        };
+        Ok((status, Json(json!({"id": id, "state": state}))).into_response())
+    }
+}
+
+async fn submit_lora(State(app): State<App>, mp: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
+    {
+        admit(&app)?;
+        let form = form::read(mp, form::LORA_FIELDS).await?;
+        let (shared, scratch) = (app.shared.clone(), scratch(&app)?);
+        let req = blocking(move || {
+            let store = &shared.jobs.store;
+            form::lora(&form, &shared.facts, &shared.config.limits, &scratch, &|id| {
+                store.lora_path(id).exists()
+            })
+        })
+        .await?;
+        let created = |id: &str, status: StatusCode, cached: bool| {
+            let url = format!("/v1/loras/{id}");
+            (status, Json(json!({"lora_id": id, "cached": cached, "url": url}))).into_response()
+        };
+        match req {
+            LoraRequest::Stored(id) => Ok(created(&id, StatusCode::OK, true)),
+            LoraRequest::Upload(id, lora) => {
+                keep_lora(&app, &id, lora)?;
+                Ok(created(&id, StatusCode::CREATED, false))
+            }
+            LoraRequest::Predict(params, clip) => {
+                let id = new_id()?;
+                let dir = app.shared.jobs.store.job_dir(&id)?;
+                crate::store::save_frames(&dir.join(REFERENCE_FILE), &clip).map_err(ApiError::internal)?;
+                let lid = params.id.clone();
+                let params = serde_json::to_value(&params).map_err(ApiError::internal)?;
+                enqueue(&app, &new_record(&id, Kind::Lora, params), &dir)?;
+                let end = wait_for_end(&app, &id).await?;
+                let job = app.shared.jobs.store.get(&id)?.ok_or_else(|| ApiError::not_found("job"))?;
+                match end {
+                    JobState::Succeeded => Ok(created(&lid, StatusCode::CREATED, false)),
+                    _ => Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "prediction_failed",
+                        job.error.map(|e| e.message).unwrap_or_else(|| "the prediction did not finish".into()),
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a job to end; at shutdown a job still queued is left for the next process.
+async fn wait_for_end(app: &App, id: &str) -> Result<JobState, ApiError> {
+    let Some(live) = app.shared.jobs.live(id) else {
+        return Ok(app.shared.jobs.store.get(id)?.map(|j| j.state).unwrap_or(JobState::Failed));
+    };
+    let mut rx = live.status.subscribe();
+    drop(live);
+    let mut shutdown = app.shutdown.clone();
+    tokio::select! {
+        r = rx.wait_for(|s| s.state.is_final()) => Ok(r.map(|s| s.state).unwrap_or(JobState::Failed)),
+        _ = shutdown.wait_for(|down| *down) => Err(draining()),
+    }
+}
+
+async fn download_lora(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    {
+        if !form::is_id(&id) {
+            return Err(ApiError::not_found("LoRA"));
+        }
+        let path = app.shared.jobs.store.lora_path(&id);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::not_found("LoRA")),
+            Err(e) => return Err(ApiError::internal(e)),
+        };
+        let disposition = format!("attachment; filename=\"{id}.safetensors\"");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        if let Ok(v) = HeaderValue::from_str(&disposition) {
+            headers.insert(header::CONTENT_DISPOSITION, v);
+        }
+        Ok((headers, bytes).into_response())
+    }
+}
+
+async fn ready(State(app): State<App>) -> Response {
+    let jobs = &app.shared.jobs;
+    let (status, why) = if jobs.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if jobs.depth() >= jobs.capacity() {
+        (StatusCode::SERVICE_UNAVAILABLE, "queue full")
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    (status, Json(json!({"status": why, "queue_depth": jobs.depth(), "running": jobs.running()}))).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let s = &app.shared;
+    let (cache_entries, cache_bytes) = s.cache.usage();
+    let gauges = Gauges {
+        queue_depth: s.jobs.depth(),
+        running: s.jobs.running(),
+        cache_entries,
+        cache_bytes,
+        cache_capacity: s.cache.capacity(),
+        cache_hits: s.cache.hits.load(std::sync::atomic::Ordering::Relaxed),
+        cache_misses: s.cache.misses.load(std::sync::atomic::Ordering::Relaxed),
+        jobs: s.jobs.store.counts().unwrap_or_default(),
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(&gauges),
+    )
+        .into_response()
+}

@@ -1,0 +1,103 @@
+//! What the server was started with, and what it learned from the engine on start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use v2l_runtime::engine::Engine;
+
+/// Per-request bounds (each a `--max-*` flag).
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    pub frames: usize,
+    /// Height × width.
+    pub pixels: usize,
+    pub steps: usize,
+    /// A whole request body.
+    pub upload_bytes: usize,
+    /// Frames decoded from a reference clip at most.
+    pub reference_frames: usize,
+    /// Wall-clock bound on decoding one upload.
+    pub decode_timeout: Duration,
+    /// Wall-clock bound on running one job (checked between denoising steps).
+    pub job_timeout: Option<Duration>,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            frames: 49,
+            pixels: 720 * 480,
+            steps: 100,
+            upload_bytes: 64 << 20,
+            reference_frames: 49,
+            decode_timeout: Duration::from_secs(30),
+            job_timeout: Some(Duration::from_secs(3600)),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub engine: PathBuf,
+    pub addr: SocketAddr,
+    pub state_dir: PathBuf,
+    /// Pipelines, each running one job at a time.
+    pub workers: usize,
+    /// ONNX Runtime threads per pipeline (0: its default).
+    pub threads: usize,
+    /// Jobs waiting at most; more get `429`.
+    pub queue: usize,
+    pub lora_cache_bytes: u64,
+    /// Bearer token required on `/v1/*` when set.
+    pub token: Option<String>,
+    pub limits: RequestLimits,
+}
+
+/// What requests are checked against, read from the engine once.
+#[derive(Clone, Debug)]
+pub struct EngineFacts {
+    /// Content hash of the engine's manifest and bundle record: part of every LoRA cache key.
+    pub key: String,
+    pub default_frames: Option<usize>,
+    pub default_height: Option<usize>,
+    pub default_width: Option<usize>,
+    /// Height and width must be multiples of this (VAE stride × patch size).
+    pub multiple: usize,
+    pub text_embed_dim: usize,
+    pub text_sequence_length: usize,
+    pub has_text_encoder: bool,
+    pub has_hypernet: bool,
+    /// The DiT's LoRA-targetable modules.
+    pub modules: Vec<String>,
+}
+
+impl EngineFacts {
+    pub fn of(engine: &Engine) -> Result<EngineFacts, String> {
+        let dit = engine
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or("the engine holds no DiT; export the whole pipeline with `v2l-export pipeline`")?;
+        let mut h = blake3::Hasher::new();
+        for name in [v2l_contracts::manifest::FILE_NAME, v2l_runtime::bundle::FILE_NAME] {
+            // A plain export directory has no bundle record; the manifest alone then keys it.
+            if let Ok(bytes) = std::fs::read(engine.dir.join(name)) {
+                h.update(&bytes);
+            }
+        }
+        let (default_frames, default_height, default_width) = engine.default_size();
+        Ok(EngineFacts {
+            key: h.finalize().to_hex()[..32].to_string(),
+            default_frames,
+            default_height,
+            default_width,
+            multiple: 8 * dit.patch_size,
+            text_embed_dim: dit.text_embed_dim,
+            text_sequence_length: engine.text_sequence_length().unwrap_or(226),
+            has_text_encoder: engine.manifest.text_encoder.is_some(),
+            has_hypernet: engine.manifest.hypernet.is_some(),
+            modules: dit.lora_targets.iter().map(|t| t.name.clone()).collect(),
+        })
+    }
+}

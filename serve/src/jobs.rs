@@ -1,0 +1,272 @@
+//! The job queue: a bounded FIFO of accepted jobs shared by the HTTP handlers (which push) and
+//! the workers (which pop), and each unfinished job's live state (progress, cancel flag).
+//!
+//! The queue is in memory; the jobs themselves are in the [`Store`] first, so a restart rebuilds
+//! the queue from the database ([`Jobs::new`]). Draining (SIGTERM) stops workers from taking new
+//! jobs; what is queued stays queued, in the database, for the next process.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::store::{JobRecord, State, Store, StoreError};
+
+/// A job's progress as the events stream shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub state: State,
+    pub step: usize,
+    pub steps: usize,
+}
+
+/// An unfinished job's live state.
+pub struct Live {
+    pub status: watch::Sender<Snapshot>,
+    /// Set by `DELETE`; the worker stops after the current denoising step.
+    pub cancel: AtomicBool,
+}
+
+impl Live {
+    fn new(state: State) -> Arc<Live> {
+        Arc::new(Live {
+            status: watch::channel(Snapshot {
+                state,
+                step: 0,
+                steps: 0,
+            })
+            .0,
+            cancel: AtomicBool::new(false),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("the queue is full ({0} jobs waiting)")]
+    Full(usize),
+    #[error("the server is shutting down")]
+    Draining,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What `DELETE` did.
+#[derive(Debug, PartialEq)]
+pub enum Cancelled {
+    /// It was queued and will not run.
+    Queued,
+    /// It is running and stops after its current step.
+    Running,
+    /// It had already ended in this state.
+    Final(State),
+    Unknown,
+}
+
+pub struct Jobs {
+    pub store: Store,
+    queue: Mutex<VecDeque<String>>,
+    wake: Condvar,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    capacity: usize,
+    draining: AtomicBool,
+    running: AtomicUsize,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update is a single push/pop/insert: the data is consistent after a panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Jobs {
+    /// A queue of at most `capacity` waiting jobs, holding the jobs a previous process left
+    /// queued (those are accepted already, so they may exceed it).
+    pub fn new(store: Store, capacity: usize, queued: Vec<String>) -> Jobs {
+        let live = queued
+            .iter()
+            .map(|id| (id.clone(), Live::new(State::Queued)))
+            .collect();
+        Jobs {
+            store,
+            queue: Mutex::new(queued.into()),
+            wake: Condvar::new(),
+            live: Mutex::new(live),
+            capacity,
+            draining: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
+        }
+    }
+
+    /// Stores `job` and queues it, or refuses when the queue is full or the server draining.
+    pub fn enqueue(&self, job: &JobRecord) -> Result<Arc<Live>, EnqueueError> {
+        let mut q = locked(&self.queue);
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(EnqueueError::Draining);
+        }
+        if q.len() >= self.capacity {
+            return Err(EnqueueError::Full(q.len()));
+        }
+        self.store.insert(job)?;
+        let live = Live::new(State::Queued);
+        locked(&self.live).insert(job.id.clone(), live.clone());
+        q.push_back(job.id.clone());
+        self.wake.notify_one();
+        Ok(live)
+    }
+
+    /// The next job for a worker, waiting for one; `None` once draining.
+    pub fn next(&self) -> Option<(String, Arc<Live>)> {
+        let mut q = locked(&self.queue);
+        loop {
+            if self.draining.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(id) = q.pop_front() {
+                let live = locked(&self.live).get(&id).cloned();
+                match live {
+                    Some(l) => {
+                        self.running.fetch_add(1, Ordering::SeqCst);
+                        return Some((id, l));
+                    }
+                    None => continue, // cancelled while queued
+                }
+            }
+            q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// A worker is done with `id` (whatever the outcome): its final snapshot goes out to every
+    /// events stream and its live state is dropped.
+    pub fn finished(&self, id: &str, last: Snapshot) {
+        if let Some(l) = locked(&self.live).remove(id) {
+            l.status.send_replace(last);
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub fn live(&self, id: &str) -> Option<Arc<Live>> {
+        locked(&self.live).get(id).cloned()
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<Cancelled, StoreError> {
+        let mut q = locked(&self.queue);
+        if let Some(pos) = q.iter().position(|j| j == id) {
+            q.remove(pos);
+            drop(q);
+            self.store.cancel_queued(id)?;
+            if let Some(l) = locked(&self.live).remove(id) {
+                l.status.send_replace(Snapshot {
+                    state: State::Cancelled,
+                    step: 0,
+                    steps: 0,
+                });
+            }
+            return Ok(Cancelled::Queued);
+        }
+        drop(q);
+        if let Some(l) = self.live(id) {
+            l.cancel.store(true, Ordering::SeqCst);
+            return Ok(Cancelled::Running);
+        }
+        Ok(match self.store.get(id)? {
+            Some(j) => Cancelled::Final(j.state),
+            None => Cancelled::Unknown,
+        })
+    }
+
+    /// Stops handing out jobs (SIGTERM): running ones finish, queued ones stay queued.
+    pub fn drain(&self) {
+        let _q = locked(&self.queue);
+        self.draining.store(true, Ordering::SeqCst);
+        self.wake.notify_all();
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn depth(&self) -> usize {
+        locked(&self.queue).len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Kind;
+
+    fn job(id: &str) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            kind: Kind::Video,
+            state: State::Queued,
+            created_at: crate::store::now(),
+            started_at: None,
+            finished_at: None,
+            step: 0,
+            steps: 0,
+            error: None,
+            timings: Default::default(),
+            lora_id: None,
+            lora_cached: None,
+            params: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn bounded_fifo_with_cancel_and_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let jobs = Jobs::new(store, 2, vec![]);
+        jobs.enqueue(&job("a")).unwrap();
+        jobs.enqueue(&job("b")).unwrap();
+        assert!(matches!(jobs.enqueue(&job("c")), Err(EnqueueError::Full(2))));
+        assert_eq!(jobs.cancel("a").unwrap(), Cancelled::Queued);
+        assert_eq!(jobs.store.get("a").unwrap().unwrap().state, State::Cancelled);
+        assert_eq!(jobs.cancel("a").unwrap(), Cancelled::Final(State::Cancelled));
+        assert_eq!(jobs.cancel("nope").unwrap(), Cancelled::Unknown);
+        let (id, live) = jobs.next().unwrap();
+        assert_eq!(id, "b");
+        assert_eq!(jobs.running(), 1);
+        assert_eq!(jobs.cancel("b").unwrap(), Cancelled::Running);
+        assert!(live.cancel.load(Ordering::SeqCst));
+        jobs.enqueue(&job("d")).unwrap();
+        jobs.drain();
+        assert!(jobs.next().is_none(), "a draining queue hands out nothing");
+        assert!(matches!(jobs.enqueue(&job("e")), Err(EnqueueError::Draining)));
+        assert_eq!(jobs.depth(), 1, "d stays queued");
+    }
+
+    #[test]
+    fn a_waiting_worker_wakes_for_a_job_and_for_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let jobs = Arc::new(Jobs::new(store, 4, vec![]));
+        let j = jobs.clone();
+        let worker = std::thread::spawn(move || {
+            let mut got = vec![];
+            while let Some((id, _)) = j.next() {
+                got.push(id.clone());
+                j.finished(&id, Snapshot { state: State::Succeeded, step: 1, steps: 1 });
+            }
+            got
+        });
+        jobs.enqueue(&job("x")).unwrap();
+        while jobs.running() > 0 || jobs.depth() > 0 {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        jobs.drain();
+        assert_eq!(worker.join().unwrap(), vec!["x".to_string()]);
+    }
+}

@@ -1,0 +1,436 @@
+//! Job state that survives the process: one SQLite database and one directory per job under
+//! `--state-dir`.
+//!
+//! ```text
+//! state/
+//!   jobs.sqlite            jobs: id, kind, state, params, progress, error, timings, lora_id
+//!   jobs/<id>/             decoded inputs (image, reference, prompt embeddings), video.mp4
+//!   loras/<lora_id>.safetensors   predicted and uploaded LoRAs (diffusers format)
+//! ```
+//!
+//! A job is written before its `202` is sent, so an accepted job is never lost. On open, a job
+//! left `running` by a process that died is marked failed with the reason, and `queued` jobs
+//! are handed back to be run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+/// Where a job is in its life. `succeeded`, `failed` and `cancelled` are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> State {
+        match s {
+            "queued" => State::Queued,
+            "running" => State::Running,
+            "succeeded" => State::Succeeded,
+            "cancelled" => State::Cancelled,
+            _ => State::Failed,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Succeeded | State::Failed | State::Cancelled)
+    }
+}
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// First frame (+ LoRA) → video.
+    Video,
+    /// Reference clip → predicted LoRA.
+    Lora,
+}
+
+/// Why a job failed: a stable `kind` for programs, a message for people.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    pub kind: String,
+    pub message: String,
+}
+
+/// One job as stored and as `GET /v1/videos/{id}` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: Kind,
+    pub state: State,
+    /// Unix seconds.
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    /// Denoising steps done and in all.
+    pub step: usize,
+    pub steps: usize,
+    pub error: Option<JobError>,
+    /// Stage → milliseconds (`lora`, `lora_fuse`, `denoise`, `total`, ...).
+    pub timings: BTreeMap<String, f64>,
+    /// The LoRA the job ran with or predicted.
+    pub lora_id: Option<String>,
+    /// Whether that LoRA came from the cache.
+    pub lora_cached: Option<bool>,
+    /// The validated request (`crate::form::VideoParams` or `crate::form::LoraParams`).
+    pub params: serde_json::Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("job database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("job database: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("job database lock poisoned by a panic")]
+    Poisoned,
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The state directory: SQLite for job records, files for inputs and outputs.
+pub struct Store {
+    dir: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+/// What [`Store::open`] found left by an earlier process.
+pub struct Recovered {
+    /// Queued jobs, oldest first, to run again.
+    pub queued: Vec<String>,
+    /// Jobs that were running when it stopped, now failed.
+    pub interrupted: Vec<String>,
+}
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<(Store, Recovered)> {
+        for d in [dir.to_path_buf(), dir.join("jobs"), dir.join("loras")] {
+            std::fs::create_dir_all(&d).map_err(|source| StoreError::Io { path: d, source })?;
+        }
+        let conn = Connection::open(dir.join("jobs.sqlite"))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS jobs (
+                 id TEXT PRIMARY KEY,
+                 kind TEXT NOT NULL,
+                 state TEXT NOT NULL,
+                 created_at REAL NOT NULL,
+                 started_at REAL,
+                 finished_at REAL,
+                 step INTEGER NOT NULL DEFAULT 0,
+                 steps INTEGER NOT NULL DEFAULT 0,
+                 error TEXT,
+                 timings TEXT NOT NULL DEFAULT '{}',
+                 lora_id TEXT,
+                 lora_cached INTEGER,
+                 params TEXT NOT NULL
+             );",
+        )?;
+        let interrupted: Vec<String> = {
+            let mut st = conn.prepare("SELECT id FROM jobs WHERE state = 'running'")?;
+            let ids = st.query_map([], |r| r.get(0))?;
+            ids.collect::<std::result::Result<_, _>>()?
+        };
+        let reason = serde_json::to_string(&JobError {
+            kind: "interrupted".into(),
+            message: "the server stopped while this job was running (a crash or a kill); submit it again".into(),
+        })?;
+        conn.execute(
+            "UPDATE jobs SET state = 'failed', finished_at = ?1, error = ?2 WHERE state = 'running'",
+            params![now(), reason],
+        )?;
+        let queued: Vec<String> = {
+            let mut st =
+                conn.prepare("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, id")?;
+            let ids = st.query_map([], |r| r.get(0))?;
+            ids.collect::<std::result::Result<_, _>>()?
+        };
+        Ok((
+            Store {
+                dir: dir.to_path_buf(),
+                conn: Mutex::new(conn),
+            },
+            Recovered {
+                queued,
+                interrupted,
+            },
+        ))
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// The directory of job `id`'s files (created).
+    pub fn job_dir(&self, id: &str) -> Result<PathBuf> {
+        let d = self.dir.join("jobs").join(id);
+        std::fs::create_dir_all(&d).map_err(|source| StoreError::Io {
+            path: d.clone(),
+            source,
+        })?;
+        Ok(d)
+    }
+
+    /// Where LoRA `id` is stored (it may not be).
+    pub fn lora_path(&self, id: &str) -> PathBuf {
+        self.dir.join("loras").join(format!("{id}.safetensors"))
+    }
+
+    pub fn insert(&self, job: &JobRecord) -> Result<()> {
+        self.conn()?.execute(
+            "INSERT INTO jobs (id, kind, state, created_at, params) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                job.id,
+                serde_json::to_string(&job.kind)?.trim_matches('"'),
+                job.state.name(),
+                job.created_at,
+                serde_json::to_string(&job.params)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<JobRecord>> {
+        let conn = self.conn()?;
+        let row = conn
+            .query_row(
+                "SELECT id, kind, state, created_at, started_at, finished_at, step, steps, error,
+                        timings, lora_id, lora_cached, params FROM jobs WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, f64>(3)?,
+                        r.get::<_, Option<f64>>(4)?,
+                        r.get::<_, Option<f64>>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, i64>(7)?,
+                        r.get::<_, Option<String>>(8)?,
+                        r.get::<_, String>(9)?,
+                        r.get::<_, Option<String>>(10)?,
+                        r.get::<_, Option<bool>>(11)?,
+                        r.get::<_, String>(12)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((id, kind, state, created, started, finished, step, steps, error, timings, lora, cached, params)) =
+            row
+        else {
+            return Ok(None);
+        };
+        Ok(Some(JobRecord {
+            id,
+            kind: if kind == "lora" { Kind::Lora } else { Kind::Video },
+            state: State::parse(&state),
+            created_at: created,
+            started_at: started,
+            finished_at: finished,
+            step: step.max(0) as usize,
+            steps: steps.max(0) as usize,
+            error: error.map(|e| serde_json::from_str(&e)).transpose()?,
+            timings: serde_json::from_str(&timings)?,
+            lora_id: lora,
+            lora_cached: cached,
+            params: serde_json::from_str(&params)?,
+        }))
+    }
+
+    /// `queued` → `running`; false if the job is no longer queued (cancelled meanwhile).
+    pub fn start(&self, id: &str) -> Result<bool> {
+        let n = self.conn()?.execute(
+            "UPDATE jobs SET state = 'running', started_at = ?2 WHERE id = ?1 AND state = 'queued'",
+            params![id, now()],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn progress(&self, id: &str, step: usize, steps: usize) -> Result<()> {
+        self.conn()?.execute(
+            "UPDATE jobs SET step = ?2, steps = ?3 WHERE id = ?1",
+            params![id, step as i64, steps as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_lora(&self, id: &str, lora_id: &str, cached: bool) -> Result<()> {
+        self.conn()?.execute(
+            "UPDATE jobs SET lora_id = ?2, lora_cached = ?3 WHERE id = ?1",
+            params![id, lora_id, cached],
+        )?;
+        Ok(())
+    }
+
+    /// A final state, with the timings and the error, if any.
+    pub fn finish(
+        &self,
+        id: &str,
+        state: State,
+        timings: &BTreeMap<String, f64>,
+        error: Option<&JobError>,
+    ) -> Result<()> {
+        let error = error.map(serde_json::to_string).transpose()?;
+        self.conn()?.execute(
+            "UPDATE jobs SET state = ?2, finished_at = ?3, timings = ?4, error = ?5 WHERE id = ?1",
+            params![id, state.name(), now(), serde_json::to_string(timings)?, error],
+        )?;
+        Ok(())
+    }
+
+    /// A queued job cancelled before it ran; false if it was not queued.
+    pub fn cancel_queued(&self, id: &str) -> Result<bool> {
+        let n = self.conn()?.execute(
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?2 WHERE id = ?1 AND state = 'queued'",
+            params![id, now()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Jobs in each state (for `/metrics`).
+    pub fn counts(&self) -> Result<BTreeMap<String, u64>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut m = BTreeMap::new();
+        for r in rows {
+            let (s, n) = r?;
+            m.insert(s, n.max(0) as u64);
+        }
+        Ok(m)
+    }
+}
+
+/// Saves decoded RGB8 frames (`frames [F, H, W, 3]` uint8 in safetensors).
+pub fn save_frames(path: &Path, frames: &v2l_runtime::video::Frames) -> v2l_runtime::Result<()> {
+    let t = v2l_runtime::Tensor {
+        shape: vec![frames.frames, frames.height, frames.width, 3],
+        data: v2l_runtime::tensor::Data::U8(frames.rgb.clone()),
+    };
+    v2l_runtime::tensor::write_safetensors(path, &BTreeMap::from([("frames".to_string(), t)]))
+}
+
+/// Frames saved by [`save_frames`].
+pub fn load_frames(path: &Path) -> v2l_runtime::Result<v2l_runtime::video::Frames> {
+    let mut all = v2l_runtime::tensor::read_safetensors(path)?;
+    let bad = |message: &str| v2l_runtime::RuntimeError::BadFile {
+        path: path.into(),
+        message: message.into(),
+    };
+    let t = all.remove("frames").ok_or_else(|| bad("no `frames` tensor"))?;
+    match (t.shape.as_slice(), t.data) {
+        (&[f, h, w, 3], v2l_runtime::tensor::Data::U8(rgb)) if rgb.len() == f * h * w * 3 => {
+            Ok(v2l_runtime::video::Frames {
+                frames: f,
+                height: h,
+                width: w,
+                rgb,
+            })
+        }
+        _ => Err(bad("`frames` is not uint8 [F, H, W, 3]")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            kind: Kind::Video,
+            state: State::Queued,
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+            step: 0,
+            steps: 0,
+            error: None,
+            timings: BTreeMap::new(),
+            lora_id: None,
+            lora_cached: None,
+            params: serde_json::json!({"steps": 2}),
+        }
+    }
+
+    #[test]
+    fn a_reopened_store_requeues_queued_jobs_and_fails_running_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, r) = Store::open(dir.path()).unwrap();
+            assert!(r.queued.is_empty() && r.interrupted.is_empty());
+            for id in ["a", "b", "c"] {
+                s.insert(&job(id)).unwrap();
+            }
+            assert!(s.start("a").unwrap());
+            assert!(!s.start("a").unwrap(), "a running job cannot start again");
+            assert!(s.cancel_queued("c").unwrap());
+        }
+        let (s, r) = Store::open(dir.path()).unwrap();
+        assert_eq!(r.queued, vec!["b".to_string()]);
+        assert_eq!(r.interrupted, vec!["a".to_string()]);
+        let a = s.get("a").unwrap().unwrap();
+        assert_eq!(a.state, State::Failed);
+        assert_eq!(a.error.unwrap().kind, "interrupted");
+        assert_eq!(s.get("c").unwrap().unwrap().state, State::Cancelled);
+        assert_eq!(s.get("b").unwrap().unwrap().params["steps"], 2);
+        assert!(s.get("zzz").unwrap().is_none());
+    }
+
+    #[test]
+    fn finishing_keeps_timings_and_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(dir.path()).unwrap();
+        s.insert(&job("x")).unwrap();
+        s.start("x").unwrap();
+        s.progress("x", 3, 4).unwrap();
+        s.set_lora("x", "abc", true).unwrap();
+        let t = BTreeMap::from([("total".to_string(), 12.5)]);
+        let e = JobError {
+            kind: "timeout".into(),
+            message: "too slow".into(),
+        };
+        s.finish("x", State::Failed, &t, Some(&e)).unwrap();
+        let x = s.get("x").unwrap().unwrap();
+        assert_eq!((x.step, x.steps), (3, 4));
+        assert_eq!(x.timings, t);
+        assert_eq!(x.error, Some(e));
+        assert_eq!((x.lora_id.as_deref(), x.lora_cached), (Some("abc"), Some(true)));
+        assert_eq!(s.counts().unwrap()["failed"], 1);
+    }
+}
