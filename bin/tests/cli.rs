@@ -14,6 +14,7 @@ fn run(bin: &str, args: &[&str]) -> Output {
         "v2l-lora" => env!("CARGO_BIN_EXE_v2l-lora"),
         "v2l-compile" => env!("CARGO_BIN_EXE_v2l-compile"),
         "v2l-bench" => env!("CARGO_BIN_EXE_v2l-bench"),
+        "v2l-serve" => env!("CARGO_BIN_EXE_v2l-serve"),
         _ => unreachable!(),
     };
     Command::new(exe).args(args).output().expect("binary runs")
@@ -109,12 +110,13 @@ fn export_dit_writes_graph_and_manifest() {
 /// the command-line interface shows up in review.
 #[test]
 fn every_help_has_an_example_and_is_stable() {
-    let commands: [(&str, &[&str]); 5] = [
+    let commands: [(&str, &[&str]); 6] = [
         ("v2l-export", &["dit", "vae", "hypernet", "pipeline"]),
         ("v2l-compile", &[]),
         ("v2l-run", &["stage"]),
         ("v2l-lora", &["inspect", "convert", "predict", "fuse"]),
         ("v2l-bench", &["pipeline", "export", "scale", "fuse"]),
+        ("v2l-serve", &[]),
     ];
     for (bin, subs) in commands {
         for sub in std::iter::once(None).chain(subs.iter().map(Some)) {

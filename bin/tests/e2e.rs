@@ -1,7 +1,7 @@
 //! End to end against diffusers' `CogVideoXImageToVideoPipeline` on the tiny model (fixture
 //! `e2e_io`): export, compile, then generate without and with the Video2LoRA reference.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use v2l_runtime::engine::Engine;
@@ -11,40 +11,8 @@ use v2l_runtime::tensor::Data;
 use v2l_runtime::video::Frames;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-tiny")
-}
-
-/// Exports the tiny pipeline (with the hypernetwork) and compiles it; returns the engine dir.
-pub fn engine(dir: &Path) -> PathBuf {
-    engine_with(dir, &[])
-}
-
-/// [`engine`] with more `v2l-compile` flags (e.g. `--precision int8`).
-fn engine_with(dir: &Path, compile: &[&str]) -> PathBuf {
-    let t = tiny();
-    let ex = dir.join("export");
-    let eng = dir.join("engine");
-    let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))
-        .args(["pipeline", t.to_str().unwrap(), "--hypernet"])
-        .arg(t.join("hypernetwork.safetensors"))
-        .arg("--lilora")
-        .arg(t.join("lilora.safetensors"))
-        .arg("-o")
-        .arg(&ex)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
-        .arg(&ex)
-        .arg("-o")
-        .arg(&eng)
-        .args(compile)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    eng
-}
+mod common;
+use common::{engine, engine_with, tiny};
 
 fn frames_of(t: &Tensor) -> Frames {
     let Data::U8(rgb) = &t.data else { panic!("u8") };

@@ -57,9 +57,16 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /openapi.json")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see /openapi.json",
+            )
         })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -131,7 +138,10 @@ fn queue_full(app: &App, waiting: usize) -> ApiError {
         ..ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "queue_full",
-            format!("{waiting} jobs are waiting (--queue {}); retry later", limits.queue),
+            format!(
+                "{waiting} jobs are waiting (--queue {}); retry later",
+                limits.queue
+            ),
         )
     }
 }
@@ -139,7 +149,11 @@ fn queue_full(app: &App, waiting: usize) -> ApiError {
 fn draining() -> ApiError {
     ApiError {
         retry_after: Some(5),
-        ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down")
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        )
     }
 }
 
@@ -204,26 +218,41 @@ fn scratch(app: &App) -> Result<std::path::PathBuf, ApiError> {
 }
 
 /// Keeps an uploaded LoRA: stored (diffusers format) and cached.
-fn keep_lora(app: &App, id: &str, lora: Arc<v2l_runtime::lora::format::Lora>) -> Result<(), ApiError> {
+fn keep_lora(
+    app: &App,
+    id: &str,
+    lora: Arc<v2l_runtime::lora::format::Lora>,
+) -> Result<(), ApiError> {
     let path = app.shared.jobs.store.lora_path(id);
     if !path.exists() {
-        v2l_runtime::lora::format::write(&path, &lora, v2l_runtime::lora::format::LoraFormat::Diffusers)
-            .map_err(ApiError::internal)?;
+        v2l_runtime::lora::format::write(
+            &path,
+            &lora,
+            v2l_runtime::lora::format::LoraFormat::Diffusers,
+        )
+        .map_err(ApiError::internal)?;
     }
     app.shared.cache.insert(id, lora);
     Ok(())
 }
 
-async fn submit_video(State(app): State<App>, mp: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
+async fn submit_video(
+    State(app): State<App>,
+    mp: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
     {
         admit(&app)?;
         let form = form::read(mp, form::VIDEO_FIELDS).await?;
         let (shared, scratch) = (app.shared.clone(), scratch(&app)?);
         let req = blocking(move || {
             let store = &shared.jobs.store;
-            form::video(&form, &shared.facts, &shared.config.limits, &scratch, &|id| {
-                store.lora_path(id).exists()
-            })
+            form::video(
+                &form,
+                &shared.facts,
+                &shared.config.limits,
+                &scratch,
+                &|id| store.lora_path(id).exists(),
+            )
         })
         .await?;
         let id = new_id()?;
@@ -279,20 +308,33 @@ fn status_body(job: &JobRecord) -> serde_json::Value {
         o.remove("kind");
         o.insert(
             "progress".into(),
-            json!(if job.steps > 0 { job.step as f64 / job.steps as f64 } else { 0.0 }),
+            json!(if job.steps > 0 {
+                job.step as f64 / job.steps as f64
+            } else {
+                0.0
+            }),
         );
         if job.state == JobState::Succeeded {
-            o.insert("content_url".into(), json!(format!("/v1/videos/{}/content", job.id)));
+            o.insert(
+                "content_url".into(),
+                json!(format!("/v1/videos/{}/content", job.id)),
+            );
         }
     }
     v
 }
 
-async fn video_status(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn video_status(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     video_job(&app, &id).map(|j| Json(status_body(&j)).into_response())
 }
 
-async fn video_events(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn video_events(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let job = video_job(&app, &id)?;
     let first = Snapshot {
         state: job.state,
@@ -307,7 +349,11 @@ async fn video_events(State(app): State<App>, Path(id): Path<String>) -> Result<
 
 fn event(s: &Snapshot) -> Result<Event, Infallible> {
     Ok(Event::default()
-        .event(if s.state.is_final() { "end" } else { "progress" })
+        .event(if s.state.is_final() {
+            "end"
+        } else {
+            "progress"
+        })
         .data(serde_json::to_string(s).unwrap_or_default()))
 }
 
@@ -342,14 +388,20 @@ fn events(
     )
 }
 
-async fn video_content(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn video_content(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     {
         let job = video_job(&app, &id)?;
         if job.state != JobState::Succeeded {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "not_ready",
-                format!("the job is {}; the video exists once it has succeeded", job.state.name()),
+                format!(
+                    "the job is {}; the video exists once it has succeeded",
+                    job.state.name()
+                ),
             ));
         }
         let path = app.shared.jobs.store.job_dir(&id)?.join(VIDEO_FILE);
@@ -358,7 +410,10 @@ async fn video_content(State(app): State<App>, Path(id): Path<String>) -> Result
     }
 }
 
-async fn cancel_video(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn cancel_video(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     {
         video_job(&app, &id)?;
         let (status, state) = match app.shared.jobs.cancel(&id)? {
@@ -377,21 +432,32 @@ async fn cancel_video(State(app): State<App>, Path(id): Path<String>) -> Result<
     }
 }
 
-async fn submit_lora(State(app): State<App>, mp: Result<Multipart, MultipartRejection>) -> Result<Response, ApiError> {
+async fn submit_lora(
+    State(app): State<App>,
+    mp: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
     {
         admit(&app)?;
         let form = form::read(mp, form::LORA_FIELDS).await?;
         let (shared, scratch) = (app.shared.clone(), scratch(&app)?);
         let req = blocking(move || {
             let store = &shared.jobs.store;
-            form::lora(&form, &shared.facts, &shared.config.limits, &scratch, &|id| {
-                store.lora_path(id).exists()
-            })
+            form::lora(
+                &form,
+                &shared.facts,
+                &shared.config.limits,
+                &scratch,
+                &|id| store.lora_path(id).exists(),
+            )
         })
         .await?;
         let created = |id: &str, status: StatusCode, cached: bool| {
             let url = format!("/v1/loras/{id}");
-            (status, Json(json!({"lora_id": id, "cached": cached, "url": url}))).into_response()
+            (
+                status,
+                Json(json!({"lora_id": id, "cached": cached, "url": url})),
+            )
+                .into_response()
         };
         match req {
             LoraRequest::Stored(id) => Ok(created(&id, StatusCode::OK, true)),
@@ -402,18 +468,26 @@ async fn submit_lora(State(app): State<App>, mp: Result<Multipart, MultipartReje
             LoraRequest::Predict(params, clip) => {
                 let id = new_id()?;
                 let dir = app.shared.jobs.store.job_dir(&id)?;
-                crate::store::save_frames(&dir.join(REFERENCE_FILE), &clip).map_err(ApiError::internal)?;
+                crate::store::save_frames(&dir.join(REFERENCE_FILE), &clip)
+                    .map_err(ApiError::internal)?;
                 let lid = params.id.clone();
                 let params = serde_json::to_value(&params).map_err(ApiError::internal)?;
                 enqueue(&app, &new_record(&id, Kind::Lora, params), &dir)?;
                 let end = wait_for_end(&app, &id).await?;
-                let job = app.shared.jobs.store.get(&id)?.ok_or_else(|| ApiError::not_found("job"))?;
+                let job = app
+                    .shared
+                    .jobs
+                    .store
+                    .get(&id)?
+                    .ok_or_else(|| ApiError::not_found("job"))?;
                 match end {
                     JobState::Succeeded => Ok(created(&lid, StatusCode::CREATED, false)),
                     _ => Err(ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "prediction_failed",
-                        job.error.map(|e| e.message).unwrap_or_else(|| "the prediction did not finish".into()),
+                        job.error
+                            .map(|e| e.message)
+                            .unwrap_or_else(|| "the prediction did not finish".into()),
                     )),
                 }
             }
@@ -424,7 +498,13 @@ async fn submit_lora(State(app): State<App>, mp: Result<Multipart, MultipartReje
 /// Waits for a job to end; at shutdown a job still queued is left for the next process.
 async fn wait_for_end(app: &App, id: &str) -> Result<JobState, ApiError> {
     let Some(live) = app.shared.jobs.live(id) else {
-        return Ok(app.shared.jobs.store.get(id)?.map(|j| j.state).unwrap_or(JobState::Failed));
+        return Ok(app
+            .shared
+            .jobs
+            .store
+            .get(id)?
+            .map(|j| j.state)
+            .unwrap_or(JobState::Failed));
     };
     let mut rx = live.status.subscribe();
     drop(live);
@@ -435,7 +515,10 @@ async fn wait_for_end(app: &App, id: &str) -> Result<JobState, ApiError> {
     }
 }
 
-async fn download_lora(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn download_lora(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     {
         if !form::is_id(&id) {
             return Err(ApiError::not_found("LoRA"));
@@ -443,12 +526,17 @@ async fn download_lora(State(app): State<App>, Path(id): Path<String>) -> Result
         let path = app.shared.jobs.store.lora_path(&id);
         let bytes = match tokio::fs::read(&path).await {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::not_found("LoRA")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ApiError::not_found("LoRA"))
+            }
             Err(e) => return Err(ApiError::internal(e)),
         };
         let disposition = format!("attachment; filename=\"{id}.safetensors\"");
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
         if let Ok(v) = HeaderValue::from_str(&disposition) {
             headers.insert(header::CONTENT_DISPOSITION, v);
         }
@@ -465,7 +553,11 @@ async fn ready(State(app): State<App>) -> Response {
     } else {
         (StatusCode::OK, "ready")
     };
-    (status, Json(json!({"status": why, "queue_depth": jobs.depth(), "running": jobs.running()}))).into_response()
+    (
+        status,
+        Json(json!({"status": why, "queue_depth": jobs.depth(), "running": jobs.running()})),
+    )
+        .into_response()
 }
 
 async fn metrics(State(app): State<App>) -> Response {

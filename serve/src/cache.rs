@@ -78,7 +78,11 @@ impl LoraCache {
             e.used = clock;
             e.lora.clone()
         });
-        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         found
     }
@@ -93,7 +97,10 @@ impl LoraCache {
         let mut inner = self.inner();
         inner.clock += 1;
         let used = inner.clock;
-        if let Some(old) = inner.map.insert(key.to_string(), Entry { lora, bytes, used }) {
+        if let Some(old) = inner
+            .map
+            .insert(key.to_string(), Entry { lora, bytes, used })
+        {
             inner.bytes -= old.bytes;
         }
         inner.bytes += bytes;

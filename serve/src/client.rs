@@ -177,18 +177,28 @@ impl Client {
         let started = std::time::Instant::now();
         loop {
             let j = self.get(&format!("/v1/videos/{id}"))?.json();
-            if matches!(j["state"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            if matches!(
+                j["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
                 return Ok(j);
             }
             if started.elapsed() > timeout {
-                return Err(ClientError::Job(format!("job {id} still {} after {timeout:?}", j["state"])));
+                return Err(ClientError::Job(format!(
+                    "job {id} still {} after {timeout:?}",
+                    j["state"]
+                )));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     /// Submits a video job, waits for it and downloads the mp4: `(job record, mp4 bytes)`.
-    pub fn generate(&self, form: &Form, timeout: Duration) -> Result<(serde_json::Value, Vec<u8>), ClientError> {
+    pub fn generate(
+        &self,
+        form: &Form,
+        timeout: Duration,
+    ) -> Result<(serde_json::Value, Vec<u8>), ClientError> {
         let r = self.post("/v1/videos", form)?;
         if r.status != 202 {
             return Err(ClientError::Job(format!(

@@ -68,25 +68,36 @@ pub struct EngineFacts {
     pub text_sequence_length: usize,
     pub has_text_encoder: bool,
     pub has_hypernet: bool,
+    /// Denoising steps the scheduler can take (its `num_train_timesteps`).
+    pub scheduler_steps: usize,
     /// The DiT's LoRA-targetable modules.
     pub modules: Vec<String>,
 }
 
 impl EngineFacts {
     pub fn of(engine: &Engine) -> Result<EngineFacts, String> {
-        let dit = engine
-            .manifest
-            .dit
-            .as_ref()
-            .ok_or("the engine holds no DiT; export the whole pipeline with `v2l-export pipeline`")?;
+        let dit = engine.manifest.dit.as_ref().ok_or(
+            "the engine holds no DiT; export the whole pipeline with `v2l-export pipeline`",
+        )?;
         let mut h = blake3::Hasher::new();
-        for name in [v2l_contracts::manifest::FILE_NAME, v2l_runtime::bundle::FILE_NAME] {
+        for name in [
+            v2l_contracts::manifest::FILE_NAME,
+            v2l_runtime::bundle::FILE_NAME,
+        ] {
             // A plain export directory has no bundle record; the manifest alone then keys it.
             if let Ok(bytes) = std::fs::read(engine.dir.join(name)) {
                 h.update(&bytes);
             }
         }
         let (default_frames, default_height, default_width) = engine.default_size();
+        let scheduler = engine
+            .manifest
+            .scheduler
+            .as_ref()
+            .ok_or("the engine holds no scheduler config; export the whole pipeline with `v2l-export pipeline`")?;
+        let scheduler =
+            v2l_runtime::scheduler::SchedulerConfig::from_file(&engine.dir.join(scheduler))
+                .map_err(|e| e.to_string())?;
         Ok(EngineFacts {
             key: h.finalize().to_hex()[..32].to_string(),
             default_frames,
@@ -97,6 +108,7 @@ impl EngineFacts {
             text_sequence_length: engine.text_sequence_length().unwrap_or(226),
             has_text_encoder: engine.manifest.text_encoder.is_some(),
             has_hypernet: engine.manifest.hypernet.is_some(),
+            scheduler_steps: scheduler.num_train_timesteps,
             modules: dit.lora_targets.iter().map(|t| t.name.clone()).collect(),
         })
     }

@@ -44,7 +44,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {what} with this id"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {what} with this id"),
+        )
     }
 
     /// The server's own fault (database, disk): logged, and the client told only that.

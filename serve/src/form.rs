@@ -11,8 +11,8 @@ use axum::body::Bytes;
 use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use v2l_runtime::lora::format::Lora;
 use v2l_runtime::limits::Limits;
+use v2l_runtime::lora::format::Lora;
 use v2l_runtime::tensor::{Data, Tensor};
 use v2l_runtime::video::{Frames, UntrustedMedia};
 
@@ -68,7 +68,11 @@ fn body_error(status: StatusCode, text: String) -> ApiError {
             "the request body is larger than the server takes (--max-upload-mb)",
         )
     } else {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("malformed multipart body ({text})"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("malformed multipart body ({text})"),
+        )
     }
 }
 
@@ -114,7 +118,10 @@ impl Form {
     fn real(&self, field: &str, default: f32) -> Result<f32, ApiError> {
         let v = self.number(field, "a number")?.unwrap_or(default);
         if !f32::is_finite(v) {
-            return Err(ApiError::field(field, format!("{v} is not a finite number")));
+            return Err(ApiError::field(
+                field,
+                format!("{v} is not a finite number"),
+            ));
         }
         Ok(v)
     }
@@ -201,8 +208,19 @@ pub fn video(
     let (frames, height, width) = size(form, facts, limits)?;
     let steps = form.count("steps")?.unwrap_or(50);
     check("steps", limits, |l| l.check_steps(steps))?;
+    if steps > facts.scheduler_steps {
+        return Err(ApiError::field(
+            "steps",
+            format!(
+                "{steps}: the scheduler takes at most {} (num_train_timesteps)",
+                facts.scheduler_steps
+            ),
+        ));
+    }
     let guidance = form.real("guidance", 6.0)?;
-    let seed = form.number("seed", "an integer 0 to 2^64 - 1")?.unwrap_or(0);
+    let seed = form
+        .number("seed", "an integer 0 to 2^64 - 1")?
+        .unwrap_or(0);
     let fps = form.number("fps", "an integer 1 to 240")?.unwrap_or(8u32);
     if !(1..=240).contains(&fps) {
         return Err(ApiError::field("fps", format!("{fps}: must be 1 to 240")));
@@ -216,7 +234,10 @@ pub fn video(
     let negative_prompt = form.text("negative_prompt")?.unwrap_or_default();
     let (prompt, prompt_embeds) = match (form.text("prompt")?, form.bytes("prompt_embeds")) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::field("prompt_embeds", "give `prompt` or `prompt_embeds`, not both"))
+            return Err(ApiError::field(
+                "prompt_embeds",
+                "give `prompt` or `prompt_embeds`, not both",
+            ))
         }
         (Some(_), None) if !facts.has_text_encoder => {
             return Err(ApiError::field(
@@ -249,8 +270,10 @@ pub fn video(
         ["lora_id"] => {
             let id = form.text("lora_id")?.unwrap_or_default().trim().to_string();
             if !is_id(&id) || !stored(&id) {
-                return Err(ApiError::field("lora_id", format!("no LoRA `{id}` on this server"))
-                    .with_status(StatusCode::NOT_FOUND, "not_found"));
+                return Err(
+                    ApiError::field("lora_id", format!("no LoRA `{id}` on this server"))
+                        .with_status(StatusCode::NOT_FOUND, "not_found"),
+                );
             }
             LoraChoice::Stored { id, scale }
         }
@@ -262,17 +285,24 @@ pub fn video(
         _ => {
             return Err(ApiError::field(
                 chosen.last().copied().unwrap_or("lora"),
-                format!("give one of `reference`, `lora_id`, `lora`; got {}", chosen.join(", ")),
+                format!(
+                    "give one of `reference`, `lora_id`, `lora`; got {}",
+                    chosen.join(", ")
+                ),
             ))
         }
     };
-    let image_bytes = form
-        .bytes("image")
-        .ok_or_else(|| ApiError::field("image", "required: the first frame (PNG, JPEG, WebP or a video)"))?;
+    let image_bytes = form.bytes("image").ok_or_else(|| {
+        ApiError::field(
+            "image",
+            "required: the first frame (PNG, JPEG, WebP or a video)",
+        )
+    })?;
     let image = decode("image", image_bytes, height, width, 1, limits, scratch)?;
     let mut reference = None;
     if chosen[..] == ["reference"] {
-        let (id, clip) = reference_lora(form, facts, limits, scratch, height, width, scale, stored)?;
+        let (id, clip) =
+            reference_lora(form, facts, limits, scratch, height, width, scale, stored)?;
         reference = clip;
         lora = LoraChoice::Reference { id, weight: scale };
     }
@@ -315,9 +345,18 @@ pub fn lora(
     scratch: &Path,
     stored: &dyn Fn(&str) -> bool,
 ) -> Result<LoraRequest, ApiError> {
-    match (form.bytes("reference").is_some(), form.bytes("lora").is_some()) {
-        (true, true) => Err(ApiError::field("lora", "give `reference` or `lora`, not both")),
-        (false, false) => Err(ApiError::field("reference", "required (a clip), or `lora` (a LoRA file)")),
+    match (
+        form.bytes("reference").is_some(),
+        form.bytes("lora").is_some(),
+    ) {
+        (true, true) => Err(ApiError::field(
+            "lora",
+            "give `reference` or `lora`, not both",
+        )),
+        (false, false) => Err(ApiError::field(
+            "reference",
+            "required (a clip), or `lora` (a LoRA file)",
+        )),
         (false, true) => {
             let (id, l) = uploaded_lora(form, facts)?;
             Ok(LoraRequest::Upload(id, l))
@@ -325,7 +364,8 @@ pub fn lora(
         (true, false) => {
             let (_, height, width) = size(form, facts, limits)?;
             let weight = form.real("lora_scale", 1.0)?;
-            let (id, clip) = reference_lora(form, facts, limits, scratch, height, width, weight, stored)?;
+            let (id, clip) =
+                reference_lora(form, facts, limits, scratch, height, width, weight, stored)?;
             Ok(match clip {
                 None => LoraRequest::Stored(id),
                 Some(clip) => LoraRequest::Predict(LoraParams { id, weight }, clip),
@@ -336,10 +376,16 @@ pub fn lora(
 
 /// A LoRA id: 32 lowercase hex digits (the cache key), nothing that could name a path.
 pub fn is_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn check<T>(field: &str, limits: &RequestLimits, f: impl FnOnce(&Limits) -> v2l_runtime::Result<T>) -> Result<T, ApiError> {
+fn check<T>(
+    field: &str,
+    limits: &RequestLimits,
+    f: impl FnOnce(&Limits) -> v2l_runtime::Result<T>,
+) -> Result<T, ApiError> {
     let l = Limits {
         max_frames: limits.frames,
         max_pixels: limits.pixels,
@@ -348,8 +394,13 @@ fn check<T>(field: &str, limits: &RequestLimits, f: impl FnOnce(&Limits) -> v2l_
     };
     f(&l).map_err(|e| match e {
         v2l_runtime::RuntimeError::Invalid { what, message } => {
-            let named = what.trim_start_matches("--");
-            let field = if named.is_empty() || named.contains(' ') { field } else { named };
+            // The shared limits name command-line flags (`--frames`, `--height/--width`).
+            let named = what.replace("--", "");
+            let field = if named.is_empty() || named.contains(' ') {
+                field
+            } else {
+                &named
+            };
             ApiError::field(field, message)
         }
         other => ApiError::field(field, other.to_string()),
@@ -357,7 +408,11 @@ fn check<T>(field: &str, limits: &RequestLimits, f: impl FnOnce(&Limits) -> v2l_
 }
 
 /// `frames`, `height`, `width`: given or the engine's defaults, within the limits.
-fn size(form: &Form, facts: &EngineFacts, limits: &RequestLimits) -> Result<(usize, usize, usize), ApiError> {
+fn size(
+    form: &Form,
+    facts: &EngineFacts,
+    limits: &RequestLimits,
+) -> Result<(usize, usize, usize), ApiError> {
     let need = |field: &str, given: Option<usize>, default: Option<usize>| {
         given
             .or(default)
@@ -366,7 +421,9 @@ fn size(form: &Form, facts: &EngineFacts, limits: &RequestLimits) -> Result<(usi
     let frames = need("frames", form.count("frames")?, facts.default_frames)?;
     let height = need("height", form.count("height")?, facts.default_height)?;
     let width = need("width", form.count("width")?, facts.default_width)?;
-    check("frames", limits, |l| l.check_video(frames, height, width, facts.multiple))?;
+    check("frames", limits, |l| {
+        l.check_video(frames, height, width, facts.multiple)
+    })?;
     Ok((frames, height, width))
 }
 
@@ -429,14 +486,25 @@ fn reference_lora(
     if stored(&id) {
         return Ok((id, None));
     }
-    let clip = decode("reference", bytes, height, width, limits.reference_frames, limits, scratch)?;
-    v2l_runtime::predict::check_reference(&clip, "reference").map_err(|e| upload_error("reference", e))?;
+    let clip = decode(
+        "reference",
+        bytes,
+        height,
+        width,
+        limits.reference_frames,
+        limits,
+        scratch,
+    )?;
+    v2l_runtime::predict::check_reference(&clip, "reference")
+        .map_err(|e| upload_error("reference", e))?;
     Ok((id, Some(clip)))
 }
 
 /// An uploaded LoRA file (diffusers/PEFT, kohya or ComfyUI), checked against the DiT's layers.
 fn uploaded_lora(form: &Form, facts: &EngineFacts) -> Result<(String, Arc<Lora>), ApiError> {
-    let bytes = form.bytes("lora").ok_or_else(|| ApiError::field("lora", "required"))?;
+    let bytes = form
+        .bytes("lora")
+        .ok_or_else(|| ApiError::field("lora", "required"))?;
     let lora = v2l_runtime::lora::format::parse(bytes, Path::new("lora"), Some(&facts.modules))
         .map_err(|e| upload_error("lora", e.into()))?;
     if lora.layers.is_empty() {
@@ -452,7 +520,10 @@ fn uploaded_lora(form: &Form, facts: &EngineFacts) -> Result<(String, Arc<Lora>)
     if !unknown.is_empty() {
         return Err(ApiError::field(
             "lora",
-            format!("targets layers this DiT does not have: {}", unknown.join(", ")),
+            format!(
+                "targets layers this DiT does not have: {}",
+                unknown.join(", ")
+            ),
         ));
     }
     Ok((lora_key(&facts.key, "file", "", bytes), Arc::new(lora)))
@@ -474,16 +545,29 @@ fn embeddings(bytes: &[u8], facts: &EngineFacts) -> Result<BTreeMap<String, Tens
         if !ok {
             return Err(ApiError::field(
                 field,
-                format!("`{name}` is {:?}; expected float32 [1, L, {}]", t.shape, facts.text_embed_dim),
+                format!(
+                    "`{name}` is {:?}; expected float32 [1, L, {}]",
+                    t.shape, facts.text_embed_dim
+                ),
             ));
         }
-        if t.as_f32(name).map_err(|e| upload_error(field, e))?.iter().any(|v| !v.is_finite()) {
-            return Err(ApiError::field(field, format!("`{name}` holds NaN or infinite values")));
+        if t.as_f32(name)
+            .map_err(|e| upload_error(field, e))?
+            .iter()
+            .any(|v| !v.is_finite())
+        {
+            return Err(ApiError::field(
+                field,
+                format!("`{name}` holds NaN or infinite values"),
+            ));
         }
         out.insert(name.to_string(), t.clone());
     }
     if out["prompt_embeds"].shape != out["negative_prompt_embeds"].shape {
-        return Err(ApiError::field(field, "`negative_prompt_embeds` must have the shape of `prompt_embeds`"));
+        return Err(ApiError::field(
+            field,
+            "`negative_prompt_embeds` must have the shape of `prompt_embeds`",
+        ));
     }
     Ok(out)
 }
@@ -503,6 +587,7 @@ mod tests {
             text_sequence_length: 16,
             has_text_encoder: true,
             has_hypernet: false,
+            scheduler_steps: 1000,
             modules: vec!["transformer_blocks.0.attn1.to_q".into()],
         }
     }
@@ -519,29 +604,65 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let none = |_: &str| false;
         let run = |parts: &[(&str, &[u8])]| {
-            field_of(video(&Form::of(parts), &facts(), &RequestLimits::default(), dir.path(), &none))
+            field_of(video(
+                &Form::of(parts),
+                &facts(),
+                &RequestLimits::default(),
+                dir.path(),
+                &none,
+            ))
         };
         let cases: &[(&[(&str, &[u8])], &str)] = &[
             (&[("prompt", b"x")], "image"),
             (&[("image", b"x")], "prompt"),
-            (&[("image", b"x"), ("prompt", b"x"), ("frames", b"4")], "frames"),
-            (&[("image", b"x"), ("prompt", b"x"), ("frames", b"-1")], "frames"),
-            (&[("image", b"x"), ("prompt", b"x"), ("height", b"33")], "height"),
-            (&[("image", b"x"), ("prompt", b"x"), ("steps", b"0")], "steps"),
-            (&[("image", b"x"), ("prompt", b"x"), ("steps", b"100000")], "steps"),
-            (&[("image", b"x"), ("prompt", b"x"), ("guidance", b"nan")], "guidance"),
-            (&[("image", b"x"), ("prompt", b"x"), ("seed", b"1.5")], "seed"),
+            (
+                &[("image", b"x"), ("prompt", b"x"), ("frames", b"4")],
+                "frames",
+            ),
+            (
+                &[("image", b"x"), ("prompt", b"x"), ("frames", b"-1")],
+                "frames",
+            ),
+            (
+                &[("image", b"x"), ("prompt", b"x"), ("height", b"33")],
+                "height",
+            ),
+            (
+                &[("image", b"x"), ("prompt", b"x"), ("steps", b"0")],
+                "steps",
+            ),
+            (
+                &[("image", b"x"), ("prompt", b"x"), ("steps", b"100000")],
+                "steps",
+            ),
+            (
+                &[("image", b"x"), ("prompt", b"x"), ("guidance", b"nan")],
+                "guidance",
+            ),
+            (
+                &[("image", b"x"), ("prompt", b"x"), ("seed", b"1.5")],
+                "seed",
+            ),
             (&[("image", b"x"), ("prompt", b"x"), ("fps", b"0")], "fps"),
             (&[("image", b"x"), ("prompt", b"\xff")], "prompt"),
-            (&[("image", b"x"), ("prompt", b"x"), ("prompt_embeds", b"y")], "prompt_embeds"),
-            (&[("image", b"x"), ("prompt_embeds", b"not safetensors")], "prompt_embeds"),
+            (
+                &[("image", b"x"), ("prompt", b"x"), ("prompt_embeds", b"y")],
+                "prompt_embeds",
+            ),
+            (
+                &[("image", b"x"), ("prompt_embeds", b"not safetensors")],
+                "prompt_embeds",
+            ),
             (&[("image", b"not an image"), ("prompt", b"x")], "image"),
         ];
         for (parts, field) in cases {
             let (status, got, message) = run(parts);
             assert!(status.is_client_error(), "{field}: {status}");
             assert_eq!(&got, field, "{message}");
-            assert!(!message.contains(&*dir.path().to_string_lossy()), "a server path leaked: {message}");
+            assert!(
+                !message.contains(&*dir.path().to_string_lossy()),
+                "a server path leaked: {message}"
+            );
         }
     }
 
@@ -553,9 +674,15 @@ mod tests {
         let with = |extra: &[(&str, &[u8])]| {
             let mut p = base.clone();
             p.extend_from_slice(extra);
-            field_of(video(&Form::of(&p), &facts(), &limits, dir.path(), &|_| false))
+            field_of(video(&Form::of(&p), &facts(), &limits, dir.path(), &|_| {
+                false
+            }))
         };
-        assert_eq!(with(&[("reference", b"r")]).1, "reference", "no hypernetwork");
+        assert_eq!(
+            with(&[("reference", b"r")]).1,
+            "reference",
+            "no hypernetwork"
+        );
         assert_eq!(with(&[("reference", b"r"), ("lora_id", b"x")]).1, "lora_id");
         let (status, field, _) = with(&[("lora_id", b"../../etc/passwd")]);
         assert_eq!((status, field.as_str()), (StatusCode::NOT_FOUND, "lora_id"));

@@ -230,10 +230,19 @@ mod tests {
         let jobs = Jobs::new(store, 2, vec![]);
         jobs.enqueue(&job("a")).unwrap();
         jobs.enqueue(&job("b")).unwrap();
-        assert!(matches!(jobs.enqueue(&job("c")), Err(EnqueueError::Full(2))));
+        assert!(matches!(
+            jobs.enqueue(&job("c")),
+            Err(EnqueueError::Full(2))
+        ));
         assert_eq!(jobs.cancel("a").unwrap(), Cancelled::Queued);
-        assert_eq!(jobs.store.get("a").unwrap().unwrap().state, State::Cancelled);
-        assert_eq!(jobs.cancel("a").unwrap(), Cancelled::Final(State::Cancelled));
+        assert_eq!(
+            jobs.store.get("a").unwrap().unwrap().state,
+            State::Cancelled
+        );
+        assert_eq!(
+            jobs.cancel("a").unwrap(),
+            Cancelled::Final(State::Cancelled)
+        );
         assert_eq!(jobs.cancel("nope").unwrap(), Cancelled::Unknown);
         let (id, live) = jobs.next().unwrap();
         assert_eq!(id, "b");
@@ -243,7 +252,10 @@ mod tests {
         jobs.enqueue(&job("d")).unwrap();
         jobs.drain();
         assert!(jobs.next().is_none(), "a draining queue hands out nothing");
-        assert!(matches!(jobs.enqueue(&job("e")), Err(EnqueueError::Draining)));
+        assert!(matches!(
+            jobs.enqueue(&job("e")),
+            Err(EnqueueError::Draining)
+        ));
         assert_eq!(jobs.depth(), 1, "d stays queued");
     }
 
@@ -257,7 +269,14 @@ mod tests {
             let mut got = vec![];
             while let Some((id, _)) = j.next() {
                 got.push(id.clone());
-                j.finished(&id, Snapshot { state: State::Succeeded, step: 1, steps: 1 });
+                j.finished(
+                    &id,
+                    Snapshot {
+                        state: State::Succeeded,
+                        step: 1,
+                        steps: 1,
+                    },
+                );
             }
             got
         });

@@ -16,6 +16,7 @@
 //! | [`worker`] | one pipeline per thread: LoRA resolution, resident-LoRA switching, generation |
 //! | [`api`] | routes, auth, metrics middleware, server-sent events |
 //! | [`metrics`] | Prometheus text |
+//! | [`server`] | start (pipelines loaded before listening), graceful stop |
 
 pub mod api;
 pub mod cache;
@@ -26,5 +27,6 @@ pub mod form;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
+pub mod server;
 pub mod store;
 pub mod worker;

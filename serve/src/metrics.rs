@@ -91,33 +91,91 @@ impl Metrics {
         let mut gauge = |name: &str, help: &str, kind: &str, v: String| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        gauge("v2l_queue_depth", "Jobs waiting for a worker.", "gauge", g.queue_depth.to_string());
-        gauge("v2l_jobs_running", "Jobs running now.", "gauge", g.running.to_string());
-        gauge("v2l_lora_cache_entries", "LoRAs held by the cache.", "gauge", g.cache_entries.to_string());
-        gauge("v2l_lora_cache_bytes", "Bytes of LoRA factors held by the cache.", "gauge", g.cache_bytes.to_string());
-        gauge("v2l_lora_cache_capacity_bytes", "The cache's bound (--lora-cache-mb).", "gauge", g.cache_capacity.to_string());
-        gauge("v2l_lora_cache_hits_total", "LoRA lookups served from the cache.", "counter", g.cache_hits.to_string());
-        gauge("v2l_lora_cache_misses_total", "LoRA lookups that had to predict or load.", "counter", g.cache_misses.to_string());
-        let _ = writeln!(s, "# HELP v2l_jobs Jobs in the state database by state.\n# TYPE v2l_jobs gauge");
+        gauge(
+            "v2l_queue_depth",
+            "Jobs waiting for a worker.",
+            "gauge",
+            g.queue_depth.to_string(),
+        );
+        gauge(
+            "v2l_jobs_running",
+            "Jobs running now.",
+            "gauge",
+            g.running.to_string(),
+        );
+        gauge(
+            "v2l_lora_cache_entries",
+            "LoRAs held by the cache.",
+            "gauge",
+            g.cache_entries.to_string(),
+        );
+        gauge(
+            "v2l_lora_cache_bytes",
+            "Bytes of LoRA factors held by the cache.",
+            "gauge",
+            g.cache_bytes.to_string(),
+        );
+        gauge(
+            "v2l_lora_cache_capacity_bytes",
+            "The cache's bound (--lora-cache-mb).",
+            "gauge",
+            g.cache_capacity.to_string(),
+        );
+        gauge(
+            "v2l_lora_cache_hits_total",
+            "LoRA lookups served from the cache.",
+            "counter",
+            g.cache_hits.to_string(),
+        );
+        gauge(
+            "v2l_lora_cache_misses_total",
+            "LoRA lookups that had to predict or load.",
+            "counter",
+            g.cache_misses.to_string(),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP v2l_jobs Jobs in the state database by state.\n# TYPE v2l_jobs gauge"
+        );
         for (state, n) in &g.jobs {
             let _ = writeln!(s, "v2l_jobs{{state=\"{state}\"}} {n}");
         }
-        let _ = writeln!(s, "# HELP v2l_errors_total Errors by kind.\n# TYPE v2l_errors_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP v2l_errors_total Errors by kind.\n# TYPE v2l_errors_total counter"
+        );
         for (kind, n) in &inner.errors {
             let _ = writeln!(s, "v2l_errors_total{{kind=\"{kind}\"}} {n}");
         }
         let _ = writeln!(s, "# HELP v2l_http_responses_total HTTP responses by route and status.\n# TYPE v2l_http_responses_total counter");
         for ((route, status), n) in &inner.requests {
-            let _ = writeln!(s, "v2l_http_responses_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                s,
+                "v2l_http_responses_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
-        let _ = writeln!(s, "# HELP v2l_stage_seconds Job stage latency.\n# TYPE v2l_stage_seconds histogram");
+        let _ = writeln!(
+            s,
+            "# HELP v2l_stage_seconds Job stage latency.\n# TYPE v2l_stage_seconds histogram"
+        );
         for (stage, h) in &inner.stages {
             for (c, b) in h.counts.iter().zip(BUCKETS) {
-                let _ = writeln!(s, "v2l_stage_seconds_bucket{{stage=\"{stage}\",le=\"{b}\"}} {c}");
+                let _ = writeln!(
+                    s,
+                    "v2l_stage_seconds_bucket{{stage=\"{stage}\",le=\"{b}\"}} {c}"
+                );
             }
-            let _ = writeln!(s, "v2l_stage_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(
+                s,
+                "v2l_stage_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {}",
+                h.count
+            );
             let _ = writeln!(s, "v2l_stage_seconds_sum{{stage=\"{stage}\"}} {}", h.sum);
-            let _ = writeln!(s, "v2l_stage_seconds_count{{stage=\"{stage}\"}} {}", h.count);
+            let _ = writeln!(
+                s,
+                "v2l_stage_seconds_count{{stage=\"{stage}\"}} {}",
+                h.count
+            );
         }
         s
     }
@@ -157,7 +215,10 @@ mod tests {
             "v2l_stage_seconds_bucket{stage=\"denoise\",le=\"+Inf\"} 2",
             "v2l_stage_seconds_count{stage=\"denoise\"} 2",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
         }
     }
 }

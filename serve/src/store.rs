@@ -167,7 +167,9 @@ impl Store {
         };
         let reason = serde_json::to_string(&JobError {
             kind: "interrupted".into(),
-            message: "the server stopped while this job was running (a crash or a kill); submit it again".into(),
+            message:
+                "the server stopped while this job was running (a crash or a kill); submit it again"
+                    .into(),
         })?;
         conn.execute(
             "UPDATE jobs SET state = 'failed', finished_at = ?1, error = ?2 WHERE state = 'running'",
@@ -250,14 +252,31 @@ impl Store {
                 },
             )
             .optional()?;
-        let Some((id, kind, state, created, started, finished, step, steps, error, timings, lora, cached, params)) =
-            row
+        let Some((
+            id,
+            kind,
+            state,
+            created,
+            started,
+            finished,
+            step,
+            steps,
+            error,
+            timings,
+            lora,
+            cached,
+            params,
+        )) = row
         else {
             return Ok(None);
         };
         Ok(Some(JobRecord {
             id,
-            kind: if kind == "lora" { Kind::Lora } else { Kind::Video },
+            kind: if kind == "lora" {
+                Kind::Lora
+            } else {
+                Kind::Video
+            },
             state: State::parse(&state),
             created_at: created,
             started_at: started,
@@ -308,7 +327,13 @@ impl Store {
         let error = error.map(serde_json::to_string).transpose()?;
         self.conn()?.execute(
             "UPDATE jobs SET state = ?2, finished_at = ?3, timings = ?4, error = ?5 WHERE id = ?1",
-            params![id, state.name(), now(), serde_json::to_string(timings)?, error],
+            params![
+                id,
+                state.name(),
+                now(),
+                serde_json::to_string(timings)?,
+                error
+            ],
         )?;
         Ok(())
     }
@@ -352,7 +377,9 @@ pub fn load_frames(path: &Path) -> v2l_runtime::Result<v2l_runtime::video::Frame
         path: path.into(),
         message: message.into(),
     };
-    let t = all.remove("frames").ok_or_else(|| bad("no `frames` tensor"))?;
+    let t = all
+        .remove("frames")
+        .ok_or_else(|| bad("no `frames` tensor"))?;
     match (t.shape.as_slice(), t.data) {
         (&[f, h, w, 3], v2l_runtime::tensor::Data::U8(rgb)) if rgb.len() == f * h * w * 3 => {
             Ok(v2l_runtime::video::Frames {
@@ -430,7 +457,10 @@ mod tests {
         assert_eq!((x.step, x.steps), (3, 4));
         assert_eq!(x.timings, t);
         assert_eq!(x.error, Some(e));
-        assert_eq!((x.lora_id.as_deref(), x.lora_cached), (Some("abc"), Some(true)));
+        assert_eq!(
+            (x.lora_id.as_deref(), x.lora_cached),
+            (Some("abc"), Some(true))
+        );
         assert_eq!(s.counts().unwrap()["failed"], 1);
     }
 }

@@ -137,7 +137,10 @@ impl Worker {
         let mut timings = BTreeMap::new();
         let outcome = match store.get(id) {
             Ok(Some(job)) => self.run_record(&job, live, &mut timings),
-            Ok(None) => Err(Stop::failed("internal", "the job vanished from the database")),
+            Ok(None) => Err(Stop::failed(
+                "internal",
+                "the job vanished from the database",
+            )),
             Err(e) => Err(e.into()),
         };
         timings.insert("job".into(), started.elapsed().as_secs_f64() * 1e3);
@@ -147,7 +150,11 @@ impl Worker {
         let (state, error) = match outcome {
             Ok(()) => (State::Succeeded, None),
             Err(stop) => {
-                self.shared.metrics.error(&format!("job_{}", stop.error.kind));
+                // A cancellation is the client's wish, not an error.
+                if stop.state == State::Failed {
+                    let kind = format!("job_{}", stop.error.kind);
+                    self.shared.metrics.error(&kind);
+                }
                 (stop.state, Some(stop.error))
             }
         };
@@ -235,8 +242,9 @@ impl Worker {
             None => {
                 let mut t = v2l_runtime::tensor::read_safetensors(&dir.join(PROMPT_FILE))?;
                 let mut take = |name: &str| {
-                    t.remove(name)
-                        .ok_or_else(|| Stop::failed("internal", format!("stored `{name}` is missing")))
+                    t.remove(name).ok_or_else(|| {
+                        Stop::failed("internal", format!("stored `{name}` is missing"))
+                    })
                 };
                 (take("prompt_embeds")?, take("negative_prompt_embeds")?)
             }
@@ -251,7 +259,9 @@ impl Worker {
             frames: p.frames,
             steps: p.steps,
             guidance: p.guidance,
-            noise: self.engine.seeded_noise(p.frames, p.height, p.width, p.seed)?,
+            noise: self
+                .engine
+                .seeded_noise(p.frames, p.height, p.width, p.seed)?,
             lora: RequestLora::Resident,
         };
         let deadline = self
@@ -279,7 +289,10 @@ impl Worker {
             Ok(g) => g,
             Err(RuntimeError::Cancelled) if timed_out => {
                 let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
-                return Err(Stop::failed("timeout", format!("stopped after the job's time limit of {secs} s (--job-timeout)")));
+                return Err(Stop::failed(
+                    "timeout",
+                    format!("stopped after the job's time limit of {secs} s (--job-timeout)"),
+                ));
             }
             Err(RuntimeError::Cancelled) => {
                 return Err(Stop {
@@ -321,7 +334,12 @@ impl Worker {
 
     /// A reference clip's LoRA: cached, stored, or predicted now from the job's clip (then
     /// stored and cached). `(lora, from cache)`.
-    fn reference_lora(&mut self, id: &str, weight: f32, dir: &Path) -> Result<(Arc<Lora>, bool), Stop> {
+    fn reference_lora(
+        &mut self,
+        id: &str,
+        weight: f32,
+        dir: &Path,
+    ) -> Result<(Arc<Lora>, bool), Stop> {
         if let Some(l) = self.shared.cache.get(id) {
             return Ok((l, true));
         }

@@ -3,18 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use v2l_runtime::engine::Engine;
-use v2l_serve::api::{self, App};
-use v2l_serve::cache::LoraCache;
-use v2l_serve::config::{Config, EngineFacts, RequestLimits};
-use v2l_serve::jobs::Jobs;
-use v2l_serve::metrics::Metrics;
-use v2l_serve::store::Store;
-use v2l_serve::worker::{Shared, Worker};
+use v2l_serve::config::{Config, RequestLimits};
 
 /// Serve an engine over HTTP: video jobs from a first frame, a prompt and a reference clip (or
 /// a LoRA), with the predicted LoRAs cached.
@@ -100,30 +92,22 @@ fn run(a: Args) -> Result<(), String> {
     let token = match &a.token_file {
         None => None,
         Some(p) => {
-            let t = std::fs::read_to_string(p).map_err(|e| format!("--token-file {}: {e}", p.display()))?;
+            let t = std::fs::read_to_string(p)
+                .map_err(|e| format!("--token-file {}: {e}", p.display()))?;
             let t = t.trim().to_string();
             if t.len() < 16 || t.contains(char::is_whitespace) {
-                return Err(format!("--token-file {}: the token must be at least 16 characters, no spaces", p.display()));
+                return Err(format!(
+                    "--token-file {}: the token must be at least 16 characters, no spaces",
+                    p.display()
+                ));
             }
             Some(t)
         }
     };
-    if !a.addr.ip().is_loopback() && token.is_none() {
-        eprintln!("warning: serving {} beyond this machine without --token-file", a.addr);
-    }
-    let engine = Engine::open(&a.engine).map_err(|e| e.to_string())?;
-    let facts = EngineFacts::of(&engine)?;
-    let (store, recovered) = Store::open(&a.state_dir).map_err(|e| e.to_string())?;
-    if !recovered.interrupted.is_empty() {
-        eprintln!("v2l-serve: {} job(s) were running when the last process stopped; marked failed", recovered.interrupted.len());
-    }
-    if !recovered.queued.is_empty() {
-        eprintln!("v2l-serve: {} queued job(s) from the last process will run", recovered.queued.len());
-    }
-    let config = Config {
-        engine: a.engine.clone(),
+    v2l_serve::server::serve(Config {
+        engine: a.engine,
         addr: a.addr,
-        state_dir: a.state_dir.clone(),
+        state_dir: a.state_dir,
         workers: a.workers,
         threads: a.threads,
         queue: a.queue,
@@ -138,64 +122,5 @@ fn run(a: Args) -> Result<(), String> {
             decode_timeout: Duration::from_secs(a.decode_timeout.max(1)),
             job_timeout: (a.job_timeout > 0).then(|| Duration::from_secs(a.job_timeout)),
         },
-    };
-    let shared = Arc::new(Shared {
-        jobs: Jobs::new(store, a.queue, recovered.queued),
-        cache: LoraCache::new(config.lora_cache_bytes),
-        metrics: Metrics::default(),
-        facts,
-        config,
-    });
-    // Load every pipeline before listening: a broken engine is an error now, not a 5xx later.
-    let mut workers = Vec::new();
-    for i in 0..a.workers {
-        let w = Worker::load(shared.clone(), engine.clone()).map_err(|e| format!("loading pipeline {i}: {e}"))?;
-        workers.push(std::thread::Builder::new().name(format!("v2l-worker-{i}")).spawn(move || w.run()).map_err(|e| e.to_string())?);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let (down_tx, down_rx) = tokio::sync::watch::channel(false);
-    let app = App { shared: shared.clone(), shutdown: down_rx };
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(a.addr)
-            .await
-            .map_err(|e| format!("--addr {}: cannot listen ({e})", a.addr))?;
-        let local = listener.local_addr().map_err(|e| e.to_string())?;
-        eprintln!("v2l-serve: listening on http://{local} ({} worker(s), engine {})", a.workers, a.engine.display());
-        let shared = shared.clone();
-        let stop = async move {
-            shutdown_signal().await;
-            eprintln!("v2l-serve: shutting down: no new jobs; finishing the running ones");
-            shared.jobs.drain();
-            let _ = down_tx.send(true);
-        };
-        axum::serve(listener, api::router(app))
-            .with_graceful_shutdown(stop)
-            .await
-            .map_err(|e| e.to_string())
-    })?;
-    for w in workers {
-        let _ = w.join();
-    }
-    let left = shared.jobs.depth();
-    eprintln!("v2l-serve: stopped; {left} queued job(s) kept for the next start");
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }

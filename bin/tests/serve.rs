@@ -1,0 +1,558 @@
+//! `v2l-serve` end to end: the real server on loopback, driven by a real HTTP client
+//! (`v2l_serve::client`, ureq), against the tiny engine.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use v2l_serve::client::{Client, Form};
+
+mod common;
+
+/// A running `v2l-serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(engine: &Path, state: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
+            .arg("--engine")
+            .arg(engine)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the server starts");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let base = rest.split(' ').next().unwrap().to_string();
+                return Server {
+                    child,
+                    base,
+                    log: rx,
+                };
+            }
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.base, None)
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit code and what it printed.
+    fn terminate(mut self) -> (i32, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        let log: Vec<String> = self.log.try_iter().collect();
+        (status.code().unwrap_or(-1), log.join("\n"))
+    }
+
+    fn kill_hard(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(common::tiny().join(name)).unwrap()
+}
+
+const PROMPT: &str = "A red car drives through a snowy forest at dusk.";
+const LORA_FILE: &str = "peft_lora/pytorch_lora_weights.safetensors";
+
+/// The three LoRA choices clients make, as form fields and as `v2l-run` flags.
+fn choice(i: usize, steps: usize) -> (Form, Vec<String>) {
+    let base = Form::new()
+        .file("image", fixture("first_frame.png"))
+        .text("prompt", PROMPT)
+        .text("steps", steps)
+        .text("seed", 5);
+    let t = common::tiny();
+    match i % 3 {
+        0 => (base, vec![]),
+        1 => (
+            base.file("reference", fixture("reference.mp4")),
+            vec![
+                "--reference".into(),
+                t.join("reference.mp4").display().to_string(),
+            ],
+        ),
+        _ => (
+            base.file("lora", fixture(LORA_FILE))
+                .text("lora_scale", 0.7),
+            vec![
+                "--lora".into(),
+                t.join(LORA_FILE).display().to_string(),
+                "--lora-weights".into(),
+                "0.7".into(),
+            ],
+        ),
+    }
+}
+
+/// `v2l-run` with the same request, sequentially: the mp4 it writes.
+fn cli_video(engine: &Path, dir: &Path, i: usize) -> Vec<u8> {
+    let out = dir.join(format!("cli{i}.mp4"));
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(engine)
+        .arg("--image")
+        .arg(common::tiny().join("first_frame.png"))
+        .args([
+            "--prompt", PROMPT, "--steps", "2", "--seed", "5", "--quiet", "-o",
+        ])
+        .arg(&out)
+        .args(choice(i, 2).1)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out).unwrap()
+}
+
+fn frames_of(mp4: &[u8], dir: &Path, name: &str) -> Vec<u8> {
+    let p = dir.join(name);
+    std::fs::write(&p, mp4).unwrap();
+    v2l_runtime::video::read_frames(&p, 64, 64).unwrap().rgb
+}
+
+/// Eight concurrent clients with three different LoRAs (base, a reference clip's, an uploaded
+/// file at 0.7) on two workers: every video equals the sequential `v2l-run` of its request
+/// (no cross-talk); the reference clip's LoRA is predicted once and then served from the
+/// cache; LoRA endpoints, events, cancellation, metrics and bad requests.
+#[test]
+fn concurrent_clients_get_exactly_the_cli_videos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let state = tmp.path().join("state");
+    let server = Server::start(&engine, &state, &["--workers", "2", "--max-steps", "2000"]);
+    let c = server.client();
+    assert_eq!(c.get("/healthz").unwrap().status, 200);
+    assert_eq!(c.get("/readyz").unwrap().status, 200);
+    let doc = c.get("/openapi.json").unwrap().json();
+    for path in [
+        "/v1/videos",
+        "/v1/videos/{id}",
+        "/v1/videos/{id}/events",
+        "/v1/videos/{id}/content",
+        "/v1/loras",
+        "/v1/loras/{id}",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} undocumented");
+    }
+
+    let expected: Vec<Vec<u8>> = (0..3).map(|i| cli_video(&engine, tmp.path(), i)).collect();
+    assert_ne!(
+        expected[0], expected[1],
+        "the LoRAs must change the video for this test to mean anything"
+    );
+    assert_ne!(expected[0], expected[2]);
+    let results: Vec<(usize, serde_json::Value, Vec<u8>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let c = server.client();
+                s.spawn(move || {
+                    let (job, mp4) = c
+                        .generate(&choice(i, 2).0, Duration::from_secs(120))
+                        .unwrap();
+                    (i, job, mp4)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, job, mp4) in &results {
+        let want = &expected[i % 3];
+        if mp4 != want {
+            // Same pixels is what matters; the container bytes are checked to be equal too.
+            assert_eq!(
+                frames_of(mp4, tmp.path(), "a.mp4"),
+                frames_of(want, tmp.path(), "b.mp4"),
+                "client {i} got another request's video"
+            );
+            panic!("client {i}: same frames but different mp4 bytes");
+        }
+        assert_eq!(job["state"], "succeeded");
+    }
+    // Three reference jobs: the clip's LoRA was predicted at most twice (two workers may
+    // race on the first miss) and served from the cache after.
+    let cached = results
+        .iter()
+        .filter(|(i, j, _)| i % 3 == 1 && j["lora_cached"] == true)
+        .count();
+    assert!(cached >= 1, "no reference job hit the cache");
+
+    // The reference clip's LoRA through /v1/loras equals `v2l-lora predict`.
+    let r = c
+        .post(
+            "/v1/loras",
+            &Form::new().file("reference", fixture("reference.mp4")),
+        )
+        .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "already predicted by the jobs: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let id = r.json()["lora_id"].as_str().unwrap().to_string();
+    let served = c.get(&format!("/v1/loras/{id}")).unwrap();
+    assert_eq!(served.status, 200);
+    let served_path = tmp.path().join("served.safetensors");
+    std::fs::write(&served_path, &served.body).unwrap();
+    let cli_path = tmp.path().join("cli_lora.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-lora"))
+        .args(["predict", "--engine"])
+        .arg(&engine)
+        .arg("--reference")
+        .arg(common::tiny().join("reference.mp4"))
+        .arg("-o")
+        .arg(&cli_path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: &PathBuf| v2l_runtime::lora::format::read(p, None).unwrap().layers;
+    assert_eq!(read(&served_path), read(&cli_path));
+    // An uploaded file gets an id and comes back as a diffusers file with the same factors.
+    let up = c
+        .post("/v1/loras", &Form::new().file("lora", fixture(LORA_FILE)))
+        .unwrap();
+    assert_eq!(up.status, 201);
+    let up_id = up.json()["lora_id"].as_str().unwrap().to_string();
+    std::fs::write(
+        &served_path,
+        c.get(&format!("/v1/loras/{up_id}")).unwrap().body,
+    )
+    .unwrap();
+    assert_eq!(read(&served_path), read(&common::tiny().join(LORA_FILE)));
+    // ... and a job naming it by id is the CLI's video with that file.
+    let (job, mp4) = c
+        .generate(
+            &choice(0, 2)
+                .0
+                .text("lora_id", &up_id)
+                .text("lora_scale", 0.7),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(mp4, expected[2], "lora_id gave another video: {job}");
+    assert_eq!(job["lora_cached"], true);
+
+    // Events: progress in order, then one `end`.
+    let r = c
+        .post("/v1/videos", &choice(1, 2).0.text("steps", 3))
+        .unwrap();
+    // (`steps` given twice is refused by name)
+    assert_eq!(
+        (r.status, r.json()["error"]["field"].as_str()),
+        (400, Some("steps"))
+    );
+    let form = Form::new()
+        .file("image", fixture("first_frame.png"))
+        .text("prompt", PROMPT)
+        .text("steps", 6)
+        .file("reference", fixture("reference.mp4"));
+    let id = c.post("/v1/videos", &form).unwrap().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let events = c.events(&id).unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last["state"], "succeeded", "{events:?}");
+    let steps: Vec<u64> = events.iter().filter_map(|e| e["step"].as_u64()).collect();
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]) && steps.last() == Some(&6),
+        "{events:?}"
+    );
+
+    // Cancellation: a queued job at once, a running one after its current step.
+    // 1000 steps at 128×128: seconds of work, long enough to cancel while it runs.
+    let long = |steps: usize| choice(0, steps).0.text("height", 128).text("width", 128);
+    let running = c.post("/v1/videos", &long(1000)).unwrap().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let running2 = c.post("/v1/videos", &long(1000)).unwrap().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let queued = c.post("/v1/videos", &long(2)).unwrap().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = c.delete(&format!("/v1/videos/{queued}")).unwrap();
+    assert_eq!(
+        (d.status, d.json()["state"].as_str()),
+        (200, Some("cancelled"))
+    );
+    assert_eq!(
+        c.delete(&format!("/v1/videos/{queued}")).unwrap().status,
+        409
+    );
+    for id in [&running, &running2] {
+        // Wait until it runs, then cancel it.
+        while c.get(&format!("/v1/videos/{id}")).unwrap().json()["state"] == "queued" {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(c.delete(&format!("/v1/videos/{id}")).unwrap().status, 202);
+        let j = c.wait(id, Duration::from_secs(60)).unwrap();
+        assert_eq!(j["state"], "cancelled", "{j}");
+        assert!(j["step"].as_u64().unwrap() < 1000);
+        assert_eq!(
+            c.get(&format!("/v1/videos/{id}/content")).unwrap().status,
+            409
+        );
+    }
+    // The workers are healthy after cancellations: a base job is still the CLI's video.
+    let (_, mp4) = c
+        .generate(&choice(0, 2).0, Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(mp4, expected[0], "a cancelled run left state behind");
+
+    // Bad requests: each a 4xx naming the field, none a 5xx.
+    let img = fixture("first_frame.png");
+    let bad: Vec<(Form, u16, &str)> = vec![
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .text("steps", 1500),
+            400,
+            "steps",
+        ),
+        (Form::new().text("prompt", "x"), 400, "image"),
+        (Form::new().file("image", img.clone()), 400, "prompt"),
+        (
+            Form::new()
+                .file("image", b"GIF89a garbage".to_vec())
+                .text("prompt", "x"),
+            400,
+            "image",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .text("frames", 6),
+            400,
+            "frames",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .text("width", 100000),
+            400,
+            "height/width",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .text("guidance", "inf"),
+            400,
+            "guidance",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .text("colour", "red"),
+            400,
+            "colour",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .file("lora", b"not a lora".to_vec()),
+            400,
+            "lora",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .text("lora_id", "../../../etc/passwd"),
+            404,
+            "lora_id",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .file("reference", b"\x00\x00\x00\x18ftypmp42".to_vec()),
+            400,
+            "reference",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
+                .file("reference", img.clone()),
+            400,
+            "reference",
+        ),
+    ];
+    for (form, status, field) in bad {
+        let r = c.post("/v1/videos", &form).unwrap();
+        let e = r.json();
+        assert_eq!(
+            (r.status, e["error"]["field"].as_str()),
+            (status, Some(field)),
+            "{e}"
+        );
+        assert!(
+            !e.to_string().contains(&*state.to_string_lossy()),
+            "a server path leaked: {e}"
+        );
+    }
+    for (path, status) in [
+        ("/v1/videos/nope", 404),
+        ("/v1/videos/nope/content", 404),
+        ("/v1/loras/nope", 404),
+        ("/v1/loras/..%2F..%2Fjobs.sqlite", 404),
+        ("/nope", 404),
+    ] {
+        assert_eq!(c.get(path).unwrap().status, status, "{path}");
+    }
+    let not_multipart = c.delete("/v1/loras").unwrap();
+    assert_eq!(not_multipart.status, 405);
+
+    let metrics = String::from_utf8(c.get("/metrics").unwrap().body).unwrap();
+    for needle in [
+        "v2l_lora_cache_hits_total",
+        "v2l_errors_total{kind=\"bad_field\"}",
+        "v2l_stage_seconds_bucket{stage=\"job\"",
+        "v2l_queue_depth 0",
+    ] {
+        assert!(metrics.contains(needle), "no {needle} in\n{metrics}");
+    }
+    let hits: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("v2l_lora_cache_hits_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(hits >= 2, "{metrics}");
+}
+
+/// Nothing lost: a full queue says 429 with Retry-After; SIGTERM finishes the running job and
+/// keeps the queued ones, which run after a restart; results stay downloadable; a job killed
+/// mid-run is failed with the reason. With a bearer token, requests without it are refused.
+#[test]
+fn queued_jobs_survive_a_restart_and_a_crash_fails_the_running_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let state = tmp.path().join("state");
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, "0123456789abcdef-token\n").unwrap();
+    let args = [
+        "--queue",
+        "2",
+        "--max-steps",
+        "5000",
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let server = Server::start(&engine, &state, &args);
+    let anon = server.client();
+    let c = Client::new(&server.base, Some("0123456789abcdef-token".into()));
+    let (form, _) = choice(0, 2);
+    let r = anon.post("/v1/videos", &form).unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["kind"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(
+        Client::new(&server.base, Some("wrong-token-wrong-token".into()))
+            .get("/v1/videos/x")
+            .unwrap()
+            .status,
+        401
+    );
+    assert_eq!(
+        anon.get("/healthz").unwrap().status,
+        200,
+        "probes need no token"
+    );
+
+    let submit = |c: &Client, steps: usize| {
+        let r = c.post("/v1/videos", &choice(0, steps).0).unwrap();
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let long = submit(&c, 1000);
+    while c.get(&format!("/v1/videos/{long}")).unwrap().json()["state"] == "queued" {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let q1 = submit(&c, 2);
+    let q2 = submit(&c, 3);
+    let full = c.post("/v1/videos", &choice(0, 2).0).unwrap();
+    assert_eq!(full.status, 429);
+    assert!(full.retry_after.is_some());
+    assert_eq!(c.get("/readyz").unwrap().status, 503);
+
+    let (code, log) = server.terminate();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("2 queued job(s) kept"), "{log}");
+
+    let server = Server::start(&engine, &state, &args);
+    let c = Client::new(&server.base, Some("0123456789abcdef-token".into()));
+    let j = c.get(&format!("/v1/videos/{long}")).unwrap().json();
+    assert_eq!(
+        j["state"], "succeeded",
+        "SIGTERM let the running job finish: {j}"
+    );
+    assert_eq!(j["step"], 1000);
+    for id in [&q1, &q2] {
+        assert_eq!(
+            c.wait(id, Duration::from_secs(60)).unwrap()["state"],
+            "succeeded"
+        );
+    }
+    let video = c.get(&format!("/v1/videos/{long}/content")).unwrap();
+    assert_eq!(video.status, 200);
+    assert_eq!(&video.body[4..8], b"ftyp");
+
+    // A crash (SIGKILL) mid-job: after a restart the job is failed, with the reason.
+    let doomed = submit(&c, 1000);
+    while c.get(&format!("/v1/videos/{doomed}")).unwrap().json()["state"] == "queued" {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.kill_hard();
+    let server = Server::start(&engine, &state, &args);
+    let c = Client::new(&server.base, Some("0123456789abcdef-token".into()));
+    let j = c.get(&format!("/v1/videos/{doomed}")).unwrap().json();
+    assert_eq!(
+        (j["state"].as_str(), j["error"]["kind"].as_str()),
+        (Some("failed"), Some("interrupted")),
+        "{j}"
+    );
+    assert_eq!(
+        c.get(&format!("/v1/videos/{q1}/content")).unwrap().status,
+        200
+    );
+}

@@ -1,0 +1,115 @@
+//! Starting and stopping: load every pipeline, listen, serve until SIGTERM/SIGINT, then stop
+//! taking jobs, finish the running ones and leave the queued ones for the next start.
+
+use std::sync::Arc;
+
+use v2l_runtime::engine::Engine;
+
+use crate::api::{self, App};
+use crate::cache::LoraCache;
+use crate::config::{Config, EngineFacts};
+use crate::jobs::Jobs;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::worker::{Shared, Worker};
+
+/// Runs the server until a shutdown signal; errors are one line for the user.
+pub fn serve(config: Config) -> Result<(), String> {
+    if !config.addr.ip().is_loopback() && config.token.is_none() {
+        eprintln!(
+            "warning: serving {} beyond this machine without --token-file",
+            config.addr
+        );
+    }
+    let engine = Engine::open(&config.engine).map_err(|e| e.to_string())?;
+    let facts = EngineFacts::of(&engine)?;
+    let (store, recovered) = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
+    if !recovered.interrupted.is_empty() {
+        eprintln!(
+            "v2l-serve: {} job(s) were running when the last process stopped; marked failed",
+            recovered.interrupted.len()
+        );
+    }
+    if !recovered.queued.is_empty() {
+        eprintln!(
+            "v2l-serve: {} queued job(s) from the last process will run",
+            recovered.queued.len()
+        );
+    }
+    let (addr, workers) = (config.addr, config.workers);
+    let shared = Arc::new(Shared {
+        jobs: Jobs::new(store, config.queue, recovered.queued),
+        cache: LoraCache::new(config.lora_cache_bytes),
+        metrics: Metrics::default(),
+        facts,
+        config,
+    });
+    // Load every pipeline before listening: a broken engine is an error now, not a 5xx later.
+    let mut threads = Vec::new();
+    for i in 0..workers {
+        let w = Worker::load(shared.clone(), engine.clone())
+            .map_err(|e| format!("loading pipeline {i}: {e}"))?;
+        let t = std::thread::Builder::new()
+            .name(format!("v2l-worker-{i}"))
+            .spawn(move || w.run())
+            .map_err(|e| e.to_string())?;
+        threads.push(t);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (down_tx, down_rx) = tokio::sync::watch::channel(false);
+    let app = App {
+        shared: shared.clone(),
+        shutdown: down_rx,
+    };
+    let served = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--addr {addr}: cannot listen ({e})"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        eprintln!(
+            "v2l-serve: listening on http://{local} ({workers} worker(s), engine {})",
+            engine.dir.display()
+        );
+        let shared = shared.clone();
+        let stop = async move {
+            shutdown_signal().await;
+            eprintln!("v2l-serve: shutting down: no new jobs; finishing the running ones");
+            shared.jobs.drain();
+            let _ = down_tx.send(true);
+        };
+        axum::serve(listener, api::router(app))
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    // Workers stop taking jobs once draining; on a listen error, drain them here.
+    shared.jobs.drain();
+    for t in threads {
+        let _ = t.join();
+    }
+    served?;
+    eprintln!(
+        "v2l-serve: stopped; {} queued job(s) kept for the next start",
+        shared.jobs.depth()
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
