@@ -20,12 +20,13 @@ use v2l_runtime::Tensor;
 use crate::Failure;
 
 /// (median, min, max) in milliseconds.
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
+/// `f`'s result and its wall time in milliseconds.
+pub(crate) fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
     let t = Instant::now();
     let r = f();
     (r, t.elapsed().as_secs_f64() * 1e3)

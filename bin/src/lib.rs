@@ -11,6 +11,7 @@ use std::process::ExitCode;
 pub mod bench_fuse;
 pub mod bench_pipeline;
 pub mod bench_scale;
+pub mod bench_serve;
 pub mod fuse_checkpoint;
 
 /// A failure as shown to the user: the message and an optional fix.

@@ -115,7 +115,10 @@ fn every_help_has_an_example_and_is_stable() {
         ("v2l-compile", &[]),
         ("v2l-run", &["stage"]),
         ("v2l-lora", &["inspect", "convert", "predict", "fuse"]),
-        ("v2l-bench", &["pipeline", "export", "scale", "fuse"]),
+        (
+            "v2l-bench",
+            &["pipeline", "export", "scale", "fuse", "serve"],
+        ),
         ("v2l-serve", &[]),
     ];
     for (bin, subs) in commands {

@@ -193,7 +193,8 @@ impl Client {
         }
     }
 
-    /// Submits a video job, waits for it and downloads the mp4: `(job record, mp4 bytes)`.
+    /// Submits a video job, follows its events to the end and downloads the mp4:
+    /// `(job record, mp4 bytes)`.
     pub fn generate(
         &self,
         form: &Form,
@@ -208,6 +209,10 @@ impl Client {
             )));
         }
         let id = r.json()["id"].as_str().unwrap_or_default().to_string();
+        // The events stream ends the moment the job does; polling is the fallback.
+        if self.events(&id).is_err() {
+            self.wait(&id, timeout)?;
+        }
         let job = self.wait(&id, timeout)?;
         if job["state"] != "succeeded" {
             return Err(ClientError::Job(format!("job {id}: {job}")));

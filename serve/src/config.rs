@@ -51,6 +51,8 @@ pub struct Config {
     pub lora_cache_bytes: u64,
     /// Bearer token required on `/v1/*` when set.
     pub token: Option<String>,
+    /// How LoRAs reach the DiT; `None`: the engine's own choice.
+    pub lora_strategy: Option<v2l_runtime::lora::strategy::Strategy>,
     pub limits: RequestLimits,
 }
 

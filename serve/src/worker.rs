@@ -94,7 +94,10 @@ impl Worker {
     /// Loads a pipeline (VAE, DiT, hypernetwork sessions) for `engine`.
     pub fn load(shared: Arc<Shared>, engine: Engine) -> Result<Worker, RuntimeError> {
         let opts = engine.session_options(shared.config.threads);
-        let pipeline = Pipeline::load(engine.clone(), &opts)?;
+        let pipeline = match shared.config.lora_strategy {
+            Some(s) => Pipeline::load_with_strategy(engine.clone(), &opts, s)?,
+            None => Pipeline::load(engine.clone(), &opts)?,
+        };
         Ok(Worker {
             shared,
             engine,

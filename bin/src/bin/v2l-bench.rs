@@ -60,6 +60,39 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Serving: `v2l-serve` on loopback driven over HTTP. LoRA cache miss vs hit vs switch
+    /// (against the `bound` strategy's switch), then N clients for T seconds: throughput,
+    /// p50/p99 latency, errors
+    ///
+    /// Example:
+    ///   v2l-bench serve --engine engine/ --clients 8 --seconds 20 --repeat 5
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// Engine bundle or export directory with a hypernetwork (the tiny one is the intent)
+        #[arg(long)]
+        engine: PathBuf,
+        /// Concurrent clients of the load phase
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Length of the load phase
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Denoising steps per job
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        /// Server pipelines (`v2l-serve --workers`)
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// ONNX Runtime threads per pipeline (0: one per core)
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Sequential jobs per LoRA-resolution row (medians are reported)
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// `v2l-serve --lora-strategy`: fused, bound or unfused (default: the engine's)
+        #[arg(long)]
+        lora_strategy: Option<String>,
+    },
     /// Export a full-size CogVideoX-5B DiT or T5-XXL text encoder (generated bf16 weights) and
     /// report time and peak memory; the T5 is then run once on 226 tokens as its own process
     ///
@@ -215,6 +248,26 @@ fn main() -> ExitCode {
                 vae_cases,
             })
         }
+        Command::Serve {
+            engine,
+            clients,
+            seconds,
+            steps,
+            workers,
+            threads,
+            repeat,
+            lora_strategy,
+        } => v2l_cli::bench_serve::bench_serve(&v2l_cli::bench_serve::ServeBench {
+            engine,
+            clients,
+            seconds,
+            steps,
+            workers,
+            threads,
+            repeat,
+            lora_strategy,
+            json: cli.json,
+        }),
         Command::Fuse {
             threads,
             repeat,

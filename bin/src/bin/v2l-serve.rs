@@ -46,6 +46,10 @@ struct Args {
     /// Jobs that may wait; beyond that, requests get 429 with Retry-After.
     #[arg(long, default_value_t = 16)]
     queue: usize,
+    /// How LoRAs reach the DiT: fused (weights rewritten), bound (fused and rebound) or
+    /// unfused (factors as inputs). Default: the engine's.
+    #[arg(long)]
+    lora_strategy: Option<String>,
     /// Memory for cached LoRAs, in MiB (least recently used evicted first).
     #[arg(long, default_value_t = 1024)]
     lora_cache_mb: u64,
@@ -104,7 +108,15 @@ fn run(a: Args) -> Result<(), String> {
             Some(t)
         }
     };
+    let lora_strategy = match &a.lora_strategy {
+        None => None,
+        Some(s) => Some(
+            v2l_runtime::lora::strategy::Strategy::parse(s)
+                .ok_or_else(|| format!("--lora-strategy {s}: expected fused, bound or unfused"))?,
+        ),
+    };
     v2l_serve::server::serve(Config {
+        lora_strategy,
         engine: a.engine,
         addr: a.addr,
         state_dir: a.state_dir,
