@@ -46,6 +46,16 @@ else
   .v2l/py/bin/python -m pip install --quiet "onnx==$ONNX_VERSION"
 fi
 
+# Ray Serve, for the one test of the Python package's Ray Serve deployment (test-only: the
+# product and its Python binding need no third-party package).
+RAY_VERSION="${V2L_RAY_VERSION:-2.60.0}"
+if .v2l/py/bin/python -c "import ray.serve" 2>/dev/null; then
+  echo "setup: ray[serve] present in .v2l/py"
+else
+  echo "setup: installing ray[serve]==$RAY_VERSION into .v2l/py (test-only)"
+  .v2l/py/bin/python -m pip install --quiet "ray[serve]==$RAY_VERSION"
+fi
+
 # valgrind and a C compiler: the C ABI tests build examples/c and run it under valgrind.
 for tool in valgrind cc; do
   if ! command -v "$tool" >/dev/null; then

@@ -1,0 +1,281 @@
+"""v2l for Python: a thin ctypes binding over libv2l, v2l's C ABI (capi/include/v2l.h).
+
+Nothing here computes anything: every call goes to the Rust library, so Python gets the same
+videos, bit for bit, as the CLI, the C ABI and v2l-serve. No third-party packages are needed.
+
+    import v2l
+    engine = v2l.Engine("engine/")                 # v2l-compile bundle or v2l-export pipeline
+    gen = v2l.Generator(engine)                    # one loaded pipeline; one call at a time
+    lora = engine.load_lora("effect.safetensors")  # or gen.predict_lora_from_video("ref.mp4", 480, 720)
+    gen.set_lora(lora)
+    frames = gen.generate(first_frame_rgb, height=480, width=720, frames=49, prompt="a red car")
+
+The library is found at $V2L_LIBRARY, else as libv2l.so beside this package, else in the
+workspace's target/release/ (`cargo build --release -p v2l-capi`).
+"""
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+__all__ = ["Engine", "Generator", "Lora", "V2lError", "Video", "library"]
+
+ABI_VERSION = 2
+
+
+class V2lError(RuntimeError):
+    """A failed v2l call: `status` is the V2L_STATUS_* name, the message says what and why."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class _Params(ctypes.Structure):
+    # V2lGenerateParams, field for field (ABI version 2).
+    _fields_ = [
+        ("frames", ctypes.c_uint32),
+        ("height", ctypes.c_uint32),
+        ("width", ctypes.c_uint32),
+        ("steps", ctypes.c_uint32),
+        ("guidance", ctypes.c_float),
+        ("seed", ctypes.c_uint64),
+        ("first_frame", ctypes.POINTER(ctypes.c_uint8)),
+        ("first_frame_len", ctypes.c_size_t),
+        ("prompt_embeds", ctypes.POINTER(ctypes.c_float)),
+        ("negative_prompt_embeds", ctypes.POINTER(ctypes.c_float)),
+        ("embed_len", ctypes.c_uint32),
+        ("embed_dim", ctypes.c_uint32),
+        ("noise", ctypes.POINTER(ctypes.c_float)),
+        ("noise_len", ctypes.c_size_t),
+        ("prompt", ctypes.c_char_p),
+        ("negative_prompt", ctypes.c_char_p),
+        ("max_sequence_length", ctypes.c_uint32),
+    ]
+
+
+class _EngineOptions(ctypes.Structure):
+    _fields_ = [("threads", ctypes.c_uint32)]
+
+
+_PROGRESS = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
+_lib = None
+_lib_lock = threading.Lock()
+
+
+def _find_library() -> str:
+    env = os.environ.get("V2L_LIBRARY")
+    if env:
+        return env
+    here = Path(__file__).resolve().parent
+    for candidate in [here / "libv2l.so", here.parent.parent / "target" / "release" / "libv2l.so"]:
+        if candidate.is_file():
+            return str(candidate)
+    raise V2lError(
+        "V2L_STATUS_IO",
+        "libv2l.so not found: set V2L_LIBRARY, or build it with `cargo build --release -p v2l-capi`",
+    )
+
+
+def library() -> ctypes.CDLL:
+    """libv2l, loaded once, with its ABI version checked."""
+    global _lib
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        lib = ctypes.CDLL(_find_library())
+        P, vp = ctypes.POINTER, ctypes.c_void_p
+        sigs = {
+            "v2l_abi_version": ([], ctypes.c_uint32),
+            "v2l_last_error": ([], ctypes.c_char_p),
+            "v2l_status_str": ([ctypes.c_int32], ctypes.c_char_p),
+            "v2l_engine_open": ([ctypes.c_char_p, P(_EngineOptions), P(vp)], ctypes.c_int32),
+            "v2l_engine_free": ([vp], ctypes.c_int32),
+            "v2l_engine_load_lora": ([vp, ctypes.c_char_p, P(vp)], ctypes.c_int32),
+            "v2l_generator_new": ([vp, P(vp)], ctypes.c_int32),
+            "v2l_generator_free": ([vp], ctypes.c_int32),
+            "v2l_generator_predict_lora_from_video": (
+                [vp, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, P(vp)],
+                ctypes.c_int32,
+            ),
+            "v2l_generator_set_lora": ([vp, vp, ctypes.c_float], ctypes.c_int32),
+            "v2l_generator_clear_lora": ([vp], ctypes.c_int32),
+            "v2l_generator_output_size": (
+                [vp, P(_Params), P(ctypes.c_size_t), P(ctypes.c_uint32)],
+                ctypes.c_int32,
+            ),
+            "v2l_generator_generate": (
+                [vp, P(_Params), _PROGRESS, vp, P(ctypes.c_uint8), ctypes.c_size_t],
+                ctypes.c_int32,
+            ),
+            "v2l_generator_cancel": ([vp], ctypes.c_int32),
+            "v2l_lora_layer_count": ([vp, P(ctypes.c_size_t)], ctypes.c_int32),
+            "v2l_lora_free": ([vp], ctypes.c_int32),
+        }
+        for name, (args, res) in sigs.items():
+            f = getattr(lib, name)
+            f.argtypes, f.restype = args, res
+        abi = lib.v2l_abi_version()
+        if abi != ABI_VERSION:
+            raise V2lError(
+                "V2L_STATUS_INVALID_ARGUMENT",
+                f"libv2l has ABI version {abi}; this package speaks {ABI_VERSION}",
+            )
+        _lib = lib
+        return lib
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        lib = library()
+        raise V2lError(lib.v2l_status_str(status).decode(), lib.v2l_last_error().decode("utf-8", "replace"))
+
+
+class _Handle:
+    _free = ""
+
+    def __init__(self, ptr: ctypes.c_void_p):
+        self._ptr = ptr
+
+    def close(self) -> None:
+        """Frees the handle now (otherwise when garbage-collected)."""
+        if self._ptr:
+            getattr(library(), self._free)(self._ptr)
+            self._ptr = ctypes.c_void_p()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Lora(_Handle):
+    """A LoRA (from a file or predicted): immutable, shareable between generators."""
+
+    _free = "v2l_lora_free"
+
+    @property
+    def layers(self) -> int:
+        n = ctypes.c_size_t()
+        _check(library().v2l_lora_layer_count(self._ptr, ctypes.byref(n)))
+        return n.value
+
+
+class Engine(_Handle):
+    """An opened engine (checked once); shareable between threads and generators."""
+
+    _free = "v2l_engine_free"
+
+    def __init__(self, path: str, threads: int = 0):
+        out = ctypes.c_void_p()
+        opts = _EngineOptions(threads)
+        _check(library().v2l_engine_open(os.fsencode(path), ctypes.byref(opts), ctypes.byref(out)))
+        super().__init__(out)
+
+    def load_lora(self, path: str) -> Lora:
+        """A standard LoRA file (diffusers/PEFT, kohya or ComfyUI safetensors), checked against the DiT."""
+        out = ctypes.c_void_p()
+        _check(library().v2l_engine_load_lora(self._ptr, os.fsencode(path), ctypes.byref(out)))
+        return Lora(out)
+
+
+class Video:
+    """Generated frames: RGB8, `frames × height × width × 3` bytes, row-major, interleaved."""
+
+    def __init__(self, rgb: bytes, frames: int, height: int, width: int):
+        self.rgb, self.frames, self.height, self.width = rgb, frames, height, width
+
+
+class Generator(_Handle):
+    """A loaded pipeline (its own ONNX Runtime sessions) and its applied LoRA.
+
+    One generation at a time; `cancel()` may be called from any thread.
+    """
+
+    _free = "v2l_generator_free"
+
+    def __init__(self, engine: Engine):
+        out = ctypes.c_void_p()
+        _check(library().v2l_generator_new(engine._ptr, ctypes.byref(out)))
+        super().__init__(out)
+        self._engine = engine  # keeps the engine alive as long as the generator
+
+    def predict_lora_from_video(self, path: str, height: int, width: int, weight: float = 1.0) -> Lora:
+        """A reference clip's Video2LoRA LoRA (the clip is decoded by ffmpeg at height × width)."""
+        out = ctypes.c_void_p()
+        _check(
+            library().v2l_generator_predict_lora_from_video(
+                self._ptr, os.fsencode(path), height, width, weight, ctypes.byref(out)
+            )
+        )
+        return Lora(out)
+
+    def set_lora(self, lora: Lora, scale: float = 1.0) -> None:
+        """Applies `lora` (replacing any other: an exact switch)."""
+        _check(library().v2l_generator_set_lora(self._ptr, lora._ptr, scale))
+
+    def clear_lora(self) -> None:
+        """Back to the base weights."""
+        _check(library().v2l_generator_clear_lora(self._ptr))
+
+    def cancel(self) -> None:
+        _check(library().v2l_generator_cancel(self._ptr))
+
+    def generate(
+        self,
+        first_frame: bytes,
+        *,
+        height: int,
+        width: int,
+        frames: int,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 50,
+        guidance: float = 6.0,
+        seed: int = 0,
+        max_sequence_length: int = 0,
+        progress=None,
+    ) -> Video:
+        """First frame (RGB8 bytes, height × width × 3) + prompt text → frames.
+
+        `progress(step, steps)` is called after each denoising step; returning False cancels.
+        """
+        lib = library()
+        image = (ctypes.c_uint8 * len(first_frame)).from_buffer_copy(first_frame)
+        p = _Params()
+        p.frames, p.height, p.width, p.steps = frames, height, width, steps
+        p.guidance, p.seed = guidance, seed
+        p.first_frame = ctypes.cast(image, ctypes.POINTER(ctypes.c_uint8))
+        p.first_frame_len = len(first_frame)
+        p.prompt = prompt.encode("utf-8")
+        p.negative_prompt = negative_prompt.encode("utf-8")
+        p.max_sequence_length = max_sequence_length
+        size, n = ctypes.c_size_t(), ctypes.c_uint32()
+        _check(lib.v2l_generator_output_size(self._ptr, ctypes.byref(p), ctypes.byref(size), ctypes.byref(n)))
+        out = (ctypes.c_uint8 * size.value)()
+        raised = []
+
+        def on_step(_user, step, total):
+            if progress is None:
+                return 0
+            try:
+                return 0 if progress(step, total) is not False else 1
+            except BaseException as e:  # never unwind into Rust
+                raised.append(e)
+                return 1
+
+        cb = _PROGRESS(on_step)
+        status = lib.v2l_generator_generate(self._ptr, ctypes.byref(p), cb, None, out, size.value)
+        if raised:
+            raise raised[0]
+        _check(status)
+        return Video(bytes(out), n.value, height, width)
