@@ -119,6 +119,18 @@ fn synthetic(frames: usize, height: usize, width: usize, seed: u64) -> Frames {
     }
 }
 
+/// Prompt embeddings `[1, L, D]` of the engine's sizes (for engines without a text encoder).
+fn random_embeddings(engine: &Engine) -> v2l_runtime::Tensor {
+    let dim = engine
+        .manifest
+        .dit
+        .as_ref()
+        .map(|d| d.text_embed_dim)
+        .unwrap_or(4096);
+    let len = engine.text_sequence_length().unwrap_or(226);
+    v2l_runtime::tensor::gaussian_noise(vec![1, len, dim], 3)
+}
+
 fn job_ms(job: &serde_json::Value, stage: &str) -> f64 {
     job["timings"][stage].as_f64().unwrap_or(f64::NAN)
 }
@@ -156,14 +168,7 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
         if engine.manifest.text_encoder.is_some() {
             return Ok(f.text("prompt", "a bench prompt"));
         }
-        let dim = engine
-            .manifest
-            .dit
-            .as_ref()
-            .map(|d| d.text_embed_dim)
-            .unwrap_or(4096);
-        let len = engine.text_sequence_length().unwrap_or(226);
-        let e = v2l_runtime::tensor::gaussian_noise(vec![1, len, dim], 3);
+        let e = random_embeddings(&engine);
         let p = tmp.path().join("embeds.safetensors");
         let m = std::collections::BTreeMap::from([
             ("prompt_embeds".to_string(), e.clone()),
@@ -239,14 +244,7 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
             })
             .collect::<Result<_, _>>()?;
         // As in the server, a generation runs between switches (the weights are not hot).
-        let dit = engine
-            .manifest
-            .dit
-            .as_ref()
-            .map(|d| d.text_embed_dim)
-            .unwrap_or(4096);
-        let len = engine.text_sequence_length().unwrap_or(226);
-        let embeds = v2l_runtime::tensor::gaussian_noise(vec![1, len, dit], 3);
+        let embeds = random_embeddings(&engine);
         let req = v2l_runtime::pipeline::Request {
             image: synthetic(1, height, width, 1),
             prompt_embeds: embeds.clone(),

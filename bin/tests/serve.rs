@@ -1,6 +1,8 @@
 //! `v2l-serve` end to end: the real server on loopback, driven by a real HTTP client
 //! (`v2l_serve::client`, ureq), against the tiny engine.
 
+#![allow(clippy::unwrap_used, clippy::zombie_processes)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -169,24 +169,6 @@ fn admit(app: &App) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn new_record(id: &str, kind: Kind, params: serde_json::Value) -> JobRecord {
-    JobRecord {
-        id: id.to_string(),
-        kind,
-        state: JobState::Queued,
-        created_at: crate::store::now(),
-        started_at: None,
-        finished_at: None,
-        step: 0,
-        steps: 0,
-        error: None,
-        timings: Default::default(),
-        lora_id: None,
-        lora_cached: None,
-        params,
-    }
-}
-
 /// Stores and queues a job whose files are in place; on refusal its directory goes.
 fn enqueue(app: &App, job: &JobRecord, dir: &std::path::Path) -> Result<(), ApiError> {
     match app.shared.jobs.enqueue(job) {
@@ -236,25 +218,37 @@ fn keep_lora(
     Ok(())
 }
 
+/// Reads a multipart form with `fields` and checks it off the async threads with `check`
+/// (`form::video` or `form::lora`: both decode uploads), after refusing early when no job can
+/// be taken.
+async fn checked<T: Send + 'static>(
+    app: &App,
+    mp: Result<Multipart, MultipartRejection>,
+    fields: &'static [&'static str],
+    check: form::Check<T>,
+) -> Result<T, ApiError> {
+    admit(app)?;
+    let form = form::read(mp, fields).await?;
+    let (shared, scratch) = (app.shared.clone(), scratch(app)?);
+    blocking(move || {
+        let store = &shared.jobs.store;
+        check(
+            &form,
+            &shared.facts,
+            &shared.config.limits,
+            &scratch,
+            &|id| store.lora_path(id).exists(),
+        )
+    })
+    .await
+}
+
 async fn submit_video(
     State(app): State<App>,
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     {
-        admit(&app)?;
-        let form = form::read(mp, form::VIDEO_FIELDS).await?;
-        let (shared, scratch) = (app.shared.clone(), scratch(&app)?);
-        let req = blocking(move || {
-            let store = &shared.jobs.store;
-            form::video(
-                &form,
-                &shared.facts,
-                &shared.config.limits,
-                &scratch,
-                &|id| store.lora_path(id).exists(),
-            )
-        })
-        .await?;
+        let req = checked(&app, mp, form::VIDEO_FIELDS, form::video).await?;
         let id = new_id()?;
         let store = &app.shared.jobs.store;
         let dir = store.job_dir(&id)?;
@@ -276,7 +270,7 @@ async fn submit_video(
             keep_lora(&app, &lid, lora)?;
         }
         let params = serde_json::to_value(&req.params).map_err(ApiError::internal)?;
-        enqueue(&app, &new_record(&id, Kind::Video, params), &dir)?;
+        enqueue(&app, &JobRecord::queued(&id, Kind::Video, params), &dir)?;
         let mut r = (
             StatusCode::ACCEPTED,
             Json(json!({
@@ -437,20 +431,7 @@ async fn submit_lora(
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     {
-        admit(&app)?;
-        let form = form::read(mp, form::LORA_FIELDS).await?;
-        let (shared, scratch) = (app.shared.clone(), scratch(&app)?);
-        let req = blocking(move || {
-            let store = &shared.jobs.store;
-            form::lora(
-                &form,
-                &shared.facts,
-                &shared.config.limits,
-                &scratch,
-                &|id| store.lora_path(id).exists(),
-            )
-        })
-        .await?;
+        let req = checked(&app, mp, form::LORA_FIELDS, form::lora).await?;
         let created = |id: &str, status: StatusCode, cached: bool| {
             let url = format!("/v1/loras/{id}");
             (
@@ -472,7 +453,7 @@ async fn submit_lora(
                     .map_err(ApiError::internal)?;
                 let lid = params.id.clone();
                 let params = serde_json::to_value(&params).map_err(ApiError::internal)?;
-                enqueue(&app, &new_record(&id, Kind::Lora, params), &dir)?;
+                enqueue(&app, &JobRecord::queued(&id, Kind::Lora, params), &dir)?;
                 let end = wait_for_end(&app, &id).await?;
                 let job = app
                     .shared

@@ -132,6 +132,7 @@ impl LoraCache {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use v2l_runtime::lora::format::{Factor, LoraFormat, LoraLayer};
 

@@ -178,7 +178,7 @@ impl Client {
         loop {
             let j = self.get(&format!("/v1/videos/{id}"))?.json();
             if matches!(
-                j["state"].as_str(),
+                j.get("state").and_then(|v| v.as_str()),
                 Some("succeeded" | "failed" | "cancelled")
             ) {
                 return Ok(j);
@@ -186,7 +186,7 @@ impl Client {
             if started.elapsed() > timeout {
                 return Err(ClientError::Job(format!(
                     "job {id} still {} after {timeout:?}",
-                    j["state"]
+                    j.get("state").unwrap_or(&serde_json::Value::Null)
                 )));
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -208,13 +208,18 @@ impl Client {
                 String::from_utf8_lossy(&r.body)
             )));
         }
-        let id = r.json()["id"].as_str().unwrap_or_default().to_string();
+        let id = r
+            .json()
+            .get("id")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
         // The events stream ends the moment the job does; polling is the fallback.
         if self.events(&id).is_err() {
             self.wait(&id, timeout)?;
         }
         let job = self.wait(&id, timeout)?;
-        if job["state"] != "succeeded" {
+        if job.get("state").and_then(|v| v.as_str()) != Some("succeeded") {
             return Err(ClientError::Job(format!("job {id}: {job}")));
         }
         let video = self.get(&format!("/v1/videos/{id}/content"))?;

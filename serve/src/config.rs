@@ -98,7 +98,7 @@ impl EngineFacts {
             .as_ref()
             .ok_or("the engine holds no scheduler config; export the whole pipeline with `v2l-export pipeline`")?;
         let scheduler =
-            v2l_runtime::scheduler::SchedulerConfig::from_file(&engine.dir.join(scheduler))
+            v2l_runtime::scheduler::SchedulerConfig::from_file(engine.dir.join(scheduler))
                 .map_err(|e| e.to_string())?;
         Ok(EngineFacts {
             key: h.finalize().to_hex()[..32].to_string(),

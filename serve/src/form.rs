@@ -175,6 +175,10 @@ pub struct VideoRequest {
     pub prompt_embeds: Option<BTreeMap<String, Tensor>>,
 }
 
+/// A form check: [`video`] or [`lora`]. `stored(id)` tells whether a LoRA is stored already.
+pub type Check<T> =
+    fn(&Form, &EngineFacts, &RequestLimits, &Path, &dyn Fn(&str) -> bool) -> Result<T, ApiError>;
+
 pub const VIDEO_FIELDS: &[&str] = &[
     "image",
     "reference",
@@ -563,7 +567,8 @@ fn embeddings(bytes: &[u8], facts: &EngineFacts) -> Result<BTreeMap<String, Tens
         }
         out.insert(name.to_string(), t.clone());
     }
-    if out["prompt_embeds"].shape != out["negative_prompt_embeds"].shape {
+    let shapes: Vec<&Vec<usize>> = out.values().map(|t| &t.shape).collect();
+    if shapes.windows(2).any(|w| w.first() != w.last()) {
         return Err(ApiError::field(
             field,
             "`negative_prompt_embeds` must have the shape of `prompt_embeds`",
@@ -574,6 +579,7 @@ fn embeddings(bytes: &[u8], facts: &EngineFacts) -> Result<BTreeMap<String, Tens
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn facts() -> EngineFacts {

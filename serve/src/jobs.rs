@@ -202,25 +202,12 @@ impl Jobs {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::store::Kind;
 
     fn job(id: &str) -> JobRecord {
-        JobRecord {
-            id: id.into(),
-            kind: Kind::Video,
-            state: State::Queued,
-            created_at: crate::store::now(),
-            started_at: None,
-            finished_at: None,
-            step: 0,
-            steps: 0,
-            error: None,
-            timings: Default::default(),
-            lora_id: None,
-            lora_cached: None,
-            params: serde_json::json!({}),
-        }
+        JobRecord::queued(id, Kind::Video, serde_json::json!({}))
     }
 
     #[test]

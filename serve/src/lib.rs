@@ -18,6 +18,12 @@
 //! | [`metrics`] | Prometheus text |
 //! | [`server`] | start (pipelines loaded before listening), graceful stop |
 
+// Library code returns typed errors; tests may unwrap.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 pub mod api;
 pub mod cache;
 pub mod client;

@@ -99,6 +99,7 @@ pub fn document() -> Value {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     #[test]
     fn the_document_is_stable() {
         let doc = super::document();

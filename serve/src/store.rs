@@ -97,6 +97,27 @@ pub struct JobRecord {
     pub params: serde_json::Value,
 }
 
+impl JobRecord {
+    /// A new job, queued now.
+    pub fn queued(id: &str, kind: Kind, params: serde_json::Value) -> JobRecord {
+        JobRecord {
+            id: id.to_string(),
+            kind,
+            state: State::Queued,
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+            step: 0,
+            steps: 0,
+            error: None,
+            timings: BTreeMap::new(),
+            lora_id: None,
+            lora_cached: None,
+            params,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
@@ -395,24 +416,11 @@ pub fn load_frames(path: &Path) -> v2l_runtime::Result<v2l_runtime::video::Frame
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn job(id: &str) -> JobRecord {
-        JobRecord {
-            id: id.into(),
-            kind: Kind::Video,
-            state: State::Queued,
-            created_at: now(),
-            started_at: None,
-            finished_at: None,
-            step: 0,
-            steps: 0,
-            error: None,
-            timings: BTreeMap::new(),
-            lora_id: None,
-            lora_cached: None,
-            params: serde_json::json!({"steps": 2}),
-        }
+        JobRecord::queued(id, Kind::Video, serde_json::json!({"steps": 2}))
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! What several integration tests share: the tiny fixture model, exported and compiled.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
