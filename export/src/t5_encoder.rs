@@ -1,15 +1,18 @@
-//! `T5EncoderModel` (transformers; T5 v1.1 as CogVideoX uses it): `input_ids [B, L]` int64 →
-//! `prompt_embeds [B, L, d_model]`. Names mirror the checkpoint (`encoder.block.{i}.layer.{0,1}…`).
+//! `T5EncoderModel` (transformers; T5 v1.1 as CogVideoX uses it) and `UMT5EncoderModel` (umT5,
+//! Wan's text encoder): `input_ids [B, L]` int64 → `prompt_embeds [B, L, d_model]`. Names mirror
+//! the checkpoint (`encoder.block.{i}.layer.{0,1}…`).
 //!
 //! What the graph computes, as transformers does it:
 //! - token embedding `shared` (or `encoder.embed_tokens`), no scaling;
 //! - per block: `x + o(attention(rms_norm(x)))`, then `x + wo(gelu_new(wi_0(h)) · wi_1(h))` with
 //!   `h = rms_norm(x)`; `final_layer_norm` at the end;
-//! - attention without `1/√d` scaling, plus a relative-position bias: one table
+//! - attention without `1/√d` scaling, plus a relative-position bias indexed by the
+//!   bidirectional log-bucket of `key − query`: T5 has one table
 //!   (`block.0.layer.0.SelfAttention.relative_attention_bias`, `[buckets, heads]`) shared by every
-//!   layer, indexed by the bidirectional log-bucket of `key − query`;
-//! - no attention mask (diffusers' CogVideoX pipelines call the encoder without one, so padding
-//!   tokens take part);
+//!   layer; umT5 has one per layer (`block.{i}.layer.0.SelfAttention.relative_attention_bias`);
+//! - T5: no attention mask (diffusers' CogVideoX pipelines call the encoder without one, so
+//!   padding tokens take part); umT5: an `attention_mask [B, L]` input (1: token, 0: padding), as
+//!   diffusers' Wan pipelines pass it: padded keys get the lowest f32 added to their scores;
 //! - RMS norm `w · x / √(mean(x²) + ε)` with no mean subtraction and no bias.
 
 use serde::Deserialize;
@@ -19,8 +22,10 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
 use crate::scope::Scope;
 
-/// The transformers `model_type` this exporter reads.
+/// The transformers `model_type` of T5 v1.1 (CogVideoX's text encoder).
 pub const MODEL_TYPE: &str = "t5";
+/// The transformers `model_type` of umT5 (Wan's text encoder).
+pub const UMT5_MODEL_TYPE: &str = "umt5";
 
 /// The `config.json` fields the graph depends on.
 #[derive(Clone, Debug, Deserialize)]
@@ -59,13 +64,17 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<T5Export
         path: path.clone(),
         message: e.to_string(),
     })?;
-    if cfg.model_type != MODEL_TYPE {
-        return Err(ExportError::UnknownClass {
-            path,
-            found: cfg.model_type.clone(),
-            expected: MODEL_TYPE.into(),
-        });
-    }
+    let umt5 = match cfg.model_type.as_str() {
+        MODEL_TYPE => false,
+        UMT5_MODEL_TYPE => true,
+        other => {
+            return Err(ExportError::UnknownClass {
+                path,
+                found: other.into(),
+                expected: format!("{MODEL_TYPE} or {UMT5_MODEL_TYPE}"),
+            })
+        }
+    };
     if cfg.feed_forward_proj != "gated-gelu" {
         return Err(ExportError::Unsupported {
             path,
@@ -75,7 +84,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<T5Export
             ),
         });
     }
-    let mut g = Graph::new("t5_encoder");
+    let mut g = Graph::new(if umt5 { "umt5_encoder" } else { "t5_encoder" });
     let mut vb = Scope::new(ckpt);
     vb.weight_dtype = weight_dtype;
     let ids = g.input(
@@ -92,10 +101,36 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<T5Export
     let emb = vb.weight(&mut g, table, &[cfg.vocab_size, d])?;
     let mut x = g.op("Gather", &[&emb, &ids], vec![]);
     let enc = vb.pp("encoder");
-    let bias = g.scoped("relative_position", |g| position_bias(g, &enc, &cfg, &ids))?;
+    // umT5: `[B, 1, 1, L]`, the lowest f32 where the key is padding, 0 elsewhere.
+    let mask = match umt5 {
+        false => None,
+        true => {
+            let m = g.input(
+                "attention_mask",
+                DType::I64,
+                vec!["batch".into(), "tokens".into()],
+            );
+            Some(g.scoped("attention_mask", |g| key_mask_bias(g, &m)))
+        }
+    };
+    let buckets = g.scoped("relative_position", |g| bucket_index(g, &cfg, &ids));
+    let mut shared_bias = None;
     for i in 0..cfg.num_layers {
         let blk = enc.pp("block").pp(i);
         let attn = blk.pp("layer").pp(0);
+        // T5: layer 0's table serves every layer; umT5: each layer has its own.
+        let bias = match (&shared_bias, umt5) {
+            (Some(b), false) => Clone::clone(b),
+            _ => {
+                let b = position_bias(&mut g, &attn.pp("SelfAttention"), &cfg, &buckets)?;
+                let b = match &mask {
+                    Some(m) => g.scoped(attn.prefix(), |g| g.add(&b, m)),
+                    None => b,
+                };
+                shared_bias = Some(b.clone());
+                b
+            }
+        };
         let h = rms_norm(&mut g, &attn, "layer_norm", &x, &cfg)?;
         let a = attention(&mut g, &attn.pp("SelfAttention"), &cfg, &h, &bias, inner)?;
         x = g.add(&x, &a);
@@ -116,7 +151,14 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<T5Export
         DType::F32,
         vec!["batch".into(), "tokens".into(), Dim::Fixed(d as i64)],
     );
-    g.metadata("v2l.architecture", "T5EncoderModel");
+    g.metadata(
+        "v2l.architecture",
+        if umt5 {
+            "UMT5EncoderModel"
+        } else {
+            "T5EncoderModel"
+        },
+    );
     Ok(T5Export {
         graph: g,
         config: cfg,
@@ -242,15 +284,8 @@ pub fn t5_xxl_config() -> serde_json::Value {
     })
 }
 
-/// `[1, heads, L, L]`: the bias table gathered at the bucket of every (query, key) pair.
-fn position_bias(g: &mut Graph, enc: &Scope, cfg: &T5Config, ids: &Value) -> Result<Value> {
-    let table = enc
-        .pp("block.0.layer.0.SelfAttention.relative_attention_bias")
-        .weight(
-            g,
-            "weight",
-            &[cfg.relative_attention_num_buckets, cfg.num_heads],
-        )?;
+/// `[L, L]`: the table row (bucket) of every (query, key) pair.
+fn bucket_index(g: &mut Graph, cfg: &T5Config, ids: &Value) -> Value {
     let buckets = relative_buckets(
         cfg.relative_attention_num_buckets,
         cfg.relative_attention_max_distance,
@@ -278,10 +313,32 @@ fn position_bias(g: &mut Graph, enc: &Scope, cfg: &T5Config, ids: &Value) -> Res
     let hi = to_scalar(g, &hi);
     let rel = g.op("Clip", &[&rel, &lo, &hi], vec![]);
     let idx = g.sub(&rel, &lo);
-    let bucket = g.op("Gather", &[&lut, &idx], vec![]);
-    let bias = g.op("Gather", &[&table, &bucket], vec![]); // [L, L, heads]
-    let bias = g.transpose(&bias, &[2, 0, 1]);
-    Ok(g.unsqueeze(&bias, &[0]))
+    g.op("Gather", &[&lut, &idx], vec![])
+}
+
+/// `[1, heads, L, L]`: an attention layer's bias table gathered at every pair's bucket.
+fn position_bias(g: &mut Graph, attn: &Scope, cfg: &T5Config, buckets: &Value) -> Result<Value> {
+    let table = attn.pp("relative_attention_bias").weight(
+        g,
+        "weight",
+        &[cfg.relative_attention_num_buckets, cfg.num_heads],
+    )?;
+    Ok(g.scoped(attn.prefix(), |g| {
+        let bias = g.op("Gather", &[&table, buckets], vec![]); // [L, L, heads]
+        let bias = g.transpose(&bias, &[2, 0, 1]);
+        g.unsqueeze(&bias, &[0])
+    }))
+}
+
+/// `[B, 1, 1, L]` from an `attention_mask [B, L]` (1: token): `(1 − mask) · f32::MIN`, what
+/// transformers adds to the scores of padded keys.
+fn key_mask_bias(g: &mut Graph, mask: &Value) -> Value {
+    let m = g.cast(mask, DType::F32);
+    let one = g.const_f32(&[1.0], &[1]);
+    let lowest = g.const_f32(&[f32::MIN], &[1]);
+    let off = g.sub(&one, &m);
+    let bias = g.mul(&off, &lowest);
+    g.unsqueeze(&bias, &[1, 2])
 }
 
 #[cfg(test)]

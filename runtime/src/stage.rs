@@ -211,6 +211,17 @@ pub fn check_inputs(
                 .ok_or_else(|| dir.missing("text encoder", "text-encoder"))?;
             let _: [usize; 2] =
                 sized(dims("input_ids"), "[B, L]").map_err(|m| bad("input_ids", m))?;
+            // Optional (umT5 graphs take one; without it every non-padding token counts).
+            if let Some(m) = inputs.get("attention_mask") {
+                let ok = m.shape == dims("input_ids")
+                    && matches!(&m.data, crate::tensor::Data::I64(v) if v.iter().all(|&x| x == 0 || x == 1));
+                if !ok {
+                    return Err(bad(
+                        "attention_mask",
+                        "must be int64 0/1 of the shape of `input_ids`".into(),
+                    ));
+                }
+            }
             if let Some(crate::tensor::Data::I64(ids)) = inputs.get("input_ids").map(|t| &t.data) {
                 if let Some((i, id)) = ids
                     .iter()
@@ -354,7 +365,8 @@ pub fn run_stage(
                 &dir.text_encoder_options(opts),
             )?;
             let load_ms = ms(t0);
-            let feed = BTreeMap::from([("input_ids".to_string(), get("input_ids")?.clone())]);
+            let mask = inputs.get("attention_mask").cloned();
+            let feed = crate::text::prompt::encoder_feed(&m, get("input_ids")?.clone(), mask);
             let (mut out, times) = timed(runs, || m.run(&feed))?;
             let embeds = out
                 .remove("prompt_embeds")

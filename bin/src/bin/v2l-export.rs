@@ -320,8 +320,9 @@ fn export_text_encoder(
     });
     manifest.write(&out.output)?;
     println!(
-        "wrote {} (T5 encoder, {} layers, d_model {}, {} of {} weights)",
+        "wrote {} ({} encoder, {} layers, d_model {}, {} of {} weights)",
         out.shown(file),
+        ex.config.model_type,
         ex.config.num_layers,
         ex.config.d_model,
         bytes(written.weight_bytes),

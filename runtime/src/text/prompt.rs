@@ -65,10 +65,8 @@ impl PromptEncoder {
         if let Some(n) = truncated_from {
             on_truncate(n);
         }
-        let feed = BTreeMap::from([(
-            "input_ids".to_string(),
-            Tensor::i64(vec![1, ids.len()], ids.clone()),
-        )]);
+        let ids_t = Tensor::i64(vec![1, ids.len()], ids.clone());
+        let feed = encoder_feed(&self.model, ids_t, None);
         let embeds = self
             .model
             .run(&feed)?
@@ -85,4 +83,27 @@ impl PromptEncoder {
     pub fn cached(&self) -> usize {
         self.cache.len()
     }
+}
+
+/// The feed of a text-encoder graph: `input_ids`, and for graphs that take one (umT5) an
+/// `attention_mask` — the given one, or 1 for every token that is not padding (id 0, `<pad>`
+/// in T5 and umT5 vocabularies), as the tokenizer's mask is.
+pub fn encoder_feed(
+    model: &crate::session::Model,
+    ids: Tensor,
+    mask: Option<Tensor>,
+) -> BTreeMap<String, Tensor> {
+    let mut feed = BTreeMap::new();
+    if model.input_names().iter().any(|n| n == "attention_mask") {
+        let mask = mask.unwrap_or_else(|| {
+            let m = match &ids.data {
+                crate::tensor::Data::I64(v) => v.iter().map(|&i| i64::from(i != 0)).collect(),
+                _ => vec![1; ids.numel()],
+            };
+            Tensor::i64(ids.shape.clone(), m)
+        });
+        feed.insert("attention_mask".to_string(), mask);
+    }
+    feed.insert("input_ids".to_string(), ids);
+    feed
 }
