@@ -31,6 +31,7 @@ pub mod bundle;
 pub mod calibrate;
 pub mod engine;
 pub mod error;
+pub mod flow;
 pub mod layout;
 pub mod limits;
 pub mod lora;

@@ -525,7 +525,7 @@ fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
 }
 
 /// `np.linspace(start, stop, num)` (endpoint=True) for float64.
-fn np_linspace_f64(start: f64, stop: f64, num: usize) -> Vec<f64> {
+pub(crate) fn np_linspace_f64(start: f64, stop: f64, num: usize) -> Vec<f64> {
     if num == 0 {
         return Vec::new();
     }
