@@ -303,22 +303,9 @@ fn patch_embed(
 /// `Timesteps` (sinusoidal, diffusers' `get_timestep_embedding`) then `TimestepEmbedding`.
 fn time_embedding(g: &mut Graph, vb: &Scope, cfg: &DitConfig, timestep: &Value) -> Result<Value> {
     let dim = cfg.inner_dim();
-    let half = dim / 2;
-    // Same f32 arithmetic as diffusers: exp(-ln(10000)·i / (half - shift)).
-    let c = -(10000f64.ln()) as f32;
-    let denom = (half as i64 - cfg.freq_shift) as f32;
-    let freqs: Vec<f32> = (0..half).map(|i| ((c * i as f32) / denom).exp()).collect();
     let emb = g.scoped("time_proj", |g| {
-        let f = g.const_f32(&freqs, &[1, half as i64]);
         let t = g.cast(timestep, DType::F32);
-        let t = g.unsqueeze(&t, &[1]);
-        let arg = g.mul(&t, &f);
-        let (s, c) = (g.sin(&arg), g.cos(&arg));
-        if cfg.flip_sin_to_cos {
-            g.concat(&[&c, &s], 1)
-        } else {
-            g.concat(&[&s, &c], 1)
-        }
+        crate::layers::sinusoid(g, &t, dim, cfg.flip_sin_to_cos, cfg.freq_shift)
     });
     let te = vb.pp("time_embedding");
     let h = te.linear(g, &emb, "linear_1", dim, cfg.time_embed_dim, true)?;
@@ -355,30 +342,13 @@ impl Rope {
         let cos = g.unsqueeze(&cos, &[1]);
         let sin = g.concat(&[&zeros, sin], 0);
         let sin = g.unsqueeze(&sin, &[1]);
-        let n = dh as usize;
-        // out[2i] = -x[2i+1], out[2i+1] = x[2i]: row 2i+1 has -1 in column 2i, row 2i has 1 in
-        // column 2i+1.
-        let mut r = vec![0f32; n * n];
-        for (row, line) in r.chunks_exact_mut(n.max(1)).enumerate() {
-            let (col, v) = if row % 2 == 0 {
-                (row + 1, 1.0)
-            } else {
-                (row - 1, -1.0)
-            };
-            if let Some(x) = line.get_mut(col) {
-                *x = v;
-            }
-        }
-        let rotate = g.const_f32(&r, &[dh, dh]);
+        let rotate = crate::layers::rotate_pairs(g, dh);
         Rope { cos, sin, rotate }
     }
 
     /// `x·cos + rotate(x)·sin` for `x [B,S,H,Dh]`.
     fn apply(&self, g: &mut Graph, x: &Value) -> Value {
-        let xr = g.matmul(x, &self.rotate);
-        let a = g.mul(x, &self.cos);
-        let b = g.mul(&xr, &self.sin);
-        g.add(&a, &b)
+        crate::layers::apply_rope(g, x, &self.cos, &self.sin, &self.rotate)
     }
 }
 
@@ -404,13 +374,7 @@ fn layer_norm_zero(
     }))
 }
 
-/// `x·(1 + scale) + shift`, in diffusers' order of operations.
-fn modulate(g: &mut Graph, x: &Value, scale: &Value, shift: &Value) -> Value {
-    let one = g.scalar(1.0);
-    let s = g.add(&one, scale);
-    let y = g.mul(x, &s);
-    g.add(&y, shift)
-}
+use crate::layers::modulate;
 
 #[allow(clippy::too_many_arguments)]
 fn block(

@@ -22,11 +22,13 @@ pub mod checkpoint;
 pub mod cogvideox_dit;
 pub mod cogvideox_vae;
 pub mod error;
+mod layers;
 pub mod manifest;
 pub mod scope;
 pub mod synthetic;
 pub mod t5_encoder;
 pub mod video2lora_hypernet;
+pub mod wan_dit;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use error::{ExportError, Result};

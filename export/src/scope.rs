@@ -137,4 +137,34 @@ impl<'a> Scope<'a> {
         };
         Ok(g.scoped(s.prefix(), |g| g.layer_norm(x, &w, &b, eps)))
     }
+
+    /// `nn.RMSNorm(dim, eps)` with its weight, named `name` under this scope:
+    /// `x / √(mean(x²) + ε) · w` over the last axis.
+    pub fn rms_norm(
+        &self,
+        g: &mut Graph,
+        x: &Value,
+        name: &str,
+        dim: usize,
+        eps: f32,
+    ) -> Result<Value> {
+        let s = self.pp(name);
+        let w = s.weight(g, "weight", &[dim])?;
+        Ok(g.scoped(s.prefix(), |g| {
+            let x2 = g.mul(x, x);
+            let var = g.op(
+                "ReduceMean",
+                &[&x2],
+                vec![
+                    ("axes", v2l_graphs::Attr::Ints(vec![-1])),
+                    ("keepdims", v2l_graphs::Attr::Int(1)),
+                ],
+            );
+            let eps = g.scalar(eps);
+            let var = g.add(&var, &eps);
+            let rms = g.op("Sqrt", &[&var], vec![]);
+            let y = g.div(x, &rms);
+            g.mul(&w, &y)
+        }))
+    }
 }

@@ -168,23 +168,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<T5Export
 
 /// `T5LayerNorm`: `w · x / √(mean(x²) + ε)` over the last axis.
 fn rms_norm(g: &mut Graph, vb: &Scope, name: &str, x: &Value, cfg: &T5Config) -> Result<Value> {
-    let w = vb.pp(name).weight(g, "weight", &[cfg.d_model])?;
-    Ok(g.scoped(vb.pp(name).prefix(), |g| {
-        let x2 = g.mul(x, x);
-        let var = g.op(
-            "ReduceMean",
-            &[&x2],
-            vec![
-                ("axes", v2l_graphs::Attr::Ints(vec![-1])),
-                ("keepdims", v2l_graphs::Attr::Int(1)),
-            ],
-        );
-        let eps = g.scalar(cfg.layer_norm_epsilon);
-        let var = g.add(&var, &eps);
-        let rms = g.op("Sqrt", &[&var], vec![]);
-        let y = g.div(x, &rms);
-        g.mul(&w, &y)
-    }))
+    vb.rms_norm(g, x, name, cfg.d_model, cfg.layer_norm_epsilon)
 }
 
 /// Self-attention with the shared relative-position bias `[1, heads, L, L]`, no scaling.

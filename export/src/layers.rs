@@ -1,0 +1,64 @@
+//! Building blocks several architectures share, each as diffusers computes it.
+
+use v2l_graphs::{Graph, Value};
+
+/// diffusers' `get_timestep_embedding` (`Timesteps`): `[B]` float timesteps → `[B, dim]`
+/// `[sin, cos]` (or `[cos, sin]` with `flip`), frequencies `exp(-ln(10000)·i / (dim/2 − shift))`
+/// in diffusers' float32 arithmetic.
+pub(crate) fn sinusoid(g: &mut Graph, t: &Value, dim: usize, flip: bool, shift: i64) -> Value {
+    let half = dim / 2;
+    let c = -(10000f64.ln()) as f32;
+    let denom = (half as i64 - shift) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| ((c * i as f32) / denom).exp()).collect();
+    let f = g.const_f32(&freqs, &[1, half as i64]);
+    let t = g.unsqueeze(t, &[1]);
+    let arg = g.mul(&t, &f);
+    let (s, c) = (g.sin(&arg), g.cos(&arg));
+    if flip {
+        g.concat(&[&c, &s], 1)
+    } else {
+        g.concat(&[&s, &c], 1)
+    }
+}
+
+/// `[Dh, Dh]` matrix with `x·R = (−x₁, x₀, −x₃, x₂, …)`: the pair rotation of interleaved RoPE
+/// as one exact matrix product (one ±1 per column).
+pub(crate) fn rotate_pairs(g: &mut Graph, dh: i64) -> Value {
+    let n = dh as usize;
+    let mut r = vec![0f32; n * n];
+    for (row, line) in r.chunks_exact_mut(n.max(1)).enumerate() {
+        let (col, v) = if row % 2 == 0 {
+            (row + 1, 1.0)
+        } else {
+            (row - 1, -1.0)
+        };
+        if let Some(x) = line.get_mut(col) {
+            *x = v;
+        }
+    }
+    g.const_f32(&r, &[dh, dh])
+}
+
+/// Interleaved RoPE `x·cos + rotate(x)·sin` on `x [B, S, heads, Dh]` with `cos`/`sin`
+/// broadcasting as `[S, 1, Dh]`: the same sums as diffusers' `apply_rotary_emb` (even
+/// `x₀·cos − x₁·sin`, odd `x₁·cos + x₀·sin`).
+pub(crate) fn apply_rope(
+    g: &mut Graph,
+    x: &Value,
+    cos: &Value,
+    sin: &Value,
+    rotate: &Value,
+) -> Value {
+    let xr = g.matmul(x, rotate);
+    let a = g.mul(x, cos);
+    let b = g.mul(&xr, sin);
+    g.add(&a, &b)
+}
+
+/// `x·(1 + scale) + shift`, in diffusers' order of operations.
+pub(crate) fn modulate(g: &mut Graph, x: &Value, scale: &Value, shift: &Value) -> Value {
+    let one = g.scalar(1.0);
+    let s = g.add(&one, scale);
+    let y = g.mul(x, &s);
+    g.add(&y, shift)
+}

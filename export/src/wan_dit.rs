@@ -1,0 +1,489 @@
+//! Wan2.1 diffusion transformer (`WanTransformer3DModel`, T2V and I2V) as an ONNX graph.
+//!
+//! Mirrors diffusers 0.42.1 `models/transformers/transformer_wan.py`: a Conv3d patch embedding,
+//! the time/text(/image) condition embedder, `WanTransformerBlock`s (scale-shift-table
+//! modulation, self-attention with RMS norms across heads and 3-D RoPE, cross-attention to the
+//! text, plus I2V's `add_k_proj`/`add_v_proj` attention to the image tokens, GELU-tanh
+//! feed-forward), the output norm and projection, and unpatchify.
+//!
+//! Graph contract: inputs `hidden_states [B, Cin, F, H, W]` (Wan's channels-first latents),
+//! `timestep` float `[B]` (UniPC's whole numbers and Euler's fractions alike),
+//! `encoder_hidden_states [B, L, text_dim]`, for I2V `encoder_hidden_states_image
+//! [B, Limg, image_dim]` (the CLIP vision tokens), and `rope_cos`/`rope_sin [F·(H/2)·(W/2),
+//! Dhead]` (`v2l_runtime::rope::wan_rope`, dynamic sizes as for CogVideoX); output
+//! `sample [B, Cout, F, H, W]`. Text and image tokens come as separate inputs: diffusers splits
+//! them out of one tensor by assuming 512 text tokens, which the pipeline always pads to.
+//!
+//! ```text
+//! v2l-export dit path/to/Wan2.1-T2V-1.3B-Diffusers/transformer -o out/
+//! ```
+
+use serde::Deserialize;
+use v2l_graphs::{DType, Dim, Graph, Value};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ExportError, Result};
+use crate::layers::{apply_rope, modulate, rotate_pairs, sinusoid};
+use crate::scope::{LinearInfo, Scope};
+
+pub const CLASS_NAME: &str = "WanTransformer3DModel";
+
+/// The `config.json` fields the graph depends on (defaults: `WanTransformer3DModel.__init__`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct WanDitConfig {
+    pub patch_size: Vec<usize>,
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub in_channels: usize,
+    pub out_channels: Option<usize>,
+    pub text_dim: usize,
+    pub freq_dim: usize,
+    pub ffn_dim: usize,
+    pub num_layers: usize,
+    pub cross_attn_norm: bool,
+    pub qk_norm: Option<String>,
+    pub eps: f32,
+    pub image_dim: Option<usize>,
+    pub added_kv_proj_dim: Option<usize>,
+    pub rope_max_seq_len: usize,
+    pub pos_embed_seq_len: Option<usize>,
+}
+
+impl Default for WanDitConfig {
+    fn default() -> Self {
+        WanDitConfig {
+            patch_size: vec![1, 2, 2],
+            num_attention_heads: 40,
+            attention_head_dim: 128,
+            in_channels: 16,
+            out_channels: None,
+            text_dim: 4096,
+            freq_dim: 256,
+            ffn_dim: 13824,
+            num_layers: 40,
+            cross_attn_norm: true,
+            qk_norm: Some("rms_norm_across_heads".into()),
+            eps: 1e-6,
+            image_dim: None,
+            added_kv_proj_dim: None,
+            rope_max_seq_len: 1024,
+            pos_embed_seq_len: None,
+        }
+    }
+}
+
+impl WanDitConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+    /// `(p_t, p_h, p_w)`.
+    pub fn patch(&self) -> (usize, usize, usize) {
+        match self.patch_size[..] {
+            [t, h, w] => (t, h, w),
+            _ => (1, 2, 2),
+        }
+    }
+}
+
+/// The exported graph and what a LoRA can target in it.
+pub struct WanDitExport {
+    pub graph: Graph,
+    pub config: WanDitConfig,
+    pub raw_config: serde_json::Value,
+    /// Every `nn.Linear`, in `named_modules()` order.
+    pub linears: Vec<LinearInfo>,
+    pub unused_keys: Vec<String>,
+}
+
+/// Builds the Wan DiT graph from a diffusers transformer checkpoint; `weight_dtype` stores the
+/// weights as f16/bf16 with a Cast each (`None`: f32).
+pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitExport> {
+    let cfg: WanDitConfig = ckpt.config(CLASS_NAME)?;
+    let raw_config: serde_json::Value = ckpt.config(CLASS_NAME)?;
+    check_supported(ckpt, &cfg)?;
+    let mut g = Graph::new("wan_dit");
+    let mut vb = Scope::new(ckpt);
+    vb.weight_dtype = weight_dtype;
+    let (d, dh) = (cfg.inner_dim(), cfg.attention_head_dim as i64);
+    let dims5 = |c: usize| -> Vec<Dim> {
+        vec![
+            "batch".into(),
+            Dim::Fixed(c as i64),
+            "frames".into(),
+            "height".into(),
+            "width".into(),
+        ]
+    };
+    let hidden = g.input("hidden_states", DType::F32, dims5(cfg.in_channels));
+    let timestep = g.input("timestep", DType::F32, vec!["batch".into()]);
+    let text = g.input(
+        "encoder_hidden_states",
+        DType::F32,
+        vec![
+            "batch".into(),
+            "text_len".into(),
+            Dim::Fixed(cfg.text_dim as i64),
+        ],
+    );
+    let image = cfg.image_dim.map(|image_dim| {
+        g.input(
+            "encoder_hidden_states_image",
+            DType::F32,
+            vec![
+                "batch".into(),
+                "image_len".into(),
+                Dim::Fixed(image_dim as i64),
+            ],
+        )
+    });
+    let rope_dims = || vec!["video_tokens".into(), Dim::Fixed(dh)];
+    let rope_cos = g.input("rope_cos", DType::F32, rope_dims());
+    let rope_sin = g.input("rope_sin", DType::F32, rope_dims());
+
+    let x = patch_embedding(&mut g, &vb, &cfg, &hidden)?;
+    let cond = condition_embedder(
+        &mut g,
+        &vb.pp("condition_embedder"),
+        &cfg,
+        &timestep,
+        &text,
+        image.as_ref(),
+    )?;
+    let rope = g.scoped("rope", |g| {
+        // [S, Dh] → [S, 1, Dh]: broadcast over the heads of `[B, S, heads, Dh]`.
+        let cos = g.unsqueeze(&rope_cos, &[1]);
+        let sin = g.unsqueeze(&rope_sin, &[1]);
+        let rotate = rotate_pairs(g, dh);
+        (cos, sin, rotate)
+    });
+    let mut x = x;
+    for i in 0..cfg.num_layers {
+        x = block(&mut g, &vb.pp("blocks").pp(i), &cfg, &x, &cond, &rope)?;
+    }
+    // Output: (table + temb) → shift, scale; norm_out(x)·(1 + scale) + shift; proj_out.
+    let table = vb.weight(&mut g, "scale_shift_table", &[1, 2, d])?;
+    let nx = vb.layer_norm(&mut g, &x, "norm_out", d, cfg.eps, false)?;
+    let x = g.scoped("norm_out", |g| {
+        let t = g.unsqueeze(&cond.temb, &[1]);
+        let m = g.add(&table, &t);
+        let [shift, scale] = g.chunk::<2>(&m, 1, 1);
+        modulate(g, &nx, &scale, &shift)
+    });
+    let (pt, ph, pw) = cfg.patch();
+    let c = cfg.out_channels();
+    let x = vb.linear(&mut g, &x, "proj_out", d, c * pt * ph * pw, true)?;
+    let sample = g.scoped("unpatchify", |g| unpatchify(g, &x, &hidden, &cfg));
+    g.output(&sample, "sample", DType::F32, dims5(c));
+    g.metadata("v2l.architecture", CLASS_NAME);
+    let linears = module_order(vb.linears());
+    Ok(WanDitExport {
+        graph: g,
+        config: cfg,
+        raw_config,
+        linears,
+        unused_keys: ckpt.unused_keys(),
+    })
+}
+
+fn check_supported(ckpt: &Checkpoint, cfg: &WanDitConfig) -> Result<()> {
+    let unsupported = |what: String| {
+        Err(ExportError::Unsupported {
+            path: ckpt.dir().join("config.json"),
+            what,
+        })
+    };
+    if cfg.patch_size.len() != 3 {
+        return unsupported(format!(
+            "patch_size {:?} (3 values expected)",
+            cfg.patch_size
+        ));
+    }
+    if cfg.qk_norm.as_deref() != Some("rms_norm_across_heads") {
+        return unsupported(format!("qk_norm {:?}", cfg.qk_norm));
+    }
+    if cfg.pos_embed_seq_len.is_some() {
+        return unsupported("the FLF2V image position embedding (`pos_embed_seq_len`)".into());
+    }
+    if cfg.image_dim.is_some() != cfg.added_kv_proj_dim.is_some() {
+        return unsupported("`image_dim` without `added_kv_proj_dim` (or the reverse)".into());
+    }
+    if cfg.attention_head_dim % 2 != 0 || cfg.freq_dim % 2 != 0 {
+        return unsupported("an odd head or frequency dimension".into());
+    }
+    Ok(())
+}
+
+/// Conv3d with kernel = stride = patch as one matrix product over patches:
+/// `[B,C,F,H,W] → [B,C,f,pt,h,ph,w,pw] → [B,f,h,w,C,pt,ph,pw] → [B, f·h·w, C·pt·ph·pw] · Wᵀ + b`
+/// (tokens in diffusers' `flatten(2).transpose(1, 2)` order).
+fn patch_embedding(g: &mut Graph, vb: &Scope, cfg: &WanDitConfig, hidden: &Value) -> Result<Value> {
+    let (d, c) = (cfg.inner_dim(), cfg.in_channels);
+    let (pt, ph, pw) = cfg.patch();
+    let s = vb.pp("patch_embedding");
+    let w = s.weight(g, "weight", &[d, c, pt, ph, pw])?;
+    let b = s.weight(g, "bias", &[d])?;
+    Ok(g.scoped(s.prefix(), |g| {
+        let (pt, ph, pw) = (pt as i64, ph as i64, pw as i64);
+        let k = c as i64 * pt * ph * pw;
+        let bc = g.shape_range(hidden, 0, 2);
+        let fhw = g.shape_range(hidden, 2, 5);
+        let p = g.const_i64(&[pt, ph, pw]);
+        let n = g.div(&fhw, &p);
+        let (f, h, w_) = (
+            g.slice(&n, 0, 0, 1),
+            g.slice(&n, 0, 1, 2),
+            g.slice(&n, 0, 2, 3),
+        );
+        let (cpt, cph, cpw) = (g.const_i64(&[pt]), g.const_i64(&[ph]), g.const_i64(&[pw]));
+        let shape = g.concat(&[&bc, &f, &cpt, &h, &cph, &w_, &cpw], 0);
+        let x = g.reshape(hidden, &shape);
+        let x = g.transpose(&x, &[0, 2, 4, 6, 1, 3, 5, 7]);
+        let x = g.reshape_to(&x, &[0, -1, k]);
+        let w2 = g.reshape_to(&w, &[d as i64, k]);
+        g.linear(&x, &w2, Some(&b), d as i64)
+    }))
+}
+
+/// What the condition embedder gives every block.
+struct Conditions {
+    /// `[B, D]` time embedding (the output norm's modulation).
+    temb: Value,
+    /// `[B, 6, D]` per-block modulation (before each block's own table).
+    timestep_proj: Value,
+    /// `[B, L, D]` text tokens.
+    text: Value,
+    /// `[B, Limg, D]` image tokens (I2V).
+    image: Option<Value>,
+}
+
+/// `WanTimeTextImageEmbedding`.
+fn condition_embedder(
+    g: &mut Graph,
+    vb: &Scope,
+    cfg: &WanDitConfig,
+    timestep: &Value,
+    text: &Value,
+    image: Option<&Value>,
+) -> Result<Conditions> {
+    let d = cfg.inner_dim();
+    let f = cfg.freq_dim;
+    let emb = g.scoped("time_proj", |g| sinusoid(g, timestep, f, true, 0));
+    let te = vb.pp("time_embedder");
+    let h = te.linear(g, &emb, "linear_1", f, d, true)?;
+    let h = g.silu(&h);
+    let temb = te.linear(g, &h, "linear_2", d, d, true)?;
+    let act = g.silu(&temb);
+    let proj = vb.linear(g, &act, "time_proj", d, 6 * d, true)?;
+    let timestep_proj = g.scoped(vb.prefix(), |g| g.reshape_to(&proj, &[0, 6, d as i64]));
+    let tx = vb.pp("text_embedder");
+    let t = tx.linear(g, text, "linear_1", cfg.text_dim, d, true)?;
+    let t = g.scoped(tx.prefix(), |g| g.gelu_tanh(&t));
+    let text = tx.linear(g, &t, "linear_2", d, d, true)?;
+    let image = match (image, cfg.image_dim) {
+        (Some(img), Some(image_dim)) => {
+            // WanImageEmbedding: LayerNorm, FeedForward(mult 1, exact GELU), LayerNorm.
+            let ie = vb.pp("image_embedder");
+            let x = ie.layer_norm(g, img, "norm1", image_dim, 1e-5, true)?;
+            let ff = ie.pp("ff").pp("net");
+            let x = ff
+                .pp("0")
+                .linear(g, &x, "proj", image_dim, image_dim, true)?;
+            let x = g.scoped(&format!("{}.0.gelu", ff.prefix()), |g| g.gelu_erf(&x));
+            let x = ff.linear(g, &x, "2", image_dim, d, true)?;
+            Some(ie.layer_norm(g, &x, "norm2", d, 1e-5, true)?)
+        }
+        _ => None,
+    };
+    Ok(Conditions {
+        temb,
+        timestep_proj,
+        text,
+        image,
+    })
+}
+
+/// `WanTransformerBlock`.
+fn block(
+    g: &mut Graph,
+    vb: &Scope,
+    cfg: &WanDitConfig,
+    x: &Value,
+    cond: &Conditions,
+    rope: &(Value, Value, Value),
+) -> Result<Value> {
+    let d = cfg.inner_dim();
+    let table = vb.weight(g, "scale_shift_table", &[1, 6, d])?;
+    let [shift, scale, gate, c_shift, c_scale, c_gate] = g.scoped(vb.prefix(), |g| {
+        let m = g.add(&table, &cond.timestep_proj);
+        g.chunk::<6>(&m, 1, 1)
+    });
+    // 1. Self-attention, gated.
+    let n = vb.layer_norm(g, x, "norm1", d, cfg.eps, false)?;
+    let n = g.scoped(vb.prefix(), |g| modulate(g, &n, &scale, &shift));
+    let a = attention(g, &vb.pp("attn1"), cfg, &n, &n, Some(rope), None)?;
+    let x = g.scoped(vb.prefix(), |g| {
+        let ga = g.mul(&a, &gate);
+        g.add(x, &ga)
+    });
+    // 2. Cross-attention to the text (and the image), ungated.
+    let n = match cfg.cross_attn_norm {
+        true => vb.layer_norm(g, &x, "norm2", d, cfg.eps, true)?,
+        false => x.clone(),
+    };
+    let a = attention(
+        g,
+        &vb.pp("attn2"),
+        cfg,
+        &n,
+        &cond.text,
+        None,
+        cond.image.as_ref(),
+    )?;
+    let x = g.scoped(vb.prefix(), |g| g.add(&x, &a));
+    // 3. Feed-forward, gated.
+    let n = vb.layer_norm(g, &x, "norm3", d, cfg.eps, false)?;
+    let n = g.scoped(vb.prefix(), |g| modulate(g, &n, &c_scale, &c_shift));
+    let ff = vb.pp("ffn").pp("net");
+    let h = ff.pp("0").linear(g, &n, "proj", d, cfg.ffn_dim, true)?;
+    let h = g.scoped(&format!("{}.0.gelu", ff.prefix()), |g| g.gelu_tanh(&h));
+    let h = ff.linear(g, &h, "2", cfg.ffn_dim, d, true)?;
+    Ok(g.scoped(vb.prefix(), |g| {
+        let gh = g.mul(&h, &c_gate);
+        g.add(&x, &gh)
+    }))
+}
+
+/// `WanAttention` with `WanAttnProcessor`: q from `x`, k/v from `ctx`, RMS norms across heads,
+/// RoPE (self-attention), and for I2V a second attention of the same queries over the image
+/// tokens (`add_k_proj`/`add_v_proj`, `norm_added_k`) added before `to_out`.
+fn attention(
+    g: &mut Graph,
+    vb: &Scope,
+    cfg: &WanDitConfig,
+    x: &Value,
+    ctx: &Value,
+    rope: Option<&(Value, Value, Value)>,
+    image: Option<&Value>,
+) -> Result<Value> {
+    let d = cfg.inner_dim();
+    let (h, dh) = (
+        cfg.num_attention_heads as i64,
+        cfg.attention_head_dim as i64,
+    );
+    let q = vb.linear(g, x, "to_q", d, d, true)?;
+    let k = vb.linear(g, ctx, "to_k", d, d, true)?;
+    let v = vb.linear(g, ctx, "to_v", d, d, true)?;
+    let q = vb.rms_norm(g, &q, "norm_q", d, cfg.eps)?;
+    let k = vb.rms_norm(g, &k, "norm_k", d, cfg.eps)?;
+    let heads = |g: &mut Graph, t: &Value| g.reshape_to(t, &[0, 0, h, dh]);
+    let (q, k, v) = g.scoped(vb.prefix(), |g| {
+        let (q, k, v) = (heads(g, &q), heads(g, &k), heads(g, &v));
+        match rope {
+            // Scoped `rope`: kept f32 in bf16/fp16 engines, as for CogVideoX.
+            Some((cos, sin, rot)) => g.scoped("rope", |g| {
+                (
+                    apply_rope(g, &q, cos, sin, rot),
+                    apply_rope(g, &k, cos, sin, rot),
+                    v,
+                )
+            }),
+            None => (q, k, v),
+        }
+    });
+    let mut o = g.scoped(vb.prefix(), |g| sdpa(g, &q, &k, &v, dh, d));
+    if let (Some(img), Some(kv_dim)) = (image, cfg.added_kv_proj_dim) {
+        let ki = vb.linear(g, img, "add_k_proj", kv_dim, d, true)?;
+        let vi = vb.linear(g, img, "add_v_proj", kv_dim, d, true)?;
+        let ki = vb.rms_norm(g, &ki, "norm_added_k", d, cfg.eps)?;
+        o = g.scoped(vb.prefix(), |g| {
+            let (ki, vi) = (heads(g, &ki), heads(g, &vi));
+            let oi = sdpa(g, &q, &ki, &vi, dh, d);
+            g.add(&o, &oi)
+        });
+    }
+    vb.pp("to_out").linear(g, &o, "0", d, d, true)
+}
+
+/// Scaled dot-product attention on `[B, S, heads, Dh]` tensors → `[B, S, heads·Dh]`.
+fn sdpa(g: &mut Graph, q: &Value, k: &Value, v: &Value, dh: i64, d: usize) -> Value {
+    let q = g.transpose(q, &[0, 2, 1, 3]);
+    let kt = g.transpose(k, &[0, 2, 3, 1]);
+    let v = g.transpose(v, &[0, 2, 1, 3]);
+    let scores = g.matmul(&q, &kt);
+    let scale = g.scalar(1.0 / (dh as f32).sqrt());
+    let scores = g.mul(&scores, &scale);
+    let p = g.softmax(&scores, -1);
+    let o = g.matmul(&p, &v);
+    let o = g.transpose(&o, &[0, 2, 1, 3]);
+    g.reshape_to(&o, &[0, 0, d as i64])
+}
+
+/// `[B, f·h·w, pt·ph·pw·C] → [B, C, f·pt, h·ph, w·pw]` (diffusers' reshape, permute
+/// `(0, 7, 1, 4, 2, 5, 3, 6)` and flattens).
+fn unpatchify(g: &mut Graph, x: &Value, hidden: &Value, cfg: &WanDitConfig) -> Value {
+    let (pt, ph, pw) = cfg.patch();
+    let (pt, ph, pw) = (pt as i64, ph as i64, pw as i64);
+    let c = cfg.out_channels() as i64;
+    let b = g.shape_range(hidden, 0, 1);
+    let fhw = g.shape_range(hidden, 2, 5);
+    let p = g.const_i64(&[pt, ph, pw]);
+    let n = g.div(&fhw, &p);
+    let tail = g.const_i64(&[pt, ph, pw, c]);
+    let s = g.concat(&[&b, &n, &tail], 0);
+    let y = g.reshape(x, &s);
+    let y = g.transpose(&y, &[0, 7, 1, 4, 2, 5, 3, 6]);
+    let cc = g.const_i64(&[c]);
+    let s = g.concat(&[&b, &cc, &fhw], 0);
+    g.reshape(&y, &s)
+}
+
+/// The linears in `named_modules()` order: each attention's `to_out.0` comes before its
+/// `add_k_proj`/`add_v_proj` (the graph needs those first).
+fn module_order(mut linears: Vec<LinearInfo>) -> Vec<LinearInfo> {
+    let rank = |name: &str| -> u8 {
+        match name.rsplit_once(".attn2.").map(|(_, leaf)| leaf) {
+            Some("add_k_proj") => 1,
+            Some("add_v_proj") => 2,
+            _ => 0,
+        }
+    };
+    // Stable: within one attention, to_out.0 (rank 0) moves ahead of the added projections.
+    let mut out: Vec<LinearInfo> = Vec::with_capacity(linears.len());
+    let mut pending: Vec<LinearInfo> = Vec::new();
+    for l in linears.drain(..) {
+        match rank(&l.name) {
+            0 => {
+                let flush = l.name.ends_with(".attn2.to_out.0");
+                out.push(l);
+                if flush {
+                    out.append(&mut pending);
+                }
+            }
+            _ => pending.push(l),
+        }
+    }
+    out.append(&mut pending);
+    out
+}
+
+impl WanDitExport {
+    /// The manifest entry for this export written to `file` with weights stored as `weight_dtype`.
+    pub fn manifest_entry(&self, file: &str, weight_dtype: DType) -> crate::manifest::DitEntry {
+        crate::manifest::DitEntry {
+            file: file.into(),
+            class_name: CLASS_NAME.into(),
+            weight_dtype: weight_dtype.to_string(),
+            patch_size: self.config.patch().1,
+            attention_head_dim: self.config.attention_head_dim,
+            in_channels: self.config.in_channels,
+            out_channels: self.config.out_channels(),
+            text_embed_dim: self.config.text_dim,
+            config: self.raw_config.clone(),
+            lora_targets: self.linears.clone(),
+        }
+    }
+}
