@@ -34,6 +34,16 @@ fn check(variant: &str, dir: &str) {
             feed.insert(name.to_string(), t.clone());
         }
     }
+    // The runtime's RoPE tables are diffusers' (`model.rope`), bitwise.
+    let (cos, sin) = v2l_runtime::rope::wan_rope(12, 3, 4, 6, (1, 2, 2), 32).unwrap();
+    assert_eq!(
+        cos,
+        io[&format!("{variant}_rope_cos")].as_f32("cos").unwrap()
+    );
+    assert_eq!(
+        sin,
+        io[&format!("{variant}_rope_sin")].as_f32("sin").unwrap()
+    );
     let out = m.run(&feed).unwrap().remove("sample").unwrap();
     assert_close(
         &format!("{variant} sample"),

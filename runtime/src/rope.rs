@@ -96,6 +96,76 @@ pub fn cogvideox_rope(
     Ok((cos, sin))
 }
 
+/// Wan's 3-D RoPE tables (`WanRotaryPosEmbed`, diffusers 0.42.1) for a `latent_frames ×
+/// latent_height × latent_width` latent with patch `(p_t, p_h, p_w)`: `[N, head_dim]` cos and
+/// sin, row `(f, y, x)` = `[t(f) | h(y) | w(x)]` with `h = w = 2·⌊head_dim/6⌋` and the rest for
+/// time. Positions are whole patch indices; frequencies are float64 (`freqs_dtype=float64`),
+/// cos/sin rounded to float32, each repeated twice (interleaved pairs).
+pub fn wan_rope(
+    head_dim: usize,
+    latent_frames: usize,
+    latent_height: usize,
+    latent_width: usize,
+    patch: (usize, usize, usize),
+    max_seq_len: usize,
+) -> crate::Result<(Vec<f32>, Vec<f32>)> {
+    let (pt, ph, pw) = patch;
+    let bad = |message: String| crate::RuntimeError::Invalid {
+        what: "RoPE".into(),
+        message,
+    };
+    if pt == 0 || ph == 0 || pw == 0 || head_dim < 6 || head_dim % 2 != 0 {
+        return Err(bad(format!(
+            "attention_head_dim {head_dim} with patch {patch:?}: Wan's RoPE needs an even head size of at least 6 and a positive patch"
+        )));
+    }
+    let (f, h, w) = (latent_frames / pt, latent_height / ph, latent_width / pw);
+    if f.max(h).max(w) > max_seq_len {
+        return Err(bad(format!(
+            "{f}x{h}x{w} patches: more than rope_max_seq_len {max_seq_len} along an axis"
+        )));
+    }
+    let h_dim = 2 * (head_dim / 6);
+    let t_dim = head_dim - 2 * h_dim;
+    let table = |dim: usize, n: usize| -> (Vec<f32>, Vec<f32>) {
+        let freqs: Vec<f64> = (0..dim / 2)
+            .map(|j| 1.0 / 10000f64.powf((2 * j) as f64 / dim as f64))
+            .collect();
+        let (mut c, mut s) = (Vec::with_capacity(n * dim), Vec::with_capacity(n * dim));
+        for p in 0..n {
+            for &fr in &freqs {
+                let a = p as f64 * fr;
+                let (sa, ca) = (a.sin() as f32, a.cos() as f32);
+                c.extend_from_slice(&[ca, ca]);
+                s.extend_from_slice(&[sa, sa]);
+            }
+        }
+        (c, s)
+    };
+    let (tc, ts) = table(t_dim, f);
+    let (hc, hs) = table(h_dim, h);
+    let (wc, ws) = table(h_dim, w);
+    let rows = f * h * w;
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(rows * head_dim),
+        Vec::with_capacity(rows * head_dim),
+    );
+    let row = |v: &[f32], i: usize, d: usize| v.get(i * d..(i + 1) * d).unwrap_or(&[]).to_vec();
+    for fi in 0..f {
+        for yi in 0..h {
+            for xi in 0..w {
+                for (out, (t, hh, ww)) in [(&mut cos, (&tc, &hc, &wc)), (&mut sin, (&ts, &hs, &ws))]
+                {
+                    out.extend(row(t, fi, t_dim));
+                    out.extend(row(hh, yi, h_dim));
+                    out.extend(row(ww, xi, h_dim));
+                }
+            }
+        }
+    }
+    Ok((cos, sin))
+}
+
 /// Python's `a / b` for ints (correctly rounded; exact conversion for the small ints here).
 fn py_true_div(a: i64, b: i64) -> f64 {
     if b == 0 {
