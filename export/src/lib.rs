@@ -21,6 +21,7 @@
 pub mod checkpoint;
 pub mod cogvideox_dit;
 pub mod cogvideox_vae;
+pub mod dit;
 pub mod error;
 mod layers;
 pub mod manifest;

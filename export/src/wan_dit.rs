@@ -470,6 +470,70 @@ fn module_order(mut linears: Vec<LinearInfo>) -> Vec<LinearInfo> {
     out
 }
 
+/// Every tensor the exporter reads for `cfg`, with its shape, in module order: for generated
+/// full-size checkpoints (`v2l-bench`), checked key for key against the fixture checkpoint and,
+/// for Wan2.1-I2V-14B, against the real linear shapes.
+pub fn checkpoint_layout(cfg: &WanDitConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f) = (cfg.inner_dim(), cfg.freq_dim);
+    let (pt, ph, pw) = cfg.patch();
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>| out.push((name, shape));
+    let linear = |push: &mut dyn FnMut(String, Vec<usize>), name: &str, inp: usize, o: usize| {
+        push(format!("{name}.weight"), vec![o, inp]);
+        push(format!("{name}.bias"), vec![o]);
+    };
+    push(
+        "patch_embedding.weight".into(),
+        vec![d, cfg.in_channels, pt, ph, pw],
+    );
+    push("patch_embedding.bias".into(), vec![d]);
+    let ce = "condition_embedder";
+    linear(&mut push, &format!("{ce}.time_embedder.linear_1"), f, d);
+    linear(&mut push, &format!("{ce}.time_embedder.linear_2"), d, d);
+    linear(&mut push, &format!("{ce}.time_proj"), d, 6 * d);
+    linear(
+        &mut push,
+        &format!("{ce}.text_embedder.linear_1"),
+        cfg.text_dim,
+        d,
+    );
+    linear(&mut push, &format!("{ce}.text_embedder.linear_2"), d, d);
+    if let Some(i) = cfg.image_dim {
+        let ie = format!("{ce}.image_embedder");
+        push(format!("{ie}.norm1.weight"), vec![i]);
+        push(format!("{ie}.norm1.bias"), vec![i]);
+        linear(&mut push, &format!("{ie}.ff.net.0.proj"), i, i);
+        linear(&mut push, &format!("{ie}.ff.net.2"), i, d);
+        push(format!("{ie}.norm2.weight"), vec![d]);
+        push(format!("{ie}.norm2.bias"), vec![d]);
+    }
+    for b in 0..cfg.num_layers {
+        let blk = format!("blocks.{b}");
+        for attn in ["attn1", "attn2"] {
+            for q in ["to_q", "to_k", "to_v", "to_out.0"] {
+                linear(&mut push, &format!("{blk}.{attn}.{q}"), d, d);
+            }
+            push(format!("{blk}.{attn}.norm_q.weight"), vec![d]);
+            push(format!("{blk}.{attn}.norm_k.weight"), vec![d]);
+        }
+        if let Some(kv) = cfg.added_kv_proj_dim {
+            linear(&mut push, &format!("{blk}.attn2.add_k_proj"), kv, d);
+            linear(&mut push, &format!("{blk}.attn2.add_v_proj"), kv, d);
+            push(format!("{blk}.attn2.norm_added_k.weight"), vec![d]);
+        }
+        if cfg.cross_attn_norm {
+            push(format!("{blk}.norm2.weight"), vec![d]);
+            push(format!("{blk}.norm2.bias"), vec![d]);
+        }
+        linear(&mut push, &format!("{blk}.ffn.net.0.proj"), d, cfg.ffn_dim);
+        linear(&mut push, &format!("{blk}.ffn.net.2"), cfg.ffn_dim, d);
+        push(format!("{blk}.scale_shift_table"), vec![1, 6, d]);
+    }
+    linear(&mut push, "proj_out", d, cfg.out_channels() * pt * ph * pw);
+    push("scale_shift_table".into(), vec![1, 2, d]);
+    out
+}
+
 impl WanDitExport {
     /// The manifest entry for this export written to `file` with weights stored as `weight_dtype`.
     pub fn manifest_entry(&self, file: &str, weight_dtype: DType) -> crate::manifest::DitEntry {
@@ -485,5 +549,70 @@ impl WanDitExport {
             config: self.raw_config.clone(),
             lora_targets: self.linears.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn fixture(p: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(p)
+    }
+
+    #[test]
+    fn layout_matches_the_fixture_checkpoints() {
+        for dir in ["wan-tiny/transformer", "wan-tiny/transformer_i2v"] {
+            let ck = Checkpoint::open_dir(&fixture(dir)).unwrap();
+            let cfg: WanDitConfig = ck.config(CLASS_NAME).unwrap();
+            let mut layout = checkpoint_layout(&cfg);
+            layout.sort();
+            let mut keys: Vec<(String, Vec<usize>)> = ck
+                .keys()
+                .into_iter()
+                .map(|k| (k.to_string(), ck.get(k).unwrap().shape))
+                .collect();
+            keys.sort();
+            assert_eq!(layout, keys, "{dir}");
+        }
+    }
+
+    /// Wan2.1-I2V-14B: the 488 linears (names, `[out, in]`, in module order) and the parameter
+    /// count in `fullscale_linear_shapes.json`.
+    #[test]
+    fn the_14b_layout_has_the_real_shapes() {
+        let text = std::fs::read_to_string(fixture("fullscale_linear_shapes.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let wan = &v["wan2.1-i2v-14b"];
+        let cfg: WanDitConfig = serde_json::from_value(wan["config"].clone()).unwrap();
+        let layout = checkpoint_layout(&cfg);
+        let total: u64 = layout
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum();
+        assert_eq!(total, wan["total_params"].as_u64().unwrap());
+        let linears: Vec<(String, Vec<usize>)> = layout
+            .iter()
+            .filter(|(n, s)| n.ends_with(".weight") && s.len() == 2)
+            .map(|(n, s)| (n.trim_end_matches(".weight").to_string(), s.clone()))
+            .collect();
+        let want: Vec<(String, Vec<usize>)> = wan["linear"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let shape = e[1]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as usize);
+                (e[0].as_str().unwrap().to_string(), shape.collect())
+            })
+            .collect();
+        assert_eq!(linears.len(), 488);
+        assert_eq!(linears, want);
     }
 }

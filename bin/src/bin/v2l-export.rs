@@ -243,20 +243,18 @@ fn warn_unused(keys: &[String]) {
 
 fn export_dit(checkpoint: &Path, out: &OutputArgs, weight_dtype: DType) -> Result<(), Failure> {
     let ck = Checkpoint::open_dir(checkpoint)?;
-    let opts = cogvideox_dit::DitOptions {
-        weight_dtype: (weight_dtype != DType::F32).then_some(weight_dtype),
-    };
-    let ex = cogvideox_dit::export(&ck, &opts)?;
+    let ex = v2l_export::dit::export(&ck, weight_dtype)?;
     warn_unused(&ex.unused_keys);
     let mut manifest = prepare_dir(&out.output)?;
     let file = "dit.onnx";
     let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
-    manifest.dit = Some(ex.manifest_entry(file, weight_dtype));
+    manifest.dit = Some(ex.manifest_entry(file));
     manifest.write(&out.output)?;
     println!(
-        "wrote {} ({} layers, {} LoRA-targetable linears, {} of {} weights{})",
+        "wrote {} ({}, {} layers, {} LoRA-targetable linears, {} of {} weights{})",
         out.shown(file),
-        ex.config.num_layers,
+        ex.class_name,
+        ex.num_layers,
         ex.linears.len(),
         bytes(written.weight_bytes),
         weight_dtype,
