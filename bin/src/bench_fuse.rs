@@ -6,8 +6,9 @@
 //!   module's own streaming copy (`fuse::restore_from`, what restoring an untouched layer
 //!   costs), the best copy this machine does;
 //! * the fuse kernel (`v2l_runtime::lora::fuse`) at rank 1 (the Video2LoRA case) on the real
-//!   layer shapes of CogVideoX-Fun-5B-InP, for f32, f16 and bf16, at two scopes — one
-//!   transformer block (`transformer_blocks.0.*`, 8 layers) and the full model (341 layers) —
+//!   layer shapes of CogVideoX-Fun-5B-InP (or `--model wan-i2v-14b`: Wan2.1-I2V-14B, 488
+//!   layers), for f32, f16 and bf16, at two scopes — one transformer block
+//!   (`transformer_blocks.0.*`, 8 layers; Wan's `blocks.0.*`, 12) and the full model (341) —
 //!   through `fuse_from` (base → target, what LoRA switching runs) and `fuse_in_place`,
 //!   counted as bytes of W read + bytes written per second.
 //!
@@ -28,8 +29,41 @@ use v2l_runtime::lora::fuse::{self, bf16, f16, Factors, Weights, WeightsMut};
 
 use crate::{bytes, Failure};
 
+/// Which real layer shapes to fuse (keys of `tests/fixtures/fullscale_linear_shapes.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FuseModel {
+    /// CogVideoX-Fun-5B-InP: 341 linears, `transformer_blocks.N.*`.
+    CogVideoX5b,
+    /// Wan2.1-I2V-14B: 488 linears, `blocks.N.*`.
+    WanI2v14b,
+}
+
+impl FuseModel {
+    fn key(self) -> &'static str {
+        match self {
+            FuseModel::CogVideoX5b => "cogvideox-fun-5b-inp",
+            FuseModel::WanI2v14b => "wan2.1-i2v-14b",
+        }
+    }
+    fn title(self) -> &'static str {
+        match self {
+            FuseModel::CogVideoX5b => "CogVideoX-Fun-5B-InP",
+            FuseModel::WanI2v14b => "Wan2.1-I2V-14B",
+        }
+    }
+    /// The first block's layer-name prefix.
+    fn block0(self) -> &'static str {
+        match self {
+            FuseModel::CogVideoX5b => "transformer_blocks.0.",
+            FuseModel::WanI2v14b => "blocks.0.",
+        }
+    }
+}
+
 /// Options of `v2l-bench fuse`.
 pub struct FuseBench {
+    /// Whose layer shapes.
+    pub model: FuseModel,
     /// Threads for both memcpy and the fuse (0: all cores).
     pub threads: usize,
     /// Timed passes per measurement.
@@ -94,14 +128,14 @@ fn mem_available() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn layers() -> Result<Vec<(String, Layer)>, Failure> {
+fn layers(model: FuseModel) -> Result<Vec<(String, Layer)>, Failure> {
     let v: serde_json::Value = serde_json::from_str(include_str!(
         "../../tests/fixtures/fullscale_linear_shapes.json"
     ))
     .map_err(|e| Failure::new(format!("embedded shapes: {e}")))?;
-    let list = v["cogvideox-fun-5b-inp"]["linear"]
+    let list = v[model.key()]["linear"]
         .as_array()
-        .ok_or_else(|| Failure::new("embedded shapes: no cogvideox-fun-5b-inp.linear list"))?;
+        .ok_or_else(|| Failure::new(format!("embedded shapes: no {}.linear list", model.key())))?;
     list.iter()
         .map(|e| {
             let name = e[0].as_str();
@@ -425,7 +459,7 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     }
     let threads = fuse::resolve_threads(o.threads);
     let load_before = load_average();
-    let all = layers()?;
+    let all = layers(o.model)?;
     let factors = |ls: &[&Layer]| -> Vec<(Vec<f32>, Vec<f32>)> {
         ls.iter()
             .enumerate()
@@ -440,7 +474,7 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     };
     let block: Vec<&Layer> = all
         .iter()
-        .filter(|(n, _)| n.starts_with("transformer_blocks.0."))
+        .filter(|(n, _)| n.starts_with(o.model.block0()))
         .map(|(_, l)| l)
         .collect();
     let full: Vec<&Layer> = all.iter().map(|(_, l)| l).collect();
@@ -546,7 +580,8 @@ pub fn bench_fuse(o: &FuseBench) -> Result<(), Failure> {
     }
 
     println!(
-        "LoRA fuse W' = W + s·B·A, rank {RANK}, CogVideoX-Fun-5B-InP layer shapes; kernel {}, {threads} thread(s)",
+        "LoRA fuse W' = W + s·B·A, rank {RANK}, {} layer shapes; kernel {}, {threads} thread(s)",
+        o.model.title(),
         fuse::kernel_name()
     );
     println!(

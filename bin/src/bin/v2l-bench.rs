@@ -165,6 +165,9 @@ enum Command {
     ///   v2l-bench fuse --threads 2 --json
     #[command(verbatim_doc_comment)]
     Fuse {
+        /// Whose real layer shapes: cogvideox (CogVideoX-Fun-5B-InP) or wan-i2v-14b
+        #[arg(long, value_enum, default_value = "cogvideox")]
+        model: FuseModelArg,
         /// Threads for the fuse and the memcpy (0: all cores)
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -269,6 +272,7 @@ fn main() -> ExitCode {
             json: cli.json,
         }),
         Command::Fuse {
+            model,
             threads,
             repeat,
             max_mem_gib,
@@ -276,6 +280,10 @@ fn main() -> ExitCode {
             no_in_place,
             dtype,
         } => bench_fuse(&FuseBench {
+            model: match model {
+                FuseModelArg::Cogvideox => v2l_cli::bench_fuse::FuseModel::CogVideoX5b,
+                FuseModelArg::WanI2v14b => v2l_cli::bench_fuse::FuseModel::WanI2v14b,
+            },
             threads,
             repeat,
             max_mem_gib,
@@ -340,6 +348,13 @@ fn fullscale_config(layers: usize) -> Result<serde_json::Value, Failure> {
     config["num_layers"] = layers.into();
     config["_class_name"] = cogvideox_dit::CLASS_NAME.into();
     Ok(config)
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum FuseModelArg {
+    Cogvideox,
+    #[value(name = "wan-i2v-14b")]
+    WanI2v14b,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
