@@ -295,6 +295,19 @@ pub fn parse(bytes: &[u8], path: &Path, modules: Option<&[String]>) -> Result<Lo
     } else {
         return Err(LoraError::UnknownFormat { path: path.into() });
     };
+    // Modules under their authors' names (Wan's `blocks.0.cross_attn.k`) → the model's.
+    let mut lora = lora;
+    if let Some(m) = modules {
+        let other = super::names::aliases(m);
+        if !other.is_empty() {
+            for l in &mut lora {
+                if let Some(p) = other.get(&l.module) {
+                    l.module = p.clone();
+                }
+            }
+            lora.sort_by(|a, b| a.module.cmp(&b.module));
+        }
+    }
     for l in &lora {
         for (f, which) in [(&l.a, "A"), (&l.b, "B")] {
             if f.to_f32().iter().any(|x| !x.is_finite()) {
@@ -426,6 +439,8 @@ fn read_kohya(
     let mut resolve: HashMap<String, String> = HashMap::new();
     if let Some(m) = modules {
         resolve.extend(m.iter().map(|p| (kohya_name(p), p.clone())));
+        let other = super::names::aliases(m);
+        resolve.extend(other.iter().map(|(o, p)| (kohya_name(o), p.clone())));
     }
     if let Some(recorded) = meta
         .and_then(|m| m.get(KOHYA_MODULES_KEY))
@@ -631,6 +646,45 @@ mod tests {
             "transformer_blocks.0.attn1.to_out.0".to_string(),
         ];
         assert_eq!(read(&p, Some(&modules)).unwrap().layers, sample().layers);
+    }
+
+    /// Wan LoRAs shared under the Wan repo's module names (musubi-tuner's kohya
+    /// `lora_unet_blocks_0_cross_attn_k`, ComfyUI `diffusion_model.blocks.0.self_attn.o`) read
+    /// as the diffusers modules, with the same factors and alphas.
+    #[test]
+    fn wan_original_names_resolve_to_diffusers_modules() {
+        let d = tempfile::tempdir().unwrap();
+        let with = |names: [&str; 2]| {
+            let mut l = sample();
+            l.layers[0].module = names[0].into();
+            l.layers[1].module = names[1].into();
+            l
+        };
+        let original = with(["blocks.0.cross_attn.k", "blocks.0.self_attn.o"]);
+        let modules = vec![
+            "blocks.0.attn1.to_out.0".to_string(),
+            "blocks.0.attn2.to_k".to_string(),
+        ];
+        for f in [LoraFormat::Kohya, LoraFormat::ComfyUi] {
+            let p = d.path().join(format!("wan_{}.safetensors", f.name()));
+            write(&p, &original, f).unwrap();
+            // A foreign file: no v2l metadata.
+            let bytes = std::fs::read(&p).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            safetensors::serialize_to_file(st.tensors(), &None, &p).unwrap();
+            let got = read(&p, Some(&modules)).unwrap();
+            let by_module = |l: &Lora, m: &str| l.layers.iter().find(|x| x.module == m).cloned();
+            for (orig, diff) in [
+                ("blocks.0.cross_attn.k", "blocks.0.attn2.to_k"),
+                ("blocks.0.self_attn.o", "blocks.0.attn1.to_out.0"),
+            ] {
+                let mut w = by_module(&original, orig).unwrap();
+                w.module = diff.into();
+                assert_eq!(by_module(&got, diff), Some(w), "{f:?} {diff}");
+            }
+            let names: Vec<&str> = got.layers.iter().map(|l| l.module.as_str()).collect();
+            assert_eq!(names, ["blocks.0.attn1.to_out.0", "blocks.0.attn2.to_k"]);
+        }
     }
 
     #[test]

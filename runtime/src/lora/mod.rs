@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`format`] | diffusers/PEFT, kohya/musubi and ComfyUI LoRA files, read and written |
 //! | [`lilora`] | Video2LoRA's LiLoRA auxiliaries: hypernetwork rows → standard LoRA factors |
+//! | [`names`] | module names LoRAs are shared under that are not diffusers' (Wan's original names) |
 //! | [`merge`] | several LoRAs with weights as one, exactly (rank concatenation) |
 //! | [`apply`] | matching a LoRA to a model's layers and fusing it from the base weights |
 //! | [`switch`] | base + live weights: switching LoRAs rewrites the union of touched layers from the base |
@@ -15,6 +16,7 @@ pub mod format;
 pub mod fuse;
 pub mod lilora;
 pub mod merge;
+pub mod names;
 pub mod strategy;
 pub mod switch;
 
