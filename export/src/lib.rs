@@ -19,6 +19,7 @@
 )]
 
 pub mod checkpoint;
+pub mod clip_vision;
 pub mod cogvideox_dit;
 pub mod cogvideox_vae;
 pub mod dit;
