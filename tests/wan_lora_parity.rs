@@ -88,4 +88,51 @@ fn a_wan_lora_fuses_to_diffusers_output_under_every_naming() {
         assert_eq!(read.layers, peft.layers, "{f:?}");
         assert_eq!(run(read), fused, "{f:?}: another naming, another result");
     }
+
+    // The same through the `dit` stage (`v2l-run stage dit --lora`), with the RoPE tables left
+    // out (computed by `rope::wan_rope`) and int64 timesteps (UniPC's) taken as floats.
+    let mut inputs: BTreeMap<String, Tensor> = ["hidden_states", "encoder_hidden_states"]
+        .iter()
+        .map(|n| (n.to_string(), io[&format!("t2v_{n}")].clone()))
+        .collect();
+    inputs.insert("timestep".into(), Tensor::i64(vec![2], vec![999, 412]));
+    let src = std::path::Path::new("inputs.safetensors");
+    v2l_runtime::stage::check_inputs(&engine, v2l_runtime::stage::Stage::Dit, &inputs, src)
+        .unwrap();
+    let applied = AppliedLora {
+        lora: Arc::new(peft.clone()),
+        source: "test".into(),
+        multiplier: 1.0,
+    };
+    let stage = |lora: Option<&AppliedLora>, inputs: &BTreeMap<String, Tensor>| {
+        v2l_runtime::stage::run_stage(
+            &engine,
+            v2l_runtime::stage::Stage::Dit,
+            inputs,
+            &opts,
+            lora,
+            Default::default(),
+            1,
+        )
+        .unwrap()
+        .outputs
+        .remove("sample")
+        .unwrap()
+    };
+    let mut float_t = inputs.clone();
+    float_t.insert("timestep".into(), Tensor::f32(vec![2], vec![999.0, 412.0]));
+    assert_eq!(
+        stage(Some(&applied), &inputs),
+        stage(Some(&applied), &float_t)
+    );
+    // At the fixture's own timesteps, the stage is the fused model above, bitwise.
+    let mut fixture_t = inputs.clone();
+    fixture_t.insert("timestep".into(), io["t2v_timestep"].clone());
+    assert_eq!(stage(Some(&applied), &fixture_t), fused);
+    // A bad size is refused by name before any session.
+    let mut bad = inputs.clone();
+    bad.insert("hidden_states".into(), Tensor::zeros(vec![2, 5, 3, 4, 6]));
+    let e = v2l_runtime::stage::check_inputs(&engine, v2l_runtime::stage::Stage::Dit, &bad, src)
+        .unwrap_err();
+    assert!(e.to_string().contains("hidden_states"), "{e}");
 }

@@ -53,6 +53,101 @@ impl Stage {
     }
 }
 
+impl Stage {
+    /// The inputs this stage of `engine` requires: the DiT's depend on its architecture (a Wan
+    /// DiT takes float timesteps, computes its RoPE tables when they are not given, and takes
+    /// `encoder_hidden_states_image` when it is an I2V model).
+    pub fn required_inputs(self, engine: &Engine) -> Vec<&'static str> {
+        match (self, wan_dit(engine)) {
+            (Stage::Dit, Some(w)) => {
+                let mut v = vec!["hidden_states", "encoder_hidden_states", "timestep"];
+                if w.image_dim.is_some() {
+                    v.push("encoder_hidden_states_image");
+                }
+                v
+            }
+            _ => self.inputs().to_vec(),
+        }
+    }
+}
+
+/// What the stages need of a Wan DiT's config (`WanTransformer3DModel`).
+struct WanDit {
+    patch: (usize, usize, usize),
+    head_dim: usize,
+    rope_max_seq_len: usize,
+    image_dim: Option<usize>,
+}
+
+/// The engine's DiT when it is a Wan DiT.
+fn wan_dit(engine: &Engine) -> Option<WanDit> {
+    let d = engine.manifest.dit.as_ref()?;
+    if d.class_name != "WanTransformer3DModel" {
+        return None;
+    }
+    let c = &d.config;
+    let num = |k: &str, default: usize| {
+        c.get(k)
+            .and_then(|v| v.as_u64())
+            .map_or(default, |v| v as usize)
+    };
+    let patch = match c
+        .get("patch_size")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>())
+    {
+        Some(v) if v.len() == 3 => (v[0] as usize, v[1] as usize, v[2] as usize),
+        _ => (1, 2, 2),
+    };
+    Some(WanDit {
+        patch,
+        head_dim: d.attention_head_dim,
+        rope_max_seq_len: num("rope_max_seq_len", 1024),
+        image_dim: c
+            .get("image_dim")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize),
+    })
+}
+
+/// A Wan DiT's feed beyond the required inputs: timesteps as float, and the RoPE tables (the
+/// given ones, or `rope::wan_rope` for the latent's size).
+fn wan_feed(
+    w: &WanDit,
+    inputs: &BTreeMap<String, Tensor>,
+    feed: &mut BTreeMap<String, Tensor>,
+) -> Result<()> {
+    if let Some(t) = feed.get_mut("timestep") {
+        if let crate::tensor::Data::I64(v) = &t.data {
+            *t = Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect());
+        }
+    }
+    let (cos, sin) = match (inputs.get("rope_cos"), inputs.get("rope_sin")) {
+        (Some(c), Some(s)) => (c.clone(), s.clone()),
+        _ => {
+            let shape = feed
+                .get("hidden_states")
+                .map(|t| t.shape.clone())
+                .unwrap_or_default();
+            let [_, _, f, h, wd] = shape[..] else {
+                return Err(RuntimeError::Invalid {
+                    what: "hidden_states".into(),
+                    message: format!("has shape {shape:?}; expected [B, C, F, H, W]"),
+                });
+            };
+            let (c, s) = crate::rope::wan_rope(w.head_dim, f, h, wd, w.patch, w.rope_max_seq_len)?;
+            let rows = c.len() / w.head_dim.max(1);
+            (
+                Tensor::f32(vec![rows, w.head_dim], c),
+                Tensor::f32(vec![rows, w.head_dim], s),
+            )
+        }
+    };
+    feed.insert("rope_cos".into(), cos);
+    feed.insert("rope_sin".into(), sin);
+    Ok(())
+}
+
 /// `shape` as exactly `N` non-empty axes, or the message for the tensor's error.
 fn sized<const N: usize>(shape: &[usize], layout: &str) -> std::result::Result<[usize; N], String> {
     <[usize; N]>::try_from(shape)
@@ -77,14 +172,16 @@ pub fn check_inputs(
         message: format!("`{name}` {message}"),
     };
     let mut shapes = BTreeMap::new();
-    for &name in stage.inputs() {
+    let wan = wan_dit(dir);
+    for name in stage.required_inputs(dir) {
         let t = inputs
             .get(name)
             .ok_or_else(|| RuntimeError::MissingTensor {
                 path: source.into(),
                 name: name.to_string(),
             })?;
-        let want_int = name == "timestep" || name == "input_ids";
+        // CogVideoX takes int64 timesteps; Wan's flow samplers step at fractional ones.
+        let want_int = (name == "timestep" && wan.is_none()) || name == "input_ids";
         match (&t.data, want_int) {
             (crate::tensor::Data::F32(v), false) => {
                 if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -95,6 +192,8 @@ pub fn check_inputs(
                 }
             }
             (crate::tensor::Data::I64(_), true) => {}
+            // Wan: UniPC's whole-number timesteps may come as int64 (taken as floats).
+            (crate::tensor::Data::I64(_), false) if name == "timestep" => {}
             _ => {
                 let want = if want_int { "int64" } else { "float32" };
                 return Err(bad(name, format!("must be {want}")));
@@ -116,6 +215,55 @@ pub fn check_inputs(
     };
     let manifest = &dir.manifest;
     match stage {
+        Stage::Dit if wan.is_some() => {
+            let (d, w) = match (manifest.dit.as_ref(), wan.as_ref()) {
+                (Some(d), Some(w)) => (d, w),
+                _ => return Err(dir.missing("DiT", "dit")),
+            };
+            let hs = dims("hidden_states");
+            let [b, c, f, h, wd] =
+                sized(hs, "[B, C, F, H, W]").map_err(|m| bad("hidden_states", m))?;
+            let (pt, ph, pw) = w.patch;
+            if c != d.in_channels || f % pt.max(1) != 0 || h % ph.max(1) != 0 || wd % pw.max(1) != 0
+            {
+                return Err(bad("hidden_states", format!(
+                    "has shape {hs:?}; the Wan DiT takes [B, {}, F, H, W] with F, H, W multiples of its patch {:?}",
+                    d.in_channels, w.patch
+                )));
+            }
+            for (name, width) in [
+                ("encoder_hidden_states", Some(d.text_embed_dim)),
+                ("encoder_hidden_states_image", w.image_dim),
+            ] {
+                let Some(width) = width else { continue };
+                let e = dims(name);
+                let [eb, _, ed] = sized(e, "[B, L, D]").map_err(|m| bad(name, m))?;
+                if eb != b || ed != width {
+                    return Err(bad(
+                        name,
+                        format!("has shape {e:?}; expected [{b}, L, {width}]"),
+                    ));
+                }
+            }
+            let [tb] = sized(dims("timestep"), "[B]").map_err(|m| bad("timestep", m))?;
+            if tb != b {
+                return Err(bad(
+                    "timestep",
+                    format!("has {tb} values for a batch of {b}"),
+                ));
+            }
+            let tokens = (f / pt.max(1)) * (h / ph.max(1)) * (wd / pw.max(1));
+            for name in ["rope_cos", "rope_sin"] {
+                if let Some(r) = inputs.get(name) {
+                    if r.shape != [tokens, w.head_dim] {
+                        return Err(bad(name, format!(
+                            "has shape {:?}; expected [{tokens}, {}] (or leave it out: v2l computes it)",
+                            r.shape, w.head_dim
+                        )));
+                    }
+                }
+            }
+        }
         Stage::Dit => {
             let d = manifest
                 .dit
@@ -303,11 +451,14 @@ pub fn run_stage(
                 Some(l) => crate::lora::strategy::fused_dit(dir, opts, l)?,
             };
             let load_ms = ms(t0);
-            let feed = stage
-                .inputs()
+            let mut feed: BTreeMap<String, Tensor> = stage
+                .required_inputs(dir)
                 .iter()
                 .map(|n| Ok((n.to_string(), get(n)?.clone())))
                 .collect::<Result<_>>()?;
+            if let Some(w) = wan_dit(dir) {
+                wan_feed(&w, inputs, &mut feed)?;
+            }
             let (mut out, times) = timed(runs, || m.run(&feed))?;
             let sample = out.remove("sample").ok_or_else(|| RuntimeError::Invalid {
                 what: dir.dir.display().to_string(),
