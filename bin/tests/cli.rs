@@ -1073,3 +1073,87 @@ fn short_and_squashed_reference_clips() {
     ]);
     assert!(o.status.success() && video.is_file(), "{}", stderr(&o));
 }
+
+/// Wan2.1's parts through the CLI: the DiT, the umT5 text encoder and the CLIP image encoder
+/// exported into one directory; `stage dit --lora` with a PEFT LoRA gives diffusers' output
+/// (RoPE tables computed by v2l); a Wan pipeline directory is recognised and refused with what
+/// to do instead.
+#[test]
+fn wan_parts_export_and_run_through_the_cli() {
+    let wan = tiny().join("../wan-tiny");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("wan");
+    let out_s = out.to_str().unwrap();
+    for (cmd, part) in [
+        ("dit", "transformer"),
+        ("text-encoder", "text_encoder"),
+        ("image-encoder", "image_encoder"),
+    ] {
+        let o = run(
+            "v2l-export",
+            &[cmd, wan.join(part).to_str().unwrap(), "-o", out_s],
+        );
+        assert!(o.status.success(), "{cmd}: {}", stderr(&o));
+    }
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["dit"]["class_name"], "WanTransformer3DModel");
+    assert_eq!(m["text_encoder"]["model_type"], "umt5");
+    assert_eq!(m["image_encoder"]["model_type"], "clip_vision_model");
+
+    let io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
+    let inputs: std::collections::BTreeMap<String, v2l_runtime::Tensor> =
+        ["hidden_states", "timestep", "encoder_hidden_states"]
+            .iter()
+            .map(|n| (n.to_string(), io[&format!("t2v_{n}")].clone()))
+            .collect();
+    let inp = d.path().join("in.safetensors");
+    v2l_runtime::write_safetensors(&inp, &inputs).unwrap();
+    let res = d.path().join("out.safetensors");
+    let o = run(
+        "v2l-run",
+        &[
+            "--engine",
+            out_s,
+            "stage",
+            "dit",
+            "--inputs",
+            inp.to_str().unwrap(),
+            "-o",
+            res.to_str().unwrap(),
+            "--lora",
+            wan.join("lora/pytorch_lora_weights.safetensors")
+                .to_str()
+                .unwrap(),
+            "--compare",
+            wan.join("lora_io.safetensors").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let err: f64 = text
+        .lines()
+        .find_map(|l| l.split("relative L2 error ").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no comparison in {text}"));
+    assert!(err < 1e-5, "{text}");
+
+    let pipe = d.path().join("wan-pipeline");
+    std::fs::create_dir(&pipe).unwrap();
+    std::fs::write(
+        pipe.join("model_index.json"),
+        r#"{"_class_name": "WanPipeline"}"#,
+    )
+    .unwrap();
+    let o = run(
+        "v2l-export",
+        &[
+            "pipeline",
+            pipe.to_str().unwrap(),
+            "-o",
+            d.path().join("x").to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure(&o, "AutoencoderKLWan");
+    assert!(!d.path().join("x").exists());
+}

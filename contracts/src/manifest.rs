@@ -40,6 +40,9 @@ pub struct Manifest {
     pub hypernet: Option<HypernetEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<TextEncoderEntry>,
+    /// The I2V image encoder (Wan: CLIP vision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_encoder: Option<ImageEncoderEntry>,
     /// The diffusers `scheduler_config.json`, copied into the directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<String>,
@@ -58,6 +61,21 @@ pub struct TextEncoderEntry {
     #[serde(default)]
     pub tokenizer: String,
     /// Storage type of the weights in the graph (it computes in f32).
+    #[serde(default = "f32_name")]
+    pub weight_dtype: String,
+    /// The `config.json` the graph was built from, verbatim.
+    pub config: serde_json::Value,
+}
+
+/// The exported image encoder: `pixel_values [B, 3, S, S]` (the CLIP image processor's
+/// output) → `image_embeds [B, tokens, hidden_size]`, the penultimate layer's hidden states.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageEncoderEntry {
+    pub file: String,
+    /// transformers `model_type` (`clip_vision_model`).
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub image_size: usize,
     #[serde(default = "f32_name")]
     pub weight_dtype: String,
     /// The `config.json` the graph was built from, verbatim.

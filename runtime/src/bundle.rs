@@ -181,6 +181,9 @@ fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
     if let Some(t) = &m.text_encoder {
         graph(&t.file);
     }
+    if let Some(i) = &m.image_encoder {
+        graph(&i.file);
+    }
     if let Some(h) = &m.hypernet {
         graph(&h.file);
         names.push(h.lilora.clone());
