@@ -111,7 +111,17 @@ fn export_dit_writes_graph_and_manifest() {
 #[test]
 fn every_help_has_an_example_and_is_stable() {
     let commands: [(&str, &[&str]); 6] = [
-        ("v2l-export", &["dit", "vae", "hypernet", "pipeline"]),
+        (
+            "v2l-export",
+            &[
+                "dit",
+                "vae",
+                "hypernet",
+                "pipeline",
+                "text-encoder",
+                "image-encoder",
+            ],
+        ),
         ("v2l-compile", &[]),
         ("v2l-run", &["stage"]),
         ("v2l-lora", &["inspect", "convert", "predict", "fuse"]),
