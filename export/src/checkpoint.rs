@@ -258,6 +258,17 @@ impl Checkpoint {
     }
 
     /// Looks up `key` without checking its shape.
+    /// Every tensor's name and shape, sorted by name (for checking a layout function).
+    pub fn layout(&self) -> Vec<(String, Vec<usize>)> {
+        let mut v: Vec<(String, Vec<usize>)> = self
+            .keys()
+            .into_iter()
+            .filter_map(|k| self.get(k).ok().map(|t| (k.to_string(), t.shape)))
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn get(&self, key: &str) -> Result<TensorRef> {
         let e = self
             .entries

@@ -171,20 +171,9 @@ fn layer(g: &mut Graph, vb: &Scope, cfg: &ClipVisionConfig, x: &Value) -> Result
     let k = at.linear(g, &n, "k_proj", d, d, true)?;
     let v = at.linear(g, &n, "v_proj", d, d, true)?;
     let o = g.scoped(at.prefix(), |g| {
-        let heads = |g: &mut Graph, t: &Value, perm: &[i64]| {
-            let t = g.reshape_to(t, &[0, 0, h, dh]);
-            g.transpose(&t, perm)
-        };
-        let q = heads(g, &q, &[0, 2, 1, 3]);
-        let kt = heads(g, &k, &[0, 2, 3, 1]);
-        let v = heads(g, &v, &[0, 2, 1, 3]);
-        let scores = g.matmul(&q, &kt);
-        let scale = g.scalar(1.0 / (dh as f32).sqrt());
-        let scores = g.mul(&scores, &scale);
-        let pr = g.softmax(&scores, -1);
-        let o = g.matmul(&pr, &v);
-        let o = g.transpose(&o, &[0, 2, 1, 3]);
-        g.reshape_to(&o, &[0, 0, d as i64])
+        let heads = |g: &mut Graph, t: &Value| g.reshape_to(t, &[0, 0, h, dh]);
+        let (q, k, v) = (heads(g, &q), heads(g, &k), heads(g, &v));
+        crate::layers::sdpa(g, &q, &k, &v, dh, d)
     });
     let o = at.linear(g, &o, "out_proj", d, d, true)?;
     let x = g.add(x, &o);

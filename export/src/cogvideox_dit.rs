@@ -450,16 +450,7 @@ fn attention(
     let o = g.scoped(vb.prefix(), |g| {
         // Scoped `rope`: kept f32 in bf16/fp16 engines (`v2l_graphs::passes::lower_precision`).
         let (q, k) = g.scoped("rope", |g| (rope.apply(g, &q), rope.apply(g, &k)));
-        let q = g.transpose(&q, &[0, 2, 1, 3]);
-        let kt = g.transpose(&k, &[0, 2, 3, 1]);
-        let v = g.transpose(&v, &[0, 2, 1, 3]);
-        let scores = g.matmul(&q, &kt);
-        let scale = g.scalar(1.0 / (dh as f32).sqrt());
-        let scores = g.mul(&scores, &scale);
-        let p = g.softmax(&scores, -1);
-        let o = g.matmul(&p, &v);
-        let o = g.transpose(&o, &[0, 2, 1, 3]);
-        g.reshape_to(&o, &[0, 0, d as i64])
+        crate::layers::sdpa(g, &q, &k, &v, dh, d)
     });
     let o = vb.pp("to_out").linear(g, &o, "0", d, d, true)?;
     let (oe, ox) = g.scoped(vb.prefix(), |g| split_text(g, &o, text_len));
@@ -605,13 +596,7 @@ mod tests {
         let cfg: DitConfig = ck.config(CLASS_NAME).unwrap();
         let mut layout = checkpoint_layout(&cfg);
         layout.sort();
-        let mut keys: Vec<(String, Vec<usize>)> = ck
-            .keys()
-            .into_iter()
-            .map(|k| (k.to_string(), ck.get(k).unwrap().shape))
-            .collect();
-        keys.sort();
-        assert_eq!(layout, keys);
+        assert_eq!(layout, ck.layout());
     }
 
     #[test]

@@ -62,3 +62,19 @@ pub(crate) fn modulate(g: &mut Graph, x: &Value, scale: &Value, shift: &Value) -
     let y = g.mul(x, &s);
     g.add(&y, shift)
 }
+
+/// Scaled dot-product attention on `[B, S, heads, Dh]` tensors → `[B, S, heads·Dh]`:
+/// `softmax(q·kᵀ / √Dh)·v` per head, the pattern `v2l-compile` fuses into ONNX Runtime's
+/// attention kernel.
+pub(crate) fn sdpa(g: &mut Graph, q: &Value, k: &Value, v: &Value, dh: i64, d: usize) -> Value {
+    let q = g.transpose(q, &[0, 2, 1, 3]);
+    let kt = g.transpose(k, &[0, 2, 3, 1]);
+    let v = g.transpose(v, &[0, 2, 1, 3]);
+    let scores = g.matmul(&q, &kt);
+    let scale = g.scalar(1.0 / (dh as f32).sqrt());
+    let scores = g.mul(&scores, &scale);
+    let p = g.softmax(&scores, -1);
+    let o = g.matmul(&p, &v);
+    let o = g.transpose(&o, &[0, 2, 1, 3]);
+    g.reshape_to(&o, &[0, 0, d as i64])
+}

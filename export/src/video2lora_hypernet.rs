@@ -582,13 +582,7 @@ mod tests {
         );
         let mut layout = checkpoint_layout(&dims);
         layout.sort();
-        let mut keys: Vec<(String, Vec<usize>)> = ck
-            .keys()
-            .into_iter()
-            .map(|k| (k.to_string(), ck.get(k).unwrap().shape))
-            .collect();
-        keys.sort();
-        assert_eq!(layout, keys);
+        assert_eq!(layout, ck.layout());
     }
 
     /// The buffer is the standard sinusoid table the spec describes (the graph uses the

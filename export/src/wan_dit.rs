@@ -23,7 +23,7 @@ use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
-use crate::layers::{apply_rope, modulate, rotate_pairs, sinusoid};
+use crate::layers::{apply_rope, modulate, rotate_pairs, sdpa, sinusoid};
 use crate::scope::{LinearInfo, Scope};
 
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
@@ -408,20 +408,6 @@ fn attention(
     vb.pp("to_out").linear(g, &o, "0", d, d, true)
 }
 
-/// Scaled dot-product attention on `[B, S, heads, Dh]` tensors → `[B, S, heads·Dh]`.
-fn sdpa(g: &mut Graph, q: &Value, k: &Value, v: &Value, dh: i64, d: usize) -> Value {
-    let q = g.transpose(q, &[0, 2, 1, 3]);
-    let kt = g.transpose(k, &[0, 2, 3, 1]);
-    let v = g.transpose(v, &[0, 2, 1, 3]);
-    let scores = g.matmul(&q, &kt);
-    let scale = g.scalar(1.0 / (dh as f32).sqrt());
-    let scores = g.mul(&scores, &scale);
-    let p = g.softmax(&scores, -1);
-    let o = g.matmul(&p, &v);
-    let o = g.transpose(&o, &[0, 2, 1, 3]);
-    g.reshape_to(&o, &[0, 0, d as i64])
-}
-
 /// `[B, f·h·w, pt·ph·pw·C] → [B, C, f·pt, h·ph, w·pw]` (diffusers' reshape, permute
 /// `(0, 7, 1, 4, 2, 5, 3, 6)` and flattens).
 fn unpatchify(g: &mut Graph, x: &Value, hidden: &Value, cfg: &WanDitConfig) -> Value {
@@ -570,13 +556,7 @@ mod tests {
             let cfg: WanDitConfig = ck.config(CLASS_NAME).unwrap();
             let mut layout = checkpoint_layout(&cfg);
             layout.sort();
-            let mut keys: Vec<(String, Vec<usize>)> = ck
-                .keys()
-                .into_iter()
-                .map(|k| (k.to_string(), ck.get(k).unwrap().shape))
-                .collect();
-            keys.sort();
-            assert_eq!(layout, keys, "{dir}");
+            assert_eq!(layout, ck.layout(), "{dir}");
         }
     }
 
