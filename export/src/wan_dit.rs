@@ -456,6 +456,18 @@ fn module_order(mut linears: Vec<LinearInfo>) -> Vec<LinearInfo> {
     out
 }
 
+/// Wan2.1-T2V-1.3B's `config.json` (diffusers `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`): 30 blocks of
+/// width 1536 (12 heads of 128), feed-forward 8960, umT5-XXL text width 4096.
+pub fn wan_t2v_1_3b_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": CLASS_NAME, "patch_size": [1, 2, 2], "num_attention_heads": 12,
+        "attention_head_dim": 128, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+        "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": true,
+        "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": null,
+        "added_kv_proj_dim": null, "rope_max_seq_len": 1024
+    })
+}
+
 /// Every tensor the exporter reads for `cfg`, with its shape, in module order: for generated
 /// full-size checkpoints (`v2l-bench`), checked key for key against the fixture checkpoint and,
 /// for Wan2.1-I2V-14B, against the real linear shapes.

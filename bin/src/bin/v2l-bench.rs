@@ -99,9 +99,10 @@ enum Command {
     /// Example:
     ///   v2l-bench export --layers 42 --dir /scratch/v2l-bench
     ///   v2l-bench export --model t5-xxl
+    ///   v2l-bench export --model wan-1.3b --keep
     #[command(verbatim_doc_comment)]
     Export {
-        /// Transformer blocks to generate (42 is CogVideoX-5B; the T5-XXL has its 24)
+        /// Transformer blocks to generate (42 is CogVideoX-5B; the T5-XXL has its 24, Wan 1.3B its 30)
         #[arg(long, default_value_t = 42)]
         layers: usize,
         /// What to generate and export
@@ -361,6 +362,9 @@ enum FuseModelArg {
 enum ExportModel {
     Cogvideox,
     T5Xxl,
+    /// Wan2.1-T2V-1.3B's DiT (its 30 blocks)
+    #[value(name = "wan-1.3b")]
+    Wan13b,
 }
 
 fn bench_export(
@@ -391,6 +395,16 @@ fn bench_export(
                 config,
                 t5_encoder::checkpoint_layout(&cfg),
                 dir.join("text_encoder"),
+            )
+        }
+        ExportModel::Wan13b => {
+            let config = v2l_export::wan_dit::wan_t2v_1_3b_config();
+            let cfg: v2l_export::wan_dit::WanDitConfig =
+                serde_json::from_value(config.clone()).map_err(bad_config)?;
+            (
+                config,
+                v2l_export::wan_dit::checkpoint_layout(&cfg),
+                dir.join("transformer"),
             )
         }
     };
@@ -443,6 +457,10 @@ fn bench_export(
             t5_encoder::export(&ck, Some(DType::BF16))?.graph,
             "text_encoder.onnx",
         ),
+        ExportModel::Wan13b => (
+            v2l_export::wan_dit::export(&ck, Some(DType::BF16))?.graph,
+            "dit.onnx",
+        ),
     };
     let build_s = t1.elapsed().as_secs_f64();
     std::fs::create_dir_all(&out_dir)
@@ -461,15 +479,15 @@ fn bench_export(
 
     let run = match model {
         ExportModel::T5Xxl => Some(run_t5(&ck, &out_dir, json)?),
-        ExportModel::Cogvideox => None,
+        ExportModel::Cogvideox | ExportModel::Wan13b => None,
     };
     if json {
         println!(
             "{}",
             serde_json::json!({
-                "model": if model == ExportModel::T5Xxl { "t5-xxl" } else { "cogvideox" },
+                "model": match model { ExportModel::T5Xxl => "t5-xxl", ExportModel::Wan13b => "wan-1.3b", ExportModel::Cogvideox => "cogvideox" },
                 "t5_run": run,
-                "layers": if model == ExportModel::T5Xxl { 24 } else { layers },
+                "layers": match model { ExportModel::T5Xxl => 24, ExportModel::Wan13b => 30, ExportModel::Cogvideox => layers },
                 "params": params, "weight_dtype": "bf16",
                 "generate_s": gen_s, "graph_build_s": build_s, "export_s": export_s,
                 "weight_bytes": written.weight_bytes, "external_data_bytes": data_len,
@@ -481,6 +499,7 @@ fn bench_export(
         match model {
             ExportModel::Cogvideox => println!("CogVideoX-5B-shaped DiT export ({layers} blocks, {params} parameters, bf16 weights, external data)"),
             ExportModel::T5Xxl => println!("T5-XXL-shaped encoder export (24 blocks, {params} parameters, bf16 weights, external data)"),
+            ExportModel::Wan13b => println!("Wan2.1-T2V-1.3B-shaped DiT export (30 blocks, {params} parameters, bf16 weights, external data)"),
         }
         println!("  graph build        {build_s:>8.2} s");
         println!(
