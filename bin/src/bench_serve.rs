@@ -25,16 +25,35 @@ use v2l_serve::client::{Client, Form};
 use crate::bench_pipeline::{stats, time};
 use crate::Failure;
 
+/// `v2l-bench serve`'s options (its clap arguments).
+#[derive(clap::Args)]
 pub struct ServeBench {
+    /// Engine bundle or export directory with a hypernetwork (the tiny one is the intent)
+    #[arg(long)]
     pub engine: PathBuf,
+    /// Concurrent clients of the load phase
+    #[arg(long, default_value_t = 8)]
     pub clients: usize,
+    /// Length of the load phase
+    #[arg(long, default_value_t = 20.0)]
     pub seconds: f64,
+    /// Denoising steps per job
+    #[arg(long, default_value_t = 4)]
     pub steps: usize,
+    /// Server pipelines (`v2l-serve --workers`)
+    #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// ONNX Runtime threads per pipeline (0: one per core)
+    #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Sequential jobs per LoRA-resolution row (medians are reported)
+    #[arg(long, default_value_t = 5)]
     pub repeat: usize,
-    /// `v2l-serve --lora-strategy` (default: the engine's).
+    /// `v2l-serve --lora-strategy`: fused, bound or unfused (default: the engine's)
+    #[arg(long)]
     pub lora_strategy: Option<String>,
+    /// One JSON object instead of tables (the global `--json`).
+    #[arg(skip)]
     pub json: bool,
 }
 

@@ -11,25 +11,6 @@ use std::process::Command;
 
 use common::*;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The directory holding the libv2l.so cargo built for this test run.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    for d in [deps, deps.parent().unwrap()] {
-        if d.join("libv2l.so").is_file() {
-            return d.to_path_buf();
-        }
-    }
-    panic!("no libv2l.so beside {} or in its parent", exe.display());
-}
-
 /// Compiles the example into `dir` with warnings as errors, against libv2l.so (with an rpath)
 /// or, with `static_lib`, against libv2l.a and the system libraries Rust's std needs.
 fn compile(dir: &Path, static_lib: bool) -> PathBuf {

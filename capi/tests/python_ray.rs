@@ -18,23 +18,6 @@ use v2l_runtime::lora::format::{self, Factor, LoraFormat};
 
 const PROMPT: &str = "A red car drives through a snowy forest at dusk.";
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn lib() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [deps, deps.parent().unwrap()]
-        .iter()
-        .map(|d| d.join("libv2l.so"))
-        .find(|p| p.is_file())
-        .expect("libv2l.so built beside the test")
-}
-
 /// Writes LoRAs a (the fixture's PEFT file), b (its A factors negated) and c (B halved).
 fn loras(dir: &Path) -> Vec<PathBuf> {
     let peft = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
@@ -92,7 +75,7 @@ fn ray_serve_routes_by_lora_and_matches_the_c_abi() {
         .arg(workspace().join("python/tests/ray_serve_check.py"))
         .args([&engine, &lora_dir, &frame, &out])
         .env("PYTHONPATH", workspace().join("python"))
-        .env("V2L_LIBRARY", lib())
+        .env("V2L_LIBRARY", lib_dir().join("libv2l.so"))
         .env("V2L_MAX_LORAS_PER_REPLICA", "1")
         .env("RAY_USAGE_STATS_ENABLED", "0")
         .current_dir(tmp.path())

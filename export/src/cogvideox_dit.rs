@@ -19,7 +19,7 @@ use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
-use crate::scope::{LinearInfo, Scope};
+use crate::scope::Scope;
 
 pub const CLASS_NAME: &str = "CogVideoXTransformer3DModel";
 
@@ -103,17 +103,8 @@ pub struct DitOptions {
     pub weight_dtype: Option<DType>,
 }
 
-/// The exported graph and what a LoRA can target in it.
-pub struct DitExport {
-    pub graph: Graph,
-    pub config: DitConfig,
-    /// `config.json` as read.
-    pub raw_config: serde_json::Value,
-    /// Every `nn.Linear`, in `named_modules()` order (the LiLoRA layer order).
-    pub linears: Vec<LinearInfo>,
-    /// Checkpoint tensors the graph does not use.
-    pub unused_keys: Vec<String>,
-}
+/// The exported CogVideoX DiT and what a LoRA can target in it.
+pub type DitExport = crate::dit::DitGraph<DitConfig>;
 
 /// Builds the DiT graph from a diffusers transformer checkpoint.
 pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {

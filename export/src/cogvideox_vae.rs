@@ -665,13 +665,7 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let video = g.input(
         "video",
         DType::F32,
-        vec![
-            "batch".into(),
-            Dim::Fixed(cfg.in_channels as i64),
-            "frames".into(),
-            "height".into(),
-            "width".into(),
-        ],
+        crate::layers::video_dims(cfg.in_channels),
     );
     let mut cx = Causal::new(&mut g, ("height", "width"));
     let ch = &cfg.block_out_channels;
@@ -860,13 +854,7 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
         &x,
         "sample",
         DType::F32,
-        vec![
-            "batch".into(),
-            Dim::Fixed(cfg.out_channels as i64),
-            "frames".into(),
-            "height".into(),
-            "width".into(),
-        ],
+        crate::layers::video_dims(cfg.out_channels),
     );
     cx.declare_outputs(&mut g);
     record_metadata(&mut g, cfg, "decoder", &cx.caches);

@@ -9,7 +9,19 @@ use crate::manifest::DitEntry;
 use crate::scope::LinearInfo;
 use crate::{cogvideox_dit, wan_dit};
 
-/// An exported DiT graph and its manifest entry.
+/// A DiT graph as its architecture's exporter returns it (`C`: the architecture's config).
+pub struct DitGraph<C> {
+    pub graph: Graph,
+    pub config: C,
+    /// `config.json` as read.
+    pub raw_config: serde_json::Value,
+    /// Every `nn.Linear`, in `named_modules()` order (the LiLoRA layer order).
+    pub linears: Vec<LinearInfo>,
+    /// Checkpoint tensors the graph does not use.
+    pub unused_keys: Vec<String>,
+}
+
+/// An exported DiT graph, whichever the architecture, and its manifest entry.
 pub struct ExportedDit {
     pub graph: Graph,
     pub class_name: &'static str,

@@ -1,6 +1,6 @@
 //! Building blocks several architectures share, each as diffusers computes it.
 
-use v2l_graphs::{Graph, Value};
+use v2l_graphs::{Dim, Graph, Value};
 
 /// diffusers' `get_timestep_embedding` (`Timesteps`): `[B]` float timesteps → `[B, dim]`
 /// `[sin, cos]` (or `[cos, sin]` with `flip`), frequencies `exp(-ln(10000)·i / (dim/2 − shift))`
@@ -77,4 +77,16 @@ pub(crate) fn sdpa(g: &mut Graph, q: &Value, k: &Value, v: &Value, dh: i64, d: u
     let o = g.matmul(&p, &v);
     let o = g.transpose(&o, &[0, 2, 1, 3]);
     g.reshape_to(&o, &[0, 0, d as i64])
+}
+
+/// `[batch, channels, frames, height, width]`: a channels-first video or latent input (Wan,
+/// diffusers' VAEs and the hypernetwork), only the channels fixed.
+pub(crate) fn video_dims(channels: usize) -> Vec<Dim> {
+    vec![
+        "batch".into(),
+        Dim::Fixed(channels as i64),
+        "frames".into(),
+        "height".into(),
+        "width".into(),
+    ]
 }

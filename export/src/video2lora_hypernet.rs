@@ -197,13 +197,7 @@ pub fn export(ckpt: &Checkpoint, opts: &HypernetOptions) -> Result<HypernetExpor
     let latents = g.input(
         "reference_latents",
         DType::F32,
-        vec![
-            "batch".into(),
-            Dim::Fixed(c as i64),
-            "frames".into(),
-            "height".into(),
-            "width".into(),
-        ],
+        crate::layers::video_dims(c),
     );
 
     // Every weight is added once here; the unrolled iterations below only refer to them.

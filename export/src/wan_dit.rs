@@ -23,7 +23,7 @@ use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
-use crate::layers::{apply_rope, modulate, rotate_pairs, sdpa, sinusoid};
+use crate::layers::{apply_rope, modulate, rotate_pairs, sdpa, sinusoid, video_dims};
 use crate::scope::{LinearInfo, Scope};
 
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
@@ -89,15 +89,8 @@ impl WanDitConfig {
     }
 }
 
-/// The exported graph and what a LoRA can target in it.
-pub struct WanDitExport {
-    pub graph: Graph,
-    pub config: WanDitConfig,
-    pub raw_config: serde_json::Value,
-    /// Every `nn.Linear`, in `named_modules()` order.
-    pub linears: Vec<LinearInfo>,
-    pub unused_keys: Vec<String>,
-}
+/// The exported Wan DiT and what a LoRA can target in it.
+pub type WanDitExport = crate::dit::DitGraph<WanDitConfig>;
 
 /// Builds the Wan DiT graph from a diffusers transformer checkpoint; `weight_dtype` stores the
 /// weights as f16/bf16 with a Cast each (`None`: f32).
@@ -109,16 +102,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
     let mut vb = Scope::new(ckpt);
     vb.weight_dtype = weight_dtype;
     let (d, dh) = (cfg.inner_dim(), cfg.attention_head_dim as i64);
-    let dims5 = |c: usize| -> Vec<Dim> {
-        vec![
-            "batch".into(),
-            Dim::Fixed(c as i64),
-            "frames".into(),
-            "height".into(),
-            "width".into(),
-        ]
-    };
-    let hidden = g.input("hidden_states", DType::F32, dims5(cfg.in_channels));
+    let hidden = g.input("hidden_states", DType::F32, video_dims(cfg.in_channels));
     let timestep = g.input("timestep", DType::F32, vec!["batch".into()]);
     let text = g.input(
         "encoder_hidden_states",
@@ -177,7 +161,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
     let c = cfg.out_channels();
     let x = vb.linear(&mut g, &x, "proj_out", d, c * pt * ph * pw, true)?;
     let sample = g.scoped("unpatchify", |g| unpatchify(g, &x, &hidden, &cfg));
-    g.output(&sample, "sample", DType::F32, dims5(c));
+    g.output(&sample, "sample", DType::F32, video_dims(c));
     g.metadata("v2l.architecture", CLASS_NAME);
     let linears = module_order(vb.linears());
     Ok(WanDitExport {

@@ -88,75 +88,84 @@ impl Metrics {
     pub fn render(&self, g: &Gauges) -> String {
         let inner = self.inner();
         let mut s = String::new();
-        let mut gauge = |name: &str, help: &str, kind: &str, v: String| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        gauge(
-            "v2l_queue_depth",
-            "Jobs waiting for a worker.",
+        let scalars: [(&str, &str, &str, String); 7] = [
+            (
+                "v2l_queue_depth",
+                "Jobs waiting for a worker.",
+                "gauge",
+                g.queue_depth.to_string(),
+            ),
+            (
+                "v2l_jobs_running",
+                "Jobs running now.",
+                "gauge",
+                g.running.to_string(),
+            ),
+            (
+                "v2l_lora_cache_entries",
+                "LoRAs held by the cache.",
+                "gauge",
+                g.cache_entries.to_string(),
+            ),
+            (
+                "v2l_lora_cache_bytes",
+                "Bytes of LoRA factors held by the cache.",
+                "gauge",
+                g.cache_bytes.to_string(),
+            ),
+            (
+                "v2l_lora_cache_capacity_bytes",
+                "The cache's bound (--lora-cache-mb).",
+                "gauge",
+                g.cache_capacity.to_string(),
+            ),
+            (
+                "v2l_lora_cache_hits_total",
+                "LoRA lookups served from the cache.",
+                "counter",
+                g.cache_hits.to_string(),
+            ),
+            (
+                "v2l_lora_cache_misses_total",
+                "LoRA lookups that had to predict or load.",
+                "counter",
+                g.cache_misses.to_string(),
+            ),
+        ];
+        for (name, help, kind, v) in scalars {
+            header(&mut s, name, help, kind);
+            let _ = writeln!(s, "{name} {v}");
+        }
+        header(
+            &mut s,
+            "v2l_jobs",
+            "Jobs in the state database by state.",
             "gauge",
-            g.queue_depth.to_string(),
-        );
-        gauge(
-            "v2l_jobs_running",
-            "Jobs running now.",
-            "gauge",
-            g.running.to_string(),
-        );
-        gauge(
-            "v2l_lora_cache_entries",
-            "LoRAs held by the cache.",
-            "gauge",
-            g.cache_entries.to_string(),
-        );
-        gauge(
-            "v2l_lora_cache_bytes",
-            "Bytes of LoRA factors held by the cache.",
-            "gauge",
-            g.cache_bytes.to_string(),
-        );
-        gauge(
-            "v2l_lora_cache_capacity_bytes",
-            "The cache's bound (--lora-cache-mb).",
-            "gauge",
-            g.cache_capacity.to_string(),
-        );
-        gauge(
-            "v2l_lora_cache_hits_total",
-            "LoRA lookups served from the cache.",
-            "counter",
-            g.cache_hits.to_string(),
-        );
-        gauge(
-            "v2l_lora_cache_misses_total",
-            "LoRA lookups that had to predict or load.",
-            "counter",
-            g.cache_misses.to_string(),
-        );
-        let _ = writeln!(
-            s,
-            "# HELP v2l_jobs Jobs in the state database by state.\n# TYPE v2l_jobs gauge"
         );
         for (state, n) in &g.jobs {
             let _ = writeln!(s, "v2l_jobs{{state=\"{state}\"}} {n}");
         }
-        let _ = writeln!(
-            s,
-            "# HELP v2l_errors_total Errors by kind.\n# TYPE v2l_errors_total counter"
-        );
+        header(&mut s, "v2l_errors_total", "Errors by kind.", "counter");
         for (kind, n) in &inner.errors {
             let _ = writeln!(s, "v2l_errors_total{{kind=\"{kind}\"}} {n}");
         }
-        let _ = writeln!(s, "# HELP v2l_http_responses_total HTTP responses by route and status.\n# TYPE v2l_http_responses_total counter");
+        header(
+            &mut s,
+            "v2l_http_responses_total",
+            "HTTP responses by route and status.",
+            "counter",
+        );
         for ((route, status), n) in &inner.requests {
             let _ = writeln!(
                 s,
                 "v2l_http_responses_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            s,
-            "# HELP v2l_stage_seconds Job stage latency.\n# TYPE v2l_stage_seconds histogram"
+        header(
+            &mut s,
+            "v2l_stage_seconds",
+            "Job stage latency.",
+            "histogram",
         );
         for (stage, h) in &inner.stages {
             for (c, b) in h.counts.iter().zip(BUCKETS) {
@@ -179,6 +188,11 @@ impl Metrics {
         }
         s
     }
+}
+
+/// `# HELP` and `# TYPE` lines of a metric family.
+fn header(s: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 #[cfg(test)]

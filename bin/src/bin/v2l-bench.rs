@@ -67,32 +67,7 @@ enum Command {
     /// Example:
     ///   v2l-bench serve --engine engine/ --clients 8 --seconds 20 --repeat 5
     #[command(verbatim_doc_comment)]
-    Serve {
-        /// Engine bundle or export directory with a hypernetwork (the tiny one is the intent)
-        #[arg(long)]
-        engine: PathBuf,
-        /// Concurrent clients of the load phase
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        /// Length of the load phase
-        #[arg(long, default_value_t = 20.0)]
-        seconds: f64,
-        /// Denoising steps per job
-        #[arg(long, default_value_t = 4)]
-        steps: usize,
-        /// Server pipelines (`v2l-serve --workers`)
-        #[arg(long, default_value_t = 1)]
-        workers: usize,
-        /// ONNX Runtime threads per pipeline (0: one per core)
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Sequential jobs per LoRA-resolution row (medians are reported)
-        #[arg(long, default_value_t = 5)]
-        repeat: usize,
-        /// `v2l-serve --lora-strategy`: fused, bound or unfused (default: the engine's)
-        #[arg(long)]
-        lora_strategy: Option<String>,
-    },
+    Serve(v2l_cli::bench_serve::ServeBench),
     /// Export a full-size CogVideoX-5B DiT or T5-XXL text encoder (generated bf16 weights) and
     /// report time and peak memory; the T5 is then run once on 226 tokens as its own process
     ///
@@ -252,26 +227,10 @@ fn main() -> ExitCode {
                 vae_cases,
             })
         }
-        Command::Serve {
-            engine,
-            clients,
-            seconds,
-            steps,
-            workers,
-            threads,
-            repeat,
-            lora_strategy,
-        } => v2l_cli::bench_serve::bench_serve(&v2l_cli::bench_serve::ServeBench {
-            engine,
-            clients,
-            seconds,
-            steps,
-            workers,
-            threads,
-            repeat,
-            lora_strategy,
-            json: cli.json,
-        }),
+        Command::Serve(mut b) => {
+            b.json = cli.json;
+            v2l_cli::bench_serve::bench_serve(&b)
+        }
         Command::Fuse {
             model,
             threads,
@@ -367,6 +326,24 @@ enum ExportModel {
     Wan13b,
 }
 
+/// `(config, tensors of the checkpoint it describes, where to generate it)`.
+type SyntheticLayout = (
+    serde_json::Value,
+    Vec<(String, Vec<usize>)>,
+    std::path::PathBuf,
+);
+
+/// A model's config with the tensor layout its exporter reads, for a generated checkpoint.
+fn synthetic_layout<C: serde::de::DeserializeOwned>(
+    config: serde_json::Value,
+    layout: fn(&C) -> Vec<(String, Vec<usize>)>,
+    ck_dir: std::path::PathBuf,
+) -> Result<SyntheticLayout, Failure> {
+    let cfg: C =
+        serde_json::from_value(config.clone()).map_err(|e| Failure::new(format!("config: {e}")))?;
+    Ok((config, layout(&cfg), ck_dir))
+}
+
 fn bench_export(
     layers: usize,
     model: ExportModel,
@@ -375,38 +352,22 @@ fn bench_export(
     json: bool,
 ) -> Result<(), Failure> {
     use v2l_export::t5_encoder;
-    let bad_config = |e: serde_json::Error| Failure::new(format!("config: {e}"));
     let (config, layout, ck_dir) = match model {
-        ExportModel::Cogvideox => {
-            let config = fullscale_config(layers)?;
-            let cfg: cogvideox_dit::DitConfig =
-                serde_json::from_value(config.clone()).map_err(bad_config)?;
-            (
-                config,
-                cogvideox_dit::checkpoint_layout(&cfg),
-                dir.join("transformer"),
-            )
-        }
-        ExportModel::T5Xxl => {
-            let config = t5_encoder::t5_xxl_config();
-            let cfg: t5_encoder::T5Config =
-                serde_json::from_value(config.clone()).map_err(bad_config)?;
-            (
-                config,
-                t5_encoder::checkpoint_layout(&cfg),
-                dir.join("text_encoder"),
-            )
-        }
-        ExportModel::Wan13b => {
-            let config = v2l_export::wan_dit::wan_t2v_1_3b_config();
-            let cfg: v2l_export::wan_dit::WanDitConfig =
-                serde_json::from_value(config.clone()).map_err(bad_config)?;
-            (
-                config,
-                v2l_export::wan_dit::checkpoint_layout(&cfg),
-                dir.join("transformer"),
-            )
-        }
+        ExportModel::Cogvideox => synthetic_layout(
+            fullscale_config(layers)?,
+            cogvideox_dit::checkpoint_layout,
+            dir.join("transformer"),
+        )?,
+        ExportModel::T5Xxl => synthetic_layout(
+            t5_encoder::t5_xxl_config(),
+            t5_encoder::checkpoint_layout,
+            dir.join("text_encoder"),
+        )?,
+        ExportModel::Wan13b => synthetic_layout(
+            v2l_export::wan_dit::wan_t2v_1_3b_config(),
+            v2l_export::wan_dit::checkpoint_layout,
+            dir.join("transformer"),
+        )?,
     };
     let out_dir = dir.join("export");
     let params: usize = layout

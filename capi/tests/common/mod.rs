@@ -307,3 +307,23 @@ pub fn first_frames(f: &Frames, n: usize) -> Frames {
     f.truncate(n);
     f
 }
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The directory holding the libv2l.so cargo built for this test run.
+pub fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    for d in [deps, deps.parent().unwrap()] {
+        if d.join("libv2l.so").is_file() {
+            return d.to_path_buf();
+        }
+    }
+    panic!("no libv2l.so beside {} or in its parent", exe.display());
+}
