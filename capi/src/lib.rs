@@ -159,8 +159,8 @@ pub struct V2lGenerator {
     latent_channels: usize,
     text_embed_dim: usize,
     /// The VAE decoder's latent frames per batch and temporal upsampling levels.
-    decoder_frame_batch: usize,
-    temporal_levels: usize,
+    /// The VAE's loop contract (how many frames a decode returns).
+    vae: v2l_contracts::manifest::VaeEntry,
 }
 
 /// A LoRA: immutable, shareable between threads and generators.
@@ -568,11 +568,7 @@ fn sizes(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Sizes> {
         l.check_steps(p.steps as usize)
     })?;
     let latent_frames = (f - 1) / 4 + 1;
-    let frames = v2l_contracts::frame_batch::decoded_frames(
-        latent_frames,
-        g.decoder_frame_batch,
-        g.temporal_levels,
-    );
+    let frames = g.vae.decoded_frames(latent_frames);
     let out_bytes = product(&[frames, h, w, 3], "output")?;
     Ok(Sizes {
         frames,
@@ -747,13 +743,7 @@ pub unsafe extern "C" fn v2l_generator_new(
             .vae
             .as_ref()
             .ok_or_else(|| Error::new(V2lStatus::InvalidArgument, "the engine holds no VAE"))?;
-        let decoder_frame_batch = vae.decoder_frame_batch;
-        let ratio = vae
-            .config
-            .get("temporal_compression_ratio")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(4.0);
-        let temporal_levels = ratio.log2().trunc().max(0.0) as usize;
+        let vae = vae.clone();
         let pipeline = Pipeline::load(dir, &e.opts)?;
         *out = register(V2lGenerator {
             pipeline: Mutex::new(pipeline),
@@ -764,8 +754,7 @@ pub unsafe extern "C" fn v2l_generator_new(
             patch_size,
             latent_channels,
             text_embed_dim,
-            decoder_frame_batch,
-            temporal_levels,
+            vae,
         });
         Ok(())
     })

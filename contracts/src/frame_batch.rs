@@ -101,6 +101,38 @@ pub fn frame_batches(num_frames: usize, batch: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// How a VAE's loop cuts a clip into frame batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrameSchedule {
+    /// CogVideoX ([`frame_batches`]): batches of `batch`, the first also taking the remainder.
+    #[default]
+    RemainderFirst,
+    /// Wan (`AutoencoderKLWan._encode` / `_decode`): the first frame alone, then batches of
+    /// `batch`. Frames past the last whole batch would be dropped by diffusers; they are
+    /// refused here instead.
+    FirstAlone,
+}
+
+impl FrameSchedule {
+    /// The `(start, end)` batches of `frames` frames, or why that count does not fit.
+    pub fn batches(self, frames: usize, batch: usize) -> Result<Vec<(usize, usize)>, String> {
+        match self {
+            FrameSchedule::RemainderFirst => Ok(frame_batches(frames, batch)),
+            FrameSchedule::FirstAlone => {
+                let batch = batch.max(1);
+                if frames == 0 || (frames - 1) % batch != 0 {
+                    return Err(format!(
+                        "{frames} frames; this VAE takes 1 + {batch}·k frames (the first frame alone, then batches of {batch})"
+                    ));
+                }
+                let rest = (0..(frames - 1) / batch).map(|i| (1 + i * batch, 1 + (i + 1) * batch));
+                Ok(std::iter::once((0, 1)).chain(rest).collect())
+            }
+        }
+    }
+}
+
 /// Frames the CogVideoX VAE decodes from `latent_frames`, as diffusers does: the latents are
 /// cut into batches ([`frame_batches`]: `max(n / batch, 1)` batches, the first
 /// also taking `n % batch`) and each temporal upsampler maps `n` frames to
@@ -129,6 +161,17 @@ pub fn decoded_frames(latent_frames: usize, batch: usize, levels: usize) -> usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_alone_matches_wan_encode_and_decode() {
+        // `_encode`: x[:, :, :1], then x[:, :, 1 + 4(i-1) : 1 + 4i]; `_decode`: one frame each.
+        let s = FrameSchedule::FirstAlone;
+        assert_eq!(s.batches(9, 4), Ok(vec![(0, 1), (1, 5), (5, 9)]));
+        assert_eq!(s.batches(1, 4), Ok(vec![(0, 1)]));
+        assert_eq!(s.batches(3, 1), Ok(vec![(0, 1), (1, 2), (2, 3)]));
+        assert!(s.batches(8, 4).is_err());
+        assert!(s.batches(0, 1).is_err());
+    }
 
     #[test]
     fn decoded_frames_agree_with_the_batches() {

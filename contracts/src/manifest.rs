@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::frame_batch::CacheSpec;
+use crate::frame_batch::{CacheSpec, FrameSchedule};
 use crate::LinearInfo;
 
 /// Why a manifest could not be read or written.
@@ -115,8 +115,59 @@ pub struct VaeEntry {
     pub decoder_frame_batch: usize,
     pub encoder_caches: Vec<CacheSpec>,
     pub decoder_caches: Vec<CacheSpec>,
+    /// How a clip is cut into those batches (CogVideoX: remainder first; Wan: first frame alone).
+    #[serde(default)]
+    pub frame_schedule: FrameSchedule,
+    /// Video frames per latent frame (`1 + (f - 1)·t` frames for `f` latents, Wan's rule).
+    #[serde(default = "four")]
+    pub temporal_compression: usize,
+    /// Per-channel latent statistics (Wan's `latents_mean`/`latents_std`): the pipelines
+    /// normalise latents as `(z - mean) / std` instead of multiplying by `scaling_factor`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latents_mean: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latents_std: Vec<f64>,
     /// The `config.json` the graphs were built from, verbatim.
     pub config: serde_json::Value,
+}
+
+fn four() -> usize {
+    4
+}
+
+impl VaeEntry {
+    /// The encoder's `(start, end)` frame batches for a clip of `frames` frames.
+    pub fn encoder_batches(
+        &self,
+        frames: usize,
+    ) -> std::result::Result<Vec<(usize, usize)>, String> {
+        self.frame_schedule
+            .batches(frames, self.encoder_frame_batch)
+    }
+
+    /// The decoder's `(start, end)` latent-frame batches for `latent_frames` latents.
+    pub fn decoder_batches(
+        &self,
+        latent_frames: usize,
+    ) -> std::result::Result<Vec<(usize, usize)>, String> {
+        self.frame_schedule
+            .batches(latent_frames, self.decoder_frame_batch)
+    }
+
+    /// Frames the decoder returns for `latent_frames` latents.
+    pub fn decoded_frames(&self, latent_frames: usize) -> usize {
+        match self.frame_schedule {
+            FrameSchedule::RemainderFirst => crate::frame_batch::decoded_frames(
+                latent_frames,
+                self.decoder_frame_batch,
+                self.temporal_compression.max(1).ilog2() as usize,
+            ),
+            FrameSchedule::FirstAlone => match latent_frames {
+                0 => 0,
+                n => 1 + (n - 1) * self.temporal_compression,
+            },
+        }
+    }
 }
 
 /// The exported transformer.

@@ -234,17 +234,17 @@ fn check_supported(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<()> {
 // ---- causal convolution and its cache -------------------------------------------------------
 
 /// Per-graph state of the causal convolutions: the `first_batch` switch and the caches seen.
-struct Causal {
+pub(crate) struct Causal {
     /// `first_batch > 0.5` as a bool `[1]`.
-    first: Value,
+    pub(crate) first: Value,
     /// Symbolic names of the main input's height and width (for the cache dims).
     hw: (&'static str, &'static str),
-    caches: Vec<CacheSpec>,
-    cache_outs: Vec<Value>,
+    pub(crate) caches: Vec<CacheSpec>,
+    pub(crate) cache_outs: Vec<Value>,
 }
 
 impl Causal {
-    fn new(g: &mut Graph, hw: (&'static str, &'static str)) -> Causal {
+    pub(crate) fn new(g: &mut Graph, hw: (&'static str, &'static str)) -> Causal {
         let flag = g.input("first_batch", DType::F32, vec![Dim::Fixed(1)]);
         let half = g.scalar(0.5);
         let first = g.op("Greater", &[&flag, &half], vec![]);
@@ -256,7 +256,7 @@ impl Causal {
         }
     }
 
-    fn cache_dims(&self, spec: &CacheSpec) -> Vec<Dim> {
+    pub(crate) fn cache_dims(&self, spec: &CacheSpec) -> Vec<Dim> {
         vec![
             "batch".into(),
             Dim::Fixed(spec.channels as i64),
@@ -267,7 +267,7 @@ impl Causal {
     }
 
     /// Declares `cache_out.*` for every cache, in input order.
-    fn declare_outputs(&self, g: &mut Graph) {
+    pub(crate) fn declare_outputs(&self, g: &mut Graph) {
         for (spec, v) in self.caches.iter().zip(&self.cache_outs) {
             let dims = self.cache_dims(spec);
             g.output(v, &spec.output_name(), DType::F32, dims);
@@ -327,7 +327,13 @@ fn causal_conv(
 
 /// A 1×1×1 `Conv3d(cin, cout)` whose `weight`/`bias` live at `vb` (conv_shortcut, and the
 /// kernel-1 causal convs of SpatialNorm3D, which neither pad nor read their cache).
-fn conv1x1(g: &mut Graph, vb: &Scope, x: &Value, cin: usize, cout: usize) -> Result<Value> {
+pub(crate) fn conv1x1(
+    g: &mut Graph,
+    vb: &Scope,
+    x: &Value,
+    cin: usize,
+    cout: usize,
+) -> Result<Value> {
     let w = vb.weight(g, "weight", &[cout, cin, 1, 1, 1])?;
     let b = vb.weight(g, "bias", &[cout])?;
     Ok(g.scoped(vb.prefix(), |g| {
@@ -341,7 +347,7 @@ fn conv1x1(g: &mut Graph, vb: &Scope, x: &Value, cin: usize, cout: usize) -> Res
 
 /// `nn.Conv2d(k=3)` applied to every frame (`[B,C,T,H,W] -> [B·T,C,H,W]`, as diffusers does),
 /// with `pads` in ONNX order `[top, left, bottom, right]`.
-fn per_frame_conv2d(
+pub(crate) fn per_frame_conv2d(
     g: &mut Graph,
     x: &Value,
     w: &Value,
@@ -429,7 +435,7 @@ fn group_norm(
 
 /// Nearest-neighbour upscaling by integer factors: every frame `rt` times, every pixel `rs×rs`
 /// (what `F.interpolate(mode="nearest")` does for these exact ratios).
-fn repeat(g: &mut Graph, x: &Value, rt: i64, rs: i64) -> Value {
+pub(crate) fn repeat(g: &mut Graph, x: &Value, rt: i64, rs: i64) -> Value {
     if rt == 1 && rs == 1 {
         return x.clone();
     }
@@ -915,6 +921,10 @@ impl VaeExport {
             decoder_frame_batch: LATENT_FRAMES_BATCH_SIZE,
             encoder_caches: self.encoder_caches.clone(),
             decoder_caches: self.decoder_caches.clone(),
+            frame_schedule: v2l_contracts::frame_batch::FrameSchedule::RemainderFirst,
+            temporal_compression: 1 << self.config.temporal_compress_level(),
+            latents_mean: Vec::new(),
+            latents_std: Vec::new(),
             config: raw_config,
         }
     }

@@ -29,8 +29,10 @@ pub mod manifest;
 pub mod scope;
 pub mod synthetic;
 pub mod t5_encoder;
+pub mod vae;
 pub mod video2lora_hypernet;
 pub mod wan_dit;
+pub mod wan_vae;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use error::{ExportError, Result};

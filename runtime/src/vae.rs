@@ -1,7 +1,8 @@
-//! The CogVideoX VAE's frame-batch loop around its two per-batch graphs.
+//! The video VAE's frame-batch loop around its two per-batch graphs.
 //!
-//! diffusers encodes 8 frames at a time (decodes 2 latent frames at a time), the first batch
-//! also taking the remainder, and carries each causal convolution's last frames to the next
+//! diffusers encodes CogVideoX 8 frames at a time (decodes 2 latent frames at a time), the first
+//! batch also taking the remainder; Wan the first frame alone, then 4 at a time (decodes 1 latent
+//! frame at a time). Both carry each causal convolution's last frames to the next
 //! batch. Normalisation statistics are per batch, so this batching is part of the numbers. The
 //! exported graphs compute one batch with the caches as explicit inputs and outputs
 //! (`cache_in.*` → `cache_out.*`, see `v2l_contracts::frame_batch`); this loop threads them.
@@ -12,7 +13,7 @@ use std::collections::BTreeMap;
 mod tiling;
 pub use tiling::{Tiling, TilingMode};
 
-use v2l_contracts::frame_batch::{frame_batches, CacheSpec};
+use v2l_contracts::frame_batch::CacheSpec;
 use v2l_contracts::manifest::VaeEntry;
 
 use crate::engine::Engine;
@@ -78,12 +79,19 @@ impl Vae {
     }
 
     fn encode_untiled(&mut self, video: &Tensor) -> Result<(Tensor, Tensor)> {
+        let batches = self
+            .entry
+            .encoder_batches(video.shape.get(2).copied().unwrap_or(0))
+            .map_err(|message| RuntimeError::Invalid {
+                what: "`video`".into(),
+                message,
+            })?;
         let mut outs = run_batches(
             &mut self.encoder,
             &self.entry.encoder_caches,
             "video",
             video,
-            self.entry.encoder_frame_batch,
+            &batches,
         )?;
         let take = |outs: &mut Vec<BTreeMap<String, Tensor>>, name: &str| -> Result<Tensor> {
             let parts = outs
@@ -136,12 +144,19 @@ impl Vae {
     }
 
     fn decode_untiled(&mut self, latents: &Tensor) -> Result<Tensor> {
+        let batches = self
+            .entry
+            .decoder_batches(latents.shape.get(2).copied().unwrap_or(0))
+            .map_err(|message| RuntimeError::Invalid {
+                what: "`latents`".into(),
+                message,
+            })?;
         let outs = run_batches(
             &mut self.decoder,
             &self.entry.decoder_caches,
             "latents",
             latents,
-            self.entry.decoder_frame_batch,
+            &batches,
         )?;
         let parts = outs
             .into_iter()
@@ -174,15 +189,15 @@ fn check_5d(t: &Tensor, name: &str, channels: usize) -> Result<[usize; 5]> {
     }
 }
 
-/// Runs `model` over diffusers' frame batches of `x` (axis 2), threading the caches.
+/// Runs `model` over diffusers' frame `batches` of `x` (axis 2), threading the caches.
 fn run_batches(
     model: &mut Model,
     caches: &[CacheSpec],
     input: &str,
     x: &Tensor,
-    batch_frames: usize,
+    batches: &[(usize, usize)],
 ) -> Result<Vec<BTreeMap<String, Tensor>>> {
-    let [b, _, frames, h, w] = x.shape[..] else {
+    let [b, _, _, h, w] = x.shape[..] else {
         return Err(RuntimeError::Invalid {
             what: format!("`{input}`"),
             message: format!("shape {:?}; expected [B, C, F, H, W]", x.shape),
@@ -193,7 +208,7 @@ fn run_batches(
         .map(|c| (c.name.clone(), Tensor::zeros(c.shape(b, h, w).to_vec())))
         .collect();
     let mut results = Vec::new();
-    for (i, (start, end)) in frame_batches(frames, batch_frames).into_iter().enumerate() {
+    for (i, &(start, end)) in batches.iter().enumerate() {
         feed.insert(input.to_string(), x.slice_axis(2, start, end)?);
         feed.insert(
             "first_batch".into(),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{bytes, main_with, Failure};
-use v2l_export::{cogvideox_dit, cogvideox_vae, video2lora_hypernet, Checkpoint, Manifest};
+use v2l_export::{cogvideox_dit, video2lora_hypernet, Checkpoint, Manifest};
 use v2l_graphs::{DType, ExternalData};
 
 /// Export diffusers / upstream checkpoints to ONNX graphs, without PyTorch.
@@ -127,10 +127,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "f32")]
         weight_dtype: WeightDType,
     },
-    /// CogVideoX 3D VAE (`AutoencoderKLCogVideoX`) -> <dir>/vae_encoder.onnx, <dir>/vae_decoder.onnx
+    /// Video VAE (CogVideoX `AutoencoderKLCogVideoX`, Wan2.1 `AutoencoderKLWan`) -> <dir>/vae_encoder.onnx, <dir>/vae_decoder.onnx
     ///
     /// Example:
     ///   v2l-export vae models/CogVideoX-5b-I2V/vae -o export/
+    ///   v2l-export vae models/Wan2.1-T2V-1.3B-Diffusers/vae -o export/
     #[command(verbatim_doc_comment)]
     Vae {
         /// diffusers VAE directory (config.json + safetensors)
@@ -293,23 +294,22 @@ fn export_dit(checkpoint: &Path, out: &OutputArgs, weight_dtype: DType) -> Resul
 
 fn export_vae(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
     let ck = Checkpoint::open_dir(checkpoint)?;
-    let ex = cogvideox_vae::export(&ck)?;
-    let raw_config: serde_json::Value = ck.config(cogvideox_vae::CLASS_NAME)?;
+    let ex = v2l_export::vae::export(&ck)?;
     warn_unused(&ex.unused_keys);
     let mut manifest = prepare_dir(&out.output)?;
     let (enc, dec) = ("vae_encoder.onnx", "vae_decoder.onnx");
     let we = v2l_graphs::save(&ex.encoder, &out.output.join(enc), out.external_data.into())?;
     let wd = v2l_graphs::save(&ex.decoder, &out.output.join(dec), out.external_data.into())?;
-    manifest.vae = Some(ex.manifest_entry(enc, dec, raw_config));
+    manifest.vae = Some(ex.manifest_entry(enc, dec));
     manifest.write(&out.output)?;
+    let (ce, cd) = ex.cache_counts();
     println!(
-        "wrote {} and {} ({} + {} of f32 weights; {} + {} causal-conv caches)",
+        "wrote {} and {} ({}: {} + {} of f32 weights; {ce} + {cd} causal-conv caches)",
         out.shown(enc),
         out.shown(dec),
+        ex.class_name,
         bytes(we.weight_bytes),
         bytes(wd.weight_bytes),
-        ex.encoder_caches.len(),
-        ex.decoder_caches.len()
     );
     Ok(())
 }

@@ -1,0 +1,56 @@
+//! The exported Wan2.1 VAE (`AutoencoderKLWan`), driven through diffusers' chunk loop (the first
+//! frame alone, then 4 frames; one latent frame at a time) with its causal-conv caches, computes
+//! what diffusers computes (fixture `wan-tiny/vae_io`, made by `tests/fixtures/gen/wan_vae.py`:
+//! 9 frames = encoder chunks of 1 + 4 + 4, 4 latent frames decoded to 13).
+
+use v2l_export::{vae, Checkpoint, Manifest};
+use v2l_graphs::{save, ExternalData};
+use v2l_runtime::engine::Engine;
+use v2l_runtime::vae::Vae;
+use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
+use v2l_tests::*;
+
+/// The Wan issue's bound for a component in float32.
+const REL_L2: f64 = 1e-5;
+
+fn export_wan_vae(dir: &std::path::Path) -> Vae {
+    let ck = Checkpoint::open_dir(&fixtures().join("wan-tiny/vae")).unwrap();
+    let ex = vae::export(&ck).unwrap();
+    assert_eq!(ex.class_name, "AutoencoderKLWan");
+    assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
+    save(&ex.encoder, &dir.join("e.onnx"), ExternalData::Auto).unwrap();
+    save(&ex.decoder, &dir.join("d.onnx"), ExternalData::Auto).unwrap();
+    let manifest = Manifest {
+        format_version: v2l_export::manifest::FORMAT_VERSION,
+        vae: Some(ex.manifest_entry("e.onnx", "d.onnx")),
+        ..Default::default()
+    };
+    manifest.write(dir).unwrap();
+    Vae::load(&Engine::open(dir).unwrap(), &SessionOptions::default()).unwrap()
+}
+
+#[test]
+fn wan_vae_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vae = export_wan_vae(dir.path());
+    let io = read_safetensors(&fixtures().join("wan-tiny/vae_io.safetensors")).unwrap();
+    let (mean, logvar) = vae.encode(&io["video"]).unwrap();
+    assert_close("posterior_mean", &mean, &io["posterior_mean"], REL_L2);
+    assert_close("posterior_logvar", &logvar, &io["posterior_logvar"], REL_L2);
+    let sample = vae.decode(&io["latents"]).unwrap();
+    assert_eq!(vae.entry.decoded_frames(4), 13);
+    assert_close("sample", &sample, &io["sample"], REL_L2);
+}
+
+#[test]
+fn wan_vae_refuses_frame_counts_its_loop_cannot_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vae = export_wan_vae(dir.path());
+    // diffusers would silently drop the last 3 frames of 8.
+    let err = vae
+        .encode(&Tensor::zeros(vec![1, 3, 8, 16, 16]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("`video`") && err.contains("1 + 4"), "{err}");
+}
