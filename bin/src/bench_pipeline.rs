@@ -107,7 +107,8 @@ pub fn bench_pipeline(
     let clip = rgb(frames, 1);
     let (lf, lh, lw) = ((frames - 1) / 4 + 1, height / 8, width / 8);
     let req = Request {
-        image: rgb(1, 2),
+        image: Some(rgb(1, 2)),
+        image_embeds: None,
         prompt_embeds: gaussian_noise(vec![1, text_len, text_dim], 3),
         negative_prompt_embeds: gaussian_noise(vec![1, text_len, text_dim], 4),
         frames,

@@ -265,7 +265,8 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
         // As in the server, a generation runs between switches (the weights are not hot).
         let embeds = random_embeddings(&engine);
         let req = v2l_runtime::pipeline::Request {
-            image: synthetic(1, height, width, 1),
+            image: Some(synthetic(1, height, width, 1)),
+            image_embeds: None,
             prompt_embeds: embeds.clone(),
             negative_prompt_embeds: embeds,
             frames,

@@ -33,7 +33,8 @@ fn frames_of(t: &Tensor) -> Frames {
 /// The fixture's request (first frame, prompts, noise: 17 frames at guidance 6), two steps.
 fn two_step_request(io: &std::collections::BTreeMap<String, Tensor>) -> Request {
     Request {
-        image: frames_of(&io["first_frame_u8"]),
+        image: Some(frames_of(&io["first_frame_u8"])),
+        image_embeds: None,
         prompt_embeds: io["prompt_embeds"].clone(),
         negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
         frames: 17,
@@ -168,7 +169,8 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     }
     // An image of several frames is refused, not read from the wrong channels.
     let clip = Request {
-        image: frames_of(&io["reference_u8"]),
+        image: Some(frames_of(&io["reference_u8"])),
+        image_embeds: None,
         ..req.clone()
     };
     let e = p

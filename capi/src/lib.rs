@@ -1081,7 +1081,8 @@ pub unsafe extern "C" fn v2l_generator_generate(
             )
         };
         let req = Request {
-            image,
+            image: Some(image),
+            image_embeds: None,
             prompt_embeds,
             negative_prompt_embeds,
             frames: p.frames as usize,

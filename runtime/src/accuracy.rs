@@ -165,12 +165,13 @@ pub fn generation_accuracy(
         .collect();
     let prompt = gaussian_noise(vec![1, text, get("text_embed_dim")], 7);
     let req = Request {
-        image: crate::video::Frames {
+        image_embeds: None,
+        image: Some(crate::video::Frames {
             frames: 1,
             height: h,
             width: w,
             rgb,
-        },
+        }),
         negative_prompt_embeds: Tensor::zeros(prompt.shape.clone()),
         prompt_embeds: prompt,
         frames,

@@ -172,7 +172,8 @@ impl Engine {
         self.config_usize("max_text_seq_length", true)
     }
 
-    /// The initial latent noise `[1, latent frames, channels, h/8, w/8]` of a `frames × height ×
+    /// The initial latent noise (CogVideoX `[1, latent frames, channels, h/8, w/8]`, Wan channels
+    /// first) of a `frames × height ×
     /// width` request, from `seed` (`crate::tensor::gaussian_noise`): what every front end
     /// draws, so the same seed is the same video from the CLI, the C ABI and the server.
     pub fn seeded_noise(
@@ -187,13 +188,12 @@ impl Engine {
             .dit
             .as_ref()
             .ok_or_else(|| self.missing("DiT", "dit"))?;
-        let shape = vec![
-            1,
-            (frames.max(1) - 1) / 4 + 1,
-            dit.in_channels / 2,
-            height / 8,
-            width / 8,
-        ];
+        let lf = (frames.max(1) - 1) / 4 + 1;
+        // The layout the family's pipeline draws: Wan channels first, CogVideoX frames first.
+        let shape = match crate::pipeline::wan_dit(self) {
+            Some(_) => vec![1, dit.out_channels, lf, height / 8, width / 8],
+            None => vec![1, lf, dit.in_channels / 2, height / 8, width / 8],
+        };
         Ok(crate::tensor::gaussian_noise(shape, seed))
     }
 

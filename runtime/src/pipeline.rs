@@ -1,6 +1,8 @@
-//! CogVideoX image-to-video generation with an optional Video2LoRA reference clip.
+//! Video generation: CogVideoX image-to-video with an optional Video2LoRA reference clip, and
+//! Wan2.1 text- and image-to-video ([`wan`]). The engine's DiT picks the family; callers build
+//! the same [`Request`] for both.
 //!
-//! Mirrors diffusers 0.42.1 `CogVideoXImageToVideoPipeline` (CogVideoX 1.0 layout): the first
+//! CogVideoX mirrors diffusers 0.42.1 `CogVideoXImageToVideoPipeline` (CogVideoX 1.0 layout): the first
 //! frame in [-1, 1] is VAE-encoded (posterior mode by default; a seeded sample as an option) and
 //! scaled, padded with zero latents to the clip's latent frames and concatenated to the noisy
 //! latents on the channel axis; the DiT runs the negative and positive prompts as one batch of 2
@@ -16,6 +18,7 @@ use std::time::Instant;
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
+use crate::flow::FlowScheduler;
 use crate::lora::format::Lora;
 use crate::lora::strategy::{DitRunner, Strategy};
 use crate::lora::AppliedLora;
@@ -27,11 +30,17 @@ use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
 
+mod wan;
+pub(crate) use wan::{wan_dit, WanDit};
+
 /// One generation request.
 #[derive(Clone)]
 pub struct Request {
-    /// First frame, RGB8 at the output size.
-    pub image: Frames,
+    /// First frame, RGB8 at the output size (image-to-video); `None` for text-to-video (Wan
+    /// T2V), where the size comes from `noise`.
+    pub image: Option<Frames>,
+    /// Wan I2V: the first frame's CLIP image tokens `[1, tokens, image_dim]`.
+    pub image_embeds: Option<Tensor>,
     /// `[1, L, D]` each.
     pub prompt_embeds: Tensor,
     pub negative_prompt_embeds: Tensor,
@@ -39,7 +48,8 @@ pub struct Request {
     pub frames: usize,
     pub steps: usize,
     pub guidance: f32,
-    /// `[1, latent_frames, 16, h, w]`; see [`gaussian_noise`] for seeded noise.
+    /// CogVideoX `[1, latent_frames, 16, h, w]`, Wan `[1, 16, latent_frames, h, w]`; see
+    /// [`Engine::seeded_noise`] for seeded noise of the engine's layout.
     pub noise: Tensor,
     /// Which LoRA the DiT runs with for this request.
     pub lora: RequestLora,
@@ -79,7 +89,7 @@ pub struct Pipeline {
     dir: Engine,
     vae: Vae,
     dit: DitRunner,
-    scheduler: SchedulerConfig,
+    sampler: Sampler,
     predictor: Option<Predictor>,
     /// The LoRA set by [`Pipeline::set_lora`] (`None`: base weights); a request's own LoRA
     /// ([`RequestLora`]) replaces it for that request only.
@@ -111,7 +121,10 @@ impl Pipeline {
             what: dir.dir.display().to_string(),
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
-        let scheduler = SchedulerConfig::from_file(&dir.dir.join(sched))?;
+        let sampler = match wan_dit(&dir) {
+            Some(w) => Sampler::Flow(FlowScheduler::from_file(&dir.dir.join(sched))?, w),
+            None => Sampler::Ddim(SchedulerConfig::from_file(&dir.dir.join(sched))?),
+        };
         let vae = Vae::load(&dir, opts)?;
         let dit = DitRunner::load(&dir, opts, strategy)?;
         let predictor = match dir.manifest.hypernet {
@@ -122,7 +135,7 @@ impl Pipeline {
             dir,
             vae,
             dit,
-            scheduler,
+            sampler,
             predictor,
             applied: None,
         })
@@ -219,13 +232,41 @@ impl Pipeline {
             what: what.into(),
             message,
         };
-        if req.image.frames != 1 {
-            return Err(invalid(
-                "image",
-                format!("{} frames; the first frame is one frame", req.image.frames),
-            ));
-        }
-        let (h, w) = (req.image.height, req.image.width);
+        let wan = matches!(self.sampler, Sampler::Flow(..));
+        let t2v = wan && dit.in_channels == dit.out_channels;
+        let (h, w) = match (&req.image, t2v) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "image",
+                    "this engine is text-to-video (Wan T2V): it takes no first frame".into(),
+                ))
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "image",
+                    "this engine is image-to-video: give the first frame".into(),
+                ))
+            }
+            (Some(image), false) if image.frames != 1 => {
+                return Err(invalid(
+                    "image",
+                    format!("{} frames; the first frame is one frame", image.frames),
+                ))
+            }
+            (Some(image), false) => (image.height, image.width),
+            (None, true) => match req.noise.shape[..] {
+                [1, _, _, h, w] => (h * VAE_SPATIAL, w * VAE_SPATIAL),
+                _ => {
+                    return Err(invalid(
+                        "noise",
+                        format!(
+                            "shape {:?}; expected [1, C, latent_frames, h, w]",
+                            req.noise.shape
+                        ),
+                    ))
+                }
+            },
+        };
         let m = VAE_SPATIAL * dit.patch_size;
         if h % m != 0 || w % m != 0 || req.frames == 0 || (req.frames - 1) % VAE_TEMPORAL != 0 {
             return Err(invalid(
@@ -238,9 +279,14 @@ impl Pipeline {
         }
         let shape = LatentShape {
             frames: (req.frames - 1) / VAE_TEMPORAL + 1,
-            channels: dit.in_channels / 2,
+            channels: if wan {
+                dit.out_channels
+            } else {
+                dit.in_channels / 2
+            },
             height: h / VAE_SPATIAL,
             width: w / VAE_SPATIAL,
+            channels_first: wan,
         };
         if req.noise.shape != shape.dims() {
             return Err(invalid(
@@ -338,17 +384,50 @@ impl Pipeline {
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let t = Instant::now();
-        let image_latents = self.encode_image(&req.image, shape)?;
-        timings.insert("vae_encode".into(), ms(t));
-        let (latents, latents_steps, dit_ms) =
-            self.denoise(req, shape, &image_latents, progress)?;
+        let (latents, latents_steps, dit_ms, video) = match &mut self.sampler {
+            Sampler::Ddim(_) => {
+                let image = req.image.as_ref().ok_or_else(|| RuntimeError::Invalid {
+                    what: "image".into(),
+                    message: "CogVideoX image-to-video needs the first frame".into(),
+                })?;
+                let image_latents = self.encode_image(image, shape)?;
+                timings.insert("vae_encode".into(), ms(t));
+                let (latents, steps, dit_ms) =
+                    self.denoise(req, shape, &image_latents, progress)?;
+                let t = Instant::now();
+                let video = self.decode(&latents, shape)?;
+                timings.insert("vae_decode".into(), ms(t));
+                (latents, steps, dit_ms, video)
+            }
+            Sampler::Flow(sched, w) => {
+                let condition = match &req.image {
+                    Some(image) => {
+                        let c = wan::condition(&mut self.vae, image, req.frames, shape)?;
+                        timings.insert("vae_encode".into(), ms(t));
+                        Some(c)
+                    }
+                    None => None,
+                };
+                let (latents, steps, dit_ms) = wan::denoise(
+                    &mut self.dit,
+                    w,
+                    sched,
+                    req,
+                    shape,
+                    condition.as_ref(),
+                    progress,
+                )?;
+                let t = Instant::now();
+                let video = wan::decode(&mut self.vae, &latents, shape)?;
+                timings.insert("vae_decode".into(), ms(t));
+                (latents, steps, dit_ms, video)
+            }
+        };
+        drop(latents);
         if let Some(m) = median(dit_ms) {
             timings.insert("dit_step".into(), m);
         }
-        let t = Instant::now();
-        let frames = self.decode(&latents, shape)?;
-        timings.insert("vae_decode".into(), ms(t));
-        Ok((frames, latents_steps))
+        Ok((to_frames(&video)?, latents_steps))
     }
 
     /// Step 2: the first frame in [-1, 1] → VAE latent × scaling factor as latent frame 0 of
@@ -393,7 +472,13 @@ impl Pipeline {
         let dit = self.dit_entry()?.clone();
         let (lf, c, lh, lw) = (shape.frames, shape.channels, shape.height, shape.width);
         let frame = lh * lw;
-        let mut sched = DdimScheduler::new(&self.scheduler)?;
+        let Sampler::Ddim(cfg) = &self.sampler else {
+            return Err(RuntimeError::Invalid {
+                what: "scheduler".into(),
+                message: "CogVideoX runs the DDIM scheduler".into(),
+            });
+        };
+        let mut sched = DdimScheduler::new(cfg)?;
         sched.set_timesteps(req.steps)?;
         let (rope_cos, rope_sin) = cogvideox_rope(
             dit.attention_head_dim,
@@ -455,11 +540,15 @@ impl Pipeline {
                 });
             }
             let (uncond, cond) = pred.split_at(n);
-            let guided: Vec<f32> = uncond
-                .iter()
-                .zip(cond)
-                .map(|(u, c)| u + req.guidance * (c - u))
-                .collect();
+            // diffusers guides only when `guidance > 1`; otherwise the positive branch alone.
+            let guided: Vec<f32> = match req.guidance > 1.0 {
+                true => uncond
+                    .iter()
+                    .zip(cond)
+                    .map(|(u, c)| u + req.guidance * (c - u))
+                    .collect(),
+                false => cond.to_vec(),
+            };
             latents = sched.step(&guided, t, &latents)?;
             latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
             if !progress(i + 1, timesteps.len()) {
@@ -469,45 +558,61 @@ impl Pipeline {
         Ok((latents, latents_steps, dit_ms))
     }
 
-    /// Step 4: latents `[1, lf, C, h, w]` → `[1, C, lf, h, w]` / scaling factor → VAE → frames
-    /// `[1, F, H, W, 3]` as `(x / 2 + 0.5).clamp(0, 1)`.
+    /// Step 4: latents `[1, lf, C, h, w]` → `[1, C, lf, h, w]` / scaling factor → VAE.
     fn decode(&mut self, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
         let (lf, c) = (shape.frames, shape.channels);
         let frame = shape.height * shape.width;
         let sf = self.vae.entry.scaling_factor as f32;
         let z = crate::layout::swap_leading(latents, lf, c, frame, |v| v / sf)?;
-        let video = self
-            .vae
-            .decode(&Tensor::f32(vec![1, c, lf, shape.height, shape.width], z))?;
-        let [_, 3, fo, ho, wo] = video.shape[..] else {
-            return Err(RuntimeError::Invalid {
-                what: "VAE decoder".into(),
-                message: format!("output shape {:?}; expected [1, 3, F, H, W]", video.shape),
-            });
-        };
-        let frames =
-            crate::layout::planes_to_interleaved(video.as_f32("sample")?, fo * ho * wo, |x| {
-                (x / 2.0 + 0.5).clamp(0.0, 1.0)
-            })?;
-        Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))
+        self.vae
+            .decode(&Tensor::f32(vec![1, c, lf, shape.height, shape.width], z))
     }
+}
+
+/// The sampler of the engine's family.
+enum Sampler {
+    /// CogVideoX: DDIM.
+    Ddim(SchedulerConfig),
+    /// Wan: a flow sampler (UniPC or Euler), with the DiT facts its loop needs.
+    Flow(FlowScheduler, WanDit),
+}
+
+/// The VAE's `[1, 3, F, H, W]` in [-1, 1] → frames `[1, F, H, W, 3]` as
+/// `(x / 2 + 0.5).clamp(0, 1)` (diffusers' `postprocess_video`).
+fn to_frames(video: &Tensor) -> Result<Tensor> {
+    let [_, 3, fo, ho, wo] = video.shape[..] else {
+        return Err(RuntimeError::Invalid {
+            what: "VAE decoder".into(),
+            message: format!("output shape {:?}; expected [1, 3, F, H, W]", video.shape),
+        });
+    };
+    let frames =
+        crate::layout::planes_to_interleaved(video.as_f32("sample")?, fo * ho * wo, |x| {
+            (x / 2.0 + 0.5).clamp(0.0, 1.0)
+        })?;
+    Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))
 }
 
 /// VAE strides of CogVideoX: 8 pixels per latent, 4 frames per latent frame (after the first).
 const VAE_SPATIAL: usize = 8;
 const VAE_TEMPORAL: usize = 4;
 
-/// Latent video sizes of a request: `[1, frames, channels, height, width]`.
+/// Latent video sizes of a request: CogVideoX `[1, frames, channels, height, width]`, Wan
+/// channels first.
 struct LatentShape {
     frames: usize,
     channels: usize,
     height: usize,
     width: usize,
+    channels_first: bool,
 }
 
 impl LatentShape {
     fn dims(&self) -> [usize; 5] {
-        [1, self.frames, self.channels, self.height, self.width]
+        match self.channels_first {
+            true => [1, self.channels, self.frames, self.height, self.width],
+            false => [1, self.frames, self.channels, self.height, self.width],
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::engine::Engine;
 use crate::lora::AppliedLora;
+use crate::pipeline::{wan_dit, WanDit};
 
 use crate::error::{Result, RuntimeError};
 use crate::session::SessionOptions;
@@ -69,45 +70,6 @@ impl Stage {
             _ => self.inputs().to_vec(),
         }
     }
-}
-
-/// What the stages need of a Wan DiT's config (`WanTransformer3DModel`).
-struct WanDit {
-    patch: (usize, usize, usize),
-    head_dim: usize,
-    rope_max_seq_len: usize,
-    image_dim: Option<usize>,
-}
-
-/// The engine's DiT when it is a Wan DiT.
-fn wan_dit(engine: &Engine) -> Option<WanDit> {
-    let d = engine.manifest.dit.as_ref()?;
-    if d.class_name != "WanTransformer3DModel" {
-        return None;
-    }
-    let c = &d.config;
-    let num = |k: &str, default: usize| {
-        c.get(k)
-            .and_then(|v| v.as_u64())
-            .map_or(default, |v| v as usize)
-    };
-    let patch = match c
-        .get("patch_size")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>())
-    {
-        Some(v) if v.len() == 3 => (v[0] as usize, v[1] as usize, v[2] as usize),
-        _ => (1, 2, 2),
-    };
-    Some(WanDit {
-        patch,
-        head_dim: d.attention_head_dim,
-        rope_max_seq_len: num("rope_max_seq_len", 1024),
-        image_dim: c
-            .get("image_dim")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize),
-    })
 }
 
 /// A Wan DiT's feed beyond the required inputs: timesteps as float, and the RoPE tables (the

@@ -256,7 +256,8 @@ impl Worker {
         // 4. Generate, watching for cancellation and the job's time limit between steps.
         let image = crate::store::load_frames(&dir.join(IMAGE_FILE))?;
         let req = Request {
-            image,
+            image: Some(image),
+            image_embeds: None,
             prompt_embeds,
             negative_prompt_embeds,
             frames: p.frames,

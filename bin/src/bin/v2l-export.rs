@@ -66,13 +66,15 @@ enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
-    /// A whole diffusers pipeline directory (transformer/, vae/, scheduler/; text_encoder/ if
-    /// present) and optionally the Video2LoRA hypernetwork: every graph plus the scheduler config,
-    /// in one directory, staged and published together (a failed export leaves nothing behind).
+    /// A whole diffusers pipeline directory, CogVideoX or Wan2.1 (transformer/, vae/, scheduler/;
+    /// text_encoder/ and image_encoder/ if present) and optionally the Video2LoRA hypernetwork:
+    /// every graph plus the scheduler config, in one directory, staged and published together
+    /// (a failed export leaves nothing behind).
     ///
-    /// Example:
+    /// Examples:
     ///   v2l-export pipeline models/CogVideoX-5b-I2V --hypernet hypernetwork.safetensors \
     ///       --lilora lilora.safetensors -o export/
+    ///   v2l-export pipeline models/Wan2.1-T2V-1.3B-Diffusers -o wan/
     #[command(verbatim_doc_comment)]
     Pipeline {
         /// diffusers model directory with transformer/, vae/ and scheduler/
@@ -494,23 +496,6 @@ fn export_pipeline(
     iterations: usize,
     out: &OutputArgs,
 ) -> Result<(), Failure> {
-    // A Wan pipeline (model_index.json) is recognised and told what works today.
-    let index = std::fs::read_to_string(model.join("model_index.json")).unwrap_or_default();
-    let class = serde_json::from_str::<serde_json::Value>(&index)
-        .ok()
-        .and_then(|v| {
-            v.get("_class_name")
-                .and_then(|c| c.as_str())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    if class.starts_with("Wan") {
-        return Err(Failure::new(format!(
-            "{}: a {class} pipeline; its VAE (AutoencoderKLWan) is not exported yet, so whole Wan pipelines cannot be",
-            model.display()
-        ))
-        .with_hint("export its parts: v2l-export dit <model>/transformer, text-encoder <model>/text_encoder, image-encoder <model>/image_encoder"));
-    }
     let sched = model.join("scheduler").join("scheduler_config.json");
     if !sched.is_file() {
         return Err(Failure::new(format!(
@@ -518,8 +503,22 @@ fn export_pipeline(
             sched.display()
         )));
     }
-    // The sampler's config is checked now, not at the first generation.
-    v2l_runtime::scheduler::SchedulerConfig::from_file(&sched)?;
+    // The sampler's config is checked now, not at the first generation: Wan pipelines ship
+    // flow samplers, CogVideoX DDIM.
+    let transformer = Checkpoint::open_dir(&model.join("transformer"))?;
+    match transformer
+        .raw_config()?
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+    {
+        Some(v2l_export::wan_dit::CLASS_NAME) => {
+            v2l_runtime::flow::FlowScheduler::from_file(&sched)?;
+        }
+        _ => {
+            v2l_runtime::scheduler::SchedulerConfig::from_file(&sched)?;
+        }
+    }
+    drop(transformer);
     // Every part is written to a staging directory beside the output and moved in only when
     // all succeeded: a failed export leaves nothing a later `v2l-compile` would accept.
     let parent = out
@@ -558,6 +557,10 @@ fn export_pipeline(
             &stage,
             DType::F32,
         )?;
+    }
+    // Wan I2V's CLIP vision encoder, when the pipeline has one.
+    if model.join("image_encoder").join("config.json").is_file() {
+        export_image_encoder(&model.join("image_encoder"), &stage, DType::F32)?;
     }
     if let (Some(h), Some(l)) = (hypernet, lilora) {
         export_hypernet(h, l, &model.join("transformer"), iterations, &stage)?;

@@ -549,7 +549,8 @@ fn generate(
         .as_ref()
         .map(|_| (prompt_embeds.clone(), negative_prompt_embeds.clone()));
     let req = Request {
-        image: image.frames_first(),
+        image: Some(image.frames_first()),
+        image_embeds: None,
         prompt_embeds,
         negative_prompt_embeds,
         frames,

@@ -285,7 +285,8 @@ pub fn rust_generate(
         }
     }
     let req = Request {
-        image: inp.first_frame.clone(),
+        image: Some(inp.first_frame.clone()),
+        image_embeds: None,
         prompt_embeds: inp.prompt.clone(),
         negative_prompt_embeds: inp.negative.clone(),
         frames,

@@ -1,0 +1,277 @@
+//! Wan2.1 text-to-video and image-to-video, as diffusers 0.42.1 `WanPipeline` and
+//! `WanImageToVideoPipeline` run them (Wan2.1: one transformer, no `expand_timesteps`):
+//!
+//! * latents are channels-first `[1, z, lf, h, w]`, drawn once (flow samplers start at σ = 1);
+//! * I2V conditions every step on `[mask | (E(first frame, zeros…) − mean) / std]`: a 4-channel
+//!   mask with the first latent frame set, and the VAE posterior mode of the first frame followed
+//!   by `frames − 1` black frames, normalised per channel; the CLIP image tokens go to the DiT's
+//!   `encoder_hidden_states_image`;
+//! * guidance runs the positive and the negative prompt when `guidance > 1`
+//!   (`noise_uncond + g·(noise_cond − noise_uncond)`), else the positive one alone; here both
+//!   go as one batch of 2 (per-sample ops: the same numbers as diffusers' two calls);
+//! * the DiT's timestep is the sampler's, as a float; RoPE tables come from
+//!   [`crate::rope::wan_rope`];
+//! * latents decode as `z / (1 / std) + mean`, frames as `(x / 2 + 0.5).clamp(0, 1)`.
+//!
+//! One upstream quirk to know: diffusers' I2V attention separates the image tokens from the
+//! text tokens by assuming 512 text tokens (`encoder_hidden_states.shape[1] - 512`); the
+//! exported DiT takes them as separate inputs. The two agree for the 512-token prompts the
+//! pipelines encode (`max_sequence_length` 512), which the fixtures use.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::engine::Engine;
+use crate::error::{Result, RuntimeError};
+use crate::flow::FlowScheduler;
+use crate::lora::strategy::DitRunner;
+use crate::tensor::Tensor;
+use crate::vae::Vae;
+use crate::video::Frames;
+
+use super::{ms, LatentShape, Request};
+
+/// What the runtime needs of a Wan DiT's config (`WanTransformer3DModel`).
+pub(crate) struct WanDit {
+    pub(crate) patch: (usize, usize, usize),
+    pub(crate) head_dim: usize,
+    pub(crate) rope_max_seq_len: usize,
+    /// I2V: the width of the CLIP image tokens (`None`: T2V).
+    pub(crate) image_dim: Option<usize>,
+}
+
+/// The engine's DiT when it is a Wan DiT.
+pub(crate) fn wan_dit(engine: &Engine) -> Option<WanDit> {
+    let d = engine.manifest.dit.as_ref()?;
+    if d.class_name != "WanTransformer3DModel" {
+        return None;
+    }
+    let c = &d.config;
+    let num = |k: &str, default: usize| {
+        c.get(k)
+            .and_then(|v| v.as_u64())
+            .map_or(default, |v| v as usize)
+    };
+    let patch = match c
+        .get("patch_size")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>())
+        .as_deref()
+    {
+        Some(&[t, h, w]) => (t as usize, h as usize, w as usize),
+        _ => (1, 2, 2),
+    };
+    Some(WanDit {
+        patch,
+        head_dim: d.attention_head_dim,
+        rope_max_seq_len: num("rope_max_seq_len", 1024),
+        image_dim: c
+            .get("image_dim")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize),
+    })
+}
+
+/// Wan's per-channel latent statistics, as the pipelines hold them in f32: `mean` and
+/// `1 / std` (diffusers' `latents_std` variable is the reciprocal).
+struct LatentStats {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+impl LatentStats {
+    fn of(vae: &Vae, channels: usize) -> Result<LatentStats> {
+        let e = &vae.entry;
+        if e.latents_mean.len() != channels || e.latents_std.len() != channels {
+            return Err(RuntimeError::Invalid {
+                what: "VAE".into(),
+                message: format!(
+                    "`latents_mean`/`latents_std` have {}/{} entries; the Wan pipeline needs {channels} (export the VAE again)",
+                    e.latents_mean.len(),
+                    e.latents_std.len()
+                ),
+            });
+        }
+        Ok(LatentStats {
+            mean: e.latents_mean.iter().map(|&m| m as f32).collect(),
+            inv_std: e.latents_std.iter().map(|&s| 1.0 / s as f32).collect(),
+        })
+    }
+
+    /// Applies `f(x, mean, inv_std)` to every value of channels-first `x` (`plane` values per
+    /// channel).
+    fn map(&self, x: &[f32], plane: usize, f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for (ch, (&m, &s)) in x
+            .chunks(plane.max(1))
+            .zip(self.mean.iter().zip(&self.inv_std))
+        {
+            out.extend(ch.iter().map(|&v| f(v, m, s)));
+        }
+        out
+    }
+}
+
+/// I2V step 2: the DiT's conditioning channels `[1, 4 + z, lf, h, w]`.
+pub(super) fn condition(
+    vae: &mut Vae,
+    image: &Frames,
+    frames: usize,
+    shape: &LatentShape,
+) -> Result<Tensor> {
+    let unit = image.to_unit_video()?;
+    let (h, w) = (image.height, image.width);
+    // [1, 3, 1, H, W] in [-1, 1], then `frames - 1` zero frames after it, per channel.
+    let first = unit.as_f32("image")?;
+    let mut video = Vec::with_capacity(3 * frames * h * w);
+    for plane in first.chunks(h * w) {
+        video.extend(plane.iter().map(|v| v * 2.0 - 1.0));
+        video.resize(video.len() + (frames - 1) * h * w, 0.0);
+    }
+    let (mean, _) = vae.encode(&Tensor::f32(vec![1, 3, frames, h, w], video))?;
+    let want = shape.dims();
+    if mean.shape != want {
+        return Err(RuntimeError::Invalid {
+            what: "VAE encoder".into(),
+            message: format!(
+                "the conditioning video's latent has shape {:?}; expected {want:?}",
+                mean.shape
+            ),
+        });
+    }
+    let plane = shape.frames * shape.height * shape.width;
+    let stats = LatentStats::of(vae, shape.channels)?;
+    let latent = stats.map(mean.as_f32("posterior_mean")?, plane, |v, m, s| (v - m) * s);
+    // The mask: 4 channels (the VAE's frames per latent frame), 1 on latent frame 0.
+    let frame = shape.height * shape.width;
+    let mut cond = Vec::with_capacity((4 + shape.channels) * plane);
+    for _ in 0..4 {
+        cond.extend(std::iter::repeat_n(1.0f32, frame));
+        cond.extend(std::iter::repeat_n(0.0f32, plane - frame));
+    }
+    cond.extend(latent);
+    Ok(Tensor::f32(
+        vec![
+            1,
+            4 + shape.channels,
+            shape.frames,
+            shape.height,
+            shape.width,
+        ],
+        cond,
+    ))
+}
+
+/// Step 3: the flow sampler's loop. Returns the final latents `[z, lf, h, w]`, the latents
+/// after every step, and each DiT call's time.
+pub(super) fn denoise(
+    dit: &mut DitRunner,
+    w: &WanDit,
+    sched: &mut FlowScheduler,
+    req: &Request,
+    shape: &LatentShape,
+    condition: Option<&Tensor>,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
+    let (lf, lh, lw) = (shape.frames, shape.height, shape.width);
+    sched.set_timesteps(req.steps)?;
+    let (cos, sin) = crate::rope::wan_rope(w.head_dim, lf, lh, lw, w.patch, w.rope_max_seq_len)?;
+    let rows = cos.len() / w.head_dim.max(1);
+    let guided = req.guidance > 1.0;
+    let batch = if guided { 2 } else { 1 };
+    let twice = |t: &Tensor| match guided {
+        true => Tensor::concat(&[t.clone(), t.clone()], 0),
+        false => Ok(t.clone()),
+    };
+    let mut inputs = BTreeMap::new();
+    inputs.insert(
+        "rope_cos".to_string(),
+        Tensor::f32(vec![rows, w.head_dim], cos),
+    );
+    inputs.insert(
+        "rope_sin".to_string(),
+        Tensor::f32(vec![rows, w.head_dim], sin),
+    );
+    let text = match guided {
+        true => Tensor::concat(
+            &[
+                req.negative_prompt_embeds.clone(),
+                req.prompt_embeds.clone(),
+            ],
+            0,
+        )?,
+        false => req.prompt_embeds.clone(),
+    };
+    inputs.insert("encoder_hidden_states".to_string(), text);
+    if w.image_dim.is_some() {
+        let embeds = req
+            .image_embeds
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: "image_embeds".into(),
+                message: "an I2V Wan DiT needs the first frame's CLIP image tokens".into(),
+            })?;
+        inputs.insert("encoder_hidden_states_image".to_string(), twice(embeds)?);
+    }
+    let cond = match condition {
+        Some(c) => c.as_f32("condition")?,
+        None => &[],
+    };
+    let mut latents = req.noise.as_f32("noise")?.to_vec();
+    let n = latents.len();
+    let in_channels = shape.channels + cond.len() / (n / shape.channels.max(1)).max(1);
+    let timesteps = sched.timesteps();
+    let mut latents_steps = Vec::with_capacity(timesteps.len());
+    let mut dit_ms = Vec::with_capacity(timesteps.len());
+    for (i, &t) in timesteps.iter().enumerate() {
+        // Channels-first with batch 1: the channel concat [latents | condition] is an append.
+        let one: Vec<f32> = latents.iter().chain(cond).copied().collect();
+        let hs = one.repeat(batch);
+        inputs.insert(
+            "hidden_states".to_string(),
+            Tensor::f32(vec![batch, in_channels, lf, lh, lw], hs),
+        );
+        inputs.insert(
+            "timestep".to_string(),
+            Tensor::f32(vec![batch], vec![t; batch]),
+        );
+        let ts = Instant::now();
+        let out = dit.run(&inputs)?;
+        dit_ms.push(ms(ts));
+        let pred = out
+            .get("sample")
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: "DiT".into(),
+                message: "no `sample` output".into(),
+            })?
+            .as_f32("sample")?;
+        if pred.len() != batch * n {
+            return Err(RuntimeError::Invalid {
+                what: "DiT".into(),
+                message: format!("`sample` has {} values; expected {}", pred.len(), batch * n),
+            });
+        }
+        let noise_pred: Vec<f32> = match pred.split_at(n) {
+            (uncond, cond) if guided => uncond
+                .iter()
+                .zip(cond)
+                .map(|(u, c)| u + req.guidance * (c - u))
+                .collect(),
+            (only, _) => only.to_vec(),
+        };
+        latents = sched.step(&noise_pred, &latents)?;
+        latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
+        if !progress(i + 1, timesteps.len()) {
+            return Err(RuntimeError::Cancelled);
+        }
+    }
+    Ok((latents, latents_steps, dit_ms))
+}
+
+/// Step 4: latents `[z, lf, h, w]` → `z / (1 / std) + mean` → VAE → `[1, 3, F, H, W]`.
+pub(super) fn decode(vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+    let stats = LatentStats::of(vae, shape.channels)?;
+    let plane = shape.frames * shape.height * shape.width;
+    let z = stats.map(latents, plane, |v, m, s| v / s + m);
+    vae.decode(&Tensor::f32(shape.dims().to_vec(), z))
+}
