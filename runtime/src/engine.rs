@@ -167,6 +167,15 @@ impl Engine {
         )
     }
 
+    /// Whether the engine makes video from text alone (Wan T2V: the DiT takes only the noisy
+    /// latents), so a request has no first frame.
+    pub fn text_to_video(&self) -> bool {
+        match (crate::pipeline::wan_dit(self), self.manifest.dit.as_ref()) {
+            (Some(_), Some(d)) => d.in_channels == d.out_channels,
+            _ => false,
+        }
+    }
+
     /// The prompt length the DiT was trained with (`max_text_seq_length`, 226 for CogVideoX).
     pub fn text_sequence_length(&self) -> Option<usize> {
         self.config_usize("max_text_seq_length", true)

@@ -11,7 +11,8 @@ use v2l_runtime::stage::{check_inputs, run_stage, Stage};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 
 /// Generate a video from a first frame (and optionally a reference clip whose effect a
-/// Video2LoRA LoRA carries), or run one component at a time with `stage`.
+/// Video2LoRA LoRA carries), or from text alone (Wan T2V), or run one component at a time with
+/// `stage`.
 ///
 /// Generation (CogVideoX image-to-video, classifier-free guidance, DDIM):
 ///   v2l-run --engine engine/ --image first.png --prompt "a red car in the snow" \
@@ -25,6 +26,13 @@ use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 ///
 ///   v2l-run --engine engine/ --image first.png --prompt-embeds prompt.safetensors \
 ///       --lora a.safetensors --lora b.safetensors --lora-weights 0.6,0.4 --seed 42 -o out.mp4
+///
+/// Wan2.1 engines (`v2l-export pipeline` of a Wan directory) run the same command with the
+/// engine's flow sampler (UniPC or Euler, as its scheduler config says): a T2V engine takes no
+/// --image; an I2V engine takes --image and the first frame's CLIP tokens (--image-embeds).
+///
+///   v2l-run --engine wan-t2v/ --prompt "a cat surfing" --frames 81 --height 480 --width 832 \
+///       --guidance 5 --steps 50 --seed 42 -o cat.mp4
 ///
 /// `stage` runs a single component on tensors from a safetensors file, named as diffusers
 /// names them, and writes its outputs to another safetensors file: the way to check an
@@ -55,9 +63,14 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// First frame (PNG or anything ffmpeg reads), resized to --width x --height
+    /// First frame (PNG or anything ffmpeg reads), resized to --width x --height (not for
+    /// text-to-video engines)
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Wan I2V: safetensors with `image_embeds` [1, tokens, image_dim], the first frame's
+    /// CLIP vision tokens (penultimate layer, as `WanImageToVideoPipeline.encode_image`)
+    #[arg(long)]
+    image_embeds: Option<PathBuf>,
     /// Prompt text, encoded by the engine's tokenizer and T5 text encoder
     #[arg(long, conflicts_with = "prompt_embeds")]
     prompt: Option<String>,
@@ -431,7 +444,6 @@ fn generate(
     use std::io::IsTerminal;
     use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
     use v2l_runtime::video;
-    let image_path = need(&g.image, "--image")?;
     if g.prompt.is_none() && g.prompt_embeds.is_none() {
         return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE"));
     }
@@ -458,6 +470,17 @@ fn generate(
     let t0 = std::time::Instant::now();
     let dir = Engine::open(engine)?;
     let opts = &dir.session_options(opts.threads);
+    // Text-to-video engines (Wan T2V) take no first frame; every other one needs it.
+    let image_path = match (dir.text_to_video(), &g.image) {
+        (true, Some(_)) => {
+            return Err(Failure::usage(format!(
+                "--image: {} is a text-to-video engine; it takes no first frame",
+                engine.display()
+            )))
+        }
+        (true, None) => None,
+        (false, _) => Some(need(&g.image, "--image")?),
+    };
     let (default_frames, default_height, default_width) = dir.default_size();
     let height = g
         .height
@@ -504,7 +527,19 @@ fn generate(
         }
         (None, None) => return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE")),
     };
-    let image = video::read_frames(image_path, height, width)?;
+    let image = match image_path {
+        Some(p) => Some(video::read_frames(p, height, width)?),
+        None => None,
+    };
+    let image_embeds = match &g.image_embeds {
+        Some(p) => Some(read_safetensors(p)?.remove("image_embeds").ok_or_else(|| {
+            Failure::from(v2l_runtime::RuntimeError::MissingTensor {
+                path: p.clone(),
+                name: "image_embeds".into(),
+            })
+        })?),
+        None => None,
+    };
     let lora = match &g.reference {
         Some(r) => {
             let clip = video::read_frames(r, height, width)?;
@@ -514,7 +549,7 @@ fn generate(
         None if g.loras.is_empty() => RequestLora::Resident,
         None => RequestLora::Loras(read_loras(&dir, &g.loras, &g.lora_weights)?),
     };
-    for path in std::iter::once(image_path).chain(g.reference.as_ref()) {
+    for path in image_path.into_iter().chain(g.reference.as_ref()) {
         if let Some(warning) = video::aspect_warning(path, height, width) {
             eprintln!("warning: {warning}");
         }
@@ -549,8 +584,8 @@ fn generate(
         .as_ref()
         .map(|_| (prompt_embeds.clone(), negative_prompt_embeds.clone()));
     let req = Request {
-        image: Some(image.frames_first()),
-        image_embeds: None,
+        image: image.map(|i| i.frames_first()),
+        image_embeds,
         prompt_embeds,
         negative_prompt_embeds,
         frames,

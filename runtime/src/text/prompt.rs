@@ -13,6 +13,8 @@ use crate::text::tokenizer::{Encoded, PromptTokenizer};
 pub struct PromptEncoder {
     tokenizer: PromptTokenizer,
     model: Model,
+    /// Wan's pipelines (umT5): whitespace-cleaned prompts, embeddings zeroed past the tokens.
+    wan: bool,
     cache: BTreeMap<(String, usize), (Vec<i64>, Tensor)>,
 }
 
@@ -39,6 +41,7 @@ impl PromptEncoder {
                 &engine.text_encoder_options(opts),
             )?,
             cache: BTreeMap::new(),
+            wan: e.model_type == "umt5",
         })
     }
 
@@ -58,6 +61,15 @@ impl PromptEncoder {
         if let Some(hit) = self.cache.get(&key) {
             return Ok(hit.clone());
         }
+        // `WanPipeline._get_t5_prompt_embeds` runs `prompt_clean` first: whitespace runs become
+        // one space, ends stripped (and, not done here, `ftfy` and HTML unescaping).
+        let cleaned;
+        let text = if self.wan {
+            cleaned = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            cleaned.as_str()
+        } else {
+            text
+        };
         let Encoded {
             ids,
             truncated_from,
@@ -67,7 +79,7 @@ impl PromptEncoder {
         }
         let ids_t = Tensor::i64(vec![1, ids.len()], ids.clone());
         let feed = encoder_feed(&self.model, ids_t, None);
-        let embeds = self
+        let mut embeds = self
             .model
             .run(&feed)?
             .remove("prompt_embeds")
@@ -75,6 +87,14 @@ impl PromptEncoder {
                 what: "text encoder".into(),
                 message: "the graph has no `prompt_embeds` output".into(),
             })?;
+        if self.wan {
+            // Wan keeps the first `mask.sum()` rows and pads with zeros.
+            let tokens = ids.iter().take_while(|&&i| i != 0).count();
+            if let crate::tensor::Data::F32(v) = &mut embeds.data {
+                let d = embeds.shape.last().copied().unwrap_or(1).max(1);
+                v.iter_mut().skip(tokens * d).for_each(|x| *x = 0.0);
+            }
+        }
         self.cache.insert(key, (ids.clone(), embeds.clone()));
         Ok((ids, embeds))
     }
