@@ -1245,6 +1245,43 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
         assert!(mae < 2e-3, "{variant} frames MAE {mae}");
 
         if variant == "t2v" {
+            // The same engine compiled to int8, generating with a Wan LoRA unfused beside
+            // the int8 weights: within int8's distance of diffusers' fp32 frames.
+            let bundle = d.path().join("t2v-int8");
+            let o = run(
+                "v2l-compile",
+                &[
+                    engine.to_str().unwrap(),
+                    "-o",
+                    bundle.to_str().unwrap(),
+                    "--precision",
+                    "int8",
+                ],
+            );
+            assert!(o.status.success(), "{}", stderr(&o));
+            let lora = wan.join("lora/pytorch_lora_weights.safetensors");
+            let mut with_bundle = args.clone();
+            with_bundle[1] = bundle.to_str().unwrap();
+            let o = run("v2l-run", &with_bundle);
+            assert!(o.status.success(), "int8: {}", stderr(&o));
+            let got = v2l_runtime::read_safetensors(&dump).unwrap();
+            let a = got["frames"].as_f32("frames").unwrap();
+            let mae = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs() as f64)
+                .sum::<f64>()
+                / a.len() as f64;
+            assert!(mae < 2e-2, "int8 frames MAE {mae}");
+            with_bundle.extend([
+                "--lora",
+                lora.to_str().unwrap(),
+                "--lora-strategy",
+                "unfused",
+            ]);
+            let o = run("v2l-run", &with_bundle);
+            assert!(o.status.success(), "int8 + LoRA: {}", stderr(&o));
+
             args.extend(["--image", first.to_str().unwrap()]);
             let o = run("v2l-run", &args);
             assert_clean_failure_with(&o, 2, "text-to-video");

@@ -39,7 +39,16 @@ pub fn dit_sample_inputs(
     dit_inputs_at(cfg, [frames, height, width], text, 1, 999)
 }
 
+/// Whether a DiT config (`config.json`, verbatim) is Wan's.
+fn is_wan(cfg: &serde_json::Value) -> bool {
+    cfg.get("_class_name").and_then(|v| v.as_str()) == Some("WanTransformer3DModel")
+}
+
+/// CLIP image tokens the Wan I2V samples carry (ViT-H/14 at 224 px: 16² patches + CLS).
+const WAN_IMAGE_TOKENS: usize = 257;
+
 /// [`dit_sample_inputs`] with latents and prompt from `seed` and `seed + 1`, at `timestep`.
+/// The inputs are the ones the config's architecture takes (CogVideoX or Wan).
 pub fn dit_inputs_at(
     cfg: &serde_json::Value,
     [frames, height, width]: [usize; 3],
@@ -48,6 +57,9 @@ pub fn dit_inputs_at(
     timestep: i64,
 ) -> Result<Vec<(String, Tensor)>> {
     let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    if is_wan(cfg) {
+        return wan_inputs_at(cfg, [frames, height, width], text, seed, timestep);
+    }
     let (p, dh, cin, dim) = (
         get("patch_size"),
         get("attention_head_dim"),
@@ -76,10 +88,63 @@ pub fn dit_inputs_at(
     ])
 }
 
+/// Wan's DiT inputs: channels-first latents, float timesteps, Wan's RoPE tables, and for I2V
+/// seeded CLIP image tokens.
+fn wan_inputs_at(
+    cfg: &serde_json::Value,
+    [frames, height, width]: [usize; 3],
+    text: usize,
+    seed: u64,
+    timestep: i64,
+) -> Result<Vec<(String, Tensor)>> {
+    let get = |k: &str, default: usize| {
+        cfg.get(k)
+            .and_then(|v| v.as_u64())
+            .map_or(default, |v| v as usize)
+    };
+    let patch = match cfg
+        .get("patch_size")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>())
+        .as_deref()
+    {
+        Some(&[t, h, w]) => (t as usize, h as usize, w as usize),
+        _ => (1, 2, 2),
+    };
+    let dh = get("attention_head_dim", 128);
+    let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
+    let (cos, sin) = crate::rope::wan_rope(dh, lf, lh, lw, patch, get("rope_max_seq_len", 1024))?;
+    let rows = cos.len() / dh.max(1);
+    let t = timestep as f32;
+    let mut inputs = vec![
+        (
+            "hidden_states".into(),
+            gaussian_noise(vec![2, get("in_channels", 16), lf, lh, lw], seed),
+        ),
+        (
+            "encoder_hidden_states".into(),
+            gaussian_noise(vec![2, text, get("text_dim", 4096)], seed + 1),
+        ),
+        ("timestep".into(), Tensor::f32(vec![2], vec![t, t])),
+        ("rope_cos".into(), Tensor::f32(vec![rows, dh], cos)),
+        ("rope_sin".into(), Tensor::f32(vec![rows, dh], sin)),
+    ];
+    if let Some(d) = cfg.get("image_dim").and_then(|v| v.as_u64()) {
+        inputs.push((
+            "encoder_hidden_states_image".into(),
+            gaussian_noise(vec![2, WAN_IMAGE_TOKENS, d as usize], seed + 2),
+        ));
+    }
+    Ok(inputs)
+}
+
 /// The size compile-time samples run at: 9 frames at the model's sample size capped at
-/// 128×128 px, its full prompt length.
+/// 128×128 px (Wan, which records none: 128×128), its full prompt length (Wan: 512).
 pub fn sample_size(cfg: &serde_json::Value) -> ([usize; 3], usize) {
     let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    if is_wan(cfg) {
+        return ([9, 128, 128], 512);
+    }
     (
         [
             9,
@@ -157,16 +222,25 @@ pub fn generation_accuracy(
         .unwrap_or_default();
     let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     let ([frames, h, w], text) = sample_size(&cfg);
+    let wan = is_wan(&cfg);
+    let t2v = fp32.text_to_video();
+    let noise = fp32.seeded_noise(frames, h, w, 8)?;
+    let text_dim = get(if wan { "text_dim" } else { "text_embed_dim" });
+    let image_embeds = cfg
+        .get("image_dim")
+        .and_then(|v| v.as_u64())
+        .filter(|_| wan)
+        .map(|d| gaussian_noise(vec![1, WAN_IMAGE_TOKENS, d as usize], 9));
     let rgb: Vec<u8> = (0..h * w)
         .flat_map(|i| {
             let (y, x) = (i / w.max(1), i % w.max(1));
             [(255 * x / w.max(1)) as u8, (255 * y / h.max(1)) as u8, 128]
         })
         .collect();
-    let prompt = gaussian_noise(vec![1, text, get("text_embed_dim")], 7);
+    let prompt = gaussian_noise(vec![1, text, text_dim], 7);
     let req = Request {
-        image_embeds: None,
-        image: Some(crate::video::Frames {
+        image_embeds,
+        image: (!t2v).then_some(crate::video::Frames {
             frames: 1,
             height: h,
             width: w,
@@ -177,10 +251,7 @@ pub fn generation_accuracy(
         frames,
         steps: STEPS,
         guidance: 6.0,
-        noise: gaussian_noise(
-            vec![1, (frames - 1) / 4 + 1, get("out_channels"), h / 8, w / 8],
-            8,
-        ),
+        noise,
         lora: RequestLora::Base,
     };
     let opts = SessionOptions {
@@ -198,7 +269,7 @@ pub fn generation_accuracy(
         rel_l2: got.rel_l2(&want),
         // Identical frames are recorded as 999 dB (JSON has no infinity).
         psnr_db: Some(psnr(a, b).min(999.0)),
-        inputs: format!("{frames} frames {h}x{w} px, {STEPS} steps at guidance 6, seeded first frame, prompt and noise; fp32 VAE"),
+        inputs: format!("{frames} frames {h}x{w} px, {STEPS} steps at guidance 6, seeded {}prompt and noise; fp32 VAE", if t2v { "" } else { "first frame, " }),
     })
 }
 
