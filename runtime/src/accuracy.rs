@@ -102,18 +102,10 @@ fn wan_inputs_at(
             .and_then(|v| v.as_u64())
             .map_or(default, |v| v as usize)
     };
-    let patch = match cfg
-        .get("patch_size")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>())
-        .as_deref()
-    {
-        Some(&[t, h, w]) => (t as usize, h as usize, w as usize),
-        _ => (1, 2, 2),
-    };
-    let dh = get("attention_head_dim", 128);
+    let w = crate::pipeline::WanDit::from_config(cfg);
+    let dh = w.head_dim;
     let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
-    let (cos, sin) = crate::rope::wan_rope(dh, lf, lh, lw, patch, get("rope_max_seq_len", 1024))?;
+    let (cos, sin) = crate::rope::wan_rope(dh, lf, lh, lw, w.patch, w.rope_max_seq_len)?;
     let rows = cos.len() / dh.max(1);
     let t = timestep as f32;
     let mut inputs = vec![
@@ -129,10 +121,10 @@ fn wan_inputs_at(
         ("rope_cos".into(), Tensor::f32(vec![rows, dh], cos)),
         ("rope_sin".into(), Tensor::f32(vec![rows, dh], sin)),
     ];
-    if let Some(d) = cfg.get("image_dim").and_then(|v| v.as_u64()) {
+    if let Some(d) = w.image_dim {
         inputs.push((
             "encoder_hidden_states_image".into(),
-            gaussian_noise(vec![2, WAN_IMAGE_TOKENS, d as usize], seed + 2),
+            gaussian_noise(vec![2, WAN_IMAGE_TOKENS, d], seed + 2),
         ));
     }
     Ok(inputs)

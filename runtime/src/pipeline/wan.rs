@@ -46,30 +46,36 @@ pub(crate) fn wan_dit(engine: &Engine) -> Option<WanDit> {
     if d.class_name != "WanTransformer3DModel" {
         return None;
     }
-    let c = &d.config;
-    let num = |k: &str, default: usize| {
-        c.get(k)
-            .and_then(|v| v.as_u64())
-            .map_or(default, |v| v as usize)
-    };
-    let patch = match c
-        .get("patch_size")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>())
-        .as_deref()
-    {
-        Some(&[t, h, w]) => (t as usize, h as usize, w as usize),
-        _ => (1, 2, 2),
-    };
-    Some(WanDit {
-        patch,
-        head_dim: d.attention_head_dim,
-        rope_max_seq_len: num("rope_max_seq_len", 1024),
-        image_dim: c
-            .get("image_dim")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize),
-    })
+    Some(WanDit::from_config(&d.config))
+}
+
+impl WanDit {
+    /// From a `WanTransformer3DModel` `config.json` (missing fields: diffusers' defaults).
+    pub(crate) fn from_config(c: &serde_json::Value) -> WanDit {
+        let num = |k: &str, default: usize| {
+            c.get(k)
+                .and_then(|v| v.as_u64())
+                .map_or(default, |v| v as usize)
+        };
+        let patch = match c
+            .get("patch_size")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>())
+            .as_deref()
+        {
+            Some(&[t, h, w]) => (t as usize, h as usize, w as usize),
+            _ => (1, 2, 2),
+        };
+        WanDit {
+            patch,
+            head_dim: num("attention_head_dim", 128),
+            rope_max_seq_len: num("rope_max_seq_len", 1024),
+            image_dim: c
+                .get("image_dim")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize),
+        }
+    }
 }
 
 /// Wan's per-channel latent statistics, as the pipelines hold them in f32: `mean` and
