@@ -118,3 +118,69 @@ fn every_written_graph_passes_the_onnx_checker() {
         models.len()
     );
 }
+
+/// The same for Wan2.1 I2V (the DiT with its image attention, the Wan VAE, umT5, the CLIP
+/// encoder), exported as a pipeline directory and compiled for the CPU and TensorRT.
+#[test]
+fn wan_graphs_pass_the_onnx_checker() {
+    let wan = root().join("tests/fixtures/wan-tiny");
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    for (from, to) in [
+        ("transformer_i2v", "transformer"),
+        ("vae", "vae"),
+        ("scheduler_unipc", "scheduler"),
+        ("text_encoder", "text_encoder"),
+        ("image_encoder", "image_encoder"),
+    ] {
+        std::fs::create_dir_all(model.join(to)).unwrap();
+        for f in std::fs::read_dir(wan.join(from)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, model.join(to).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let export = d.path().join("export");
+    run(
+        env!("CARGO_BIN_EXE_v2l-export"),
+        &[
+            "pipeline".as_ref(),
+            model.as_os_str(),
+            "-o".as_ref(),
+            export.as_os_str(),
+        ],
+    );
+    let mut models = onnx_files(&export);
+    assert_eq!(
+        models.len(),
+        5,
+        "dit, vae encoder/decoder, umT5, CLIP: {models:?}"
+    );
+    for (backend, precision) in [("cpu", "fp32"), ("tensorrt", "bf16"), ("cpu", "int8")] {
+        let engine = d.path().join(format!("engine-{backend}-{precision}"));
+        run(
+            env!("CARGO_BIN_EXE_v2l-compile"),
+            &[
+                export.as_os_str(),
+                "-o".as_ref(),
+                engine.as_os_str(),
+                "--backend".as_ref(),
+                backend.as_ref(),
+                "--precision".as_ref(),
+                precision.as_ref(),
+            ],
+        );
+        models.extend(onnx_files(&engine));
+    }
+    let o = Command::new(python())
+        .arg(root().join("bin/tests/onnx_checker.py"))
+        .args(&models)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "invalid graphs:\n{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok ")).count(),
+        models.len()
+    );
+}

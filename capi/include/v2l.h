@@ -25,7 +25,7 @@
 // Version of the C ABI described by this header. It changes whenever a function, a struct
 // layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
 // time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`.
-#define V2L_ABI_VERSION 2
+#define V2L_ABI_VERSION 3
 
 // What every call returns. `v2l_last_error()` has the message of a failed call.
 enum V2lStatus
@@ -100,7 +100,8 @@ typedef struct V2lGenerateParams {
   // Seed of v2l's Gaussian noise (ignored when `noise` is given): the same seed gives the
   // same video on every machine.
   uint64_t seed;
-  // The first frame: RGB8, `height × width × 3` bytes, row-major, interleaved.
+  // The first frame: RGB8, `height × width × 3` bytes, row-major, interleaved. NULL for a
+  // text-to-video engine (Wan T2V), which takes none.
   const uint8_t *first_frame;
   // Its length in bytes (must be `height * width * 3`).
   size_t first_frame_len;
@@ -113,8 +114,9 @@ typedef struct V2lGenerateParams {
   uint32_t embed_len;
   // D: the DiT's text embedding width.
   uint32_t embed_dim;
-  // Optional initial noise `[1, (frames - 1) / 4 + 1, 16, height / 8, width / 8]` floats
-  // (e.g. PyTorch's, for exact comparisons); NULL to use `seed`.
+  // Optional initial noise (e.g. PyTorch's, for exact comparisons); NULL to use `seed`.
+  // CogVideoX `[1, (frames - 1) / 4 + 1, 16, height / 8, width / 8]` floats; Wan channels
+  // first, `[1, 16, (frames - 1) / 4 + 1, height / 8, width / 8]`.
   const float *noise;
   // Its length in floats (ignored when `noise` is NULL).
   size_t noise_len;
@@ -127,6 +129,12 @@ typedef struct V2lGenerateParams {
   const char *negative_prompt;
   // Tokens of the encoded prompts (0: the DiT's `max_text_seq_length`); only with `prompt`.
   uint32_t max_sequence_length;
+  // Wan I2V: the first frame's CLIP image tokens, `image_embed_len × image_embed_dim`
+  // floats (row-major `[tokens, image_dim]`, the vision encoder's penultimate hidden
+  // states); NULL for every other engine. Added in ABI version 3.
+  const float *image_embeds;
+  uint32_t image_embed_len;
+  uint32_t image_embed_dim;
 } V2lGenerateParams;
 
 // Progress callback: called on the generating thread after each denoising step with

@@ -43,7 +43,7 @@ use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
 /// Version of the C ABI described by this header. It changes whenever a function, a struct
 /// layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
 /// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`.
-pub const V2L_ABI_VERSION: u32 = 2;
+pub const V2L_ABI_VERSION: u32 = 3;
 
 /// What every call returns. `v2l_last_error()` has the message of a failed call.
 #[repr(i32)]
@@ -103,7 +103,8 @@ pub struct V2lGenerateParams {
     /// Seed of v2l's Gaussian noise (ignored when `noise` is given): the same seed gives the
     /// same video on every machine.
     pub seed: u64,
-    /// The first frame: RGB8, `height × width × 3` bytes, row-major, interleaved.
+    /// The first frame: RGB8, `height × width × 3` bytes, row-major, interleaved. NULL for a
+    /// text-to-video engine (Wan T2V), which takes none.
     pub first_frame: *const u8,
     /// Its length in bytes (must be `height * width * 3`).
     pub first_frame_len: usize,
@@ -116,8 +117,9 @@ pub struct V2lGenerateParams {
     pub embed_len: u32,
     /// D: the DiT's text embedding width.
     pub embed_dim: u32,
-    /// Optional initial noise `[1, (frames - 1) / 4 + 1, 16, height / 8, width / 8]` floats
-    /// (e.g. PyTorch's, for exact comparisons); NULL to use `seed`.
+    /// Optional initial noise (e.g. PyTorch's, for exact comparisons); NULL to use `seed`.
+    /// CogVideoX `[1, (frames - 1) / 4 + 1, 16, height / 8, width / 8]` floats; Wan channels
+    /// first, `[1, 16, (frames - 1) / 4 + 1, height / 8, width / 8]`.
     pub noise: *const f32,
     /// Its length in floats (ignored when `noise` is NULL).
     pub noise_len: usize,
@@ -130,6 +132,12 @@ pub struct V2lGenerateParams {
     pub negative_prompt: *const c_char,
     /// Tokens of the encoded prompts (0: the DiT's `max_text_seq_length`); only with `prompt`.
     pub max_sequence_length: u32,
+    /// Wan I2V: the first frame's CLIP image tokens, `image_embed_len × image_embed_dim`
+    /// floats (row-major `[tokens, image_dim]`, the vision encoder's penultimate hidden
+    /// states); NULL for every other engine. Added in ABI version 3.
+    pub image_embeds: *const f32,
+    pub image_embed_len: u32,
+    pub image_embed_dim: u32,
 }
 
 /// Progress callback: called on the generating thread after each denoising step with
@@ -156,9 +164,9 @@ pub struct V2lGenerator {
     /// Set by `v2l_generator_free`: a generation still running on another thread stops.
     freed: AtomicBool,
     patch_size: usize,
-    latent_channels: usize,
     text_embed_dim: usize,
-    /// The VAE decoder's latent frames per batch and temporal upsampling levels.
+    /// The engine (plain data): the noise layout and what a request must carry.
+    engine: Engine,
     /// The VAE's loop contract (how many frames a decode returns).
     vae: v2l_contracts::manifest::VaeEntry,
 }
@@ -574,7 +582,7 @@ fn sizes(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Sizes> {
         frames,
         height: h,
         width: w,
-        noise: vec![1, latent_frames, g.latent_channels, h / 8, w / 8],
+        noise: g.engine.noise_shape(f, h, w)?,
         out_bytes,
     })
 }
@@ -736,14 +744,14 @@ pub unsafe extern "C" fn v2l_generator_new(
             .dit
             .as_ref()
             .ok_or_else(|| Error::new(V2lStatus::InvalidArgument, "the engine holds no DiT"))?;
-        let (patch_size, latent_channels, text_embed_dim) =
-            (dit.patch_size, dit.in_channels / 2, dit.text_embed_dim);
+        let (patch_size, text_embed_dim) = (dit.patch_size, dit.text_embed_dim);
         let vae = dir
             .manifest
             .vae
             .as_ref()
             .ok_or_else(|| Error::new(V2lStatus::InvalidArgument, "the engine holds no VAE"))?;
         let vae = vae.clone();
+        let engine = dir.clone();
         let pipeline = Pipeline::load(dir, &e.opts)?;
         *out = register(V2lGenerator {
             pipeline: Mutex::new(pipeline),
@@ -752,8 +760,8 @@ pub unsafe extern "C" fn v2l_generator_new(
             cancel: AtomicBool::new(false),
             freed: AtomicBool::new(false),
             patch_size,
-            latent_channels,
             text_embed_dim,
+            engine,
             vae,
         });
         Ok(())
@@ -908,6 +916,26 @@ unsafe fn prompt_embeddings(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<(
     ))
 }
 
+/// `params.image_embeds` as `[1, tokens, dim]`, or `None` when NULL (the pipeline says when an
+/// engine needs them).
+unsafe fn image_tokens(p: &V2lGenerateParams) -> Result<Option<Tensor>> {
+    if p.image_embeds.is_null() {
+        return Ok(None);
+    }
+    let (l, d) = (p.image_embed_len as usize, p.image_embed_dim as usize);
+    if l == 0 || d == 0 {
+        return Err(Error::new(
+            V2lStatus::InvalidArgument,
+            format!("`params.image_embeds` is [{l}, {d}]; both sizes must be at least 1"),
+        ));
+    }
+    let n = product(&[l, d], "params.image_embeds")?;
+    Ok(Some(Tensor::f32(
+        vec![1, l, d],
+        input(p.image_embeds, n, "params.image_embeds")?.to_vec(),
+    )))
+}
+
 /// The request's embeddings from `prompt`/`negative_prompt` text, through the generator's
 /// prompt encoder (loaded on first use, cached by text).
 unsafe fn prompt_text(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<(Tensor, Tensor)> {
@@ -1048,14 +1076,24 @@ pub unsafe extern "C" fn v2l_generator_generate(
                 ),
             ));
         }
-        let image = clip(
-            p.first_frame,
-            p.first_frame_len,
-            1,
-            p.height,
-            p.width,
-            "params.first_frame",
-        )?;
+        let image = match (g.engine.text_to_video(), p.first_frame.is_null()) {
+            (true, true) => None,
+            (true, false) => {
+                return Err(Error::new(
+                    V2lStatus::InvalidArgument,
+                    "`params.first_frame` is set; this engine is text-to-video (Wan T2V) and takes none: pass NULL",
+                ))
+            }
+            (false, _) => Some(clip(
+                p.first_frame,
+                p.first_frame_len,
+                1,
+                p.height,
+                p.width,
+                "params.first_frame",
+            )?),
+        };
+        let image_embeds = image_tokens(p)?;
         let guidance = finite(p.guidance, "params.guidance")?;
         let (prompt_embeds, negative_prompt_embeds) = if p.prompt.is_null() {
             prompt_embeddings(&g, p)?
@@ -1081,8 +1119,8 @@ pub unsafe extern "C" fn v2l_generator_generate(
             )
         };
         let req = Request {
-            image: Some(image),
-            image_embeds: None,
+            image,
+            image_embeds,
             prompt_embeds,
             negative_prompt_embeds,
             frames: p.frames as usize,

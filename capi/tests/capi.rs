@@ -899,3 +899,81 @@ fn prompt_text_generates_what_the_stock_pipeline_does() {
         v2l_engine_free(e);
     }
 }
+
+/// Wan2.1 through the C ABI (version 3): a T2V engine with no first frame, an I2V engine with
+/// the first frame and its CLIP tokens, noise in Wan's channels-first layout; the frames are
+/// diffusers' (`wan-tiny/e2e_io`) after RGB8 rounding. A first frame given to the T2V engine
+/// and an I2V request without CLIP tokens are refused by name.
+#[test]
+fn wan_generates_through_the_c_abi() {
+    let io = v2l_runtime::read_safetensors(&wan().join("e2e_io.safetensors")).unwrap();
+    for (variant, transformer) in [("t2v", "transformer"), ("i2v", "transformer_i2v")] {
+        let d = tempfile::tempdir().unwrap();
+        let e = open(&build_wan_engine(d.path(), transformer));
+        let g = generator(e);
+        let get = |n: &str| io[&format!("{variant}_{n}")].clone();
+        let (prompt, negative, noise) = (
+            get("prompt_embeds"),
+            get("negative_prompt_embeds"),
+            get("noise"),
+        );
+        let first =
+            v2l_runtime::video::read_frames(&wan().join("first_frame.png"), 32, 48).unwrap();
+        let embeds = io.get("i2v_image_embeds").unwrap().clone();
+        let mut p = V2lGenerateParams {
+            frames: 9,
+            height: 32,
+            width: 48,
+            steps: 3,
+            guidance: 5.0,
+            seed: 0,
+            first_frame: null(),
+            first_frame_len: 0,
+            prompt_embeds: prompt.as_f32("p").unwrap().as_ptr(),
+            negative_prompt_embeds: negative.as_f32("n").unwrap().as_ptr(),
+            embed_len: prompt.shape[1] as u32,
+            embed_dim: prompt.shape[2] as u32,
+            noise: noise.as_f32("noise").unwrap().as_ptr(),
+            noise_len: noise.numel(),
+            prompt: null(),
+            negative_prompt: null(),
+            max_sequence_length: 0,
+            image_embeds: null(),
+            image_embed_len: 0,
+            image_embed_dim: 0,
+        };
+        if variant == "i2v" {
+            // No CLIP tokens: refused by name before any work.
+            p.first_frame = first.rgb.as_ptr();
+            p.first_frame_len = first.rgb.len();
+            let (s, _) = generate_with(g, &p, None, null_mut());
+            fails(s, V2lStatus::InvalidArgument, "image_embeds");
+            p.image_embeds = embeds.as_f32("e").unwrap().as_ptr();
+            p.image_embed_len = embeds.shape[1] as u32;
+            p.image_embed_dim = embeds.shape[2] as u32;
+        }
+        let (s, out) = generate_with(g, &p, None, null_mut());
+        ok(s);
+        let want = get("frames");
+        let want = want.as_f32("frames").unwrap();
+        assert_eq!(out.len(), want.len());
+        let mae = out
+            .iter()
+            .zip(want)
+            .map(|(&o, &w)| (o as f64 / 255.0 - w as f64).abs())
+            .sum::<f64>()
+            / want.len() as f64;
+        eprintln!("{variant} through the C ABI: frames MAE {mae:.2e} (after RGB8 rounding)");
+        assert!(mae < 2e-3, "{variant}: MAE {mae}");
+        if variant == "t2v" {
+            p.first_frame = first.rgb.as_ptr();
+            p.first_frame_len = first.rgb.len();
+            let (s, _) = generate_with(g, &p, None, null_mut());
+            fails(s, V2lStatus::InvalidArgument, "text-to-video");
+        }
+        unsafe {
+            v2l_generator_free(g);
+            v2l_engine_free(e);
+        }
+    }
+}

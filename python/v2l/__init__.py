@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["Engine", "Generator", "Lora", "V2lError", "Video", "library"]
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 class V2lError(RuntimeError):
@@ -34,7 +34,7 @@ class V2lError(RuntimeError):
 
 
 class _Params(ctypes.Structure):
-    # V2lGenerateParams, field for field (ABI version 2).
+    # V2lGenerateParams, field for field (ABI version 3).
     _fields_ = [
         ("frames", ctypes.c_uint32),
         ("height", ctypes.c_uint32),
@@ -53,6 +53,9 @@ class _Params(ctypes.Structure):
         ("prompt", ctypes.c_char_p),
         ("negative_prompt", ctypes.c_char_p),
         ("max_sequence_length", ctypes.c_uint32),
+        ("image_embeds", ctypes.POINTER(ctypes.c_float)),
+        ("image_embed_len", ctypes.c_uint32),
+        ("image_embed_dim", ctypes.c_uint32),
     ]
 
 

@@ -181,9 +181,8 @@ impl Engine {
         self.config_usize("max_text_seq_length", true)
     }
 
-    /// The initial latent noise (CogVideoX `[1, latent frames, channels, h/8, w/8]`, Wan channels
-    /// first) of a `frames × height ×
-    /// width` request, from `seed` (`crate::tensor::gaussian_noise`): what every front end
+    /// The initial latent noise ([`Engine::noise_shape`]) of a `frames × height × width`
+    /// request, from `seed` (`crate::tensor::gaussian_noise`): what every front end
     /// draws, so the same seed is the same video from the CLI, the C ABI and the server.
     pub fn seeded_noise(
         &self,
@@ -192,18 +191,25 @@ impl Engine {
         width: usize,
         seed: u64,
     ) -> Result<crate::tensor::Tensor> {
+        Ok(crate::tensor::gaussian_noise(
+            self.noise_shape(frames, height, width)?,
+            seed,
+        ))
+    }
+
+    /// The initial noise's shape for a `frames × height × width` request, in the layout the
+    /// family's pipeline draws: Wan channels first, CogVideoX frames first.
+    pub fn noise_shape(&self, frames: usize, height: usize, width: usize) -> Result<Vec<usize>> {
         let dit = self
             .manifest
             .dit
             .as_ref()
             .ok_or_else(|| self.missing("DiT", "dit"))?;
         let lf = (frames.max(1) - 1) / 4 + 1;
-        // The layout the family's pipeline draws: Wan channels first, CogVideoX frames first.
-        let shape = match crate::pipeline::wan_dit(self) {
+        Ok(match crate::pipeline::wan_dit(self) {
             Some(_) => vec![1, dit.out_channels, lf, height / 8, width / 8],
             None => vec![1, lf, dit.in_channels / 2, height / 8, width / 8],
-        };
-        Ok(crate::tensor::gaussian_noise(shape, seed))
+        })
     }
 
     /// The DiT's LoRA-targetable linear layers.

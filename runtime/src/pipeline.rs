@@ -308,6 +308,29 @@ impl Pipeline {
                 ));
             }
         }
+        if let Sampler::Flow(
+            _,
+            WanDit {
+                image_dim: Some(d), ..
+            },
+        ) = &self.sampler
+        {
+            match &req.image_embeds {
+                Some(e) if matches!(e.shape[..], [1, l, w] if l > 0 && w == *d) => {}
+                Some(e) => {
+                    return Err(invalid(
+                        "image_embeds",
+                        format!("shape {:?}; expected [1, tokens, {d}]", e.shape),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        "image_embeds",
+                        format!("missing: an I2V Wan engine needs the first frame's CLIP tokens [1, tokens, {d}]"),
+                    ))
+                }
+            }
+        }
         if req.prompt_embeds.shape != req.negative_prompt_embeds.shape {
             return Err(invalid(
                 "negative_prompt_embeds",

@@ -197,7 +197,45 @@ pub fn params(inp: &Inputs, frames: u32, steps: u32, seed: u64) -> V2lGeneratePa
         prompt: std::ptr::null(),
         negative_prompt: std::ptr::null(),
         max_sequence_length: 0,
+        image_embeds: std::ptr::null(),
+        image_embed_len: 0,
+        image_embed_dim: 0,
     }
+}
+
+pub fn wan() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wan-tiny")
+}
+
+/// A Wan2.1 export (the DiT in `transformer`, the Wan VAE, UniPC) compiled into the engine
+/// bundle `dir/engine`, which it returns.
+pub fn build_wan_engine(dir: &Path, transformer: &str) -> PathBuf {
+    let ex = dir.join("export");
+    std::fs::create_dir_all(&ex).unwrap();
+    let ck = Checkpoint::open_dir(&wan().join(transformer)).unwrap();
+    let dit = v2l_export::dit::export(&ck, DType::F32).unwrap();
+    v2l_graphs::save(&dit.graph, &ex.join("dit.onnx"), ExternalData::Auto).unwrap();
+    let ck = Checkpoint::open_dir(&wan().join("vae")).unwrap();
+    let vae = v2l_export::vae::export(&ck).unwrap();
+    v2l_graphs::save(&vae.encoder, &ex.join("e.onnx"), ExternalData::Auto).unwrap();
+    v2l_graphs::save(&vae.decoder, &ex.join("d.onnx"), ExternalData::Auto).unwrap();
+    std::fs::copy(
+        wan().join("scheduler_unipc/scheduler_config.json"),
+        ex.join("scheduler_config.json"),
+    )
+    .unwrap();
+    Manifest {
+        format_version: v2l_export::manifest::FORMAT_VERSION,
+        dit: Some(dit.manifest_entry("dit.onnx")),
+        vae: Some(vae.manifest_entry("e.onnx", "d.onnx")),
+        scheduler: Some("scheduler_config.json".into()),
+        ..Default::default()
+    }
+    .write(&ex)
+    .unwrap();
+    let eng = dir.join("engine");
+    v2l_runtime::bundle::compile(&ex, &eng, Backend::Cpu, Precision::Fp32).unwrap();
+    eng
 }
 
 /// Generates through the C ABI (with an optional progress callback); the status and frames.

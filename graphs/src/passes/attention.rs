@@ -144,12 +144,9 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
         let Some(r) = graph.node.get(m.reshape) else {
             continue;
         };
-        let r_name = r.name.as_str();
-        let base = r_name
-            .rsplit_once('/')
-            .map(|(p, _)| p)
-            .unwrap_or(r_name)
-            .to_string();
+        // Named after the Reshape it replaces: unique even where one module scope holds two
+        // attentions (Wan I2V's `attn2` attends to the text and to the image tokens).
+        let base = r.name.clone();
         let node =
             |op: &str, name: String, input: Vec<String>, output: String, attribute| NodeProto {
                 input,

@@ -5,8 +5,10 @@
 //! - `Softmax`: attention probabilities (torch's attention kernels accumulate them in f32);
 //! - nodes in a scope named `rope`: `apply_rotary_emb` computes `x·cos + rot(x)·sin` in f32 and
 //!   casts the result back;
-//! - `time_proj`: the sinusoidal timestep embedding is f32, cast to the model's type before
-//!   `time_embedding.linear_1`;
+//! - the top-level `time_proj` scope: the sinusoidal timestep embedding is f32, cast to the
+//!   model's type before `time_embedding.linear_1` (CogVideoX) or
+//!   `condition_embedder.time_embedder.linear_1` (Wan; diffusers also keeps Wan's
+//!   `time_embedder`, `scale_shift_table` and norms f32, which this pass does not yet);
 //! - `gelu`: torch's GELU widens each element and rounds its output once;
 //! - LoRA branches added by [`super::add_lora_branches`] (`…/lora_*` nodes): a LoRA kept
 //!   beside low-precision weights stays f32.
@@ -69,8 +71,12 @@ pub struct Lowered {
     pub casts: usize,
 }
 
-/// Scopes kept in f32 (module docs).
-const F32_SCOPES: &[&str] = &["rope", "time_proj", "gelu"];
+/// Scopes kept in f32 wherever they are (module docs).
+const F32_SCOPES: &[&str] = &["rope", "gelu"];
+
+/// The top-level scope of the sinusoidal timestep embedding, kept f32. Matched whole: Wan's
+/// `condition_embedder.time_proj` is a linear layer in the model's type.
+const SINUSOID_SCOPE: &str = "time_proj";
 
 /// Ops that only move or select elements: exact in any type and with low-type kernels on every
 /// backend (ONNX Runtime's CPU provider included), so they run in the type they are given.
@@ -108,7 +114,10 @@ enum Role {
 fn is_island(n: &proto::NodeProto) -> bool {
     let scope = n.name.split('/').next().unwrap_or("");
     let last = scope.rsplit('.').next().unwrap_or("");
-    n.op_type == "Softmax" || F32_SCOPES.contains(&last) || n.name.contains("/lora_")
+    n.op_type == "Softmax"
+        || F32_SCOPES.contains(&last)
+        || scope == SINUSOID_SCOPE
+        || n.name.contains("/lora_")
 }
 
 fn cast_to(n: &proto::NodeProto) -> Option<DType> {
