@@ -20,8 +20,9 @@ fn wan() -> std::path::PathBuf {
     fixtures().join("wan-tiny")
 }
 
-/// An export directory with the Wan DiT in `transformer`, the Wan VAE and the UniPC sampler.
-fn export_engine(dir: &Path, transformer: &str) -> Engine {
+/// An export directory with the Wan DiT in `transformer`, the Wan VAE and the UniPC sampler,
+/// and with `clip` the CLIP image encoder and its image processor.
+fn export_engine(dir: &Path, transformer: &str, clip: bool) -> Engine {
     let ck = Checkpoint::open_dir(&wan().join(transformer)).unwrap();
     let d = dit::export(&ck, DType::F32).unwrap();
     save(&d.graph, &dir.join("dit.onnx"), ExternalData::Auto).unwrap();
@@ -34,10 +35,30 @@ fn export_engine(dir: &Path, transformer: &str) -> Engine {
         dir.join("scheduler_config.json"),
     )
     .unwrap();
+    let image_encoder = clip.then(|| {
+        let ck = Checkpoint::open_dir(&wan().join("image_encoder")).unwrap();
+        let ex = v2l_export::clip_vision::export(&ck, None).unwrap();
+        save(&ex.graph, &dir.join("clip.onnx"), ExternalData::Auto).unwrap();
+        std::fs::copy(
+            wan().join("image_processor/preprocessor_config.json"),
+            dir.join("preprocessor_config.json"),
+        )
+        .unwrap();
+        v2l_export::manifest::ImageEncoderEntry {
+            file: "clip.onnx".into(),
+            model_type: ex.config.model_type.clone(),
+            hidden_size: ex.config.hidden_size,
+            image_size: ex.config.image_size,
+            weight_dtype: "f32".into(),
+            preprocessor: "preprocessor_config.json".into(),
+            config: ck.raw_config().unwrap().clone(),
+        }
+    });
     Manifest {
         format_version: v2l_export::manifest::FORMAT_VERSION,
         dit: Some(d.manifest_entry("dit.onnx")),
         vae: Some(v.manifest_entry("e.onnx", "d.onnx")),
+        image_encoder,
         scheduler: Some("scheduler_config.json".into()),
         ..Default::default()
     }
@@ -60,9 +81,11 @@ fn mae(a: &Tensor, b: &Tensor) -> f64 {
         / a.len() as f64
 }
 
-fn check(variant: &str, transformer: &str) {
+/// Runs the fixture's request; with `clip`, the I2V image tokens come from the engine's CLIP
+/// encoder (the first frame through `CLIPImageProcessor`) instead of the request.
+fn check(variant: &str, transformer: &str, clip: bool) {
     let d = tempfile::tempdir().unwrap();
-    let engine = export_engine(d.path(), transformer);
+    let engine = export_engine(d.path(), transformer, clip);
     let io = read_safetensors(&wan().join("e2e_io.safetensors")).unwrap();
     let get = |n: &str| io[&format!("{variant}_{n}")].clone();
     // Seeded noise has the layout the loop takes.
@@ -74,7 +97,7 @@ fn check(variant: &str, transformer: &str) {
     let i2v = variant == "i2v";
     let req = Request {
         image: i2v.then(first_frame),
-        image_embeds: i2v.then(|| get("image_embeds")),
+        image_embeds: (i2v && !clip).then(|| get("image_embeds")),
         prompt_embeds: get("prompt_embeds"),
         negative_prompt_embeds: get("negative_prompt_embeds"),
         frames: 9,
@@ -101,19 +124,26 @@ fn check(variant: &str, transformer: &str) {
 
 #[test]
 fn wan_t2v_matches_diffusers_end_to_end() {
-    check("t2v", "transformer");
+    check("t2v", "transformer", false);
 }
 
 #[test]
 fn wan_i2v_matches_diffusers_end_to_end() {
-    check("i2v", "transformer_i2v");
+    check("i2v", "transformer_i2v", false);
 }
 
-/// The request must fit the engine: a first frame for T2V, none for I2V, the CLIP tokens for I2V.
+/// The whole I2V path: first frame → CLIPImageProcessor (bit-exact) → CLIP encoder → DiT.
+#[test]
+fn wan_i2v_with_its_clip_encoder_matches_diffusers_end_to_end() {
+    check("i2v", "transformer_i2v", true);
+}
+
+/// The request must fit the engine: no first frame for T2V, 1 + 4k frames, the CLIP tokens for
+/// an I2V engine without an image encoder.
 #[test]
 fn wan_requests_that_do_not_fit_the_engine_are_refused_by_name() {
     let d = tempfile::tempdir().unwrap();
-    let engine = export_engine(d.path(), "transformer");
+    let engine = export_engine(d.path(), "transformer", false);
     let io = read_safetensors(&wan().join("e2e_io.safetensors")).unwrap();
     let mut p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
     let mut req = Request {
@@ -146,7 +176,7 @@ fn wan_requests_that_do_not_fit_the_engine_are_refused_by_name() {
     assert!(err.contains("1 + 4k"), "{err}");
 
     let d = tempfile::tempdir().unwrap();
-    let engine = export_engine(d.path(), "transformer_i2v");
+    let engine = export_engine(d.path(), "transformer_i2v", false);
     let mut p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
     req.frames = 9;
     req.image = Some(first_frame());

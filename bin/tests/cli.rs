@@ -1151,8 +1151,8 @@ fn wan_parts_export_and_run_through_the_cli() {
 }
 
 /// A Wan2.1 pipeline directory through the CLI, as a user runs it: `v2l-export pipeline`
-/// recognises it (DiT, Wan VAE, umT5, UniPC), and `v2l-run` generates T2V (no --image) and,
-/// with the I2V transformer, I2V (--image, --image-embeds) videos whose frames are diffusers'
+/// recognises it (DiT, Wan VAE, umT5, UniPC; for I2V the CLIP encoder and image processor), and
+/// `v2l-run` generates T2V (no --image) and I2V (--image) videos whose frames are diffusers'
 /// (`wan-tiny/e2e_io`); a first frame given to the T2V engine is refused by name.
 #[test]
 fn wan_pipelines_export_and_generate_through_the_cli() {
@@ -1161,12 +1161,19 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
     let d = tempfile::tempdir().unwrap();
     for (variant, transformer) in [("t2v", "transformer"), ("i2v", "transformer_i2v")] {
         let model = d.path().join(format!("{variant}-model"));
-        for (from, to) in [
+        let mut parts = vec![
             (transformer, "transformer"),
             ("vae", "vae"),
             ("scheduler_unipc", "scheduler"),
             ("text_encoder", "text_encoder"),
-        ] {
+        ];
+        if variant == "i2v" {
+            parts.extend([
+                ("image_encoder", "image_encoder"),
+                ("image_processor", "image_processor"),
+            ]);
+        }
+        for (from, to) in parts {
             let dst = model.join(to);
             std::fs::create_dir_all(&dst).unwrap();
             for f in std::fs::read_dir(wan.join(from)).unwrap() {
@@ -1194,9 +1201,6 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
             get("negative_prompt_embeds"),
         );
         inputs.insert("initial_noise".to_string(), get("noise"));
-        if variant == "i2v" {
-            inputs.insert("image_embeds".to_string(), get("image_embeds"));
-        }
         let inp = d.path().join(format!("{variant}-in.safetensors"));
         v2l_runtime::write_safetensors(&inp, &inputs).unwrap();
         let video = d.path().join(format!("{variant}.mp4"));
@@ -1227,8 +1231,8 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
         if variant == "i2v" {
             // An image-to-video engine without its first frame: a usage error naming --image.
             assert_clean_failure_with(&run("v2l-run", &args), 2, "--image is required");
+            // The CLIP tokens come from the engine's image encoder and processor.
             args.extend(["--image", first.to_str().unwrap()]);
-            args.extend(["--image-embeds", inp.to_str().unwrap()]);
         }
         let o = run("v2l-run", &args);
         assert!(o.status.success(), "{variant}: {}", stderr(&o));

@@ -78,6 +78,10 @@ pub struct ImageEncoderEntry {
     pub image_size: usize,
     #[serde(default = "f32_name")]
     pub weight_dtype: String,
+    /// The `CLIPImageProcessor` `preprocessor_config.json` copied from the pipeline's
+    /// `image_processor/` (empty: CLIP's defaults at `image_size`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub preprocessor: String,
     /// The `config.json` the graph was built from, verbatim.
     pub config: serde_json::Value,
 }

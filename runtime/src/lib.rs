@@ -32,6 +32,7 @@ pub mod calibrate;
 pub mod engine;
 pub mod error;
 pub mod flow;
+pub mod image_preprocess;
 pub mod layout;
 pub mod limits;
 pub mod lora;

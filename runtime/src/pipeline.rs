@@ -122,7 +122,13 @@ impl Pipeline {
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
         let sampler = match wan_dit(&dir) {
-            Some(w) => Sampler::Flow(FlowScheduler::from_file(&dir.dir.join(sched))?, w),
+            Some(w) => {
+                let encoder = match w.image_dim {
+                    Some(_) => wan::ImageEncoder::load(&dir, opts)?,
+                    None => None,
+                };
+                Sampler::Flow(FlowScheduler::from_file(&dir.dir.join(sched))?, w, encoder)
+            }
             None => Sampler::Ddim(SchedulerConfig::from_file(&dir.dir.join(sched))?),
         };
         let vae = Vae::load(&dir, opts)?;
@@ -313,6 +319,7 @@ impl Pipeline {
             WanDit {
                 image_dim: Some(d), ..
             },
+            encoder,
         ) = &self.sampler
         {
             match &req.image_embeds {
@@ -323,6 +330,8 @@ impl Pipeline {
                         format!("shape {:?}; expected [1, tokens, {d}]", e.shape),
                     ))
                 }
+                // The engine's CLIP encoder computes them from the first frame.
+                None if encoder.is_some() => {}
                 None => {
                     return Err(invalid(
                         "image_embeds",
@@ -422,14 +431,24 @@ impl Pipeline {
                 timings.insert("vae_decode".into(), ms(t));
                 (latents, steps, dit_ms, video)
             }
-            Sampler::Flow(sched, w) => {
-                let condition = match &req.image {
+            Sampler::Flow(sched, w, encoder) => {
+                let (condition, embeds) = match &req.image {
                     Some(image) => {
                         let c = wan::condition(&mut self.vae, image, req.frames, shape)?;
                         timings.insert("vae_encode".into(), ms(t));
-                        Some(c)
+                        let embeds = match (&req.image_embeds, encoder) {
+                            (Some(e), _) => Some(e.clone()),
+                            (None, Some(enc)) => {
+                                let t = Instant::now();
+                                let e = enc.encode(image)?;
+                                timings.insert("image_encode".into(), ms(t));
+                                Some(e)
+                            }
+                            (None, None) => None,
+                        };
+                        (Some(c), embeds)
                     }
-                    None => None,
+                    None => (None, None),
                 };
                 let (latents, steps, dit_ms) = wan::denoise(
                     &mut self.dit,
@@ -438,6 +457,7 @@ impl Pipeline {
                     req,
                     shape,
                     condition.as_ref(),
+                    embeds.as_ref(),
                     progress,
                 )?;
                 let t = Instant::now();
@@ -596,8 +616,9 @@ impl Pipeline {
 enum Sampler {
     /// CogVideoX: DDIM.
     Ddim(SchedulerConfig),
-    /// Wan: a flow sampler (UniPC or Euler), with the DiT facts its loop needs.
-    Flow(FlowScheduler, WanDit),
+    /// Wan: a flow sampler (UniPC or Euler), with the DiT facts its loop needs and, for I2V
+    /// engines that export one, the CLIP image encoder.
+    Flow(FlowScheduler, WanDit, Option<wan::ImageEncoder>),
 }
 
 /// The VAE's `[1, 3, F, H, W]` in [-1, 1] → frames `[1, F, H, W, 3]` as

@@ -367,12 +367,33 @@ fn export_image_encoder(
     let mut manifest = prepare_dir(&out.output)?;
     let file = "image_encoder.onnx";
     let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
+    // A diffusers pipeline keeps the encoder's image processor beside it (`image_processor/`):
+    // checked and copied, so the runtime preprocesses first frames as the pipeline does.
+    let processor = checkpoint
+        .parent()
+        .map(|p| p.join("image_processor").join("preprocessor_config.json"))
+        .filter(|p| p.is_file());
+    let preprocessor = match processor {
+        Some(src) => {
+            v2l_runtime::image_preprocess::ClipPreprocess::from_file(&src)?;
+            let rel = "image_processor/preprocessor_config.json";
+            let dst = out.output.join(rel);
+            let copied = dst
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|_| std::fs::copy(&src, &dst));
+            copied.map_err(|e| Failure::new(format!("{}: {e}", dst.display())))?;
+            rel.to_string()
+        }
+        None => String::new(),
+    };
     manifest.image_encoder = Some(v2l_export::manifest::ImageEncoderEntry {
         file: file.into(),
         model_type: ex.config.model_type.clone(),
         hidden_size: ex.config.hidden_size,
         image_size: ex.config.image_size,
         weight_dtype: weight_dtype.name().into(),
+        preprocessor,
         config: ck.raw_config()?.clone(),
     });
     manifest.write(&out.output)?;

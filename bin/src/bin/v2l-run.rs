@@ -29,7 +29,8 @@ use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 ///
 /// Wan2.1 engines (`v2l-export pipeline` of a Wan directory) run the same command with the
 /// engine's flow sampler (UniPC or Euler, as its scheduler config says): a T2V engine takes no
-/// --image; an I2V engine takes --image and the first frame's CLIP tokens (--image-embeds).
+/// --image; an I2V engine takes --image and encodes it with its CLIP image processor and
+/// encoder (or takes the tokens from --image-embeds).
 ///
 ///   v2l-run --engine wan-t2v/ --prompt "a cat surfing" --frames 81 --height 480 --width 832 \
 ///       --guidance 5 --steps 50 --seed 42 -o cat.mp4
@@ -68,7 +69,8 @@ struct GenerateArgs {
     #[arg(long)]
     image: Option<PathBuf>,
     /// Wan I2V: safetensors with `image_embeds` [1, tokens, image_dim], the first frame's
-    /// CLIP vision tokens (penultimate layer, as `WanImageToVideoPipeline.encode_image`)
+    /// CLIP vision tokens (penultimate layer, as `WanImageToVideoPipeline.encode_image`);
+    /// default: computed from --image by the engine's image encoder
     #[arg(long)]
     image_embeds: Option<PathBuf>,
     /// Prompt text, encoded by the engine's tokenizer and T5 text encoder

@@ -78,6 +78,48 @@ impl WanDit {
     }
 }
 
+/// Wan I2V's first-frame encoder: `CLIPImageProcessor` then the CLIP vision graph
+/// (`WanImageToVideoPipeline.encode_image`: the penultimate layer's hidden states).
+pub(super) struct ImageEncoder {
+    preprocess: crate::image_preprocess::ClipPreprocess,
+    model: crate::session::Model,
+}
+
+impl ImageEncoder {
+    /// The engine's image encoder, when it has one.
+    pub(super) fn load(
+        engine: &Engine,
+        opts: &crate::session::SessionOptions,
+    ) -> Result<Option<ImageEncoder>> {
+        let Some(e) = engine.manifest.image_encoder.as_ref() else {
+            return Ok(None);
+        };
+        let preprocess = match e.preprocessor.as_str() {
+            "" => crate::image_preprocess::ClipPreprocess::for_image_size(e.image_size),
+            p => crate::image_preprocess::ClipPreprocess::from_file(&engine.dir.join(p))?,
+        };
+        let model = crate::session::Model::load(&engine.dir.join(&e.file), opts)?;
+        Ok(Some(ImageEncoder { preprocess, model }))
+    }
+
+    /// The first frame's CLIP tokens `[1, tokens, hidden]`. diffusers preprocesses the image as
+    /// the user gave it; here it is the first frame at the output size (the same image when
+    /// the first frame already has that size).
+    pub(super) fn encode(&mut self, image: &Frames) -> Result<Tensor> {
+        let pixels = self
+            .preprocess
+            .apply(&image.rgb, image.height, image.width)?;
+        let feed = BTreeMap::from([("pixel_values".to_string(), pixels)]);
+        self.model
+            .run(&feed)?
+            .remove("image_embeds")
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: "image encoder".into(),
+                message: "the graph has no `image_embeds` output".into(),
+            })
+    }
+}
+
 /// Wan's per-channel latent statistics, as the pipelines hold them in f32: `mean` and
 /// `1 / std` (diffusers' `latents_std` variable is the reciprocal).
 struct LatentStats {
@@ -177,6 +219,7 @@ pub(super) fn denoise(
     req: &Request,
     shape: &LatentShape,
     condition: Option<&Tensor>,
+    image_embeds: Option<&Tensor>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
     let (lf, lh, lw) = (shape.frames, shape.height, shape.width);
@@ -210,13 +253,10 @@ pub(super) fn denoise(
     };
     inputs.insert("encoder_hidden_states".to_string(), text);
     if w.image_dim.is_some() {
-        let embeds = req
-            .image_embeds
-            .as_ref()
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: "image_embeds".into(),
-                message: "an I2V Wan DiT needs the first frame's CLIP image tokens".into(),
-            })?;
+        let embeds = image_embeds.ok_or_else(|| RuntimeError::Invalid {
+            what: "image_embeds".into(),
+            message: "an I2V Wan DiT needs the first frame's CLIP image tokens".into(),
+        })?;
         inputs.insert("encoder_hidden_states_image".to_string(), twice(embeds)?);
     }
     let cond = match condition {
