@@ -43,6 +43,22 @@ fn onnx_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Runs `onnx.checker.check_model(full_check=True)` on every model; each must pass.
+fn assert_all_valid(models: &[PathBuf]) {
+    let o = Command::new(python())
+        .arg(root().join("bin/tests/onnx_checker.py"))
+        .args(models)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "invalid graphs:\n{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok ")).count(),
+        models.len()
+    );
+}
+
 #[test]
 fn every_written_graph_passes_the_onnx_checker() {
     let tiny = root().join("tests/fixtures/cogvideox-tiny");
@@ -105,18 +121,7 @@ fn every_written_graph_passes_the_onnx_checker() {
         assert_eq!(files.len(), 7, "{backend} {precision}: {files:?}");
         models.extend(files);
     }
-    let o = Command::new(python())
-        .arg(root().join("bin/tests/onnx_checker.py"))
-        .args(&models)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "invalid graphs:\n{out}");
-    assert_eq!(
-        out.lines().filter(|l| l.starts_with("ok ")).count(),
-        models.len()
-    );
+    assert_all_valid(&models);
 }
 
 /// The same for Wan2.1 I2V (the DiT with its image attention, the Wan VAE, umT5, the CLIP
@@ -171,16 +176,5 @@ fn wan_graphs_pass_the_onnx_checker() {
         );
         models.extend(onnx_files(&engine));
     }
-    let o = Command::new(python())
-        .arg(root().join("bin/tests/onnx_checker.py"))
-        .args(&models)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "invalid graphs:\n{out}");
-    assert_eq!(
-        out.lines().filter(|l| l.starts_with("ok ")).count(),
-        models.len()
-    );
+    assert_all_valid(&models);
 }
