@@ -43,6 +43,30 @@ fn onnx_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// `v2l-compile export -o engine --backend B --precision P [extra…]`; the engine's graphs.
+fn compile(
+    export: &Path,
+    engine: &Path,
+    backend: &str,
+    precision: &str,
+    extra: &[&str],
+) -> Vec<PathBuf> {
+    let args: Vec<&std::ffi::OsStr> = [
+        export.as_os_str(),
+        "-o".as_ref(),
+        engine.as_os_str(),
+        "--backend".as_ref(),
+        backend.as_ref(),
+        "--precision".as_ref(),
+        precision.as_ref(),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|a| a.as_ref()))
+    .collect();
+    run(env!("CARGO_BIN_EXE_v2l-compile"), &args);
+    onnx_files(engine)
+}
+
 /// Runs `onnx.checker.check_model(full_check=True)` on every model; each must pass.
 fn assert_all_valid(models: &[PathBuf]) {
     let o = Command::new(python())
@@ -100,22 +124,7 @@ fn every_written_graph_passes_the_onnx_checker() {
         let engine = d
             .path()
             .join(format!("engine-{backend}-{precision}-{}", extra.len()));
-        run(
-            env!("CARGO_BIN_EXE_v2l-compile"),
-            &[
-                export.as_os_str(),
-                "-o".as_ref(),
-                engine.as_os_str(),
-                "--backend".as_ref(),
-                backend.as_ref(),
-                "--precision".as_ref(),
-                precision.as_ref(),
-            ]
-            .into_iter()
-            .chain(extra.iter().map(|a| a.as_ref()))
-            .collect::<Vec<_>>(),
-        );
-        let files = onnx_files(&engine);
+        let files = compile(&export, &engine, backend, precision, extra);
         // fp32: 5 graphs + the bound and unfused DiT; below fp32: 5 graphs + the DiT of the
         // precision and the unfused one (static int8 too: Q/DQ graphs).
         assert_eq!(files.len(), 7, "{backend} {precision}: {files:?}");
@@ -162,19 +171,7 @@ fn wan_graphs_pass_the_onnx_checker() {
     );
     for (backend, precision) in [("cpu", "fp32"), ("tensorrt", "bf16"), ("cpu", "int8")] {
         let engine = d.path().join(format!("engine-{backend}-{precision}"));
-        run(
-            env!("CARGO_BIN_EXE_v2l-compile"),
-            &[
-                export.as_os_str(),
-                "-o".as_ref(),
-                engine.as_os_str(),
-                "--backend".as_ref(),
-                backend.as_ref(),
-                "--precision".as_ref(),
-                precision.as_ref(),
-            ],
-        );
-        models.extend(onnx_files(&engine));
+        models.extend(compile(&export, &engine, backend, precision, &[]));
     }
     assert_all_valid(&models);
 }
