@@ -172,6 +172,21 @@ fn wan_graphs_pass_the_onnx_checker() {
     for (backend, precision) in [("cpu", "fp32"), ("tensorrt", "bf16"), ("cpu", "int8")] {
         let engine = d.path().join(format!("engine-{backend}-{precision}"));
         models.extend(compile(&export, &engine, backend, precision, &[]));
+        if precision == "bf16" {
+            // diffusers keeps Wan's `time_embedder` f32 (`_keep_in_fp32_modules`): so does the
+            // engine, and a LoRA fuses into those two linears in f32.
+            let bundle: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(engine.join("bundle.json")).unwrap())
+                    .unwrap();
+            for t in bundle["lora_targets"].as_array().unwrap() {
+                let name = t["initializer"].as_str().unwrap();
+                let want = match name.contains(".time_embedder.") {
+                    true => "f32",
+                    false => "bf16",
+                };
+                assert_eq!(t["dtype"], want, "{name}");
+            }
+        }
     }
     assert_all_valid(&models);
 }

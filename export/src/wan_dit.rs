@@ -19,6 +19,7 @@
 //! ```
 
 use serde::Deserialize;
+use v2l_graphs::passes::KEEP_IN_FP32;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -27,6 +28,19 @@ use crate::layers::{apply_rope, modulate, rotate_pairs, sdpa, sinusoid, video_di
 use crate::scope::{LinearInfo, Scope};
 
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
+
+/// diffusers' `WanTransformer3DModel._keep_in_fp32_modules`, plus `norm_out` (an
+/// `FP32LayerNorm` without parameters, so absent from that list but computed in f32): what a
+/// bf16/fp16 engine keeps in f32 (`v2l_graphs::passes::lower_precision`).
+const KEEP_IN_FP32_MODULES: &[&str] = &[
+    "rope",
+    "time_embedder",
+    "scale_shift_table",
+    "norm1",
+    "norm2",
+    "norm3",
+    "norm_out",
+];
 
 /// The `config.json` fields the graph depends on (defaults: `WanTransformer3DModel.__init__`).
 #[derive(Clone, Debug, Deserialize)]
@@ -163,6 +177,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
     let sample = g.scoped("unpatchify", |g| unpatchify(g, &x, &hidden, &cfg));
     g.output(&sample, "sample", DType::F32, video_dims(c));
     g.metadata("v2l.architecture", CLASS_NAME);
+    g.metadata(KEEP_IN_FP32, &KEEP_IN_FP32_MODULES.join(","));
     let linears = module_order(vb.linears());
     Ok(WanDitExport {
         graph: g,
@@ -258,9 +273,14 @@ fn condition_embedder(
     let emb = g.scoped("time_proj", |g| sinusoid(g, timestep, f, true, 0));
     let te = vb.pp("time_embedder");
     let h = te.linear(g, &emb, "linear_1", f, d, true)?;
-    let h = g.silu(&h);
+    let h = g.scoped(te.prefix(), |g| g.silu(&h));
     let temb = te.linear(g, &h, "linear_2", d, d, true)?;
-    let act = g.silu(&temb);
+    // `time_embedder(t).type_as(encoder_hidden_states)`: an f32 module, rounded once after.
+    let (temb, act) = g.scoped(vb.prefix(), |g| {
+        let temb = g.cast(&temb, DType::F32);
+        let act = g.silu(&temb);
+        (temb, act)
+    });
     let proj = vb.linear(g, &act, "time_proj", d, 6 * d, true)?;
     let timestep_proj = g.scoped(vb.prefix(), |g| g.reshape_to(&proj, &[0, 6, d as i64]));
     let tx = vb.pp("text_embedder");
@@ -271,7 +291,10 @@ fn condition_embedder(
         (Some(img), Some(image_dim)) => {
             // WanImageEmbedding: LayerNorm, FeedForward(mult 1, exact GELU), LayerNorm.
             let ie = vb.pp("image_embedder");
-            let x = ie.layer_norm(g, img, "norm1", image_dim, 1e-5, true)?;
+            // The pipelines pass the image tokens in the model's type; `norm1` is kept f32,
+            // so the rounding is explicit (a `Cast` a bf16/fp16 lowering retargets).
+            let img = g.scoped(vb.prefix(), |g| g.cast(img, DType::F32));
+            let x = ie.layer_norm(g, &img, "norm1", image_dim, 1e-5, true)?;
             let ff = ie.pp("ff").pp("net");
             let x = ff
                 .pp("0")
@@ -300,22 +323,32 @@ fn block(
     rope: &(Value, Value, Value),
 ) -> Result<Value> {
     let d = cfg.inner_dim();
+    // What diffusers computes in f32 (the table, modulation and gated residuals) is scoped
+    // `scale_shift_table`, a module it keeps in f32 (`KEEP_IN_FP32`); each `.type_as(x)`
+    // after it is an f32 `Cast` in the block's scope, which a bf16/fp16 lowering rounds.
+    let f32_scope = format!("{}.scale_shift_table", vb.prefix());
+    let type_as = |g: &mut Graph, x: &Value| g.scoped(vb.prefix(), |g| g.cast(x, DType::F32));
     let table = vb.weight(g, "scale_shift_table", &[1, 6, d])?;
-    let [shift, scale, gate, c_shift, c_scale, c_gate] = g.scoped(vb.prefix(), |g| {
+    let [shift, scale, gate, c_shift, c_scale, c_gate] = g.scoped(&f32_scope, |g| {
         let m = g.add(&table, &cond.timestep_proj);
         g.chunk::<6>(&m, 1, 1)
     });
     // 1. Self-attention, gated.
     let n = vb.layer_norm(g, x, "norm1", d, cfg.eps, false)?;
-    let n = g.scoped(vb.prefix(), |g| modulate(g, &n, &scale, &shift));
+    let n = g.scoped(&f32_scope, |g| modulate(g, &n, &scale, &shift));
+    let n = type_as(g, &n);
     let a = attention(g, &vb.pp("attn1"), cfg, &n, &n, Some(rope), None)?;
-    let x = g.scoped(vb.prefix(), |g| {
+    let x = g.scoped(&f32_scope, |g| {
         let ga = g.mul(&a, &gate);
         g.add(x, &ga)
     });
-    // 2. Cross-attention to the text (and the image), ungated.
+    let x = type_as(g, &x);
+    // 2. Cross-attention to the text (and the image), ungated, in the model's type.
     let n = match cfg.cross_attn_norm {
-        true => vb.layer_norm(g, &x, "norm2", d, cfg.eps, true)?,
+        true => {
+            let n = vb.layer_norm(g, &x, "norm2", d, cfg.eps, true)?;
+            type_as(g, &n)
+        }
         false => x.clone(),
     };
     let a = attention(
@@ -330,15 +363,17 @@ fn block(
     let x = g.scoped(vb.prefix(), |g| g.add(&x, &a));
     // 3. Feed-forward, gated.
     let n = vb.layer_norm(g, &x, "norm3", d, cfg.eps, false)?;
-    let n = g.scoped(vb.prefix(), |g| modulate(g, &n, &c_scale, &c_shift));
+    let n = g.scoped(&f32_scope, |g| modulate(g, &n, &c_scale, &c_shift));
+    let n = type_as(g, &n);
     let ff = vb.pp("ffn").pp("net");
     let h = ff.pp("0").linear(g, &n, "proj", d, cfg.ffn_dim, true)?;
     let h = g.scoped(&format!("{}.0.gelu", ff.prefix()), |g| g.gelu_tanh(&h));
     let h = ff.linear(g, &h, "2", cfg.ffn_dim, d, true)?;
-    Ok(g.scoped(vb.prefix(), |g| {
+    let x = g.scoped(&f32_scope, |g| {
         let gh = g.mul(&h, &c_gate);
         g.add(&x, &gh)
-    }))
+    });
+    Ok(type_as(g, &x))
 }
 
 /// `WanAttention` with `WanAttnProcessor`: q from `x`, k/v from `ctx`, RMS norms across heads,

@@ -31,12 +31,8 @@ const SAME_TYPE: &[(&str, usize)] = &[
 ];
 
 /// Every problem found, each naming the node or tensor; empty when the graph passes.
-/// `lora_targets` are the weights a LoRA replaces; `stored` the type they must have.
-pub fn tensorrt_problems(
-    model: &ModelProto,
-    lora_targets: &[String],
-    stored: DType,
-) -> Vec<String> {
+/// `lora_targets` are the weights a LoRA replaces, each with the type it must be stored in.
+pub fn tensorrt_problems(model: &ModelProto, lora_targets: &[(String, DType)]) -> Vec<String> {
     let mut problems = Vec::new();
     let Some(graph) = model.graph.as_ref() else {
         return vec!["the model has no graph".into()];
@@ -50,7 +46,7 @@ pub fn tensorrt_problems(
         }
     }
     let types = infer_types(graph);
-    for w in lora_targets {
+    for (w, stored) in lora_targets {
         let readers: Vec<&proto::NodeProto> = graph
             .node
             .iter()
@@ -70,7 +66,7 @@ pub fn tensorrt_problems(
             ));
         }
         match types.get(w.as_str()) {
-            Some(t) if *t == stored => {}
+            Some(t) if t == stored => {}
             Some(t) => problems.push(format!(
                 "LoRA target `{w}` is {t}, the engine's precision stores {stored}"
             )),
@@ -180,7 +176,7 @@ mod tests {
     fn a_direct_f32_target_passes() {
         let m = model(false, DType::F32);
         assert_eq!(
-            tensorrt_problems(&m, &["lin.weight".into()], DType::F32),
+            tensorrt_problems(&m, &[("lin.weight".into(), DType::F32)]),
             Vec::<String>::new()
         );
     }
@@ -189,17 +185,17 @@ mod tests {
     fn casts_contrib_ops_mixed_types_and_wrong_storage_are_named() {
         // A Cast between weight and MatMul: the refit would miss it.
         let m = model(true, DType::BF16);
-        let p = tensorrt_problems(&m, &["lin.weight".into()], DType::BF16);
+        let p = tensorrt_problems(&m, &[("lin.weight".into(), DType::BF16)]);
         assert!(p.iter().any(|p| p.contains("not read directly")), "{p:?}");
         // An f32 input against a bf16 weight: mixed types, and the wrong storage.
         let m = model(false, DType::BF16);
-        let p = tensorrt_problems(&m, &["lin.weight".into()], DType::F32);
+        let p = tensorrt_problems(&m, &[("lin.weight".into(), DType::F32)]);
         assert!(p.iter().any(|p| p.contains("mixes f32 and bf16")), "{p:?}");
         assert!(p.iter().any(|p| p.contains("is bf16")), "{p:?}");
         let mut m = model(false, DType::F32);
         let g = m.graph.as_mut().unwrap();
         g.node[0].domain = "com.microsoft".into();
-        let p = tensorrt_problems(&m, &[], DType::F32);
+        let p = tensorrt_problems(&m, &[]);
         assert!(
             p.iter().any(|p| p.contains("not a standard ONNX op")),
             "{p:?}"

@@ -17,7 +17,9 @@ mod precision;
 mod quantize;
 pub use attention::{fuse_attention, MS_DOMAIN};
 pub use gelu::fuse_gelu;
-pub use precision::{lower_precision, Lowered, Lowering, WeightFile};
+pub use precision::{
+    keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile, KEEP_IN_FP32,
+};
 pub use quantize::{quantize_linears, use_quantized_weights, Quantized, WeightQuant};
 
 /// The initializer behind a node input: the input itself, or for weights stored as f16/bf16

@@ -240,6 +240,11 @@ pub fn compile_with(
                 .map(|t| format!("{}.weight", t.name))
                 .collect();
             let model = dir.join(&d.file);
+            // What the model keeps in f32 below f32 (Wan's `_keep_in_fp32_modules`): those
+            // targets stay f32 in fp16/bf16 engines, as the lowering leaves them.
+            let keep = v2l_graphs::passes::keep_in_fp32_modules(
+                &v2l_graphs::read_model(&model).map_err(io(&model))?,
+            );
             let mut hash = PartsHasher::default();
             let mut targets = Vec::with_capacity(names.len());
             let mut shapes = d.lora_targets.iter();
@@ -270,8 +275,15 @@ pub fn compile_with(
                 }
             }
             // How the engine stores each target: int8/int4 for the token-wise linears of an
-            // integer engine, every linear in the low type of an fp16/bf16 one.
+            // integer engine, every linear outside `keep` in the low type of an fp16/bf16 one.
             for t in targets.iter_mut() {
+                let module = t
+                    .initializer
+                    .strip_suffix(".weight")
+                    .unwrap_or(&t.initializer);
+                if v2l_graphs::passes::keeps_f32(&keep, module) {
+                    continue;
+                }
                 t.dtype = match (precision, precision.weight_quant()) {
                     (_, Some(_)) if calibration.is_some() && quantises(&t.initializer) => {
                         crate::lora::apply::Stored::Qdq.name()
@@ -432,7 +444,7 @@ pub fn compile_with(
                 dit_variants.insert(variant.to_string(), file.to_string());
             }
             if backend == Backend::TensorRt {
-                check_tensorrt_graphs(tmp, &d.file, &dit_variants, precision, &names)?;
+                check_tensorrt_graphs(tmp, &d.file, &dit_variants, precision, &lora_targets)?;
             }
         }
         // Below fp32, a short generation against fp32 when the export is a whole pipeline.
@@ -506,20 +518,17 @@ pub fn compile_with(
 
 /// What a CPU can check of the DiT graphs a TensorRT engine is built from
 /// (`v2l_graphs::check`): standard ops, LoRA targets read directly by their Gemm, stored in the
-/// precision's type (f32 where the `bound` variant takes them as inputs), consistent types.
+/// type the target table gives (f32 for integer engines' f32 graphs, and where the `bound`
+/// variant takes them as inputs), consistent types.
 fn check_tensorrt_graphs(
     dir: &Path,
     export_file: &str,
     variants: &std::collections::BTreeMap<String, String>,
     precision: Precision,
-    targets: &[String],
+    targets: &[LoraTarget],
 ) -> Result<()> {
     use v2l_graphs::DType;
-    let low = match precision {
-        Precision::Fp16 => DType::F16,
-        Precision::Bf16 => DType::BF16,
-        _ => DType::F32,
-    };
+    let stored = |t: &LoraTarget| DType::parse(&t.dtype).filter(|d| d.is_float());
     let fp32 = (precision == Precision::Fp32).then_some(("fp32", export_file));
     for (variant, file) in variants
         .iter()
@@ -528,8 +537,17 @@ fn check_tensorrt_graphs(
     {
         let path = dir.join(file);
         let model = v2l_graphs::read_model(&path).map_err(io(&path))?;
-        let stored = if variant == "bound" { DType::F32 } else { low };
-        let problems = v2l_graphs::check::tensorrt_problems(&model, targets, stored);
+        let targets: Vec<(String, DType)> = targets
+            .iter()
+            .map(|t| {
+                let d = match variant {
+                    "bound" => DType::F32,
+                    _ => stored(t).unwrap_or(DType::F32),
+                };
+                (t.initializer.clone(), d)
+            })
+            .collect();
+        let problems = v2l_graphs::check::tensorrt_problems(&model, &targets);
         if !problems.is_empty() {
             return Err(RuntimeError::Invalid {
                 what: path.display().to_string(),

@@ -7,8 +7,14 @@
 //!   casts the result back;
 //! - the top-level `time_proj` scope: the sinusoidal timestep embedding is f32, cast to the
 //!   model's type before `time_embedding.linear_1` (CogVideoX) or
-//!   `condition_embedder.time_embedder.linear_1` (Wan; diffusers also keeps Wan's
-//!   `time_embedder`, `scale_shift_table` and norms f32, which this pass does not yet);
+//!   `condition_embedder.time_embedder.linear_1` (Wan);
+//! - the model's own `_keep_in_fp32_modules`, which the exporter records in the graph's
+//!   metadata ([`KEEP_IN_FP32`], module names separated by commas): a node whose scope has one of
+//!   those names as a dot-separated component is f32, as diffusers matches the names against
+//!   parameter names (Wan: `time_embedder`, `scale_shift_table`, `norm1`, `norm2`, `norm3`,
+//!   and `norm_out`, an `FP32LayerNorm`). Where diffusers rounds back (`.type_as(x)`), the
+//!   exporter writes an f32 `Cast` outside those scopes, which this pass retargets to the low
+//!   type;
 //! - `gelu`: torch's GELU widens each element and rounds its output once;
 //! - LoRA branches added by [`super::add_lora_branches`] (`…/lora_*` nodes): a LoRA kept
 //!   beside low-precision weights stays f32.
@@ -74,6 +80,31 @@ pub struct Lowered {
 /// Scopes kept in f32 wherever they are (module docs).
 const F32_SCOPES: &[&str] = &["rope", "gelu"];
 
+/// Graph metadata key: the modules the model keeps in f32 below f32 (module docs).
+pub const KEEP_IN_FP32: &str = "v2l.keep_in_fp32_modules";
+
+/// The module names a graph's [`KEEP_IN_FP32`] metadata lists (empty without it).
+pub fn keep_in_fp32_modules(model: &ModelProto) -> Vec<String> {
+    model
+        .metadata_props
+        .iter()
+        .find(|e| e.key == KEEP_IN_FP32)
+        .map(|e| {
+            e.value
+                .split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the module or node scope `scope` (dot-separated) is one of `modules` or inside one.
+pub fn keeps_f32(modules: &[String], scope: &str) -> bool {
+    scope.split('.').any(|c| modules.iter().any(|m| m == c))
+}
+
 /// The top-level scope of the sinusoidal timestep embedding, kept f32. Matched whole: Wan's
 /// `condition_embedder.time_proj` is a linear layer in the model's type.
 const SINUSOID_SCOPE: &str = "time_proj";
@@ -111,12 +142,13 @@ enum Role {
     Compute,
 }
 
-fn is_island(n: &proto::NodeProto) -> bool {
+fn is_island(n: &proto::NodeProto, keep: &[String]) -> bool {
     let scope = n.name.split('/').next().unwrap_or("");
     let last = scope.rsplit('.').next().unwrap_or("");
     n.op_type == "Softmax"
         || F32_SCOPES.contains(&last)
         || scope == SINUSOID_SCOPE
+        || (n.name.contains('/') && keeps_f32(keep, scope))
         || n.name.contains("/lora_")
 }
 
@@ -141,6 +173,8 @@ pub fn lower_precision(
             "lowering to {low}: the low-precision graphs are f16 or bf16"
         )));
     }
+    let keep = keep_in_fp32_modules(model);
+    let is_island = |n: &proto::NodeProto| is_island(n, &keep);
     let graph = model.graph.get_or_insert_with(Default::default);
     unwrap_weight_casts(graph);
 
