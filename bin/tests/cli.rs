@@ -124,7 +124,10 @@ fn every_help_has_an_example_and_is_stable() {
         ),
         ("v2l-compile", &[]),
         ("v2l-run", &["stage"]),
-        ("v2l-lora", &["inspect", "convert", "predict", "fuse"]),
+        (
+            "v2l-lora",
+            &["inspect", "convert", "merge", "predict", "fuse"],
+        ),
         (
             "v2l-bench",
             &["pipeline", "export", "scale", "fuse", "serve"],
@@ -1294,4 +1297,139 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
             assert_clean_failure_with(&o, 2, "text-to-video");
         }
     }
+}
+
+/// `s·B·A` of the rank columns `cols` of one layer, `[out, in]`, in f64.
+fn lora_update(l: &v2l_runtime::lora::format::LoraLayer, cols: std::ops::Range<usize>) -> Vec<f64> {
+    let (a, b, r) = (l.a.to_f32(), l.b.to_f32(), l.rank());
+    let (out, inp) = (l.b.shape[0], l.a.shape[1]);
+    let s = l.scale(1.0) as f64;
+    (0..out * inp)
+        .map(|k| {
+            let (o, i) = (k / inp, k % inp);
+            s * cols
+                .clone()
+                .map(|j| b[o * r + j] as f64 * a[j * inp + i] as f64)
+                .sum::<f64>()
+        })
+        .collect()
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// `v2l-lora merge` is the weighted sum of the updates (rank concatenation), per layer; with
+/// `--equalize-norms` every LoRA's part of a layer has the target norm; `inspect --compare`
+/// reports a LoRA against itself as fully overlapping. Bad calls fail cleanly.
+#[test]
+fn loras_merge_equalize_and_compare_through_the_cli() {
+    use v2l_runtime::lora::format::read;
+    let wan = tiny().join("../wan-tiny");
+    let a = wan.join("lora/pytorch_lora_weights.safetensors");
+    let b = wan.join("prompt2effect/lora_prompt0.safetensors");
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let d = tempfile::tempdir().unwrap();
+    let merged = d.path().join("merged.safetensors");
+    let m_s = merged.to_str().unwrap();
+    let o = run(
+        "v2l-lora",
+        &["merge", a_s, b_s, "--weights", "0.6,-0.4", "-o", m_s],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (la, lb, lm) = (
+        read(&a, None).unwrap(),
+        read(&b, None).unwrap(),
+        read(&merged, None).unwrap(),
+    );
+    let find = |l: &v2l_runtime::lora::format::Lora, m: &str| {
+        l.layers.iter().find(|x| x.module == m).cloned()
+    };
+    let mut both = 0;
+    for l in &lm.layers {
+        let full = |x: &Option<v2l_runtime::lora::format::LoraLayer>, w: f64| {
+            x.as_ref()
+                .map(|x| lora_update(x, 0..x.rank()).iter().map(|v| v * w).collect())
+        };
+        let parts: Vec<Vec<f64>> = [
+            full(&find(&la, &l.module), 0.6),
+            full(&find(&lb, &l.module), -0.4),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        both += usize::from(parts.len() == 2);
+        let want: Vec<f64> = (0..parts[0].len())
+            .map(|k| parts.iter().map(|p| p[k]).sum())
+            .collect();
+        let got = lora_update(l, 0..l.rank());
+        let diff: Vec<f64> = got.iter().zip(&want).map(|(g, w)| g - w).collect();
+        assert!(norm(&diff) <= 1e-6 * norm(&want), "{}", l.module);
+    }
+    assert_eq!(
+        lm.layers.len(),
+        la.layers.len(),
+        "b's layers are a subset of a's"
+    );
+    assert_eq!(both, lb.layers.len());
+
+    // Equalised to norm 0.5: each LoRA's columns of each layer carry an update of norm 0.5.
+    let eq = d.path().join("eq.safetensors");
+    let o = run(
+        "v2l-lora",
+        &[
+            "merge",
+            a_s,
+            b_s,
+            "--weights",
+            "2,1",
+            "--equalize-norms",
+            "--norm-target",
+            "0.5",
+            "-o",
+            eq.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("norm → factor"));
+    for l in &read(&eq, None).unwrap().layers {
+        let ra = find(&la, &l.module).map_or(0, |x| x.rank());
+        for cols in [0..ra, ra..l.rank()].into_iter().filter(|c| !c.is_empty()) {
+            let n = norm(&lora_update(l, cols)) * l.rank() as f64 / l.alpha as f64;
+            assert!((n - 0.5).abs() < 1e-5, "{}: {n}", l.module);
+        }
+    }
+
+    // inspect --compare: a against itself overlaps fully; against b somewhere in [0, 1].
+    let o = run("v2l-lora", &["inspect", a_s, a_s, "--compare", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["shared_layers"], 20);
+    for l in j["layers"].as_array().unwrap() {
+        assert!((l["overlap"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{l}");
+        assert!((l["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{l}");
+    }
+    let o = run("v2l-lora", &["inspect", a_s, b_s, "--compare"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("shared layers: 16  only in a: 4  only in b: 0"),
+        "{text}"
+    );
+
+    // Bad calls.
+    let o = run(
+        "v2l-lora",
+        &["merge", a_s, b_s, "--weights", "1", "-o", m_s],
+    );
+    assert_clean_failure_with(&o, 2, "--weights has 1 values for 2 LoRA files");
+    let o = run(
+        "v2l-lora",
+        &["merge", a_s, b_s, "--weights", "1,nan", "-o", m_s],
+    );
+    assert_clean_failure(&o, "--weights");
+    let o = run("v2l-lora", &["merge", a_s, m_s, "-o", m_s]);
+    assert_clean_failure(&o, "the output is an input file");
+    let o = run("v2l-lora", &["inspect", a_s, "--compare"]);
+    assert_clean_failure_with(&o, 2, "--compare takes two LoRA files, not 1");
 }

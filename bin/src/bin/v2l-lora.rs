@@ -28,13 +28,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a LoRA file's format, layers, ranks and alphas
+    /// Print a LoRA file's format, layers, ranks and alphas; with --compare, how two LoRAs
+    /// relate layer by layer
     ///
-    /// Example:
+    /// --compare prints, for each layer both LoRAs have: each update's norm ‖s·B·A‖_F; the
+    /// cosine between the two updates; and the overlap ‖Q_aᵀQ_b‖₂ of their output
+    /// (column) spaces, Q an orthonormal basis of B: 0 when the two write to orthogonal
+    /// directions (fusing them does not interfere), 1 when they share one.
+    ///
+    /// Examples:
     ///   v2l-lora inspect my_lora.safetensors --json
+    ///   v2l-lora inspect style.safetensors motion.safetensors --compare
     #[command(verbatim_doc_comment)]
     Inspect {
-        file: PathBuf,
+        /// LoRA file(s); two with --compare
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Compare two LoRAs layer by layer (norms, cosine, column-space overlap)
+        #[arg(long)]
+        compare: bool,
         /// One JSON object on stdout
         #[arg(long)]
         json: bool,
@@ -54,6 +66,47 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         #[arg(long, value_enum)]
+        format: FormatArg,
+        /// Model (diffusers transformer directory or export directory) to resolve kohya names
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Merge several LoRAs into one, exactly: ΔW = Σ wᵢ·ΔWᵢ per layer as a rank
+    /// concatenation [w₁B₁ | … | w_kB_k]·[A₁; …; A_k] (ranks add up; nothing is truncated, so
+    /// strength is linear in each weight). v2l-run does the same at run time with
+    /// --lora a --lora b --lora-weights 0.6,0.4.
+    ///
+    /// --equalize-norms scales each LoRA's weighted update in each layer to the same
+    /// Frobenius norm (the mean over the LoRAs, or --norm-target), so no LoRA dominates a layer
+    /// because it was trained louder; the per-layer norms and factors are printed.
+    ///
+    /// Examples:
+    ///   v2l-lora merge style.safetensors motion.safetensors --weights 0.6,0.4 -o merged.safetensors
+    ///   v2l-lora merge a.safetensors b.safetensors --equalize-norms -o merged.safetensors
+    #[command(verbatim_doc_comment)]
+    Merge {
+        /// LoRA files (diffusers/PEFT, kohya/musubi or ComfyUI safetensors), two or more
+        #[arg(required = true, num_args = 2..)]
+        files: Vec<PathBuf>,
+        /// Weight of each file, comma-separated, in order (default: 1 each)
+        #[arg(
+            long,
+            value_name = "W,W,...",
+            value_delimiter = ',',
+            allow_negative_numbers = true
+        )]
+        weights: Vec<f32>,
+        /// Scale every LoRA's update in each layer to one norm (see above)
+        #[arg(long)]
+        equalize_norms: bool,
+        /// The norm --equalize-norms scales to (default: the mean over the LoRAs, per layer)
+        #[arg(long, requires = "equalize_norms")]
+        norm_target: Option<f64>,
+        /// Output .safetensors file, replaced if it exists (never one of the inputs)
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Output format
+        #[arg(long, value_enum, default_value = "diffusers")]
         format: FormatArg,
         /// Model (diffusers transformer directory or export directory) to resolve kohya names
         #[arg(long)]
@@ -154,7 +207,41 @@ impl From<FormatArg> for LoraFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| match cli.command {
-        Command::Inspect { file, json, model } => inspect(&read(&file, model.as_deref())?, json),
+        Command::Inspect {
+            files,
+            compare,
+            json,
+            model,
+        } => {
+            let loras = files
+                .iter()
+                .map(|f| read(f, model.as_deref()))
+                .collect::<Result<Vec<_>, _>>()?;
+            match (compare, loras.as_slice()) {
+                (true, [a, b]) => compare_loras(a, b, json),
+                (true, _) => Err(Failure::usage(format!(
+                    "--compare takes two LoRA files, not {}",
+                    files.len()
+                ))),
+                (false, _) => loras.iter().try_for_each(|l| inspect(l, json)),
+            }
+        }
+        Command::Merge {
+            files,
+            weights,
+            equalize_norms,
+            norm_target,
+            output,
+            format,
+            model,
+        } => merge(
+            &files,
+            &weights,
+            equalize_norms.then_some(norm_target),
+            &output,
+            format.into(),
+            model.as_deref(),
+        ),
         Command::Convert {
             input,
             output,
@@ -259,6 +346,144 @@ fn read(file: &Path, model: Option<&Path>) -> Result<Lora, Failure> {
             None => f,
         }
     })
+}
+
+fn merge(
+    files: &[PathBuf],
+    weights: &[f32],
+    equalize: Option<Option<f64>>,
+    output: &Path,
+    format: LoraFormat,
+    model: Option<&Path>,
+) -> Result<(), Failure> {
+    use v2l_runtime::lora::{compare, merge};
+    if !weights.is_empty() && weights.len() != files.len() {
+        return Err(Failure::usage(format!(
+            "--weights has {} values for {} LoRA files",
+            weights.len(),
+            files.len()
+        )));
+    }
+    if let Some(f) = files.iter().find(|f| same_file(f, output)) {
+        return Err(Failure::new(format!(
+            "{}: the output is an input file; merging into it would lose it",
+            f.display()
+        )));
+    }
+    check_output(output, &["safetensors"])?;
+    let loras = files
+        .iter()
+        .map(|f| read(f, model))
+        .collect::<Result<Vec<_>, _>>()?;
+    let weighted = loras
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let w = weights.get(i).copied().unwrap_or(1.0);
+            v2l_runtime::limits::finite("--weights", w).map(|w| (l, w))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let merged = match equalize {
+        None => merge::merge(&weighted),
+        Some(target) => {
+            let eq = compare::equalize_norms(&weighted, target)?;
+            println!(
+                "{:<48} {:>10} {}",
+                "module", "target", "norm → factor, per LoRA"
+            );
+            for l in &eq {
+                let per: Vec<String> = l
+                    .norms
+                    .iter()
+                    .zip(&l.factors)
+                    .map(|(n, f)| match (n, f) {
+                        (Some(n), Some(f)) => format!("{n:.4e} × {f:.4}"),
+                        _ => "-".into(),
+                    })
+                    .collect();
+                println!("{:<48} {:>10.4e} {}", l.module, l.target, per.join("  "));
+            }
+            merge::merge_scaled(&weighted, |module, i| {
+                eq.iter()
+                    .find(|l| l.module == module)
+                    .and_then(|l| l.factors.get(i).copied().flatten())
+                    .unwrap_or(1.0)
+            })
+        }
+    }?;
+    format::write(output, &merged, format).map_err(RuntimeError::from)?;
+    let rank: usize = merged.layers.iter().map(|l| l.rank()).max().unwrap_or(0);
+    println!(
+        "wrote {} ({} LoRAs, {} layers, rank up to {rank}, {})",
+        output.display(),
+        files.len(),
+        merged.layers.len(),
+        format.name()
+    );
+    Ok(())
+}
+
+/// `inspect --compare`: per shared layer, both update norms, their cosine and the overlap
+/// of their column spaces (`v2l_runtime::lora::compare`).
+fn compare_loras(a: &Lora, b: &Lora, json: bool) -> Result<(), Failure> {
+    use v2l_runtime::lora::compare;
+    let mut rows = Vec::new();
+    for x in &a.layers {
+        let Some(y) = b.layers.iter().find(|y| y.module == x.module) else {
+            continue;
+        };
+        if x.b.shape[0] != y.b.shape[0] || x.a.shape[1] != y.a.shape[1] {
+            return Err(Failure::new(format!(
+                "layer `{}`: the LoRAs disagree on its shape: [{}, {}] and [{}, {}]",
+                x.module, x.b.shape[0], x.a.shape[1], y.b.shape[0], y.a.shape[1]
+            )));
+        }
+        rows.push((
+            x.module.clone(),
+            compare::update_norm(x, 1.0),
+            compare::update_norm(y, 1.0),
+            compare::update_cosine(x, y),
+            compare::subspace_overlap(x, y),
+        ));
+    }
+    let only = |p: &Lora, q: &Lora| {
+        p.layers
+            .iter()
+            .filter(|x| !q.layers.iter().any(|y| y.module == x.module))
+            .count()
+    };
+    let mean = |f: fn(&(String, f64, f64, f64, f64)) -> f64| {
+        rows.iter().map(f).sum::<f64>() / rows.len().max(1) as f64
+    };
+    let (mean_overlap, mean_cos) = (mean(|r| r.4), mean(|r| r.3.abs()));
+    if json {
+        let layers: Vec<_> = rows
+            .iter()
+            .map(|(m, na, nb, c, o)| {
+                serde_json::json!({"module": m, "norm_a": na, "norm_b": nb, "cosine": c, "overlap": o})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"shared_layers": rows.len(), "only_a": only(a, b), "only_b": only(b, a),
+                "mean_overlap": mean_overlap, "mean_abs_cosine": mean_cos, "layers": layers})
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<48} {:>11} {:>11} {:>8} {:>8}",
+        "module", "‖ΔW_a‖", "‖ΔW_b‖", "cosine", "overlap"
+    );
+    for (m, na, nb, c, o) in &rows {
+        println!("{m:<48} {na:>11.4e} {nb:>11.4e} {c:>8.4} {o:>8.4}");
+    }
+    println!(
+        "shared layers: {}  only in a: {}  only in b: {}  mean overlap: {mean_overlap:.4}  mean |cosine|: {mean_cos:.4}",
+        rows.len(),
+        only(a, b),
+        only(b, a)
+    );
+    Ok(())
 }
 
 fn inspect(lora: &Lora, json: bool) -> Result<(), Failure> {

@@ -10,14 +10,19 @@ use crate::error::{Result, RuntimeError};
 
 /// Merges `loras` (each with its multiplier) into one LoRA whose layers are the union of theirs.
 pub fn merge(loras: &[(&Lora, f32)]) -> Result<Lora> {
+    merge_scaled(loras, |_, _| 1.0)
+}
+
+/// [`merge`] with LoRA `i`'s update in layer `module` further multiplied by `factor(module, i)`
+/// (per-layer norm equalisation, [`super::compare::equalize_norms`]).
+pub fn merge_scaled(loras: &[(&Lora, f32)], factor: impl Fn(&str, usize) -> f64) -> Result<Lora> {
     let mut by_module: BTreeMap<&str, Vec<(&LoraLayer, f32)>> = BTreeMap::new();
-    for (lora, multiplier) in loras {
+    for (i, (lora, multiplier)) in loras.iter().enumerate() {
         crate::limits::finite("LoRA multiplier", *multiplier)?;
         for l in &lora.layers {
-            by_module
-                .entry(l.module.as_str())
-                .or_default()
-                .push((l, *multiplier));
+            let m = (*multiplier as f64 * factor(&l.module, i)) as f32;
+            crate::limits::finite("LoRA multiplier", m)?;
+            by_module.entry(l.module.as_str()).or_default().push((l, m));
         }
     }
     let mut layers = Vec::with_capacity(by_module.len());
