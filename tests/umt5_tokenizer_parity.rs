@@ -192,3 +192,18 @@ fn without_byte_fallback_unknown_characters_are_unk() {
     }
     assert!(with_unk >= 4);
 }
+
+/// v2l's `prompt_clean` gives diffusers' text (HTML unescaped twice, Python's whitespace
+/// collapsed; diffusers without `ftfy`, which it applies only when installed).
+#[test]
+fn prompt_clean_equals_diffusers() {
+    for p in io()["prompts"].as_array().unwrap() {
+        let prompt = p["prompt"].as_str().unwrap();
+        let want = p["diffusers_clean"].as_str().unwrap();
+        assert_eq!(
+            v2l_runtime::text::prompt::prompt_clean(prompt),
+            want,
+            "{prompt:?}"
+        );
+    }
+}

@@ -61,11 +61,9 @@ impl PromptEncoder {
         if let Some(hit) = self.cache.get(&key) {
             return Ok(hit.clone());
         }
-        // `WanPipeline._get_t5_prompt_embeds` runs `prompt_clean` first: whitespace runs become
-        // one space, ends stripped (and, not done here, `ftfy` and HTML unescaping).
         let cleaned;
         let text = if self.wan {
-            cleaned = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            cleaned = prompt_clean(text);
             cleaned.as_str()
         } else {
             text
@@ -73,12 +71,16 @@ impl PromptEncoder {
         let Encoded {
             ids,
             truncated_from,
+            tokens,
         } = self.tokenizer.encode(text, len)?;
         if let Some(n) = truncated_from {
             on_truncate(n);
         }
         let ids_t = Tensor::i64(vec![1, ids.len()], ids.clone());
-        let feed = encoder_feed(&self.model, ids_t, None);
+        // The tokenizer's mask: 1 for the prompt's tokens (a literal `<pad>` in the text too).
+        let mask = (0..ids.len()).map(|i| i64::from(i < tokens)).collect();
+        let mask = Tensor::i64(vec![1, ids.len()], mask);
+        let feed = encoder_feed(&self.model, ids_t, Some(mask));
         let mut embeds = self
             .model
             .run(&feed)?
@@ -89,7 +91,6 @@ impl PromptEncoder {
             })?;
         if self.wan {
             // Wan keeps the first `mask.sum()` rows and pads with zeros.
-            let tokens = ids.iter().take_while(|&&i| i != 0).count();
             if let crate::tensor::Data::F32(v) = &mut embeds.data {
                 let d = embeds.shape.last().copied().unwrap_or(1).max(1);
                 v.iter_mut().skip(tokens * d).for_each(|x| *x = 0.0);
@@ -103,6 +104,62 @@ impl PromptEncoder {
     pub fn cached(&self) -> usize {
         self.cache.len()
     }
+}
+
+/// diffusers' `prompt_clean` for the Wan pipelines, without `ftfy` (which diffusers applies
+/// only when that package is installed; it is not a dependency of diffusers): HTML entities
+/// unescaped twice, each run of whitespace (Python's `\s`, which includes the separators
+/// U+001C–U+001F) made one space, the ends stripped.
+pub fn prompt_clean(text: &str) -> String {
+    let text = html_unescape(&html_unescape(text));
+    let space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+    text.split(space)
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Python's `html.unescape` for the entities prompts carry: `&amp; &lt; &gt; &quot; &apos;
+/// &nbsp;` and numeric references (`&#39;`, `&#x27;`). Other named entities stay as written.
+fn html_unescape(text: &str) -> String {
+    const NAMED: &[(&str, char)] = &[
+        ("amp", '&'),
+        ("lt", '<'),
+        ("gt", '>'),
+        ("quot", '"'),
+        ("apos", '\''),
+        ("nbsp", '\u{a0}'),
+    ];
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 1..];
+        let body = tail.split(';').next().unwrap_or("");
+        let closed = tail.len() > body.len();
+        let numeric = body.strip_prefix('#').and_then(|n| {
+            match n.strip_prefix('x').or_else(|| n.strip_prefix('X')) {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => n.parse::<u32>().ok(),
+            }
+        });
+        let c = match numeric {
+            Some(n) => char::from_u32(n).filter(|c| *c != '\0'),
+            None => NAMED.iter().find(|(k, _)| *k == body).map(|(_, c)| *c),
+        };
+        match c {
+            Some(c) if closed => {
+                out.push(c);
+                rest = &tail[body.len() + 1..];
+            }
+            _ => {
+                out.push('&');
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The feed of a text-encoder graph: `input_ids`, and for graphs that take one (umT5) an
@@ -126,4 +183,19 @@ pub fn encoder_feed(
     }
     feed.insert("input_ids".to_string(), ids);
     feed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_clean_unescapes_and_collapses_whitespace_as_python_does() {
+        assert_eq!(
+            prompt_clean("  Tom &amp;amp; Jerry &lt;3\t\n&#39;x&#x27; &bogus; & a\u{1f}b  "),
+            "Tom & Jerry <3 'x' &bogus; & a b"
+        );
+        assert_eq!(prompt_clean("a\u{a0}b\u{3000}c\u{200b}d"), "a b c\u{200b}d");
+        assert_eq!(prompt_clean(" \t "), "");
+    }
 }

@@ -26,6 +26,8 @@ pub struct Encoded {
     pub ids: Vec<i64>,
     /// The untruncated length, when the prompt was longer than the limit.
     pub truncated_from: Option<usize>,
+    /// Ids before the padding (the tokenizer's `attention_mask.sum()`).
+    pub tokens: usize,
 }
 
 impl PromptTokenizer {
@@ -81,10 +83,12 @@ impl PromptTokenizer {
                 ids.push(self.eos_id);
             }
         }
+        let tokens = ids.len();
         ids.resize(len, self.pad_id);
         Ok(Encoded {
             ids,
             truncated_from,
+            tokens,
         })
     }
 }
