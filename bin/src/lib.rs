@@ -130,3 +130,45 @@ pub fn bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// The effects of `--effect TEXT` (in order), then `--effect-embeds FILE` (each a safetensors
+/// with `prompt_embeds [1, T, E]`), each with its `--effect-weights` value (default 1).
+pub fn effects(
+    prompts: &[String],
+    embeds: &[std::path::PathBuf],
+    weights: &[f32],
+) -> Result<Vec<(v2l_runtime::effect::Effect, f32)>, Failure> {
+    use v2l_runtime::effect::Effect;
+    let n = prompts.len() + embeds.len();
+    if n == 0 {
+        return Err(Failure::usage("give --effect TEXT or --effect-embeds FILE"));
+    }
+    if !weights.is_empty() && weights.len() != n {
+        return Err(Failure::usage(format!(
+            "--effect-weights has {} values for {n} effects",
+            weights.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    for p in prompts {
+        out.push(Effect::Prompt(p.clone()));
+    }
+    for path in embeds {
+        let t = v2l_runtime::read_safetensors(path)?
+            .remove("prompt_embeds")
+            .ok_or_else(|| {
+                Failure::from(v2l_runtime::RuntimeError::MissingTensor {
+                    path: path.clone(),
+                    name: "prompt_embeds".into(),
+                })
+            })?;
+        out.push(Effect::Embeds(t));
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let w = weights.get(i).copied().unwrap_or(1.0);
+            Ok((e, v2l_runtime::limits::finite("--effect-weights", w)?))
+        })
+        .collect()
+}

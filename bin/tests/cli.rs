@@ -120,6 +120,7 @@ fn every_help_has_an_example_and_is_stable() {
                 "pipeline",
                 "text-encoder",
                 "image-encoder",
+                "prompt2effect",
             ],
         ),
         ("v2l-compile", &[]),
@@ -1432,4 +1433,301 @@ fn loras_merge_equalize_and_compare_through_the_cli() {
     assert_clean_failure(&o, "the output is an input file");
     let o = run("v2l-lora", &["inspect", a_s, "--compare"]);
     assert_clean_failure_with(&o, 2, "--compare takes two LoRA files, not 1");
+}
+
+/// Prompt2Effect through the CLI on the tiny Wan T2V pipeline: `v2l-export prompt2effect`
+/// adds the hypernetwork to the export; `v2l-lora predict --effect-embeds` streams the DiT's 16
+/// attention weights through it in chunks and writes the reproduction's LoRA (fixture
+/// `wan-tiny/prompt2effect_io`); the DiT with it gives the reproduction's output; two effects
+/// blend exactly; `--effect TEXT` runs the engine's umT5 and generates with `v2l-run --effect`,
+/// bitwise the video of the same LoRA given as a file. Bad calls fail cleanly.
+#[test]
+fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
+    use v2l_runtime::lora::format::read;
+    let wan = tiny().join("../wan-tiny");
+    let io = v2l_runtime::read_safetensors(&wan.join("prompt2effect_io.safetensors")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    for (from, to) in [
+        ("transformer", "transformer"),
+        ("vae", "vae"),
+        ("scheduler_unipc", "scheduler"),
+        ("text_encoder", "text_encoder"),
+        ("tokenizer", "tokenizer"),
+    ] {
+        let dst = model.join(to);
+        std::fs::create_dir_all(&dst).unwrap();
+        for f in std::fs::read_dir(wan.join(from)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(wan.join("model_index.json"), model.join("model_index.json")).unwrap();
+    let engine = d.path().join("engine");
+    let e = engine.to_str().unwrap();
+    let o = run(
+        "v2l-export",
+        &["pipeline", model.to_str().unwrap(), "-o", e],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Before the hypernetwork is exported: a clean error saying how to add it.
+    let lora0 = d.path().join("p0.safetensors");
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            e,
+            "--effect",
+            "x",
+            "-o",
+            lora0.to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure(&o, "v2l-export prompt2effect");
+    let o = run(
+        "v2l-export",
+        &[
+            "prompt2effect",
+            wan.join("prompt2effect").to_str().unwrap(),
+            "-o",
+            e,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // The fixture's two prompts' embeddings, as files.
+    let text = io["text"].as_f32("text").unwrap();
+    let embeds: Vec<std::path::PathBuf> = (0..2)
+        .map(|p| {
+            let n = 512 * 32;
+            let t = v2l_runtime::Tensor::f32(vec![1, 512, 32], text[p * n..(p + 1) * n].to_vec());
+            let path = d.path().join(format!("effect{p}.safetensors"));
+            let m = std::collections::BTreeMap::from([("prompt_embeds".to_string(), t)]);
+            v2l_runtime::write_safetensors(&path, &m).unwrap();
+            path
+        })
+        .collect();
+    let (e0, e1) = (embeds[0].to_str().unwrap(), embeds[1].to_str().unwrap());
+    let l0 = lora0.to_str().unwrap();
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            e,
+            "--effect-embeds",
+            e0,
+            "--effect-chunk",
+            "5",
+            "-o",
+            l0,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (got, want) = (
+        read(&lora0, None).unwrap(),
+        read(&wan.join("prompt2effect/lora_prompt0.safetensors"), None).unwrap(),
+    );
+    assert_eq!(got.layers.len(), 16);
+    for w in &want.layers {
+        let g = got.layers.iter().find(|l| l.module == w.module).unwrap();
+        for (x, y, f) in [(&g.a, &w.a, "lora_A"), (&g.b, &w.b, "lora_B")] {
+            let err = v2l_runtime::tensor::rel_l2(&x.to_f32(), &y.to_f32());
+            assert!(err < 1e-5, "{} {f}: {err}", w.module);
+        }
+        assert_eq!(g.scale(1.0), 1.0);
+    }
+
+    // The DiT with the predicted LoRA gives the reproduction's output.
+    let dit_io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
+    let inputs: std::collections::BTreeMap<String, v2l_runtime::Tensor> =
+        ["hidden_states", "timestep", "encoder_hidden_states"]
+            .iter()
+            .map(|n| (n.to_string(), dit_io[&format!("t2v_{n}")].clone()))
+            .collect();
+    let inp = d.path().join("in.safetensors");
+    v2l_runtime::write_safetensors(&inp, &inputs).unwrap();
+    let res = d.path().join("out.safetensors");
+    let o = stage_dit(
+        e,
+        inp.to_str().unwrap(),
+        res.to_str().unwrap(),
+        &["--lora", l0],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = v2l_runtime::read_safetensors(&res).unwrap();
+    let err = out["sample"].rel_l2(&io["dit_sample_with_lora"]);
+    // The same DiT with the reproduction's own factors: what the DiT alone contributes.
+    let upstream = wan.join("prompt2effect/lora_prompt0.safetensors");
+    let o = stage_dit(
+        e,
+        inp.to_str().unwrap(),
+        res.to_str().unwrap(),
+        &["--lora", upstream.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let base =
+        v2l_runtime::read_safetensors(&res).unwrap()["sample"].rel_l2(&io["dit_sample_with_lora"]);
+    eprintln!("DiT with the predicted LoRA: {err:.3e}; with the upstream factors: {base:.3e}");
+    // The factors are within 7e-7 (above); this LoRA moves the tiny DiT's output by 125 %, and
+    // the DiT amplifies the factors' f32 rounding ~20×: the end-to-end f32 bound, 1e-4.
+    assert!(base < 1e-5 && err < 1e-4, "DiT with the effect LoRA: {err}");
+
+    // Two effects at 0.5 each: ΔW = 0.5·ΔW₀ + 0.5·ΔW₁, the reproduction's updates.
+    let blend = d.path().join("blend.safetensors");
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            e,
+            "--effect-embeds",
+            e0,
+            "--effect-embeds",
+            e1,
+            "--effect-weights",
+            "0.5,0.5",
+            "-o",
+            blend.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let delta = io["delta_weight"].as_f32("delta").unwrap();
+    let names = [
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+    ];
+    for l in &read(&blend, None).unwrap().layers {
+        assert_eq!(l.rank(), 8);
+        let (block, leaf) = l
+            .module
+            .strip_prefix("blocks.")
+            .unwrap()
+            .split_once('.')
+            .unwrap();
+        let i =
+            block.parse::<usize>().unwrap() * 8 + names.iter().position(|n| *n == leaf).unwrap();
+        let one = 24 * 24;
+        let want: Vec<f32> = (0..one)
+            .map(|k| 0.5 * delta[i * one + k] + 0.5 * delta[16 * one + i * one + k])
+            .collect();
+        let got = lora_update(l, 0..l.rank());
+        let got: Vec<f32> = got.iter().map(|&v| v as f32).collect();
+        let err = v2l_runtime::tensor::rel_l2(&got, &want);
+        assert!(err < 1e-5, "{}: {err}", l.module);
+    }
+
+    // From text: the engine's tokenizer and umT5, then generation with the effect.
+    let fox = d.path().join("fox.safetensors");
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            e,
+            "--effect",
+            "a fox made of gold",
+            "-o",
+            fox.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e2e = v2l_runtime::read_safetensors(&wan.join("e2e_io.safetensors")).unwrap();
+    let gen_in = d.path().join("gen.safetensors");
+    let m: std::collections::BTreeMap<String, v2l_runtime::Tensor> = [
+        ("prompt_embeds", "t2v_prompt_embeds"),
+        ("negative_prompt_embeds", "t2v_negative_prompt_embeds"),
+        ("initial_noise", "t2v_noise"),
+    ]
+    .iter()
+    .map(|(k, f)| (k.to_string(), e2e[*f].clone()))
+    .collect();
+    v2l_runtime::write_safetensors(&gen_in, &m).unwrap();
+    let generate = |extra: &[&str], name: &str| {
+        let dump = d.path().join(format!("{name}.safetensors"));
+        let video = d.path().join(format!("{name}.mp4"));
+        let mut args = vec![
+            "--engine",
+            e,
+            "--prompt-embeds",
+            gen_in.to_str().unwrap(),
+            "--noise",
+            gen_in.to_str().unwrap(),
+            "--frames",
+            "9",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--steps",
+            "2",
+            "--guidance",
+            "5",
+            "-o",
+            video.to_str().unwrap(),
+            "--dump",
+            dump.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = run("v2l-run", &args);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        v2l_runtime::read_safetensors(&dump)
+            .unwrap()
+            .remove("frames")
+            .unwrap()
+    };
+    let by_effect = generate(&["--effect", "a fox made of gold"], "by-effect");
+    let by_file = generate(&["--lora", fox.to_str().unwrap()], "by-file");
+    let plain = generate(&[], "plain");
+    assert_eq!(
+        by_effect, by_file,
+        "--effect and its LoRA file give one video"
+    );
+    assert_ne!(by_effect, plain, "the effect changes the video");
+
+    // Bad calls.
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            e,
+            "--effect",
+            "a",
+            "--effect",
+            "b",
+            "--effect-weights",
+            "1",
+            "-o",
+            l0,
+        ],
+    );
+    assert_clean_failure_with(&o, 2, "--effect-weights has 1 values for 2 effects");
+    let narrow = d.path().join("narrow.safetensors");
+    let t = v2l_runtime::Tensor::f32(vec![1, 3, 16], vec![0.5; 48]);
+    v2l_runtime::write_safetensors(
+        &narrow,
+        &std::collections::BTreeMap::from([("prompt_embeds".to_string(), t)]),
+    )
+    .unwrap();
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            e,
+            "--effect-embeds",
+            narrow.to_str().unwrap(),
+            "-o",
+            l0,
+        ],
+    );
+    assert_clean_failure(&o, "[1, tokens, 32]");
 }

@@ -38,6 +38,9 @@ pub struct Manifest {
     pub vae: Option<VaeEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypernet: Option<HypernetEntry>,
+    /// The Prompt2Effect hypernetwork (effect prompt + base weights → LoRA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt2effect: Option<Prompt2EffectEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<TextEncoderEntry>,
     /// The I2V image encoder (Wan: CLIP vision).
@@ -102,6 +105,23 @@ pub struct HypernetEntry {
     pub lilora_b: usize,
     /// Module paths of the DiT layers the rows map to, in row order.
     pub layers: Vec<String>,
+}
+
+/// The exported Prompt2Effect hypernetwork: `text [1, T, E]`, `base_weight [N, D, D]`,
+/// `layer_index [N]`, `module_index [N]` → `lora_A [N, r, D]`, `lora_B [N, D, r]` (scale 1).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Prompt2EffectEntry {
+    pub file: String,
+    /// E: the width of the prompt embeddings it reads.
+    pub text_dim: usize,
+    /// D: the side of the square weights it adapts.
+    pub weight_dim: usize,
+    pub rank: usize,
+    /// Rows of its layer-embedding table (upstream clamps the block index to it).
+    pub max_layers: usize,
+    /// Module types in id order (id = position + 1; 0 is unknown), in the reproduction's
+    /// naming (`self_attn.q`, `cross_attn.k`, …).
+    pub module_types: Vec<String>,
 }
 
 /// The exported VAE: two per-frame-batch graphs and the loop contract between them.

@@ -184,6 +184,9 @@ fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
     if let Some(i) = &m.image_encoder {
         graph(&i.file);
     }
+    if let Some(p) = &m.prompt2effect {
+        graph(&p.file);
+    }
     if let Some(h) = &m.hypernet {
         graph(&h.file);
         names.push(h.lilora.clone());

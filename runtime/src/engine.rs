@@ -21,6 +21,9 @@ pub struct Engine {
     pub bundle: Option<crate::bundle::Bundle>,
 }
 
+/// Tokens a Wan pipeline encodes a prompt to (`WanPipeline.__call__`'s `max_sequence_length`).
+pub const WAN_TEXT_TOKENS: usize = 512;
+
 impl Engine {
     /// Opens `path`: an export directory, or a model file inside one.
     pub fn open(path: &Path) -> Result<Engine> {
@@ -176,9 +179,12 @@ impl Engine {
         }
     }
 
-    /// The prompt length the DiT was trained with (`max_text_seq_length`, 226 for CogVideoX).
+    /// The prompt length the DiT was trained with (`max_text_seq_length`, 226 for CogVideoX;
+    /// 512 for Wan, whose pipelines encode that many).
     pub fn text_sequence_length(&self) -> Option<usize> {
         self.config_usize("max_text_seq_length", true)
+            // The Wan pipelines' `max_sequence_length` default (its DiT config has none).
+            .or_else(|| crate::pipeline::wan_dit(self).map(|_| WAN_TEXT_TOKENS))
     }
 
     /// The initial latent noise ([`Engine::noise_shape`]) of a `frames × height × width`

@@ -29,6 +29,7 @@ pub mod accuracy;
 pub mod backend;
 pub mod bundle;
 pub mod calibrate;
+pub mod effect;
 pub mod engine;
 pub mod error;
 pub mod flow;

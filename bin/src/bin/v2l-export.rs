@@ -66,6 +66,26 @@ enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Prompt2Effect hypernetwork (`HyperNet` of the public reproduction) ->
+    /// <dir>/prompt2effect.onnx: an effect prompt's embeddings and a chunk of the DiT's square
+    /// attention weights in, LoRA factors for those layers out (`v2l-lora predict --effect`)
+    ///
+    /// The checkpoint is a directory with `config.json` (the reproduction's `HyperConfig`
+    /// fields: text_dim, weight_dim, hidden_dim, n_heads, n_layer, rank, num_latents,
+    /// module_specs, max_layers, layer_embed_dim, module_embed_dim) and `model.safetensors`
+    /// (its state_dict under upstream names). The reproduction saves a torch pickle; convert it
+    /// once with `safetensors.torch.save_file(ckpt["state_dict"], "model.safetensors")` and
+    /// write `ckpt["config"]` plus num_latents (256 unless trained otherwise) to config.json.
+    ///
+    /// Example:
+    ///   v2l-export prompt2effect checkpoints/prompt2effect/ -o export/
+    #[command(verbatim_doc_comment)]
+    Prompt2effect {
+        /// Checkpoint directory (config.json + model.safetensors)
+        checkpoint: PathBuf,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// A whole diffusers pipeline directory, CogVideoX or Wan2.1 (transformer/, vae/, scheduler/;
     /// text_encoder/ and image_encoder/ if present) and optionally the Video2LoRA hypernetwork:
     /// every graph plus the scheduler config, in one directory, staged and published together
@@ -239,6 +259,7 @@ fn main() -> ExitCode {
                 &out,
             )
         }
+        Command::Prompt2effect { checkpoint, out } => export_prompt2effect(&checkpoint, &out),
         Command::Hypernet {
             checkpoint,
             lilora,
@@ -506,6 +527,38 @@ fn export_hypernet(
         d.iterations,
         bytes(written.weight_bytes),
         out.shown(lilora_name)
+    );
+    Ok(())
+}
+
+fn export_prompt2effect(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
+    let ck = Checkpoint::open_dir(checkpoint)?;
+    let ex = v2l_export::prompt2effect::export(&ck)?;
+    warn_unused(&ex.unused_keys);
+    let mut manifest = prepare_dir(&out.output)?;
+    let file = "prompt2effect.onnx";
+    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
+    let c = &ex.config;
+    manifest.prompt2effect = Some(v2l_export::manifest::Prompt2EffectEntry {
+        file: file.into(),
+        text_dim: c.text_dim,
+        weight_dim: c.weight_dim,
+        rank: c.rank,
+        max_layers: c.max_layers,
+        module_types: c.module_specs.clone(),
+    });
+    manifest.write(&out.output)?;
+    println!(
+        "wrote {} (text width {}, {}×{} weights, rank {}, {} blocks of width {}, {} module types; {} of weights)",
+        out.shown(file),
+        c.text_dim,
+        c.weight_dim,
+        c.weight_dim,
+        c.rank,
+        c.n_layer,
+        c.hidden_dim,
+        c.module_specs.len(),
+        bytes(written.weight_bytes)
     );
     Ok(())
 }

@@ -112,26 +112,55 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
-    /// Predict a LoRA from a reference video with the Video2LoRA hypernetwork
+    /// Predict a LoRA with a hypernetwork: from a reference video (Video2LoRA) or from
+    /// effect prompts (Prompt2Effect)
     ///
-    /// The clip is resized to the generation size, scaled to [0, 1], encoded by the VAE
-    /// (posterior mode) and multiplied by its scaling factor; the hypernetwork predicts one row
-    /// per DiT linear layer and the LiLoRA auxiliaries turn the rows into standard LoRA factors.
-    /// Needs an engine with `dit`, `vae` and `hypernet` exported into it. The clip needs at
-    /// least 5 frames; one of another aspect ratio is squashed (as diffusers does), with a warning.
+    /// --reference: the clip is resized to the generation size, scaled to [0, 1], encoded by
+    /// the VAE (posterior mode) and multiplied by its scaling factor; the hypernetwork predicts
+    /// one row per DiT linear layer and the LiLoRA auxiliaries turn the rows into standard LoRA
+    /// factors. Needs an engine with `dit`, `vae` and `hypernet` exported into it. The clip
+    /// needs at least 5 frames; one of another aspect ratio is squashed (as diffusers does),
+    /// with a warning.
     ///
-    /// Example:
+    /// --effect: the prompt is encoded by the engine's text encoder (Wan: umT5, 512 tokens) and
+    /// the DiT's square attention weights are streamed through the Prompt2Effect hypernetwork
+    /// (`v2l-export prompt2effect`), --effect-chunk layers at a time, so memory holds one chunk,
+    /// not the model. Several --effect (or --effect-embeds) blend exactly with
+    /// --effect-weights: ΔW = Σ wᵢ·ΔWᵢ as a rank concatenation.
+    ///
+    /// Examples:
     ///   v2l-lora predict --engine engine/ --reference ref.mp4 -o ref_lora.safetensors
+    ///   v2l-lora predict --engine wan/ --effect "melting into gold" -o gold.safetensors
+    ///   v2l-lora predict --engine wan/ --effect "gold" --effect "smoke" \
+    ///       --effect-weights 0.5,0.5 -o blend.safetensors
     #[command(verbatim_doc_comment)]
     Predict {
         /// Engine bundle (from `v2l-compile`) or export directory (from `v2l-export`), with a
-        /// DiT, a VAE and a hypernetwork
+        /// DiT and a hypernetwork (and a VAE for --reference, a text encoder for --effect)
         #[arg(long)]
         engine: PathBuf,
         /// Reference clip: a video file (ffmpeg), a directory of PNGs, or a safetensors file
         /// with `reference_u8 [F, H, W, 3]`
-        #[arg(long)]
-        reference: PathBuf,
+        #[arg(long, required_unless_present_any = ["effect", "effect_embeds"], conflicts_with_all = ["effect", "effect_embeds"])]
+        reference: Option<PathBuf>,
+        /// Effect prompt for Prompt2Effect; repeat to blend several
+        #[arg(long, value_name = "TEXT")]
+        effect: Vec<String>,
+        /// Effect prompt embeddings instead of text: safetensors with `prompt_embeds [1, T, E]`;
+        /// repeatable, after the --effect prompts in --effect-weights order
+        #[arg(long, value_name = "FILE")]
+        effect_embeds: Vec<PathBuf>,
+        /// Weight of each effect, comma-separated, in order (default: 1 each)
+        #[arg(
+            long,
+            value_name = "W,W,...",
+            value_delimiter = ',',
+            allow_negative_numbers = true
+        )]
+        effect_weights: Vec<f32>,
+        /// Layers streamed through the Prompt2Effect hypernetwork per call
+        #[arg(long, default_value_t = v2l_runtime::effect::DEFAULT_CHUNK)]
+        effect_chunk: usize,
         /// Output .safetensors LoRA file, replaced if it exists
         #[arg(short, long)]
         output: PathBuf,
@@ -268,6 +297,10 @@ fn main() -> ExitCode {
         Command::Predict {
             engine,
             reference,
+            effect,
+            effect_embeds,
+            effect_weights,
+            effect_chunk,
             output,
             frames,
             height,
@@ -281,6 +314,10 @@ fn main() -> ExitCode {
             if let Some(d) = &dump {
                 check_output(d, &["safetensors"])?;
             }
+            let Some(reference) = reference else {
+                let effects = v2l_cli::effects(&effect, &effect_embeds, &effect_weights)?;
+                return predict_effects(&engine, &effects, effect_chunk, &output, format.into());
+            };
             predict(
                 &engine,
                 &reference,
@@ -527,6 +564,33 @@ fn inspect(lora: &Lora, json: bool) -> Result<(), Failure> {
             l.a.dtype.name()
         );
     }
+    Ok(())
+}
+
+/// `predict --effect`: the blended Prompt2Effect LoRA of `effects`, written to `output`.
+fn predict_effects(
+    engine: &Path,
+    effects: &[(v2l_runtime::effect::Effect, f32)],
+    chunk: usize,
+    output: &Path,
+    format: LoraFormat,
+) -> Result<(), Failure> {
+    let dir = v2l_runtime::engine::Engine::open(engine)?;
+    let opts = dir.session_options(0);
+    let start = std::time::Instant::now();
+    let lora = v2l_runtime::effect::predict_effects(&dir, &opts, effects, chunk, &mut |n, t| {
+        eprint!("\rpredicting: {n}/{t} layers");
+    })?;
+    eprintln!();
+    format::write(output, &lora, format).map_err(RuntimeError::from)?;
+    println!(
+        "wrote {} ({} effects, {} layers, rank {}, {:.2} s)",
+        output.display(),
+        effects.len(),
+        lora.layers.len(),
+        lora.layers.first().map(|l| l.rank()).unwrap_or(0),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

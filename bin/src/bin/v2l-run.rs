@@ -93,6 +93,21 @@ struct GenerateArgs {
     /// ComfyUI); repeat it for several, merged exactly (rank concatenation)
     #[arg(long = "lora", value_name = "FILE", conflicts_with = "reference")]
     loras: Vec<PathBuf>,
+    /// Effect prompt: the LoRA is predicted by the engine's Prompt2Effect hypernetwork
+    /// (`v2l-lora predict --effect`); repeat to blend several with --effect-weights
+    #[arg(long, value_name = "TEXT", conflicts_with_all = ["reference", "loras"])]
+    effect: Vec<String>,
+    /// Effect prompt embeddings instead of text (safetensors `prompt_embeds [1, T, E]`)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["reference", "loras"])]
+    effect_embeds: Vec<PathBuf>,
+    /// Weight of each effect, comma-separated, in order (default: 1 each); the blend is exact
+    #[arg(
+        long,
+        value_name = "W,W,...",
+        value_delimiter = ',',
+        allow_negative_numbers = true
+    )]
+    effect_weights: Vec<f32>,
     /// Multiplier of each --lora, comma-separated, in order (default: 1 each)
     #[arg(
         long,
@@ -547,6 +562,21 @@ fn generate(
             let clip = video::read_frames(r, height, width)?;
             v2l_runtime::predict::check_reference(&clip, &r.display().to_string())?;
             RequestLora::Reference(clip, g.lora_scale)
+        }
+        None if !g.effect.is_empty() || !g.effect_embeds.is_empty() => {
+            let effects = v2l_cli::effects(&g.effect, &g.effect_embeds, &g.effect_weights)?;
+            let lora = v2l_runtime::effect::predict_effects(
+                &dir,
+                opts,
+                &effects,
+                v2l_runtime::effect::DEFAULT_CHUNK,
+                &mut |_, _| {},
+            )?;
+            RequestLora::Loras(vec![AppliedLora {
+                lora: lora.into(),
+                source: PathBuf::from("--effect"),
+                multiplier: 1.0,
+            }])
         }
         None if g.loras.is_empty() => RequestLora::Resident,
         None => RequestLora::Loras(read_loras(&dir, &g.loras, &g.lora_weights)?),
