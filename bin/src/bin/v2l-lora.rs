@@ -71,10 +71,11 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
-    /// Merge several LoRAs into one, exactly: ΔW = Σ wᵢ·ΔWᵢ per layer as a rank
-    /// concatenation [w₁B₁ | … | w_kB_k]·[A₁; …; A_k] (ranks add up; nothing is truncated, so
-    /// strength is linear in each weight). v2l-run does the same at run time with
-    /// --lora a --lora b --lora-weights 0.6,0.4.
+    /// Merge several LoRAs into one, exactly (rank concatenation)
+    ///
+    /// ΔW = Σ wᵢ·ΔWᵢ per layer as [w₁B₁ | … | w_kB_k]·[A₁; …; A_k]: ranks add up and nothing
+    /// is truncated, so strength is linear in each weight. v2l-run does the same at run time
+    /// with --lora a --lora b --lora-weights 0.6,0.4.
     ///
     /// --equalize-norms scales each LoRA's weighted update in each layer to the same
     /// Frobenius norm (the mean over the LoRAs, or --norm-target), so no LoRA dominates a layer
