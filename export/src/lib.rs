@@ -10,6 +10,7 @@
 //! | [`cogvideox_vae`] | `AutoencoderKLCogVideoX` encoder and decoder |
 //! | [`t5_encoder`] | transformers `T5EncoderModel` (the prompt encoder) |
 //! | [`video2lora_hypernet`] | Video2LoRA hypernetwork `VideoHyperDream` (reference latents → LiLoRA rows) |
+//! | [`lofa`] | LoFA two-stage hypernetwork (prompt + base weights → hidden states → LoRA factors) |
 //! | [`prompt2effect`] | Prompt2Effect `HyperNet` (effect prompt + base weights → LoRA factors) |
 
 // Checkpoints and graphs come from users: no unwrap, expect or unchecked indexing outside
@@ -26,6 +27,7 @@ pub mod cogvideox_vae;
 pub mod dit;
 pub mod error;
 mod layers;
+pub mod lofa;
 pub mod manifest;
 pub mod prompt2effect;
 pub mod scope;
