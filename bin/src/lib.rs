@@ -172,3 +172,32 @@ pub fn effects(
         })
         .collect()
 }
+
+/// `--hypernet`: which effect hypernetwork predicts.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum HypernetArg {
+    Prompt2effect,
+    Lofa,
+}
+
+/// The hypernetwork `given`, or the one the engine has.
+pub fn hypernet(
+    engine: &v2l_runtime::engine::Engine,
+    given: Option<HypernetArg>,
+) -> Result<v2l_runtime::effect::Hypernet, Failure> {
+    use v2l_runtime::effect::Hypernet;
+    Ok(match given {
+        Some(HypernetArg::Prompt2effect) => Hypernet::Prompt2Effect,
+        Some(HypernetArg::Lofa) => Hypernet::Lofa,
+        None => Hypernet::of(engine).ok_or_else(|| {
+            Failure::new(format!(
+                "{} holds no effect hypernetwork",
+                engine.dir.display()
+            ))
+            .with_hint(format!(
+                "export one into it: `v2l-export prompt2effect CKPT -o {0}` or `v2l-export lofa STAGE1 STAGE2 -o {0}`",
+                engine.dir.display()
+            ))
+        })?,
+    })
+}

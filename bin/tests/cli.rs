@@ -121,6 +121,7 @@ fn every_help_has_an_example_and_is_stable() {
                 "text-encoder",
                 "image-encoder",
                 "prompt2effect",
+                "lofa",
             ],
         ),
         ("v2l-compile", &[]),
@@ -1435,19 +1436,11 @@ fn loras_merge_equalize_and_compare_through_the_cli() {
     assert_clean_failure_with(&o, 2, "--compare takes two LoRA files, not 1");
 }
 
-/// Prompt2Effect through the CLI on the tiny Wan T2V pipeline: `v2l-export prompt2effect`
-/// adds the hypernetwork to the export; `v2l-lora predict --effect-embeds` streams the DiT's 16
-/// attention weights through it in chunks and writes the reproduction's LoRA (fixture
-/// `wan-tiny/prompt2effect_io`); the DiT with it gives the reproduction's output; two effects
-/// blend exactly; `--effect TEXT` runs the engine's umT5 and generates with `v2l-run --effect`,
-/// bitwise the video of the same LoRA given as a file. Bad calls fail cleanly.
-#[test]
-fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
-    use v2l_runtime::lora::format::read;
+/// The tiny Wan T2V pipeline (with the umT5-shaped tokenizer) exported by `v2l-export pipeline`
+/// into `<dir>/engine`.
+fn export_wan_t2v_with_tokenizer(dir: &Path) -> PathBuf {
     let wan = tiny().join("../wan-tiny");
-    let io = v2l_runtime::read_safetensors(&wan.join("prompt2effect_io.safetensors")).unwrap();
-    let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("model");
+    let model = dir.join("model");
     for (from, to) in [
         ("transformer", "transformer"),
         ("vae", "vae"),
@@ -1463,13 +1456,34 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
         }
     }
     std::fs::copy(wan.join("model_index.json"), model.join("model_index.json")).unwrap();
-    let engine = d.path().join("engine");
-    let e = engine.to_str().unwrap();
+    let engine = dir.join("engine");
     let o = run(
         "v2l-export",
-        &["pipeline", model.to_str().unwrap(), "-o", e],
+        &[
+            "pipeline",
+            model.to_str().unwrap(),
+            "-o",
+            engine.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    engine
+}
+
+/// Prompt2Effect through the CLI on the tiny Wan T2V pipeline: `v2l-export prompt2effect`
+/// adds the hypernetwork to the export; `v2l-lora predict --effect-embeds` streams the DiT's 16
+/// attention weights through it in chunks and writes the reproduction's LoRA (fixture
+/// `wan-tiny/prompt2effect_io`); the DiT with it gives the reproduction's output; two effects
+/// blend exactly; `--effect TEXT` runs the engine's umT5 and generates with `v2l-run --effect`,
+/// bitwise the video of the same LoRA given as a file. Bad calls fail cleanly.
+#[test]
+fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
+    use v2l_runtime::lora::format::read;
+    let wan = tiny().join("../wan-tiny");
+    let io = v2l_runtime::read_safetensors(&wan.join("prompt2effect_io.safetensors")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let engine = export_wan_t2v_with_tokenizer(d.path());
+    let e = engine.to_str().unwrap();
     // Before the hypernetwork is exported: a clean error saying how to add it.
     let lora0 = d.path().join("p0.safetensors");
     let o = run(
@@ -1730,4 +1744,103 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
         ],
     );
     assert_clean_failure(&o, "[1, tokens, 32]");
+}
+
+/// LoFA through the CLI on the tiny Wan T2V pipeline: `v2l-export lofa` adds both stages;
+/// `v2l-lora predict --lofa-embeds` (stage 1, the fp16 round trip, stage 2, streamed in chunks)
+/// writes ΔW = alpha·B·A of the authors' modules (fixture `wan-tiny/lofa_io`), with and
+/// without the round trip; `--lofa TEXT` runs from the prompt.
+#[test]
+fn lofa_predicts_through_the_cli() {
+    use v2l_runtime::lora::format::read;
+    let wan = tiny().join("../wan-tiny");
+    let io = v2l_runtime::read_safetensors(&wan.join("lofa_io.safetensors")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let engine = export_wan_t2v_with_tokenizer(d.path());
+    let e = engine.to_str().unwrap();
+    let (s1, s2) = (wan.join("lofa/stage1"), wan.join("lofa/stage2"));
+    let o = run(
+        "v2l-export",
+        &["lofa", s1.to_str().unwrap(), s2.to_str().unwrap(), "-o", e],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = d.path().join("p0.safetensors");
+    let m = std::collections::BTreeMap::from([(
+        "prompt_embeds".to_string(),
+        io["p0.text_emb"].clone(),
+    )]);
+    v2l_runtime::write_safetensors(&text, &m).unwrap();
+    let names = [
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+    ];
+    for (extra, want) in [
+        (None, "p0.delta_W"),
+        (Some("--no-fp16-prior"), "p0.nort.delta_W"),
+    ] {
+        let out = d.path().join("lofa.safetensors");
+        let mut args = vec![
+            "predict",
+            "--engine",
+            e,
+            "--effect-embeds",
+            text.to_str().unwrap(),
+            "--hypernet",
+            "lofa",
+            "--effect-chunk",
+            "3",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = run("v2l-lora", &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let lora = read(&out, None).unwrap();
+        assert_eq!(lora.layers.len(), 16);
+        // Over the stack of 16 updates (the fixture's tensor): with the round trip, an element
+        // of stage 1 on an fp16 rounding boundary may round the other way than upstream's, so
+        // one layer alone can be 1e-5 off; the stack is 4e-6.
+        let delta = io[want].as_f32("dW").unwrap();
+        let one = 24 * 24;
+        let mut got = vec![0f32; 16 * one];
+        for l in &lora.layers {
+            let (block, leaf) = l
+                .module
+                .strip_prefix("blocks.")
+                .unwrap()
+                .split_once('.')
+                .unwrap();
+            let i = block.parse::<usize>().unwrap() * 8
+                + names.iter().position(|n| *n == leaf).unwrap();
+            for (g, v) in got[i * one..(i + 1) * one]
+                .iter_mut()
+                .zip(lora_update(l, 0..l.rank()))
+            {
+                *g = v as f32;
+            }
+        }
+        let err = v2l_runtime::tensor::rel_l2(&got, delta);
+        assert!(err < 1e-5, "{want}: {err}");
+    }
+    let out = d.path().join("wave.safetensors");
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            e,
+            "--lofa",
+            "a person waving",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read(&out, None).unwrap().layers.len(), 16);
 }

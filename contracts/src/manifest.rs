@@ -41,6 +41,9 @@ pub struct Manifest {
     /// The Prompt2Effect hypernetwork (effect prompt + base weights → LoRA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt2effect: Option<Prompt2EffectEntry>,
+    /// The LoFA hypernetwork's two stages (prompt + base weights → LoRA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lofa: Option<LofaEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<TextEncoderEntry>,
     /// The I2V image encoder (Wan: CLIP vision).
@@ -121,6 +124,26 @@ pub struct Prompt2EffectEntry {
     pub max_layers: usize,
     /// Module types in id order (id = position + 1; 0 is unknown), in the reproduction's
     /// naming (`self_attn.q`, `cross_attn.k`, …).
+    pub module_types: Vec<String>,
+}
+
+/// The exported LoFA stages: stage 1 `text [1, T, C]`, `base_weight [N, n, n]`,
+/// `depth_index [N]`, `type_index [N]` → `hidden [N, tokens, D]`; stage 2 the same and
+/// `prior` (stage 1's hidden states) → `lora_A [N, r, n]`, `lora_B [N, n, r]` (alpha folded in,
+/// scale 1), `alpha [N]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LofaEntry {
+    pub stage1: String,
+    pub stage2: String,
+    /// C: the width of the prompt embeddings it reads.
+    pub text_dim: usize,
+    /// n: the side of the square weights it adapts.
+    pub weight_dim: usize,
+    pub rank: usize,
+    /// Rows of the depth table (the block index is clamped to it).
+    pub num_depth: usize,
+    /// Layer types in id order (id = position, from 0), in the Wan repo's naming; the authors'
+    /// `VALID_LAYERS`.
     pub module_types: Vec<String>,
 }
 

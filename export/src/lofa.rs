@@ -113,8 +113,58 @@ pub struct LofaExport {
     pub unused_keys: Vec<String>,
 }
 
+/// The layer types in id order: the authors' `VALID_LAYERS` (`wan_lofa_pipeline.py`) in the Wan
+/// repo's module names.
+pub const VALID_LAYERS: [&str; 8] = [
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+];
+
 /// Stage 2's cross-residual blocks (`cross_attn_idxs`, default `[3, 7]`).
 const DEFAULT_CROSS: [usize; 2] = [3, 7];
+
+/// Both stages, checked to belong together (the same widths, weights and tables).
+pub fn export_pair(stage1: &Checkpoint, stage2: &Checkpoint) -> Result<(LofaExport, LofaExport)> {
+    let (one, two) = (export(stage1, Stage::One)?, export(stage2, Stage::Two)?);
+    let (a, b) = (&one.config, &two.config);
+    let key = |c: &LofaConfig| {
+        (
+            c.context_dim,
+            c.in_dim,
+            c.patch_size,
+            c.d_model,
+            c.num_depth,
+            c.num_type,
+        )
+    };
+    if key(a) != key(b) {
+        return Err(ExportError::Config {
+            path: stage2.dir().join("config.json"),
+            message: format!(
+                "stage 2 does not fit stage 1: (context_dim, in_dim, patch_size, d_model, num_depth, num_type) {:?} against {:?}",
+                key(b),
+                key(a)
+            ),
+        });
+    }
+    if b.num_type > VALID_LAYERS.len() {
+        return Err(ExportError::Config {
+            path: stage2.dir().join("config.json"),
+            message: format!(
+                "num_type {}: the authors' pipeline has {} layer types",
+                b.num_type,
+                VALID_LAYERS.len()
+            ),
+        });
+    }
+    Ok((one, two))
+}
 
 /// Builds `stage`'s graph from its checkpoint directory (module docs).
 pub fn export(ckpt: &Checkpoint, stage: Stage) -> Result<LofaExport> {

@@ -187,6 +187,10 @@ fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
     if let Some(p) = &m.prompt2effect {
         graph(&p.file);
     }
+    if let Some(l) = &m.lofa {
+        graph(&l.stage1);
+        graph(&l.stage2);
+    }
     if let Some(h) = &m.hypernet {
         graph(&h.file);
         names.push(h.lilora.clone());

@@ -1,15 +1,18 @@
-//! Prompt2Effect: an effect prompt → a LoRA for the engine's own DiT.
+//! Effect prompts → a LoRA for the engine's own DiT, by the hypernetworks that read the base
+//! weights: Prompt2Effect (one graph) and LoFA (two stages, stage 1's hidden states the prior
+//! of stage 2).
 //!
-//! The hypernetwork reads the base weights it adapts, so the DiT's targeted weights are streamed
-//! through it from the engine's weight file, `chunk` layers at a time: memory holds one chunk of
-//! weights and factors, never the model (at Wan2.1-14B's 5120×5120, 100 MB per layer in f32).
+//! The hypernetworks read the weights they adapt, so the DiT's targeted weights are streamed
+//! through them from the engine's weight file, `chunk` layers at a time: memory holds one chunk
+//! of weights and factors, never the model (at Wan2.1-14B's 5120×5120, 100 MB per layer in f32).
 //!
 //! Which layers: the DiT's square attention projections whose type the checkpoint knows, named
-//! as the reproduction names them (Wan's original `blocks.{i}.self_attn.q` … `cross_attn.o`,
-//! from [`crate::lora::names::wan_original`]): type id = its position in the checkpoint's
-//! `module_specs` + 1, layer index = the block index clamped to the layer table. The reproduction
-//! cannot map I2V's `add_k_proj`/`add_v_proj` (`cross_attn.k_img`/`v_img` are not in its
-//! vocabulary) and skips them; so does v2l, and says so ([`EffectPredictor::skipped`]).
+//! as the Wan repo names them (`blocks.{i}.self_attn.q` … `cross_attn.o`, from
+//! [`crate::lora::names::wan_original`]); the layer index is the block index, clamped to the
+//! checkpoint's table as upstream clamps it. Prompt2Effect's type ids start at 1 (0 is
+//! "unknown"); LoFA's at 0 (its `VALID_LAYERS` order). Neither maps I2V's `add_k_proj`/
+//! `add_v_proj` (`cross_attn.k_img`/`v_img`); the reproduction skips them, and so does v2l,
+//! saying so ([`EffectPredictor::skipped`]).
 //!
 //! Several effects blend exactly: `ΔW = Σ wᵢ·ΔWᵢ` as a rank concatenation
 //! ([`crate::lora::merge::merge`]).
@@ -17,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use v2l_contracts::manifest::Prompt2EffectEntry;
+use v2l_contracts::LinearInfo;
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
@@ -38,67 +41,116 @@ pub struct EffectTarget {
     pub module_index: i64,
 }
 
-/// The engine's Prompt2Effect graph and the layers it predicts for.
+/// Which hypernetwork turns the prompt into a LoRA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hypernet {
+    /// `v2l-export prompt2effect`.
+    Prompt2Effect,
+    /// `v2l-export lofa`.
+    Lofa,
+}
+
+impl Hypernet {
+    /// The one `engine` has (Prompt2Effect when it has both), if any.
+    pub fn of(engine: &Engine) -> Option<Hypernet> {
+        let m = &engine.manifest;
+        match (&m.prompt2effect, &m.lofa) {
+            (Some(_), _) => Some(Hypernet::Prompt2Effect),
+            (None, Some(_)) => Some(Hypernet::Lofa),
+            (None, None) => None,
+        }
+    }
+}
+
+enum Graphs {
+    Prompt2Effect(Model),
+    Lofa { stage1: Model, stage2: Model },
+}
+
+/// The engine's effect hypernetwork and the layers it predicts for.
 pub struct EffectPredictor {
-    model: Model,
-    entry: Prompt2EffectEntry,
+    graphs: Graphs,
+    text_dim: usize,
+    side: usize,
+    rank: usize,
     /// The graph whose initializers are the base weights (the export's DiT).
     weights: PathBuf,
     targets: Vec<EffectTarget>,
     skipped: Vec<String>,
+    /// LoFA: round stage 1's hidden states through f16 before stage 2, as the authors' demo
+    /// stores them (`.half()`) and their checkpoints were trained with. On by default.
+    pub fp16_prior: bool,
 }
 
 impl EffectPredictor {
-    /// Loads `engine`'s Prompt2Effect hypernetwork and matches it to the DiT's layers.
-    pub fn load(engine: &Engine, opts: &SessionOptions) -> Result<EffectPredictor> {
-        let entry = engine
-            .manifest
-            .prompt2effect
-            .clone()
-            .ok_or_else(|| engine.missing("Prompt2Effect hypernetwork", "prompt2effect"))?;
+    /// Loads `engine`'s hypernetwork `which` and matches it to the DiT's layers.
+    pub fn load(
+        engine: &Engine,
+        which: Hypernet,
+        opts: &SessionOptions,
+    ) -> Result<EffectPredictor> {
         let dit = engine
             .manifest
             .dit
             .as_ref()
             .ok_or_else(|| engine.missing("DiT", "dit"))?;
-        let (mut targets, mut skipped) = (Vec::new(), Vec::new());
-        for t in &dit.lora_targets {
-            let square = t.in_features == entry.weight_dim && t.out_features == entry.weight_dim;
-            let typed = crate::lora::names::wan_original(&t.name).and_then(|o| {
-                let rest = o.strip_prefix("blocks.")?;
-                let (block, kind) = rest.split_once('.')?;
-                let block: i64 = block.parse().ok()?;
-                let id = entry.module_types.iter().position(|m| m == kind)?;
-                Some((block, id as i64 + 1))
-            });
-            match typed {
-                Some((block, module_index)) if square => targets.push(EffectTarget {
-                    module: t.name.clone(),
-                    layer_index: block.clamp(0, entry.max_layers.saturating_sub(1) as i64),
-                    module_index,
-                }),
-                // Attention projections it has no type for (I2V's image k/v), or of another size.
-                _ if t.name.contains(".attn") => skipped.push(t.name.clone()),
-                _ => {}
+        let m = &engine.manifest;
+        let (graphs, text_dim, side, rank, types, first_id, table) = match which {
+            Hypernet::Prompt2Effect => {
+                let e = m
+                    .prompt2effect
+                    .as_ref()
+                    .ok_or_else(|| engine.missing("Prompt2Effect hypernetwork", "prompt2effect"))?;
+                let g = Graphs::Prompt2Effect(Model::load(&engine.dir.join(&e.file), opts)?);
+                (
+                    g,
+                    e.text_dim,
+                    e.weight_dim,
+                    e.rank,
+                    &e.module_types,
+                    1,
+                    e.max_layers,
+                )
             }
-        }
+            Hypernet::Lofa => {
+                let e = m
+                    .lofa
+                    .as_ref()
+                    .ok_or_else(|| engine.missing("LoFA hypernetwork", "lofa"))?;
+                let g = Graphs::Lofa {
+                    stage1: Model::load(&engine.dir.join(&e.stage1), opts)?,
+                    stage2: Model::load(&engine.dir.join(&e.stage2), opts)?,
+                };
+                (
+                    g,
+                    e.text_dim,
+                    e.weight_dim,
+                    e.rank,
+                    &e.module_types,
+                    0,
+                    e.num_depth,
+                )
+            }
+        };
+        let (targets, skipped) = match_targets(&dit.lora_targets, side, types, first_id, table);
         if targets.is_empty() {
             return Err(RuntimeError::Invalid {
                 what: engine.dir.display().to_string(),
                 message: format!(
-                    "no layer of its DiT is one the Prompt2Effect hypernetwork adapts ({}×{} attention projections of types {}); it is made for Wan2.1",
-                    entry.weight_dim,
-                    entry.weight_dim,
-                    entry.module_types.join(", ")
+                    "no layer of its DiT is one the hypernetwork adapts ({side}×{side} attention projections of types {}); it is made for Wan2.1",
+                    types.join(", ")
                 ),
             });
         }
         Ok(EffectPredictor {
-            model: Model::load(&engine.dir.join(&entry.file), opts)?,
+            graphs,
+            text_dim,
+            side,
+            rank,
             weights: engine.dir.join(&dit.file),
-            entry,
             targets,
             skipped,
+            fp16_prior: true,
         })
     }
 
@@ -114,24 +166,24 @@ impl EffectPredictor {
 
     /// The LoRA for one effect's prompt embeddings `text [1, T, E]`, streaming `chunk` layers
     /// per call; `progress(done, total)` after each chunk. The factors apply at scale 1
-    /// (alpha = rank), as the reproduction applies them.
+    /// (alpha = rank): Prompt2Effect's as the reproduction applies them, LoFA's with its alpha
+    /// folded into `lora_B` (ΔW at `lora_scale` 1).
     pub fn predict(
         &mut self,
         text: &Tensor,
         chunk: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Lora> {
-        let e = &self.entry;
-        let (d, r) = (e.weight_dim, e.rank);
+        let (d, r, text_dim) = (self.side, self.rank, self.text_dim);
         if text.shape.len() != 3
             || text.shape.first() != Some(&1)
-            || text.shape.get(2) != Some(&e.text_dim)
+            || text.shape.get(2) != Some(&text_dim)
         {
             return Err(RuntimeError::Invalid {
                 what: "effect prompt embeddings".into(),
                 message: format!(
                     "shape {:?}; the hypernetwork reads [1, tokens, {}]",
-                    text.shape, e.text_dim
+                    text.shape, text_dim
                 ),
             });
         }
@@ -183,27 +235,11 @@ impl EffectPredictor {
                 w.extend_from_slice(&v);
             }
             let n = part.len();
-            let feed = BTreeMap::from([
-                ("text".to_string(), text.clone()),
-                ("base_weight".to_string(), Tensor::f32(vec![n, d, d], w)),
-                (
-                    "layer_index".to_string(),
-                    Tensor::i64(vec![n], part.iter().map(|t| t.layer_index).collect()),
-                ),
-                (
-                    "module_index".to_string(),
-                    Tensor::i64(vec![n], part.iter().map(|t| t.module_index).collect()),
-                ),
-            ]);
-            let mut out = self.model.run(&feed)?;
-            let mut take = |k: &str| {
-                out.remove(k).ok_or_else(|| RuntimeError::Invalid {
-                    what: "Prompt2Effect graph".into(),
-                    message: format!("no `{k}` output"),
-                })
-            };
-            let (a, b) = (take("lora_A")?, take("lora_B")?);
-            let (a, b) = (a.as_f32("lora_A")?, b.as_f32("lora_B")?);
+            let w = Tensor::f32(vec![n, d, d], w);
+            let layer = Tensor::i64(vec![n], part.iter().map(|t| t.layer_index).collect());
+            let kind = Tensor::i64(vec![n], part.iter().map(|t| t.module_index).collect());
+            let out = self.graphs.run(self.fp16_prior, text, w, layer, kind)?;
+            let (a, b) = (out.0.as_f32("lora_A")?, out.1.as_f32("lora_B")?);
             for (i, t) in part.iter().enumerate() {
                 let (ra, rb) = (i * r * d..(i + 1) * r * d, i * d * r..(i + 1) * d * r);
                 let (Some(a), Some(b)) = (a.get(ra), b.get(rb)) else {
@@ -228,6 +264,82 @@ impl EffectPredictor {
     }
 }
 
+impl Graphs {
+    /// One chunk through the graph(s): `(lora_A [N, r, n], lora_B [N, n, r])`.
+    fn run(
+        &mut self,
+        fp16_prior: bool,
+        text: &Tensor,
+        w: Tensor,
+        layer: Tensor,
+        kind: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let take = |out: &mut BTreeMap<String, Tensor>, k: &str| {
+            out.remove(k).ok_or_else(|| RuntimeError::Invalid {
+                what: "effect hypernetwork graph".into(),
+                message: format!("no `{k}` output"),
+            })
+        };
+        let mut out = match self {
+            Graphs::Prompt2Effect(m) => m.run(&BTreeMap::from([
+                ("text".to_string(), text.clone()),
+                ("base_weight".to_string(), w),
+                ("layer_index".to_string(), layer),
+                ("module_index".to_string(), kind),
+            ]))?,
+            Graphs::Lofa { stage1, stage2 } => {
+                let mut feed = BTreeMap::from([
+                    ("text".to_string(), text.clone()),
+                    ("base_weight".to_string(), w),
+                    ("depth_index".to_string(), layer),
+                    ("type_index".to_string(), kind),
+                ]);
+                let mut hidden = take(&mut stage1.run(&feed)?, "hidden")?;
+                if fp16_prior {
+                    if let crate::tensor::Data::F32(v) = &mut hidden.data {
+                        v.iter_mut()
+                            .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+                    }
+                }
+                feed.insert("prior".to_string(), hidden);
+                stage2.run(&feed)?
+            }
+        };
+        Ok((take(&mut out, "lora_A")?, take(&mut out, "lora_B")?))
+    }
+}
+
+/// The DiT layers a hypernetwork adapts (module docs), and the attention projections it skips.
+fn match_targets(
+    dit: &[LinearInfo],
+    side: usize,
+    types: &[String],
+    first_id: i64,
+    table: usize,
+) -> (Vec<EffectTarget>, Vec<String>) {
+    let (mut targets, mut skipped) = (Vec::new(), Vec::new());
+    for t in dit {
+        let square = t.in_features == side && t.out_features == side;
+        let typed = crate::lora::names::wan_original(&t.name).and_then(|o| {
+            let (block, kind) = o.strip_prefix("blocks.")?.split_once('.')?;
+            let block: i64 = block.parse().ok()?;
+            let id = types.iter().position(|m| m == kind)?;
+            Some((block, id as i64 + first_id))
+        });
+        match typed {
+            Some((block, module_index)) if square => targets.push(EffectTarget {
+                module: t.name.clone(),
+                layer_index: block.clamp(0, table.saturating_sub(1) as i64),
+                module_index,
+            }),
+            // Attention projections it has no type for (I2V's image k/v), or of another size.
+            _ if t.name.contains(".attn") => skipped.push(t.name.clone()),
+            _ => {}
+        }
+    }
+    (targets, skipped)
+}
+
 /// Where one effect's prompt embeddings come from.
 #[derive(Clone, Debug)]
 pub enum Effect {
@@ -238,11 +350,14 @@ pub enum Effect {
     Embeds(Tensor),
 }
 
-/// The blended LoRA of `effects`, each with its weight: every effect predicted
+/// The blended LoRA of `effects`, each with its weight: every effect predicted by `which`
 /// ([`EffectPredictor::predict`], `chunk` layers per call), then `Σ wᵢ·ΔWᵢ` per layer as a rank
-/// concatenation. `progress(done, total)` counts layers over all effects.
+/// concatenation. `fp16_prior`: [`EffectPredictor::fp16_prior`]. `progress(done, total)`
+/// counts layers over all effects.
 pub fn predict_effects(
     engine: &Engine,
+    which: Hypernet,
+    fp16_prior: bool,
     opts: &SessionOptions,
     effects: &[(Effect, f32)],
     chunk: usize,
@@ -257,7 +372,8 @@ pub fn predict_effects(
     for (_, w) in effects {
         crate::limits::finite("effect weight", *w)?;
     }
-    let mut predictor = EffectPredictor::load(engine, opts)?;
+    let mut predictor = EffectPredictor::load(engine, which, opts)?;
+    predictor.fp16_prior = fp16_prior;
     let mut encoder = None;
     let total = predictor.targets().len() * effects.len();
     let mut loras = Vec::with_capacity(effects.len());

@@ -86,6 +86,26 @@ enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// LoFA hypernetwork, both stages -> <dir>/lofa_stage1.onnx and lofa_stage2.onnx: an effect
+    /// prompt's embeddings and a chunk of the DiT's square attention weights in; stage 1's
+    /// hidden states are stage 2's prior; LoRA factors (alpha folded in) out
+    /// (`v2l-lora predict --lofa`)
+    ///
+    /// Each stage is a directory with `config.json` (the constructor's keyword arguments, as in
+    /// the authors' config.yaml) and `model.safetensors` (its state_dict). The authors ship
+    /// torch pickles; convert once with `safetensors.torch.save_file(torch.load(p), ...)`.
+    ///
+    /// Example:
+    ///   v2l-export lofa checkpoints/lofa/stage1 checkpoints/lofa/stage2 -o export/
+    #[command(verbatim_doc_comment)]
+    Lofa {
+        /// Stage 1 checkpoint directory (config.json + model.safetensors)
+        stage1: PathBuf,
+        /// Stage 2 checkpoint directory (config.json + model.safetensors)
+        stage2: PathBuf,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// A whole diffusers pipeline directory, CogVideoX or Wan2.1 (transformer/, vae/, scheduler/;
     /// text_encoder/ and image_encoder/ if present) and optionally the Video2LoRA hypernetwork:
     /// every graph plus the scheduler config, in one directory, staged and published together
@@ -260,6 +280,11 @@ fn main() -> ExitCode {
             )
         }
         Command::Prompt2effect { checkpoint, out } => export_prompt2effect(&checkpoint, &out),
+        Command::Lofa {
+            stage1,
+            stage2,
+            out,
+        } => export_lofa(&stage1, &stage2, &out),
         Command::Hypernet {
             checkpoint,
             lilora,
@@ -559,6 +584,55 @@ fn export_prompt2effect(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failu
         c.hidden_dim,
         c.module_specs.len(),
         bytes(written.weight_bytes)
+    );
+    Ok(())
+}
+
+fn export_lofa(stage1: &Path, stage2: &Path, out: &OutputArgs) -> Result<(), Failure> {
+    use v2l_export::lofa;
+    let (c1, c2) = (Checkpoint::open_dir(stage1)?, Checkpoint::open_dir(stage2)?);
+    let (one, two) = lofa::export_pair(&c1, &c2)?;
+    // Stage 1's heads make its training-time response map, unused at inference.
+    let unused: Vec<String> = one
+        .unused_keys
+        .iter()
+        .filter(|k| !k.starts_with("head_"))
+        .chain(&two.unused_keys)
+        .cloned()
+        .collect();
+    warn_unused(&unused);
+    let mut manifest = prepare_dir(&out.output)?;
+    let (f1, f2) = ("lofa_stage1.onnx", "lofa_stage2.onnx");
+    let w1 = v2l_graphs::save(&one.graph, &out.output.join(f1), out.external_data.into())?;
+    let w2 = v2l_graphs::save(&two.graph, &out.output.join(f2), out.external_data.into())?;
+    let c = &two.config;
+    manifest.lofa = Some(v2l_export::manifest::LofaEntry {
+        stage1: f1.into(),
+        stage2: f2.into(),
+        text_dim: c.context_dim,
+        weight_dim: c.in_dim,
+        rank: c.lora_rank,
+        num_depth: c.num_depth,
+        module_types: lofa::VALID_LAYERS
+            .iter()
+            .take(c.num_type)
+            .map(|s| s.to_string())
+            .collect(),
+    });
+    manifest.write(&out.output)?;
+    println!(
+        "wrote {} and {} (text width {}, {}×{} weights in {} tokens, rank {}, {} blocks of width {}; {} + {} of weights)",
+        out.shown(f1),
+        out.shown(f2),
+        c.context_dim,
+        c.in_dim,
+        c.in_dim,
+        c.tokens(),
+        c.lora_rank,
+        c.n_blocks,
+        c.d_model,
+        bytes(w1.weight_bytes),
+        bytes(w2.weight_bytes)
     );
     Ok(())
 }

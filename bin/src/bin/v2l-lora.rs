@@ -114,7 +114,7 @@ enum Command {
         model: Option<PathBuf>,
     },
     /// Predict a LoRA with a hypernetwork: from a reference video (Video2LoRA) or from
-    /// effect prompts (Prompt2Effect)
+    /// effect prompts (Prompt2Effect, LoFA)
     ///
     /// --reference: the clip is resized to the generation size, scaled to [0, 1], encoded by
     /// the VAE (posterior mode) and multiplied by its scaling factor; the hypernetwork predicts
@@ -123,10 +123,11 @@ enum Command {
     /// needs at least 5 frames; one of another aspect ratio is squashed (as diffusers does),
     /// with a warning.
     ///
-    /// --effect: the prompt is encoded by the engine's text encoder (Wan: umT5, 512 tokens) and
-    /// the DiT's square attention weights are streamed through the Prompt2Effect hypernetwork
-    /// (`v2l-export prompt2effect`), --effect-chunk layers at a time, so memory holds one chunk,
-    /// not the model. Several --effect (or --effect-embeds) blend exactly with
+    /// --effect / --lofa: the prompt is encoded by the engine's text encoder (Wan: umT5, 512
+    /// tokens) and the DiT's square attention weights are streamed through the hypernetwork
+    /// (`v2l-export prompt2effect`, `v2l-export lofa`: stage 1, then stage 2 with stage 1's
+    /// hidden states rounded through fp16 as the authors do), --effect-chunk layers at a time,
+    /// so memory holds one chunk, not the model. Several effects blend exactly with
     /// --effect-weights: ΔW = Σ wᵢ·ΔWᵢ as a rank concatenation.
     ///
     /// Examples:
@@ -134,6 +135,7 @@ enum Command {
     ///   v2l-lora predict --engine wan/ --effect "melting into gold" -o gold.safetensors
     ///   v2l-lora predict --engine wan/ --effect "gold" --effect "smoke" \
     ///       --effect-weights 0.5,0.5 -o blend.safetensors
+    ///   v2l-lora predict --engine wan-1.3b/ --lofa "a person waving" -o wave.safetensors
     #[command(verbatim_doc_comment)]
     Predict {
         /// Engine bundle (from `v2l-compile`) or export directory (from `v2l-export`), with a
@@ -142,7 +144,7 @@ enum Command {
         engine: PathBuf,
         /// Reference clip: a video file (ffmpeg), a directory of PNGs, or a safetensors file
         /// with `reference_u8 [F, H, W, 3]`
-        #[arg(long, required_unless_present_any = ["effect", "effect_embeds"], conflicts_with_all = ["effect", "effect_embeds"])]
+        #[arg(long, required_unless_present_any = ["effect", "effect_embeds", "lofa"], conflicts_with_all = ["effect", "effect_embeds", "lofa"])]
         reference: Option<PathBuf>,
         /// Effect prompt for Prompt2Effect; repeat to blend several
         #[arg(long, value_name = "TEXT")]
@@ -159,7 +161,18 @@ enum Command {
             allow_negative_numbers = true
         )]
         effect_weights: Vec<f32>,
-        /// Layers streamed through the Prompt2Effect hypernetwork per call
+        /// Effect prompt for the LoFA hypernetwork (`--effect TEXT --hypernet lofa`)
+        #[arg(long, value_name = "TEXT", conflicts_with_all = ["effect", "hypernet"])]
+        lofa: Vec<String>,
+        /// The hypernetwork for --effect: prompt2effect or lofa (default: the one the engine
+        /// has, prompt2effect if both)
+        #[arg(long, value_enum)]
+        hypernet: Option<v2l_cli::HypernetArg>,
+        /// LoFA: pass stage 1's hidden states to stage 2 in f32, not rounded through fp16 as the
+        /// authors' checkpoints were trained (off by default)
+        #[arg(long)]
+        no_fp16_prior: bool,
+        /// Layers streamed through the hypernetwork per call
         #[arg(long, default_value_t = v2l_runtime::effect::DEFAULT_CHUNK)]
         effect_chunk: usize,
         /// Output .safetensors LoRA file, replaced if it exists
@@ -301,6 +314,9 @@ fn main() -> ExitCode {
             effect,
             effect_embeds,
             effect_weights,
+            lofa,
+            hypernet,
+            no_fp16_prior,
             effect_chunk,
             output,
             frames,
@@ -316,8 +332,21 @@ fn main() -> ExitCode {
                 check_output(d, &["safetensors"])?;
             }
             let Some(reference) = reference else {
-                let effects = v2l_cli::effects(&effect, &effect_embeds, &effect_weights)?;
-                return predict_effects(&engine, &effects, effect_chunk, &output, format.into());
+                let hypernet = match lofa.is_empty() {
+                    true => hypernet,
+                    false => Some(v2l_cli::HypernetArg::Lofa),
+                };
+                let prompts = [effect, lofa].concat();
+                let effects = v2l_cli::effects(&prompts, &effect_embeds, &effect_weights)?;
+                return predict_effects(
+                    &engine,
+                    hypernet,
+                    !no_fp16_prior,
+                    &effects,
+                    effect_chunk,
+                    &output,
+                    format.into(),
+                );
             };
             predict(
                 &engine,
@@ -571,17 +600,26 @@ fn inspect(lora: &Lora, json: bool) -> Result<(), Failure> {
 /// `predict --effect`: the blended Prompt2Effect LoRA of `effects`, written to `output`.
 fn predict_effects(
     engine: &Path,
+    hypernet: Option<v2l_cli::HypernetArg>,
+    fp16_prior: bool,
     effects: &[(v2l_runtime::effect::Effect, f32)],
     chunk: usize,
     output: &Path,
     format: LoraFormat,
 ) -> Result<(), Failure> {
     let dir = v2l_runtime::engine::Engine::open(engine)?;
+    let which = v2l_cli::hypernet(&dir, hypernet)?;
     let opts = dir.session_options(0);
     let start = std::time::Instant::now();
-    let lora = v2l_runtime::effect::predict_effects(&dir, &opts, effects, chunk, &mut |n, t| {
-        eprint!("\rpredicting: {n}/{t} layers");
-    })?;
+    let lora = v2l_runtime::effect::predict_effects(
+        &dir,
+        which,
+        fp16_prior,
+        &opts,
+        effects,
+        chunk,
+        &mut |n, t| eprint!("\rpredicting: {n}/{t} layers"),
+    )?;
     eprintln!();
     format::write(output, &lora, format).map_err(RuntimeError::from)?;
     println!(

@@ -93,10 +93,13 @@ struct GenerateArgs {
     /// ComfyUI); repeat it for several, merged exactly (rank concatenation)
     #[arg(long = "lora", value_name = "FILE", conflicts_with = "reference")]
     loras: Vec<PathBuf>,
-    /// Effect prompt: the LoRA is predicted by the engine's Prompt2Effect hypernetwork
-    /// (`v2l-lora predict --effect`); repeat to blend several with --effect-weights
+    /// Effect prompt: the LoRA is predicted by the engine's effect hypernetwork, Prompt2Effect
+    /// or LoFA (`v2l-lora predict --effect`); repeat to blend several with --effect-weights
     #[arg(long, value_name = "TEXT", conflicts_with_all = ["reference", "loras"])]
     effect: Vec<String>,
+    /// The hypernetwork for --effect: prompt2effect or lofa (default: the one the engine has)
+    #[arg(long, value_enum)]
+    hypernet: Option<v2l_cli::HypernetArg>,
     /// Effect prompt embeddings instead of text (safetensors `prompt_embeds [1, T, E]`)
     #[arg(long, value_name = "FILE", conflicts_with_all = ["reference", "loras"])]
     effect_embeds: Vec<PathBuf>,
@@ -565,8 +568,11 @@ fn generate(
         }
         None if !g.effect.is_empty() || !g.effect_embeds.is_empty() => {
             let effects = v2l_cli::effects(&g.effect, &g.effect_embeds, &g.effect_weights)?;
+            let which = v2l_cli::hypernet(&dir, g.hypernet)?;
             let lora = v2l_runtime::effect::predict_effects(
                 &dir,
+                which,
+                true,
                 opts,
                 &effects,
                 v2l_runtime::effect::DEFAULT_CHUNK,
