@@ -454,3 +454,129 @@ fn softplus(g: &mut Graph, x: &Value) -> Value {
     let big = g.op("Greater", &[x, &t], vec![]);
     g.op("Where", &[&big, x, &sp], vec![])
 }
+
+/// The released preview's configuration of `stage` (`config/recon/stage1.yaml`,
+/// `config/diff/stage2.yaml`): Wan2.1-T2V-1.3B's 1536×1536 weights in 96×96 patches, width 768,
+/// 12 heads, 8 blocks, rank 32, umT5-XXL text (4096), 30 depths, 8 types.
+pub fn released_config(stage: Stage) -> serde_json::Value {
+    let mut c = serde_json::json!({
+        "context_dim": 4096, "in_dim": 1536, "input_size": 1536, "patch_size": 96,
+        "d_model": 768, "n_heads": 12, "n_blocks": 8, "mlp_ratio": 4.0, "lora_rank": 32,
+        "num_depth": 30, "num_type": 8, "qk_norm": true, "use_cls": true, "decode_cls": false,
+    });
+    if stage == Stage::Two {
+        c["cross_attn_idxs"] = serde_json::json!(DEFAULT_CROSS);
+    }
+    c
+}
+
+/// Every tensor of a checkpoint of `stage` with this configuration, in upstream names (stage 1
+/// has its response-map heads too).
+pub fn checkpoint_layout(c: &LofaConfig, stage: Stage) -> Vec<(String, Vec<usize>)> {
+    let (d, n, r, p) = (c.d_model, c.in_dim, c.lora_rank, c.patch_size);
+    let (g, dh, hm) = (n / p.max(1), d / c.n_heads.max(1), c.mlp_hidden());
+    let mut t: Vec<(String, Vec<usize>)> = vec![
+        ("cls_token".into(), vec![1, 1, d]),
+        ("patch_embed.proj.weight".into(), vec![d, 1, p, p]),
+        ("patch_embed.proj.bias".into(), vec![d]),
+        ("patch_embed.norm.weight".into(), vec![d]),
+        ("pos.row".into(), vec![1, g, 1, d]),
+        ("pos.col".into(), vec![1, 1, g, d]),
+        ("depth_embed.weight".into(), vec![c.num_depth, d]),
+        ("type_embed.weight".into(), vec![c.num_type, d]),
+        ("text_proj.weight".into(), vec![d, c.context_dim]),
+        ("text_proj.bias".into(), vec![d]),
+        ("norm.weight".into(), vec![d]),
+        ("norm.bias".into(), vec![d]),
+        ("head_A.weight".into(), vec![r * n, d]),
+        ("head_A.bias".into(), vec![r * n]),
+        ("head_B.weight".into(), vec![n * r, d]),
+        ("head_B.bias".into(), vec![n * r]),
+    ];
+    let attention = |t: &mut Vec<(String, Vec<usize>)>, at: &str, packed: &[(&str, usize)]| {
+        for (name, width) in packed {
+            t.push((format!("{at}.{name}.weight"), vec![*width, d]));
+            t.push((format!("{at}.{name}.bias"), vec![*width]));
+        }
+        for norm in ["q_norm", "k_norm"] {
+            t.push((format!("{at}.{norm}.weight"), vec![dh]));
+            t.push((format!("{at}.{norm}.bias"), vec![dh]));
+        }
+        t.push((format!("{at}.proj.weight"), vec![d, d]));
+        t.push((format!("{at}.proj.bias"), vec![d]));
+    };
+    let mlp = |t: &mut Vec<(String, Vec<usize>)>, at: &str| {
+        t.push((format!("{at}.fc1.weight"), vec![hm, d]));
+        t.push((format!("{at}.fc1.bias"), vec![hm]));
+        t.push((format!("{at}.fc2.weight"), vec![d, hm]));
+        t.push((format!("{at}.fc2.bias"), vec![d]));
+    };
+    for i in 0..c.n_blocks {
+        let b = format!("blocks.{i}");
+        for k in 1..=4 {
+            t.push((format!("{b}.norm{k}.weight"), vec![d]));
+            t.push((format!("{b}.norm{k}.bias"), vec![d]));
+            t.push((format!("{b}.ls{k}.gamma"), vec![d]));
+        }
+        attention(&mut t, &format!("{b}.self_attn"), &[("qkv", 3 * d)]);
+        attention(
+            &mut t,
+            &format!("{b}.cross_attn"),
+            &[("q", d), ("kv", 2 * d)],
+        );
+        mlp(&mut t, &format!("{b}.mlp_sa"));
+        mlp(&mut t, &format!("{b}.mlp_ca"));
+    }
+    if stage == Stage::Two {
+        for j in c.cross_attn_idxs.clone().unwrap_or(DEFAULT_CROSS.to_vec()) {
+            let b = format!("cross_attn_blocks.{j}");
+            attention(
+                &mut t,
+                &format!("{b}.cross_attn"),
+                &[("q", d), ("kv", 2 * d)],
+            );
+            for k in 1..=2 {
+                t.push((format!("{b}.ls{k}.gamma"), vec![d]));
+            }
+            t.push((format!("{b}.norm2.weight"), vec![d]));
+            t.push((format!("{b}.norm2.bias"), vec![d]));
+            mlp(&mut t, &format!("{b}.mlp"));
+        }
+        t.push(("head_alpha.weight".into(), vec![1, d]));
+        t.push(("head_alpha.bias".into(), vec![1]));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(stage: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/wan-tiny/lofa")
+            .join(stage)
+    }
+
+    #[test]
+    fn layout_is_the_fixture_checkpoints_and_the_released_counts() {
+        for (dir, stage) in [("stage1", Stage::One), ("stage2", Stage::Two)] {
+            let ck = Checkpoint::open_dir(&fixture(dir)).unwrap();
+            let cfg: LofaConfig = serde_json::from_value(ck.raw_config().unwrap().clone()).unwrap();
+            let layout = checkpoint_layout(&cfg, stage);
+            assert_eq!(layout.len(), ck.keys().len(), "{dir}");
+            for (name, shape) in &layout {
+                assert!(ck.tensor(name, shape).is_ok(), "{dir}: {name} {shape:?}");
+            }
+        }
+        // Counted by instantiating the authors' modules at the released configuration.
+        for (stage, want) in [(Stage::One, 199_312_384usize), (Stage::Two, 213_489_409)] {
+            let cfg: LofaConfig = serde_json::from_value(released_config(stage)).unwrap();
+            let n: usize = checkpoint_layout(&cfg, stage)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+            assert_eq!(n, want, "{stage:?}");
+        }
+    }
+}

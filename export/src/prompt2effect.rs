@@ -309,6 +309,86 @@ fn mha(
     vb.linear(g, &o, "out_proj", d, d, true)
 }
 
+/// The paper-size network over Wan2.1-I2V-14B's 5120×5120 attention weights: d 2048, 32
+/// heads, 14 block pairs, 256 latents, rank 128, umT5-XXL text (4096), the reproduction's
+/// 8 module types and 40 layer rows, 32-wide layer/module embeddings.
+pub fn paper_config() -> serde_json::Value {
+    let types = [
+        "cross_attn.k",
+        "cross_attn.o",
+        "cross_attn.q",
+        "cross_attn.v",
+        "self_attn.k",
+        "self_attn.o",
+        "self_attn.q",
+        "self_attn.v",
+    ];
+    serde_json::json!({
+        "text_dim": 4096, "weight_dim": 5120, "hidden_dim": 2048, "n_heads": 32, "n_layer": 14,
+        "rank": 128, "num_latents": 256, "module_specs": types, "max_layers": 40,
+        "layer_embed_dim": 32, "module_embed_dim": 32,
+    })
+}
+
+/// Every tensor of a checkpoint with this configuration, in upstream names.
+pub fn checkpoint_layout(c: &Prompt2EffectConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, dd, r) = (c.hidden_dim, c.weight_dim, c.rank);
+    let mut t: Vec<(String, Vec<usize>)> = vec![
+        ("text_proj.proj.weight".into(), vec![d, c.text_dim]),
+        ("text_proj.proj.bias".into(), vec![d]),
+        ("text_proj.ln.weight".into(), vec![d]),
+        ("text_proj.ln.bias".into(), vec![d]),
+        ("col_enc.weight".into(), vec![d, dd]),
+        ("col_enc.bias".into(), vec![d]),
+        ("row_enc.weight".into(), vec![d, dd]),
+        ("row_enc.bias".into(), vec![d]),
+        ("latents".into(), vec![c.num_latents, d]),
+        ("head_A.weight".into(), vec![r, d]),
+        ("head_A.bias".into(), vec![r]),
+        ("head_B.weight".into(), vec![r, d]),
+        ("head_B.bias".into(), vec![r]),
+    ];
+    if c.include_emb {
+        t.extend([
+            (
+                "layer_emb.weight".into(),
+                vec![c.max_layers, c.layer_embed_dim],
+            ),
+            (
+                "module_emb.weight".into(),
+                vec![c.module_specs.len() + 1, c.module_embed_dim],
+            ),
+            (
+                "cond_proj.weight".into(),
+                vec![d, c.layer_embed_dim + c.module_embed_dim],
+            ),
+            ("cond_proj.bias".into(), vec![d]),
+        ]);
+    }
+    let blocks = ["compressor".to_string(), "decompressor".to_string()]
+        .into_iter()
+        .chain((0..c.n_layer).flat_map(|k| [format!("proc_self.{k}"), format!("proc_cross.{k}")]));
+    for b in blocks {
+        for (name, shape) in [
+            ("ln1.weight", vec![d]),
+            ("ln1.bias", vec![d]),
+            ("ln2.weight", vec![d]),
+            ("ln2.bias", vec![d]),
+            ("attn.in_proj_weight", vec![3 * d, d]),
+            ("attn.in_proj_bias", vec![3 * d]),
+            ("attn.out_proj.weight", vec![d, d]),
+            ("attn.out_proj.bias", vec![d]),
+            ("ff.fc1.weight", vec![4 * d, d]),
+            ("ff.fc1.bias", vec![4 * d]),
+            ("ff.fc2.weight", vec![d, 4 * d]),
+            ("ff.fc2.bias", vec![d]),
+        ] {
+            t.push((format!("{b}.{name}"), shape));
+        }
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +408,27 @@ mod tests {
         assert_eq!(c.module_id("self_attn.v"), Some(8));
         assert_eq!(c.module_id("cross_attn.k_img"), None);
         assert_eq!((c.weight_dim, c.rank, c.hidden_dim), (24, 4, 40));
+    }
+
+    #[test]
+    fn layout_is_the_fixture_checkpoint_and_the_paper_size_counts() {
+        let ck = Checkpoint::open_dir(&fixture()).unwrap();
+        let cfg: Prompt2EffectConfig =
+            serde_json::from_value(ck.raw_config().unwrap().clone()).unwrap();
+        let mut layout = checkpoint_layout(&cfg);
+        layout.sort();
+        let keys = ck.keys();
+        assert_eq!(layout.len(), keys.len());
+        for (name, shape) in &layout {
+            assert!(ck.tensor(name, shape).is_ok(), "{name} {shape:?}");
+        }
+        // The reproduction's flags (d 2048, 14 blocks, D 5120, text 4096, r 128, n 256, 40
+        // layers, 9 module ids) make 1.541 B parameters (counted by instantiating upstream).
+        let paper: Prompt2EffectConfig = serde_json::from_value(paper_config()).unwrap();
+        let n: usize = checkpoint_layout(&paper)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(n / 1_000_000, 1541, "{n}");
     }
 }
