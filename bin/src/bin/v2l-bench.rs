@@ -135,6 +135,34 @@ enum Command {
         #[arg(long)]
         no_vae: bool,
     },
+    /// The effect hypernetworks at real size (generated weights): Prompt2Effect (paper size,
+    /// 1.54 B) over Wan2.1-I2V-14B's 400 attention layers, or LoFA's two stages (199 M + 214 M)
+    /// over Wan2.1-T2V-1.3B's 240; seconds per layer, the whole model at that rate beside the
+    /// paper's A100 figure, and peak memory
+    ///
+    /// Examples:
+    ///   v2l-bench hypernet --model lofa --layers 240 --chunk 16
+    ///   v2l-bench hypernet --model prompt2effect --layers 4 --chunk 1
+    #[command(verbatim_doc_comment)]
+    Hypernet {
+        #[arg(long, value_enum)]
+        model: v2l_cli::bench_hypernet::HypernetModel,
+        /// Layers to run; the rest of the model's layers are extrapolated at the measured rate
+        #[arg(long, default_value_t = 16)]
+        layers: usize,
+        /// Layers per call (as `v2l-lora predict --effect-chunk`)
+        #[arg(long, default_value_t = 16)]
+        chunk: usize,
+        /// ONNX Runtime intra-op threads (0: one per core)
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Scratch directory for the generated checkpoints and graphs (Prompt2Effect: ~13 GB)
+        #[arg(long, default_value = "target/v2l-bench-hypernet")]
+        dir: PathBuf,
+        /// Keep the generated files
+        #[arg(long)]
+        keep: bool,
+    },
     /// Time the LoRA fuse kernel against this machine's memcpy bandwidth
     ///
     /// Example:
@@ -174,6 +202,22 @@ fn main() -> ExitCode {
             dir,
             keep,
         } => bench_export(layers, model, &dir, keep, cli.json),
+        Command::Hypernet {
+            model,
+            layers,
+            chunk,
+            threads,
+            dir,
+            keep,
+        } => v2l_cli::bench_hypernet::bench_hypernet(&v2l_cli::bench_hypernet::HypernetBench {
+            model,
+            layers,
+            chunk,
+            threads,
+            dir: &dir,
+            keep,
+            json: cli.json,
+        }),
         Command::Pipeline {
             engine,
             repeat,
