@@ -96,17 +96,26 @@ pub fn bench_hypernet(b: &HypernetBench) -> Result<(), Failure> {
             let path = dir.join("prompt2effect.onnx");
             v2l_graphs::save(&ex.graph, &path, ExternalData::Always)?;
             graphs.push(path);
-            let params: usize = layout.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            let params: usize = layout
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
             (400, cfg.weight_dim, cfg.text_dim, params)
         }
         HypernetModel::Lofa => {
             let mut params = 0;
             let mut side = (0, 0);
-            for (stage, name) in [(lofa::Stage::One, "lofa_stage1"), (lofa::Stage::Two, "lofa_stage2")] {
+            for (stage, name) in [
+                (lofa::Stage::One, "lofa_stage1"),
+                (lofa::Stage::Two, "lofa_stage2"),
+            ] {
                 let config = lofa::released_config(stage);
                 let cfg: lofa::LofaConfig = serde_json::from_value(config.clone()).map_err(fail)?;
                 let layout = lofa::checkpoint_layout(&cfg, stage);
-                params += layout.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>();
+                params += layout
+                    .iter()
+                    .map(|(_, s)| s.iter().product::<usize>())
+                    .sum::<usize>();
                 let ck = dir.join(name);
                 synthetic::write_checkpoint(&ck, &config, &layout, DType::F32, 7, &mut |_, _| {})?;
                 let ex = lofa::export(&Checkpoint::open_dir(&ck)?, stage)?;
@@ -176,6 +185,7 @@ pub fn bench_hypernet(b: &HypernetBench) -> Result<(), Failure> {
             per_layer.last().copied().unwrap_or(0.0)
         ));
     }
+    let ran_s: f64 = per_layer.iter().sum::<f64>() * chunk as f64;
     let peak = status_bytes("VmHWM:");
     drop(models);
     let mut sorted = per_layer.clone();
@@ -191,14 +201,14 @@ pub fn bench_hypernet(b: &HypernetBench) -> Result<(), Failure> {
             "{}",
             serde_json::json!({"model": name, "parameters": params, "session_load_s": load_s,
                 "layers_run": layers, "chunk": chunk, "s_per_layer": per_layer,
-                "median_s_per_layer": median, "model_layers": total_layers,
+                "median_s_per_layer": median, "ran_s": ran_s, "model_layers": total_layers,
                 "whole_model_s": whole, "peak_rss_bytes": peak,
                 "paper_a100_s": paper_seconds(b.model)})
         );
     } else {
         println!("{name}: {params} parameters, sessions built in {load_s:.1} s");
         println!(
-            "  {layers} of {total_layers} layers in chunks of {chunk}: median {median:.2} s per layer"
+            "  {layers} of {total_layers} layers in chunks of {chunk}: {ran_s:.0} s, median {median:.2} s per layer"
         );
         println!(
             "  all {total_layers} layers at that rate: {whole:.0} s here (paper, A100: {} s); peak RSS {}",

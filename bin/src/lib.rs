@@ -132,6 +132,44 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// The effect-prompt flags `v2l-lora predict` and `v2l-run` share.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct EffectArgs {
+    /// Effect prompt: the LoRA is predicted by the engine's effect hypernetwork (Prompt2Effect
+    /// or LoFA); repeat to blend several with --effect-weights
+    #[arg(long, value_name = "TEXT")]
+    pub effect: Vec<String>,
+    /// Effect prompt embeddings instead of text: safetensors with `prompt_embeds [1, T, E]`;
+    /// repeatable, after the --effect prompts in --effect-weights order
+    #[arg(long, value_name = "FILE")]
+    pub effect_embeds: Vec<std::path::PathBuf>,
+    /// Weight of each effect, comma-separated, in order (default: 1 each); the blend is exact
+    /// (rank concatenation)
+    #[arg(
+        long,
+        value_name = "W,W,...",
+        value_delimiter = ',',
+        allow_negative_numbers = true
+    )]
+    pub effect_weights: Vec<f32>,
+    /// The hypernetwork for the effects: prompt2effect or lofa (default: the one the engine
+    /// has, prompt2effect if both)
+    #[arg(long, value_enum)]
+    pub hypernet: Option<HypernetArg>,
+}
+
+impl EffectArgs {
+    /// Whether any effect was given.
+    pub fn any(&self) -> bool {
+        !self.effect.is_empty() || !self.effect_embeds.is_empty()
+    }
+
+    /// The effects with their weights ([`effects`]).
+    pub fn effects(&self) -> Result<Vec<(v2l_runtime::effect::Effect, f32)>, Failure> {
+        effects(&self.effect, &self.effect_embeds, &self.effect_weights)
+    }
+}
+
 /// The effects of `--effect TEXT` (in order), then `--effect-embeds FILE` (each a safetensors
 /// with `prompt_embeds [1, T, E]`), each with its `--effect-weights` value (default 1).
 pub fn effects(

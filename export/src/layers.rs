@@ -90,3 +90,31 @@ pub(crate) fn video_dims(channels: usize) -> Vec<Dim> {
         "width".into(),
     ]
 }
+
+/// The inputs of a hypernetwork that reads base weights (Prompt2Effect, LoFA): one prompt's
+/// `text [1, T, text_width]`, `base_weight [N, side, side]` (N layers, T tokens dynamic) and two
+/// int64 `[N]` indices named `ids` (the layer's block and its type).
+pub(crate) fn weight_hypernet_inputs(
+    g: &mut Graph,
+    text_width: usize,
+    side: usize,
+    ids: [&str; 2],
+) -> (Value, Value, Value, Value) {
+    let text = g.input(
+        "text",
+        v2l_graphs::DType::F32,
+        vec![
+            Dim::Fixed(1),
+            "text_len".into(),
+            Dim::Fixed(text_width as i64),
+        ],
+    );
+    let s = Dim::Fixed(side as i64);
+    let w = g.input(
+        "base_weight",
+        v2l_graphs::DType::F32,
+        vec!["layers".into(), s.clone(), s],
+    );
+    let [a, b] = ids.map(|n| g.input(n, v2l_graphs::DType::I64, vec!["layers".into()]));
+    (text, w, a, b)
+}

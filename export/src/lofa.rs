@@ -39,7 +39,7 @@ use v2l_graphs::{Attr, DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
-use crate::layers::sdpa;
+use crate::layers::{sdpa, weight_hypernet_inputs};
 use crate::scope::Scope;
 
 /// Recorded as `v2l.architecture` in the written models.
@@ -180,23 +180,8 @@ pub fn export(ckpt: &Checkpoint, stage: Stage) -> Result<LofaExport> {
         Stage::Two => "lofa_stage2",
     });
     let vb = Scope::new(ckpt);
-    let text = g.input(
-        "text",
-        DType::F32,
-        vec![
-            Dim::Fixed(1),
-            "text_len".into(),
-            Dim::Fixed(cfg.context_dim as i64),
-        ],
-    );
-    let side = Dim::Fixed(n as i64);
-    let w = g.input(
-        "base_weight",
-        DType::F32,
-        vec!["layers".into(), side.clone(), side],
-    );
-    let depth = g.input("depth_index", DType::I64, vec!["layers".into()]);
-    let kind = g.input("type_index", DType::I64, vec!["layers".into()]);
+    let (text, w, depth, kind) =
+        weight_hypernet_inputs(&mut g, cfg.context_dim, n, ["depth_index", "type_index"]);
     let tokens_dims = || {
         vec![
             "layers".into(),

@@ -39,7 +39,7 @@ use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
-use crate::layers::sdpa;
+use crate::layers::{sdpa, weight_hypernet_inputs};
 use crate::scope::Scope;
 
 /// Recorded as `v2l.architecture` in the written model.
@@ -123,23 +123,8 @@ pub fn export(ckpt: &Checkpoint) -> Result<Prompt2EffectExport> {
     let (d, dd, r) = (cfg.hidden_dim, cfg.weight_dim, cfg.rank);
     let mut g = Graph::new("prompt2effect");
     let vb = Scope::new(ckpt);
-    let text = g.input(
-        "text",
-        DType::F32,
-        vec![
-            Dim::Fixed(1),
-            "text_len".into(),
-            Dim::Fixed(cfg.text_dim as i64),
-        ],
-    );
-    let side = Dim::Fixed(dd as i64);
-    let w = g.input(
-        "base_weight",
-        DType::F32,
-        vec!["layers".into(), side.clone(), side],
-    );
-    let layer_index = g.input("layer_index", DType::I64, vec!["layers".into()]);
-    let module_index = g.input("module_index", DType::I64, vec!["layers".into()]);
+    let (text, w, layer_index, module_index) =
+        weight_hypernet_inputs(&mut g, cfg.text_dim, dd, ["layer_index", "module_index"]);
 
     let tp = vb.pp("text_proj");
     let ctx = tp.linear(&mut g, &text, "proj", cfg.text_dim, d, true)?;

@@ -146,28 +146,11 @@ enum Command {
         /// with `reference_u8 [F, H, W, 3]`
         #[arg(long, required_unless_present_any = ["effect", "effect_embeds", "lofa"], conflicts_with_all = ["effect", "effect_embeds", "lofa"])]
         reference: Option<PathBuf>,
-        /// Effect prompt for Prompt2Effect; repeat to blend several
-        #[arg(long, value_name = "TEXT")]
-        effect: Vec<String>,
-        /// Effect prompt embeddings instead of text: safetensors with `prompt_embeds [1, T, E]`;
-        /// repeatable, after the --effect prompts in --effect-weights order
-        #[arg(long, value_name = "FILE")]
-        effect_embeds: Vec<PathBuf>,
-        /// Weight of each effect, comma-separated, in order (default: 1 each)
-        #[arg(
-            long,
-            value_name = "W,W,...",
-            value_delimiter = ',',
-            allow_negative_numbers = true
-        )]
-        effect_weights: Vec<f32>,
+        #[command(flatten)]
+        effects: v2l_cli::EffectArgs,
         /// Effect prompt for the LoFA hypernetwork (`--effect TEXT --hypernet lofa`)
         #[arg(long, value_name = "TEXT", conflicts_with_all = ["effect", "hypernet"])]
         lofa: Vec<String>,
-        /// The hypernetwork for --effect: prompt2effect or lofa (default: the one the engine
-        /// has, prompt2effect if both)
-        #[arg(long, value_enum)]
-        hypernet: Option<v2l_cli::HypernetArg>,
         /// LoFA: pass stage 1's hidden states to stage 2 in f32, not rounded through fp16 as the
         /// authors' checkpoints were trained (off by default)
         #[arg(long)]
@@ -311,11 +294,8 @@ fn main() -> ExitCode {
         Command::Predict {
             engine,
             reference,
-            effect,
-            effect_embeds,
-            effect_weights,
+            effects,
             lofa,
-            hypernet,
             no_fp16_prior,
             effect_chunk,
             output,
@@ -333,11 +313,12 @@ fn main() -> ExitCode {
             }
             let Some(reference) = reference else {
                 let hypernet = match lofa.is_empty() {
-                    true => hypernet,
+                    true => effects.hypernet,
                     false => Some(v2l_cli::HypernetArg::Lofa),
                 };
-                let prompts = [effect, lofa].concat();
-                let effects = v2l_cli::effects(&prompts, &effect_embeds, &effect_weights)?;
+                let prompts = [effects.effect, lofa].concat();
+                let effects =
+                    v2l_cli::effects(&prompts, &effects.effect_embeds, &effects.effect_weights)?;
                 return predict_effects(
                     &engine,
                     hypernet,

@@ -87,30 +87,14 @@ struct GenerateArgs {
     #[arg(long)]
     prompt_embeds: Option<PathBuf>,
     /// Reference clip (mp4, a directory of PNGs, or safetensors `reference_u8 [F,H,W,3]`)
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["effect", "effect_embeds"])]
     reference: Option<PathBuf>,
     /// A LoRA file to generate with instead of a reference clip (diffusers/PEFT, kohya or
     /// ComfyUI); repeat it for several, merged exactly (rank concatenation)
-    #[arg(long = "lora", value_name = "FILE", conflicts_with = "reference")]
+    #[arg(long = "lora", value_name = "FILE", conflicts_with_all = ["reference", "effect", "effect_embeds"])]
     loras: Vec<PathBuf>,
-    /// Effect prompt: the LoRA is predicted by the engine's effect hypernetwork, Prompt2Effect
-    /// or LoFA (`v2l-lora predict --effect`); repeat to blend several with --effect-weights
-    #[arg(long, value_name = "TEXT", conflicts_with_all = ["reference", "loras"])]
-    effect: Vec<String>,
-    /// The hypernetwork for --effect: prompt2effect or lofa (default: the one the engine has)
-    #[arg(long, value_enum)]
-    hypernet: Option<v2l_cli::HypernetArg>,
-    /// Effect prompt embeddings instead of text (safetensors `prompt_embeds [1, T, E]`)
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["reference", "loras"])]
-    effect_embeds: Vec<PathBuf>,
-    /// Weight of each effect, comma-separated, in order (default: 1 each); the blend is exact
-    #[arg(
-        long,
-        value_name = "W,W,...",
-        value_delimiter = ',',
-        allow_negative_numbers = true
-    )]
-    effect_weights: Vec<f32>,
+    #[command(flatten)]
+    effects: v2l_cli::EffectArgs,
     /// Multiplier of each --lora, comma-separated, in order (default: 1 each)
     #[arg(
         long,
@@ -566,9 +550,9 @@ fn generate(
             v2l_runtime::predict::check_reference(&clip, &r.display().to_string())?;
             RequestLora::Reference(clip, g.lora_scale)
         }
-        None if !g.effect.is_empty() || !g.effect_embeds.is_empty() => {
-            let effects = v2l_cli::effects(&g.effect, &g.effect_embeds, &g.effect_weights)?;
-            let which = v2l_cli::hypernet(&dir, g.hypernet)?;
+        None if g.effects.any() => {
+            let effects = g.effects.effects()?;
+            let which = v2l_cli::hypernet(&dir, g.effects.hypernet)?;
             let lora = v2l_runtime::effect::predict_effects(
                 &dir,
                 which,
