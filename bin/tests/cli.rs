@@ -132,7 +132,7 @@ fn every_help_has_an_example_and_is_stable() {
         ),
         (
             "v2l-bench",
-            &["pipeline", "export", "scale", "fuse", "serve"],
+            &["pipeline", "export", "scale", "fuse", "serve", "hypernet"],
         ),
         ("v2l-serve", &[]),
     ];
@@ -1552,6 +1552,26 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
         }
         assert_eq!(g.scale(1.0), 1.0);
     }
+
+    // Compiled into an engine bundle, the hypernetwork comes along and predicts the same LoRA.
+    let bundle = d.path().join("bundle");
+    let o = run("v2l-compile", &[e, "-o", bundle.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from_bundle = d.path().join("p0-bundle.safetensors");
+    let o = run(
+        "v2l-lora",
+        &[
+            "predict",
+            "--engine",
+            bundle.to_str().unwrap(),
+            "--effect-embeds",
+            e0,
+            "-o",
+            from_bundle.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read(&from_bundle, None).unwrap(), got, "bundle vs export");
 
     // The DiT with the predicted LoRA gives the reproduction's output.
     let dit_io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();

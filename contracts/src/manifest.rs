@@ -120,6 +120,8 @@ pub struct Prompt2EffectEntry {
     /// D: the side of the square weights it adapts.
     pub weight_dim: usize,
     pub rank: usize,
+    /// d: its width (sizes the activations of a chunk of layers).
+    pub hidden_dim: usize,
     /// Rows of its layer-embedding table (upstream clamps the block index to it).
     pub max_layers: usize,
     /// Module types in id order (id = position + 1; 0 is unknown), in the reproduction's
@@ -140,6 +142,9 @@ pub struct LofaEntry {
     /// n: the side of the square weights it adapts.
     pub weight_dim: usize,
     pub rank: usize,
+    /// D and the tokens per layer (size the activations of a chunk of layers).
+    pub d_model: usize,
+    pub tokens: usize,
     /// Rows of the depth table (the block index is clamped to it).
     pub num_depth: usize,
     /// Layer types in id order (id = position, from 0), in the Wan repo's naming; the authors'

@@ -28,9 +28,11 @@ use crate::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
 use crate::session::{Model, SessionOptions};
 use crate::tensor::Tensor;
 
-/// Layers streamed through the hypernetwork per call unless told otherwise (the
-/// reproduction's `--hypernet-chunk`).
-pub const DEFAULT_CHUNK: usize = 16;
+/// At most this many layers per call by default (the reproduction's `--hypernet-chunk`).
+pub const MAX_DEFAULT_CHUNK: usize = 16;
+
+/// Activation memory a default chunk may take: the chunk is as many layers as fit.
+const CHUNK_BUDGET: u64 = 2 << 30;
 
 /// One DiT layer the hypernetwork adapts.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,6 +79,8 @@ pub struct EffectPredictor {
     weights: PathBuf,
     targets: Vec<EffectTarget>,
     skipped: Vec<String>,
+    /// Estimated activation bytes of one layer in a call (sizes the default chunk).
+    layer_bytes: u64,
     /// LoFA: round stage 1's hidden states through f16 before stage 2, as the authors' demo
     /// stores them (`.half()`) and their checkpoints were trained with. On by default.
     pub fp16_prior: bool,
@@ -95,22 +99,20 @@ impl EffectPredictor {
             .as_ref()
             .ok_or_else(|| engine.missing("DiT", "dit"))?;
         let m = &engine.manifest;
-        let (graphs, text_dim, side, rank, types, first_id, table) = match which {
+        // (graphs, text width, side, rank, types, first type id, layer table, bytes per layer)
+        let (graphs, text_dim, side, rank, types, first_id, table, layer_bytes) = match which {
             Hypernet::Prompt2Effect => {
                 let e = m
                     .prompt2effect
                     .as_ref()
                     .ok_or_else(|| engine.missing("Prompt2Effect hypernetwork", "prompt2effect"))?;
                 let g = Graphs::Prompt2Effect(Model::load(&engine.dir.join(&e.file), opts)?);
-                (
-                    g,
-                    e.text_dim,
-                    e.weight_dim,
-                    e.rank,
-                    &e.module_types,
-                    1,
-                    e.max_layers,
-                )
+                // The decompressor's 2D weight tokens through a 4d-wide FF, with the attention
+                // and residual tensors beside it: ~4 such f32 tensors (1.34 GB per layer at
+                // D 5120, d 2048; measured 1.4 GB).
+                let bytes = 4 * (2 * e.weight_dim * 4 * e.hidden_dim * 4) as u64;
+                let (types, table) = (&e.module_types, e.max_layers);
+                (g, e.text_dim, e.weight_dim, e.rank, types, 1, table, bytes)
             }
             Hypernet::Lofa => {
                 let e = m
@@ -121,15 +123,11 @@ impl EffectPredictor {
                     stage1: Model::load(&engine.dir.join(&e.stage1), opts)?,
                     stage2: Model::load(&engine.dir.join(&e.stage2), opts)?,
                 };
-                (
-                    g,
-                    e.text_dim,
-                    e.weight_dim,
-                    e.rank,
-                    &e.module_types,
-                    0,
-                    e.num_depth,
-                )
+                // Per stage, the tokens through a 4D-wide MLP, and the base weight itself.
+                let bytes =
+                    (8 * e.tokens * 4 * e.d_model * 4 + e.weight_dim * e.weight_dim * 4) as u64;
+                let (types, table) = (&e.module_types, e.num_depth);
+                (g, e.text_dim, e.weight_dim, e.rank, types, 0, table, bytes)
             }
         };
         let (targets, skipped) = match_targets(&dit.lora_targets, side, types, first_id, table);
@@ -150,8 +148,15 @@ impl EffectPredictor {
             weights: engine.dir.join(&dit.file),
             targets,
             skipped,
+            layer_bytes,
             fp16_prior: true,
         })
+    }
+
+    /// Layers per call when not told: as many as fit a 2 GiB activation budget, at most
+    /// [`MAX_DEFAULT_CHUNK`] (Prompt2Effect at paper size: 1; LoFA at 1.3B size: 16).
+    pub fn default_chunk(&self) -> usize {
+        ((CHUNK_BUDGET / self.layer_bytes.max(1)) as usize).clamp(1, MAX_DEFAULT_CHUNK)
     }
 
     /// The layers predicted for, in the DiT's order.
@@ -165,13 +170,13 @@ impl EffectPredictor {
     }
 
     /// The LoRA for one effect's prompt embeddings `text [1, T, E]`, streaming `chunk` layers
-    /// per call; `progress(done, total)` after each chunk. The factors apply at scale 1
+    /// per call ([`Self::default_chunk`] when `None`); `progress(done, total)` after each chunk. The factors apply at scale 1
     /// (alpha = rank): Prompt2Effect's as the reproduction applies them, LoFA's with its alpha
     /// folded into `lora_B` (ΔW at `lora_scale` 1).
     pub fn predict(
         &mut self,
         text: &Tensor,
-        chunk: usize,
+        chunk: Option<usize>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Lora> {
         let (d, r, text_dim) = (self.side, self.rank, self.text_dim);
@@ -193,7 +198,7 @@ impl EffectPredictor {
                 message: "contain NaN or infinite values".into(),
             });
         }
-        let chunk = chunk.max(1);
+        let chunk = chunk.unwrap_or_else(|| self.default_chunk()).max(1);
         let total = self.targets.len();
         let mut layers = Vec::with_capacity(total);
         for part in self.targets.chunks(chunk) {
@@ -360,7 +365,7 @@ pub fn predict_effects(
     fp16_prior: bool,
     opts: &SessionOptions,
     effects: &[(Effect, f32)],
-    chunk: usize,
+    chunk: Option<usize>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Lora> {
     if effects.is_empty() {

@@ -569,6 +569,7 @@ fn export_prompt2effect(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failu
         text_dim: c.text_dim,
         weight_dim: c.weight_dim,
         rank: c.rank,
+        hidden_dim: c.hidden_dim,
         max_layers: c.max_layers,
         module_types: c.module_specs.clone(),
     });
@@ -612,6 +613,8 @@ fn export_lofa(stage1: &Path, stage2: &Path, out: &OutputArgs) -> Result<(), Fai
         text_dim: c.context_dim,
         weight_dim: c.in_dim,
         rank: c.lora_rank,
+        d_model: c.d_model,
+        tokens: c.tokens(),
         num_depth: c.num_depth,
         module_types: lofa::VALID_LAYERS
             .iter()

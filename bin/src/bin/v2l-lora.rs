@@ -155,9 +155,10 @@ enum Command {
         /// authors' checkpoints were trained (off by default)
         #[arg(long)]
         no_fp16_prior: bool,
-        /// Layers streamed through the hypernetwork per call
-        #[arg(long, default_value_t = v2l_runtime::effect::DEFAULT_CHUNK)]
-        effect_chunk: usize,
+        /// Layers streamed through the hypernetwork per call (default: as many as fit 2 GiB of
+        /// activations, at most 16: Prompt2Effect at paper size 1, LoFA at Wan-1.3B size 16)
+        #[arg(long)]
+        effect_chunk: Option<usize>,
         /// Output .safetensors LoRA file, replaced if it exists
         #[arg(short, long)]
         output: PathBuf,
@@ -584,7 +585,7 @@ fn predict_effects(
     hypernet: Option<v2l_cli::HypernetArg>,
     fp16_prior: bool,
     effects: &[(v2l_runtime::effect::Effect, f32)],
-    chunk: usize,
+    chunk: Option<usize>,
     output: &Path,
     format: LoraFormat,
 ) -> Result<(), Failure> {

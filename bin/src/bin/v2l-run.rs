@@ -559,7 +559,7 @@ fn generate(
                 true,
                 opts,
                 &effects,
-                v2l_runtime::effect::DEFAULT_CHUNK,
+                None,
                 &mut |_, _| {},
             )?;
             RequestLora::Loras(vec![AppliedLora {
