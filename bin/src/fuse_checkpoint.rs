@@ -32,14 +32,18 @@ pub fn checkpoint_linears(ck: &v2l_export::Checkpoint) -> Vec<LinearInfo> {
 
 /// Writes a copy of the diffusers checkpoint `base` with `lora` fused into its weights to `out`
 /// (same file names and shards; weights keep their dtype, fused in f32 and rounded once).
-/// The directory appears complete or not at all: it is written under a temporary name first.
+/// With `response_tau`, only the entries of LoFA's response map `|ΔW| > τ·|W|` change
+/// ([`v2l_runtime::lora::response`]). Returns the layers fused and the entries changed of
+/// those layers' entries. The directory appears complete or not at all: it is written under a
+/// temporary name first.
 pub fn fuse_checkpoint(
     base: &Path,
     lora: &Lora,
     multiplier: f32,
+    response_tau: Option<f32>,
     source: &Path,
     out: &Path,
-) -> Result<usize> {
+) -> Result<(usize, usize, usize)> {
     use v2l_graphs::DType;
     let ck = v2l_export::Checkpoint::open_dir(base).map_err(|e| RuntimeError::BadFile {
         path: base.into(),
@@ -58,6 +62,7 @@ pub fn fuse_checkpoint(
     v2l_contracts::atomic::build_dir(out, RuntimeError::io, |tmp| {
         let mut fused: std::collections::HashMap<String, Vec<u8>> =
             std::collections::HashMap::new();
+        let (mut touched, mut entries) = (0, 0);
         for (t, l) in &pairs {
             let key = format!("{}.weight", t.name);
             let w = ck.get(&key).map_err(|e| RuntimeError::BadFile {
@@ -71,13 +76,33 @@ pub fn fuse_checkpoint(
                 what: key.clone(),
                 source: e,
             };
-            let mut buf =
-                Buffer::from_le_bytes(w.dtype, bytes).ok_or_else(|| RuntimeError::Invalid {
-                    what: key.clone(),
-                    message: format!("cannot fuse into a {} weight", w.dtype),
-                })?;
-            fuse_in_place(buf.view_mut(), o, i, &plan.factors(), 0).map_err(fail)?;
-            let bytes = buf.to_le_bytes();
+            let cannot = || RuntimeError::Invalid {
+                what: key.clone(),
+                message: format!("cannot fuse into a {} weight", w.dtype),
+            };
+            entries += o * i;
+            let bytes = match response_tau {
+                None => {
+                    let mut buf = Buffer::from_le_bytes(w.dtype, bytes).ok_or_else(cannot)?;
+                    fuse_in_place(buf.view_mut(), o, i, &plan.factors(), 0).map_err(fail)?;
+                    touched += o * i;
+                    buf.to_le_bytes()
+                }
+                Some(tau) => {
+                    let mut v = v2l_graphs::dtype::f32_values(bytes, w.dtype).ok_or_else(cannot)?;
+                    touched +=
+                        v2l_runtime::lora::response::fuse_masked(&mut v, l, multiplier, tau)?;
+                    let mut out = Vec::with_capacity(bytes.len());
+                    v2l_graphs::dtype::convert_floats(
+                        v2l_graphs::dtype::le_bytes(&v),
+                        DType::F32,
+                        w.dtype,
+                        &mut out,
+                    )
+                    .ok_or_else(cannot)?;
+                    out
+                }
+            };
             fused.insert(key, bytes);
         }
         for (file, keys) in ck.files() {
@@ -131,6 +156,6 @@ pub fn fuse_checkpoint(
                 std::fs::copy(&src, tmp.join(extra)).map_err(io(&src))?;
             }
         }
-        Ok(pairs.len())
+        Ok((pairs.len(), touched, entries))
     })
 }

@@ -1863,4 +1863,85 @@ fn lofa_predicts_through_the_cli() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out, None).unwrap().layers.len(), 16);
+
+    // LoFA's response map: fuse only |ΔW| > τ·|W|. τ 0 is the full fuse; the paper's τ 0.02
+    // keeps most of the effect with part of the entries (measured, printed).
+    let dit_io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
+    let inputs: std::collections::BTreeMap<String, v2l_runtime::Tensor> =
+        ["hidden_states", "timestep", "encoder_hidden_states"]
+            .iter()
+            .map(|n| (n.to_string(), dit_io[&format!("t2v_{n}")].clone()))
+            .collect();
+    let inp = d.path().join("dit_in.safetensors");
+    v2l_runtime::write_safetensors(&inp, &inputs).unwrap();
+    let base = wan.join("transformer");
+    let sample = |tau: Option<&str>, name: &str| {
+        let fused = d.path().join(format!("fused-{name}"));
+        let mut args = vec![
+            "fuse",
+            "--base",
+            base.to_str().unwrap(),
+            "--lora",
+            out.to_str().unwrap(),
+            "-o",
+            fused.to_str().unwrap(),
+        ];
+        if let Some(t) = tau {
+            args.extend(["--response-tau", t]);
+        }
+        let o = run("v2l-lora", &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let exported = d.path().join(format!("export-{name}"));
+        let o = run(
+            "v2l-export",
+            &[
+                "dit",
+                fused.to_str().unwrap(),
+                "-o",
+                exported.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let res = d.path().join(format!("out-{name}.safetensors"));
+        let o = stage_dit(
+            exported.to_str().unwrap(),
+            inp.to_str().unwrap(),
+            res.to_str().unwrap(),
+            &[],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s = v2l_runtime::read_safetensors(&res)
+            .unwrap()
+            .remove("sample")
+            .unwrap();
+        (s, text)
+    };
+    let (full, _) = sample(None, "full");
+    let (zero, _) = sample(Some("0"), "tau0");
+    let (masked, text) = sample(Some("0.02"), "tau002");
+    let plain = &dit_io["t2v_sample"];
+    let effect = full.rel_l2(plain);
+    assert!(zero.rel_l2(&full) < 1e-6, "τ 0 is the full fuse");
+    let kept = masked.rel_l2(&full);
+    eprintln!(
+        "response map τ 0.02: {} ; output vs full fuse {kept:.3e}, full effect {effect:.3e}",
+        text.trim()
+    );
+    assert!(kept < effect, "the masked fuse keeps part of the effect");
+    let o = run(
+        "v2l-lora",
+        &[
+            "fuse",
+            "--base",
+            base.to_str().unwrap(),
+            "--lora",
+            out.to_str().unwrap(),
+            "--response-tau",
+            "-1",
+            "-o",
+            d.path().join("x").to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure_with(&o, 2, "--response-tau");
 }

@@ -189,9 +189,14 @@ enum Command {
     },
     /// Write a copy of a diffusers transformer checkpoint with a LoRA fused into its weights
     ///
-    /// Example:
+    /// --response-tau τ fuses only the entries of LoFA's response map, |ΔW| > τ·|W|, to see how
+    /// much of an update carries its effect.
+    ///
+    /// Examples:
     ///   v2l-lora fuse --base CogVideoX-5b/transformer --lora my_lora.safetensors \
     ///       --scale 0.8 -o fused/transformer
+    ///   v2l-lora fuse --base Wan2.1-T2V-1.3B/transformer --lora lofa.safetensors \
+    ///       --response-tau 0.02 -o masked/transformer
     #[command(verbatim_doc_comment)]
     Fuse {
         /// diffusers transformer directory
@@ -208,6 +213,10 @@ enum Command {
             allow_negative_numbers = true
         )]
         scale: f32,
+        /// Change only the entries of LoFA's response map, |ΔW| > τ·|W| (the paper's τ is
+        /// 0.02); the share of entries changed is printed. The result is no longer a LoRA.
+        #[arg(long, value_name = "TAU", allow_negative_numbers = true)]
+        response_tau: Option<f32>,
         /// Output transformer directory (created; if it exists it must be empty)
         #[arg(short, long)]
         output: PathBuf,
@@ -346,14 +355,30 @@ fn main() -> ExitCode {
             base,
             lora,
             scale,
+            response_tau,
             output,
         } => {
             v2l_runtime::limits::finite("--scale", scale)?;
+            if let Some(t) = response_tau {
+                if !(t.is_finite() && t >= 0.0) {
+                    return Err(Failure::usage(format!(
+                        "--response-tau {t}: must be a finite number ≥ 0"
+                    )));
+                }
+            }
             let modules = model_modules(&base)?;
             let l = format::read(&lora, Some(&modules)).map_err(RuntimeError::from)?;
-            let n = v2l_cli::fuse_checkpoint::fuse_checkpoint(&base, &l, scale, &lora, &output)?;
+            let (n, touched, entries) = v2l_cli::fuse_checkpoint::fuse_checkpoint(
+                &base,
+                &l,
+                scale,
+                response_tau,
+                &lora,
+                &output,
+            )?;
+            let share = 100.0 * touched as f64 / entries.max(1) as f64;
             println!(
-                "wrote {} ({n} layers fused at scale {scale})",
+                "wrote {} ({n} layers fused at scale {scale}; {touched} of their {entries} entries changed, {share:.2} %)",
                 output.display()
             );
             Ok(())

@@ -6,6 +6,7 @@
 //! | [`lilora`] | Video2LoRA's LiLoRA auxiliaries: hypernetwork rows → standard LoRA factors |
 //! | [`names`] | module names LoRAs are shared under that are not diffusers' (Wan's original names) |
 //! | [`merge`] | several LoRAs with weights as one, exactly (rank concatenation) |
+//! | [`response`] | LoFA's response map `|ΔW/W| > τ` and a fuse restricted to it |
 //! | [`compare`] | update norms, per-layer norm equalisation, column-space overlap of two LoRAs |
 //! | [`apply`] | matching a LoRA to a model's layers and fusing it from the base weights |
 //! | [`switch`] | base + live weights: switching LoRAs rewrites the union of touched layers from the base |
@@ -19,6 +20,7 @@ pub mod fuse;
 pub mod lilora;
 pub mod merge;
 pub mod names;
+pub mod response;
 pub mod strategy;
 pub mod switch;
 
