@@ -1117,14 +1117,7 @@ fn wan_parts_export_and_run_through_the_cli() {
     assert_eq!(m["text_encoder"]["model_type"], "umt5");
     assert_eq!(m["image_encoder"]["model_type"], "clip_vision_model");
 
-    let io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
-    let inputs: std::collections::BTreeMap<String, v2l_runtime::Tensor> =
-        ["hidden_states", "timestep", "encoder_hidden_states"]
-            .iter()
-            .map(|n| (n.to_string(), io[&format!("t2v_{n}")].clone()))
-            .collect();
-    let inp = d.path().join("in.safetensors");
-    v2l_runtime::write_safetensors(&inp, &inputs).unwrap();
+    let inp = wan_t2v_dit_inputs(&d.path().join("in.safetensors"));
     let res = d.path().join("out.safetensors");
     let o = run(
         "v2l-run",
@@ -1436,6 +1429,40 @@ fn loras_merge_equalize_and_compare_through_the_cli() {
     assert_clean_failure_with(&o, 2, "--compare takes two LoRA files, not 1");
 }
 
+/// `wan-tiny/dit_io`'s T2V DiT inputs written to `path` (for `v2l-run stage dit`).
+fn wan_t2v_dit_inputs(path: &Path) -> PathBuf {
+    let wan = tiny().join("../wan-tiny");
+    let io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
+    let inputs: std::collections::BTreeMap<String, v2l_runtime::Tensor> =
+        ["hidden_states", "timestep", "encoder_hidden_states"]
+            .iter()
+            .map(|n| (n.to_string(), io[&format!("t2v_{n}")].clone()))
+            .collect();
+    v2l_runtime::write_safetensors(path, &inputs).unwrap();
+    path.to_path_buf()
+}
+
+/// The index of a tiny Wan DiT attention projection in the hypernetwork fixtures' layer order
+/// (per block: attn1 q, k, v, out, then attn2's).
+fn fixture_layer(module: &str) -> usize {
+    const LEAVES: [&str; 8] = [
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+    ];
+    let (block, leaf) = module
+        .strip_prefix("blocks.")
+        .unwrap()
+        .split_once('.')
+        .unwrap();
+    block.parse::<usize>().unwrap() * 8 + LEAVES.iter().position(|n| *n == leaf).unwrap()
+}
+
 /// The tiny Wan T2V pipeline (with the umT5-shaped tokenizer) exported by `v2l-export pipeline`
 /// into `<dir>/engine`.
 fn export_wan_t2v_with_tokenizer(dir: &Path) -> PathBuf {
@@ -1574,14 +1601,7 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
     assert_eq!(read(&from_bundle, None).unwrap(), got, "bundle vs export");
 
     // The DiT with the predicted LoRA gives the reproduction's output.
-    let dit_io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
-    let inputs: std::collections::BTreeMap<String, v2l_runtime::Tensor> =
-        ["hidden_states", "timestep", "encoder_hidden_states"]
-            .iter()
-            .map(|n| (n.to_string(), dit_io[&format!("t2v_{n}")].clone()))
-            .collect();
-    let inp = d.path().join("in.safetensors");
-    v2l_runtime::write_safetensors(&inp, &inputs).unwrap();
+    let inp = wan_t2v_dit_inputs(&d.path().join("in.safetensors"));
     let res = d.path().join("out.safetensors");
     let o = stage_dit(
         e,
@@ -1628,26 +1648,9 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let delta = io["delta_weight"].as_f32("delta").unwrap();
-    let names = [
-        "attn1.to_q",
-        "attn1.to_k",
-        "attn1.to_v",
-        "attn1.to_out.0",
-        "attn2.to_q",
-        "attn2.to_k",
-        "attn2.to_v",
-        "attn2.to_out.0",
-    ];
     for l in &read(&blend, None).unwrap().layers {
         assert_eq!(l.rank(), 8);
-        let (block, leaf) = l
-            .module
-            .strip_prefix("blocks.")
-            .unwrap()
-            .split_once('.')
-            .unwrap();
-        let i =
-            block.parse::<usize>().unwrap() * 8 + names.iter().position(|n| *n == leaf).unwrap();
+        let i = fixture_layer(&l.module);
         let one = 24 * 24;
         let want: Vec<f32> = (0..one)
             .map(|k| 0.5 * delta[i * one + k] + 0.5 * delta[16 * one + i * one + k])
@@ -1790,16 +1793,6 @@ fn lofa_predicts_through_the_cli() {
         io["p0.text_emb"].clone(),
     )]);
     v2l_runtime::write_safetensors(&text, &m).unwrap();
-    let names = [
-        "attn1.to_q",
-        "attn1.to_k",
-        "attn1.to_v",
-        "attn1.to_out.0",
-        "attn2.to_q",
-        "attn2.to_k",
-        "attn2.to_v",
-        "attn2.to_out.0",
-    ];
     for (extra, want) in [
         (None, "p0.delta_W"),
         (Some("--no-fp16-prior"), "p0.nort.delta_W"),
@@ -1830,14 +1823,7 @@ fn lofa_predicts_through_the_cli() {
         let one = 24 * 24;
         let mut got = vec![0f32; 16 * one];
         for l in &lora.layers {
-            let (block, leaf) = l
-                .module
-                .strip_prefix("blocks.")
-                .unwrap()
-                .split_once('.')
-                .unwrap();
-            let i = block.parse::<usize>().unwrap() * 8
-                + names.iter().position(|n| *n == leaf).unwrap();
+            let i = fixture_layer(&l.module);
             for (g, v) in got[i * one..(i + 1) * one]
                 .iter_mut()
                 .zip(lora_update(l, 0..l.rank()))
@@ -1866,14 +1852,7 @@ fn lofa_predicts_through_the_cli() {
 
     // LoFA's response map: fuse only |ΔW| > τ·|W|. τ 0 is the full fuse; the paper's τ 0.02
     // keeps most of the effect with part of the entries (measured, printed).
-    let dit_io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
-    let inputs: std::collections::BTreeMap<String, v2l_runtime::Tensor> =
-        ["hidden_states", "timestep", "encoder_hidden_states"]
-            .iter()
-            .map(|n| (n.to_string(), dit_io[&format!("t2v_{n}")].clone()))
-            .collect();
-    let inp = d.path().join("dit_in.safetensors");
-    v2l_runtime::write_safetensors(&inp, &inputs).unwrap();
+    let inp = wan_t2v_dit_inputs(&d.path().join("dit_in.safetensors"));
     let base = wan.join("transformer");
     let sample = |tau: Option<&str>, name: &str| {
         let fused = d.path().join(format!("fused-{name}"));
@@ -1920,6 +1899,7 @@ fn lofa_predicts_through_the_cli() {
     let (full, _) = sample(None, "full");
     let (zero, _) = sample(Some("0"), "tau0");
     let (masked, text) = sample(Some("0.02"), "tau002");
+    let dit_io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
     let plain = &dit_io["t2v_sample"];
     let effect = full.rel_l2(plain);
     assert!(zero.rel_l2(&full) < 1e-6, "τ 0 is the full fuse");
