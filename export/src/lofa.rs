@@ -449,8 +449,8 @@ pub fn released_config(stage: Stage) -> serde_json::Value {
         "d_model": 768, "n_heads": 12, "n_blocks": 8, "mlp_ratio": 4.0, "lora_rank": 32,
         "num_depth": 30, "num_type": 8, "qk_norm": true, "use_cls": true, "decode_cls": false,
     });
-    if stage == Stage::Two {
-        c["cross_attn_idxs"] = serde_json::json!(DEFAULT_CROSS);
+    if let (Stage::Two, Some(o)) = (stage, c.as_object_mut()) {
+        o.insert("cross_attn_idxs".into(), serde_json::json!(DEFAULT_CROSS));
     }
     c
 }

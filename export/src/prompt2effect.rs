@@ -212,10 +212,7 @@ fn check(ckpt: &Checkpoint, cfg: &Prompt2EffectConfig) -> Result<()> {
             cfg.hidden_dim, cfg.n_heads
         )));
     }
-    if [cfg.text_dim, cfg.weight_dim, cfg.rank, cfg.num_latents]
-        .iter()
-        .any(|&v| v == 0)
-    {
+    if [cfg.text_dim, cfg.weight_dim, cfg.rank, cfg.num_latents].contains(&0) {
         return Err(bad(
             "text_dim, weight_dim, rank and num_latents must be positive".into(),
         ));
@@ -282,13 +279,17 @@ fn mha(
     let w = vb.weight(g, "in_proj_weight", &[3 * d, d])?;
     let b = vb.weight(g, "in_proj_bias", &[3 * d])?;
     let o = g.scoped(vb.prefix(), |g| {
-        let ws = g.split(&w, &[d as i64; 3], 0);
-        let bs = g.split(&b, &[d as i64; 3], 0);
-        let proj = |g: &mut Graph, t: &Value, i: usize| {
-            let y = g.linear(t, &ws[i], Some(&bs[i]), d as i64);
+        let [wq, wk, wv] = g.chunk::<3>(&w, d as i64, 0);
+        let [bq, bk, bv] = g.chunk::<3>(&b, d as i64, 0);
+        let proj = |g: &mut Graph, t: &Value, w: &Value, b: &Value| {
+            let y = g.linear(t, w, Some(b), d as i64);
             g.reshape_to(&y, &[0, 0, h, dh])
         };
-        let (q, k, v) = (proj(g, x, 0), proj(g, ctx, 1), proj(g, ctx, 2));
+        let (q, k, v) = (
+            proj(g, x, &wq, &bq),
+            proj(g, ctx, &wk, &bk),
+            proj(g, ctx, &wv, &bv),
+        );
         sdpa(g, &q, &k, &v, dh, d)
     });
     vb.linear(g, &o, "out_proj", d, d, true)

@@ -300,7 +300,14 @@ fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Vec<f32> {
     let n = b.len();
     for col in 0..n {
         let pivot = (col..n)
-            .max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
+            .max_by(|&i, &j| {
+                let at = |r: usize| {
+                    a.get(r)
+                        .and_then(|row| row.get(col))
+                        .map_or(0.0, |v| v.abs())
+                };
+                at(i).total_cmp(&at(j))
+            })
             .unwrap_or(col);
         a.swap(col, pivot);
         b.swap(col, pivot);

@@ -34,21 +34,19 @@ fn product_norm(l: &LoraLayer) -> f64 {
 /// `Σ (B_xᵀB_y) ∘ (A_x·A_yᵀ)`.
 pub fn update_cosine(x: &LoraLayer, y: &LoraLayer) -> f64 {
     let (ax, bx, ay, by) = (x.a.to_f32(), x.b.to_f32(), y.a.to_f32(), y.b.to_f32());
-    let (rx, ry, out, inp) = (x.rank(), y.rank(), x.b.shape[0], x.a.shape[1]);
-    let mut dot = 0f64;
-    for i in 0..rx {
-        for j in 0..ry {
-            let bb: f64 = (0..out)
-                .map(|o| bx[o * rx + i] as f64 * by[o * ry + j] as f64)
-                .sum();
-            let aa: f64 = ax[i * inp..(i + 1) * inp]
-                .iter()
-                .zip(&ay[j * inp..(j + 1) * inp])
-                .map(|(p, q)| *p as f64 * *q as f64)
-                .sum();
-            dot += bb * aa;
+    let (rx, ry, inp) = (x.rank(), y.rank(), x.a.shape[1]);
+    // B_xᵀB_y [rx, ry] (sum over output rows) and A_x·A_yᵀ [rx, ry] (dot products of rows).
+    let mut bb = vec![0f64; rx * ry];
+    for (row_x, row_y) in bx.chunks_exact(rx.max(1)).zip(by.chunks_exact(ry.max(1))) {
+        for (cell, (p, q)) in bb.iter_mut().zip(outer(row_x, row_y)) {
+            *cell += p * q;
         }
     }
+    let rows_y: Vec<&[f32]> = ay.chunks_exact(inp.max(1)).collect();
+    let aa = ax
+        .chunks_exact(inp.max(1))
+        .flat_map(|p| rows_y.iter().map(move |q| dot32(p, q)));
+    let dot: f64 = bb.iter().zip(aa).map(|(b, a)| b * a).sum();
     let n = product_norm(x) * product_norm(y);
     let sign = (x.scale(1.0) as f64 * y.scale(1.0) as f64).signum();
     if n > 0.0 {
@@ -56,6 +54,16 @@ pub fn update_cosine(x: &LoraLayer, y: &LoraLayer) -> f64 {
     } else {
         0.0
     }
+}
+
+/// The pairs `(p_i, q_j)` of two rows in row-major `[i, j]` order, widened to f64.
+fn outer<'a>(p: &'a [f32], q: &'a [f32]) -> impl Iterator<Item = (f64, f64)> + 'a {
+    p.iter()
+        .flat_map(move |&a| q.iter().map(move |&b| (a as f64, b as f64)))
+}
+
+fn dot32(p: &[f32], q: &[f32]) -> f64 {
+    p.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum()
 }
 
 /// `‖Q_xᵀ·Q_y‖₂` of the column spaces of `B_x` and `B_y` (module docs).
@@ -66,16 +74,19 @@ pub fn subspace_overlap(x: &LoraLayer, y: &LoraLayer) -> f64 {
     if qx.is_empty() || qy.is_empty() {
         return 0.0;
     }
-    // M = Q_xᵀ Q_y [kx, ky]; ‖M‖₂² is the largest eigenvalue of MᵀM.
+    // M = Q_xᵀ Q_y [kx, ky]; ‖M‖₂² is the largest eigenvalue of MᵀM [ky, ky].
     let m: Vec<Vec<f64>> = qx
         .iter()
         .map(|u| qy.iter().map(|v| dot(u, v)).collect())
         .collect();
     let ky = qy.len();
     let mut mtm = vec![0f64; ky * ky];
-    for i in 0..ky {
-        for j in 0..ky {
-            mtm[i * ky + j] = m.iter().map(|row| row[i] * row[j]).sum();
+    for row in &m {
+        for (cell, (p, q)) in mtm
+            .iter_mut()
+            .zip(row.iter().flat_map(|&a| row.iter().map(move |&b| (a, b))))
+        {
+            *cell += p * q;
         }
     }
     largest_eigenvalue(&mut mtm, ky).max(0.0).sqrt().min(1.0)
@@ -144,10 +155,8 @@ pub fn equalize_norms(loras: &[(&Lora, f32)], target: Option<f64>) -> Result<Vec
 fn gram_cols(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
     let mut g = vec![0f64; cols * cols];
     for row in m.chunks_exact(cols.max(1)).take(rows) {
-        for i in 0..cols {
-            for j in 0..cols {
-                g[i * cols + j] += row[i] as f64 * row[j] as f64;
-            }
+        for (cell, (p, q)) in g.iter_mut().zip(outer(row, row)) {
+            *cell += p * q;
         }
     }
     g
@@ -156,17 +165,9 @@ fn gram_cols(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
 /// `AAᵀ` of a row-major `[rows, cols]` matrix, `[rows, rows]`.
 fn gram_rows(m: &[f32], rows: usize, cols: usize) -> Vec<f64> {
     let r: Vec<&[f32]> = m.chunks_exact(cols.max(1)).take(rows).collect();
-    let mut g = vec![0f64; rows * rows];
-    for i in 0..r.len() {
-        for j in 0..r.len() {
-            g[i * rows + j] = r[i]
-                .iter()
-                .zip(r[j])
-                .map(|(x, y)| *x as f64 * *y as f64)
-                .sum();
-        }
-    }
-    g
+    r.iter()
+        .flat_map(|p| r.iter().map(move |q| dot32(p, q)))
+        .collect()
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -176,7 +177,14 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// An orthonormal basis of the columns of a row-major `[rows, cols]` matrix (modified
 /// Gram–Schmidt, twice for stability); columns dependent on earlier ones are dropped.
 fn orthonormal_columns(m: &[f32], rows: usize, cols: usize) -> Vec<Vec<f64>> {
-    let col = |c: usize| -> Vec<f64> { (0..rows).map(|r| m[r * cols + c] as f64).collect() };
+    let col = |c: usize| -> Vec<f64> {
+        m.iter()
+            .skip(c)
+            .step_by(cols.max(1))
+            .take(rows)
+            .map(|&v| v as f64)
+            .collect()
+    };
     let scale = (0..cols)
         .map(|c| dot(&col(c), &col(c)).sqrt())
         .fold(0.0, f64::max);
@@ -199,6 +207,7 @@ fn orthonormal_columns(m: &[f32], rows: usize, cols: usize) -> Vec<Vec<f64>> {
 }
 
 /// The largest eigenvalue of a symmetric `[n, n]` matrix (cyclic Jacobi; `a` is overwritten).
+#[allow(clippy::indexing_slicing)] // `a` is n × n, built by this module; all indices are < n
 fn largest_eigenvalue(a: &mut [f64], n: usize) -> f64 {
     for _sweep in 0..64 {
         let off: f64 = (0..n)
