@@ -623,3 +623,109 @@ fn prompt_text_generation_matches_the_stock_pipeline() {
     assert_eq!(ids, [1, 0, 0, 0]);
     assert_eq!(enc.cached(), 3);
 }
+
+/// Effect LoRAs switch exactly: on the tiny Wan T2V engine with both effect hypernetworks
+/// exported into it, X (Prompt2Effect, from the fixture's prompt embeddings) → Y (LoFA, from
+/// its fixture's) → X gives X's latents and frames bitwise under every LoRA strategy, as for
+/// Video2LoRA's LoRAs.
+#[test]
+fn effect_loras_switch_exactly() {
+    use v2l_runtime::effect::{predict_effects, Effect, Hypernet};
+    use v2l_runtime::lora::AppliedLora;
+    let wan = tiny().join("../wan-tiny");
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    for (from, to) in [
+        ("transformer", "transformer"),
+        ("vae", "vae"),
+        ("scheduler_unipc", "scheduler"),
+    ] {
+        std::fs::create_dir_all(model.join(to)).unwrap();
+        for f in std::fs::read_dir(wan.join(from)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, model.join(to).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(wan.join("model_index.json"), model.join("model_index.json")).unwrap();
+    let eng = d.path().join("engine");
+    let export = |args: &[&Path]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))
+            .args(args)
+            .arg("-o")
+            .arg(&eng)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    export(&[Path::new("pipeline"), &model]);
+    export(&[Path::new("prompt2effect"), &wan.join("prompt2effect")]);
+    export(&[
+        Path::new("lofa"),
+        &wan.join("lofa/stage1"),
+        &wan.join("lofa/stage2"),
+    ]);
+    let bundle = d.path().join("bundle");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+        .arg(&eng)
+        .arg("-o")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let engine = Engine::open(&bundle).unwrap();
+    let opts = SessionOptions::default();
+    let p2e = read_safetensors(&wan.join("prompt2effect_io.safetensors")).unwrap();
+    let text = p2e["text"].as_f32("text").unwrap();
+    let x_text = Tensor::f32(vec![1, 512, 32], text[..512 * 32].to_vec());
+    let lofa = read_safetensors(&wan.join("lofa_io.safetensors")).unwrap();
+    let predict = |which, t: Tensor| {
+        let lora = predict_effects(
+            &engine,
+            which,
+            true,
+            &opts,
+            &[(Effect::Embeds(t), 1.0)],
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        AppliedLora {
+            lora: lora.into(),
+            source: "effect".into(),
+            multiplier: 1.0,
+        }
+    };
+    let x = predict(Hypernet::Prompt2Effect, x_text);
+    let y = predict(Hypernet::Lofa, lofa["p0.text_emb"].clone());
+    let io = read_safetensors(&wan.join("e2e_io.safetensors")).unwrap();
+    let req = Request {
+        image: None,
+        image_embeds: None,
+        prompt_embeds: io["t2v_prompt_embeds"].clone(),
+        negative_prompt_embeds: io["t2v_negative_prompt_embeds"].clone(),
+        frames: 9,
+        steps: 2,
+        guidance: 5.0,
+        noise: io["t2v_noise"].clone(),
+        lora: RequestLora::Resident,
+    };
+    for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
+        let mut p = load(&bundle, strategy);
+        let mut run = |lora: &AppliedLora| {
+            p.set_lora(Some(lora)).unwrap();
+            let g = p.generate(&req, &mut |_, _| true).unwrap();
+            (g.latents_steps.last().unwrap().clone(), g.frames)
+        };
+        let (lx, fx) = run(&x);
+        let (ly, _) = run(&y);
+        let (lx2, fx2) = run(&x);
+        assert!(
+            lx == lx2 && fx == fx2,
+            "{strategy:?}: X -> Y -> X output differs"
+        );
+        assert!(
+            lx.rel_l2(&ly) > 1e-3,
+            "{strategy:?}: the two effects are alike"
+        );
+    }
+}
