@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-tiny")
 }
@@ -1171,15 +1173,7 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
                 ("image_processor", "image_processor"),
             ]);
         }
-        for (from, to) in parts {
-            let dst = model.join(to);
-            std::fs::create_dir_all(&dst).unwrap();
-            for f in std::fs::read_dir(wan.join(from)).unwrap() {
-                let f = f.unwrap().path();
-                std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
-            }
-        }
-        std::fs::copy(wan.join("model_index.json"), model.join("model_index.json")).unwrap();
+        common::wan_model_dir(&model, &parts);
         let engine = d.path().join(variant);
         let o = run(
             "v2l-export",
@@ -1466,23 +1460,17 @@ fn fixture_layer(module: &str) -> usize {
 /// The tiny Wan T2V pipeline (with the umT5-shaped tokenizer) exported by `v2l-export pipeline`
 /// into `<dir>/engine`.
 fn export_wan_t2v_with_tokenizer(dir: &Path) -> PathBuf {
-    let wan = tiny().join("../wan-tiny");
     let model = dir.join("model");
-    for (from, to) in [
-        ("transformer", "transformer"),
-        ("vae", "vae"),
-        ("scheduler_unipc", "scheduler"),
-        ("text_encoder", "text_encoder"),
-        ("tokenizer", "tokenizer"),
-    ] {
-        let dst = model.join(to);
-        std::fs::create_dir_all(&dst).unwrap();
-        for f in std::fs::read_dir(wan.join(from)).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::copy(wan.join("model_index.json"), model.join("model_index.json")).unwrap();
+    common::wan_model_dir(
+        &model,
+        &[
+            ("transformer", "transformer"),
+            ("vae", "vae"),
+            ("scheduler_unipc", "scheduler"),
+            ("text_encoder", "text_encoder"),
+            ("tokenizer", "tokenizer"),
+        ],
+    );
     let engine = dir.join("engine");
     let o = run(
         "v2l-export",

@@ -635,18 +635,14 @@ fn effect_loras_switch_exactly() {
     let wan = tiny().join("../wan-tiny");
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("model");
-    for (from, to) in [
-        ("transformer", "transformer"),
-        ("vae", "vae"),
-        ("scheduler_unipc", "scheduler"),
-    ] {
-        std::fs::create_dir_all(model.join(to)).unwrap();
-        for f in std::fs::read_dir(wan.join(from)).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, model.join(to).join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::copy(wan.join("model_index.json"), model.join("model_index.json")).unwrap();
+    common::wan_model_dir(
+        &model,
+        &[
+            ("transformer", "transformer"),
+            ("vae", "vae"),
+            ("scheduler_unipc", "scheduler"),
+        ],
+    );
     let eng = d.path().join("engine");
     let export = |args: &[&Path]| {
         let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))

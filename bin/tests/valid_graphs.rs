@@ -10,6 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -137,22 +139,18 @@ fn every_written_graph_passes_the_onnx_checker() {
 /// encoder), exported as a pipeline directory and compiled for the CPU and TensorRT.
 #[test]
 fn wan_graphs_pass_the_onnx_checker() {
-    let wan = root().join("tests/fixtures/wan-tiny");
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("model");
-    for (from, to) in [
-        ("transformer_i2v", "transformer"),
-        ("vae", "vae"),
-        ("scheduler_unipc", "scheduler"),
-        ("text_encoder", "text_encoder"),
-        ("image_encoder", "image_encoder"),
-    ] {
-        std::fs::create_dir_all(model.join(to)).unwrap();
-        for f in std::fs::read_dir(wan.join(from)).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, model.join(to).join(f.file_name().unwrap())).unwrap();
-        }
-    }
+    common::wan_model_dir(
+        &model,
+        &[
+            ("transformer_i2v", "transformer"),
+            ("vae", "vae"),
+            ("scheduler_unipc", "scheduler"),
+            ("text_encoder", "text_encoder"),
+            ("image_encoder", "image_encoder"),
+        ],
+    );
     let export = d.path().join("export");
     run(
         env!("CARGO_BIN_EXE_v2l-export"),

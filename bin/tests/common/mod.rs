@@ -38,3 +38,19 @@ pub fn engine_with(dir: &Path, compile: &[&str]) -> PathBuf {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     eng
 }
+
+/// A Wan2.1 pipeline directory at `dst` made of the tiny Wan fixture's parts, each
+/// `(fixture folder, pipeline folder)` (e.g. `("transformer_i2v", "transformer")`), with the
+/// fixture's `model_index.json`.
+pub fn wan_model_dir(dst: &Path, parts: &[(&str, &str)]) -> PathBuf {
+    let wan = tiny().join("../wan-tiny");
+    for (from, to) in parts {
+        std::fs::create_dir_all(dst.join(to)).unwrap();
+        for f in std::fs::read_dir(wan.join(from)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dst.join(to).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(wan.join("model_index.json"), dst.join("model_index.json")).unwrap();
+    dst.to_path_buf()
+}
