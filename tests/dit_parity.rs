@@ -78,11 +78,21 @@ fn dit_of_another_shape_exports_and_runs() {
     save(&ex.graph, &path, ExternalData::Auto).unwrap();
     let mut model = Model::load(&path, &SessionOptions::default()).unwrap();
     // 3 latent frames, 6x10 latents (non-square), 5 text tokens, batch 1.
-    let out = model
-        .run(&dit_inputs(1, 3, 16, 6, 10, 5, 24, 2, 8))
-        .unwrap();
+    let inputs = dit_inputs(1, 3, 16, 6, 10, 5, 24, 2, 8);
+    let out = model.run(&inputs).unwrap();
     assert_eq!(out["sample"].shape, vec![1, 3, 8, 6, 10]);
     assert_finite("sample", &out["sample"]);
+
+    // Feed-forward chunking: 50 token rows are padded to 52 for 4 slices and cut back.
+    let mut m = v2l_graphs::read_model(&path).unwrap();
+    assert_eq!(v2l_graphs::passes::chunk_feed_forward(&mut m, 4), 3, "one per block");
+    let chunked = dir.path().join("dit_chunked.onnx");
+    v2l_graphs::write_model(&chunked, &m).unwrap();
+    let c = Model::load(&chunked, &SessionOptions::default())
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    assert_close("chunked sample", &c["sample"], &out["sample"], 1e-6);
 }
 
 /// The graph `v2l-compile` gives ONNX Runtime: attention as `com.microsoft.MultiHeadAttention`
@@ -117,6 +127,11 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
     // A second pass finds nothing left to fuse.
     assert_eq!(v2l_graphs::passes::fuse_attention(&mut m, heads), 0);
     assert_eq!(v2l_graphs::passes::fuse_gelu(&mut m), 0);
+    // What v2l-compile writes for the CPU: each feed-forward in token slices inside a Scan.
+    assert_eq!(v2l_graphs::passes::chunk_feed_forward(&mut m, 4), 2, "one per block");
+    let scans = m.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "Scan");
+    assert_eq!(scans.count(), 2);
+    assert_eq!(v2l_graphs::passes::chunk_feed_forward(&mut m, 4), 0, "nothing left");
     let fused = dir.path().join("dit_fused.onnx");
     v2l_graphs::write_model(&fused, &m).unwrap();
 

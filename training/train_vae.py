@@ -105,6 +105,10 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=0, help="PSNR on held-out clips every N steps (0 = end only)")
     ap.add_argument("--out", type=str, default="/tmp/vae_probe")
+    ap.add_argument("--checkpoint-every", type=int, default=0,
+                    help="save a resumable checkpoint (model, optimiser, step, RNG) to OUT/resume.pt every N steps")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt when it exists")
+    ap.add_argument("--cosine", action="store_true", help="cosine-decay the learning rate to 0 at --max-steps")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -128,12 +132,25 @@ def main() -> None:
     t0 = time.time()
     t_data = 0.0
     step = 0
+    resume = os.path.join(args.out, "resume.pt")
+    if args.resume and os.path.exists(resume):
+        ck = torch.load(resume, weights_only=False)
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, log = ck["step"], ck["log"]
+        rng.bit_generator.state = ck["rng"]
+        gen.set_state(ck["gen"])
+        t0 -= ck["seconds"]
+        print(f"resumed at step {step} ({ck['seconds']:.0f} s trained)", flush=True)
     last_t, last_step = t0, 0
     ema = None
     while True:
         elapsed = time.time() - t0
         if elapsed > args.minutes * 60 or (args.max_steps and step >= args.max_steps):
             break
+        if args.cosine and args.max_steps:
+            for g in opt.param_groups:
+                g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
         td = time.time()
         x = sample_batch(rng, args.batch)
         t_data += time.time() - td
@@ -162,6 +179,12 @@ def main() -> None:
             log.append(entry)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()),
                   f"rss={peak_rss_mb():.0f}MB", flush=True)
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            os.makedirs(args.out, exist_ok=True)
+            ck = dict(model=vae.state_dict(), opt=opt.state_dict(), step=step, log=log,
+                      rng=rng.bit_generator.state, gen=gen.get_state(), seconds=time.time() - t0)
+            torch.save(ck, resume + ".tmp")
+            os.replace(resume + ".tmp", resume)
 
     total = time.time() - t0
     final_psnr = psnr(vae, x_eval)

@@ -11,11 +11,13 @@
 use std::collections::HashMap;
 
 mod attention;
+mod chunk;
 mod data_file;
 mod gelu;
 mod precision;
 mod quantize;
 pub use attention::{fuse_attention, MS_DOMAIN};
+pub use chunk::{chunk_feed_forward, FF_CHUNKS};
 pub use gelu::fuse_gelu;
 pub use precision::{
     keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile, KEEP_IN_FP32,
@@ -115,13 +117,19 @@ fn scalar_f32(t: &proto::TensorProto) -> Option<f32> {
 }
 
 /// Removes initializers no node reads and that are not graph inputs (left behind by fusions).
+/// Reads inside subgraphs (a `Scan` body reading outer-scope weights) count.
 fn drop_unused_initializers(graph: &mut proto::GraphProto) {
-    let used: std::collections::HashSet<String> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().cloned())
-        .chain(graph.input.iter().map(|i| i.name.clone()))
-        .collect();
+    fn reads(g: &proto::GraphProto, used: &mut std::collections::HashSet<String>) {
+        for n in &g.node {
+            used.extend(n.input.iter().cloned());
+            for sub in n.attribute.iter().filter_map(|a| a.g.as_deref()) {
+                reads(sub, used);
+            }
+        }
+    }
+    let mut used: std::collections::HashSet<String> =
+        graph.input.iter().map(|i| i.name.clone()).collect();
+    reads(graph, &mut used);
     graph.initializer.retain(|t| used.contains(&t.name));
 }
 

@@ -161,6 +161,22 @@ pub fn fuses_attention(backend: Backend) -> bool {
     matches!(backend, Backend::Cpu | Backend::Cuda)
 }
 
+/// The graph as the backend runs it best: on the CPU each feed-forward runs in token slices
+/// (`passes::chunk_feed_forward`), for f32 and integer-quantised linears (not the fp16/bf16
+/// or Q/DQ forms, which were not measured). Applied to written copies only: the other passes
+/// read `Gemm`s that a chunked graph hides in `Scan` bodies.
+fn ff_chunked(
+    backend: Backend,
+    model: &v2l_graphs::proto::ModelProto,
+) -> std::borrow::Cow<'_, v2l_graphs::proto::ModelProto> {
+    if backend != Backend::Cpu {
+        return std::borrow::Cow::Borrowed(model);
+    }
+    let mut m = model.clone();
+    v2l_graphs::passes::chunk_feed_forward(&mut m, v2l_graphs::passes::FF_CHUNKS);
+    std::borrow::Cow::Owned(m)
+}
+
 /// Files an export directory's manifest refers to (graphs, their external data, side files).
 fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
     let mut names = vec![v2l_contracts::manifest::FILE_NAME.to_string()];
@@ -356,7 +372,7 @@ pub fn compile_with(
                     0
                 };
                 if attention + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
-                    write(&src, &base)?;
+                    write(&src, &ff_chunked(backend, &base))?;
                 }
             }
             // Below fp32, the DiT's graph for the precision (`dit_<precision>.onnx`) and its
@@ -390,7 +406,12 @@ pub fn compile_with(
                         )
                         .map_err(pass_err)?,
                     };
-                    write(&tmp.join(&file), &model)?;
+                    match &weights {
+                        LowWeights::Quantized { .. } => {
+                            write(&tmp.join(&file), &ff_chunked(backend, &model))?
+                        }
+                        _ => write(&tmp.join(&file), &model)?,
+                    }
                     // Accuracy is measured on the CPU: a typed fp16/bf16 graph (GPU backends)
                     // through its emulated form, which is only written for this.
                     emulated = match &weights {
@@ -446,7 +467,12 @@ pub fn compile_with(
                         }
                     }
                 }
-                write(&tmp.join(file), &model)?;
+                match &low_weights {
+                    None | Some(LowWeights::Quantized { .. }) => {
+                        write(&tmp.join(file), &ff_chunked(backend, &model))?
+                    }
+                    Some(_) => write(&tmp.join(file), &model)?,
+                }
                 variant_files.push(file.to_string());
                 dit_variants.insert(variant.to_string(), file.to_string());
             }
