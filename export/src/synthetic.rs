@@ -20,13 +20,14 @@ pub const SHARD_BYTES: usize = 5 << 30;
 
 /// Deterministic values of scale ~1/√fan_in (v2l's seeded generator; the numbers only need to
 /// be finite and well-scaled for shape, loading and speed checks).
-fn fill(n: usize, fan_in: usize, seed: u64, dtype: DType, out: &mut Vec<u8>) {
+/// `offset` shifts the values (norm scales around 1).
+fn fill(n: usize, fan_in: usize, seed: u64, dtype: DType, offset: Option<f32>, out: &mut Vec<u8>) {
     let mut rng = v2l_contracts::noise::SplitMix64::new(seed);
     let scale = 1.0 / (fan_in.max(1) as f32).sqrt();
     out.clear();
     out.reserve(n * dtype.size());
     for _ in 0..n {
-        let v = rng.symmetric() * scale;
+        let v = rng.symmetric() * scale + offset.unwrap_or(0.0);
         match dtype {
             DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
             DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
@@ -51,6 +52,31 @@ pub fn write_checkpoint(
     layout: &[(String, Vec<usize>)],
     dtype: DType,
     seed: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    write_checkpoint_as(dir, config, layout, dtype, seed, Scales::FanIn, progress)
+}
+
+/// How generated values are scaled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scales {
+    /// Every tensor ~U(-1, 1)/√fan_in (norm weights included, so they are ~0.02 at 5B width).
+    FanIn,
+    /// As a trained model has them where it matters for accuracy measurements: 1-D
+    /// `*.weight` tensors (LayerNorm/RMSNorm scales) are 1 ± 0.1, everything else as `FanIn`.
+    /// With norm scales near zero the attention and feed-forward barely reach a block's
+    /// output, so a quantised block looks as accurate as an f32 one.
+    Trained,
+}
+
+/// [`write_checkpoint`] with a choice of [`Scales`].
+pub fn write_checkpoint_as(
+    dir: &Path,
+    config: &serde_json::Value,
+    layout: &[(String, Vec<usize>)],
+    dtype: DType,
+    seed: u64,
+    scales: Scales,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
     let io = |p: &Path| {
@@ -112,7 +138,7 @@ pub fn write_checkpoint(
             .map_err(io(&path))?;
         f.write_all(&h).map_err(io(&path))?;
         for &i in shard {
-            let Some((_, shape)) = layout.get(i) else {
+            let Some((key, shape)) = layout.get(i) else {
                 continue;
             };
             let fan_in = match shape.as_slice() {
@@ -120,11 +146,13 @@ pub fn write_checkpoint(
                 [n] => *n,
                 [_, rest @ ..] => rest.iter().product(),
             };
+            let norm_scale = scales == Scales::Trained && shape.len() == 1 && key.ends_with(".weight");
             fill(
                 shape.iter().product(),
-                fan_in,
+                if norm_scale { 100 } else { fan_in },
                 seed ^ (i as u64 + 1),
                 dtype,
+                norm_scale.then_some(1.0),
                 &mut buf,
             );
             f.write_all(&buf).map_err(io(&path))?;
