@@ -85,7 +85,11 @@ fn dit_of_another_shape_exports_and_runs() {
 
     // Feed-forward chunking: 50 token rows are padded to 52 for 4 slices and cut back.
     let mut m = v2l_graphs::read_model(&path).unwrap();
-    assert_eq!(v2l_graphs::passes::chunk_feed_forward(&mut m, 4), 3, "one per block");
+    assert_eq!(
+        v2l_graphs::passes::chunk_feed_forward(&mut m, 4),
+        3,
+        "one per block"
+    );
     let chunked = dir.path().join("dit_chunked.onnx");
     v2l_graphs::write_model(&chunked, &m).unwrap();
     let c = Model::load(&chunked, &SessionOptions::default())
@@ -127,11 +131,34 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
     // A second pass finds nothing left to fuse.
     assert_eq!(v2l_graphs::passes::fuse_attention(&mut m, heads), 0);
     assert_eq!(v2l_graphs::passes::fuse_gelu(&mut m), 0);
-    // What v2l-compile writes for the CPU: each feed-forward in token slices inside a Scan.
-    assert_eq!(v2l_graphs::passes::chunk_feed_forward(&mut m, 4), 2, "one per block");
-    let scans = m.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "Scan");
+    // What v2l-compile writes for the CPU: each feed-forward in token slices inside a Scan,
+    // LoRA branches included (the `unfused` variant).
+    let mut unfused = m.clone();
+    let targets: Vec<String> = ex
+        .linears
+        .iter()
+        .map(|l| format!("{}.weight", l.name))
+        .collect();
+    v2l_graphs::passes::add_lora_branches(&mut unfused, &targets).unwrap();
+    assert_eq!(v2l_graphs::passes::chunk_feed_forward(&mut unfused, 4), 2);
+    assert_eq!(
+        v2l_graphs::passes::chunk_feed_forward(&mut m, 4),
+        2,
+        "one per block"
+    );
+    let scans = m
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Scan");
     assert_eq!(scans.count(), 2);
-    assert_eq!(v2l_graphs::passes::chunk_feed_forward(&mut m, 4), 0, "nothing left");
+    assert_eq!(
+        v2l_graphs::passes::chunk_feed_forward(&mut m, 4),
+        0,
+        "nothing left"
+    );
     let fused = dir.path().join("dit_fused.onnx");
     v2l_graphs::write_model(&fused, &m).unwrap();
 

@@ -109,10 +109,12 @@ impl Model {
         // ORT's memory pattern plans one buffer for all of a run's activations; with the arena
         // that kept every block's peak alive at once (5B block, 5,626 tokens: 4.1 GB against
         // 2.8 GB without the pattern, same speed).
-        b = b.with_memory_pattern(false).map_err(|e| RuntimeError::Ort {
-            context: ctx.clone(),
-            message: e.to_string(),
-        })?;
+        b = b
+            .with_memory_pattern(false)
+            .map_err(|e| RuntimeError::Ort {
+                context: ctx.clone(),
+                message: e.to_string(),
+            })?;
         if opts.unoptimized {
             b = b
                 .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)

@@ -204,7 +204,11 @@ fn find_regions(graph: &GraphProto) -> Vec<Region> {
 
 /// The nodes that replace `r`: flatten the tokens, pad them to a multiple of `chunks`, `Scan`
 /// the feed-forward over the slices, and undo the padding and flattening.
-fn scanned(graph: &GraphProto, r: &Region, chunks: i64) -> (Vec<NodeProto>, Vec<proto::TensorProto>) {
+fn scanned(
+    graph: &GraphProto,
+    r: &Region,
+    chunks: i64,
+) -> (Vec<NodeProto>, Vec<proto::TensorProto>) {
     let p = format!("{}/chunked", r.module);
     let n = |s: &str| format!("{p}/{s}");
     let (x, y) = (r.input.as_str(), r.output.as_str());
@@ -245,10 +249,12 @@ fn scanned(graph: &GraphProto, r: &Region, chunks: i64) -> (Vec<NodeProto>, Vec<
     let f32_io = |name: &str| proto::ValueInfoProto {
         name: name.into(),
         r#type: Some(proto::TypeProto {
-            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                elem_type: DType::F32.onnx_code(),
-                shape: None,
-            })),
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: DType::F32.onnx_code(),
+                    shape: None,
+                },
+            )),
         }),
         doc_string: String::new(),
     };
@@ -278,9 +284,21 @@ fn scanned(graph: &GraphProto, r: &Region, chunks: i64) -> (Vec<NodeProto>, Vec<
         shape("tokens", x, 1, Some(2)),
         shape("width", x, 2, None),
         shape("lead", x, 0, Some(2)),
-        node("Mul", n("rows"), &[&n("batch"), &n("tokens")], &n("rows"), vec![]),
+        node(
+            "Mul",
+            n("rows"),
+            &[&n("batch"), &n("tokens")],
+            &n("rows"),
+            vec![],
+        ),
         node("Neg", n("neg_rows"), &[&n("rows")], &n("neg_rows"), vec![]),
-        node("Mod", n("pad"), &[&n("neg_rows"), &n("k")], &n("pad"), vec![int_attr("fmod", 0)]),
+        node(
+            "Mod",
+            n("pad"),
+            &[&n("neg_rows"), &n("k")],
+            &n("pad"),
+            vec![int_attr("fmod", 0)],
+        ),
         node(
             "Concat",
             n("pads"),
@@ -288,8 +306,20 @@ fn scanned(graph: &GraphProto, r: &Region, chunks: i64) -> (Vec<NodeProto>, Vec<
             &n("pads"),
             vec![int_attr("axis", 0)],
         ),
-        node("Flatten", n("flat"), &[x], &n("flat"), vec![int_attr("axis", 2)]),
-        node("Pad", n("padded"), &[&n("flat"), &n("pads")], &n("padded"), vec![]),
+        node(
+            "Flatten",
+            n("flat"),
+            &[x],
+            &n("flat"),
+            vec![int_attr("axis", 2)],
+        ),
+        node(
+            "Pad",
+            n("padded"),
+            &[&n("flat"), &n("pads")],
+            &n("padded"),
+            vec![],
+        ),
         node(
             "Concat",
             n("slices_shape"),
@@ -297,7 +327,13 @@ fn scanned(graph: &GraphProto, r: &Region, chunks: i64) -> (Vec<NodeProto>, Vec<
             &n("slices_shape"),
             vec![int_attr("axis", 0)],
         ),
-        node("Reshape", n("x_slices"), &[&n("padded"), &n("slices_shape")], &n("x_slices"), vec![]),
+        node(
+            "Reshape",
+            n("x_slices"),
+            &[&n("padded"), &n("slices_shape")],
+            &n("x_slices"),
+            vec![],
+        ),
         scan,
         shape("out_width", &n("y_slices"), 3, None),
         node(
@@ -307,7 +343,13 @@ fn scanned(graph: &GraphProto, r: &Region, chunks: i64) -> (Vec<NodeProto>, Vec<
             &n("rows_shape"),
             vec![int_attr("axis", 0)],
         ),
-        node("Reshape", n("y_padded"), &[&n("y_slices"), &n("rows_shape")], &n("y_padded"), vec![]),
+        node(
+            "Reshape",
+            n("y_padded"),
+            &[&n("y_slices"), &n("rows_shape")],
+            &n("y_padded"),
+            vec![],
+        ),
         node(
             "Slice",
             n("y_rows"),
@@ -322,7 +364,13 @@ fn scanned(graph: &GraphProto, r: &Region, chunks: i64) -> (Vec<NodeProto>, Vec<
             &n("out_shape"),
             vec![int_attr("axis", 0)],
         ),
-        node("Reshape", n("Reshape"), &[&n("y_rows"), &n("out_shape")], y, vec![]),
+        node(
+            "Reshape",
+            n("Reshape"),
+            &[&n("y_rows"), &n("out_shape")],
+            y,
+            vec![],
+        ),
     ];
     (nodes, consts)
 }
