@@ -588,8 +588,14 @@ fn print_row(r: &serde_json::Value) {
             "    torch bf16 {} ms, peak {} MB, rel L2 vs torch fp32 {}; v2l vs torch bf16 {}",
             f("torch_bf16_ms"),
             f("torch_bf16_peak_rss_mb"),
-            r["torch_bf16_rel_l2_vs_torch"].as_f64().map(|v| format!("{v:.2e}")).unwrap_or("-".into()),
-            r["rel_l2_vs_torch_bf16"].as_f64().map(|v| format!("{v:.2e}")).unwrap_or("-".into()),
+            r["torch_bf16_rel_l2_vs_torch"]
+                .as_f64()
+                .map(|v| format!("{v:.2e}"))
+                .unwrap_or("-".into()),
+            r["rel_l2_vs_torch_bf16"]
+                .as_f64()
+                .map(|v| format!("{v:.2e}"))
+                .unwrap_or("-".into()),
         );
     }
 }

@@ -146,7 +146,8 @@ pub fn write_checkpoint_as(
                 [n] => *n,
                 [_, rest @ ..] => rest.iter().product(),
             };
-            let norm_scale = scales == Scales::Trained && shape.len() == 1 && key.ends_with(".weight");
+            let norm_scale =
+                scales == Scales::Trained && shape.len() == 1 && key.ends_with(".weight");
             fill(
                 shape.iter().product(),
                 if norm_scale { 100 } else { fan_in },
