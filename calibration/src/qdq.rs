@@ -79,18 +79,9 @@ pub fn observe_linear_inputs(
             .cloned()
             .ok_or_else(|| PassError::NotGemm(w.clone()))?;
         if !graph.output.iter().any(|o| o.name == x) {
-            graph.output.push(proto::ValueInfoProto {
-                name: x.clone(),
-                r#type: Some(proto::TypeProto {
-                    value: Some(proto::type_proto::Value::TensorType(
-                        proto::type_proto::Tensor {
-                            elem_type: DType::F32.onnx_code(),
-                            shape: None,
-                        },
-                    )),
-                }),
-                doc_string: String::new(),
-            });
+            graph
+                .output
+                .push(proto::ValueInfoProto::of_type(&x, DType::F32));
         }
         pairs.push((w.clone(), x));
     }

@@ -120,6 +120,22 @@ pub mod data_location {
     pub const EXTERNAL: i32 = 1;
 }
 
+impl ValueInfoProto {
+    /// A tensor value of type `dtype` and unknown shape (extra graph outputs, subgraph inputs).
+    pub fn of_type(name: &str, dtype: crate::dtype::DType) -> ValueInfoProto {
+        ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: dtype.onnx_code(),
+                    shape: None,
+                })),
+            }),
+            doc_string: String::new(),
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, Message)]
 pub struct TensorProto {
     #[prost(int64, repeated, tag = "1")]

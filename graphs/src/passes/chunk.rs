@@ -245,24 +245,11 @@ fn scanned(
             ..nd.clone()
         })
         .collect();
-    // f32 of unknown shape (a Scan body's inputs and outputs need a type).
-    let f32_io = |name: &str| proto::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(proto::TypeProto {
-            value: Some(proto::type_proto::Value::TensorType(
-                proto::type_proto::Tensor {
-                    elem_type: DType::F32.onnx_code(),
-                    shape: None,
-                },
-            )),
-        }),
-        doc_string: String::new(),
-    };
     let body = GraphProto {
         node: body_nodes,
         name: n("body"),
-        input: vec![f32_io(&body_in)],
-        output: vec![f32_io(&body_out)],
+        input: vec![proto::ValueInfoProto::of_type(&body_in, DType::F32)],
+        output: vec![proto::ValueInfoProto::of_type(&body_out, DType::F32)],
         ..Default::default()
     };
     let mut scan = node(
@@ -278,92 +265,52 @@ fn scanned(
         g: Some(Box::new(body)),
         ..Default::default()
     });
+    // A node writing the wrapper's own tensor `out` (named as its output).
+    let step =
+        |op: &str, out: &str, inputs: &[&str], attrs| node(op, n(out), inputs, &n(out), attrs);
+    let concat =
+        |out: &str, inputs: &[&str]| step("Concat", out, inputs, vec![int_attr("axis", 0)]);
+    let (k, zero, rows) = (n("k"), n("zero"), n("rows"));
     let nodes = vec![
         // rows = B·S; pad = (-rows) mod k.
         shape("batch", x, 0, Some(1)),
         shape("tokens", x, 1, Some(2)),
         shape("width", x, 2, None),
         shape("lead", x, 0, Some(2)),
-        node(
-            "Mul",
-            n("rows"),
-            &[&n("batch"), &n("tokens")],
-            &n("rows"),
-            vec![],
-        ),
-        node("Neg", n("neg_rows"), &[&n("rows")], &n("neg_rows"), vec![]),
-        node(
+        step("Mul", "rows", &[&n("batch"), &n("tokens")], vec![]),
+        step("Neg", "neg_rows", &[&rows], vec![]),
+        step(
             "Mod",
-            n("pad"),
-            &[&n("neg_rows"), &n("k")],
-            &n("pad"),
+            "pad",
+            &[&n("neg_rows"), &k],
             vec![int_attr("fmod", 0)],
         ),
-        node(
-            "Concat",
-            n("pads"),
-            &[&n("zeros2"), &n("pad"), &n("zero")],
-            &n("pads"),
-            vec![int_attr("axis", 0)],
-        ),
-        node(
-            "Flatten",
-            n("flat"),
-            &[x],
-            &n("flat"),
-            vec![int_attr("axis", 2)],
-        ),
-        node(
-            "Pad",
-            n("padded"),
-            &[&n("flat"), &n("pads")],
-            &n("padded"),
-            vec![],
-        ),
-        node(
-            "Concat",
-            n("slices_shape"),
-            &[&n("k_1_m1"), &n("width")],
-            &n("slices_shape"),
-            vec![int_attr("axis", 0)],
-        ),
-        node(
+        concat("pads", &[&n("zeros2"), &n("pad"), &zero]),
+        step("Flatten", "flat", &[x], vec![int_attr("axis", 2)]),
+        step("Pad", "padded", &[&n("flat"), &n("pads")], vec![]),
+        concat("slices_shape", &[&n("k_1_m1"), &n("width")]),
+        step(
             "Reshape",
-            n("x_slices"),
+            "x_slices",
             &[&n("padded"), &n("slices_shape")],
-            &n("x_slices"),
             vec![],
         ),
         scan,
         shape("out_width", &n("y_slices"), 3, None),
-        node(
-            "Concat",
-            n("rows_shape"),
-            &[&n("m1"), &n("out_width")],
-            &n("rows_shape"),
-            vec![int_attr("axis", 0)],
-        ),
-        node(
+        concat("rows_shape", &[&n("m1"), &n("out_width")]),
+        step(
             "Reshape",
-            n("y_padded"),
+            "y_padded",
             &[&n("y_slices"), &n("rows_shape")],
-            &n("y_padded"),
             vec![],
         ),
-        node(
+        step(
             "Slice",
-            n("y_rows"),
-            &[&n("y_padded"), &n("zero"), &n("rows"), &n("zero")],
-            &n("y_rows"),
+            "y_rows",
+            &[&n("y_padded"), &zero, &rows, &zero],
             vec![],
         ),
-        node(
-            "Concat",
-            n("out_shape"),
-            &[&n("lead"), &n("out_width")],
-            &n("out_shape"),
-            vec![int_attr("axis", 0)],
-        ),
+        concat("out_shape", &[&n("lead"), &n("out_width")]),
         node(
             "Reshape",
             n("Reshape"),
