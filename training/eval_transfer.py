@@ -1,0 +1,202 @@
+"""Effect-transfer accuracy of a pipeline dir written by train_dit.py.
+
+For clip i (effect E = EFFECTS[i % 8], held-out seeds: first-frame scene s2 = SEED0 + i, reference
+scene s1 = SEED0 + 100000 + i, both in the held-out 10000..999999 range):
+  reference make_clip(E, s1) in [0, 1] -> VAE posterior mode x scaling_factor -> hypernetwork ->
+  LiLoRA rows, applied to the DiT through forward hooks (s = 1);
+  diffusers CogVideoXImageToVideoPipeline(image = frame 0 of make_clip(E, s2) as a PNG-like
+  8-bit PIL image, prompt "" / negative "", 8 tokens, DDIM, --steps, --guidance) -> 17 frames;
+  measure.classify(frames) -> label. Accuracy = fraction labelled E, for (a) the LoRA from the
+  reference, (b) the same model with the LoRA off (same noise), (c) chance 1/8; plus the
+  ground-truth clips make_clip(E, s2) as a check of the measurement.
+
+    nice -n 19 /work/torchvenv/bin/python training/eval_transfer.py --model /work/train/pipeline --n 64 \
+        --sheet /work/train/eval_sheet.png --json /work/train/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from effects import EFFECTS, make_clip  # noqa: E402
+from measure import classify  # noqa: E402
+from video2lora import load_video2lora  # noqa: E402
+
+SHORT = dict(rotate_cw="rotCW", rotate_ccw="rotCCW", zoom_in="zIn", zoom_out="zOut", pan_left="panL",
+             pan_right="panR", hue_shift="hue", fade_black="fade", none="none")
+
+
+def to_uint8(clip: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(clip * 255.0), 0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def reference_latents(vae, clip_u8: np.ndarray) -> torch.Tensor:
+    """[F, H, W, 3] uint8 -> [1, 16, f, h, w]: frames in [0, 1], posterior mode x scaling_factor."""
+    x = torch.from_numpy(clip_u8.astype(np.float32) / 255.0).permute(3, 0, 1, 2)[None]
+    return vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def fuse_check(pipe, lilora, rows: torch.Tensor) -> float:
+    """Max |hooked DiT - DiT with W' = W + s B A fused| on random inputs (a self-check of the module
+    against the fused form the Rust runtime uses)."""
+    dit = pipe.transformer
+    cfg = dit.config
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(1, 5, cfg.in_channels, 8, 8, generator=g)
+    enc = torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
+    t = torch.tensor([500])
+    from train_dit import rotary_embeddings
+
+    rope = rotary_embeddings(dit)
+    lilora.set_rows(rows)
+    a = dit(hidden_states=hs, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, return_dict=False)[0]
+    lilora.set_rows(None)
+    mods = dict(dit.named_modules())
+    deltas = lilora.fused_deltas(rows)
+    for p, dw in deltas.items():
+        mods[p].weight += dw
+    b = dit(hidden_states=hs, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, return_dict=False)[0]
+    for p, dw in deltas.items():
+        mods[p].weight -= dw
+    return float((a - b).abs().max())
+
+
+def contact_sheet(rows: list[dict], path: str, scale: int = 2) -> None:
+    from PIL import Image, ImageDraw
+
+    cols = [("reference", [0, 8, 16]), ("LoRA", [0, 4, 8, 12, 16]), ("no LoRA", [0, 8, 16])]
+    s = 64 * scale
+    gap, head, label_w = 8, 14, 150
+    n_cells = sum(len(c[1]) for c in cols)
+    W = label_w + n_cells * s + gap * (len(cols) - 1)
+    H = head + len(rows) * (s + 4)
+    sheet = Image.new("RGB", (W, H), (255, 255, 255))
+    dr = ImageDraw.Draw(sheet)
+    x = label_w
+    for name, idx in cols:
+        dr.text((x + 2, 1), name, fill=(0, 0, 0))
+        x += len(idx) * s + gap
+    for r, row in enumerate(rows):
+        y = head + r * (s + 4)
+        dr.text((2, y + 2), row["effect"], fill=(0, 0, 0))
+        dr.text((2, y + 16), f"LoRA:  {SHORT[row['label_lora']]} {row['conf_lora']:.2f}", fill=(0, 0, 0))
+        dr.text((2, y + 30), f"off:   {SHORT[row['label_base']]} {row['conf_base']:.2f}", fill=(0, 0, 0))
+        x = label_w
+        for (name, idx), clip in zip(cols, (row["ref"], row["gen"], row["base"])):
+            for f in idx:
+                im = Image.fromarray(clip[f]).resize((s, s), Image.NEAREST)
+                sheet.paste(im, (x, y))
+                x += s
+            x += gap
+    sheet.save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/work/train/pipeline", help="pipeline dir from train_dit.py")
+    ap.add_argument("--n", type=int, default=64, help="clips (effects round-robin)")
+    ap.add_argument("--seed0", type=int, default=10000, help="held-out seeds start here (train seeds are >= 1e6)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="CFG scale; with prompt = negative = \"\" both branches are equal, so >1 only costs time")
+    ap.add_argument("--iterations", type=int, default=0, help="hypernet refinement iterations (0 = trained value)")
+    ap.add_argument("--no-base", action="store_true", help="skip the LoRA-off generations")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sheet", default="", help="contact sheet PNG")
+    ap.add_argument("--sheet-n", type=int, default=8, help="examples on the sheet")
+    ap.add_argument("--json", default="", help="write per-clip results + summary here")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    from diffusers import CogVideoXImageToVideoPipeline
+    from diffusers.utils import logging as dlog
+    from PIL import Image
+
+    dlog.disable_progress_bar()
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    hyper, lilora, cfg = load_video2lora(args.model, pipe.transformer)
+    iters = args.iterations or cfg["iterations"]
+    vae = pipe.vae
+    print(f"model {args.model}: {cfg['num_layers']} LiLoRA layers, D {cfg['weight_dim']}, {cfg['blocks']} blocks, "
+          f"{iters} iterations; VAE scaling_factor {vae.config.scaling_factor}; trained steps {cfg.get('train_steps')}",
+          flush=True)
+
+    results, t0 = [], time.time()
+    for i in range(args.n):
+        effect = EFFECTS[i % len(EFFECTS)]
+        s2, s1 = args.seed0 + i, args.seed0 + 100000 + i
+        ref = to_uint8(make_clip(effect, s1))
+        truth = to_uint8(make_clip(effect, s2))
+        image = Image.fromarray(truth[0])
+        with torch.no_grad():
+            rows = hyper(reference_latents(vae, ref), iters)
+        if i == 0:
+            print(f"fused-vs-hooked DiT max |diff| {fuse_check(pipe, lilora, rows):.2e}", flush=True)
+
+        def generate(lora_rows):
+            lilora.set_rows(lora_rows)
+            try:
+                out = pipe(image=image, prompt="", negative_prompt="", height=64, width=64, num_frames=17,
+                           num_inference_steps=args.steps, guidance_scale=args.guidance, max_sequence_length=8,
+                           generator=torch.Generator().manual_seed(s2), output_type="np").frames[0]
+            finally:
+                lilora.set_rows(None)
+            return to_uint8(np.asarray(out))
+
+        gen = generate(rows)
+        lab, conf = classify(gen)
+        r = dict(i=i, effect=effect, seed=s2, ref_seed=s1, label_lora=lab, conf_lora=conf)
+        if not args.no_base:
+            base = generate(None)
+            r["label_base"], r["conf_base"] = classify(base)
+        else:
+            base = np.zeros_like(gen)
+            r["label_base"], r["conf_base"] = "none", 0.0
+        r["label_truth"], r["conf_truth"] = classify(truth)
+        results.append(r)
+        print(f"[{i + 1}/{args.n}] {effect:10s} LoRA -> {lab:10s} ({conf:.2f})  off -> {r['label_base']:10s} "
+              f"({r['conf_base']:.2f})  truth -> {r['label_truth']}  {time.time() - t0:.0f} s", flush=True)
+        if i < args.sheet_n:
+            r.update(ref=ref, gen=gen, base=base)
+
+    n = len(results)
+    acc = lambda key: sum(r[key] == r["effect"] for r in results) / n  # noqa: E731
+    per_effect = {}
+    for e in EFFECTS:
+        rs = [r for r in results if r["effect"] == e]
+        if rs:
+            per_effect[e] = dict(n=len(rs), lora=sum(r["label_lora"] == e for r in rs) / len(rs),
+                                 base=sum(r["label_base"] == e for r in rs) / len(rs))
+    hist = lambda key: {l: sum(r[key] == l for r in results) for l in EFFECTS + ["none"] if any(r[key] == l for r in results)}  # noqa: E731,E741
+    summary = dict(model=args.model, n=n, steps=args.steps, guidance=args.guidance, iterations=iters,
+                   accuracy_lora=acc("label_lora"), accuracy_no_lora=None if args.no_base else acc("label_base"),
+                   chance=1 / len(EFFECTS), accuracy_truth=acc("label_truth"), per_effect=per_effect,
+                   labels_lora=hist("label_lora"), labels_no_lora=hist("label_base"),
+                   seconds=round(time.time() - t0, 1))
+    print("SUMMARY", json.dumps(summary), flush=True)
+    print(f"effect-transfer accuracy: with LoRA {summary['accuracy_lora']:.1%}, LoRA off "
+          f"{'-' if args.no_base else format(summary['accuracy_no_lora'], '.1%')}, chance {1 / len(EFFECTS):.1%} "
+          f"(ground-truth clips {summary['accuracy_truth']:.1%}), {n} held-out clips", flush=True)
+    if args.sheet:
+        contact_sheet([r for r in results if "gen" in r], args.sheet)
+        print(f"contact sheet {args.sheet}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(summary=summary, clips=[{k: v for k, v in r.items() if k not in ("ref", "gen", "base")}
+                                                  for r in results]), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,524 @@
+"""Train the tiny CogVideoX I2V DiT jointly with the Video2LoRA hypernetwork and LiLoRA.
+
+Pipeline (see training/README.md, "DiT + hypernetwork"):
+
+1. A frozen trained VAE (diffusers dir, or train_vae.py's resume.pt) pre-encodes a cache
+   (--cache, default /work/train/latents.pt) for every training seed and every effect:
+     target     [16, 5, 8, 8]  clip in [-1, 1] -> posterior mode * scaling_factor (what the DiT learns)
+     reference  [16, 5, 8, 8]  clip in [0, 1]  -> posterior mode * scaling_factor (hypernetwork input,
+                               Video2LoRA's range)
+     image      [16, 1, 8, 8]  frame 0 in [-1, 1] encoded alone (mode and posterior std, both
+                               * scaling_factor); padded with 4 zero latent frames at train time, which
+                               is CogVideoXImageToVideoPipeline.prepare_latents (no noise augmentation there)
+   Pixels are rounded to 8-bit first (inference reads PNG / video files). Frame 0 is the same
+   for every effect of a seed, so the image latent is stored once per seed.
+2. A CogVideoXTransformer3DModel (I2V: 32 input channels = [noisy latents, image latents]).
+3. LiLoRA on every nn.Linear of the DiT (forward hooks, s = 1), rows from VideoHyperDream.
+4. Example = effect E, seeds s1 != s2: hypernet(reference[s1, E]) -> LoRA rows; x0 = target[s2, E],
+   image = image[s2]. t ~ U{0..999}, x_t = scheduler.add_noise(x0, eps, t), v-prediction target
+   scheduler.get_velocity(x0, eps, t) (CogVideoXDDIMScheduler, zero-SNR); DiT input
+   cat([x_t, image], channels) in the pipeline's [B, F, C, H, W] layout, the rotary embeddings the
+   pipeline computes for 64x64 / 5 latent frames, the tiny T5's embeddings of "" (8 tokens).
+   loss = MSE(v_pred, v) (equal to diffusers' CogVideoX fine-tuning loss, the x0 error weighted by
+   1 / (1 - alphas_cumprod)).
+5. Saves a diffusers pipeline dir (--out) + hypernetwork.safetensors + lilora.safetensors +
+   video2lora.json. Resumable checkpoints in --work/resume.pt.
+
+    nice -n 19 /work/torchvenv/bin/python training/train_dit.py --threads 2 --max-steps 16000 --batch 16 --cosine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from effects import EFFECTS, make_clip  # noqa: E402
+from video2lora import LiLoRA, VideoHyperDream, save_hypernet, save_lilora  # noqa: E402
+
+REPO = os.path.dirname(HERE)
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "cogvideox-tiny")
+TRAIN_SEED0 = 1_000_000  # training seeds; everything in 10000..999999 is held out
+VAL_SEED0 = 20_000  # validation-loss seeds (held out; eval_transfer.py uses 10000..)
+FRAMES, SIZE = 17, 64
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------- VAE
+
+
+def load_vae(path: str, channels: str = "16,16,32,32", groups: int = 8, layers: int = 1):
+    """A diffusers AutoencoderKLCogVideoX dir, or train_vae.py's resume.pt (its "model" state
+    dict, built with build_vae(channels, layers, groups)). Returns (vae, description)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        vae = AutoencoderKLCogVideoX.from_pretrained(path)
+        desc = f"{path} (diffusers dir)"
+    else:
+        if os.path.isdir(path):
+            path = os.path.join(path, "resume.pt")
+        from train_vae import build_vae
+
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        vae = build_vae([int(c) for c in channels.split(",")], layers, groups)
+        vae.load_state_dict(ck["model"])
+        desc = f"{path} (resume.pt, step {ck.get('step')})"
+    vae.eval().requires_grad_(False)
+    return vae, desc
+
+
+def vae_from_cache(cache: dict):
+    """The exact VAE that encoded the cache (its config + weights are stored in it)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = AutoencoderKLCogVideoX.from_config(cache["vae_config"])
+    vae.load_state_dict(cache["vae_state"])
+    return vae.eval().requires_grad_(False)
+
+
+def quantize(clip: np.ndarray) -> np.ndarray:
+    return np.round(clip * 255.0) / 255.0
+
+
+@torch.no_grad()
+def encode_clips(vae, clips: np.ndarray, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """clips [B, F, H, W, 3] in [0, 1] -> (posterior mean, posterior std) [B, 16, f, h, w], unscaled."""
+    x = torch.from_numpy(np.ascontiguousarray(clips, dtype=np.float32)).permute(0, 4, 1, 2, 3)
+    if signed:
+        x = x * 2.0 - 1.0
+    dist = vae.encode(x).latent_dist
+    return dist.mode(), dist.std
+
+
+@torch.no_grad()
+def encode_seed(vae, seed: int, effects: list[str]):
+    """One seed: target/reference latents [E, 16, 5, 8, 8], image mean/std [16, 1, 8, 8] (unscaled)."""
+    clips = np.stack([quantize(make_clip(e, seed)) for e in effects])  # [E, F, H, W, 3]
+    target, _ = encode_clips(vae, clips, signed=True)
+    ref, _ = encode_clips(vae, clips, signed=False)
+    img_mean, img_std = encode_clips(vae, clips[:1, :1], signed=True)
+    return target, ref, img_mean[0], img_std[0]
+
+
+def build_cache(vae, vae_desc: str, seeds: list[int], val_seeds: list[int], effects: list[str],
+                scaling: str, threads: int) -> dict:
+    t0 = time.time()
+    parts = {}
+    for name, ss in (("train", seeds), ("val", val_seeds)):
+        tg, rf, im, isd = [], [], [], []
+        for i, s in enumerate(ss):
+            a, b, c, d = encode_seed(vae, s, effects)
+            tg.append(a), rf.append(b), im.append(c), isd.append(d)
+            if (i + 1) % 50 == 0 or i + 1 == len(ss):
+                el = time.time() - t0
+                print(f"  cache {name}: {i + 1}/{len(ss)} seeds, {el:.0f} s", flush=True)
+        parts[name] = [torch.stack(t) for t in (tg, rf, im, isd)]
+    seconds = time.time() - t0
+    n_clips = (len(seeds) + len(val_seeds)) * len(effects)
+    tgt = parts["train"][0]
+    latent_std = float(tgt.std())
+    if scaling == "auto":
+        sf = float(f"{1.0 / latent_std:.4g}")
+    elif scaling == "keep":
+        sf = float(vae.config.scaling_factor)
+    else:
+        sf = float(scaling)
+    cache = dict(vae_config=dict(vae.config), vae_state={k: v.clone() for k, v in vae.state_dict().items()},
+                 meta=dict(vae=vae_desc, scaling_factor=sf, raw_latent_std=latent_std,
+                           raw_latent_mean=float(tgt.mean()), effects=effects, seeds=seeds, val_seeds=val_seeds,
+                           encode_seconds=round(seconds, 1), clips=n_clips,
+                           seconds_per_clip=seconds / n_clips, threads=threads,
+                           layout="target/reference [S, E, C=16, F=5, H=8, W=8]; image [S, 16, 1, 8, 8]; all x scaling_factor"))
+    for name in ("train", "val"):
+        tg, rf, im, isd = parts[name]
+        p = "" if name == "train" else "val_"
+        cache[p + "target"] = tg * sf
+        cache[p + "reference"] = rf * sf
+        cache[p + "image"] = im * sf
+        cache[p + "image_std"] = isd * sf
+    print(f"cache: {n_clips} clips ({len(seeds)} train + {len(val_seeds)} val seeds x {len(effects)} effects) "
+          f"encoded in {seconds:.1f} s = {seconds / n_clips * 1000:.0f} ms/clip (3 VAE encodes per seed: "
+          f"targets, references, first frame); raw latent std {latent_std:.3f} -> scaling_factor {sf}",
+          flush=True)
+    return cache
+
+
+def pad_image_latents(img: torch.Tensor, latent_frames: int = 5) -> torch.Tensor:
+    """[B, 16, 1, h, w] -> [B, F, 16, h, w]: prepare_latents' layout, frame 0 then zero frames."""
+    img = img.permute(0, 2, 1, 3, 4)
+    pad = img.new_zeros(img.shape[0], latent_frames - 1, *img.shape[2:])
+    return torch.cat([img, pad], dim=1)
+
+
+# ----------------------------------------------------------------------------------------- DiT
+
+
+def build_dit(layers=4, heads=4, head_dim=32, time_dim=64, text_dim=32, text_len=8):
+    from diffusers import CogVideoXTransformer3DModel
+
+    with open(os.path.join(FIXTURE, "transformer", "config.json")) as f:
+        cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    cfg.update(num_layers=layers, num_attention_heads=heads, attention_head_dim=head_dim,
+               time_embed_dim=time_dim, text_embed_dim=text_dim, max_text_seq_length=text_len,
+               in_channels=32, out_channels=16, patch_size=2, sample_height=SIZE // 8, sample_width=SIZE // 8,
+               sample_frames=FRAMES, use_rotary_positional_embeddings=True)
+    return CogVideoXTransformer3DModel(**cfg)
+
+
+def rotary_embeddings(dit, height=SIZE, width=SIZE, latent_frames=5):
+    """(cos, sin) exactly as CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    ns = SimpleNamespace(transformer=dit, vae_scale_factor_spatial=8)
+    return CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
+        ns, height, width, latent_frames, torch.device("cpu"))
+
+
+@torch.no_grad()
+def empty_prompt_embeds(text_len=8) -> torch.Tensor:
+    """The tiny T5's embeddings of "" padded to text_len tokens: [1, text_len, 32]."""
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    tok = T5Tokenizer.from_pretrained(os.path.join(FIXTURE, "tokenizer"))
+    te = T5EncoderModel.from_pretrained(os.path.join(FIXTURE, "text_encoder")).eval()
+    ids = tok([""], padding="max_length", max_length=text_len, truncation=True, add_special_tokens=True,
+              return_tensors="pt").input_ids
+    return te(ids)[0].float()
+
+
+def load_scheduler():
+    from diffusers import CogVideoXDDIMScheduler
+
+    return CogVideoXDDIMScheduler.from_pretrained(os.path.join(FIXTURE, "scheduler"))
+
+
+class Trainer:
+    def __init__(self, args, cache):
+        self.args = args
+        self.dit = build_dit(args.layers, args.heads, args.head_dim, args.time_dim, args.text_dim, args.text_len)
+        self.lilora = LiLoRA(self.dit, args.a, args.b, args.r, scale=args.lora_scale)
+        self.hyper = VideoHyperDream(self.lilora.num_layers, 16, args.a, args.b, args.r, args.hyper_blocks,
+                                     args.hyper_iters)
+        self.sched = load_scheduler()
+        self.alphas_cumprod = self.sched.alphas_cumprod.float()
+        self.rope = rotary_embeddings(self.dit)
+        self.text = empty_prompt_embeds(args.text_len)
+        self.cache = cache
+        self.n_eff = cache["target"].shape[1]
+
+    def parameters(self):
+        return list(self.dit.parameters()) + list(self.lilora.parameters()) + list(self.hyper.parameters())
+
+    def param_counts(self) -> dict:
+        n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return dict(dit=n(self.dit), hypernet=n(self.hyper), lilora=n(self.lilora),
+                    lilora_layers=self.lilora.num_layers, weight_dim=self.lilora.weight_dim, heads=self.hyper.heads)
+
+    def loss(self, ref, x0, img, t, noise, lora: bool = True, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """ref/x0 [B, 16, 5, 8, 8], img [B, 16, 1, 8, 8] (already sampled), t [B] long, noise like x0;
+        keep [B] (0/1): examples with 0 get zero LoRA rows, i.e. exactly the DiT without LoRA."""
+        x0 = x0.permute(0, 2, 1, 3, 4)  # pipeline layout [B, F, C, H, W]
+        noise = noise.permute(0, 2, 1, 3, 4)
+        xt = self.sched.add_noise(x0, noise, t)
+        v = self.sched.get_velocity(x0, noise, t)
+        inp = torch.cat([xt, pad_image_latents(img)], dim=2)
+        rows = None
+        if lora:
+            rows = self.hyper(ref)
+            if keep is not None:
+                rows = rows * keep.view(-1, 1, 1).to(rows.dtype)
+        self.lilora.set_rows(rows)
+        try:
+            pred = self.dit(hidden_states=inp, encoder_hidden_states=self.text.expand(x0.shape[0], -1, -1),
+                            timestep=t, image_rotary_emb=self.rope, return_dict=False)[0]
+        finally:
+            self.lilora.set_rows(None)
+        return F.mse_loss(pred, v)
+
+    def sample_image(self, idx, gen, prefix=""):
+        img = self.cache[prefix + "image"][idx]
+        if self.args.image_latents == "sample":  # what prepare_latents does (retrieve_latents samples)
+            img = img + self.cache[prefix + "image_std"][idx] * torch.randn(img.shape, generator=gen)
+        return img
+
+    def batch(self, rng: np.random.Generator, gen: torch.Generator, bsz: int):
+        S = self.cache["target"].shape[0]
+        e = rng.integers(self.n_eff, size=bsz)
+        s2 = rng.integers(S, size=bsz)
+        s1 = (s2 + rng.integers(1, S, size=bsz)) % S  # != s2
+        e_t, s1_t, s2_t = map(torch.from_numpy, (e, s1, s2))
+        ref = self.cache["reference"][s1_t, e_t]
+        x0 = self.cache["target"][s2_t, e_t]
+        img = self.sample_image(s2_t, gen)
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (bsz,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        keep = (torch.rand(bsz, generator=gen) >= self.args.lora_dropout).float()
+        return ref, x0, img, t, noise, True, keep
+
+    @torch.no_grad()
+    def validate(self, bsz: int) -> dict:
+        """Held-out loss with the matching reference, a reference of another effect, and no LoRA
+        (same seeds, timesteps and noise). matched < mismatched means the effect is transferred."""
+        c = self.cache
+        S = c["val_target"].shape[0]
+        if S < 2:
+            return {}
+        gen = torch.Generator().manual_seed(1234)
+        rows = [(e, s, (s + 1) % S) for e in range(self.n_eff) for s in range(S)]
+        tot = {"matched": 0.0, "mismatched": 0.0, "no_lora": 0.0}
+        self.dit.eval(), self.hyper.eval()
+        n = 0
+        for i in range(0, len(rows), bsz):
+            r = rows[i: i + bsz]
+            e = torch.tensor([x[0] for x in r])
+            s2 = torch.tensor([x[1] for x in r])
+            s1 = torch.tensor([x[2] for x in r])
+            e_wrong = (e + 1 + torch.randint(0, self.n_eff - 1, e.shape, generator=gen)) % self.n_eff
+            x0 = c["val_target"][s2, e]
+            img = c["val_image"][s2]
+            t = torch.linspace(20, 980, len(r)).round().long()
+            noise = torch.randn(x0.shape, generator=gen)
+            w = len(r)
+            tot["matched"] += w * self.loss(c["val_reference"][s1, e], x0, img, t, noise).item()
+            tot["mismatched"] += w * self.loss(c["val_reference"][s1, e_wrong], x0, img, t, noise).item()
+            tot["no_lora"] += w * self.loss(None, x0, img, t, noise, lora=False).item()
+            n += w
+        self.dit.train(), self.hyper.train()
+        return {f"val_{k}": v / n for k, v in tot.items()}
+
+    def state(self) -> dict:
+        return dict(dit=self.dit.state_dict(), lilora=self.lilora.state_dict(), hyper=self.hyper.state_dict())
+
+    def load_state(self, st: dict) -> None:
+        self.dit.load_state_dict(st["dit"])
+        self.lilora.load_state_dict(st["lilora"])
+        self.hyper.load_state_dict(st["hyper"])
+
+
+# ---------------------------------------------------------------------------------------- save
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Copies the files only (the fixture dirs are read-only; the copies should not be)."""
+    os.makedirs(dst)
+    for name in sorted(os.listdir(src)):
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def save_pipeline(out: str, tr: Trainer, vae, sf: float, extra: dict) -> None:
+    """A complete diffusers CogVideoXImageToVideoPipeline dir + the Video2LoRA files."""
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tr.dit.save_pretrained(os.path.join(tmp, "transformer"))
+    vae.register_to_config(scaling_factor=sf)
+    vae.save_pretrained(os.path.join(tmp, "vae"))
+    for d in ("scheduler", "text_encoder", "tokenizer"):
+        _copy_tree(os.path.join(FIXTURE, d), os.path.join(tmp, d))
+    shutil.copyfile(os.path.join(FIXTURE, "model_index.json"), os.path.join(tmp, "model_index.json"))
+    save_hypernet(tr.hyper, os.path.join(tmp, "hypernetwork.safetensors"))
+    save_lilora(tr.lilora, os.path.join(tmp, "lilora.safetensors"))
+    cfg = dict(tr.hyper.config(), scale=tr.lilora.scale, layer_order=tr.lilora.paths,
+               reference="frames in [0, 1] -> VAE posterior mode x scaling_factor",
+               export=f"v2l-export pipeline DIR --hypernet DIR/hypernetwork.safetensors "
+                      f"--lilora DIR/lilora.safetensors --iterations {tr.hyper.sample_iters}")
+    cfg.update(extra)
+    with open(os.path.join(tmp, "video2lora.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    for name in ("hypernetwork.safetensors", "lilora.safetensors"):
+        os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = ap.add_argument_group("data / cache")
+    d.add_argument("--vae", default="/work/train/vae", help="diffusers VAE dir, or a train_vae.py resume.pt (or a dir holding one)")
+    d.add_argument("--vae-channels", default="16,16,32,32", help="for resume.pt: build_vae channels")
+    d.add_argument("--vae-groups", type=int, default=8)
+    d.add_argument("--vae-layers", type=int, default=1)
+    d.add_argument("--cache", default="/work/train/latents.pt")
+    d.add_argument("--rebuild-cache", action="store_true", help="re-encode even if --cache exists")
+    d.add_argument("--cache-only", action="store_true", help="build the cache and exit")
+    d.add_argument("--train-seeds", type=int, default=1000, help="seeds 1_000_000.. (each x 8 effects)")
+    d.add_argument("--val-seeds", type=int, default=8, help="held-out seeds 20000.. for the validation loss")
+    d.add_argument("--scaling-factor", default="auto",
+                   help="'auto' = 1/std of the training target latents (written to vae/config.json), "
+                        "'keep' = the VAE config's, or a number")
+    d.add_argument("--image-latents", choices=["sample", "mode"], default="sample",
+                   help="first-frame latent: posterior sample (diffusers prepare_latents) or mode (v2l-run default)")
+    m = ap.add_argument_group("model")
+    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--head-dim", type=int, default=32)
+    m.add_argument("--time-dim", type=int, default=64)
+    m.add_argument("--text-dim", type=int, default=32)
+    m.add_argument("--text-len", type=int, default=8)
+    m.add_argument("--a", type=int, default=64, help="LiLoRA down_aux rows")
+    m.add_argument("--b", type=int, default=32, help="LiLoRA up_aux columns")
+    m.add_argument("--r", type=int, default=1)
+    m.add_argument("--lora-scale", type=float, default=1.0)
+    m.add_argument("--hyper-blocks", type=int, default=2)
+    m.add_argument("--hyper-iters", type=int, default=4)
+    t = ap.add_argument_group("training")
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--hyper-lr", type=float, default=0.0, help="LR of hypernet + LiLoRA (0 = --lr)")
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--warmup", type=int, default=200)
+    t.add_argument("--cosine", action="store_true", help="cosine-decay the LR to 0 at --max-steps")
+    t.add_argument("--lora-dropout", type=float, default=0.1,
+                   help="fraction of examples trained with the LoRA off (zero rows), so the base DiT alone "
+                        "still makes plausible clips and 'LoRA off' is a fair baseline")
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int, default=10000)
+    t.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch threads: 2 on an idle 2-core machine, 1 when the other core is busy (see README)")
+    t.add_argument("--log-every", type=int, default=25)
+    t.add_argument("--val-every", type=int, default=250, help="held-out matched/mismatched/no-LoRA loss (0 = end only)")
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--work", default="/work/train/dit", help="resume.pt + train_log.json go here")
+    t.add_argument("--resume", action="store_true", help="continue from WORK/resume.pt when it exists")
+    t.add_argument("--out", default="/work/train/pipeline", help="final diffusers pipeline dir")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    if os.path.exists(args.cache) and not args.rebuild_cache:
+        cache = torch.load(args.cache, weights_only=False)
+        vae = vae_from_cache(cache)
+        print(f"cache {args.cache}: {cache['meta']['clips']} clips encoded by {cache['meta']['vae']} "
+              f"(that VAE, stored in the cache, is the one saved with the pipeline; --vae is ignored), "
+              f"scaling_factor {cache['meta']['scaling_factor']}", flush=True)
+    else:
+        vae, vae_desc = load_vae(args.vae, args.vae_channels, args.vae_groups, args.vae_layers)
+        seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + args.train_seeds))
+        val_seeds = list(range(VAL_SEED0, VAL_SEED0 + args.val_seeds))
+        cache = build_cache(vae, vae_desc, seeds, val_seeds, EFFECTS, args.scaling_factor, args.threads)
+        os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
+        torch.save(cache, args.cache + ".tmp")
+        os.replace(args.cache + ".tmp", args.cache)
+        print(f"saved {args.cache} ({os.path.getsize(args.cache) / 1e6:.1f} MB)", flush=True)
+    if args.cache_only:
+        return
+    sf = cache["meta"]["scaling_factor"]
+
+    tr = Trainer(args, cache)
+    counts = tr.param_counts()
+    print("params", json.dumps(counts), f"batch {args.batch}", flush=True)
+
+    hyper_params = list(tr.lilora.parameters()) + list(tr.hyper.parameters())
+    opt = torch.optim.AdamW([
+        dict(params=list(tr.dit.parameters()), lr=args.lr, base_lr=args.lr),
+        dict(params=hyper_params, lr=args.hyper_lr or args.lr, base_lr=args.hyper_lr or args.lr),
+    ], weight_decay=args.weight_decay, betas=(0.9, 0.99))
+
+    os.makedirs(args.work, exist_ok=True)
+    resume = os.path.join(args.work, "resume.pt")
+    step, log, seconds0 = 0, [], 0.0
+    if args.resume and os.path.exists(resume):
+        ck = torch.load(resume, weights_only=False)
+        tr.load_state(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, log, seconds0 = ck["step"], ck["log"], ck["seconds"]
+        rng.bit_generator.state = ck["rng"]
+        gen.set_state(ck["gen"])
+        print(f"resumed at step {step} ({seconds0:.0f} s trained)", flush=True)
+
+    def lr_factor(s):
+        f = min(1.0, (s + 1) / args.warmup) if args.warmup else 1.0
+        if args.cosine and args.max_steps:
+            f *= 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps))
+        return f
+
+    def save_resume():
+        ck = dict(model=tr.state(), opt=opt.state_dict(), step=step, log=log, rng=rng.bit_generator.state,
+                  gen=gen.get_state(), seconds=seconds0 + time.time() - t0, args=vars(args))
+        torch.save(ck, resume + ".tmp")
+        os.replace(resume + ".tmp", resume)
+
+    tr.dit.train(), tr.hyper.train()
+    params = tr.parameters()
+    t0 = time.time()
+    last_t, last_step, last_cpu = t0, step, time.process_time()
+    ema = None
+    while step < args.max_steps:
+        if args.minutes and (time.time() - t0) > args.minutes * 60:
+            break
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step)
+        loss = tr.loss(*tr.batch(rng, gen, args.batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % args.log_every == 0 or step == 1 or step == args.max_steps:
+            now = time.time()
+            cpu = time.process_time()
+            sps = (step - last_step) / max(now - last_t, 1e-9)
+            cpu_per_step = (cpu - last_cpu) / max(step - last_step, 1)
+            last_t, last_step, last_cpu = now, step, cpu
+            entry = dict(step=step, t=round(seconds0 + now - t0, 1), loss=loss.item(), loss_ema=ema,
+                         grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], steps_per_s=sps,
+                         s_per_step=1 / max(sps, 1e-9), cpu_s_per_step=cpu_per_step)
+            if args.val_every and step % args.val_every == 0:
+                entry.update(tr.validate(args.batch))
+            log.append(entry)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()),
+                  f"rss={peak_rss_mb():.0f}MB", flush=True)
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            save_resume()
+
+    total = seconds0 + time.time() - t0
+    final_val = tr.validate(args.batch)
+    print("final", json.dumps(final_val), flush=True)
+    if args.checkpoint_every:
+        save_resume()
+    summary = dict(params=counts, steps=step, seconds=round(total, 1), s_per_step=total / max(step, 1),
+                   final_loss_ema=ema, final_val=final_val, peak_rss_mb=peak_rss_mb(), scaling_factor=sf,
+                   vae=cache["meta"]["vae"], cache_clips=cache["meta"]["clips"], args=vars(args))
+    save_pipeline(args.out, tr, vae, sf, dict(train_steps=step, train_seconds=round(total, 1),
+                                              final_val=final_val))
+    with open(os.path.join(args.work, "train_log.json"), "w") as f:
+        json.dump(dict(summary=summary, log=log), f, indent=1)
+    sizes = {n: os.path.getsize(os.path.join(args.out, n)) for n in ("hypernetwork.safetensors", "lilora.safetensors")}
+    sizes["transformer"] = dir_size(os.path.join(args.out, "transformer"))
+    sizes["vae"] = dir_size(os.path.join(args.out, "vae"))
+    print("SUMMARY", json.dumps(dict(summary, file_bytes=sizes)), flush=True)
+    print(f"saved pipeline to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
