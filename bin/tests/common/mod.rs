@@ -15,7 +15,17 @@ pub fn engine(dir: &Path) -> PathBuf {
 
 /// [`engine`] with more `v2l-compile` flags (e.g. `--precision int8`).
 pub fn engine_with(dir: &Path, compile: &[&str]) -> PathBuf {
-    let t = tiny();
+    engine_of(&tiny(), dir, compile)
+}
+
+/// The embedded default model: trained on the demo's effects (`training/`).
+pub fn effects_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cogvideox-effects")
+}
+
+/// Exports the CogVideoX pipeline directory `t` (with its Video2LoRA hypernetwork) and compiles
+/// it with `compile`; returns the engine dir.
+pub fn engine_of(t: &Path, dir: &Path, compile: &[&str]) -> PathBuf {
     let ex = dir.join("export");
     let eng = dir.join("engine");
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))

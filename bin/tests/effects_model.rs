@@ -1,0 +1,147 @@
+//! The embedded default model (`models/cogvideox-effects`, trained by `training/` on the demo's
+//! procedural effects) against diffusers (fixture `tests/fixtures/cogvideox-effects`, made by
+//! `tests/fixtures/gen/cogvideox_effects.py`): the DiT with and without a predicted LoRA, and
+//! whole generations from the demo's first frame with each demo reference clip. The random-weight
+//! tiny model checks every code path; this one checks that the numbers hold on trained weights,
+//! where activations have real structure, and that the effect the demo shows is the effect
+//! diffusers' output shows.
+
+use std::collections::BTreeMap;
+
+use v2l_runtime::engine::Engine;
+use v2l_runtime::lora::strategy::{DitRunner, Strategy};
+use v2l_runtime::lora::AppliedLora;
+use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+use v2l_runtime::tensor::Data;
+use v2l_runtime::video::Frames;
+use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
+
+mod common;
+use common::{effects_model, engine_of};
+
+fn fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-effects")
+}
+
+fn frames_of(t: &Tensor) -> Frames {
+    let Data::U8(rgb) = &t.data else { panic!("u8") };
+    let s = &t.shape;
+    let (f, h, w) = if s.len() == 3 {
+        (1, s[0], s[1])
+    } else {
+        (s[0], s[1], s[2])
+    };
+    Frames {
+        frames: f,
+        height: h,
+        width: w,
+        rgb: rgb.clone(),
+    }
+}
+
+/// Asserts `got` within `bound` relative L2 of the fixture's `name`, printing the error.
+fn close(what: &str, got: &Tensor, io: &BTreeMap<String, Tensor>, name: &str, bound: f64) {
+    let err = got.rel_l2(&io[name]);
+    eprintln!("{what} {name}: relative L2 {err:.3e} (bound {bound:.0e})");
+    assert!(err <= bound, "{what} {name}: {err:.3e} > {bound:.0e}");
+}
+
+#[test]
+fn trained_model_matches_diffusers() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine_of(&effects_model(), d.path(), &[]);
+    let io = read_safetensors(&fixture().join("e2e_io.safetensors")).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("e2e.json")).unwrap()).unwrap();
+    let steps = summary["steps"].as_u64().unwrap() as usize;
+    let effects: Vec<String> = summary["runs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "base")
+        .cloned()
+        .collect();
+    assert!(effects.len() >= 2, "{effects:?}");
+
+    let mut p = Pipeline::load(Engine::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
+    let mut req = Request {
+        image: Some(frames_of(&io["first_frame_u8"])),
+        image_embeds: None,
+        prompt_embeds: io["prompt_embeds"].clone(),
+        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
+        frames: 17,
+        steps,
+        guidance: summary["guidance"].as_f64().unwrap() as f32,
+        noise: io["initial_noise"].clone(),
+        lora: RequestLora::Resident,
+    };
+    // Latents after every step, then the decoded frames, with the LoRA off and with each
+    // reference clip's LoRA (predicted by the exported hypernetwork from the clip's frames).
+    let mut runs = vec![(
+        "base".to_string(),
+        p.generate(&req, &mut |_, _| true).unwrap(),
+    )];
+    for e in &effects {
+        req.lora = RequestLora::Reference(frames_of(&io[&format!("{e}_reference_u8")]), 1.0);
+        runs.push((e.clone(), p.generate(&req, &mut |_, _| true).unwrap()));
+    }
+    for (name, g) in &runs {
+        if name != "base" {
+            close(
+                name,
+                g.reference_latents.as_ref().unwrap(),
+                &io,
+                &format!("{name}_reference_latents"),
+                1e-4,
+            );
+            close(
+                name,
+                g.hyper_weights.as_ref().unwrap(),
+                &io,
+                &format!("{name}_hyper_weights"),
+                1e-4,
+            );
+        }
+        assert_eq!(g.latents_steps.len(), steps);
+        for (i, l) in g.latents_steps.iter().enumerate() {
+            close(name, l, &io, &format!("{name}_latents_step{i}"), 1e-4);
+        }
+        close(name, &g.frames, &io, &format!("{name}_frames"), 1e-4);
+    }
+
+    // One DiT call, without and with the first reference's LoRA (fixture `dit_io`).
+    let dit_io = read_safetensors(&fixture().join("dit_io.safetensors")).unwrap();
+    let inputs: BTreeMap<String, Tensor> = dit_io
+        .iter()
+        .filter(|(k, _)| !k.starts_with("output"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let lora = AppliedLora {
+        lora: p
+            .predict(
+                &frames_of(&io[&format!("{}_reference_u8", effects[0])]),
+                1.0,
+            )
+            .unwrap()
+            .lora
+            .into(),
+        source: effects[0].clone().into(),
+        multiplier: 1.0,
+    };
+    let engine = Engine::open(&eng).unwrap();
+    let opts = engine.session_options(0);
+    for strategy in [Strategy::Fused, Strategy::Unfused] {
+        let mut dit = DitRunner::load(&engine, &opts, strategy).unwrap();
+        let base = dit.run(&inputs).unwrap()["sample"].clone();
+        close(&format!("{strategy:?} DiT"), &base, &dit_io, "output", 1e-4);
+        dit.set_lora(&engine, Some(&lora)).unwrap();
+        let with = dit.run(&inputs).unwrap()["sample"].clone();
+        close(
+            &format!("{strategy:?} DiT"),
+            &with,
+            &dit_io,
+            "output_with_lilora",
+            1e-4,
+        );
+    }
+}
