@@ -127,7 +127,7 @@ fn every_help_has_an_example_and_is_stable() {
             ],
         ),
         ("v2l-compile", &[]),
-        ("v2l-run", &["stage"]),
+        ("v2l-run", &["stage", "measure"]),
         (
             "v2l-lora",
             &["inspect", "convert", "merge", "predict", "fuse"],
@@ -156,6 +156,63 @@ fn every_help_has_an_example_and_is_stable() {
             insta::assert_snapshot!(name, text);
         }
     }
+}
+
+#[test]
+fn measure_labels_clips_and_names_bad_ones() {
+    use v2l_runtime::tensor::{Data, Tensor};
+    let d = tempfile::tempdir().unwrap();
+    // A clip of training/effects.py as a `reference_u8` file, and its first frame alone.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/effects");
+    let clips = v2l_runtime::read_safetensors(&fixture.join("clips.safetensors")).unwrap();
+    let clip = clips["rotate_cw"].clone();
+    let write = |name: &str, t: Tensor| {
+        let path = d.path().join(name);
+        let tensors = std::collections::BTreeMap::from([("reference_u8".to_string(), t)]);
+        v2l_runtime::write_safetensors(&path, &tensors).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let Data::U8(rgb) = &clip.data else { panic!() };
+    let one = Tensor {
+        shape: vec![1, 64, 64, 3],
+        data: Data::U8(rgb[..64 * 64 * 3].to_vec()),
+    };
+    let (rot, one) = (
+        write("rot.safetensors", clip),
+        write("one.safetensors", one),
+    );
+
+    let o = run("v2l-run", &["measure", "--json", &rot]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["label"], "rotate_cw", "{v}");
+    assert!(v["motion"]["rotation_deg"].as_f64().unwrap() > 80.0, "{v}");
+    assert_eq!(v["scores"].as_object().unwrap().len(), 8, "{v}");
+    // Text: one line per clip, an mp4 read at its own size.
+    let mp4 = tiny().join("reference.mp4");
+    let o = run("v2l-run", &["measure", &rot, mp4.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.starts_with(&format!("{rot}: rotate_cw (confidence ")),
+        "{text}"
+    );
+
+    // Bad clips: one error naming the file, exit code 1, no engine needed.
+    assert_clean_failure(
+        &run("v2l-run", &["measure", "/nonexistent/a.mp4"]),
+        "/nonexistent/a.mp4",
+    );
+    let notes = d.path().join("notes.mp4");
+    std::fs::write(&notes, "not a video").unwrap();
+    let o = run("v2l-run", &["measure", notes.to_str().unwrap()]);
+    assert_clean_failure(&o, "notes.mp4: not a video");
+    let o = run("v2l-run", &["measure", &rot, &one]);
+    assert_clean_failure(
+        &o,
+        &format!("{one}: 1 frame(s); measuring an effect needs at least 2"),
+    );
 }
 
 #[test]

@@ -15,8 +15,9 @@
 //! [`pipeline::Pipeline`] generates in named steps (check the request, apply a reference clip's
 //! LoRA for that request only, encode the first frame, denoise, decode); [`predict`] turns a
 //! reference clip into a LoRA; [`lora`] reads, converts, fuses and switches LoRAs; [`bundle`]
-//! compiles and verifies engines. What the runtime shares with the exporter (the manifest, LoRA
-//! targets, frame-batch rules) comes from `v2l-contracts`: the runtime does not link the exporter.
+//! compiles and verifies engines; [`measure`] tells which effect a clip shows, from its pixels.
+//! What the runtime shares with the exporter (the manifest, LoRA targets, frame-batch rules)
+//! comes from `v2l-contracts`: the runtime does not link the exporter.
 
 // Input reaches this crate: no unwrap, expect or unchecked indexing outside tests (modules
 // that index provably in-bounds buffers in hot loops say so and allow it locally).
@@ -37,6 +38,7 @@ pub mod image_preprocess;
 pub mod layout;
 pub mod limits;
 pub mod lora;
+pub mod measure;
 pub mod ort_env;
 pub mod pipeline;
 pub mod predict;

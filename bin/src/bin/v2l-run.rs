@@ -47,6 +47,9 @@ use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 ///
 /// Example:
 ///   v2l-run --engine out/ stage dit --inputs dit_io.safetensors -o dit_out.safetensors
+///
+/// `measure` tells which effect each clip shows, from its pixels alone (no engine):
+///   v2l-run measure out.mp4 ref.mp4
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -211,6 +214,46 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         repeat: usize,
     },
+    /// Tell which effect each clip shows, measured from its pixels (no engine, no model)
+    ///
+    /// For each pair of consecutive frames a similarity transform (rotation, zoom, pan) is
+    /// fitted to the luma, coarse to fine; on the aligned pair the hue rotation, the
+    /// brightness ratio and the correlation are measured. Summed over the clip and divided by
+    /// the nominal magnitudes of the effects dataset (training/effects.py), the largest score
+    /// names the effect:
+    ///
+    ///   rotate_cw / rotate_ccw  content turns clockwise / counter-clockwise (nominal 90°)
+    ///   zoom_in / zoom_out      content grows / shrinks about the centre (nominal ×1.5)
+    ///   pan_left / pan_right    content slides left / right (nominal 24 px of a 64-px frame)
+    ///   hue_shift               hues rotate at constant luma (nominal 150°)
+    ///   fade_black              brightness ramps down (nominal to ×0.1)
+    ///   none                    the best score is under 30 % of its nominal, or consecutive
+    ///                           frames do not line up (noise, cuts)
+    ///
+    /// Confidence (0 to 1) drops when a second effect, or a vertical pan, is nearly as strong,
+    /// and when frames line up poorly. Each clip is read at its own size, not resized: an mp4
+    /// (or anything ffmpeg decodes), a directory of PNGs, or a safetensors file with
+    /// `reference_u8 [F,H,W,3]`; at least 2 frames of 8×8 pixels. The measurement is
+    /// training/measure.py's, to rounding. The first clip that cannot be read or measured
+    /// stops the command with an error naming it.
+    ///
+    /// Each line reads: label (confidence), then what was measured over the whole clip:
+    /// rotation (+ = clockwise), zoom factor, pan x,y (+ = right, down; pixels of a 64-px-wide
+    /// frame), hue rotation, brightness gain, and ncc (how well consecutive frames line up).
+    ///
+    /// Examples:
+    ///   v2l-run measure out/demo/video.mp4 models/cogvideox-effects/examples/ref_rotate_cw.mp4
+    ///   v2l-run measure clips/*.mp4 --json > effects.jsonl
+    #[command(verbatim_doc_comment)]
+    Measure {
+        /// Clips to measure (mp4, a directory of PNGs, or safetensors `reference_u8`)
+        #[arg(required = true, value_name = "VIDEO")]
+        videos: Vec<PathBuf>,
+        /// Print one JSON object per clip (path, label, confidence, scores, motion) instead of
+        /// a line of text
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -257,15 +300,19 @@ impl From<StageArg> for Stage {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| {
-        let engine = cli.engine.as_ref().ok_or_else(|| {
-            Failure::usage("no engine given")
-                .with_hint("pass --engine <export dir>, e.g. `v2l-run --engine out/ stage dit ...`")
-        })?;
+        let engine = || {
+            cli.engine.as_ref().ok_or_else(|| {
+                Failure::usage("no engine given").with_hint(
+                    "pass --engine <export dir>, e.g. `v2l-run --engine out/ stage dit ...`",
+                )
+            })
+        };
         let opts = SessionOptions {
             threads: cli.threads,
             ..Default::default()
         };
         match cli.command {
+            Some(Command::Measure { videos, json }) => measure_clips(&videos, json),
             Some(Command::Stage {
                 stage,
                 inputs,
@@ -278,6 +325,7 @@ fn main() -> ExitCode {
                 json,
                 repeat,
             }) => {
+                let engine = engine()?;
                 if let StageArg::Text = stage {
                     let file = prompts.as_ref().ok_or_else(|| {
                         Failure::usage(
@@ -355,9 +403,91 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            None => generate(engine, &cli.gen, &opts),
+            None => generate(engine()?, &cli.gen, &opts),
         }
     })
+}
+
+/// `measure`: reads each clip at its own size and prints what it shows.
+fn measure_clips(videos: &[PathBuf], json: bool) -> Result<(), Failure> {
+    use v2l_runtime::measure::measure;
+    for path in videos {
+        let clip = read_clip(path)?;
+        let m = measure(&clip).map_err(|e| match e {
+            v2l_runtime::RuntimeError::Invalid { message, .. } => {
+                Failure::new(format!("{}: {message}", path.display()))
+            }
+            e => Failure::from(e),
+        })?;
+        let mo = &m.motion;
+        if json {
+            let scores: serde_json::Map<String, serde_json::Value> = m
+                .scores
+                .iter()
+                .map(|&(name, v)| (name.to_string(), v.into()))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "path": path.display().to_string(), "label": m.label, "confidence": m.confidence,
+                    "scores": scores, "motion": mo,
+                })
+            );
+        } else {
+            println!(
+                "{}: {} (confidence {:.2})  rotation {:+.1}°  zoom ×{:.3}  pan {:+.1},{:+.1} px  \
+                 hue {:+.0}°  gain ×{:.2}  ncc {:.3}",
+                path.display(),
+                m.label,
+                m.confidence,
+                mo.rotation_deg,
+                mo.log_zoom.exp(),
+                mo.pan_x,
+                mo.pan_y,
+                mo.hue_deg,
+                mo.log_gain.exp(),
+                mo.ncc,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A clip at its stored size: ffprobe's for video and PNGs, the tensor's for safetensors.
+fn read_clip(path: &std::path::Path) -> Result<v2l_runtime::video::Frames, Failure> {
+    use v2l_runtime::RuntimeError;
+    if !path.exists() {
+        return Err(RuntimeError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        )
+        .into());
+    }
+    let (height, width) = if path.extension().is_some_and(|e| e == "safetensors") {
+        let tensors = read_safetensors(path)?;
+        let t = tensors
+            .get("reference_u8")
+            .ok_or_else(|| RuntimeError::MissingTensor {
+                path: path.into(),
+                name: "reference_u8".into(),
+            })?;
+        let [_, h, w, 3] = t.shape[..] else {
+            return Err(Failure::new(format!(
+                "{}: `reference_u8` has shape {:?}; expected [frames, height, width, 3]",
+                path.display(),
+                t.shape
+            )));
+        };
+        (h, w)
+    } else {
+        v2l_runtime::video::source_size(path).ok_or_else(|| {
+            Failure::new(format!("{}: not a video ffprobe can read", path.display())).with_hint(
+                "give an mp4 (or anything ffmpeg decodes), a directory of PNGs, or a safetensors \
+                 file with `reference_u8`; ffprobe comes with ffmpeg (bash scripts/setup.sh)",
+            )
+        })?
+    };
+    Ok(v2l_runtime::video::read_frames(path, height, width)?)
 }
 
 /// Prints `relative L2 error` of each output against a reference file.
