@@ -1,42 +1,56 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model (tests/fixtures/cogvideox-tiny, RANDOM weights, so
-# the video is noise): set up, build, export the CogVideoX I2V pipeline and the Video2LoRA
-# hypernetwork from their checkpoints, compile an engine, and generate a video from the first
-# frame with the reference clip's effect. Then check each component against what diffusers
-# computed. Outputs go to out/demo/.
+# The main job on the embedded default model, models/cogvideox-effects: a tiny CogVideoX I2V
+# pipeline + Video2LoRA hypernetwork TRAINED on procedural effects (training/). Set up, build,
+# export the pipeline and the hypernetwork from their diffusers/upstream checkpoints, compile an
+# engine, then generate two clips from the SAME first frame with two different reference clips:
+# each clip should show its reference's effect. Prints the effect each clip shows (measured by
+# `v2l-run measure`) and writes a side-by-side contact sheet. Then checks the DiT against
+# diffusers on this model. Outputs go to out/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --quiet
 bin=target/release
-tiny=tests/fixtures/cogvideox-tiny
+model=models/cogvideox-effects
+ex=$model/examples
 out=out/demo
+effects=(hue_shift fade_black)
 rm -rf "$out"
 mkdir -p "$out"
 
-$bin/v2l-export pipeline "$tiny" --hypernet "$tiny/hypernetwork.safetensors" --lilora "$tiny/lilora.safetensors" -o "$out/export"
+$bin/v2l-export pipeline "$model" --hypernet "$model/hypernetwork.safetensors" --lilora "$model/lilora.safetensors" -o "$out/export"
 $bin/v2l-compile "$out/export" -o "$out/engine"
 
-# Generate: first frame + prompt text (tokenized and encoded by the exported T5) + reference clip
-# -> mp4 + contact sheet.
-$bin/v2l-run --engine "$out/engine" --image "$tiny/first_frame.png" \
-  --prompt "A red car drives through a snowy forest at dusk, cinematic lighting." --negative-prompt "blurry, low quality" \
-  --reference "$tiny/reference.mp4" --frames 17 --steps 4 --guidance 6 --seed 42 -o "$out/video.mp4"
+# The model was trained with the empty prompt and without guidance, so: --prompt "" --guidance 1.
+for e in "${effects[@]}"; do
+  echo "== reference $ex/ref_$e.mp4 -> $out/$e.mp4"
+  $bin/v2l-run --engine "$out/engine" --image "$ex/first_frame.png" --prompt "" --negative-prompt "" \
+    --reference "$ex/ref_$e.mp4" --frames 17 --steps 20 --guidance 1 --seed 42 -o "$out/$e.mp4"
+done
+$bin/v2l-run --engine "$out/engine" --image "$ex/first_frame.png" --prompt "" --negative-prompt "" \
+  --frames 17 --steps 20 --guidance 1 --seed 42 -o "$out/no_lora.mp4"
 
-# The LoRA the reference clip predicts, as a standard file diffusers or ComfyUI can load.
-$bin/v2l-lora predict --engine "$out/engine" --reference "$tiny/reference.mp4" -o "$out/reference_lora.safetensors"
-$bin/v2l-lora inspect "$out/reference_lora.safetensors" | head -4
+echo "== which effect each clip shows (the references, then what v2l generated)"
+$bin/v2l-run measure "$ex/ref_${effects[0]}.mp4" "$out/${effects[0]}.mp4" \
+  "$ex/ref_${effects[1]}.mp4" "$out/${effects[1]}.mp4" "$out/no_lora.mp4"
 
-echo "== DiT vs diffusers"
-$bin/v2l-run --engine "$out/engine" stage dit --inputs "$tiny/dit_io.safetensors" -o "$out/dit_out.safetensors" \
-  --compare "$tiny/dit_io.safetensors" --compare-name sample=output
-echo "== VAE encode vs diffusers"
-$bin/v2l-run --engine "$out/engine" stage vae-encode --inputs "$tiny/vae_io.safetensors" -o "$out/vae_encode_out.safetensors" \
-  --compare "$tiny/vae_io.safetensors"
-echo "== VAE decode vs diffusers"
-$bin/v2l-run --engine "$out/engine" stage vae-decode --inputs "$tiny/vae_io.safetensors" -o "$out/vae_decode_out.safetensors" \
-  --compare "$tiny/vae_io.safetensors" --compare-name sample=decoded
-echo "== hypernetwork vs upstream Video2LoRA"
-$bin/v2l-run --engine "$out/engine" stage hypernet --inputs "$tiny/e2e_io.safetensors" -o "$out/hyper_out.safetensors" \
-  --compare "$tiny/e2e_io.safetensors"
-echo "video: $out/video.mp4, contact sheet: $out/video.png"
+# Contact sheet: frames 0, 4, 8, 12, 16 (x2, nearest). Left: reference A over generated A;
+# right: reference B over generated B; bottom: the same first frame without a LoRA.
+row='select=not(mod(n\,4)),scale=128:128:flags=neighbor,pad=132:132:2:2:gray,tile=5x1'
+ffmpeg -v error -y -i "$ex/ref_${effects[0]}.mp4" -i "$out/${effects[0]}.mp4" \
+  -i "$ex/ref_${effects[1]}.mp4" -i "$out/${effects[1]}.mp4" -i "$out/no_lora.mp4" -filter_complex \
+  "[0]$row[a];[1]$row[b];[2]$row[c];[3]$row[d];[4]$row[e];[a][b]vstack[l];[c][d]vstack[r];[l][r]hstack[top];[e]pad=1320:132:0:0:gray[bottom];[top][bottom]vstack" \
+  -frames:v 1 "$out/.sheet.png"
+mv "$out/.sheet.png" "$out/side_by_side.png"
+
+echo "== the DiT vs diffusers on this model, without and with the ${effects[0]} reference's LoRA"
+fx=tests/fixtures/cogvideox-effects
+$bin/v2l-run --engine "$out/engine" stage dit --inputs "$fx/dit_io.safetensors" -o "$out/dit_out.safetensors" \
+  --compare "$fx/dit_io.safetensors" --compare-name sample=output
+# The LoRA a reference predicts, as a standard file diffusers or ComfyUI can load; then the DiT
+# with it fused.
+$bin/v2l-lora predict --engine "$out/engine" --reference "$ex/ref_${effects[0]}.mp4" -o "$out/${effects[0]}_lora.safetensors"
+$bin/v2l-run --engine "$out/engine" stage dit --inputs "$fx/dit_io.safetensors" -o "$out/dit_lora_out.safetensors" \
+  --lora "$out/${effects[0]}_lora.safetensors" --compare "$fx/dit_io.safetensors" --compare-name sample=output_with_lilora
+echo "videos: $out/{${effects[0]},${effects[1]},no_lora}.mp4"
+echo "contact sheet: $out/side_by_side.png (left: ${effects[0]}, right: ${effects[1]}; top row of each: the reference, below: generated; bottom: no LoRA)"

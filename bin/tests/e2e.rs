@@ -7,28 +7,10 @@ use std::process::Command;
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
-use v2l_runtime::tensor::Data;
-use v2l_runtime::video::Frames;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
 mod common;
-use common::{engine, engine_with, tiny};
-
-fn frames_of(t: &Tensor) -> Frames {
-    let Data::U8(rgb) = &t.data else { panic!("u8") };
-    let s = &t.shape;
-    let (f, h, w) = if s.len() == 3 {
-        (1, s[0], s[1])
-    } else {
-        (s[0], s[1], s[2])
-    };
-    Frames {
-        frames: f,
-        height: h,
-        width: w,
-        rgb: rgb.clone(),
-    }
-}
+use common::{engine, engine_with, frames_of, tiny};
 
 /// The fixture's request (first frame, prompts, noise: 17 frames at guidance 6), two steps.
 fn two_step_request(io: &std::collections::BTreeMap<String, Tensor>) -> Request {

@@ -12,31 +12,13 @@ use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::{DitRunner, Strategy};
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
-use v2l_runtime::tensor::Data;
-use v2l_runtime::video::Frames;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
 mod common;
-use common::{effects_model, engine_of};
+use common::{effects_model, engine_of, frames_of};
 
 fn fixture() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-effects")
-}
-
-fn frames_of(t: &Tensor) -> Frames {
-    let Data::U8(rgb) = &t.data else { panic!("u8") };
-    let s = &t.shape;
-    let (f, h, w) = if s.len() == 3 {
-        (1, s[0], s[1])
-    } else {
-        (s[0], s[1], s[2])
-    };
-    Frames {
-        frames: f,
-        height: h,
-        width: w,
-        rgb: rgb.clone(),
-    }
 }
 
 /// Asserts `got` within `bound` relative L2 of the fixture's `name`, printing the error.

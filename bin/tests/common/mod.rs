@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use v2l_runtime::tensor::{Data, Tensor};
+use v2l_runtime::video::Frames;
+
 pub fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-tiny")
 }
@@ -63,4 +66,21 @@ pub fn wan_model_dir(dst: &Path, parts: &[(&str, &str)]) -> PathBuf {
     }
     std::fs::copy(wan.join("model_index.json"), dst.join("model_index.json")).unwrap();
     dst.to_path_buf()
+}
+
+/// A fixture's uint8 frames (`[F, H, W, 3]`, or one image `[H, W, 3]`) as the runtime takes them.
+pub fn frames_of(t: &Tensor) -> Frames {
+    let Data::U8(rgb) = &t.data else { panic!("u8") };
+    let s = &t.shape;
+    let (f, h, w) = if s.len() == 3 {
+        (1, s[0], s[1])
+    } else {
+        (s[0], s[1], s[2])
+    };
+    Frames {
+        frames: f,
+        height: h,
+        width: w,
+        rgb: rgb.clone(),
+    }
 }
