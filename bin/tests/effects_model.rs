@@ -91,23 +91,21 @@ fn trained_model_matches_diffusers() {
         close(name, &g.frames, &io, &format!("{name}_frames"), 1e-4);
     }
 
-    // One DiT call, without and with the first reference's LoRA (fixture `dit_io`).
+    // One DiT call, without and with one reference's LoRA (fixture `dit_io`).
     let dit_io = read_safetensors(&fixture().join("dit_io.safetensors")).unwrap();
     let inputs: BTreeMap<String, Tensor> = dit_io
         .iter()
         .filter(|(k, _)| !k.starts_with("output"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let lora_of = summary["dit_io_lora"].as_str().unwrap();
     let lora = AppliedLora {
         lora: p
-            .predict(
-                &frames_of(&io[&format!("{}_reference_u8", effects[0])]),
-                1.0,
-            )
+            .predict(&frames_of(&io[&format!("{lora_of}_reference_u8")]), 1.0)
             .unwrap()
             .lora
             .into(),
-        source: effects[0].clone().into(),
+        source: lora_of.into(),
         multiplier: 1.0,
     };
     let engine = Engine::open(&eng).unwrap();
