@@ -3,15 +3,17 @@
 //! `tests/fixtures/gen/cogvideox_effects.py`): the DiT with and without a predicted LoRA, and
 //! whole generations from the demo's first frame with each demo reference clip. The random-weight
 //! tiny model checks every code path; this one checks that the numbers hold on trained weights,
-//! where activations have real structure, and that the effect the demo shows is the effect
-//! diffusers' output shows.
+//! where activations have real structure, and that the effect v2l's clips show (measured in
+//! Rust) is the effect diffusers' clips show (measured by `training/measure.py`).
 
 use std::collections::BTreeMap;
 
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::{DitRunner, Strategy};
 use v2l_runtime::lora::AppliedLora;
+use v2l_runtime::measure::measure;
 use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+use v2l_runtime::video::to_rgb8;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
 mod common;
@@ -89,6 +91,15 @@ fn trained_model_matches_diffusers() {
             close(name, l, &io, &format!("{name}_latents_step{i}"), 1e-4);
         }
         close(name, &g.frames, &io, &format!("{name}_frames"), 1e-4);
+        // The effect the demo prints: the Rust measurement of v2l's clip names the effect that
+        // training/measure.py read in diffusers' clip.
+        let m = measure(&to_rgb8(&g.frames).unwrap()).unwrap();
+        let want = summary["runs"][name.as_str()]["label"].as_str().unwrap();
+        eprintln!(
+            "{name}: v2l's clip shows {} ({:.2}), diffusers' {want}",
+            m.label, m.confidence
+        );
+        assert_eq!(m.label, want, "{name}");
     }
 
     // One DiT call, without and with one reference's LoRA (fixture `dit_io`).
