@@ -28,7 +28,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from effects import EFFECTS, make_clip  # noqa: E402
-from measure import classify  # noqa: E402
+from measure import classify, transfer_summary  # noqa: E402
 from video2lora import load_video2lora  # noqa: E402
 
 SHORT = dict(rotate_cw="rotCW", rotate_ccw="rotCCW", zoom_in="zIn", zoom_out="zOut", pan_left="panL",
@@ -171,20 +171,13 @@ def main() -> None:
         if i < args.sheet_n:
             r.update(ref=ref, gen=gen, base=base)
 
+    keys = ["label_lora", "label_truth"] + ([] if args.no_base else ["label_base"])
     n = len(results)
-    acc = lambda key: sum(r[key] == r["effect"] for r in results) / n  # noqa: E731
-    per_effect = {}
-    for e in EFFECTS:
-        rs = [r for r in results if r["effect"] == e]
-        if rs:
-            per_effect[e] = dict(n=len(rs), lora=sum(r["label_lora"] == e for r in rs) / len(rs),
-                                 base=sum(r["label_base"] == e for r in rs) / len(rs))
     hist = lambda key: {l: sum(r[key] == l for r in results) for l in EFFECTS + ["none"] if any(r[key] == l for r in results)}  # noqa: E731,E741
-    summary = dict(model=args.model, n=n, steps=args.steps, guidance=args.guidance, iterations=iters,
-                   accuracy_lora=acc("label_lora"), accuracy_no_lora=None if args.no_base else acc("label_base"),
-                   chance=1 / len(EFFECTS), accuracy_truth=acc("label_truth"), per_effect=per_effect,
-                   labels_lora=hist("label_lora"), labels_no_lora=hist("label_base"),
-                   seconds=round(time.time() - t0, 1))
+    summary = dict(model=args.model, steps=args.steps, guidance=args.guidance, iterations=iters,
+                   **transfer_summary(results, keys), labels_lora=hist("label_lora"),
+                   labels_no_lora=hist("label_base"), seconds=round(time.time() - t0, 1))
+    summary["accuracy_no_lora"] = summary.pop("accuracy_base", None)
     print("SUMMARY", json.dumps(summary), flush=True)
     print(f"effect-transfer accuracy: with LoRA {summary['accuracy_lora']:.1%}, LoRA off "
           f"{'-' if args.no_base else format(summary['accuracy_no_lora'], '.1%')}, chance {1 / len(EFFECTS):.1%} "

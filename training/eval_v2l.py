@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from effects import EFFECTS, make_clip  # noqa: E402
+from measure import transfer_summary  # noqa: E402
 
 REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -77,20 +78,12 @@ def main() -> None:
             print(f"[{i + 1}/{a.n}] {effect:10s} LoRA -> {r['label_lora']:10s} ({r['conf_lora']:.2f})  off -> "
                   f"{r['label_no_lora']:10s}  reference -> {r['label_reference']}  {time.time() - t0:.0f} s",
                   flush=True)
-    n = len(results)
-    acc = lambda key: sum(r[key] == r["effect"] for r in results) / n  # noqa: E731
-    per_effect = {e: dict(n=sum(r["effect"] == e for r in results),
-                          lora=sum(r["effect"] == e and r["label_lora"] == e for r in results),
-                          no_lora=sum(r["effect"] == e and r["label_no_lora"] == e for r in results))
-                  for e in EFFECTS}
-    summary = dict(engine=a.engine, n=n, steps=a.steps, accuracy_lora=acc("label_lora"),
-                   accuracy_no_lora=acc("label_no_lora"), chance=1 / len(EFFECTS),
-                   accuracy_reference=acc("label_reference"), per_effect=per_effect,
-                   seconds=round(time.time() - t0, 1))
+    summary = dict(engine=a.engine, steps=a.steps, seconds=round(time.time() - t0, 1),
+                   **transfer_summary(results, ["label_lora", "label_no_lora", "label_reference"]))
     print("SUMMARY", json.dumps(summary), flush=True)
     print(f"v2l effect-transfer accuracy (measured in Rust): with LoRA {summary['accuracy_lora']:.1%}, "
           f"LoRA off {summary['accuracy_no_lora']:.1%}, chance {1 / len(EFFECTS):.1%} "
-          f"(reference clips {summary['accuracy_reference']:.1%}), {n} held-out clips", flush=True)
+          f"(reference clips {summary['accuracy_reference']:.1%}), {summary['n']} held-out clips", flush=True)
     if a.json:
         with open(a.json + ".tmp", "w") as f:
             json.dump(dict(summary=summary, clips=results), f, indent=1)

@@ -263,6 +263,20 @@ def effect_accuracy(clips, labels) -> float:
     return hits / len(labels)
 
 
+def transfer_summary(results: list[dict], keys: list[str]) -> dict:
+    """Effect-transfer accuracy of evaluation results (dicts with "effect" and one label per
+    key of `keys`): per key the fraction labelled with the clip's effect, and per effect the
+    clip count and the hits of each key. Shared by eval_transfer.py and eval_v2l.py."""
+    n = len(results)
+    acc = {f"accuracy_{k.removeprefix('label_')}": sum(r[k] == r["effect"] for r in results) / n if n else float("nan")
+           for k in keys}
+    per_effect = {e: dict(n=sum(r["effect"] == e for r in results),
+                          **{k.removeprefix("label_"): sum(r["effect"] == e and r[k] == e for r in results)
+                             for k in keys})
+                  for e in EFFECTS}
+    return dict(n=n, chance=1 / len(EFFECTS), **acc, per_effect=per_effect)
+
+
 # ---------------------------------------------------------------------------------- validation
 
 
