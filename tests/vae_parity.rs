@@ -10,6 +10,7 @@ use v2l_runtime::SessionOptions;
 use v2l_tests::*;
 
 fn export_tiny_vae(dir: &std::path::Path) -> Vae {
+    std::fs::create_dir_all(dir).unwrap();
     let ck = Checkpoint::open_dir(&tiny().join("vae")).unwrap();
     let ex = cogvideox_vae::export(&ck).unwrap();
     assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
@@ -128,4 +129,50 @@ fn tiled_vae_matches_diffusers_enable_tiling() {
         &io["decoded"],
         F32_REL_L2,
     );
+}
+
+/// `v2l-compile` for ONNX Runtime ties every cache output to its conv (so the padded conv
+/// inputs are not held to the end of the decoder, `passes::carried_outputs_first`): the
+/// compiled VAE computes bitwise what the export computes.
+#[test]
+fn compiled_vae_ties_its_caches_and_computes_the_same() {
+    use v2l_runtime::backend::{Backend, Precision};
+    let dir = tempfile::tempdir().unwrap();
+    let mut exported = export_tiny_vae(&dir.path().join("export"));
+    let engine = dir.path().join("engine");
+    v2l_runtime::bundle::compile(
+        &dir.path().join("export"),
+        &engine,
+        Backend::Cpu,
+        Precision::Fp32,
+    )
+    .unwrap();
+    let manifest = Manifest::read(&engine).unwrap();
+    let entry = manifest.vae.as_ref().unwrap();
+    for (file, caches) in [
+        (&entry.encoder, entry.encoder_caches.len()),
+        (&entry.decoder, entry.decoder_caches.len()),
+    ] {
+        let m = v2l_graphs::read_model(&engine.join(file)).unwrap();
+        let ties = m
+            .graph
+            .unwrap()
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Size" && n.name.ends_with("/after_cache/Size"))
+            .count();
+        assert!(caches > 0);
+        assert_eq!(ties, caches, "{file}");
+    }
+    let mut compiled =
+        Vae::load(&Engine::open(&engine).unwrap(), &SessionOptions::default()).unwrap();
+    let io = load("vae_io.safetensors");
+    let (m0, l0) = exported.encode(&io["video"]).unwrap();
+    let (m1, l1) = compiled.encode(&io["video"]).unwrap();
+    assert_eq!(m0.data, m1.data);
+    assert_eq!(l0.data, l1.data);
+    let d0 = exported.decode(&io["latents"]).unwrap();
+    let d1 = compiled.decode(&io["latents"]).unwrap();
+    assert_eq!(d0.data, d1.data);
+    assert_close("decoded", &d1, &io["decoded"], F32_REL_L2);
 }

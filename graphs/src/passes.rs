@@ -16,6 +16,7 @@ mod data_file;
 mod gelu;
 mod precision;
 mod quantize;
+mod schedule;
 pub use attention::{fuse_attention, MS_DOMAIN};
 pub use chunk::{chunk_feed_forward, FF_CHUNKS};
 pub use gelu::fuse_gelu;
@@ -23,6 +24,7 @@ pub use precision::{
     keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile, KEEP_IN_FP32,
 };
 pub use quantize::{quantize_linears, use_quantized_weights, Quantized, WeightQuant};
+pub use schedule::carried_outputs_first;
 
 /// The initializer behind a node input: the input itself, or for weights stored as f16/bf16
 /// (`v2l-export --weight-dtype`) the initializer a `Cast` widens to f32. Maps each such Cast's
@@ -78,6 +80,34 @@ impl<'g> Index<'g> {
             }
         }
         ix
+    }
+}
+
+/// An integer attribute for a new node.
+fn int_attr(name: &str, i: i64) -> proto::AttributeProto {
+    proto::AttributeProto {
+        name: name.into(),
+        r#type: proto::attribute_type::INT,
+        i,
+        ..Default::default()
+    }
+}
+
+/// A new default-domain node with one output.
+fn node(
+    op: &str,
+    name: String,
+    input: &[&str],
+    output: &str,
+    attribute: Vec<proto::AttributeProto>,
+) -> proto::NodeProto {
+    proto::NodeProto {
+        input: input.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name,
+        op_type: op.into(),
+        attribute,
+        ..Default::default()
     }
 }
 

@@ -158,7 +158,27 @@ fn file_entry(dir: &Path, name: &str) -> Result<BundleFile> {
 /// CUDA kernels that never materialise the score matrix). TensorRT keeps the plain
 /// `MatMul → Softmax → MatMul` pattern, which its builder fuses into its own attention kernel.
 pub fn fuses_attention(backend: Backend) -> bool {
+    runs_on_ort(backend)
+}
+
+/// Whether ONNX Runtime's own CPU/CUDA kernels run the graphs (not TensorRT's builder).
+fn runs_on_ort(backend: Backend) -> bool {
     matches!(backend, Backend::Cpu | Backend::Cuda)
+}
+
+/// Ties a VAE graph's frame-batch cache outputs to the convs that read the same tensors
+/// (`passes::carried_outputs_first`): ONNX Runtime's default order otherwise computes them,
+/// and keeps every padded conv input alive, until the end of the decoder. Rewrites `path` (a
+/// link to the export's file is replaced, never written through).
+fn carried_outputs_first(path: &Path) -> Result<()> {
+    let mut m = v2l_graphs::read_model(path).map_err(io(path))?;
+    if v2l_graphs::passes::carried_outputs_first(&mut m) > 0 {
+        v2l_graphs::write_model(path, &m).map_err(|source| RuntimeError::GraphWrite {
+            path: path.into(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// The graph as the backend runs it best: on the CPU each feed-forward runs in token slices
@@ -334,6 +354,13 @@ pub fn compile_with(
             // itself is never modified.
             if std::fs::hard_link(&from, &to).is_err() {
                 std::fs::copy(&from, &to).map_err(io(&from))?;
+            }
+        }
+        if runs_on_ort(backend) {
+            if let Some(v) = &manifest.vae {
+                for f in [&v.encoder, &v.decoder] {
+                    carried_outputs_first(&tmp.join(f))?;
+                }
             }
         }
         let mut dit_variants = std::collections::BTreeMap::new();

@@ -211,11 +211,49 @@ impl Model {
         inputs: &BTreeMap<String, Tensor>,
         borrowed: &[(&str, &[usize], &[f32])],
     ) -> Result<BTreeMap<String, Tensor>> {
+        let mut none = Carry::default();
+        self.run_core(inputs, borrowed, &mut none, &[], None)
+    }
+
+    /// Runs one step of a loop whose outputs feed its next step (a VAE's frame-batch caches):
+    /// each `(input, output)` of `links` reads the value `carry` holds (or `inputs` when it
+    /// holds none yet), and afterwards `carry` holds that output — kept as ONNX Runtime wrote
+    /// it, never copied out and back. Returns only the `fetch` outputs; with `carry_on` false
+    /// (the last step) the linked outputs are not even returned.
+    pub fn run_carrying(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        carry: &mut Carry,
+        links: &[(String, String)],
+        fetch: &[&str],
+        carry_on: bool,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let carried: Vec<&(String, String)> = if carry_on {
+            links.iter().collect()
+        } else {
+            Vec::new()
+        };
+        let mut wanted: Vec<&str> = fetch.to_vec();
+        wanted.extend(carried.iter().map(|(_, o)| o.as_str()));
+        let linked: Vec<(String, String)> = carried.into_iter().cloned().collect();
+        self.run_core(inputs, &[], carry, &linked, Some(&wanted))
+    }
+
+    fn run_core(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        borrowed: &[(&str, &[usize], &[f32])],
+        carry: &mut Carry,
+        links: &[(String, String)],
+        wanted: Option<&[&str]>,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let ctx = self.path.display().to_string();
         let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> =
             Vec::with_capacity(self.inputs.len() + borrowed.len());
         for name in &self.inputs {
-            if let Some(t) = inputs.get(name) {
+            if let Some(v) = carry.0.get(name) {
+                values.push((name.clone(), v.into()));
+            } else if let Some(t) = inputs.get(name) {
                 let v = view(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?;
                 values.push((name.clone(), v.into()));
             } else if let Some(v) = self.fixed.get(name) {
@@ -242,7 +280,33 @@ impl Model {
                 values.push((name.clone(), v.into()));
             }
         }
-        let outs = self.session.run(values).map_err(ort_err(&ctx))?;
+        let options = match wanted {
+            Some(names) => {
+                let mut select = ort::session::OutputSelector::no_default();
+                for n in names {
+                    select = select.with(*n);
+                }
+                Some(
+                    ort::session::RunOptions::new()
+                        .map_err(ort_err(&ctx))?
+                        .with_outputs(select),
+                )
+            }
+            None => None,
+        };
+        let mut outs = match &options {
+            Some(o) => self.session.run_with_options(values, o),
+            None => self.session.run(values),
+        }
+        .map_err(ort_err(&ctx))?;
+        let mut next = BTreeMap::new();
+        for (input, output) in links {
+            let v = outs.remove(output).ok_or_else(|| RuntimeError::Invalid {
+                what: ctx.clone(),
+                message: format!("no output `{output}`"),
+            })?;
+            next.insert(input.clone(), v);
+        }
         let mut result = BTreeMap::new();
         for (name, v) in outs.iter() {
             result.insert(
@@ -250,9 +314,15 @@ impl Model {
                 from_ort(&v).map_err(ort_err(format!("{ctx}: output `{name}`")))?,
             );
         }
+        drop(outs);
+        carry.0 = next;
         Ok(result)
     }
 }
+
+/// Outputs of one run held for the next as ONNX Runtime values ([`Model::run_carrying`]).
+#[derive(Default)]
+pub struct Carry(BTreeMap<String, DynValue>);
 
 /// `t` as an ONNX Runtime value borrowing its data.
 fn view(t: &Tensor) -> ort::Result<DynValueRef<'_>> {

@@ -89,8 +89,8 @@ impl Vae {
         let mut outs = run_batches(
             &mut self.encoder,
             &self.entry.encoder_caches,
-            "video",
-            video,
+            ("video", video),
+            &["posterior_mean", "posterior_logvar"],
             &batches,
         )?;
         let take = |outs: &mut Vec<BTreeMap<String, Tensor>>, name: &str| -> Result<Tensor> {
@@ -154,8 +154,8 @@ impl Vae {
         let outs = run_batches(
             &mut self.decoder,
             &self.entry.decoder_caches,
-            "latents",
-            latents,
+            ("latents", latents),
+            &["sample"],
             &batches,
         )?;
         let parts = outs
@@ -189,12 +189,14 @@ fn check_5d(t: &Tensor, name: &str, channels: usize) -> Result<[usize; 5]> {
     }
 }
 
-/// Runs `model` over diffusers' frame `batches` of `x` (axis 2), threading the caches.
+/// Runs `model` over diffusers' frame `batches` of `x` (axis 2), threading the caches from
+/// batch to batch inside ONNX Runtime ([`crate::session::Carry`]: at real widths they are
+/// 1.4 GB a batch), and returns the `fetch` outputs of each batch.
 fn run_batches(
     model: &mut Model,
     caches: &[CacheSpec],
-    input: &str,
-    x: &Tensor,
+    (input, x): (&str, &Tensor),
+    fetch: &[&str],
     batches: &[(usize, usize)],
 ) -> Result<Vec<BTreeMap<String, Tensor>>> {
     let [b, _, _, h, w] = x.shape[..] else {
@@ -203,10 +205,17 @@ fn run_batches(
             message: format!("shape {:?}; expected [B, C, F, H, W]", x.shape),
         });
     };
+    // The first batch ignores its caches (`first_batch`); zeros from the allocator cost no
+    // memory until written, and ONNX Runtime only reads them.
     let mut feed: BTreeMap<String, Tensor> = caches
         .iter()
         .map(|c| (c.name.clone(), Tensor::zeros(c.shape(b, h, w).to_vec())))
         .collect();
+    let links: Vec<(String, String)> = caches
+        .iter()
+        .map(|c| (c.name.clone(), c.output_name()))
+        .collect();
+    let mut carry = crate::session::Carry::default();
     let mut results = Vec::new();
     for (i, &(start, end)) in batches.iter().enumerate() {
         feed.insert(input.to_string(), x.slice_axis(2, start, end)?);
@@ -214,12 +223,12 @@ fn run_batches(
             "first_batch".into(),
             Tensor::f32(vec![1], vec![if i == 0 { 1.0 } else { 0.0 }]),
         );
-        let mut out = model.run(&feed)?;
-        for c in caches {
-            let next = out
-                .remove(&c.output_name())
-                .ok_or_else(|| missing_output(&c.output_name()))?;
-            feed.insert(c.name.clone(), next);
+        let last = i + 1 == batches.len();
+        let out = model.run_carrying(&feed, &mut carry, &links, fetch, !last)?;
+        if i == 0 {
+            for c in caches {
+                feed.remove(&c.name);
+            }
         }
         results.push(out);
     }

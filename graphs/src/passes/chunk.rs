@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::{int_attr, node};
 use crate::dtype::DType;
 use crate::proto::{self, attribute_type, GraphProto, ModelProto, NodeProto};
 
@@ -65,32 +66,6 @@ fn ff_module(node: &str) -> Option<&str> {
         end = next + 1;
     }
     None
-}
-
-fn int_attr(name: &str, i: i64) -> proto::AttributeProto {
-    proto::AttributeProto {
-        name: name.into(),
-        r#type: attribute_type::INT,
-        i,
-        ..Default::default()
-    }
-}
-
-fn node(
-    op: &str,
-    name: String,
-    input: &[&str],
-    output: &str,
-    attribute: Vec<proto::AttributeProto>,
-) -> NodeProto {
-    NodeProto {
-        input: input.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name,
-        op_type: op.into(),
-        attribute,
-        ..Default::default()
-    }
 }
 
 fn i64_tensor(name: String, values: &[i64]) -> proto::TensorProto {
