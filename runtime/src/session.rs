@@ -115,6 +115,15 @@ impl Model {
                 context: ctx.clone(),
                 message: e.to_string(),
             })?;
+        // Prepacking (MLAS's own layout of every Gemm/Conv weight) on the intra-op threads:
+        // a 5B-width block's 600 MB of f32 weights built in 0.65–0.70 s instead of 0.96–1.31 s
+        // here (ORT 1.31, 2 threads).
+        b = b
+            .with_config_entry("session.prepack.enable_parallel", "1")
+            .map_err(|e| RuntimeError::Ort {
+                context: ctx.clone(),
+                message: e.to_string(),
+            })?;
         if opts.unoptimized {
             b = b
                 .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
