@@ -78,6 +78,10 @@ fn ray_serve_routes_by_lora_and_matches_the_c_abi() {
         .env("V2L_LIBRARY", lib_dir().join("libv2l.so"))
         .env("V2L_MAX_LORAS_PER_REPLICA", "1")
         .env("RAY_USAGE_STATS_ENABLED", "0")
+        // Ray Serve kills an HTTP proxy not ready within 5 s; on a busy 2-core machine (a
+        // decode running beside the test suite) that killed it before it started.
+        .env("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
+        .env("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "120")
         .current_dir(tmp.path())
         .output()
         .unwrap();

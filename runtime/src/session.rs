@@ -237,15 +237,10 @@ impl Model {
         fetch: &[&str],
         carry_on: bool,
     ) -> Result<BTreeMap<String, Tensor>> {
-        let carried: Vec<&(String, String)> = if carry_on {
-            links.iter().collect()
-        } else {
-            Vec::new()
-        };
+        let links = if carry_on { links } else { &[] };
         let mut wanted: Vec<&str> = fetch.to_vec();
-        wanted.extend(carried.iter().map(|(_, o)| o.as_str()));
-        let linked: Vec<(String, String)> = carried.into_iter().cloned().collect();
-        self.run_core(inputs, &[], carry, &linked, Some(&wanted))
+        wanted.extend(links.iter().map(|(_, o)| o.as_str()));
+        self.run_core(inputs, &[], carry, links, Some(&wanted))
     }
 
     fn run_core(
