@@ -17,6 +17,30 @@ pub struct Frames {
 }
 
 impl Frames {
+    /// Frames from a uint8 tensor `[F, H, W, 3]`, or one image `[H, W, 3]`: how safetensors
+    /// reference clips and the fixtures store them. The error says what the tensor is instead.
+    pub fn from_u8_tensor(t: &Tensor) -> std::result::Result<Frames, String> {
+        let Data::U8(rgb) = &t.data else {
+            return Err("must be uint8".into());
+        };
+        let (frames, height, width) = match t.shape[..] {
+            [h, w, 3] => (1, h, w),
+            [f, h, w, 3] => (f, h, w),
+            _ => {
+                return Err(format!(
+                    "shape {:?}; expected [frames, height, width, 3]",
+                    t.shape
+                ))
+            }
+        };
+        Ok(Frames {
+            frames,
+            height,
+            width,
+            rgb: rgb.clone(),
+        })
+    }
+
     /// `[1, 3, F, H, W]` float in [0, 1] (Video2LoRA's reference range), the VAE's layout.
     /// An error if `rgb` does not hold `frames × height × width × 3` bytes.
     pub fn to_unit_video(&self) -> Result<Tensor> {
@@ -66,30 +90,17 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
                 path: path.into(),
                 name: "reference_u8".into(),
             })?;
-        let Data::U8(rgb) = &r.data else {
-            return Err(bad(path, "`reference_u8` must be uint8"));
-        };
-        let [n, fh, fw, 3] = r.shape[..] else {
+        let f = Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
+        if (f.height, f.width) != (height, width) {
             return Err(bad(
                 path,
                 format!(
-                    "`reference_u8` has shape {:?}; expected [frames, height, width, 3]",
-                    r.shape
+                    "frames are {}×{}, the model needs {height}×{width}",
+                    f.height, f.width
                 ),
             ));
-        };
-        if (fh, fw) != (height, width) {
-            return Err(bad(
-                path,
-                format!("frames are {fh}×{fw}, the model needs {height}×{width}"),
-            ));
         }
-        Frames {
-            frames: n,
-            height,
-            width,
-            rgb: rgb.clone(),
-        }
+        f
     } else if path.is_dir() {
         let mut pngs: Vec<_> = std::fs::read_dir(path)
             .map_err(|source| RuntimeError::Io {
@@ -446,4 +457,39 @@ pub fn write_contact_sheet(path: &Path, frames: &Frames, cols: usize) -> Result<
         }
     }
     ffmpeg_encode(path, &sheet, w, h, 1, &["-frames:v", "1"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_from_u8_tensors_of_a_clip_or_an_image() {
+        let clip = Tensor {
+            shape: vec![2, 3, 4, 3],
+            data: Data::U8((0..72).collect()),
+        };
+        let f = Frames::from_u8_tensor(&clip).unwrap();
+        assert_eq!((f.frames, f.height, f.width, f.rgb.len()), (2, 3, 4, 72));
+        let image = Tensor {
+            shape: vec![3, 4, 3],
+            data: Data::U8(vec![7; 36]),
+        };
+        let f = Frames::from_u8_tensor(&image).unwrap();
+        assert_eq!((f.frames, f.height, f.width), (1, 3, 4));
+        let rgba = Tensor {
+            shape: vec![3, 4, 4],
+            data: Data::U8(vec![0; 48]),
+        };
+        let err = Frames::from_u8_tensor(&rgba).err().unwrap();
+        assert!(
+            err.contains("[3, 4, 4]") && err.contains("[frames, height, width, 3]"),
+            "{err}"
+        );
+        let float = Tensor::zeros(vec![1, 3, 4, 3]);
+        assert_eq!(
+            Frames::from_u8_tensor(&float).err().unwrap(),
+            "must be uint8"
+        );
+    }
 }

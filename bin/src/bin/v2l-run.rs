@@ -471,14 +471,9 @@ fn read_clip(path: &std::path::Path) -> Result<v2l_runtime::video::Frames, Failu
                 path: path.into(),
                 name: "reference_u8".into(),
             })?;
-        let [_, h, w, 3] = t.shape[..] else {
-            return Err(Failure::new(format!(
-                "{}: `reference_u8` has shape {:?}; expected [frames, height, width, 3]",
-                path.display(),
-                t.shape
-            )));
-        };
-        (h, w)
+        let f = v2l_runtime::video::Frames::from_u8_tensor(t)
+            .map_err(|m| Failure::new(format!("{}: `reference_u8`: {m}", path.display())))?;
+        (f.height, f.width)
     } else {
         v2l_runtime::video::source_size(path).ok_or_else(|| {
             Failure::new(format!("{}: not a video ffprobe can read", path.display())).with_hint(

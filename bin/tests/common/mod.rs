@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use v2l_runtime::tensor::{Data, Tensor};
+use v2l_runtime::tensor::Tensor;
 use v2l_runtime::video::Frames;
 
 pub fn tiny() -> PathBuf {
@@ -70,17 +70,5 @@ pub fn wan_model_dir(dst: &Path, parts: &[(&str, &str)]) -> PathBuf {
 
 /// A fixture's uint8 frames (`[F, H, W, 3]`, or one image `[H, W, 3]`) as the runtime takes them.
 pub fn frames_of(t: &Tensor) -> Frames {
-    let Data::U8(rgb) = &t.data else { panic!("u8") };
-    let s = &t.shape;
-    let (f, h, w) = if s.len() == 3 {
-        (1, s[0], s[1])
-    } else {
-        (s[0], s[1], s[2])
-    };
-    Frames {
-        frames: f,
-        height: h,
-        width: w,
-        rgb: rgb.clone(),
-    }
+    Frames::from_u8_tensor(t).expect("a fixture's uint8 frames")
 }

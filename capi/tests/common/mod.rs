@@ -12,7 +12,6 @@ use v2l::*;
 use v2l_export::{cogvideox_dit, cogvideox_vae, video2lora_hypernet, Checkpoint, Manifest};
 use v2l_graphs::{DType, ExternalData};
 use v2l_runtime::backend::{Backend, Precision};
-use v2l_runtime::tensor::Data;
 use v2l_runtime::video::Frames;
 use v2l_runtime::{read_safetensors, Tensor};
 
@@ -109,21 +108,7 @@ pub struct Inputs {
 }
 
 fn frames_of(t: &Tensor) -> Frames {
-    let Data::U8(rgb) = &t.data else {
-        panic!("expected u8")
-    };
-    let s = &t.shape;
-    let (f, h, w) = if s.len() == 3 {
-        (1, s[0], s[1])
-    } else {
-        (s[0], s[1], s[2])
-    };
-    Frames {
-        frames: f,
-        height: h,
-        width: w,
-        rgb: rgb.clone(),
-    }
+    Frames::from_u8_tensor(t).expect("a fixture's uint8 frames")
 }
 
 pub fn inputs() -> Inputs {
