@@ -140,7 +140,7 @@ fn compiled_vae_ties_its_caches_and_computes_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let mut exported = export_tiny_vae(&dir.path().join("export"));
     let engine = dir.path().join("engine");
-    v2l_runtime::bundle::compile(
+    v2l_compile::compile(
         &dir.path().join("export"),
         &engine,
         Backend::Cpu,

@@ -214,7 +214,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     // `fused` (re-quantising from the f32 base), the other way the precision issue names.
     let strategy = v2l_runtime::engine::Engine::open(&engine)?
         .bundle
-        .and_then(|b| Strategy::parse(&b.lora_strategy))
+        .map(|b| b.lora_strategy)
         .unwrap_or_default();
     log(&format!(
         "LoRA switch ({} strategy, rank 64 on every targeted layer)",
@@ -253,7 +253,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         let case = b.dir.join(format!("dit-{frames}x{h}x{w}"));
         std::fs::create_dir_all(&case).map_err(|e| fail(format!("{}: {e}", case.display())))?;
         let inputs = case.join("inputs.safetensors");
-        let feed = v2l_runtime::accuracy::dit_sample_inputs(&config, frames, h, w, 226)?;
+        let feed = v2l_compile::accuracy::dit_sample_inputs(&config, frames, h, w, 226)?;
         let tokens = 226 + feed[3].1.shape[0];
         write_safetensors(&inputs, &feed.into_iter().collect())?;
         let out = case.join("v2l.safetensors");

@@ -9,7 +9,7 @@ use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
-mod common;
+use crate::common;
 use common::{engine, engine_with, frames_of, tiny};
 
 /// The fixture's request (first frame, prompts, noise: 17 frames at guidance 6), two steps.

@@ -16,7 +16,7 @@ use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::video::to_rgb8;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
-mod common;
+use crate::common;
 use common::{effects_model, engine_of, frames_of};
 
 fn fixture() -> std::path::PathBuf {

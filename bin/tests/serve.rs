@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use v2l_serve::client::{Client, Form};
 
-mod common;
+use crate::common;
 
 /// A running `v2l-serve`, killed when dropped.
 struct Server {

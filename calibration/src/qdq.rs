@@ -17,25 +17,7 @@ use v2l_graphs::dtype::DType;
 use v2l_graphs::passes::PassError;
 use v2l_graphs::proto::{self, ModelProto};
 
-/// The tensors Q/DQ adds for the linear whose weight is `weight` (`<module>.weight`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct QdqNames {
-    pub input_scale: String,
-    pub input_zero_point: String,
-    pub weight_scale: String,
-    pub weight_zero_point: String,
-}
-
-impl QdqNames {
-    pub fn of(weight: &str) -> QdqNames {
-        QdqNames {
-            input_scale: format!("{weight}.input_scale"),
-            input_zero_point: format!("{weight}.input_zero_point"),
-            weight_scale: format!("{weight}.weight_scale"),
-            weight_zero_point: format!("{weight}.weight_zero_point"),
-        }
-    }
-}
+pub use v2l_contracts::io::QdqNames;
 
 /// The Gemm reading each of `weights` directly as its `B` (`transB=1`), by weight.
 fn gemms(

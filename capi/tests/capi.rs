@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::ffi::{c_void, CStr};
 use std::ptr::{null, null_mut};
@@ -130,7 +130,7 @@ fn bad_arguments_and_handles_are_refused() {
     // A TensorRT engine runs on TensorRT or not at all: with this CPU-only ONNX Runtime its
     // generator fails loudly instead of running on the CPU provider.
     let trt = d.path().join("engine-trt");
-    v2l_runtime::bundle::compile(
+    v2l_compile::compile(
         &d.path().join("export"),
         &trt,
         v2l_runtime::backend::Backend::TensorRt,

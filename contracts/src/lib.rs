@@ -4,6 +4,8 @@
 //! | module | contract |
 //! |---|---|
 //! | [`atomic`] | outputs written whole or not at all (`tempfile` + rename) |
+//! | [`Family`] | the model families, told apart by `_class_name` in one place |
+//! | [`io`] | graph input and output names, as constants |
 //! | [`manifest`] | `manifest.json` of an export directory: graphs, LoRA targets, VAE batching, hypernetwork sizes |
 //! | [`noise`] | the one seeded generator: `--seed`'s noise, generated weights, test data |
 //! | [`LinearInfo`] | one LoRA-targetable linear layer (module path and shape) |
@@ -18,10 +20,13 @@
 )]
 
 pub mod atomic;
+pub mod family;
 pub mod frame_batch;
+pub mod io;
 pub mod manifest;
 pub mod noise;
 
+pub use family::Family;
 pub use manifest::{Manifest, ManifestError};
 
 /// One `nn.Linear` of a model that a LoRA can target: the weight is `<name>.weight`, `[out, in]`.

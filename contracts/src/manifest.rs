@@ -240,6 +240,13 @@ pub struct DitEntry {
     pub lora_targets: Vec<LinearInfo>,
 }
 
+impl DitEntry {
+    /// The DiT's family; `None` for a class this v2l does not run (an export from a newer v2l).
+    pub fn family(&self) -> Option<crate::Family> {
+        crate::Family::of_dit_class(&self.class_name)
+    }
+}
+
 impl Manifest {
     /// Reads `dir/manifest.json`, or an empty manifest if there is none.
     pub fn read_or_default(dir: &Path) -> Result<Manifest> {

@@ -104,7 +104,7 @@ pub struct DitOptions {
 }
 
 /// The exported CogVideoX DiT and what a LoRA can target in it.
-pub type DitExport = crate::dit::DitGraph<DitConfig>;
+pub type DitExport = crate::dit_graph::DitGraph<DitConfig>;
 
 /// Builds the DiT graph from a diffusers transformer checkpoint.
 pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {

@@ -1,7 +1,9 @@
 //! The DiT of whichever architecture a checkpoint holds, by its `config.json` `_class_name`:
 //! callers (`v2l-export dit`, the pipeline export) need no per-architecture code.
 
-use v2l_graphs::{DType, Graph};
+use v2l_contracts::Family;
+use v2l_graphs::DType;
+use v2l_graphs::Graph;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
@@ -9,17 +11,7 @@ use crate::manifest::DitEntry;
 use crate::scope::LinearInfo;
 use crate::{cogvideox_dit, wan_dit};
 
-/// A DiT graph as its architecture's exporter returns it (`C`: the architecture's config).
-pub struct DitGraph<C> {
-    pub graph: Graph,
-    pub config: C,
-    /// `config.json` as read.
-    pub raw_config: serde_json::Value,
-    /// Every `nn.Linear`, in `named_modules()` order (the LiLoRA layer order).
-    pub linears: Vec<LinearInfo>,
-    /// Checkpoint tensors the graph does not use.
-    pub unused_keys: Vec<String>,
-}
+pub use crate::dit_graph::DitGraph;
 
 /// An exported DiT graph, whichever the architecture, and its manifest entry.
 pub struct ExportedDit {
@@ -45,14 +37,18 @@ impl ExportedDit {
 /// `weight_dtype` (f32: no casts).
 pub fn export(ckpt: &Checkpoint, weight_dtype: DType) -> Result<ExportedDit> {
     let stored = (weight_dtype != DType::F32).then_some(weight_dtype);
-    let class = ckpt
-        .raw_config()?
-        .get("_class_name")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string();
-    match class.as_str() {
-        wan_dit::CLASS_NAME => {
+    let raw = ckpt.raw_config()?;
+    let family = Family::of_dit_config(&raw).ok_or_else(|| ExportError::UnknownClass {
+        path: ckpt.dir().join("config.json"),
+        found: raw
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string(),
+        expected: Family::ALL.map(Family::dit_class).join(" or "),
+    })?;
+    match family {
+        Family::Wan => {
             let ex = wan_dit::export(ckpt, stored)?;
             let entry = ex.manifest_entry("", weight_dtype);
             Ok(ExportedDit {
@@ -64,7 +60,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: DType) -> Result<ExportedDit> {
                 entry,
             })
         }
-        _ => {
+        Family::CogVideoX => {
             let opts = cogvideox_dit::DitOptions {
                 weight_dtype: stored,
             };

@@ -25,6 +25,7 @@ pub mod clip_vision;
 pub mod cogvideox_dit;
 pub mod cogvideox_vae;
 pub mod dit;
+pub mod dit_graph;
 pub mod error;
 mod layers;
 pub mod lofa;

@@ -18,7 +18,6 @@
 //! v2l-export dit path/to/Wan2.1-T2V-1.3B-Diffusers/transformer -o out/
 //! ```
 
-use serde::Deserialize;
 use v2l_graphs::passes::KEEP_IN_FP32;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
@@ -42,69 +41,10 @@ const KEEP_IN_FP32_MODULES: &[&str] = &[
     "norm_out",
 ];
 
-/// The `config.json` fields the graph depends on (defaults: `WanTransformer3DModel.__init__`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default)]
-pub struct WanDitConfig {
-    pub patch_size: Vec<usize>,
-    pub num_attention_heads: usize,
-    pub attention_head_dim: usize,
-    pub in_channels: usize,
-    pub out_channels: Option<usize>,
-    pub text_dim: usize,
-    pub freq_dim: usize,
-    pub ffn_dim: usize,
-    pub num_layers: usize,
-    pub cross_attn_norm: bool,
-    pub qk_norm: Option<String>,
-    pub eps: f32,
-    pub image_dim: Option<usize>,
-    pub added_kv_proj_dim: Option<usize>,
-    pub rope_max_seq_len: usize,
-    pub pos_embed_seq_len: Option<usize>,
-}
-
-impl Default for WanDitConfig {
-    fn default() -> Self {
-        WanDitConfig {
-            patch_size: vec![1, 2, 2],
-            num_attention_heads: 40,
-            attention_head_dim: 128,
-            in_channels: 16,
-            out_channels: None,
-            text_dim: 4096,
-            freq_dim: 256,
-            ffn_dim: 13824,
-            num_layers: 40,
-            cross_attn_norm: true,
-            qk_norm: Some("rms_norm_across_heads".into()),
-            eps: 1e-6,
-            image_dim: None,
-            added_kv_proj_dim: None,
-            rope_max_seq_len: 1024,
-            pos_embed_seq_len: None,
-        }
-    }
-}
-
-impl WanDitConfig {
-    pub fn inner_dim(&self) -> usize {
-        self.num_attention_heads * self.attention_head_dim
-    }
-    pub fn out_channels(&self) -> usize {
-        self.out_channels.unwrap_or(self.in_channels)
-    }
-    /// `(p_t, p_h, p_w)`.
-    pub fn patch(&self) -> (usize, usize, usize) {
-        match self.patch_size[..] {
-            [t, h, w] => (t, h, w),
-            _ => (1, 2, 2),
-        }
-    }
-}
+pub use v2l_contracts::family::WanDitConfig;
 
 /// The exported Wan DiT and what a LoRA can target in it.
-pub type WanDitExport = crate::dit::DitGraph<WanDitConfig>;
+pub type WanDitExport = crate::dit_graph::DitGraph<WanDitConfig>;
 
 /// Builds the Wan DiT graph from a diffusers transformer checkpoint; `weight_dtype` stores the
 /// weights as f16/bf16 with a Cast each (`None`: f32).

@@ -30,6 +30,23 @@ impl Backend {
             Backend::TensorRt => "tensorrt",
         }
     }
+
+    /// Whether the loaded ONNX Runtime library was built with this backend's provider (the
+    /// CPU wheel has neither CUDA nor TensorRT; `onnxruntime-gpu` has both). Built in is not
+    /// usable: registration still needs the GPU and its libraries.
+    pub fn built_into_onnxruntime(self) -> crate::Result<bool> {
+        use ort::ep::ExecutionProvider;
+        crate::ort_env::init()?;
+        let available = match self {
+            Backend::Cpu => return Ok(true),
+            Backend::Cuda => ort::ep::CUDA::is_available(),
+            Backend::TensorRt => ort::ep::TensorRT::is_available(),
+        };
+        available.map_err(|e| crate::RuntimeError::Invalid {
+            what: "ONNX Runtime".into(),
+            message: format!("cannot list its execution providers: {e}"),
+        })
+    }
 }
 
 /// Numeric precision of an engine.

@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use v2l_contracts::Manifest;
+use v2l_contracts::family::WanDitConfig;
+use v2l_contracts::{Family, Manifest};
 
 use crate::error::{Result, RuntimeError};
 use crate::session::{Model, SessionOptions};
@@ -173,8 +174,8 @@ impl Engine {
     /// Whether the engine makes video from text alone (Wan T2V: the DiT takes only the noisy
     /// latents), so a request has no first frame.
     pub fn text_to_video(&self) -> bool {
-        match (crate::pipeline::wan_dit(self), self.manifest.dit.as_ref()) {
-            (Some(_), Some(d)) => d.in_channels == d.out_channels,
+        match self.manifest.dit.as_ref() {
+            Some(d) if d.family() == Some(Family::Wan) => d.in_channels == d.out_channels,
             _ => false,
         }
     }
@@ -184,7 +185,7 @@ impl Engine {
     pub fn text_sequence_length(&self) -> Option<usize> {
         self.config_usize("max_text_seq_length", true)
             // The Wan pipelines' `max_sequence_length` default (its DiT config has none).
-            .or_else(|| crate::pipeline::wan_dit(self).map(|_| WAN_TEXT_TOKENS))
+            .or_else(|| (self.family() == Some(Family::Wan)).then_some(WAN_TEXT_TOKENS))
     }
 
     /// The initial latent noise ([`Engine::noise_shape`]) of a `frames × height × width`
@@ -212,10 +213,28 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| self.missing("DiT", "dit"))?;
         let lf = (frames.max(1) - 1) / 4 + 1;
-        Ok(match crate::pipeline::wan_dit(self) {
-            Some(_) => vec![1, dit.out_channels, lf, height / 8, width / 8],
-            None => vec![1, lf, dit.in_channels / 2, height / 8, width / 8],
+        Ok(match dit.family() {
+            Some(Family::Wan) => vec![1, dit.out_channels, lf, height / 8, width / 8],
+            _ => vec![1, lf, dit.in_channels / 2, height / 8, width / 8],
         })
+    }
+
+    /// The family of the engine's DiT (`None`: no DiT, or a class this v2l does not run).
+    pub fn family(&self) -> Option<Family> {
+        self.manifest.dit.as_ref().and_then(|d| d.family())
+    }
+
+    /// A Wan DiT's config, parsed once with diffusers' defaults (`None`: not a Wan engine).
+    pub fn wan_config(&self) -> Result<Option<WanDitConfig>> {
+        match self.manifest.dit.as_ref() {
+            Some(d) if d.family() == Some(Family::Wan) => WanDitConfig::from_config(&d.config)
+                .map(Some)
+                .map_err(|e| RuntimeError::BadFile {
+                    path: self.dir.join(v2l_contracts::manifest::FILE_NAME),
+                    message: format!("the Wan DiT's config: {e}"),
+                }),
+            _ => Ok(None),
+        }
     }
 
     /// The DiT's LoRA-targetable linear layers.

@@ -26,10 +26,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-pub mod accuracy;
 pub mod backend;
 pub mod bundle;
-pub mod calibrate;
 pub mod effect;
 pub mod engine;
 pub mod error;

@@ -16,6 +16,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use v2l_contracts::family::WanDitConfig;
+
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::flow::FlowScheduler;
@@ -23,15 +25,15 @@ use crate::lora::format::Lora;
 use crate::lora::strategy::{DitRunner, Strategy};
 use crate::lora::AppliedLora;
 use crate::predict::Predictor;
-use crate::rope::cogvideox_rope;
-use crate::scheduler::{DdimScheduler, SchedulerConfig};
+use crate::scheduler::SchedulerConfig;
 use crate::session::SessionOptions;
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
 
+mod cogvideox;
+mod denoise;
 mod wan;
-pub(crate) use wan::{wan_dit, WanDit};
 
 /// One generation request.
 #[derive(Clone)]
@@ -99,16 +101,11 @@ pub struct Pipeline {
 impl Pipeline {
     /// Loads with the engine's default LoRA strategy (`fused` for a plain export directory).
     pub fn load(dir: Engine, opts: &SessionOptions) -> Result<Pipeline> {
-        let strategy = match dir.bundle.as_ref() {
-            None => Strategy::default(),
-            Some(b) => Strategy::parse(&b.lora_strategy).ok_or_else(|| RuntimeError::BadFile {
-                path: dir.dir.join(crate::bundle::FILE_NAME),
-                message: format!(
-                    "LoRA strategy `{}` is not one this v2l runs (fused, bound, unfused); compile the engine again",
-                    b.lora_strategy
-                ),
-            })?,
-        };
+        let strategy = dir
+            .bundle
+            .as_ref()
+            .map(|b| b.lora_strategy)
+            .unwrap_or_default();
         Self::load_with_strategy(dir, opts, strategy)
     }
 
@@ -121,7 +118,7 @@ impl Pipeline {
             what: dir.dir.display().to_string(),
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
-        let sampler = match wan_dit(&dir) {
+        let sampler = match dir.wan_config()? {
             Some(w) => {
                 let encoder = match w.image_dim {
                     Some(_) => wan::ImageEncoder::load(&dir, opts)?,
@@ -316,7 +313,7 @@ impl Pipeline {
         }
         if let Sampler::Flow(
             _,
-            WanDit {
+            WanDitConfig {
                 image_dim: Some(d), ..
             },
             encoder,
@@ -417,17 +414,33 @@ impl Pipeline {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let t = Instant::now();
         let (latents, latents_steps, dit_ms, video) = match &mut self.sampler {
-            Sampler::Ddim(_) => {
+            Sampler::Ddim(cfg) => {
                 let image = req.image.as_ref().ok_or_else(|| RuntimeError::Invalid {
                     what: "image".into(),
                     message: "CogVideoX image-to-video needs the first frame".into(),
                 })?;
-                let image_latents = self.encode_image(image, shape)?;
+                let image_latents = cogvideox::encode_image(&mut self.vae, image, shape)?;
                 timings.insert("vae_encode".into(), ms(t));
-                let (latents, steps, dit_ms) =
-                    self.denoise(req, shape, &image_latents, progress)?;
+                let dit = self
+                    .dir
+                    .manifest
+                    .dit
+                    .as_ref()
+                    .ok_or_else(|| RuntimeError::Invalid {
+                        what: self.dir.dir.display().to_string(),
+                        message: "holds no DiT".into(),
+                    })?;
+                let (latents, steps, dit_ms) = cogvideox::denoise(
+                    &mut self.dit,
+                    dit,
+                    cfg,
+                    req,
+                    shape,
+                    &image_latents,
+                    progress,
+                )?;
                 let t = Instant::now();
-                let video = self.decode(&latents, shape)?;
+                let video = cogvideox::decode(&mut self.vae, &latents, shape)?;
                 timings.insert("vae_decode".into(), ms(t));
                 (latents, steps, dit_ms, video)
             }
@@ -472,144 +485,6 @@ impl Pipeline {
         }
         Ok((to_frames(&video)?, latents_steps))
     }
-
-    /// Step 2: the first frame in [-1, 1] → VAE latent × scaling factor as latent frame 0 of
-    /// `[lf, C, h, w]`, zeros after (diffusers' I2V padding).
-    fn encode_image(&mut self, image: &Frames, shape: &LatentShape) -> Result<Vec<f32>> {
-        let unit = image.to_unit_video()?;
-        let signed: Vec<f32> = unit
-            .as_f32("image")?
-            .iter()
-            .map(|v| v * 2.0 - 1.0)
-            .collect();
-        let mean = self.vae.latent(&Tensor::f32(unit.shape.clone(), signed))?;
-        let sf = self.vae.entry.scaling_factor as f32;
-        let frame = shape.height * shape.width;
-        let first = mean
-            .as_f32("posterior_mean")?
-            .get(..shape.channels * frame)
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: "VAE encoder".into(),
-                message: format!(
-                    "the first frame's latent has {:?} values; expected {} channels of {frame}",
-                    mean.shape, shape.channels
-                ),
-            })?;
-        let mut image_latents = vec![0f32; shape.frames * shape.channels * frame];
-        for (o, v) in image_latents.iter_mut().zip(first) {
-            *o = v * sf;
-        }
-        Ok(image_latents)
-    }
-
-    /// Step 3: the DDIM loop with classifier-free guidance (negative and positive prompt as one
-    /// batch of 2). Returns the final latents `[lf, C, h, w]`, the latents after every step, and
-    /// each DiT call's time.
-    fn denoise(
-        &mut self,
-        req: &Request,
-        shape: &LatentShape,
-        image_latents: &[f32],
-        progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
-        let dit = self.dit_entry()?.clone();
-        let (lf, c, lh, lw) = (shape.frames, shape.channels, shape.height, shape.width);
-        let frame = lh * lw;
-        let Sampler::Ddim(cfg) = &self.sampler else {
-            return Err(RuntimeError::Invalid {
-                what: "scheduler".into(),
-                message: "CogVideoX runs the DDIM scheduler".into(),
-            });
-        };
-        let mut sched = DdimScheduler::new(cfg)?;
-        sched.set_timesteps(req.steps)?;
-        let (rope_cos, rope_sin) = cogvideox_rope(
-            dit.attention_head_dim,
-            lf,
-            lh,
-            lw,
-            dit.patch_size,
-            config_usize(&dit.config, "sample_height").unwrap_or(lh),
-            config_usize(&dit.config, "sample_width").unwrap_or(lw),
-        )?;
-        let seq = rope_cos.len() / dit.attention_head_dim.max(1);
-        let mut inputs = BTreeMap::new();
-        inputs.insert(
-            "rope_cos".to_string(),
-            Tensor::f32(vec![seq, dit.attention_head_dim], rope_cos),
-        );
-        inputs.insert(
-            "rope_sin".to_string(),
-            Tensor::f32(vec![seq, dit.attention_head_dim], rope_sin),
-        );
-        let text = Tensor::concat(
-            &[
-                req.negative_prompt_embeds.clone(),
-                req.prompt_embeds.clone(),
-            ],
-            0,
-        )?;
-        inputs.insert("encoder_hidden_states".to_string(), text);
-
-        let mut latents: Vec<f32> = req
-            .noise
-            .as_f32("noise")?
-            .iter()
-            .map(|v| v * sched.init_noise_sigma())
-            .collect();
-        let mut latents_steps = Vec::with_capacity(req.steps);
-        let timesteps = sched.timesteps().to_vec();
-        let mut dit_ms = Vec::with_capacity(timesteps.len());
-        for (i, &t) in timesteps.iter().enumerate() {
-            let hs = crate::layout::guidance_batch(&latents, image_latents, lf, c, frame)?;
-            inputs.insert(
-                "hidden_states".to_string(),
-                Tensor::f32(vec![2, lf, 2 * c, lh, lw], hs),
-            );
-            inputs.insert("timestep".to_string(), Tensor::i64(vec![2], vec![t, t]));
-            let ts = Instant::now();
-            let out = self.dit.run(&inputs)?;
-            dit_ms.push(ms(ts));
-            let pred = out.get("sample").ok_or_else(|| RuntimeError::Invalid {
-                what: "DiT".into(),
-                message: "no `sample` output".into(),
-            })?;
-            let pred = pred.as_f32("sample")?;
-            let n = latents.len();
-            if pred.len() != 2 * n {
-                return Err(RuntimeError::Invalid {
-                    what: "DiT".into(),
-                    message: format!("`sample` has {} values; expected {}", pred.len(), 2 * n),
-                });
-            }
-            let (uncond, cond) = pred.split_at(n);
-            // diffusers guides only when `guidance > 1`; otherwise the positive branch alone.
-            let guided: Vec<f32> = match req.guidance > 1.0 {
-                true => uncond
-                    .iter()
-                    .zip(cond)
-                    .map(|(u, c)| u + req.guidance * (c - u))
-                    .collect(),
-                false => cond.to_vec(),
-            };
-            latents = sched.step(&guided, t, &latents)?;
-            latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
-            if !progress(i + 1, timesteps.len()) {
-                return Err(RuntimeError::Cancelled);
-            }
-        }
-        Ok((latents, latents_steps, dit_ms))
-    }
-
-    /// Step 4: latents `[1, lf, C, h, w]` → `[1, C, lf, h, w]` / scaling factor → VAE.
-    fn decode(&mut self, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
-        let (lf, c) = (shape.frames, shape.channels);
-        let frame = shape.height * shape.width;
-        let sf = self.vae.entry.scaling_factor as f32;
-        let z = crate::layout::swap_leading(latents, lf, c, frame, |v| v / sf)?;
-        self.vae
-            .decode(&Tensor::f32(vec![1, c, lf, shape.height, shape.width], z))
-    }
 }
 
 /// The sampler of the engine's family.
@@ -618,7 +493,7 @@ enum Sampler {
     Ddim(SchedulerConfig),
     /// Wan: a flow sampler (UniPC or Euler), with the DiT facts its loop needs and, for I2V
     /// engines that export one, the CLIP image encoder.
-    Flow(FlowScheduler, WanDit, Option<wan::ImageEncoder>),
+    Flow(FlowScheduler, WanDitConfig, Option<wan::ImageEncoder>),
 }
 
 /// The VAE's `[1, 3, F, H, W]` in [-1, 1] → frames `[1, F, H, W, 3]` as

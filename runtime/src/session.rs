@@ -22,7 +22,7 @@ pub struct SessionOptions {
     pub keep_weight_casts: bool,
     /// A static int8 (Q/DQ) graph in its MatMul form: ONNX Runtime's `MatMulAddFusion` would
     /// turn each MatMul + bias Add into a Gemm before its Q/DQ fusion sees them, and the Gemm
-    /// runs dequantised in f32 (`v2l_calibration::QdqForm`).
+    /// runs dequantised in f32 (the compile layer's Q/DQ form).
     pub qdq_matmul: bool,
     /// No graph optimisation at all: for sessions given replacement weights that ONNX
     /// Runtime's optimisers would otherwise fold from the model file's own (a fused LoRA on a

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::engine::Engine;
 use crate::lora::AppliedLora;
-use crate::pipeline::{wan_dit, WanDit};
+use v2l_contracts::family::WanDitConfig;
 
 use crate::error::{Result, RuntimeError};
 use crate::session::SessionOptions;
@@ -59,7 +59,7 @@ impl Stage {
     /// DiT takes float timesteps, computes its RoPE tables when they are not given, and takes
     /// `encoder_hidden_states_image` when it is an I2V model).
     pub fn required_inputs(self, engine: &Engine) -> Vec<&'static str> {
-        match (self, wan_dit(engine)) {
+        match (self, engine.wan_config().ok().flatten()) {
             (Stage::Dit, Some(w)) => {
                 let mut v = vec!["hidden_states", "encoder_hidden_states", "timestep"];
                 if w.image_dim.is_some() {
@@ -75,7 +75,7 @@ impl Stage {
 /// A Wan DiT's feed beyond the required inputs: timesteps as float, and the RoPE tables (the
 /// given ones, or `rope::wan_rope` for the latent's size).
 fn wan_feed(
-    w: &WanDit,
+    w: &WanDitConfig,
     inputs: &BTreeMap<String, Tensor>,
     feed: &mut BTreeMap<String, Tensor>,
 ) -> Result<()> {
@@ -97,11 +97,18 @@ fn wan_feed(
                     message: format!("has shape {shape:?}; expected [B, C, F, H, W]"),
                 });
             };
-            let (c, s) = crate::rope::wan_rope(w.head_dim, f, h, wd, w.patch, w.rope_max_seq_len)?;
-            let rows = c.len() / w.head_dim.max(1);
+            let (c, s) = crate::rope::wan_rope(
+                w.attention_head_dim,
+                f,
+                h,
+                wd,
+                w.patch(),
+                w.rope_max_seq_len,
+            )?;
+            let rows = c.len() / w.attention_head_dim.max(1);
             (
-                Tensor::f32(vec![rows, w.head_dim], c),
-                Tensor::f32(vec![rows, w.head_dim], s),
+                Tensor::f32(vec![rows, w.attention_head_dim], c),
+                Tensor::f32(vec![rows, w.attention_head_dim], s),
             )
         }
     };
@@ -134,7 +141,7 @@ pub fn check_inputs(
         message: format!("`{name}` {message}"),
     };
     let mut shapes = BTreeMap::new();
-    let wan = wan_dit(dir);
+    let wan = dir.wan_config()?;
     for name in stage.required_inputs(dir) {
         let t = inputs
             .get(name)
@@ -185,12 +192,12 @@ pub fn check_inputs(
             let hs = dims("hidden_states");
             let [b, c, f, h, wd] =
                 sized(hs, "[B, C, F, H, W]").map_err(|m| bad("hidden_states", m))?;
-            let (pt, ph, pw) = w.patch;
+            let (pt, ph, pw) = w.patch();
             if c != d.in_channels || f % pt.max(1) != 0 || h % ph.max(1) != 0 || wd % pw.max(1) != 0
             {
                 return Err(bad("hidden_states", format!(
                     "has shape {hs:?}; the Wan DiT takes [B, {}, F, H, W] with F, H, W multiples of its patch {:?}",
-                    d.in_channels, w.patch
+                    d.in_channels, w.patch()
                 )));
             }
             for (name, width) in [
@@ -217,10 +224,10 @@ pub fn check_inputs(
             let tokens = (f / pt.max(1)) * (h / ph.max(1)) * (wd / pw.max(1));
             for name in ["rope_cos", "rope_sin"] {
                 if let Some(r) = inputs.get(name) {
-                    if r.shape != [tokens, w.head_dim] {
+                    if r.shape != [tokens, w.attention_head_dim] {
                         return Err(bad(name, format!(
                             "has shape {:?}; expected [{tokens}, {}] (or leave it out: v2l computes it)",
-                            r.shape, w.head_dim
+                            r.shape, w.attention_head_dim
                         )));
                     }
                 }
@@ -418,7 +425,7 @@ pub fn run_stage(
                 .iter()
                 .map(|n| Ok((n.to_string(), get(n)?.clone())))
                 .collect::<Result<_>>()?;
-            if let Some(w) = wan_dit(dir) {
+            if let Some(w) = dir.wan_config()? {
                 wan_feed(&w, inputs, &mut feed)?;
             }
             let (mut out, times) = timed(runs, || m.run(&feed))?;

@@ -106,7 +106,7 @@ fn main() -> ExitCode {
             BackendArg::Cuda => Backend::Cuda,
             BackendArg::Tensorrt => Backend::TensorRt,
         };
-        use v2l_runtime::calibrate::{Calibration, Samples};
+        use v2l_compile::calibrate::{Calibration, Samples};
         let samples = match (&cli.calibration, cli.calibration_samples) {
             (Some(dir), _) => Some(Samples::Dir(dir.clone())),
             (None, Some(n)) => Some(Samples::Generated(n as usize)),
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
             }),
             None => None,
         };
-        let b = v2l_runtime::bundle::compile_with(
+        let b = v2l_compile::compile_with(
             &cli.input,
             &cli.output,
             backend,

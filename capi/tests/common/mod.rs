@@ -95,7 +95,7 @@ pub fn build_engine(dir: &Path) -> PathBuf {
     m.write(&ex).unwrap();
 
     let eng = dir.join("engine");
-    v2l_runtime::bundle::compile(&ex, &eng, Backend::Cpu, Precision::Fp32).unwrap();
+    v2l_compile::compile(&ex, &eng, Backend::Cpu, Precision::Fp32).unwrap();
     eng
 }
 
@@ -219,7 +219,7 @@ pub fn build_wan_engine(dir: &Path, transformer: &str) -> PathBuf {
     .write(&ex)
     .unwrap();
     let eng = dir.join("engine");
-    v2l_runtime::bundle::compile(&ex, &eng, Backend::Cpu, Precision::Fp32).unwrap();
+    v2l_compile::compile(&ex, &eng, Backend::Cpu, Precision::Fp32).unwrap();
     eng
 }
 

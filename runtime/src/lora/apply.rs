@@ -18,7 +18,7 @@ pub enum Stored {
     Float(DType),
     Quantized(WeightQuant),
     /// f32, quantised by the backend through Q/DQ with per-channel scales the engine carries
-    /// (`v2l_calibration::qdq`): a fused weight brings its recomputed scales.
+    /// (`v2l_contracts::io::QdqNames`): a fused weight brings its recomputed scales.
     Qdq,
 }
 
@@ -189,7 +189,7 @@ fn fuse_layer(
                 })?;
             vec![
                 (
-                    v2l_calibration::QdqNames::of(name).weight_scale,
+                    v2l_contracts::io::QdqNames::of(name).weight_scale,
                     Tensor::f32(vec![o], scales),
                 ),
                 (name.to_string(), Tensor::f32(vec![o, i], fused)),

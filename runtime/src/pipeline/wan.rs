@@ -19,7 +19,8 @@
 //! pipelines encode (`max_sequence_length` 512), which the fixtures use.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+
+use v2l_contracts::family::WanDitConfig;
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
@@ -29,54 +30,10 @@ use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
 
-use super::{ms, LatentShape, Request};
+use v2l_contracts::io::dit as io;
 
-/// What the runtime needs of a Wan DiT's config (`WanTransformer3DModel`).
-pub(crate) struct WanDit {
-    pub(crate) patch: (usize, usize, usize),
-    pub(crate) head_dim: usize,
-    pub(crate) rope_max_seq_len: usize,
-    /// I2V: the width of the CLIP image tokens (`None`: T2V).
-    pub(crate) image_dim: Option<usize>,
-}
-
-/// The engine's DiT when it is a Wan DiT.
-pub(crate) fn wan_dit(engine: &Engine) -> Option<WanDit> {
-    let d = engine.manifest.dit.as_ref()?;
-    if d.class_name != "WanTransformer3DModel" {
-        return None;
-    }
-    Some(WanDit::from_config(&d.config))
-}
-
-impl WanDit {
-    /// From a `WanTransformer3DModel` `config.json` (missing fields: diffusers' defaults).
-    pub(crate) fn from_config(c: &serde_json::Value) -> WanDit {
-        let num = |k: &str, default: usize| {
-            c.get(k)
-                .and_then(|v| v.as_u64())
-                .map_or(default, |v| v as usize)
-        };
-        let patch = match c
-            .get("patch_size")
-            .and_then(|v| v.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>())
-            .as_deref()
-        {
-            Some(&[t, h, w]) => (t as usize, h as usize, w as usize),
-            _ => (1, 2, 2),
-        };
-        WanDit {
-            patch,
-            head_dim: num("attention_head_dim", 128),
-            rope_max_seq_len: num("rope_max_seq_len", 1024),
-            image_dim: c
-                .get("image_dim")
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize),
-        }
-    }
-}
+use super::denoise::{self, Guidance, Sampling};
+use super::{LatentShape, Request};
 
 /// Wan I2V's first-frame encoder: `CLIPImageProcessor` then the CLIP vision graph
 /// (`WanImageToVideoPipeline.encode_image`: the penultimate layer's hidden states).
@@ -210,11 +167,12 @@ pub(super) fn condition(
     ))
 }
 
-/// Step 3: the flow sampler's loop. Returns the final latents `[z, lf, h, w]`, the latents
-/// after every step, and each DiT call's time.
+/// Step 3: the flow sampler's loop ([`denoise::run`]). Returns the final latents
+/// `[z, lf, h, w]`, the latents after every step, and each DiT call's time.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn denoise(
     dit: &mut DitRunner,
-    w: &WanDit,
+    w: &WanDitConfig,
     sched: &mut FlowScheduler,
     req: &Request,
     shape: &LatentShape,
@@ -224,94 +182,72 @@ pub(super) fn denoise(
 ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
     let (lf, lh, lw) = (shape.frames, shape.height, shape.width);
     sched.set_timesteps(req.steps)?;
-    let (cos, sin) = crate::rope::wan_rope(w.head_dim, lf, lh, lw, w.patch, w.rope_max_seq_len)?;
-    let rows = cos.len() / w.head_dim.max(1);
-    let guided = req.guidance > 1.0;
-    let batch = if guided { 2 } else { 1 };
-    let twice = |t: &Tensor| match guided {
-        true => Tensor::concat(&[t.clone(), t.clone()], 0),
-        false => Ok(t.clone()),
-    };
+    let head = w.attention_head_dim;
+    let (cos, sin) = crate::rope::wan_rope(head, lf, lh, lw, w.patch(), w.rope_max_seq_len)?;
+    let rows = cos.len() / head.max(1);
+    let guidance = Guidance(req.guidance);
     let mut inputs = BTreeMap::new();
-    inputs.insert(
-        "rope_cos".to_string(),
-        Tensor::f32(vec![rows, w.head_dim], cos),
-    );
-    inputs.insert(
-        "rope_sin".to_string(),
-        Tensor::f32(vec![rows, w.head_dim], sin),
-    );
-    let text = match guided {
-        true => Tensor::concat(
-            &[
-                req.negative_prompt_embeds.clone(),
-                req.prompt_embeds.clone(),
-            ],
-            0,
-        )?,
-        false => req.prompt_embeds.clone(),
-    };
-    inputs.insert("encoder_hidden_states".to_string(), text);
+    inputs.insert(io::ROPE_COS.to_string(), Tensor::f32(vec![rows, head], cos));
+    inputs.insert(io::ROPE_SIN.to_string(), Tensor::f32(vec![rows, head], sin));
+    inputs.insert(io::ENCODER_HIDDEN_STATES.to_string(), guidance.text(req)?);
     if w.image_dim.is_some() {
         let embeds = image_embeds.ok_or_else(|| RuntimeError::Invalid {
             what: "image_embeds".into(),
             message: "an I2V Wan DiT needs the first frame's CLIP image tokens".into(),
         })?;
-        inputs.insert("encoder_hidden_states_image".to_string(), twice(embeds)?);
+        inputs.insert(
+            io::ENCODER_HIDDEN_STATES_IMAGE.to_string(),
+            guidance.repeat(embeds)?,
+        );
     }
     let cond = match condition {
         Some(c) => c.as_f32("condition")?,
         None => &[],
     };
-    let mut latents = req.noise.as_f32("noise")?.to_vec();
+    let latents = req.noise.as_f32("noise")?.to_vec();
     let n = latents.len();
     let in_channels = shape.channels + cond.len() / (n / shape.channels.max(1)).max(1);
-    let timesteps = sched.timesteps();
-    let mut latents_steps = Vec::with_capacity(timesteps.len());
-    let mut dit_ms = Vec::with_capacity(timesteps.len());
-    for (i, &t) in timesteps.iter().enumerate() {
-        // Channels-first with batch 1: the channel concat [latents | condition] is an append.
-        let one: Vec<f32> = latents.iter().chain(cond).copied().collect();
-        let hs = one.repeat(batch);
-        inputs.insert(
-            "hidden_states".to_string(),
-            Tensor::f32(vec![batch, in_channels, lf, lh, lw], hs),
-        );
-        inputs.insert(
-            "timestep".to_string(),
-            Tensor::f32(vec![batch], vec![t; batch]),
-        );
-        let ts = Instant::now();
-        let out = dit.run(&inputs)?;
-        dit_ms.push(ms(ts));
-        let pred = out
-            .get("sample")
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: "DiT".into(),
-                message: "no `sample` output".into(),
-            })?
-            .as_f32("sample")?;
-        if pred.len() != batch * n {
-            return Err(RuntimeError::Invalid {
-                what: "DiT".into(),
-                message: format!("`sample` has {} values; expected {}", pred.len(), batch * n),
-            });
-        }
-        let noise_pred: Vec<f32> = match pred.split_at(n) {
-            (uncond, cond) if guided => uncond
-                .iter()
-                .zip(cond)
-                .map(|(u, c)| u + req.guidance * (c - u))
-                .collect(),
-            (only, _) => only.to_vec(),
-        };
-        latents = sched.step(&noise_pred, &latents)?;
-        latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
-        if !progress(i + 1, timesteps.len()) {
-            return Err(RuntimeError::Cancelled);
-        }
+    let mut flow = Flow {
+        timesteps: sched.timesteps(),
+        sched,
+        cond,
+        dims: [in_channels, lf, lh, lw],
+    };
+    denoise::run(dit, inputs, &mut flow, req, latents, progress)
+}
+
+/// Wan's part of a denoise step: `[latents | condition]` channels first, float timesteps.
+struct Flow<'a> {
+    sched: &'a mut FlowScheduler,
+    timesteps: Vec<f32>,
+    /// I2V: mask and first-frame latents, appended to the latents on the channel axis.
+    cond: &'a [f32],
+    /// `[in_channels, lf, h, w]` of one sample of `hidden_states`.
+    dims: [usize; 4],
+}
+
+impl Sampling for Flow<'_> {
+    fn steps(&self) -> usize {
+        self.timesteps.len()
     }
-    Ok((latents, latents_steps, dit_ms))
+
+    fn dit_inputs(&self, latents: &[f32], i: usize, batch: usize) -> Result<(Tensor, Tensor)> {
+        let t = *self.timesteps.get(i).ok_or_else(|| RuntimeError::Invalid {
+            what: "scheduler".into(),
+            message: format!("no timestep {i}"),
+        })?;
+        // Channels-first with batch 1: the channel concat [latents | condition] is an append.
+        let one: Vec<f32> = latents.iter().chain(self.cond).copied().collect();
+        let [c, f, h, w] = self.dims;
+        Ok((
+            Tensor::f32(vec![batch, c, f, h, w], one.repeat(batch)),
+            Tensor::f32(vec![batch], vec![t; batch]),
+        ))
+    }
+
+    fn step(&mut self, prediction: &[f32], _i: usize, latents: &[f32]) -> Result<Vec<f32>> {
+        self.sched.step(prediction, latents)
+    }
 }
 
 /// Step 4: latents `[z, lf, h, w]` → `z / (1 / std) + mean` → VAE → `[1, 3, F, H, W]`.

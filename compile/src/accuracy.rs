@@ -7,25 +7,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use v2l_contracts::manifest::DitEntry;
 
-use crate::error::Result;
-use crate::session::{Model, SessionOptions};
-use crate::tensor::{gaussian_noise, Tensor};
+use v2l_runtime::error::{Result, RuntimeError};
+use v2l_runtime::session::{Model, SessionOptions};
+use v2l_runtime::tensor::{gaussian_noise, Tensor};
 
-/// One stage's distance from fp32.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StageAccuracy {
-    pub stage: String,
-    /// Relative L2 of this engine's output against the fp32 graph's on the same inputs.
-    pub rel_l2: f64,
-    /// For generated frames: PSNR (dB, peak 1) against the fp32 engine's frames.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub psnr_db: Option<f64>,
-    /// What it ran on, in words (sizes, seed).
-    pub inputs: String,
-}
+pub use v2l_runtime::bundle::StageAccuracy;
 
 /// DiT inputs at a pixel size, as a guided step runs them: batch 2, `text` prompt tokens,
 /// Gaussian latents and prompt (seeded), timestep 999, the RoPE tables of that size.
@@ -67,8 +55,15 @@ pub fn dit_inputs_at(
         get("text_embed_dim"),
     );
     let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
-    let (cos, sin) =
-        crate::rope::cogvideox_rope(dh, lf, lh, lw, p, get("sample_height"), get("sample_width"))?;
+    let (cos, sin) = v2l_runtime::rope::cogvideox_rope(
+        dh,
+        lf,
+        lh,
+        lw,
+        p,
+        get("sample_height"),
+        get("sample_width"),
+    )?;
     let s = lf * (lh / p.max(1)) * (lw / p.max(1));
     Ok(vec![
         (
@@ -102,10 +97,15 @@ fn wan_inputs_at(
             .and_then(|v| v.as_u64())
             .map_or(default, |v| v as usize)
     };
-    let w = crate::pipeline::WanDit::from_config(cfg);
-    let dh = w.head_dim;
+    let w = v2l_contracts::family::WanDitConfig::from_config(cfg).map_err(|e| {
+        RuntimeError::Invalid {
+            what: "DiT config".into(),
+            message: e.to_string(),
+        }
+    })?;
+    let dh = w.attention_head_dim;
     let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
-    let (cos, sin) = crate::rope::wan_rope(dh, lf, lh, lw, w.patch, w.rope_max_seq_len)?;
+    let (cos, sin) = v2l_runtime::rope::wan_rope(dh, lf, lh, lw, w.patch(), w.rope_max_seq_len)?;
     let rows = cos.len() / dh.max(1);
     let t = timestep as f32;
     let mut inputs = vec![
@@ -163,7 +163,7 @@ pub fn dit_accuracy(
         let mut m = Model::load(path, opts)?;
         let mut out = m.run(&inputs)?;
         out.remove("sample")
-            .ok_or_else(|| crate::RuntimeError::Invalid {
+            .ok_or_else(|| v2l_runtime::RuntimeError::Invalid {
                 what: path.display().to_string(),
                 message: "the DiT graph has no `sample` output".into(),
             })
@@ -201,11 +201,11 @@ const STEPS: usize = 4;
 /// DiT (`fp32`, an engine without a bundle: the export's graphs) and with the engine below fp32
 /// (`low`): the frames' PSNR and relative L2. Both on the CPU, fp32 VAE and scheduler.
 pub fn generation_accuracy(
-    fp32: crate::engine::Engine,
-    low: crate::engine::Engine,
+    fp32: v2l_runtime::engine::Engine,
+    low: v2l_runtime::engine::Engine,
 ) -> Result<StageAccuracy> {
-    use crate::lora::strategy::Strategy;
-    use crate::pipeline::{Pipeline, Request, RequestLora};
+    use v2l_runtime::lora::strategy::Strategy;
+    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
     let cfg = fp32
         .manifest
         .dit
@@ -232,7 +232,7 @@ pub fn generation_accuracy(
     let prompt = gaussian_noise(vec![1, text, text_dim], 7);
     let req = Request {
         image_embeds,
-        image: (!t2v).then_some(crate::video::Frames {
+        image: (!t2v).then_some(v2l_runtime::video::Frames {
             frames: 1,
             height: h,
             width: w,
@@ -250,7 +250,7 @@ pub fn generation_accuracy(
         keep_weight_casts: true,
         ..Default::default()
     };
-    let run = |e: crate::engine::Engine| -> Result<Tensor> {
+    let run = |e: v2l_runtime::engine::Engine| -> Result<Tensor> {
         let mut p = Pipeline::load_with_strategy(e, &opts, Strategy::Fused)?;
         Ok(p.generate(&req, &mut |_, _| true)?.frames)
     };

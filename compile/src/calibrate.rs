@@ -5,12 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use v2l_calibration::{Method, Ranges};
 
-use crate::error::{Result, RuntimeError};
-use crate::session::{Model, SessionOptions};
-use crate::tensor::Tensor;
+use v2l_runtime::error::{Result, RuntimeError};
+use v2l_runtime::session::{Model, SessionOptions};
+use v2l_runtime::tensor::Tensor;
 
 /// Where calibration samples come from.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,16 +30,7 @@ pub struct Calibration {
     pub method: Method,
 }
 
-/// What `bundle.json` records of a calibration.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CalibrationRecord {
-    pub method: String,
-    pub samples: usize,
-    /// The samples' directory, or `generated`.
-    pub source: String,
-    /// Activation scale of each quantised linear, by weight.
-    pub input_scales: BTreeMap<String, f32>,
-}
+pub use v2l_runtime::bundle::CalibrationRecord;
 
 const INPUTS: [&str; 5] = [
     "hidden_states",
@@ -87,7 +77,7 @@ fn samples(cfg: &serde_json::Value, from: &Samples) -> Result<Vec<BTreeMap<Strin
             files
                 .iter()
                 .map(|f| {
-                    let t = crate::tensor::read_safetensors(f)?;
+                    let t = v2l_runtime::tensor::read_safetensors(f)?;
                     if let Some(missing) = INPUTS.iter().find(|k| !t.contains_key(**k)) {
                         return Err(RuntimeError::BadFile {
                             path: f.clone(),

@@ -1,0 +1,10 @@
+//! The command-line tools and the server, run as a user runs them, in one harness: one
+//! binary to link. `common` holds the fixture helpers every module shares.
+
+mod common;
+
+mod cli;
+mod e2e;
+mod effects_model;
+mod serve;
+mod valid_graphs;

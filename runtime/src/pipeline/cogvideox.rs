@@ -1,0 +1,160 @@
+//! CogVideoX image-to-video, as diffusers 0.42.1 `CogVideoXImageToVideoPipeline` runs it: the
+//! first frame's latent padded with zero latent frames and concatenated to the noisy latents
+//! on the channel axis, `[B, F, C, H, W]` layout, DDIM with int64 timesteps, RoPE tables from
+//! [`crate::rope::cogvideox_rope`], latents decoded as `z / scaling_factor`.
+
+use std::collections::BTreeMap;
+
+use v2l_contracts::io::dit as io;
+use v2l_contracts::manifest::DitEntry;
+
+use crate::error::{Result, RuntimeError};
+use crate::lora::strategy::DitRunner;
+use crate::rope::cogvideox_rope;
+use crate::scheduler::{DdimScheduler, SchedulerConfig};
+use crate::tensor::Tensor;
+use crate::vae::Vae;
+use crate::video::Frames;
+
+use super::denoise::{self, Guidance, Sampling};
+use super::{config_usize, LatentShape, Request};
+
+/// Step 2: the first frame in [-1, 1] → VAE latent × scaling factor as latent frame 0 of
+/// `[lf, C, h, w]`, zeros after (diffusers' I2V padding).
+pub(super) fn encode_image(vae: &mut Vae, image: &Frames, shape: &LatentShape) -> Result<Vec<f32>> {
+    let unit = image.to_unit_video()?;
+    let signed: Vec<f32> = unit
+        .as_f32("image")?
+        .iter()
+        .map(|v| v * 2.0 - 1.0)
+        .collect();
+    let mean = vae.latent(&Tensor::f32(unit.shape.clone(), signed))?;
+    let sf = vae.entry.scaling_factor as f32;
+    let frame = shape.height * shape.width;
+    let first = mean
+        .as_f32("posterior_mean")?
+        .get(..shape.channels * frame)
+        .ok_or_else(|| RuntimeError::Invalid {
+            what: "VAE encoder".into(),
+            message: format!(
+                "the first frame's latent has {:?} values; expected {} channels of {frame}",
+                mean.shape, shape.channels
+            ),
+        })?;
+    let mut image_latents = vec![0f32; shape.frames * shape.channels * frame];
+    for (o, v) in image_latents.iter_mut().zip(first) {
+        *o = v * sf;
+    }
+    Ok(image_latents)
+}
+
+/// Step 3: the DDIM loop ([`denoise::run`]). Returns the final latents `[lf, C, h, w]`, the
+/// latents after every step, and each DiT call's time.
+pub(super) fn denoise(
+    dit: &mut DitRunner,
+    entry: &DitEntry,
+    cfg: &SchedulerConfig,
+    req: &Request,
+    shape: &LatentShape,
+    image_latents: &[f32],
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
+    let (lf, lh, lw) = (shape.frames, shape.height, shape.width);
+    let head = entry.attention_head_dim;
+    let mut sched = DdimScheduler::new(cfg)?;
+    sched.set_timesteps(req.steps)?;
+    let (rope_cos, rope_sin) = cogvideox_rope(
+        head,
+        lf,
+        lh,
+        lw,
+        entry.patch_size,
+        config_usize(&entry.config, "sample_height").unwrap_or(lh),
+        config_usize(&entry.config, "sample_width").unwrap_or(lw),
+    )?;
+    let rows = rope_cos.len() / head.max(1);
+    let mut inputs = BTreeMap::new();
+    inputs.insert(
+        io::ROPE_COS.to_string(),
+        Tensor::f32(vec![rows, head], rope_cos),
+    );
+    inputs.insert(
+        io::ROPE_SIN.to_string(),
+        Tensor::f32(vec![rows, head], rope_sin),
+    );
+    inputs.insert(
+        io::ENCODER_HIDDEN_STATES.to_string(),
+        Guidance(req.guidance).text(req)?,
+    );
+    let sigma = sched.init_noise_sigma();
+    let latents: Vec<f32> = req
+        .noise
+        .as_f32("noise")?
+        .iter()
+        .map(|v| v * sigma)
+        .collect();
+    let mut ddim = Ddim {
+        timesteps: sched.timesteps().to_vec(),
+        sched,
+        image_latents,
+        shape,
+    };
+    denoise::run(dit, inputs, &mut ddim, req, latents, progress)
+}
+
+/// CogVideoX's part of a denoise step: `[latents | image latents]` per frame, int64 timesteps.
+struct Ddim<'a> {
+    sched: DdimScheduler,
+    timesteps: Vec<i64>,
+    image_latents: &'a [f32],
+    shape: &'a LatentShape,
+}
+
+impl Ddim<'_> {
+    fn timestep(&self, i: usize) -> Result<i64> {
+        self.timesteps
+            .get(i)
+            .copied()
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: "scheduler".into(),
+                message: format!("no timestep {i}"),
+            })
+    }
+}
+
+impl Sampling for Ddim<'_> {
+    fn steps(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    fn dit_inputs(&self, latents: &[f32], i: usize, batch: usize) -> Result<(Tensor, Tensor)> {
+        let t = self.timestep(i)?;
+        let s = self.shape;
+        let hs = crate::layout::guidance_batch(
+            latents,
+            self.image_latents,
+            s.frames,
+            s.channels,
+            s.height * s.width,
+            batch,
+        )?;
+        Ok((
+            Tensor::f32(vec![batch, s.frames, 2 * s.channels, s.height, s.width], hs),
+            Tensor::i64(vec![batch], vec![t; batch]),
+        ))
+    }
+
+    fn step(&mut self, prediction: &[f32], i: usize, latents: &[f32]) -> Result<Vec<f32>> {
+        let t = self.timestep(i)?;
+        self.sched.step(prediction, t, latents)
+    }
+}
+
+/// Step 4: latents `[1, lf, C, h, w]` → `[1, C, lf, h, w]` / scaling factor → VAE.
+pub(super) fn decode(vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+    let (lf, c) = (shape.frames, shape.channels);
+    let frame = shape.height * shape.width;
+    let sf = vae.entry.scaling_factor as f32;
+    let z = crate::layout::swap_leading(latents, lf, c, frame, |v| v / sf)?;
+    vae.decode(&Tensor::f32(vec![1, c, lf, shape.height, shape.width], z))
+}

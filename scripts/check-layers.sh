@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The layering the runtime promises: it loads engines and serves requests, so it links neither
+# the compile layer, nor calibration, nor the exporter, nor the server's async stack. Run by
+# scripts/test.sh (and so by CI); fails naming the crate that leaked in.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deps=$(cargo tree -p v2l-runtime --edges normal --prefix none --format '{p}' | awk '{print $1}' | sort -u)
+bad=0
+for forbidden in v2l-compile v2l-calibration v2l-export v2l-serve axum tokio hyper; do
+  if grep -qx "$forbidden" <<<"$deps"; then
+    echo "check-layers: v2l-runtime depends on $forbidden (see: cargo tree -p v2l-runtime -i $forbidden)" >&2
+    bad=1
+  fi
+done
+[ "$bad" = 0 ] && echo "check-layers: v2l-runtime links $(wc -l <<<"$deps") crates, none of the compile layer, calibration, exporter or server"
+exit "$bad"

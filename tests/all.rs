@@ -1,0 +1,23 @@
+//! Every integration test of the fixtures, in one harness: one binary to link and run. Each
+//! module is one component or model against the output of its upstream reference code.
+
+mod backend_errors;
+mod clip_vision_parity;
+mod dit_parity;
+mod flow_schedulers;
+mod fullscale;
+mod hypernet_parity;
+mod lofa_parity;
+mod lora_parity;
+mod measure_parity;
+mod prompt2effect_parity;
+mod scheduler_rope;
+mod text_encoder_parity;
+mod tokenizer_parity;
+mod umt5_parity;
+mod umt5_tokenizer_parity;
+mod vae_parity;
+mod wan_dit_parity;
+mod wan_lora_parity;
+mod wan_pipeline_parity;
+mod wan_vae_parity;
