@@ -13,4 +13,11 @@ for forbidden in v2l-compile v2l-calibration v2l-export v2l-serve axum tokio hyp
   fi
 done
 [ "$bad" = 0 ] && echo "check-layers: v2l-runtime links $(wc -l <<<"$deps") crates, none of the compile layer, calibration, exporter or server"
-exit "$bad"
+[ "$bad" = 0 ] || exit 1
+# Prompt text is a feature: the runtime must build without it (and without `tokenizers`).
+if cargo tree -p v2l-runtime --no-default-features --edges normal --prefix none --format '{p}' | grep -q '^tokenizers '; then
+  echo "check-layers: v2l-runtime without default features still links tokenizers" >&2
+  exit 1
+fi
+cargo check --quiet -p v2l-runtime --no-default-features
+echo "check-layers: v2l-runtime builds without the text feature ($(cargo tree -p v2l-runtime --no-default-features --edges normal --prefix none --format '{p}' | awk '{print $1}' | sort -u | wc -l) crates)"

@@ -52,17 +52,10 @@ pub fn synthetic_dit(dir: &Path, mut config: serde_json::Value, dtype: v2l_graph
         .unwrap();
 }
 
-/// Deterministic pseudo-random f32 values in [-1, 1).
+/// Deterministic pseudo-random f32 values in (-1, 1), from v2l's one seeded generator.
 pub fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    let mut rng = v2l_contracts::noise::SplitMix64::new(seed);
+    (0..n).map(|_| rng.symmetric()).collect()
 }
 
 /// DiT inputs of the given sizes (latent frames, latent height/width, text length).

@@ -1,7 +1,7 @@
 //! The checked-in C header is what cbindgen generates from the source.
 //!
 //! Update it after changing the C API with:
-//!   V2L_UPDATE_HEADER=1 cargo test -p v2l-capi --test header
+//!   V2L_UPDATE_HEADER=1 cargo test -p v2l-capi --test all header
 
 #![allow(clippy::unwrap_used)]
 
@@ -36,7 +36,7 @@ fn checked_in_header_matches_the_source() {
         .map(|i| format!(" (first difference at line {})", i + 1))
         .unwrap_or_default();
     panic!(
-        "{} is out of date with capi/src/lib.rs{first}.\nRegenerate it with:\n  V2L_UPDATE_HEADER=1 cargo test -p v2l-capi --test header\nand commit the result.",
+        "{} is out of date with capi/src/lib.rs{first}.\nRegenerate it with:\n  V2L_UPDATE_HEADER=1 cargo test -p v2l-capi --test all header\nand commit the result.",
         path.display()
     );
 }

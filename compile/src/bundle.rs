@@ -10,7 +10,9 @@
 
 use std::path::{Path, PathBuf};
 
+use v2l_contracts::manifest::DitEntry;
 use v2l_contracts::Manifest;
+use v2l_graphs::proto::ModelProto;
 use v2l_runtime::backend::{Backend, PartsHasher, Precision};
 use v2l_runtime::bundle::{file_entry, io, Bundle, LoraTarget, FILE_NAME, FORMAT_VERSION};
 use v2l_runtime::error::{Result, RuntimeError};
@@ -119,6 +121,8 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
 
 /// [`compile`], and for int8 with a calibration: static int8 through Q/DQ
 /// (`crate::calibrate`), the form TensorRT builds (and ONNX Runtime's CPU provider runs).
+///
+/// The steps, in order; each is one function below.
 pub fn compile_with(
     src: &Path,
     out: &Path,
@@ -127,301 +131,414 @@ pub fn compile_with(
     calibration: Option<&crate::calibrate::Calibration>,
 ) -> Result<Bundle> {
     check_precision(backend, precision, calibration.is_some())?;
-    let dir = if src.is_file() {
-        src.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        src.to_path_buf()
-    };
-    let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile {
-        path: dir.clone(),
-        message: format!("{e} (v2l-compile takes a directory written by v2l-export)"),
-    })?;
+    let job = Job::open(src, backend, precision, calibration)?;
     v2l_runtime::limits::check_new_output_dir(out)?;
-    let (weight_hash, lora_targets) = match &manifest.dit {
-        Some(d) => {
-            let names: Vec<String> = d
-                .lora_targets
-                .iter()
-                .map(|t| format!("{}.weight", t.name))
-                .collect();
-            let model = dir.join(&d.file);
-            // What the model keeps in f32 below f32 (Wan's `_keep_in_fp32_modules`): those
-            // targets stay f32 in fp16/bf16 engines, as the lowering leaves them.
-            let keep = v2l_graphs::passes::keep_in_fp32_modules(
-                &v2l_graphs::read_model(&model).map_err(io(&model))?,
-            );
-            let mut hash = PartsHasher::default();
-            let mut targets = Vec::with_capacity(names.len());
-            let mut shapes = d.lora_targets.iter();
-            v2l_graphs::for_each_initializer(&model, &names, &mut |name, dtype, _, bytes| {
-                hash.part(&bytes);
-                if let Some(t) = shapes.next() {
-                    targets.push(LoraTarget {
-                        initializer: name.to_string(),
-                        shape: [t.out_features, t.in_features],
-                        dtype: dtype.to_string(),
-                    });
-                }
-                Ok(())
-            })
-            .map_err(io(&model))?;
-            if let Some(t) = targets
-                .iter()
-                .find(|t| t.dtype != v2l_graphs::DType::F32.name())
-            {
-                if precision == Precision::Fp32 {
-                    return Err(RuntimeError::Invalid {
-                        what: dir.display().to_string(),
-                        message: format!(
-                            "stores its DiT weights as {} (`{}`); an fp32 engine takes an export with f32 weights (`v2l-export dit --weight-dtype f32`), or compile this one with --precision int8",
-                            t.dtype, t.initializer
-                        ),
-                    });
-                }
-            }
-            // How the engine stores each target: int8/int4 for the token-wise linears of an
-            // integer engine, every linear outside `keep` in the low type of an fp16/bf16 one.
-            for t in targets.iter_mut() {
-                let module = t
-                    .initializer
-                    .strip_suffix(".weight")
-                    .unwrap_or(&t.initializer);
-                if v2l_graphs::passes::keeps_f32(&keep, module) {
-                    continue;
-                }
-                t.dtype = match (precision, precision.weight_quant()) {
-                    (_, Some(_)) if calibration.is_some() && quantises(&t.initializer) => {
-                        v2l_runtime::lora::apply::Stored::Qdq.name()
-                    }
-                    (_, Some(q)) if quantises(&t.initializer) => q.name(),
-                    (Precision::Fp16, _) => v2l_graphs::DType::F16.name(),
-                    (Precision::Bf16, _) => v2l_graphs::DType::BF16.name(),
-                    _ => continue,
-                }
-                .into();
-            }
-            (hash.finish(), targets)
-        }
-        None => (PartsHasher::default().finish(), Vec::new()),
-    };
+    let (weight_hash, targets) = job.lora_targets()?;
     v2l_contracts::atomic::build_dir(out, RuntimeError::io, |tmp| {
-        let names = manifest_files(&dir, &manifest);
+        let parts = job.link_parts(tmp)?;
+        job.tie_vae_caches(tmp)?;
+        let mut dit = DitBuild::default();
+        if let Some(d) = &job.manifest.dit {
+            job.build_dit(d, tmp, &targets, &mut dit)?;
+        }
+        job.measure_generation(tmp, &weight_hash, &targets, &mut dit)?;
+        job.write_record(tmp, parts, weight_hash, targets, dit)
+    })
+}
+
+/// One compile: the export it reads and what it builds.
+struct Job<'a> {
+    /// The export directory.
+    dir: PathBuf,
+    manifest: Manifest,
+    backend: Backend,
+    precision: Precision,
+    calibration: Option<&'a crate::calibrate::Calibration>,
+}
+
+/// What the DiT steps add to the bundle.
+#[derive(Default)]
+struct DitBuild {
+    /// Variant name (`bound`, `unfused`, the precision) → graph file.
+    variants: std::collections::BTreeMap<String, String>,
+    /// Files the variants wrote (graphs and weight files), for the record's hashes.
+    files: Vec<String>,
+    accuracy: Vec<crate::accuracy::StageAccuracy>,
+    calibration: Option<crate::calibrate::CalibrationRecord>,
+    /// A typed fp16/bf16 graph's CPU form, written for the accuracy checks only.
+    emulated: Option<PathBuf>,
+}
+
+impl<'a> Job<'a> {
+    /// Step 1: the export directory `src` (or the directory of a model file inside one) and
+    /// its manifest.
+    fn open(
+        src: &Path,
+        backend: Backend,
+        precision: Precision,
+        calibration: Option<&'a crate::calibrate::Calibration>,
+    ) -> Result<Job<'a>> {
+        let dir = if src.is_file() {
+            src.parent().unwrap_or(Path::new(".")).to_path_buf()
+        } else {
+            src.to_path_buf()
+        };
+        let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile {
+            path: dir.clone(),
+            message: format!("{e} (v2l-compile takes a directory written by v2l-export)"),
+        })?;
+        Ok(Job {
+            dir,
+            manifest,
+            backend,
+            precision,
+            calibration,
+        })
+    }
+
+    /// Step 2: the hash of the DiT's LoRA-targetable base weights and the target table: each
+    /// target's shape, and how this engine stores it.
+    fn lora_targets(&self) -> Result<(String, Vec<LoraTarget>)> {
+        let Some(d) = &self.manifest.dit else {
+            return Ok((PartsHasher::default().finish(), Vec::new()));
+        };
+        let names = target_names(d);
+        let model = self.dir.join(&d.file);
+        // What the model keeps in f32 below f32 (Wan's `_keep_in_fp32_modules`): those
+        // targets stay f32 in fp16/bf16 engines, as the lowering leaves them.
+        let keep = v2l_graphs::passes::keep_in_fp32_modules(
+            &v2l_graphs::read_model(&model).map_err(io(&model))?,
+        );
+        let mut hash = PartsHasher::default();
+        let mut targets = Vec::with_capacity(names.len());
+        let mut shapes = d.lora_targets.iter();
+        v2l_graphs::for_each_initializer(&model, &names, &mut |name, dtype, _, bytes| {
+            hash.part(&bytes);
+            if let Some(t) = shapes.next() {
+                targets.push(LoraTarget {
+                    initializer: name.to_string(),
+                    shape: [t.out_features, t.in_features],
+                    dtype: dtype.to_string(),
+                });
+            }
+            Ok(())
+        })
+        .map_err(io(&model))?;
+        if let Some(t) = targets
+            .iter()
+            .find(|t| t.dtype != v2l_graphs::DType::F32.name())
+        {
+            if self.precision == Precision::Fp32 {
+                return Err(RuntimeError::Invalid {
+                    what: self.dir.display().to_string(),
+                    message: format!(
+                        "stores its DiT weights as {} (`{}`); an fp32 engine takes an export with f32 weights (`v2l-export dit --weight-dtype f32`), or compile this one with --precision int8",
+                        t.dtype, t.initializer
+                    ),
+                });
+            }
+        }
+        // How the engine stores each target: int8/int4 for the token-wise linears of an
+        // integer engine, every linear outside `keep` in the low type of an fp16/bf16 one.
+        for t in targets.iter_mut() {
+            let module = t
+                .initializer
+                .strip_suffix(".weight")
+                .unwrap_or(&t.initializer);
+            if v2l_graphs::passes::keeps_f32(&keep, module) {
+                continue;
+            }
+            t.dtype = match (self.precision, self.precision.weight_quant()) {
+                (_, Some(_)) if self.calibration.is_some() && quantises(&t.initializer) => {
+                    v2l_runtime::lora::apply::Stored::Qdq.name()
+                }
+                (_, Some(q)) if quantises(&t.initializer) => q.name(),
+                (Precision::Fp16, _) => v2l_graphs::DType::F16.name(),
+                (Precision::Bf16, _) => v2l_graphs::DType::BF16.name(),
+                _ => continue,
+            }
+            .into();
+        }
+        Ok((hash.finish(), targets))
+    }
+
+    /// Step 3: every part of the export into the staging directory `tmp`. A hard link is
+    /// instant for 20 GB models; copy across file systems. Rewritten graphs replace their link
+    /// (write to a temporary name, rename), so the export itself is never modified. Returns
+    /// the parts' names.
+    fn link_parts(&self, tmp: &Path) -> Result<Vec<String>> {
+        let names = manifest_files(&self.dir, &self.manifest);
         for f in &names {
-            let (from, to) = (dir.join(f), tmp.join(f));
+            let (from, to) = (self.dir.join(f), tmp.join(f));
             if let Some(parent) = to.parent() {
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
             }
-            // A hard link is instant for 20 GB models; copy across file systems. Rewritten
-            // graphs replace their link (write to a temporary name, rename), so the export
-            // itself is never modified.
             if std::fs::hard_link(&from, &to).is_err() {
                 std::fs::copy(&from, &to).map_err(io(&from))?;
             }
         }
-        if runs_on_ort(backend) {
-            if let Some(v) = &manifest.vae {
-                for f in [&v.encoder, &v.decoder] {
-                    carried_outputs_first(&tmp.join(f))?;
-                }
+        Ok(names)
+    }
+
+    /// Step 4: on ONNX Runtime's kernels, the VAE graphs' cache outputs tied to their convs
+    /// ([`carried_outputs_first`]).
+    fn tie_vae_caches(&self, tmp: &Path) -> Result<()> {
+        if let (true, Some(v)) = (runs_on_ort(self.backend), &self.manifest.vae) {
+            for f in [&v.encoder, &v.decoder] {
+                carried_outputs_first(&tmp.join(f))?;
             }
         }
-        let mut dit_variants = std::collections::BTreeMap::new();
-        let mut calibration_record = None;
-        // A typed fp16/bf16 graph's CPU form, written for the accuracy checks only.
-        let mut emulated: Option<PathBuf> = None;
-        let mut accuracy = Vec::new();
-        let mut variant_files = Vec::new();
-        if let Some(d) = &manifest.dit {
-            let names: Vec<String> = d
-                .lora_targets
-                .iter()
-                .map(|t| format!("{}.weight", t.name))
-                .collect();
-            let src = tmp.join(&d.file);
-            let pass_err = |source| RuntimeError::GraphPass {
-                path: src.clone(),
-                source,
+        Ok(())
+    }
+
+    /// Step 5: the DiT's graphs: rewritten for the backend, lowered to the precision (with its
+    /// accuracy against fp32), the LoRA variants, and TensorRT's checks.
+    fn build_dit(
+        &self,
+        d: &DitEntry,
+        tmp: &Path,
+        targets: &[LoraTarget],
+        out: &mut DitBuild,
+    ) -> Result<()> {
+        let src = tmp.join(&d.file);
+        let base = self.rewrite_for_backend(d, &src)?;
+        let low = self.lower_dit_precision(d, &base, &src, tmp, targets, out)?;
+        self.lora_variants(d, &base, &src, tmp, low.as_ref(), out)?;
+        if self.backend == Backend::TensorRt {
+            check_tensorrt_graphs(tmp, &d.file, &out.variants, self.precision, targets)?;
+        }
+        Ok(())
+    }
+
+    /// Step 5a: attention (and GELU) fused into ONNX Runtime's contrib ops, the feed-forward
+    /// chunked on the CPU; the graph at `src` is rewritten when anything changed. Returns the
+    /// graph the other DiT steps start from.
+    fn rewrite_for_backend(&self, d: &DitEntry, src: &Path) -> Result<ModelProto> {
+        let mut base = v2l_graphs::read_model(src).map_err(io(src))?;
+        if fuses_attention(self.backend) {
+            let heads = d
+                .config
+                .get("num_attention_heads")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(0);
+            let attention = if heads > 0 {
+                v2l_graphs::passes::fuse_attention(&mut base, heads)
+            } else {
+                0
             };
-            let write = |p: &Path, model: &v2l_graphs::proto::ModelProto| {
-                v2l_graphs::write_model(p, model).map_err(|source| RuntimeError::GraphWrite {
-                    path: p.into(),
-                    source,
-                })
-            };
-            let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;
-            if fuses_attention(backend) {
-                let heads = d
-                    .config
-                    .get("num_attention_heads")
-                    .and_then(|v| v.as_i64())
-                    .unwrap_or(0);
-                let attention = if heads > 0 {
-                    v2l_graphs::passes::fuse_attention(&mut base, heads)
-                } else {
-                    0
+            if attention + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
+                write_graph(src, &ff_chunked(self.backend, &base))?;
+            }
+        }
+        Ok(base)
+    }
+
+    /// Step 5b: below fp32, the DiT's graph for the precision (`dit_<precision>.onnx`) and its
+    /// weight file, shared with the LoRA-branch variant, and its accuracy against fp32. The
+    /// f32 weights stay in the bundle as the base LoRAs are fused from (memory-mapped, never
+    /// loaded whole). `None` at fp32.
+    fn lower_dit_precision(
+        &self,
+        d: &DitEntry,
+        base: &ModelProto,
+        src: &Path,
+        tmp: &Path,
+        targets: &[LoraTarget],
+        out: &mut DitBuild,
+    ) -> Result<Option<LowWeights>> {
+        if self.precision == Precision::Fp32 {
+            return Ok(None);
+        }
+        let pass_err = |source| RuntimeError::GraphPass {
+            path: src.into(),
+            source,
+        };
+        let file = format!("dit_{}.onnx", self.precision.name());
+        let data = format!("{file}.data");
+        let mut model = base.clone();
+        let weights = match self.calibration {
+            Some(how) => {
+                let record = calibrate_dit(d, base, src, tmp, targets, how)?;
+                let weights = LowWeights::Qdq {
+                    weights: record.input_scales.keys().cloned().collect(),
+                    scales: record.input_scales.clone(),
+                    form: qdq_form(self.backend),
                 };
-                if attention + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
-                    write(&src, &ff_chunked(backend, &base))?;
-                }
+                weights.reuse(&mut model, src).map_err(pass_err)?;
+                out.calibration = Some(record);
+                weights
             }
-            // Below fp32, the DiT's graph for the precision (`dit_<precision>.onnx`) and its
-            // weight file, shared with the LoRA-branch variant; the f32 weights stay in the
-            // bundle as the base LoRAs are fused from (memory-mapped, never loaded whole).
-            let low_weights = match precision {
-                Precision::Fp32 => None,
-                _ => {
-                    let file = format!("dit_{}.onnx", precision.name());
-                    let data = format!("{file}.data");
-                    let mut model = base.clone();
-                    let weights = match calibration {
-                        Some(how) => {
-                            let record = calibrate_dit(d, &base, &src, tmp, &lora_targets, how)?;
-                            let weights = LowWeights::Qdq {
-                                weights: record.input_scales.keys().cloned().collect(),
-                                scales: record.input_scales.clone(),
-                                form: qdq_form(backend),
-                            };
-                            weights.reuse(&mut model, &src).map_err(pass_err)?;
-                            calibration_record = Some(record);
-                            weights
-                        }
-                        None => lower_dit(
-                            &mut model,
-                            &src,
-                            &tmp.join(&data),
-                            precision,
-                            backend,
-                            &lora_targets,
-                        )
-                        .map_err(pass_err)?,
-                    };
-                    match &weights {
-                        LowWeights::Quantized { .. } => {
-                            write(&tmp.join(&file), &ff_chunked(backend, &model))?
-                        }
-                        _ => write(&tmp.join(&file), &model)?,
-                    }
-                    // Accuracy is measured on the CPU: a typed fp16/bf16 graph (GPU backends)
-                    // through its emulated form, which is only written for this.
-                    emulated = match &weights {
-                        LowWeights::Float(how, tensors) if !how.emulate => {
-                            let p = tmp.join(format!("dit_{}_emulated.onnx", precision.name()));
-                            let mut m = base.clone();
-                            let how = v2l_graphs::passes::Lowering {
-                                emulate: true,
-                                ..*how
-                            };
-                            let reuse = v2l_graphs::passes::WeightFile::Reuse(tensors);
-                            v2l_graphs::passes::lower_precision(&mut m, &src, reuse, how)
-                                .map_err(pass_err)?;
-                            write(&p, &m)?;
-                            Some(p)
-                        }
-                        _ => None,
-                    };
-                    let measured = crate::accuracy::dit_accuracy(
-                        d,
-                        &src,
-                        emulated.as_deref().unwrap_or(&tmp.join(&file)),
-                        &v2l_runtime::session::SessionOptions {
-                            keep_weight_casts: true,
-                            qdq_matmul: calibration.is_some(),
-                            ..Default::default()
-                        },
-                    );
-                    accuracy.push(measured?);
-                    variant_files.push(file.clone());
-                    // Q/DQ graphs keep the export's f32 weights: no weight file of their own.
-                    if tmp.join(&data).exists() {
-                        variant_files.push(data);
-                    }
-                    dit_variants.insert(precision.name().to_string(), file);
-                    Some(weights)
-                }
-            };
-            for (variant, file) in [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")] {
-                let mut model = base.clone();
-                match (variant, &low_weights) {
-                    // `bound` feeds f32 weights by reference; a low-precision engine has none.
-                    ("bound", Some(_)) => continue,
-                    ("bound", None) => {
-                        v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
-                            .map_err(pass_err)?
-                    }
-                    (_, low) => {
-                        v2l_graphs::passes::add_lora_branches(&mut model, &names)
-                            .map_err(pass_err)?;
-                        if let Some(low) = low {
-                            low.reuse(&mut model, &src).map_err(pass_err)?;
-                        }
-                    }
-                }
-                match &low_weights {
-                    None | Some(LowWeights::Quantized { .. }) => {
-                        write(&tmp.join(file), &ff_chunked(backend, &model))?
-                    }
-                    Some(_) => write(&tmp.join(file), &model)?,
-                }
-                variant_files.push(file.to_string());
-                dit_variants.insert(variant.to_string(), file.to_string());
+            None => lower_dit(
+                &mut model,
+                src,
+                &tmp.join(&data),
+                self.precision,
+                self.backend,
+                targets,
+            )
+            .map_err(pass_err)?,
+        };
+        match &weights {
+            LowWeights::Quantized { .. } => {
+                write_graph(&tmp.join(&file), &ff_chunked(self.backend, &model))?
             }
-            if backend == Backend::TensorRt {
-                check_tensorrt_graphs(tmp, &d.file, &dit_variants, precision, &lora_targets)?;
-            }
+            _ => write_graph(&tmp.join(&file), &model)?,
         }
-        // Below fp32, a short generation against fp32 when the export is a whole pipeline.
-        if precision != Precision::Fp32 && manifest.vae.is_some() && manifest.scheduler.is_some() {
-            let mut variants = dit_variants.clone();
-            if let Some(p) = emulated.as_ref().and_then(|p| p.file_name()) {
+        // Accuracy is measured on the CPU: a typed fp16/bf16 graph (GPU backends) through its
+        // emulated form, which is only written for this.
+        out.emulated = match &weights {
+            LowWeights::Float(how, tensors) if !how.emulate => {
+                let p = tmp.join(format!("dit_{}_emulated.onnx", self.precision.name()));
+                let mut m = base.clone();
+                let how = v2l_graphs::passes::Lowering {
+                    emulate: true,
+                    ..*how
+                };
+                let reuse = v2l_graphs::passes::WeightFile::Reuse(tensors);
+                v2l_graphs::passes::lower_precision(&mut m, src, reuse, how).map_err(pass_err)?;
+                write_graph(&p, &m)?;
+                Some(p)
+            }
+            _ => None,
+        };
+        let measured = crate::accuracy::dit_accuracy(
+            d,
+            src,
+            out.emulated.as_deref().unwrap_or(&tmp.join(&file)),
+            &v2l_runtime::session::SessionOptions {
+                keep_weight_casts: true,
+                qdq_matmul: self.calibration.is_some(),
+                ..Default::default()
+            },
+        );
+        out.accuracy.push(measured?);
+        out.files.push(file.clone());
+        // Q/DQ graphs keep the export's f32 weights: no weight file of their own.
+        if tmp.join(&data).exists() {
+            out.files.push(data);
+        }
+        out.variants.insert(self.precision.name().to_string(), file);
+        Ok(Some(weights))
+    }
+
+    /// Step 5c: the graphs of the LoRA strategies that keep one session: `bound` (targeted
+    /// weights as inputs; f32 engines only) and `unfused` (a low-rank branch per target, over
+    /// the precision's weights).
+    fn lora_variants(
+        &self,
+        d: &DitEntry,
+        base: &ModelProto,
+        src: &Path,
+        tmp: &Path,
+        low: Option<&LowWeights>,
+        out: &mut DitBuild,
+    ) -> Result<()> {
+        let names = target_names(d);
+        let pass_err = |source| RuntimeError::GraphPass {
+            path: src.into(),
+            source,
+        };
+        for (variant, file) in [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")] {
+            let mut model = base.clone();
+            match (variant, low) {
+                // `bound` feeds f32 weights by reference; a low-precision engine has none.
+                ("bound", Some(_)) => continue,
+                ("bound", None) => v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
+                    .map_err(pass_err)?,
+                (_, low) => {
+                    v2l_graphs::passes::add_lora_branches(&mut model, &names).map_err(pass_err)?;
+                    if let Some(low) = low {
+                        low.reuse(&mut model, src).map_err(pass_err)?;
+                    }
+                }
+            }
+            match low {
+                None | Some(LowWeights::Quantized { .. }) => {
+                    write_graph(&tmp.join(file), &ff_chunked(self.backend, &model))?
+                }
+                Some(_) => write_graph(&tmp.join(file), &model)?,
+            }
+            out.files.push(file.to_string());
+            out.variants.insert(variant.to_string(), file.to_string());
+        }
+        Ok(())
+    }
+
+    /// Step 6: below fp32, a short generation against fp32 when the export is a whole
+    /// pipeline; then the emulated graph, written only for measuring, goes.
+    fn measure_generation(
+        &self,
+        tmp: &Path,
+        weight_hash: &str,
+        targets: &[LoraTarget],
+        dit: &mut DitBuild,
+    ) -> Result<()> {
+        let m = &self.manifest;
+        if self.precision != Precision::Fp32 && m.vae.is_some() && m.scheduler.is_some() {
+            let mut variants = dit.variants.clone();
+            if let Some(p) = dit.emulated.as_ref().and_then(|p| p.file_name()) {
                 variants.insert(
-                    precision.name().to_string(),
+                    self.precision.name().to_string(),
                     p.to_string_lossy().into_owned(),
                 );
             }
             let engine = |bundle| v2l_runtime::engine::Engine {
                 dir: tmp.to_path_buf(),
-                manifest: manifest.clone(),
+                manifest: m.clone(),
                 bundle,
             };
             let low = Bundle {
                 format_version: FORMAT_VERSION,
                 backend: Backend::Cpu,
-                precision,
+                precision: self.precision,
                 lora_strategy: Strategy::Fused,
-                weight_hash: weight_hash.clone(),
-                lora_targets: lora_targets.clone(),
+                weight_hash: weight_hash.into(),
+                lora_targets: targets.to_vec(),
                 files: Vec::new(),
                 dit_variants: variants,
                 producer: String::new(),
                 accuracy: Vec::new(),
-                calibration: calibration_record.clone(),
+                calibration: dit.calibration.clone(),
                 bundle_hash: String::new(),
             };
-            accuracy.push(crate::accuracy::generation_accuracy(
+            dit.accuracy.push(crate::accuracy::generation_accuracy(
                 engine(None),
                 engine(Some(low)),
             )?);
         }
-        if let Some(p) = &emulated {
-            std::fs::remove_file(p).map_err(io(p))?;
+        if let Some(p) = dit.emulated.take() {
+            std::fs::remove_file(&p).map_err(io(&p))?;
         }
-        let files = names
+        Ok(())
+    }
+
+    /// Step 7: `bundle.json`: every file's size and hash, the target table, the variants and
+    /// the accuracy, and the record's own hash.
+    fn write_record(
+        &self,
+        tmp: &Path,
+        parts: Vec<String>,
+        weight_hash: String,
+        lora_targets: Vec<LoraTarget>,
+        dit: DitBuild,
+    ) -> Result<Bundle> {
+        let files = parts
             .iter()
-            .chain(&variant_files)
+            .chain(&dit.files)
             .map(|f| file_entry(tmp, f))
             .collect::<Result<Vec<_>>>()?;
         let bundle = Bundle {
             format_version: FORMAT_VERSION,
-            backend,
-            precision,
-            lora_strategy: default_strategy(backend, precision),
+            backend: self.backend,
+            precision: self.precision,
+            lora_strategy: default_strategy(self.backend, self.precision),
             weight_hash,
             lora_targets,
             files,
-            dit_variants,
+            dit_variants: dit.variants,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
-            accuracy,
-            calibration: calibration_record,
+            accuracy: dit.accuracy,
+            calibration: dit.calibration,
             bundle_hash: String::new(),
         };
         let bundle = Bundle {
@@ -435,6 +552,22 @@ pub fn compile_with(
         let p = tmp.join(FILE_NAME);
         std::fs::write(&p, text + "\n").map_err(io(&p))?;
         Ok(bundle)
+    }
+}
+
+/// The initializer names of the DiT's LoRA targets (`<module>.weight`).
+fn target_names(d: &DitEntry) -> Vec<String> {
+    d.lora_targets
+        .iter()
+        .map(|t| format!("{}.weight", t.name))
+        .collect()
+}
+
+/// Writes a rewritten graph (to a temporary name, then renamed).
+fn write_graph(p: &Path, model: &ModelProto) -> Result<()> {
+    v2l_graphs::write_model(p, model).map_err(|source| RuntimeError::GraphWrite {
+        path: p.into(),
+        source,
     })
 }
 
@@ -621,7 +754,7 @@ fn lower_dit(
     Ok(LowWeights::Float(how, l.tensors))
 }
 
-/// The LoRA strategy a backend uses by default (README: "LoRA strategies").
+/// The LoRA strategy a backend uses by default (docs/usage.md, "LoRA strategies").
 ///
 /// CPU: `bound`. Measured on the tiny model (`v2l-bench pipeline`): switching costs a fuse of the
 /// touched layers (~0.8 ms) instead of a session build (~36 ms for `fused`), and DiT steps ran
@@ -630,7 +763,7 @@ fn lower_dit(
 ///
 /// int8: `unfused`: the LoRA is an f32 low-rank branch beside the int8 weights, exact in the
 /// LoRA and switched by copying its factors; `fused` (re-quantising `W + s·B·A` from the f32
-/// base) is the other choice, measured in README "Precision".
+/// base) is the other choice, measured in docs/precision.md.
 pub fn default_strategy(backend: Backend, precision: Precision) -> Strategy {
     match (backend, precision) {
         (_, Precision::Int8 | Precision::Int4) => Strategy::Unfused,

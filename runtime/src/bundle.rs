@@ -44,7 +44,7 @@ pub struct Bundle {
     pub format_version: u32,
     pub backend: Backend,
     pub precision: Precision,
-    /// How a LoRA reaches the weights on this backend (see README: LoRA strategies).
+    /// How a LoRA reaches the weights on this backend (docs/usage.md, "LoRA strategies").
     pub lora_strategy: Strategy,
     /// Hash of the DiT's LoRA-targetable base weights (keys engine caches; checks LoRA bases).
     pub weight_hash: String,

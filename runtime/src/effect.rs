@@ -393,13 +393,7 @@ pub fn predict_effects(
                         message: "its DiT gives no text sequence length to encode the effect at"
                             .into(),
                     })?;
-                if encoder.is_none() {
-                    encoder = Some(crate::text::prompt::PromptEncoder::load(engine, opts)?);
-                }
-                let Some(enc) = encoder.as_mut() else {
-                    continue;
-                };
-                enc.encode(p, len, &mut |_| {})?.1
+                prompt_embeds(&mut encoder, engine, opts, p, len)?
             }
         };
         let done = i * predictor.targets().len();
@@ -411,4 +405,48 @@ pub fn predict_effects(
         .map(|(l, (_, w))| (l, *w))
         .collect();
     crate::lora::merge::merge(&weighted)
+}
+
+/// Lazily loaded prompt encoder (tokenizer + text encoder), or `()` without the `text` feature.
+#[cfg(feature = "text")]
+type LazyEncoder = Option<crate::text::prompt::PromptEncoder>;
+#[cfg(not(feature = "text"))]
+type LazyEncoder = Option<()>;
+
+/// An effect prompt's embeddings, `len` tokens, loading the engine's prompt encoder once.
+#[cfg(feature = "text")]
+fn prompt_embeds(
+    encoder: &mut LazyEncoder,
+    engine: &Engine,
+    opts: &SessionOptions,
+    prompt: &str,
+    len: usize,
+) -> Result<Tensor> {
+    if encoder.is_none() {
+        *encoder = Some(crate::text::prompt::PromptEncoder::load(engine, opts)?);
+    }
+    match encoder.as_mut() {
+        Some(enc) => Ok(enc.encode(prompt, len, &mut |_| {})?.1),
+        None => Err(RuntimeError::Invalid {
+            what: "prompt".into(),
+            message: "the prompt encoder did not load".into(),
+        }),
+    }
+}
+
+/// Without the `text` feature an effect must come as embeddings.
+#[cfg(not(feature = "text"))]
+fn prompt_embeds(
+    _: &mut LazyEncoder,
+    _: &Engine,
+    _: &SessionOptions,
+    _: &str,
+    _: usize,
+) -> Result<Tensor> {
+    Err(RuntimeError::Invalid {
+        what: "prompt".into(),
+        message:
+            "this v2l was built without the `text` feature: give the effect as prompt embeddings"
+                .into(),
+    })
 }

@@ -486,7 +486,7 @@ pub fn run_stage(
             )?;
             let load_ms = ms(t0);
             let mask = inputs.get("attention_mask").cloned();
-            let feed = crate::text::prompt::encoder_feed(&m, get("input_ids")?.clone(), mask);
+            let feed = crate::text::encoder_feed(&m, get("input_ids")?.clone(), mask);
             let (mut out, times) = timed(runs, || m.run(&feed))?;
             let embeds = out
                 .remove("prompt_embeds")

@@ -9,7 +9,7 @@
 //! int8 is the CPU's fast path. Measured on one CogVideoX-5B
 //! block at 1,378 tokens (ORT 1.31, 2 threads, this machine's AVX-512 VNNI/AMX CPU): 0.8 s a
 //! step against 2.9 s in f32 and 3.1 s for `MatMulNBits` 8-bit (accuracy level 4), at rel L2
-//! 2.3e-3 against PyTorch f32 — see README "Precision".
+//! 2.3e-3 against PyTorch f32 — see docs/precision.md.
 //!
 //! The f32 weights are read one layer at a time from the model's own weight file and the int8
 //! ones appended to a new external-data file, so quantising a 22 GB DiT never holds it whole.
