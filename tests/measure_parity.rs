@@ -1,11 +1,11 @@
-//! `v2l_runtime::measure` measures what `training/measure.py` measures (fixture `effects/`,
+//! `v2l_tools::measure` measures what `training/measure.py` measures (fixture `effects/`,
 //! made by `tests/fixtures/gen/measure_fixture.py`): one uint8 clip of `training/effects.py`
 //! per effect and a static one, each with Python's label, confidence, scores and motion.
 
-use v2l_runtime::measure::{measure, EFFECTS};
 use v2l_runtime::tensor::Data;
 use v2l_runtime::video::Frames;
 use v2l_tests::fixtures;
+use v2l_tools::measure::{measure, EFFECTS};
 
 /// Bound on |rust − python| / max(|python|, 1) for every motion quantity, score and confidence.
 /// Both sides are f64 with the same operations in the same order, except numpy's BLAS/LAPACK

@@ -109,14 +109,14 @@ fn out_of_vocabulary_ids_are_refused_by_name() {
     });
     manifest.write(&out).unwrap();
     let engine = v2l_runtime::engine::Engine::open(&out).unwrap();
-    let stage = v2l_runtime::stage::Stage::TextEncoder;
+    let stage = v2l_tools::stage::Stage::TextEncoder;
     for (ids, why) in [
         (vec![3, 500], "holds 500 at element 1"),
         (vec![-1, 3], "holds -1 at element 0"),
     ] {
         let inputs = BTreeMap::from([("input_ids".to_string(), Tensor::i64(vec![1, 2], ids))]);
         let e =
-            v2l_runtime::stage::check_inputs(&engine, stage, &inputs, Path::new("ids.safetensors"))
+            v2l_tools::stage::check_inputs(&engine, stage, &inputs, Path::new("ids.safetensors"))
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("input_ids") && e.contains(why), "{e}");

@@ -97,17 +97,16 @@ fn a_wan_lora_fuses_to_diffusers_output_under_every_naming() {
         .collect();
     inputs.insert("timestep".into(), Tensor::i64(vec![2], vec![999, 412]));
     let src = std::path::Path::new("inputs.safetensors");
-    v2l_runtime::stage::check_inputs(&engine, v2l_runtime::stage::Stage::Dit, &inputs, src)
-        .unwrap();
+    v2l_tools::stage::check_inputs(&engine, v2l_tools::stage::Stage::Dit, &inputs, src).unwrap();
     let applied = AppliedLora {
         lora: Arc::new(peft.clone()),
         source: "test".into(),
         multiplier: 1.0,
     };
     let stage = |lora: Option<&AppliedLora>, inputs: &BTreeMap<String, Tensor>| {
-        v2l_runtime::stage::run_stage(
+        v2l_tools::stage::run_stage(
             &engine,
-            v2l_runtime::stage::Stage::Dit,
+            v2l_tools::stage::Stage::Dit,
             inputs,
             &opts,
             lora,
@@ -132,7 +131,7 @@ fn a_wan_lora_fuses_to_diffusers_output_under_every_naming() {
     // A bad size is refused by name before any session.
     let mut bad = inputs.clone();
     bad.insert("hidden_states".into(), Tensor::zeros(vec![2, 5, 3, 4, 6]));
-    let e = v2l_runtime::stage::check_inputs(&engine, v2l_runtime::stage::Stage::Dit, &bad, src)
+    let e = v2l_tools::stage::check_inputs(&engine, v2l_tools::stage::Stage::Dit, &bad, src)
         .unwrap_err();
     assert!(e.to_string().contains("hidden_states"), "{e}");
 }

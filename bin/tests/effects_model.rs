@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::{DitRunner, Strategy};
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::measure::measure;
 use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::video::to_rgb8;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
+use v2l_tools::measure::measure;
 
 use crate::common;
 use common::{effects_model, engine_of, frames_of};

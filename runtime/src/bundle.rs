@@ -4,7 +4,7 @@
 //! VAE scaling and frame batching, hypernetwork dimensions, LiLoRA auxiliaries) plus
 //! `bundle.json`, which records the backend and precision, the LoRA target table (initializer,
 //! shape, dtype), a hash of the base weights the targets start from, and the size and hash of
-//! every file. Loading re-checks all of it (big files by sampled blocks, see [`file_hash`]) and
+//! every file. Loading re-checks all of it (big files by sampled blocks, see `file_hash`) and
 //! refuses a mismatched or modified part.
 //!
 //! Precision: fp32, or int8 on the CPU backend (`dit_int8.onnx`, the DiT's token-wise linears as

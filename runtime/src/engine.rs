@@ -72,7 +72,7 @@ impl Engine {
         }
     }
 
-    pub(crate) fn missing(&self, what: &str, cmd: &str) -> RuntimeError {
+    pub fn missing(&self, what: &str, cmd: &str) -> RuntimeError {
         RuntimeError::Invalid {
             what: self.dir.display().to_string(),
             message: format!(

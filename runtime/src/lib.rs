@@ -1,23 +1,24 @@
-//! `v2l-runtime`: runs exported graphs.
+//! `v2l-runtime`: the lean runtime. It loads engine bundles and serves requests; it does not
+//! build bundles, calibrate or measure (`v2l-compile`, `v2l-tools` do), and links neither the
+//! exporter nor the compile layer (`scripts/check-layers.sh` checks it).
 //!
-//! [`ort_env`] finds and loads ONNX Runtime, [`session::Model`] runs one graph on host
-//! [`tensor::Tensor`]s, [`stage`] runs one pipeline component on a safetensors file of inputs
-//! (the way a user checks an export against PyTorch), [`vae::Vae`] drives the VAE's
-//! frame-batch loop with its causal-conv cache (and tiles frames, [`vae::Tiling`]), and
-//! [`limits`] checks a request's sizes and numbers before any work starts.
+//! Module map, in the order data flows:
 //!
-//! Module map, in the order data flows: [`engine::Engine`] (an opened, checked engine: what the
-//! engine is) → [`session`] / [`backend`] (ONNX Runtime sessions on the engine's backend) →
-//! [`lora`] (what a LoRA is: files, LiLoRA, merge, the fuse kernel, switching, strategies) →
-//! [`pipeline`] (what a request is, and running it; [`layout`] for its tensor layouts) and
-//! [`stage`] (one component at a time). [`limits`] and [`error`] serve all of them.
+//! | module | what it owns |
+//! |---|---|
+//! | [`engine`] | an opened, checked engine: manifest, [`bundle`] record, family |
+//! | [`ort_env`], [`session`], [`backend`] | ONNX Runtime: finding it, sessions on host tensors, CPU/CUDA/TensorRT providers |
+//! | [`lora`] | LoRA files and formats, LiLoRA, exact merges, the fuse kernels, switching strategies |
+//! | [`predict`], [`effect`] | LoRAs from a reference clip (Video2LoRA) or an effect prompt (Prompt2Effect, LoFA) |
+//! | [`pipeline`] | a request, and running it: one denoise loop for CogVideoX and Wan |
+//! | [`scheduler`], [`flow`], [`rope`] | DDIM and the flow samplers; RoPE tables |
+//! | [`vae`] | the VAE's frame-batch loop with its causal-conv cache, and tiling |
+//! | [`text`] | prompt text (the `text` feature): tokenizer and text encoder |
+//! | [`video`], [`image_preprocess`], [`layout`] | frames in and out (ffmpeg), image preprocessing, tensor layouts |
+//! | [`limits`], [`error`], [`tensor`] | request limits, typed errors, host tensors and safetensors files |
 //!
-//! [`pipeline::Pipeline`] generates in named steps (check the request, apply a reference clip's
-//! LoRA for that request only, encode the first frame, denoise, decode); [`predict`] turns a
-//! reference clip into a LoRA; [`lora`] reads, converts, fuses and switches LoRAs; [`bundle`]
-//! compiles and verifies engines; [`measure`] tells which effect a clip shows, from its pixels.
-//! What the runtime shares with the exporter (the manifest, LoRA targets, frame-batch rules)
-//! comes from `v2l-contracts`: the runtime does not link the exporter.
+//! What the runtime shares with the exporter (the manifest, families, graph I/O names, LoRA
+//! targets, frame-batch rules) comes from `v2l-contracts`.
 
 // Input reaches this crate: no unwrap, expect or unchecked indexing outside tests (modules
 // that index provably in-bounds buffers in hot loops say so and allow it locally).
@@ -36,14 +37,12 @@ pub mod image_preprocess;
 pub mod layout;
 pub mod limits;
 pub mod lora;
-pub mod measure;
 pub mod ort_env;
 pub mod pipeline;
 pub mod predict;
 pub mod rope;
 pub mod scheduler;
 pub mod session;
-pub mod stage;
 pub mod tensor;
 pub mod text;
 pub mod vae;

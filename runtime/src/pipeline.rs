@@ -1,17 +1,16 @@
-//! Video generation: CogVideoX image-to-video with an optional Video2LoRA reference clip, and
-//! Wan2.1 text- and image-to-video ([`wan`]). The engine's DiT picks the family; callers build
-//! the same [`Request`] for both.
+//! Video generation: CogVideoX image-to-video with an optional Video2LoRA reference clip
+//! (`pipeline/cogvideox.rs`), and Wan2.1 text- and image-to-video (`pipeline/wan.rs`). The
+//! engine's DiT picks the family; callers build the same [`Request`] for both, and both run
+//! the one denoise loop (`pipeline/denoise.rs`).
 //!
-//! CogVideoX mirrors diffusers 0.42.1 `CogVideoXImageToVideoPipeline` (CogVideoX 1.0 layout): the first
-//! frame in [-1, 1] is VAE-encoded (posterior mode by default; a seeded sample as an option) and
-//! scaled, padded with zero latents to the clip's latent frames and concatenated to the noisy
-//! latents on the channel axis; the DiT runs the negative and positive prompts as one batch of 2
-//! (classifier-free guidance); the DDIM scheduler steps; the VAE decodes in frame batches; frames
-//! come out as `(x / 2 + 0.5).clamp(0, 1)`.
+//! A request runs in named steps: check it against the model, apply its LoRA for this request
+//! only, condition on the first frame (VAE encode), denoise, decode. Classifier-free guidance
+//! runs the negative and positive prompt as one DiT batch of 2 when `guidance > 1` and the
+//! positive prompt alone otherwise, as diffusers does.
 //!
 //! With a reference clip the hypernetwork predicts a LoRA (see [`crate::predict`]) that is fused
-//! into the DiT's weights before the loop: with batch 1 the same LoRA serves both guidance
-//! branches, so fusing is exact.
+//! into the DiT's weights before the loop: the same LoRA serves both guidance branches, so
+//! fusing is exact.
 
 use std::collections::BTreeMap;
 use std::time::Instant;

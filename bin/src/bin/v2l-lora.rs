@@ -430,7 +430,8 @@ fn merge(
     format: LoraFormat,
     model: Option<&Path>,
 ) -> Result<(), Failure> {
-    use v2l_runtime::lora::{compare, merge};
+    use v2l_runtime::lora::merge;
+    use v2l_tools::lora_compare as compare;
     if !weights.is_empty() && weights.len() != files.len() {
         return Err(Failure::usage(format!(
             "--weights has {} values for {} LoRA files",
@@ -498,9 +499,9 @@ fn merge(
 }
 
 /// `inspect --compare`: per shared layer, both update norms, their cosine and the overlap
-/// of their column spaces (`v2l_runtime::lora::compare`).
+/// of their column spaces (`v2l_tools::lora_compare`).
 fn compare_loras(a: &Lora, b: &Lora, json: bool) -> Result<(), Failure> {
-    use v2l_runtime::lora::compare;
+    use v2l_tools::lora_compare as compare;
     let mut rows = Vec::new();
     for x in &a.layers {
         let Some(y) = b.layers.iter().find(|y| y.module == x.module) else {

@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{check_output, main_with, Failure};
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::stage::{check_inputs, run_stage, Stage};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
+use v2l_tools::stage::{check_inputs, run_stage, Stage};
 
 /// Generate a video from a first frame (and optionally a reference clip whose effect a
 /// Video2LoRA LoRA carries), or from text alone (Wan T2V), or run one component at a time with
@@ -410,7 +410,7 @@ fn main() -> ExitCode {
 
 /// `measure`: reads each clip at its own size and prints what it shows.
 fn measure_clips(videos: &[PathBuf], json: bool) -> Result<(), Failure> {
-    use v2l_runtime::measure::measure;
+    use v2l_tools::measure::measure;
     for path in videos {
         let clip = read_clip(path)?;
         let m = measure(&clip).map_err(|e| match e {

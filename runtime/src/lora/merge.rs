@@ -14,7 +14,7 @@ pub fn merge(loras: &[(&Lora, f32)]) -> Result<Lora> {
 }
 
 /// [`merge`] with LoRA `i`'s update in layer `module` further multiplied by `factor(module, i)`
-/// (per-layer norm equalisation, [`super::compare::equalize_norms`]).
+/// (per-layer norm equalisation, `v2l_tools::lora_compare::equalize_norms`).
 pub fn merge_scaled(loras: &[(&Lora, f32)], factor: impl Fn(&str, usize) -> f64) -> Result<Lora> {
     let mut by_module: BTreeMap<&str, Vec<(&LoraLayer, f32)>> = BTreeMap::new();
     for (i, (lora, multiplier)) in loras.iter().enumerate() {

@@ -7,14 +7,12 @@
 //! | [`names`] | module names LoRAs are shared under that are not diffusers' (Wan's original names) |
 //! | [`merge`] | several LoRAs with weights as one, exactly (rank concatenation) |
 //! | [`response`] | LoFA's response map `|ΔW/W| > τ` and a fuse restricted to it |
-//! | [`compare`] | update norms, per-layer norm equalisation, column-space overlap of two LoRAs |
 //! | [`apply`] | matching a LoRA to a model's layers and fusing it from the base weights |
 //! | [`switch`] | base + live weights: switching LoRAs rewrites the union of touched layers from the base |
 //! | [`strategy`] | fused / bound / unfused: three ways to apply a LoRA to the DiT, one API |
 //! | [`fuse`] | the fuse kernel `W' = W + s·B·A`, f32/f16/bf16, streaming, multi-threaded |
 
 pub mod apply;
-pub mod compare;
 pub mod format;
 pub mod fuse;
 pub mod lilora;

@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::engine::Engine;
-use crate::lora::AppliedLora;
 use v2l_contracts::family::WanDitConfig;
+use v2l_runtime::engine::Engine;
+use v2l_runtime::lora::AppliedLora;
 
-use crate::error::{Result, RuntimeError};
-use crate::session::SessionOptions;
-use crate::tensor::Tensor;
+use v2l_runtime::error::{Result, RuntimeError};
+use v2l_runtime::session::SessionOptions;
+use v2l_runtime::tensor::Tensor;
 
 /// A component that `stage` can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +80,7 @@ fn wan_feed(
     feed: &mut BTreeMap<String, Tensor>,
 ) -> Result<()> {
     if let Some(t) = feed.get_mut("timestep") {
-        if let crate::tensor::Data::I64(v) = &t.data {
+        if let v2l_runtime::tensor::Data::I64(v) = &t.data {
             *t = Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect());
         }
     }
@@ -97,7 +97,7 @@ fn wan_feed(
                     message: format!("has shape {shape:?}; expected [B, C, F, H, W]"),
                 });
             };
-            let (c, s) = crate::rope::wan_rope(
+            let (c, s) = v2l_runtime::rope::wan_rope(
                 w.attention_head_dim,
                 f,
                 h,
@@ -152,7 +152,7 @@ pub fn check_inputs(
         // CogVideoX takes int64 timesteps; Wan's flow samplers step at fractional ones.
         let want_int = (name == "timestep" && wan.is_none()) || name == "input_ids";
         match (&t.data, want_int) {
-            (crate::tensor::Data::F32(v), false) => {
+            (v2l_runtime::tensor::Data::F32(v), false) => {
                 if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
                     return Err(bad(
                         name,
@@ -160,9 +160,9 @@ pub fn check_inputs(
                     ));
                 }
             }
-            (crate::tensor::Data::I64(_), true) => {}
+            (v2l_runtime::tensor::Data::I64(_), true) => {}
             // Wan: UniPC's whole-number timesteps may come as int64 (taken as floats).
-            (crate::tensor::Data::I64(_), false) if name == "timestep" => {}
+            (v2l_runtime::tensor::Data::I64(_), false) if name == "timestep" => {}
             _ => {
                 let want = if want_int { "int64" } else { "float32" };
                 return Err(bad(name, format!("must be {want}")));
@@ -264,12 +264,13 @@ pub fn check_inputs(
             }
             let train_steps = match &manifest.scheduler {
                 Some(file) => {
-                    crate::scheduler::SchedulerConfig::from_file(&dir.dir.join(file))?
+                    v2l_runtime::scheduler::SchedulerConfig::from_file(&dir.dir.join(file))?
                         .num_train_timesteps
                 }
                 None => 1000,
             };
-            if let Some(crate::tensor::Data::I64(v)) = inputs.get("timestep").map(|t| &t.data) {
+            if let Some(v2l_runtime::tensor::Data::I64(v)) = inputs.get("timestep").map(|t| &t.data)
+            {
                 if let Some(t) = v.iter().find(|&&t| t < 0 || t as u64 >= train_steps as u64) {
                     return Err(bad("timestep", format!(
                         "holds {t}; timesteps are 0 to {} (the scheduler's num_train_timesteps - 1)",
@@ -331,7 +332,7 @@ pub fn check_inputs(
             // Optional (umT5 graphs take one; without it every non-padding token counts).
             if let Some(m) = inputs.get("attention_mask") {
                 let ok = m.shape == dims("input_ids")
-                    && matches!(&m.data, crate::tensor::Data::I64(v) if v.iter().all(|&x| x == 0 || x == 1));
+                    && matches!(&m.data, v2l_runtime::tensor::Data::I64(v) if v.iter().all(|&x| x == 0 || x == 1));
                 if !ok {
                     return Err(bad(
                         "attention_mask",
@@ -339,7 +340,9 @@ pub fn check_inputs(
                     ));
                 }
             }
-            if let Some(crate::tensor::Data::I64(ids)) = inputs.get("input_ids").map(|t| &t.data) {
+            if let Some(v2l_runtime::tensor::Data::I64(ids)) =
+                inputs.get("input_ids").map(|t| &t.data)
+            {
                 if let Some((i, id)) = ids
                     .iter()
                     .enumerate()
@@ -396,7 +399,7 @@ pub fn run_stage(
     inputs: &BTreeMap<String, Tensor>,
     opts: &SessionOptions,
     lora: Option<&AppliedLora>,
-    vae_tiling: crate::vae::TilingMode,
+    vae_tiling: v2l_runtime::vae::TilingMode,
     runs: usize,
 ) -> Result<StageRun> {
     if lora.is_some() && stage != Stage::Dit {
@@ -417,7 +420,7 @@ pub fn run_stage(
         Stage::Dit => {
             let mut m = match lora {
                 None => dir.dit(opts)?,
-                Some(l) => crate::lora::strategy::fused_dit(dir, opts, l)?,
+                Some(l) => v2l_runtime::lora::strategy::fused_dit(dir, opts, l)?,
             };
             let load_ms = ms(t0);
             let mut feed: BTreeMap<String, Tensor> = stage
@@ -440,7 +443,7 @@ pub fn run_stage(
             )
         }
         Stage::VaeEncode => {
-            let mut vae = crate::vae::Vae::load(dir, opts)?;
+            let mut vae = v2l_runtime::vae::Vae::load(dir, opts)?;
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
             let ((mean, logvar), times) = timed(runs, || vae.encode(get("video")?))?;
@@ -454,7 +457,7 @@ pub fn run_stage(
             )
         }
         Stage::VaeDecode => {
-            let mut vae = crate::vae::Vae::load(dir, opts)?;
+            let mut vae = v2l_runtime::vae::Vae::load(dir, opts)?;
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
             let (sample, times) = timed(runs, || vae.decode(get("latents")?))?;
@@ -465,7 +468,7 @@ pub fn run_stage(
             )
         }
         Stage::Hypernet => {
-            let mut p = crate::predict::Predictor::load(dir, opts)?;
+            let mut p = v2l_runtime::predict::Predictor::load(dir, opts)?;
             let load_ms = ms(t0);
             let (hw, times) = timed(runs, || p.hyper_weights(get("reference_latents")?))?;
             (
@@ -480,13 +483,13 @@ pub fn run_stage(
                 .text_encoder
                 .as_ref()
                 .ok_or_else(|| dir.missing("text encoder", "text-encoder"))?;
-            let mut m = crate::session::Model::load(
+            let mut m = v2l_runtime::session::Model::load(
                 &dir.dir.join(&e.file),
                 &dir.text_encoder_options(opts),
             )?;
             let load_ms = ms(t0);
             let mask = inputs.get("attention_mask").cloned();
-            let feed = crate::text::encoder_feed(&m, get("input_ids")?.clone(), mask);
+            let feed = v2l_runtime::text::encoder_feed(&m, get("input_ids")?.clone(), mask);
             let (mut out, times) = timed(runs, || m.run(&feed))?;
             let embeds = out
                 .remove("prompt_embeds")

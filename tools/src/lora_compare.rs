@@ -10,8 +10,8 @@
 //! to orthogonal directions (fusing them cannot interfere in the output), 1 that they share a
 //! direction.
 
-use super::format::{Lora, LoraLayer};
-use crate::error::{Result, RuntimeError};
+use v2l_runtime::error::{Result, RuntimeError};
+use v2l_runtime::lora::format::{Lora, LoraLayer};
 
 /// `‖s·B·A‖_F` of one layer at `multiplier` (`s = multiplier·alpha/rank`), from
 /// `‖BA‖²_F = Σ (BᵀB) ∘ (AAᵀ)`.
@@ -106,7 +106,7 @@ pub struct LayerNorms {
 /// Per-layer norm equalisation of weighted LoRAs: in each layer, LoRA `i`'s update
 /// `wᵢ·ΔWᵢ` is scaled to the norm `target` (a given value, or `None` for the mean over the
 /// LoRAs that have the layer). A zero update stays zero. The factors are returned per layer
-/// for [`super::merge::merge_scaled`].
+/// for [`v2l_runtime::lora::merge::merge_scaled`].
 pub fn equalize_norms(loras: &[(&Lora, f32)], target: Option<f64>) -> Result<Vec<LayerNorms>> {
     if let Some(t) = target {
         if !(t.is_finite() && t >= 0.0) {
@@ -246,8 +246,8 @@ fn largest_eigenvalue(a: &mut [f64], n: usize) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::format::{Factor, LoraFormat};
     use super::*;
+    use v2l_runtime::lora::format::{Factor, LoraFormat};
 
     fn layer(out: usize, inp: usize, r: usize, alpha: f32, b: &[f32], a: &[f32]) -> LoraLayer {
         LoraLayer {

@@ -24,8 +24,8 @@
 //! schedule and stopping rules. What cannot be reproduced bit for bit (BLAS's summation order
 //! and FMA use in matrix products, LAPACK's elimination order) moves results by rounding only.
 
-use crate::error::{Result, RuntimeError};
-use crate::video::Frames;
+use v2l_runtime::error::{Result, RuntimeError};
+use v2l_runtime::video::Frames;
 
 /// The effects of `training/effects.py`, in its order.
 pub const EFFECTS: [&str; 8] = [

@@ -1,0 +1,16 @@
+//! `v2l-tools`: what the command-line tools do beside serving, kept out of the lean runtime.
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | [`stage`] | one pipeline component on a safetensors file of inputs (`v2l-run stage`): how a user checks an export against PyTorch |
+//! | [`measure`] | which effect a clip shows, from its pixels (`v2l-run measure`) |
+//! | [`lora_compare`] | how two LoRAs relate, layer by layer (`v2l-lora inspect --compare`) |
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+pub mod lora_compare;
+pub mod measure;
+pub mod stage;
