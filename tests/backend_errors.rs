@@ -18,7 +18,7 @@ fn missing_gpu_provider_is_a_clear_error() {
     let path = dir.path().join("dit.onnx");
     save(&ex.graph, &path, ExternalData::Auto).unwrap();
     for backend in [Backend::Cuda, Backend::TensorRt] {
-        if backend.built_into_onnxruntime().unwrap() {
+        if v2l_runtime::backend::built_into_onnxruntime(backend).unwrap() {
             eprintln!(
                 "{}: this ONNX Runtime has the provider; the missing-provider error is not tested here",
                 backend.name()

@@ -248,7 +248,10 @@ impl<'a> Job<'a> {
             if v2l_graphs::passes::keeps_f32(&keep, module) {
                 continue;
             }
-            t.dtype = match (self.precision, self.precision.weight_quant()) {
+            t.dtype = match (
+                self.precision,
+                v2l_runtime::backend::weight_quant(self.precision),
+            ) {
                 (_, Some(_)) if self.calibration.is_some() && quantises(&t.initializer) => {
                     v2l_runtime::lora::apply::Stored::Qdq.name()
                 }
@@ -525,7 +528,7 @@ impl<'a> Job<'a> {
         let files = parts
             .iter()
             .chain(&dit.files)
-            .map(|f| file_entry(tmp, f))
+            .map(|f| file_entry(tmp, f).map_err(RuntimeError::from))
             .collect::<Result<Vec<_>>>()?;
         let bundle = Bundle {
             format_version: FORMAT_VERSION,
@@ -723,8 +726,7 @@ fn lower_dit(
     use v2l_graphs::{passes, DType};
     let dtype = match precision {
         Precision::Int8 | Precision::Int4 => {
-            let how = precision
-                .weight_quant()
+            let how = v2l_runtime::backend::weight_quant(precision)
                 .ok_or_else(|| passes::PassError::Unsupported(precision.name().into()))?;
             let weights: Vec<String> = targets
                 .iter()

@@ -4,6 +4,7 @@
 //! | module | contract |
 //! |---|---|
 //! | [`atomic`] | outputs written whole or not at all (`tempfile` + rename) |
+//! | [`bundle`] | `bundle.json`: an engine's backend, precision, LoRA strategy and targets, every part's hash; its check on load |
 //! | [`Family`] | the model families, told apart by `_class_name` in one place |
 //! | [`io`] | graph input and output names, as constants |
 //! | [`manifest`] | `manifest.json` of an export directory: graphs, LoRA targets, VAE batching, hypernetwork sizes |
@@ -20,6 +21,7 @@
 )]
 
 pub mod atomic;
+pub mod bundle;
 pub mod family;
 pub mod frame_batch;
 pub mod io;

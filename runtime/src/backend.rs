@@ -12,75 +12,33 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Where a model runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    #[default]
-    Cpu,
-    Cuda,
-    TensorRt,
-}
+pub use v2l_contracts::bundle::{Backend, Precision};
 
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-            Backend::Cuda => "cuda",
-            Backend::TensorRt => "tensorrt",
-        }
-    }
-
-    /// Whether the loaded ONNX Runtime library was built with this backend's provider (the
-    /// CPU wheel has neither CUDA nor TensorRT; `onnxruntime-gpu` has both). Built in is not
-    /// usable: registration still needs the GPU and its libraries.
-    pub fn built_into_onnxruntime(self) -> crate::Result<bool> {
-        use ort::ep::ExecutionProvider;
-        crate::ort_env::init()?;
-        let available = match self {
-            Backend::Cpu => return Ok(true),
-            Backend::Cuda => ort::ep::CUDA::is_available(),
-            Backend::TensorRt => ort::ep::TensorRT::is_available(),
-        };
-        available.map_err(|e| crate::RuntimeError::Invalid {
-            what: "ONNX Runtime".into(),
-            message: format!("cannot list its execution providers: {e}"),
-        })
+/// How the DiT's quantised linears are stored, for the integer precisions.
+pub fn weight_quant(p: Precision) -> Option<v2l_graphs::passes::WeightQuant> {
+    use v2l_graphs::passes::WeightQuant;
+    match p {
+        Precision::Int8 => Some(WeightQuant::Int8),
+        Precision::Int4 => Some(WeightQuant::Int4),
+        _ => None,
     }
 }
 
-/// Numeric precision of an engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    Fp16,
-    Bf16,
-    Int8,
-    Int4,
-}
-
-impl Precision {
-    /// How the DiT's quantised linears are stored, for the integer precisions.
-    pub fn weight_quant(self) -> Option<v2l_graphs::passes::WeightQuant> {
-        use v2l_graphs::passes::WeightQuant;
-        match self {
-            Precision::Int8 => Some(WeightQuant::Int8),
-            Precision::Int4 => Some(WeightQuant::Int4),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-            Precision::Bf16 => "bf16",
-            Precision::Int8 => "int8",
-            Precision::Int4 => "int4",
-        }
-    }
+/// Whether the loaded ONNX Runtime library was built with this backend's provider (the
+/// CPU wheel has neither CUDA nor TensorRT; `onnxruntime-gpu` has both). Built in is not
+/// usable: registration still needs the GPU and its libraries.
+pub fn built_into_onnxruntime(backend: Backend) -> crate::Result<bool> {
+    use ort::ep::ExecutionProvider;
+    crate::ort_env::init()?;
+    let available = match backend {
+        Backend::Cpu => return Ok(true),
+        Backend::Cuda => ort::ep::CUDA::is_available(),
+        Backend::TensorRt => ort::ep::TensorRT::is_available(),
+    };
+    available.map_err(|e| crate::RuntimeError::Invalid {
+        what: "ONNX Runtime".into(),
+        message: format!("cannot list its execution providers: {e}"),
+    })
 }
 
 /// Backend settings of a session.

@@ -103,7 +103,7 @@ impl Engine {
         SessionOptions {
             keep_weight_casts: opts.keep_weight_casts
                 || low
-                || (stored_low && self.precision().weight_quant().is_some()),
+                || (stored_low && crate::backend::weight_quant(self.precision()).is_some()),
             qdq_matmul: opts.qdq_matmul
                 || self
                     .bundle

@@ -130,3 +130,13 @@ impl RuntimeError {
 }
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;
+/// A bundle record problem is the runtime's `Io` or `BadFile`, naming the same path.
+impl From<v2l_contracts::bundle::BundleError> for RuntimeError {
+    fn from(e: v2l_contracts::bundle::BundleError) -> Self {
+        use v2l_contracts::bundle::BundleError;
+        match e {
+            BundleError::Io { path, source } => RuntimeError::Io { path, source },
+            BundleError::BadFile { path, message } => RuntimeError::BadFile { path, message },
+        }
+    }
+}

@@ -168,8 +168,7 @@ fn main() -> ExitCode {
                 "backend": b.backend.name(),
                 "accuracy": b.accuracy,
                 "calibration": b.calibration,
-                "stored_weights": b
-                    .stored()
+                "stored_weights": v2l_runtime::bundle::stored(&b)
                     .into_iter()
                     .map(|(k, v)| (k, v.name()))
                     .collect::<std::collections::BTreeMap<_, _>>(),

@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
 use v2l_contracts::LinearInfo;
 
 use super::apply::match_targets;
@@ -26,30 +25,7 @@ use crate::lora::AppliedLora;
 use crate::session::{Model, SessionOptions};
 use crate::tensor::Tensor;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Strategy {
-    #[default]
-    Fused,
-    Bound,
-    Unfused,
-}
-
-impl Strategy {
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Fused => "fused",
-            Strategy::Bound => "bound",
-            Strategy::Unfused => "unfused",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Strategy> {
-        [Strategy::Fused, Strategy::Bound, Strategy::Unfused]
-            .into_iter()
-            .find(|x| x.name() == s)
-    }
-}
+pub use v2l_contracts::bundle::Strategy;
 
 /// The DiT with a LoRA applied by one of the strategies.
 pub struct DitRunner {
@@ -288,7 +264,7 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
     let stored = engine
         .bundle
         .as_ref()
-        .map(|b| b.stored())
+        .map(crate::bundle::stored)
         .unwrap_or_default();
     let weights = crate::lora::apply::fused_weights(
         &base,

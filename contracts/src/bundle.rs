@@ -1,0 +1,371 @@
+//! The engine bundle record, `bundle.json`: what `v2l-compile` writes and every loader checks.
+//!
+//! A bundle is a directory: the export's graphs and manifest plus `bundle.json`, which records
+//! the backend and precision, the LoRA strategy, the LoRA target table (initializer, shape,
+//! how it is stored), a hash of the base weights the targets start from, and the size and hash
+//! of every file. [`verify`] re-checks all of it on load (big files by sampled blocks, see
+//! `file_hash`) and refuses a mismatched or modified part, or an engine whose record is gone.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a bundle record cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
+}
+
+type Result<T> = std::result::Result<T, BundleError>;
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Cpu,
+    Cuda,
+    TensorRt,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::TensorRt => "tensorrt",
+        }
+    }
+}
+
+/// Numeric precision of an engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+    Int8,
+    Int4,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
+        }
+    }
+}
+
+/// How a LoRA reaches the DiT's weights (docs/usage.md, "LoRA strategies").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    Fused,
+    Bound,
+    Unfused,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Fused => "fused",
+            Strategy::Bound => "bound",
+            Strategy::Unfused => "unfused",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Strategy> {
+        [Strategy::Fused, Strategy::Bound, Strategy::Unfused]
+            .into_iter()
+            .find(|x| x.name() == s)
+    }
+}
+
+pub const FILE_NAME: &str = "bundle.json";
+/// 2: BLAKE3 hashes; backend rewrites (attention fusion) in the bundle's DiT graphs.
+pub const FORMAT_VERSION: u32 = 2;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BundleFile {
+    pub name: String,
+    pub bytes: u64,
+    pub hash: String,
+}
+
+/// One weight a LoRA can be fused into.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraTarget {
+    pub initializer: String,
+    pub shape: [usize; 2],
+    pub dtype: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Bundle {
+    pub format_version: u32,
+    pub backend: Backend,
+    pub precision: Precision,
+    /// How a LoRA reaches the weights on this backend (docs/usage.md, "LoRA strategies").
+    pub lora_strategy: Strategy,
+    /// Hash of the DiT's LoRA-targetable base weights (keys engine caches; checks LoRA bases).
+    pub weight_hash: String,
+    pub lora_targets: Vec<LoraTarget>,
+    pub files: Vec<BundleFile>,
+    /// DiT graph variants for the LoRA strategies that keep one session: `bound` (targeted
+    /// weights are also inputs) and `unfused` (a low-rank branch per targeted layer).
+    #[serde(default)]
+    pub dit_variants: std::collections::BTreeMap<String, String>,
+    pub producer: String,
+    /// Below fp32: each changed stage's relative L2 against the fp32 graph, measured at compile
+    /// time on generated inputs (the compile layer's `accuracy`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accuracy: Vec<StageAccuracy>,
+    /// Static int8: how the activation ranges were calibrated, and the scales.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRecord>,
+    /// BLAKE3 of this record with this field empty: an edit to `bundle.json` itself (strategy,
+    /// weight hash, target table) is caught like an edit to any other part.
+    #[serde(default)]
+    pub bundle_hash: String,
+}
+
+impl Bundle {
+    /// BLAKE3 of this record with `bundle_hash` empty: what `bundle_hash` must hold.
+    pub fn self_hash(&self) -> Result<String> {
+        let mut b = self.clone();
+        b.bundle_hash.clear();
+        let text = serde_json::to_string(&b).map_err(|e| BundleError::BadFile {
+            path: FILE_NAME.into(),
+            message: e.to_string(),
+        })?;
+        Ok(blake3::hash(text.as_bytes()).to_hex().to_string())
+    }
+}
+
+/// The error of an I/O failure on `path`.
+pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Files up to this size are hashed whole on every load; bigger ones (multi-GB weights) by
+/// [`SAMPLES`] blocks spread over the file, so loading a 20 GB engine does not read 20 GB.
+const FULL_HASH_MAX: u64 = 256 << 20;
+const SAMPLES: u64 = 64;
+const SAMPLE_BYTES: u64 = 1 << 20;
+
+/// BLAKE3 of a file: all of it up to [`FULL_HASH_MAX`], else its length and [`SAMPLES`] evenly
+/// spaced blocks (first and last included). A sampled hash catches a swapped, truncated or
+/// re-exported weight file; it can miss an edit that touches no sampled block.
+fn file_hash(path: &Path) -> std::io::Result<(u64, String)> {
+    file_hash_with(path, FULL_HASH_MAX, SAMPLES, SAMPLE_BYTES)
+}
+
+fn file_hash_with(
+    path: &Path,
+    full_max: u64,
+    samples: u64,
+    sample_bytes: u64,
+) -> std::io::Result<(u64, String)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = blake3::Hasher::new();
+    if len <= full_max.max(sample_bytes * samples) {
+        let n = std::io::copy(&mut f, &mut h)?;
+        return Ok((n, h.finalize().to_hex().to_string()));
+    }
+    h.update(&len.to_le_bytes());
+    let mut block = vec![0u8; sample_bytes as usize];
+    let stride = (len - sample_bytes) / (samples - 1).max(1);
+    for i in 0..samples {
+        let at = if i + 1 == samples {
+            len - sample_bytes
+        } else {
+            i * stride
+        };
+        f.seek(SeekFrom::Start(at))?;
+        f.read_exact(&mut block)?;
+        h.update(&block);
+    }
+    Ok((len, format!("sampled:{}", h.finalize().to_hex())))
+}
+
+/// Size and hash of `dir/name`, streamed (never the whole file in memory).
+pub fn file_entry(dir: &Path, name: &str) -> Result<BundleFile> {
+    let path = dir.join(name);
+    let (bytes, hash) = file_hash(&path).map_err(io(&path))?;
+    Ok(BundleFile {
+        name: name.into(),
+        bytes,
+        hash,
+    })
+}
+
+/// Reads and checks `dir/bundle.json`: format version, then every file's size and hash.
+/// `Ok(None)` for a plain export directory (no bundle).
+pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
+    let path = dir.join(FILE_NAME);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let bundle = Bundle::parse(&text, &path)?;
+    let bad = |m: String| BundleError::BadFile {
+        path: path.clone(),
+        message: m,
+    };
+    for f in &bundle.files {
+        let p: PathBuf = dir.join(&f.name);
+        let got =
+            file_entry(dir, &f.name).map_err(|_| bad(format!("part `{}` is missing", f.name)))?;
+        if got.bytes != f.bytes || got.hash != f.hash {
+            return Err(BundleError::BadFile {
+                path: p,
+                message: "does not match the engine bundle it belongs to (modified or from another model); compile again".into(),
+            });
+        }
+    }
+    Ok(Some(bundle))
+}
+
+impl Bundle {
+    /// Parses `bundle.json` text (`path` names it in errors): format version, fields, its own
+    /// hash, and part names that stay inside the engine directory. Untrusted input: fuzzed
+    /// (`fuzz/fuzz_targets/bundle_json.rs`).
+    pub fn parse(text: &str, path: &Path) -> Result<Bundle> {
+        let bad = |m: String| BundleError::BadFile {
+            path: path.into(),
+            message: m,
+        };
+        let version: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let v = version
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        if v != FORMAT_VERSION as u64 {
+            return Err(bad(format!(
+                "bundle format version {v}; this v2l reads {FORMAT_VERSION}: compile the engine again"
+            )));
+        }
+        let bundle: Bundle = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        if bundle.self_hash()? != bundle.bundle_hash {
+            return Err(bad(
+                "was edited after `v2l-compile` wrote it (its recorded hash does not match); compile the engine again".into(),
+            ));
+        }
+        for f in &bundle.files {
+            let p = Path::new(&f.name);
+            let plain = p
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if f.name.is_empty() || !plain {
+                return Err(bad(format!(
+                    "part `{}` is not a file name inside the engine directory",
+                    f.name
+                )));
+            }
+        }
+        Ok(bundle)
+    }
+}
+
+/// One stage's distance from fp32.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageAccuracy {
+    pub stage: String,
+    /// Relative L2 of this engine's output against the fp32 graph's on the same inputs.
+    pub rel_l2: f64,
+    /// For generated frames: PSNR (dB, peak 1) against the fp32 engine's frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psnr_db: Option<f64>,
+    /// What it ran on, in words (sizes, seed).
+    pub inputs: String,
+}
+
+/// What `bundle.json` records of a calibration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRecord {
+    pub method: String,
+    pub samples: usize,
+    /// The samples' directory, or `generated`.
+    pub source: String,
+    /// Activation scale of each quantised linear, by weight.
+    pub input_scales: BTreeMap<String, f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record's own hash survives a write and a read: floats round-trip exactly (serde_json's
+    /// default float parser can be off by one ulp; 0.0025133703820537446 was).
+    #[test]
+    fn a_written_record_parses_back_with_its_hash() {
+        let mut b = Bundle {
+            format_version: FORMAT_VERSION,
+            backend: Backend::Cpu,
+            precision: Precision::Bf16,
+            lora_strategy: Strategy::Fused,
+            weight_hash: "h".into(),
+            lora_targets: vec![],
+            files: vec![],
+            dit_variants: Default::default(),
+            producer: "v2l test".into(),
+            accuracy: vec![StageAccuracy {
+                stage: "dit".into(),
+                rel_l2: 0.0025133703820537446,
+                inputs: "x".into(),
+                psnr_db: Some(41.25),
+            }],
+            calibration: None,
+            bundle_hash: String::new(),
+        };
+        b.bundle_hash = b.self_hash().unwrap();
+        let text = serde_json::to_string_pretty(&b).unwrap();
+        assert_eq!(Bundle::parse(&text, Path::new("bundle.json")).unwrap(), b);
+    }
+
+    #[test]
+    fn big_files_are_hashed_by_samples_that_see_swaps_and_truncation() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("w.data");
+        let bytes: Vec<u8> = (0..100_000u32).flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&p, &bytes).unwrap();
+        let hash = |p: &Path| file_hash_with(p, 1000, 8, 64).unwrap();
+        let (n, h) = hash(&p);
+        assert_eq!(n, bytes.len() as u64);
+        assert!(h.starts_with("sampled:"), "{h}");
+        // The first and last blocks are sampled; a truncated file changes the length.
+        for (at, len) in [
+            (0, bytes.len()),
+            (bytes.len() - 1, bytes.len()),
+            (0, bytes.len() - 4),
+        ] {
+            let mut b = bytes[..len].to_vec();
+            b[at.min(len - 1)] ^= 1;
+            std::fs::write(&p, &b).unwrap();
+            assert_ne!(hash(&p).1, h, "change at {at}, length {len}");
+        }
+        // Small files are hashed whole: any byte counts.
+        let (_, small) = file_hash_with(&p, u64::MAX, 8, 64).unwrap();
+        assert!(!small.starts_with("sampled:"));
+    }
+}
