@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use v2l_contracts::io::dit as dit_io;
 
 use v2l_contracts::manifest::DitEntry;
 
@@ -67,19 +68,19 @@ pub fn dit_inputs_at(
     let s = lf * (lh / p.max(1)) * (lw / p.max(1));
     Ok(vec![
         (
-            "hidden_states".into(),
+            dit_io::HIDDEN_STATES.into(),
             gaussian_noise(vec![2, lf, cin, lh, lw], seed),
         ),
         (
-            "encoder_hidden_states".into(),
+            dit_io::ENCODER_HIDDEN_STATES.into(),
             gaussian_noise(vec![2, text, dim], seed + 1),
         ),
         (
-            "timestep".into(),
+            dit_io::TIMESTEP.into(),
             Tensor::i64(vec![2], vec![timestep, timestep]),
         ),
-        ("rope_cos".into(), Tensor::f32(vec![s, dh], cos)),
-        ("rope_sin".into(), Tensor::f32(vec![s, dh], sin)),
+        (dit_io::ROPE_COS.into(), Tensor::f32(vec![s, dh], cos)),
+        (dit_io::ROPE_SIN.into(), Tensor::f32(vec![s, dh], sin)),
     ])
 }
 
@@ -110,20 +111,20 @@ fn wan_inputs_at(
     let t = timestep as f32;
     let mut inputs = vec![
         (
-            "hidden_states".into(),
+            dit_io::HIDDEN_STATES.into(),
             gaussian_noise(vec![2, get("in_channels", 16), lf, lh, lw], seed),
         ),
         (
-            "encoder_hidden_states".into(),
+            dit_io::ENCODER_HIDDEN_STATES.into(),
             gaussian_noise(vec![2, text, get("text_dim", 4096)], seed + 1),
         ),
-        ("timestep".into(), Tensor::f32(vec![2], vec![t, t])),
-        ("rope_cos".into(), Tensor::f32(vec![rows, dh], cos)),
-        ("rope_sin".into(), Tensor::f32(vec![rows, dh], sin)),
+        (dit_io::TIMESTEP.into(), Tensor::f32(vec![2], vec![t, t])),
+        (dit_io::ROPE_COS.into(), Tensor::f32(vec![rows, dh], cos)),
+        (dit_io::ROPE_SIN.into(), Tensor::f32(vec![rows, dh], sin)),
     ];
     if let Some(d) = w.image_dim {
         inputs.push((
-            "encoder_hidden_states_image".into(),
+            dit_io::ENCODER_HIDDEN_STATES_IMAGE.into(),
             gaussian_noise(vec![2, WAN_IMAGE_TOKENS, d], seed + 2),
         ));
     }
@@ -162,7 +163,7 @@ pub fn dit_accuracy(
     let run = |path: &Path| -> Result<Tensor> {
         let mut m = Model::load(path, opts)?;
         let mut out = m.run(&inputs)?;
-        out.remove("sample")
+        out.remove(dit_io::SAMPLE)
             .ok_or_else(|| v2l_runtime::RuntimeError::Invalid {
                 what: path.display().to_string(),
                 message: "the DiT graph has no `sample` output".into(),

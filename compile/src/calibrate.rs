@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use v2l_contracts::io::dit as dit_io;
 
 use v2l_calibration::{Method, Ranges};
 
@@ -33,11 +34,11 @@ pub struct Calibration {
 pub use v2l_runtime::bundle::CalibrationRecord;
 
 const INPUTS: [&str; 5] = [
-    "hidden_states",
-    "encoder_hidden_states",
-    "timestep",
-    "rope_cos",
-    "rope_sin",
+    dit_io::HIDDEN_STATES,
+    dit_io::ENCODER_HIDDEN_STATES,
+    dit_io::TIMESTEP,
+    dit_io::ROPE_COS,
+    dit_io::ROPE_SIN,
 ];
 
 /// The samples, as DiT input maps.

@@ -38,3 +38,16 @@ impl QdqNames {
         }
     }
 }
+
+/// The VAE (`vae_encoder.onnx`, `vae_decoder.onnx`), both families; `[B, C, F, H, W]` tensors.
+pub mod vae {
+    /// Encoder input: the clip in [-1, 1].
+    pub const VIDEO: &str = "video";
+    /// Encoder outputs: the posterior's mean and log-variance.
+    pub const POSTERIOR_MEAN: &str = "posterior_mean";
+    pub const POSTERIOR_LOGVAR: &str = "posterior_logvar";
+    /// Decoder input.
+    pub const LATENTS: &str = "latents";
+    /// Decoder output: frames in [-1, 1].
+    pub const SAMPLE: &str = "sample";
+}

@@ -15,6 +15,7 @@
 //! ```
 
 use serde::Deserialize;
+use v2l_contracts::io::dit as dit_io;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -117,7 +118,7 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
 
     let dh = cfg.attention_head_dim as i64;
     let hidden = g.input(
-        "hidden_states",
+        dit_io::HIDDEN_STATES,
         DType::F32,
         vec![
             "batch".into(),
@@ -128,7 +129,7 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
         ],
     );
     let text = g.input(
-        "encoder_hidden_states",
+        dit_io::ENCODER_HIDDEN_STATES,
         DType::F32,
         vec![
             "batch".into(),
@@ -136,14 +137,14 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
             Dim::Fixed(cfg.text_embed_dim as i64),
         ],
     );
-    let timestep = g.input("timestep", DType::I64, vec!["batch".into()]);
+    let timestep = g.input(dit_io::TIMESTEP, DType::I64, vec!["batch".into()]);
     let rope_cos = g.input(
-        "rope_cos",
+        dit_io::ROPE_COS,
         DType::F32,
         vec!["video_tokens".into(), Dim::Fixed(dh)],
     );
     let rope_sin = g.input(
-        "rope_sin",
+        dit_io::ROPE_SIN,
         DType::F32,
         vec!["video_tokens".into(), Dim::Fixed(dh)],
     );
@@ -186,7 +187,7 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
     });
     g.output(
         &sample,
-        "sample",
+        dit_io::SAMPLE,
         DType::F32,
         vec![
             "batch".into(),

@@ -41,6 +41,7 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
+use v2l_contracts::io::vae as vae_io;
 use v2l_graphs::{Attr, DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -707,7 +708,7 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let mut g = Graph::new("cogvideox_vae_encoder");
     let vb = Scope::new(ckpt).pp("encoder");
     let video = g.input(
-        "video",
+        vae_io::VIDEO,
         DType::F32,
         crate::layers::video_dims(cfg.in_channels),
     );
@@ -794,8 +795,8 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
             "latent_width".into(),
         ]
     };
-    g.output(&mean, "posterior_mean", DType::F32, latent_dims());
-    g.output(&logvar, "posterior_logvar", DType::F32, latent_dims());
+    g.output(&mean, vae_io::POSTERIOR_MEAN, DType::F32, latent_dims());
+    g.output(&logvar, vae_io::POSTERIOR_LOGVAR, DType::F32, latent_dims());
     cx.declare_outputs(&mut g);
     record_metadata(&mut g, cfg, "encoder", &cx.caches);
     g.metadata(
@@ -813,7 +814,7 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     let vb = Scope::new(ckpt).pp("decoder");
     let l = cfg.latent_channels;
     let z = g.input(
-        "latents",
+        vae_io::LATENTS,
         DType::F32,
         vec![
             "batch".into(),
@@ -896,7 +897,7 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     )?;
     g.output(
         &x,
-        "sample",
+        vae_io::SAMPLE,
         DType::F32,
         crate::layers::video_dims(cfg.out_channels),
     );

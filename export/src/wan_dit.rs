@@ -18,6 +18,7 @@
 //! v2l-export dit path/to/Wan2.1-T2V-1.3B-Diffusers/transformer -o out/
 //! ```
 
+use v2l_contracts::io::dit as dit_io;
 use v2l_graphs::passes::KEEP_IN_FP32;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
@@ -56,10 +57,14 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
     let mut vb = Scope::new(ckpt);
     vb.weight_dtype = weight_dtype;
     let (d, dh) = (cfg.inner_dim(), cfg.attention_head_dim as i64);
-    let hidden = g.input("hidden_states", DType::F32, video_dims(cfg.in_channels));
-    let timestep = g.input("timestep", DType::F32, vec!["batch".into()]);
+    let hidden = g.input(
+        dit_io::HIDDEN_STATES,
+        DType::F32,
+        video_dims(cfg.in_channels),
+    );
+    let timestep = g.input(dit_io::TIMESTEP, DType::F32, vec!["batch".into()]);
     let text = g.input(
-        "encoder_hidden_states",
+        dit_io::ENCODER_HIDDEN_STATES,
         DType::F32,
         vec![
             "batch".into(),
@@ -69,7 +74,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
     );
     let image = cfg.image_dim.map(|image_dim| {
         g.input(
-            "encoder_hidden_states_image",
+            dit_io::ENCODER_HIDDEN_STATES_IMAGE,
             DType::F32,
             vec![
                 "batch".into(),
@@ -79,8 +84,8 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
         )
     });
     let rope_dims = || vec!["video_tokens".into(), Dim::Fixed(dh)];
-    let rope_cos = g.input("rope_cos", DType::F32, rope_dims());
-    let rope_sin = g.input("rope_sin", DType::F32, rope_dims());
+    let rope_cos = g.input(dit_io::ROPE_COS, DType::F32, rope_dims());
+    let rope_sin = g.input(dit_io::ROPE_SIN, DType::F32, rope_dims());
 
     let x = patch_embedding(&mut g, &vb, &cfg, &hidden)?;
     let cond = condition_embedder(
@@ -115,7 +120,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
     let c = cfg.out_channels();
     let x = vb.linear(&mut g, &x, "proj_out", d, c * pt * ph * pw, true)?;
     let sample = g.scoped("unpatchify", |g| unpatchify(g, &x, &hidden, &cfg));
-    g.output(&sample, "sample", DType::F32, video_dims(c));
+    g.output(&sample, dit_io::SAMPLE, DType::F32, video_dims(c));
     g.metadata("v2l.architecture", CLASS_NAME);
     g.metadata(KEEP_IN_FP32, &KEEP_IN_FP32_MODULES.join(","));
     let linears = module_order(vb.linears());

@@ -26,6 +26,7 @@
 
 use serde::{Deserialize, Serialize};
 use v2l_contracts::frame_batch::FrameSchedule;
+use v2l_contracts::io::vae as vae_io;
 use v2l_graphs::{Attr, DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -547,7 +548,7 @@ fn encoder(ckpt: &Checkpoint, cfg: &WanVaeConfig) -> Result<(Graph, Vec<CacheSpe
     let mut g = Graph::new("wan_vae_encoder");
     let vb = Scope::new(ckpt).pp("encoder");
     let video = g.input(
-        "video",
+        vae_io::VIDEO,
         DType::F32,
         crate::layers::video_dims(cfg.in_channels),
     );
@@ -598,10 +599,15 @@ fn encoder(ckpt: &Checkpoint, cfg: &WanVaeConfig) -> Result<(Graph, Vec<CacheSpe
         let hi = g.scalar(20.0);
         (mean, g.op("Clip", &[&logvar, &lo, &hi], vec![]))
     });
-    g.output(&mean, "posterior_mean", DType::F32, latent_dims(cfg.z_dim));
+    g.output(
+        &mean,
+        vae_io::POSTERIOR_MEAN,
+        DType::F32,
+        latent_dims(cfg.z_dim),
+    );
     g.output(
         &logvar,
-        "posterior_logvar",
+        vae_io::POSTERIOR_LOGVAR,
         DType::F32,
         latent_dims(cfg.z_dim),
     );
@@ -615,7 +621,7 @@ fn decoder(ckpt: &Checkpoint, cfg: &WanVaeConfig) -> Result<(Graph, Vec<CacheSpe
     let mut g = Graph::new("wan_vae_decoder");
     let vb = Scope::new(ckpt).pp("decoder");
     let z = cfg.z_dim;
-    let latents = g.input("latents", DType::F32, latent_dims(z));
+    let latents = g.input(vae_io::LATENTS, DType::F32, latent_dims(z));
     let mut w = Wan::new(&mut g, ("latent_height", "latent_width"));
     let base = cfg.decoder_base_dim.unwrap_or(cfg.base_dim);
     let last_mult = cfg.dim_mult.last().copied().unwrap_or(1);
@@ -669,7 +675,12 @@ fn decoder(ckpt: &Checkpoint, cfg: &WanVaeConfig) -> Result<(Graph, Vec<CacheSpe
         let hi = g.scalar(1.0);
         g.op("Clip", &[&x, &lo, &hi], vec![])
     });
-    g.output(&x, "sample", DType::F32, crate::layers::video_dims(out));
+    g.output(
+        &x,
+        vae_io::SAMPLE,
+        DType::F32,
+        crate::layers::video_dims(out),
+    );
     w.cx.declare_outputs(&mut g);
     record_metadata(&mut g, "decoder", &w.cx.caches);
     Ok((g, w.cx.caches))

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Instant;
+use v2l_contracts::io::vae as vae_io;
 
 use v2l_contracts::family::WanDitConfig;
 
@@ -505,7 +506,7 @@ fn to_frames(video: &Tensor) -> Result<Tensor> {
         });
     };
     let frames =
-        crate::layout::planes_to_interleaved(video.as_f32("sample")?, fo * ho * wo, |x| {
+        crate::layout::planes_to_interleaved(video.as_f32(vae_io::SAMPLE)?, fo * ho * wo, |x| {
             (x / 2.0 + 0.5).clamp(0.0, 1.0)
         })?;
     Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))

@@ -4,6 +4,7 @@
 //! mode × scaling factor = `reference_latents` → hypernetwork → `hyper_weights [1, N, D]` →
 //! LiLoRA → a standard LoRA whose layers are the DiT's linears.
 
+use v2l_contracts::io::vae as vae_io;
 use v2l_contracts::LinearInfo;
 
 use crate::engine::Engine;
@@ -115,7 +116,7 @@ impl Predictor {
         let sf = vae.entry.scaling_factor as f32;
         let latents = Tensor::f32(
             mean.shape.clone(),
-            mean.as_f32("posterior_mean")?
+            mean.as_f32(vae_io::POSTERIOR_MEAN)?
                 .iter()
                 .map(|v| v * sf)
                 .collect(),

@@ -9,6 +9,7 @@
 //! Memory stays bounded by one batch however long the clip.
 
 use std::collections::BTreeMap;
+use v2l_contracts::io::vae as vae_io;
 
 mod tiling;
 pub use tiling::{Tiling, TilingMode};
@@ -62,7 +63,7 @@ impl Vae {
 
     /// `video [B, C, F, H, W]` in [-1, 1] → (`posterior_mean`, `posterior_logvar`), `[B, 16, f, h, w]`.
     pub fn encode(&mut self, video: &Tensor) -> Result<(Tensor, Tensor)> {
-        let [_, _, _, h, w] = check_5d(video, "video", self.entry.in_channels)?;
+        let [_, _, _, h, w] = check_5d(video, vae_io::VIDEO, self.entry.in_channels)?;
         let tile = self.tile;
         if tile.applies(self.tiling, h, w) {
             let mut parts = tile
@@ -72,7 +73,7 @@ impl Vae {
                 .into_iter();
             return match (parts.next(), parts.next()) {
                 (Some(m), Some(l)) => Ok((m, l)),
-                _ => Err(missing_output("posterior_mean")),
+                _ => Err(missing_output(vae_io::POSTERIOR_MEAN)),
             };
         }
         self.encode_untiled(video)
@@ -89,8 +90,8 @@ impl Vae {
         let mut outs = run_batches(
             &mut self.encoder,
             &self.entry.encoder_caches,
-            ("video", video),
-            &["posterior_mean", "posterior_logvar"],
+            (vae_io::VIDEO, video),
+            &[vae_io::POSTERIOR_MEAN, vae_io::POSTERIOR_LOGVAR],
             &batches,
         )?;
         let take = |outs: &mut Vec<BTreeMap<String, Tensor>>, name: &str| -> Result<Tensor> {
@@ -100,8 +101,8 @@ impl Vae {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::concat(&parts, 2)
         };
-        let mean = take(&mut outs, "posterior_mean")?;
-        let logvar = take(&mut outs, "posterior_logvar")?;
+        let mean = take(&mut outs, vae_io::POSTERIOR_MEAN)?;
+        let logvar = take(&mut outs, vae_io::POSTERIOR_LOGVAR)?;
         Ok((mean, logvar))
     }
 
@@ -129,7 +130,7 @@ impl Vae {
 
     /// `latents [B, 16, f, h, w]` (already divided by the scaling factor) → `[B, 3, F, H, W]`.
     pub fn decode(&mut self, latents: &Tensor) -> Result<Tensor> {
-        let [_, _, _, h, w] = check_5d(latents, "latents", self.entry.latent_channels)?;
+        let [_, _, _, h, w] = check_5d(latents, vae_io::LATENTS, self.entry.latent_channels)?;
         let tile = self.tile;
         let f = tile.factor;
         if tile.applies(self.tiling, h * f, w * f) {
@@ -138,7 +139,7 @@ impl Vae {
                     self.decode_untiled(t).map(|s| vec![s])
                 })?
                 .pop()
-                .ok_or_else(|| missing_output("sample"));
+                .ok_or_else(|| missing_output(vae_io::SAMPLE));
         }
         self.decode_untiled(latents)
     }
@@ -154,13 +155,16 @@ impl Vae {
         let outs = run_batches(
             &mut self.decoder,
             &self.entry.decoder_caches,
-            ("latents", latents),
-            &["sample"],
+            (vae_io::LATENTS, latents),
+            &[vae_io::SAMPLE],
             &batches,
         )?;
         let parts = outs
             .into_iter()
-            .map(|mut o| o.remove("sample").ok_or_else(|| missing_output("sample")))
+            .map(|mut o| {
+                o.remove(vae_io::SAMPLE)
+                    .ok_or_else(|| missing_output(vae_io::SAMPLE))
+            })
             .collect::<Result<Vec<_>>>()?;
         Tensor::concat(&parts, 2)
     }

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use v2l_contracts::io::dit as dit_io;
+use v2l_contracts::io::vae as vae_io;
 
 use v2l_contracts::family::WanDitConfig;
 use v2l_runtime::engine::Engine;
@@ -40,14 +42,14 @@ impl Stage {
     pub fn inputs(self) -> &'static [&'static str] {
         match self {
             Stage::Dit => &[
-                "hidden_states",
-                "encoder_hidden_states",
-                "timestep",
-                "rope_cos",
-                "rope_sin",
+                dit_io::HIDDEN_STATES,
+                dit_io::ENCODER_HIDDEN_STATES,
+                dit_io::TIMESTEP,
+                dit_io::ROPE_COS,
+                dit_io::ROPE_SIN,
             ],
-            Stage::VaeEncode => &["video"],
-            Stage::VaeDecode => &["latents"],
+            Stage::VaeEncode => &[vae_io::VIDEO],
+            Stage::VaeDecode => &[vae_io::LATENTS],
             Stage::Hypernet => &["reference_latents"],
             Stage::TextEncoder => &["input_ids"],
         }
@@ -61,9 +63,13 @@ impl Stage {
     pub fn required_inputs(self, engine: &Engine) -> Vec<&'static str> {
         match (self, engine.wan_config().ok().flatten()) {
             (Stage::Dit, Some(w)) => {
-                let mut v = vec!["hidden_states", "encoder_hidden_states", "timestep"];
+                let mut v = vec![
+                    dit_io::HIDDEN_STATES,
+                    dit_io::ENCODER_HIDDEN_STATES,
+                    dit_io::TIMESTEP,
+                ];
                 if w.image_dim.is_some() {
-                    v.push("encoder_hidden_states_image");
+                    v.push(dit_io::ENCODER_HIDDEN_STATES_IMAGE);
                 }
                 v
             }
@@ -79,21 +85,21 @@ fn wan_feed(
     inputs: &BTreeMap<String, Tensor>,
     feed: &mut BTreeMap<String, Tensor>,
 ) -> Result<()> {
-    if let Some(t) = feed.get_mut("timestep") {
+    if let Some(t) = feed.get_mut(dit_io::TIMESTEP) {
         if let v2l_runtime::tensor::Data::I64(v) = &t.data {
             *t = Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect());
         }
     }
-    let (cos, sin) = match (inputs.get("rope_cos"), inputs.get("rope_sin")) {
+    let (cos, sin) = match (inputs.get(dit_io::ROPE_COS), inputs.get(dit_io::ROPE_SIN)) {
         (Some(c), Some(s)) => (c.clone(), s.clone()),
         _ => {
             let shape = feed
-                .get("hidden_states")
+                .get(dit_io::HIDDEN_STATES)
                 .map(|t| t.shape.clone())
                 .unwrap_or_default();
             let [_, _, f, h, wd] = shape[..] else {
                 return Err(RuntimeError::Invalid {
-                    what: "hidden_states".into(),
+                    what: dit_io::HIDDEN_STATES.into(),
                     message: format!("has shape {shape:?}; expected [B, C, F, H, W]"),
                 });
             };
@@ -112,8 +118,8 @@ fn wan_feed(
             )
         }
     };
-    feed.insert("rope_cos".into(), cos);
-    feed.insert("rope_sin".into(), sin);
+    feed.insert(dit_io::ROPE_COS.into(), cos);
+    feed.insert(dit_io::ROPE_SIN.into(), sin);
     Ok(())
 }
 
@@ -150,7 +156,7 @@ pub fn check_inputs(
                 name: name.to_string(),
             })?;
         // CogVideoX takes int64 timesteps; Wan's flow samplers step at fractional ones.
-        let want_int = (name == "timestep" && wan.is_none()) || name == "input_ids";
+        let want_int = (name == dit_io::TIMESTEP && wan.is_none()) || name == "input_ids";
         match (&t.data, want_int) {
             (v2l_runtime::tensor::Data::F32(v), false) => {
                 if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -162,7 +168,7 @@ pub fn check_inputs(
             }
             (v2l_runtime::tensor::Data::I64(_), true) => {}
             // Wan: UniPC's whole-number timesteps may come as int64 (taken as floats).
-            (v2l_runtime::tensor::Data::I64(_), false) if name == "timestep" => {}
+            (v2l_runtime::tensor::Data::I64(_), false) if name == dit_io::TIMESTEP => {}
             _ => {
                 let want = if want_int { "int64" } else { "float32" };
                 return Err(bad(name, format!("must be {want}")));
@@ -189,20 +195,20 @@ pub fn check_inputs(
                 (Some(d), Some(w)) => (d, w),
                 _ => return Err(dir.missing("DiT", "dit")),
             };
-            let hs = dims("hidden_states");
+            let hs = dims(dit_io::HIDDEN_STATES);
             let [b, c, f, h, wd] =
-                sized(hs, "[B, C, F, H, W]").map_err(|m| bad("hidden_states", m))?;
+                sized(hs, "[B, C, F, H, W]").map_err(|m| bad(dit_io::HIDDEN_STATES, m))?;
             let (pt, ph, pw) = w.patch();
             if c != d.in_channels || f % pt.max(1) != 0 || h % ph.max(1) != 0 || wd % pw.max(1) != 0
             {
-                return Err(bad("hidden_states", format!(
+                return Err(bad(dit_io::HIDDEN_STATES, format!(
                     "has shape {hs:?}; the Wan DiT takes [B, {}, F, H, W] with F, H, W multiples of its patch {:?}",
                     d.in_channels, w.patch()
                 )));
             }
             for (name, width) in [
-                ("encoder_hidden_states", Some(d.text_embed_dim)),
-                ("encoder_hidden_states_image", w.image_dim),
+                (dit_io::ENCODER_HIDDEN_STATES, Some(d.text_embed_dim)),
+                (dit_io::ENCODER_HIDDEN_STATES_IMAGE, w.image_dim),
             ] {
                 let Some(width) = width else { continue };
                 let e = dims(name);
@@ -214,15 +220,16 @@ pub fn check_inputs(
                     ));
                 }
             }
-            let [tb] = sized(dims("timestep"), "[B]").map_err(|m| bad("timestep", m))?;
+            let [tb] =
+                sized(dims(dit_io::TIMESTEP), "[B]").map_err(|m| bad(dit_io::TIMESTEP, m))?;
             if tb != b {
                 return Err(bad(
-                    "timestep",
+                    dit_io::TIMESTEP,
                     format!("has {tb} values for a batch of {b}"),
                 ));
             }
             let tokens = (f / pt.max(1)) * (h / ph.max(1)) * (wd / pw.max(1));
-            for name in ["rope_cos", "rope_sin"] {
+            for name in [dit_io::ROPE_COS, dit_io::ROPE_SIN] {
                 if let Some(r) = inputs.get(name) {
                     if r.shape != [tokens, w.attention_head_dim] {
                         return Err(bad(name, format!(
@@ -238,29 +245,32 @@ pub fn check_inputs(
                 .dit
                 .as_ref()
                 .ok_or_else(|| dir.missing("DiT", "dit"))?;
-            let hs = dims("hidden_states");
+            let hs = dims(dit_io::HIDDEN_STATES);
             let [b, f, c, h, w] =
-                sized(hs, "[B, F, C, H, W]").map_err(|m| bad("hidden_states", m))?;
+                sized(hs, "[B, F, C, H, W]").map_err(|m| bad(dit_io::HIDDEN_STATES, m))?;
             let p = d.patch_size.max(1);
             if c != d.in_channels || h % p != 0 || w % p != 0 {
-                return Err(bad("hidden_states", format!(
+                return Err(bad(dit_io::HIDDEN_STATES, format!(
                     "has shape {hs:?}; the DiT takes {} channels and H, W multiples of its patch size {p}",
                     d.in_channels
                 )));
             }
-            let ehs = dims("encoder_hidden_states");
+            let ehs = dims(dit_io::ENCODER_HIDDEN_STATES);
             let [eb, _, ed] =
-                sized(ehs, "[B, L, D]").map_err(|m| bad("encoder_hidden_states", m))?;
+                sized(ehs, "[B, L, D]").map_err(|m| bad(dit_io::ENCODER_HIDDEN_STATES, m))?;
             if eb != b || ed != d.text_embed_dim {
-                return Err(bad("encoder_hidden_states", format!(
+                return Err(bad(dit_io::ENCODER_HIDDEN_STATES, format!(
                     "has shape {ehs:?}; expected [{b}, L, {}] (batch of hidden_states, the DiT's text width)",
                     d.text_embed_dim
                 )));
             }
-            let ts = dims("timestep");
-            let [tb] = sized(ts, "[B]").map_err(|m| bad("timestep", m))?;
+            let ts = dims(dit_io::TIMESTEP);
+            let [tb] = sized(ts, "[B]").map_err(|m| bad(dit_io::TIMESTEP, m))?;
             if tb != b {
-                return Err(bad("timestep", format!("has shape {ts:?}; expected [{b}]")));
+                return Err(bad(
+                    dit_io::TIMESTEP,
+                    format!("has shape {ts:?}; expected [{b}]"),
+                ));
             }
             let train_steps = match &manifest.scheduler {
                 Some(file) => {
@@ -269,17 +279,18 @@ pub fn check_inputs(
                 }
                 None => 1000,
             };
-            if let Some(v2l_runtime::tensor::Data::I64(v)) = inputs.get("timestep").map(|t| &t.data)
+            if let Some(v2l_runtime::tensor::Data::I64(v)) =
+                inputs.get(dit_io::TIMESTEP).map(|t| &t.data)
             {
                 if let Some(t) = v.iter().find(|&&t| t < 0 || t as u64 >= train_steps as u64) {
-                    return Err(bad("timestep", format!(
+                    return Err(bad(dit_io::TIMESTEP, format!(
                         "holds {t}; timesteps are 0 to {} (the scheduler's num_train_timesteps - 1)",
                         train_steps - 1
                     )));
                 }
             }
             let tokens = f * (h / p) * (w / p);
-            for name in ["rope_cos", "rope_sin"] {
+            for name in [dit_io::ROPE_COS, dit_io::ROPE_SIN] {
                 let r = sized(dims(name), "[tokens, head_dim]").map_err(|m| bad(name, m))?;
                 if r != [tokens, d.attention_head_dim] {
                     return Err(bad(name, format!(
@@ -294,10 +305,11 @@ pub fn check_inputs(
                 .vae
                 .as_ref()
                 .ok_or_else(|| dir.missing("VAE", "vae"))?;
-            let [_, _, _, h, w] = channels("video", "[B, 3, F, H, W]", v.in_channels, "the VAE")?;
+            let [_, _, _, h, w] =
+                channels(vae_io::VIDEO, "[B, 3, F, H, W]", v.in_channels, "the VAE")?;
             if h % 8 != 0 || w % 8 != 0 {
                 return Err(bad(
-                    "video",
+                    vae_io::VIDEO,
                     format!("is {h}x{w}; the VAE takes H, W multiples of 8"),
                 ));
             }
@@ -307,7 +319,12 @@ pub fn check_inputs(
                 .vae
                 .as_ref()
                 .ok_or_else(|| dir.missing("VAE", "vae"))?;
-            channels("latents", "[B, C, F, H, W]", v.latent_channels, "the VAE")?;
+            channels(
+                vae_io::LATENTS,
+                "[B, C, F, H, W]",
+                v.latent_channels,
+                "the VAE",
+            )?;
         }
         Stage::Hypernet => {
             let e = manifest
@@ -446,11 +463,11 @@ pub fn run_stage(
             let mut vae = v2l_runtime::vae::Vae::load(dir, opts)?;
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
-            let ((mean, logvar), times) = timed(runs, || vae.encode(get("video")?))?;
+            let ((mean, logvar), times) = timed(runs, || vae.encode(get(vae_io::VIDEO)?))?;
             (
                 BTreeMap::from([
-                    ("posterior_mean".to_string(), mean),
-                    ("posterior_logvar".to_string(), logvar),
+                    (vae_io::POSTERIOR_MEAN.to_string(), mean),
+                    (vae_io::POSTERIOR_LOGVAR.to_string(), logvar),
                 ]),
                 load_ms,
                 times,
@@ -460,7 +477,7 @@ pub fn run_stage(
             let mut vae = v2l_runtime::vae::Vae::load(dir, opts)?;
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
-            let (sample, times) = timed(runs, || vae.decode(get("latents")?))?;
+            let (sample, times) = timed(runs, || vae.decode(get(vae_io::LATENTS)?))?;
             (
                 BTreeMap::from([("sample".to_string(), sample)]),
                 load_ms,
