@@ -55,12 +55,29 @@ impl From<v2l_export::ExportError> for Failure {
 impl From<v2l_runtime::RuntimeError> for Failure {
     fn from(e: v2l_runtime::RuntimeError) -> Self {
         let hint = e.hint();
+        let message = match &e {
+            // A request field by its command-line flag: `--frames: 48: must be 1 + 4k …`.
+            v2l_runtime::RuntimeError::Request(r) => request_message(r),
+            e => e.to_string(),
+        };
         Failure {
-            message: e.to_string(),
+            message,
             hint,
             exit_code: e.kind().exit_code(),
         }
     }
+}
+
+impl From<v2l_runtime::request::RequestError> for Failure {
+    fn from(e: v2l_runtime::request::RequestError) -> Self {
+        Failure::from(v2l_runtime::RuntimeError::Request(e))
+    }
+}
+
+/// A request error as the command line says it: the field's flag, the message, and for a
+/// limit the environment variable that raises it.
+pub fn request_message(e: &v2l_runtime::request::RequestError) -> String {
+    format!("{}: {}", e.field.flag(), e.message_with_env_hint())
 }
 
 impl From<v2l_contracts::ManifestError> for Failure {

@@ -6,5 +6,6 @@ mod common;
 mod cli;
 mod e2e;
 mod effects_model;
+mod request_errors;
 mod serve;
 mod valid_graphs;

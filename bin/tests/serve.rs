@@ -13,14 +13,14 @@ use v2l_serve::client::{Client, Form};
 use crate::common;
 
 /// A running `v2l-serve`, killed when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     base: String,
     log: std::sync::mpsc::Receiver<String>,
 }
 
 impl Server {
-    fn start(engine: &Path, state: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(engine: &Path, state: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
             .arg("--engine")
             .arg(engine)
@@ -53,7 +53,7 @@ impl Server {
         }
     }
 
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         Client::new(&self.base, None)
     }
 

@@ -37,6 +37,7 @@ use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
+use v2l_runtime::request::{Checked, RequestError, Settings};
 use v2l_runtime::video::{self, Frames};
 use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
 
@@ -163,7 +164,6 @@ pub struct V2lGenerator {
     cancel: AtomicBool,
     /// Set by `v2l_generator_free`: a generation still running on another thread stops.
     freed: AtomicBool,
-    patch_size: usize,
     text_embed_dim: usize,
     /// The engine (plain data): the noise layout and what a request must carry.
     engine: Engine,
@@ -551,30 +551,41 @@ struct Sizes {
     /// Latent noise shape `[1, lf, C, h/8, w/8]`.
     noise: Vec<usize>,
     out_bytes: usize,
+    /// The request's settings, checked.
+    checked: Checked,
 }
 
-/// The request limits every front end shares (`v2l_runtime::limits`), with their messages
-/// naming the C fields (`params.frames` for `prefix` "params.") instead of the command-line
-/// flags (`--frames`).
-fn limits<T>(prefix: &str, check: impl FnOnce(&Limits) -> v2l_runtime::Result<T>) -> Result<T> {
-    let named = |e: RuntimeError| match e {
-        RuntimeError::Invalid { what, message } => RuntimeError::Invalid {
-            what: what.replace("--", prefix),
-            message,
-        },
-        e => e,
+/// A request error in the C ABI's words: the field as `<prefix><name>` (`params.frames`,
+/// `options.threads`), the message every front end gives, and the environment variable that
+/// raises a limit.
+fn request_error(prefix: &str, e: RequestError) -> Error {
+    Error::new(
+        V2lStatus::InvalidArgument,
+        format!("{prefix}{}: {}", e.field.name(), e.message_with_env_hint()),
+    )
+}
+
+/// `params`' settings checked by the runtime's one request builder (`v2l_runtime::request`).
+fn settings(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Checked> {
+    let settings = Settings {
+        frames: Some(p.frames as usize),
+        height: Some(p.height as usize),
+        width: Some(p.width as usize),
+        steps: p.steps as usize,
+        guidance: p.guidance,
+        lora_scale: 1.0,
+        // 0: the DiT's `max_text_seq_length`.
+        max_sequence_length: (p.max_sequence_length != 0).then_some(p.max_sequence_length as usize),
     };
-    let l = Limits::from_env()?;
-    check(&l).map_err(|e| Error::from(named(e)))
+    let limits = Limits::from_env()?;
+    settings
+        .check(&g.engine, &limits)
+        .map_err(|e| request_error("params.", e))
 }
 
 fn sizes(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Sizes> {
-    let (f, h, w) = (p.frames as usize, p.height as usize, p.width as usize);
-    let m = 8 * g.patch_size;
-    limits("params.", |l| {
-        l.check_video(f, h, w, m)?;
-        l.check_steps(p.steps as usize)
-    })?;
+    let c = settings(g, p)?;
+    let (f, h, w) = (c.frames, c.height, c.width);
     let latent_frames = (f - 1) / 4 + 1;
     let frames = g.vae.decoded_frames(latent_frames);
     let out_bytes = product(&[frames, h, w, 3], "output")?;
@@ -584,6 +595,7 @@ fn sizes(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Sizes> {
         width: w,
         noise: g.engine.noise_shape(f, h, w)?,
         out_bytes,
+        checked: c,
     })
 }
 
@@ -666,7 +678,9 @@ pub unsafe extern "C" fn v2l_engine_open(
                 ),
             ));
         }
-        limits("options.", |l| l.check_threads(options.threads as usize))?;
+        Limits::from_env()?
+            .check_threads(options.threads as usize)
+            .map_err(|e| request_error("options.", e))?;
         v2l_runtime::ort_env::init()?;
         // The bundle's backend: a CUDA or TensorRT engine is never run on the CPU provider.
         let opts = dir.session_options(options.threads as usize);
@@ -744,7 +758,7 @@ pub unsafe extern "C" fn v2l_generator_new(
             .dit
             .as_ref()
             .ok_or_else(|| Error::new(V2lStatus::InvalidArgument, "the engine holds no DiT"))?;
-        let (patch_size, text_embed_dim) = (dit.patch_size, dit.text_embed_dim);
+        let text_embed_dim = dit.text_embed_dim;
         let vae = dir
             .manifest
             .vae
@@ -759,7 +773,6 @@ pub unsafe extern "C" fn v2l_generator_new(
             opts: e.opts.clone(),
             cancel: AtomicBool::new(false),
             freed: AtomicBool::new(false),
-            patch_size,
             text_embed_dim,
             engine,
             vae,
@@ -980,16 +993,9 @@ unsafe fn prompt_text(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<(Tensor
     };
     let pipeline = lock(g)?;
     let engine = pipeline.engine();
-    let len = match p.max_sequence_length {
-        0 => engine.text_sequence_length().unwrap_or(226),
-        n => n as usize,
-    };
-    if len > 4096 {
-        return Err(Error::new(
-            V2lStatus::InvalidArgument,
-            format!("params.max_sequence_length is {len}; at most 4096"),
-        ));
-    }
+    let len = settings(g, p)?
+        .sequence_length()
+        .map_err(|e| request_error("params.", e))?;
     if slot.is_none() {
         *slot = Some(v2l_runtime::text::prompt::PromptEncoder::load(
             engine, &g.opts,
@@ -1094,7 +1100,7 @@ pub unsafe extern "C" fn v2l_generator_generate(
             )?),
         };
         let image_embeds = image_tokens(p)?;
-        let guidance = finite(p.guidance, "params.guidance")?;
+        let guidance = s.checked.guidance;
         let (prompt_embeds, negative_prompt_embeds) = if p.prompt.is_null() {
             prompt_embeddings(&g, p)?
         } else {

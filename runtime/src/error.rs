@@ -22,6 +22,9 @@ pub enum RuntimeError {
     MissingTensor { path: PathBuf, name: String },
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    /// A bad request value, its field typed (front ends name it their own way).
+    #[error("{0}")]
+    Request(#[from] crate::request::RequestError),
     /// An export directory's `manifest.json` is missing, unreadable or of another version.
     #[error(transparent)]
     Manifest(#[from] v2l_contracts::ManifestError),
@@ -108,7 +111,7 @@ impl RuntimeError {
             | RuntimeError::GraphPass { .. }
             | RuntimeError::Lora(LoraError::Io { .. })
             | RuntimeError::LiLora(LiLoraError::Io { .. }) => ErrorKind::BadFile,
-            RuntimeError::Invalid { .. } => ErrorKind::BadInput,
+            RuntimeError::Invalid { .. } | RuntimeError::Request(_) => ErrorKind::BadInput,
             RuntimeError::Cancelled => ErrorKind::Cancelled,
             RuntimeError::Lora(_) | RuntimeError::LiLora(_) | RuntimeError::Fuse { .. } => {
                 ErrorKind::Lora

@@ -15,7 +15,8 @@
 //! | [`vae`] | the VAE's frame-batch loop with its causal-conv cache, and tiling |
 //! | [`text`] | prompt text (the `text` feature): tokenizer and text encoder |
 //! | [`video`], [`image_preprocess`], [`layout`] | frames in and out (ffmpeg), image preprocessing, tensor layouts |
-//! | [`limits`], [`error`], [`tensor`] | request limits, typed errors, host tensors and safetensors files |
+//! | [`request`], [`limits`] | the one request builder every front end uses: defaults, limits, the frame-size rule, typed fields |
+//! | [`error`], [`tensor`] | typed errors, host tensors and safetensors files |
 //!
 //! What the runtime shares with the exporter (the manifest, families, graph I/O names, LoRA
 //! targets, frame-batch rules) comes from `v2l-contracts`.
@@ -40,6 +41,7 @@ pub mod lora;
 pub mod ort_env;
 pub mod pipeline;
 pub mod predict;
+pub mod request;
 pub mod rope;
 pub mod scheduler;
 pub mod session;

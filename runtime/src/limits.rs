@@ -1,12 +1,15 @@
 //! What a request may ask for, checked before any work starts.
 //!
-//! Every front end (CLI, C ABI, server) goes through these checks, so a bad size or a NaN is
-//! one clear error in microseconds instead of minutes of loading, an out-of-memory kill or a
-//! black video. The limits are generous defaults for this class of model on one machine; a
-//! user with the memory raises them with environment variables (`V2L_MAX_FRAMES`,
-//! `V2L_MAX_PIXELS`, `V2L_MAX_STEPS`, `V2L_MAX_THREADS`, `V2L_MAX_ITERATIONS`).
+//! Every front end (CLI, C ABI, server) goes through these checks (most through
+//! [`crate::request::Settings::check`]), so a bad size or a NaN is one clear error in
+//! microseconds instead of minutes of loading, an out-of-memory kill or a black video. The
+//! limits are generous defaults for this class of model on one machine; the CLI and the C ABI
+//! raise them with environment variables (`V2L_MAX_FRAMES`, `V2L_MAX_PIXELS`, `V2L_MAX_STEPS`,
+//! `V2L_MAX_THREADS`, `V2L_MAX_ITERATIONS`), the server with its `--max-*` flags. A failed
+//! check is a [`RequestError`] naming its [`Field`].
 
 use crate::error::{Result, RuntimeError};
+use crate::request::{Field, RequestError};
 
 /// Upper bounds on a request's sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,41 +74,42 @@ impl Limits {
         height: usize,
         width: usize,
         multiple: usize,
-    ) -> Result<()> {
-        self.check_frame_size(height, width, multiple)?;
+    ) -> std::result::Result<(), RequestError> {
         if frames == 0 || (frames - 1) % 4 != 0 {
-            return Err(invalid(
-                "--frames",
+            return Err(RequestError::new(
+                Field::Frames,
                 format!("{frames}: must be 1 + 4k (1, 5, 9, …, 49)"),
             ));
         }
         if frames > self.max_frames {
-            return Err(invalid(
-                "--frames",
-                format!(
-                    "{frames} is over the limit of {} (raise it with V2L_MAX_FRAMES)",
-                    self.max_frames
-                ),
+            return Err(over(
+                Field::Frames,
+                format!("{frames} is over the limit of {}", self.max_frames),
             ));
         }
-        Ok(())
+        self.check_frame_size(height, width, multiple)
     }
 
     /// `height × width`: positive multiples of `multiple`, at most `max_pixels`.
-    pub fn check_frame_size(&self, height: usize, width: usize, multiple: usize) -> Result<()> {
-        for (flag, v) in [("--height", height), ("--width", width)] {
+    pub fn check_frame_size(
+        &self,
+        height: usize,
+        width: usize,
+        multiple: usize,
+    ) -> std::result::Result<(), RequestError> {
+        for (field, v) in [(Field::Height, height), (Field::Width, width)] {
             if v == 0 || (multiple > 0 && v % multiple != 0) {
-                return Err(invalid(
-                    flag,
+                return Err(RequestError::new(
+                    field,
                     format!("{v}: must be a positive multiple of {multiple}"),
                 ));
             }
         }
         if height.saturating_mul(width) > self.max_pixels {
-            return Err(invalid(
-                "--height/--width",
+            return Err(over(
+                Field::Size,
                 format!(
-                    "{height}x{width} is over the limit of {} pixels (raise it with V2L_MAX_PIXELS)",
+                    "{height}x{width} is over the limit of {} pixels",
                     self.max_pixels
                 ),
             ));
@@ -113,39 +117,43 @@ impl Limits {
         Ok(())
     }
 
-    /// `n` of what `flag` counts, in `1..=max` (`env` names the override).
-    pub fn check_count(flag: &str, n: usize, max: usize, env: &str) -> Result<()> {
+    /// `n` of what `field` counts, in `1..=max`.
+    pub fn check_count(
+        field: Field,
+        n: usize,
+        max: usize,
+    ) -> std::result::Result<(), RequestError> {
         if n == 0 {
-            return Err(invalid(flag, "must be at least 1".into()));
+            return Err(RequestError::new(field, "must be at least 1"));
         }
         if n > max {
-            return Err(invalid(
-                flag,
-                format!("{n} is over the limit of {max} (raise it with {env})"),
-            ));
+            return Err(over(field, format!("{n} is over the limit of {max}")));
         }
         Ok(())
     }
 
-    pub fn check_steps(&self, steps: usize) -> Result<()> {
-        Self::check_count("--steps", steps, self.max_steps, "V2L_MAX_STEPS")
+    pub fn check_steps(&self, steps: usize) -> std::result::Result<(), RequestError> {
+        Self::check_count(Field::Steps, steps, self.max_steps)
     }
 
     /// Threads: 0 means "one per core"; otherwise at most `max_threads`.
-    pub fn check_threads(&self, threads: usize) -> Result<()> {
+    pub fn check_threads(&self, threads: usize) -> std::result::Result<(), RequestError> {
         if threads == 0 {
             return Ok(());
         }
-        Self::check_count("--threads", threads, self.max_threads, "V2L_MAX_THREADS")
+        Self::check_count(Field::Threads, threads, self.max_threads)
     }
 
-    pub fn check_iterations(&self, iterations: usize) -> Result<()> {
-        Self::check_count(
-            "--iterations",
-            iterations,
-            self.max_iterations,
-            "V2L_MAX_ITERATIONS",
-        )
+    pub fn check_iterations(&self, iterations: usize) -> std::result::Result<(), RequestError> {
+        Self::check_count(Field::Iterations, iterations, self.max_iterations)
+    }
+}
+
+/// A value over a limit the operator can raise.
+fn over(field: Field, message: String) -> RequestError {
+    RequestError {
+        over_limit: true,
+        ..RequestError::new(field, message)
     }
 }
 
@@ -196,8 +204,14 @@ mod tests {
             (1_000_001, 480, 720),
             (49, 50, 720),
         ] {
-            let e = l.check_video(f, h, w, 16).unwrap_err().to_string();
-            assert!(e.starts_with("--"), "{f}x{h}x{w}: {e}");
+            let e = l.check_video(f, h, w, 16).unwrap_err();
+            assert!(
+                matches!(
+                    e.field,
+                    Field::Frames | Field::Height | Field::Width | Field::Size
+                ),
+                "{f}x{h}x{w}: {e}"
+            );
         }
         assert!(
             l.check_steps(0).is_err()

@@ -77,6 +77,17 @@ pub struct EngineFacts {
 }
 
 impl EngineFacts {
+    /// What the runtime's request builder needs of the engine.
+    pub fn request_defaults(&self) -> v2l_runtime::request::EngineDefaults {
+        v2l_runtime::request::EngineDefaults {
+            frames: self.default_frames,
+            height: self.default_height,
+            width: self.default_width,
+            multiple: self.multiple,
+            text_sequence_length: Some(self.text_sequence_length),
+        }
+    }
+
     pub fn of(engine: &Engine) -> Result<EngineFacts, String> {
         let dit = engine.manifest.dit.as_ref().ok_or(
             "the engine holds no DiT; export the whole pipeline with `v2l-export pipeline`",

@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
+use v2l_runtime::request::{check_fps, finite, Field, RequestError, Settings};
 use v2l_runtime::tensor::{Data, Tensor};
 use v2l_runtime::video::{Frames, UntrustedMedia};
 
@@ -115,15 +116,9 @@ impl Form {
         self.number(field, "a non-negative integer")
     }
 
+    /// A number (finiteness is checked by the request builder, `v2l_runtime::request`).
     fn real(&self, field: &str, default: f32) -> Result<f32, ApiError> {
-        let v = self.number(field, "a number")?.unwrap_or(default);
-        if !f32::is_finite(v) {
-            return Err(ApiError::field(
-                field,
-                format!("{v} is not a finite number"),
-            ));
-        }
-        Ok(v)
+        Ok(self.number(field, "a number")?.unwrap_or(default))
     }
 }
 
@@ -209,9 +204,22 @@ pub fn video(
     scratch: &Path,
     stored: &dyn Fn(&str) -> bool,
 ) -> Result<VideoRequest, ApiError> {
-    let (frames, height, width) = size(form, facts, limits)?;
-    let steps = form.count("steps")?.unwrap_or(50);
-    check("steps", limits, |l| l.check_steps(steps))?;
+    // The runtime's one request builder: the same checks, in the same order, as the CLI and
+    // the C ABI.
+    let settings = Settings {
+        frames: form.count("frames")?,
+        height: form.count("height")?,
+        width: form.count("width")?,
+        steps: form.count("steps")?.unwrap_or(50),
+        guidance: form.real("guidance", 6.0)?,
+        lora_scale: form.real("lora_scale", 1.0)?,
+        max_sequence_length: form.count("max_sequence_length")?,
+    };
+    let c = settings
+        .check_with(&facts.request_defaults(), &runtime_limits(limits))
+        .map_err(request_error)?;
+    let (frames, height, width, steps, guidance) =
+        (c.frames, c.height, c.width, c.steps, c.guidance);
     if steps > facts.scheduler_steps {
         return Err(ApiError::field(
             "steps",
@@ -221,20 +229,12 @@ pub fn video(
             ),
         ));
     }
-    let guidance = form.real("guidance", 6.0)?;
     let seed = form
         .number("seed", "an integer 0 to 2^64 - 1")?
         .unwrap_or(0);
     let fps = form.number("fps", "an integer 1 to 240")?.unwrap_or(8u32);
-    if !(1..=240).contains(&fps) {
-        return Err(ApiError::field("fps", format!("{fps}: must be 1 to 240")));
-    }
-    let max_sequence_length = form
-        .count("max_sequence_length")?
-        .unwrap_or(facts.text_sequence_length);
-    if !(1..=4096).contains(&max_sequence_length) {
-        return Err(ApiError::field("max_sequence_length", "must be 1 to 4096"));
-    }
+    let fps = check_fps(fps).map_err(request_error)?;
+    let max_sequence_length = c.max_sequence_length.unwrap_or(facts.text_sequence_length);
     let negative_prompt = form.text("negative_prompt")?.unwrap_or_default();
     let (prompt, prompt_embeds) = match (form.text("prompt")?, form.bytes("prompt_embeds")) {
         (Some(_), Some(_)) => {
@@ -256,7 +256,7 @@ pub fn video(
         }
     };
     // The cheap checks first: which LoRA, and whether it exists; decoding comes last.
-    let scale = form.real("lora_scale", 1.0)?;
+    let scale = c.lora_scale;
     let chosen: Vec<&str> = ["reference", "lora_id", "lora"]
         .into_iter()
         .filter(|f| form.bytes(f).is_some())
@@ -367,7 +367,8 @@ pub fn lora(
         }
         (true, false) => {
             let (_, height, width) = size(form, facts, limits)?;
-            let weight = form.real("lora_scale", 1.0)?;
+            let weight =
+                finite(Field::LoraScale, form.real("lora_scale", 1.0)?).map_err(request_error)?;
             let (id, clip) =
                 reference_lora(form, facts, limits, scratch, height, width, weight, stored)?;
             Ok(match clip {
@@ -385,30 +386,30 @@ pub fn is_id(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn check<T>(
-    field: &str,
-    limits: &RequestLimits,
-    f: impl FnOnce(&Limits) -> v2l_runtime::Result<T>,
-) -> Result<T, ApiError> {
-    let l = Limits {
+/// The shared limits (`v2l_runtime::limits`) at this server's `--max-*` values.
+fn runtime_limits(limits: &RequestLimits) -> Limits {
+    Limits {
         max_frames: limits.frames,
         max_pixels: limits.pixels,
         max_steps: limits.steps,
         ..Limits::default()
+    }
+}
+
+/// A request error as the server says it: the form field, the message every front end gives,
+/// and for a limit the server flag that raises it (not the CLI's environment variables).
+pub fn request_error(e: RequestError) -> ApiError {
+    let flag = match e.field {
+        Field::Frames => Some("--max-frames"),
+        Field::Size => Some("--max-pixels"),
+        Field::Steps => Some("--max-steps"),
+        _ => None,
     };
-    f(&l).map_err(|e| match e {
-        v2l_runtime::RuntimeError::Invalid { what, message } => {
-            // The shared limits name command-line flags (`--frames`, `--height/--width`).
-            let named = what.replace("--", "");
-            let field = if named.is_empty() || named.contains(' ') {
-                field
-            } else {
-                &named
-            };
-            ApiError::field(field, message)
-        }
-        other => ApiError::field(field, other.to_string()),
-    })
+    let message = match (e.over_limit, flag) {
+        (true, Some(flag)) => format!("{} (the server's {flag})", e.message),
+        _ => e.message,
+    };
+    ApiError::field(e.field.name(), message)
 }
 
 /// `frames`, `height`, `width`: given or the engine's defaults, within the limits.
@@ -417,18 +418,16 @@ fn size(
     facts: &EngineFacts,
     limits: &RequestLimits,
 ) -> Result<(usize, usize, usize), ApiError> {
-    let need = |field: &str, given: Option<usize>, default: Option<usize>| {
-        given
-            .or(default)
-            .ok_or_else(|| ApiError::field(field, "required (the engine has no default)"))
+    let settings = Settings {
+        frames: form.count("frames")?,
+        height: form.count("height")?,
+        width: form.count("width")?,
+        ..Settings::default()
     };
-    let frames = need("frames", form.count("frames")?, facts.default_frames)?;
-    let height = need("height", form.count("height")?, facts.default_height)?;
-    let width = need("width", form.count("width")?, facts.default_width)?;
-    check("frames", limits, |l| {
-        l.check_video(frames, height, width, facts.multiple)
-    })?;
-    Ok((frames, height, width))
+    let c = settings
+        .check_with(&facts.request_defaults(), &runtime_limits(limits))
+        .map_err(request_error)?;
+    Ok((c.frames, c.height, c.width))
 }
 
 /// Writes `bytes` to a scratch file and decodes at most `max_frames` frames of it.

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{check_output, main_with, Failure};
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::AppliedLora;
+use v2l_runtime::request::{self, Field, Settings};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 use v2l_tools::stage::{check_inputs, run_stage, Stage};
 
@@ -585,17 +586,23 @@ fn generate(
     if let Some(d) = &g.dump {
         check_output(d, &["safetensors"])?;
     }
+    // The runtime's one request builder (the same checks and messages as the C ABI and the
+    // server); what needs no engine is checked before the engine is opened.
     let limits = v2l_runtime::limits::Limits::from_env()?;
-    limits.check_steps(g.steps)?;
     limits.check_threads(opts.threads)?;
-    v2l_runtime::limits::finite("--guidance", g.guidance)?;
-    v2l_runtime::limits::finite("--lora-scale", g.lora_scale)?;
-    if g.fps == 0 || g.fps > 240 {
-        return Err(Failure::new(format!("--fps {}: must be 1 to 240", g.fps)));
-    }
-    if let (Some(f), Some(h), Some(w)) = (g.frames, g.height, g.width) {
-        limits.check_video(f, h, w, 16)?;
-    }
+    let settings = Settings {
+        frames: g.frames,
+        height: g.height,
+        width: g.width,
+        steps: g.steps,
+        guidance: g.guidance,
+        lora_scale: g.lora_scale,
+        max_sequence_length: g.max_sequence_length,
+    };
+    limits.check_steps(settings.steps)?;
+    request::finite(Field::Guidance, settings.guidance)?;
+    request::finite(Field::LoraScale, settings.lora_scale)?;
+    request::check_fps(g.fps)?;
     let t0 = std::time::Instant::now();
     let dir = Engine::open(engine)?;
     let opts = &dir.session_options(opts.threads);
@@ -610,23 +617,11 @@ fn generate(
         (true, None) => None,
         (false, _) => Some(need(&g.image, "--image")?),
     };
-    let (default_frames, default_height, default_width) = dir.default_size();
-    let height = g
-        .height
-        .or(default_height)
-        .ok_or_else(|| Failure::new("--height is required"))?;
-    let width = g
-        .width
-        .or(default_width)
-        .ok_or_else(|| Failure::new("--width is required"))?;
-    let frames = g
-        .frames
-        .or(default_frames)
-        .ok_or_else(|| Failure::new("--frames is required"))?;
-    limits.check_video(frames, height, width, 16)?;
+    let checked = settings.check(&dir, &limits)?;
+    let (frames, height, width) = (checked.frames, checked.height, checked.width);
     let (prompt_embeds, negative_prompt_embeds) = match (&g.prompt, &g.prompt_embeds) {
         (Some(text), _) => {
-            let len = sequence_length(&dir, g.max_sequence_length)?;
+            let len = checked.sequence_length()?;
             let mut enc = v2l_runtime::text::prompt::PromptEncoder::load(&dir, opts)?;
             let mut encode = |what: &str, text: &str| {
                 let mut warn = |n: usize| {
@@ -710,7 +705,7 @@ fn generate(
                     name: "initial_noise".into(),
                 })
             })?,
-        (None, Some(seed)) => dir.seeded_noise(frames, height, width, seed)?,
+        (None, Some(seed)) => checked.seeded_noise(&dir, seed)?,
         (None, None) => unreachable!("checked above"),
     };
     let mut pipeline = match &g.lora_strategy {
@@ -806,18 +801,12 @@ fn generate(
 
 /// The prompt length: `--max-sequence-length`, or the DiT's `max_text_seq_length`.
 fn sequence_length(dir: &Engine, given: Option<usize>) -> Result<usize, Failure> {
-    let len = match given {
-        Some(l) => l,
+    match given {
+        Some(l) => Ok(request::check_sequence_length(l)?),
         None => dir.text_sequence_length().ok_or_else(|| {
             Failure::usage("give --max-sequence-length (the engine has no DiT to take it from)")
-        })?,
-    };
-    if !(1..=4096).contains(&len) {
-        return Err(Failure::usage(format!(
-            "--max-sequence-length {len}: must be 1 to 4096"
-        )));
+        }),
     }
-    Ok(len)
 }
 
 /// `stage text`: prompts from a JSON array → `input_ids [N, L]` and `prompt_embeds [N, L, D]`.

@@ -1,0 +1,204 @@
+//! The same bad value gives the same error from every front end: `v2l-run`, the C ABI
+//! (`libv2l`) and `v2l-serve` all build requests with `v2l_runtime::request`, and each names
+//! the field its own way (`--frames`, `params.frames`, the form field `frames`). For each row
+//! of the table the three messages must be equal once the field's name is taken off (and the
+//! way to raise a limit, which is an environment variable for the CLI and the C ABI and a flag
+//! for the server).
+
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::CString;
+use std::path::Path;
+use std::process::Command;
+use std::ptr::{null, null_mut};
+
+use v2l::*;
+use v2l_serve::client::Form;
+
+use crate::common;
+use crate::serve::Server;
+
+/// One bad value: the field's C ABI / form name, its CLI flag, the value as text.
+struct Case {
+    field: &'static str,
+    flag: &'static str,
+    value: &'static str,
+}
+
+const CASES: &[Case] = &[
+    case("frames", "--frames", "0"),
+    case("frames", "--frames", "48"),
+    case("frames", "--frames", "301"),
+    case("height", "--height", "0"),
+    case("height", "--height", "100"),
+    case("width", "--width", "72"),
+    case("steps", "--steps", "0"),
+    case("steps", "--steps", "5000"),
+    case("guidance", "--guidance", "NaN"),
+    case("guidance", "--guidance", "inf"),
+    case("max_sequence_length", "--max-sequence-length", "5000"),
+    case("height/width", "--height", "99984"),
+];
+
+const fn case(field: &'static str, flag: &'static str, value: &'static str) -> Case {
+    Case { field, flag, value }
+}
+
+/// A valid request: 17 frames of 64×64, 2 steps.
+const GOOD: [(&str, &str); 5] = [
+    ("frames", "17"),
+    ("height", "64"),
+    ("width", "64"),
+    ("steps", "2"),
+    ("guidance", "6"),
+];
+
+/// The settings with `c`'s value in place of the valid one.
+fn settings(c: &Case) -> Vec<(&'static str, &'static str)> {
+    let target = match c.field {
+        "height/width" => "height",
+        f => f,
+    };
+    let mut v: Vec<_> = GOOD.iter().copied().filter(|(k, _)| *k != target).collect();
+    v.push((target, c.value));
+    v
+}
+
+/// The message without the way to raise a limit, which each front end says its own way.
+fn core(message: &str) -> String {
+    message
+        .split(" (raise it with ")
+        .next()
+        .unwrap()
+        .split(" (the server's ")
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn cli(engine: &Path, dir: &Path, c: &Case) -> String {
+    let t = common::tiny();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+    cmd.arg("--engine")
+        .arg(engine)
+        .arg("--image")
+        .arg(t.join("first_frame.png"))
+        .args(["--prompt", "a red car", "--seed", "1", "-o"])
+        .arg(dir.join("out.mp4"));
+    for (k, v) in settings(c) {
+        cmd.arg(format!("--{}", k.replace('_', "-"))).arg(v);
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", c.value);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap();
+    let prefix = format!(
+        "error: {}: ",
+        match c.field {
+            "height/width" => "--height/--width",
+            _ => c.flag,
+        }
+    );
+    assert!(line.starts_with(&prefix), "{line}");
+    assert!(!dir.join("out.mp4").exists());
+    core(&line[prefix.len()..])
+}
+
+fn c_abi(generator: *const V2lGenerator, c: &Case) -> String {
+    let mut p = V2lGenerateParams {
+        frames: 17,
+        height: 64,
+        width: 64,
+        steps: 2,
+        guidance: 6.0,
+        seed: 1,
+        first_frame: null(),
+        first_frame_len: 0,
+        prompt_embeds: null(),
+        negative_prompt_embeds: null(),
+        embed_len: 0,
+        embed_dim: 0,
+        noise: null(),
+        noise_len: 0,
+        prompt: null(),
+        negative_prompt: null(),
+        max_sequence_length: 0,
+        image_embeds: null(),
+        image_embed_len: 0,
+        image_embed_dim: 0,
+    };
+    for (k, v) in settings(c) {
+        match k {
+            "frames" => p.frames = v.parse().unwrap(),
+            "height" => p.height = v.parse().unwrap(),
+            "width" => p.width = v.parse().unwrap(),
+            "steps" => p.steps = v.parse().unwrap(),
+            "guidance" => p.guidance = v.parse().unwrap(),
+            "max_sequence_length" => p.max_sequence_length = v.parse().unwrap(),
+            _ => unreachable!("{k}"),
+        }
+    }
+    let mut bytes = 0usize;
+    let status = unsafe { v2l_generator_output_size(generator, &p, &mut bytes, null_mut()) };
+    assert_eq!(status, V2lStatus::InvalidArgument, "{}", c.value);
+    let msg = unsafe { std::ffi::CStr::from_ptr(v2l_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    let prefix = format!("v2l_generator_output_size: params.{}: ", c.field);
+    assert!(msg.starts_with(&prefix), "{msg}");
+    core(&msg[prefix.len()..])
+}
+
+fn server(s: &Server, c: &Case) -> String {
+    let mut form = Form::new()
+        .file(
+            "image",
+            std::fs::read(common::tiny().join("first_frame.png")).unwrap(),
+        )
+        .text("prompt", "a red car");
+    for (k, v) in settings(c) {
+        form = form.text(k, v);
+    }
+    let reply = s.client().post("/v1/videos", &form).unwrap();
+    assert_eq!(reply.status, 400, "{}", c.value);
+    let e = reply.json()["error"].clone();
+    assert_eq!(e["field"], c.field, "{e}");
+    core(e["message"].as_str().unwrap())
+}
+
+#[test]
+fn the_same_bad_value_gives_the_same_error_everywhere() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    // The server at the limits the CLI and the C ABI default to, so limit messages agree.
+    let s = Server::start(
+        &engine,
+        &d.path().join("state"),
+        &[
+            "--max-frames",
+            "257",
+            "--max-pixels",
+            "2073600",
+            "--max-steps",
+            "1000",
+        ],
+    );
+    let path = CString::new(engine.display().to_string()).unwrap();
+    let mut e = null_mut();
+    assert_eq!(
+        unsafe { v2l_engine_open(path.as_ptr(), null(), &mut e) },
+        V2lStatus::Ok
+    );
+    let mut g = null_mut();
+    assert_eq!(unsafe { v2l_generator_new(e, &mut g) }, V2lStatus::Ok);
+    let mut table = String::new();
+    for c in CASES {
+        let (a, b, sv) = (cli(&engine, d.path(), c), c_abi(g, c), server(&s, c));
+        assert_eq!(a, b, "{} = {}: CLI vs C ABI", c.field, c.value);
+        assert_eq!(a, sv, "{} = {}: CLI vs server", c.field, c.value);
+        table.push_str(&format!("{} = {}: {a}\n", c.field, c.value));
+    }
+    eprintln!("{table}");
+    assert_eq!(unsafe { v2l_generator_free(g) }, V2lStatus::Ok);
+    assert_eq!(unsafe { v2l_engine_free(e) }, V2lStatus::Ok);
+}

@@ -1,0 +1,309 @@
+//! One request builder for every front end: the CLI, the C ABI and the server fill in
+//! [`Settings`] from their own input and call [`Settings::check`], which applies the engine's
+//! defaults, the limits and the one frame-size rule, in one order. A bad value is a
+//! [`RequestError`] carrying a typed [`Field`]; each front end names that field its own way
+//! (`--frames`, `params.frames`, the form field `frames`), so the same bad value gives the same
+//! message everywhere.
+
+use std::fmt;
+
+use crate::engine::Engine;
+use crate::limits::Limits;
+
+/// A request field, whatever a front end calls it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Field {
+    Frames,
+    Height,
+    Width,
+    /// Height × width together (the pixel limit).
+    Size,
+    Steps,
+    Guidance,
+    LoraScale,
+    Threads,
+    Iterations,
+    MaxSequenceLength,
+    Fps,
+}
+
+impl Field {
+    /// The name in the server's forms and the C ABI's `V2lGenerateParams`: `frames`,
+    /// `lora_scale`, `height/width` for the pixel limit.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Frames => "frames",
+            Field::Height => "height",
+            Field::Width => "width",
+            Field::Size => "height/width",
+            Field::Steps => "steps",
+            Field::Guidance => "guidance",
+            Field::LoraScale => "lora_scale",
+            Field::Threads => "threads",
+            Field::Iterations => "iterations",
+            Field::MaxSequenceLength => "max_sequence_length",
+            Field::Fps => "fps",
+        }
+    }
+
+    /// The command-line flag: `--frames`, `--lora-scale`, `--height/--width`.
+    pub fn flag(self) -> String {
+        match self {
+            Field::Size => "--height/--width".into(),
+            f => format!("--{}", f.name().replace('_', "-")),
+        }
+    }
+
+    /// The environment variable that raises this field's limit for the CLI and the C ABI.
+    pub fn limit_env(self) -> Option<&'static str> {
+        match self {
+            Field::Frames => Some("V2L_MAX_FRAMES"),
+            Field::Size => Some("V2L_MAX_PIXELS"),
+            Field::Steps => Some("V2L_MAX_STEPS"),
+            Field::Threads => Some("V2L_MAX_THREADS"),
+            Field::Iterations => Some("V2L_MAX_ITERATIONS"),
+            _ => None,
+        }
+    }
+}
+
+/// A bad request value: the field at fault and what is wrong with it, in words that do not
+/// depend on the front end. `over_limit` marks a value above a limit the operator can raise;
+/// each front end says how (an environment variable, a server flag).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestError {
+    pub field: Field,
+    pub message: String,
+    pub over_limit: bool,
+}
+
+impl RequestError {
+    pub fn new(field: Field, message: impl Into<String>) -> RequestError {
+        RequestError {
+            field,
+            message: message.into(),
+            over_limit: false,
+        }
+    }
+
+    /// The message with how the CLI and the C ABI raise the limit, when it is one.
+    pub fn message_with_env_hint(&self) -> String {
+        match (self.over_limit, self.field.limit_env()) {
+            (true, Some(var)) => format!("{} (raise it with {var})", self.message),
+            _ => self.message.clone(),
+        }
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field.name(), self.message_with_env_hint())
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// A generation request's settings as a front end received them (`None`: the engine's
+/// default, where it has one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub frames: Option<usize>,
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub steps: usize,
+    pub guidance: f32,
+    pub lora_scale: f32,
+    /// Tokens prompt text is encoded to (`None`: the DiT's `max_text_seq_length`).
+    pub max_sequence_length: Option<usize>,
+}
+
+impl Default for Settings {
+    /// diffusers' CogVideoX defaults: 50 steps at guidance 6, LoRA scale 1.
+    fn default() -> Self {
+        Settings {
+            frames: None,
+            height: None,
+            width: None,
+            steps: 50,
+            guidance: 6.0,
+            lora_scale: 1.0,
+            max_sequence_length: None,
+        }
+    }
+}
+
+/// [`Settings`] after [`Settings::check`]: every value within bounds, defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Checked {
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub lora_scale: f32,
+    /// `None` when the engine gives no text length and none was asked for (only prompt text
+    /// needs one: [`Checked::sequence_length`]).
+    pub max_sequence_length: Option<usize>,
+}
+
+/// Longest prompt, in tokens, any front end encodes.
+pub const MAX_SEQUENCE_LENGTH: usize = 4096;
+
+/// What an engine contributes to checking a request (plain data, so a server can keep it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineDefaults {
+    /// The size a request gets when it names none (the DiT's `sample_frames`, the VAE's
+    /// `sample_height`/`sample_width`).
+    pub frames: Option<usize>,
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    /// Height and width are multiples of this ([`frame_multiple`]).
+    pub multiple: usize,
+    /// Tokens prompt text is encoded to by default.
+    pub text_sequence_length: Option<usize>,
+}
+
+impl EngineDefaults {
+    pub fn of(engine: &Engine) -> EngineDefaults {
+        let (frames, height, width) = engine.default_size();
+        EngineDefaults {
+            frames,
+            height,
+            width,
+            multiple: frame_multiple(engine),
+            text_sequence_length: engine.text_sequence_length(),
+        }
+    }
+}
+
+impl Settings {
+    /// Checks the settings against `engine` and `limits`, in one fixed order: steps,
+    /// guidance, LoRA scale, frames / height / width (given or the engine's default), then the
+    /// prompt length.
+    pub fn check(&self, engine: &Engine, limits: &Limits) -> Result<Checked, RequestError> {
+        self.check_with(&EngineDefaults::of(engine), limits)
+    }
+
+    /// [`Settings::check`] with the engine's defaults already read.
+    pub fn check_with(
+        &self,
+        engine: &EngineDefaults,
+        limits: &Limits,
+    ) -> Result<Checked, RequestError> {
+        limits.check_steps(self.steps)?;
+        finite(Field::Guidance, self.guidance)?;
+        finite(Field::LoraScale, self.lora_scale)?;
+        let (df, dh, dw) = (engine.frames, engine.height, engine.width);
+        let need = |field: Field, given: Option<usize>, default: Option<usize>| {
+            given
+                .or(default)
+                .ok_or_else(|| RequestError::new(field, "required (the engine has no default)"))
+        };
+        let frames = need(Field::Frames, self.frames, df)?;
+        let height = need(Field::Height, self.height, dh)?;
+        let width = need(Field::Width, self.width, dw)?;
+        limits.check_video(frames, height, width, engine.multiple)?;
+        let max_sequence_length = match self.max_sequence_length {
+            Some(l) => Some(check_sequence_length(l)?),
+            None => engine.text_sequence_length,
+        };
+        Ok(Checked {
+            frames,
+            height,
+            width,
+            steps: self.steps,
+            guidance: self.guidance,
+            lora_scale: self.lora_scale,
+            max_sequence_length,
+        })
+    }
+}
+
+impl Checked {
+    /// The tokens to encode prompt text to.
+    pub fn sequence_length(&self) -> Result<usize, RequestError> {
+        self.max_sequence_length.ok_or_else(|| {
+            RequestError::new(
+                Field::MaxSequenceLength,
+                "required (the engine has no DiT to take it from)",
+            )
+        })
+    }
+
+    /// The initial latent noise of this request's size from `seed` (v2l's one generator):
+    /// the same seed gives the same video from every front end.
+    pub fn seeded_noise(&self, engine: &Engine, seed: u64) -> crate::Result<crate::Tensor> {
+        engine.seeded_noise(self.frames, self.height, self.width, seed)
+    }
+}
+
+/// The one frame-size rule: height and width are multiples of the VAE's spatial stride (8)
+/// times the DiT's patch size (16 for CogVideoX and Wan).
+pub fn frame_multiple(engine: &Engine) -> usize {
+    let patch = engine
+        .manifest
+        .dit
+        .as_ref()
+        .map_or(2, |d| d.patch_size.max(1));
+    8 * patch
+}
+
+/// `v` when finite: NaN or ±inf in a guidance or scale would silently spoil every frame.
+pub fn finite(field: Field, v: f32) -> Result<f32, RequestError> {
+    match v.is_finite() {
+        true => Ok(v),
+        false => Err(RequestError::new(
+            field,
+            format!("{v} is not a finite number"),
+        )),
+    }
+}
+
+/// A prompt length in `1..=MAX_SEQUENCE_LENGTH`.
+pub fn check_sequence_length(len: usize) -> Result<usize, RequestError> {
+    match (1..=MAX_SEQUENCE_LENGTH).contains(&len) {
+        true => Ok(len),
+        false => Err(RequestError::new(
+            Field::MaxSequenceLength,
+            format!("{len}: must be 1 to {MAX_SEQUENCE_LENGTH}"),
+        )),
+    }
+}
+
+/// Frames per second of a written mp4, `1..=240`.
+pub fn check_fps(fps: u32) -> Result<u32, RequestError> {
+    match (1..=240).contains(&fps) {
+        true => Ok(fps),
+        false => Err(RequestError::new(
+            Field::Fps,
+            format!("{fps}: must be 1 to 240"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_have_one_name_per_front_end() {
+        assert_eq!(Field::LoraScale.name(), "lora_scale");
+        assert_eq!(Field::LoraScale.flag(), "--lora-scale");
+        assert_eq!(Field::Size.flag(), "--height/--width");
+        assert_eq!(Field::MaxSequenceLength.flag(), "--max-sequence-length");
+        let e = RequestError {
+            over_limit: true,
+            ..RequestError::new(Field::Frames, "300 is over the limit of 257")
+        };
+        assert_eq!(
+            e.to_string(),
+            "frames: 300 is over the limit of 257 (raise it with V2L_MAX_FRAMES)"
+        );
+        assert_eq!(
+            finite(Field::Guidance, f32::NAN).unwrap_err().message,
+            "NaN is not a finite number"
+        );
+        assert!(check_sequence_length(0).is_err() && check_sequence_length(4097).is_err());
+        assert!(check_fps(0).is_err() && check_fps(240).is_ok());
+    }
+}
