@@ -14,6 +14,9 @@ for forbidden in v2l-compile v2l-calibration v2l-export v2l-serve axum tokio hyp
 done
 [ "$bad" = 0 ] && echo "check-layers: v2l-runtime links $(wc -l <<<"$deps") crates, none of the compile layer, calibration, exporter or server"
 [ "$bad" = 0 ] || exit 1
+# Inside the crates along the data flow, modules import each other one way only.
+python3 scripts/module-cycles.py contracts/src export/src compile/src runtime/src tools/src
+echo "check-layers: no module import cycles in contracts, export, compile, runtime, tools"
 # Prompt text is a feature: the runtime must build without it (and without `tokenizers`).
 if cargo tree -p v2l-runtime --no-default-features --edges normal --prefix none --format '{p}' | grep -q '^tokenizers '; then
   echo "check-layers: v2l-runtime without default features still links tokenizers" >&2

@@ -660,7 +660,7 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
         (&["--guidance", "NaN", "-o", out_s], "--guidance: NaN"),
         (&["--guidance", "inf", "-o", out_s], "--guidance: inf"),
         (&["--lora-scale", "NaN", "-o", out_s], "--lora-scale: NaN"),
-        (&["--fps", "0", "-o", out_s], "--fps 0"),
+        (&["--fps", "0", "-o", out_s], "--fps: 0"),
         (&["-o", "/dev/null"], "needs a .mp4 extension"),
         (
             &["-o", "/nonexistent-dir/a.mp4"],

@@ -144,7 +144,11 @@ fn c_abi(generator: *const V2lGenerator, c: &Case) -> String {
     let msg = unsafe { std::ffi::CStr::from_ptr(v2l_last_error()) }
         .to_string_lossy()
         .into_owned();
-    let prefix = format!("v2l_generator_output_size: params.{}: ", c.field);
+    let field = match c.field {
+        "height/width" => "params.height/params.width".to_string(),
+        f => format!("params.{f}"),
+    };
+    let prefix = format!("v2l_generator_output_size: {field}: ");
     assert!(msg.starts_with(&prefix), "{msg}");
     core(&msg[prefix.len()..])
 }
@@ -201,4 +205,29 @@ fn the_same_bad_value_gives_the_same_error_everywhere() {
     eprintln!("{table}");
     assert_eq!(unsafe { v2l_generator_free(g) }, V2lStatus::Ok);
     assert_eq!(unsafe { v2l_engine_free(e) }, V2lStatus::Ok);
+}
+
+/// `v2l-serve --threads` has the limit `v2l-run --threads` and the C ABI's `options.threads`
+/// have, with the same message, before anything is loaded.
+#[test]
+fn the_server_refuses_thread_counts_the_cli_refuses() {
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
+        .args([
+            "--engine",
+            "/nonexistent-engine",
+            "--threads",
+            "1000",
+            "--state-dir",
+        ])
+        .arg(d.path().join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("--threads: 1000 is over the limit of 256 (raise it with V2L_MAX_THREADS)"),
+        "{err}"
+    );
+    assert!(!d.path().join("state").exists());
 }

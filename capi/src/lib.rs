@@ -37,7 +37,7 @@ use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
-use v2l_runtime::request::{Checked, RequestError, Settings};
+use v2l_runtime::request::{Checked, Field, RequestError, Settings};
 use v2l_runtime::video::{self, Frames};
 use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
 
@@ -261,6 +261,7 @@ fn guard(func: &str, f: impl FnOnce() -> Result<()>) -> V2lStatus {
     }
 }
 
+/// Helpers for this crate's Rust tests (status classification); not part of the C API.
 #[doc(hidden)]
 pub mod testing {
     //! Hooks for the crate's tests (not part of the C ABI).
@@ -559,9 +560,13 @@ struct Sizes {
 /// `options.threads`), the message every front end gives, and the environment variable that
 /// raises a limit.
 fn request_error(prefix: &str, e: RequestError) -> Error {
+    let field = match e.field {
+        Field::Size => format!("{prefix}height/{prefix}width"),
+        f => format!("{prefix}{}", f.name()),
+    };
     Error::new(
         V2lStatus::InvalidArgument,
-        format!("{prefix}{}: {}", e.field.name(), e.message_with_env_hint()),
+        format!("{field}: {}", e.message_with_env_hint()),
     )
 }
 

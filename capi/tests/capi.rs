@@ -271,7 +271,7 @@ fn bad_arguments_and_handles_are_refused() {
     fails(
         size(&V2lGenerateParams { height: 40, ..p }).0,
         V2lStatus::InvalidArgument,
-        "params.height: 40: must be a positive multiple of 16",
+        "params.height: 40: must be a multiple of 16",
     );
     fails(
         size(&V2lGenerateParams { steps: 0, ..p }).0,

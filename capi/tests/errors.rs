@@ -13,7 +13,9 @@ fn one_mapping_to_exit_codes_and_c_statuses() {
     let limits = v2l_runtime::limits::Limits::default();
     let errors: Vec<RuntimeError> = vec![
         limits.check_video(48, 64, 64, 16).unwrap_err().into(),
-        v2l_runtime::limits::finite("--guidance", f32::NAN).unwrap_err(),
+        v2l_runtime::request::finite(v2l_runtime::request::Field::Guidance, f32::NAN)
+            .unwrap_err()
+            .into(),
         v2l_runtime::read_safetensors(Path::new("/nonexistent/x.safetensors")).unwrap_err(),
         v2l_runtime::tensor::parse_safetensors(
             b"not a safetensors file",

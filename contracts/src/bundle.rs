@@ -99,6 +99,7 @@ pub const FILE_NAME: &str = "bundle.json";
 /// 2: BLAKE3 hashes; backend rewrites (attention fusion) in the bundle's DiT graphs.
 pub const FORMAT_VERSION: u32 = 2;
 
+/// One file of a bundle: its name inside the engine directory, size and hash.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BundleFile {
     pub name: String,
@@ -114,6 +115,7 @@ pub struct LoraTarget {
     pub dtype: String,
 }
 
+/// `bundle.json`: what an engine was compiled as, and the hashes that prove its parts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Bundle {
     pub format_version: u32,

@@ -8,6 +8,7 @@
 //! | [`Family`] | the model families, told apart by `_class_name` in one place |
 //! | [`io`] | graph input and output names, as constants |
 //! | [`manifest`] | `manifest.json` of an export directory: graphs, LoRA targets, VAE batching, hypernetwork sizes |
+//! | [`request`] | request fields and the error a bad value gives, named by each front end its own way |
 //! | [`noise`] | the one seeded generator: `--seed`'s noise, generated weights, test data |
 //! | [`LinearInfo`] | one LoRA-targetable linear layer (module path and shape) |
 //! | [`frame_batch`] | diffusers' VAE frame batches, causal-conv cache shapes, frames a decode returns |
@@ -27,6 +28,7 @@ pub mod frame_batch;
 pub mod io;
 pub mod manifest;
 pub mod noise;
+pub mod request;
 
 pub use family::Family;
 pub use manifest::{Manifest, ManifestError};

@@ -23,12 +23,14 @@ pub enum ManifestError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// Results of reading and writing manifests.
 pub type Result<T> = std::result::Result<T, ManifestError>;
 
 pub const FILE_NAME: &str = "manifest.json";
 /// Bumped when a field changes meaning; readers refuse other versions.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// `manifest.json`: the graphs of an export directory and what the runtime needs to drive them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,

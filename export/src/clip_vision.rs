@@ -40,6 +40,7 @@ fn default_channels() -> usize {
     3
 }
 
+/// The exported CLIP vision graph and the config it was built from.
 pub struct ClipVisionExport {
     pub graph: Graph,
     pub config: ClipVisionConfig,

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+/// Why a checkpoint cannot be exported, naming the file or tensor at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error("{path}: {source}")]
@@ -42,4 +43,5 @@ pub enum ExportError {
     Write(#[from] v2l_graphs::WriteError),
 }
 
+/// Results of the exporters.
 pub type Result<T> = std::result::Result<T, ExportError>;

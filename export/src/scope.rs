@@ -15,6 +15,7 @@ use crate::error::Result;
 /// An `nn.Linear` the exporter emitted: a layer a LoRA can target (a shared contract).
 pub use v2l_contracts::LinearInfo;
 
+/// A prefix into a checkpoint (like candle's `VarBuilder`): where one module's tensors live.
 #[derive(Clone)]
 pub struct Scope<'a> {
     ckpt: &'a Checkpoint,

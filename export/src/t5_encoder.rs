@@ -48,6 +48,7 @@ fn default_max_distance() -> usize {
     128
 }
 
+/// The exported T5 encoder graph and the config it was built from.
 pub struct T5Export {
     pub graph: Graph,
     pub config: T5Config,

@@ -6,6 +6,7 @@
 
 use prost::Message;
 
+/// ONNX `ModelProto`: a graph with its opset imports and metadata.
 #[derive(Clone, PartialEq, Message)]
 pub struct ModelProto {
     #[prost(int64, tag = "1")]
@@ -28,6 +29,7 @@ pub struct ModelProto {
     pub metadata_props: Vec<StringStringEntryProto>,
 }
 
+/// ONNX `OperatorSetIdProto`: an operator domain and its version.
 #[derive(Clone, PartialEq, Message)]
 pub struct OperatorSetIdProto {
     #[prost(string, tag = "1")]
@@ -36,6 +38,7 @@ pub struct OperatorSetIdProto {
     pub version: i64,
 }
 
+/// ONNX `StringStringEntryProto`: one metadata or external-data key/value pair.
 #[derive(Clone, PartialEq, Message)]
 pub struct StringStringEntryProto {
     #[prost(string, tag = "1")]
@@ -44,6 +47,7 @@ pub struct StringStringEntryProto {
     pub value: String,
 }
 
+/// ONNX `GraphProto`: nodes, initializers, inputs and outputs.
 #[derive(Clone, PartialEq, Message)]
 pub struct GraphProto {
     #[prost(message, repeated, tag = "1")]
@@ -62,6 +66,7 @@ pub struct GraphProto {
     pub value_info: Vec<ValueInfoProto>,
 }
 
+/// ONNX `NodeProto`: one operator call.
 #[derive(Clone, PartialEq, Message)]
 pub struct NodeProto {
     #[prost(string, repeated, tag = "1")]
@@ -91,6 +96,7 @@ pub mod attribute_type {
     pub const INTS: i32 = 7;
 }
 
+/// ONNX `AttributeProto`: one attribute of a node.
 #[derive(Clone, PartialEq, Message)]
 pub struct AttributeProto {
     #[prost(string, tag = "1")]
@@ -136,6 +142,7 @@ impl ValueInfoProto {
     }
 }
 
+/// ONNX `TensorProto`: a tensor's type, shape and data (inline or external).
 #[derive(Clone, PartialEq, Message)]
 pub struct TensorProto {
     #[prost(int64, repeated, tag = "1")]
@@ -158,6 +165,7 @@ pub struct TensorProto {
     pub data_location: i32,
 }
 
+/// ONNX `ValueInfoProto`: a graph input's or output's name and type.
 #[derive(Clone, PartialEq, Message)]
 pub struct ValueInfoProto {
     #[prost(string, tag = "1")]
@@ -168,19 +176,23 @@ pub struct ValueInfoProto {
     pub doc_string: String,
 }
 
+/// ONNX `TypeProto`: the type of a value (tensors only here).
 #[derive(Clone, PartialEq, Message)]
 pub struct TypeProto {
     #[prost(oneof = "type_proto::Value", tags = "1")]
     pub value: Option<type_proto::Value>,
 }
 
+/// Nested messages of `TypeProto`.
 pub mod type_proto {
+    /// The kind of a value's type, or of a dimension.
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Value {
         #[prost(message, tag = "1")]
         TensorType(Tensor),
     }
 
+    /// A tensor type: element type and shape.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Tensor {
         #[prost(int32, tag = "1")]
@@ -190,20 +202,25 @@ pub mod type_proto {
     }
 }
 
+/// ONNX `TensorShapeProto`: a tensor's dimensions.
 #[derive(Clone, PartialEq, Message)]
 pub struct TensorShapeProto {
     #[prost(message, repeated, tag = "1")]
     pub dim: Vec<tensor_shape_proto::Dimension>,
 }
 
+/// Nested messages of `TensorShapeProto`.
 pub mod tensor_shape_proto {
+    /// One dimension: a size or a symbolic name.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Dimension {
         #[prost(oneof = "dimension::Value", tags = "1, 2")]
         pub value: Option<dimension::Value>,
     }
 
+    /// The value of a `Dimension`.
     pub mod dimension {
+        /// The kind of a value's type, or of a dimension.
         #[derive(Clone, PartialEq, prost::Oneof)]
         pub enum Value {
             #[prost(int64, tag = "1")]

@@ -28,6 +28,7 @@ pub const EXTERNAL_THRESHOLD: u64 = 64 << 20;
 /// Initializers smaller than this stay inside the protobuf even in external mode.
 const INLINE_MAX: usize = 1024;
 
+/// Why a graph could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("cannot write {path}: {source}")]

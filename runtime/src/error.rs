@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+/// Everything that can go wrong loading or running an engine, each naming its input.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("ONNX Runtime library not found (looked in: {searched})")]
@@ -24,7 +25,7 @@ pub enum RuntimeError {
     Invalid { what: String, message: String },
     /// A bad request value, its field typed (front ends name it their own way).
     #[error("{0}")]
-    Request(#[from] crate::request::RequestError),
+    Request(#[from] v2l_contracts::request::RequestError),
     /// An export directory's `manifest.json` is missing, unreadable or of another version.
     #[error(transparent)]
     Manifest(#[from] v2l_contracts::ManifestError),
@@ -132,6 +133,7 @@ impl RuntimeError {
     }
 }
 
+/// Results of the runtime.
 pub type Result<T> = std::result::Result<T, RuntimeError>;
 /// A bundle record problem is the runtime's `Io` or `BadFile`, naming the same path.
 impl From<v2l_contracts::bundle::BundleError> for RuntimeError {

@@ -1,7 +1,7 @@
 //! What a request may ask for, checked before any work starts.
 //!
 //! Every front end (CLI, C ABI, server) goes through these checks (most through
-//! [`crate::request::Settings::check`]), so a bad size or a NaN is one clear error in
+//! `request::Settings::check`), so a bad size or a NaN is one clear error in
 //! microseconds instead of minutes of loading, an out-of-memory kill or a black video. The
 //! limits are generous defaults for this class of model on one machine; the CLI and the C ABI
 //! raise them with environment variables (`V2L_MAX_FRAMES`, `V2L_MAX_PIXELS`, `V2L_MAX_STEPS`,
@@ -9,7 +9,7 @@
 //! check is a [`RequestError`] naming its [`Field`].
 
 use crate::error::{Result, RuntimeError};
-use crate::request::{Field, RequestError};
+use v2l_contracts::request::{Field, RequestError};
 
 /// Upper bounds on a request's sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +75,7 @@ impl Limits {
         width: usize,
         multiple: usize,
     ) -> std::result::Result<(), RequestError> {
+        self.check_frame_size(height, width, multiple)?;
         if frames == 0 || (frames - 1) % 4 != 0 {
             return Err(RequestError::new(
                 Field::Frames,
@@ -87,10 +88,12 @@ impl Limits {
                 format!("{frames} is over the limit of {}", self.max_frames),
             ));
         }
-        self.check_frame_size(height, width, multiple)
+        Ok(())
     }
 
-    /// `height × width`: positive multiples of `multiple`, at most `max_pixels`.
+    /// `height × width`: positive multiples of `multiple`, at most `max_pixels`. With
+    /// `multiple` 1 this checks only what needs no engine (zero sizes, the pixel limit), with
+    /// the same messages as the full check.
     pub fn check_frame_size(
         &self,
         height: usize,
@@ -98,10 +101,13 @@ impl Limits {
         multiple: usize,
     ) -> std::result::Result<(), RequestError> {
         for (field, v) in [(Field::Height, height), (Field::Width, width)] {
-            if v == 0 || (multiple > 0 && v % multiple != 0) {
+            if v == 0 {
+                return Err(RequestError::new(field, "0: must be positive"));
+            }
+            if multiple > 1 && v % multiple != 0 {
                 return Err(RequestError::new(
                     field,
-                    format!("{v}: must be a positive multiple of {multiple}"),
+                    format!("{v}: must be a multiple of {multiple}"),
                 ));
             }
         }

@@ -213,7 +213,7 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| RuntimeError::BadFile {
         path: path.into(),
-        message: safetensors_problem(&e),
+        message: v2l_contracts::safetensors_problem(&e),
     })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
@@ -297,6 +297,3 @@ pub fn gaussian_noise(shape: Vec<usize>, seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     Tensor::f32(shape, v2l_contracts::noise::gaussian(n, seed))
 }
-
-/// A safetensors parse error in words (shared with the exporter's checkpoint reader).
-pub use v2l_contracts::safetensors_problem;

@@ -64,6 +64,7 @@ impl Reply {
     }
 }
 
+/// Why a client request failed before an HTTP status came back.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{url}: {source}")]
@@ -72,6 +73,7 @@ pub enum ClientError {
     Job(String),
 }
 
+/// A small blocking client of the server's API (tests, `v2l-bench serve`).
 pub struct Client {
     base: String,
     token: Option<String>,

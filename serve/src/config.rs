@@ -37,6 +37,7 @@ impl Default for RequestLimits {
     }
 }
 
+/// How the server runs: engine, state directory, queue, limits, auth.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub engine: PathBuf,

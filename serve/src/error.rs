@@ -12,6 +12,7 @@ use serde::Serialize;
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorKindTag(pub &'static str);
 
+/// An API error: HTTP status, kind, the field at fault and the message, as JSON.
 #[derive(Debug, Serialize)]
 pub struct ApiError {
     #[serde(skip)]

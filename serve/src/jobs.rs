@@ -43,6 +43,7 @@ impl Live {
     }
 }
 
+/// Why a job could not be queued.
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
     #[error("the queue is full ({0} jobs waiting)")]
@@ -65,6 +66,7 @@ pub enum Cancelled {
     Unknown,
 }
 
+/// The job table, its queue and its persistent store.
 pub struct Jobs {
     pub store: Store,
     queue: Mutex<VecDeque<String>>,

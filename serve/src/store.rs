@@ -118,6 +118,7 @@ impl JobRecord {
     }
 }
 
+/// Why the state directory could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
@@ -133,6 +134,7 @@ pub enum StoreError {
     Poisoned,
 }
 
+/// Results of the store.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// The state directory: SQLite for job records, files for inputs and outputs.

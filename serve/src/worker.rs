@@ -80,6 +80,7 @@ impl From<crate::store::StoreError> for Stop {
     }
 }
 
+/// The thread that runs queued jobs on one pipeline.
 pub struct Worker {
     shared: Arc<Shared>,
     engine: Engine,

@@ -603,6 +603,10 @@ fn generate(
     request::finite(Field::Guidance, settings.guidance)?;
     request::finite(Field::LoraScale, settings.lora_scale)?;
     request::check_fps(g.fps)?;
+    if let (Some(f), Some(h), Some(w)) = (g.frames, g.height, g.width) {
+        // Zero sizes and the limits; the multiple the engine's patch size sets comes after.
+        limits.check_video(f, h, w, 1)?;
+    }
     let t0 = std::time::Instant::now();
     let dir = Engine::open(engine)?;
     let opts = &dir.session_options(opts.threads);

@@ -108,6 +108,11 @@ fn run(a: Args) -> Result<(), String> {
             Some(t)
         }
     };
+    // The same thread limit as `v2l-run` and the C ABI (`V2L_MAX_THREADS`, default 256).
+    v2l_runtime::limits::Limits::from_env()
+        .map_err(|e| e.to_string())?
+        .check_threads(a.threads)
+        .map_err(|e| v2l_cli::request_message(&e))?;
     let lora_strategy = match &a.lora_strategy {
         None => None,
         Some(s) => Some(

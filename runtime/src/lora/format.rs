@@ -33,6 +33,7 @@ impl LoraFormat {
     }
 }
 
+/// Why a LoRA file cannot be read or does not fit the model.
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
     #[error("{path}: {source}")]
@@ -237,9 +238,9 @@ pub fn parse(bytes: &[u8], path: &Path, modules: Option<&[String]>) -> Result<Lo
         message,
     };
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(crate::tensor::safetensors_problem(&e)))?;
+        .map_err(|e| bad(v2l_contracts::safetensors_problem(&e)))?;
     let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| bad(crate::tensor::safetensors_problem(&e)))?;
+        .map_err(|e| bad(v2l_contracts::safetensors_problem(&e)))?;
     let mut raw: BTreeMap<String, Raw> = BTreeMap::new();
     for (k, v) in st.tensors() {
         let Some(dtype) = st_dtype(v.dtype()) else {

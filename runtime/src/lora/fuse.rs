@@ -228,7 +228,7 @@ pub struct Factors<'a> {
 }
 
 /// One layer's LoRA update owned in f32, ready for the kernel: what a LoRA layer becomes at a
-/// given strength ([`crate::lora::format::LoraLayer::fuse_plan`]).
+/// given strength (`LoraLayer::fuse_plan` in `lora/format.rs`).
 #[derive(Clone, Debug)]
 pub struct FusePlan {
     pub b: Vec<f32>,

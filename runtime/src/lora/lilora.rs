@@ -11,6 +11,7 @@ use v2l_contracts::LinearInfo;
 
 use super::format::{Factor, Lora, LoraFormat, LoraLayer};
 
+/// Why a LiLoRA auxiliary file cannot be used with the DiT.
 #[derive(Debug, thiserror::Error)]
 pub enum LiLoraError {
     #[error("{path}: {source}")]
@@ -90,7 +91,7 @@ impl LiLora {
             message,
         };
         let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(crate::tensor::safetensors_problem(&e)))?;
+            .map_err(|e| bad(v2l_contracts::safetensors_problem(&e)))?;
         let get = |key: &str, module: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             let v = st.tensor(key).map_err(|_| LiLoraError::Missing {
                 path: path.into(),

@@ -1,0 +1,98 @@
+//! The fields of a generation request and the error a bad value gives: one contract for the
+//! CLI, the C ABI and the server, each of which names a [`Field`] its own way (`--frames`,
+//! `params.frames`, the form field `frames`).
+
+use std::fmt;
+
+/// A request field, whatever a front end calls it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Field {
+    Frames,
+    Height,
+    Width,
+    /// Height × width together (the pixel limit).
+    Size,
+    Steps,
+    Guidance,
+    LoraScale,
+    Threads,
+    Iterations,
+    MaxSequenceLength,
+    Fps,
+}
+
+impl Field {
+    /// The name in the server's forms and the C ABI's `V2lGenerateParams`: `frames`,
+    /// `lora_scale`, `height/width` for the pixel limit.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Frames => "frames",
+            Field::Height => "height",
+            Field::Width => "width",
+            Field::Size => "height/width",
+            Field::Steps => "steps",
+            Field::Guidance => "guidance",
+            Field::LoraScale => "lora_scale",
+            Field::Threads => "threads",
+            Field::Iterations => "iterations",
+            Field::MaxSequenceLength => "max_sequence_length",
+            Field::Fps => "fps",
+        }
+    }
+
+    /// The command-line flag: `--frames`, `--lora-scale`, `--height/--width`.
+    pub fn flag(self) -> String {
+        match self {
+            Field::Size => "--height/--width".into(),
+            f => format!("--{}", f.name().replace('_', "-")),
+        }
+    }
+
+    /// The environment variable that raises this field's limit for the CLI and the C ABI.
+    pub fn limit_env(self) -> Option<&'static str> {
+        match self {
+            Field::Frames => Some("V2L_MAX_FRAMES"),
+            Field::Size => Some("V2L_MAX_PIXELS"),
+            Field::Steps => Some("V2L_MAX_STEPS"),
+            Field::Threads => Some("V2L_MAX_THREADS"),
+            Field::Iterations => Some("V2L_MAX_ITERATIONS"),
+            _ => None,
+        }
+    }
+}
+
+/// A bad request value: the field at fault and what is wrong with it, in words that do not
+/// depend on the front end. `over_limit` marks a value above a limit the operator can raise;
+/// each front end says how (an environment variable, a server flag).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestError {
+    pub field: Field,
+    pub message: String,
+    pub over_limit: bool,
+}
+
+impl RequestError {
+    pub fn new(field: Field, message: impl Into<String>) -> RequestError {
+        RequestError {
+            field,
+            message: message.into(),
+            over_limit: false,
+        }
+    }
+
+    /// The message with how the CLI and the C ABI raise the limit, when it is one.
+    pub fn message_with_env_hint(&self) -> String {
+        match (self.over_limit, self.field.limit_env()) {
+            (true, Some(var)) => format!("{} (raise it with {var})", self.message),
+            _ => self.message.clone(),
+        }
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field.name(), self.message_with_env_hint())
+    }
+}
+
+impl std::error::Error for RequestError {}
