@@ -103,6 +103,10 @@ pub fn fuse_checkpoint(
                     out
                 }
             };
+            // A fused weight that overflowed its type (a scale too large for f16's ±65504)
+            // is an error naming the layer, never a checkpoint of infinities.
+            let values = v2l_graphs::dtype::f32_values(&bytes, w.dtype).ok_or_else(cannot)?;
+            v2l_runtime::error::check_finite(|| format!("fused weight `{key}`"), &values)?;
             fused.insert(key, bytes);
         }
         for (file, keys) in ck.files() {

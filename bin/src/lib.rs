@@ -94,6 +94,7 @@ impl From<v2l_graphs::WriteError> for Failure {
 
 /// Runs `f`, printing a failure as `error: …` / `hint: …` and mapping it to exit code 1.
 pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
+    quiet_on_closed_stdout();
     match f() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -131,6 +132,56 @@ pub fn check_output(path: &std::path::Path, exts: &[&str]) -> Result<(), Failure
         Ok(_) => Err(bad("the output directory is not writable".into())),
         Err(_) => Err(bad("the output directory does not exist".into())),
     }
+}
+
+/// A reader that stops reading stdout (`v2l-lora inspect … | head -1`) ends the command quietly
+/// with exit code 0, as ripgrep does, instead of a panic about a broken pipe. SIGPIPE stays
+/// ignored (Rust's default), so a failed write to ffmpeg's pipe is still an error, not a kill.
+pub fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
+}
+
+/// Refuses an output that is one of the inputs: `outputs` (flag, path) against `inputs`
+/// (flag, path), compared as the files they name (`./a.png` and `a.png` are one file).
+pub fn check_outputs_are_not_inputs(
+    outputs: &[(&str, &std::path::Path)],
+    inputs: &[(&str, &std::path::Path)],
+) -> Result<(), Failure> {
+    for (oflag, out) in outputs {
+        for (iflag, inp) in inputs {
+            if same_file(out, inp) {
+                return Err(Failure::usage(format!(
+                    "{oflag} {}: is also the input {iflag}; writing it would destroy the input",
+                    out.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two paths name one file (the output may not exist yet: its directory is compared).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let canon = |p: &std::path::Path| {
+        std::fs::canonicalize(p).ok().or_else(|| {
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = std::fs::canonicalize(dir.unwrap_or(std::path::Path::new("."))).ok()?;
+            Some(dir.join(p.file_name()?))
+        })
+    };
+    matches!((canon(a), canon(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// Human-readable byte count.

@@ -6,6 +6,7 @@ mod common;
 mod cli;
 mod e2e;
 mod effects_model;
+mod hardening;
 mod request_errors;
 mod serve;
 mod valid_graphs;

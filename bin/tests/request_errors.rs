@@ -36,6 +36,7 @@ const CASES: &[Case] = &[
     case("steps", "--steps", "5000"),
     case("guidance", "--guidance", "NaN"),
     case("guidance", "--guidance", "inf"),
+    case("guidance", "--guidance", "3e38"),
     case("max_sequence_length", "--max-sequence-length", "5000"),
     case("height/width", "--height", "99984"),
 ];
@@ -203,6 +204,63 @@ fn the_same_bad_value_gives_the_same_error_everywhere() {
         table.push_str(&format!("{} = {}: {a}\n", c.field, c.value));
     }
     eprintln!("{table}");
+    // Prompt text over the byte bound: the server refuses the field before queueing a job.
+    let form = Form::new()
+        .file(
+            "image",
+            std::fs::read(common::tiny().join("first_frame.png")).unwrap(),
+        )
+        .text("prompt", "a red car ".repeat(2_000));
+    let reply = s.client().post("/v1/videos", &form).unwrap();
+    assert_eq!(reply.status, 400);
+    let err = reply.json()["error"].clone();
+    assert_eq!(err["field"], "prompt", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("20000 bytes of text; at most 16384"),
+        "{err}"
+    );
+    // A LoRA whose layer exists but whose shapes do not fit is refused when uploaded, as the
+    // CLI and the C ABI refuse it when loaded, instead of stored for every later job to fail.
+    use v2l_runtime::lora::format::{self, Factor, Lora, LoraFormat, LoraLayer};
+    let bad = Lora {
+        format: LoraFormat::Diffusers,
+        layers: vec![LoraLayer {
+            module: "transformer_blocks.0.attn1.to_q".into(),
+            a: Factor::from_f32([4, 7], &[0.1; 28]),
+            b: Factor::from_f32([32, 4], &[0.1; 128]),
+            alpha: 4.0,
+        }],
+    };
+    let file = d.path().join("misfit.safetensors");
+    format::write(&file, &bad, LoraFormat::Diffusers).unwrap();
+    let reply = s
+        .client()
+        .post(
+            "/v1/loras",
+            &Form::new().file("lora", std::fs::read(&file).unwrap()),
+        )
+        .unwrap();
+    assert_eq!(
+        reply.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["error"]["field"], "lora");
+    // What a client sent is echoed in errors, but not 100 KB of it.
+    let form = Form::new()
+        .file(
+            "image",
+            std::fs::read(common::tiny().join("first_frame.png")).unwrap(),
+        )
+        .text("prompt", "a red car")
+        .text("lora_id", "x".repeat(100_000));
+    let reply = s.client().post("/v1/videos", &form).unwrap();
+    assert_eq!(reply.status, 404);
+    assert!(reply.body.len() < 2_000, "{} bytes", reply.body.len());
     assert_eq!(unsafe { v2l_generator_free(g) }, V2lStatus::Ok);
     assert_eq!(unsafe { v2l_engine_free(e) }, V2lStatus::Ok);
 }

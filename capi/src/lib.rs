@@ -484,15 +484,18 @@ fn product(dims: &[usize], what: &str) -> Result<usize> {
         })
 }
 
+/// A scale or weight argument: finite and within ±1e4 (`v2l_runtime::request::MAX_SCALE`).
 fn finite(v: f32, arg: &str) -> Result<f32> {
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(Error::new(
+    v2l_runtime::request::bounded(v).map_err(|_| {
+        let why = match v.is_finite() {
+            true => "within ±1e4 (a larger scale overflows the weights)",
+            false => "finite",
+        };
+        Error::new(
             V2lStatus::InvalidArgument,
-            format!("`{arg}` is {v}; it must be finite"),
-        ))
-    }
+            format!("`{arg}` is {v}; it must be {why}"),
+        )
+    })
 }
 
 fn lock(g: &V2lGenerator) -> Result<MutexGuard<'_, Pipeline>> {

@@ -161,3 +161,39 @@ fn ray_serve_routes_by_lora_and_matches_the_c_abi() {
         "a server path leaked: {missing}"
     );
 }
+
+/// The Python package refuses what the C ABI would silently misread: a NUL inside a prompt or
+/// a path (C strings end there) and a seed outside `uint64_t` (ctypes wraps -1 to 2^64 - 1).
+#[test]
+fn python_refuses_nul_characters_and_out_of_range_seeds() {
+    let python = workspace().join(".v2l/py/bin/python");
+    let script = r#"
+import v2l
+cases = [
+    (v2l._c_text, ("prompt", "a red car\0 in the snow")),
+    (v2l._c_path, ("engine\0/x",)),
+    (lambda: v2l.Generator.generate(None, b"", height=64, width=64, frames=17, prompt="p", seed=-1), ()),
+    (lambda: v2l.Generator.generate(None, b"", height=64, width=64, frames=17, prompt="p", seed=2**64), ()),
+]
+for f, args in cases:
+    try:
+        f(*args)
+    except ValueError as e:
+        print("refused:", e)
+    else:
+        raise SystemExit("accepted")
+"#;
+    let o = Command::new(&python)
+        .args(["-c", script])
+        .env("PYTHONPATH", workspace().join("python"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(out.matches("refused:").count(), 4, "{out}");
+    assert!(out.contains("NUL") && out.contains("seed is -1"), "{out}");
+}

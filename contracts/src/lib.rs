@@ -6,6 +6,7 @@
 //! | [`atomic`] | outputs written whole or not at all (`tempfile` + rename) |
 //! | [`bundle`] | `bundle.json`: an engine's backend, precision, LoRA strategy and targets, every part's hash; its check on load |
 //! | [`Family`] | the model families, told apart by `_class_name` in one place |
+//! | [`input`] | input files read as regular files only (never `/dev/zero` until memory runs out) |
 //! | [`io`] | graph input and output names, as constants |
 //! | [`manifest`] | `manifest.json` of an export directory: graphs, LoRA targets, VAE batching, hypernetwork sizes |
 //! | [`request`] | request fields and the error a bad value gives, named by each front end its own way |
@@ -25,6 +26,7 @@ pub mod atomic;
 pub mod bundle;
 pub mod family;
 pub mod frame_batch;
+pub mod input;
 pub mod io;
 pub mod manifest;
 pub mod noise;

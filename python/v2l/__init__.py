@@ -68,6 +68,21 @@ _lib = None
 _lib_lock = threading.Lock()
 
 
+
+def _c_text(name: str, text: str) -> bytes:
+    """`text` as the C string the ABI reads; a NUL would cut it short silently, so it is refused."""
+    if "\0" in text:
+        raise ValueError(f"{name} contains a NUL character")
+    return text.encode("utf-8")
+
+
+def _c_path(path) -> bytes:
+    """A path as the C string the ABI reads; a NUL would cut it short silently, so it is refused."""
+    b = os.fsencode(path)
+    if b"\0" in b:
+        raise ValueError(f"path {path!r} contains a NUL character")
+    return b
+
 def _find_library() -> str:
     env = os.environ.get("V2L_LIBRARY")
     if env:
@@ -181,13 +196,13 @@ class Engine(_Handle):
     def __init__(self, path: str, threads: int = 0):
         out = ctypes.c_void_p()
         opts = _EngineOptions(threads)
-        _check(library().v2l_engine_open(os.fsencode(path), ctypes.byref(opts), ctypes.byref(out)))
+        _check(library().v2l_engine_open(_c_path(path), ctypes.byref(opts), ctypes.byref(out)))
         super().__init__(out)
 
     def load_lora(self, path: str) -> Lora:
         """A standard LoRA file (diffusers/PEFT, kohya or ComfyUI safetensors), checked against the DiT."""
         out = ctypes.c_void_p()
-        _check(library().v2l_engine_load_lora(self._ptr, os.fsencode(path), ctypes.byref(out)))
+        _check(library().v2l_engine_load_lora(self._ptr, _c_path(path), ctypes.byref(out)))
         return Lora(out)
 
 
@@ -217,7 +232,7 @@ class Generator(_Handle):
         out = ctypes.c_void_p()
         _check(
             library().v2l_generator_predict_lora_from_video(
-                self._ptr, os.fsencode(path), height, width, weight, ctypes.byref(out)
+                self._ptr, _c_path(path), height, width, weight, ctypes.byref(out)
             )
         )
         return Lora(out)
@@ -252,6 +267,13 @@ class Generator(_Handle):
 
         `progress(step, steps)` is called after each denoising step; returning False cancels.
         """
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed is {seed}; it must be an integer 0 to 2**64 - 1")
+        for name, v, top in (("frames", frames, 2**32), ("height", height, 2**32),
+                             ("width", width, 2**32), ("steps", steps, 2**32),
+                             ("max_sequence_length", max_sequence_length, 2**32)):
+            if not 0 <= v < top:
+                raise ValueError(f"{name} is {v}; it must be an integer 0 to {top - 1}")
         lib = library()
         image = (ctypes.c_uint8 * len(first_frame)).from_buffer_copy(first_frame)
         p = _Params()
@@ -259,8 +281,8 @@ class Generator(_Handle):
         p.guidance, p.seed = guidance, seed
         p.first_frame = ctypes.cast(image, ctypes.POINTER(ctypes.c_uint8))
         p.first_frame_len = len(first_frame)
-        p.prompt = prompt.encode("utf-8")
-        p.negative_prompt = negative_prompt.encode("utf-8")
+        p.prompt = _c_text("prompt", prompt)
+        p.negative_prompt = _c_text("negative_prompt", negative_prompt)
         p.max_sequence_length = max_sequence_length
         size, n = ctypes.c_size_t(), ctypes.c_uint32()
         _check(lib.v2l_generator_output_size(self._ptr, ctypes.byref(p), ctypes.byref(size), ctypes.byref(n)))

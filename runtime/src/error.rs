@@ -23,6 +23,13 @@ pub enum RuntimeError {
     MissingTensor { path: PathBuf, name: String },
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    /// A stage's output went NaN or infinite: stopped there instead of writing a black video.
+    #[error("{stage}: {count} of {total} values are NaN or infinite; stopped rather than write a broken video (an input too large for the model? guidance, a LoRA or its scale, prompt embeddings)")]
+    NonFinite {
+        stage: String,
+        count: usize,
+        total: usize,
+    },
     /// A bad request value, its field typed (front ends name it their own way).
     #[error("{0}")]
     Request(#[from] v2l_contracts::request::RequestError),
@@ -112,7 +119,9 @@ impl RuntimeError {
             | RuntimeError::GraphPass { .. }
             | RuntimeError::Lora(LoraError::Io { .. })
             | RuntimeError::LiLora(LiLoraError::Io { .. }) => ErrorKind::BadFile,
-            RuntimeError::Invalid { .. } | RuntimeError::Request(_) => ErrorKind::BadInput,
+            RuntimeError::Invalid { .. }
+            | RuntimeError::Request(_)
+            | RuntimeError::NonFinite { .. } => ErrorKind::BadInput,
             RuntimeError::Cancelled => ErrorKind::Cancelled,
             RuntimeError::Lora(_) | RuntimeError::LiLora(_) | RuntimeError::Fuse { .. } => {
                 ErrorKind::Lora
@@ -135,6 +144,20 @@ impl RuntimeError {
 
 /// Results of the runtime.
 pub type Result<T> = std::result::Result<T, RuntimeError>;
+/// `values` (what `stage` produced) when all finite, else [`RuntimeError::NonFinite`] naming
+/// the stage: every stage output is checked before it is used or written.
+pub fn check_finite(stage: impl FnOnce() -> String, values: &[f32]) -> Result<()> {
+    let count = values.iter().filter(|v| !v.is_finite()).count();
+    match count {
+        0 => Ok(()),
+        _ => Err(RuntimeError::NonFinite {
+            stage: stage(),
+            count,
+            total: values.len(),
+        }),
+    }
+}
+
 /// A bundle record problem is the runtime's `Io` or `BadFile`, naming the same path.
 impl From<v2l_contracts::bundle::BundleError> for RuntimeError {
     fn from(e: v2l_contracts::bundle::BundleError) -> Self {

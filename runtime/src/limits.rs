@@ -184,14 +184,13 @@ pub fn check_new_output_dir(out: &std::path::Path) -> Result<()> {
     }
 }
 
-/// `v` if finite: NaN or ±inf in a scale, guidance or weight would silently spoil every output.
+/// `v` if finite and within ±[`MAX_SCALE`]: NaN or ±inf in a scale or weight would silently
+/// spoil every output, and so would 3e38, which is finite but overflows what it multiplies.
 pub fn finite(what: &str, v: f32) -> Result<f32> {
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(invalid(what, format!("{v} is not a finite number")))
-    }
+    crate::request::bounded(v).map_err(|message| invalid(what, message))
 }
+
+pub use crate::request::MAX_SCALE;
 
 #[cfg(test)]
 mod tests {

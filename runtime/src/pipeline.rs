@@ -337,6 +337,20 @@ impl Pipeline {
                 }
             }
         }
+        for (name, t) in [
+            ("prompt_embeds", &req.prompt_embeds),
+            ("negative_prompt_embeds", &req.negative_prompt_embeds),
+        ] {
+            // Attention over the text grows with its length: bounded like prompt text.
+            let max = crate::request::MAX_SEQUENCE_LENGTH;
+            if let Some(&l) = t.shape.get(1).filter(|&&l| l > max) {
+                return Err(invalid(name, format!("{l} tokens; at most {max}")));
+            }
+            crate::error::check_finite(|| name.to_string(), t.as_f32(name)?)?;
+        }
+        if let Some(e) = &req.image_embeds {
+            crate::error::check_finite(|| "image_embeds".into(), e.as_f32("image_embeds")?)?;
+        }
         if req.prompt_embeds.shape != req.negative_prompt_embeds.shape {
             return Err(invalid(
                 "negative_prompt_embeds",
@@ -505,10 +519,11 @@ fn to_frames(video: &Tensor) -> Result<Tensor> {
             message: format!("output shape {:?}; expected [1, 3, F, H, W]", video.shape),
         });
     };
-    let frames =
-        crate::layout::planes_to_interleaved(video.as_f32(vae_io::SAMPLE)?, fo * ho * wo, |x| {
-            (x / 2.0 + 0.5).clamp(0.0, 1.0)
-        })?;
+    let decoded = video.as_f32(vae_io::SAMPLE)?;
+    crate::error::check_finite(|| "VAE decode (the frames)".into(), decoded)?;
+    let frames = crate::layout::planes_to_interleaved(decoded, fo * ho * wo, |x| {
+        (x / 2.0 + 0.5).clamp(0.0, 1.0)
+    })?;
     Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))
 }
 

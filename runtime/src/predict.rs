@@ -4,6 +4,8 @@
 //! mode × scaling factor = `reference_latents` → hypernetwork → `hyper_weights [1, N, D]` →
 //! LiLoRA → a standard LoRA whose layers are the DiT's linears.
 
+use std::path::Path;
+
 use v2l_contracts::io::vae as vae_io;
 use v2l_contracts::LinearInfo;
 
@@ -134,7 +136,9 @@ impl Predictor {
                     self.lilora.layers.len()
                 ),
             })?;
+        crate::error::check_finite(|| "hypernetwork (the predicted LoRA rows)".into(), rows)?;
         let lora = self.lilora.to_lora(rows, width, lora_weight, lora_weight)?;
+        crate::lora::format::check_values(Path::new("predicted LoRA"), &lora.layers)?;
         Ok(Prediction {
             reference_latents: latents,
             hyper_weights: hw,

@@ -155,15 +155,25 @@ pub fn frame_multiple(engine: &Engine) -> usize {
     8 * patch
 }
 
-/// `v` when finite: NaN or ±inf in a guidance or scale would silently spoil every frame.
+/// Largest |value| of a guidance scale, a LoRA scale or weight: far beyond any useful value
+/// (diffusers' guidance is 1 to 20), far below what overflows f32 arithmetic.
+pub const MAX_SCALE: f32 = 1e4;
+
+/// `v` when finite and within ±[`MAX_SCALE`]: NaN or ±inf in a guidance or scale would
+/// silently spoil every frame, and so would 3e38, which is finite but overflows.
 pub fn finite(field: Field, v: f32) -> Result<f32, RequestError> {
-    match v.is_finite() {
-        true => Ok(v),
-        false => Err(RequestError::new(
-            field,
-            format!("{v} is not a finite number"),
-        )),
+    bounded(v).map_err(|m| RequestError::new(field, m))
+}
+
+/// [`finite`]'s rule, with its message.
+pub fn bounded(v: f32) -> Result<f32, String> {
+    if !v.is_finite() {
+        return Err(format!("{v} is not a finite number"));
     }
+    if v.abs() > MAX_SCALE {
+        return Err(format!("{v:e} is outside ±{MAX_SCALE:e}"));
+    }
+    Ok(v)
 }
 
 /// A prompt length in `1..=MAX_SEQUENCE_LENGTH`.
@@ -210,6 +220,11 @@ mod tests {
             finite(Field::Guidance, f32::NAN).unwrap_err().message,
             "NaN is not a finite number"
         );
+        assert_eq!(
+            finite(Field::Guidance, 3e38).unwrap_err().message,
+            "3e38 is outside ±1e4"
+        );
+        assert_eq!(finite(Field::Guidance, -1e4).unwrap(), -1e4);
         assert!(check_sequence_length(0).is_err() && check_sequence_length(4097).is_err());
         assert!(check_fps(0).is_err() && check_fps(240).is_ok());
     }

@@ -73,8 +73,20 @@ fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
 }
 
 /// Reads a reference clip, resized to `height × width` (ffmpeg bicubic) where it is decoded by
-/// ffmpeg; a safetensors clip must already have that size.
+/// ffmpeg; a safetensors clip must already have that size. At most the frame limit
+/// (`V2L_MAX_FRAMES`, 257) is decoded: the rest of a long clip is never read.
 pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
+    let max = crate::limits::Limits::from_env()?.max_frames;
+    read_frames_at_most(path, height, width, max)
+}
+
+/// [`read_frames`], decoding at most `max_frames` frames (1 for a first frame given as a video).
+pub fn read_frames_at_most(
+    path: &Path,
+    height: usize,
+    width: usize,
+    max_frames: usize,
+) -> Result<Frames> {
     crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
     if !path.exists() {
         return Err(RuntimeError::Io {
@@ -90,7 +102,9 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
                 path: path.into(),
                 name: "reference_u8".into(),
             })?;
-        let f = Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
+        let mut f =
+            Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
+        f.truncate(max_frames);
         if (f.height, f.width) != (height, width) {
             return Err(bad(
                 path,
@@ -111,9 +125,10 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
             .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
             .collect();
         pngs.sort();
+        pngs.truncate(max_frames);
         let mut rgb = Vec::new();
         for p in &pngs {
-            rgb.extend(ffmpeg_decode(p, height, width)?);
+            rgb.extend(ffmpeg_decode(p, height, width, 1)?);
         }
         Frames {
             frames: pngs.len(),
@@ -122,7 +137,7 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
             rgb,
         }
     } else {
-        let rgb = ffmpeg_decode(path, height, width)?;
+        let rgb = ffmpeg_decode(path, height, width, max_frames)?;
         Frames {
             frames: rgb.len() / (height * width * 3),
             height,
@@ -182,8 +197,8 @@ pub fn aspect_warning(path: &Path, height: usize, width: usize) -> Option<String
 }
 
 /// Decodes every frame of `path` to RGB24 at `height × width` with ffmpeg.
-fn ffmpeg_decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
-    ffmpeg_decode_with(path, height, width, None)
+fn ffmpeg_decode(path: &Path, height: usize, width: usize, max_frames: usize) -> Result<Vec<u8>> {
+    ffmpeg_decode_with(path, height, width, None, max_frames)
 }
 
 /// How far ffmpeg may go on media from an untrusted source (a server upload).
@@ -210,7 +225,7 @@ pub fn read_untrusted(
     limits: UntrustedMedia,
 ) -> Result<Frames> {
     crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
-    let rgb = ffmpeg_decode_with(path, height, width, Some(limits))?;
+    let rgb = ffmpeg_decode_with(path, height, width, Some(limits), limits.max_frames)?;
     let frames = rgb.len() / (height * width * 3).max(1);
     if frames == 0 {
         return Err(bad(path, "holds no video frames"));
@@ -228,6 +243,7 @@ fn ffmpeg_decode_with(
     height: usize,
     width: usize,
     untrusted: Option<UntrustedMedia>,
+    max_frames: usize,
 ) -> Result<Vec<u8>> {
     let mut cmd = Command::new("ffmpeg");
     cmd.args(["-v", "error", "-nostdin"]);
@@ -240,9 +256,7 @@ fn ffmpeg_decode_with(
         ]);
     }
     cmd.arg("-i").arg(path);
-    if let Some(u) = untrusted {
-        cmd.args(["-frames:v", &u.max_frames.to_string()]);
-    }
+    cmd.args(["-frames:v", &max_frames.to_string()]);
     cmd.args([
         "-vf",
         &format!("scale={width}:{height}:flags=bicubic"),

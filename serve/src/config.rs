@@ -75,6 +75,8 @@ pub struct EngineFacts {
     pub scheduler_steps: usize,
     /// The DiT's LoRA-targetable modules.
     pub modules: Vec<String>,
+    /// The same linears with their shapes: an uploaded LoRA must fit them.
+    pub targets: Vec<v2l_contracts::LinearInfo>,
 }
 
 impl EngineFacts {
@@ -124,6 +126,7 @@ impl EngineFacts {
             has_hypernet: engine.manifest.hypernet.is_some(),
             scheduler_steps: scheduler.num_train_timesteps,
             modules: dit.lora_targets.iter().map(|t| t.name.clone()).collect(),
+            targets: dit.lora_targets.clone(),
         })
     }
 }

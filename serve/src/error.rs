@@ -31,7 +31,7 @@ impl ApiError {
             status,
             kind,
             field: None,
-            message: message.into(),
+            message: bounded(message.into()),
             retry_after: None,
         }
     }
@@ -39,7 +39,7 @@ impl ApiError {
     /// A bad value of request field `field` (`400 bad_field`).
     pub fn field(field: &str, message: impl Into<String>) -> ApiError {
         ApiError {
-            field: Some(field.to_string()),
+            field: Some(bounded(field.to_string())),
             ..ApiError::new(StatusCode::BAD_REQUEST, "bad_field", message)
         }
     }
@@ -114,4 +114,20 @@ fn strip_paths(m: &str) -> String {
         Some((head, rest)) if head.starts_with('/') => rest.to_string(),
         _ => m.to_string(),
     }
+}
+
+/// Longest message or field name an error carries: what a client sent is echoed, but a 100 KB
+/// `lora_id` is not sent back whole.
+const MAX_ECHO: usize = 512;
+
+fn bounded(mut s: String) -> String {
+    if s.len() > MAX_ECHO {
+        let mut cut = MAX_ECHO;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("… (truncated)");
+    }
+    s
 }

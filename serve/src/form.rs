@@ -236,6 +236,17 @@ pub fn video(
     let fps = check_fps(fps).map_err(request_error)?;
     let max_sequence_length = c.max_sequence_length.unwrap_or(facts.text_sequence_length);
     let negative_prompt = form.text("negative_prompt")?.unwrap_or_default();
+    // Prompt text is bounded before it is kept or tokenised (the tokenizer's memory grows with
+    // the text).
+    for (field, text) in [
+        ("prompt", form.text("prompt")?.unwrap_or_default()),
+        ("negative_prompt", negative_prompt.clone()),
+    ] {
+        v2l_runtime::text::prompt::check_prompt_len(field, &text).map_err(|e| match e {
+            v2l_runtime::RuntimeError::Invalid { message, .. } => ApiError::field(field, message),
+            e => ApiError::field(field, e.to_string()),
+        })?;
+    }
     let (prompt, prompt_embeds) = match (form.text("prompt")?, form.bytes("prompt_embeds")) {
         (Some(_), Some(_)) => {
             return Err(ApiError::field(
@@ -529,6 +540,9 @@ fn uploaded_lora(form: &Form, facts: &EngineFacts) -> Result<(String, Arc<Lora>)
             ),
         ));
     }
+    // Shapes too: a LoRA stored now must be one every later job can apply.
+    v2l_runtime::lora::apply::match_targets(&lora, &facts.targets, Path::new("lora"))
+        .map_err(|e| upload_error("lora", e.into()))?;
     Ok((lora_key(&facts.key, "file", "", bytes), Arc::new(lora)))
 }
 
@@ -594,6 +608,11 @@ mod tests {
             has_hypernet: false,
             scheduler_steps: 1000,
             modules: vec!["transformer_blocks.0.attn1.to_q".into()],
+            targets: vec![v2l_contracts::LinearInfo {
+                name: "transformer_blocks.0.attn1.to_q".into(),
+                out_features: 32,
+                in_features: 32,
+            }],
         }
     }
 

@@ -329,9 +329,22 @@ impl Worker {
 
     fn load_stored(&self, id: &str) -> Result<Arc<Lora>, Stop> {
         let path = self.shared.jobs.store.lora_path(id);
+        // Clients never see server paths: a stored LoRA is named by its id.
         let l = Arc::new(
-            v2l_runtime::lora::format::read(&path, Some(&self.shared.facts.modules))
-                .map_err(RuntimeError::from)?,
+            v2l_runtime::lora::format::read(&path, Some(&self.shared.facts.modules)).map_err(
+                |e| {
+                    let message = e
+                        .to_string()
+                        .replace(&path.display().to_string(), &format!("stored LoRA `{id}`"));
+                    Stop {
+                        error: JobError {
+                            message,
+                            ..Stop::from(RuntimeError::from(e)).error
+                        },
+                        state: State::Failed,
+                    }
+                },
+            )?,
         );
         self.shared.cache.insert(id, l.clone());
         Ok(l)

@@ -586,6 +586,24 @@ fn generate(
     if let Some(d) = &g.dump {
         check_output(d, &["safetensors"])?;
     }
+    let sheet = output.with_extension("png");
+    let mut outputs = vec![
+        ("-o", output.as_path()),
+        ("-o (its contact sheet)", sheet.as_path()),
+    ];
+    outputs.extend(g.dump.as_deref().map(|d| ("--dump", d)));
+    let mut inputs: Vec<(&str, &std::path::Path)> = Vec::new();
+    for (flag, p) in [
+        ("--image", &g.image),
+        ("--reference", &g.reference),
+        ("--noise", &g.noise),
+        ("--prompt-embeds", &g.prompt_embeds),
+        ("--image-embeds", &g.image_embeds),
+    ] {
+        inputs.extend(p.as_deref().map(|p| (flag, p)));
+    }
+    inputs.extend(g.loras.iter().map(|p| ("--lora", p.as_path())));
+    v2l_cli::check_outputs_are_not_inputs(&outputs, &inputs)?;
     // The runtime's one request builder (the same checks and messages as the C ABI and the
     // server); what needs no engine is checked before the engine is opened.
     let limits = v2l_runtime::limits::Limits::from_env()?;
@@ -656,7 +674,8 @@ fn generate(
         (None, None) => return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE")),
     };
     let image = match image_path {
-        Some(p) => Some(video::read_frames(p, height, width)?),
+        // A video given as the first frame: its first frame alone is decoded.
+        Some(p) => Some(video::read_frames_at_most(p, height, width, 1)?),
         None => None,
     };
     let image_embeds = match &g.image_embeds {
@@ -759,7 +778,6 @@ fn generate(
         true
     })?;
     let rgb = video::to_rgb8(&gen.frames)?;
-    let sheet = output.with_extension("png");
     video::write_mp4(output, &rgb, g.fps)?;
     video::write_contact_sheet(&sheet, &rgb, 8)?;
     if let Some(d) = &g.dump {

@@ -61,6 +61,13 @@ pub enum LoraError {
     },
     #[error("{path}: tensor `{key}` holds NaN or Inf")]
     NonFinite { path: PathBuf, key: String },
+    #[error("{path}: `{key}` is {value:e}, beyond ±{limit:e}: fused into the weights it would overflow them (trained LoRAs stay within ±10)")]
+    OutOfRange {
+        path: PathBuf,
+        key: String,
+        value: f32,
+        limit: f32,
+    },
     #[error("{path}: kohya layer name `{name}` matches no module of the model")]
     UnresolvedKohya { path: PathBuf, name: String },
     #[error("{path}: {count} of {total} LoRA layers match no linear layer of the model (first: `{first}`)")]
@@ -223,7 +230,7 @@ fn peft_alpha(path: &Path, meta: Option<&HashMap<String, String>>) -> Result<Pef
 /// Reads a LoRA file in any supported format. `modules` (the model's module paths) resolves
 /// kohya names; without it, only kohya files that record their module names can be read.
 pub fn read(path: &Path, modules: Option<&[String]>) -> Result<Lora> {
-    let bytes = std::fs::read(path).map_err(|source| LoraError::Io {
+    let bytes = v2l_contracts::input::read_regular(path).map_err(|source| LoraError::Io {
         path: path.into(),
         source,
     })?;
@@ -309,20 +316,43 @@ pub fn parse(bytes: &[u8], path: &Path, modules: Option<&[String]>) -> Result<Lo
             lora.sort_by(|a, b| a.module.cmp(&b.module));
         }
     }
-    for l in &lora {
-        for (f, which) in [(&l.a, "A"), (&l.b, "B")] {
-            if f.to_f32().iter().any(|x| !x.is_finite()) {
-                return Err(LoraError::NonFinite {
-                    path: path.into(),
-                    key: format!("{} ({which})", l.module),
-                });
-            }
-        }
-    }
+    check_values(path, &lora)?;
     Ok(Lora {
         format,
         layers: lora,
     })
+}
+
+/// Largest factor or alpha magnitude v2l accepts. Trained LoRAs stay within ±10; a factor of
+/// 1e30 is finite yet overflows every weight it is fused into (a black video).
+pub const MAX_VALUE: f32 = 1e6;
+
+/// Every factor and alpha of `layers` finite and within ±[`MAX_VALUE`]: checked where a LoRA
+/// is read and before one is written, so v2l never writes a file it would refuse.
+pub fn check_values(path: &Path, layers: &[LoraLayer]) -> Result<()> {
+    for l in layers {
+        let alpha = [l.alpha];
+        let a = l.a.to_f32();
+        let b = l.b.to_f32();
+        for (values, which) in [(&alpha[..], "alpha"), (&a[..], "A"), (&b[..], "B")] {
+            let key = || format!("{} ({which})", l.module);
+            if values.iter().any(|x| !x.is_finite()) {
+                return Err(LoraError::NonFinite {
+                    path: path.into(),
+                    key: key(),
+                });
+            }
+            if let Some(&value) = values.iter().find(|x| x.abs() > MAX_VALUE) {
+                return Err(LoraError::OutOfRange {
+                    path: path.into(),
+                    key: key(),
+                    value,
+                    limit: MAX_VALUE,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn alpha_tensor(raw: &BTreeMap<String, Raw>, key: &str) -> Option<f32> {
@@ -481,8 +511,10 @@ fn read_kohya(
     Ok(layers)
 }
 
-/// Writes `lora` in `format` to `path` atomically.
+/// Writes `lora` in `format` to `path` atomically; a LoRA with a non-finite or overflowing
+/// value is refused (naming `path` and the layer) and nothing is written.
 pub fn write(path: &Path, lora: &Lora, format: LoraFormat) -> Result<()> {
+    check_values(path, &lora.layers)?;
     // Each format's key prefix, names of A and B, and whether alpha is a per-layer tensor.
     let (down, up, alpha_tensor) = match format {
         LoraFormat::Diffusers => ("lora_A.weight", "lora_B.weight", false),

@@ -121,6 +121,10 @@ pub(super) fn run(
         })?;
         let prediction = guidance.combine(sample.as_f32(io::SAMPLE)?, n)?;
         latents = family.step(&prediction, i, &latents)?;
+        crate::error::check_finite(
+            || format!("denoising step {} of {steps} (the latents)", i + 1),
+            &latents,
+        )?;
         latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
         if !progress(i + 1, steps) {
             return Err(RuntimeError::Cancelled);

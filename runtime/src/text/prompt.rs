@@ -1,7 +1,8 @@
 //! Prompt text → `prompt_embeds`: tokenize at the sequence length, run the text encoder, and
-//! remember the result per text, so one process never encodes the same prompt twice.
+//! remember recent results ([`EmbedCache`], bounded in bytes), so a server does not encode a
+//! popular prompt twice nor grow without bound on distinct ones.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
@@ -15,7 +16,104 @@ pub struct PromptEncoder {
     model: Model,
     /// Wan's pipelines (umT5): whitespace-cleaned prompts, embeddings zeroed past the tokens.
     wan: bool,
-    cache: BTreeMap<(String, usize), (Vec<i64>, Tensor)>,
+    cache: EmbedCache,
+}
+
+/// Longest prompt text accepted, in bytes. The encoder keeps at most its sequence length in
+/// tokens (226 for CogVideoX, ~1 KB of text) and truncates the rest, so this is generous; it
+/// bounds the tokenizer's memory, which grows with the text (5 MB of text took 1 GB).
+pub const MAX_PROMPT_BYTES: usize = 16 << 10;
+
+/// `text` when at most [`MAX_PROMPT_BYTES`] long, else an error naming `what`.
+pub fn check_prompt_len<'a>(what: &str, text: &'a str) -> Result<&'a str> {
+    match text.len() <= MAX_PROMPT_BYTES {
+        true => Ok(text),
+        false => Err(RuntimeError::Invalid {
+            what: what.into(),
+            message: format!(
+                "{} bytes of text; at most {MAX_PROMPT_BYTES} (the text encoder reads a few hundred tokens and truncates the rest)",
+                text.len()
+            ),
+        }),
+    }
+}
+
+/// Encoded prompts by (text, length), least recently used evicted first once the entries
+/// pass a byte budget.
+pub struct EmbedCache {
+    entries: HashMap<(String, usize), (Vec<i64>, Tensor, u64)>,
+    bytes: usize,
+    budget: usize,
+    clock: u64,
+}
+
+/// The prompt cache's default budget, 64 MiB: about 17 CogVideoX-5B prompts (226 × 4096
+/// floats, 3.7 MB each), thousands of the tiny models'.
+pub const CACHE_BYTES: usize = 64 << 20;
+
+impl EmbedCache {
+    pub fn new(budget: usize) -> EmbedCache {
+        EmbedCache {
+            entries: HashMap::new(),
+            bytes: 0,
+            budget,
+            clock: 0,
+        }
+    }
+
+    fn size(key: &(String, usize), ids: &[i64], t: &Tensor) -> usize {
+        key.0.len() + ids.len() * 8 + t.numel() * 4 + 64
+    }
+
+    /// The entry for `key`, marked as just used.
+    pub fn get(&mut self, key: &(String, usize)) -> Option<(Vec<i64>, Tensor)> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(key).map(|(ids, t, used)| {
+            *used = clock;
+            (ids.clone(), t.clone())
+        })
+    }
+
+    /// Stores an entry, evicting the least recently used until the cache fits its budget (an
+    /// entry larger than the whole budget is not kept).
+    pub fn insert(&mut self, key: (String, usize), ids: Vec<i64>, t: Tensor) {
+        let size = Self::size(&key, &ids, &t);
+        if size > self.budget {
+            return;
+        }
+        while self.bytes + size > self.budget {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((i, e, _)) = self.entries.remove(&oldest) {
+                self.bytes -= Self::size(&oldest, &i, &e);
+            }
+        }
+        self.clock += 1;
+        self.bytes += size;
+        if let Some((i, e, _)) = self.entries.insert(key.clone(), (ids, t, self.clock)) {
+            self.bytes -= Self::size(&key, &i, &e);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl PromptEncoder {
@@ -40,7 +138,7 @@ impl PromptEncoder {
                 &engine.dir.join(&e.file),
                 &engine.text_encoder_options(opts),
             )?,
-            cache: BTreeMap::new(),
+            cache: EmbedCache::new(CACHE_BYTES),
             wan: e.model_type == "umt5",
         })
     }
@@ -57,9 +155,10 @@ impl PromptEncoder {
         len: usize,
         on_truncate: &mut dyn FnMut(usize),
     ) -> Result<(Vec<i64>, Tensor)> {
+        check_prompt_len("prompt", text)?;
         let key = (text.to_string(), len);
         if let Some(hit) = self.cache.get(&key) {
-            return Ok(hit.clone());
+            return Ok(hit);
         }
         let cleaned;
         let text = if self.wan {
@@ -96,7 +195,7 @@ impl PromptEncoder {
                 v.iter_mut().skip(tokens * d).for_each(|x| *x = 0.0);
             }
         }
-        self.cache.insert(key, (ids.clone(), embeds.clone()));
+        self.cache.insert(key, ids.clone(), embeds.clone());
         Ok((ids, embeds))
     }
 
@@ -167,6 +266,33 @@ pub use super::encoder_feed;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_keeps_the_recently_used_within_its_budget() {
+        let t = |n: usize| Tensor::f32(vec![1, n], vec![0.0; n]);
+        let key = |s: &str| (s.to_string(), 8);
+        let one = EmbedCache::size(&key("a"), &[0; 8], &t(100));
+        let mut c = EmbedCache::new(3 * one);
+        for k in ["a", "b", "c"] {
+            c.insert(key(k), vec![0; 8], t(100));
+        }
+        assert_eq!(c.len(), 3);
+        assert!(c.get(&key("a")).is_some()); // "b" is now the least recently used
+        c.insert(key("d"), vec![0; 8], t(100));
+        assert_eq!(c.len(), 3);
+        assert!(c.get(&key("b")).is_none() && c.get(&key("a")).is_some());
+        assert!(c.bytes() <= 3 * one);
+        // 10,000 distinct prompts stay within the budget.
+        for i in 0..10_000 {
+            c.insert(key(&i.to_string()), vec![0; 8], t(100));
+        }
+        assert!(c.bytes() <= 3 * one && c.len() == 3);
+        // An entry larger than the budget is not kept.
+        c.insert(key("huge"), vec![0; 8], t(10_000));
+        assert!(c.get(&key("huge")).is_none());
+        assert!(check_prompt_len("prompt", &"x".repeat(MAX_PROMPT_BYTES + 1)).is_err());
+        assert!(check_prompt_len("prompt", "a red car").is_ok());
+    }
 
     #[test]
     fn prompt_clean_unescapes_and_collapses_whitespace_as_python_does() {

@@ -1,0 +1,329 @@
+//! Nothing silently wrong (issue "non-finite values … "): each case is a reproduction through a
+//! real binary on the tiny engine. A value that would make a black video is refused where it
+//! enters, or where it first shows (the latents after a denoising step), with one error naming
+//! it, exit code 1 and no output file; a reader that closes stdout ends a command quietly.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use v2l_runtime::{read_safetensors, write_safetensors, Tensor};
+
+use crate::common;
+
+const PEFT: &str = "peft_lora/pytorch_lora_weights.safetensors";
+
+/// `v2l-run` on `engine` with the fixture's prompt embeddings, 2 steps, writing `out`.
+fn generate(engine: &Path, out: &Path, extra: &[&str]) -> Output {
+    let t = common::tiny();
+    Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(engine)
+        .arg("--image")
+        .arg(t.join("first_frame.png"))
+        .arg("--prompt-embeds")
+        .arg(t.join("e2e_io.safetensors"))
+        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn lora_tool(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_v2l-lora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Exit code 1, one `error:` line containing every needle, no panic.
+fn refused(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected {needles:?}; stderr: {err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    for n in needles {
+        assert!(errors[0].contains(n), "expected `{n}` in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The fixture's PEFT LoRA with every factor of its first layer's A multiplied by `factor`, and
+/// its metadata's alpha replaced by `alpha` (JSON text), written to `dst`.
+fn edited_peft(dst: &Path, factor: f32, alpha: &str) -> PathBuf {
+    let src = std::fs::read(common::tiny().join(PEFT)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&src).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&src).unwrap();
+    let mut meta: std::collections::HashMap<String, String> =
+        meta.metadata().clone().unwrap_or_default();
+    let m = meta
+        .get("lora_adapter_metadata")
+        .cloned()
+        .unwrap_or_default();
+    let mut json: serde_json::Value = serde_json::from_str(&m).unwrap();
+    json["transformer.lora_alpha"] = serde_json::from_str(alpha).unwrap();
+    meta.insert("lora_adapter_metadata".into(), json.to_string());
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let v = st.tensor(n).unwrap();
+        let mut vals: Vec<f32> = bytemuck::pod_collect_to_vec(v.data());
+        if i == 0 {
+            vals.iter_mut().for_each(|x| *x *= factor);
+        }
+        owned.push((
+            n.clone(),
+            v.shape().to_vec(),
+            bytemuck::cast_slice(&vals).to_vec(),
+        ));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, s, b)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (n.clone(), v.unwrap())
+        })
+        .collect();
+    let out = dst.join(format!("edited_{factor}_{alpha}.safetensors"));
+    safetensors::serialize_to_file(views, &Some(meta), &out).unwrap();
+    out
+}
+
+/// Prompt embeddings from the fixture with the positive prompt's first entry (NaN) or every
+/// entry (a finite value) set to `value`.
+fn embeds_with(dst: &Path, value: f32) -> PathBuf {
+    let io = read_safetensors(&common::tiny().join("e2e_io.safetensors")).unwrap();
+    let mut p = io["prompt_embeds"].clone();
+    if let v2l_runtime::tensor::Data::F32(v) = &mut p.data {
+        match value.is_nan() {
+            true => v[0] = value,
+            false => v.iter_mut().for_each(|x| *x = value),
+        }
+    }
+    let out = dst.join(format!("embeds_{value}.safetensors"));
+    let m: BTreeMap<String, Tensor> = BTreeMap::from([
+        ("prompt_embeds".to_string(), p),
+        (
+            "negative_prompt_embeds".to_string(),
+            io["negative_prompt_embeds"].clone(),
+        ),
+    ]);
+    write_safetensors(&out, &m).unwrap();
+    out
+}
+
+#[test]
+fn values_that_would_make_a_black_video_are_refused_and_nothing_is_written() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let out = d.path().join("v.mp4");
+
+    // Scales and guidance: finite but overflowing values are refused where they enter.
+    refused(
+        &generate(&engine, &out, &["--guidance", "3e38"]),
+        &["--guidance: 3e38 is outside ±1e4"],
+    );
+    refused(
+        &generate(&engine, &out, &["--lora-scale", "1e30"]),
+        &["--lora-scale: 1e30 is outside ±1e4"],
+    );
+    // A LoRA whose factors would overflow the weights, and one whose alpha is not a number.
+    let huge = edited_peft(d.path(), 1e30, "8");
+    refused(
+        &generate(&engine, &out, &["--lora", huge.to_str().unwrap()]),
+        &[huge.to_str().unwrap(), "beyond ±1e6"],
+    );
+    // Prompt embeddings: NaN is refused on entry; 3e38 is finite, and the first denoising step
+    // turns it into infinities, which stop the run there.
+    let nan = embeds_with(d.path(), f32::NAN);
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .arg("--image")
+        .arg(common::tiny().join("first_frame.png"))
+        .arg("--prompt-embeds")
+        .arg(&nan)
+        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    refused(&o, &["prompt_embeds", "NaN or infinite"]);
+    let big = embeds_with(d.path(), 3e38);
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .arg("--image")
+        .arg(common::tiny().join("first_frame.png"))
+        .arg("--prompt-embeds")
+        .arg(&big)
+        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    refused(&o, &["denoising step 1 of 2", "NaN or infinite"]);
+    // Prompt embeddings are bounded in length like prompt text (attention grows with it).
+    let long_embeds = d.path().join("long_embeds.safetensors");
+    let t = Tensor::f32(vec![1, 5000, 32], vec![0.0; 5000 * 32]);
+    write_safetensors(
+        &long_embeds,
+        &BTreeMap::from([
+            ("prompt_embeds".to_string(), t.clone()),
+            ("negative_prompt_embeds".to_string(), t),
+        ]),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .arg("--image")
+        .arg(common::tiny().join("first_frame.png"))
+        .arg("--prompt-embeds")
+        .arg(&long_embeds)
+        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    refused(&o, &["prompt_embeds: 5000 tokens; at most 4096"]);
+    // Prompt text is bounded in bytes before it is tokenised.
+    let long = "a red car ".repeat(2_000);
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .arg("--image")
+        .arg(common::tiny().join("first_frame.png"))
+        .args([
+            "--prompt", &long, "--steps", "2", "--seed", "3", "--quiet", "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    refused(&o, &["prompt: 20000 bytes of text; at most 16384"]);
+    assert!(!out.exists() && !out.with_extension("png").exists());
+    // The same engine still generates a good video: nothing above was a false alarm.
+    let o = generate(&engine, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn lora_tools_refuse_what_v2l_would_refuse_to_read() {
+    let d = tempfile::tempdir().unwrap();
+    let t = common::tiny();
+    let peft = t.join(PEFT);
+    // `inspect` of a LoRA with a non-finite alpha is an error, not "alpha NaN".
+    let inf_alpha = edited_peft(d.path(), 1.0, "1e39");
+    refused(
+        &lora_tool(&["inspect", inf_alpha.to_str().unwrap()]),
+        &["lora_alpha", "not a finite number"],
+    );
+    // `merge` with an overflowing weight writes nothing.
+    let merged = d.path().join("merged.safetensors");
+    refused(
+        &lora_tool(&[
+            "merge",
+            peft.to_str().unwrap(),
+            peft.to_str().unwrap(),
+            "--weights",
+            "1,3e38",
+            "-o",
+            merged.to_str().unwrap(),
+        ]),
+        &["--weights", "outside ±1e4"],
+    );
+    assert!(!merged.exists());
+    // A device is not a LoRA file: refused at once instead of read until memory runs out.
+    let t0 = std::time::Instant::now();
+    refused(
+        &lora_tool(&["inspect", "/dev/zero"]),
+        &["/dev/zero", "not a regular file"],
+    );
+    assert!(t0.elapsed().as_secs() < 10);
+}
+
+#[test]
+fn an_output_never_replaces_an_input() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let image = d.path().join("frame.png");
+    std::fs::copy(common::tiny().join("first_frame.png"), &image).unwrap();
+    let before = std::fs::read(&image).unwrap();
+    // `-o frame.mp4` writes its contact sheet to frame.png: the first frame itself.
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .arg("--image")
+        .arg(&image)
+        .arg("--prompt-embeds")
+        .arg(common::tiny().join("e2e_io.safetensors"))
+        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+        .arg(d.path().join("frame.mp4"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("is also the input --image"), "{err}");
+    assert_eq!(std::fs::read(&image).unwrap(), before);
+    assert!(!d.path().join("frame.mp4").exists());
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let peft = common::tiny().join(PEFT);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_v2l-lora"))
+        .args([
+            "inspect",
+            peft.to_str().unwrap(),
+            peft.to_str().unwrap(),
+            "--compare",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the command writes (as `| head -0` would).
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+}
+
+#[test]
+fn long_clips_are_decoded_only_as_far_as_needed() {
+    let d = tempfile::tempdir().unwrap();
+    let clip = d.path().join("long.mp4");
+    let o = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=32x32:rate=25:duration=12",
+        ])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 300 frames in the file; a first frame decodes one, a reference clip the frame limit.
+    let one = v2l_runtime::video::read_frames_at_most(&clip, 32, 32, 1).unwrap();
+    assert_eq!(one.frames, 1);
+    let capped = v2l_runtime::video::read_frames_at_most(&clip, 32, 32, 49).unwrap();
+    assert_eq!(capped.frames, 49);
+    let all = v2l_runtime::video::read_frames(&clip, 32, 32).unwrap();
+    assert_eq!(
+        all.frames,
+        v2l_runtime::limits::Limits::default().max_frames
+    );
+}
