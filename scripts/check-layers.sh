@@ -17,10 +17,11 @@ done
 # Inside the crates along the data flow, modules import each other one way only.
 python3 scripts/module-cycles.py contracts/src export/src compile/src runtime/src tools/src
 echo "check-layers: no module import cycles in contracts, export, compile, runtime, tools"
-# Prompt text is a feature: the runtime must build without it (and without `tokenizers`).
+# Prompt text and video files are features: the runtime must build without them (and without
+# `tokenizers`).
 if cargo tree -p v2l-runtime --no-default-features --edges normal --prefix none --format '{p}' | grep -q '^tokenizers '; then
   echo "check-layers: v2l-runtime without default features still links tokenizers" >&2
   exit 1
 fi
 cargo check --quiet -p v2l-runtime --no-default-features
-echo "check-layers: v2l-runtime builds without the text feature ($(cargo tree -p v2l-runtime --no-default-features --edges normal --prefix none --format '{p}' | awk '{print $1}' | sort -u | wc -l) crates)"
+echo "check-layers: v2l-runtime builds without its text and video features ($(cargo tree -p v2l-runtime --no-default-features --edges normal --prefix none --format '{p}' | awk '{print $1}' | sort -u | wc -l) crates)"

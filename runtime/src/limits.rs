@@ -187,10 +187,23 @@ pub fn check_new_output_dir(out: &std::path::Path) -> Result<()> {
 /// `v` if finite and within ±[`MAX_SCALE`]: NaN or ±inf in a scale or weight would silently
 /// spoil every output, and so would 3e38, which is finite but overflows what it multiplies.
 pub fn finite(what: &str, v: f32) -> Result<f32> {
-    crate::request::bounded(v).map_err(|message| invalid(what, message))
+    bounded(v).map_err(|message| invalid(what, message))
 }
 
-pub use crate::request::MAX_SCALE;
+/// Largest |value| of a guidance scale, a LoRA scale or weight: far beyond any useful value
+/// (diffusers' guidance is 1 to 20), far below what overflows f32 arithmetic.
+pub const MAX_SCALE: f32 = 1e4;
+
+/// `v` when finite and within ±[`MAX_SCALE`], else what is wrong with it.
+pub fn bounded(v: f32) -> std::result::Result<f32, String> {
+    if !v.is_finite() {
+        return Err(format!("{v} is not a finite number"));
+    }
+    if v.abs() > MAX_SCALE {
+        return Err(format!("{v:e} is outside ±{MAX_SCALE:e}"));
+    }
+    Ok(v)
+}
 
 #[cfg(test)]
 mod tests {

@@ -155,25 +155,12 @@ pub fn frame_multiple(engine: &Engine) -> usize {
     8 * patch
 }
 
-/// Largest |value| of a guidance scale, a LoRA scale or weight: far beyond any useful value
-/// (diffusers' guidance is 1 to 20), far below what overflows f32 arithmetic.
-pub const MAX_SCALE: f32 = 1e4;
+pub use crate::limits::{bounded, MAX_SCALE};
 
 /// `v` when finite and within ±[`MAX_SCALE`]: NaN or ±inf in a guidance or scale would
 /// silently spoil every frame, and so would 3e38, which is finite but overflows.
 pub fn finite(field: Field, v: f32) -> Result<f32, RequestError> {
     bounded(v).map_err(|m| RequestError::new(field, m))
-}
-
-/// [`finite`]'s rule, with its message.
-pub fn bounded(v: f32) -> Result<f32, String> {
-    if !v.is_finite() {
-        return Err(format!("{v} is not a finite number"));
-    }
-    if v.abs() > MAX_SCALE {
-        return Err(format!("{v:e} is outside ±{MAX_SCALE:e}"));
-    }
-    Ok(v)
 }
 
 /// A prompt length in `1..=MAX_SEQUENCE_LENGTH`.

@@ -1,0 +1,394 @@
+//! Video files through ffmpeg (the cargo feature `video`): reading clips and first frames at a
+//! size, bounded decoding of untrusted uploads, and mp4 and contact-sheet output.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::Frames;
+use crate::error::{Result, RuntimeError};
+
+fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
+    RuntimeError::BadFile {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// Reads a reference clip, resized to `height × width` (ffmpeg bicubic) where it is decoded by
+/// ffmpeg; a safetensors clip must already have that size. At most the frame limit
+/// (`V2L_MAX_FRAMES`, 257) is decoded: the rest of a long clip is never read.
+pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
+    let max = crate::limits::Limits::from_env()?.max_frames;
+    read_frames_at_most(path, height, width, max)
+}
+
+/// [`read_frames`], decoding at most `max_frames` frames (1 for a first frame given as a video).
+pub fn read_frames_at_most(
+    path: &Path,
+    height: usize,
+    width: usize,
+    max_frames: usize,
+) -> Result<Frames> {
+    crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
+    if !path.exists() {
+        return Err(RuntimeError::Io {
+            path: path.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        });
+    }
+    let frames = if path.extension().is_some_and(|e| e == "safetensors") {
+        let t = crate::tensor::read_safetensors(path)?;
+        let r = t
+            .get("reference_u8")
+            .ok_or_else(|| RuntimeError::MissingTensor {
+                path: path.into(),
+                name: "reference_u8".into(),
+            })?;
+        let mut f =
+            Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
+        f.truncate(max_frames);
+        if (f.height, f.width) != (height, width) {
+            return Err(bad(
+                path,
+                format!(
+                    "frames are {}×{}, the model needs {height}×{width}",
+                    f.height, f.width
+                ),
+            ));
+        }
+        f
+    } else if path.is_dir() {
+        let mut pngs: Vec<_> = std::fs::read_dir(path)
+            .map_err(|source| RuntimeError::Io {
+                path: path.into(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+            .collect();
+        pngs.sort();
+        pngs.truncate(max_frames);
+        let mut rgb = Vec::new();
+        for p in &pngs {
+            rgb.extend(ffmpeg_decode(p, height, width, 1)?);
+        }
+        Frames {
+            frames: pngs.len(),
+            height,
+            width,
+            rgb,
+        }
+    } else {
+        let rgb = ffmpeg_decode(path, height, width, max_frames)?;
+        Frames {
+            frames: rgb.len() / (height * width * 3),
+            height,
+            width,
+            rgb,
+        }
+    };
+    if frames.frames == 0 {
+        return Err(bad(path, "the video has no frames"));
+    }
+    Ok(frames)
+}
+
+/// The stored size `(height, width)` of the first video stream of `path` (or of the first PNG
+/// of a directory), by ffprobe; `None` where it cannot tell (a safetensors clip, no ffprobe).
+pub fn source_size(path: &Path) -> Option<(usize, usize)> {
+    let file = if path.is_dir() {
+        let mut pngs: Vec<_> = std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+            .collect();
+        pngs.sort();
+        pngs.into_iter().next()?
+    } else if path.extension().is_some_and(|e| e == "safetensors") {
+        return None;
+    } else {
+        path.to_path_buf()
+    };
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-show_entries"])
+        .args(["stream=width,height", "-of", "csv=p=0:s=x"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (w, h) = text.lines().next()?.trim().split_once('x')?;
+    Some((h.parse().ok()?, w.parse().ok()?))
+}
+
+/// A warning when `path`'s frames are resized to `height × width` with another aspect ratio
+/// (more than 1 % apart): diffusers and upstream Video2LoRA resize without cropping, so v2l
+/// does too, but the picture is squashed and the user should know.
+pub fn aspect_warning(path: &Path, height: usize, width: usize) -> Option<String> {
+    let (sh, sw) = source_size(path)?;
+    if sh == 0 || sw == 0 || height == 0 || width == 0 {
+        return None;
+    }
+    let (src, dst) = (sw as f64 / sh as f64, width as f64 / height as f64);
+    ((src / dst - 1.0).abs() > 0.01).then(|| {
+        format!(
+            "{}: {sw}x{sh} (aspect {src:.2}) is resized to {width}x{height} (aspect {dst:.2}) without cropping, as diffusers does; crop it first to keep its proportions",
+            path.display()
+        )
+    })
+}
+
+/// Decodes every frame of `path` to RGB24 at `height × width` with ffmpeg.
+fn ffmpeg_decode(path: &Path, height: usize, width: usize, max_frames: usize) -> Result<Vec<u8>> {
+    ffmpeg_decode_with(path, height, width, None, max_frames)
+}
+
+/// How far ffmpeg may go on media from an untrusted source (a server upload).
+#[derive(Clone, Copy, Debug)]
+pub struct UntrustedMedia {
+    /// Frames decoded at most; the rest of the clip is not read.
+    pub max_frames: usize,
+    /// Wall-clock bound on the decode; ffmpeg is killed past it.
+    pub timeout: std::time::Duration,
+}
+
+/// Demuxers allowed for untrusted media: containers and still images only, so a playlist
+/// (HLS, concat) cannot make ffmpeg read other files or URLs.
+const UNTRUSTED_FORMATS: &str =
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,png_pipe,jpeg_pipe,webp_pipe";
+
+/// Decodes untrusted media at `path` (its name says nothing: the format is probed from the
+/// bytes) to at most `limits.max_frames` RGB8 frames of `height × width`, local file protocol
+/// and container/image demuxers only, killed after `limits.timeout`.
+pub fn read_untrusted(
+    path: &Path,
+    height: usize,
+    width: usize,
+    limits: UntrustedMedia,
+) -> Result<Frames> {
+    crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
+    let rgb = ffmpeg_decode_with(path, height, width, Some(limits), limits.max_frames)?;
+    let frames = rgb.len() / (height * width * 3).max(1);
+    if frames == 0 {
+        return Err(bad(path, "holds no video frames"));
+    }
+    Ok(Frames {
+        frames,
+        height,
+        width,
+        rgb,
+    })
+}
+
+fn ffmpeg_decode_with(
+    path: &Path,
+    height: usize,
+    width: usize,
+    untrusted: Option<UntrustedMedia>,
+    max_frames: usize,
+) -> Result<Vec<u8>> {
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-v", "error", "-nostdin"]);
+    if untrusted.is_some() {
+        cmd.args([
+            "-protocol_whitelist",
+            "file",
+            "-format_whitelist",
+            UNTRUSTED_FORMATS,
+        ]);
+    }
+    cmd.arg("-i").arg(path);
+    cmd.args(["-frames:v", &max_frames.to_string()]);
+    cmd.args([
+        "-vf",
+        &format!("scale={width}:{height}:flags=bicubic"),
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = cmd.spawn().map_err(|e| RuntimeError::Invalid {
+        what: "ffmpeg".into(),
+        message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
+    })?;
+    let timeout = untrusted.map(|u| u.timeout);
+    let (status, stdout, stderr) = wait_bounded(child, timeout).map_err(|e| match e {
+        Waited::Io(source) => RuntimeError::Io {
+            path: path.into(),
+            source,
+        },
+        Waited::TimedOut(t) => bad(
+            path,
+            format!(
+                "decoding took longer than {:.0} s; the media is too long or malformed",
+                t.as_secs_f64()
+            ),
+        ),
+    })?;
+    if !status.success() {
+        let msg = String::from_utf8_lossy(&stderr);
+        let first = msg
+            .lines()
+            .last()
+            .unwrap_or("ffmpeg failed")
+            .trim()
+            .to_string();
+        return Err(bad(path, format!("cannot decode video: {first}")));
+    }
+    Ok(stdout)
+}
+
+enum Waited {
+    Io(std::io::Error),
+    TimedOut(std::time::Duration),
+}
+
+/// Collects a child's output, killing it if it runs past `timeout`.
+fn wait_bounded(
+    mut child: std::process::Child,
+    timeout: Option<std::time::Duration>,
+) -> std::result::Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), Waited> {
+    use std::io::Read;
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                // A read error ends the output early; the exit status reports the failure.
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if timeout.is_none() {
+            break child.wait().map_err(Waited::Io)?;
+        }
+        match child.try_wait().map_err(Waited::Io)? {
+            Some(s) => break s,
+            None if timeout.is_some_and(|t| started.elapsed() > t) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Waited::TimedOut(timeout.unwrap_or_default()));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
+    let joined = |h: std::thread::JoinHandle<Vec<u8>>| h.join().unwrap_or_default();
+    Ok((status, joined(out), joined(err)))
+}
+
+fn ffmpeg_encode(
+    path: &Path,
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    fps: u32,
+    args: &[&str],
+) -> Result<()> {
+    use std::io::Write;
+    // ffmpeg picks the container from the extension: the temporary file keeps it. It is
+    // deleted on every path that does not persist it.
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("mp4");
+    let tmp_file =
+        v2l_contracts::atomic::temp_sibling(path, &format!(".{ext}")).map_err(|source| {
+            RuntimeError::Io {
+                path: path.into(),
+                source,
+            }
+        })?;
+    let tmp = tmp_file.path().to_path_buf();
+    let mut child = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &format!("{width}x{height}"), "-r", &fps.to_string(), "-i", "-"])
+        .args(args)
+        .arg(&tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| RuntimeError::Invalid {
+            what: "ffmpeg".into(),
+            message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
+        })?;
+    let wrote = child.stdin.take().map(|mut s| s.write_all(rgb));
+    let out = child
+        .wait_with_output()
+        .map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
+    if !out.status.success() || !matches!(wrote, Some(Ok(()))) {
+        let msg = String::from_utf8_lossy(&out.stderr);
+        return Err(bad(
+            path,
+            format!(
+                "ffmpeg could not write it: {}",
+                msg.lines().last().unwrap_or("unknown error").trim()
+            ),
+        ));
+    }
+    tmp_file
+        .persist(path)
+        .map(drop)
+        .map_err(|e| RuntimeError::Io {
+            path: path.into(),
+            source: e.error,
+        })
+}
+
+/// Writes an H.264 mp4 (yuv420p, even-padded) at `fps`.
+pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<()> {
+    ffmpeg_encode(
+        path,
+        &frames.rgb,
+        frames.width,
+        frames.height,
+        fps,
+        &[
+            "-vf",
+            "pad=ceil(iw/2)*2:ceil(ih/2)*2",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-crf",
+            "12",
+            "-movflags",
+            "+faststart",
+        ],
+    )
+}
+
+/// Writes all frames tiled in a grid (`cols` per row, 2 px gaps) as one PNG, for people to look at.
+pub fn write_contact_sheet(path: &Path, frames: &Frames, cols: usize) -> Result<()> {
+    let cols = cols.clamp(1, frames.frames.max(1));
+    let rows = frames.frames.div_ceil(cols);
+    let gap = 2;
+    let (fw, fh) = (frames.width, frames.height);
+    let (w, h) = (cols * fw + (cols + 1) * gap, rows * fh + (rows + 1) * gap);
+    if fw == 0 || fh == 0 {
+        return Err(bad(path, format!("frames of {fw}x{fh} pixels")));
+    }
+    let mut sheet = vec![32u8; w * h * 3];
+    for (i, frame) in frames
+        .rgb
+        .chunks_exact(fw * fh * 3)
+        .take(frames.frames)
+        .enumerate()
+    {
+        let (x0, y0) = (gap + (i % cols) * (fw + gap), gap + (i / cols) * (fh + gap));
+        for (y, src) in frame.chunks_exact(fw * 3).enumerate() {
+            let dst = ((y0 + y) * w + x0) * 3;
+            if let Some(d) = sheet.get_mut(dst..dst + fw * 3) {
+                d.copy_from_slice(src);
+            }
+        }
+    }
+    ffmpeg_encode(path, &sheet, w, h, 1, &["-frames:v", "1"])
+}
