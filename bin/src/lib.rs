@@ -184,21 +184,7 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
     matches!((canon(a), canon(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// Human-readable byte count.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use v2l_export::pipeline::bytes;
 
 /// The effect-prompt flags `v2l-lora predict` and `v2l-run` share.
 #[derive(clap::Args, Clone, Debug, Default)]

@@ -41,6 +41,9 @@ pub enum ExportError {
     Unsupported { path: PathBuf, what: String },
     #[error(transparent)]
     Write(#[from] v2l_graphs::WriteError),
+    /// A part of an export directory that cannot be written or is refused by its check.
+    #[error("{0}")]
+    Part(String),
 }
 
 /// Results of the exporters.

@@ -30,6 +30,7 @@ pub mod error;
 mod layers;
 pub mod lofa;
 pub mod manifest;
+pub mod pipeline;
 pub mod prompt2effect;
 pub mod scope;
 pub mod synthetic;

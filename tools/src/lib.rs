@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`stage`] | one pipeline component on a safetensors file of inputs (`v2l-run stage`): how a user checks an export against PyTorch |
 //! | [`measure`] | which effect a clip shows, from its pixels (`v2l-run measure`) |
+//! | [`export_checks`] | the runtime's readers as the exporter's part checks (`v2l-export`, tests) |
 //! | [`lora_compare`] | how two LoRAs relate, layer by layer (`v2l-lora inspect --compare`) |
 
 #![cfg_attr(
@@ -11,6 +12,9 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod export_checks;
 pub mod lora_compare;
+
+pub use export_checks::ExportChecks;
 pub mod measure;
 pub mod stage;

@@ -1,12 +1,13 @@
 //! `v2l-export`: rebuild a PyTorch-trained model as an ONNX graph, from its checkpoint alone.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use v2l_cli::{bytes, main_with, Failure};
-use v2l_export::{cogvideox_dit, video2lora_hypernet, Checkpoint, Manifest};
+use v2l_cli::main_with;
+use v2l_export::pipeline::{self as export, Output};
 use v2l_graphs::{DType, ExternalData};
+use v2l_tools::ExportChecks;
 
 /// Export diffusers / upstream checkpoints to ONNX graphs, without PyTorch.
 ///
@@ -192,21 +193,6 @@ struct OutputArgs {
     /// (protobuf holds at most 2 GiB, and ONNX Runtime loads external weights faster)
     #[arg(long, value_enum, default_value = "auto")]
     external_data: External,
-    /// Where the files end up when `output` is a staging directory (messages name this).
-    #[arg(skip)]
-    shown_as: Option<PathBuf>,
-}
-
-impl OutputArgs {
-    /// `file` as the user will find it.
-    fn shown(&self, file: &str) -> String {
-        self.shown_as
-            .as_ref()
-            .unwrap_or(&self.output)
-            .join(file)
-            .display()
-            .to_string()
-    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -245,513 +231,78 @@ impl From<External> for ExternalData {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    main_with(|| match cli.command {
-        Command::Dit {
-            checkpoint,
-            out,
-            weight_dtype,
-        } => export_dit(&checkpoint, &out, weight_dtype.into()),
-        Command::Vae { checkpoint, out } => export_vae(&checkpoint, &out),
-        Command::TextEncoder {
-            checkpoint,
-            tokenizer,
-            out,
-            weight_dtype,
-        } => export_text_encoder(&checkpoint, tokenizer.as_deref(), &out, weight_dtype.into()),
-        Command::ImageEncoder {
-            checkpoint,
-            out,
-            weight_dtype,
-        } => export_image_encoder(&checkpoint, &out, weight_dtype.into()),
-        Command::Pipeline {
-            model,
-            hypernet,
-            lilora,
-            iterations,
-            out,
-        } => {
-            v2l_runtime::limits::Limits::from_env()?.check_iterations(iterations)?;
-            export_pipeline(
-                &model,
-                hypernet.as_deref(),
-                lilora.as_deref(),
-                iterations,
-                &out,
-            )
-        }
-        Command::Prompt2effect { checkpoint, out } => export_prompt2effect(&checkpoint, &out),
-        Command::Lofa {
-            stage1,
-            stage2,
-            out,
-        } => export_lofa(&stage1, &stage2, &out),
-        Command::Hypernet {
-            checkpoint,
-            lilora,
-            dit,
-            iterations,
-            out,
-        } => {
-            v2l_runtime::limits::Limits::from_env()?.check_iterations(iterations)?;
-            export_hypernet(&checkpoint, &lilora, &dit, iterations, &out)
-        }
-    })
-}
-
-fn prepare_dir(dir: &Path) -> Result<Manifest, Failure> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
-    Ok(Manifest::read_or_default(dir)?)
-}
-
-fn warn_unused(keys: &[String]) {
-    if !keys.is_empty() {
-        eprintln!(
-            "warning: {} checkpoint tensors were not used: {}",
-            keys.len(),
-            keys.join(", ")
-        );
-    }
-}
-
-fn export_dit(checkpoint: &Path, out: &OutputArgs, weight_dtype: DType) -> Result<(), Failure> {
-    let ck = Checkpoint::open_dir(checkpoint)?;
-    let ex = v2l_export::dit::export(&ck, weight_dtype)?;
-    warn_unused(&ex.unused_keys);
-    let mut manifest = prepare_dir(&out.output)?;
-    let file = "dit.onnx";
-    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
-    manifest.dit = Some(ex.manifest_entry(file));
-    manifest.write(&out.output)?;
-    println!(
-        "wrote {} ({}, {} layers, {} LoRA-targetable linears, {} of {} weights{})",
-        out.shown(file),
-        ex.class_name,
-        ex.num_layers,
-        ex.linears.len(),
-        bytes(written.weight_bytes),
-        weight_dtype,
-        if written.data.is_some() {
-            ", external data"
-        } else {
-            ""
-        }
-    );
-    Ok(())
-}
-
-fn export_vae(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
-    let ck = Checkpoint::open_dir(checkpoint)?;
-    let ex = v2l_export::vae::export(&ck)?;
-    warn_unused(&ex.unused_keys);
-    let mut manifest = prepare_dir(&out.output)?;
-    let (enc, dec) = ("vae_encoder.onnx", "vae_decoder.onnx");
-    let we = v2l_graphs::save(&ex.encoder, &out.output.join(enc), out.external_data.into())?;
-    let wd = v2l_graphs::save(&ex.decoder, &out.output.join(dec), out.external_data.into())?;
-    manifest.vae = Some(ex.manifest_entry(enc, dec));
-    manifest.write(&out.output)?;
-    let (ce, cd) = ex.cache_counts();
-    println!(
-        "wrote {} and {} ({}: {} + {} of f32 weights; {ce} + {cd} causal-conv caches)",
-        out.shown(enc),
-        out.shown(dec),
-        ex.class_name,
-        bytes(we.weight_bytes),
-        bytes(wd.weight_bytes),
-    );
-    Ok(())
-}
-
-fn export_text_encoder(
-    checkpoint: &Path,
-    tokenizer: Option<&Path>,
-    out: &OutputArgs,
-    weight_dtype: DType,
-) -> Result<(), Failure> {
-    let ck = Checkpoint::open_dir(checkpoint)?;
-    let ex =
-        v2l_export::t5_encoder::export(&ck, (weight_dtype != DType::F32).then_some(weight_dtype))?;
-    warn_unused(&ex.unused_keys);
-    let mut manifest = prepare_dir(&out.output)?;
-    let file = "text_encoder.onnx";
-    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
-    let tokenizer_dir = match tokenizer {
-        Some(t) => copy_tokenizer(t, &out.output, ex.config.vocab_size)?,
-        None => String::new(),
-    };
-    manifest.text_encoder = Some(v2l_export::manifest::TextEncoderEntry {
-        file: file.into(),
-        model_type: ex.config.model_type.clone(),
-        d_model: ex.config.d_model,
-        vocab_size: ex.config.vocab_size,
-        tokenizer: tokenizer_dir,
-        weight_dtype: weight_dtype.name().into(),
-        config: ck.raw_config()?.clone(),
-    });
-    manifest.write(&out.output)?;
-    println!(
-        "wrote {} ({} encoder, {} layers, d_model {}, {} of {} weights)",
-        out.shown(file),
-        ex.config.model_type,
-        ex.config.num_layers,
-        ex.config.d_model,
-        bytes(written.weight_bytes),
-        weight_dtype
-    );
-    Ok(())
-}
-
-fn export_image_encoder(
-    checkpoint: &Path,
-    out: &OutputArgs,
-    weight_dtype: DType,
-) -> Result<(), Failure> {
-    let ck = Checkpoint::open_dir(checkpoint)?;
-    let ex =
-        v2l_export::clip_vision::export(&ck, (weight_dtype != DType::F32).then_some(weight_dtype))?;
-    // The last layer and post_layernorm are unused by design (Wan takes hidden_states[-2]).
-    let mut manifest = prepare_dir(&out.output)?;
-    let file = "image_encoder.onnx";
-    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
-    // A diffusers pipeline keeps the encoder's image processor beside it (`image_processor/`):
-    // checked and copied, so the runtime preprocesses first frames as the pipeline does.
-    let processor = checkpoint
-        .parent()
-        .map(|p| p.join("image_processor").join("preprocessor_config.json"))
-        .filter(|p| p.is_file());
-    let preprocessor = match processor {
-        Some(src) => {
-            v2l_runtime::image_preprocess::ClipPreprocess::from_file(&src)?;
-            let rel = "image_processor/preprocessor_config.json";
-            let dst = out.output.join(rel);
-            let copied = dst
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|_| std::fs::copy(&src, &dst));
-            copied.map_err(|e| Failure::new(format!("{}: {e}", dst.display())))?;
-            rel.to_string()
-        }
-        None => String::new(),
-    };
-    manifest.image_encoder = Some(v2l_export::manifest::ImageEncoderEntry {
-        file: file.into(),
-        model_type: ex.config.model_type.clone(),
-        hidden_size: ex.config.hidden_size,
-        image_size: ex.config.image_size,
-        weight_dtype: weight_dtype.name().into(),
-        preprocessor,
-        config: ck.raw_config()?.clone(),
-    });
-    manifest.write(&out.output)?;
-    println!(
-        "wrote {} (CLIP vision, {} of {} layers: the penultimate hidden states; {} of {} weights)",
-        out.shown(file),
-        ex.config.num_hidden_layers - 1,
-        ex.config.num_hidden_layers,
-        bytes(written.weight_bytes),
-        weight_dtype
-    );
-    Ok(())
-}
-
-/// Checks the tokenizer in `src` (it loads, and its ids fit the encoder's `vocab_size`) and
-/// copies its files to `<out>/tokenizer/`. Returns that subdirectory's name.
-fn copy_tokenizer(src: &Path, out: &Path, vocab_size: usize) -> Result<String, Failure> {
-    let tok = v2l_runtime::text::tokenizer::PromptTokenizer::from_dir(src)?;
-    let probe = tok.ids("<extra_id_0> a")?;
-    if let Some(id) = probe.iter().find(|&&i| i < 0 || i as usize >= vocab_size) {
-        return Err(Failure::new(format!(
-            "{}: gives token id {id}, outside the text encoder's vocabulary of {vocab_size}",
-            src.display()
-        )));
-    }
-    let name = "tokenizer";
-    let dir = out.join(name);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
-    for f in TOKENIZER_FILES {
-        let from = src.join(f);
-        if from.is_file() {
-            std::fs::copy(&from, dir.join(f))
-                .map_err(|e| Failure::new(format!("{}: {e}", from.display())))?;
-        }
-    }
-    Ok(name.into())
-}
-
-/// The files of a tokenizer directory v2l reads (the rest is not needed).
-const TOKENIZER_FILES: [&str; 4] = [
-    "spiece.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-];
-
-fn export_hypernet(
-    checkpoint: &Path,
-    lilora: &Path,
-    dit: &Path,
-    iterations: usize,
-    out: &OutputArgs,
-) -> Result<(), Failure> {
-    let ck = Checkpoint::open_file(checkpoint)?;
-    let ex =
-        video2lora_hypernet::export(&ck, &video2lora_hypernet::HypernetOptions { iterations })?;
-    warn_unused(&ex.unused_keys);
-    let linears = cogvideox_dit::export(&Checkpoint::open_dir(dit)?, &Default::default())?.linears;
-    let aux = v2l_runtime::lora::lilora::LiLora::load(lilora, &linears)
-        .map_err(v2l_runtime::RuntimeError::from)?;
-    let d = &ex.dims;
-    if d.num_layers != aux.layers.len() {
-        return Err(Failure::new(format!(
-            "{}: the hypernetwork predicts {} rows, but {} has {} layers (one per nn.Linear of the DiT)",
-            checkpoint.display(),
-            d.num_layers,
-            lilora.display(),
-            aux.layers.len()
-        )));
-    }
-    if d.weight_dim % (aux.a + aux.b) != 0 {
-        return Err(Failure::new(format!(
-            "{}: rows of width {} are not a multiple of the LiLoRA a + b = {} + {}",
-            checkpoint.display(),
-            d.weight_dim,
-            aux.a,
-            aux.b
-        )));
-    }
-    let mut manifest = prepare_dir(&out.output)?;
-    let file = "hypernet.onnx";
-    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
-    let lilora_name = "lilora.safetensors";
-    let dst = out.output.join(lilora_name);
-    if std::fs::canonicalize(lilora).ok() != std::fs::canonicalize(&dst).ok() {
-        let copy = || -> std::io::Result<()> {
-            let mut tmp = v2l_contracts::atomic::temp_sibling(&dst, ".tmp")?;
-            std::io::copy(&mut std::fs::File::open(lilora)?, &mut tmp)?;
-            tmp.persist(&dst).map(drop).map_err(|e| e.error)
+    main_with(|| {
+        let out_args = match &cli.command {
+            Command::Dit { out, .. }
+            | Command::Vae { out, .. }
+            | Command::TextEncoder { out, .. }
+            | Command::ImageEncoder { out, .. }
+            | Command::Pipeline { out, .. }
+            | Command::Prompt2effect { out, .. }
+            | Command::Lofa { out, .. }
+            | Command::Hypernet { out, .. } => out,
         };
-        copy().map_err(|e| Failure::new(format!("{}: {e}", dst.display())))?;
-    }
-    manifest.hypernet = Some(v2l_export::manifest::HypernetEntry {
-        file: file.into(),
-        dims: ex.dims.clone(),
-        lilora: lilora_name.into(),
-        lilora_a: aux.a,
-        lilora_b: aux.b,
-        layers: linears.iter().map(|l| l.name.clone()).collect(),
-    });
-    manifest.write(&out.output)?;
-    println!(
-        "wrote {} ({} rows of width {}, {} heads, {} blocks, {} iterations; {} of weights) and {}",
-        out.shown(file),
-        d.num_layers,
-        d.weight_dim,
-        d.heads,
-        d.blocks,
-        d.iterations,
-        bytes(written.weight_bytes),
-        out.shown(lilora_name)
-    );
-    Ok(())
-}
-
-fn export_prompt2effect(checkpoint: &Path, out: &OutputArgs) -> Result<(), Failure> {
-    let ck = Checkpoint::open_dir(checkpoint)?;
-    let ex = v2l_export::prompt2effect::export(&ck)?;
-    warn_unused(&ex.unused_keys);
-    let mut manifest = prepare_dir(&out.output)?;
-    let file = "prompt2effect.onnx";
-    let written = v2l_graphs::save(&ex.graph, &out.output.join(file), out.external_data.into())?;
-    let c = &ex.config;
-    manifest.prompt2effect = Some(v2l_export::manifest::Prompt2EffectEntry {
-        file: file.into(),
-        text_dim: c.text_dim,
-        weight_dim: c.weight_dim,
-        rank: c.rank,
-        hidden_dim: c.hidden_dim,
-        max_layers: c.max_layers,
-        module_types: c.module_specs.clone(),
-    });
-    manifest.write(&out.output)?;
-    println!(
-        "wrote {} (text width {}, {}×{} weights, rank {}, {} blocks of width {}, {} module types; {} of weights)",
-        out.shown(file),
-        c.text_dim,
-        c.weight_dim,
-        c.weight_dim,
-        c.rank,
-        c.n_layer,
-        c.hidden_dim,
-        c.module_specs.len(),
-        bytes(written.weight_bytes)
-    );
-    Ok(())
-}
-
-fn export_lofa(stage1: &Path, stage2: &Path, out: &OutputArgs) -> Result<(), Failure> {
-    use v2l_export::lofa;
-    let (c1, c2) = (Checkpoint::open_dir(stage1)?, Checkpoint::open_dir(stage2)?);
-    let (one, two) = lofa::export_pair(&c1, &c2)?;
-    // Stage 1's heads make its training-time response map, unused at inference.
-    let unused: Vec<String> = one
-        .unused_keys
-        .iter()
-        .filter(|k| !k.starts_with("head_"))
-        .chain(&two.unused_keys)
-        .cloned()
-        .collect();
-    warn_unused(&unused);
-    let mut manifest = prepare_dir(&out.output)?;
-    let (f1, f2) = ("lofa_stage1.onnx", "lofa_stage2.onnx");
-    let w1 = v2l_graphs::save(&one.graph, &out.output.join(f1), out.external_data.into())?;
-    let w2 = v2l_graphs::save(&two.graph, &out.output.join(f2), out.external_data.into())?;
-    let c = &two.config;
-    manifest.lofa = Some(v2l_export::manifest::LofaEntry {
-        stage1: f1.into(),
-        stage2: f2.into(),
-        text_dim: c.context_dim,
-        weight_dim: c.in_dim,
-        rank: c.lora_rank,
-        d_model: c.d_model,
-        tokens: c.tokens(),
-        num_depth: c.num_depth,
-        module_types: lofa::VALID_LAYERS
-            .iter()
-            .take(c.num_type)
-            .map(|s| s.to_string())
-            .collect(),
-    });
-    manifest.write(&out.output)?;
-    println!(
-        "wrote {} and {} (text width {}, {}×{} weights in {} tokens, rank {}, {} blocks of width {}; {} + {} of weights)",
-        out.shown(f1),
-        out.shown(f2),
-        c.context_dim,
-        c.in_dim,
-        c.in_dim,
-        c.tokens(),
-        c.lora_rank,
-        c.n_blocks,
-        c.d_model,
-        bytes(w1.weight_bytes),
-        bytes(w2.weight_bytes)
-    );
-    Ok(())
-}
-
-fn export_pipeline(
-    model: &Path,
-    hypernet: Option<&Path>,
-    lilora: Option<&Path>,
-    iterations: usize,
-    out: &OutputArgs,
-) -> Result<(), Failure> {
-    let sched = model.join("scheduler").join("scheduler_config.json");
-    if !sched.is_file() {
-        return Err(Failure::new(format!(
-            "{}: missing (a diffusers pipeline directory has scheduler/scheduler_config.json)",
-            sched.display()
-        )));
-    }
-    // The sampler's config is checked now, not at the first generation: Wan pipelines ship
-    // flow samplers, CogVideoX DDIM.
-    let transformer = Checkpoint::open_dir(&model.join("transformer"))?;
-    match transformer
-        .raw_config()?
-        .get("_class_name")
-        .and_then(|c| c.as_str())
-    {
-        Some(v2l_export::wan_dit::CLASS_NAME) => {
-            v2l_runtime::flow::FlowScheduler::from_file(&sched)?;
+        let out = Output {
+            output: &out_args.output,
+            external_data: out_args.external_data.into(),
+            shown_as: None,
+            say: &|line| println!("{line}"),
+            warn: &|line| eprintln!("warning: {line}"),
+            checks: &ExportChecks,
+        };
+        let limits = v2l_runtime::limits::Limits::from_env;
+        match &cli.command {
+            Command::Dit {
+                checkpoint,
+                weight_dtype,
+                ..
+            } => export::dit(checkpoint, &out, (*weight_dtype).into())?,
+            Command::Vae { checkpoint, .. } => export::vae(checkpoint, &out)?,
+            Command::TextEncoder {
+                checkpoint,
+                tokenizer,
+                weight_dtype,
+                ..
+            } => export::text_encoder(
+                checkpoint,
+                tokenizer.as_deref(),
+                &out,
+                (*weight_dtype).into(),
+            )?,
+            Command::ImageEncoder {
+                checkpoint,
+                weight_dtype,
+                ..
+            } => export::image_encoder(checkpoint, &out, (*weight_dtype).into())?,
+            Command::Pipeline {
+                model,
+                hypernet,
+                lilora,
+                iterations,
+                ..
+            } => {
+                limits()?.check_iterations(*iterations)?;
+                export::pipeline(
+                    model,
+                    hypernet.as_deref(),
+                    lilora.as_deref(),
+                    *iterations,
+                    &out,
+                )?
+            }
+            Command::Prompt2effect { checkpoint, .. } => export::prompt2effect(checkpoint, &out)?,
+            Command::Lofa { stage1, stage2, .. } => export::lofa(stage1, stage2, &out)?,
+            Command::Hypernet {
+                checkpoint,
+                lilora,
+                dit,
+                iterations,
+                ..
+            } => {
+                limits()?.check_iterations(*iterations)?;
+                export::hypernet(checkpoint, lilora, dit, *iterations, &out)?
+            }
         }
-        _ => {
-            v2l_runtime::scheduler::SchedulerConfig::from_file(&sched)?;
-        }
-    }
-    drop(transformer);
-    // Every part is written to a staging directory beside the output and moved in only when
-    // all succeeded: a failed export leaves nothing a later `v2l-compile` would accept.
-    let parent = out
-        .output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .map_err(|e| Failure::new(format!("cannot create {}: {e}", parent.display())))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".v2l-export-")
-        .tempdir_in(parent)
-        .map_err(|e| {
-            Failure::new(format!(
-                "cannot create a staging directory in {}: {e}",
-                parent.display()
-            ))
-        })?;
-    let stage = OutputArgs {
-        output: staging.path().to_path_buf(),
-        external_data: out.external_data,
-        shown_as: Some(out.output.clone()),
-    };
-    // An existing manifest (other parts exported before) carries over.
-    if let Ok(m) = Manifest::read(&out.output) {
-        m.write(&stage.output)?;
-    }
-    export_dit(&model.join("transformer"), &stage, DType::F32)?;
-    export_vae(&model.join("vae"), &stage)?;
-    // The prompt encoder, when the pipeline directory has one.
-    if model.join("text_encoder").join("config.json").is_file() {
-        let tok = model.join("tokenizer");
-        export_text_encoder(
-            &model.join("text_encoder"),
-            tok.is_dir().then_some(tok.as_path()),
-            &stage,
-            DType::F32,
-        )?;
-    }
-    // Wan I2V's CLIP vision encoder, when the pipeline has one.
-    if model.join("image_encoder").join("config.json").is_file() {
-        export_image_encoder(&model.join("image_encoder"), &stage, DType::F32)?;
-    }
-    if let (Some(h), Some(l)) = (hypernet, lilora) {
-        export_hypernet(h, l, &model.join("transformer"), iterations, &stage)?;
-    }
-    let name = "scheduler_config.json";
-    std::fs::copy(&sched, stage.output.join(name))
-        .map_err(|e| Failure::new(format!("{}: {e}", stage.output.join(name).display())))?;
-    let mut manifest = Manifest::read_or_default(&stage.output)?;
-    manifest.scheduler = Some(name.into());
-    manifest.write(&stage.output)?;
-    publish(staging, &out.output)?;
-    println!("wrote {}", out.output.join(name).display());
-    Ok(())
-}
-
-/// Moves a finished staging directory's files into `out` (created if missing), the manifest
-/// last, so `out` only ever holds a complete export.
-fn publish(staging: tempfile::TempDir, out: &Path) -> Result<(), Failure> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |e: std::io::Error| Failure::new(format!("{}: {e}", p.display()))
-    };
-    if !out.exists() {
-        let src = staging.keep();
-        return std::fs::rename(&src, out).map_err(io(out));
-    }
-    let manifest = v2l_export::manifest::FILE_NAME;
-    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(staging.path())
-        .map_err(io(staging.path()))?
-        .filter_map(|e| e.ok().map(|e| e.file_name()))
-        .filter(|n| n != manifest)
-        .collect();
-    names.push(manifest.into());
-    for n in names {
-        let (from, to) = (staging.path().join(&n), out.join(&n));
-        // A directory part (the tokenizer) replaces the one an earlier export left.
-        if from.is_dir() && to.is_dir() {
-            std::fs::remove_dir_all(&to).map_err(io(&to))?;
-        }
-        std::fs::rename(&from, &to).map_err(io(&to))?;
-    }
-    Ok(())
+        Ok(())
+    })
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::null_mut;
 
 use v2l::*;
-use v2l_export::{cogvideox_dit, cogvideox_vae, video2lora_hypernet, Checkpoint, Manifest};
+use v2l_export::{Checkpoint, Manifest};
 use v2l_graphs::{DType, ExternalData};
 use v2l_runtime::backend::{Backend, Precision};
 use v2l_runtime::video::Frames;
@@ -24,75 +24,23 @@ pub fn tiny() -> PathBuf {
 pub fn build_engine(dir: &Path) -> PathBuf {
     let t = tiny();
     let ex = dir.join("export");
-    std::fs::create_dir_all(&ex).unwrap();
-    let mut m = Manifest::read_or_default(&ex).unwrap();
-
-    let dit_ck = Checkpoint::open_dir(&t.join("transformer")).unwrap();
-    let dit = cogvideox_dit::export(&dit_ck, &Default::default()).unwrap();
-    v2l_graphs::save(&dit.graph, &ex.join("dit.onnx"), ExternalData::Auto).unwrap();
-    m.dit = Some(dit.manifest_entry("dit.onnx", DType::F32));
-
-    let vae_ck = Checkpoint::open_dir(&t.join("vae")).unwrap();
-    let vae = cogvideox_vae::export(&vae_ck).unwrap();
-    let raw: serde_json::Value = vae_ck.config(cogvideox_vae::CLASS_NAME).unwrap();
-    v2l_graphs::save(
-        &vae.encoder,
-        &ex.join("vae_encoder.onnx"),
-        ExternalData::Auto,
+    // As `v2l-export pipeline` does it (the same library call, the runtime's part checks).
+    let out = v2l_export::pipeline::Output {
+        output: &ex,
+        external_data: ExternalData::Auto,
+        shown_as: None,
+        say: &|_| {},
+        warn: &|_| {},
+        checks: &v2l_tools::ExportChecks,
+    };
+    v2l_export::pipeline::pipeline(
+        &t,
+        Some(&t.join("hypernetwork.safetensors")),
+        Some(&t.join("lilora.safetensors")),
+        4,
+        &out,
     )
     .unwrap();
-    v2l_graphs::save(
-        &vae.decoder,
-        &ex.join("vae_decoder.onnx"),
-        ExternalData::Auto,
-    )
-    .unwrap();
-    m.vae = Some(vae.manifest_entry("vae_encoder.onnx", "vae_decoder.onnx", raw));
-
-    let hck = Checkpoint::open_file(&t.join("hypernetwork.safetensors")).unwrap();
-    let hyper = video2lora_hypernet::export(
-        &hck,
-        &video2lora_hypernet::HypernetOptions { iterations: 4 },
-    )
-    .unwrap();
-    let aux = v2l_runtime::lora::lilora::LiLora::load(&t.join("lilora.safetensors"), &dit.linears)
-        .unwrap();
-    v2l_graphs::save(&hyper.graph, &ex.join("hypernet.onnx"), ExternalData::Auto).unwrap();
-    std::fs::copy(t.join("lilora.safetensors"), ex.join("lilora.safetensors")).unwrap();
-    m.hypernet = Some(v2l_export::manifest::HypernetEntry {
-        file: "hypernet.onnx".into(),
-        dims: hyper.dims.clone(),
-        lilora: "lilora.safetensors".into(),
-        lilora_a: aux.a,
-        lilora_b: aux.b,
-        layers: dit.linears.iter().map(|l| l.name.clone()).collect(),
-    });
-
-    // The prompt encoder and its tokenizer (copied as `v2l-export pipeline` does).
-    let te_ck = Checkpoint::open_dir(&t.join("text_encoder")).unwrap();
-    let te = v2l_export::t5_encoder::export(&te_ck, None).unwrap();
-    v2l_graphs::save(&te.graph, &ex.join("text_encoder.onnx"), ExternalData::Auto).unwrap();
-    std::fs::create_dir_all(ex.join("tokenizer")).unwrap();
-    for f in ["spiece.model", "tokenizer_config.json"] {
-        std::fs::copy(t.join("tokenizer").join(f), ex.join("tokenizer").join(f)).unwrap();
-    }
-    m.text_encoder = Some(v2l_export::manifest::TextEncoderEntry {
-        file: "text_encoder.onnx".into(),
-        model_type: "t5".into(),
-        d_model: te.config.d_model,
-        vocab_size: te.config.vocab_size,
-        tokenizer: "tokenizer".into(),
-        weight_dtype: "f32".into(),
-        config: te_ck.raw_config().unwrap().clone(),
-    });
-
-    std::fs::copy(
-        t.join("scheduler/scheduler_config.json"),
-        ex.join("scheduler_config.json"),
-    )
-    .unwrap();
-    m.scheduler = Some("scheduler_config.json".into());
-    m.write(&ex).unwrap();
 
     let eng = dir.join("engine");
     v2l_compile::compile(&ex, &eng, Backend::Cpu, Precision::Fp32).unwrap();
