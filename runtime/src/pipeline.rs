@@ -16,8 +16,6 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 use v2l_contracts::io::vae as vae_io;
 
-use v2l_contracts::family::WanDitConfig;
-
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::flow::FlowScheduler;
@@ -91,7 +89,7 @@ pub struct Pipeline {
     dir: Engine,
     vae: Vae,
     dit: DitRunner,
-    sampler: Sampler,
+    family: Box<dyn FamilySteps>,
     predictor: Option<Predictor>,
     /// The LoRA set by [`Pipeline::set_lora`] (`None`: base weights); a request's own LoRA
     /// ([`RequestLora`]) replaces it for that request only.
@@ -118,15 +116,21 @@ impl Pipeline {
             what: dir.dir.display().to_string(),
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
-        let sampler = match dir.wan_config()? {
-            Some(w) => {
-                let encoder = match w.image_dim {
+        let family: Box<dyn FamilySteps> = match dir.wan_config()? {
+            Some(config) => {
+                let encoder = match config.image_dim {
                     Some(_) => wan::ImageEncoder::load(&dir, opts)?,
                     None => None,
                 };
-                Sampler::Flow(FlowScheduler::from_file(&dir.dir.join(sched))?, w, encoder)
+                Box::new(wan::Wan {
+                    sampler: FlowScheduler::from_file(&dir.dir.join(sched))?,
+                    config,
+                    encoder,
+                })
             }
-            None => Sampler::Ddim(SchedulerConfig::from_file(&dir.dir.join(sched))?),
+            None => Box::new(cogvideox::CogVideoX {
+                scheduler: SchedulerConfig::from_file(&dir.dir.join(sched))?,
+            }),
         };
         let vae = Vae::load(&dir, opts)?;
         let dit = DitRunner::load(&dir, opts, strategy)?;
@@ -138,7 +142,7 @@ impl Pipeline {
             dir,
             vae,
             dit,
-            sampler,
+            family,
             predictor,
             applied: None,
         })
@@ -235,7 +239,7 @@ impl Pipeline {
             what: what.into(),
             message,
         };
-        let wan = matches!(self.sampler, Sampler::Flow(..));
+        let wan = self.family.channels_first();
         let t2v = wan && dit.in_channels == dit.out_channels;
         let (h, w) = match (&req.image, t2v) {
             (Some(_), true) => {
@@ -311,16 +315,9 @@ impl Pipeline {
                 ));
             }
         }
-        if let Sampler::Flow(
-            _,
-            WanDitConfig {
-                image_dim: Some(d), ..
-            },
-            encoder,
-        ) = &self.sampler
-        {
+        if let Some((d, encodes)) = self.family.image_tokens() {
             match &req.image_embeds {
-                Some(e) if matches!(e.shape[..], [1, l, w] if l > 0 && w == *d) => {}
+                Some(e) if matches!(e.shape[..], [1, l, w] if l > 0 && w == d) => {}
                 Some(e) => {
                     return Err(invalid(
                         "image_embeds",
@@ -328,7 +325,7 @@ impl Pipeline {
                     ))
                 }
                 // The engine's CLIP encoder computes them from the first frame.
-                None if encoder.is_some() => {}
+                None if encodes => {}
                 None => {
                     return Err(invalid(
                         "image_embeds",
@@ -426,74 +423,22 @@ impl Pipeline {
         timings: &mut BTreeMap<String, f64>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let t = Instant::now();
-        let (latents, latents_steps, dit_ms, video) = match &mut self.sampler {
-            Sampler::Ddim(cfg) => {
-                let image = req.image.as_ref().ok_or_else(|| RuntimeError::Invalid {
-                    what: "image".into(),
-                    message: "CogVideoX image-to-video needs the first frame".into(),
-                })?;
-                let image_latents = cogvideox::encode_image(&mut self.vae, image, shape)?;
-                timings.insert("vae_encode".into(), ms(t));
-                let dit = self
-                    .dir
-                    .manifest
-                    .dit
-                    .as_ref()
-                    .ok_or_else(|| RuntimeError::Invalid {
-                        what: self.dir.dir.display().to_string(),
-                        message: "holds no DiT".into(),
-                    })?;
-                let (latents, steps, dit_ms) = cogvideox::denoise(
-                    &mut self.dit,
-                    dit,
-                    cfg,
-                    req,
-                    shape,
-                    &image_latents,
-                    progress,
-                )?;
-                let t = Instant::now();
-                let video = cogvideox::decode(&mut self.vae, &latents, shape)?;
-                timings.insert("vae_decode".into(), ms(t));
-                (latents, steps, dit_ms, video)
-            }
-            Sampler::Flow(sched, w, encoder) => {
-                let (condition, embeds) = match &req.image {
-                    Some(image) => {
-                        let c = wan::condition(&mut self.vae, image, req.frames, shape)?;
-                        timings.insert("vae_encode".into(), ms(t));
-                        let embeds = match (&req.image_embeds, encoder) {
-                            (Some(e), _) => Some(e.clone()),
-                            (None, Some(enc)) => {
-                                let t = Instant::now();
-                                let e = enc.encode(image)?;
-                                timings.insert("image_encode".into(), ms(t));
-                                Some(e)
-                            }
-                            (None, None) => None,
-                        };
-                        (Some(c), embeds)
-                    }
-                    None => (None, None),
-                };
-                let (latents, steps, dit_ms) = wan::denoise(
-                    &mut self.dit,
-                    w,
-                    sched,
-                    req,
-                    shape,
-                    condition.as_ref(),
-                    embeds.as_ref(),
-                    progress,
-                )?;
-                let t = Instant::now();
-                let video = wan::decode(&mut self.vae, &latents, shape)?;
-                timings.insert("vae_decode".into(), ms(t));
-                (latents, steps, dit_ms, video)
-            }
+        let entry = self
+            .dir
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: self.dir.dir.display().to_string(),
+                message: "holds no DiT".into(),
+            })?;
+        let parts = Parts {
+            vae: &mut self.vae,
+            dit: &mut self.dit,
+            entry,
         };
-        drop(latents);
+        let (latents_steps, dit_ms, video) =
+            self.family.run(parts, req, shape, timings, progress)?;
         if let Some(m) = median(dit_ms) {
             timings.insert("dit_step".into(), m);
         }
@@ -501,13 +446,34 @@ impl Pipeline {
     }
 }
 
-/// The sampler of the engine's family.
-enum Sampler {
-    /// CogVideoX: DDIM.
-    Ddim(SchedulerConfig),
-    /// Wan: a flow sampler (UniPC or Euler), with the DiT facts its loop needs and, for I2V
-    /// engines that export one, the CLIP image encoder.
-    Flow(FlowScheduler, WanDitConfig, Option<wan::ImageEncoder>),
+/// What differs between the families when a request runs, behind one trait: each
+/// conditions on the first frame, runs the one denoise loop (`pipeline/denoise.rs`) with its
+/// sampler, and decodes its latent layout. CogVideoX in `pipeline/cogvideox.rs`, Wan in
+/// `pipeline/wan.rs`.
+trait FamilySteps: Send {
+    /// Whether latents are channels first (Wan) or frames first (CogVideoX).
+    fn channels_first(&self) -> bool;
+    /// Wan I2V: the width of the CLIP image tokens, and whether the engine encodes them itself.
+    fn image_tokens(&self) -> Option<(usize, bool)> {
+        None
+    }
+    /// Steps 2 to 4 with the DiT as it is: condition, denoise, decode. Returns the latents
+    /// after every step, each DiT call's milliseconds and the decoded video `[1, 3, F, H, W]`.
+    fn run(
+        &mut self,
+        parts: Parts<'_>,
+        req: &Request,
+        shape: &LatentShape,
+        timings: &mut BTreeMap<String, f64>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Vec<Tensor>, Vec<f64>, Tensor)>;
+}
+
+/// The pipeline's models a family's steps run.
+struct Parts<'a> {
+    vae: &'a mut Vae,
+    dit: &'a mut DitRunner,
+    entry: &'a v2l_contracts::manifest::DitEntry,
 }
 
 /// The VAE's `[1, 3, F, H, W]` in [-1, 1] → frames `[1, F, H, W, 3]` as

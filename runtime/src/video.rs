@@ -84,9 +84,6 @@ pub fn to_rgb8(frames: &Tensor) -> Result<Frames> {
     })
 }
 
-/// Pipes raw RGB24 frames into ffmpeg writing `path` (format from its extension), under a
-/// temporary name renamed into place on success.
-
 #[cfg(feature = "video")]
 mod ffmpeg;
 #[cfg(feature = "video")]

@@ -733,13 +733,24 @@ mod tests {
             "{err}"
         );
 
+        // A NaN factor: v2l refuses to write it (the check reading applies too), and an
+        // overflowing one likewise; nothing is written.
         let mut lora = sample();
         lora.layers[1].b = Factor::from_f32([4, 2], &[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
-        write(&p, &lora, LoraFormat::Diffusers).unwrap();
-        let err = read(&p, None).unwrap_err().to_string();
+        let q = d.path().join("nan.safetensors");
+        let err = write(&q, &lora, LoraFormat::Diffusers)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("NaN or Inf") && err.contains("to_out.0"),
             "{err}"
         );
+        lora.layers[1].b = Factor::from_f32([4, 2], &[0.0, 1e30, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        let err = write(&q, &lora, LoraFormat::Kohya).unwrap_err().to_string();
+        assert!(
+            err.contains("beyond ±1e6") && err.contains("to_out.0"),
+            "{err}"
+        );
+        assert!(!q.exists());
     }
 }

@@ -4,6 +4,7 @@
 //! [`crate::rope::cogvideox_rope`], latents decoded as `z / scaling_factor`.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use v2l_contracts::io::dit as io;
 use v2l_contracts::manifest::DitEntry;
@@ -17,11 +18,52 @@ use crate::vae::Vae;
 use crate::video::Frames;
 
 use super::denoise::{self, Guidance, Sampling};
-use super::{config_usize, LatentShape, Request};
+use super::{config_usize, ms, FamilySteps, LatentShape, Parts, Request};
+
+/// CogVideoX's steps: DDIM over frames-first latents, conditioned on the first frame's latent.
+pub(super) struct CogVideoX {
+    pub(super) scheduler: SchedulerConfig,
+}
+
+impl FamilySteps for CogVideoX {
+    fn channels_first(&self) -> bool {
+        false
+    }
+
+    fn run(
+        &mut self,
+        parts: Parts<'_>,
+        req: &Request,
+        shape: &LatentShape,
+        timings: &mut BTreeMap<String, f64>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Vec<Tensor>, Vec<f64>, Tensor)> {
+        let t = Instant::now();
+        let image = req.image.as_ref().ok_or_else(|| RuntimeError::Invalid {
+            what: "image".into(),
+            message: "CogVideoX image-to-video needs the first frame".into(),
+        })?;
+        let image_latents = encode_image(parts.vae, image, shape)?;
+        timings.insert("vae_encode".into(), ms(t));
+        let (latents, steps, dit_ms) = denoise(
+            parts.dit,
+            parts.entry,
+            &self.scheduler,
+            req,
+            shape,
+            &image_latents,
+            progress,
+        )?;
+        let t = Instant::now();
+        let video = decode(parts.vae, &latents, shape)?;
+        timings.insert("vae_decode".into(), ms(t));
+        Ok((steps, dit_ms, video))
+    }
+}
 
 /// Step 2: the first frame in [-1, 1] → VAE latent × scaling factor as latent frame 0 of
 /// `[lf, C, h, w]`, zeros after (diffusers' I2V padding).
-pub(super) fn encode_image(vae: &mut Vae, image: &Frames, shape: &LatentShape) -> Result<Vec<f32>> {
+fn encode_image(vae: &mut Vae, image: &Frames, shape: &LatentShape) -> Result<Vec<f32>> {
     let unit = image.to_unit_video()?;
     let signed: Vec<f32> = unit
         .as_f32("image")?
@@ -50,7 +92,7 @@ pub(super) fn encode_image(vae: &mut Vae, image: &Frames, shape: &LatentShape) -
 
 /// Step 3: the DDIM loop ([`denoise::run`]). Returns the final latents `[lf, C, h, w]`, the
 /// latents after every step, and each DiT call's time.
-pub(super) fn denoise(
+fn denoise(
     dit: &mut DitRunner,
     entry: &DitEntry,
     cfg: &SchedulerConfig,
@@ -151,7 +193,7 @@ impl Sampling for Ddim<'_> {
 }
 
 /// Step 4: latents `[1, lf, C, h, w]` → `[1, C, lf, h, w]` / scaling factor → VAE.
-pub(super) fn decode(vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+fn decode(vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
     let (lf, c) = (shape.frames, shape.channels);
     let frame = shape.height * shape.width;
     let sf = vae.entry.scaling_factor as f32;

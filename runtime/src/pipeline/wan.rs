@@ -19,6 +19,7 @@
 //! pipelines encode (`max_sequence_length` 512), which the fixtures use.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use v2l_contracts::family::WanDitConfig;
 
@@ -33,7 +34,68 @@ use crate::video::Frames;
 use v2l_contracts::io::dit as io;
 
 use super::denoise::{self, Guidance, Sampling};
-use super::{LatentShape, Request};
+use super::{ms, FamilySteps, LatentShape, Parts, Request};
+
+/// Wan's steps: a flow sampler over channels-first latents; I2V conditions on a mask and the
+/// first frame's latent, and on its CLIP tokens (given, or from the engine's image encoder).
+pub(super) struct Wan {
+    pub(super) sampler: FlowScheduler,
+    pub(super) config: WanDitConfig,
+    pub(super) encoder: Option<ImageEncoder>,
+}
+
+impl FamilySteps for Wan {
+    fn channels_first(&self) -> bool {
+        true
+    }
+
+    fn image_tokens(&self) -> Option<(usize, bool)> {
+        self.config.image_dim.map(|d| (d, self.encoder.is_some()))
+    }
+
+    fn run(
+        &mut self,
+        parts: Parts<'_>,
+        req: &Request,
+        shape: &LatentShape,
+        timings: &mut BTreeMap<String, f64>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Vec<Tensor>, Vec<f64>, Tensor)> {
+        let t = Instant::now();
+        let (condition, embeds) = match &req.image {
+            Some(image) => {
+                let c = condition(parts.vae, image, req.frames, shape)?;
+                timings.insert("vae_encode".into(), ms(t));
+                let embeds = match (&req.image_embeds, &mut self.encoder) {
+                    (Some(e), _) => Some(e.clone()),
+                    (None, Some(enc)) => {
+                        let t = Instant::now();
+                        let e = enc.encode(image)?;
+                        timings.insert("image_encode".into(), ms(t));
+                        Some(e)
+                    }
+                    (None, None) => None,
+                };
+                (Some(c), embeds)
+            }
+            None => (None, None),
+        };
+        let (latents, steps, dit_ms) = denoise(
+            parts.dit,
+            &self.config,
+            &mut self.sampler,
+            req,
+            shape,
+            condition.as_ref(),
+            embeds.as_ref(),
+            progress,
+        )?;
+        let t = Instant::now();
+        let video = decode(parts.vae, &latents, shape)?;
+        timings.insert("vae_decode".into(), ms(t));
+        Ok((steps, dit_ms, video))
+    }
+}
 
 /// Wan I2V's first-frame encoder: `CLIPImageProcessor` then the CLIP vision graph
 /// (`WanImageToVideoPipeline.encode_image`: the penultimate layer's hidden states).
@@ -118,12 +180,7 @@ impl LatentStats {
 }
 
 /// I2V step 2: the DiT's conditioning channels `[1, 4 + z, lf, h, w]`.
-pub(super) fn condition(
-    vae: &mut Vae,
-    image: &Frames,
-    frames: usize,
-    shape: &LatentShape,
-) -> Result<Tensor> {
+fn condition(vae: &mut Vae, image: &Frames, frames: usize, shape: &LatentShape) -> Result<Tensor> {
     let unit = image.to_unit_video()?;
     let (h, w) = (image.height, image.width);
     // [1, 3, 1, H, W] in [-1, 1], then `frames - 1` zero frames after it, per channel.
@@ -170,7 +227,7 @@ pub(super) fn condition(
 /// Step 3: the flow sampler's loop ([`denoise::run`]). Returns the final latents
 /// `[z, lf, h, w]`, the latents after every step, and each DiT call's time.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn denoise(
+fn denoise(
     dit: &mut DitRunner,
     w: &WanDitConfig,
     sched: &mut FlowScheduler,
@@ -251,7 +308,7 @@ impl Sampling for Flow<'_> {
 }
 
 /// Step 4: latents `[z, lf, h, w]` → `z / (1 / std) + mean` → VAE → `[1, 3, F, H, W]`.
-pub(super) fn decode(vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+fn decode(vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
     let stats = LatentStats::of(vae, shape.channels)?;
     let plane = shape.frames * shape.height * shape.width;
     let z = stats.map(latents, plane, |v, m, s| v / s + m);

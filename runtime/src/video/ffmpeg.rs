@@ -284,6 +284,8 @@ fn wait_bounded(
     Ok((status, joined(out), joined(err)))
 }
 
+/// Pipes raw RGB24 frames into ffmpeg writing `path` (format from its extension), under a
+/// temporary name renamed into place on success.
 fn ffmpeg_encode(
     path: &Path,
     rgb: &[u8],
