@@ -327,3 +327,36 @@ fn long_clips_are_decoded_only_as_far_as_needed() {
         v2l_runtime::limits::Limits::default().max_frames
     );
 }
+
+#[test]
+fn a_compiled_engine_without_its_record_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    std::fs::remove_file(engine.join("bundle.json")).unwrap();
+    let o = generate(&engine, &d.path().join("v.mp4"), &[]);
+    refused(&o, &["bundle.json", "is missing", "compiled engine"]);
+}
+
+#[test]
+fn a_killed_exports_staging_directory_is_cleaned_by_the_next_export() {
+    let d = tempfile::tempdir().unwrap();
+    // What a SIGKILLed `v2l-export pipeline` leaves: its staging directory, its pid gone.
+    let left = d.path().join(".v2l-export-4194303-abc123");
+    std::fs::create_dir_all(&left).unwrap();
+    std::fs::write(left.join("dit.onnx"), b"half").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))
+        .arg("pipeline")
+        .arg(common::tiny())
+        .arg("-o")
+        .arg(d.path().join("export"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!left.exists());
+    let staging: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".v2l-export-"))
+        .collect();
+    assert!(staging.is_empty());
+}

@@ -96,6 +96,10 @@ impl Strategy {
 }
 
 pub const FILE_NAME: &str = "bundle.json";
+
+/// Files `v2l-compile` writes and `v2l-export` never does: their presence marks a compiled
+/// engine, which must have its [`FILE_NAME`].
+pub const COMPILED_ONLY: [&str; 2] = ["dit_bound.onnx", "dit_unfused.onnx"];
 /// 2: BLAKE3 hashes; backend rewrites (attention fusion) in the bundle's DiT graphs.
 pub const FORMAT_VERSION: u32 = 2;
 
@@ -225,6 +229,16 @@ pub fn file_entry(dir: &Path, name: &str) -> Result<BundleFile> {
 pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
     let path = dir.join(FILE_NAME);
     if !path.exists() {
+        // Files only `v2l-compile` writes: a compiled engine must keep its record, or every
+        // hash check would be silently off.
+        if let Some(f) = COMPILED_ONLY.iter().find(|f| dir.join(f).exists()) {
+            return Err(BundleError::BadFile {
+                path,
+                message: format!(
+                    "is missing, but the directory is a compiled engine (it holds {f}); without its record no part can be checked: compile the engine again"
+                ),
+            });
+        }
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;

@@ -433,8 +433,9 @@ pub fn pipeline(
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)
         .map_err(|e| ExportError::Part(format!("cannot create {}: {e}", parent.display())))?;
+    remove_abandoned_staging(parent);
     let staging = tempfile::Builder::new()
-        .prefix(".v2l-export-")
+        .prefix(&format!("{STAGING_PREFIX}{}-", std::process::id()))
         .tempdir_in(parent)
         .map_err(|e| {
             ExportError::Part(format!(
@@ -479,6 +480,31 @@ pub fn pipeline(
     publish(staging, out.output)?;
     (out.say)(&format!("wrote {}", out.output.join(name).display()));
     Ok(())
+}
+
+/// Staging directories are `.v2l-export-<pid>-<random>`: the pid says whose they are.
+const STAGING_PREFIX: &str = ".v2l-export-";
+
+/// Removes staging directories in `parent` left by an export that was killed (its process is
+/// gone, as `/proc` tells; elsewhere nothing is removed). A running export's are kept.
+fn remove_abandoned_staging(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(STAGING_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let proc = Path::new("/proc");
+        if proc.is_dir() && !proc.join(pid.to_string()).exists() && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Moves a finished staging directory's files into `out` (created if missing), the manifest
