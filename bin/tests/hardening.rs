@@ -17,14 +17,18 @@ const PEFT: &str = "peft_lora/pytorch_lora_weights.safetensors";
 
 /// `v2l-run` on `engine` with the fixture's prompt embeddings, 2 steps, writing `out`.
 fn generate(engine: &Path, out: &Path, extra: &[&str]) -> Output {
-    let t = common::tiny();
+    generate_with(engine, out, &common::tiny().join("e2e_io.safetensors"), extra)
+}
+
+/// [`generate`] with the prompt embeddings of `embeds`.
+fn generate_with(engine: &Path, out: &Path, embeds: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_v2l-run"))
         .arg("--engine")
         .arg(engine)
         .arg("--image")
-        .arg(t.join("first_frame.png"))
+        .arg(common::tiny().join("first_frame.png"))
         .arg("--prompt-embeds")
-        .arg(t.join("e2e_io.safetensors"))
+        .arg(embeds)
         .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
         .arg(out)
         .args(extra)
@@ -144,30 +148,10 @@ fn values_that_would_make_a_black_video_are_refused_and_nothing_is_written() {
     // Prompt embeddings: NaN is refused on entry; 3e38 is finite, and the first denoising step
     // turns it into infinities, which stop the run there.
     let nan = embeds_with(d.path(), f32::NAN);
-    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
-        .arg("--engine")
-        .arg(&engine)
-        .arg("--image")
-        .arg(common::tiny().join("first_frame.png"))
-        .arg("--prompt-embeds")
-        .arg(&nan)
-        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = generate_with(&engine, &out, &nan, &[]);
     refused(&o, &["prompt_embeds", "NaN or infinite"]);
     let big = embeds_with(d.path(), 3e38);
-    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
-        .arg("--engine")
-        .arg(&engine)
-        .arg("--image")
-        .arg(common::tiny().join("first_frame.png"))
-        .arg("--prompt-embeds")
-        .arg(&big)
-        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = generate_with(&engine, &out, &big, &[]);
     refused(&o, &["denoising step 1 of 2", "NaN or infinite"]);
     // Prompt embeddings are bounded in length like prompt text (attention grows with it).
     let long_embeds = d.path().join("long_embeds.safetensors");
@@ -180,17 +164,7 @@ fn values_that_would_make_a_black_video_are_refused_and_nothing_is_written() {
         ]),
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
-        .arg("--engine")
-        .arg(&engine)
-        .arg("--image")
-        .arg(common::tiny().join("first_frame.png"))
-        .arg("--prompt-embeds")
-        .arg(&long_embeds)
-        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = generate_with(&engine, &out, &long_embeds, &[]);
     refused(&o, &["prompt_embeds: 5000 tokens; at most 4096"]);
     // Prompt text is bounded in bytes before it is tokenised.
     let long = "a red car ".repeat(2_000);
