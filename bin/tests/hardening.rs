@@ -17,7 +17,12 @@ const PEFT: &str = "peft_lora/pytorch_lora_weights.safetensors";
 
 /// `v2l-run` on `engine` with the fixture's prompt embeddings, 2 steps, writing `out`.
 fn generate(engine: &Path, out: &Path, extra: &[&str]) -> Output {
-    generate_with(engine, out, &common::tiny().join("e2e_io.safetensors"), extra)
+    generate_with(
+        engine,
+        out,
+        &common::tiny().join("e2e_io.safetensors"),
+        extra,
+    )
 }
 
 /// [`generate`] with the prompt embeddings of `embeds`.
