@@ -234,7 +234,7 @@ impl Pipeline {
 
     /// Step 0: the request's sizes against the model, before any work.
     fn check_request(&self, req: &Request) -> Result<LatentShape> {
-        let dit = self.dit_entry()?;
+        let dit = dit_entry(&self.dir)?;
         let invalid = |what: &str, message: String| RuntimeError::Invalid {
             what: what.into(),
             message,
@@ -357,17 +357,6 @@ impl Pipeline {
         Ok(shape)
     }
 
-    fn dit_entry(&self) -> Result<&v2l_contracts::manifest::DitEntry> {
-        self.dir
-            .manifest
-            .dit
-            .as_ref()
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: self.dir.dir.display().to_string(),
-                message: "holds no DiT".into(),
-            })
-    }
-
     /// Step 1: the request's LoRA onto the DiT. Returns the prediction (for a reference clip)
     /// and whether the DiT was switched away from the pipeline's own LoRA (to restore after).
     fn apply_request_lora(
@@ -423,22 +412,16 @@ impl Pipeline {
         timings: &mut BTreeMap<String, f64>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let entry = self
-            .dir
-            .manifest
-            .dit
-            .as_ref()
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: self.dir.dir.display().to_string(),
-                message: "holds no DiT".into(),
-            })?;
         let parts = Parts {
             vae: &mut self.vae,
             dit: &mut self.dit,
-            entry,
+            entry: dit_entry(&self.dir)?,
         };
-        let (latents_steps, dit_ms, video) =
-            self.family.run(parts, req, shape, timings, progress)?;
+        let (latents, latents_steps, dit_ms) =
+            self.family.denoise(parts, req, shape, timings, progress)?;
+        let t = Instant::now();
+        let video = self.family.decode(&mut self.vae, &latents, shape)?;
+        timings.insert("vae_decode".into(), ms(t));
         if let Some(m) = median(dit_ms) {
             timings.insert("dit_step".into(), m);
         }
@@ -457,16 +440,30 @@ trait FamilySteps: Send {
     fn image_tokens(&self) -> Option<(usize, bool)> {
         None
     }
-    /// Steps 2 to 4 with the DiT as it is: condition, denoise, decode. Returns the latents
-    /// after every step, each DiT call's milliseconds and the decoded video `[1, 3, F, H, W]`.
-    fn run(
+    /// Steps 2 and 3 with the DiT as it is: condition on the first frame, then denoise.
+    /// Returns the final latents, the latents after every step and each DiT call's
+    /// milliseconds.
+    fn denoise(
         &mut self,
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
         timings: &mut BTreeMap<String, f64>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<(Vec<Tensor>, Vec<f64>, Tensor)>;
+    ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)>;
+    /// Step 4: the final latents → the video `[1, 3, F, H, W]` in [-1, 1].
+    fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor>;
+}
+
+/// The engine's DiT entry.
+fn dit_entry(dir: &Engine) -> Result<&v2l_contracts::manifest::DitEntry> {
+    dir.manifest
+        .dit
+        .as_ref()
+        .ok_or_else(|| RuntimeError::Invalid {
+            what: dir.dir.display().to_string(),
+            message: "holds no DiT".into(),
+        })
 }
 
 /// The pipeline's models a family's steps run.

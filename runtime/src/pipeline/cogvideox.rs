@@ -30,14 +30,14 @@ impl FamilySteps for CogVideoX {
         false
     }
 
-    fn run(
+    fn denoise(
         &mut self,
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
         timings: &mut BTreeMap<String, f64>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<(Vec<Tensor>, Vec<f64>, Tensor)> {
+    ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
         let t = Instant::now();
         let image = req.image.as_ref().ok_or_else(|| RuntimeError::Invalid {
             what: "image".into(),
@@ -45,7 +45,7 @@ impl FamilySteps for CogVideoX {
         })?;
         let image_latents = encode_image(parts.vae, image, shape)?;
         timings.insert("vae_encode".into(), ms(t));
-        let (latents, steps, dit_ms) = denoise(
+        denoise(
             parts.dit,
             parts.entry,
             &self.scheduler,
@@ -53,11 +53,11 @@ impl FamilySteps for CogVideoX {
             shape,
             &image_latents,
             progress,
-        )?;
-        let t = Instant::now();
-        let video = decode(parts.vae, &latents, shape)?;
-        timings.insert("vae_decode".into(), ms(t));
-        Ok((steps, dit_ms, video))
+        )
+    }
+
+    fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+        decode(vae, latents, shape)
     }
 }
 

@@ -53,14 +53,14 @@ impl FamilySteps for Wan {
         self.config.image_dim.map(|d| (d, self.encoder.is_some()))
     }
 
-    fn run(
+    fn denoise(
         &mut self,
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
         timings: &mut BTreeMap<String, f64>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<(Vec<Tensor>, Vec<f64>, Tensor)> {
+    ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
         let t = Instant::now();
         let (condition, embeds) = match &req.image {
             Some(image) => {
@@ -80,7 +80,7 @@ impl FamilySteps for Wan {
             }
             None => (None, None),
         };
-        let (latents, steps, dit_ms) = denoise(
+        denoise(
             parts.dit,
             &self.config,
             &mut self.sampler,
@@ -89,11 +89,11 @@ impl FamilySteps for Wan {
             condition.as_ref(),
             embeds.as_ref(),
             progress,
-        )?;
-        let t = Instant::now();
-        let video = decode(parts.vae, &latents, shape)?;
-        timings.insert("vae_decode".into(), ms(t));
-        Ok((steps, dit_ms, video))
+        )
+    }
+
+    fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+        decode(vae, latents, shape)
     }
 }
 
