@@ -2,6 +2,7 @@
 # Installs what v2l needs at run time, from the project's own files and public registries only:
 #   - the ONNX Runtime shared library, unpacked from the `onnxruntime` wheel on PyPI into
 #     .v2l/onnxruntime/ (ort is built with `load-dynamic`: nothing is downloaded at build time);
+#   - a wheelhouse (.v2l/wheels) and packaging tools (.v2l/build) for the Python wheel's tests;
 #   - ffmpeg, from Debian packages (video in and out);
 #   - valgrind and a C compiler for the C ABI tests, from Debian packages if missing.
 # Safe to run again: it skips what is already there.
@@ -11,19 +12,28 @@ cd "$(dirname "$0")/.."
 ORT_VERSION="${V2L_ORT_VERSION:-1.31.1}"
 dest=".v2l/onnxruntime"
 
+# The onnxruntime wheel (and, for the Python wheel's install test, everything `pip install v2l`
+# pulls: imageio-ffmpeg and onnxruntime's own dependencies) is kept in .v2l/wheels, so tests
+# install offline (`pip install --no-index --find-links .v2l/wheels`).
+wheels=".v2l/wheels"
+IMAGEIO_FFMPEG_VERSION="${V2L_IMAGEIO_FFMPEG_VERSION:-0.6.0}"
+if ! ls "$wheels"/onnxruntime-"$ORT_VERSION"-*.whl >/dev/null 2>&1 \
+   || ! ls "$wheels"/imageio_ffmpeg-"$IMAGEIO_FFMPEG_VERSION"-*.whl >/dev/null 2>&1; then
+  command -v python3 >/dev/null || { echo "setup: python3 is needed to fetch the onnxruntime wheel" >&2; exit 1; }
+  echo "setup: fetching onnxruntime==$ORT_VERSION and imageio-ffmpeg==$IMAGEIO_FFMPEG_VERSION (with dependencies) from PyPI into $wheels"
+  mkdir -p "$wheels"
+  python3 -m pip download --quiet --only-binary=:all: -d "$wheels" \
+    "onnxruntime==$ORT_VERSION" "imageio-ffmpeg==$IMAGEIO_FFMPEG_VERSION"
+fi
+
 if ls "$dest"/libonnxruntime.so* >/dev/null 2>&1; then
   echo "setup: ONNX Runtime present in $dest"
 else
-  command -v python3 >/dev/null || { echo "setup: python3 is needed to fetch the onnxruntime wheel" >&2; exit 1; }
-  tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
-  echo "setup: fetching onnxruntime==$ORT_VERSION from PyPI"
-  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "onnxruntime==$ORT_VERSION"
   mkdir -p "$dest"
-  python3 - "$tmp" "$dest" <<'PY'
+  python3 - "$wheels" "$dest" "$ORT_VERSION" <<'PY'
 import glob, os, sys, zipfile
-tmp, dest = sys.argv[1], sys.argv[2]
-wheel = glob.glob(os.path.join(tmp, "onnxruntime-*.whl"))[0]
+wheels, dest, version = sys.argv[1], sys.argv[2], sys.argv[3]
+wheel = glob.glob(os.path.join(wheels, f"onnxruntime-{version}-*.whl"))[0]
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
         base = os.path.basename(name)
@@ -34,6 +44,9 @@ with zipfile.ZipFile(wheel) as z:
             print("setup: installed", os.path.join(dest, base))
 PY
 fi
+
+# The packaging tools of scripts/build-wheel.sh (.v2l/build), so the wheel tests build offline.
+bash scripts/build-wheel.sh --tools-only
 
 # The onnx checker, for the one test that validates every written graph with
 # onnx.checker.check_model(full_check=True). The product itself needs no Python.

@@ -8,3 +8,4 @@ mod capi;
 mod errors;
 mod header;
 mod python_ray;
+mod wheel;

@@ -1,4 +1,5 @@
-//! The Python package (`python/v2l`, ctypes over libv2l) and its Ray Serve deployment: a
+//! The Python package's Ray Serve deployment, installed from the wheel: a venv sees `.v2l/py`'s
+//! Ray and gets v2l by `pip install <wheel>` (no checkout on `sys.path`, no `V2L_LIBRARY`); a
 //! local Ray instance (CPU, loopback) runs two replicas; requests carry LoRA ids through Serve's
 //! model multiplexing. Every answer equals the C ABI's frames for the same request bitwise, and
 //! each LoRA is served by the replica that holds it (one LoRA per replica: a third one evicts).
@@ -6,17 +7,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use crate::common;
+use crate::common::*;
+use crate::wheel::{build_wheel, c_abi_frames, venv_with};
 
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
-use v2l::*;
 use v2l_runtime::lora::format::{self, Factor, LoraFormat};
-
-const PROMPT: &str = "A red car drives through a snowy forest at dusk.";
 
 /// Writes LoRAs a (the fixture's PEFT file), b (its A factors negated) and c (B halved).
 fn loras(dir: &Path) -> Vec<PathBuf> {
@@ -61,6 +58,12 @@ fn ray_serve_routes_by_lora_and_matches_the_c_abi() {
         python.display()
     );
     let tmp = tempfile::tempdir().unwrap();
+    let wheel = build_wheel(&tmp.path().join("dist"));
+    let venv_python = venv_with(
+        &tmp.path().join("venv"),
+        &wheel,
+        Some(&workspace().join(".v2l/py")),
+    );
     let engine = build_engine(tmp.path());
     let lora_dir = tmp.path().join("loras");
     std::fs::create_dir(&lora_dir).unwrap();
@@ -71,11 +74,12 @@ fn ray_serve_routes_by_lora_and_matches_the_c_abi() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
 
-    let o = Command::new(&python)
+    let o = Command::new(&venv_python)
         .arg(workspace().join("python/tests/ray_serve_check.py"))
         .args([&engine, &lora_dir, &frame, &out])
-        .env("PYTHONPATH", workspace().join("python"))
-        .env("V2L_LIBRARY", lib_dir().join("libv2l.so"))
+        .env_remove("PYTHONPATH")
+        .env_remove("V2L_LIBRARY")
+        .env_remove("ORT_DYLIB_PATH")
         .env("V2L_MAX_LORAS_PER_REPLICA", "1")
         .env("RAY_USAGE_STATS_ENABLED", "0")
         // Ray Serve kills an HTTP proxy not ready within 5 s; on a busy 2-core machine (a
@@ -92,28 +96,12 @@ fn ray_serve_routes_by_lora_and_matches_the_c_abi() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    // The same requests through the C ABI, with the replicas' one thread per session (ONNX
-    // Runtime's sums are bitwise reproducible at a given thread count, not across counts).
-    let mut e = std::ptr::null_mut();
-    let one = V2lEngineOptions { threads: 1 };
-    ok(unsafe { v2l_engine_open(cpath(&engine).as_ptr(), &one, &mut e) });
-    let g = generator(e);
-    let prompt = CString::new(PROMPT).unwrap();
-    let mut p = params(&inp, 17, 2, 5);
-    p.prompt_embeds = std::ptr::null();
-    p.negative_prompt_embeds = std::ptr::null();
-    p.prompt = prompt.as_ptr();
+    // The same requests through the C ABI.
     let mut expected = std::collections::BTreeMap::new();
-    expected.insert("base", generate(g, &p));
+    expected.insert("base", c_abi_frames(&engine, None));
     for (name, file) in ["a", "b", "c"].iter().zip(&files) {
-        let mut l = std::ptr::null_mut();
-        ok(unsafe { v2l_engine_load_lora(e, cpath(file).as_ptr(), &mut l) });
-        ok(unsafe { v2l_generator_set_lora(g, l, 1.0) });
-        expected.insert(*name, generate(g, &p));
-        ok(unsafe { v2l_lora_free(l) });
+        expected.insert(*name, c_abi_frames(&engine, Some(file)));
     }
-    ok(unsafe { v2l_generator_free(g) });
-    ok(unsafe { v2l_engine_free(e) });
     assert_ne!(expected["a"], expected["b"]);
     assert_ne!(expected["a"], expected["c"]);
 
@@ -159,6 +147,15 @@ fn ray_serve_routes_by_lora_and_matches_the_c_abi() {
     assert!(
         !missing.to_string().contains(&*lora_dir.to_string_lossy()),
         "a server path leaked: {missing}"
+    );
+    let module = summary
+        .iter()
+        .find_map(|s| s.get("v2l_module"))
+        .and_then(|m| m.as_str())
+        .unwrap();
+    assert!(
+        module.starts_with(&*tmp.path().join("venv").to_string_lossy()),
+        "v2l was not imported from the installed wheel: {module}"
     );
 }
 

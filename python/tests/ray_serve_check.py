@@ -68,6 +68,8 @@ def main():
     summary.append({"bad_status": status, "bad_body": json.loads(data)})
     status, _, data = post(url, body, "no-such-lora")
     summary.append({"missing_status": status, "missing_body": json.loads(data)})
+    import v2l
+    summary.append({"v2l_module": v2l.__file__})
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     serve.shutdown()

@@ -10,14 +10,25 @@ videos, bit for bit, as the CLI, the C ABI and v2l-serve. No third-party package
     gen.set_lora(lora)
     frames = gen.generate(first_frame_rgb, height=480, width=720, frames=49, prompt="a red car")
 
-The library is found at $V2L_LIBRARY, else as libv2l.so beside this package, else in the
-workspace's target/release/ (`cargo build --release -p v2l-capi`).
+Installed from the wheel (`pip install v2l-*.whl`; build it with `bash scripts/build-wheel.sh`),
+libv2l.so sits inside this package. Otherwise it is found at $V2L_LIBRARY, else in the
+workspace's target/release/ (`cargo build --release -p v2l-capi`). ONNX Runtime comes from the
+`onnxruntime` package (a dependency of the wheel) unless ORT_DYLIB_PATH says otherwise, and ffmpeg
+from PATH, else from the `imageio-ffmpeg` package (see `v2l.media.ffmpeg_exe`).
 """
 
+from __future__ import annotations
+
 import ctypes
+import importlib.util
 import os
 import threading
 from pathlib import Path
+from typing import Callable, Optional, Union
+
+from . import media
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["Engine", "Generator", "Lora", "V2lError", "Video", "library"]
 
@@ -76,7 +87,7 @@ def _c_text(name: str, text: str) -> bytes:
     return text.encode("utf-8")
 
 
-def _c_path(path) -> bytes:
+def _c_path(path: PathLike) -> bytes:
     """A path as the C string the ABI reads; a NUL would cut it short silently, so it is refused."""
     b = os.fsencode(path)
     if b"\0" in b:
@@ -93,8 +104,29 @@ def _find_library() -> str:
             return str(candidate)
     raise V2lError(
         "V2L_STATUS_IO",
-        "libv2l.so not found: set V2L_LIBRARY, or build it with `cargo build --release -p v2l-capi`",
+        "libv2l.so not found: install the wheel (bash scripts/build-wheel.sh), set V2L_LIBRARY, "
+        "or build it with `cargo build --release -p v2l-capi`",
     )
+
+
+def _point_runtime_at_dependencies() -> None:
+    """Tells libv2l where this environment's ONNX Runtime and ffmpeg are, unless already told.
+
+    The Rust runtime would otherwise ask `python3` on PATH for `onnxruntime`, which need not be
+    this interpreter (an unactivated venv, a Ray worker), and would look for ffmpeg on PATH only.
+    """
+    if "ORT_DYLIB_PATH" not in os.environ:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is not None and spec.submodule_search_locations:
+            for root in spec.submodule_search_locations:
+                capi = Path(root) / "capi"
+                if any(capi.glob("libonnxruntime.so*")):
+                    os.environ["ORT_DYLIB_PATH"] = str(capi)
+                    break
+    if "V2L_FFMPEG" not in os.environ:
+        exe = media.ffmpeg_exe(required=False)
+        if exe is not None:
+            os.environ["V2L_FFMPEG"] = exe
 
 
 def library() -> ctypes.CDLL:
@@ -103,6 +135,7 @@ def library() -> ctypes.CDLL:
     with _lib_lock:
         if _lib is not None:
             return _lib
+        _point_runtime_at_dependencies()
         lib = ctypes.CDLL(_find_library())
         P, vp = ctypes.POINTER, ctypes.c_void_p
         sigs = {
@@ -154,16 +187,16 @@ def _check(status: int) -> None:
 class _Handle:
     _free = ""
 
-    def __init__(self, ptr: ctypes.c_void_p):
+    def __init__(self, ptr: ctypes.c_void_p) -> None:
         self._ptr = ptr
 
     def close(self) -> None:
-        """Frees the handle now (otherwise when garbage-collected)."""
+        """Frees the handle now (otherwise when garbage-collected): the `v2l_*_free` call."""
         if self._ptr:
             getattr(library(), self._free)(self._ptr)
             self._ptr = ctypes.c_void_p()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:
@@ -172,35 +205,44 @@ class _Handle:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 class Lora(_Handle):
-    """A LoRA (from a file or predicted): immutable, shareable between generators."""
+    """A LoRA (from a file or predicted): immutable, shareable between generators.
+
+    Freed by `v2l_lora_free`.
+    """
 
     _free = "v2l_lora_free"
 
     @property
     def layers(self) -> int:
+        """How many DiT layers it adapts (`v2l_lora_layer_count`)."""
         n = ctypes.c_size_t()
         _check(library().v2l_lora_layer_count(self._ptr, ctypes.byref(n)))
         return n.value
 
 
 class Engine(_Handle):
-    """An opened engine (checked once); shareable between threads and generators."""
+    """An opened engine (checked once, `v2l_engine_open`); shareable between threads and generators.
+
+    `path` is a `v2l-compile` bundle or a `v2l-export` pipeline directory; `threads` is ONNX
+    Runtime's intra-op thread count per session (0: one per core). Freed by `v2l_engine_free`.
+    """
 
     _free = "v2l_engine_free"
 
-    def __init__(self, path: str, threads: int = 0):
+    def __init__(self, path: PathLike, threads: int = 0) -> None:
         out = ctypes.c_void_p()
         opts = _EngineOptions(threads)
         _check(library().v2l_engine_open(_c_path(path), ctypes.byref(opts), ctypes.byref(out)))
         super().__init__(out)
 
-    def load_lora(self, path: str) -> Lora:
-        """A standard LoRA file (diffusers/PEFT, kohya or ComfyUI safetensors), checked against the DiT."""
+    def load_lora(self, path: PathLike) -> Lora:
+        """A standard LoRA file (diffusers/PEFT, kohya or ComfyUI safetensors), checked against
+        the DiT (`v2l_engine_load_lora`)."""
         out = ctypes.c_void_p()
         _check(library().v2l_engine_load_lora(self._ptr, _c_path(path), ctypes.byref(out)))
         return Lora(out)
@@ -209,26 +251,37 @@ class Engine(_Handle):
 class Video:
     """Generated frames: RGB8, `frames × height × width × 3` bytes, row-major, interleaved."""
 
-    def __init__(self, rgb: bytes, frames: int, height: int, width: int):
-        self.rgb, self.frames, self.height, self.width = rgb, frames, height, width
+    def __init__(self, rgb: bytes, frames: int, height: int, width: int) -> None:
+        self.rgb: bytes = rgb
+        self.frames: int = frames
+        self.height: int = height
+        self.width: int = width
+
+    def __repr__(self) -> str:
+        return f"Video(frames={self.frames}, height={self.height}, width={self.width})"
+
+
+Progress = Callable[[int, int], Optional[bool]]
 
 
 class Generator(_Handle):
-    """A loaded pipeline (its own ONNX Runtime sessions) and its applied LoRA.
+    """A loaded pipeline (its own ONNX Runtime sessions, `v2l_generator_new`) and its applied LoRA.
 
-    One generation at a time; `cancel()` may be called from any thread.
+    One generation at a time; `cancel()` may be called from any thread. Freed by
+    `v2l_generator_free`.
     """
 
     _free = "v2l_generator_free"
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine) -> None:
         out = ctypes.c_void_p()
         _check(library().v2l_generator_new(engine._ptr, ctypes.byref(out)))
         super().__init__(out)
         self._engine = engine  # keeps the engine alive as long as the generator
 
-    def predict_lora_from_video(self, path: str, height: int, width: int, weight: float = 1.0) -> Lora:
-        """A reference clip's Video2LoRA LoRA (the clip is decoded by ffmpeg at height × width)."""
+    def predict_lora_from_video(self, path: PathLike, height: int, width: int, weight: float = 1.0) -> Lora:
+        """A reference clip's Video2LoRA LoRA; the clip is decoded by ffmpeg at height × width
+        (`v2l_generator_predict_lora_from_video`)."""
         out = ctypes.c_void_p()
         _check(
             library().v2l_generator_predict_lora_from_video(
@@ -238,14 +291,15 @@ class Generator(_Handle):
         return Lora(out)
 
     def set_lora(self, lora: Lora, scale: float = 1.0) -> None:
-        """Applies `lora` (replacing any other: an exact switch)."""
+        """Applies `lora`, replacing any other: an exact switch (`v2l_generator_set_lora`)."""
         _check(library().v2l_generator_set_lora(self._ptr, lora._ptr, scale))
 
     def clear_lora(self) -> None:
-        """Back to the base weights."""
+        """Back to the base weights (`v2l_generator_clear_lora`)."""
         _check(library().v2l_generator_clear_lora(self._ptr))
 
     def cancel(self) -> None:
+        """Stops a running `generate` after its current step (`v2l_generator_cancel`)."""
         _check(library().v2l_generator_cancel(self._ptr))
 
     def generate(
@@ -261,10 +315,11 @@ class Generator(_Handle):
         guidance: float = 6.0,
         seed: int = 0,
         max_sequence_length: int = 0,
-        progress=None,
+        progress: Optional[Progress] = None,
     ) -> Video:
         """First frame (RGB8 bytes, height × width × 3) + prompt text → frames.
 
+        Sizes the output with `v2l_generator_output_size`, then runs `v2l_generator_generate`.
         `progress(step, steps)` is called after each denoising step; returning False cancels.
         """
         if not 0 <= seed < 2**64:

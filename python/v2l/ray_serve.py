@@ -17,6 +17,8 @@ Request body (JSON): `image` (base64 PNG/JPEG/WebP) or `image_rgb` (base64 RGB8,
 `x-v2l-replica` (which replica ran it) and `x-v2l-lora-loads` (LoRA files that replica loaded).
 """
 
+from __future__ import annotations
+
 import asyncio
 import base64
 import os
@@ -39,7 +41,7 @@ def _bad(field: str, message: str) -> JSONResponse:
 
 @serve.deployment(max_ongoing_requests=1)
 class V2lDeployment:
-    def __init__(self, engine: str, lora_dir: str, threads: int = 0):
+    def __init__(self, engine: str, lora_dir: str, threads: int = 0) -> None:
         self.engine = v2l.Engine(engine, threads)
         self.generator = v2l.Generator(self.engine)
         self.lora_dir = lora_dir
@@ -122,6 +124,6 @@ class V2lDeployment:
         return Response(mp4, media_type="video/mp4", headers=headers)
 
 
-def app(engine: str, lora_dir: str, replicas: int = 2, threads: int = 0):
+def app(engine: str, lora_dir: str, replicas: int = 2, threads: int = 0) -> serve.Application:
     """The Serve application: `replicas` generators for `engine`, LoRAs from `lora_dir`."""
     return V2lDeployment.options(num_replicas=replicas).bind(engine, lora_dir, threads)

@@ -7,6 +7,12 @@ use std::process::{Command, Stdio};
 use super::Frames;
 use crate::error::{Result, RuntimeError};
 
+/// The ffmpeg program: `V2L_FFMPEG` when set (the Python wheel points it at `imageio-ffmpeg`'s
+/// binary when none is on `PATH`), else `ffmpeg` from `PATH`.
+fn ffmpeg() -> Command {
+    Command::new(std::env::var_os("V2L_FFMPEG").unwrap_or_else(|| "ffmpeg".into()))
+}
+
 fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
     RuntimeError::BadFile {
         path: path.into(),
@@ -187,7 +193,7 @@ fn ffmpeg_decode_with(
     untrusted: Option<UntrustedMedia>,
     max_frames: usize,
 ) -> Result<Vec<u8>> {
-    let mut cmd = Command::new("ffmpeg");
+    let mut cmd = ffmpeg();
     cmd.args(["-v", "error", "-nostdin"]);
     if untrusted.is_some() {
         cmd.args([
@@ -306,7 +312,7 @@ fn ffmpeg_encode(
             }
         })?;
     let tmp = tmp_file.path().to_path_buf();
-    let mut child = Command::new("ffmpeg")
+    let mut child = ffmpeg()
         .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &format!("{width}x{height}"), "-r", &fps.to_string(), "-i", "-"])
         .args(args)
         .arg(&tmp)
