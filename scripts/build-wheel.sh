@@ -46,7 +46,7 @@ rm -rf "$stage/python/build" "$stage/python"/*.egg-info "$stage/python/tests"
 find "$stage/python" -name __pycache__ -prune -exec rm -rf {} +
 cp "$lib" "$stage/python/v2l/libv2l.so"
 chmod 644 "$stage/python/v2l/libv2l.so"
-strip --strip-debug "$stage/python/v2l/libv2l.so"
+strip --strip-unneeded "$stage/python/v2l/libv2l.so"
 
 "$tools/bin/python" -m pip wheel --quiet --no-deps --no-build-isolation -w "$stage/raw" "$stage/python"
 mkdir -p "$out"
