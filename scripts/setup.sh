@@ -70,12 +70,14 @@ else
 fi
 
 # valgrind and a C compiler: the C ABI tests build examples/c and run it under valgrind.
-for tool in valgrind cc; do
+# GNU time (/usr/bin/time): the server tests measure the decoder's peak RSS with it.
+for tool in valgrind cc /usr/bin/time; do
   if ! command -v "$tool" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "setup: installing $tool from Debian packages"
       apt-get update -qq >/dev/null
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$([ "$tool" = cc ] && echo gcc || echo valgrind)" >/dev/null
+      case "$tool" in cc) pkg=gcc ;; /usr/bin/time) pkg=time ;; *) pkg="$tool" ;; esac
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
     else
       echo "setup: $tool not found (needed by the C ABI tests)" >&2
     fi

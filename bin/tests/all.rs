@@ -9,4 +9,5 @@ mod effects_model;
 mod hardening;
 mod request_errors;
 mod serve;
+mod server_bounds;
 mod valid_graphs;

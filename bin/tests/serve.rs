@@ -21,16 +21,26 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(engine: &Path, state: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
-            .arg("--engine")
+        Server::start_with(engine, state, extra, |_| {})
+    }
+
+    /// [`Server::start`], with `setup` adjusting the command first (environment, limits).
+    pub(crate) fn start_with(
+        engine: &Path,
+        state: &Path,
+        extra: &[&str],
+        setup: impl FnOnce(&mut Command),
+    ) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
+        cmd.arg("--engine")
             .arg(engine)
             .arg("--state-dir")
             .arg(state)
             .args(["--addr", "127.0.0.1:0"])
             .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        setup(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
@@ -55,6 +65,11 @@ impl Server {
 
     pub(crate) fn client(&self) -> Client {
         Client::new(&self.base, None)
+    }
+
+    /// `host:port` it listens on.
+    pub(crate) fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
     }
 
     /// SIGTERM, then waits for the exit; returns the exit code and what it printed.

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use crate::error::{ApiError, ErrorKindTag};
 use crate::form::{self, LoraRequest};
-use crate::jobs::{Cancelled, EnqueueError, Snapshot};
+use crate::jobs::{Cancelled, EnqueueError, Slot, Snapshot};
 use crate::metrics::Gauges;
 use crate::store::{JobRecord, Kind, State as JobState};
 use crate::worker::{Shared, IMAGE_FILE, PROMPT_FILE, REFERENCE_FILE, VIDEO_FILE};
@@ -39,6 +39,8 @@ use crate::worker::{Shared, IMAGE_FILE, PROMPT_FILE, REFERENCE_FILE, VIDEO_FILE}
 pub struct App {
     pub shared: Arc<Shared>,
     pub shutdown: watch::Receiver<bool>,
+    /// Upload decodes running at once (`--max-decodes`): each is an ffmpeg process.
+    pub decodes: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(app: App) -> Router {
@@ -157,21 +159,25 @@ fn draining() -> ApiError {
     }
 }
 
-/// Refuses early, before reading the body, when no job can be taken.
-fn admit(app: &App) -> Result<(), ApiError> {
-    let jobs = &app.shared.jobs;
-    if jobs.draining() {
-        return Err(draining());
-    }
-    if jobs.depth() >= jobs.capacity() {
-        return Err(queue_full(app, jobs.depth()));
-    }
-    Ok(())
+/// Holds a place in the queue before the body is read, or refuses at once: no upload is read
+/// or decoded for a request the queue could not take.
+fn admit(app: &App) -> Result<Slot<'_>, ApiError> {
+    app.shared.jobs.reserve().map_err(|e| match e {
+        EnqueueError::Full(n) => queue_full(app, n),
+        EnqueueError::Draining => draining(),
+        EnqueueError::Store(e) => e.into(),
+    })
 }
 
-/// Stores and queues a job whose files are in place; on refusal its directory goes.
-fn enqueue(app: &App, job: &JobRecord, dir: &std::path::Path) -> Result<(), ApiError> {
-    match app.shared.jobs.enqueue(job) {
+/// Stores and queues a job whose files are in place, in the place `slot` held; on refusal its
+/// directory goes.
+fn enqueue(
+    app: &App,
+    job: &JobRecord,
+    dir: &std::path::Path,
+    slot: Slot<'_>,
+) -> Result<(), ApiError> {
+    match app.shared.jobs.enqueue(job, slot) {
         Ok(_) => Ok(()),
         Err(e) => {
             let _ = std::fs::remove_dir_all(dir);
@@ -218,19 +224,32 @@ fn keep_lora(
     Ok(())
 }
 
-/// Reads a multipart form with `fields` and checks it off the async threads with `check`
-/// (`form::video` or `form::lora`: both decode uploads), after refusing early when no job can
-/// be taken.
-async fn checked<T: Send + 'static>(
-    app: &App,
+/// Reads a multipart form with `fields` within the body timeout and checks it off the async
+/// threads with `check` (`form::video` or `form::lora`: both decode uploads, at most
+/// `--max-decodes` at once), after holding a place in the queue.
+async fn checked<'a, T: Send + 'static>(
+    app: &'a App,
     mp: Result<Multipart, MultipartRejection>,
     fields: &'static [&'static str],
     check: form::Check<T>,
-) -> Result<T, ApiError> {
-    admit(app)?;
-    let form = form::read(mp, fields).await?;
+) -> Result<(T, Slot<'a>), ApiError> {
+    let slot = admit(app)?;
+    let limit = app.shared.config.body_timeout;
+    let form = tokio::time::timeout(limit, form::read(mp, fields))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s (--body-timeout)",
+                    limit.as_secs()
+                ),
+            )
+        })??;
     let (shared, scratch) = (app.shared.clone(), scratch(app)?);
-    blocking(move || {
+    let _decoding = app.decodes.acquire().await.map_err(ApiError::internal)?;
+    let checked = blocking(move || {
         let store = &shared.jobs.store;
         check(
             &form,
@@ -240,7 +259,8 @@ async fn checked<T: Send + 'static>(
             &|id| store.lora_path(id).exists(),
         )
     })
-    .await
+    .await?;
+    Ok((checked, slot))
 }
 
 async fn submit_video(
@@ -248,7 +268,7 @@ async fn submit_video(
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     {
-        let req = checked(&app, mp, form::VIDEO_FIELDS, form::video).await?;
+        let (req, slot) = checked(&app, mp, form::VIDEO_FIELDS, form::video).await?;
         let id = new_id()?;
         let store = &app.shared.jobs.store;
         let dir = store.job_dir(&id)?;
@@ -270,7 +290,12 @@ async fn submit_video(
             keep_lora(&app, &lid, lora)?;
         }
         let params = serde_json::to_value(&req.params).map_err(ApiError::internal)?;
-        enqueue(&app, &JobRecord::queued(&id, Kind::Video, params), &dir)?;
+        enqueue(
+            &app,
+            &JobRecord::queued(&id, Kind::Video, params),
+            &dir,
+            slot,
+        )?;
         let mut r = (
             StatusCode::ACCEPTED,
             Json(json!({
@@ -431,7 +456,7 @@ async fn submit_lora(
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     {
-        let req = checked(&app, mp, form::LORA_FIELDS, form::lora).await?;
+        let (req, slot) = checked(&app, mp, form::LORA_FIELDS, form::lora).await?;
         let created = |id: &str, status: StatusCode, cached: bool| {
             let url = format!("/v1/loras/{id}");
             (
@@ -453,7 +478,12 @@ async fn submit_lora(
                     .map_err(ApiError::internal)?;
                 let lid = params.id.clone();
                 let params = serde_json::to_value(&params).map_err(ApiError::internal)?;
-                enqueue(&app, &JobRecord::queued(&id, Kind::Lora, params), &dir)?;
+                enqueue(
+                    &app,
+                    &JobRecord::queued(&id, Kind::Lora, params),
+                    &dir,
+                    slot,
+                )?;
                 let end = wait_for_end(&app, &id).await?;
                 let job = app
                     .shared

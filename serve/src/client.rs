@@ -26,8 +26,8 @@ impl Form {
         self
     }
 
-    /// `(content type, body)`.
-    fn encode(&self) -> (String, Vec<u8>) {
+    /// `(content type, body)`: the request as it goes on the wire.
+    pub fn encode(&self) -> (String, Vec<u8>) {
         let boundary = "v2l-form-boundary-7d1c9e3a5b";
         let mut body = Vec::new();
         for (name, file, bytes) in &self.parts {

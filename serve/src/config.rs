@@ -19,6 +19,10 @@ pub struct RequestLimits {
     pub reference_frames: usize,
     /// Wall-clock bound on decoding one upload.
     pub decode_timeout: Duration,
+    /// Pixels an uploaded picture may declare (checked by the decoder before it allocates).
+    pub source_pixels: usize,
+    /// Uploads decoded at once at most; more wait their turn.
+    pub decodes: usize,
     /// Wall-clock bound on running one job (checked between denoising steps).
     pub job_timeout: Option<Duration>,
 }
@@ -32,6 +36,8 @@ impl Default for RequestLimits {
             upload_bytes: 64 << 20,
             reference_frames: 49,
             decode_timeout: Duration::from_secs(30),
+            source_pixels: 4096 * 4096,
+            decodes: 2,
             job_timeout: Some(Duration::from_secs(3600)),
         }
     }
@@ -52,6 +58,12 @@ pub struct Config {
     pub lora_cache_bytes: u64,
     /// Bearer token required on `/v1/*` when set.
     pub token: Option<String>,
+    /// Connections served at once; more wait in the kernel's accept backlog.
+    pub connections: usize,
+    /// A request's header must arrive whole within this, or the connection is closed.
+    pub header_timeout: Duration,
+    /// An upload's body must arrive whole within this, or the request ends `408`.
+    pub body_timeout: Duration,
     /// How LoRAs reach the DiT; `None`: the engine's own choice.
     pub lora_strategy: Option<v2l_runtime::lora::strategy::Strategy>,
     pub limits: RequestLimits,

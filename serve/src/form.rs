@@ -459,6 +459,7 @@ fn decode(
     let media = UntrustedMedia {
         max_frames,
         timeout: limits.decode_timeout,
+        max_pixels: limits.source_pixels,
     };
     v2l_runtime::video::read_untrusted(file.path(), height, width, media).map_err(|e| {
         // ffmpeg names its input; the client knows it by its field.

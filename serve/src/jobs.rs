@@ -73,8 +73,22 @@ pub struct Jobs {
     wake: Condvar,
     live: Mutex<HashMap<String, Arc<Live>>>,
     capacity: usize,
+    /// Places held by requests whose uploads are still being read or decoded.
+    reserved: AtomicUsize,
     draining: AtomicBool,
     running: AtomicUsize,
+}
+
+/// A place in the queue held for one request from admission until its job is queued (or it is
+/// refused): a burst cannot read and decode more uploads than the queue will take.
+pub struct Slot<'a> {
+    jobs: &'a Jobs,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.jobs.reserved.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,19 +110,32 @@ impl Jobs {
             wake: Condvar::new(),
             live: Mutex::new(live),
             capacity,
+            reserved: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             running: AtomicUsize::new(0),
         }
     }
 
-    /// Stores `job` and queues it, or refuses when the queue is full or the server draining.
-    pub fn enqueue(&self, job: &JobRecord) -> Result<Arc<Live>, EnqueueError> {
-        let mut q = locked(&self.queue);
+    /// Holds a place in the queue, or refuses when queued and held places fill it or the
+    /// server is draining.
+    pub fn reserve(&self) -> Result<Slot<'_>, EnqueueError> {
+        let q = locked(&self.queue);
         if self.draining.load(Ordering::SeqCst) {
             return Err(EnqueueError::Draining);
         }
-        if q.len() >= self.capacity {
+        if q.len() + self.reserved.load(Ordering::SeqCst) >= self.capacity {
             return Err(EnqueueError::Full(q.len()));
+        }
+        self.reserved.fetch_add(1, Ordering::SeqCst);
+        Ok(Slot { jobs: self })
+    }
+
+    /// Stores `job` and queues it in the place `slot` held, or refuses when the server began
+    /// draining meanwhile.
+    pub fn enqueue(&self, job: &JobRecord, _slot: Slot<'_>) -> Result<Arc<Live>, EnqueueError> {
+        let mut q = locked(&self.queue);
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(EnqueueError::Draining);
         }
         self.store.insert(job)?;
         let live = Live::new(State::Queued);
@@ -217,12 +244,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
         let jobs = Jobs::new(store, 2, vec![]);
-        jobs.enqueue(&job("a")).unwrap();
-        jobs.enqueue(&job("b")).unwrap();
-        assert!(matches!(
-            jobs.enqueue(&job("c")),
-            Err(EnqueueError::Full(2))
-        ));
+        jobs.enqueue(&job("a"), jobs.reserve().unwrap()).unwrap();
+        jobs.enqueue(&job("b"), jobs.reserve().unwrap()).unwrap();
+        assert!(matches!(jobs.reserve(), Err(EnqueueError::Full(2))));
         assert_eq!(jobs.cancel("a").unwrap(), Cancelled::Queued);
         assert_eq!(
             jobs.store.get("a").unwrap().unwrap().state,
@@ -238,14 +262,30 @@ mod tests {
         assert_eq!(jobs.running(), 1);
         assert_eq!(jobs.cancel("b").unwrap(), Cancelled::Running);
         assert!(live.cancel.load(Ordering::SeqCst));
-        jobs.enqueue(&job("d")).unwrap();
+        jobs.enqueue(&job("d"), jobs.reserve().unwrap()).unwrap();
         jobs.drain();
         assert!(jobs.next().is_none(), "a draining queue hands out nothing");
-        assert!(matches!(
-            jobs.enqueue(&job("e")),
-            Err(EnqueueError::Draining)
-        ));
+        assert!(matches!(jobs.reserve(), Err(EnqueueError::Draining)));
         assert_eq!(jobs.depth(), 1, "d stays queued");
+    }
+
+    #[test]
+    fn held_places_count_against_the_queue_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let jobs = Jobs::new(store, 2, vec![]);
+        let first = jobs.reserve().unwrap();
+        let second = jobs.reserve().unwrap();
+        assert!(
+            matches!(jobs.reserve(), Err(EnqueueError::Full(0))),
+            "two uploads being decoded fill a queue of two"
+        );
+        drop(first); // that request was refused
+        jobs.enqueue(&job("a"), second).unwrap();
+        let third = jobs.reserve().unwrap();
+        assert!(matches!(jobs.reserve(), Err(EnqueueError::Full(1))));
+        drop(third);
+        assert!(jobs.reserve().is_ok());
     }
 
     #[test]
@@ -269,7 +309,7 @@ mod tests {
             }
             got
         });
-        jobs.enqueue(&job("x")).unwrap();
+        jobs.enqueue(&job("x"), jobs.reserve().unwrap()).unwrap();
         while jobs.running() > 0 || jobs.depth() > 0 {
             std::thread::yield_now();
         }

@@ -64,6 +64,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     let app = App {
         shared: shared.clone(),
         shutdown: down_rx,
+        decodes: Arc::new(tokio::sync::Semaphore::new(shared.config.limits.decodes)),
     };
     let served = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -74,6 +75,10 @@ pub fn serve(config: Config) -> Result<(), String> {
             "v2l-serve: listening on http://{local} ({workers} worker(s), engine {})",
             engine.dir.display()
         );
+        let limits = Listening {
+            connections: shared.config.connections,
+            header_timeout: shared.config.header_timeout,
+        };
         let shared = shared.clone();
         let stop = async move {
             shutdown_signal().await;
@@ -81,10 +86,8 @@ pub fn serve(config: Config) -> Result<(), String> {
             shared.jobs.drain();
             let _ = down_tx.send(true);
         };
-        axum::serve(listener, api::router(app))
-            .with_graceful_shutdown(stop)
-            .await
-            .map_err(|e| e.to_string())
+        accept_loop(listener, api::router(app), limits, stop).await;
+        Ok::<(), String>(())
     });
     // Workers stop taking jobs once draining; on a listen error, drain them here.
     shared.jobs.drain();
@@ -97,6 +100,62 @@ pub fn serve(config: Config) -> Result<(), String> {
         shared.jobs.depth()
     );
     Ok(())
+}
+
+/// Per-connection bounds of the accept loop.
+struct Listening {
+    /// Connections served at once; the next is accepted when one ends.
+    connections: usize,
+    /// hyper closes a connection whose request header is not whole within this.
+    header_timeout: std::time::Duration,
+}
+
+/// Serves HTTP/1 connections until `stop` resolves, then lets open ones finish their
+/// requests. At most `connections` are served at once: the rest wait in the kernel's backlog,
+/// holding no descriptor of ours, so slow clients cannot exhaust the process's files.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: Listening,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or a reset before accept: wait a little, go on.
+                    eprintln!("v2l-serve: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 async fn shutdown_signal() {

@@ -71,6 +71,23 @@ struct Args {
     /// Seconds one upload may take to decode.
     #[arg(long, default_value_t = 30)]
     decode_timeout: u64,
+    /// Pixels an uploaded image or clip may declare (width × height of its stored frames);
+    /// the decoder refuses larger ones before allocating.
+    #[arg(long, default_value_t = 4096 * 4096)]
+    max_source_pixels: usize,
+    /// Uploads decoded at once at most (each is one ffmpeg process); more wait their turn.
+    #[arg(long, default_value_t = 2)]
+    max_decodes: usize,
+    /// Connections served at once; more wait in the accept backlog. Keep it well under the
+    /// process's open-file limit (`ulimit -n`): jobs and decodes need descriptors too.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's header; then the connection is closed.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a client may take to send an upload's body; then the request ends 408.
+    #[arg(long, default_value_t = 120)]
+    body_timeout: u64,
     /// Seconds one job may run (checked between denoising steps; 0: no limit).
     #[arg(long, default_value_t = 3600)]
     job_timeout: u64,
@@ -92,6 +109,15 @@ fn run(a: Args) -> Result<(), String> {
     }
     if a.queue == 0 {
         return Err("--queue 0: must be at least 1".into());
+    }
+    for (flag, v) in [
+        ("--max-decodes", a.max_decodes),
+        ("--max-connections", a.max_connections),
+        ("--max-source-pixels", a.max_source_pixels),
+    ] {
+        if v == 0 {
+            return Err(format!("{flag} 0: must be at least 1"));
+        }
     }
     let token = match &a.token_file {
         None => None,
@@ -129,6 +155,9 @@ fn run(a: Args) -> Result<(), String> {
         threads: a.threads,
         queue: a.queue,
         lora_cache_bytes: a.lora_cache_mb << 20,
+        connections: a.max_connections,
+        header_timeout: Duration::from_secs(a.header_timeout.max(1)),
+        body_timeout: Duration::from_secs(a.body_timeout.max(1)),
         token,
         limits: RequestLimits {
             frames: a.max_frames,
@@ -137,6 +166,8 @@ fn run(a: Args) -> Result<(), String> {
             upload_bytes: a.max_upload_mb << 20,
             reference_frames: a.max_frames,
             decode_timeout: Duration::from_secs(a.decode_timeout.max(1)),
+            source_pixels: a.max_source_pixels,
+            decodes: a.max_decodes,
             job_timeout: (a.job_timeout > 0).then(|| Duration::from_secs(a.job_timeout)),
         },
     })

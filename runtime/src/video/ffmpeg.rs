@@ -156,6 +156,10 @@ pub struct UntrustedMedia {
     pub max_frames: usize,
     /// Wall-clock bound on the decode; ffmpeg is killed past it.
     pub timeout: std::time::Duration,
+    /// Pixels (width × height) a stored picture may declare. ffmpeg's decoders check the
+    /// declared size against it (`-max_pixels`) before allocating a frame, so a small PNG that
+    /// declares 16000×16000 is refused without the gigabyte its decode would take.
+    pub max_pixels: usize,
 }
 
 /// Demuxers allowed for untrusted media: containers and still images only, so a playlist
@@ -195,12 +199,14 @@ fn ffmpeg_decode_with(
 ) -> Result<Vec<u8>> {
     let mut cmd = ffmpeg();
     cmd.args(["-v", "error", "-nostdin"]);
-    if untrusted.is_some() {
+    if let Some(u) = untrusted {
         cmd.args([
             "-protocol_whitelist",
             "file",
             "-format_whitelist",
             UNTRUSTED_FORMATS,
+            "-max_pixels",
+            &u.max_pixels.min(i32::MAX as usize).to_string(),
         ]);
     }
     cmd.arg("-i").arg(path);
@@ -237,6 +243,17 @@ fn ffmpeg_decode_with(
     })?;
     if !status.success() {
         let msg = String::from_utf8_lossy(&stderr);
+        if let Some(u) = untrusted {
+            if let Some(size) = oversized_picture(&msg) {
+                return Err(bad(
+                    path,
+                    format!(
+                        "declares a {size} picture, more than the {} pixels allowed; not decoded",
+                        u.max_pixels
+                    ),
+                ));
+            }
+        }
         let first = msg
             .lines()
             .last()
@@ -246,6 +263,15 @@ fn ffmpeg_decode_with(
         return Err(bad(path, format!("cannot decode video: {first}")));
     }
     Ok(stdout)
+}
+
+/// The declared size (`16000x16000`) when ffmpeg refused a picture over `-max_pixels`.
+fn oversized_picture(stderr: &str) -> Option<&str> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("exceeds specified max pixel count"))?;
+    let rest = &line[line.find("Picture size ")? + "Picture size ".len()..];
+    rest.split_whitespace().next()
 }
 
 enum Waited {
@@ -399,4 +425,20 @@ pub fn write_contact_sheet(path: &Path, frames: &Frames, cols: usize) -> Result<
         }
     }
     ffmpeg_encode(path, &sheet, w, h, 1, &["-frames:v", "1"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oversized_picture;
+
+    #[test]
+    fn reads_the_declared_size_from_ffmpegs_max_pixels_refusal() {
+        let stderr = "[png @ 0x5] [IMGUTILS @ 0x7f] Picture size 16000x16000 exceeds specified \
+                      max pixel count 16777216, see the documentation\nError marking filters";
+        assert_eq!(oversized_picture(stderr), Some("16000x16000"));
+        assert_eq!(
+            oversized_picture("Invalid data found when processing input"),
+            None
+        );
+    }
 }

@@ -1,0 +1,344 @@
+//! `v2l-serve`'s resource bounds, measured on the real server on loopback (tiny engine):
+//! declared picture sizes, concurrent decodes, queue places held before decoding, header and
+//! body timeouts and the connection cap. Every bound is asserted as a measured number: the
+//! peak RSS of the decoder, the count of decoders alive at once, seconds until a slow
+//! connection is closed.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use v2l_serve::client::Form;
+
+use crate::common;
+use crate::serve::Server;
+
+const PROMPT: &str = "A red car drives through a snowy forest at dusk.";
+
+/// A CRC-32 (PNG chunks) and Adler-32 (zlib) of `data`.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+fn adler32(data: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for chunk in data.chunks(5552) {
+        for &x in chunk {
+            a += x as u32;
+            b += a;
+        }
+        a %= 65521;
+        b %= 65521;
+    }
+    (b << 16) | a
+}
+
+/// A 1-bit palette PNG declaring `side × side` pixels, its zlib stream in stored (uncompressed)
+/// blocks: 32 MB for 16000², which ffmpeg decodes to an 8-bit frame of 256 MB.
+fn big_png(side: u32) -> Vec<u8> {
+    let row = 1 + side.div_ceil(8) as usize;
+    let raw = vec![0u8; row * side as usize];
+    let mut z = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
+    for (i, b) in blocks.iter().enumerate() {
+        z.push(u8::from(i + 1 == blocks.len()));
+        z.extend((b.len() as u16).to_le_bytes());
+        z.extend((!(b.len() as u16)).to_le_bytes());
+        z.extend(*b);
+    }
+    z.extend(adler32(&raw).to_be_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend((data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend(data);
+        png.extend(&body);
+        png.extend(crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = side.to_be_bytes().to_vec();
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend([1, 3, 0, 0, 0]); // bit depth 1, palette
+    chunk(b"IHDR", &ihdr);
+    chunk(b"PLTE", &[0, 0, 0, 255, 255, 255]);
+    chunk(b"IDAT", &z);
+    chunk(b"IEND", &[]);
+    png
+}
+
+/// An ffmpeg for the server (`V2L_FFMPEG`) that logs each upload decode (the calls with
+/// `-max_pixels`): `start <t>`, then `end <t> <peak RSS KiB>` from GNU time. It waits 0.3 s
+/// first, so decodes that could overlap do.
+fn logging_ffmpeg(dir: &Path) -> (PathBuf, PathBuf) {
+    let log = dir.join("decodes.log");
+    let script = dir.join("ffmpeg-logging");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+case "$*" in *-max_pixels*) ;; *) exec ffmpeg "$@" ;; esac
+log='{log}'
+echo "start $(date +%s.%N)" >> "$log"
+sleep 0.3
+/usr/bin/time -f '%M' -o "$log.$$" ffmpeg "$@"
+rc=$?
+echo "end $(date +%s.%N) $(tail -n 1 "$log.$$")" >> "$log"
+rm -f "$log.$$"
+exit $rc
+"#,
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    (script, log)
+}
+
+/// (decodes started, most alive at once, peak RSS KiB of each) from the wrapper's log.
+fn decode_log(log: &Path) -> (usize, usize, Vec<u64>) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut events: Vec<(f64, i32)> = Vec::new();
+    let mut rss = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let t: f64 = f[1].parse().unwrap();
+        if f[0] == "start" {
+            events.push((t, 1));
+        } else {
+            events.push((t, -1));
+            rss.push(f.get(2).and_then(|v| v.parse().ok()).unwrap_or(0));
+        }
+    }
+    events.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (mut alive, mut most) = (0, 0);
+    for (_, d) in &events {
+        alive += d;
+        most = most.max(alive);
+    }
+    let started = events.iter().filter(|e| e.1 == 1).count();
+    (started, most as usize, rss)
+}
+
+fn video_form(image: Vec<u8>) -> Form {
+    Form::new()
+        .file("image", image)
+        .text("prompt", PROMPT)
+        .text("steps", 2)
+        .text("seed", 5)
+}
+
+/// Defect 6: a small PNG declaring 16000×16000 is refused by the decoder before it allocates
+/// (peak RSS measured against the same decode without the bound); a burst of 40 requests at
+/// `--queue 2 --max-decodes 1` decodes only what the queue takes, one at a time.
+#[test]
+fn uploads_are_bounded_in_declared_pixels_and_in_concurrent_decodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let (ffmpeg, log) = logging_ffmpeg(tmp.path());
+    let s = Server::start_with(
+        &engine,
+        &tmp.path().join("state"),
+        &["--queue", "2", "--max-decodes", "1", "--workers", "1"],
+        |c| {
+            c.env("V2L_FFMPEG", &ffmpeg);
+        },
+    );
+    let client = s.client();
+
+    let png = big_png(16000);
+    let r = client.post("/v1/videos", &video_form(png.clone())).unwrap();
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let err = r.json();
+    assert_eq!(err["error"]["field"], "image", "{err}");
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("16000x16000") && msg.contains("16777216"),
+        "{msg}"
+    );
+    let (_, _, rss) = decode_log(&log);
+    let bounded = rss[0];
+    // The same file through ffmpeg without the bound, for the figure it replaces.
+    let file = tmp.path().join("big.png");
+    std::fs::write(&file, &png).unwrap();
+    let o = Command::new("/usr/bin/time")
+        .args(["-f", "%M", "ffmpeg", "-v", "error", "-nostdin", "-i"])
+        .arg(&file)
+        .args([
+            "-frames:v",
+            "1",
+            "-vf",
+            "scale=64:64",
+            "-f",
+            "rawvideo",
+            "-",
+        ])
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let unbounded: u64 = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!("decoder peak RSS: {bounded} KiB bounded, {unbounded} KiB unbounded");
+    assert!(
+        bounded < 200 * 1024 && bounded * 2 < unbounded,
+        "bounded {bounded} KiB vs unbounded {unbounded} KiB"
+    );
+    std::fs::remove_file(&log).unwrap();
+
+    // The burst: every request that was not refused at once was decoded, and no other.
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let statuses: Vec<u16> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..40)
+            .map(|_| {
+                let form = video_form(image.clone());
+                let c = s.client();
+                sc.spawn(move || c.post("/v1/videos", &form).unwrap().status)
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let accepted = statuses.iter().filter(|&&c| c == 202).count();
+    let refused = statuses.iter().filter(|&&c| c == 429).count();
+    assert_eq!(accepted + refused, 40, "{statuses:?}");
+    let (started, most, _) = decode_log(&log);
+    eprintln!("burst of 40: {accepted} accepted, {refused} refused, {started} decodes, at most {most} at once");
+    assert!(refused >= 30, "{statuses:?}");
+    assert_eq!(started, accepted, "a refused request was decoded");
+    assert_eq!(most, 1, "--max-decodes 1 ran {most} decoders at once");
+}
+
+/// A raw connection that sends `head` and then `drip` one byte a second until the server
+/// closes it; returns the seconds it stayed open (capped at `cap`).
+fn slow_client(addr: &str, head: Vec<u8>, drip: &'static [u8], cap: Duration) -> f64 {
+    let t0 = Instant::now();
+    let Ok(mut c) = TcpStream::connect(addr) else {
+        return 0.0;
+    };
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    if c.write_all(&head).is_err() {
+        return t0.elapsed().as_secs_f64();
+    }
+    let mut buf = [0u8; 4096];
+    let mut i = 0;
+    let mut last = Instant::now();
+    while t0.elapsed() < cap {
+        match c.read(&mut buf) {
+            Ok(0) => return t0.elapsed().as_secs_f64(),
+            Ok(_) => {} // a 408 answer; the close follows
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return t0.elapsed().as_secs_f64(),
+        }
+        if !drip.is_empty() && last.elapsed() >= Duration::from_secs(1) {
+            last = Instant::now();
+            if c.write_all(&drip[i % drip.len()..][..1]).is_err() {
+                return t0.elapsed().as_secs_f64();
+            }
+            i += 1;
+        }
+    }
+    cap.as_secs_f64()
+}
+
+/// Defect 7: 20 clients sending a header line a second, 20 sending a body byte a second and
+/// 55 sending nothing, against a server limited to 100 open files with `--max-connections
+/// 40`: every one is closed within its timeout (plus the wait for a connection slot), and
+/// `/healthz` answers meanwhile.
+#[test]
+fn slow_clients_are_cut_off_and_cannot_starve_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let s = Server::start_with(
+        &engine,
+        &tmp.path().join("state"),
+        &[
+            "--header-timeout",
+            "2",
+            "--body-timeout",
+            "3",
+            "--max-connections",
+            "40",
+        ],
+        |c| unsafe {
+            c.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 100,
+                    rlim_max: 100,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        },
+    );
+    let addr = s.addr().to_string();
+    let (ctype, body) = video_form(vec![0; 1000]).encode();
+    let cap = Duration::from_secs(40);
+    let (open_secs, health) = std::thread::scope(|sc| {
+        let mut hs = Vec::new();
+        for i in 0..95 {
+            let addr = addr.clone();
+            let (ctype, body) = (ctype.clone(), body.clone());
+            hs.push(sc.spawn(move || match i % 5 {
+                0 | 1 => slow_client(
+                    &addr,
+                    b"POST /v1/videos HTTP/1.1\r\n".to_vec(),
+                    b"X-Slow: 1\r\n",
+                    cap,
+                ),
+                2 | 3 => {
+                    let head = format!(
+                        "POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n\
+                         Content-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let mut h = head.into_bytes();
+                    h.extend(&body[..100]);
+                    slow_client(&addr, h, b"x", cap)
+                }
+                _ => slow_client(&addr, Vec::new(), b"", cap),
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let health = loop {
+            let r = s.client().get("/healthz");
+            if matches!(&r, Ok(r) if r.status == 200) || t0.elapsed() > cap {
+                break t0.elapsed().as_secs_f64();
+            }
+        };
+        let open: Vec<f64> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        (open, health)
+    });
+    let longest = open_secs.iter().cloned().fold(0.0, f64::max);
+    eprintln!("95 slow connections: the longest stayed {longest:.1} s; /healthz answered after {health:.1} s");
+    // Three rounds of 40 connections, each cut after at most 3 s, plus slack for a busy machine.
+    assert!(
+        longest < 20.0,
+        "a slow connection stayed open {longest:.1} s: {open_secs:?}"
+    );
+    assert!(health < 20.0, "/healthz took {health:.1} s");
+    let r = s.client().get("/healthz").unwrap();
+    assert_eq!(r.status, 200);
+}
