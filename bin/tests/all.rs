@@ -10,4 +10,5 @@ mod hardening;
 mod request_errors;
 mod serve;
 mod server_bounds;
+mod server_faults;
 mod valid_graphs;

@@ -73,14 +73,14 @@ impl Server {
     }
 
     /// SIGTERM, then waits for the exit; returns the exit code and what it printed.
-    fn terminate(mut self) -> (i32, String) {
+    pub(crate) fn terminate(mut self) -> (i32, String) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         let log: Vec<String> = self.log.try_iter().collect();
         (status.code().unwrap_or(-1), log.join("\n"))
     }
 
-    fn kill_hard(mut self) {
+    pub(crate) fn kill_hard(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }

@@ -315,7 +315,7 @@ async fn submit_video(
 
 /// A video job by id (LoRA jobs are not videos).
 fn video_job(app: &App, id: &str) -> Result<JobRecord, ApiError> {
-    match app.shared.jobs.store.get(id)? {
+    match app.shared.jobs.record(id)? {
         Some(j) if j.kind == Kind::Video => Ok(j),
         _ => Err(ApiError::not_found("video job")),
     }
@@ -555,10 +555,37 @@ async fn download_lora(
     }
 }
 
+/// Whether the state directory takes a write now: a 64 KiB probe file, synced, then removed.
+fn state_dir_writable(app: &App) -> bool {
+    use std::io::Write;
+    let probe = app.shared.config.state_dir.join(".ready-probe");
+    let wrote = std::fs::File::create(&probe)
+        .and_then(|mut f| {
+            f.write_all(&[0u8; 64 << 10])?;
+            f.sync_all()
+        })
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    wrote
+}
+
 async fn ready(State(app): State<App>) -> Response {
     let jobs = &app.shared.jobs;
+    let probe = app.clone();
+    let writable = tokio::task::spawn_blocking(move || state_dir_writable(&probe))
+        .await
+        .unwrap_or(false);
+    if writable {
+        let pending = app.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || pending.jobs.record_pending()).await;
+    }
     let (status, why) = if jobs.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if !writable {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the state directory cannot take writes (disk full?)",
+        )
     } else if jobs.depth() >= jobs.capacity() {
         (StatusCode::SERVICE_UNAVAILABLE, "queue full")
     } else {

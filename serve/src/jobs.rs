@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::store::{JobRecord, State, Store, StoreError};
+use crate::store::{JobError, JobRecord, State, Store, StoreError};
 
 /// A job's progress as the events stream shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -75,6 +75,9 @@ pub struct Jobs {
     capacity: usize,
     /// Places held by requests whose uploads are still being read or decoded.
     reserved: AtomicUsize,
+    /// Jobs that ended while their end could not be written (a full disk): what `GET` shows
+    /// until the store takes it.
+    unrecorded: Mutex<HashMap<String, (State, JobError)>>,
     draining: AtomicBool,
     running: AtomicUsize,
 }
@@ -111,6 +114,7 @@ impl Jobs {
             live: Mutex::new(live),
             capacity,
             reserved: AtomicUsize::new(0),
+            unrecorded: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             running: AtomicUsize::new(0),
         }
@@ -175,6 +179,32 @@ impl Jobs {
         self.running.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Keeps a job's end in memory because the store could not take it; written later by
+    /// [`Jobs::record_pending`].
+    pub fn unrecorded(&self, id: &str, state: State, error: JobError) {
+        locked(&self.unrecorded).insert(id.to_string(), (state, error));
+    }
+
+    /// Writes the ends kept in memory to the store, as far as it takes them.
+    pub fn record_pending(&self) {
+        let mut pending = locked(&self.unrecorded);
+        pending.retain(|id, (state, error)| {
+            self.store
+                .finish(id, *state, &Default::default(), Some(error))
+                .is_err()
+        });
+    }
+
+    /// A job as clients see it: the store's record, with an end the store could not take.
+    pub fn record(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let mut job = self.store.get(id)?;
+        if let (Some(j), Some((state, error))) = (job.as_mut(), locked(&self.unrecorded).get(id)) {
+            j.state = *state;
+            j.error = Some(error.clone());
+        }
+        Ok(job)
+    }
+
     pub fn live(&self, id: &str) -> Option<Arc<Live>> {
         locked(&self.live).get(id).cloned()
     }
@@ -199,7 +229,7 @@ impl Jobs {
             l.cancel.store(true, Ordering::SeqCst);
             return Ok(Cancelled::Running);
         }
-        Ok(match self.store.get(id)? {
+        Ok(match self.record(id)? {
             Some(j) => Cancelled::Final(j.state),
             None => Cancelled::Unknown,
         })

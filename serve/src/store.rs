@@ -158,6 +158,34 @@ pub fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Removes what a killed process was writing: temporary siblings (`.v2l-*`) of videos and
+/// LoRAs, and upload scratch files. Nothing under those names is ever served.
+fn remove_leftovers(dir: &Path) {
+    let entries = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    };
+    let mut dirs = vec![dir.join("loras"), dir.join("tmp")];
+    dirs.extend(
+        entries(&dir.join("jobs"))
+            .into_iter()
+            .filter(|p| p.is_dir()),
+    );
+    for d in dirs {
+        let scratch = d.ends_with("tmp");
+        for f in entries(&d) {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if (scratch || name.starts_with(".v2l-")) && f.is_file() {
+                let _ = std::fs::remove_file(&f);
+            }
+        }
+    }
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<(Store, Recovered)> {
         for d in [dir.to_path_buf(), dir.join("jobs"), dir.join("loras")] {
@@ -198,6 +226,7 @@ impl Store {
             "UPDATE jobs SET state = 'failed', finished_at = ?1, error = ?2 WHERE state = 'running'",
             params![now(), reason],
         )?;
+        remove_leftovers(dir);
         let queued: Vec<String> = {
             let mut st =
                 conn.prepare("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, id")?;

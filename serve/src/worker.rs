@@ -133,6 +133,14 @@ impl Worker {
             }
             Err(e) => {
                 eprintln!("v2l-serve: job {id}: {e}");
+                self.shared.jobs.unrecorded(
+                    id,
+                    State::Failed,
+                    JobError {
+                        kind: "storage".into(),
+                        message: format!("the job could not be started ({e}); is the disk full?"),
+                    },
+                );
                 return last;
             }
         }
@@ -165,7 +173,26 @@ impl Worker {
         last.state = state;
         self.shared.metrics.stages(&timings);
         if let Err(e) = store.finish(id, state, &timings, error.as_ref()) {
+            // The job cannot be shown as it ended: it ends `failed` (storage), its video is
+            // not served, and the end is written once the store takes writes again.
             eprintln!("v2l-serve: job {id}: cannot record its end: {e}");
+            if let Ok(dir) = store.job_dir(id) {
+                let _ = std::fs::remove_file(dir.join(VIDEO_FILE));
+            }
+            self.shared.metrics.error("job_storage");
+            last.state = State::Failed;
+            self.shared.jobs.unrecorded(
+                id,
+                State::Failed,
+                JobError {
+                    kind: "storage".into(),
+                    message: format!(
+                        "the job's end could not be recorded ({e}); is the disk full?"
+                    ),
+                },
+            );
+        } else {
+            self.shared.jobs.record_pending();
         }
         last
     }
@@ -314,7 +341,15 @@ impl Worker {
         // 5. The mp4 (written under a temporary name, then renamed).
         let t = Instant::now();
         let rgb = v2l_runtime::video::to_rgb8(&gen.frames)?;
-        v2l_runtime::video::write_mp4(&dir.join(VIDEO_FILE), &rgb, p.fps)?;
+        v2l_runtime::video::write_mp4(&dir.join(VIDEO_FILE), &rgb, p.fps).map_err(|e| {
+            Stop::failed(
+                "storage",
+                format!(
+                    "the video could not be written: {}",
+                    e.to_string().replace(&*dir.to_string_lossy(), "<job>")
+                ),
+            )
+        })?;
         timings.insert("encode_mp4".into(), ms(t));
         Ok(())
     }

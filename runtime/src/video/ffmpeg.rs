@@ -265,6 +265,42 @@ fn ffmpeg_decode_with(
     Ok(stdout)
 }
 
+/// Whether the file at `path` is a whole ISO-BMFF file: its top-level boxes tile it exactly
+/// and include the index (`moov`) and the media (`mdat`).
+fn mp4_is_whole(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    let (mut at, mut moov, mut mdat) = (0usize, false, false);
+    while at < bytes.len() {
+        let Some(head) = bytes.get(at..at + 8) else {
+            return false;
+        };
+        let mut size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let kind = &head[4..8];
+        if size == 1 {
+            let Some(large) = bytes.get(at + 8..at + 16) else {
+                return false;
+            };
+            let mut b = [0u8; 8];
+            b.copy_from_slice(large);
+            size = u64::from_be_bytes(b) as usize;
+        } else if size == 0 {
+            size = bytes.len() - at;
+        }
+        if size < 8 {
+            return false;
+        }
+        moov |= kind == b"moov";
+        mdat |= kind == b"mdat";
+        at = match at.checked_add(size) {
+            Some(next) => next,
+            None => return false,
+        };
+    }
+    at == bytes.len() && moov && mdat
+}
+
 /// The declared size (`16000x16000`) when ffmpeg refused a picture over `-max_pixels`.
 fn oversized_picture(stderr: &str) -> Option<&str> {
     let line = stderr
@@ -367,6 +403,21 @@ fn ffmpeg_encode(
             ),
         ));
     }
+    // ffmpeg can exit 0 having failed to write (a full disk): an mp4 must be whole, index
+    // included, and on disk before it takes the final name.
+    if ext.eq_ignore_ascii_case("mp4") && !mp4_is_whole(&tmp) {
+        return Err(bad(
+            path,
+            "ffmpeg wrote an incomplete mp4 (no index, or cut short); is the disk full?",
+        ));
+    }
+    tmp_file
+        .as_file()
+        .sync_all()
+        .map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
     tmp_file
         .persist(path)
         .map(drop)
@@ -429,7 +480,28 @@ pub fn write_contact_sheet(path: &Path, frames: &Frames, cols: usize) -> Result<
 
 #[cfg(test)]
 mod tests {
-    use super::oversized_picture;
+    use super::{mp4_is_whole, oversized_picture};
+
+    #[test]
+    fn an_mp4_cut_short_or_without_its_index_is_not_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.mp4");
+        let boxed = |kind: &[u8], body: usize| {
+            let mut b = ((8 + body) as u32).to_be_bytes().to_vec();
+            b.extend(kind);
+            b.extend(vec![0u8; body]);
+            b
+        };
+        let whole = [boxed(b"ftyp", 16), boxed(b"moov", 40), boxed(b"mdat", 100)].concat();
+        std::fs::write(&p, &whole).unwrap();
+        assert!(mp4_is_whole(&p));
+        std::fs::write(&p, &whole[..whole.len() - 1]).unwrap();
+        assert!(!mp4_is_whole(&p), "cut short");
+        std::fs::write(&p, [boxed(b"ftyp", 16), boxed(b"mdat", 100)].concat()).unwrap();
+        assert!(!mp4_is_whole(&p), "no moov");
+        std::fs::write(&p, b"").unwrap();
+        assert!(!mp4_is_whole(&p), "empty");
+    }
 
     #[test]
     fn reads_the_declared_size_from_ffmpegs_max_pixels_refusal() {
