@@ -573,3 +573,57 @@ fn queued_jobs_survive_a_restart_and_a_crash_fails_the_running_one() {
         200
     );
 }
+
+/// The contract (`reference`: a video or a safetensors `reference_u8` clip, as `v2l-run
+/// --reference` takes it): the server's video from a safetensors clip equals the CLI's.
+#[test]
+fn a_safetensors_reference_gives_the_cli_video() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let io =
+        v2l_runtime::tensor::read_safetensors(&common::tiny().join("e2e_io.safetensors")).unwrap();
+    let clip = tmp.path().join("clip.safetensors");
+    let mut only = std::collections::BTreeMap::new();
+    only.insert("reference_u8".to_string(), io["reference_u8"].clone());
+    v2l_runtime::tensor::write_safetensors(&clip, &only).unwrap();
+
+    let s = Server::start(&engine, &tmp.path().join("state"), &[]);
+    let form = Form::new()
+        .file("image", fixture("first_frame.png"))
+        .file("reference", std::fs::read(&clip).unwrap())
+        .text("prompt", PROMPT)
+        .text("steps", 2)
+        .text("seed", 5);
+    let (job, served) = s
+        .client()
+        .generate(&form, Duration::from_secs(120))
+        .unwrap();
+    assert!(job["lora_id"].is_string(), "{job}");
+
+    let out = tmp.path().join("cli.mp4");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .arg("--image")
+        .arg(common::tiny().join("first_frame.png"))
+        .arg("--reference")
+        .arg(&clip)
+        .args([
+            "--prompt", PROMPT, "--steps", "2", "--seed", "5", "--quiet", "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli = std::fs::read(&out).unwrap();
+    assert!(
+        frames_of(&served, tmp.path(), "served.mp4") == frames_of(&cli, tmp.path(), "cli2.mp4"),
+        "the server's video from a safetensors reference differs from v2l-run's"
+    );
+    // Without the hypernetwork's input it would be the base video: the clip mattered.
+    let base = cli_video(&engine, tmp.path(), 0);
+    assert_ne!(
+        frames_of(&base, tmp.path(), "base.mp4"),
+        frames_of(&cli, tmp.path(), "cli3.mp4")
+    );
+}

@@ -469,6 +469,43 @@ fn decode(
     })
 }
 
+/// Whether `bytes` start as a safetensors file does: an 8-byte little-endian header length
+/// that fits, then a JSON object.
+fn is_safetensors(bytes: &[u8]) -> bool {
+    let Some(head) = bytes.get(..8) else {
+        return false;
+    };
+    let mut n = [0u8; 8];
+    n.copy_from_slice(head);
+    let n = u64::from_le_bytes(n);
+    n >= 2 && n <= (bytes.len() - 8) as u64 && bytes.get(8) == Some(&b'{')
+}
+
+/// A reference clip given as a safetensors `reference_u8` tensor (`[frames, height, width, 3]`,
+/// the size the request asks for), read as `v2l-run --reference clip.safetensors` reads it.
+fn reference_tensor(
+    bytes: &[u8],
+    height: usize,
+    width: usize,
+    limits: &RequestLimits,
+    scratch: &Path,
+) -> Result<Frames, ApiError> {
+    let file = tempfile::Builder::new()
+        .prefix("upload-")
+        .suffix(".safetensors")
+        .tempfile_in(scratch)
+        .map_err(ApiError::internal)?;
+    std::fs::write(file.path(), bytes).map_err(ApiError::internal)?;
+    v2l_runtime::video::read_frames_at_most(file.path(), height, width, limits.reference_frames)
+        .map_err(|e| {
+            let mut err = upload_error("reference", e);
+            err.message = err
+                .message
+                .replace(&*file.path().to_string_lossy(), "reference");
+            err
+        })
+}
+
 /// A reference clip's LoRA id, and the decoded clip unless that LoRA is stored already.
 #[allow(clippy::too_many_arguments)]
 fn reference_lora(
@@ -501,15 +538,19 @@ fn reference_lora(
     if stored(&id) {
         return Ok((id, None));
     }
-    let clip = decode(
-        "reference",
-        bytes,
-        height,
-        width,
-        limits.reference_frames,
-        limits,
-        scratch,
-    )?;
+    let clip = if is_safetensors(bytes) {
+        reference_tensor(bytes, height, width, limits, scratch)?
+    } else {
+        decode(
+            "reference",
+            bytes,
+            height,
+            width,
+            limits.reference_frames,
+            limits,
+            scratch,
+        )?
+    };
     v2l_runtime::predict::check_reference(&clip, "reference")
         .map_err(|e| upload_error("reference", e))?;
     Ok((id, Some(clip)))
