@@ -69,6 +69,16 @@ else
   .v2l/py/bin/python -m pip install --quiet "ray[serve]==$RAY_VERSION"
 fi
 
+# Schemathesis, the property-based API tester: the test suite runs it against a live v2l-serve
+# (bin/tests/schemathesis.rs), with and without a token (test-only).
+SCHEMATHESIS_VERSION="${V2L_SCHEMATHESIS_VERSION:-4.32.5}"
+if .v2l/py/bin/python -c "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$SCHEMATHESIS_VERSION')" 2>/dev/null; then
+  echo "setup: schemathesis present in .v2l/py"
+else
+  echo "setup: installing schemathesis==$SCHEMATHESIS_VERSION into .v2l/py (test-only)"
+  .v2l/py/bin/python -m pip install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
 # valgrind and a C compiler: the C ABI tests build examples/c and run it under valgrind.
 # GNU time (/usr/bin/time): the server tests measure the decoder's peak RSS with it.
 for tool in valgrind cc /usr/bin/time; do

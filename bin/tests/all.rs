@@ -8,6 +8,7 @@ mod e2e;
 mod effects_model;
 mod hardening;
 mod request_errors;
+mod schemathesis;
 mod serve;
 mod server_bounds;
 mod server_faults;

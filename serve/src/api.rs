@@ -61,7 +61,14 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         .route(
             "/openapi.json",
-            get(|| async { Json(crate::openapi::document()) }),
+            get(|State(app): State<App>| async move {
+                let s = &app.shared;
+                Json(crate::openapi::document(&crate::openapi::Described {
+                    token: s.config.token.is_some(),
+                    limits: &s.config.limits,
+                    facts: &s.facts,
+                }))
+            }),
         )
         .fallback(|| async {
             ApiError::new(

@@ -3,6 +3,17 @@
 
 use serde_json::{json, Value};
 
+use crate::config::{EngineFacts, RequestLimits};
+
+/// What the document states about this server: its auth and the bounds its checks apply, so
+/// a schema-valid request is one the server can take and generated clients send good ones.
+pub struct Described<'a> {
+    /// `--token-file` given: `/v1/*` needs a bearer token and may answer 401.
+    pub token: bool,
+    pub limits: &'a RequestLimits,
+    pub facts: &'a EngineFacts,
+}
+
 fn error_response(description: &str) -> Value {
     json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 }
@@ -11,7 +22,23 @@ fn id_param(what: &str) -> Value {
     json!([{"name": "id", "in": "path", "required": true, "description": what, "schema": {"type": "string"}}])
 }
 
-pub fn document() -> Value {
+pub fn document(d: &Described) -> Value {
+    let (limits, facts) = (d.limits, d.facts);
+    let side = |default: Option<usize>| {
+        let mut v = json!({"type": "integer", "minimum": facts.multiple, "multipleOf": facts.multiple,
+            "maximum": (limits.pixels / facts.multiple.max(1)) / facts.multiple.max(1) * facts.multiple.max(1),
+            "description": format!("A multiple of {} (8 × the DiT's patch size); height × width at most {} (--max-pixels).", facts.multiple, limits.pixels)});
+        if let Some(x) = default {
+            v["default"] = json!(x);
+        }
+        v
+    };
+    let mut frames = json!({"type": "integer", "minimum": 1, "maximum": limits.frames,
+        "description": format!("1 + 4k, at most {} (--max-frames).", limits.frames)});
+    if let Some(f) = facts.default_frames {
+        frames["default"] = json!(f);
+    }
+    let steps = json!({"type": "integer", "minimum": 1, "maximum": limits.steps.min(facts.scheduler_steps), "default": 50});
     let bad = error_response("A bad field: `error.field` names it.");
     let not_found = error_response("No such id.");
     let full = json!({
@@ -20,8 +47,10 @@ pub fn document() -> Value {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     });
     let job = json!({"description": "The job.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}});
-    let lora_created = json!({"description": "The LoRA's id.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoraId"}}}});
-    json!({
+    let timeout = error_response("The body did not arrive within --body-timeout.");
+    let lora_links = json!({"GetLora": {"operationId": "getLora", "parameters": {"id": "$response.body#/lora_id"}}});
+    let lora_created = json!({"description": "The LoRA's id.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoraId"}}}, "links": lora_links});
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "v2l-serve",
@@ -29,7 +58,6 @@ pub fn document() -> Value {
             "description": "First frame + prompt + reference clip (or LoRA) → video, on an exported CogVideoX engine. Jobs are asynchronous: submit, follow the events, download the mp4. Predicted LoRAs are cached by content hash; `/v1/*` takes `Authorization: Bearer <token>` when the server has a token."
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["kind", "message"], "properties": {
                     "kind": {"type": "string", "description": "Stable: bad_field, bad_request, too_large, not_found, not_ready, already_ended, queue_full, shutting_down, unauthorized, method_not_allowed, prediction_failed, internal."},
@@ -45,64 +73,153 @@ pub fn document() -> Value {
                     "lora_id": {"type": ["string", "null"]}, "lora_cached": {"type": ["boolean", "null"]},
                     "params": {"type": "object"}, "content_url": {"type": "string"}}},
                 "Accepted": {"type": "object", "properties": {"id": {"type": "string"}, "state": {"const": "queued"}, "status_url": {"type": "string"}, "events_url": {"type": "string"}, "content_url": {"type": "string"}}},
+                "Event": {"type": "object", "required": ["data"], "properties": {"event": {"enum": ["progress", "end"]}, "data": {"type": "string", "description": "JSON: {state, step, steps}."}}},
+                "Cancel": {"type": "object", "required": ["id", "state"], "properties": {"id": {"type": "string"}, "state": {"enum": ["cancelled", "cancelling"]}}},
+                "Ready": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "queue_depth": {"type": "integer"}, "running": {"type": "integer"}}},
                 "LoraId": {"type": "object", "properties": {"lora_id": {"type": "string"}, "cached": {"type": "boolean"}, "url": {"type": "string"}}},
-                "VideoForm": {"type": "object", "required": ["image"], "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "First frame: PNG, JPEG, WebP (or a video: its first frame). Resized to height × width."},
-                    "reference": {"type": "string", "format": "binary", "description": "A reference clip (mp4, mov, mkv, webm, avi, gif): its predicted LoRA (cached)."},
-                    "lora_id": {"type": "string", "description": "A LoRA stored on this server."},
-                    "lora": {"type": "string", "format": "binary", "description": "A LoRA file (diffusers/PEFT, kohya or ComfyUI safetensors)."},
-                    "lora_scale": {"type": "number", "default": 1.0, "description": "The LoRA's multiplier; for `reference`, upstream's LoRA weight."},
-                    "prompt": {"type": "string"},
-                    "prompt_embeds": {"type": "string", "format": "binary", "description": "safetensors with `prompt_embeds` and `negative_prompt_embeds`, float32 [1, L, D]."},
+                "VideoForm": {"type": "object", "required": ["image"],
+                    "oneOf": [{"required": ["prompt"]}, {"required": ["prompt_embeds"]}],
+                    "not": {"anyOf": [{"required": ["reference", "lora_id"]}, {"required": ["reference", "lora"]}, {"required": ["lora_id", "lora"]}]},
+                    "description": "`prompt` or `prompt_embeds` (not both); at most one of `reference`, `lora_id`, `lora`.",
+                    "properties": {
+                    "image": {"type": "string", "contentMediaType": "application/octet-stream", "description": "First frame: PNG, JPEG, WebP (or a video: its first frame). Resized to height × width."},
+                    "reference": {"type": "string", "contentMediaType": "application/octet-stream", "description": "A reference clip (mp4, mov, mkv, webm, avi, gif), or a safetensors file with a `reference_u8` tensor [frames, height, width, 3] as `v2l-run --reference` takes: its predicted LoRA (cached)."},
+                    "lora_id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "A LoRA stored on this server."},
+                    "lora": {"type": "string", "contentMediaType": "application/octet-stream", "description": "A LoRA file (diffusers/PEFT, kohya or ComfyUI safetensors)."},
+                    "lora_scale": {"type": "number", "default": 1.0, "description": "The LoRA's multiplier; for `reference`, upstream's LoRA weight. Finite, within ±1e4."},
+                    "prompt": {"type": "string", "description": "At most 16 KiB of UTF-8."},
+                    "prompt_embeds": {"type": "string", "contentMediaType": "application/octet-stream", "description": "safetensors with `prompt_embeds` and `negative_prompt_embeds`, float32 [1, L, D]."},
                     "negative_prompt": {"type": "string", "default": ""},
-                    "max_sequence_length": {"type": "integer", "description": "Prompt tokens (default: the DiT's)."},
-                    "frames": {"type": "integer", "description": "1 + 4k (default: the engine's)."},
-                    "height": {"type": "integer"}, "width": {"type": "integer"},
-                    "steps": {"type": "integer", "default": 50}, "guidance": {"type": "number", "default": 6.0},
-                    "seed": {"type": "integer", "default": 0}, "fps": {"type": "integer", "default": 8}}},
-                "LoraForm": {"type": "object", "properties": {
-                    "reference": {"type": "string", "format": "binary"},
-                    "lora": {"type": "string", "format": "binary"},
+                    "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": facts.text_sequence_length.max(1), "description": "Prompt tokens (default: the DiT's)."},
+                    "frames": frames,
+                    "height": side(facts.default_height), "width": side(facts.default_width),
+                    "steps": steps.clone(), "guidance": {"type": "number", "default": 6.0, "description": "Finite, within ±1e4."},
+                    "seed": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0}, "fps": {"type": "integer", "minimum": 1, "maximum": 240, "default": 8}}},
+                "LoraForm": {"type": "object",
+                    "oneOf": [{"required": ["reference"]}, {"required": ["lora"]}],
+                    "description": "`reference` (a clip to predict from) or `lora` (a file to store): exactly one.",
+                    "properties": {
+                    "reference": {"type": "string", "contentMediaType": "application/octet-stream"},
+                    "lora": {"type": "string", "contentMediaType": "application/octet-stream"},
                     "lora_scale": {"type": "number", "default": 1.0},
-                    "height": {"type": "integer"}, "width": {"type": "integer"}}}
+                    "height": side(facts.default_height), "width": side(facts.default_width)}}
             }
         },
-        "security": [{"bearer": []}],
         "paths": {
             "/v1/videos": {"post": {
+                "operationId": "createVideo",
                 "summary": "Submit a video job.",
                 "requestBody": {"required": true, "content": {"multipart/form-data": {"schema": {"$ref": "#/components/schemas/VideoForm"}}}},
                 "responses": {
-                    "202": {"description": "Queued.", "headers": {"Location": {"schema": {"type": "string"}}}, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
-                    "400": bad, "404": not_found, "413": error_response("The body is larger than --max-upload-mb."), "429": full, "503": error_response("Shutting down.")}}},
+                    "202": {"description": "Queued.", "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+                        "links": {
+                            "GetVideo": {"operationId": "getVideo", "parameters": {"id": "$response.body#/id"}},
+                            "CancelVideo": {"operationId": "cancelVideo", "parameters": {"id": "$response.body#/id"}},
+                            "VideoEvents": {"operationId": "videoEvents", "parameters": {"id": "$response.body#/id"}},
+                            "VideoContent": {"operationId": "videoContent", "parameters": {"id": "$response.body#/id"}}}},
+                    "400": bad, "404": not_found, "408": timeout.clone(), "413": error_response("The body is larger than --max-upload-mb."), "429": full, "503": error_response("Shutting down.")}}},
             "/v1/videos/{id}": {
-                "get": {"summary": "A job's state, progress, timings and error.", "parameters": id_param("job id"), "responses": {"200": job, "404": not_found}},
-                "delete": {"summary": "Cancel a job: a queued one at once, a running one after its current denoising step.", "parameters": id_param("job id"),
-                    "responses": {"200": {"description": "Cancelled."}, "202": {"description": "Cancelling."}, "404": not_found, "409": error_response("Already ended.")}}},
-            "/v1/videos/{id}/events": {"get": {"summary": "Server-sent events: `progress` with {state, step, steps} as the job moves, then one `end`.", "parameters": id_param("job id"),
-                "responses": {"200": {"description": "An event stream.", "content": {"text/event-stream": {}}}, "404": not_found}}},
-            "/v1/videos/{id}/content": {"get": {"summary": "The video (H.264 mp4).", "parameters": id_param("job id"),
-                "responses": {"200": {"description": "The mp4.", "content": {"video/mp4": {}}}, "404": not_found, "409": error_response("Not finished.")}}},
+                "get": {"operationId": "getVideo", "summary": "A job's state, progress, timings and error.", "parameters": id_param("job id"), "responses": {"200": job, "404": not_found}},
+                "delete": {"operationId": "cancelVideo", "summary": "Cancel a job: a queued one at once, a running one after its current denoising step. The job's record stays (state `cancelled`).", "parameters": id_param("job id"),
+                    "responses": {"200": {"description": "Cancelled.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Cancel"}}}},
+                        "202": {"description": "Cancelling.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Cancel"}}}},
+                        "404": not_found, "409": error_response("Already ended.")}}},
+            "/v1/videos/{id}/events": {"get": {"operationId": "videoEvents", "summary": "Server-sent events: `progress` with {state, step, steps} as the job moves, then one `end`.", "parameters": id_param("job id"),
+                "responses": {"200": {"description": "An event stream.", "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Event"}}}}, "404": not_found}}},
+            "/v1/videos/{id}/content": {"get": {"operationId": "videoContent", "summary": "The video (H.264 mp4).", "parameters": id_param("job id"),
+                "responses": {"200": {"description": "The mp4.", "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}}, "404": not_found, "409": error_response("Not finished.")}}},
             "/v1/loras": {"post": {
+                "operationId": "createLora",
                 "summary": "A reference clip's predicted LoRA (waits for the prediction), or an uploaded LoRA file: its id.",
                 "requestBody": {"required": true, "content": {"multipart/form-data": {"schema": {"$ref": "#/components/schemas/LoraForm"}}}},
-                "responses": {"200": {"description": "Already stored.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoraId"}}}}, "201": lora_created, "400": bad, "413": error_response("Too large."), "429": full}}},
-            "/v1/loras/{id}": {"get": {"summary": "The LoRA as a diffusers/PEFT safetensors file.", "parameters": id_param("lora id"),
-                "responses": {"200": {"description": "safetensors", "content": {"application/octet-stream": {}}}, "404": not_found}}},
-            "/healthz": {"get": {"summary": "Liveness.", "security": [], "responses": {"200": {"description": "Alive."}}}},
-            "/readyz": {"get": {"summary": "Readiness: 503 while shutting down or with a full queue.", "security": [], "responses": {"200": {"description": "Ready."}, "503": {"description": "Not taking jobs."}}}},
-            "/metrics": {"get": {"summary": "Prometheus text: queue depth, stage latency histograms, LoRA cache hits and bytes, errors by kind.", "security": [], "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {}}}}}},
-            "/openapi.json": {"get": {"summary": "This document.", "security": [], "responses": {"200": {"description": "OpenAPI 3.1."}}}}
+                "responses": {"200": {"description": "Already stored.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoraId"}}}, "links": lora_links.clone()},
+                    "201": lora_created, "400": bad, "408": timeout, "413": error_response("Too large."), "429": full,
+                    "500": error_response("The prediction failed."), "503": error_response("Shutting down.")}}},
+            "/v1/loras/{id}": {"get": {"operationId": "getLora", "summary": "The LoRA as a diffusers/PEFT safetensors file.", "parameters": id_param("lora id"),
+                "responses": {"200": {"description": "safetensors", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}, "404": not_found}}},
+            "/healthz": {"get": {"operationId": "health", "summary": "Liveness.", "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/readyz": {"get": {"operationId": "ready", "summary": "Readiness: 503 while shutting down, with a full queue, or while the state directory cannot take writes.",
+                "responses": {"200": {"description": "Ready.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ready"}}}},
+                    "503": {"description": "Not taking jobs.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ready"}}}}}}},
+            "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus text: queue depth, stage latency histograms, LoRA cache hits and bytes, errors by kind.", "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
         }
-    })
+    });
+    if d.token {
+        // Only `/v1/*` is guarded; probes, metrics and this document stay open.
+        let unauthorized = error_response("No or a wrong `Authorization: Bearer <token>`.");
+        doc["components"]["securitySchemes"] =
+            json!({"bearer": {"type": "http", "scheme": "bearer"}});
+        if let Some(paths) = doc["paths"].as_object_mut() {
+            for (path, ops) in paths.iter_mut() {
+                let Some(ops) = ops.as_object_mut() else {
+                    continue;
+                };
+                for op in ops.values_mut() {
+                    if path.starts_with("/v1/") {
+                        op["security"] = json!([{"bearer": []}]);
+                        op["responses"]["401"] = unauthorized.clone();
+                    }
+                }
+            }
+        }
+    }
+    doc
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn facts() -> EngineFacts {
+        EngineFacts {
+            key: "k".into(),
+            default_frames: Some(17),
+            default_height: Some(64),
+            default_width: Some(64),
+            multiple: 16,
+            text_embed_dim: 32,
+            text_sequence_length: 16,
+            has_text_encoder: true,
+            has_hypernet: true,
+            scheduler_steps: 1000,
+            modules: vec![],
+            targets: vec![],
+        }
+    }
+
     #[test]
     fn the_document_is_stable() {
-        let doc = super::document();
+        let (limits, facts) = (RequestLimits::default(), facts());
+        let doc = document(&Described {
+            token: false,
+            limits: &limits,
+            facts: &facts,
+        });
         insta::assert_snapshot!(serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+
+    #[test]
+    fn security_and_401_appear_only_with_a_token() {
+        let (limits, facts) = (RequestLimits::default(), facts());
+        let open = document(&Described {
+            token: false,
+            limits: &limits,
+            facts: &facts,
+        });
+        assert!(!open.to_string().contains("bearer"));
+        let guarded = document(&Described {
+            token: true,
+            limits: &limits,
+            facts: &facts,
+        });
+        let post = &guarded["paths"]["/v1/videos"]["post"];
+        assert_eq!(post["security"], json!([{"bearer": []}]));
+        assert!(post["responses"]["401"].is_object());
+        assert!(guarded["paths"]["/healthz"]["get"]
+            .get("security")
+            .is_none());
     }
 }

@@ -72,3 +72,8 @@ pub fn wan_model_dir(dst: &Path, parts: &[(&str, &str)]) -> PathBuf {
 pub fn frames_of(t: &Tensor) -> Frames {
     Frames::from_u8_tensor(t).expect("a fixture's uint8 frames")
 }
+
+/// The workspace root (for `.v2l/`, set-up's installs).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
