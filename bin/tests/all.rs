@@ -12,4 +12,5 @@ mod schemathesis;
 mod serve;
 mod server_bounds;
 mod server_faults;
+mod server_soak;
 mod valid_graphs;

@@ -67,6 +67,10 @@ impl Server {
         Client::new(&self.base, None)
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `host:port` it listens on.
     pub(crate) fn addr(&self) -> &str {
         self.base.trim_start_matches("http://")
