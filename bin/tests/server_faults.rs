@@ -200,3 +200,42 @@ fn a_kill_during_the_mp4_write_leaves_no_video_and_an_interrupted_job() {
         200
     );
 }
+
+/// Defect 2: a stored LoRA that went bad (found after a restart) fails its jobs with a
+/// message naming the LoRA by id, never by its path on the server.
+#[test]
+fn a_bad_stored_lora_after_a_restart_fails_jobs_without_leaking_its_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let state = tmp.path().join("state");
+    drop(Server::start(&engine, &state, &[])); // creates the state directory
+    let id = "0123456789abcdef0123456789abcdef";
+    // A LoRA whose metadata says alpha is null, as a damaged or foreign file can.
+    let header = br#"{"__metadata__":{"lora_adapter_metadata":"{\"lora_alpha\":null}"}}"#;
+    let mut bad = (header.len() as u64).to_le_bytes().to_vec();
+    bad.extend(header);
+    std::fs::write(state.join("loras").join(format!("{id}.safetensors")), bad).unwrap();
+    let s = Server::start(&engine, &state, &[]);
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let form = Form::new()
+        .file("image", image)
+        .text("prompt", PROMPT)
+        .text("steps", 2)
+        .text("lora_id", id);
+    let r = s.client().post("/v1/videos", &form).unwrap();
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let shown = if r.status == 202 {
+        let job_id = r.json()["id"].as_str().unwrap().to_string();
+        let job = s.client().wait(&job_id, Duration::from_secs(60)).unwrap();
+        assert_eq!(job["state"], "failed", "{job}");
+        job.to_string()
+    } else {
+        assert_eq!(r.status, 400, "{text}");
+        text
+    };
+    assert!(shown.contains(id), "the LoRA is not named: {shown}");
+    assert!(
+        !shown.contains(&*state.to_string_lossy()) && !shown.contains("/loras/"),
+        "a server path leaked: {shown}"
+    );
+}
