@@ -240,8 +240,14 @@ async fn checked<'a, T: Send + 'static>(
     fields: &'static [&'static str],
     check: form::Check<T>,
 ) -> Result<(T, Slot<'a>), ApiError> {
-    let slot = admit(app)?;
     let limit = app.shared.config.body_timeout;
+    let slot = match admit(app) {
+        Ok(slot) => slot,
+        Err(e) => {
+            let _ = tokio::time::timeout(limit, form::discard(mp)).await;
+            return Err(e);
+        }
+    };
     let form = tokio::time::timeout(limit, form::read(mp, fields))
         .await
         .map_err(|_| {

@@ -45,6 +45,8 @@ pub async fn read(
         };
         let name = field.name().unwrap_or("").to_string();
         if !allowed.contains(&name.as_str()) {
+            drop(field);
+            discard_fields(&mut mp).await;
             return Err(ApiError::field(
                 &name,
                 format!("unknown field; this endpoint takes {}", allowed.join(", ")),
@@ -55,10 +57,26 @@ pub async fn read(
             .await
             .map_err(|e| body_error(e.status(), e.body_text()))?;
         if parts.insert(name.clone(), bytes).is_some() {
+            discard_fields(&mut mp).await;
             return Err(ApiError::field(&name, "given more than once"));
         }
     }
     Ok(Form(parts))
+}
+
+/// Reads the rest of a body and drops it, so a request refused before its body was read still
+/// gets its answer: closing a socket with unread data resets the connection, and the client
+/// would see the reset instead of the `4xx`. Bounded by the upload limit (the stream ends in an
+/// error past it) and, in the caller, by `--body-timeout`; nothing is kept or decoded.
+pub async fn discard(multipart: Result<Multipart, MultipartRejection>) {
+    let Ok(mut mp) = multipart else { return };
+    discard_fields(&mut mp).await;
+}
+
+async fn discard_fields(mp: &mut Multipart) {
+    while let Ok(Some(mut field)) = mp.next_field().await {
+        while let Ok(Some(_)) = field.chunk().await {}
+    }
 }
 
 fn body_error(status: StatusCode, text: String) -> ApiError {
