@@ -116,7 +116,7 @@ fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
 /// Compiles the export directory `src` (or the directory of a model file inside one) into an
 /// engine bundle at `out`, written under a temporary name and renamed when complete.
 pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -> Result<Bundle> {
-    compile_with(src, out, backend, precision, None)
+    compile_with(src, out, backend, precision, None, None)
 }
 
 /// [`compile`], and for int8 with a calibration: static int8 through Q/DQ
@@ -129,9 +129,11 @@ pub fn compile_with(
     backend: Backend,
     precision: Precision,
     calibration: Option<&crate::calibrate::Calibration>,
+    max_rank: Option<usize>,
 ) -> Result<Bundle> {
     check_precision(backend, precision, calibration.is_some())?;
-    let job = Job::open(src, backend, precision, calibration)?;
+    let mut job = Job::open(src, backend, precision, calibration)?;
+    job.max_rank = lora_max_rank(backend, max_rank, &job.manifest);
     v2l_runtime::limits::check_new_output_dir(out)?;
     let (weight_hash, targets) = job.lora_targets()?;
     v2l_contracts::atomic::build_dir(out, RuntimeError::io, |tmp| {
@@ -154,6 +156,8 @@ struct Job<'a> {
     backend: Backend,
     precision: Precision,
     calibration: Option<&'a crate::calibrate::Calibration>,
+    /// The rank LoRA factors are padded to on this engine ([`lora_max_rank`]).
+    max_rank: Option<usize>,
 }
 
 /// What the DiT steps add to the bundle.
@@ -193,6 +197,7 @@ impl<'a> Job<'a> {
             backend,
             precision,
             calibration,
+            max_rank: None,
         })
     }
 
@@ -499,6 +504,7 @@ impl<'a> Job<'a> {
                 lora_targets: targets.to_vec(),
                 files: Vec::new(),
                 dit_variants: variants,
+                max_rank: None,
                 producer: String::new(),
                 accuracy: Vec::new(),
                 calibration: dit.calibration.clone(),
@@ -539,6 +545,7 @@ impl<'a> Job<'a> {
             lora_targets,
             files,
             dit_variants: dit.variants,
+            max_rank: self.max_rank,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
             accuracy: dit.accuracy,
             calibration: dit.calibration,
@@ -756,6 +763,27 @@ fn lower_dit(
     Ok(LowWeights::Float(how, l.tensors))
 }
 
+/// The rank `unfused` LoRA factors are padded to: `--max-rank` when given; on GPU backends
+/// otherwise the engine's hypernetwork rank (Prompt2Effect, LoFA) or 64, so the engine sees
+/// one factor shape (TensorRT builds its profile for it); on the CPU none (each LoRA keeps its
+/// own rank, no work on padding).
+pub fn lora_max_rank(backend: Backend, flag: Option<usize>, manifest: &Manifest) -> Option<usize> {
+    if flag.is_some() {
+        return flag;
+    }
+    match backend {
+        Backend::Cpu => None,
+        Backend::Cuda | Backend::TensorRt => Some(
+            manifest
+                .prompt2effect
+                .as_ref()
+                .map(|p| p.rank)
+                .or(manifest.lofa.as_ref().map(|l| l.rank))
+                .unwrap_or(64),
+        ),
+    }
+}
+
 /// The LoRA strategy a backend uses by default (docs/usage.md, "LoRA strategies").
 ///
 /// CPU: `bound`. Measured on the tiny model (`v2l-bench pipeline`): switching costs a fuse of the
@@ -766,15 +794,19 @@ fn lower_dit(
 /// int8: `unfused`: the LoRA is an f32 low-rank branch beside the int8 weights, exact in the
 /// LoRA and switched by copying its factors; `fused` (re-quantising `W + s·B·A` from the f32
 /// base) is the other choice, measured in docs/precision.md.
+///
+/// CUDA and TensorRT: `unfused`. A switch is a change of input buffers (no session, no engine
+/// build, no refit), the factors are a few MB instead of the ~9 GB of targeted weights `bound`
+/// would copy to the device every step, and requests with different LoRAs can share a DiT call.
+/// ONNX Runtime's TensorRT provider cannot refit a live engine with new weights (its weight-
+/// stripped engines refit only identical weights, at session creation), so `fused` there costs
+/// a full engine build per LoRA: kept for a LoRA that stays for long. Not yet run on a GPU.
 pub fn default_strategy(backend: Backend, precision: Precision) -> Strategy {
     match (backend, precision) {
+        (Backend::Cuda | Backend::TensorRt, _) => Strategy::Unfused,
         (_, Precision::Int8 | Precision::Int4) => Strategy::Unfused,
         (_, Precision::Fp16 | Precision::Bf16) => Strategy::Fused,
-        // Same mechanism on CUDA; not yet measured on a GPU.
-        (Backend::Cpu | Backend::Cuda, _) => Strategy::Bound,
-        // One engine per LoRA, its cache keyed by the hash of its fused weights (refitting a
-        // weight-stripped engine in place is not written yet; not run on a GPU).
-        (Backend::TensorRt, _) => Strategy::Fused,
+        (Backend::Cpu, _) => Strategy::Bound,
     }
 }
 

@@ -135,6 +135,10 @@ pub struct Bundle {
     /// weights are also inputs) and `unfused` (a low-rank branch per targeted layer).
     #[serde(default)]
     pub dit_variants: std::collections::BTreeMap<String, String>,
+    /// `unfused`: the rank every LoRA factor is padded to (`v2l-compile --max-rank`), so GPU
+    /// engines see one factor shape; `None` on the CPU, where factors keep their own rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rank: Option<usize>,
     pub producer: String,
     /// Below fp32: each changed stage's relative L2 against the fp32 graph, measured at compile
     /// time on generated inputs (the compile layer's `accuracy`).
@@ -344,6 +348,7 @@ mod tests {
             lora_targets: vec![],
             files: vec![],
             dit_variants: Default::default(),
+            max_rank: None,
             producer: "v2l test".into(),
             accuracy: vec![StageAccuracy {
                 stage: "dit".into(),

@@ -177,6 +177,17 @@ use crate::builder::{attr_proto, Attr};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto};
 
+/// A 1-D int64 initializer (shapes).
+pub(crate) fn i64_tensor(name: String, values: &[i64]) -> proto::TensorProto {
+    proto::TensorProto {
+        dims: vec![values.len() as i64],
+        data_type: DType::I64.onnx_code(),
+        name,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
 fn io(name: &str, dtype: DType, dims: Vec<Result<i64, String>>) -> proto::ValueInfoProto {
     use proto::tensor_shape_proto::{dimension::Value as D, Dimension};
     proto::ValueInfoProto {
@@ -302,57 +313,80 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
             true,
         );
         let [a, b, s] = lora_input_names(&w);
+        let dims = shapes.get(&w).cloned().unwrap_or_default();
+        let (out, inp) = (
+            dims.first().copied().unwrap_or(0),
+            dims.get(1).copied().unwrap_or(0),
+        );
         let base = format!("{y}/base");
         if let Some(o) = n.output.first_mut() {
             o.clone_from(&base);
         }
         let p = n.name.clone();
         nodes.push(n);
-        nodes.push(node(
-            "Gemm",
-            format!("{p}/lora_down"),
-            vec![x, a.clone()],
-            format!("{p}/lora_down:0"),
-            vec![attr_proto("transB", Attr::Int(1))],
-        ));
-        nodes.push(node(
-            "Gemm",
-            format!("{p}/lora_up"),
-            vec![format!("{p}/lora_down:0"), b.clone()],
-            format!("{p}/lora_up:0"),
-            vec![attr_proto("transB", Attr::Int(1))],
-        ));
-        nodes.push(node(
-            "Mul",
-            format!("{p}/lora_scale"),
-            vec![format!("{p}/lora_up:0"), s.clone()],
-            format!("{p}/lora_scaled:0"),
-            vec![],
-        ));
+        // Factors per sample: A [Bf, r, in], B [Bf, out, r], scale [Bf, 1, 1], with Bf 1 (one
+        // LoRA for the whole batch) or the DiT's batch (one per sample). The 2-D activations
+        // [rows, in] become [Bf, rows / Bf, in]: rows are sample-major, so each sample's
+        // tokens meet its own factors.
+        let t = |name: &str| format!("{p}/lora_{name}:0");
+        let x_tail = format!("{p}/lora_x_tail");
+        let y_shape = format!("{p}/lora_y_shape");
+        graph
+            .initializer
+            .push(i64_tensor(x_tail.clone(), &[-1, inp]));
+        graph
+            .initializer
+            .push(i64_tensor(y_shape.clone(), &[-1, out]));
+        let perm = || vec![attr_proto("perm", Attr::Ints(vec![0, 2, 1]))];
+        let steps: [(&str, Vec<String>, &str, Vec<proto::AttributeProto>); 9] = [
+            (
+                "Shape",
+                vec![a.clone()],
+                "samples",
+                vec![int_attr("start", 0), int_attr("end", 1)],
+            ),
+            (
+                "Concat",
+                vec![t("samples"), x_tail],
+                "x_shape",
+                vec![int_attr("axis", 0)],
+            ),
+            ("Reshape", vec![x, t("x_shape")], "x", vec![]),
+            ("Transpose", vec![a.clone()], "a_t", perm()),
+            ("MatMul", vec![t("x"), t("a_t")], "down", vec![]),
+            ("Transpose", vec![b.clone()], "b_t", perm()),
+            ("MatMul", vec![t("down"), t("b_t")], "up", vec![]),
+            ("Mul", vec![t("up"), s.clone()], "scaled", vec![]),
+            ("Reshape", vec![t("scaled"), y_shape], "flat", vec![]),
+        ];
+        for (op, inputs, out_name, attrs) in steps {
+            nodes.push(node(
+                op,
+                format!("{p}/lora_{out_name}"),
+                inputs,
+                t(out_name),
+                attrs,
+            ));
+        }
         nodes.push(node(
             "Add",
             format!("{p}/lora_add"),
-            vec![base, format!("{p}/lora_scaled:0")],
+            vec![base, t("flat")],
             y,
             vec![],
         ));
-        let dims = shapes.get(&w).cloned().unwrap_or_default();
-        let (out, inp) = (
-            dims.first().copied().unwrap_or(0),
-            dims.get(1).copied().unwrap_or(0),
-        );
         let module = w.strip_suffix(".weight").unwrap_or(&w).to_string();
-        graph.input.push(io(
-            &a,
-            DType::F32,
-            vec![Err(format!("{module}.rank")), Ok(inp)],
-        ));
-        graph.input.push(io(
-            &b,
-            DType::F32,
-            vec![Ok(out), Err(format!("{module}.rank"))],
-        ));
-        graph.input.push(io(&s, DType::F32, vec![Ok(1)]));
+        let samples = || Err("lora_samples".to_string());
+        let rank = || Err(format!("{module}.rank"));
+        graph
+            .input
+            .push(io(&a, DType::F32, vec![samples(), rank(), Ok(inp)]));
+        graph
+            .input
+            .push(io(&b, DType::F32, vec![samples(), Ok(out), rank()]));
+        graph
+            .input
+            .push(io(&s, DType::F32, vec![samples(), Ok(1), Ok(1)]));
     }
     graph.node = nodes;
     if let Some((w, _)) = found.iter().find(|(_, f)| !**f) {

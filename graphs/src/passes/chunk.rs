@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{int_attr, node};
+use super::{i64_tensor, int_attr, node};
 use crate::dtype::DType;
 use crate::proto::{self, attribute_type, GraphProto, ModelProto, NodeProto};
 
@@ -66,16 +66,6 @@ fn ff_module(node: &str) -> Option<&str> {
         end = next + 1;
     }
     None
-}
-
-fn i64_tensor(name: String, values: &[i64]) -> proto::TensorProto {
-    proto::TensorProto {
-        dims: vec![values.len() as i64],
-        data_type: DType::I64.onnx_code(),
-        name,
-        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    }
 }
 
 /// One feed-forward found in the graph: its nodes (graph order), its single activation input

@@ -48,13 +48,106 @@ fn variant(dir: &Engine, name: &str) -> Result<PathBuf> {
         })
 }
 
-fn zero_factors(t: &LinearInfo) -> [(String, Tensor); 3] {
-    let [a, b, s] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
-    [
-        (a, Tensor::zeros(vec![1, t.in_features])),
-        (b, Tensor::zeros(vec![t.out_features, 1])),
-        (s, Tensor::zeros(vec![1])),
-    ]
+/// One target's LoRA factors for the unfused graph, one slot per sample: `A [samples, r, in]`,
+/// `B [samples, out, r]`, `scale [samples, 1, 1]`. A sample without a LoRA, and the rows and
+/// columns beyond a LoRA's own rank, are zeros: they add exact zeros to the base output.
+struct SampleFactors {
+    rank: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    scale: Vec<f32>,
+}
+
+impl SampleFactors {
+    fn zeros(t: &LinearInfo, samples: usize, rank: usize) -> SampleFactors {
+        SampleFactors {
+            rank,
+            a: vec![0.0; samples * rank * t.in_features],
+            b: vec![0.0; samples * t.out_features * rank],
+            scale: vec![0.0; samples],
+        }
+    }
+
+    /// Writes `plan` (`a [r, in]`, `b [out, r]`) into sample `i`'s slot.
+    fn put(&mut self, t: &LinearInfo, i: usize, plan: &super::fuse::FusePlan) {
+        let (r, n_in, n_out, rr) = (plan.rank, t.in_features, t.out_features, self.rank);
+        self.a[i * rr * n_in..][..r * n_in].copy_from_slice(&plan.a[..r * n_in]);
+        let b = &mut self.b[i * n_out * rr..][..n_out * rr];
+        for (row, src) in b.chunks_exact_mut(rr).zip(plan.b.chunks_exact(r)) {
+            row[..r].copy_from_slice(src);
+        }
+        self.scale[i] = plan.scale;
+    }
+
+    fn into_inputs(self, t: &LinearInfo, samples: usize) -> [(String, Tensor); 3] {
+        let [a, b, s] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+        [
+            (
+                a,
+                Tensor::f32(vec![samples, self.rank, t.in_features], self.a),
+            ),
+            (
+                b,
+                Tensor::f32(vec![samples, t.out_features, self.rank], self.b),
+            ),
+            (s, Tensor::f32(vec![samples, 1, 1], self.scale)),
+        ]
+    }
+}
+
+/// The unfused graph's factor inputs for `samples`: one LoRA (or none) per sample of the DiT
+/// batch, or a single entry for the whole batch. Ranks are padded to the largest among the
+/// samples, or to `pad` (an engine's `--max-rank`, so a GPU engine sees one shape).
+fn unfused_factors(
+    targets: &[LinearInfo],
+    samples: &[Option<&AppliedLora>],
+    pad: Option<usize>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut plans: Vec<BTreeMap<&str, super::fuse::FusePlan>> = Vec::with_capacity(samples.len());
+    for lora in samples {
+        let mut by_target = BTreeMap::new();
+        if let Some(l) = lora {
+            for (t, layer) in match_targets(&l.lora, targets, &l.source)? {
+                let fp = layer.fuse_plan(l.multiplier);
+                fp.check_finite(&layer.module)
+                    .map_err(|e| RuntimeError::Fuse {
+                        what: l.source.display().to_string(),
+                        source: e,
+                    })?;
+                by_target.insert(t.name.as_str(), fp);
+            }
+        }
+        plans.push(by_target);
+    }
+    let mut out = BTreeMap::new();
+    for t in targets {
+        let most = plans
+            .iter()
+            .filter_map(|p| p.get(t.name.as_str()).map(|fp| fp.rank))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let rank = match pad {
+            Some(r) if most > r => {
+                return Err(RuntimeError::Invalid {
+                    what: t.name.clone(),
+                    message: format!(
+                        "the LoRA has rank {most} here; this engine takes at most {r} (v2l-compile --max-rank)"
+                    ),
+                })
+            }
+            Some(r) => r,
+            None => most,
+        };
+        let mut f = SampleFactors::zeros(t, samples.len(), rank);
+        for (i, p) in plans.iter().enumerate() {
+            if let Some(fp) = p.get(t.name.as_str()) {
+                f.put(t, i, fp);
+            }
+        }
+        out.extend(f.into_inputs(t, samples.len()));
+    }
+    Ok(out)
 }
 
 impl DitRunner {
@@ -88,7 +181,8 @@ impl DitRunner {
             }
             Strategy::Unfused => {
                 let mut m = Model::load(&variant(dir, "unfused")?, &dir.dit_options(opts))?;
-                m.set_fixed_inputs(targets.iter().flat_map(zero_factors).collect())?;
+                let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
+                m.set_fixed_inputs(unfused_factors(&targets, &[None], pad)?.into_iter().collect())?;
                 m
             }
         };
@@ -120,28 +214,31 @@ impl DitRunner {
                 // rewriting them is the whole switch.
                 sw.apply(lora.map(|l| (&*l.lora, l.multiplier, l.source.as_path())))?;
             }
-            Strategy::Unfused => {
-                let mut fixed: BTreeMap<String, Tensor> =
-                    self.targets.iter().flat_map(zero_factors).collect();
-                if let Some(l) = lora {
-                    for (t, layer) in match_targets(&l.lora, &self.targets, &l.source)? {
-                        let fp = layer.fuse_plan(l.multiplier);
-                        fp.check_finite(&layer.module)
-                            .map_err(|e| RuntimeError::Fuse {
-                                what: l.source.display().to_string(),
-                                source: e,
-                            })?;
-                        let [na, nb, ns] =
-                            v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
-                        let r = fp.rank;
-                        fixed.insert(na, Tensor::f32(vec![r, t.in_features], fp.a));
-                        fixed.insert(nb, Tensor::f32(vec![t.out_features, r], fp.b));
-                        fixed.insert(ns, Tensor::f32(vec![1], vec![fp.scale]));
-                    }
-                }
-                self.model.set_fixed_inputs(fixed.into_iter().collect())?;
-            }
+            Strategy::Unfused => self.set_sample_loras(dir, &[lora])?,
         }
+        Ok(())
+    }
+
+    /// `unfused` only: one LoRA (or none) per sample of the DiT batch, in batch order: the
+    /// DiT then runs requests with different LoRAs in one call. A single entry applies to the
+    /// whole batch (what [`DitRunner::set_lora`] sets).
+    pub fn set_sample_loras(
+        &mut self,
+        dir: &Engine,
+        samples: &[Option<&AppliedLora>],
+    ) -> Result<()> {
+        if self.strategy != Strategy::Unfused {
+            return Err(RuntimeError::Invalid {
+                what: "LoRA strategy".into(),
+                message: format!(
+                    "requests with different LoRAs share a DiT call only with the `unfused` strategy; this pipeline uses `{}`",
+                    self.strategy.name()
+                ),
+            });
+        }
+        let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
+        let fixed = unfused_factors(&self.targets, samples, pad)?;
+        self.model.set_fixed_inputs(fixed.into_iter().collect())?;
         Ok(())
     }
 
