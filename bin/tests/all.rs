@@ -3,6 +3,7 @@
 
 mod common;
 
+mod batched_loras;
 mod cli;
 mod e2e;
 mod effects_model;

@@ -364,9 +364,27 @@ impl Pipeline {
         choice: &RequestLora,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<(Option<crate::predict::Prediction>, bool)> {
-        let (prediction, lora) = match choice {
+        match choice {
             RequestLora::Resident => return Ok((None, false)),
             RequestLora::Base if self.applied.is_none() => return Ok((None, false)),
+            _ => {}
+        }
+        let (prediction, lora) = self.request_lora(choice, timings)?;
+        let t = Instant::now();
+        self.dit.set_lora(&self.dir, lora.as_ref())?;
+        timings.insert("lora_fuse".into(), ms(t));
+        Ok((prediction, true))
+    }
+
+    /// The LoRA a request runs with (`None`: the base weights), predicted first for a
+    /// reference clip, merged first for several files.
+    fn request_lora(
+        &mut self,
+        choice: &RequestLora,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<(Option<crate::predict::Prediction>, Option<AppliedLora>)> {
+        Ok(match choice {
+            RequestLora::Resident => (None, self.applied.clone()),
             RequestLora::Base => (None, None),
             RequestLora::Reference(clip, weight) => {
                 let t = Instant::now();
@@ -397,11 +415,117 @@ impl Pipeline {
                     (None, Some(merged))
                 }
             },
+        })
+    }
+
+    /// Runs `requests` together: every denoising step is one DiT call over all of them (each
+    /// request's guidance batch in turn), each request with its own LoRA ([`RequestLora`],
+    /// none included), noise, prompt and first frame. They must share their size, frame count
+    /// and step count. Requests with different LoRAs need the `unfused` strategy, whose
+    /// factors are DiT inputs per sample; each request's video is its solo run's
+    /// (`tests/batched_loras.rs`). Afterwards the DiT holds the pipeline's own LoRA again.
+    pub fn generate_batch(
+        &mut self,
+        requests: &[Request],
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Vec<Generation>> {
+        let t_all = Instant::now();
+        let invalid = |i: usize, message: String| RuntimeError::Invalid {
+            what: format!("request {} of the batch", i + 1),
+            message,
         };
+        let mut shapes = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let shape = self
+                .check_request(r)
+                .map_err(|e| invalid(i, e.to_string()))?;
+            if let Some((first, r0)) = shapes.first().zip(requests.first()) {
+                let first: &LatentShape = first;
+                if shape.dims() != first.dims() || r.steps != r0.steps {
+                    return Err(invalid(
+                        i,
+                        format!(
+                            "latents {:?} over {} steps; the batch's first request has {:?} over {}: only requests of one size and step count share DiT calls",
+                            shape.dims(),
+                            r.steps,
+                            first.dims(),
+                            r0.steps
+                        ),
+                    ));
+                }
+            }
+            shapes.push(shape);
+        }
+        let mut timings: Vec<BTreeMap<String, f64>> =
+            requests.iter().map(|_| BTreeMap::new()).collect();
+        let mut predictions = Vec::with_capacity(requests.len());
+        let mut loras = Vec::with_capacity(requests.len());
+        for (r, t) in requests.iter().zip(&mut timings) {
+            let (p, l) = self.request_lora(&r.lora, t)?;
+            predictions.push(p);
+            loras.push(l);
+        }
         let t = Instant::now();
-        self.dit.set_lora(&self.dir, lora.as_ref())?;
-        timings.insert("lora_fuse".into(), ms(t));
-        Ok((prediction, true))
+        let samples: Vec<Option<&AppliedLora>> = requests
+            .iter()
+            .zip(&loras)
+            .flat_map(|(r, l)| {
+                std::iter::repeat_n(l.as_ref(), denoise::Guidance(r.guidance).batch())
+            })
+            .collect();
+        let same = loras
+            .windows(2)
+            .all(|w| same_lora(w[0].as_ref(), w[1].as_ref()));
+        let set = match (same, loras.first()) {
+            (true, Some(one)) => self.dit.set_lora(&self.dir, one.as_ref()),
+            _ => self.dit.set_sample_loras(&self.dir, &samples),
+        };
+        let result = set.and_then(|()| {
+            let switch = ms(t);
+            let mut lanes = Vec::with_capacity(requests.len());
+            for ((r, shape), tm) in requests.iter().zip(&shapes).zip(&mut timings) {
+                tm.insert("lora_fuse".into(), switch);
+                let parts = Parts {
+                    vae: &mut self.vae,
+                    entry: dit_entry(&self.dir)?,
+                };
+                lanes.push(self.family.lane(parts, r, shape, tm)?);
+            }
+            denoise::run(&mut self.dit, lanes, progress)
+        });
+        // Back to the pipeline's own LoRA before reporting anything.
+        let t = Instant::now();
+        self.dit.set_lora(&self.dir, self.applied.as_ref())?;
+        let restore = ms(t);
+        let (done, dit_ms) = result?;
+        let step = median(dit_ms);
+        let mut out = Vec::with_capacity(requests.len());
+        for (((d, shape), mut tm), p) in done.into_iter().zip(&shapes).zip(timings).zip(predictions)
+        {
+            tm.insert("lora_restore".into(), restore);
+            if let Some(m) = step {
+                tm.insert("dit_step".into(), m);
+            }
+            let frames = self.decode(&d.latents, shape, &mut tm)?;
+            tm.insert("total".into(), ms(t_all));
+            let (reference_latents, hyper_weights, lora) = match p {
+                Some(p) => (
+                    Some(p.reference_latents),
+                    Some(p.hyper_weights),
+                    Some(p.lora),
+                ),
+                None => (None, None, None),
+            };
+            out.push(Generation {
+                frames,
+                latents_steps: d.steps,
+                reference_latents,
+                hyper_weights,
+                lora,
+                timings: tm,
+            });
+        }
+        Ok(out)
     }
 
     /// Steps 2 to 4 with the DiT as it is: encode the first frame, denoise, decode.
@@ -414,18 +538,32 @@ impl Pipeline {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let parts = Parts {
             vae: &mut self.vae,
-            dit: &mut self.dit,
             entry: dit_entry(&self.dir)?,
         };
-        let (latents, latents_steps, dit_ms) =
-            self.family.denoise(parts, req, shape, timings, progress)?;
-        let t = Instant::now();
-        let video = self.family.decode(&mut self.vae, &latents, shape)?;
-        timings.insert("vae_decode".into(), ms(t));
+        let lane = self.family.lane(parts, req, shape, timings)?;
+        let (mut done, dit_ms) = denoise::run(&mut self.dit, vec![lane], progress)?;
+        let d = done.pop().ok_or_else(|| RuntimeError::Invalid {
+            what: "denoise".into(),
+            message: "no result".into(),
+        })?;
         if let Some(m) = median(dit_ms) {
             timings.insert("dit_step".into(), m);
         }
-        Ok((to_frames(&video)?, latents_steps))
+        let frames = self.decode(&d.latents, shape, timings)?;
+        Ok((frames, d.steps))
+    }
+
+    /// Step 4: latents → frames `[1, F, H, W, 3]` in [0, 1].
+    fn decode(
+        &mut self,
+        latents: &[f32],
+        shape: &LatentShape,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<Tensor> {
+        let t = Instant::now();
+        let video = self.family.decode(&mut self.vae, latents, shape)?;
+        timings.insert("vae_decode".into(), ms(t));
+        to_frames(&video)
     }
 }
 
@@ -440,19 +578,29 @@ trait FamilySteps: Send {
     fn image_tokens(&self) -> Option<(usize, bool)> {
         None
     }
-    /// Steps 2 and 3 with the DiT as it is: condition on the first frame, then denoise.
-    /// Returns the final latents, the latents after every step and each DiT call's
-    /// milliseconds.
-    fn denoise(
+    /// Step 2 and the request's share of step 3: condition on the first frame, and everything
+    /// its lane of the denoise loop needs (sampler, DiT inputs, initial latents).
+    fn lane(
         &mut self,
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
         timings: &mut BTreeMap<String, f64>,
-        progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)>;
+    ) -> Result<denoise::Lane>;
     /// Step 4: the final latents → the video `[1, 3, F, H, W]` in [-1, 1].
     fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor>;
+}
+
+/// Whether two requests' LoRAs are the same one at the same multiplier (or both none).
+fn same_lora(a: Option<&AppliedLora>, b: Option<&AppliedLora>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            std::sync::Arc::ptr_eq(&a.lora, &b.lora)
+                && a.multiplier.to_bits() == b.multiplier.to_bits()
+        }
+        _ => false,
+    }
 }
 
 /// The engine's DiT entry.
@@ -466,10 +614,9 @@ fn dit_entry(dir: &Engine) -> Result<&v2l_contracts::manifest::DitEntry> {
         })
 }
 
-/// The pipeline's models a family's steps run.
+/// The pipeline's models a family's conditioning runs.
 struct Parts<'a> {
     vae: &'a mut Vae,
-    dit: &'a mut DitRunner,
     entry: &'a v2l_contracts::manifest::DitEntry,
 }
 

@@ -35,6 +35,11 @@ pub struct DitRunner {
     targets: Vec<LinearInfo>,
     /// `bound`: base and live weights.
     weights: Option<SwitchableWeights>,
+    /// `unfused`: the LoRA of each sample of the DiT batch (one entry: every sample's), and
+    /// the batch the factor inputs are laid out for now.
+    samples: Vec<Option<AppliedLora>>,
+    laid_out: usize,
+    max_rank: Option<usize>,
 }
 
 fn variant(dir: &Engine, name: &str) -> Result<PathBuf> {
@@ -182,7 +187,11 @@ impl DitRunner {
             Strategy::Unfused => {
                 let mut m = Model::load(&variant(dir, "unfused")?, &dir.dit_options(opts))?;
                 let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
-                m.set_fixed_inputs(unfused_factors(&targets, &[None], pad)?.into_iter().collect())?;
+                m.set_fixed_inputs(
+                    unfused_factors(&targets, &[None], pad)?
+                        .into_iter()
+                        .collect(),
+                )?;
                 m
             }
         };
@@ -192,6 +201,9 @@ impl DitRunner {
             opts: opts.clone(),
             targets,
             weights,
+            samples: vec![None],
+            laid_out: 1,
+            max_rank: dir.bundle.as_ref().and_then(|b| b.max_rank),
         })
     }
 
@@ -222,9 +234,13 @@ impl DitRunner {
     /// `unfused` only: one LoRA (or none) per sample of the DiT batch, in batch order: the
     /// DiT then runs requests with different LoRAs in one call. A single entry applies to the
     /// whole batch (what [`DitRunner::set_lora`] sets).
+    ///
+    /// Factors are always laid out one slot per sample, a single LoRA repeated: each sample's
+    /// branch then runs the same matrix shapes whether its request runs alone or in a batch,
+    /// so a request's output does not depend on its company (bitwise, on the CPU).
     pub fn set_sample_loras(
         &mut self,
-        dir: &Engine,
+        _dir: &Engine,
         samples: &[Option<&AppliedLora>],
     ) -> Result<()> {
         if self.strategy != Strategy::Unfused {
@@ -236,13 +252,51 @@ impl DitRunner {
                 ),
             });
         }
-        let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
-        let fixed = unfused_factors(&self.targets, samples, pad)?;
+        let owned: Vec<Option<AppliedLora>> = samples.iter().map(|l| l.cloned()).collect();
+        // Validate now (a refused LoRA leaves the previous one in place), at the batch the
+        // factors were last laid out for when that fits.
+        let batch = if owned.len() == 1 {
+            self.laid_out
+        } else {
+            owned.len()
+        };
+        self.lay_out(&owned, batch)?;
+        self.samples = owned;
+        Ok(())
+    }
+
+    /// Sets the factor inputs for `batch` samples from `samples` (one entry: repeated).
+    fn lay_out(&mut self, samples: &[Option<AppliedLora>], batch: usize) -> Result<()> {
+        let per_sample: Vec<Option<&AppliedLora>> = match samples {
+            [one] => vec![one.as_ref(); batch],
+            many => many.iter().map(|l| l.as_ref()).collect(),
+        };
+        let fixed = unfused_factors(&self.targets, &per_sample, self.max_rank)?;
         self.model.set_fixed_inputs(fixed.into_iter().collect())?;
+        self.laid_out = batch;
         Ok(())
     }
 
     pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        if self.strategy == Strategy::Unfused {
+            let batch = inputs
+                .get(v2l_contracts::io::dit::HIDDEN_STATES)
+                .and_then(|h| h.shape.first().copied())
+                .unwrap_or(1);
+            if batch != self.laid_out {
+                if self.samples.len() != 1 {
+                    return Err(RuntimeError::Invalid {
+                        what: "DiT batch".into(),
+                        message: format!(
+                            "{batch} samples, but LoRAs were set for {}",
+                            self.samples.len()
+                        ),
+                    });
+                }
+                let samples = self.samples.clone();
+                self.lay_out(&samples, batch)?;
+            }
+        }
         let Some(sw) = &self.weights else {
             return self.model.run(inputs);
         };

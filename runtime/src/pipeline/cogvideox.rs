@@ -10,14 +10,13 @@ use v2l_contracts::io::dit as io;
 use v2l_contracts::manifest::DitEntry;
 
 use crate::error::{Result, RuntimeError};
-use crate::lora::strategy::DitRunner;
 use crate::rope::cogvideox_rope;
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
 
-use super::denoise::{self, Guidance, Sampling};
+use super::denoise::{Guidance, Lane, Sampling};
 use super::{config_usize, ms, FamilySteps, LatentShape, Parts, Request};
 
 /// CogVideoX's steps: DDIM over frames-first latents, conditioned on the first frame's latent.
@@ -30,14 +29,13 @@ impl FamilySteps for CogVideoX {
         false
     }
 
-    fn denoise(
+    fn lane(
         &mut self,
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
         timings: &mut BTreeMap<String, f64>,
-        progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
+    ) -> Result<Lane> {
         let t = Instant::now();
         let image = req.image.as_ref().ok_or_else(|| RuntimeError::Invalid {
             what: "image".into(),
@@ -45,15 +43,7 @@ impl FamilySteps for CogVideoX {
         })?;
         let image_latents = encode_image(parts.vae, image, shape)?;
         timings.insert("vae_encode".into(), ms(t));
-        denoise(
-            parts.dit,
-            parts.entry,
-            &self.scheduler,
-            req,
-            shape,
-            &image_latents,
-            progress,
-        )
+        lane(parts.entry, &self.scheduler, req, shape, image_latents)
     }
 
     fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
@@ -90,17 +80,15 @@ fn encode_image(vae: &mut Vae, image: &Frames, shape: &LatentShape) -> Result<Ve
     Ok(image_latents)
 }
 
-/// Step 3: the DDIM loop ([`denoise::run`]). Returns the final latents `[lf, C, h, w]`, the
-/// latents after every step, and each DiT call's time.
-fn denoise(
-    dit: &mut DitRunner,
+/// Step 3: the request's lane of the DDIM loop ([`denoise::run`]): its scheduler, RoPE tables,
+/// text and initial latents.
+fn lane(
     entry: &DitEntry,
     cfg: &SchedulerConfig,
     req: &Request,
     shape: &LatentShape,
-    image_latents: &[f32],
-    progress: &mut dyn FnMut(usize, usize) -> bool,
-) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
+    image_latents: Vec<f32>,
+) -> Result<Lane> {
     let (lf, lh, lw) = (shape.frames, shape.height, shape.width);
     let head = entry.attention_head_dim;
     let mut sched = DdimScheduler::new(cfg)?;
@@ -115,6 +103,7 @@ fn denoise(
         config_usize(&entry.config, "sample_width").unwrap_or(lw),
     )?;
     let rows = rope_cos.len() / head.max(1);
+    let guidance = Guidance(req.guidance);
     let mut inputs = BTreeMap::new();
     inputs.insert(
         io::ROPE_COS.to_string(),
@@ -124,10 +113,7 @@ fn denoise(
         io::ROPE_SIN.to_string(),
         Tensor::f32(vec![rows, head], rope_sin),
     );
-    inputs.insert(
-        io::ENCODER_HIDDEN_STATES.to_string(),
-        Guidance(req.guidance).text(req)?,
-    );
+    inputs.insert(io::ENCODER_HIDDEN_STATES.to_string(), guidance.text(req)?);
     let sigma = sched.init_noise_sigma();
     let latents: Vec<f32> = req
         .noise
@@ -135,24 +121,31 @@ fn denoise(
         .iter()
         .map(|v| v * sigma)
         .collect();
-    let mut ddim = Ddim {
+    let ddim = Ddim {
         timesteps: sched.timesteps().to_vec(),
         sched,
         image_latents,
-        shape,
+        dims: [shape.frames, shape.channels, shape.height, shape.width],
     };
-    denoise::run(dit, inputs, &mut ddim, req, latents, progress)
+    Ok(Lane {
+        sampling: Box::new(ddim),
+        inputs,
+        guidance,
+        latents,
+        shape: req.noise.shape.clone(),
+    })
 }
 
 /// CogVideoX's part of a denoise step: `[latents | image latents]` per frame, int64 timesteps.
-struct Ddim<'a> {
+struct Ddim {
     sched: DdimScheduler,
     timesteps: Vec<i64>,
-    image_latents: &'a [f32],
-    shape: &'a LatentShape,
+    image_latents: Vec<f32>,
+    /// Latent frames, channels, height, width.
+    dims: [usize; 4],
 }
 
-impl Ddim<'_> {
+impl Ddim {
     fn timestep(&self, i: usize) -> Result<i64> {
         self.timesteps
             .get(i)
@@ -164,24 +157,24 @@ impl Ddim<'_> {
     }
 }
 
-impl Sampling for Ddim<'_> {
+impl Sampling for Ddim {
     fn steps(&self) -> usize {
         self.timesteps.len()
     }
 
     fn dit_inputs(&self, latents: &[f32], i: usize, batch: usize) -> Result<(Tensor, Tensor)> {
         let t = self.timestep(i)?;
-        let s = self.shape;
+        let [frames, channels, height, width] = self.dims;
         let hs = crate::layout::guidance_batch(
             latents,
-            self.image_latents,
-            s.frames,
-            s.channels,
-            s.height * s.width,
+            &self.image_latents,
+            frames,
+            channels,
+            height * width,
             batch,
         )?;
         Ok((
-            Tensor::f32(vec![batch, s.frames, 2 * s.channels, s.height, s.width], hs),
+            Tensor::f32(vec![batch, frames, 2 * channels, height, width], hs),
             Tensor::i64(vec![batch], vec![t; batch]),
         ))
     }

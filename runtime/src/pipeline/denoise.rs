@@ -91,27 +91,125 @@ impl Guidance {
     }
 }
 
-/// Runs the loop from `latents` (already scaled to the sampler's initial sigma). `inputs`
-/// holds what does not change between steps (RoPE tables, text, image tokens). Returns the
-/// final latents, the latents after every step (shaped like `req.noise`) and each DiT call's
-/// milliseconds. `progress(step, steps)` returning `false` cancels.
+/// One request's share of the loop: its sampler, its DiT inputs that do not change between
+/// steps, its guidance and its latents (already scaled to the sampler's initial sigma).
+pub(super) struct Lane {
+    pub(super) sampling: Box<dyn Sampling>,
+    /// Per-sample inputs (text, image tokens) at the lane's guidance batch, and the inputs all
+    /// samples share (RoPE tables).
+    pub(super) inputs: BTreeMap<String, Tensor>,
+    pub(super) guidance: Guidance,
+    pub(super) latents: Vec<f32>,
+    /// The shape the latents are reported in (the request's noise).
+    pub(super) shape: Vec<usize>,
+}
+
+/// A lane's outcome: the final latents and the latents after every step.
+pub(super) struct Denoised {
+    pub(super) latents: Vec<f32>,
+    pub(super) steps: Vec<Tensor>,
+}
+
+/// DiT inputs with a batch axis besides `hidden_states` and `timestep`: one slice per sample.
+const PER_SAMPLE: [&str; 2] = [io::ENCODER_HIDDEN_STATES, io::ENCODER_HIDDEN_STATES_IMAGE];
+
+/// Batch-axis concatenation of any element type (one lane: the tensor itself, untouched).
+fn stack(parts: Vec<Tensor>) -> Result<Tensor> {
+    use crate::tensor::Data;
+    let bad = |message: String| RuntimeError::Invalid {
+        what: "DiT batch".into(),
+        message,
+    };
+    let mut parts = parts.into_iter();
+    let mut out = parts.next().ok_or_else(|| bad("no requests".into()))?;
+    for p in parts {
+        if p.shape.get(1..) != out.shape.get(1..) {
+            return Err(bad(format!(
+                "requests of shapes {:?} and {:?} cannot share a DiT call",
+                out.shape, p.shape
+            )));
+        }
+        match (&mut out.data, p.data) {
+            (Data::F32(o), Data::F32(v)) => o.extend(v),
+            (Data::I64(o), Data::I64(v)) => o.extend(v),
+            _ => return Err(bad("element types differ".into())),
+        }
+        out.shape[0] += p.shape[0];
+    }
+    Ok(out)
+}
+
+/// The DiT inputs every step shares: per-sample inputs stacked in lane order, shared inputs
+/// taken once (they must agree: requests of one size have the same RoPE tables).
+fn fixed_inputs(lanes: &mut [Lane]) -> Result<BTreeMap<String, Tensor>> {
+    let Some(first) = lanes.first() else {
+        return Ok(BTreeMap::new());
+    };
+    let names: Vec<String> = first.inputs.keys().cloned().collect();
+    let mut out = BTreeMap::new();
+    for name in names {
+        let parts: Vec<Tensor> = lanes
+            .iter_mut()
+            .map(|l| {
+                l.inputs.remove(&name).ok_or_else(|| RuntimeError::Invalid {
+                    what: "DiT batch".into(),
+                    message: format!("a request lacks the DiT input `{name}` another has"),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let t = if PER_SAMPLE.contains(&name.as_str()) {
+            stack(parts)?
+        } else {
+            let mut parts = parts.into_iter();
+            let one = parts.next().ok_or_else(|| RuntimeError::Invalid {
+                what: "DiT batch".into(),
+                message: "no requests".into(),
+            })?;
+            if parts.any(|p| p != one) {
+                return Err(RuntimeError::Invalid {
+                    what: "DiT batch".into(),
+                    message: format!(
+                        "requests differ in `{name}`: only requests of one size share a DiT call"
+                    ),
+                });
+            }
+            one
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Runs the loop for `lanes`, all at once: every step is one DiT call over every lane's
+/// guidance batch, in lane order; each lane then combines and steps its own slice. One lane is
+/// a single request, exactly as before batching. Returns each lane's outcome and each DiT
+/// call's milliseconds. `progress(step, steps)` returning `false` cancels.
 pub(super) fn run(
     dit: &mut DitRunner,
-    mut inputs: BTreeMap<String, Tensor>,
-    family: &mut dyn Sampling,
-    req: &Request,
-    mut latents: Vec<f32>,
+    mut lanes: Vec<Lane>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
-) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
-    let guidance = Guidance(req.guidance);
-    let steps = family.steps();
-    let n = latents.len();
-    let mut latents_steps = Vec::with_capacity(steps);
+) -> Result<(Vec<Denoised>, Vec<f64>)> {
+    let steps = lanes.first().map(|l| l.sampling.steps()).unwrap_or(0);
+    if lanes.iter().any(|l| l.sampling.steps() != steps) {
+        return Err(RuntimeError::Invalid {
+            what: "DiT batch".into(),
+            message: "requests with different step counts cannot share DiT calls".into(),
+        });
+    }
+    let mut inputs = fixed_inputs(&mut lanes)?;
+    let mut done: Vec<Vec<Tensor>> = lanes.iter().map(|_| Vec::with_capacity(steps)).collect();
     let mut dit_ms = Vec::with_capacity(steps);
+    let several = lanes.len() > 1;
     for i in 0..steps {
-        let (hidden, timestep) = family.dit_inputs(&latents, i, guidance.batch())?;
-        inputs.insert(io::HIDDEN_STATES.to_string(), hidden);
-        inputs.insert(io::TIMESTEP.to_string(), timestep);
+        let mut hidden = Vec::with_capacity(lanes.len());
+        let mut timestep = Vec::with_capacity(lanes.len());
+        for l in &lanes {
+            let (h, t) = l.sampling.dit_inputs(&l.latents, i, l.guidance.batch())?;
+            hidden.push(h);
+            timestep.push(t);
+        }
+        inputs.insert(io::HIDDEN_STATES.to_string(), stack(hidden)?);
+        inputs.insert(io::TIMESTEP.to_string(), stack(timestep)?);
         let t = Instant::now();
         let out = dit.run(&inputs)?;
         dit_ms.push(ms(t));
@@ -119,18 +217,49 @@ pub(super) fn run(
             what: "DiT".into(),
             message: format!("no `{}` output", io::SAMPLE),
         })?;
-        let prediction = guidance.combine(sample.as_f32(io::SAMPLE)?, n)?;
-        latents = family.step(&prediction, i, &latents)?;
-        crate::error::check_finite(
-            || format!("denoising step {} of {steps} (the latents)", i + 1),
-            &latents,
-        )?;
-        latents_steps.push(Tensor::f32(req.noise.shape.clone(), latents.clone()));
+        let sample = sample.as_f32(io::SAMPLE)?;
+        let mut at = 0;
+        for (k, (l, trail)) in lanes.iter_mut().zip(&mut done).enumerate() {
+            let n = l.latents.len();
+            let take = l.guidance.batch() * n;
+            let part = sample.get(at..at + take).unwrap_or(&[]);
+            at += take;
+            let prediction = l.guidance.combine(part, n)?;
+            l.latents = l.sampling.step(&prediction, i, &l.latents)?;
+            crate::error::check_finite(
+                || match several {
+                    true => format!(
+                        "request {} of the batch, denoising step {} of {steps} (the latents)",
+                        k + 1,
+                        i + 1
+                    ),
+                    false => format!("denoising step {} of {steps} (the latents)", i + 1),
+                },
+                &l.latents,
+            )?;
+            trail.push(Tensor::f32(l.shape.clone(), l.latents.clone()));
+        }
+        if at != sample.len() {
+            return Err(RuntimeError::Invalid {
+                what: "DiT".into(),
+                message: format!("`sample` has {} values; expected {at}", sample.len()),
+            });
+        }
         if !progress(i + 1, steps) {
             return Err(RuntimeError::Cancelled);
         }
     }
-    Ok((latents, latents_steps, dit_ms))
+    Ok((
+        lanes
+            .into_iter()
+            .zip(done)
+            .map(|(l, steps)| Denoised {
+                latents: l.latents,
+                steps,
+            })
+            .collect(),
+        dit_ms,
+    ))
 }
 
 #[cfg(test)]

@@ -26,14 +26,13 @@ use v2l_contracts::family::WanDitConfig;
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::flow::FlowScheduler;
-use crate::lora::strategy::DitRunner;
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
 
 use v2l_contracts::io::dit as io;
 
-use super::denoise::{self, Guidance, Sampling};
+use super::denoise::{Guidance, Lane, Sampling};
 use super::{ms, FamilySteps, LatentShape, Parts, Request};
 
 /// Wan's steps: a flow sampler over channels-first latents; I2V conditions on a mask and the
@@ -53,14 +52,13 @@ impl FamilySteps for Wan {
         self.config.image_dim.map(|d| (d, self.encoder.is_some()))
     }
 
-    fn denoise(
+    fn lane(
         &mut self,
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
         timings: &mut BTreeMap<String, f64>,
-        progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
+    ) -> Result<Lane> {
         let t = Instant::now();
         let (condition, embeds) = match &req.image {
             Some(image) => {
@@ -80,15 +78,13 @@ impl FamilySteps for Wan {
             }
             None => (None, None),
         };
-        denoise(
-            parts.dit,
+        lane(
             &self.config,
-            &mut self.sampler,
+            self.sampler.clone(),
             req,
             shape,
-            condition.as_ref(),
+            condition,
             embeds.as_ref(),
-            progress,
         )
     }
 
@@ -224,19 +220,17 @@ fn condition(vae: &mut Vae, image: &Frames, frames: usize, shape: &LatentShape) 
     ))
 }
 
-/// Step 3: the flow sampler's loop ([`denoise::run`]). Returns the final latents
-/// `[z, lf, h, w]`, the latents after every step, and each DiT call's time.
-#[allow(clippy::too_many_arguments)]
-fn denoise(
-    dit: &mut DitRunner,
+/// Step 3: the request's lane of the flow loop ([`super::denoise::run`]): its sampler (a copy
+/// of the pipeline's, so requests in one batch step independently), RoPE tables, text, image
+/// tokens and condition.
+fn lane(
     w: &WanDitConfig,
-    sched: &mut FlowScheduler,
+    mut sched: FlowScheduler,
     req: &Request,
     shape: &LatentShape,
-    condition: Option<&Tensor>,
+    condition: Option<Tensor>,
     image_embeds: Option<&Tensor>,
-    progress: &mut dyn FnMut(usize, usize) -> bool,
-) -> Result<(Vec<f32>, Vec<Tensor>, Vec<f64>)> {
+) -> Result<Lane> {
     let (lf, lh, lw) = (shape.frames, shape.height, shape.width);
     sched.set_timesteps(req.steps)?;
     let head = w.attention_head_dim;
@@ -258,32 +252,38 @@ fn denoise(
         );
     }
     let cond = match condition {
-        Some(c) => c.as_f32("condition")?,
-        None => &[],
+        Some(c) => c.as_f32("condition")?.to_vec(),
+        None => Vec::new(),
     };
     let latents = req.noise.as_f32("noise")?.to_vec();
     let n = latents.len();
     let in_channels = shape.channels + cond.len() / (n / shape.channels.max(1)).max(1);
-    let mut flow = Flow {
+    let flow = Flow {
         timesteps: sched.timesteps(),
         sched,
         cond,
         dims: [in_channels, lf, lh, lw],
     };
-    denoise::run(dit, inputs, &mut flow, req, latents, progress)
+    Ok(Lane {
+        sampling: Box::new(flow),
+        inputs,
+        guidance,
+        latents,
+        shape: req.noise.shape.clone(),
+    })
 }
 
 /// Wan's part of a denoise step: `[latents | condition]` channels first, float timesteps.
-struct Flow<'a> {
-    sched: &'a mut FlowScheduler,
+struct Flow {
+    sched: FlowScheduler,
     timesteps: Vec<f32>,
     /// I2V: mask and first-frame latents, appended to the latents on the channel axis.
-    cond: &'a [f32],
+    cond: Vec<f32>,
     /// `[in_channels, lf, h, w]` of one sample of `hidden_states`.
     dims: [usize; 4],
 }
 
-impl Sampling for Flow<'_> {
+impl Sampling for Flow {
     fn steps(&self) -> usize {
         self.timesteps.len()
     }
@@ -294,7 +294,7 @@ impl Sampling for Flow<'_> {
             message: format!("no timestep {i}"),
         })?;
         // Channels-first with batch 1: the channel concat [latents | condition] is an append.
-        let one: Vec<f32> = latents.iter().chain(self.cond).copied().collect();
+        let one: Vec<f32> = latents.iter().chain(&self.cond).copied().collect();
         let [c, f, h, w] = self.dims;
         Ok((
             Tensor::f32(vec![batch, c, f, h, w], one.repeat(batch)),

@@ -1,0 +1,262 @@
+//! Many LoRAs in one DiT call: a batch of four requests with LoRA X, LoRA Y, no LoRA and X at
+//! scale 0.5 (each its own seed), denoised together on an `unfused` engine, gives each
+//! request's solo video: for CogVideoX (X: the reference clip's Video2LoRA LoRA, Y: the PEFT
+//! fixture) and Wan2.1 T2V (X: the Wan PEFT fixture, Y: X with its A factors negated), end to
+//! end to mp4. And rank padding (`v2l-compile --max-rank`) is exact.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use v2l_runtime::engine::Engine;
+use v2l_runtime::lora::format::{self, Factor};
+use v2l_runtime::lora::strategy::Strategy;
+use v2l_runtime::lora::AppliedLora;
+use v2l_runtime::pipeline::{Generation, Pipeline, Request, RequestLora};
+use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
+
+use crate::common::{self, frames_of, tiny};
+
+fn load(engine: &Path) -> Pipeline {
+    Pipeline::load_with_strategy(
+        Engine::open(engine).unwrap(),
+        &SessionOptions::default(),
+        Strategy::Unfused,
+    )
+    .unwrap()
+}
+
+fn file_lora(path: &Path, multiplier: f32) -> AppliedLora {
+    AppliedLora {
+        lora: format::read(path, None).unwrap().into(),
+        source: path.to_path_buf(),
+        multiplier,
+    }
+}
+
+/// `l` with every A factor negated: another LoRA of the same shapes.
+fn negated(l: &AppliedLora) -> AppliedLora {
+    let mut lora = (*l.lora).clone();
+    for layer in &mut lora.layers {
+        let v: Vec<f32> = layer.a.to_f32().iter().map(|x| -x).collect();
+        layer.a = Factor::from_f32(layer.a.shape, &v);
+    }
+    AppliedLora {
+        lora: lora.into(),
+        source: "negated".into(),
+        multiplier: l.multiplier,
+    }
+}
+
+fn at(l: &AppliedLora, multiplier: f32) -> AppliedLora {
+    AppliedLora {
+        multiplier,
+        ..l.clone()
+    }
+}
+
+/// The four requests: X, Y, none, X at 0.5, seeds 11 to 14.
+fn four(engine: &Engine, base: &Request, x: &AppliedLora, y: &AppliedLora) -> Vec<Request> {
+    let loras = [
+        RequestLora::Loras(vec![x.clone()]),
+        RequestLora::Loras(vec![y.clone()]),
+        RequestLora::Base,
+        RequestLora::Loras(vec![at(x, 0.5)]),
+    ];
+    let (h, w) = (base.noise.shape[3] * 8, base.noise.shape[4] * 8);
+    loras
+        .into_iter()
+        .enumerate()
+        .map(|(i, lora)| Request {
+            lora,
+            noise: engine
+                .seeded_noise(base.frames, h, w, 11 + i as u64)
+                .unwrap(),
+            ..base.clone()
+        })
+        .collect()
+}
+
+/// Frames as the mp4 holds them: written by `write_mp4`, decoded by ffmpeg.
+fn mp4_frames(g: &Generation, dir: &Path, name: &str) -> Vec<u8> {
+    let rgb = v2l_runtime::video::to_rgb8(&g.frames).unwrap();
+    let p = dir.join(name);
+    v2l_runtime::video::write_mp4(&p, &rgb, 8).unwrap();
+    v2l_runtime::video::read_frames(&p, rgb.height, rgb.width)
+        .unwrap()
+        .rgb
+}
+
+/// Solo runs against one batched run; returns the largest relative L2 of the final latents
+/// (0 when bitwise equal) after checking the videos.
+fn solo_equals_batch(p: &mut Pipeline, reqs: &[Request], dir: &Path) -> f64 {
+    let solo: Vec<Generation> = reqs
+        .iter()
+        .map(|r| p.generate(r, &mut |_, _| true).unwrap())
+        .collect();
+    let batch = p.generate_batch(reqs, &mut |_, _| true).unwrap();
+    assert_eq!(batch.len(), reqs.len());
+    let mut worst = 0f64;
+    for (i, (s, b)) in solo.iter().zip(&batch).enumerate() {
+        let (ls, lb) = (
+            s.latents_steps.last().unwrap(),
+            b.latents_steps.last().unwrap(),
+        );
+        let d = if ls == lb { 0.0 } else { ls.rel_l2(lb) };
+        eprintln!("request {i}: relative L2 from solo {d:e}");
+        worst = worst.max(d);
+        if d == 0.0 {
+            assert!(s.frames == b.frames, "request {i}: frames differ");
+            assert!(
+                mp4_frames(s, dir, &format!("solo{i}.mp4"))
+                    == mp4_frames(b, dir, &format!("batch{i}.mp4")),
+                "request {i}: the mp4s differ"
+            );
+        }
+    }
+    // The four are different videos: the batch did not mix them up.
+    for i in 0..reqs.len() {
+        for j in i + 1..reqs.len() {
+            let (a, b) = (
+                batch[i].latents_steps.last().unwrap(),
+                batch[j].latents_steps.last().unwrap(),
+            );
+            assert!(
+                a.rel_l2(b) > 1e-3,
+                "requests {i} and {j} gave the same latents"
+            );
+        }
+    }
+    worst
+}
+
+#[test]
+fn a_mixed_lora_batch_gives_each_cogvideox_request_its_solo_video() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = common::engine(d.path());
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let mut p = load(&eng);
+    let x = AppliedLora {
+        lora: p
+            .predict(&frames_of(&io["reference_u8"]), 1.0)
+            .unwrap()
+            .lora
+            .into(),
+        source: "x".into(),
+        multiplier: 1.0,
+    };
+    let y = file_lora(
+        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
+        1.0,
+    );
+    let base = Request {
+        image: Some(frames_of(&io["first_frame_u8"])),
+        image_embeds: None,
+        prompt_embeds: io["prompt_embeds"].clone(),
+        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
+        frames: 17,
+        steps: 2,
+        guidance: 6.0,
+        noise: io["initial_noise"].clone(),
+        lora: RequestLora::Resident,
+    };
+    let engine = Engine::open(&eng).unwrap();
+    let reqs = four(&engine, &base, &x, &y);
+    let worst = solo_equals_batch(&mut p, &reqs, d.path());
+    eprintln!("CogVideoX mixed batch of 4: largest relative L2 from solo {worst:e}");
+    assert_eq!(worst, 0.0, "not bitwise: {worst:e}");
+}
+
+#[test]
+fn a_mixed_lora_batch_gives_each_wan_request_its_solo_video() {
+    let wan = tiny().join("../wan-tiny");
+    let io = read_safetensors(&wan.join("e2e_io.safetensors")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::wan_model_dir(
+        &model,
+        &[
+            ("transformer", "transformer"),
+            ("vae", "vae"),
+            ("scheduler_unipc", "scheduler"),
+            ("text_encoder", "text_encoder"),
+        ],
+    );
+    let export = d.path().join("export");
+    let eng = d.path().join("engine");
+    for mut cmd in [
+        Command::new(env!("CARGO_BIN_EXE_v2l-export")),
+        Command::new(env!("CARGO_BIN_EXE_v2l-compile")),
+    ] {
+        match cmd.get_program().to_string_lossy().ends_with("v2l-export") {
+            true => cmd.arg("pipeline").arg(&model).arg("-o").arg(&export),
+            false => cmd.arg(&export).arg("-o").arg(&eng),
+        };
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let mut p = load(&eng);
+    let x = file_lora(&wan.join("lora/pytorch_lora_weights.safetensors"), 1.0);
+    let y = negated(&x);
+    let base = Request {
+        image: None,
+        image_embeds: None,
+        prompt_embeds: io["t2v_prompt_embeds"].clone(),
+        negative_prompt_embeds: io["t2v_negative_prompt_embeds"].clone(),
+        frames: 9,
+        steps: 3,
+        guidance: 5.0,
+        noise: io["t2v_noise"].clone(),
+        lora: RequestLora::Resident,
+    };
+    let engine = Engine::open(&eng).unwrap();
+    let reqs = four(&engine, &base, &x, &y);
+    let worst = solo_equals_batch(&mut p, &reqs, d.path());
+    eprintln!("Wan mixed batch of 4: largest relative L2 from solo {worst:e}");
+    assert_eq!(worst, 0.0, "not bitwise: {worst:e}");
+}
+
+/// Factors padded to `--max-rank` with zero rows and columns give the unpadded outputs.
+#[test]
+fn rank_padding_is_exact() {
+    let d = tempfile::tempdir().unwrap();
+    let (pd, qd) = (d.path().join("plain"), d.path().join("padded"));
+    std::fs::create_dir_all(&pd).unwrap();
+    std::fs::create_dir_all(&qd).unwrap();
+    let plain = common::engine_with(&pd, &[]);
+    let padded = common::engine_with(&qd, &["--max-rank", "64"]);
+    assert_eq!(
+        Engine::open(&padded).unwrap().bundle.unwrap().max_rank,
+        Some(64)
+    );
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let y = file_lora(
+        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
+        1.0,
+    );
+    let rank = y.lora.layers.iter().map(|l| l.rank()).max().unwrap();
+    assert!(rank < 64, "the fixture LoRA has rank {rank}");
+    let req = Request {
+        image: Some(frames_of(&io["first_frame_u8"])),
+        image_embeds: None,
+        prompt_embeds: io["prompt_embeds"].clone(),
+        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
+        frames: 17,
+        steps: 2,
+        guidance: 6.0,
+        noise: io["initial_noise"].clone(),
+        lora: RequestLora::Loras(vec![y]),
+    };
+    let run = |eng: &Path| -> Tensor {
+        load(eng)
+            .generate(&req, &mut |_, _| true)
+            .unwrap()
+            .latents_steps
+            .last()
+            .unwrap()
+            .clone()
+    };
+    let (a, b) = (run(&plain), run(&padded));
+    assert!(a == b, "padded to 64: relative L2 {:e}", a.rel_l2(&b));
+}
