@@ -260,3 +260,76 @@ fn rank_padding_is_exact() {
     let (a, b) = (run(&plain), run(&padded));
     assert!(a == b, "padded to 64: relative L2 {:e}", a.rel_l2(&b));
 }
+
+/// A TensorRT bundle (CPU side: TensorRT cannot run here) takes LoRA factors as inputs by
+/// default: its unfused DiT passes the TensorRT checks, its factor inputs have a dynamic
+/// sample axis and rank, and the DiT's session gets an optimisation profile over the batch with
+/// the factors at the engine's `--max-rank`.
+#[test]
+fn a_tensorrt_bundle_takes_lora_factors_as_inputs() {
+    use v2l_graphs::proto::tensor_shape_proto::dimension::Value as D;
+    let d = tempfile::tempdir().unwrap();
+    let eng = common::engine_with(d.path(), &["--backend", "tensorrt"]);
+    let engine = Engine::open(&eng).unwrap();
+    let bundle = engine.bundle.clone().unwrap();
+    assert_eq!(bundle.lora_strategy, Strategy::Unfused);
+    assert_eq!(bundle.max_rank, Some(64));
+    let graph = v2l_graphs::read_model(&eng.join(&bundle.dit_variants["unfused"])).unwrap();
+    let dit = engine.manifest.dit.as_ref().unwrap();
+    let targets: Vec<(String, v2l_graphs::DType)> = dit
+        .lora_targets
+        .iter()
+        .map(|t| (format!("{}.weight", t.name), v2l_graphs::DType::F32))
+        .collect();
+    let problems = v2l_graphs::check::tensorrt_problems(&graph, &targets);
+    assert!(problems.is_empty(), "{problems:?}");
+    let t = &dit.lora_targets[0];
+    let [a, _, _] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+    let input = graph
+        .graph
+        .as_ref()
+        .unwrap()
+        .input
+        .iter()
+        .find(|i| i.name == a)
+        .unwrap();
+    let Some(v2l_graphs::proto::type_proto::Value::TensorType(tt)) =
+        input.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        panic!("{a} has no tensor type")
+    };
+    let dims: Vec<_> = tt
+        .shape
+        .as_ref()
+        .unwrap()
+        .dim
+        .iter()
+        .map(|d| d.value.clone())
+        .collect();
+    assert!(matches!(dims[0], Some(D::DimParam(_))), "samples: {dims:?}");
+    assert!(matches!(dims[1], Some(D::DimParam(_))), "rank: {dims:?}");
+    assert_eq!(dims[2], Some(D::DimValue(t.in_features as i64)));
+
+    let opts = engine.dit_options(&engine.session_options(1));
+    let trt = opts.backend.tensorrt_options();
+    let get = |k: &str| {
+        trt.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let min = get("trt_profile_min_shapes");
+    let max = get("trt_profile_max_shapes");
+    assert!(
+        min.contains(&format!("{a}:1x64x{}", t.in_features)),
+        "{min}"
+    );
+    assert!(
+        max.contains(&format!("{a}:8x64x{}", t.in_features)),
+        "{max}"
+    );
+    assert!(
+        min.contains("hidden_states:1x") && max.contains("hidden_states:8x"),
+        "{min}"
+    );
+}

@@ -50,6 +50,31 @@ pub struct BackendOptions {
     pub trt_cache_dir: Option<PathBuf>,
     /// Hash of the weights the session is built from (base weights, or base + LoRA).
     pub weight_hash: String,
+    /// TensorRT optimisation profile: each dynamic input's smallest, typical and largest shape
+    /// (the unfused DiT: the batch axis and the LoRA factors at the engine's `--max-rank`).
+    #[serde(default)]
+    pub trt_profile: Vec<TrtProfile>,
+}
+
+/// One input's shapes in a TensorRT optimisation profile.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrtProfile {
+    pub input: String,
+    pub min: Vec<usize>,
+    pub opt: Vec<usize>,
+    pub max: Vec<usize>,
+}
+
+/// ORT's profile option value: `name:2x16x64,other:1` (one of min, opt, max).
+fn profile_shapes(profile: &[TrtProfile], pick: fn(&TrtProfile) -> &[usize]) -> String {
+    profile
+        .iter()
+        .map(|p| {
+            let dims: Vec<String> = pick(p).iter().map(|d| d.to_string()).collect();
+            format!("{}:{}", p.input, dims.join("x"))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl BackendOptions {
@@ -62,8 +87,10 @@ impl BackendOptions {
     /// TensorRT provider options, as ORT option keys (kept as data so they can be tested here).
     ///
     /// fp32 engines (TensorRT 11 builds strongly typed networks: precision lives in the graph's
-    /// types); weight-stripped, refittable engines cached per weight hash, refitted from the
-    /// ONNX weights at load — only the weights a LoRA can target need refitting.
+    /// types); weight-stripped engines cached per weight hash, which ORT refits at load from
+    /// the ONNX file's own (identical) weights — a small cache, never a LoRA switch: LoRA
+    /// factors are inputs (`unfused`), so a switch changes input buffers, not the engine. With
+    /// a profile, the dynamic inputs' shape ranges.
     pub fn tensorrt_options(&self) -> Vec<(String, String)> {
         let mut o = vec![
             ("device_id".to_string(), self.device_id.to_string()),
@@ -77,6 +104,21 @@ impl BackendOptions {
             o.push(("trt_engine_cache_path".into(), d.clone()));
             o.push(("trt_timing_cache_enable".into(), "1".into()));
             o.push(("trt_timing_cache_path".into(), dir.display().to_string()));
+        }
+        if !self.trt_profile.is_empty() {
+            let p = &self.trt_profile;
+            o.push((
+                "trt_profile_min_shapes".into(),
+                profile_shapes(p, |x| &x.min),
+            ));
+            o.push((
+                "trt_profile_opt_shapes".into(),
+                profile_shapes(p, |x| &x.opt),
+            ));
+            o.push((
+                "trt_profile_max_shapes".into(),
+                profile_shapes(p, |x| &x.max),
+            ));
         }
         o
     }
@@ -179,6 +221,50 @@ mod tests {
         assert!(get(&a, "trt_engine_cache_path")
             .unwrap()
             .starts_with("/cache/"));
+    }
+
+    #[test]
+    fn a_profile_becomes_ors_three_shape_options() {
+        let o = BackendOptions {
+            backend: Backend::TensorRt,
+            trt_profile: vec![
+                TrtProfile {
+                    input: "a.lora_A".into(),
+                    min: vec![1, 64, 32],
+                    opt: vec![2, 64, 32],
+                    max: vec![8, 64, 32],
+                },
+                TrtProfile {
+                    input: "timestep".into(),
+                    min: vec![1],
+                    opt: vec![2],
+                    max: vec![8],
+                },
+            ],
+            ..Default::default()
+        };
+        let get = |k: &str| {
+            o.tensorrt_options()
+                .into_iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v)
+        };
+        assert_eq!(
+            get("trt_profile_min_shapes").as_deref(),
+            Some("a.lora_A:1x64x32,timestep:1")
+        );
+        assert_eq!(
+            get("trt_profile_opt_shapes").as_deref(),
+            Some("a.lora_A:2x64x32,timestep:2")
+        );
+        assert_eq!(
+            get("trt_profile_max_shapes").as_deref(),
+            Some("a.lora_A:8x64x32,timestep:8")
+        );
+        assert!(BackendOptions::default()
+            .tensorrt_options()
+            .iter()
+            .all(|(k, _)| !k.starts_with("trt_profile")));
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct Engine {
 /// Tokens a Wan pipeline encodes a prompt to (`WanPipeline.__call__`'s `max_sequence_length`).
 pub const WAN_TEXT_TOKENS: usize = 512;
 
+/// The largest DiT batch a GPU engine's profile admits: four guided requests in one call.
+pub const MAX_DIT_BATCH: usize = 8;
+
 impl Engine {
     /// Opens `path`: an export directory, or a model file inside one.
     pub fn open(path: &Path) -> Result<Engine> {
@@ -62,6 +65,7 @@ impl Engine {
                 device_id: 0,
                 trt_cache_dir: Some(self.dir.join("trt_cache")),
                 weight_hash: b.weight_hash.clone(),
+                trt_profile: Vec::new(),
             },
             None => Default::default(),
         };
@@ -109,8 +113,71 @@ impl Engine {
                     .bundle
                     .as_ref()
                     .is_some_and(|b| b.calibration.is_some()),
+            backend: crate::backend::BackendOptions {
+                trt_profile: match opts.backend.backend {
+                    crate::backend::Backend::TensorRt => self.dit_trt_profile(MAX_DIT_BATCH),
+                    _ => Vec::new(),
+                },
+                ..opts.backend.clone()
+            },
             ..opts.clone()
         }
+    }
+
+    /// The unfused DiT's TensorRT optimisation profile at this engine's default size: the batch
+    /// axis from 1 to `max_batch` (2, one guided request, as typical), the LoRA factors at the
+    /// padded rank. Empty where the engine has no unfused DiT or no default size.
+    pub fn dit_trt_profile(&self, max_batch: usize) -> Vec<crate::backend::TrtProfile> {
+        use v2l_contracts::io::dit as io;
+        let (Some(d), Some(b)) = (self.manifest.dit.as_ref(), self.bundle.as_ref()) else {
+            return Vec::new();
+        };
+        if !b.dit_variants.contains_key("unfused") {
+            return Vec::new();
+        }
+        let (Some(frames), Some(height), Some(width)) = self.default_size() else {
+            return Vec::new();
+        };
+        let batched = |input: &str, rest: Vec<usize>| {
+            let with = |n: usize| [vec![n], rest.clone()].concat();
+            crate::backend::TrtProfile {
+                input: input.to_string(),
+                min: with(1),
+                opt: with(2.min(max_batch)),
+                max: with(max_batch),
+            }
+        };
+        let (lf, lh, lw) = ((frames - 1) / 4 + 1, height / 8, width / 8);
+        let hidden = match d.family() {
+            Some(v2l_contracts::Family::Wan) => vec![d.in_channels, lf, lh, lw],
+            _ => vec![lf, d.in_channels, lh, lw],
+        };
+        let text = self.text_sequence_length().unwrap_or(226);
+        let mut p = vec![
+            batched(io::HIDDEN_STATES, hidden),
+            batched(io::TIMESTEP, vec![]),
+            batched(io::ENCODER_HIDDEN_STATES, vec![text, d.text_embed_dim]),
+        ];
+        if let Ok(Some(w)) = self.wan_config() {
+            if let Some(dim) = w.image_dim {
+                // CLIP ViT tokens: one per 14-pixel patch, plus the class token.
+                let side = self
+                    .manifest
+                    .image_encoder
+                    .as_ref()
+                    .map_or(224, |e| e.image_size);
+                let tokens = (side / 14) * (side / 14) + 1;
+                p.push(batched(io::ENCODER_HIDDEN_STATES_IMAGE, vec![tokens, dim]));
+            }
+        }
+        let rank = b.max_rank.unwrap_or(64);
+        for t in &d.lora_targets {
+            let [a, bn, s] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+            p.push(batched(&a, vec![rank, t.in_features]));
+            p.push(batched(&bn, vec![t.out_features, rank]));
+            p.push(batched(&s, vec![1, 1]));
+        }
+        p
     }
 
     /// Session options for the text encoder: an f16/bf16-stored encoder keeps its weights in
