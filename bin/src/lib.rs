@@ -9,6 +9,7 @@ use std::fmt::Display;
 use std::process::ExitCode;
 
 pub mod bench_fuse;
+pub mod bench_gpu;
 pub mod bench_hypernet;
 pub mod bench_pipeline;
 pub mod bench_scale;

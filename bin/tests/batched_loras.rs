@@ -333,3 +333,41 @@ fn a_tensorrt_bundle_takes_lora_factors_as_inputs() {
         "{min}"
     );
 }
+
+/// The GPU check's CPU side: `--dry-run` prints the plan and exits 0; without a GPU the run is
+/// an error saying so, exit code 1, and nothing is written.
+#[test]
+fn the_gpu_check_plans_here_and_refuses_to_run_without_a_gpu() {
+    let d = tempfile::tempdir().unwrap();
+    let scratch = d.path().join("gpu");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_v2l-bench"))
+            .arg("gpu")
+            .args(args)
+            .arg("--dir")
+            .arg(&scratch)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--dry-run", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cases = plan["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 12, "{plan}");
+    assert!(cases
+        .iter()
+        .any(|c| c["backend"] == "tensorrt" && c["precision"] == "fp16"));
+    assert!(!scratch.exists(), "a dry run wrote {}", scratch.display());
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        return; // a GPU machine: the real run is scripts/gpu-check.sh's job
+    }
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no NVIDIA GPU found"), "{err}");
+    assert!(
+        !scratch.exists(),
+        "a refused run wrote {}",
+        scratch.display()
+    );
+}

@@ -68,6 +68,15 @@ enum Command {
     ///   v2l-bench serve --engine engine/ --clients 8 --seconds 20 --repeat 5
     #[command(verbatim_doc_comment)]
     Serve(v2l_cli::bench_serve::ServeBench),
+    /// The GPU check (CUDA, TensorRT if present; not yet run on a GPU): compile the fixture
+    /// and demo engines at fp32/fp16/bf16, parity against the CPU engine at each precision's
+    /// bound, DiT step, LoRA switch (factors as inputs vs fused), a batched four-LoRA step
+    ///
+    /// Examples:
+    ///   v2l-bench gpu --dry-run
+    ///   v2l-bench gpu --json > gpu-check.json
+    #[command(verbatim_doc_comment)]
+    Gpu(v2l_cli::bench_gpu::GpuBench),
     /// Export a full-size CogVideoX-5B DiT or T5-XXL text encoder (generated bf16 weights) and
     /// report time and peak memory; the T5 is then run once on 226 tokens as its own process
     ///
@@ -270,6 +279,10 @@ fn main() -> ExitCode {
                 json: cli.json,
                 vae_cases,
             })
+        }
+        Command::Gpu(mut b) => {
+            b.json = cli.json;
+            v2l_cli::bench_gpu::bench_gpu(&b)
         }
         Command::Serve(mut b) => {
             b.json = cli.json;
