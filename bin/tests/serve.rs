@@ -136,7 +136,11 @@ fn choice(i: usize, steps: usize) -> (Form, Vec<String>) {
 
 /// `v2l-run` with the same request, sequentially: the mp4 it writes.
 fn cli_video(engine: &Path, dir: &Path, i: usize) -> Vec<u8> {
-    let out = dir.join(format!("cli{i}.mp4"));
+    cli_video_with(engine, dir, i, &[])
+}
+
+fn cli_video_with(engine: &Path, dir: &Path, i: usize, extra: &[&str]) -> Vec<u8> {
+    let out = dir.join(format!("cli{i}{}.mp4", extra.join("")));
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
         .arg("--engine")
         .arg(engine)
@@ -147,6 +151,7 @@ fn cli_video(engine: &Path, dir: &Path, i: usize) -> Vec<u8> {
         ])
         .arg(&out)
         .args(choice(i, 2).1)
+        .args(extra)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -630,4 +635,62 @@ fn a_safetensors_reference_gives_the_cli_video() {
         frames_of(&base, tmp.path(), "base.mp4"),
         frames_of(&cli, tmp.path(), "cli3.mp4")
     );
+}
+
+/// `--batch 4`: eight concurrent clients with three LoRA choices (none, a reference clip's, an
+/// uploaded file at 0.7) on one worker share DiT calls, and every video is still the one
+/// `v2l-run` makes for that request alone (same `unfused` strategy).
+#[test]
+fn batched_jobs_get_exactly_their_solo_videos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let server = Server::start(
+        &engine,
+        &tmp.path().join("state"),
+        &["--workers", "1", "--batch", "4", "--batch-wait-ms", "300"],
+    );
+    let unfused = ["--lora-strategy", "unfused"];
+    let expected: Vec<Vec<u8>> = (0..3)
+        .map(|i| cli_video_with(&engine, tmp.path(), i, &unfused))
+        .collect();
+    // The reference clip's LoRA first, alone: then every batch finds it stored.
+    let c = server.client();
+    c.generate(&choice(1, 2).0, Duration::from_secs(120))
+        .unwrap();
+    let results: Vec<(usize, serde_json::Value, Vec<u8>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let c = server.client();
+                s.spawn(move || {
+                    let (job, mp4) = c
+                        .generate(&choice(i, 2).0, Duration::from_secs(120))
+                        .unwrap();
+                    (i, job, mp4)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut batched = 0;
+    for (i, job, mp4) in &results {
+        assert!(
+            frames_of(mp4, tmp.path(), "a.mp4") == frames_of(&expected[i % 3], tmp.path(), "b.mp4"),
+            "client {i}: not its solo video ({job})"
+        );
+        if job["timings"]["batch_size"].as_f64().unwrap_or(1.0) > 1.0 {
+            batched += 1;
+        }
+    }
+    assert!(batched >= 2, "no jobs shared a DiT call: {results:?}");
+    // Without the unfused strategy, batching is refused at start.
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
+        .arg("--engine")
+        .arg(&engine)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state2"))
+        .args(["--batch", "2", "--lora-strategy", "bound"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--lora-strategy unfused"));
 }

@@ -64,6 +64,10 @@ pub struct Config {
     pub header_timeout: Duration,
     /// An upload's body must arrive whole within this, or the request ends `408`.
     pub body_timeout: Duration,
+    /// Video jobs that may share DiT calls (1: none); needs the `unfused` strategy.
+    pub batch: usize,
+    /// How long a job waits for others to share its DiT calls.
+    pub batch_wait: Duration,
     /// How LoRAs reach the DiT; `None`: the engine's own choice.
     pub lora_strategy: Option<v2l_runtime::lora::strategy::Strategy>,
     pub limits: RequestLimits,

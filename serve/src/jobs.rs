@@ -149,6 +149,20 @@ impl Jobs {
         Ok(live)
     }
 
+    /// The first queued job `fits` accepts, taken for a worker as [`Jobs::next`] takes one,
+    /// without waiting; `None` when none fits (or draining).
+    pub fn take_fitting(&self, fits: impl Fn(&str) -> bool) -> Option<(String, Arc<Live>)> {
+        let mut q = locked(&self.queue);
+        if self.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        let pos = q.iter().position(|id| fits(id))?;
+        let id = q.remove(pos)?;
+        let live = locked(&self.live).get(&id).cloned()?;
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Some((id, live))
+    }
+
     /// The next job for a worker, waiting for one; `None` once draining.
     pub fn next(&self) -> Option<(String, Arc<Live>)> {
         let mut q = locked(&self.queue);

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::format::{Lora, LoraFormat};
+use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::session::SessionOptions;
@@ -109,27 +110,58 @@ impl Worker {
         })
     }
 
-    /// Runs jobs until the queue drains.
+    /// Runs jobs until the queue drains. With `--batch N` (and the `unfused` strategy) a job
+    /// waits up to `--batch-wait-ms` for queued jobs that can share its DiT calls (same size,
+    /// steps and prompt length), and up to N run as one batch.
     pub fn run(mut self) {
-        while let Some((id, live)) = self.shared.jobs.next() {
-            let last = self.run_job(&id, &live);
-            self.shared.jobs.finished(&id, last);
+        while let Some(first) = self.shared.jobs.next() {
+            let mut batch = vec![first];
+            if let Some(key) = self.batchable(&batch[0].0) {
+                let deadline = Instant::now() + self.shared.config.batch_wait;
+                while batch.len() < self.shared.config.batch && Instant::now() < deadline {
+                    let store = &self.shared.jobs.store;
+                    let fits = |id: &str| batch_key(store, id).as_ref() == Some(&key);
+                    match self.shared.jobs.take_fitting(fits) {
+                        Some(j) => batch.push(j),
+                        None => std::thread::sleep(std::time::Duration::from_millis(2)),
+                    }
+                }
+            }
+            if batch.len() == 1 {
+                let (id, live) = batch.remove(0);
+                let last = self.run_job(&id, &live);
+                self.shared.jobs.finished(&id, last);
+            } else {
+                self.run_batch(batch);
+            }
         }
     }
 
-    fn run_job(&mut self, id: &str, live: &Live) -> Snapshot {
-        let shared = self.shared.clone();
-        let store = &shared.jobs.store;
+    /// The key of jobs that can share DiT calls with job `id`, when this worker batches.
+    fn batchable(&self, id: &str) -> Option<BatchKey> {
+        let c = &self.shared.config;
+        if c.batch < 2 || self.pipeline.strategy() != Strategy::Unfused {
+            return None;
+        }
+        batch_key(&self.shared.jobs.store, id)
+    }
+
+    /// Marks job `id` running; its end when it cannot start (cancelled meanwhile, or the store
+    /// refused the write).
+    fn start(&self, id: &str, live: &Live) -> Result<(), Snapshot> {
         let mut last = Snapshot {
             state: State::Failed,
             step: 0,
             steps: 0,
         };
-        match store.start(id) {
-            Ok(true) => {}
+        match self.shared.jobs.store.start(id) {
+            Ok(true) => {
+                live.status.send_modify(|s| s.state = State::Running);
+                Ok(())
+            }
             Ok(false) => {
                 last.state = State::Cancelled;
-                return last;
+                Err(last)
             }
             Err(e) => {
                 eprintln!("v2l-serve: job {id}: {e}");
@@ -141,10 +173,17 @@ impl Worker {
                         message: format!("the job could not be started ({e}); is the disk full?"),
                     },
                 );
-                return last;
+                Err(last)
             }
         }
-        live.status.send_modify(|s| s.state = State::Running);
+    }
+
+    fn run_job(&mut self, id: &str, live: &Live) -> Snapshot {
+        if let Err(last) = self.start(id, live) {
+            return last;
+        }
+        let shared = self.shared.clone();
+        let store = &shared.jobs.store;
         let started = Instant::now();
         let mut timings = BTreeMap::new();
         let outcome = match store.get(id) {
@@ -156,9 +195,26 @@ impl Worker {
             Err(e) => Err(e.into()),
         };
         timings.insert("job".into(), started.elapsed().as_secs_f64() * 1e3);
+        self.end(id, live, outcome, timings)
+    }
+
+    /// Records a job's end (`outcome`): its state, timings and error. A job whose end cannot
+    /// be written ends `failed` (storage): its video is not served, and the end is written
+    /// once the store takes writes again.
+    fn end(
+        &self,
+        id: &str,
+        live: &Live,
+        outcome: Result<(), Stop>,
+        timings: BTreeMap<String, f64>,
+    ) -> Snapshot {
+        let store = &self.shared.jobs.store;
         let snap = *live.status.borrow();
-        last.step = snap.step;
-        last.steps = snap.steps;
+        let mut last = Snapshot {
+            state: State::Failed,
+            step: snap.step,
+            steps: snap.steps,
+        };
         let (state, error) = match outcome {
             Ok(()) => (State::Succeeded, None),
             Err(stop) => {
@@ -173,8 +229,6 @@ impl Worker {
         last.state = state;
         self.shared.metrics.stages(&timings);
         if let Err(e) = store.finish(id, state, &timings, error.as_ref()) {
-            // The job cannot be shown as it ended: it ends `failed` (storage), its video is
-            // not served, and the end is written once the store takes writes again.
             eprintln!("v2l-serve: job {id}: cannot record its end: {e}");
             if let Ok(dir) = store.job_dir(id) {
                 let _ = std::fs::remove_file(dir.join(VIDEO_FILE));
@@ -215,21 +269,92 @@ impl Worker {
                 Ok(())
             }
             Kind::Video => {
-                let p: VideoParams = serde_json::from_value(job.params.clone())
-                    .map_err(|e| Stop::failed("internal", format!("stored parameters: {e}")))?;
-                self.video(&job.id, &p, &dir, live, timings)
+                let p = video_params(job)?;
+                let req = self.video_request(&job.id, &p, &dir, timings, true)?;
+                let gen = self.generate(&[(&job.id, live)], &[req])?;
+                let gen = gen
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Stop::failed("internal", "the pipeline returned no video"))?;
+                self.write_video(gen, &p, &dir, timings)
             }
         }
     }
 
-    fn video(
+    /// Runs video jobs together (one DiT call per step), each with its own LoRA; each ends as
+    /// it would alone, its timings noting the batch size.
+    fn run_batch(&mut self, batch: Vec<(String, Arc<Live>)>) {
+        let started = Instant::now();
+        let mut ready = Vec::new();
+        for (id, live) in batch {
+            if let Err(last) = self.start(&id, &live) {
+                self.shared.jobs.finished(&id, last);
+                continue;
+            }
+            let mut timings = BTreeMap::new();
+            let prepared = (|| {
+                let job = self.shared.jobs.store.get(&id)?.ok_or_else(|| {
+                    Stop::failed("internal", "the job vanished from the database")
+                })?;
+                let p = video_params(&job)?;
+                let dir = self.shared.jobs.store.job_dir(&id)?;
+                let req = self.video_request(&id, &p, &dir, &mut timings, false)?;
+                Ok::<_, Stop>((p, dir, req))
+            })();
+            match prepared {
+                Ok((p, dir, req)) => ready.push((id, live, p, dir, req, timings)),
+                Err(stop) => {
+                    let last = self.end(&id, &live, Err(stop), timings);
+                    self.shared.jobs.finished(&id, last);
+                }
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let n = ready.len() as f64;
+        let lives: Vec<(&str, &Live)> = ready.iter().map(|r| (r.0.as_str(), &*r.1)).collect();
+        let reqs: Vec<Request> = ready.iter().map(|r| r.4.clone()).collect();
+        let generated = self.generate(&lives, &reqs);
+        drop(lives);
+        let mut gens = match generated {
+            Ok(g) => g.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(stop) => ready
+                .iter()
+                .map(|_| {
+                    Err(Stop {
+                        state: stop.state,
+                        error: stop.error.clone(),
+                    })
+                })
+                .collect(),
+        };
+        for ((id, live, p, dir, _, mut timings), gen) in ready.into_iter().zip(gens.drain(..)) {
+            timings.insert("batch_size".into(), n);
+            let outcome = gen.and_then(|g| self.write_video(g, &p, &dir, &mut timings));
+            // A job cancelled while its batch ran is cancelled, whatever the batch did.
+            let outcome = match live.cancel.load(Ordering::SeqCst) {
+                true => Err(cancelled()),
+                false => outcome,
+            };
+            timings.insert("job".into(), started.elapsed().as_secs_f64() * 1e3);
+            let last = self.end(&id, &live, outcome, timings);
+            self.shared.jobs.finished(&id, last);
+        }
+    }
+
+    /// Steps 1 to 4 of a video job: its LoRA (from the cache, the store, or predicted from
+    /// the reference clip), prompt embeddings, first frame and noise, as a request. `resident`:
+    /// the LoRA becomes the pipeline's own (a job alone: consecutive jobs with one LoRA switch
+    /// nothing); otherwise it is the request's (a batch).
+    fn video_request(
         &mut self,
         id: &str,
         p: &VideoParams,
         dir: &Path,
-        live: &Live,
         timings: &mut BTreeMap<String, f64>,
-    ) -> Result<(), Stop> {
+        resident: bool,
+    ) -> Result<Request, Stop> {
         let shared = self.shared.clone();
         let store = &shared.jobs.store;
         // 1. The LoRA: from the cache, the store, or predicted from the reference clip.
@@ -250,10 +375,23 @@ impl Worker {
         if let Some((lid, _, _, cached)) = &wanted {
             store.set_lora(id, lid, *cached)?;
         }
-        // 2. Make it the resident LoRA (no work when it already is).
-        let t = Instant::now();
-        self.make_resident(wanted.map(|(lid, l, m, _)| (lid, l, m)))?;
-        timings.insert("lora_switch".into(), ms(t));
+        // 2. Make it the resident LoRA (no work when it already is), or the request's own.
+        let lora = match resident {
+            true => {
+                let t = Instant::now();
+                self.make_resident(wanted.map(|(lid, l, m, _)| (lid, l, m)))?;
+                timings.insert("lora_switch".into(), ms(t));
+                RequestLora::Resident
+            }
+            false => match wanted {
+                None => RequestLora::Base,
+                Some((lid, lora, multiplier, _)) => RequestLora::Loras(vec![AppliedLora {
+                    lora,
+                    source: format!("lora:{lid}").into(),
+                    multiplier,
+                }]),
+            },
+        };
         // 3. Prompt embeddings: text through the engine's T5 (cached by text), or as uploaded.
         let t = Instant::now();
         let (prompt_embeds, negative_prompt_embeds) = match &p.prompt {
@@ -281,9 +419,9 @@ impl Worker {
             }
         };
         timings.insert("prompt".into(), ms(t));
-        // 4. Generate, watching for cancellation and the job's time limit between steps.
+        // 4. The first frame and the seeded noise.
         let image = crate::store::load_frames(&dir.join(IMAGE_FILE))?;
-        let req = Request {
+        Ok(Request {
             image: Some(image),
             image_embeds: None,
             prompt_embeds,
@@ -294,8 +432,19 @@ impl Worker {
             noise: self
                 .engine
                 .seeded_noise(p.frames, p.height, p.width, p.seed)?,
-            lora: RequestLora::Resident,
-        };
+            lora,
+        })
+    }
+
+    /// Generates `reqs` (one request alone, or a batch), watching every job's cancellation
+    /// and time limit between steps: a batch stops when all its jobs are cancelled, or when
+    /// one reaches its time limit (all bounded alike).
+    fn generate(
+        &mut self,
+        jobs: &[(&str, &Live)],
+        reqs: &[Request],
+    ) -> Result<Vec<v2l_runtime::pipeline::Generation>, Stop> {
+        let store = &self.shared.jobs.store;
         let deadline = self
             .shared
             .config
@@ -303,42 +452,49 @@ impl Worker {
             .job_timeout
             .map(|t| (t, Instant::now() + t));
         let mut timed_out = false;
-        let result = self.pipeline.generate(&req, &mut |step, steps| {
-            live.status.send_modify(|s| {
-                s.step = step;
-                s.steps = steps;
-            });
-            if let Err(e) = store.progress(id, step, steps) {
-                eprintln!("v2l-serve: job {id}: progress not stored: {e}");
+        let mut progress = |step, steps| {
+            for (id, live) in jobs {
+                live.status.send_modify(|s| {
+                    s.step = step;
+                    s.steps = steps;
+                });
+                if let Err(e) = store.progress(id, step, steps) {
+                    eprintln!("v2l-serve: job {id}: progress not stored: {e}");
+                }
             }
             if deadline.is_some_and(|(_, d)| Instant::now() > d) {
                 timed_out = true;
                 return false;
             }
-            !live.cancel.load(Ordering::SeqCst)
-        });
-        let gen = match result {
-            Ok(g) => g,
+            !jobs.iter().all(|(_, l)| l.cancel.load(Ordering::SeqCst))
+        };
+        let result = match reqs {
+            [one] => self.pipeline.generate(one, &mut progress).map(|g| vec![g]),
+            many => self.pipeline.generate_batch(many, &mut progress),
+        };
+        match result {
+            Ok(g) => Ok(g),
             Err(RuntimeError::Cancelled) if timed_out => {
                 let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
-                return Err(Stop::failed(
+                Err(Stop::failed(
                     "timeout",
                     format!("stopped after the job's time limit of {secs} s (--job-timeout)"),
-                ));
+                ))
             }
-            Err(RuntimeError::Cancelled) => {
-                return Err(Stop {
-                    state: State::Cancelled,
-                    error: JobError {
-                        kind: "cancelled".into(),
-                        message: "cancelled by DELETE".into(),
-                    },
-                })
-            }
-            Err(e) => return Err(e.into()),
-        };
+            Err(RuntimeError::Cancelled) => Err(cancelled()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Step 5: the mp4 (written under a temporary name, then renamed).
+    fn write_video(
+        &self,
+        gen: v2l_runtime::pipeline::Generation,
+        p: &VideoParams,
+        dir: &Path,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<(), Stop> {
         timings.extend(gen.timings.iter().map(|(k, v)| (k.clone(), *v)));
-        // 5. The mp4 (written under a temporary name, then renamed).
         let t = Instant::now();
         let rgb = v2l_runtime::video::to_rgb8(&gen.frames)?;
         v2l_runtime::video::write_mp4(&dir.join(VIDEO_FILE), &rgb, p.fps).map_err(|e| {
@@ -424,6 +580,49 @@ impl Worker {
         self.pipeline.set_lora(applied.as_ref())?;
         self.resident = key;
         Ok(())
+    }
+}
+
+/// What jobs must share to run in one batch: latent size, steps and prompt length (text
+/// prompts only: uploaded embeddings may differ in length).
+#[derive(Clone, Debug, PartialEq)]
+struct BatchKey {
+    frames: usize,
+    height: usize,
+    width: usize,
+    steps: usize,
+    max_sequence_length: usize,
+}
+
+/// Job `id`'s batch key, when it is a queued video job with a text prompt.
+fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
+    let job = store.get(id).ok()??;
+    if job.kind != Kind::Video {
+        return None;
+    }
+    let p: VideoParams = serde_json::from_value(job.params).ok()?;
+    p.prompt.as_ref()?;
+    Some(BatchKey {
+        frames: p.frames,
+        height: p.height,
+        width: p.width,
+        steps: p.steps,
+        max_sequence_length: p.max_sequence_length,
+    })
+}
+
+fn video_params(job: &JobRecord) -> Result<VideoParams, Stop> {
+    serde_json::from_value(job.params.clone())
+        .map_err(|e| Stop::failed("internal", format!("stored parameters: {e}")))
+}
+
+fn cancelled() -> Stop {
+    Stop {
+        state: State::Cancelled,
+        error: JobError {
+            kind: "cancelled".into(),
+            message: "cancelled by DELETE".into(),
+        },
     }
 }
 

@@ -88,6 +88,14 @@ struct Args {
     /// Seconds a client may take to send an upload's body; then the request ends 408.
     #[arg(long, default_value_t = 120)]
     body_timeout: u64,
+    /// Video jobs that may share one DiT call per step (each with its own LoRA): a job waits
+    /// up to --batch-wait-ms for queued jobs of its size, steps and prompt length. Above 1
+    /// the DiT uses the `unfused` LoRA strategy (factors as inputs per sample)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    batch: u32,
+    /// How long a job waits for others to batch with (milliseconds)
+    #[arg(long, default_value_t = 20)]
+    batch_wait_ms: u64,
     /// Seconds one job may run (checked between denoising steps; 0: no limit).
     #[arg(long, default_value_t = 3600)]
     job_timeout: u64,
@@ -139,13 +147,21 @@ fn run(a: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .check_threads(a.threads)
         .map_err(|e| v2l_cli::request_message(&e))?;
+    use v2l_runtime::lora::strategy::Strategy;
     let lora_strategy = match &a.lora_strategy {
+        None if a.batch > 1 => Some(Strategy::Unfused),
         None => None,
         Some(s) => Some(
-            v2l_runtime::lora::strategy::Strategy::parse(s)
+            Strategy::parse(s)
                 .ok_or_else(|| format!("--lora-strategy {s}: expected fused, bound or unfused"))?,
         ),
     };
+    if a.batch > 1 && lora_strategy != Some(Strategy::Unfused) {
+        return Err(format!(
+            "--batch {}: jobs with different LoRAs share DiT calls only with --lora-strategy unfused",
+            a.batch
+        ));
+    }
     v2l_serve::server::serve(Config {
         lora_strategy,
         engine: a.engine,
@@ -156,6 +172,8 @@ fn run(a: Args) -> Result<(), String> {
         queue: a.queue,
         lora_cache_bytes: a.lora_cache_mb << 20,
         connections: a.max_connections,
+        batch: a.batch as usize,
+        batch_wait: Duration::from_millis(a.batch_wait_ms),
         header_timeout: Duration::from_secs(a.header_timeout.max(1)),
         body_timeout: Duration::from_secs(a.body_timeout.max(1)),
         token,
