@@ -53,6 +53,9 @@ pub struct ServeBench {
     #[arg(long)]
     pub lora_strategy: Option<String>,
     /// One JSON object instead of tables (the global `--json`).
+    /// `v2l-serve --batch`: jobs that may share DiT calls (above 1 implies `unfused`)
+    #[arg(long, default_value_t = 1)]
+    pub batch: u32,
     #[arg(skip)]
     pub json: bool,
 }
@@ -84,7 +87,14 @@ impl Served {
                 &b.workers.to_string(),
                 "--threads",
                 &b.threads.to_string(),
+                "--batch",
+                &b.batch.to_string(),
             ])
+            .args(
+                b.lora_strategy
+                    .iter()
+                    .flat_map(|s| ["--lora-strategy".to_string(), s.clone()]),
+            )
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| {
@@ -345,7 +355,7 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
                 "size": {"frames": frames, "height": height, "width": width, "steps": b.steps},
                 "repeat": repeat, "workers": b.workers, "resolution": rows_json,
                 "bound_switch_ms": bound_switch.0,
-                "load": {"clients": b.clients, "seconds": wall, "jobs": jobs, "errors": errors,
+                "load": {"batch": b.batch, "clients": b.clients, "seconds": wall, "jobs": jobs, "errors": errors,
                          "jobs_per_s": jobs as f64 / wall, "p50_ms": p50, "p99_ms": p99},
             })
         );
@@ -377,7 +387,8 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
         bound_switch.0, bound_switch.1, bound_switch.2
     );
     println!(
-        "load: {} clients for {wall:.1} s: {jobs} jobs, {:.2} jobs/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors",
+        "load (--batch {}): {} clients for {wall:.1} s: {jobs} jobs, {:.2} jobs/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors",
+        b.batch,
         b.clients,
         jobs as f64 / wall
     );

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 pub mod bench_fuse;
 pub mod bench_gpu;
 pub mod bench_hypernet;
+pub mod bench_lora_batch;
 pub mod bench_pipeline;
 pub mod bench_scale;
 pub mod bench_serve;

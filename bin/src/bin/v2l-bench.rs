@@ -77,6 +77,14 @@ enum Command {
     ///   v2l-bench gpu --json > gpu-check.json
     #[command(verbatim_doc_comment)]
     Gpu(v2l_cli::bench_gpu::GpuBench),
+    /// LoRA factors as DiT inputs at 5B width: two requests with different rank-64 LoRAs in
+    /// one call (`unfused`) against one call per LoRA (`fused`), the LoRA branches' share of
+    /// the step, and the switch cost of each
+    ///
+    /// Example:
+    ///   v2l-bench lora-batch --repeat 3 --json
+    #[command(verbatim_doc_comment)]
+    LoraBatch(v2l_cli::bench_lora_batch::LoraBatchBench),
     /// Export a full-size CogVideoX-5B DiT or T5-XXL text encoder (generated bf16 weights) and
     /// report time and peak memory; the T5 is then run once on 226 tokens as its own process
     ///
@@ -279,6 +287,10 @@ fn main() -> ExitCode {
                 json: cli.json,
                 vae_cases,
             })
+        }
+        Command::LoraBatch(mut b) => {
+            b.json = cli.json;
+            v2l_cli::bench_lora_batch::bench_lora_batch(&b)
         }
         Command::Gpu(mut b) => {
             b.json = cli.json;
