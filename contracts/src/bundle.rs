@@ -101,7 +101,10 @@ pub const FILE_NAME: &str = "bundle.json";
 /// engine, which must have its [`FILE_NAME`].
 pub const COMPILED_ONLY: [&str; 2] = ["dit_bound.onnx", "dit_unfused.onnx"];
 /// 2: BLAKE3 hashes; backend rewrites (attention fusion) in the bundle's DiT graphs.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: `dit_unfused.onnx` takes LoRA factors per sample (`A [samples, r, in]`, `B [samples, out,
+/// r]`, `scale [samples, 1, 1]`); `max_rank`. A version-2 engine's 2-D factors would be refused
+/// by ONNX Runtime at the first run, so it is refused at open instead.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// One file of a bundle: its name inside the engine directory, size and hash.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -36,8 +36,11 @@ pub struct Model {
     session: Session,
     inputs: Vec<String>,
     outputs: Vec<String>,
-    /// Inputs converted once and passed by reference on every run (bound weights, LoRA factors).
+    /// Inputs converted once and passed by reference on every run (bound weights, LoRA factors,
+    /// a request's constants): on a GPU backend they live on the device.
     fixed: std::collections::HashMap<String, DynValue>,
+    /// The CUDA device of a GPU backend, where fixed inputs are placed; `None` on the CPU.
+    device: Option<i32>,
 }
 
 fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> RuntimeError {
@@ -186,6 +189,8 @@ impl Model {
             inputs,
             outputs,
             fixed: Default::default(),
+            device: (opts.backend.backend != crate::backend::Backend::Cpu)
+                .then_some(opts.backend.device_id),
         })
     }
 
@@ -197,11 +202,23 @@ impl Model {
         &self.outputs
     }
 
-    /// Sets inputs that stay the same across runs (converted once, passed by reference).
+    /// Sets inputs that stay the same across runs: converted once and passed by reference on
+    /// every run; on a GPU backend copied to the device once, so no run copies them from the
+    /// host again (what ORT's IoBinding is for; a device-resident value given to `run` binds
+    /// the same way). Not yet run on a GPU.
     pub fn set_fixed_inputs(&mut self, inputs: Vec<(String, Tensor)>) -> Result<()> {
         let ctx = self.path.display().to_string();
         for (name, t) in inputs {
-            let v = to_ort(&t).map_err(ort_err(format!("{ctx}: input `{name}`")))?;
+            let err = || ort_err(format!("{ctx}: input `{name}`"));
+            let v = to_ort(&t).map_err(err())?;
+            let v = match self.device {
+                None => v,
+                Some(id) => v
+                    .downcast::<ort::value::DynTensorValueType>()
+                    .and_then(|t| t.to(ort::memory::AllocationDevice::CUDA, id))
+                    .map(|t| t.into_dyn())
+                    .map_err(err())?,
+            };
             self.fixed.insert(name, v);
         }
         Ok(())

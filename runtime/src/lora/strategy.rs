@@ -277,6 +277,19 @@ impl DitRunner {
         Ok(())
     }
 
+    /// Inputs that stay the same for a request's every step (text, image tokens, RoPE tables):
+    /// set once, passed by reference, on a GPU kept on the device. Inputs given to
+    /// [`DitRunner::run`] under the same names take precedence.
+    pub fn set_constant_inputs(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<()> {
+        let takes = self.model.input_names().to_vec();
+        self.model.set_fixed_inputs(
+            inputs
+                .into_iter()
+                .filter(|(name, _)| takes.contains(name))
+                .collect(),
+        )
+    }
+
     pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
         if self.strategy == Strategy::Unfused {
             let batch = inputs

@@ -196,7 +196,8 @@ pub(super) fn run(
             message: "requests with different step counts cannot share DiT calls".into(),
         });
     }
-    let mut inputs = fixed_inputs(&mut lanes)?;
+    dit.set_constant_inputs(fixed_inputs(&mut lanes)?)?;
+    let mut inputs = BTreeMap::new();
     let mut done: Vec<Vec<Tensor>> = lanes.iter().map(|_| Vec::with_capacity(steps)).collect();
     let mut dit_ms = Vec::with_capacity(steps);
     let several = lanes.len() > 1;
