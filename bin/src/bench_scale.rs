@@ -206,6 +206,25 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         }
     };
     std::fs::create_dir_all(&b.dir).map_err(|e| fail(format!("{}: {e}", b.dir.display())))?;
+    // Figures from different machines must not be compared by mistake: the CPU and the ISA
+    // features that pick ONNX Runtime's kernels go beside every table.
+    let cpu = crate::bench_lora_batch::cpu_facts();
+    if !b.json {
+        println!(
+            "CPU: {} ({} cores; {}), {} threads",
+            cpu["model"].as_str().unwrap_or("?"),
+            cpu["cores"],
+            cpu["features"]
+                .as_array()
+                .map(|f| f
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            b.threads
+        );
+    }
     let (ck, engine, compile_s) = prepare(b, &log)?;
     let config = cogvideox_5b_config(b.layers)?;
     let script = b.dir.join("torch_baseline.py");
@@ -362,7 +381,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     if b.json {
         println!(
             "{}",
-            serde_json::json!({"dit": rows, "vae": vae, "compile_s": compile_s, "threads": b.threads})
+            serde_json::json!({"cpu": cpu, "dit": rows, "vae": vae, "compile_s": compile_s, "threads": b.threads})
         );
     }
     Ok(())

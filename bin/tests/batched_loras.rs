@@ -150,17 +150,7 @@ fn a_mixed_lora_batch_gives_each_cogvideox_request_its_solo_video() {
         &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
         1.0,
     );
-    let base = Request {
-        image: Some(frames_of(&io["first_frame_u8"])),
-        image_embeds: None,
-        prompt_embeds: io["prompt_embeds"].clone(),
-        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
-        steps: 2,
-        guidance: 6.0,
-        noise: io["initial_noise"].clone(),
-        lora: RequestLora::Resident,
-    };
+    let base = common::cogvideox_request(&io);
     let engine = Engine::open(&eng).unwrap();
     let reqs = four(&engine, &base, &x, &y);
     let worst = solo_equals_batch(&mut p, &reqs, d.path());
@@ -199,17 +189,7 @@ fn a_mixed_lora_batch_gives_each_wan_request_its_solo_video() {
     let mut p = load(&eng);
     let x = file_lora(&wan.join("lora/pytorch_lora_weights.safetensors"), 1.0);
     let y = negated(&x);
-    let base = Request {
-        image: None,
-        image_embeds: None,
-        prompt_embeds: io["t2v_prompt_embeds"].clone(),
-        negative_prompt_embeds: io["t2v_negative_prompt_embeds"].clone(),
-        frames: 9,
-        steps: 3,
-        guidance: 5.0,
-        noise: io["t2v_noise"].clone(),
-        lora: RequestLora::Resident,
-    };
+    let base = common::wan_t2v_request(&io, 3);
     let engine = Engine::open(&eng).unwrap();
     let reqs = four(&engine, &base, &x, &y);
     let worst = solo_equals_batch(&mut p, &reqs, d.path());
@@ -238,15 +218,8 @@ fn rank_padding_is_exact() {
     let rank = y.lora.layers.iter().map(|l| l.rank()).max().unwrap();
     assert!(rank < 64, "the fixture LoRA has rank {rank}");
     let req = Request {
-        image: Some(frames_of(&io["first_frame_u8"])),
-        image_embeds: None,
-        prompt_embeds: io["prompt_embeds"].clone(),
-        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
-        steps: 2,
-        guidance: 6.0,
-        noise: io["initial_noise"].clone(),
         lora: RequestLora::Loras(vec![y]),
+        ..common::cogvideox_request(&io)
     };
     let run = |eng: &Path| -> Tensor {
         load(eng)

@@ -14,17 +14,7 @@ use common::{engine, engine_with, frames_of, tiny};
 
 /// The fixture's request (first frame, prompts, noise: 17 frames at guidance 6), two steps.
 fn two_step_request(io: &std::collections::BTreeMap<String, Tensor>) -> Request {
-    Request {
-        image: Some(frames_of(&io["first_frame_u8"])),
-        image_embeds: None,
-        prompt_embeds: io["prompt_embeds"].clone(),
-        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
-        steps: 2,
-        guidance: 6.0,
-        noise: io["initial_noise"].clone(),
-        lora: RequestLora::Resident,
-    }
+    common::cogvideox_request(io)
 }
 
 /// The Video2LoRA LoRA the pipeline predicts from the fixture's reference clip ("x").
@@ -676,17 +666,7 @@ fn effect_loras_switch_exactly() {
     let x = predict(Hypernet::Prompt2Effect, x_text);
     let y = predict(Hypernet::Lofa, lofa["p0.text_emb"].clone());
     let io = read_safetensors(&wan.join("e2e_io.safetensors")).unwrap();
-    let req = Request {
-        image: None,
-        image_embeds: None,
-        prompt_embeds: io["t2v_prompt_embeds"].clone(),
-        negative_prompt_embeds: io["t2v_negative_prompt_embeds"].clone(),
-        frames: 9,
-        steps: 2,
-        guidance: 5.0,
-        noise: io["t2v_noise"].clone(),
-        lora: RequestLora::Resident,
-    };
+    let req = common::wan_t2v_request(&io, 2);
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
         let mut p = load(&bundle, strategy);
         let mut run = |lora: &AppliedLora| {

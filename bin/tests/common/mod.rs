@@ -77,3 +77,39 @@ pub fn frames_of(t: &Tensor) -> Frames {
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
+
+/// The tiny CogVideoX fixture's request (`e2e_io`: first frame, prompts, noise; 17 frames at
+/// guidance 6), two steps, with the pipeline's own LoRA.
+pub fn cogvideox_request(
+    io: &std::collections::BTreeMap<String, Tensor>,
+) -> v2l_runtime::pipeline::Request {
+    v2l_runtime::pipeline::Request {
+        image: Some(frames_of(&io["first_frame_u8"])),
+        image_embeds: None,
+        prompt_embeds: io["prompt_embeds"].clone(),
+        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
+        frames: 17,
+        steps: 2,
+        guidance: 6.0,
+        noise: io["initial_noise"].clone(),
+        lora: v2l_runtime::pipeline::RequestLora::Resident,
+    }
+}
+
+/// The tiny Wan fixture's text-to-video request (`wan-tiny/e2e_io`: 9 frames at guidance 5).
+pub fn wan_t2v_request(
+    io: &std::collections::BTreeMap<String, Tensor>,
+    steps: usize,
+) -> v2l_runtime::pipeline::Request {
+    v2l_runtime::pipeline::Request {
+        image: None,
+        image_embeds: None,
+        prompt_embeds: io["t2v_prompt_embeds"].clone(),
+        negative_prompt_embeds: io["t2v_negative_prompt_embeds"].clone(),
+        frames: 9,
+        steps,
+        guidance: 5.0,
+        noise: io["t2v_noise"].clone(),
+        lora: v2l_runtime::pipeline::RequestLora::Resident,
+    }
+}
