@@ -743,7 +743,10 @@ fn edited_bundle_json_is_refused() {
     assert!(compile("tensorrt", &trt).status.success());
     let b: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(trt.join("bundle.json")).unwrap()).unwrap();
-    assert_eq!(b["lora_strategy"], "fused");
+    assert_eq!(
+        b["lora_strategy"], "unfused",
+        "GPU engines take LoRA factors as inputs"
+    );
 
     let eng = d.path().join("eng");
     assert!(compile("cpu", &eng).status.success());

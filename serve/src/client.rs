@@ -85,9 +85,13 @@ const BODY_LIMIT: u64 = 1 << 30;
 impl Client {
     /// A client of the server at `base` (`http://127.0.0.1:8080`).
     pub fn new(base: &str, token: Option<String>) -> Client {
+        // v2l-serve closes a kept-alive connection that sends no request within its
+        // --header-timeout (10 s by default): a pooled connection idle that long would be reset
+        // under the next request (a POST is not retried), so pooled connections expire first.
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
+            .max_idle_age(Duration::from_millis(500))
             .build()
             .into();
         Client {
