@@ -2,7 +2,7 @@
 
 use v2l_export::{cogvideox_dit, Checkpoint};
 use v2l_graphs::{save, ExternalData};
-use v2l_runtime::{Model, SessionOptions};
+use v2l_runtime::{Model, SessionOptions, Tensor};
 use v2l_tests::*;
 
 #[test]
@@ -140,7 +140,68 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
         .map(|l| format!("{}.weight", l.name))
         .collect();
     v2l_graphs::passes::add_lora_branches(&mut unfused, &targets).unwrap();
+    let whole = unfused.clone();
     assert_eq!(v2l_graphs::passes::chunk_feed_forward(&mut unfused, 4), 2);
+    // Chunked, the branches still meet each sample's own factors: a batch of 2 with a
+    // different LoRA per sample gives the unchunked graph's output.
+    let io = load("dit_io.safetensors");
+    let mut feed = pick(
+        &io,
+        &[
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "rope_cos",
+            "rope_sin",
+        ],
+    );
+    assert_eq!(feed["hidden_states"].shape[0], 2, "the fixture's batch");
+    for (i, l) in ex.linears.iter().enumerate() {
+        let [a, b, sc] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", l.name));
+        let r = 3;
+        let small = |n: usize, seed: u64| {
+            let t = v2l_runtime::tensor::gaussian_noise(vec![n], seed);
+            t.as_f32("f")
+                .unwrap()
+                .iter()
+                .map(|x| x * 0.05)
+                .collect::<Vec<f32>>()
+        };
+        let seed = 100 + 3 * i as u64;
+        feed.insert(
+            a,
+            Tensor::f32(
+                vec![2, r, l.in_features],
+                small(2 * r * l.in_features, seed),
+            ),
+        );
+        feed.insert(
+            b,
+            Tensor::f32(
+                vec![2, l.out_features, r],
+                small(2 * r * l.out_features, seed + 1),
+            ),
+        );
+        feed.insert(sc, Tensor::f32(vec![2, 1, 1], vec![1.0, 0.5]));
+    }
+    let run = |m: &v2l_graphs::proto::ModelProto, name: &str| {
+        let p = dir.path().join(name);
+        v2l_graphs::write_model(&p, m).unwrap();
+        Model::load(&p, &SessionOptions::default())
+            .unwrap()
+            .run(&feed)
+            .unwrap()
+    };
+    let (a, b) = (
+        run(&whole, "unfused.onnx"),
+        run(&unfused, "unfused_chunked.onnx"),
+    );
+    assert_close(
+        "chunked per-sample LoRA branches",
+        &b["sample"],
+        &a["sample"],
+        1e-6,
+    );
     assert_eq!(
         v2l_graphs::passes::chunk_feed_forward(&mut m, 4),
         2,
@@ -162,7 +223,6 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
     let fused = dir.path().join("dit_fused.onnx");
     v2l_graphs::write_model(&fused, &m).unwrap();
 
-    let io = load("dit_io.safetensors");
     let inputs = pick(
         &io,
         &[

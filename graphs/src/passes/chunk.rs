@@ -12,9 +12,10 @@
 //! The feed-forward is found by module name: every node under `<block>.ff.` (CogVideoX) or
 //! `<block>.ffn.` (Wan), LoRA branches and quantised linears included. It becomes the `Scan`
 //! body unchanged when it is token-wise: one activation input `[B, S, D]`, one output, only
-//! ops that treat rows independently, shapes read from its own input. The tokens of all
-//! batch rows are flattened, zero-padded to a multiple of the chunk count, scanned and sliced
-//! back, so the output is bitwise the unchunked one for f32 linears; a dynamically quantised
+//! ops that treat rows independently, shapes read from its own input. Each sample's tokens
+//! are zero-padded to a multiple of the chunk count and sliced alike (a slice holds the same
+//! token range of every sample, so per-sample LoRA factors still meet their rows), scanned and
+//! put back, so the output is bitwise the unchunked one for f32 linears; a dynamically quantised
 //! int8 linear quantises each slice with its own range (within 1e-6 here).
 //!
 //! Weights stay main-graph initializers read from the body's outer scope: ONNX Runtime
@@ -78,6 +79,15 @@ struct Region {
     writer: usize,
 }
 
+fn proto_ints(name: &str, v: &[i64]) -> proto::AttributeProto {
+    proto::AttributeProto {
+        name: name.into(),
+        r#type: attribute_type::INTS,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 /// Whether `region` can run slice by slice: row-wise ops only, and every `Concat` joins shape
 /// vectors (never activations).
 fn token_wise(graph: &GraphProto, region: &[usize], outer: &HashSet<&str>) -> bool {
@@ -87,7 +97,9 @@ fn token_wise(graph: &GraphProto, region: &[usize], outer: &HashSet<&str>) -> bo
         .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
         .collect();
     region.iter().filter_map(|&i| graph.node.get(i)).all(|n| {
-        let op_ok = ROW_OPS.contains(&n.op_type.as_str());
+        // A Transpose may only reorder what comes from outside (a LoRA branch's factors).
+        let op_ok = ROW_OPS.contains(&n.op_type.as_str())
+            || (n.op_type == "Transpose" && n.input.iter().all(|x| outer.contains(x.as_str())));
         let concat_ok = n.op_type != "Concat"
             || n.input.iter().all(|x| {
                 outer.contains(x.as_str())
@@ -167,8 +179,9 @@ fn find_regions(graph: &GraphProto) -> Vec<Region> {
     regions
 }
 
-/// The nodes that replace `r`: flatten the tokens, pad them to a multiple of `chunks`, `Scan`
-/// the feed-forward over the slices, and undo the padding and flattening.
+/// The nodes that replace `r`: pad each sample's tokens to a multiple of `chunks`, `Scan` the
+/// feed-forward over the slices (`[B, tokens / chunks, D]` each), and undo the slicing and
+/// padding.
 fn scanned(
     graph: &GraphProto,
     r: &Region,
@@ -179,9 +192,9 @@ fn scanned(
     let (x, y) = (r.input.as_str(), r.output.as_str());
     let consts = vec![
         i64_tensor(n("k"), &[chunks]),
-        i64_tensor(n("zeros2"), &[0, 0]),
+        i64_tensor(n("zeros4"), &[0, 0, 0, 0]),
         i64_tensor(n("zero"), &[0]),
-        i64_tensor(n("k_1_m1"), &[chunks, 1, -1]),
+        i64_tensor(n("one"), &[1]),
         i64_tensor(n("m1"), &[-1]),
     ];
     let shape = |name: &str, of: &str, start: i64, end: Option<i64>| {
@@ -235,51 +248,46 @@ fn scanned(
         |op: &str, out: &str, inputs: &[&str], attrs| node(op, n(out), inputs, &n(out), attrs);
     let concat =
         |out: &str, inputs: &[&str]| step("Concat", out, inputs, vec![int_attr("axis", 0)]);
-    let (k, zero, rows) = (n("k"), n("zero"), n("rows"));
+    let (k, zero) = (n("k"), n("zero"));
+    let perm = || vec![proto_ints("perm", &[1, 0, 2, 3])];
     let nodes = vec![
-        // rows = B·S; pad = (-rows) mod k.
+        // Each sample's tokens are padded to a multiple of k and sliced alike, so a slice
+        // holds `tokens / k` rows of every sample, sample-major: a LoRA branch with factors
+        // per sample finds each row's sample as in the unchunked graph.
         shape("batch", x, 0, Some(1)),
         shape("tokens", x, 1, Some(2)),
         shape("width", x, 2, None),
-        shape("lead", x, 0, Some(2)),
-        step("Mul", "rows", &[&n("batch"), &n("tokens")], vec![]),
-        step("Neg", "neg_rows", &[&rows], vec![]),
+        step("Neg", "neg_tokens", &[&n("tokens")], vec![]),
         step(
             "Mod",
             "pad",
-            &[&n("neg_rows"), &k],
+            &[&n("neg_tokens"), &k],
             vec![int_attr("fmod", 0)],
         ),
-        concat("pads", &[&n("zeros2"), &n("pad"), &zero]),
-        step("Flatten", "flat", &[x], vec![int_attr("axis", 2)]),
-        step("Pad", "padded", &[&n("flat"), &n("pads")], vec![]),
-        concat("slices_shape", &[&n("k_1_m1"), &n("width")]),
+        concat("pads", &[&n("zeros4"), &n("pad"), &zero]),
+        step("Pad", "padded", &[x, &n("pads")], vec![]),
+        concat("split_shape", &[&n("batch"), &k, &n("m1"), &n("width")]),
         step(
             "Reshape",
-            "x_slices",
-            &[&n("padded"), &n("slices_shape")],
+            "split",
+            &[&n("padded"), &n("split_shape")],
             vec![],
         ),
+        step("Transpose", "x_slices", &[&n("split")], perm()),
         scan,
+        step("Transpose", "y_split", &[&n("y_slices")], perm()),
         shape("out_width", &n("y_slices"), 3, None),
-        concat("rows_shape", &[&n("m1"), &n("out_width")]),
+        concat("padded_shape", &[&n("batch"), &n("m1"), &n("out_width")]),
         step(
             "Reshape",
             "y_padded",
-            &[&n("y_slices"), &n("rows_shape")],
+            &[&n("y_split"), &n("padded_shape")],
             vec![],
         ),
-        step(
-            "Slice",
-            "y_rows",
-            &[&n("y_padded"), &zero, &rows, &zero],
-            vec![],
-        ),
-        concat("out_shape", &[&n("lead"), &n("out_width")]),
         node(
-            "Reshape",
-            n("Reshape"),
-            &[&n("y_rows"), &n("out_shape")],
+            "Slice",
+            n("Slice"),
+            &[&n("y_padded"), &zero, &n("tokens"), &n("one")],
             y,
             vec![],
         ),
