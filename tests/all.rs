@@ -1,6 +1,7 @@
 //! Every integration test of the fixtures, in one harness: one binary to link and run. Each
 //! module is one component or model against the output of its upstream reference code.
 
+mod attention_kernel;
 mod backend_errors;
 mod clip_vision_parity;
 mod dit_parity;

@@ -14,7 +14,9 @@ use v2l_contracts::manifest::DitEntry;
 use v2l_contracts::Manifest;
 use v2l_graphs::proto::ModelProto;
 use v2l_runtime::backend::{Backend, PartsHasher, Precision};
-use v2l_runtime::bundle::{file_entry, io, Bundle, LoraTarget, FILE_NAME, FORMAT_VERSION};
+use v2l_runtime::bundle::{
+    file_entry, io, Attention, Bundle, LoraTarget, FILE_NAME, FORMAT_VERSION,
+};
 use v2l_runtime::error::{Result, RuntimeError};
 use v2l_runtime::lora::strategy::Strategy;
 
@@ -116,7 +118,27 @@ fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
 /// Compiles the export directory `src` (or the directory of a model file inside one) into an
 /// engine bundle at `out`, written under a temporary name and renamed when complete.
 pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -> Result<Bundle> {
-    compile_with(src, out, backend, precision, None, None)
+    compile_with(src, out, backend, precision, &Options::default())
+}
+
+/// What [`compile_with`] takes beyond the backend and precision; every field has a default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options<'a> {
+    /// int8 only: calibrate activation ranges for static int8 (Q/DQ).
+    pub calibration: Option<&'a crate::calibrate::Calibration>,
+    /// The rank `unfused` LoRA factors are padded to ([`lora_max_rank`] when `None`).
+    pub max_rank: Option<usize>,
+    /// The DiT's attention kernel ([`default_attention`] when `None`).
+    pub attention: Option<Attention>,
+}
+
+/// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
+/// attention); ONNX Runtime's own everywhere else, so fp32 engines stay exact.
+pub fn default_attention(backend: Backend, precision: Precision) -> Attention {
+    match (backend, precision) {
+        (Backend::Cpu, Precision::Fp32) | (Backend::Cuda | Backend::TensorRt, _) => Attention::Ort,
+        (Backend::Cpu, _) => Attention::Bf16,
+    }
 }
 
 /// [`compile`], and for int8 with a calibration: static int8 through Q/DQ
@@ -128,12 +150,25 @@ pub fn compile_with(
     out: &Path,
     backend: Backend,
     precision: Precision,
-    calibration: Option<&crate::calibrate::Calibration>,
-    max_rank: Option<usize>,
+    opts: &Options<'_>,
 ) -> Result<Bundle> {
-    check_precision(backend, precision, calibration.is_some())?;
-    let mut job = Job::open(src, backend, precision, calibration)?;
-    job.max_rank = lora_max_rank(backend, max_rank, &job.manifest);
+    check_precision(backend, precision, opts.calibration.is_some())?;
+    let attention = opts
+        .attention
+        .unwrap_or_else(|| default_attention(backend, precision));
+    if attention == Attention::Bf16 && default_attention(backend, precision) != Attention::Bf16 {
+        return Err(RuntimeError::Invalid {
+            what: "--attention bf16".into(),
+            message: format!(
+                "v2l's bf16 attention is for cpu engines below fp32 (this is {} {}); fp32 engines keep ONNX Runtime's exact attention",
+                backend.name(),
+                precision.name()
+            ),
+        });
+    }
+    let mut job = Job::open(src, backend, precision, opts.calibration)?;
+    job.max_rank = lora_max_rank(backend, opts.max_rank, &job.manifest);
+    job.attention = attention;
     v2l_runtime::limits::check_new_output_dir(out)?;
     let (weight_hash, targets) = job.lora_targets()?;
     v2l_contracts::atomic::build_dir(out, RuntimeError::io, |tmp| {
@@ -158,6 +193,7 @@ struct Job<'a> {
     calibration: Option<&'a crate::calibrate::Calibration>,
     /// The rank LoRA factors are padded to on this engine ([`lora_max_rank`]).
     max_rank: Option<usize>,
+    attention: Attention,
 }
 
 /// What the DiT steps add to the bundle.
@@ -198,6 +234,7 @@ impl<'a> Job<'a> {
             precision,
             calibration,
             max_rank: None,
+            attention: Attention::Ort,
         })
     }
 
@@ -386,6 +423,7 @@ impl<'a> Job<'a> {
             )
             .map_err(pass_err)?,
         };
+        self.place_attention(&mut model);
         match &weights {
             LowWeights::Quantized { .. } => {
                 write_graph(&tmp.join(&file), &ff_chunked(self.backend, &model))?
@@ -429,6 +467,13 @@ impl<'a> Job<'a> {
         Ok(Some(weights))
     }
 
+    /// Below fp32 on the CPU: attention onto v2l's bf16 kernel (`Options::attention`).
+    fn place_attention(&self, model: &mut ModelProto) {
+        if self.attention == Attention::Bf16 {
+            v2l_graphs::passes::v2l_attention(model);
+        }
+    }
+
     /// Step 5c: the graphs of the LoRA strategies that keep one session: `bound` (targeted
     /// weights as inputs; f32 engines only) and `unfused` (a low-rank branch per target, over
     /// the precision's weights).
@@ -457,6 +502,7 @@ impl<'a> Job<'a> {
                     v2l_graphs::passes::add_lora_branches(&mut model, &names).map_err(pass_err)?;
                     if let Some(low) = low {
                         low.reuse(&mut model, src).map_err(pass_err)?;
+                        self.place_attention(&mut model);
                     }
                 }
             }
@@ -505,6 +551,7 @@ impl<'a> Job<'a> {
                 files: Vec::new(),
                 dit_variants: variants,
                 max_rank: None,
+                attention: self.attention,
                 producer: String::new(),
                 accuracy: Vec::new(),
                 calibration: dit.calibration.clone(),
@@ -546,6 +593,7 @@ impl<'a> Job<'a> {
             files,
             dit_variants: dit.variants,
             max_rank: self.max_rank,
+            attention: self.attention,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
             accuracy: dit.accuracy,
             calibration: dit.calibration,

@@ -19,4 +19,6 @@ pub mod accuracy;
 pub mod bundle;
 pub mod calibrate;
 
-pub use bundle::{compile, compile_with, default_strategy, fuses_attention, quantises};
+pub use bundle::{
+    compile, compile_with, default_attention, default_strategy, fuses_attention, quantises, Options,
+};

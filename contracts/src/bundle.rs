@@ -45,6 +45,32 @@ impl Backend {
     }
 }
 
+/// Which kernel the DiT graphs' attention runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// ONNX Runtime's own: `com.microsoft.MultiHeadAttention` (f32) on ONNX Runtime backends,
+    /// the plain pattern TensorRT fuses.
+    #[default]
+    Ort,
+    /// v2l's `ai.v2l.Attention` (CPU engines below fp32): bf16 products on AVX512-BF16, f32 on
+    /// CPUs without it.
+    Bf16,
+}
+
+impl Attention {
+    pub fn name(self) -> &'static str {
+        match self {
+            Attention::Ort => "ort",
+            Attention::Bf16 => "bf16",
+        }
+    }
+
+    fn is_ort(&self) -> bool {
+        *self == Attention::Ort
+    }
+}
+
 /// Numeric precision of an engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +168,9 @@ pub struct Bundle {
     /// engines see one factor shape; `None` on the CPU, where factors keep their own rank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rank: Option<usize>,
+    /// The DiT's attention kernel (`v2l-compile --attention`).
+    #[serde(default, skip_serializing_if = "Attention::is_ort")]
+    pub attention: Attention,
     pub producer: String,
     /// Below fp32: each changed stage's relative L2 against the fp32 graph, measured at compile
     /// time on generated inputs (the compile layer's `accuracy`).
@@ -352,6 +381,7 @@ mod tests {
             files: vec![],
             dit_variants: Default::default(),
             max_rank: None,
+            attention: Attention::Bf16,
             producer: "v2l test".into(),
             accuracy: vec![StageAccuracy {
                 stage: "dit".into(),

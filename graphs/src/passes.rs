@@ -17,7 +17,7 @@ mod gelu;
 mod precision;
 mod quantize;
 mod schedule;
-pub use attention::{fuse_attention, MS_DOMAIN};
+pub use attention::{fuse_attention, v2l_attention, MS_DOMAIN, V2L_ATTENTION, V2L_DOMAIN};
 pub use chunk::{chunk_feed_forward, FF_CHUNKS};
 pub use gelu::fuse_gelu;
 pub use precision::{
@@ -165,9 +165,14 @@ fn drop_unused_initializers(graph: &mut proto::GraphProto) {
 
 /// Declares ONNX Runtime's contrib domain once a pass has emitted one of its ops.
 fn import_ms_domain(model: &mut ModelProto) {
-    if !model.opset_import.iter().any(|o| o.domain == MS_DOMAIN) {
+    import_domain(model, MS_DOMAIN)
+}
+
+/// Declares operator domain `domain` (version 1) once a pass has emitted one of its ops.
+fn import_domain(model: &mut ModelProto, domain: &str) {
+    if !model.opset_import.iter().any(|o| o.domain == domain) {
         model.opset_import.push(proto::OperatorSetIdProto {
-            domain: MS_DOMAIN.into(),
+            domain: domain.into(),
             version: 1,
         });
     }

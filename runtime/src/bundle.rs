@@ -3,7 +3,7 @@
 //! its fuse kernel.
 
 pub use v2l_contracts::bundle::{
-    file_entry, io, verify, Backend, Bundle, BundleError, BundleFile, CalibrationRecord,
+    file_entry, io, verify, Attention, Backend, Bundle, BundleError, BundleFile, CalibrationRecord,
     LoraTarget, Precision, StageAccuracy, Strategy, FILE_NAME, FORMAT_VERSION,
 };
 

@@ -210,6 +210,16 @@ impl Engine {
         Ok(self.dir.join(variant.unwrap_or(&e.file)))
     }
 
+    /// What the DiT's attention runs on in this process: `ort` (ONNX Runtime's own), or v2l's
+    /// operator with the kernel this CPU gets, e.g. `bf16 (AVX512-BF16)` or
+    /// `fp32 (this CPU has no AVX512-BF16)`.
+    pub fn attention(&self) -> String {
+        match self.bundle.as_ref().map(|b| b.attention) {
+            Some(crate::bundle::Attention::Bf16) => crate::attention::Kernel::detect().describe(),
+            _ => "ort".into(),
+        }
+    }
+
     /// The engine's precision (fp32 for a plain export directory).
     pub fn precision(&self) -> crate::backend::Precision {
         self.bundle

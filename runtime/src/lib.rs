@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`engine`] | an opened, checked engine: manifest, [`bundle`] record, family |
 //! | [`ort_env`], [`session`], [`backend`] | ONNX Runtime: finding it, sessions on host tensors, CPU/CUDA/TensorRT providers |
+//! | [`attention`] | our CPU attention operator (`ai.v2l.Attention`): bf16 on AVX512-BF16, f32 elsewhere |
 //! | [`lora`] | LoRA files and formats, LiLoRA, exact merges, the fuse kernels, switching strategies |
 //! | [`predict`], [`effect`] | LoRAs from a reference clip (Video2LoRA) or an effect prompt (Prompt2Effect, LoFA) |
 //! | [`pipeline`] | a request, and running it: one denoise loop for CogVideoX and Wan |
@@ -28,6 +29,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod attention;
 pub mod backend;
 pub mod bundle;
 pub mod effect;

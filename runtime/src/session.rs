@@ -150,6 +150,11 @@ impl Model {
                     message: e.to_string(),
                 })?;
         }
+        // Low-precision CPU engines call our attention operator; registering it costs nothing
+        // for graphs that do not.
+        b = crate::attention::domain()
+            .and_then(|d| Ok(b.with_operators(d)?))
+            .map_err(ort_err(format!("{ctx}: the ai.v2l operators")))?;
         let eps = opts.backend.dispatch();
         if !eps.is_empty() {
             let backend = opts.backend.backend.name();

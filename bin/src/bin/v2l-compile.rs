@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use v2l_cli::{main_with, Failure};
 use v2l_runtime::backend::{Backend, Precision};
+use v2l_runtime::bundle::Attention;
 
 /// Compile exported graphs into an engine bundle.
 ///
@@ -74,6 +75,11 @@ struct Cli {
     calibration_method: String,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
+    /// The DiT's attention kernel. Default: `bf16` for cpu engines below fp32 (v2l's own
+    /// operator: bf16 products on AVX512-BF16 CPUs, f32 on others, and with V2L_ATTENTION=fp32),
+    /// `ort` otherwise (ONNX Runtime's f32 MultiHeadAttention; TensorRT's own fusion)
+    #[arg(long, value_enum)]
+    attention: Option<AttentionArg>,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
@@ -87,6 +93,12 @@ enum PrecisionArg {
     Bf16,
     Int8,
     Int4,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttentionArg {
+    Ort,
+    Bf16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -136,8 +148,14 @@ fn main() -> ExitCode {
             &cli.output,
             backend,
             precision,
-            calibration.as_ref(),
-            cli.max_rank.map(|r| r as usize),
+            &v2l_compile::Options {
+                calibration: calibration.as_ref(),
+                max_rank: cli.max_rank.map(|r| r as usize),
+                attention: cli.attention.map(|a| match a {
+                    AttentionArg::Ort => Attention::Ort,
+                    AttentionArg::Bf16 => Attention::Bf16,
+                }),
+            },
         )
         .map_err(Failure::from)?;
         println!(

@@ -391,7 +391,7 @@ fn main() -> ExitCode {
                         "{}",
                         serde_json::json!({
                             "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
-                            "runs_ms": run.runs_ms,
+                            "runs_ms": run.runs_ms, "attention": dir.attention(),
                         })
                     );
                 } else {
@@ -744,6 +744,7 @@ fn generate(
     };
     pipeline.set_posterior_sampling(g.posterior_seed);
     pipeline.set_vae_tiling(g.vae_tiling.into());
+    let attention = pipeline.engine().attention();
     let dumped_prompts = g
         .dump
         .as_ref()
@@ -806,6 +807,7 @@ fn generate(
                 "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": g.steps,
                 "lora": gen.lora.as_ref().map(|l| l.layers.len()),
                 "stages_ms": gen.timings, "wall_ms": t0.elapsed().as_secs_f64() * 1e3,
+                "attention": attention,
             })
         );
     } else if !g.quiet {

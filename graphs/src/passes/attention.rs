@@ -188,3 +188,33 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
     super::splice(model, &removed, replace);
     count
 }
+
+/// v2l's own attention operator (the runtime's `attention` module): the domain and op name.
+pub const V2L_DOMAIN: &str = "ai.v2l";
+pub const V2L_ATTENTION: &str = "Attention";
+
+/// Moves every fused `MultiHeadAttention(q, k, v)` onto v2l's `ai.v2l.Attention`, which takes
+/// the same inputs and attributes (`num_heads`, `scale`) and runs bf16 products on CPUs with
+/// AVX512-BF16. Returns how many moved. Only for CPU graphs below fp32: a custom operator
+/// exists only where the v2l runtime registers it.
+pub fn v2l_attention(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let mut moved = 0;
+    for n in graph.node.iter_mut() {
+        if n.op_type == "MultiHeadAttention" && n.domain == MS_DOMAIN && n.input.len() == 3 {
+            let base = n.name.trim_end_matches("/MultiHeadAttention").to_string();
+            n.op_type = V2L_ATTENTION.into();
+            n.domain = V2L_DOMAIN.into();
+            n.name = format!("{base}/{V2L_ATTENTION}");
+            n.attribute
+                .retain(|a| a.name == "num_heads" || a.name == "scale");
+            moved += 1;
+        }
+    }
+    if moved > 0 {
+        super::import_domain(model, V2L_DOMAIN);
+    }
+    moved
+}

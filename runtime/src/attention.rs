@@ -1,0 +1,305 @@
+//! Low-precision CPU attention: our own ONNX Runtime custom operator, `ai.v2l.Attention`.
+//!
+//! ONNX Runtime's CPU provider runs `com.microsoft.MultiHeadAttention` in f32 only, and
+//! attention is about 40 % of an int8 DiT step at CogVideoX-5B width. PyTorch runs the same
+//! attention in bf16 on the CPU's matrix units. `v2l-compile` therefore places this operator
+//! for CPU engines below fp32 (`attention: "bf16"` in the bundle); fp32 engines keep
+//! `MultiHeadAttention` and their exactness.
+//!
+//! The operator takes what `MultiHeadAttention` takes in the compiled graphs: `query`, `key`,
+//! `value` as `[batch, tokens, heads·head_dim]` f32, attributes `num_heads` and `scale`. It
+//! picks its kernel once per process ([`Kernel::detect`]):
+//! - [`Kernel::Bf16`] on CPUs with AVX512-BF16 ([`bf16`]): flash-style, q·kᵀ and p·v by
+//!   `vdpbf16ps`, softmax in f32 with online rescaling;
+//! - [`Kernel::Fp32`] elsewhere, or when `V2L_ATTENTION=fp32` forces it ([`fp32`]): the same
+//!   blocking in f32.
+//!
+//! Work is split over (sample, head) pairs on ONNX Runtime's intra-op thread pool.
+
+// Hot loops index buffers whose sizes are fixed by the shapes checked in `attend`.
+#![allow(clippy::indexing_slicing)]
+
+#[cfg(target_arch = "x86_64")]
+mod bf16;
+mod fp32;
+
+use std::sync::OnceLock;
+
+use ort::operator::{
+    ComputeContext, Kernel as OrtKernel, KernelContext, Operator, OperatorDomain, OperatorInput,
+    OperatorOutput,
+};
+use ort::value::TensorElementType;
+
+/// The custom-op domain and name `v2l-compile` writes into low-precision CPU graphs.
+pub const DOMAIN: &str = "ai.v2l";
+pub const OP: &str = "Attention";
+/// The environment variable that forces the f32 kernel (`V2L_ATTENTION=fp32`).
+pub const ENV: &str = "V2L_ATTENTION";
+
+/// Queries per block: their scores with one key block are the only scores held.
+const BLOCK_ROWS: usize = 32;
+/// Keys per block.
+const BLOCK_KEYS: usize = 64;
+
+/// Which kernel this process runs `ai.v2l.Attention` with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// bf16 products, f32 softmax and sums (AVX512-BF16).
+    Bf16,
+    /// f32 throughout.
+    Fp32,
+}
+
+impl Kernel {
+    /// The kernel for this CPU, unless `V2L_ATTENTION=fp32` forces the f32 one (read once).
+    pub fn detect() -> Kernel {
+        static K: OnceLock<Kernel> = OnceLock::new();
+        *K.get_or_init(|| {
+            let forced = std::env::var(ENV).is_ok_and(|v| v.eq_ignore_ascii_case("fp32"));
+            if !forced && bf16_available() {
+                Kernel::Bf16
+            } else {
+                Kernel::Fp32
+            }
+        })
+    }
+
+    /// Why this kernel runs, for `v2l-run --json` and logs.
+    pub fn describe(self) -> String {
+        match self {
+            Kernel::Bf16 => "bf16 (AVX512-BF16)".into(),
+            Kernel::Fp32 if bf16_available() => format!("fp32 ({ENV}=fp32)"),
+            Kernel::Fp32 => "fp32 (this CPU has no AVX512-BF16)".into(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Bf16 => "bf16",
+            Kernel::Fp32 => "fp32",
+        }
+    }
+}
+
+fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The shape of one attention call: `q [batch, q_len, heads·head_dim]`,
+/// `k, v [batch, kv_len, heads·head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl Shape {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// One (sample, head): row views into the `[tokens, heads·head_dim]` slices of one sample.
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    q_len: usize,
+    kv_len: usize,
+    head_dim: usize,
+    width: usize,
+    offset: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    fn row<'b>(&self, x: &'b [f32], i: usize) -> &'b [f32] {
+        let at = i * self.width + self.offset;
+        &x[at..at + self.head_dim]
+    }
+    fn q_row(&self, i: usize) -> &[f32] {
+        self.row(self.q, i)
+    }
+    fn k_row(&self, i: usize) -> &[f32] {
+        self.row(self.k, i)
+    }
+    fn v_row(&self, i: usize) -> &[f32] {
+        self.row(self.v, i)
+    }
+}
+
+/// Why an attention call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AttentionError {
+    #[error("attention: {0}")]
+    Shape(String),
+}
+
+/// The output pointer shared by tasks that write disjoint (sample, head) columns.
+struct Out(*mut f32);
+// SAFETY: each task writes only its own head's columns of its own sample (see `attend`).
+unsafe impl Sync for Out {}
+unsafe impl Send for Out {}
+
+/// `out = softmax(q·kᵀ·scale)·v` per head, with `kernel`. `par(n, f)` runs `f(0..n)`, in any
+/// order and on any threads (ONNX Runtime's pool in the operator, a plain loop in tests).
+pub fn attend(
+    kernel: Kernel,
+    shape: Shape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    par: &dyn Fn(usize, &(dyn Fn(usize) + Sync)),
+) -> Result<(), AttentionError> {
+    let w = shape.width();
+    let (nq, nkv) = (
+        shape.batch * shape.q_len * w,
+        shape.batch * shape.kv_len * w,
+    );
+    if q.len() != nq || out.len() != nq || k.len() != nkv || v.len() != nkv {
+        return Err(AttentionError::Shape(format!(
+            "{shape:?} needs query/output of {nq} and key/value of {nkv} values; got {}, {}, {}, {}",
+            q.len(),
+            out.len(),
+            k.len(),
+            v.len()
+        )));
+    }
+    if shape.kv_len == 0 || shape.head_dim == 0 {
+        return Err(AttentionError::Shape(format!(
+            "{shape:?}: no keys to attend to"
+        )));
+    }
+    let dst = Out(out.as_mut_ptr());
+    let task = |i: usize| {
+        let (b, h) = (i / shape.heads, i % shape.heads);
+        let head = Head {
+            q: &q[b * shape.q_len * w..(b + 1) * shape.q_len * w],
+            k: &k[b * shape.kv_len * w..(b + 1) * shape.kv_len * w],
+            v: &v[b * shape.kv_len * w..(b + 1) * shape.kv_len * w],
+            q_len: shape.q_len,
+            kv_len: shape.kv_len,
+            head_dim: shape.head_dim,
+            width: w,
+            offset: h * shape.head_dim,
+            scale,
+        };
+        let dst = &dst;
+        let mut write = |row: usize, x: &[f32]| {
+            let at = (b * shape.q_len + row) * w + h * shape.head_dim;
+            // SAFETY: `at..at + head_dim` lies in `out` (lengths checked above) and belongs to
+            // this task's (sample, head) alone.
+            unsafe { std::ptr::copy_nonoverlapping(x.as_ptr(), dst.0.add(at), shape.head_dim) };
+        };
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16 if bf16::available() => bf16::head(&head, &mut write),
+            _ => fp32::head(&head, &mut write),
+        }
+    };
+    par(shape.batch * shape.heads, &task);
+    Ok(())
+}
+
+/// The `ai.v2l` operator domain, registered with every session.
+pub fn domain() -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(DOMAIN)?.add(AttentionOp)
+}
+
+struct AttentionOp;
+
+struct AttentionKernel {
+    heads: usize,
+    scale: f32,
+    kernel: Kernel,
+}
+
+impl Operator for AttentionOp {
+    type Kernel<'attr> = AttentionKernel;
+
+    fn name(&self) -> &str {
+        OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [0; 3].map(|_| OperatorInput::required(TensorElementType::Float32))
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<AttentionKernel> {
+        let heads = ctx
+            .get::<i64>("num_heads")
+            .filter(|&h| h > 0)
+            .ok_or_else(|| ort::Error::new("ai.v2l.Attention needs num_heads > 0"))?;
+        let scale = ctx
+            .get::<f32>("scale")
+            .ok_or_else(|| ort::Error::new("ai.v2l.Attention needs its scale"))?;
+        Ok(AttentionKernel {
+            heads: heads as usize,
+            scale,
+            kernel: Kernel::detect(),
+        })
+    }
+}
+
+impl OrtKernel for AttentionKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let input = |i: usize| {
+            ctx.input(i)?
+                .ok_or_else(|| ort::Error::new(format!("ai.v2l.Attention: input {i} missing")))
+        };
+        let (q, k, v) = (input(0)?, input(1)?, input(2)?);
+        let (qs, qd) = q.try_extract_tensor::<f32>()?;
+        let (ks, kd) = k.try_extract_tensor::<f32>()?;
+        let (_, vd) = v.try_extract_tensor::<f32>()?;
+        let dims = |s: &ort::value::Shape| -> ort::Result<[usize; 3]> {
+            match **s {
+                [b, t, d] if b >= 0 && t >= 0 && d >= 0 => Ok([b as usize, t as usize, d as usize]),
+                _ => Err(ort::Error::new(format!(
+                    "ai.v2l.Attention takes [batch, tokens, width]; got {s:?}"
+                ))),
+            }
+        };
+        let ([b, sq, w], [bk, skv, wk]) = (dims(qs)?, dims(ks)?);
+        if bk != b || wk != w || w % self.heads != 0 {
+            return Err(ort::Error::new(format!(
+                "ai.v2l.Attention: query {qs:?} and key {ks:?} do not fit {} heads",
+                self.heads
+            )));
+        }
+        let shape = Shape {
+            batch: b,
+            q_len: sq,
+            kv_len: skv,
+            heads: self.heads,
+            head_dim: w / self.heads,
+        };
+        let mut o = ctx
+            .output(0, qs.to_vec())?
+            .ok_or_else(|| ort::Error::new("ai.v2l.Attention: output missing"))?;
+        let (_, od) = o.try_extract_tensor_mut::<f32>()?;
+        let par = |n: usize, f: &(dyn Fn(usize) + Sync)| {
+            // A failed hand-over to the pool runs the tasks here instead.
+            if ctx.par_for(n, n, f).is_err() {
+                (0..n).for_each(f);
+            }
+        };
+        attend(self.kernel, shape, self.scale, qd, kd, vd, od, &par)
+            .map_err(|e| ort::Error::new(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,148 @@
+use super::*;
+
+/// Attention the plain way, in f64: every score materialised.
+fn reference(shape: Shape, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    let (w, dh) = (shape.width(), shape.head_dim);
+    let mut out = vec![0f32; q.len()];
+    for b in 0..shape.batch {
+        for h in 0..shape.heads {
+            for i in 0..shape.q_len {
+                let qi = &q[(b * shape.q_len + i) * w + h * dh..][..dh];
+                let s: Vec<f64> = (0..shape.kv_len)
+                    .map(|j| {
+                        let kj = &k[(b * shape.kv_len + j) * w + h * dh..][..dh];
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(x, y)| *x as f64 * *y as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..dh {
+                    let o: f64 = (0..shape.kv_len)
+                        .map(|j| e[j] * v[(b * shape.kv_len + j) * w + h * dh + d] as f64)
+                        .sum();
+                    out[(b * shape.q_len + i) * w + h * dh + d] = (o / z) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Deterministic values in [-amp, amp).
+fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect()
+}
+
+fn serial(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    (0..n).for_each(f)
+}
+
+/// Largest relative L2 distance of one head's output from the reference's.
+fn worst_head(shape: Shape, got: &[f32], want: &[f32]) -> f64 {
+    let (w, dh) = (shape.width(), shape.head_dim);
+    let mut worst = 0f64;
+    for b in 0..shape.batch {
+        for h in 0..shape.heads {
+            let (mut num, mut den) = (0f64, 0f64);
+            for i in 0..shape.q_len {
+                let at = (b * shape.q_len + i) * w + h * dh;
+                for d in 0..dh {
+                    num += (got[at + d] as f64 - want[at + d] as f64).powi(2);
+                    den += (want[at + d] as f64).powi(2);
+                }
+            }
+            worst = worst.max((num / den.max(1e-30)).sqrt());
+        }
+    }
+    worst
+}
+
+fn run(kernel: Kernel, shape: Shape, amp: f32) -> f64 {
+    let w = shape.width();
+    let q = values(shape.batch * shape.q_len * w, 1, amp);
+    let k = values(shape.batch * shape.kv_len * w, 2, amp);
+    let v = values(shape.batch * shape.kv_len * w, 3, 1.0);
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let mut out = vec![f32::NAN; q.len()];
+    attend(kernel, shape, scale, &q, &k, &v, &mut out, &serial).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()), "{kernel:?} {shape:?}");
+    worst_head(shape, &out, &reference(shape, scale, &q, &k, &v))
+}
+
+/// Odd sizes: one token, tails of both blocks, head dims that are not whole vectors, cross
+/// attention (fewer keys than queries), two samples.
+fn odd_shapes() -> Vec<Shape> {
+    let s = |batch, q_len, kv_len, heads, head_dim| Shape {
+        batch,
+        q_len,
+        kv_len,
+        heads,
+        head_dim,
+    };
+    vec![
+        s(1, 1, 1, 1, 64),
+        s(1, 1, 1, 2, 128),
+        s(1, 33, 65, 2, 64),
+        s(2, 37, 45, 3, 128),
+        s(1, 70, 129, 2, 24),
+        s(2, 5, 7, 2, 8),
+        s(1, 100, 13, 4, 64),
+    ]
+}
+
+#[test]
+fn the_f32_kernel_is_attention() {
+    for shape in odd_shapes() {
+        let e = run(Kernel::Fp32, shape, 2.0);
+        assert!(e < 1e-5, "{shape:?}: {e:.2e}");
+    }
+}
+
+#[test]
+fn the_bf16_kernel_is_attention_to_bf16_accuracy() {
+    if Kernel::detect() != Kernel::Bf16 {
+        eprintln!("skipped: {}", Kernel::detect().describe());
+        return;
+    }
+    for shape in odd_shapes() {
+        // Peaked (amp 4: logits up to ~16·√dh/… ) and flat scores alike.
+        for amp in [0.5, 4.0] {
+            let e = run(Kernel::Bf16, shape, amp);
+            assert!(e < 1e-2, "{shape:?} amp {amp}: {e:.2e}");
+            // Not f32 by accident: bf16 rounding shows.
+            assert!(e > 1e-5, "{shape:?} amp {amp}: {e:.2e} is f32-exact");
+        }
+    }
+}
+
+#[test]
+fn shapes_that_do_not_fit_are_refused() {
+    let shape = Shape {
+        batch: 1,
+        q_len: 2,
+        kv_len: 2,
+        heads: 1,
+        head_dim: 4,
+    };
+    let x = vec![0f32; 8];
+    let mut out = vec![0f32; 7];
+    assert!(attend(Kernel::Fp32, shape, 1.0, &x, &x, &x, &mut out, &serial).is_err());
+    let empty = Shape { kv_len: 0, ..shape };
+    let mut out = vec![0f32; 8];
+    assert!(attend(Kernel::Fp32, empty, 1.0, &x, &[], &[], &mut out, &serial).is_err());
+}
