@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use v2l_graphs::{passes, read_model, save, write_model, DType, Dim, ExternalData, Graph};
+use v2l_export::sdpa_graph;
+use v2l_graphs::{passes, read_model, save, write_model, ExternalData};
 use v2l_runtime::attention::Kernel;
 use v2l_runtime::{Model, SessionOptions, Tensor};
 
@@ -14,39 +15,7 @@ const HEAD_DIM: i64 = 64;
 
 /// The exporter's attention pattern over `q, k, v [1, S, H, Dh]`, saved at `path`.
 fn attention_graph(path: &std::path::Path) {
-    let mut g = Graph::new("attention");
-    let dims = || {
-        vec![
-            Dim::Fixed(1),
-            Dim::Named("tokens".into()),
-            Dim::Fixed(HEADS),
-            Dim::Fixed(HEAD_DIM),
-        ]
-    };
-    let q = g.input("q", DType::F32, dims());
-    let k = g.input("k", DType::F32, dims());
-    let v = g.input("v", DType::F32, dims());
-    let qt = g.transpose(&q, &[0, 2, 1, 3]);
-    let kt = g.transpose(&k, &[0, 2, 3, 1]);
-    let vt = g.transpose(&v, &[0, 2, 1, 3]);
-    let s = g.matmul(&qt, &kt);
-    let scale = g.scalar(1.0 / (HEAD_DIM as f32).sqrt());
-    let s = g.mul(&s, &scale);
-    let p = g.op("Softmax", &[&s], vec![("axis", v2l_graphs::Attr::Int(-1))]);
-    let o = g.matmul(&p, &vt);
-    let o = g.transpose(&o, &[0, 2, 1, 3]);
-    let o = g.reshape_to(&o, &[0, 0, HEADS * HEAD_DIM]);
-    g.output(
-        &o,
-        "out",
-        DType::F32,
-        vec![
-            Dim::Fixed(1),
-            Dim::Named("tokens".into()),
-            Dim::Fixed(HEADS * HEAD_DIM),
-        ],
-    );
-    save(&g, path, ExternalData::Never).unwrap();
+    save(&sdpa_graph(HEADS, HEAD_DIM), path, ExternalData::Never).unwrap();
 }
 
 /// Seeded standard normal values.

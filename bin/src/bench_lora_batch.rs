@@ -133,7 +133,10 @@ fn repeat_batch(
     Ok(out)
 }
 
-fn median_ms(repeat: usize, mut f: impl FnMut() -> Result<(), Failure>) -> Result<f64, Failure> {
+pub(crate) fn median_ms(
+    repeat: usize,
+    mut f: impl FnMut() -> Result<(), Failure>,
+) -> Result<f64, Failure> {
     let mut t = Vec::new();
     for _ in 0..repeat.max(1) {
         let s = Instant::now();
@@ -159,6 +162,7 @@ pub fn bench_lora_batch(b: &LoraBatchBench) -> Result<(), Failure> {
     let scale = crate::bench_scale::ScaleBench {
         layers: 1,
         precision: "fp32".into(),
+        attention: None,
         calibration_samples: None,
         cases: vec![],
         torch_python: None,

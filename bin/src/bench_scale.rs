@@ -24,6 +24,8 @@ const TORCH_SCRIPT: &str = include_str!("bench_scale/torch_baseline.py");
 pub struct ScaleBench {
     pub layers: usize,
     pub precision: String,
+    /// `v2l-compile --attention` (its default when `None`).
+    pub attention: Option<String>,
     pub calibration_samples: Option<u32>,
     /// (pixel frames, height, width) per case.
     pub cases: Vec<(usize, usize, usize)>,
@@ -189,6 +191,11 @@ pub(crate) fn prepare(
             .arg(&engine)
             .args(["--backend", "cpu", "--precision", &b.precision])
             .args(
+                b.attention
+                    .iter()
+                    .flat_map(|a| ["--attention".to_string(), a.clone()]),
+            )
+            .args(
                 b.calibration_samples
                     .map(|n| vec!["--calibration-samples".to_string(), n.to_string()])
                     .unwrap_or_default(),
@@ -320,7 +327,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         };
         let j = last_json(&once.stdout)?;
         let mut row = serde_json::json!({
-            "layers": b.layers, "precision": b.precision,
+            "layers": b.layers, "precision": b.precision, "attention": j["attention"],
             "calibration_samples": b.calibration_samples, "frames": frames, "height": h,
             "width": w, "tokens": tokens, "ms": steps["run_ms"], "runs_ms": steps["runs_ms"],
             "first_ms": j["run_ms"], "process_s": process_s, "process_runs_s": process_runs_s,

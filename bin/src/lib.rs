@@ -8,6 +8,7 @@
 use std::fmt::Display;
 use std::process::ExitCode;
 
+pub mod bench_attention;
 pub mod bench_fuse;
 pub mod bench_gpu;
 pub mod bench_hypernet;

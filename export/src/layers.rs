@@ -1,6 +1,6 @@
 //! Building blocks several architectures share, each as diffusers computes it.
 
-use v2l_graphs::{Dim, Graph, Value};
+use v2l_graphs::{DType, Dim, Graph, Value};
 
 /// diffusers' `get_timestep_embedding` (`Timesteps`): `[B]` float timesteps → `[B, dim]`
 /// `[sin, cos]` (or `[cos, sin]` with `flip`), frequencies `exp(-ln(10000)·i / (dim/2 − shift))`
@@ -77,6 +77,31 @@ pub(crate) fn sdpa(g: &mut Graph, q: &Value, k: &Value, v: &Value, dh: i64, d: u
     let o = g.matmul(&p, &v);
     let o = g.transpose(&o, &[0, 2, 1, 3]);
     g.reshape_to(&o, &[0, 0, d as i64])
+}
+
+/// The exporter's attention alone: `q, k, v [batch, tokens, heads, head_dim]` → `out [batch, tokens,
+/// heads·head_dim]` through [`sdpa`], for the attention kernels' benchmark and tests.
+pub fn sdpa_graph(heads: i64, head_dim: i64) -> Graph {
+    let mut g = Graph::new("attention");
+    let dims = || {
+        vec![
+            "batch".into(),
+            "tokens".into(),
+            Dim::Fixed(heads),
+            Dim::Fixed(head_dim),
+        ]
+    };
+    let q = g.input("q", DType::F32, dims());
+    let k = g.input("k", DType::F32, dims());
+    let v = g.input("v", DType::F32, dims());
+    let o = sdpa(&mut g, &q, &k, &v, head_dim, (heads * head_dim) as usize);
+    let out = vec![
+        "batch".into(),
+        "tokens".into(),
+        Dim::Fixed(heads * head_dim),
+    ];
+    g.output(&o, "out", DType::F32, out);
+    g
 }
 
 /// `[batch, channels, frames, height, width]`: a channels-first video or latent input (Wan,

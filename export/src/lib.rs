@@ -42,5 +42,6 @@ pub mod wan_vae;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use error::{ExportError, Result};
+pub use layers::sdpa_graph;
 pub use manifest::Manifest;
 pub use scope::{LinearInfo, Scope};

@@ -27,9 +27,9 @@ use std::sync::OnceLock;
 
 use ort::operator::{
     ComputeContext, Kernel as OrtKernel, KernelContext, Operator, OperatorDomain, OperatorInput,
-    OperatorOutput,
+    OperatorOutput, ShapeInferenceContext,
 };
-use ort::value::TensorElementType;
+use ort::value::{TensorElementType, ValueType};
 
 /// The custom-op domain and name `v2l-compile` writes into low-precision CPU graphs.
 pub const DOMAIN: &str = "ai.v2l";
@@ -236,6 +236,44 @@ impl Operator for AttentionOp {
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
         [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    /// The output is the query's type and shape: graphs that need every shape (a chunked
+    /// feed-forward's `Scan` body) stay valid. An unnamed unknown dimension gets a fresh name:
+    /// left as -1 it would read as the value -1 to the shape arithmetic after it.
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        static FRESH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let query = ctx
+            .inputs()
+            .into_iter()
+            .next()
+            .ok_or_else(|| ort::Error::new("ai.v2l.Attention: no query"))?;
+        let out = match query {
+            ValueType::Tensor {
+                ty,
+                shape,
+                dimension_symbols,
+            } => {
+                let symbols = shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| match dimension_symbols.get(i) {
+                        Some(s) if !s.is_empty() || d >= 0 => s.clone(),
+                        _ => format!(
+                            "v2l_attention_{}",
+                            FRESH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        ),
+                    })
+                    .collect();
+                ValueType::Tensor {
+                    ty,
+                    shape,
+                    dimension_symbols: symbols,
+                }
+            }
+            other => other,
+        };
+        ctx.set_output(0, &out)
     }
 
     fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<AttentionKernel> {

@@ -77,6 +77,14 @@ enum Command {
     ///   v2l-bench gpu --json > gpu-check.json
     #[command(verbatim_doc_comment)]
     Gpu(v2l_cli::bench_gpu::GpuBench),
+    /// The DiT's attention at 5B shapes: ONNX Runtime's f32 MultiHeadAttention against v2l's
+    /// ai.v2l.Attention (bf16 on AVX512-BF16), in ms and GFLOP/s beside this CPU's bf16/int8
+    /// peaks and f32 GEMM rate
+    ///
+    /// Example:
+    ///   v2l-bench attention --tokens 1378,5626 --repeat 3 --json
+    #[command(verbatim_doc_comment)]
+    Attention(v2l_cli::bench_attention::AttentionBench),
     /// LoRA factors as DiT inputs at 5B width: two requests with different rank-64 LoRAs in
     /// one call (`unfused`) against one call per LoRA (`fused`), the LoRA branches' share of
     /// the step, and the switch cost of each
@@ -121,6 +129,10 @@ enum Command {
         /// Engine precision (as `v2l-compile --precision`)
         #[arg(long, default_value = "fp32")]
         precision: String,
+        /// The DiT's attention kernel (as `v2l-compile --attention`: ort or bf16; default: bf16
+        /// below fp32)
+        #[arg(long)]
+        attention: Option<String>,
         /// Static int8: calibrate on N generated samples (`v2l-compile --calibration-samples`)
         #[arg(long, value_name = "N")]
         calibration_samples: Option<u32>,
@@ -244,6 +256,7 @@ fn main() -> ExitCode {
         Command::Scale {
             layers,
             precision,
+            attention,
             calibration_samples,
             frames,
             height,
@@ -278,6 +291,7 @@ fn main() -> ExitCode {
             v2l_cli::bench_scale::bench_scale(&v2l_cli::bench_scale::ScaleBench {
                 layers,
                 precision,
+                attention,
                 calibration_samples,
                 cases,
                 torch_python,
@@ -287,6 +301,10 @@ fn main() -> ExitCode {
                 json: cli.json,
                 vae_cases,
             })
+        }
+        Command::Attention(mut b) => {
+            b.json = cli.json;
+            v2l_cli::bench_attention::bench_attention(&b)
         }
         Command::LoraBatch(mut b) => {
             b.json = cli.json;
