@@ -3,6 +3,7 @@
 
 mod common;
 
+mod attention;
 mod batched_loras;
 mod cli;
 mod e2e;

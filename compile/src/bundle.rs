@@ -423,13 +423,8 @@ impl<'a> Job<'a> {
             )
             .map_err(pass_err)?,
         };
-        self.place_attention(&mut model);
-        match &weights {
-            LowWeights::Quantized { .. } => {
-                write_graph(&tmp.join(&file), &ff_chunked(self.backend, &model))?
-            }
-            _ => write_graph(&tmp.join(&file), &model)?,
-        }
+        let chunked = matches!(weights, LowWeights::Quantized { .. });
+        self.write_dit_graph(tmp, self.precision.name(), &file, &model, chunked, out)?;
         // Accuracy is measured on the CPU: a typed fp16/bf16 graph (GPU backends) through its
         // emulated form, which is only written for this.
         out.emulated = match &weights {
@@ -467,11 +462,37 @@ impl<'a> Job<'a> {
         Ok(Some(weights))
     }
 
-    /// Below fp32 on the CPU: attention onto v2l's bf16 kernel (`Options::attention`).
-    fn place_attention(&self, model: &mut ModelProto) {
-        if self.attention == Attention::Bf16 {
-            v2l_graphs::passes::v2l_attention(model);
+    /// Writes the DiT graph `file` of variant `variant` (its feed-forward chunked when
+    /// `chunked`). With v2l's attention (`Options::attention`) the graph calls
+    /// `ai.v2l.Attention`, and its twin on ONNX Runtime's attention is written beside it as
+    /// variant `<variant>.ort`, which CPUs without AVX512-BF16 load instead (the weights are
+    /// shared: external data, or small).
+    fn write_dit_graph(
+        &self,
+        tmp: &Path,
+        variant: &str,
+        file: &str,
+        model: &ModelProto,
+        chunked: bool,
+        out: &mut DitBuild,
+    ) -> Result<()> {
+        let write = |p: &Path, m: &ModelProto| {
+            if chunked {
+                write_graph(p, &ff_chunked(self.backend, m))
+            } else {
+                write_graph(p, m)
+            }
+        };
+        if self.attention != Attention::Bf16 {
+            return write(&tmp.join(file), model);
         }
+        let twin = file.replace(".onnx", "_ort.onnx");
+        write(&tmp.join(&twin), model)?;
+        out.files.push(twin.clone());
+        out.variants.insert(format!("{variant}.ort"), twin);
+        let mut ours = model.clone();
+        v2l_graphs::passes::v2l_attention(&mut ours);
+        write(&tmp.join(file), &ours)
     }
 
     /// Step 5c: the graphs of the LoRA strategies that keep one session: `bound` (targeted
@@ -502,16 +523,11 @@ impl<'a> Job<'a> {
                     v2l_graphs::passes::add_lora_branches(&mut model, &names).map_err(pass_err)?;
                     if let Some(low) = low {
                         low.reuse(&mut model, src).map_err(pass_err)?;
-                        self.place_attention(&mut model);
                     }
                 }
             }
-            match low {
-                None | Some(LowWeights::Quantized { .. }) => {
-                    write_graph(&tmp.join(file), &ff_chunked(self.backend, &model))?
-                }
-                Some(_) => write_graph(&tmp.join(file), &model)?,
-            }
+            let chunked = matches!(low, None | Some(LowWeights::Quantized { .. }));
+            self.write_dit_graph(tmp, variant, file, &model, chunked, out)?;
             out.files.push(file.to_string());
             out.variants.insert(variant.to_string(), file.to_string());
         }

@@ -65,12 +65,17 @@ impl Kernel {
         })
     }
 
-    /// Why this kernel runs, for `v2l-run --json` and logs.
+    /// This kernel and why it runs, for `v2l-run --json` and logs.
     pub fn describe(self) -> String {
+        format!("{} ({})", self.name(), self.reason())
+    }
+
+    /// Why this kernel runs.
+    pub fn reason(self) -> String {
         match self {
-            Kernel::Bf16 => "bf16 (AVX512-BF16)".into(),
-            Kernel::Fp32 if bf16_available() => format!("fp32 ({ENV}=fp32)"),
-            Kernel::Fp32 => "fp32 (this CPU has no AVX512-BF16)".into(),
+            Kernel::Bf16 => "AVX512-BF16".into(),
+            Kernel::Fp32 if bf16_available() => format!("{ENV}=fp32"),
+            Kernel::Fp32 => "this CPU has no AVX512-BF16".into(),
         }
     }
 

@@ -204,19 +204,47 @@ impl Engine {
             .ok_or_else(|| self.missing("DiT", "dit"))?;
         let variant = self.bundle.as_ref().and_then(|b| {
             (b.precision != crate::backend::Precision::Fp32)
-                .then(|| b.dit_variants.get(b.precision.name()))
+                .then(|| self.dit_variant(b.precision.name()))
                 .flatten()
         });
         Ok(self.dir.join(variant.unwrap_or(&e.file)))
     }
 
-    /// What the DiT's attention runs on in this process: `ort` (ONNX Runtime's own), or v2l's
-    /// operator with the kernel this CPU gets, e.g. `bf16 (AVX512-BF16)` or
-    /// `fp32 (this CPU has no AVX512-BF16)`.
+    /// Whether this engine's graphs call v2l's attention operator but this process runs ONNX
+    /// Runtime's instead: no AVX512-BF16 here (or `V2L_ATTENTION=fp32`), and the bundle has
+    /// the `<variant>.ort` twins.
+    fn attention_fallback(&self) -> bool {
+        self.bundle.as_ref().is_some_and(|b| {
+            b.attention == crate::bundle::Attention::Bf16
+                && crate::attention::Kernel::detect() != crate::attention::Kernel::Bf16
+                && b.dit_variants.keys().any(|k| k.ends_with(".ort"))
+        })
+    }
+
+    /// The bundle's graph file of DiT variant `name` (`int8`, `unfused`, `bound`): on a CPU
+    /// without v2l's bf16 attention kernel, its twin on ONNX Runtime's attention.
+    pub fn dit_variant(&self, name: &str) -> Option<&str> {
+        let b = self.bundle.as_ref()?;
+        self.attention_fallback()
+            .then(|| b.dit_variants.get(&format!("{name}.ort")))
+            .flatten()
+            .or_else(|| b.dit_variants.get(name))
+            .map(String::as_str)
+    }
+
+    /// What the DiT's attention runs on in this process, for `v2l-run --json` and logs:
+    /// `ort` (ONNX Runtime's f32 `MultiHeadAttention`), `bf16 (AVX512-BF16)` (v2l's kernel), or
+    /// `ort (fallback: …)` where v2l's engine meets a CPU without AVX512-BF16.
     pub fn attention(&self) -> String {
-        match self.bundle.as_ref().map(|b| b.attention) {
-            Some(crate::bundle::Attention::Bf16) => crate::attention::Kernel::detect().describe(),
-            _ => "ort".into(),
+        let ours = self
+            .bundle
+            .as_ref()
+            .is_some_and(|b| b.attention == crate::bundle::Attention::Bf16);
+        let kernel = crate::attention::Kernel::detect();
+        match (ours, self.attention_fallback()) {
+            (false, _) => "ort".into(),
+            (true, true) => format!("ort (fallback: {})", kernel.reason()),
+            (true, false) => kernel.describe(),
         }
     }
 

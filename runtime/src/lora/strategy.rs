@@ -43,9 +43,7 @@ pub struct DitRunner {
 }
 
 fn variant(dir: &Engine, name: &str) -> Result<PathBuf> {
-    dir.bundle
-        .as_ref()
-        .and_then(|b| b.dit_variants.get(name))
+    dir.dit_variant(name)
         .map(|f| dir.dir.join(f))
         .ok_or_else(|| RuntimeError::Invalid {
             what: dir.dir.display().to_string(),
