@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use v2l_graphs::{passes, read_model, save, write_model, ExternalData};
-use v2l_runtime::attention::{attend, Kernel, Shape};
+use v2l_runtime::attention::{attend, Kernel, Qkv, Shape};
 use v2l_runtime::{Model, SessionOptions, Tensor};
 
-use crate::bench_lora_batch::{cpu_facts, median_ms};
+use crate::bench_lora_batch::{cpu_facts, cpu_line, median_ms};
 use crate::Failure;
 
 const HEADS: usize = 48;
@@ -241,7 +241,7 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
         let scale = 1.0 / (HEAD_DIM as f32).sqrt();
         let mut direct = |kernel: Kernel| {
             median_ms(b.repeat, || {
-                attend(kernel, s, scale, q, k, v, &mut out, &par).map_err(err)
+                attend(kernel, s, scale, Qkv { q, k, v }, &mut out, &par).map_err(err)
             })
         };
         let bf16_ms = if kernel == Kernel::Bf16 {
@@ -273,16 +273,10 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
         println!("{report}");
         return Ok(());
     }
-    let cpu = &report["cpu"];
+    println!("{}", cpu_line(&report["cpu"], b.threads));
     println!(
-        "CPU: {} ({} cores; {})",
-        cpu["model"].as_str().unwrap_or("?"),
-        cpu["cores"],
-        cpu["features"]
-    );
-    println!(
-        "threads {}, medians of {}; {} heads × {}",
-        b.threads, b.repeat, HEADS, HEAD_DIM
+        "medians of {}; {HEADS} heads × {HEAD_DIM}, batch {}",
+        b.repeat, b.batch
     );
     println!(
         "{:>7} {:>16} {:>16} {:>16} {:>16} {:>9}",

@@ -77,6 +77,20 @@ pub fn cpu_facts() -> serde_json::Value {
     })
 }
 
+/// [`cpu_facts`] as the line every bench table starts with.
+pub fn cpu_line(cpu: &serde_json::Value, threads: usize) -> String {
+    let features: Vec<&str> = cpu["features"]
+        .as_array()
+        .map(|f| f.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    format!(
+        "CPU: {} ({} cores; {}), {threads} threads",
+        cpu["model"].as_str().unwrap_or("?"),
+        cpu["cores"],
+        features.join(", ")
+    )
+}
+
 fn lora(engine: &Engine, rank: usize, seed: u64) -> Result<AppliedLora, Failure> {
     let layers = engine
         .dit_targets()?
@@ -255,20 +269,7 @@ pub fn bench_lora_batch(b: &LoraBatchBench) -> Result<(), Failure> {
         return Ok(());
     }
     let cpu = &v["cpu"];
-    println!(
-        "CPU: {} ({} cores; {}), {} threads",
-        cpu["model"].as_str().unwrap_or("?"),
-        cpu["cores"],
-        cpu["features"]
-            .as_array()
-            .map(|f| f
-                .iter()
-                .filter_map(|x| x.as_str())
-                .collect::<Vec<_>>()
-                .join(", "))
-            .unwrap_or_default(),
-        b.threads
-    );
+    println!("{}", cpu_line(cpu, b.threads));
     println!(
         "one 5B-width block, {tokens} tokens, two requests x guidance (B = 4), two rank-{} LoRAs, medians of {}:",
         b.rank, b.repeat

@@ -217,20 +217,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     // features that pick ONNX Runtime's kernels go beside every table.
     let cpu = crate::bench_lora_batch::cpu_facts();
     if !b.json {
-        println!(
-            "CPU: {} ({} cores; {}), {} threads",
-            cpu["model"].as_str().unwrap_or("?"),
-            cpu["cores"],
-            cpu["features"]
-                .as_array()
-                .map(|f| f
-                    .iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default(),
-            b.threads
-        );
+        println!("{}", crate::bench_lora_batch::cpu_line(&cpu, b.threads));
     }
     let (ck, engine, compile_s) = prepare(b, &log)?;
     let config = cogvideox_5b_config(b.layers)?;

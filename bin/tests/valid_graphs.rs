@@ -130,7 +130,11 @@ fn every_written_graph_passes_the_onnx_checker() {
         // fp32: 5 graphs + the bound and unfused DiT; below fp32: 5 graphs + the DiT of the
         // precision and the unfused one (static int8 too: Q/DQ graphs); on the CPU below fp32
         // those two call v2l's attention and have their twins on ONNX Runtime's.
-        let twins = if backend == "cpu" && precision != "fp32" { 2 } else { 0 };
+        let twins = if backend == "cpu" && precision != "fp32" {
+            2
+        } else {
+            0
+        };
         assert_eq!(files.len(), 7 + twins, "{backend} {precision}: {files:?}");
         models.extend(files);
     }

@@ -153,17 +153,27 @@ struct Out(*mut f32);
 unsafe impl Sync for Out {}
 unsafe impl Send for Out {}
 
-/// `out = softmax(q·kᵀ·scale)·v` per head, with `kernel`. `par(n, f)` runs `f(0..n)`, in any
-/// order and on any threads (ONNX Runtime's pool in the operator, a plain loop in tests).
+/// Runs `f(0..n)` in any order, on any threads: ONNX Runtime's pool in the operator, a plain
+/// loop in tests.
+pub type ParFor<'a> = &'a dyn Fn(usize, &(dyn Fn(usize) + Sync));
+
+/// The inputs of one call: `q [batch, q_len, heads·head_dim]`, `k, v [batch, kv_len, …]`.
+#[derive(Clone, Copy)]
+pub struct Qkv<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+/// `out = softmax(q·kᵀ·scale)·v` per head, with `kernel`, the (sample, head) pairs spread by
+/// `par`.
 pub fn attend(
     kernel: Kernel,
     shape: Shape,
     scale: f32,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    Qkv { q, k, v }: Qkv<'_>,
     out: &mut [f32],
-    par: &dyn Fn(usize, &(dyn Fn(usize) + Sync)),
+    par: ParFor<'_>,
 ) -> Result<(), AttentionError> {
     let w = shape.width();
     let (nq, nkv) = (
@@ -339,8 +349,19 @@ impl OrtKernel for AttentionKernel {
                 (0..n).for_each(f);
             }
         };
-        attend(self.kernel, shape, self.scale, qd, kd, vd, od, &par)
-            .map_err(|e| ort::Error::new(e.to_string()))
+        attend(
+            self.kernel,
+            shape,
+            self.scale,
+            Qkv {
+                q: qd,
+                k: kd,
+                v: vd,
+            },
+            od,
+            &par,
+        )
+        .map_err(|e| ort::Error::new(e.to_string()))
     }
 }
 

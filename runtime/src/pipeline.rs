@@ -473,9 +473,10 @@ impl Pipeline {
                 std::iter::repeat_n(l.as_ref(), denoise::Guidance(r.guidance).batch())
             })
             .collect();
-        let same = loras
-            .windows(2)
-            .all(|w| same_lora(w[0].as_ref(), w[1].as_ref()));
+        let same = loras.windows(2).all(|w| match w {
+            [a, b] => same_lora(a.as_ref(), b.as_ref()),
+            _ => true,
+        });
         let set = match (same, loras.first()) {
             (true, Some(one)) => self.dit.set_lora(&self.dir, one.as_ref()),
             _ => self.dit.set_sample_loras(&self.dir, &samples),

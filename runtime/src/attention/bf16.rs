@@ -138,28 +138,17 @@ unsafe fn head_avx512(h: &Head<'_>, out: &mut dyn FnMut(usize, &[f32])) {
             }
             let v_block = vp.as_ptr().add(kb * (BLOCK_KEYS / 2) * dtiles * LANES * 2);
             for g in 0..groups {
-                let mut d = 0;
-                while d + 4 <= dtiles {
-                    pv_4rows::<4>(
-                        probs.as_ptr().add(g * 4 * BLOCK_KEYS),
-                        v_block,
-                        dtiles,
-                        d,
-                        acc.as_mut_ptr().add(g * 4 * dp),
-                        dp,
-                    );
-                    d += 4;
+                let (p, a) = (
+                    probs.as_ptr().add(g * 4 * BLOCK_KEYS),
+                    acc.as_mut_ptr().add(g * 4 * dp),
+                );
+                // Four dim tiles at a time (head dims 64, 128), then one at a time.
+                let wide = dtiles / 4 * 4;
+                for d in (0..wide).step_by(4) {
+                    pv_4rows::<4>(p, v_block, dtiles, d, a, dp);
                 }
-                while d < dtiles {
-                    pv_4rows::<1>(
-                        probs.as_ptr().add(g * 4 * BLOCK_KEYS),
-                        v_block,
-                        dtiles,
-                        d,
-                        acc.as_mut_ptr().add(g * 4 * dp),
-                        dp,
-                    );
-                    d += 1;
+                for d in wide..dtiles {
+                    pv_4rows::<1>(p, v_block, dtiles, d, a, dp);
                 }
             }
         }

@@ -79,7 +79,19 @@ fn run(kernel: Kernel, shape: Shape, amp: f32) -> f64 {
     let v = values(shape.batch * shape.kv_len * w, 3, 1.0);
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     let mut out = vec![f32::NAN; q.len()];
-    attend(kernel, shape, scale, &q, &k, &v, &mut out, &serial).unwrap();
+    attend(
+        kernel,
+        shape,
+        scale,
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        &mut out,
+        &serial,
+    )
+    .unwrap();
     assert!(out.iter().all(|x| x.is_finite()), "{kernel:?} {shape:?}");
     worst_head(shape, &out, &reference(shape, scale, &q, &k, &v))
 }
@@ -141,8 +153,32 @@ fn shapes_that_do_not_fit_are_refused() {
     };
     let x = vec![0f32; 8];
     let mut out = vec![0f32; 7];
-    assert!(attend(Kernel::Fp32, shape, 1.0, &x, &x, &x, &mut out, &serial).is_err());
+    assert!(attend(
+        Kernel::Fp32,
+        shape,
+        1.0,
+        Qkv {
+            q: &x,
+            k: &x,
+            v: &x
+        },
+        &mut out,
+        &serial
+    )
+    .is_err());
     let empty = Shape { kv_len: 0, ..shape };
     let mut out = vec![0f32; 8];
-    assert!(attend(Kernel::Fp32, empty, 1.0, &x, &[], &[], &mut out, &serial).is_err());
+    assert!(attend(
+        Kernel::Fp32,
+        empty,
+        1.0,
+        Qkv {
+            q: &x,
+            k: &[],
+            v: &[]
+        },
+        &mut out,
+        &serial
+    )
+    .is_err());
 }

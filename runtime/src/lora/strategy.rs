@@ -73,13 +73,28 @@ impl SampleFactors {
 
     /// Writes `plan` (`a [r, in]`, `b [out, r]`) into sample `i`'s slot.
     fn put(&mut self, t: &LinearInfo, i: usize, plan: &super::fuse::FusePlan) {
+        // Slots are sized by `zeros` for this rank; the caller padded or refused larger ranks.
         let (r, n_in, n_out, rr) = (plan.rank, t.in_features, t.out_features, self.rank);
-        self.a[i * rr * n_in..][..r * n_in].copy_from_slice(&plan.a[..r * n_in]);
-        let b = &mut self.b[i * n_out * rr..][..n_out * rr];
-        for (row, src) in b.chunks_exact_mut(rr).zip(plan.b.chunks_exact(r)) {
-            row[..r].copy_from_slice(src);
+        if r == 0 || rr == 0 || n_in == 0 || n_out == 0 {
+            return;
         }
-        self.scale[i] = plan.scale;
+        let a = self.a.chunks_exact_mut(rr * n_in).nth(i);
+        if let (Some(dst), Some(src)) = (
+            a.and_then(|a| a.get_mut(..r * n_in)),
+            plan.a.get(..r * n_in),
+        ) {
+            dst.copy_from_slice(src);
+        }
+        if let Some(b) = self.b.chunks_exact_mut(n_out * rr).nth(i) {
+            for (row, src) in b.chunks_exact_mut(rr).zip(plan.b.chunks_exact(r)) {
+                if let Some(dst) = row.get_mut(..r) {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+        if let Some(s) = self.scale.get_mut(i) {
+            *s = plan.scale;
+        }
     }
 
     fn into_inputs(self, t: &LinearInfo, samples: usize) -> [(String, Tensor); 3] {

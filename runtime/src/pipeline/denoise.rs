@@ -134,7 +134,9 @@ fn stack(parts: Vec<Tensor>) -> Result<Tensor> {
             (Data::I64(o), Data::I64(v)) => o.extend(v),
             _ => return Err(bad("element types differ".into())),
         }
-        out.shape[0] += p.shape[0];
+        if let (Some(n), Some(m)) = (out.shape.first_mut(), p.shape.first()) {
+            *n += m;
+        }
     }
     Ok(out)
 }

@@ -273,11 +273,11 @@ fn mp4_is_whole(path: &Path) -> bool {
     };
     let (mut at, mut moov, mut mdat) = (0usize, false, false);
     while at < bytes.len() {
-        let Some(head) = bytes.get(at..at + 8) else {
+        let Some(&[s0, s1, s2, s3, k0, k1, k2, k3]) = bytes.get(at..at + 8) else {
             return false;
         };
-        let mut size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let kind = &head[4..8];
+        let mut size = u32::from_be_bytes([s0, s1, s2, s3]) as usize;
+        let kind = &[k0, k1, k2, k3];
         if size == 1 {
             let Some(large) = bytes.get(at + 8..at + 16) else {
                 return false;
