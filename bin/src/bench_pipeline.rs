@@ -32,18 +32,6 @@ pub(crate) fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (r, t.elapsed().as_secs_f64() * 1e3)
 }
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
 pub fn bench_pipeline(
     engine: &Path,
     repeat: usize,
@@ -217,7 +205,7 @@ pub fn bench_pipeline(
             .collect();
         println!(
             "{}",
-            serde_json::json!({"stages_ms": s, "strategies": strat, "peak_rss_mb": peak_rss_mb(),
+            serde_json::json!({"stages_ms": s, "strategies": strat, "peak_rss_mb": crate::own_peak_rss_mb(),
                 "size": {"frames": frames, "height": height, "width": width, "steps": steps}, "repeat": repeat})
         );
         return Ok(());
@@ -234,6 +222,6 @@ pub fn bench_pipeline(
             sw.0, sw.1, sw.2, step.0, step.1, step.2, tot.0
         );
     }
-    println!("  peak RSS {:.0} MB", peak_rss_mb());
+    println!("  peak RSS {:.0} MB", crate::own_peak_rss_mb());
     Ok(())
 }

@@ -95,6 +95,22 @@ impl From<v2l_graphs::WriteError> for Failure {
     }
 }
 
+/// This process's peak resident memory in MB (10⁶ bytes), from `VmHWM` in
+/// `/proc/self/status`: the high-water mark of this process's own memory since its `exec`. A
+/// parent's `wait4`/`getrusage` figure is no substitute: Linux carries the spawning process's
+/// peak across fork and exec into the child's `ru_maxrss`. 0 where `/proc` is missing.
+pub fn own_peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb * 1024.0 / 1e6)
+        .unwrap_or(0.0)
+}
+
 /// Runs `f`, printing a failure as `error: …` / `hint: …` and mapping it to exit code 1.
 pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
     quiet_on_closed_stdout();

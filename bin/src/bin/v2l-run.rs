@@ -392,6 +392,7 @@ fn main() -> ExitCode {
                         serde_json::json!({
                             "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
                             "runs_ms": run.runs_ms, "attention": dir.attention(),
+                            "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                         })
                     );
                 } else {
@@ -807,7 +808,7 @@ fn generate(
                 "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": g.steps,
                 "lora": gen.lora.as_ref().map(|l| l.layers.len()),
                 "stages_ms": gen.timings, "wall_ms": t0.elapsed().as_secs_f64() * 1e3,
-                "attention": attention,
+                "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
             })
         );
     } else if !g.quiet {
