@@ -558,38 +558,44 @@ fn bench_switch(
     let before = status_mb("RssAnon:");
     let mut runner = DitRunner::load(&dir, &opts, strategy)?;
     let added = status_mb("RssAnon:") - before;
-    let layers = dir
-        .dit_targets()?
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let a = v2l_runtime::tensor::gaussian_noise(vec![rank * t.in_features], 2 * i as u64);
-            let b =
-                v2l_runtime::tensor::gaussian_noise(vec![t.out_features * rank], 2 * i as u64 + 1);
-            let small = |v: &[f32]| v.iter().map(|x| x * 0.01).collect::<Vec<f32>>();
-            Ok(LoraLayer {
-                module: t.name.clone(),
-                a: Factor::from_f32([rank, t.in_features], &small(a.as_f32("a")?)),
-                b: Factor::from_f32([t.out_features, rank], &small(b.as_f32("b")?)),
-                alpha: rank as f32,
+    // Two LoRAs of the same rank: a switch is from one to the other, as a server serving
+    // different effects makes it (the first LoRA after none lays the factor inputs out).
+    let lora = |seed: u64| -> Result<AppliedLora, Failure> {
+        let layers = dir
+            .dit_targets()?
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let s = seed + 2 * i as u64;
+                let a = v2l_runtime::tensor::gaussian_noise(vec![rank * t.in_features], s);
+                let b =
+                    v2l_runtime::tensor::gaussian_noise(vec![t.out_features * rank], s + 1);
+                let small = |v: &[f32]| v.iter().map(|x| x * 0.01).collect::<Vec<f32>>();
+                Ok(LoraLayer {
+                    module: t.name.clone(),
+                    a: Factor::from_f32([rank, t.in_features], &small(a.as_f32("a")?)),
+                    b: Factor::from_f32([t.out_features, rank], &small(b.as_f32("b")?)),
+                    alpha: rank as f32,
+                })
             })
+            .collect::<Result<Vec<_>, v2l_runtime::RuntimeError>>()?;
+        Ok(AppliedLora {
+            lora: Lora {
+                format: LoraFormat::Diffusers,
+                layers,
+            }
+            .into(),
+            source: format!("<generated {seed}>").into(),
+            multiplier: 1.0,
         })
-        .collect::<Result<Vec<_>, v2l_runtime::RuntimeError>>()?;
-    let lora = AppliedLora {
-        lora: Lora {
-            format: LoraFormat::Diffusers,
-            layers,
-        }
-        .into(),
-        source: "<generated>".into(),
-        multiplier: 1.0,
     };
+    let loras = [lora(0)?, lora(1 << 32)?];
+    runner.set_lora(&dir, Some(&loras[1]))?;
     let mut times = Vec::new();
-    for _ in 0..repeat.max(1) {
+    for i in 0..repeat.max(1) {
         let t = Instant::now();
-        runner.set_lora(&dir, Some(&lora))?;
+        runner.set_lora(&dir, Some(&loras[i % 2]))?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
-        runner.set_lora(&dir, None)?;
     }
     Ok((median(times), added))
 }

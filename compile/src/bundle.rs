@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use v2l_contracts::manifest::DitEntry;
 use v2l_contracts::Manifest;
+use v2l_graphs::passes::WeightQuant;
 use v2l_graphs::proto::ModelProto;
 use v2l_runtime::backend::{Backend, PartsHasher, Precision};
 use v2l_runtime::bundle::{
@@ -294,10 +295,16 @@ impl<'a> Job<'a> {
                 self.precision,
                 v2l_runtime::backend::weight_quant(self.precision),
             ) {
-                (_, Some(_)) if self.calibration.is_some() && quantises(&t.initializer) => {
+                (_, Some(_)) if self.calibration.is_some() => {
+                    if quantised_as(&t.initializer, WeightQuant::Int8) != Some(WeightQuant::Int8) {
+                        continue;
+                    }
                     v2l_runtime::lora::apply::Stored::Qdq.name()
                 }
-                (_, Some(q)) if quantises(&t.initializer) => q.name(),
+                (_, Some(q)) => match quantised_as(&t.initializer, q) {
+                    Some(q) => q.name(),
+                    None => continue,
+                },
                 (Precision::Fp16, _) => v2l_graphs::DType::F16.name(),
                 (Precision::Bf16, _) => v2l_graphs::DType::BF16.name(),
                 _ => continue,
@@ -694,8 +701,7 @@ fn check_tensorrt_graphs(
 /// LoRA-branch variant) points at the same file.
 enum LowWeights {
     Quantized {
-        how: v2l_graphs::passes::WeightQuant,
-        weights: Vec<String>,
+        weights: Vec<(String, WeightQuant)>,
         tensors: Vec<v2l_graphs::proto::TensorProto>,
     },
     Float(
@@ -718,11 +724,9 @@ impl LowWeights {
     ) -> std::result::Result<(), v2l_graphs::passes::PassError> {
         use v2l_graphs::passes::{lower_precision, use_quantized_weights, WeightFile};
         match self {
-            LowWeights::Quantized {
-                how,
-                weights,
-                tensors,
-            } => use_quantized_weights(model, weights, tensors, *how),
+            LowWeights::Quantized { weights, tensors } => {
+                use_quantized_weights(model, weights, tensors)
+            }
             LowWeights::Float(how, tensors) => {
                 lower_precision(model, src, WeightFile::Reuse(tensors), *how).map(|_| ())
             }
@@ -797,16 +801,12 @@ fn lower_dit(
     use v2l_graphs::{passes, DType};
     let dtype = match precision {
         Precision::Int8 | Precision::Int4 => {
-            let how = v2l_runtime::backend::weight_quant(precision)
-                .ok_or_else(|| passes::PassError::Unsupported(precision.name().into()))?;
-            let weights: Vec<String> = targets
+            let weights: Vec<(String, WeightQuant)> = targets
                 .iter()
-                .filter(|t| t.dtype == how.name())
-                .map(|t| t.initializer.clone())
+                .filter_map(|t| Some((t.initializer.clone(), WeightQuant::parse(&t.dtype)?)))
                 .collect();
-            let q = passes::quantize_linears(model, src, &weights, data, how)?;
+            let q = passes::quantize_linears(model, src, &weights, data)?;
             return Ok(LowWeights::Quantized {
-                how,
                 weights,
                 tensors: q.tensors,
             });
@@ -874,20 +874,28 @@ pub fn default_strategy(backend: Backend, precision: Precision) -> Strategy {
     }
 }
 
-/// Whether an int8/int4 engine quantises the DiT weight `name`: the token-wise linears
-/// (attention projections, feed-forward, text projection) are; kept f32 are the layers on the
-/// conditioning path, which run on one row per sample and whose error scales every token (time
-/// embedding, the adaptive norms' `norm*.linear`), and the output projection `proj_out`, whose
-/// error reaches the prediction with no residual to dilute it. On the tiny fixture DiT, int8
-/// everywhere is 1.1e-2 from f32 (`proj_out` alone 1.0e-2); token-wise only, 3.1e-3. The kept
-/// layers are ~12 % of a CogVideoX-5B block's weights and a negligible share of its FLOPs.
-pub fn quantises(name: &str) -> bool {
+/// How an int8/int4 engine (`how`: its token-wise format) stores the DiT weight `name`, or
+/// `None` to keep it f32:
+/// - the token-wise linears (attention projections, feed-forward, text projection): `how`;
+/// - the adaptive norms' `norm*.linear`: 8-bit block-wise with f32 activations
+///   ([`WeightQuant::Int8Block`]). They run on one row per sample and their error scales every
+///   token, so per-tensor activation quantisation is out, but their weights are 14 % of a
+///   CogVideoX-5B block's parameters and 40 % of an int8 engine's bytes if kept f32 (3.2 GB of
+///   the 42-block DiT); block-wise 8-bit codes hold them in 0.9 GB;
+/// - kept f32: the time embedding (small) and the output projection `proj_out`, whose error
+///   reaches the prediction with no residual to dilute it. On the tiny fixture DiT, int8
+///   everywhere is 1.1e-2 from f32 (`proj_out` alone 1.0e-2); token-wise only, 3.1e-3.
+pub fn quantised_as(name: &str, how: WeightQuant) -> Option<WeightQuant> {
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let mut parts = module.rsplit('.');
     let (last, parent) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let conditioning =
-        module.starts_with("time_embedding.") || (last == "linear" && parent.starts_with("norm"));
-    !(conditioning || module == "proj_out")
+    if last == "linear" && parent.starts_with("norm") {
+        Some(WeightQuant::Int8Block)
+    } else if module.starts_with("time_embedding.") || module == "proj_out" {
+        None
+    } else {
+        Some(how)
+    }
 }
 
 /// The precisions `v2l-compile` builds, per backend; the others are refused with the reason.
@@ -911,20 +919,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn int8_quantises_token_wise_linears_only() {
-        for (name, int8) in [
-            ("transformer_blocks.3.attn1.to_q.weight", true),
-            ("transformer_blocks.3.attn1.to_out.0.weight", true),
-            ("transformer_blocks.3.ff.net.0.proj.weight", true),
-            ("transformer_blocks.3.ff.net.2.weight", true),
-            ("patch_embed.text_proj.weight", true),
-            ("time_embedding.linear_1.weight", false),
-            ("transformer_blocks.3.norm1.linear.weight", false),
-            ("transformer_blocks.3.norm2.linear.weight", false),
-            ("norm_out.linear.weight", false),
-            ("proj_out.weight", false),
+    fn integer_engines_quantise_token_wise_linears_and_block_quantise_norms() {
+        let (q, b) = (Some(WeightQuant::Int4), Some(WeightQuant::Int8Block));
+        for (name, how) in [
+            ("transformer_blocks.3.attn1.to_q.weight", q),
+            ("transformer_blocks.3.attn1.to_out.0.weight", q),
+            ("transformer_blocks.3.ff.net.0.proj.weight", q),
+            ("transformer_blocks.3.ff.net.2.weight", q),
+            ("patch_embed.text_proj.weight", q),
+            ("time_embedding.linear_1.weight", None),
+            ("transformer_blocks.3.norm1.linear.weight", b),
+            ("transformer_blocks.3.norm2.linear.weight", b),
+            ("norm_out.linear.weight", b),
+            ("proj_out.weight", None),
         ] {
-            assert_eq!(quantises(name), int8, "{name}");
+            assert_eq!(quantised_as(name, WeightQuant::Int4), how, "{name}");
         }
     }
 }

@@ -20,5 +20,5 @@ pub mod bundle;
 pub mod calibrate;
 
 pub use bundle::{
-    compile, compile_with, default_attention, default_strategy, fuses_attention, quantises, Options,
+    compile, compile_with, default_attention, default_strategy, fuses_attention, quantised_as, Options,
 };

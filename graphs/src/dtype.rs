@@ -103,26 +103,48 @@ const _: () = assert!(
 /// (exactly); `None` for another dtype or a length that is not a whole number of elements.
 /// One copy, through `bytemuck` and `half`'s slice conversions (vectorised where the CPU can).
 pub fn f32_values(bytes: &[u8], dtype: DType) -> Option<Vec<f32>> {
+    let mut out = vec![0f32; bytes.len() / dtype.size().max(1)];
+    f32_values_into(bytes, dtype, &mut out)?;
+    Some(out)
+}
+
+/// [`f32_values`] into `out`, which must hold exactly as many values: how a buffer that is
+/// already allocated (an ONNX Runtime input rewritten in place) is filled without a copy.
+pub fn f32_values_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Option<()> {
     use half::slice::HalfFloatSliceExt;
-    if bytes.len() % dtype.size() != 0 {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        || bytes.len() != out.len().checked_mul(dtype.size())?
+    {
         return None;
     }
+    // Aligned bytes convert as slices (vectorised where the CPU can); others element-wise.
     match dtype {
-        DType::F32 => Some(bytemuck::pod_collect_to_vec::<u8, f32>(bytes)),
-        DType::F16 => {
-            let h = bytemuck::pod_collect_to_vec::<u8, f16>(bytes);
-            let mut out = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut out);
-            Some(out)
-        }
-        DType::BF16 => {
-            let h = bytemuck::pod_collect_to_vec::<u8, bf16>(bytes);
-            let mut out = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut out);
-            Some(out)
-        }
-        _ => None,
+        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(v) => out.copy_from_slice(v),
+            Err(_) => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = <[u8; 4]>::try_from(c).map_or(0.0, f32::from_le_bytes);
+                }
+            }
+        },
+        DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
+            Ok(v) => v.convert_to_f32_slice(out),
+            Err(_) => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = <[u8; 2]>::try_from(c).map_or(0.0, |b| f16::from_le_bytes(b).to_f32());
+                }
+            }
+        },
+        _ => match bytemuck::try_cast_slice::<u8, bf16>(bytes) {
+            Ok(v) => v.convert_to_f32_slice(out),
+            Err(_) => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = <[u8; 2]>::try_from(c).map_or(0.0, |b| bf16::from_le_bytes(b).to_f32());
+                }
+            }
+        },
     }
+    Some(())
 }
 
 /// The little-endian bytes of `values` (no copy).

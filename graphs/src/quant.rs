@@ -1,5 +1,5 @@
-//! Weight quantisation: symmetric int8 with one scale per output channel, and symmetric int4
-//! in blocks along the input axis.
+//! Weight quantisation: symmetric int8 with one scale per output channel, and symmetric 4- or
+//! 8-bit codes in blocks along the input axis.
 //!
 //! One function for each, used at compile time (the engine's weights) and at run time (a LoRA
 //! fused into a quantised engine is re-quantised from the f32 base the same way), so a weight
@@ -93,61 +93,94 @@ pub fn dequantize_int8_per_output(q: &[i8], scale: &[f32], out: usize, inp: usiz
     w
 }
 
-/// Input-axis block of the int4 weights (ONNX Runtime's `MatMulNBits` `block_size`): 32, the
-/// block llama.cpp's Q4_0 and ONNX Runtime's own quantiser default to.
-pub const INT4_BLOCK: usize = 32;
+/// Input-axis block of the block-wise weights (ONNX Runtime's `MatMulNBits` `block_size`): 32,
+/// the block llama.cpp's Q4_0/Q8_0 and ONNX Runtime's own quantiser default to.
+pub const BLOCK: usize = 32;
 
-/// Quantises a linear weight `w [out, inp]` to 4-bit codes in blocks of [`INT4_BLOCK`] along
-/// `inp`, laid out as `MatMulNBits` reads them: `codes [out, blocks, 16]` (two codes a byte,
-/// the even element in the low nibble), `scale [out, blocks]`. Symmetric: `w ≈ (code − 8)·scale`
-/// with `scale = max |w| / 7` over the block, so codes are 1..=15 and the default zero point (8)
-/// applies. A short last block is padded with code 8 (zero).
+/// Quantises a linear weight `w [out, inp]` to `bits`-bit codes (4 or 8) in blocks of [`BLOCK`]
+/// along `inp`, laid out as `MatMulNBits` reads them: `codes [out, blocks, BLOCK·bits/8]`
+/// (4-bit: two codes a byte, the even element in the low nibble), `scale [out, blocks]`.
+/// Symmetric: `w ≈ (code − z)·scale` with `z = 2^(bits−1)` (the op's default zero point) and
+/// `scale = max |w| / (z − 1)` over the block, so codes are `1..2z` and `−z` is never used.
+/// A short last block is padded with code `z` (zero).
 ///
-/// Returns `(codes, scales)`, or `None` when `w` is not `out × inp` finite values.
-pub fn quantize_int4_blockwise(w: &[f32], out: usize, inp: usize) -> Option<(Vec<u8>, Vec<f32>)> {
-    if w.len() != out.checked_mul(inp)? || w.iter().any(|x| !x.is_finite()) {
+/// Returns `(codes, scales)`, or `None` when `bits` is not 4 or 8 or `w` is not `out × inp`
+/// finite values.
+pub fn quantize_blockwise(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    bits: u32,
+) -> Option<(Vec<u8>, Vec<f32>)> {
+    if !matches!(bits, 4 | 8) || w.len() != out.checked_mul(inp)? || w.iter().any(|x| !x.is_finite()) {
         return None;
     }
-    let blocks = inp.div_ceil(INT4_BLOCK);
-    let mut codes = vec![0x88u8; out * blocks * INT4_BLOCK / 2];
+    let zero = 1u8 << (bits - 1);
+    let max_code = f32::from(zero - 1);
+    let blob = BLOCK * bits as usize / 8;
+    let blocks = inp.div_ceil(BLOCK);
+    // Every code starts at the zero point: the padding of a short last block stays zero.
+    let pad = if bits == 4 { zero | zero << 4 } else { zero };
+    let mut codes = vec![pad; out * blocks * blob];
     let mut scales = vec![0f32; out * blocks];
     for (o, row) in w.chunks_exact(inp.max(1)).enumerate().take(out) {
-        for (b, block) in row.chunks(INT4_BLOCK).enumerate() {
+        for (b, block) in row.chunks(BLOCK).enumerate() {
             let max = block.iter().fold(0f32, |m, x| m.max(x.abs()));
             let (scale, inv) = if max > 0.0 {
-                (max / 7.0, 7.0 / max)
+                (max / max_code, max_code / max)
             } else {
                 (1.0, 0.0)
             };
             *scales.get_mut(o * blocks + b)? = scale;
-            let blob = codes.get_mut((o * blocks + b) * INT4_BLOCK / 2..)?;
+            let bytes = codes.get_mut((o * blocks + b) * blob..)?;
             for (j, x) in block.iter().enumerate() {
-                let code = ((x * inv).round_ties_even().clamp(-7.0, 7.0) as i8 + 8) as u8;
-                let byte = blob.get_mut(j / 2)?;
-                *byte = if j % 2 == 0 {
-                    (*byte & 0xf0) | code
+                let q = (x * inv).round_ties_even().clamp(-max_code, max_code) as i16;
+                let code = (q + i16::from(zero)) as u8;
+                if bits == 8 {
+                    *bytes.get_mut(j)? = code;
                 } else {
-                    (*byte & 0x0f) | (code << 4)
-                };
+                    let byte = bytes.get_mut(j / 2)?;
+                    *byte = if j % 2 == 0 {
+                        (*byte & 0xf0) | code
+                    } else {
+                        (*byte & 0x0f) | (code << 4)
+                    };
+                }
             }
         }
     }
     Some((codes, scales))
 }
 
-/// The f32 weight `[out, inp]` int4 codes stand for; for tests and accuracy reports.
-pub fn dequantize_int4_blockwise(codes: &[u8], scales: &[f32], out: usize, inp: usize) -> Vec<f32> {
-    let blocks = inp.div_ceil(INT4_BLOCK);
+/// The f32 weight `[out, inp]` that [`quantize_blockwise`]'s codes stand for; for tests and
+/// accuracy reports.
+pub fn dequantize_blockwise(
+    codes: &[u8],
+    scales: &[f32],
+    out: usize,
+    inp: usize,
+    bits: u32,
+) -> Vec<f32> {
+    let zero = 1u8 << (bits.clamp(4, 8) - 1);
+    let blob = BLOCK * bits as usize / 8;
+    let blocks = inp.div_ceil(BLOCK);
     let mut w = vec![0f32; out * inp];
     for (o, row) in w.chunks_exact_mut(inp.max(1)).enumerate() {
         for (i, x) in row.iter_mut().enumerate() {
-            let (b, j) = (i / INT4_BLOCK, i % INT4_BLOCK);
-            let byte = codes
-                .get((o * blocks + b) * INT4_BLOCK / 2 + j / 2)
-                .copied()
-                .unwrap_or(0x88);
-            let code = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-            *x = (f32::from(code) - 8.0) * scales.get(o * blocks + b).copied().unwrap_or(0.0);
+            let (b, j) = (i / BLOCK, i % BLOCK);
+            let at = (o * blocks + b) * blob;
+            let code = if bits == 8 {
+                codes.get(at + j).copied().unwrap_or(zero)
+            } else {
+                let byte = codes.get(at + j / 2).copied().unwrap_or(0x88);
+                if j % 2 == 0 {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                }
+            };
+            *x = (f32::from(code) - f32::from(zero))
+                * scales.get(o * blocks + b).copied().unwrap_or(0.0);
         }
     }
     w
@@ -158,29 +191,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn int4_round_trip_is_within_half_a_step_per_block() {
+    fn blockwise_round_trip_is_within_half_a_step_per_block() {
         let (out, inp) = (5, 70); // a short last block
         let w: Vec<f32> = (0..out * inp)
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3 * (1 + i % 3) as f32)
             .collect();
-        let (codes, scales) = quantize_int4_blockwise(&w, out, inp).unwrap();
-        assert_eq!(codes.len(), out * 3 * 16);
-        assert_eq!(scales.len(), out * 3);
-        let back = dequantize_int4_blockwise(&codes, &scales, out, inp);
-        for o in 0..out {
-            for i in 0..inp {
-                let s = scales[o * 3 + i / 32];
-                let err = (back[o * inp + i] - w[o * inp + i]).abs();
-                assert!(err <= 0.5 * s * (1.0 + 1e-5), "[{o}][{i}]: {err}");
+        for (bits, blob) in [(4, 16), (8, 32)] {
+            let (codes, scales) = quantize_blockwise(&w, out, inp, bits).unwrap();
+            assert_eq!(codes.len(), out * 3 * blob);
+            assert_eq!(scales.len(), out * 3);
+            let back = dequantize_blockwise(&codes, &scales, out, inp, bits);
+            for o in 0..out {
+                for i in 0..inp {
+                    let s = scales[o * 3 + i / 32];
+                    let err = (back[o * inp + i] - w[o * inp + i]).abs();
+                    assert!(err <= 0.5 * s * (1.0 + 1e-5), "{bits} bits [{o}][{i}]: {err}");
+                }
             }
         }
-        // Codes stay in 1..=15; the padding of the short block is 8 (zero).
+        // 4-bit codes stay in 1..=15; the padding of the short block is 8 (zero).
+        let (codes, _) = quantize_blockwise(&w, out, inp, 4).unwrap();
         assert!(codes.iter().all(|b| b & 0x0f != 0 && b >> 4 != 0));
         assert_eq!(codes[(3 - 1) * 16 + 15], 0x88);
+        // 8-bit codes stay in 1..=255, padding 128.
+        let (codes, _) = quantize_blockwise(&w, out, inp, 8).unwrap();
+        assert!(codes.iter().all(|&b| b != 0));
+        assert_eq!(codes[(3 - 1) * 32 + 31], 128);
         // Low nibble first: w = [7, -7] with scale 1 packs as 15 | 1 << 4.
-        let (c, s) = quantize_int4_blockwise(&[7.0, -7.0], 1, 2).unwrap();
+        let (c, s) = quantize_blockwise(&[7.0, -7.0], 1, 2, 4).unwrap();
         assert_eq!((c[0], s[0]), (0x1f, 1.0));
-        assert!(quantize_int4_blockwise(&[f32::NAN], 1, 1).is_none());
+        // 8 bits: ±127 with scale 1 are codes 255 and 1.
+        let (c, s) = quantize_blockwise(&[127.0, -127.0, 0.5], 1, 3, 8).unwrap();
+        assert_eq!((&c[..3], s[0]), (&[255u8, 1, 128][..], 1.0));
+        assert!(quantize_blockwise(&[f32::NAN], 1, 1, 4).is_none());
+        assert!(quantize_blockwise(&[1.0], 1, 1, 6).is_none());
     }
 
     #[test]

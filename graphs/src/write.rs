@@ -257,6 +257,24 @@ pub fn read_model(path: &Path) -> Result<proto::ModelProto, std::io::Error> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// The external-data files a model's initializers point into (beside the model, as the
+/// locations name them), each once, in order of first use.
+pub fn external_data_files(path: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
+    let model = read_model(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for t in model.graph.iter().flat_map(|g| &g.initializer) {
+        let loc = t.external_data.iter().find(|e| e.key == "location");
+        if let Some(loc) = loc.filter(|l| !Path::new(&l.value).is_absolute()) {
+            let f = dir.join(&loc.value);
+            if !files.contains(&f) {
+                files.push(f);
+            }
+        }
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

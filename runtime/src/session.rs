@@ -9,6 +9,8 @@ use ort::value::{DynValue, DynValueRef, Tensor as OrtTensor, TensorRef, ValueTyp
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
 
+mod pager;
+
 /// Session settings that matter for speed and reproducibility.
 #[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
@@ -169,7 +171,7 @@ impl Model {
             })?;
         }
         for (name, t) in weights {
-            let v = to_ort(&t).map_err(ort_err(format!("{ctx}: weight `{name}`")))?;
+            let v = into_ort(t).map_err(ort_err(format!("{ctx}: weight `{name}`")))?;
             b = b
                 .with_initializer(&name, v)
                 .map_err(|e| RuntimeError::Ort {
@@ -177,7 +179,14 @@ impl Model {
                     message: e.to_string(),
                 })?;
         }
+        // On the CPU, the weight files' mapped pages go back to the kernel as the build packs
+        // them (`pager`): a large graph is not held twice at the build's peak.
+        let pager = match opts.backend.backend {
+            crate::backend::Backend::Cpu => pager::Pager::start(large_weight_files(path)),
+            _ => None,
+        };
         let session = b.commit_from_file(path).map_err(ort_err(&ctx))?;
+        drop(pager);
         let inputs = session
             .inputs()
             .iter()
@@ -215,7 +224,9 @@ impl Model {
         let ctx = self.path.display().to_string();
         for (name, t) in inputs {
             let err = || ort_err(format!("{ctx}: input `{name}`"));
-            let v = to_ort(&t).map_err(err())?;
+            // The replaced value goes first, so a large input is not held twice.
+            self.fixed.remove(&name);
+            let v = into_ort(t).map_err(err())?;
             let v = match self.device {
                 None => v,
                 Some(id) => v
@@ -227,6 +238,19 @@ impl Model {
             self.fixed.insert(name, v);
         }
         Ok(())
+    }
+
+    /// The data of the fixed f32 input `name` when it is held on the CPU with exactly `shape`:
+    /// for rewriting in place (a LoRA switch to factors of the same shape writes into the
+    /// buffers ONNX Runtime already reads, with no allocation and no second copy).
+    pub fn fixed_f32_mut(&mut self, name: &str, shape: &[usize]) -> Option<&mut [f32]> {
+        if self.device.is_some() {
+            return None;
+        }
+        let (have, data) = self.fixed.get_mut(name)?.try_extract_tensor_mut::<f32>().ok()?;
+        let same = have.len() == shape.len()
+            && have.iter().zip(shape).all(|(&a, &b)| usize::try_from(a) == Ok(b));
+        same.then_some(data)
     }
 
     /// Runs the model. Every graph input must be given (here or as a fixed input); all outputs
@@ -363,15 +387,30 @@ fn view(t: &Tensor) -> ort::Result<DynValueRef<'_>> {
     })
 }
 
-fn to_ort(t: &Tensor) -> ort::Result<DynValue> {
+/// Weight files of the graph at `path` worth paging during its build: those of
+/// [`PAGED_BYTES`] or more, as the kernel names them in `/proc/self/maps` (canonical paths).
+fn large_weight_files(path: &Path) -> Vec<PathBuf> {
+    v2l_graphs::external_data_files(path)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| std::fs::metadata(f).is_ok_and(|m| m.len() >= PAGED_BYTES))
+        .filter_map(|f| f.canonicalize().ok())
+        .collect()
+}
+
+/// Below this, a weight file is not worth a pager thread.
+const PAGED_BYTES: u64 = 256 << 20;
+
+/// An ONNX Runtime value of `t`: its buffer moves into the value without a copy.
+fn into_ort(t: Tensor) -> ort::Result<DynValue> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-    Ok(match &t.data {
-        Data::F32(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
-        Data::I64(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
-        Data::U8(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
-        Data::I8(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
-        Data::F16(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
-        Data::BF16(v) => OrtTensor::from_array((shape, v.clone()))?.into_dyn(),
+    Ok(match t.data {
+        Data::F32(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
+        Data::I64(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
+        Data::U8(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
+        Data::I8(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
+        Data::F16(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
+        Data::BF16(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
     })
 }
 

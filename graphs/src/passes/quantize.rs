@@ -4,7 +4,10 @@
 //!   int8 with one scale per output channel, the activation quantised per tensor on the fly;
 //! - int4: `com.microsoft.MatMulNBits(x, W.int4, W.int4_scale, ∅, ∅, b)`, weight-only 4-bit in
 //!   blocks of 32 along the input axis ([`crate::quant`]), accuracy level 4 (the kernel
-//!   quantises activations to int8 per block for its VNNI/AMX path: the fastest here).
+//!   quantises activations to int8 per block for its VNNI/AMX path: the fastest here);
+//! - 8-bit blocks: `com.microsoft.MatMulNBits` with `bits=8`, activations kept f32: what an
+//!   integer engine stores its adaptive-norm linears as (one row per sample; 1.125 bytes a
+//!   weight, so the 42-block CogVideoX-5B DiT's 0.79 B of them take 0.89 GB instead of 3.2 GB).
 //!
 //! int8 is the CPU's fast path. Measured on one CogVideoX-5B
 //! block at 1,378 tokens (ORT 1.31, 2 threads, this machine's AVX-512 VNNI/AMX CPU): 0.8 s a
@@ -24,14 +27,24 @@ use super::{attr_i, import_ms_domain, PassError, MS_DOMAIN};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto};
 
+/// `accuracy_level` of the 8-bit block-wise linears: 0, the op's default (activations stay
+/// f32; the weights are widened block by block).
+const ACCURACY_8BIT: i64 = 4;
+
 /// One tensor of a quantised weight: (type, dims, little-endian bytes).
 pub type QuantTensor = (DType, Vec<i64>, Vec<u8>);
 
 /// How a quantised engine stores its linear weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightQuant {
+    /// `DynamicQuantizeMatMul`: int8 per output channel, activations int8 per tensor.
     Int8,
+    /// `MatMulNBits`, 4 bits in blocks of 32.
     Int4,
+    /// `MatMulNBits`, 8 bits in blocks of 32, activations kept f32: for the conditioning
+    /// linears of an integer engine (one row per sample, a memory-bound GEMV whose error
+    /// scales every token), at 1.125 bytes a weight instead of f32's 4.
+    Int8Block,
 }
 
 impl WeightQuant {
@@ -40,11 +53,12 @@ impl WeightQuant {
         match self {
             WeightQuant::Int8 => "i8",
             WeightQuant::Int4 => "i4",
+            WeightQuant::Int8Block => "i8b",
         }
     }
 
     pub fn parse(name: &str) -> Option<WeightQuant> {
-        [WeightQuant::Int8, WeightQuant::Int4]
+        [WeightQuant::Int8, WeightQuant::Int4, WeightQuant::Int8Block]
             .into_iter()
             .find(|q| q.name() == name)
     }
@@ -56,6 +70,7 @@ impl WeightQuant {
         match self {
             WeightQuant::Int8 => [format!("{weight}.int8"), format!("{weight}.scale")],
             WeightQuant::Int4 => [format!("{weight}.int4"), format!("{weight}.int4_scale")],
+            WeightQuant::Int8Block => [format!("{weight}.q8b"), format!("{weight}.q8b_scale")],
         }
     }
 
@@ -73,10 +88,11 @@ impl WeightQuant {
                     (DType::F32, vec![o], bytemuck::cast_slice(&scale).to_vec()),
                 ])
             }
-            WeightQuant::Int4 => {
-                let (codes, scales) = crate::quant::quantize_int4_blockwise(w, out, inp)?;
-                let blocks = inp.div_ceil(crate::quant::INT4_BLOCK) as i64;
-                let blob = (crate::quant::INT4_BLOCK / 2) as i64;
+            WeightQuant::Int4 | WeightQuant::Int8Block => {
+                let bits = self.bits();
+                let (codes, scales) = crate::quant::quantize_blockwise(w, out, inp, bits)?;
+                let blocks = inp.div_ceil(crate::quant::BLOCK) as i64;
+                let blob = (crate::quant::BLOCK * bits as usize / 8) as i64;
                 Some([
                     (DType::U8, vec![o, blocks, blob], codes),
                     (
@@ -86,6 +102,24 @@ impl WeightQuant {
                     ),
                 ])
             }
+        }
+    }
+
+    /// Bits a block-wise code holds.
+    fn bits(self) -> u32 {
+        match self {
+            WeightQuant::Int4 => 4,
+            WeightQuant::Int8 | WeightQuant::Int8Block => 8,
+        }
+    }
+
+    /// `MatMulNBits`' `accuracy_level`: 4 (activations int8 per block, the VNNI/AMX path) for
+    /// the token-wise int4 linears; [`ACCURACY_8BIT`] for the conditioning linears, whose
+    /// one-row input is not worth quantising.
+    fn accuracy_level(self) -> i64 {
+        match self {
+            WeightQuant::Int4 => 4,
+            WeightQuant::Int8 | WeightQuant::Int8Block => ACCURACY_8BIT,
         }
     }
 
@@ -99,15 +133,15 @@ impl WeightQuant {
                 vec![x, q, s, String::new(), bias],
                 vec![],
             ),
-            WeightQuant::Int4 => (
+            WeightQuant::Int4 | WeightQuant::Int8Block => (
                 "MatMulNBits",
                 vec![x, q, s, String::new(), String::new(), bias],
                 vec![
                     attr_proto("K", Attr::Int(inp)),
                     attr_proto("N", Attr::Int(out)),
-                    attr_proto("bits", Attr::Int(4)),
-                    attr_proto("block_size", Attr::Int(crate::quant::INT4_BLOCK as i64)),
-                    attr_proto("accuracy_level", Attr::Int(4)),
+                    attr_proto("bits", Attr::Int(i64::from(self.bits()))),
+                    attr_proto("block_size", Attr::Int(crate::quant::BLOCK as i64)),
+                    attr_proto("accuracy_level", Attr::Int(self.accuracy_level())),
                 ],
             ),
         };
@@ -205,19 +239,20 @@ fn gemms_of(
 }
 
 /// Rewrites every `Gemm` whose B input is one of `weights` (f32 initializers of the model read
-/// from `source`, the model file `model` was read from) into the `how` op, writing the
-/// quantised weights to `data` (a file beside the model that will be written; it is referenced
-/// by file name). Every named weight must be consumed by such a Gemm ([`gemms_of`]).
+/// from `source`, the model file `model` was read from, each with how it is stored) into that
+/// op, writing the quantised weights to `data` (a file beside the model that will be written;
+/// it is referenced by file name). Every named weight must be consumed by such a Gemm
+/// ([`gemms_of`]).
 pub fn quantize_linears(
     model: &mut ModelProto,
     source: &Path,
-    weights: &[String],
+    weights: &[(String, WeightQuant)],
     data: &Path,
-    how: WeightQuant,
 ) -> Result<Quantized, PassError> {
-    gemms_of(model.graph.get_or_insert_with(Default::default), weights)?;
-    let done = write_quantized_weights(source, weights, data, how)?;
-    use_quantized_weights(model, weights, &done.tensors, how)?;
+    let names: Vec<String> = weights.iter().map(|(w, _)| w.clone()).collect();
+    gemms_of(model.graph.get_or_insert_with(Default::default), &names)?;
+    let done = write_quantized_weights(source, weights, data)?;
+    use_quantized_weights(model, weights, &done.tensors)?;
     Ok(done)
 }
 
@@ -225,14 +260,18 @@ pub fn quantize_linears(
 /// (written whole under a temporary name), returning the tensor entries that point into it.
 fn write_quantized_weights(
     source: &Path,
-    weights: &[String],
+    weights: &[(String, WeightQuant)],
     data: &Path,
-    how: WeightQuant,
 ) -> Result<Quantized, PassError> {
     let mut file = DataFile::create(data)?;
     let mut done = Quantized::default();
-    crate::write::for_each_initializer(source, weights, &mut |name, dtype, d, bytes| {
+    let how_of: HashMap<&str, WeightQuant> = weights.iter().map(|(w, q)| (w.as_str(), *q)).collect();
+    let names: Vec<String> = weights.iter().map(|(w, _)| w.clone()).collect();
+    crate::write::for_each_initializer(source, &names, &mut |name, dtype, d, bytes| {
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        let how = *how_of
+            .get(name)
+            .ok_or_else(|| bad(format!("`{name}`: not a weight to quantise")))?;
         let (&[out, inp], Some(w)) = (d, crate::dtype::f32_values(&bytes, dtype)) else {
             return Err(bad(format!(
                 "`{name}`: quantisation takes a 2-D f32/f16/bf16 weight, found {dtype}{d:?}"
@@ -263,12 +302,13 @@ fn write_quantized_weights(
 /// LoRA-branch variant) shares one weight file.
 pub fn use_quantized_weights(
     model: &mut ModelProto,
-    weights: &[String],
+    weights: &[(String, WeightQuant)],
     tensors: &[proto::TensorProto],
-    how: WeightQuant,
 ) -> Result<(), PassError> {
     let graph = model.graph.get_or_insert_with(Default::default);
-    let by_node = gemms_of(graph, weights)?;
+    let how_of: HashMap<&str, WeightQuant> = weights.iter().map(|(w, q)| (w.as_str(), *q)).collect();
+    let names: Vec<String> = weights.iter().map(|(w, _)| w.clone()).collect();
+    let by_node = gemms_of(graph, &names)?;
     let dims: HashMap<&str, [i64; 2]> = graph
         .initializer
         .iter()
@@ -278,7 +318,7 @@ pub fn use_quantized_weights(
         })
         .collect();
     let have: std::collections::HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-    for w in weights {
+    for (w, how) in weights {
         if let Some(missing) = how.names(w).iter().find(|n| !have.contains(n.as_str())) {
             return Err(PassError::MissingInitializer(missing.clone()));
         }
@@ -292,6 +332,9 @@ pub fn use_quantized_weights(
         let x = n.input.first().cloned().unwrap_or_default();
         let bias = n.input.get(2).cloned().unwrap_or_default();
         let [out, inp] = dims.get(w.as_str()).copied().unwrap_or([0, 0]);
+        let Some(how) = how_of.get(w.as_str()) else {
+            continue;
+        };
         let new = how.node(w, x, bias, out, inp);
         n.op_type = new.op_type;
         n.domain = new.domain;
@@ -304,7 +347,7 @@ pub fn use_quantized_weights(
         i += 1;
         !casts.contains(&(i - 1))
     });
-    let replaced: std::collections::HashSet<&String> = weights.iter().collect();
+    let replaced: std::collections::HashSet<&String> = names.iter().collect();
     graph.initializer.retain(|t| !replaced.contains(&t.name));
     graph.initializer.extend(tensors.iter().cloned());
     import_ms_domain(model);
@@ -355,7 +398,7 @@ mod tests {
     ) -> (tempfile::TempDir, std::path::PathBuf, ModelProto, Quantized) {
         let (d, src, mut m) = read_back();
         let data = d.path().join(data_name);
-        let q = quantize_linears(&mut m, &src, &["lin.weight".into()], &data, how).unwrap();
+        let q = quantize_linears(&mut m, &src, &[("lin.weight".into(), how)], &data).unwrap();
         (d, data, m, q)
     }
 
@@ -377,6 +420,22 @@ mod tests {
         let dims: Vec<_> = q.tensors.iter().map(|t| t.dims.clone()).collect();
         assert_eq!(dims, [vec![2, 1, 16], vec![2]]);
         assert!(data.is_file());
+    }
+
+    #[test]
+    fn gemm_becomes_matmul_nbits_with_8_bit_blocks_and_f32_activations() {
+        let (_d, _data, m, q) = quantized(WeightQuant::Int8Block, "q8b.data");
+        let g = m.graph.as_ref().unwrap();
+        let n = g.node.iter().find(|n| n.op_type == "MatMulNBits").unwrap();
+        assert_eq!(n.input[1..3], WeightQuant::Int8Block.names("lin.weight"));
+        let attr = |k: &str| n.attribute.iter().find(|a| a.name == k).unwrap().i;
+        assert_eq!(
+            (attr("bits"), attr("block_size"), attr("accuracy_level")),
+            (8, 32, ACCURACY_8BIT)
+        );
+        // [out, blocks, 32] codes and [out·blocks] scales.
+        let dims: Vec<_> = q.tensors.iter().map(|t| t.dims.clone()).collect();
+        assert_eq!(dims, [vec![2, 1, 32], vec![2]]);
     }
 
     #[test]
@@ -435,9 +494,8 @@ mod tests {
         let q = quantize_linears(
             &mut m,
             &src,
-            &["lin.weight".into()],
+            &[("lin.weight".into(), WeightQuant::Int8)],
             &d.path().join("q.data"),
-            WeightQuant::Int8,
         )
         .unwrap();
         assert_eq!(q.layers, 1);
@@ -458,7 +516,7 @@ mod tests {
     fn a_weight_no_gemm_reads_is_refused_before_anything_is_written() {
         let (d, src, mut m) = read_back();
         let data = d.path().join("q.data");
-        let e = quantize_linears(&mut m, &src, &["lin.bias".into()], &data, WeightQuant::Int8)
+        let e = quantize_linears(&mut m, &src, &[("lin.bias".into(), WeightQuant::Int8)], &data)
             .unwrap_err();
         assert!(
             matches!(e, PassError::NotGemm(ref w) if w == "lin.bias"),
@@ -467,9 +525,8 @@ mod tests {
         let e = quantize_linears(
             &mut m,
             &src,
-            &["nope.weight".into()],
+            &[("nope.weight".into(), WeightQuant::Int8)],
             &data,
-            WeightQuant::Int8,
         )
         .unwrap_err();
         assert!(matches!(e, PassError::MissingInitializer(_)), "{e}");

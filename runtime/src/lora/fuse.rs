@@ -340,6 +340,39 @@ pub fn check_finite(name: &str, v: &[f32]) -> Result<(), FuseError> {
     }
 }
 
+/// [`check_finite`] on stored factor bytes (f32, f16 or bf16), without widening them all at
+/// once: a switch checks a LoRA before writing any of it.
+pub fn check_finite_bytes(
+    name: &str,
+    bytes: &[u8],
+    dtype: v2l_graphs::DType,
+) -> Result<(), FuseError> {
+    const CHUNK: usize = 1024;
+    let mut buf = [0f32; CHUNK];
+    let size = dtype.size().max(1);
+    for (i, chunk) in bytes.chunks(CHUNK * size).enumerate() {
+        let n = chunk.len() / size;
+        let Some(dst) = buf.get_mut(..n) else {
+            break;
+        };
+        if v2l_graphs::dtype::f32_values_into(chunk, dtype, dst).is_none() {
+            return Err(FuseError::NonFinite {
+                name: format!("{name} (stored as {dtype}, not f32/f16/bf16 elements)"),
+                index: i * CHUNK,
+                value: f32::NAN,
+            });
+        }
+        if let Some((j, &value)) = dst.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(FuseError::NonFinite {
+                name: name.to_string(),
+                index: i * CHUNK + j,
+                value,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The inner loop this machine runs: `"avx2+f16c"` or `"portable"`.
 pub fn kernel_name() -> &'static str {
     Isa::detect().name()

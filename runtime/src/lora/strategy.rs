@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use v2l_contracts::LinearInfo;
 
 use super::apply::match_targets;
+use super::format::LoraLayer;
 use super::switch::{BaseWeights, Buffer, SwitchableWeights};
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
@@ -51,121 +52,147 @@ fn variant(dir: &Engine, name: &str) -> Result<PathBuf> {
         })
 }
 
-/// One target's LoRA factors for the unfused graph, one slot per sample: `A [samples, r, in]`,
-/// `B [samples, out, r]`, `scale [samples, 1, 1]`. A sample without a LoRA, and the rows and
+/// One sample's layer on one target of the unfused graph, with its fuse scale; `None`: that
+/// sample has no LoRA there (its branch adds exact zeros).
+type SampleLayer<'a> = Option<(&'a LoraLayer, f32)>;
+
+/// A target's factor inputs for the unfused graph, one slot per sample: `A [samples, rank, in]`,
+/// `B [samples, out, rank]`, `scale [samples, 1, 1]`. A sample without a LoRA, and the rows and
 /// columns beyond a LoRA's own rank, are zeros: they add exact zeros to the base output.
-struct SampleFactors {
+struct TargetFactors<'a> {
     rank: usize,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    scale: Vec<f32>,
+    samples: Vec<SampleLayer<'a>>,
 }
 
-impl SampleFactors {
-    fn zeros(t: &LinearInfo, samples: usize, rank: usize) -> SampleFactors {
-        SampleFactors {
-            rank,
-            a: vec![0.0; samples * rank * t.in_features],
-            b: vec![0.0; samples * t.out_features * rank],
-            scale: vec![0.0; samples],
-        }
-    }
-
-    /// Writes `plan` (`a [r, in]`, `b [out, r]`) into sample `i`'s slot.
-    fn put(&mut self, t: &LinearInfo, i: usize, plan: &super::fuse::FusePlan) {
-        // Slots are sized by `zeros` for this rank; the caller padded or refused larger ranks.
-        let (r, n_in, n_out, rr) = (plan.rank, t.in_features, t.out_features, self.rank);
-        if r == 0 || rr == 0 || n_in == 0 || n_out == 0 {
-            return;
-        }
-        let a = self.a.chunks_exact_mut(rr * n_in).nth(i);
-        if let (Some(dst), Some(src)) = (
-            a.and_then(|a| a.get_mut(..r * n_in)),
-            plan.a.get(..r * n_in),
-        ) {
-            dst.copy_from_slice(src);
-        }
-        if let Some(b) = self.b.chunks_exact_mut(n_out * rr).nth(i) {
-            for (row, src) in b.chunks_exact_mut(rr).zip(plan.b.chunks_exact(r)) {
-                if let Some(dst) = row.get_mut(..r) {
-                    dst.copy_from_slice(src);
-                }
-            }
-        }
-        if let Some(s) = self.scale.get_mut(i) {
-            *s = plan.scale;
-        }
-    }
-
-    fn into_inputs(self, t: &LinearInfo, samples: usize) -> [(String, Tensor); 3] {
-        let [a, b, s] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+impl TargetFactors<'_> {
+    fn shapes(&self, t: &LinearInfo) -> [Vec<usize>; 3] {
+        let n = self.samples.len();
         [
-            (
-                a,
-                Tensor::f32(vec![samples, self.rank, t.in_features], self.a),
-            ),
-            (
-                b,
-                Tensor::f32(vec![samples, t.out_features, self.rank], self.b),
-            ),
-            (s, Tensor::f32(vec![samples, 1, 1], self.scale)),
+            vec![n, self.rank, t.in_features],
+            vec![n, t.out_features, self.rank],
+            vec![n, 1, 1],
         ]
     }
+
+    /// Writes input `which` (0: A, 1: B, 2: scale) into `dst`, laid out as [`Self::shapes`].
+    /// Every element is written (zeros included), so `dst` may hold an earlier LoRA.
+    fn fill(&self, t: &LinearInfo, which: usize, dst: &mut [f32]) {
+        let (rr, n_in, n_out) = (self.rank, t.in_features, t.out_features);
+        let slot = match which {
+            0 => rr * n_in,
+            1 => n_out * rr,
+            _ => 1,
+        };
+        for (sample, dst) in self.samples.iter().zip(dst.chunks_exact_mut(slot.max(1))) {
+            dst.fill(0.0);
+            let Some((layer, scale)) = sample else {
+                continue;
+            };
+            let r = layer.rank();
+            let size = layer.a.dtype.size();
+            // Shapes were matched to the target and ranks to the slot by `plan_factors`.
+            let _ = match which {
+                0 => dst.get_mut(..r * n_in).and_then(|d| {
+                    v2l_graphs::dtype::f32_values_into(&layer.a.bytes, layer.a.dtype, d)
+                }),
+                1 => dst
+                    .chunks_exact_mut(rr.max(1))
+                    .zip(layer.b.bytes.chunks_exact((r * size).max(1)))
+                    .try_for_each(|(row, src)| {
+                        v2l_graphs::dtype::f32_values_into(src, layer.b.dtype, row.get_mut(..r)?)
+                    }),
+                _ => dst.first_mut().map(|d| *d = *scale),
+            };
+        }
+    }
 }
 
-/// The unfused graph's factor inputs for `samples`: one LoRA (or none) per sample of the DiT
-/// batch, or a single entry for the whole batch. Ranks are padded to the largest among the
-/// samples, or to `pad` (an engine's `--max-rank`, so a GPU engine sees one shape).
-fn unfused_factors(
-    targets: &[LinearInfo],
-    samples: &[Option<&AppliedLora>],
+/// Which layer of which sample's LoRA each target of the unfused graph takes, and the rank its
+/// factor inputs are padded to: the largest among the samples, or `pad` (an engine's
+/// `--max-rank`, so a GPU engine sees one shape). Everything a switch can refuse is checked
+/// here, before any input is written: unmatched layers, non-finite factors, ranks over `pad`.
+fn plan_factors<'a>(
+    targets: &'a [LinearInfo],
+    samples: &[Option<&'a AppliedLora>],
     pad: Option<usize>,
-) -> Result<BTreeMap<String, Tensor>> {
-    let mut plans: Vec<BTreeMap<&str, super::fuse::FusePlan>> = Vec::with_capacity(samples.len());
+) -> Result<Vec<TargetFactors<'a>>> {
+    let mut by_sample: Vec<BTreeMap<&str, (&'a LoraLayer, f32)>> = Vec::new();
     for lora in samples {
         let mut by_target = BTreeMap::new();
         if let Some(l) = lora {
             for (t, layer) in match_targets(&l.lora, targets, &l.source)? {
-                let fp = layer.fuse_plan(l.multiplier);
-                fp.check_finite(&layer.module)
-                    .map_err(|e| RuntimeError::Fuse {
-                        what: l.source.display().to_string(),
-                        source: e,
-                    })?;
-                by_target.insert(t.name.as_str(), fp);
+                for f in [&layer.a, &layer.b] {
+                    super::fuse::check_finite_bytes(&layer.module, &f.bytes, f.dtype).map_err(
+                        |e| RuntimeError::Fuse {
+                            what: l.source.display().to_string(),
+                            source: e,
+                        },
+                    )?;
+                }
+                // Matched by name: the layer's module is the target's.
+                debug_assert_eq!(t.name, layer.module);
+                by_target.insert(layer.module.as_str(), (layer, layer.scale(l.multiplier)));
             }
         }
-        plans.push(by_target);
+        by_sample.push(by_target);
     }
-    let mut out = BTreeMap::new();
-    for t in targets {
-        let most = plans
-            .iter()
-            .filter_map(|p| p.get(t.name.as_str()).map(|fp| fp.rank))
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let rank = match pad {
-            Some(r) if most > r => {
-                return Err(RuntimeError::Invalid {
-                    what: t.name.clone(),
-                    message: format!(
-                        "the LoRA has rank {most} here; this engine takes at most {r} (v2l-compile --max-rank)"
-                    ),
-                })
+    targets
+        .iter()
+        .map(|t| {
+            let layers: Vec<SampleLayer> = by_sample
+                .iter()
+                .map(|p| p.get(t.name.as_str()).copied())
+                .collect();
+            let most = layers
+                .iter()
+                .flatten()
+                .map(|(l, _)| l.rank())
+                .max()
+                .unwrap_or(1)
+                .max(1);
+            let rank = match pad {
+                Some(r) if most > r => {
+                    return Err(RuntimeError::Invalid {
+                        what: t.name.clone(),
+                        message: format!(
+                            "the LoRA has rank {most} here; this engine takes at most {r} (v2l-compile --max-rank)"
+                        ),
+                    })
+                }
+                Some(r) => r,
+                None => most,
+            };
+            Ok(TargetFactors {
+                rank,
+                samples: layers,
+            })
+        })
+        .collect()
+}
+
+/// Sets the unfused graph's factor inputs of `model` for `samples` (one LoRA or none per
+/// sample of the DiT batch). An input already held with the same shape (the usual switch
+/// between LoRAs of one rank) is rewritten in place: no allocation, one pass over the factors.
+fn write_factors(
+    model: &mut Model,
+    targets: &[LinearInfo],
+    samples: &[Option<&AppliedLora>],
+    pad: Option<usize>,
+) -> Result<()> {
+    let plan = plan_factors(targets, samples, pad)?;
+    for (t, f) in targets.iter().zip(&plan) {
+        let names = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+        for (which, (name, shape)) in names.into_iter().zip(f.shapes(t)).enumerate() {
+            if let Some(dst) = model.fixed_f32_mut(&name, &shape) {
+                f.fill(t, which, dst);
+                continue;
             }
-            Some(r) => r,
-            None => most,
-        };
-        let mut f = SampleFactors::zeros(t, samples.len(), rank);
-        for (i, p) in plans.iter().enumerate() {
-            if let Some(fp) = p.get(t.name.as_str()) {
-                f.put(t, i, fp);
-            }
+            let mut v = vec![0f32; shape.iter().product()];
+            f.fill(t, which, &mut v);
+            model.set_fixed_inputs(vec![(name, Tensor::f32(shape, v))])?;
         }
-        out.extend(f.into_inputs(t, samples.len()));
     }
-    Ok(out)
+    Ok(())
 }
 
 impl DitRunner {
@@ -200,11 +227,7 @@ impl DitRunner {
             Strategy::Unfused => {
                 let mut m = Model::load(&variant(dir, "unfused")?, &dir.dit_options(opts))?;
                 let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
-                m.set_fixed_inputs(
-                    unfused_factors(&targets, &[None], pad)?
-                        .into_iter()
-                        .collect(),
-                )?;
+                write_factors(&mut m, &targets, &[None], pad)?;
                 m
             }
         };
@@ -284,8 +307,7 @@ impl DitRunner {
             [one] => vec![one.as_ref(); batch],
             many => many.iter().map(|l| l.as_ref()).collect(),
         };
-        let fixed = unfused_factors(&self.targets, &per_sample, self.max_rank)?;
-        self.model.set_fixed_inputs(fixed.into_iter().collect())?;
+        write_factors(&mut self.model, &self.targets, &per_sample, self.max_rank)?;
         self.laid_out = batch;
         Ok(())
     }
