@@ -91,7 +91,9 @@ pub fn cpu_line(cpu: &serde_json::Value, threads: usize) -> String {
     )
 }
 
-fn lora(engine: &Engine, rank: usize, seed: u64) -> Result<AppliedLora, Failure> {
+/// A generated LoRA of `rank` on every targeted layer of `engine`'s DiT (small Gaussian
+/// factors, seeded by `seed`).
+pub(crate) fn lora(engine: &Engine, rank: usize, seed: u64) -> Result<AppliedLora, Failure> {
     let layers = engine
         .dit_targets()?
         .iter()

@@ -550,9 +550,7 @@ fn bench_switch(
     rank: usize,
 ) -> Result<(f64, f64), Failure> {
     use v2l_runtime::engine::Engine;
-    use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
     use v2l_runtime::lora::strategy::DitRunner;
-    use v2l_runtime::lora::AppliedLora;
     let dir = Engine::open(engine)?;
     let opts = dir.session_options(threads);
     let before = status_mb("RssAnon:");
@@ -560,36 +558,8 @@ fn bench_switch(
     let added = status_mb("RssAnon:") - before;
     // Two LoRAs of the same rank: a switch is from one to the other, as a server serving
     // different effects makes it (the first LoRA after none lays the factor inputs out).
-    let lora = |seed: u64| -> Result<AppliedLora, Failure> {
-        let layers = dir
-            .dit_targets()?
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let s = seed + 2 * i as u64;
-                let a = v2l_runtime::tensor::gaussian_noise(vec![rank * t.in_features], s);
-                let b =
-                    v2l_runtime::tensor::gaussian_noise(vec![t.out_features * rank], s + 1);
-                let small = |v: &[f32]| v.iter().map(|x| x * 0.01).collect::<Vec<f32>>();
-                Ok(LoraLayer {
-                    module: t.name.clone(),
-                    a: Factor::from_f32([rank, t.in_features], &small(a.as_f32("a")?)),
-                    b: Factor::from_f32([t.out_features, rank], &small(b.as_f32("b")?)),
-                    alpha: rank as f32,
-                })
-            })
-            .collect::<Result<Vec<_>, v2l_runtime::RuntimeError>>()?;
-        Ok(AppliedLora {
-            lora: Lora {
-                format: LoraFormat::Diffusers,
-                layers,
-            }
-            .into(),
-            source: format!("<generated {seed}>").into(),
-            multiplier: 1.0,
-        })
-    };
-    let loras = [lora(0)?, lora(1 << 32)?];
+    let lora = |seed| crate::bench_lora_batch::lora(&dir, rank, seed);
+    let loras = [lora(0)?, lora(1)?];
     runner.set_lora(&dir, Some(&loras[1]))?;
     let mut times = Vec::new();
     for i in 0..repeat.max(1) {
