@@ -145,7 +145,7 @@ pub fn bench_pipeline(
             let (g, ms) = time(|| p.generate(&req, &mut |_, _| true));
             let g = g?;
             totals.push(ms);
-            gens.push(g.timings);
+            gens.push(g.timings.ms);
         }
         let col = |k: &str| {
             gens.iter()

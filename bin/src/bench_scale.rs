@@ -53,6 +53,16 @@ fn fail(what: impl std::fmt::Display) -> Failure {
 /// Runs `cmd` to completion: its wall time, and its peak RSS as it reports it (`peak_rss_mb` in
 /// its last JSON line), else from the kernel (`wait4`, an upper bound: see below).
 pub fn run_measured(cmd: &mut Command) -> Result<ProcRun, Failure> {
+    let (run, failed) = run_process(cmd)?;
+    match failed {
+        None => Ok(run),
+        Some(how) => Err(fail(format!("{cmd:?} {how}; its stderr is above"))),
+    }
+}
+
+/// [`run_measured`] that also returns a failed run (with how it failed: "exited with 1",
+/// "was killed by signal 9", ...), whose peak is the kernel's.
+pub fn run_process(cmd: &mut Command) -> Result<(ProcRun, Option<String>), Failure> {
     let shown = format!("{cmd:?}");
     let t = Instant::now();
     let out_file = tempfile::NamedTempFile::new().map_err(|e| fail(format!("temp file: {e}")))?;
@@ -73,11 +83,13 @@ pub fn run_measured(cmd: &mut Command) -> Result<ProcRun, Failure> {
         return Err(fail(format!("waiting for {shown} failed")));
     }
     let text = std::fs::read_to_string(out_file.path()).unwrap_or_default();
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        return Err(fail(format!(
-            "{shown} failed (status {status}); its stderr is above"
-        )));
-    }
+    let failed = if libc::WIFSIGNALED(status) {
+        Some(format!("was killed by signal {}", libc::WTERMSIG(status)))
+    } else if libc::WEXITSTATUS(status) != 0 {
+        Some(format!("exited with {}", libc::WEXITSTATUS(status)))
+    } else {
+        None
+    };
     // The child's own report where it gives one (`v2l-run --json`, the PyTorch script): Linux
     // carries this bench's peak across fork and exec into the child's `ru_maxrss`, which
     // over-states a small child by the bench's own size (1.08 GB against 0.54 GB measured for
@@ -88,11 +100,12 @@ pub fn run_measured(cmd: &mut Command) -> Result<ProcRun, Failure> {
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .and_then(|j| j["peak_rss_mb"].as_f64())
         .filter(|&mb| mb > 0.0);
-    Ok(ProcRun {
+    let run = ProcRun {
         wall_s,
         peak_rss_mb: reported.unwrap_or(usage.ru_maxrss as f64 * 1024.0 / 1e6),
         stdout: text,
-    })
+    };
+    Ok((run, failed))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

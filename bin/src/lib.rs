@@ -9,6 +9,7 @@ use std::fmt::Display;
 use std::process::ExitCode;
 
 pub mod bench_attention;
+pub mod bench_e2e;
 pub mod bench_fuse;
 pub mod bench_gpu;
 pub mod bench_hypernet;
@@ -100,15 +101,7 @@ impl From<v2l_graphs::WriteError> for Failure {
 /// parent's `wait4`/`getrusage` figure is no substitute: Linux carries the spawning process's
 /// peak across fork and exec into the child's `ru_maxrss`. 0 where `/proc` is missing.
 pub fn own_peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb * 1024.0 / 1e6)
-        .unwrap_or(0.0)
+    v2l_runtime::stages::process_peak_rss_mb()
 }
 
 /// Runs `f`, printing a failure as `error: …` / `hint: …` and mapping it to exit code 1.

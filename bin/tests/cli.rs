@@ -134,7 +134,9 @@ fn every_help_has_an_example_and_is_stable() {
         ),
         (
             "v2l-bench",
-            &["pipeline", "export", "scale", "fuse", "serve", "hypernet"],
+            &[
+                "pipeline", "export", "scale", "fuse", "serve", "hypernet", "e2e",
+            ],
         ),
         ("v2l-serve", &[]),
     ];

@@ -186,6 +186,61 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
     );
     assert_eq!(fa["frames"], fb["frames"], "same seed, different frames");
 
+    // --stage-memory: every stage of a reference run has its wall time and its own peak, and
+    // the process peak survives the resets between stages.
+    let reference = t.join("e2e_io.safetensors");
+    let o = run(
+        &[
+            "--reference",
+            reference.to_str().unwrap(),
+            "--json",
+            "--stage-memory",
+        ],
+        &d.path().join("staged.mp4"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let peaks = &j["stage_peak_rss_mb"];
+    let mut highest = 0.0f64;
+    for stage in [
+        "load",
+        "reference_encode",
+        "hypernetwork",
+        "lora_fuse",
+        "vae_encode",
+        "dit_step",
+        "vae_decode",
+    ] {
+        let (ms, mb) = (j["stages_ms"][stage].as_f64(), peaks[stage].as_f64());
+        assert!(ms.is_some() && mb.is_some(), "{stage} missing in {line}");
+        assert!(mb.unwrap() > 0.0, "{stage}: {line}");
+        highest = highest.max(mb.unwrap());
+    }
+    assert_eq!(
+        j["dit_steps_ms"].as_array().map(Vec::len),
+        Some(2),
+        "{line}"
+    );
+    assert_eq!(
+        j["dit_steps_peak_rss_mb"].as_array().map(Vec::len),
+        Some(2),
+        "{line}"
+    );
+    assert!(j["peak_rss_mb"].as_f64().unwrap() >= highest, "{line}");
+    // Without --json there is nowhere to put the figures: a usage error.
+    let o = run(&["--stage-memory"], &d.path().join("x.mp4"));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     let fails = |o: std::process::Output, needle: &str| {
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(1), "{err}");

@@ -20,5 +20,6 @@ pub mod bundle;
 pub mod calibrate;
 
 pub use bundle::{
-    compile, compile_with, default_attention, default_strategy, fuses_attention, quantised_as, Options,
+    compile, compile_with, default_attention, default_strategy, fuses_attention, quantised_as,
+    Options,
 };

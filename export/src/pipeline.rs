@@ -407,6 +407,7 @@ pub fn pipeline(
     hypernet_file: Option<&Path>,
     lilora: Option<&Path>,
     iterations: usize,
+    weight_dtype: DType,
     out: &Output,
 ) -> Result<()> {
     let sched = model.join("scheduler").join("scheduler_config.json");
@@ -452,7 +453,7 @@ pub fn pipeline(
     if let Ok(m) = Manifest::read(&out.output) {
         m.write(&stage.output)?;
     }
-    dit(&model.join("transformer"), &stage, DType::F32)?;
+    dit(&model.join("transformer"), &stage, weight_dtype)?;
     vae(&model.join("vae"), &stage)?;
     // The prompt encoder, when the pipeline directory has one.
     if model.join("text_encoder").join("config.json").is_file() {
@@ -461,12 +462,12 @@ pub fn pipeline(
             &model.join("text_encoder"),
             tok.is_dir().then_some(tok.as_path()),
             &stage,
-            DType::F32,
+            weight_dtype,
         )?;
     }
     // Wan I2V's CLIP vision encoder, when the pipeline has one.
     if model.join("image_encoder").join("config.json").is_file() {
-        image_encoder(&model.join("image_encoder"), &stage, DType::F32)?;
+        image_encoder(&model.join("image_encoder"), &stage, weight_dtype)?;
     }
     if let (Some(h), Some(l)) = (hypernet_file, lilora) {
         hypernet(h, l, &model.join("transformer"), iterations, &stage)?;

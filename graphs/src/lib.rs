@@ -22,6 +22,6 @@ pub mod write;
 pub use builder::{Attr, Dim, Graph, Initializer, IoSpec, TensorData, Value, OPSET};
 pub use dtype::DType;
 pub use write::{
-    external_data_files, for_each_initializer, locate_initializers, read_initializers, read_model, save, write_model,
-    ExternalData, InitializerData, InitializerInfo, WriteError, Written,
+    external_data_files, for_each_initializer, locate_initializers, read_initializers, read_model,
+    save, write_model, ExternalData, InitializerData, InitializerInfo, WriteError, Written,
 };

@@ -112,7 +112,10 @@ pub fn quantize_blockwise(
     inp: usize,
     bits: u32,
 ) -> Option<(Vec<u8>, Vec<f32>)> {
-    if !matches!(bits, 4 | 8) || w.len() != out.checked_mul(inp)? || w.iter().any(|x| !x.is_finite()) {
+    if !matches!(bits, 4 | 8)
+        || w.len() != out.checked_mul(inp)?
+        || w.iter().any(|x| !x.is_finite())
+    {
         return None;
     }
     let zero = 1u8 << (bits - 1);
@@ -205,7 +208,10 @@ mod tests {
                 for i in 0..inp {
                     let s = scales[o * 3 + i / 32];
                     let err = (back[o * inp + i] - w[o * inp + i]).abs();
-                    assert!(err <= 0.5 * s * (1.0 + 1e-5), "{bits} bits [{o}][{i}]: {err}");
+                    assert!(
+                        err <= 0.5 * s * (1.0 + 1e-5),
+                        "{bits} bits [{o}][{i}]: {err}"
+                    );
                 }
             }
         }

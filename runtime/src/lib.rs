@@ -47,6 +47,7 @@ pub mod request;
 pub mod rope;
 pub mod scheduler;
 pub mod session;
+pub mod stages;
 pub mod tensor;
 pub mod text;
 pub mod vae;

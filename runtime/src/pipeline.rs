@@ -12,7 +12,6 @@
 //! into the DiT's weights before the loop: the same LoRA serves both guidance branches, so
 //! fusing is exact.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 use v2l_contracts::io::vae as vae_io;
 
@@ -25,6 +24,7 @@ use crate::lora::AppliedLora;
 use crate::predict::Predictor;
 use crate::scheduler::SchedulerConfig;
 use crate::session::SessionOptions;
+use crate::stages::Timings;
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
@@ -80,8 +80,9 @@ pub struct Generation {
     pub reference_latents: Option<Tensor>,
     pub hyper_weights: Option<Tensor>,
     pub lora: Option<Lora>,
-    /// Stage name → milliseconds.
-    pub timings: BTreeMap<String, f64>,
+    /// Stage name → milliseconds (and each stage's peak RSS when
+    /// [`Pipeline::set_stage_memory`] asked for it).
+    pub timings: Timings,
 }
 
 /// A loaded pipeline: VAE, DiT (rebuilt with fused weights when a LoRA is applied), scheduler.
@@ -94,6 +95,8 @@ pub struct Pipeline {
     /// The LoRA set by [`Pipeline::set_lora`] (`None`: base weights); a request's own LoRA
     /// ([`RequestLora`]) replaces it for that request only.
     applied: Option<AppliedLora>,
+    /// Whether requests measure each stage's peak RSS ([`crate::stages`]).
+    stage_memory: bool,
 }
 
 impl Pipeline {
@@ -145,6 +148,7 @@ impl Pipeline {
             family,
             predictor,
             applied: None,
+            stage_memory: false,
         })
     }
 
@@ -159,6 +163,12 @@ impl Pipeline {
         self.dit.set_lora(&self.dir, lora)?;
         self.applied = lora.cloned();
         Ok(())
+    }
+
+    /// Measure each stage's own peak RSS in [`Generation::timings`]. It resets the process's
+    /// high-water mark between stages ([`crate::stages`]), so it is off unless asked for.
+    pub fn set_stage_memory(&mut self, on: bool) {
+        self.stage_memory = on;
     }
 
     /// Sample the VAE posterior (mean + σ·ε, ε from `seed`) instead of taking its mode, for the
@@ -182,11 +192,12 @@ impl Pipeline {
         clip: &Frames,
         lora_weight: f32,
     ) -> Result<crate::predict::Prediction> {
-        let p = self.predictor.as_mut().ok_or_else(|| RuntimeError::Invalid {
-            what: self.dir.dir.display().to_string(),
-            message: "holds no hypernetwork; export with `v2l-export pipeline ... --hypernet F --lilora F`".into(),
-        })?;
-        p.predict(&mut self.vae, clip, lora_weight)
+        let vae = &mut self.vae;
+        let p = self
+            .predictor
+            .as_mut()
+            .ok_or_else(|| no_hypernet(&self.dir))?;
+        p.predict(vae, clip, lora_weight)
     }
 
     /// Runs one request; `progress(step, steps)` is called after each denoising step and
@@ -201,10 +212,13 @@ impl Pipeline {
         req: &Request,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generation> {
-        let t_all = Instant::now();
-        let shape = self.check_request(req)?;
-        let mut timings = BTreeMap::new();
-        let (prediction, switched) = self.apply_request_lora(&req.lora, &mut timings)?;
+        let Begun {
+            t_all,
+            shape,
+            mut timings,
+            prediction,
+            switched,
+        } = self.begin(req)?;
         let result = self.run_request(req, &shape, &mut timings, progress);
         if switched {
             // Restore before reporting anything: a failed restore must not go unnoticed.
@@ -214,21 +228,21 @@ impl Pipeline {
         }
         let (frames, latents_steps) = result?;
         timings.insert("total".into(), ms(t_all));
-        let (reference_latents, hyper_weights, lora) = match prediction {
-            Some(p) => (
-                Some(p.reference_latents),
-                Some(p.hyper_weights),
-                Some(p.lora),
-            ),
-            None => (None, None, None),
-        };
-        Ok(Generation {
-            frames,
-            latents_steps,
-            reference_latents,
-            hyper_weights,
-            lora,
+        Ok(generation(frames, latents_steps, prediction, timings))
+    }
+
+    /// Steps 0 and 1, with the request's clock and timings started.
+    fn begin(&mut self, req: &Request) -> Result<Begun> {
+        let t_all = Instant::now();
+        let shape = self.check_request(req)?;
+        let mut timings = Timings::with_memory(self.stage_memory);
+        let (prediction, switched) = self.apply_request_lora(&req.lora, &mut timings)?;
+        Ok(Begun {
+            t_all,
+            shape,
             timings,
+            prediction,
+            switched,
         })
     }
 
@@ -362,7 +376,7 @@ impl Pipeline {
     fn apply_request_lora(
         &mut self,
         choice: &RequestLora,
-        timings: &mut BTreeMap<String, f64>,
+        timings: &mut Timings,
     ) -> Result<(Option<crate::predict::Prediction>, bool)> {
         match choice {
             RequestLora::Resident => return Ok((None, false)),
@@ -381,15 +395,18 @@ impl Pipeline {
     fn request_lora(
         &mut self,
         choice: &RequestLora,
-        timings: &mut BTreeMap<String, f64>,
+        timings: &mut Timings,
     ) -> Result<(Option<crate::predict::Prediction>, Option<AppliedLora>)> {
         Ok(match choice {
             RequestLora::Resident => (None, self.applied.clone()),
             RequestLora::Base => (None, None),
             RequestLora::Reference(clip, weight) => {
-                let t = Instant::now();
-                let p = self.predict(clip, *weight)?;
-                timings.insert("predict_lora".into(), ms(t));
+                let vae = &mut self.vae;
+                let predictor = self
+                    .predictor
+                    .as_mut()
+                    .ok_or_else(|| no_hypernet(&self.dir))?;
+                let p = predictor.predict_timed(vae, clip, *weight, timings)?;
                 let applied = AppliedLora {
                     lora: p.lora.clone().into(),
                     source: "reference".into(),
@@ -456,8 +473,10 @@ impl Pipeline {
             }
             shapes.push(shape);
         }
-        let mut timings: Vec<BTreeMap<String, f64>> =
-            requests.iter().map(|_| BTreeMap::new()).collect();
+        let mut timings: Vec<Timings> = requests
+            .iter()
+            .map(|_| Timings::with_memory(self.stage_memory))
+            .collect();
         let mut predictions = Vec::with_capacity(requests.len());
         let mut loras = Vec::with_capacity(requests.len());
         for (r, t) in requests.iter().zip(&mut timings) {
@@ -499,32 +518,14 @@ impl Pipeline {
         self.dit.set_lora(&self.dir, self.applied.as_ref())?;
         let restore = ms(t);
         let (done, dit_ms) = result?;
-        let step = median(dit_ms);
         let mut out = Vec::with_capacity(requests.len());
         for (((d, shape), mut tm), p) in done.into_iter().zip(&shapes).zip(timings).zip(predictions)
         {
             tm.insert("lora_restore".into(), restore);
-            if let Some(m) = step {
-                tm.insert("dit_step".into(), m);
-            }
+            tm.steps(dit_ms.clone());
             let frames = self.decode(&d.latents, shape, &mut tm)?;
             tm.insert("total".into(), ms(t_all));
-            let (reference_latents, hyper_weights, lora) = match p {
-                Some(p) => (
-                    Some(p.reference_latents),
-                    Some(p.hyper_weights),
-                    Some(p.lora),
-                ),
-                None => (None, None, None),
-            };
-            out.push(Generation {
-                frames,
-                latents_steps: d.steps,
-                reference_latents,
-                hyper_weights,
-                lora,
-                timings: tm,
-            });
+            out.push(generation(frames, d.steps, p, tm));
         }
         Ok(out)
     }
@@ -534,24 +535,37 @@ impl Pipeline {
         &mut self,
         req: &Request,
         shape: &LatentShape,
-        timings: &mut BTreeMap<String, f64>,
+        timings: &mut Timings,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        let d = self.denoise_request(req, shape, timings, progress)?;
+        let frames = self.decode(&d.latents, shape, timings)?;
+        Ok((frames, d.steps))
+    }
+
+    /// Steps 2 and 3: encode the first frame, denoise.
+    fn denoise_request(
+        &mut self,
+        req: &Request,
+        shape: &LatentShape,
+        timings: &mut Timings,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<denoise::Denoised> {
         let parts = Parts {
             vae: &mut self.vae,
             entry: dit_entry(&self.dir)?,
         };
         let lane = self.family.lane(parts, req, shape, timings)?;
-        let (mut done, dit_ms) = denoise::run(&mut self.dit, vec![lane], progress)?;
-        let d = done.pop().ok_or_else(|| RuntimeError::Invalid {
+        let mut on_step = |i: usize, n: usize| {
+            timings.end_step();
+            progress(i, n)
+        };
+        let (mut done, dit_ms) = denoise::run(&mut self.dit, vec![lane], &mut on_step)?;
+        timings.steps(dit_ms);
+        done.pop().ok_or_else(|| RuntimeError::Invalid {
             what: "denoise".into(),
             message: "no result".into(),
-        })?;
-        if let Some(m) = median(dit_ms) {
-            timings.insert("dit_step".into(), m);
-        }
-        let frames = self.decode(&d.latents, shape, timings)?;
-        Ok((frames, d.steps))
+        })
     }
 
     /// Step 4: latents → frames `[1, F, H, W, 3]` in [0, 1].
@@ -559,12 +573,85 @@ impl Pipeline {
         &mut self,
         latents: &[f32],
         shape: &LatentShape,
-        timings: &mut BTreeMap<String, f64>,
+        timings: &mut Timings,
     ) -> Result<Tensor> {
+        decode_with(&*self.family, &mut self.vae, latents, shape, timings)
+    }
+
+    /// Runs one request, releasing each part once the request is done with it: the
+    /// hypernetwork after its prediction, the DiT before the VAE decodes. For one-shot
+    /// callers (`v2l-run`): at CogVideoX-5B size the int8 DiT (~6 GB with its activations
+    /// gone) and the decoder's working memory (5.9 GB tiled at 256×384) are then never
+    /// resident together. The pipeline is consumed; a request fails as
+    /// [`Pipeline::generate`]'s would.
+    pub fn generate_once(
+        mut self,
+        req: &Request,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Generation> {
+        let mut b = self.begin(req)?;
+        let (shape, timings) = (b.shape, &mut b.timings);
+        self.predictor = None;
+        crate::session::release_freed_memory();
+        let d = self.denoise_request(req, &shape, timings, progress)?;
+        // Moved out and dropped here, not at the end of the function as the rest of `self` is.
         let t = Instant::now();
-        let video = self.family.decode(&mut self.vae, latents, shape)?;
-        timings.insert("vae_decode".into(), ms(t));
-        to_frames(&video)
+        drop(self.dit);
+        crate::session::release_freed_memory();
+        // A stage of its own, so the decode's peak starts without the DiT.
+        timings.insert("dit_release".into(), ms(t));
+        let frames = decode_with(&*self.family, &mut self.vae, &d.latents, &shape, timings)?;
+        timings.insert("total".into(), ms(b.t_all));
+        Ok(generation(frames, d.steps, b.prediction, b.timings))
+    }
+}
+
+/// A request after steps 0 and 1 ([`Pipeline::begin`]).
+struct Begun {
+    t_all: Instant,
+    shape: LatentShape,
+    timings: Timings,
+    prediction: Option<crate::predict::Prediction>,
+    /// Whether the DiT left the pipeline's own LoRA (to restore after).
+    switched: bool,
+}
+
+/// Step 4 for `family`: latents → frames `[1, F, H, W, 3]` in [0, 1].
+fn decode_with(
+    family: &dyn FamilySteps,
+    vae: &mut Vae,
+    latents: &[f32],
+    shape: &LatentShape,
+    timings: &mut Timings,
+) -> Result<Tensor> {
+    let t = Instant::now();
+    let video = family.decode(vae, latents, shape)?;
+    timings.insert("vae_decode".into(), ms(t));
+    to_frames(&video)
+}
+
+/// What a run produced, with the prediction's intermediates when there was one.
+fn generation(
+    frames: Tensor,
+    latents_steps: Vec<Tensor>,
+    prediction: Option<crate::predict::Prediction>,
+    timings: Timings,
+) -> Generation {
+    let (reference_latents, hyper_weights, lora) = match prediction {
+        Some(p) => (
+            Some(p.reference_latents),
+            Some(p.hyper_weights),
+            Some(p.lora),
+        ),
+        None => (None, None, None),
+    };
+    Generation {
+        frames,
+        latents_steps,
+        reference_latents,
+        hyper_weights,
+        lora,
+        timings,
     }
 }
 
@@ -586,7 +673,7 @@ trait FamilySteps: Send {
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
-        timings: &mut BTreeMap<String, f64>,
+        timings: &mut Timings,
     ) -> Result<denoise::Lane>;
     /// Step 4: the final latents → the video `[1, 3, F, H, W]` in [-1, 1].
     fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor>;
@@ -661,9 +748,13 @@ impl LatentShape {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied()
+fn no_hypernet(dir: &Engine) -> RuntimeError {
+    RuntimeError::Invalid {
+        what: dir.dir.display().to_string(),
+        message:
+            "holds no hypernetwork; export with `v2l-export pipeline ... --hypernet F --lilora F`"
+                .into(),
+    }
 }
 
 fn ms(t: Instant) -> f64 {

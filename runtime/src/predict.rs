@@ -14,6 +14,7 @@ use crate::error::{Result, RuntimeError};
 use crate::lora::format::Lora;
 use crate::lora::lilora::LiLora;
 use crate::session::{Model, SessionOptions};
+use crate::stages::Timings;
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
@@ -113,7 +114,20 @@ impl Predictor {
         frames: &Frames,
         lora_weight: f32,
     ) -> Result<Prediction> {
+        self.predict_timed(vae, frames, lora_weight, &mut Timings::default())
+    }
+
+    /// [`Predictor::predict`], recording its two stages: `reference_encode` (the VAE) and
+    /// `hypernetwork` (the rows and the LoRA they make).
+    pub fn predict_timed(
+        &mut self,
+        vae: &mut Vae,
+        frames: &Frames,
+        lora_weight: f32,
+        timings: &mut Timings,
+    ) -> Result<Prediction> {
         check_reference(frames, "reference clip")?;
+        let t = std::time::Instant::now();
         let mean = vae.latent(&frames.to_unit_video()?)?;
         let sf = vae.entry.scaling_factor as f32;
         let latents = Tensor::f32(
@@ -123,6 +137,8 @@ impl Predictor {
                 .map(|v| v * sf)
                 .collect(),
         );
+        timings.insert("reference_encode".into(), t.elapsed().as_secs_f64() * 1e3);
+        let t = std::time::Instant::now();
         let hw = self.hyper_weights(&latents)?;
         let width = hw.shape.last().copied().unwrap_or(0);
         let rows = hw.as_f32("hyper_weights")?;
@@ -139,6 +155,7 @@ impl Predictor {
         crate::error::check_finite(|| "hypernetwork (the predicted LoRA rows)".into(), rows)?;
         let lora = self.lilora.to_lora(rows, width, lora_weight, lora_weight)?;
         crate::lora::format::check_values(Path::new("predicted LoRA"), &lora.layers)?;
+        timings.insert("hypernetwork".into(), t.elapsed().as_secs_f64() * 1e3);
         Ok(Prediction {
             reference_latents: latents,
             hyper_weights: hw,

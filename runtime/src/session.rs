@@ -10,6 +10,7 @@ use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
 
 mod pager;
+pub use pager::release_freed_memory;
 
 /// Session settings that matter for speed and reproducibility.
 #[derive(Clone, Debug, Default)]
@@ -247,9 +248,16 @@ impl Model {
         if self.device.is_some() {
             return None;
         }
-        let (have, data) = self.fixed.get_mut(name)?.try_extract_tensor_mut::<f32>().ok()?;
+        let (have, data) = self
+            .fixed
+            .get_mut(name)?
+            .try_extract_tensor_mut::<f32>()
+            .ok()?;
         let same = have.len() == shape.len()
-            && have.iter().zip(shape).all(|(&a, &b)| usize::try_from(a) == Ok(b));
+            && have
+                .iter()
+                .zip(shape)
+                .all(|(&a, &b)| usize::try_from(a) == Ok(b));
         same.then_some(data)
     }
 

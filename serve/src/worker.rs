@@ -494,7 +494,7 @@ impl Worker {
         dir: &Path,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<(), Stop> {
-        timings.extend(gen.timings.iter().map(|(k, v)| (k.clone(), *v)));
+        timings.extend(gen.timings.ms.iter().map(|(k, v)| (k.clone(), *v)));
         let t = Instant::now();
         let rgb = v2l_runtime::video::to_rgb8(&gen.frames)?;
         v2l_runtime::video::write_mp4(&dir.join(VIDEO_FILE), &rgb, p.fps).map_err(|e| {

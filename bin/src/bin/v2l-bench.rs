@@ -93,6 +93,17 @@ enum Command {
     ///   v2l-bench lora-batch --repeat 3 --json
     #[command(verbatim_doc_comment)]
     LoraBatch(v2l_cli::bench_lora_batch::LoraBatchBench),
+    /// The whole CogVideoX-5B-I2V job at real size, as a user runs it: generates (or reuses
+    /// from its cache) a full pipeline directory with generated weights, then runs
+    /// `v2l-export pipeline`, `v2l-compile`, `v2l-lora predict` and `v2l-run --prompt
+    /// --reference --image` as separate processes, with every stage's wall time and own peak
+    /// RSS, and diffusers' CogVideoXImageToVideoPipeline (bf16, the same LoRA file) beside it.
+    /// Needs ~50 GB of disk and 24 GB of RAM; about 40 minutes on 2 cores the first time
+    ///
+    /// Example:
+    ///   v2l-bench e2e --model cogvideox-5b-i2v --torch-python ~/venv/bin/python --json
+    #[command(verbatim_doc_comment)]
+    E2e(v2l_cli::bench_e2e::E2eBench),
     /// Export a full-size CogVideoX-5B DiT or T5-XXL text encoder (generated bf16 weights) and
     /// report time and peak memory; the T5 is then run once on 226 tokens as its own process
     ///
@@ -309,6 +320,10 @@ fn main() -> ExitCode {
         Command::LoraBatch(mut b) => {
             b.json = cli.json;
             v2l_cli::bench_lora_batch::bench_lora_batch(&b)
+        }
+        Command::E2e(mut b) => {
+            b.json = cli.json;
+            v2l_cli::bench_e2e::bench_e2e(&b)
         }
         Command::Gpu(mut b) => {
             b.json = cli.json;

@@ -160,6 +160,11 @@ struct GenerateArgs {
     /// Print a JSON summary (timings per stage, output paths) on stdout
     #[arg(long)]
     json: bool,
+    /// Also measure each stage's own peak RSS (text encode, load, reference encode,
+    /// hypernetwork, LoRA, each DiT step, VAE decode) into the --json summary. It resets the
+    /// kernel's per-process high-water mark between stages; for benchmarks
+    #[arg(long, requires = "json")]
+    stage_memory: bool,
 }
 
 #[derive(Subcommand)]
@@ -642,8 +647,11 @@ fn generate(
     };
     let checked = settings.check(&dir, &limits)?;
     let (frames, height, width) = (checked.frames, checked.height, checked.width);
+    // Stages outside the pipeline (text encode, load) are recorded here, the rest by it.
+    let mut outer = v2l_runtime::stages::Timings::with_memory(g.stage_memory);
     let (prompt_embeds, negative_prompt_embeds) = match (&g.prompt, &g.prompt_embeds) {
         (Some(text), _) => {
+            let t = std::time::Instant::now();
             let len = checked.sequence_length()?;
             let mut enc = v2l_runtime::text::prompt::PromptEncoder::load(&dir, opts)?;
             let mut encode = |what: &str, text: &str| {
@@ -655,10 +663,15 @@ fn generate(
                 enc.encode(text, len, &mut warn).map(|(_, e)| e)
             };
             let negative = g.negative_prompt.as_deref().unwrap_or("");
-            (
+            let embeds = (
                 encode("--prompt", text)?,
                 encode("--negative-prompt", negative)?,
-            )
+            );
+            // The encoder (10 GB for a T5-XXL) is gone before the DiT loads.
+            drop(enc);
+            v2l_runtime::session::release_freed_memory();
+            outer.insert("text_encode".into(), ms_since(t));
+            embeds
         }
         (None, Some(path)) => {
             let prompts = read_safetensors(path)?;
@@ -732,6 +745,7 @@ fn generate(
         (None, Some(seed)) => checked.seeded_noise(&dir, seed)?,
         (None, None) => unreachable!("checked above"),
     };
+    let t_load = std::time::Instant::now();
     let mut pipeline = match &g.lora_strategy {
         None => Pipeline::load(dir, opts)?,
         Some(s) => {
@@ -743,6 +757,8 @@ fn generate(
             Pipeline::load_with_strategy(dir, opts, strategy)?
         }
     };
+    outer.insert("load".into(), ms_since(t_load));
+    pipeline.set_stage_memory(g.stage_memory);
     pipeline.set_posterior_sampling(g.posterior_seed);
     pipeline.set_vae_tiling(g.vae_tiling.into());
     let attention = pipeline.engine().attention();
@@ -763,7 +779,8 @@ fn generate(
     };
     let bar = !g.quiet && std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
-    let gen = pipeline.generate(&req, &mut |i, n| {
+    // One request: each part is released once done with (the DiT before the VAE decodes).
+    let gen = pipeline.generate_once(&req, &mut |i, n| {
         if bar {
             let w = 30;
             let done = i * w / n.max(1);
@@ -801,13 +818,21 @@ fn generate(
         write_safetensors(d, &m)?;
     }
     if g.json {
+        let mut stages = gen.timings;
+        stages.ms.extend(outer.ms);
+        if let (Some(all), Some(mine)) = (&mut stages.peak_rss_mb, outer.peak_rss_mb) {
+            all.extend(mine);
+        }
         println!(
             "{}",
             serde_json::json!({
                 "output": output, "contact_sheet": sheet, "dump": g.dump,
                 "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": g.steps,
                 "lora": gen.lora.as_ref().map(|l| l.layers.len()),
-                "stages_ms": gen.timings, "wall_ms": t0.elapsed().as_secs_f64() * 1e3,
+                "stages_ms": stages.ms, "wall_ms": t0.elapsed().as_secs_f64() * 1e3,
+                "stage_peak_rss_mb": stages.peak_rss_mb,
+                "dit_steps_ms": stages.steps_ms,
+                "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
                 "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
             })
         );
@@ -822,6 +847,10 @@ fn generate(
         );
     }
     Ok(())
+}
+
+fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// The prompt length: `--max-sequence-length`, or the DiT's `max_text_seq_length`.

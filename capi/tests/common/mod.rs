@@ -38,6 +38,7 @@ pub fn build_engine(dir: &Path) -> PathBuf {
         Some(&t.join("hypernetwork.safetensors")),
         Some(&t.join("lilora.safetensors")),
         4,
+        v2l_graphs::DType::F32,
         &out,
     )
     .unwrap();

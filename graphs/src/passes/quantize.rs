@@ -265,7 +265,8 @@ fn write_quantized_weights(
 ) -> Result<Quantized, PassError> {
     let mut file = DataFile::create(data)?;
     let mut done = Quantized::default();
-    let how_of: HashMap<&str, WeightQuant> = weights.iter().map(|(w, q)| (w.as_str(), *q)).collect();
+    let how_of: HashMap<&str, WeightQuant> =
+        weights.iter().map(|(w, q)| (w.as_str(), *q)).collect();
     let names: Vec<String> = weights.iter().map(|(w, _)| w.clone()).collect();
     crate::write::for_each_initializer(source, &names, &mut |name, dtype, d, bytes| {
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
@@ -306,7 +307,8 @@ pub fn use_quantized_weights(
     tensors: &[proto::TensorProto],
 ) -> Result<(), PassError> {
     let graph = model.graph.get_or_insert_with(Default::default);
-    let how_of: HashMap<&str, WeightQuant> = weights.iter().map(|(w, q)| (w.as_str(), *q)).collect();
+    let how_of: HashMap<&str, WeightQuant> =
+        weights.iter().map(|(w, q)| (w.as_str(), *q)).collect();
     let names: Vec<String> = weights.iter().map(|(w, _)| w.clone()).collect();
     let by_node = gemms_of(graph, &names)?;
     let dims: HashMap<&str, [i64; 2]> = graph
@@ -516,8 +518,13 @@ mod tests {
     fn a_weight_no_gemm_reads_is_refused_before_anything_is_written() {
         let (d, src, mut m) = read_back();
         let data = d.path().join("q.data");
-        let e = quantize_linears(&mut m, &src, &[("lin.bias".into(), WeightQuant::Int8)], &data)
-            .unwrap_err();
+        let e = quantize_linears(
+            &mut m,
+            &src,
+            &[("lin.bias".into(), WeightQuant::Int8)],
+            &data,
+        )
+        .unwrap_err();
         assert!(
             matches!(e, PassError::NotGemm(ref w) if w == "lin.bias"),
             "{e}"

@@ -34,7 +34,7 @@ impl FamilySteps for CogVideoX {
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
-        timings: &mut BTreeMap<String, f64>,
+        timings: &mut crate::stages::Timings,
     ) -> Result<Lane> {
         let t = Instant::now();
         let image = req.image.as_ref().ok_or_else(|| RuntimeError::Invalid {

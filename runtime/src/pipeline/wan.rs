@@ -57,7 +57,7 @@ impl FamilySteps for Wan {
         parts: Parts<'_>,
         req: &Request,
         shape: &LatentShape,
-        timings: &mut BTreeMap<String, f64>,
+        timings: &mut crate::stages::Timings,
     ) -> Result<Lane> {
         let t = Instant::now();
         let (condition, embeds) = match &req.image {
