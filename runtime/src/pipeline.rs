@@ -538,17 +538,19 @@ impl Pipeline {
         timings: &mut Timings,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let d = self.denoise_request(req, shape, timings, progress)?;
+        let d = self.denoise_request(req, shape, timings, false, progress)?;
         let frames = self.decode(&d.latents, shape, timings)?;
         Ok((frames, d.steps))
     }
 
-    /// Steps 2 and 3: encode the first frame, denoise.
+    /// Steps 2 and 3: encode the first frame, denoise; `one_shot` releases the VAE encoder
+    /// between the two.
     fn denoise_request(
         &mut self,
         req: &Request,
         shape: &LatentShape,
         timings: &mut Timings,
+        one_shot: bool,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<denoise::Denoised> {
         let parts = Parts {
@@ -556,6 +558,10 @@ impl Pipeline {
             entry: dit_entry(&self.dir)?,
         };
         let lane = self.family.lane(parts, req, shape, timings)?;
+        if one_shot {
+            self.vae.release_encoder();
+            crate::session::release_freed_memory();
+        }
         let mut on_step = |i: usize, n: usize| {
             timings.end_step();
             progress(i, n)
@@ -579,7 +585,8 @@ impl Pipeline {
     }
 
     /// Runs one request, releasing each part once the request is done with it: the
-    /// hypernetwork after its prediction, the DiT before the VAE decodes. For one-shot
+    /// hypernetwork after its prediction, the VAE encoder before the DiT runs, the DiT before
+    /// the VAE decodes. For one-shot
     /// callers (`v2l-run`): at CogVideoX-5B size the int8 DiT (~6 GB with its activations
     /// gone) and the decoder's working memory (5.9 GB tiled at 256×384) are then never
     /// resident together. The pipeline is consumed; a request fails as
@@ -593,7 +600,7 @@ impl Pipeline {
         let (shape, timings) = (b.shape, &mut b.timings);
         self.predictor = None;
         crate::session::release_freed_memory();
-        let d = self.denoise_request(req, &shape, timings, progress)?;
+        let d = self.denoise_request(req, &shape, timings, true, progress)?;
         // Moved out and dropped here, not at the end of the function as the rest of `self` is.
         let t = Instant::now();
         drop(self.dit);

@@ -31,7 +31,8 @@ pub struct Vae {
     pub tiling: TilingMode,
     /// Tile geometry (diffusers' defaults for this VAE unless changed).
     pub tile: Tiling,
-    encoder: Model,
+    /// `None` once released ([`Vae::release_encoder`]).
+    encoder: Option<Model>,
     decoder: Model,
 }
 
@@ -56,9 +57,16 @@ impl Vae {
             tile,
             entry,
             posterior_seed: None,
-            encoder,
+            encoder: Some(encoder),
             decoder,
         })
+    }
+
+    /// Drops the encoder session and its ONNX Runtime arena, which keeps its largest run's
+    /// working memory for the session's life (4.8 GB after a 9-frame 256×384 reference clip
+    /// at CogVideoX-5B widths). For one-shot runs once everything is encoded.
+    pub fn release_encoder(&mut self) {
+        self.encoder = None;
     }
 
     /// `video [B, C, F, H, W]` in [-1, 1] → (`posterior_mean`, `posterior_logvar`), `[B, 16, f, h, w]`.
@@ -87,8 +95,12 @@ impl Vae {
                 what: "`video`".into(),
                 message,
             })?;
+        let encoder = self.encoder.as_mut().ok_or_else(|| RuntimeError::Invalid {
+            what: "VAE encoder".into(),
+            message: "was released after this request's encodes (Pipeline::generate_once)".into(),
+        })?;
         let mut outs = run_batches(
-            &mut self.encoder,
+            encoder,
             &self.entry.encoder_caches,
             (vae_io::VIDEO, video),
             &[vae_io::POSTERIOR_MEAN, vae_io::POSTERIOR_LOGVAR],
