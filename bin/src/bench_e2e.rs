@@ -234,9 +234,7 @@ fn rename_to_transformers(dir: &Path) -> Result<(), Failure> {
         }
     }
     let to = dir.join("model.safetensors.index.json");
-    std::fs::write(&to, renamed).map_err(io(&to))?;
-    let _ = std::fs::remove_file(dir.join("model.safetensors.index.json.tmp"));
-    Ok(())
+    std::fs::write(&to, renamed).map_err(io(&to))
 }
 
 fn generate(model: &Path, py: &Path, log: &dyn Fn(&str)) -> Result<(), Failure> {

@@ -559,8 +559,11 @@ impl Pipeline {
         };
         let lane = self.family.lane(parts, req, shape, timings)?;
         if one_shot {
+            let t = Instant::now();
             self.vae.release_encoder();
             crate::session::release_freed_memory();
+            // A stage of its own, so the first step's peak starts without the encoder.
+            timings.insert("vae_encoder_release".into(), ms(t));
         }
         let mut on_step = |i: usize, n: usize| {
             timings.end_step();
