@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,44 @@ def write_mp4(clip: np.ndarray, path: str) -> None:
                    input=clip.tobytes(), check=True)
 
 
+def shared_noise(seed: int, latent_frames: int = 5, channels: int = 16, size: int = 8) -> np.ndarray:
+    """The initial noise of held-out clip `seed`, [1, f, C, h, w] float32, the same for diffusers
+    (eval_transfer.py --match-v2l) and v2l (`v2l-run --noise`), so their clips can agree one by one."""
+    return np.random.default_rng([seed, 7]).standard_normal((1, latent_frames, channels, size, size)).astype(np.float32)
+
+
+def write_noise(noise: np.ndarray, path: str) -> None:
+    """`initial_noise` as a safetensors file (the format by hand: this venv has numpy only)."""
+    data = np.ascontiguousarray(noise, dtype="<f4").tobytes()
+    header = json.dumps({"initial_noise": {"dtype": "F32", "shape": list(noise.shape),
+                                           "data_offsets": [0, len(data)]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + data)
+
+
+def side_by_side(v2l: list[dict], diffusers_json: str) -> str:
+    """Markdown: per effect the hits of diffusers and v2l (LoRA and off), and how many clips got
+    the same label from both."""
+    with open(diffusers_json) as f:
+        d = {r["i"]: r for r in json.load(f)["clips"]}
+    rows = ["| effect | diffusers LoRA | v2l LoRA | diffusers off | v2l off | same label (LoRA / off) |",
+            "|---|---|---|---|---|---|"]
+    tot = [0] * 6
+    for e in EFFECTS:
+        mine = [r for r in v2l if r["effect"] == e and r["i"] in d]
+        c = [sum(d[r["i"]]["label_lora"] == e for r in mine), sum(r["label_lora"] == e for r in mine),
+             sum(d[r["i"]]["label_base"] == e for r in mine), sum(r["label_no_lora"] == e for r in mine),
+             sum(d[r["i"]]["label_lora"] == r["label_lora"] for r in mine),
+             sum(d[r["i"]]["label_base"] == r["label_no_lora"] for r in mine)]
+        tot = [a + b for a, b in zip(tot, c)]
+        n = len(mine)
+        rows.append(f"| {e} | {c[0]}/{n} | {c[1]}/{n} | {c[2]}/{n} | {c[3]}/{n} | {c[4]}/{n} / {c[5]}/{n} |")
+    n = sum(r["i"] in d for r in v2l)
+    rows.append(f"| all | {tot[0]}/{n} | {tot[1]}/{n} | {tot[2]}/{n} | {tot[3]}/{n} | {tot[4]}/{n} / {tot[5]}/{n} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", default=os.path.join(REPO, "out", "demo", "engine"))
@@ -52,6 +91,11 @@ def main() -> None:
     ap.add_argument("--seed0", type=int, default=10000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default="")
+    ap.add_argument("--noise", choices=["v2l", "shared"], default="shared",
+                    help="v2l: v2l's own generator seeded by the scene; shared: shared_noise(scene), the noise "
+                         "eval_transfer.py --match-v2l gives diffusers, so the two can be compared clip by clip")
+    ap.add_argument("--compare", default="",
+                    help="eval_transfer.py --match-v2l --json file of the same clips: print both side by side")
     a = ap.parse_args()
     run = os.path.join(a.bin, "v2l-run")
     common = ["--engine", a.engine, "--prompt", "", "--negative-prompt", "", "--frames", "17", "--steps",
@@ -66,9 +110,15 @@ def main() -> None:
             write_png(to_u8(make_clip(effect, s2))[0], first)
             write_mp4(to_u8(make_clip(effect, s1)), ref)
             outs = {"lora": os.path.join(tmp, f"{i}_lora.mp4"), "no_lora": os.path.join(tmp, f"{i}_base.mp4")}
+            if a.noise == "shared":
+                noise = os.path.join(tmp, f"{i}_noise.safetensors")
+                write_noise(shared_noise(s2), noise)
+                source = ["--noise", noise]
+            else:
+                source = ["--seed", str(s2)]
             for kind, out in outs.items():
                 extra = ["--reference", ref] if kind == "lora" else []
-                subprocess.run([run, *common, "--image", first, *extra, "--seed", str(s2), "-o", out], check=True)
+                subprocess.run([run, *common, "--image", first, *extra, *source, "-o", out], check=True)
             m = subprocess.run([run, "measure", "--json", ref, outs["lora"], outs["no_lora"]], check=True,
                                capture_output=True, text=True).stdout
             ref_m, lora_m, base_m = [json.loads(line) for line in m.splitlines() if line.strip()]
@@ -78,12 +128,14 @@ def main() -> None:
             print(f"[{i + 1}/{a.n}] {effect:10s} LoRA -> {r['label_lora']:10s} ({r['conf_lora']:.2f})  off -> "
                   f"{r['label_no_lora']:10s}  reference -> {r['label_reference']}  {time.time() - t0:.0f} s",
                   flush=True)
-    summary = dict(engine=a.engine, steps=a.steps, seconds=round(time.time() - t0, 1),
+    summary = dict(engine=a.engine, steps=a.steps, noise=a.noise, seconds=round(time.time() - t0, 1),
                    **transfer_summary(results, ["label_lora", "label_no_lora", "label_reference"]))
     print("SUMMARY", json.dumps(summary), flush=True)
     print(f"v2l effect-transfer accuracy (measured in Rust): with LoRA {summary['accuracy_lora']:.1%}, "
           f"LoRA off {summary['accuracy_no_lora']:.1%}, chance {1 / len(EFFECTS):.1%} "
           f"(reference clips {summary['accuracy_reference']:.1%}), {summary['n']} held-out clips", flush=True)
+    if a.compare:
+        print(side_by_side(results, a.compare), flush=True)
     if a.json:
         with open(a.json + ".tmp", "w") as f:
             json.dump(dict(summary=summary, clips=results), f, indent=1)

@@ -59,6 +59,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_enabled(mode: str) -> bool:
+    """bf16 autocast for the forward passes: 'auto' turns it on where the CPU multiplies bf16 in
+    hardware (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower than fp32."""
+    if mode == "auto":
+        return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    return mode == "on"
+
+
 # ----------------------------------------------------------------------------------------- VAE
 
 
@@ -116,20 +135,60 @@ def encode_seed(vae, seed: int, effects: list[str]):
     return target, ref, img_mean[0], img_std[0]
 
 
+CACHE_CHUNK = 50  # seeds per part file: a stopped cache build loses at most this many seeds
+
+
+def _vae_fingerprint(vae) -> str:
+    """Identifies the VAE's weights, so part files of another VAE are never mixed in."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_cache(vae, vae_desc: str, seeds: list[int], val_seeds: list[int], effects: list[str],
-                scaling: str, threads: int) -> dict:
+                scaling: str, threads: int, parts_dir: str) -> dict:
+    """Encodes every seed, CACHE_CHUNK seeds per part file in `parts_dir` (written atomically);
+    parts already there are reused, so a stopped build continues where it stopped."""
+    os.makedirs(parts_dir, exist_ok=True)
+    fp = _vae_fingerprint(vae)
+    meta_path = os.path.join(parts_dir, "meta.json")
+    want = dict(vae_fingerprint=fp, effects=effects, chunk=CACHE_CHUNK)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            have = json.load(f)
+        if have != want:
+            raise SystemExit(f"{parts_dir} holds parts of another cache ({have}, this one is {want}); "
+                             f"remove it or pick another --cache")
+    else:
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(want, f)
+        os.replace(meta_path + ".tmp", meta_path)
     t0 = time.time()
-    parts = {}
+    parts, seconds, reused = {}, 0.0, 0
     for name, ss in (("train", seeds), ("val", val_seeds)):
-        tg, rf, im, isd = [], [], [], []
-        for i, s in enumerate(ss):
-            a, b, c, d = encode_seed(vae, s, effects)
-            tg.append(a), rf.append(b), im.append(c), isd.append(d)
-            if (i + 1) % 50 == 0 or i + 1 == len(ss):
-                el = time.time() - t0
-                print(f"  cache {name}: {i + 1}/{len(ss)} seeds, {el:.0f} s", flush=True)
-        parts[name] = [torch.stack(t) for t in (tg, rf, im, isd)]
-    seconds = time.time() - t0
+        chunks = []
+        for c0 in range(0, len(ss), CACHE_CHUNK):
+            chunk_seeds = ss[c0: c0 + CACHE_CHUNK]
+            path = os.path.join(parts_dir, f"{name}_{chunk_seeds[0]}_{len(chunk_seeds)}.pt")
+            if os.path.exists(path):
+                chunk = torch.load(path, weights_only=False)
+                reused += len(chunk_seeds)
+            else:
+                c_t0 = time.time()
+                enc = [encode_seed(vae, s, effects) for s in chunk_seeds]
+                chunk = dict(tensors=[torch.stack(t) for t in zip(*enc)], seconds=time.time() - c_t0)
+                torch.save(chunk, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            seconds += chunk["seconds"]
+            chunks.append(chunk["tensors"])
+            done = c0 + len(chunk_seeds)
+            print(f"  cache {name}: {done}/{len(ss)} seeds, {time.time() - t0:.0f} s "
+                  f"({reused} seeds from earlier parts)", flush=True)
+        parts[name] = [torch.cat(t) for t in zip(*chunks)]
     n_clips = (len(seeds) + len(val_seeds)) * len(effects)
     tgt = parts["train"][0]
     latent_std = float(tgt.std())
@@ -169,15 +228,21 @@ def pad_image_latents(img: torch.Tensor, latent_frames: int = 5) -> torch.Tensor
 # ----------------------------------------------------------------------------------------- DiT
 
 
-def build_dit(layers=4, heads=4, head_dim=32, time_dim=64, text_dim=32, text_len=8):
+def build_dit(layers=4, heads=4, head_dim=32, time_dim=64, text_dim=32, text_len=8, patch=2, abs_pos=False):
+    """The fixture's CogVideoX config at the given size. `patch` 1 gives one token per latent pixel
+    (8x8 per latent frame instead of 4x4); `abs_pos` adds CogVideoX-5B-I2V's fixed 3D sin-cos table
+    (`use_learned_positional_embeddings`, a buffer for the one trained sample size) to RoPE, so a
+    token knows where it is: rotation and zoom move content by an amount that depends on its
+    distance from the centre, which relative positions alone do not give."""
     from diffusers import CogVideoXTransformer3DModel
 
     with open(os.path.join(FIXTURE, "transformer", "config.json")) as f:
         cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     cfg.update(num_layers=layers, num_attention_heads=heads, attention_head_dim=head_dim,
                time_embed_dim=time_dim, text_embed_dim=text_dim, max_text_seq_length=text_len,
-               in_channels=32, out_channels=16, patch_size=2, sample_height=SIZE // 8, sample_width=SIZE // 8,
-               sample_frames=FRAMES, use_rotary_positional_embeddings=True)
+               in_channels=32, out_channels=16, patch_size=patch, sample_height=SIZE // 8, sample_width=SIZE // 8,
+               sample_frames=FRAMES, use_rotary_positional_embeddings=True,
+               use_learned_positional_embeddings=abs_pos)
     return CogVideoXTransformer3DModel(**cfg)
 
 
@@ -211,7 +276,9 @@ def load_scheduler():
 class Trainer:
     def __init__(self, args, cache):
         self.args = args
-        self.dit = build_dit(args.layers, args.heads, args.head_dim, args.time_dim, args.text_dim, args.text_len)
+        self.dit = build_dit(args.layers, args.heads, args.head_dim, args.time_dim, args.text_dim, args.text_len,
+                             args.patch_size, args.abs_pos)
+        self.autocast = bf16_enabled(args.bf16)
         self.lilora = LiLoRA(self.dit, args.a, args.b, args.r, scale=args.lora_scale)
         self.hyper = VideoHyperDream(self.lilora.num_layers, 16, args.a, args.b, args.r, args.hyper_blocks,
                                      args.hyper_iters)
@@ -238,18 +305,19 @@ class Trainer:
         xt = self.sched.add_noise(x0, noise, t)
         v = self.sched.get_velocity(x0, noise, t)
         inp = torch.cat([xt, pad_image_latents(img)], dim=2)
-        rows = None
-        if lora:
-            rows = self.hyper(ref)
-            if keep is not None:
-                rows = rows * keep.view(-1, 1, 1).to(rows.dtype)
-        self.lilora.set_rows(rows)
-        try:
-            pred = self.dit(hidden_states=inp, encoder_hidden_states=self.text.expand(x0.shape[0], -1, -1),
-                            timestep=t, image_rotary_emb=self.rope, return_dict=False)[0]
-        finally:
-            self.lilora.set_rows(None)
-        return F.mse_loss(pred, v)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            rows = None
+            if lora:
+                rows = self.hyper(ref)
+                if keep is not None:
+                    rows = rows * keep.view(-1, 1, 1).to(rows.dtype)
+            self.lilora.set_rows(rows)
+            try:
+                pred = self.dit(hidden_states=inp, encoder_hidden_states=self.text.expand(x0.shape[0], -1, -1),
+                                timestep=t, image_rotary_emb=self.rope, return_dict=False)[0]
+            finally:
+                self.lilora.set_rows(None)
+        return F.mse_loss(pred.float(), v)
 
     def sample_image(self, idx, gen, prefix=""):
         img = self.cache[prefix + "image"][idx]
@@ -302,6 +370,33 @@ class Trainer:
         self.dit.train(), self.hyper.train()
         return {f"val_{k}": v / n for k, v in tot.items()}
 
+    @torch.no_grad()
+    def transfer_eval(self, vae, sf: float, n: int, steps: int) -> dict:
+        """eval_transfer.py's measurement on the in-memory model (diffusers pipeline, fp32, LoRA on
+        and off): accuracy and median strength per effect, for the curve in train_log.json."""
+        from diffusers import CogVideoXImageToVideoPipeline
+        from transformers import T5EncoderModel, T5Tokenizer
+
+        from eval_transfer import run_transfer
+
+        if getattr(self, "_pipe", None) is None:
+            vae.register_to_config(scaling_factor=sf)
+            self._pipe = CogVideoXImageToVideoPipeline(
+                tokenizer=T5Tokenizer.from_pretrained(os.path.join(FIXTURE, "tokenizer")),
+                text_encoder=T5EncoderModel.from_pretrained(os.path.join(FIXTURE, "text_encoder")).eval(),
+                vae=vae, transformer=self.dit, scheduler=load_scheduler())
+            self._pipe.set_progress_bar_config(disable=True)
+        self.dit.eval(), self.hyper.eval()
+        try:
+            _, sm = run_transfer(self._pipe, self.hyper, self.lilora, self.hyper.sample_iters, n, steps=steps,
+                                 log=lambda m: None)
+        finally:
+            self.dit.train(), self.hyper.train()
+        per = {e: [r["lora"], r["base"], round(r["strength_lora"], 3), round(r["strength_base"], 3)]
+               for e, r in sm["per_effect"].items()}
+        return dict(n=n, accuracy_lora=sm["accuracy_lora"], accuracy_no_lora=sm["accuracy_no_lora"],
+                    per_effect_hits_lora_base_strength_lora_base=per, seconds=sm["seconds"])
+
     def state(self) -> dict:
         return dict(dit=self.dit.state_dict(), lilora=self.lilora.state_dict(), hyper=self.hyper.state_dict())
 
@@ -348,6 +443,25 @@ def save_pipeline(out: str, tr: Trainer, vae, sf: float, extra: dict) -> None:
     os.replace(tmp, out)
 
 
+def init_from_pipeline(tr: Trainer, path: str) -> tuple[int, list, float]:
+    """Loads DiT, LiLoRA and hypernetwork weights from a pipeline dir save_pipeline wrote; returns
+    (its train_steps, its log, its train_seconds) so the curve goes on from there."""
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors.torch import load_file
+
+    dit = CogVideoXTransformer3DModel.from_pretrained(os.path.join(path, "transformer"))
+    tr.dit.load_state_dict(dit.state_dict())
+    tr.hyper.load_upstream_state_dict(load_file(os.path.join(path, "hypernetwork.safetensors")))
+    tr.lilora.load_upstream_state_dict(load_file(os.path.join(path, "lilora.safetensors")))
+    with open(os.path.join(path, "video2lora.json")) as f:
+        cfg = json.load(f)
+    log = []
+    if os.path.exists(os.path.join(path, "train_log.json")):
+        with open(os.path.join(path, "train_log.json")) as f:
+            log = json.load(f)["log"]
+    return int(cfg.get("train_steps", 0)), log, float(cfg.get("train_seconds", 0.0))
+
+
 def dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
@@ -377,6 +491,10 @@ def main() -> None:
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--head-dim", type=int, default=32)
     m.add_argument("--time-dim", type=int, default=64)
+    m.add_argument("--patch-size", type=int, default=2, help="DiT patch size (1 = one token per latent pixel)")
+    m.add_argument("--abs-pos", action="store_true",
+                   help="add the fixed 3D sin-cos position table (use_learned_positional_embeddings, as "
+                        "CogVideoX-5B-I2V) to RoPE")
     m.add_argument("--text-dim", type=int, default=32)
     m.add_argument("--text-len", type=int, default=8)
     m.add_argument("--a", type=int, default=64, help="LiLoRA down_aux rows")
@@ -401,12 +519,24 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1,
                    help="torch threads: 2 on an idle 2-core machine, 1 when the other core is busy (see README)")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast of the forward passes (auto: on where the CPU has AMX or AVX512-BF16)")
+    t.add_argument("--eval-every", type=int, default=0,
+                   help="every N steps, generate --eval-n held-out clips (DDIM --eval-steps) and measure the "
+                        "effect each shows: the accuracy-per-effect curve in train_log.json (0 = never)")
+    t.add_argument("--eval-n", type=int, default=32)
+    t.add_argument("--eval-steps", type=int, default=20)
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--val-every", type=int, default=250, help="held-out matched/mismatched/no-LoRA loss (0 = end only)")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--work", default="/work/train/dit", help="resume.pt + train_log.json go here")
     t.add_argument("--resume", action="store_true", help="continue from WORK/resume.pt when it exists")
     t.add_argument("--out", default="/work/train/pipeline", help="final diffusers pipeline dir")
+    t.add_argument("--init", default="",
+                   help="start from the weights of a pipeline dir this script wrote (another machine's run: "
+                        "resume.pt is machine-local, the pipeline dir can be committed); the optimizer starts "
+                        "afresh with --warmup, steps count on from the dir's train_steps, the log from its "
+                        "train_log.json when present. Ignored when --resume finds WORK/resume.pt")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -424,10 +554,12 @@ def main() -> None:
         vae, vae_desc = load_vae(args.vae, args.vae_channels, args.vae_groups, args.vae_layers)
         seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + args.train_seeds))
         val_seeds = list(range(VAL_SEED0, VAL_SEED0 + args.val_seeds))
-        cache = build_cache(vae, vae_desc, seeds, val_seeds, EFFECTS, args.scaling_factor, args.threads)
+        cache = build_cache(vae, vae_desc, seeds, val_seeds, EFFECTS, args.scaling_factor, args.threads,
+                            args.cache + ".parts")
         os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
         torch.save(cache, args.cache + ".tmp")
         os.replace(args.cache + ".tmp", args.cache)
+        shutil.rmtree(args.cache + ".parts", ignore_errors=True)
         print(f"saved {args.cache} ({os.path.getsize(args.cache) / 1e6:.1f} MB)", flush=True)
     if args.cache_only:
         return
@@ -435,7 +567,7 @@ def main() -> None:
 
     tr = Trainer(args, cache)
     counts = tr.param_counts()
-    print("params", json.dumps(counts), f"batch {args.batch}", flush=True)
+    print("params", json.dumps(counts), f"batch {args.batch}, bf16 autocast {tr.autocast}", flush=True)
 
     hyper_params = list(tr.lilora.parameters()) + list(tr.hyper.parameters())
     opt = torch.optim.AdamW([
@@ -454,9 +586,13 @@ def main() -> None:
         rng.bit_generator.state = ck["rng"]
         gen.set_state(ck["gen"])
         print(f"resumed at step {step} ({seconds0:.0f} s trained)", flush=True)
+    elif args.init:
+        step, log, seconds0 = init_from_pipeline(tr, args.init)
+        print(f"initialised from {args.init}: step {step}, {seconds0:.0f} s trained before", flush=True)
+    start_step = step
 
     def lr_factor(s):
-        f = min(1.0, (s + 1) / args.warmup) if args.warmup else 1.0
+        f = min(1.0, (s - start_step + 1) / args.warmup) if args.warmup else 1.0
         if args.cosine and args.max_steps:
             f *= 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps))
         return f
@@ -466,6 +602,10 @@ def main() -> None:
                   gen=gen.get_state(), seconds=seconds0 + time.time() - t0, args=vars(args))
         torch.save(ck, resume + ".tmp")
         os.replace(resume + ".tmp", resume)
+        log_path = os.path.join(args.work, "train_log.json")  # the curve so far (training/curves.py)
+        with open(log_path + ".tmp", "w") as f:
+            json.dump(dict(log=log), f)
+        os.replace(log_path + ".tmp", log_path)
 
     tr.dit.train(), tr.hyper.train()
     params = tr.parameters()
@@ -495,6 +635,8 @@ def main() -> None:
                          s_per_step=1 / max(sps, 1e-9), cpu_s_per_step=cpu_per_step)
             if args.val_every and step % args.val_every == 0:
                 entry.update(tr.validate(args.batch))
+            if args.eval_every and step % args.eval_every == 0:
+                entry["transfer"] = tr.transfer_eval(vae, sf, args.eval_n, args.eval_steps)
             log.append(entry)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()),
                   f"rss={peak_rss_mb():.0f}MB", flush=True)
@@ -513,6 +655,7 @@ def main() -> None:
                                               final_val=final_val))
     with open(os.path.join(args.work, "train_log.json"), "w") as f:
         json.dump(dict(summary=summary, log=log), f, indent=1)
+    shutil.copyfile(os.path.join(args.work, "train_log.json"), os.path.join(args.out, "train_log.json"))
     sizes = {n: os.path.getsize(os.path.join(args.out, n)) for n in ("hypernetwork.safetensors", "lilora.safetensors")}
     sizes["transformer"] = dir_size(os.path.join(args.out, "transformer"))
     sizes["vae"] = dir_size(os.path.join(args.out, "vae"))
