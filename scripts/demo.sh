@@ -14,7 +14,13 @@ bin=target/release
 model=models/cogvideox-effects
 ex=$model/examples
 out=out/demo
-effects=(hue_shift fade_black)
+# The two reference clips the model ships with (examples/ref_<effect>.mp4), in name order.
+effects=()
+for f in "$ex"/ref_*.mp4; do e=${f##*/ref_}; effects+=("${e%.mp4}"); done
+if [ "${#effects[@]}" -ne 2 ]; then
+  echo "demo: expected two reference clips $ex/ref_<effect>.mp4, found ${#effects[@]}" >&2
+  exit 1
+fi
 rm -rf "$out"
 mkdir -p "$out"
 

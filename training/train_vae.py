@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("--norm-groups", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="off",
+                    help="bf16 autocast of encode/decode (auto: where the CPU has AMX or AVX512-BF16); the "
+                         "trained VAE was made in fp32, so off by default")
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=0, help="PSNR on held-out clips every N steps (0 = end only)")
     ap.add_argument("--out", type=str, default="/tmp/vae_probe")
@@ -112,6 +115,9 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    from train_dit import bf16_enabled
+
+    autocast = bf16_enabled(args.bf16)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -154,10 +160,11 @@ def main() -> None:
         td = time.time()
         x = sample_batch(rng, args.batch)
         t_data += time.time() - td
-        post = vae.encode(x).latent_dist
-        z = post.sample(generator=gen)
-        rec = vae.decode(z).sample
-        mse = torch.nn.functional.mse_loss(rec, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            post = vae.encode(x).latent_dist
+            z = post.sample(generator=gen)
+            rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec.float(), x)
         kl = 0.5 * (post.mean**2 + post.var - 1.0 - post.logvar).mean()
         loss = mse + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
