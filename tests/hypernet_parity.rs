@@ -138,6 +138,7 @@ fn hypernet_of_another_shape_exports_and_runs() {
         heads: 1,
         blocks: 2,
         iterations: 3,
+        context_len: None,
     };
     let ck_dir = dir.path().join("hyper");
     v2l_export::synthetic::write_checkpoint(
@@ -158,4 +159,31 @@ fn hypernet_of_another_shape_exports_and_runs() {
     let out = model.run(&latents(vec![1, 8, 2, 4, 6], 9)).unwrap();
     assert_eq!(out["hyper_weights"].shape, vec![1, 5, 96]);
     assert_finite("hyper_weights", &out["hyper_weights"]);
+}
+
+/// v2l's extension: a checkpoint with a learned table of context positions
+/// (`context_pos_emb`, fixture made from training/video2lora.py by
+/// tests/fixtures/gen/hypernet_context.py) exports with the table added to the context.
+#[test]
+fn hypernet_with_context_positions_matches_pytorch() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hypernet-context");
+    let ck = Checkpoint::open_file(&fx.join("hypernetwork.safetensors")).unwrap();
+    let ex = video2lora_hypernet::export(&ck, &HypernetOptions { iterations: 3 }).unwrap();
+    assert_eq!(ex.dims.context_len, Some(32));
+    assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hypernet.onnx");
+    save(&ex.graph, &path, ExternalData::Auto).unwrap();
+    let mut model = Model::load(&path, &SessionOptions::default()).unwrap();
+    let io = v2l_runtime::read_safetensors(&fx.join("io.safetensors")).unwrap();
+    let out = model.run(&pick(&io, &["reference_latents"])).unwrap();
+    assert_close(
+        "hyper_weights",
+        &out["hyper_weights"],
+        &io["hyper_weights"],
+        F32_REL_L2,
+    );
+    // The table is what makes the difference to the same model without it.
+    let without = out["hyper_weights"].rel_l2(&io["hyper_weights_no_table"]);
+    assert!(without > 0.1, "{without}");
 }

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from effects import EFFECTS, make_clip  # noqa: E402
-from video2lora import LiLoRA, VideoHyperDream, save_hypernet, save_lilora  # noqa: E402
+from video2lora import HYPER_PREFIX, LiLoRA, VideoHyperDream, save_hypernet, save_lilora  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "cogvideox-tiny")
@@ -273,6 +273,18 @@ def load_scheduler():
     return CogVideoXDDIMScheduler.from_pretrained(os.path.join(FIXTURE, "scheduler"))
 
 
+def opposite_effects(e: torch.Tensor) -> torch.Tensor:
+    """Each effect's opposite (rotate cw <-> ccw, zoom in <-> out, pan left <-> right, hue <-> fade):
+    the held-out loss with the opposite's reference (`val_opposite`) equals `val_matched` when the
+    model cannot tell a motion from its reverse."""
+    pairs = [("rotate_cw", "rotate_ccw"), ("zoom_in", "zoom_out"), ("pan_left", "pan_right"),
+             ("hue_shift", "fade_black")]
+    table = list(range(len(EFFECTS)))
+    for x, y in pairs:
+        table[EFFECTS.index(x)], table[EFFECTS.index(y)] = EFFECTS.index(y), EFFECTS.index(x)
+    return torch.tensor(table)[e]
+
+
 class Trainer:
     def __init__(self, args, cache):
         self.args = args
@@ -280,8 +292,9 @@ class Trainer:
                              args.patch_size, args.abs_pos)
         self.autocast = bf16_enabled(args.bf16)
         self.lilora = LiLoRA(self.dit, args.a, args.b, args.r, scale=args.lora_scale)
+        context_len = cache["target"].shape[-3] * cache["target"].shape[-2] * cache["target"].shape[-1]
         self.hyper = VideoHyperDream(self.lilora.num_layers, 16, args.a, args.b, args.r, args.hyper_blocks,
-                                     args.hyper_iters)
+                                     args.hyper_iters, context_len if getattr(args, "context_pos", False) else 0)
         self.sched = load_scheduler()
         self.alphas_cumprod = self.sched.alphas_cumprod.float()
         self.rope = rotary_embeddings(self.dit)
@@ -332,12 +345,32 @@ class Trainer:
         s1 = (s2 + rng.integers(1, S, size=bsz)) % S  # != s2
         e_t, s1_t, s2_t = map(torch.from_numpy, (e, s1, s2))
         ref = self.cache["reference"][s1_t, e_t]
+        self.last_ref = ref
         x0 = self.cache["target"][s2_t, e_t]
         img = self.sample_image(s2_t, gen)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (bsz,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         keep = (torch.rand(bsz, generator=gen) >= self.args.lora_dropout).float()
+        # for contrastive(): the same effect seen in the target's own scene
+        self.last_pair = (self.cache["reference"][s2_t, e_t], e_t)
         return ref, x0, img, t, noise, True, keep
+
+    def contrastive(self, ref, ref2, e, tau: float = 0.1) -> torch.Tensor:
+        """InfoNCE on the hypernetwork's rows (training only; the model and its files are
+        unchanged): rows of reference scene s1 should be nearest to the rows of the same effect in
+        scene s2, among the batch's other effects. The diffusion loss alone gives the hypernetwork
+        little reason to tell a motion from its reverse once the DiT has learned to ignore the
+        difference (training/README.md, "Motion run")."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            a = self.hyper(ref)
+            b = self.hyper(ref2)
+        a = F.normalize(a.flatten(1).float(), dim=1)
+        b = F.normalize(b.flatten(1).float(), dim=1)
+        logits = a @ b.T / tau
+        same = e[:, None] == e[None, :]
+        eye = torch.eye(len(e), dtype=torch.bool)
+        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(e)))
 
     @torch.no_grad()
     def validate(self, bsz: int) -> dict:
@@ -349,9 +382,10 @@ class Trainer:
             return {}
         gen = torch.Generator().manual_seed(1234)
         rows = [(e, s, (s + 1) % S) for e in range(self.n_eff) for s in range(S)]
-        tot = {"matched": 0.0, "mismatched": 0.0, "no_lora": 0.0}
+        tot = {"matched": 0.0, "mismatched": 0.0, "opposite": 0.0, "no_lora": 0.0}
+        motion = {"matched": 0.0, "opposite": 0.0}  # batches of motion effects only: can it tell the direction?
         self.dit.eval(), self.hyper.eval()
-        n = 0
+        n = n_motion = 0
         for i in range(0, len(rows), bsz):
             r = rows[i: i + bsz]
             e = torch.tensor([x[0] for x in r])
@@ -363,12 +397,22 @@ class Trainer:
             t = torch.linspace(20, 980, len(r)).round().long()
             noise = torch.randn(x0.shape, generator=gen)
             w = len(r)
-            tot["matched"] += w * self.loss(c["val_reference"][s1, e], x0, img, t, noise).item()
+            matched = self.loss(c["val_reference"][s1, e], x0, img, t, noise).item()
+            opposite = self.loss(c["val_reference"][s1, opposite_effects(e)], x0, img, t, noise).item()
+            tot["matched"] += w * matched
             tot["mismatched"] += w * self.loss(c["val_reference"][s1, e_wrong], x0, img, t, noise).item()
+            tot["opposite"] += w * opposite
             tot["no_lora"] += w * self.loss(None, x0, img, t, noise, lora=False).item()
             n += w
+            if all(EFFECTS[x[0]] not in ("hue_shift", "fade_black") for x in r):
+                motion["matched"] += w * matched
+                motion["opposite"] += w * opposite
+                n_motion += w
         self.dit.train(), self.hyper.train()
-        return {f"val_{k}": v / n for k, v in tot.items()}
+        out = {f"val_{k}": v / n for k, v in tot.items()}
+        if n_motion:
+            out.update({f"val_motion_{k}": v / n_motion for k, v in motion.items()})
+        return out
 
     @torch.no_grad()
     def transfer_eval(self, vae, sf: float, n: int, steps: int) -> dict:
@@ -444,14 +488,24 @@ def save_pipeline(out: str, tr: Trainer, vae, sf: float, extra: dict) -> None:
 
 
 def init_from_pipeline(tr: Trainer, path: str) -> tuple[int, list, float]:
-    """Loads DiT, LiLoRA and hypernetwork weights from a pipeline dir save_pipeline wrote; returns
-    (its train_steps, its log, its train_seconds) so the curve goes on from there."""
+    """Loads DiT, LiLoRA and hypernetwork weights from a pipeline dir save_pipeline wrote (or from
+    another run's resume.pt); returns (its train_steps, its log, its train_seconds) so the curve goes
+    on from there. A hypernetwork with context positions may start from one without."""
     from diffusers import CogVideoXTransformer3DModel
     from safetensors.torch import load_file
 
+    if os.path.isfile(path):
+        ck = torch.load(path, weights_only=False)
+        tr.dit.load_state_dict(ck["model"]["dit"])
+        tr.lilora.load_state_dict(ck["model"]["lilora"])
+        tr.hyper.load_upstream_state_dict({HYPER_PREFIX + k: v for k, v in ck["model"]["hyper"].items()},
+                                          allow_new_positions=True)
+        return ck["step"], ck["log"], ck["seconds"]
+
     dit = CogVideoXTransformer3DModel.from_pretrained(os.path.join(path, "transformer"))
     tr.dit.load_state_dict(dit.state_dict())
-    tr.hyper.load_upstream_state_dict(load_file(os.path.join(path, "hypernetwork.safetensors")))
+    tr.hyper.load_upstream_state_dict(load_file(os.path.join(path, "hypernetwork.safetensors")),
+                                      allow_new_positions=True)
     tr.lilora.load_upstream_state_dict(load_file(os.path.join(path, "lilora.safetensors")))
     with open(os.path.join(path, "video2lora.json")) as f:
         cfg = json.load(f)
@@ -503,6 +557,9 @@ def main() -> None:
     m.add_argument("--lora-scale", type=float, default=1.0)
     m.add_argument("--hyper-blocks", type=int, default=2)
     m.add_argument("--hyper-iters", type=int, default=4)
+    m.add_argument("--context-pos", action="store_true",
+                   help="NOT upstream: a learned position table on the hypernetwork's context tokens "
+                        "(img_weight_generator.context_pos_emb), so it can see where and when things move")
     t = ap.add_argument_group("training")
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--lr", type=float, default=5e-4)
@@ -514,6 +571,9 @@ def main() -> None:
                    help="fraction of examples trained with the LoRA off (zero rows), so the base DiT alone "
                         "still makes plausible clips and 'LoRA off' is a fair baseline")
     t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--hyper-contrastive", type=float, default=0.0,
+                   help="weight of an InfoNCE loss on the hypernetwork's rows (same effect in two scenes "
+                        "together, other effects apart); 0 = the diffusion loss only, as upstream")
     t.add_argument("--max-steps", type=int, default=10000)
     t.add_argument("--minutes", type=float, default=0.0, help="also stop after this many minutes (0 = no limit)")
     t.add_argument("--seed", type=int, default=0)
@@ -618,6 +678,11 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step)
         loss = tr.loss(*tr.batch(rng, gen, args.batch))
+        aux = None
+        if args.hyper_contrastive:
+            ref2, e_t = tr.last_pair
+            aux = tr.contrastive(tr.last_ref, ref2, e_t)
+            loss = loss + args.hyper_contrastive * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -631,6 +696,7 @@ def main() -> None:
             cpu_per_step = (cpu - last_cpu) / max(step - last_step, 1)
             last_t, last_step, last_cpu = now, step, cpu
             entry = dict(step=step, t=round(seconds0 + now - t0, 1), loss=loss.item(), loss_ema=ema,
+                         **({"aux_contrastive": aux.item()} if aux is not None else {}),
                          grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], steps_per_s=sps,
                          s_per_step=1 / max(sps, 1e-9), cpu_s_per_step=cpu_per_step)
             if args.val_every and step % args.val_every == 0:

@@ -117,7 +117,12 @@ class VideoHyperDream(nn.Module):
     """Reference latents [B, C, T, H, W] -> LiLoRA rows [B, N, D]."""
 
     def __init__(self, num_layers: int, feature_dim: int = 16, a: int = 64, b: int = 32, r: int = 1,
-                 blocks: int = 2, sample_iters: int = 4):
+                 blocks: int = 2, sample_iters: int = 4, context_len: int = 0):
+        """`context_len` > 0 adds a learned position table `context_pos_emb [1, L, D]` to the context
+        tokens (L = T*H*W of the reference latents): NOT upstream. Upstream's context is a bag of
+        latent vectors with no position or frame index, in which a clockwise and a counter-clockwise
+        rotation (or a zoom in and a zoom out) of the same content look alike (training/README.md,
+        "Motion run"). 0 = upstream exactly."""
         super().__init__()
         dim = (a + b) * r
         heads = upstream_heads(dim)
@@ -126,6 +131,9 @@ class VideoHyperDream(nn.Module):
         self.a, self.b, self.r = a, b, r
         self.weight_dim, self.heads, self.blocks, self.sample_iters = dim, heads, blocks, sample_iters
         self.feature_proj = nn.Linear(feature_dim, dim, bias=False)
+        self.context_len = context_len
+        if context_len:
+            self.context_pos_emb = nn.Parameter(torch.randn(1, context_len, dim) * 0.02)
         self.decoder_model = _WeightDecoder(num_layers, dim, blocks, heads)
         # upstream registers an unused copy of the table at the top level too
         self.register_buffer("block_pos_emb", sinusoid_table(2 * num_layers, dim), persistent=True)
@@ -134,18 +142,30 @@ class VideoHyperDream(nn.Module):
         b, c = feats.shape[:2]
         tokens = feats.reshape(b, c, -1).transpose(1, 2)
         ctx = self.feature_proj(tokens)
+        if self.context_len:
+            if tokens.shape[1] != self.context_len:
+                raise ValueError(f"reference latents give {tokens.shape[1]} tokens (T*H*W of {tuple(feats.shape[2:])}); "
+                                 f"this hypernetwork's context positions were trained for {self.context_len}")
+            ctx = ctx + self.context_pos_emb
         return self.decoder_model(ctx, self.sample_iters if iters is None else iters)
 
     def config(self) -> dict:
         return dict(architecture="VideoHyperDream", feature_dim=self.feature_proj.in_features,
                     weight_dim=self.weight_dim, num_layers=self.decoder_model.num_layers, a=self.a, b=self.b,
-                    r=self.r, heads=self.heads, blocks=self.blocks, iterations=self.sample_iters)
+                    r=self.r, heads=self.heads, blocks=self.blocks, iterations=self.sample_iters,
+                    **(dict(context_len=self.context_len) if self.context_len else {}))
 
     def upstream_state_dict(self) -> dict[str, torch.Tensor]:
         return {HYPER_PREFIX + k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
 
-    def load_upstream_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict({k[len(HYPER_PREFIX):]: v for k, v in sd.items() if k.startswith(HYPER_PREFIX)})
+    def load_upstream_state_dict(self, sd: dict[str, torch.Tensor], allow_new_positions: bool = False) -> None:
+        """`allow_new_positions`: a checkpoint without `context_pos_emb` may start a hypernetwork
+        with one (the table keeps its initialisation); nothing else may be missing."""
+        own = {k[len(HYPER_PREFIX):]: v for k, v in sd.items() if k.startswith(HYPER_PREFIX)}
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        allowed = {"context_pos_emb"} if allow_new_positions else set()
+        if set(missing) - allowed or unexpected:
+            raise KeyError(f"hypernetwork checkpoint: missing {sorted(set(missing) - allowed)}, unexpected {unexpected}")
 
 
 def upstream_name(module_path: str) -> str:
@@ -279,7 +299,7 @@ def load_video2lora(out_dir: str, model: nn.Module) -> tuple[VideoHyperDream, Li
     with open(os.path.join(out_dir, "video2lora.json")) as f:
         cfg = json.load(f)
     hyper = VideoHyperDream(cfg["num_layers"], cfg["feature_dim"], cfg["a"], cfg["b"], cfg["r"], cfg["blocks"],
-                            cfg["iterations"])
+                            cfg["iterations"], cfg.get("context_len", 0))
     hyper.load_upstream_state_dict(load_file(os.path.join(out_dir, "hypernetwork.safetensors")))
     lilora = LiLoRA(model, cfg["a"], cfg["b"], cfg["r"], cfg.get("scale", 1.0))
     if lilora.paths != cfg["layer_order"]:

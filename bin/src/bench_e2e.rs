@@ -95,6 +95,7 @@ fn hypernet_dims(linears: usize) -> video2lora_hypernet::HypernetDims {
         heads: video2lora_hypernet::upstream_heads(150),
         blocks: 4,
         iterations: 4,
+        context_len: None,
     }
 }
 const LILORA_A: usize = 100;

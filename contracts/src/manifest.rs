@@ -323,4 +323,10 @@ pub struct HypernetDims {
     pub blocks: usize,
     /// Refinement iterations unrolled in the graph.
     pub iterations: usize,
+    /// L: context tokens (T·H·W of the reference latents) when the checkpoint carries a learned
+    /// position table for them (`context_pos_emb [1, L, D]`, not upstream: upstream's context is
+    /// a bag of latent vectors without positions, blind to the direction of a motion). `None` =
+    /// upstream exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_len: Option<usize>,
 }

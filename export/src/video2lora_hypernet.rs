@@ -169,6 +169,21 @@ pub fn infer_dims(ckpt: &Checkpoint, iterations: usize) -> Result<HypernetDims> 
             ),
         });
     }
+    let cp = key("context_pos_emb");
+    let context_len = if ckpt.contains(&cp) {
+        match ckpt.get(&cp)?.shape[..] {
+            [1, l, d] if d == weight_dim && l > 0 => Some(l),
+            ref shape => {
+                return Err(malformed(
+                    ckpt,
+                    &cp,
+                    format!("has shape {shape:?}; expected [1, T·H·W, {weight_dim}]"),
+                ))
+            }
+        }
+    } else {
+        None
+    };
     Ok(HypernetDims {
         feature_dim,
         weight_dim,
@@ -176,6 +191,7 @@ pub fn infer_dims(ckpt: &Checkpoint, iterations: usize) -> Result<HypernetDims> 
         heads,
         blocks,
         iterations,
+        context_len,
     })
 }
 
@@ -209,12 +225,17 @@ pub fn export(ckpt: &Checkpoint, opts: &HypernetOptions) -> Result<HypernetExpor
         ckpt.tensor(&unused_copy, &[1, 2 * n, d])?;
     }
 
-    // 1-2. Tokens [B, L = T·H·W, C] (no positional encoding), projected to the context.
+    // 1-2. Tokens [B, L = T·H·W, C] (no positional encoding upstream), projected to the context;
+    // plus the learned table of context positions when the checkpoint has one (v2l's extension).
     let tokens = g.scoped("tokens", |g| {
         let x = g.reshape_to(&latents, &[0, c as i64, -1]);
         g.transpose(&x, &[0, 2, 1])
     });
-    let context = feature_proj.apply(&mut g, &tokens);
+    let mut context = feature_proj.apply(&mut g, &tokens);
+    if let Some(l) = dims.context_len {
+        let table = vb.weight(&mut g, "context_pos_emb", &[1, l, d])?;
+        context = g.scoped("context_positions", |g| g.add(&context, &table));
+    }
 
     // 3. Weight tokens start at zeros [B, N, D].
     let mut w = g.scoped("initial_weights", |g| {
@@ -521,6 +542,9 @@ pub fn checkpoint_layout(dims: &HypernetDims) -> Vec<(String, Vec<usize>)> {
     out.push((key("decoder_model.delta_proj.0.weight"), vec![d]));
     out.push((key("decoder_model.delta_proj.0.bias"), vec![d]));
     out.push((key("decoder_model.delta_proj.1.weight"), vec![d, d]));
+    if let Some(l) = dims.context_len {
+        out.push((key("context_pos_emb"), vec![1, l, d]));
+    }
     out
 }
 
@@ -572,6 +596,7 @@ mod tests {
                 heads: 2,
                 blocks: 4,
                 iterations: 4,
+                context_len: None,
             }
         );
         let mut layout = checkpoint_layout(&dims);
@@ -631,10 +656,23 @@ mod tests {
             heads: 1,
             blocks: 2,
             iterations: 3,
+            context_len: None,
         };
         let ck = Checkpoint::open_file(&synthetic(d.path(), &dims)).unwrap();
         let ex = export(&ck, &HypernetOptions { iterations: 3 }).unwrap();
         assert_eq!(ex.dims, dims);
+
+        // With a table of context positions (v2l's extension) it is read, used and recorded.
+        let d2 = tempfile::tempdir().unwrap();
+        let with_table = HypernetDims {
+            context_len: Some(20),
+            ..dims
+        };
+        let ck = Checkpoint::open_file(&synthetic(d2.path(), &with_table)).unwrap();
+        let ex2 = export(&ck, &HypernetOptions { iterations: 3 }).unwrap();
+        assert_eq!(ex2.dims, with_table);
+        assert!(ex2.unused_keys.is_empty(), "{:?}", ex2.unused_keys);
+        assert!(ex2.graph.node_count() > ex.graph.node_count());
     }
 
     #[test]
@@ -647,6 +685,7 @@ mod tests {
             heads: 0,
             blocks: 1,
             iterations: 1,
+            context_len: None,
         };
         let path = synthetic(d.path(), &dims);
         let ck = Checkpoint::open_file(&path).unwrap();

@@ -50,6 +50,8 @@ pub struct Prediction {
 pub struct Predictor {
     hypernet: Model,
     lilora: LiLora,
+    /// Latent tokens the hypernetwork's context positions were trained for (None: upstream, any).
+    context_len: Option<usize>,
 }
 
 impl Predictor {
@@ -88,11 +90,25 @@ impl Predictor {
         Ok(Predictor {
             hypernet: Model::load(&dir.dir.join(&e.file), opts)?,
             lilora,
+            context_len: e.dims.context_len,
         })
     }
 
     /// `reference_latents [B, C, T, H, W]` → `hyper_weights [B, N, D]`.
     pub fn hyper_weights(&mut self, reference_latents: &Tensor) -> Result<Tensor> {
+        if let (Some(want), &[_, _, t, h, w]) = (self.context_len, &reference_latents.shape[..]) {
+            if t * h * w != want {
+                return Err(RuntimeError::Invalid {
+                    what: "reference clip".into(),
+                    message: format!(
+                        "its latents are {t}×{h}×{w} = {} tokens, but this hypernetwork's context \
+                         positions were trained for {want}: give the reference the frame count \
+                         and size the model was trained with",
+                        t * h * w
+                    ),
+                });
+            }
+        }
         let inputs = std::collections::BTreeMap::from([(
             "reference_latents".to_string(),
             reference_latents.clone(),
