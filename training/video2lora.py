@@ -92,6 +92,21 @@ class _Block(nn.Module):
         return h + self.ff(self.norm3(h))
 
 
+class _EncoderBlock(nn.Module):
+    """Pre-LN self-attention + feed-forward over the context tokens (v2l's extension)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = _FeedForward(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
 class _WeightDecoder(nn.Module):
     def __init__(self, num_layers: int, dim: int, blocks: int, heads: int):
         super().__init__()
@@ -117,12 +132,15 @@ class VideoHyperDream(nn.Module):
     """Reference latents [B, C, T, H, W] -> LiLoRA rows [B, N, D]."""
 
     def __init__(self, num_layers: int, feature_dim: int = 16, a: int = 64, b: int = 32, r: int = 1,
-                 blocks: int = 2, sample_iters: int = 4, context_len: int = 0):
+                 blocks: int = 2, sample_iters: int = 4, context_len: int = 0, context_blocks: int = 0):
         """`context_len` > 0 adds a learned position table `context_pos_emb [1, L, D]` to the context
         tokens (L = T*H*W of the reference latents): NOT upstream. Upstream's context is a bag of
         latent vectors with no position or frame index, in which a clockwise and a counter-clockwise
         rotation (or a zoom in and a zoom out) of the same content look alike (training/README.md,
-        "Motion run"). 0 = upstream exactly."""
+        "Motion run"). 0 = upstream exactly. `context_blocks` > 0 (also NOT upstream, and not yet
+        exportable) runs that many self-attention blocks over the context tokens first, so tokens can
+        be compared with each other: the direction of a motion is a relation between frames, which
+        the decoder's pooling cross-attention of per-token features cannot form."""
         super().__init__()
         dim = (a + b) * r
         heads = upstream_heads(dim)
@@ -134,6 +152,7 @@ class VideoHyperDream(nn.Module):
         self.context_len = context_len
         if context_len:
             self.context_pos_emb = nn.Parameter(torch.randn(1, context_len, dim) * 0.02)
+        self.context_blocks = nn.ModuleList([_EncoderBlock(dim, heads) for _ in range(context_blocks)])
         self.decoder_model = _WeightDecoder(num_layers, dim, blocks, heads)
         # upstream registers an unused copy of the table at the top level too
         self.register_buffer("block_pos_emb", sinusoid_table(2 * num_layers, dim), persistent=True)
@@ -147,13 +166,16 @@ class VideoHyperDream(nn.Module):
                 raise ValueError(f"reference latents give {tokens.shape[1]} tokens (T*H*W of {tuple(feats.shape[2:])}); "
                                  f"this hypernetwork's context positions were trained for {self.context_len}")
             ctx = ctx + self.context_pos_emb
+        for blk in self.context_blocks:
+            ctx = blk(ctx)
         return self.decoder_model(ctx, self.sample_iters if iters is None else iters)
 
     def config(self) -> dict:
         return dict(architecture="VideoHyperDream", feature_dim=self.feature_proj.in_features,
                     weight_dim=self.weight_dim, num_layers=self.decoder_model.num_layers, a=self.a, b=self.b,
                     r=self.r, heads=self.heads, blocks=self.blocks, iterations=self.sample_iters,
-                    **(dict(context_len=self.context_len) if self.context_len else {}))
+                    **(dict(context_len=self.context_len) if self.context_len else {}),
+                    **(dict(context_blocks=len(self.context_blocks)) if len(self.context_blocks) else {}))
 
     def upstream_state_dict(self) -> dict[str, torch.Tensor]:
         return {HYPER_PREFIX + k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
@@ -299,7 +321,7 @@ def load_video2lora(out_dir: str, model: nn.Module) -> tuple[VideoHyperDream, Li
     with open(os.path.join(out_dir, "video2lora.json")) as f:
         cfg = json.load(f)
     hyper = VideoHyperDream(cfg["num_layers"], cfg["feature_dim"], cfg["a"], cfg["b"], cfg["r"], cfg["blocks"],
-                            cfg["iterations"], cfg.get("context_len", 0))
+                            cfg["iterations"], cfg.get("context_len", 0), cfg.get("context_blocks", 0))
     hyper.load_upstream_state_dict(load_file(os.path.join(out_dir, "hypernetwork.safetensors")))
     lilora = LiLoRA(model, cfg["a"], cfg["b"], cfg["r"], cfg.get("scale", 1.0))
     if lilora.paths != cfg["layer_order"]:
