@@ -14,11 +14,14 @@ bin=target/release
 model=models/cogvideox-effects
 ex=$model/examples
 out=out/demo
-# The two reference clips the model ships with (examples/ref_<effect>.mp4), in name order.
-effects=()
-for f in "$ex"/ref_*.mp4; do e=${f##*/ref_}; effects+=("${e%.mp4}"); done
-if [ "${#effects[@]}" -ne 2 ]; then
-  echo "demo: expected two reference clips $ex/ref_<effect>.mp4, found ${#effects[@]}" >&2
+fx=tests/fixtures/cogvideox-effects
+# The two reference clips the model ships with (examples/ref_<effect>.mp4); first the one whose
+# LoRA the parity fixture holds (e2e.json's "dit_io_lora"), checked against diffusers at the end.
+first=$(grep -o '"dit_io_lora": *"[a-z_]*"' "$fx/e2e.json" | sed 's/.*"\([a-z_]*\)"$/\1/')
+effects=("$first")
+for f in "$ex"/ref_*.mp4; do e=${f##*/ref_}; e=${e%.mp4}; [ "$e" = "$first" ] || effects+=("$e"); done
+if [ -z "$first" ] || [ ! -f "$ex/ref_$first.mp4" ] || [ "${#effects[@]}" -ne 2 ]; then
+  echo "demo: expected two reference clips $ex/ref_<effect>.mp4, one of them $fx/e2e.json's dit_io_lora ('$first'); found: $(ls "$ex")" >&2
   exit 1
 fi
 rm -rf "$out"
@@ -50,13 +53,12 @@ ffmpeg -v error -y -i "$ex/ref_${effects[0]}.mp4" -i "$out/${effects[0]}.mp4" \
 mv "$out/.sheet.png" "$out/side_by_side.png"
 
 echo "== the DiT vs diffusers on this model, without and with the ${effects[0]} reference's LoRA"
-fx=tests/fixtures/cogvideox-effects
 $bin/v2l-run --engine "$out/engine" stage dit --inputs "$fx/dit_io.safetensors" -o "$out/dit_out.safetensors" \
-  --compare "$fx/dit_io.safetensors" --compare-name sample=output
+  --compare "$fx/dit_io.safetensors" --compare-name sample=output --max-error 1e-4
 # The LoRA a reference predicts, as a standard file diffusers or ComfyUI can load; then the DiT
 # with it fused.
 $bin/v2l-lora predict --engine "$out/engine" --reference "$ex/ref_${effects[0]}.mp4" -o "$out/${effects[0]}_lora.safetensors"
 $bin/v2l-run --engine "$out/engine" stage dit --inputs "$fx/dit_io.safetensors" -o "$out/dit_lora_out.safetensors" \
-  --lora "$out/${effects[0]}_lora.safetensors" --compare "$fx/dit_io.safetensors" --compare-name sample=output_with_lilora
+  --lora "$out/${effects[0]}_lora.safetensors" --compare "$fx/dit_io.safetensors" --compare-name sample=output_with_lilora --max-error 1e-4
 echo "videos: $out/{${effects[0]},${effects[1]},no_lora}.mp4"
 echo "contact sheet: $out/side_by_side.png (left: ${effects[0]}, right: ${effects[1]}; top row of each: the reference, below: generated; bottom: no LoRA)"

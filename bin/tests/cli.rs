@@ -106,6 +106,28 @@ fn export_dit_writes_graph_and_manifest() {
         "sample [2, 5, 16, 8, 8]\n"
     );
     assert!(result.is_file());
+
+    // --compare with --max-error: within the bound passes, above it is a clean failure.
+    let (engine, inputs, res) = (
+        out.to_str().unwrap(),
+        io.to_str().unwrap(),
+        result.to_str().unwrap(),
+    );
+    let compare = ["--compare", inputs, "--compare-name", "sample=output"];
+    let o = stage_dit(
+        engine,
+        inputs,
+        res,
+        &[&compare[..], &["--max-error", "1e-4"]].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = stage_dit(
+        engine,
+        inputs,
+        res,
+        &[&compare[..], &["--max-error", "1e-30"]].concat(),
+    );
+    assert_clean_failure(&o, "above --max-error");
 }
 
 /// Every binary's and subcommand's `--help` teaches by example, and is a snapshot: a change to

@@ -212,6 +212,10 @@ enum Command {
         /// Reference tensor name for an output, as OUTPUT=REFERENCE (e.g. sample=output); repeatable
         #[arg(long = "compare-name", value_name = "OUT=REF")]
         compare_names: Vec<String>,
+        /// With --compare: fail (exit 1) when an output's relative L2 error exceeds this, so a
+        /// script's parity check can fail (e.g. 1e-4 for f32 engines)
+        #[arg(long, value_name = "E", requires = "compare")]
+        max_error: Option<f64>,
         /// Print one JSON object on stdout: output shapes, session build and run time (ms)
         #[arg(long)]
         json: bool,
@@ -328,6 +332,7 @@ fn main() -> ExitCode {
                 lora_scale,
                 compare,
                 compare_names,
+                max_error,
                 json,
                 repeat,
             }) => {
@@ -406,7 +411,7 @@ fn main() -> ExitCode {
                     }
                 }
                 if let Some(reference) = compare {
-                    compare_outputs(&out, &reference, &compare_names)?;
+                    compare_outputs(&out, &reference, &compare_names, max_error)?;
                 }
                 Ok(())
             }
@@ -492,11 +497,13 @@ fn read_clip(path: &std::path::Path) -> Result<v2l_runtime::video::Frames, Failu
     Ok(v2l_runtime::video::read_frames(path, height, width)?)
 }
 
-/// Prints `relative L2 error` of each output against a reference file.
+/// Prints `relative L2 error` of each output against a reference file; with `max_error`, an
+/// error above it (or not a number) is a failure naming the output.
 fn compare_outputs(
     out: &std::collections::BTreeMap<String, v2l_runtime::Tensor>,
     reference: &std::path::Path,
     names: &[String],
+    max_error: Option<f64>,
 ) -> Result<(), Failure> {
     let refs = read_safetensors(reference)?;
     for (name, t) in out {
@@ -521,10 +528,16 @@ fn compare_outputs(
                 t.shape
             )));
         }
-        println!(
-            "{name} vs {ref_name}: relative L2 error {:.3e}",
-            t.rel_l2(r)
-        );
+        let err = t.rel_l2(r);
+        println!("{name} vs {ref_name}: relative L2 error {err:.3e}");
+        if let Some(bound) = max_error {
+            if err.is_nan() || err > bound {
+                return Err(Failure::new(format!(
+                    "`{name}` differs from {}'s `{ref_name}` by {err:.3e} relative L2, above --max-error {bound:.0e}",
+                    reference.display()
+                )));
+            }
+        }
     }
     Ok(())
 }
