@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -64,6 +65,10 @@ def main():
             f.write(data)
         h = {k.lower(): v for k, v in headers.items()}
         summary.append({"i": i, "lora": name, "replica": h["x-v2l-replica"], "loads": int(h["x-v2l-lora-loads"])})
+        # A replica reports the LoRAs it holds to Ray Serve's router asynchronously; a request
+        # sent before the report arrives is routed as if nothing were loaded (seen on a fast
+        # machine: b went to a's replica, evicting a). Give the report time to arrive.
+        time.sleep(2.0)
     status, _, data = post(url, {"prompt": PROMPT}, "a")
     summary.append({"bad_status": status, "bad_body": json.loads(data)})
     status, _, data = post(url, body, "no-such-lora")
