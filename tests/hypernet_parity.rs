@@ -31,9 +31,13 @@ fn export_and_load(dir: &Path, iterations: usize) -> Model {
     );
     // The top-level copy of the sinusoid table upstream never reads is skipped on purpose.
     assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
-    let path = dir.join(format!("hypernet_k{iterations}.onnx"));
-    save(&ex.graph, &path, ExternalData::Auto).unwrap();
-    Model::load(&path, &SessionOptions::default()).unwrap()
+    load_graph(&ex.graph, &dir.join(format!("hypernet_k{iterations}.onnx")))
+}
+
+/// Writes an exported graph to `path` and loads it in ONNX Runtime.
+fn load_graph(graph: &v2l_graphs::Graph, path: &Path) -> Model {
+    save(graph, path, ExternalData::Auto).unwrap();
+    Model::load(path, &SessionOptions::default()).unwrap()
 }
 
 fn latents(shape: Vec<usize>, seed: u64) -> BTreeMap<String, Tensor> {
@@ -172,9 +176,7 @@ fn hypernet_with_context_positions_matches_pytorch() {
     assert_eq!(ex.dims.context_len, Some(32));
     assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hypernet.onnx");
-    save(&ex.graph, &path, ExternalData::Auto).unwrap();
-    let mut model = Model::load(&path, &SessionOptions::default()).unwrap();
+    let mut model = load_graph(&ex.graph, &dir.path().join("hypernet.onnx"));
     let io = v2l_runtime::read_safetensors(&fx.join("io.safetensors")).unwrap();
     let out = model.run(&pick(&io, &["reference_latents"])).unwrap();
     assert_close(

@@ -131,13 +131,24 @@ def run_transfer(pipe, hyper, lilora, iters: int, n: int, seed0: int = 10000, st
     mp4, the first frame's posterior mode (v2l-run's default; the stock pipeline samples it) and
     eval_v2l.shared_noise(scene) as the initial noise, so the two can agree clip by clip."""
     from diffusers.pipelines.cogvideo import pipeline_cogvideox_image2video as i2v
-    from PIL import Image
 
-    from eval_v2l import shared_noise
-
+    t0 = time.time()
     stock_retrieve = i2v.retrieve_latents
     if match_v2l:
         i2v.retrieve_latents = lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode()
+    try:
+        results = _generate_and_measure(pipe, hyper, lilora, iters, n, seed0, steps, guidance, base, keep_frames,
+                                        roundtrip, match_v2l, log)
+    finally:
+        i2v.retrieve_latents = stock_retrieve
+    return results, _summary(results, steps, guidance, iters, base, roundtrip, time.time() - t0)
+
+
+def _generate_and_measure(pipe, hyper, lilora, iters, n, seed0, steps, guidance, base, keep_frames, roundtrip,
+                          match_v2l, log) -> list[dict]:
+    from PIL import Image
+
+    from eval_v2l import shared_noise
 
     vae = pipe.vae
     results, t0 = [], time.time()
@@ -190,18 +201,22 @@ def run_transfer(pipe, hyper, lilora, iters: int, n: int, seed0: int = 10000, st
         if i < keep_frames:
             r.update(ref=ref, gen=gen, base=base_clip)
 
-    i2v.retrieve_latents = stock_retrieve
+    return results
+
+
+def _summary(results: list[dict], steps: int, guidance: float, iters: int, base: bool, roundtrip: bool,
+             seconds: float) -> dict:
     keys = ["label_lora", "label_truth"] + (["label_base"] if base else []) + (["label_vae"] if roundtrip else [])
     hist = lambda key: {l: sum(r[key] == l for r in results) for l in EFFECTS + ["none"] if any(r[key] == l for r in results)}  # noqa: E731,E741
     summary = dict(steps=steps, guidance=guidance, iterations=iters, **transfer_summary(results, keys),
                    labels_lora=hist("label_lora"), labels_no_lora=hist("label_base"),
-                   seconds=round(time.time() - t0, 1))
+                   seconds=round(seconds, 1))
     summary["accuracy_no_lora"] = summary.pop("accuracy_base", None)
     for e, row in summary["per_effect"].items():
         mine = [r for r in results if r["effect"] == e]
         for k in ("lora", "base"):
             row[f"strength_{k}"] = float(np.median([r[f"strength_{k}"] for r in mine])) if mine else float("nan")
-    return results, summary
+    return summary
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def supervised_bound(ref: torch.Tensor, val: torch.Tensor, steps: int, batch: in
     S, E = ref.shape[:2]
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv3d(16, 64, 3, padding=1), nn.GELU(), nn.Conv3d(64, 64, 3, padding=1), nn.GELU(),
-                        nn.Conv3d(64, 16, 1), nn.Flatten(), nn.Linear(16 * ref[0, 0].numel() // 16, 128), nn.GELU(),
+                        nn.Conv3d(64, 16, 1), nn.Flatten(), nn.Linear(ref[0, 0].numel(), 128), nn.GELU(),
                         nn.Linear(128, E))
     opt = torch.optim.AdamW(net.parameters(), lr)
     g = torch.Generator().manual_seed(0)

@@ -345,15 +345,14 @@ class Trainer:
         s1 = (s2 + rng.integers(1, S, size=bsz)) % S  # != s2
         e_t, s1_t, s2_t = map(torch.from_numpy, (e, s1, s2))
         ref = self.cache["reference"][s1_t, e_t]
-        self.last_ref = ref
         x0 = self.cache["target"][s2_t, e_t]
         img = self.sample_image(s2_t, gen)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (bsz,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         keep = (torch.rand(bsz, generator=gen) >= self.args.lora_dropout).float()
         # for contrastive(): the same effect seen in the target's own scene
-        self.last_pair = (self.cache["reference"][s2_t, e_t], e_t)
-        return ref, x0, img, t, noise, True, keep
+        pair = (ref, self.cache["reference"][s2_t, e_t], e_t)
+        return (ref, x0, img, t, noise, True, keep), pair
 
     def contrastive(self, ref, ref2, e, tau: float = 0.1) -> torch.Tensor:
         """InfoNCE on the hypernetwork's rows (training only; the model and its files are
@@ -677,11 +676,11 @@ def main() -> None:
             break
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step)
-        loss = tr.loss(*tr.batch(rng, gen, args.batch))
+        loss_args, pair = tr.batch(rng, gen, args.batch)
+        loss = tr.loss(*loss_args)
         aux = None
         if args.hyper_contrastive:
-            ref2, e_t = tr.last_pair
-            aux = tr.contrastive(tr.last_ref, ref2, e_t)
+            aux = tr.contrastive(*pair)
             loss = loss + args.hyper_contrastive * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
