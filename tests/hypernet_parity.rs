@@ -143,6 +143,7 @@ fn hypernet_of_another_shape_exports_and_runs() {
         blocks: 2,
         iterations: 3,
         context_len: None,
+        context_encoder: None,
     };
     let ck_dir = dir.path().join("hyper");
     v2l_export::synthetic::write_checkpoint(
@@ -165,15 +166,23 @@ fn hypernet_of_another_shape_exports_and_runs() {
     assert_finite("hyper_weights", &out["hyper_weights"]);
 }
 
-/// v2l's extension: a checkpoint with a learned table of context positions
-/// (`context_pos_emb`, fixture made from training/video2lora.py by
-/// tests/fixtures/gen/hypernet_context.py) exports with the table added to the context.
+/// v2l's extensions: a checkpoint with a learned table of context positions
+/// (`context_pos_emb`) and a context encoder (`context_encoder.*`; fixture made from
+/// training/video2lora.py by tests/fixtures/gen/hypernet_context.py) exports with the table
+/// added to the context and the encoder's rows added to the decoder's.
 #[test]
-fn hypernet_with_context_positions_matches_pytorch() {
+fn hypernet_with_context_extensions_matches_pytorch() {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hypernet-context");
     let ck = Checkpoint::open_file(&fx.join("hypernetwork.safetensors")).unwrap();
     let ex = video2lora_hypernet::export(&ck, &HypernetOptions { iterations: 3 }).unwrap();
     assert_eq!(ex.dims.context_len, Some(32));
+    assert_eq!(
+        ex.dims.context_encoder,
+        Some(video2lora_hypernet::ContextEncoderDims {
+            hidden: 8,
+            grid: [2, 4, 4],
+        })
+    );
     assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
     let dir = tempfile::tempdir().unwrap();
     let mut model = load_graph(&ex.graph, &dir.path().join("hypernet.onnx"));
@@ -185,7 +194,9 @@ fn hypernet_with_context_positions_matches_pytorch() {
         &io["hyper_weights"],
         F32_REL_L2,
     );
-    // The table is what makes the difference to the same model without it.
-    let without = out["hyper_weights"].rel_l2(&io["hyper_weights_no_table"]);
-    assert!(without > 0.1, "{without}");
+    // The table and the encoder each make a difference to the same model without them.
+    for other in ["hyper_weights_no_table", "hyper_weights_no_encoder"] {
+        let without = out["hyper_weights"].rel_l2(&io[other]);
+        assert!(without > 0.1, "{other}: {without}");
+    }
 }

@@ -34,6 +34,7 @@ VARIANTS = {
     "positions": dict(context_len=True),
     "positions+1 context block": dict(context_len=True, context_blocks=1),
     "positions+2 context blocks": dict(context_len=True, context_blocks=2),
+    "conv3d encoder": dict(context_conv=64),
 }
 
 
@@ -95,6 +96,10 @@ def main() -> None:
     ap.add_argument("--supervised-steps", type=int, default=0,
                     help="also train the supervised conv3d bound (supervised_bound) this many steps, batch 64")
     ap.add_argument("--held-out", type=int, default=100, help="training scenes kept out of the probe's training")
+    ap.add_argument("--objective", choices=["infonce", "labels"], default="infonce",
+                    help="labels: train with a linear classifier of the effect on the rows (supervised) "
+                         "and also report its held-out accuracy; shows whether the rows *can* carry each "
+                         "effect, where InfoNCE measures whether they do without labels")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="")
     a = ap.parse_args()
@@ -110,15 +115,21 @@ def main() -> None:
             raise SystemExit(f"--variants: unknown {name!r}; one of {list(VARIANTS)}")
         v = VARIANTS[name]
         torch.manual_seed(0)
-        hyper = VideoHyperDream(37, 16, 64, 32, 1, 2, 4, L if v.get("context_len") else 0, v.get("context_blocks", 0))
-        opt = torch.optim.AdamW(hyper.parameters(), lr=a.lr, weight_decay=0.01)
+        hyper = VideoHyperDream(37, 16, 64, 32, 1, 2, 4, L if v.get("context_len") else 0, v.get("context_blocks", 0),
+                                v.get("context_conv", 0), tuple(ref.shape[-3:]))
+        head = torch.nn.Linear(hyper.decoder_model.num_layers * hyper.weight_dim, E)
+        params = list(hyper.parameters()) + (list(head.parameters()) if a.objective == "labels" else [])
+        opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
         g = torch.Generator().manual_seed(0)
         t0 = time.time()
         for step in range(a.steps):
             e = torch.randint(0, E, (a.batch,), generator=g)
             s1 = torch.randint(0, S, (a.batch,), generator=g)
             s2 = (s1 + torch.randint(1, S, (a.batch,), generator=g)) % S
-            loss = info_nce(hyper(ref[s1, e]), hyper(ref[s2, e]), e)
+            if a.objective == "labels":
+                loss = F.cross_entropy(head(hyper(ref[s1, e]).flatten(1)), e)
+            else:
+                loss = info_nce(hyper(ref[s1, e]), hyper(ref[s2, e]), e)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -126,6 +137,12 @@ def main() -> None:
         acc = nearest_neighbour(hyper, val)
         results[name] = dict(accuracy=acc, mean=sum(acc.values()) / len(acc), final_loss=loss.item(),
                              seconds=round(time.time() - t0, 1))
+        if a.objective == "labels":
+            with torch.no_grad():
+                pred = head(hyper(val.flatten(0, 1)).flatten(1)).argmax(1).view(val.shape[0], E)
+            results[name]["classifier"] = {EFFECTS[i]: float((pred[:, i] == i).float().mean()) for i in range(E)}
+            print(f"{name:28s} held-out classifier accuracy {float((pred == torch.arange(E)).float().mean()):.0%}  "
+                  + "  ".join(f"{k}={x:.0%}" for k, x in results[name]["classifier"].items()), flush=True)
         print(f"{name:28s} held-out nearest-neighbour accuracy {results[name]['mean']:.0%}  "
               + "  ".join(f"{e}={x:.0%}" for e, x in acc.items()) + f"  ({results[name]['seconds']} s)", flush=True)
     if a.supervised_steps:

@@ -96,6 +96,7 @@ fn hypernet_dims(linears: usize) -> video2lora_hypernet::HypernetDims {
         blocks: 4,
         iterations: 4,
         context_len: None,
+        context_encoder: None,
     }
 }
 const LILORA_A: usize = 100;

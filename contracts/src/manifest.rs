@@ -329,4 +329,18 @@ pub struct HypernetDims {
     /// upstream exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_len: Option<usize>,
+    /// The context encoder's sizes when the checkpoint has one (`context_encoder.*`, not
+    /// upstream): a 3D conv stack that sees the motion between frames, whose rows are added to
+    /// the decoder's. `None` = upstream exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_encoder: Option<ContextEncoderDims>,
+}
+
+/// The sizes of v2l's context encoder (training/video2lora.py `_ContextEncoder`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ContextEncoderDims {
+    /// Channels of the 3×3×3 convolutions.
+    pub hidden: usize,
+    /// (T, H, W) of the reference latents it was trained for: its readout weighs every voxel.
+    pub grid: [usize; 3],
 }

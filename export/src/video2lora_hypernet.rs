@@ -35,6 +35,14 @@
 //! empty for an upstream checkpoint, and anything it lists is a tensor the exporter did not
 //! expect (and that a CLI warning should show).
 //!
+//! v2l's two extensions, each present only when the checkpoint has its tensors (upstream's
+//! context is a bag of latent vectors, blind to the direction of a motion; training/README.md,
+//! "Motion run"):
+//! - `context_pos_emb [1, L, D]`, a learned table added to the context (L = T·H·W);
+//! - `context_encoder.*`, a 3D conv stack with a readout over the whole latent volume whose rows
+//!   are added to the decoder's ([`ContextEncoder`]). Both fix the reference's latent grid, which
+//!   [`HypernetDims`] records and the runtime checks.
+//!
 //! Graph contract: input `reference_latents [B, C, T, H, W]` (the VAE latents, already
 //! multiplied by the VAE scaling factor; B, T, H, W dynamic); output `hyper_weights [B, N, D]`,
 //! row i being LiLoRA layer i's `[down_w | up_w]`.
@@ -45,7 +53,7 @@
 
 use std::collections::BTreeSet;
 
-use v2l_graphs::{DType, Dim, Graph, Value};
+use v2l_graphs::{Attr, DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
@@ -71,7 +79,7 @@ impl Default for HypernetOptions {
     }
 }
 
-pub use v2l_contracts::manifest::HypernetDims;
+pub use v2l_contracts::manifest::{ContextEncoderDims, HypernetDims};
 
 /// The exported graph and what it was built from.
 pub struct HypernetExport {
@@ -184,6 +192,7 @@ pub fn infer_dims(ckpt: &Checkpoint, iterations: usize) -> Result<HypernetDims> 
     } else {
         None
     };
+    let context_encoder = infer_context_encoder(ckpt, feature_dim)?;
     Ok(HypernetDims {
         feature_dim,
         weight_dim,
@@ -192,7 +201,40 @@ pub fn infer_dims(ckpt: &Checkpoint, iterations: usize) -> Result<HypernetDims> 
         blocks,
         iterations,
         context_len,
+        context_encoder,
     })
+}
+
+/// The context encoder's sizes from `context_encoder.conv_in.weight [hidden, C, 3, 3, 3]` and
+/// `readout.weight [2·hidden, C, T, H, W]` (its kernel is the grid); `None` when the checkpoint
+/// has none (upstream). The other tensors are shape-checked when the graph reads them.
+fn infer_context_encoder(ckpt: &Checkpoint, c: usize) -> Result<Option<ContextEncoderDims>> {
+    let conv_in = key("context_encoder.conv_in.weight");
+    if !ckpt.contains(&conv_in) {
+        return Ok(None);
+    }
+    let hidden = match ckpt.get(&conv_in)?.shape[..] {
+        [h, ci, 3, 3, 3] if ci == c && h > 0 => h,
+        ref shape => {
+            return Err(malformed(
+                ckpt,
+                &conv_in,
+                format!("has shape {shape:?}; expected [hidden, {c}, 3, 3, 3]"),
+            ))
+        }
+    };
+    let readout = key("context_encoder.readout.weight");
+    let grid = match ckpt.get(&readout)?.shape[..] {
+        [r, ci, t, h, w] if r == 2 * hidden && ci == c && t * h * w > 0 => [t, h, w],
+        ref shape => {
+            return Err(malformed(
+                ckpt,
+                &readout,
+                format!("has shape {shape:?}; expected [{}, {c}, T, H, W]", 2 * hidden),
+            ))
+        }
+    };
+    Ok(Some(ContextEncoderDims { hidden, grid }))
 }
 
 /// Builds the hypernetwork graph from a checkpoint with upstream key names.
@@ -251,6 +293,12 @@ pub fn export(ckpt: &Checkpoint, opts: &HypernetOptions) -> Result<HypernetExpor
     for k in 0..dims.iterations {
         w = g.scoped(&format!("iter{k}"), |g| decoder.forward(g, &fixed, &w));
     }
+    // 5. Plus the context encoder's rows when the checkpoint has one (v2l's extension).
+    if let Some(enc) = dims.context_encoder {
+        let encoder = ContextEncoder::load(&vb.pp("context_encoder"), &mut g, &dims, enc)?;
+        let rows = encoder.apply(&mut g, &latents);
+        w = g.scoped("context_encoder_rows", |g| g.add(&w, &rows));
+    }
 
     g.output(
         &w,
@@ -269,6 +317,78 @@ pub fn export(ckpt: &Checkpoint, opts: &HypernetOptions) -> Result<HypernetExpor
         dims,
         unused_keys,
     })
+}
+
+/// v2l's context encoder (training/video2lora.py `_ContextEncoder`), not upstream:
+///
+/// ```text
+/// h = conv_out(gelu(conv_mid(gelu(conv_in(f)))))     # 3×3×3 pad 1, 3×3×3 pad 1, 1×1×1
+/// z = gelu(readout(h).flatten(1))                    # readout's kernel is the whole grid
+/// rows = row_proj(z).view(B, N, D)                   # added to the decoder's rows
+/// ```
+struct ContextEncoder {
+    name: String,
+    convs: [(Value, Value, [i64; 3], i64); 4],
+    row_proj: Linear,
+    rows: usize,
+    dim: usize,
+}
+
+impl ContextEncoder {
+    fn load(
+        vb: &Scope,
+        g: &mut Graph,
+        dims: &HypernetDims,
+        enc: ContextEncoderDims,
+    ) -> Result<ContextEncoder> {
+        let (c, d, n, h) = (dims.feature_dim, dims.weight_dim, dims.num_layers, enc.hidden);
+        let [t, gh, gw] = enc.grid;
+        let mut conv = |name: &str, out: usize, inp: usize, k: [usize; 3], pad: i64| {
+            let s = vb.pp(name);
+            let w = s.weight(g, "weight", &[out, inp, k[0], k[1], k[2]])?;
+            let b = s.weight(g, "bias", &[out])?;
+            Ok::<_, ExportError>((w, b, k.map(|x| x as i64), pad))
+        };
+        let convs = [
+            conv("conv_in", h, c, [3, 3, 3], 1)?,
+            conv("conv_mid", h, h, [3, 3, 3], 1)?,
+            conv("conv_out", c, h, [1, 1, 1], 0)?,
+            conv("readout", 2 * h, c, [t, gh, gw], 0)?,
+        ];
+        Ok(ContextEncoder {
+            name: vb.prefix().to_string(),
+            convs,
+            row_proj: Linear::load(vb, g, "row_proj", 2 * h, n * d, true)?,
+            rows: n,
+            dim: d,
+        })
+    }
+
+    /// `latents [B, C, T, H, W]` → rows `[B, N, D]`.
+    fn apply(&self, g: &mut Graph, latents: &Value) -> Value {
+        let z = g.scoped(&self.name, |g| {
+            let mut x = latents.clone();
+            for (i, (w, b, k, pad)) in self.convs.iter().enumerate() {
+                x = g.op(
+                    "Conv",
+                    &[&x, w, b],
+                    vec![
+                        ("kernel_shape", Attr::Ints(k.to_vec())),
+                        ("pads", Attr::Ints(vec![*pad; 6])),
+                    ],
+                );
+                // GELU after conv_in, conv_mid and the readout; conv_out is linear.
+                if i != 2 {
+                    x = g.gelu_erf(&x);
+                }
+            }
+            g.reshape_to(&x, &[0, -1])
+        });
+        let rows = self.row_proj.apply(g, &z);
+        g.scoped(&self.name, |g| {
+            g.reshape_to(&rows, &[0, self.rows as i64, self.dim as i64])
+        })
+    }
 }
 
 /// An `nn.Linear` whose initializers were added once and can be applied many times.
@@ -545,6 +665,20 @@ pub fn checkpoint_layout(dims: &HypernetDims) -> Vec<(String, Vec<usize>)> {
     if let Some(l) = dims.context_len {
         out.push((key("context_pos_emb"), vec![1, l, d]));
     }
+    if let Some(e) = dims.context_encoder {
+        let (h, [t, gh, gw]) = (e.hidden, e.grid);
+        for (name, shape) in [
+            ("conv_in", vec![h, c, 3, 3, 3]),
+            ("conv_mid", vec![h, h, 3, 3, 3]),
+            ("conv_out", vec![c, h, 1, 1, 1]),
+            ("readout", vec![2 * h, c, t, gh, gw]),
+            ("row_proj", vec![n * d, 2 * h]),
+        ] {
+            let bias = vec![shape[0]];
+            out.push((key(&format!("context_encoder.{name}.weight")), shape));
+            out.push((key(&format!("context_encoder.{name}.bias")), bias));
+        }
+    }
     out
 }
 
@@ -597,6 +731,7 @@ mod tests {
                 blocks: 4,
                 iterations: 4,
                 context_len: None,
+            context_encoder: None,
             }
         );
         let mut layout = checkpoint_layout(&dims);
@@ -657,6 +792,7 @@ mod tests {
             blocks: 2,
             iterations: 3,
             context_len: None,
+            context_encoder: None,
         };
         let ck = Checkpoint::open_file(&synthetic(d.path(), &dims)).unwrap();
         let ex = export(&ck, &HypernetOptions { iterations: 3 }).unwrap();
@@ -673,6 +809,20 @@ mod tests {
         assert_eq!(ex2.dims, with_table);
         assert!(ex2.unused_keys.is_empty(), "{:?}", ex2.unused_keys);
         assert!(ex2.graph.node_count() > ex.graph.node_count());
+
+        // So is a context encoder, whose grid comes from the readout's kernel.
+        let d3 = tempfile::tempdir().unwrap();
+        let with_encoder = HypernetDims {
+            context_encoder: Some(ContextEncoderDims {
+                hidden: 6,
+                grid: [2, 3, 4],
+            }),
+            ..dims
+        };
+        let ck = Checkpoint::open_file(&synthetic(d3.path(), &with_encoder)).unwrap();
+        let ex3 = export(&ck, &HypernetOptions { iterations: 3 }).unwrap();
+        assert_eq!(ex3.dims, with_encoder);
+        assert!(ex3.unused_keys.is_empty(), "{:?}", ex3.unused_keys);
     }
 
     #[test]
@@ -686,6 +836,7 @@ mod tests {
             blocks: 1,
             iterations: 1,
             context_len: None,
+            context_encoder: None,
         };
         let path = synthetic(d.path(), &dims);
         let ck = Checkpoint::open_file(&path).unwrap();

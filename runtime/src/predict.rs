@@ -52,6 +52,8 @@ pub struct Predictor {
     lilora: LiLora,
     /// Latent tokens the hypernetwork's context positions were trained for (None: upstream, any).
     context_len: Option<usize>,
+    /// Latent grid (T, H, W) its context encoder was trained for (None: upstream, any).
+    context_grid: Option<[usize; 3]>,
 }
 
 impl Predictor {
@@ -91,6 +93,7 @@ impl Predictor {
             hypernet: Model::load(&dir.dir.join(&e.file), opts)?,
             lilora,
             context_len: e.dims.context_len,
+            context_grid: e.dims.context_encoder.map(|c| c.grid),
         })
     }
 
@@ -105,6 +108,19 @@ impl Predictor {
                          positions were trained for {want}: give the reference the frame count \
                          and size the model was trained with",
                         t * h * w
+                    ),
+                });
+            }
+        }
+        if let (Some(want), &[_, _, t, h, w]) = (self.context_grid, &reference_latents.shape[..]) {
+            if [t, h, w] != want {
+                return Err(RuntimeError::Invalid {
+                    what: "reference clip".into(),
+                    message: format!(
+                        "its latents are {t}×{h}×{w} (T×H×W), but this hypernetwork's context \
+                         encoder was trained for {}×{}×{}: give the reference the frame count \
+                         and size the model was trained with",
+                        want[0], want[1], want[2]
                     ),
                 });
             }
