@@ -40,7 +40,7 @@
 //! "Motion run"):
 //! - `context_pos_emb [1, L, D]`, a learned table added to the context (L = T·H·W);
 //! - `context_encoder.*`, a 3D conv stack with a readout over the whole latent volume whose rows
-//!   are added to the decoder's ([`ContextEncoder`]). Both fix the reference's latent grid, which
+//!   are added to the decoder's (`ContextEncoder`). Both fix the reference's latent grid, which
 //!   [`HypernetDims`] records and the runtime checks.
 //!
 //! Graph contract: input `reference_latents [B, C, T, H, W]` (the VAE latents, already

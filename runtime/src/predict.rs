@@ -39,6 +39,37 @@ pub fn check_reference(frames: &Frames, source: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses reference latents `[B, C, T, H, W]` whose grid differs from the one the
+/// hypernetwork's extensions were trained for: a table of `context_len` = T·H·W positions, a
+/// context encoder of grid (T, H, W). Upstream's hypernetwork (both `None`) takes any grid.
+fn check_reference_grid(
+    context_len: Option<usize>,
+    context_grid: Option<[usize; 3]>,
+    shape: &[usize],
+) -> Result<()> {
+    let &[_, _, t, h, w] = shape else {
+        return Ok(()); // the graph's own input check names the rank
+    };
+    let refuse = |trained: String| RuntimeError::Invalid {
+        what: "reference clip".into(),
+        message: format!(
+            "its latents are {t}×{h}×{w} (T×H×W), but this hypernetwork's {trained}: give the \
+             reference the frame count and size the model was trained with"
+        ),
+    };
+    if let Some(want) = context_len.filter(|&l| l != t * h * w) {
+        return Err(refuse(format!(
+            "context positions were trained for {want} = T·H·W tokens"
+        )));
+    }
+    if let Some([wt, wh, ww]) = context_grid.filter(|&g| g != [t, h, w]) {
+        return Err(refuse(format!(
+            "context encoder was trained for {wt}×{wh}×{ww}"
+        )));
+    }
+    Ok(())
+}
+
 /// What a prediction computed, intermediates included (for `--dump` and parity checks).
 pub struct Prediction {
     pub reference_latents: Tensor,
@@ -99,32 +130,7 @@ impl Predictor {
 
     /// `reference_latents [B, C, T, H, W]` → `hyper_weights [B, N, D]`.
     pub fn hyper_weights(&mut self, reference_latents: &Tensor) -> Result<Tensor> {
-        if let (Some(want), &[_, _, t, h, w]) = (self.context_len, &reference_latents.shape[..]) {
-            if t * h * w != want {
-                return Err(RuntimeError::Invalid {
-                    what: "reference clip".into(),
-                    message: format!(
-                        "its latents are {t}×{h}×{w} = {} tokens, but this hypernetwork's context \
-                         positions were trained for {want}: give the reference the frame count \
-                         and size the model was trained with",
-                        t * h * w
-                    ),
-                });
-            }
-        }
-        if let (Some(want), &[_, _, t, h, w]) = (self.context_grid, &reference_latents.shape[..]) {
-            if [t, h, w] != want {
-                return Err(RuntimeError::Invalid {
-                    what: "reference clip".into(),
-                    message: format!(
-                        "its latents are {t}×{h}×{w} (T×H×W), but this hypernetwork's context \
-                         encoder was trained for {}×{}×{}: give the reference the frame count \
-                         and size the model was trained with",
-                        want[0], want[1], want[2]
-                    ),
-                });
-            }
-        }
+        check_reference_grid(self.context_len, self.context_grid, &reference_latents.shape)?;
         let inputs = std::collections::BTreeMap::from([(
             "reference_latents".to_string(),
             reference_latents.clone(),
@@ -193,5 +199,24 @@ impl Predictor {
             hyper_weights: hw,
             lora,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_reference_grid;
+
+    #[test]
+    fn a_reference_of_another_grid_is_refused_by_name() {
+        let shape = [1, 16, 5, 8, 8];
+        assert!(check_reference_grid(None, None, &[1, 16, 3, 4, 4]).is_ok());
+        assert!(check_reference_grid(Some(320), Some([5, 8, 8]), &shape).is_ok());
+        let err = check_reference_grid(Some(192), None, &shape).unwrap_err().to_string();
+        assert!(err.contains("reference clip") && err.contains("192 = T·H·W"), "{err}");
+        // Same token count, other grid: only the encoder's check can tell.
+        let err = check_reference_grid(Some(320), Some([5, 4, 16]), &shape)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("5×8×8") && err.contains("5×4×16"), "{err}");
     }
 }
