@@ -230,7 +230,10 @@ fn infer_context_encoder(ckpt: &Checkpoint, c: usize) -> Result<Option<ContextEn
             return Err(malformed(
                 ckpt,
                 &readout,
-                format!("has shape {shape:?}; expected [{}, {c}, T, H, W]", 2 * hidden),
+                format!(
+                    "has shape {shape:?}; expected [{}, {c}, T, H, W]",
+                    2 * hidden
+                ),
             ))
         }
     };
@@ -341,7 +344,12 @@ impl ContextEncoder {
         dims: &HypernetDims,
         enc: ContextEncoderDims,
     ) -> Result<ContextEncoder> {
-        let (c, d, n, h) = (dims.feature_dim, dims.weight_dim, dims.num_layers, enc.hidden);
+        let (c, d, n, h) = (
+            dims.feature_dim,
+            dims.weight_dim,
+            dims.num_layers,
+            enc.hidden,
+        );
         let [t, gh, gw] = enc.grid;
         let mut conv = |name: &str, out: usize, inp: usize, k: [usize; 3], pad: i64| {
             let s = vb.pp(name);
@@ -731,7 +739,7 @@ mod tests {
                 blocks: 4,
                 iterations: 4,
                 context_len: None,
-            context_encoder: None,
+                context_encoder: None,
             }
         );
         let mut layout = checkpoint_layout(&dims);

@@ -130,7 +130,11 @@ impl Predictor {
 
     /// `reference_latents [B, C, T, H, W]` → `hyper_weights [B, N, D]`.
     pub fn hyper_weights(&mut self, reference_latents: &Tensor) -> Result<Tensor> {
-        check_reference_grid(self.context_len, self.context_grid, &reference_latents.shape)?;
+        check_reference_grid(
+            self.context_len,
+            self.context_grid,
+            &reference_latents.shape,
+        )?;
         let inputs = std::collections::BTreeMap::from([(
             "reference_latents".to_string(),
             reference_latents.clone(),
@@ -211,8 +215,13 @@ mod tests {
         let shape = [1, 16, 5, 8, 8];
         assert!(check_reference_grid(None, None, &[1, 16, 3, 4, 4]).is_ok());
         assert!(check_reference_grid(Some(320), Some([5, 8, 8]), &shape).is_ok());
-        let err = check_reference_grid(Some(192), None, &shape).unwrap_err().to_string();
-        assert!(err.contains("reference clip") && err.contains("192 = T·H·W"), "{err}");
+        let err = check_reference_grid(Some(192), None, &shape)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("reference clip") && err.contains("192 = T·H·W"),
+            "{err}"
+        );
         // Same token count, other grid: only the encoder's check can tell.
         let err = check_reference_grid(Some(320), Some([5, 4, 16]), &shape)
             .unwrap_err()
