@@ -628,6 +628,8 @@ def main() -> None:
                         "afresh with --warmup, steps count on from the dir's train_steps, the log from its "
                         "train_log.json when present. Ignored when --resume finds WORK/resume.pt")
     args = ap.parse_args()
+    if args.hyper_labels and not args.context_conv:
+        raise SystemExit("--hyper-labels trains a head on the context encoder's features: it needs --context-conv")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -112,7 +112,7 @@ class _ContextEncoder(nn.Module):
     through a network that sees where and when things move. Its output is added to the rows
     upstream's decoder predicts:
 
-      h = conv_out(gelu(conv_in(f) ... conv_mid ...))          # f [B, C, T, H, W] -> [B, C, T, H, W]
+      h = conv_out(gelu(conv_mid(gelu(conv_in(f)))))          # f [B, C, T, H, W] -> [B, C, T, H, W]
       z = gelu(readout(h).flatten(1))                          # [B, 2·hidden], the clip's features
       rows += row_proj(z).view(B, N, D)
 
@@ -122,7 +122,7 @@ class _ContextEncoder(nn.Module):
     it weighs every position differently: a rotation's sense is the product of where a voxel is
     and which way it moves, which neither a bag of tokens nor a translation-invariant conv can
     form. hyper_probe.py measured this stack trained on effect labels at 88 % held-out after 600
-    steps (97 % after 2000), where upstream's decoder, even trained on labels, stays near 35 %.
+    steps (97 % after 2000), where upstream's decoder, even trained on labels, reached 39 %.
     row_proj starts at zero, so a hypernetwork trained without the encoder starts out unchanged."""
 
     def __init__(self, channels: int, hidden: int, shape: tuple[int, int, int], num_layers: int, dim: int):
