@@ -304,8 +304,15 @@ pub fn hypernet(
         layers: linears.iter().map(|l| l.name.clone()).collect(),
     });
     manifest.write(&out.output)?;
+    let encoder = match &d.context_encoder {
+        Some(c) => format!(
+            ", a context encoder (width {}, reference grid {}×{}×{})",
+            c.hidden, c.grid[0], c.grid[1], c.grid[2]
+        ),
+        None => String::new(),
+    };
     (out.say)(&format!(
-        "wrote {} ({} rows of width {}, {} heads, {} blocks, {} iterations; {} of weights) and {}",
+        "wrote {} ({} rows of width {}, {} heads, {} blocks, {} iterations{encoder}; {} of weights) and {}",
         out.shown(file),
         d.num_layers,
         d.weight_dim,
