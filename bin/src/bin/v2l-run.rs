@@ -252,7 +252,7 @@ enum Command {
     /// frame), hue rotation, brightness gain, and ncc (how well consecutive frames line up).
     ///
     /// Examples:
-    ///   v2l-run measure out/demo/video.mp4 models/cogvideox-effects/examples/ref_rotate_cw.mp4
+    ///   v2l-run measure out/demo/video.mp4 models/cogvideox-effects/examples/ref_pan_right.mp4
     ///   v2l-run measure clips/*.mp4 --json > effects.jsonl
     #[command(verbatim_doc_comment)]
     Measure {
