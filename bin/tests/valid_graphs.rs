@@ -85,30 +85,37 @@ fn assert_all_valid(models: &[PathBuf]) {
     );
 }
 
-#[test]
-fn every_written_graph_passes_the_onnx_checker() {
-    let tiny = root().join("tests/fixtures/cogvideox-tiny");
-    let d = tempfile::tempdir().unwrap();
-    let export = d.path().join("export");
+/// `v2l-export pipeline model --hypernet … --lilora … -o export`: its five graphs (DiT, VAE
+/// encoder and decoder, text encoder, hypernetwork).
+fn export_pipeline(model: &Path, export: &Path) -> Vec<PathBuf> {
     run(
         env!("CARGO_BIN_EXE_v2l-export"),
         &[
             "pipeline".as_ref(),
-            tiny.as_os_str(),
+            model.as_os_str(),
             "--hypernet".as_ref(),
-            tiny.join("hypernetwork.safetensors").as_os_str(),
+            model.join("hypernetwork.safetensors").as_os_str(),
             "--lilora".as_ref(),
-            tiny.join("lilora.safetensors").as_os_str(),
+            model.join("lilora.safetensors").as_os_str(),
             "-o".as_ref(),
             export.as_os_str(),
         ],
     );
-    let mut models = onnx_files(&export);
+    let models = onnx_files(export);
     assert_eq!(
         models.len(),
         5,
         "dit, vae encoder/decoder, text encoder, hypernet: {models:?}"
     );
+    models
+}
+
+#[test]
+fn every_written_graph_passes_the_onnx_checker() {
+    let tiny = root().join("tests/fixtures/cogvideox-tiny");
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    let mut models = export_pipeline(&tiny, &export);
     let static_int8: &[&str] = &["--calibration-samples", "2"];
     for (backend, precision, extra) in [
         ("cpu", "fp32", &[][..]),
@@ -138,6 +145,24 @@ fn every_written_graph_passes_the_onnx_checker() {
         assert_eq!(files.len(), 7 + twins, "{backend} {precision}: {files:?}");
         models.extend(files);
     }
+    assert_all_valid(&models);
+}
+
+/// The embedded default model differs from the tiny fixture where the graphs do: its
+/// hypernetwork carries v2l's context encoder (3-D convs, a whole-volume readout) and its DiT has
+/// patch size 1 with CogVideoX's stored 3-D position table. Its export and CPU engine.
+#[test]
+fn embedded_model_graphs_pass_the_onnx_checker() {
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    let mut models = export_pipeline(&root().join("models/cogvideox-effects"), &export);
+    models.extend(compile(
+        &export,
+        &d.path().join("engine"),
+        "cpu",
+        "fp32",
+        &[],
+    ));
     assert_all_valid(&models);
 }
 
