@@ -7,7 +7,8 @@
 //!
 //! Activations per tensor (`s_x` from calibration), weights per output channel
 //! (`s_W[o] = max_i |W[o][i]| / 127`, as [`v2l_graphs::quant`] computes it), symmetric int8
-//! with zero points 0. The f32 weight stays the initializer the `QuantizeLinear` reads: the
+//! with zero points 0; in ONNX Runtime's CPU form the same codes as uint8 with zero points 128
+//! ([`QdqForm::zero_point`]). The f32 weight stays the initializer the `QuantizeLinear` reads: the
 //! LoRA base, and what a fused LoRA replaces (with its channel scales recomputed).
 
 use std::collections::HashMap;
@@ -83,6 +84,22 @@ pub enum QdqForm {
     MatMul,
 }
 
+impl QdqForm {
+    /// The type and value of every zero point (activations and weights alike; the quantised
+    /// values are the same symmetric ±127 codes either way):
+    /// - `Gemm` (TensorRT): int8, 0, as its explicit quantisation requires;
+    /// - `MatMul` (ONNX Runtime's CPU provider): uint8, 128. ONNX Runtime turns int8 Q/DQ
+    ///   activations into uint8 on x86 and would pair them with int8 weights in its u8·s8
+    ///   kernel, which saturates int16 pair sums on CPUs without VNNI; uint8 weights take its
+    ///   u8·u8 kernel, exact on every x86-64 CPU (`v2l_runtime::cpu`, docs/precision.md).
+    pub fn zero_point(self) -> (DType, u8) {
+        match self {
+            QdqForm::Gemm => (DType::I8, 0),
+            QdqForm::MatMul => (DType::U8, 128),
+        }
+    }
+}
+
 /// Places Q/DQ on every linear of `weights` (f32 initializers of the model at `source`),
 /// with the activation scale `input_scale(weight)`, in `form`. Returns the number of linears.
 pub fn insert_qdq(
@@ -130,7 +147,8 @@ pub fn insert_qdq(
             vec![],
             &input_scale(w).to_le_bytes(),
         ));
-        inits.push(tensor(&names.input_zero_point, DType::I8, vec![], &[0]));
+        let (zp_type, zp) = form.zero_point();
+        inits.push(tensor(&names.input_zero_point, zp_type, vec![], &[zp]));
         inits.push(tensor(
             &names.weight_scale,
             DType::F32,
@@ -142,9 +160,9 @@ pub fn insert_qdq(
         ));
         inits.push(tensor(
             &names.weight_zero_point,
-            DType::I8,
+            zp_type,
             vec![scales.len() as i64],
-            &vec![0u8; scales.len()],
+            &vec![zp; scales.len()],
         ));
         let (xq, xdq, wq, wdq) = (
             format!("{w}.input_q"),

@@ -175,6 +175,7 @@ pub fn dit_accuracy(
         rel_l2: got.rel_l2(&want),
         psnr_db: None,
         inputs: format!("batch 2, 9 frames {h}x{w} px, {text} prompt tokens, seeded Gaussian latents and prompt, timestep 999"),
+        machine: Some(v2l_runtime::cpu::this().clone()),
     })
 }
 
@@ -263,6 +264,7 @@ pub fn generation_accuracy(
         // Identical frames are recorded as 999 dB (JSON has no infinity).
         psnr_db: Some(psnr(a, b).min(999.0)),
         inputs: format!("{frames} frames {h}x{w} px, {STEPS} steps at guidance 6, seeded {}prompt and noise; fp32 VAE", if t2v { "" } else { "first frame, " }),
+        machine: Some(v2l_runtime::cpu::this().clone()),
     })
 }
 

@@ -577,6 +577,7 @@ impl<'a> Job<'a> {
                 attention: self.attention,
                 producer: String::new(),
                 accuracy: Vec::new(),
+                int8_scheme: None,
                 calibration: dit.calibration.clone(),
                 bundle_hash: String::new(),
             };
@@ -619,6 +620,8 @@ impl<'a> Job<'a> {
             attention: self.attention,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
             accuracy: dit.accuracy,
+            int8_scheme: (self.precision == Precision::Int8 && self.backend == Backend::Cpu)
+                .then_some(v2l_runtime::bundle::Int8Scheme::S8WeightsU8u8WithoutVnni),
             calibration: dit.calibration,
             bundle_hash: String::new(),
         };

@@ -176,6 +176,9 @@ pub struct Bundle {
     /// time on generated inputs (the compile layer's `accuracy`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accuracy: Vec<StageAccuracy>,
+    /// int8 engines: how their integer GEMMs stay exact on every CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8_scheme: Option<Int8Scheme>,
     /// Static int8: how the activation ranges were calibrated, and the scales.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationRecord>,
@@ -350,6 +353,29 @@ pub struct StageAccuracy {
     pub psnr_db: Option<f64>,
     /// What it ran on, in words (sizes, seed).
     pub inputs: String,
+    /// The CPU it was measured on: the same engine takes other kernels on another CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+}
+
+/// A CPU, as recorded beside a figure: its model name and the ISA flags that choose kernels
+/// (`/proc/cpuinfo` names: `avx2`, `avx512_vnni`, `avx512_bf16`, `amx_int8`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub isa: Vec<String>,
+}
+
+/// How an int8 engine keeps its integer products exact on every x86-64 CPU (docs/precision.md,
+/// "int8 on every CPU").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Int8Scheme {
+    /// Weights s8, symmetric per output channel over the full ±127 range; activations u8. The
+    /// runtime lets ONNX Runtime run its u8·s8 kernel only where that kernel sums in int32
+    /// (AVX512-VNNI, AVX-VNNI, AMX) and its u8·u8 kernel elsewhere, where u8·s8 pairs would
+    /// saturate int16 (`v2l_runtime::cpu::Int8Gemm`).
+    #[serde(rename = "s8-weights-u8u8-without-vnni")]
+    S8WeightsU8u8WithoutVnni,
 }
 
 /// What `bundle.json` records of a calibration.
@@ -388,7 +414,12 @@ mod tests {
                 rel_l2: 0.0025133703820537446,
                 inputs: "x".into(),
                 psnr_db: Some(41.25),
+                machine: Some(Machine {
+                    cpu: "AMD EPYC".into(),
+                    isa: vec!["avx2".into(), "avx512_vnni".into()],
+                }),
             }],
+            int8_scheme: Some(Int8Scheme::S8WeightsU8u8WithoutVnni),
             calibration: None,
             bundle_hash: String::new(),
         };

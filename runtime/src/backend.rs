@@ -18,7 +18,7 @@ pub use v2l_contracts::bundle::{Backend, Precision};
 pub fn weight_quant(p: Precision) -> Option<v2l_graphs::passes::WeightQuant> {
     use v2l_graphs::passes::WeightQuant;
     match p {
-        Precision::Int8 => Some(WeightQuant::Int8),
+        Precision::Int8 => Some(WeightQuant::Int8U8),
         Precision::Int4 => Some(WeightQuant::Int4),
         _ => None,
     }

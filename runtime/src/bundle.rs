@@ -4,7 +4,7 @@
 
 pub use v2l_contracts::bundle::{
     file_entry, io, verify, Attention, Backend, Bundle, BundleError, BundleFile, CalibrationRecord,
-    LoraTarget, Precision, StageAccuracy, Strategy, FILE_NAME, FORMAT_VERSION,
+    Int8Scheme, LoraTarget, Machine, Precision, StageAccuracy, Strategy, FILE_NAME, FORMAT_VERSION,
 };
 
 use crate::lora::apply::Stored;

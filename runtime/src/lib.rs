@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`engine`] | an opened, checked engine: manifest, [`bundle`] record, family |
 //! | [`ort_env`], [`session`], [`backend`] | ONNX Runtime: finding it, sessions on host tensors, CPU/CUDA/TensorRT providers |
+//! | [`cpu`] | the CPU's model and ISA flags, recorded beside every figure; which int8 GEMM ONNX Runtime may run |
 //! | [`attention`] | our CPU attention operator (`ai.v2l.Attention`): bf16 on AVX512-BF16, f32 elsewhere |
 //! | [`lora`] | LoRA files and formats, LiLoRA, exact merges, the fuse kernels, switching strategies |
 //! | [`predict`], [`effect`] | LoRAs from a reference clip (Video2LoRA) or an effect prompt (Prompt2Effect, LoFA) |
@@ -32,6 +33,7 @@
 pub mod attention;
 pub mod backend;
 pub mod bundle;
+pub mod cpu;
 pub mod effect;
 pub mod engine;
 pub mod error;

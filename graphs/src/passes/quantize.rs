@@ -37,8 +37,16 @@ pub type QuantTensor = (DType, Vec<i64>, Vec<u8>);
 /// How a quantised engine stores its linear weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightQuant {
-    /// `DynamicQuantizeMatMul`: int8 per output channel, activations int8 per tensor.
+    /// `DynamicQuantizeMatMul`: int8 per output channel, activations u8 per tensor. Engines
+    /// compiled before [`WeightQuant::Int8U8`] store this; ONNX Runtime's u8·s8 kernel on CPUs
+    /// without VNNI saturates on it (`v2l_runtime::cpu`), so it is read, no longer written.
     Int8,
+    /// `DynamicQuantizeMatMul` with the same symmetric int8 codes stored as u8 (`q + 128`,
+    /// zero point 128 per output channel): ONNX Runtime then runs its u8·u8 kernel, whose
+    /// int16 operands and int32 pair sums cannot saturate on any x86-64 CPU. Same values and
+    /// accuracy as [`WeightQuant::Int8`]; about half its GEMM speed on VNNI CPUs
+    /// (docs/precision.md, "int8 on every CPU").
+    Int8U8,
     /// `MatMulNBits`, 4 bits in blocks of 32.
     Int4,
     /// `MatMulNBits`, 8 bits in blocks of 32, activations kept f32: for the conditioning
@@ -52,15 +60,21 @@ impl WeightQuant {
     pub fn name(self) -> &'static str {
         match self {
             WeightQuant::Int8 => "i8",
+            WeightQuant::Int8U8 => "u8",
             WeightQuant::Int4 => "i4",
             WeightQuant::Int8Block => "i8b",
         }
     }
 
     pub fn parse(name: &str) -> Option<WeightQuant> {
-        [WeightQuant::Int8, WeightQuant::Int4, WeightQuant::Int8Block]
-            .into_iter()
-            .find(|q| q.name() == name)
+        [
+            WeightQuant::Int8,
+            WeightQuant::Int8U8,
+            WeightQuant::Int4,
+            WeightQuant::Int8Block,
+        ]
+        .into_iter()
+        .find(|q| q.name() == name)
     }
 
     /// Names of the quantised weight and its scales that replace the f32 initializer `weight`
@@ -69,9 +83,21 @@ impl WeightQuant {
     pub fn names(self, weight: &str) -> [String; 2] {
         match self {
             WeightQuant::Int8 => [format!("{weight}.int8"), format!("{weight}.scale")],
+            WeightQuant::Int8U8 => [format!("{weight}.u8"), format!("{weight}.scale")],
             WeightQuant::Int4 => [format!("{weight}.int4"), format!("{weight}.int4_scale")],
             WeightQuant::Int8Block => [format!("{weight}.q8b"), format!("{weight}.q8b_scale")],
         }
+    }
+
+    /// The zero point's initializer, for the schemes that have one: `[out]` u8, all 128. It
+    /// is the same for every weight of a shape, so a LoRA fused at run time leaves it as is.
+    pub fn zero_point(self, weight: &str, out: usize) -> Option<(String, QuantTensor)> {
+        (self == WeightQuant::Int8U8).then(|| {
+            (
+                format!("{weight}.zero_point"),
+                (DType::U8, vec![out as i64], vec![128u8; out]),
+            )
+        })
     }
 
     /// Quantises one `[out, inp]` weight: the two tensors [`WeightQuant::names`] names, as
@@ -87,6 +113,12 @@ impl WeightQuant {
                     (DType::I8, vec![i, o], bytemuck::cast_slice(&q).to_vec()),
                     (DType::F32, vec![o], bytemuck::cast_slice(&scale).to_vec()),
                 ])
+            }
+            WeightQuant::Int8U8 => {
+                let [(_, dims, codes), scale] = WeightQuant::Int8.quantize(w, out, inp)?;
+                // q + 128 for q in -127..=127: flipping the sign bit of the two's complement.
+                let codes = codes.into_iter().map(|b| b ^ 0x80).collect();
+                Some([(DType::U8, dims, codes), scale])
             }
             WeightQuant::Int4 | WeightQuant::Int8Block => {
                 let bits = self.bits();
@@ -109,7 +141,7 @@ impl WeightQuant {
     fn bits(self) -> u32 {
         match self {
             WeightQuant::Int4 => 4,
-            WeightQuant::Int8 | WeightQuant::Int8Block => 8,
+            WeightQuant::Int8 | WeightQuant::Int8U8 | WeightQuant::Int8Block => 8,
         }
     }
 
@@ -119,7 +151,7 @@ impl WeightQuant {
     fn accuracy_level(self) -> i64 {
         match self {
             WeightQuant::Int4 => 4,
-            WeightQuant::Int8 | WeightQuant::Int8Block => ACCURACY_8BIT,
+            WeightQuant::Int8 | WeightQuant::Int8U8 | WeightQuant::Int8Block => ACCURACY_8BIT,
         }
     }
 
@@ -131,6 +163,11 @@ impl WeightQuant {
             WeightQuant::Int8 => (
                 "DynamicQuantizeMatMul",
                 vec![x, q, s, String::new(), bias],
+                vec![],
+            ),
+            WeightQuant::Int8U8 => (
+                "DynamicQuantizeMatMul",
+                vec![x, q, s, format!("{weight}.zero_point"), bias],
                 vec![],
             ),
             WeightQuant::Int4 | WeightQuant::Int8Block => (
@@ -282,7 +319,9 @@ fn write_quantized_weights(
         let tensors = how
             .quantize(&w, out, inp)
             .ok_or_else(|| bad(format!("`{name}`: not finite, or not {out}×{inp} values")))?;
-        for (tensor_name, (dtype, dims, bytes)) in how.names(name).into_iter().zip(tensors) {
+        let zero_point = how.zero_point(name, out);
+        let named = how.names(name).into_iter().zip(tensors).chain(zero_point);
+        for (tensor_name, (dtype, dims, bytes)) in named {
             done.int8_bytes += bytes.len() as u64;
             file.append(tensor_name, dtype, dims, &bytes)?;
         }
@@ -321,7 +360,13 @@ pub fn use_quantized_weights(
         .collect();
     let have: std::collections::HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     for (w, how) in weights {
-        if let Some(missing) = how.names(w).iter().find(|n| !have.contains(n.as_str())) {
+        let zero_point = how.zero_point(w, 0).map(|(n, _)| n);
+        if let Some(missing) = how
+            .names(w)
+            .iter()
+            .chain(zero_point.as_ref())
+            .find(|n| !have.contains(n.as_str()))
+        {
             return Err(PassError::MissingInitializer(missing.clone()));
         }
     }
@@ -471,6 +516,48 @@ mod tests {
         for (i, (a, b)) in back.iter().zip((0..6).map(|v| v as f32 - 2.5)).enumerate() {
             assert!((a - b).abs() <= 0.5 * sv[i / 3], "{i}: {a} vs {b}");
         }
+    }
+
+    /// The int8 engines' scheme: the same codes as `Int8`, stored u8 `q + 128` with a u8 zero
+    /// point of 128 per output channel, so ONNX Runtime runs its u8·u8 kernel (exact on every
+    /// x86-64 CPU; `v2l_runtime::cpu`).
+    #[test]
+    fn int8_u8_weights_are_the_int8_codes_plus_128_with_zero_point_128() {
+        let (d, _data, m, q) = quantized(WeightQuant::Int8U8, "m_int8.onnx.data");
+        assert_eq!(q.layers, 1);
+        let g = m.graph.as_ref().unwrap();
+        let n = g
+            .node
+            .iter()
+            .find(|n| n.op_type == "DynamicQuantizeMatMul")
+            .unwrap();
+        assert_eq!(
+            n.input[1..],
+            [
+                "lin.weight.u8",
+                "lin.weight.scale",
+                "lin.weight.zero_point",
+                "lin.bias"
+            ]
+        );
+        let p = d.path().join("m_int8.onnx");
+        crate::write_model(&p, &m).unwrap();
+        let names = [
+            "lin.weight.u8".to_string(),
+            "lin.weight.scale".into(),
+            "lin.weight.zero_point".into(),
+        ];
+        let got = crate::read_initializers(&p, &names).unwrap();
+        assert_eq!((got[0].1, got[0].2.as_slice()), (DType::U8, &[3i64, 2][..]));
+        assert_eq!((got[2].1, got[2].2.as_slice()), (DType::U8, &[2i64][..]));
+        assert_eq!(got[2].3, [128, 128]);
+        let w: Vec<f32> = (0..6).map(|v| v as f32 - 2.5).collect();
+        let [(_, _, s8), _] = WeightQuant::Int8.quantize(&w, 2, 3).unwrap();
+        let from_u8: Vec<i16> = got[0].3.iter().map(|&b| i16::from(b) - 128).collect();
+        let from_s8: Vec<i16> = s8.iter().map(|&b| i16::from(b as i8)).collect();
+        assert_eq!(from_u8, from_s8);
+        assert!(got[0].3.iter().all(|&b| b >= 1), "codes stay in 1..=255");
+        assert_eq!(WeightQuant::parse("u8"), Some(WeightQuant::Int8U8));
     }
 
     #[test]
