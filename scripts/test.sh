@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/check-layers.sh
-cargo test --workspace "$@"
+# --no-fail-fast: every harness runs, and the command still exits non-zero on any failure.
+cargo test --workspace --no-fail-fast "$@"

@@ -401,7 +401,10 @@ fn lora_strategies_agree_and_switching_is_exact() {
 /// default; `fused` re-quantises from the f32 base).
 #[test]
 fn int8_engine_tracks_fp32_and_switches_loras_exactly() {
-    low_precision_engine("int8", "unfused", 2e-2);
+    // Within 1e-2 on every x86-64 CPU: its u8 weights take ONNX Runtime's u8·u8 kernel, which
+    // cannot saturate (4.0e-3 base, 4.4e-3 / 5.4e-3 with the LoRA, on AVX2-only and on AVX-512
+    // VNNI alike; the u8·s8 kernel without VNNI gave 1.9e-2 / 3.5e-2).
+    low_precision_engine("int8", "unfused", 1e-2);
 }
 
 /// An int4 engine (MatMulNBits, 4-bit blocks of 32): no bound in the precision issue; 4-bit
@@ -434,7 +437,11 @@ fn low_precision_engine(precision: &str, default_strategy: &str, bound: f64) {
 }
 
 /// Static int8 (Q/DQ, activation ranges calibrated on 8 generated samples): within 2e-2, LoRA
-/// fused (with recomputed channel scales) or as an f32 branch.
+/// fused (with recomputed channel scales) or as an f32 branch. The base DiT is 4.3e-3 from
+/// PyTorch on AVX2-only and AVX-512 VNNI CPUs alike (u8 zero points: the u8·u8 kernel); with
+/// the PEFT LoRA it is 1.5e-2 (unfused) / 1.7e-2 (fused) on both, above the 1e-2 of the
+/// int8 issue: the LoRA moves activations outside the ranges calibrated on the base model
+/// (docs/precision.md). The bound stays where it was.
 #[test]
 fn static_int8_engine_tracks_fp32_and_switches_loras_exactly() {
     low_precision_engine_with("int8", &["--calibration-samples", "8"], "unfused", 2e-2);
@@ -459,6 +466,27 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
     let recorded = bundle["accuracy"][0]["rel_l2"].as_f64().unwrap();
     assert_eq!(bundle["accuracy"][0]["stage"], "dit");
     assert!(recorded > 1e-5 && recorded <= bound, "{recorded}");
+    // ... on this machine, named with the ISA flags read from it.
+    let machine = &bundle["accuracy"][0]["machine"];
+    assert!(
+        !machine["cpu"].as_str().unwrap_or("").is_empty(),
+        "{machine}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        machine["isa"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "avx2"),
+        std::arch::is_x86_feature_detected!("avx2"),
+        "{machine}"
+    );
+    if precision == "int8" {
+        assert_eq!(bundle["int8_scheme"], "u8u8");
+    } else {
+        assert!(bundle.get("int8_scheme").is_none());
+    }
     // And a short generation's frames against the fp32 engine's: close, not identical.
     let frames = bundle["accuracy"]
         .as_array()

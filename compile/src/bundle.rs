@@ -621,7 +621,7 @@ impl<'a> Job<'a> {
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
             accuracy: dit.accuracy,
             int8_scheme: (self.precision == Precision::Int8 && self.backend == Backend::Cpu)
-                .then_some(v2l_runtime::bundle::Int8Scheme::S8WeightsU8u8WithoutVnni),
+                .then_some(v2l_runtime::bundle::Int8Scheme::U8U8),
             calibration: dit.calibration,
             bundle_hash: String::new(),
         };

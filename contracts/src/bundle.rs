@@ -366,16 +366,16 @@ pub struct Machine {
     pub isa: Vec<String>,
 }
 
-/// How an int8 engine keeps its integer products exact on every x86-64 CPU (docs/precision.md,
-/// "int8 on every CPU").
+/// How an int8 CPU engine keeps its integer products exact on every x86-64 CPU
+/// (docs/precision.md, "int8 on every CPU").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Int8Scheme {
-    /// Weights s8, symmetric per output channel over the full ±127 range; activations u8. The
-    /// runtime lets ONNX Runtime run its u8·s8 kernel only where that kernel sums in int32
-    /// (AVX512-VNNI, AVX-VNNI, AMX) and its u8·u8 kernel elsewhere, where u8·s8 pairs would
-    /// saturate int16 (`v2l_runtime::cpu::Int8Gemm`).
-    #[serde(rename = "s8-weights-u8u8-without-vnni")]
-    S8WeightsU8u8WithoutVnni,
+    /// Weights symmetric per output channel over the full ±127 range, stored as u8 with zero
+    /// point 128; activations u8. ONNX Runtime multiplies them with its u8·u8 kernel (int32
+    /// pair sums) on every CPU, never with its u8·s8 one, which saturates int16 pair sums on
+    /// CPUs without VNNI (`v2l_runtime::cpu`).
+    #[serde(rename = "u8u8")]
+    U8U8,
 }
 
 /// What `bundle.json` records of a calibration.
@@ -419,7 +419,7 @@ mod tests {
                     isa: vec!["avx2".into(), "avx512_vnni".into()],
                 }),
             }],
-            int8_scheme: Some(Int8Scheme::S8WeightsU8u8WithoutVnni),
+            int8_scheme: Some(Int8Scheme::U8U8),
             calibration: None,
             bundle_hash: String::new(),
         };

@@ -403,6 +403,7 @@ fn main() -> ExitCode {
                             "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
                             "runs_ms": run.runs_ms, "attention": dir.attention(),
                             "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
+                            "machine": v2l_runtime::cpu::this(),
                         })
                     );
                 } else {
@@ -847,6 +848,7 @@ fn generate(
                 "dit_steps_ms": stages.steps_ms,
                 "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
                 "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
+                "machine": v2l_runtime::cpu::this(),
             })
         );
     } else if !g.quiet {
