@@ -45,35 +45,14 @@ pub struct LoraBatchBench {
     pub json: bool,
 }
 
-/// The CPU model and the ISA features that decide which kernels run (from /proc/cpuinfo).
+/// The CPU model and the ISA features that decide which kernels run (`v2l_runtime::cpu`, the
+/// same record `bundle.json` and `v2l-run --json` carry), and the core count.
 pub fn cpu_facts() -> serde_json::Value {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |k: &str| {
-        info.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let flags = field("flags");
-    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
-    let features: Vec<&str> = [
-        "avx2",
-        "avx512f",
-        "avx512_bf16",
-        "avx512_vnni",
-        "avx_vnni",
-        "amx_bf16",
-        "amx_int8",
-        "amx_tile",
-    ]
-    .into_iter()
-    .filter(|f| has(f))
-    .collect();
+    let m = v2l_runtime::cpu::this();
     serde_json::json!({
-        "model": field("model name"),
+        "model": m.cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "features": features,
+        "features": m.isa,
     })
 }
 

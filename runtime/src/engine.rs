@@ -248,6 +248,16 @@ impl Engine {
         }
     }
 
+    /// The CPU this engine's accuracy was measured on when it was compiled (its bundle's
+    /// first accuracy record), for `v2l-run --json` beside the machine it runs on.
+    pub fn compiled_on(&self) -> Option<&crate::bundle::Machine> {
+        self.bundle
+            .as_ref()?
+            .accuracy
+            .iter()
+            .find_map(|a| a.machine.as_ref())
+    }
+
     /// The engine's precision (fp32 for a plain export directory).
     pub fn precision(&self) -> crate::backend::Precision {
         self.bundle

@@ -404,6 +404,7 @@ fn main() -> ExitCode {
                             "runs_ms": run.runs_ms, "attention": dir.attention(),
                             "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                             "machine": v2l_runtime::cpu::this(),
+                            "compiled_on": dir.compiled_on(),
                         })
                     );
                 } else {
@@ -776,6 +777,7 @@ fn generate(
     pipeline.set_posterior_sampling(g.posterior_seed);
     pipeline.set_vae_tiling(g.vae_tiling.into());
     let attention = pipeline.engine().attention();
+    let compiled_on = pipeline.engine().compiled_on().cloned();
     let dumped_prompts = g
         .dump
         .as_ref()
@@ -849,6 +851,7 @@ fn generate(
                 "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
                 "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                 "machine": v2l_runtime::cpu::this(),
+                "compiled_on": compiled_on,
             })
         );
     } else if !g.quiet {
