@@ -436,15 +436,14 @@ fn low_precision_engine(precision: &str, default_strategy: &str, bound: f64) {
     low_precision_engine_with(precision, &[], default_strategy, bound)
 }
 
-/// Static int8 (Q/DQ, activation ranges calibrated on 8 generated samples): within 2e-2, LoRA
-/// fused (with recomputed channel scales) or as an f32 branch. The base DiT is 4.3e-3 from
-/// PyTorch on AVX2-only and AVX-512 VNNI CPUs alike (u8 zero points: the u8·u8 kernel); with
-/// the PEFT LoRA it is 1.5e-2 (unfused) / 1.7e-2 (fused) on both, above the 1e-2 of the
-/// int8 issue: the LoRA moves activations outside the ranges calibrated on the base model
-/// (docs/precision.md). The bound stays where it was.
+/// Static int8 (Q/DQ, activation ranges calibrated on 8 generated samples): within 1e-2, LoRA
+/// fused (with recomputed channel scales) or as an f32 branch, on every x86-64 CPU (u8 zero
+/// points: ONNX Runtime's u8·u8 kernel). Measured: base 4.5e-3, with the PEFT LoRA 4.9e-3
+/// (`unfused`) / 6.1e-3 (`fused`); before the attention outputs' headroom
+/// (`v2l_compile::calibrate::ATTENTION_OUTPUT_HEADROOM`) the LoRA clipped: 1.5e-2 / 1.7e-2.
 #[test]
 fn static_int8_engine_tracks_fp32_and_switches_loras_exactly() {
-    low_precision_engine_with("int8", &["--calibration-samples", "8"], "unfused", 2e-2);
+    low_precision_engine_with("int8", &["--calibration-samples", "8"], "unfused", 1e-2);
 }
 
 fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &str, bound: f64) {

@@ -94,6 +94,21 @@ fn samples(cfg: &serde_json::Value, from: &Samples) -> Result<Vec<BTreeMap<Strin
     }
 }
 
+/// How much wider than calibrated the activation range of each attention output projection
+/// (`…attn*.to_out.0`, both families' diffusers names) is kept. Its input is the attention's
+/// output, whose range follows the values `to_v` makes, so a LoRA on `to_v` moves it past
+/// the base model's calibrated range and it clips. Measured on the tiny fixture with its PEFT
+/// LoRA (`bin/tests/e2e.rs`, static int8, DiT vs PyTorch fp32, base / LoRA unfused / fused):
+/// 4.29e-3 / 1.47e-2 / 1.71e-2 as calibrated; ×2 here 4.47e-3 / 4.90e-3 / 6.06e-3. ×2 on every
+/// linear gave 7.60e-3 / 8.24e-3 / 9.77e-3 (a lost bit everywhere), ×2 on the feed-forward's
+/// second linear alone made nothing better (6.31e-3 / 1.56e-2 / 1.78e-2).
+pub const ATTENTION_OUTPUT_HEADROOM: f32 = 2.0;
+
+/// Whether the linear of weight `weight` reads an attention output (its `to_out` projection).
+fn reads_attention_output(weight: &str) -> bool {
+    weight.contains(".to_out.")
+}
+
 /// Runs the observing DiT graph `observed` (the fp32 graph with the linears' inputs as extra
 /// outputs, `v2l_calibration::observe_linear_inputs`) over the samples and returns the
 /// activation scale of each linear, by weight.
@@ -125,7 +140,38 @@ pub fn input_scales(
         },
         input_scales: pairs
             .iter()
-            .map(|(w, x)| (w.clone(), ranges.scale(x, how.method)))
+            .map(|(w, x)| {
+                let widen = if reads_attention_output(w) {
+                    ATTENTION_OUTPUT_HEADROOM
+                } else {
+                    1.0
+                };
+                (w.clone(), ranges.scale(x, how.method) * widen)
+            })
             .collect(),
+        attention_output_headroom: Some(ATTENTION_OUTPUT_HEADROOM),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_output_projections_are_found_by_their_diffusers_names() {
+        for w in [
+            "transformer_blocks.3.attn1.to_out.0.weight", // CogVideoX
+            "blocks.0.attn1.to_out.0.weight",             // Wan, self-attention
+            "blocks.0.attn2.to_out.0.weight",             // Wan, cross-attention
+        ] {
+            assert!(reads_attention_output(w), "{w}");
+        }
+        for w in [
+            "transformer_blocks.3.attn1.to_v.weight",
+            "transformer_blocks.3.ff.net.2.weight",
+            "proj_out.weight",
+        ] {
+            assert!(!reads_attention_output(w), "{w}");
+        }
+    }
 }

@@ -385,8 +385,13 @@ pub struct CalibrationRecord {
     pub samples: usize,
     /// The samples' directory, or `generated`.
     pub source: String,
-    /// Activation scale of each quantised linear, by weight.
+    /// Activation scale of each quantised linear, by weight (headroom included).
     pub input_scales: BTreeMap<String, f32>,
+    /// The factor the calibrated range of an attention output projection's input (`to_out`)
+    /// was widened by: a LoRA on `to_v` moves that range directly, and clipping it was most of
+    /// a LoRA's static-int8 error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_output_headroom: Option<f32>,
 }
 
 #[cfg(test)]
