@@ -396,6 +396,77 @@ fn lora_strategies_agree_and_switching_is_exact() {
     }
 }
 
+/// Whether ONNX Runtime's u8·s8 GEMM sums in int32 on this CPU, read here from the CPU's
+/// features (its MLAS takes the AVX-512 kernels with F/BW/DQ/VL, VNNI among them only with
+/// AVX512-VNNI; without AVX-512, the AVX-VNNI kernel where that exists).
+fn cpu_u8s8_sums_in_int32() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+            return has!("avx512vnni");
+        }
+        return has!("avxvnni");
+    }
+    #[allow(unreachable_code)]
+    false
+}
+
+/// `--int8-gemm u8s8` (s8 weights, for VNNI fleets): where this CPU's u8·s8 kernel sums in
+/// int32 the engine builds, records the scheme and computes what the default `u8u8` engine
+/// computes (the same integer products); where it does not, compiling it is refused with the
+/// reason and the fix, and so is opening one.
+#[test]
+fn u8s8_int8_engines_follow_the_cpu() {
+    use std::collections::BTreeMap;
+    use v2l_runtime::lora::strategy::DitRunner;
+    let d = tempfile::tempdir().unwrap();
+    let u8u8 = engine_with(&d.path().join("u8u8"), &["--precision", "int8"]);
+    let export = d.path().join("u8u8/export");
+    let out = d.path().join("u8s8");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+        .arg(&export)
+        .arg("-o")
+        .arg(&out)
+        .args(["--precision", "int8", "--int8-gemm", "u8s8"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    if !cpu_u8s8_sums_in_int32() {
+        assert!(!o.status.success(), "compiled on a CPU without VNNI");
+        assert!(
+            stderr.contains("saturates") && stderr.contains("--int8-gemm u8u8"),
+            "{stderr}"
+        );
+        assert!(!out.exists(), "half-written engine");
+        eprintln!("no VNNI here: u8s8 refused, as it should be");
+        return;
+    }
+    assert!(o.status.success(), "{stderr}");
+    let bundle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bundle.json")).unwrap()).unwrap();
+    assert_eq!(bundle["int8_scheme"], "u8s8");
+    assert!(bundle["lora_targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["dtype"] == "i8"));
+    let inputs: BTreeMap<String, Tensor> = read_safetensors(&tiny().join("dit_io.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("output"))
+        .collect();
+    let run = |dir: &Path| {
+        let e = Engine::open(dir).unwrap();
+        let mut dit = DitRunner::load(&e, &e.session_options(0), Strategy::Unfused).unwrap();
+        dit.run(&inputs).unwrap()["sample"].clone()
+    };
+    let (a, b) = (run(&u8u8), run(&out));
+    let e = a.rel_l2(&b);
+    eprintln!("u8s8 vs u8u8 engine, same codes: rel L2 {e:.2e}");
+    assert!(e <= 1e-6, "{e:.2e}");
+}
+
 /// An int8 engine (int8 DiT linears): within 2e-2 of PyTorch's f32 output, with and without a
 /// LoRA, under both LoRA strategies (`unfused`, an f32 branch beside the int8 weights, is the
 /// default; `fused` re-quantises from the f32 base).

@@ -82,6 +82,9 @@ pub enum QdqForm {
     /// MatMul + Add back into a Gemm first). One 2,756×3,072×3,072 product here: 0.029 s
     /// against 0.25 s for the Gemm form, which ORT runs dequantised in f32.
     MatMul,
+    /// The MatMul form with int8 zero points 0 (s8 weights): ONNX Runtime's u8·s8 kernel,
+    /// for engines that run only on VNNI CPUs (`v2l-compile --int8-gemm u8s8`).
+    MatMulS8,
 }
 
 impl QdqForm {
@@ -94,7 +97,7 @@ impl QdqForm {
     ///   u8·u8 kernel, exact on every x86-64 CPU (`v2l_runtime::cpu`, docs/precision.md).
     pub fn zero_point(self) -> (DType, u8) {
         match self {
-            QdqForm::Gemm => (DType::I8, 0),
+            QdqForm::Gemm | QdqForm::MatMulS8 => (DType::I8, 0),
             QdqForm::MatMul => (DType::U8, 128),
         }
     }
@@ -206,7 +209,7 @@ pub fn insert_qdq(
                 }
                 nodes.push(n);
             }
-            QdqForm::MatMul => {
+            QdqForm::MatMul | QdqForm::MatMulS8 => {
                 let wt = format!("{w}.t");
                 nodes.push(proto::NodeProto {
                     input: vec![w.clone()],

@@ -16,7 +16,7 @@ use v2l_graphs::passes::WeightQuant;
 use v2l_graphs::proto::ModelProto;
 use v2l_runtime::backend::{Backend, PartsHasher, Precision};
 use v2l_runtime::bundle::{
-    file_entry, io, Attention, Bundle, LoraTarget, FILE_NAME, FORMAT_VERSION,
+    file_entry, io, Attention, Bundle, Int8Scheme, LoraTarget, FILE_NAME, FORMAT_VERSION,
 };
 use v2l_runtime::error::{Result, RuntimeError};
 use v2l_runtime::lora::strategy::Strategy;
@@ -131,6 +131,9 @@ pub struct Options<'a> {
     pub max_rank: Option<usize>,
     /// The DiT's attention kernel ([`default_attention`] when `None`).
     pub attention: Option<Attention>,
+    /// int8 CPU engines: how the integer GEMMs stay exact ([`Int8Scheme::U8U8`], portable,
+    /// when `None`; [`Int8Scheme::U8S8`] is for VNNI-only fleets and refused on other CPUs).
+    pub int8_scheme: Option<Int8Scheme>,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -167,9 +170,28 @@ pub fn compile_with(
             ),
         });
     }
+    let int8_scheme = opts.int8_scheme.unwrap_or(Int8Scheme::U8U8);
+    if int8_scheme != Int8Scheme::U8U8 && !(backend == Backend::Cpu && precision == Precision::Int8)
+    {
+        return Err(RuntimeError::Invalid {
+            what: format!("--int8-gemm {}", int8_scheme.name()),
+            message: "the int8 GEMM scheme is for cpu int8 engines".into(),
+        });
+    }
     let mut job = Job::open(src, backend, precision, opts.calibration)?;
     job.max_rank = lora_max_rank(backend, opts.max_rank, &job.manifest);
     job.attention = attention;
+    job.int8_scheme = int8_scheme;
+    // The compile measures the engine it builds, so it runs only where that engine is exact.
+    if let Some(message) =
+        v2l_runtime::cpu::check_int8_scheme(&job.record_stub(), &v2l_runtime::cpu::Isa::detect())
+            .err()
+    {
+        return Err(RuntimeError::Invalid {
+            what: format!("--int8-gemm {}", int8_scheme.name()),
+            message: format!("{message} (v2l-compile measures the engine it builds, here)"),
+        });
+    }
     v2l_runtime::limits::check_new_output_dir(out)?;
     let (weight_hash, targets) = job.lora_targets()?;
     v2l_contracts::atomic::build_dir(out, RuntimeError::io, |tmp| {
@@ -195,6 +217,7 @@ struct Job<'a> {
     /// The rank LoRA factors are padded to on this engine ([`lora_max_rank`]).
     max_rank: Option<usize>,
     attention: Attention,
+    int8_scheme: Int8Scheme,
 }
 
 /// What the DiT steps add to the bundle.
@@ -236,7 +259,36 @@ impl<'a> Job<'a> {
             calibration,
             max_rank: None,
             attention: Attention::Ort,
+            int8_scheme: Int8Scheme::U8U8,
         })
+    }
+
+    /// The int8 scheme this engine's record will carry: int8 CPU engines only.
+    fn recorded_int8_scheme(&self) -> Option<Int8Scheme> {
+        (self.precision == Precision::Int8 && self.backend == Backend::Cpu)
+            .then_some(self.int8_scheme)
+    }
+
+    /// A record with what the runtime's checks read before a bundle exists (backend,
+    /// precision, int8 scheme).
+    fn record_stub(&self) -> Bundle {
+        Bundle {
+            format_version: FORMAT_VERSION,
+            backend: self.backend,
+            precision: self.precision,
+            lora_strategy: Strategy::Fused,
+            weight_hash: String::new(),
+            lora_targets: Vec::new(),
+            files: Vec::new(),
+            dit_variants: Default::default(),
+            max_rank: None,
+            attention: self.attention,
+            producer: String::new(),
+            accuracy: Vec::new(),
+            int8_scheme: self.recorded_int8_scheme(),
+            calibration: None,
+            bundle_hash: String::new(),
+        }
     }
 
     /// Step 2: the hash of the DiT's LoRA-targetable base weights and the target table: each
@@ -293,7 +345,7 @@ impl<'a> Job<'a> {
             }
             t.dtype = match (
                 self.precision,
-                v2l_runtime::backend::weight_quant(self.precision),
+                v2l_runtime::backend::weight_quant(self.precision, self.int8_scheme),
             ) {
                 (_, Some(_)) if self.calibration.is_some() => {
                     if quantised_as(&t.initializer, WeightQuant::Int8) != Some(WeightQuant::Int8) {
@@ -414,7 +466,7 @@ impl<'a> Job<'a> {
                 let weights = LowWeights::Qdq {
                     weights: record.input_scales.keys().cloned().collect(),
                     scales: record.input_scales.clone(),
-                    form: qdq_form(self.backend),
+                    form: qdq_form(self.backend, self.int8_scheme),
                 };
                 weights.reuse(&mut model, src).map_err(pass_err)?;
                 out.calibration = Some(record);
@@ -577,7 +629,7 @@ impl<'a> Job<'a> {
                 attention: self.attention,
                 producer: String::new(),
                 accuracy: Vec::new(),
-                int8_scheme: None,
+                int8_scheme: self.recorded_int8_scheme(),
                 calibration: dit.calibration.clone(),
                 bundle_hash: String::new(),
             };
@@ -620,8 +672,7 @@ impl<'a> Job<'a> {
             attention: self.attention,
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
             accuracy: dit.accuracy,
-            int8_scheme: (self.precision == Precision::Int8 && self.backend == Backend::Cpu)
-                .then_some(v2l_runtime::bundle::Int8Scheme::U8U8),
+            int8_scheme: self.recorded_int8_scheme(),
             calibration: dit.calibration,
             bundle_hash: String::new(),
         };
@@ -747,8 +798,9 @@ impl LowWeights {
 
 /// The Q/DQ form a backend builds fast: ONNX Runtime's CPU provider fuses the MatMul form into
 /// int8 kernels; TensorRT and CUDA get the Gemm form (`v2l_calibration::QdqForm`).
-fn qdq_form(backend: Backend) -> v2l_calibration::QdqForm {
+fn qdq_form(backend: Backend, scheme: Int8Scheme) -> v2l_calibration::QdqForm {
     match backend {
+        Backend::Cpu if scheme == Int8Scheme::U8S8 => v2l_calibration::QdqForm::MatMulS8,
         Backend::Cpu => v2l_calibration::QdqForm::MatMul,
         Backend::Cuda | Backend::TensorRt => v2l_calibration::QdqForm::Gemm,
     }

@@ -14,11 +14,19 @@ use serde::{Deserialize, Serialize};
 
 pub use v2l_contracts::bundle::{Backend, Precision};
 
-/// How the DiT's quantised linears are stored, for the integer precisions.
-pub fn weight_quant(p: Precision) -> Option<v2l_graphs::passes::WeightQuant> {
+/// How the DiT's quantised linears are stored, for the integer precisions; int8 as `scheme`
+/// says (u8 codes for `u8u8`, s8 for `u8s8`).
+pub fn weight_quant(
+    p: Precision,
+    scheme: crate::bundle::Int8Scheme,
+) -> Option<v2l_graphs::passes::WeightQuant> {
+    use crate::bundle::Int8Scheme;
     use v2l_graphs::passes::WeightQuant;
     match p {
-        Precision::Int8 => Some(WeightQuant::Int8U8),
+        Precision::Int8 => Some(match scheme {
+            Int8Scheme::U8U8 => WeightQuant::Int8U8,
+            Int8Scheme::U8S8 => WeightQuant::Int8,
+        }),
         Precision::Int4 => Some(WeightQuant::Int4),
         _ => None,
     }

@@ -100,6 +100,39 @@ impl Isa {
     }
 }
 
+/// Whether an engine's int8 scheme is exact on a CPU of `isa`: `Err` with the reason and the
+/// fix for an int8 CPU engine with s8 weights (`u8s8`, or compiled before the scheme was
+/// recorded) where ONNX Runtime's u8·s8 kernel pairs products in int16.
+pub fn check_int8_scheme(bundle: &crate::bundle::Bundle, isa: &Isa) -> Result<(), String> {
+    use crate::bundle::{Backend, Int8Scheme, Precision};
+    if bundle.precision != Precision::Int8 || bundle.backend != Backend::Cpu {
+        return Ok(());
+    }
+    let scheme = bundle.int8_scheme.unwrap_or(Int8Scheme::U8S8);
+    if scheme == Int8Scheme::U8U8 || isa.u8s8_sums_in_int32() {
+        return Ok(());
+    }
+    let m = this();
+    Err(format!(
+        "this int8 engine stores s8 weights (int8_scheme {}{}), which ONNX Runtime multiplies \
+         exactly only on CPUs with AVX512-VNNI or AVX-VNNI; on this CPU ({}; {}) its u8·s8 \
+         kernel saturates int16 pair sums and the DiT's output is wrong. Compile it again \
+         with `v2l-compile --int8-gemm u8u8` (the default), exact on every x86-64 CPU",
+        scheme.name(),
+        if bundle.int8_scheme.is_none() {
+            ", implied: compiled before the scheme was recorded"
+        } else {
+            ""
+        },
+        m.cpu,
+        if m.isa.is_empty() {
+            "no AVX2".to_string()
+        } else {
+            m.isa.join(" ")
+        }
+    ))
+}
+
 /// The processor's brand string (`model name` in `/proc/cpuinfo`), from CPUID.
 #[allow(unused_unsafe)]
 fn model_name() -> String {
@@ -245,6 +278,56 @@ mod tests {
         };
         for (isa, exact) in [(avx2, false), (avx512, false), (vnni, true), (alder, true)] {
             assert_eq!(isa.u8s8_sums_in_int32(), exact, "{isa:?}");
+        }
+    }
+
+    /// s8-weight int8 engines (`u8s8`, and int8 CPU engines from before the scheme was
+    /// recorded) are refused where the u8·s8 kernel saturates, with the fix; `u8u8` engines,
+    /// other precisions and GPU engines are never refused.
+    #[test]
+    fn s8_weight_engines_are_refused_only_where_u8s8_saturates() {
+        use crate::bundle::{Backend, Bundle, Int8Scheme, Precision};
+        let text = r#"{"format_version": 3, "backend": "cpu", "precision": "int8",
+            "lora_strategy": "unfused", "weight_hash": "h", "lora_targets": [], "files": [],
+            "producer": "test"}"#;
+        let base: Bundle = serde_json::from_str(text).expect("a record");
+        let avx2 = Isa {
+            avx2: true,
+            ..Isa::default()
+        };
+        let vnni = Isa {
+            avx512f: true,
+            avx512bw: true,
+            avx512vl: true,
+            avx512dq: true,
+            avx512vnni: true,
+            ..avx2
+        };
+        let with = |scheme, precision, backend| Bundle {
+            int8_scheme: scheme,
+            precision,
+            backend,
+            ..base.clone()
+        };
+        let u8s8 = with(Some(Int8Scheme::U8S8), Precision::Int8, Backend::Cpu);
+        let legacy = with(None, Precision::Int8, Backend::Cpu);
+        for b in [&u8s8, &legacy] {
+            let e = check_int8_scheme(b, &avx2).expect_err("refused without VNNI");
+            assert!(
+                e.contains("--int8-gemm u8u8") && e.contains("saturates"),
+                "{e}"
+            );
+            assert!(check_int8_scheme(b, &vnni).is_ok());
+        }
+        assert!(check_int8_scheme(&legacy, &avx2)
+            .expect_err("refused")
+            .contains("implied"));
+        for b in [
+            with(Some(Int8Scheme::U8U8), Precision::Int8, Backend::Cpu),
+            with(None, Precision::Int4, Backend::Cpu),
+            with(None, Precision::Int8, Backend::TensorRt),
+        ] {
+            assert!(check_int8_scheme(&b, &avx2).is_ok(), "{b:?}");
         }
     }
 

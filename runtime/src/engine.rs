@@ -47,6 +47,14 @@ impl Engine {
         }
         let manifest = Manifest::read(&dir)?;
         let bundle = crate::bundle::verify(&dir)?;
+        if let Some(b) = &bundle {
+            crate::cpu::check_int8_scheme(b, &crate::cpu::Isa::detect()).map_err(|message| {
+                RuntimeError::Invalid {
+                    what: dir.join(crate::bundle::FILE_NAME).display().to_string(),
+                    message,
+                }
+            })?;
+        }
         Ok(Engine {
             dir,
             manifest,
@@ -107,7 +115,7 @@ impl Engine {
         SessionOptions {
             keep_weight_casts: opts.keep_weight_casts
                 || low
-                || (stored_low && crate::backend::weight_quant(self.precision()).is_some()),
+                || (stored_low && matches!(self.precision(), Precision::Int8 | Precision::Int4)),
             qdq_matmul: opts.qdq_matmul
                 || self
                     .bundle
