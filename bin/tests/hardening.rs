@@ -339,3 +339,124 @@ fn a_killed_exports_staging_directory_is_cleaned_by_the_next_export() {
         .collect();
     assert!(staging.is_empty());
 }
+
+/// Runs `c` to its end, failing the test if it takes more than `secs` (the process is killed
+/// first, so a hang cannot stall the suite).
+fn within(mut c: Command, secs: u64) -> Output {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > std::time::Duration::from_secs(secs) {
+            child.kill().unwrap();
+            panic!("still running after {secs} s: {c:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A named pipe at `p` (nothing ever writes to it).
+fn fifo(p: &Path) {
+    let o = Command::new("mkfifo").arg(p).output().unwrap();
+    assert!(o.status.success(), "mkfifo: {o:?}");
+}
+
+/// Inputs that are not what they claim (issue "inputs that are not what they claim"): a 50 GB
+/// sparse file and a FIFO named as a safetensors input are refused at once, with exit code 1
+/// and one error line, never an allocation abort (exit 134) or a hang.
+#[test]
+fn sparse_files_and_fifos_given_as_safetensors_are_refused_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let sparse = d.path().join("s.safetensors");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(50 << 30)
+        .unwrap();
+    let pipe = d.path().join("p.safetensors");
+    fifo(&pipe);
+    for (input, needles) in [
+        (&sparse, &["s.safetensors"][..]),
+        (&pipe, &["p.safetensors", "not a regular file"][..]),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-lora"));
+        c.arg("inspect").arg(input);
+        refused(&within(c, 10), needles);
+    }
+}
+
+/// The same through `v2l-run`'s safetensors flags, on an engine: refused before the engine
+/// loads or anything is written.
+#[test]
+fn v2l_run_refuses_sparse_and_fifo_safetensors_inputs() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(&d.path().join("e"));
+    let sparse = d.path().join("s.safetensors");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(50 << 30)
+        .unwrap();
+    let pipe = d.path().join("p.safetensors");
+    fifo(&pipe);
+    let out = d.path().join("v.mp4");
+    for input in [&sparse, &pipe] {
+        for flag in ["--lora", "--noise"] {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+            c.arg("--engine")
+                .arg(&engine)
+                .arg("--image")
+                .arg(common::tiny().join("first_frame.png"))
+                .arg("--prompt-embeds")
+                .arg(common::tiny().join("e2e_io.safetensors"))
+                .args(["--steps", "2", "--quiet", flag])
+                .arg(input)
+                .args(if flag == "--noise" {
+                    &[][..]
+                } else {
+                    &["--seed", "3"][..]
+                })
+                .arg("-o")
+                .arg(&out);
+            let name = input.file_name().unwrap().to_str().unwrap();
+            refused(&within(c, 10), &[name]);
+            assert!(!out.exists(), "{flag} {name}: output written");
+        }
+    }
+}
+
+/// An engine part replaced by a FIFO, or by a link to `/dev/zero`, is refused when the engine
+/// opens, naming the part, instead of blocking or hashing forever.
+#[test]
+fn engine_parts_that_are_fifos_or_devices_are_refused_at_open() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let part = engine.join("lilora.safetensors");
+    let kept = std::fs::read(&part).unwrap();
+    for make in ["fifo", "device"] {
+        std::fs::remove_file(&part).unwrap();
+        match make {
+            "fifo" => fifo(&part),
+            _ => std::os::unix::fs::symlink("/dev/zero", &part).unwrap(),
+        }
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+        c.arg("--engine")
+            .arg(&engine)
+            .arg("--image")
+            .arg(common::tiny().join("first_frame.png"))
+            .arg("--prompt-embeds")
+            .arg(common::tiny().join("e2e_io.safetensors"))
+            .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+            .arg(d.path().join("v.mp4"));
+        refused(
+            &within(c, 10),
+            &["lilora.safetensors", "not a regular file"],
+        );
+    }
+    std::fs::remove_file(&part).unwrap();
+    std::fs::write(&part, kept).unwrap();
+}

@@ -230,11 +230,13 @@ fn file_hash_with(
     sample_bytes: u64,
 ) -> std::io::Result<(u64, String)> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
+    // A part that is a device or a FIFO is refused before it is opened (`/dev/zero` would be
+    // hashed forever, a FIFO's open would block), and a regular one is read to the length it
+    // had when opened.
+    let (mut f, len) = crate::input::open_regular(path)?;
     let mut h = blake3::Hasher::new();
     if len <= full_max.max(sample_bytes * samples) {
-        let n = std::io::copy(&mut f, &mut h)?;
+        let n = std::io::copy(&mut (&mut f).take(len), &mut h)?;
         return Ok((n, h.finalize().to_hex().to_string()));
     }
     h.update(&len.to_le_bytes());
@@ -289,8 +291,12 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
     };
     for f in &bundle.files {
         let p: PathBuf = dir.join(&f.name);
-        let got =
-            file_entry(dir, &f.name).map_err(|_| bad(format!("part `{}` is missing", f.name)))?;
+        let got = file_entry(dir, &f.name).map_err(|e| match e {
+            BundleError::Io { source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
+                bad(format!("part `{}`: {source}", f.name))
+            }
+            _ => bad(format!("part `{}` is missing", f.name)),
+        })?;
         if got.bytes != f.bytes || got.hash != f.hash {
             return Err(BundleError::BadFile {
                 path: p,

@@ -1,38 +1,261 @@
-//! Input files as v2l reads them: regular files only. A device (`/dev/zero`), a pipe or a
-//! directory given where a file belongs is refused at once instead of read until memory runs
-//! out; a regular file is read to the length it had when opened.
+//! Input files as v2l reads them: regular files only, and only as much of them as their format
+//! describes.
+//!
+//! - What a path is gets checked before it is opened: opening a FIFO blocks until a writer
+//!   comes, so a pipe named where a file belongs would hang the reader. The file is then opened
+//!   non-blocking and checked again, in case it was swapped in between.
+//! - A device (`/dev/zero`), a pipe or a directory is refused at once.
+//! - A safetensors file is read as far as its header says ([`read_safetensors`]), never by its
+//!   size alone: a 50 GB sparse file whose first 8 bytes are not a header costs 8 bytes of
+//!   reading, and a file whose header describes more than [`max_input_bytes`] is refused
+//!   before anything is allocated for it.
 
-use std::io::Read;
+use std::fs::File;
+use std::io::{Error, ErrorKind, Read};
 use std::path::Path;
 
-/// The bytes of the regular file `path`.
-pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
-    let file = std::fs::File::open(path)?;
+/// The environment variable that raises (or lowers) [`max_input_bytes`], in bytes.
+pub const MAX_INPUT_ENV: &str = "V2L_MAX_INPUT_BYTES";
+
+/// The default largest input file v2l reads into memory: 16 GiB, larger than any LoRA,
+/// noise or prompt-embedding file of a CogVideoX-5B or Wan job.
+pub const DEFAULT_MAX_INPUT_BYTES: u64 = 16 << 30;
+
+/// safetensors' own largest header (the format's `MAX_HEADER_SIZE`).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The largest input read into memory: [`MAX_INPUT_ENV`] if set to a number, else
+/// [`DEFAULT_MAX_INPUT_BYTES`].
+pub fn max_input_bytes() -> u64 {
+    std::env::var(MAX_INPUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_INPUT_BYTES)
+}
+
+fn invalid(kind: ErrorKind, message: String) -> Error {
+    Error::new(kind, message)
+}
+
+/// Opens `path` if it is a regular file (symlinks followed), with its length.
+pub fn open_regular(path: &Path) -> std::io::Result<(File, u64)> {
+    let not_regular = || {
+        invalid(
+            ErrorKind::InvalidInput,
+            "not a regular file (a device, a pipe or a directory): give a file".into(),
+        )
+    };
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file (a device, a pipe or a directory): give a file",
-        ));
+        return Err(not_regular());
     }
-    let len = meta.len();
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    file.take(len).read_to_end(&mut bytes)?;
+    Ok((file, meta.len()))
+}
+
+/// The bytes of the regular file `path`, if it holds at most `limit` bytes.
+pub fn read_regular_within(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let (file, len) = open_regular(path)?;
+    if len > limit {
+        return Err(too_large(len, limit));
+    }
+    read_exactly(file, len)
+}
+
+/// [`read_regular_within`] with the input limit ([`max_input_bytes`]).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    read_regular_within(path, max_input_bytes())
+}
+
+fn too_large(bytes: u64, limit: u64) -> Error {
+    invalid(
+        ErrorKind::InvalidData,
+        format!(
+            "{bytes} bytes, more than the {limit}-byte input limit (set {MAX_INPUT_ENV} to raise it)"
+        ),
+    )
+}
+
+/// The first `n` bytes of `file`, into a buffer reserved without aborting on failure.
+fn read_exactly(file: impl Read, n: u64) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let size = usize::try_from(n).map_err(|_| too_large(n, usize::MAX as u64))?;
+    bytes.try_reserve_exact(size).map_err(|_| {
+        invalid(
+            ErrorKind::OutOfMemory,
+            format!("{n} bytes do not fit in memory"),
+        )
+    })?;
+    file.take(n).read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+/// The bytes of the safetensors file `path` that its parser needs: the whole file when its
+/// header describes exactly the file (`8 + header + data` bytes); otherwise only the length
+/// and header, enough for the parser to name what is wrong (too short, a header too large
+/// or not JSON, data that does not match the file). Memory is bounded by what the header
+/// says, and by [`max_input_bytes`].
+pub fn read_safetensors(path: &Path) -> std::io::Result<Vec<u8>> {
+    read_safetensors_within(path, max_input_bytes())
+}
+
+/// [`read_safetensors`] with `limit` in place of the input limit.
+pub fn read_safetensors_within(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let (mut file, len) = open_regular(path)?;
+    if len < 8 {
+        return read_exactly(file, len);
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)?;
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER_BYTES || n > len - 8 {
+        // The parser refuses this length from the 8 bytes alone.
+        return Ok(prefix.to_vec());
+    }
+    let mut head = prefix.to_vec();
+    head.extend(read_exactly(&mut file, n)?);
+    let Some(extent) = data_extent(head.get(8..).unwrap_or_default()) else {
+        // Not a header the parser takes: it says why from these bytes.
+        return Ok(head);
+    };
+    let whole = 8 + n + extent;
+    if whole != len {
+        // The parser reports the mismatch from the header.
+        return Ok(head);
+    }
+    if whole > limit {
+        return Err(too_large(whole, limit));
+    }
+    head.try_reserve_exact(usize::try_from(extent).unwrap_or(usize::MAX))
+        .map_err(|_| {
+            invalid(
+                ErrorKind::OutOfMemory,
+                format!("{whole} bytes do not fit in memory"),
+            )
+        })?;
+    file.take(extent).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// The data extent a safetensors header describes: the largest `data_offsets` end, `None`
+/// when the header is not a JSON object of such entries.
+fn data_extent(header: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let mut end = 0u64;
+    for (name, entry) in v.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = entry.get("data_offsets")?.as_array()?;
+        end = end.max(offsets.get(1)?.as_u64()?);
+    }
+    Some(end)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A safetensors file of one f32 tensor `[n]`, header first.
+    fn safetensors(n: usize) -> Vec<u8> {
+        let header = format!(
+            r#"{{"t":{{"dtype":"F32","shape":[{n}],"data_offsets":[0,{}]}}}}"#,
+            4 * n
+        );
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend(header.as_bytes());
+        b.extend(vec![0u8; 4 * n]);
+        b
+    }
+
     #[test]
     fn devices_and_directories_are_refused_files_are_read() {
         let e = read_regular(Path::new("/dev/zero")).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
         assert!(read_regular(Path::new("/")).is_err());
+        assert!(read_safetensors(Path::new("/dev/zero")).is_err());
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("f");
         std::fs::write(&p, b"abc").unwrap();
         assert_eq!(read_regular(&p).unwrap(), b"abc");
+        let e = read_regular_within(&p, 2).unwrap_err();
+        assert!(e.to_string().contains(MAX_INPUT_ENV), "{e}");
+    }
+
+    /// A FIFO is refused before it is opened: opening it would block with no writer.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p.safetensors");
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for r in [read_regular(&p), read_safetensors(&p)] {
+            assert_eq!(r.unwrap_err().kind(), ErrorKind::InvalidInput);
+        }
+    }
+
+    /// A huge sparse file is read only as far as its header: 8 bytes when those are not a
+    /// header, and refused before allocation when the header describes more than the limit.
+    #[test]
+    fn sparse_files_are_read_as_far_as_their_header() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.safetensors");
+        let f = File::create(&p).unwrap();
+        f.set_len(50 << 30).unwrap();
+        drop(f);
+        // All zeros: a header length of 0, then no JSON: the parser sees the header only.
+        let got = read_safetensors(&p).unwrap();
+        assert_eq!(got.len(), 8);
+        // A header describing the whole 50 GB: refused by the limit, nothing read.
+        let extent = (50u64 << 30) - 8 - 128;
+        let header =
+            format!(r#"{{"t":{{"dtype":"U8","shape":[{extent}],"data_offsets":[0,{extent}]}}}}"#);
+        assert!(header.len() <= 128);
+        let header = format!("{header:<128}");
+        let mut start = 128u64.to_le_bytes().to_vec();
+        start.extend(header.as_bytes());
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.write_all(&start).unwrap();
+        }
+        let e = read_safetensors_within(&p, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains(MAX_INPUT_ENV), "{e}");
+        assert!(read_regular_within(&p, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn well_formed_files_are_read_whole_and_others_as_far_as_their_header() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.safetensors");
+        let good = safetensors(5);
+        std::fs::write(&p, &good).unwrap();
+        assert_eq!(read_safetensors(&p).unwrap(), good);
+        // Trailing bytes, or data cut short: the header only, for the parser to refuse.
+        let head = good.len() - 20;
+        for bad in [
+            [good.clone(), vec![1, 2]].concat(),
+            good[..good.len() - 4].to_vec(),
+        ] {
+            std::fs::write(&p, &bad).unwrap();
+            assert_eq!(read_safetensors(&p).unwrap(), good[..head]);
+        }
+        // Too short for a length, a length past the file: what there is, at most 8 bytes.
+        std::fs::write(&p, [1u8, 2, 3]).unwrap();
+        assert_eq!(read_safetensors(&p).unwrap(), [1, 2, 3]);
+        std::fs::write(&p, 1000u64.to_le_bytes()).unwrap();
+        assert_eq!(read_safetensors(&p).unwrap().len(), 8);
     }
 }
