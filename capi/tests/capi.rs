@@ -200,6 +200,30 @@ fn bad_arguments_and_handles_are_refused() {
         "wrong_shape.safetensors",
     );
     assert!(bad.is_null());
+    // A 50 GB sparse file and a FIFO named as the LoRA: a status, at once; the host lives
+    // (the sparse file was an allocation abort, the FIFO a hang).
+    let sparse = d.path().join("sparse.safetensors");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(50 << 30)
+        .unwrap();
+    let pipe = d.path().join("pipe.safetensors");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap()
+        .success());
+    for (p, needle) in [
+        (&sparse, "sparse.safetensors"),
+        (&pipe, "not a regular file"),
+    ] {
+        let t = std::time::Instant::now();
+        let status = unsafe { v2l_engine_load_lora(e, cpath(p).as_ptr(), &mut bad) };
+        assert!(t.elapsed().as_secs() < 10, "{needle}: {:?}", t.elapsed());
+        assert_ne!(status, V2lStatus::Ok, "{needle}");
+        assert!(last_error().contains(needle), "{}", last_error());
+        assert!(bad.is_null());
+    }
 
     // Wrong handle kinds (a C cast away), NULL handles.
     fails(
