@@ -27,18 +27,27 @@ fn generate(engine: &Path, out: &Path, extra: &[&str]) -> Output {
 
 /// [`generate`] with the prompt embeddings of `embeds`.
 fn generate_with(engine: &Path, out: &Path, embeds: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_v2l-run"))
-        .arg("--engine")
+    generate_command(engine, out, embeds, extra)
+        .output()
+        .unwrap()
+}
+
+/// The `v2l-run` command [`generate_with`] runs (`--seed 3` unless `extra` gives `--noise`).
+fn generate_command(engine: &Path, out: &Path, embeds: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+    c.arg("--engine")
         .arg(engine)
         .arg("--image")
         .arg(common::tiny().join("first_frame.png"))
         .arg("--prompt-embeds")
         .arg(embeds)
-        .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+        .args(["--steps", "2", "--quiet", "-o"])
         .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
+        .args(extra);
+    if !extra.contains(&"--noise") {
+        c.args(["--seed", "3"]);
+    }
+    c
 }
 
 fn lora_tool(args: &[&str]) -> Output {
@@ -367,19 +376,25 @@ fn fifo(p: &Path) {
     assert!(o.status.success(), "mkfifo: {o:?}");
 }
 
+/// In `dir`: `s.safetensors`, a 50 GB sparse file of zeros, and `p.safetensors`, a FIFO.
+fn sparse_and_fifo(dir: &Path) -> (PathBuf, PathBuf) {
+    let sparse = dir.join("s.safetensors");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(50 << 30)
+        .unwrap();
+    let pipe = dir.join("p.safetensors");
+    fifo(&pipe);
+    (sparse, pipe)
+}
+
 /// Inputs that are not what they claim (issue "inputs that are not what they claim"): a 50 GB
 /// sparse file and a FIFO named as a safetensors input are refused at once, with exit code 1
 /// and one error line, never an allocation abort (exit 134) or a hang.
 #[test]
 fn sparse_files_and_fifos_given_as_safetensors_are_refused_at_once() {
     let d = tempfile::tempdir().unwrap();
-    let sparse = d.path().join("s.safetensors");
-    std::fs::File::create(&sparse)
-        .unwrap()
-        .set_len(50 << 30)
-        .unwrap();
-    let pipe = d.path().join("p.safetensors");
-    fifo(&pipe);
+    let (sparse, pipe) = sparse_and_fifo(d.path());
     for (input, needles) in [
         (&sparse, &["s.safetensors"][..]),
         (&pipe, &["p.safetensors", "not a regular file"][..]),
@@ -396,33 +411,13 @@ fn sparse_files_and_fifos_given_as_safetensors_are_refused_at_once() {
 fn v2l_run_refuses_sparse_and_fifo_safetensors_inputs() {
     let d = tempfile::tempdir().unwrap();
     let engine = common::engine(&d.path().join("e"));
-    let sparse = d.path().join("s.safetensors");
-    std::fs::File::create(&sparse)
-        .unwrap()
-        .set_len(50 << 30)
-        .unwrap();
-    let pipe = d.path().join("p.safetensors");
-    fifo(&pipe);
+    let (sparse, pipe) = sparse_and_fifo(d.path());
     let out = d.path().join("v.mp4");
     for input in [&sparse, &pipe] {
         for flag in ["--lora", "--noise"] {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
-            c.arg("--engine")
-                .arg(&engine)
-                .arg("--image")
-                .arg(common::tiny().join("first_frame.png"))
-                .arg("--prompt-embeds")
-                .arg(common::tiny().join("e2e_io.safetensors"))
-                .args(["--steps", "2", "--quiet", flag])
-                .arg(input)
-                .args(if flag == "--noise" {
-                    &[][..]
-                } else {
-                    &["--seed", "3"][..]
-                })
-                .arg("-o")
-                .arg(&out);
             let name = input.file_name().unwrap().to_str().unwrap();
+            let embeds = common::tiny().join("e2e_io.safetensors");
+            let c = generate_command(&engine, &out, &embeds, &[flag, input.to_str().unwrap()]);
             refused(&within(c, 10), &[name]);
             assert!(!out.exists(), "{flag} {name}: output written");
         }
@@ -443,15 +438,8 @@ fn engine_parts_that_are_fifos_or_devices_are_refused_at_open() {
             "fifo" => fifo(&part),
             _ => std::os::unix::fs::symlink("/dev/zero", &part).unwrap(),
         }
-        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
-        c.arg("--engine")
-            .arg(&engine)
-            .arg("--image")
-            .arg(common::tiny().join("first_frame.png"))
-            .arg("--prompt-embeds")
-            .arg(common::tiny().join("e2e_io.safetensors"))
-            .args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
-            .arg(d.path().join("v.mp4"));
+        let embeds = common::tiny().join("e2e_io.safetensors");
+        let c = generate_command(&engine, &d.path().join("v.mp4"), &embeds, &[]);
         refused(
             &within(c, 10),
             &["lilora.safetensors", "not a regular file"],

@@ -254,8 +254,9 @@ mod tests {
     use super::saturation::*;
     use super::*;
 
-    #[test]
-    fn the_u8s8_kernel_sums_in_int32_only_with_vnni() {
+    /// CPUs by what ONNX Runtime's int8 dispatch reads: AVX2 only, AVX-512 without VNNI,
+    /// AVX-512 with VNNI, AVX2 with AVX-VNNI.
+    fn cpus() -> [Isa; 4] {
         let avx2 = Isa {
             avx2: true,
             fma: true,
@@ -276,6 +277,12 @@ mod tests {
             avxvnni: true,
             ..avx2
         };
+        [avx2, avx512, vnni, alder]
+    }
+
+    #[test]
+    fn the_u8s8_kernel_sums_in_int32_only_with_vnni() {
+        let [avx2, avx512, vnni, alder] = cpus();
         for (isa, exact) in [(avx2, false), (avx512, false), (vnni, true), (alder, true)] {
             assert_eq!(isa.u8s8_sums_in_int32(), exact, "{isa:?}");
         }
@@ -291,18 +298,7 @@ mod tests {
             "lora_strategy": "unfused", "weight_hash": "h", "lora_targets": [], "files": [],
             "producer": "test"}"#;
         let base: Bundle = serde_json::from_str(text).expect("a record");
-        let avx2 = Isa {
-            avx2: true,
-            ..Isa::default()
-        };
-        let vnni = Isa {
-            avx512f: true,
-            avx512bw: true,
-            avx512vl: true,
-            avx512dq: true,
-            avx512vnni: true,
-            ..avx2
-        };
+        let [avx2, _, vnni, _] = cpus();
         let with = |scheme, precision, backend| Bundle {
             int8_scheme: scheme,
             precision,
