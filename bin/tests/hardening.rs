@@ -59,10 +59,15 @@ fn lora_tool(args: &[&str]) -> Output {
 
 /// Exit code 1, one `error:` line containing every needle, no panic.
 fn refused(o: &Output, needles: &[&str]) {
+    refused_with(o, 1, needles)
+}
+
+/// [`refused`] with exit code `code` (2: a usage error, decided from the command line alone).
+fn refused_with(o: &Output, code: i32, needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
         o.status.code(),
-        Some(1),
+        Some(code),
         "expected {needles:?}; stderr: {err}"
     );
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
@@ -447,4 +452,40 @@ fn engine_parts_that_are_fifos_or_devices_are_refused_at_open() {
     }
     std::fs::remove_file(&part).unwrap();
     std::fs::write(&part, kept).unwrap();
+}
+
+/// Outputs never land on the engine in use: `--dump`, `-o` (and so its contact sheet) and
+/// `stage -o` inside the engine directory are refused before anything runs, and the engine's
+/// files are unchanged (the dump used to replace `lilora.safetensors`, and the next run failed).
+#[test]
+fn outputs_inside_the_engine_in_use_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let part = engine.join("lilora.safetensors");
+    let before = std::fs::read(&part).unwrap();
+    let cases: [&[&str]; 2] = [&["--dump", part.to_str().unwrap()], &[]];
+    for (i, extra) in cases.iter().enumerate() {
+        let out = if i == 0 {
+            d.path().join("v.mp4")
+        } else {
+            engine.join("v.mp4")
+        };
+        let o = generate(&engine, &out, extra);
+        refused_with(&o, 2, &["inside the engine directory"]);
+        assert!(!out.exists());
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .args(["stage", "dit", "--inputs"])
+        .arg(common::tiny().join("dit_io.safetensors"))
+        .arg("-o")
+        .arg(engine.join(".").join("x.safetensors"))
+        .output()
+        .unwrap();
+    refused_with(&o, 2, &["inside the engine directory"]);
+    assert_eq!(std::fs::read(&part).unwrap(), before);
+    // The engine still opens and runs.
+    let o = generate(&engine, &d.path().join("ok.mp4"), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use v2l_cli::{check_output, main_with, Failure};
+use v2l_cli::{check_output, main_with, same_file, Failure};
 use v2l_runtime::lora::format::{self, Lora, LoraFormat};
 use v2l_runtime::RuntimeError;
 
@@ -321,6 +321,9 @@ fn main() -> ExitCode {
             if let Some(d) = &dump {
                 check_output(d, &["safetensors"])?;
             }
+            let mut outputs = vec![("-o", output.as_path())];
+            outputs.extend(dump.as_deref().map(|d| ("--dump", d)));
+            v2l_cli::check_outputs_outside_engine(&outputs, &engine)?;
             let Some(reference) = reference else {
                 let hypernet = match lofa.is_empty() {
                     true => effects.hypernet,
@@ -384,14 +387,6 @@ fn main() -> ExitCode {
             Ok(())
         }
     })
-}
-
-/// Whether two paths name the same existing file (also through links or `./` spellings).
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }
 
 /// Module paths of a model: from an export manifest or a diffusers checkpoint's 2-D weights.

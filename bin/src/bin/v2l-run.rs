@@ -344,6 +344,7 @@ fn main() -> ExitCode {
                         )
                     })?;
                     check_output(&output, &["safetensors"])?;
+                    v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
                     let dir = Engine::open(engine)?;
                     let opts = dir.session_options(opts.threads);
                     return text_stage(&dir, &opts, file, &output, cli.gen.max_sequence_length);
@@ -356,6 +357,7 @@ fn main() -> ExitCode {
                 })?;
                 let stage = Stage::from(stage);
                 check_output(&output, &["safetensors"])?;
+                v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
                 v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
                 v2l_runtime::limits::Limits::from_env()?.check_threads(opts.threads)?;
                 let dir = Engine::open(engine)?;
@@ -625,6 +627,7 @@ fn generate(
     }
     inputs.extend(g.loras.iter().map(|p| ("--lora", p.as_path())));
     v2l_cli::check_outputs_are_not_inputs(&outputs, &inputs)?;
+    v2l_cli::check_outputs_outside_engine(&outputs, engine)?;
     // The runtime's one request builder (the same checks and messages as the C ABI and the
     // server); what needs no engine is checked before the engine is opened.
     let limits = v2l_runtime::limits::Limits::from_env()?;
