@@ -445,10 +445,11 @@ fn engine_parts_that_are_fifos_or_devices_are_refused_at_open() {
         }
         let embeds = common::tiny().join("e2e_io.safetensors");
         let c = generate_command(&engine, &d.path().join("v.mp4"), &embeds, &[]);
-        refused(
-            &within(c, 10),
-            &["lilora.safetensors", "not a regular file"],
-        );
+        let why = match make {
+            "fifo" => "not a regular file",
+            _ => "outside the engine directory",
+        };
+        refused(&within(c, 10), &["lilora.safetensors", why]);
     }
     std::fs::remove_file(&part).unwrap();
     std::fs::write(&part, kept).unwrap();
@@ -486,6 +487,62 @@ fn outputs_inside_the_engine_in_use_are_refused() {
     refused_with(&o, 2, &["inside the engine directory"]);
     assert_eq!(std::fs::read(&part).unwrap(), before);
     // The engine still opens and runs.
+    let o = generate(&engine, &d.path().join("ok.mp4"), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Engine records that name paths outside the engine (issue 46, item 4), re-hashed as an
+/// attacker would (the record's hash has no key): a DiT variant of `../outside.onnx` or
+/// `/etc/passwd`, a manifest's `dit.file` or tokenizer outside the directory, and a part that is
+/// a link out of it are refused when the engine opens, naming the field.
+#[test]
+fn engine_records_cannot_name_paths_outside_the_engine() {
+    use v2l_runtime::bundle::Bundle;
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(&d.path().join("e"));
+    std::fs::write(d.path().join("e/outside.onnx"), b"not a graph").unwrap();
+    let record = engine.join("bundle.json");
+    let original = std::fs::read_to_string(&record).unwrap();
+    let run = || {
+        let embeds = common::tiny().join("e2e_io.safetensors");
+        within(
+            generate_command(&engine, &d.path().join("v.mp4"), &embeds, &[]),
+            10,
+        )
+    };
+    // DiT variants, re-hashed.
+    for name in ["../outside.onnx", "/etc/passwd"] {
+        let mut b: Bundle = serde_json::from_str(&original).unwrap();
+        let variant = b.dit_variants.keys().next().unwrap().clone();
+        b.dit_variants.insert(variant, name.into());
+        b.bundle_hash = b.self_hash().unwrap();
+        std::fs::write(&record, serde_json::to_string_pretty(&b).unwrap()).unwrap();
+        refused(&run(), &[name, "not one of the engine's hashed parts"]);
+    }
+    std::fs::write(&record, &original).unwrap();
+    // Manifest paths: refused when the manifest is read, before any hash.
+    let manifest = engine.join("manifest.json");
+    let kept = std::fs::read_to_string(&manifest).unwrap();
+    for (field, value) in [("dit", "../outside.onnx"), ("text_encoder", "/etc")] {
+        let mut m: serde_json::Value = serde_json::from_str(&kept).unwrap();
+        let key = if field == "dit" { "file" } else { "tokenizer" };
+        m[field][key] = value.into();
+        std::fs::write(&manifest, serde_json::to_string(&m).unwrap()).unwrap();
+        refused(&run(), &[value, "not a file inside the export directory"]);
+    }
+    std::fs::write(&manifest, &kept).unwrap();
+    // A part replaced by a link to an identical copy outside the engine.
+    let part = engine.join("lilora.safetensors");
+    let copy = d.path().join("lilora_copy.safetensors");
+    std::fs::copy(&part, &copy).unwrap();
+    std::fs::remove_file(&part).unwrap();
+    std::os::unix::fs::symlink(&copy, &part).unwrap();
+    refused(
+        &run(),
+        &["lilora.safetensors", "outside the engine directory"],
+    );
+    std::fs::remove_file(&part).unwrap();
+    std::fs::copy(&copy, &part).unwrap();
     let o = generate(&engine, &d.path().join("ok.mp4"), &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -64,53 +64,28 @@ fn ff_chunked(
     std::borrow::Cow::Owned(m)
 }
 
-/// Files an export directory's manifest refers to (graphs, their external data, side files).
+/// Files an export directory's manifest refers to ([`Manifest::parts`]): graphs with their
+/// external data, side files, and the files of a part that is a directory (the tokenizer).
 fn manifest_files(dir: &Path, m: &Manifest) -> Vec<String> {
     let mut names = vec![v2l_contracts::manifest::FILE_NAME.to_string()];
-    let mut graph = |f: &str| {
-        names.push(f.to_string());
-        let data = format!("{f}.data");
+    for (_, part) in m.parts() {
+        let p = dir.join(part);
+        if p.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                let mut files: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_file())
+                    .map(|e| format!("{part}/{}", e.file_name().to_string_lossy()))
+                    .collect();
+                files.sort();
+                names.extend(files);
+            }
+            continue;
+        }
+        names.push(part.to_string());
+        let data = format!("{part}.data");
         if dir.join(&data).exists() {
             names.push(data);
-        }
-    };
-    if let Some(d) = &m.dit {
-        graph(&d.file);
-    }
-    if let Some(v) = &m.vae {
-        graph(&v.encoder);
-        graph(&v.decoder);
-    }
-    if let Some(t) = &m.text_encoder {
-        graph(&t.file);
-    }
-    if let Some(i) = &m.image_encoder {
-        graph(&i.file);
-    }
-    if let Some(p) = &m.prompt2effect {
-        graph(&p.file);
-    }
-    if let Some(l) = &m.lofa {
-        graph(&l.stage1);
-        graph(&l.stage2);
-    }
-    if let Some(h) = &m.hypernet {
-        graph(&h.file);
-        names.push(h.lilora.clone());
-    }
-    if let Some(s) = &m.scheduler {
-        names.push(s.clone());
-    }
-    // The tokenizer's files, in their subdirectory.
-    if let Some(t) = m.text_encoder.as_ref().filter(|t| !t.tokenizer.is_empty()) {
-        if let Ok(entries) = std::fs::read_dir(dir.join(&t.tokenizer)) {
-            let mut files: Vec<String> = entries
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().is_file())
-                .map(|e| format!("{}/{}", t.tokenizer, e.file_name().to_string_lossy()))
-                .collect();
-            files.sort();
-            names.extend(files);
         }
     }
     names

@@ -289,8 +289,19 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
         path: path.clone(),
         message: m,
     };
+    let root = std::fs::canonicalize(dir).map_err(io(dir))?;
     for f in &bundle.files {
         let p: PathBuf = dir.join(&f.name);
+        // A part that is a link out of the engine directory is refused, whatever it holds.
+        if let Ok(real) = std::fs::canonicalize(&p) {
+            if !real.starts_with(&root) {
+                return Err(bad(format!(
+                    "part `{}` leads outside the engine directory (to {})",
+                    f.name,
+                    real.display()
+                )));
+            }
+        }
         let got = file_entry(dir, &f.name).map_err(|e| match e {
             BundleError::Io { source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
                 bad(format!("part `{}`: {source}", f.name))
@@ -334,18 +345,44 @@ impl Bundle {
             ));
         }
         for f in &bundle.files {
-            let p = Path::new(&f.name);
-            let plain = p
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if f.name.is_empty() || !plain {
+            if !crate::input::is_part_name(&f.name) {
                 return Err(bad(format!(
                     "part `{}` is not a file name inside the engine directory",
                     f.name
                 )));
             }
         }
+        // A graph variant is loaded by name: it must be one of the hashed parts.
+        for (variant, name) in &bundle.dit_variants {
+            if !bundle.files.iter().any(|f| &f.name == name) {
+                return Err(bad(format!(
+                    "DiT variant `{variant}` names `{name}`, which is not one of the engine's hashed parts"
+                )));
+            }
+        }
         Ok(bundle)
+    }
+
+    /// Checks that every path of the engine's manifest (`parts`, [`crate::Manifest::parts`])
+    /// is one of this bundle's hashed files (a directory: holds one), so nothing an engine
+    /// loads escapes the hash check.
+    pub fn check_parts_listed(&self, parts: &[(&str, &str)], path: &Path) -> Result<()> {
+        for (field, name) in parts {
+            let dir = format!("{name}/");
+            let listed = self
+                .files
+                .iter()
+                .any(|f| f.name == *name || f.name.starts_with(&dir));
+            if !listed {
+                return Err(BundleError::BadFile {
+                    path: path.into(),
+                    message: format!(
+                        "the manifest's `{field}` names `{name}`, which is not one of the engine's hashed parts; compile the engine again"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }
 

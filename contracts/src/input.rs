@@ -33,6 +33,17 @@ pub fn max_input_bytes() -> u64 {
         .unwrap_or(DEFAULT_MAX_INPUT_BYTES)
 }
 
+/// Whether `name`, a path an engine record names, stays inside the engine directory by its
+/// spelling: relative, non-empty, every component a plain name (no `..`, `.`, root or
+/// prefix). The one rule every engine record's paths go through (`bundle`, `manifest`); that
+/// the file is not a link out of the directory is checked where it is opened.
+pub fn is_part_name(name: &str) -> bool {
+    !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
 fn invalid(kind: ErrorKind, message: String) -> Error {
     Error::new(kind, message)
 }

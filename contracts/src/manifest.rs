@@ -289,7 +289,60 @@ impl Manifest {
                 ),
             });
         }
+        if let Some((field, name)) = m
+            .parts()
+            .into_iter()
+            .find(|(_, name)| !crate::input::is_part_name(name))
+        {
+            return Err(ManifestError::Invalid {
+                path,
+                message: format!(
+                    "`{field}` names `{name}`, not a file inside the export directory"
+                ),
+            });
+        }
         Ok(m)
+    }
+
+    /// Every path this manifest names, with the field naming it: graphs, side files, the
+    /// tokenizer's directory. All are inside the export directory ([`Manifest::parse`] checks
+    /// it), and a compiled engine lists each in its bundle's hashed files.
+    pub fn parts(&self) -> Vec<(&'static str, &str)> {
+        let mut v: Vec<(&'static str, &str)> = Vec::new();
+        if let Some(d) = &self.dit {
+            v.push(("dit.file", &d.file));
+        }
+        if let Some(e) = &self.vae {
+            v.push(("vae.encoder", &e.encoder));
+            v.push(("vae.decoder", &e.decoder));
+        }
+        if let Some(t) = &self.text_encoder {
+            v.push(("text_encoder.file", &t.file));
+            if !t.tokenizer.is_empty() {
+                v.push(("text_encoder.tokenizer", &t.tokenizer));
+            }
+        }
+        if let Some(i) = &self.image_encoder {
+            v.push(("image_encoder.file", &i.file));
+            if !i.preprocessor.is_empty() {
+                v.push(("image_encoder.preprocessor", &i.preprocessor));
+            }
+        }
+        if let Some(p) = &self.prompt2effect {
+            v.push(("prompt2effect.file", &p.file));
+        }
+        if let Some(l) = &self.lofa {
+            v.push(("lofa.stage1", &l.stage1));
+            v.push(("lofa.stage2", &l.stage2));
+        }
+        if let Some(h) = &self.hypernet {
+            v.push(("hypernet.file", &h.file));
+            v.push(("hypernet.lilora", &h.lilora));
+        }
+        if let Some(s) = &self.scheduler {
+            v.push(("scheduler", s));
+        }
+        v
     }
 
     /// Writes `dir/manifest.json` atomically (`tempfile`'s persist: no half-written manifest).

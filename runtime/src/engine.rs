@@ -48,6 +48,7 @@ impl Engine {
         let manifest = Manifest::read(&dir)?;
         let bundle = crate::bundle::verify(&dir)?;
         if let Some(b) = &bundle {
+            b.check_parts_listed(&manifest.parts(), &dir.join(crate::bundle::FILE_NAME))?;
             crate::cpu::check_int8_scheme(b, &crate::cpu::Isa::detect()).map_err(|message| {
                 RuntimeError::Invalid {
                     what: dir.join(crate::bundle::FILE_NAME).display().to_string(),
