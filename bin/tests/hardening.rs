@@ -546,3 +546,30 @@ fn engine_records_cannot_name_paths_outside_the_engine() {
     let o = generate(&engine, &d.path().join("ok.mp4"), &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `v2l-serve` with an engine part that is a FIFO or a link to `/dev/zero` refuses to start
+/// within 10 s, naming the part, instead of never listening.
+#[test]
+fn the_server_refuses_an_engine_whose_part_is_a_fifo_or_a_device() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let part = engine.join("lilora.safetensors");
+    for make in ["fifo", "device"] {
+        std::fs::remove_file(&part).unwrap();
+        match make {
+            "fifo" => fifo(&part),
+            _ => std::os::unix::fs::symlink("/dev/zero", &part).unwrap(),
+        }
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
+        c.arg("--engine")
+            .arg(&engine)
+            .arg("--state-dir")
+            .arg(d.path().join(format!("state-{make}")))
+            .args(["--addr", "127.0.0.1:0"]);
+        let o = within(c, 10);
+        assert_ne!(o.status.code(), Some(0), "{make}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("lilora.safetensors"), "{make}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
