@@ -158,9 +158,13 @@ pub fn compile_with(
     job.attention = attention;
     job.int8_scheme = int8_scheme;
     // The compile measures the engine it builds, so it runs only where that engine is exact.
-    if let Some(message) =
-        v2l_runtime::cpu::check_int8_scheme(&job.record_stub(), &v2l_runtime::cpu::Isa::detect())
-            .err()
+    if let Some(message) = v2l_runtime::cpu::check_int8_scheme(
+        precision,
+        backend,
+        job.recorded_int8_scheme(),
+        &v2l_runtime::cpu::Isa::detect(),
+    )
+    .err()
     {
         return Err(RuntimeError::Invalid {
             what: format!("--int8-gemm {}", int8_scheme.name()),
@@ -242,28 +246,6 @@ impl<'a> Job<'a> {
     fn recorded_int8_scheme(&self) -> Option<Int8Scheme> {
         (self.precision == Precision::Int8 && self.backend == Backend::Cpu)
             .then_some(self.int8_scheme)
-    }
-
-    /// A record with what the runtime's checks read before a bundle exists (backend,
-    /// precision, int8 scheme).
-    fn record_stub(&self) -> Bundle {
-        Bundle {
-            format_version: FORMAT_VERSION,
-            backend: self.backend,
-            precision: self.precision,
-            lora_strategy: Strategy::Fused,
-            weight_hash: String::new(),
-            lora_targets: Vec::new(),
-            files: Vec::new(),
-            dit_variants: Default::default(),
-            max_rank: None,
-            attention: self.attention,
-            producer: String::new(),
-            accuracy: Vec::new(),
-            int8_scheme: self.recorded_int8_scheme(),
-            calibration: None,
-            bundle_hash: String::new(),
-        }
     }
 
     /// Step 2: the hash of the DiT's LoRA-targetable base weights and the target table: each

@@ -100,15 +100,21 @@ impl Isa {
     }
 }
 
-/// Whether an engine's int8 scheme is exact on a CPU of `isa`: `Err` with the reason and the
-/// fix for an int8 CPU engine with s8 weights (`u8s8`, or compiled before the scheme was
-/// recorded) where ONNX Runtime's u8·s8 kernel pairs products in int16.
-pub fn check_int8_scheme(bundle: &crate::bundle::Bundle, isa: &Isa) -> Result<(), String> {
+/// Whether an engine of `precision` on `backend` with int8 scheme `recorded` (its bundle's
+/// `int8_scheme`) is exact on a CPU of `isa`: `Err` with the reason and the fix for an int8
+/// CPU engine with s8 weights (`u8s8`, or `None`: compiled before the scheme was recorded)
+/// where ONNX Runtime's u8·s8 kernel pairs products in int16.
+pub fn check_int8_scheme(
+    precision: crate::bundle::Precision,
+    backend: crate::bundle::Backend,
+    recorded: Option<crate::bundle::Int8Scheme>,
+    isa: &Isa,
+) -> Result<(), String> {
     use crate::bundle::{Backend, Int8Scheme, Precision};
-    if bundle.precision != Precision::Int8 || bundle.backend != Backend::Cpu {
+    if precision != Precision::Int8 || backend != Backend::Cpu {
         return Ok(());
     }
-    let scheme = bundle.int8_scheme.unwrap_or(Int8Scheme::U8S8);
+    let scheme = recorded.unwrap_or(Int8Scheme::U8S8);
     if scheme == Int8Scheme::U8U8 || isa.u8s8_sums_in_int32() {
         return Ok(());
     }
@@ -119,7 +125,7 @@ pub fn check_int8_scheme(bundle: &crate::bundle::Bundle, isa: &Isa) -> Result<()
          kernel saturates int16 pair sums and the DiT's output is wrong. Compile it again \
          with `v2l-compile --int8-gemm u8u8` (the default), exact on every x86-64 CPU",
         scheme.name(),
-        if bundle.int8_scheme.is_none() {
+        if recorded.is_none() {
             ", implied: compiled before the scheme was recorded"
         } else {
             ""
@@ -293,37 +299,30 @@ mod tests {
     /// other precisions and GPU engines are never refused.
     #[test]
     fn s8_weight_engines_are_refused_only_where_u8s8_saturates() {
-        use crate::bundle::{Backend, Bundle, Int8Scheme, Precision};
-        let text = r#"{"format_version": 3, "backend": "cpu", "precision": "int8",
-            "lora_strategy": "unfused", "weight_hash": "h", "lora_targets": [], "files": [],
-            "producer": "test"}"#;
-        let base: Bundle = serde_json::from_str(text).expect("a record");
+        use crate::bundle::{Backend, Int8Scheme, Precision};
         let [avx2, _, vnni, _] = cpus();
-        let with = |scheme, precision, backend| Bundle {
-            int8_scheme: scheme,
-            precision,
-            backend,
-            ..base.clone()
+        let check = |scheme, precision, backend, isa: &Isa| {
+            check_int8_scheme(precision, backend, scheme, isa)
         };
-        let u8s8 = with(Some(Int8Scheme::U8S8), Precision::Int8, Backend::Cpu);
-        let legacy = with(None, Precision::Int8, Backend::Cpu);
-        for b in [&u8s8, &legacy] {
-            let e = check_int8_scheme(b, &avx2).expect_err("refused without VNNI");
+        for scheme in [Some(Int8Scheme::U8S8), None] {
+            let e = check(scheme, Precision::Int8, Backend::Cpu, &avx2)
+                .expect_err("refused without VNNI");
             assert!(
                 e.contains("--int8-gemm u8u8") && e.contains("saturates"),
                 "{e}"
             );
-            assert!(check_int8_scheme(b, &vnni).is_ok());
+            assert_eq!(e.contains("implied"), scheme.is_none(), "{e}");
+            assert!(check(scheme, Precision::Int8, Backend::Cpu, &vnni).is_ok());
         }
-        assert!(check_int8_scheme(&legacy, &avx2)
-            .expect_err("refused")
-            .contains("implied"));
-        for b in [
-            with(Some(Int8Scheme::U8U8), Precision::Int8, Backend::Cpu),
-            with(None, Precision::Int4, Backend::Cpu),
-            with(None, Precision::Int8, Backend::TensorRt),
+        for (scheme, precision, backend) in [
+            (Some(Int8Scheme::U8U8), Precision::Int8, Backend::Cpu),
+            (None, Precision::Int4, Backend::Cpu),
+            (None, Precision::Int8, Backend::TensorRt),
         ] {
-            assert!(check_int8_scheme(&b, &avx2).is_ok(), "{b:?}");
+            assert!(
+                check(scheme, precision, backend, &avx2).is_ok(),
+                "{precision:?}"
+            );
         }
     }
 

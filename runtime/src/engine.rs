@@ -49,12 +49,13 @@ impl Engine {
         let bundle = crate::bundle::verify(&dir)?;
         if let Some(b) = &bundle {
             b.check_parts_listed(&manifest.parts(), &dir.join(crate::bundle::FILE_NAME))?;
-            crate::cpu::check_int8_scheme(b, &crate::cpu::Isa::detect()).map_err(|message| {
-                RuntimeError::Invalid {
+            let isa = crate::cpu::Isa::detect();
+            crate::cpu::check_int8_scheme(b.precision, b.backend, b.int8_scheme, &isa).map_err(
+                |message| RuntimeError::Invalid {
                     what: dir.join(crate::bundle::FILE_NAME).display().to_string(),
                     message,
-                }
-            })?;
+                },
+            )?;
         }
         Ok(Engine {
             dir,
