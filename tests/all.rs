@@ -7,6 +7,7 @@ mod clip_vision_parity;
 mod dit_parity;
 mod flow_schedulers;
 mod fullscale;
+mod fun_inpaint_parity;
 mod hypernet_parity;
 mod lofa_parity;
 mod lora_parity;

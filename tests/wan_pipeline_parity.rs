@@ -105,6 +105,8 @@ fn check(variant: &str, transformer: &str, clip: bool) {
         guidance: 5.0,
         noise: get("noise"),
         lora: RequestLora::Base,
+        sampler: None,
+        inpaint_noise: None,
     };
     let g = p.generate(&req, &mut |_, _| true).unwrap();
     for (i, lat) in g.latents_steps.iter().enumerate() {
@@ -156,6 +158,8 @@ fn wan_requests_that_do_not_fit_the_engine_are_refused_by_name() {
         guidance: 5.0,
         noise: io["t2v_noise"].clone(),
         lora: RequestLora::Base,
+        sampler: None,
+        inpaint_noise: None,
     };
     let err = p
         .generate(&req, &mut |_, _| true)

@@ -376,6 +376,8 @@ fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Req
             .seeded_noise(frames, height, width, 5)
             .map_err(Failure::from)?,
         lora: RequestLora::Resident,
+        sampler: None,
+        inpaint_noise: None,
     })
 }
 

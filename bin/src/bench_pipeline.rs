@@ -104,6 +104,8 @@ pub fn bench_pipeline(
         guidance: 6.0,
         noise: gaussian_noise(vec![1, lf, channels, lh, lw], 5),
         lora: v2l_runtime::pipeline::RequestLora::Resident,
+        sampler: None,
+        inpaint_noise: None,
     };
 
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();

@@ -284,6 +284,8 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
             guidance: 6.0,
             noise: engine.seeded_noise(frames, height, width, 1)?,
             lora: v2l_runtime::pipeline::RequestLora::Resident,
+            sampler: None,
+            inpaint_noise: None,
         };
         let mut v = Vec::new();
         for i in 0..repeat.max(2) {

@@ -8,6 +8,7 @@ mod batched_loras;
 mod cli;
 mod e2e;
 mod effects_model;
+mod fun_inpaint;
 mod hardening;
 mod request_errors;
 mod schemathesis;

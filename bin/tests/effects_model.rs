@@ -58,6 +58,8 @@ fn trained_model_matches_diffusers() {
         guidance: summary["guidance"].as_f64().unwrap() as f32,
         noise: io["initial_noise"].clone(),
         lora: RequestLora::Resident,
+        sampler: None,
+        inpaint_noise: None,
     };
     // Latents after every step, then the decoded frames, with the LoRA off and with each
     // reference clip's LoRA (predicted by the exported hypernetwork from the clip's frames).

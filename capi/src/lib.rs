@@ -1142,6 +1142,8 @@ pub unsafe extern "C" fn v2l_generator_generate(
             guidance,
             noise,
             lora: v2l_runtime::pipeline::RequestLora::Resident,
+            sampler: None,
+            inpaint_noise: None,
         };
 
         let mut pipeline = lock(&g)?;

@@ -247,6 +247,8 @@ pub fn generation_accuracy(
         guidance: 6.0,
         noise,
         lora: RequestLora::Base,
+        sampler: None,
+        inpaint_noise: None,
     };
     let opts = SessionOptions {
         keep_weight_casts: true,

@@ -112,6 +112,9 @@ pub enum FrameSchedule {
     /// `batch`. Frames past the last whole batch would be dropped by diffusers; they are
     /// refused here instead.
     FirstAlone,
+    /// VideoX-Fun's CogVideoX decode (`auto_split_process = False`): the first frame alone,
+    /// then batches of `batch`, the last one short when the rest does not divide.
+    FirstThenBatches,
 }
 
 impl FrameSchedule {
@@ -128,6 +131,17 @@ impl FrameSchedule {
                 }
                 let rest = (0..(frames - 1) / batch).map(|i| (1 + i * batch, 1 + (i + 1) * batch));
                 Ok(std::iter::once((0, 1)).chain(rest).collect())
+            }
+            FrameSchedule::FirstThenBatches => {
+                let batch = batch.max(1);
+                let rest = (1..frames)
+                    .step_by(batch)
+                    .map(|start| (start, (start + batch).min(frames)));
+                Ok((frames > 0)
+                    .then_some((0, 1))
+                    .into_iter()
+                    .chain(rest)
+                    .collect())
             }
         }
     }
@@ -171,6 +185,16 @@ mod tests {
         assert_eq!(s.batches(3, 1), Ok(vec![(0, 1), (1, 2), (2, 3)]));
         assert!(s.batches(8, 4).is_err());
         assert!(s.batches(0, 1).is_err());
+    }
+
+    #[test]
+    fn first_then_batches_matches_videox_fun_decode() {
+        // `_decode`: z[:, :, 0:1], then z[:, :, s:s+2] while s < n (Python clamps the end).
+        let s = FrameSchedule::FirstThenBatches;
+        assert_eq!(s.batches(5, 2), Ok(vec![(0, 1), (1, 3), (3, 5)]));
+        assert_eq!(s.batches(4, 2), Ok(vec![(0, 1), (1, 3), (3, 4)]));
+        assert_eq!(s.batches(1, 2), Ok(vec![(0, 1)]));
+        assert_eq!(s.batches(0, 2), Ok(vec![]));
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod manifest;
 pub mod noise;
 pub mod request;
 
-pub use family::Family;
+pub use family::{Family, PipelineKind, Sampler};
 pub use manifest::{Manifest, ManifestError};
 
 /// One `nn.Linear` of a model that a LoRA can target: the weight is `<name>.weight`, `[out, in]`.

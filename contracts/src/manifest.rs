@@ -34,6 +34,10 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
+    /// The pipeline the export deploys, written by `v2l-export pipeline` (older manifests and
+    /// single-part exports: derived by [`Manifest::pipeline_kind`] with the same rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<crate::PipelineKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dit: Option<DitEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +176,10 @@ pub struct VaeEntry {
     /// How a clip is cut into those batches (CogVideoX: remainder first; Wan: first frame alone).
     #[serde(default)]
     pub frame_schedule: FrameSchedule,
+    /// The decoder's own schedule where it differs from the encoder's (VideoX-Fun's CogVideoX
+    /// VAE: [`FrameSchedule::FirstThenBatches`]); `None`: `frame_schedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_schedule: Option<FrameSchedule>,
     /// Video frames per latent frame (`1 + (f - 1)·t` frames for `f` latents, Wan's rule).
     #[serde(default = "four")]
     pub temporal_compression: usize,
@@ -204,19 +212,24 @@ impl VaeEntry {
         &self,
         latent_frames: usize,
     ) -> std::result::Result<Vec<(usize, usize)>, String> {
-        self.frame_schedule
+        self.decoder_schedule()
             .batches(latent_frames, self.decoder_frame_batch)
+    }
+
+    /// How the decoder cuts latents into batches.
+    pub fn decoder_schedule(&self) -> FrameSchedule {
+        self.decoder_schedule.unwrap_or(self.frame_schedule)
     }
 
     /// Frames the decoder returns for `latent_frames` latents.
     pub fn decoded_frames(&self, latent_frames: usize) -> usize {
-        match self.frame_schedule {
+        match self.decoder_schedule() {
             FrameSchedule::RemainderFirst => crate::frame_batch::decoded_frames(
                 latent_frames,
                 self.decoder_frame_batch,
                 self.temporal_compression.max(1).ilog2() as usize,
             ),
-            FrameSchedule::FirstAlone => match latent_frames {
+            FrameSchedule::FirstAlone | FrameSchedule::FirstThenBatches => match latent_frames {
                 0 => 0,
                 n => 1 + (n - 1) * self.temporal_compression,
             },
@@ -243,9 +256,17 @@ pub struct DitEntry {
 }
 
 impl DitEntry {
-    /// The DiT's family; `None` for a class this v2l does not run (an export from a newer v2l).
-    pub fn family(&self) -> Option<crate::Family> {
-        crate::Family::of_dit_class(&self.class_name)
+    /// The DiT's family, or an error naming a class this v2l does not run (an export from a
+    /// newer v2l, or an edited manifest): never a guess.
+    pub fn family(&self) -> std::result::Result<crate::Family, String> {
+        crate::Family::of_dit_class(&self.class_name).ok_or_else(|| {
+            let known: Vec<&str> = crate::Family::ALL.iter().map(|f| f.dit_class()).collect();
+            format!(
+                "`dit.class_name` is `{}`, a transformer this v2l does not run (it runs {})",
+                self.class_name,
+                known.join(", ")
+            )
+        })
     }
 }
 
@@ -302,6 +323,28 @@ impl Manifest {
             });
         }
         Ok(m)
+    }
+
+    /// The pipeline this export deploys: the recorded kind, checked against the DiT's input
+    /// channels and the VAE's latent channels (the DiT's output channels when there is no
+    /// VAE), or, for a manifest that records none, the kind those channels imply.
+    pub fn pipeline_kind(&self) -> std::result::Result<crate::PipelineKind, String> {
+        let dit = self.dit.as_ref().ok_or_else(|| {
+            "holds no DiT; export it with `v2l-export dit` or `pipeline`".to_string()
+        })?;
+        let family = dit.family()?;
+        let latent = self
+            .vae
+            .as_ref()
+            .map_or(dit.out_channels, |v| v.latent_channels);
+        let derived = crate::PipelineKind::detect(family, dit.in_channels, latent)?;
+        match self.pipeline {
+            Some(k) if k != derived => Err(format!(
+                "`pipeline` is `{k}`, but the DiT's {} input channels next to {latent} latent channels make it `{derived}`",
+                dit.in_channels
+            )),
+            _ => Ok(derived),
+        }
     }
 
     /// Every path this manifest names, with the field naming it: graphs, side files, the

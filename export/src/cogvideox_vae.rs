@@ -143,6 +143,8 @@ pub struct VaeExport {
     pub encoder: Graph,
     pub decoder: Graph,
     pub config: VaeConfig,
+    /// The decode loop the decoder graph was built for.
+    pub decode: DecodeLoop,
     /// Encoder caches in graph-input order (spatial scale relative to `video`).
     pub encoder_caches: Vec<CacheSpec>,
     /// Decoder caches in graph-input order (spatial scale relative to `latents`).
@@ -151,17 +153,36 @@ pub struct VaeExport {
     pub unused_keys: Vec<String>,
 }
 
+/// Which decode loop the decoder graph serves: the temporal upsamplers' frame rule differs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeLoop {
+    /// diffusers' `_decode`: batches of 2 latent frames, the first also taking the remainder;
+    /// an odd batch keeps its first frame single in every upsampler.
+    #[default]
+    Diffusers,
+    /// VideoX-Fun's `_decode` (`auto_split_process = False`): latent frame 0 alone
+    /// (`_set_first_frame`: upsampled in space only), then batches of 2 whose every frame is
+    /// doubled in time (`_set_rest_frame`), a short last batch included.
+    Fun,
+}
+
 /// Builds the encoder and decoder graphs from a diffusers `vae` directory.
 pub fn export(ckpt: &Checkpoint) -> Result<VaeExport> {
+    export_for(ckpt, DecodeLoop::Diffusers)
+}
+
+/// [`export`] with the decoder built for `decode`'s loop.
+pub fn export_for(ckpt: &Checkpoint, decode: DecodeLoop) -> Result<VaeExport> {
     let cfg: VaeConfig = ckpt.config(CLASS_NAME)?;
     check_supported(ckpt, &cfg)?;
     let (encoder, encoder_caches) = encoder(ckpt, &cfg)?;
-    let (decoder, decoder_caches) = decoder(ckpt, &cfg)?;
+    let (decoder, decoder_caches) = decoder(ckpt, &cfg, decode)?;
     let unused_keys = ckpt.unused_keys();
     Ok(VaeExport {
         encoder,
         decoder,
         config: cfg,
+        decode,
         encoder_caches,
         decoder_caches,
         unused_keys,
@@ -649,12 +670,25 @@ fn downsample(
 /// except that frame 0 of an odd count stays single (T → 2T-1, T=1 → 1); then a 3×3 Conv2d
 /// (padding 1) per frame. Doubling everything and dropping the first frame when T is odd
 /// gives exactly diffusers' split into first frame and rest.
-fn upsample(g: &mut Graph, vb: &Scope, x: &Value, c: usize, compress_time: bool) -> Result<Value> {
+/// `single_first` is how many leading frames of the doubled clip to drop (1 keeps frame 0
+/// single): `T mod 2` for diffusers' loop; for VideoX-Fun's, 1 in the first batch (latent frame
+/// 0 alone) and 0 after.
+fn upsample(
+    g: &mut Graph,
+    vb: &Scope,
+    x: &Value,
+    c: usize,
+    compress_time: bool,
+    fun_first: Option<&Value>,
+) -> Result<Value> {
     let w = vb.pp("conv").weight(g, "weight", &[c, c, 3, 3])?;
     let b = vb.pp("conv").weight(g, "bias", &[c])?;
     Ok(g.scoped(vb.prefix(), |g| {
         let x = if compress_time {
-            let odd = frames_odd(g, x);
+            let odd = match fun_first {
+                Some(first) => g.cast(first, DType::I64),
+                None => frames_odd(g, x),
+            };
             let y = repeat(g, x, 2, 2);
             let end = g.const_i64(&[i64::MAX]);
             g.slice_dyn(&y, 2, &odd, &end)
@@ -809,7 +843,11 @@ fn encoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
 // ---- decoder --------------------------------------------------------------------------------
 
 /// `CogVideoXDecoder3D` on one latent batch (the latents also condition every SpatialNorm3D).
-fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)> {
+fn decoder(
+    ckpt: &Checkpoint,
+    cfg: &VaeConfig,
+    decode: DecodeLoop,
+) -> Result<(Graph, Vec<CacheSpec>)> {
     let mut g = Graph::new("cogvideox_vae_decoder");
     let vb = Scope::new(ckpt).pp("decoder");
     let l = cfg.latent_channels;
@@ -874,7 +912,15 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
         }
         if i + 1 != n {
             let compress_time = i < level;
-            x = upsample(&mut g, &blk.pp("upsamplers").pp(0), &x, cout, compress_time)?;
+            let fun_first = (decode == DecodeLoop::Fun).then(|| cx.first.clone());
+            x = upsample(
+                &mut g,
+                &blk.pp("upsamplers").pp(0),
+                &x,
+                cout,
+                compress_time,
+                fun_first.as_ref(),
+            )?;
             scale = scale.doubled();
             rs *= 2;
             if compress_time {
@@ -903,6 +949,9 @@ fn decoder(ckpt: &Checkpoint, cfg: &VaeConfig) -> Result<(Graph, Vec<CacheSpec>)
     );
     cx.declare_outputs(&mut g);
     record_metadata(&mut g, cfg, "decoder", &cx.caches);
+    if decode == DecodeLoop::Fun {
+        g.metadata("v2l.vae.decode_loop", "videox-fun");
+    }
     g.metadata(
         "num_latent_frames_batch_size",
         &LATENT_FRAMES_BATCH_SIZE.to_string(),
@@ -961,6 +1010,12 @@ impl VaeExport {
             encoder_caches: self.encoder_caches.clone(),
             decoder_caches: self.decoder_caches.clone(),
             frame_schedule: v2l_contracts::frame_batch::FrameSchedule::RemainderFirst,
+            decoder_schedule: match self.decode {
+                DecodeLoop::Diffusers => None,
+                DecodeLoop::Fun => {
+                    Some(v2l_contracts::frame_batch::FrameSchedule::FirstThenBatches)
+                }
+            },
             temporal_compression: 1 << self.config.temporal_compress_level(),
             latents_mean: Vec::new(),
             latents_std: Vec::new(),

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use v2l_contracts::{Family, LinearInfo, Manifest};
+use v2l_contracts::{Family, LinearInfo, Manifest, PipelineKind};
 use v2l_graphs::{DType, ExternalData};
 
 use crate::error::{ExportError, Result};
@@ -110,8 +110,13 @@ pub fn dit(checkpoint: &Path, out: &Output, weight_dtype: DType) -> Result<()> {
 }
 
 pub fn vae(checkpoint: &Path, out: &Output) -> Result<()> {
+    vae_for(checkpoint, None, out)
+}
+
+/// [`vae`] for the pipeline `kind` that decodes with it (VideoX-Fun's has its own decode loop).
+fn vae_for(checkpoint: &Path, kind: Option<PipelineKind>, out: &Output) -> Result<()> {
     let ck = Checkpoint::open_dir(checkpoint)?;
-    let ex = crate::vae::export(&ck)?;
+    let ex = crate::vae::export_for(&ck, kind)?;
     warn_unused(out, &ex.unused_keys);
     let mut manifest = prepare_dir(&out.output)?;
     let (enc, dec) = ("vae_encoder.onnx", "vae_decoder.onnx");
@@ -427,9 +432,9 @@ pub fn pipeline(
     // The sampler's config is checked now, not at the first generation: Wan pipelines ship
     // flow samplers, CogVideoX DDIM.
     let transformer = Checkpoint::open_dir(&model.join("transformer"))?;
-    let family = Family::of_dit_config(transformer.raw_config()?).unwrap_or(Family::CogVideoX);
+    let kind = pipeline_kind(model, transformer.raw_config()?)?;
     out.checks
-        .scheduler(family, &sched)
+        .scheduler(kind.family(), &sched)
         .map_err(ExportError::Part)?;
     drop(transformer);
     // Every part is written to a staging directory beside the output and moved in only when
@@ -461,7 +466,7 @@ pub fn pipeline(
         m.write(&stage.output)?;
     }
     dit(&model.join("transformer"), &stage, weight_dtype)?;
-    vae(&model.join("vae"), &stage)?;
+    vae_for(&model.join("vae"), Some(kind), &stage)?;
     // The prompt encoder, when the pipeline directory has one.
     if model.join("text_encoder").join("config.json").is_file() {
         let tok = model.join("tokenizer");
@@ -484,10 +489,41 @@ pub fn pipeline(
         .map_err(|e| ExportError::Part(format!("{}: {e}", stage.output.join(name).display())))?;
     let mut manifest = Manifest::read_or_default(&stage.output)?;
     manifest.scheduler = Some(name.into());
+    manifest.pipeline = Some(kind);
     manifest.write(&stage.output)?;
     publish(staging, out.output)?;
     (out.say)(&format!("wrote {}", out.output.join(name).display()));
     Ok(())
+}
+
+/// The pipeline a model directory deploys, from its transformer's class and input channels
+/// and its VAE's latent channels (the rule of VideoX-Fun's `predict_i2v.py`): an unknown class
+/// or channel count is an error naming it.
+fn pipeline_kind(model: &Path, transformer: &serde_json::Value) -> Result<PipelineKind> {
+    let config = model.join("transformer").join("config.json");
+    let unsupported = |what: String| ExportError::Unsupported {
+        path: config.clone(),
+        what,
+    };
+    let class = transformer
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let family = Family::of_dit_class(class)
+        .ok_or_else(|| unsupported(format!("transformer class `{class}`")))?;
+    let int =
+        |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_u64()).map(|x| x as usize);
+    // Both families' transformers and VAEs default to 16 channels in diffusers.
+    let in_channels = int(transformer, "in_channels").unwrap_or(16);
+    let vae_config = model.join("vae").join("config.json");
+    let vae = std::fs::read_to_string(&vae_config)
+        .map_err(|e| ExportError::Part(format!("{}: {e}", vae_config.display())))?;
+    let vae: serde_json::Value = serde_json::from_str(&vae)
+        .map_err(|e| ExportError::Part(format!("{}: {e}", vae_config.display())))?;
+    let latent = int(&vae, "latent_channels")
+        .or_else(|| int(&vae, "z_dim"))
+        .unwrap_or(16);
+    PipelineKind::detect(family, in_channels, latent).map_err(unsupported)
 }
 
 /// Staging directories are `.v2l-export-<pid>-<random>`: the pid says whose they are.

@@ -40,6 +40,15 @@ impl ExportedVae {
 
 /// Exports `AutoencoderKLCogVideoX` or `AutoencoderKLWan`.
 pub fn export(ckpt: &Checkpoint) -> Result<ExportedVae> {
+    export_for(ckpt, None)
+}
+
+/// [`export`] for the pipeline that decodes with it: VideoX-Fun's inpaint pipeline runs the
+/// CogVideoX VAE with its own decode loop ([`cogvideox_vae::DecodeLoop::Fun`]).
+pub fn export_for(
+    ckpt: &Checkpoint,
+    kind: Option<v2l_contracts::PipelineKind>,
+) -> Result<ExportedVae> {
     let raw = ckpt.raw_config()?.clone();
     let class = raw
         .get("_class_name")
@@ -48,7 +57,13 @@ pub fn export(ckpt: &Checkpoint) -> Result<ExportedVae> {
         .to_string();
     match class.as_str() {
         cogvideox_vae::CLASS_NAME => {
-            let ex = cogvideox_vae::export(ckpt)?;
+            let decode = match kind {
+                Some(v2l_contracts::PipelineKind::CogvideoxFunInpaint) => {
+                    cogvideox_vae::DecodeLoop::Fun
+                }
+                _ => cogvideox_vae::DecodeLoop::Diffusers,
+            };
+            let ex = cogvideox_vae::export_for(ckpt, decode)?;
             let entry = ex.manifest_entry("", "", raw);
             Ok(ExportedVae {
                 encoder: ex.encoder,

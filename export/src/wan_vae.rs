@@ -173,6 +173,7 @@ impl WanVaeExport {
             encoder_caches: self.encoder_caches.clone(),
             decoder_caches: self.decoder_caches.clone(),
             frame_schedule: FrameSchedule::FirstAlone,
+            decoder_schedule: None,
             temporal_compression: self.config.temporal_compression(),
             latents_mean: self.config.latents_mean.clone(),
             latents_std: self.config.latents_std.clone(),

@@ -159,8 +159,9 @@ impl Engine {
         };
         let (lf, lh, lw) = ((frames - 1) / 4 + 1, height / 8, width / 8);
         let hidden = match d.family() {
-            Some(v2l_contracts::Family::Wan) => vec![d.in_channels, lf, lh, lw],
-            _ => vec![lf, d.in_channels, lh, lw],
+            Ok(Family::Wan) => vec![d.in_channels, lf, lh, lw],
+            Ok(Family::CogVideoX) => vec![lf, d.in_channels, lh, lw],
+            Err(_) => return Vec::new(),
         };
         let text = self.text_sequence_length().unwrap_or(226);
         let mut p = vec![
@@ -299,10 +300,20 @@ impl Engine {
     /// Whether the engine makes video from text alone (Wan T2V: the DiT takes only the noisy
     /// latents), so a request has no first frame.
     pub fn text_to_video(&self) -> bool {
-        match self.manifest.dit.as_ref() {
-            Some(d) if d.family() == Some(Family::Wan) => d.in_channels == d.out_channels,
-            _ => false,
-        }
+        self.pipeline_kind()
+            .is_ok_and(|k| k == v2l_contracts::PipelineKind::WanT2v)
+    }
+
+    /// The pipeline this engine deploys ([`v2l_contracts::PipelineKind`]): recorded by the
+    /// export, checked against the DiT's and the VAE's channels; an unknown DiT class or a
+    /// channel count no pipeline has is an error naming it.
+    pub fn pipeline_kind(&self) -> Result<v2l_contracts::PipelineKind> {
+        self.manifest
+            .pipeline_kind()
+            .map_err(|message| RuntimeError::BadFile {
+                path: self.dir.join(v2l_contracts::manifest::FILE_NAME),
+                message,
+            })
     }
 
     /// The prompt length the DiT was trained with (`max_text_seq_length`, 226 for CogVideoX;
@@ -310,7 +321,7 @@ impl Engine {
     pub fn text_sequence_length(&self) -> Option<usize> {
         self.config_usize("max_text_seq_length", true)
             // The Wan pipelines' `max_sequence_length` default (its DiT config has none).
-            .or_else(|| (self.family() == Some(Family::Wan)).then_some(WAN_TEXT_TOKENS))
+            .or_else(|| (self.family().ok() == Some(Family::Wan)).then_some(WAN_TEXT_TOKENS))
     }
 
     /// The initial latent noise ([`Engine::noise_shape`]) of a `frames × height × width`
@@ -338,21 +349,32 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| self.missing("DiT", "dit"))?;
         let lf = (frames.max(1) - 1) / 4 + 1;
-        Ok(match dit.family() {
-            Some(Family::Wan) => vec![1, dit.out_channels, lf, height / 8, width / 8],
-            _ => vec![1, lf, dit.in_channels / 2, height / 8, width / 8],
+        // The DiT predicts the noisy latents: its output channels are the latent channels.
+        let c = dit.out_channels;
+        Ok(match self.family()? {
+            Family::Wan => vec![1, c, lf, height / 8, width / 8],
+            Family::CogVideoX => vec![1, lf, c, height / 8, width / 8],
         })
     }
 
-    /// The family of the engine's DiT (`None`: no DiT, or a class this v2l does not run).
-    pub fn family(&self) -> Option<Family> {
-        self.manifest.dit.as_ref().and_then(|d| d.family())
+    /// The family of the engine's DiT: an error when there is no DiT or its class is one this
+    /// v2l does not run.
+    pub fn family(&self) -> Result<Family> {
+        let dit = self
+            .manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))?;
+        dit.family().map_err(|message| RuntimeError::BadFile {
+            path: self.dir.join(v2l_contracts::manifest::FILE_NAME),
+            message,
+        })
     }
 
     /// A Wan DiT's config, parsed once with diffusers' defaults (`None`: not a Wan engine).
     pub fn wan_config(&self) -> Result<Option<WanDitConfig>> {
         match self.manifest.dit.as_ref() {
-            Some(d) if d.family() == Some(Family::Wan) => WanDitConfig::from_config(&d.config)
+            Some(d) if d.family() == Ok(Family::Wan) => WanDitConfig::from_config(&d.config)
                 .map(Some)
                 .map_err(|e| RuntimeError::BadFile {
                     path: self.dir.join(v2l_contracts::manifest::FILE_NAME),

@@ -50,21 +50,22 @@ pub fn swap_leading(
     Ok(out.into_raw_vec_and_offset().0)
 }
 
-/// The DiT's `hidden_states` for classifier-free guidance: `[latents | image latents]` on the
-/// channel axis, `[F, 2C, P]`, `batch` times (2: the negative and the positive branch):
-/// `[batch, F, 2C, P]`.
+/// The DiT's `hidden_states` for classifier-free guidance: `[latents C | conditioning C']` on
+/// the channel axis, `[F, C + C', P]`, `batch` times (2: the negative and the positive
+/// branch): `[batch, F, C + C', P]`. C' is C for diffusers' I2V (the first frame's latents),
+/// C + 1 for VideoX-Fun's inpaint models (mask and masked-video latents).
 pub fn guidance_batch(
     latents: &[f32],
     image_latents: &[f32],
     frames: usize,
-    channels: usize,
+    [channels, cond_channels]: [usize; 2],
     plane: usize,
     batch: usize,
 ) -> Result<Vec<f32>> {
-    let shape = (frames, channels, plane);
-    let noisy = ArrayView3::from_shape(shape, latents).map_err(|e| shape_err("latents", e))?;
-    let image =
-        ArrayView3::from_shape(shape, image_latents).map_err(|e| shape_err("image latents", e))?;
+    let noisy = ArrayView3::from_shape((frames, channels, plane), latents)
+        .map_err(|e| shape_err("latents", e))?;
+    let image = ArrayView3::from_shape((frames, cond_channels, plane), image_latents)
+        .map_err(|e| shape_err("image latents", e))?;
     let one = concatenate(Axis(1), &[noisy, image]).map_err(|e| shape_err("latents", e))?;
     let one: Vec<f32> = one.as_standard_layout().iter().copied().collect();
     Ok(one.repeat(batch))
@@ -92,10 +93,10 @@ mod tests {
         let s = swap_leading(&[0., 1., 2., 3., 4., 5.], 2, 3, 1, |x| x).unwrap();
         assert_eq!(s, [0., 3., 1., 4., 2., 5.]);
         // Guidance batch: per frame [noisy C | image C], the whole thing twice.
-        let g = guidance_batch(&[1., 2.], &[10., 20.], 2, 1, 1, 2).unwrap();
+        let g = guidance_batch(&[1., 2.], &[10., 20.], 2, [1, 1], 1, 2).unwrap();
         assert_eq!(g, [1., 10., 2., 20., 1., 10., 2., 20.]);
-        let g = guidance_batch(&[1., 2.], &[10., 20.], 2, 1, 1, 1).unwrap();
+        let g = guidance_batch(&[1., 2.], &[10., 20.], 2, [1, 1], 1, 1).unwrap();
         assert_eq!(g, [1., 10., 2., 20.]);
-        assert!(guidance_batch(&[1.], &[1., 2.], 2, 1, 1, 2).is_err());
+        assert!(guidance_batch(&[1.], &[1., 2.], 2, [1, 1], 1, 2).is_err());
     }
 }

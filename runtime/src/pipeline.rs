@@ -28,9 +28,11 @@ use crate::stages::Timings;
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
+pub use v2l_contracts::{PipelineKind, Sampler};
 
 mod cogvideox;
 mod denoise;
+mod fun_inpaint;
 mod wan;
 
 /// One generation request.
@@ -53,6 +55,23 @@ pub struct Request {
     pub noise: Tensor,
     /// Which LoRA the DiT runs with for this request.
     pub lora: RequestLora,
+    /// The CogVideoX sampler (`None`: the pipeline kind's default, [`Sampler::default_for`]).
+    /// Wan engines take none.
+    pub sampler: Option<Sampler>,
+    /// CogVideoX-Fun-InP: the augmentation noise of the conditioning clip. Front ends pass
+    /// [`InpaintNoise::Seeded`] with the request's seed; other kinds ignore it.
+    pub inpaint_noise: Option<InpaintNoise>,
+}
+
+/// The noise VideoX-Fun adds to an inpaint model's conditioning clip
+/// (`add_noise_to_reference_video`, `noise_aug_strength` 0.0563).
+#[derive(Clone, Debug)]
+pub enum InpaintNoise {
+    /// ε drawn from v2l's generator with this seed, scaled and zeroed where the pixel is -1.
+    Seeded(u64),
+    /// The noise itself `[1, 3, F, H, W]`, already scaled and zero where the pixel is -1, added
+    /// as given (parity with an upstream run: `--noise FILE`'s `inpaint_noise`).
+    Given(Tensor),
 }
 
 /// The LoRA a request runs with. Whatever it is, it holds for that request only: afterwards the
@@ -88,6 +107,8 @@ pub struct Generation {
 /// A loaded pipeline: VAE, DiT (rebuilt with fused weights when a LoRA is applied), scheduler.
 pub struct Pipeline {
     dir: Engine,
+    /// What the engine deploys (checked at load).
+    kind: PipelineKind,
     vae: Vae,
     dit: DitRunner,
     family: Box<dyn FamilySteps>,
@@ -119,6 +140,7 @@ impl Pipeline {
             what: dir.dir.display().to_string(),
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
+        let kind = dir.pipeline_kind()?;
         let family: Box<dyn FamilySteps> = match dir.wan_config()? {
             Some(config) => {
                 let encoder = match config.image_dim {
@@ -133,6 +155,12 @@ impl Pipeline {
             }
             None => Box::new(cogvideox::CogVideoX {
                 scheduler: SchedulerConfig::from_file(&dir.dir.join(sched))?,
+                kind,
+                add_noise: dit_entry(&dir)?
+                    .config
+                    .get("add_noise_in_inpaint_model")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
             }),
         };
         let vae = Vae::load(&dir, opts)?;
@@ -143,6 +171,7 @@ impl Pipeline {
         };
         Ok(Pipeline {
             dir,
+            kind,
             vae,
             dit,
             family,
@@ -236,7 +265,8 @@ impl Pipeline {
         let t_all = Instant::now();
         let shape = self.check_request(req)?;
         let mut timings = Timings::with_memory(self.stage_memory);
-        let (prediction, switched) = self.apply_request_lora(&req.lora, &mut timings)?;
+        let size = (shape.height * VAE_SPATIAL, shape.width * VAE_SPATIAL);
+        let (prediction, switched) = self.apply_request_lora(&req.lora, size, &mut timings)?;
         Ok(Begun {
             t_all,
             shape,
@@ -254,7 +284,7 @@ impl Pipeline {
             message,
         };
         let wan = self.family.channels_first();
-        let t2v = wan && dit.in_channels == dit.out_channels;
+        let t2v = !self.kind.takes_image();
         let (h, w) = match (&req.image, t2v) {
             (Some(_), true) => {
                 return Err(invalid(
@@ -300,11 +330,8 @@ impl Pipeline {
         }
         let shape = LatentShape {
             frames: (req.frames - 1) / VAE_TEMPORAL + 1,
-            channels: if wan {
-                dit.out_channels
-            } else {
-                dit.in_channels / 2
-            },
+            // The DiT predicts the noisy latents: its output channels are theirs.
+            channels: dit.out_channels,
             height: h / VAE_SPATIAL,
             width: w / VAE_SPATIAL,
             channels_first: wan,
@@ -376,6 +403,7 @@ impl Pipeline {
     fn apply_request_lora(
         &mut self,
         choice: &RequestLora,
+        size: (usize, usize),
         timings: &mut Timings,
     ) -> Result<(Option<crate::predict::Prediction>, bool)> {
         match choice {
@@ -383,7 +411,7 @@ impl Pipeline {
             RequestLora::Base if self.applied.is_none() => return Ok((None, false)),
             _ => {}
         }
-        let (prediction, lora) = self.request_lora(choice, timings)?;
+        let (prediction, lora) = self.request_lora(choice, size, timings)?;
         let t = Instant::now();
         self.dit.set_lora(&self.dir, lora.as_ref())?;
         timings.insert("lora_fuse".into(), ms(t));
@@ -391,10 +419,12 @@ impl Pipeline {
     }
 
     /// The LoRA a request runs with (`None`: the base weights), predicted first for a
-    /// reference clip, merged first for several files.
+    /// reference clip, merged first for several files. `size` is the generation's
+    /// `(height, width)`: VideoX-Fun's pipeline resizes the reference clip to it (PIL bicubic).
     fn request_lora(
         &mut self,
         choice: &RequestLora,
+        (height, width): (usize, usize),
         timings: &mut Timings,
     ) -> Result<(Option<crate::predict::Prediction>, Option<AppliedLora>)> {
         Ok(match choice {
@@ -406,6 +436,14 @@ impl Pipeline {
                     .predictor
                     .as_mut()
                     .ok_or_else(|| no_hypernet(&self.dir))?;
+                let resized;
+                let clip = match self.kind {
+                    PipelineKind::CogvideoxFunInpaint => {
+                        resized = clip.resized_like_pil(height, width)?;
+                        &resized
+                    }
+                    _ => clip,
+                };
                 let p = predictor.predict_timed(vae, clip, *weight, timings)?;
                 let applied = AppliedLora {
                     lora: p.lora.clone().into(),
@@ -479,8 +517,9 @@ impl Pipeline {
             .collect();
         let mut predictions = Vec::with_capacity(requests.len());
         let mut loras = Vec::with_capacity(requests.len());
-        for (r, t) in requests.iter().zip(&mut timings) {
-            let (p, l) = self.request_lora(&r.lora, t)?;
+        for ((r, t), shape) in requests.iter().zip(&mut timings).zip(&shapes) {
+            let size = (shape.height * VAE_SPATIAL, shape.width * VAE_SPATIAL);
+            let (p, l) = self.request_lora(&r.lora, size, t)?;
             predictions.push(p);
             loras.push(l);
         }

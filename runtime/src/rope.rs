@@ -31,6 +31,69 @@ pub fn cogvideox_rope(
     sample_height: usize,
     sample_width: usize,
 ) -> crate::Result<(Vec<f32>, Vec<f32>)> {
+    let grid = [latent_frames, latent_height, latent_width];
+    rope_with(
+        head_dim,
+        grid,
+        patch_size,
+        [sample_height, sample_width],
+        Grid::Torch,
+    )
+}
+
+/// [`cogvideox_rope`] as VideoX-Fun's `CogVideoXFunInpaintPipeline` builds it: its own copy of
+/// `get_3d_rotary_pos_embed` makes the position grids with
+/// `numpy.linspace(start, stop, n, endpoint=False, dtype=float32)` (float64 `i·(stop −
+/// start)/n + start`, rounded once) instead of torch's float32 `linspace`. Where the crop
+/// region is not a whole number of patches the last bits differ.
+pub fn cogvideox_fun_rope(
+    head_dim: usize,
+    latent_frames: usize,
+    latent_height: usize,
+    latent_width: usize,
+    patch_size: usize,
+    sample_height: usize,
+    sample_width: usize,
+) -> crate::Result<(Vec<f32>, Vec<f32>)> {
+    let grid = [latent_frames, latent_height, latent_width];
+    rope_with(
+        head_dim,
+        grid,
+        patch_size,
+        [sample_height, sample_width],
+        Grid::Numpy,
+    )
+}
+
+/// How the position grids are filled: diffusers' torch grids or VideoX-Fun's numpy ones.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Grid {
+    Torch,
+    Numpy,
+}
+
+/// `numpy.linspace(start, stop, num, endpoint=False, dtype=float32)` for integer bounds.
+fn np_linspace_open_f32(start: i64, stop: i64, num: usize) -> Vec<f32> {
+    let step = (stop - start) as f64 / num.max(1) as f64;
+    (0..num)
+        .map(|i| {
+            let y = if step == 0.0 {
+                i as f64 / num as f64 * (stop - start) as f64
+            } else {
+                i as f64 * step
+            };
+            (y + start as f64) as f32
+        })
+        .collect()
+}
+
+fn rope_with(
+    head_dim: usize,
+    [latent_frames, latent_height, latent_width]: [usize; 3],
+    patch_size: usize,
+    [sample_height, sample_width]: [usize; 2],
+    kind: Grid,
+) -> crate::Result<(Vec<f32>, Vec<f32>)> {
     // diffusers splits the head into time (1/4), height and width (3/8 each): a multiple of 8.
     if patch_size == 0 || head_dim == 0 || head_dim % 8 != 0 {
         return Err(crate::RuntimeError::Invalid {
@@ -49,18 +112,27 @@ pub fn cogvideox_rope(
         resize_crop_region_for_grid(grid_h, grid_w, base_w, base_h);
 
     // get_3d_rotary_pos_embed, grid_type = "linspace"
-    let pos_h = linspace_f32(
-        top as f32,
-        py_true_div(bottom * (grid_h as i64 - 1), grid_h as i64) as f32,
-        grid_h,
-    );
-    let pos_w = linspace_f32(
-        left as f32,
-        py_true_div(right * (grid_w as i64 - 1), grid_w as i64) as f32,
-        grid_w,
-    );
     let t = latent_frames as i64;
-    let pos_t = linspace_f32(0.0, py_true_div(t * (t - 1), t) as f32, latent_frames);
+    let (pos_h, pos_w, pos_t) = match kind {
+        Grid::Torch => (
+            linspace_f32(
+                top as f32,
+                py_true_div(bottom * (grid_h as i64 - 1), grid_h as i64) as f32,
+                grid_h,
+            ),
+            linspace_f32(
+                left as f32,
+                py_true_div(right * (grid_w as i64 - 1), grid_w as i64) as f32,
+                grid_w,
+            ),
+            linspace_f32(0.0, py_true_div(t * (t - 1), t) as f32, latent_frames),
+        ),
+        Grid::Numpy => (
+            np_linspace_open_f32(top, bottom, grid_h),
+            np_linspace_open_f32(left, right, grid_w),
+            np_linspace_open_f32(0, t, latent_frames),
+        ),
+    };
 
     let dim_t = head_dim / 4;
     let dim_h = head_dim / 8 * 3;
@@ -223,6 +295,29 @@ fn rotary_1d(dim: usize, pos: &[f32], theta: f32) -> (Vec<f32>, Vec<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numpy_grid_is_float64_then_rounded_once() {
+        // numpy: step = (stop - start) / n in float64, y = i·step + start, then float32.
+        let g = np_linspace_open_f32(0, 5, 3);
+        assert_eq!(
+            g,
+            vec![0.0, (5.0f64 / 3.0) as f32, (2.0 * (5.0f64 / 3.0)) as f32]
+        );
+        assert_eq!(np_linspace_open_f32(1, 4, 3), vec![1.0, 2.0, 3.0]);
+        assert_eq!(np_linspace_open_f32(0, 5, 5), vec![0.0, 1.0, 2.0, 3.0, 4.0]);
+        // A whole crop region gives the same tables either way; a fractional one may not.
+        let whole = (
+            cogvideox_rope(16, 5, 8, 12, 2, 8, 12).unwrap(),
+            cogvideox_fun_rope(16, 5, 8, 12, 2, 8, 12).unwrap(),
+        );
+        assert!(whole.0 == whole.1);
+        let (torch, numpy) = (
+            cogvideox_rope(16, 3, 10, 12, 2, 8, 12).unwrap(),
+            cogvideox_fun_rope(16, 3, 10, 12, 2, 8, 12).unwrap(),
+        );
+        assert_eq!(torch.0.len(), numpy.0.len());
+    }
 
     #[test]
     fn crop_region_matches_diffusers() {

@@ -1,5 +1,8 @@
 //! `CogVideoXDDIMScheduler` (diffusers 0.42.1) for inference: the noise schedule, the inference
 //! timesteps and the deterministic (eta = 0) DDIM update, with the same arithmetic as diffusers.
+//! The same type also runs diffusers' plain `DDIMScheduler` on that config ([`Sampler::Ddim`],
+//! VideoX-Fun's `DDIM_Origin`): a float32 schedule, the zero-SNR rescale on the betas, no SNR
+//! shift, and the textbook update through `pred_original_sample` and `pred_epsilon`.
 //!
 //! Precision follows what diffusers' torch code does:
 //! - `scaled_linear` betas come from a float64 `torch.linspace` (squared), so `alphas_cumprod` and
@@ -22,6 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Result, RuntimeError};
+pub use v2l_contracts::Sampler;
 
 /// `scheduler_config.json` of a diffusers `CogVideoXDDIMScheduler` (missing fields take diffusers'
 /// defaults; fields this inference path does not use are ignored).
@@ -222,10 +226,34 @@ pub struct DdimScheduler {
     prediction: Prediction,
     spacing: Spacing,
     steps_offset: i64,
+    /// Which diffusers class this reproduces.
+    sampler: Sampler,
 }
 
 impl DdimScheduler {
+    /// `CogVideoXDDIMScheduler` on `cfg`.
     pub fn new(cfg: &SchedulerConfig) -> Result<Self> {
+        Self::with_sampler(cfg, Sampler::CogvideoxDdim)
+    }
+
+    /// The diffusers class `sampler` names, built from `cfg` as `from_pretrained` does.
+    pub fn with_sampler(cfg: &SchedulerConfig, sampler: Sampler) -> Result<Self> {
+        let mut s = Self::cogvideox(cfg)?;
+        if sampler == Sampler::Ddim {
+            let ac = plain_alphas_cumprod(cfg);
+            s.final_alpha_cumprod = if cfg.set_alpha_to_one {
+                1.0
+            } else {
+                ac.first().copied().map_or(1.0, f64::from)
+            };
+            s.alphas_cumprod = ac.into_iter().map(f64::from).collect();
+            s.f32_schedule = true;
+            s.sampler = sampler;
+        }
+        Ok(s)
+    }
+
+    fn cogvideox(cfg: &SchedulerConfig) -> Result<Self> {
         let parsed = cfg.check().map_err(|message| RuntimeError::Invalid {
             what: "scheduler config".into(),
             message,
@@ -300,7 +328,13 @@ impl DdimScheduler {
             prediction: parsed.prediction,
             spacing: parsed.spacing,
             steps_offset: cfg.steps_offset,
+            sampler: Sampler::CogvideoxDdim,
         })
+    }
+
+    /// Which diffusers class this scheduler reproduces.
+    pub fn sampler(&self) -> Sampler {
+        self.sampler
     }
 
     /// Reads `scheduler_config.json` and builds the scheduler.
@@ -414,6 +448,9 @@ impl DdimScheduler {
                 ),
             });
         }
+        if self.sampler == Sampler::Ddim {
+            return self.step_plain(model_output, t, sample);
+        }
         let [sqrt_a, sqrt_b, a_t, b_t] = self.coefficients(t)?;
         let prediction = self.prediction;
         Ok(model_output
@@ -430,6 +467,102 @@ impl DdimScheduler {
             })
             .collect())
     }
+}
+
+impl DdimScheduler {
+    /// `DDIMScheduler.step` with eta = 0, every 0-dim coefficient a float32 tensor:
+    /// `prev = √ᾱ_prev · x̂₀ + √(1 − ᾱ_prev) · ε̂`.
+    fn step_plain(&self, model_output: &[f32], t: i64, sample: &[f32]) -> Result<Vec<f32>> {
+        let bad = |message: String| RuntimeError::Invalid {
+            what: "DDIM step".into(),
+            message,
+        };
+        let steps = self
+            .num_inference_steps
+            .ok_or_else(|| bad("set_timesteps was not called".into()))?;
+        let n = self.num_train_timesteps as i64;
+        let alpha = |i: i64| -> Result<f32> {
+            let k = if i < 0 { i + n } else { i };
+            usize::try_from(k)
+                .ok()
+                .and_then(|k| self.alphas_cumprod.get(k).copied())
+                .map(|a| a as f32)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "timestep {i} is out of range for {n} training timesteps"
+                    ))
+                })
+        };
+        let prev_t = t - (self.num_train_timesteps / steps) as i64;
+        let a = alpha(t)?;
+        let ap = if prev_t >= 0 {
+            alpha(prev_t)?
+        } else {
+            self.final_alpha_cumprod as f32
+        };
+        let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
+        // std_dev_t = eta · √variance = 0, so the direction's coefficient is √(1 − ᾱ_prev − 0).
+        let (sap, dir) = (ap.sqrt(), (1.0 - ap - 0.0).sqrt());
+        let prediction = self.prediction;
+        Ok(model_output
+            .iter()
+            .zip(sample)
+            .map(|(&m, &x)| {
+                let (x0, eps) = match prediction {
+                    Prediction::Epsilon => ((x - sb * m) / sa, m),
+                    Prediction::VPrediction => (sa * x - sb * m, sa * m + sb * x),
+                    Prediction::Sample => (m, (x - sa * m) / sb),
+                };
+                sap * x0 + dir * eps
+            })
+            .collect())
+    }
+}
+
+/// `DDIMScheduler.__init__`'s `alphas_cumprod` (float32): betas from a float32 `linspace`
+/// (squared for `scaled_linear`), the zero-SNR rescale applied to the betas, then the
+/// cumulative product of `1 − β` (accumulated in float64, each element rounded, as torch's CPU
+/// `cumprod` does). `snr_shift_scale` is not a `DDIMScheduler` field: it is ignored.
+fn plain_alphas_cumprod(cfg: &SchedulerConfig) -> Vec<f32> {
+    let n = cfg.num_train_timesteps;
+    let mut betas: Vec<f32> = if cfg.beta_schedule == "linear" {
+        linspace_f32(cfg.beta_start as f32, cfg.beta_end as f32, n)
+    } else {
+        linspace_f32(
+            cfg.beta_start.powf(0.5) as f32,
+            cfg.beta_end.powf(0.5) as f32,
+            n,
+        )
+        .into_iter()
+        .map(|b| b * b)
+        .collect()
+    };
+    let cumprod = |alphas: &[f32]| -> Vec<f32> {
+        let mut acc = 1.0f64;
+        alphas
+            .iter()
+            .map(|&a| {
+                acc *= f64::from(a);
+                acc as f32
+            })
+            .collect()
+    };
+    if cfg.rescale_betas_zero_snr {
+        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
+        let mut bar = cumprod(&alphas);
+        rescale_zero_terminal_snr_f32(&mut bar);
+        // alphas = ᾱ[i] / ᾱ[i-1], the first ᾱ[0]; betas = 1 − alphas.
+        betas = bar
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| match i.checked_sub(1).and_then(|j| bar.get(j)) {
+                Some(&prev) => 1.0 - b / prev,
+                None => 1.0 - b,
+            })
+            .collect();
+    }
+    let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
+    cumprod(&alphas)
 }
 
 /// `rescale_zero_terminal_snr` on float64 `alphas_cumprod`.

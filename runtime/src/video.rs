@@ -55,6 +55,32 @@ impl Frames {
         f
     }
 
+    /// Every frame resized to `height × width` as PIL's `Image.resize` does by default
+    /// (bicubic, bit-exact; stretched, no padding): how VideoX-Fun's `predict_i2v.py` brings a
+    /// reference clip to the generation size. The clip itself when it already has that size.
+    pub fn resized_like_pil(&self, height: usize, width: usize) -> Result<Frames> {
+        if (self.height, self.width) == (height, width) {
+            return Ok(self.clone());
+        }
+        let frame = self.height * self.width * 3;
+        let mut rgb = Vec::with_capacity(self.frames * height * width * 3);
+        for f in self.rgb.chunks_exact(frame.max(1)).take(self.frames) {
+            rgb.extend(crate::image_preprocess::resize_bicubic_rgb8(
+                f,
+                self.height,
+                self.width,
+                height,
+                width,
+            )?);
+        }
+        Ok(Frames {
+            frames: self.frames,
+            height,
+            width,
+            rgb,
+        })
+    }
+
     /// Keeps the first `n` frames.
     pub fn truncate(&mut self, n: usize) {
         if n < self.frames {

@@ -433,6 +433,8 @@ impl Worker {
                 .engine
                 .seeded_noise(p.frames, p.height, p.width, p.seed)?,
             lora,
+            sampler: None,
+            inpaint_noise: None,
         })
     }
 

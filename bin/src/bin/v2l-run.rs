@@ -795,6 +795,8 @@ fn generate(
         guidance: g.guidance,
         noise,
         lora,
+        sampler: None,
+        inpaint_noise: None,
     };
     let bar = !g.quiet && std::io::stderr().is_terminal();
     let started = std::time::Instant::now();

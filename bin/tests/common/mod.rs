@@ -93,6 +93,8 @@ pub fn cogvideox_request(
         guidance: 6.0,
         noise: io["initial_noise"].clone(),
         lora: v2l_runtime::pipeline::RequestLora::Resident,
+        sampler: None,
+        inpaint_noise: None,
     }
 }
 
@@ -111,5 +113,7 @@ pub fn wan_t2v_request(
         guidance: 5.0,
         noise: io["t2v_noise"].clone(),
         lora: v2l_runtime::pipeline::RequestLora::Resident,
+        sampler: None,
+        inpaint_noise: None,
     }
 }

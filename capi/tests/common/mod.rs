@@ -269,6 +269,8 @@ pub fn rust_generate(
             seed,
         ),
         lora: request_lora,
+        sampler: None,
+        inpaint_noise: None,
     };
     let gen = p.generate(&req, &mut |_, _| true).unwrap();
     v2l_runtime::video::to_rgb8(&gen.frames).unwrap().rgb

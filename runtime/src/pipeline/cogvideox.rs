@@ -2,6 +2,11 @@
 //! first frame's latent padded with zero latent frames and concatenated to the noisy latents
 //! on the channel axis, `[B, F, C, H, W]` layout, DDIM with int64 timesteps, RoPE tables from
 //! [`crate::rope::cogvideox_rope`], latents decoded as `z / scaling_factor`.
+//!
+//! VideoX-Fun's inpaint pipeline (CogVideoX-Fun-InP, what Video2LoRA's release trains on) is
+//! the same loop with its own conditioning (`pipeline/fun_inpaint.rs`), numpy RoPE grids
+//! ([`crate::rope::cogvideox_fun_rope`]) and plain DDIM by default; its VAE decode loop is in
+//! the exported decoder and the manifest's decoder schedule.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -10,18 +15,24 @@ use v2l_contracts::io::dit as io;
 use v2l_contracts::manifest::DitEntry;
 
 use crate::error::{Result, RuntimeError};
-use crate::rope::cogvideox_rope;
-use crate::scheduler::{DdimScheduler, SchedulerConfig};
+use crate::rope::{cogvideox_fun_rope, cogvideox_rope};
+use crate::scheduler::{DdimScheduler, Sampler, SchedulerConfig};
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
+use v2l_contracts::PipelineKind;
 
 use super::denoise::{Guidance, Lane, Sampling};
 use super::{config_usize, ms, FamilySteps, LatentShape, Parts, Request};
 
-/// CogVideoX's steps: DDIM over frames-first latents, conditioned on the first frame's latent.
+/// CogVideoX's steps: DDIM over frames-first latents, conditioned on the first frame's latent
+/// (diffusers' I2V) or on VideoX-Fun's inpaint latents.
 pub(super) struct CogVideoX {
     pub(super) scheduler: SchedulerConfig,
+    /// `CogvideoxI2v` or `CogvideoxFunInpaint`.
+    pub(super) kind: PipelineKind,
+    /// The Fun transformer's `add_noise_in_inpaint_model`.
+    pub(super) add_noise: bool,
 }
 
 impl FamilySteps for CogVideoX {
@@ -41,9 +52,42 @@ impl FamilySteps for CogVideoX {
             what: "image".into(),
             message: "CogVideoX image-to-video needs the first frame".into(),
         })?;
-        let image_latents = encode_image(parts.vae, image, shape)?;
+        let (cond, cond_channels) = match self.kind {
+            PipelineKind::CogvideoxFunInpaint => (
+                super::fun_inpaint::inpaint_latents(
+                    parts.vae,
+                    image,
+                    req.frames,
+                    self.add_noise,
+                    req.inpaint_noise.as_ref(),
+                    shape,
+                )?,
+                shape.channels + 1,
+            ),
+            _ => (encode_image(parts.vae, image, shape)?, shape.channels),
+        };
         timings.insert("vae_encode".into(), ms(t));
-        lane(parts.entry, &self.scheduler, req, shape, image_latents)
+        let sampler = req
+            .sampler
+            .or(Sampler::default_for(self.kind))
+            .unwrap_or(Sampler::CogvideoxDdim);
+        let rope = match self.kind {
+            PipelineKind::CogvideoxFunInpaint => cogvideox_fun_rope,
+            _ => cogvideox_rope,
+        };
+        let cond = Conditioning {
+            latents: cond,
+            channels: cond_channels,
+        };
+        lane(
+            parts.entry,
+            &self.scheduler,
+            sampler,
+            rope,
+            req,
+            shape,
+            cond,
+        )
     }
 
     fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
@@ -82,18 +126,29 @@ fn encode_image(vae: &mut Vae, image: &Frames, shape: &LatentShape) -> Result<Ve
 
 /// Step 3: the request's lane of the DDIM loop ([`denoise::run`]): its scheduler, RoPE tables,
 /// text and initial latents.
+/// The latents concatenated after the noisy ones on the channel axis, frames first.
+struct Conditioning {
+    latents: Vec<f32>,
+    channels: usize,
+}
+
+/// A RoPE table builder ([`cogvideox_rope`] or [`cogvideox_fun_rope`]).
+type RopeFn = fn(usize, usize, usize, usize, usize, usize, usize) -> Result<(Vec<f32>, Vec<f32>)>;
+
 fn lane(
     entry: &DitEntry,
     cfg: &SchedulerConfig,
+    sampler: Sampler,
+    rope: RopeFn,
     req: &Request,
     shape: &LatentShape,
-    image_latents: Vec<f32>,
+    cond: Conditioning,
 ) -> Result<Lane> {
     let (lf, lh, lw) = (shape.frames, shape.height, shape.width);
     let head = entry.attention_head_dim;
-    let mut sched = DdimScheduler::new(cfg)?;
+    let mut sched = DdimScheduler::with_sampler(cfg, sampler)?;
     sched.set_timesteps(req.steps)?;
-    let (rope_cos, rope_sin) = cogvideox_rope(
+    let (rope_cos, rope_sin) = rope(
         head,
         lf,
         lh,
@@ -124,7 +179,8 @@ fn lane(
     let ddim = Ddim {
         timesteps: sched.timesteps().to_vec(),
         sched,
-        image_latents,
+        image_latents: cond.latents,
+        cond_channels: cond.channels,
         dims: [shape.frames, shape.channels, shape.height, shape.width],
     };
     Ok(Lane {
@@ -141,6 +197,8 @@ struct Ddim {
     sched: DdimScheduler,
     timesteps: Vec<i64>,
     image_latents: Vec<f32>,
+    /// Channels of `image_latents` per frame.
+    cond_channels: usize,
     /// Latent frames, channels, height, width.
     dims: [usize; 4],
 }
@@ -165,16 +223,17 @@ impl Sampling for Ddim {
     fn dit_inputs(&self, latents: &[f32], i: usize, batch: usize) -> Result<(Tensor, Tensor)> {
         let t = self.timestep(i)?;
         let [frames, channels, height, width] = self.dims;
+        let cc = self.cond_channels;
         let hs = crate::layout::guidance_batch(
             latents,
             &self.image_latents,
             frames,
-            channels,
+            [channels, cc],
             height * width,
             batch,
         )?;
         Ok((
-            Tensor::f32(vec![batch, frames, 2 * channels, height, width], hs),
+            Tensor::f32(vec![batch, frames, channels + cc, height, width], hs),
             Tensor::i64(vec![batch], vec![t; batch]),
         ))
     }
