@@ -68,3 +68,71 @@ fn plain_ddim_matches_diffusers_ddim_scheduler() {
     eprintln!("CogVideoXDDIMScheduler with snr_shift_scale 3: alphas_cumprod[500] × {moved:.3}");
     assert!((moved - 1.0).abs() > 0.1);
 }
+
+/// The 33-channel Fun transformer: `[noisy | mask | masked]` is the DiT's `hidden_states`, and
+/// the RoPE tables are the Fun pipeline's numpy grids.
+#[test]
+fn fun_dit_and_rope_match_the_authors_transformer() {
+    use v2l_export::{cogvideox_dit, Checkpoint};
+    let ck = Checkpoint::open_dir(&fun().join("transformer")).unwrap();
+    let ex = cogvideox_dit::export(&ck, &Default::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dit.onnx");
+    v2l_graphs::save(&ex.graph, &path, v2l_graphs::ExternalData::Auto).unwrap();
+    let mut model = v2l_runtime::Model::load(&path, &Default::default()).unwrap();
+    let io = fun_io("dit_io.safetensors");
+    let (cos, sin) = v2l_runtime::rope::cogvideox_fun_rope(16, 5, 8, 12, 2, 8, 12).unwrap();
+    let rows = cos.len() / 16;
+    assert_close("Fun rope_cos", &Tensor::f32(vec![rows, 16], cos), &io["rope_cos"], EXACT_REL_L2);
+    assert_close("Fun rope_sin", &Tensor::f32(vec![rows, 16], sin), &io["rope_sin"], EXACT_REL_L2);
+    let mut inputs = pick(&io, &["encoder_hidden_states", "timestep", "rope_cos", "rope_sin"]);
+    inputs.insert("hidden_states".into(), io["hidden_states_33"].clone());
+    let out = model.run(&inputs).unwrap();
+    assert_close("Fun DiT sample", &out["sample"], &io["output"], F32_REL_L2);
+}
+
+fn fun_vae(dir: &std::path::Path, decode: v2l_export::cogvideox_vae::DecodeLoop) -> v2l_runtime::vae::Vae {
+    use v2l_export::{cogvideox_vae, Checkpoint, Manifest};
+    let ck = Checkpoint::open_dir(&fun().join("vae")).unwrap();
+    let ex = cogvideox_vae::export_for(&ck, decode).unwrap();
+    v2l_graphs::save(&ex.encoder, &dir.join("e.onnx"), v2l_graphs::ExternalData::Auto).unwrap();
+    v2l_graphs::save(&ex.decoder, &dir.join("d.onnx"), v2l_graphs::ExternalData::Auto).unwrap();
+    let raw: serde_json::Value = ck.config(cogvideox_vae::CLASS_NAME).unwrap();
+    let manifest = Manifest {
+        format_version: v2l_export::manifest::FORMAT_VERSION,
+        vae: Some(ex.manifest_entry("e.onnx", "d.onnx", raw)),
+        ..Default::default()
+    };
+    manifest.write(dir).unwrap();
+    let engine = v2l_runtime::engine::Engine::open(dir).unwrap();
+    v2l_runtime::vae::Vae::load(&engine, &Default::default()).unwrap()
+}
+
+/// The Fun VAE: diffusers' encoder, and a decoder that takes latent frame 0 alone and then two
+/// at a time, doubling every later frame in time. diffusers' own loop differs on these latents.
+#[test]
+fn fun_vae_decodes_with_the_fun_frame_loop() {
+    use v2l_export::cogvideox_vae::DecodeLoop;
+    let io = fun_io("vae_io.safetensors");
+    let d = tempfile::tempdir().unwrap();
+    let mut vae = fun_vae(d.path(), DecodeLoop::Fun);
+    let (mean, logvar) = vae.encode(&io["video"]).unwrap();
+    assert_close("Fun posterior_mean", &mean, &io["posterior_mean"], F32_REL_L2);
+    assert_close("Fun posterior_logvar", &logvar, &io["posterior_logvar"], F32_REL_L2);
+    let decoded = vae.decode(&io["latents"]).unwrap();
+    assert_close("Fun decoded", &decoded, &io["decoded"], F32_REL_L2);
+
+    // An even latent count ends on a one-frame batch that is still doubled (4 → 13 frames),
+    // and the batches before it decode as they do for 5 latents (GroupNorm is per batch).
+    let four = io["latents"].slice_axis(2, 0, 4).unwrap();
+    let short = vae.decode(&four).unwrap();
+    assert_eq!(short.shape, vec![1, 3, 13, 64, 96]);
+    let head = |t: &Tensor| t.slice_axis(2, 0, 9).unwrap();
+    assert!(head(&short) == head(&decoded), "the first two batches moved");
+
+    let d2 = tempfile::tempdir().unwrap();
+    let mut stock = fun_vae(d2.path(), DecodeLoop::Diffusers);
+    let err = stock.decode(&io["latents"]).unwrap().rel_l2(&io["decoded"]);
+    eprintln!("diffusers' decode loop against the Fun VAE's: relative L2 {err:.3e}");
+    assert!(err > 1e-3);
+}
