@@ -83,20 +83,46 @@ fn fun_dit_and_rope_match_the_authors_transformer() {
     let io = fun_io("dit_io.safetensors");
     let (cos, sin) = v2l_runtime::rope::cogvideox_fun_rope(16, 5, 8, 12, 2, 8, 12).unwrap();
     let rows = cos.len() / 16;
-    assert_close("Fun rope_cos", &Tensor::f32(vec![rows, 16], cos), &io["rope_cos"], EXACT_REL_L2);
-    assert_close("Fun rope_sin", &Tensor::f32(vec![rows, 16], sin), &io["rope_sin"], EXACT_REL_L2);
-    let mut inputs = pick(&io, &["encoder_hidden_states", "timestep", "rope_cos", "rope_sin"]);
+    assert_close(
+        "Fun rope_cos",
+        &Tensor::f32(vec![rows, 16], cos),
+        &io["rope_cos"],
+        EXACT_REL_L2,
+    );
+    assert_close(
+        "Fun rope_sin",
+        &Tensor::f32(vec![rows, 16], sin),
+        &io["rope_sin"],
+        EXACT_REL_L2,
+    );
+    let mut inputs = pick(
+        &io,
+        &["encoder_hidden_states", "timestep", "rope_cos", "rope_sin"],
+    );
     inputs.insert("hidden_states".into(), io["hidden_states_33"].clone());
     let out = model.run(&inputs).unwrap();
     assert_close("Fun DiT sample", &out["sample"], &io["output"], F32_REL_L2);
 }
 
-fn fun_vae(dir: &std::path::Path, decode: v2l_export::cogvideox_vae::DecodeLoop) -> v2l_runtime::vae::Vae {
+fn fun_vae(
+    dir: &std::path::Path,
+    decode: v2l_export::cogvideox_vae::DecodeLoop,
+) -> v2l_runtime::vae::Vae {
     use v2l_export::{cogvideox_vae, Checkpoint, Manifest};
     let ck = Checkpoint::open_dir(&fun().join("vae")).unwrap();
     let ex = cogvideox_vae::export_for(&ck, decode).unwrap();
-    v2l_graphs::save(&ex.encoder, &dir.join("e.onnx"), v2l_graphs::ExternalData::Auto).unwrap();
-    v2l_graphs::save(&ex.decoder, &dir.join("d.onnx"), v2l_graphs::ExternalData::Auto).unwrap();
+    v2l_graphs::save(
+        &ex.encoder,
+        &dir.join("e.onnx"),
+        v2l_graphs::ExternalData::Auto,
+    )
+    .unwrap();
+    v2l_graphs::save(
+        &ex.decoder,
+        &dir.join("d.onnx"),
+        v2l_graphs::ExternalData::Auto,
+    )
+    .unwrap();
     let raw: serde_json::Value = ck.config(cogvideox_vae::CLASS_NAME).unwrap();
     let manifest = Manifest {
         format_version: v2l_export::manifest::FORMAT_VERSION,
@@ -117,8 +143,18 @@ fn fun_vae_decodes_with_the_fun_frame_loop() {
     let d = tempfile::tempdir().unwrap();
     let mut vae = fun_vae(d.path(), DecodeLoop::Fun);
     let (mean, logvar) = vae.encode(&io["video"]).unwrap();
-    assert_close("Fun posterior_mean", &mean, &io["posterior_mean"], F32_REL_L2);
-    assert_close("Fun posterior_logvar", &logvar, &io["posterior_logvar"], F32_REL_L2);
+    assert_close(
+        "Fun posterior_mean",
+        &mean,
+        &io["posterior_mean"],
+        F32_REL_L2,
+    );
+    assert_close(
+        "Fun posterior_logvar",
+        &logvar,
+        &io["posterior_logvar"],
+        F32_REL_L2,
+    );
     let decoded = vae.decode(&io["latents"]).unwrap();
     assert_close("Fun decoded", &decoded, &io["decoded"], F32_REL_L2);
 
@@ -128,7 +164,10 @@ fn fun_vae_decodes_with_the_fun_frame_loop() {
     let short = vae.decode(&four).unwrap();
     assert_eq!(short.shape, vec![1, 3, 13, 64, 96]);
     let head = |t: &Tensor| t.slice_axis(2, 0, 9).unwrap();
-    assert!(head(&short) == head(&decoded), "the first two batches moved");
+    assert!(
+        head(&short) == head(&decoded),
+        "the first two batches moved"
+    );
 
     let d2 = tempfile::tempdir().unwrap();
     let mut stock = fun_vae(d2.path(), DecodeLoop::Diffusers);

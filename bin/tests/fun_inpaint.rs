@@ -106,4 +106,116 @@ fn fun_inpaint_pipeline_matches_the_authors_code() {
         );
         assert!(err <= 5e-3);
     }
+    drop(p);
+    v2l_run_runs_the_fun_request(&eng, d.path(), &io);
+}
+
+/// `v2l-run` with upstream's noise (`initial_noise` + `inpaint_noise`), the prompt embeddings
+/// and the reference clip: the same numbers as the library, an mp4 of F frames of H×W; with
+/// `--seed` the augmentation noise is v2l's, and the same seed gives the same video.
+fn v2l_run_runs_the_fun_request(
+    eng: &std::path::Path,
+    dir: &std::path::Path,
+    io: &BTreeMap<String, Tensor>,
+) {
+    use std::process::Command;
+    let pick = |names: &[&str], file: &str| {
+        let m: BTreeMap<String, Tensor> = names
+            .iter()
+            .map(|n| (n.to_string(), io[*n].clone()))
+            .collect();
+        let p = dir.join(file);
+        v2l_runtime::write_safetensors(&p, &m).unwrap();
+        p
+    };
+    let noise = pick(&["initial_noise", "inpaint_noise"], "noise.safetensors");
+    let prompts = pick(
+        &["prompt_embeds", "negative_prompt_embeds"],
+        "prompts.safetensors",
+    );
+    let mut source = BTreeMap::new();
+    source.insert(
+        "reference_u8".to_string(),
+        io["reference_u8_decoded"].clone(),
+    );
+    let reference = dir.join("reference_source.safetensors");
+    v2l_runtime::write_safetensors(&reference, &source).unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+            .arg("--engine")
+            .arg(eng)
+            .arg("--image")
+            .arg(fun().join("first_frame.png"))
+            .arg("--prompt-embeds")
+            .arg(&prompts)
+            .args([
+                "--steps", "4", "--frames", "17", "--height", "64", "--width", "96",
+            ])
+            .args(["--quiet", "--json"])
+            .arg("-o")
+            .arg(dir.join(out))
+            .arg("--dump")
+            .arg(dir.join(out).with_extension("safetensors"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let dump = read_safetensors(&dir.join(out).with_extension("safetensors")).unwrap();
+        (dump, json)
+    };
+    let with_noise = |more: &[&str]| -> Vec<String> {
+        ["--noise", noise.to_str().unwrap()]
+            .iter()
+            .chain(more)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let args = with_noise(&[
+        "--reference",
+        reference.to_str().unwrap(),
+        "--lora-scale",
+        "1",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (dump, json) = run(&args, "fun.mp4");
+    assert_eq!(json["pipeline"], "cogvideox-fun-inpaint");
+    assert_eq!(json["scheduler"], "ddim");
+    for i in 0..4 {
+        let err = dump[&format!("latents_step{i}")].rel_l2(&io[&format!("lilora_latents_step{i}")]);
+        eprintln!("v2l-run lilora latents step {i}: relative L2 {err:.3e} (bound 1e-3)");
+        assert!(err <= 1e-3);
+    }
+    let err = dump["reference_latents"].rel_l2(&io["reference_latents"]);
+    eprintln!("v2l-run reference_latents from the 48×80 clip: relative L2 {err:.3e} (bound 5e-3)");
+    assert!(err <= 5e-3);
+    let m = mae(&dump["frames"], &io["lilora_frames_fhwc"]);
+    eprintln!("v2l-run lilora frames: mean absolute error {m:.3e} (bound 2e-3)");
+    assert!(m <= 2e-3);
+    let mp4 = v2l_runtime::video::read_frames(&dir.join("fun.mp4"), 64, 96).unwrap();
+    assert_eq!(mp4.frames, 17);
+    assert_eq!(
+        v2l_runtime::video::source_size(&dir.join("fun.mp4")),
+        Some((64, 96))
+    );
+
+    // The mp4 reference, decoded by ffmpeg at 48×80 and resized like PIL, predicts close to
+    // upstream's OpenCV-decoded clip (the two YUV → RGB conversions differ slightly).
+    let mp4_ref = fun().join("reference.mp4");
+    let args = with_noise(&["--reference", mp4_ref.to_str().unwrap()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (dump, _) = run(&args, "mp4ref.mp4");
+    let err = dump["reference_latents"].rel_l2(&io["reference_latents"]);
+    eprintln!("v2l-run reference_latents from reference.mp4: relative L2 {err:.3e}");
+    assert!(err <= 5e-3);
+
+    // --seed: v2l's own initial and augmentation noise, reproducibly; `cogvideox-ddim` is
+    // another sampler.
+    let (a, _) = run(&["--seed", "7"], "a.mp4");
+    let (b, _) = run(&["--seed", "7"], "b.mp4");
+    assert!(a["frames"] == b["frames"], "same seed, different frames");
+    let (c, json) = run(&["--seed", "7", "--scheduler", "cogvideox-ddim"], "c.mp4");
+    assert_eq!(json["scheduler"], "cogvideox-ddim");
+    assert!(c["latents_step0"] != a["latents_step0"]);
 }

@@ -58,3 +58,4 @@ pub mod video;
 pub use error::{Result, RuntimeError};
 pub use session::{Model, SessionOptions};
 pub use tensor::{read_safetensors, rel_l2, write_safetensors, Tensor};
+pub use v2l_contracts::Family;

@@ -127,9 +127,17 @@ struct GenerateArgs {
     /// --seed or --noise
     #[arg(long, conflicts_with = "noise")]
     seed: Option<u64>,
-    /// safetensors with `initial_noise [1, f, 16, h, w]` (e.g. torch's, for exact comparisons)
+    /// safetensors with `initial_noise [1, f, 16, h, w]` (e.g. torch's, for exact comparisons);
+    /// for a CogVideoX-Fun-InP engine it may also hold `inpaint_noise [1, 3, F, H, W]`, the
+    /// conditioning clip's augmentation noise as upstream adds it
     #[arg(long)]
     noise: Option<PathBuf>,
+    /// Sampler of a CogVideoX engine: `ddim` (diffusers' DDIMScheduler, VideoX-Fun's
+    /// DDIM_Origin; the default for CogVideoX-Fun-InP engines) or `cogvideox-ddim`
+    /// (CogVideoXDDIMScheduler; the default for diffusers' CogVideoX I2V). Wan engines use
+    /// their flow sampler
+    #[arg(long, value_name = "NAME")]
+    scheduler: Option<v2l_runtime::pipeline::Sampler>,
     /// Sample the VAE posterior with this seed (first frame and reference) instead of its mode
     #[arg(long)]
     posterior_seed: Option<u64>,
@@ -595,7 +603,7 @@ fn generate(
     opts: &SessionOptions,
 ) -> Result<(), Failure> {
     use std::io::IsTerminal;
-    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+    use v2l_runtime::pipeline::{InpaintNoise, Pipeline, PipelineKind, Request, RequestLora};
     use v2l_runtime::video;
     if g.prompt.is_none() && g.prompt_embeds.is_none() {
         return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE"));
@@ -719,9 +727,20 @@ fn generate(
         })?),
         None => None,
     };
+    let kind = dir.pipeline_kind()?;
+    if g.scheduler.is_some() && kind.family() == v2l_runtime::Family::Wan {
+        return Err(Failure::usage(format!(
+            "--scheduler: {} is a Wan engine ({kind}); it samples with its flow scheduler",
+            engine.display()
+        )));
+    }
     let lora = match &g.reference {
         Some(r) => {
-            let clip = video::read_frames(r, height, width)?;
+            // VideoX-Fun's pipeline resizes the clip itself (PIL bicubic), so it is read whole.
+            let clip = match kind {
+                PipelineKind::CogvideoxFunInpaint => video::read_frames_at_source_size(r)?,
+                _ => video::read_frames(r, height, width)?,
+            };
             v2l_runtime::predict::check_reference(&clip, &r.display().to_string())?;
             RequestLora::Reference(clip, g.lora_scale)
         }
@@ -751,16 +770,21 @@ fn generate(
             eprintln!("warning: {warning}");
         }
     }
-    let noise = match (&g.noise, g.seed) {
-        (Some(p), _) => read_safetensors(p)?
-            .remove("initial_noise")
-            .ok_or_else(|| {
+    let (noise, inpaint_noise) = match (&g.noise, g.seed) {
+        (Some(p), _) => {
+            let mut file = read_safetensors(p)?;
+            let noise = file.remove("initial_noise").ok_or_else(|| {
                 Failure::from(v2l_runtime::RuntimeError::MissingTensor {
                     path: p.clone(),
                     name: "initial_noise".into(),
                 })
-            })?,
-        (None, Some(seed)) => checked.seeded_noise(&dir, seed)?,
+            })?;
+            (noise, file.remove("inpaint_noise").map(InpaintNoise::Given))
+        }
+        (None, Some(seed)) => (
+            checked.seeded_noise(&dir, seed)?,
+            Some(InpaintNoise::Seeded(seed)),
+        ),
         (None, None) => unreachable!("checked above"),
     };
     let t_load = std::time::Instant::now();
@@ -795,8 +819,8 @@ fn generate(
         guidance: g.guidance,
         noise,
         lora,
-        sampler: None,
-        inpaint_noise: None,
+        sampler: g.scheduler,
+        inpaint_noise,
     };
     let bar = !g.quiet && std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
@@ -854,6 +878,7 @@ fn generate(
                 "stage_peak_rss_mb": stages.peak_rss_mb,
                 "dit_steps_ms": stages.steps_ms,
                 "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
+                "pipeline": kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(kind)),
                 "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                 "machine": v2l_runtime::cpu::this(),
                 "compiled_on": compiled_on,

@@ -28,6 +28,37 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
     read_frames_at_most(path, height, width, max)
 }
 
+/// Reads a reference clip at the size it is stored at (no resize): for pipelines that resize
+/// it themselves (VideoX-Fun's reads with OpenCV, then resizes with PIL). The size comes from
+/// the safetensors tensor, or from ffprobe for a video or a directory of PNGs.
+pub fn read_frames_at_source_size(path: &Path) -> Result<Frames> {
+    let max = crate::limits::Limits::from_env()?.max_frames;
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let t = crate::tensor::read_safetensors(path)?;
+        let r = t
+            .get("reference_u8")
+            .ok_or_else(|| RuntimeError::MissingTensor {
+                path: path.into(),
+                name: "reference_u8".into(),
+            })?;
+        let f = Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
+        return read_frames_at_most(path, f.height, f.width, max);
+    }
+    if !path.exists() {
+        return Err(RuntimeError::Io {
+            path: path.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        });
+    }
+    let (h, w) = source_size(path).ok_or_else(|| {
+        bad(
+            path,
+            "cannot tell the clip's size (ffprobe found no video stream; ffprobe comes with ffmpeg: bash scripts/setup.sh)",
+        )
+    })?;
+    read_frames_at_most(path, h, w, max)
+}
+
 /// [`read_frames`], decoding at most `max_frames` frames (1 for a first frame given as a video).
 pub fn read_frames_at_most(
     path: &Path,
