@@ -127,6 +127,9 @@ fn c_abi(generator: *const V2lGenerator, c: &Case) -> String {
         image_embeds: null(),
         image_embed_len: 0,
         image_embed_dim: 0,
+        scheduler: std::ptr::null(),
+        inpaint_noise: std::ptr::null(),
+        inpaint_noise_len: 0,
     };
     for (k, v) in settings(c) {
         match k {

@@ -25,7 +25,7 @@
 // Version of the C ABI described by this header. It changes whenever a function, a struct
 // layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
 // time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`.
-#define V2L_ABI_VERSION 3
+#define V2L_ABI_VERSION 4
 
 // What every call returns. `v2l_last_error()` has the message of a failed call.
 enum V2lStatus
@@ -135,6 +135,17 @@ typedef struct V2lGenerateParams {
   const float *image_embeds;
   uint32_t image_embed_len;
   uint32_t image_embed_dim;
+  // The sampler of a CogVideoX engine, as UTF-8 NUL-terminated text: `ddim` (diffusers'
+  // `DDIMScheduler`, VideoX-Fun's `DDIM_Origin`) or `cogvideox-ddim`; NULL for the engine's
+  // default (`ddim` for CogVideoX-Fun-InP, `cogvideox-ddim` for diffusers' I2V). Wan
+  // engines take NULL. Added in ABI version 4.
+  const char *scheduler;
+  // CogVideoX-Fun-InP: the conditioning clip's augmentation noise as upstream adds it,
+  // `[1, 3, frames, height, width]` floats (scaled, zero where the pixel is -1); NULL to
+  // draw it from `seed`. Ignored by other engines. Added in ABI version 4.
+  const float *inpaint_noise;
+  // Its length in floats (ignored when `inpaint_noise` is NULL).
+  size_t inpaint_noise_len;
 } V2lGenerateParams;
 
 // Progress callback: called on the generating thread after each denoising step with

@@ -36,7 +36,7 @@ use v2l_runtime::error::ErrorKind;
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
+use v2l_runtime::pipeline::{gaussian_noise, Pipeline, PipelineKind, Request};
 use v2l_runtime::request::{Checked, Field, RequestError, Settings};
 use v2l_runtime::video::{self, Frames};
 use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
@@ -44,7 +44,7 @@ use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
 /// Version of the C ABI described by this header. It changes whenever a function, a struct
 /// layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
 /// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`.
-pub const V2L_ABI_VERSION: u32 = 3;
+pub const V2L_ABI_VERSION: u32 = 4;
 
 /// What every call returns. `v2l_last_error()` has the message of a failed call.
 #[repr(i32)]
@@ -139,6 +139,17 @@ pub struct V2lGenerateParams {
     pub image_embeds: *const f32,
     pub image_embed_len: u32,
     pub image_embed_dim: u32,
+    /// The sampler of a CogVideoX engine, as UTF-8 NUL-terminated text: `ddim` (diffusers'
+    /// `DDIMScheduler`, VideoX-Fun's `DDIM_Origin`) or `cogvideox-ddim`; NULL for the engine's
+    /// default (`ddim` for CogVideoX-Fun-InP, `cogvideox-ddim` for diffusers' I2V). Wan
+    /// engines take NULL. Added in ABI version 4.
+    pub scheduler: *const c_char,
+    /// CogVideoX-Fun-InP: the conditioning clip's augmentation noise as upstream adds it,
+    /// `[1, 3, frames, height, width]` floats (scaled, zero where the pixel is -1); NULL to
+    /// draw it from `seed`. Ignored by other engines. Added in ABI version 4.
+    pub inpaint_noise: *const f32,
+    /// Its length in floats (ignored when `inpaint_noise` is NULL).
+    pub inpaint_noise_len: usize,
 }
 
 /// Progress callback: called on the generating thread after each denoising step with
@@ -420,6 +431,22 @@ unsafe fn out_handle<T>(out: *mut *mut T, arg: &str) -> Result<*mut *mut T> {
     }
     *out = std::ptr::null_mut();
     Ok(out)
+}
+
+/// A NUL-terminated UTF-8 argument (NULL: empty).
+unsafe fn text_arg(ptr: *const c_char, arg: &str) -> Result<String> {
+    if ptr.is_null() {
+        return Ok(String::new());
+    }
+    CStr::from_ptr(ptr)
+        .to_str()
+        .map(str::to_string)
+        .map_err(|e| {
+            Error::new(
+                V2lStatus::InvalidArgument,
+                format!("{arg} is not valid UTF-8 ({e})"),
+            )
+        })
 }
 
 unsafe fn path_arg(p: *const c_char, arg: &str) -> Result<PathBuf> {
@@ -865,7 +892,14 @@ pub unsafe extern "C" fn v2l_generator_predict_lora_from_video(
             ));
         }
         let w = finite(lora_weight, "lora_weight")?;
-        let reference = video::read_frames(&path, height as usize, width as usize)?;
+        let (h, w_px) = (height as usize, width as usize);
+        // VideoX-Fun's pipeline reads the clip whole and resizes it like PIL; others use ffmpeg's.
+        let reference = match g.engine.pipeline_kind()? {
+            PipelineKind::CogvideoxFunInpaint => {
+                video::read_frames_at_source_size(&path)?.resized_like_pil(h, w_px)?
+            }
+            _ => video::read_frames(&path, h, w_px)?,
+        };
         let p = lock(&g)?.predict(&reference, w)?;
         *out = register(V2lLora {
             lora: p.lora,
@@ -966,23 +1000,9 @@ unsafe fn prompt_text(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<(Tensor
             "params.prompt and params.prompt_embeds are both set; give the text or the embeddings",
         ));
     }
-    let text = |ptr: *const c_char, arg: &str| -> Result<String> {
-        if ptr.is_null() {
-            return Ok(String::new());
-        }
-        CStr::from_ptr(ptr)
-            .to_str()
-            .map(str::to_string)
-            .map_err(|e| {
-                Error::new(
-                    V2lStatus::InvalidArgument,
-                    format!("{arg} is not valid UTF-8 ({e})"),
-                )
-            })
-    };
     let (prompt, negative) = (
-        text(p.prompt, "params.prompt")?,
-        text(p.negative_prompt, "params.negative_prompt")?,
+        text_arg(p.prompt, "params.prompt")?,
+        text_arg(p.negative_prompt, "params.negative_prompt")?,
     );
     let mut slot = match g.prompts.try_lock() {
         Ok(s) => s,
@@ -1132,6 +1152,37 @@ pub unsafe extern "C" fn v2l_generator_generate(
                 input(p.noise, need, "params.noise")?.to_vec(),
             )
         };
+        let sampler = if p.scheduler.is_null() {
+            None
+        } else {
+            let name = text_arg(p.scheduler, "params.scheduler")?;
+            Some(
+                name.parse::<v2l_runtime::pipeline::Sampler>()
+                    .map_err(|m| {
+                        Error::new(
+                            V2lStatus::InvalidArgument,
+                            format!("`params.scheduler`: {m}"),
+                        )
+                    })?,
+            )
+        };
+        let inpaint_noise = if p.inpaint_noise.is_null() {
+            v2l_runtime::pipeline::InpaintNoise::Seeded(p.seed)
+        } else {
+            let shape = vec![1, 3, p.frames as usize, p.height as usize, p.width as usize];
+            let need = product(&shape, "inpaint_noise")?;
+            if p.inpaint_noise_len != need {
+                return Err(Error::new(
+                    V2lStatus::BufferSize,
+                    format!(
+                        "`params.inpaint_noise_len` is {}; inpaint noise {shape:?} has {need} floats",
+                        p.inpaint_noise_len
+                    ),
+                ));
+            }
+            let v = input(p.inpaint_noise, need, "params.inpaint_noise")?.to_vec();
+            v2l_runtime::pipeline::InpaintNoise::Given(Tensor::f32(shape, v))
+        };
         let req = Request {
             image,
             image_embeds,
@@ -1142,8 +1193,8 @@ pub unsafe extern "C" fn v2l_generator_generate(
             guidance,
             noise,
             lora: v2l_runtime::pipeline::RequestLora::Resident,
-            sampler: None,
-            inpaint_noise: None,
+            sampler,
+            inpaint_noise: Some(inpaint_noise),
         };
 
         let mut pipeline = lock(&g)?;

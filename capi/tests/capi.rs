@@ -965,6 +965,9 @@ fn wan_generates_through_the_c_abi() {
             image_embeds: null(),
             image_embed_len: 0,
             image_embed_dim: 0,
+            scheduler: null(),
+            inpaint_noise: null(),
+            inpaint_noise_len: 0,
         };
         if variant == "i2v" {
             // No CLIP tokens: refused by name before any work.
@@ -999,5 +1002,115 @@ fn wan_generates_through_the_c_abi() {
             v2l_generator_free(g);
             v2l_engine_free(e);
         }
+    }
+}
+
+/// A CogVideoX-Fun-InP request (Video2LoRA's released backbone) through the C ABI: upstream's
+/// initial and augmentation noise as buffers, or both drawn from the seed, give the Rust API's
+/// frames bitwise; `params.scheduler` picks the sampler and a bad name is refused by name.
+#[test]
+fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
+    use v2l_runtime::pipeline::{InpaintNoise, Pipeline, Request, RequestLora};
+    let fun = tiny().join("../cogvideox-fun-inp-tiny");
+    let d = tempfile::tempdir().unwrap();
+    let eng = build_engine_of(&fun, d.path());
+    let io = v2l_runtime::read_safetensors(&fun.join("e2e_io.safetensors")).unwrap();
+    let inp = Inputs {
+        first_frame: v2l_runtime::video::Frames::from_u8_tensor(&io["first_frame_u8"]).unwrap(),
+        reference: v2l_runtime::video::Frames::from_u8_tensor(&io["reference_u8"]).unwrap(),
+        prompt: io["prompt_embeds"].clone(),
+        negative: io["negative_prompt_embeds"].clone(),
+    };
+    let e = open(&eng);
+    let g = generator(e);
+    let (noise, aug) = (&io["initial_noise"], &io["inpaint_noise"]);
+    let (nv, av) = (noise.as_f32("n").unwrap(), aug.as_f32("a").unwrap());
+    let seed = 11u64;
+    let p = params(&inp, 17, 4, seed);
+    let given = V2lGenerateParams {
+        noise: nv.as_ptr(),
+        noise_len: nv.len(),
+        inpaint_noise: av.as_ptr(),
+        inpaint_noise_len: av.len(),
+        ..p
+    };
+    let rust = |noise: v2l_runtime::Tensor, inpaint: InpaintNoise, sampler| {
+        let engine = v2l_runtime::engine::Engine::open(&eng).unwrap();
+        let mut pl = Pipeline::load(engine, &Default::default()).unwrap();
+        let req = Request {
+            image: Some(inp.first_frame.clone()),
+            image_embeds: None,
+            prompt_embeds: inp.prompt.clone(),
+            negative_prompt_embeds: inp.negative.clone(),
+            frames: 17,
+            steps: 4,
+            guidance: 6.0,
+            noise,
+            lora: RequestLora::Resident,
+            sampler,
+            inpaint_noise: Some(inpaint),
+        };
+        let out = pl.generate(&req, &mut |_, _| true).unwrap();
+        v2l_runtime::video::to_rgb8(&out.frames).unwrap().rgb
+    };
+    let upstream = generate(g, &given);
+    assert_eq!(
+        upstream,
+        rust(noise.clone(), InpaintNoise::Given(aug.clone()), None),
+        "the C ABI's Fun frames differ from the Rust API's"
+    );
+    let engine = v2l_runtime::engine::Engine::open(&eng).unwrap();
+    let seeded_noise = engine.seeded_noise(17, 64, 96, seed).unwrap();
+    let seeded = generate(g, &p);
+    assert_eq!(
+        seeded,
+        rust(seeded_noise.clone(), InpaintNoise::Seeded(seed), None)
+    );
+    assert_ne!(seeded, upstream);
+    let name = c("cogvideox-ddim");
+    let other = generate(
+        g,
+        &V2lGenerateParams {
+            scheduler: name.as_ptr(),
+            ..p
+        },
+    );
+    assert_eq!(
+        other,
+        rust(
+            seeded_noise,
+            InpaintNoise::Seeded(seed),
+            Some(v2l_runtime::pipeline::Sampler::CogvideoxDdim)
+        )
+    );
+    let bad = c("euler");
+    let mut out = vec![0u8; upstream.len()];
+    let s = unsafe {
+        v2l_generator_generate(
+            g,
+            &V2lGenerateParams {
+                scheduler: bad.as_ptr(),
+                ..p
+            },
+            None,
+            null_mut(),
+            out.as_mut_ptr(),
+            out.len(),
+        )
+    };
+    fails(
+        s,
+        V2lStatus::InvalidArgument,
+        "`params.scheduler`: unknown scheduler `euler`",
+    );
+    let short = V2lGenerateParams {
+        inpaint_noise_len: av.len() - 1,
+        ..given
+    };
+    let s =
+        unsafe { v2l_generator_generate(g, &short, None, null_mut(), out.as_mut_ptr(), out.len()) };
+    fails(s, V2lStatus::BufferSize, "params.inpaint_noise_len");
+    for s in unsafe { [v2l_generator_free(g), v2l_engine_free(e)] } {
+        ok(s);
     }
 }

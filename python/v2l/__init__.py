@@ -32,7 +32,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["Engine", "Generator", "Lora", "V2lError", "Video", "library"]
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 class V2lError(RuntimeError):
@@ -45,7 +45,7 @@ class V2lError(RuntimeError):
 
 
 class _Params(ctypes.Structure):
-    # V2lGenerateParams, field for field (ABI version 3).
+    # V2lGenerateParams, field for field (ABI version 4).
     _fields_ = [
         ("frames", ctypes.c_uint32),
         ("height", ctypes.c_uint32),
@@ -67,6 +67,9 @@ class _Params(ctypes.Structure):
         ("image_embeds", ctypes.POINTER(ctypes.c_float)),
         ("image_embed_len", ctypes.c_uint32),
         ("image_embed_dim", ctypes.c_uint32),
+        ("scheduler", ctypes.c_char_p),
+        ("inpaint_noise", ctypes.POINTER(ctypes.c_float)),
+        ("inpaint_noise_len", ctypes.c_size_t),
     ]
 
 
@@ -315,12 +318,15 @@ class Generator(_Handle):
         guidance: float = 6.0,
         seed: int = 0,
         max_sequence_length: int = 0,
+        scheduler: Optional[str] = None,
         progress: Optional[Progress] = None,
     ) -> Video:
         """First frame (RGB8 bytes, height × width × 3) + prompt text → frames.
 
         Sizes the output with `v2l_generator_output_size`, then runs `v2l_generator_generate`.
-        `progress(step, steps)` is called after each denoising step; returning False cancels.
+        `scheduler` picks a CogVideoX engine's sampler (`ddim` or `cogvideox-ddim`; None: the
+        engine's default). `progress(step, steps)` is called after each denoising step;
+        returning False cancels.
         """
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed is {seed}; it must be an integer 0 to 2**64 - 1")
@@ -339,6 +345,8 @@ class Generator(_Handle):
         p.prompt = _c_text("prompt", prompt)
         p.negative_prompt = _c_text("negative_prompt", negative_prompt)
         p.max_sequence_length = max_sequence_length
+        if scheduler is not None:
+            p.scheduler = _c_text("scheduler", scheduler)
         size, n = ctypes.c_size_t(), ctypes.c_uint32()
         _check(lib.v2l_generator_output_size(self._ptr, ctypes.byref(p), ctypes.byref(size), ctypes.byref(n)))
         out = (ctypes.c_uint8 * size.value)()

@@ -285,6 +285,15 @@ impl Pipeline {
         };
         let wan = self.family.channels_first();
         let t2v = !self.kind.takes_image();
+        if let (Some(s), true) = (req.sampler, wan) {
+            return Err(invalid(
+                "scheduler",
+                format!(
+                    "`{s}`: a Wan engine ({}) samples with its flow scheduler; give none",
+                    self.kind
+                ),
+            ));
+        }
         let (h, w) = match (&req.image, t2v) {
             (Some(_), true) => {
                 return Err(invalid(

@@ -167,6 +167,9 @@ pub struct VideoParams {
     pub negative_prompt: String,
     pub max_sequence_length: usize,
     pub lora: LoraChoice,
+    /// A CogVideoX engine's sampler (`None`: the engine's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<v2l_runtime::pipeline::Sampler>,
 }
 
 /// A LoRA job's checked parameters: predict `id` from the job's decoded reference clip.
@@ -209,6 +212,7 @@ pub const VIDEO_FIELDS: &[&str] = &[
     "guidance",
     "seed",
     "fps",
+    "scheduler",
 ];
 
 pub const LORA_FIELDS: &[&str] = &["reference", "lora", "lora_scale", "height", "width"];
@@ -339,8 +343,16 @@ pub fn video(
         reference = clip;
         lora = LoraChoice::Reference { id, weight: scale };
     }
+    let scheduler = match form.text("scheduler")? {
+        None => None,
+        Some(name) => Some(
+            name.parse::<v2l_runtime::pipeline::Sampler>()
+                .map_err(|m| ApiError::field("scheduler", m))?,
+        ),
+    };
     Ok(VideoRequest {
         params: VideoParams {
+            scheduler,
             frames,
             height,
             width,

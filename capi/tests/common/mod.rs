@@ -22,7 +22,12 @@ pub fn tiny() -> PathBuf {
 /// Exports the tiny pipeline with the hypernetwork into `dir/export` and compiles it into the
 /// engine bundle `dir/engine`, which it returns.
 pub fn build_engine(dir: &Path) -> PathBuf {
-    let t = tiny();
+    build_engine_of(&tiny(), dir)
+}
+
+/// [`build_engine`] for the model folder `t` (with its hypernetwork and LiLoRA files).
+pub fn build_engine_of(t: &Path, dir: &Path) -> PathBuf {
+    let t = t.to_path_buf();
     let ex = dir.join("export");
     // As `v2l-export pipeline` does it (the same library call, the runtime's part checks).
     let out = v2l_export::pipeline::Output {
@@ -134,6 +139,9 @@ pub fn params(inp: &Inputs, frames: u32, steps: u32, seed: u64) -> V2lGeneratePa
         image_embeds: std::ptr::null(),
         image_embed_len: 0,
         image_embed_dim: 0,
+        scheduler: std::ptr::null(),
+        inpaint_noise: std::ptr::null(),
+        inpaint_noise_len: 0,
     }
 }
 
