@@ -108,8 +108,17 @@ fn fun_vae(
     dir: &std::path::Path,
     decode: v2l_export::cogvideox_vae::DecodeLoop,
 ) -> v2l_runtime::vae::Vae {
+    fun_vae_of(&fun(), dir, decode)
+}
+
+/// The VAE of the model folder `model`, exported for `decode`'s loop into `dir` and loaded.
+fn fun_vae_of(
+    model: &std::path::Path,
+    dir: &std::path::Path,
+    decode: v2l_export::cogvideox_vae::DecodeLoop,
+) -> v2l_runtime::vae::Vae {
     use v2l_export::{cogvideox_vae, Checkpoint, Manifest};
-    let ck = Checkpoint::open_dir(&fun().join("vae")).unwrap();
+    let ck = Checkpoint::open_dir(&model.join("vae")).unwrap();
     let ex = cogvideox_vae::export_for(&ck, decode).unwrap();
     v2l_graphs::save(
         &ex.encoder,
@@ -174,4 +183,90 @@ fn fun_vae_decodes_with_the_fun_frame_loop() {
     let err = stock.decode(&io["latents"]).unwrap().rel_l2(&io["decoded"]);
     eprintln!("diffusers' decode loop against the Fun VAE's: relative L2 {err:.3e}");
     assert!(err > 1e-3);
+}
+
+/// `--scheduler dpm` against diffusers' `CogVideoXDPMScheduler` (fixture `dpm_io`, made by
+/// `gen/cogvideox_dpm.py`): the schedule, the timesteps and four chained steps, first and second
+/// order, with diffusers' recorded noise draws, at `snr_shift_scale` 1 and 3.
+#[test]
+fn dpm_matches_diffusers_cogvideox_dpm_scheduler() {
+    let io = fun_io("dpm_io.safetensors");
+    for (tag, shift) in [("snr1", 1.0), ("snr3", 3.0)] {
+        let mut cfg =
+            SchedulerConfig::from_file(fun().join("scheduler/scheduler_config.json")).unwrap();
+        cfg.snr_shift_scale = shift;
+        let mut s = DdimScheduler::with_sampler(&cfg, Sampler::Dpm).unwrap();
+        let ac: Vec<f32> = s.alphas_cumprod().iter().map(|&a| a as f32).collect();
+        assert_close(
+            &format!("{tag} alphas_cumprod"),
+            &Tensor::f32(vec![ac.len()], ac),
+            &io[&format!("{tag}.alphas_cumprod")],
+            EXACT_REL_L2,
+        );
+        for n in [4usize, 50] {
+            s.set_timesteps(n).unwrap();
+            let Data::I64(want) = &io[&format!("{tag}.timesteps_{n}")].data else {
+                panic!("timesteps are int64")
+            };
+            assert_eq!(s.timesteps(), &want[..], "{tag}: {n} steps");
+        }
+        s.set_timesteps(4).unwrap();
+        let ts = s.timesteps().to_vec();
+        let mut x = io[&format!("{tag}.sample")].as_f32("x").unwrap().to_vec();
+        let mut old: Option<Vec<f32>> = None;
+        let shape = io[&format!("{tag}.sample")].shape.clone();
+        for (i, &t) in ts.iter().enumerate() {
+            let m = io[&format!("{tag}.model_output_{i}")].as_f32("m").unwrap();
+            let mut draws = 0;
+            let mut noise = |k: usize| {
+                draws += 1;
+                io[&format!("{tag}.noise_{i}_{k}")]
+                    .as_f32("z")
+                    .unwrap()
+                    .to_vec()
+            };
+            let back = i.checked_sub(1).map(|j| ts[j]);
+            let step = s
+                .step_dpm(m, t, back, &x, old.as_deref(), &mut noise)
+                .unwrap();
+            let recorded = (0..3)
+                .filter(|k| io.contains_key(&format!("{tag}.noise_{i}_{k}")))
+                .count();
+            assert_eq!(draws, recorded, "{tag} step {i}: noise draws");
+            for (name, got) in [
+                ("prev_sample", &step.prev_sample),
+                ("pred_original", &step.pred_original),
+            ] {
+                assert_close(
+                    &format!("{tag} dpm step {i} (t={t}) {name}"),
+                    &Tensor::f32(shape.clone(), got.clone()),
+                    &io[&format!("{tag}.{name}_{i}")],
+                    EXACT_REL_L2,
+                );
+            }
+            x = step.prev_sample;
+            old = Some(step.pred_original);
+        }
+    }
+}
+
+/// Variant B's Fun VAE (`cogvideox-fun-inp-tiny-b`): 13 frames at 80×64, so 4 latent frames whose
+/// last decode batch is a single, time-doubled frame, against the authors' VAE.
+#[test]
+fn fun_vae_decodes_an_even_latent_count_as_upstream() {
+    use v2l_export::cogvideox_vae::DecodeLoop;
+    let b = fixtures().join("cogvideox-fun-inp-tiny-b");
+    let io = v2l_runtime::read_safetensors(&b.join("vae_io.safetensors")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let mut vae = fun_vae_of(&b, d.path(), DecodeLoop::Fun);
+    let (mean, _) = vae.encode(&io["video"]).unwrap();
+    assert_close("B posterior_mean", &mean, &io["posterior_mean"], F32_REL_L2);
+    assert_eq!(io["latents"].shape[2], 4);
+    let decoded = vae.decode(&io["latents"]).unwrap();
+    assert_close(
+        "B decoded (4 latent frames)",
+        &decoded,
+        &io["decoded"],
+        F32_REL_L2,
+    );
 }

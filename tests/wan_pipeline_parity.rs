@@ -107,6 +107,7 @@ fn check(variant: &str, transformer: &str, clip: bool) {
         lora: RequestLora::Base,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     };
     let g = p.generate(&req, &mut |_, _| true).unwrap();
     for (i, lat) in g.latents_steps.iter().enumerate() {
@@ -160,6 +161,7 @@ fn wan_requests_that_do_not_fit_the_engine_are_refused_by_name() {
         lora: RequestLora::Base,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     };
     let err = p
         .generate(&req, &mut |_, _| true)

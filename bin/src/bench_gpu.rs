@@ -378,6 +378,7 @@ fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Req
         lora: RequestLora::Resident,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     })
 }
 

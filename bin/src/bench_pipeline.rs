@@ -106,6 +106,7 @@ pub fn bench_pipeline(
         lora: v2l_runtime::pipeline::RequestLora::Resident,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     };
 
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();

@@ -286,6 +286,7 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
             lora: v2l_runtime::pipeline::RequestLora::Resident,
             sampler: None,
             inpaint_noise: None,
+            seed: None,
         };
         let mut v = Vec::new();
         for i in 0..repeat.max(2) {

@@ -60,6 +60,7 @@ fn trained_model_matches_diffusers() {
         lora: RequestLora::Resident,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     };
     // Latents after every step, then the decoded frames, with the LoRA off and with each
     // reference clip's LoRA (predicted by the exported hypernetwork from the clip's frames).

@@ -1,19 +1,31 @@
 //! Video2LoRA's released pipeline end to end: a CogVideoX-Fun-InP model folder made by the
 //! authors' own classes (fixture `cogvideox-fun-inp-tiny`, VideoX-Fun's
 //! `CogVideoXFunInpaintPipeline` with `DDIM_Origin`), exported, compiled and run, without and
-//! with the reference clip's LiLoRA.
+//! with the reference clip's LiLoRA. Variant B (`cogvideox-fun-inp-tiny-b`, the same script at
+//! other shapes) has an even latent frame count, a fractional RoPE crop region, a portrait
+//! reference and `lora_weight` 0.7.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use v2l_runtime::engine::Engine;
-use v2l_runtime::pipeline::{InpaintNoise, Pipeline, PipelineKind, Request, RequestLora};
+use v2l_runtime::pipeline::{Pipeline, PipelineKind, Request, RequestLora};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
 use crate::common::{self, frames_of};
 
 pub fn fun() -> PathBuf {
     common::tiny().join("../cogvideox-fun-inp-tiny")
+}
+
+/// The variant's generation settings (`variant.json`): frames and `lora_weight`.
+fn variant(dir: &std::path::Path) -> (usize, f32) {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("variant.json")).unwrap()).unwrap();
+    (
+        v["frames"].as_u64().unwrap() as usize,
+        v["lora_weight"].as_f64().unwrap() as f32,
+    )
 }
 
 /// Mean absolute error.
@@ -27,21 +39,22 @@ fn mae(a: &Tensor, b: &Tensor) -> f64 {
         / a.len() as f64
 }
 
-/// The fixture's request as `predict_i2v.py` runs it: 17 frames at 64×96, 4 steps, CFG 6,
-/// upstream's initial and augmentation noise.
-fn request(io: &BTreeMap<String, Tensor>) -> Request {
+/// The fixture's request as `predict_i2v.py` runs it: `frames` frames at the first frame's
+/// size, 4 steps, CFG 6, upstream's initial and augmentation noise.
+fn request(io: &BTreeMap<String, Tensor>, frames: usize) -> Request {
     Request {
         image: Some(frames_of(&io["first_frame_u8"])),
         image_embeds: None,
         prompt_embeds: io["prompt_embeds"].clone(),
         negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
+        frames,
         steps: 4,
         guidance: 6.0,
         noise: io["initial_noise"].clone(),
         lora: RequestLora::Base,
         sampler: None,
-        inpaint_noise: Some(InpaintNoise::Given(io["inpaint_noise"].clone())),
+        inpaint_noise: Some(io["inpaint_noise"].clone()),
+        seed: None,
     }
 }
 
@@ -57,23 +70,42 @@ fn check_steps(tag: &str, got: &[Tensor], io: &BTreeMap<String, Tensor>) {
 #[test]
 fn fun_inpaint_pipeline_matches_the_authors_code() {
     let d = tempfile::tempdir().unwrap();
-    let eng = common::engine_of(&fun(), d.path(), &[]);
+    let (eng, io) = library_matches(&fun(), d.path());
+    v2l_run_runs_the_fun_request(&eng, d.path(), &io);
+}
+
+/// Variant B: 13 frames (4 latent frames: the Fun VAE's last decode batch is one frame), an
+/// 80×64 portrait video whose RoPE crop region is fractional, a 72×40 reference, weight 0.7.
+#[test]
+fn fun_inpaint_variant_b_matches_the_authors_code() {
+    let d = tempfile::tempdir().unwrap();
+    library_matches(&fun().join("../cogvideox-fun-inp-tiny-b"), d.path());
+}
+
+/// Exports and compiles the fixture `dir`, then checks every step, the frames and the
+/// prediction against upstream, without and with the reference (resized and at its source
+/// size). Returns the engine and the fixture's tensors.
+fn library_matches(
+    dir: &std::path::Path,
+    tmp: &std::path::Path,
+) -> (PathBuf, BTreeMap<String, Tensor>) {
+    let (frames, lora_weight) = variant(dir);
+    let eng = common::engine_of(dir, tmp, &[]);
     let engine = Engine::open(&eng).unwrap();
     assert_eq!(
         engine.pipeline_kind().unwrap(),
         PipelineKind::CogvideoxFunInpaint
     );
-    let io = read_safetensors(&fun().join("e2e_io.safetensors")).unwrap();
+    let io = read_safetensors(&dir.join("e2e_io.safetensors")).unwrap();
     let mut p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
 
-    let mut req = request(&io);
+    let mut req = request(&io, frames);
     let base = p.generate(&req, &mut |_, _| true).unwrap();
     check_steps("base", &base.latents_steps, &io);
     let m = mae(&base.frames, &io["base_frames_fhwc"]);
     eprintln!("base frames: mean absolute error {m:.3e} (bound 2e-3)");
     assert!(m <= 2e-3);
 
-    let lora_weight = 1.0;
     req.lora = RequestLora::Reference(frames_of(&io["reference_u8"]), lora_weight);
     let lora = p.generate(&req, &mut |_, _| true).unwrap();
     for (name, got) in [
@@ -106,8 +138,7 @@ fn fun_inpaint_pipeline_matches_the_authors_code() {
         );
         assert!(err <= 5e-3);
     }
-    drop(p);
-    v2l_run_runs_the_fun_request(&eng, d.path(), &io);
+    (eng, io)
 }
 
 /// `v2l-run` with upstream's noise (`initial_noise` + `inpaint_noise`), the prompt embeddings
@@ -218,4 +249,13 @@ fn v2l_run_runs_the_fun_request(
     let (c, json) = run(&["--seed", "7", "--scheduler", "cogvideox-ddim"], "c.mp4");
     assert_eq!(json["scheduler"], "cogvideox-ddim");
     assert!(c["latents_step0"] != a["latents_step0"]);
+    // dpm draws its step noise from the seed: reproducible, and another sampler.
+    let (e, json) = run(&["--seed", "7", "--scheduler", "dpm"], "e.mp4");
+    let (f, _) = run(&["--seed", "7", "--scheduler", "dpm"], "f.mp4");
+    assert_eq!(json["scheduler"], "dpm");
+    assert!(
+        e["frames"] == f["frames"],
+        "dpm: same seed, different frames"
+    );
+    assert!(e["latents_step1"] != a["latents_step1"]);
 }

@@ -136,7 +136,8 @@ typedef struct V2lGenerateParams {
   uint32_t image_embed_len;
   uint32_t image_embed_dim;
   // The sampler of a CogVideoX engine, as UTF-8 NUL-terminated text: `ddim` (diffusers'
-  // `DDIMScheduler`, VideoX-Fun's `DDIM_Origin`) or `cogvideox-ddim`; NULL for the engine's
+  // `DDIMScheduler`, VideoX-Fun's `DDIM_Origin`), `cogvideox-ddim` or `dpm`
+  // (`CogVideoXDPMScheduler`, its step noise drawn from `seed`); NULL for the engine's
   // default (`ddim` for CogVideoX-Fun-InP, `cogvideox-ddim` for diffusers' I2V). Wan
   // engines take NULL. Added in ABI version 4.
   const char *scheduler;

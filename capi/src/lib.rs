@@ -140,7 +140,8 @@ pub struct V2lGenerateParams {
     pub image_embed_len: u32,
     pub image_embed_dim: u32,
     /// The sampler of a CogVideoX engine, as UTF-8 NUL-terminated text: `ddim` (diffusers'
-    /// `DDIMScheduler`, VideoX-Fun's `DDIM_Origin`) or `cogvideox-ddim`; NULL for the engine's
+    /// `DDIMScheduler`, VideoX-Fun's `DDIM_Origin`), `cogvideox-ddim` or `dpm`
+    /// (`CogVideoXDPMScheduler`, its step noise drawn from `seed`); NULL for the engine's
     /// default (`ddim` for CogVideoX-Fun-InP, `cogvideox-ddim` for diffusers' I2V). Wan
     /// engines take NULL. Added in ABI version 4.
     pub scheduler: *const c_char,
@@ -1167,7 +1168,7 @@ pub unsafe extern "C" fn v2l_generator_generate(
             )
         };
         let inpaint_noise = if p.inpaint_noise.is_null() {
-            v2l_runtime::pipeline::InpaintNoise::Seeded(p.seed)
+            None
         } else {
             let shape = vec![1, 3, p.frames as usize, p.height as usize, p.width as usize];
             let need = product(&shape, "inpaint_noise")?;
@@ -1181,7 +1182,7 @@ pub unsafe extern "C" fn v2l_generator_generate(
                 ));
             }
             let v = input(p.inpaint_noise, need, "params.inpaint_noise")?.to_vec();
-            v2l_runtime::pipeline::InpaintNoise::Given(Tensor::f32(shape, v))
+            Some(Tensor::f32(shape, v))
         };
         let req = Request {
             image,
@@ -1194,7 +1195,8 @@ pub unsafe extern "C" fn v2l_generator_generate(
             noise,
             lora: v2l_runtime::pipeline::RequestLora::Resident,
             sampler,
-            inpaint_noise: Some(inpaint_noise),
+            inpaint_noise,
+            seed: Some(p.seed),
         };
 
         let mut pipeline = lock(&g)?;

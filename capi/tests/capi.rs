@@ -1010,7 +1010,7 @@ fn wan_generates_through_the_c_abi() {
 /// frames bitwise; `params.scheduler` picks the sampler and a bad name is refused by name.
 #[test]
 fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
-    use v2l_runtime::pipeline::{InpaintNoise, Pipeline, Request, RequestLora};
+    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
     let fun = tiny().join("../cogvideox-fun-inp-tiny");
     let d = tempfile::tempdir().unwrap();
     let eng = build_engine_of(&fun, d.path());
@@ -1034,7 +1034,7 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
         inpaint_noise_len: av.len(),
         ..p
     };
-    let rust = |noise: v2l_runtime::Tensor, inpaint: InpaintNoise, sampler| {
+    let rust = |noise: v2l_runtime::Tensor, inpaint: Option<v2l_runtime::Tensor>, sampler| {
         let engine = v2l_runtime::engine::Engine::open(&eng).unwrap();
         let mut pl = Pipeline::load(engine, &Default::default()).unwrap();
         let req = Request {
@@ -1048,7 +1048,8 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
             noise,
             lora: RequestLora::Resident,
             sampler,
-            inpaint_noise: Some(inpaint),
+            inpaint_noise: inpaint,
+            seed: Some(seed),
         };
         let out = pl.generate(&req, &mut |_, _| true).unwrap();
         v2l_runtime::video::to_rgb8(&out.frames).unwrap().rgb
@@ -1056,16 +1057,13 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
     let upstream = generate(g, &given);
     assert_eq!(
         upstream,
-        rust(noise.clone(), InpaintNoise::Given(aug.clone()), None),
+        rust(noise.clone(), Some(aug.clone()), None),
         "the C ABI's Fun frames differ from the Rust API's"
     );
     let engine = v2l_runtime::engine::Engine::open(&eng).unwrap();
     let seeded_noise = engine.seeded_noise(17, 64, 96, seed).unwrap();
     let seeded = generate(g, &p);
-    assert_eq!(
-        seeded,
-        rust(seeded_noise.clone(), InpaintNoise::Seeded(seed), None)
-    );
+    assert_eq!(seeded, rust(seeded_noise.clone(), None, None));
     assert_ne!(seeded, upstream);
     let name = c("cogvideox-ddim");
     let other = generate(
@@ -1079,7 +1077,7 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
         other,
         rust(
             seeded_noise,
-            InpaintNoise::Seeded(seed),
+            None,
             Some(v2l_runtime::pipeline::Sampler::CogvideoxDdim)
         )
     );

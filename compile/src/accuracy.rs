@@ -249,6 +249,7 @@ pub fn generation_accuracy(
         lora: RequestLora::Base,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     };
     let opts = SessionOptions {
         keep_weight_casts: true,

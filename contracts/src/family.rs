@@ -141,15 +141,20 @@ pub enum Sampler {
     Ddim,
     /// diffusers' `CogVideoXDDIMScheduler` (the stock CogVideoX pipelines' sampler).
     CogvideoxDdim,
+    /// diffusers' `CogVideoXDPMScheduler`, what CogVideoX's authors recommend for 5B: a
+    /// second-order DPM-Solver++ step on the same schedule, which draws fresh noise every step
+    /// (from the request's seed in v2l).
+    Dpm,
 }
 
 impl Sampler {
-    pub const ALL: [Sampler; 2] = [Sampler::Ddim, Sampler::CogvideoxDdim];
+    pub const ALL: [Sampler; 3] = [Sampler::Ddim, Sampler::CogvideoxDdim, Sampler::Dpm];
 
     pub fn name(self) -> &'static str {
         match self {
             Sampler::Ddim => "ddim",
             Sampler::CogvideoxDdim => "cogvideox-ddim",
+            Sampler::Dpm => "dpm",
         }
     }
 
@@ -284,7 +289,7 @@ mod tests {
         }
         assert_eq!(
             "dpm-x".parse::<Sampler>().unwrap_err(),
-            "unknown scheduler `dpm-x` (one of: ddim, cogvideox-ddim)"
+            "unknown scheduler `dpm-x` (one of: ddim, cogvideox-ddim, dpm)"
         );
         assert_eq!("ddim".parse::<Sampler>(), Ok(Sampler::Ddim));
     }

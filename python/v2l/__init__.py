@@ -324,7 +324,7 @@ class Generator(_Handle):
         """First frame (RGB8 bytes, height × width × 3) + prompt text → frames.
 
         Sizes the output with `v2l_generator_output_size`, then runs `v2l_generator_generate`.
-        `scheduler` picks a CogVideoX engine's sampler (`ddim` or `cogvideox-ddim`; None: the
+        `scheduler` picks a CogVideoX engine's sampler (`ddim`, `cogvideox-ddim` or `dpm`; None: the
         engine's default). `progress(step, steps)` is called after each denoising step;
         returning False cancels.
         """

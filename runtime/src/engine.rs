@@ -46,6 +46,18 @@ impl Engine {
             });
         }
         let manifest = Manifest::read(&dir)?;
+        // An unknown transformer class is never run as CogVideoX; a recorded pipeline kind must
+        // agree with the channels it was derived from.
+        let bad_manifest = |message| RuntimeError::BadFile {
+            path: dir.join(v2l_contracts::manifest::FILE_NAME),
+            message,
+        };
+        if let Some(d) = &manifest.dit {
+            d.family().map_err(bad_manifest)?;
+        }
+        if manifest.pipeline.is_some() {
+            manifest.pipeline_kind().map_err(bad_manifest)?;
+        }
         let bundle = crate::bundle::verify(&dir)?;
         if let Some(b) = &bundle {
             b.check_parts_listed(&manifest.parts(), &dir.join(crate::bundle::FILE_NAME))?;
@@ -399,4 +411,60 @@ impl Engine {
 /// weights reach their layers through a Cast each.
 fn stored_below_f32(weight_dtype: &str) -> bool {
     weight_dtype != v2l_graphs::DType::F32.name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(dir: &Path, class: &str, in_channels: usize, pipeline: &str) {
+        let text = format!(
+            r#"{{"format_version": 1, {pipeline} "dit": {{"file": "dit.onnx", "class_name": "{class}",
+            "weight_dtype": "f32", "patch_size": 2, "attention_head_dim": 16,
+            "in_channels": {in_channels}, "out_channels": 16, "text_embed_dim": 32,
+            "config": {{}}, "lora_targets": []}}}}"#
+        );
+        std::fs::write(dir.join("manifest.json"), text).unwrap();
+    }
+
+    #[test]
+    fn unknown_classes_and_kinds_that_disagree_are_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        manifest(d.path(), "UNet2DConditionModel", 32, "");
+        let e = Engine::open(d.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("UNet2DConditionModel") && e.contains("manifest.json"),
+            "{e}"
+        );
+        manifest(
+            d.path(),
+            "CogVideoXTransformer3DModel",
+            32,
+            r#""pipeline": "cogvideox-fun-inpaint","#,
+        );
+        let e = Engine::open(d.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("cogvideox-fun-inpaint") && e.contains("cogvideox-i2v"),
+            "{e}"
+        );
+        manifest(
+            d.path(),
+            "CogVideoXTransformer3DModel",
+            33,
+            r#""pipeline": "cogvideox-fun-inpaint","#,
+        );
+        let e = Engine::open(d.path()).unwrap();
+        assert_eq!(
+            e.pipeline_kind().unwrap(),
+            v2l_contracts::PipelineKind::CogvideoxFunInpaint
+        );
+        manifest(d.path(), "CogVideoXTransformer3DModel", 20, "");
+        let e = Engine::open(d.path())
+            .unwrap()
+            .pipeline_kind()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("in_channels = 20"), "{e}");
+    }
 }

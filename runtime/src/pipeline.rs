@@ -58,20 +58,13 @@ pub struct Request {
     /// The CogVideoX sampler (`None`: the pipeline kind's default, [`Sampler::default_for`]).
     /// Wan engines take none.
     pub sampler: Option<Sampler>,
-    /// CogVideoX-Fun-InP: the augmentation noise of the conditioning clip. Front ends pass
-    /// [`InpaintNoise::Seeded`] with the request's seed; other kinds ignore it.
-    pub inpaint_noise: Option<InpaintNoise>,
-}
-
-/// The noise VideoX-Fun adds to an inpaint model's conditioning clip
-/// (`add_noise_to_reference_video`, `noise_aug_strength` 0.0563).
-#[derive(Clone, Debug)]
-pub enum InpaintNoise {
-    /// ε drawn from v2l's generator with this seed, scaled and zeroed where the pixel is -1.
-    Seeded(u64),
-    /// The noise itself `[1, 3, F, H, W]`, already scaled and zero where the pixel is -1, added
-    /// as given (parity with an upstream run: `--noise FILE`'s `inpaint_noise`).
-    Given(Tensor),
+    /// CogVideoX-Fun-InP: the conditioning clip's augmentation noise `[1, 3, F, H, W]` as
+    /// upstream adds it (scaled, zero where the pixel is -1), for parity with an upstream run
+    /// (`--noise FILE`'s `inpaint_noise`); `None`: drawn from `seed`. Other kinds ignore it.
+    pub inpaint_noise: Option<Tensor>,
+    /// Seeds what the pipeline draws beyond the initial `noise`: Fun-InP's augmentation noise
+    /// (unless given) and the `dpm` sampler's step noise. Front ends pass the request's seed.
+    pub seed: Option<u64>,
 }
 
 /// The LoRA a request runs with. Whatever it is, it holds for that request only: afterwards the

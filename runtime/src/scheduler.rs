@@ -239,6 +239,8 @@ impl DdimScheduler {
     /// The diffusers class `sampler` names, built from `cfg` as `from_pretrained` does.
     pub fn with_sampler(cfg: &SchedulerConfig, sampler: Sampler) -> Result<Self> {
         let mut s = Self::cogvideox(cfg)?;
+        // `CogVideoXDPMScheduler` builds the same schedule as `CogVideoXDDIMScheduler`.
+        s.sampler = sampler;
         if sampler == Sampler::Ddim {
             let ac = plain_alphas_cumprod(cfg);
             s.final_alpha_cumprod = if cfg.set_alpha_to_one {
@@ -448,8 +450,17 @@ impl DdimScheduler {
                 ),
             });
         }
-        if self.sampler == Sampler::Ddim {
-            return self.step_plain(model_output, t, sample);
+        match self.sampler {
+            Sampler::Ddim => return self.step_plain(model_output, t, sample),
+            Sampler::Dpm => {
+                return Err(RuntimeError::Invalid {
+                    what: "DPM step".into(),
+                    message:
+                        "the dpm sampler steps with `step_dpm` (it needs the previous x̂₀ and noise)"
+                            .into(),
+                })
+            }
+            Sampler::CogvideoxDdim => {}
         }
         let [sqrt_a, sqrt_b, a_t, b_t] = self.coefficients(t)?;
         let prediction = self.prediction;
@@ -516,6 +527,117 @@ impl DdimScheduler {
                 sap * x0 + dir * eps
             })
             .collect())
+    }
+}
+
+/// One step of `CogVideoXDPMScheduler` and what the next step needs.
+pub struct DpmStep {
+    /// `prev_sample`.
+    pub prev_sample: Vec<f32>,
+    /// `pred_original_sample` (x̂₀), the next step's `old_pred_original_sample`.
+    pub pred_original: Vec<f32>,
+}
+
+impl DdimScheduler {
+    /// `CogVideoXDPMScheduler.step(model_output, old_pred_original_sample, t, t_back, sample)`:
+    /// DPM-Solver++ in λ = log √(ᾱ / (1 − ᾱ)), first order on the first and the last step,
+    /// second order (with `old_x0` from the step at `t_back`) between. It draws one noise tensor
+    /// per step, a second one on second-order steps (the first is then unused, as in diffusers):
+    /// `noise(k)` gives draw `k` of this step, `sample.len()` standard normal values.
+    ///
+    /// The coefficients are computed in float64 (diffusers' `scaled_linear` schedule is float64)
+    /// and meet the float32 tensors as float32, one rounding per elementwise operation.
+    pub fn step_dpm(
+        &self,
+        model_output: &[f32],
+        t: i64,
+        t_back: Option<i64>,
+        sample: &[f32],
+        old_x0: Option<&[f32]>,
+        noise: &mut dyn FnMut(usize) -> Vec<f32>,
+    ) -> Result<DpmStep> {
+        let bad = |message: String| RuntimeError::Invalid {
+            what: "DPM step".into(),
+            message,
+        };
+        if model_output.len() != sample.len() || old_x0.is_some_and(|o| o.len() != sample.len()) {
+            return Err(bad(format!(
+                "model_output has {} values, sample {}",
+                model_output.len(),
+                sample.len()
+            )));
+        }
+        let steps = self
+            .num_inference_steps
+            .ok_or_else(|| bad("set_timesteps was not called".into()))?;
+        let n = self.num_train_timesteps as i64;
+        let alpha = |i: i64| -> Result<f64> {
+            let k = if i < 0 { i + n } else { i };
+            usize::try_from(k)
+                .ok()
+                .and_then(|k| self.alphas_cumprod.get(k).copied())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "timestep {i} is out of range for {n} training timesteps"
+                    ))
+                })
+        };
+        let prev_t = t - (self.num_train_timesteps / steps) as i64;
+        let a = alpha(t)?;
+        let ap = if prev_t >= 0 {
+            alpha(prev_t)?
+        } else {
+            self.final_alpha_cumprod
+        };
+        let back = t_back.map(alpha).transpose()?;
+        let lambda = |x: f64| (x / (1.0 - x)).sqrt().ln();
+        let h = lambda(ap) - lambda(a);
+        let m0 = (((1.0 - ap) / (1.0 - a)).sqrt() * (-h).exp()) as f32;
+        let m1 = ((-2.0 * h).exp_m1() * ap.sqrt()) as f32;
+        let mn = ((1.0 - ap).sqrt() * (1.0 - (-2.0 * h).exp()).sqrt()) as f32;
+        let (sa, sb) = (a.sqrt() as f32, (1.0 - a).sqrt() as f32);
+        let x0: Vec<f32> = model_output
+            .iter()
+            .zip(sample)
+            .map(|(&m, &x)| match self.prediction {
+                Prediction::Epsilon => (x - sb * m) / sa,
+                Prediction::VPrediction => sa * x - sb * m,
+                Prediction::Sample => m,
+            })
+            .collect();
+        let advance = |d: &[f32], z: &[f32]| -> Vec<f32> {
+            sample
+                .iter()
+                .zip(d)
+                .zip(z)
+                .map(|((&x, &d), &z)| (m0 * x - m1 * d) + mn * z)
+                .collect()
+        };
+        let checked = |z: Vec<f32>| -> Result<Vec<f32>> {
+            if z.len() == sample.len() {
+                Ok(z)
+            } else {
+                Err(bad(format!(
+                    "the step noise has {} values, sample {}",
+                    z.len(),
+                    sample.len()
+                )))
+            }
+        };
+        let first = checked(noise(0))?;
+        let prev_sample = match (old_x0, back) {
+            (Some(old), Some(ab)) if prev_t >= 0 => {
+                let r = (lambda(a) - lambda(ab)) / h;
+                let (m2, m3) = ((1.0 + 1.0 / (2.0 * r)) as f32, (1.0 / (2.0 * r)) as f32);
+                let d: Vec<f32> = x0.iter().zip(old).map(|(&x, &o)| m2 * x - m3 * o).collect();
+                advance(&d, &checked(noise(1))?)
+            }
+            _ => advance(&x0, &first),
+        };
+        Ok(DpmStep {
+            prev_sample,
+            pred_original: x0,
+        })
     }
 }
 

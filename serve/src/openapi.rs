@@ -95,7 +95,7 @@ pub fn document(d: &Described) -> Value {
                     "height": side(facts.default_height), "width": side(facts.default_width),
                     "steps": steps.clone(), "guidance": {"type": "number", "default": 6.0, "description": "Finite, within ±1e4."},
                     "seed": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0}, "fps": {"type": "integer", "minimum": 1, "maximum": 240, "default": 8},
-                    "scheduler": {"type": "string", "enum": ["ddim", "cogvideox-ddim"], "description": "A CogVideoX engine's sampler: `ddim` (diffusers' DDIMScheduler, VideoX-Fun's DDIM_Origin) or `cogvideox-ddim` (default: the engine's; Wan engines take none)."}}},
+                    "scheduler": {"type": "string", "enum": ["ddim", "cogvideox-ddim", "dpm"], "description": "A CogVideoX engine's sampler: `ddim` (diffusers' DDIMScheduler, VideoX-Fun's DDIM_Origin), `cogvideox-ddim` or `dpm` (CogVideoXDPMScheduler; its step noise comes from `seed`). Default: the engine's; Wan engines take none."}}},
                 "LoraForm": {"type": "object",
                     "oneOf": [{"required": ["reference"]}, {"required": ["lora"]}],
                     "description": "`reference` (a clip to predict from) or `lora` (a file to store): exactly one.",

@@ -15,7 +15,7 @@ use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::format::{Lora, LoraFormat};
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{InpaintNoise, Pipeline, Request, RequestLora};
+use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::session::SessionOptions;
 use v2l_runtime::text::prompt::PromptEncoder;
 use v2l_runtime::RuntimeError;
@@ -434,7 +434,8 @@ impl Worker {
                 .seeded_noise(p.frames, p.height, p.width, p.seed)?,
             lora,
             sampler: p.scheduler,
-            inpaint_noise: Some(InpaintNoise::Seeded(p.seed)),
+            inpaint_noise: None,
+            seed: Some(p.seed),
         })
     }
 

@@ -124,8 +124,9 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 6.0, allow_negative_numbers = true)]
     guidance: f32,
     /// Seed of v2l's Gaussian noise (the same seed gives the same video); generation needs
-    /// --seed or --noise
-    #[arg(long, conflicts_with = "noise")]
+    /// --seed or --noise. With --noise it seeds only what the file does not hold (a Fun-InP
+    /// model's augmentation noise, the dpm sampler's step noise)
+    #[arg(long)]
     seed: Option<u64>,
     /// safetensors with `initial_noise [1, f, 16, h, w]` (e.g. torch's, for exact comparisons);
     /// for a CogVideoX-Fun-InP engine it may also hold `inpaint_noise [1, 3, F, H, W]`, the
@@ -133,9 +134,10 @@ struct GenerateArgs {
     #[arg(long)]
     noise: Option<PathBuf>,
     /// Sampler of a CogVideoX engine: `ddim` (diffusers' DDIMScheduler, VideoX-Fun's
-    /// DDIM_Origin; the default for CogVideoX-Fun-InP engines) or `cogvideox-ddim`
-    /// (CogVideoXDDIMScheduler; the default for diffusers' CogVideoX I2V). Wan engines use
-    /// their flow sampler
+    /// DDIM_Origin; the default for CogVideoX-Fun-InP engines), `cogvideox-ddim`
+    /// (CogVideoXDDIMScheduler; the default for diffusers' CogVideoX I2V) or `dpm`
+    /// (CogVideoXDPMScheduler, for fewer steps; its step noise comes from --seed). Wan engines
+    /// use their flow sampler
     #[arg(long, value_name = "NAME")]
     scheduler: Option<v2l_runtime::pipeline::Sampler>,
     /// Sample the VAE posterior with this seed (first frame and reference) instead of its mode
@@ -603,7 +605,7 @@ fn generate(
     opts: &SessionOptions,
 ) -> Result<(), Failure> {
     use std::io::IsTerminal;
-    use v2l_runtime::pipeline::{InpaintNoise, Pipeline, PipelineKind, Request, RequestLora};
+    use v2l_runtime::pipeline::{Pipeline, PipelineKind, Request, RequestLora};
     use v2l_runtime::video;
     if g.prompt.is_none() && g.prompt_embeds.is_none() {
         return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE"));
@@ -770,6 +772,8 @@ fn generate(
             eprintln!("warning: {warning}");
         }
     }
+    // --noise gives the initial noise (and a Fun-InP model's augmentation noise, if it holds
+    // it); --seed seeds everything else the pipeline draws, or all of it without --noise.
     let (noise, inpaint_noise) = match (&g.noise, g.seed) {
         (Some(p), _) => {
             let mut file = read_safetensors(p)?;
@@ -779,12 +783,9 @@ fn generate(
                     name: "initial_noise".into(),
                 })
             })?;
-            (noise, file.remove("inpaint_noise").map(InpaintNoise::Given))
+            (noise, file.remove("inpaint_noise"))
         }
-        (None, Some(seed)) => (
-            checked.seeded_noise(&dir, seed)?,
-            Some(InpaintNoise::Seeded(seed)),
-        ),
+        (None, Some(seed)) => (checked.seeded_noise(&dir, seed)?, None),
         (None, None) => unreachable!("checked above"),
     };
     let t_load = std::time::Instant::now();
@@ -821,6 +822,7 @@ fn generate(
         lora,
         sampler: g.scheduler,
         inpaint_noise,
+        seed: g.seed,
     };
     let bar = !g.quiet && std::io::stderr().is_terminal();
     let started = std::time::Instant::now();

@@ -95,6 +95,7 @@ pub fn cogvideox_request(
         lora: v2l_runtime::pipeline::RequestLora::Resident,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     }
 }
 
@@ -115,5 +116,6 @@ pub fn wan_t2v_request(
         lora: v2l_runtime::pipeline::RequestLora::Resident,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     }
 }

@@ -279,6 +279,7 @@ pub fn rust_generate(
         lora: request_lora,
         sampler: None,
         inpaint_noise: None,
+        seed: None,
     };
     let gen = p.generate(&req, &mut |_, _| true).unwrap();
     v2l_runtime::video::to_rgb8(&gen.frames).unwrap().rgb

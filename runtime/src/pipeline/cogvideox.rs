@@ -60,6 +60,7 @@ impl FamilySteps for CogVideoX {
                     req.frames,
                     self.add_noise,
                     req.inpaint_noise.as_ref(),
+                    req.seed,
                     shape,
                 )?,
                 shape.channels + 1,
@@ -176,9 +177,17 @@ fn lane(
         .iter()
         .map(|v| v * sigma)
         .collect();
+    if sampler == Sampler::Dpm && req.seed.is_none() {
+        return Err(RuntimeError::Invalid {
+            what: "scheduler".into(),
+            message: "`dpm` draws fresh noise every step: give the request a seed".into(),
+        });
+    }
     let ddim = Ddim {
         timesteps: sched.timesteps().to_vec(),
         sched,
+        old_x0: None,
+        seed: req.seed.unwrap_or(0),
         image_latents: cond.latents,
         cond_channels: cond.channels,
         dims: [shape.frames, shape.channels, shape.height, shape.width],
@@ -199,6 +208,10 @@ struct Ddim {
     image_latents: Vec<f32>,
     /// Channels of `image_latents` per frame.
     cond_channels: usize,
+    /// `dpm`: the previous step's x̂₀.
+    old_x0: Option<Vec<f32>>,
+    /// `dpm`: the request's seed, for its step noise.
+    seed: u64,
     /// Latent frames, channels, height, width.
     dims: [usize; 4],
 }
@@ -240,8 +253,35 @@ impl Sampling for Ddim {
 
     fn step(&mut self, prediction: &[f32], i: usize, latents: &[f32]) -> Result<Vec<f32>> {
         let t = self.timestep(i)?;
-        self.sched.step(prediction, t, latents)
+        if self.sched.sampler() != Sampler::Dpm {
+            return self.sched.step(prediction, t, latents);
+        }
+        // As diffusers' CogVideoX pipelines call it: the previous timestep as `timestep_back`.
+        let back = match i {
+            0 => None,
+            _ => Some(self.timestep(i - 1)?),
+        };
+        let n = latents.len();
+        let seed = self.seed;
+        let mut noise = |k: usize| v2l_contracts::noise::gaussian(n, dpm_noise_seed(seed, i, k));
+        let s = self.sched.step_dpm(
+            prediction,
+            t,
+            back,
+            latents,
+            self.old_x0.as_deref(),
+            &mut noise,
+        )?;
+        self.old_x0 = Some(s.pred_original);
+        Ok(s.prev_sample)
     }
+}
+
+/// The seed of draw `k` of step `i` of the `dpm` sampler's noise for a request seeded `seed`:
+/// a stream of its own, apart from the initial and the augmentation noise.
+fn dpm_noise_seed(seed: u64, i: usize, k: usize) -> u64 {
+    const DPM_STREAM: u64 = 0x4450_4D2B_2B32_4D21; // "DPM++2M!"
+    (seed ^ DPM_STREAM).wrapping_add(((2 * i + k) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// Step 4: latents `[1, lf, C, h, w]` → `[1, C, lf, h, w]` / scaling factor → VAE.

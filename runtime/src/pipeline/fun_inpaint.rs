@@ -16,7 +16,7 @@ use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
 
-use super::{InpaintNoise, LatentShape};
+use super::LatentShape;
 
 /// `noise_aug_strength`, `CogVideoXFunInpaintPipeline.__call__`'s default.
 pub const NOISE_AUG_STRENGTH: f32 = 0.0563;
@@ -45,10 +45,16 @@ fn conditioning_clip(image: &Frames, frames: usize) -> Result<Tensor> {
     ))
 }
 
-/// The augmentation noise as upstream adds it: `0.0563 · ε`, zero where the pixel is -1.
-fn augmentation(clip: &[f32], shape: &[usize], noise: &InpaintNoise) -> Result<Vec<f32>> {
-    match noise {
-        InpaintNoise::Given(t) => {
+/// The augmentation noise as upstream adds it: `0.0563 · ε`, zero where the pixel is -1; the
+/// request's own (`given`) or ε drawn from `seed`.
+fn augmentation(
+    clip: &[f32],
+    shape: &[usize],
+    given: Option<&Tensor>,
+    seed: Option<u64>,
+) -> Result<Vec<f32>> {
+    match (given, seed) {
+        (Some(t), _) => {
             if t.shape != shape {
                 return Err(RuntimeError::Invalid {
                     what: "inpaint_noise".into(),
@@ -62,7 +68,7 @@ fn augmentation(clip: &[f32], shape: &[usize], noise: &InpaintNoise) -> Result<V
             crate::error::check_finite(|| "inpaint_noise".into(), v)?;
             Ok(v.to_vec())
         }
-        InpaintNoise::Seeded(seed) => {
+        (None, Some(seed)) => {
             let eps = v2l_contracts::noise::gaussian(clip.len(), seed ^ AUGMENTATION_STREAM);
             Ok(clip
                 .iter()
@@ -76,6 +82,12 @@ fn augmentation(clip: &[f32], shape: &[usize], noise: &InpaintNoise) -> Result<V
                 })
                 .collect())
         }
+        (None, None) => Err(RuntimeError::Invalid {
+            what: "inpaint_noise".into(),
+            message: "this CogVideoX-Fun-InP model adds noise to its conditioning clip \
+                      (`add_noise_in_inpaint_model`): give the request a seed or the noise"
+                .into(),
+        }),
     }
 }
 
@@ -85,19 +97,14 @@ pub(super) fn inpaint_latents(
     image: &Frames,
     frames: usize,
     add_noise: bool,
-    noise: Option<&InpaintNoise>,
+    given: Option<&Tensor>,
+    seed: Option<u64>,
     shape: &LatentShape,
 ) -> Result<Vec<f32>> {
     let clip = conditioning_clip(image, frames)?;
     let clip = if add_noise {
-        let noise = noise.ok_or_else(|| RuntimeError::Invalid {
-            what: "inpaint_noise".into(),
-            message: "this CogVideoX-Fun-InP model adds noise to its conditioning clip \
-                      (`add_noise_in_inpaint_model`): give the request a seed or the noise"
-                .into(),
-        })?;
         let px = clip.as_f32("clip")?;
-        let aug = augmentation(px, &clip.shape, noise)?;
+        let aug = augmentation(px, &clip.shape, given, seed)?;
         let noisy = px.iter().zip(&aug).map(|(x, n)| x + n).collect();
         Tensor::f32(clip.shape.clone(), noisy)
     } else {
