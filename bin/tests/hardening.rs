@@ -429,6 +429,47 @@ fn v2l_run_refuses_sparse_and_fifo_safetensors_inputs() {
     }
 }
 
+/// `--image` and `--reference` given as FIFOs (or a device) are refused at once by name, on a
+/// diffusers I2V engine and on a Fun-InP engine (which reads the reference at its own size),
+/// never handed to ffmpeg or ffprobe, whose open would block forever.
+#[test]
+fn v2l_run_refuses_fifo_and_device_media() {
+    let d = tempfile::tempdir().unwrap();
+    let fun = common::tiny().join("../cogvideox-fun-inp-tiny");
+    let engines = [
+        common::engine(&d.path().join("e")),
+        common::engine_of(&fun, &d.path().join("f"), &[]),
+    ];
+    let (png, mp4) = (d.path().join("p.png"), d.path().join("r.mp4"));
+    fifo(&png);
+    fifo(&mp4);
+    let out = d.path().join("v.mp4");
+    for engine in &engines {
+        let embeds = common::tiny().join("e2e_io.safetensors");
+        for (flag, input, name) in [
+            ("--image", png.as_path(), "p.png"),
+            ("--reference", mp4.as_path(), "r.mp4"),
+            ("--reference", Path::new("/dev/zero"), "/dev/zero"),
+        ] {
+            let image = common::tiny().join("first_frame.png");
+            let (image, reference) = match flag {
+                "--image" => (input, None),
+                _ => (image.as_path(), Some(input)),
+            };
+            let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+            c.arg("--engine").arg(engine).arg("--image").arg(image);
+            c.arg("--prompt-embeds").arg(&embeds);
+            c.args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+                .arg(&out);
+            if let Some(r) = reference {
+                c.arg("--reference").arg(r);
+            }
+            refused(&within(c, 10), &[name, "not a regular file"]);
+            assert!(!out.exists(), "{flag} {name}: output written");
+        }
+    }
+}
+
 /// An engine part replaced by a FIFO, or by a link to `/dev/zero`, is refused when the engine
 /// opens, naming the part, instead of blocking or hashing forever.
 #[test]

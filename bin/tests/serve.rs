@@ -694,3 +694,87 @@ fn batched_jobs_get_exactly_their_solo_videos() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--lora-strategy unfused"));
 }
+
+/// A CogVideoX-Fun-InP engine (Video2LoRA's released backbone) served: with a reference clip at
+/// its source size (48×80, as a safetensors clip and as the mp4), the server's video equals
+/// `v2l-run`'s, for the default sampler and for `scheduler=dpm`.
+#[test]
+fn a_fun_inpaint_engine_serves_the_cli_video() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fun = common::tiny().join("../cogvideox-fun-inp-tiny");
+    let engine = common::engine_of(&fun, tmp.path(), &[]);
+    let io = v2l_runtime::tensor::read_safetensors(&fun.join("e2e_io.safetensors")).unwrap();
+    let write = |name: &str, tensors: &[(&str, &str)]| {
+        let m: std::collections::BTreeMap<String, v2l_runtime::Tensor> = tensors
+            .iter()
+            .map(|(to, from)| (to.to_string(), io[*from].clone()))
+            .collect();
+        let p = tmp.path().join(name);
+        v2l_runtime::tensor::write_safetensors(&p, &m).unwrap();
+        p
+    };
+    let prompts = write(
+        "prompts.safetensors",
+        &[
+            ("prompt_embeds", "prompt_embeds"),
+            ("negative_prompt_embeds", "negative_prompt_embeds"),
+        ],
+    );
+    let clip = write(
+        "clip.safetensors",
+        &[("reference_u8", "reference_u8_decoded")],
+    );
+    let s = Server::start(&engine, &tmp.path().join("state"), &[]);
+    let fun_frames = |mp4: &[u8], name: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, mp4).unwrap();
+        v2l_runtime::video::read_frames(&p, 64, 96).unwrap().rgb
+    };
+    for (i, (reference, scheduler)) in [
+        (clip.clone(), None),
+        (fun.join("reference.mp4"), None),
+        (clip.clone(), Some("dpm")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut form = Form::new()
+            .file("image", std::fs::read(fun.join("first_frame.png")).unwrap())
+            .file("prompt_embeds", std::fs::read(&prompts).unwrap())
+            .file("reference", std::fs::read(&reference).unwrap())
+            .text("frames", 17)
+            .text("height", 64)
+            .text("width", 96)
+            .text("steps", 2)
+            .text("seed", 5);
+        if let Some(name) = scheduler {
+            form = form.text("scheduler", name);
+        }
+        let (_, served) = s
+            .client()
+            .generate(&form, Duration::from_secs(120))
+            .unwrap();
+        let out = tmp.path().join(format!("cli{i}.mp4"));
+        let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+            .arg("--engine")
+            .arg(&engine)
+            .arg("--image")
+            .arg(fun.join("first_frame.png"))
+            .arg("--prompt-embeds")
+            .arg(&prompts)
+            .arg("--reference")
+            .arg(&reference)
+            .args(["--frames", "17", "--height", "64", "--width", "96"])
+            .args(["--steps", "2", "--seed", "5", "--quiet", "-o"])
+            .arg(&out)
+            .args(scheduler.map(|n| ["--scheduler", n]).into_iter().flatten())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            fun_frames(&served, &format!("s{i}.mp4"))
+                == fun_frames(&std::fs::read(&out).unwrap(), &format!("c{i}.mp4")),
+            "request {i}: the server's Fun-InP video differs from v2l-run's"
+        );
+    }
+}

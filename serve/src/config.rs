@@ -93,6 +93,9 @@ pub struct EngineFacts {
     pub modules: Vec<String>,
     /// The same linears with their shapes: an uploaded LoRA must fit them.
     pub targets: Vec<v2l_contracts::LinearInfo>,
+    /// What the engine deploys (a Fun-InP engine reads reference clips at their stored size
+    /// and resizes them like PIL, as VideoX-Fun's `predict_i2v.py` does).
+    pub pipeline: v2l_contracts::PipelineKind,
 }
 
 impl EngineFacts {
@@ -143,6 +146,7 @@ impl EngineFacts {
             scheduler_steps: scheduler.num_train_timesteps,
             modules: dit.lora_targets.iter().map(|t| t.name.clone()).collect(),
             targets: dit.lora_targets.clone(),
+            pipeline: engine.pipeline_kind().map_err(|e| e.to_string())?,
         })
     }
 }

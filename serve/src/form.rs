@@ -335,7 +335,14 @@ pub fn video(
             "required: the first frame (PNG, JPEG, WebP or a video)",
         )
     })?;
-    let image = decode("image", image_bytes, height, width, 1, limits, scratch)?;
+    let image = decode(
+        "image",
+        image_bytes,
+        Some((height, width)),
+        1,
+        limits,
+        scratch,
+    )?;
     let mut reference = None;
     if chosen[..] == ["reference"] {
         let (id, clip) =
@@ -471,12 +478,12 @@ fn size(
     Ok((c.frames, c.height, c.width))
 }
 
-/// Writes `bytes` to a scratch file and decodes at most `max_frames` frames of it.
+/// Writes `bytes` to a scratch file and decodes at most `max_frames` frames of it, at `size`
+/// (`height, width`) or, for `None`, at the size it is stored at.
 fn decode(
     field: &str,
     bytes: &[u8],
-    height: usize,
-    width: usize,
+    size: Option<(usize, usize)>,
     max_frames: usize,
     limits: &RequestLimits,
     scratch: &Path,
@@ -491,7 +498,13 @@ fn decode(
         timeout: limits.decode_timeout,
         max_pixels: limits.source_pixels,
     };
-    v2l_runtime::video::read_untrusted(file.path(), height, width, media).map_err(|e| {
+    let frames = match size {
+        Some((height, width)) => {
+            v2l_runtime::video::read_untrusted(file.path(), height, width, media)
+        }
+        None => v2l_runtime::video::read_untrusted_at_source_size(file.path(), media),
+    };
+    frames.map_err(|e| {
         // ffmpeg names its input; the client knows it by its field.
         let mut err = upload_error(field, e);
         err.message = err.message.replace(&*file.path().to_string_lossy(), field);
@@ -512,11 +525,11 @@ fn is_safetensors(bytes: &[u8]) -> bool {
 }
 
 /// A reference clip given as a safetensors `reference_u8` tensor (`[frames, height, width, 3]`,
-/// the size the request asks for), read as `v2l-run --reference clip.safetensors` reads it.
+/// the size the request asks for, or any size for `size = None`), read as `v2l-run --reference
+/// clip.safetensors` reads it.
 fn reference_tensor(
     bytes: &[u8],
-    height: usize,
-    width: usize,
+    size: Option<(usize, usize)>,
     limits: &RequestLimits,
     scratch: &Path,
 ) -> Result<Frames, ApiError> {
@@ -526,14 +539,26 @@ fn reference_tensor(
         .tempfile_in(scratch)
         .map_err(ApiError::internal)?;
     std::fs::write(file.path(), bytes).map_err(ApiError::internal)?;
-    v2l_runtime::video::read_frames_at_most(file.path(), height, width, limits.reference_frames)
-        .map_err(|e| {
-            let mut err = upload_error("reference", e);
-            err.message = err
-                .message
-                .replace(&*file.path().to_string_lossy(), "reference");
-            err
-        })
+    let frames = match size {
+        Some((height, width)) => v2l_runtime::video::read_frames_at_most(
+            file.path(),
+            height,
+            width,
+            limits.reference_frames,
+        ),
+        // At its own size (a Fun-InP engine resizes it), within the frame cap.
+        None => v2l_runtime::video::read_frames_at_source_size(file.path()).map(|mut f| {
+            f.truncate(limits.reference_frames);
+            f
+        }),
+    };
+    frames.map_err(|e| {
+        let mut err = upload_error("reference", e);
+        err.message = err
+            .message
+            .replace(&*file.path().to_string_lossy(), "reference");
+        err
+    })
 }
 
 /// A reference clip's LoRA id, and the decoded clip unless that LoRA is stored already.
@@ -568,18 +593,33 @@ fn reference_lora(
     if stored(&id) {
         return Ok((id, None));
     }
-    let clip = if is_safetensors(bytes) {
-        reference_tensor(bytes, height, width, limits, scratch)?
-    } else {
-        decode(
+    // VideoX-Fun's pipeline reads the clip at its stored size and resizes it like PIL.
+    let fun = facts.pipeline == v2l_contracts::PipelineKind::CogvideoxFunInpaint;
+    let clip = match (is_safetensors(bytes), fun) {
+        (true, false) => reference_tensor(bytes, Some((height, width)), limits, scratch)?,
+        (true, true) => reference_tensor(bytes, None, limits, scratch)?,
+        (false, false) => decode(
             "reference",
             bytes,
-            height,
-            width,
+            Some((height, width)),
             limits.reference_frames,
             limits,
             scratch,
-        )?
+        )?,
+        (false, true) => decode(
+            "reference",
+            bytes,
+            None,
+            limits.reference_frames,
+            limits,
+            scratch,
+        )?,
+    };
+    let clip = match fun {
+        true => clip
+            .resized_like_pil(height, width)
+            .map_err(|e| upload_error("reference", e))?,
+        false => clip,
     };
     v2l_runtime::predict::check_reference(&clip, "reference")
         .map_err(|e| upload_error("reference", e))?;
@@ -685,6 +725,7 @@ mod tests {
                 out_features: 32,
                 in_features: 32,
             }],
+            pipeline: v2l_contracts::PipelineKind::CogvideoxI2v,
         }
     }
 

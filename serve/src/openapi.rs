@@ -188,6 +188,7 @@ mod tests {
             scheduler_steps: 1000,
             modules: vec![],
             targets: vec![],
+            pipeline: v2l_contracts::PipelineKind::CogvideoxI2v,
         }
     }
 

@@ -13,6 +13,38 @@ fn ffmpeg() -> Command {
     Command::new(std::env::var_os("V2L_FFMPEG").unwrap_or_else(|| "ffmpeg".into()))
 }
 
+/// Refuses a media path that is neither a regular file nor (where `dirs`) a directory: a FIFO
+/// would block ffmpeg's open forever, a device would stream until a limit stops it. Only the
+/// metadata is read, nothing is opened.
+fn check_media_path(path: &Path, dirs: bool) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|source| RuntimeError::Io {
+        path: path.into(),
+        source,
+    })?;
+    if meta.is_file() || (dirs && meta.is_dir()) {
+        return Ok(());
+    }
+    Err(bad(
+        path,
+        "not a regular file (a device, a pipe or a socket): give a video file or a directory of PNGs",
+    ))
+}
+
+/// The `.png` regular files of `dir`, sorted (anything else named `.png` is skipped).
+fn pngs_in(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut pngs: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|source| RuntimeError::Io {
+            path: dir.into(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()))
+        .collect();
+    pngs.sort();
+    Ok(pngs)
+}
+
 fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
     RuntimeError::BadFile {
         path: path.into(),
@@ -50,6 +82,7 @@ pub fn read_frames_at_source_size(path: &Path) -> Result<Frames> {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
         });
     }
+    check_media_path(path, true)?;
     let (h, w) = source_size(path).ok_or_else(|| {
         bad(
             path,
@@ -73,6 +106,7 @@ pub fn read_frames_at_most(
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
         });
     }
+    check_media_path(path, true)?;
     let frames = if path.extension().is_some_and(|e| e == "safetensors") {
         let t = crate::tensor::read_safetensors(path)?;
         let r = t
@@ -95,15 +129,7 @@ pub fn read_frames_at_most(
         }
         f
     } else if path.is_dir() {
-        let mut pngs: Vec<_> = std::fs::read_dir(path)
-            .map_err(|source| RuntimeError::Io {
-                path: path.into(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
-            .collect();
-        pngs.sort();
+        let mut pngs = pngs_in(path)?;
         pngs.truncate(max_frames);
         let mut rgb = Vec::new();
         for p in &pngs {
@@ -133,14 +159,9 @@ pub fn read_frames_at_most(
 /// The stored size `(height, width)` of the first video stream of `path` (or of the first PNG
 /// of a directory), by ffprobe; `None` where it cannot tell (a safetensors clip, no ffprobe).
 pub fn source_size(path: &Path) -> Option<(usize, usize)> {
+    check_media_path(path, true).ok()?;
     let file = if path.is_dir() {
-        let mut pngs: Vec<_> = std::fs::read_dir(path)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
-            .collect();
-        pngs.sort();
-        pngs.into_iter().next()?
+        pngs_in(path).ok()?.into_iter().next()?
     } else if path.extension().is_some_and(|e| e == "safetensors") {
         return None;
     } else {
@@ -207,6 +228,7 @@ pub fn read_untrusted(
     width: usize,
     limits: UntrustedMedia,
 ) -> Result<Frames> {
+    check_media_path(path, false)?;
     crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
     let rgb = ffmpeg_decode_with(path, height, width, Some(limits), limits.max_frames)?;
     let frames = rgb.len() / (height * width * 3).max(1);
@@ -219,6 +241,70 @@ pub fn read_untrusted(
         width,
         rgb,
     })
+}
+
+/// [`read_untrusted`] at the size the media is stored at: for pipelines that resize a reference
+/// clip themselves (VideoX-Fun's). The size is probed with ffprobe under the same protocol and
+/// format whitelist and time bound, and must be within `limits.max_pixels`.
+pub fn read_untrusted_at_source_size(path: &Path, limits: UntrustedMedia) -> Result<Frames> {
+    check_media_path(path, false)?;
+    let probe = std::env::var_os("V2L_FFMPEG")
+        .map(std::path::PathBuf::from)
+        .and_then(|f| f.parent().map(|d| d.join("ffprobe")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "ffprobe".into());
+    let child = Command::new(probe)
+        .args([
+            "-v",
+            "error",
+            "-protocol_whitelist",
+            "file",
+            "-format_whitelist",
+        ])
+        .arg(UNTRUSTED_FORMATS)
+        .args([
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=width,height",
+        ])
+        .args(["-of", "csv=p=0:s=x"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| RuntimeError::Invalid {
+            what: "ffprobe".into(),
+            message: format!(
+                "cannot start ffprobe ({e}); it comes with ffmpeg (bash scripts/setup.sh)"
+            ),
+        })?;
+    let (_, stdout, _) = wait_bounded(child, Some(limits.timeout)).map_err(|e| match e {
+        Waited::Io(source) => RuntimeError::Io {
+            path: path.into(),
+            source,
+        },
+        Waited::TimedOut(_) => bad(path, "probing the media took too long; it is malformed"),
+    })?;
+    let text = String::from_utf8_lossy(&stdout);
+    let size = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().split_once('x'))
+        .and_then(|(w, h)| Some((h.parse::<usize>().ok()?, w.parse::<usize>().ok()?)))
+        .filter(|&(h, w)| h > 0 && w > 0);
+    let (h, w) = size.ok_or_else(|| bad(path, "holds no video stream"))?;
+    if h.saturating_mul(w) > limits.max_pixels {
+        return Err(bad(
+            path,
+            format!(
+                "declares a {w}x{h} picture, more than the {} pixels allowed; not decoded",
+                limits.max_pixels
+            ),
+        ));
+    }
+    read_untrusted(path, h, w, limits)
 }
 
 fn ffmpeg_decode_with(
