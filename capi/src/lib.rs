@@ -36,7 +36,7 @@ use v2l_runtime::error::ErrorKind;
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{gaussian_noise, Pipeline, PipelineKind, Request};
+use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
 use v2l_runtime::request::{Checked, Field, RequestError, Settings};
 use v2l_runtime::video::{self, Frames};
 use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
@@ -893,14 +893,8 @@ pub unsafe extern "C" fn v2l_generator_predict_lora_from_video(
             ));
         }
         let w = finite(lora_weight, "lora_weight")?;
-        let (h, w_px) = (height as usize, width as usize);
-        // VideoX-Fun's pipeline reads the clip whole and resizes it like PIL; others use ffmpeg's.
-        let reference = match g.engine.pipeline_kind()? {
-            PipelineKind::CogvideoxFunInpaint => {
-                video::read_frames_at_source_size(&path)?.resized_like_pil(h, w_px)?
-            }
-            _ => video::read_frames(&path, h, w_px)?,
-        };
+        let kind = g.engine.pipeline_kind()?;
+        let reference = video::read_reference(&path, kind, height as usize, width as usize)?;
         let p = lock(&g)?.predict(&reference, w)?;
         *out = register(V2lLora {
             lora: p.lora,

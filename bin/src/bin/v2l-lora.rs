@@ -672,7 +672,7 @@ fn predict(
     // before any session is built.
     let limits = v2l_runtime::limits::Limits::from_env()?;
     limits.check_frame_size(h, w, 16)?;
-    let mut clip = v2l_runtime::video::read_frames(reference, h, w)?;
+    let mut clip = v2l_runtime::video::read_reference(reference, dir.pipeline_kind()?, h, w)?;
     if let Some(n) = frames {
         clip.truncate(n);
     }

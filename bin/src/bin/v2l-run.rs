@@ -605,7 +605,7 @@ fn generate(
     opts: &SessionOptions,
 ) -> Result<(), Failure> {
     use std::io::IsTerminal;
-    use v2l_runtime::pipeline::{Pipeline, PipelineKind, Request, RequestLora};
+    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
     use v2l_runtime::video;
     if g.prompt.is_none() && g.prompt_embeds.is_none() {
         return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE"));
@@ -738,11 +738,7 @@ fn generate(
     }
     let lora = match &g.reference {
         Some(r) => {
-            // VideoX-Fun's pipeline resizes the clip itself (PIL bicubic), so it is read whole.
-            let clip = match kind {
-                PipelineKind::CogvideoxFunInpaint => video::read_frames_at_source_size(r)?,
-                _ => video::read_frames(r, height, width)?,
-            };
+            let clip = video::read_reference(r, kind, height, width)?;
             v2l_runtime::predict::check_reference(&clip, &r.display().to_string())?;
             RequestLora::Reference(clip, g.lora_scale)
         }

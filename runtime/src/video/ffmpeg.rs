@@ -92,6 +92,24 @@ pub fn read_frames_at_source_size(path: &Path) -> Result<Frames> {
     read_frames_at_most(path, h, w, max)
 }
 
+/// A reference clip at the generation size `height × width`, as the engine's pipeline
+/// prepares it: VideoX-Fun's (`kind` Fun-InP) reads every frame at its stored size and resizes
+/// it with PIL's bicubic filter; the others decode straight to the size (ffmpeg bicubic). The
+/// one reader of `v2l-run --reference`, `v2l-lora predict` and the C ABI.
+pub fn read_reference(
+    path: &Path,
+    kind: v2l_contracts::PipelineKind,
+    height: usize,
+    width: usize,
+) -> Result<Frames> {
+    match kind {
+        v2l_contracts::PipelineKind::CogvideoxFunInpaint => {
+            read_frames_at_source_size(path)?.resized_like_pil(height, width)
+        }
+        _ => read_frames(path, height, width),
+    }
+}
+
 /// [`read_frames`], decoding at most `max_frames` frames (1 for a first frame given as a video).
 pub fn read_frames_at_most(
     path: &Path,
