@@ -21,6 +21,8 @@ use crate::Failure;
 
 /// The diffusers side, written beside the cached pipeline.
 const DIFFUSERS_SCRIPT: &str = include_str!("bench_e2e/diffusers_e2e.py");
+/// VideoX-Fun's side for `cogvideox-fun-5b-inp`.
+const VIDEOX_FUN_SCRIPT: &str = include_str!("bench_e2e/videox_fun_e2e.py");
 /// The real-width VAE is made by diffusers itself (`make-vae`).
 const TORCH_SCRIPT: &str = include_str!("bench_scale/torch_baseline.py");
 /// The prompt both sides encode.
@@ -59,9 +61,13 @@ pub struct E2eBench {
     /// Threads of every process (ONNX Runtime's and torch's)
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Skip the diffusers run
+    /// Skip the diffusers (or VideoX-Fun) run
     #[arg(long)]
     pub no_diffusers: bool,
+    /// `cogvideox-fun-5b-inp`: a work tree of BerserkerVV/Video2LoRA or aigc-apps/VideoX-Fun
+    /// whose `videox_fun` package runs the authors' `CogVideoXFunInpaintPipeline` beside v2l
+    #[arg(long)]
+    pub videox_fun: Option<PathBuf>,
     /// Reuse the export and the engine an earlier run left in the cache (their stages are
     /// then missing from the report): re-measure the run alone
     #[arg(long)]
@@ -75,6 +81,30 @@ pub enum E2eModel {
     /// CogVideoX-5B-I2V (42 blocks, 48 × 64, 32 input channels) with T5 v1.1 XXL
     #[value(name = "cogvideox-5b-i2v")]
     Cogvideox5bI2v,
+    /// CogVideoX-Fun-V1.1-5b-InP, Video2LoRA's released backbone (the same 42 blocks, 33 input
+    /// channels, augmentation noise on), with T5 v1.1 XXL; beside it VideoX-Fun's own pipeline
+    #[value(name = "cogvideox-fun-5b-inp")]
+    CogvideoxFun5bInp,
+}
+
+impl E2eModel {
+    fn name(self) -> &'static str {
+        match self {
+            E2eModel::Cogvideox5bI2v => "cogvideox-5b-i2v",
+            E2eModel::CogvideoxFun5bInp => "cogvideox-fun-5b-inp",
+        }
+    }
+
+    /// The transformer's `config.json`: Fun-InP's published config (in `fullscale_linear_shapes`)
+    /// as it is, or with diffusers I2V's 32 input channels.
+    fn dit_config(self) -> Result<serde_json::Value, Failure> {
+        let mut c = cogvideox_5b_config(42)?;
+        if self == E2eModel::CogvideoxFun5bInp {
+            c["in_channels"] = 33.into();
+            c["add_noise_in_inpaint_model"] = true.into();
+        }
+        Ok(c)
+    }
 }
 
 fn fail(what: impl std::fmt::Display) -> Failure {
@@ -154,10 +184,10 @@ fn linears(layout: &[(String, Vec<usize>)]) -> Vec<(String, usize, usize)> {
 }
 
 /// Everything the cached pipeline depends on; its hash names the cache entry.
-fn spec() -> Result<serde_json::Value, Failure> {
+fn spec(model: E2eModel) -> Result<serde_json::Value, Failure> {
     Ok(serde_json::json!({
         "generator": GENERATOR,
-        "transformer": cogvideox_5b_config(42)?,
+        "transformer": model.dit_config()?,
         "text_encoder": t5_encoder::t5_xxl_config(),
         "vae": {"diffusers_default": true, "scaling_factor": 0.7},
         "hypernet": {"a": LILORA_A, "b": LILORA_B, "blocks": 4, "feature_dim": 16},
@@ -239,7 +269,7 @@ fn rename_to_transformers(dir: &Path) -> Result<(), Failure> {
     std::fs::write(&to, renamed).map_err(io(&to))
 }
 
-fn generate(model: &Path, py: &Path, log: &dyn Fn(&str)) -> Result<(), Failure> {
+fn generate(model: &Path, kind: E2eModel, py: &Path, log: &dyn Fn(&str)) -> Result<(), Failure> {
     let progress = |what: &'static str| {
         let mut last = std::time::Instant::now();
         move |done: u64, total: u64| {
@@ -253,7 +283,7 @@ fn generate(model: &Path, py: &Path, log: &dyn Fn(&str)) -> Result<(), Failure> 
             }
         }
     };
-    let dit_config = cogvideox_5b_config(42)?;
+    let dit_config = kind.dit_config()?;
     let cfg: cogvideox_dit::DitConfig =
         serde_json::from_value(dit_config.clone()).map_err(|e| fail(format!("config: {e}")))?;
     let dit_layout = cogvideox_dit::checkpoint_layout(&cfg);
@@ -426,13 +456,21 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 pub fn bench_e2e(b: &E2eBench) -> Result<(), Failure> {
     let t0 = std::time::Instant::now();
     let log = |m: &str| eprintln!("e2e [{:>5.0} s]: {m}", t0.elapsed().as_secs_f64());
-    let spec = spec()?;
+    let fun = b.model == E2eModel::CogvideoxFun5bInp;
+    if fun && b.videox_fun.is_none() && !b.no_diffusers {
+        return Err(
+            fail("--model cogvideox-fun-5b-inp runs VideoX-Fun's pipeline beside v2l").with_hint(
+                "give --videox-fun <work tree of BerserkerVV/Video2LoRA>, or --no-diffusers",
+            ),
+        );
+    }
+    let spec = spec(b.model)?;
     let key = blake3::hash(spec.to_string().as_bytes()).to_hex();
-    let base = cache_root(&b.dir)?.join(format!("cogvideox-5b-i2v-{}", &key[..12]));
+    let base = cache_root(&b.dir)?.join(format!("{}-{}", b.model.name(), &key[..12]));
     let model = base.join("pipeline");
     std::fs::create_dir_all(&model).map_err(io(&model))?;
     write_json(&base.join("spec.json"), &spec)?;
-    generate(&model, &b.torch_python, &log)?;
+    generate(&model, b.model, &b.torch_python, &log)?;
     let (reference, image) = inputs(&base.join("inputs"), b)?;
     let threads = b.threads.to_string();
     let mut stages = serde_json::Map::new();
@@ -489,6 +527,8 @@ pub fn bench_e2e(b: &E2eBench) -> Result<(), Failure> {
             .args(["--guidance", &b.guidance.to_string()])
             .arg("--noise")
             .arg(&noise)
+            // Fun-InP's augmentation noise (the file holds the initial noise alone).
+            .args(["--seed", "42"])
             .args(["--threads", &threads, "--quiet", "--json"])
             .arg("--stage-memory")
             .arg("--dump")
@@ -513,13 +553,26 @@ pub fn bench_e2e(b: &E2eBench) -> Result<(), Failure> {
     let finite = with_frames.iter().all(|v| v.is_finite());
     let effect = rel_l2(&with_frames, &base_frames);
 
-    let diffusers = if b.no_diffusers {
-        serde_json::json!({"skipped": "--no-diffusers"})
-    } else {
-        diffusers_side(b, &base, &model, &lora, &image, &noise, &with_frames, &log)?
+    let diffusers = match (b.no_diffusers, &b.videox_fun) {
+        (true, _) => serde_json::json!({"skipped": "--no-diffusers"}),
+        (false, Some(repo)) if fun => videox_fun_side(
+            b,
+            repo,
+            &base,
+            &model,
+            &lora,
+            &image,
+            &noise,
+            &with_frames,
+            &log,
+        )?,
+        _ => diffusers_side(b, &base, &model, &lora, &image, &noise, &with_frames, &log)?,
     };
     let report = serde_json::json!({
-        "model": "cogvideox-5b-i2v",
+        "model": b.model.name(),
+        "v2l_dit_steps_s": with_json["dit_steps_ms"].as_array().map(|v| {
+            v.iter().map(|ms| ms.as_f64().unwrap_or(f64::NAN) / 1e3).collect::<Vec<_>>()
+        }),
         "cpu": crate::bench_lora_batch::cpu_facts(),
         "threads": b.threads,
         "config": {"frames": b.frames, "height": b.height, "width": b.width, "steps": b.steps,
@@ -637,6 +690,59 @@ fn diffusers_side(
     Ok(report.into())
 }
 
+/// VideoX-Fun's `CogVideoXFunInpaintPipeline` in bf16 (the T5 dropped before the transformer
+/// loads), with the same initial noise and LoRA; its augmentation noise is torch's, so the
+/// frames are compared loosely.
+#[allow(clippy::too_many_arguments)]
+fn videox_fun_side(
+    b: &E2eBench,
+    repo: &Path,
+    base: &Path,
+    model: &Path,
+    lora: &Path,
+    image: &Path,
+    noise: &Path,
+    v2l_frames: &[f32],
+    log: &dyn Fn(&str),
+) -> Result<serde_json::Value, Failure> {
+    let script = base.join("videox_fun_e2e.py");
+    std::fs::write(&script, VIDEOX_FUN_SCRIPT).map_err(io(&script))?;
+    let frames = base.join("out").join("videox_fun.safetensors");
+    let mut c = Command::new(&b.torch_python);
+    c.arg(&script)
+        .arg(model)
+        .arg(lora)
+        .arg(image)
+        .arg(&frames)
+        .arg("--videox-fun")
+        .arg(repo)
+        .args(["--prompt", PROMPT])
+        .arg("--noise")
+        .arg(noise)
+        .args(["--frames", &b.frames.to_string()])
+        .args(["--height", &b.height.to_string()])
+        .args(["--width", &b.width.to_string()])
+        .args(["--steps", &b.steps.to_string()])
+        .args(["--guidance", &b.guidance.to_string()])
+        .args(["--threads", &b.threads.to_string()]);
+    log("VideoX-Fun (CogVideoXFunInpaintPipeline, bf16)");
+    let (r, failed) = run_process(&mut c)?;
+    let mut entry = serde_json::json!({"wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb});
+    match failed {
+        Some(how) => {
+            entry["failed"] =
+                format!("{how} (the peak is the kernel's figure for the process)").into();
+        }
+        None => {
+            let j = crate::bench_scale::last_json(&r.stdout)?;
+            entry["stages"] = j["stages"].clone();
+            entry["dit_steps_s"] = j["dit_steps_s"].clone();
+            entry["rel_l2_v2l_vs_videox_fun"] = rel_l2(v2l_frames, &frames_of(&frames)?).into();
+        }
+    }
+    Ok(serde_json::json!({"videox_fun": entry}))
+}
+
 fn print_table(r: &serde_json::Value) {
     println!(
         "{}",
@@ -656,6 +762,7 @@ fn print_table(r: &serde_json::Value) {
         "LoRA effect on the frames (rel L2 with vs without): {:.3e}",
         r["lora_effect_rel_l2"].as_f64().unwrap_or(f64::NAN)
     );
+    println!("v2l DiT steps (s): {}", r["v2l_dit_steps_s"]);
     println!("diffusers: {}", r["diffusers"]);
 }
 

@@ -154,6 +154,15 @@ pub fn compile_with(
         });
     }
     let mut job = Job::open(src, backend, precision, opts.calibration)?;
+    // An unknown transformer class or a channel count no pipeline has is refused before any work.
+    if job.manifest.dit.is_some() {
+        job.manifest
+            .pipeline_kind()
+            .map_err(|message| RuntimeError::BadFile {
+                path: job.dir.join(v2l_contracts::manifest::FILE_NAME),
+                message,
+            })?;
+    }
     job.max_rank = lora_max_rank(backend, opts.max_rank, &job.manifest);
     job.attention = attention;
     job.int8_scheme = int8_scheme;
@@ -588,6 +597,7 @@ impl<'a> Job<'a> {
                 accuracy: Vec::new(),
                 int8_scheme: self.recorded_int8_scheme(),
                 calibration: dit.calibration.clone(),
+                pipeline: None,
                 bundle_hash: String::new(),
             };
             dit.accuracy.push(crate::accuracy::generation_accuracy(
@@ -631,6 +641,8 @@ impl<'a> Job<'a> {
             accuracy: dit.accuracy,
             int8_scheme: self.recorded_int8_scheme(),
             calibration: dit.calibration,
+            // A DiT-less export has none; a DiT of no known kind was refused before the build.
+            pipeline: self.manifest.pipeline_kind().ok(),
             bundle_hash: String::new(),
         };
         let bundle = Bundle {

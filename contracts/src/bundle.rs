@@ -180,6 +180,10 @@ pub struct Bundle {
     /// s8 weights, as [`Int8Scheme::U8S8`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub int8_scheme: Option<Int8Scheme>,
+    /// The pipeline the engine deploys ([`crate::PipelineKind`], from its manifest); `None`
+    /// for engines compiled before it was recorded (and DiT-less bundles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<crate::PipelineKind>,
     /// Static int8: how the activation ranges were calibrated, and the scales.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationRecord>,
@@ -485,6 +489,7 @@ mod tests {
             }],
             int8_scheme: Some(Int8Scheme::U8U8),
             calibration: None,
+            pipeline: None,
             bundle_hash: String::new(),
         };
         b.bundle_hash = b.self_hash().unwrap();

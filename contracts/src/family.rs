@@ -17,7 +17,7 @@ impl Family {
     pub const ALL: [Family; 2] = [Family::CogVideoX, Family::Wan];
 
     /// The diffusers transformer class of this family.
-    pub fn dit_class(self) -> &'static str {
+    pub const fn dit_class(self) -> &'static str {
         match self {
             Family::CogVideoX => "CogVideoXTransformer3DModel",
             Family::Wan => "WanTransformer3DModel",

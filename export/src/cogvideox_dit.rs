@@ -22,7 +22,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
 use crate::scope::Scope;
 
-pub const CLASS_NAME: &str = "CogVideoXTransformer3DModel";
+pub const CLASS_NAME: &str = v2l_contracts::Family::CogVideoX.dit_class();
 
 /// The `config.json` fields the graph depends on; a missing field takes diffusers' default
 /// (`CogVideoXTransformer3DModel.__init__`, see [`Default`]).

@@ -27,7 +27,7 @@ use crate::error::{ExportError, Result};
 use crate::layers::{apply_rope, modulate, rotate_pairs, sdpa, sinusoid, video_dims};
 use crate::scope::{LinearInfo, Scope};
 
-pub const CLASS_NAME: &str = "WanTransformer3DModel";
+pub const CLASS_NAME: &str = v2l_contracts::Family::Wan.dit_class();
 
 /// diffusers' `WanTransformer3DModel._keep_in_fp32_modules`, plus `norm_out` (an
 /// `FP32LayerNorm` without parameters, so absent from that list but computed in f32): what a

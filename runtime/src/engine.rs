@@ -61,6 +61,16 @@ impl Engine {
         let bundle = crate::bundle::verify(&dir)?;
         if let Some(b) = &bundle {
             b.check_parts_listed(&manifest.parts(), &dir.join(crate::bundle::FILE_NAME))?;
+            if let (Some(recorded), Ok(derived)) = (b.pipeline, manifest.pipeline_kind()) {
+                if recorded != derived {
+                    return Err(RuntimeError::BadFile {
+                        path: dir.join(crate::bundle::FILE_NAME),
+                        message: format!(
+                            "`pipeline` is `{recorded}` but the manifest's DiT and VAE make `{derived}`"
+                        ),
+                    });
+                }
+            }
             let isa = crate::cpu::Isa::detect();
             crate::cpu::check_int8_scheme(b.precision, b.backend, b.int8_scheme, &isa).map_err(
                 |message| RuntimeError::Invalid {

@@ -28,6 +28,7 @@ use crate::stages::Timings;
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
+use v2l_contracts::Family;
 pub use v2l_contracts::{PipelineKind, Sampler};
 
 mod cogvideox;
@@ -134,8 +135,8 @@ impl Pipeline {
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
         let kind = dir.pipeline_kind()?;
-        let family: Box<dyn FamilySteps> = match dir.wan_config()? {
-            Some(config) => {
+        let family: Box<dyn FamilySteps> = match (kind.family(), dir.wan_config()?) {
+            (Family::Wan, Some(config)) => {
                 let encoder = match config.image_dim {
                     Some(_) => wan::ImageEncoder::load(&dir, opts)?,
                     None => None,
@@ -146,7 +147,13 @@ impl Pipeline {
                     encoder,
                 })
             }
-            None => Box::new(cogvideox::CogVideoX {
+            (Family::Wan, None) => {
+                return Err(RuntimeError::Invalid {
+                    what: dir.dir.display().to_string(),
+                    message: "a Wan engine without its DiT config".into(),
+                })
+            }
+            (Family::CogVideoX, _) => Box::new(cogvideox::CogVideoX {
                 scheduler: SchedulerConfig::from_file(&dir.dir.join(sched))?,
                 kind,
                 add_noise: dit_entry(&dir)?

@@ -98,10 +98,14 @@ enum Command {
     /// `v2l-export pipeline`, `v2l-compile`, `v2l-lora predict` and `v2l-run --prompt
     /// --reference --image` as separate processes, with every stage's wall time and own peak
     /// RSS, and diffusers' CogVideoXImageToVideoPipeline (bf16, the same LoRA file) beside it.
+    /// `--model cogvideox-fun-5b-inp` runs Video2LoRA's released backbone (CogVideoX-Fun-InP)
+    /// instead, beside VideoX-Fun's own CogVideoXFunInpaintPipeline (--videox-fun).
     /// Needs ~50 GB of disk and 24 GB of RAM; about 40 minutes on 2 cores the first time
     ///
     /// Example:
     ///   v2l-bench e2e --model cogvideox-5b-i2v --torch-python ~/venv/bin/python --json
+    ///   v2l-bench e2e --model cogvideox-fun-5b-inp --torch-python ~/venv/bin/python \
+    ///       --videox-fun ~/src/Video2LoRA
     #[command(verbatim_doc_comment)]
     E2e(v2l_cli::bench_e2e::E2eBench),
     /// Export a full-size CogVideoX-5B DiT or T5-XXL text encoder (generated bf16 weights) and
