@@ -23,6 +23,8 @@ use crate::Failure;
 const DIFFUSERS_SCRIPT: &str = include_str!("bench_e2e/diffusers_e2e.py");
 /// VideoX-Fun's side for `cogvideox-fun-5b-inp`.
 const VIDEOX_FUN_SCRIPT: &str = include_str!("bench_e2e/videox_fun_e2e.py");
+/// The stage timer both baselines import.
+const STAGES_SCRIPT: &str = include_str!("bench_e2e/stages.py");
 /// The real-width VAE is made by diffusers itself (`make-vae`).
 const TORCH_SCRIPT: &str = include_str!("bench_scale/torch_baseline.py");
 /// The prompt both sides encode.
@@ -553,20 +555,18 @@ pub fn bench_e2e(b: &E2eBench) -> Result<(), Failure> {
     let finite = with_frames.iter().all(|v| v.is_finite());
     let effect = rel_l2(&with_frames, &base_frames);
 
+    let side = Baseline {
+        b,
+        base: &base,
+        model: &model,
+        lora: &lora,
+        image: &image,
+        noise: &noise,
+    };
     let diffusers = match (b.no_diffusers, &b.videox_fun) {
         (true, _) => serde_json::json!({"skipped": "--no-diffusers"}),
-        (false, Some(repo)) if fun => videox_fun_side(
-            b,
-            repo,
-            &base,
-            &model,
-            &lora,
-            &image,
-            &noise,
-            &with_frames,
-            &log,
-        )?,
-        _ => diffusers_side(b, &base, &model, &lora, &image, &noise, &with_frames, &log)?,
+        (false, Some(repo)) if fun => videox_fun_side(&side, repo, &with_frames, &log)?,
+        _ => diffusers_side(&side, &with_frames, &log)?,
     };
     let report = serde_json::json!({
         "model": b.model.name(),
@@ -630,61 +630,93 @@ fn build_engine(
     Ok(())
 }
 
-/// diffusers stock; if that fails (out of memory), staged: the T5 dropped before the
-/// transformer loads.
-fn diffusers_side(
-    b: &E2eBench,
-    base: &Path,
-    model: &Path,
-    lora: &Path,
-    image: &Path,
-    noise: &Path,
-    v2l_frames: &[f32],
-    log: &dyn Fn(&str),
-) -> Result<serde_json::Value, Failure> {
-    let script = base.join("diffusers_e2e.py");
-    std::fs::write(&script, DIFFUSERS_SCRIPT).map_err(io(&script))?;
-    let mut report = serde_json::Map::new();
-    for staged in [false, true] {
-        let tag = if staged { "staged" } else { "stock" };
-        let frames = base
-            .join("out")
-            .join(format!("diffusers_{tag}.safetensors"));
+/// What both baselines (diffusers', VideoX-Fun's) run on: the generated pipeline, the LoRA
+/// file v2l predicted, the first frame and v2l's initial noise.
+struct Baseline<'a> {
+    b: &'a E2eBench,
+    base: &'a Path,
+    model: &'a Path,
+    lora: &'a Path,
+    image: &'a Path,
+    noise: &'a Path,
+}
+
+impl Baseline<'_> {
+    /// `python <script> MODEL LORA IMAGE FRAMES_OUT --prompt … --threads …`, with the script
+    /// and the stage timer it imports written beside the cached pipeline.
+    fn command(&self, name: &str, script: &str, frames: &Path) -> Result<Command, Failure> {
+        for (file, text) in [(name, script), ("stages.py", STAGES_SCRIPT)] {
+            let p = self.base.join(file);
+            std::fs::write(&p, text).map_err(io(&p))?;
+        }
+        let b = self.b;
         let mut c = Command::new(&b.torch_python);
-        c.arg(&script)
-            .arg(model)
-            .arg(lora)
-            .arg(image)
-            .arg(&frames)
+        c.arg(self.base.join(name))
+            .arg(self.model)
+            .arg(self.lora)
+            .arg(self.image)
+            .arg(frames)
             .args(["--prompt", PROMPT])
             .arg("--noise")
-            .arg(noise)
+            .arg(self.noise)
             .args(["--frames", &b.frames.to_string()])
             .args(["--height", &b.height.to_string()])
             .args(["--width", &b.width.to_string()])
             .args(["--steps", &b.steps.to_string()])
             .args(["--guidance", &b.guidance.to_string()])
             .args(["--threads", &b.threads.to_string()]);
+        Ok(c)
+    }
+
+    /// Runs `c`: its wall time and peak, and (when it finished) its stages, the `extra` fields
+    /// of its JSON line and its frames against v2l's as `rel_l2_v2l_vs_<vs>`. The flag says
+    /// whether it finished (else the entry says how it failed, out of memory).
+    fn measure(
+        c: &mut Command,
+        frames: &Path,
+        v2l_frames: &[f32],
+        extra: &[&str],
+        vs: &str,
+    ) -> Result<(serde_json::Value, bool), Failure> {
+        let (r, failed) = run_process(c)?;
+        let mut entry = serde_json::json!({"wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb});
+        if let Some(how) = failed {
+            entry["failed"] =
+                format!("{how} (the peak is the kernel's figure for the process)").into();
+            return Ok((entry, false));
+        }
+        let j = crate::bench_scale::last_json(&r.stdout)?;
+        for key in std::iter::once("stages").chain(extra.iter().copied()) {
+            entry[key] = j[key].clone();
+        }
+        entry[format!("rel_l2_v2l_vs_{vs}")] = rel_l2(v2l_frames, &frames_of(frames)?).into();
+        Ok((entry, true))
+    }
+}
+
+/// diffusers stock; if that fails (out of memory), staged: the T5 dropped before the
+/// transformer loads.
+fn diffusers_side(
+    side: &Baseline,
+    v2l_frames: &[f32],
+    log: &dyn Fn(&str),
+) -> Result<serde_json::Value, Failure> {
+    let mut report = serde_json::Map::new();
+    for staged in [false, true] {
+        let tag = if staged { "staged" } else { "stock" };
+        let frames = side
+            .base
+            .join("out")
+            .join(format!("diffusers_{tag}.safetensors"));
+        let mut c = side.command("diffusers_e2e.py", DIFFUSERS_SCRIPT, &frames)?;
         if staged {
             c.arg("--staged");
         }
         log(&format!("diffusers ({tag})"));
-        let (r, failed) = run_process(&mut c)?;
-        let mut entry = serde_json::json!({"wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb});
-        match failed {
-            Some(how) => {
-                entry["failed"] =
-                    format!("{how} (the peak is the kernel's figure for the process)").into();
-                report.insert(tag.into(), entry);
-            }
-            None => {
-                let j = crate::bench_scale::last_json(&r.stdout)?;
-                entry["stages"] = j["stages"].clone();
-                let theirs = frames_of(&frames)?;
-                entry["rel_l2_v2l_vs_diffusers"] = rel_l2(v2l_frames, &theirs).into();
-                report.insert(tag.into(), entry);
-                break;
-            }
+        let (entry, done) = Baseline::measure(&mut c, &frames, v2l_frames, &[], "diffusers")?;
+        report.insert(tag.into(), entry);
+        if done {
+            break;
         }
     }
     Ok(report.into())
@@ -693,54 +725,19 @@ fn diffusers_side(
 /// VideoX-Fun's `CogVideoXFunInpaintPipeline` in bf16 (the T5 dropped before the transformer
 /// loads), with the same initial noise and LoRA; its augmentation noise is torch's, so the
 /// frames are compared loosely.
-#[allow(clippy::too_many_arguments)]
 fn videox_fun_side(
-    b: &E2eBench,
+    side: &Baseline,
     repo: &Path,
-    base: &Path,
-    model: &Path,
-    lora: &Path,
-    image: &Path,
-    noise: &Path,
     v2l_frames: &[f32],
     log: &dyn Fn(&str),
 ) -> Result<serde_json::Value, Failure> {
-    let script = base.join("videox_fun_e2e.py");
-    std::fs::write(&script, VIDEOX_FUN_SCRIPT).map_err(io(&script))?;
-    let frames = base.join("out").join("videox_fun.safetensors");
-    let mut c = Command::new(&b.torch_python);
-    c.arg(&script)
-        .arg(model)
-        .arg(lora)
-        .arg(image)
-        .arg(&frames)
-        .arg("--videox-fun")
-        .arg(repo)
-        .args(["--prompt", PROMPT])
-        .arg("--noise")
-        .arg(noise)
-        .args(["--frames", &b.frames.to_string()])
-        .args(["--height", &b.height.to_string()])
-        .args(["--width", &b.width.to_string()])
-        .args(["--steps", &b.steps.to_string()])
-        .args(["--guidance", &b.guidance.to_string()])
-        .args(["--threads", &b.threads.to_string()]);
+    let frames = side.base.join("out").join("videox_fun.safetensors");
+    let mut c = side.command("videox_fun_e2e.py", VIDEOX_FUN_SCRIPT, &frames)?;
+    c.arg("--videox-fun").arg(repo);
     log("VideoX-Fun (CogVideoXFunInpaintPipeline, bf16)");
-    let (r, failed) = run_process(&mut c)?;
-    let mut entry = serde_json::json!({"wall_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb});
-    match failed {
-        Some(how) => {
-            entry["failed"] =
-                format!("{how} (the peak is the kernel's figure for the process)").into();
-        }
-        None => {
-            let j = crate::bench_scale::last_json(&r.stdout)?;
-            entry["stages"] = j["stages"].clone();
-            entry["dit_steps_s"] = j["dit_steps_s"].clone();
-            entry["rel_l2_v2l_vs_videox_fun"] = rel_l2(v2l_frames, &frames_of(&frames)?).into();
-        }
-    }
-    Ok(serde_json::json!({"videox_fun": entry}))
+    let extra = ["dit_steps_s"];
+    let (entry, _) = Baseline::measure(&mut c, &frames, v2l_frames, &extra, "videox_fun")?;
+    Ok(serde_json::json!({ "videox_fun": entry }))
 }
 
 fn print_table(r: &serde_json::Value) {

@@ -11,39 +11,10 @@ peak RSS (VmHWM, reset between stages), and writes the frames `[F, H, W, 3]` in 
 """
 import argparse
 import json
-import time
 
 import torch
 
-
-def hwm_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e6
-    return 0.0
-
-
-class Stages:
-    """Wall time and own peak RSS per stage (the kernel's mark is reset between stages)."""
-
-    def __init__(self):
-        self.stages = {}
-        self.highest = 0.0
-        self._reset()
-
-    def _reset(self):
-        try:
-            open("/proc/self/clear_refs", "w").write("5")
-        except OSError:
-            pass
-        self.t = time.perf_counter()
-
-    def end(self, name):
-        peak = hwm_mb()
-        self.highest = max(self.highest, peak)
-        self.stages[name] = {"wall_s": time.perf_counter() - self.t, "peak_rss_mb": peak}
-        print(json.dumps({"stage": name, **self.stages[name]}), flush=True)
-        self._reset()
+from stages import Stages
 
 
 def main():

@@ -22,35 +22,7 @@ import types
 
 import torch
 
-
-def hwm_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e6
-    return 0.0
-
-
-class Stages:
-    """Wall time and own peak RSS per stage (the kernel's mark is reset between stages)."""
-
-    def __init__(self):
-        self.stages = {}
-        self.highest = 0.0
-        self._reset()
-
-    def _reset(self):
-        try:
-            open("/proc/self/clear_refs", "w").write("5")
-        except OSError:
-            pass
-        self.t = time.perf_counter()
-
-    def end(self, name):
-        peak = hwm_mb()
-        self.highest = max(self.highest, peak)
-        self.stages[name] = {"wall_s": time.perf_counter() - self.t, "peak_rss_mb": peak}
-        print(json.dumps({"stage": name, **self.stages[name]}), flush=True)
-        self._reset()
+from stages import Stages
 
 
 def stub(name, **attrs):
@@ -126,9 +98,12 @@ def main():
         pe, ne = encode(a.prompt), encode("")
         del t5
         s.end("text_encode")
+        # As predict_i2v.py loads them: `torch_dtype`, then `.to()` (the VAE keeps some biases
+        # in float32 otherwise, and its decode then fails on bf16 inputs).
         transformer = CogVideoXTransformer3DModel.from_pretrained(
-            a.model, subfolder="transformer", torch_dtype=bf16)
-        vae = AutoencoderKLCogVideoX.from_pretrained(a.model, subfolder="vae", torch_dtype=bf16)
+            a.model, subfolder="transformer", torch_dtype=bf16).to(bf16)
+        vae = AutoencoderKLCogVideoX.from_pretrained(
+            a.model, subfolder="vae", torch_dtype=bf16).to(bf16)
         scheduler = DDIMScheduler.from_pretrained(a.model, subfolder="scheduler")
         pipe = CogVideoXFunInpaintPipeline(vae=vae, tokenizer=None, text_encoder=None,
                                            transformer=transformer, scheduler=scheduler)
