@@ -1,7 +1,8 @@
 //! Video generation: CogVideoX image-to-video with an optional Video2LoRA reference clip
-//! (`pipeline/cogvideox.rs`), and Wan2.1 text- and image-to-video (`pipeline/wan.rs`). The
-//! engine's DiT picks the family; callers build the same [`Request`] for both, and both run
-//! the one denoise loop (`pipeline/denoise.rs`).
+//! (`pipeline/cogvideox.rs`; diffusers' I2V, or VideoX-Fun's inpaint pipeline that Video2LoRA's
+//! release trains on, conditioned by `pipeline/fun_inpaint.rs`), and Wan2.1 text- and
+//! image-to-video (`pipeline/wan.rs`). The engine's [`PipelineKind`] picks the steps; callers
+//! build the same [`Request`] for all, and all run the one denoise loop (`pipeline/denoise.rs`).
 //!
 //! A request runs in named steps: check it against the model, apply its LoRA for this request
 //! only, condition on the first frame (VAE encode), denoise, decode. Classifier-free guidance
