@@ -10,7 +10,7 @@ use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
 use crate::common;
-use common::{engine, engine_with, frames_of, tiny};
+use common::{engine, engine_with, frames_of, mae, tiny};
 
 /// The fixture's request (first frame, prompts, noise: 17 frames at guidance 6), two steps.
 fn two_step_request(io: &std::collections::BTreeMap<String, Tensor>) -> Request {
@@ -41,16 +41,6 @@ fn load(engine: &Path, strategy: Strategy) -> Pipeline {
         strategy,
     )
     .unwrap()
-}
-
-fn mae(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.as_f32("a").unwrap(), b.as_f32("b").unwrap());
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .sum::<f64>()
-        / a.len() as f64
 }
 
 #[test]

@@ -12,7 +12,7 @@ use v2l_runtime::engine::Engine;
 use v2l_runtime::pipeline::{Pipeline, PipelineKind, Request, RequestLora};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
-use crate::common::{self, frames_of};
+use crate::common::{self, frames_of, mae};
 
 pub fn fun() -> PathBuf {
     common::tiny().join("../cogvideox-fun-inp-tiny")
@@ -26,17 +26,6 @@ fn variant(dir: &std::path::Path) -> (usize, f32) {
         v["frames"].as_u64().unwrap() as usize,
         v["lora_weight"].as_f64().unwrap() as f32,
     )
-}
-
-/// Mean absolute error.
-fn mae(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.as_f32("a").unwrap(), b.as_f32("b").unwrap());
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .sum::<f64>()
-        / a.len() as f64
 }
 
 /// The fixture's request as `predict_i2v.py` runs it: `frames` frames at the first frame's

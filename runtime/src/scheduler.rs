@@ -389,37 +389,44 @@ impl DdimScheduler {
         1.0
     }
 
+    /// `alphas_cumprod[i]` as torch indexes it: a negative index counts from the end, one out
+    /// of range is torch's IndexError (here an error naming `what`).
+    fn alpha_at(&self, i: i64, what: &str) -> Result<f64> {
+        let n = self.num_train_timesteps as i64;
+        let k = if i < 0 { i + n } else { i };
+        usize::try_from(k)
+            .ok()
+            .and_then(|k| self.alphas_cumprod.get(k).copied())
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: what.into(),
+                message: format!("timestep {i} is out of range for {n} training timesteps"),
+            })
+    }
+
+    /// What every sampler's step at `t` starts from: `(ᾱ_t, ᾱ_prev, prev_t)` with
+    /// `prev_t = t − num_train_timesteps / steps` and `ᾱ_prev = final_alpha_cumprod` before 0.
+    fn step_alphas(&self, t: i64, what: &str) -> Result<(f64, f64, i64)> {
+        let steps = self
+            .num_inference_steps
+            .ok_or_else(|| RuntimeError::Invalid {
+                what: what.into(),
+                message: "set_timesteps was not called".into(),
+            })?;
+        let alpha_t = self.alpha_at(t, what)?;
+        let prev_t = t - (self.num_train_timesteps / steps) as i64;
+        let alpha_prev = if prev_t >= 0 {
+            self.alpha_at(prev_t, what)?
+        } else {
+            self.final_alpha_cumprod
+        };
+        Ok((alpha_t, alpha_prev, prev_t))
+    }
+
     /// The float32 coefficients `[sqrt(alpha_t), sqrt(1 - alpha_t), a_t, b_t]` at timestep `t`,
     /// computed in the schedule's precision and then rounded, as torch does when the 0-dim
     /// coefficient tensors meet the float32 sample.
     fn coefficients(&self, t: i64) -> Result<[f32; 4]> {
-        let bad = |message: String| RuntimeError::Invalid {
-            what: "DDIM step".into(),
-            message,
-        };
-        let steps = self
-            .num_inference_steps
-            .ok_or_else(|| bad("set_timesteps was not called".into()))?;
-        let n = self.num_train_timesteps as i64;
-        // torch indexing: negative indices count from the end; out of range is torch's IndexError.
-        let alpha = |i: i64| -> Result<f64> {
-            let k = if i < 0 { i + n } else { i };
-            usize::try_from(k)
-                .ok()
-                .and_then(|k| self.alphas_cumprod.get(k).copied())
-                .ok_or_else(|| {
-                    bad(format!(
-                        "timestep {i} is out of range for {n} training timesteps"
-                    ))
-                })
-        };
-        let prev_t = t - (self.num_train_timesteps / steps) as i64;
-        let alpha_t = alpha(t)?;
-        let alpha_prev = if prev_t >= 0 {
-            alpha(prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let (alpha_t, alpha_prev, _) = self.step_alphas(t, "DDIM step")?;
         if self.f32_schedule {
             let (a, ap) = (alpha_t as f32, alpha_prev as f32);
             let beta = 1.0 - a;
@@ -484,33 +491,8 @@ impl DdimScheduler {
     /// `DDIMScheduler.step` with eta = 0, every 0-dim coefficient a float32 tensor:
     /// `prev = √ᾱ_prev · x̂₀ + √(1 − ᾱ_prev) · ε̂`.
     fn step_plain(&self, model_output: &[f32], t: i64, sample: &[f32]) -> Result<Vec<f32>> {
-        let bad = |message: String| RuntimeError::Invalid {
-            what: "DDIM step".into(),
-            message,
-        };
-        let steps = self
-            .num_inference_steps
-            .ok_or_else(|| bad("set_timesteps was not called".into()))?;
-        let n = self.num_train_timesteps as i64;
-        let alpha = |i: i64| -> Result<f32> {
-            let k = if i < 0 { i + n } else { i };
-            usize::try_from(k)
-                .ok()
-                .and_then(|k| self.alphas_cumprod.get(k).copied())
-                .map(|a| a as f32)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "timestep {i} is out of range for {n} training timesteps"
-                    ))
-                })
-        };
-        let prev_t = t - (self.num_train_timesteps / steps) as i64;
-        let a = alpha(t)?;
-        let ap = if prev_t >= 0 {
-            alpha(prev_t)?
-        } else {
-            self.final_alpha_cumprod as f32
-        };
+        let (a, ap, _) = self.step_alphas(t, "DDIM step")?;
+        let (a, ap) = (a as f32, ap as f32);
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
         // std_dev_t = eta · √variance = 0, so the direction's coefficient is √(1 − ᾱ_prev − 0).
         let (sap, dir) = (ap.sqrt(), (1.0 - ap - 0.0).sqrt());
@@ -567,29 +549,8 @@ impl DdimScheduler {
                 sample.len()
             )));
         }
-        let steps = self
-            .num_inference_steps
-            .ok_or_else(|| bad("set_timesteps was not called".into()))?;
-        let n = self.num_train_timesteps as i64;
-        let alpha = |i: i64| -> Result<f64> {
-            let k = if i < 0 { i + n } else { i };
-            usize::try_from(k)
-                .ok()
-                .and_then(|k| self.alphas_cumprod.get(k).copied())
-                .ok_or_else(|| {
-                    bad(format!(
-                        "timestep {i} is out of range for {n} training timesteps"
-                    ))
-                })
-        };
-        let prev_t = t - (self.num_train_timesteps / steps) as i64;
-        let a = alpha(t)?;
-        let ap = if prev_t >= 0 {
-            alpha(prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
-        let back = t_back.map(alpha).transpose()?;
+        let (a, ap, prev_t) = self.step_alphas(t, "DPM step")?;
+        let back = t_back.map(|tb| self.alpha_at(tb, "DPM step")).transpose()?;
         let lambda = |x: f64| (x / (1.0 - x)).sqrt().ln();
         let h = lambda(ap) - lambda(a);
         let m0 = (((1.0 - ap) / (1.0 - a)).sqrt() * (-h).exp()) as f32;

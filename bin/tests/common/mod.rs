@@ -68,6 +68,17 @@ pub fn wan_model_dir(dst: &Path, parts: &[(&str, &str)]) -> PathBuf {
     dst.to_path_buf()
 }
 
+/// Mean absolute error between two float tensors of one size (frames against upstream's).
+pub fn mae(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.as_f32("a").unwrap(), b.as_f32("b").unwrap());
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum::<f64>()
+        / a.len() as f64
+}
+
 /// A fixture's uint8 frames (`[F, H, W, 3]`, or one image `[H, W, 3]`) as the runtime takes them.
 pub fn frames_of(t: &Tensor) -> Frames {
     Frames::from_u8_tensor(t).expect("a fixture's uint8 frames")
