@@ -88,6 +88,11 @@ fn assert_all_valid(models: &[PathBuf]) {
 /// `v2l-export pipeline model --hypernet … --lilora … -o export`: its five graphs (DiT, VAE
 /// encoder and decoder, text encoder, hypernetwork).
 fn export_pipeline(model: &Path, export: &Path) -> Vec<PathBuf> {
+    export_pipeline_of(model, export, 5)
+}
+
+/// [`export_pipeline`] for a model folder that yields `graphs` graphs.
+fn export_pipeline_of(model: &Path, export: &Path, graphs: usize) -> Vec<PathBuf> {
     run(
         env!("CARGO_BIN_EXE_v2l-export"),
         &[
@@ -104,8 +109,8 @@ fn export_pipeline(model: &Path, export: &Path) -> Vec<PathBuf> {
     let models = onnx_files(export);
     assert_eq!(
         models.len(),
-        5,
-        "dit, vae encoder/decoder, text encoder, hypernet: {models:?}"
+        graphs,
+        "dit, vae encoder/decoder, text encoder (if any), hypernet: {models:?}"
     );
     models
 }
@@ -163,6 +168,22 @@ fn embedded_model_graphs_pass_the_onnx_checker() {
         "fp32",
         &[],
     ));
+    assert_all_valid(&models);
+}
+
+/// Video2LoRA's released backbone (CogVideoX-Fun-InP: the 33-channel DiT, the VAE decoder built
+/// for VideoX-Fun's decode loop; no text encoder in the fixture), exported and compiled for the
+/// CPU in fp32 and int8 (whose compile-time accuracy sample runs the Fun-InP pipeline).
+#[test]
+fn fun_inpaint_graphs_pass_the_onnx_checker() {
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    let fun = root().join("tests/fixtures/cogvideox-fun-inp-tiny");
+    let mut models = export_pipeline_of(&fun, &export, 4);
+    for precision in ["fp32", "int8"] {
+        let engine = d.path().join(format!("engine-{precision}"));
+        models.extend(compile(&export, &engine, "cpu", precision, &[]));
+    }
     assert_all_valid(&models);
 }
 

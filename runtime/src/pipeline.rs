@@ -447,12 +447,13 @@ impl Pipeline {
                     .as_mut()
                     .ok_or_else(|| no_hypernet(&self.dir))?;
                 let resized;
-                let clip = match self.kind {
-                    PipelineKind::CogvideoxFunInpaint => {
+                let fun = self.kind == PipelineKind::CogvideoxFunInpaint;
+                let clip = match fun && (clip.height, clip.width) != (height, width) {
+                    true => {
                         resized = clip.resized_like_pil(height, width)?;
                         &resized
                     }
-                    _ => clip,
+                    false => clip,
                 };
                 let p = predictor.predict_timed(vae, clip, *weight, timings)?;
                 let applied = AppliedLora {

@@ -19,7 +19,12 @@ fn ffmpeg() -> Command {
 fn check_media_path(path: &Path, dirs: bool) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|source| RuntimeError::Io {
         path: path.into(),
-        source,
+        source: match source.kind() {
+            std::io::ErrorKind::NotFound => {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")
+            }
+            _ => source,
+        },
     })?;
     if meta.is_file() || (dirs && meta.is_dir()) {
         return Ok(());
@@ -45,6 +50,27 @@ fn pngs_in(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(pngs)
 }
 
+fn is_safetensors_path(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// A safetensors clip's `reference_u8 [F, H, W, 3]` at its own size, at most `max_frames`.
+fn reference_tensor(path: &Path, max_frames: usize) -> Result<Frames> {
+    let t = crate::tensor::read_safetensors(path)?;
+    let r = t
+        .get("reference_u8")
+        .ok_or_else(|| RuntimeError::MissingTensor {
+            path: path.into(),
+            name: "reference_u8".into(),
+        })?;
+    let mut f = Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
+    f.truncate(max_frames);
+    if f.frames == 0 {
+        return Err(bad(path, "the video has no frames"));
+    }
+    Ok(f)
+}
+
 fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
     RuntimeError::BadFile {
         path: path.into(),
@@ -65,24 +91,12 @@ pub fn read_frames(path: &Path, height: usize, width: usize) -> Result<Frames> {
 /// the safetensors tensor, or from ffprobe for a video or a directory of PNGs.
 pub fn read_frames_at_source_size(path: &Path) -> Result<Frames> {
     let max = crate::limits::Limits::from_env()?.max_frames;
-    if path.extension().is_some_and(|e| e == "safetensors") {
-        let t = crate::tensor::read_safetensors(path)?;
-        let r = t
-            .get("reference_u8")
-            .ok_or_else(|| RuntimeError::MissingTensor {
-                path: path.into(),
-                name: "reference_u8".into(),
-            })?;
-        let f = Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
-        return read_frames_at_most(path, f.height, f.width, max);
-    }
-    if !path.exists() {
-        return Err(RuntimeError::Io {
-            path: path.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-        });
-    }
     check_media_path(path, true)?;
+    if is_safetensors_path(path) {
+        let f = reference_tensor(path, max)?;
+        crate::limits::Limits::from_env()?.check_frame_size(f.height, f.width, 1)?;
+        return Ok(f);
+    }
     let (h, w) = source_size(path).ok_or_else(|| {
         bad(
             path,
@@ -118,24 +132,9 @@ pub fn read_frames_at_most(
     max_frames: usize,
 ) -> Result<Frames> {
     crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
-    if !path.exists() {
-        return Err(RuntimeError::Io {
-            path: path.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-        });
-    }
     check_media_path(path, true)?;
-    let frames = if path.extension().is_some_and(|e| e == "safetensors") {
-        let t = crate::tensor::read_safetensors(path)?;
-        let r = t
-            .get("reference_u8")
-            .ok_or_else(|| RuntimeError::MissingTensor {
-                path: path.into(),
-                name: "reference_u8".into(),
-            })?;
-        let mut f =
-            Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
-        f.truncate(max_frames);
+    let frames = if is_safetensors_path(path) {
+        let f = reference_tensor(path, max_frames)?;
         if (f.height, f.width) != (height, width) {
             return Err(bad(
                 path,
@@ -180,7 +179,7 @@ pub fn source_size(path: &Path) -> Option<(usize, usize)> {
     check_media_path(path, true).ok()?;
     let file = if path.is_dir() {
         pngs_in(path).ok()?.into_iter().next()?
-    } else if path.extension().is_some_and(|e| e == "safetensors") {
+    } else if is_safetensors_path(path) {
         return None;
     } else {
         path.to_path_buf()
