@@ -354,24 +354,55 @@ fn a_killed_exports_staging_directory_is_cleaned_by_the_next_export() {
     assert!(staging.is_empty());
 }
 
+/// The peak resident memory a refusal may take (the issue's bound: bounded by the format,
+/// never by the file's size).
+const MAX_REFUSAL_RSS_BYTES: u64 = 1536 << 20;
+
 /// Runs `c` to its end, failing the test if it takes more than `secs` (the process is killed
-/// first, so a hang cannot stall the suite).
+/// first, so a hang cannot stall the suite) or peaks above [`MAX_REFUSAL_RSS_BYTES`] resident
+/// (read from the kernel's accounting of the reaped process, `wait4`).
 fn within(mut c: Command, secs: u64) -> Output {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
     let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            r.read_to_end(&mut b).unwrap();
+            b
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let pid = child.id() as libc::pid_t;
     let start = std::time::Instant::now();
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
     loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+        // SAFETY: `pid` is our own unreaped child; `status` and `usage` are valid for writes.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        assert!(r >= 0, "wait4: {}", std::io::Error::last_os_error());
+        if r == pid {
+            break;
         }
         if start.elapsed() > std::time::Duration::from_secs(secs) {
             child.kill().unwrap();
             panic!("still running after {secs} s: {c:?}");
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let peak = usage.ru_maxrss as u64 * 1024;
+    assert!(
+        peak < MAX_REFUSAL_RSS_BYTES,
+        "peaked at {peak} bytes resident: {c:?}"
+    );
+    Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
     }
 }
 
@@ -425,6 +456,75 @@ fn v2l_run_refuses_sparse_and_fifo_safetensors_inputs() {
             let c = generate_command(&engine, &out, &embeds, &[flag, input.to_str().unwrap()]);
             refused(&within(c, 10), &[name]);
             assert!(!out.exists(), "{flag} {name}: output written");
+        }
+    }
+}
+
+/// A sparse file of `bytes` at `p` whose safetensors header describes it whole (one `U8`
+/// tensor filling it): only the size limit can refuse it.
+fn sparse_claiming_safetensors(p: &Path, bytes: u64) {
+    use std::io::Write;
+    let extent = bytes - 8 - 128;
+    let header =
+        format!(r#"{{"t":{{"dtype":"U8","shape":[{extent}],"data_offsets":[0,{extent}]}}}}"#);
+    let mut f = std::fs::File::create(p).unwrap();
+    f.write_all(&128u64.to_le_bytes()).unwrap();
+    f.write_all(format!("{header:<128}").as_bytes()).unwrap();
+    f.set_len(bytes).unwrap();
+}
+
+/// Each kind of input has its own size limit, and the error names the variable that raises
+/// it: a 50 GB sparse safetensors file whose header describes it whole is refused as a LoRA
+/// (`V2L_MAX_LORA_BYTES`) and as a tensor file (`V2L_MAX_TENSOR_BYTES`), a 5 GB sparse clip or
+/// picture as media (`V2L_MAX_MEDIA_BYTES`), each within 10 s and bounded memory; lowering a
+/// variable refuses the fixture's own LoRA, and raising it lets it through.
+#[test]
+fn each_input_kind_has_a_size_limit_naming_its_variable() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(&d.path().join("e"));
+    let big = d.path().join("big.safetensors");
+    sparse_claiming_safetensors(&big, 50 << 30);
+    let (mp4, png) = (d.path().join("r.mp4"), d.path().join("f.png"));
+    for p in [&mp4, &png] {
+        std::fs::File::create(p).unwrap().set_len(5 << 30).unwrap();
+    }
+    let out = d.path().join("v.mp4");
+    let embeds = common::tiny().join("e2e_io.safetensors");
+    let big_s = big.to_str().unwrap();
+    for (flag, input, var) in [
+        ("--lora", big_s, "V2L_MAX_LORA_BYTES"),
+        ("--noise", big_s, "V2L_MAX_TENSOR_BYTES"),
+        ("--prompt-embeds", big_s, "V2L_MAX_TENSOR_BYTES"),
+        ("--reference", mp4.to_str().unwrap(), "V2L_MAX_MEDIA_BYTES"),
+        ("--image", png.to_str().unwrap(), "V2L_MAX_MEDIA_BYTES"),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+        c.arg("--engine").arg(&engine);
+        if flag != "--image" {
+            c.arg("--image").arg(common::tiny().join("first_frame.png"));
+        }
+        if flag != "--prompt-embeds" {
+            c.arg("--prompt-embeds").arg(&embeds);
+        }
+        c.args([flag, input, "--steps", "2", "--seed", "3", "--quiet", "-o"])
+            .arg(&out);
+        let name = Path::new(input).file_name().unwrap().to_str().unwrap();
+        refused(&within(c, 10), &[name, var, "limit"]);
+        assert!(!out.exists(), "{flag}: output written");
+    }
+    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-lora"));
+    c.arg("inspect").arg(&big);
+    refused(&within(c, 10), &["big.safetensors", "V2L_MAX_LORA_BYTES"]);
+    // The variable is the limit, both ways.
+    let peft = common::tiny().join(PEFT);
+    for (limit, ok) in [("1000", false), ("100000000", true)] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-lora"));
+        c.arg("inspect").arg(&peft).env("V2L_MAX_LORA_BYTES", limit);
+        let o = within(c, 10);
+        if ok {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        } else {
+            refused(&o, &["V2L_MAX_LORA_BYTES", "1000-byte limit for a LoRA file"]);
         }
     }
 }

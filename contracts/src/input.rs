@@ -7,30 +7,88 @@
 //! - A device (`/dev/zero`), a pipe or a directory is refused at once.
 //! - A safetensors file is read as far as its header says ([`read_safetensors`]), never by its
 //!   size alone: a 50 GB sparse file whose first 8 bytes are not a header costs 8 bytes of
-//!   reading, and a file whose header describes more than [`max_input_bytes`] is refused
-//!   before anything is allocated for it.
+//!   reading, and a file whose header describes more than its kind's limit ([`InputKind`],
+//!   each raised by its own environment variable) is refused before anything is allocated.
 
 use std::fs::File;
 use std::io::{Error, ErrorKind, Read};
 use std::path::Path;
 
-/// The environment variable that raises (or lowers) [`max_input_bytes`], in bytes.
-pub const MAX_INPUT_ENV: &str = "V2L_MAX_INPUT_BYTES";
-
-/// The default largest input file v2l reads into memory: 16 GiB, larger than any LoRA,
-/// noise or prompt-embedding file of a CogVideoX-5B or Wan job.
-pub const DEFAULT_MAX_INPUT_BYTES: u64 = 16 << 30;
-
 /// safetensors' own largest header (the format's `MAX_HEADER_SIZE`).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// The largest input read into memory: [`MAX_INPUT_ENV`] if set to a number, else
-/// [`DEFAULT_MAX_INPUT_BYTES`].
-pub fn max_input_bytes() -> u64 {
-    std::env::var(MAX_INPUT_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_MAX_INPUT_BYTES)
+/// What an input file is, for its size limit: each kind has its own, raised by its own
+/// environment variable (the CLI and the C ABI read them; the server bounds uploads with
+/// `--max-upload-mb` before anything is stored).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    /// A LoRA file (`--lora`, `v2l-lora`, `v2l_engine_load_lora`).
+    Lora,
+    /// A safetensors file of tensors: `--noise`, `--prompt-embeds`, `v2l-run stage` inputs,
+    /// a clip stored as `reference_u8`, calibration samples.
+    Tensors,
+    /// A video or picture decoded by ffmpeg (`--reference`, `--image`, uploads).
+    Media,
+}
+
+impl InputKind {
+    /// The environment variable that raises (or lowers) this kind's limit, in bytes.
+    pub const fn env(self) -> &'static str {
+        match self {
+            InputKind::Lora => "V2L_MAX_LORA_BYTES",
+            InputKind::Tensors => "V2L_MAX_TENSOR_BYTES",
+            InputKind::Media => "V2L_MAX_MEDIA_BYTES",
+        }
+    }
+
+    /// The default limit: above any file of a CogVideoX-5B or Wan job of this kind (a rank-256
+    /// fp32 LoRA of every linear layer of the 5B DiT is about 6 GB; a 49-frame 480×720 job's
+    /// noise and embeddings are tens of MB; a minute of 4K H.264 is about 1 GB).
+    pub const fn default_limit(self) -> u64 {
+        match self {
+            InputKind::Lora => 16 << 30,
+            InputKind::Tensors => 4 << 30,
+            InputKind::Media => 4 << 30,
+        }
+    }
+
+    /// What the kind is called in messages.
+    pub const fn noun(self) -> &'static str {
+        match self {
+            InputKind::Lora => "LoRA file",
+            InputKind::Tensors => "tensor file",
+            InputKind::Media => "media file",
+        }
+    }
+
+    /// This kind's limit: its variable when set to a number of bytes, else the default.
+    pub fn limit(self) -> u64 {
+        std::env::var(self.env())
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(self.default_limit())
+    }
+
+    /// The error for a file of `bytes` over `limit`, naming the variable that raises it.
+    pub fn too_large(self, bytes: u64, limit: u64) -> Error {
+        invalid(
+            ErrorKind::InvalidData,
+            format!(
+                "{bytes} bytes, more than the {limit}-byte limit for a {} (set {} to raise it)",
+                self.noun(),
+                self.env()
+            ),
+        )
+    }
+
+    /// Refuses a file of `bytes` over this kind's limit.
+    pub fn check_size(self, bytes: u64) -> std::io::Result<()> {
+        let limit = self.limit();
+        if bytes > limit {
+            return Err(self.too_large(bytes, limit));
+        }
+        Ok(())
+    }
 }
 
 /// Whether `name`, a path an engine record names, stays inside the engine directory by its
@@ -74,55 +132,52 @@ pub fn open_regular(path: &Path) -> std::io::Result<(File, u64)> {
     Ok((file, meta.len()))
 }
 
-/// The bytes of the regular file `path`, if it holds at most `limit` bytes.
-pub fn read_regular_within(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+/// The bytes of the regular file `path`, if it holds at most `kind`'s limit.
+pub fn read_regular(path: &Path, kind: InputKind) -> std::io::Result<Vec<u8>> {
     let (file, len) = open_regular(path)?;
-    if len > limit {
-        return Err(too_large(len, limit));
-    }
+    kind.check_size(len)?;
     read_exactly(file, len)
-}
-
-/// [`read_regular_within`] with the input limit ([`max_input_bytes`]).
-pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
-    read_regular_within(path, max_input_bytes())
-}
-
-fn too_large(bytes: u64, limit: u64) -> Error {
-    invalid(
-        ErrorKind::InvalidData,
-        format!(
-            "{bytes} bytes, more than the {limit}-byte input limit (set {MAX_INPUT_ENV} to raise it)"
-        ),
-    )
 }
 
 /// The first `n` bytes of `file`, into a buffer reserved without aborting on failure.
 fn read_exactly(file: impl Read, n: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    let size = usize::try_from(n).map_err(|_| too_large(n, usize::MAX as u64))?;
-    bytes.try_reserve_exact(size).map_err(|_| {
+    reserve(&mut bytes, n)?;
+    file.take(n).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Reserves `n` more bytes in `bytes`, an error (never an abort) when they do not fit.
+fn reserve(bytes: &mut Vec<u8>, n: u64) -> std::io::Result<()> {
+    let no_room = || {
         invalid(
             ErrorKind::OutOfMemory,
             format!("{n} bytes do not fit in memory"),
         )
-    })?;
-    file.take(n).read_to_end(&mut bytes)?;
-    Ok(bytes)
+    };
+    let size = usize::try_from(n).map_err(|_| no_room())?;
+    bytes.try_reserve_exact(size).map_err(|_| no_room())
 }
 
 /// The bytes of the safetensors file `path` that its parser needs: the whole file when its
 /// header describes exactly the file (`8 + header + data` bytes); otherwise only the length
 /// and header, enough for the parser to name what is wrong (too short, a header too large
 /// or not JSON, data that does not match the file). Memory is bounded by what the header
-/// says, and by [`max_input_bytes`].
-pub fn read_safetensors(path: &Path) -> std::io::Result<Vec<u8>> {
-    read_safetensors_within(path, max_input_bytes())
+/// says, and by `kind`'s limit.
+pub fn read_safetensors(path: &Path, kind: InputKind) -> std::io::Result<Vec<u8>> {
+    let (file, len) = open_regular(path)?;
+    safetensors_prefix(file, len, kind, kind.limit())
 }
 
-/// [`read_safetensors`] with `limit` in place of the input limit.
-pub fn read_safetensors_within(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    let (mut file, len) = open_regular(path)?;
+/// [`read_safetensors`] on an open `file` of `len` bytes, with `limit` for `kind`'s: the one
+/// place the format bounds the read (fuzzed: `fuzz/fuzz_targets/input.rs`). Returns a prefix
+/// of the file, at most 8 + the header when the header does not describe the whole file.
+pub fn safetensors_prefix(
+    mut file: impl Read,
+    len: u64,
+    kind: InputKind,
+    limit: u64,
+) -> std::io::Result<Vec<u8>> {
     if len < 8 {
         return read_exactly(file, len);
     }
@@ -139,21 +194,15 @@ pub fn read_safetensors_within(path: &Path, limit: u64) -> std::io::Result<Vec<u
         // Not a header the parser takes: it says why from these bytes.
         return Ok(head);
     };
-    let whole = 8 + n + extent;
-    if whole != len {
+    let whole = (8 + n).checked_add(extent);
+    let Some(whole) = whole.filter(|w| *w == len) else {
         // The parser reports the mismatch from the header.
         return Ok(head);
-    }
+    };
     if whole > limit {
-        return Err(too_large(whole, limit));
+        return Err(kind.too_large(whole, limit));
     }
-    head.try_reserve_exact(usize::try_from(extent).unwrap_or(usize::MAX))
-        .map_err(|_| {
-            invalid(
-                ErrorKind::OutOfMemory,
-                format!("{whole} bytes do not fit in memory"),
-            )
-        })?;
+    reserve(&mut head, extent)?;
     file.take(extent).read_to_end(&mut head)?;
     Ok(head)
 }
@@ -191,16 +240,14 @@ mod tests {
 
     #[test]
     fn devices_and_directories_are_refused_files_are_read() {
-        let e = read_regular(Path::new("/dev/zero")).unwrap_err();
+        let e = read_regular(Path::new("/dev/zero"), InputKind::Tensors).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
-        assert!(read_regular(Path::new("/")).is_err());
-        assert!(read_safetensors(Path::new("/dev/zero")).is_err());
+        assert!(read_regular(Path::new("/"), InputKind::Lora).is_err());
+        assert!(read_safetensors(Path::new("/dev/zero"), InputKind::Lora).is_err());
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("f");
         std::fs::write(&p, b"abc").unwrap();
-        assert_eq!(read_regular(&p).unwrap(), b"abc");
-        let e = read_regular_within(&p, 2).unwrap_err();
-        assert!(e.to_string().contains(MAX_INPUT_ENV), "{e}");
+        assert_eq!(read_regular(&p, InputKind::Media).unwrap(), b"abc");
     }
 
     /// A FIFO is refused before it is opened: opening it would block with no writer.
@@ -212,7 +259,7 @@ mod tests {
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        for r in [read_regular(&p), read_safetensors(&p)] {
+        for r in [read_regular(&p, InputKind::Media), read_safetensors(&p, InputKind::Lora)] {
             assert_eq!(r.unwrap_err().kind(), ErrorKind::InvalidInput);
         }
     }
@@ -227,7 +274,7 @@ mod tests {
         f.set_len(50 << 30).unwrap();
         drop(f);
         // All zeros: a header length of 0, then no JSON: the parser sees the header only.
-        let got = read_safetensors(&p).unwrap();
+        let got = read_safetensors(&p, InputKind::Tensors).unwrap();
         assert_eq!(got.len(), 8);
         // A header describing the whole 50 GB: refused by the limit, nothing read.
         let extent = (50u64 << 30) - 8 - 128;
@@ -242,9 +289,11 @@ mod tests {
             let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
             f.write_all(&start).unwrap();
         }
-        let e = read_safetensors_within(&p, 1 << 30).unwrap_err();
-        assert!(e.to_string().contains(MAX_INPUT_ENV), "{e}");
-        assert!(read_regular_within(&p, 1 << 30).is_err());
+        let (f, len) = open_regular(&p).unwrap();
+        let e = safetensors_prefix(f, len, InputKind::Lora, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("V2L_MAX_LORA_BYTES"), "{e}");
+        assert!(e.to_string().contains("limit for a LoRA file"), "{e}");
+        assert!(read_regular(&p, InputKind::Tensors).is_err());
     }
 
     #[test]
@@ -253,7 +302,7 @@ mod tests {
         let p = d.path().join("t.safetensors");
         let good = safetensors(5);
         std::fs::write(&p, &good).unwrap();
-        assert_eq!(read_safetensors(&p).unwrap(), good);
+        assert_eq!(read_safetensors(&p, InputKind::Tensors).unwrap(), good);
         // Trailing bytes, or data cut short: the header only, for the parser to refuse.
         let head = good.len() - 20;
         for bad in [
@@ -261,12 +310,12 @@ mod tests {
             good[..good.len() - 4].to_vec(),
         ] {
             std::fs::write(&p, &bad).unwrap();
-            assert_eq!(read_safetensors(&p).unwrap(), good[..head]);
+            assert_eq!(read_safetensors(&p, InputKind::Tensors).unwrap(), good[..head]);
         }
         // Too short for a length, a length past the file: what there is, at most 8 bytes.
         std::fs::write(&p, [1u8, 2, 3]).unwrap();
-        assert_eq!(read_safetensors(&p).unwrap(), [1, 2, 3]);
+        assert_eq!(read_safetensors(&p, InputKind::Tensors).unwrap(), [1, 2, 3]);
         std::fs::write(&p, 1000u64.to_le_bytes()).unwrap();
-        assert_eq!(read_safetensors(&p).unwrap().len(), 8);
+        assert_eq!(read_safetensors(&p, InputKind::Tensors).unwrap().len(), 8);
     }
 }

@@ -14,8 +14,9 @@ fn ffmpeg() -> Command {
 }
 
 /// Refuses a media path that is neither a regular file nor (where `dirs`) a directory: a FIFO
-/// would block ffmpeg's open forever, a device would stream until a limit stops it. Only the
-/// metadata is read, nothing is opened.
+/// would block ffmpeg's open forever, a device would stream until a limit stops it. A file
+/// over the media limit (`V2L_MAX_MEDIA_BYTES`) is refused too. Only the metadata is read,
+/// nothing is opened.
 fn check_media_path(path: &Path, dirs: bool) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|source| RuntimeError::Io {
         path: path.into(),
@@ -26,7 +27,13 @@ fn check_media_path(path: &Path, dirs: bool) -> Result<()> {
             _ => source,
         },
     })?;
-    if meta.is_file() || (dirs && meta.is_dir()) {
+    if meta.is_file() {
+        use v2l_contracts::input::InputKind;
+        return InputKind::Media
+            .check_size(meta.len())
+            .map_err(|e| bad(path, e.to_string()));
+    }
+    if dirs && meta.is_dir() {
         return Ok(());
     }
     Err(bad(
