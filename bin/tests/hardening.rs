@@ -570,25 +570,36 @@ fn v2l_run_refuses_fifo_and_device_media() {
     }
 }
 
-/// An engine part replaced by a FIFO, or by a link to `/dev/zero`, is refused when the engine
-/// opens, naming the part, instead of blocking or hashing forever.
+/// An engine part replaced by a FIFO, a link to `/dev/zero`, a directory or a 50 GB sparse
+/// file is refused when the engine opens, naming the part and what it is, instead of blocking,
+/// hashing forever or being called "missing".
 #[test]
 fn engine_parts_that_are_fifos_or_devices_are_refused_at_open() {
     let d = tempfile::tempdir().unwrap();
     let engine = common::engine(d.path());
     let part = engine.join("lilora.safetensors");
     let kept = std::fs::read(&part).unwrap();
-    for make in ["fifo", "device"] {
-        std::fs::remove_file(&part).unwrap();
+    for make in ["fifo", "device", "directory", "sparse"] {
+        match std::fs::metadata(&part) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(&part).unwrap(),
+            _ => std::fs::remove_file(&part).unwrap(),
+        }
         match make {
             "fifo" => fifo(&part),
-            _ => std::os::unix::fs::symlink("/dev/zero", &part).unwrap(),
+            "device" => std::os::unix::fs::symlink("/dev/zero", &part).unwrap(),
+            "directory" => std::fs::create_dir(&part).unwrap(),
+            _ => std::fs::File::create(&part)
+                .unwrap()
+                .set_len(50 << 30)
+                .unwrap(),
         }
         let embeds = common::tiny().join("e2e_io.safetensors");
         let c = generate_command(&engine, &d.path().join("v.mp4"), &embeds, &[]);
         let why = match make {
-            "fifo" => "not a regular file",
-            _ => "outside the engine directory",
+            "fifo" | "directory" => "not a regular file",
+            "device" => "outside the engine directory",
+            // Another size than the record's: refused from its metadata, nothing hashed.
+            _ => "does not match the engine bundle",
         };
         refused(&within(c, 10), &["lilora.safetensors", why]);
     }

@@ -233,15 +233,32 @@ fn file_hash_with(
     samples: u64,
     sample_bytes: u64,
 ) -> std::io::Result<(u64, String)> {
-    use std::io::{Read, Seek, SeekFrom};
     // A part that is a device or a FIFO is refused before it is opened (`/dev/zero` would be
     // hashed forever, a FIFO's open would block), and a regular one is read to the length it
     // had when opened.
-    let (mut f, len) = crate::input::open_regular(path)?;
+    let (f, len) = crate::input::open_regular(path)?;
+    Ok((len, hash_open(f, len, full_max, samples, sample_bytes)?))
+}
+
+/// The hash of an open file of `len` bytes, reading at most `len` of them (see [`file_hash`]).
+fn hash_open(
+    mut f: std::fs::File,
+    len: u64,
+    full_max: u64,
+    samples: u64,
+    sample_bytes: u64,
+) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
     let mut h = blake3::Hasher::new();
     if len <= full_max.max(sample_bytes * samples) {
         let n = std::io::copy(&mut (&mut f).take(len), &mut h)?;
-        return Ok((n, h.finalize().to_hex().to_string()));
+        if n != len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("shrank from {len} to {n} bytes while it was read"),
+            ));
+        }
+        return Ok(h.finalize().to_hex().to_string());
     }
     h.update(&len.to_le_bytes());
     let mut block = vec![0u8; sample_bytes as usize];
@@ -256,7 +273,7 @@ fn file_hash_with(
         f.read_exact(&mut block)?;
         h.update(&block);
     }
-    Ok((len, format!("sampled:{}", h.finalize().to_hex())))
+    Ok(format!("sampled:{}", h.finalize().to_hex()))
 }
 
 /// Size and hash of `dir/name`, streamed (never the whole file in memory).
@@ -306,17 +323,25 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
                 )));
             }
         }
-        let got = file_entry(dir, &f.name).map_err(|e| match e {
-            BundleError::Io { source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
-                bad(format!("part `{}`: {source}", f.name))
+        let mismatch = || BundleError::BadFile {
+            path: p.clone(),
+            message: "does not match the engine bundle it belongs to (modified or from another model); compile again".into(),
+        };
+        // The record's size bounds the hash: a part of another length is refused from its
+        // metadata, before a byte of it is read.
+        let (file, len) = crate::input::open_regular(&p).map_err(|source| {
+            match source.kind() {
+                std::io::ErrorKind::NotFound => bad(format!("part `{}` is missing", f.name)),
+                _ => bad(format!("part `{}`: {source}", f.name)),
             }
-            _ => bad(format!("part `{}` is missing", f.name)),
         })?;
-        if got.bytes != f.bytes || got.hash != f.hash {
-            return Err(BundleError::BadFile {
-                path: p,
-                message: "does not match the engine bundle it belongs to (modified or from another model); compile again".into(),
-            });
+        if len != f.bytes {
+            return Err(mismatch());
+        }
+        let hash = hash_open(file, len, FULL_HASH_MAX, SAMPLES, SAMPLE_BYTES)
+            .map_err(|source| bad(format!("part `{}`: {source}", f.name)))?;
+        if hash != f.hash {
+            return Err(mismatch());
         }
     }
     Ok(Some(bundle))
