@@ -529,6 +529,45 @@ fn each_input_kind_has_a_size_limit_naming_its_variable() {
     }
 }
 
+/// ffmpeg making `path` from a lavfi source (`args` after `-f lavfi -i`).
+fn ffmpeg_make(path: &Path, source: &str, args: &[&str]) {
+    let o = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-nostdin", "-f", "lavfi", "-i", source])
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Clips that are not what a reference should be are named for what they are: an audio-only
+/// mp4 "holds no video stream" (ffmpeg's own words were about its output file), and a
+/// variable-rate Matroska clip of 2 stored frames has 2 frames, not the 4 ffmpeg's constant-rate
+/// output used to invent by repeating them.
+#[test]
+fn odd_clips_are_named_for_what_they_are() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(&d.path().join("e"));
+    let (audio, two) = (d.path().join("a.mp4"), d.path().join("two.mkv"));
+    ffmpeg_make(&audio, "sine=d=1", &[]);
+    ffmpeg_make(
+        &two,
+        "testsrc=size=64x64:rate=8:duration=1",
+        &["-vf", "select='eq(n\\,0)+eq(n\\,3)'", "-fps_mode", "passthrough"],
+    );
+    let out = d.path().join("l.safetensors");
+    for (clip, needle) in [
+        (&audio, "holds no video stream"),
+        (&two, "the reference clip has 2 frames"),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-lora"));
+        c.args(["predict", "--engine"]).arg(&engine);
+        c.arg("--reference").arg(clip).arg("-o").arg(&out);
+        refused(&within(c, 20), &[needle]);
+        assert!(!out.exists());
+    }
+}
+
 /// `--image` and `--reference` given as FIFOs (or a device) are refused at once by name, on a
 /// diffusers I2V engine and on a Fun-InP engine (which reads the reference at its own size),
 /// never handed to ffmpeg or ffprobe, whose open would block forever.

@@ -45,7 +45,7 @@ def decode(data: bytes, height: int, width: int, max_frames: int = 1, timeout: f
         f.flush()
         out = subprocess.run(
             [str(ffmpeg_exe()), "-v", "error", "-nostdin", "-protocol_whitelist", "file",
-             "-format_whitelist", _FORMATS, "-i", f.name, "-frames:v", str(max_frames),
+             "-format_whitelist", _FORMATS, "-i", f.name, "-fps_mode", "passthrough", "-frames:v", str(max_frames),
              "-vf", f"scale={width}:{height}:flags=bicubic", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
             capture_output=True, timeout=timeout, check=False,
         )

@@ -73,10 +73,16 @@ fn reference_tensor(path: &Path, max_frames: usize) -> Result<Frames> {
     let mut f = Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
     f.truncate(max_frames);
     if f.frames == 0 {
-        return Err(bad(path, "the video has no frames"));
+        return Err(bad(path, NO_FRAMES));
     }
     Ok(f)
 }
+
+/// What a media file with no picture in it is told (an audio-only mp4, say).
+const NO_VIDEO_STREAM: &str = "holds no video stream (audio only, or not a video)";
+
+/// What a media file whose video stream decodes to nothing is told.
+const NO_FRAMES: &str = "holds no video frames";
 
 fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
     RuntimeError::BadFile {
@@ -175,7 +181,7 @@ pub fn read_frames_at_most(
         }
     };
     if frames.frames == 0 {
-        return Err(bad(path, "the video has no frames"));
+        return Err(bad(path, NO_FRAMES));
     }
     Ok(frames)
 }
@@ -257,7 +263,7 @@ pub fn read_untrusted(
     let rgb = ffmpeg_decode_with(path, height, width, Some(limits), limits.max_frames)?;
     let frames = rgb.len() / (height * width * 3).max(1);
     if frames == 0 {
-        return Err(bad(path, "holds no video frames"));
+        return Err(bad(path, NO_FRAMES));
     }
     Ok(Frames {
         frames,
@@ -318,7 +324,7 @@ pub fn read_untrusted_at_source_size(path: &Path, limits: UntrustedMedia) -> Res
         .and_then(|l| l.trim().split_once('x'))
         .and_then(|(w, h)| Some((h.parse::<usize>().ok()?, w.parse::<usize>().ok()?)))
         .filter(|&(h, w)| h > 0 && w > 0);
-    let (h, w) = size.ok_or_else(|| bad(path, "holds no video stream"))?;
+    let (h, w) = size.ok_or_else(|| bad(path, NO_VIDEO_STREAM))?;
     if h.saturating_mul(w) > limits.max_pixels {
         return Err(bad(
             path,
@@ -351,6 +357,10 @@ fn ffmpeg_decode_with(
         ]);
     }
     cmd.arg("-i").arg(path);
+    // The frames as stored: without `passthrough` ffmpeg fills a variable-rate clip's gaps at
+    // the stream's nominal rate (a 2-frame Matroska clip became 4 frames), where OpenCV and
+    // imageio, which upstream reads clips with, return each stored frame once.
+    cmd.args(["-fps_mode", "passthrough"]);
     cmd.args(["-frames:v", &max_frames.to_string()]);
     cmd.args([
         "-vf",
@@ -394,6 +404,10 @@ fn ffmpeg_decode_with(
                     ),
                 ));
             }
+        }
+        if msg.contains("does not contain any stream") || msg.contains("matches no streams") {
+            // An audio-only file: ffmpeg's words are about its output, not the input.
+            return Err(bad(path, NO_VIDEO_STREAM));
         }
         let first = msg
             .lines()
