@@ -55,10 +55,14 @@ pub fn safetensors_problem(e: &safetensors::SafeTensorError) -> String {
             "its JSON header cannot be read".to_string()
         }
         E::MetadataIncompleteBuffer => {
-            "the file is shorter than its header says (truncated?)".to_string()
+            "the file's length is not what its header describes (truncated, or bytes appended)"
+                .to_string()
         }
         E::InvalidOffset(name) => {
-            format!("tensor `{name}` has data offsets outside the file (truncated or corrupt)")
+            // safetensors requires the tensors' byte ranges to tile the data in order.
+            format!(
+                "tensor `{name}`'s data offsets do not start where the previous tensor's end (overlapping, gapped or reversed ranges: corrupt)"
+            )
         }
         E::TensorInvalidInfo | E::InvalidTensorView(..) | E::ValidationOverflow => {
             "a tensor's shape does not match its data".to_string()
@@ -66,4 +70,45 @@ pub fn safetensors_problem(e: &safetensors::SafeTensorError) -> String {
         other => other.to_string(),
     };
     format!("not a valid safetensors file: {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of two f32 tensors with the given byte ranges.
+    fn two_tensors(a: [usize; 2], b: [usize; 2], data: usize) -> Vec<u8> {
+        let header = format!(
+            r#"{{"a":{{"dtype":"F32","shape":[{}],"data_offsets":[{},{}]}},"b":{{"dtype":"F32","shape":[{}],"data_offsets":[{},{}]}}}}"#,
+            (a[1] - a[0]) / 4,
+            a[0],
+            a[1],
+            (b[1] - b[0]) / 4,
+            b[0],
+            b[1]
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend(vec![0u8; data]);
+        bytes
+    }
+
+    fn problem(bytes: &[u8]) -> String {
+        match safetensors::SafeTensors::deserialize(bytes) {
+            Ok(_) => "read".into(),
+            Err(e) => safetensors_problem(&e),
+        }
+    }
+
+    #[test]
+    fn safetensors_problems_are_worded_for_what_they_are() {
+        assert_eq!(problem(&two_tensors([0, 8], [8, 16], 16)), "read");
+        // Overlapping ranges are not "outside the file".
+        let p = problem(&two_tensors([0, 8], [4, 12], 12));
+        assert!(p.contains("overlapping"), "{p}");
+        let p = problem(&two_tensors([0, 8], [8, 16], 20));
+        assert!(p.contains("bytes appended"), "{p}");
+        let p = problem(&two_tensors([0, 8], [8, 16], 12));
+        assert!(p.contains("truncated"), "{p}");
+    }
 }
