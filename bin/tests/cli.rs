@@ -268,7 +268,7 @@ fn bad_checkpoints_fail_cleanly_without_output() {
     let o = run("v2l-export", &["dit", ck.to_str().unwrap(), "-o", out_s]);
     assert_clean_failure(
         &o,
-        "diffusion_pytorch_model.safetensors: not a valid safetensors file: the file is shorter than its header says (truncated?)",
+        "diffusion_pytorch_model.safetensors: not a valid safetensors file: the file's length is not what its header describes (truncated, or bytes appended)",
     );
 
     // A config that disagrees with the weights' shapes.
@@ -869,7 +869,7 @@ fn broken_safetensors_are_described_in_words() {
     let cut = d.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let o = run("v2l-lora", &["inspect", cut.to_str().unwrap()]);
-    assert_clean_failure(&o, "shorter than its header says (truncated?)");
+    assert_clean_failure(&o, "length is not what its header describes (truncated, or bytes appended)");
     let cfg = t.join("transformer/config.json");
     let o = run("v2l-lora", &["inspect", cfg.to_str().unwrap()]);
     assert_clean_failure(&o, "is it a safetensors file at all?");
