@@ -200,7 +200,7 @@ pub fn check_outputs_outside_engine(
         return Ok(()); // no engine there: opening it says so
     };
     for (flag, out) in outputs {
-        if canonical(out).is_some_and(|o| o.starts_with(&dir)) {
+        if v2l_contracts::input::resolved(out).is_some_and(|o| o.starts_with(&dir)) {
             return Err(Failure::usage(format!(
                 "{flag} {}: is inside the engine directory {}; writing there could replace a part of the engine in use: write elsewhere",
                 out.display(),
@@ -211,19 +211,9 @@ pub fn check_outputs_outside_engine(
     Ok(())
 }
 
-/// The canonical form of `p`; for a file that does not exist yet, its directory's canonical
-/// form joined with its name.
-fn canonical(p: &std::path::Path) -> Option<std::path::PathBuf> {
-    std::fs::canonicalize(p).ok().or_else(|| {
-        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
-        let dir = std::fs::canonicalize(dir.unwrap_or(std::path::Path::new("."))).ok()?;
-        Some(dir.join(p.file_name()?))
-    })
-}
-
 /// Whether two paths name one file (the output may not exist yet: its directory is compared).
 pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    matches!((canonical(a), canonical(b)), (Some(x), Some(y)) if x == y)
+    matches!((v2l_contracts::input::resolved(a), v2l_contracts::input::resolved(b)), (Some(x), Some(y)) if x == y)
 }
 
 pub use v2l_export::pipeline::bytes;

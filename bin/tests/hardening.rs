@@ -764,3 +764,97 @@ fn the_server_refuses_an_engine_whose_part_is_a_fifo_or_a_device() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// `v2l-serve` refuses a state directory it would mix with the engine, or whose job database
+/// was lost while job directories remain (it used to start afresh silently, forgetting them),
+/// naming both, within 10 s; a corrupt database names its file.
+#[test]
+fn the_server_refuses_a_state_directory_it_cannot_trust() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let serve = |state: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
+        c.arg("--engine").arg(&engine).arg("--state-dir").arg(state);
+        c.args(["--addr", "127.0.0.1:0"]);
+        within(c, 10)
+    };
+    let refused_naming = |o: &Output, needles: &[&str]| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{err}");
+        for n in needles {
+            assert!(err.contains(n), "expected `{n}` in: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    let inside = engine.join("state");
+    refused_naming(&serve(&inside), &["--state-dir", "inside the engine directory"]);
+    assert!(!inside.exists(), "the state directory was made inside the engine");
+    // Job directories without their database: empty, then missing.
+    let state = d.path().join("state");
+    for id in ["a", "b"] {
+        std::fs::create_dir_all(state.join("jobs").join(id)).unwrap();
+    }
+    let db = state.join("jobs.sqlite");
+    std::fs::write(&db, b"").unwrap();
+    let jobs = state.join("jobs");
+    let names = [db.to_str().unwrap(), jobs.to_str().unwrap()];
+    refused_naming(&serve(&state), &[names[0], names[1], "empty", "2 job directories"]);
+    std::fs::remove_file(&db).unwrap();
+    refused_naming(&serve(&state), &[names[0], "missing", "2 job directories"]);
+    std::fs::write(&db, vec![7u8; 8192]).unwrap();
+    refused_naming(&serve(&state), &[names[0], "job database"]);
+}
+
+/// One raw HTTP/1.1 exchange with `addr`: `request` as given, the response read to the close.
+fn http_exchange(addr: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    c.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every error status has the JSON body: a 100 kB URL (first on its connection, where hyper
+/// itself would answer a bare `414`, and after another request on a kept-alive one) is a `414`
+/// of kind `uri_too_long`. The `Bearer` scheme is matched case-insensitively (RFC 9110).
+#[test]
+fn the_server_answers_long_urls_with_json_and_any_case_of_bearer() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let token = d.path().join("token");
+    std::fs::write(&token, "0123456789abcdef-token\n").unwrap();
+    let server = crate::serve::Server::start(
+        &engine,
+        &d.path().join("state"),
+        &["--token-file", token.to_str().unwrap()],
+    );
+    let long = format!("/v1/videos/{}", "a".repeat(100_000));
+    for request in [
+        format!("GET {long} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/videos/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "a".repeat(20_000)
+        ),
+    ] {
+        let got = http_exchange(server.addr(), request.as_bytes());
+        let last = got.rsplit("HTTP/1.1 ").next().unwrap();
+        assert!(last.starts_with("414"), "{}", &got[..got.len().min(300)]);
+        assert!(last.contains("\"kind\":\"uri_too_long\""), "{last}");
+        assert!(last.contains("application/json"), "{last}");
+    }
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let got = http_exchange(
+            server.addr(),
+            format!("GET /v1/videos/nope HTTP/1.1\r\nHost: x\r\nAuthorization: {scheme} 0123456789abcdef-token\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(got.starts_with("HTTP/1.1 404"), "{scheme}: {got}");
+    }
+    let got = http_exchange(
+        server.addr(),
+        b"GET /v1/videos/nope HTTP/1.1\r\nHost: x\r\nAuthorization: bearer wrong\r\nConnection: close\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 401"), "{got}");
+}

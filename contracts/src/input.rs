@@ -102,6 +102,37 @@ pub fn is_part_name(name: &str) -> bool {
             .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
+/// Where `p` is or will be: its canonical form (links resolved); for a path that does not exist
+/// yet, its nearest existing ancestor's canonical form joined with the rest. `None` when no
+/// ancestor exists or the rest is not plain names. Used to keep outputs off inputs and off the
+/// engine in use, whether or not they exist yet.
+pub fn resolved(p: &Path) -> Option<std::path::PathBuf> {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return Some(c);
+    }
+    let p = if p.is_relative() {
+        std::env::current_dir().ok()?.join(p)
+    } else {
+        p.to_path_buf()
+    };
+    let mut rest = Vec::new();
+    let mut at = p.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(at) {
+            let mut out = c;
+            for name in rest.iter().rev() {
+                out.push(name);
+            }
+            return Some(out);
+        }
+        match at.components().next_back()? {
+            std::path::Component::Normal(name) => rest.push(name.to_os_string()),
+            _ => return None,
+        }
+        at = at.parent()?;
+    }
+}
+
 fn invalid(kind: ErrorKind, message: String) -> Error {
     Error::new(kind, message)
 }
@@ -236,6 +267,20 @@ mod tests {
         b.extend(header.as_bytes());
         b.extend(vec![0u8; 4 * n]);
         b
+    }
+
+    #[test]
+    fn paths_resolve_whether_or_not_they_exist() {
+        let d = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(d.path()).unwrap();
+        std::fs::create_dir(d.path().join("a")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("a"), d.path().join("l")).unwrap();
+        assert_eq!(resolved(&d.path().join("l")), Some(real.join("a")));
+        assert_eq!(
+            resolved(&d.path().join("l/new/deeper")),
+            Some(real.join("a/new/deeper"))
+        );
+        assert_eq!(resolved(&d.path().join("missing/../x")), None);
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub fn router(app: App) -> Router {
             )
         })
         .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .layer(middleware::from_fn(limit_uri))
         .with_state(app)
 }
 
@@ -104,6 +105,31 @@ async fn observe(State(app): State<App>, req: Request, next: Next) -> Response {
     resp
 }
 
+/// The longest request target (path and query) the server reads: v2l's routes are short, and
+/// a longer one is a `414` with the JSON error body (`uri_too_long`).
+pub const MAX_URI_BYTES: usize = 8 << 10;
+
+fn uri_too_long() -> ApiError {
+    ApiError::new(
+        StatusCode::URI_TOO_LONG,
+        "uri_too_long",
+        format!("the request's path and query are longer than {MAX_URI_BYTES} bytes"),
+    )
+}
+
+/// The body of [`uri_too_long`], for the accept loop that answers before hyper parses.
+pub fn uri_too_long_body() -> String {
+    json!({ "error": uri_too_long() }).to_string()
+}
+
+/// Refuses a request target over [`MAX_URI_BYTES`] with the JSON error.
+async fn limit_uri(req: Request, next: Next) -> Response {
+    if req.uri().to_string().len() > MAX_URI_BYTES {
+        return uri_too_long().into_response();
+    }
+    next.run(req).await
+}
+
 /// With `--token-file`, `/v1/*` needs `Authorization: Bearer <token>`.
 async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response {
     if let Some(token) = &app.shared.config.token {
@@ -111,7 +137,7 @@ async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if !same(given.as_bytes(), token.as_bytes()) {
             return ApiError::new(
@@ -123,6 +149,15 @@ async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response
         }
     }
     next.run(req).await
+}
+
+/// The token of an `Authorization` value of the `Bearer` scheme. HTTP auth schemes are
+/// case-insensitive (RFC 9110 §11.1), so `bearer` and `BEARER` are the same scheme.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
 }
 
 /// Constant-time equality (the token's length is not secret).
@@ -629,4 +664,19 @@ async fn metrics(State(app): State<App>) -> Response {
         s.metrics.render(&gauges),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer t0k", "bearer t0k", "BEARER  t0k", " bEaReR t0k "] {
+            assert_eq!(bearer_token(v), Some("t0k"), "{v}");
+        }
+        for v in ["Basic t0k", "Bearert0k", "t0k", ""] {
+            assert_ne!(bearer_token(v), Some("t0k"), "{v}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Starting and stopping: load every pipeline, listen, serve until SIGTERM/SIGINT, then stop
 //! taking jobs, finish the running ones and leave the queued ones for the next start.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use v2l_runtime::engine::Engine;
@@ -21,6 +22,7 @@ pub fn serve(config: Config) -> Result<(), String> {
             config.addr
         );
     }
+    check_state_outside_engine(&config.state_dir, &config.engine)?;
     let engine = Engine::open(&config.engine).map_err(|e| e.to_string())?;
     let facts = EngineFacts::of(&engine)?;
     let (store, recovered) = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
@@ -102,6 +104,27 @@ pub fn serve(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a state directory inside the engine directory (or the same): the server writes
+/// jobs, LoRAs and scratch files there, and would mix them with the engine's parts.
+fn check_state_outside_engine(state: &Path, engine: &Path) -> Result<(), String> {
+    use v2l_contracts::input::resolved;
+    let engine_dir = if engine.is_file() {
+        engine.parent().unwrap_or(Path::new("."))
+    } else {
+        engine
+    };
+    if let (Some(s), Some(e)) = (resolved(state), resolved(engine_dir)) {
+        if s.starts_with(&e) {
+            return Err(format!(
+                "--state-dir {}: is inside the engine directory {}; the server writes jobs and LoRAs there: give a directory outside the engine",
+                state.display(),
+                e.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Per-connection bounds of the accept loop.
 struct Listening {
     /// Connections served at once; the next is accepted when one ends.
@@ -144,18 +167,73 @@ async fn accept_loop(
             _ = &mut stop => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let header_timeout = limits.header_timeout;
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let start = std::time::Instant::now();
+            if request_line_too_long(&stream, api::MAX_URI_BYTES, header_timeout).await {
+                refuse_long_uri(stream).await;
+                drop(permit);
+                return;
+            }
+            // The header's time bound counts from the accept, peeking included.
+            let left = header_timeout.saturating_sub(start.elapsed());
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(left.max(std::time::Duration::from_millis(1)))
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = watcher.watch(conn).await;
             drop(permit);
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Whether the first request line on `stream` runs past `limit` bytes, peeked (nothing is
+/// consumed) for at most `wait`. hyper answers a URI over its own 64 KiB limit with a bare
+/// `414` and no body; v2l's clients get the JSON error every other status has, so the server
+/// looks first. Later requests on a kept-alive connection are checked by the router
+/// (`api::limit_uri`) up to hyper's limit.
+async fn request_line_too_long(
+    stream: &tokio::net::TcpStream,
+    limit: usize,
+    wait: std::time::Duration,
+) -> bool {
+    let mut buf = vec![0u8; limit + 1];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false, // closed, failed or timed out: hyper handles it
+        };
+        let seen = buf.get(..n).unwrap_or_default();
+        if seen.contains(&b'\n') {
+            return false;
+        }
+        if n > limit {
+            return true;
+        }
+        // Part of a line has come: wait for more without spinning.
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Answers a request whose line is over [`api::MAX_URI_BYTES`] with a JSON `414` and closes.
+async fn refuse_long_uri(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = api::uri_too_long_body();
+    let head = format!(
+        "HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn shutdown_signal() {

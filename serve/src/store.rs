@@ -128,6 +128,21 @@ pub enum StoreError {
     },
     #[error("job database: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// The database could not be opened or read as one: a corrupt or foreign file.
+    #[error("job database {path}: {source}; restore it, or move the state directory away to start afresh")]
+    Database {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The database is gone or empty while job directories remain: starting afresh would
+    /// silently forget those jobs.
+    #[error("job database {db} is {state}, but {jobs} holds {count} job director{}; restore the database, or move {jobs} away to start afresh", if *.count == 1 { "y" } else { "ies" })]
+    Orphaned {
+        db: PathBuf,
+        state: &'static str,
+        jobs: PathBuf,
+        count: usize,
+    },
     #[error("job database: {0}")]
     Json(#[from] serde_json::Error),
     #[error("job database lock poisoned by a panic")]
@@ -186,12 +201,65 @@ fn remove_leftovers(dir: &Path) {
     }
 }
 
+/// Refuses a database `db` that is missing or empty while `jobs` holds job directories.
+fn check_not_orphaned(db: &Path, jobs: &Path) -> Result<()> {
+    let state = match std::fs::metadata(db) {
+        Ok(m) if m.len() > 0 => return Ok(()),
+        Ok(_) => "empty",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing",
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: db.into(),
+                source,
+            })
+        }
+    };
+    let count = std::fs::read_dir(jobs)
+        .map_err(|source| StoreError::Io {
+            path: jobs.into(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .count();
+    if count == 0 {
+        return Ok(());
+    }
+    Err(StoreError::Orphaned {
+        db: db.into(),
+        state,
+        jobs: jobs.into(),
+        count,
+    })
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<(Store, Recovered)> {
         for d in [dir.to_path_buf(), dir.join("jobs"), dir.join("loras")] {
             std::fs::create_dir_all(&d).map_err(|source| StoreError::Io { path: d, source })?;
         }
-        let conn = Connection::open(dir.join("jobs.sqlite"))?;
+        let db = dir.join("jobs.sqlite");
+        check_not_orphaned(&db, &dir.join("jobs"))?;
+        let (conn, interrupted, queued) = Store::recover(dir, &db).map_err(|e| match e {
+            StoreError::Sql(source) => StoreError::Database { path: db.clone(), source },
+            other => other,
+        })?;
+        Ok((
+            Store {
+                dir: dir.to_path_buf(),
+                conn: Mutex::new(conn),
+            },
+            Recovered {
+                queued,
+                interrupted,
+            },
+        ))
+    }
+
+    /// Opens the database `db` of the state directory `dir`, creates its table, fails the
+    /// jobs that were running, removes leftovers and lists the queued jobs.
+    fn recover(dir: &Path, db: &Path) -> Result<(Connection, Vec<String>, Vec<String>)> {
+        let conn = Connection::open(db)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
@@ -233,16 +301,7 @@ impl Store {
             let ids = st.query_map([], |r| r.get(0))?;
             ids.collect::<std::result::Result<_, _>>()?
         };
-        Ok((
-            Store {
-                dir: dir.to_path_buf(),
-                conn: Mutex::new(conn),
-            },
-            Recovered {
-                queued,
-                interrupted,
-            },
-        ))
+        Ok((conn, interrupted, queued))
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
@@ -452,6 +511,43 @@ mod tests {
 
     fn job(id: &str) -> JobRecord {
         JobRecord::queued(id, Kind::Video, serde_json::json!({"steps": 2}))
+    }
+
+    /// A database that is empty or gone while job directories remain is refused, naming both;
+    /// a corrupt one names its file. Without job directories a missing database starts afresh.
+    #[test]
+    fn a_lost_or_corrupt_database_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("jobs.sqlite");
+        {
+            let (s, _) = Store::open(dir.path()).unwrap();
+            for id in ["a", "b", "c"] {
+                s.insert(&job(id)).unwrap();
+                s.job_dir(id).unwrap();
+            }
+        }
+        for state in ["empty", "missing"] {
+            for f in ["jobs.sqlite", "jobs.sqlite-wal", "jobs.sqlite-shm"] {
+                let _ = std::fs::remove_file(dir.path().join(f));
+            }
+            if state == "empty" {
+                std::fs::write(&db, b"").unwrap();
+            }
+            let e = Store::open(dir.path()).err().unwrap().to_string();
+            for needle in [
+                db.to_str().unwrap(),
+                state,
+                "holds 3 job directories",
+                dir.path().join("jobs").to_str().unwrap(),
+            ] {
+                assert!(e.contains(needle), "{needle} not in: {e}");
+            }
+        }
+        std::fs::write(&db, vec![7u8; 8192]).unwrap();
+        let e = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains(db.to_str().unwrap()), "{e}");
+        let fresh = tempfile::tempdir().unwrap();
+        assert!(Store::open(fresh.path()).is_ok());
     }
 
     #[test]
