@@ -125,6 +125,23 @@ video = generator.generate(open(first_frame, "rb").read(), height=64, width=64, 
 v2l.media.write_mp4(video, os.path.join(out, "video.mp4"))
 open(os.path.join(out, "video.rgb"), "wb").write(video.rgb)
 print(v2l.library()._name, os.environ["ORT_DYLIB_PATH"], os.environ["V2L_FFMPEG"], sep="\n")
+# Inputs that are not what they claim, through ctypes: a 50 GB sparse file and a FIFO as a
+# LoRA, a FIFO as a reference clip. Each is a V2lError at once; the process lives on.
+sparse, pipe = os.path.join(out, "sparse.safetensors"), os.path.join(out, "pipe.safetensors")
+with open(sparse, "wb") as f:
+    f.truncate(50 << 30)
+os.mkfifo(pipe)
+clip = os.path.join(out, "pipe.mp4")
+os.mkfifo(clip)
+for name, call in [("sparse", lambda: engine.load_lora(sparse)),
+                   ("fifo", lambda: engine.load_lora(pipe)),
+                   ("fifo-clip", lambda: generator.predict_lora_from_video(clip, 64, 64))]:
+    try:
+        call()
+        print("accepted", name)
+    except v2l.V2lError as e:
+        print("refused", name, e.status)
+print("alive")
 "#;
 
 #[test]
@@ -185,6 +202,14 @@ fn the_wheel_installs_into_a_fresh_venv_and_generates_the_c_abi_frames() {
         );
     }
     assert!(lines[2].contains("imageio_ffmpeg"), "{printed}");
+    let refused: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("refused ") || l.starts_with("accepted "))
+        .collect();
+    assert_eq!(refused.len(), 3, "{printed}");
+    assert!(refused.iter().all(|l| l.starts_with("refused ")), "{printed}");
+    assert_eq!(lines.last(), Some(&"alive"), "{printed}");
 
     assert!(
         std::fs::read(out.join("video.rgb")).unwrap() == c_abi_frames(&engine, None),
