@@ -170,12 +170,25 @@ pub fn read_regular(path: &Path, kind: InputKind) -> std::io::Result<Vec<u8>> {
     read_exactly(file, len)
 }
 
-/// The first `n` bytes of `file`, into a buffer reserved without aborting on failure.
+/// The first `n` bytes of `file`, into a buffer reserved without aborting on failure; an
+/// error if fewer come (the file shrank since its length was read).
 fn read_exactly(file: impl Read, n: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     reserve(&mut bytes, n)?;
-    file.take(n).read_to_end(&mut bytes)?;
+    read_into(file, n, &mut bytes)?;
     Ok(bytes)
+}
+
+/// Appends exactly `n` bytes of `file` to `bytes` (see [`read_exactly`]).
+fn read_into(file: impl Read, n: u64, bytes: &mut Vec<u8>) -> std::io::Result<()> {
+    let got = file.take(n).read_to_end(bytes)? as u64;
+    if got != n {
+        return Err(invalid(
+            ErrorKind::UnexpectedEof,
+            format!("ended after {got} of {n} bytes (did it change while it was read?)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Reserves `n` more bytes in `bytes`, an error (never an abort) when they do not fit.
@@ -234,7 +247,7 @@ pub fn safetensors_prefix(
         return Err(kind.too_large(whole, limit));
     }
     reserve(&mut head, extent)?;
-    file.take(extent).read_to_end(&mut head)?;
+    read_into(file, extent, &mut head)?;
     Ok(head)
 }
 
@@ -267,6 +280,20 @@ mod tests {
         b.extend(header.as_bytes());
         b.extend(vec![0u8; 4 * n]);
         b
+    }
+
+    /// Found by `fuzz/fuzz_targets/input.rs`: a file that ends before the length it had when
+    /// opened (it shrank while read) is an error, never a short header or a short whole.
+    #[test]
+    fn a_file_that_shrinks_while_read_is_an_error() {
+        let good = safetensors(3);
+        for cut in [12, good.len() - 1] {
+            let e = safetensors_prefix(&good[..cut], good.len() as u64, InputKind::Tensors, u64::MAX)
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{e}");
+        }
+        let whole = safetensors_prefix(&good[..], good.len() as u64, InputKind::Tensors, u64::MAX);
+        assert_eq!(whole.unwrap(), good);
     }
 
     #[test]
