@@ -858,3 +858,42 @@ fn the_server_answers_long_urls_with_json_and_any_case_of_bearer() {
     );
     assert!(got.starts_with("HTTP/1.1 401"), "{got}");
 }
+
+/// The records and graphs an engine or export directory holds are opened through the same
+/// opener as inputs: `bundle.json` or `manifest.json` as a FIFO (read whole, they used to block
+/// `v2l-run` and `v2l-compile` forever) and a graph of a plain export directory (ONNX Runtime's
+/// own open) as a FIFO are refused at once, naming the file and what it is.
+#[test]
+fn records_and_graphs_that_are_fifos_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(&d.path().join("e"));
+    let export = d.path().join("e/export");
+    let embeds = common::tiny().join("e2e_io.safetensors");
+    let out = d.path().join("v.mp4");
+    let swap = |p: &Path| {
+        let kept = std::fs::read(p).unwrap();
+        std::fs::remove_file(p).unwrap();
+        fifo(p);
+        kept
+    };
+    for (dir, file) in [
+        (&engine, "bundle.json"),
+        (&engine, "manifest.json"),
+        (&export, "manifest.json"),
+        (&export, "dit.onnx"),
+        (&export, "scheduler_config.json"),
+    ] {
+        let p = dir.join(file);
+        let kept = swap(&p);
+        let c = generate_command(dir, &out, &embeds, &[]);
+        refused(&within(c, 10), &[file, "not a regular file"]);
+        if dir == &export && file == "manifest.json" {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-compile"));
+            c.arg(&export).arg("-o").arg(d.path().join("again"));
+            refused(&within(c, 10), &[file, "not a regular file"]);
+        }
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, kept).unwrap();
+        assert!(!out.exists());
+    }
+}

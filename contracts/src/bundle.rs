@@ -304,7 +304,7 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
         }
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let text = crate::input::read_text(&path, crate::input::InputKind::Record).map_err(io(&path))?;
     let bundle = Bundle::parse(&text, &path)?;
     let bad = |m: String| BundleError::BadFile {
         path: path.clone(),

@@ -29,6 +29,9 @@ pub enum InputKind {
     Tensors,
     /// A video or picture decoded by ffmpeg (`--reference`, `--image`, uploads).
     Media,
+    /// A record or config read whole as text: `bundle.json`, `manifest.json`, scheduler,
+    /// tokenizer and model configs, a prompts file, a token file.
+    Record,
 }
 
 impl InputKind {
@@ -38,17 +41,20 @@ impl InputKind {
             InputKind::Lora => "V2L_MAX_LORA_BYTES",
             InputKind::Tensors => "V2L_MAX_TENSOR_BYTES",
             InputKind::Media => "V2L_MAX_MEDIA_BYTES",
+            InputKind::Record => "V2L_MAX_RECORD_BYTES",
         }
     }
 
     /// The default limit: above any file of a CogVideoX-5B or Wan job of this kind (a rank-256
     /// fp32 LoRA of every linear layer of the 5B DiT is about 6 GB; a 49-frame 480×720 job's
-    /// noise and embeddings are tens of MB; a minute of 4K H.264 is about 1 GB).
+    /// noise and embeddings are tens of MB; a minute of 4K H.264 is about 1 GB; T5's
+    /// `tokenizer.json` is 2.4 MB).
     pub const fn default_limit(self) -> u64 {
         match self {
             InputKind::Lora => 16 << 30,
             InputKind::Tensors => 4 << 30,
             InputKind::Media => 4 << 30,
+            InputKind::Record => 256 << 20,
         }
     }
 
@@ -58,6 +64,7 @@ impl InputKind {
             InputKind::Lora => "LoRA file",
             InputKind::Tensors => "tensor file",
             InputKind::Media => "media file",
+            InputKind::Record => "record or config file",
         }
     }
 
@@ -168,6 +175,12 @@ pub fn read_regular(path: &Path, kind: InputKind) -> std::io::Result<Vec<u8>> {
     let (file, len) = open_regular(path)?;
     kind.check_size(len)?;
     read_exactly(file, len)
+}
+
+/// The text of the regular file `path` (UTF-8), if it holds at most `kind`'s limit.
+pub fn read_text(path: &Path, kind: InputKind) -> std::io::Result<String> {
+    String::from_utf8(read_regular(path, kind)?)
+        .map_err(|_| invalid(ErrorKind::InvalidData, "is not UTF-8 text".into()))
 }
 
 /// The first `n` bytes of `file`, into a buffer reserved without aborting on failure; an
@@ -320,6 +333,12 @@ mod tests {
         let p = d.path().join("f");
         std::fs::write(&p, b"abc").unwrap();
         assert_eq!(read_regular(&p, InputKind::Media).unwrap(), b"abc");
+        assert_eq!(read_text(&p, InputKind::Record).unwrap(), "abc");
+        std::fs::write(&p, [0xffu8, 0xfe]).unwrap();
+        assert_eq!(
+            read_text(&p, InputKind::Record).unwrap_err().kind(),
+            ErrorKind::InvalidData
+        );
     }
 
     /// A FIFO is refused before it is opened: opening it would block with no writer.

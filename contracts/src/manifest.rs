@@ -286,7 +286,7 @@ impl Manifest {
     /// Reads `dir/manifest.json`, checking its format version.
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(FILE_NAME);
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io {
+        let text = crate::input::read_text(&path, crate::input::InputKind::Record).map_err(|source| ManifestError::Io {
             path: path.clone(),
             source,
         })?;

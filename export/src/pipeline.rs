@@ -516,7 +516,7 @@ fn pipeline_kind(model: &Path, transformer: &serde_json::Value) -> Result<Pipeli
     // Both families' transformers and VAEs default to 16 channels in diffusers.
     let in_channels = int(transformer, "in_channels").unwrap_or(16);
     let vae_config = model.join("vae").join("config.json");
-    let vae = std::fs::read_to_string(&vae_config)
+    let vae = v2l_contracts::input::read_text(&vae_config, v2l_contracts::input::InputKind::Record)
         .map_err(|e| ExportError::Part(format!("{}: {e}", vae_config.display())))?;
     let vae: serde_json::Value = serde_json::from_str(&vae)
         .map_err(|e| ExportError::Part(format!("{}: {e}", vae_config.display())))?;

@@ -82,7 +82,7 @@ pub enum FlowScheduler {
 impl FlowScheduler {
     /// From a diffusers `scheduler_config.json` (`_class_name` picks the sampler).
     pub fn from_file(path: &Path) -> Result<FlowScheduler> {
-        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+        let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record).map_err(|e| RuntimeError::io(path, e))?;
         let cfg: FlowConfig = serde_json::from_str(&text).map_err(|e| RuntimeError::BadFile {
             path: path.into(),
             message: e.to_string(),

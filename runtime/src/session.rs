@@ -96,12 +96,18 @@ impl Model {
         weights: Vec<(String, Tensor)>,
     ) -> Result<Model> {
         let env = crate::ort_env::init()?;
-        if !path.is_file() {
-            return Err(RuntimeError::Io {
-                path: path.into(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file"),
-            });
-        }
+        // ONNX Runtime opens the graph itself: a FIFO or a device in its place would block or
+        // stream forever, so what it is gets checked first (a compiled engine's parts are
+        // also hashed through the same opener).
+        v2l_contracts::input::open_regular(path).map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source: match source.kind() {
+                std::io::ErrorKind::NotFound => {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file")
+                }
+                _ => source,
+            },
+        })?;
         let ctx = path.display().to_string();
         let mut b = Session::builder(env).map_err(ort_err(&ctx))?;
         if opts.threads > 0 {

@@ -120,7 +120,7 @@ impl EngineFacts {
             v2l_runtime::bundle::FILE_NAME,
         ] {
             // A plain export directory has no bundle record; the manifest alone then keys it.
-            if let Ok(bytes) = std::fs::read(engine.dir.join(name)) {
+            if let Ok(bytes) = v2l_contracts::input::read_regular(&engine.dir.join(name), v2l_contracts::input::InputKind::Record) {
                 h.update(&bytes);
             }
         }

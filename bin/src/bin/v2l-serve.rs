@@ -130,7 +130,7 @@ fn run(a: Args) -> Result<(), String> {
     let token = match &a.token_file {
         None => None,
         Some(p) => {
-            let t = std::fs::read_to_string(p)
+            let t = v2l_contracts::input::read_text(p, v2l_contracts::input::InputKind::Record)
                 .map_err(|e| format!("--token-file {}: {e}", p.display()))?;
             let t = t.trim().to_string();
             if t.len() < 16 || t.contains(char::is_whitespace) {

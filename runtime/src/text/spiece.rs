@@ -67,7 +67,7 @@ pub struct SpModel {
 impl SpModel {
     /// Reads and checks `path`: a unigram model with exactly one unknown piece.
     pub fn read(path: &Path) -> Result<SpModel> {
-        let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
+        let bytes = v2l_contracts::input::read_regular(path, v2l_contracts::input::InputKind::Record).map_err(|source| RuntimeError::Io {
             path: path.into(),
             source,
         })?;

@@ -105,7 +105,7 @@ fn read_config(path: &Path) -> Result<TokenizerConfig> {
         path: path.into(),
         message: m,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| RuntimeError::Io {
+    let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record).map_err(|source| RuntimeError::Io {
         path: path.into(),
         source,
     })?;
