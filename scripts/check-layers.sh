@@ -25,3 +25,5 @@ if cargo tree -p v2l-runtime --no-default-features --edges normal --prefix none 
 fi
 cargo check --quiet -p v2l-runtime --no-default-features
 echo "check-layers: v2l-runtime builds without its text and video features ($(cargo tree -p v2l-runtime --no-default-features --edges normal --prefix none --format '{p}' | awk '{print $1}' | sort -u | wc -l) crates)"
+# Model knowledge lives in contracts: no diffusers class name is spelled anywhere else.
+python3 scripts/check-class-names.py

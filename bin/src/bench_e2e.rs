@@ -147,13 +147,14 @@ fn scheduler_config() -> serde_json::Value {
 }
 
 fn model_index() -> serde_json::Value {
+    use v2l_contracts::Family;
     serde_json::json!({
         "_class_name": "CogVideoXImageToVideoPipeline", "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
         "text_encoder": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "T5Tokenizer"],
-        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLCogVideoX"]
+        "transformer": ["diffusers", Family::CogVideoX.dit_class()],
+        "vae": ["diffusers", Family::CogVideoX.vae_class()]
     })
 }
 

@@ -24,6 +24,14 @@ impl Family {
         }
     }
 
+    /// The diffusers VAE class of this family.
+    pub const fn vae_class(self) -> &'static str {
+        match self {
+            Family::CogVideoX => "AutoencoderKLCogVideoX",
+            Family::Wan => "AutoencoderKLWan",
+        }
+    }
+
     /// The family of a diffusers transformer class; `None` for a class v2l does not run.
     pub fn of_dit_class(class: &str) -> Option<Family> {
         Family::ALL.into_iter().find(|f| f.dit_class() == class)

@@ -49,7 +49,7 @@ use crate::error::{ExportError, Result};
 use crate::scope::Scope;
 
 /// The `_class_name` this exporter accepts in `config.json`.
-pub const CLASS_NAME: &str = "AutoencoderKLCogVideoX";
+pub const CLASS_NAME: &str = v2l_contracts::Family::CogVideoX.vae_class();
 
 /// `AutoencoderKLCogVideoX.num_sample_frames_batch_size`: video frames per encoder batch
 /// (an attribute set in `__init__`, not a config field).

@@ -35,7 +35,7 @@ use crate::error::{ExportError, Result};
 use crate::scope::Scope;
 
 /// The `_class_name` this exporter accepts in `config.json`.
-pub const CLASS_NAME: &str = "AutoencoderKLWan";
+pub const CLASS_NAME: &str = v2l_contracts::Family::Wan.vae_class();
 
 /// Frames per encoder chunk after the first (`_encode` slices `1 + 4(i-1) : 1 + 4i`).
 pub const ENCODER_FRAME_BATCH: usize = 4;
