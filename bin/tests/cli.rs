@@ -869,7 +869,10 @@ fn broken_safetensors_are_described_in_words() {
     let cut = d.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let o = run("v2l-lora", &["inspect", cut.to_str().unwrap()]);
-    assert_clean_failure(&o, "length is not what its header describes (truncated, or bytes appended)");
+    assert_clean_failure(
+        &o,
+        "length is not what its header describes (truncated, or bytes appended)",
+    );
     let cfg = t.join("transformer/config.json");
     let o = run("v2l-lora", &["inspect", cfg.to_str().unwrap()]);
     assert_clean_failure(&o, "is it a safetensors file at all?");

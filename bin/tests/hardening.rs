@@ -524,7 +524,10 @@ fn each_input_kind_has_a_size_limit_naming_its_variable() {
         if ok {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         } else {
-            refused(&o, &["V2L_MAX_LORA_BYTES", "1000-byte limit for a LoRA file"]);
+            refused(
+                &o,
+                &["V2L_MAX_LORA_BYTES", "1000-byte limit for a LoRA file"],
+            );
         }
     }
 }
@@ -553,7 +556,12 @@ fn odd_clips_are_named_for_what_they_are() {
     ffmpeg_make(
         &two,
         "testsrc=size=64x64:rate=8:duration=1",
-        &["-vf", "select='eq(n\\,0)+eq(n\\,3)'", "-fps_mode", "passthrough"],
+        &[
+            "-vf",
+            "select='eq(n\\,0)+eq(n\\,3)'",
+            "-fps_mode",
+            "passthrough",
+        ],
     );
     let out = d.path().join("l.safetensors");
     for (clip, needle) in [
@@ -787,8 +795,14 @@ fn the_server_refuses_a_state_directory_it_cannot_trust() {
         assert!(!err.contains("panicked"), "{err}");
     };
     let inside = engine.join("state");
-    refused_naming(&serve(&inside), &["--state-dir", "inside the engine directory"]);
-    assert!(!inside.exists(), "the state directory was made inside the engine");
+    refused_naming(
+        &serve(&inside),
+        &["--state-dir", "inside the engine directory"],
+    );
+    assert!(
+        !inside.exists(),
+        "the state directory was made inside the engine"
+    );
     // Job directories without their database: empty, then missing.
     let state = d.path().join("state");
     for id in ["a", "b"] {
@@ -798,7 +812,10 @@ fn the_server_refuses_a_state_directory_it_cannot_trust() {
     std::fs::write(&db, b"").unwrap();
     let jobs = state.join("jobs");
     let names = [db.to_str().unwrap(), jobs.to_str().unwrap()];
-    refused_naming(&serve(&state), &[names[0], names[1], "empty", "2 job directories"]);
+    refused_naming(
+        &serve(&state),
+        &[names[0], names[1], "empty", "2 job directories"],
+    );
     std::fs::remove_file(&db).unwrap();
     refused_naming(&serve(&state), &[names[0], "missing", "2 job directories"]);
     std::fs::write(&db, vec![7u8; 8192]).unwrap();

@@ -778,3 +778,95 @@ fn a_fun_inpaint_engine_serves_the_cli_video() {
         );
     }
 }
+
+/// A Wan text-to-video engine is served (the form used to require `image` on every engine):
+/// a job of prompt embeddings alone gives `v2l-run`'s frames for the same seed, a first frame
+/// sent to it is a `400` naming `image`, and its OpenAPI form does not list `image`.
+#[test]
+fn a_wan_text_to_video_engine_serves_the_cli_video() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wan = common::tiny().join("../wan-tiny");
+    let model = common::wan_model_dir(
+        &tmp.path().join("model"),
+        &[
+            ("transformer", "transformer"),
+            ("vae", "vae"),
+            ("scheduler_unipc", "scheduler"),
+            ("text_encoder", "text_encoder"),
+        ],
+    );
+    let engine = tmp.path().join("t2v");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))
+        .arg("pipeline")
+        .arg(&model)
+        .arg("-o")
+        .arg(&engine)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let io = v2l_runtime::tensor::read_safetensors(&wan.join("e2e_io.safetensors")).unwrap();
+    let prompts = tmp.path().join("prompts.safetensors");
+    let m: std::collections::BTreeMap<String, v2l_runtime::Tensor> = [
+        ("prompt_embeds", "t2v_prompt_embeds"),
+        ("negative_prompt_embeds", "t2v_negative_prompt_embeds"),
+    ]
+    .iter()
+    .map(|(to, from)| (to.to_string(), io[*from].clone()))
+    .collect();
+    v2l_runtime::tensor::write_safetensors(&prompts, &m).unwrap();
+    let s = Server::start(&engine, &tmp.path().join("state"), &[]);
+    let form = || {
+        Form::new()
+            .file("prompt_embeds", std::fs::read(&prompts).unwrap())
+            .text("frames", 9)
+            .text("height", 32)
+            .text("width", 48)
+            .text("steps", 3)
+            .text("guidance", 5)
+            .text("seed", 5)
+    };
+    let (_, served) = s
+        .client()
+        .generate(&form(), Duration::from_secs(120))
+        .unwrap();
+    let out = tmp.path().join("cli.mp4");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .arg("--prompt-embeds")
+        .arg(&prompts)
+        .args(["--frames", "9", "--height", "32", "--width", "48"])
+        .args([
+            "--steps",
+            "3",
+            "--guidance",
+            "5",
+            "--seed",
+            "5",
+            "--quiet",
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let frames = |mp4: &[u8], name: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, mp4).unwrap();
+        v2l_runtime::video::read_frames(&p, 32, 48).unwrap().rgb
+    };
+    assert!(
+        frames(&served, "s.mp4") == frames(&std::fs::read(&out).unwrap(), "c.mp4"),
+        "the server's T2V video differs from v2l-run's"
+    );
+    let with_image = form().file("image", fixture("first_frame.png"));
+    let r = s.client().post("/v1/videos", &with_image).unwrap();
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["field"], "image");
+    let doc = s.client().get("/openapi.json").unwrap().json();
+    let video_form = &doc["components"]["schemas"]["VideoForm"];
+    assert!(
+        video_form["properties"].get("image").is_none(),
+        "{video_form}"
+    );
+}

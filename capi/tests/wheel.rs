@@ -208,7 +208,10 @@ fn the_wheel_installs_into_a_fresh_venv_and_generates_the_c_abi_frames() {
         .filter(|l| l.starts_with("refused ") || l.starts_with("accepted "))
         .collect();
     assert_eq!(refused.len(), 3, "{printed}");
-    assert!(refused.iter().all(|l| l.starts_with("refused ")), "{printed}");
+    assert!(
+        refused.iter().all(|l| l.starts_with("refused ")),
+        "{printed}"
+    );
     assert_eq!(lines.last(), Some(&"alive"), "{printed}");
 
     assert!(

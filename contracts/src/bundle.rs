@@ -304,7 +304,8 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
         }
         return Ok(None);
     }
-    let text = crate::input::read_text(&path, crate::input::InputKind::Record).map_err(io(&path))?;
+    let text =
+        crate::input::read_text(&path, crate::input::InputKind::Record).map_err(io(&path))?;
     let bundle = Bundle::parse(&text, &path)?;
     let bad = |m: String| BundleError::BadFile {
         path: path.clone(),
@@ -323,17 +324,17 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
                 )));
             }
         }
-        let mismatch = || BundleError::BadFile {
+        let mismatch = || {
+            BundleError::BadFile {
             path: p.clone(),
             message: "does not match the engine bundle it belongs to (modified or from another model); compile again".into(),
+        }
         };
         // The record's size bounds the hash: a part of another length is refused from its
         // metadata, before a byte of it is read.
-        let (file, len) = crate::input::open_regular(&p).map_err(|source| {
-            match source.kind() {
-                std::io::ErrorKind::NotFound => bad(format!("part `{}` is missing", f.name)),
-                _ => bad(format!("part `{}`: {source}", f.name)),
-            }
+        let (file, len) = crate::input::open_regular(&p).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => bad(format!("part `{}` is missing", f.name)),
+            _ => bad(format!("part `{}`: {source}", f.name)),
         })?;
         if len != f.bytes {
             return Err(mismatch());

@@ -301,8 +301,13 @@ mod tests {
     fn a_file_that_shrinks_while_read_is_an_error() {
         let good = safetensors(3);
         for cut in [12, good.len() - 1] {
-            let e = safetensors_prefix(&good[..cut], good.len() as u64, InputKind::Tensors, u64::MAX)
-                .unwrap_err();
+            let e = safetensors_prefix(
+                &good[..cut],
+                good.len() as u64,
+                InputKind::Tensors,
+                u64::MAX,
+            )
+            .unwrap_err();
             assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{e}");
         }
         let whole = safetensors_prefix(&good[..], good.len() as u64, InputKind::Tensors, u64::MAX);
@@ -350,7 +355,10 @@ mod tests {
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        for r in [read_regular(&p, InputKind::Media), read_safetensors(&p, InputKind::Lora)] {
+        for r in [
+            read_regular(&p, InputKind::Media),
+            read_safetensors(&p, InputKind::Lora),
+        ] {
             assert_eq!(r.unwrap_err().kind(), ErrorKind::InvalidInput);
         }
     }
@@ -401,7 +409,10 @@ mod tests {
             good[..good.len() - 4].to_vec(),
         ] {
             std::fs::write(&p, &bad).unwrap();
-            assert_eq!(read_safetensors(&p, InputKind::Tensors).unwrap(), good[..head]);
+            assert_eq!(
+                read_safetensors(&p, InputKind::Tensors).unwrap(),
+                good[..head]
+            );
         }
         // Too short for a length, a length past the file: what there is, at most 8 bytes.
         std::fs::write(&p, [1u8, 2, 3]).unwrap();

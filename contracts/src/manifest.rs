@@ -286,10 +286,13 @@ impl Manifest {
     /// Reads `dir/manifest.json`, checking its format version.
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(FILE_NAME);
-        let text = crate::input::read_text(&path, crate::input::InputKind::Record).map_err(|source| ManifestError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let text =
+            crate::input::read_text(&path, crate::input::InputKind::Record).map_err(|source| {
+                ManifestError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         Self::parse(&text, &path)
     }
 

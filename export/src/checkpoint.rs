@@ -69,7 +69,9 @@ impl Checkpoint {
     /// or a sharded set listed in its `.index.json`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = v2l_contracts::input::read_text(&config_path, v2l_contracts::input::InputKind::Record).map_err(io(&config_path))?;
+        let text =
+            v2l_contracts::input::read_text(&config_path, v2l_contracts::input::InputKind::Record)
+                .map_err(io(&config_path))?;
         let config: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ExportError::Config {
                 path: config_path.clone(),
@@ -81,7 +83,9 @@ impl Checkpoint {
             .map(|s| dir.join(format!("{s}.safetensors.index.json")))
             .find(|p| p.exists());
         let files: Vec<PathBuf> = if let Some(index) = index {
-            let text = v2l_contracts::input::read_text(&index, v2l_contracts::input::InputKind::Record).map_err(io(&index))?;
+            let text =
+                v2l_contracts::input::read_text(&index, v2l_contracts::input::InputKind::Record)
+                    .map_err(io(&index))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| ExportError::Config {
                     path: index.clone(),

@@ -379,6 +379,24 @@ impl Engine {
         })
     }
 
+    /// The length of the engine's training schedule (`num_train_timesteps` of its scheduler
+    /// config, read as its family's sampler reads it): the most denoising steps a request may
+    /// ask for.
+    pub fn train_timesteps(&self) -> Result<usize> {
+        let name = self
+            .manifest
+            .scheduler
+            .as_ref()
+            .ok_or_else(|| self.missing("scheduler config", "pipeline"))?;
+        let path = self.dir.join(name);
+        Ok(match self.family()? {
+            Family::CogVideoX => {
+                crate::scheduler::SchedulerConfig::from_file(&path)?.num_train_timesteps
+            }
+            Family::Wan => crate::flow::FlowScheduler::from_file(&path)?.train_timesteps(),
+        })
+    }
+
     /// The family of the engine's DiT: an error when there is no DiT or its class is one this
     /// v2l does not run.
     pub fn family(&self) -> Result<Family> {

@@ -80,9 +80,18 @@ pub enum FlowScheduler {
 }
 
 impl FlowScheduler {
+    /// The length of the training schedule (`num_train_timesteps`): the most steps it takes.
+    pub fn train_timesteps(&self) -> usize {
+        match self {
+            FlowScheduler::Euler(e) => e.train,
+            FlowScheduler::UniPc(u) => u.train,
+        }
+    }
+
     /// From a diffusers `scheduler_config.json` (`_class_name` picks the sampler).
     pub fn from_file(path: &Path) -> Result<FlowScheduler> {
-        let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record).map_err(|e| RuntimeError::io(path, e))?;
+        let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record)
+            .map_err(|e| RuntimeError::io(path, e))?;
         let cfg: FlowConfig = serde_json::from_str(&text).map_err(|e| RuntimeError::BadFile {
             path: path.into(),
             message: e.to_string(),

@@ -65,7 +65,8 @@ impl ClipPreprocess {
     /// Reads a `preprocessor_config.json` (the `image_processor/` folder of a diffusers Wan I2V
     /// pipeline). Settings this module cannot reproduce are an error, not a silent mismatch.
     pub fn from_file(path: &Path) -> Result<ClipPreprocess> {
-        let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record).map_err(|e| RuntimeError::io(path, e))?;
+        let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record)
+            .map_err(|e| RuntimeError::io(path, e))?;
         serde_json::from_str(&text).map_err(|e| RuntimeError::BadFile {
             path: path.into(),
             message: format!("not a CLIPImageProcessor config: {e}"),

@@ -75,7 +75,8 @@ impl SchedulerConfig {
     /// Reads and checks a diffusers `scheduler_config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record).map_err(|source| RuntimeError::Io {
+        let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record)
+            .map_err(|source| RuntimeError::Io {
             path: path.into(),
             source,
         })?;

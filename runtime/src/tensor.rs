@@ -202,10 +202,11 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// Reads every tensor of a safetensors file (f16/bf16/f64 are widened or narrowed to f32).
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes =
-        v2l_contracts::input::read_safetensors(path, v2l_contracts::input::InputKind::Tensors).map_err(|source| RuntimeError::Io {
-            path: path.into(),
-            source,
-        })?;
+        v2l_contracts::input::read_safetensors(path, v2l_contracts::input::InputKind::Tensors)
+            .map_err(|source| RuntimeError::Io {
+                path: path.into(),
+                source,
+            })?;
     parse_safetensors(&bytes, path)
 }
 

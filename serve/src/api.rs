@@ -321,7 +321,9 @@ async fn submit_video(
         let store = &app.shared.jobs.store;
         let dir = store.job_dir(&id)?;
         let saved = (|| {
-            crate::store::save_frames(&dir.join(IMAGE_FILE), &req.image)?;
+            if let Some(image) = &req.image {
+                crate::store::save_frames(&dir.join(IMAGE_FILE), image)?;
+            }
             if let Some(r) = &req.reference {
                 crate::store::save_frames(&dir.join(REFERENCE_FILE), r)?;
             }

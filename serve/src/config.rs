@@ -120,19 +120,18 @@ impl EngineFacts {
             v2l_runtime::bundle::FILE_NAME,
         ] {
             // A plain export directory has no bundle record; the manifest alone then keys it.
-            if let Ok(bytes) = v2l_contracts::input::read_regular(&engine.dir.join(name), v2l_contracts::input::InputKind::Record) {
+            if let Ok(bytes) = v2l_contracts::input::read_regular(
+                &engine.dir.join(name),
+                v2l_contracts::input::InputKind::Record,
+            ) {
                 h.update(&bytes);
             }
         }
         let (default_frames, default_height, default_width) = engine.default_size();
-        let scheduler = engine
-            .manifest
-            .scheduler
-            .as_ref()
-            .ok_or("the engine holds no scheduler config; export the whole pipeline with `v2l-export pipeline`")?;
-        let scheduler =
-            v2l_runtime::scheduler::SchedulerConfig::from_file(engine.dir.join(scheduler))
-                .map_err(|e| e.to_string())?;
+        if engine.manifest.scheduler.is_none() {
+            return Err("the engine holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into());
+        }
+        let scheduler_steps = engine.train_timesteps().map_err(|e| e.to_string())?;
         Ok(EngineFacts {
             key: h.finalize().to_hex()[..32].to_string(),
             default_frames,
@@ -143,7 +142,7 @@ impl EngineFacts {
             text_sequence_length: engine.text_sequence_length().unwrap_or(226),
             has_text_encoder: engine.manifest.text_encoder.is_some(),
             has_hypernet: engine.manifest.hypernet.is_some(),
-            scheduler_steps: scheduler.num_train_timesteps,
+            scheduler_steps,
             modules: dit.lora_targets.iter().map(|t| t.name.clone()).collect(),
             targets: dit.lora_targets.clone(),
             pipeline: engine.pipeline_kind().map_err(|e| e.to_string())?,

@@ -182,7 +182,8 @@ pub struct LoraParams {
 /// A checked video request with its decoded uploads.
 pub struct VideoRequest {
     pub params: VideoParams,
-    pub image: Frames,
+    /// The first frame; `None` for a text-to-video engine (Wan T2V), which takes none.
+    pub image: Option<Frames>,
     /// Decoded reference clip, when its LoRA is not stored yet.
     pub reference: Option<Frames>,
     /// An uploaded LoRA file, parsed and checked against the DiT: `(id, lora)`.
@@ -329,20 +330,33 @@ pub fn video(
             ))
         }
     };
-    let image_bytes = form.bytes("image").ok_or_else(|| {
-        ApiError::field(
+    // Text-to-video engines (Wan T2V) take no first frame; every other kind needs one.
+    let image = match (facts.pipeline.takes_image(), form.bytes("image")) {
+        (true, None) => {
+            return Err(ApiError::field(
+                "image",
+                "required: the first frame (PNG, JPEG, WebP or a video)",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::field(
+                "image",
+                format!(
+                    "this engine is text-to-video ({}); it takes no first frame",
+                    facts.pipeline
+                ),
+            ))
+        }
+        (true, Some(bytes)) => Some(decode(
             "image",
-            "required: the first frame (PNG, JPEG, WebP or a video)",
-        )
-    })?;
-    let image = decode(
-        "image",
-        image_bytes,
-        Some((height, width)),
-        1,
-        limits,
-        scratch,
-    )?;
+            bytes,
+            Some((height, width)),
+            1,
+            limits,
+            scratch,
+        )?),
+        (false, None) => None,
+    };
     let mut reference = None;
     if chosen[..] == ["reference"] {
         let (id, clip) =

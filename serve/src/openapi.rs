@@ -55,7 +55,7 @@ pub fn document(d: &Described) -> Value {
         "info": {
             "title": "v2l-serve",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "First frame + prompt + reference clip (or LoRA) → video, on an exported CogVideoX engine. Jobs are asynchronous: submit, follow the events, download the mp4. Predicted LoRAs are cached by content hash; `/v1/*` takes `Authorization: Bearer <token>` when the server has a token."
+            "description": "First frame + prompt + reference clip (or LoRA) → video, on a v2l engine (text alone → video on a Wan T2V engine). Jobs are asynchronous: submit, follow the events, download the mp4. Predicted LoRAs are cached by content hash; `/v1/*` takes `Authorization: Bearer <token>` when the server has a token."
         },
         "components": {
             "schemas": {
@@ -147,6 +147,14 @@ pub fn document(d: &Described) -> Value {
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
         }
     });
+    if !facts.pipeline.takes_image() {
+        // A text-to-video engine (Wan T2V) takes no first frame, and refuses one.
+        let form = &mut doc["components"]["schemas"]["VideoForm"];
+        form["required"] = json!([]);
+        if let Some(props) = form["properties"].as_object_mut() {
+            props.remove("image");
+        }
+    }
     if d.token {
         // Only `/v1/*` is guarded; probes, metrics and this document stay open.
         let unauthorized = error_response("No or a wrong `Authorization: Bearer <token>`.");

@@ -241,7 +241,10 @@ impl Store {
         let db = dir.join("jobs.sqlite");
         check_not_orphaned(&db, &dir.join("jobs"))?;
         let (conn, interrupted, queued) = Store::recover(dir, &db).map_err(|e| match e {
-            StoreError::Sql(source) => StoreError::Database { path: db.clone(), source },
+            StoreError::Sql(source) => StoreError::Database {
+                path: db.clone(),
+                source,
+            },
             other => other,
         })?;
         Ok((

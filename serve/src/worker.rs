@@ -419,10 +419,13 @@ impl Worker {
             }
         };
         timings.insert("prompt".into(), ms(t));
-        // 4. The first frame and the seeded noise.
-        let image = crate::store::load_frames(&dir.join(IMAGE_FILE))?;
+        // 4. The first frame (none for a text-to-video engine) and the seeded noise.
+        let image = match self.engine.pipeline_kind()?.takes_image() {
+            true => Some(crate::store::load_frames(&dir.join(IMAGE_FILE))?),
+            false => None,
+        };
         Ok(Request {
-            image: Some(image),
+            image,
             image_embeds: None,
             prompt_embeds,
             negative_prompt_embeds,

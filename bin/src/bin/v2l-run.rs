@@ -918,7 +918,8 @@ fn text_stage(
     max_sequence_length: Option<usize>,
 ) -> Result<(), Failure> {
     let bad = |m: String| Failure::new(format!("{}: {m}", file.display()));
-    let text = v2l_contracts::input::read_text(file, v2l_contracts::input::InputKind::Record).map_err(|e| bad(e.to_string()))?;
+    let text = v2l_contracts::input::read_text(file, v2l_contracts::input::InputKind::Record)
+        .map_err(|e| bad(e.to_string()))?;
     let prompts: Vec<String> = serde_json::from_str(&text)
         .map_err(|e| bad(format!("expected a JSON array of strings ({e})")))?;
     if prompts.is_empty() {

@@ -230,10 +230,11 @@ fn peft_alpha(path: &Path, meta: Option<&HashMap<String, String>>) -> Result<Pef
 /// Reads a LoRA file in any supported format. `modules` (the model's module paths) resolves
 /// kohya names; without it, only kohya files that record their module names can be read.
 pub fn read(path: &Path, modules: Option<&[String]>) -> Result<Lora> {
-    let bytes = v2l_contracts::input::read_safetensors(path, v2l_contracts::input::InputKind::Lora).map_err(|source| LoraError::Io {
-        path: path.into(),
-        source,
-    })?;
+    let bytes = v2l_contracts::input::read_safetensors(path, v2l_contracts::input::InputKind::Lora)
+        .map_err(|source| LoraError::Io {
+            path: path.into(),
+            source,
+        })?;
     parse(&bytes, path, modules)
 }
 

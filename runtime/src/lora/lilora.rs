@@ -82,10 +82,12 @@ impl LiLora {
     /// Loads `path` and maps it onto `linears` (the DiT's `nn.Linear`s in module order),
     /// checking every name exists and every shape agrees.
     pub fn load(path: &Path, linears: &[LinearInfo]) -> Result<LiLora> {
-        let bytes = v2l_contracts::input::read_safetensors(path, v2l_contracts::input::InputKind::Tensors).map_err(|source| LiLoraError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let bytes =
+            v2l_contracts::input::read_safetensors(path, v2l_contracts::input::InputKind::Tensors)
+                .map_err(|source| LiLoraError::Io {
+                    path: path.into(),
+                    source,
+                })?;
         let bad = |message: String| LiLoraError::Bad {
             path: path.into(),
             message,

@@ -67,10 +67,12 @@ pub struct SpModel {
 impl SpModel {
     /// Reads and checks `path`: a unigram model with exactly one unknown piece.
     pub fn read(path: &Path) -> Result<SpModel> {
-        let bytes = v2l_contracts::input::read_regular(path, v2l_contracts::input::InputKind::Record).map_err(|source| RuntimeError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let bytes =
+            v2l_contracts::input::read_regular(path, v2l_contracts::input::InputKind::Record)
+                .map_err(|source| RuntimeError::Io {
+                    path: path.into(),
+                    source,
+                })?;
         let bad = |m: String| RuntimeError::BadFile {
             path: path.into(),
             message: m,

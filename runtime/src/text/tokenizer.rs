@@ -105,10 +105,11 @@ fn read_config(path: &Path) -> Result<TokenizerConfig> {
         path: path.into(),
         message: m,
     };
-    let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record).map_err(|source| RuntimeError::Io {
-        path: path.into(),
-        source,
-    })?;
+    let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record)
+        .map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let class = v
         .get("tokenizer_class")
