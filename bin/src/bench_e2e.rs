@@ -574,7 +574,7 @@ pub fn bench_e2e(b: &E2eBench) -> Result<(), Failure> {
         "v2l_dit_steps_s": with_json["dit_steps_ms"].as_array().map(|v| {
             v.iter().map(|ms| ms.as_f64().unwrap_or(f64::NAN) / 1e3).collect::<Vec<_>>()
         }),
-        "cpu": crate::bench_lora_batch::cpu_facts(),
+        "cpu": crate::bench_common::cpu_facts(),
         "threads": b.threads,
         "config": {"frames": b.frames, "height": b.height, "width": b.width, "steps": b.steps,
                    "guidance": b.guidance, "precision": b.precision, "prompt": PROMPT},
@@ -744,7 +744,7 @@ fn videox_fun_side(
 fn print_table(r: &serde_json::Value) {
     println!(
         "{}",
-        crate::bench_lora_batch::cpu_line(&r["cpu"], r["threads"].as_u64().unwrap_or(0) as usize)
+        crate::bench_common::cpu_line(&r["cpu"], r["threads"].as_u64().unwrap_or(0) as usize)
     );
     println!("{:<22} {:>10} {:>14}", "stage", "wall s", "peak RSS MB");
     if let Some(stages) = r["stages"].as_object() {

@@ -15,11 +15,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use v2l_runtime::engine::Engine;
-use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
 use v2l_runtime::lora::strategy::{DitRunner, Strategy};
-use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::Tensor;
 
+use crate::bench_common::{cpu_facts, cpu_line, generated_lora, median_ms};
 use crate::bench_pipeline::stats;
 use crate::Failure;
 
@@ -43,62 +42,6 @@ pub struct LoraBatchBench {
     pub dir: PathBuf,
     #[arg(skip)]
     pub json: bool,
-}
-
-/// The CPU model and the ISA features that decide which kernels run (`v2l_runtime::cpu`, the
-/// same record `bundle.json` and `v2l-run --json` carry), and the core count.
-pub fn cpu_facts() -> serde_json::Value {
-    let m = v2l_runtime::cpu::this();
-    serde_json::json!({
-        "model": m.cpu,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "features": m.isa,
-    })
-}
-
-/// [`cpu_facts`] as the line every bench table starts with.
-pub fn cpu_line(cpu: &serde_json::Value, threads: usize) -> String {
-    let features: Vec<&str> = cpu["features"]
-        .as_array()
-        .map(|f| f.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
-    format!(
-        "CPU: {} ({} cores; {}), {threads} threads",
-        cpu["model"].as_str().unwrap_or("?"),
-        cpu["cores"],
-        features.join(", ")
-    )
-}
-
-/// A generated LoRA of `rank` on every targeted layer of `engine`'s DiT (small Gaussian
-/// factors, seeded by `seed`).
-pub(crate) fn lora(engine: &Engine, rank: usize, seed: u64) -> Result<AppliedLora, Failure> {
-    let layers = engine
-        .dit_targets()?
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let s = seed * 1000 + 2 * i as u64;
-            let a = v2l_runtime::tensor::gaussian_noise(vec![rank * t.in_features], s);
-            let b = v2l_runtime::tensor::gaussian_noise(vec![t.out_features * rank], s + 1);
-            let small = |v: &[f32]| v.iter().map(|x| x * 0.01).collect::<Vec<f32>>();
-            Ok(LoraLayer {
-                module: t.name.clone(),
-                a: Factor::from_f32([rank, t.in_features], &small(a.as_f32("a")?)),
-                b: Factor::from_f32([t.out_features, rank], &small(b.as_f32("b")?)),
-                alpha: rank as f32,
-            })
-        })
-        .collect::<Result<Vec<_>, v2l_runtime::RuntimeError>>()?;
-    Ok(AppliedLora {
-        lora: Lora {
-            format: LoraFormat::Diffusers,
-            layers,
-        }
-        .into(),
-        source: format!("<generated {seed}>").into(),
-        multiplier: 1.0,
-    })
 }
 
 /// The batch-2 sample inputs stacked `times` along the batch axis (RoPE tables shared).
@@ -126,19 +69,6 @@ fn repeat_batch(
         out.insert(name.clone(), v);
     }
     Ok(out)
-}
-
-pub(crate) fn median_ms(
-    repeat: usize,
-    mut f: impl FnMut() -> Result<(), Failure>,
-) -> Result<f64, Failure> {
-    let mut t = Vec::new();
-    for _ in 0..repeat.max(1) {
-        let s = Instant::now();
-        f()?;
-        t.push(s.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(stats(t).0)
 }
 
 pub fn bench_lora_batch(b: &LoraBatchBench) -> Result<(), Failure> {
@@ -174,7 +104,10 @@ pub fn bench_lora_batch(b: &LoraBatchBench) -> Result<(), Failure> {
     let b4 = repeat_batch(&feed, 2)?;
     let b2 = repeat_batch(&feed, 1)?;
     let tokens = 226 + feed[3].1.shape[0];
-    let (x, y) = (lora(&engine, b.rank, 1)?, lora(&engine, b.rank, 2)?);
+    let (x, y) = (
+        generated_lora(&engine, b.rank, 1)?,
+        generated_lora(&engine, b.rank, 2)?,
+    );
     let opts = engine.session_options(b.threads);
 
     log("unfused: X and Y in one call (B = 4)");

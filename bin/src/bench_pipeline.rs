@@ -93,7 +93,7 @@ pub fn bench_pipeline(
         }
     };
     let clip = rgb(frames, 1);
-    let (lf, lh, lw) = ((frames - 1) / 4 + 1, height / 8, width / 8);
+    let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, height, width).dims();
     let req = Request {
         image: Some(rgb(1, 2)),
         image_embeds: None,

@@ -239,9 +239,9 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     std::fs::create_dir_all(&b.dir).map_err(|e| fail(format!("{}: {e}", b.dir.display())))?;
     // Figures from different machines must not be compared by mistake: the CPU and the ISA
     // features that pick ONNX Runtime's kernels go beside every table.
-    let cpu = crate::bench_lora_batch::cpu_facts();
+    let cpu = crate::bench_common::cpu_facts();
     if !b.json {
-        println!("{}", crate::bench_lora_batch::cpu_line(&cpu, b.threads));
+        println!("{}", crate::bench_common::cpu_line(&cpu, b.threads));
     }
     let (ck, engine, compile_s) = prepare(b, &log)?;
     let config = cogvideox_5b_config(b.layers)?;
@@ -465,7 +465,7 @@ fn bench_vae(
                 "VAE case {frames}x{h}x{w}: frames 1 + 4k, sizes multiples of 8"
             )));
         }
-        let (lf, lh, lw) = ((frames - 1) / 4 + 1, h / 8, w / 8);
+        let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, h, w).dims();
         let tiled = tile.applies(v2l_runtime::vae::TilingMode::Auto, h, w);
         let case = b.dir.join(format!("vae-{frames}x{h}x{w}"));
         std::fs::create_dir_all(&case).map_err(|e| fail(format!("{}: {e}", case.display())))?;
@@ -571,7 +571,7 @@ fn bench_switch(
     let added = status_mb("RssAnon:") - before;
     // Two LoRAs of the same rank: a switch is from one to the other, as a server serving
     // different effects makes it (the first LoRA after none lays the factor inputs out).
-    let lora = |seed| crate::bench_lora_batch::lora(&dir, rank, seed);
+    let lora = |seed| crate::bench_common::generated_lora(&dir, rank, seed);
     let loras = [lora(0)?, lora(1)?];
     runner.set_lora(&dir, Some(&loras[1]))?;
     let mut times = Vec::new();

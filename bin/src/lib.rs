@@ -9,6 +9,7 @@ use std::fmt::Display;
 use std::process::ExitCode;
 
 pub mod bench_attention;
+pub mod bench_common;
 pub mod bench_e2e;
 pub mod bench_fuse;
 pub mod bench_gpu;

@@ -19,7 +19,7 @@ fn schemathesis(s: &Server, dir: &Path, token: Option<&str>) {
     let st = common::workspace().join(".v2l/py/bin/schemathesis");
     assert!(
         st.is_file(),
-        "{} missing: run scripts/setup.sh",
+        "{} missing: run bash scripts/setup-tests.sh",
         st.display()
     );
     let mut cmd = Command::new(st);

@@ -4,7 +4,7 @@
 //! (DynamicQuantizeMatMul over int8 weights, or Q/DQ when calibrated), int4 (MatMulNBits) and for fp16/bf16 (typed graphs for TensorRT,
 //! emulated ones for the CPU; the checker's type inference sees every Cast and island).
 //!
-//! The checker is the `onnx` Python package that `scripts/setup.sh` installs into `.v2l/py`;
+//! The checker is the `onnx` Python package that `scripts/setup-tests.sh` installs into `.v2l/py`;
 //! only this test uses Python.
 
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ fn python() -> PathBuf {
     let p = root().join(".v2l/py/bin/python");
     assert!(
         p.is_file(),
-        "{} is missing: run `bash scripts/setup.sh` (it installs the onnx checker)",
+        "{} is missing: run `bash scripts/setup-tests.sh` (it installs the onnx checker)",
         p.display()
     );
     p

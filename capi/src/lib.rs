@@ -622,7 +622,7 @@ fn settings(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Checked> {
 fn sizes(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Sizes> {
     let c = settings(g, p)?;
     let (f, h, w) = (c.frames, c.height, c.width);
-    let latent_frames = (f - 1) / 4 + 1;
+    let latent_frames = v2l_contracts::LatentGrid::of_video(f, h, w).frames;
     let frames = g.vae.decoded_frames(latent_frames);
     let out_bytes = product(&[frames, h, w, 3], "output")?;
     Ok(Sizes {

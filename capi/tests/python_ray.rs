@@ -3,7 +3,7 @@
 //! local Ray instance (CPU, loopback) runs two replicas; requests carry LoRA ids through Serve's
 //! model multiplexing. Every answer equals the C ABI's frames for the same request bitwise, and
 //! each LoRA is served by the replica that holds it (one LoRA per replica: a third one evicts).
-//! Needs `ray[serve]` in `.v2l/py` (scripts/setup.sh installs it).
+//! Needs `ray[serve]` in `.v2l/py` (scripts/setup-tests.sh installs it).
 
 #![allow(clippy::unwrap_used)]
 
@@ -54,7 +54,7 @@ fn ray_serve_routes_by_lora_and_matches_the_c_abi() {
         .is_ok_and(|s| s.success());
     assert!(
         has_ray,
-        "{} has no ray[serve]: run scripts/setup.sh",
+        "{} has no ray[serve]: run bash scripts/setup-tests.sh",
         python.display()
     );
     let tmp = tempfile::tempdir().unwrap();

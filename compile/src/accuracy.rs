@@ -55,7 +55,7 @@ pub fn dit_inputs_at(
         get("in_channels"),
         get("text_embed_dim"),
     );
-    let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
+    let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, height, width).dims();
     let (cos, sin) = v2l_runtime::rope::cogvideox_rope(
         dh,
         lf,
@@ -105,7 +105,7 @@ fn wan_inputs_at(
         }
     })?;
     let dh = w.attention_head_dim;
-    let (lf, lh, lw) = ((frames.max(1) - 1) / 4 + 1, height / 8, width / 8);
+    let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, height, width).dims();
     let (cos, sin) = v2l_runtime::rope::wan_rope(dh, lf, lh, lw, w.patch(), w.rope_max_seq_len)?;
     let rows = cos.len() / dh.max(1);
     let t = timestep as f32;

@@ -28,11 +28,13 @@ pub mod family;
 pub mod frame_batch;
 pub mod input;
 pub mod io;
+pub mod latent;
 pub mod manifest;
 pub mod noise;
 pub mod request;
 
 pub use family::{Family, PipelineKind, Sampler};
+pub use latent::LatentGrid;
 pub use manifest::{Manifest, ManifestError};
 
 /// One `nn.Linear` of a model that a LoRA can target: the weight is `<name>.weight`, `[out, in]`.

@@ -179,7 +179,7 @@ impl Engine {
                 max: with(max_batch),
             }
         };
-        let (lf, lh, lw) = ((frames - 1) / 4 + 1, height / 8, width / 8);
+        let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, height, width).dims();
         let hidden = match d.family() {
             Ok(Family::Wan) => vec![d.in_channels, lf, lh, lw],
             Ok(Family::CogVideoX) => vec![lf, d.in_channels, lh, lw],
@@ -370,12 +370,12 @@ impl Engine {
             .dit
             .as_ref()
             .ok_or_else(|| self.missing("DiT", "dit"))?;
-        let lf = (frames.max(1) - 1) / 4 + 1;
+        let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, height, width).dims();
         // The DiT predicts the noisy latents: its output channels are the latent channels.
         let c = dit.out_channels;
         Ok(match self.family()? {
-            Family::Wan => vec![1, c, lf, height / 8, width / 8],
-            Family::CogVideoX => vec![1, lf, c, height / 8, width / 8],
+            Family::Wan => vec![1, c, lf, lh, lw],
+            Family::CogVideoX => vec![1, lf, c, lh, lw],
         })
     }
 

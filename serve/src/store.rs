@@ -93,7 +93,7 @@ pub struct JobRecord {
     pub lora_id: Option<String>,
     /// Whether that LoRA came from the cache.
     pub lora_cached: Option<bool>,
-    /// The validated request (`crate::form::VideoParams` or `crate::form::LoraParams`).
+    /// The validated request: the form's `VideoParams` or `LoraParams`, as JSON.
     pub params: serde_json::Value,
 }
 

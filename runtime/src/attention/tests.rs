@@ -151,9 +151,15 @@ fn the_bf16_kernel_is_attention_to_bf16_accuracy_or_falls_back_to_f32() {
             if has_bf16 {
                 assert!(e < BF16_TOLERANCE, "{shape:?} amp {amp}: {e:.2e}");
                 // Not f32 by accident: bf16 rounding shows.
-                assert!(e > F32_TOLERANCE, "{shape:?} amp {amp}: {e:.2e} is f32-exact");
+                assert!(
+                    e > F32_TOLERANCE,
+                    "{shape:?} amp {amp}: {e:.2e} is f32-exact"
+                );
             } else {
-                assert!(e < F32_TOLERANCE, "{shape:?} amp {amp}: {e:.2e}: not the f32 kernel");
+                assert!(
+                    e < F32_TOLERANCE,
+                    "{shape:?} amp {amp}: {e:.2e}: not the f32 kernel"
+                );
             }
         }
     }

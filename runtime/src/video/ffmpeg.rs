@@ -82,7 +82,7 @@ fn reference_tensor(path: &Path, max_frames: usize) -> Result<Frames> {
 const NO_VIDEO_STREAM: &str = "holds no video stream (audio only, or not a video)";
 
 /// What a media file whose video stream decodes to nothing is told.
-const NO_FRAMES: &str = "holds no video frames";
+const NO_FRAMES: &str = "the video has no frames";
 
 fn bad(path: &Path, message: impl Into<String>) -> RuntimeError {
     RuntimeError::BadFile {
