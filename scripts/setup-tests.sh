@@ -28,9 +28,9 @@ bash scripts/build-wheel.sh --tools-only
 # onnx.checker.check_model(full_check=True). The product itself needs no Python.
 ONNX_VERSION="${V2L_ONNX_VERSION:-1.23.2}"
 if [ -x .v2l/py/bin/python ] && .v2l/py/bin/python -c "import onnx" 2>/dev/null; then
-  echo "setup: onnx checker present in .v2l/py"
+  echo "setup-tests: onnx checker present in .v2l/py"
 else
-  echo "setup: installing onnx==$ONNX_VERSION into .v2l/py (test-only)"
+  echo "setup-tests: installing onnx==$ONNX_VERSION into .v2l/py (test-only)"
   python3 -m venv .v2l/py
   .v2l/py/bin/python -m pip install --quiet "onnx==$ONNX_VERSION"
 fi
@@ -39,9 +39,9 @@ fi
 # product and its Python binding need no third-party package).
 RAY_VERSION="${V2L_RAY_VERSION:-2.60.0}"
 if .v2l/py/bin/python -c "import ray.serve" 2>/dev/null; then
-  echo "setup: ray[serve] present in .v2l/py"
+  echo "setup-tests: ray[serve] present in .v2l/py"
 else
-  echo "setup: installing ray[serve]==$RAY_VERSION into .v2l/py (test-only)"
+  echo "setup-tests: installing ray[serve]==$RAY_VERSION into .v2l/py (test-only)"
   .v2l/py/bin/python -m pip install --quiet "ray[serve]==$RAY_VERSION"
 fi
 
@@ -49,9 +49,9 @@ fi
 # (bin/tests/schemathesis.rs), with and without a token (test-only).
 SCHEMATHESIS_VERSION="${V2L_SCHEMATHESIS_VERSION:-4.32.5}"
 if .v2l/py/bin/python -c "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$SCHEMATHESIS_VERSION')" 2>/dev/null; then
-  echo "setup: schemathesis present in .v2l/py"
+  echo "setup-tests: schemathesis present in .v2l/py"
 else
-  echo "setup: installing schemathesis==$SCHEMATHESIS_VERSION into .v2l/py (test-only)"
+  echo "setup-tests: installing schemathesis==$SCHEMATHESIS_VERSION into .v2l/py (test-only)"
   .v2l/py/bin/python -m pip install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
@@ -60,12 +60,12 @@ fi
 for tool in valgrind cc /usr/bin/time; do
   if ! command -v "$tool" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "setup: installing $tool from Debian packages"
+      echo "setup-tests: installing $tool from Debian packages"
       apt-get update -qq >/dev/null
       case "$tool" in cc) pkg=gcc ;; /usr/bin/time) pkg=time ;; *) pkg="$tool" ;; esac
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
     else
-      echo "setup: $tool not found (needed by the C ABI tests)" >&2
+      echo "setup-tests: $tool not found (needed by the C ABI tests)" >&2
     fi
   fi
 done
