@@ -73,6 +73,19 @@ impl From<v2l_runtime::RuntimeError> for Failure {
     }
 }
 
+impl From<v2l_compile::CompileError> for Failure {
+    fn from(e: v2l_compile::CompileError) -> Self {
+        match e {
+            v2l_compile::CompileError::Runtime(e) => Failure::from(e),
+            e => Failure {
+                message: e.to_string(),
+                hint: e.hint(),
+                exit_code: e.kind().exit_code(),
+            },
+        }
+    }
+}
+
 impl From<v2l_runtime::request::RequestError> for Failure {
     fn from(e: v2l_runtime::request::RequestError) -> Self {
         Failure::from(v2l_runtime::RuntimeError::Request(e))

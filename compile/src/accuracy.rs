@@ -10,7 +10,7 @@ use v2l_contracts::io::dit as dit_io;
 
 use v2l_contracts::manifest::DitEntry;
 
-use v2l_runtime::error::{Result, RuntimeError};
+use crate::error::{CompileError, Result};
 use v2l_runtime::session::{Model, SessionOptions};
 use v2l_runtime::tensor::{gaussian_noise, Tensor};
 
@@ -99,7 +99,7 @@ fn wan_inputs_at(
             .map_or(default, |v| v as usize)
     };
     let w = v2l_contracts::family::WanDitConfig::from_config(cfg).map_err(|e| {
-        RuntimeError::Invalid {
+        CompileError::Invalid {
             what: "DiT config".into(),
             message: e.to_string(),
         }
@@ -164,7 +164,7 @@ pub fn dit_accuracy(
         let mut m = Model::load(path, opts)?;
         let mut out = m.run(&inputs)?;
         out.remove(dit_io::SAMPLE)
-            .ok_or_else(|| v2l_runtime::RuntimeError::Invalid {
+            .ok_or_else(|| CompileError::Invalid {
                 what: path.display().to_string(),
                 message: "the DiT graph has no `sample` output".into(),
             })

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::{CompileError, Result};
 use v2l_contracts::manifest::DitEntry;
 use v2l_contracts::Manifest;
 use v2l_graphs::passes::WeightQuant;
@@ -18,7 +19,7 @@ use v2l_runtime::backend::{Backend, PartsHasher, Precision};
 use v2l_runtime::bundle::{
     file_entry, io, Attention, Bundle, Int8Scheme, LoraTarget, FILE_NAME, FORMAT_VERSION,
 };
-use v2l_runtime::error::{Result, RuntimeError};
+use v2l_runtime::error::RuntimeError;
 use v2l_runtime::lora::strategy::Strategy;
 
 /// Whether the backend's runtime gets `com.microsoft.MultiHeadAttention` (ONNX Runtime CPU and
@@ -40,7 +41,7 @@ fn runs_on_ort(backend: Backend) -> bool {
 fn carried_outputs_first(path: &Path) -> Result<()> {
     let mut m = v2l_graphs::read_model(path).map_err(io(path))?;
     if v2l_graphs::passes::carried_outputs_first(&mut m) > 0 {
-        v2l_graphs::write_model(path, &m).map_err(|source| RuntimeError::GraphWrite {
+        v2l_graphs::write_model(path, &m).map_err(|source| CompileError::GraphWrite {
             path: path.into(),
             source,
         })?;
@@ -136,7 +137,7 @@ pub fn compile_with(
         .attention
         .unwrap_or_else(|| default_attention(backend, precision));
     if attention == Attention::Bf16 && default_attention(backend, precision) != Attention::Bf16 {
-        return Err(RuntimeError::Invalid {
+        return Err(CompileError::Invalid {
             what: "--attention bf16".into(),
             message: format!(
                 "v2l's bf16 attention is for cpu engines below fp32 (this is {} {}); fp32 engines keep ONNX Runtime's exact attention",
@@ -148,7 +149,7 @@ pub fn compile_with(
     let int8_scheme = opts.int8_scheme.unwrap_or(Int8Scheme::U8U8);
     if int8_scheme != Int8Scheme::U8U8 && !(backend == Backend::Cpu && precision == Precision::Int8)
     {
-        return Err(RuntimeError::Invalid {
+        return Err(CompileError::Invalid {
             what: format!("--int8-gemm {}", int8_scheme.name()),
             message: "the int8 GEMM scheme is for cpu int8 engines".into(),
         });
@@ -158,7 +159,7 @@ pub fn compile_with(
     if job.manifest.dit.is_some() {
         job.manifest
             .pipeline_kind()
-            .map_err(|message| RuntimeError::BadFile {
+            .map_err(|message| CompileError::BadFile {
                 path: job.dir.join(v2l_contracts::manifest::FILE_NAME),
                 message,
             })?;
@@ -175,23 +176,27 @@ pub fn compile_with(
     )
     .err()
     {
-        return Err(RuntimeError::Invalid {
+        return Err(CompileError::Invalid {
             what: format!("--int8-gemm {}", int8_scheme.name()),
             message: format!("{message} (v2l-compile measures the engine it builds, here)"),
         });
     }
     v2l_runtime::limits::check_new_output_dir(out)?;
     let (weight_hash, targets) = job.lora_targets()?;
-    v2l_contracts::atomic::build_dir(out, RuntimeError::io, |tmp| {
-        let parts = job.link_parts(tmp)?;
-        job.tie_vae_caches(tmp)?;
-        let mut dit = DitBuild::default();
-        if let Some(d) = &job.manifest.dit {
-            job.build_dit(d, tmp, &targets, &mut dit)?;
-        }
-        job.measure_generation(tmp, &weight_hash, &targets, &mut dit)?;
-        job.write_record(tmp, parts, weight_hash, targets, dit)
-    })
+    v2l_contracts::atomic::build_dir(
+        out,
+        |p, e| CompileError::from(RuntimeError::io(p, e)),
+        |tmp| {
+            let parts = job.link_parts(tmp)?;
+            job.tie_vae_caches(tmp)?;
+            let mut dit = DitBuild::default();
+            if let Some(d) = &job.manifest.dit {
+                job.build_dit(d, tmp, &targets, &mut dit)?;
+            }
+            job.measure_generation(tmp, &weight_hash, &targets, &mut dit)?;
+            job.write_record(tmp, parts, weight_hash, targets, dit)
+        },
+    )
 }
 
 /// One compile: the export it reads and what it builds.
@@ -235,7 +240,7 @@ impl<'a> Job<'a> {
         } else {
             src.to_path_buf()
         };
-        let manifest = Manifest::read(&dir).map_err(|e| RuntimeError::BadFile {
+        let manifest = Manifest::read(&dir).map_err(|e| CompileError::BadFile {
             path: dir.clone(),
             message: format!("{e} (v2l-compile takes a directory written by v2l-export)"),
         })?;
@@ -290,7 +295,7 @@ impl<'a> Job<'a> {
             .find(|t| t.dtype != v2l_graphs::DType::F32.name())
         {
             if self.precision == Precision::Fp32 {
-                return Err(RuntimeError::Invalid {
+                return Err(CompileError::Invalid {
                     what: self.dir.display().to_string(),
                     message: format!(
                         "stores its DiT weights as {} (`{}`); an fp32 engine takes an export with f32 weights (`v2l-export dit --weight-dtype f32`), or compile this one with --precision int8",
@@ -419,7 +424,7 @@ impl<'a> Job<'a> {
         if self.precision == Precision::Fp32 {
             return Ok(None);
         }
-        let pass_err = |source| RuntimeError::GraphPass {
+        let pass_err = |source| CompileError::GraphPass {
             path: src.into(),
             source,
         };
@@ -533,7 +538,7 @@ impl<'a> Job<'a> {
         out: &mut DitBuild,
     ) -> Result<()> {
         let names = target_names(d);
-        let pass_err = |source| RuntimeError::GraphPass {
+        let pass_err = |source| CompileError::GraphPass {
             path: src.into(),
             source,
         };
@@ -624,7 +629,7 @@ impl<'a> Job<'a> {
         let files = parts
             .iter()
             .chain(&dit.files)
-            .map(|f| file_entry(tmp, f).map_err(RuntimeError::from))
+            .map(|f| file_entry(tmp, f).map_err(CompileError::from))
             .collect::<Result<Vec<_>>>()?;
         let bundle = Bundle {
             format_version: FORMAT_VERSION,
@@ -649,7 +654,7 @@ impl<'a> Job<'a> {
             bundle_hash: bundle.self_hash()?,
             ..bundle
         };
-        let text = serde_json::to_string_pretty(&bundle).map_err(|e| RuntimeError::Invalid {
+        let text = serde_json::to_string_pretty(&bundle).map_err(|e| CompileError::Invalid {
             what: FILE_NAME.into(),
             message: e.to_string(),
         })?;
@@ -669,7 +674,7 @@ fn target_names(d: &DitEntry) -> Vec<String> {
 
 /// Writes a rewritten graph (to a temporary name, then renamed).
 fn write_graph(p: &Path, model: &ModelProto) -> Result<()> {
-    v2l_graphs::write_model(p, model).map_err(|source| RuntimeError::GraphWrite {
+    v2l_graphs::write_model(p, model).map_err(|source| CompileError::GraphWrite {
         path: p.into(),
         source,
     })
@@ -708,7 +713,7 @@ fn check_tensorrt_graphs(
             .collect();
         let problems = v2l_graphs::check::tensorrt_problems(&model, &targets);
         if !problems.is_empty() {
-            return Err(RuntimeError::Invalid {
+            return Err(CompileError::Invalid {
                 what: path.display().to_string(),
                 message: format!(
                     "not buildable by TensorRT as v2l needs it: {}",
@@ -794,14 +799,14 @@ fn calibrate_dit(
     let mut observed = base.clone();
     let pairs =
         v2l_calibration::observe_linear_inputs(&mut observed, &weights).map_err(|source| {
-            RuntimeError::GraphPass {
+            CompileError::GraphPass {
                 path: src.into(),
                 source,
             }
         })?;
     // Beside the export's graph, so its external weights resolve; removed when done.
     let path = dir.join("dit_calibrating.onnx");
-    v2l_graphs::write_model(&path, &observed).map_err(|source| RuntimeError::GraphWrite {
+    v2l_graphs::write_model(&path, &observed).map_err(|source| CompileError::GraphWrite {
         path: path.clone(),
         source,
     })?;
@@ -932,7 +937,7 @@ fn check_precision(backend: Backend, precision: Precision, calibrated: bool) -> 
         (Precision::Int8, _, false) => "int8 on cuda/tensorrt is static int8: give --calibration <dir> or --calibration-samples <n> (Q/DQ with calibrated activation ranges); dynamic int8 (DynamicQuantizeMatMul) is the cpu backend's",
         (Precision::Int4, _, _) => "int4 engines are built for the CPU backend (ONNX Runtime's MatMulNBits)",
     };
-    Err(RuntimeError::Invalid {
+    Err(CompileError::Invalid {
         what: format!("--precision {}", precision.name()),
         message: why.into(),
     })

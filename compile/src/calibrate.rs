@@ -8,7 +8,8 @@ use v2l_contracts::io::dit as dit_io;
 
 use v2l_calibration::{Method, Ranges};
 
-use v2l_runtime::error::{Result, RuntimeError};
+use crate::error::{CompileError, Result};
+use v2l_runtime::error::RuntimeError;
 use v2l_runtime::session::{Model, SessionOptions};
 use v2l_runtime::tensor::Tensor;
 
@@ -57,7 +58,7 @@ fn samples(cfg: &serde_json::Value, from: &Samples) -> Result<Vec<BTreeMap<Strin
                 .collect()
         }
         Samples::Dir(dir) => {
-            let bad = |m: String| RuntimeError::BadFile {
+            let bad = |m: String| CompileError::BadFile {
                 path: dir.clone(),
                 message: m,
             };
@@ -80,7 +81,7 @@ fn samples(cfg: &serde_json::Value, from: &Samples) -> Result<Vec<BTreeMap<Strin
                 .map(|f| {
                     let t = v2l_runtime::tensor::read_safetensors(f)?;
                     if let Some(missing) = INPUTS.iter().find(|k| !t.contains_key(**k)) {
-                        return Err(RuntimeError::BadFile {
+                        return Err(CompileError::BadFile {
                             path: f.clone(),
                             message: format!("calibration sample has no `{missing}`"),
                         });
@@ -124,7 +125,7 @@ pub fn input_scales(
     for feed in &feeds {
         let out = model.run(feed)?;
         for (_, x) in pairs {
-            let t = out.get(x).ok_or_else(|| RuntimeError::Invalid {
+            let t = out.get(x).ok_or_else(|| CompileError::Invalid {
                 what: observed.display().to_string(),
                 message: format!("the observing graph has no output `{x}`"),
             })?;

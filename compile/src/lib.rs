@@ -9,6 +9,7 @@
 //! | [`bundle`] | [`compile`] / [`compile_with`]: the named compile steps, backend rewrites, precision lowering |
 //! | [`calibrate`] | static int8: activation ranges from the fp32 DiT over calibration samples |
 //! | [`accuracy`] | each changed stage's distance from fp32, recorded in `bundle.json` |
+//! | [`error`] | [`CompileError`]: the runtime's errors and the compile passes' own |
 
 #![cfg_attr(
     not(test),
@@ -18,8 +19,10 @@
 pub mod accuracy;
 pub mod bundle;
 pub mod calibrate;
+pub mod error;
 
 pub use bundle::{
     compile, compile_with, default_attention, default_strategy, fuses_attention, quantised_as,
     Options,
 };
+pub use error::{CompileError, Result};

@@ -36,20 +36,6 @@ pub enum RuntimeError {
     /// An export directory's `manifest.json` is missing, unreadable or of another version.
     #[error(transparent)]
     Manifest(#[from] v2l_contracts::ManifestError),
-    /// A graph could not be written (engine compilation).
-    #[error("{path}: {source}")]
-    GraphWrite {
-        path: std::path::PathBuf,
-        #[source]
-        source: v2l_graphs::WriteError,
-    },
-    /// A graph is not what a compile pass expects (not an export of this v2l).
-    #[error("{path}: {source}")]
-    GraphPass {
-        path: std::path::PathBuf,
-        #[source]
-        source: v2l_graphs::passes::PassError,
-    },
     /// The fuse kernel refused a LoRA's factors or a weight (NaN/inf values, sizes, dtypes).
     #[error("{what}: {source}")]
     Fuse {
@@ -111,12 +97,11 @@ impl RuntimeError {
             RuntimeError::OrtMissing { .. } | RuntimeError::OrtLoad { .. } => {
                 ErrorKind::OrtUnavailable
             }
-            RuntimeError::Ort { .. } | RuntimeError::GraphWrite { .. } => ErrorKind::Runtime,
+            RuntimeError::Ort { .. } => ErrorKind::Runtime,
             RuntimeError::Io { .. }
             | RuntimeError::BadFile { .. }
             | RuntimeError::MissingTensor { .. }
             | RuntimeError::Manifest(_)
-            | RuntimeError::GraphPass { .. }
             | RuntimeError::Lora(LoraError::Io { .. })
             | RuntimeError::LiLora(LiLoraError::Io { .. }) => ErrorKind::BadFile,
             RuntimeError::Invalid { .. }
