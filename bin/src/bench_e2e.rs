@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use v2l_contracts::io::files as files_io;
 
 use v2l_export::{cogvideox_dit, synthetic, t5_encoder, video2lora_hypernet};
 use v2l_graphs::DType;
@@ -516,7 +517,7 @@ pub fn bench_e2e(b: &E2eBench) -> Result<(), Failure> {
         .seeded_noise(b.frames, b.height, b.width, 42)?;
     v2l_runtime::write_safetensors(
         &noise,
-        &std::collections::BTreeMap::from([("initial_noise".to_string(), t)]),
+        &std::collections::BTreeMap::from([(files_io::INITIAL_NOISE.to_string(), t)]),
     )?;
     let run = |with_lora: bool| -> Result<(ProcRun, serde_json::Value), Failure> {
         let tag = if with_lora { "lora" } else { "base" };

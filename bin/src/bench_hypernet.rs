@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
+use v2l_contracts::io::effect as effect_io;
 
 use v2l_export::{lofa, prompt2effect, synthetic, Checkpoint};
 use v2l_graphs::{DType, ExternalData};
@@ -153,9 +154,9 @@ pub fn bench_hypernet(b: &HypernetBench) -> Result<(), Failure> {
     while done < layers {
         let n = chunk.min(layers - done);
         let mut feed = BTreeMap::from([
-            ("text".to_string(), text.clone()),
+            (effect_io::TEXT.to_string(), text.clone()),
             (
-                "base_weight".to_string(),
+                effect_io::BASE_WEIGHT.to_string(),
                 Tensor::f32(vec![n, side, side], w[..n * side * side].to_vec()),
             ),
         ]);
@@ -163,18 +164,18 @@ pub fn bench_hypernet(b: &HypernetBench) -> Result<(), Failure> {
         let t = Instant::now();
         match b.model {
             HypernetModel::Prompt2effect => {
-                feed.insert("layer_index".into(), ids(3));
-                feed.insert("module_index".into(), ids(7));
+                feed.insert(effect_io::LAYER_INDEX.into(), ids(3));
+                feed.insert(effect_io::MODULE_INDEX.into(), ids(7));
                 models[0].run(&feed)?;
             }
             HypernetModel::Lofa => {
-                feed.insert("depth_index".into(), ids(3));
-                feed.insert("type_index".into(), ids(5));
+                feed.insert(effect_io::DEPTH_INDEX.into(), ids(3));
+                feed.insert(effect_io::TYPE_INDEX.into(), ids(5));
                 let hidden = models[0]
                     .run(&feed)?
-                    .remove("hidden")
+                    .remove(effect_io::HIDDEN)
                     .ok_or_else(|| fail("stage 1 gave no hidden states"))?;
-                feed.insert("prior".into(), hidden);
+                feed.insert(effect_io::PRIOR.into(), hidden);
                 models[1].run(&feed)?;
             }
         }

@@ -14,6 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use v2l_contracts::io::files as files_io;
 
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::Strategy;
@@ -200,8 +201,8 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
         let e = random_embeddings(&engine);
         let p = tmp.path().join("embeds.safetensors");
         let m = std::collections::BTreeMap::from([
-            ("prompt_embeds".to_string(), e.clone()),
-            ("negative_prompt_embeds".to_string(), e),
+            (files_io::PROMPT_EMBEDS.to_string(), e.clone()),
+            (files_io::NEGATIVE_PROMPT_EMBEDS.to_string(), e),
         ]);
         v2l_runtime::write_safetensors(&p, &m)?;
         Ok(f.file("prompt_embeds", read(&p)?))

@@ -7,6 +7,7 @@
 
 use std::fmt::Display;
 use std::process::ExitCode;
+use v2l_contracts::io::files as files_io;
 
 pub mod bench_attention;
 pub mod bench_common;
@@ -294,11 +295,11 @@ pub fn effects(
     }
     for path in embeds {
         let t = v2l_runtime::read_safetensors(path)?
-            .remove("prompt_embeds")
+            .remove(files_io::PROMPT_EMBEDS)
             .ok_or_else(|| {
                 Failure::from(v2l_runtime::RuntimeError::MissingTensor {
                     path: path.clone(),
-                    name: "prompt_embeds".into(),
+                    name: files_io::PROMPT_EMBEDS.into(),
                 })
             })?;
         out.push(Effect::Embeds(t));

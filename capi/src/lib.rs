@@ -30,6 +30,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use v2l_contracts::io::files as files_io;
 
 use v2l_runtime::engine::Engine;
 use v2l_runtime::error::ErrorKind;
@@ -1165,7 +1166,7 @@ pub unsafe extern "C" fn v2l_generator_generate(
             None
         } else {
             let shape = vec![1, 3, p.frames as usize, p.height as usize, p.width as usize];
-            let need = product(&shape, "inpaint_noise")?;
+            let need = product(&shape, files_io::INPAINT_NOISE)?;
             if p.inpaint_noise_len != need {
                 return Err(Error::new(
                     V2lStatus::BufferSize,

@@ -51,3 +51,62 @@ pub mod vae {
     /// Decoder output: frames in [-1, 1].
     pub const SAMPLE: &str = "sample";
 }
+
+/// The prompt encoder (`text_encoder.onnx`): T5 or umT5.
+pub mod text {
+    /// `[B, L]` int64 token ids.
+    pub const INPUT_IDS: &str = "input_ids";
+    /// `[B, L, d_model]`: the last hidden states.
+    pub const PROMPT_EMBEDS: &str = "prompt_embeds";
+}
+
+/// The image encoder (`image_encoder.onnx`, Wan I2V): CLIP vision.
+pub mod image {
+    /// `[B, 3, S, S]`: the CLIP image processor's output.
+    pub const PIXEL_VALUES: &str = "pixel_values";
+    /// `[B, tokens, hidden]`: the penultimate layer's hidden states.
+    pub const IMAGE_EMBEDS: &str = "image_embeds";
+}
+
+/// The Video2LoRA hypernetwork (`hypernet.onnx`).
+pub mod hypernet {
+    /// `[B, C, T, H, W]`: the reference clip's VAE latents.
+    pub const REFERENCE_LATENTS: &str = "reference_latents";
+    /// `[B, layers, D]`: one LiLoRA row per targeted layer.
+    pub const HYPER_WEIGHTS: &str = "hyper_weights";
+}
+
+/// The effect hypernetworks: Prompt2Effect (`prompt2effect.onnx`) and LoFA's two stages.
+pub mod effect {
+    /// `[1, T, E]`: the effect prompt's embeddings.
+    pub const TEXT: &str = "text";
+    /// `[N, D, D]`: the base weights being adapted.
+    pub const BASE_WEIGHT: &str = "base_weight";
+    /// Prompt2Effect: each weight's block and module type ids.
+    pub const LAYER_INDEX: &str = "layer_index";
+    pub const MODULE_INDEX: &str = "module_index";
+    /// LoFA: each weight's depth and layer type ids.
+    pub const DEPTH_INDEX: &str = "depth_index";
+    pub const TYPE_INDEX: &str = "type_index";
+    /// LoFA stage 1's output, stage 2's input.
+    pub const HIDDEN: &str = "hidden";
+    pub const PRIOR: &str = "prior";
+    /// The predicted factors `[N, r, n]` and `[N, n, r]`, and LoFA's per-layer alpha.
+    pub const LORA_A: &str = "lora_A";
+    pub const LORA_B: &str = "lora_B";
+    pub const ALPHA: &str = "alpha";
+}
+
+/// Tensor names in the safetensors files a user hands `v2l-run` (`--prompt-embeds`, `--noise`,
+/// `--image-embeds`, a clip as `--reference`) and the server stores.
+pub mod files {
+    pub const PROMPT_EMBEDS: &str = super::text::PROMPT_EMBEDS;
+    pub const NEGATIVE_PROMPT_EMBEDS: &str = "negative_prompt_embeds";
+    pub const IMAGE_EMBEDS: &str = super::image::IMAGE_EMBEDS;
+    /// The initial latents' noise, in the family's layout.
+    pub const INITIAL_NOISE: &str = "initial_noise";
+    /// Fun-InP: the conditioning clip's augmentation noise.
+    pub const INPAINT_NOISE: &str = "inpaint_noise";
+    /// A reference clip `[F, H, W, 3]` uint8.
+    pub const REFERENCE_U8: &str = "reference_u8";
+}

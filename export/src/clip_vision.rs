@@ -11,6 +11,7 @@
 //! then `pre_layrnorm`. Checkpoints saved with or without the `vision_model.` prefix both read.
 
 use serde::Deserialize;
+use v2l_contracts::io::image as image_io;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -89,7 +90,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<ClipVisi
         cfg.num_channels,
     );
     let pixels = g.input(
-        "pixel_values",
+        image_io::PIXEL_VALUES,
         DType::F32,
         vec![
             "batch".into(),
@@ -107,7 +108,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<ClipVisi
     let tokens = (s as usize / p).pow(2) + 1;
     g.output(
         &x,
-        "image_embeds",
+        image_io::IMAGE_EMBEDS,
         DType::F32,
         vec![
             "batch".into(),

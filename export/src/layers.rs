@@ -1,5 +1,6 @@
 //! Building blocks several architectures share, each as diffusers computes it.
 
+use v2l_contracts::io::effect as effect_io;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 /// diffusers' `get_timestep_embedding` (`Timesteps`): `[B]` float timesteps → `[B, dim]`
@@ -126,7 +127,7 @@ pub(crate) fn weight_hypernet_inputs(
     ids: [&str; 2],
 ) -> (Value, Value, Value, Value) {
     let text = g.input(
-        "text",
+        effect_io::TEXT,
         v2l_graphs::DType::F32,
         vec![
             Dim::Fixed(1),
@@ -136,7 +137,7 @@ pub(crate) fn weight_hypernet_inputs(
     );
     let s = Dim::Fixed(side as i64);
     let w = g.input(
-        "base_weight",
+        effect_io::BASE_WEIGHT,
         v2l_graphs::DType::F32,
         vec!["layers".into(), s.clone(), s],
     );

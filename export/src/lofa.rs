@@ -35,6 +35,7 @@
 //! the authors' yaml has them) and `model.safetensors` (its state_dict, upstream key names).
 
 use serde::Deserialize;
+use v2l_contracts::io::effect as effect_io;
 use v2l_graphs::{Attr, DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -180,8 +181,12 @@ pub fn export(ckpt: &Checkpoint, stage: Stage) -> Result<LofaExport> {
         Stage::Two => "lofa_stage2",
     });
     let vb = Scope::new(ckpt);
-    let (text, w, depth, kind) =
-        weight_hypernet_inputs(&mut g, cfg.context_dim, n, ["depth_index", "type_index"]);
+    let (text, w, depth, kind) = weight_hypernet_inputs(
+        &mut g,
+        cfg.context_dim,
+        n,
+        [effect_io::DEPTH_INDEX, effect_io::TYPE_INDEX],
+    );
     let tokens_dims = || {
         vec![
             "layers".into(),
@@ -189,7 +194,7 @@ pub fn export(ckpt: &Checkpoint, stage: Stage) -> Result<LofaExport> {
             Dim::Fixed(d as i64),
         ]
     };
-    let prior = (stage == Stage::Two).then(|| g.input("prior", DType::F32, tokens_dims()));
+    let prior = (stage == Stage::Two).then(|| g.input(effect_io::PRIOR, DType::F32, tokens_dims()));
 
     let mut x = tokens(&mut g, &vb, &cfg, &w, &depth, &kind)?;
     let text = vb.linear(&mut g, &text, "text_proj", cfg.context_dim, d, true)?;
@@ -205,7 +210,7 @@ pub fn export(ckpt: &Checkpoint, stage: Stage) -> Result<LofaExport> {
     }
     let hidden = vb.layer_norm(&mut g, &x, "norm", d, 1e-5, true)?;
     match stage {
-        Stage::One => g.output(&hidden, "hidden", DType::F32, tokens_dims()),
+        Stage::One => g.output(&hidden, effect_io::HIDDEN, DType::F32, tokens_dims()),
         Stage::Two => {
             let h = g.scoped("pool", |g| {
                 g.op(
@@ -230,12 +235,17 @@ pub fn export(ckpt: &Checkpoint, stage: Stage) -> Result<LofaExport> {
             let (rd, nd) = (Dim::Fixed(r as i64), Dim::Fixed(n as i64));
             g.output(
                 &lora_a,
-                "lora_A",
+                effect_io::LORA_A,
                 DType::F32,
                 vec![layers(), rd.clone(), nd.clone()],
             );
-            g.output(&lora_b, "lora_B", DType::F32, vec![layers(), nd, rd]);
-            g.output(&alpha, "alpha", DType::F32, vec![layers()]);
+            g.output(
+                &lora_b,
+                effect_io::LORA_B,
+                DType::F32,
+                vec![layers(), nd, rd],
+            );
+            g.output(&alpha, effect_io::ALPHA, DType::F32, vec![layers()]);
         }
     }
     g.metadata("v2l.architecture", ARCHITECTURE);

@@ -35,6 +35,7 @@
 //! ```
 
 use serde::Deserialize;
+use v2l_contracts::io::effect as effect_io;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -123,8 +124,12 @@ pub fn export(ckpt: &Checkpoint) -> Result<Prompt2EffectExport> {
     let (d, dd, r) = (cfg.hidden_dim, cfg.weight_dim, cfg.rank);
     let mut g = Graph::new("prompt2effect");
     let vb = Scope::new(ckpt);
-    let (text, w, layer_index, module_index) =
-        weight_hypernet_inputs(&mut g, cfg.text_dim, dd, ["layer_index", "module_index"]);
+    let (text, w, layer_index, module_index) = weight_hypernet_inputs(
+        &mut g,
+        cfg.text_dim,
+        dd,
+        [effect_io::LAYER_INDEX, effect_io::MODULE_INDEX],
+    );
 
     let tp = vb.pp("text_proj");
     let ctx = tp.linear(&mut g, &text, "proj", cfg.text_dim, d, true)?;
@@ -179,13 +184,13 @@ pub fn export(ckpt: &Checkpoint) -> Result<Prompt2EffectExport> {
     let (layers, side) = ("layers".into(), Dim::Fixed(dd as i64));
     g.output(
         &lora_a,
-        "lora_A",
+        effect_io::LORA_A,
         DType::F32,
         vec![layers, Dim::Fixed(r as i64), side.clone()],
     );
     g.output(
         &lora_b,
-        "lora_B",
+        effect_io::LORA_B,
         DType::F32,
         vec!["layers".into(), side, Dim::Fixed(r as i64)],
     );

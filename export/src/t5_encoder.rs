@@ -16,6 +16,7 @@
 //! - RMS norm `w · x / √(mean(x²) + ε)` with no mean subtraction and no bias.
 
 use serde::Deserialize;
+use v2l_contracts::io::text as text_io;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -89,7 +90,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<T5Export
     let mut vb = Scope::new(ckpt);
     vb.weight_dtype = weight_dtype;
     let ids = g.input(
-        "input_ids",
+        text_io::INPUT_IDS,
         DType::I64,
         vec!["batch".into(), "tokens".into()],
     );
@@ -148,7 +149,7 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<T5Export
     let x = rms_norm(&mut g, &enc, "final_layer_norm", &x, &cfg)?;
     g.output(
         &x,
-        "prompt_embeds",
+        text_io::PROMPT_EMBEDS,
         DType::F32,
         vec!["batch".into(), "tokens".into(), Dim::Fixed(d as i64)],
     );

@@ -52,6 +52,7 @@
 //! ```
 
 use std::collections::BTreeSet;
+use v2l_contracts::io::hypernet as hypernet_io;
 
 use v2l_graphs::{Attr, DType, Dim, Graph, Value};
 
@@ -256,7 +257,7 @@ pub fn export(ckpt: &Checkpoint, opts: &HypernetOptions) -> Result<HypernetExpor
     let vb = Scope::new(ckpt).pp(PREFIX);
 
     let latents = g.input(
-        "reference_latents",
+        hypernet_io::REFERENCE_LATENTS,
         DType::F32,
         crate::layers::video_dims(c),
     );
@@ -305,7 +306,7 @@ pub fn export(ckpt: &Checkpoint, opts: &HypernetOptions) -> Result<HypernetExpor
 
     g.output(
         &w,
-        "hyper_weights",
+        hypernet_io::HYPER_WEIGHTS,
         DType::F32,
         vec!["batch".into(), Dim::Fixed(n as i64), Dim::Fixed(d as i64)],
     );

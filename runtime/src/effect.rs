@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use v2l_contracts::io::effect as effect_io;
 
 use v2l_contracts::LinearInfo;
 
@@ -192,7 +193,7 @@ impl EffectPredictor {
                 ),
             });
         }
-        if text.as_f32("text")?.iter().any(|v| !v.is_finite()) {
+        if text.as_f32(effect_io::TEXT)?.iter().any(|v| !v.is_finite()) {
             return Err(RuntimeError::Invalid {
                 what: "effect prompt embeddings".into(),
                 message: "contain NaN or infinite values".into(),
@@ -244,7 +245,10 @@ impl EffectPredictor {
             let layer = Tensor::i64(vec![n], part.iter().map(|t| t.layer_index).collect());
             let kind = Tensor::i64(vec![n], part.iter().map(|t| t.module_index).collect());
             let out = self.graphs.run(self.fp16_prior, text, w, layer, kind)?;
-            let (a, b) = (out.0.as_f32("lora_A")?, out.1.as_f32("lora_B")?);
+            let (a, b) = (
+                out.0.as_f32(effect_io::LORA_A)?,
+                out.1.as_f32(effect_io::LORA_B)?,
+            );
             for (i, t) in part.iter().enumerate() {
                 let (ra, rb) = (i * r * d..(i + 1) * r * d, i * d * r..(i + 1) * d * r);
                 let (Some(a), Some(b)) = (a.get(ra), b.get(rb)) else {
@@ -287,30 +291,33 @@ impl Graphs {
         };
         let mut out = match self {
             Graphs::Prompt2Effect(m) => m.run(&BTreeMap::from([
-                ("text".to_string(), text.clone()),
-                ("base_weight".to_string(), w),
-                ("layer_index".to_string(), layer),
-                ("module_index".to_string(), kind),
+                (effect_io::TEXT.to_string(), text.clone()),
+                (effect_io::BASE_WEIGHT.to_string(), w),
+                (effect_io::LAYER_INDEX.to_string(), layer),
+                (effect_io::MODULE_INDEX.to_string(), kind),
             ]))?,
             Graphs::Lofa { stage1, stage2 } => {
                 let mut feed = BTreeMap::from([
-                    ("text".to_string(), text.clone()),
-                    ("base_weight".to_string(), w),
-                    ("depth_index".to_string(), layer),
-                    ("type_index".to_string(), kind),
+                    (effect_io::TEXT.to_string(), text.clone()),
+                    (effect_io::BASE_WEIGHT.to_string(), w),
+                    (effect_io::DEPTH_INDEX.to_string(), layer),
+                    (effect_io::TYPE_INDEX.to_string(), kind),
                 ]);
-                let mut hidden = take(&mut stage1.run(&feed)?, "hidden")?;
+                let mut hidden = take(&mut stage1.run(&feed)?, effect_io::HIDDEN)?;
                 if fp16_prior {
                     if let crate::tensor::Data::F32(v) = &mut hidden.data {
                         v.iter_mut()
                             .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
                     }
                 }
-                feed.insert("prior".to_string(), hidden);
+                feed.insert(effect_io::PRIOR.to_string(), hidden);
                 stage2.run(&feed)?
             }
         };
-        Ok((take(&mut out, "lora_A")?, take(&mut out, "lora_B")?))
+        Ok((
+            take(&mut out, effect_io::LORA_A)?,
+            take(&mut out, effect_io::LORA_B)?,
+        ))
     }
 }
 

@@ -14,6 +14,7 @@
 //! fusing is exact.
 
 use std::time::Instant;
+use v2l_contracts::io::files as files_io;
 use v2l_contracts::io::vae as vae_io;
 
 use crate::engine::Engine;
@@ -353,8 +354,11 @@ impl Pipeline {
             ));
         }
         for (name, t) in [
-            ("prompt_embeds", &req.prompt_embeds),
-            ("negative_prompt_embeds", &req.negative_prompt_embeds),
+            (files_io::PROMPT_EMBEDS, &req.prompt_embeds),
+            (
+                files_io::NEGATIVE_PROMPT_EMBEDS,
+                &req.negative_prompt_embeds,
+            ),
         ] {
             if !matches!(t.shape[..], [1, _, d] if d == dit.text_embed_dim) {
                 return Err(invalid(
@@ -371,7 +375,7 @@ impl Pipeline {
                 Some(e) if matches!(e.shape[..], [1, l, w] if l > 0 && w == d) => {}
                 Some(e) => {
                     return Err(invalid(
-                        "image_embeds",
+                        files_io::IMAGE_EMBEDS,
                         format!("shape {:?}; expected [1, tokens, {d}]", e.shape),
                     ))
                 }
@@ -379,15 +383,18 @@ impl Pipeline {
                 None if encodes => {}
                 None => {
                     return Err(invalid(
-                        "image_embeds",
+                        files_io::IMAGE_EMBEDS,
                         format!("missing: an I2V Wan engine needs the first frame's CLIP tokens [1, tokens, {d}]"),
                     ))
                 }
             }
         }
         for (name, t) in [
-            ("prompt_embeds", &req.prompt_embeds),
-            ("negative_prompt_embeds", &req.negative_prompt_embeds),
+            (files_io::PROMPT_EMBEDS, &req.prompt_embeds),
+            (
+                files_io::NEGATIVE_PROMPT_EMBEDS,
+                &req.negative_prompt_embeds,
+            ),
         ] {
             // Attention over the text grows with its length: bounded like prompt text.
             let max = crate::request::MAX_SEQUENCE_LENGTH;
@@ -397,11 +404,14 @@ impl Pipeline {
             crate::error::check_finite(|| name.to_string(), t.as_f32(name)?)?;
         }
         if let Some(e) = &req.image_embeds {
-            crate::error::check_finite(|| "image_embeds".into(), e.as_f32("image_embeds")?)?;
+            crate::error::check_finite(
+                || files_io::IMAGE_EMBEDS.into(),
+                e.as_f32(files_io::IMAGE_EMBEDS)?,
+            )?;
         }
         if req.prompt_embeds.shape != req.negative_prompt_embeds.shape {
             return Err(invalid(
-                "negative_prompt_embeds",
+                files_io::NEGATIVE_PROMPT_EMBEDS,
                 "must have the shape of prompt_embeds".into(),
             ));
         }

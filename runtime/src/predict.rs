@@ -5,6 +5,7 @@
 //! LiLoRA → a standard LoRA whose layers are the DiT's linears.
 
 use std::path::Path;
+use v2l_contracts::io::hypernet as hypernet_io;
 
 use v2l_contracts::io::vae as vae_io;
 use v2l_contracts::LinearInfo;
@@ -136,12 +137,12 @@ impl Predictor {
             &reference_latents.shape,
         )?;
         let inputs = std::collections::BTreeMap::from([(
-            "reference_latents".to_string(),
+            hypernet_io::REFERENCE_LATENTS.to_string(),
             reference_latents.clone(),
         )]);
         self.hypernet
             .run(&inputs)?
-            .remove("hyper_weights")
+            .remove(hypernet_io::HYPER_WEIGHTS)
             .ok_or_else(|| RuntimeError::Invalid {
                 what: "hypernetwork graph".into(),
                 message: "no `hyper_weights` output".into(),
@@ -183,7 +184,7 @@ impl Predictor {
         let t = std::time::Instant::now();
         let hw = self.hyper_weights(&latents)?;
         let width = hw.shape.last().copied().unwrap_or(0);
-        let rows = hw.as_f32("hyper_weights")?;
+        let rows = hw.as_f32(hypernet_io::HYPER_WEIGHTS)?;
         let rows = rows
             .get(..self.lilora.layers.len() * width)
             .ok_or_else(|| RuntimeError::Invalid {

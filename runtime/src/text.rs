@@ -8,6 +8,7 @@
 //! and pipelines on given prompt embeddings.
 
 use std::collections::BTreeMap;
+use v2l_contracts::io::text as text_io;
 
 use crate::tensor::Tensor;
 
@@ -37,6 +38,6 @@ pub fn encoder_feed(
         });
         feed.insert("attention_mask".to_string(), mask);
     }
-    feed.insert("input_ids".to_string(), ids);
+    feed.insert(text_io::INPUT_IDS.to_string(), ids);
     feed
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+use v2l_contracts::io::files as files_io;
 
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::format::{Lora, LoraFormat};
@@ -415,7 +416,10 @@ impl Worker {
                         Stop::failed("internal", format!("stored `{name}` is missing"))
                     })
                 };
-                (take("prompt_embeds")?, take("negative_prompt_embeds")?)
+                (
+                    take(files_io::PROMPT_EMBEDS)?,
+                    take(files_io::NEGATIVE_PROMPT_EMBEDS)?,
+                )
             }
         };
         timings.insert("prompt".into(), ms(t));

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use v2l_contracts::io::dit as dit_io;
+use v2l_contracts::io::hypernet as hypernet_io;
+use v2l_contracts::io::text as text_io;
 use v2l_contracts::io::vae as vae_io;
 
 use v2l_contracts::family::WanDitConfig;
@@ -50,8 +52,8 @@ impl Stage {
             ],
             Stage::VaeEncode => &[vae_io::VIDEO],
             Stage::VaeDecode => &[vae_io::LATENTS],
-            Stage::Hypernet => &["reference_latents"],
-            Stage::TextEncoder => &["input_ids"],
+            Stage::Hypernet => &[hypernet_io::REFERENCE_LATENTS],
+            Stage::TextEncoder => &[text_io::INPUT_IDS],
         }
     }
 }
@@ -156,7 +158,7 @@ pub fn check_inputs(
                 name: name.to_string(),
             })?;
         // CogVideoX takes int64 timesteps; Wan's flow samplers step at fractional ones.
-        let want_int = (name == dit_io::TIMESTEP && wan.is_none()) || name == "input_ids";
+        let want_int = (name == dit_io::TIMESTEP && wan.is_none()) || name == text_io::INPUT_IDS;
         match (&t.data, want_int) {
             (v2l_runtime::tensor::Data::F32(v), false) => {
                 if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -333,7 +335,7 @@ pub fn check_inputs(
                 .ok_or_else(|| dir.missing("hypernetwork", "hypernet"))?;
             let want = e.dims.feature_dim;
             channels(
-                "reference_latents",
+                hypernet_io::REFERENCE_LATENTS,
                 "[B, C, T, H, W]",
                 want,
                 "the hypernetwork",
@@ -344,11 +346,11 @@ pub fn check_inputs(
                 .text_encoder
                 .as_ref()
                 .ok_or_else(|| dir.missing("text encoder", "text-encoder"))?;
-            let _: [usize; 2] =
-                sized(dims("input_ids"), "[B, L]").map_err(|m| bad("input_ids", m))?;
+            let _: [usize; 2] = sized(dims(text_io::INPUT_IDS), "[B, L]")
+                .map_err(|m| bad(text_io::INPUT_IDS, m))?;
             // Optional (umT5 graphs take one; without it every non-padding token counts).
             if let Some(m) = inputs.get("attention_mask") {
-                let ok = m.shape == dims("input_ids")
+                let ok = m.shape == dims(text_io::INPUT_IDS)
                     && matches!(&m.data, v2l_runtime::tensor::Data::I64(v) if v.iter().all(|&x| x == 0 || x == 1));
                 if !ok {
                     return Err(bad(
@@ -358,7 +360,7 @@ pub fn check_inputs(
                 }
             }
             if let Some(v2l_runtime::tensor::Data::I64(ids)) =
-                inputs.get("input_ids").map(|t| &t.data)
+                inputs.get(text_io::INPUT_IDS).map(|t| &t.data)
             {
                 if let Some((i, id)) = ids
                     .iter()
@@ -366,7 +368,7 @@ pub fn check_inputs(
                     .find(|(_, id)| **id < 0 || **id as u64 >= e.vocab_size as u64)
                 {
                     return Err(bad(
-                        "input_ids",
+                        text_io::INPUT_IDS,
                         format!(
                             "holds {id} at element {i}; token ids are 0..{}",
                             e.vocab_size
@@ -487,9 +489,11 @@ pub fn run_stage(
         Stage::Hypernet => {
             let mut p = v2l_runtime::predict::Predictor::load(dir, opts)?;
             let load_ms = ms(t0);
-            let (hw, times) = timed(runs, || p.hyper_weights(get("reference_latents")?))?;
+            let (hw, times) = timed(runs, || {
+                p.hyper_weights(get(hypernet_io::REFERENCE_LATENTS)?)
+            })?;
             (
-                BTreeMap::from([("hyper_weights".to_string(), hw)]),
+                BTreeMap::from([(hypernet_io::HYPER_WEIGHTS.to_string(), hw)]),
                 load_ms,
                 times,
             )
@@ -506,16 +510,16 @@ pub fn run_stage(
             )?;
             let load_ms = ms(t0);
             let mask = inputs.get("attention_mask").cloned();
-            let feed = v2l_runtime::text::encoder_feed(&m, get("input_ids")?.clone(), mask);
+            let feed = v2l_runtime::text::encoder_feed(&m, get(text_io::INPUT_IDS)?.clone(), mask);
             let (mut out, times) = timed(runs, || m.run(&feed))?;
-            let embeds = out
-                .remove("prompt_embeds")
-                .ok_or_else(|| RuntimeError::Invalid {
-                    what: e.file.clone(),
-                    message: "the text encoder graph has no `prompt_embeds` output".into(),
-                })?;
+            let embeds =
+                out.remove(text_io::PROMPT_EMBEDS)
+                    .ok_or_else(|| RuntimeError::Invalid {
+                        what: e.file.clone(),
+                        message: "the text encoder graph has no `prompt_embeds` output".into(),
+                    })?;
             (
-                BTreeMap::from([("prompt_embeds".to_string(), embeds)]),
+                BTreeMap::from([(text_io::PROMPT_EMBEDS.to_string(), embeds)]),
                 load_ms,
                 times,
             )

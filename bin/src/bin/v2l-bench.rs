@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use v2l_contracts::io::text as text_io;
 
 use clap::{Parser, Subcommand};
 use v2l_cli::bench_fuse::{bench_fuse, FuseBench};
@@ -615,7 +616,7 @@ fn run_t5(
     let ids: Vec<i64> = (0..226).map(|i| (i * 7919 % 32000) as i64).collect();
     let inputs = out.join("ids.safetensors");
     let t = std::collections::BTreeMap::from([(
-        "input_ids".to_string(),
+        text_io::INPUT_IDS.to_string(),
         v2l_runtime::Tensor::i64(vec![1, 226], ids),
     )]);
     v2l_runtime::write_safetensors(&inputs, &t)?;

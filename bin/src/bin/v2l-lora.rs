@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use v2l_contracts::io::hypernet as hypernet_io;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{check_output, main_with, same_file, Failure};
@@ -687,8 +688,11 @@ fn predict(
     format::write(output, &p.lora, format).map_err(RuntimeError::from)?;
     if let Some(d) = dump {
         let m = std::collections::BTreeMap::from([
-            ("reference_latents".to_string(), p.reference_latents),
-            ("hyper_weights".to_string(), p.hyper_weights),
+            (
+                hypernet_io::REFERENCE_LATENTS.to_string(),
+                p.reference_latents,
+            ),
+            (hypernet_io::HYPER_WEIGHTS.to_string(), p.hyper_weights),
         ]);
         v2l_runtime::write_safetensors(d, &m)?;
     }

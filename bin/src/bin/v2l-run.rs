@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use v2l_contracts::io::files as files_io;
+use v2l_contracts::io::hypernet as hypernet_io;
+use v2l_contracts::io::text as text_io;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{check_output, main_with, Failure};
@@ -492,10 +495,10 @@ fn read_clip(path: &std::path::Path) -> Result<v2l_runtime::video::Frames, Failu
     let (height, width) = if path.extension().is_some_and(|e| e == "safetensors") {
         let tensors = read_safetensors(path)?;
         let t = tensors
-            .get("reference_u8")
+            .get(files_io::REFERENCE_U8)
             .ok_or_else(|| RuntimeError::MissingTensor {
                 path: path.into(),
-                name: "reference_u8".into(),
+                name: files_io::REFERENCE_U8.into(),
             })?;
         let f = v2l_runtime::video::Frames::from_u8_tensor(t)
             .map_err(|m| Failure::new(format!("{}: `reference_u8`: {m}", path.display())))?;
@@ -711,7 +714,10 @@ fn generate(
                     })
                 })
             };
-            (get("prompt_embeds")?, get("negative_prompt_embeds")?)
+            (
+                get(files_io::PROMPT_EMBEDS)?,
+                get(files_io::NEGATIVE_PROMPT_EMBEDS)?,
+            )
         }
         (None, None) => return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE")),
     };
@@ -721,12 +727,16 @@ fn generate(
         None => None,
     };
     let image_embeds = match &g.image_embeds {
-        Some(p) => Some(read_safetensors(p)?.remove("image_embeds").ok_or_else(|| {
-            Failure::from(v2l_runtime::RuntimeError::MissingTensor {
-                path: p.clone(),
-                name: "image_embeds".into(),
-            })
-        })?),
+        Some(p) => Some(
+            read_safetensors(p)?
+                .remove(files_io::IMAGE_EMBEDS)
+                .ok_or_else(|| {
+                    Failure::from(v2l_runtime::RuntimeError::MissingTensor {
+                        path: p.clone(),
+                        name: files_io::IMAGE_EMBEDS.into(),
+                    })
+                })?,
+        ),
         None => None,
     };
     let kind = dir.pipeline_kind()?;
@@ -773,13 +783,13 @@ fn generate(
     let (noise, inpaint_noise) = match (&g.noise, g.seed) {
         (Some(p), _) => {
             let mut file = read_safetensors(p)?;
-            let noise = file.remove("initial_noise").ok_or_else(|| {
+            let noise = file.remove(files_io::INITIAL_NOISE).ok_or_else(|| {
                 Failure::from(v2l_runtime::RuntimeError::MissingTensor {
                     path: p.clone(),
-                    name: "initial_noise".into(),
+                    name: files_io::INITIAL_NOISE.into(),
                 })
             })?;
-            (noise, file.remove("inpaint_noise"))
+            (noise, file.remove(files_io::INPAINT_NOISE))
         }
         (None, Some(seed)) => (checked.seeded_noise(&dir, seed)?, None),
         (None, None) => unreachable!("checked above"),
@@ -848,15 +858,15 @@ fn generate(
             m.insert(format!("latents_step{i}"), l.clone());
         }
         if let Some(t) = &gen.reference_latents {
-            m.insert("reference_latents".into(), t.clone());
+            m.insert(hypernet_io::REFERENCE_LATENTS.into(), t.clone());
         }
         if let Some(t) = &gen.hyper_weights {
-            m.insert("hyper_weights".into(), t.clone());
+            m.insert(hypernet_io::HYPER_WEIGHTS.into(), t.clone());
         }
         m.insert("frames".into(), gen.frames.clone());
         if let Some((p, n)) = dumped_prompts {
-            m.insert("prompt_embeds".into(), p);
-            m.insert("negative_prompt_embeds".into(), n);
+            m.insert(files_io::PROMPT_EMBEDS.into(), p);
+            m.insert(files_io::NEGATIVE_PROMPT_EMBEDS.into(), n);
         }
         write_safetensors(d, &m)?;
     }
@@ -939,10 +949,10 @@ fn text_stage(
     let embeds = v2l_runtime::Tensor::concat(&embeds, 0)?;
     let out = std::collections::BTreeMap::from([
         (
-            "input_ids".to_string(),
+            text_io::INPUT_IDS.to_string(),
             v2l_runtime::Tensor::i64(vec![n, len], ids),
         ),
-        ("prompt_embeds".to_string(), embeds),
+        (files_io::PROMPT_EMBEDS.to_string(), embeds),
     ]);
     write_safetensors(output, &out)?;
     for (name, t) in &out {

@@ -15,6 +15,7 @@ use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
+use v2l_contracts::io::files as files_io;
 
 use super::LatentShape;
 
@@ -57,15 +58,15 @@ fn augmentation(
         (Some(t), _) => {
             if t.shape != shape {
                 return Err(RuntimeError::Invalid {
-                    what: "inpaint_noise".into(),
+                    what: files_io::INPAINT_NOISE.into(),
                     message: format!(
                         "shape {:?}; expected {shape:?} (the conditioning clip)",
                         t.shape
                     ),
                 });
             }
-            let v = t.as_f32("inpaint_noise")?;
-            crate::error::check_finite(|| "inpaint_noise".into(), v)?;
+            let v = t.as_f32(files_io::INPAINT_NOISE)?;
+            crate::error::check_finite(|| files_io::INPAINT_NOISE.into(), v)?;
             Ok(v.to_vec())
         }
         (None, Some(seed)) => {
@@ -83,7 +84,7 @@ fn augmentation(
                 .collect())
         }
         (None, None) => Err(RuntimeError::Invalid {
-            what: "inpaint_noise".into(),
+            what: files_io::INPAINT_NOISE.into(),
             message: "this CogVideoX-Fun-InP model adds noise to its conditioning clip \
                       (`add_noise_in_inpaint_model`): give the request a seed or the noise"
                 .into(),

@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Instant;
+use v2l_contracts::io::image as image_io;
 
 use v2l_contracts::family::WanDitConfig;
 
@@ -124,10 +125,10 @@ impl ImageEncoder {
         let pixels = self
             .preprocess
             .apply(&image.rgb, image.height, image.width)?;
-        let feed = BTreeMap::from([("pixel_values".to_string(), pixels)]);
+        let feed = BTreeMap::from([(image_io::PIXEL_VALUES.to_string(), pixels)]);
         self.model
             .run(&feed)?
-            .remove("image_embeds")
+            .remove(image_io::IMAGE_EMBEDS)
             .ok_or_else(|| RuntimeError::Invalid {
                 what: "image encoder".into(),
                 message: "the graph has no `image_embeds` output".into(),
@@ -243,7 +244,7 @@ fn lane(
     inputs.insert(io::ENCODER_HIDDEN_STATES.to_string(), guidance.text(req)?);
     if w.image_dim.is_some() {
         let embeds = image_embeds.ok_or_else(|| RuntimeError::Invalid {
-            what: "image_embeds".into(),
+            what: image_io::IMAGE_EMBEDS.into(),
             message: "an I2V Wan DiT needs the first frame's CLIP image tokens".into(),
         })?;
         inputs.insert(

@@ -3,6 +3,7 @@
 //! popular prompt twice nor grow without bound on distinct ones.
 
 use std::collections::HashMap;
+use v2l_contracts::io::text as text_io;
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
@@ -183,7 +184,7 @@ impl PromptEncoder {
         let mut embeds = self
             .model
             .run(&feed)?
-            .remove("prompt_embeds")
+            .remove(text_io::PROMPT_EMBEDS)
             .ok_or_else(|| RuntimeError::Invalid {
                 what: "text encoder".into(),
                 message: "the graph has no `prompt_embeds` output".into(),

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use v2l_contracts::io::files as files_io;
 
 use super::Frames;
 use crate::error::{Result, RuntimeError};
@@ -65,10 +66,10 @@ fn is_safetensors_path(path: &Path) -> bool {
 fn reference_tensor(path: &Path, max_frames: usize) -> Result<Frames> {
     let t = crate::tensor::read_safetensors(path)?;
     let r = t
-        .get("reference_u8")
+        .get(files_io::REFERENCE_U8)
         .ok_or_else(|| RuntimeError::MissingTensor {
             path: path.into(),
-            name: "reference_u8".into(),
+            name: files_io::REFERENCE_U8.into(),
         })?;
     let mut f = Frames::from_u8_tensor(r).map_err(|m| bad(path, format!("`reference_u8`: {m}")))?;
     f.truncate(max_frames);
