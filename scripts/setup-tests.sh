@@ -24,36 +24,29 @@ fi
 # The packaging tools of scripts/build-wheel.sh (.v2l/build), so the wheel tests build offline.
 bash scripts/build-wheel.sh --tools-only
 
+# A venv (.v2l/py) for the Python tools some tests run; none of it is needed by the product.
+# py_install NAME SPEC CHECK installs SPEC unless the Python code CHECK succeeds there already.
+py_install() {
+  local name="$1" spec="$2" check="$3"
+  [ -x .v2l/py/bin/python ] || python3 -m venv .v2l/py
+  if .v2l/py/bin/python -c "$check" 2>/dev/null; then
+    echo "setup-tests: $name present in .v2l/py"
+  else
+    echo "setup-tests: installing $spec into .v2l/py"
+    .v2l/py/bin/python -m pip install --quiet "$spec"
+  fi
+}
 # The onnx checker, for the one test that validates every written graph with
-# onnx.checker.check_model(full_check=True). The product itself needs no Python.
-ONNX_VERSION="${V2L_ONNX_VERSION:-1.23.2}"
-if [ -x .v2l/py/bin/python ] && .v2l/py/bin/python -c "import onnx" 2>/dev/null; then
-  echo "setup-tests: onnx checker present in .v2l/py"
-else
-  echo "setup-tests: installing onnx==$ONNX_VERSION into .v2l/py (test-only)"
-  python3 -m venv .v2l/py
-  .v2l/py/bin/python -m pip install --quiet "onnx==$ONNX_VERSION"
-fi
-
-# Ray Serve, for the one test of the Python package's Ray Serve deployment (test-only: the
-# product and its Python binding need no third-party package).
-RAY_VERSION="${V2L_RAY_VERSION:-2.60.0}"
-if .v2l/py/bin/python -c "import ray.serve" 2>/dev/null; then
-  echo "setup-tests: ray[serve] present in .v2l/py"
-else
-  echo "setup-tests: installing ray[serve]==$RAY_VERSION into .v2l/py (test-only)"
-  .v2l/py/bin/python -m pip install --quiet "ray[serve]==$RAY_VERSION"
-fi
-
+# onnx.checker.check_model(full_check=True).
+py_install onnx "onnx==${V2L_ONNX_VERSION:-1.23.2}" "import onnx"
+# Ray Serve, for the one test of the Python package's Ray Serve deployment (the Python binding
+# itself needs no third-party package).
+py_install "ray[serve]" "ray[serve]==${V2L_RAY_VERSION:-2.60.0}" "import ray.serve"
 # Schemathesis, the property-based API tester: the test suite runs it against a live v2l-serve
-# (bin/tests/schemathesis.rs), with and without a token (test-only).
+# (bin/tests/schemathesis.rs), with and without a token.
 SCHEMATHESIS_VERSION="${V2L_SCHEMATHESIS_VERSION:-4.32.5}"
-if .v2l/py/bin/python -c "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$SCHEMATHESIS_VERSION')" 2>/dev/null; then
-  echo "setup-tests: schemathesis present in .v2l/py"
-else
-  echo "setup-tests: installing schemathesis==$SCHEMATHESIS_VERSION into .v2l/py (test-only)"
-  .v2l/py/bin/python -m pip install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
-fi
+py_install schemathesis "schemathesis==$SCHEMATHESIS_VERSION" \
+  "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$SCHEMATHESIS_VERSION')"
 
 # valgrind and a C compiler: the C ABI tests build examples/c and run it under valgrind.
 # GNU time (/usr/bin/time): the server tests measure the decoder's peak RSS with it.
