@@ -104,7 +104,7 @@ fn out_of_vocabulary_ids_are_refused_by_name() {
         d_model: 32,
         vocab_size: ex.config.vocab_size,
         tokenizer: String::new(),
-        weight_dtype: "f32".into(),
+        weight_dtype: v2l_graphs::DType::F32,
         config: ck.raw_config().unwrap().clone(),
     });
     manifest.write(&out).unwrap();

@@ -49,7 +49,7 @@ fn export_engine(dir: &Path, transformer: &str, clip: bool) -> Engine {
             model_type: ex.config.model_type.clone(),
             hidden_size: ex.config.hidden_size,
             image_size: ex.config.image_size,
-            weight_dtype: "f32".into(),
+            weight_dtype: v2l_graphs::DType::F32,
             preprocessor: "preprocessor_config.json".into(),
             config: ck.raw_config().unwrap().clone(),
         }

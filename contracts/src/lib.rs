@@ -24,6 +24,7 @@
 
 pub mod atomic;
 pub mod bundle;
+pub mod dtype;
 pub mod family;
 pub mod frame_batch;
 pub mod input;

@@ -74,7 +74,7 @@ pub struct TextEncoderEntry {
     pub tokenizer: String,
     /// Storage type of the weights in the graph (it computes in f32).
     #[serde(default = "f32_name")]
-    pub weight_dtype: String,
+    pub weight_dtype: crate::dtype::DType,
     /// The `config.json` the graph was built from, verbatim.
     pub config: serde_json::Value,
 }
@@ -89,7 +89,7 @@ pub struct ImageEncoderEntry {
     pub hidden_size: usize,
     pub image_size: usize,
     #[serde(default = "f32_name")]
-    pub weight_dtype: String,
+    pub weight_dtype: crate::dtype::DType,
     /// The `CLIPImageProcessor` `preprocessor_config.json` copied from the pipeline's
     /// `image_processor/` (empty: CLIP's defaults at `image_size`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -98,8 +98,8 @@ pub struct ImageEncoderEntry {
     pub config: serde_json::Value,
 }
 
-fn f32_name() -> String {
-    "f32".into()
+fn f32_name() -> crate::dtype::DType {
+    crate::dtype::DType::F32
 }
 
 /// The exported Video2LoRA hypernetwork and the LiLoRA auxiliaries that turn its rows into LoRAs.
@@ -243,7 +243,7 @@ pub struct DitEntry {
     pub file: String,
     pub class_name: String,
     /// Storage type of the weights in the graph (the graph computes in f32).
-    pub weight_dtype: String,
+    pub weight_dtype: crate::dtype::DType,
     pub patch_size: usize,
     pub attention_head_dim: usize,
     pub in_channels: usize,

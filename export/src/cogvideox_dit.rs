@@ -488,7 +488,7 @@ impl DitExport {
         crate::manifest::DitEntry {
             file: file.into(),
             class_name: CLASS_NAME.into(),
-            weight_dtype: weight_dtype.to_string(),
+            weight_dtype,
             patch_size: self.config.patch_size,
             attention_head_dim: self.config.attention_head_dim,
             in_channels: self.config.in_channels,

@@ -158,7 +158,7 @@ pub fn text_encoder(
         d_model: ex.config.d_model,
         vocab_size: ex.config.vocab_size,
         tokenizer: tokenizer_dir,
-        weight_dtype: weight_dtype.name().into(),
+        weight_dtype,
         config: ck.raw_config()?.clone(),
     });
     manifest.write(&out.output)?;
@@ -208,7 +208,7 @@ pub fn image_encoder(checkpoint: &Path, out: &Output, weight_dtype: DType) -> Re
         model_type: ex.config.model_type.clone(),
         hidden_size: ex.config.hidden_size,
         image_size: ex.config.image_size,
-        weight_dtype: weight_dtype.name().into(),
+        weight_dtype,
         preprocessor,
         config: ck.raw_config()?.clone(),
     });

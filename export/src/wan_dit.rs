@@ -502,7 +502,7 @@ impl WanDitExport {
         crate::manifest::DitEntry {
             file: file.into(),
             class_name: CLASS_NAME.into(),
-            weight_dtype: weight_dtype.to_string(),
+            weight_dtype,
             patch_size: self.config.patch().1,
             attention_head_dim: self.config.attention_head_dim,
             in_channels: self.config.in_channels,

@@ -132,7 +132,7 @@ impl Engine {
             .manifest
             .dit
             .as_ref()
-            .is_some_and(|d| stored_below_f32(&d.weight_dtype));
+            .is_some_and(|d| stored_below_f32(d.weight_dtype));
         use crate::backend::Precision;
         // An fp16/bf16 engine on the CPU widens its low weights per use (emulated graph).
         let low = matches!(self.precision(), Precision::Fp16 | Precision::Bf16);
@@ -220,7 +220,7 @@ impl Engine {
             .manifest
             .text_encoder
             .as_ref()
-            .is_some_and(|t| stored_below_f32(&t.weight_dtype));
+            .is_some_and(|t| stored_below_f32(t.weight_dtype));
         SessionOptions {
             keep_weight_casts: opts.keep_weight_casts || low,
             ..opts.clone()
@@ -437,8 +437,8 @@ impl Engine {
 
 /// Whether an exported graph stores its weights below f32 (its manifest `weight_dtype`): such
 /// weights reach their layers through a Cast each.
-fn stored_below_f32(weight_dtype: &str) -> bool {
-    weight_dtype != v2l_graphs::DType::F32.name()
+fn stored_below_f32(weight_dtype: v2l_graphs::DType) -> bool {
+    weight_dtype != v2l_graphs::DType::F32
 }
 
 #[cfg(test)]

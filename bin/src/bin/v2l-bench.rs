@@ -609,7 +609,7 @@ fn run_t5(
         d_model: 4096,
         vocab_size: 32128,
         tokenizer: String::new(),
-        weight_dtype: DType::BF16.name().into(),
+        weight_dtype: DType::BF16,
         config: ck.raw_config()?.clone(),
     });
     m.write(out)?;
