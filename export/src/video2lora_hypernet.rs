@@ -683,7 +683,7 @@ pub fn checkpoint_layout(dims: &HypernetDims) -> Vec<(String, Vec<usize>)> {
             ("readout", vec![2 * h, c, t, gh, gw]),
             ("row_proj", vec![n * d, 2 * h]),
         ] {
-            let bias = vec![shape[0]];
+            let bias: Vec<usize> = shape.iter().take(1).copied().collect();
             out.push((key(&format!("context_encoder.{name}.weight")), shape));
             out.push((key(&format!("context_encoder.{name}.bias")), bias));
         }

@@ -28,15 +28,15 @@ pub fn document(d: &Described) -> Value {
         let mut v = json!({"type": "integer", "minimum": facts.multiple, "multipleOf": facts.multiple,
             "maximum": (limits.pixels / facts.multiple.max(1)) / facts.multiple.max(1) * facts.multiple.max(1),
             "description": format!("A multiple of {} (8 × the DiT's patch size); height × width at most {} (--max-pixels).", facts.multiple, limits.pixels)});
-        if let Some(x) = default {
-            v["default"] = json!(x);
+        if let (Some(x), Some(o)) = (default, v.as_object_mut()) {
+            o.insert("default".into(), json!(x));
         }
         v
     };
     let mut frames = json!({"type": "integer", "minimum": 1, "maximum": limits.frames,
         "description": format!("1 + 4k, at most {} (--max-frames).", limits.frames)});
-    if let Some(f) = facts.default_frames {
-        frames["default"] = json!(f);
+    if let (Some(f), Some(o)) = (facts.default_frames, frames.as_object_mut()) {
+        o.insert("default".into(), json!(f));
     }
     let steps = json!({"type": "integer", "minimum": 1, "maximum": limits.steps.min(facts.scheduler_steps), "default": 50});
     let bad = error_response("A bad field: `error.field` names it.");
@@ -149,26 +149,37 @@ pub fn document(d: &Described) -> Value {
     });
     if !facts.pipeline.takes_image() {
         // A text-to-video engine (Wan T2V) takes no first frame, and refuses one.
-        let form = &mut doc["components"]["schemas"]["VideoForm"];
-        form["required"] = json!([]);
-        if let Some(props) = form["properties"].as_object_mut() {
-            props.remove("image");
+        let form = doc
+            .pointer_mut("/components/schemas/VideoForm")
+            .and_then(|f| f.as_object_mut());
+        if let Some(form) = form {
+            form.insert("required".into(), json!([]));
+            if let Some(props) = form.get_mut("properties").and_then(|p| p.as_object_mut()) {
+                props.remove("image");
+            }
         }
     }
     if d.token {
         // Only `/v1/*` is guarded; probes, metrics and this document stay open.
         let unauthorized = error_response("No or a wrong `Authorization: Bearer <token>`.");
-        doc["components"]["securitySchemes"] =
-            json!({"bearer": {"type": "http", "scheme": "bearer"}});
-        if let Some(paths) = doc["paths"].as_object_mut() {
+        if let Some(c) = doc.get_mut("components").and_then(|c| c.as_object_mut()) {
+            c.insert(
+                "securitySchemes".into(),
+                json!({"bearer": {"type": "http", "scheme": "bearer"}}),
+            );
+        }
+        if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
             for (path, ops) in paths.iter_mut() {
                 let Some(ops) = ops.as_object_mut() else {
                     continue;
                 };
-                for op in ops.values_mut() {
+                for op in ops.values_mut().filter_map(|o| o.as_object_mut()) {
                     if path.starts_with("/v1/") {
-                        op["security"] = json!([{"bearer": []}]);
-                        op["responses"]["401"] = unauthorized.clone();
+                        op.insert("security".into(), json!([{"bearer": []}]));
+                        let responses = op.get_mut("responses").and_then(|r| r.as_object_mut());
+                        if let Some(r) = responses {
+                            r.insert("401".into(), unauthorized.clone());
+                        }
                     }
                 }
             }

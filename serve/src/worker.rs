@@ -116,8 +116,9 @@ impl Worker {
     /// steps and prompt length), and up to N run as one batch.
     pub fn run(mut self) {
         while let Some(first) = self.shared.jobs.next() {
+            let key = self.batchable(&first.0);
             let mut batch = vec![first];
-            if let Some(key) = self.batchable(&batch[0].0) {
+            if let Some(key) = key {
                 let deadline = Instant::now() + self.shared.config.batch_wait;
                 while batch.len() < self.shared.config.batch && Instant::now() < deadline {
                     let store = &self.shared.jobs.store;
