@@ -1,6 +1,7 @@
 //! End to end against diffusers' `CogVideoXImageToVideoPipeline` on the tiny model (fixture
 //! `e2e_io`): export, compile, then generate without and with the Video2LoRA reference.
 
+use crate::common::tolerance::{EFFECT_REL_L2, F32_REL_L2, FRAMES_MAE, STEPS_REL_L2};
 use std::path::Path;
 use std::process::Command;
 
@@ -63,12 +64,12 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     assert_eq!(steps_seen, 4);
     for (i, l) in base.latents_steps.iter().enumerate() {
         let err = l.rel_l2(&io[&format!("base_latents_step{i}")]);
-        eprintln!("base latents step {i}: relative L2 {err:.3e} (bound 1e-3)");
-        assert!(err <= 1e-3);
+        eprintln!("base latents step {i}: relative L2 {err:.3e} (bound {STEPS_REL_L2:e})");
+        assert!(err <= STEPS_REL_L2);
     }
     let m = mae(&base.frames, &io["base_frames"]);
-    eprintln!("base frames: mean absolute error {m:.3e} (bound 2e-3)");
-    assert!(m <= 2e-3);
+    eprintln!("base frames: mean absolute error {m:.3e} (bound {FRAMES_MAE:e})");
+    assert!(m <= FRAMES_MAE);
 
     req.lora = RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0);
     let lora = p.generate(&req, &mut |_, _| true).unwrap();
@@ -79,17 +80,17 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
             lora.reference_latents.as_ref()
         };
         let err = got.unwrap().rel_l2(&io[name]);
-        eprintln!("{name}: relative L2 {err:.3e} (bound 1e-4)");
-        assert!(err <= 1e-4);
+        eprintln!("{name}: relative L2 {err:.3e} (bound {F32_REL_L2:e})");
+        assert!(err <= F32_REL_L2);
     }
     for (i, l) in lora.latents_steps.iter().enumerate() {
         let err = l.rel_l2(&io[&format!("lilora_latents_step{i}")]);
-        eprintln!("lilora latents step {i}: relative L2 {err:.3e} (bound 1e-3)");
-        assert!(err <= 1e-3);
+        eprintln!("lilora latents step {i}: relative L2 {err:.3e} (bound {STEPS_REL_L2:e})");
+        assert!(err <= STEPS_REL_L2);
     }
     let m = mae(&lora.frames, &io["lilora_frames"]);
-    eprintln!("lilora frames: mean absolute error {m:.3e} (bound 2e-3)");
-    assert!(m <= 2e-3);
+    eprintln!("lilora frames: mean absolute error {m:.3e} (bound {FRAMES_MAE:e})");
+    assert!(m <= FRAMES_MAE);
 
     // The reference's LoRA was for that request only: base -> reference -> base is the base,
     // bitwise, for every LoRA strategy; so is a reference request cancelled half-way.
@@ -324,7 +325,10 @@ fn lora_strategies_agree_and_switching_is_exact() {
             lx == lx2 && fx == fx2,
             "{strategy:?}: X -> Y -> X output differs"
         );
-        assert!(lx.rel_l2(&ly) > 1e-3, "{strategy:?}: Y had no effect");
+        assert!(
+            lx.rel_l2(&ly) > EFFECT_REL_L2,
+            "{strategy:?}: Y had no effect"
+        );
 
         // The same LoRAs chosen per request: Y alone is what set_lora(Y) gave, bitwise, and the
         // pipeline's own X is back afterwards; X and Y merged with X at weight 0 is Y alone (the
@@ -372,7 +376,10 @@ fn lora_strategies_agree_and_switching_is_exact() {
             per_request(&mut p, RequestLora::Loras(vec![half.clone(), half])),
         );
         let base = per_request(&mut p, RequestLora::Base);
-        assert!(base.rel_l2(&lx) > 1e-3, "{strategy:?}: Base still had X");
+        assert!(
+            base.rel_l2(&lx) > EFFECT_REL_L2,
+            "{strategy:?}: Base still had X"
+        );
         assert!(
             per_request(&mut p, RequestLora::Resident) == lx,
             "{strategy:?}"
@@ -622,7 +629,10 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
             "{strategy:?}: {precision} vs f32 generation with LoRA Y, latents after 2 steps at guidance 6: {:.3e}",
             y8.rel_l2(&y32)
         );
-        assert!(y8.rel_l2(&base8) > 1e-3, "{strategy:?}: Y had no effect");
+        assert!(
+            y8.rel_l2(&base8) > EFFECT_REL_L2,
+            "{strategy:?}: Y had no effect"
+        );
         p.set_lora(Some(&x)).unwrap();
         let x8 = run(&mut p);
         p.set_lora(Some(&y)).unwrap();
@@ -693,7 +703,7 @@ fn prompt_text_generation_matches_the_stock_pipeline() {
     }
     let m = mae(&got["frames"], &want["frames"]);
     eprintln!("frames from prompt text: MAE {m:.3e}");
-    assert!(m <= 2e-3, "{m}");
+    assert!(m <= FRAMES_MAE, "{m}");
 
     // stage text: ids exact, embeddings within 1e-5, at 8 and 226 tokens.
     let prompts: serde_json::Value =
@@ -825,7 +835,7 @@ fn effect_loras_switch_exactly() {
             "{strategy:?}: X -> Y -> X output differs"
         );
         assert!(
-            lx.rel_l2(&ly) > 1e-3,
+            lx.rel_l2(&ly) > EFFECT_REL_L2,
             "{strategy:?}: the two effects are alike"
         );
     }

@@ -130,3 +130,20 @@ pub fn wan_t2v_request(
         seed: None,
     }
 }
+
+/// The parity tests' bounds, named for what they bound and why they are what they are.
+pub mod tolerance {
+    /// A graph or stage in float32 against upstream's output (relative L2): the project's bound.
+    pub const F32_REL_L2: f64 = 1e-4;
+    /// Latents after several denoising steps against upstream's (relative L2): each step's
+    /// 1e-6-level graph differences are carried and amplified by the following steps.
+    pub const STEPS_REL_L2: f64 = 1e-3;
+    /// Decoded frames against upstream's (mean absolute error on [0, 1] values): under one
+    /// 8-bit level (1/255 = 3.9e-3), so the written video is the same to within rounding.
+    pub const FRAMES_MAE: f64 = 2e-3;
+    /// A reference clip decoded by ffmpeg against upstream's OpenCV decode and PIL resize
+    /// (relative L2 of what it encodes to): the two YUV → RGB conversions differ slightly.
+    pub const DECODE_REL_L2: f64 = 5e-3;
+    /// Below this relative L2 a LoRA, or a switch between two, had no effect.
+    pub const EFFECT_REL_L2: f64 = 1e-3;
+}
