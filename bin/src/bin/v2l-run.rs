@@ -750,7 +750,7 @@ fn generate(
         Some(r) => {
             let clip = video::read_reference(r, kind, height, width)?;
             v2l_runtime::predict::check_reference(&clip, &r.display().to_string())?;
-            RequestLora::Reference(clip, g.lora_scale)
+            RequestLora::Reference(clip, checked.lora_scale)
         }
         None if g.effects.any() => {
             let effects = g.effects.effects()?;
@@ -822,8 +822,8 @@ fn generate(
         prompt_embeds,
         negative_prompt_embeds,
         frames,
-        steps: g.steps,
-        guidance: g.guidance,
+        steps: checked.steps,
+        guidance: checked.guidance,
         noise,
         lora,
         sampler: g.scheduler,
@@ -880,7 +880,7 @@ fn generate(
             "{}",
             serde_json::json!({
                 "output": output, "contact_sheet": sheet, "dump": g.dump,
-                "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": g.steps,
+                "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": checked.steps,
                 "lora": gen.lora.as_ref().map(|l| l.layers.len()),
                 "stages_ms": stages.ms, "wall_ms": t0.elapsed().as_secs_f64() * 1e3,
                 "stage_peak_rss_mb": stages.peak_rss_mb,
