@@ -287,6 +287,9 @@ pub fn file_entry(dir: &Path, name: &str) -> Result<BundleFile> {
     })
 }
 
+/// What a part whose size or hash differs from its record is told.
+const PART_MISMATCH: &str = "does not match the engine bundle it belongs to (modified or from another model); compile again";
+
 /// Reads and checks `dir/bundle.json`: format version, then every file's size and hash.
 /// `Ok(None)` for a plain export directory (no bundle).
 pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
@@ -324,11 +327,9 @@ pub fn verify(dir: &Path) -> Result<Option<Bundle>> {
                 )));
             }
         }
-        let mismatch = || {
-            BundleError::BadFile {
+        let mismatch = || BundleError::BadFile {
             path: p.clone(),
-            message: "does not match the engine bundle it belongs to (modified or from another model); compile again".into(),
-        }
+            message: PART_MISMATCH.into(),
         };
         // The record's size bounds the hash: a part of another length is refused from its
         // metadata, before a byte of it is read.
