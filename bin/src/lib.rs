@@ -9,16 +9,6 @@ use std::fmt::Display;
 use std::process::ExitCode;
 use v2l_contracts::io::files as files_io;
 
-pub mod bench_attention;
-pub mod bench_common;
-pub mod bench_e2e;
-pub mod bench_fuse;
-pub mod bench_gpu;
-pub mod bench_hypernet;
-pub mod bench_lora_batch;
-pub mod bench_pipeline;
-pub mod bench_scale;
-pub mod bench_serve;
 pub mod fuse_checkpoint;
 
 /// A failure as shown to the user: the message and an optional fix.

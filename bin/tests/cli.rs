@@ -16,7 +16,6 @@ fn run(bin: &str, args: &[&str]) -> Output {
         "v2l-run" => env!("CARGO_BIN_EXE_v2l-run"),
         "v2l-lora" => env!("CARGO_BIN_EXE_v2l-lora"),
         "v2l-compile" => env!("CARGO_BIN_EXE_v2l-compile"),
-        "v2l-bench" => env!("CARGO_BIN_EXE_v2l-bench"),
         "v2l-serve" => env!("CARGO_BIN_EXE_v2l-serve"),
         _ => unreachable!(),
     };
@@ -135,7 +134,7 @@ fn export_dit_writes_graph_and_manifest() {
 /// the command-line interface shows up in review.
 #[test]
 fn every_help_has_an_example_and_is_stable() {
-    let commands: [(&str, &[&str]); 6] = [
+    let commands: [(&str, &[&str]); 5] = [
         (
             "v2l-export",
             &[
@@ -154,12 +153,6 @@ fn every_help_has_an_example_and_is_stable() {
         (
             "v2l-lora",
             &["inspect", "convert", "merge", "predict", "fuse"],
-        ),
-        (
-            "v2l-bench",
-            &[
-                "pipeline", "export", "scale", "fuse", "serve", "hypernet", "e2e",
-            ],
         ),
         ("v2l-serve", &[]),
     ];

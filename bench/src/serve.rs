@@ -23,7 +23,7 @@ use v2l_runtime::pipeline::Pipeline;
 use v2l_runtime::video::Frames;
 use v2l_serve::client::{Client, Form};
 
-use crate::bench_pipeline::{stats, time};
+use crate::pipeline::{stats, time};
 use crate::Failure;
 
 /// `v2l-bench serve`'s options (its clap arguments).

@@ -17,17 +17,17 @@ use v2l_export::{cogvideox_dit, synthetic, t5_encoder, video2lora_hypernet};
 use v2l_graphs::DType;
 use v2l_runtime::read_safetensors;
 
-use crate::bench_scale::{cogvideox_5b_config, run_measured, run_process, sibling, ProcRun};
+use crate::scale::{cogvideox_5b_config, run_measured, run_process, sibling, ProcRun};
 use crate::Failure;
 
 /// The diffusers side, written beside the cached pipeline.
-const DIFFUSERS_SCRIPT: &str = include_str!("bench_e2e/diffusers_e2e.py");
+const DIFFUSERS_SCRIPT: &str = include_str!("e2e/diffusers_e2e.py");
 /// VideoX-Fun's side for `cogvideox-fun-5b-inp`.
-const VIDEOX_FUN_SCRIPT: &str = include_str!("bench_e2e/videox_fun_e2e.py");
+const VIDEOX_FUN_SCRIPT: &str = include_str!("e2e/videox_fun_e2e.py");
 /// The stage timer both baselines import.
-const STAGES_SCRIPT: &str = include_str!("bench_e2e/stages.py");
+const STAGES_SCRIPT: &str = include_str!("e2e/stages.py");
 /// The real-width VAE is made by diffusers itself (`make-vae`).
-const TORCH_SCRIPT: &str = include_str!("bench_scale/torch_baseline.py");
+const TORCH_SCRIPT: &str = include_str!("scale/torch_baseline.py");
 /// The prompt both sides encode.
 const PROMPT: &str = "a red ball rolls across a wooden table while the camera pans slowly left";
 /// Which generator made a cached directory; bump when what it writes changes.
@@ -544,7 +544,7 @@ pub fn bench_e2e(b: &E2eBench) -> Result<(), Failure> {
         }
         log(&format!("v2l-run ({tag})"));
         let r = run_measured(&mut c)?;
-        let j = crate::bench_scale::last_json(&r.stdout)?;
+        let j = crate::scale::last_json(&r.stdout)?;
         Ok((r, j))
     };
     let (with, with_json) = run(true)?;
@@ -575,7 +575,7 @@ pub fn bench_e2e(b: &E2eBench) -> Result<(), Failure> {
         "v2l_dit_steps_s": with_json["dit_steps_ms"].as_array().map(|v| {
             v.iter().map(|ms| ms.as_f64().unwrap_or(f64::NAN) / 1e3).collect::<Vec<_>>()
         }),
-        "cpu": crate::bench_common::cpu_facts(),
+        "cpu": crate::common::cpu_facts(),
         "threads": b.threads,
         "config": {"frames": b.frames, "height": b.height, "width": b.width, "steps": b.steps,
                    "guidance": b.guidance, "precision": b.precision, "prompt": PROMPT},
@@ -687,7 +687,7 @@ impl Baseline<'_> {
                 format!("{how} (the peak is the kernel's figure for the process)").into();
             return Ok((entry, false));
         }
-        let j = crate::bench_scale::last_json(&r.stdout)?;
+        let j = crate::scale::last_json(&r.stdout)?;
         for key in std::iter::once("stages").chain(extra.iter().copied()) {
             entry[key] = j[key].clone();
         }
@@ -745,7 +745,7 @@ fn videox_fun_side(
 fn print_table(r: &serde_json::Value) {
     println!(
         "{}",
-        crate::bench_common::cpu_line(&r["cpu"], r["threads"].as_u64().unwrap_or(0) as usize)
+        crate::common::cpu_line(&r["cpu"], r["threads"].as_u64().unwrap_or(0) as usize)
     );
     println!("{:<22} {:>10} {:>14}", "stage", "wall s", "peak RSS MB");
     if let Some(stages) = r["stages"].as_object() {

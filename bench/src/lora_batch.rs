@@ -18,8 +18,8 @@ use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::{DitRunner, Strategy};
 use v2l_runtime::Tensor;
 
-use crate::bench_common::{cpu_facts, cpu_line, generated_lora, median_ms};
-use crate::bench_pipeline::stats;
+use crate::common::{cpu_facts, cpu_line, generated_lora, median_ms};
+use crate::pipeline::stats;
 use crate::Failure;
 
 /// `v2l-bench lora-batch`'s options.
@@ -84,7 +84,7 @@ pub fn bench_lora_batch(b: &LoraBatchBench) -> Result<(), Failure> {
             eprintln!("{m}");
         }
     };
-    let scale = crate::bench_scale::ScaleBench {
+    let scale = crate::scale::ScaleBench {
         layers: 1,
         precision: "fp32".into(),
         attention: None,
@@ -97,9 +97,9 @@ pub fn bench_lora_batch(b: &LoraBatchBench) -> Result<(), Failure> {
         json: b.json,
         vae_cases: vec![],
     };
-    let (_, engine_dir, _) = crate::bench_scale::prepare(&scale, &log)?;
+    let (_, engine_dir, _) = crate::scale::prepare(&scale, &log)?;
     let engine = Engine::open(&engine_dir)?;
-    let config = crate::bench_scale::cogvideox_5b_config(1)?;
+    let config = crate::scale::cogvideox_5b_config(1)?;
     let feed = v2l_compile::accuracy::dit_sample_inputs(&config, frames, height, width, 226)?;
     let b4 = repeat_batch(&feed, 2)?;
     let b2 = repeat_batch(&feed, 1)?;

@@ -12,7 +12,7 @@ use v2l_graphs::{passes, read_model, save, write_model, ExternalData};
 use v2l_runtime::attention::{attend, Kernel, Qkv, Shape};
 use v2l_runtime::{Model, SessionOptions, Tensor};
 
-use crate::bench_common::{cpu_facts, cpu_line, median_ms};
+use crate::common::{cpu_facts, cpu_line, median_ms};
 use crate::Failure;
 
 const HEADS: usize = 48;

@@ -224,16 +224,16 @@ fn run_on_gpu(b: &GpuBench, cases: &[Case]) -> Result<(), Failure> {
         let rel = a.frames.rel_l2(&g.frames);
         let loras = predicted_loras(&mut gpu_p, &req, 4)?;
         let (_, dit_step_ms) =
-            crate::bench_pipeline::time(|| gpu_p.generate(&req, &mut |_, _| true));
+            crate::pipeline::time(|| gpu_p.generate(&req, &mut |_, _| true));
         let switch = |p: &mut Pipeline| -> Result<f64, Failure> {
             let mut t = Vec::new();
             for i in 0..b.repeat.max(1) {
                 let (r, ms) =
-                    crate::bench_pipeline::time(|| p.set_lora(Some(&loras[i % loras.len()])));
+                    crate::pipeline::time(|| p.set_lora(Some(&loras[i % loras.len()])));
                 r.map_err(Failure::from)?;
                 t.push(ms);
             }
-            Ok(crate::bench_pipeline::stats(t).0)
+            Ok(crate::pipeline::stats(t).0)
         };
         let switch_unfused_ms = switch(&mut gpu_p)?;
         let mut fused = open(&gpu, Some(Strategy::Fused))?;
@@ -246,7 +246,7 @@ fn run_on_gpu(b: &GpuBench, cases: &[Case]) -> Result<(), Failure> {
             })
             .collect();
         let (r, batched_step_ms) =
-            crate::bench_pipeline::time(|| gpu_p.generate_batch(&batch, &mut |_, _| true));
+            crate::pipeline::time(|| gpu_p.generate_batch(&batch, &mut |_, _| true));
         r.map_err(Failure::from)?;
         rows.push(Figures {
             case: c.clone(),

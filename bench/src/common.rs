@@ -7,7 +7,7 @@ use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
 use v2l_runtime::lora::AppliedLora;
 
-use crate::bench_pipeline::stats;
+use crate::pipeline::stats;
 use crate::Failure;
 
 /// The CPU model and the ISA features that decide which kernels run (`v2l_runtime::cpu`, the

@@ -2,7 +2,7 @@
 //! sample sizes, run as users run it, side by side with PyTorch + diffusers.
 //!
 //! Each measurement is a separate process, so its peak RSS is its own: `v2l-run stage dit`
-//! (session build included) for v2l, `bench_scale/torch_baseline.py` for PyTorch, on the same
+//! (session build included) for v2l, `scale/torch_baseline.py` for PyTorch, on the same
 //! checkpoint and the same inputs. The two outputs are compared (relative L2), so a speed-up
 //! that changed the numbers shows.
 
@@ -18,7 +18,7 @@ use v2l_runtime::{read_safetensors, write_safetensors};
 use crate::Failure;
 
 /// The PyTorch side, written beside the checkpoint when `--torch-python` is given.
-const TORCH_SCRIPT: &str = include_str!("bench_scale/torch_baseline.py");
+const TORCH_SCRIPT: &str = include_str!("scale/torch_baseline.py");
 
 /// What `v2l-bench scale` measures.
 pub struct ScaleBench {
@@ -239,9 +239,9 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     std::fs::create_dir_all(&b.dir).map_err(|e| fail(format!("{}: {e}", b.dir.display())))?;
     // Figures from different machines must not be compared by mistake: the CPU and the ISA
     // features that pick ONNX Runtime's kernels go beside every table.
-    let cpu = crate::bench_common::cpu_facts();
+    let cpu = crate::common::cpu_facts();
     if !b.json {
-        println!("{}", crate::bench_common::cpu_line(&cpu, b.threads));
+        println!("{}", crate::common::cpu_line(&cpu, b.threads));
     }
     let (ck, engine, compile_s) = prepare(b, &log)?;
     let config = cogvideox_5b_config(b.layers)?;
@@ -571,7 +571,7 @@ fn bench_switch(
     let added = status_mb("RssAnon:") - before;
     // Two LoRAs of the same rank: a switch is from one to the other, as a server serving
     // different effects makes it (the first LoRA after none lays the factor inputs out).
-    let lora = |seed| crate::bench_common::generated_lora(&dir, rank, seed);
+    let lora = |seed| crate::common::generated_lora(&dir, rank, seed);
     let loras = [lora(0)?, lora(1)?];
     runner.set_lora(&dir, Some(&loras[1]))?;
     let mut times = Vec::new();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use v2l_contracts::io::text as text_io;
 
 use clap::{Parser, Subcommand};
-use v2l_cli::bench_fuse::{bench_fuse, FuseBench};
+use v2l_bench::fuse::{bench_fuse, FuseBench};
 use v2l_cli::{bytes, main_with, Failure};
 use v2l_export::{cogvideox_dit, synthetic, Checkpoint};
 use v2l_graphs::{DType, ExternalData};
@@ -68,7 +68,7 @@ enum Command {
     /// Example:
     ///   v2l-bench serve --engine engine/ --clients 8 --seconds 20 --repeat 5
     #[command(verbatim_doc_comment)]
-    Serve(v2l_cli::bench_serve::ServeBench),
+    Serve(v2l_bench::serve::ServeBench),
     /// The GPU check (CUDA, TensorRT if present; not yet run on a GPU): compile the fixture
     /// and demo engines at fp32/fp16/bf16, parity against the CPU engine at each precision's
     /// bound, DiT step, LoRA switch (factors as inputs vs fused), a batched four-LoRA step
@@ -77,7 +77,7 @@ enum Command {
     ///   v2l-bench gpu --dry-run
     ///   v2l-bench gpu --json > gpu-check.json
     #[command(verbatim_doc_comment)]
-    Gpu(v2l_cli::bench_gpu::GpuBench),
+    Gpu(v2l_bench::gpu::GpuBench),
     /// The DiT's attention at 5B shapes: ONNX Runtime's f32 MultiHeadAttention against v2l's
     /// ai.v2l.Attention (bf16 on AVX512-BF16), in ms and GFLOP/s beside this CPU's bf16/int8
     /// peaks and f32 GEMM rate
@@ -85,7 +85,7 @@ enum Command {
     /// Example:
     ///   v2l-bench attention --tokens 1378,5626 --repeat 3 --json
     #[command(verbatim_doc_comment)]
-    Attention(v2l_cli::bench_attention::AttentionBench),
+    Attention(v2l_bench::attention::AttentionBench),
     /// LoRA factors as DiT inputs at 5B width: two requests with different rank-64 LoRAs in
     /// one call (`unfused`) against one call per LoRA (`fused`), the LoRA branches' share of
     /// the step, and the switch cost of each
@@ -93,7 +93,7 @@ enum Command {
     /// Example:
     ///   v2l-bench lora-batch --repeat 3 --json
     #[command(verbatim_doc_comment)]
-    LoraBatch(v2l_cli::bench_lora_batch::LoraBatchBench),
+    LoraBatch(v2l_bench::lora_batch::LoraBatchBench),
     /// The whole CogVideoX-5B-I2V job at real size, as a user runs it: generates (or reuses
     /// from its cache) a full pipeline directory with generated weights, then runs
     /// `v2l-export pipeline`, `v2l-compile`, `v2l-lora predict` and `v2l-run --prompt
@@ -108,7 +108,7 @@ enum Command {
     ///   v2l-bench e2e --model cogvideox-fun-5b-inp --torch-python ~/venv/bin/python \
     ///       --videox-fun ~/src/Video2LoRA
     #[command(verbatim_doc_comment)]
-    E2e(v2l_cli::bench_e2e::E2eBench),
+    E2e(v2l_bench::e2e::E2eBench),
     /// Export a full-size CogVideoX-5B DiT or T5-XXL text encoder (generated bf16 weights) and
     /// report time and peak memory; the T5 is then run once on 226 tokens as its own process
     ///
@@ -191,7 +191,7 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Hypernet {
         #[arg(long, value_enum)]
-        model: v2l_cli::bench_hypernet::HypernetModel,
+        model: v2l_bench::hypernet::HypernetModel,
         /// Layers to run; the rest of the model's layers are extrapolated at the measured rate
         #[arg(long, default_value_t = 16)]
         layers: usize,
@@ -254,7 +254,7 @@ fn main() -> ExitCode {
             threads,
             dir,
             keep,
-        } => v2l_cli::bench_hypernet::bench_hypernet(&v2l_cli::bench_hypernet::HypernetBench {
+        } => v2l_bench::hypernet::bench_hypernet(&v2l_bench::hypernet::HypernetBench {
             model,
             layers,
             chunk,
@@ -268,7 +268,7 @@ fn main() -> ExitCode {
             repeat,
             steps,
             threads,
-        } => v2l_cli::bench_pipeline::bench_pipeline(&engine, repeat, steps, threads, cli.json),
+        } => v2l_bench::pipeline::bench_pipeline(&engine, repeat, steps, threads, cli.json),
         Command::Scale {
             layers,
             precision,
@@ -304,7 +304,7 @@ fn main() -> ExitCode {
                 (Some(f), Some(h), Some(w)) => vec![(f, h, w)],
                 _ => vec![(9, 256, 384), (13, 480, 720)],
             };
-            v2l_cli::bench_scale::bench_scale(&v2l_cli::bench_scale::ScaleBench {
+            v2l_bench::scale::bench_scale(&v2l_bench::scale::ScaleBench {
                 layers,
                 precision,
                 attention,
@@ -320,23 +320,23 @@ fn main() -> ExitCode {
         }
         Command::Attention(mut b) => {
             b.json = cli.json;
-            v2l_cli::bench_attention::bench_attention(&b)
+            v2l_bench::attention::bench_attention(&b)
         }
         Command::LoraBatch(mut b) => {
             b.json = cli.json;
-            v2l_cli::bench_lora_batch::bench_lora_batch(&b)
+            v2l_bench::lora_batch::bench_lora_batch(&b)
         }
         Command::E2e(mut b) => {
             b.json = cli.json;
-            v2l_cli::bench_e2e::bench_e2e(&b)
+            v2l_bench::e2e::bench_e2e(&b)
         }
         Command::Gpu(mut b) => {
             b.json = cli.json;
-            v2l_cli::bench_gpu::bench_gpu(&b)
+            v2l_bench::gpu::bench_gpu(&b)
         }
         Command::Serve(mut b) => {
             b.json = cli.json;
-            v2l_cli::bench_serve::bench_serve(&b)
+            v2l_bench::serve::bench_serve(&b)
         }
         Command::Fuse {
             model,
@@ -348,8 +348,8 @@ fn main() -> ExitCode {
             dtype,
         } => bench_fuse(&FuseBench {
             model: match model {
-                FuseModelArg::Cogvideox => v2l_cli::bench_fuse::FuseModel::CogVideoX5b,
-                FuseModelArg::WanI2v14b => v2l_cli::bench_fuse::FuseModel::WanI2v14b,
+                FuseModelArg::Cogvideox => v2l_bench::fuse::FuseModel::CogVideoX5b,
+                FuseModelArg::WanI2v14b => v2l_bench::fuse::FuseModel::WanI2v14b,
             },
             threads,
             repeat,
@@ -601,7 +601,7 @@ fn run_t5(
     out: &std::path::Path,
     json: bool,
 ) -> Result<serde_json::Value, Failure> {
-    use v2l_cli::bench_scale::{last_json, run_measured, sibling};
+    use v2l_bench::scale::{last_json, run_measured, sibling};
     let mut m = v2l_export::Manifest::read_or_default(out)?;
     m.text_encoder = Some(v2l_export::manifest::TextEncoderEntry {
         file: "text_encoder.onnx".into(),
