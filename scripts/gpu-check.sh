@@ -14,5 +14,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
-cargo build --release --quiet -p v2l-cli
+cargo build --release --quiet -p v2l-cli -p v2l-bench
 exec target/release/v2l-bench gpu "$@"
