@@ -101,6 +101,29 @@ impl From<v2l_graphs::WriteError> for Failure {
     }
 }
 
+/// A progress callback for a long run: a bar on stderr (`what [#####     ] i/n  12.3s`),
+/// redrawn after each step when `show` (stderr is a terminal and not `--quiet`); it never
+/// cancels.
+pub fn progress_bar(what: &'static str, show: bool) -> impl FnMut(usize, usize) -> bool {
+    let started = std::time::Instant::now();
+    move |i, n| {
+        if show {
+            let w = 30;
+            let done = (i * w / n.max(1)).min(w);
+            let el = started.elapsed().as_secs_f64();
+            eprint!(
+                "\r{what} [{}{}] {i}/{n}  {el:.1}s",
+                "#".repeat(done),
+                " ".repeat(w - done)
+            );
+            if i == n {
+                eprintln!();
+            }
+        }
+        true
+    }
+}
+
 /// This process's peak resident memory in MB (10⁶ bytes), from `VmHWM` in
 /// `/proc/self/status`: the high-water mark of this process's own memory since its `exec`. A
 /// parent's `wait4`/`getrusage` figure is no substitute: Linux carries the spawning process's

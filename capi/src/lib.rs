@@ -37,7 +37,9 @@ use v2l_runtime::error::ErrorKind;
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
+use v2l_runtime::pipeline::{
+    gaussian_noise, Inputs, LoraInput, MediaInput, NoiseInput, Pipeline, PromptInput, Request,
+};
 use v2l_runtime::request::{Checked, Field, RequestError, Settings};
 use v2l_runtime::video::{self, Frames};
 use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
@@ -172,7 +174,7 @@ pub struct V2lEngine {
 pub struct V2lGenerator {
     pipeline: Mutex<Pipeline>,
     /// The tokenizer and text encoder, loaded on the first request with prompt text.
-    prompts: Mutex<Option<v2l_runtime::text::prompt::PromptEncoder>>,
+    prompts: Mutex<v2l_runtime::pipeline::PromptEncoders>,
     opts: SessionOptions,
     cancel: AtomicBool,
     /// Set by `v2l_generator_free`: a generation still running on another thread stops.
@@ -209,6 +211,11 @@ impl Error {
 
 impl From<RuntimeError> for Error {
     fn from(e: RuntimeError) -> Error {
+        // A request field by its `V2lGenerateParams` name, as the command line names its flag.
+        let e = match e {
+            RuntimeError::Request(r) => return request_error("params.", r),
+            e => e,
+        };
         let status = status_of(&e);
         let mut message = e.to_string();
         if let Some(h) = e.hint() {
@@ -594,6 +601,8 @@ struct Sizes {
 fn request_error(prefix: &str, e: RequestError) -> Error {
     let field = match e.field {
         Field::Size => format!("{prefix}height/{prefix}width"),
+        // The C ABI's name for the first frame.
+        Field::Image => format!("{prefix}first_frame"),
         f => format!("{prefix}{}", f.name()),
     };
     Error::new(
@@ -806,7 +815,7 @@ pub unsafe extern "C" fn v2l_generator_new(
         let pipeline = Pipeline::load(dir, &e.opts)?;
         *out = register(V2lGenerator {
             pipeline: Mutex::new(pipeline),
-            prompts: Mutex::new(None),
+            prompts: Mutex::new(Default::default()),
             opts: e.opts.clone(),
             cancel: AtomicBool::new(false),
             freed: AtomicBool::new(false),
@@ -987,52 +996,88 @@ unsafe fn image_tokens(p: &V2lGenerateParams) -> Result<Option<Tensor>> {
     )))
 }
 
-/// The request's embeddings from `prompt`/`negative_prompt` text, through the generator's
-/// prompt encoder (loaded on first use, cached by text).
-unsafe fn prompt_text(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<(Tensor, Tensor)> {
+/// The generator's prompt encoders, for a request with prompt text.
+fn prompt_encoders(g: &V2lGenerator) -> Result<MutexGuard<'_, v2l_runtime::pipeline::PromptEncoders>> {
+    match g.prompts.try_lock() {
+        Ok(s) => Ok(s),
+        Err(TryLockError::WouldBlock) => Err(Error::new(
+            V2lStatus::Busy,
+            "the generator is in use by another call",
+        )),
+        Err(TryLockError::Poisoned(_)) => Err(Error::new(
+            V2lStatus::Runtime,
+            "the prompt encoder was poisoned by a panic",
+        )),
+    }
+}
+
+/// `params`' prompt: text for the engine's encoder, or the embedding buffers.
+unsafe fn prompt_input(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<PromptInput> {
+    if p.prompt.is_null() {
+        let (prompt, negative) = prompt_embeddings(g, p)?;
+        return Ok(PromptInput::Embeds { prompt, negative });
+    }
     if !p.prompt_embeds.is_null() || !p.negative_prompt_embeds.is_null() {
         return Err(Error::new(
             V2lStatus::InvalidArgument,
             "params.prompt and params.prompt_embeds are both set; give the text or the embeddings",
         ));
     }
-    let (prompt, negative) = (
-        text_arg(p.prompt, "params.prompt")?,
-        text_arg(p.negative_prompt, "params.negative_prompt")?,
-    );
-    let mut slot = match g.prompts.try_lock() {
-        Ok(s) => s,
-        Err(TryLockError::WouldBlock) => {
-            return Err(Error::new(
-                V2lStatus::Busy,
-                "the generator is in use by another call",
-            ))
-        }
-        Err(TryLockError::Poisoned(_)) => {
-            return Err(Error::new(
-                V2lStatus::Runtime,
-                "the prompt encoder was poisoned by a panic",
-            ))
-        }
-    };
-    let pipeline = lock(g)?;
-    let engine = pipeline.engine();
-    let len = settings(g, p)?
-        .sequence_length()
-        .map_err(|e| request_error("params.", e))?;
-    if slot.is_none() {
-        *slot = Some(v2l_runtime::text::prompt::PromptEncoder::load(
-            engine, &g.opts,
-        )?);
+    Ok(PromptInput::Text {
+        prompt: text_arg(p.prompt, "params.prompt")?,
+        negative: text_arg(p.negative_prompt, "params.negative_prompt")?,
+    })
+}
+
+/// `params`' noise buffers (`noise`, and a Fun-InP model's `inpaint_noise`), or the seed.
+unsafe fn noise_input(s: &Sizes, p: &V2lGenerateParams) -> Result<NoiseInput> {
+    if p.noise.is_null() {
+        return Ok(NoiseInput::Seed(p.seed));
     }
-    drop(pipeline);
-    let enc = slot
-        .as_mut()
-        .ok_or_else(|| Error::new(V2lStatus::Runtime, "no prompt encoder"))?;
-    let mut truncated = |_| {};
-    let (_, a) = enc.encode(&prompt, len, &mut truncated)?;
-    let (_, b) = enc.encode(&negative, len, &mut truncated)?;
-    Ok((a, b))
+    let need = product(&s.noise, "noise")?;
+    if p.noise_len != need {
+        return Err(Error::new(
+            V2lStatus::BufferSize,
+            format!(
+                "`params.noise_len` is {}; noise {:?} has {need} floats",
+                p.noise_len, s.noise
+            ),
+        ));
+    }
+    let noise = Tensor::f32(s.noise.clone(), input(p.noise, need, "params.noise")?.to_vec());
+    let inpaint_noise = if p.inpaint_noise.is_null() {
+        None
+    } else {
+        let shape = vec![1, 3, s.checked.frames, s.height, s.width];
+        let need = product(&shape, files_io::INPAINT_NOISE)?;
+        if p.inpaint_noise_len != need {
+            return Err(Error::new(
+                V2lStatus::BufferSize,
+                format!(
+                    "`params.inpaint_noise_len` is {}; inpaint noise {shape:?} has {need} floats",
+                    p.inpaint_noise_len
+                ),
+            ));
+        }
+        let v = input(p.inpaint_noise, need, "params.inpaint_noise")?.to_vec();
+        Some(Tensor::f32(shape, v))
+    };
+    Ok(NoiseInput::Given {
+        noise,
+        inpaint_noise,
+        seed: Some(p.seed),
+    })
+}
+
+/// `params.scheduler` by name, or `None` (NULL) for the engine's default.
+unsafe fn sampler(p: &V2lGenerateParams) -> Result<Option<v2l_runtime::pipeline::Sampler>> {
+    if p.scheduler.is_null() {
+        return Ok(None);
+    }
+    let name = text_arg(p.scheduler, "params.scheduler")?;
+    name.parse::<v2l_runtime::pipeline::Sampler>()
+        .map(Some)
+        .map_err(|m| Error::new(V2lStatus::InvalidArgument, format!("`params.scheduler`: {m}")))
 }
 
 /// Checks `params`' sizes (frames 1 + 4k, height and width multiples of 8 × patch size,
@@ -1106,93 +1151,32 @@ pub unsafe extern "C" fn v2l_generator_generate(
                 ),
             ));
         }
-        let image = match (g.engine.text_to_video(), p.first_frame.is_null()) {
-            (true, true) => None,
-            (true, false) => {
-                return Err(Error::new(
-                    V2lStatus::InvalidArgument,
-                    "`params.first_frame` is set; this engine is text-to-video (Wan T2V) and takes none: pass NULL",
-                ))
-            }
-            (false, _) => Some(clip(
+        // The first frame is given at the request's size; the builder says whether the engine
+        // takes one.
+        let image = match p.first_frame.is_null() {
+            true => None,
+            false => Some(MediaInput::Frames(clip(
                 p.first_frame,
                 p.first_frame_len,
                 1,
                 p.height,
                 p.width,
                 "params.first_frame",
-            )?),
+            )?)),
         };
-        let image_embeds = image_tokens(p)?;
-        let guidance = s.checked.guidance;
-        let (prompt_embeds, negative_prompt_embeds) = if p.prompt.is_null() {
-            prompt_embeddings(&g, p)?
-        } else {
-            prompt_text(&g, p)?
-        };
-        let noise = if p.noise.is_null() {
-            gaussian_noise(s.noise.clone(), p.seed)
-        } else {
-            let need = product(&s.noise, "noise")?;
-            if p.noise_len != need {
-                return Err(Error::new(
-                    V2lStatus::BufferSize,
-                    format!(
-                        "`params.noise_len` is {}; noise {:?} has {need} floats",
-                        p.noise_len, s.noise
-                    ),
-                ));
-            }
-            Tensor::f32(
-                s.noise.clone(),
-                input(p.noise, need, "params.noise")?.to_vec(),
-            )
-        };
-        let sampler = if p.scheduler.is_null() {
-            None
-        } else {
-            let name = text_arg(p.scheduler, "params.scheduler")?;
-            Some(
-                name.parse::<v2l_runtime::pipeline::Sampler>()
-                    .map_err(|m| {
-                        Error::new(
-                            V2lStatus::InvalidArgument,
-                            format!("`params.scheduler`: {m}"),
-                        )
-                    })?,
-            )
-        };
-        let inpaint_noise = if p.inpaint_noise.is_null() {
-            None
-        } else {
-            let shape = vec![1, 3, p.frames as usize, p.height as usize, p.width as usize];
-            let need = product(&shape, files_io::INPAINT_NOISE)?;
-            if p.inpaint_noise_len != need {
-                return Err(Error::new(
-                    V2lStatus::BufferSize,
-                    format!(
-                        "`params.inpaint_noise_len` is {}; inpaint noise {shape:?} has {need} floats",
-                        p.inpaint_noise_len
-                    ),
-                ));
-            }
-            let v = input(p.inpaint_noise, need, "params.inpaint_noise")?.to_vec();
-            Some(Tensor::f32(shape, v))
-        };
-        let req = Request {
+        let inputs = Inputs {
+            prompt: prompt_input(&g, p)?,
             image,
-            image_embeds,
-            prompt_embeds,
-            negative_prompt_embeds,
-            frames: p.frames as usize,
-            steps: p.steps as usize,
-            guidance,
-            noise,
-            lora: v2l_runtime::pipeline::RequestLora::Resident,
-            sampler,
-            inpaint_noise,
-            seed: Some(p.seed),
+            image_embeds: image_tokens(p)?,
+            lora: LoraInput::Resident,
+            noise: noise_input(&s, p)?,
+            sampler: sampler(p)?,
         };
+        let mut prompts = prompt_encoders(&g)?;
+        let req = inputs
+            .build(&g.engine, &g.opts, &s.checked, &mut prompts)?
+            .request;
+        drop(prompts);
 
         let mut pipeline = lock(&g)?;
         g.cancel.store(false, Ordering::SeqCst);

@@ -19,6 +19,15 @@ pub enum Field {
     Iterations,
     MaxSequenceLength,
     Fps,
+    /// The first frame (the C ABI's `first_frame`).
+    Image,
+    Scheduler,
+    /// The initial noise (or a Fun-InP model's augmentation noise) given instead of a seed.
+    Noise,
+    Prompt,
+    NegativePrompt,
+    /// A LoRA file's multiplier.
+    LoraWeights,
 }
 
 impl Field {
@@ -37,6 +46,12 @@ impl Field {
             Field::Iterations => "iterations",
             Field::MaxSequenceLength => "max_sequence_length",
             Field::Fps => "fps",
+            Field::Image => "image",
+            Field::Scheduler => "scheduler",
+            Field::Noise => "noise",
+            Field::Prompt => "prompt",
+            Field::NegativePrompt => "negative_prompt",
+            Field::LoraWeights => "lora_weights",
         }
     }
 

@@ -36,7 +36,13 @@ pub use v2l_contracts::{PipelineKind, Sampler};
 mod cogvideox;
 mod denoise;
 mod fun_inpaint;
+mod inputs;
 mod wan;
+
+pub use inputs::{
+    check_first_frame, check_sampler, Built, Inputs, LoraInput, MediaInput, NoiseInput,
+    PromptEncoders, PromptInput,
+};
 
 /// One generation request.
 #[derive(Clone)]

@@ -91,15 +91,26 @@ impl Settings {
         self.check_with(&EngineDefaults::of(engine), limits)
     }
 
+    /// What can be checked before an engine is opened, in [`Settings::check`]'s order: steps,
+    /// guidance, LoRA scale, and the size limits when height, width and frames are all given
+    /// (the multiple the engine's patch size sets comes with the engine).
+    pub fn check_alone(&self, limits: &Limits) -> Result<(), RequestError> {
+        limits.check_steps(self.steps)?;
+        finite(Field::Guidance, self.guidance)?;
+        finite(Field::LoraScale, self.lora_scale)?;
+        if let (Some(f), Some(h), Some(w)) = (self.frames, self.height, self.width) {
+            limits.check_video(f, h, w, 1)?;
+        }
+        Ok(())
+    }
+
     /// [`Settings::check`] with the engine's defaults already read.
     pub fn check_with(
         &self,
         engine: &EngineDefaults,
         limits: &Limits,
     ) -> Result<Checked, RequestError> {
-        limits.check_steps(self.steps)?;
-        finite(Field::Guidance, self.guidance)?;
-        finite(Field::LoraScale, self.lora_scale)?;
+        self.check_alone(limits)?;
         let (df, dh, dw) = (engine.frames, engine.height, engine.width);
         let need = |field: Field, given: Option<usize>, default: Option<usize>| {
             given

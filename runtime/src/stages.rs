@@ -68,6 +68,14 @@ impl Timings {
     }
 
     /// Records the stage that just ended.
+    /// Adds `other`'s stages (a front end's own, such as loading and text encoding) to these.
+    pub fn merge(&mut self, other: Timings) {
+        self.ms.extend(other.ms);
+        if let (Some(all), Some(theirs)) = (&mut self.peak_rss_mb, other.peak_rss_mb) {
+            all.extend(theirs);
+        }
+    }
+
     pub fn insert(&mut self, stage: String, ms: f64) {
         if let Some(p) = &mut self.peak_rss_mb {
             p.insert(stage.clone(), take_stage_peak_mb());

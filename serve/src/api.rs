@@ -30,7 +30,7 @@ use crate::error::{ApiError, ErrorKindTag};
 use crate::form::{self, LoraRequest};
 use crate::jobs::{Cancelled, EnqueueError, Slot, Snapshot};
 use crate::metrics::Gauges;
-use crate::store::{JobRecord, Kind, State as JobState};
+use crate::store::{JobParams, JobRecord, Kind, State as JobState};
 use crate::worker::{Shared, IMAGE_FILE, PROMPT_FILE, REFERENCE_FILE, VIDEO_FILE};
 
 /// The router's state: what the workers share, and the shutdown signal (open event streams and
@@ -339,10 +339,9 @@ async fn submit_video(
         if let Some((lid, lora)) = req.lora_upload {
             keep_lora(&app, &lid, lora)?;
         }
-        let params = serde_json::to_value(&req.params).map_err(ApiError::internal)?;
         enqueue(
             &app,
-            &JobRecord::queued(&id, Kind::Video, params),
+            &JobRecord::queued(&id, JobParams::Video(req.params)),
             &dir,
             slot,
         )?;
@@ -527,10 +526,9 @@ async fn submit_lora(
                 crate::store::save_frames(&dir.join(REFERENCE_FILE), &clip)
                     .map_err(ApiError::internal)?;
                 let lid = params.id.clone();
-                let params = serde_json::to_value(&params).map_err(ApiError::internal)?;
                 enqueue(
                     &app,
-                    &JobRecord::queued(&id, Kind::Lora, params),
+                    &JobRecord::queued(&id, JobParams::Lora(params)),
                     &dir,
                     slot,
                 )?;

@@ -17,6 +17,8 @@ use v2l_runtime::request::{check_fps, finite, Field, RequestError, Settings};
 use v2l_runtime::tensor::{Data, Tensor};
 use v2l_runtime::video::{Frames, UntrustedMedia};
 
+pub use crate::params::{LoraChoice, LoraParams, VideoParams};
+
 use crate::cache::lora_key;
 use crate::config::{EngineFacts, RequestLimits};
 use crate::error::{upload_error, ApiError};
@@ -138,45 +140,6 @@ impl Form {
     fn real(&self, field: &str, default: f32) -> Result<f32, ApiError> {
         Ok(self.number(field, "a number")?.unwrap_or(default))
     }
-}
-
-/// Which LoRA a video job runs with.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum LoraChoice {
-    /// The base weights.
-    None,
-    /// A stored LoRA (uploaded or predicted earlier) at multiplier `scale`.
-    Stored { id: String, scale: f32 },
-    /// A reference clip's LoRA, predicted on a cache miss from the job's decoded clip.
-    Reference { id: String, weight: f32 },
-}
-
-/// A video job's checked parameters (stored with the job).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VideoParams {
-    pub frames: usize,
-    pub height: usize,
-    pub width: usize,
-    pub steps: usize,
-    pub guidance: f32,
-    pub seed: u64,
-    pub fps: u32,
-    /// Prompt text; `None` when the job carries prompt embeddings.
-    pub prompt: Option<String>,
-    pub negative_prompt: String,
-    pub max_sequence_length: usize,
-    pub lora: LoraChoice,
-    /// A CogVideoX engine's sampler (`None`: the engine's default).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheduler: Option<v2l_runtime::pipeline::Sampler>,
-}
-
-/// A LoRA job's checked parameters: predict `id` from the job's decoded reference clip.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LoraParams {
-    pub id: String,
-    pub weight: f32,
 }
 
 /// A checked video request with its decoded uploads.
@@ -330,24 +293,13 @@ pub fn video(
             ))
         }
     };
-    // Text-to-video engines (Wan T2V) take no first frame; every other kind needs one.
-    let image = match (facts.pipeline.takes_image(), form.bytes("image")) {
-        (true, None) => {
-            return Err(ApiError::field(
-                "image",
-                "required: the first frame (PNG, JPEG, WebP or a video)",
-            ))
-        }
-        (false, Some(_)) => {
-            return Err(ApiError::field(
-                "image",
-                format!(
-                    "this engine is text-to-video ({}); it takes no first frame",
-                    facts.pipeline
-                ),
-            ))
-        }
-        (true, Some(bytes)) => Some(decode(
+    // The runtime's rule: text-to-video engines (Wan T2V) take no first frame, every other
+    // kind needs one.
+    let image_bytes = form.bytes("image");
+    v2l_runtime::pipeline::check_first_frame(facts.pipeline, image_bytes.is_some())
+        .map_err(request_error)?;
+    let image = match image_bytes {
+        Some(bytes) => Some(decode(
             "image",
             bytes,
             Some((height, width)),
@@ -355,7 +307,7 @@ pub fn video(
             limits,
             scratch,
         )?),
-        (false, None) => None,
+        None => None,
     };
     let mut reference = None;
     if chosen[..] == ["reference"] {
@@ -371,6 +323,7 @@ pub fn video(
                 .map_err(|m| ApiError::field("scheduler", m))?,
         ),
     };
+    v2l_runtime::pipeline::check_sampler(facts.pipeline, scheduler).map_err(request_error)?;
     Ok(VideoRequest {
         params: VideoParams {
             scheduler,

@@ -277,10 +277,11 @@ impl Jobs {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::store::Kind;
+    use crate::form::VideoParams;
+    use crate::store::JobParams;
 
     fn job(id: &str) -> JobRecord {
-        JobRecord::queued(id, Kind::Video, serde_json::json!({}))
+        JobRecord::queued(id, JobParams::Video(VideoParams::sample()))
     }
 
     #[test]

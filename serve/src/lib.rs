@@ -33,6 +33,7 @@ pub mod form;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
+pub mod params;
 pub mod server;
 pub mod store;
 pub mod worker;

@@ -19,6 +19,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+pub use crate::params::{JobParams, Kind, PARAMS_VERSION};
+
 /// Where a job is in its life. `succeeded`, `failed` and `cancelled` are final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -56,16 +58,6 @@ impl State {
     }
 }
 
-/// What a job does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// First frame (+ LoRA) → video.
-    Video,
-    /// Reference clip → predicted LoRA.
-    Lora,
-}
-
 /// Why a job failed: a stable `kind` for programs, a message for people.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobError {
@@ -93,29 +85,8 @@ pub struct JobRecord {
     pub lora_id: Option<String>,
     /// Whether that LoRA came from the cache.
     pub lora_cached: Option<bool>,
-    /// The validated request: the form's `VideoParams` or `LoraParams`, as JSON.
-    pub params: serde_json::Value,
-}
-
-impl JobRecord {
-    /// A new job, queued now.
-    pub fn queued(id: &str, kind: Kind, params: serde_json::Value) -> JobRecord {
-        JobRecord {
-            id: id.to_string(),
-            kind,
-            state: State::Queued,
-            created_at: now(),
-            started_at: None,
-            finished_at: None,
-            step: 0,
-            steps: 0,
-            error: None,
-            timings: BTreeMap::new(),
-            lora_id: None,
-            lora_cached: None,
-            params,
-        }
-    }
+    /// The validated request, typed.
+    pub params: JobParams,
 }
 
 /// Why the state directory could not be read or written.
@@ -145,6 +116,9 @@ pub enum StoreError {
     },
     #[error("job database: {0}")]
     Json(#[from] serde_json::Error),
+    /// A job's stored parameters this server cannot read.
+    #[error("job {id}: stored parameters: {message}")]
+    Params { id: String, message: String },
     #[error("job database lock poisoned by a panic")]
     Poisoned,
 }
@@ -334,7 +308,7 @@ impl Store {
                 serde_json::to_string(&job.kind)?.trim_matches('"'),
                 job.state.name(),
                 job.created_at,
-                serde_json::to_string(&job.params)?
+                job.params.to_record()?
             ],
         )?;
         Ok(())
@@ -384,13 +358,19 @@ impl Store {
         else {
             return Ok(None);
         };
+        let kind = if kind == "lora" {
+            Kind::Lora
+        } else {
+            Kind::Video
+        };
+        let params = JobParams::from_record(kind, &params)
+            .map_err(|message| StoreError::Params {
+                id: id.clone(),
+                message,
+            })?;
         Ok(Some(JobRecord {
             id,
-            kind: if kind == "lora" {
-                Kind::Lora
-            } else {
-                Kind::Video
-            },
+            kind,
             state: State::parse(&state),
             created_at: created,
             started_at: started,
@@ -401,7 +381,7 @@ impl Store {
             timings: serde_json::from_str(&timings)?,
             lora_id: lora,
             lora_cached: cached,
-            params: serde_json::from_str(&params)?,
+            params,
         }))
     }
 
@@ -513,7 +493,7 @@ mod tests {
     use super::*;
 
     fn job(id: &str) -> JobRecord {
-        JobRecord::queued(id, Kind::Video, serde_json::json!({"steps": 2}))
+        JobRecord::queued(id, JobParams::Video(VideoParams::sample()))
     }
 
     /// A database that is empty or gone while job directories remain is refused, naming both;
@@ -573,7 +553,10 @@ mod tests {
         assert_eq!(a.state, State::Failed);
         assert_eq!(a.error.unwrap().kind, "interrupted");
         assert_eq!(s.get("c").unwrap().unwrap().state, State::Cancelled);
-        assert_eq!(s.get("b").unwrap().unwrap().params["steps"], 2);
+        assert_eq!(
+            s.get("b").unwrap().unwrap().params,
+            JobParams::Video(VideoParams::sample())
+        );
         assert!(s.get("zzz").unwrap().is_none());
     }
 

@@ -16,9 +16,11 @@ use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::format::{Lora, LoraFormat};
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+use v2l_runtime::pipeline::{
+    Inputs, LoraInput, MediaInput, NoiseInput, Pipeline, PromptEncoders, PromptInput, Request,
+};
+use v2l_runtime::request::Checked;
 use v2l_runtime::session::SessionOptions;
-use v2l_runtime::text::prompt::PromptEncoder;
 use v2l_runtime::RuntimeError;
 
 use crate::cache::LoraCache;
@@ -26,7 +28,7 @@ use crate::config::{Config, EngineFacts};
 use crate::form::{LoraChoice, LoraParams, VideoParams};
 use crate::jobs::{Jobs, Live, Snapshot};
 use crate::metrics::Metrics;
-use crate::store::{JobError, JobRecord, Kind, State};
+use crate::store::{JobError, JobParams, JobRecord, Kind, State};
 
 /// Everything the HTTP handlers and the workers share.
 pub struct Shared {
@@ -88,7 +90,7 @@ pub struct Worker {
     engine: Engine,
     opts: SessionOptions,
     pipeline: Pipeline,
-    prompts: Option<PromptEncoder>,
+    prompts: PromptEncoders,
     /// `(lora id, multiplier bits)` the pipeline holds; `None` for the base weights.
     resident: Option<(String, u32)>,
 }
@@ -106,7 +108,7 @@ impl Worker {
             engine,
             opts,
             pipeline,
-            prompts: None,
+            prompts: PromptEncoders::default(),
             resident: None,
         })
     }
@@ -260,25 +262,22 @@ impl Worker {
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<(), Stop> {
         let dir = self.shared.jobs.store.job_dir(&job.id)?;
-        match job.kind {
-            Kind::Lora => {
-                let p: LoraParams = serde_json::from_value(job.params.clone())
-                    .map_err(|e| Stop::failed("internal", format!("stored parameters: {e}")))?;
+        match &job.params {
+            JobParams::Lora(p) => {
                 let t = Instant::now();
                 let (_, cached) = self.reference_lora(&p.id, p.weight, &dir)?;
                 timings.insert("lora".into(), ms(t));
                 self.shared.jobs.store.set_lora(&job.id, &p.id, cached)?;
                 Ok(())
             }
-            Kind::Video => {
-                let p = video_params(job)?;
-                let req = self.video_request(&job.id, &p, &dir, timings, true)?;
+            JobParams::Video(p) => {
+                let req = self.video_request(&job.id, p, &dir, timings, true)?;
                 let gen = self.generate(&[(&job.id, live)], &[req])?;
                 let gen = gen
                     .into_iter()
                     .next()
                     .ok_or_else(|| Stop::failed("internal", "the pipeline returned no video"))?;
-                self.write_video(gen, &p, &dir, timings)
+                self.write_video(gen, p, &dir, timings)
             }
         }
     }
@@ -298,7 +297,9 @@ impl Worker {
                 let job = self.shared.jobs.store.get(&id)?.ok_or_else(|| {
                     Stop::failed("internal", "the job vanished from the database")
                 })?;
-                let p = video_params(&job)?;
+                let JobParams::Video(p) = job.params else {
+                    return Err(Stop::failed("internal", "a LoRA job in a video batch"));
+                };
                 let dir = self.shared.jobs.store.job_dir(&id)?;
                 let req = self.video_request(&id, &p, &dir, &mut timings, false)?;
                 Ok::<_, Stop>((p, dir, req))
@@ -383,11 +384,11 @@ impl Worker {
                 let t = Instant::now();
                 self.make_resident(wanted.map(|(lid, l, m, _)| (lid, l, m)))?;
                 timings.insert("lora_switch".into(), ms(t));
-                RequestLora::Resident
+                LoraInput::Resident
             }
             false => match wanted {
-                None => RequestLora::Base,
-                Some((lid, lora, multiplier, _)) => RequestLora::Loras(vec![AppliedLora {
+                None => LoraInput::Base,
+                Some((lid, lora, multiplier, _)) => LoraInput::Applied(vec![AppliedLora {
                     lora,
                     source: format!("lora:{lid}").into(),
                     multiplier,
@@ -395,21 +396,11 @@ impl Worker {
             },
         };
         // 3. Prompt embeddings: text through the engine's T5 (cached by text), or as uploaded.
-        let t = Instant::now();
-        let (prompt_embeds, negative_prompt_embeds) = match &p.prompt {
-            Some(text) => {
-                if self.prompts.is_none() {
-                    self.prompts = Some(PromptEncoder::load(&self.engine, &self.opts)?);
-                }
-                let enc = self
-                    .prompts
-                    .as_mut()
-                    .ok_or_else(|| Stop::failed("internal", "no prompt encoder"))?;
-                let mut quiet = |_| {};
-                let (_, a) = enc.encode(text, p.max_sequence_length, &mut quiet)?;
-                let (_, b) = enc.encode(&p.negative_prompt, p.max_sequence_length, &mut quiet)?;
-                (a, b)
-            }
+        let prompt = match &p.prompt {
+            Some(text) => PromptInput::Text {
+                prompt: text.clone(),
+                negative: p.negative_prompt.clone(),
+            },
             None => {
                 let mut t = v2l_runtime::tensor::read_safetensors(&dir.join(PROMPT_FILE))?;
                 let mut take = |name: &str| {
@@ -417,34 +408,40 @@ impl Worker {
                         Stop::failed("internal", format!("stored `{name}` is missing"))
                     })
                 };
-                (
-                    take(files_io::PROMPT_EMBEDS)?,
-                    take(files_io::NEGATIVE_PROMPT_EMBEDS)?,
-                )
+                PromptInput::Embeds {
+                    prompt: take(files_io::PROMPT_EMBEDS)?,
+                    negative: take(files_io::NEGATIVE_PROMPT_EMBEDS)?,
+                }
             }
         };
-        timings.insert("prompt".into(), ms(t));
-        // 4. The first frame (none for a text-to-video engine) and the seeded noise.
-        let image = match self.engine.pipeline_kind()?.takes_image() {
-            true => Some(crate::store::load_frames(&dir.join(IMAGE_FILE))?),
+        // 4. The first frame, stored with the job unless the engine is text-to-video, and the
+        // seeded noise: the runtime's one request builder, as the CLI and the C ABI use it.
+        let image_file = dir.join(IMAGE_FILE);
+        let image = match image_file.exists() {
+            true => Some(MediaInput::Frames(crate::store::load_frames(&image_file)?)),
             false => None,
         };
-        Ok(Request {
-            image,
-            image_embeds: None,
-            prompt_embeds,
-            negative_prompt_embeds,
+        let checked = Checked {
             frames: p.frames,
+            height: p.height,
+            width: p.width,
             steps: p.steps,
             guidance: p.guidance,
-            noise: self
-                .engine
-                .seeded_noise(p.frames, p.height, p.width, p.seed)?,
+            lora_scale: 1.0,
+            max_sequence_length: Some(p.max_sequence_length),
+        };
+        let inputs = Inputs {
+            prompt,
+            image,
+            image_embeds: None,
             lora,
+            noise: NoiseInput::Seed(p.seed),
             sampler: p.scheduler,
-            inpaint_noise: None,
-            seed: Some(p.seed),
-        })
+        };
+        let t = Instant::now();
+        let built = inputs.build(&self.engine, &self.opts, &checked, &mut self.prompts)?;
+        timings.insert("prompt".into(), ms(t));
+        Ok(built.request)
     }
 
     /// Generates `reqs` (one request alone, or a batch), watching every job's cancellation
@@ -611,7 +608,9 @@ fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
     if job.kind != Kind::Video {
         return None;
     }
-    let p: VideoParams = serde_json::from_value(job.params).ok()?;
+    let JobParams::Video(p) = job.params else {
+        return None;
+    };
     p.prompt.as_ref()?;
     Some(BatchKey {
         frames: p.frames,
@@ -620,11 +619,6 @@ fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
         steps: p.steps,
         max_sequence_length: p.max_sequence_length,
     })
-}
-
-fn video_params(job: &JobRecord) -> Result<VideoParams, Stop> {
-    serde_json::from_value(job.params.clone())
-        .map_err(|e| Stop::failed("internal", format!("stored parameters: {e}")))
 }
 
 fn cancelled() -> Stop {

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use v2l_cli::{check_output, main_with, Failure};
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::AppliedLora;
+use v2l_runtime::pipeline::{LoraInput, MediaInput, NoiseInput, Pipeline, PromptInput};
 use v2l_runtime::request::{self, Field, Settings};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 use v2l_tools::stage::{check_inputs, run_stage, Stage};
@@ -559,72 +560,156 @@ fn compare_outputs(
     Ok(())
 }
 
-/// The `--lora` files with their `--lora-weights`, read and matched against the engine's DiT
-/// (names and shapes) before any session is built.
-fn read_loras(
-    dir: &Engine,
-    paths: &[PathBuf],
-    weights: &[f32],
-) -> Result<Vec<AppliedLora>, Failure> {
-    if !weights.is_empty() && weights.len() != paths.len() {
-        return Err(Failure::usage(format!(
-            "--lora-weights has {} values for {} --lora files",
-            weights.len(),
-            paths.len()
-        )));
-    }
-    let targets = dir.dit_targets()?;
-    let modules: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    paths
-        .iter()
-        .enumerate()
-        .map(|(i, path)| {
-            let multiplier = v2l_runtime::limits::finite(
-                "--lora-weights",
-                weights.get(i).copied().unwrap_or(1.0),
-            )?;
-            let lora = v2l_runtime::lora::format::read(path, Some(&modules))
-                .map_err(v2l_runtime::RuntimeError::from)?;
-            v2l_runtime::lora::apply::match_targets(&lora, targets, path)
-                .map_err(v2l_runtime::RuntimeError::from)?;
-            Ok(AppliedLora {
-                lora: lora.into(),
-                source: path.clone(),
-                multiplier,
-            })
-        })
-        .collect()
-}
-
 fn need<'a, T>(v: &'a Option<T>, flag: &str) -> Result<&'a T, Failure> {
     v.as_ref().ok_or_else(|| {
         Failure::usage(format!("{flag} is required to generate")).with_hint("see `v2l-run --help`")
     })
 }
 
+/// Generation: the flags become the runtime's [`Settings`] and [`Inputs`], and the one request
+/// builder (`Inputs::build`, shared with the C ABI and the server) checks and reads them; this
+/// function maps flags and writes outputs.
 fn generate(
     engine: &std::path::Path,
     g: &GenerateArgs,
     opts: &SessionOptions,
 ) -> Result<(), Failure> {
-    use std::io::IsTerminal;
-    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
-    use v2l_runtime::video;
+    use v2l_runtime::pipeline::{Inputs, PromptEncoders};
+    let output = need(&g.output, "-o/--output")?;
+    check_generate_paths(engine, g, output)?;
+    // What needs no engine is checked before the engine is opened.
+    let limits = v2l_runtime::limits::Limits::from_env()?;
+    limits.check_threads(opts.threads)?;
+    let settings = g.settings();
+    settings.check_alone(&limits)?;
+    request::check_fps(g.fps)?;
+    let t0 = std::time::Instant::now();
+    let dir = Engine::open(engine)?;
+    let opts = &dir.session_options(opts.threads);
+    let checked = settings.check(&dir, &limits)?;
+    let inputs = Inputs {
+        prompt: prompt_input(g)?,
+        image: g.image.clone().map(MediaInput::File),
+        image_embeds: (g.image_embeds.as_deref())
+            .map(|p| take_tensor(p, files_io::IMAGE_EMBEDS))
+            .transpose()?,
+        lora: lora_input(&dir, opts, g)?,
+        noise: noise_input(g)?,
+        sampler: g.scheduler,
+    };
+    // Stages outside the pipeline (text encode, load) are recorded here, the rest by it.
+    let mut outer = v2l_runtime::stages::Timings::with_memory(g.stage_memory);
+    let mut prompts = PromptEncoders::default();
+    let built = inputs.build(&dir, opts, &checked, &mut prompts)?;
+    // The encoder (10 GB for a T5-XXL) is gone before the DiT loads.
+    prompts.release();
+    for (field, w) in &built.warnings {
+        eprintln!("warning: {}: {w} (--max-sequence-length)", field.flag());
+    }
+    for path in g.image.iter().chain(g.reference.as_ref()) {
+        let warning = v2l_runtime::video::aspect_warning(path, checked.height, checked.width);
+        warning.into_iter().for_each(|w| eprintln!("warning: {w}"));
+    }
+    if let Some(ms) = built.text_encode_ms {
+        outer.insert("text_encode".into(), ms);
+    }
+    let t_load = std::time::Instant::now();
+    let strategy = g.lora_strategy.as_deref().map(parse_strategy).transpose()?;
+    let mut pipeline = match strategy {
+        None => Pipeline::load(dir, opts)?,
+        Some(s) => Pipeline::load_with_strategy(dir, opts, s)?,
+    };
+    outer.insert("load".into(), ms_since(t_load));
+    pipeline.set_stage_memory(g.stage_memory);
+    pipeline.set_posterior_sampling(g.posterior_seed);
+    pipeline.set_vae_tiling(g.vae_tiling.into());
+    let req = built.request;
+    let dumped_prompts = (g.dump.as_ref())
+        .map(|_| (req.prompt_embeds.clone(), req.negative_prompt_embeds.clone()));
+    let bar = !g.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut progress = v2l_cli::progress_bar("denoising", bar);
+    // One request: each part is released once done with (the DiT before the VAE decodes).
+    let gen = pipeline.generate_once(&req, &mut |i, n| progress(i, n))?;
+    let rgb = v2l_runtime::video::to_rgb8(&gen.frames)?;
+    let sheet = output.with_extension("png");
+    v2l_runtime::video::write_mp4(output, &rgb, g.fps)?;
+    v2l_runtime::video::write_contact_sheet(&sheet, &rgb, 8)?;
+    if let Some(d) = &g.dump {
+        write_dump(d, &gen, dumped_prompts)?;
+    }
+    if g.json {
+        let lora_layers = gen.lora.as_ref().map(|l| l.layers.len());
+        let (mut stages, engine) = (gen.timings, pipeline.engine());
+        stages.merge(outer);
+        let kind = engine.pipeline_kind()?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "output": output, "contact_sheet": sheet, "dump": g.dump,
+                "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": checked.steps,
+                "lora": lora_layers, "stages_ms": stages.ms, "wall_ms": ms_since(t0),
+                "stage_peak_rss_mb": stages.peak_rss_mb, "dit_steps_ms": stages.steps_ms,
+                "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
+                "pipeline": kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(kind)),
+                "attention": engine.attention(), "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
+                "machine": v2l_runtime::cpu::this(), "compiled_on": engine.compiled_on(),
+            })
+        );
+    } else if !g.quiet {
+        println!(
+            "wrote {} and {} ({} frames of {}x{})",
+            output.display(),
+            sheet.display(),
+            rgb.frames,
+            rgb.width,
+            rgb.height
+        );
+    }
+    Ok(())
+}
+
+impl GenerateArgs {
+    /// The request's settings, for the runtime to check.
+    fn settings(&self) -> Settings {
+        Settings {
+            frames: self.frames,
+            height: self.height,
+            width: self.width,
+            steps: self.steps,
+            guidance: self.guidance,
+            lora_scale: self.lora_scale,
+            max_sequence_length: self.max_sequence_length,
+        }
+    }
+}
+
+/// What the command line alone decides, before the engine is opened: the flags that must come
+/// together, and outputs that are neither an input nor a file of the engine.
+fn check_generate_paths(
+    engine: &std::path::Path,
+    g: &GenerateArgs,
+    output: &std::path::Path,
+) -> Result<(), Failure> {
     if g.prompt.is_none() && g.prompt_embeds.is_none() {
         return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE"));
     }
-    let output = need(&g.output, "-o/--output")?;
     if g.seed.is_none() && g.noise.is_none() {
         return Err(Failure::usage("give --seed N or --noise <safetensors>"));
     }
-    // Everything the command line alone decides is checked before the engine is opened.
+    if !g.lora_weights.is_empty() && g.lora_weights.len() != g.loras.len() {
+        return Err(Failure::usage(format!(
+            "--lora-weights has {} values for {} --lora files",
+            g.lora_weights.len(),
+            g.loras.len()
+        )));
+    }
     check_output(output, &["mp4"])?;
     if let Some(d) = &g.dump {
         check_output(d, &["safetensors"])?;
     }
     let sheet = output.with_extension("png");
     let mut outputs = vec![
-        ("-o", output.as_path()),
+        ("-o", output),
         ("-o (its contact sheet)", sheet.as_path()),
     ];
     outputs.extend(g.dump.as_deref().map(|d| ("--dump", d)));
@@ -640,269 +725,119 @@ fn generate(
     }
     inputs.extend(g.loras.iter().map(|p| ("--lora", p.as_path())));
     v2l_cli::check_outputs_are_not_inputs(&outputs, &inputs)?;
-    v2l_cli::check_outputs_outside_engine(&outputs, engine)?;
-    // The runtime's one request builder (the same checks and messages as the C ABI and the
-    // server); what needs no engine is checked before the engine is opened.
-    let limits = v2l_runtime::limits::Limits::from_env()?;
-    limits.check_threads(opts.threads)?;
-    let settings = Settings {
-        frames: g.frames,
-        height: g.height,
-        width: g.width,
-        steps: g.steps,
-        guidance: g.guidance,
-        lora_scale: g.lora_scale,
-        max_sequence_length: g.max_sequence_length,
-    };
-    limits.check_steps(settings.steps)?;
-    request::finite(Field::Guidance, settings.guidance)?;
-    request::finite(Field::LoraScale, settings.lora_scale)?;
-    request::check_fps(g.fps)?;
-    if let (Some(f), Some(h), Some(w)) = (g.frames, g.height, g.width) {
-        // Zero sizes and the limits; the multiple the engine's patch size sets comes after.
-        limits.check_video(f, h, w, 1)?;
+    v2l_cli::check_outputs_outside_engine(&outputs, engine)
+}
+
+/// `--prompt` text or the two tensors of `--prompt-embeds`.
+fn prompt_input(g: &GenerateArgs) -> Result<PromptInput, Failure> {
+    match (&g.prompt, &g.prompt_embeds) {
+        (Some(text), _) => Ok(PromptInput::Text {
+            prompt: text.clone(),
+            negative: g.negative_prompt.clone().unwrap_or_default(),
+        }),
+        (None, Some(path)) => Ok(PromptInput::Embeds {
+            prompt: take_tensor(path, files_io::PROMPT_EMBEDS)?,
+            negative: take_tensor(path, files_io::NEGATIVE_PROMPT_EMBEDS)?,
+        }),
+        (None, None) => Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE")),
     }
-    let t0 = std::time::Instant::now();
-    let dir = Engine::open(engine)?;
-    let opts = &dir.session_options(opts.threads);
-    // Text-to-video engines (Wan T2V) take no first frame; every other one needs it.
-    let image_path = match (dir.text_to_video(), &g.image) {
-        (true, Some(_)) => {
-            return Err(Failure::usage(format!(
-                "--image: {} is a text-to-video engine; it takes no first frame",
-                engine.display()
-            )))
-        }
-        (true, None) => None,
-        (false, _) => Some(need(&g.image, "--image")?),
-    };
-    let checked = settings.check(&dir, &limits)?;
-    let (frames, height, width) = (checked.frames, checked.height, checked.width);
-    // Stages outside the pipeline (text encode, load) are recorded here, the rest by it.
-    let mut outer = v2l_runtime::stages::Timings::with_memory(g.stage_memory);
-    let (prompt_embeds, negative_prompt_embeds) = match (&g.prompt, &g.prompt_embeds) {
-        (Some(text), _) => {
-            let t = std::time::Instant::now();
-            let len = checked.sequence_length()?;
-            let mut enc = v2l_runtime::text::prompt::PromptEncoder::load(&dir, opts)?;
-            let mut encode = |what: &str, text: &str| {
-                let mut warn = |n: usize| {
-                    eprintln!(
-                        "warning: {what} is {n} tokens; truncated to {len} (--max-sequence-length)"
-                    )
-                };
-                enc.encode(text, len, &mut warn).map(|(_, e)| e)
-            };
-            let negative = g.negative_prompt.as_deref().unwrap_or("");
-            let embeds = (
-                encode("--prompt", text)?,
-                encode("--negative-prompt", negative)?,
-            );
-            // The encoder (10 GB for a T5-XXL) is gone before the DiT loads.
-            drop(enc);
-            v2l_runtime::session::release_freed_memory();
-            outer.insert("text_encode".into(), ms_since(t));
-            embeds
-        }
-        (None, Some(path)) => {
-            let prompts = read_safetensors(path)?;
-            let get = |name: &str| {
-                prompts.get(name).cloned().ok_or_else(|| {
-                    Failure::from(v2l_runtime::RuntimeError::MissingTensor {
-                        path: path.clone(),
-                        name: name.into(),
-                    })
-                })
-            };
-            (
-                get(files_io::PROMPT_EMBEDS)?,
-                get(files_io::NEGATIVE_PROMPT_EMBEDS)?,
-            )
-        }
-        (None, None) => return Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE")),
-    };
-    let image = match image_path {
-        // A video given as the first frame: its first frame alone is decoded.
-        Some(p) => Some(video::read_frames_at_most(p, height, width, 1)?),
-        None => None,
-    };
-    let image_embeds = match &g.image_embeds {
-        Some(p) => Some(
-            read_safetensors(p)?
-                .remove(files_io::IMAGE_EMBEDS)
-                .ok_or_else(|| {
-                    Failure::from(v2l_runtime::RuntimeError::MissingTensor {
-                        path: p.clone(),
-                        name: files_io::IMAGE_EMBEDS.into(),
-                    })
-                })?,
+}
+
+/// `--reference`, the effect flags (predicted here by the engine's effect hypernetwork),
+/// `--lora` files, or the engine's own LoRA.
+fn lora_input(dir: &Engine, opts: &SessionOptions, g: &GenerateArgs) -> Result<LoraInput, Failure> {
+    if let Some(r) = &g.reference {
+        return Ok(LoraInput::Reference(MediaInput::File(r.clone())));
+    }
+    if g.effects.any() {
+        let effects = g.effects.effects()?;
+        let which = v2l_cli::hypernet(dir, g.effects.hypernet)?;
+        let lora = v2l_runtime::effect::predict_effects(
+            dir,
+            which,
+            true,
+            opts,
+            &effects,
+            None,
+            &mut |_, _| {},
+        )?;
+        return Ok(LoraInput::Applied(vec![AppliedLora {
+            lora: lora.into(),
+            source: PathBuf::from("--effect"),
+            multiplier: 1.0,
+        }]));
+    }
+    let weights = g.loras.iter().enumerate();
+    Ok(match g.loras.is_empty() {
+        true => LoraInput::Resident,
+        false => LoraInput::Files(
+            weights
+                .map(|(i, p)| (p.clone(), g.lora_weights.get(i).copied().unwrap_or(1.0)))
+                .collect(),
         ),
-        None => None,
-    };
-    let kind = dir.pipeline_kind()?;
-    if g.scheduler.is_some() && kind.family() == v2l_runtime::Family::Wan {
-        return Err(Failure::usage(format!(
-            "--scheduler: {} is a Wan engine ({kind}); it samples with its flow scheduler",
-            engine.display()
-        )));
-    }
-    let lora = match &g.reference {
-        Some(r) => {
-            let clip = video::read_reference(r, kind, height, width)?;
-            v2l_runtime::predict::check_reference(&clip, &r.display().to_string())?;
-            RequestLora::Reference(clip, checked.lora_scale)
-        }
-        None if g.effects.any() => {
-            let effects = g.effects.effects()?;
-            let which = v2l_cli::hypernet(&dir, g.effects.hypernet)?;
-            let lora = v2l_runtime::effect::predict_effects(
-                &dir,
-                which,
-                true,
-                opts,
-                &effects,
-                None,
-                &mut |_, _| {},
-            )?;
-            RequestLora::Loras(vec![AppliedLora {
-                lora: lora.into(),
-                source: PathBuf::from("--effect"),
-                multiplier: 1.0,
-            }])
-        }
-        None if g.loras.is_empty() => RequestLora::Resident,
-        None => RequestLora::Loras(read_loras(&dir, &g.loras, &g.lora_weights)?),
-    };
-    for path in image_path.into_iter().chain(g.reference.as_ref()) {
-        if let Some(warning) = video::aspect_warning(path, height, width) {
-            eprintln!("warning: {warning}");
-        }
-    }
-    // --noise gives the initial noise (and a Fun-InP model's augmentation noise, if it holds
-    // it); --seed seeds everything else the pipeline draws, or all of it without --noise.
-    let (noise, inpaint_noise) = match (&g.noise, g.seed) {
-        (Some(p), _) => {
+    })
+}
+
+/// `--noise` gives the initial noise (and a Fun-InP model's augmentation noise, if it holds
+/// it); `--seed` seeds everything else the pipeline draws, or all of it without `--noise`.
+fn noise_input(g: &GenerateArgs) -> Result<NoiseInput, Failure> {
+    match (&g.noise, g.seed) {
+        (Some(p), seed) => {
             let mut file = read_safetensors(p)?;
-            let noise = file.remove(files_io::INITIAL_NOISE).ok_or_else(|| {
-                Failure::from(v2l_runtime::RuntimeError::MissingTensor {
-                    path: p.clone(),
-                    name: files_io::INITIAL_NOISE.into(),
-                })
-            })?;
-            (noise, file.remove(files_io::INPAINT_NOISE))
-        }
-        (None, Some(seed)) => (checked.seeded_noise(&dir, seed)?, None),
-        (None, None) => unreachable!("checked above"),
-    };
-    let t_load = std::time::Instant::now();
-    let mut pipeline = match &g.lora_strategy {
-        None => Pipeline::load(dir, opts)?,
-        Some(s) => {
-            let strategy = v2l_runtime::lora::strategy::Strategy::parse(s).ok_or_else(|| {
-                Failure::new(format!(
-                    "--lora-strategy {s}: expected fused, bound or unfused"
-                ))
-            })?;
-            Pipeline::load_with_strategy(dir, opts, strategy)?
-        }
-    };
-    outer.insert("load".into(), ms_since(t_load));
-    pipeline.set_stage_memory(g.stage_memory);
-    pipeline.set_posterior_sampling(g.posterior_seed);
-    pipeline.set_vae_tiling(g.vae_tiling.into());
-    let attention = pipeline.engine().attention();
-    let compiled_on = pipeline.engine().compiled_on().cloned();
-    let dumped_prompts = g
-        .dump
-        .as_ref()
-        .map(|_| (prompt_embeds.clone(), negative_prompt_embeds.clone()));
-    let req = Request {
-        image: image.map(|i| i.frames_first()),
-        image_embeds,
-        prompt_embeds,
-        negative_prompt_embeds,
-        frames,
-        steps: checked.steps,
-        guidance: checked.guidance,
-        noise,
-        lora,
-        sampler: g.scheduler,
-        inpaint_noise,
-        seed: g.seed,
-    };
-    let bar = !g.quiet && std::io::stderr().is_terminal();
-    let started = std::time::Instant::now();
-    // One request: each part is released once done with (the DiT before the VAE decodes).
-    let gen = pipeline.generate_once(&req, &mut |i, n| {
-        if bar {
-            let w = 30;
-            let done = i * w / n.max(1);
-            let el = started.elapsed().as_secs_f64();
-            eprint!(
-                "\rdenoising [{}{}] {i}/{n}  {el:.1}s",
-                "#".repeat(done),
-                " ".repeat(w - done)
-            );
-            if i == n {
-                eprintln!();
-            }
-        }
-        true
-    })?;
-    let rgb = video::to_rgb8(&gen.frames)?;
-    video::write_mp4(output, &rgb, g.fps)?;
-    video::write_contact_sheet(&sheet, &rgb, 8)?;
-    if let Some(d) = &g.dump {
-        let mut m = std::collections::BTreeMap::new();
-        for (i, l) in gen.latents_steps.iter().enumerate() {
-            m.insert(format!("latents_step{i}"), l.clone());
-        }
-        if let Some(t) = &gen.reference_latents {
-            m.insert(hypernet_io::REFERENCE_LATENTS.into(), t.clone());
-        }
-        if let Some(t) = &gen.hyper_weights {
-            m.insert(hypernet_io::HYPER_WEIGHTS.into(), t.clone());
-        }
-        m.insert("frames".into(), gen.frames.clone());
-        if let Some((p, n)) = dumped_prompts {
-            m.insert(files_io::PROMPT_EMBEDS.into(), p);
-            m.insert(files_io::NEGATIVE_PROMPT_EMBEDS.into(), n);
-        }
-        write_safetensors(d, &m)?;
-    }
-    if g.json {
-        let mut stages = gen.timings;
-        stages.ms.extend(outer.ms);
-        if let (Some(all), Some(mine)) = (&mut stages.peak_rss_mb, outer.peak_rss_mb) {
-            all.extend(mine);
-        }
-        println!(
-            "{}",
-            serde_json::json!({
-                "output": output, "contact_sheet": sheet, "dump": g.dump,
-                "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": checked.steps,
-                "lora": gen.lora.as_ref().map(|l| l.layers.len()),
-                "stages_ms": stages.ms, "wall_ms": t0.elapsed().as_secs_f64() * 1e3,
-                "stage_peak_rss_mb": stages.peak_rss_mb,
-                "dit_steps_ms": stages.steps_ms,
-                "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
-                "pipeline": kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(kind)),
-                "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
-                "machine": v2l_runtime::cpu::this(),
-                "compiled_on": compiled_on,
+            let noise = file.remove(files_io::INITIAL_NOISE).ok_or_else(|| missing(p, files_io::INITIAL_NOISE))?;
+            Ok(NoiseInput::Given {
+                noise,
+                inpaint_noise: file.remove(files_io::INPAINT_NOISE),
+                seed,
             })
-        );
-    } else if !g.quiet {
-        println!(
-            "wrote {} and {} ({} frames of {}x{})",
-            output.display(),
-            sheet.display(),
-            rgb.frames,
-            rgb.width,
-            rgb.height
-        );
+        }
+        (None, Some(seed)) => Ok(NoiseInput::Seed(seed)),
+        (None, None) => Err(Failure::usage("give --seed N or --noise <safetensors>")),
     }
-    Ok(())
+}
+
+fn missing(path: &std::path::Path, name: &str) -> Failure {
+    Failure::from(v2l_runtime::RuntimeError::MissingTensor {
+        path: path.to_path_buf(),
+        name: name.into(),
+    })
+}
+
+/// One tensor of a safetensors file, named in the error when absent.
+fn take_tensor(path: &std::path::Path, name: &str) -> Result<v2l_runtime::Tensor, Failure> {
+    read_safetensors(path)?
+        .remove(name)
+        .ok_or_else(|| missing(path, name))
+}
+
+fn parse_strategy(s: &str) -> Result<v2l_runtime::lora::strategy::Strategy, Failure> {
+    v2l_runtime::lora::strategy::Strategy::parse(s)
+        .ok_or_else(|| Failure::new(format!("--lora-strategy {s}: expected fused, bound or unfused")))
+}
+
+/// `--dump`: every step's latents, the reference's latents and hypernetwork weights, the
+/// frames and the prompt embeddings.
+fn write_dump(
+    d: &std::path::Path,
+    gen: &v2l_runtime::pipeline::Generation,
+    prompts: Option<(v2l_runtime::Tensor, v2l_runtime::Tensor)>,
+) -> Result<(), Failure> {
+    let mut m = std::collections::BTreeMap::new();
+    for (i, l) in gen.latents_steps.iter().enumerate() {
+        m.insert(format!("latents_step{i}"), l.clone());
+    }
+    if let Some(t) = &gen.reference_latents {
+        m.insert(hypernet_io::REFERENCE_LATENTS.into(), t.clone());
+    }
+    if let Some(t) = &gen.hyper_weights {
+        m.insert(hypernet_io::HYPER_WEIGHTS.into(), t.clone());
+    }
+    m.insert("frames".into(), gen.frames.clone());
+    if let Some((p, n)) = prompts {
+        m.insert(files_io::PROMPT_EMBEDS.into(), p);
+        m.insert(files_io::NEGATIVE_PROMPT_EMBEDS.into(), n);
+    }
+    Ok(write_safetensors(d, &m)?)
 }
 
 fn ms_since(t: std::time::Instant) -> f64 {
