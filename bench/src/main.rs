@@ -408,7 +408,7 @@ impl AnonPeak {
 fn fullscale_config(layers: usize) -> Result<serde_json::Value, Failure> {
     // The CogVideoX-Fun-5B-InP config, as listed with the real layer shapes in the fixtures.
     let mut c: serde_json::Value = serde_json::from_str(include_str!(
-        "../../../tests/fixtures/fullscale_linear_shapes.json"
+        "../../tests/fixtures/fullscale_linear_shapes.json"
     ))
     .map_err(|e| Failure::new(format!("embedded shapes: {e}")))?;
     let mut config = c["cogvideox-fun-5b-inp"]["config"].take();

@@ -38,7 +38,7 @@ use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{
-    gaussian_noise, Inputs, LoraInput, MediaInput, NoiseInput, Pipeline, PromptInput, Request,
+    Inputs, LoraInput, MediaInput, NoiseInput, Pipeline, PromptInput,
 };
 use v2l_runtime::request::{Checked, Field, RequestError, Settings};
 use v2l_runtime::video::{self, Frames};

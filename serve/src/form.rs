@@ -10,7 +10,6 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
 use v2l_runtime::request::{check_fps, finite, Field, RequestError, Settings};

@@ -136,24 +136,3 @@ impl JobParams {
     }
 }
 
-impl JobRecord {
-    /// A new job, queued now.
-    pub fn queued(id: &str, params: JobParams) -> JobRecord {
-        JobRecord {
-            id: id.to_string(),
-            kind: params.kind(),
-            state: State::Queued,
-            created_at: now(),
-            started_at: None,
-            finished_at: None,
-            step: 0,
-            steps: 0,
-            error: None,
-            timings: BTreeMap::new(),
-            lora_id: None,
-            lora_cached: None,
-            params,
-        }
-    }
-}
-

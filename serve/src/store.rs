@@ -89,6 +89,27 @@ pub struct JobRecord {
     pub params: JobParams,
 }
 
+impl JobRecord {
+    /// A new job, queued now.
+    pub fn queued(id: &str, params: JobParams) -> JobRecord {
+        JobRecord {
+            id: id.to_string(),
+            kind: params.kind(),
+            state: State::Queued,
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+            step: 0,
+            steps: 0,
+            error: None,
+            timings: BTreeMap::new(),
+            lora_id: None,
+            lora_cached: None,
+            params,
+        }
+    }
+}
+
 /// Why the state directory could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -491,6 +512,7 @@ pub fn load_frames(path: &Path) -> v2l_runtime::Result<v2l_runtime::video::Frame
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::params::VideoParams;
 
     fn job(id: &str) -> JobRecord {
         JobRecord::queued(id, JobParams::Video(VideoParams::sample()))

@@ -25,7 +25,7 @@ use v2l_runtime::RuntimeError;
 
 use crate::cache::LoraCache;
 use crate::config::{Config, EngineFacts};
-use crate::form::{LoraChoice, LoraParams, VideoParams};
+use crate::form::{LoraChoice, VideoParams};
 use crate::jobs::{Jobs, Live, Snapshot};
 use crate::metrics::Metrics;
 use crate::store::{JobError, JobParams, JobRecord, Kind, State};

@@ -11,7 +11,7 @@ use v2l_cli::{check_output, main_with, Failure};
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{LoraInput, MediaInput, NoiseInput, Pipeline, PromptInput};
-use v2l_runtime::request::{self, Field, Settings};
+use v2l_runtime::request::{self, Settings};
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 use v2l_tools::stage::{check_inputs, run_stage, Stage};
 
@@ -624,6 +624,8 @@ fn generate(
     pipeline.set_posterior_sampling(g.posterior_seed);
     pipeline.set_vae_tiling(g.vae_tiling.into());
     let req = built.request;
+    let e = pipeline.engine();
+    let (kind, attention, compiled_on) = (e.pipeline_kind()?, e.attention(), e.compiled_on().cloned());
     let dumped_prompts = (g.dump.as_ref())
         .map(|_| (req.prompt_embeds.clone(), req.negative_prompt_embeds.clone()));
     let bar = !g.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -639,9 +641,8 @@ fn generate(
     }
     if g.json {
         let lora_layers = gen.lora.as_ref().map(|l| l.layers.len());
-        let (mut stages, engine) = (gen.timings, pipeline.engine());
+        let mut stages = gen.timings;
         stages.merge(outer);
-        let kind = engine.pipeline_kind()?;
         println!(
             "{}",
             serde_json::json!({
@@ -651,8 +652,8 @@ fn generate(
                 "stage_peak_rss_mb": stages.peak_rss_mb, "dit_steps_ms": stages.steps_ms,
                 "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
                 "pipeline": kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(kind)),
-                "attention": engine.attention(), "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
-                "machine": v2l_runtime::cpu::this(), "compiled_on": engine.compiled_on(),
+                "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
+                "machine": v2l_runtime::cpu::this(), "compiled_on": compiled_on,
             })
         );
     } else if !g.quiet {

@@ -15,7 +15,7 @@ use v2l_contracts::{PipelineKind, Sampler};
 
 use super::{Request, RequestLora};
 use crate::engine::Engine;
-use crate::error::{Result, RuntimeError};
+use crate::error::Result;
 use crate::lora::AppliedLora;
 use crate::request::Checked;
 use crate::session::SessionOptions;
@@ -210,7 +210,7 @@ impl Inputs {
 
 /// Text-to-video engines (Wan T2V) take no first frame; every other one needs it. The one
 /// rule, for the builder and for a server checking a form before it queues the job.
-pub fn check_first_frame(kind: PipelineKind, given: bool) -> Result<(), RequestError> {
+pub fn check_first_frame(kind: PipelineKind, given: bool) -> std::result::Result<(), RequestError> {
     match (kind.takes_image(), given) {
         (false, true) => Err(RequestError::new(
             Field::Image,
@@ -225,7 +225,7 @@ pub fn check_first_frame(kind: PipelineKind, given: bool) -> Result<(), RequestE
 }
 
 /// Wan engines sample with their flow scheduler; a CogVideoX sampler is refused there.
-pub fn check_sampler(kind: PipelineKind, sampler: Option<Sampler>) -> Result<(), RequestError> {
+pub fn check_sampler(kind: PipelineKind, sampler: Option<Sampler>) -> std::result::Result<(), RequestError> {
     match (kind.family(), sampler) {
         (v2l_contracts::Family::Wan, Some(s)) => Err(RequestError::new(
             Field::Scheduler,
@@ -316,8 +316,8 @@ impl MediaInput {
 }
 
 #[cfg(not(feature = "video"))]
-fn no_video(p: &std::path::Path, _h: usize, _w: usize) -> RuntimeError {
-    RuntimeError::BadFile {
+fn no_video(p: &std::path::Path, _h: usize, _w: usize) -> crate::error::RuntimeError {
+    crate::error::RuntimeError::BadFile {
         path: p.into(),
         message: "this build reads no media files (the runtime's `video` feature)".into(),
     }
