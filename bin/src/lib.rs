@@ -8,6 +8,7 @@
 use std::fmt::Display;
 use std::process::ExitCode;
 use v2l_contracts::io::files as files_io;
+use v2l_contracts::request::Field;
 
 pub mod fuse_checkpoint;
 
@@ -51,15 +52,23 @@ impl From<v2l_export::ExportError> for Failure {
 impl From<v2l_runtime::RuntimeError> for Failure {
     fn from(e: v2l_runtime::RuntimeError) -> Self {
         let hint = e.hint();
+        let mut exit_code = e.kind().exit_code();
         let message = match &e {
             // A request field by its command-line flag: `--frames: 48: must be 1 + 4k …`.
-            v2l_runtime::RuntimeError::Request(r) => request_message(r),
+            v2l_runtime::RuntimeError::Request(r) => {
+                // A flag this engine lacks or does not take (`--image` for a text-to-video
+                // engine, `--scheduler` for Wan): the command line cannot work, as clap's.
+                if matches!(r.field, Field::Image | Field::Scheduler) {
+                    exit_code = 2;
+                }
+                request_message(r)
+            }
             e => e.to_string(),
         };
         Failure {
             message,
             hint,
-            exit_code: e.kind().exit_code(),
+            exit_code,
         }
     }
 }

@@ -1303,7 +1303,7 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
         let first = wan.join("first_frame.png");
         if variant == "i2v" {
             // An image-to-video engine without its first frame: a usage error naming --image.
-            assert_clean_failure_with(&run("v2l-run", &args), 2, "--image is required");
+            assert_clean_failure_with(&run("v2l-run", &args), 2, "--image: required");
             // The CLIP tokens come from the engine's image encoder and processor.
             args.extend(["--image", first.to_str().unwrap()]);
         }

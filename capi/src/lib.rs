@@ -1172,10 +1172,18 @@ pub unsafe extern "C" fn v2l_generator_generate(
             noise: noise_input(&s, p)?,
             sampler: sampler(p)?,
         };
+        let no_frame = p.first_frame.is_null();
         let mut prompts = prompt_encoders(&g)?;
-        let req = inputs
-            .build(&g.engine, &g.opts, &s.checked, &mut prompts)?
-            .request;
+        let req = match inputs.build(&g.engine, &g.opts, &s.checked, &mut prompts) {
+            Ok(built) => built.request,
+            // A first frame the engine needs, passed as NULL: the C ABI's NULL-pointer status.
+            Err(RuntimeError::Request(e)) if e.field == Field::Image && no_frame => {
+                let mut e = request_error("params.", e);
+                e.status = V2lStatus::NullPointer;
+                return Err(e);
+            }
+            Err(e) => return Err(e.into()),
+        };
         drop(prompts);
 
         let mut pipeline = lock(&g)?;
