@@ -712,8 +712,8 @@ fn engine_records_cannot_name_paths_outside_the_engine() {
     // DiT variants, re-hashed.
     for name in ["../outside.onnx", "/etc/passwd"] {
         let mut b: Bundle = serde_json::from_str(&original).unwrap();
-        let variant = b.dit_variants.keys().next().unwrap().clone();
-        b.dit_variants.insert(variant, name.into());
+        let (variant, _) = b.dit_variants.iter().next().unwrap();
+        b.dit_variants.insert(variant, name);
         b.bundle_hash = b.self_hash().unwrap();
         std::fs::write(&record, serde_json::to_string_pretty(&b).unwrap()).unwrap();
         refused(&run(), &[name, "not one of the engine's hashed parts"]);

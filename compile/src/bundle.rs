@@ -21,6 +21,7 @@ use v2l_runtime::bundle::{
 };
 use v2l_runtime::error::RuntimeError;
 use v2l_runtime::lora::strategy::Strategy;
+use v2l_contracts::bundle::{DitVariant, DitVariants, VariantGraph};
 
 /// Whether the backend's runtime gets `com.microsoft.MultiHeadAttention` (ONNX Runtime CPU and
 /// CUDA kernels that never materialise the score matrix). TensorRT keeps the plain
@@ -216,8 +217,8 @@ struct Job<'a> {
 /// What the DiT steps add to the bundle.
 #[derive(Default)]
 struct DitBuild {
-    /// Variant name (`bound`, `unfused`, the precision) → graph file.
-    variants: std::collections::BTreeMap<String, String>,
+    /// Variant (`bound`, `unfused`, the precision, their attention twins) → graph file.
+    variants: DitVariants,
     /// Files the variants wrote (graphs and weight files), for the record's hashes.
     files: Vec<String>,
     accuracy: Vec<crate::accuracy::StageAccuracy>,
@@ -454,7 +455,8 @@ impl<'a> Job<'a> {
             .map_err(pass_err)?,
         };
         let chunked = matches!(weights, LowWeights::Quantized { .. });
-        self.write_dit_graph(tmp, self.precision.name(), &file, &model, chunked, out)?;
+        let graph = VariantGraph::Precision(self.precision);
+        self.write_dit_graph(tmp, graph, &file, &model, chunked, out)?;
         // Accuracy is measured on the CPU: a typed fp16/bf16 graph (GPU backends) through its
         // emulated form, which is only written for this.
         out.emulated = match &weights {
@@ -488,7 +490,8 @@ impl<'a> Job<'a> {
         if tmp.join(&data).exists() {
             out.files.push(data);
         }
-        out.variants.insert(self.precision.name().to_string(), file);
+        out.variants
+            .insert(DitVariant::of(VariantGraph::Precision(self.precision)), file);
         Ok(Some(weights))
     }
 
@@ -500,7 +503,7 @@ impl<'a> Job<'a> {
     fn write_dit_graph(
         &self,
         tmp: &Path,
-        variant: &str,
+        graph: VariantGraph,
         file: &str,
         model: &ModelProto,
         chunked: bool,
@@ -519,7 +522,7 @@ impl<'a> Job<'a> {
         let twin = file.replace(".onnx", "_ort.onnx");
         write(&tmp.join(&twin), model)?;
         out.files.push(twin.clone());
-        out.variants.insert(format!("{variant}.ort"), twin);
+        out.variants.insert(DitVariant::of(graph).twin(), twin);
         let mut ours = model.clone();
         v2l_graphs::passes::v2l_attention(&mut ours);
         write(&tmp.join(file), &ours)
@@ -542,13 +545,18 @@ impl<'a> Job<'a> {
             path: src.into(),
             source,
         };
-        for (variant, file) in [("bound", "dit_bound.onnx"), ("unfused", "dit_unfused.onnx")] {
+        for (strategy, file) in [
+            (Strategy::Bound, "dit_bound.onnx"),
+            (Strategy::Unfused, "dit_unfused.onnx"),
+        ] {
             let mut model = base.clone();
-            match (variant, low) {
+            match (strategy, low) {
                 // `bound` feeds f32 weights by reference; a low-precision engine has none.
-                ("bound", Some(_)) => continue,
-                ("bound", None) => v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
-                    .map_err(pass_err)?,
+                (Strategy::Bound, Some(_)) => continue,
+                (Strategy::Bound, None) => {
+                    v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)
+                        .map_err(pass_err)?
+                }
                 (_, low) => {
                     v2l_graphs::passes::add_lora_branches(&mut model, &names).map_err(pass_err)?;
                     if let Some(low) = low {
@@ -557,9 +565,10 @@ impl<'a> Job<'a> {
                 }
             }
             let chunked = matches!(low, None | Some(LowWeights::Quantized { .. }));
-            self.write_dit_graph(tmp, variant, file, &model, chunked, out)?;
+            let graph = VariantGraph::Strategy(strategy);
+            self.write_dit_graph(tmp, graph, file, &model, chunked, out)?;
             out.files.push(file.to_string());
-            out.variants.insert(variant.to_string(), file.to_string());
+            out.variants.insert(DitVariant::of(graph), file);
         }
         Ok(())
     }
@@ -578,8 +587,8 @@ impl<'a> Job<'a> {
             let mut variants = dit.variants.clone();
             if let Some(p) = dit.emulated.as_ref().and_then(|p| p.file_name()) {
                 variants.insert(
-                    self.precision.name().to_string(),
-                    p.to_string_lossy().into_owned(),
+                    DitVariant::of(VariantGraph::Precision(self.precision)),
+                    p.to_string_lossy(),
                 );
             }
             let engine = |bundle| v2l_runtime::engine::Engine {
@@ -687,16 +696,16 @@ fn write_graph(p: &Path, model: &ModelProto) -> Result<()> {
 fn check_tensorrt_graphs(
     dir: &Path,
     export_file: &str,
-    variants: &std::collections::BTreeMap<String, String>,
+    variants: &DitVariants,
     precision: Precision,
     targets: &[LoraTarget],
 ) -> Result<()> {
     use v2l_graphs::DType;
     let stored = |t: &LoraTarget| DType::parse(&t.dtype).filter(|d| d.is_float());
-    let fp32 = (precision == Precision::Fp32).then_some(("fp32", export_file));
+    let fp32 = (precision == Precision::Fp32).then_some((None, export_file));
     for (variant, file) in variants
         .iter()
-        .map(|(v, f)| (v.as_str(), f.as_str()))
+        .map(|(v, f)| (Some(v.graph), f))
         .chain(fp32)
     {
         let path = dir.join(file);
@@ -705,7 +714,7 @@ fn check_tensorrt_graphs(
             .iter()
             .map(|t| {
                 let d = match variant {
-                    "bound" => DType::F32,
+                    Some(VariantGraph::Strategy(Strategy::Bound)) => DType::F32,
                     _ => stored(t).unwrap_or(DType::F32),
                 };
                 (t.initializer.clone(), d)

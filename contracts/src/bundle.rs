@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::variants::{DitVariant, DitVariants, VariantGraph};
+
 /// Why a bundle record cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -72,7 +74,7 @@ impl Attention {
 }
 
 /// Numeric precision of an engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
@@ -96,7 +98,7 @@ impl Precision {
 }
 
 /// How a LoRA reaches the DiT's weights (docs/usage.md, "LoRA strategies").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     #[default]
@@ -163,7 +165,7 @@ pub struct Bundle {
     /// DiT graph variants for the LoRA strategies that keep one session: `bound` (targeted
     /// weights are also inputs) and `unfused` (a low-rank branch per targeted layer).
     #[serde(default)]
-    pub dit_variants: std::collections::BTreeMap<String, String>,
+    pub dit_variants: DitVariants,
     /// `unfused`: the rank every LoRA factor is padded to (`v2l-compile --max-rank`), so GPU
     /// engines see one factor shape; `None` on the CPU, where factors keep their own rank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -384,8 +386,8 @@ impl Bundle {
             }
         }
         // A graph variant is loaded by name: it must be one of the hashed parts.
-        for (variant, name) in &bundle.dit_variants {
-            if !bundle.files.iter().any(|f| &f.name == name) {
+        for (variant, name) in bundle.dit_variants.iter() {
+            if !bundle.files.iter().any(|f| f.name == name) {
                 return Err(bad(format!(
                     "DiT variant `{variant}` names `{name}`, which is not one of the engine's hashed parts"
                 )));

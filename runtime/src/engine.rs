@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use v2l_contracts::family::WanDitConfig;
+use v2l_contracts::bundle::{Strategy, VariantGraph};
 use v2l_contracts::{Family, Manifest};
 
 use crate::error::{Result, RuntimeError};
@@ -164,7 +165,7 @@ impl Engine {
         let (Some(d), Some(b)) = (self.manifest.dit.as_ref(), self.bundle.as_ref()) else {
             return Vec::new();
         };
-        if !b.dit_variants.contains_key("unfused") {
+        if !b.dit_variants.has(VariantGraph::Strategy(Strategy::Unfused)) {
             return Vec::new();
         }
         let (Some(frames), Some(height), Some(width)) = self.default_size() else {
@@ -237,7 +238,7 @@ impl Engine {
             .ok_or_else(|| self.missing("DiT", "dit"))?;
         let variant = self.bundle.as_ref().and_then(|b| {
             (b.precision != crate::backend::Precision::Fp32)
-                .then(|| self.dit_variant(b.precision.name()))
+                .then(|| self.dit_variant(VariantGraph::Precision(b.precision)))
                 .flatten()
         });
         Ok(self.dir.join(variant.unwrap_or(&e.file)))
@@ -250,19 +251,18 @@ impl Engine {
         self.bundle.as_ref().is_some_and(|b| {
             b.attention == crate::bundle::Attention::Bf16
                 && crate::attention::Kernel::detect() != crate::attention::Kernel::Bf16
-                && b.dit_variants.keys().any(|k| k.ends_with(".ort"))
+                && b.dit_variants.has_ort_twins()
         })
     }
 
-    /// The bundle's graph file of DiT variant `name` (`int8`, `unfused`, `bound`): on a CPU
+    /// The bundle's graph file of DiT variant `graph` (`int8`, `unfused`, `bound`): on a CPU
     /// without v2l's bf16 attention kernel, its twin on ONNX Runtime's attention.
-    pub fn dit_variant(&self, name: &str) -> Option<&str> {
+    pub fn dit_variant(&self, graph: VariantGraph) -> Option<&str> {
         let b = self.bundle.as_ref()?;
         self.attention_fallback()
-            .then(|| b.dit_variants.get(&format!("{name}.ort")))
+            .then(|| b.dit_variants.file(graph, true))
             .flatten()
-            .or_else(|| b.dit_variants.get(name))
-            .map(String::as_str)
+            .or_else(|| b.dit_variants.file(graph, false))
     }
 
     /// What the DiT's attention runs on in this process, for `v2l-run --json` and logs:

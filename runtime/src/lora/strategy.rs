@@ -43,12 +43,13 @@ pub struct DitRunner {
     max_rank: Option<usize>,
 }
 
-fn variant(dir: &Engine, name: &str) -> Result<PathBuf> {
-    dir.dit_variant(name)
+fn variant(dir: &Engine, strategy: Strategy) -> Result<PathBuf> {
+    let graph = v2l_contracts::bundle::VariantGraph::Strategy(strategy);
+    dir.dit_variant(graph)
         .map(|f| dir.dir.join(f))
         .ok_or_else(|| RuntimeError::Invalid {
             what: dir.dir.display().to_string(),
-            message: format!("the `{name}` LoRA strategy needs an engine bundle with its DiT variant; run `v2l-compile` on the export"),
+            message: format!("the `{}` LoRA strategy needs an engine bundle with its DiT variant; run `v2l-compile` on the export", strategy.name()),
         })
 }
 
@@ -222,10 +223,10 @@ impl DitRunner {
                 let sw =
                     SwitchableWeights::from_base(mapped_base(&dir.dir.join(&e.file), &targets)?);
                 weights = Some(sw);
-                Model::load(&variant(dir, "bound")?, opts)?
+                Model::load(&variant(dir, Strategy::Bound)?, opts)?
             }
             Strategy::Unfused => {
-                let mut m = Model::load(&variant(dir, "unfused")?, &dir.dit_options(opts))?;
+                let mut m = Model::load(&variant(dir, Strategy::Unfused)?, &dir.dit_options(opts))?;
                 let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
                 write_factors(&mut m, &targets, &[None], pad)?;
                 m
