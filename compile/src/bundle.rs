@@ -22,6 +22,7 @@ use v2l_runtime::bundle::{
 use v2l_runtime::error::RuntimeError;
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_contracts::bundle::{DitVariant, DitVariants, VariantGraph};
+use v2l_contracts::dtype::Stored;
 
 /// Whether the backend's runtime gets `com.microsoft.MultiHeadAttention` (ONNX Runtime CPU and
 /// CUDA kernels that never materialise the score matrix). TensorRT keeps the plain
@@ -285,7 +286,7 @@ impl<'a> Job<'a> {
                 targets.push(LoraTarget {
                     initializer: name.to_string(),
                     shape: [t.out_features, t.in_features],
-                    dtype: dtype.to_string(),
+                    dtype: Stored::Float(dtype),
                 });
             }
             Ok(())
@@ -293,14 +294,14 @@ impl<'a> Job<'a> {
         .map_err(io(&model))?;
         if let Some(t) = targets
             .iter()
-            .find(|t| t.dtype != v2l_graphs::DType::F32.name())
+            .find(|t| t.dtype != Stored::Float(v2l_graphs::DType::F32))
         {
             if self.precision == Precision::Fp32 {
                 return Err(CompileError::Invalid {
                     what: self.dir.display().to_string(),
                     message: format!(
                         "stores its DiT weights as {} (`{}`); an fp32 engine takes an export with f32 weights (`v2l-export dit --weight-dtype f32`), or compile this one with --precision int8",
-                        t.dtype, t.initializer
+                        t.dtype.name(), t.initializer
                     ),
                 });
             }
@@ -323,17 +324,16 @@ impl<'a> Job<'a> {
                     if quantised_as(&t.initializer, WeightQuant::Int8) != Some(WeightQuant::Int8) {
                         continue;
                     }
-                    v2l_runtime::lora::apply::Stored::Qdq.name()
+                    Stored::Qdq
                 }
                 (_, Some(q)) => match quantised_as(&t.initializer, q) {
-                    Some(q) => q.name(),
+                    Some(q) => Stored::Quantized(q),
                     None => continue,
                 },
-                (Precision::Fp16, _) => v2l_graphs::DType::F16.name(),
-                (Precision::Bf16, _) => v2l_graphs::DType::BF16.name(),
+                (Precision::Fp16, _) => Stored::Float(v2l_graphs::DType::F16),
+                (Precision::Bf16, _) => Stored::Float(v2l_graphs::DType::BF16),
                 _ => continue,
-            }
-            .into();
+            };
         }
         Ok((hash.finish(), targets))
     }
@@ -701,7 +701,10 @@ fn check_tensorrt_graphs(
     targets: &[LoraTarget],
 ) -> Result<()> {
     use v2l_graphs::DType;
-    let stored = |t: &LoraTarget| DType::parse(&t.dtype).filter(|d| d.is_float());
+    let stored = |t: &LoraTarget| match t.dtype {
+        Stored::Float(d) => Some(d),
+        _ => None,
+    };
     let fp32 = (precision == Precision::Fp32).then_some((None, export_file));
     for (variant, file) in variants
         .iter()
@@ -802,7 +805,7 @@ fn calibrate_dit(
 ) -> Result<crate::calibrate::CalibrationRecord> {
     let weights: Vec<String> = targets
         .iter()
-        .filter(|t| t.dtype == v2l_runtime::lora::apply::Stored::Qdq.name())
+        .filter(|t| t.dtype == Stored::Qdq)
         .map(|t| t.initializer.clone())
         .collect();
     let mut observed = base.clone();
@@ -841,7 +844,10 @@ fn lower_dit(
         Precision::Int8 | Precision::Int4 => {
             let weights: Vec<(String, WeightQuant)> = targets
                 .iter()
-                .filter_map(|t| Some((t.initializer.clone(), WeightQuant::parse(&t.dtype)?)))
+                .filter_map(|t| match t.dtype {
+                    Stored::Quantized(q) => Some((t.initializer.clone(), q)),
+                    _ => None,
+                })
                 .collect();
             let q = passes::quantize_linears(model, src, &weights, data)?;
             return Ok(LowWeights::Quantized {

@@ -33,7 +33,6 @@ pub mod latent;
 pub mod manifest;
 pub mod noise;
 pub mod request;
-pub mod variants;
 
 pub use family::{Family, PipelineKind, Sampler};
 pub use latent::LatentGrid;

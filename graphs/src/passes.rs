@@ -23,7 +23,7 @@ pub use gelu::fuse_gelu;
 pub use precision::{
     keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile, KEEP_IN_FP32,
 };
-pub use quantize::{quantize_linears, use_quantized_weights, Quantized, WeightQuant};
+pub use quantize::{quantize_linears, use_quantized_weights, QuantScheme, Quantized, WeightQuant};
 pub use schedule::carried_outputs_first;
 
 /// The initializer behind a node input: the input itself, or for weights stored as f16/bf16

@@ -16,8 +16,8 @@ pub fn stored(bundle: &Bundle) -> std::collections::BTreeMap<String, Stored> {
         .lora_targets
         .iter()
         .filter_map(|t| {
-            let s = Stored::parse(&t.dtype)?;
-            (s != Stored::Float(v2l_graphs::DType::F32)).then(|| (t.initializer.clone(), s))
+            (t.dtype != Stored::Float(v2l_graphs::DType::F32))
+                .then(|| (t.initializer.clone(), t.dtype))
         })
         .collect()
 }

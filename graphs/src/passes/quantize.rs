@@ -37,64 +37,21 @@ const ACCURACY_8BIT: i64 = 4;
 /// One tensor of a quantised weight: (type, dims, little-endian bytes).
 pub type QuantTensor = (DType, Vec<i64>, Vec<u8>);
 
-/// How a quantised engine stores its linear weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightQuant {
-    /// `DynamicQuantizeMatMul`: int8 per output channel, activations u8 per tensor. Engines
-    /// compiled before [`WeightQuant::Int8U8`] store this; ONNX Runtime's u8·s8 kernel on CPUs
-    /// without VNNI saturates on it (`v2l_runtime::cpu`), so it is read, no longer written.
-    Int8,
-    /// `DynamicQuantizeMatMul` with the same symmetric int8 codes stored as u8 (`q + 128`,
-    /// zero point 128 per output channel): ONNX Runtime then runs its u8·u8 kernel, whose
-    /// int16 operands and int32 pair sums cannot saturate on any x86-64 CPU. Same values and
-    /// accuracy as [`WeightQuant::Int8`]; about half its GEMM speed on VNNI CPUs
-    /// (docs/precision.md, "int8 on every CPU").
-    Int8U8,
-    /// `MatMulNBits`, 4 bits in blocks of 32.
-    Int4,
-    /// `MatMulNBits`, 8 bits in blocks of 32 ([`ACCURACY_8BIT`]): for the conditioning
-    /// linears of an integer engine (one row per sample, a memory-bound GEMV whose error
-    /// scales every token), at 1.125 bytes a weight instead of f32's 4.
-    Int8Block,
-}
+pub use v2l_contracts::dtype::WeightQuant;
 
-impl WeightQuant {
-    /// The name in a bundle's target table (`dtype`).
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightQuant::Int8 => "i8",
-            WeightQuant::Int8U8 => "u8",
-            WeightQuant::Int4 => "i4",
-            WeightQuant::Int8Block => "i8b",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<WeightQuant> {
-        [
-            WeightQuant::Int8,
-            WeightQuant::Int8U8,
-            WeightQuant::Int4,
-            WeightQuant::Int8Block,
-        ]
-        .into_iter()
-        .find(|q| q.name() == name)
-    }
-
-    /// Names of the quantised weight and its scales that replace the f32 initializer `weight`
-    /// (`<module>.weight`): int8 `[in, out]` + `[out]`; int4 `[out, blocks, 16]` u8 +
-    /// `[out·blocks]`.
-    pub fn names(self, weight: &str) -> [String; 2] {
-        match self {
-            WeightQuant::Int8 => [format!("{weight}.int8"), format!("{weight}.scale")],
-            WeightQuant::Int8U8 => [format!("{weight}.u8"), format!("{weight}.scale")],
-            WeightQuant::Int4 => [format!("{weight}.int4"), format!("{weight}.int4_scale")],
-            WeightQuant::Int8Block => [format!("{weight}.q8b"), format!("{weight}.q8b_scale")],
-        }
-    }
-
+/// What a [`WeightQuant`] scheme writes into a graph: its weights' tensors and zero point.
+pub trait QuantScheme {
     /// The zero point's initializer, for the schemes that have one: `[out]` u8, all 128. It
     /// is the same for every weight of a shape, so a LoRA fused at run time leaves it as is.
-    pub fn zero_point(self, weight: &str, out: usize) -> Option<(String, QuantTensor)> {
+    fn zero_point(self, weight: &str, out: usize) -> Option<(String, QuantTensor)>;
+
+    /// Quantises one `[out, inp]` weight: the two tensors [`WeightQuant::names`] names, as
+    /// (dtype, dims, bytes), or `None` when the values are not `out × inp` finite floats.
+    fn quantize(self, w: &[f32], out: usize, inp: usize) -> Option<[QuantTensor; 2]>;
+}
+
+impl QuantScheme for WeightQuant {
+    fn zero_point(self, weight: &str, out: usize) -> Option<(String, QuantTensor)> {
         (self == WeightQuant::Int8U8).then(|| {
             (
                 format!("{weight}.zero_point"),
@@ -103,9 +60,7 @@ impl WeightQuant {
         })
     }
 
-    /// Quantises one `[out, inp]` weight: the two tensors [`WeightQuant::names`] names, as
-    /// (dtype, dims, bytes), or `None` when the values are not `out × inp` finite floats.
-    pub fn quantize(self, w: &[f32], out: usize, inp: usize) -> Option<[QuantTensor; 2]> {
+    fn quantize(self, w: &[f32], out: usize, inp: usize) -> Option<[QuantTensor; 2]> {
         let (o, i) = (out as i64, inp as i64);
         match self {
             WeightQuant::Int8 => {
@@ -139,15 +94,15 @@ impl WeightQuant {
             }
         }
     }
+}
 
-    /// Bits a block-wise code holds.
-    fn bits(self) -> u32 {
-        match self {
-            WeightQuant::Int4 => 4,
-            WeightQuant::Int8 | WeightQuant::Int8U8 | WeightQuant::Int8Block => 8,
-        }
-    }
+/// The graph side of a scheme: its `MatMulNBits` level and the node it writes.
+trait SchemeNode {
+    fn accuracy_level(self) -> i64;
+    fn node(self, weight: &str, x: String, bias: String, out: i64, inp: i64) -> proto::NodeProto;
+}
 
+impl SchemeNode for WeightQuant {
     /// `MatMulNBits`' `accuracy_level`: 4 (activations int8 per block, the VNNI/AMX path) for
     /// the token-wise int4 linears; [`ACCURACY_8BIT`] for the conditioning linears, whose
     /// one-row input is not worth quantising.

@@ -9,39 +9,10 @@ use super::format::{Lora, LoraError, LoraLayer};
 use super::fuse::{fuse_from, Weights, WeightsMut};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
-use v2l_graphs::passes::WeightQuant;
+use v2l_graphs::passes::{QuantScheme, WeightQuant};
 use v2l_graphs::DType;
 
-/// How an engine stores one LoRA-targetable weight (its bundle's target table, `dtype`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stored {
-    Float(DType),
-    Quantized(WeightQuant),
-    /// f32, quantised by the backend through Q/DQ with per-channel scales the engine carries
-    /// (`v2l_contracts::io::QdqNames`): a fused weight brings its recomputed scales.
-    Qdq,
-}
-
-impl Stored {
-    pub fn parse(name: &str) -> Option<Stored> {
-        if name == Stored::Qdq.name() {
-            return Some(Stored::Qdq);
-        }
-        WeightQuant::parse(name).map(Stored::Quantized).or_else(|| {
-            DType::parse(name)
-                .filter(|d| d.is_float())
-                .map(Stored::Float)
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Stored::Float(d) => d.name(),
-            Stored::Quantized(q) => q.name(),
-            Stored::Qdq => "qdq",
-        }
-    }
-}
+pub use v2l_contracts::dtype::Stored;
 
 /// Pairs every LoRA layer with the model's linear layer of the same module path, checking shapes.
 /// A layer that matches nothing is an error (a LoRA for another model must not half-apply).
