@@ -542,7 +542,7 @@ impl fmt::Display for DitVariant {
 impl FromStr for DitVariant {
     type Err = String;
 
-    fn from_str(s: &str) -> Result<DitVariant, String> {
+    fn from_str(s: &str) -> std::result::Result<DitVariant, String> {
         let (name, ort_twin) = match s.strip_suffix(".ort") {
             Some(n) => (n, true),
             None => (s, false),
@@ -565,13 +565,13 @@ impl FromStr for DitVariant {
 }
 
 impl Serialize for DitVariant {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
 impl<'de> Deserialize<'de> for DitVariant {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DitVariant, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<DitVariant, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
     }

@@ -28,6 +28,10 @@ pub enum Field {
     NegativePrompt,
     /// A LoRA file's multiplier.
     LoraWeights,
+    PromptEmbeds,
+    NegativePromptEmbeds,
+    /// Wan I2V: the first frame's CLIP image tokens.
+    ImageEmbeds,
 }
 
 impl Field {
@@ -52,6 +56,9 @@ impl Field {
             Field::Prompt => "prompt",
             Field::NegativePrompt => "negative_prompt",
             Field::LoraWeights => "lora_weights",
+            Field::PromptEmbeds => "prompt_embeds",
+            Field::NegativePromptEmbeds => "negative_prompt_embeds",
+            Field::ImageEmbeds => "image_embeds",
         }
     }
 

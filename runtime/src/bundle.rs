@@ -15,9 +15,7 @@ pub fn stored(bundle: &Bundle) -> std::collections::BTreeMap<String, Stored> {
     bundle
         .lora_targets
         .iter()
-        .filter_map(|t| {
-            (t.dtype != Stored::Float(v2l_graphs::DType::F32))
-                .then(|| (t.initializer.clone(), t.dtype))
-        })
+        .filter(|t| t.dtype != Stored::Float(v2l_graphs::DType::F32))
+        .map(|t| (t.initializer.clone(), t.dtype))
         .collect()
 }

@@ -133,8 +133,8 @@ impl EffectPredictor {
         };
         let (targets, skipped) = match_targets(&dit.lora_targets, side, types, first_id, table);
         if targets.is_empty() {
-            return Err(RuntimeError::Invalid {
-                what: engine.dir.display().to_string(),
+            return Err(RuntimeError::Engine {
+                dir: engine.dir.clone(),
                 message: format!(
                     "no layer of its DiT is one the hypernetwork adapts ({side}×{side} attention projections of types {}); it is made for Wan2.1",
                     types.join(", ")
@@ -284,10 +284,7 @@ impl Graphs {
         kind: Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let take = |out: &mut BTreeMap<String, Tensor>, k: &str| {
-            out.remove(k).ok_or_else(|| RuntimeError::Invalid {
-                what: "effect hypernetwork graph".into(),
-                message: format!("no `{k}` output"),
-            })
+            (out.remove(k)).ok_or_else(|| RuntimeError::missing_output("effect hypernetwork", k))
         };
         let mut out = match self {
             Graphs::Prompt2Effect(m) => m.run(&BTreeMap::from([
@@ -395,8 +392,8 @@ pub fn predict_effects(
             Effect::Prompt(p) => {
                 let len = engine
                     .text_sequence_length()
-                    .ok_or_else(|| RuntimeError::Invalid {
-                        what: engine.dir.display().to_string(),
+                    .ok_or_else(|| RuntimeError::Engine {
+                        dir: engine.dir.clone(),
                         message: "its DiT gives no text sequence length to encode the effect at"
                             .into(),
                     })?;

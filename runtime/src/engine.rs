@@ -110,8 +110,8 @@ impl Engine {
     }
 
     pub fn missing(&self, what: &str, cmd: &str) -> RuntimeError {
-        RuntimeError::Invalid {
-            what: self.dir.display().to_string(),
+        RuntimeError::Engine {
+            dir: self.dir.clone(),
             message: format!(
                 "holds no {what}; export one with `v2l-export {cmd} ... -o {}`",
                 self.dir.display()

@@ -21,6 +21,13 @@ pub enum RuntimeError {
     BadFile { path: PathBuf, message: String },
     #[error("{path}: missing tensor `{name}`")]
     MissingTensor { path: PathBuf, name: String },
+    /// An engine (or export directory) that cannot do what was asked: a component it lacks,
+    /// a record that does not fit the request. Names the directory.
+    #[error("{dir}: {message}")]
+    Engine { dir: PathBuf, message: String },
+    /// An engine graph that lacks an output v2l reads: a graph from another export or tool.
+    #[error("{graph}: the graph has no `{output}` output")]
+    MissingOutput { graph: String, output: String },
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
     /// A stage's output went NaN or infinite: stopped there instead of writing a black video.
@@ -82,6 +89,14 @@ impl ErrorKind {
 }
 
 impl RuntimeError {
+    /// `graph` gave no output `output`.
+    pub fn missing_output(graph: &str, output: &str) -> Self {
+        RuntimeError::MissingOutput {
+            graph: graph.into(),
+            output: output.into(),
+        }
+    }
+
     /// An I/O failure on `path`.
     pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         RuntimeError::Io {
@@ -101,11 +116,13 @@ impl RuntimeError {
             RuntimeError::Io { .. }
             | RuntimeError::BadFile { .. }
             | RuntimeError::MissingTensor { .. }
+            | RuntimeError::MissingOutput { .. }
             | RuntimeError::Manifest(_)
             | RuntimeError::Lora(LoraError::Io { .. })
             | RuntimeError::LiLora(LiLoraError::Io { .. }) => ErrorKind::BadFile,
             RuntimeError::Invalid { .. }
             | RuntimeError::Request(_)
+            | RuntimeError::Engine { .. }
             | RuntimeError::NonFinite { .. } => ErrorKind::BadInput,
             RuntimeError::Cancelled => ErrorKind::Cancelled,
             RuntimeError::Lora(_) | RuntimeError::LiLora(_) | RuntimeError::Fuse { .. } => {

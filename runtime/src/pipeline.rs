@@ -19,6 +19,7 @@ use v2l_contracts::io::vae as vae_io;
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
+use crate::request::{Field, RequestError};
 use crate::flow::FlowScheduler;
 use crate::lora::format::Lora;
 use crate::lora::strategy::{DitRunner, Strategy};
@@ -138,8 +139,8 @@ impl Pipeline {
         opts: &SessionOptions,
         strategy: Strategy,
     ) -> Result<Pipeline> {
-        let sched = dir.manifest.scheduler.clone().ok_or_else(|| RuntimeError::Invalid {
-            what: dir.dir.display().to_string(),
+        let sched = dir.manifest.scheduler.clone().ok_or_else(|| RuntimeError::Engine {
+            dir: dir.dir.clone(),
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
         let kind = dir.pipeline_kind()?;
@@ -156,8 +157,8 @@ impl Pipeline {
                 })
             }
             (Family::Wan, None) => {
-                return Err(RuntimeError::Invalid {
-                    what: dir.dir.display().to_string(),
+                return Err(RuntimeError::Engine {
+                    dir: dir.dir.clone(),
                     message: "a Wan engine without its DiT config".into(),
                 })
             }
@@ -287,46 +288,25 @@ impl Pipeline {
     /// Step 0: the request's sizes against the model, before any work.
     fn check_request(&self, req: &Request) -> Result<LatentShape> {
         let dit = dit_entry(&self.dir)?;
-        let invalid = |what: &str, message: String| RuntimeError::Invalid {
-            what: what.into(),
-            message,
-        };
+        let invalid =
+            |field: Field, message: String| RuntimeError::from(RequestError::new(field, message));
         let wan = self.family.channels_first();
-        let t2v = !self.kind.takes_image();
-        if let (Some(s), true) = (req.sampler, wan) {
-            return Err(invalid(
-                "scheduler",
-                format!(
-                    "`{s}`: a Wan engine ({}) samples with its flow scheduler; give none",
-                    self.kind
-                ),
-            ));
-        }
-        let (h, w) = match (&req.image, t2v) {
-            (Some(_), true) => {
+        // The builder's rules (`Inputs::build`), for requests built by hand too.
+        inputs::check_sampler(self.kind, req.sampler)?;
+        inputs::check_first_frame(self.kind, req.image.is_some())?;
+        let (h, w) = match &req.image {
+            Some(image) if image.frames != 1 => {
                 return Err(invalid(
-                    "image",
-                    "this engine is text-to-video (Wan T2V): it takes no first frame".into(),
-                ))
-            }
-            (None, false) => {
-                return Err(invalid(
-                    "image",
-                    "this engine is image-to-video: give the first frame".into(),
-                ))
-            }
-            (Some(image), false) if image.frames != 1 => {
-                return Err(invalid(
-                    "image",
+                    Field::Image,
                     format!("{} frames; the first frame is one frame", image.frames),
                 ))
             }
-            (Some(image), false) => (image.height, image.width),
-            (None, true) => match req.noise.shape[..] {
+            Some(image) => (image.height, image.width),
+            None => match req.noise.shape[..] {
                 [1, _, _, h, w] => (h * VAE_SPATIAL, w * VAE_SPATIAL),
                 _ => {
                     return Err(invalid(
-                        "noise",
+                        Field::Noise,
                         format!(
                             "shape {:?}; expected [1, C, latent_frames, h, w]",
                             req.noise.shape
@@ -338,7 +318,7 @@ impl Pipeline {
         let m = VAE_SPATIAL * dit.patch_size;
         if h % m != 0 || w % m != 0 || req.frames == 0 || (req.frames - 1) % VAE_TEMPORAL != 0 {
             return Err(invalid(
-                "request",
+                Field::Size,
                 format!(
                     "{w}x{h} with {} frames: height and width must be multiples of {m}, frames 1 + 4k",
                     req.frames
@@ -355,20 +335,18 @@ impl Pipeline {
         };
         if req.noise.shape != shape.dims() {
             return Err(invalid(
-                "noise",
+                Field::Noise,
                 format!("shape {:?}; expected {:?}", req.noise.shape, shape.dims()),
             ));
         }
-        for (name, t) in [
-            (files_io::PROMPT_EMBEDS, &req.prompt_embeds),
-            (
-                files_io::NEGATIVE_PROMPT_EMBEDS,
-                &req.negative_prompt_embeds,
-            ),
-        ] {
+        let prompts = [
+            (Field::PromptEmbeds, &req.prompt_embeds),
+            (Field::NegativePromptEmbeds, &req.negative_prompt_embeds),
+        ];
+        for (field, t) in prompts {
             if !matches!(t.shape[..], [1, _, d] if d == dit.text_embed_dim) {
                 return Err(invalid(
-                    name,
+                    field,
                     format!(
                         "shape {:?}; expected [1, L, {}]",
                         t.shape, dit.text_embed_dim
@@ -381,7 +359,7 @@ impl Pipeline {
                 Some(e) if matches!(e.shape[..], [1, l, w] if l > 0 && w == d) => {}
                 Some(e) => {
                     return Err(invalid(
-                        files_io::IMAGE_EMBEDS,
+                        Field::ImageEmbeds,
                         format!("shape {:?}; expected [1, tokens, {d}]", e.shape),
                     ))
                 }
@@ -389,24 +367,19 @@ impl Pipeline {
                 None if encodes => {}
                 None => {
                     return Err(invalid(
-                        files_io::IMAGE_EMBEDS,
+                        Field::ImageEmbeds,
                         format!("missing: an I2V Wan engine needs the first frame's CLIP tokens [1, tokens, {d}]"),
                     ))
                 }
             }
         }
-        for (name, t) in [
-            (files_io::PROMPT_EMBEDS, &req.prompt_embeds),
-            (
-                files_io::NEGATIVE_PROMPT_EMBEDS,
-                &req.negative_prompt_embeds,
-            ),
-        ] {
+        for (field, t) in prompts {
             // Attention over the text grows with its length: bounded like prompt text.
             let max = crate::request::MAX_SEQUENCE_LENGTH;
             if let Some(&l) = t.shape.get(1).filter(|&&l| l > max) {
-                return Err(invalid(name, format!("{l} tokens; at most {max}")));
+                return Err(invalid(field, format!("{l} tokens; at most {max}")));
             }
+            let name = field.name();
             crate::error::check_finite(|| name.to_string(), t.as_f32(name)?)?;
         }
         if let Some(e) = &req.image_embeds {
@@ -417,7 +390,7 @@ impl Pipeline {
         }
         if req.prompt_embeds.shape != req.negative_prompt_embeds.shape {
             return Err(invalid(
-                files_io::NEGATIVE_PROMPT_EMBEDS,
+                Field::NegativePromptEmbeds,
                 "must have the shape of prompt_embeds".into(),
             ));
         }
@@ -772,8 +745,8 @@ fn dit_entry(dir: &Engine) -> Result<&v2l_contracts::manifest::DitEntry> {
     dir.manifest
         .dit
         .as_ref()
-        .ok_or_else(|| RuntimeError::Invalid {
-            what: dir.dir.display().to_string(),
+        .ok_or_else(|| RuntimeError::Engine {
+            dir: dir.dir.clone(),
             message: "holds no DiT".into(),
         })
 }
@@ -825,8 +798,8 @@ impl LatentShape {
 }
 
 fn no_hypernet(dir: &Engine) -> RuntimeError {
-    RuntimeError::Invalid {
-        what: dir.dir.display().to_string(),
+    RuntimeError::Engine {
+        dir: dir.dir.clone(),
         message:
             "holds no hypernetwork; export with `v2l-export pipeline ... --hypernet F --lilora F`"
                 .into(),

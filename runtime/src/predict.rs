@@ -94,8 +94,8 @@ impl Predictor {
             .manifest
             .hypernet
             .as_ref()
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: dir.dir.display().to_string(),
+            .ok_or_else(|| RuntimeError::Engine {
+                dir: dir.dir.clone(),
                 message: format!(
                     "holds no hypernetwork; export one with `v2l-export hypernet ... -o {}`",
                     dir.dir.display()
@@ -104,16 +104,16 @@ impl Predictor {
         let targets: Vec<LinearInfo> = match &dir.manifest.dit {
             Some(d) => d.lora_targets.clone(),
             None => {
-                return Err(RuntimeError::Invalid {
-                    what: dir.dir.display().to_string(),
+                return Err(RuntimeError::Engine {
+                    dir: dir.dir.clone(),
                     message: "holds no DiT; the LiLoRA layers are checked against it: run `v2l-export dit` too".into(),
                 })
             }
         };
         let lilora = LiLora::load(&dir.dir.join(&e.lilora), &targets)?;
         if lilora.layers.len() != e.dims.num_layers {
-            return Err(RuntimeError::Invalid {
-                what: dir.dir.display().to_string(),
+            return Err(RuntimeError::Engine {
+                dir: dir.dir.clone(),
                 message: format!(
                     "the hypernetwork predicts {} rows but the LiLoRA file has {} layers",
                     e.dims.num_layers,
@@ -143,10 +143,7 @@ impl Predictor {
         self.hypernet
             .run(&inputs)?
             .remove(hypernet_io::HYPER_WEIGHTS)
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: "hypernetwork graph".into(),
-                message: "no `hyper_weights` output".into(),
-            })
+            .ok_or_else(|| RuntimeError::missing_output("hypernetwork", hypernet_io::HYPER_WEIGHTS))
     }
 
     /// Predicts a LoRA from RGB frames. `lora_weight` is upstream's LoRA weight, passed as both

@@ -365,10 +365,7 @@ impl Model {
         .map_err(ort_err(&ctx))?;
         let mut next = BTreeMap::new();
         for (input, output) in links {
-            let v = outs.remove(output).ok_or_else(|| RuntimeError::Invalid {
-                what: ctx.clone(),
-                message: format!("no output `{output}`"),
-            })?;
+            let v = (outs.remove(output)).ok_or_else(|| RuntimeError::missing_output(&ctx, output))?;
             next.insert(input.clone(), v);
         }
         let mut result = BTreeMap::new();

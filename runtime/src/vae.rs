@@ -42,8 +42,8 @@ impl Vae {
             .manifest
             .vae
             .clone()
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: dir.dir.display().to_string(),
+            .ok_or_else(|| RuntimeError::Engine {
+                dir: dir.dir.clone(),
                 message: format!(
                     "holds no VAE; export one with `v2l-export vae ... -o {}`",
                     dir.dir.display()
@@ -183,10 +183,7 @@ impl Vae {
 }
 
 fn missing_output(name: &str) -> RuntimeError {
-    RuntimeError::Invalid {
-        what: "VAE graph".into(),
-        message: format!("no `{name}` output"),
-    }
+    RuntimeError::missing_output("VAE", name)
 }
 
 /// The `[B, C, F, H, W]` of a VAE input with `channels` channels and no empty axis.

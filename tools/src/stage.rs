@@ -451,10 +451,8 @@ pub fn run_stage(
                 wan_feed(&w, inputs, &mut feed)?;
             }
             let (mut out, times) = timed(runs, || m.run(&feed))?;
-            let sample = out.remove("sample").ok_or_else(|| RuntimeError::Invalid {
-                what: dir.dir.display().to_string(),
-                message: "the DiT graph has no `sample` output".into(),
-            })?;
+            let sample = (out.remove("sample"))
+                .ok_or_else(|| RuntimeError::missing_output("DiT", "sample"))?;
             (
                 BTreeMap::from([("sample".to_string(), sample)]),
                 load_ms,
@@ -514,10 +512,7 @@ pub fn run_stage(
             let (mut out, times) = timed(runs, || m.run(&feed))?;
             let embeds =
                 out.remove(text_io::PROMPT_EMBEDS)
-                    .ok_or_else(|| RuntimeError::Invalid {
-                        what: e.file.clone(),
-                        message: "the text encoder graph has no `prompt_embeds` output".into(),
-                    })?;
+                    .ok_or_else(|| RuntimeError::missing_output(&e.file, text_io::PROMPT_EMBEDS))?;
             (
                 BTreeMap::from([(text_io::PROMPT_EMBEDS.to_string(), embeds)]),
                 load_ms,

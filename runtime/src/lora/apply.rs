@@ -9,7 +9,7 @@ use super::format::{Lora, LoraError, LoraLayer};
 use super::fuse::{fuse_from, Weights, WeightsMut};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
-use v2l_graphs::passes::{QuantScheme, WeightQuant};
+use v2l_graphs::passes::QuantScheme;
 use v2l_graphs::DType;
 
 pub use v2l_contracts::dtype::Stored;

@@ -47,8 +47,8 @@ fn variant(dir: &Engine, strategy: Strategy) -> Result<PathBuf> {
     let graph = v2l_contracts::bundle::VariantGraph::Strategy(strategy);
     dir.dit_variant(graph)
         .map(|f| dir.dir.join(f))
-        .ok_or_else(|| RuntimeError::Invalid {
-            what: dir.dir.display().to_string(),
+        .ok_or_else(|| RuntimeError::Engine {
+            dir: dir.dir.clone(),
             message: format!("the `{}` LoRA strategy needs an engine bundle with its DiT variant; run `v2l-compile` on the export", strategy.name()),
         })
 }
@@ -203,8 +203,8 @@ impl DitRunner {
         let model = match strategy {
             Strategy::Fused => dir.dit(opts)?,
             Strategy::Bound if dir.precision() != crate::backend::Precision::Fp32 => {
-                return Err(RuntimeError::Invalid {
-                    what: dir.dir.display().to_string(),
+                return Err(RuntimeError::Engine {
+                    dir: dir.dir.clone(),
                     message: format!(
                         "the `bound` LoRA strategy feeds f32 weights; this {} engine uses `unfused` or `fused`",
                         dir.precision().name()

@@ -216,10 +216,8 @@ pub(super) fn run(
         let t = Instant::now();
         let out = dit.run(&inputs)?;
         dit_ms.push(ms(t));
-        let sample = out.get(io::SAMPLE).ok_or_else(|| RuntimeError::Invalid {
-            what: "DiT".into(),
-            message: format!("no `{}` output", io::SAMPLE),
-        })?;
+        let sample = (out.get(io::SAMPLE))
+            .ok_or_else(|| RuntimeError::missing_output("DiT", io::SAMPLE))?;
         let sample = sample.as_f32(io::SAMPLE)?;
         let mut at = 0;
         for (k, (l, trail)) in lanes.iter_mut().zip(&mut done).enumerate() {

@@ -129,10 +129,7 @@ impl ImageEncoder {
         self.model
             .run(&feed)?
             .remove(image_io::IMAGE_EMBEDS)
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: "image encoder".into(),
-                message: "the graph has no `image_embeds` output".into(),
-            })
+            .ok_or_else(|| RuntimeError::missing_output("image encoder", image_io::IMAGE_EMBEDS))
     }
 }
 

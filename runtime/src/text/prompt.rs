@@ -128,8 +128,8 @@ impl PromptEncoder {
             .ok_or_else(|| engine.missing("text encoder", "text-encoder"))?;
         let dir = engine.dir.join(&e.tokenizer);
         if e.tokenizer.is_empty() || !dir.is_dir() {
-            return Err(RuntimeError::Invalid {
-                what: engine.dir.display().to_string(),
+            return Err(RuntimeError::Engine {
+                dir: engine.dir.clone(),
                 message: "has a text encoder but no tokenizer; export the pipeline directory (its tokenizer/ is copied), or pass --prompt-embeds".into(),
             });
         }
@@ -185,10 +185,7 @@ impl PromptEncoder {
             .model
             .run(&feed)?
             .remove(text_io::PROMPT_EMBEDS)
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: "text encoder".into(),
-                message: "the graph has no `prompt_embeds` output".into(),
-            })?;
+            .ok_or_else(|| RuntimeError::missing_output("text encoder", text_io::PROMPT_EMBEDS))?;
         if self.wan {
             // Wan keeps the first `mask.sum()` rows and pads with zeros.
             if let crate::tensor::Data::F32(v) = &mut embeds.data {
