@@ -16,6 +16,7 @@ use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{Generation, Pipeline, Request, RequestLora};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
+use crate::common::tolerance::EFFECT_REL_L2;
 use crate::common::{self, frames_of, tiny};
 
 fn load(engine: &Path) -> Pipeline {
@@ -123,7 +124,7 @@ fn solo_equals_batch(p: &mut Pipeline, reqs: &[Request], dir: &Path) -> f64 {
                 batch[j].latents_steps.last().unwrap(),
             );
             assert!(
-                a.rel_l2(b) > 1e-3,
+                a.rel_l2(b) > EFFECT_REL_L2,
                 "requests {i} and {j} gave the same latents"
             );
         }

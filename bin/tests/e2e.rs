@@ -1,7 +1,10 @@
 //! End to end against diffusers' `CogVideoXImageToVideoPipeline` on the tiny model (fixture
 //! `e2e_io`): export, compile, then generate without and with the Video2LoRA reference.
 
-use crate::common::tolerance::{EFFECT_REL_L2, F32_REL_L2, FRAMES_MAE, STEPS_REL_L2};
+use crate::common::tolerance::{
+    BF16_REL_L2, EFFECT_REL_L2, F32_REL_L2, FP16_REL_L2, FRAMES_MAE, INT4_REL_L2, INT8_REL_L2,
+    SAME_F32_REL_L2, STEPS_REL_L2,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -360,7 +363,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
         let close_to_y = |what: &str, latents: Tensor| {
             let err = latents.rel_l2(&ly);
             eprintln!("{strategy:?}: {what} vs Y alone: latents relative L2 {err:.3e}");
-            assert!(err <= 1e-5, "{strategy:?}: {what}");
+            assert!(err <= SAME_F32_REL_L2, "{strategy:?}: {what}");
         };
         close_to_y(
             "merged (Y, X at weight 0)",
@@ -389,7 +392,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
     for (s, fx, fy) in &results[1..] {
         let (ex, ey) = (fx.rel_l2(&results[0].1), fy.rel_l2(&results[0].2));
         eprintln!("{s:?} vs fused: latents relative L2 X {ex:.3e}, Y {ey:.3e}");
-        assert!(fx.rel_l2(&results[0].1) <= 1e-4 && fy.rel_l2(&results[0].2) <= 1e-4);
+        assert!(fx.rel_l2(&results[0].1) <= F32_REL_L2 && fy.rel_l2(&results[0].2) <= F32_REL_L2);
     }
 }
 
@@ -464,7 +467,7 @@ fn u8s8_int8_engines_follow_the_cpu() {
     assert!(e <= 1e-6, "{e:.2e}");
 }
 
-/// An int8 engine (int8 DiT linears): within 2e-2 of PyTorch's f32 output, with and without a
+/// An int8 engine (int8 DiT linears): within `INT8_REL_L2` (1e-2) of PyTorch's f32 output, with and without a
 /// LoRA, under both LoRA strategies (`unfused`, an f32 branch beside the int8 weights, is the
 /// default; `fused` re-quantises from the f32 base).
 #[test]
@@ -472,7 +475,7 @@ fn int8_engine_tracks_fp32_and_switches_loras_exactly() {
     // Within 1e-2 on every x86-64 CPU: its u8 weights take ONNX Runtime's u8·u8 kernel, which
     // cannot saturate (4.0e-3 base, 4.4e-3 / 5.4e-3 with the LoRA, on AVX2-only and on AVX-512
     // VNNI alike; the u8·s8 kernel without VNNI gave 1.9e-2 / 3.5e-2).
-    low_precision_engine("int8", "unfused", 1e-2);
+    low_precision_engine("int8", "unfused", INT8_REL_L2);
 }
 
 /// An int4 engine (MatMulNBits, 4-bit blocks of 32): no bound in the precision issue; 4-bit
@@ -480,7 +483,7 @@ fn int8_engine_tracks_fp32_and_switches_loras_exactly() {
 /// 5e-2 here.
 #[test]
 fn int4_engine_tracks_fp32_and_switches_loras_exactly() {
-    low_precision_engine("int4", "unfused", 5e-2);
+    low_precision_engine("int4", "unfused", INT4_REL_L2);
 }
 
 /// A bf16 engine (emulated on the CPU: bf16 weights and activations, f32 compute per op):
@@ -488,13 +491,13 @@ fn int4_engine_tracks_fp32_and_switches_loras_exactly() {
 /// (the default) or kept as f32 branches.
 #[test]
 fn bf16_engine_tracks_fp32_and_switches_loras_exactly() {
-    low_precision_engine("bf16", "fused", 2e-2);
+    low_precision_engine("bf16", "fused", BF16_REL_L2);
 }
 
 /// An fp16 engine: as bf16, within 5e-3.
 #[test]
 fn fp16_engine_tracks_fp32_and_switches_loras_exactly() {
-    low_precision_engine("fp16", "fused", 5e-3);
+    low_precision_engine("fp16", "fused", FP16_REL_L2);
 }
 
 /// An engine below fp32: its DiT within `bound` of PyTorch's f32 output on the fixture, with
@@ -511,7 +514,7 @@ fn low_precision_engine(precision: &str, default_strategy: &str, bound: f64) {
 /// (`v2l_compile::calibrate::ATTENTION_OUTPUT_HEADROOM`) the LoRA clipped: 1.5e-2 / 1.7e-2.
 #[test]
 fn static_int8_engine_tracks_fp32_and_switches_loras_exactly() {
-    low_precision_engine_with("int8", &["--calibration-samples", "8"], "unfused", 1e-2);
+    low_precision_engine_with("int8", &["--calibration-samples", "8"], "unfused", INT8_REL_L2);
 }
 
 fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &str, bound: f64) {
@@ -532,7 +535,7 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
     // The compile-time accuracy record: the DiT, measured, below the bound.
     let recorded = bundle["accuracy"][0]["rel_l2"].as_f64().unwrap();
     assert_eq!(bundle["accuracy"][0]["stage"], "dit");
-    assert!(recorded > 1e-5 && recorded <= bound, "{recorded}");
+    assert!(recorded > SAME_F32_REL_L2 && recorded <= bound, "{recorded}");
     // ... on this machine, named with the ISA flags read from it.
     let machine = &bundle["accuracy"][0]["machine"];
     assert!(
@@ -594,7 +597,7 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
             "{strategy:?}: {precision} DiT vs PyTorch f32: base {e_base:.3e}, LoRA {e_y:.3e}"
         );
         assert!(
-            e_base > 1e-5,
+            e_base > SAME_F32_REL_L2,
             "{strategy:?}: the {precision} engine ran f32 weights"
         );
         assert!(e_base <= bound && e_y <= bound, "{strategy:?}");
@@ -699,7 +702,7 @@ fn prompt_text_generation_matches_the_stock_pipeline() {
     for k in ["prompt_embeds", "negative_prompt_embeds"] {
         let e = got[k].rel_l2(&want[k]);
         eprintln!("{k}: relative L2 {e:.3e}");
-        assert!(e <= 1e-5, "{k}: {e}");
+        assert!(e <= SAME_F32_REL_L2, "{k}: {e}");
     }
     let m = mae(&got["frames"], &want["frames"]);
     eprintln!("frames from prompt text: MAE {m:.3e}");
@@ -729,7 +732,7 @@ fn prompt_text_generation_matches_the_stock_pipeline() {
             "{suffix} ids"
         );
         let e = r["prompt_embeds"].rel_l2(&io[&format!("prompt_embeds_{suffix}")]);
-        assert!(e <= 1e-5, "{suffix}: {e}");
+        assert!(e <= SAME_F32_REL_L2, "{suffix}: {e}");
     }
 
     // The cache: the same text at the same length is encoded once.

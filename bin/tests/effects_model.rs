@@ -17,6 +17,7 @@ use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 use v2l_tools::measure::measure;
 
 use crate::common;
+use crate::common::tolerance::F32_REL_L2;
 use common::{effects_model, engine_of, frames_of};
 
 fn fixture() -> std::path::PathBuf {
@@ -79,14 +80,14 @@ fn trained_model_matches_diffusers() {
                 g.reference_latents.as_ref().unwrap(),
                 &io,
                 &format!("{name}_reference_latents"),
-                1e-4,
+                F32_REL_L2,
             );
             close(
                 name,
                 g.hyper_weights.as_ref().unwrap(),
                 &io,
                 &format!("{name}_hyper_weights"),
-                1e-4,
+                F32_REL_L2,
             );
         }
         assert_eq!(g.latents_steps.len(), steps);
@@ -135,7 +136,7 @@ fn trained_model_matches_diffusers() {
             &with,
             &dit_io,
             "output_with_lilora",
-            1e-4,
+            F32_REL_L2,
         );
     }
 }

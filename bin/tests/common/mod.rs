@@ -146,4 +146,17 @@ pub mod tolerance {
     pub const DECODE_REL_L2: f64 = 5e-3;
     /// Below this relative L2 a LoRA, or a switch between two, had no effect.
     pub const EFFECT_REL_L2: f64 = 1e-3;
+    /// One float32 computation done two ways (a LoRA fused or as a branch, a batch or each
+    /// request alone, a format converted and back): only the order of summation differs.
+    pub const SAME_F32_REL_L2: f64 = 1e-5;
+    /// The same float32 arithmetic, up to rounding (an exact rewrite).
+    pub const ROUNDING_F32_REL_L2: f64 = 1e-6;
+    /// Low-precision DiT engines against PyTorch float32 (relative L2 of the output), with and
+    /// without a LoRA: what each format's weights and accumulation allow (docs/precision.md).
+    pub const FP16_REL_L2: f64 = 5e-3;
+    pub const BF16_REL_L2: f64 = 2e-2;
+    pub const INT8_REL_L2: f64 = 1e-2;
+    pub const INT4_REL_L2: f64 = 5e-2;
+    /// Frames of an int8 engine against the fp32 engine's (mean absolute error on [0, 1]).
+    pub const INT8_FRAMES_MAE: f64 = 2e-2;
 }
