@@ -141,7 +141,8 @@ pub fn own_peak_rss_mb() -> f64 {
     v2l_runtime::stages::process_peak_rss_mb()
 }
 
-/// Runs `f`, printing a failure as `error: …` / `hint: …` and mapping it to exit code 1.
+/// Runs `f`, printing a failure as `error: …` / `hint: …` and exiting with its code (1–5, see
+/// the module doc).
 pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
     quiet_on_closed_stdout();
     match f() {

@@ -5,7 +5,7 @@
 //! modulation, joint text+video attention with QK LayerNorm and RoPE on the video tokens,
 //! GELU-tanh feed-forward), final norm, AdaLayerNorm, projection and unpatchify.
 //!
-//! Graph contract (DESIGN.md): inputs `hidden_states [B,F,Cin,H,W]`, `encoder_hidden_states
+//! Graph contract (its names in `v2l_contracts::io::dit`): inputs `hidden_states [B,F,Cin,H,W]`, `encoder_hidden_states
 //! [B,L,Dtext]`, `timestep` int64 `[B]`, `rope_cos`/`rope_sin [F·(H/p)·(W/p), Dhead]`; output
 //! `sample [B,F,Cout,H,W]`. RoPE tables are inputs because they depend on the sample size,
 //! which stays dynamic; the runtime builds them as the diffusers pipeline does.

@@ -2,7 +2,7 @@
 //!
 //! This is how a user validates an export against PyTorch: dump a component's inputs from
 //! diffusers to safetensors, run the same component here, compare the outputs. Tensor names
-//! follow the fixtures (DESIGN.md).
+//! follow the fixtures (`tests/fixtures/README.md`) and `v2l_contracts::io`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
