@@ -184,7 +184,7 @@ fn values_that_would_make_a_black_video_are_refused_and_nothing_is_written() {
     )
     .unwrap();
     let o = generate_with(&engine, &out, &long_embeds, &[]);
-    refused(&o, &["prompt_embeds: 5000 tokens; at most 4096"]);
+    refused(&o, &["--prompt-embeds: 5000 tokens; at most 4096"]);
     // Prompt text is bounded in bytes before it is tokenised.
     let long = "a red car ".repeat(2_000);
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))

@@ -66,6 +66,8 @@ impl Field {
     pub fn flag(self) -> String {
         match self {
             Field::Size => "--height/--width".into(),
+            // Both prompt tensors come from the one `--prompt-embeds` file.
+            Field::NegativePromptEmbeds => "--prompt-embeds (`negative_prompt_embeds`)".into(),
             f => format!("--{}", f.name().replace('_', "-")),
         }
     }
