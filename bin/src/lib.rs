@@ -173,6 +173,7 @@ pub fn check_output(path: &std::path::Path, exts: &[&str]) -> Result<(), Failure
             return Err(bad("exists and is not a regular file".into()));
         }
     }
+    check_not_in_an_engine(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -181,6 +182,24 @@ pub fn check_output(path: &std::path::Path, exts: &[&str]) -> Result<(), Failure
         Ok(m) if m.is_dir() && !m.permissions().readonly() => Ok(()),
         Ok(_) => Err(bad("the output directory is not writable".into())),
         Err(_) => Err(bad("the output directory does not exist".into())),
+    }
+}
+
+/// Refuses an output inside an engine directory (one holding `bundle.json`), whichever engine
+/// it is and however the path reaches it (symlinks resolved): writing there could replace one
+/// of its parts, and the next run would find the engine broken.
+pub fn check_not_in_an_engine(path: &std::path::Path) -> Result<(), Failure> {
+    let Some(at) = v2l_contracts::input::resolved(path) else {
+        return Ok(());
+    };
+    let bundle = v2l_contracts::bundle::FILE_NAME;
+    match at.ancestors().skip(1).find(|d| d.join(bundle).is_file()) {
+        Some(engine) => Err(Failure::usage(format!(
+            "{}: is inside the engine directory {}; writing there could replace a part of an engine: write elsewhere",
+            path.display(),
+            engine.display()
+        ))),
+        None => Ok(()),
     }
 }
 

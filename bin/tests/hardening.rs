@@ -914,3 +914,134 @@ fn records_and_graphs_that_are_fifos_are_refused() {
         assert!(!out.exists());
     }
 }
+
+/// A part directory (the tokenizer's) holds hashed files only: a `tokenizer.json` added there,
+/// which the tokenizer would read before the hashed `spiece.model`, is refused when the engine
+/// opens, naming it, whether it is a file, a link out of the engine or a FIFO.
+#[test]
+fn a_part_directory_holds_only_hashed_files() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let added = engine.join("tokenizer").join("tokenizer.json");
+    let outside = d.path().join("tokenizer.json");
+    std::fs::write(&outside, b"{}").unwrap();
+    let embeds = common::tiny().join("e2e_io.safetensors");
+    for make in ["file", "link", "fifo"] {
+        match make {
+            "file" => std::fs::write(&added, b"{}").unwrap(),
+            "link" => std::os::unix::fs::symlink(&outside, &added).unwrap(),
+            _ => fifo(&added),
+        }
+        let out = d.path().join("v.mp4");
+        let c = generate_command(&engine, &out, &embeds, &[]);
+        refused(
+            &within(c, 10),
+            &["tokenizer/tokenizer.json", "not one of the engine's hashed parts"],
+        );
+        assert!(!out.exists());
+        std::fs::remove_file(&added).unwrap();
+    }
+    let o = generate(&engine, &d.path().join("ok.mp4"), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// No tool writes into an engine directory, the one in use or any other (one holding a
+/// `bundle.json`, reached directly or through a symlink), and `stage` does not overwrite its
+/// own inputs: each is refused before anything runs (exit 2), the engine unchanged.
+#[test]
+fn outputs_never_land_in_an_engine_or_on_an_input() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let link = d.path().join("link");
+    std::os::unix::fs::symlink(&engine, &link).unwrap();
+    let hash = |dir: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = hash(&engine);
+    let peft = common::tiny().join(PEFT);
+    let peft = peft.to_str().unwrap();
+    let into = |p: &Path, name: &str| p.join(name).to_str().unwrap().to_string();
+    let (a, b, c, f) = (
+        into(&engine, "lilora.safetensors"),
+        into(&link, "m.safetensors"),
+        into(&engine, "c.safetensors"),
+        into(&link, "fused"),
+    );
+    for args in [
+        vec!["convert", peft, "--format", "comfyui", "-o", &a],
+        vec!["merge", peft, peft, "-o", &b],
+        vec!["convert", peft, "--format", "kohya", "-o", &c],
+        vec!["fuse", "--base", "x", "--lora", peft, "-o", &f],
+    ] {
+        refused_with(&lora_tool(&args), 2, &["inside the engine directory"]);
+    }
+    // `stage` never writes over its own inputs.
+    let copy = d.path().join("dit_io.safetensors");
+    std::fs::copy(common::tiny().join("dit_io.safetensors"), &copy).unwrap();
+    let kept = std::fs::read(&copy).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&engine)
+        .args(["stage", "dit", "--inputs"])
+        .arg(&copy)
+        .arg("-o")
+        .arg(d.path().join(".").join("dit_io.safetensors"))
+        .output()
+        .unwrap();
+    refused_with(&o, 2, &["is also the input --inputs"]);
+    assert_eq!(std::fs::read(&copy).unwrap(), kept);
+    assert_eq!(hash(&engine), before, "a file was added to the engine");
+}
+
+/// Media that names other files is not followed: an ffconcat script, an HLS playlist and an
+/// image-sequence pattern (`p%d.png`) that lead to a FIFO are refused within 10 s instead of
+/// blocking ffmpeg forever, and a directory clip's PNG is held to the picture limit (a 50 GB
+/// sparse one is refused from its metadata).
+#[test]
+fn media_that_names_other_files_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(&d.path().join("e"));
+    let embeds = common::tiny().join("e2e_io.safetensors");
+    fifo(&d.path().join("seg.mp4"));
+    fifo(&d.path().join("p1.png"));
+    let concat = d.path().join("list.ffconcat");
+    std::fs::write(&concat, "ffconcat version 1.0\nfile seg.mp4\n").unwrap();
+    let hls = d.path().join("list.m3u8");
+    std::fs::write(&hls, "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nseg.mp4\n#EXT-X-ENDLIST\n")
+        .unwrap();
+    let pattern = d.path().join("p%d.png");
+    std::fs::copy(common::tiny().join("first_frame.png"), &pattern).unwrap();
+    let clips = d.path().join("clips");
+    std::fs::create_dir(&clips).unwrap();
+    std::fs::File::create(clips.join("a.png"))
+        .unwrap()
+        .set_len(50 << 30)
+        .unwrap();
+    let out = d.path().join("v.mp4");
+    let cases = [
+        ("--reference", concat.as_path(), "list.ffconcat"),
+        ("--reference", hls.as_path(), "list.m3u8"),
+        ("--image", pattern.as_path(), "p%d.png"),
+        ("--reference", clips.as_path(), "V2L_MAX_IMAGE_BYTES"),
+    ];
+    for (flag, input, needle) in cases {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+        c.arg("--engine").arg(&engine).arg("--prompt-embeds").arg(&embeds);
+        c.args(["--steps", "2", "--seed", "3", "--quiet", "-o"]).arg(&out);
+        match flag {
+            "--image" => c.arg("--image").arg(input),
+            _ => c
+                .arg("--image")
+                .arg(common::tiny().join("first_frame.png"))
+                .arg("--reference")
+                .arg(input),
+        };
+        refused(&within(c, 10), &[needle]);
+        assert!(!out.exists(), "{flag} {needle}: output written");
+    }
+}

@@ -398,8 +398,8 @@ impl Bundle {
     }
 
     /// Checks that every path of the engine's manifest (`parts`, [`crate::Manifest::parts`])
-    /// is one of this bundle's hashed files (a directory: holds one), so nothing an engine
-    /// loads escapes the hash check.
+    /// is one of this bundle's hashed files (a directory: holds one, and nothing that is not
+    /// one), so nothing an engine loads escapes the hash check.
     pub fn check_parts_listed(&self, parts: &[(&str, &str)], path: &Path) -> Result<()> {
         for (field, name) in parts {
             let dir = format!("{name}/");
@@ -414,6 +414,23 @@ impl Bundle {
                         "the manifest's `{field}` names `{name}`, which is not one of the engine's hashed parts; compile the engine again"
                     ),
                 });
+            }
+            // A directory part (the tokenizer's) holds hashed files only: a reader that looks
+            // for an optional file there (`tokenizer.json`) must not find one that escaped the
+            // hash check.
+            let on_disk = path.parent().map(|engine| engine.join(name));
+            if let Some(Ok(entries)) = on_disk.filter(|d| d.is_dir()).map(std::fs::read_dir) {
+                for entry in entries.flatten() {
+                    let file = format!("{dir}{}", entry.file_name().to_string_lossy());
+                    if !self.files.iter().any(|f| f.name == file) {
+                        return Err(BundleError::BadFile {
+                            path: path.into(),
+                            message: format!(
+                                "`{file}` is in the part directory `{name}` but is not one of the engine's hashed parts; remove it, or compile the engine again"
+                            ),
+                        });
+                    }
+                }
             }
         }
         Ok(())

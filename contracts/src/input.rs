@@ -29,6 +29,9 @@ pub enum InputKind {
     Tensors,
     /// A video or picture decoded by ffmpeg (`--reference`, `--image`, uploads).
     Media,
+    /// A still picture decoded by ffmpeg, known by its extension (`--image first.png`, each
+    /// PNG of a directory clip): its decoder holds the whole file, so the bound is lower.
+    Image,
     /// A record or config read whole as text: `bundle.json`, `manifest.json`, scheduler,
     /// tokenizer and model configs, a prompts file, a token file.
     Record,
@@ -41,6 +44,7 @@ impl InputKind {
             InputKind::Lora => "V2L_MAX_LORA_BYTES",
             InputKind::Tensors => "V2L_MAX_TENSOR_BYTES",
             InputKind::Media => "V2L_MAX_MEDIA_BYTES",
+            InputKind::Image => "V2L_MAX_IMAGE_BYTES",
             InputKind::Record => "V2L_MAX_RECORD_BYTES",
         }
     }
@@ -48,12 +52,13 @@ impl InputKind {
     /// The default limit: above any file of a CogVideoX-5B or Wan job of this kind (a rank-256
     /// fp32 LoRA of every linear layer of the 5B DiT is about 6 GB; a 49-frame 480×720 job's
     /// noise and embeddings are tens of MB; a minute of 4K H.264 is about 1 GB; T5's
-    /// `tokenizer.json` is 2.4 MB).
+    /// `tokenizer.json` is 2.4 MB; a 4K PNG is tens of MB).
     pub const fn default_limit(self) -> u64 {
         match self {
             InputKind::Lora => 16 << 30,
             InputKind::Tensors => 4 << 30,
             InputKind::Media => 4 << 30,
+            InputKind::Image => 256 << 20,
             InputKind::Record => 256 << 20,
         }
     }
@@ -64,6 +69,7 @@ impl InputKind {
             InputKind::Lora => "LoRA file",
             InputKind::Tensors => "tensor file",
             InputKind::Media => "media file",
+            InputKind::Image => "picture",
             InputKind::Record => "record or config file",
         }
     }

@@ -292,6 +292,7 @@ fn main() -> ExitCode {
                 ))
                 .with_hint("write to another file, e.g. -o converted.safetensors"));
             }
+            check_output(&output, &["safetensors"])?;
             let lora = read(&input, model.as_deref())?;
             format::write(&output, &lora, format.into()).map_err(RuntimeError::from)?;
             println!(
@@ -370,6 +371,7 @@ fn main() -> ExitCode {
                     )));
                 }
             }
+            v2l_cli::check_not_in_an_engine(&output)?;
             let modules = model_modules(&base)?;
             let l = format::read(&lora, Some(&modules)).map_err(RuntimeError::from)?;
             let (n, touched, entries) = v2l_cli::fuse_checkpoint::fuse_checkpoint(

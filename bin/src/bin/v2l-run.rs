@@ -358,6 +358,7 @@ fn main() -> ExitCode {
                         )
                     })?;
                     check_output(&output, &["safetensors"])?;
+                    v2l_cli::check_outputs_are_not_inputs(&[("-o", &output)], &[("--prompts", file)])?;
                     v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
                     let dir = Engine::open(engine)?;
                     let opts = dir.session_options(opts.threads);
@@ -371,6 +372,9 @@ fn main() -> ExitCode {
                 })?;
                 let stage = Stage::from(stage);
                 check_output(&output, &["safetensors"])?;
+                let mut read = vec![("--inputs", inputs.as_path())];
+                read.extend(lora.as_deref().map(|l| ("--lora", l)));
+                v2l_cli::check_outputs_are_not_inputs(&[("-o", &output)], &read)?;
                 v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
                 v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
                 v2l_runtime::limits::Limits::from_env()?.check_threads(opts.threads)?;

@@ -30,9 +30,13 @@ fn check_media_path(path: &Path, dirs: bool) -> Result<()> {
     })?;
     if meta.is_file() {
         use v2l_contracts::input::InputKind;
-        return InputKind::Media
-            .check_size(meta.len())
-            .map_err(|e| bad(path, e.to_string()));
+        let picture = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"]
+                .iter()
+                .any(|p| e.eq_ignore_ascii_case(p))
+        });
+        let kind = if picture { InputKind::Image } else { InputKind::Media };
+        return kind.check_size(meta.len()).map_err(|e| bad(path, e.to_string()));
     }
     if dirs && meta.is_dir() {
         return Ok(());
@@ -55,6 +59,10 @@ fn pngs_in(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()))
         .collect();
     pngs.sort();
+    // Each picture is held to the limits of a file given alone.
+    for p in &pngs {
+        check_media_path(p, false)?;
+    }
     Ok(pngs)
 }
 
@@ -199,7 +207,9 @@ pub fn source_size(path: &Path) -> Option<(usize, usize)> {
         path.to_path_buf()
     };
     let out = Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "v:0", "-show_entries"])
+        .args(["-v", "error", "-protocol_whitelist", "file"])
+        .args(["-format_whitelist", LOCAL_FORMATS])
+        .args(["-select_streams", "v:0", "-show_entries"])
         .args(["stream=width,height", "-of", "csv=p=0:s=x"])
         .arg(&file)
         .stdin(Stdio::null())
@@ -249,6 +259,13 @@ pub struct UntrustedMedia {
 /// (HLS, concat) cannot make ffmpeg read other files or URLs.
 const UNTRUSTED_FORMATS: &str =
     "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,png_pipe,jpeg_pipe,webp_pipe";
+
+/// Demuxers allowed for a local file given on the command line or through the C ABI: the
+/// untrusted set and a few more containers, and still no playlist (concat, HLS) or image
+/// sequence pattern (`p%d.png`): each of those opens other files, a FIFO among them would
+/// block ffmpeg forever, and none is a clip a user means to hand over as one file.
+const LOCAL_FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,png_pipe,jpeg_pipe,\
+                             webp_pipe,bmp_pipe,tiff_pipe,mpegts,mpeg,flv,ogg";
 
 /// Decodes untrusted media at `path` (its name says nothing: the format is probed from the
 /// bytes) to at most `limits.max_frames` RGB8 frames of `height × width`, local file protocol
@@ -346,17 +363,16 @@ fn ffmpeg_decode_with(
     max_frames: usize,
 ) -> Result<Vec<u8>> {
     let mut cmd = ffmpeg();
-    cmd.args(["-v", "error", "-nostdin"]);
-    if let Some(u) = untrusted {
-        cmd.args([
-            "-protocol_whitelist",
-            "file",
+    cmd.args(["-v", "error", "-nostdin", "-protocol_whitelist", "file"]);
+    match untrusted {
+        Some(u) => cmd.args([
             "-format_whitelist",
             UNTRUSTED_FORMATS,
             "-max_pixels",
             &u.max_pixels.min(i32::MAX as usize).to_string(),
-        ]);
-    }
+        ]),
+        None => cmd.args(["-format_whitelist", LOCAL_FORMATS]),
+    };
     cmd.arg("-i").arg(path);
     // The frames as stored: without `passthrough` ffmpeg fills a variable-rate clip's gaps at
     // the stream's nominal rate (a 2-frame Matroska clip became 4 frames), where OpenCV and
