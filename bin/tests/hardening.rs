@@ -496,7 +496,9 @@ fn each_input_kind_has_a_size_limit_naming_its_variable() {
         ("--noise", big_s, "V2L_MAX_TENSOR_BYTES"),
         ("--prompt-embeds", big_s, "V2L_MAX_TENSOR_BYTES"),
         ("--reference", mp4.to_str().unwrap(), "V2L_MAX_MEDIA_BYTES"),
-        ("--image", png.to_str().unwrap(), "V2L_MAX_MEDIA_BYTES"),
+        ("--image", png.to_str().unwrap(), "V2L_MAX_IMAGE_BYTES"),
+        // A video as the first frame is a media file, not a picture.
+        ("--image", mp4.to_str().unwrap(), "V2L_MAX_MEDIA_BYTES"),
     ] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
         c.arg("--engine").arg(&engine);
