@@ -223,13 +223,11 @@ fn run_on_gpu(b: &GpuBench, cases: &[Case]) -> Result<(), Failure> {
             .map_err(Failure::from)?;
         let rel = a.frames.rel_l2(&g.frames);
         let loras = predicted_loras(&mut gpu_p, &req, 4)?;
-        let (_, dit_step_ms) =
-            crate::pipeline::time(|| gpu_p.generate(&req, &mut |_, _| true));
+        let (_, dit_step_ms) = crate::pipeline::time(|| gpu_p.generate(&req, &mut |_, _| true));
         let switch = |p: &mut Pipeline| -> Result<f64, Failure> {
             let mut t = Vec::new();
             for i in 0..b.repeat.max(1) {
-                let (r, ms) =
-                    crate::pipeline::time(|| p.set_lora(Some(&loras[i % loras.len()])));
+                let (r, ms) = crate::pipeline::time(|| p.set_lora(Some(&loras[i % loras.len()])));
                 r.map_err(Failure::from)?;
                 t.push(ms);
             }

@@ -41,7 +41,13 @@ fn every_help_has_an_example_and_is_stable() {
 fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
     let d = tempfile::tempdir().unwrap();
     let scratch = d.path().join("gpu");
-    let o = bench(&["gpu", "--dry-run", "--json", "--dir", scratch.to_str().unwrap()]);
+    let o = bench(&[
+        "gpu",
+        "--dry-run",
+        "--json",
+        "--dir",
+        scratch.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let cases = plan["cases"].as_array().unwrap();
@@ -64,5 +70,10 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
         }
         None => assert!(err.contains(unwritable.to_str().unwrap()), "{err}"),
     }
-    assert_eq!(std::fs::read(&file).unwrap(), b"", "the run wrote into {}", file.display());
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"",
+        "the run wrote into {}",
+        file.display()
+    );
 }

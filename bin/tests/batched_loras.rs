@@ -248,10 +248,18 @@ fn a_tensorrt_bundle_takes_lora_factors_as_inputs() {
     let bundle = engine.bundle.clone().unwrap();
     assert_eq!(bundle.lora_strategy, Strategy::Unfused);
     assert_eq!(bundle.max_rank, Some(64));
-    let graph = v2l_graphs::read_model(&eng.join(&bundle
-        .dit_variants
-        .file(v2l_contracts::bundle::VariantGraph::Strategy(Strategy::Unfused), false)
-        .unwrap())).unwrap();
+    let graph = v2l_graphs::read_model(
+        &eng.join(
+            &bundle
+                .dit_variants
+                .file(
+                    v2l_contracts::bundle::VariantGraph::Strategy(Strategy::Unfused),
+                    false,
+                )
+                .unwrap(),
+        ),
+    )
+    .unwrap();
     let dit = engine.manifest.dit.as_ref().unwrap();
     let targets: Vec<(String, v2l_graphs::DType)> = dit
         .lora_targets
@@ -310,4 +318,3 @@ fn a_tensorrt_bundle_takes_lora_factors_as_inputs() {
         "{min}"
     );
 }
-

@@ -1436,7 +1436,11 @@ fn loras_merge_equalize_and_compare_through_the_cli() {
             .collect();
         let got = lora_update(l, 0..l.rank());
         let diff: Vec<f64> = got.iter().zip(&want).map(|(g, w)| g - w).collect();
-        assert!(norm(&diff) <= ROUNDING_F32_REL_L2 * norm(&want), "{}", l.module);
+        assert!(
+            norm(&diff) <= ROUNDING_F32_REL_L2 * norm(&want),
+            "{}",
+            l.module
+        );
     }
     assert_eq!(
         lm.layers.len(),
@@ -1697,7 +1701,10 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
     eprintln!("DiT with the predicted LoRA: {err:.3e}; with the upstream factors: {base:.3e}");
     // The factors are within 7e-7 (above); this LoRA moves the tiny DiT's output by 125 %, and
     // the DiT amplifies the factors' f32 rounding ~20×: the end-to-end f32 bound, 1e-4.
-    assert!(base < SAME_F32_REL_L2 && err < F32_REL_L2, "DiT with the effect LoRA: {err}");
+    assert!(
+        base < SAME_F32_REL_L2 && err < F32_REL_L2,
+        "DiT with the effect LoRA: {err}"
+    );
 
     // Two effects at 0.5 each: ΔW = 0.5·ΔW₀ + 0.5·ΔW₁, the reproduction's updates.
     let blend = d.path().join("blend.safetensors");
@@ -1973,7 +1980,10 @@ fn lofa_predicts_through_the_cli() {
     let dit_io = v2l_runtime::read_safetensors(&wan.join("dit_io.safetensors")).unwrap();
     let plain = &dit_io["t2v_sample"];
     let effect = full.rel_l2(plain);
-    assert!(zero.rel_l2(&full) < ROUNDING_F32_REL_L2, "τ 0 is the full fuse");
+    assert!(
+        zero.rel_l2(&full) < ROUNDING_F32_REL_L2,
+        "τ 0 is the full fuse"
+    );
     let kept = masked.rel_l2(&full);
     eprintln!(
         "response map τ 0.02: {} ; output vs full fuse {kept:.3e}, full effect {effect:.3e}",

@@ -514,7 +514,12 @@ fn low_precision_engine(precision: &str, default_strategy: &str, bound: f64) {
 /// (`v2l_compile::calibrate::ATTENTION_OUTPUT_HEADROOM`) the LoRA clipped: 1.5e-2 / 1.7e-2.
 #[test]
 fn static_int8_engine_tracks_fp32_and_switches_loras_exactly() {
-    low_precision_engine_with("int8", &["--calibration-samples", "8"], "unfused", INT8_REL_L2);
+    low_precision_engine_with(
+        "int8",
+        &["--calibration-samples", "8"],
+        "unfused",
+        INT8_REL_L2,
+    );
 }
 
 fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &str, bound: f64) {
@@ -535,7 +540,10 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
     // The compile-time accuracy record: the DiT, measured, below the bound.
     let recorded = bundle["accuracy"][0]["rel_l2"].as_f64().unwrap();
     assert_eq!(bundle["accuracy"][0]["stage"], "dit");
-    assert!(recorded > SAME_F32_REL_L2 && recorded <= bound, "{recorded}");
+    assert!(
+        recorded > SAME_F32_REL_L2 && recorded <= bound,
+        "{recorded}"
+    );
     // ... on this machine, named with the ISA flags read from it.
     let machine = &bundle["accuracy"][0]["machine"];
     assert!(

@@ -938,7 +938,10 @@ fn a_part_directory_holds_only_hashed_files() {
         let c = generate_command(&engine, &out, &embeds, &[]);
         refused(
             &within(c, 10),
-            &["tokenizer/tokenizer.json", "not one of the engine's hashed parts"],
+            &[
+                "tokenizer/tokenizer.json",
+                "not one of the engine's hashed parts",
+            ],
         );
         assert!(!out.exists());
         std::fs::remove_file(&added).unwrap();
@@ -1014,8 +1017,11 @@ fn media_that_names_other_files_is_refused() {
     let concat = d.path().join("list.ffconcat");
     std::fs::write(&concat, "ffconcat version 1.0\nfile seg.mp4\n").unwrap();
     let hls = d.path().join("list.m3u8");
-    std::fs::write(&hls, "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nseg.mp4\n#EXT-X-ENDLIST\n")
-        .unwrap();
+    std::fs::write(
+        &hls,
+        "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nseg.mp4\n#EXT-X-ENDLIST\n",
+    )
+    .unwrap();
     let pattern = d.path().join("p%d.png");
     std::fs::copy(common::tiny().join("first_frame.png"), &pattern).unwrap();
     let clips = d.path().join("clips");
@@ -1033,8 +1039,12 @@ fn media_that_names_other_files_is_refused() {
     ];
     for (flag, input, needle) in cases {
         let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
-        c.arg("--engine").arg(&engine).arg("--prompt-embeds").arg(&embeds);
-        c.args(["--steps", "2", "--seed", "3", "--quiet", "-o"]).arg(&out);
+        c.arg("--engine")
+            .arg(&engine)
+            .arg("--prompt-embeds")
+            .arg(&embeds);
+        c.args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+            .arg(&out);
         match flag {
             "--image" => c.arg("--image").arg(input),
             _ => c

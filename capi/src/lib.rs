@@ -37,9 +37,7 @@ use v2l_runtime::error::ErrorKind;
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{
-    Inputs, LoraInput, MediaInput, NoiseInput, Pipeline, PromptInput,
-};
+use v2l_runtime::pipeline::{Inputs, LoraInput, MediaInput, NoiseInput, Pipeline, PromptInput};
 use v2l_runtime::request::{Checked, Field, RequestError, Settings};
 use v2l_runtime::video::{self, Frames};
 use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
@@ -997,7 +995,9 @@ unsafe fn image_tokens(p: &V2lGenerateParams) -> Result<Option<Tensor>> {
 }
 
 /// The generator's prompt encoders, for a request with prompt text.
-fn prompt_encoders(g: &V2lGenerator) -> Result<MutexGuard<'_, v2l_runtime::pipeline::PromptEncoders>> {
+fn prompt_encoders(
+    g: &V2lGenerator,
+) -> Result<MutexGuard<'_, v2l_runtime::pipeline::PromptEncoders>> {
     match g.prompts.try_lock() {
         Ok(s) => Ok(s),
         Err(TryLockError::WouldBlock) => Err(Error::new(
@@ -1044,7 +1044,10 @@ unsafe fn noise_input(s: &Sizes, p: &V2lGenerateParams) -> Result<NoiseInput> {
             ),
         ));
     }
-    let noise = Tensor::f32(s.noise.clone(), input(p.noise, need, "params.noise")?.to_vec());
+    let noise = Tensor::f32(
+        s.noise.clone(),
+        input(p.noise, need, "params.noise")?.to_vec(),
+    );
     let inpaint_noise = if p.inpaint_noise.is_null() {
         None
     } else {
@@ -1077,7 +1080,12 @@ unsafe fn sampler(p: &V2lGenerateParams) -> Result<Option<v2l_runtime::pipeline:
     let name = text_arg(p.scheduler, "params.scheduler")?;
     name.parse::<v2l_runtime::pipeline::Sampler>()
         .map(Some)
-        .map_err(|m| Error::new(V2lStatus::InvalidArgument, format!("`params.scheduler`: {m}")))
+        .map_err(|m| {
+            Error::new(
+                V2lStatus::InvalidArgument,
+                format!("`params.scheduler`: {m}"),
+            )
+        })
 }
 
 /// Checks `params`' sizes (frames 1 + 4k, height and width multiples of 8 × patch size,

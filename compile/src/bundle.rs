@@ -11,6 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{CompileError, Result};
+use v2l_contracts::bundle::{DitVariant, DitVariants, VariantGraph};
+use v2l_contracts::dtype::Stored;
 use v2l_contracts::manifest::DitEntry;
 use v2l_contracts::Manifest;
 use v2l_graphs::passes::WeightQuant;
@@ -21,8 +23,6 @@ use v2l_runtime::bundle::{
 };
 use v2l_runtime::error::RuntimeError;
 use v2l_runtime::lora::strategy::Strategy;
-use v2l_contracts::bundle::{DitVariant, DitVariants, VariantGraph};
-use v2l_contracts::dtype::Stored;
 
 /// Whether the backend's runtime gets `com.microsoft.MultiHeadAttention` (ONNX Runtime CPU and
 /// CUDA kernels that never materialise the score matrix). TensorRT keeps the plain
@@ -490,8 +490,10 @@ impl<'a> Job<'a> {
         if tmp.join(&data).exists() {
             out.files.push(data);
         }
-        out.variants
-            .insert(DitVariant::of(VariantGraph::Precision(self.precision)), file);
+        out.variants.insert(
+            DitVariant::of(VariantGraph::Precision(self.precision)),
+            file,
+        );
         Ok(Some(weights))
     }
 
@@ -706,11 +708,7 @@ fn check_tensorrt_graphs(
         _ => None,
     };
     let fp32 = (precision == Precision::Fp32).then_some((None, export_file));
-    for (variant, file) in variants
-        .iter()
-        .map(|(v, f)| (Some(v.graph), f))
-        .chain(fp32)
-    {
+    for (variant, file) in variants.iter().map(|(v, f)| (Some(v.graph), f)).chain(fp32) {
         let path = dir.join(file);
         let model = v2l_graphs::read_model(&path).map_err(io(&path))?;
         let targets: Vec<(String, DType)> = targets

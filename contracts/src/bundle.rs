@@ -74,7 +74,9 @@ impl Attention {
 }
 
 /// Numeric precision of an engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
@@ -98,7 +100,9 @@ impl Precision {
 }
 
 /// How a LoRA reaches the DiT's weights (docs/usage.md, "LoRA strategies").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     #[default]
@@ -639,7 +643,14 @@ mod variant_tests {
 
     #[test]
     fn variants_are_stored_by_their_names() {
-        for name in ["int8", "bf16", "unfused", "bound", "unfused.ort", "int8.ort"] {
+        for name in [
+            "int8",
+            "bf16",
+            "unfused",
+            "bound",
+            "unfused.ort",
+            "int8.ort",
+        ] {
             let v: DitVariant = name.parse().expect("a known variant");
             assert_eq!(v.to_string(), name);
         }
@@ -660,7 +671,10 @@ mod variant_tests {
         assert_eq!(back.file(unfused, true), Some("dit_unfused_ort.onnx"));
         assert!(back.has_ort_twins() && back.has(unfused));
         let err = serde_json::from_str::<DitVariants>(r#"{"fast":"x.onnx"}"#).unwrap_err();
-        assert!(err.to_string().contains("unknown DiT variant `fast`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown DiT variant `fast`"),
+            "{err}"
+        );
     }
 }
 

@@ -173,7 +173,6 @@ impl WeightQuant {
     }
 }
 
-
 /// How an engine stores one LoRA-targetable weight: its bundle's target table (`dtype`), by
 /// name (`f32`, `bf16`, `u8`, `i4`, `qdq`, …).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

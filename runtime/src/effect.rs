@@ -431,7 +431,7 @@ fn prompt_embeds(
     }
     match encoder.as_mut() {
         Some(enc) => Ok(enc.encode(prompt, len, &mut |_| {})?.1),
-        None => Err(RuntimeError::Invalid {
+        None => Err(RuntimeError::Internal {
             what: "prompt".into(),
             message: "the prompt encoder did not load".into(),
         }),

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use v2l_contracts::family::WanDitConfig;
 use v2l_contracts::bundle::{Strategy, VariantGraph};
+use v2l_contracts::family::WanDitConfig;
 use v2l_contracts::{Family, Manifest};
 
 use crate::error::{Result, RuntimeError};
@@ -165,7 +165,10 @@ impl Engine {
         let (Some(d), Some(b)) = (self.manifest.dit.as_ref(), self.bundle.as_ref()) else {
             return Vec::new();
         };
-        if !b.dit_variants.has(VariantGraph::Strategy(Strategy::Unfused)) {
+        if !b
+            .dit_variants
+            .has(VariantGraph::Strategy(Strategy::Unfused))
+        {
             return Vec::new();
         }
         let (Some(frames), Some(height), Some(width)) = self.default_size() else {

@@ -25,6 +25,12 @@ pub enum RuntimeError {
     /// a record that does not fit the request. Names the directory.
     #[error("{dir}: {message}")]
     Engine { dir: PathBuf, message: String },
+    /// A LoRA layer that cannot be applied to this model's weights: names the layer.
+    #[error("{layer}: {message}")]
+    LoraLayer { layer: String, message: String },
+    /// A broken invariant inside v2l (a call out of order): not the input's fault.
+    #[error("internal error in {what}: {message}")]
+    Internal { what: String, message: String },
     /// An engine graph that lacks an output v2l reads: a graph from another export or tool.
     #[error("{graph}: the graph has no `{output}` output")]
     MissingOutput { graph: String, output: String },
@@ -125,9 +131,11 @@ impl RuntimeError {
             | RuntimeError::Engine { .. }
             | RuntimeError::NonFinite { .. } => ErrorKind::BadInput,
             RuntimeError::Cancelled => ErrorKind::Cancelled,
-            RuntimeError::Lora(_) | RuntimeError::LiLora(_) | RuntimeError::Fuse { .. } => {
-                ErrorKind::Lora
-            }
+            RuntimeError::Internal { .. } => ErrorKind::Runtime,
+            RuntimeError::Lora(_)
+            | RuntimeError::LiLora(_)
+            | RuntimeError::Fuse { .. }
+            | RuntimeError::LoraLayer { .. } => ErrorKind::Lora,
         }
     }
 

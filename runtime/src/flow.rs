@@ -209,7 +209,7 @@ impl FlowScheduler {
                 ),
             });
         }
-        let over = || RuntimeError::Invalid {
+        let over = || RuntimeError::Internal {
             what: "scheduler".into(),
             message: "stepped past the last timestep (call set_timesteps again)".into(),
         };

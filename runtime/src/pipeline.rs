@@ -19,12 +19,12 @@ use v2l_contracts::io::vae as vae_io;
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
-use crate::request::{Field, RequestError};
 use crate::flow::FlowScheduler;
 use crate::lora::format::Lora;
 use crate::lora::strategy::{DitRunner, Strategy};
 use crate::lora::AppliedLora;
 use crate::predict::Predictor;
+use crate::request::{Field, RequestError};
 use crate::scheduler::SchedulerConfig;
 use crate::session::SessionOptions;
 use crate::stages::Timings;
@@ -610,7 +610,7 @@ impl Pipeline {
         };
         let (mut done, dit_ms) = denoise::run(&mut self.dit, vec![lane], &mut on_step)?;
         timings.steps(dit_ms);
-        done.pop().ok_or_else(|| RuntimeError::Invalid {
+        done.pop().ok_or_else(|| RuntimeError::Internal {
             what: "denoise".into(),
             message: "no result".into(),
         })

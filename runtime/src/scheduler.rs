@@ -409,7 +409,7 @@ impl DdimScheduler {
     fn step_alphas(&self, t: i64, what: &str) -> Result<(f64, f64, i64)> {
         let steps = self
             .num_inference_steps
-            .ok_or_else(|| RuntimeError::Invalid {
+            .ok_or_else(|| RuntimeError::Internal {
                 what: what.into(),
                 message: "set_timesteps was not called".into(),
             })?;

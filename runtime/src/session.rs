@@ -365,7 +365,8 @@ impl Model {
         .map_err(ort_err(&ctx))?;
         let mut next = BTreeMap::new();
         for (input, output) in links {
-            let v = (outs.remove(output)).ok_or_else(|| RuntimeError::missing_output(&ctx, output))?;
+            let v =
+                (outs.remove(output)).ok_or_else(|| RuntimeError::missing_output(&ctx, output))?;
             next.insert(input.clone(), v);
         }
         let mut result = BTreeMap::new();

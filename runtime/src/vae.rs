@@ -95,10 +95,14 @@ impl Vae {
                 what: "`video`".into(),
                 message,
             })?;
-        let encoder = self.encoder.as_mut().ok_or_else(|| RuntimeError::Invalid {
-            what: "VAE encoder".into(),
-            message: "was released after this request's encodes (Pipeline::generate_once)".into(),
-        })?;
+        let encoder = self
+            .encoder
+            .as_mut()
+            .ok_or_else(|| RuntimeError::Internal {
+                what: "VAE encoder".into(),
+                message: "was released after this request's encodes (Pipeline::generate_once)"
+                    .into(),
+            })?;
         let mut outs = run_batches(
             encoder,
             &self.entry.encoder_caches,

@@ -384,8 +384,8 @@ impl Store {
         } else {
             Kind::Video
         };
-        let params = JobParams::from_record(kind, &params)
-            .map_err(|message| StoreError::Params {
+        let params =
+            JobParams::from_record(kind, &params).map_err(|message| StoreError::Params {
                 id: id.clone(),
                 message,
             })?;

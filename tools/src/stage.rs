@@ -403,7 +403,7 @@ fn timed<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<(T, Vec<f64
     }
     match last {
         Some(v) => Ok((v, times)),
-        None => Err(RuntimeError::Invalid {
+        None => Err(RuntimeError::Internal {
             what: "stage".into(),
             message: "no run".into(),
         }),
@@ -510,9 +510,9 @@ pub fn run_stage(
             let mask = inputs.get("attention_mask").cloned();
             let feed = v2l_runtime::text::encoder_feed(&m, get(text_io::INPUT_IDS)?.clone(), mask);
             let (mut out, times) = timed(runs, || m.run(&feed))?;
-            let embeds =
-                out.remove(text_io::PROMPT_EMBEDS)
-                    .ok_or_else(|| RuntimeError::missing_output(&e.file, text_io::PROMPT_EMBEDS))?;
+            let embeds = out
+                .remove(text_io::PROMPT_EMBEDS)
+                .ok_or_else(|| RuntimeError::missing_output(&e.file, text_io::PROMPT_EMBEDS))?;
             (
                 BTreeMap::from([(text_io::PROMPT_EMBEDS.to_string(), embeds)]),
                 load_ms,

@@ -358,7 +358,10 @@ fn main() -> ExitCode {
                         )
                     })?;
                     check_output(&output, &["safetensors"])?;
-                    v2l_cli::check_outputs_are_not_inputs(&[("-o", &output)], &[("--prompts", file)])?;
+                    v2l_cli::check_outputs_are_not_inputs(
+                        &[("-o", &output)],
+                        &[("--prompts", file)],
+                    )?;
                     v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
                     let dir = Engine::open(engine)?;
                     let opts = dir.session_options(opts.threads);
@@ -629,9 +632,14 @@ fn generate(
     pipeline.set_vae_tiling(g.vae_tiling.into());
     let req = built.request;
     let e = pipeline.engine();
-    let (kind, attention, compiled_on) = (e.pipeline_kind()?, e.attention(), e.compiled_on().cloned());
-    let dumped_prompts = (g.dump.as_ref())
-        .map(|_| (req.prompt_embeds.clone(), req.negative_prompt_embeds.clone()));
+    let (kind, attention, compiled_on) =
+        (e.pipeline_kind()?, e.attention(), e.compiled_on().cloned());
+    let dumped_prompts = (g.dump.as_ref()).map(|_| {
+        (
+            req.prompt_embeds.clone(),
+            req.negative_prompt_embeds.clone(),
+        )
+    });
     let bar = !g.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut progress = v2l_cli::progress_bar("denoising", bar);
     // One request: each part is released once done with (the DiT before the VAE decodes).
@@ -713,10 +721,7 @@ fn check_generate_paths(
         check_output(d, &["safetensors"])?;
     }
     let sheet = output.with_extension("png");
-    let mut outputs = vec![
-        ("-o", output),
-        ("-o (its contact sheet)", sheet.as_path()),
-    ];
+    let mut outputs = vec![("-o", output), ("-o (its contact sheet)", sheet.as_path())];
     outputs.extend(g.dump.as_deref().map(|d| ("--dump", d)));
     let mut inputs: Vec<(&str, &std::path::Path)> = Vec::new();
     for (flag, p) in [
@@ -789,7 +794,9 @@ fn noise_input(g: &GenerateArgs) -> Result<NoiseInput, Failure> {
     match (&g.noise, g.seed) {
         (Some(p), seed) => {
             let mut file = read_safetensors(p)?;
-            let noise = file.remove(files_io::INITIAL_NOISE).ok_or_else(|| missing(p, files_io::INITIAL_NOISE))?;
+            let noise = file
+                .remove(files_io::INITIAL_NOISE)
+                .ok_or_else(|| missing(p, files_io::INITIAL_NOISE))?;
             Ok(NoiseInput::Given {
                 noise,
                 inpaint_noise: file.remove(files_io::INPAINT_NOISE),
@@ -816,8 +823,11 @@ fn take_tensor(path: &std::path::Path, name: &str) -> Result<v2l_runtime::Tensor
 }
 
 fn parse_strategy(s: &str) -> Result<v2l_runtime::lora::strategy::Strategy, Failure> {
-    v2l_runtime::lora::strategy::Strategy::parse(s)
-        .ok_or_else(|| Failure::new(format!("--lora-strategy {s}: expected fused, bound or unfused")))
+    v2l_runtime::lora::strategy::Strategy::parse(s).ok_or_else(|| {
+        Failure::new(format!(
+            "--lora-strategy {s}: expected fused, bound or unfused"
+        ))
+    })
 }
 
 /// `--dump`: every step's latents, the reference's latents and hypernetwork weights, the

@@ -114,8 +114,8 @@ fn fuse_layer(
     to: Stored,
 ) -> Result<Vec<(String, Tensor)>> {
     // f16/bf16-stored bases (`v2l-export --weight-dtype`) are widened exactly; the fuse is f32.
-    let w = v2l_graphs::dtype::f32_values(bytes, dtype).ok_or_else(|| RuntimeError::Invalid {
-        what: name.into(),
+    let w = v2l_graphs::dtype::f32_values(bytes, dtype).ok_or_else(|| RuntimeError::LoraLayer {
+        layer: name.into(),
         message: format!("stored as {dtype}; a LoRA fuses into f32, f16 or bf16 weights"),
     })?;
     let mut fused = vec![0f32; w.len()];
@@ -153,8 +153,8 @@ fn fuse_layer(
         Stored::Qdq => {
             let scales =
                 v2l_graphs::quant::int8_scales_per_output(&fused, o, i).ok_or_else(|| {
-                    RuntimeError::Invalid {
-                        what: name.into(),
+                    RuntimeError::LoraLayer {
+                        layer: name.into(),
                         message: "the fused weight is not finite".into(),
                     }
                 })?;
@@ -169,8 +169,8 @@ fn fuse_layer(
         Stored::Quantized(q) => {
             let tensors = q
                 .quantize(&fused, o, i)
-                .ok_or_else(|| RuntimeError::Invalid {
-                    what: name.into(),
+                .ok_or_else(|| RuntimeError::LoraLayer {
+                    layer: name.into(),
                     message: "the fused weight is not finite".into(),
                 })?;
             q.names(name)

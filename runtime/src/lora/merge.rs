@@ -37,8 +37,8 @@ pub fn merge_scaled(loras: &[(&Lora, f32)], factor: impl Fn(&str, usize) -> f64)
         let mut col = 0;
         for (l, multiplier) in &parts {
             if l.b.shape[0] != out || l.a.shape[1] != inp {
-                return Err(RuntimeError::Invalid {
-                    what: format!("LoRA merge, layer `{module}`"),
+                return Err(RuntimeError::LoraLayer {
+                    layer: format!("LoRA merge, layer `{module}`"),
                     message: format!(
                         "the LoRAs disagree on its shape: [{out}, {inp}] and [{}, {}]",
                         l.b.shape[0], l.a.shape[1]

@@ -16,8 +16,8 @@ use crate::error::{Result, RuntimeError};
 pub fn fuse_masked(w: &mut [f32], l: &LoraLayer, multiplier: f32, tau: f32) -> Result<usize> {
     let (out, inp, r) = (l.b.shape[0], l.a.shape[1], l.rank());
     if w.len() != out * inp {
-        return Err(RuntimeError::Invalid {
-            what: l.module.clone(),
+        return Err(RuntimeError::LoraLayer {
+            layer: l.module.clone(),
             message: format!("weight of {} values for a [{out}, {inp}] LoRA", w.len()),
         });
     }

@@ -153,12 +153,12 @@ fn plan_factors<'a>(
                 .max(1);
             let rank = match pad {
                 Some(r) if most > r => {
-                    return Err(RuntimeError::Invalid {
-                        what: t.name.clone(),
-                        message: format!(
+                    return Err(RuntimeError::LoraLayer {
+            layer: t.name.clone(),
+            message: format!(
                             "the LoRA has rank {most} here; this engine takes at most {r} (v2l-compile --max-rank)"
                         ),
-                    })
+        })
                 }
                 Some(r) => r,
                 None => most,
@@ -216,10 +216,10 @@ impl DitRunner {
                     .manifest
                     .dit
                     .as_ref()
-                    .ok_or_else(|| RuntimeError::Invalid {
-                        what: "engine".into(),
-                        message: "no DiT".into(),
-                    })?;
+                    .ok_or_else(|| RuntimeError::Internal {
+            what: "engine".into(),
+            message: "no DiT".into(),
+        })?;
                 let sw =
                     SwitchableWeights::from_base(mapped_base(&dir.dir.join(&e.file), &targets)?);
                 weights = Some(sw);
@@ -255,10 +255,13 @@ impl DitRunner {
                 };
             }
             Strategy::Bound => {
-                let sw = self.weights.as_mut().ok_or_else(|| RuntimeError::Invalid {
-                    what: "bound".into(),
-                    message: "no weights".into(),
-                })?;
+                let sw = self
+                    .weights
+                    .as_mut()
+                    .ok_or_else(|| RuntimeError::Internal {
+                        what: "bound".into(),
+                        message: "no weights".into(),
+                    })?;
                 // The session reads the live weights by reference on every run, so
                 // rewriting them is the whole switch.
                 sw.apply(lora.map(|l| (&*l.lora, l.multiplier, l.source.as_path())))?;

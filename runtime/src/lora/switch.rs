@@ -221,14 +221,14 @@ impl SwitchableWeights {
                     what: source.display().to_string(),
                     source: e,
                 })?;
-                let i = self
-                    .index
-                    .get(&t.name)
-                    .copied()
-                    .ok_or_else(|| RuntimeError::Invalid {
-                        what: source.display().to_string(),
-                        message: format!("layer `{}` is not a switchable weight", t.name),
-                    })?;
+                let i =
+                    self.index
+                        .get(&t.name)
+                        .copied()
+                        .ok_or_else(|| RuntimeError::LoraLayer {
+                            layer: source.display().to_string(),
+                            message: format!("layer `{}` is not a switchable weight", t.name),
+                        })?;
                 plan.push((i, fp));
             }
         }

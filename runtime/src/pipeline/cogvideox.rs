@@ -221,7 +221,7 @@ impl Ddim {
         self.timesteps
             .get(i)
             .copied()
-            .ok_or_else(|| RuntimeError::Invalid {
+            .ok_or_else(|| RuntimeError::Internal {
                 what: "scheduler".into(),
                 message: format!("no timestep {i}"),
             })

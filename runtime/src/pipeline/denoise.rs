@@ -163,7 +163,7 @@ fn fixed_inputs(lanes: &mut [Lane]) -> Result<BTreeMap<String, Tensor>> {
             stack(parts)?
         } else {
             let mut parts = parts.into_iter();
-            let one = parts.next().ok_or_else(|| RuntimeError::Invalid {
+            let one = parts.next().ok_or_else(|| RuntimeError::Internal {
                 what: "DiT batch".into(),
                 message: "no requests".into(),
             })?;
@@ -216,8 +216,8 @@ pub(super) fn run(
         let t = Instant::now();
         let out = dit.run(&inputs)?;
         dit_ms.push(ms(t));
-        let sample = (out.get(io::SAMPLE))
-            .ok_or_else(|| RuntimeError::missing_output("DiT", io::SAMPLE))?;
+        let sample =
+            (out.get(io::SAMPLE)).ok_or_else(|| RuntimeError::missing_output("DiT", io::SAMPLE))?;
         let sample = sample.as_f32(io::SAMPLE)?;
         let mut at = 0;
         for (k, (l, trail)) in lanes.iter_mut().zip(&mut done).enumerate() {

@@ -225,7 +225,10 @@ pub fn check_first_frame(kind: PipelineKind, given: bool) -> std::result::Result
 }
 
 /// Wan engines sample with their flow scheduler; a CogVideoX sampler is refused there.
-pub fn check_sampler(kind: PipelineKind, sampler: Option<Sampler>) -> std::result::Result<(), RequestError> {
+pub fn check_sampler(
+    kind: PipelineKind,
+    sampler: Option<Sampler>,
+) -> std::result::Result<(), RequestError> {
     match (kind.family(), sampler) {
         (v2l_contracts::Family::Wan, Some(s)) => Err(RequestError::new(
             Field::Scheduler,

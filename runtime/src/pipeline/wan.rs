@@ -287,10 +287,13 @@ impl Sampling for Flow {
     }
 
     fn dit_inputs(&self, latents: &[f32], i: usize, batch: usize) -> Result<(Tensor, Tensor)> {
-        let t = *self.timesteps.get(i).ok_or_else(|| RuntimeError::Invalid {
-            what: "scheduler".into(),
-            message: format!("no timestep {i}"),
-        })?;
+        let t = *self
+            .timesteps
+            .get(i)
+            .ok_or_else(|| RuntimeError::Internal {
+                what: "scheduler".into(),
+                message: format!("no timestep {i}"),
+            })?;
         // Channels-first with batch 1: the channel concat [latents | condition] is an append.
         let one: Vec<f32> = latents.iter().chain(&self.cond).copied().collect();
         let [c, f, h, w] = self.dims;

@@ -35,8 +35,14 @@ fn check_media_path(path: &Path, dirs: bool) -> Result<()> {
                 .iter()
                 .any(|p| e.eq_ignore_ascii_case(p))
         });
-        let kind = if picture { InputKind::Image } else { InputKind::Media };
-        return kind.check_size(meta.len()).map_err(|e| bad(path, e.to_string()));
+        let kind = if picture {
+            InputKind::Image
+        } else {
+            InputKind::Media
+        };
+        return kind
+            .check_size(meta.len())
+            .map_err(|e| bad(path, e.to_string()));
     }
     if dirs && meta.is_dir() {
         return Ok(());
