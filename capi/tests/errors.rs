@@ -48,6 +48,22 @@ fn one_mapping_to_exit_codes_and_c_statuses() {
             context: "dit.onnx".into(),
             message: "bad shape".into(),
         },
+        RuntimeError::Engine {
+            dir: "engine".into(),
+            message: "holds no DiT".into(),
+        },
+        RuntimeError::MissingOutput {
+            graph: "DiT".into(),
+            output: "sample".into(),
+        },
+        RuntimeError::LoraLayer {
+            layer: "transformer_blocks.0.attn1.to_q".into(),
+            message: "the fused weight is not finite".into(),
+        },
+        RuntimeError::Internal {
+            what: "scheduler".into(),
+            message: "set_timesteps was not called".into(),
+        },
         RuntimeError::Cancelled,
     ];
     let table: Vec<String> = errors
