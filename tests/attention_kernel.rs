@@ -85,7 +85,7 @@ fn v2l_attention_tracks_ort_multi_head_attention_at_5b_shapes() {
     let mut mha = read_model(&plain).unwrap();
     assert_eq!(passes::fuse_attention(&mut mha, HEADS), 1);
     let mut ours = mha.clone();
-    assert_eq!(passes::v2l_attention(&mut ours), 1);
+    assert_eq!(passes::v2l_attention(&mut ours, false), 1);
     let (mha_path, ours_path) = (dir.path().join("mha.onnx"), dir.path().join("ours.onnx"));
     write_model(&mha_path, &mha).unwrap();
     write_model(&ours_path, &ours).unwrap();

@@ -1,6 +1,7 @@
 //! `v2l-bench attention`: the DiT's attention at CogVideoX-5B shapes (48 heads × 64, batch 2
 //! as guidance runs it), ONNX Runtime's f32 `MultiHeadAttention` against v2l's
-//! `ai.v2l.Attention` in a session, and v2l's two kernels called directly. Each in ms and
+//! `ai.v2l.Attention` in a session, and v2l's kernels (bf16, int8, f32) called directly, with
+//! the int8 kernel's relative L2 against ONNX Runtime's f32 and its time over bf16's. Each in ms and
 //! GFLOP/s (4·B·H·S²·Dh), beside this CPU's ceilings: its bf16 `vdpbf16ps` and int8
 //! `vpdpbusd` peaks (measured by register-only loops) and ONNX Runtime's f32 GEMM rate.
 
@@ -180,7 +181,7 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
     let mut mha = read_model(&plain).map_err(err)?;
     passes::fuse_attention(&mut mha, HEADS as i64);
     let mut ours = mha.clone();
-    passes::v2l_attention(&mut ours);
+    passes::v2l_attention(&mut ours, false);
     let (mha_path, ours_path) = (b.dir.join("mha.onnx"), b.dir.join("ours.onnx"));
     write_model(&mha_path, &mha).map_err(err)?;
     write_model(&ours_path, &ours).map_err(err)?;
@@ -250,12 +251,28 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
             None
         };
         let fp32_ms = direct(Kernel::Fp32)?;
+        // Last, so that `out` holds its output: the int8 kernel against ONNX Runtime's f32.
+        let int8_ms = if v2l_runtime::attention::int8_available() {
+            Some(direct(Kernel::Int8)?)
+        } else {
+            None
+        };
+        let int8_rel = match int8_ms {
+            Some(_) => Some(v2l_runtime::rel_l2(
+                &out,
+                want.as_f32("MultiHeadAttention").map_err(err)?,
+            )),
+            None => None,
+        };
         rows.push(serde_json::json!({
             "tokens": tokens, "batch": b.batch,
             "ort_mha_f32_ms": mha_ms, "ort_mha_f32_gflops": gflops(mha_ms),
             "v2l_op_ms": v2l_ms, "v2l_op_gflops": gflops(v2l_ms), "v2l_op_kernel": kernel.describe(),
             "v2l_op_rel_l2": rel,
             "kernel_bf16_ms": bf16_ms, "kernel_bf16_gflops": bf16_ms.map(gflops),
+            "kernel_int8_ms": int8_ms, "kernel_int8_gflops": int8_ms.map(gflops),
+            "kernel_int8_rel_l2": int8_rel,
+            "int8_over_bf16": int8_ms.zip(bf16_ms).map(|(a, b)| a / b),
             "kernel_fp32_ms": fp32_ms, "kernel_fp32_gflops": gflops(fp32_ms),
         }));
     }
@@ -279,22 +296,34 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
         b.repeat, b.batch
     );
     println!(
-        "{:>7} {:>16} {:>16} {:>16} {:>16} {:>9}",
-        "tokens", "ORT MHA f32", "ai.v2l op", "bf16 kernel", "f32 kernel", "rel L2"
+        "{:>7} {:>16} {:>16} {:>16} {:>16} {:>16} {:>9} {:>9} {:>9}",
+        "tokens",
+        "ORT MHA f32",
+        "ai.v2l op",
+        "bf16 kernel",
+        "int8 kernel",
+        "f32 kernel",
+        "rel L2",
+        "int8 L2",
+        "int8/bf16"
     );
     let cell = |ms: &serde_json::Value, gf: &serde_json::Value| match (ms.as_f64(), gf.as_f64()) {
         (Some(ms), Some(gf)) => format!("{ms:.0} ms {gf:.0} GF/s"),
         _ => "–".into(),
     };
     for r in &rows {
+        let opt = |v: &serde_json::Value, f: &dyn Fn(f64) -> String| v.as_f64().map_or("–".into(), f);
         println!(
-            "{:>7} {:>16} {:>16} {:>16} {:>16} {:>9.2e}",
+            "{:>7} {:>16} {:>16} {:>16} {:>16} {:>16} {:>9.2e} {:>9} {:>9}",
             r["tokens"],
             cell(&r["ort_mha_f32_ms"], &r["ort_mha_f32_gflops"]),
             cell(&r["v2l_op_ms"], &r["v2l_op_gflops"]),
             cell(&r["kernel_bf16_ms"], &r["kernel_bf16_gflops"]),
+            cell(&r["kernel_int8_ms"], &r["kernel_int8_gflops"]),
             cell(&r["kernel_fp32_ms"], &r["kernel_fp32_gflops"]),
             r["v2l_op_rel_l2"].as_f64().unwrap_or(f64::NAN),
+            opt(&r["kernel_int8_rel_l2"], &|x| format!("{x:.2e}")),
+            opt(&r["int8_over_bf16"], &|x| format!("{x:.2}×")),
         );
     }
     println!("ai.v2l op kernel: {}", kernel.describe());

@@ -121,3 +121,73 @@ fn int8_attention_follows_the_cpu_and_falls_back_to_ort_by_name() {
         assert_eq!(y, y_ort);
     }
 }
+
+/// Whether this CPU has AVX512-VNNI and AVX512-BF16, read here rather than from the runtime.
+fn cpu_has_int8_attention() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return cpu_has_avx512_bf16() && std::arch::is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `v2l-compile --attention int8`: the bundle says `int8`, the operator carries
+/// `scores = "int8"`, and `v2l-run` runs the int8 kernel where this CPU has AVX512-VNNI and
+/// AVX512-BF16 (within 1e-2 of the same engine on ONNX Runtime's f32 attention, and not equal
+/// to the bf16 kernel's output), the bf16 kernel with BF16 alone, the ORT twins with neither;
+/// `--json` names which ran. An fp32 engine refuses `--attention int8`.
+#[test]
+fn int8_scores_attention_runs_where_the_cpu_has_vnni_and_says_so() {
+    let d = tempfile::tempdir().unwrap();
+    let int8 = engine_with(
+        &d.path().join("i8"),
+        &["--precision", "int8", "--attention", "int8"],
+    );
+    let bf16 = engine_with(&d.path().join("bf"), &["--precision", "int8"]);
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(int8.join("bundle.json")).unwrap()).unwrap();
+    assert_eq!(b["attention"], "int8");
+    let graph = std::fs::read(int8.join("dit_int8.onnx")).unwrap();
+    assert!(graph.windows(6).any(|w| w == b"scores"), "no `scores` attribute");
+
+    let io = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
+    let inputs: BTreeMap<String, Tensor> = io
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("output"))
+        .collect();
+    let inp = d.path().join("in.safetensors");
+    write_safetensors(&inp, &inputs).unwrap();
+    let out = |n: &str| d.path().join(format!("{n}.safetensors"));
+    let (j, y) = stage_dit(&int8, &inp, &out("int8"), false);
+    let (_, y_ort) = stage_dit(&int8, &inp, &out("ort"), true);
+    let (_, y_bf16) = stage_dit(&bf16, &inp, &out("bf16"), false);
+    match (cpu_has_int8_attention(), cpu_has_avx512_bf16()) {
+        (true, _) => {
+            assert_eq!(j["attention"], "int8 (AVX512-VNNI and AVX512-BF16)");
+            let e = y.rel_l2(&y_ort);
+            eprintln!("int8 DiT, int8 attention against f32 attention: rel L2 {e:.2e}");
+            assert!(e > 1e-7 && e < 1e-2, "{e:.2e}");
+            assert_ne!(y, y_bf16, "the int8 kernel ran the bf16 kernel's arithmetic");
+        }
+        (false, true) => {
+            assert_eq!(j["attention"], "bf16 (AVX512-BF16)");
+            assert_eq!(y, y_bf16);
+        }
+        (false, false) => {
+            assert_eq!(
+                j["attention"],
+                "ort (fallback: this CPU has no AVX512-BF16)"
+            );
+            assert_eq!(y, y_ort);
+        }
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+        .arg(d.path().join("i8").join("export"))
+        .args(["-o"])
+        .arg(d.path().join("fp32"))
+        .args(["--attention", "int8"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--attention int8") && err.contains("below fp32"), "{err}");
+}

@@ -138,11 +138,11 @@ pub fn compile_with(
     let attention = opts
         .attention
         .unwrap_or_else(|| default_attention(backend, precision));
-    if attention == Attention::Bf16 && default_attention(backend, precision) != Attention::Bf16 {
+    if attention != Attention::Ort && default_attention(backend, precision) != Attention::Bf16 {
         return Err(CompileError::Invalid {
-            what: "--attention bf16".into(),
+            what: format!("--attention {}", attention.name()),
             message: format!(
-                "v2l's bf16 attention is for cpu engines below fp32 (this is {} {}); fp32 engines keep ONNX Runtime's exact attention",
+                "v2l's attention operator is for cpu engines below fp32 (this is {} {}); fp32 engines keep ONNX Runtime's exact attention",
                 backend.name(),
                 precision.name()
             ),
@@ -518,7 +518,7 @@ impl<'a> Job<'a> {
                 write_graph(p, m)
             }
         };
-        if self.attention != Attention::Bf16 {
+        if self.attention == Attention::Ort {
             return write(&tmp.join(file), model);
         }
         let twin = file.replace(".onnx", "_ort.onnx");
@@ -526,7 +526,7 @@ impl<'a> Job<'a> {
         out.files.push(twin.clone());
         out.variants.insert(DitVariant::of(graph).twin(), twin);
         let mut ours = model.clone();
-        v2l_graphs::passes::v2l_attention(&mut ours);
+        v2l_graphs::passes::v2l_attention(&mut ours, self.attention == Attention::Int8);
         write(&tmp.join(file), &ours)
     }
 

@@ -58,6 +58,10 @@ pub enum Attention {
     /// v2l's `ai.v2l.Attention` (CPU engines below fp32): bf16 products on AVX512-BF16, f32 on
     /// CPUs without it.
     Bf16,
+    /// v2l's `ai.v2l.Attention` asked for int8 scores (`v2l-compile --attention int8`): q·kᵀ in
+    /// int8 on AVX512-VNNI, p·v in bf16; the bf16 kernel on CPUs with AVX512-BF16 but no VNNI,
+    /// ONNX Runtime's on CPUs with neither.
+    Int8,
 }
 
 impl Attention {
@@ -65,6 +69,7 @@ impl Attention {
         match self {
             Attention::Ort => "ort",
             Attention::Bf16 => "bf16",
+            Attention::Int8 => "int8",
         }
     }
 

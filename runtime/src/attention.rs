@@ -11,6 +11,10 @@
 //! picks its kernel once per process ([`Kernel::detect`]):
 //! - [`Kernel::Bf16`] on CPUs with AVX512-BF16 ([`bf16`]): flash-style, q·kᵀ and p·v by
 //!   `vdpbf16ps`, softmax in f32 with online rescaling;
+//! - [`Kernel::Int8`] where the graph asks for it (attribute `scores = "int8"`, written by
+//!   `v2l-compile --attention int8`) and the CPU has AVX512-VNNI and AVX512-BF16 ([`int8`]):
+//!   q·kᵀ in int8 by `vpdpbusd` with K smoothed and per-block scales, as SageAttention does;
+//!   softmax in f32 and p·v in bf16 as the bf16 kernel;
 //! - [`Kernel::Fp32`] elsewhere, or when `V2L_ATTENTION=fp32` forces it ([`fp32`]): the same
 //!   blocking in f32.
 //!
@@ -22,6 +26,8 @@
 #[cfg(target_arch = "x86_64")]
 mod bf16;
 mod fp32;
+#[cfg(target_arch = "x86_64")]
+mod int8;
 
 use std::sync::OnceLock;
 
@@ -34,6 +40,8 @@ use ort::value::{TensorElementType, ValueType};
 /// The custom-op domain and name `v2l-compile` writes into low-precision CPU graphs.
 pub const DOMAIN: &str = "ai.v2l";
 pub const OP: &str = "Attention";
+/// The operator's optional attribute naming the precision of its scores (`"int8"`).
+pub const SCORES: &str = "scores";
 /// The environment variable that forces the f32 kernel (`V2L_ATTENTION=fp32`).
 pub const ENV: &str = "V2L_ATTENTION";
 
@@ -47,6 +55,8 @@ const BLOCK_KEYS: usize = 64;
 pub enum Kernel {
     /// bf16 products, f32 softmax and sums (AVX512-BF16).
     Bf16,
+    /// int8 q·kᵀ (AVX512-VNNI), f32 softmax, bf16 p·v (AVX512-BF16).
+    Int8,
     /// f32 throughout.
     Fp32,
 }
@@ -65,6 +75,16 @@ impl Kernel {
         })
     }
 
+    /// The kernel for a graph that asks for int8 scores: [`Kernel::Int8`] where this CPU has
+    /// AVX512-VNNI and AVX512-BF16 (and `V2L_ATTENTION=fp32` does not force f32), else what
+    /// [`Kernel::detect`] picks.
+    pub fn detect_int8() -> Kernel {
+        match Kernel::detect() {
+            Kernel::Bf16 if int8_available() => Kernel::Int8,
+            k => k,
+        }
+    }
+
     /// This kernel and why it runs, for `v2l-run --json` and logs.
     pub fn describe(self) -> String {
         format!("{} ({})", self.name(), self.reason())
@@ -74,6 +94,7 @@ impl Kernel {
     pub fn reason(self) -> String {
         match self {
             Kernel::Bf16 => "AVX512-BF16".into(),
+            Kernel::Int8 => "AVX512-VNNI and AVX512-BF16".into(),
             Kernel::Fp32 if bf16_available() => format!("{ENV}=fp32"),
             Kernel::Fp32 => "this CPU has no AVX512-BF16".into(),
         }
@@ -82,6 +103,7 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Bf16 => "bf16",
+            Kernel::Int8 => "int8",
             Kernel::Fp32 => "fp32",
         }
     }
@@ -90,6 +112,14 @@ impl Kernel {
 fn bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether this CPU runs the int8 kernel (AVX512-VNNI and AVX512-BF16).
+pub fn int8_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return int8::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -217,7 +247,9 @@ pub fn attend(
         };
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Bf16 if bf16::available() => bf16::head(&head, &mut write),
+            Kernel::Int8 if int8::available() => int8::head(&head, &mut write),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16 | Kernel::Int8 if bf16::available() => bf16::head(&head, &mut write),
             _ => fp32::head(&head, &mut write),
         }
     };
@@ -299,10 +331,16 @@ impl Operator for AttentionOp {
         let scale = ctx
             .get::<f32>("scale")
             .ok_or_else(|| ort::Error::new("ai.v2l.Attention needs its scale"))?;
+        // `scores = "int8"` (v2l-compile --attention int8) asks for the int8 kernel.
+        let int8 = ctx.get::<String>(SCORES).is_some_and(|s| s == "int8");
         Ok(AttentionKernel {
             heads: heads as usize,
             scale,
-            kernel: Kernel::detect(),
+            kernel: if int8 {
+                Kernel::detect_int8()
+            } else {
+                Kernel::detect()
+            },
         })
     }
 }

@@ -252,7 +252,7 @@ impl Engine {
     /// the `<variant>.ort` twins.
     fn attention_fallback(&self) -> bool {
         self.bundle.as_ref().is_some_and(|b| {
-            b.attention == crate::bundle::Attention::Bf16
+            b.attention != crate::bundle::Attention::Ort
                 && crate::attention::Kernel::detect() != crate::attention::Kernel::Bf16
                 && b.dit_variants.has_ort_twins()
         })
@@ -269,14 +269,16 @@ impl Engine {
     }
 
     /// What the DiT's attention runs on in this process, for `v2l-run --json` and logs:
-    /// `ort` (ONNX Runtime's f32 `MultiHeadAttention`), `bf16 (AVX512-BF16)` (v2l's kernel), or
+    /// `ort` (ONNX Runtime's f32 `MultiHeadAttention`), `bf16 (AVX512-BF16)` or
+    /// `int8 (AVX512-VNNI and AVX512-BF16)` (v2l's kernels), or
     /// `ort (fallback: …)` where v2l's engine meets a CPU without AVX512-BF16.
     pub fn attention(&self) -> String {
-        let ours = self
-            .bundle
-            .as_ref()
-            .is_some_and(|b| b.attention == crate::bundle::Attention::Bf16);
-        let kernel = crate::attention::Kernel::detect();
+        let asked = self.bundle.as_ref().map(|b| b.attention);
+        let ours = asked.is_some_and(|a| a != crate::bundle::Attention::Ort);
+        let kernel = match asked {
+            Some(crate::bundle::Attention::Int8) => crate::attention::Kernel::detect_int8(),
+            _ => crate::attention::Kernel::detect(),
+        };
         match (ours, self.attention_fallback()) {
             (false, _) => "ort".into(),
             (true, true) => format!("ort (fallback: {})", kernel.reason()),

@@ -77,7 +77,9 @@ struct Cli {
     backend: BackendArg,
     /// The DiT's attention kernel. Default: `bf16` for cpu engines below fp32 (v2l's own
     /// operator: bf16 products on AVX512-BF16 CPUs, f32 on others, and with V2L_ATTENTION=fp32),
-    /// `ort` otherwise (ONNX Runtime's f32 MultiHeadAttention; TensorRT's own fusion)
+    /// `ort` otherwise (ONNX Runtime's f32 MultiHeadAttention; TensorRT's own fusion). `int8`
+    /// (cpu engines below fp32): q·kᵀ in int8 with smoothed K on AVX512-VNNI CPUs, p·v in
+    /// bf16; the bf16 kernel where VNNI is missing
     #[arg(long, value_enum)]
     attention: Option<AttentionArg>,
     /// int8 cpu engines: how ONNX Runtime multiplies. `u8u8` (default): weights stored u8,
@@ -111,6 +113,7 @@ enum PrecisionArg {
 enum AttentionArg {
     Ort,
     Bf16,
+    Int8,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -166,6 +169,7 @@ fn main() -> ExitCode {
                 attention: cli.attention.map(|a| match a {
                     AttentionArg::Ort => Attention::Ort,
                     AttentionArg::Bf16 => Attention::Bf16,
+                    AttentionArg::Int8 => Attention::Int8,
                 }),
                 int8_scheme: cli.int8_gemm.map(|s| match s {
                     Int8GemmArg::U8u8 => Int8Scheme::U8U8,

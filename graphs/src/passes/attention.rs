@@ -197,7 +197,7 @@ pub const V2L_ATTENTION: &str = "Attention";
 /// the same inputs and attributes (`num_heads`, `scale`) and runs bf16 products on CPUs with
 /// AVX512-BF16. Returns how many moved. Only for CPU graphs below fp32: a custom operator
 /// exists only where the v2l runtime registers it.
-pub fn v2l_attention(model: &mut ModelProto) -> usize {
+pub fn v2l_attention(model: &mut ModelProto, int8_scores: bool) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
@@ -210,6 +210,13 @@ pub fn v2l_attention(model: &mut ModelProto) -> usize {
             n.name = format!("{base}/{V2L_ATTENTION}");
             n.attribute
                 .retain(|a| a.name == "num_heads" || a.name == "scale");
+            if int8_scores {
+                // Read by the operator: q·kᵀ in int8 where the CPU has AVX512-VNNI.
+                n.attribute.push(crate::builder::attr_proto(
+                    "scores",
+                    crate::builder::Attr::Str("int8".into()),
+                ));
+            }
             moved += 1;
         }
     }

@@ -1,4 +1,5 @@
-//! The AVX512-BF16 kernel. Per head:
+//! The AVX512-BF16 kernel, and the flash loop it shares with the int8 kernel ([`flash`], over
+//! a [`Scores`] provider). Per head:
 //!
 //! 1. K and V are rounded to bf16 once, in the pair-interleaved layouts `vdpbf16ps` reads:
 //!    K as `[key/16][dim pair][16 keys][2]`, V as `[key pair][dim/16][16 dims][2]`;
@@ -16,9 +17,9 @@ use std::arch::x86_64::*;
 use super::{Head, BLOCK_KEYS, BLOCK_ROWS};
 
 /// Dimensions per vector and keys per K tile.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 /// K tiles (of 16 keys) per key block.
-const TILES: usize = BLOCK_KEYS / LANES;
+pub(super) const TILES: usize = BLOCK_KEYS / LANES;
 
 /// Whether this CPU runs the kernel.
 pub(super) fn available() -> bool {
@@ -28,7 +29,7 @@ pub(super) fn available() -> bool {
 
 /// Round-to-nearest-even bf16 bits of a finite f32.
 #[inline(always)]
-fn bf16(x: f32) -> u16 {
+pub(super) fn bf16(x: f32) -> u16 {
     let b = x.to_bits();
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
@@ -36,25 +37,101 @@ fn bf16(x: f32) -> u16 {
 /// One head, as [`super::fp32::head`]; the caller checked [`available`].
 pub(super) fn head(h: &Head<'_>, out: &mut dyn FnMut(usize, &[f32])) {
     // SAFETY: `available()` was checked by the caller (`Kernel::detect`).
-    unsafe { head_avx512(h, out) }
+    unsafe { flash(h, out, Bf16Scores::new(h)) }
 }
 
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn head_avx512(h: &Head<'_>, out: &mut dyn FnMut(usize, &[f32])) {
-    let dh = h.head_dim;
-    // Head dims padded to whole vectors; zero pads change no dot product.
-    let dp = dh.div_ceil(LANES) * LANES;
-    let pairs = dp / 2;
-    let dtiles = dp / LANES;
-    let kv_pad = h.kv_len.div_ceil(BLOCK_KEYS) * BLOCK_KEYS;
+/// Head dims padded to whole vectors (zero pads change no dot product), and keys to whole
+/// blocks.
+pub(super) fn padded(h: &Head<'_>) -> (usize, usize) {
+    (
+        h.head_dim.div_ceil(LANES) * LANES,
+        h.kv_len.div_ceil(BLOCK_KEYS) * BLOCK_KEYS,
+    )
+}
 
-    let mut kp = vec![0u16; kv_pad * dp];
-    for j in 0..h.kv_len {
-        let (tile, lane) = (j / LANES, j % LANES);
-        for (d, &x) in h.k_row(j).iter().enumerate() {
-            kp[((tile * pairs + d / 2) * LANES + lane) * 2 + d % 2] = bf16(x);
+/// How a kernel computes its scores: q·kᵀ for 4 query rows against one block of keys, as f32
+/// already multiplied by `scale · log2 e` (the softmax runs in base 2). The rest of the flash
+/// loop (softmax, p·v in bf16) is [`flash`]'s, shared by the kernels.
+pub(super) trait Scores {
+    /// Prepares query rows `r0..r0 + rows` (the rest of the block are zero queries).
+    fn load_queries(&mut self, h: &Head<'_>, r0: usize, rows: usize);
+    /// Writes the scores of query rows `4g..4g + 4` of the loaded block against key block `kb`
+    /// to `s` (4 rows of `BLOCK_KEYS`).
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features; `s` has room for `4 · BLOCK_KEYS` values.
+    unsafe fn tile(&self, g: usize, kb: usize, s: *mut f32);
+}
+
+/// The bf16 kernel's scores: K rounded to bf16 once, in the pair-interleaved layout
+/// `vdpbf16ps` reads (`[key/16][dim pair][16 keys][2]`), queries scaled then rounded.
+struct Bf16Scores {
+    kp: Vec<u16>,
+    q: Vec<u32>,
+    pairs: usize,
+    qscale: f32,
+}
+
+impl Bf16Scores {
+    fn new(h: &Head<'_>) -> Bf16Scores {
+        let (dp, kv_pad) = padded(h);
+        let pairs = dp / 2;
+        let mut kp = vec![0u16; kv_pad * dp];
+        for j in 0..h.kv_len {
+            let (tile, lane) = (j / LANES, j % LANES);
+            for (d, &x) in h.k_row(j).iter().enumerate() {
+                kp[((tile * pairs + d / 2) * LANES + lane) * 2 + d % 2] = bf16(x);
+            }
+        }
+        Bf16Scores {
+            kp,
+            q: vec![0u32; BLOCK_ROWS * pairs],
+            pairs,
+            qscale: h.scale * std::f32::consts::LOG2_E,
         }
     }
+}
+
+impl Scores for Bf16Scores {
+    fn load_queries(&mut self, h: &Head<'_>, r0: usize, rows: usize) {
+        let pairs = self.pairs;
+        self.q.fill(0);
+        for r in 0..rows {
+            let qr = h.q_row(r0 + r);
+            for p in 0..pairs {
+                let lo = qr.get(2 * p).map_or(0, |&x| bf16(x * self.qscale));
+                let hi = qr.get(2 * p + 1).map_or(0, |&x| bf16(x * self.qscale));
+                self.q[r * pairs + p] = lo as u32 | (hi as u32) << 16;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile(&self, g: usize, kb: usize, s: *mut f32) {
+        let pairs = self.pairs;
+        scores_4x64(
+            self.q.as_ptr().add(g * 4 * pairs),
+            pairs,
+            self.kp.as_ptr().add(kb * TILES * pairs * LANES * 2),
+            s,
+        );
+    }
+}
+
+/// The flash loop over one head with `scores`' q·kᵀ: for each block of `BLOCK_ROWS` queries
+/// and each block of `BLOCK_KEYS` keys, the scores tile, online softmax in f32 (`exp2`,
+/// running max and sum), the probabilities rounded to bf16 and `p·v` by `vdpbf16ps` into the
+/// f32 accumulator; finally the accumulator divided by the running sum.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn flash(
+    h: &Head<'_>,
+    out: &mut dyn FnMut(usize, &[f32]),
+    mut scores_of: impl Scores,
+) {
+    let dh = h.head_dim;
+    let (dp, kv_pad) = padded(h);
+    let dtiles = dp / LANES;
+    // V in the layout `vdpbf16ps` reads for p·v: `[key pair][dim/16][16 dims][2]`.
     let mut vp = vec![0u16; kv_pad * dp];
     for j in 0..h.kv_len {
         let t = j / 2;
@@ -62,9 +139,6 @@ unsafe fn head_avx512(h: &Head<'_>, out: &mut dyn FnMut(usize, &[f32])) {
             vp[((t * dtiles + d / LANES) * LANES + d % LANES) * 2 + j % 2] = bf16(x);
         }
     }
-
-    let qscale = h.scale * std::f32::consts::LOG2_E;
-    let mut q = vec![0u32; BLOCK_ROWS * pairs];
     let mut scores = vec![0f32; BLOCK_ROWS * BLOCK_KEYS];
     let mut probs = vec![0u16; BLOCK_ROWS * BLOCK_KEYS];
     let mut acc = vec![0f32; BLOCK_ROWS * dp];
@@ -75,15 +149,7 @@ unsafe fn head_avx512(h: &Head<'_>, out: &mut dyn FnMut(usize, &[f32])) {
 
     for r0 in (0..h.q_len).step_by(BLOCK_ROWS) {
         let rows = BLOCK_ROWS.min(h.q_len - r0);
-        q.fill(0);
-        for r in 0..rows {
-            let qr = h.q_row(r0 + r);
-            for p in 0..pairs {
-                let lo = qr.get(2 * p).map_or(0, |&x| bf16(x * qscale));
-                let hi = qr.get(2 * p + 1).map_or(0, |&x| bf16(x * qscale));
-                q[r * pairs + p] = lo as u32 | (hi as u32) << 16;
-            }
-        }
+        scores_of.load_queries(h, r0, rows);
         acc.fill(0.0);
         max.fill(f32::NEG_INFINITY);
         sum.fill(_mm512_setzero_ps());
@@ -92,12 +158,7 @@ unsafe fn head_avx512(h: &Head<'_>, out: &mut dyn FnMut(usize, &[f32])) {
         for kb in 0..kv_pad / BLOCK_KEYS {
             let valid = (h.kv_len - kb * BLOCK_KEYS).min(BLOCK_KEYS);
             for g in 0..groups {
-                scores_4x64(
-                    q.as_ptr().add(g * 4 * pairs),
-                    pairs,
-                    kp.as_ptr().add(kb * TILES * pairs * LANES * 2),
-                    scores.as_mut_ptr().add(g * 4 * BLOCK_KEYS),
-                );
+                scores_of.tile(g, kb, scores.as_mut_ptr().add(g * 4 * BLOCK_KEYS));
             }
             for r in 0..rows {
                 let s = scores.as_mut_ptr().add(r * BLOCK_KEYS);
