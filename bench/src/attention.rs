@@ -312,7 +312,8 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
         _ => "–".into(),
     };
     for r in &rows {
-        let opt = |v: &serde_json::Value, f: &dyn Fn(f64) -> String| v.as_f64().map_or("–".into(), f);
+        let opt =
+            |v: &serde_json::Value, f: &dyn Fn(f64) -> String| v.as_f64().map_or("–".into(), f);
         println!(
             "{:>7} {:>16} {:>16} {:>16} {:>16} {:>16} {:>9.2e} {:>9} {:>9}",
             r["tokens"],

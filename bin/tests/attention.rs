@@ -147,7 +147,10 @@ fn int8_scores_attention_runs_where_the_cpu_has_vnni_and_says_so() {
         serde_json::from_str(&std::fs::read_to_string(int8.join("bundle.json")).unwrap()).unwrap();
     assert_eq!(b["attention"], "int8");
     let graph = std::fs::read(int8.join("dit_int8.onnx")).unwrap();
-    assert!(graph.windows(6).any(|w| w == b"scores"), "no `scores` attribute");
+    assert!(
+        graph.windows(6).any(|w| w == b"scores"),
+        "no `scores` attribute"
+    );
 
     let io = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
     let inputs: BTreeMap<String, Tensor> = io
@@ -166,7 +169,10 @@ fn int8_scores_attention_runs_where_the_cpu_has_vnni_and_says_so() {
             let e = y.rel_l2(&y_ort);
             eprintln!("int8 DiT, int8 attention against f32 attention: rel L2 {e:.2e}");
             assert!(e > 1e-7 && e < 1e-2, "{e:.2e}");
-            assert_ne!(y, y_bf16, "the int8 kernel ran the bf16 kernel's arithmetic");
+            assert_ne!(
+                y, y_bf16,
+                "the int8 kernel ran the bf16 kernel's arithmetic"
+            );
         }
         (false, true) => {
             assert_eq!(j["attention"], "bf16 (AVX512-BF16)");
@@ -189,5 +195,8 @@ fn int8_scores_attention_runs_where_the_cpu_has_vnni_and_says_so() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--attention int8") && err.contains("below fp32"), "{err}");
+    assert!(
+        err.contains("--attention int8") && err.contains("below fp32"),
+        "{err}"
+    );
 }
