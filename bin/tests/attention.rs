@@ -39,6 +39,18 @@ fn stage_dit(
     (json, read_safetensors(out).unwrap()["sample"].clone())
 }
 
+/// The fixture's DiT inputs (its outputs left out), written to `dir/in.safetensors`.
+fn dit_inputs(dir: &Path) -> std::path::PathBuf {
+    let io = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
+    let inputs: BTreeMap<String, Tensor> = io
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("output"))
+        .collect();
+    let inp = dir.join("in.safetensors");
+    write_safetensors(&inp, &inputs).unwrap();
+    inp
+}
+
 /// Whether this CPU has AVX512-BF16, read here rather than from the runtime under test.
 fn cpu_has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -70,13 +82,7 @@ fn int8_attention_follows_the_cpu_and_falls_back_to_ort_by_name() {
     let has = |g: &[u8], s: &str| g.windows(s.len()).any(|w| w == s.as_bytes());
     assert!(has(&graph, "ai.v2l") && !has(&twin, "ai.v2l") && has(&twin, "MultiHeadAttention"));
 
-    let io = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
-    let inputs: BTreeMap<String, Tensor> = io
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("output"))
-        .collect();
-    let inp = d.path().join("in.safetensors");
-    write_safetensors(&inp, &inputs).unwrap();
+    let inp = dit_inputs(d.path());
     let out = |n: &str| d.path().join(format!("{n}.safetensors"));
 
     let (j_ort, y_ort) = stage_dit(&ort, &inp, &out("ort"), false);
@@ -152,13 +158,7 @@ fn int8_scores_attention_runs_where_the_cpu_has_vnni_and_says_so() {
         "no `scores` attribute"
     );
 
-    let io = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
-    let inputs: BTreeMap<String, Tensor> = io
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("output"))
-        .collect();
-    let inp = d.path().join("in.safetensors");
-    write_safetensors(&inp, &inputs).unwrap();
+    let inp = dit_inputs(d.path());
     let out = |n: &str| d.path().join(format!("{n}.safetensors"));
     let (j, y) = stage_dit(&int8, &inp, &out("int8"), false);
     let (_, y_ort) = stage_dit(&int8, &inp, &out("ort"), true);

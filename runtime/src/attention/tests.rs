@@ -77,23 +77,16 @@ fn run(kernel: Kernel, shape: Shape, amp: f32) -> f64 {
     let q = values(shape.batch * shape.q_len * w, 1, amp);
     let k = values(shape.batch * shape.kv_len * w, 2, amp);
     let v = values(shape.batch * shape.kv_len * w, 3, 1.0);
+    error_of(kernel, shape, &q, &k, &v)
+}
+
+/// `kernel`'s worst head against the f64 reference, at the usual `1/√dh` scale.
+fn error_of(kernel: Kernel, shape: Shape, q: &[f32], k: &[f32], v: &[f32]) -> f64 {
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     let mut out = vec![f32::NAN; q.len()];
-    attend(
-        kernel,
-        shape,
-        scale,
-        Qkv {
-            q: &q,
-            k: &k,
-            v: &v,
-        },
-        &mut out,
-        &serial,
-    )
-    .unwrap();
+    attend(kernel, shape, scale, Qkv { q, k, v }, &mut out, &serial).unwrap();
     assert!(out.iter().all(|x| x.is_finite()), "{kernel:?} {shape:?}");
-    worst_head(shape, &out, &reference(shape, scale, &q, &k, &v))
+    worst_head(shape, &out, &reference(shape, scale, q, k, v))
 }
 
 /// Odd sizes: one token, tails of both blocks, head dims that are not whole vectors, cross
@@ -273,22 +266,7 @@ fn the_int8_kernel_is_attention_within_1e_2_or_falls_back() {
         for (amp, before, after) in [(0.5, 0.0, 8.0), (1.0, 0.0, 16.0), (1.0, 2.0, 16.0)] {
             let (q, k) = rope_qk(shape, amp, before, after);
             let v = values(shape.batch * shape.kv_len * shape.width(), 14, 1.0);
-            let scale = 1.0 / (shape.head_dim as f32).sqrt();
-            let mut out = vec![f32::NAN; q.len()];
-            attend(
-                kernel,
-                shape,
-                scale,
-                Qkv {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                },
-                &mut out,
-                &serial,
-            )
-            .unwrap();
-            let e = worst_head(shape, &out, &reference(shape, scale, &q, &k, &v));
+            let e = error_of(kernel, shape, &q, &k, &v);
             let bound = match kernel {
                 Kernel::Fp32 => F32_TOLERANCE,
                 _ => INT8_TOLERANCE,
