@@ -1057,3 +1057,33 @@ fn media_that_names_other_files_is_refused() {
         assert!(!out.exists(), "{flag} {needle}: output written");
     }
 }
+
+/// A safetensors file under the tensor limit whose header truly describes 2 GB of data, but
+/// not the tensors the flag needs, is refused from its header: `--prompt-embeds`, `--noise` and
+/// `--image-embeds` each within 10 s and bounded memory (it cost 4 GB when the data was read
+/// before the names were checked).
+#[test]
+fn tensor_files_without_the_needed_tensors_are_refused_from_the_header() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(&d.path().join("e"));
+    let big = d.path().join("big.safetensors");
+    sparse_claiming_safetensors(&big, 2 << 30);
+    let out = d.path().join("v.mp4");
+    let embeds = common::tiny().join("e2e_io.safetensors");
+    for (flag, needle) in [
+        ("--prompt-embeds", "missing tensor `prompt_embeds`"),
+        ("--noise", "missing tensor `initial_noise`"),
+        ("--image-embeds", "missing tensor `image_embeds`"),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+        c.arg("--engine").arg(&engine);
+        c.arg("--image").arg(common::tiny().join("first_frame.png"));
+        if flag != "--prompt-embeds" {
+            c.arg("--prompt-embeds").arg(&embeds);
+        }
+        c.arg(flag).arg(&big);
+        c.args(["--steps", "2", "--seed", "3", "--quiet", "-o"]).arg(&out);
+        refused(&within(c, 10), &["big.safetensors", needle]);
+        assert!(!out.exists(), "{flag}: output written");
+    }
+}

@@ -232,6 +232,33 @@ pub fn read_safetensors(path: &Path, kind: InputKind) -> std::io::Result<Vec<u8>
     safetensors_prefix(file, len, kind, kind.limit())
 }
 
+/// The tensor names a safetensors file's header lists, read from its header alone (at most 8 +
+/// `MAX_HEADER_BYTES` bytes): `None` where the header cannot be read, which the full reader
+/// then reports. A caller that needs a tensor checks for it here, before the data (which may be
+/// gigabytes) is read.
+pub fn safetensors_names(path: &Path) -> std::io::Result<Option<Vec<String>>> {
+    let (mut file, len) = open_regular(path)?;
+    if len < 8 {
+        return Ok(None);
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)?;
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER_BYTES || n > len - 8 {
+        return Ok(None);
+    }
+    let head = read_exactly(&mut file, n)?;
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(&head) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        map.keys()
+            .filter(|k| k.as_str() != "__metadata__")
+            .cloned()
+            .collect(),
+    ))
+}
+
 /// [`read_safetensors`] on an open `file` of `len` bytes, with `limit` for `kind`'s: the one
 /// place the format bounds the read (fuzzed: `fuzz/fuzz_targets/input.rs`). Returns a prefix
 /// of the file, at most 8 + the header when the header does not describe the whole file.

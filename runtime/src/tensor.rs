@@ -210,6 +210,26 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     parse_safetensors(&bytes, path)
 }
 
+/// [`read_safetensors`] of a file that must hold every tensor of `required`: a missing one is
+/// refused from the header alone, before the data is read (a 2 GB file whose header lists the
+/// wrong tensors costs a few bytes, not 4 GB).
+pub fn read_safetensors_with(path: &Path, required: &[&str]) -> Result<BTreeMap<String, Tensor>> {
+    let names =
+        v2l_contracts::input::safetensors_names(path).map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
+    if let Some(names) = names {
+        if let Some(missing) = required.iter().find(|r| !names.iter().any(|n| n == *r)) {
+            return Err(RuntimeError::MissingTensor {
+                path: path.into(),
+                name: (*missing).into(),
+            });
+        }
+    }
+    read_safetensors(path)
+}
+
 /// [`read_safetensors`] on bytes already in memory; `path` names them in errors. Untrusted
 /// input: fuzzed (`fuzz/fuzz_targets/safetensors.rs`).
 pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>> {

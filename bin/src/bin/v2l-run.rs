@@ -745,10 +745,15 @@ fn prompt_input(g: &GenerateArgs) -> Result<PromptInput, Failure> {
             prompt: text.clone(),
             negative: g.negative_prompt.clone().unwrap_or_default(),
         }),
-        (None, Some(path)) => Ok(PromptInput::Embeds {
-            prompt: take_tensor(path, files_io::PROMPT_EMBEDS)?,
-            negative: take_tensor(path, files_io::NEGATIVE_PROMPT_EMBEDS)?,
-        }),
+        (None, Some(path)) => {
+            let names = [files_io::PROMPT_EMBEDS, files_io::NEGATIVE_PROMPT_EMBEDS];
+            let mut file = read_with(path, &names)?;
+            let mut take = |name| file.remove(name).ok_or_else(|| missing(path, name));
+            Ok(PromptInput::Embeds {
+                prompt: take(names[0])?,
+                negative: take(names[1])?,
+            })
+        }
         (None, None) => Err(Failure::usage("give --prompt TEXT or --prompt-embeds FILE")),
     }
 }
@@ -793,7 +798,7 @@ fn lora_input(dir: &Engine, opts: &SessionOptions, g: &GenerateArgs) -> Result<L
 fn noise_input(g: &GenerateArgs) -> Result<NoiseInput, Failure> {
     match (&g.noise, g.seed) {
         (Some(p), seed) => {
-            let mut file = read_safetensors(p)?;
+            let mut file = read_with(p, &[files_io::INITIAL_NOISE])?;
             let noise = file
                 .remove(files_io::INITIAL_NOISE)
                 .ok_or_else(|| missing(p, files_io::INITIAL_NOISE))?;
@@ -817,9 +822,18 @@ fn missing(path: &std::path::Path, name: &str) -> Failure {
 
 /// One tensor of a safetensors file, named in the error when absent.
 fn take_tensor(path: &std::path::Path, name: &str) -> Result<v2l_runtime::Tensor, Failure> {
-    read_safetensors(path)?
+    read_with(path, &[name])?
         .remove(name)
         .ok_or_else(|| missing(path, name))
+}
+
+/// The tensors of `path`, which must list `required` (checked from its header before the
+/// data is read).
+fn read_with(
+    path: &std::path::Path,
+    required: &[&str],
+) -> Result<std::collections::BTreeMap<String, v2l_runtime::Tensor>, Failure> {
+    Ok(v2l_runtime::tensor::read_safetensors_with(path, required)?)
 }
 
 fn parse_strategy(s: &str) -> Result<v2l_runtime::lora::strategy::Strategy, Failure> {
