@@ -1082,7 +1082,8 @@ fn tensor_files_without_the_needed_tensors_are_refused_from_the_header() {
             c.arg("--prompt-embeds").arg(&embeds);
         }
         c.arg(flag).arg(&big);
-        c.args(["--steps", "2", "--seed", "3", "--quiet", "-o"]).arg(&out);
+        c.args(["--steps", "2", "--seed", "3", "--quiet", "-o"])
+            .arg(&out);
         refused(&within(c, 10), &["big.safetensors", needle]);
         assert!(!out.exists(), "{flag}: output written");
     }

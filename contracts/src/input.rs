@@ -235,8 +235,9 @@ pub fn read_safetensors(path: &Path, kind: InputKind) -> std::io::Result<Vec<u8>
 /// The tensor names a safetensors file's header lists, read from its header alone (at most 8 +
 /// `MAX_HEADER_BYTES` bytes): `None` where the header cannot be read, which the full reader
 /// then reports. A caller that needs a tensor checks for it here, before the data (which may be
-/// gigabytes) is read.
-pub fn safetensors_names(path: &Path) -> std::io::Result<Option<Vec<String>>> {
+/// gigabytes) is read. A header that describes the whole file over `kind`'s limit is that
+/// limit's error, as [`read_safetensors`] gives it.
+pub fn safetensors_names(path: &Path, kind: InputKind) -> std::io::Result<Option<Vec<String>>> {
     let (mut file, len) = open_regular(path)?;
     if len < 8 {
         return Ok(None);
@@ -248,6 +249,11 @@ pub fn safetensors_names(path: &Path) -> std::io::Result<Option<Vec<String>>> {
         return Ok(None);
     }
     let head = read_exactly(&mut file, n)?;
+    if let Some(whole) = data_extent(&head).and_then(|e| (8 + n).checked_add(e)) {
+        if whole == len && whole > kind.limit() {
+            return Err(kind.too_large(whole, kind.limit()));
+        }
+    }
     let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(&head) else {
         return Ok(None);
     };
