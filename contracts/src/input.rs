@@ -459,4 +459,51 @@ mod tests {
         std::fs::write(&p, 1000u64.to_le_bytes()).unwrap();
         assert_eq!(read_safetensors(&p, InputKind::Tensors).unwrap().len(), 8);
     }
+
+    /// The names a header lists, read without the data: a sparse 50 GB file that lists one
+    /// tensor costs its header; one over its kind's limit is that limit's error; a file that is
+    /// no safetensors gives `None` (the full reader says why).
+    #[test]
+    fn names_come_from_the_header_alone() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("s.safetensors");
+        let header =
+            br#"{"__metadata__":{"a":"b"},"x":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[1, 2, 3]);
+        std::fs::write(&p, &bytes).expect("write");
+        let names = safetensors_names(&p, InputKind::Tensors).expect("reads");
+        assert_eq!(names, Some(vec!["x".to_string()]));
+        // The same header on a 50 GB sparse file: its data is not what the header says, and
+        // the names still come from the header alone.
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_len(50 << 30))
+            .expect("sparse");
+        assert_eq!(
+            safetensors_names(&p, InputKind::Tensors).expect("reads"),
+            Some(vec!["x".to_string()])
+        );
+        std::fs::write(&p, b"not a safetensors file").expect("write");
+        assert_eq!(
+            safetensors_names(&p, InputKind::Tensors).expect("reads"),
+            None
+        );
+        // A header that describes a file over the limit: the limit's error.
+        let big = 5u64 << 30;
+        let header =
+            format!(r#"{{"x":{{"dtype":"U8","shape":[{big}],"data_offsets":[0,{big}]}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        std::fs::write(&p, &bytes).expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_len(8 + header.len() as u64 + big))
+            .expect("sparse");
+        let e = safetensors_names(&p, InputKind::Tensors).expect_err("over the limit");
+        assert!(e.to_string().contains("V2L_MAX_TENSOR_BYTES"), "{e}");
+    }
 }

@@ -214,8 +214,9 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 /// refused from the header alone, before the data is read (a 2 GB file whose header lists the
 /// wrong tensors costs a few bytes, not 4 GB).
 pub fn read_safetensors_with(path: &Path, required: &[&str]) -> Result<BTreeMap<String, Tensor>> {
+    let kind = v2l_contracts::input::InputKind::Tensors;
     let names =
-        v2l_contracts::input::safetensors_names(path).map_err(|source| RuntimeError::Io {
+        v2l_contracts::input::safetensors_names(path, kind).map_err(|source| RuntimeError::Io {
             path: path.into(),
             source,
         })?;
