@@ -238,7 +238,18 @@ pub fn read_safetensors(path: &Path, kind: InputKind) -> std::io::Result<Vec<u8>
 /// gigabytes) is read. A header that describes the whole file over `kind`'s limit is that
 /// limit's error, as [`read_safetensors`] gives it.
 pub fn safetensors_names(path: &Path, kind: InputKind) -> std::io::Result<Option<Vec<String>>> {
-    let (mut file, len) = open_regular(path)?;
+    let (file, len) = open_regular(path)?;
+    safetensors_header_names(file, len, kind, kind.limit())
+}
+
+/// [`safetensors_names`] on an open `file` of `len` bytes, with `limit` for `kind`'s (fuzzed:
+/// `fuzz/fuzz_targets/input.rs`): at most 8 + the header is read.
+pub fn safetensors_header_names(
+    mut file: impl Read,
+    len: u64,
+    kind: InputKind,
+    limit: u64,
+) -> std::io::Result<Option<Vec<String>>> {
     if len < 8 {
         return Ok(None);
     }
@@ -250,8 +261,8 @@ pub fn safetensors_names(path: &Path, kind: InputKind) -> std::io::Result<Option
     }
     let head = read_exactly(&mut file, n)?;
     if let Some(whole) = data_extent(&head).and_then(|e| (8 + n).checked_add(e)) {
-        if whole == len && whole > kind.limit() {
-            return Err(kind.too_large(whole, kind.limit()));
+        if whole == len && whole > limit {
+            return Err(kind.too_large(whole, limit));
         }
     }
     let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(&head) else {

@@ -4,13 +4,14 @@
 //!   (a sparse or shrinking file) and whose kind limit comes from the input. The read is an
 //!   error or a prefix of the file: the whole file only when its header describes exactly the
 //!   claimed length within the limit, else at most the length prefix and the header.
+//!   The header's tensor names (`safetensors_header_names`) come from the header alone.
 //! - First byte odd: the rest is a part name. One the rule accepts joins under any directory
 //!   and stays there, component by component.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::path::{Component, Path};
-use v2l_contracts::input::{is_part_name, safetensors_prefix, InputKind};
+use v2l_contracts::input::{is_part_name, safetensors_header_names, safetensors_prefix, InputKind};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
@@ -29,6 +30,13 @@ fuzz_target!(|data: &[u8]| {
             _ => 64,
         };
         let kind = [InputKind::Lora, InputKind::Tensors, InputKind::Media][(mode as usize / 8) % 3];
+        // The header's names come from the header read: no more text than it holds, and never
+        // the metadata entry.
+        if let Ok(Some(names)) = safetensors_header_names(file, len, kind, limit) {
+            let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+            assert!(names.iter().map(String::len).sum::<usize>() <= n);
+            assert!(names.iter().all(|name| name != "__metadata__"));
+        }
         if let Ok(got) = safetensors_prefix(file, len, kind, limit) {
             assert!(file.starts_with(&got), "not a prefix of the file");
             assert!(got.len() as u64 <= len);
