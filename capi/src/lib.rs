@@ -533,16 +533,20 @@ fn finite(v: f32, arg: &str) -> Result<f32> {
 }
 
 fn lock(g: &V2lGenerator) -> Result<MutexGuard<'_, Pipeline>> {
-    match g.pipeline.try_lock() {
+    try_lock(
+        &g.pipeline,
+        "the generator is in use by another call (one call at a time per generator; only v2l_generator_cancel may run alongside)",
+        "the generator is unusable after an internal error in an earlier call; free it and make a new one",
+    )
+}
+
+/// `m` for this call, or `V2L_STATUS_BUSY` with `busy` while another call holds it, or
+/// `V2L_STATUS_RUNTIME` with `poisoned` after a panic inside it.
+fn try_lock<'a, T>(m: &'a Mutex<T>, busy: &str, poisoned: &str) -> Result<MutexGuard<'a, T>> {
+    match m.try_lock() {
         Ok(p) => Ok(p),
-        Err(TryLockError::WouldBlock) => Err(Error::new(
-            V2lStatus::Busy,
-            "the generator is in use by another call (one call at a time per generator; only v2l_generator_cancel may run alongside)",
-        )),
-        Err(TryLockError::Poisoned(_)) => Err(Error::new(
-            V2lStatus::Runtime,
-            "the generator is unusable after an internal error in an earlier call; free it and make a new one",
-        )),
+        Err(TryLockError::WouldBlock) => Err(Error::new(V2lStatus::Busy, busy)),
+        Err(TryLockError::Poisoned(_)) => Err(Error::new(V2lStatus::Runtime, poisoned)),
     }
 }
 
@@ -998,17 +1002,11 @@ unsafe fn image_tokens(p: &V2lGenerateParams) -> Result<Option<Tensor>> {
 fn prompt_encoders(
     g: &V2lGenerator,
 ) -> Result<MutexGuard<'_, v2l_runtime::pipeline::PromptEncoders>> {
-    match g.prompts.try_lock() {
-        Ok(s) => Ok(s),
-        Err(TryLockError::WouldBlock) => Err(Error::new(
-            V2lStatus::Busy,
-            "the generator is in use by another call",
-        )),
-        Err(TryLockError::Poisoned(_)) => Err(Error::new(
-            V2lStatus::Runtime,
-            "the prompt encoder was poisoned by a panic",
-        )),
-    }
+    try_lock(
+        &g.prompts,
+        "the generator is in use by another call",
+        "the prompt encoder was poisoned by a panic",
+    )
 }
 
 /// `params`' prompt: text for the engine's encoder, or the embedding buffers.

@@ -143,7 +143,8 @@ pub struct Built {
 impl Inputs {
     /// Checks the inputs against `engine` and `checked` (the request's settings), reads what is
     /// still a file, encodes prompt text, and returns the request. The order is fixed, cheap
-    /// checks first: first frame, sampler, noise, prompt, then the reading and encoding.
+    /// first: first-frame and sampler rules, noise, the first frame, reference and LoRA files,
+    /// then prompt text through the encoder.
     pub fn build(
         self,
         engine: &Engine,
@@ -156,6 +157,23 @@ impl Inputs {
         check_sampler(kind, self.sampler)?;
         let (noise, inpaint_noise, seed) = self.noise.resolve(engine, checked)?;
         let (h, w) = (checked.height, checked.width);
+        let image = match self.image {
+            None => None,
+            Some(m) => Some(m.first_frame(h, w)?),
+        };
+        let lora = match self.lora {
+            LoraInput::Resident => RequestLora::Resident,
+            LoraInput::Base => RequestLora::Base,
+            LoraInput::Reference(m) => {
+                let (clip, source) = m.reference(kind, h, w)?;
+                crate::predict::check_reference(&clip, &source)?;
+                RequestLora::Reference(clip, checked.lora_scale)
+            }
+            LoraInput::Files(files) => RequestLora::Loras(read_loras(engine, &files)?),
+            LoraInput::Applied(loras) => RequestLora::Loras(loras),
+        };
+        // Prompt text last: encoding it is the expensive step (a T5-XXL), and every file above
+        // is checked before it.
         let mut warnings = Vec::new();
         let mut text_encode_ms = None;
         let (prompt_embeds, negative_prompt_embeds) = match self.prompt {
@@ -171,21 +189,6 @@ impl Inputs {
                 text_encode_ms = Some(t.elapsed().as_secs_f64() * 1e3);
                 (p, n)
             }
-        };
-        let image = match self.image {
-            None => None,
-            Some(m) => Some(m.first_frame(h, w)?),
-        };
-        let lora = match self.lora {
-            LoraInput::Resident => RequestLora::Resident,
-            LoraInput::Base => RequestLora::Base,
-            LoraInput::Reference(m) => {
-                let (clip, source) = m.reference(kind, h, w)?;
-                crate::predict::check_reference(&clip, &source)?;
-                RequestLora::Reference(clip, checked.lora_scale)
-            }
-            LoraInput::Files(files) => RequestLora::Loras(read_loras(engine, &files)?),
-            LoraInput::Applied(loras) => RequestLora::Loras(loras),
         };
         Ok(Built {
             request: Request {
