@@ -14,6 +14,7 @@ mod lora_parity;
 mod measure_parity;
 mod prompt2effect_parity;
 mod scheduler_rope;
+mod session_race;
 mod text_encoder_parity;
 mod tokenizer_parity;
 mod umt5_parity;

@@ -192,7 +192,7 @@ impl Model {
             crate::backend::Backend::Cpu => pager::Pager::start(large_weight_files(path)),
             _ => None,
         };
-        let session = b.commit_from_file(path).map_err(ort_err(&ctx))?;
+        let session = commit(b, path).map_err(ort_err(&ctx))?;
         drop(pager);
         let inputs = session
             .inputs()
@@ -387,6 +387,30 @@ impl Model {
 pub struct Carry(BTreeMap<String, DynValue>);
 
 /// `t` as an ONNX Runtime value borrowing its data.
+/// Whether a session of this process has been built with the `ai.v2l` domain.
+///
+/// ONNX Runtime enters a custom operator domain in ONNX's process-wide domain map when a session
+/// is built, by a check then an insert with no lock: two first builds at once on different threads
+/// can both insert, and one fails ("the domain is already exist"; 15 rounds of 300 in
+/// `tests/session_race.rs`). So builds wait on each other until one has succeeded; after that the
+/// domain is in the map and builds run in parallel.
+static DOMAIN_ENTERED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// Builds the session, one at a time until the `ai.v2l` domain is in ONNX's map.
+fn commit(mut b: ort::session::builder::SessionBuilder, path: &Path) -> ort::Result<Session> {
+    // The flag is a plain bool, so a poisoned lock still holds a valid value.
+    let mut entered = DOMAIN_ENTERED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *entered {
+        drop(entered);
+        return b.commit_from_file(path);
+    }
+    let session = b.commit_from_file(path)?;
+    *entered = true;
+    Ok(session)
+}
+
 fn view(t: &Tensor) -> ort::Result<DynValueRef<'_>> {
     let s: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     Ok(match &t.data {
