@@ -108,6 +108,7 @@ fn check(variant: &str, transformer: &str, clip: bool) {
         sampler: None,
         inpaint_noise: None,
         seed: None,
+        cache: None,
     };
     let g = p.generate(&req, &mut |_, _| true).unwrap();
     for (i, lat) in g.latents_steps.iter().enumerate() {
@@ -162,6 +163,7 @@ fn wan_requests_that_do_not_fit_the_engine_are_refused_by_name() {
         sampler: None,
         inpaint_noise: None,
         seed: None,
+        cache: None,
     };
     let err = p
         .generate(&req, &mut |_, _| true)

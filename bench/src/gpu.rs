@@ -377,6 +377,7 @@ fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Req
         sampler: None,
         inpaint_noise: None,
         seed: None,
+        cache: None,
     })
 }
 

@@ -107,6 +107,7 @@ pub fn bench_pipeline(
         sampler: None,
         inpaint_noise: None,
         seed: None,
+        cache: None,
     };
 
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();

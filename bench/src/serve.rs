@@ -288,6 +288,7 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
             sampler: None,
             inpaint_noise: None,
             seed: None,
+            cache: None,
         };
         let mut v = Vec::new();
         for i in 0..repeat.max(2) {

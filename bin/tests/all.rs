@@ -16,4 +16,5 @@ mod serve;
 mod server_bounds;
 mod server_faults;
 mod server_soak;
+mod step_cache;
 mod valid_graphs;

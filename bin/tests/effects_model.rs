@@ -62,6 +62,7 @@ fn trained_model_matches_diffusers() {
         sampler: None,
         inpaint_noise: None,
         seed: None,
+        cache: None,
     };
     // Latents after every step, then the decoded frames, with the LoRA off and with each
     // reference clip's LoRA (predicted by the exported hypernetwork from the clip's frames).

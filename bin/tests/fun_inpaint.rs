@@ -45,6 +45,7 @@ fn request(io: &BTreeMap<String, Tensor>, frames: usize) -> Request {
         sampler: None,
         inpaint_noise: Some(io["inpaint_noise"].clone()),
         seed: None,
+        cache: None,
     }
 }
 

@@ -1177,6 +1177,7 @@ pub unsafe extern "C" fn v2l_generator_generate(
             lora: LoraInput::Resident,
             noise: noise_input(&s, p)?,
             sampler: sampler(p)?,
+            cache: None,
         };
         let no_frame = p.first_frame.is_null();
         let mut prompts = prompt_encoders(&g)?;

@@ -1050,6 +1050,7 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
             sampler,
             inpaint_noise: inpaint,
             seed: Some(seed),
+            cache: None,
         };
         let out = pl.generate(&req, &mut |_, _| true).unwrap();
         v2l_runtime::video::to_rgb8(&out.frames).unwrap().rgb

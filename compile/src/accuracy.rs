@@ -251,6 +251,7 @@ pub fn generation_accuracy(
         inpaint_noise: None,
         // Fun-InP's augmentation noise, seeded like the rest of this sample.
         seed: Some(8),
+        cache: None,
     };
     let opts = SessionOptions {
         keep_weight_casts: true,

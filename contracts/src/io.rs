@@ -16,6 +16,17 @@ pub mod dit {
     pub const ROPE_SIN: &str = "rope_sin";
     /// The prediction, shaped like the latents.
     pub const SAMPLE: &str = "sample";
+
+    /// Where a DiT graph can be cut for step caching: model metadata keys, each holding the
+    /// name of a value inside the graph (names the exporter made up, so they are recorded).
+    pub mod cache {
+        /// `[B, N, D]`: the video tokens entering the first transformer block.
+        pub const FIRST_BLOCK_INPUT: &str = "v2l.cache.first_block_input";
+        /// `[B, N, D]`: the video tokens the first block returns.
+        pub const FIRST_BLOCK_OUTPUT: &str = "v2l.cache.first_block_output";
+        /// `[B, N, D]`: the video tokens the last block returns.
+        pub const BLOCKS_OUTPUT: &str = "v2l.cache.blocks_output";
+    }
 }
 
 /// The tensors Q/DQ adds for the linear whose weight is `weight` (`<module>.weight`).

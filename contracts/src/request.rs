@@ -32,6 +32,8 @@ pub enum Field {
     NegativePromptEmbeds,
     /// Wan I2V: the first frame's CLIP image tokens.
     ImageEmbeds,
+    /// Step caching (`first-block:THRESHOLD`).
+    Cache,
 }
 
 impl Field {
@@ -59,6 +61,7 @@ impl Field {
             Field::PromptEmbeds => "prompt_embeds",
             Field::NegativePromptEmbeds => "negative_prompt_embeds",
             Field::ImageEmbeds => "image_embeds",
+            Field::Cache => "cache",
         }
     }
 
@@ -120,3 +123,65 @@ impl fmt::Display for RequestError {
 }
 
 impl std::error::Error for RequestError {}
+
+/// Step caching: which DiT calls may reuse the previous call's work. Off unless asked for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepCache {
+    /// diffusers' First Block Cache (`FirstBlockCacheConfig`): every call runs the first
+    /// transformer block; the other blocks run only when the first block's residual moved by
+    /// more than `threshold` (mean absolute change over the mean absolute value of the last
+    /// residual that ran them). Otherwise their last residual is added again.
+    FirstBlock { threshold: f64 },
+}
+
+impl StepCache {
+    /// Written as `first-block:THRESHOLD` (the CLI's `--cache`, the C ABI's and the server's
+    /// `cache`).
+    pub fn describe(self) -> String {
+        match self {
+            StepCache::FirstBlock { threshold } => format!("first-block:{threshold}"),
+        }
+    }
+}
+
+impl std::str::FromStr for StepCache {
+    type Err = RequestError;
+    fn from_str(s: &str) -> Result<StepCache, RequestError> {
+        let bad = |m: String| RequestError::new(Field::Cache, m);
+        let Some(t) = s.strip_prefix("first-block:") else {
+            return Err(bad(format!(
+                "unknown step cache `{s}`; the one method is `first-block:THRESHOLD` (e.g. first-block:0.1)"
+            )));
+        };
+        match t.parse::<f64>() {
+            Ok(threshold) if threshold.is_finite() && threshold >= 0.0 => {
+                Ok(StepCache::FirstBlock { threshold })
+            }
+            _ => Err(bad(format!(
+                "the first-block threshold must be a number >= 0, got `{t}`"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod step_cache_tests {
+    use super::*;
+
+    #[test]
+    fn first_block_thresholds_parse_and_bad_ones_name_the_field() {
+        let c: StepCache = "first-block:0.1".parse().unwrap();
+        assert_eq!(c, StepCache::FirstBlock { threshold: 0.1 });
+        assert_eq!(c.describe(), "first-block:0.1");
+        for bad in [
+            "first-block:",
+            "first-block:-1",
+            "first-block:nan",
+            "teacache:0.1",
+            "",
+        ] {
+            let e = bad.parse::<StepCache>().unwrap_err();
+            assert_eq!(e.field, Field::Cache, "{bad}");
+        }
+    }
+}

@@ -16,6 +16,7 @@
 
 use serde::Deserialize;
 use v2l_contracts::io::dit as dit_io;
+use v2l_contracts::io::dit::cache;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -159,10 +160,16 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
 
     let (mut enc, mut x) = split_text(&mut g, &tokens, &text_len);
     let temb_act = g.silu(&temb);
+    let block_input = x.clone();
     for i in 0..cfg.num_layers {
         let blk = vb.pp("transformer_blocks").pp(i);
         (x, enc) = block(&mut g, &blk, &cfg, &x, &enc, &temb_act, &rope, &text_len)?;
+        if i == 0 {
+            g.metadata(cache::FIRST_BLOCK_INPUT, block_input.name());
+            g.metadata(cache::FIRST_BLOCK_OUTPUT, x.name());
+        }
     }
+    g.metadata(cache::BLOCKS_OUTPUT, x.name());
 
     let x = vb.layer_norm(
         &mut g,

@@ -102,7 +102,7 @@ pub fn tensorrt_problems(model: &ModelProto, lora_targets: &[(String, DType)]) -
 /// Element types of the graph's tensors: declared for inputs and initializers, propagated for
 /// node outputs (`Cast` gives its `to`, `Shape` int64, others the type of their first float
 /// input). Enough for the ops v2l emits; an unknown op's output takes its first input's type.
-fn infer_types(graph: &proto::GraphProto) -> HashMap<&str, DType> {
+pub(crate) fn infer_types(graph: &proto::GraphProto) -> HashMap<&str, DType> {
     let mut types: HashMap<&str, DType> = HashMap::new();
     for i in &graph.input {
         if let Some(proto::type_proto::Value::TensorType(t)) =
@@ -132,15 +132,26 @@ fn infer_types(graph: &proto::GraphProto) -> HashMap<&str, DType> {
                 .find(|a| a.name == "to")
                 .and_then(|a| DType::from_onnx_code(a.i as i32)),
             "Shape" | "Size" => Some(DType::I64),
+            // The zero point's type, uint8 without one.
+            "QuantizeLinear" => Some(
+                n.input
+                    .get(2)
+                    .and_then(|z| types.get(z.as_str()).copied())
+                    .unwrap_or(DType::U8),
+            ),
+            "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And"
+            | "Or" | "Xor" | "IsNaN" | "IsInf" => Some(DType::Bool),
             _ => first_float.or(first),
         };
         if let Some(d) = out {
             for (k, o) in n.output.iter().enumerate() {
                 // LayerNormalization's mean and inverse deviation are f32 (stash_type 1).
-                let d = if n.op_type == "LayerNormalization" && k > 0 {
-                    DType::F32
-                } else {
-                    d
+                let d = match n.op_type.as_str() {
+                    "LayerNormalization" if k > 0 => DType::F32,
+                    // (y uint8, y_scale f32, y_zero_point uint8)
+                    "DynamicQuantizeLinear" if k == 1 => DType::F32,
+                    "DynamicQuantizeLinear" => DType::U8,
+                    _ => d,
                 };
                 types.insert(o.as_str(), d);
             }

@@ -17,6 +17,7 @@ pub mod dtype;
 pub mod passes;
 pub mod proto;
 pub mod quant;
+pub mod split;
 pub mod write;
 
 pub use builder::{Attr, Dim, Graph, Initializer, IoSpec, TensorData, Value, OPSET};

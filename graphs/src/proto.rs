@@ -128,6 +128,21 @@ pub mod data_location {
 
 impl ValueInfoProto {
     /// A tensor value of type `dtype` and unknown shape (extra graph outputs, subgraph inputs).
+    /// A value of `dtype` with `rank` dimensions of unknown size: ONNX Runtime needs the rank
+    /// of a `Scan` body's outputs when it cannot infer it from outside.
+    pub fn of_rank(name: &str, dtype: crate::dtype::DType, rank: usize) -> ValueInfoProto {
+        let mut v = ValueInfoProto::of_type(name, dtype);
+        if let Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(t)),
+        }) = &mut v.r#type
+        {
+            t.shape = Some(TensorShapeProto {
+                dim: vec![tensor_shape_proto::Dimension { value: None }; rank],
+            });
+        }
+        v
+    }
+
     pub fn of_type(name: &str, dtype: crate::dtype::DType) -> ValueInfoProto {
         ValueInfoProto {
             name: name.into(),

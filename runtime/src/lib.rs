@@ -13,6 +13,7 @@
 //! | [`lora`] | LoRA files and formats, LiLoRA, exact merges, the fuse kernels, switching strategies |
 //! | [`predict`], [`effect`] | LoRAs from a reference clip (Video2LoRA) or an effect prompt (Prompt2Effect, LoFA) |
 //! | [`pipeline`] | a request, and running it: one denoise loop for CogVideoX and Wan |
+//! | [`step_cache`] | diffusers' First Block Cache: the DiT cut into head, blocks and output, and when to skip the blocks |
 //! | [`scheduler`], [`flow`], [`rope`] | DDIM and the flow samplers; RoPE tables |
 //! | [`vae`] | the VAE's frame-batch loop with its causal-conv cache, and tiling |
 //! | [`text`] | prompt text (the `text` feature): tokenizer and text encoder |
@@ -50,6 +51,7 @@ pub mod rope;
 pub mod scheduler;
 pub mod session;
 pub mod stages;
+pub mod step_cache;
 pub mod tensor;
 pub mod text;
 pub mod vae;

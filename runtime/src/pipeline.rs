@@ -75,6 +75,10 @@ pub struct Request {
     /// Seeds what the pipeline draws beyond the initial `noise`: Fun-InP's augmentation noise
     /// (unless given) and the `dpm` sampler's step noise. Front ends pass the request's seed.
     pub seed: Option<u64>,
+    /// Step caching for this request (`None`: every DiT call runs every block). The first
+    /// cached request cuts the pipeline's DiT into head, blocks and output sessions for good
+    /// ([`crate::step_cache`]).
+    pub cache: Option<crate::step_cache::StepCache>,
 }
 
 /// The LoRA a request runs with. Whatever it is, it holds for that request only: afterwards the
@@ -105,6 +109,17 @@ pub struct Generation {
     /// Stage name → milliseconds (and each stage's peak RSS when
     /// [`Pipeline::set_stage_memory`] asked for it).
     pub timings: Timings,
+    /// DiT calls made (one per denoising step).
+    pub dit_calls: usize,
+    /// With step caching ([`Request::cache`]): each DiT call's decision; empty without.
+    pub cache_calls: Vec<crate::step_cache::CacheCall>,
+}
+
+impl Generation {
+    /// DiT calls whose blocks after the first were skipped by the step cache.
+    pub fn cache_skips(&self) -> usize {
+        self.cache_calls.iter().filter(|c| !c.ran_blocks).count()
+    }
 }
 
 /// A loaded pipeline: VAE, DiT (rebuilt with fused weights when a LoRA is applied), scheduler.
@@ -264,9 +279,9 @@ impl Pipeline {
             self.dit.set_lora(&self.dir, self.applied.as_ref())?;
             timings.insert("lora_restore".into(), ms(t));
         }
-        let (frames, latents_steps) = result?;
+        let (frames, d) = result?;
         timings.insert("total".into(), ms(t_all));
-        Ok(generation(frames, latents_steps, prediction, timings))
+        Ok(generation(frames, d, prediction, timings))
     }
 
     /// Steps 0 and 1, with the request's clock and timings started.
@@ -494,6 +509,12 @@ impl Pipeline {
             let shape = self
                 .check_request(r)
                 .map_err(|e| invalid(i, e.to_string()))?;
+            if r.cache.is_some() && requests.len() > 1 {
+                return Err(invalid(
+                    i,
+                    "step caching decides per DiT call, so a cached request runs alone, not in a batch".into(),
+                ));
+            }
             if let Some((first, r0)) = shapes.first().zip(requests.first()) {
                 let first: &LatentShape = first;
                 if shape.dims() != first.dims() || r.steps != r0.steps {
@@ -539,7 +560,11 @@ impl Pipeline {
             (true, Some(one)) => self.dit.set_lora(&self.dir, one.as_ref()),
             _ => self.dit.set_sample_loras(&self.dir, &samples),
         };
-        let result = set.and_then(|()| {
+        let cut = match requests.iter().any(|r| r.cache.is_some()) {
+            true => self.dit.cut_for_caching(&self.dir),
+            false => Ok(()),
+        };
+        let result = set.and_then(|()| cut).and_then(|()| {
             let switch = ms(t);
             let mut lanes = Vec::with_capacity(requests.len());
             for ((r, shape), tm) in requests.iter().zip(&shapes).zip(&mut timings) {
@@ -564,7 +589,7 @@ impl Pipeline {
             tm.steps(dit_ms.clone());
             let frames = self.decode(&d.latents, shape, &mut tm)?;
             tm.insert("total".into(), ms(t_all));
-            out.push(generation(frames, d.steps, p, tm));
+            out.push(generation(frames, d, p, tm));
         }
         Ok(out)
     }
@@ -576,10 +601,10 @@ impl Pipeline {
         shape: &LatentShape,
         timings: &mut Timings,
         progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    ) -> Result<(Tensor, denoise::Denoised)> {
         let d = self.denoise_request(req, shape, timings, false, progress)?;
         let frames = self.decode(&d.latents, shape, timings)?;
-        Ok((frames, d.steps))
+        Ok((frames, d))
     }
 
     /// Steps 2 and 3: encode the first frame, denoise; `one_shot` releases the VAE encoder
@@ -597,6 +622,11 @@ impl Pipeline {
             entry: dit_entry(&self.dir)?,
         };
         let lane = self.family.lane(parts, req, shape, timings)?;
+        if req.cache.is_some() {
+            let t = Instant::now();
+            self.dit.cut_for_caching(&self.dir)?;
+            timings.insert("dit_cut".into(), ms(t));
+        }
         if one_shot {
             let t = Instant::now();
             self.vae.release_encoder();
@@ -651,7 +681,7 @@ impl Pipeline {
         timings.insert("dit_release".into(), ms(t));
         let frames = decode_with(&*self.family, &mut self.vae, &d.latents, &shape, timings)?;
         timings.insert("total".into(), ms(b.t_all));
-        Ok(generation(frames, d.steps, b.prediction, b.timings))
+        Ok(generation(frames, d, b.prediction, b.timings))
     }
 }
 
@@ -682,7 +712,7 @@ fn decode_with(
 /// What a run produced, with the prediction's intermediates when there was one.
 fn generation(
     frames: Tensor,
-    latents_steps: Vec<Tensor>,
+    denoised: denoise::Denoised,
     prediction: Option<crate::predict::Prediction>,
     timings: Timings,
 ) -> Generation {
@@ -696,7 +726,9 @@ fn generation(
     };
     Generation {
         frames,
-        latents_steps,
+        latents_steps: denoised.steps,
+        dit_calls: denoised.dit_calls,
+        cache_calls: denoised.cache,
         reference_latents,
         hyper_weights,
         lora,

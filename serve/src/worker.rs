@@ -437,6 +437,7 @@ impl Worker {
             lora,
             noise: NoiseInput::Seed(p.seed),
             sampler: p.scheduler,
+            cache: None,
         };
         let t = Instant::now();
         let built = inputs.build(&self.engine, &self.opts, &checked, &mut self.prompts)?;

@@ -144,6 +144,14 @@ struct GenerateArgs {
     /// use their flow sampler
     #[arg(long, value_name = "NAME")]
     scheduler: Option<v2l_runtime::pipeline::Sampler>,
+    /// Step caching, off by default. `first-block:THRESHOLD` is diffusers' First Block Cache
+    /// (`apply_first_block_cache`): every step runs the DiT's first block, and the other blocks
+    /// only when the first block's residual changed by more than THRESHOLD (relative mean
+    /// absolute change) since they last ran; otherwise their last residual is reused. Higher
+    /// skips more. On the demo model at 20 steps, 0.1 skips 9 of 20 DiT calls, 0.2 skips 13.
+    /// --json reports `dit_calls` and `cache_skips`. CogVideoX engines
+    #[arg(long, value_name = "METHOD:THRESHOLD")]
+    cache: Option<v2l_runtime::step_cache::StepCache>,
     /// Sample the VAE posterior with this seed (first frame and reference) instead of its mode
     #[arg(long)]
     posterior_seed: Option<u64>,
@@ -603,6 +611,7 @@ fn generate(
         lora: lora_input(&dir, opts, g)?,
         noise: noise_input(g)?,
         sampler: g.scheduler,
+        cache: g.cache,
     };
     // Stages outside the pipeline (text encode, load) are recorded here, the rest by it.
     let mut outer = v2l_runtime::stages::Timings::with_memory(g.stage_memory);
@@ -653,6 +662,7 @@ fn generate(
     }
     if g.json {
         let lora_layers = gen.lora.as_ref().map(|l| l.layers.len());
+        let cache_skips = gen.cache_skips();
         let mut stages = gen.timings;
         stages.merge(outer);
         println!(
@@ -665,6 +675,8 @@ fn generate(
                 "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
                 "pipeline": kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(kind)),
                 "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
+                "cache": g.cache.map(|c| c.describe()), "dit_calls": gen.dit_calls,
+                "cache_skips": cache_skips,
                 "machine": v2l_runtime::cpu::this(), "compiled_on": compiled_on,
             })
         );

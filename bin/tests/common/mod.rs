@@ -107,6 +107,7 @@ pub fn cogvideox_request(
         sampler: None,
         inpaint_noise: None,
         seed: None,
+        cache: None,
     }
 }
 
@@ -128,6 +129,7 @@ pub fn wan_t2v_request(
         sampler: None,
         inpaint_noise: None,
         seed: None,
+        cache: None,
     }
 }
 

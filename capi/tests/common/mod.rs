@@ -280,6 +280,7 @@ pub fn rust_generate(
         sampler: None,
         inpaint_noise: None,
         seed: None,
+        cache: None,
     };
     let gen = p.generate(&req, &mut |_, _| true).unwrap();
     v2l_runtime::video::to_rgb8(&gen.frames).unwrap().rgb

@@ -226,8 +226,10 @@ fn scanned(
     let body = GraphProto {
         node: body_nodes,
         name: n("body"),
-        input: vec![proto::ValueInfoProto::of_type(&body_in, DType::F32)],
-        output: vec![proto::ValueInfoProto::of_type(&body_out, DType::F32)],
+        // [batch, rows, width]: the rank lets ONNX Runtime run the body where the region's
+        // input comes from outside the graph (a DiT cut for step caching).
+        input: vec![proto::ValueInfoProto::of_rank(&body_in, DType::F32, 3)],
+        output: vec![proto::ValueInfoProto::of_rank(&body_out, DType::F32, 3)],
         ..Default::default()
     };
     let mut scan = node(

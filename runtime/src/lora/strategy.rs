@@ -24,6 +24,7 @@ use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::lora::AppliedLora;
 use crate::session::{Model, SessionOptions};
+use crate::step_cache::{DitModel, FirstBlockState};
 use crate::tensor::Tensor;
 
 pub use v2l_contracts::bundle::Strategy;
@@ -31,7 +32,9 @@ pub use v2l_contracts::bundle::Strategy;
 /// The DiT with a LoRA applied by one of the strategies.
 pub struct DitRunner {
     pub strategy: Strategy,
-    model: Model,
+    model: DitModel,
+    /// `fused`: the LoRA fused into the session's weights now (to build it again, cut).
+    fused: Option<AppliedLora>,
     opts: SessionOptions,
     targets: Vec<LinearInfo>,
     /// `bound`: base and live weights.
@@ -175,7 +178,7 @@ fn plan_factors<'a>(
 /// sample of the DiT batch). An input already held with the same shape (the usual switch
 /// between LoRAs of one rank) is rewritten in place: no allocation, one pass over the factors.
 fn write_factors(
-    model: &mut Model,
+    model: &mut DitModel,
     targets: &[LinearInfo],
     samples: &[Option<&AppliedLora>],
     pad: Option<usize>,
@@ -200,8 +203,7 @@ impl DitRunner {
     pub fn load(dir: &Engine, opts: &SessionOptions, strategy: Strategy) -> Result<DitRunner> {
         let targets = dir.dit_targets()?.to_vec();
         let mut weights = None;
-        let model = match strategy {
-            Strategy::Fused => dir.dit(opts)?,
+        match strategy {
             Strategy::Bound if dir.precision() != crate::backend::Precision::Fp32 => {
                 return Err(RuntimeError::Engine {
                     dir: dir.dir.clone(),
@@ -217,24 +219,24 @@ impl DitRunner {
                     .dit
                     .as_ref()
                     .ok_or_else(|| RuntimeError::Internal {
-            what: "engine".into(),
-            message: "no DiT".into(),
-        })?;
+                        what: "engine".into(),
+                        message: "no DiT".into(),
+                    })?;
                 let sw =
                     SwitchableWeights::from_base(mapped_base(&dir.dir.join(&e.file), &targets)?);
                 weights = Some(sw);
-                Model::load(&variant(dir, Strategy::Bound)?, opts)?
             }
-            Strategy::Unfused => {
-                let mut m = Model::load(&variant(dir, Strategy::Unfused)?, &dir.dit_options(opts))?;
-                let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
-                write_factors(&mut m, &targets, &[None], pad)?;
-                m
-            }
-        };
+            Strategy::Fused | Strategy::Unfused => {}
+        }
+        let mut model = dit_load(dir, opts, strategy, None)?.load(false)?;
+        if strategy == Strategy::Unfused {
+            let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
+            write_factors(&mut model, &targets, &[None], pad)?;
+        }
         Ok(DitRunner {
             strategy,
             model,
+            fused: None,
             opts: opts.clone(),
             targets,
             weights,
@@ -249,10 +251,9 @@ impl DitRunner {
     pub fn set_lora(&mut self, dir: &Engine, lora: Option<&AppliedLora>) -> Result<()> {
         match self.strategy {
             Strategy::Fused => {
-                self.model = match lora {
-                    Some(l) => fused_dit(dir, &self.opts, l)?,
-                    None => dir.dit(&self.opts)?,
-                };
+                let cut = self.model.is_cut();
+                self.model = dit_load(dir, &self.opts, Strategy::Fused, lora)?.load(cut)?;
+                self.fused = lora.cloned();
             }
             Strategy::Bound => {
                 let sw = self
@@ -316,11 +317,30 @@ impl DitRunner {
         Ok(())
     }
 
+    /// Runs the DiT from now on as three sessions (head, blocks, output) so that step caching
+    /// can skip the blocks ([`DitRunner::run_cached`]); the LoRA in place stays. Done once: a
+    /// DiT already cut is kept.
+    pub fn cut_for_caching(&mut self, dir: &Engine) -> Result<()> {
+        if self.model.is_cut() {
+            return Ok(());
+        }
+        let plan = dit_load(dir, &self.opts, self.strategy, self.fused.as_ref())?;
+        crate::step_cache::cut_names(&plan.path)?;
+        // The whole DiT goes first, so its weights are not held twice.
+        self.model = DitModel::Released;
+        self.model = plan.load(true)?;
+        if self.strategy == Strategy::Unfused {
+            let samples = self.samples.clone();
+            self.lay_out(&samples, self.laid_out)?;
+        }
+        Ok(())
+    }
+
     /// Inputs that stay the same for a request's every step (text, image tokens, RoPE tables):
     /// set once, passed by reference, on a GPU kept on the device. Inputs given to
     /// [`DitRunner::run`] under the same names take precedence.
     pub fn set_constant_inputs(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<()> {
-        let takes = self.model.input_names().to_vec();
+        let takes = self.model.input_names();
         self.model.set_fixed_inputs(
             inputs
                 .into_iter()
@@ -330,6 +350,24 @@ impl DitRunner {
     }
 
     pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        self.run_core(inputs, None)
+    }
+
+    /// [`DitRunner::run`] under First Block Cache (after [`DitRunner::cut_for_caching`]):
+    /// the blocks after the first run only when `state` says so.
+    pub fn run_cached(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        state: &mut FirstBlockState,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        self.run_core(inputs, Some(state))
+    }
+
+    fn run_core(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        state: Option<&mut FirstBlockState>,
+    ) -> Result<BTreeMap<String, Tensor>> {
         if self.strategy == Strategy::Unfused {
             let batch = inputs
                 .get(v2l_contracts::io::dit::HIDDEN_STATES)
@@ -350,7 +388,10 @@ impl DitRunner {
             }
         }
         let Some(sw) = &self.weights else {
-            return self.model.run(inputs);
+            return match state {
+                Some(state) => self.model.run_cached(inputs, &[], state),
+                None => self.model.run_with(inputs, &[]),
+            };
         };
         let names: Vec<String> = self
             .targets
@@ -372,7 +413,10 @@ impl DitRunner {
             };
             bound.push((name.as_str(), &shape[..], v.as_slice()));
         }
-        self.model.run_with(inputs, &bound)
+        match state {
+            Some(state) => self.model.run_cached(inputs, &bound, state),
+            None => self.model.run_with(inputs, &bound),
+        }
     }
 }
 
@@ -453,9 +497,56 @@ fn mapped_base(
     Ok(out)
 }
 
+/// What a DiT session is built from: the graph, its options, and weights given in place of the
+/// graph file's (a fused LoRA).
+struct DitLoad {
+    path: PathBuf,
+    opts: SessionOptions,
+    weights: Vec<(String, Tensor)>,
+}
+
+impl DitLoad {
+    fn load(self, cut: bool) -> Result<DitModel> {
+        DitModel::load(&self.path, &self.opts, self.weights, cut)
+    }
+}
+
+/// The DiT session `strategy` runs, with `lora` fused for `fused` (other strategies apply
+/// their LoRA after the session is built).
+fn dit_load(
+    dir: &Engine,
+    opts: &SessionOptions,
+    strategy: Strategy,
+    lora: Option<&AppliedLora>,
+) -> Result<DitLoad> {
+    Ok(match (strategy, lora) {
+        (Strategy::Fused, Some(l)) => fused_load(dir, opts, l)?,
+        (Strategy::Fused, None) => DitLoad {
+            path: dir.dit_path()?,
+            opts: dir.dit_options(opts),
+            weights: Vec::new(),
+        },
+        (Strategy::Bound, _) => DitLoad {
+            path: variant(dir, Strategy::Bound)?,
+            opts: opts.clone(),
+            weights: Vec::new(),
+        },
+        (Strategy::Unfused, _) => DitLoad {
+            path: variant(dir, Strategy::Unfused)?,
+            opts: dir.dit_options(opts),
+            weights: Vec::new(),
+        },
+    })
+}
+
 /// Loads `engine`'s DiT with `lora` fused into its weights (an ORT session built with the fused
 /// initializers in place of the base ones): the `fused` strategy, and `stage dit --lora`.
 pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> Result<Model> {
+    let plan = fused_load(engine, opts, lora)?;
+    Model::load_with_weights(&plan.path, &plan.opts, plan.weights)
+}
+
+fn fused_load(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> Result<DitLoad> {
     let e = engine
         .manifest
         .dit
@@ -502,5 +593,9 @@ pub fn fused_dit(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> 
     }
     let mut session = engine.dit_options(&opts);
     session.qdq_matmul &= !qdq;
-    Model::load_with_weights(&path, &session, weights)
+    Ok(DitLoad {
+        path,
+        opts: session,
+        weights,
+    })
 }

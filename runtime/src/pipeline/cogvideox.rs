@@ -198,6 +198,7 @@ fn lane(
         guidance,
         latents,
         shape: req.noise.shape.clone(),
+        cache: req.cache,
     })
 }
 

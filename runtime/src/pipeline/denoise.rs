@@ -15,6 +15,7 @@ use v2l_contracts::io::dit as io;
 
 use crate::error::{Result, RuntimeError};
 use crate::lora::strategy::DitRunner;
+use crate::step_cache::{CacheCall, FirstBlockState, StepCache};
 use crate::tensor::Tensor;
 
 use super::{ms, Request};
@@ -102,12 +103,17 @@ pub(super) struct Lane {
     pub(super) latents: Vec<f32>,
     /// The shape the latents are reported in (the request's noise).
     pub(super) shape: Vec<usize>,
+    /// The request's step cache (a cached lane runs alone).
+    pub(super) cache: Option<StepCache>,
 }
 
 /// A lane's outcome: the final latents and the latents after every step.
 pub(super) struct Denoised {
     pub(super) latents: Vec<f32>,
     pub(super) steps: Vec<Tensor>,
+    pub(super) dit_calls: usize,
+    /// Each DiT call's step-cache decision (empty without the cache).
+    pub(super) cache: Vec<CacheCall>,
 }
 
 /// DiT inputs with a batch axis besides `hidden_states` and `timestep`: one slice per sample.
@@ -198,6 +204,16 @@ pub(super) fn run(
             message: "requests with different step counts cannot share DiT calls".into(),
         });
     }
+    let mut cache = match lanes.iter().find_map(|l| l.cache) {
+        Some(_) if lanes.len() > 1 => {
+            return Err(RuntimeError::Invalid {
+                what: "DiT batch".into(),
+                message: "a request with step caching runs alone, not in a batch".into(),
+            })
+        }
+        Some(StepCache::FirstBlock { threshold }) => Some(FirstBlockState::new(threshold)),
+        None => None,
+    };
     dit.set_constant_inputs(fixed_inputs(&mut lanes)?)?;
     let mut inputs = BTreeMap::new();
     let mut done: Vec<Vec<Tensor>> = lanes.iter().map(|_| Vec::with_capacity(steps)).collect();
@@ -214,7 +230,10 @@ pub(super) fn run(
         inputs.insert(io::HIDDEN_STATES.to_string(), stack(hidden)?);
         inputs.insert(io::TIMESTEP.to_string(), stack(timestep)?);
         let t = Instant::now();
-        let out = dit.run(&inputs)?;
+        let out = match &mut cache {
+            Some(state) => dit.run_cached(&inputs, state)?,
+            None => dit.run(&inputs)?,
+        };
         dit_ms.push(ms(t));
         let sample =
             (out.get(io::SAMPLE)).ok_or_else(|| RuntimeError::missing_output("DiT", io::SAMPLE))?;
@@ -256,7 +275,9 @@ pub(super) fn run(
             .zip(done)
             .map(|(l, steps)| Denoised {
                 latents: l.latents,
+                dit_calls: steps.len(),
                 steps,
+                cache: cache.as_ref().map(|c| c.calls.clone()).unwrap_or_default(),
             })
             .collect(),
         dit_ms,

@@ -77,6 +77,8 @@ pub struct Inputs {
     pub noise: NoiseInput,
     /// `None`: the pipeline kind's default.
     pub sampler: Option<Sampler>,
+    /// Step caching (`None`: off).
+    pub cache: Option<crate::step_cache::StepCache>,
 }
 
 /// The engine's prompt encoder, loaded when a request first brings text and kept for the next
@@ -204,6 +206,7 @@ impl Inputs {
                 sampler: self.sampler,
                 inpaint_noise,
                 seed,
+                cache: self.cache,
             },
             warnings,
             text_encode_ms,

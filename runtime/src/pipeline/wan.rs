@@ -268,6 +268,7 @@ fn lane(
         guidance,
         latents,
         shape: req.noise.shape.clone(),
+        cache: req.cache,
     })
 }
 

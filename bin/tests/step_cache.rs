@@ -1,0 +1,134 @@
+//! Step caching (`--cache first-block:T`) against diffusers' First Block Cache on the embedded
+//! demo model: fixture `tests/fixtures/cogvideox-effects/fbc_io.safetensors`, made by
+//! `tests/fixtures/gen/cogvideox_fbc.py` with `FirstBlockCacheConfig(threshold=T)` on
+//! diffusers' CogVideoX I2V pipeline at the demo's settings (17 frames 64×64, 20 DDIM steps,
+//! guidance 1), with the base weights and with a reference clip's LiLoRA.
+
+use std::collections::BTreeMap;
+
+use v2l_runtime::engine::Engine;
+use v2l_runtime::lora::strategy::Strategy;
+use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+use v2l_runtime::step_cache::StepCache;
+use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
+
+use crate::common::{effects_model, engine_of, frames_of};
+
+fn fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-effects")
+}
+
+/// diffusers' relative change and v2l's agree to this (both are f32 sums over the first
+/// block's residual; the latents they come from agree to ~1e-6).
+const CHANGE_REL: f64 = 1e-4;
+
+fn request(io: &BTreeMap<String, Tensor>, steps: usize) -> Request {
+    Request {
+        image: Some(frames_of(&io["first_frame_u8"])),
+        image_embeds: None,
+        prompt_embeds: io["prompt_embeds"].clone(),
+        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
+        frames: 17,
+        steps,
+        guidance: 1.0,
+        noise: io["initial_noise"].clone(),
+        lora: RequestLora::Base,
+        sampler: None,
+        inpaint_noise: None,
+        seed: None,
+        cache: None,
+    }
+}
+
+#[test]
+fn first_block_cache_skips_and_steps_as_diffusers_does() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine_of(&effects_model(), d.path(), &[]);
+    let io = read_safetensors(&fixture().join("e2e_io.safetensors")).unwrap();
+    let fbc = read_safetensors(&fixture().join("fbc_io.safetensors")).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("fbc.json")).unwrap()).unwrap();
+    let steps = summary["steps"].as_u64().unwrap() as usize;
+    let thresholds: Vec<f64> = summary["thresholds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    let runs: Vec<String> = {
+        let mut r: Vec<String> = summary["runs"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.rsplit_once("_t").unwrap().0.to_string())
+            .collect();
+        r.dedup();
+        r
+    };
+    assert!(
+        runs.contains(&"base".to_string()) && runs.len() >= 2,
+        "{runs:?}"
+    );
+
+    // Every LoRA strategy: factors as inputs of the cut graphs (`unfused`), live weights
+    // borrowed by them (`bound`), the LoRA fused into the weights each cut graph takes (`fused`).
+    for strategy in [Strategy::Unfused, Strategy::Bound, Strategy::Fused] {
+        let engine = Engine::open(&eng).unwrap();
+        let opts = SessionOptions::default();
+        let mut p = Pipeline::load_with_strategy(engine, &opts, strategy).unwrap();
+        let label = strategy.name();
+        for &t in &thresholds {
+            for run in &runs {
+                let key = format!("{run}_t{t}");
+                let mut req = request(&io, steps);
+                req.cache = Some(StepCache::FirstBlock { threshold: t });
+                if run != "base" {
+                    req.lora =
+                        RequestLora::Reference(frames_of(&io[&format!("{run}_reference_u8")]), 1.0);
+                }
+                let g = p.generate(&req, &mut |_, _| true).unwrap();
+                assert_eq!(g.dit_calls, steps);
+                let ran: Vec<u8> = g.cache_calls.iter().map(|c| c.ran_blocks as u8).collect();
+                let want = fbc[&format!("{key}_computed")].data.le_bytes().to_vec();
+                eprintln!(
+                    "{label} {key}: {} of {steps} DiT calls skipped (diffusers {})",
+                    g.cache_skips(),
+                    want.iter().filter(|&&c| c == 0).count()
+                );
+                assert_eq!(
+                    ran, want,
+                    "{label} {key}: blocks ran at other steps than diffusers'"
+                );
+                let change = fbc[&format!("{key}_change")].as_f32("change").unwrap();
+                let mut worst = 0f64;
+                for (i, (c, &w)) in g.cache_calls.iter().zip(change).enumerate() {
+                    match c.change {
+                        None => assert_eq!(w, -1.0, "{key}: call {i} had nothing to compare"),
+                        Some(ours) => worst = worst.max((ours - w as f64).abs() / w as f64),
+                    }
+                }
+                eprintln!("{label} {key}: relative change within {worst:.2e} of diffusers'");
+                assert!(worst <= CHANGE_REL, "{label} {key}: {worst:.2e}");
+                let mut worst = 0f64;
+                for (i, l) in g.latents_steps.iter().enumerate() {
+                    let name = format!("{key}_latents_step{i}");
+                    let err = l.rel_l2(&fbc[&name]);
+                    assert!(err <= 1e-4, "{label} {name}: relative L2 {err:.3e}");
+                    worst = worst.max(err);
+                }
+                eprintln!("{label} {key}: latents within {worst:.2e} relative L2 at every step");
+            }
+        }
+        // The DiT stays cut; a request without the cache runs every block: diffusers'
+        // uncached latents (e2e_io).
+        let g = p.generate(&request(&io, steps), &mut |_, _| true).unwrap();
+        assert!(g.cache_calls.is_empty() && g.cache_skips() == 0);
+        for (i, l) in g.latents_steps.iter().enumerate() {
+            let err = l.rel_l2(&io[&format!("base_latents_step{i}")]);
+            assert!(
+                err <= 1e-4,
+                "{label} uncached step {i}: relative L2 {err:.3e}"
+            );
+        }
+    }
+}

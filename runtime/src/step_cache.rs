@@ -1,0 +1,351 @@
+//! Step caching: diffusers' First Block Cache on v2l's DiT.
+//!
+//! Every DiT call runs the embeddings and the first transformer block (the *head*). The change
+//! of the first block's residual (its output minus its input) since the last call that ran the
+//! other blocks, `mean|r − r_prev| / mean|r_prev|`, decides the rest: above the threshold the
+//! other blocks run and their residual (last block's output minus the first block's) is kept;
+//! at or below it they are skipped and the kept residual is added to this call's first-block
+//! output. The output layers run on every call. This is `diffusers.hooks.FirstBlockCacheConfig`
+//! (0.42.1, `first_block_cache.py`) step for step: the residual compared against is only
+//! replaced by calls that ran the blocks, and the first call of a request always runs them.
+//!
+//! To skip blocks the DiT runs as three sessions cut from its one compiled graph
+//! ([`crate::session::split`]) at the values the exporter recorded in the graph's metadata
+//! ([`v2l_contracts::io::dit::cache`]). A pipeline cuts its DiT the first time a request asks
+//! for the cache; later requests with the cache off run the three parts in a row.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use v2l_contracts::io::dit::{cache as keys, SAMPLE};
+
+use crate::error::{Result, RuntimeError};
+use crate::session::split::SplitModel;
+use crate::session::{Model, SessionOptions};
+use crate::tensor::Tensor;
+
+pub use v2l_contracts::request::StepCache;
+
+/// The DiT as ONNX Runtime runs it: one session, or cut into head, blocks and output.
+pub enum DitModel {
+    Whole(Model),
+    Cut(Box<CutDit>),
+    /// No session: between releasing one and building the next (a failed build leaves it,
+    /// and every run is then refused).
+    Released,
+}
+
+/// The DiT in three sessions and the values that cross between them.
+pub struct CutDit {
+    parts: SplitModel,
+    names: CutNames,
+}
+
+/// The values the exporter recorded (graph metadata) for cutting the DiT.
+#[derive(Clone, Debug)]
+pub struct CutNames {
+    first_block_input: String,
+    first_block_output: String,
+    blocks_output: String,
+}
+
+const HEAD: usize = 0;
+const BLOCKS: usize = 1;
+const OUTPUT: usize = 2;
+
+impl DitModel {
+    /// Loads the graph at `path` whole, or `cut` for step caching, with `weights` in place of
+    /// the file's.
+    pub fn load(
+        path: &Path,
+        opts: &SessionOptions,
+        weights: Vec<(String, Tensor)>,
+        cut: bool,
+    ) -> Result<DitModel> {
+        if !cut {
+            return Ok(DitModel::Whole(Model::load_with_weights(
+                path, opts, weights,
+            )?));
+        }
+        let (model, names) = cut_names(path)?;
+        let cuts = [
+            vec![
+                names.first_block_input.clone(),
+                names.first_block_output.clone(),
+            ],
+            vec![names.blocks_output.clone()],
+        ];
+        let parts = SplitModel::load(path, model, &cuts, opts, weights)?;
+        // A skipped call hands the output layers the cached blocks' output alone: the blocks
+        // part must pass on nothing else.
+        if parts.outputs(BLOCKS) != [names.blocks_output.as_str()] {
+            return Err(RuntimeError::BadFile {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the DiT's blocks pass {:?} to its output layers; step caching needs the last block's output alone",
+                    parts.outputs(BLOCKS)
+                ),
+            });
+        }
+        Ok(DitModel::Cut(Box::new(CutDit { parts, names })))
+    }
+
+    pub fn is_cut(&self) -> bool {
+        matches!(self, DitModel::Cut(_))
+    }
+
+    pub fn input_names(&self) -> Vec<String> {
+        match self {
+            DitModel::Whole(m) => m.input_names().to_vec(),
+            DitModel::Cut(c) => c.parts.input_names(),
+            DitModel::Released => Vec::new(),
+        }
+    }
+
+    pub fn set_fixed_inputs(&mut self, inputs: Vec<(String, Tensor)>) -> Result<()> {
+        match self {
+            DitModel::Whole(m) => m.set_fixed_inputs(inputs),
+            DitModel::Cut(c) => c.parts.set_fixed_inputs(inputs),
+            DitModel::Released => Err(released()),
+        }
+    }
+
+    pub fn fixed_f32_mut(&mut self, name: &str, shape: &[usize]) -> Option<&mut [f32]> {
+        match self {
+            DitModel::Whole(m) => m.fixed_f32_mut(name, shape),
+            DitModel::Cut(c) => c.parts.fixed_f32_mut(name, shape),
+            DitModel::Released => None,
+        }
+    }
+
+    /// One whole DiT call (every block runs).
+    pub fn run_with(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        borrowed: &[(&str, &[usize], &[f32])],
+    ) -> Result<BTreeMap<String, Tensor>> {
+        match self {
+            DitModel::Whole(m) => m.run_with(inputs, borrowed),
+            DitModel::Cut(c) => c.run(inputs, borrowed, None),
+            DitModel::Released => Err(released()),
+        }
+    }
+
+    /// One DiT call under First Block Cache, deciding with and updating `state`.
+    pub fn run_cached(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        borrowed: &[(&str, &[usize], &[f32])],
+        state: &mut FirstBlockState,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        match self {
+            DitModel::Whole(_) => Err(RuntimeError::Internal {
+                what: "step cache".into(),
+                message: "the DiT was not cut for caching".into(),
+            }),
+            DitModel::Cut(c) => c.run(inputs, borrowed, Some(state)),
+            DitModel::Released => Err(released()),
+        }
+    }
+}
+
+/// The DiT graph at `path` and where it is cut, read from its metadata; an error naming the
+/// missing key when the exporter recorded none (a graph exported before step caching, or a
+/// family without it yet).
+pub fn cut_names(path: &Path) -> Result<(v2l_graphs::proto::ModelProto, CutNames)> {
+    let model = v2l_graphs::read_model(path).map_err(|source| RuntimeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let meta = |key: &str| {
+        model
+            .metadata_props
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.clone())
+            .ok_or_else(|| RuntimeError::BadFile {
+                path: path.to_path_buf(),
+                message: format!(
+                    "this DiT graph does not record where to cut it for step caching (`{key}`); \
+                     export and compile the model again with this v2l (CogVideoX DiTs only so far)"
+                ),
+            })
+    };
+    let names = CutNames {
+        first_block_input: meta(keys::FIRST_BLOCK_INPUT)?,
+        first_block_output: meta(keys::FIRST_BLOCK_OUTPUT)?,
+        blocks_output: meta(keys::BLOCKS_OUTPUT)?,
+    };
+    Ok((model, names))
+}
+
+impl CutDit {
+    fn run(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        borrowed: &[(&str, &[usize], &[f32])],
+        state: Option<&mut FirstBlockState>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let n = &self.names;
+        let mut values = inputs.clone();
+        values.extend(self.parts.run_part(HEAD, inputs, borrowed)?);
+        match state {
+            None => {
+                let blocks = self.parts.run_part(BLOCKS, &values, borrowed)?;
+                values.extend(blocks);
+            }
+            Some(state) => {
+                let get = |name: &str| {
+                    values
+                        .get(name)
+                        .ok_or_else(|| RuntimeError::missing_output("DiT head", name))
+                };
+                let x0 = get(&n.first_block_output)?;
+                let shape = x0.shape.clone();
+                let x0 = x0.as_f32(&n.first_block_output)?.to_vec();
+                let x_in = get(&n.first_block_input)?.as_f32(&n.first_block_input)?;
+                let residual: Vec<f32> = x0.iter().zip(x_in).map(|(a, b)| a - b).collect();
+                let change = state.change(&residual)?;
+                let run = state.tail.is_none() || change.is_none_or(|c| c > state.threshold);
+                state.calls.push(CacheCall {
+                    change,
+                    ran_blocks: run,
+                });
+                let x_last = if run {
+                    let mut blocks = self.parts.run_part(BLOCKS, &values, borrowed)?;
+                    let last = blocks.remove(&n.blocks_output).ok_or_else(|| {
+                        RuntimeError::missing_output("DiT blocks", &n.blocks_output)
+                    })?;
+                    let last = last.as_f32(&n.blocks_output)?.to_vec();
+                    state.tail = Some(last.iter().zip(&x0).map(|(l, h)| l - h).collect());
+                    state.head = Some(residual);
+                    last
+                } else {
+                    let tail = state.tail.as_deref().unwrap_or(&[]);
+                    x0.iter().zip(tail).map(|(h, t)| h + t).collect()
+                };
+                values.insert(n.blocks_output.clone(), Tensor::f32(shape, x_last));
+            }
+        }
+        let out = self.parts.run_part(OUTPUT, &values, borrowed)?;
+        if !out.contains_key(SAMPLE) {
+            return Err(RuntimeError::missing_output("DiT output layers", SAMPLE));
+        }
+        Ok(out)
+    }
+}
+
+fn released() -> RuntimeError {
+    RuntimeError::Internal {
+        what: "DiT".into(),
+        message: "no session: building the DiT again failed earlier".into(),
+    }
+}
+
+/// One DiT call under the cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CacheCall {
+    /// The relative change of the first block's residual compared with the threshold; `None`
+    /// on a request's first call (nothing to compare with).
+    pub change: Option<f64>,
+    /// Whether the blocks after the first ran (else their cached residual was reused).
+    pub ran_blocks: bool,
+}
+
+/// One request's First Block Cache: created per request, so nothing leaks between requests.
+///
+/// diffusers also keeps the text stream's residual; v2l does not, because the DiT's output
+/// layers never read the text tokens after the last block (CogVideoX's `norm_final` normalises
+/// each token on its own and the text tokens are dropped after it).
+#[derive(Clone, Debug)]
+pub struct FirstBlockState {
+    threshold: f64,
+    /// The first block's residual at the last call that ran the blocks.
+    head: Option<Vec<f32>>,
+    /// The blocks' residual (last block's output − first block's) at that call.
+    tail: Option<Vec<f32>>,
+    pub calls: Vec<CacheCall>,
+}
+
+impl FirstBlockState {
+    pub fn new(threshold: f64) -> FirstBlockState {
+        FirstBlockState {
+            threshold,
+            head: None,
+            tail: None,
+            calls: Vec::new(),
+        }
+    }
+
+    /// `mean|r − r_prev| / mean|r_prev|`, as diffusers' `_should_compute_remaining_blocks`
+    /// computes it (a NaN, from an all-zero `r_prev`, skips there too).
+    fn change(&self, residual: &[f32]) -> Result<Option<f64>> {
+        let Some(prev) = &self.head else {
+            return Ok(None);
+        };
+        if prev.len() != residual.len() {
+            return Err(RuntimeError::Internal {
+                what: "step cache".into(),
+                message: format!(
+                    "the first block's output changed size within a request ({} → {})",
+                    prev.len(),
+                    residual.len()
+                ),
+            });
+        }
+        let (mut moved, mut size) = (0f64, 0f64);
+        for (r, p) in residual.iter().zip(prev) {
+            moved += (r - p).abs() as f64;
+            size += p.abs() as f64;
+        }
+        Ok(Some(moved / size))
+    }
+
+    /// Calls that reused the cached blocks.
+    pub fn skips(&self) -> usize {
+        self.calls.iter().filter(|c| !c.ran_blocks).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_change_is_relative_to_the_last_residual_that_ran_the_blocks() {
+        let mut s = FirstBlockState::new(0.1);
+        assert_eq!(s.change(&[1.0, -1.0]).unwrap(), None);
+        s.head = Some(vec![1.0, -1.0]);
+        // |1.1-1| + |-1.1+1| = 0.2 over |1| + |-1| = 2.
+        let c = s.change(&[1.1, -1.1]).unwrap().unwrap();
+        assert!((c - 0.1).abs() < 1e-6, "{c}");
+        assert!(s.change(&[1.0]).is_err());
+        s.head = Some(vec![0.0, 0.0]);
+        assert!(s.change(&[1.0, 1.0]).unwrap().unwrap().is_infinite());
+    }
+
+    #[test]
+    fn a_graph_without_cut_points_is_refused_by_name() {
+        use v2l_graphs::{DType, Graph};
+        let mut g = Graph::new("dit");
+        let x = g.input("x", DType::F32, vec![1.into()]);
+        let y = g.silu(&x);
+        g.output(&y, SAMPLE, DType::F32, vec![1.into()]);
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("dit.onnx");
+        v2l_graphs::save(&g, &path, v2l_graphs::ExternalData::Never).unwrap();
+        let err = cut_names(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("does not record where to cut") && err.contains(keys::FIRST_BLOCK_INPUT),
+            "{err}"
+        );
+        let err = DitModel::load(&path, &SessionOptions::default(), Vec::new(), true)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("export and compile the model again"),
+            "{err}"
+        );
+    }
+}
