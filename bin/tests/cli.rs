@@ -698,6 +698,17 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
         args.extend_from_slice(extra);
         assert_clean_failure(&run("v2l-run", &args), needle);
     }
+    // Values clap parses are usage errors (exit 2), named by their flag.
+    for (value, needle) in [
+        ("teacache:0.1", "the one method is `first-block:THRESHOLD`"),
+        ("first-block:-1", "threshold must be a number >= 0"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--cache", value, "-o", out_s]);
+        let o = run("v2l-run", &args);
+        assert_clean_failure_with(&o, 2, needle);
+        assert!(stderr(&o).contains("--cache"), "{}", stderr(&o));
+    }
     assert!(!out.exists());
 
     // A missing required argument is a usage error: exit code 2, like clap's own. (--image is

@@ -226,6 +226,30 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
         "{line}"
     );
     assert!(j["peak_rss_mb"].as_f64().unwrap() >= highest, "{line}");
+    assert_eq!(
+        (j["dit_calls"].as_u64(), j["cache_skips"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert!(j["cache"].is_null(), "{line}");
+    // Step caching at a threshold no change reaches: the first call runs every block, the
+    // second reuses them.
+    let o = run(
+        &["--cache", "first-block:1e9", "--json"],
+        &d.path().join("cached.mp4"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(j["cache"], "first-block:1000000000", "{line}");
+    assert_eq!(
+        (j["dit_calls"].as_u64(), j["cache_skips"].as_u64()),
+        (Some(2), Some(1)),
+        "{line}"
+    );
     // Without --json there is nowhere to put the figures: a usage error.
     let o = run(&["--stage-memory"], &d.path().join("x.mp4"));
     assert_eq!(

@@ -130,6 +130,7 @@ fn c_abi(generator: *const V2lGenerator, c: &Case) -> String {
         scheduler: std::ptr::null(),
         inpaint_noise: std::ptr::null(),
         inpaint_noise_len: 0,
+        cache: std::ptr::null(),
     };
     for (k, v) in settings(c) {
         match k {

@@ -24,8 +24,9 @@
 
 // Version of the C ABI described by this header. It changes whenever a function, a struct
 // layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
-// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`.
-#define V2L_ABI_VERSION 4
+// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`;
+// 5: `cache`.
+#define V2L_ABI_VERSION 5
 
 // What every call returns. `v2l_last_error()` has the message of a failed call.
 enum V2lStatus
@@ -147,6 +148,12 @@ typedef struct V2lGenerateParams {
   const float *inpaint_noise;
   // Its length in floats (ignored when `inpaint_noise` is NULL).
   size_t inpaint_noise_len;
+  // Step caching as UTF-8 NUL-terminated text: `first-block:THRESHOLD` (diffusers' First
+  // Block Cache: the DiT's blocks after the first run only when the first block's output
+  // moved by more than THRESHOLD since they last ran); NULL for none. The first request
+  // with a cache cuts the generator's DiT into three sessions for good. CogVideoX engines.
+  // Added in ABI version 5.
+  const char *cache;
 } V2lGenerateParams;
 
 // Progress callback: called on the generating thread after each denoising step with

@@ -44,8 +44,9 @@ use v2l_runtime::{RuntimeError, SessionOptions, Tensor};
 
 /// Version of the C ABI described by this header. It changes whenever a function, a struct
 /// layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
-/// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`.
-pub const V2L_ABI_VERSION: u32 = 4;
+/// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`;
+/// 5: `cache`.
+pub const V2L_ABI_VERSION: u32 = 5;
 
 /// What every call returns. `v2l_last_error()` has the message of a failed call.
 #[repr(i32)]
@@ -152,6 +153,12 @@ pub struct V2lGenerateParams {
     pub inpaint_noise: *const f32,
     /// Its length in floats (ignored when `inpaint_noise` is NULL).
     pub inpaint_noise_len: usize,
+    /// Step caching as UTF-8 NUL-terminated text: `first-block:THRESHOLD` (diffusers' First
+    /// Block Cache: the DiT's blocks after the first run only when the first block's output
+    /// moved by more than THRESHOLD since they last ran); NULL for none. The first request
+    /// with a cache cuts the generator's DiT into three sessions for good. CogVideoX engines.
+    /// Added in ABI version 5.
+    pub cache: *const c_char,
 }
 
 /// Progress callback: called on the generating thread after each denoising step with
@@ -1086,6 +1093,20 @@ unsafe fn sampler(p: &V2lGenerateParams) -> Result<Option<v2l_runtime::pipeline:
         })
 }
 
+/// `params.cache` parsed, or `None` (NULL): no step caching.
+unsafe fn step_cache(p: &V2lGenerateParams) -> Result<Option<v2l_runtime::step_cache::StepCache>> {
+    if p.cache.is_null() {
+        return Ok(None);
+    }
+    let text = text_arg(p.cache, "params.cache")?;
+    text.parse().map(Some).map_err(|e: RequestError| {
+        Error::new(
+            V2lStatus::InvalidArgument,
+            format!("`params.cache`: {}", e.message),
+        )
+    })
+}
+
 /// Checks `params`' sizes (frames 1 + 4k, height and width multiples of 8 × patch size,
 /// steps >= 1) and writes the output size in bytes, `frames × height × width × 3`, to
 /// `*out_bytes`, and the number of frames to `*out_frames` unless it is NULL. The frames are
@@ -1177,7 +1198,7 @@ pub unsafe extern "C" fn v2l_generator_generate(
             lora: LoraInput::Resident,
             noise: noise_input(&s, p)?,
             sampler: sampler(p)?,
-            cache: None,
+            cache: step_cache(p)?,
         };
         let no_frame = p.first_frame.is_null();
         let mut prompts = prompt_encoders(&g)?;

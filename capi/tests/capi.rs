@@ -968,6 +968,7 @@ fn wan_generates_through_the_c_abi() {
             scheduler: null(),
             inpaint_noise: null(),
             inpaint_noise_len: 0,
+            cache: std::ptr::null(),
         };
         if variant == "i2v" {
             // No CLIP tokens: refused by name before any work.
@@ -1007,7 +1008,8 @@ fn wan_generates_through_the_c_abi() {
 
 /// A CogVideoX-Fun-InP request (Video2LoRA's released backbone) through the C ABI: upstream's
 /// initial and augmentation noise as buffers, or both drawn from the seed, give the Rust API's
-/// frames bitwise; `params.scheduler` picks the sampler and a bad name is refused by name.
+/// frames bitwise; `params.scheduler` picks the sampler and a bad name is refused by name;
+/// `params.cache` turns on step caching as the Rust API's `Request::cache` does.
 #[test]
 fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
     use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
@@ -1032,29 +1034,32 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
         noise_len: nv.len(),
         inpaint_noise: av.as_ptr(),
         inpaint_noise_len: av.len(),
+        cache: std::ptr::null(),
         ..p
     };
-    let rust = |noise: v2l_runtime::Tensor, inpaint: Option<v2l_runtime::Tensor>, sampler| {
-        let engine = v2l_runtime::engine::Engine::open(&eng).unwrap();
-        let mut pl = Pipeline::load(engine, &Default::default()).unwrap();
-        let req = Request {
-            image: Some(inp.first_frame.clone()),
-            image_embeds: None,
-            prompt_embeds: inp.prompt.clone(),
-            negative_prompt_embeds: inp.negative.clone(),
-            frames: 17,
-            steps: 4,
-            guidance: 6.0,
-            noise,
-            lora: RequestLora::Resident,
-            sampler,
-            inpaint_noise: inpaint,
-            seed: Some(seed),
-            cache: None,
+    let rust_cached =
+        |noise: v2l_runtime::Tensor, inpaint: Option<v2l_runtime::Tensor>, sampler, cache| {
+            let engine = v2l_runtime::engine::Engine::open(&eng).unwrap();
+            let mut pl = Pipeline::load(engine, &Default::default()).unwrap();
+            let req = Request {
+                image: Some(inp.first_frame.clone()),
+                image_embeds: None,
+                prompt_embeds: inp.prompt.clone(),
+                negative_prompt_embeds: inp.negative.clone(),
+                frames: 17,
+                steps: 4,
+                guidance: 6.0,
+                noise,
+                lora: RequestLora::Resident,
+                sampler,
+                inpaint_noise: inpaint,
+                seed: Some(seed),
+                cache,
+            };
+            let out = pl.generate(&req, &mut |_, _| true).unwrap();
+            v2l_runtime::video::to_rgb8(&out.frames).unwrap().rgb
         };
-        let out = pl.generate(&req, &mut |_, _| true).unwrap();
-        v2l_runtime::video::to_rgb8(&out.frames).unwrap().rgb
-    };
+    let rust = |noise, inpaint, sampler| rust_cached(noise, inpaint, sampler, None);
     let upstream = generate(g, &given);
     assert_eq!(
         upstream,
@@ -1102,6 +1107,41 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
         V2lStatus::InvalidArgument,
         "`params.scheduler`: unknown scheduler `euler`",
     );
+    // `params.cache`: step caching as the Rust API runs it (a threshold no change reaches:
+    // every call after the first reuses the blocks), and a bad value refused by name.
+    let cache = c("first-block:1e9");
+    let cached = generate(
+        g,
+        &V2lGenerateParams {
+            cache: cache.as_ptr(),
+            ..given
+        },
+    );
+    let threshold = v2l_runtime::step_cache::StepCache::FirstBlock { threshold: 1e9 };
+    let want = rust_cached(noise.clone(), Some(aug.clone()), None, Some(threshold));
+    assert_eq!(
+        cached, want,
+        "the C ABI's cached frames differ from the Rust API's"
+    );
+    assert_ne!(
+        cached, upstream,
+        "every call after the first skipped the blocks"
+    );
+    let bad = c("first-block:fast");
+    let s = unsafe {
+        v2l_generator_generate(
+            g,
+            &V2lGenerateParams {
+                cache: bad.as_ptr(),
+                ..p
+            },
+            None,
+            null_mut(),
+            out.as_mut_ptr(),
+            out.len(),
+        )
+    };
+    fails(s, V2lStatus::InvalidArgument, "`params.cache`");
     let short = V2lGenerateParams {
         inpaint_noise_len: av.len() - 1,
         ..given

@@ -32,7 +32,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["Engine", "Generator", "Lora", "V2lError", "Video", "library"]
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 class V2lError(RuntimeError):
@@ -70,6 +70,7 @@ class _Params(ctypes.Structure):
         ("scheduler", ctypes.c_char_p),
         ("inpaint_noise", ctypes.POINTER(ctypes.c_float)),
         ("inpaint_noise_len", ctypes.c_size_t),
+        ("cache", ctypes.c_char_p),
     ]
 
 
@@ -319,13 +320,15 @@ class Generator(_Handle):
         seed: int = 0,
         max_sequence_length: int = 0,
         scheduler: Optional[str] = None,
+        cache: Optional[str] = None,
         progress: Optional[Progress] = None,
     ) -> Video:
         """First frame (RGB8 bytes, height × width × 3) + prompt text → frames.
 
         Sizes the output with `v2l_generator_output_size`, then runs `v2l_generator_generate`.
         `scheduler` picks a CogVideoX engine's sampler (`ddim`, `cogvideox-ddim` or `dpm`; None: the
-        engine's default). `progress(step, steps)` is called after each denoising step;
+        engine's default). `cache="first-block:0.1"` turns on step caching (diffusers' First Block
+        Cache; None: off). `progress(step, steps)` is called after each denoising step;
         returning False cancels.
         """
         if not 0 <= seed < 2**64:
@@ -347,6 +350,8 @@ class Generator(_Handle):
         p.max_sequence_length = max_sequence_length
         if scheduler is not None:
             p.scheduler = _c_text("scheduler", scheduler)
+        if cache is not None:
+            p.cache = _c_text("cache", cache)
         size, n = ctypes.c_size_t(), ctypes.c_uint32()
         _check(lib.v2l_generator_output_size(self._ptr, ctypes.byref(p), ctypes.byref(size), ctypes.byref(n)))
         out = (ctypes.c_uint8 * size.value)()

@@ -176,6 +176,7 @@ pub const VIDEO_FIELDS: &[&str] = &[
     "seed",
     "fps",
     "scheduler",
+    "cache",
 ];
 
 pub const LORA_FIELDS: &[&str] = &["reference", "lora", "lora_scale", "height", "width"];
@@ -323,9 +324,17 @@ pub fn video(
         ),
     };
     v2l_runtime::pipeline::check_sampler(facts.pipeline, scheduler).map_err(request_error)?;
+    let cache = match form.text("cache")? {
+        None => None,
+        Some(text) => Some(
+            text.parse::<v2l_runtime::step_cache::StepCache>()
+                .map_err(request_error)?,
+        ),
+    };
     Ok(VideoRequest {
         params: VideoParams {
             scheduler,
+            cache: cache.map(|c| c.describe()),
             frames,
             height,
             width,

@@ -43,6 +43,9 @@ pub struct VideoParams {
     /// A CogVideoX engine's sampler (`None`: the engine's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<v2l_runtime::pipeline::Sampler>,
+    /// Step caching as the form gave it, checked (`first-block:THRESHOLD`; `None`: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
 }
 
 #[cfg(test)]
@@ -62,6 +65,7 @@ impl VideoParams {
             max_sequence_length: 16,
             lora: LoraChoice::None,
             scheduler: None,
+            cache: None,
         }
     }
 }

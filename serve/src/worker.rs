@@ -437,7 +437,12 @@ impl Worker {
             lora,
             noise: NoiseInput::Seed(p.seed),
             sampler: p.scheduler,
-            cache: None,
+            // Checked by the form when the job was queued.
+            cache: (p.cache.as_deref().map(str::parse)).transpose().map_err(
+                |e: v2l_runtime::request::RequestError| {
+                    Stop::failed("internal", format!("stored `cache`: {}", e.message))
+                },
+            )?,
         };
         let t = Instant::now();
         let built = inputs.build(&self.engine, &self.opts, &checked, &mut self.prompts)?;

@@ -142,6 +142,7 @@ pub fn params(inp: &Inputs, frames: u32, steps: u32, seed: u64) -> V2lGeneratePa
         scheduler: std::ptr::null(),
         inpaint_noise: std::ptr::null(),
         inpaint_noise_len: 0,
+        cache: std::ptr::null(),
     }
 }
 
