@@ -406,6 +406,14 @@ fn concurrent_clients_get_exactly_the_cli_videos() {
             Form::new()
                 .file("image", img.clone())
                 .text("prompt", "x")
+                .text("cache", "first-block:often"),
+            400,
+            "cache",
+        ),
+        (
+            Form::new()
+                .file("image", img.clone())
+                .text("prompt", "x")
                 .text("colour", "red"),
             400,
             "colour",
@@ -697,7 +705,8 @@ fn batched_jobs_get_exactly_their_solo_videos() {
 
 /// A CogVideoX-Fun-InP engine (Video2LoRA's released backbone) served: with a reference clip at
 /// its source size (48×80, as a safetensors clip and as the mp4), the server's video equals
-/// `v2l-run`'s, for the default sampler and for `scheduler=dpm`.
+/// `v2l-run`'s, for the default sampler, for `scheduler=dpm` and with step caching
+/// (`cache=first-block:1e9`).
 #[test]
 fn a_fun_inpaint_engine_serves_the_cli_video() {
     let tmp = tempfile::tempdir().unwrap();
@@ -730,10 +739,11 @@ fn a_fun_inpaint_engine_serves_the_cli_video() {
         std::fs::write(&p, mp4).unwrap();
         v2l_runtime::video::read_frames(&p, 64, 96).unwrap().rgb
     };
-    for (i, (reference, scheduler)) in [
-        (clip.clone(), None),
-        (fun.join("reference.mp4"), None),
-        (clip.clone(), Some("dpm")),
+    for (i, (reference, scheduler, cache)) in [
+        (clip.clone(), None, None),
+        (fun.join("reference.mp4"), None, None),
+        (clip.clone(), Some("dpm"), None),
+        (clip.clone(), None, Some("first-block:1e9")),
     ]
     .into_iter()
     .enumerate()
@@ -749,6 +759,9 @@ fn a_fun_inpaint_engine_serves_the_cli_video() {
             .text("seed", 5);
         if let Some(name) = scheduler {
             form = form.text("scheduler", name);
+        }
+        if let Some(cache) = cache {
+            form = form.text("cache", cache);
         }
         let (_, served) = s
             .client()
@@ -768,6 +781,7 @@ fn a_fun_inpaint_engine_serves_the_cli_video() {
             .args(["--steps", "2", "--seed", "5", "--quiet", "-o"])
             .arg(&out)
             .args(scheduler.map(|n| ["--scheduler", n]).into_iter().flatten())
+            .args(cache.map(|c| ["--cache", c]).into_iter().flatten())
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -608,7 +608,8 @@ struct BatchKey {
     max_sequence_length: usize,
 }
 
-/// Job `id`'s batch key, when it is a queued video job with a text prompt.
+/// Job `id`'s batch key, when it is a queued video job with a text prompt and no step cache
+/// (whose skip decisions are per DiT call: such a job runs alone).
 fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
     let job = store.get(id).ok()??;
     if job.kind != Kind::Video {
@@ -618,6 +619,9 @@ fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
         return None;
     };
     p.prompt.as_ref()?;
+    if p.cache.is_some() {
+        return None;
+    }
     Some(BatchKey {
         frames: p.frames,
         height: p.height,
