@@ -86,6 +86,14 @@ enum Command {
     ///   v2l-bench attention --tokens 1378,5626 --repeat 3 --json
     #[command(verbatim_doc_comment)]
     Attention(v2l_bench::attention::AttentionBench),
+    /// Step caching at 5B width: a DiT call whose blocks after the first the First Block Cache
+    /// skips, against one that runs them, and the DiT whole; the per-block time, and the DiT
+    /// time of a 42-block model for shares of skipped calls
+    ///
+    /// Example:
+    ///   v2l-bench cache --layers 3 --precision int8 --size 9,256,384 --repeat 3
+    #[command(verbatim_doc_comment)]
+    Cache(v2l_bench::cache::CacheBench),
     /// LoRA factors as DiT inputs at 5B width: two requests with different rank-64 LoRAs in
     /// one call (`unfused`) against one call per LoRA (`fused`), the LoRA branches' share of
     /// the step, and the switch cost of each
@@ -321,6 +329,10 @@ fn main() -> ExitCode {
         Command::Attention(mut b) => {
             b.json = cli.json;
             v2l_bench::attention::bench_attention(&b)
+        }
+        Command::Cache(mut b) => {
+            b.json = cli.json;
+            v2l_bench::cache::bench_cache(&b)
         }
         Command::LoraBatch(mut b) => {
             b.json = cli.json;

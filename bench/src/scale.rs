@@ -148,10 +148,7 @@ pub fn sibling(name: &str) -> Result<PathBuf, Failure> {
 }
 
 /// Generates (or reuses) the checkpoint, exports and compiles it.
-pub(crate) fn prepare(
-    b: &ScaleBench,
-    log: &dyn Fn(&str),
-) -> Result<(PathBuf, PathBuf, f64), Failure> {
+pub fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, f64), Failure> {
     let config = cogvideox_5b_config(b.layers)?;
     let ck = b.dir.join(format!("transformer-{}l", b.layers));
     let same = std::fs::read_to_string(ck.join("config.json"))

@@ -147,6 +147,18 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     assert!(e.contains("17 frames; the first frame is one frame"), "{e}");
 }
 
+/// A successful `v2l-run --json`'s report: its last stdout line, and that line parsed.
+fn json_report(o: &std::process::Output) -> (String, serde_json::Value) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let j = serde_json::from_str(&line).unwrap();
+    (line, j)
+}
+
 /// `v2l-run` end to end through the binary: the same seed gives the same video; bad inputs give
 /// one clear error and no mp4.
 #[test]
@@ -192,13 +204,7 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
         ],
         &d.path().join("staged.mp4"),
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
-    let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let (line, j) = json_report(&o);
     let peaks = &j["stage_peak_rss_mb"];
     let mut highest = 0.0f64;
     for stage in [
@@ -237,13 +243,7 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
         &["--cache", "first-block:1e9", "--json"],
         &d.path().join("cached.mp4"),
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
-    let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let (line, j) = json_report(&o);
     assert_eq!(j["cache"], "first-block:1000000000", "{line}");
     assert_eq!(
         (j["dit_calls"].as_u64(), j["cache_skips"].as_u64()),
