@@ -326,14 +326,25 @@ impl DitRunner {
         }
         let plan = dit_load(dir, &self.opts, self.strategy, self.fused.as_ref())?;
         crate::step_cache::cut_names(&plan.path)?;
-        // The whole DiT goes first, so its weights are not held twice.
+        // The whole DiT goes first, so its weights are not held twice. Should the cut fail
+        // (a full temporary directory), the whole DiT is built again and the error returned.
         self.model = DitModel::Released;
-        self.model = plan.load(true)?;
+        let failure = match plan.load(true) {
+            Ok(m) => {
+                self.model = m;
+                None
+            }
+            Err(e) => {
+                let whole = dit_load(dir, &self.opts, self.strategy, self.fused.as_ref())?;
+                self.model = whole.load(false)?;
+                Some(e)
+            }
+        };
         if self.strategy == Strategy::Unfused {
             let samples = self.samples.clone();
             self.lay_out(&samples, self.laid_out)?;
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Inputs that stay the same for a request's every step (text, image tokens, RoPE tables):
