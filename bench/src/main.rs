@@ -86,8 +86,8 @@ enum Command {
     ///   v2l-bench attention --tokens 1378,5626 --repeat 3 --json
     #[command(verbatim_doc_comment)]
     Attention(v2l_bench::attention::AttentionBench),
-    /// Step caching at 5B width: a DiT call whose blocks after the first the First Block Cache
-    /// skips, against one that runs them, and the DiT whole; the per-block time, and the DiT
+    /// Step caching at 5B width: a DiT call that First Block Cache skips (head and output
+    /// only), one that runs every block, and the DiT whole; the per-block time, and the DiT
     /// time of a 42-block model for shares of skipped calls
     ///
     /// Example:
