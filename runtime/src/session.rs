@@ -96,7 +96,6 @@ impl Model {
         opts: &SessionOptions,
         weights: Vec<(String, Tensor)>,
     ) -> Result<Model> {
-        let env = crate::ort_env::init()?;
         // ONNX Runtime opens the graph itself: a FIFO or a device in its place would block or
         // stream forever, so what it is gets checked first (a compiled engine's parts are
         // also hashed through the same opener).
@@ -109,8 +108,56 @@ impl Model {
                 _ => source,
             },
         })?;
-        let ctx = path.display().to_string();
+        Self::build(GraphSource::File(path), opts, weights)
+    }
+
+    /// [`Model::load_with_weights`] for a graph held in memory (`bytes`, an ONNX model) whose
+    /// external data lives beside `beside`, the model file it was made from (a part of a cut
+    /// DiT): errors name `beside` and `part`.
+    pub fn load_bytes_with_weights(
+        bytes: &[u8],
+        beside: &Path,
+        part: &str,
+        opts: &SessionOptions,
+        weights: Vec<(String, Tensor)>,
+    ) -> Result<Model> {
+        Self::build(
+            GraphSource::Bytes {
+                bytes,
+                beside,
+                part,
+            },
+            opts,
+            weights,
+        )
+    }
+
+    fn build(
+        source: GraphSource<'_>,
+        opts: &SessionOptions,
+        weights: Vec<(String, Tensor)>,
+    ) -> Result<Model> {
+        let env = crate::ort_env::init()?;
+        let path = source.path();
+        let ctx = match source {
+            GraphSource::File(p) => p.display().to_string(),
+            GraphSource::Bytes { beside, part, .. } => format!("{} ({part})", beside.display()),
+        };
         let mut b = Session::builder(env).map_err(ort_err(&ctx))?;
+        if let GraphSource::Bytes { beside, .. } = source {
+            // External data is found relative to this folder (ONNX Runtime refuses any path
+            // that leaves it, links included).
+            let dir = beside.parent().unwrap_or(Path::new("."));
+            b = b
+                .with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    dir.to_string_lossy(),
+                )
+                .map_err(|e| RuntimeError::Ort {
+                    context: ctx.clone(),
+                    message: e.to_string(),
+                })?;
+        }
         if opts.threads > 0 {
             b = b
                 .with_intra_threads(opts.threads)
@@ -193,7 +240,7 @@ impl Model {
             crate::backend::Backend::Cpu => pager::Pager::start(large_weight_files(path)),
             _ => None,
         };
-        let session = commit(b, path).map_err(ort_err(&ctx))?;
+        let session = commit(b, source).map_err(ort_err(&ctx))?;
         drop(pager);
         let inputs = session
             .inputs()
@@ -388,6 +435,28 @@ impl Model {
 pub struct Carry(BTreeMap<String, DynValue>);
 
 /// `t` as an ONNX Runtime value borrowing its data.
+/// Where a session's graph comes from.
+#[derive(Clone, Copy)]
+enum GraphSource<'a> {
+    File(&'a Path),
+    /// An ONNX model in memory, its external data beside the model file `beside`.
+    Bytes {
+        bytes: &'a [u8],
+        beside: &'a Path,
+        part: &'a str,
+    },
+}
+
+impl GraphSource<'_> {
+    /// The model file: the graph's own, or the one its external data sits beside.
+    fn path(&self) -> &Path {
+        match self {
+            GraphSource::File(p) => p,
+            GraphSource::Bytes { beside, .. } => beside,
+        }
+    }
+}
+
 /// Whether a session of this process has been built with the `ai.v2l` domain.
 ///
 /// ONNX Runtime enters a custom operator domain in ONNX's process-wide domain map when a session
@@ -398,16 +467,23 @@ pub struct Carry(BTreeMap<String, DynValue>);
 static DOMAIN_ENTERED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 
 /// Builds the session, one at a time until the `ai.v2l` domain is in ONNX's map.
-fn commit(mut b: ort::session::builder::SessionBuilder, path: &Path) -> ort::Result<Session> {
+fn commit(
+    mut b: ort::session::builder::SessionBuilder,
+    graph: GraphSource,
+) -> ort::Result<Session> {
+    let commit_once = |b: &mut ort::session::builder::SessionBuilder| match graph {
+        GraphSource::File(path) => b.commit_from_file(path),
+        GraphSource::Bytes { bytes, .. } => b.commit_from_memory(bytes),
+    };
     // The flag is a plain bool, so a poisoned lock still holds a valid value.
     let mut entered = DOMAIN_ENTERED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if *entered {
         drop(entered);
-        return b.commit_from_file(path);
+        return commit_once(&mut b);
     }
-    let session = b.commit_from_file(path)?;
+    let session = commit_once(&mut b)?;
     *entered = true;
     Ok(session)
 }

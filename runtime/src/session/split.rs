@@ -1,9 +1,9 @@
 //! A model run as consecutive parts cut from its one graph ([`v2l_graphs::split`]).
 //!
-//! The parts are written to a private temporary directory beside links to the model's weight
-//! files (external data is found relative to the model file), loaded, and the directory is
-//! removed: the sessions hold what they read. Each part takes the fixed inputs, weights and
-//! borrowed inputs that name its own inputs or initializers, and nothing else.
+//! The parts are built from memory, their external data read from beside the model file (a
+//! part's initializers keep their locations), so nothing is written. Each part takes the fixed
+//! inputs, weights and borrowed inputs that name its own inputs or initializers, and nothing
+//! else.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -35,34 +35,11 @@ impl SplitModel {
         opts: &SessionOptions,
         weights: Vec<(String, Tensor)>,
     ) -> Result<SplitModel> {
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| RuntimeError::Io { path: p, source }
-        };
         let graphs = v2l_graphs::split::split(&model, cuts).map_err(|e| RuntimeError::BadFile {
             path: path.to_path_buf(),
             message: format!("cannot cut the graph for step caching: {e}"),
         })?;
         drop(model);
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new()
-            .prefix("v2l-parts-")
-            .tempdir()
-            .map_err(io(&std::env::temp_dir()))?;
-        // External data is read relative to the model file: link each weight file (or the
-        // directory that holds it) into the parts' directory under its own relative name.
-        let files = v2l_graphs::external_data_files(path).map_err(io(path))?;
-        let mut linked = HashSet::new();
-        for f in files {
-            let Some(first) = f.strip_prefix(dir).ok().and_then(|r| r.components().next()) else {
-                continue;
-            };
-            let name = first.as_os_str().to_owned();
-            if linked.insert(name.clone()) {
-                let link = tmp.path().join(&name);
-                std::os::unix::fs::symlink(dir.join(&name), &link).map_err(io(&link))?;
-            }
-        }
         let mut weights: BTreeMap<String, Tensor> = weights.into_iter().collect();
         let mut parts = Vec::with_capacity(graphs.len());
         for (k, g) in graphs.into_iter().enumerate() {
@@ -84,12 +61,10 @@ impl SplitModel {
                 .into_iter()
                 .flat_map(|g| g.output.iter().map(|o| o.name.clone()))
                 .collect();
-            let file = tmp.path().join(format!("part{k}.onnx"));
-            v2l_graphs::write_model(&file, &g).map_err(|e| RuntimeError::BadFile {
-                path: file.clone(),
-                message: e.to_string(),
-            })?;
-            let model = Model::load_with_weights(&file, opts, own)?;
+            let bytes = prost::Message::encode_to_vec(&g);
+            drop(g);
+            let model =
+                Model::load_bytes_with_weights(&bytes, path, &format!("part {k}"), opts, own)?;
             parts.push(Part {
                 model,
                 outputs,
@@ -163,5 +138,71 @@ impl SplitModel {
             .get(k)
             .map(|p| p.outputs.iter().map(String::as_str).collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v2l_graphs::{DType, Graph, TensorData};
+
+    /// A model whose weights are external data, cut in two, runs as the whole model does
+    /// (ONNX Runtime finds the weight file beside the original model, not beside the parts).
+    #[test]
+    fn parts_with_external_weights_compute_the_whole_model() {
+        let mut g = Graph::new("m");
+        let x = g.input("x", DType::F32, vec![2.into(), 3.into()]);
+        let f32s =
+            |v: Vec<f32>| TensorData::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect());
+        let w = g.initializer(
+            "w",
+            DType::F32,
+            vec![3, 3],
+            f32s((0..9).map(|i| i as f32 * 0.5).collect()),
+        );
+        let b = g.initializer("b", DType::F32, vec![3], f32s(vec![1.0, -2.0, 0.25]));
+        let h = g.matmul(&x, &w);
+        let h = g.add(&h, &b);
+        let y = g.silu(&h);
+        g.output(&y, "y", DType::F32, vec![2.into(), 3.into()]);
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("m.onnx");
+        let written = v2l_graphs::save(&g, &path, v2l_graphs::ExternalData::Always).unwrap();
+        assert!(written.data.is_some());
+        let inputs: BTreeMap<String, Tensor> = [(
+            "x".to_string(),
+            Tensor::f32(vec![2, 3], vec![1.0, 2.0, 3.0, -1.0, 0.5, 4.0]),
+        )]
+        .into();
+        let opts = SessionOptions::default();
+        let whole = Model::load(&path, &opts).unwrap().run(&inputs).unwrap();
+        let model = v2l_graphs::read_model(&path).unwrap();
+        let mut split = SplitModel::load(
+            &path,
+            model,
+            &[vec![h.name().to_string()]],
+            &opts,
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(split.outputs(0), [h.name()]);
+        let mut values = inputs.clone();
+        values.extend(split.run_part(0, &inputs, &[]).unwrap());
+        let out = split.run_part(1, &values, &[]).unwrap();
+        assert_eq!(out["y"], whole["y"]);
+        // A weight given in place of the file's reaches the part that reads it.
+        let ones = Tensor::f32(vec![3], vec![1.0; 3]);
+        let model = v2l_graphs::read_model(&path).unwrap();
+        let cuts = [vec![h.name().to_string()]];
+        let mut split =
+            SplitModel::load(&path, model, &cuts, &opts, vec![("b".into(), ones.clone())]).unwrap();
+        let want = Model::load_with_weights(&path, &opts, vec![("b".into(), ones)])
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
+        let mut values = inputs.clone();
+        values.extend(split.run_part(0, &inputs, &[]).unwrap());
+        assert_eq!(split.run_part(1, &values, &[]).unwrap()["y"], want["y"]);
+        assert_ne!(want["y"], whole["y"]);
     }
 }
