@@ -49,25 +49,21 @@ fn first_block_cache_skips_and_steps_as_diffusers_does() {
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture().join("fbc.json")).unwrap()).unwrap();
     let steps = summary["steps"].as_u64().unwrap() as usize;
-    let thresholds: Vec<f64> = summary["thresholds"]
-        .as_array()
+    // Each run of the fixture: `{run}_t{T}`, at guidance 1 but for the guided run.
+    let guided = summary["guided"][0].as_str().unwrap().to_string();
+    let guided_scale = summary["guided"][1].as_f64().unwrap() as f32;
+    let keys: Vec<(String, String, f64)> = summary["runs"]
+        .as_object()
         .unwrap()
-        .iter()
-        .map(|t| t.as_f64().unwrap())
+        .keys()
+        .map(|k| {
+            let (run, t) = k.rsplit_once("_t").unwrap();
+            (k.clone(), run.to_string(), t.parse().unwrap())
+        })
         .collect();
-    let runs: Vec<String> = {
-        let mut r: Vec<String> = summary["runs"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(|k| k.rsplit_once("_t").unwrap().0.to_string())
-            .collect();
-        r.dedup();
-        r
-    };
     assert!(
-        runs.contains(&"base".to_string()) && runs.len() >= 2,
-        "{runs:?}"
+        keys.len() >= 5 && keys.iter().any(|(_, r, _)| *r == guided),
+        "{keys:?}"
     );
 
     // Every LoRA strategy: factors as inputs of the cut graphs (`unfused`), live weights
@@ -77,12 +73,13 @@ fn first_block_cache_skips_and_steps_as_diffusers_does() {
         let opts = SessionOptions::default();
         let mut p = Pipeline::load_with_strategy(engine, &opts, strategy).unwrap();
         let label = strategy.name();
-        for &t in &thresholds {
-            for run in &runs {
-                let key = format!("{run}_t{t}");
+        for (key, run, t) in &keys {
+            {
                 let mut req = request(&io, steps);
-                req.cache = Some(StepCache::FirstBlock { threshold: t });
-                if run != "base" {
+                req.cache = Some(StepCache::FirstBlock { threshold: *t });
+                if *run == guided {
+                    req.guidance = guided_scale;
+                } else if run != "base" {
                     req.lora =
                         RequestLora::Reference(frames_of(&io[&format!("{run}_reference_u8")]), 1.0);
                 }
