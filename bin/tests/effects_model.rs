@@ -50,19 +50,9 @@ fn trained_model_matches_diffusers() {
 
     let mut p = Pipeline::load(Engine::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
     let mut req = Request {
-        image: Some(frames_of(&io["first_frame_u8"])),
-        image_embeds: None,
-        prompt_embeds: io["prompt_embeds"].clone(),
-        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
         steps,
         guidance: summary["guidance"].as_f64().unwrap() as f32,
-        noise: io["initial_noise"].clone(),
-        lora: RequestLora::Resident,
-        sampler: None,
-        inpaint_noise: None,
-        seed: None,
-        cache: None,
+        ..common::cogvideox_request(&io)
     };
     // Latents after every step, then the decoded frames, with the LoRA off and with each
     // reference clip's LoRA (predicted by the exported hypernetwork from the clip's frames).

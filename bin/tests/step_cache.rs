@@ -12,7 +12,7 @@ use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
 use v2l_runtime::step_cache::StepCache;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
-use crate::common::{effects_model, engine_of, frames_of};
+use crate::common::{cogvideox_request, effects_model, engine_of, frames_of};
 
 fn fixture() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cogvideox-effects")
@@ -22,21 +22,13 @@ fn fixture() -> std::path::PathBuf {
 /// block's residual; the latents they come from agree to ~1e-6).
 const CHANGE_REL: f64 = 1e-4;
 
+/// The demo's request (`e2e_io`'s inputs, guidance 1, base weights) over `steps` steps.
 fn request(io: &BTreeMap<String, Tensor>, steps: usize) -> Request {
     Request {
-        image: Some(frames_of(&io["first_frame_u8"])),
-        image_embeds: None,
-        prompt_embeds: io["prompt_embeds"].clone(),
-        negative_prompt_embeds: io["negative_prompt_embeds"].clone(),
-        frames: 17,
         steps,
         guidance: 1.0,
-        noise: io["initial_noise"].clone(),
         lora: RequestLora::Base,
-        sampler: None,
-        inpaint_noise: None,
-        seed: None,
-        cache: None,
+        ..cogvideox_request(io)
     }
 }
 

@@ -62,12 +62,22 @@ impl DitModel {
         weights: Vec<(String, Tensor)>,
         cut: bool,
     ) -> Result<DitModel> {
-        if !cut {
-            return Ok(DitModel::Whole(Model::load_with_weights(
+        match cut {
+            false => Ok(DitModel::Whole(Model::load_with_weights(
                 path, opts, weights,
-            )?));
+            )?)),
+            true => Self::load_cut(path, cut_names(path)?, opts, weights),
         }
-        let (model, names) = cut_names(path)?;
+    }
+
+    /// Loads the graph at `path` cut where `graph` (its model, read by [`cut_names`]) says.
+    pub fn load_cut(
+        path: &Path,
+        graph: (v2l_graphs::proto::ModelProto, CutNames),
+        opts: &SessionOptions,
+        weights: Vec<(String, Tensor)>,
+    ) -> Result<DitModel> {
+        let (model, names) = graph;
         let cuts = [
             vec![
                 names.first_block_input.clone(),
@@ -204,6 +214,7 @@ impl CutDit {
                 let shape = x0.shape.clone();
                 let x0 = x0.as_f32(&n.first_block_output)?.to_vec();
                 let x_in = get(&n.first_block_input)?.as_f32(&n.first_block_input)?;
+                same_size(&n.first_block_input, x_in.len(), x0.len())?;
                 let residual: Vec<f32> = x0.iter().zip(x_in).map(|(a, b)| a - b).collect();
                 let change = state.change(&residual)?;
                 let run = state.tail.is_none() || change.is_none_or(|c| c > state.threshold);
@@ -217,11 +228,13 @@ impl CutDit {
                         RuntimeError::missing_output("DiT blocks", &n.blocks_output)
                     })?;
                     let last = last.as_f32(&n.blocks_output)?.to_vec();
+                    same_size(&n.blocks_output, last.len(), x0.len())?;
                     state.tail = Some(last.iter().zip(&x0).map(|(l, h)| l - h).collect());
                     state.head = Some(residual);
                     last
                 } else {
                     let tail = state.tail.as_deref().unwrap_or(&[]);
+                    same_size("the cached blocks' residual", tail.len(), x0.len())?;
                     x0.iter().zip(tail).map(|(h, t)| h + t).collect()
                 };
                 values.insert(n.blocks_output.clone(), Tensor::f32(shape, x_last));
@@ -232,6 +245,20 @@ impl CutDit {
             return Err(RuntimeError::missing_output("DiT output layers", SAMPLE));
         }
         Ok(out)
+    }
+}
+
+/// The cache adds and subtracts block-boundary activations element by element: each must have
+/// the first block's output's size (a graph whose cut values differ in size is refused).
+fn same_size(what: &str, got: usize, want: usize) -> Result<()> {
+    match got == want {
+        true => Ok(()),
+        false => Err(RuntimeError::Invalid {
+            what: "DiT (step cache)".into(),
+            message: format!(
+                "`{what}` has {got} values, the first block's output {want}: the graph's cut points do not match"
+            ),
+        }),
     }
 }
 

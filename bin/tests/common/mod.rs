@@ -90,7 +90,8 @@ pub fn workspace() -> PathBuf {
 }
 
 /// The tiny CogVideoX fixture's request (`e2e_io`: first frame, prompts, noise; 17 frames at
-/// guidance 6), two steps, with the pipeline's own LoRA.
+/// guidance 6), two steps, with the pipeline's own LoRA. The demo model's fixture
+/// (`cogvideox-effects/e2e_io`) has the same tensors: its tests change steps and guidance.
 pub fn cogvideox_request(
     io: &std::collections::BTreeMap<String, Tensor>,
 ) -> v2l_runtime::pipeline::Request {

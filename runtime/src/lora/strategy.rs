@@ -325,11 +325,12 @@ impl DitRunner {
             return Ok(());
         }
         let plan = dit_load(dir, &self.opts, self.strategy, self.fused.as_ref())?;
-        crate::step_cache::cut_names(&plan.path)?;
-        // The whole DiT goes first, so its weights are not held twice. Should the cut fail
-        // (a full temporary directory), the whole DiT is built again and the error returned.
+        // Read (and refused) before anything is released: a graph without cut points.
+        let graph = crate::step_cache::cut_names(&plan.path)?;
+        // The whole DiT goes first, so its weights are not held twice. Should the cut fail,
+        // the whole DiT is built again and the error returned.
         self.model = DitModel::Released;
-        let failure = match plan.load(true) {
+        let failure = match DitModel::load_cut(&plan.path, graph, &plan.opts, plan.weights) {
             Ok(m) => {
                 self.model = m;
                 None
