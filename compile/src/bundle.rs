@@ -109,8 +109,9 @@ pub struct Options<'a> {
     pub max_rank: Option<usize>,
     /// The DiT's attention kernel ([`default_attention`] when `None`).
     pub attention: Option<Attention>,
-    /// int8 CPU engines: how the integer GEMMs stay exact ([`Int8Scheme::U8U8`], portable,
-    /// when `None`; [`Int8Scheme::U8S8`] is for VNNI-only fleets and refused on other CPUs).
+    /// int8 CPU engines: how the integer GEMMs stay exact. `None`: this CPU's native scheme
+    /// ([`Isa::native_int8_scheme`](v2l_runtime::cpu::Isa::native_int8_scheme): s8 weights
+    /// where VNNI makes them exact, u8 elsewhere); [`Int8Scheme::U8U8`] runs on every CPU.
     pub int8_scheme: Option<Int8Scheme>,
 }
 
@@ -148,9 +149,13 @@ pub fn compile_with(
             ),
         });
     }
-    let int8_scheme = opts.int8_scheme.unwrap_or(Int8Scheme::U8U8);
-    if int8_scheme != Int8Scheme::U8U8 && !(backend == Backend::Cpu && precision == Precision::Int8)
-    {
+    let int8_cpu = backend == Backend::Cpu && precision == Precision::Int8;
+    let int8_scheme = match opts.int8_scheme {
+        Some(s) => s,
+        None if int8_cpu => v2l_runtime::cpu::Isa::detect().native_int8_scheme(),
+        None => Int8Scheme::U8U8,
+    };
+    if int8_scheme != Int8Scheme::U8U8 && !int8_cpu {
         return Err(CompileError::Invalid {
             what: format!("--int8-gemm {}", int8_scheme.name()),
             message: "the int8 GEMM scheme is for cpu int8 engines".into(),

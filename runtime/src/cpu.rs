@@ -98,6 +98,18 @@ impl Isa {
             self.avxvnni
         }
     }
+
+    /// The int8 scheme an engine compiled here gets unless told: s8 weights where the u8·s8
+    /// kernel is exact (2.0× the u8·u8 kernel's speed per 5B-width block on AVX512-VNNI), u8
+    /// weights everywhere else. Such an engine runs wherever it was compiled; moved to a CPU
+    /// without VNNI, a u8s8 one is refused with the fix ([`check_int8_scheme`]).
+    pub fn native_int8_scheme(&self) -> crate::bundle::Int8Scheme {
+        if self.u8s8_sums_in_int32() {
+            crate::bundle::Int8Scheme::U8S8
+        } else {
+            crate::bundle::Int8Scheme::U8U8
+        }
+    }
 }
 
 /// Whether an engine of `precision` on `backend` with int8 scheme `recorded` (its bundle's
@@ -123,7 +135,7 @@ pub fn check_int8_scheme(
         "this int8 engine stores s8 weights (int8_scheme {}{}), which ONNX Runtime multiplies \
          exactly only on CPUs with AVX512-VNNI or AVX-VNNI; on this CPU ({}; {}) its u8·s8 \
          kernel saturates int16 pair sums and the DiT's output is wrong. Compile it again \
-         with `v2l-compile --int8-gemm u8u8` (the default), exact on every x86-64 CPU",
+         with `v2l-compile --int8-gemm u8u8`, exact on every x86-64 CPU",
         scheme.name(),
         if recorded.is_none() {
             ", implied: compiled before the scheme was recorded"

@@ -82,10 +82,11 @@ struct Cli {
     /// bf16; the bf16 kernel where VNNI is missing
     #[arg(long, value_enum)]
     attention: Option<AttentionArg>,
-    /// int8 cpu engines: how ONNX Runtime multiplies. `u8u8` (default): weights stored u8,
-    /// exact on every x86-64 CPU. `u8s8`: weights stored s8, ~2.3x faster GEMMs on
-    /// AVX512-VNNI/AMX CPUs, but saturating on CPUs without VNNI, where such an engine is
-    /// refused (so is compiling it); for fleets known to have VNNI
+    /// int8 cpu engines: how ONNX Runtime multiplies. `auto` (default): `u8s8` where this CPU
+    /// has VNNI (AVX512-VNNI, AVX-VNNI, AMX), `u8u8` elsewhere. `u8u8`: weights stored u8,
+    /// exact on every x86-64 CPU, for engines copied to other machines. `u8s8`: weights stored
+    /// s8, ~2x faster GEMMs on VNNI CPUs, but saturating on CPUs without VNNI, where such an
+    /// engine is refused (so is compiling it)
     #[arg(long, value_enum, value_name = "SCHEME")]
     int8_gemm: Option<Int8GemmArg>,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
@@ -96,6 +97,7 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Int8GemmArg {
+    Auto,
     U8u8,
     U8s8,
 }
@@ -171,9 +173,10 @@ fn main() -> ExitCode {
                     AttentionArg::Bf16 => Attention::Bf16,
                     AttentionArg::Int8 => Attention::Int8,
                 }),
-                int8_scheme: cli.int8_gemm.map(|s| match s {
-                    Int8GemmArg::U8u8 => Int8Scheme::U8U8,
-                    Int8GemmArg::U8s8 => Int8Scheme::U8S8,
+                int8_scheme: cli.int8_gemm.and_then(|s| match s {
+                    Int8GemmArg::Auto => None,
+                    Int8GemmArg::U8u8 => Some(Int8Scheme::U8U8),
+                    Int8GemmArg::U8s8 => Some(Int8Scheme::U8S8),
                 }),
             },
         )
