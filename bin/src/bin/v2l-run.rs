@@ -172,7 +172,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 8)]
     fps: u32,
     /// Tile the VAE spatially as diffusers' enable_tiling() does: `on` whenever a frame is
-    /// larger than a tile (half the VAE's sample size), `auto` likewise above 256x256 pixels
+    /// larger than a tile (half the VAE's sample size), `auto` likewise above 256x384 pixels
     /// (real resolutions; memory bounded by one tile), `off` never
     #[arg(long, value_enum, default_value = "auto", global = true)]
     vae_tiling: TilingArg,

@@ -20,8 +20,8 @@ use crate::tensor::Tensor;
 /// When to tile.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TilingMode {
-    /// Tile frames of more than [`AUTO_MIN_PIXELS`] that are larger than a tile: real
-    /// resolutions (480×720 and up) are tiled, small test sizes are not.
+    /// Tile frames of more than [`AUTO_MAX_UNTILED_PIXELS`] that are larger than a tile: real
+    /// resolutions (480×720 and up) are tiled; 256×384 and smaller are not.
     #[default]
     Auto,
     /// diffusers' `enable_tiling()`: tile whenever a frame is larger than a tile.
@@ -29,8 +29,11 @@ pub enum TilingMode {
     Off,
 }
 
-/// `auto` leaves frames up to 256×256 pixels untiled.
-pub const AUTO_MIN_PIXELS: usize = 256 * 256;
+/// `auto` leaves frames up to 256×384 pixels untiled. There the untiled decode of CogVideoX's
+/// VAE peaks at 8.0 GB (9 frames, 2026-11-26), under a generation's text-encode peak, and takes
+/// 49 s against 64 s tiled; diffusers' pipelines decode untiled unless told. At 480×720 it would
+/// need about 3.5× that memory, so real resolutions stay tiled (docs/benchmarks.md, "VAE").
+pub const AUTO_MAX_UNTILED_PIXELS: usize = 256 * 384;
 
 impl TilingMode {
     pub fn parse(s: &str) -> Option<TilingMode> {
@@ -94,7 +97,7 @@ impl Tiling {
         match mode {
             TilingMode::Off => false,
             TilingMode::On => larger,
-            TilingMode::Auto => larger && height * width > AUTO_MIN_PIXELS,
+            TilingMode::Auto => larger && height * width > AUTO_MAX_UNTILED_PIXELS,
         }
     }
 
@@ -268,5 +271,15 @@ mod tests {
         assert_eq!(out[0].as_f32("o").unwrap(), &v[..]);
         assert!(t.applies(TilingMode::On, 9, 8) && !t.applies(TilingMode::Off, 900, 900));
         assert!(!t.applies(TilingMode::Auto, 64, 64));
+    }
+
+    #[test]
+    fn auto_tiles_real_resolutions_only() {
+        // CogVideoX's VAE: 240×360 tiles. 256×384 is larger than a tile but decodes whole.
+        let t =
+            Tiling::for_config(&serde_json::json!({"block_out_channels": [128, 256, 256, 512]}));
+        assert!(t.applies(TilingMode::On, 256, 384));
+        assert!(!t.applies(TilingMode::Auto, 256, 384) && !t.applies(TilingMode::Auto, 384, 256));
+        assert!(t.applies(TilingMode::Auto, 480, 720) && t.applies(TilingMode::Auto, 272, 384));
     }
 }
