@@ -496,12 +496,15 @@ fn bench_export(
 
     let t0 = Instant::now();
     let mut last = Instant::now();
-    synthetic::write_checkpoint(
+    // Norm scales near 1, as trained models have them: the exported T5 is also what int8
+    // engines measure their prompt encoder's accuracy on (`v2l-compile`).
+    synthetic::write_checkpoint_as(
         &ck_dir,
         &config,
         &layout,
         DType::BF16,
         1,
+        synthetic::Scales::Trained,
         &mut |done, total| {
             if !json && last.elapsed() > Duration::from_secs(2) {
                 eprint!(
@@ -649,7 +652,8 @@ fn run_t5(
             ])
             .arg(&inputs)
             .arg("-o")
-            .arg(out.join("embeds.safetensors")),
+            // Beside the export: v2l-run writes nothing into an engine or export directory.
+            .arg(out.with_file_name("embeds.safetensors")),
     )?;
     let j = last_json(&r.stdout)?;
     Ok(serde_json::json!({
