@@ -131,3 +131,27 @@ fn trained_model_matches_diffusers() {
         );
     }
 }
+
+/// The embedded model compiles below fp32. Its learned positional table takes only its own
+/// size (17 frames at 64×64), so the compile's accuracy samples run at that size; at any other
+/// size its DiT graph cannot run (until 2026-11-26 `--precision int8` failed here).
+#[test]
+fn the_embedded_model_compiles_to_int8_with_its_accuracy_recorded() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine_of(&effects_model(), d.path(), &["--precision", "int8"]);
+    let bundle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eng.join("bundle.json")).unwrap()).unwrap();
+    let accuracy = bundle["accuracy"].as_array().unwrap();
+    let dit = accuracy.iter().find(|a| a["stage"] == "dit").unwrap();
+    assert!(
+        dit["inputs"]
+            .as_str()
+            .unwrap()
+            .contains("17 frames 64x64 px"),
+        "{dit}"
+    );
+    // 9.3e-3 on 2026-11-26 (AVX-512 VNNI, bf16 attention kernel): the int8 bound holds.
+    let e = dit["rel_l2"].as_f64().unwrap();
+    assert!(e > 0.0 && e <= common::tolerance::INT8_REL_L2, "{dit}");
+    assert!(accuracy.iter().any(|a| a["stage"] == "frames"), "{bundle}");
+}

@@ -132,11 +132,25 @@ fn wan_inputs_at(
 }
 
 /// The size compile-time samples run at: 9 frames at the model's sample size capped at
-/// 128×128 px (Wan, which records none: 128×128), its full prompt length (Wan: 512).
+/// 128×128 px (Wan, which records none: 128×128), its full prompt length (Wan: 512). A DiT with
+/// a learned positional table (`use_learned_positional_embeddings`: CogVideoX-5B-I2V 1.0, the
+/// embedded demo model) takes only the size the table was made for, so it runs at that one.
 pub fn sample_size(cfg: &serde_json::Value) -> ([usize; 3], usize) {
     let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     if is_wan(cfg) {
         return ([9, 128, 128], 512);
+    }
+    let text = get("max_text_seq_length").max(1);
+    let learned = cfg
+        .get("use_learned_positional_embeddings")
+        .and_then(|v| v.as_bool())
+        == Some(true);
+    if learned {
+        let frames = get("sample_frames").max(1);
+        return (
+            [frames, get("sample_height") * 8, get("sample_width") * 8],
+            text,
+        );
     }
     (
         [
@@ -144,12 +158,12 @@ pub fn sample_size(cfg: &serde_json::Value) -> ([usize; 3], usize) {
             (get("sample_height") * 8).clamp(16, 128),
             (get("sample_width") * 8).clamp(16, 128),
         ],
-        get("max_text_seq_length").max(1),
+        text,
     )
 }
 
-/// The DiT graph at `low` against the fp32 graph at `fp32` on generated inputs: 9 frames at the
-/// model's sample size capped at 128×128 px, its full prompt length.
+/// The DiT graph at `low` against the fp32 graph at `fp32` on generated inputs at
+/// [`sample_size`].
 pub fn dit_accuracy(
     dit: &DitEntry,
     fp32: &Path,
@@ -157,9 +171,10 @@ pub fn dit_accuracy(
     opts: &SessionOptions,
 ) -> Result<StageAccuracy> {
     let cfg = &dit.config;
-    let ([_, h, w], text) = sample_size(cfg);
-    let inputs: BTreeMap<String, Tensor> =
-        dit_sample_inputs(cfg, 9, h, w, text)?.into_iter().collect();
+    let ([frames, h, w], text) = sample_size(cfg);
+    let inputs: BTreeMap<String, Tensor> = dit_sample_inputs(cfg, frames, h, w, text)?
+        .into_iter()
+        .collect();
     let run = |path: &Path| -> Result<Tensor> {
         let mut m = Model::load(path, opts)?;
         let mut out = m.run(&inputs)?;
@@ -174,7 +189,7 @@ pub fn dit_accuracy(
         stage: "dit".into(),
         rel_l2: got.rel_l2(&want),
         psnr_db: None,
-        inputs: format!("batch 2, 9 frames {h}x{w} px, {text} prompt tokens, seeded Gaussian latents and prompt, timestep 999"),
+        inputs: format!("batch 2, {frames} frames {h}x{w} px, {text} prompt tokens, seeded Gaussian latents and prompt, timestep 999"),
         machine: Some(v2l_runtime::cpu::this().clone()),
     })
 }
