@@ -590,7 +590,11 @@ impl<'a> Job<'a> {
         dit: &mut DitBuild,
     ) -> Result<()> {
         let m = &self.manifest;
-        if self.precision != Precision::Fp32 && m.vae.is_some() && m.scheduler.is_some() {
+        if self.precision != Precision::Fp32
+            && m.vae.is_some()
+            && m.scheduler.is_some()
+            && m.dit.as_ref().is_some_and(|d| sample_is_short(&d.config))
+        {
             let mut variants = dit.variants.clone();
             if let Some(p) = dit.emulated.as_ref().and_then(|p| p.file_name()) {
                 variants.insert(
@@ -678,6 +682,19 @@ impl<'a> Job<'a> {
         std::fs::write(&p, text + "\n").map_err(io(&p))?;
         Ok(bundle)
     }
+}
+
+/// Latent pixels (frames × height × width) up to which the compile runs its short generation.
+/// A DiT with a learned positional table is sampled at its own size, 49 frames at 480×720
+/// (CogVideoX-5B-I2V 1.0): 8 DiT calls there and a 49-frame decode for each of fp32 and the
+/// precision would take hours, so such a compile records the DiT's one-call accuracy only.
+const GENERATION_SAMPLE_MAX_LATENTS: usize = 4 * 32 * 32;
+
+/// Whether the compile-time sample of a DiT config is small enough for the short generation.
+fn sample_is_short(cfg: &serde_json::Value) -> bool {
+    let ([frames, h, w], _) = crate::accuracy::sample_size(cfg);
+    let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, h, w).dims();
+    lf * lh * lw <= GENERATION_SAMPLE_MAX_LATENTS
 }
 
 /// The initializer names of the DiT's LoRA targets (`<module>.weight`).
@@ -964,6 +981,24 @@ fn check_precision(backend: Backend, precision: Precision, calibrated: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn learned_position_tables_sample_at_their_own_size() {
+        // CogVideoX-5B-I2V 1.0's table: 49 frames at 480×720, too large for the generation.
+        let i2v = serde_json::json!({"use_learned_positional_embeddings": true,
+            "sample_frames": 49, "sample_height": 60, "sample_width": 90, "max_text_seq_length": 226});
+        assert_eq!(crate::accuracy::sample_size(&i2v), ([49, 480, 720], 226));
+        assert!(!sample_is_short(&i2v));
+        // The embedded model's: 17 frames at 64×64. Without a table: 9 frames, capped at 128 px.
+        let demo = serde_json::json!({"use_learned_positional_embeddings": true,
+            "sample_frames": 17, "sample_height": 8, "sample_width": 8, "max_text_seq_length": 8});
+        assert_eq!(crate::accuracy::sample_size(&demo), ([17, 64, 64], 8));
+        assert!(sample_is_short(&demo));
+        let rope = serde_json::json!({"sample_frames": 49, "sample_height": 60, "sample_width": 90,
+            "max_text_seq_length": 226});
+        assert_eq!(crate::accuracy::sample_size(&rope), ([9, 128, 128], 226));
+        assert!(sample_is_short(&rope));
+    }
 
     #[test]
     fn integer_engines_quantise_token_wise_linears_and_block_quantise_norms() {
