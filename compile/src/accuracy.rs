@@ -148,7 +148,11 @@ pub fn sample_size(cfg: &serde_json::Value) -> ([usize; 3], usize) {
     if learned {
         let frames = get("sample_frames").max(1);
         return (
-            [frames, get("sample_height") * 8, get("sample_width") * 8],
+            [
+                frames,
+                get("sample_height").saturating_mul(8),
+                get("sample_width").saturating_mul(8),
+            ],
             text,
         );
     }

@@ -694,7 +694,7 @@ const GENERATION_SAMPLE_MAX_LATENTS: usize = 4 * 32 * 32;
 fn sample_is_short(cfg: &serde_json::Value) -> bool {
     let ([frames, h, w], _) = crate::accuracy::sample_size(cfg);
     let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, h, w).dims();
-    lf * lh * lw <= GENERATION_SAMPLE_MAX_LATENTS
+    lf.saturating_mul(lh).saturating_mul(lw) <= GENERATION_SAMPLE_MAX_LATENTS
 }
 
 /// The initializer names of the DiT's LoRA targets (`<module>.weight`).

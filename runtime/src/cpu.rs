@@ -306,6 +306,24 @@ mod tests {
         }
     }
 
+    /// The compile's default scheme: s8 weights only where they are exact, so an engine
+    /// compiled with the default always opens on the CPU that compiled it.
+    #[test]
+    fn the_native_scheme_is_s8_only_with_vnni_and_always_opens_here() {
+        use crate::bundle::{Backend, Int8Scheme, Precision};
+        let [avx2, avx512, vnni, alder] = cpus();
+        for (isa, want) in [
+            (avx2, Int8Scheme::U8U8),
+            (avx512, Int8Scheme::U8U8),
+            (vnni, Int8Scheme::U8S8),
+            (alder, Int8Scheme::U8S8),
+        ] {
+            let scheme = isa.native_int8_scheme();
+            assert_eq!(scheme, want, "{isa:?}");
+            assert!(check_int8_scheme(Precision::Int8, Backend::Cpu, Some(scheme), &isa).is_ok());
+        }
+    }
+
     /// s8-weight int8 engines (`u8s8`, and int8 CPU engines from before the scheme was
     /// recorded) are refused where the u8·s8 kernel saturates, with the fix; `u8u8` engines,
     /// other precisions and GPU engines are never refused.

@@ -434,7 +434,6 @@ impl Model {
 #[derive(Default)]
 pub struct Carry(BTreeMap<String, DynValue>);
 
-/// `t` as an ONNX Runtime value borrowing its data.
 /// Where a session's graph comes from.
 #[derive(Clone, Copy)]
 enum GraphSource<'a> {
@@ -488,6 +487,7 @@ fn commit(
     Ok(session)
 }
 
+/// `t` as an ONNX Runtime value borrowing its data.
 fn view(t: &Tensor) -> ort::Result<DynValueRef<'_>> {
     let s: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     Ok(match &t.data {
