@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::Command;
 
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::format::{self, Factor};
@@ -164,9 +163,8 @@ fn a_mixed_lora_batch_gives_each_wan_request_its_solo_video() {
     let wan = tiny().join("../wan-tiny");
     let io = read_safetensors(&wan.join("e2e_io.safetensors")).unwrap();
     let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("model");
-    common::wan_model_dir(
-        &model,
+    let eng = common::wan_engine(
+        d.path(),
         &[
             ("transformer", "transformer"),
             ("vae", "vae"),
@@ -174,19 +172,6 @@ fn a_mixed_lora_batch_gives_each_wan_request_its_solo_video() {
             ("text_encoder", "text_encoder"),
         ],
     );
-    let export = d.path().join("export");
-    let eng = d.path().join("engine");
-    for mut cmd in [
-        Command::new(env!("CARGO_BIN_EXE_v2l-export")),
-        Command::new(env!("CARGO_BIN_EXE_v2l-compile")),
-    ] {
-        match cmd.get_program().to_string_lossy().ends_with("v2l-export") {
-            true => cmd.arg("pipeline").arg(&model).arg("-o").arg(&export),
-            false => cmd.arg(&export).arg("-o").arg(&eng),
-        };
-        let o = cmd.output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
     let mut p = load(&eng);
     let x = file_lora(&wan.join("lora/pytorch_lora_weights.safetensors"), 1.0);
     let y = negated(&x);

@@ -156,7 +156,7 @@ pub struct V2lGenerateParams {
     /// Step caching as UTF-8 NUL-terminated text: `first-block:THRESHOLD` (diffusers' First
     /// Block Cache: the DiT's blocks after the first run only when the first block's output
     /// moved by more than THRESHOLD since they last ran); NULL for none. The first request
-    /// with a cache cuts the generator's DiT into three sessions for good. CogVideoX engines.
+    /// with a cache cuts the generator's DiT into three sessions for good. CogVideoX and Wan engines.
     /// Added in ABI version 5.
     pub cache: *const c_char,
 }

@@ -16,10 +16,10 @@
 
 use serde::Deserialize;
 use v2l_contracts::io::dit as dit_io;
-use v2l_contracts::io::dit::cache;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
+use crate::dit_graph::record_cache_cuts;
 use crate::error::{ExportError, Result};
 use crate::scope::Scope;
 
@@ -161,15 +161,15 @@ pub fn export(ckpt: &Checkpoint, opts: &DitOptions) -> Result<DitExport> {
     let (mut enc, mut x) = split_text(&mut g, &tokens, &text_len);
     let temb_act = g.silu(&temb);
     let block_input = x.clone();
+    let mut first_output = None;
     for i in 0..cfg.num_layers {
         let blk = vb.pp("transformer_blocks").pp(i);
         (x, enc) = block(&mut g, &blk, &cfg, &x, &enc, &temb_act, &rope, &text_len)?;
-        if i == 0 {
-            g.metadata(cache::FIRST_BLOCK_INPUT, block_input.name());
-            g.metadata(cache::FIRST_BLOCK_OUTPUT, x.name());
-        }
+        first_output.get_or_insert_with(|| x.clone());
     }
-    g.metadata(cache::BLOCKS_OUTPUT, x.name());
+    if let Some(first) = &first_output {
+        record_cache_cuts(&mut g, &block_input, first, &x);
+    }
 
     let x = vb.layer_norm(
         &mut g,

@@ -1,6 +1,7 @@
 //! What an architecture's DiT exporter returns: the graph, its config and its linears.
 
-use v2l_graphs::Graph;
+use v2l_contracts::io::dit::cache;
+use v2l_graphs::{Graph, Value};
 
 use crate::scope::LinearInfo;
 
@@ -14,4 +15,12 @@ pub struct DitGraph<C> {
     pub linears: Vec<LinearInfo>,
     /// Checkpoint tensors the graph does not use.
     pub unused_keys: Vec<String>,
+}
+
+/// Records where step caching cuts the DiT (graph metadata the runtime reads): the video tokens
+/// entering and leaving the first transformer block, and those the last block returns.
+pub fn record_cache_cuts(g: &mut Graph, first_input: &Value, first_output: &Value, last: &Value) {
+    g.metadata(cache::FIRST_BLOCK_INPUT, first_input.name());
+    g.metadata(cache::FIRST_BLOCK_OUTPUT, first_output.name());
+    g.metadata(cache::BLOCKS_OUTPUT, last.name());
 }

@@ -23,6 +23,7 @@ use v2l_graphs::passes::KEEP_IN_FP32;
 use v2l_graphs::{DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
+use crate::dit_graph::record_cache_cuts;
 use crate::error::{ExportError, Result};
 use crate::layers::{apply_rope, modulate, rotate_pairs, sdpa, sinusoid, video_dims};
 use crate::scope::{LinearInfo, Scope};
@@ -103,9 +104,15 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
         let rotate = rotate_pairs(g, dh);
         (cos, sin, rotate)
     });
+    let block_input = x.clone();
+    let mut first_output = None;
     let mut x = x;
     for i in 0..cfg.num_layers {
         x = block(&mut g, &vb.pp("blocks").pp(i), &cfg, &x, &cond, &rope)?;
+        first_output.get_or_insert_with(|| x.clone());
+    }
+    if let Some(first) = &first_output {
+        record_cache_cuts(&mut g, &block_input, first, &x);
     }
     // Output: (table + temb) → shift, scale; norm_out(x)·(1 + scale) + shift; proj_out.
     let table = vb.weight(&mut g, "scale_shift_table", &[1, 2, d])?;

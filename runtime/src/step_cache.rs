@@ -177,7 +177,7 @@ pub fn cut_names(path: &Path) -> Result<(v2l_graphs::proto::ModelProto, CutNames
                 path: path.to_path_buf(),
                 message: format!(
                     "this DiT graph does not record where to cut it for step caching (`{key}`); \
-                     export and compile the model again with this v2l (CogVideoX DiTs only so far)"
+                     export and compile the model again with this v2l"
                 ),
             })
     };
@@ -216,27 +216,20 @@ impl CutDit {
                 let x_in = get(&n.first_block_input)?.as_f32(&n.first_block_input)?;
                 same_size(&n.first_block_input, x_in.len(), x0.len())?;
                 let residual: Vec<f32> = x0.iter().zip(x_in).map(|(a, b)| a - b).collect();
-                let change = state.change(&residual)?;
-                let run = state.tail.is_none() || change.is_none_or(|c| c > state.threshold);
-                state.calls.push(CacheCall {
-                    change,
-                    ran_blocks: run,
-                });
-                let x_last = if run {
-                    let mut blocks = self.parts.run_part(BLOCKS, &values, borrowed)?;
-                    let last = blocks.remove(&n.blocks_output).ok_or_else(|| {
-                        RuntimeError::missing_output("DiT blocks", &n.blocks_output)
-                    })?;
-                    let last = last.as_f32(&n.blocks_output)?.to_vec();
-                    same_size(&n.blocks_output, last.len(), x0.len())?;
-                    state.tail = Some(last.iter().zip(&x0).map(|(l, h)| l - h).collect());
-                    state.head = Some(residual);
-                    last
-                } else {
-                    let tail = state.tail.as_deref().unwrap_or(&[]);
-                    same_size("the cached blocks' residual", tail.len(), x0.len())?;
-                    x0.iter().zip(tail).map(|(h, t)| h + t).collect()
+                let run = state.decide(&residual)?;
+                let last = match run.iter().any(|&r| r) {
+                    true => {
+                        let mut blocks = self.parts.run_part(BLOCKS, &values, borrowed)?;
+                        let last = blocks.remove(&n.blocks_output).ok_or_else(|| {
+                            RuntimeError::missing_output("DiT blocks", &n.blocks_output)
+                        })?;
+                        let last = last.as_f32(&n.blocks_output)?.to_vec();
+                        same_size(&n.blocks_output, last.len(), x0.len())?;
+                        Some(last)
+                    }
+                    false => None,
                 };
+                let x_last = state.blocks_output(&run, &residual, &x0, last)?;
                 values.insert(n.blocks_output.clone(), Tensor::f32(shape, x_last));
             }
         }
@@ -269,7 +262,8 @@ fn released() -> RuntimeError {
     }
 }
 
-/// One DiT call under the cache.
+/// One decision of the cache: per DiT call, or per guidance branch of it (see
+/// [`FirstBlockState`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CacheCall {
     /// The relative change of the first block's residual compared with the threshold; `None`
@@ -281,29 +275,126 @@ pub struct CacheCall {
 
 /// One request's First Block Cache: created per request, so nothing leaks between requests.
 ///
+/// diffusers decides once per transformer call, in the call's cache context. CogVideoX's
+/// pipelines call the transformer once per step with both guidance prompts in its batch, so one
+/// decision covers the batch. Wan's pipelines call it once per prompt (`cache_context("cond")`,
+/// then `"uncond"`), each context with its own residuals, so a guided Wan request decides per
+/// branch: `branches` splits the batch into that many equal parts, each with its own state. The
+/// blocks then run for the whole batch when any branch needs them, and a branch that skipped
+/// takes its cached residual instead of their output (per-sample ops: the numbers diffusers'
+/// separate call gives); a step is cheaper only when every branch skips.
+///
 /// diffusers also keeps the text stream's residual; v2l does not, because the DiT's output
 /// layers never read the text tokens after the last block (CogVideoX's `norm_final` normalises
-/// each token on its own and the text tokens are dropped after it).
+/// each token on its own and the text tokens are dropped after it; Wan's blocks return the
+/// video tokens alone).
 #[derive(Clone, Debug)]
 pub struct FirstBlockState {
     threshold: f64,
+    branches: Vec<Branch>,
+    /// Every decision, per DiT call and within it per branch in batch order.
+    pub calls: Vec<CacheCall>,
+}
+
+/// One decision context's residuals.
+#[derive(Clone, Debug, Default)]
+struct Branch {
     /// The first block's residual at the last call that ran the blocks.
     head: Option<Vec<f32>>,
     /// The blocks' residual (last block's output − first block's) at that call.
     tail: Option<Vec<f32>>,
-    pub calls: Vec<CacheCall>,
 }
 
 impl FirstBlockState {
+    /// A request's state deciding for the whole batch at once.
     pub fn new(threshold: f64) -> FirstBlockState {
+        FirstBlockState::per_branch(threshold, 1)
+    }
+
+    /// A request's state deciding for each of `branches` equal parts of the batch.
+    pub fn per_branch(threshold: f64, branches: usize) -> FirstBlockState {
         FirstBlockState {
             threshold,
-            head: None,
-            tail: None,
+            branches: vec![Branch::default(); branches.max(1)],
             calls: Vec::new(),
         }
     }
 
+    /// Each branch's decision for this call's first-block `residual`: `true` where the other
+    /// blocks must run. Records the calls.
+    fn decide(&mut self, residual: &[f32]) -> Result<Vec<bool>> {
+        let parts = self.split(residual)?;
+        let mut run = Vec::with_capacity(parts.len());
+        for (b, r) in self.branches.iter().zip(parts) {
+            let change = b.change(r)?;
+            let ran_blocks = b.tail.is_none() || change.is_none_or(|c| c > self.threshold);
+            self.calls.push(CacheCall { change, ran_blocks });
+            run.push(ran_blocks);
+        }
+        Ok(run)
+    }
+
+    /// The last block's output for this call: where a branch ran, `last`'s part (and the
+    /// branch keeps this call's residuals); where it skipped, its first-block output plus the
+    /// cached blocks' residual.
+    fn blocks_output(
+        &mut self,
+        run: &[bool],
+        residual: &[f32],
+        x0: &[f32],
+        last: Option<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        let n = self.branches.len();
+        let part = x0.len() / n;
+        let mut out = Vec::with_capacity(x0.len());
+        for (k, (b, &ran)) in self.branches.iter_mut().zip(run).enumerate() {
+            let span = k * part..(k + 1) * part;
+            let (h, r) = (&x0[span.clone()], &residual[span.clone()]);
+            match (ran, &last) {
+                (true, Some(last)) => {
+                    let l = &last[span];
+                    b.tail = Some(l.iter().zip(h).map(|(l, h)| l - h).collect());
+                    b.head = Some(r.to_vec());
+                    out.extend_from_slice(l);
+                }
+                (true, None) => {
+                    return Err(RuntimeError::Internal {
+                        what: "step cache".into(),
+                        message: "a branch ran the blocks but their output is missing".into(),
+                    })
+                }
+                (false, _) => {
+                    let tail = b.tail.as_deref().unwrap_or(&[]);
+                    same_size("the cached blocks' residual", tail.len(), h.len())?;
+                    out.extend(h.iter().zip(tail).map(|(h, t)| h + t));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `residual` as one slice per branch (the batch's leading axis splits evenly).
+    fn split<'a>(&self, residual: &'a [f32]) -> Result<Vec<&'a [f32]>> {
+        let n = self.branches.len();
+        if residual.len() % n != 0 {
+            return Err(RuntimeError::Internal {
+                what: "step cache".into(),
+                message: format!(
+                    "{} first-block values do not split into {n} guidance branches",
+                    residual.len()
+                ),
+            });
+        }
+        Ok(residual.chunks(residual.len() / n).collect())
+    }
+
+    /// Decisions that reused the cached blocks.
+    pub fn skips(&self) -> usize {
+        self.calls.iter().filter(|c| !c.ran_blocks).count()
+    }
+}
+
+impl Branch {
     /// `mean|r − r_prev| / mean|r_prev|`, as diffusers' `_should_compute_remaining_blocks`
     /// computes it (a NaN, from an all-zero `r_prev`, skips there too).
     fn change(&self, residual: &[f32]) -> Result<Option<f64>> {
@@ -327,11 +418,6 @@ impl FirstBlockState {
         }
         Ok(Some(moved / size))
     }
-
-    /// Calls that reused the cached blocks.
-    pub fn skips(&self) -> usize {
-        self.calls.iter().filter(|c| !c.ran_blocks).count()
-    }
 }
 
 #[cfg(test)]
@@ -340,15 +426,46 @@ mod tests {
 
     #[test]
     fn the_change_is_relative_to_the_last_residual_that_ran_the_blocks() {
-        let mut s = FirstBlockState::new(0.1);
-        assert_eq!(s.change(&[1.0, -1.0]).unwrap(), None);
-        s.head = Some(vec![1.0, -1.0]);
+        let mut b = Branch::default();
+        assert_eq!(b.change(&[1.0, -1.0]).unwrap(), None);
+        b.head = Some(vec![1.0, -1.0]);
         // |1.1-1| + |-1.1+1| = 0.2 over |1| + |-1| = 2.
-        let c = s.change(&[1.1, -1.1]).unwrap().unwrap();
+        let c = b.change(&[1.1, -1.1]).unwrap().unwrap();
         assert!((c - 0.1).abs() < 1e-6, "{c}");
-        assert!(s.change(&[1.0]).is_err());
-        s.head = Some(vec![0.0, 0.0]);
-        assert!(s.change(&[1.0, 1.0]).unwrap().unwrap().is_infinite());
+        assert!(b.change(&[1.0]).is_err());
+        b.head = Some(vec![0.0, 0.0]);
+        assert!(b.change(&[1.0, 1.0]).unwrap().unwrap().is_infinite());
+    }
+
+    #[test]
+    fn guidance_branches_decide_and_keep_their_residuals_apart() {
+        // Two branches of two values each; the first call runs both.
+        let mut s = FirstBlockState::per_branch(0.1, 2);
+        let (x0, r) = ([1.0, 1.0, 2.0, 2.0], [0.5, 0.5, 1.0, 1.0]);
+        assert_eq!(s.decide(&r).unwrap(), [true, true]);
+        let out = s.blocks_output(&[true, true], &r, &x0, Some(vec![3.0, 3.0, 5.0, 5.0]));
+        assert_eq!(out.unwrap(), [3.0, 3.0, 5.0, 5.0]);
+        // Branch 0 barely moves (skips: x0 + its tail 2), branch 1 doubles (runs).
+        let (x0, r) = ([1.5, 1.5, 4.0, 4.0], [0.51, 0.51, 2.0, 2.0]);
+        let run = s.decide(&r).unwrap();
+        assert_eq!(run, [false, true]);
+        let out = s.blocks_output(&run, &r, &x0, Some(vec![9.0, 9.0, 7.0, 7.0]));
+        assert_eq!(out.unwrap(), [3.5, 3.5, 7.0, 7.0]);
+        // Branch 1 now compares with its new residual (2, not 1), branch 0 still with 0.5.
+        let run = s.decide(&[0.5, 0.5, 2.0, 2.0]).unwrap();
+        assert_eq!(run, [false, false]);
+        assert_eq!(s.skips(), 3);
+        let c: Vec<_> = s.calls.iter().map(|c| c.change).collect();
+        assert_eq!(c[..2], [None, None]);
+        assert!(
+            (c[3].unwrap() - 1.0).abs() < 1e-9 && c[5].unwrap().abs() < 1e-9,
+            "{c:?}"
+        );
+        // Every branch skipped: the blocks' output is the branches' cached residuals.
+        let out = s.blocks_output(&run, &[0.5; 4], &[0.0; 4], None).unwrap();
+        assert_eq!(out, [2.0, 2.0, 3.0, 3.0]);
+        // A batch that does not split into the branches is an error, not a silent half.
+        assert!(s.decide(&[1.0; 3]).is_err());
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn document(d: &Described) -> Value {
                     "steps": steps.clone(), "guidance": {"type": "number", "default": 6.0, "description": "Finite, within ±1e4."},
                     "seed": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0}, "fps": {"type": "integer", "minimum": 1, "maximum": 240, "default": 8},
                     "scheduler": {"type": "string", "enum": ["ddim", "cogvideox-ddim", "dpm"], "description": "A CogVideoX engine's sampler: `ddim` (diffusers' DDIMScheduler, VideoX-Fun's DDIM_Origin), `cogvideox-ddim` or `dpm` (CogVideoXDPMScheduler; its step noise comes from `seed`). Default: the engine's; Wan engines take none."},
-                    "cache": {"type": "string", "pattern": "^first-block:[0-9.eE+-]+$", "description": "Step caching, off by default: `first-block:THRESHOLD` is diffusers' First Block Cache (the DiT's blocks after the first run only when the first block's output moved by more than THRESHOLD since they last ran). CogVideoX engines."}}},
+                    "cache": {"type": "string", "pattern": "^first-block:[0-9.eE+-]+$", "description": "Step caching, off by default: `first-block:THRESHOLD` is diffusers' First Block Cache (the DiT's blocks after the first run only when the first block's output moved by more than THRESHOLD since they last ran). CogVideoX and Wan engines."}}},
                 "LoraForm": {"type": "object",
                     "oneOf": [{"required": ["reference"]}, {"required": ["lora"]}],
                     "description": "`reference` (a clip to predict from) or `lora` (a file to store): exactly one.",

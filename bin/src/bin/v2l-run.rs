@@ -149,7 +149,8 @@ struct GenerateArgs {
     /// only when the first block's residual changed by more than THRESHOLD (relative mean
     /// absolute change) since they last ran; otherwise their last residual is reused. Higher
     /// skips more. On the demo model at 20 steps, 0.1 skips 9 of 20 DiT calls, 0.2 skips 13.
-    /// --json reports `dit_calls` and `cache_skips`. CogVideoX engines
+    /// --json reports `dit_calls` and `cache_skips`. Under guidance, CogVideoX decides once
+    /// for both prompts and Wan once per prompt, as diffusers' pipelines do
     #[arg(long, value_name = "METHOD:THRESHOLD")]
     cache: Option<v2l_runtime::step_cache::StepCache>,
     /// Sample the VAE posterior with this seed (first frame and reference) instead of its mode

@@ -68,6 +68,25 @@ pub fn wan_model_dir(dst: &Path, parts: &[(&str, &str)]) -> PathBuf {
     dst.to_path_buf()
 }
 
+/// The tiny Wan pipeline made of `parts` (as [`wan_model_dir`] takes them) under `dir`,
+/// exported and compiled at fp32; returns the engine dir.
+pub fn wan_engine(dir: &Path, parts: &[(&str, &str)]) -> PathBuf {
+    let model = wan_model_dir(&dir.join("model"), parts);
+    let (export, eng) = (dir.join("export"), dir.join("engine"));
+    for mut cmd in [
+        Command::new(env!("CARGO_BIN_EXE_v2l-export")),
+        Command::new(env!("CARGO_BIN_EXE_v2l-compile")),
+    ] {
+        match cmd.get_program().to_string_lossy().ends_with("v2l-export") {
+            true => cmd.arg("pipeline").arg(&model).arg("-o").arg(&export),
+            false => cmd.arg(&export).arg("-o").arg(&eng),
+        };
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    eng
+}
+
 /// Mean absolute error between two float tensors of one size (frames against upstream's).
 pub fn mae(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (a.as_f32("a").unwrap(), b.as_f32("b").unwrap());

@@ -28,6 +28,12 @@ pub(super) trait Sampling {
     fn dit_inputs(&self, latents: &[f32], i: usize, batch: usize) -> Result<(Tensor, Tensor)>;
     /// The scheduler's step `i` from the (guided) prediction.
     fn step(&mut self, prediction: &[f32], i: usize, latents: &[f32]) -> Result<Vec<f32>>;
+    /// Whether the upstream pipeline calls the DiT once per guidance branch, each call in its
+    /// own cache context (Wan), so step caching decides per branch; else one call decides for
+    /// the guided batch (CogVideoX).
+    fn calls_per_branch(&self) -> bool {
+        false
+    }
 }
 
 /// Classifier-free guidance at scale `g`: a batch of 2 (negative, positive) when `g > 1`.
@@ -204,14 +210,22 @@ pub(super) fn run(
             message: "requests with different step counts cannot share DiT calls".into(),
         });
     }
-    let mut cache = match lanes.iter().find_map(|l| l.cache) {
+    let mut cache = match lanes.iter().find(|l| l.cache.is_some()) {
         Some(_) if lanes.len() > 1 => {
             return Err(RuntimeError::Invalid {
                 what: "DiT batch".into(),
                 message: "a request with step caching runs alone, not in a batch".into(),
             })
         }
-        Some(StepCache::FirstBlock { threshold }) => Some(FirstBlockState::new(threshold)),
+        Some(l) => {
+            let branches = match l.sampling.calls_per_branch() {
+                true => l.guidance.batch(),
+                false => 1,
+            };
+            l.cache.map(|StepCache::FirstBlock { threshold }| {
+                FirstBlockState::per_branch(threshold, branches)
+            })
+        }
         None => None,
     };
     dit.set_constant_inputs(fixed_inputs(&mut lanes)?)?;

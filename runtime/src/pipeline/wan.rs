@@ -307,6 +307,11 @@ impl Sampling for Flow {
     fn step(&mut self, prediction: &[f32], _i: usize, latents: &[f32]) -> Result<Vec<f32>> {
         self.sched.step(prediction, latents)
     }
+
+    /// `WanPipeline` runs `cache_context("cond")` then `cache_context("uncond")`.
+    fn calls_per_branch(&self) -> bool {
+        true
+    }
 }
 
 /// Step 4: latents `[z, lf, h, w]` → `z / (1 / std) + mean` → VAE → `[1, 3, F, H, W]`.
