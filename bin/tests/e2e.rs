@@ -885,3 +885,43 @@ fn effect_loras_switch_exactly() {
         );
     }
 }
+
+/// The Video2LoRA predictor (hypernetwork + LiLoRA, about 1 GB at 5B width) is read by the
+/// first request with a reference clip, not at load: with the LiLoRA file of an export
+/// directory (no bundle record, whose hashes would refuse the change at open) overwritten, a
+/// request without a reference still runs, and the first with one, or `load_predictor` (what
+/// the server and the C ABI call at load), fails naming the file.
+#[test]
+fn the_predictor_loads_only_when_a_reference_needs_it() {
+    let d = tempfile::tempdir().unwrap();
+    engine(d.path());
+    let eng = d.path().join("export");
+    let lilora = Engine::open(&eng)
+        .unwrap()
+        .manifest
+        .hypernet
+        .unwrap()
+        .lilora;
+    std::fs::write(eng.join(&lilora), b"not a safetensors file").unwrap();
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let mut p = load(&eng, Strategy::Fused);
+    let req = Request {
+        lora: RequestLora::Base,
+        ..two_step_request(&io)
+    };
+    p.generate(&req, &mut |_, _| true).unwrap();
+    let with_reference = Request {
+        lora: RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0),
+        ..two_step_request(&io)
+    };
+    let err = p
+        .generate(&with_reference, &mut |_, _| true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(lilora.as_str()), "{err}");
+    let err = p.load_predictor().err().unwrap().to_string();
+    assert!(err.contains(lilora.as_str()), "{err}");
+    // The pipeline still serves requests without a reference.
+    p.generate(&req, &mut |_, _| true).unwrap();
+}

@@ -821,7 +821,9 @@ pub unsafe extern "C" fn v2l_generator_new(
             .ok_or_else(|| Error::new(V2lStatus::InvalidArgument, "the engine holds no VAE"))?;
         let vae = vae.clone();
         let engine = dir.clone();
-        let pipeline = Pipeline::load(dir, &e.opts)?;
+        let mut pipeline = Pipeline::load(dir, &e.opts)?;
+        // Loaded now, so no `v2l_generate` with a reference waits for it.
+        pipeline.load_predictor()?;
         *out = register(V2lGenerator {
             pipeline: Mutex::new(pipeline),
             prompts: Mutex::new(Default::default()),

@@ -130,7 +130,12 @@ pub struct Pipeline {
     vae: Vae,
     dit: DitRunner,
     family: Box<dyn FamilySteps>,
-    predictor: Option<Predictor>,
+    /// The Video2LoRA hypernetwork with its LiLoRA (about 1 GB at 5B width), loaded by the first
+    /// request with a reference clip, or by [`Pipeline::load_predictor`]: a run without a
+    /// reference never reads it.
+    predictor: PredictorSlot,
+    /// The session settings, for loading the predictor later.
+    opts: SessionOptions,
     /// The LoRA set by [`Pipeline::set_lora`] (`None`: base weights); a request's own LoRA
     /// ([`RequestLora`]) replaces it for that request only.
     applied: Option<AppliedLora>,
@@ -189,20 +194,44 @@ impl Pipeline {
         };
         let vae = Vae::load(&dir, opts)?;
         let dit = DitRunner::load(&dir, opts, strategy)?;
-        let predictor = match dir.manifest.hypernet {
-            Some(_) => Some(Predictor::load(&dir, opts)?),
-            None => None,
-        };
         Ok(Pipeline {
             dir,
             kind,
             vae,
             dit,
             family,
-            predictor,
+            predictor: PredictorSlot::NotLoaded,
+            opts: opts.clone(),
             applied: None,
             stage_memory: false,
         })
+    }
+
+    /// Loads the Video2LoRA hypernetwork and its LiLoRA now rather than at the first request
+    /// with a reference clip (a server does, so no request waits for it). Without a
+    /// hypernetwork in the engine, nothing happens.
+    pub fn load_predictor(&mut self) -> Result<()> {
+        match self.dir.manifest.hypernet {
+            Some(_) => self.predictor().map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The predictor, loaded on first use; an error naming the engine when it has none.
+    fn predictor(&mut self) -> Result<&mut Predictor> {
+        if self.dir.manifest.hypernet.is_none() {
+            return Err(no_hypernet(&self.dir));
+        }
+        if let PredictorSlot::NotLoaded = self.predictor {
+            self.predictor = PredictorSlot::Loaded(Predictor::load(&self.dir, &self.opts)?);
+        }
+        match &mut self.predictor {
+            PredictorSlot::Loaded(p) => Ok(p),
+            _ => Err(RuntimeError::Internal {
+                what: "pipeline".into(),
+                message: "the hypernetwork was released by a one-shot run".into(),
+            }),
+        }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -245,12 +274,11 @@ impl Pipeline {
         clip: &Frames,
         lora_weight: f32,
     ) -> Result<crate::predict::Prediction> {
-        let vae = &mut self.vae;
-        let p = self
-            .predictor
-            .as_mut()
-            .ok_or_else(|| no_hypernet(&self.dir))?;
-        p.predict(vae, clip, lora_weight)
+        self.predictor()?;
+        let PredictorSlot::Loaded(p) = &mut self.predictor else {
+            return Err(no_hypernet(&self.dir));
+        };
+        p.predict(&mut self.vae, clip, lora_weight)
     }
 
     /// Runs one request; `progress(step, steps)` is called after each denoising step and
@@ -445,11 +473,11 @@ impl Pipeline {
             RequestLora::Resident => (None, self.applied.clone()),
             RequestLora::Base => (None, None),
             RequestLora::Reference(clip, weight) => {
+                self.predictor()?;
+                let PredictorSlot::Loaded(predictor) = &mut self.predictor else {
+                    return Err(no_hypernet(&self.dir));
+                };
                 let vae = &mut self.vae;
-                let predictor = self
-                    .predictor
-                    .as_mut()
-                    .ok_or_else(|| no_hypernet(&self.dir))?;
                 let resized;
                 let fun = self.kind == PipelineKind::CogvideoxFunInpaint;
                 let clip = match fun && (clip.height, clip.width) != (height, width) {
@@ -670,7 +698,7 @@ impl Pipeline {
     ) -> Result<Generation> {
         let mut b = self.begin(req)?;
         let (shape, timings) = (b.shape, &mut b.timings);
-        self.predictor = None;
+        self.predictor = PredictorSlot::Released;
         crate::session::release_freed_memory();
         let d = self.denoise_request(req, &shape, timings, true, progress)?;
         // Moved out and dropped here, not at the end of the function as the rest of `self` is.
@@ -683,6 +711,14 @@ impl Pipeline {
         timings.insert("total".into(), ms(b.t_all));
         Ok(generation(frames, d, b.prediction, b.timings))
     }
+}
+
+/// Where the pipeline's Video2LoRA predictor is.
+enum PredictorSlot {
+    NotLoaded,
+    Loaded(Predictor),
+    /// Dropped by [`Pipeline::generate_once`] after its prediction.
+    Released,
 }
 
 /// A request after steps 0 and 1 ([`Pipeline::begin`]).

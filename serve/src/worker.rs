@@ -99,10 +99,12 @@ impl Worker {
     /// Loads a pipeline (VAE, DiT, hypernetwork sessions) for `engine`.
     pub fn load(shared: Arc<Shared>, engine: Engine) -> Result<Worker, RuntimeError> {
         let opts = engine.session_options(shared.config.threads);
-        let pipeline = match shared.config.lora_strategy {
+        let mut pipeline = match shared.config.lora_strategy {
             Some(s) => Pipeline::load_with_strategy(engine.clone(), &opts, s)?,
             None => Pipeline::load(engine.clone(), &opts)?,
         };
+        // Loaded now, so no request with a reference waits for it.
+        pipeline.load_predictor()?;
         Ok(Worker {
             shared,
             engine,
