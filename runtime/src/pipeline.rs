@@ -212,25 +212,8 @@ impl Pipeline {
     /// hypernetwork in the engine, nothing happens.
     pub fn load_predictor(&mut self) -> Result<()> {
         match self.dir.manifest.hypernet {
-            Some(_) => self.predictor().map(|_| ()),
+            Some(_) => self.predictor.get(&self.dir, &self.opts).map(|_| ()),
             None => Ok(()),
-        }
-    }
-
-    /// The predictor, loaded on first use; an error naming the engine when it has none.
-    fn predictor(&mut self) -> Result<&mut Predictor> {
-        if self.dir.manifest.hypernet.is_none() {
-            return Err(no_hypernet(&self.dir));
-        }
-        if let PredictorSlot::NotLoaded = self.predictor {
-            self.predictor = PredictorSlot::Loaded(Predictor::load(&self.dir, &self.opts)?);
-        }
-        match &mut self.predictor {
-            PredictorSlot::Loaded(p) => Ok(p),
-            _ => Err(RuntimeError::Internal {
-                what: "pipeline".into(),
-                message: "the hypernetwork was released by a one-shot run".into(),
-            }),
         }
     }
 
@@ -274,10 +257,7 @@ impl Pipeline {
         clip: &Frames,
         lora_weight: f32,
     ) -> Result<crate::predict::Prediction> {
-        self.predictor()?;
-        let PredictorSlot::Loaded(p) = &mut self.predictor else {
-            return Err(no_hypernet(&self.dir));
-        };
+        let p = self.predictor.get(&self.dir, &self.opts)?;
         p.predict(&mut self.vae, clip, lora_weight)
     }
 
@@ -473,10 +453,7 @@ impl Pipeline {
             RequestLora::Resident => (None, self.applied.clone()),
             RequestLora::Base => (None, None),
             RequestLora::Reference(clip, weight) => {
-                self.predictor()?;
-                let PredictorSlot::Loaded(predictor) = &mut self.predictor else {
-                    return Err(no_hypernet(&self.dir));
-                };
+                let predictor = self.predictor.get(&self.dir, &self.opts)?;
                 let vae = &mut self.vae;
                 let resized;
                 let fun = self.kind == PipelineKind::CogvideoxFunInpaint;
@@ -719,6 +696,26 @@ enum PredictorSlot {
     Loaded(Predictor),
     /// Dropped by [`Pipeline::generate_once`] after its prediction.
     Released,
+}
+
+impl PredictorSlot {
+    /// The predictor, loaded from `dir` on first use; an error naming the engine when it has
+    /// none.
+    fn get(&mut self, dir: &Engine, opts: &SessionOptions) -> Result<&mut Predictor> {
+        if dir.manifest.hypernet.is_none() {
+            return Err(no_hypernet(dir));
+        }
+        if let PredictorSlot::NotLoaded = self {
+            *self = PredictorSlot::Loaded(Predictor::load(dir, opts)?);
+        }
+        match self {
+            PredictorSlot::Loaded(p) => Ok(p),
+            _ => Err(RuntimeError::Internal {
+                what: "pipeline".into(),
+                message: "the hypernetwork was released by a one-shot run".into(),
+            }),
+        }
+    }
 }
 
 /// A request after steps 0 and 1 ([`Pipeline::begin`]).

@@ -217,17 +217,16 @@ impl CutDit {
                 same_size(&n.first_block_input, x_in.len(), x0.len())?;
                 let residual: Vec<f32> = x0.iter().zip(x_in).map(|(a, b)| a - b).collect();
                 let run = state.decide(&residual)?;
-                let last = match run.iter().any(|&r| r) {
-                    true => {
-                        let mut blocks = self.parts.run_part(BLOCKS, &values, borrowed)?;
-                        let last = blocks.remove(&n.blocks_output).ok_or_else(|| {
-                            RuntimeError::missing_output("DiT blocks", &n.blocks_output)
-                        })?;
-                        let last = last.as_f32(&n.blocks_output)?.to_vec();
-                        same_size(&n.blocks_output, last.len(), x0.len())?;
-                        Some(last)
-                    }
-                    false => None,
+                let last = if run.iter().any(|&r| r) {
+                    let mut blocks = self.parts.run_part(BLOCKS, &values, borrowed)?;
+                    let last = blocks.remove(&n.blocks_output).ok_or_else(|| {
+                        RuntimeError::missing_output("DiT blocks", &n.blocks_output)
+                    })?;
+                    let last = last.as_f32(&n.blocks_output)?.to_vec();
+                    same_size(&n.blocks_output, last.len(), x0.len())?;
+                    Some(last)
+                } else {
+                    None
                 };
                 let x_last = state.blocks_output(&run, &residual, &x0, last)?;
                 values.insert(n.blocks_output.clone(), Tensor::f32(shape, x_last));
@@ -344,29 +343,28 @@ impl FirstBlockState {
         x0: &[f32],
         last: Option<Vec<f32>>,
     ) -> Result<Vec<f32>> {
-        let n = self.branches.len();
-        let part = x0.len() / n;
-        let mut out = Vec::with_capacity(x0.len());
-        for (k, (b, &ran)) in self.branches.iter_mut().zip(run).enumerate() {
-            let span = k * part..(k + 1) * part;
-            let (h, r) = (&x0[span.clone()], &residual[span.clone()]);
-            match (ran, &last) {
-                (true, Some(last)) => {
-                    let l = &last[span];
-                    b.tail = Some(l.iter().zip(h).map(|(l, h)| l - h).collect());
-                    b.head = Some(r.to_vec());
-                    out.extend_from_slice(l);
-                }
-                (true, None) => {
+        let part = x0.len() / self.branches.len();
+        let computed = last.is_some();
+        // The blocks' output where they ran (written over where a branch skipped), else room.
+        let mut out = last.unwrap_or_else(|| vec![0.0; x0.len()]);
+        same_size("the blocks' output", out.len(), x0.len())?;
+        let spans = out.chunks_mut(part.max(1)).zip(x0.chunks(part.max(1)));
+        let spans = spans.zip(residual.chunks(part.max(1)));
+        for ((b, &ran), ((o, h), r)) in self.branches.iter_mut().zip(run).zip(spans) {
+            if ran {
+                if !computed {
                     return Err(RuntimeError::Internal {
                         what: "step cache".into(),
                         message: "a branch ran the blocks but their output is missing".into(),
-                    })
+                    });
                 }
-                (false, _) => {
-                    let tail = b.tail.as_deref().unwrap_or(&[]);
-                    same_size("the cached blocks' residual", tail.len(), h.len())?;
-                    out.extend(h.iter().zip(tail).map(|(h, t)| h + t));
+                b.tail = Some(o.iter().zip(h).map(|(l, h)| l - h).collect());
+                b.head = Some(r.to_vec());
+            } else {
+                let tail = b.tail.as_deref().unwrap_or(&[]);
+                same_size("the cached blocks' residual", tail.len(), h.len())?;
+                for (o, (h, t)) in o.iter_mut().zip(h.iter().zip(tail)) {
+                    *o = h + t;
                 }
             }
         }

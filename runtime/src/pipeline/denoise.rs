@@ -218,9 +218,10 @@ pub(super) fn run(
             })
         }
         Some(l) => {
-            let branches = match l.sampling.calls_per_branch() {
-                true => l.guidance.batch(),
-                false => 1,
+            let branches = if l.sampling.calls_per_branch() {
+                l.guidance.batch()
+            } else {
+                1
             };
             l.cache.map(|StepCache::FirstBlock { threshold }| {
                 FirstBlockState::per_branch(threshold, branches)
