@@ -11,6 +11,7 @@ pub use v2l_cli::{bytes, own_peak_rss_mb, Failure};
 pub mod attention;
 pub mod cache;
 pub mod common;
+pub mod conv;
 pub mod e2e;
 pub mod fuse;
 pub mod gpu;

@@ -86,6 +86,14 @@ enum Command {
     ///   v2l-bench attention --tokens 1378,5626 --repeat 3 --json
     #[command(verbatim_doc_comment)]
     Attention(v2l_bench::attention::AttentionBench),
+    /// The VAE decoder's 3×3×3 convolutions at a decode's sizes: ONNX Runtime's f32 Conv
+    /// against v2l's ai.v2l.Conv (bf16 on AVX512-BF16), in ms and GFLOP/s, with the
+    /// relative L2 between them
+    ///
+    /// Example:
+    ///   v2l-bench conv --repeat 3 --json
+    #[command(verbatim_doc_comment)]
+    Conv(v2l_bench::conv::ConvBench),
     /// Step caching at 5B width: a DiT call that First Block Cache skips (head and output
     /// only), one that runs every block, and the DiT whole; the per-block time, and the DiT
     /// time of a 42-block model for shares of skipped calls
@@ -325,6 +333,10 @@ fn main() -> ExitCode {
                 json: cli.json,
                 vae_cases,
             })
+        }
+        Command::Conv(mut b) => {
+            b.json = cli.json;
+            v2l_bench::conv::bench_conv(&b)
         }
         Command::Attention(mut b) => {
             b.json = cli.json;

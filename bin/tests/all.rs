@@ -17,4 +17,5 @@ mod server_bounds;
 mod server_faults;
 mod server_soak;
 mod step_cache;
+mod vae_conv;
 mod valid_graphs;

@@ -1,8 +1,9 @@
 //! How far an engine below fp32 is from its fp32 graphs: `v2l-compile` measures it on inputs
 //! generated from the model's own config and records it in `bundle.json` (`accuracy`).
 //!
-//! Only the stages the precision changes are run: an int8 engine quantises the DiT alone, so
-//! the VAE and hypernetwork are fp32 by construction and recorded as such.
+//! Only the stages the precision changes are run: an int8 engine quantises the DiT alone, and
+//! on the CPU runs its VAE's convolutions in bf16 ([`vae_accuracy`]); the hypernetwork is fp32
+//! by construction.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -198,6 +199,55 @@ pub fn dit_accuracy(
     })
 }
 
+/// The VAE's graphs on v2l's bf16 convolution (`bf16`) against the export's f32 graphs, as
+/// this CPU runs them: a seeded clip of `1 + 2·t` frames at 64×64 px encoded (posterior mean),
+/// and the f32 graphs' latents decoded.
+pub fn vae_accuracy(
+    dir: &Path,
+    vae: &v2l_contracts::manifest::VaeEntry,
+    bf16: &v2l_contracts::bundle::VaeGraphs,
+) -> Result<Vec<StageAccuracy>> {
+    use v2l_runtime::vae::Vae;
+    let opts = SessionOptions::default();
+    let exported = v2l_contracts::bundle::VaeGraphs {
+        encoder: vae.encoder.clone(),
+        decoder: vae.decoder.clone(),
+    };
+    let mut want = Vae::load_graphs(dir, vae.clone(), &exported, &opts)?;
+    let mut got = Vae::load_graphs(dir, vae.clone(), bf16, &opts)?;
+    let frames = 1 + 2 * vae.temporal_compression;
+    let clip = gaussian_noise(vec![1, vae.in_channels, frames, 64, 64], 11);
+    let (latents, _) = want.encode(&clip)?;
+    let (got_latents, _) = got.encode(&clip)?;
+    let (decoded, got_decoded) = (want.decode(&latents)?, got.decode(&latents)?);
+    let kernel = v2l_runtime::conv::Kernel::detect();
+    let record = |stage: &str, got: &Tensor, want: &Tensor, what: &str| StageAccuracy {
+        stage: stage.into(),
+        rel_l2: got.rel_l2(want),
+        psnr_db: None,
+        inputs: format!(
+            "{what}; ai.v2l.Conv kernel {} ({})",
+            kernel.name(),
+            kernel.reason()
+        ),
+        machine: Some(v2l_runtime::cpu::this().clone()),
+    };
+    Ok(vec![
+        record(
+            "vae_encode",
+            &got_latents,
+            &latents,
+            &format!("seeded Gaussian clip, {frames} frames 64x64 px, posterior mean"),
+        ),
+        record(
+            "vae_decode",
+            &got_decoded,
+            &decoded,
+            &format!("the fp32 encoder's latents {:?}", latents.shape),
+        ),
+    ])
+}
+
 /// PSNR in dB of frames in [0, 1] against reference frames (peak 1); infinite when equal.
 pub fn psnr(frames: &[f32], reference: &[f32]) -> f64 {
     let n = frames.len().min(reference.len()).max(1);
@@ -220,7 +270,8 @@ const STEPS: usize = 4;
 /// A short generation (the compile-time sample size, [`STEPS`] steps at guidance 6, a seeded
 /// gradient as first frame, seeded prompt embeddings) run by the pipeline in `dir` with the fp32
 /// DiT (`fp32`, an engine without a bundle: the export's graphs) and with the engine below fp32
-/// (`low`): the frames' PSNR and relative L2. Both on the CPU, fp32 VAE and scheduler.
+/// (`low`): the frames' PSNR and relative L2. Both on the CPU, each with its own VAE graphs
+/// (the engine's bf16 convolutions where it has them), the same scheduler.
 pub fn generation_accuracy(
     fp32: v2l_runtime::engine::Engine,
     low: v2l_runtime::engine::Engine,
@@ -287,7 +338,7 @@ pub fn generation_accuracy(
         rel_l2: got.rel_l2(&want),
         // Identical frames are recorded as 999 dB (JSON has no infinity).
         psnr_db: Some(psnr(a, b).min(999.0)),
-        inputs: format!("{frames} frames {h}x{w} px, {STEPS} steps at guidance 6, seeded {}prompt and noise; fp32 VAE", if t2v { "" } else { "first frame, " }),
+        inputs: format!("{frames} frames {h}x{w} px, {STEPS} steps at guidance 6, seeded {}prompt and noise; the engine's VAE", if t2v { "" } else { "first frame, " }),
         machine: Some(v2l_runtime::cpu::this().clone()),
     })
 }

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{CompileError, Result};
-use v2l_contracts::bundle::{DitVariant, DitVariants, VariantGraph};
+use v2l_contracts::bundle::{DitVariant, DitVariants, VaeGraphs, VariantGraph};
 use v2l_contracts::dtype::Stored;
 use v2l_contracts::manifest::DitEntry;
 use v2l_contracts::Manifest;
@@ -113,6 +113,9 @@ pub struct Options<'a> {
     /// ([`Isa::native_int8_scheme`](v2l_runtime::cpu::Isa::native_int8_scheme): s8 weights
     /// where VNNI makes them exact, u8 elsewhere); [`Int8Scheme::U8U8`] runs on every CPU.
     pub int8_scheme: Option<Int8Scheme>,
+    /// Whether the VAE's convolutions get v2l's bf16 operator ([`default_vae_bf16`] when
+    /// `None`): graphs written beside the export's, which CPUs without AVX512-BF16 load.
+    pub vae_bf16: Option<bool>,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -122,6 +125,12 @@ pub fn default_attention(backend: Backend, precision: Precision) -> Attention {
         (Backend::Cpu, Precision::Fp32) | (Backend::Cuda | Backend::TensorRt, _) => Attention::Ort,
         (Backend::Cpu, _) => Attention::Bf16,
     }
+}
+
+/// v2l's bf16 convolution in the VAE for CPU engines below fp32 (ONNX Runtime's f32 `Conv`
+/// is two thirds of a decode, at half the rate of bf16); exact f32 graphs everywhere else.
+pub fn default_vae_bf16(backend: Backend, precision: Precision) -> bool {
+    backend == Backend::Cpu && precision != Precision::Fp32
 }
 
 /// [`compile`], and for int8 with a calibration: static int8 through Q/DQ
@@ -173,6 +182,19 @@ pub fn compile_with(
     }
     job.max_rank = lora_max_rank(backend, opts.max_rank, &job.manifest);
     job.attention = attention;
+    job.vae_bf16 = opts
+        .vae_bf16
+        .unwrap_or_else(|| default_vae_bf16(backend, precision));
+    if job.vae_bf16 && !default_vae_bf16(backend, precision) {
+        return Err(CompileError::Invalid {
+            what: "--vae-conv bf16".into(),
+            message: format!(
+                "v2l's bf16 convolution is for cpu engines below fp32 (this is {} {}); fp32 engines keep ONNX Runtime's exact Conv",
+                backend.name(),
+                precision.name()
+            ),
+        });
+    }
     job.int8_scheme = int8_scheme;
     // The compile measures the engine it builds, so it runs only where that engine is exact.
     if let Some(message) = v2l_runtime::cpu::check_int8_scheme(
@@ -197,9 +219,11 @@ pub fn compile_with(
             let parts = job.link_parts(tmp)?;
             job.tie_vae_caches(tmp)?;
             let mut dit = DitBuild::default();
+            dit.vae_bf16 = job.vae_bf16_graphs(tmp, &mut dit.files)?;
             if let Some(d) = &job.manifest.dit {
                 job.build_dit(d, tmp, &targets, &mut dit)?;
             }
+            job.measure_vae(tmp, &mut dit)?;
             job.measure_generation(tmp, &weight_hash, &targets, &mut dit)?;
             job.write_record(tmp, parts, weight_hash, targets, dit)
         },
@@ -218,6 +242,8 @@ struct Job<'a> {
     max_rank: Option<usize>,
     attention: Attention,
     int8_scheme: Int8Scheme,
+    /// The VAE gets graphs on v2l's bf16 convolution.
+    vae_bf16: bool,
 }
 
 /// What the DiT steps add to the bundle.
@@ -231,6 +257,8 @@ struct DitBuild {
     calibration: Option<crate::calibrate::CalibrationRecord>,
     /// A typed fp16/bf16 graph's CPU form, written for the accuracy checks only.
     emulated: Option<PathBuf>,
+    /// The VAE's graphs on v2l's bf16 convolution, when written.
+    vae_bf16: Option<VaeGraphs>,
 }
 
 impl<'a> Job<'a> {
@@ -259,6 +287,7 @@ impl<'a> Job<'a> {
             calibration,
             max_rank: None,
             attention: Attention::Ort,
+            vae_bf16: false,
             int8_scheme: Int8Scheme::U8U8,
         })
     }
@@ -369,6 +398,46 @@ impl<'a> Job<'a> {
                 carried_outputs_first(&tmp.join(f))?;
             }
         }
+        Ok(())
+    }
+
+    /// Step 4b: the VAE's graphs on v2l's bf16 convolution (`v2l_graphs::passes::v2l_conv`),
+    /// written beside the export's as `<graph>_bf16.onnx` and sharing their weight files;
+    /// `None` when not asked for, or when no convolution moved. Their names join `files`.
+    fn vae_bf16_graphs(&self, tmp: &Path, files: &mut Vec<String>) -> Result<Option<VaeGraphs>> {
+        let Some(v) = self.manifest.vae.as_ref().filter(|_| self.vae_bf16) else {
+            return Ok(None);
+        };
+        let mut names = Vec::new();
+        for f in [&v.encoder, &v.decoder] {
+            let src = tmp.join(f);
+            let mut m = v2l_graphs::read_model(&src).map_err(io(&src))?;
+            if v2l_graphs::passes::v2l_conv(&mut m) == 0 {
+                return Ok(None);
+            }
+            let name = match f.strip_suffix(".onnx") {
+                Some(stem) => format!("{stem}_bf16.onnx"),
+                None => format!("{f}_bf16.onnx"),
+            };
+            write_graph(&tmp.join(&name), &m)?;
+            names.push(name);
+        }
+        files.extend(names.iter().cloned());
+        let [encoder, decoder] =
+            <[String; 2]>::try_from(names).map_err(|_| CompileError::Invalid {
+                what: "VAE".into(),
+                message: "expected an encoder and a decoder".into(),
+            })?;
+        Ok(Some(VaeGraphs { encoder, decoder }))
+    }
+
+    /// Step 6a: the VAE's bf16 graphs against the export's f32 ones (`accuracy::vae_accuracy`).
+    fn measure_vae(&self, tmp: &Path, dit: &mut DitBuild) -> Result<()> {
+        let (Some(graphs), Some(vae)) = (&dit.vae_bf16, &self.manifest.vae) else {
+            return Ok(());
+        };
+        let records = crate::accuracy::vae_accuracy(tmp, vae, graphs)?;
+        dit.accuracy.extend(records);
         Ok(())
     }
 
@@ -623,6 +692,7 @@ impl<'a> Job<'a> {
                 int8_scheme: self.recorded_int8_scheme(),
                 calibration: dit.calibration.clone(),
                 pipeline: None,
+                vae_bf16: dit.vae_bf16.clone(),
                 bundle_hash: String::new(),
             };
             dit.accuracy.push(crate::accuracy::generation_accuracy(
@@ -668,6 +738,7 @@ impl<'a> Job<'a> {
             calibration: dit.calibration,
             // A DiT-less export has none; a DiT of no known kind was refused before the build.
             pipeline: self.manifest.pipeline_kind().ok(),
+            vae_bf16: dit.vae_bf16,
             bundle_hash: String::new(),
         };
         let bundle = Bundle {

@@ -47,6 +47,13 @@ impl Backend {
     }
 }
 
+/// A VAE's encoder and decoder graph files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaeGraphs {
+    pub encoder: String,
+    pub decoder: String,
+}
+
 /// Which kernel the DiT graphs' attention runs on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -199,6 +206,10 @@ pub struct Bundle {
     /// Static int8: how the activation ranges were calibrated, and the scales.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationRecord>,
+    /// The VAE's graphs on v2l's bf16 convolution (`v2l-compile --vae-conv bf16`, the default
+    /// for CPU engines below fp32); CPUs without AVX512-BF16 load the manifest's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae_bf16: Option<VaeGraphs>,
     /// BLAKE3 of this record with this field empty: an edit to `bundle.json` itself (strategy,
     /// weight hash, target table) is caught like an edit to any other part.
     #[serde(default)]
@@ -716,6 +727,7 @@ mod tests {
             int8_scheme: Some(Int8Scheme::U8U8),
             calibration: None,
             pipeline: None,
+            vae_bf16: None,
             bundle_hash: String::new(),
         };
         b.bundle_hash = b.self_hash().unwrap();

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 mod attention;
 mod chunk;
+mod conv;
 mod data_file;
 mod gelu;
 mod precision;
@@ -19,6 +20,7 @@ mod quantize;
 mod schedule;
 pub use attention::{fuse_attention, v2l_attention, MS_DOMAIN, V2L_ATTENTION, V2L_DOMAIN};
 pub use chunk::{chunk_feed_forward, FF_CHUNKS};
+pub use conv::{conv_geometry, v2l_conv, V2L_CONV};
 pub use gelu::fuse_gelu;
 pub use precision::{
     keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile, KEEP_IN_FP32,
@@ -50,6 +52,14 @@ fn cast_initializers(graph: &proto::GraphProto) -> HashMap<&str, (usize, &str)> 
 /// An integer attribute of a node.
 fn attr_i(n: &proto::NodeProto, name: &str) -> Option<i64> {
     n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+/// An integer-list attribute of a node.
+fn attr_ints<'a>(n: &'a proto::NodeProto, name: &str) -> Option<&'a [i64]> {
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.ints.as_slice())
 }
 
 /// What a fusion matches on: initializers by name, the node producing each tensor and the

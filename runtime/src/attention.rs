@@ -257,9 +257,12 @@ pub fn attend(
     Ok(())
 }
 
-/// The `ai.v2l` operator domain, registered with every session.
+/// The `ai.v2l` operator domain, registered with every session: this attention and the VAE's
+/// bf16 convolution ([`crate::conv`]).
 pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(AttentionOp)
+    OperatorDomain::new(DOMAIN)?
+        .add(AttentionOp)?
+        .add(crate::conv::ConvOp)
 }
 
 struct AttentionOp;

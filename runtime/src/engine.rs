@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use v2l_contracts::bundle::{Strategy, VariantGraph};
+use v2l_contracts::bundle::{Strategy, VaeGraphs, VariantGraph};
 use v2l_contracts::family::WanDitConfig;
 use v2l_contracts::{Family, Manifest};
 
@@ -283,6 +283,33 @@ impl Engine {
             (false, _) => "ort".into(),
             (true, true) => format!("ort (fallback: {})", kernel.reason()),
             (true, false) => kernel.describe(),
+        }
+    }
+
+    /// The VAE graph files this process loads: the bundle's on v2l's bf16 convolution
+    /// (`vae_bf16`) where this CPU runs its bf16 kernel (AVX512-BF16, `V2L_CONV` not `fp32`),
+    /// else the manifest's f32 graphs.
+    pub fn vae_graphs(&self, entry: &v2l_contracts::manifest::VaeEntry) -> VaeGraphs {
+        match self.bundle.as_ref().and_then(|b| b.vae_bf16.clone()) {
+            Some(g) if crate::conv::Kernel::detect() == crate::conv::Kernel::Bf16 => g,
+            _ => VaeGraphs {
+                encoder: entry.encoder.clone(),
+                decoder: entry.decoder.clone(),
+            },
+        }
+    }
+
+    /// What the VAE's convolutions run on in this process, for `v2l-run --json` and logs:
+    /// `ort` (ONNX Runtime's f32 `Conv`), `bf16 (AVX512-BF16)` (v2l's), or `ort (fallback: …)`
+    /// where an engine with bf16 VAE graphs meets a CPU without AVX512-BF16.
+    pub fn vae_conv(&self) -> String {
+        let kernel = crate::conv::Kernel::detect();
+        match self.bundle.as_ref().and_then(|b| b.vae_bf16.as_ref()) {
+            None => "ort".into(),
+            Some(_) if kernel == crate::conv::Kernel::Bf16 => {
+                format!("{} ({})", kernel.name(), kernel.reason())
+            }
+            Some(_) => format!("ort (fallback: {})", kernel.reason()),
         }
     }
 

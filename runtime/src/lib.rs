@@ -34,6 +34,7 @@
 pub mod attention;
 pub mod backend;
 pub mod bundle;
+pub mod conv;
 pub mod cpu;
 pub mod effect;
 pub mod engine;

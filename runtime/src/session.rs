@@ -207,7 +207,7 @@ impl Model {
                     message: e.to_string(),
                 })?;
         }
-        // Low-precision CPU engines call our attention operator; registering it costs nothing
+        // Low-precision CPU engines call our attention and conv operators; registering them costs nothing
         // for graphs that do not.
         b = crate::attention::domain()
             .and_then(|d| Ok(b.with_operators(d)?))

@@ -14,6 +14,7 @@ use v2l_contracts::io::vae as vae_io;
 mod tiling;
 pub use tiling::{Tiling, TilingMode};
 
+use v2l_contracts::bundle::VaeGraphs;
 use v2l_contracts::frame_batch::CacheSpec;
 use v2l_contracts::manifest::VaeEntry;
 
@@ -37,6 +38,7 @@ pub struct Vae {
 }
 
 impl Vae {
+    /// The VAE of engine `dir`, on the graphs this process runs ([`Engine::vae_graphs`]).
     pub fn load(dir: &Engine, opts: &SessionOptions) -> Result<Vae> {
         let entry = dir
             .manifest
@@ -49,8 +51,19 @@ impl Vae {
                     dir.dir.display()
                 ),
             })?;
-        let encoder = Model::load(&dir.dir.join(&entry.encoder), opts)?;
-        let decoder = Model::load(&dir.dir.join(&entry.decoder), opts)?;
+        let graphs = dir.vae_graphs(&entry);
+        Vae::load_graphs(&dir.dir, entry, &graphs, opts)
+    }
+
+    /// The VAE described by `entry`, from the graph files `graphs` in `dir`.
+    pub fn load_graphs(
+        dir: &std::path::Path,
+        entry: VaeEntry,
+        graphs: &VaeGraphs,
+        opts: &SessionOptions,
+    ) -> Result<Vae> {
+        let encoder = Model::load(&dir.join(&graphs.encoder), opts)?;
+        let decoder = Model::load(&dir.join(&graphs.decoder), opts)?;
         let tile = Tiling::for_config(&entry.config);
         Ok(Vae {
             tiling: TilingMode::default(),

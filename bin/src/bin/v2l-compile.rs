@@ -82,6 +82,12 @@ struct Cli {
     /// bf16; the bf16 kernel where VNNI is missing
     #[arg(long, value_enum)]
     attention: Option<AttentionArg>,
+    /// The VAE's convolutions. Default: `bf16` for cpu engines below fp32 (v2l's own operator,
+    /// bf16 products with f32 sums on AVX512-BF16 CPUs, about twice ONNX Runtime's f32 rate;
+    /// graphs written beside the export's, which CPUs without AVX512-BF16, and V2L_CONV=fp32,
+    /// load instead), `ort` otherwise (ONNX Runtime's exact f32 Conv)
+    #[arg(long, value_enum)]
+    vae_conv: Option<VaeConvArg>,
     /// int8 cpu engines: how ONNX Runtime multiplies. `auto` (default): `u8s8` where this CPU
     /// has VNNI (AVX512-VNNI, AVX-VNNI, AMX), `u8u8` elsewhere. `u8u8`: weights stored u8,
     /// exact on every x86-64 CPU, for engines copied to other machines. `u8s8`: weights stored
@@ -116,6 +122,12 @@ enum AttentionArg {
     Ort,
     Bf16,
     Int8,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VaeConvArg {
+    Ort,
+    Bf16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -178,6 +190,7 @@ fn main() -> ExitCode {
                     Int8GemmArg::U8u8 => Some(Int8Scheme::U8U8),
                     Int8GemmArg::U8s8 => Some(Int8Scheme::U8S8),
                 }),
+                vae_bf16: cli.vae_conv.map(|v| matches!(v, VaeConvArg::Bf16)),
             },
         )
         .map_err(Failure::from)?;

@@ -434,6 +434,7 @@ fn main() -> ExitCode {
                         serde_json::json!({
                             "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
                             "runs_ms": run.runs_ms, "attention": dir.attention(),
+                            "vae_conv": dir.vae_conv(),
                             "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                             "machine": v2l_runtime::cpu::this(),
                             "compiled_on": dir.compiled_on(),
@@ -642,8 +643,12 @@ fn generate(
     pipeline.set_vae_tiling(g.vae_tiling.into());
     let req = built.request;
     let e = pipeline.engine();
-    let (kind, attention, compiled_on) =
-        (e.pipeline_kind()?, e.attention(), e.compiled_on().cloned());
+    let (kind, attention, vae_conv, compiled_on) = (
+        e.pipeline_kind()?,
+        e.attention(),
+        e.vae_conv(),
+        e.compiled_on().cloned(),
+    );
     let dumped_prompts = (g.dump.as_ref()).map(|_| {
         (
             req.prompt_embeds.clone(),
@@ -675,7 +680,7 @@ fn generate(
                 "stage_peak_rss_mb": stages.peak_rss_mb, "dit_steps_ms": stages.steps_ms,
                 "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
                 "pipeline": kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(kind)),
-                "attention": attention, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
+                "attention": attention, "vae_conv": vae_conv, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                 "cache": g.cache.map(|c| c.describe()), "dit_calls": gen.dit_calls,
                 "cache_skips": cache_skips,
                 "machine": v2l_runtime::cpu::this(), "compiled_on": compiled_on,

@@ -19,19 +19,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::attr_i;
+use super::{attr_i, attr_ints};
 use crate::builder::Attr;
 use crate::proto::{self, ModelProto, NodeProto};
 
 /// ONNX Runtime's contrib-op domain.
 pub const MS_DOMAIN: &str = "com.microsoft";
-
-fn attr_ints<'a>(n: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
-    n.attribute
-        .iter()
-        .find(|a| a.name == name)
-        .map(|a| a.ints.as_slice())
-}
 
 fn i64s(t: &proto::TensorProto) -> Vec<i64> {
     t.raw_data

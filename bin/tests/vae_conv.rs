@@ -1,0 +1,133 @@
+//! The VAE on v2l's bf16 convolution in an int8 engine, as `v2l-run` runs it: bf16 where this
+//! CPU has AVX512-BF16; where it has not (or where `V2L_CONV=fp32` forces it, which drives that
+//! path on any CPU), the export's f32 graphs, bitwise what an engine compiled with
+//! `--vae-conv ort` computes. Both against diffusers' VAE (fixture `vae_io`). `v2l-run --json`
+//! says which ran, and why.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use v2l_runtime::{read_safetensors, write_safetensors, Tensor};
+
+use crate::common::{engine_with, tiny};
+
+/// `v2l-run stage STAGE` on `engine` with `inputs`: (its JSON line, its output `name`).
+fn stage(
+    engine: &Path,
+    stage: &str,
+    inputs: &Path,
+    out: &Path,
+    name: &str,
+    force_fp32: bool,
+) -> (serde_json::Value, Tensor) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+    c.arg("--engine")
+        .arg(engine)
+        .args(["stage", stage, "--json", "--inputs"])
+        .arg(inputs)
+        .arg("-o")
+        .arg(out);
+    if force_fp32 {
+        c.env("V2L_CONV", "fp32");
+    } else {
+        c.env_remove("V2L_CONV");
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let json = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    (json, read_safetensors(out).unwrap()[name].clone())
+}
+
+/// Whether this CPU has AVX512-BF16, read here rather than from the runtime under test.
+fn cpu_has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[test]
+fn the_vae_runs_bf16_convolutions_where_the_cpu_has_them_and_the_export_graphs_elsewhere() {
+    let d = tempfile::tempdir().unwrap();
+    let ours = engine_with(&d.path().join("v2l"), &["--precision", "int8"]);
+    let ort = engine_with(
+        &d.path().join("ort"),
+        &["--precision", "int8", "--vae-conv", "ort"],
+    );
+    let bundle = |e: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(e.join("bundle.json")).unwrap()).unwrap()
+    };
+    let (b_ours, b_ort) = (bundle(&ours), bundle(&ort));
+    assert!(b_ort.get("vae_bf16").is_none(), "{b_ort}");
+    let has = |g: &[u8], s: &str| g.windows(s.len()).any(|w| w == s.as_bytes());
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ours.join("manifest.json")).unwrap())
+            .unwrap();
+    for part in ["encoder", "decoder"] {
+        let twin = b_ours["vae_bf16"][part].as_str().expect("vae_bf16 graphs");
+        let export = manifest["vae"][part].as_str().unwrap();
+        assert!(has(&std::fs::read(ours.join(twin)).unwrap(), "ai.v2l"));
+        assert!(!has(&std::fs::read(ours.join(export)).unwrap(), "ai.v2l"));
+        // The twin is hashed with the engine's other files.
+        let files = b_ours["files"].as_array().unwrap();
+        assert!(files.iter().any(|f| f["name"] == twin), "{twin}");
+    }
+    // The compile measured the bf16 graphs against the f32 ones on this CPU.
+    let bf16_cpu = cpu_has_avx512_bf16();
+    for s in ["vae_encode", "vae_decode"] {
+        let a = b_ours["accuracy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["stage"] == s)
+            .unwrap_or_else(|| panic!("no {s} accuracy: {b_ours}"));
+        let e = a["rel_l2"].as_f64().unwrap();
+        assert!(e < 1e-2, "{s}: {e:e}");
+        assert_eq!(e > 0.0, bf16_cpu, "{s}: {e:e}");
+    }
+
+    let io = read_safetensors(&tiny().join("vae_io.safetensors")).unwrap();
+    let write = |name: &str| {
+        let p = d.path().join(format!("{name}.in.safetensors"));
+        write_safetensors(&p, &BTreeMap::from([(name.to_string(), io[name].clone())])).unwrap();
+        p
+    };
+    let why = if bf16_cpu {
+        "V2L_CONV=fp32"
+    } else {
+        "this CPU has no AVX512-BF16"
+    };
+    for (st, input, output, diffusers) in [
+        ("vae-encode", "video", "posterior_mean", "posterior_mean"),
+        ("vae-decode", "latents", "sample", "decoded"),
+    ] {
+        let inp = write(input);
+        let out = |n: &str| d.path().join(format!("{st}-{n}.safetensors"));
+        let (j_ort, y_ort) = stage(&ort, st, &inp, &out("ort"), output, false);
+        assert_eq!(j_ort["vae_conv"], "ort");
+        let (j_fb, y_fb) = stage(&ours, st, &inp, &out("fallback"), output, true);
+        assert_eq!(j_fb["vae_conv"], format!("ort (fallback: {why})"));
+        assert_eq!(
+            y_fb, y_ort,
+            "{st}: the fallback must run the export's graphs"
+        );
+        let f32_err = y_ort.rel_l2(&io[diffusers]);
+        assert!(
+            f32_err < 1e-4,
+            "{st}: f32 graphs {f32_err:e} from diffusers"
+        );
+        let (j, y) = stage(&ours, st, &inp, &out("ours"), output, false);
+        if bf16_cpu {
+            assert_eq!(j["vae_conv"], "bf16 (AVX512-BF16)");
+            let e = y.rel_l2(&io[diffusers]);
+            eprintln!("{st}: bf16 convolutions {e:.2e} from diffusers' f32 VAE");
+            assert!(e > 1e-6 && e < 1e-2, "{st}: {e:e}");
+        } else {
+            assert_eq!(j["vae_conv"], j_fb["vae_conv"]);
+            assert_eq!(y, y_ort);
+        }
+    }
+}

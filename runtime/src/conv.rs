@@ -1,0 +1,437 @@
+//! bf16 convolution for the video VAE's decoder: our ONNX Runtime custom operator
+//! `ai.v2l.Conv`.
+//!
+//! ONNX Runtime's CPU provider runs `Conv` in f32 only: im2col, then MLAS's f32 GEMM. At
+//! CogVideoX-5B widths the VAE decode is a third of a whole `v2l-run` (9 frames at 256×384:
+//! 48.6 s of 146 s, 62 % of it in that GEMM and 13 % in im2col's copies), while PyTorch decodes
+//! in bf16 on the same CPU. `v2l-compile` therefore writes, for CPU engines below fp32, a twin
+//! of the decoder whose stride-1 convolutions call this operator (`vae_decoder_bf16` in the
+//! bundle); CPUs without AVX512-BF16 load the export's f32 decoder instead
+//! ([`crate::engine::Engine::vae_decoder`]).
+//!
+//! The operator takes what those `Conv`s take: `X [N, C, H, W]` or `[N, C, T, H, W]`, a
+//! constant `W [M, C, (kt,) kh, kw]` and `B [M]`, attributes `kernel_shape` and `pads` (zero
+//! padding of height and width only: the VAE pads time itself, with its frame caches). It
+//! computes with the kernel [`Kernel::detect`] picks once per process:
+//! - [`Kernel::Bf16`] on CPUs with AVX512-BF16 ([`bf16`]): inputs and weights rounded to bf16,
+//!   products and sums by `vdpbf16ps` in f32, as PyTorch's bf16 convolution accumulates;
+//! - [`Kernel::Fp32`] elsewhere, or when `V2L_CONV=fp32` forces it ([`fp32`]): the same loops
+//!   in f32, exact to rounding.
+//!
+//! Both read the input once into a padded copy laid out for their inner loop (no im2col), then
+//! compute output rows (sample, frame, row) in parallel on ONNX Runtime's intra-op pool.
+
+// Hot loops index buffers whose sizes follow from the shape checked in `conv`.
+#![allow(clippy::indexing_slicing)]
+
+#[cfg(target_arch = "x86_64")]
+mod bf16;
+mod fp32;
+
+use std::sync::OnceLock;
+
+use ort::operator::{
+    ComputeContext, Kernel as OrtKernel, KernelContext, Operator, OperatorInput, OperatorOutput,
+};
+use ort::value::TensorElementType;
+
+/// The operator's name in the `ai.v2l` domain ([`crate::attention::DOMAIN`]).
+pub const OP: &str = "Conv";
+/// The environment variable that forces the f32 kernel (`V2L_CONV=fp32`).
+pub const ENV: &str = "V2L_CONV";
+
+/// Which kernel this process runs `ai.v2l.Conv` with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// bf16 inputs and weights, f32 sums (AVX512-BF16).
+    Bf16,
+    /// f32 throughout.
+    Fp32,
+}
+
+impl Kernel {
+    /// The kernel for this CPU, unless `V2L_CONV=fp32` forces the f32 one (read once).
+    pub fn detect() -> Kernel {
+        static K: OnceLock<Kernel> = OnceLock::new();
+        *K.get_or_init(|| {
+            let forced = std::env::var(ENV).is_ok_and(|v| v.eq_ignore_ascii_case("fp32"));
+            if !forced && bf16_available() {
+                Kernel::Bf16
+            } else {
+                Kernel::Fp32
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Bf16 => "bf16",
+            Kernel::Fp32 => "fp32",
+        }
+    }
+
+    /// Why this kernel runs.
+    pub fn reason(self) -> String {
+        match self {
+            Kernel::Bf16 => "AVX512-BF16".into(),
+            Kernel::Fp32 if bf16_available() => format!("{ENV}=fp32"),
+            Kernel::Fp32 => "this CPU has no AVX512-BF16".into(),
+        }
+    }
+}
+
+fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The shape of one convolution: stride 1, no dilation, one group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub batch: usize,
+    pub cin: usize,
+    pub cout: usize,
+    /// Input frames, height, width (one frame for a 2-D convolution).
+    pub input: [usize; 3],
+    /// Kernel frames, height, width.
+    pub kernel: [usize; 3],
+    /// Zeros added on both sides of height and of width.
+    pub pads: [usize; 2],
+}
+
+impl Shape {
+    /// Output frames, height, width; `None` where the kernel is larger than the padded input.
+    pub fn output(&self) -> Option<[usize; 3]> {
+        let [t, h, w] = self.input;
+        let [kt, kh, kw] = self.kernel;
+        let [ph, pw] = self.pads;
+        Some([
+            (t + 1).checked_sub(kt)?,
+            (h + 2 * ph + 1).checked_sub(kh)?,
+            (w + 2 * pw + 1).checked_sub(kw)?,
+        ])
+    }
+
+    fn taps(&self) -> usize {
+        self.kernel.iter().product()
+    }
+
+    fn input_len(&self) -> usize {
+        self.batch * self.cin * self.input.iter().product::<usize>()
+    }
+
+    fn weight_len(&self) -> usize {
+        self.cout * self.cin * self.taps()
+    }
+
+    fn output_len(&self) -> usize {
+        self.output()
+            .map_or(0, |o| self.batch * self.cout * o.iter().product::<usize>())
+    }
+
+    /// Padded height and the padded row length the kernels read: whole 16-pixel output vectors
+    /// plus the kernel's reach, so no load runs past a row.
+    fn padded_rows(&self) -> (usize, usize) {
+        let [_, h, _] = self.input;
+        let [_, _, kw] = self.kernel;
+        let [_, _, wo] = self.output().unwrap_or([0; 3]);
+        (h + 2 * self.pads[0], wo.div_ceil(16) * 16 + kw - 1)
+    }
+}
+
+/// Why a convolution was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvError {
+    #[error("ai.v2l.Conv: {0}")]
+    Shape(String),
+}
+
+/// Weights prepared once per node for the kernel that runs them.
+pub struct Weights {
+    kernel: Kernel,
+    /// bf16 pairs of input channels, `[cout][tap][cin pair]` (the bf16 kernel).
+    pairs: Vec<u32>,
+    /// As given, `[cout][cin][tap]` (the f32 kernel).
+    plain: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Weights {
+    /// `w [cout, cin, taps…]`, `bias [cout]` for `kernel`.
+    pub fn new(
+        kernel: Kernel,
+        shape: &Shape,
+        w: &[f32],
+        bias: &[f32],
+    ) -> Result<Weights, ConvError> {
+        if w.len() != shape.weight_len() || bias.len() != shape.cout {
+            return Err(ConvError::Shape(format!(
+                "{shape:?} needs {} weights and {} biases; got {} and {}",
+                shape.weight_len(),
+                shape.cout,
+                w.len(),
+                bias.len()
+            )));
+        }
+        let mut out = Weights {
+            kernel,
+            pairs: Vec::new(),
+            plain: Vec::new(),
+            bias: bias.to_vec(),
+        };
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16 if bf16::available() => out.pairs = bf16::pack_weights(shape, w),
+            _ => {
+                out.kernel = Kernel::Fp32;
+                out.plain = w.to_vec();
+            }
+        }
+        Ok(out)
+    }
+
+    /// The kernel these weights run on (f32 where bf16 was asked of a CPU without it).
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+}
+
+/// The output pointer shared by tasks that write disjoint output rows.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each task writes only the rows of its own (sample, frame, row) (see the kernels).
+unsafe impl Sync for Out {}
+unsafe impl Send for Out {}
+
+/// Runs `f(0..n)` in any order, on any threads: ONNX Runtime's pool in the operator, a plain
+/// loop in tests.
+pub type ParFor<'a> = &'a dyn Fn(usize, &(dyn Fn(usize) + Sync));
+
+/// `out = conv(x, weights) + bias` for `shape`, on `weights`' kernel, rows spread by `par`.
+pub fn conv(
+    shape: &Shape,
+    x: &[f32],
+    weights: &Weights,
+    out: &mut [f32],
+    par: ParFor<'_>,
+) -> Result<(), ConvError> {
+    if shape.output().is_none() || shape.cin == 0 || shape.cout == 0 {
+        return Err(ConvError::Shape(format!(
+            "{shape:?}: the kernel does not fit the padded input"
+        )));
+    }
+    let pack_len = match weights.kernel {
+        Kernel::Bf16 => shape.cout * shape.taps() * shape.cin.div_ceil(2),
+        Kernel::Fp32 => shape.weight_len(),
+    };
+    let held = weights.pairs.len() + weights.plain.len();
+    if x.len() != shape.input_len()
+        || out.len() != shape.output_len()
+        || held != pack_len
+        || weights.bias.len() != shape.cout
+    {
+        return Err(ConvError::Shape(format!(
+            "{shape:?} needs an input of {} and an output of {} values; got {} and {} (weights for {} of {held})",
+            shape.input_len(),
+            shape.output_len(),
+            x.len(),
+            out.len(),
+            pack_len
+        )));
+    }
+    let dst = Out(out.as_mut_ptr());
+    match weights.kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Bf16 if bf16::available() => {
+            bf16::conv(shape, x, &weights.pairs, &weights.bias, dst, par)
+        }
+        _ => fp32::conv(shape, x, &weights.plain, &weights.bias, dst, par),
+    }
+    Ok(())
+}
+
+/// The input copied once into zero-padded rows laid out for the kernels' inner loops:
+/// `[sample][frame][padded row][group][padded column]`, where a group is `group` (1 or 2)
+/// channels of one pixel made one element by `fill(first channel's row, second's, dst)`.
+/// Returns the copy and its strides (row, frame).
+fn pack_rows<E: Copy + Default + Send + Sync>(
+    shape: &Shape,
+    x: &[f32],
+    group: usize,
+    par: ParFor<'_>,
+    fill: &(dyn Fn(&[f32], Option<&[f32]>, &mut [E]) + Sync),
+) -> Vec<E> {
+    let [t, h, w] = shape.input;
+    let (hp, ws) = shape.padded_rows();
+    let groups = shape.cin.div_ceil(group);
+    let mut data = vec![E::default(); shape.batch * t * hp * groups * ws];
+    struct Dst<E>(*mut E);
+    // SAFETY: each task writes only its own input row's elements (disjoint ranges below).
+    unsafe impl<E> Sync for Dst<E> {}
+    let dst = Dst(data.as_mut_ptr());
+    let plane = t * h * w;
+    par(shape.batch * t * h, &|i| {
+        let (b, r) = (i / (t * h), i % (t * h));
+        let (ti, hi) = (r / h, r % h);
+        let dst = &dst;
+        let src = |c: usize| {
+            let at = (b * shape.cin + c) * plane + (ti * h + hi) * w;
+            &x[at..at + w]
+        };
+        for gi in 0..groups {
+            let c = gi * group;
+            let second = (group == 2 && c + 1 < shape.cin).then(|| src(c + 1));
+            let at = (((b * t + ti) * hp + hi + shape.pads[0]) * groups + gi) * ws + shape.pads[1];
+            // SAFETY: `at + w ≤ data.len()` (ws ≥ w + 2·pad), and this range belongs to this
+            // task's row alone.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), w) };
+            fill(src(c), second, row);
+        }
+    });
+    data
+}
+
+/// The operator `v2l-compile` places in the bf16 VAE decoder.
+pub(crate) struct ConvOp;
+
+pub(crate) struct ConvKernel {
+    kernel: [usize; 3],
+    pads: [usize; 2],
+    /// Packed at kernel creation when the weights are the graph's constants (they are, in the
+    /// graphs `v2l-compile` writes); otherwise packed on each call.
+    weights: Option<Weights>,
+}
+
+impl Operator for ConvOp {
+    type Kernel<'attr> = ConvKernel;
+
+    fn name(&self) -> &str {
+        OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [0; 3].map(|_| OperatorInput::required(TensorElementType::Float32))
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<ConvKernel> {
+        let kernel_shape = ctx
+            .get::<Vec<i64>>("kernel_shape")
+            .ok_or_else(|| ort::Error::new("ai.v2l.Conv needs its kernel_shape"))?;
+        let pads = ctx.get::<Vec<i64>>("pads");
+        let (kernel, pads) = v2l_graphs::passes::conv_geometry(&kernel_shape, pads.as_deref())
+            .map_err(|m| ort::Error::new(format!("ai.v2l.Conv: {m}")))?;
+        let mut k = ConvKernel {
+            kernel,
+            pads,
+            weights: None,
+        };
+        // Constant weights are packed once here; the input's channel count is the weights'.
+        let constant = |i: usize| {
+            ctx.constant_input::<ort::value::DynTensorValueType>(i)
+                .ok()
+                .and_then(|v| {
+                    v.try_extract_tensor::<f32>()
+                        .ok()
+                        .map(|(s, d)| (s.to_vec(), d.to_vec()))
+                })
+        };
+        if let (Some((ws, w)), Some((_, b))) = (constant(1), constant(2)) {
+            let shape = k.shape_of(&ws, None)?;
+            k.weights = Some(
+                Weights::new(Kernel::detect(), &shape, &w, &b)
+                    .map_err(|e| ort::Error::new(e.to_string()))?,
+            );
+        }
+        Ok(k)
+    }
+}
+
+impl ConvKernel {
+    /// The call's shape from the weight's shape `[M, C, taps…]` and the input's (when known).
+    fn shape_of(&self, ws: &[i64], xs: Option<&[i64]>) -> ort::Result<Shape> {
+        let dim = |d: i64| usize::try_from(d).ok();
+        let (cout, cin) = match ws {
+            [m, c, ..] => (dim(*m), dim(*c)),
+            _ => (None, None),
+        };
+        let (Some(cout), Some(cin)) = (cout, cin) else {
+            return Err(ort::Error::new(format!("ai.v2l.Conv: weight shape {ws:?}")));
+        };
+        let (batch, input) = match xs.map(|s| s.iter().map(|&d| dim(d)).collect::<Option<Vec<_>>>())
+        {
+            None => (0, [0; 3]),
+            Some(Some(s)) => match s[..] {
+                [n, c, h, w] if c == cin && self.kernel[0] == 1 => (n, [1, h, w]),
+                [n, c, t, h, w] if c == cin => (n, [t, h, w]),
+                _ => {
+                    return Err(ort::Error::new(format!(
+                        "ai.v2l.Conv: input {xs:?} does not fit weight {ws:?}"
+                    )))
+                }
+            },
+            Some(None) => return Err(ort::Error::new(format!("ai.v2l.Conv: input shape {xs:?}"))),
+        };
+        Ok(Shape {
+            batch,
+            cin,
+            cout,
+            input,
+            kernel: self.kernel,
+            pads: self.pads,
+        })
+    }
+}
+
+impl OrtKernel for ConvKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let input = |i: usize| {
+            ctx.input(i)?
+                .ok_or_else(|| ort::Error::new(format!("ai.v2l.Conv: input {i} missing")))
+        };
+        let (x, w) = (input(0)?, input(1)?);
+        let (xs, xd) = x.try_extract_tensor::<f32>()?;
+        let (ws, wd) = w.try_extract_tensor::<f32>()?;
+        let shape = self.shape_of(ws, Some(xs))?;
+        let fresh;
+        let weights = match &self.weights {
+            Some(w) => w,
+            None => {
+                let b = input(2)?;
+                let (_, bd) = b.try_extract_tensor::<f32>()?;
+                fresh = Weights::new(Kernel::detect(), &shape, wd, bd)
+                    .map_err(|e| ort::Error::new(e.to_string()))?;
+                &fresh
+            }
+        };
+        let [t, h, w] = shape
+            .output()
+            .ok_or_else(|| ort::Error::new(format!("ai.v2l.Conv: {shape:?} has no output")))?;
+        let dims: Vec<i64> = if xs.len() == 4 {
+            vec![shape.batch as i64, shape.cout as i64, h as i64, w as i64]
+        } else {
+            [shape.batch, shape.cout, t, h, w]
+                .map(|d| d as i64)
+                .to_vec()
+        };
+        let mut o = ctx
+            .output(0, dims)?
+            .ok_or_else(|| ort::Error::new("ai.v2l.Conv: output missing"))?;
+        let (_, od) = o.try_extract_tensor_mut::<f32>()?;
+        let par = |n: usize, f: &(dyn Fn(usize) + Sync)| {
+            // A failed hand-over to the pool runs the tasks here instead.
+            if ctx.par_for(n, n, f).is_err() {
+                (0..n).for_each(f);
+            }
+        };
+        conv(&shape, xd, weights, od, &par).map_err(|e| ort::Error::new(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests;
