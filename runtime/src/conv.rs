@@ -155,31 +155,22 @@ pub struct Weights {
     pairs: Vec<u32>,
     /// As given, `[cout][cin][tap]` (the f32 kernel).
     plain: Vec<f32>,
-    bias: Vec<f32>,
 }
 
 impl Weights {
-    /// `w [cout, cin, taps…]`, `bias [cout]` for `kernel`.
-    pub fn new(
-        kernel: Kernel,
-        shape: &Shape,
-        w: &[f32],
-        bias: &[f32],
-    ) -> Result<Weights, ConvError> {
-        if w.len() != shape.weight_len() || bias.len() != shape.cout {
+    /// `w [cout, cin, taps…]` for `kernel`.
+    pub fn new(kernel: Kernel, shape: &Shape, w: &[f32]) -> Result<Weights, ConvError> {
+        if w.len() != shape.weight_len() {
             return Err(ConvError::Shape(format!(
-                "{shape:?} needs {} weights and {} biases; got {} and {}",
+                "{shape:?} needs {} weights; got {}",
                 shape.weight_len(),
-                shape.cout,
-                w.len(),
-                bias.len()
+                w.len()
             )));
         }
         let mut out = Weights {
             kernel,
             pairs: Vec::new(),
             plain: Vec::new(),
-            bias: bias.to_vec(),
         };
         match kernel {
             #[cfg(target_arch = "x86_64")]
@@ -214,6 +205,7 @@ pub fn conv(
     shape: &Shape,
     x: &[f32],
     weights: &Weights,
+    bias: &[f32],
     out: &mut [f32],
     par: ParFor<'_>,
 ) -> Result<(), ConvError> {
@@ -230,24 +222,24 @@ pub fn conv(
     if x.len() != shape.input_len()
         || out.len() != shape.output_len()
         || held != pack_len
-        || weights.bias.len() != shape.cout
+        || bias.len() != shape.cout
     {
         return Err(ConvError::Shape(format!(
-            "{shape:?} needs an input of {} and an output of {} values; got {} and {} (weights for {} of {held})",
+            "{shape:?} needs an input of {}, an output of {} and {} biases; got {}, {} and {} (weights for {} of {held})",
             shape.input_len(),
             shape.output_len(),
+            shape.cout,
             x.len(),
             out.len(),
+            bias.len(),
             pack_len
         )));
     }
     let dst = Out(out.as_mut_ptr());
     match weights.kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Bf16 if bf16::available() => {
-            bf16::conv(shape, x, &weights.pairs, &weights.bias, dst, par)
-        }
-        _ => fp32::conv(shape, x, &weights.plain, &weights.bias, dst, par),
+        Kernel::Bf16 if bf16::available() => bf16::conv(shape, x, &weights.pairs, bias, dst, par),
+        _ => fp32::conv(shape, x, &weights.plain, bias, dst, par),
     }
     Ok(())
 }
@@ -341,10 +333,10 @@ impl Operator for ConvOp {
                         .map(|(s, d)| (s.to_vec(), d.to_vec()))
                 })
         };
-        if let (Some((ws, w)), Some((_, b))) = (constant(1), constant(2)) {
+        if let Some((ws, w)) = constant(1) {
             let shape = k.shape_of(&ws, None)?;
             k.weights = Some(
-                Weights::new(Kernel::detect(), &shape, &w, &b)
+                Weights::new(Kernel::detect(), &shape, &w)
                     .map_err(|e| ort::Error::new(e.to_string()))?,
             );
         }
@@ -394,17 +386,17 @@ impl OrtKernel for ConvKernel {
             ctx.input(i)?
                 .ok_or_else(|| ort::Error::new(format!("ai.v2l.Conv: input {i} missing")))
         };
-        let (x, w) = (input(0)?, input(1)?);
+        let (x, w, b) = (input(0)?, input(1)?, input(2)?);
         let (xs, xd) = x.try_extract_tensor::<f32>()?;
         let (ws, wd) = w.try_extract_tensor::<f32>()?;
+        // The bias need not be constant: the VAE's cache ties order convs through it.
+        let (_, bd) = b.try_extract_tensor::<f32>()?;
         let shape = self.shape_of(ws, Some(xs))?;
         let fresh;
         let weights = match &self.weights {
             Some(w) => w,
             None => {
-                let b = input(2)?;
-                let (_, bd) = b.try_extract_tensor::<f32>()?;
-                fresh = Weights::new(Kernel::detect(), &shape, wd, bd)
+                fresh = Weights::new(Kernel::detect(), &shape, wd)
                     .map_err(|e| ort::Error::new(e.to_string()))?;
                 &fresh
             }
@@ -429,7 +421,7 @@ impl OrtKernel for ConvKernel {
                 (0..n).for_each(f);
             }
         };
-        conv(&shape, xd, weights, od, &par).map_err(|e| ort::Error::new(e.to_string()))
+        conv(&shape, xd, weights, bd, od, &par).map_err(|e| ort::Error::new(e.to_string()))
     }
 }
 

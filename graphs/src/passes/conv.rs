@@ -41,14 +41,15 @@ pub fn conv_geometry(
     Ok((kernel, [pad(ph)?, pad(pw)?]))
 }
 
-/// Whether `ai.v2l.Conv` runs this node: a plain `Conv` with f32 weight and bias initializers,
+/// Whether `ai.v2l.Conv` runs this node: a plain `Conv` with an f32 weight initializer and a
+/// bias (computed or not: the VAE's cache ties order convs through their bias),
 /// one group, stride and dilation 1, explicit pads it takes ([`conv_geometry`]).
 fn runs_on_v2l(n: &NodeProto, f32_inits: &std::collections::HashSet<&str>) -> bool {
     let ones = |name: &str| attr_ints(n, name).is_none_or(|v| v.iter().all(|&x| x == 1));
     n.op_type == "Conv"
         && n.domain.is_empty()
         && n.input.len() == 3
-        && n.input[1..].iter().all(|i| f32_inits.contains(i.as_str()))
+        && f32_inits.contains(n.input[1].as_str())
         && attr_i(n, "group").is_none_or(|g| g == 1)
         && ones("strides")
         && ones("dilations")
@@ -121,22 +122,40 @@ mod tests {
             &[&y, &w3, &b],
             vec![k3, ("pads", Attr::Ints(vec![1, 1, 1, 1, 1, 1]))],
         );
-        for (v, name) in [(&strided, "a"), (&time_padded, "b")] {
+        // A computed bias (as the VAE's cache ties make it) moves; a computed weight stays.
+        let tied = g.op("Identity", &[&b], vec![]);
+        let pads_only = vec![("kernel_shape", Attr::Ints(vec![3, 3, 3])), pads.clone()];
+        let biased = g.op("Conv", &[&y, &w3, &tied], pads_only.clone());
+        let w_computed = g.op("Identity", &[&w3], vec![]);
+        let weighted = g.op("Conv", &[&y, &w_computed, &b], pads_only);
+        for (v, name) in [
+            (&strided, "a"),
+            (&time_padded, "b"),
+            (&biased, "c"),
+            (&weighted, "d"),
+        ] {
             g.output(v, name, DType::F32, vec![]);
         }
         let d = tempfile::tempdir().expect("a temporary directory");
         let p = d.path().join("m.onnx");
         crate::save(&g, &p, crate::ExternalData::Never).expect("written");
         let mut m = crate::read_model(&p).expect("read back");
-        assert_eq!(v2l_conv(&mut m), 1);
+        assert_eq!(v2l_conv(&mut m), 2);
         let graph = m.graph.as_ref().expect("graph");
-        let ours: Vec<_> = graph
-            .node
-            .iter()
+        let ours: Vec<_> = (graph.node.iter())
             .filter(|n| n.domain == V2L_DOMAIN)
             .collect();
-        assert_eq!(ours.len(), 1);
-        assert_eq!(ours[0].op_type, V2L_CONV);
+        assert_eq!(ours.len(), 2);
+        assert!(ours.iter().all(|n| n.op_type == V2L_CONV));
+        let tie = graph
+            .node
+            .iter()
+            .find(|n| n.op_type == "Identity")
+            .expect("tie");
+        assert_eq!(
+            ours[1].input[2], tie.output[0],
+            "the conv with the tied bias"
+        );
         assert!(m.opset_import.iter().any(|o| o.domain == V2L_DOMAIN));
     }
 

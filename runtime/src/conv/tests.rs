@@ -134,9 +134,9 @@ fn run(
     let x = noise(shape.input_len(), seed);
     let w = noise(shape.weight_len(), seed + 1);
     let bias = noise(shape.cout, seed + 2);
-    let weights = Weights::new(kernel, shape, &w, &bias).expect("weights fit");
+    let weights = Weights::new(kernel, shape, &w).expect("weights fit");
     let mut out = vec![f32::NAN; shape.output_len()];
-    conv(shape, &x, &weights, &mut out, &serial).expect("shape fits");
+    conv(shape, &x, &weights, &bias, &mut out, &serial).expect("shape fits");
     (x, w, bias, out, weights.kernel())
 }
 
@@ -187,16 +187,18 @@ fn a_shape_the_buffers_do_not_fit_is_refused() {
     let shape = shapes()[0];
     let w = noise(shape.weight_len(), 1);
     let bias = noise(shape.cout, 2);
-    let weights = Weights::new(Kernel::Fp32, &shape, &w, &bias).expect("fits");
-    let x = noise(shape.input_len() - 1, 3);
+    let weights = Weights::new(Kernel::Fp32, &shape, &w).expect("fits");
+    let x = noise(shape.input_len(), 3);
     let mut out = vec![0f32; shape.output_len()];
-    assert!(conv(&shape, &x, &weights, &mut out, &serial).is_err());
-    assert!(Weights::new(Kernel::Fp32, &shape, &w[1..], &bias).is_err());
+    assert!(conv(&shape, &x[1..], &weights, &bias, &mut out, &serial).is_err());
+    assert!(conv(&shape, &x, &weights, &bias[1..], &mut out, &serial).is_err());
+    assert!(conv(&shape, &x, &weights, &bias, &mut out[1..], &serial).is_err());
+    assert!(Weights::new(Kernel::Fp32, &shape, &w[1..]).is_err());
     let tiny = Shape {
         input: [1, 1, 1],
         ..shape
     };
     let mut none = vec![];
     let x = noise(tiny.input_len(), 3);
-    assert!(conv(&tiny, &x, &weights, &mut none, &serial).is_err());
+    assert!(conv(&tiny, &x, &weights, &bias, &mut none, &serial).is_err());
 }
