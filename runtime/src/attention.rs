@@ -66,8 +66,7 @@ impl Kernel {
     pub fn detect() -> Kernel {
         static K: OnceLock<Kernel> = OnceLock::new();
         *K.get_or_init(|| {
-            let forced = std::env::var(ENV).is_ok_and(|v| v.eq_ignore_ascii_case("fp32"));
-            if !forced && bf16_available() {
+            if crate::cpu::bf16_kernel_runs(ENV) {
                 Kernel::Bf16
             } else {
                 Kernel::Fp32
@@ -95,8 +94,7 @@ impl Kernel {
         match self {
             Kernel::Bf16 => "AVX512-BF16".into(),
             Kernel::Int8 => "AVX512-VNNI and AVX512-BF16".into(),
-            Kernel::Fp32 if bf16_available() => format!("{ENV}=fp32"),
-            Kernel::Fp32 => "this CPU has no AVX512-BF16".into(),
+            Kernel::Fp32 => crate::cpu::fp32_fallback_reason(ENV),
         }
     }
 
@@ -107,13 +105,6 @@ impl Kernel {
             Kernel::Fp32 => "fp32",
         }
     }
-}
-
-fn bf16_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return bf16::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// Whether this CPU runs the int8 kernel (AVX512-VNNI and AVX512-BF16).

@@ -54,8 +54,7 @@ impl Kernel {
     pub fn detect() -> Kernel {
         static K: OnceLock<Kernel> = OnceLock::new();
         *K.get_or_init(|| {
-            let forced = std::env::var(ENV).is_ok_and(|v| v.eq_ignore_ascii_case("fp32"));
-            if !forced && bf16_available() {
+            if crate::cpu::bf16_kernel_runs(ENV) {
                 Kernel::Bf16
             } else {
                 Kernel::Fp32
@@ -74,17 +73,9 @@ impl Kernel {
     pub fn reason(self) -> String {
         match self {
             Kernel::Bf16 => "AVX512-BF16".into(),
-            Kernel::Fp32 if bf16_available() => format!("{ENV}=fp32"),
-            Kernel::Fp32 => "this CPU has no AVX512-BF16".into(),
+            Kernel::Fp32 => crate::cpu::fp32_fallback_reason(ENV),
         }
     }
-}
-
-fn bf16_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return bf16::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// The shape of one convolution: stride 1, no dilation, one group.
@@ -244,6 +235,9 @@ pub fn conv(
     Ok(())
 }
 
+/// How [`pack_rows`] makes one padded row: `fill(first channel's row, second's, dst)`.
+type RowFill<'a, E> = dyn Fn(&[f32], Option<&[f32]>, &mut [E]) + Sync + 'a;
+
 /// The input copied once into zero-padded rows laid out for the kernels' inner loops:
 /// `[sample][frame][padded row][group][padded column]`, where a group is `group` (1 or 2)
 /// channels of one pixel made one element by `fill(first channel's row, second's, dst)`.
@@ -253,7 +247,7 @@ fn pack_rows<E: Copy + Default + Send + Sync>(
     x: &[f32],
     group: usize,
     par: ParFor<'_>,
-    fill: &(dyn Fn(&[f32], Option<&[f32]>, &mut [E]) + Sync),
+    fill: &RowFill<'_, E>,
 ) -> Vec<E> {
     let [t, h, w] = shape.input;
     let (hp, ws) = shape.padded_rows();
@@ -352,8 +346,14 @@ impl ConvKernel {
             [m, c, ..] => (dim(*m), dim(*c)),
             _ => (None, None),
         };
-        let (Some(cout), Some(cin)) = (cout, cin) else {
-            return Err(ort::Error::new(format!("ai.v2l.Conv: weight shape {ws:?}")));
+        let taps: Vec<usize> = ws.iter().skip(2).filter_map(|&d| dim(d)).collect();
+        let [kt, kh, kw] = self.kernel;
+        let fits = taps == [kt, kh, kw] || (kt == 1 && taps == [kh, kw]);
+        let (Some(cout), Some(cin), true) = (cout, cin, fits) else {
+            return Err(ort::Error::new(format!(
+                "ai.v2l.Conv: weight shape {ws:?} does not fit kernel_shape {:?}",
+                self.kernel
+            )));
         };
         let (batch, input) = match xs.map(|s| s.iter().map(|&d| dim(d)).collect::<Option<Vec<_>>>())
         {

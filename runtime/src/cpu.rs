@@ -192,6 +192,32 @@ pub fn this() -> &'static Machine {
     })
 }
 
+/// Whether this CPU runs v2l's bf16 kernels (attention, VAE convolution): AVX512-F and
+/// AVX512-BF16 (`vdpbf16ps`).
+pub fn avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether a bf16 kernel runs here: this CPU has AVX512-BF16 and the environment variable
+/// `var` (`V2L_ATTENTION`, `V2L_CONV`) does not force its f32 fallback (`var=fp32`).
+pub fn bf16_kernel_runs(var: &str) -> bool {
+    let forced = std::env::var(var).is_ok_and(|v| v.eq_ignore_ascii_case("fp32"));
+    !forced && avx512_bf16()
+}
+
+/// Why a bf16 kernel's f32 fallback runs: `var=fp32`, or no AVX512-BF16 here.
+pub fn fp32_fallback_reason(var: &str) -> String {
+    if avx512_bf16() {
+        format!("{var}=fp32")
+    } else {
+        "this CPU has no AVX512-BF16".into()
+    }
+}
+
 /// The arithmetic of the int8 GEMM kernels, to show on any CPU which one can saturate.
 pub mod saturation {
     /// The largest |pair sum| of u8 activations (0..=255) times one pair of weights, as

@@ -49,7 +49,9 @@ fn runs_on_v2l(n: &NodeProto, f32_inits: &std::collections::HashSet<&str>) -> bo
     n.op_type == "Conv"
         && n.domain.is_empty()
         && n.input.len() == 3
-        && f32_inits.contains(n.input[1].as_str())
+        && n.input
+            .get(1)
+            .is_some_and(|w| f32_inits.contains(w.as_str()))
         && attr_i(n, "group").is_none_or(|g| g == 1)
         && ones("strides")
         && ones("dilations")
@@ -72,12 +74,11 @@ pub fn v2l_conv(model: &mut ModelProto) -> usize {
         .filter(|t| t.data_type == DType::F32.onnx_code())
         .map(|t| t.name.as_str())
         .collect();
-    let moving: Vec<usize> = (graph.node.iter().enumerate())
+    let moving: std::collections::HashSet<usize> = (graph.node.iter().enumerate())
         .filter(|(_, n)| runs_on_v2l(n, &f32_inits))
         .map(|(i, _)| i)
         .collect();
-    for &i in &moving {
-        let n = &mut graph.node[i];
+    for (_, n) in (graph.node.iter_mut().enumerate()).filter(|(i, _)| moving.contains(i)) {
         n.domain = V2L_DOMAIN.into();
         n.op_type = V2L_CONV.into();
         n.attribute

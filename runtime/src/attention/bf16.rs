@@ -23,8 +23,7 @@ pub(super) const TILES: usize = BLOCK_KEYS / LANES;
 
 /// Whether this CPU runs the kernel.
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
+    crate::cpu::avx512_bf16()
 }
 
 /// Round-to-nearest-even bf16 bits of a finite f32.

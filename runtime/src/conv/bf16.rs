@@ -24,8 +24,7 @@ const PX_VECS: usize = 4;
 
 /// Whether this CPU runs the kernel.
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
+    crate::cpu::avx512_bf16()
 }
 
 /// Round-to-nearest-even bf16 bits of a finite f32.
@@ -112,9 +111,10 @@ pub(super) fn conv(shape: &Shape, x: &[f32], w: &[u32], bias: &[f32], out: Out, 
     };
     let co_stride = to * ho * wo;
     par(shape.batch * to * ho, &|i| {
+        // The whole `Out` (Sync), not its raw pointer field, is what the closure borrows.
+        let dst = &out;
         let (b, r) = (i / (to * ho), i % (to * ho));
         let (ti, hi) = (r / ho, r % ho);
-        let out = out;
         for w0 in (0..wo).step_by(LANES * PX_VECS) {
             let mut c0 = 0;
             while c0 < shape.cout {
@@ -135,7 +135,7 @@ pub(super) fn conv(shape: &Shape, x: &[f32], w: &[u32], bias: &[f32], out: Out, 
                             .add((b * t + ti) * geo.frame + hi * geo.row + w0),
                         w: w.as_ptr().add(c0 * geo.wstride),
                         bias: bias.as_ptr().add(c0),
-                        out: out
+                        out: dst
                             .0
                             .add(((b * shape.cout + c0) * to + ti) * ho * wo + hi * wo + w0),
                         co_stride,

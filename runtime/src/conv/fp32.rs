@@ -17,9 +17,10 @@ pub(super) fn conv(shape: &Shape, x: &[f32], w: &[f32], bias: &[f32], out: Out, 
     let (hp, ws) = shape.padded_rows();
     let (cin, taps) = (shape.cin, shape.taps());
     par(shape.batch * to * ho, &|i| {
+        // The whole `Out` (Sync), not its raw pointer field, is what the closure borrows.
+        let dst = &out;
         let (b, r) = (i / (to * ho), i % (to * ho));
         let (ti, hi) = (r / ho, r % ho);
-        let out = out;
         let mut acc = vec![0f32; wo];
         for co in 0..shape.cout {
             acc.fill(bias[co]);
@@ -42,7 +43,7 @@ pub(super) fn conv(shape: &Shape, x: &[f32], w: &[f32], bias: &[f32], out: Out, 
             let at = (((b * shape.cout + co) * to + ti) * ho + hi) * wo;
             // SAFETY: `at..at + wo` is output row (b, co, ti, hi), in bounds by the caller's
             // length check and written by this task alone.
-            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.0.add(at), wo) };
+            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.0.add(at), wo) };
         }
     });
 }

@@ -82,48 +82,24 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// the last whole tile of 6, rows that end inside a pixel vector, 2-D and 1×1×1 kernels, more
 /// than one sample and frame.
 fn shapes() -> Vec<Shape> {
-    vec![
-        Shape {
-            batch: 2,
-            cin: 5,
-            cout: 7,
-            input: [4, 6, 37],
-            kernel: [3, 3, 3],
-            pads: [1, 1],
-        },
-        Shape {
-            batch: 1,
-            cin: 16,
-            cout: 12,
-            input: [3, 5, 64],
-            kernel: [3, 3, 3],
-            pads: [1, 1],
-        },
-        Shape {
-            batch: 3,
-            cin: 9,
-            cout: 13,
-            input: [1, 7, 70],
-            kernel: [1, 3, 3],
-            pads: [1, 1],
-        },
-        Shape {
-            batch: 1,
-            cin: 8,
-            cout: 3,
-            input: [2, 4, 20],
-            kernel: [1, 1, 1],
-            pads: [0, 0],
-        },
-        Shape {
-            batch: 1,
-            cin: 4,
-            cout: 6,
-            input: [3, 5, 9],
-            kernel: [2, 3, 3],
-            pads: [0, 0],
-        },
-    ]
+    // (batch, cin, cout, input [t, h, w], kernel [t, h, w], pads [h, w])
+    let table = [
+        (2, 5, 7, [4, 6, 37], [3, 3, 3], [1, 1]),
+        (1, 16, 12, [3, 5, 64], [3, 3, 3], [1, 1]),
+        (3, 9, 13, [1, 7, 70], [1, 3, 3], [1, 1]),
+        (1, 8, 3, [2, 4, 20], [1, 1, 1], [0, 0]),
+        (1, 4, 6, [3, 5, 9], [2, 3, 3], [0, 0]),
+    ];
+    (table.iter())
+        .map(|&(batch, cin, cout, input, kernel, pads)| Shape {
+            batch,
+            cin,
+            cout,
+            input,
+            kernel,
+            pads,
+        })
+        .collect()
 }
 
 fn run(
@@ -152,7 +128,7 @@ fn the_f32_kernel_is_the_convolution_on_every_cpu() {
 
 #[test]
 fn the_bf16_kernel_is_the_convolution_of_bf16_values_with_f32_sums() {
-    if !bf16_available() {
+    if !crate::cpu::avx512_bf16() {
         eprintln!("skipped: this CPU has no AVX512-BF16 (the f32 kernel runs; tested above)");
         let (_, _, _, _, ran) = run(Kernel::Bf16, &shapes()[0], 1);
         assert_eq!(
