@@ -32,8 +32,8 @@ mod int8;
 use std::sync::OnceLock;
 
 use ort::operator::{
-    ComputeContext, Kernel as OrtKernel, KernelContext, Operator, OperatorDomain, OperatorInput,
-    OperatorOutput, ShapeInferenceContext,
+    ComputeContext, Kernel as OrtKernel, KernelContext, Operator, OperatorInput, OperatorOutput,
+    ShapeInferenceContext,
 };
 use ort::value::{TensorElementType, ValueType};
 
@@ -248,17 +248,10 @@ pub fn attend(
     Ok(())
 }
 
-/// The `ai.v2l` operator domain, registered with every session: this attention and the VAE's
-/// bf16 convolution ([`crate::conv`]).
-pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?
-        .add(AttentionOp)?
-        .add(crate::conv::ConvOp)
-}
+/// The operator, for the session's `ai.v2l` domain.
+pub(crate) struct AttentionOp;
 
-struct AttentionOp;
-
-struct AttentionKernel {
+pub(crate) struct AttentionKernel {
     heads: usize,
     scale: f32,
     kernel: Kernel,

@@ -7,7 +7,7 @@
 //! in bf16 on the same CPU. `v2l-compile` therefore writes, for CPU engines below fp32, a twin
 //! of the decoder whose stride-1 convolutions call this operator (`vae_decoder_bf16` in the
 //! bundle); CPUs without AVX512-BF16 load the export's f32 decoder instead
-//! ([`crate::engine::Engine::vae_decoder`]).
+//! (`Engine::vae_graphs`).
 //!
 //! The operator takes what those `Conv`s take: `X [N, C, H, W]` or `[N, C, T, H, W]`, a
 //! constant `W [M, C, (kt,) kh, kw]` and `B [M]`, attributes `kernel_shape` and `pads` (zero
@@ -35,7 +35,7 @@ use ort::operator::{
 };
 use ort::value::TensorElementType;
 
-/// The operator's name in the `ai.v2l` domain ([`crate::attention::DOMAIN`]).
+/// The operator's name in the `ai.v2l` domain (registered with every session).
 pub const OP: &str = "Conv";
 /// The environment variable that forces the f32 kernel (`V2L_CONV=fp32`).
 pub const ENV: &str = "V2L_CONV";

@@ -209,7 +209,7 @@ impl Model {
         }
         // Low-precision CPU engines call our attention and conv operators; registering them costs nothing
         // for graphs that do not.
-        b = crate::attention::domain()
+        b = v2l_domain()
             .and_then(|d| Ok(b.with_operators(d)?))
             .map_err(ort_err(format!("{ctx}: the ai.v2l operators")))?;
         let eps = opts.backend.dispatch();
@@ -548,6 +548,14 @@ fn from_ort(v: &ort::value::DynValueRef<'_>) -> ort::Result<Tensor> {
             data: Data::F32(data.to_vec()),
         })
     }
+}
+
+/// The `ai.v2l` operator domain, registered with every session: v2l's attention
+/// ([`crate::attention`]) and the VAE's bf16 convolution ([`crate::conv`]).
+fn v2l_domain() -> ort::Result<ort::operator::OperatorDomain> {
+    ort::operator::OperatorDomain::new(crate::attention::DOMAIN)?
+        .add(crate::attention::AttentionOp)?
+        .add(crate::conv::ConvOp)
 }
 
 #[cfg(test)]

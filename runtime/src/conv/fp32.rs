@@ -3,7 +3,7 @@
 //! (`[sample][frame][padded row][channel][padded column]`); each output row is then, per output
 //! channel, the bias plus one scaled input row per (tap, input channel), a loop the compiler
 //! vectorises on any CPU. Exact to f32 rounding; not tuned (engines load the export's f32
-//! decoder on such CPUs, see [`crate::engine::Engine::vae_decoder`]).
+//! graphs on such CPUs, `Engine::vae_graphs`).
 
 use super::{Out, ParFor, Shape};
 
