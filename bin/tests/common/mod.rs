@@ -71,6 +71,11 @@ pub fn wan_model_dir(dst: &Path, parts: &[(&str, &str)]) -> PathBuf {
 /// The tiny Wan pipeline made of `parts` (as [`wan_model_dir`] takes them) under `dir`,
 /// exported and compiled at fp32; returns the engine dir.
 pub fn wan_engine(dir: &Path, parts: &[(&str, &str)]) -> PathBuf {
+    wan_engine_with(dir, parts, &[])
+}
+
+/// [`wan_engine`] with more `v2l-compile` flags (e.g. `--precision int8`).
+pub fn wan_engine_with(dir: &Path, parts: &[(&str, &str)], compile: &[&str]) -> PathBuf {
     let model = wan_model_dir(&dir.join("model"), parts);
     let (export, eng) = (dir.join("export"), dir.join("engine"));
     for mut cmd in [
@@ -79,7 +84,7 @@ pub fn wan_engine(dir: &Path, parts: &[(&str, &str)]) -> PathBuf {
     ] {
         match cmd.get_program().to_string_lossy().ends_with("v2l-export") {
             true => cmd.arg("pipeline").arg(&model).arg("-o").arg(&export),
-            false => cmd.arg(&export).arg("-o").arg(&eng),
+            false => cmd.arg(&export).arg("-o").arg(&eng).args(compile),
         };
         let o = cmd.output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
