@@ -11,7 +11,7 @@ use std::process::Command;
 use v2l_runtime::attention::Kernel;
 use v2l_runtime::{read_safetensors, write_safetensors, Tensor};
 
-use crate::common::{engine_with, tiny};
+use crate::common::{cpu_has_avx512_bf16, engine_with, run_stage, tiny};
 
 /// `v2l-run stage dit` on `engine`: (its JSON line, its output `sample`).
 fn stage_dit(
@@ -20,23 +20,13 @@ fn stage_dit(
     out: &Path,
     force_fp32: bool,
 ) -> (serde_json::Value, Tensor) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
-    c.arg("--engine")
-        .arg(engine)
-        .args(["stage", "dit", "--json", "--inputs"])
-        .arg(inputs)
-        .arg("-o")
-        .arg(out);
-    if force_fp32 {
-        c.env("V2L_ATTENTION", "fp32");
-    } else {
-        c.env_remove("V2L_ATTENTION");
-    }
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let json = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    (json, read_safetensors(out).unwrap()["sample"].clone())
+    run_stage(
+        engine,
+        "dit",
+        (inputs, out),
+        "sample",
+        ("V2L_ATTENTION", force_fp32),
+    )
 }
 
 /// The fixture's DiT inputs (its outputs left out), written to `dir/in.safetensors`.
@@ -49,15 +39,6 @@ fn dit_inputs(dir: &Path) -> std::path::PathBuf {
     let inp = dir.join("in.safetensors");
     write_safetensors(&inp, &inputs).unwrap();
     inp
-}
-
-/// Whether this CPU has AVX512-BF16, read here rather than from the runtime under test.
-fn cpu_has_avx512_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bf16");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 #[test]

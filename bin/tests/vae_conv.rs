@@ -8,11 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 use v2l_runtime::{read_safetensors, write_safetensors, Tensor};
 
-use crate::common::{engine_with, tiny};
+use crate::common::{cpu_has_avx512_bf16, engine_with, run_stage, tiny};
 
 /// `v2l-run stage STAGE` on `engine` with `inputs`: (its JSON line, its output `name`).
 fn stage(
@@ -23,23 +22,7 @@ fn stage(
     name: &str,
     force_fp32: bool,
 ) -> (serde_json::Value, Tensor) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
-    c.arg("--engine")
-        .arg(engine)
-        .args(["stage", stage, "--json", "--inputs"])
-        .arg(inputs)
-        .arg("-o")
-        .arg(out);
-    if force_fp32 {
-        c.env("V2L_CONV", "fp32");
-    } else {
-        c.env_remove("V2L_CONV");
-    }
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let json = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    (json, read_safetensors(out).unwrap()[name].clone())
+    run_stage(engine, stage, (inputs, out), name, ("V2L_CONV", force_fp32))
 }
 
 /// How far diffusers' VAE loaded in bf16 is from its fp32 result on fixture `folder`'s `vae_io`
@@ -48,15 +31,6 @@ fn diffusers_bf16(folder: &str, what: &str) -> f64 {
     let p = tiny().join("../vae_bf16.json");
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     j[folder][what].as_f64().unwrap()
-}
-
-/// Whether this CPU has AVX512-BF16, read here rather than from the runtime under test.
-fn cpu_has_avx512_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bf16");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 #[test]

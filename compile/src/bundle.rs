@@ -408,7 +408,8 @@ impl<'a> Job<'a> {
         let Some(v) = self.manifest.vae.as_ref().filter(|_| self.vae_bf16) else {
             return Ok(None);
         };
-        let mut names = Vec::new();
+        // Both graphs are read and moved before either is written: no twin without the other.
+        let mut moved = Vec::new();
         for f in [&v.encoder, &v.decoder] {
             let src = tmp.join(f);
             let mut m = v2l_graphs::read_model(&src).map_err(io(&src))?;
@@ -419,9 +420,12 @@ impl<'a> Job<'a> {
                 Some(stem) => format!("{stem}_bf16.onnx"),
                 None => format!("{f}_bf16.onnx"),
             };
-            write_graph(&tmp.join(&name), &m)?;
-            names.push(name);
+            moved.push((name, m));
         }
+        for (name, m) in &moved {
+            write_graph(&tmp.join(name), m)?;
+        }
+        let names: Vec<String> = moved.into_iter().map(|(n, _)| n).collect();
         files.extend(names.iter().cloned());
         let [encoder, decoder] =
             <[String; 2]>::try_from(names).map_err(|_| CompileError::Invalid {

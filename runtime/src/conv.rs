@@ -140,16 +140,15 @@ pub enum ConvError {
 }
 
 /// Weights prepared once per node for the kernel that runs them.
-pub struct Weights {
-    kernel: Kernel,
+pub enum Weights {
     /// bf16 pairs of input channels, `[cout][tap][cin pair]` (the bf16 kernel).
-    pairs: Vec<u32>,
+    Bf16(Vec<u32>),
     /// As given, `[cout][cin][tap]` (the f32 kernel).
-    plain: Vec<f32>,
+    Fp32(Vec<f32>),
 }
 
 impl Weights {
-    /// `w [cout, cin, taps…]` for `kernel`.
+    /// `w [cout, cin, taps…]` for `kernel` (f32 where bf16 is asked of a CPU without it).
     pub fn new(kernel: Kernel, shape: &Shape, w: &[f32]) -> Result<Weights, ConvError> {
         if w.len() != shape.weight_len() {
             return Err(ConvError::Shape(format!(
@@ -158,25 +157,26 @@ impl Weights {
                 w.len()
             )));
         }
-        let mut out = Weights {
-            kernel,
-            pairs: Vec::new(),
-            plain: Vec::new(),
-        };
-        match kernel {
+        Ok(match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Bf16 if bf16::available() => out.pairs = bf16::pack_weights(shape, w),
-            _ => {
-                out.kernel = Kernel::Fp32;
-                out.plain = w.to_vec();
-            }
-        }
-        Ok(out)
+            Kernel::Bf16 if bf16::available() => Weights::Bf16(bf16::pack_weights(shape, w)),
+            _ => Weights::Fp32(w.to_vec()),
+        })
     }
 
-    /// The kernel these weights run on (f32 where bf16 was asked of a CPU without it).
+    /// The kernel these weights run on.
     pub fn kernel(&self) -> Kernel {
-        self.kernel
+        match self {
+            Weights::Bf16(_) => Kernel::Bf16,
+            Weights::Fp32(_) => Kernel::Fp32,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Weights::Bf16(w) => w.len(),
+            Weights::Fp32(w) => w.len(),
+        }
     }
 }
 
@@ -205,11 +205,11 @@ pub fn conv(
             "{shape:?}: the kernel does not fit the padded input"
         )));
     }
-    let pack_len = match weights.kernel {
-        Kernel::Bf16 => shape.cout * shape.taps() * shape.cin.div_ceil(2),
-        Kernel::Fp32 => shape.weight_len(),
+    let pack_len = match weights {
+        Weights::Bf16(_) => shape.cout * shape.taps() * shape.cin.div_ceil(2),
+        Weights::Fp32(_) => shape.weight_len(),
     };
-    let held = weights.pairs.len() + weights.plain.len();
+    let held = weights.len();
     if x.len() != shape.input_len()
         || out.len() != shape.output_len()
         || held != pack_len
@@ -227,10 +227,13 @@ pub fn conv(
         )));
     }
     let dst = Out(out.as_mut_ptr());
-    match weights.kernel {
+    match weights {
+        // Only built where `bf16::available()` (`Weights::new`).
         #[cfg(target_arch = "x86_64")]
-        Kernel::Bf16 if bf16::available() => bf16::conv(shape, x, &weights.pairs, bias, dst, par),
-        _ => fp32::conv(shape, x, &weights.plain, bias, dst, par),
+        Weights::Bf16(w) => bf16::conv(shape, x, w, bias, dst, par),
+        #[cfg(not(target_arch = "x86_64"))]
+        Weights::Bf16(_) => unreachable!("bf16 weights are only packed on x86-64"),
+        Weights::Fp32(w) => fp32::conv(shape, x, w, bias, dst, par),
     }
     Ok(())
 }
@@ -318,21 +321,14 @@ impl Operator for ConvOp {
             weights: None,
         };
         // Constant weights are packed once here; the input's channel count is the weights'.
-        let constant = |i: usize| {
-            ctx.constant_input::<ort::value::DynTensorValueType>(i)
-                .ok()
-                .and_then(|v| {
-                    v.try_extract_tensor::<f32>()
-                        .ok()
-                        .map(|(s, d)| (s.to_vec(), d.to_vec()))
-                })
-        };
-        if let Some((ws, w)) = constant(1) {
-            let shape = k.shape_of(&ws, None)?;
-            k.weights = Some(
-                Weights::new(Kernel::detect(), &shape, &w)
-                    .map_err(|e| ort::Error::new(e.to_string()))?,
-            );
+        if let Ok(v) = ctx.constant_input::<ort::value::DynTensorValueType>(1) {
+            if let Ok((ws, w)) = v.try_extract_tensor::<f32>() {
+                let shape = k.shape_of(ws, None)?;
+                k.weights = Some(
+                    Weights::new(Kernel::detect(), &shape, w)
+                        .map_err(|e| ort::Error::new(e.to_string()))?,
+                );
+            }
         }
         Ok(k)
     }

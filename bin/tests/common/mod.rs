@@ -187,3 +187,44 @@ pub mod tolerance {
     /// Frames of an int8 engine against the fp32 engine's (mean absolute error on [0, 1]).
     pub const INT8_FRAMES_MAE: f64 = 2e-2;
 }
+
+/// `v2l-run --engine ENGINE stage STAGE --json --inputs INPUTS -o OUT`, with the environment
+/// variable `var` set to `fp32` when `force_fp32` (removed otherwise): its JSON line and its
+/// output `name`.
+pub fn run_stage(
+    engine: &Path,
+    stage: &str,
+    (inputs, out): (&Path, &Path),
+    name: &str,
+    (var, force_fp32): (&str, bool),
+) -> (serde_json::Value, Tensor) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+    c.arg("--engine")
+        .arg(engine)
+        .args(["stage", stage, "--json", "--inputs"])
+        .arg(inputs)
+        .arg("-o")
+        .arg(out);
+    if force_fp32 {
+        c.env(var, "fp32");
+    } else {
+        c.env_remove(var);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let json = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    (
+        json,
+        v2l_runtime::read_safetensors(out).unwrap()[name].clone(),
+    )
+}
+
+/// Whether this CPU has AVX512-BF16, read here rather than from the runtime under test.
+pub fn cpu_has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}

@@ -10,8 +10,8 @@ pub const V2L_CONV: &str = "Conv";
 
 /// The geometry `ai.v2l.Conv` runs, read from a `Conv`'s `kernel_shape` and `pads`: the kernel
 /// as `[frames, height, width]` (a 2-D kernel has one frame) and the zeros on both sides of
-/// height and of width. Refused: other ranks, kernels below 1, unequal pads, and padded time
-/// (the VAE pads time itself, with its frame caches).
+/// height and of width. Refused: other ranks, kernels below 1, unequal pads, pads not below the
+/// kernel's size, and padded time (the VAE pads time itself, with its frame caches).
 pub fn conv_geometry(
     kernel_shape: &[i64],
     pads: Option<&[i64]>,
@@ -37,8 +37,15 @@ pub fn conv_geometry(
             ))
         }
     };
-    let pad = |p: i64| usize::try_from(p).map_err(|_| format!("pads {p:?}: negative"));
-    Ok((kernel, [pad(ph)?, pad(pw)?]))
+    // A pad of the kernel's size or more adds only bias rows; refusing it also bounds the
+    // padded sizes by the weight's own.
+    let pad = |p: i64, k: usize| {
+        usize::try_from(p)
+            .ok()
+            .filter(|&p| p < k)
+            .ok_or_else(|| format!("pads {p}: from 0 to the kernel's size {k} minus 1"))
+    };
+    Ok((kernel, [pad(ph, kernel[1])?, pad(pw, kernel[2])?]))
 }
 
 /// Whether `ai.v2l.Conv` runs this node: a plain `Conv` with an f32 weight initializer and a
@@ -181,5 +188,14 @@ mod tests {
         );
         assert!(conv_geometry(&[3], None).is_err());
         assert!(conv_geometry(&[0, 3, 3], None).is_err());
+        assert!(
+            conv_geometry(&[3, 3], Some(&[3, 3, 3, 3])).is_err(),
+            "pads past the kernel"
+        );
+        assert!(
+            conv_geometry(&[3, 3], Some(&[-1, 1, -1, 1])).is_err(),
+            "negative pads"
+        );
+        assert!(conv_geometry(&[3, 3], Some(&[i64::MAX, 1, i64::MAX, 1])).is_err());
     }
 }

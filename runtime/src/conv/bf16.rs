@@ -27,11 +27,10 @@ pub(super) fn available() -> bool {
     crate::cpu::avx512_bf16()
 }
 
-/// Round-to-nearest-even bf16 bits of a finite f32.
+/// Round-to-nearest-even bf16 bits of an f32 (NaN stays NaN), as `vcvtneps2bf16` rounds.
 #[inline(always)]
-pub(super) fn bf16(x: f32) -> u32 {
-    let b = x.to_bits();
-    (b + 0x7fff + ((b >> 16) & 1)) >> 16
+fn bf16(x: f32) -> u32 {
+    u32::from(half::bf16::from_f32(x).to_bits())
 }
 
 /// Two channels' bf16 values as one `vdpbf16ps` pair.
