@@ -65,10 +65,14 @@ fn pool(threads: usize) -> impl Fn(usize, &(dyn Fn(usize) + Sync)) {
 #[cfg(target_arch = "x86_64")]
 fn peak(int8: bool, threads: usize) -> Option<f64> {
     use std::arch::x86_64::*;
+    /// Independent accumulators: enough to cover the instruction's latency at two per cycle,
+    /// few enough to stay in registers (24 were spilled to the stack, which halved the rate
+    /// this reported before 2026-11-26).
+    const CHAINS: usize = 16;
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn bf16_loop(iters: usize) -> f32 {
         let a: __m512bh = std::mem::transmute(_mm512_set1_epi16(0x3f80));
-        let mut acc = [_mm512_setzero_ps(); 24];
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
         for _ in 0..iters {
             for x in acc.iter_mut() {
                 *x = _mm512_dpbf16_ps(*x, a, a);
@@ -79,7 +83,7 @@ fn peak(int8: bool, threads: usize) -> Option<f64> {
     #[target_feature(enable = "avx512f,avx512vnni")]
     unsafe fn int8_loop(iters: usize) -> f32 {
         let a = _mm512_set1_epi8(1);
-        let mut acc = [_mm512_setzero_si512(); 24];
+        let mut acc = [_mm512_setzero_si512(); CHAINS];
         for _ in 0..iters {
             for x in acc.iter_mut() {
                 *x = _mm512_dpbusd_epi32(*x, a, a);
@@ -95,7 +99,7 @@ fn peak(int8: bool, threads: usize) -> Option<f64> {
     if !ok {
         return None;
     }
-    let iters = 2_000_000;
+    let iters = 20_000_000;
     // Each instruction: 16 lanes × (2 bf16 or 4 int8 products + adds) = 64 or 128 ops.
     let ops_per = if int8 { 128.0 } else { 64.0 };
     let t = std::time::Instant::now();
@@ -113,7 +117,7 @@ fn peak(int8: bool, threads: usize) -> Option<f64> {
             });
         }
     });
-    let ops = (threads.max(1) * iters * 24) as f64 * ops_per;
+    let ops = (threads.max(1) * iters * CHAINS) as f64 * ops_per;
     Some(ops / t.elapsed().as_secs_f64() / 1e9)
 }
 

@@ -13,8 +13,8 @@
 //!   `vdpbf16ps`, softmax in f32 with online rescaling;
 //! - [`Kernel::Int8`] where the graph asks for it (attribute `scores = "int8"`, written by
 //!   `v2l-compile --attention int8`) and the CPU has AVX512-VNNI and AVX512-BF16 ([`int8`]):
-//!   q·kᵀ in int8 by `vpdpbusd` with K smoothed and per-block scales, as SageAttention does;
-//!   softmax in f32 and p·v in bf16 as the bf16 kernel;
+//!   q·kᵀ in int8 by `vpdpbusd` with K smoothed as SageAttention does (and a scale per query
+//!   and per key); softmax in f32 and p·v in bf16 as the bf16 kernel;
 //! - [`Kernel::Fp32`] elsewhere, or when `V2L_ATTENTION=fp32` forces it ([`fp32`]): the same
 //!   blocking in f32.
 //!

@@ -11,6 +11,12 @@
 //!
 //! Scores exist only as one `BLOCK_ROWS × BLOCK_KEYS` tile. Rounding is the only difference
 //! from f32 attention: inputs and probabilities carry 8 significant bits, sums are f32.
+//!
+//! The softmax is a third of the work beside the two products, so it is kept lean: a row's
+//! running max moves only when a score passes it by more than [`LAZY`] (probabilities up to
+//! `2^LAZY`, exact after the final division), which skips the horizontal max and the rescale
+//! on almost every block; `exp2` is a degree-3 polynomial (7.5e-5 relative, below the bf16
+//! rounding of the probabilities, 2e-3, that follows).
 
 use std::arch::x86_64::*;
 
@@ -20,17 +26,13 @@ use super::{Head, BLOCK_KEYS, BLOCK_ROWS};
 pub(super) const LANES: usize = 16;
 /// K tiles (of 16 keys) per key block.
 pub(super) const TILES: usize = BLOCK_KEYS / LANES;
+/// How far (base 2) a score may rise above its row's running max before the max moves: the
+/// probabilities stay below `2^8`, far inside f32 and bf16 range.
+const LAZY: f32 = 8.0;
 
 /// Whether this CPU runs the kernel.
 pub(super) fn available() -> bool {
     crate::cpu::avx512_bf16()
-}
-
-/// Round-to-nearest-even bf16 bits of a finite f32.
-#[inline(always)]
-pub(super) fn bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// One head, as [`super::fp32::head`]; the caller checked [`available`].
@@ -48,38 +50,101 @@ pub(super) fn padded(h: &Head<'_>) -> (usize, usize) {
     )
 }
 
+/// Dims `16c..16c + 16` of a row as a vector, zeros past its end.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn row_vec(row: &[f32], c: usize) -> __m512 {
+    let n = row.len().saturating_sub(c * LANES).min(LANES);
+    // Lanes past `n` are neither read nor faulted on.
+    _mm512_maskz_loadu_ps(lane_mask(n), row.as_ptr().wrapping_add(c * LANES))
+}
+
+/// The first `n` (≤ 16) lanes.
+#[inline(always)]
+pub(super) fn lane_mask(n: usize) -> __mmask16 {
+    ((1u32 << n) - 1) as __mmask16
+}
+
+/// 16 f32 rounded to bf16 (nearest even), as 16 `u16` zero-extended into `u32` lanes.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn bf16_lanes(x: __m512) -> __m512i {
+    _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+        _mm512_cvtneps_pbh(x),
+    ))
+}
+
+/// Two rows' bf16 values side by side per lane: `lo | hi << 16` (a `vdpbf16ps` pair).
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn bf16_pairs(lo: __m512, hi: __m512) -> __m512i {
+    _mm512_or_si512(bf16_lanes(lo), _mm512_slli_epi32::<16>(bf16_lanes(hi)))
+}
+
+/// 32 consecutive dims (`lo`, then `hi`) rounded to bf16, as 16 `u32` pairs of neighbours.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn bf16_run(lo: __m512, hi: __m512) -> __m512i {
+    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+}
+
 /// How a kernel computes its scores: q·kᵀ for 4 query rows against one block of keys, as f32
-/// already multiplied by `scale · log2 e` (the softmax runs in base 2). The rest of the flash
-/// loop (softmax, p·v in bf16) is [`flash`]'s, shared by the kernels.
+/// that become base-2 logits once multiplied by their row's scale (the softmax runs in base 2
+/// and folds that multiply into its subtraction of the max). The rest of the flash loop
+/// (softmax, p·v in bf16) is [`flash`]'s, shared by the kernels.
+///
+/// A provider is only made where its kernel runs (its constructor's safety condition).
 pub(super) trait Scores {
     /// Prepares query rows `r0..r0 + rows` (the rest of the block are zero queries).
     fn load_queries(&mut self, h: &Head<'_>, r0: usize, rows: usize);
+    /// Each loaded row's factor from the tile's values to base-2 logits (positive; zero for
+    /// rows past those loaded is allowed).
+    fn row_scales(&self) -> &[f32; BLOCK_ROWS];
     /// Writes the scores of query rows `4g..4g + 4` of the loaded block against key block `kb`
     /// to `s` (4 rows of `BLOCK_KEYS`).
     ///
     /// # Safety
-    /// The CPU has the kernel's features; `s` has room for `4 · BLOCK_KEYS` values.
+    /// `s` has room for `4 · BLOCK_KEYS` values.
     unsafe fn tile(&self, g: usize, kb: usize, s: *mut f32);
 }
 
 /// The bf16 kernel's scores: K rounded to bf16 once, in the pair-interleaved layout
-/// `vdpbf16ps` reads (`[key/16][dim pair][16 keys][2]`), queries scaled then rounded.
+/// `vdpbf16ps` reads (`[key/16][dim pair][16 keys][2]`), queries scaled (by `scale · log2 e`,
+/// so the row scales are 1) then rounded.
 struct Bf16Scores {
-    kp: Vec<u16>,
+    kp: Vec<u32>,
     q: Vec<u32>,
     pairs: usize,
     qscale: f32,
+    ones: [f32; BLOCK_ROWS],
 }
 
 impl Bf16Scores {
-    fn new(h: &Head<'_>) -> Bf16Scores {
+    /// # Safety
+    /// The CPU has AVX512-BF16 ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn new(h: &Head<'_>) -> Bf16Scores {
         let (dp, kv_pad) = padded(h);
         let pairs = dp / 2;
-        let mut kp = vec![0u16; kv_pad * dp];
+        let mut kp = vec![0u32; kv_pad * pairs];
+        // Key `j`'s pair `p` goes to `[j / 16][p][j % 16]`: 16 pairs at a time, 16 apart.
+        let stride = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(LANES as i32),
+        );
         for j in 0..h.kv_len {
             let (tile, lane) = (j / LANES, j % LANES);
-            for (d, &x) in h.k_row(j).iter().enumerate() {
-                kp[((tile * pairs + d / 2) * LANES + lane) * 2 + d % 2] = bf16(x);
+            let row = h.k_row(j);
+            for c in 0..pairs.div_ceil(LANES) {
+                let words = bf16_run(row_vec(row, 2 * c), row_vec(row, 2 * c + 1));
+                let first = (tile * pairs + c * LANES) * LANES + lane;
+                let n = (pairs - c * LANES).min(LANES);
+                _mm512_mask_i32scatter_epi32::<4>(
+                    kp.as_mut_ptr().add(first).cast(),
+                    lane_mask(n),
+                    stride,
+                    words,
+                );
             }
         }
         Bf16Scores {
@@ -87,22 +152,41 @@ impl Bf16Scores {
             q: vec![0u32; BLOCK_ROWS * pairs],
             pairs,
             qscale: h.scale * std::f32::consts::LOG2_E,
+            ones: [1.0; BLOCK_ROWS],
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn load(&mut self, h: &Head<'_>, r0: usize, rows: usize) {
+        let pairs = self.pairs;
+        let scale = _mm512_set1_ps(self.qscale);
+        self.q.fill(0);
+        for r in 0..rows {
+            let qr = h.q_row(r0 + r);
+            for c in 0..pairs.div_ceil(LANES) {
+                let words = bf16_run(
+                    _mm512_mul_ps(row_vec(qr, 2 * c), scale),
+                    _mm512_mul_ps(row_vec(qr, 2 * c + 1), scale),
+                );
+                let n = (pairs - c * LANES).min(LANES);
+                _mm512_mask_storeu_epi32(
+                    self.q.as_mut_ptr().add(r * pairs + c * LANES).cast(),
+                    lane_mask(n),
+                    words,
+                );
+            }
         }
     }
 }
 
 impl Scores for Bf16Scores {
     fn load_queries(&mut self, h: &Head<'_>, r0: usize, rows: usize) {
-        let pairs = self.pairs;
-        self.q.fill(0);
-        for r in 0..rows {
-            let qr = h.q_row(r0 + r);
-            for p in 0..pairs {
-                let lo = qr.get(2 * p).map_or(0, |&x| bf16(x * self.qscale));
-                let hi = qr.get(2 * p + 1).map_or(0, |&x| bf16(x * self.qscale));
-                self.q[r * pairs + p] = lo as u32 | (hi as u32) << 16;
-            }
-        }
+        // SAFETY: made by `new`, whose condition is that the CPU has AVX512-BF16.
+        unsafe { self.load(h, r0, rows) }
+    }
+
+    fn row_scales(&self) -> &[f32; BLOCK_ROWS] {
+        &self.ones
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -111,7 +195,7 @@ impl Scores for Bf16Scores {
         scores_4x64(
             self.q.as_ptr().add(g * 4 * pairs),
             pairs,
-            self.kp.as_ptr().add(kb * TILES * pairs * LANES * 2),
+            self.kp.as_ptr().add(kb * TILES * pairs * LANES).cast(),
             s,
         );
     }
@@ -131,11 +215,20 @@ pub(super) unsafe fn flash(
     let (dp, kv_pad) = padded(h);
     let dtiles = dp / LANES;
     // V in the layout `vdpbf16ps` reads for p·v: `[key pair][dim/16][16 dims][2]`.
-    let mut vp = vec![0u16; kv_pad * dp];
-    for j in 0..h.kv_len {
-        let t = j / 2;
-        for (d, &x) in h.v_row(j).iter().enumerate() {
-            vp[((t * dtiles + d / LANES) * LANES + d % LANES) * 2 + j % 2] = bf16(x);
+    let mut vp = vec![0u32; kv_pad / 2 * dp];
+    let none: &[f32] = &[];
+    for t in 0..h.kv_len.div_ceil(2) {
+        let (even, odd) = (
+            h.v_row(2 * t),
+            if 2 * t + 1 < h.kv_len {
+                h.v_row(2 * t + 1)
+            } else {
+                none
+            },
+        );
+        for d in 0..dtiles {
+            let words = bf16_pairs(row_vec(even, d), row_vec(odd, d));
+            _mm512_storeu_si512(vp.as_mut_ptr().add((t * dtiles + d) * LANES).cast(), words);
         }
     }
     let mut scores = vec![0f32; BLOCK_ROWS * BLOCK_KEYS];
@@ -156,26 +249,45 @@ pub(super) unsafe fn flash(
         let groups = rows.div_ceil(4);
         for kb in 0..kv_pad / BLOCK_KEYS {
             let valid = (h.kv_len - kb * BLOCK_KEYS).min(BLOCK_KEYS);
+            // Padded keys: out of the max, zero probability.
+            let keep: [__mmask16; TILES] =
+                std::array::from_fn(|t| lane_mask(valid.saturating_sub(t * LANES).min(LANES)));
             for g in 0..groups {
                 scores_of.tile(g, kb, scores.as_mut_ptr().add(g * 4 * BLOCK_KEYS));
             }
+            let row_scales = scores_of.row_scales();
             for r in 0..rows {
-                let s = scores.as_mut_ptr().add(r * BLOCK_KEYS);
-                // Padded keys score -inf.
-                for j in valid..BLOCK_KEYS {
-                    *s.add(j) = f32::NEG_INFINITY;
+                let s = scores.as_ptr().add(r * BLOCK_KEYS);
+                let x: [__m512; TILES] = std::array::from_fn(|t| {
+                    _mm512_mask_loadu_ps(
+                        _mm512_set1_ps(f32::NEG_INFINITY),
+                        keep[t],
+                        s.add(t * LANES),
+                    )
+                });
+                let top = x[1..].iter().fold(x[0], |m, &y| _mm512_max_ps(m, y));
+                let qs = row_scales[r];
+                let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+                    _mm512_mul_ps(top, _mm512_set1_ps(qs)),
+                    _mm512_set1_ps(max[r] + LAZY),
+                );
+                if over != 0 {
+                    // The max moves to this block's (0 for the first block's alpha).
+                    let m_new = max[r].max(_mm512_reduce_max_ps(top) * qs);
+                    let alpha = (max[r] - m_new).exp2();
+                    max[r] = m_new;
+                    let a = _mm512_set1_ps(alpha);
+                    sum[r] = _mm512_mul_ps(sum[r], a);
+                    let row = acc.as_mut_ptr().add(r * dp);
+                    for d in 0..dtiles {
+                        let x = row.add(d * LANES);
+                        _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_loadu_ps(x), a));
+                    }
                 }
-                let mut m = _mm512_loadu_ps(s);
-                for t in 1..TILES {
-                    m = _mm512_max_ps(m, _mm512_loadu_ps(s.add(t * LANES)));
-                }
-                let m_new = max[r].max(_mm512_reduce_max_ps(m));
-                let alpha = (max[r] - m_new).exp2();
-                max[r] = m_new;
-                let mv = _mm512_set1_ps(m_new);
-                let mut l = _mm512_setzero_ps();
-                for t in 0..TILES {
-                    let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(s.add(t * LANES)), mv));
+                let (mv, qv) = (_mm512_set1_ps(max[r]), _mm512_set1_ps(qs));
+                let mut l = sum[r];
+                for (t, &xt) in x.iter().enumerate() {
+                    let p = exp2(_mm512_fmsub_ps(xt, qv, mv), keep[t]);
                     l = _mm512_add_ps(l, p);
                     let pb: __m256bh = _mm512_cvtneps_pbh(p);
                     _mm256_storeu_si256(
@@ -183,20 +295,15 @@ pub(super) unsafe fn flash(
                         std::mem::transmute::<__m256bh, __m256i>(pb),
                     );
                 }
-                sum[r] = _mm512_fmadd_ps(sum[r], _mm512_set1_ps(alpha), l);
-                if alpha != 1.0 {
-                    let a = _mm512_set1_ps(alpha);
-                    let row = acc.as_mut_ptr().add(r * dp);
-                    for d in 0..dtiles {
-                        let x = row.add(d * LANES);
-                        _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_loadu_ps(x), a));
-                    }
-                }
+                sum[r] = l;
             }
             for r in rows..groups * 4 {
                 probs[r * BLOCK_KEYS..(r + 1) * BLOCK_KEYS].fill(0);
             }
-            let v_block = vp.as_ptr().add(kb * (BLOCK_KEYS / 2) * dtiles * LANES * 2);
+            let v_block = vp
+                .as_ptr()
+                .add(kb * (BLOCK_KEYS / 2) * dtiles * LANES)
+                .cast::<u16>();
             for g in 0..groups {
                 let (p, a) = (
                     probs.as_ptr().add(g * 4 * BLOCK_KEYS),
@@ -290,26 +397,19 @@ fn bh(x: __m512i) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(x) }
 }
 
-/// `2^x` for `x ≤ 0` (scores minus their running max), to ~3e-6 relative (the result is
-/// rounded to bf16, 4e-3, next): `2^n · 2^f` with `n = round(x)`, `f ∈ [-½, ½]` by its Taylor
-/// series to degree 5.
+/// `2^x` in the lanes of `keep` (zero elsewhere), for `x ≤ LAZY` (scores minus their row's
+/// max): `2^n · 2^f` with `n = round(x)`, `f ∈ [-½, ½]` by a degree-3 polynomial fitted for
+/// relative error (7.5e-5 at most; the result is rounded to bf16, 2e-3, next). Far below the
+/// max, `2^n` underflows to zero by `vscalefps`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn exp2(x: __m512) -> __m512 {
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-126.0));
+unsafe fn exp2(x: __m512, keep: __mmask16) -> __m512 {
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm512_sub_ps(x, n);
-    const C: [f32; 6] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-    ];
-    let mut p = _mm512_set1_ps(C[5]);
-    for c in C[..5].iter().rev() {
+    const C: [f32; 4] = [0.999_928_1, 0.693_260_97, 0.242_610_54, 0.055_171_32];
+    let mut p = _mm512_set1_ps(C[3]);
+    for c in C[..3].iter().rev() {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
     }
-    _mm512_scalef_ps(p, n)
+    _mm512_maskz_scalef_ps(keep, p, n)
 }

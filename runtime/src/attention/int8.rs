@@ -7,14 +7,15 @@
 //! 2. K and Q are quantised to int8 with one scale per key and per query (max |x| / 127 over
 //!    its head dims, rounded to nearest): finer than SageAttention's per-block scales, for the
 //!    same cost here (one multiply per score), and 1.5× more accurate on Gaussian inputs.
-//! 3. `vpdpbusd` multiplies unsigned by signed bytes: queries are stored as `q + 128`, and the
-//!    extra `128 · Σk` of each key (summed once per head) is taken off each score.
-//! 4. The i32 sums times the two scales and `scale · log2 e` are the f32 scores the shared loop
-//!    takes from there.
+//! 3. `vpdpbusd` multiplies unsigned by signed bytes: queries are stored as `q + 128`, and each
+//!    score's sum starts at `-128 · Σk` of its key (summed once per head), which takes that off.
+//! 4. The i32 sums times the key's scale are the f32 scores the shared loop takes from there;
+//!    the query's scale times `scale · log2 e` is its row scale, which the softmax folds into
+//!    its subtraction of the max.
 
 use std::arch::x86_64::*;
 
-use super::bf16::{flash, padded, Scores, LANES, TILES};
+use super::bf16::{flash, lane_mask, padded, row_vec, Scores, LANES, TILES};
 use super::{Head, BLOCK_KEYS, BLOCK_ROWS};
 
 /// Whether this CPU runs the kernel: VNNI for the scores, BF16 for the shared loop's p·v.
@@ -28,25 +29,40 @@ pub(super) fn head(h: &Head<'_>, out: &mut dyn FnMut(usize, &[f32])) {
     unsafe { flash(h, out, Int8Scores::new(h)) }
 }
 
-/// Symmetric int8 codes of `x` at `scale` (`x / scale`, rounded, within ±127).
-fn quantise(x: f32, inv_scale: f32) -> i8 {
-    (x * inv_scale).round().clamp(-127.0, 127.0) as i8
+/// A row's symmetric int8 codes, 16 dims per vector: the largest |x| maps to 127 (scale 1
+/// for an all-zero row), rounded to nearest. Returns the scale; `code(c)` gets chunk `c`'s 16
+/// codes as i32 lanes (zeros past the row's end).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn quantise(x: &[__m512], mut code: impl FnMut(usize, __m512i)) -> f32 {
+    let top = x.iter().fold(_mm512_setzero_ps(), |m, &v| {
+        _mm512_max_ps(m, _mm512_abs_ps(v))
+    });
+    let max_abs = _mm512_reduce_max_ps(top);
+    let scale = if max_abs > 0.0 { max_abs / 127.0 } else { 1.0 };
+    let inv = _mm512_set1_ps(1.0 / scale);
+    let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+    for (c, &v) in x.iter().enumerate() {
+        // `vcvtps2dq` rounds to nearest even (the default MXCSR mode).
+        let q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+        code(c, _mm512_min_epi32(_mm512_max_epi32(q, lo), hi));
+    }
+    scale
 }
 
-/// The scale that maps the largest |x| to 127 (1 for an all-zero block).
-fn scale_of(max_abs: f32) -> f32 {
-    if max_abs > 0.0 {
-        max_abs / 127.0
-    } else {
-        1.0
-    }
+/// 16 i32 lanes within ±127 (plus `add`) as 16 bytes: 4 quads of consecutive dims.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bytes(codes: __m512i, add: i32) -> __m128i {
+    _mm512_cvtepi32_epi8(_mm512_add_epi32(codes, _mm512_set1_epi32(add)))
 }
 
 /// Smoothed, quantised keys in the layout `vpdpbusd` reads (`[key/16][dim quad][16 keys][4]`),
 /// each key's code sum and scale; the loaded query block as `q + 128` quads and their scales.
 struct Int8Scores {
-    kp: Vec<i8>,
-    /// `128 · Σ_d k[j][d]` per key: what the `+ 128` of the query codes adds to its score.
+    kp: Vec<u32>,
+    /// `-128 · Σ_d k[j][d]` per key: what the `+ 128` of the query codes adds to its score,
+    /// taken off by starting each score's sum there.
     kbias: Vec<i32>,
     kscale: Vec<f32>,
     q: Vec<u32>,
@@ -57,37 +73,49 @@ struct Int8Scores {
 }
 
 impl Int8Scores {
-    fn new(h: &Head<'_>) -> Int8Scores {
+    /// # Safety
+    /// The CPU runs the kernel ([`available`]).
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn new(h: &Head<'_>) -> Int8Scores {
         let (dp, kv_pad) = padded(h);
-        let dh = h.head_dim;
+        let chunks = dp / LANES;
         let quads = dp / 4;
-        // 1. The keys' mean over tokens.
-        let mut mean = vec![0f64; dh];
+        // 1. The keys' mean over tokens (its precision only sets the codes' range: any
+        //    common offset cancels in softmax).
+        let mut mean = vec![_mm512_setzero_ps(); chunks];
         for j in 0..h.kv_len {
-            for (m, &x) in mean.iter_mut().zip(h.k_row(j)) {
-                *m += f64::from(x);
+            let row = h.k_row(j);
+            for (c, m) in mean.iter_mut().enumerate() {
+                *m = _mm512_add_ps(*m, row_vec(row, c));
             }
         }
-        let mean: Vec<f32> = mean.iter().map(|m| (m / h.kv_len as f64) as f32).collect();
+        let inv_n = _mm512_set1_ps(1.0 / h.kv_len as f32);
+        for m in &mut mean {
+            *m = _mm512_mul_ps(*m, inv_n);
+        }
         // 2. One scale per key, codes in the VNNI layout, and each key's code sum.
         let mut kscale = vec![1f32; kv_pad];
-        let mut kp = vec![0i8; kv_pad * dp];
+        let mut kp = vec![0u32; kv_pad * quads];
         let mut kbias = vec![0i32; kv_pad];
-        let mut row = vec![0f32; dh];
+        let mut row = vec![_mm512_setzero_ps(); chunks];
+        let mut words = vec![0u32; quads];
         for j in 0..h.kv_len {
-            for ((r, &x), &k) in row.iter_mut().zip(h.k_row(j)).zip(&mean) {
-                *r = x - k;
+            let k = h.k_row(j);
+            for (c, (r, &m)) in row.iter_mut().zip(&mean).enumerate() {
+                // The mean only where the row has dims: pads stay zero.
+                let n = h.head_dim.saturating_sub(c * LANES).min(LANES);
+                *r = _mm512_maskz_sub_ps(lane_mask(n), row_vec(k, c), m);
             }
-            kscale[j] = scale_of(row.iter().fold(0f32, |m, x| m.max(x.abs())));
-            let inv = 1.0 / kscale[j];
-            let (tile, lane) = (j / LANES, j % LANES);
             let mut sum = 0i32;
-            for (d, &x) in row.iter().enumerate() {
-                let c = quantise(x, inv);
-                sum += i32::from(c);
-                kp[((tile * quads + d / 4) * LANES + lane) * 4 + d % 4] = c;
+            kscale[j] = quantise(&row, |c, codes| {
+                sum += _mm512_reduce_add_epi32(codes);
+                _mm_storeu_si128(words.as_mut_ptr().add(4 * c).cast(), bytes(codes, 0));
+            });
+            kbias[j] = -128 * sum;
+            let (tile, lane) = (j / LANES, j % LANES);
+            for (p, &w) in words.iter().enumerate() {
+                kp[(tile * quads + p) * LANES + lane] = w;
             }
-            kbias[j] = 128 * sum;
         }
         Int8Scores {
             kp,
@@ -99,40 +127,51 @@ impl Int8Scores {
             softmax_scale: h.scale * std::f32::consts::LOG2_E,
         }
     }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(&mut self, h: &Head<'_>, r0: usize, rows: usize) {
+        let quads = self.quads;
+        // Zero queries (`128` codes) past `rows`.
+        self.q.fill(0x8080_8080);
+        self.qscale.fill(0.0);
+        let mut x = vec![_mm512_setzero_ps(); quads / 4];
+        for r in 0..rows {
+            let qr = h.q_row(r0 + r);
+            for (c, v) in x.iter_mut().enumerate() {
+                *v = row_vec(qr, c);
+            }
+            let words = self.q.as_mut_ptr().add(r * quads);
+            let scale = quantise(&x, |c, codes| {
+                _mm_storeu_si128(words.add(4 * c).cast(), bytes(codes, 128));
+            });
+            self.qscale[r] = scale * self.softmax_scale;
+        }
+    }
 }
 
 impl Scores for Int8Scores {
     fn load_queries(&mut self, h: &Head<'_>, r0: usize, rows: usize) {
-        let quads = self.quads;
-        // Zero queries (`128` codes) past `rows`, and zero pads past the head dim.
-        self.q.fill(0x8080_8080);
-        self.qscale.fill(0.0);
-        for r in 0..rows {
-            let qr = h.q_row(r0 + r);
-            let scale = scale_of(qr.iter().fold(0f32, |m, x| m.max(x.abs())));
-            let inv = 1.0 / scale;
-            self.qscale[r] = scale * self.softmax_scale;
-            for p in 0..quads {
-                let mut word = 0u32;
-                for i in 0..4 {
-                    let c = qr.get(4 * p + i).map_or(0, |&x| quantise(x, inv));
-                    word |= u32::from((i32::from(c) + 128) as u8) << (8 * i);
-                }
-                self.q[r * quads + p] = word;
-            }
-        }
+        // SAFETY: made by `new`, whose condition is that the CPU runs the kernel.
+        unsafe { self.load(h, r0, rows) }
+    }
+
+    fn row_scales(&self) -> &[f32; BLOCK_ROWS] {
+        &self.qscale
     }
 
     #[target_feature(enable = "avx512f,avx512vnni")]
     unsafe fn tile(&self, g: usize, kb: usize, s: *mut f32) {
         let quads = self.quads;
         let q = self.q.as_ptr().add(g * 4 * quads);
-        let k = self.kp.as_ptr().add(kb * TILES * quads * LANES * 4);
-        let mut acc = [[_mm512_setzero_si512(); TILES]; 4];
+        let k = self.kp.as_ptr().add(kb * TILES * quads * LANES);
+        let bias = self.kbias.as_ptr().add(kb * BLOCK_KEYS);
+        let start: [__m512i; TILES] =
+            std::array::from_fn(|t| _mm512_loadu_si512(bias.add(t * LANES).cast()));
+        let mut acc = [start; 4];
         for p in 0..quads {
             let mut kv = [_mm512_setzero_si512(); TILES];
             for (t, x) in kv.iter_mut().enumerate() {
-                *x = _mm512_loadu_si512(k.add((t * quads + p) * LANES * 4).cast());
+                *x = _mm512_loadu_si512(k.add((t * quads + p) * LANES).cast());
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let qb = _mm512_set1_epi32(*q.add(r * quads + p) as i32);
@@ -141,17 +180,14 @@ impl Scores for Int8Scores {
                 }
             }
         }
-        let bias = self.kbias.as_ptr().add(kb * BLOCK_KEYS);
+        // The query's scale is its row scale, applied by the softmax.
         let kscale = self.kscale.as_ptr().add(kb * BLOCK_KEYS);
+        let ks: [__m512; TILES] = std::array::from_fn(|t| _mm512_loadu_ps(kscale.add(t * LANES)));
         for (r, row) in acc.iter().enumerate() {
-            let qs = _mm512_set1_ps(self.qscale[g * 4 + r]);
             for (t, a) in row.iter().enumerate() {
-                let b = _mm512_loadu_si512(bias.add(t * LANES).cast());
-                let ks = _mm512_mul_ps(qs, _mm512_loadu_ps(kscale.add(t * LANES)));
-                let exact = _mm512_sub_epi32(*a, b);
                 _mm512_storeu_ps(
                     s.add(r * BLOCK_KEYS + t * LANES),
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(exact), ks),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(*a), ks[t]),
                 );
             }
         }

@@ -282,3 +282,75 @@ fn the_int8_kernel_is_attention_within_1e_2_or_falls_back() {
 
 /// The int8 kernel's bound (issue 45): relative L2 per head against f32 attention.
 const INT8_TOLERANCE: f64 = 1e-2;
+
+/// Scores that rise along the keys (by 3 base-2 units per key block over the first six, by 12
+/// over the first two) or fall: a row's running max moves by less than the kernels' lazy margin
+/// within a few blocks and by more across them, so the probabilities are taken against a stale
+/// max (up to `2^8`) and rescaled when it moves. Every kernel this CPU runs is attention to its
+/// own bound. (The rise stops at 24 base-2 units: at 60, bf16 inputs alone leave 1.02e-2, in
+/// the kernel before the lazy max as after it.)
+#[test]
+fn scores_that_rise_along_the_keys_are_attention() {
+    let shape = Shape {
+        batch: 1,
+        q_len: 40,
+        kv_len: 640,
+        heads: 3,
+        head_dim: 64,
+    };
+    let (w, dh) = (shape.width(), shape.head_dim);
+    let scale = 1.0 / (dh as f32).sqrt();
+    // Natural-log rise per key of each head, and the key it stops at: q ≈ 1, so key j's
+    // score is about rate·min(j, stop).
+    let rise = [(3.0, 400), (12.0, 128), (-3.0, 640)]
+        .map(|(per_block, stop): (f32, usize)| (per_block / 64.0 / std::f32::consts::LOG2_E, stop));
+    let q: Vec<f32> = values(shape.q_len * w, 21, 0.3)
+        .iter()
+        .map(|x| x + 1.0)
+        .collect();
+    let mut k = values(shape.kv_len * w, 22, 0.3);
+    for j in 0..shape.kv_len {
+        for (h, &(rate, stop)) in rise.iter().enumerate() {
+            for x in &mut k[j * w + h * dh..][..dh] {
+                *x += rate * j.min(stop) as f32 / (dh as f32 * scale);
+            }
+        }
+    }
+    let v = values(shape.kv_len * w, 23, 1.0);
+    each_kernel_is_attention(shape, &q, &k, &v);
+
+    // A jump far past the margin: keys of the last block score 128 (natural), 185 base-2
+    // units, above the rest's 0, with every score exact in bf16. Taken against the first
+    // block's max, their probabilities would overflow f32.
+    let q = vec![1f32; shape.q_len * w];
+    let k: Vec<f32> = (0..shape.kv_len * w)
+        .map(|i| {
+            if i / w >= shape.kv_len - 64 {
+                16.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    each_kernel_is_attention(shape, &q, &k, &v);
+}
+
+/// Every kernel this CPU runs (f32, and what plain and int8 graphs get) is attention within
+/// its bound.
+fn each_kernel_is_attention(shape: Shape, q: &[f32], k: &[f32], v: &[f32]) {
+    let kernels = [
+        (Kernel::Fp32, F32_TOLERANCE),
+        (Kernel::detect(), BF16_TOLERANCE),
+        (Kernel::detect_int8(), INT8_TOLERANCE),
+    ];
+    for (kernel, bound) in kernels {
+        let e = error_of(kernel, shape, q, k, v);
+        // Where a kernel falls back to f32, f32's bound holds.
+        let bound = if kernel == Kernel::Fp32 {
+            F32_TOLERANCE
+        } else {
+            bound
+        };
+        assert!(e < bound, "{kernel:?}: {e:.2e}");
+    }
+}
