@@ -161,8 +161,8 @@ enum Command {
         /// Engine precision (as `v2l-compile --precision`)
         #[arg(long, default_value = "fp32")]
         precision: String,
-        /// The DiT's attention kernel (as `v2l-compile --attention`: ort or bf16; default: bf16
-        /// below fp32)
+        /// The DiT's attention kernel (as `v2l-compile --attention`: ort, bf16 or int8; default:
+        /// bf16 below fp32)
         #[arg(long)]
         attention: Option<String>,
         /// Static int8: calibrate on N generated samples (`v2l-compile --calibration-samples`)
