@@ -38,6 +38,10 @@ pub struct AttentionBench {
     /// Scratch directory for the two graphs
     #[arg(long, default_value = "target/v2l-bench-attention")]
     pub dir: PathBuf,
+    /// Skip the portable f32 kernel (the fallback of CPUs without AVX512-BF16, about 60
+    /// GFLOP/s here: two minutes a call at 17,776 tokens)
+    #[arg(long)]
+    pub no_f32_kernel: bool,
     #[arg(skip)]
     pub json: bool,
 }
@@ -102,23 +106,28 @@ fn peak(int8: bool, threads: usize) -> Option<f64> {
     let iters = 20_000_000;
     // Each instruction: 16 lanes × (2 bf16 or 4 int8 products + adds) = 64 or 128 ops.
     let ops_per = if int8 { 128.0 } else { 64.0 };
-    let t = std::time::Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(move || {
-                // SAFETY: the feature was detected above.
-                std::hint::black_box(unsafe {
-                    if int8 {
-                        int8_loop(iters)
-                    } else {
-                        bf16_loop(iters)
-                    }
-                })
-            });
-        }
-    });
     let ops = (threads.max(1) * iters * CHAINS) as f64 * ops_per;
-    Some(ops / t.elapsed().as_secs_f64() / 1e9)
+    // A peak is the best of a few runs: a thread started late or a core lent to another
+    // process only ever lowers one.
+    let rate = || {
+        let t = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(move || {
+                    // SAFETY: the feature was detected above.
+                    std::hint::black_box(unsafe {
+                        if int8 {
+                            int8_loop(iters)
+                        } else {
+                            bf16_loop(iters)
+                        }
+                    })
+                });
+            }
+        });
+        ops / t.elapsed().as_secs_f64() / 1e9
+    };
+    (0..3).map(|_| rate()).reduce(f64::max)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -175,6 +184,9 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
     }
     std::fs::create_dir_all(&b.dir)
         .map_err(|e| Failure::new(format!("{}: {e}", b.dir.display())))?;
+    // Before any session exists: ONNX Runtime's pool threads spin after a run and took a core
+    // from the loop (it read half the peak when measured last).
+    let (bf16_peak, int8_peak) = (peak(false, b.threads), peak(true, b.threads));
     let plain = b.dir.join("plain.onnx");
     save(
         &v2l_export::sdpa_graph(HEADS as i64, HEAD_DIM as i64),
@@ -254,7 +266,11 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
         } else {
             None
         };
-        let fp32_ms = direct(Kernel::Fp32)?;
+        let fp32_ms = if b.no_f32_kernel {
+            None
+        } else {
+            Some(direct(Kernel::Fp32)?)
+        };
         // Last, so that `out` holds its output: the int8 kernel against ONNX Runtime's f32.
         let int8_ms = if v2l_runtime::attention::int8_available() {
             Some(direct(Kernel::Int8)?)
@@ -277,13 +293,13 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
             "kernel_int8_ms": int8_ms, "kernel_int8_gflops": int8_ms.map(gflops),
             "kernel_int8_rel_l2": int8_rel,
             "int8_over_bf16": int8_ms.zip(bf16_ms).map(|(a, b)| a / b),
-            "kernel_fp32_ms": fp32_ms, "kernel_fp32_gflops": gflops(fp32_ms),
+            "kernel_fp32_ms": fp32_ms, "kernel_fp32_gflops": fp32_ms.map(gflops),
         }));
     }
     let gemm_tokens = b.tokens.first().copied().unwrap_or(1378);
     let roof = serde_json::json!({
-        "bf16_dpbf16_peak_gflops": peak(false, b.threads),
-        "int8_vnni_peak_gops": peak(true, b.threads),
+        "bf16_dpbf16_peak_gflops": bf16_peak,
+        "int8_vnni_peak_gops": int8_peak,
         "ort_f32_gemm_gflops": ort_gemm_gflops(&b.dir, gemm_tokens, &opts, b.repeat)?,
     });
     let report = serde_json::json!({
