@@ -3,7 +3,8 @@
 //! `ai.v2l.Attention` in a session, and v2l's kernels (bf16, int8, f32) called directly, with
 //! the int8 kernel's relative L2 against ONNX Runtime's f32 and its time over bf16's. Each in ms and
 //! GFLOP/s (4·B·H·S²·Dh), beside this CPU's ceilings: its bf16 `vdpbf16ps` and int8
-//! `vpdpbusd` peaks (measured by register-only loops) and ONNX Runtime's f32 GEMM rate.
+//! `vpdpbusd` peaks, the AVX2 cells an AVX2-only CPU multiplies with ([`crate::peaks`]) and
+//! ONNX Runtime's f32 GEMM rate.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use v2l_runtime::attention::{attend, Kernel, Qkv, Shape};
 use v2l_runtime::{Model, SessionOptions, Tensor};
 
 use crate::common::{cpu_facts, cpu_line, median_ms};
+use crate::peaks::{self, Cell};
 use crate::Failure;
 
 const HEADS: usize = 48;
@@ -62,77 +64,6 @@ fn pool(threads: usize) -> impl Fn(usize, &(dyn Fn(usize) + Sync)) {
             }
         });
     }
-}
-
-/// Peak multiply-add rate of `vdpbf16ps` (bf16) or `vpdpbusd` (int8) in GFLOP/s (GOP/s for
-/// int8) on `threads` threads: 24 independent accumulators, no memory traffic.
-#[cfg(target_arch = "x86_64")]
-fn peak(int8: bool, threads: usize) -> Option<f64> {
-    use std::arch::x86_64::*;
-    /// Independent accumulators: enough to cover the instruction's latency at two per cycle,
-    /// few enough to stay in registers (24 were spilled to the stack, which halved the rate
-    /// this reported before 2026-11-26).
-    const CHAINS: usize = 16;
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn bf16_loop(iters: usize) -> f32 {
-        let a: __m512bh = std::mem::transmute(_mm512_set1_epi16(0x3f80));
-        let mut acc = [_mm512_setzero_ps(); CHAINS];
-        for _ in 0..iters {
-            for x in acc.iter_mut() {
-                *x = _mm512_dpbf16_ps(*x, a, a);
-            }
-        }
-        acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
-    }
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn int8_loop(iters: usize) -> f32 {
-        let a = _mm512_set1_epi8(1);
-        let mut acc = [_mm512_setzero_si512(); CHAINS];
-        for _ in 0..iters {
-            for x in acc.iter_mut() {
-                *x = _mm512_dpbusd_epi32(*x, a, a);
-            }
-        }
-        acc.iter().map(|x| _mm512_reduce_add_epi32(*x) as f32).sum()
-    }
-    let ok = if int8 {
-        std::arch::is_x86_feature_detected!("avx512vnni")
-    } else {
-        std::arch::is_x86_feature_detected!("avx512bf16")
-    };
-    if !ok {
-        return None;
-    }
-    let iters = 20_000_000;
-    // Each instruction: 16 lanes × (2 bf16 or 4 int8 products + adds) = 64 or 128 ops.
-    let ops_per = if int8 { 128.0 } else { 64.0 };
-    let ops = (threads.max(1) * iters * CHAINS) as f64 * ops_per;
-    // A peak is the best of a few runs: a thread started late or a core lent to another
-    // process only ever lowers one.
-    let rate = || {
-        let t = std::time::Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(move || {
-                    // SAFETY: the feature was detected above.
-                    std::hint::black_box(unsafe {
-                        if int8 {
-                            int8_loop(iters)
-                        } else {
-                            bf16_loop(iters)
-                        }
-                    })
-                });
-            }
-        });
-        ops / t.elapsed().as_secs_f64() / 1e9
-    };
-    (0..3).map(|_| rate()).reduce(f64::max)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn peak(_int8: bool, _threads: usize) -> Option<f64> {
-    None
 }
 
 fn err(e: impl std::fmt::Display) -> Failure {
@@ -186,7 +117,9 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
         .map_err(|e| Failure::new(format!("{}: {e}", b.dir.display())))?;
     // Before any session exists: ONNX Runtime's pool threads spin after a run and took a core
     // from the loop (it read half the peak when measured last).
-    let (bf16_peak, int8_peak) = (peak(false, b.threads), peak(true, b.threads));
+    let peak = |cell| peaks::peak(cell, b.threads);
+    let (bf16_peak, int8_peak) = (peak(Cell::Bf16Dp), peak(Cell::Int8Vnni));
+    let avx2 = [Cell::F32FmaYmm, Cell::U8U8Ymm, Cell::U8S8Ymm, Cell::S8S8Ymm].map(peak);
     let plain = b.dir.join("plain.onnx");
     save(
         &v2l_export::sdpa_graph(HEADS as i64, HEAD_DIM as i64),
@@ -301,6 +234,10 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
         "bf16_dpbf16_peak_gflops": bf16_peak,
         "int8_vnni_peak_gops": int8_peak,
         "ort_f32_gemm_gflops": ort_gemm_gflops(&b.dir, gemm_tokens, &opts, b.repeat)?,
+        "avx2_f32_fma_peak_gflops": avx2[0],
+        "avx2_u8u8_peak_gops": avx2[1],
+        "avx2_u8s8_peak_gops": avx2[2],
+        "avx2_s8s8_peak_gops": avx2[3],
     });
     let report = serde_json::json!({
         "cpu": cpu_facts(), "threads": b.threads, "repeat": b.repeat, "heads": HEADS,
@@ -354,6 +291,13 @@ pub fn bench_attention(b: &AttentionBench) -> Result<(), Failure> {
         f(&roof["bf16_dpbf16_peak_gflops"]),
         f(&roof["int8_vnni_peak_gops"]),
         f(&roof["ort_f32_gemm_gflops"])
+    );
+    println!(
+        "AVX2 (ymm) cells: f32 FMA {} GFLOP/s, u8·u8 {} GOP/s, u8·s8 {} GOP/s (saturates), s8·s8 by vpsignb {} GOP/s",
+        f(&roof["avx2_f32_fma_peak_gflops"]),
+        f(&roof["avx2_u8u8_peak_gops"]),
+        f(&roof["avx2_u8s8_peak_gops"]),
+        f(&roof["avx2_s8s8_peak_gops"])
     );
     Ok(())
 }

@@ -17,6 +17,7 @@ pub mod fuse;
 pub mod gpu;
 pub mod hypernet;
 pub mod lora_batch;
+pub mod peaks;
 pub mod pipeline;
 pub mod scale;
 pub mod serve;
