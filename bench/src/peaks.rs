@@ -101,6 +101,14 @@ pub fn peak(_cell: Cell, _threads: usize) -> Option<f64> {
     None
 }
 
+/// `$ins DST, SRC, SRC` for each destination: one instruction of each chain.
+#[cfg(target_arch = "x86_64")]
+macro_rules! chains {
+    ($ins:literal, $src:literal; $($dst:literal),+) => {
+        concat!($($ins, " ", $dst, ", ", $src, ", ", $src, "\n"),+)
+    };
+}
+
 /// The loops are `asm!`: the compiler may not hoist a product of constant operands out of
 /// them, nor spill an accumulator (16 of them were spilled to the stack once, which halved
 /// the rate this reported before 2026-11-26).
@@ -108,56 +116,36 @@ pub fn peak(_cell: Cell, _threads: usize) -> Option<f64> {
 mod avx512 {
     use std::arch::asm;
 
-    /// 16 `vdpbf16ps` chains (latency covered at two per cycle).
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn bf16(iters: usize) {
-        asm!(
-            "vpxord zmm16, zmm16, zmm16",
-            "2:",
-            "vdpbf16ps zmm0, zmm16, zmm16", "vdpbf16ps zmm1, zmm16, zmm16",
-            "vdpbf16ps zmm2, zmm16, zmm16", "vdpbf16ps zmm3, zmm16, zmm16",
-            "vdpbf16ps zmm4, zmm16, zmm16", "vdpbf16ps zmm5, zmm16, zmm16",
-            "vdpbf16ps zmm6, zmm16, zmm16", "vdpbf16ps zmm7, zmm16, zmm16",
-            "vdpbf16ps zmm8, zmm16, zmm16", "vdpbf16ps zmm9, zmm16, zmm16",
-            "vdpbf16ps zmm10, zmm16, zmm16", "vdpbf16ps zmm11, zmm16, zmm16",
-            "vdpbf16ps zmm12, zmm16, zmm16", "vdpbf16ps zmm13, zmm16, zmm16",
-            "vdpbf16ps zmm14, zmm16, zmm16", "vdpbf16ps zmm15, zmm16, zmm16",
-            "dec {n}",
-            "jnz 2b",
-            n = inout(reg) iters => _,
-            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
-            out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
-            out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
-            out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
-            out("zmm16") _,
-            options(nostack, nomem),
-        );
+    /// A loop of 16 independent `$ins zmmN, zmm16, zmm16` chains (latency covered at two per
+    /// cycle).
+    macro_rules! zmm_loop {
+        ($iters:expr, $ins:literal) => {
+            asm!(
+                "vpxord zmm16, zmm16, zmm16",
+                "2:",
+                chains!($ins, "zmm16"; "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6",
+                    "zmm7", "zmm8", "zmm9", "zmm10", "zmm11", "zmm12", "zmm13", "zmm14", "zmm15"),
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) $iters => _,
+                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
+                out("zmm16") _,
+                options(nostack, nomem),
+            )
+        };
     }
 
-    /// 16 `vpdpbusd` chains.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn bf16(iters: usize) {
+        zmm_loop!(iters, "vdpbf16ps");
+    }
+
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub(super) unsafe fn vnni(iters: usize) {
-        asm!(
-            "vpxord zmm16, zmm16, zmm16",
-            "2:",
-            "vpdpbusd zmm0, zmm16, zmm16", "vpdpbusd zmm1, zmm16, zmm16",
-            "vpdpbusd zmm2, zmm16, zmm16", "vpdpbusd zmm3, zmm16, zmm16",
-            "vpdpbusd zmm4, zmm16, zmm16", "vpdpbusd zmm5, zmm16, zmm16",
-            "vpdpbusd zmm6, zmm16, zmm16", "vpdpbusd zmm7, zmm16, zmm16",
-            "vpdpbusd zmm8, zmm16, zmm16", "vpdpbusd zmm9, zmm16, zmm16",
-            "vpdpbusd zmm10, zmm16, zmm16", "vpdpbusd zmm11, zmm16, zmm16",
-            "vpdpbusd zmm12, zmm16, zmm16", "vpdpbusd zmm13, zmm16, zmm16",
-            "vpdpbusd zmm14, zmm16, zmm16", "vpdpbusd zmm15, zmm16, zmm16",
-            "dec {n}",
-            "jnz 2b",
-            n = inout(reg) iters => _,
-            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
-            out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
-            out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
-            out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
-            out("zmm16") _,
-            options(nostack, nomem),
-        );
+        zmm_loop!(iters, "vpdpbusd");
     }
 }
 
@@ -175,14 +163,8 @@ mod avx2 {
         asm!(
             "vxorps ymm15, ymm15, ymm15",
             "2:",
-            "vfmadd231ps ymm0, ymm15, ymm15", "vfmadd231ps ymm1, ymm15, ymm15",
-            "vfmadd231ps ymm2, ymm15, ymm15", "vfmadd231ps ymm3, ymm15, ymm15",
-            "vfmadd231ps ymm4, ymm15, ymm15", "vfmadd231ps ymm5, ymm15, ymm15",
-            "vfmadd231ps ymm6, ymm15, ymm15", "vfmadd231ps ymm7, ymm15, ymm15",
-            "vfmadd231ps ymm8, ymm15, ymm15", "vfmadd231ps ymm9, ymm15, ymm15",
-            "vfmadd231ps ymm10, ymm15, ymm15", "vfmadd231ps ymm11, ymm15, ymm15",
-            "vfmadd231ps ymm0, ymm15, ymm15", "vfmadd231ps ymm1, ymm15, ymm15",
-            "vfmadd231ps ymm2, ymm15, ymm15", "vfmadd231ps ymm3, ymm15, ymm15",
+            chains!("vfmadd231ps", "ymm15"; "ymm0", "ymm1", "ymm2", "ymm3", "ymm4", "ymm5",
+                "ymm6", "ymm7", "ymm8", "ymm9", "ymm10", "ymm11", "ymm0", "ymm1", "ymm2", "ymm3"),
             "dec {n}",
             "jnz 2b",
             n = inout(reg) iters => _,
@@ -219,21 +201,23 @@ mod avx2 {
         };
     }
 
-    /// ymm12, ymm13: the data; ymm14: words of 1.
+    /// `vpaddd`: temporary `$t` into accumulator `$a`.
+    macro_rules! add {
+        ($a:literal, $t:literal) => {
+            concat!("vpaddd ymm", $a, ", ymm", $a, ", ymm", $t, "\n")
+        };
+    }
+    /// `vpmaddwd` by words of 1 (ymm14): the temporary's int16 pair sums, widened to int32.
+    macro_rules! widen {
+        ($t:literal) => {
+            concat!("vpmaddwd ymm", $t, ", ymm", $t, ", ymm14\n")
+        };
+    }
+
+    // The cells; ymm12 and ymm13 hold the data.
     macro_rules! u8u8_cell {
         ($a:literal, $t:literal) => {
-            concat!(
-                "vpmaddwd ymm",
-                $t,
-                ", ymm12, ymm13\n",
-                "vpaddd ymm",
-                $a,
-                ", ymm",
-                $a,
-                ", ymm",
-                $t,
-                "\n",
-            )
+            concat!("vpmaddwd ymm", $t, ", ymm12, ymm13\n", add!($a, $t))
         };
     }
     macro_rules! u8s8_cell {
@@ -242,18 +226,8 @@ mod avx2 {
                 "vpmaddubsw ymm",
                 $t,
                 ", ymm12, ymm13\n",
-                "vpmaddwd ymm",
-                $t,
-                ", ymm",
-                $t,
-                ", ymm14\n",
-                "vpaddd ymm",
-                $a,
-                ", ymm",
-                $a,
-                ", ymm",
-                $t,
-                "\n",
+                widen!($t),
+                add!($a, $t)
             )
         };
     }
@@ -268,18 +242,8 @@ mod avx2 {
                 ", ymm12, ymm",
                 $t,
                 "\n",
-                "vpmaddwd ymm",
-                $t,
-                ", ymm",
-                $t,
-                ", ymm14\n",
-                "vpaddd ymm",
-                $a,
-                ", ymm",
-                $a,
-                ", ymm",
-                $t,
-                "\n",
+                widen!($t),
+                add!($a, $t)
             )
         };
     }
