@@ -52,7 +52,7 @@ impl Cell {
         }
     }
 
-    /// Runs `iters` iterations of `CELLS` independent cells; returns nothing useful.
+    /// Runs `iters` iterations of `CELLS` independent cells.
     ///
     /// # Safety
     /// The CPU must have the cell's instructions ([`Cell::runs`]).
