@@ -95,6 +95,7 @@ pub fn bench_cache(b: &CacheBench) -> Result<(), Failure> {
         layers: b.layers,
         precision: b.precision.clone(),
         attention: None,
+        int8_linears: None,
         calibration_samples: None,
         cases: vec![(frames, h, w)],
         torch_python: None,

@@ -16,6 +16,7 @@ pub mod e2e;
 pub mod fuse;
 pub mod gpu;
 pub mod hypernet;
+pub mod int8_gemm;
 pub mod lora_batch;
 pub mod peaks;
 pub mod pipeline;

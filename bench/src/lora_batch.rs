@@ -88,6 +88,7 @@ pub fn bench_lora_batch(b: &LoraBatchBench) -> Result<(), Failure> {
         layers: 1,
         precision: "fp32".into(),
         attention: None,
+        int8_linears: None,
         calibration_samples: None,
         cases: vec![],
         torch_python: None,

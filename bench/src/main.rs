@@ -86,6 +86,14 @@ enum Command {
     ///   v2l-bench attention --tokens 1378,5626 --repeat 3 --json
     #[command(verbatim_doc_comment)]
     Attention(v2l_bench::attention::AttentionBench),
+    /// An int8 engine's linear at the DiT's shapes: ONNX Runtime's DynamicQuantizeMatMul
+    /// against v2l's ai.v2l.QMatMul (vpdpbusd, AVX512-VNNI), the same quantised graph before
+    /// and after the pass v2l-compile applies, in ms and GOP/s beside this CPU's int8 peak
+    ///
+    /// Example:
+    ///   v2l-bench int8-gemm --rows 11252 --repeat 3 --json
+    #[command(verbatim_doc_comment)]
+    Int8Gemm(v2l_bench::int8_gemm::Int8GemmBench),
     /// The VAE decoder's 3×3×3 convolutions at a decode's sizes: ONNX Runtime's f32 Conv
     /// against v2l's ai.v2l.Conv (bf16 on AVX512-BF16), in ms and GFLOP/s, with the
     /// relative L2 between them
@@ -165,6 +173,9 @@ enum Command {
         /// bf16 below fp32)
         #[arg(long)]
         attention: Option<String>,
+        /// The int8 engine's linears (as `v2l-compile --int8-linears`: v2l or ort; default: v2l)
+        #[arg(long, value_name = "OP")]
+        int8_linears: Option<String>,
         /// Static int8: calibrate on N generated samples (`v2l-compile --calibration-samples`)
         #[arg(long, value_name = "N")]
         calibration_samples: Option<u32>,
@@ -289,6 +300,7 @@ fn main() -> ExitCode {
             layers,
             precision,
             attention,
+            int8_linears,
             calibration_samples,
             frames,
             height,
@@ -324,6 +336,7 @@ fn main() -> ExitCode {
                 layers,
                 precision,
                 attention,
+                int8_linears,
                 calibration_samples,
                 cases,
                 torch_python,
@@ -337,6 +350,10 @@ fn main() -> ExitCode {
         Command::Conv(mut b) => {
             b.json = cli.json;
             v2l_bench::conv::bench_conv(&b)
+        }
+        Command::Int8Gemm(mut b) => {
+            b.json = cli.json;
+            v2l_bench::int8_gemm::bench_int8_gemm(&b)
         }
         Command::Attention(mut b) => {
             b.json = cli.json;

@@ -26,6 +26,8 @@ pub struct ScaleBench {
     pub precision: String,
     /// `v2l-compile --attention` (its default when `None`).
     pub attention: Option<String>,
+    /// `v2l-compile --int8-linears` (its default when `None`).
+    pub int8_linears: Option<String>,
     pub calibration_samples: Option<u32>,
     /// (pixel frames, height, width) per case.
     pub cases: Vec<(usize, usize, usize)>,
@@ -217,6 +219,11 @@ pub fn prepare(b: &ScaleBench, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf, 
                     .flat_map(|a| ["--attention".to_string(), a.clone()]),
             )
             .args(
+                b.int8_linears
+                    .iter()
+                    .flat_map(|a| ["--int8-linears".to_string(), a.clone()]),
+            )
+            .args(
                 b.calibration_samples
                     .map(|n| vec!["--calibration-samples".to_string(), n.to_string()])
                     .unwrap_or_default(),
@@ -335,7 +342,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         };
         let j = last_json(&once.stdout)?;
         let mut row = serde_json::json!({
-            "layers": b.layers, "precision": b.precision, "attention": j["attention"],
+            "layers": b.layers, "precision": b.precision, "attention": j["attention"], "int8_gemm": j["int8_gemm"],
             "calibration_samples": b.calibration_samples, "frames": frames, "height": h,
             "width": w, "tokens": tokens, "ms": steps["run_ms"], "runs_ms": steps["runs_ms"],
             "first_ms": j["run_ms"], "process_s": process_s, "process_runs_s": process_runs_s,

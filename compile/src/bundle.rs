@@ -116,6 +116,9 @@ pub struct Options<'a> {
     /// Whether the VAE's convolutions get v2l's bf16 operator ([`default_vae_bf16`] when
     /// `None`): graphs written beside the export's, which CPUs without AVX512-BF16 load.
     pub vae_bf16: Option<bool>,
+    /// int8 CPU engines with s8 weights: keep ONNX Runtime's `DynamicQuantizeMatMul` instead
+    /// of v2l's `ai.v2l.QMatMul` (the default, with v2l's attention).
+    pub ort_int8_linears: bool,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -182,6 +185,7 @@ pub fn compile_with(
     }
     job.max_rank = lora_max_rank(backend, opts.max_rank, &job.manifest);
     job.attention = attention;
+    job.ort_int8_linears = opts.ort_int8_linears;
     job.vae_bf16 = opts
         .vae_bf16
         .unwrap_or_else(|| default_vae_bf16(backend, precision));
@@ -244,6 +248,8 @@ struct Job<'a> {
     int8_scheme: Int8Scheme,
     /// The VAE gets graphs on v2l's bf16 convolution.
     vae_bf16: bool,
+    /// s8 dynamic int8 linears stay on ONNX Runtime's operator.
+    ort_int8_linears: bool,
 }
 
 /// What the DiT steps add to the bundle.
@@ -259,6 +265,8 @@ struct DitBuild {
     emulated: Option<PathBuf>,
     /// The VAE's graphs on v2l's bf16 convolution, when written.
     vae_bf16: Option<VaeGraphs>,
+    /// Whether the DiT's graphs call `ai.v2l.QMatMul`.
+    v2l_int8_gemm: bool,
 }
 
 impl<'a> Job<'a> {
@@ -289,6 +297,7 @@ impl<'a> Job<'a> {
             attention: Attention::Ort,
             vae_bf16: false,
             int8_scheme: Int8Scheme::U8U8,
+            ort_int8_linears: false,
         })
     }
 
@@ -577,9 +586,10 @@ impl<'a> Job<'a> {
 
     /// Writes the DiT graph `file` of variant `variant` (its feed-forward chunked when
     /// `chunked`). With v2l's attention (`Options::attention`) the graph calls
-    /// `ai.v2l.Attention`, and its twin on ONNX Runtime's attention is written beside it as
-    /// variant `<variant>.ort`, which CPUs without AVX512-BF16 load instead (the weights are
-    /// shared: external data, or small).
+    /// `ai.v2l.Attention` (and its s8 dynamic int8 linears `ai.v2l.QMatMul`), and its twin on
+    /// ONNX Runtime's attention and linears is written beside it as variant `<variant>.ort`,
+    /// which CPUs without AVX512-BF16 load instead (the weights are shared: external data, or
+    /// small).
     fn write_dit_graph(
         &self,
         tmp: &Path,
@@ -605,6 +615,10 @@ impl<'a> Job<'a> {
         out.variants.insert(DitVariant::of(graph).twin(), twin);
         let mut ours = model.clone();
         v2l_graphs::passes::v2l_attention(&mut ours, self.attention == Attention::Int8);
+        // Dynamic int8 linears with s8 weights (`u8s8`) go onto v2l's VNNI GEMM with it.
+        if !self.ort_int8_linears && v2l_graphs::passes::v2l_qmatmul(&mut ours) > 0 {
+            out.v2l_int8_gemm = true;
+        }
         write(&tmp.join(file), &ours)
     }
 
@@ -694,6 +708,7 @@ impl<'a> Job<'a> {
                 producer: String::new(),
                 accuracy: Vec::new(),
                 int8_scheme: self.recorded_int8_scheme(),
+                v2l_int8_gemm: dit.v2l_int8_gemm,
                 calibration: dit.calibration.clone(),
                 pipeline: None,
                 vae_bf16: dit.vae_bf16.clone(),
@@ -739,6 +754,7 @@ impl<'a> Job<'a> {
             producer: format!("v2l {}", env!("CARGO_PKG_VERSION")),
             accuracy: dit.accuracy,
             int8_scheme: self.recorded_int8_scheme(),
+            v2l_int8_gemm: dit.v2l_int8_gemm,
             calibration: dit.calibration,
             // A DiT-less export has none; a DiT of no known kind was refused before the build.
             pipeline: self.manifest.pipeline_kind().ok(),

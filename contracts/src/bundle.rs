@@ -199,6 +199,11 @@ pub struct Bundle {
     /// s8 weights, as [`Int8Scheme::U8S8`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub int8_scheme: Option<Int8Scheme>,
+    /// int8 CPU engines with s8 weights: the DiT's dynamic int8 linears call v2l's
+    /// `ai.v2l.QMatMul` (AVX512-VNNI) instead of ONNX Runtime's `DynamicQuantizeMatMul`;
+    /// the `.ort` twins keep ONNX Runtime's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub v2l_int8_gemm: bool,
     /// The pipeline the engine deploys ([`crate::PipelineKind`], from its manifest); `None`
     /// for engines compiled before it was recorded (and DiT-less bundles).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -725,6 +730,7 @@ mod tests {
                 }),
             }],
             int8_scheme: Some(Int8Scheme::U8U8),
+            v2l_int8_gemm: false,
             calibration: None,
             pipeline: None,
             vae_bf16: None,

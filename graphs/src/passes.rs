@@ -16,6 +16,7 @@ mod conv;
 mod data_file;
 mod gelu;
 mod precision;
+mod qmatmul;
 mod quantize;
 mod schedule;
 pub use attention::{fuse_attention, v2l_attention, MS_DOMAIN, V2L_ATTENTION, V2L_DOMAIN};
@@ -25,6 +26,7 @@ pub use gelu::fuse_gelu;
 pub use precision::{
     keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile, KEEP_IN_FP32,
 };
+pub use qmatmul::{v2l_qmatmul, V2L_QMATMUL};
 pub use quantize::{quantize_linears, use_quantized_weights, QuantScheme, Quantized, WeightQuant};
 pub use schedule::carried_outputs_first;
 

@@ -35,7 +35,7 @@ use ort::operator::{
     ComputeContext, Kernel as OrtKernel, KernelContext, Operator, OperatorInput, OperatorOutput,
     ShapeInferenceContext,
 };
-use ort::value::{TensorElementType, ValueType};
+use ort::value::{SymbolicDimensions, TensorElementType, ValueType};
 
 /// The custom-op domain and name `v2l-compile` writes into low-precision CPU graphs.
 pub const DOMAIN: &str = "ai.v2l";
@@ -248,6 +248,23 @@ pub fn attend(
     Ok(())
 }
 
+/// An output's dimension names for `shape`: an unnamed unknown dimension gets a fresh name;
+/// left as -1 it would read as the value -1 to the shape arithmetic after it.
+pub(crate) fn named(shape: &[i64], symbols: &[String]) -> SymbolicDimensions {
+    static FRESH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| match symbols.get(i) {
+            Some(s) if !s.is_empty() || d >= 0 => s.clone(),
+            _ => format!(
+                "v2l_dim_{}",
+                FRESH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        })
+        .collect()
+}
+
 /// The operator, for the session's `ai.v2l` domain.
 pub(crate) struct AttentionOp;
 
@@ -273,10 +290,8 @@ impl Operator for AttentionOp {
     }
 
     /// The output is the query's type and shape: graphs that need every shape (a chunked
-    /// feed-forward's `Scan` body) stay valid. An unnamed unknown dimension gets a fresh name:
-    /// left as -1 it would read as the value -1 to the shape arithmetic after it.
+    /// feed-forward's `Scan` body) stay valid ([`named`] dimensions).
     fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
-        static FRESH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let query = ctx
             .inputs()
             .into_iter()
@@ -287,24 +302,11 @@ impl Operator for AttentionOp {
                 ty,
                 shape,
                 dimension_symbols,
-            } => {
-                let symbols = shape
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| match dimension_symbols.get(i) {
-                        Some(s) if !s.is_empty() || d >= 0 => s.clone(),
-                        _ => format!(
-                            "v2l_attention_{}",
-                            FRESH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                        ),
-                    })
-                    .collect();
-                ValueType::Tensor {
-                    ty,
-                    shape,
-                    dimension_symbols: symbols,
-                }
-            }
+            } => ValueType::Tensor {
+                ty,
+                dimension_symbols: named(&shape, &dimension_symbols),
+                shape,
+            },
             other => other,
         };
         ctx.set_output(0, &out)

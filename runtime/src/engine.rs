@@ -286,6 +286,23 @@ impl Engine {
         }
     }
 
+    /// What the DiT's int8 linears run on in this process, for `v2l-run --json`: `None` for
+    /// engines without dynamic int8 linears on v2l's operator, else `v2l (AVX512-VNNI)`, or
+    /// `ort (fallback: …)` where this CPU loads the `.ort` twins.
+    pub fn int8_gemm(&self) -> Option<String> {
+        self.bundle.as_ref().filter(|b| b.v2l_int8_gemm)?;
+        Some(if self.attention_fallback() {
+            format!(
+                "ort (fallback: {})",
+                crate::attention::Kernel::detect().reason()
+            )
+        } else if crate::qgemm::available() {
+            "v2l (AVX512-VNNI)".into()
+        } else {
+            "v2l portable (no AVX512-VNNI)".into()
+        })
+    }
+
     /// The VAE graph files this process loads: the bundle's on v2l's bf16 convolution
     /// (`vae_bf16`) where this CPU runs its bf16 kernel (AVX512-BF16, `V2L_CONV` not `fp32`),
     /// else the manifest's f32 graphs.

@@ -47,6 +47,7 @@ pub mod lora;
 pub mod ort_env;
 pub mod pipeline;
 pub mod predict;
+pub mod qgemm;
 pub mod request;
 pub mod rope;
 pub mod scheduler;

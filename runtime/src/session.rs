@@ -551,11 +551,13 @@ fn from_ort(v: &ort::value::DynValueRef<'_>) -> ort::Result<Tensor> {
 }
 
 /// The `ai.v2l` operator domain, registered with every session: v2l's attention
-/// ([`crate::attention`]) and the VAE's bf16 convolution ([`crate::conv`]).
+/// ([`crate::attention`]), the VAE's bf16 convolution ([`crate::conv`]) and the int8 linears
+/// ([`crate::qgemm`]).
 fn v2l_domain() -> ort::Result<ort::operator::OperatorDomain> {
     ort::operator::OperatorDomain::new(crate::attention::DOMAIN)?
         .add(crate::attention::AttentionOp)?
-        .add(crate::conv::ConvOp)
+        .add(crate::conv::ConvOp)?
+        .add(crate::qgemm::QMatMulOp)
 }
 
 #[cfg(test)]

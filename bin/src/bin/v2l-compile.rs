@@ -95,10 +95,22 @@ struct Cli {
     /// engine is refused (so is compiling it)
     #[arg(long, value_enum, value_name = "SCHEME")]
     int8_gemm: Option<Int8GemmArg>,
+    /// int8 cpu engines with s8 weights (`u8s8`): which operator runs the DiT's linears.
+    /// `v2l` (default): v2l's own `vpdpbusd` kernel (the same products and the same output as
+    /// ONNX Runtime's, about 1.7x its speed); `ort`: ONNX Runtime's DynamicQuantizeMatMul.
+    /// CPUs without AVX512-BF16 load graphs on ONNX Runtime's operators either way
+    #[arg(long, value_enum, value_name = "OP", default_value = "v2l")]
+    int8_linears: Int8LinearsArg,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
     report: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Int8LinearsArg {
+    V2l,
+    Ort,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -191,6 +203,7 @@ fn main() -> ExitCode {
                     Int8GemmArg::U8s8 => Some(Int8Scheme::U8S8),
                 }),
                 vae_bf16: cli.vae_conv.map(|v| matches!(v, VaeConvArg::Bf16)),
+                ort_int8_linears: matches!(cli.int8_linears, Int8LinearsArg::Ort),
             },
         )
         .map_err(Failure::from)?;

@@ -434,6 +434,7 @@ fn main() -> ExitCode {
                         serde_json::json!({
                             "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
                             "runs_ms": run.runs_ms, "attention": dir.attention(),
+                            "int8_gemm": dir.int8_gemm(),
                             "vae_conv": dir.vae_conv(),
                             "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                             "machine": v2l_runtime::cpu::this(),
@@ -643,9 +644,10 @@ fn generate(
     pipeline.set_vae_tiling(g.vae_tiling.into());
     let req = built.request;
     let e = pipeline.engine();
-    let (kind, attention, vae_conv, compiled_on) = (
+    let (kind, attention, int8_gemm, vae_conv, compiled_on) = (
         e.pipeline_kind()?,
         e.attention(),
+        e.int8_gemm(),
         e.vae_conv(),
         e.compiled_on().cloned(),
     );
@@ -680,7 +682,8 @@ fn generate(
                 "stage_peak_rss_mb": stages.peak_rss_mb, "dit_steps_ms": stages.steps_ms,
                 "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
                 "pipeline": kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(kind)),
-                "attention": attention, "vae_conv": vae_conv, "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
+                "attention": attention, "int8_gemm": int8_gemm, "vae_conv": vae_conv,
+                "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                 "cache": g.cache.map(|c| c.describe()), "dit_calls": gen.dit_calls,
                 "cache_skips": cache_skips,
                 "machine": v2l_runtime::cpu::this(), "compiled_on": compiled_on,

@@ -37,6 +37,7 @@ const ROW_OPS: &[&str] = &[
     "Gemm",
     "MatMul",
     "DynamicQuantizeMatMul",
+    "QMatMul",
     "MatMulNBits",
     "MatMulIntegerToFloat",
     "FastGelu",
