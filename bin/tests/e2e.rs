@@ -473,6 +473,10 @@ fn u8s8_int8_engines_follow_the_cpu() {
     let bundle: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("bundle.json")).unwrap()).unwrap();
     assert_eq!(bundle["int8_scheme"], "u8s8");
+    // s8 weights: the DiT's linears are v2l's `ai.v2l.QMatMul`; u8 ones stay ONNX Runtime's.
+    assert_eq!(bundle["v2l_int8_gemm"], true);
+    let u8u8_bundle = std::fs::read_to_string(u8u8.join("bundle.json")).unwrap();
+    assert!(!u8u8_bundle.contains("v2l_int8_gemm"), "{u8u8_bundle}");
     assert!(bundle["lora_targets"]
         .as_array()
         .unwrap()
@@ -488,6 +492,8 @@ fn u8s8_int8_engines_follow_the_cpu() {
         let mut dit = DitRunner::load(&e, &e.session_options(0), Strategy::Unfused).unwrap();
         dit.run(&inputs).unwrap()["sample"].clone()
     };
+    // The same integer products either way, and the same affine map: v2l's operator (where
+    // this CPU loads the main graphs) against ONNX Runtime's u8·u8 one.
     let (a, b) = (run(&u8u8), run(&out));
     let e = a.rel_l2(&b);
     eprintln!("u8s8 vs u8u8 engine, same codes: rel L2 {e:.2e}");
