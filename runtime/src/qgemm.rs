@@ -284,17 +284,25 @@ fn gemm(
                 while t0 < b.k4 {
                     let t1 = (t0 + KC4).min(b.k4);
                     for r in (r0..r1.next_multiple_of(MR)).step_by(MR) {
-                        let tile = &mut acc[(r - r0) * width + p * NR..];
-                        let rows = &a.q[r * a.lda..(r + MR) * a.lda];
+                        let sums = &mut acc[(r - r0) * width + p * NR..];
+                        let tile = Tile {
+                            rows: &a.q[r * a.lda..(r + MR) * a.lda],
+                            lda: a.lda,
+                            panel,
+                            t0,
+                            t1,
+                            ldc: width,
+                            first: t0 == 0,
+                        };
                         #[cfg(target_arch = "x86_64")]
                         if vnni {
-                            // SAFETY: VNNI was detected; `rows` holds MR rows of `lda ≥ 4·t1`
-                            // bytes, `panel` t1 groups of NR·4, `tile` MR rows of `width ≥ NR`.
-                            unsafe { vnni::tile(rows, a.lda, panel, t0, t1, tile, width, t0 == 0) };
+                            // SAFETY: VNNI was detected; the rows, the panel and the sums hold what
+                            // `vnni::tile` reads and writes (MR rows, t1 groups, MR rows of width).
+                            unsafe { vnni::tile(&tile, sums) };
                             continue;
                         }
                         let _ = vnni;
-                        portable_tile(rows, a.lda, panel, t0, t1, tile, width, t0 == 0);
+                        portable_tile(&tile, sums);
                     }
                     t0 = t1;
                 }
@@ -322,28 +330,30 @@ fn gemm(
     par(chunks * blocks, &task);
 }
 
-/// [`MR`] rows × [`NR`] columns over groups `t0..t1`, in plain integer arithmetic.
-#[allow(clippy::too_many_arguments)]
-fn portable_tile(
-    rows: &[u8],
+/// One register tile's work: [`MR`] rows of the activations (`lda` bytes apart) by one panel
+/// of B over groups `t0..t1`, into sums `ldc` apart (added to them unless `first`).
+struct Tile<'a> {
+    rows: &'a [u8],
     lda: usize,
-    panel: &[i8],
+    panel: &'a [i8],
     t0: usize,
     t1: usize,
-    tile: &mut [i32],
     ldc: usize,
     first: bool,
-) {
+}
+
+/// A [`Tile`] in plain integer arithmetic.
+fn portable_tile(t: &Tile<'_>, sums: &mut [i32]) {
     for r in 0..MR {
         for c in 0..NR {
-            let mut s = if first { 0 } else { tile[r * ldc + c] };
-            for t in t0..t1 {
+            let mut s = if t.first { 0 } else { sums[r * t.ldc + c] };
+            for g in t.t0..t.t1 {
                 for j in 0..4 {
-                    s += i32::from(rows[r * lda + 4 * t + j])
-                        * i32::from(panel[(t * NR + c) * 4 + j]);
+                    s += i32::from(t.rows[r * t.lda + 4 * g + j])
+                        * i32::from(t.panel[(g * NR + c) * 4 + j]);
                 }
             }
-            tile[r * ldc + c] = s;
+            sums[r * t.ldc + c] = s;
         }
     }
 }
@@ -352,37 +362,32 @@ fn portable_tile(
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{Tile, MR, NR};
 
-    /// The register tile: 6 rows × 4 registers of 16 sums, one `vpdpbusd` each per group of
-    /// four inputs.
+    /// A [`Tile`] in 6 rows × 4 registers of 16 sums, one `vpdpbusd` each per group of four
+    /// inputs.
+    ///
+    /// # Safety
+    /// AVX512-F/BW/VNNI; `t.rows` holds MR rows of `lda ≥ 4·t1` bytes, `t.panel` t1 groups of
+    /// NR·4, `sums` MR rows of `ldc ≥ NR`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile(
-        rows: &[u8],
-        lda: usize,
-        panel: &[i8],
-        t0: usize,
-        t1: usize,
-        tile: &mut [i32],
-        ldc: usize,
-        first: bool,
-    ) {
-        let c = tile.as_mut_ptr();
+    pub(super) unsafe fn tile(t: &Tile<'_>, sums: &mut [i32]) {
+        let (lda, ldc, t0, t1) = (t.lda, t.ldc, t.t0, t.t1);
+        let c = sums.as_mut_ptr();
         let mut acc = [_mm512_setzero_si512(); MR * 4];
-        if !first {
+        if !t.first {
             for r in 0..MR {
                 for j in 0..4 {
                     acc[r * 4 + j] = _mm512_loadu_si512(c.add(r * ldc + 16 * j).cast());
                 }
             }
         }
-        let a = rows.as_ptr();
-        let mut bp = panel.as_ptr().add(t0 * NR * 4);
-        for t in t0..t1 {
+        let a = t.rows.as_ptr();
+        let mut bp = t.panel.as_ptr().add(t0 * NR * 4);
+        for g in t0..t1 {
             let b = [0, 1, 2, 3].map(|j| _mm512_loadu_si512(bp.add(64 * j).cast()));
             for r in 0..MR {
-                let av = _mm512_set1_epi32(a.add(r * lda + 4 * t).cast::<i32>().read_unaligned());
+                let av = _mm512_set1_epi32(a.add(r * lda + 4 * g).cast::<i32>().read_unaligned());
                 for j in 0..4 {
                     acc[r * 4 + j] = _mm512_dpbusd_epi32(acc[r * 4 + j], av, b[j]);
                 }
@@ -669,6 +674,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The portable tile (CPUs without VNNI) and the VNNI one (where this CPU has it) sum the
+    /// same products, over a second pass of groups too; so do the portable and vector
+    /// quantisation and range.
+    #[test]
+    fn every_tile_and_pass_agrees_with_plain_sums() {
+        let (groups, lda, ldc) = (37, 4 * 37 + 8, NR + 16);
+        let rows: Vec<u8> = (0..MR * lda).map(|i| (i * 37 % 256) as u8).collect();
+        let panel: Vec<i8> = (0..groups * NR * 4)
+            .map(|i| ((i * 91 % 255) as i32 - 127) as i8)
+            .collect();
+        let want: Vec<i32> = (0..MR * ldc)
+            .map(|i| {
+                let (r, c) = (i / ldc, i % ldc);
+                if c >= NR {
+                    return 7;
+                }
+                (0..4 * groups)
+                    .map(|k| {
+                        i32::from(rows[r * lda + k])
+                            * i32::from(panel[((k / 4) * NR + c) * 4 + k % 4])
+                    })
+                    .sum()
+            })
+            .collect();
+        let run = |f: &dyn Fn(&Tile<'_>, &mut [i32])| {
+            let mut sums = vec![7i32; MR * ldc];
+            // Two passes (groups 0..20, then 20..37), as a long K is summed.
+            for (t0, t1) in [(0, 20), (20, groups)] {
+                let tile = Tile {
+                    rows: &rows,
+                    lda,
+                    panel: &panel,
+                    t0,
+                    t1,
+                    ldc,
+                    first: t0 == 0,
+                };
+                f(&tile, &mut sums);
+            }
+            sums
+        };
+        assert_eq!(run(&portable_tile), want);
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: VNNI detected; the buffers hold MR rows, `groups` groups, MR rows of ldc.
+            assert_eq!(run(&|t, s| unsafe { vnni::tile(t, s) }), want);
+        }
+        let x: Vec<f32> = (0..1000)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0 - 0.5)
+            .collect();
+        let (lo, hi) = range(&x);
+        assert_eq!((lo, hi), range_portable(&x));
+        let (scale, zp) = quant_params(lo, hi);
+        let (mut a, mut b) = (vec![0u8; x.len()], vec![0u8; x.len()]);
+        quantize(&x, scale, zp, &mut a);
+        quantize_portable(&x, scale, zp, &mut b);
+        assert_eq!(a, b);
     }
 
     /// The quantisation's corner cases: a constant input, all-positive and all-negative ranges.
