@@ -173,7 +173,11 @@ impl Packed {
     pub fn fill(&mut self, b: &[i8], k: usize, n: usize) {
         let k4 = k.div_ceil(4);
         let panels = n.div_ceil(NR);
-        self.data.clear();
+        // Whole panels and groups of four overwrite every byte below; otherwise the padding
+        // must be zeros.
+        if n % NR != 0 || k % 4 != 0 {
+            self.data.clear();
+        }
         self.data.resize(panels * k4 * NR * 4, 0);
         self.colsum.clear();
         self.colsum.resize(n, 0);
@@ -373,6 +377,14 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn tile(t: &Tile<'_>, sums: &mut [i32]) {
         let (lda, ldc, t0, t1) = (t.lda, t.ldc, t.t0, t.t1);
+        // The bounds the raw loads and stores below rely on (a handful of compares a tile).
+        assert!(
+            t.rows.len() >= (MR - 1) * lda + 4 * t1
+                && t.panel.len() >= t1 * NR * 4
+                && sums.len() >= (MR - 1) * ldc + NR
+                && lda >= 4 * t1
+                && ldc >= NR
+        );
         let c = sums.as_mut_ptr();
         let mut acc = [_mm512_setzero_si512(); MR * 4];
         if !t.first {
@@ -457,8 +469,10 @@ pub fn linear(
         Some(v) => v,
         None => &mut own,
     };
-    q.clear();
+    // Every byte is written below (codes, then zeros in the padding), so the buffer is only
+    // grown, not cleared: no pass over it beyond the codes.
     q.resize(rows * lda, 0);
+    q[m * lda..].fill(0);
     {
         struct Q(*mut u8);
         // SAFETY: each task writes its own rows.
@@ -468,8 +482,10 @@ pub fn linear(
         par(blocks, &|i| {
             for r in i * MC..((i + 1) * MC).min(m) {
                 // SAFETY: row `r < m ≤ rows` of `q` (`lda ≥ k` bytes) is this task's alone.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * lda), k) };
-                quantize(&x[r * k..(r + 1) * k], a_scale, zp, row);
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * lda), lda) };
+                let (codes, pad) = row.split_at_mut(k);
+                quantize(&x[r * k..(r + 1) * k], a_scale, zp, codes);
+                pad.fill(0);
             }
         });
     }
@@ -628,12 +644,15 @@ mod tests {
     /// shapes (K not a multiple of 4, N not of 64, M not of 6), against a plain reference.
     #[test]
     fn qmatmul_is_the_dynamic_int8_linear() {
+        // One packing buffer for every shape, as the operator reuses its own.
+        let mut b = Packed::empty();
         for (m, k, n) in [
+            (13, 3072, 64),
             (1, 3, 1),
             (7, 70, 65),
             (50, 257, 130),
             (9, 259, 96),
-            (13, 3072, 64),
+            (5, 128, 128),
         ] {
             let mut s = 7u64;
             let mut rnd = || {
@@ -650,7 +669,7 @@ mod tests {
                 .collect();
             let scale: Vec<f32> = (0..n).map(|c| 0.01 + c as f32 * 1e-4).collect();
             let bias: Vec<f32> = (0..n).map(|c| c as f32 * 0.1 - 1.0).collect();
-            let b = Packed::new(&w, k, n);
+            b.fill(&w, k, n);
             let mut got = vec![0f32; m * n];
             linear(&x, &b, &scale, Some(&bias), &mut got, &serial).unwrap();
             let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
