@@ -62,6 +62,12 @@ fn int8_attention_follows_the_cpu_and_falls_back_to_ort_by_name() {
     let twin = std::fs::read(ours.join("dit_int8_ort.onnx")).unwrap();
     let has = |g: &[u8], s: &str| g.windows(s.len()).any(|w| w == s.as_bytes());
     assert!(has(&graph, "ai.v2l") && !has(&twin, "ai.v2l") && has(&twin, "MultiHeadAttention"));
+    // s8 weights (the compile's scheme where this CPU has VNNI): the linears are v2l's too, and
+    // the twin keeps ONNX Runtime's.
+    let v2l_linears = b_ours["v2l_int8_gemm"] == true;
+    assert_eq!(v2l_linears, b_ours["int8_scheme"] == "u8s8", "{b_ours}");
+    assert_eq!(has(&graph, "QMatMul"), v2l_linears);
+    assert!(!has(&twin, "QMatMul") && has(&twin, "DynamicQuantizeMatMul"));
 
     let inp = dit_inputs(d.path());
     let out = |n: &str| d.path().join(format!("{n}.safetensors"));
@@ -76,6 +82,10 @@ fn int8_attention_follows_the_cpu_and_falls_back_to_ort_by_name() {
         "this CPU has no AVX512-BF16"
     };
     assert_eq!(j_fb["attention"], format!("ort (fallback: {why})"));
+    assert!(j_ort["int8_gemm"].is_null(), "{j_ort}");
+    if v2l_linears {
+        assert_eq!(j_fb["int8_gemm"], format!("ort (fallback: {why})"));
+    }
     assert_eq!(
         y_fb, y_ort,
         "the fallback must run exactly the --attention ort graphs"
@@ -96,6 +106,9 @@ fn int8_attention_follows_the_cpu_and_falls_back_to_ort_by_name() {
     );
     if bf16_cpu {
         assert_eq!(j["attention"], "bf16 (AVX512-BF16)");
+        if v2l_linears {
+            assert_eq!(j["int8_gemm"], "v2l (AVX512-VNNI)");
+        }
         let e = y.rel_l2(&y_ort);
         eprintln!("int8 DiT, bf16 attention against f32 attention: rel L2 {e:.2e}");
         assert!(e > 1e-7 && e < 1e-2, "{e:.2e}");

@@ -168,11 +168,18 @@ pub enum AttentionError {
     Shape(String),
 }
 
-/// The output pointer shared by tasks that write disjoint (sample, head) columns.
-struct Out(*mut f32);
-// SAFETY: each task writes only its own head's columns of its own sample (see `attend`).
-unsafe impl Sync for Out {}
-unsafe impl Send for Out {}
+/// A buffer's pointer shared by tasks that write disjoint parts of it (here: (sample, head)
+/// columns; v2l's other operators use it too).
+pub(crate) struct Out<T>(pub(crate) *mut T);
+// SAFETY: every user writes only its own task's part (see `attend`, `conv`, `qgemm`).
+unsafe impl<T> Sync for Out<T> {}
+unsafe impl<T> Send for Out<T> {}
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
 
 /// Runs `f(0..n)` in any order, on any threads: ONNX Runtime's pool in the operator, a plain
 /// loop in tests.
@@ -263,6 +270,14 @@ pub(crate) fn named(shape: &[i64], symbols: &[String]) -> SymbolicDimensions {
             ),
         })
         .collect()
+}
+
+/// Runs `f(0..n)` on ONNX Runtime's intra-op pool from inside one of v2l's operators; a
+/// failed hand-over to the pool runs the tasks on this thread instead.
+pub(crate) fn on_pool(ctx: &ComputeContext, n: usize, f: &(dyn Fn(usize) + Sync)) {
+    if ctx.par_for(n, n, f).is_err() {
+        (0..n).for_each(f);
+    }
 }
 
 /// The operator, for the session's `ai.v2l` domain.
@@ -370,12 +385,7 @@ impl OrtKernel for AttentionKernel {
             .output(0, qs.to_vec())?
             .ok_or_else(|| ort::Error::new("ai.v2l.Attention: output missing"))?;
         let (_, od) = o.try_extract_tensor_mut::<f32>()?;
-        let par = |n: usize, f: &(dyn Fn(usize) + Sync)| {
-            // A failed hand-over to the pool runs the tasks here instead.
-            if ctx.par_for(n, n, f).is_err() {
-                (0..n).for_each(f);
-            }
-        };
+        let par = |n: usize, f: &(dyn Fn(usize) + Sync)| crate::attention::on_pool(ctx, n, f);
         attend(
             self.kernel,
             shape,

@@ -180,16 +180,11 @@ impl Weights {
     }
 }
 
-/// The output pointer shared by tasks that write disjoint output rows.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes only the rows of its own (sample, frame, row) (see the kernels).
-unsafe impl Sync for Out {}
-unsafe impl Send for Out {}
+/// The output pointer shared by tasks that write disjoint output rows: each task writes only
+/// the rows of its own (sample, frame, row) (see the kernels).
+type Out = crate::attention::Out<f32>;
 
-/// Runs `f(0..n)` in any order, on any threads: ONNX Runtime's pool in the operator, a plain
-/// loop in tests.
-pub type ParFor<'a> = &'a dyn Fn(usize, &(dyn Fn(usize) + Sync));
+pub use crate::attention::ParFor;
 
 /// `out = conv(x, weights) + bias` for `shape`, on `weights`' kernel, rows spread by `par`.
 pub fn conv(
@@ -226,7 +221,7 @@ pub fn conv(
             pack_len
         )));
     }
-    let dst = Out(out.as_mut_ptr());
+    let dst = crate::attention::Out(out.as_mut_ptr());
     match weights {
         // Only built where `bf16::available()` (`Weights::new`).
         #[cfg(target_arch = "x86_64")]
@@ -411,12 +406,7 @@ impl OrtKernel for ConvKernel {
             .output(0, dims)?
             .ok_or_else(|| ort::Error::new("ai.v2l.Conv: output missing"))?;
         let (_, od) = o.try_extract_tensor_mut::<f32>()?;
-        let par = |n: usize, f: &(dyn Fn(usize) + Sync)| {
-            // A failed hand-over to the pool runs the tasks here instead.
-            if ctx.par_for(n, n, f).is_err() {
-                (0..n).for_each(f);
-            }
-        };
+        let par = |n: usize, f: &(dyn Fn(usize) + Sync)| crate::attention::on_pool(ctx, n, f);
         conv(&shape, xd, weights, bd, od, &par).map_err(|e| ort::Error::new(e.to_string()))
     }
 }

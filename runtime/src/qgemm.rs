@@ -12,9 +12,9 @@
 //! keep `DynamicQuantizeMatMul`. Inputs: `x [..., K]` f32, `B [K, N]` s8, `scale [N]` f32,
 //! optional `bias [N]` f32; output `[..., N]` f32.
 //!
-//! Layout: B is packed once per kernel (constant weights) into panels of 64 columns, each
-//! `[K/4][64][4]` (four consecutive inputs of one output per 32-bit lane); a 6 × 64 tile of
-//! outputs lives in 24 registers while it runs over K.
+//! Layout: B is packed per call (into a buffer kept between calls) into panels of 64
+//! columns, each `[K/4][64][4]` (four consecutive inputs of one output per 32-bit lane); a
+//! 6 × 64 tile of outputs lives in 24 registers while it runs over K.
 
 // Hot loops index buffers whose sizes are fixed by the shapes checked in `QMatMulKernel`.
 #![allow(clippy::indexing_slicing)]
@@ -26,6 +26,8 @@ use ort::operator::{
     ShapeInferenceContext,
 };
 use ort::value::{TensorElementType, ValueType};
+
+use crate::attention::{Out, ParFor};
 
 /// The operator's name in the `ai.v2l` domain.
 pub const OP: &str = "QMatMul";
@@ -250,12 +252,6 @@ thread_local! {
     static ACC: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The output pointer shared by tasks that write disjoint tiles.
-struct Out(*mut f32);
-// SAFETY: each task writes only its own (rows, columns) tile (see `gemm`).
-unsafe impl Sync for Out {}
-unsafe impl Send for Out {}
-
 /// `out[m, n] = (Σk a[m, k]·b[k, n] − zp·Σk b[k, n]) · mult[n] + bias[n]`, tasks spread by
 /// `par` over (1,024-column, 48-row) tiles.
 fn gemm(
@@ -264,7 +260,7 @@ fn gemm(
     mult: &[f32],
     bias: Option<&[f32]>,
     out: &mut [f32],
-    par: crate::attention::ParFor<'_>,
+    par: ParFor<'_>,
 ) {
     let n = b.n;
     let chunks = n.div_ceil(NR * PANELS_PER_TASK);
@@ -425,7 +421,7 @@ pub fn linear(
     scale: &[f32],
     bias: Option<&[f32]>,
     out: &mut [f32],
-    par: crate::attention::ParFor<'_>,
+    par: ParFor<'_>,
 ) -> Result<(), String> {
     let (k, n) = (b.k, b.n);
     if k == 0 || x.len() % k != 0 {
@@ -474,10 +470,8 @@ pub fn linear(
     q.resize(rows * lda, 0);
     q[m * lda..].fill(0);
     {
-        struct Q(*mut u8);
-        // SAFETY: each task writes its own rows.
-        unsafe impl Sync for Q {}
-        let dst = Q(q.as_mut_ptr());
+        // Each task writes its own rows.
+        let dst = Out(q.as_mut_ptr());
         let dst = &dst;
         par(blocks, &|i| {
             for r in i * MC..((i + 1) * MC).min(m) {
@@ -621,12 +615,7 @@ impl OrtKernel for QMatMulKernel {
             .output(0, shape)?
             .ok_or_else(|| ort::Error::new("ai.v2l.QMatMul: output missing"))?;
         let (_, od) = o.try_extract_tensor_mut::<f32>()?;
-        let par = |n: usize, f: &(dyn Fn(usize) + Sync)| {
-            // A failed hand-over to the pool runs the tasks here instead.
-            if ctx.par_for(n, n, f).is_err() {
-                (0..n).for_each(f);
-            }
-        };
+        let par = |n: usize, f: &(dyn Fn(usize) + Sync)| crate::attention::on_pool(ctx, n, f);
         linear(xd, packed, sd, bd, od, &par)
             .map_err(|e| ort::Error::new(format!("ai.v2l.QMatMul: {e}")))
     }

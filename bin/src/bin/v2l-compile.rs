@@ -98,7 +98,8 @@ struct Cli {
     /// int8 cpu engines with s8 weights (`u8s8`): which operator runs the DiT's linears.
     /// `v2l` (default): v2l's own `vpdpbusd` kernel (the same products and the same output as
     /// ONNX Runtime's, about 1.7x its speed); `ort`: ONNX Runtime's DynamicQuantizeMatMul.
-    /// CPUs without AVX512-BF16 load graphs on ONNX Runtime's operators either way
+    /// It goes with v2l's attention: `--attention ort` engines, and CPUs without AVX512-BF16
+    /// (which load the `.ort` twin graphs), run ONNX Runtime's operators either way
     #[arg(long, value_enum, value_name = "OP", default_value = "v2l")]
     int8_linears: Int8LinearsArg,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
