@@ -26,7 +26,7 @@ fn python() -> PathBuf {
     p
 }
 
-fn run(exe: &str, args: &[&std::ffi::OsStr]) {
+pub(crate) fn run(exe: &str, args: &[&std::ffi::OsStr]) {
     let o = Command::new(exe).args(args).output().expect("binary runs");
     assert!(
         o.status.success(),
@@ -35,7 +35,7 @@ fn run(exe: &str, args: &[&std::ffi::OsStr]) {
     );
 }
 
-fn onnx_files(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn onnx_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -46,7 +46,7 @@ fn onnx_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// `v2l-compile export -o engine --backend B --precision P [extra…]`; the engine's graphs.
-fn compile(
+pub(crate) fn compile(
     export: &Path,
     engine: &Path,
     backend: &str,
@@ -92,7 +92,7 @@ fn export_pipeline(model: &Path, export: &Path) -> Vec<PathBuf> {
 }
 
 /// [`export_pipeline`] for a model folder that yields `graphs` graphs.
-fn export_pipeline_of(model: &Path, export: &Path, graphs: usize) -> Vec<PathBuf> {
+pub(crate) fn export_pipeline_of(model: &Path, export: &Path, graphs: usize) -> Vec<PathBuf> {
     run(
         env!("CARGO_BIN_EXE_v2l-export"),
         &[

@@ -119,6 +119,9 @@ pub struct Options<'a> {
     /// int8 CPU engines with s8 weights: keep ONNX Runtime's `DynamicQuantizeMatMul` instead
     /// of v2l's `ai.v2l.QMatMul` (the default, with v2l's attention).
     pub ort_int8_linears: bool,
+    /// CUDA/TensorRT engines: let fp32 convolutions and matrix products run in TF32
+    /// (recorded in the bundle; off by default, so fp32 means fp32).
+    pub tf32: bool,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -186,6 +189,13 @@ pub fn compile_with(
     job.max_rank = lora_max_rank(backend, opts.max_rank, &job.manifest);
     job.attention = attention;
     job.ort_int8_linears = opts.ort_int8_linears;
+    if opts.tf32 && backend == Backend::Cpu {
+        return Err(CompileError::Invalid {
+            what: "--tf32".into(),
+            message: "TF32 is a CUDA setting; cpu engines compute fp32 in fp32".into(),
+        });
+    }
+    job.tf32 = opts.tf32;
     job.vae_bf16 = opts
         .vae_bf16
         .unwrap_or_else(|| default_vae_bf16(backend, precision));
@@ -229,6 +239,7 @@ pub fn compile_with(
             }
             job.measure_vae(tmp, &mut dit)?;
             job.measure_generation(tmp, &weight_hash, &targets, &mut dit)?;
+            job.check_cuda_placement(tmp)?;
             job.write_record(tmp, parts, weight_hash, targets, dit)
         },
     )
@@ -250,6 +261,8 @@ struct Job<'a> {
     vae_bf16: bool,
     /// s8 dynamic int8 linears stay on ONNX Runtime's operator.
     ort_int8_linears: bool,
+    /// fp32 products may run in TF32 on the GPU.
+    tf32: bool,
 }
 
 /// What the DiT steps add to the bundle.
@@ -298,6 +311,7 @@ impl<'a> Job<'a> {
             vae_bf16: false,
             int8_scheme: Int8Scheme::U8U8,
             ort_int8_linears: false,
+            tf32: false,
         })
     }
 
@@ -712,6 +726,7 @@ impl<'a> Job<'a> {
                 calibration: dit.calibration.clone(),
                 pipeline: None,
                 vae_bf16: dit.vae_bf16.clone(),
+                tf32: false,
                 bundle_hash: String::new(),
             };
             dit.accuracy.push(crate::accuracy::generation_accuracy(
@@ -725,7 +740,37 @@ impl<'a> Job<'a> {
         Ok(())
     }
 
-    /// Step 7: `bundle.json`: every file's size and hash, the target table, the variants and
+    /// Step 7 (cuda engines): every node of every graph has a kernel in ONNX Runtime's CUDA
+    /// provider ([`v2l_graphs::placement`]): a node without one would run on the CPU with a
+    /// copy on each side, so such an engine is refused, naming the nodes.
+    fn check_cuda_placement(&self, tmp: &Path) -> Result<()> {
+        use v2l_graphs::placement::{cuda_placement, KernelTable};
+        if self.backend != Backend::Cuda {
+            return Ok(());
+        }
+        let mut graphs: Vec<PathBuf> = std::fs::read_dir(tmp)
+            .map_err(io(tmp))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+            .collect();
+        graphs.sort();
+        for g in graphs {
+            let model = v2l_graphs::read_model(&g).map_err(io(&g))?;
+            let p = cuda_placement(&model, KernelTable::ort_cuda());
+            if let Some(first) = p.no_kernel.first() {
+                return Err(CompileError::Invalid {
+                    what: g.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                    message: format!(
+                        "{} node(s) have no kernel in ONNX Runtime's CUDA provider and would run on the CPU, first {first}",
+                        p.no_kernel.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 8: `bundle.json`: every file's size and hash, the target table, the variants and
     /// the accuracy, and the record's own hash.
     fn write_record(
         &self,
@@ -759,6 +804,7 @@ impl<'a> Job<'a> {
             // A DiT-less export has none; a DiT of no known kind was refused before the build.
             pipeline: self.manifest.pipeline_kind().ok(),
             vae_bf16: dit.vae_bf16,
+            tf32: self.tf32,
             bundle_hash: String::new(),
         };
         let bundle = Bundle {

@@ -215,6 +215,11 @@ pub struct Bundle {
     /// for CPU engines below fp32); CPUs without AVX512-BF16 load the manifest's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae_bf16: Option<VaeGraphs>,
+    /// CUDA engines: fp32 convolutions and matrix products may run in TF32 (`v2l-compile
+    /// --tf32`). Off by default, so an fp32 engine computes in fp32, as PyTorch does with TF32
+    /// off; ONNX Runtime's CUDA provider would otherwise use TF32 on its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tf32: bool,
     /// BLAKE3 of this record with this field empty: an edit to `bundle.json` itself (strategy,
     /// weight hash, target table) is caught like an edit to any other part.
     #[serde(default)]
@@ -734,6 +739,7 @@ mod tests {
             calibration: None,
             pipeline: None,
             vae_bf16: None,
+            tf32: false,
             bundle_hash: String::new(),
         };
         b.bundle_hash = b.self_hash().unwrap();

@@ -152,19 +152,24 @@ impl<'a> Scope<'a> {
         let s = self.pp(name);
         let w = s.weight(g, "weight", &[dim])?;
         Ok(g.scoped(s.prefix(), |g| {
-            let x2 = g.mul(x, x);
-            let var = g.op(
-                "ReduceMean",
-                &[&x2],
-                vec![
-                    ("axes", v2l_graphs::Attr::Ints(vec![-1])),
-                    ("keepdims", v2l_graphs::Attr::Int(1)),
-                ],
-            );
-            let eps = g.scalar(eps);
-            let var = g.add(&var, &eps);
-            let rms = g.op("Sqrt", &[&var], vec![]);
-            let y = g.div(x, &rms);
+            // The `rms` scope is what torch computes in f32 whatever the model's type
+            // (`torch.nn.RMSNorm`, T5's layer norm): a bf16/fp16 engine keeps it f32
+            // (`passes::lower_precision`) and rounds before the weight, as torch does.
+            let y = g.scoped("rms", |g| {
+                let x2 = g.mul(x, x);
+                let var = g.op(
+                    "ReduceMean",
+                    &[&x2],
+                    vec![
+                        ("axes", v2l_graphs::Attr::Ints(vec![-1])),
+                        ("keepdims", v2l_graphs::Attr::Int(1)),
+                    ],
+                );
+                let eps = g.scalar(eps);
+                let var = g.add(&var, &eps);
+                let rms = g.op("Sqrt", &[&var], vec![]);
+                g.div(x, &rms)
+            });
             g.mul(&w, &y)
         }))
     }

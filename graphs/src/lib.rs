@@ -15,6 +15,7 @@ pub mod builder;
 pub mod check;
 pub mod dtype;
 pub mod passes;
+pub mod placement;
 pub mod proto;
 pub mod quant;
 pub mod split;

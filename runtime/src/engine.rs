@@ -99,6 +99,7 @@ impl Engine {
                 trt_cache_dir: Some(self.dir.join("trt_cache")),
                 weight_hash: b.weight_hash.clone(),
                 trt_profile: Vec::new(),
+                tf32: b.tf32,
             },
             None => Default::default(),
         };

@@ -36,6 +36,7 @@ pub mod backend;
 pub mod bundle;
 pub mod conv;
 pub mod cpu;
+pub mod cuda_libs;
 pub mod effect;
 pub mod engine;
 pub mod error;

@@ -4,7 +4,8 @@
 //! downloaded by a build script; the library is found at run time, in this order:
 //! 1. `ORT_DYLIB_PATH` (a file, or a directory holding `libonnxruntime.so*`);
 //! 2. the project-local install made by `scripts/setup.sh`: `.v2l/onnxruntime/` under the current
-//!    directory or any ancestor, or beside the executable's ancestors;
+//!    directory or any ancestor, or beside the executable's ancestors; on a machine with an
+//!    NVIDIA GPU, `.v2l/onnxruntime-gpu/` (`scripts/setup.sh --gpu`) before it, in each place;
 //! 3. an installed `onnxruntime` Python package (`python3 -c 'import onnxruntime'` location,
 //!    `onnxruntime/capi/libonnxruntime.so.*`).
 //!
@@ -85,27 +86,27 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
         // another library.
         return None;
     }
-    let mut roots: Vec<PathBuf> = Vec::new();
-    if let Ok(cwd) = std::env::current_dir() {
-        roots.extend(cwd.ancestors().map(Path::to_path_buf));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
-    }
-    if let Some(dir) = option_env!("CARGO_MANIFEST_DIR") {
-        roots.extend(Path::new(dir).ancestors().map(Path::to_path_buf));
-    }
-    for r in &roots {
-        let d = r.join(".v2l/onnxruntime");
-        if d.is_dir() {
-            if let Some(l) = library_in(&d) {
-                return Some(l);
+    // The GPU build runs CPU sessions too, but only a machine with a GPU needs it: elsewhere
+    // the CPU wheel's library stays the one every CPU figure was measured with.
+    let installs: &[&str] = if crate::cuda_libs::gpu_present() {
+        &[".v2l/onnxruntime-gpu", ".v2l/onnxruntime"]
+    } else {
+        &[".v2l/onnxruntime"]
+    };
+    for r in &search_roots() {
+        for install in installs {
+            let d = r.join(install);
+            if d.is_dir() {
+                if let Some(l) = library_in(&d) {
+                    return Some(l);
+                }
             }
         }
     }
-    searched.push(
-        ".v2l/onnxruntime in the current directory, its ancestors and the executable's".into(),
-    );
+    searched.push(format!(
+        "{} in the current directory, its ancestors and the executable's",
+        installs.join(" and ")
+    ));
     searched.push("the `onnxruntime` Python package".into());
     let out = std::process::Command::new("python3")
         .args([
@@ -120,6 +121,22 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
         return None;
     }
     library_in(&Path::new(&dir).join("capi"))
+}
+
+/// Where project-local installs (`.v2l/…`) are looked for, in order: the current directory
+/// and its ancestors, the executable's ancestors, and this crate's source tree's.
+pub(crate) fn search_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    if let Some(dir) = option_env!("CARGO_MANIFEST_DIR") {
+        roots.extend(Path::new(dir).ancestors().map(Path::to_path_buf));
+    }
+    roots
 }
 
 /// The library path ONNX Runtime was loaded from, once [`init`] succeeded.

@@ -216,6 +216,12 @@ impl Model {
         if !eps.is_empty() {
             let backend = opts.backend.backend.name();
             let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
+            if gpu {
+                // The CUDA 13 libraries of `scripts/setup.sh --gpu`, before the provider
+                // looks them up by name.
+                crate::cuda_libs::preload()?;
+                b = gpu_placement(b, source, &ctx)?;
+            }
             b = b.with_execution_providers(eps).map_err(|e| RuntimeError::Ort {
                 context: format!("{ctx}: {backend} execution provider"),
                 message: if gpu {
@@ -433,6 +439,57 @@ impl Model {
 /// Outputs of one run held for the next as ONNX Runtime values ([`Model::run_carrying`]).
 #[derive(Default)]
 pub struct Carry(BTreeMap<String, DynValue>);
+
+/// A GPU session keeps every node on the GPU provider. ONNX Runtime itself refuses a CPU node
+/// (`session.disable_cpu_ep_fallback`) where it can: in a graph without `Shape`/`Size`, whose
+/// shape arithmetic it keeps on the CPU on purpose. In every graph, a node that v2l's copy of
+/// ONNX Runtime's CUDA kernel table ([`v2l_graphs::placement`]) has no kernel for is an error
+/// naming it, before the session is built. `V2L_ALLOW_CPU_FALLBACK=1` lets such a graph load
+/// (for a newer ONNX Runtime whose table has kernels v2l's copy lacks).
+fn gpu_placement(
+    b: ort::session::builder::SessionBuilder,
+    source: GraphSource<'_>,
+    ctx: &str,
+) -> Result<ort::session::builder::SessionBuilder> {
+    use prost::Message;
+    use v2l_graphs::placement::{cuda_placement, KernelTable};
+    let model = match source {
+        GraphSource::File(p) => v2l_graphs::read_model(p).map_err(|e| RuntimeError::io(p, e))?,
+        GraphSource::Bytes { bytes, .. } => {
+            v2l_graphs::proto::ModelProto::decode(bytes).map_err(|e| RuntimeError::Ort {
+                context: ctx.into(),
+                message: e.to_string(),
+            })?
+        }
+    };
+    let placement = cuda_placement(&model, KernelTable::ort_cuda());
+    let allowed = std::env::var("V2L_ALLOW_CPU_FALLBACK").is_ok_and(|v| v == "1");
+    if !placement.no_kernel.is_empty() && !allowed {
+        let n = placement.no_kernel.len();
+        let shown: Vec<&str> = placement
+            .no_kernel
+            .iter()
+            .take(5)
+            .map(String::as_str)
+            .collect();
+        return Err(RuntimeError::Invalid {
+            what: ctx.into(),
+            message: format!(
+                "{n} node(s) have no kernel in ONNX Runtime's CUDA provider and would run on the CPU: {}{} (V2L_ALLOW_CPU_FALLBACK=1 loads it anyway)",
+                shown.join("; "),
+                if n > shown.len() { "; …" } else { "" }
+            ),
+        });
+    }
+    if placement.needs_cpu_fallback || allowed {
+        return Ok(b);
+    }
+    b.with_config_entry("session.disable_cpu_ep_fallback", "1")
+        .map_err(|e| RuntimeError::Ort {
+            context: ctx.into(),
+            message: e.to_string(),
+        })
+}
 
 /// Where a session's graph comes from.
 #[derive(Clone, Copy)]

@@ -102,6 +102,12 @@ struct Cli {
     /// (which load the `.ort` twin graphs), run ONNX Runtime's operators either way
     #[arg(long, value_enum, value_name = "OP", default_value = "v2l")]
     int8_linears: Int8LinearsArg,
+    /// cuda/tensorrt engines: let ONNX Runtime's CUDA provider run fp32 convolutions and matrix
+    /// products in TF32 (10-bit mantissa products: faster, about 1e-3 relative error). Off by
+    /// default, so an fp32 engine computes in fp32, as PyTorch does with TF32 off; recorded in
+    /// bundle.json (`"tf32": true`)
+    #[arg(long)]
+    tf32: bool,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
@@ -205,6 +211,7 @@ fn main() -> ExitCode {
                 }),
                 vae_bf16: cli.vae_conv.map(|v| matches!(v, VaeConvArg::Bf16)),
                 ort_int8_linears: matches!(cli.int8_linears, Int8LinearsArg::Ort),
+                tf32: cli.tf32,
             },
         )
         .map_err(Failure::from)?;

@@ -16,6 +16,9 @@
 //!   exporter writes an f32 `Cast` outside those scopes, which this pass retargets to the low
 //!   type;
 //! - `gelu`: torch's GELU widens each element and rounds its output once;
+//! - `rms`: an RMS norm's mean square and division (`torch.nn.RMSNorm`, T5's layer norm:
+//!   computed in f32 and rounded before the weight). Also a placement matter: ONNX Runtime's
+//!   CUDA provider has no bf16 `ReduceMean`, so a bf16 one would run on the CPU;
 //! - LoRA branches added by [`super::add_lora_branches`] (`…/lora_*` nodes): a LoRA kept
 //!   beside low-precision weights stays f32.
 //!
@@ -78,7 +81,7 @@ pub struct Lowered {
 }
 
 /// Scopes kept in f32 wherever they are (module docs).
-const F32_SCOPES: &[&str] = &["rope", "gelu"];
+const F32_SCOPES: &[&str] = &["rope", "gelu", "rms"];
 
 /// Graph metadata key: the modules the model keeps in f32 below f32 (module docs).
 pub const KEEP_IN_FP32: &str = "v2l.keep_in_fp32_modules";

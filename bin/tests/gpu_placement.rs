@@ -1,0 +1,91 @@
+//! No silent CPU fallback, checked on every machine: every node of every graph in a compiled
+//! `cuda` engine (the DiT at fp32, fp16 and bf16 with its LoRA variants, the VAE, the
+//! hypernetwork, the text encoders; CogVideoX, CogVideoX-Fun-InP and Wan) has a kernel in ONNX
+//! Runtime's CUDA provider for its operator, opset and element types, read off the provider's
+//! registration table kept in `graphs/data/` (`v2l_graphs::placement`).
+
+use std::path::Path;
+
+use crate::common;
+use crate::valid_graphs::{compile, export_pipeline_of, onnx_files, run};
+use v2l_graphs::placement::{cuda_placement, KernelTable};
+
+/// Checks every graph of every engine; prints each graph's node count and the shape arithmetic
+/// ONNX Runtime keeps on the CPU on purpose.
+fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
+    let mut problems = Vec::new();
+    for precision in ["fp32", "fp16", "bf16"] {
+        let engine = dir.join(format!("{what}-cuda-{precision}"));
+        let graphs = compile(export, &engine, "cuda", precision, &[]);
+        assert!(!graphs.is_empty(), "{what} {precision}: no graphs");
+        for g in graphs {
+            let model = v2l_graphs::read_model(&g).unwrap();
+            let p = cuda_placement(&model, KernelTable::ort_cuda());
+            eprintln!(
+                "{what} cuda {precision} {}: {} nodes, {} without a CUDA kernel, {} shape nodes on the CPU by design",
+                g.file_name().unwrap().to_string_lossy(),
+                p.nodes,
+                p.no_kernel.len(),
+                p.cpu_shape_nodes.len()
+            );
+            assert!(p.nodes > 0);
+            for n in p.no_kernel {
+                problems.push(format!(
+                    "{what} {precision} {}: {n}",
+                    g.file_name().unwrap().to_string_lossy()
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "nodes that would fall back to the CPU:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn cogvideox_cuda_engines_have_every_kernel() {
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    let tiny = common::tiny();
+    export_pipeline_of(&tiny, &export, 5);
+    assert_all_on_cuda(&export, d.path(), "cogvideox");
+}
+
+#[test]
+fn fun_inpaint_cuda_engines_have_every_kernel() {
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    let fun = common::tiny().join("../cogvideox-fun-inp-tiny");
+    export_pipeline_of(&fun, &export, 4);
+    assert_all_on_cuda(&export, d.path(), "fun-inp");
+}
+
+#[test]
+fn wan_cuda_engines_have_every_kernel() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    common::wan_model_dir(
+        &model,
+        &[
+            ("transformer_i2v", "transformer"),
+            ("vae", "vae"),
+            ("scheduler_unipc", "scheduler"),
+            ("text_encoder", "text_encoder"),
+            ("image_encoder", "image_encoder"),
+        ],
+    );
+    let export = d.path().join("export");
+    run(
+        env!("CARGO_BIN_EXE_v2l-export"),
+        &[
+            "pipeline".as_ref(),
+            model.as_os_str(),
+            "-o".as_ref(),
+            export.as_os_str(),
+        ],
+    );
+    assert_eq!(onnx_files(&export).len(), 5);
+    assert_all_on_cuda(&export, d.path(), "wan");
+}

@@ -1,0 +1,122 @@
+//! The CUDA 13 libraries ONNX Runtime's GPU providers load, found without `LD_LIBRARY_PATH`.
+//!
+//! `onnxruntime-gpu` 1.31.1's `libonnxruntime_providers_cuda.so` names `libcudart.so.13`,
+//! `libcublas.so.13`, `libcublasLt.so.13` and `libcurand.so.10` as dependencies but carries no
+//! search path, and loads cuFFT and cuDNN by name later; the loader finds none of them in a
+//! project-local install. `scripts/setup.sh --gpu` unpacks them from NVIDIA's PyPI wheels into
+//! one folder, `.v2l/cuda/`, and before the first GPU session v2l loads each one from there by
+//! its full path, in dependency order and globally visible: the provider's own lookups by name
+//! then find the copies already loaded. `libcuda.so.1` is the driver's and never shipped.
+//! Without `.v2l/cuda/` nothing is preloaded and the system's loader path decides, as before.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::error::{Result, RuntimeError};
+
+/// The folder `scripts/setup.sh --gpu` fills, under the project root.
+pub const DIR: &str = ".v2l/cuda";
+
+/// What the CUDA provider needs beyond the driver, in the order they are loaded (each after
+/// the ones it depends on; `libnvrtc.so.13` loads its builtins by name, so they come first).
+/// cuDNN's own parts (`libcudnn_graph.so.9`, the engines) are found beside `libcudnn.so.9`
+/// through its `$ORIGIN` search path.
+pub const LIBRARIES: &[&str] = &[
+    "libcudart.so.13",
+    "libcublasLt.so.13",
+    "libcublas.so.13",
+    "libcurand.so.10",
+    "libcufft.so.12",
+    "libnvrtc-builtins.so.13.0",
+    "libnvrtc.so.13",
+    "libcudnn.so.9",
+];
+
+/// `.v2l/cuda` beside the loaded ONNX Runtime library's folder (`.v2l/onnxruntime-gpu`), or
+/// under the current directory, its ancestors or the executable's.
+pub fn find_dir() -> Option<PathBuf> {
+    let beside = crate::ort_env::library_path()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .map(|p| p.join("cuda"));
+    beside
+        .into_iter()
+        .chain(
+            crate::ort_env::search_roots()
+                .into_iter()
+                .map(|r| r.join(DIR)),
+        )
+        .find(|d| d.join(LIBRARIES[0]).is_file())
+}
+
+static PRELOADED: OnceLock<std::result::Result<Option<PathBuf>, (PathBuf, String)>> =
+    OnceLock::new();
+
+/// Loads [`LIBRARIES`] from [`find_dir`] once per process; `Ok(None)` when there is no such
+/// folder. A library that is missing from the folder or fails to load is an error naming it.
+pub fn preload() -> Result<Option<&'static Path>> {
+    let r = PRELOADED.get_or_init(|| match find_dir() {
+        None => Ok(None),
+        Some(dir) => load_all(&dir).map(|()| Some(dir)),
+    });
+    match r {
+        Ok(dir) => Ok(dir.as_deref()),
+        Err((path, message)) => Err(RuntimeError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(format!(
+                "cannot load this CUDA library ({message}); run `bash scripts/setup.sh --gpu` again"
+            )),
+        }),
+    }
+}
+
+fn load_all(dir: &Path) -> std::result::Result<(), (PathBuf, String)> {
+    for name in LIBRARIES {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err((path, "missing".into()));
+        }
+        load_global(&path).map_err(|m| (path.clone(), m))?;
+    }
+    Ok(())
+}
+
+/// `dlopen(path, RTLD_NOW | RTLD_GLOBAL)`; the handle is kept for the process's life.
+fn load_global(path: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: `c` is a valid NUL-terminated path; the library's initialisers are NVIDIA's
+    // and run once. The handle is never closed, so nothing it exports is unmapped.
+    let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns null or a NUL-terminated message owned by libc.
+        let e = unsafe { libc::dlerror() };
+        let msg = if e.is_null() {
+            "dlopen failed".to_string()
+        } else {
+            // SAFETY: non-null, NUL-terminated, read before any other dl* call.
+            unsafe { std::ffi::CStr::from_ptr(e) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        return Err(msg);
+    }
+    Ok(())
+}
+
+/// Whether a library of this soname is loadable by name right now (already loaded, or on the
+/// loader's path): how the TensorRT cases learn whether `libnvinfer.so.10` is there.
+pub fn loads_by_name(soname: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(soname) else {
+        return false;
+    };
+    // SAFETY: valid C string; a library that loads stays loaded (harmless: it is only ever
+    // asked for libraries v2l would load next anyway).
+    let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_GLOBAL) };
+    !handle.is_null()
+}
+
+/// Whether this machine has an NVIDIA GPU the driver exposes.
+pub fn gpu_present() -> bool {
+    Path::new("/dev/nvidiactl").exists() || Path::new("/dev/nvidia0").exists()
+}
