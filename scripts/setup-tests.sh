@@ -5,10 +5,13 @@
 #     packaging tools (.v2l/build), so the Python wheel's tests build and install offline;
 #   - a venv (.v2l/py) with the onnx checker, Ray Serve and Schemathesis, each used by one test;
 #   - valgrind, a C compiler and GNU time, from Debian packages if missing.
+# Also the GPU set-up (`scripts/setup.sh --gpu`), which one test checks.
 # None of it is needed to run v2l. Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# --gpu: the GPU libraries too, which tests/gpu_setup.rs checks as far as a machine without a
+# GPU allows (1.8 GB from PyPI the first time).
+bash scripts/setup.sh --gpu
 
 ORT_VERSION="${V2L_ORT_VERSION:-1.31.1}"
 wheels=".v2l/wheels"

@@ -8,6 +8,7 @@ mod dit_parity;
 mod flow_schedulers;
 mod fullscale;
 mod fun_inpaint_parity;
+mod gpu_setup;
 mod hypernet_parity;
 mod lofa_parity;
 mod lora_parity;

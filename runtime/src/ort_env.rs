@@ -86,13 +86,7 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
         // another library.
         return None;
     }
-    // The GPU build runs CPU sessions too, but only a machine with a GPU needs it: elsewhere
-    // the CPU wheel's library stays the one every CPU figure was measured with.
-    let installs: &[&str] = if crate::cuda_libs::gpu_present() {
-        &[".v2l/onnxruntime-gpu", ".v2l/onnxruntime"]
-    } else {
-        &[".v2l/onnxruntime"]
-    };
+    let installs = installs(crate::cuda_libs::gpu_present());
     for r in &search_roots() {
         for install in installs {
             let d = r.join(install);
@@ -123,6 +117,17 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
     library_in(&Path::new(&dir).join("capi"))
 }
 
+/// The project-local installs tried in each place, in order: the GPU build first on a machine
+/// with a GPU. The GPU build runs CPU sessions too, but elsewhere the CPU wheel's library stays
+/// the one every CPU figure was measured with.
+fn installs(gpu: bool) -> &'static [&'static str] {
+    if gpu {
+        &[".v2l/onnxruntime-gpu", ".v2l/onnxruntime"]
+    } else {
+        &[".v2l/onnxruntime"]
+    }
+}
+
 /// Where project-local installs (`.v2l/…`) are looked for, in order: the current directory
 /// and its ancestors, the executable's ancestors, and this crate's source tree's.
 pub(crate) fn search_roots() -> Vec<PathBuf> {
@@ -144,4 +149,15 @@ pub fn library_path() -> Option<&'static Path> {
     INIT.get()
         .and_then(|r| r.as_ref().ok())
         .map(|(p, _)| p.as_path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_machine_prefers_the_gpu_build() {
+        assert_eq!(installs(true), [".v2l/onnxruntime-gpu", ".v2l/onnxruntime"]);
+        assert_eq!(installs(false), [".v2l/onnxruntime"]);
+    }
 }
