@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check in one command, for the first user with an NVIDIA GPU (none has run it yet:
-# this project's machines have no GPU). Needs the GPU build of ONNX Runtime: set ORT_DYLIB_PATH
-# to onnxruntime-gpu's libonnxruntime.so (pip install onnxruntime-gpu), CUDA 12 and, for the
-# TensorRT cases, TensorRT's libraries on the loader path.
+# The GPU check in one command, on a machine with an NVIDIA GPU (first run on an H100 on
+# 2026-11-26; docs/status.md). It sets up what the GPU needs from PyPI (scripts/setup.sh --gpu:
+# onnxruntime-gpu and the CUDA 13 libraries its CUDA provider loads, into .v2l/; nothing to put
+# on LD_LIBRARY_PATH; the driver is the machine's), builds the binaries and runs `v2l-bench gpu`.
 #
 #   bash scripts/gpu-check.sh --dry-run   # the plan; runs and writes nothing, exit 0
-#   bash scripts/gpu-check.sh             # compile the fixture and demo engines for cuda and
-#                                         # tensorrt at fp32/fp16/bf16, parity against the CPU
-#                                         # engine, step, LoRA switch and batched-LoRA timings
-#   bash scripts/gpu-check.sh --json      # the same as one JSON document
+#   bash scripts/gpu-check.sh             # compile the fixtures and the demo engine for cuda (and
+#                                         # tensorrt where libnvinfer.so.10 loads) at fp32/fp16/bf16:
+#                                         # parity against the CPU engine, step, LoRA switch and
+#                                         # batched-LoRA timings, a row as each case ends
+#   bash scripts/gpu-check.sh --scale     # also the 5B-width DiT and the real VAE decode beside
+#                                         # PyTorch on the same GPU (--torch-python PY)
+#   bash scripts/gpu-check.sh --json      # one JSON line per row
 #
 # Without a GPU it says so and exits 1, having written nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh >/dev/null
+bash scripts/setup.sh --gpu >/dev/null
 cargo build --release --quiet -p v2l-cli -p v2l-bench
-exec target/release/v2l-bench gpu "$@"
+# Cargo's own answer for where it put them (CARGO_TARGET_DIR, .cargo/config.toml).
+target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+exec "$target/release/v2l-bench" gpu "$@"

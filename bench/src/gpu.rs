@@ -1,15 +1,19 @@
-//! `v2l-bench gpu`: everything a first GPU user needs to check, in one command (no GPU runs on
-//! this project's machines, so none of the GPU steps has run yet).
+//! `v2l-bench gpu`: everything a GPU user needs to check, in one command, run first on an H100
+//! on 2026-11-26 (`docs/status.md`).
 //!
-//! For the tiny fixture and the demo model, on CUDA and (when ONNX Runtime has it) TensorRT, at
-//! fp32, fp16 and bf16: compile the engine, check its frames against the CPU fp32 engine within
-//! the precision's bound, time a DiT step, time a LoRA switch with factors as inputs (`unfused`)
-//! against `fused` (an engine build per LoRA), and time one batched step of four requests with
-//! different LoRAs. One table, or `--json`.
+//! For the tiny CogVideoX fixture, the CogVideoX-Fun-InP fixture, the tiny Wan I2V pipeline and
+//! the demo model, on CUDA and (where `libnvinfer.so.10` loads) TensorRT, at fp32, fp16 and
+//! bf16: compile the engine, check its frames against the CPU fp32 engine within the
+//! precision's bound, time a DiT step, and, for models with a Video2LoRA hypernetwork, time a
+//! LoRA switch with factors as inputs (`unfused`) against `fused` (an engine build per LoRA)
+//! and one batched step of four requests with different LoRAs. Each row is printed as its case
+//! ends; a case that fails gets its error in its row and the others still run.
+//!
+//! `--scale` adds the real-size cases beside PyTorch on the same GPU (`scale_cases`).
 //!
 //! `--dry-run` prints the plan and exits 0; without it, a machine without a GPU gets an error
-//! saying so, exit code 1, and nothing is written. The plan, its parity bounds and the checks
-//! before anything runs are unit-tested here on the CPU.
+//! saying so, exit code 1, and nothing is written. `--provider cpu` runs the whole plan on ONNX
+//! Runtime's CPU provider instead: how the check itself is tested on machines without a GPU.
 
 use std::path::{Path, PathBuf};
 
@@ -30,11 +34,31 @@ pub struct GpuBench {
     /// Runs per timing (medians are reported)
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
+    /// Add the real-size cases: the 5B-width DiT (2 blocks, batch 2, 5,626 and 17,776 tokens)
+    /// and the real VAE decode (5 latent frames at 60x90), beside PyTorch on the same GPU
+    #[arg(long)]
+    pub scale: bool,
+    /// Python with torch (CUDA) and diffusers, for the PyTorch side of `--scale`
+    #[arg(long, value_name = "PY", default_value = "python3")]
+    pub torch_python: PathBuf,
+    /// Only the cases whose model name contains this (e.g. `tiny`, `fun`, `wan`, `effects`)
+    #[arg(long, value_name = "TEXT")]
+    pub only: Option<String>,
+    /// Run every case on this ONNX Runtime provider: `cpu` checks the check itself on a machine
+    /// without a GPU (frames against the CPU fp32 engine, timings of the CPU)
+    #[arg(long, value_enum, default_value = "gpu", hide = true)]
+    pub provider: ProviderArg,
     #[arg(skip)]
     pub json: bool,
 }
 
-/// One model × backend × precision of the plan.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum ProviderArg {
+    Gpu,
+    Cpu,
+}
+
+/// One model x backend x precision of the plan.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Case {
     pub model: &'static str,
@@ -46,13 +70,47 @@ pub struct Case {
     pub compile: Vec<String>,
     /// What is measured once it is built.
     pub measures: Vec<&'static str>,
+    /// Why it will not run here (TensorRT without its library).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
-/// The models it checks: the tiny fixture (random weights) and the embedded demo model.
-pub const MODELS: [&str; 2] = ["tests/fixtures/cogvideox-tiny", "models/cogvideox-effects"];
+/// One model of the plan: where it comes from and whether it has a Video2LoRA hypernetwork.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Model {
+    pub name: &'static str,
+    /// A model directory of the repository, or Wan's fixture parts (assembled at run time).
+    pub source: &'static str,
+    pub hypernet: bool,
+}
 
-/// Frames' relative L2 bound against the CPU fp32 engine: fp32 allows TF32 and kernel order
-/// (1e-3); fp16 and bf16 the bounds their CPU-emulated engines meet (docs/precision.md).
+/// The models it checks: the tiny fixtures (random weights) and the embedded demo model.
+pub const MODELS: [Model; 4] = [
+    Model {
+        name: "cogvideox-tiny",
+        source: "tests/fixtures/cogvideox-tiny",
+        hypernet: true,
+    },
+    Model {
+        name: "cogvideox-fun-inp-tiny",
+        source: "tests/fixtures/cogvideox-fun-inp-tiny",
+        hypernet: true,
+    },
+    Model {
+        name: "wan-tiny-i2v",
+        source: "tests/fixtures/wan-tiny",
+        hypernet: false,
+    },
+    Model {
+        name: "cogvideox-effects",
+        source: "models/cogvideox-effects",
+        hypernet: true,
+    },
+];
+
+/// Frames' relative L2 bound against the CPU fp32 engine: fp32 is fp32 on the GPU too (TF32 is
+/// off unless an engine asks for it), so only kernel order differs (1e-3); fp16 and bf16 the
+/// bounds their CPU-emulated engines meet (docs/precision.md).
 pub fn parity_bound(p: Precision) -> f64 {
     match p {
         Precision::Fp32 => 1e-3,
@@ -61,20 +119,38 @@ pub fn parity_bound(p: Precision) -> f64 {
     }
 }
 
-/// The plan: every model on every backend at fp32, fp16 and bf16. TensorRT only when ONNX
-/// Runtime was built with it.
-pub fn plan(tensorrt: bool) -> Vec<Case> {
-    let backends: &[Backend] = if tensorrt {
-        &[Backend::Cuda, Backend::TensorRt]
-    } else {
-        &[Backend::Cuda]
-    };
+/// Whether TensorRT can run here: ONNX Runtime 1.31.1's TensorRT provider needs TensorRT 10
+/// (`libnvinfer.so.10`) for CUDA 13, which no PyPI wheel installs without NVIDIA's own index.
+pub fn tensorrt_here() -> Result<(), String> {
+    const LIB: &str = "libnvinfer.so.10";
+    match v2l_runtime::backend::built_into_onnxruntime(Backend::TensorRt) {
+        Ok(false) => Err("this ONNX Runtime library has no TensorRT provider".into()),
+        Err(e) => Err(e.to_string()),
+        Ok(true) if v2l_runtime::cuda_libs::loads_by_name(LIB) => Ok(()),
+        Ok(true) => Err(format!(
+            "{LIB} does not load (TensorRT 10 is not on this machine's loader path)"
+        )),
+    }
+}
+
+/// The plan: every model on CUDA and TensorRT at fp32, fp16 and bf16; the TensorRT cases
+/// carry `tensorrt`'s reason when they cannot run.
+pub fn plan(tensorrt: Result<(), String>) -> Vec<Case> {
     let mut out = Vec::new();
     for model in MODELS {
-        for &b in backends {
+        for b in [Backend::Cuda, Backend::TensorRt] {
             for p in [Precision::Fp32, Precision::Fp16, Precision::Bf16] {
+                let mut measures = vec![
+                    "parity against CPU fp32 (2 steps, fixed noise)",
+                    "DiT step (batch 2)",
+                ];
+                if model.hypernet {
+                    measures
+                        .push("LoRA switch: unfused (factors as inputs) vs fused (engine build)");
+                    measures.push("batched step: 4 requests, 4 LoRAs, one DiT call");
+                }
                 out.push(Case {
-                    model,
+                    model: model.name,
                     backend: b.name(),
                     precision: p.name(),
                     parity_bound: parity_bound(p),
@@ -84,12 +160,11 @@ pub fn plan(tensorrt: bool) -> Vec<Case> {
                         "--precision".into(),
                         p.name().into(),
                     ],
-                    measures: vec![
-                        "parity against CPU fp32 (2 steps, fixed noise)",
-                        "DiT step (batch 2)",
-                        "LoRA switch: unfused (factors as inputs) vs fused (engine build)",
-                        "batched step: 4 requests, 4 LoRAs, one DiT call",
-                    ],
+                    measures,
+                    skipped: match (&tensorrt, b) {
+                        (Err(why), Backend::TensorRt) => Some(format!("skipped: {why}")),
+                        _ => None,
+                    },
                 });
             }
         }
@@ -97,9 +172,48 @@ pub fn plan(tensorrt: bool) -> Vec<Case> {
     out
 }
 
+/// One real-size case of `--scale`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ScaleCase {
+    /// `dit` or `vae-decode`.
+    pub stage: &'static str,
+    /// v2l's engine precision; PyTorch runs fp32 (TF32 off: the reference) and bf16.
+    pub precision: &'static str,
+    /// Pixel frames, height, width.
+    pub size: [usize; 3],
+    /// DiT tokens (text included), or latent frames for the VAE.
+    pub what: String,
+}
+
+/// `--scale`: the 5B-width DiT (2 blocks, batch 2) at 5,626 tokens (13x480x720) and 17,776
+/// (49x480x720) in bf16, fp16 and fp32, and the real VAE decode of 5 latent frames at 60x90
+/// (17x480x720) in fp32 and bf16.
+pub fn scale_cases() -> Vec<ScaleCase> {
+    let mut out = Vec::new();
+    for (size, tokens) in [([13, 480, 720], 5_626), ([49, 480, 720], 17_776)] {
+        for precision in ["bf16", "fp16", "fp32"] {
+            out.push(ScaleCase {
+                stage: "dit",
+                precision,
+                size,
+                what: format!("{tokens} tokens, batch 2, 2 blocks"),
+            });
+        }
+    }
+    for precision in ["fp32", "bf16"] {
+        out.push(ScaleCase {
+            stage: "vae-decode",
+            precision,
+            size: [17, 480, 720],
+            what: "5 latent frames at 60x90".into(),
+        });
+    }
+    out
+}
+
 /// Why this machine cannot run the plan, or `None` when it has a GPU ONNX Runtime can use.
 pub fn no_gpu_reason() -> Option<String> {
-    let nvidia = Path::new("/dev/nvidia0").exists()
+    let nvidia = v2l_runtime::cuda_libs::gpu_present()
         || std::process::Command::new("nvidia-smi")
             .arg("-L")
             .output()
@@ -110,8 +224,8 @@ pub fn no_gpu_reason() -> Option<String> {
     match v2l_runtime::backend::built_into_onnxruntime(Backend::Cuda) {
         Ok(true) => None,
         Ok(false) => Some(
-            "the ONNX Runtime library in use has no CUDA provider: install `onnxruntime-gpu` and \
-             point ORT_DYLIB_PATH at its libonnxruntime.so"
+            "the ONNX Runtime library in use has no CUDA provider: run `bash scripts/setup.sh --gpu` \
+             (or point ORT_DYLIB_PATH at onnxruntime-gpu's libonnxruntime.so)"
                 .into(),
         ),
         Err(e) => Some(e.to_string()),
@@ -119,181 +233,303 @@ pub fn no_gpu_reason() -> Option<String> {
 }
 
 pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
-    let tensorrt = v2l_runtime::backend::built_into_onnxruntime(Backend::TensorRt).unwrap_or(false);
-    let cases = plan(tensorrt || b.dry_run);
+    let on_cpu = b.provider == ProviderArg::Cpu;
+    let tensorrt = if on_cpu {
+        Err("--provider cpu".to_string())
+    } else {
+        tensorrt_here()
+    };
+    let cases: Vec<Case> = plan(tensorrt)
+        .into_iter()
+        .filter(|c| b.only.as_ref().is_none_or(|o| c.model.contains(o.as_str())))
+        .collect();
+    let scale = if b.scale { scale_cases() } else { Vec::new() };
     if b.dry_run {
-        print_plan(&cases, b.json);
+        print_plan(&cases, &scale, b.json);
         return Ok(());
     }
-    if let Some(why) = no_gpu_reason() {
-        return Err(Failure::new(format!("cannot run the GPU check: {why}"))
-            .with_hint("`v2l-bench gpu --dry-run` prints what it would run"));
+    if !on_cpu {
+        if let Some(why) = no_gpu_reason() {
+            return Err(Failure::new(format!("cannot run the GPU check: {why}"))
+                .with_hint("`v2l-bench gpu --dry-run` prints what it would run"));
+        }
     }
-    run_on_gpu(b, &cases)
+    let mut failed = run_cases(b, &cases)?;
+    if b.scale {
+        failed += crate::gpu_scale::run(b, &scale)?;
+    }
+    if failed > 0 {
+        return Err(Failure::new(format!(
+            "{failed} GPU case(s) failed or missed their bound (see their rows)"
+        )));
+    }
+    Ok(())
 }
 
-fn print_plan(cases: &[Case], json: bool) {
+fn print_plan(cases: &[Case], scale: &[ScaleCase], json: bool) {
     if json {
-        let v = serde_json::json!({"dry_run": true, "cases": cases});
+        let v = serde_json::json!({"dry_run": true, "cases": cases, "scale": scale});
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
     println!(
-        "v2l-bench gpu --dry-run: {} cases (nothing is run or written)",
-        cases.len()
+        "v2l-bench gpu --dry-run: {} cases{} (nothing is run or written)",
+        cases.len(),
+        if scale.is_empty() {
+            String::new()
+        } else {
+            format!(" and {} real-size cases", scale.len())
+        }
     );
     println!(
-        "{:<34} {:<9} {:<9} {:>12}  compile",
+        "{:<24} {:<9} {:<9} {:>12}  compile",
         "model", "backend", "precision", "parity bound"
     );
     for c in cases {
         println!(
-            "{:<34} {:<9} {:<9} {:>12.0e}  v2l-compile <export> {}",
+            "{:<24} {:<9} {:<9} {:>12.0e}  {}",
             c.model,
             c.backend,
             c.precision,
             c.parity_bound,
-            c.compile.join(" ")
+            match &c.skipped {
+                Some(why) => why.clone(),
+                None => format!("v2l-compile <export> {}", c.compile.join(" ")),
+            }
         );
     }
-    if let Some(c) = cases.first() {
-        println!("each case measures:");
-        for m in &c.measures {
+    let mut shown: Vec<&str> = Vec::new();
+    println!("each case measures:");
+    for m in cases.iter().flat_map(|c| c.measures.iter()) {
+        if !shown.contains(m) {
+            shown.push(m);
             println!("  - {m}");
         }
     }
+    println!("  (LoRA cases only for models with a Video2LoRA hypernetwork; Wan's has none)");
+    if !scale.is_empty() {
+        println!("real size (--scale), v2l cuda beside PyTorch on the same GPU (fp32 with TF32 off as the reference, bf16 as the baseline):");
+        for s in scale {
+            println!(
+                "  {:<10} {:<5} {}x{}x{}  {}",
+                s.stage, s.precision, s.size[0], s.size[1], s.size[2], s.what
+            );
+        }
+        println!("  each: median ms, peak GPU memory, relative L2 against PyTorch fp32");
+    }
 }
 
-/// One case's figures.
-#[derive(Serialize)]
+/// One case's figures; `error` instead where it failed.
+#[derive(Serialize, Default)]
 struct Figures {
-    case: Case,
-    frames_rel_l2: f64,
+    model: String,
+    backend: String,
+    precision: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frames_rel_l2: Option<f64>,
     within_bound: bool,
-    dit_step_ms: f64,
-    switch_unfused_ms: f64,
-    switch_fused_ms: f64,
-    batched_step_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dit_step_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    switch_unfused_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    switch_fused_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batched_step_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
-/// Not yet run: no GPU has been available to this project.
-fn run_on_gpu(b: &GpuBench, cases: &[Case]) -> Result<(), Failure> {
+fn cell(v: Option<f64>, prec: usize) -> String {
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Prints one row as soon as its case ends (one JSON line each with `--json`).
+fn print_row(f: &Figures, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(f).unwrap_or_default());
+        return;
+    }
+    let status = match (&f.skipped, &f.error) {
+        (Some(why), _) => why.clone(),
+        (_, Some(e)) => format!("FAILED: {e}"),
+        _ if f.within_bound => "ok".into(),
+        _ => "OUTSIDE BOUND".into(),
+    };
+    println!(
+        "{:<24} {:<9} {:<5} {:>9} {:>9} {:>11} {:>10} {:>10}  {status}",
+        f.model,
+        f.backend,
+        f.precision,
+        f.frames_rel_l2
+            .map(|x| format!("{x:.2e}"))
+            .unwrap_or_else(|| "-".into()),
+        cell(f.dit_step_ms, 1),
+        cell(f.switch_unfused_ms, 2),
+        cell(f.switch_fused_ms, 1),
+        cell(f.batched_step_ms, 1),
+    );
+}
+
+/// Runs every case, printing each row as it ends; the number that failed or missed its bound.
+fn run_cases(b: &GpuBench, cases: &[Case]) -> Result<usize, Failure> {
+    std::fs::create_dir_all(&b.dir)
+        .map_err(|e| Failure::new(format!("{}: {e}", b.dir.display())))?;
+    if !b.json {
+        println!(
+            "{:<24} {:<9} {:<5} {:>9} {:>9} {:>11} {:>10} {:>10}  status",
+            "model", "backend", "prec", "rel L2", "step ms", "unfused ms", "fused ms", "batch4 ms"
+        );
+    }
+    let mut failed = 0;
+    for c in cases {
+        let mut f = Figures {
+            model: c.model.into(),
+            backend: c.backend.into(),
+            precision: c.precision.into(),
+            skipped: c.skipped.clone(),
+            ..Default::default()
+        };
+        if c.skipped.is_none() {
+            if let Err(e) = run_case(b, c, &mut f) {
+                f.error = Some(e.message);
+            }
+            if f.error.is_some() || !f.within_bound {
+                failed += 1;
+            }
+        }
+        print_row(&f, b.json);
+    }
+    Ok(failed)
+}
+
+/// The model directory of `model`: Wan's is assembled from its fixture's parts.
+fn model_dir(b: &GpuBench, model: &Model) -> Result<PathBuf, Failure> {
+    if model.hypernet {
+        return Ok(PathBuf::from(model.source));
+    }
+    let dst = b.dir.join(format!("{}-model", model.name));
+    if dst.join("model_index.json").is_file() {
+        return Ok(dst);
+    }
+    let src = Path::new(model.source);
+    let copy = |from: &Path, to: &Path| -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let p = e?.path();
+            if p.is_file() {
+                std::fs::copy(&p, to.join(p.file_name().unwrap_or_default()))?;
+            }
+        }
+        Ok(())
+    };
+    for (from, to) in [
+        ("transformer_i2v", "transformer"),
+        ("vae", "vae"),
+        ("scheduler_unipc", "scheduler"),
+        ("text_encoder", "text_encoder"),
+        ("image_encoder", "image_encoder"),
+    ] {
+        copy(&src.join(from), &dst.join(to))
+            .map_err(|e| Failure::new(format!("{}: {e}", src.join(from).display())))?;
+    }
+    std::fs::copy(src.join("model_index.json"), dst.join("model_index.json"))
+        .map_err(|e| Failure::new(format!("{}: {e}", src.display())))?;
+    Ok(dst)
+}
+
+fn run_case(b: &GpuBench, c: &Case, f: &mut Figures) -> Result<(), Failure> {
     use v2l_runtime::engine::Engine;
     use v2l_runtime::lora::strategy::Strategy;
     use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
-    std::fs::create_dir_all(&b.dir)
-        .map_err(|e| Failure::new(format!("{}: {e}", b.dir.display())))?;
-    let mut rows = Vec::new();
-    for c in cases {
-        let model = Path::new(c.model);
-        let exported = b.dir.join(format!("{}-export", model_name(c.model)));
-        if !exported.exists() {
-            export(model, &exported)?;
+    let model = MODELS
+        .iter()
+        .find(|m| m.name == c.model)
+        .ok_or_else(|| Failure::new(format!("unknown model {}", c.model)))?;
+    let src = model_dir(b, model)?;
+    let exported = b.dir.join(format!("{}-export", model.name));
+    if !exported.join("manifest.json").exists() {
+        export(&src, &exported, model.hypernet)?;
+    }
+    let cpu = b.dir.join(format!("{}-cpu", model.name));
+    if !cpu.join("bundle.json").exists() {
+        compile(&exported, &cpu, &[])?;
+    }
+    let on_cpu = b.provider == ProviderArg::Cpu;
+    let gpu = b.dir.join(format!(
+        "{}-{}-{}{}",
+        model.name,
+        c.backend,
+        c.precision,
+        if on_cpu { "-as-cpu" } else { "" }
+    ));
+    if !gpu.join("bundle.json").exists() {
+        let mut flags = c.compile.clone();
+        if on_cpu {
+            flags[1] = "cpu".into();
         }
-        let cpu = b.dir.join(format!("{}-cpu", model_name(c.model)));
-        if !cpu.exists() {
-            compile(&exported, &cpu, &[])?;
+        compile(&exported, &gpu, &flags)?;
+    }
+    let open = |dir: &Path, s: Option<Strategy>| -> Result<Pipeline, Failure> {
+        let e = Engine::open(dir).map_err(Failure::from)?;
+        let opts = e.session_options(0);
+        match s {
+            Some(s) => Pipeline::load_with_strategy(e, &opts, s),
+            None => Pipeline::load(e, &opts),
         }
-        let gpu = b.dir.join(format!(
-            "{}-{}-{}",
-            model_name(c.model),
-            c.backend,
-            c.precision
-        ));
-        if !gpu.exists() {
-            compile(&exported, &gpu, &c.compile)?;
-        }
-        let open = |dir: &Path, s: Option<Strategy>| -> Result<Pipeline, Failure> {
-            let e = Engine::open(dir).map_err(Failure::from)?;
-            let opts = e.session_options(0);
-            match s {
-                Some(s) => Pipeline::load_with_strategy(e, &opts, s),
-                None => Pipeline::load(e, &opts),
-            }
-            .map_err(Failure::from)
-        };
-        let mut cpu_p = open(&cpu, None)?;
-        let mut gpu_p = open(&gpu, Some(Strategy::Unfused))?;
-        let req: Request = request(gpu_p.engine())?;
-        let a = cpu_p
-            .generate(&req, &mut |_, _| true)
-            .map_err(Failure::from)?;
-        let g = gpu_p
-            .generate(&req, &mut |_, _| true)
-            .map_err(Failure::from)?;
-        let rel = a.frames.rel_l2(&g.frames);
-        let loras = predicted_loras(&mut gpu_p, &req, 4)?;
-        let (_, dit_step_ms) = crate::pipeline::time(|| gpu_p.generate(&req, &mut |_, _| true));
-        let switch = |p: &mut Pipeline| -> Result<f64, Failure> {
-            let mut t = Vec::new();
-            for i in 0..b.repeat.max(1) {
-                let (r, ms) = crate::pipeline::time(|| p.set_lora(Some(&loras[i % loras.len()])));
-                r.map_err(Failure::from)?;
-                t.push(ms);
-            }
-            Ok(crate::pipeline::stats(t).0)
-        };
-        let switch_unfused_ms = switch(&mut gpu_p)?;
-        let mut fused = open(&gpu, Some(Strategy::Fused))?;
-        let switch_fused_ms = switch(&mut fused)?;
-        let batch: Vec<Request> = loras
-            .iter()
-            .map(|l| Request {
-                lora: RequestLora::Loras(vec![l.clone()]),
-                ..req.clone()
-            })
-            .collect();
-        let (r, batched_step_ms) =
-            crate::pipeline::time(|| gpu_p.generate_batch(&batch, &mut |_, _| true));
+        .map_err(Failure::from)
+    };
+    let mut cpu_p = open(&cpu, None)?;
+    let lora_strategy = model.hypernet.then_some(Strategy::Unfused);
+    let mut gpu_p = open(&gpu, lora_strategy)?;
+    let req: Request = request(gpu_p.engine())?;
+    let a = cpu_p
+        .generate(&req, &mut |_, _| true)
+        .map_err(Failure::from)?;
+    drop(cpu_p);
+    let g = gpu_p
+        .generate(&req, &mut |_, _| true)
+        .map_err(Failure::from)?;
+    let rel = a.frames.rel_l2(&g.frames);
+    f.frames_rel_l2 = Some(rel);
+    f.within_bound = rel <= c.parity_bound;
+    let mut steps = Vec::new();
+    for _ in 0..b.repeat.max(1) {
+        let (r, ms) = crate::pipeline::time(|| gpu_p.generate(&req, &mut |_, _| true));
         r.map_err(Failure::from)?;
-        rows.push(Figures {
-            case: c.clone(),
-            frames_rel_l2: rel,
-            within_bound: rel <= c.parity_bound,
-            dit_step_ms: dit_step_ms / req.steps as f64,
-            switch_unfused_ms,
-            switch_fused_ms,
-            batched_step_ms: batched_step_ms / req.steps as f64,
-        });
+        steps.push(ms / req.steps as f64);
     }
-    if b.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        );
-    } else {
-        println!(
-            "{:<28} {:<9} {:<6} {:>10} {:>5} {:>9} {:>11} {:>10} {:>10}",
-            "model",
-            "backend",
-            "prec",
-            "rel L2",
-            "ok",
-            "step ms",
-            "unfused ms",
-            "fused ms",
-            "batch4 ms"
-        );
-        for r in &rows {
-            println!(
-                "{:<28} {:<9} {:<6} {:>10.2e} {:>5} {:>9.1} {:>11.2} {:>10.1} {:>10.1}",
-                model_name(r.case.model),
-                r.case.backend,
-                r.case.precision,
-                r.frames_rel_l2,
-                if r.within_bound { "yes" } else { "NO" },
-                r.dit_step_ms,
-                r.switch_unfused_ms,
-                r.switch_fused_ms,
-                r.batched_step_ms
-            );
+    f.dit_step_ms = Some(crate::pipeline::stats(steps).0);
+    if !model.hypernet {
+        return Ok(());
+    }
+    let loras = predicted_loras(&mut gpu_p, &req, 4)?;
+    let switch = |p: &mut Pipeline| -> Result<f64, Failure> {
+        let mut t = Vec::new();
+        for i in 0..b.repeat.max(1) {
+            let (r, ms) = crate::pipeline::time(|| p.set_lora(Some(&loras[i % loras.len()])));
+            r.map_err(Failure::from)?;
+            t.push(ms);
         }
-    }
-    if rows.iter().any(|r| !r.within_bound) {
-        return Err(Failure::new(
-            "a GPU engine is outside its parity bound (see the table)",
-        ));
-    }
+        Ok(crate::pipeline::stats(t).0)
+    };
+    f.switch_unfused_ms = Some(switch(&mut gpu_p)?);
+    let batch: Vec<Request> = loras
+        .iter()
+        .map(|l| Request {
+            lora: RequestLora::Loras(vec![l.clone()]),
+            ..req.clone()
+        })
+        .collect();
+    let (r, batched_ms) = crate::pipeline::time(|| gpu_p.generate_batch(&batch, &mut |_, _| true));
+    r.map_err(Failure::from)?;
+    f.batched_step_ms = Some(batched_ms / req.steps as f64);
+    drop(gpu_p);
+    let mut fused = open(&gpu, Some(Strategy::Fused))?;
+    f.switch_fused_ms = Some(switch(&mut fused)?);
     Ok(())
 }
 
@@ -314,19 +550,17 @@ fn succeeded(o: std::io::Result<std::process::Output>, what: &str) -> Result<(),
     Ok(())
 }
 
-/// `v2l-export pipeline` of a model directory with its Video2LoRA hypernetwork.
-fn export(model: &Path, out: &Path) -> Result<(), Failure> {
-    let o = tool("v2l-export")?
-        .arg("pipeline")
-        .arg(model)
-        .arg("--hypernet")
-        .arg(model.join("hypernetwork.safetensors"))
-        .arg("--lilora")
-        .arg(model.join("lilora.safetensors"))
-        .arg("-o")
-        .arg(out)
-        .output();
-    succeeded(o, "v2l-export")
+/// `v2l-export pipeline` of a model directory, with its Video2LoRA hypernetwork where it has one.
+fn export(model: &Path, out: &Path, hypernet: bool) -> Result<(), Failure> {
+    let mut cmd = tool("v2l-export")?;
+    cmd.arg("pipeline").arg(model);
+    if hypernet {
+        cmd.arg("--hypernet")
+            .arg(model.join("hypernetwork.safetensors"))
+            .arg("--lilora")
+            .arg(model.join("lilora.safetensors"));
+    }
+    succeeded(cmd.arg("-o").arg(out).output(), "v2l-export")
 }
 
 fn compile(export: &Path, out: &Path, flags: &[String]) -> Result<(), Failure> {
@@ -342,8 +576,10 @@ fn compile(export: &Path, out: &Path, flags: &[String]) -> Result<(), Failure> {
 /// A seeded request at the engine's default size, two steps at guidance 6.
 fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Request, Failure> {
     use v2l_runtime::pipeline::{gaussian_noise, Request, RequestLora};
-    let (Some(frames), Some(height), Some(width)) = e.default_size() else {
-        return Err(Failure::new("the engine has no default size"));
+    // Wan's configs name no sample size: the tiny fixture's own (9 frames at 32x48).
+    let (frames, height, width) = match e.default_size() {
+        (Some(f), Some(h), Some(w)) => (f, h, w),
+        _ => (9, 32, 48),
     };
     let d = e
         .manifest
@@ -376,7 +612,8 @@ fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Req
         lora: RequestLora::Resident,
         sampler: None,
         inpaint_noise: None,
-        seed: None,
+        // Fun-InP noises its conditioning clip from the request's seed.
+        seed: Some(5),
         cache: None,
     })
 }
@@ -417,29 +654,67 @@ fn predicted_loras(
     Ok(out)
 }
 
-fn model_name(m: &str) -> &str {
-    m.rsplit('/').next().unwrap_or(m)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_plan_covers_every_model_backend_and_precision() {
-        let p = plan(true);
-        assert_eq!(p.len(), 2 * 2 * 3);
-        assert!(p
-            .iter()
-            .any(|c| c.backend == "tensorrt" && c.precision == "bf16"));
-        assert_eq!(plan(false).len(), 2 * 3, "no TensorRT: CUDA only");
+        let p = plan(Ok(()));
+        assert_eq!(p.len(), MODELS.len() * 2 * 3);
+        assert!(p.iter().all(|c| c.skipped.is_none()));
+        for m in [
+            "cogvideox-tiny",
+            "cogvideox-fun-inp-tiny",
+            "wan-tiny-i2v",
+            "cogvideox-effects",
+        ] {
+            assert_eq!(p.iter().filter(|c| c.model == m).count(), 6, "{m}");
+        }
         for c in &p {
             assert_eq!(
                 c.compile[..2],
                 ["--backend".to_string(), c.backend.to_string()]
             );
             assert!(c.parity_bound > 0.0 && c.parity_bound < 0.1);
+            let lora = c.measures.iter().any(|m| m.contains("LoRA"));
+            assert_eq!(lora, c.model != "wan-tiny-i2v", "{c:?}");
         }
         assert!(parity_bound(Precision::Fp32) < parity_bound(Precision::Fp16));
+    }
+
+    #[test]
+    fn tensorrt_without_its_library_is_skipped_with_the_reason() {
+        let p = plan(Err("libnvinfer.so.10 does not load".into()));
+        for c in &p {
+            match c.backend {
+                "tensorrt" => assert!(
+                    c.skipped
+                        .as_deref()
+                        .is_some_and(|s| s.contains("libnvinfer.so.10")),
+                    "{c:?}"
+                ),
+                _ => assert!(c.skipped.is_none(), "{c:?}"),
+            }
+        }
+        // On this machine (the CPU library, or a GPU one without TensorRT 10) it cannot run.
+        if !v2l_runtime::cuda_libs::loads_by_name("libnvinfer.so.10") {
+            assert!(tensorrt_here().is_err());
+        }
+    }
+
+    #[test]
+    fn scale_has_the_real_sizes() {
+        let s = scale_cases();
+        let dit: Vec<_> = s.iter().filter(|c| c.stage == "dit").collect();
+        assert!(dit
+            .iter()
+            .any(|c| c.size == [49, 480, 720] && c.precision == "bf16"));
+        assert!(dit
+            .iter()
+            .any(|c| c.size == [13, 480, 720] && c.what.starts_with("5626")));
+        assert!(s
+            .iter()
+            .any(|c| c.stage == "vae-decode" && c.precision == "fp32" && c.size == [17, 480, 720]));
     }
 }

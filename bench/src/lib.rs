@@ -15,6 +15,7 @@ pub mod conv;
 pub mod e2e;
 pub mod fuse;
 pub mod gpu;
+pub mod gpu_scale;
 pub mod hypernet;
 pub mod int8_gemm;
 pub mod lora_batch;

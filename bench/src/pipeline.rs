@@ -72,6 +72,14 @@ pub fn bench_pipeline(
         .as_ref()
         .map(|d| d.in_channels / 2)
         .unwrap_or(16);
+    // `bound` feeds f32 weights by reference: fp32 engines only (fp16/bf16 CUDA engines switch
+    // with `unfused` factors or a `fused` rebuild).
+    let run: Vec<Strategy> = [Strategy::Fused, Strategy::Bound, Strategy::Unfused]
+        .into_iter()
+        .filter(|s| {
+            *s != Strategy::Bound || dir.precision() == v2l_runtime::backend::Precision::Fp32
+        })
+        .collect();
     drop(dir);
 
     // Deterministic synthetic inputs of the default size.
@@ -112,7 +120,7 @@ pub fn bench_pipeline(
 
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut strategies = BTreeMap::new();
-    for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
+    for strategy in run {
         let (p, load_ms) =
             time(|| Pipeline::load_with_strategy(open()?, &opts, strategy).map_err(Failure::from));
         let mut p = p?;

@@ -51,11 +51,28 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let cases = plan["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 12, "{plan}");
-    assert!(cases
-        .iter()
-        .any(|c| c["backend"] == "tensorrt" && c["precision"] == "fp16"));
+    assert_eq!(cases.len(), 24, "{plan}");
+    for model in ["cogvideox-fun-inp-tiny", "wan-tiny-i2v"] {
+        assert!(cases.iter().any(|c| c["model"] == model), "{model}");
+    }
+    // TensorRT is listed, and where libnvinfer.so.10 does not load, skipped with the reason.
+    for c in cases.iter().filter(|c| c["backend"] == "tensorrt") {
+        if v2l_bench::gpu::tensorrt_here().is_err() {
+            assert!(
+                c["skipped"].as_str().unwrap().starts_with("skipped: "),
+                "{c}"
+            );
+        }
+    }
+    assert!(plan["scale"].as_array().unwrap().is_empty());
     assert!(!scratch.exists(), "a dry run wrote {}", scratch.display());
+    let o = bench(&["gpu", "--dry-run", "--scale"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        text.contains("8 real-size cases") && text.contains("49x480x720  17776 tokens"),
+        "{text}"
+    );
 
     let file = d.path().join("a-file");
     std::fs::write(&file, b"").unwrap();
@@ -76,4 +93,51 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
         "the run wrote into {}",
         file.display()
     );
+}
+
+/// The check itself, run end to end on ONNX Runtime's CPU provider (`--provider cpu`): on the
+/// tiny Wan I2V pipeline it exports, compiles the CPU reference and the case's engine, compares
+/// frames and times steps, printing a row per case as it ends; a case that cannot run (here
+/// TensorRT) is a row with its reason, and the rest still run.
+#[test]
+fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
+    let d = tempfile::tempdir().unwrap();
+    let scratch = d.path().join("gpu");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-bench"))
+        .current_dir(&root)
+        .args([
+            "gpu",
+            "--provider",
+            "cpu",
+            "--only",
+            "wan",
+            "--repeat",
+            "1",
+            "--json",
+            "--dir",
+        ])
+        .arg(&scratch)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6, "{out}");
+    for r in &rows {
+        match r["backend"].as_str().unwrap() {
+            "tensorrt" => assert!(r["skipped"].is_string(), "{r}"),
+            _ => {
+                assert_eq!(r["within_bound"], true, "{r}");
+                assert!(r["dit_step_ms"].as_f64().unwrap() > 0.0, "{r}");
+            }
+        }
+    }
 }

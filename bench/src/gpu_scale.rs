@@ -1,0 +1,259 @@
+//! `v2l-bench gpu --scale`: the real-size cases beside PyTorch on the same GPU, one row each as
+//! it ends: the 5B-width DiT (CogVideoX-5B's widths, 2 blocks, random weights, batch 2) and the
+//! real CogVideoX VAE decode. Each side runs in its own process on the same checkpoint and
+//! inputs: `v2l-run stage` on a `cuda` engine, and `gpu_scale/torch_gpu.py` (diffusers, eager,
+//! SDPA; TF32 off). PyTorch fp32 is the reference every output is compared with.
+//!
+//! Not yet run on a GPU (written 2026-11-26 on a machine without one; `../shared/gpu/probe5b.py`
+//! measured the DiT rows by hand on the first H100 run).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::gpu::{GpuBench, ProviderArg, ScaleCase};
+use crate::scale::{last_json, run_measured, sibling};
+use crate::Failure;
+
+const TORCH_SCRIPT: &str = include_str!("gpu_scale/torch_gpu.py");
+
+/// One real-size row.
+#[derive(Serialize, Default)]
+struct Row {
+    stage: &'static str,
+    precision: &'static str,
+    size: [usize; 3],
+    v2l_ms: Option<f64>,
+    v2l_peak_gpu_mb: Option<f64>,
+    v2l_rel_l2_vs_torch_fp32: Option<f64>,
+    torch_same_ms: Option<f64>,
+    torch_same_peak_gpu_mb: Option<f64>,
+    /// v2l's time over PyTorch's at the same precision.
+    ratio: Option<f64>,
+    error: Option<String>,
+}
+
+/// Runs every case; the number that failed.
+pub fn run(b: &GpuBench, cases: &[ScaleCase]) -> Result<usize, Failure> {
+    if b.provider == ProviderArg::Cpu {
+        return Err(Failure::new(
+            "--scale measures on the GPU against PyTorch on the same GPU; --provider cpu has none",
+        ));
+    }
+    let dir = b.dir.join("scale");
+    std::fs::create_dir_all(&dir).map_err(|e| Failure::new(format!("{}: {e}", dir.display())))?;
+    let script = dir.join("torch_gpu.py");
+    std::fs::write(&script, TORCH_SCRIPT)
+        .map_err(|e| Failure::new(format!("{}: {e}", script.display())))?;
+    if !b.json {
+        println!(
+            "{:<10} {:<5} {:<11} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  status",
+            "stage",
+            "prec",
+            "size",
+            "v2l ms",
+            "torch ms",
+            "ratio",
+            "v2l GPU MB",
+            "torch GPU MB",
+            "rel L2"
+        );
+    }
+    let mut failed = 0;
+    // PyTorch fp32 first in each group: it writes the reference.
+    let mut order: Vec<&ScaleCase> = cases.iter().collect();
+    order.sort_by_key(|c| (c.stage, c.size, c.precision != "fp32"));
+    for c in order {
+        let mut row = Row {
+            stage: c.stage,
+            precision: c.precision,
+            size: c.size,
+            ..Default::default()
+        };
+        if let Err(e) = run_case(b, &script, &dir, c, &mut row) {
+            row.error = Some(e.message);
+            failed += 1;
+        }
+        print_row(&row, b.json);
+    }
+    Ok(failed)
+}
+
+fn case_dir(dir: &Path, c: &ScaleCase) -> PathBuf {
+    dir.join(format!(
+        "{}-{}x{}x{}",
+        c.stage, c.size[0], c.size[1], c.size[2]
+    ))
+}
+
+fn py(b: &GpuBench, script: &Path) -> Command {
+    let mut cmd = Command::new(&b.torch_python);
+    cmd.arg(script);
+    cmd
+}
+
+fn run_case(
+    b: &GpuBench,
+    script: &Path,
+    dir: &Path,
+    c: &ScaleCase,
+    row: &mut Row,
+) -> Result<(), Failure> {
+    let case = case_dir(dir, c);
+    let (component, made) = match c.stage {
+        "dit" => ("transformer", case.join("transformer/config.json")),
+        _ => ("vae", case.join("vae/config.json")),
+    };
+    if !made.is_file() {
+        let mut cmd = py(b, script);
+        if c.stage == "dit" {
+            cmd.arg("make-dit").arg(&case).args([
+                "--frames",
+                &c.size[0].to_string(),
+                "--height",
+                &c.size[1].to_string(),
+                "--width",
+                &c.size[2].to_string(),
+            ]);
+        } else {
+            cmd.arg("make-vae").arg(&case);
+        }
+        run_measured(&mut cmd)?;
+    }
+    let reference = case.join("torch_fp32.safetensors");
+    if !reference.is_file() {
+        torch_run(b, script, &case, c.stage, "fp32")?;
+    }
+    let t = torch_run(b, script, &case, c.stage, c.precision)?;
+    row.torch_same_ms = t["torch_ms"].as_f64();
+    row.torch_same_peak_gpu_mb = t["peak_gpu_mb"].as_f64();
+    // v2l: export once, an engine per precision.
+    let export = case.join("v2l-export");
+    if !export.join("manifest.json").is_file() {
+        let what = if c.stage == "dit" { "dit" } else { "vae" };
+        run_measured(
+            Command::new(sibling("v2l-export")?)
+                .arg(what)
+                .arg(case.join(component))
+                .arg("-o")
+                .arg(&export),
+        )?;
+    }
+    let engine = case.join(format!("v2l-cuda-{}", c.precision));
+    if !engine.join("bundle.json").is_file() {
+        run_measured(
+            Command::new(sibling("v2l-compile")?)
+                .arg(&export)
+                .arg("-o")
+                .arg(&engine)
+                .args(["--backend", "cuda", "--precision", c.precision]),
+        )?;
+    }
+    let out = case.join(format!("v2l-{}.safetensors", c.precision));
+    let mut cmd = Command::new(sibling("v2l-run")?);
+    cmd.arg("--engine")
+        .arg(&engine)
+        .arg("stage")
+        .arg(c.stage)
+        .arg("--inputs")
+        .arg(case.join("inputs.safetensors"))
+        .arg("-o")
+        .arg(&out)
+        .args(["--json", "--repeat", &b.repeat.max(3).to_string()]);
+    let (r, peak) = with_gpu_peak(|| run_measured(&mut cmd));
+    let j = last_json(&r?.stdout)?;
+    row.v2l_ms = j["run_ms"].as_f64();
+    row.v2l_peak_gpu_mb = peak;
+    let read = |p: &Path| -> Result<v2l_runtime::Tensor, Failure> {
+        v2l_runtime::read_safetensors(p)
+            .map_err(Failure::from)?
+            .remove("sample")
+            .ok_or_else(|| Failure::new(format!("{}: no `sample`", p.display())))
+    };
+    row.v2l_rel_l2_vs_torch_fp32 = Some(read(&out)?.rel_l2(&read(&reference)?));
+    if let (Some(v), Some(t)) = (row.v2l_ms, row.torch_same_ms) {
+        row.ratio = Some(v / t);
+    }
+    Ok(())
+}
+
+fn torch_run(
+    b: &GpuBench,
+    script: &Path,
+    case: &Path,
+    stage: &str,
+    dtype: &str,
+) -> Result<serde_json::Value, Failure> {
+    let r = run_measured(
+        py(b, script)
+            .arg("run")
+            .arg(case)
+            .args(["--stage", stage, "--dtype", dtype, "-n"])
+            .arg(b.repeat.max(3).to_string()),
+    )?;
+    last_json(&r.stdout)
+}
+
+/// `f`'s result and the most GPU memory any process used while it ran, polled from
+/// `nvidia-smi` every 50 ms (what ONNX Runtime's arena holds, not only live tensors).
+fn with_gpu_peak<T>(f: impl FnOnce() -> T) -> (T, Option<f64>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let poll = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak: Option<f64> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let used = Command::new("nvidia-smi")
+                    .args([
+                        "--query-compute-apps=used_memory",
+                        "--format=csv,noheader,nounits",
+                    ])
+                    .output()
+                    .ok()
+                    .map(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .lines()
+                            .filter_map(|l| l.trim().parse::<f64>().ok())
+                            .sum::<f64>()
+                    });
+                if let Some(u) = used {
+                    peak = Some(peak.map_or(u, |p: f64| p.max(u)));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            peak
+        })
+    };
+    let r = f();
+    stop.store(true, Ordering::Relaxed);
+    (r, poll.join().ok().flatten())
+}
+
+fn print_row(r: &Row, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+        return;
+    }
+    let f = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
+    println!(
+        "{:<10} {:<5} {:<11} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  {}",
+        r.stage,
+        r.precision,
+        format!("{}x{}x{}", r.size[0], r.size[1], r.size[2]),
+        f(r.v2l_ms, 1),
+        f(r.torch_same_ms, 1),
+        f(r.ratio, 2),
+        f(r.v2l_peak_gpu_mb, 0),
+        f(r.torch_same_peak_gpu_mb, 0),
+        r.v2l_rel_l2_vs_torch_fp32
+            .map(|x| format!("{x:.2e}"))
+            .unwrap_or_else(|| "-".into()),
+        r.error
+            .as_deref()
+            .map(|e| format!("FAILED: {e}"))
+            .unwrap_or_else(|| "ok".into())
+    );
+}
