@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use v2l_runtime::backend::{Backend, Precision};
 
+use crate::gpu_scale::{scale_cases, ScaleCase};
 use crate::Failure;
 
 /// What `v2l-bench gpu` was asked.
@@ -172,45 +173,6 @@ pub fn plan(tensorrt: Result<(), String>) -> Vec<Case> {
     out
 }
 
-/// One real-size case of `--scale`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ScaleCase {
-    /// `dit` or `vae-decode`.
-    pub stage: &'static str,
-    /// v2l's engine precision; PyTorch runs fp32 (TF32 off: the reference) and bf16.
-    pub precision: &'static str,
-    /// Pixel frames, height, width.
-    pub size: [usize; 3],
-    /// DiT tokens (text included), or latent frames for the VAE.
-    pub what: String,
-}
-
-/// `--scale`: the 5B-width DiT (2 blocks, batch 2) at 5,626 tokens (13x480x720) and 17,776
-/// (49x480x720) in bf16, fp16 and fp32, and the real VAE decode of 5 latent frames at 60x90
-/// (17x480x720) in fp32 and bf16.
-pub fn scale_cases() -> Vec<ScaleCase> {
-    let mut out = Vec::new();
-    for (size, tokens) in [([13, 480, 720], 5_626), ([49, 480, 720], 17_776)] {
-        for precision in ["bf16", "fp16", "fp32"] {
-            out.push(ScaleCase {
-                stage: "dit",
-                precision,
-                size,
-                what: format!("{tokens} tokens, batch 2, 2 blocks"),
-            });
-        }
-    }
-    for precision in ["fp32", "bf16"] {
-        out.push(ScaleCase {
-            stage: "vae-decode",
-            precision,
-            size: [17, 480, 720],
-            what: "5 latent frames at 60x90".into(),
-        });
-    }
-    out
-}
-
 /// Why this machine cannot run the plan, or `None` when it has a GPU ONNX Runtime can use.
 pub fn no_gpu_reason() -> Option<String> {
     let nvidia = v2l_runtime::cuda_libs::gpu_present()
@@ -256,7 +218,20 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
     }
     let mut failed = run_cases(b, &cases)?;
     if b.scale {
-        failed += crate::gpu_scale::run(b, &scale)?;
+        if on_cpu {
+            return Err(Failure::new(
+                "--scale measures on the GPU against PyTorch on the same GPU; --provider cpu has none",
+            ));
+        }
+        failed += crate::gpu_scale::run(
+            &crate::gpu_scale::Settings {
+                dir: b.dir.join("scale"),
+                torch_python: b.torch_python.clone(),
+                repeat: b.repeat,
+                json: b.json,
+            },
+            &scale,
+        )?;
     }
     if failed > 0 {
         return Err(Failure::new(format!(

@@ -12,11 +12,59 @@ use std::process::Command;
 
 use serde::Serialize;
 
-use crate::gpu::{GpuBench, ProviderArg, ScaleCase};
 use crate::scale::{last_json, run_measured, sibling};
 use crate::Failure;
 
 const TORCH_SCRIPT: &str = include_str!("gpu_scale/torch_gpu.py");
+
+/// Where and how to run the cases.
+pub struct Settings {
+    /// Scratch directory (checkpoints, engines, outputs).
+    pub dir: PathBuf,
+    /// Python with torch (CUDA) and diffusers.
+    pub torch_python: PathBuf,
+    pub repeat: usize,
+    pub json: bool,
+}
+
+/// One real-size case of `--scale`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ScaleCase {
+    /// `dit` or `vae-decode`.
+    pub stage: &'static str,
+    /// v2l's engine precision; PyTorch runs fp32 (TF32 off: the reference) and bf16.
+    pub precision: &'static str,
+    /// Pixel frames, height, width.
+    pub size: [usize; 3],
+    /// DiT tokens (text included), or latent frames for the VAE.
+    pub what: String,
+}
+
+/// `--scale`: the 5B-width DiT (2 blocks, batch 2) at 5,626 tokens (13x480x720) and 17,776
+/// (49x480x720) in bf16, fp16 and fp32, and the real VAE decode of 5 latent frames at 60x90
+/// (17x480x720) in fp32 and bf16.
+pub fn scale_cases() -> Vec<ScaleCase> {
+    let mut out = Vec::new();
+    for (size, tokens) in [([13, 480, 720], 5_626), ([49, 480, 720], 17_776)] {
+        for precision in ["bf16", "fp16", "fp32"] {
+            out.push(ScaleCase {
+                stage: "dit",
+                precision,
+                size,
+                what: format!("{tokens} tokens, batch 2, 2 blocks"),
+            });
+        }
+    }
+    for precision in ["fp32", "bf16"] {
+        out.push(ScaleCase {
+            stage: "vae-decode",
+            precision,
+            size: [17, 480, 720],
+            what: "5 latent frames at 60x90".into(),
+        });
+    }
+    out
+}
 
 /// One real-size row.
 #[derive(Serialize, Default)]
@@ -35,13 +83,8 @@ struct Row {
 }
 
 /// Runs every case; the number that failed.
-pub fn run(b: &GpuBench, cases: &[ScaleCase]) -> Result<usize, Failure> {
-    if b.provider == ProviderArg::Cpu {
-        return Err(Failure::new(
-            "--scale measures on the GPU against PyTorch on the same GPU; --provider cpu has none",
-        ));
-    }
-    let dir = b.dir.join("scale");
+pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
+    let dir = b.dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Failure::new(format!("{}: {e}", dir.display())))?;
     let script = dir.join("torch_gpu.py");
     std::fs::write(&script, TORCH_SCRIPT)
@@ -87,14 +130,14 @@ fn case_dir(dir: &Path, c: &ScaleCase) -> PathBuf {
     ))
 }
 
-fn py(b: &GpuBench, script: &Path) -> Command {
+fn py(b: &Settings, script: &Path) -> Command {
     let mut cmd = Command::new(&b.torch_python);
     cmd.arg(script);
     cmd
 }
 
 fn run_case(
-    b: &GpuBench,
+    b: &Settings,
     script: &Path,
     dir: &Path,
     c: &ScaleCase,
@@ -179,7 +222,7 @@ fn run_case(
 }
 
 fn torch_run(
-    b: &GpuBench,
+    b: &Settings,
     script: &Path,
     case: &Path,
     stage: &str,

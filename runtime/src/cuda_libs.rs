@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::error::{Result, RuntimeError};
+pub use crate::ort_env::gpu_present;
 
 /// The folder `scripts/setup.sh --gpu` fills, under the project root.
 pub const DIR: &str = ".v2l/cuda";
@@ -114,9 +115,4 @@ pub fn loads_by_name(soname: &str) -> bool {
     // asked for libraries v2l would load next anyway).
     let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_GLOBAL) };
     !handle.is_null()
-}
-
-/// Whether this machine has an NVIDIA GPU the driver exposes.
-pub fn gpu_present() -> bool {
-    Path::new("/dev/nvidiactl").exists() || Path::new("/dev/nvidia0").exists()
 }

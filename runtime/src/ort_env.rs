@@ -86,7 +86,7 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
         // another library.
         return None;
     }
-    let installs = installs(crate::cuda_libs::gpu_present());
+    let installs = installs(gpu_present());
     for r in &search_roots() {
         for install in installs {
             let d = r.join(install);
@@ -115,6 +115,11 @@ fn find_library(searched: &mut Vec<String>) -> Option<PathBuf> {
         return None;
     }
     library_in(&Path::new(&dir).join("capi"))
+}
+
+/// Whether this machine has an NVIDIA GPU the driver exposes.
+pub fn gpu_present() -> bool {
+    Path::new("/dev/nvidiactl").exists() || Path::new("/dev/nvidia0").exists()
 }
 
 /// The project-local installs tried in each place, in order: the GPU build first on a machine
