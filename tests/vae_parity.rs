@@ -176,3 +176,39 @@ fn compiled_vae_ties_its_caches_and_computes_the_same() {
     assert_eq!(d0.data, d1.data);
     assert_close("decoded", &d1, &io["decoded"], F32_REL_L2);
 }
+
+/// The device-resident loop: the caches carried from frame batch to frame batch in memory the
+/// session allocates (on a GPU, its device memory; here, to test the path on the CPU provider,
+/// host memory from the session's allocator) give bitwise the frames and latents of today's
+/// loop, on a clip long enough for several batches each way.
+#[test]
+fn caches_carried_in_session_memory_give_the_same_frames() {
+    use v2l_runtime::backend::{Backend, Precision};
+    let dir = tempfile::tempdir().unwrap();
+    export_tiny_vae(&dir.path().join("export"));
+    let engine = dir.path().join("engine");
+    v2l_compile::compile(
+        &dir.path().join("export"),
+        &engine,
+        Backend::Cpu,
+        Precision::Fp32,
+    )
+    .unwrap();
+    let e = Engine::open(&engine).unwrap();
+    let mut host = Vae::load(&e, &SessionOptions::default()).unwrap();
+    let carried = SessionOptions {
+        carry_in_session_memory: true,
+        ..Default::default()
+    };
+    let mut device = Vae::load(&e, &carried).unwrap();
+    let io = load("vae_io.safetensors");
+    let (m0, l0) = host.encode(&io["video"]).unwrap();
+    let (m1, l1) = device.encode(&io["video"]).unwrap();
+    assert_eq!(m0.data, m1.data);
+    assert_eq!(l0.data, l1.data);
+    let d0 = host.decode(&io["latents"]).unwrap();
+    let d1 = device.decode(&io["latents"]).unwrap();
+    assert_eq!(d0.shape, d1.shape);
+    assert_eq!(d0.data, d1.data);
+    assert_close("carried decode", &d1, &io["decoded"], F32_REL_L2);
+}

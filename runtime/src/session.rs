@@ -32,6 +32,10 @@ pub struct SessionOptions {
     /// Runtime's optimisers would otherwise fold from the model file's own (a fused LoRA on a
     /// static int8 engine's Q/DQ weights).
     pub unoptimized: bool,
+    /// Keep a loop's carried outputs (the VAE's frame-batch caches) in memory the session
+    /// allocates, so they never leave the device between batches. On for GPU backends; on the
+    /// CPU only to test that path ([`Model::run_carrying`]).
+    pub carry_in_session_memory: bool,
 }
 
 /// An ONNX model ready to run on the CPU backend.
@@ -45,6 +49,9 @@ pub struct Model {
     fixed: std::collections::HashMap<String, DynValue>,
     /// The CUDA device of a GPU backend, where fixed inputs are placed; `None` on the CPU.
     device: Option<i32>,
+    /// Where carried outputs are allocated ([`SessionOptions::carry_in_session_memory`]): the
+    /// GPU's memory on a GPU backend; `None`: ONNX Runtime returns them in host memory.
+    carry_alloc: Option<ort::memory::Allocator>,
 }
 
 fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> RuntimeError {
@@ -258,14 +265,33 @@ impl Model {
             .iter()
             .map(|o| o.name().to_string())
             .collect();
+        let device = (opts.backend.backend != crate::backend::Backend::Cpu)
+            .then_some(opts.backend.device_id);
+        let carry_alloc = match device {
+            Some(id) => Some(
+                ort::memory::MemoryInfo::new(
+                    ort::memory::AllocationDevice::CUDA,
+                    id,
+                    ort::memory::AllocatorType::Device,
+                    ort::memory::MemoryType::Default,
+                )
+                .and_then(|info| ort::memory::Allocator::new(&session, info))
+                .map_err(ort_err(format!("{ctx}: device allocator")))?,
+            ),
+            None if opts.carry_in_session_memory => Some(
+                ort::memory::Allocator::new(&session, ort::memory::MemoryInfo::default())
+                    .map_err(ort_err(format!("{ctx}: allocator")))?,
+            ),
+            None => None,
+        };
         Ok(Model {
             path: path.into(),
             session,
             inputs,
             outputs,
             fixed: Default::default(),
-            device: (opts.backend.backend != crate::backend::Backend::Cpu)
-                .then_some(opts.backend.device_id),
+            device,
+            carry_alloc,
         })
     }
 
@@ -404,6 +430,31 @@ impl Model {
                 for n in names {
                     select = select.with(*n);
                 }
+                // Carried outputs written straight into memory of the session's device: on a
+                // GPU the caches stay there from batch to batch (ONNX Runtime would otherwise
+                // return each output in host memory and copy it back for the next batch).
+                if let Some(alloc) = &self.carry_alloc {
+                    for (input, output) in links {
+                        let (ty, shape) = match carry.0.get(input) {
+                            Some(v) => (
+                                v.dtype().tensor_type(),
+                                v.dtype().tensor_shape().map(|s| s.to_vec()),
+                            ),
+                            None => match inputs.get(input) {
+                                Some(t) => (
+                                    ort_element_type(t),
+                                    Some(t.shape.iter().map(|&d| d as i64).collect()),
+                                ),
+                                None => (None, None),
+                            },
+                        };
+                        if let (Some(ty), Some(shape)) = (ty, shape) {
+                            let v = ort::value::DynTensor::new(alloc, ty, shape)
+                                .map_err(ort_err(format!("{ctx}: output `{output}`")))?;
+                            select = select.preallocate(output.as_str(), v);
+                        }
+                    }
+                }
                 Some(
                     ort::session::RunOptions::new()
                         .map_err(ort_err(&ctx))?
@@ -434,6 +485,18 @@ impl Model {
         carry.0 = next;
         Ok(result)
     }
+}
+
+/// ONNX Runtime's element type of a host tensor.
+fn ort_element_type(t: &Tensor) -> Option<ort::value::TensorElementType> {
+    use ort::value::TensorElementType as E;
+    Some(match &t.data {
+        Data::F32(_) => E::Float32,
+        Data::F16(_) => E::Float16,
+        Data::BF16(_) => E::Bfloat16,
+        Data::I64(_) => E::Int64,
+        _ => return None,
+    })
 }
 
 /// Outputs of one run held for the next as ONNX Runtime values ([`Model::run_carrying`]).
