@@ -1088,3 +1088,51 @@ fn tensor_files_without_the_needed_tensors_are_refused_from_the_header() {
         assert!(!out.exists(), "{flag}: output written");
     }
 }
+
+/// Every numeric flag of `v2l-serve` is range-checked when parsed: a huge `--header-timeout`
+/// (every connection task used to panic), `--max-decodes` or `--max-connections` (tokio's
+/// permit limit: exit 101 at start) or `--job-timeout` (an `Instant` overflow in the worker,
+/// leaving the queue stuck) is one `error:` line naming the flag and exit code 2, before
+/// anything starts.
+#[test]
+fn huge_server_flags_are_refused_when_parsed() {
+    let d = tempfile::tempdir().unwrap();
+    let huge = "18446744073709551615";
+    for flag in [
+        "--header-timeout",
+        "--body-timeout",
+        "--decode-timeout",
+        "--max-decodes",
+        "--max-connections",
+        "--job-timeout",
+        "--batch-wait-ms",
+        "--queue",
+        "--max-upload-mb",
+        "--lora-cache-mb",
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
+        c.arg("--engine")
+            .arg(d.path())
+            .args(["--addr", "127.0.0.1:0", flag, huge]);
+        let o = within(c, 10);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag}: {err}");
+        assert!(
+            err.starts_with("error:") && err.contains(flag),
+            "{flag}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Zero where it means nothing.
+    for flag in [
+        "--max-decodes",
+        "--max-connections",
+        "--header-timeout",
+        "--queue",
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
+        c.arg("--engine").arg(d.path()).args([flag, "0"]);
+        let o = within(c, 10);
+        assert_eq!(o.status.code(), Some(2), "{flag} 0");
+    }
+}

@@ -466,7 +466,9 @@ impl Worker {
             .config
             .limits
             .job_timeout
-            .map(|t| (t, Instant::now() + t));
+            // Checked: a deadline past what `Instant` holds is no deadline (the flag is
+            // bounded at a year, a library caller may pass more).
+            .and_then(|t| Instant::now().checked_add(t).map(|d| (t, d)));
         let mut timed_out = false;
         let mut progress = |step, steps| {
             for (id, live) in jobs {

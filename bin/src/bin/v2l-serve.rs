@@ -38,55 +38,55 @@ struct Args {
     #[arg(long, default_value = "v2l-state")]
     state_dir: PathBuf,
     /// Pipelines (each a full copy of the engine's sessions), each running one job at a time.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = bounded::<1, 64>)]
     workers: usize,
     /// ONNX Runtime threads per pipeline (0: ONNX Runtime's default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = bounded::<0, 1024>)]
     threads: usize,
     /// Jobs that may wait; beyond that, requests get 429 with Retry-After.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = bounded::<1, 1000000>)]
     queue: usize,
     /// How LoRAs reach the DiT: fused (weights rewritten), bound (fused and rebound) or
     /// unfused (factors as inputs). Default: the engine's.
     #[arg(long)]
     lora_strategy: Option<String>,
     /// Memory for cached LoRAs, in MiB (least recently used evicted first).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=1048576))]
     lora_cache_mb: u64,
     /// File holding a bearer token that /v1/* requests must carry.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Largest request body, in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = bounded::<1, 16384>)]
     max_upload_mb: usize,
     /// Most frames a job may ask for (1 + 4k).
-    #[arg(long, default_value_t = 49)]
+    #[arg(long, default_value_t = 49, value_parser = bounded::<1, 1001>)]
     max_frames: usize,
     /// Most pixels (height × width) a job may ask for.
-    #[arg(long, default_value_t = 720 * 480)]
+    #[arg(long, default_value_t = 720 * 480, value_parser = bounded::<1, 268435456>)]
     max_pixels: usize,
     /// Most denoising steps a job may ask for.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = bounded::<1, 10000>)]
     max_steps: usize,
     /// Seconds one upload may take to decode.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     decode_timeout: u64,
     /// Pixels an uploaded image or clip may declare (width × height of its stored frames);
     /// the decoder refuses larger ones before allocating.
-    #[arg(long, default_value_t = 4096 * 4096)]
+    #[arg(long, default_value_t = 4096 * 4096, value_parser = bounded::<1, 4294967296>)]
     max_source_pixels: usize,
     /// Uploads decoded at once at most (each is one ffmpeg process); more wait their turn.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = bounded::<1, 1024>)]
     max_decodes: usize,
     /// Connections served at once; more wait in the accept backlog. Keep it well under the
     /// process's open-file limit (`ulimit -n`): jobs and decodes need descriptors too.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = bounded::<1, 65536>)]
     max_connections: usize,
     /// Seconds a client may take to send a request's header; then the connection is closed.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     header_timeout: u64,
     /// Seconds a client may take to send an upload's body; then the request ends 408.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
     body_timeout: u64,
     /// Video jobs that may share one DiT call per step (each with its own LoRA): a job waits
     /// up to --batch-wait-ms for queued jobs of its size, steps and prompt length. Above 1
@@ -94,11 +94,23 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     batch: u32,
     /// How long a job waits for others to batch with (milliseconds)
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=60000))]
     batch_wait_ms: u64,
     /// Seconds one job may run (checked between denoising steps; 0: no limit).
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=31536000))]
     job_timeout: u64,
+}
+
+/// A `usize` flag within `LO..=HI`: refused at parse time with clap's `error:` line and exit
+/// code 2, so a huge value never reaches a timer, a semaphore or an allocation.
+fn bounded<const LO: u64, const HI: u64>(s: &str) -> Result<usize, String> {
+    let v: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number"))?;
+    if !(LO..=HI).contains(&v) {
+        return Err(format!("{v} is not in {LO}..={HI}"));
+    }
+    usize::try_from(v).map_err(|_| format!("{v} does not fit this machine"))
 }
 
 fn main() -> ExitCode {
@@ -112,21 +124,7 @@ fn main() -> ExitCode {
 }
 
 fn run(a: Args) -> Result<(), String> {
-    if a.workers == 0 || a.workers > 64 {
-        return Err(format!("--workers {}: must be 1 to 64", a.workers));
-    }
-    if a.queue == 0 {
-        return Err("--queue 0: must be at least 1".into());
-    }
-    for (flag, v) in [
-        ("--max-decodes", a.max_decodes),
-        ("--max-connections", a.max_connections),
-        ("--max-source-pixels", a.max_source_pixels),
-    ] {
-        if v == 0 {
-            return Err(format!("{flag} 0: must be at least 1"));
-        }
-    }
+    // Every numeric flag was range-checked when parsed (`bounded`, clap's ranges).
     let token = match &a.token_file {
         None => None,
         Some(p) => {
