@@ -144,7 +144,8 @@ typedef struct V2lGenerateParams {
   const char *scheduler;
   // CogVideoX-Fun-InP: the conditioning clip's augmentation noise as upstream adds it,
   // `[1, 3, frames, height, width]` floats (scaled, zero where the pixel is -1); NULL to
-  // draw it from `seed`. Ignored by other engines. Added in ABI version 4.
+  // draw it from `seed`. Only with `noise` (set without it: `V2L_INVALID_ARGUMENT`).
+  // Ignored by other engines. Added in ABI version 4.
   const float *inpaint_noise;
   // Its length in floats (ignored when `inpaint_noise` is NULL).
   size_t inpaint_noise_len;

@@ -149,7 +149,8 @@ pub struct V2lGenerateParams {
     pub scheduler: *const c_char,
     /// CogVideoX-Fun-InP: the conditioning clip's augmentation noise as upstream adds it,
     /// `[1, 3, frames, height, width]` floats (scaled, zero where the pixel is -1); NULL to
-    /// draw it from `seed`. Ignored by other engines. Added in ABI version 4.
+    /// draw it from `seed`. Only with `noise` (set without it: `V2L_INVALID_ARGUMENT`).
+    /// Ignored by other engines. Added in ABI version 4.
     pub inpaint_noise: *const f32,
     /// Its length in floats (ignored when `inpaint_noise` is NULL).
     pub inpaint_noise_len: usize,
@@ -1039,6 +1040,13 @@ unsafe fn prompt_input(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Prompt
 /// `params`' noise buffers (`noise`, and a Fun-InP model's `inpaint_noise`), or the seed.
 unsafe fn noise_input(s: &Sizes, p: &V2lGenerateParams) -> Result<NoiseInput> {
     if p.noise.is_null() {
+        // Every buffer given is used or refused: inpaint noise goes with the initial noise.
+        if !p.inpaint_noise.is_null() {
+            return Err(Error::new(
+                V2lStatus::InvalidArgument,
+                "`params.inpaint_noise` is set but `params.noise` is NULL: give both buffers, or neither and a seed",
+            ));
+        }
         return Ok(NoiseInput::Seed(p.seed));
     }
     let need = product(&s.noise, "noise")?;

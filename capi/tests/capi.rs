@@ -1149,6 +1149,17 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
     let s =
         unsafe { v2l_generator_generate(g, &short, None, null_mut(), out.as_mut_ptr(), out.len()) };
     fails(s, V2lStatus::BufferSize, "params.inpaint_noise_len");
+    // Inpaint noise without the initial noise is refused, never silently ignored.
+    let orphan = V2lGenerateParams {
+        noise: null(),
+        noise_len: 0,
+        inpaint_noise_len: 1,
+        ..given
+    };
+    let s = unsafe {
+        v2l_generator_generate(g, &orphan, None, null_mut(), out.as_mut_ptr(), out.len())
+    };
+    fails(s, V2lStatus::InvalidArgument, "params.inpaint_noise");
     for s in unsafe { [v2l_generator_free(g), v2l_engine_free(e)] } {
         ok(s);
     }
