@@ -34,7 +34,7 @@ fi
 if [ -z "$lib" ]; then
   echo "build-wheel: cargo build --release -p v2l-capi"
   cargo build --release --quiet -p v2l-capi
-  lib="target/release/libv2l.so"
+  lib="$(bash scripts/target-dir.sh)/release/libv2l.so"
 fi
 [ -f "$lib" ] || { echo "build-wheel: no library at '$lib'" >&2; exit 1; }
 

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --quiet
-bin=target/release
+bin="$(bash scripts/target-dir.sh)/release"
 model=models/cogvideox-effects
 ex=$model/examples
 out=out/demo

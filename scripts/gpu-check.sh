@@ -18,6 +18,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --gpu >/dev/null
 cargo build --release --quiet -p v2l-cli -p v2l-bench
-# Cargo's own answer for where it put them (CARGO_TARGET_DIR, .cargo/config.toml).
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
-exec "$target/release/v2l-bench" gpu "$@"
+exec "$(bash scripts/target-dir.sh)/release/v2l-bench" gpu "$@"

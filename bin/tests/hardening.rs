@@ -1136,3 +1136,30 @@ fn huge_server_flags_are_refused_when_parsed() {
         assert_eq!(o.status.code(), Some(2), "{flag} 0");
     }
 }
+
+/// The scripts read cargo's output where cargo put it (`scripts/target-dir.sh`: cargo's own
+/// `target_directory`), so `CARGO_TARGET_DIR` or a `build.target-dir` no longer breaks
+/// `demo.sh`, `build-wheel.sh` or `gpu-check.sh` ("no library at 'target/release/libv2l.so'").
+#[test]
+fn scripts_find_cargo_output_where_cargo_put_it() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let d = tempfile::tempdir().unwrap();
+    let o = Command::new("bash")
+        .arg(root.join("scripts/target-dir.sh"))
+        .env("CARGO_TARGET_DIR", d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        d.path().to_str().unwrap()
+    );
+    for script in ["demo.sh", "build-wheel.sh", "gpu-check.sh"] {
+        let text = std::fs::read_to_string(root.join("scripts").join(script)).unwrap();
+        assert!(
+            !text.contains("target/release"),
+            "{script} reads a hard-coded ./target"
+        );
+        assert!(text.contains("scripts/target-dir.sh"), "{script}");
+    }
+}
