@@ -254,6 +254,40 @@ fn the_same_bad_value_gives_the_same_error_everywhere() {
         String::from_utf8_lossy(&reply.body)
     );
     assert_eq!(reply.json()["error"]["field"], "lora");
+    // A reference LoRA's weight becomes its alpha squared: above 1,000 that passes the ±1e6
+    // every LoRA value is held to, so it is refused with the request (it used to answer 500
+    // `prediction_failed` from /v1/loras, and fail the job after a 202 from /v1/videos).
+    let clip = std::fs::read(common::tiny().join("reference.mp4")).unwrap();
+    for (path, form) in [
+        (
+            "/v1/loras",
+            Form::new()
+                .file("reference", clip.clone())
+                .text("lora_scale", "1001"),
+        ),
+        (
+            "/v1/videos",
+            Form::new()
+                .file(
+                    "image",
+                    std::fs::read(common::tiny().join("first_frame.png")).unwrap(),
+                )
+                .text("prompt", "a red car")
+                .file("reference", clip.clone())
+                .text("lora_scale", "5000"),
+        ),
+    ] {
+        let reply = s.client().post(path, &form).unwrap();
+        assert_eq!(
+            reply.status,
+            400,
+            "{path}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let err = reply.json()["error"].clone();
+        assert_eq!(err["field"], "lora_scale", "{path}: {err}");
+        assert!(err["message"].as_str().unwrap().contains("alpha"), "{err}");
+    }
     // What a client sent is echoed in errors, but not 100 KB of it.
     let form = Form::new()
         .file(

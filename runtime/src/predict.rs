@@ -167,6 +167,10 @@ impl Predictor {
         timings: &mut Timings,
     ) -> Result<Prediction> {
         check_reference(frames, "reference clip")?;
+        crate::request::check_reference_weight(lora_weight).map_err(|e| RuntimeError::Invalid {
+            what: "lora_weight".into(),
+            message: e.message,
+        })?;
         let t = std::time::Instant::now();
         let mean = vae.latent(&frames.to_unit_video()?)?;
         let sf = vae.entry.scaling_factor as f32;

@@ -174,6 +174,27 @@ pub fn finite(field: Field, v: f32) -> Result<f32, RequestError> {
     bounded(v).map_err(|m| RequestError::new(field, m))
 }
 
+/// Upstream's LoRA weight for a LoRA predicted from a reference clip: it becomes both the
+/// multiplier and the alpha, so the LoRA v2l writes and caches holds alpha = weight², which
+/// must stay within the ±1e6 every LoRA value is held to (`lora::format::MAX_VALUE`): |weight|
+/// up to 1,000. Checked with the request, before any work (a server answered 500 after the
+/// prediction ran).
+pub fn check_reference_weight(w: f32) -> Result<f32, RequestError> {
+    let w = finite(Field::LoraScale, w)?;
+    let max = crate::lora::format::MAX_VALUE.sqrt();
+    match w.abs() <= max {
+        true => Ok(w),
+        false => Err(RequestError::new(
+            Field::LoraScale,
+            format!(
+                "{w}: a LoRA predicted from a reference takes it as multiplier and alpha (alpha = {:e}); at most ±{max} so alpha stays within ±{:e}",
+                w * w,
+                crate::lora::format::MAX_VALUE
+            ),
+        )),
+    }
+}
+
 /// A prompt length in `1..=MAX_SEQUENCE_LENGTH`.
 pub fn check_sequence_length(len: usize) -> Result<usize, RequestError> {
     match (1..=MAX_SEQUENCE_LENGTH).contains(&len) {
@@ -223,6 +244,11 @@ mod tests {
             "3e38 is outside ±1e4"
         );
         assert_eq!(finite(Field::Guidance, -1e4).unwrap(), -1e4);
+        assert_eq!(check_reference_weight(-1000.0).unwrap(), -1000.0);
+        for w in [1000.5, 1001.0, 1e4, f32::NAN] {
+            let e = check_reference_weight(w).unwrap_err();
+            assert_eq!(e.field, Field::LoraScale, "{w}");
+        }
         assert!(check_sequence_length(0).is_err() && check_sequence_length(4097).is_err());
         assert!(check_fps(0).is_err() && check_fps(240).is_ok());
     }

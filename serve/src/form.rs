@@ -12,7 +12,7 @@ use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::http::StatusCode;
 use v2l_runtime::limits::Limits;
 use v2l_runtime::lora::format::Lora;
-use v2l_runtime::request::{check_fps, finite, Field, RequestError, Settings};
+use v2l_runtime::request::{check_fps, Field, RequestError, Settings};
 use v2l_runtime::tensor::{Data, Tensor};
 use v2l_runtime::video::{Frames, UntrustedMedia};
 
@@ -258,6 +258,9 @@ pub fn video(
         .into_iter()
         .filter(|f| form.bytes(f).is_some())
         .collect();
+    if chosen == ["reference"] {
+        v2l_runtime::request::check_reference_weight(scale).map_err(request_error)?;
+    }
     let mut lora_upload = None;
     let mut lora = match chosen[..] {
         [] => LoraChoice::None,
@@ -391,7 +394,8 @@ pub fn lora(
         (true, false) => {
             let (_, height, width) = size(form, facts, limits)?;
             let weight =
-                finite(Field::LoraScale, form.real("lora_scale", 1.0)?).map_err(request_error)?;
+                v2l_runtime::request::check_reference_weight(form.real("lora_scale", 1.0)?)
+                    .map_err(request_error)?;
             let (id, clip) =
                 reference_lora(form, facts, limits, scratch, height, width, weight, stored)?;
             Ok(match clip {

@@ -86,7 +86,7 @@ pub fn document(d: &Described) -> Value {
                     "reference": {"type": "string", "contentMediaType": "application/octet-stream", "description": "A reference clip (mp4, mov, mkv, webm, avi, gif), or a safetensors file with a `reference_u8` tensor [frames, height, width, 3] as `v2l-run --reference` takes: its predicted LoRA (cached)."},
                     "lora_id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "A LoRA stored on this server."},
                     "lora": {"type": "string", "contentMediaType": "application/octet-stream", "description": "A LoRA file (diffusers/PEFT, kohya or ComfyUI safetensors)."},
-                    "lora_scale": {"type": "number", "default": 1.0, "description": "The LoRA's multiplier; for `reference`, upstream's LoRA weight. Finite, within ±1e4."},
+                    "lora_scale": {"type": "number", "default": 1.0, "description": "The LoRA's multiplier; for `reference`, upstream's LoRA weight, which is also its alpha (alpha = weight²), so within ±1000 there. Finite, within ±1e4."},
                     "prompt": {"type": "string", "description": "At most 16 KiB of UTF-8."},
                     "prompt_embeds": {"type": "string", "contentMediaType": "application/octet-stream", "description": "safetensors with `prompt_embeds` and `negative_prompt_embeds`, float32 [1, L, D]."},
                     "negative_prompt": {"type": "string", "default": ""},
@@ -103,7 +103,7 @@ pub fn document(d: &Described) -> Value {
                     "properties": {
                     "reference": {"type": "string", "contentMediaType": "application/octet-stream"},
                     "lora": {"type": "string", "contentMediaType": "application/octet-stream"},
-                    "lora_scale": {"type": "number", "default": 1.0},
+                    "lora_scale": {"type": "number", "default": 1.0, "minimum": -1000, "maximum": 1000, "description": "For `reference`: upstream's LoRA weight, also the LoRA's alpha (alpha = weight²)."},
                     "height": side(facts.default_height), "width": side(facts.default_width)}}
             }
         },

@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = bounded::<1, 64>)]
     workers: usize,
     /// ONNX Runtime threads per pipeline (0: ONNX Runtime's default).
-    #[arg(long, default_value_t = 0, value_parser = bounded::<0, 1024>)]
+    #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Jobs that may wait; beyond that, requests get 429 with Retry-After.
     #[arg(long, default_value_t = 16, value_parser = bounded::<1, 1000000>)]
