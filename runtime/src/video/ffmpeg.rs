@@ -216,14 +216,42 @@ pub fn source_size(path: &Path) -> Option<(usize, usize)> {
         .args(["-v", "error", "-protocol_whitelist", "file"])
         .args(["-format_whitelist", LOCAL_FORMATS])
         .args(["-select_streams", "v:0", "-show_entries"])
-        .args(["stream=width,height", "-of", "csv=p=0:s=x"])
+        .args([PROBE_ENTRIES, "-of", "json"])
         .arg(&file)
         .stdin(Stdio::null())
         .output()
         .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (w, h) = text.lines().next()?.trim().split_once('x')?;
-    Some((h.parse().ok()?, w.parse().ok()?))
+    displayed_size(&out.stdout)
+}
+
+/// What the probes ask ffprobe for: the first video stream's stored size and its display
+/// rotation (a phone's portrait clip is stored landscape with a display matrix).
+const PROBE_ENTRIES: &str = "stream=width,height:stream_side_data=rotation";
+
+/// `(height, width)` of the first video stream as a player shows it, from ffprobe's JSON for
+/// [`PROBE_ENTRIES`]: a ±90° rotation swaps the stored sides. ffmpeg rotates the decoded
+/// frames the same way (its `-autorotate`, on by default), so the frames v2l reads are upright
+/// at this size. `None` without a video stream of a positive size.
+fn displayed_size(json: &[u8]) -> Option<(usize, usize)> {
+    let v: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let s = v.get("streams")?.as_array()?.first()?;
+    let (w, h) = (s.get("width")?.as_u64()?, s.get("height")?.as_u64()?);
+    if w == 0 || h == 0 {
+        return None;
+    }
+    let rotation = s
+        .get("side_data_list")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+        .find_map(|d| d.get("rotation").and_then(|r| r.as_f64()))
+        .unwrap_or(0.0);
+    let quarter_turns = (rotation / 90.0).round() as i64;
+    let (h, w) = (usize::try_from(h).ok()?, usize::try_from(w).ok()?);
+    Some(match quarter_turns.rem_euclid(2) {
+        1 => (w, h),
+        _ => (h, w),
+    })
 }
 
 /// A warning when `path`'s frames are resized to `height × width` with another aspect ratio
@@ -316,13 +344,8 @@ pub fn read_untrusted_at_source_size(path: &Path, limits: UntrustedMedia) -> Res
             "-format_whitelist",
         ])
         .arg(UNTRUSTED_FORMATS)
-        .args([
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "stream=width,height",
-        ])
-        .args(["-of", "csv=p=0:s=x"])
+        .args(["-select_streams", "v:0", "-show_entries", PROBE_ENTRIES])
+        .args(["-of", "json"])
         .arg(path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -341,14 +364,7 @@ pub fn read_untrusted_at_source_size(path: &Path, limits: UntrustedMedia) -> Res
         },
         Waited::TimedOut(_) => bad(path, "probing the media took too long; it is malformed"),
     })?;
-    let text = String::from_utf8_lossy(&stdout);
-    let size = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().split_once('x'))
-        .and_then(|(w, h)| Some((h.parse::<usize>().ok()?, w.parse::<usize>().ok()?)))
-        .filter(|&(h, w)| h > 0 && w > 0);
-    let (h, w) = size.ok_or_else(|| bad(path, NO_VIDEO_STREAM))?;
+    let (h, w) = displayed_size(&stdout).ok_or_else(|| bad(path, NO_VIDEO_STREAM))?;
     if h.saturating_mul(w) > limits.max_pixels {
         return Err(bad(
             path,
@@ -658,7 +674,70 @@ pub fn write_contact_sheet(path: &Path, frames: &Frames, cols: usize) -> Result<
 
 #[cfg(test)]
 mod tests {
-    use super::{mp4_is_whole, oversized_picture};
+    use super::{displayed_size, mp4_is_whole, oversized_picture};
+
+    #[test]
+    fn a_display_rotation_of_a_quarter_turn_swaps_the_sides() {
+        let probe = |side: &str| {
+            format!(r#"{{"programs": [], "streams": [{{"width": 128, "height": 64{side}}}]}}"#)
+        };
+        let rotated = |r: i32| probe(&format!(r#", "side_data_list": [{{"rotation": {r}}}]"#));
+        assert_eq!(displayed_size(probe("").as_bytes()), Some((64, 128)));
+        for r in [90, -90, 270] {
+            assert_eq!(
+                displayed_size(rotated(r).as_bytes()),
+                Some((128, 64)),
+                "{r}"
+            );
+        }
+        assert_eq!(displayed_size(rotated(180).as_bytes()), Some((64, 128)));
+        assert_eq!(displayed_size(br#"{"streams": []}"#), None);
+        assert_eq!(
+            displayed_size(br#"{"streams": [{"width": 0, "height": 64}]}"#),
+            None
+        );
+        assert_eq!(displayed_size(b"128x64x"), None, "not JSON");
+    }
+
+    /// A phone's portrait clip (stored landscape with a 90 degree display matrix) read at its
+    /// source size, as the Fun-InP path reads references: upright, at the size a player shows.
+    /// It used to be refused as "no video stream" (ffprobe's `128x64x` did not parse).
+    #[test]
+    fn a_rotated_clip_is_read_upright_at_its_displayed_size() {
+        let d = tempfile::tempdir().unwrap();
+        let (plain, rot) = (d.path().join("plain.mp4"), d.path().join("rot.mp4"));
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new("ffmpeg")
+                .args(["-v", "error", "-y"])
+                .args(args)
+                .output()
+                .expect("ffmpeg (bash scripts/setup.sh)");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
+        let (p, r) = (plain.to_str().unwrap(), rot.to_str().unwrap());
+        run(&[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=128x64:rate=8",
+            "-frames:v",
+            "5",
+        ]
+        .into_iter()
+        .chain(["-pix_fmt", "yuv420p", p])
+        .collect::<Vec<_>>());
+        run(&["-i", p, "-c", "copy", "-metadata:s:v:0", "rotate=90", r]);
+        let limits = super::UntrustedMedia {
+            max_frames: 10,
+            timeout: std::time::Duration::from_secs(30),
+            max_pixels: 1 << 20,
+        };
+        let f = super::read_untrusted_at_source_size(&rot, limits).unwrap();
+        assert_eq!((f.frames, f.height, f.width), (5, 128, 64));
+        let g = super::read_untrusted_at_source_size(&plain, limits).unwrap();
+        assert_eq!((g.height, g.width), (64, 128));
+        assert_eq!(super::source_size(&rot), Some((128, 64)));
+    }
 
     #[test]
     fn an_mp4_cut_short_or_without_its_index_is_not_whole() {
