@@ -884,3 +884,53 @@ fn a_wan_text_to_video_engine_serves_the_cli_video() {
         "{video_form}"
     );
 }
+
+/// A Fun-InP engine reads its reference at the size it is stored at: that size is bounded by
+/// the server's own `--max-source-pixels`, named in the answer, never by the CLI's
+/// `V2L_MAX_PIXELS` (which the server used to name, and which `--max-source-pixels` did not
+/// change).
+#[test]
+fn a_fun_inpaint_reference_is_bounded_by_the_servers_own_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fun = common::tiny().join("../cogvideox-fun-inp-tiny");
+    let engine = common::engine_of(&fun, tmp.path(), &[]);
+    // The reference mp4 is stored at 48x80 = 3,840 pixels.
+    let form = || {
+        Form::new().file(
+            "reference",
+            std::fs::read(fun.join("reference.mp4")).unwrap(),
+        )
+    };
+    let small_cli_limit = |c: &mut Command| {
+        c.env("V2L_MAX_PIXELS", "1000");
+    };
+    let s = Server::start_with(
+        &engine,
+        &tmp.path().join("state-a"),
+        &["--max-source-pixels", "100000"],
+        small_cli_limit,
+    );
+    let reply = s.client().post("/v1/loras", &form()).unwrap();
+    let body = String::from_utf8_lossy(&reply.body).to_string();
+    assert!(reply.status < 300, "{}: {body}", reply.status);
+    assert!(!body.contains("V2L_MAX_PIXELS"), "{body}");
+    drop(s);
+    let s = Server::start_with(
+        &engine,
+        &tmp.path().join("state-b"),
+        &["--max-source-pixels", "2000"],
+        small_cli_limit,
+    );
+    let reply = s.client().post("/v1/loras", &form()).unwrap();
+    assert_eq!(
+        reply.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let err = reply.json()["error"].clone();
+    assert_eq!(err["field"], "reference", "{err}");
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains("--max-source-pixels"), "{message}");
+    assert!(!message.contains("V2L_MAX_PIXELS"), "{message}");
+}

@@ -487,6 +487,9 @@ fn decode(
         // ffmpeg names its input; the client knows it by its field.
         let mut err = upload_error(field, e);
         err.message = err.message.replace(&*file.path().to_string_lossy(), field);
+        if err.message.contains("pixels allowed") {
+            err.message.push_str(" (the server's --max-source-pixels)");
+        }
         err
     })
 }

@@ -311,7 +311,11 @@ pub fn read_untrusted(
     limits: UntrustedMedia,
 ) -> Result<Frames> {
     check_media_path(path, false)?;
-    crate::limits::Limits::from_env()?.check_frame_size(height, width, 1)?;
+    // The caller bounds the size (a server's request check, or `limits.max_pixels` at the
+    // source size): the CLI's `V2L_MAX_PIXELS` is not this caller's limit.
+    if height == 0 || width == 0 {
+        return Err(bad(path, format!("cannot be read at {width}x{height}")));
+    }
     let rgb = ffmpeg_decode_with(path, height, width, Some(limits), limits.max_frames)?;
     let frames = rgb.len() / (height * width * 3).max(1);
     if frames == 0 {
