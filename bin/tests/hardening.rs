@@ -1163,3 +1163,35 @@ fn scripts_find_cargo_output_where_cargo_put_it() {
         assert!(text.contains("scripts/target-dir.sh"), "{script}");
     }
 }
+
+/// One owner per state directory: a second server on a live `--state-dir` (a rolling restart
+/// started too early) exits non-zero within 10 s with one `error:` line naming the directory
+/// and the holder, instead of failing the first's running job and running its queue; the
+/// first keeps serving, and once it is gone the directory can be served again.
+#[test]
+fn a_second_server_on_a_live_state_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let state = d.path().join("state");
+    let first = crate::serve::Server::start(&engine, &state, &[]);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
+    c.arg("--engine")
+        .arg(&engine)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--addr", "127.0.0.1:0"]);
+    let o = within(c, 10);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error:"), "{err}");
+    assert!(
+        lines[0].contains(state.to_str().unwrap()) && lines[0].contains("pid "),
+        "{err}"
+    );
+    assert_eq!(first.client().get("/healthz").unwrap().status, 200);
+    drop(first);
+    let again = crate::serve::Server::start(&engine, &state, &[]);
+    assert_eq!(again.client().get("/healthz").unwrap().status, 200);
+}

@@ -142,6 +142,9 @@ pub enum StoreError {
     Params { id: String, message: String },
     #[error("job database lock poisoned by a panic")]
     Poisoned,
+    /// Another server owns the state directory: two would fail each other's running jobs.
+    #[error("--state-dir {dir} is in use by another v2l-serve ({holder}); stop it first, or give this one its own --state-dir")]
+    InUse { dir: PathBuf, holder: String },
 }
 
 /// Results of the store.
@@ -151,6 +154,48 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     dir: PathBuf,
     conn: Mutex<Connection>,
+    /// `<state>/lock`, locked for as long as this store lives (the process's life): one owner
+    /// per state directory. Released when the process ends, after its running job has.
+    _owner: std::fs::File,
+}
+
+/// Takes `<dir>/lock` exclusively (an advisory `flock`, released by the kernel when the
+/// process ends, however it ends) and writes this process's id into it for the next one's
+/// error message.
+fn own(dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("lock");
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            let holder = match text.trim() {
+                "" => "pid unknown".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(StoreError::InUse {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    f.set_len(0).map_err(io)?;
+    f.rewind().map_err(io)?;
+    writeln!(f, "{}", std::process::id()).map_err(io)?;
+    Ok(f)
 }
 
 /// What [`Store::open`] found left by an earlier process.
@@ -233,6 +278,7 @@ impl Store {
         for d in [dir.to_path_buf(), dir.join("jobs"), dir.join("loras")] {
             std::fs::create_dir_all(&d).map_err(|source| StoreError::Io { path: d, source })?;
         }
+        let owner = own(dir)?;
         let db = dir.join("jobs.sqlite");
         check_not_orphaned(&db, &dir.join("jobs"))?;
         let (conn, interrupted, queued) = Store::recover(dir, &db).map_err(|e| match e {
@@ -246,6 +292,7 @@ impl Store {
             Store {
                 dir: dir.to_path_buf(),
                 conn: Mutex::new(conn),
+                _owner: owner,
             },
             Recovered {
                 queued,
