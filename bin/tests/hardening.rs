@@ -1195,3 +1195,62 @@ fn a_second_server_on_a_live_state_directory_is_refused() {
     let again = crate::serve::Server::start(&engine, &state, &[]);
     assert_eq!(again.client().get("/healthz").unwrap().status, 200);
 }
+
+/// DNS rebinding and cross-site posts: a request whose `Host` names another domain is 403, and
+/// so is a browser's cross-origin request without the token (a multipart POST from any web page
+/// needs no preflight); IP literals, `localhost` and `--allow-host` names pass, and with
+/// `--token-file` a cross-origin request carrying the token passes.
+#[test]
+fn requests_for_other_hosts_and_origins_are_refused() {
+    use std::io::{Read, Write};
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let status = |addr: &str, head: &str| -> u16 {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(format!("{head}Connection: close\r\nContent-Length: 0\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    };
+    let s = crate::serve::Server::start(
+        &engine,
+        &d.path().join("state"),
+        &["--allow-host", "v2l.internal"],
+    );
+    let a = s.addr().to_string();
+    let port = a.rsplit(':').next().unwrap().to_string();
+    let get = |host: &str| format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n");
+    assert_eq!(status(&a, &get(&a)), 200);
+    assert_eq!(status(&a, &get(&format!("localhost:{port}"))), 200);
+    assert_eq!(status(&a, &get(&format!("v2l.internal:{port}"))), 200);
+    assert_eq!(status(&a, &get(&format!("attacker.example:{port}"))), 403);
+    let post = |origin: &str| {
+        format!("POST /v1/videos HTTP/1.1\r\nHost: {a}\r\nOrigin: {origin}\r\nContent-Type: multipart/form-data; boundary=x\r\n")
+    };
+    assert_eq!(status(&a, &post("http://attacker.example")), 403);
+    assert_eq!(status(&a, &post("null")), 403);
+    // Same-site origins reach the handler (which refuses the empty form on its own terms).
+    let same = status(&a, &post(&format!("http://localhost:{port}")));
+    assert!(same != 403 && same >= 400, "{same}");
+    drop(s);
+
+    let token = d.path().join("token");
+    std::fs::write(&token, "s3cret-s3cret-s3cret\n").unwrap();
+    let s = crate::serve::Server::start(
+        &engine,
+        &d.path().join("state-token"),
+        &["--token-file", token.to_str().unwrap()],
+    );
+    let a = s.addr().to_string();
+    let cross = |auth: &str| {
+        format!("POST /v1/videos HTTP/1.1\r\nHost: {a}\r\nOrigin: https://app.example\r\n{auth}Content-Type: multipart/form-data; boundary=x\r\n")
+    };
+    assert_eq!(status(&a, &cross("")), 403);
+    let with = status(&a, &cross("Authorization: Bearer s3cret-s3cret-s3cret\r\n"));
+    assert!(with != 403 && with != 401 && with >= 400, "{with}");
+}

@@ -84,6 +84,7 @@ pub fn router(app: App) -> Router {
                 "this endpoint does not take that method; see /openapi.json",
             )
         })
+        .layer(middleware::from_fn_with_state(app.clone(), check_host))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .layer(middleware::from_fn(limit_uri))
         .with_state(app)
@@ -149,6 +150,72 @@ async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response
         }
     }
     next.run(req).await
+}
+
+/// DNS rebinding and cross-site requests: a request's `Host` must name this server (an IP
+/// address, `localhost`, or a name given with `--allow-host`), and a browser request from
+/// another origin (an `Origin` naming another host) needs the bearer token. Any web page could
+/// otherwise queue jobs on a local server with a form post (no preflight), and a rebound
+/// domain could read the answers.
+async fn check_host(State(app): State<App>, req: Request, next: Next) -> Response {
+    let allowed = &app.shared.config.allowed_hosts;
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(host_of);
+    if let Some(h) = &host {
+        if !host_allowed(h, allowed) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_host",
+                format!("Host `{h}` is not this server's; start it with --allow-host {h} if clients reach it by that name"),
+            )
+            .into_response();
+        }
+    }
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(|o| host_of(o.split_once("://").map_or(o, |(_, rest)| rest)));
+    if let Some(o) = origin {
+        let same_site = o != "null" && host_allowed(&o, allowed);
+        let with_token = app.shared.config.token.as_ref().is_some_and(|token| {
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer_token)
+                .is_some_and(|given| same(given.as_bytes(), token.as_bytes()))
+        });
+        if !same_site && !with_token {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                format!("a request from the web origin `{o}` needs this server's bearer token (--token-file), or --allow-host {o}"),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The host of a `Host` header value (or of an origin without its scheme): without the port
+/// and a path, lowercase; an IPv6 literal keeps its brackets.
+fn host_of(value: &str) -> String {
+    let v = value.trim().split('/').next().unwrap_or("");
+    let host = match v.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(v, |(h, _)| h),
+        None => v.rsplit_once(':').map_or(v, |(h, _)| h),
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// IP literals (a rebinding attack names a domain), `localhost`, and the listed names.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    host.parse::<std::net::IpAddr>().is_ok()
+        || host == "localhost"
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(host))
 }
 
 /// The token of an `Authorization` value of the `Bearer` scheme. HTTP auth schemes are
@@ -674,6 +741,26 @@ mod tests {
     fn the_bearer_scheme_is_case_insensitive() {
         for v in ["Bearer t0k", "bearer t0k", "BEARER  t0k", " bEaReR t0k "] {
             assert_eq!(bearer_token(v), Some("t0k"), "{v}");
+        }
+        for (value, host) in [
+            ("127.0.0.1:8080", "127.0.0.1"),
+            ("[::1]:8080", "::1"),
+            ("LocalHost.", "localhost"),
+            ("attacker.example:80", "attacker.example"),
+            ("attacker.example/path", "attacker.example"),
+        ] {
+            assert_eq!(host_of(value), host, "{value}");
+        }
+        let listed = vec!["v2l.internal".to_string()];
+        for h in ["127.0.0.1", "::1", "10.1.2.3", "localhost", "v2l.internal"] {
+            assert!(host_allowed(h, &listed), "{h}");
+        }
+        for h in [
+            "attacker.example",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!host_allowed(h, &listed), "{h}");
         }
         for v in ["Basic t0k", "Bearert0k", "t0k", ""] {
             assert_ne!(bearer_token(v), Some("t0k"), "{v}");

@@ -58,6 +58,9 @@ pub struct Config {
     pub lora_cache_bytes: u64,
     /// Bearer token required on `/v1/*` when set.
     pub token: Option<String>,
+    /// Host names (beyond IP literals and `localhost`) a request's `Host` and a browser's
+    /// `Origin` may name (`--allow-host`): a DNS-rebinding page names its own domain.
+    pub allowed_hosts: Vec<String>,
     /// Connections served at once; more wait in the kernel's accept backlog.
     pub connections: usize,
     /// A request's header must arrive whole within this, or the connection is closed.

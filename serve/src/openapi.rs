@@ -160,6 +160,21 @@ pub fn document(d: &Described) -> Value {
             }
         }
     }
+    // Every route checks the `Host` (and a browser's `Origin`) before anything else.
+    let forbidden = error_response(
+        "The `Host` names another server (not an IP address, `localhost` or an --allow-host name), or a browser request from another origin came without the token of --token-file.",
+    );
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for op in paths
+            .values_mut()
+            .filter_map(|o| o.as_object_mut())
+            .flat_map(|ops| ops.values_mut())
+        {
+            if let Some(r) = op.get_mut("responses").and_then(|r| r.as_object_mut()) {
+                r.insert("403".into(), forbidden.clone());
+            }
+        }
+    }
     if d.token {
         // Only `/v1/*` is guarded; probes, metrics and this document stay open.
         let unauthorized = error_response("No or a wrong `Authorization: Bearer <token>`.");

@@ -97,6 +97,12 @@ struct Args {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=60000))]
     batch_wait_ms: u64,
     /// Seconds one job may run (checked between denoising steps; 0: no limit).
+    /// A host name clients may reach this server by (repeatable). Requests whose `Host` (or a
+    /// browser's `Origin`) names another host are refused (403): IP addresses and `localhost`
+    /// are always allowed; a DNS name (a service name, a public domain) must be listed. A
+    /// cross-origin browser request is allowed only with the bearer token of --token-file.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_hosts: Vec<String>,
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=31536000))]
     job_timeout: u64,
 }
@@ -175,6 +181,7 @@ fn run(a: Args) -> Result<(), String> {
         header_timeout: Duration::from_secs(a.header_timeout.max(1)),
         body_timeout: Duration::from_secs(a.body_timeout.max(1)),
         token,
+        allowed_hosts: a.allow_hosts,
         limits: RequestLimits {
             frames: a.max_frames,
             pixels: a.max_pixels,
