@@ -342,3 +342,78 @@ fn slow_clients_are_cut_off_and_cannot_starve_the_server() {
     let r = s.client().get("/healthz").unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// The server's resident memory in MiB, from /proc.
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// Downloads are streamed from disk: 60 concurrent slow downloads of a 17 MB result (each
+/// reading its first bytes, then waiting) raise the server's RSS by under 100 MB. Each used
+/// to read the whole mp4 into memory (75 MB to 1.1 GB).
+#[test]
+fn slow_downloads_of_a_large_video_are_streamed() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let state = d.path().join("state");
+    let s = Server::start(&engine, &state, &[]);
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let (job, _) = s
+        .client()
+        .generate(&video_form(image), Duration::from_secs(120))
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    // The job's result, made 17 MB: what is served is the file on disk.
+    let video = state.join("jobs").join(&id).join("video.mp4");
+    assert!(video.is_file(), "{}", video.display());
+    let big: Vec<u8> = (0..17u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&video, &big).unwrap();
+    let before = rss_mb(s.pid());
+    let request = format!(
+        "GET /v1/videos/{id}/content HTTP/1.1\r\nHost: {}\r\n\r\n",
+        s.addr()
+    );
+    let mut readers = Vec::new();
+    for _ in 0..60 {
+        let mut c = TcpStream::connect(s.addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(request.as_bytes()).unwrap();
+        let mut head = [0u8; 4096];
+        let n = c.read(&mut head).unwrap();
+        assert!(
+            String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        readers.push(c);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let grown = rss_mb(s.pid()) - before;
+    eprintln!("60 slow downloads of 17 MB: RSS {before:.0} MB -> +{grown:.0} MB");
+    assert!(grown < 100.0, "RSS grew by {grown:.0} MB");
+    // A whole download still gives every byte.
+    let mut c = TcpStream::connect(s.addr()).unwrap();
+    c.write_all(
+        format!(
+            "GET /v1/videos/{id}/content HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            s.addr()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    c.read_to_end(&mut all).unwrap();
+    let body = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(all.len() - body, big.len());
+    assert!(all[body..] == big[..]);
+    drop(readers);
+}
