@@ -417,3 +417,61 @@ fn slow_downloads_of_a_large_video_are_streamed() {
     assert!(all[body..] == big[..]);
     drop(readers);
 }
+
+/// Cancellation that means it: a DELETE that comes after the last denoising step (while the
+/// VAE decodes) ends the job `cancelled`, not `succeeded` with no video to speak of the
+/// cancel; and `--job-timeout` bounds the whole job, the decode included.
+#[test]
+fn a_cancel_or_time_limit_during_the_decode_holds() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    // One step at a large size: the decode of 25 frames at 480x720 outlasts the polling.
+    let form = || {
+        Form::new()
+            .file("image", image.clone())
+            .text("prompt", PROMPT)
+            .text("seed", 5)
+            .text("steps", 1)
+            .text("frames", 25)
+            .text("height", 480)
+            .text("width", 720)
+    };
+    let submit = |c: &v2l_serve::client::Client| -> String {
+        let r = c.post("/v1/videos", &form()).unwrap();
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let s = Server::start(&engine, &d.path().join("state"), &[]);
+    let c = s.client();
+    let id = submit(&c);
+    let t = Instant::now();
+    loop {
+        let j = c.get(&format!("/v1/videos/{id}")).unwrap().json();
+        if j["step"] == 1 || j["state"] != "running" && j["state"] != "queued" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let del = c.delete(&format!("/v1/videos/{id}")).unwrap();
+    assert_eq!(del.status, 202, "{}", String::from_utf8_lossy(&del.body));
+    let end = c.wait(&id, Duration::from_secs(300)).unwrap();
+    assert_eq!(end["state"], "cancelled", "{end}");
+    assert_eq!(
+        c.get(&format!("/v1/videos/{id}/content")).unwrap().status,
+        409
+    );
+    drop(s);
+
+    let s = Server::start(
+        &engine,
+        &d.path().join("state-timeout"),
+        &["--job-timeout", "1"],
+    );
+    let c = s.client();
+    let id = submit(&c);
+    let end = c.wait(&id, Duration::from_secs(300)).unwrap();
+    assert_eq!(end["state"], "failed", "{end}");
+    assert!(end.to_string().contains("timeout"), "{end}");
+}

@@ -490,15 +490,20 @@ impl Worker {
             [one] => self.pipeline.generate(one, &mut progress).map(|g| vec![g]),
             many => self.pipeline.generate_batch(many, &mut progress),
         };
+        let timeout = || {
+            let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
+            Stop::failed(
+                "timeout",
+                format!("stopped after the job's time limit of {secs} s (--job-timeout)"),
+            )
+        };
         match result {
+            // The decode runs after the last step's check: a cancel or the time limit that
+            // came during it still holds, so the job ends as the client was told.
+            Ok(_) if deadline.is_some_and(|(_, d)| Instant::now() > d) => Err(timeout()),
+            Ok(_) if jobs.iter().all(|(_, l)| l.cancel.load(Ordering::SeqCst)) => Err(cancelled()),
             Ok(g) => Ok(g),
-            Err(RuntimeError::Cancelled) if timed_out => {
-                let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
-                Err(Stop::failed(
-                    "timeout",
-                    format!("stopped after the job's time limit of {secs} s (--job-timeout)"),
-                ))
-            }
+            Err(RuntimeError::Cancelled) if timed_out => Err(timeout()),
             Err(RuntimeError::Cancelled) => Err(cancelled()),
             Err(e) => Err(e.into()),
         }
