@@ -327,3 +327,63 @@ fn the_server_refuses_thread_counts_the_cli_refuses() {
     );
     assert!(!d.path().join("state").exists());
 }
+
+/// A DiT with a learned positional table (the demo model: 17 frames at 64x64) generates at
+/// that size only: another frame count or size is refused with the request, naming the field,
+/// by the CLI and by the server (400 before a job exists), where it used to fail inside ONNX
+/// Runtime ("broadcast … 200 by 328", the engine's path in the job's message).
+#[test]
+fn a_learned_positional_table_fixes_the_size() {
+    let d = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let demo = root.join("models/cogvideox-effects");
+    let engine = common::engine_of(&demo, d.path(), &[]);
+    let image = demo.join("examples");
+    let first = std::fs::read_dir(&image)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .expect("an example first frame");
+    let s = Server::start(&engine, &d.path().join("state"), &[]);
+    for (field, frames, size) in [("frames", 9, 64), ("height", 17, 128)] {
+        let form = Form::new()
+            .file("image", std::fs::read(&first).unwrap())
+            .text("prompt", "a red car")
+            .text("frames", frames)
+            .text("height", size)
+            .text("width", size)
+            .text("steps", 1);
+        let reply = s.client().post("/v1/videos", &form).unwrap();
+        assert_eq!(
+            reply.status,
+            400,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let err = reply.json()["error"].clone();
+        assert_eq!(err["field"], field, "{err}");
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains("learned positional table for 17 frames at 64x64"),
+            "{err}"
+        );
+        let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+            .arg("--engine")
+            .arg(&engine)
+            .arg("--image")
+            .arg(&first)
+            .args(["--prompt", "a red car", "--steps", "1", "--seed", "1"])
+            .args(["--frames", &frames.to_string()])
+            .args(["--height", &size.to_string(), "--width", &size.to_string()])
+            .arg("-o")
+            .arg(d.path().join(format!("{field}.mp4")))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("learned positional table"), "{err}");
+        assert!(!d.path().join(format!("{field}.mp4")).exists());
+    }
+}

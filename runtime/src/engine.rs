@@ -369,6 +369,30 @@ impl Engine {
         )
     }
 
+    /// The one video size `(frames, height, width)` the DiT runs at, where it has a learned
+    /// positional table (CogVideoX's `use_learned_positional_embeddings`, as CogVideoX-5B-I2V
+    /// 1.0 and the demo model have): the table is for its sample size alone, in pixels the
+    /// DiT's `sample_frames` and its latent `sample_height`/`sample_width` times the VAE's
+    /// stride. `None` where any size the limits allow runs.
+    pub fn fixed_size(&self) -> Option<(usize, usize, usize)> {
+        let learned = self
+            .manifest
+            .dit
+            .as_ref()?
+            .config
+            .get("use_learned_positional_embeddings")?
+            .as_bool()?;
+        if !learned {
+            return None;
+        }
+        let s = v2l_contracts::latent::SPACE_STRIDE;
+        Some((
+            self.config_usize("sample_frames", true)?,
+            self.config_usize("sample_height", true)? * s,
+            self.config_usize("sample_width", true)? * s,
+        ))
+    }
+
     /// Whether the engine makes video from text alone (Wan T2V: the DiT takes only the noisy
     /// latents), so a request has no first frame.
     pub fn text_to_video(&self) -> bool {

@@ -68,6 +68,8 @@ pub struct EngineDefaults {
     pub multiple: usize,
     /// Tokens prompt text is encoded to by default.
     pub text_sequence_length: Option<usize>,
+    /// The only size the DiT runs at (a learned positional table: [`Engine::fixed_size`]).
+    pub fixed_size: Option<(usize, usize, usize)>,
 }
 
 impl EngineDefaults {
@@ -79,6 +81,7 @@ impl EngineDefaults {
             width,
             multiple: frame_multiple(engine),
             text_sequence_length: engine.text_sequence_length(),
+            fixed_size: engine.fixed_size(),
         }
     }
 }
@@ -121,6 +124,21 @@ impl Settings {
         let height = need(Field::Height, self.height, dh)?;
         let width = need(Field::Width, self.width, dw)?;
         limits.check_video(frames, height, width, engine.multiple)?;
+        if let Some((f, h, w)) = engine.fixed_size {
+            // Refused here, with the request, instead of inside ONNX Runtime mid-job.
+            let why = format!("this model's DiT has a learned positional table for {f} frames at {w}x{h} and generates at that size only");
+            if (height, width) != (h, w) {
+                let field = if height != h {
+                    Field::Height
+                } else {
+                    Field::Width
+                };
+                return Err(RequestError::new(field, format!("{width}x{height}: {why}")));
+            }
+            if frames != f {
+                return Err(RequestError::new(Field::Frames, format!("{frames}: {why}")));
+            }
+        }
         let max_sequence_length = match self.max_sequence_length {
             Some(l) => Some(check_sequence_length(l)?),
             None => engine.text_sequence_length,

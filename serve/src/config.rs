@@ -84,6 +84,8 @@ pub struct EngineFacts {
     pub default_frames: Option<usize>,
     pub default_height: Option<usize>,
     pub default_width: Option<usize>,
+    /// The one size the DiT runs at, where it has a learned positional table.
+    pub fixed_size: Option<(usize, usize, usize)>,
     /// Height and width must be multiples of this (VAE stride × patch size).
     pub multiple: usize,
     pub text_embed_dim: usize,
@@ -110,6 +112,7 @@ impl EngineFacts {
             width: self.default_width,
             multiple: self.multiple,
             text_sequence_length: Some(self.text_sequence_length),
+            fixed_size: self.fixed_size,
         }
     }
 
@@ -138,6 +141,7 @@ impl EngineFacts {
         Ok(EngineFacts {
             key: h.finalize().to_hex()[..32].to_string(),
             default_frames,
+            fixed_size: engine.fixed_size(),
             default_height,
             default_width,
             multiple: 8 * dit.patch_size,

@@ -691,6 +691,7 @@ mod tests {
 
     fn facts() -> EngineFacts {
         EngineFacts {
+            fixed_size: None,
             key: "k".into(),
             default_frames: Some(9),
             default_height: Some(32),

@@ -211,6 +211,7 @@ mod tests {
 
     fn facts() -> EngineFacts {
         EngineFacts {
+            fixed_size: None,
             key: "k".into(),
             default_frames: Some(17),
             default_height: Some(64),
