@@ -934,3 +934,61 @@ fn a_fun_inpaint_reference_is_bounded_by_the_servers_own_flag() {
     assert!(message.contains("--max-source-pixels"), "{message}");
     assert!(!message.contains("V2L_MAX_PIXELS"), "{message}");
 }
+
+/// The LoRA cache keys on the weights a prediction depends on, export directories included:
+/// re-exported in place with another LiLoRA (the manifest byte for byte the same), the
+/// restarted server predicts again instead of answering `cached` with the old model's LoRA.
+#[test]
+fn a_re_exported_model_does_not_reuse_cached_loras() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = common::tiny();
+    let export = tmp.path().join("export");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))
+        .args(["pipeline", tiny.to_str().unwrap(), "--hypernet"])
+        .arg(tiny.join("hypernetwork.safetensors"))
+        .arg("--lilora")
+        .arg(tiny.join("lilora.safetensors"))
+        .arg("-o")
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state = tmp.path().join("state");
+    let form = || {
+        Form::new().file(
+            "reference",
+            std::fs::read(tiny.join("reference.mp4")).unwrap(),
+        )
+    };
+    let predict = || {
+        let s = Server::start(&export, &state, &[]);
+        let r = s.client().post("/v1/loras", &form()).unwrap();
+        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+        let j = r.json();
+        let id = j["lora_id"].as_str().unwrap().to_string();
+        let lora = s.client().get(&format!("/v1/loras/{id}")).unwrap().body;
+        (j["cached"].as_bool(), lora)
+    };
+    let (_, first) = predict();
+    let (cached, again) = predict();
+    assert_eq!(cached, Some(true), "the same model's LoRA is cached");
+    assert_eq!(first, again);
+    // Another LiLoRA in place (its `up_aux` doubled).
+    let lilora = export.join("lilora.safetensors");
+    let mut t = v2l_runtime::read_safetensors(&lilora).unwrap();
+    for (name, v) in t.iter_mut() {
+        if name.contains("up") {
+            if let v2l_runtime::tensor::Data::F32(x) = &mut v.data {
+                x.iter_mut().for_each(|x| *x *= 2.0);
+            }
+        }
+    }
+    v2l_runtime::write_safetensors(&lilora, &t).unwrap();
+    let (cached, changed) = predict();
+    assert_eq!(
+        cached,
+        Some(false),
+        "a re-exported model's LoRA came from the cache"
+    );
+    assert_ne!(first, changed);
+}

@@ -369,6 +369,36 @@ impl Engine {
         )
     }
 
+    /// The files a predicted LoRA depends on: the hypernetworks (Video2LoRA's with its LiLoRA,
+    /// Prompt2Effect's, LoFA's stages) and the VAE encoder that feeds Video2LoRA's, with their
+    /// external weight files. What a LoRA cache must key on where no bundle record hashes
+    /// them (a plain export directory, re-exported in place).
+    pub fn prediction_files(&self) -> Vec<PathBuf> {
+        let m = &self.manifest;
+        let mut names: Vec<&str> = Vec::new();
+        if let Some(h) = &m.hypernet {
+            names.extend([h.file.as_str(), h.lilora.as_str()]);
+            if let Some(v) = &m.vae {
+                names.push(v.encoder.as_str());
+            }
+        }
+        if let Some(p) = &m.prompt2effect {
+            names.push(p.file.as_str());
+        }
+        if let Some(l) = &m.lofa {
+            names.extend([l.stage1.as_str(), l.stage2.as_str()]);
+        }
+        let mut files = Vec::new();
+        for n in names {
+            let p = self.dir.join(n);
+            if n.ends_with(".onnx") {
+                files.extend(v2l_graphs::external_data_files(&p).unwrap_or_default());
+            }
+            files.push(p);
+        }
+        files
+    }
+
     /// The one video size `(frames, height, width)` the DiT runs at, where it has a learned
     /// positional table (CogVideoX's `use_learned_positional_embeddings`, as CogVideoX-5B-I2V
     /// 1.0 and the demo model have): the table is for its sample size alone, in pixels the

@@ -133,6 +133,16 @@ impl EngineFacts {
                 h.update(&bytes);
             }
         }
+        // A compiled engine's record hashes every file; a plain export directory has none, so
+        // the files a predicted LoRA depends on are hashed here (re-exported with another
+        // LiLoRA, the manifest can stay byte for byte the same).
+        if !engine.dir.join(v2l_runtime::bundle::FILE_NAME).is_file() {
+            for f in engine.prediction_files() {
+                let mut file =
+                    std::fs::File::open(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+                std::io::copy(&mut file, &mut h).map_err(|e| format!("{}: {e}", f.display()))?;
+            }
+        }
         let (default_frames, default_height, default_width) = engine.default_size();
         if engine.manifest.scheduler.is_none() {
             return Err("the engine holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into());
