@@ -334,9 +334,16 @@ fn concurrent_clients_get_exactly_the_cli_videos() {
         (d.status, d.json()["state"].as_str()),
         (200, Some("cancelled"))
     );
+    // DELETE on an ended job forgets it with its files.
+    let d = c.delete(&format!("/v1/videos/{queued}")).unwrap();
+    assert_eq!(
+        (d.status, d.json()["state"].as_str()),
+        (200, Some("deleted"))
+    );
+    assert_eq!(c.get(&format!("/v1/videos/{queued}")).unwrap().status, 404);
     assert_eq!(
         c.delete(&format!("/v1/videos/{queued}")).unwrap().status,
-        409
+        404
     );
     for id in [&running, &running2] {
         // Wait until it runs, then cancel it.

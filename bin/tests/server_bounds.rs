@@ -475,3 +475,86 @@ fn a_cancel_or_time_limit_during_the_decode_holds() {
     assert_eq!(end["state"], "failed", "{end}");
     assert!(end.to_string().contains("timeout"), "{end}");
 }
+
+/// Retention: a job's decoded inputs go when it ends (cancelled too), and DELETE on an ended
+/// job removes it and its files. 20 submit + DELETE loops, each with a 49-frame 480x720
+/// reference (50 MB decoded), leave under 50 MB in the state directory, which `/metrics`
+/// reports. (Each loop used to leave its 50 MB behind.)
+#[test]
+fn submit_and_delete_loops_leave_the_state_directory_small() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let state = d.path().join("state");
+    let clip = d.path().join("ref.mp4");
+    let o = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=720x480:rate=8",
+        ])
+        .args(["-frames:v", "49", "-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reference = std::fs::read(&clip).unwrap();
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let s = Server::start(&engine, &state, &["--queue", "4"]);
+    let c = s.client();
+    let form = |steps: u32| {
+        Form::new()
+            .file("image", image.clone())
+            .text("prompt", PROMPT)
+            .file("reference", reference.clone())
+            .text("frames", 49)
+            .text("height", 480)
+            .text("width", 720)
+            .text("steps", steps)
+    };
+    let submit = |f: Form| -> String {
+        let r = c.post("/v1/videos", &f).unwrap();
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    // One long job keeps the worker busy, so the loops' jobs wait in the queue.
+    let busy = submit(form(50));
+    for _ in 0..20 {
+        let id = submit(form(2));
+        let first = c.delete(&format!("/v1/videos/{id}")).unwrap();
+        assert!(matches!(first.status, 200 | 202), "{}", first.status);
+        if first.status == 202 {
+            c.wait(&id, Duration::from_secs(120)).unwrap();
+        }
+        let second = c.delete(&format!("/v1/videos/{id}")).unwrap();
+        assert_eq!(second.json()["state"], "deleted");
+        assert!(!state.join("jobs").join(&id).exists());
+    }
+    let del = c.delete(&format!("/v1/videos/{busy}")).unwrap();
+    assert!(matches!(del.status, 200 | 202));
+    c.wait(&busy, Duration::from_secs(300)).unwrap();
+    let du = |p: &Path| -> u64 {
+        fn walk(p: &Path) -> u64 {
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| walk(&e.unwrap().path()))
+                    .sum(),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
+        walk(p)
+    };
+    let bytes = du(&state);
+    eprintln!(
+        "state directory after 20 submit+DELETE loops: {:.1} MB",
+        bytes as f64 / 1e6
+    );
+    assert!(bytes < 50_000_000, "{bytes} bytes left");
+    let metrics = String::from_utf8(c.get("/metrics").unwrap().body).unwrap();
+    assert!(metrics.contains("v2l_state_dir_bytes "), "{metrics}");
+}

@@ -586,12 +586,12 @@ async fn cancel_video(
         let (status, state) = match app.shared.jobs.cancel(&id)? {
             Cancelled::Queued => (StatusCode::OK, "cancelled"),
             Cancelled::Running => (StatusCode::ACCEPTED, "cancelling"),
-            Cancelled::Final(s) => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "already_ended",
-                    format!("the job has already ended ({})", s.name()),
-                ))
+            // An ended job is forgotten with its files (retention is the client's choice).
+            Cancelled::Final(_) => {
+                if !app.shared.jobs.store.delete_ended(&id)? {
+                    return Err(ApiError::not_found("video job"));
+                }
+                (StatusCode::OK, "deleted")
             }
             Cancelled::Unknown => return Err(ApiError::not_found("video job")),
         };
@@ -757,6 +757,7 @@ async fn metrics(State(app): State<App>) -> Response {
         cache_hits: s.cache.hits.load(std::sync::atomic::Ordering::Relaxed),
         cache_misses: s.cache.misses.load(std::sync::atomic::Ordering::Relaxed),
         jobs: s.jobs.store.counts().unwrap_or_default(),
+        state_bytes: s.jobs.store.size_bytes(),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -52,6 +52,8 @@ pub struct Gauges {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub jobs: BTreeMap<String, u64>,
+    /// Bytes under `--state-dir`.
+    pub state_bytes: u64,
 }
 
 impl Metrics {
@@ -88,7 +90,7 @@ impl Metrics {
     pub fn render(&self, g: &Gauges) -> String {
         let inner = self.inner();
         let mut s = String::new();
-        let scalars: [(&str, &str, &str, String); 7] = [
+        let scalars: [(&str, &str, &str, String); 8] = [
             (
                 "v2l_queue_depth",
                 "Jobs waiting for a worker.",
@@ -118,6 +120,12 @@ impl Metrics {
                 "The cache's bound (--lora-cache-mb).",
                 "gauge",
                 g.cache_capacity.to_string(),
+            ),
+            (
+                "v2l_state_dir_bytes",
+                "Bytes under --state-dir: the job database, results, stored LoRAs.",
+                "gauge",
+                g.state_bytes.to_string(),
             ),
             (
                 "v2l_lora_cache_hits_total",
@@ -217,10 +225,12 @@ mod tests {
             cache_hits: 5,
             cache_misses: 1,
             jobs: BTreeMap::from([("queued".to_string(), 2)]),
+            state_bytes: 4096,
         });
         for line in [
             "v2l_queue_depth 2",
             "v2l_lora_cache_hits_total 5",
+            "v2l_state_dir_bytes 4096",
             "v2l_jobs{state=\"queued\"} 2",
             "v2l_errors_total{kind=\"bad_field\"} 2",
             "v2l_http_responses_total{route=\"/v1/videos\",status=\"202\"} 1",

@@ -60,7 +60,7 @@ pub fn document(d: &Described) -> Value {
         "components": {
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["kind", "message"], "properties": {
-                    "kind": {"type": "string", "description": "Stable: bad_field, bad_request, too_large, not_found, not_ready, already_ended, queue_full, shutting_down, unauthorized, method_not_allowed, prediction_failed, internal."},
+                    "kind": {"type": "string", "description": "Stable: bad_field, bad_request, too_large, not_found, not_ready, queue_full, shutting_down, unauthorized, forbidden_host, forbidden_origin, method_not_allowed, prediction_failed, internal."},
                     "field": {"type": "string", "description": "The request field at fault."},
                     "message": {"type": "string"}}}}},
                 "Job": {"type": "object", "properties": {
@@ -74,7 +74,7 @@ pub fn document(d: &Described) -> Value {
                     "params": {"type": "object"}, "content_url": {"type": "string"}}},
                 "Accepted": {"type": "object", "properties": {"id": {"type": "string"}, "state": {"const": "queued"}, "status_url": {"type": "string"}, "events_url": {"type": "string"}, "content_url": {"type": "string"}}},
                 "Event": {"type": "object", "required": ["data"], "properties": {"event": {"enum": ["progress", "end"]}, "data": {"type": "string", "description": "JSON: {state, step, steps}."}}},
-                "Cancel": {"type": "object", "required": ["id", "state"], "properties": {"id": {"type": "string"}, "state": {"enum": ["cancelled", "cancelling"]}}},
+                "Cancel": {"type": "object", "required": ["id", "state"], "properties": {"id": {"type": "string"}, "state": {"enum": ["cancelled", "cancelling", "deleted"]}}},
                 "Ready": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "queue_depth": {"type": "integer"}, "running": {"type": "integer"}}},
                 "LoraId": {"type": "object", "properties": {"lora_id": {"type": "string"}, "cached": {"type": "boolean"}, "url": {"type": "string"}}},
                 "VideoForm": {"type": "object", "required": ["image"],
@@ -123,10 +123,10 @@ pub fn document(d: &Described) -> Value {
                     "400": bad, "404": not_found, "408": timeout.clone(), "413": error_response("The body is larger than --max-upload-mb."), "429": full, "503": error_response("Shutting down.")}}},
             "/v1/videos/{id}": {
                 "get": {"operationId": "getVideo", "summary": "A job's state, progress, timings and error.", "parameters": id_param("job id"), "responses": {"200": job, "404": not_found}},
-                "delete": {"operationId": "cancelVideo", "summary": "Cancel a job: a queued one at once, a running one after its current denoising step. The job's record stays (state `cancelled`).", "parameters": id_param("job id"),
-                    "responses": {"200": {"description": "Cancelled.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Cancel"}}}},
+                "delete": {"operationId": "cancelVideo", "summary": "Cancel a job: a queued one at once (state `cancelled`), a running one after its current denoising step or its decode (`cancelling`, then `cancelled`). An ended job is deleted with its files and its result (`deleted`; then 404). A job's decoded inputs are removed when it ends, whatever the outcome.", "parameters": id_param("job id"),
+                    "responses": {"200": {"description": "Cancelled, or deleted.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Cancel"}}}},
                         "202": {"description": "Cancelling.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Cancel"}}}},
-                        "404": not_found, "409": error_response("Already ended.")}}},
+                        "404": not_found}}},
             "/v1/videos/{id}/events": {"get": {"operationId": "videoEvents", "summary": "Server-sent events: `progress` with {state, step, steps} as the job moves, then one `end`.", "parameters": id_param("job id"),
                 "responses": {"200": {"description": "An event stream.", "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Event"}}}}, "404": not_found}}},
             "/v1/videos/{id}/content": {"get": {"operationId": "videoContent", "summary": "The video (H.264 mp4).", "parameters": id_param("job id"),

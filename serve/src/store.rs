@@ -198,6 +198,12 @@ fn own(dir: &Path) -> Result<std::fs::File> {
     Ok(f)
 }
 
+/// A job's decoded inputs, written when it is accepted and read only by its run.
+pub const IMAGE_FILE: &str = "image.safetensors";
+pub const REFERENCE_FILE: &str = "reference.safetensors";
+pub const PROMPT_FILE: &str = "prompt_embeds.safetensors";
+const INPUT_FILES: [&str; 3] = [IMAGE_FILE, REFERENCE_FILE, PROMPT_FILE];
+
 /// What [`Store::open`] found left by an earlier process.
 pub struct Recovered {
     /// Queued jobs, oldest first, to run again.
@@ -478,6 +484,52 @@ impl Store {
         Ok(())
     }
 
+    /// Removes a job's decoded inputs (its first frame, reference clip and prompt embeddings
+    /// as raw tensors: a 49-frame 480x720 reference is 50 MB), which only its run reads.
+    pub fn remove_inputs(&self, id: &str) {
+        let d = self.dir.join("jobs").join(id);
+        for f in INPUT_FILES {
+            match std::fs::remove_file(d.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("v2l-serve: job {id}: {f} not removed: {e}"),
+            }
+        }
+    }
+
+    /// Forgets an ended job: its row and its directory (the result included). False when it
+    /// does not exist or has not ended.
+    pub fn delete_ended(&self, id: &str) -> Result<bool> {
+        let n = self.conn()?.execute(
+            "DELETE FROM jobs WHERE id = ?1 AND state IN ('succeeded', 'failed', 'cancelled')",
+            params![id],
+        )?;
+        if n == 1 {
+            let d = self.dir.join("jobs").join(id);
+            match std::fs::remove_dir_all(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Io { path: d, source }),
+            }
+        }
+        Ok(n == 1)
+    }
+
+    /// Bytes under the state directory (for `/metrics`): the database, the jobs' files and the
+    /// stored LoRAs.
+    pub fn size_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                    .map(|r| r.filter_map(|e| e.ok()).map(|e| walk(&e.path())).sum())
+                    .unwrap_or(0),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
+        walk(&self.dir)
+    }
+
     /// A final state, with the timings and the error, if any.
     pub fn finish(
         &self,
@@ -487,6 +539,7 @@ impl Store {
         error: Option<&JobError>,
     ) -> Result<()> {
         let error = error.map(serde_json::to_string).transpose()?;
+        self.remove_inputs(id);
         self.conn()?.execute(
             "UPDATE jobs SET state = ?2, finished_at = ?3, timings = ?4, error = ?5 WHERE id = ?1",
             params![
@@ -506,6 +559,9 @@ impl Store {
             "UPDATE jobs SET state = 'cancelled', finished_at = ?2 WHERE id = ?1 AND state = 'queued'",
             params![id, now()],
         )?;
+        if n == 1 {
+            self.remove_inputs(id);
+        }
         Ok(n == 1)
     }
 

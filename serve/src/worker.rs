@@ -40,9 +40,7 @@ pub struct Shared {
 }
 
 /// Files in a job's directory.
-pub const IMAGE_FILE: &str = "image.safetensors";
-pub const REFERENCE_FILE: &str = "reference.safetensors";
-pub const PROMPT_FILE: &str = "prompt_embeds.safetensors";
+pub use crate::store::{IMAGE_FILE, PROMPT_FILE, REFERENCE_FILE};
 pub const VIDEO_FILE: &str = "video.mp4";
 
 /// Why a job did not succeed.
