@@ -852,9 +852,9 @@ fn the_server_answers_long_urls_with_json_and_any_case_of_bearer() {
     );
     let long = format!("/v1/videos/{}", "a".repeat(100_000));
     for request in [
-        format!("GET {long} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        format!("GET {long} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
         format!(
-            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/videos/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v1/videos/{} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
             "a".repeat(20_000)
         ),
     ] {
@@ -867,13 +867,13 @@ fn the_server_answers_long_urls_with_json_and_any_case_of_bearer() {
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let got = http_exchange(
             server.addr(),
-            format!("GET /v1/videos/nope HTTP/1.1\r\nHost: x\r\nAuthorization: {scheme} 0123456789abcdef-token\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET /v1/videos/nope HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {scheme} 0123456789abcdef-token\r\nConnection: close\r\n\r\n").as_bytes(),
         );
         assert!(got.starts_with("HTTP/1.1 404"), "{scheme}: {got}");
     }
     let got = http_exchange(
         server.addr(),
-        b"GET /v1/videos/nope HTTP/1.1\r\nHost: x\r\nAuthorization: bearer wrong\r\nConnection: close\r\n\r\n",
+        b"GET /v1/videos/nope HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: bearer wrong\r\nConnection: close\r\n\r\n",
     );
     assert!(got.starts_with("HTTP/1.1 401"), "{got}");
 }

@@ -309,7 +309,7 @@ fn slow_clients_are_cut_off_and_cannot_starve_the_server() {
                 ),
                 2 | 3 => {
                     let head = format!(
-                        "POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n\
+                        "POST /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n\
                          Content-Length: {}\r\n\r\n",
                         body.len()
                     );
@@ -557,4 +557,40 @@ fn submit_and_delete_loops_leave_the_state_directory_small() {
     assert!(bytes < 50_000_000, "{bytes} bytes left");
     let metrics = String::from_utf8(c.get("/metrics").unwrap().body).unwrap();
     assert!(metrics.contains("v2l_state_dir_bytes "), "{metrics}");
+}
+
+/// Results kept for a configured count: with `--keep-jobs 2`, the third job's end deletes the
+/// first with its files; with `--keep-hours`, jobs that ended longer ago go at the next start.
+#[test]
+fn ended_jobs_beyond_the_retention_are_deleted() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let state = d.path().join("state");
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let s = Server::start(&engine, &state, &["--keep-jobs", "2"]);
+    let c = s.client();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (job, _) = c
+            .generate(&video_form(image.clone()), Duration::from_secs(120))
+            .unwrap();
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        c.get(&format!("/v1/videos/{}", ids[0])).unwrap().status,
+        404
+    );
+    assert!(!state.join("jobs").join(&ids[0]).exists());
+    for id in &ids[1..] {
+        assert_eq!(
+            c.get(&format!("/v1/videos/{id}/content")).unwrap().status,
+            200
+        );
+    }
+    drop(s);
+    let bad = Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
+        .args(["--engine", "x", "--keep-jobs", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
 }

@@ -61,6 +61,9 @@ pub struct Config {
     /// Host names (beyond IP literals and `localhost`) a request's `Host` and a browser's
     /// `Origin` may name (`--allow-host`): a DNS-rebinding page names its own domain.
     pub allowed_hosts: Vec<String>,
+    /// Ended jobs kept, by count and age (`--keep-jobs`, `--keep-hours`); pruned at start and
+    /// whenever a job ends.
+    pub retention: crate::store::Retention,
     /// Connections served at once; more wait in the kernel's accept backlog.
     pub connections: usize,
     /// A request's header must arrive whole within this, or the connection is closed.

@@ -26,6 +26,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     let engine = Engine::open(&config.engine).map_err(|e| e.to_string())?;
     let facts = EngineFacts::of(&engine)?;
     let (store, recovered) = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
+    store.prune(&config.retention).map_err(|e| e.to_string())?;
     if !recovered.interrupted.is_empty() {
         eprintln!(
             "v2l-serve: {} job(s) were running when the last process stopped; marked failed",

@@ -198,6 +198,14 @@ fn own(dir: &Path) -> Result<std::fs::File> {
     Ok(f)
 }
 
+/// How many ended jobs, and for how long, the state directory keeps (`--keep-jobs`,
+/// `--keep-hours`); `None`: no bound of that kind.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Retention {
+    pub jobs: Option<usize>,
+    pub age: Option<std::time::Duration>,
+}
+
 /// A job's decoded inputs, written when it is accepted and read only by its run.
 pub const IMAGE_FILE: &str = "image.safetensors";
 pub const REFERENCE_FILE: &str = "reference.safetensors";
@@ -513,6 +521,38 @@ impl Store {
             }
         }
         Ok(n == 1)
+    }
+
+    /// Deletes ended jobs beyond `keep.jobs` (the most recently ended are kept) and those
+    /// that ended more than `keep.age` ago, with their files; how many went.
+    pub fn prune(&self, keep: &Retention) -> Result<usize> {
+        let mut ids: Vec<String> = Vec::new();
+        {
+            let conn = self.conn()?;
+            let mut st = conn.prepare(
+                "SELECT id, finished_at FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')
+                 ORDER BY finished_at DESC, created_at DESC",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<f64>>(1)?))
+            })?;
+            let cutoff = keep.age.map(|a| now() - a.as_secs_f64());
+            for (i, row) in rows.enumerate() {
+                let (id, finished) = row?;
+                let too_many = keep.jobs.is_some_and(|n| i >= n);
+                let too_old = matches!((cutoff, finished), (Some(c), Some(f)) if f < c);
+                if too_many || too_old {
+                    ids.push(id);
+                }
+            }
+        }
+        let mut n = 0;
+        for id in ids {
+            if self.delete_ended(&id)? {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Bytes under the state directory (for `/metrics`): the database, the jobs' files and the

@@ -251,6 +251,9 @@ impl Worker {
             );
         } else {
             self.shared.jobs.record_pending();
+            if let Err(e) = store.prune(&self.shared.config.retention) {
+                eprintln!("v2l-serve: pruning ended jobs: {e}");
+            }
         }
         last
     }

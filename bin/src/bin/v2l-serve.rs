@@ -96,13 +96,21 @@ struct Args {
     /// How long a job waits for others to batch with (milliseconds)
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=60000))]
     batch_wait_ms: u64,
-    /// Seconds one job may run (checked between denoising steps; 0: no limit).
     /// A host name clients may reach this server by (repeatable). Requests whose `Host` (or a
     /// browser's `Origin`) names another host are refused (403): IP addresses and `localhost`
     /// are always allowed; a DNS name (a service name, a public domain) must be listed. A
     /// cross-origin browser request is allowed only with the bearer token of --token-file.
     #[arg(long = "allow-host", value_name = "NAME")]
     allow_hosts: Vec<String>,
+    /// Ended jobs kept with their results; beyond that the oldest are deleted with their files
+    /// (DELETE removes one at any time).
+    #[arg(long, default_value_t = 1000, value_parser = bounded::<1, 10000000>)]
+    keep_jobs: usize,
+    /// Hours an ended job and its result are kept (0: no time limit).
+    #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=87600))]
+    keep_hours: u64,
+    /// Seconds one job may run, its decode included (checked between denoising steps and
+    /// after the decode; 0: no limit).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=31536000))]
     job_timeout: u64,
 }
@@ -182,6 +190,10 @@ fn run(a: Args) -> Result<(), String> {
         body_timeout: Duration::from_secs(a.body_timeout.max(1)),
         token,
         allowed_hosts: a.allow_hosts,
+        retention: v2l_serve::store::Retention {
+            jobs: Some(a.keep_jobs),
+            age: (a.keep_hours > 0).then(|| Duration::from_secs(a.keep_hours * 3600)),
+        },
         limits: RequestLimits {
             frames: a.max_frames,
             pixels: a.max_pixels,
