@@ -131,12 +131,35 @@ impl Worker {
                     }
                 }
             }
-            if batch.len() == 1 {
-                let (id, live) = batch.remove(0);
-                let last = self.run_job(&id, &live);
-                self.shared.jobs.finished(&id, last);
-            } else {
-                self.run_batch(batch);
+            // A panic fails the jobs it caught alone; the worker goes on with the queue
+            // (before, the job stayed `running` and every later one `queued`).
+            let jobs: Vec<(String, Arc<Live>)> = batch.clone();
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if batch.len() == 1 {
+                    let (id, live) = batch.remove(0);
+                    let last = self.run_job(&id, &live);
+                    self.shared.jobs.finished(&id, last);
+                } else {
+                    self.run_batch(batch);
+                }
+            }));
+            if let Err(panic) = ran {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                for (id, live) in jobs {
+                    if self.shared.jobs.live(&id).is_none() {
+                        continue;
+                    }
+                    let stop = Stop::failed(
+                        "internal",
+                        format!("the worker panicked ({what}); this job failed alone and the queue goes on"),
+                    );
+                    let last = self.end(&id, &live, Err(stop), BTreeMap::new());
+                    self.shared.jobs.finished(&id, last);
+                }
             }
         }
     }
