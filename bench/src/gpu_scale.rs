@@ -4,8 +4,8 @@
 //! inputs: `v2l-run stage` on a `cuda` engine, and `gpu_scale/torch_gpu.py` (diffusers, eager,
 //! SDPA; TF32 off). PyTorch fp32 is the reference every output is compared with.
 //!
-//! Not yet run on a GPU (written 2026-11-26 on a machine without one; `../shared/gpu/probe5b.py`
-//! measured the DiT rows by hand on the first H100 run).
+//! Not yet run on a GPU (written 2026-11-26 on a machine without one; the DiT rows of the first
+//! H100 run, in docs/status.md, were measured by hand with a script of the same shape).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

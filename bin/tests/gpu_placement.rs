@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::common;
-use crate::valid_graphs::{compile, export_pipeline_of, onnx_files, run};
+use crate::valid_graphs::{compile, export_pipeline_of, export_wan_i2v, onnx_files};
 use v2l_graphs::placement::{cuda_placement, KernelTable};
 
 /// Checks every graph of every engine; prints each graph's node count and the shape arithmetic
@@ -65,27 +65,7 @@ fn fun_inpaint_cuda_engines_have_every_kernel() {
 #[test]
 fn wan_cuda_engines_have_every_kernel() {
     let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("model");
-    common::wan_model_dir(
-        &model,
-        &[
-            ("transformer_i2v", "transformer"),
-            ("vae", "vae"),
-            ("scheduler_unipc", "scheduler"),
-            ("text_encoder", "text_encoder"),
-            ("image_encoder", "image_encoder"),
-        ],
-    );
-    let export = d.path().join("export");
-    run(
-        env!("CARGO_BIN_EXE_v2l-export"),
-        &[
-            "pipeline".as_ref(),
-            model.as_os_str(),
-            "-o".as_ref(),
-            export.as_os_str(),
-        ],
-    );
+    let export = export_wan_i2v(d.path());
     assert_eq!(onnx_files(&export).len(), 5);
     assert_all_on_cuda(&export, d.path(), "wan");
 }

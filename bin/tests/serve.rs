@@ -949,17 +949,7 @@ fn a_fun_inpaint_reference_is_bounded_by_the_servers_own_flag() {
 fn a_re_exported_model_does_not_reuse_cached_loras() {
     let tmp = tempfile::tempdir().unwrap();
     let tiny = common::tiny();
-    let export = tmp.path().join("export");
-    let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))
-        .args(["pipeline", tiny.to_str().unwrap(), "--hypernet"])
-        .arg(tiny.join("hypernetwork.safetensors"))
-        .arg("--lilora")
-        .arg(tiny.join("lilora.safetensors"))
-        .arg("-o")
-        .arg(&export)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let export = common::export_of(&tiny, &tmp.path().join("export"));
     let state = tmp.path().join("state");
     let form = || {
         Form::new().file(

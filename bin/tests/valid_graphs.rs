@@ -91,6 +91,33 @@ fn export_pipeline(model: &Path, export: &Path) -> Vec<PathBuf> {
     export_pipeline_of(model, export, 5)
 }
 
+/// The tiny Wan2.1 I2V pipeline (DiT with image attention, VAE, umT5, CLIP) assembled under
+/// `dir` from the fixture's parts and exported with `v2l-export pipeline`; the export dir.
+pub(crate) fn export_wan_i2v(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    common::wan_model_dir(
+        &model,
+        &[
+            ("transformer_i2v", "transformer"),
+            ("vae", "vae"),
+            ("scheduler_unipc", "scheduler"),
+            ("text_encoder", "text_encoder"),
+            ("image_encoder", "image_encoder"),
+        ],
+    );
+    let export = dir.join("export");
+    run(
+        env!("CARGO_BIN_EXE_v2l-export"),
+        &[
+            "pipeline".as_ref(),
+            model.as_os_str(),
+            "-o".as_ref(),
+            export.as_os_str(),
+        ],
+    );
+    export
+}
+
 /// [`export_pipeline`] for a model folder that yields `graphs` graphs.
 pub(crate) fn export_pipeline_of(model: &Path, export: &Path, graphs: usize) -> Vec<PathBuf> {
     run(
@@ -193,27 +220,7 @@ fn fun_inpaint_graphs_pass_the_onnx_checker() {
 #[test]
 fn wan_graphs_pass_the_onnx_checker() {
     let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("model");
-    common::wan_model_dir(
-        &model,
-        &[
-            ("transformer_i2v", "transformer"),
-            ("vae", "vae"),
-            ("scheduler_unipc", "scheduler"),
-            ("text_encoder", "text_encoder"),
-            ("image_encoder", "image_encoder"),
-        ],
-    );
-    let export = d.path().join("export");
-    run(
-        env!("CARGO_BIN_EXE_v2l-export"),
-        &[
-            "pipeline".as_ref(),
-            model.as_os_str(),
-            "-o".as_ref(),
-            export.as_os_str(),
-        ],
-    );
+    let export = export_wan_i2v(d.path());
     let mut models = onnx_files(&export);
     assert_eq!(
         models.len(),

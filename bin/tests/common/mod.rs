@@ -26,21 +26,27 @@ pub fn effects_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cogvideox-effects")
 }
 
-/// Exports the CogVideoX pipeline directory `t` (with its Video2LoRA hypernetwork) and compiles
-/// it with `compile`; returns the engine dir.
-pub fn engine_of(t: &Path, dir: &Path, compile: &[&str]) -> PathBuf {
-    let ex = dir.join("export");
-    let eng = dir.join("engine");
+/// `v2l-export pipeline` of the CogVideoX pipeline directory `t` with its Video2LoRA
+/// hypernetwork and LiLoRA, into `ex`; returns `ex`.
+pub fn export_of(t: &Path, ex: &Path) -> PathBuf {
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-export"))
         .args(["pipeline", t.to_str().unwrap(), "--hypernet"])
         .arg(t.join("hypernetwork.safetensors"))
         .arg("--lilora")
         .arg(t.join("lilora.safetensors"))
         .arg("-o")
-        .arg(&ex)
+        .arg(ex)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ex.to_path_buf()
+}
+
+/// Exports the CogVideoX pipeline directory `t` (with its Video2LoRA hypernetwork) and compiles
+/// it with `compile`; returns the engine dir.
+pub fn engine_of(t: &Path, dir: &Path, compile: &[&str]) -> PathBuf {
+    let ex = export_of(t, &dir.join("export"));
+    let eng = dir.join("engine");
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
         .arg(&ex)
         .arg("-o")
