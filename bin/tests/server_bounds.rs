@@ -594,3 +594,63 @@ fn ended_jobs_beyond_the_retention_are_deleted() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// A worker that survives its job: a panic inside a job (the `worker-panic` fault point of
+/// debug builds) fails that job alone, with kind `internal`, and the next job succeeds. A worker
+/// thread that ends (`worker-exit`) turns `/readyz` to 503 and new submissions away, instead of
+/// queueing them for no one.
+#[test]
+fn a_worker_panic_fails_its_job_alone_and_a_gone_worker_shows_in_readyz() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let form = || {
+        Form::new()
+            .file("image", image.clone())
+            .text("prompt", PROMPT)
+            .text("seed", 5)
+            .text("steps", 1)
+    };
+    let submit = |c: &v2l_serve::client::Client| -> String {
+        let r = c.post("/v1/videos", &form()).unwrap();
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+
+    let s = Server::start_with(&engine, &d.path().join("state"), &[], |c| {
+        c.env("V2L_FAULT", "worker-panic");
+    });
+    let c = s.client();
+    let (first, second) = (submit(&c), submit(&c));
+    let end = c.wait(&first, Duration::from_secs(120)).unwrap();
+    assert_eq!(end["state"], "failed", "{end}");
+    assert_eq!(end["error"]["kind"], "internal", "{end}");
+    assert!(end.to_string().contains("panicked"), "{end}");
+    let end = c.wait(&second, Duration::from_secs(120)).unwrap();
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert_eq!(c.get("/readyz").unwrap().status, 200);
+    drop(s);
+
+    let s = Server::start_with(&engine, &d.path().join("state-exit"), &[], |c| {
+        c.env("V2L_FAULT", "worker-exit");
+    });
+    let c = s.client();
+    let id = submit(&c);
+    let end = c.wait(&id, Duration::from_secs(120)).unwrap();
+    assert_eq!(end["state"], "succeeded", "{end}");
+    let t = Instant::now();
+    let ready = loop {
+        let r = c.get("/readyz").unwrap();
+        if r.status != 200 || t.elapsed() > Duration::from_secs(30) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ready.status, 503, "{}", String::from_utf8_lossy(&ready.body));
+    assert!(ready.json()["status"].as_str().unwrap().contains("no worker"));
+    let r = c.post("/v1/videos", &form()).unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["kind"], "no_worker");
+    let metrics = String::from_utf8(c.get("/metrics").unwrap().body).unwrap();
+    assert!(metrics.lines().any(|l| l == "v2l_workers 0"), "{metrics}");
+}

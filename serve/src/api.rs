@@ -271,6 +271,13 @@ fn draining() -> ApiError {
 /// Holds a place in the queue before the body is read, or refuses at once: no upload is read
 /// or decoded for a request the queue could not take.
 fn admit(app: &App) -> Result<Slot<'_>, ApiError> {
+    if app.shared.workers.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_worker",
+            "no worker is running to take the job (see the server's log); restart the server",
+        ));
+    }
     app.shared.jobs.reserve().map_err(|e| match e {
         EnqueueError::Full(n) => queue_full(app, n),
         EnqueueError::Draining => draining(),
@@ -728,6 +735,11 @@ async fn ready(State(app): State<App>) -> Response {
     }
     let (status, why) = if jobs.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if app.shared.workers.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no worker is running (see the server's log)",
+        )
     } else if !writable {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -758,6 +770,7 @@ async fn metrics(State(app): State<App>) -> Response {
         cache_misses: s.cache.misses.load(std::sync::atomic::Ordering::Relaxed),
         jobs: s.jobs.store.counts().unwrap_or_default(),
         state_bytes: s.jobs.store.size_bytes(),
+        workers: s.workers.load(std::sync::atomic::Ordering::SeqCst),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -29,6 +29,7 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod error;
+mod fault;
 pub mod form;
 pub mod jobs;
 pub mod metrics;

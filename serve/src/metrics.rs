@@ -54,6 +54,8 @@ pub struct Gauges {
     pub jobs: BTreeMap<String, u64>,
     /// Bytes under `--state-dir`.
     pub state_bytes: u64,
+    /// Worker threads still taking jobs.
+    pub workers: usize,
 }
 
 impl Metrics {
@@ -90,7 +92,7 @@ impl Metrics {
     pub fn render(&self, g: &Gauges) -> String {
         let inner = self.inner();
         let mut s = String::new();
-        let scalars: [(&str, &str, &str, String); 8] = [
+        let scalars: [(&str, &str, &str, String); 9] = [
             (
                 "v2l_queue_depth",
                 "Jobs waiting for a worker.",
@@ -102,6 +104,12 @@ impl Metrics {
                 "Jobs running now.",
                 "gauge",
                 g.running.to_string(),
+            ),
+            (
+                "v2l_workers",
+                "Worker threads still taking jobs (0: the server cannot run jobs).",
+                "gauge",
+                g.workers.to_string(),
             ),
             (
                 "v2l_lora_cache_entries",
@@ -226,6 +234,7 @@ mod tests {
             cache_misses: 1,
             jobs: BTreeMap::from([("queued".to_string(), 2)]),
             state_bytes: 4096,
+            workers: 1,
         });
         for line in [
             "v2l_queue_depth 2",

@@ -60,7 +60,7 @@ pub fn document(d: &Described) -> Value {
         "components": {
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["kind", "message"], "properties": {
-                    "kind": {"type": "string", "description": "Stable: bad_field, bad_request, too_large, not_found, not_ready, queue_full, shutting_down, unauthorized, forbidden_host, forbidden_origin, method_not_allowed, prediction_failed, internal."},
+                    "kind": {"type": "string", "description": "Stable: bad_field, bad_request, too_large, not_found, not_ready, queue_full, shutting_down, no_worker, unauthorized, forbidden_host, forbidden_origin, method_not_allowed, prediction_failed, internal."},
                     "field": {"type": "string", "description": "The request field at fault."},
                     "message": {"type": "string"}}}}},
                 "Job": {"type": "object", "properties": {
@@ -141,7 +141,7 @@ pub fn document(d: &Described) -> Value {
             "/v1/loras/{id}": {"get": {"operationId": "getLora", "summary": "The LoRA as a diffusers/PEFT safetensors file.", "parameters": id_param("lora id"),
                 "responses": {"200": {"description": "safetensors", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}, "404": not_found}}},
             "/healthz": {"get": {"operationId": "health", "summary": "Liveness.", "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-            "/readyz": {"get": {"operationId": "ready", "summary": "Readiness: 503 while shutting down, with a full queue, or while the state directory cannot take writes.",
+            "/readyz": {"get": {"operationId": "ready", "summary": "Readiness: 503 while shutting down, with no worker left running, with a full queue, or while the state directory cannot take writes.",
                 "responses": {"200": {"description": "Ready.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ready"}}}},
                     "503": {"description": "Not taking jobs.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ready"}}}}}}},
             "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus text: queue depth, stage latency histograms, LoRA cache hits and bytes, errors by kind.", "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

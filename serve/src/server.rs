@@ -44,6 +44,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         jobs: Jobs::new(store, config.queue, recovered.queued),
         cache: LoraCache::new(config.lora_cache_bytes),
         metrics: Metrics::default(),
+        workers: Default::default(),
         facts,
         config,
     });
@@ -52,6 +53,9 @@ pub fn serve(config: Config) -> Result<(), String> {
     for i in 0..workers {
         let w = Worker::load(shared.clone(), engine.clone())
             .map_err(|e| format!("loading pipeline {i}: {e}"))?;
+        shared
+            .workers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let t = std::thread::Builder::new()
             .name(format!("v2l-worker-{i}"))
             .spawn(move || w.run())

@@ -37,6 +37,9 @@ pub struct Shared {
     pub jobs: Jobs,
     pub cache: LoraCache,
     pub metrics: Metrics,
+    /// Worker threads still taking jobs: counted up before each starts and down when its
+    /// thread ends, however it ends. `/readyz` and new submissions see none left.
+    pub workers: std::sync::atomic::AtomicUsize,
 }
 
 /// Files in a job's directory.
@@ -117,6 +120,15 @@ impl Worker {
     /// waits up to `--batch-wait-ms` for queued jobs that can share its DiT calls (same size,
     /// steps and prompt length), and up to N run as one batch.
     pub fn run(mut self) {
+        /// Counts the worker out when its thread ends, a panic's unwinding included.
+        struct Gone(Arc<Shared>);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let left = self.0.workers.fetch_sub(1, Ordering::SeqCst) - 1;
+                eprintln!("v2l-serve: a worker stopped; {left} left");
+            }
+        }
+        let _gone = Gone(self.shared.clone());
         while let Some(first) = self.shared.jobs.next() {
             let key = self.batchable(&first.0);
             let mut batch = vec![first];
@@ -160,6 +172,9 @@ impl Worker {
                     let last = self.end(&id, &live, Err(stop), BTreeMap::new());
                     self.shared.jobs.finished(&id, last);
                 }
+            }
+            if crate::fault::once("worker-exit") {
+                panic!("fault point worker-exit: the worker thread ends");
             }
         }
     }
@@ -208,6 +223,9 @@ impl Worker {
     fn run_job(&mut self, id: &str, live: &Live) -> Snapshot {
         if let Err(last) = self.start(id, live) {
             return last;
+        }
+        if crate::fault::once("worker-panic") {
+            panic!("fault point worker-panic");
         }
         let shared = self.shared.clone();
         let store = &shared.jobs.store;
