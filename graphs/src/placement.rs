@@ -62,13 +62,18 @@ impl KernelTable {
         let mut t = KernelTable::default();
         let mut domain = String::new();
         let mut op = String::new();
-        let mut signature: Vec<(Vec<Vec<String>>, Vec<Vec<String>>)> = Vec::new();
+        let mut signature: Vec<Signature> = Vec::new();
         for line in text.lines() {
             let cells: Vec<&str> = line.split('|').collect();
-            if cells.len() < 6 || !line.starts_with('|') {
+            let (Some(&name), Some(&params), Some(&versions), Some(&types), true) = (
+                cells.get(1),
+                cells.get(2),
+                cells.get(3),
+                cells.get(4),
+                cells.len() >= 6 && line.starts_with('|'),
+            ) else {
                 continue;
-            }
-            let (name, params, versions, types) = (cells[1], cells[2], cells[3], cells[4]);
+            };
             if let Some(d) = name.strip_prefix("**Operator Domain:** *") {
                 domain = d.trim_end_matches('*').to_string();
                 continue;
@@ -95,7 +100,7 @@ impl KernelTable {
                     })
                     .collect()
             };
-            let slots = |pick: fn(&(Vec<Vec<String>>, Vec<Vec<String>>)) -> &Vec<Vec<String>>| {
+            let slots = |pick: fn(&Signature) -> &Vec<Vec<String>>| {
                 let n = signature.iter().map(|s| pick(s).len()).max().unwrap_or(0);
                 (0..n)
                     .map(|i| {
@@ -130,10 +135,13 @@ impl KernelTable {
     }
 }
 
+/// One alternative signature of an operator: the type constraint names of each input, then of
+/// each output (`Vec` per slot: a variadic slot may name several).
+type Signature = (Vec<Vec<String>>, Vec<Vec<String>>);
+
 /// `*in* X:**T**<br> *in* W:**T**<br> *out* Y:**T**`, possibly several variants joined by
 /// `<br><br>or<br><br>`: per variant, the constraint names of each input and output.
-#[allow(clippy::type_complexity)]
-fn parse_signature(params: &str) -> Vec<(Vec<Vec<String>>, Vec<Vec<String>>)> {
+fn parse_signature(params: &str) -> Vec<Signature> {
     params
         .split("<br><br>or<br><br>")
         .map(|variant| {
