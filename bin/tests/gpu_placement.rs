@@ -69,3 +69,55 @@ fn wan_cuda_engines_have_every_kernel() {
     assert_eq!(onnx_files(&export).len(), 5);
     assert_all_on_cuda(&export, d.path(), "wan");
 }
+
+/// `--cuda-option` records the CUDA provider's kernel choices in bundle.json, checked at
+/// parse time: an unknown key or value is an `error:` naming it (exit 2), and a cpu engine
+/// takes none.
+#[test]
+fn cuda_provider_settings_are_recorded_and_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    export_pipeline_of(&common::tiny(), &export, 5);
+    let engine = d.path().join("cuda");
+    compile(
+        &export,
+        &engine,
+        "cuda",
+        "fp32",
+        &[
+            "--cuda-option",
+            "cudnn_conv_algo_search=HEURISTIC",
+            "--cuda-option",
+            "sdpa_kernel=8",
+        ],
+    );
+    let bundle: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(engine.join("bundle.json")).unwrap()).unwrap();
+    assert_eq!(
+        bundle["cuda_options"],
+        serde_json::json!({"cudnn_conv_algo_search": "HEURISTIC", "sdpa_kernel": "8"})
+    );
+    let v2l_compile = |backend: &str, option: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+            .arg(&export)
+            .arg("-o")
+            .arg(d.path().join(format!("refused-{backend}")))
+            .args(["--backend", backend, "--precision", "fp32", "--cuda-option", option])
+            .output()
+            .unwrap()
+    };
+    for (option, says) in [
+        ("cudnn_conv_algo_search=FAST", "EXHAUSTIVE or HEURISTIC or DEFAULT"),
+        ("use_tf32=1", "--tf32"),
+        ("gpu_mem_limit=1", "known: cudnn_conv_algo_search"),
+    ] {
+        let o = v2l_compile("cuda", option);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{option}: {err}");
+        assert!(err.starts_with("error:") && err.contains(says), "{option}: {err}");
+    }
+    let o = v2l_compile("cpu", "prefer_nhwc=1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cuda and tensorrt engines"), "{err}");
+    assert!(!d.path().join("refused-cpu").join("bundle.json").exists());
+}

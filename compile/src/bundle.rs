@@ -122,6 +122,9 @@ pub struct Options<'a> {
     /// CUDA/TensorRT engines: let fp32 convolutions and matrix products run in TF32
     /// (recorded in the bundle; off by default, so fp32 means fp32).
     pub tf32: bool,
+    /// CUDA/TensorRT engines: CUDA provider settings recorded in the bundle
+    /// ([`v2l_runtime::backend::check_cuda_option`] says which).
+    pub cuda_options: &'a [(String, String)],
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -196,6 +199,19 @@ pub fn compile_with(
         });
     }
     job.tf32 = opts.tf32;
+    if !opts.cuda_options.is_empty() && backend == Backend::Cpu {
+        return Err(CompileError::Invalid {
+            what: "--cuda-option".into(),
+            message: "CUDA provider settings are for cuda and tensorrt engines".into(),
+        });
+    }
+    for (k, v) in opts.cuda_options {
+        v2l_runtime::backend::check_cuda_option(k, v).map_err(|message| CompileError::Invalid {
+            what: format!("--cuda-option {k}={v}"),
+            message,
+        })?;
+    }
+    job.cuda_options = opts.cuda_options.iter().cloned().collect();
     job.vae_bf16 = opts
         .vae_bf16
         .unwrap_or_else(|| default_vae_bf16(backend, precision));
@@ -263,6 +279,7 @@ struct Job<'a> {
     ort_int8_linears: bool,
     /// fp32 products may run in TF32 on the GPU.
     tf32: bool,
+    cuda_options: std::collections::BTreeMap<String, String>,
 }
 
 /// What the DiT steps add to the bundle.
@@ -312,6 +329,7 @@ impl<'a> Job<'a> {
             int8_scheme: Int8Scheme::U8U8,
             ort_int8_linears: false,
             tf32: false,
+            cuda_options: Default::default(),
         })
     }
 
@@ -727,6 +745,7 @@ impl<'a> Job<'a> {
                 pipeline: None,
                 vae_bf16: dit.vae_bf16.clone(),
                 tf32: false,
+                cuda_options: Default::default(),
                 bundle_hash: String::new(),
             };
             dit.accuracy.push(crate::accuracy::generation_accuracy(
@@ -805,6 +824,7 @@ impl<'a> Job<'a> {
             pipeline: self.manifest.pipeline_kind().ok(),
             vae_bf16: dit.vae_bf16,
             tf32: self.tf32,
+            cuda_options: self.cuda_options.clone(),
             bundle_hash: String::new(),
         };
         let bundle = Bundle {

@@ -220,6 +220,10 @@ pub struct Bundle {
     /// off; ONNX Runtime's CUDA provider would otherwise use TF32 on its own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tf32: bool,
+    /// CUDA engines: the CUDA provider's kernel choices (`v2l-compile --cuda-option`, e.g.
+    /// `cudnn_conv_algo_search=HEURISTIC`); ONNX Runtime's defaults for the keys not set.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cuda_options: BTreeMap<String, String>,
     /// BLAKE3 of this record with this field empty: an edit to `bundle.json` itself (strategy,
     /// weight hash, target table) is caught like an edit to any other part.
     #[serde(default)]
@@ -740,6 +744,7 @@ mod tests {
             pipeline: None,
             vae_bf16: None,
             tf32: false,
+            cuda_options: BTreeMap::new(),
             bundle_hash: String::new(),
         };
         b.bundle_hash = b.self_hash().unwrap();

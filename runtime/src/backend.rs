@@ -66,6 +66,82 @@ pub struct BackendOptions {
     /// `bundle.json` `tf32`). Off: fp32 means fp32.
     #[serde(default)]
     pub tf32: bool,
+    /// CUDA provider settings ([`check_cuda_option`]): the engine's `bundle.json`
+    /// `cuda_options`, then `V2L_CUDA_OPTIONS` ([`cuda_options_from_env`]) over them.
+    #[serde(default)]
+    pub cuda: std::collections::BTreeMap<String, String>,
+}
+
+/// The CUDA provider settings v2l passes through, with the values each takes. They choose
+/// kernels, not numbers' meaning, except `sdpa_kernel` (which attention kernels
+/// `MultiHeadAttention` may pick: a bit set of flash 1, memory-efficient 2, TensorRT fused 4,
+/// cuDNN flash 8, math 16, …; 0 lets ONNX Runtime choose). `use_tf32` has its own switch
+/// (`--tf32`) and `device_id` is the session's; CUDA graphs need graphs without the CPU's shape
+/// nodes, which v2l's graphs still have.
+const CUDA_OPTIONS: [(&str, &[&str]); 7] = [
+    ("cudnn_conv_algo_search", &["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]),
+    ("cudnn_conv_use_max_workspace", &["0", "1"]),
+    ("cudnn_conv1d_pad_to_nc1d", &["0", "1"]),
+    ("prefer_nhwc", &["0", "1"]),
+    ("enable_skip_layer_norm_strict_mode", &["0", "1"]),
+    ("arena_extend_strategy", &["kNextPowerOfTwo", "kSameAsRequested"]),
+    ("sdpa_kernel", &[]),
+];
+
+/// Whether `key=value` is a CUDA provider setting v2l passes through; the reason when not.
+pub fn check_cuda_option(key: &str, value: &str) -> std::result::Result<(), String> {
+    let Some((_, values)) = CUDA_OPTIONS.iter().find(|(k, _)| *k == key) else {
+        let known: Vec<&str> = CUDA_OPTIONS.iter().map(|(k, _)| *k).collect();
+        let hint = match key {
+            "use_tf32" => " (TF32 is `v2l-compile --tf32`)",
+            "enable_cuda_graph" => " (CUDA graphs need graphs without CPU shape nodes)",
+            _ => "",
+        };
+        return Err(format!(
+            "`{key}` is not a CUDA provider setting v2l passes on{hint}; known: {}",
+            known.join(", ")
+        ));
+    };
+    let ok = if values.is_empty() {
+        value.parse::<u32>().is_ok_and(|v| v < 1 << 10)
+    } else {
+        values.contains(&value)
+    };
+    if ok {
+        Ok(())
+    } else if values.is_empty() {
+        Err(format!("`{key}` takes a bit set below 1024, not `{value}`"))
+    } else {
+        Err(format!("`{key}` takes {}, not `{value}`", values.join(" or ")))
+    }
+}
+
+/// `KEY=VALUE[,KEY=VALUE…]`, each checked by [`check_cuda_option`].
+pub fn parse_cuda_options(
+    text: &str,
+) -> std::result::Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("`{item}` is not KEY=VALUE"))?;
+        let (k, v) = (k.trim(), v.trim());
+        check_cuda_option(k, v)?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// `V2L_CUDA_OPTIONS` (`KEY=VALUE,…`): CUDA provider settings for this process over each
+/// engine's own, so the GPU check can try kernel choices without recompiling.
+pub fn cuda_options_from_env() -> crate::Result<std::collections::BTreeMap<String, String>> {
+    match std::env::var("V2L_CUDA_OPTIONS") {
+        Ok(text) => parse_cuda_options(&text).map_err(|message| crate::RuntimeError::Invalid {
+            what: "V2L_CUDA_OPTIONS".into(),
+            message,
+        }),
+        Err(_) => Ok(Default::default()),
+    }
 }
 
 /// One input's shapes in a TensorRT optimisation profile.
@@ -139,10 +215,12 @@ impl BackendOptions {
     /// matrix products in TF32 unless `use_tf32` is 0: on the H100 that put the tiny fixture's
     /// fp32 frames 3.2e-3 from the CPU engine and the real VAE decode 2.1e-2 from PyTorch fp32.
     pub fn cuda_options(&self) -> Vec<(String, String)> {
-        vec![
+        let mut o = vec![
             ("device_id".to_string(), self.device_id.to_string()),
             ("use_tf32".into(), u8::from(self.tf32).to_string()),
-        ]
+        ];
+        o.extend(self.cuda.iter().map(|(k, v)| (k.clone(), v.clone())));
+        o
     }
 
     /// The providers to register, in priority order (TensorRT falls back to CUDA for
@@ -322,6 +400,41 @@ mod tests {
             ..off
         };
         assert_eq!(get(&trt).as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn cuda_settings_are_checked_and_passed_on() {
+        let o = parse_cuda_options(
+            "cudnn_conv_algo_search=HEURISTIC, prefer_nhwc=1,sdpa_kernel=8",
+        )
+        .unwrap();
+        let cuda = BackendOptions {
+            backend: Backend::Cuda,
+            cuda: o,
+            ..Default::default()
+        };
+        let got = cuda.cuda_options();
+        for kv in [
+            ("cudnn_conv_algo_search", "HEURISTIC"),
+            ("prefer_nhwc", "1"),
+            ("sdpa_kernel", "8"),
+            ("use_tf32", "0"),
+        ] {
+            assert!(
+                got.iter().any(|(k, v)| (k.as_str(), v.as_str()) == kv),
+                "{kv:?} in {got:?}"
+            );
+        }
+        for (bad, says) in [
+            ("cudnn_conv_algo_search=FAST", "EXHAUSTIVE or HEURISTIC or DEFAULT"),
+            ("use_tf32=1", "--tf32"),
+            ("enable_cuda_graph=1", "shape nodes"),
+            ("sdpa_kernel=-1", "bit set"),
+            ("prefer_nhwc", "KEY=VALUE"),
+        ] {
+            let e = parse_cuda_options(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

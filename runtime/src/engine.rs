@@ -100,6 +100,7 @@ impl Engine {
                 weight_hash: b.weight_hash.clone(),
                 trt_profile: Vec::new(),
                 tf32: b.tf32,
+                cuda: b.cuda_options.clone(),
             },
             None => Default::default(),
         };

@@ -219,10 +219,17 @@ impl Model {
         b = v2l_domain()
             .and_then(|d| Ok(b.with_operators(d)?))
             .map_err(ort_err(format!("{ctx}: the ai.v2l operators")))?;
-        let eps = opts.backend.dispatch();
+        let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
+        let eps = if gpu {
+            // `V2L_CUDA_OPTIONS` over the engine's own settings, for this process.
+            let mut backend = opts.backend.clone();
+            backend.cuda.extend(crate::backend::cuda_options_from_env()?);
+            backend.dispatch()
+        } else {
+            opts.backend.dispatch()
+        };
         if !eps.is_empty() {
             let backend = opts.backend.backend.name();
-            let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
             if gpu {
                 // The CUDA 13 libraries of `scripts/setup.sh --gpu`, before the provider
                 // looks them up by name.

@@ -108,6 +108,14 @@ struct Cli {
     /// bundle.json (`"tf32": true`)
     #[arg(long)]
     tf32: bool,
+    /// cuda/tensorrt engines: a CUDA provider setting recorded in bundle.json, repeatable:
+    /// `cudnn_conv_algo_search=EXHAUSTIVE|HEURISTIC|DEFAULT`, `cudnn_conv_use_max_workspace=0|1`,
+    /// `prefer_nhwc=0|1`, `sdpa_kernel=BITS` (attention kernels: flash 1, memory-efficient 2,
+    /// cuDNN flash 8, math 16), `arena_extend_strategy`, `cudnn_conv1d_pad_to_nc1d`,
+    /// `enable_skip_layer_norm_strict_mode`. `V2L_CUDA_OPTIONS=KEY=VALUE,...` overrides them at run
+    /// time
+    #[arg(long = "cuda-option", value_name = "KEY=VALUE", value_parser = cuda_option)]
+    cuda_options: Vec<(String, String)>,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
@@ -212,6 +220,7 @@ fn main() -> ExitCode {
                 vae_bf16: cli.vae_conv.map(|v| matches!(v, VaeConvArg::Bf16)),
                 ort_int8_linears: matches!(cli.int8_linears, Int8LinearsArg::Ort),
                 tf32: cli.tf32,
+                cuda_options: &cli.cuda_options,
             },
         )
         .map_err(Failure::from)?;
@@ -258,4 +267,13 @@ fn main() -> ExitCode {
         }
         Ok(())
     })
+}
+
+/// One `--cuda-option KEY=VALUE`, checked as the runtime will take it.
+fn cuda_option(text: &str) -> Result<(String, String), String> {
+    let parsed = v2l_runtime::backend::parse_cuda_options(text)?;
+    match parsed.into_iter().next() {
+        Some(kv) if !text.contains(',') => Ok(kv),
+        _ => Err("one KEY=VALUE per --cuda-option".into()),
+    }
 }
