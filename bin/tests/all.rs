@@ -11,6 +11,7 @@ mod effects_model;
 mod fun_inpaint;
 mod gpu_placement;
 mod hardening;
+mod profile;
 mod request_errors;
 mod schemathesis;
 mod serve;

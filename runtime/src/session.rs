@@ -36,6 +36,11 @@ pub struct SessionOptions {
     /// allocates, so they never leave the device between batches. On for GPU backends; on the
     /// CPU only to test that path ([`Model::run_carrying`]).
     pub carry_in_session_memory: bool,
+    /// Write ONNX Runtime's per-node trace of every session into this directory
+    /// (`<graph>-<n>_<time>.json`, finished when the session is dropped): which operators, on
+    /// which provider, take the time. On CUDA a node's time is its kernels' only with
+    /// `CUDA_LAUNCH_BLOCKING=1` (launches are asynchronous otherwise).
+    pub profile: Option<PathBuf>,
 }
 
 /// An ONNX model ready to run on the CPU backend.
@@ -52,6 +57,18 @@ pub struct Model {
     /// Where carried outputs are allocated ([`SessionOptions::carry_in_session_memory`]): the
     /// GPU's memory on a GPU backend; `None`: ONNX Runtime returns them in host memory.
     carry_alloc: Option<ort::memory::Allocator>,
+    /// Profiling is on ([`SessionOptions::profile`]): the trace is finished on drop.
+    profiling: bool,
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        if self.profiling {
+            if let Err(e) = self.session.end_profiling() {
+                eprintln!("{}: the profile was not written: {e}", self.path.display());
+            }
+        }
+    }
 }
 
 fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> RuntimeError {
@@ -191,6 +208,14 @@ impl Model {
                 context: ctx.clone(),
                 message: e.to_string(),
             })?;
+        if let Some(dir) = &opts.profile {
+            b = b
+                .with_profiling(profile_prefix(dir, path))
+                .map_err(|e| RuntimeError::Ort {
+                    context: format!("{ctx}: profiling into {}", dir.display()),
+                    message: e.to_string(),
+                })?;
+        }
         if opts.unoptimized {
             b = b
                 .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
@@ -299,6 +324,7 @@ impl Model {
             fixed: Default::default(),
             device,
             carry_alloc,
+            profiling: opts.profile.is_some(),
         })
     }
 
@@ -492,6 +518,18 @@ impl Model {
         carry.0 = next;
         Ok(result)
     }
+}
+
+/// A profile file prefix in `dir` no other session of this process shares: ONNX Runtime adds
+/// only the time to the second, so two sessions built in one second would write one file.
+fn profile_prefix(dir: &Path, graph: &Path) -> PathBuf {
+    static SESSIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stem = graph
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "graph".into());
+    dir.join(format!("{stem}-{n}"))
 }
 
 /// ONNX Runtime's element type of a host tensor.

@@ -1,6 +1,6 @@
 //! `v2l-run`: run exported graphs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use v2l_contracts::io::files as files_io;
 use v2l_contracts::io::hypernet as hypernet_io;
@@ -246,6 +246,11 @@ enum Command {
         /// every run with --json; the first run pays for first-touch memory)
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// Write ONNX Runtime's per-node trace of each session into DIR (new or without
+        /// traces) and print where the time went, by operator and provider (with --json, as
+        /// `profile`). On CUDA, set CUDA_LAUNCH_BLOCKING=1 so each node's time is its kernels'
+        #[arg(long, value_name = "DIR")]
+        profile: Option<PathBuf>,
     },
     /// Tell which effect each clip shows, measured from its pixels (no engine, no model)
     ///
@@ -358,6 +363,7 @@ fn main() -> ExitCode {
                 max_error,
                 json,
                 repeat,
+                profile,
             }) => {
                 let engine = engine()?;
                 if let StageArg::Text = stage {
@@ -391,7 +397,11 @@ fn main() -> ExitCode {
                 v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
                 v2l_runtime::limits::Limits::from_env()?.check_threads(opts.threads)?;
                 let dir = Engine::open(engine)?;
-                let opts = dir.session_options(opts.threads);
+                let mut opts = dir.session_options(opts.threads);
+                if let Some(p) = &profile {
+                    check_profile_dir(p)?;
+                    opts.profile = Some(p.clone());
+                }
                 let tensors = read_safetensors(&inputs)?;
                 check_inputs(&dir, stage, &tensors, &inputs)?;
                 let lora = match lora {
@@ -424,6 +434,14 @@ fn main() -> ExitCode {
                 )?;
                 let out = run.outputs;
                 write_safetensors(&output, &out)?;
+                let profile = match &profile {
+                    Some(p) => {
+                        let summary = v2l_tools::profile::summarize(p).map_err(Failure::new)?;
+                        eprint!("{summary}");
+                        Some(summary)
+                    }
+                    None => None,
+                };
                 if json {
                     let shapes: serde_json::Map<String, serde_json::Value> = out
                         .iter()
@@ -439,6 +457,7 @@ fn main() -> ExitCode {
                             "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                             "machine": v2l_runtime::cpu::this(),
                             "compiled_on": dir.compiled_on(),
+                            "profile": profile,
                         })
                     );
                 } else {
@@ -944,4 +963,25 @@ fn text_stage(
         println!("{name} {:?}", t.shape);
     }
     Ok(())
+}
+
+/// `--profile DIR`: new, or a directory without traces (the summary reads every trace in it).
+fn check_profile_dir(dir: &Path) -> Result<(), Failure> {
+    let traces = |d: &Path| -> std::io::Result<bool> {
+        Ok(std::fs::read_dir(d)?
+            .filter_map(|e| e.ok())
+            .any(|e| e.path().extension().is_some_and(|x| x == "json")))
+    };
+    let fail = |why: String| Failure::usage(format!("--profile {}: {why}", dir.display()));
+    if dir.exists() {
+        match traces(dir) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(fail(
+                "holds traces already; give a new or empty directory".into(),
+            )),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    } else {
+        std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create it ({e})")))
+    }
 }
