@@ -12,6 +12,13 @@
 #   bash scripts/gpu-check.sh --scale     # also the 5B-width DiT and the real VAE decode beside
 #                                         # PyTorch on the same GPU (--torch-python PY)
 #   bash scripts/gpu-check.sh --json      # one JSON line per row
+#   CUDA_LAUNCH_BLOCKING=1 bash scripts/gpu-check.sh --profile --only effects
+#                                         # where each graph's time goes, by operator and provider
+#                                         # (ONNX Runtime's traces; blocking launches so a node's
+#                                         # time is its kernels': its timings are not the fast path's)
+#   V2L_CUDA_OPTIONS=cudnn_conv_algo_search=HEURISTIC,prefer_nhwc=1 bash scripts/gpu-check.sh ...
+#                                         # the CUDA provider's kernel choices for this run, over
+#                                         # each engine's (v2l-compile --cuda-option records them)
 #
 # Without a GPU it says so and exits 1, having written nothing.
 set -euo pipefail

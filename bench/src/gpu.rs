@@ -45,6 +45,12 @@ pub struct GpuBench {
     /// Only the cases whose model name contains this (e.g. `tiny`, `fun`, `wan`, `effects`)
     #[arg(long, value_name = "TEXT")]
     pub only: Option<String>,
+    /// After each case's figures, one more generation with ONNX Runtime's per-node traces:
+    /// where each graph's time goes, by operator and provider (traces under --dir). Run it with
+    /// CUDA_LAUNCH_BLOCKING=1 so a node's time is its kernels' (its timings are then not the
+    /// fast path's: profile in a run of its own)
+    #[arg(long)]
+    pub profile: bool,
     /// Run every case on this ONNX Runtime provider: `cpu` checks the check itself on a machine
     /// without a GPU (frames against the CPU fp32 engine, timings of the CPU)
     #[arg(long, value_enum, default_value = "gpu", hide = true)]
@@ -216,6 +222,15 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
                 .with_hint("`v2l-bench gpu --dry-run` prints what it would run"));
         }
     }
+    if b.profile && !on_cpu && std::env::var("CUDA_LAUNCH_BLOCKING").as_deref() != Ok("1") {
+        eprintln!(
+            "v2l-bench gpu: --profile without CUDA_LAUNCH_BLOCKING=1: node times are launch times, \
+             not kernel times"
+        );
+    }
+    if let Ok(o) = std::env::var("V2L_CUDA_OPTIONS") {
+        eprintln!("v2l-bench gpu: CUDA provider settings from V2L_CUDA_OPTIONS: {o}");
+    }
     let mut failed = run_cases(b, &cases)?;
     if b.scale {
         if on_cpu {
@@ -229,6 +244,7 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
                 torch_python: b.torch_python.clone(),
                 repeat: b.repeat,
                 json: b.json,
+                profile: b.profile,
             },
             &scale,
         )?;
@@ -315,6 +331,9 @@ struct Figures {
     skipped: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// `--profile`: each graph's traced generation, by operator and provider.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    profile: Vec<(String, v2l_tools::profile::Profile)>,
 }
 
 fn cell(v: Option<f64>, prec: usize) -> String {
@@ -347,6 +366,24 @@ fn print_row(f: &Figures, json: bool) {
         cell(f.switch_fused_ms, 1),
         cell(f.batched_step_ms, 1),
     );
+    for (graph, p) in &f.profile {
+        let top: Vec<String> = p
+            .ops
+            .iter()
+            .take(4)
+            .map(|o| {
+                let share = 100.0 * o.ms / p.node_ms.max(f64::MIN_POSITIVE);
+                format!("{} {share:.0}% ({})", o.op, o.provider)
+            })
+            .collect();
+        println!(
+            "    profile {graph}: {} run(s), {:.1} ms, {:.1} in nodes: {}",
+            p.runs,
+            p.run_ms,
+            p.node_ms,
+            top.join(", ")
+        );
+    }
 }
 
 /// Runs every case, printing each row as it ends; the number that failed or missed its bound.
@@ -478,6 +515,9 @@ fn run_case(b: &GpuBench, c: &Case, f: &mut Figures) -> Result<(), Failure> {
         steps.push(ms / req.steps as f64);
     }
     f.dit_step_ms = Some(crate::pipeline::stats(steps).0);
+    if b.profile {
+        f.profile = profile_case(&gpu, lora_strategy, &req)?;
+    }
     if !model.hypernet {
         return Ok(());
     }
@@ -506,6 +546,32 @@ fn run_case(b: &GpuBench, c: &Case, f: &mut Figures) -> Result<(), Failure> {
     let mut fused = open(&gpu, Some(Strategy::Fused))?;
     f.switch_fused_ms = Some(switch(&mut fused)?);
     Ok(())
+}
+
+/// One generation of `req` on engine `dir` with every session traced into a fresh
+/// `<dir>/profile`: each graph's time by operator and provider.
+fn profile_case(
+    dir: &Path,
+    strategy: Option<v2l_runtime::lora::strategy::Strategy>,
+    req: &v2l_runtime::pipeline::Request,
+) -> Result<Vec<(String, v2l_tools::profile::Profile)>, Failure> {
+    use v2l_runtime::pipeline::Pipeline;
+    let traces = dir.join("profile");
+    let _ = std::fs::remove_dir_all(&traces);
+    std::fs::create_dir_all(&traces)
+        .map_err(|e| Failure::new(format!("{}: {e}", traces.display())))?;
+    let e = v2l_runtime::engine::Engine::open(dir).map_err(Failure::from)?;
+    let mut opts = e.session_options(0);
+    opts.profile = Some(traces.clone());
+    let mut p = match strategy {
+        Some(s) => Pipeline::load_with_strategy(e, &opts, s),
+        None => Pipeline::load(e, &opts),
+    }
+    .map_err(Failure::from)?;
+    p.generate(req, &mut |_, _| true).map_err(Failure::from)?;
+    // The traces are finished as the sessions drop.
+    drop(p);
+    v2l_tools::profile::by_graph(&traces).map_err(Failure::new)
 }
 
 /// A sibling binary of this one (`v2l-export`, `v2l-compile`).

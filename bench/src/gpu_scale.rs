@@ -25,6 +25,8 @@ pub struct Settings {
     pub torch_python: PathBuf,
     pub repeat: usize,
     pub json: bool,
+    /// Trace v2l's stage (`v2l-run stage --profile`) and report its longest operators.
+    pub profile: bool,
 }
 
 /// One real-size case of `--scale`.
@@ -80,6 +82,9 @@ struct Row {
     /// v2l's time over PyTorch's at the same precision.
     ratio: Option<f64>,
     error: Option<String>,
+    /// With `--profile`: v2l's longest operators, `op (provider) ms`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    v2l_top_ops: Vec<String>,
 }
 
 /// Runs every case; the number that failed.
@@ -204,8 +209,27 @@ fn run_case(
         .arg("-o")
         .arg(&out)
         .args(["--json", "--repeat", &b.repeat.max(3).to_string()]);
+    if b.profile {
+        let traces = case.join(format!("profile-{}", c.precision));
+        let _ = std::fs::remove_dir_all(&traces);
+        cmd.arg("--profile").arg(traces);
+    }
     let (r, peak) = with_gpu_peak(|| run_measured(&mut cmd));
     let j = last_json(&r?.stdout)?;
+    if let Some(ops) = j["profile"]["ops"].as_array() {
+        row.v2l_top_ops = ops
+            .iter()
+            .take(6)
+            .map(|o| {
+                format!(
+                    "{} ({}) {:.1} ms",
+                    o["op"].as_str().unwrap_or("?"),
+                    o["provider"].as_str().unwrap_or("?"),
+                    o["ms"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+    }
     row.v2l_ms = j["run_ms"].as_f64();
     row.v2l_peak_gpu_mb = peak;
     let read = |p: &Path| -> Result<v2l_runtime::Tensor, Failure> {
@@ -299,4 +323,7 @@ fn print_row(r: &Row, json: bool) {
             .map(|e| format!("FAILED: {e}"))
             .unwrap_or_else(|| "ok".into())
     );
+    if !r.v2l_top_ops.is_empty() {
+        println!("    v2l's longest operators: {}", r.v2l_top_ops.join(", "));
+    }
 }

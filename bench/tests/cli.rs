@@ -98,7 +98,8 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
 /// The check itself, run end to end on ONNX Runtime's CPU provider (`--provider cpu`): on the
 /// tiny Wan I2V pipeline it exports, compiles the CPU reference and the case's engine, compares
 /// frames and times steps, printing a row per case as it ends; a case that cannot run (here
-/// TensorRT) is a row with its reason, and the rest still run.
+/// TensorRT) is a row with its reason, and the rest still run. `--profile` adds each graph's
+/// time by operator and provider.
 #[test]
 fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
     let d = tempfile::tempdir().unwrap();
@@ -114,6 +115,7 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
             "wan",
             "--repeat",
             "1",
+            "--profile",
             "--json",
             "--dir",
         ])
@@ -137,6 +139,18 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
             _ => {
                 assert_eq!(r["within_bound"], true, "{r}");
                 assert!(r["dit_step_ms"].as_f64().unwrap() > 0.0, "{r}");
+                // --profile: each graph of the traced generation, by operator and provider.
+                let graphs = r["profile"].as_array().unwrap();
+                let decoder = graphs
+                    .iter()
+                    .find(|g| g[0] == "vae_decoder")
+                    .unwrap_or_else(|| panic!("no vae_decoder trace: {r}"));
+                let ops = decoder[1]["ops"].as_array().unwrap();
+                assert!(
+                    ops.iter().any(|o| o["op"] == "Conv" && o["provider"] == "CPU"),
+                    "{decoder}"
+                );
+                assert!(graphs.len() >= 3, "dit, VAE decoder and encoder at least: {r}");
             }
         }
     }

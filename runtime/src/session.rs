@@ -37,7 +37,7 @@ pub struct SessionOptions {
     /// CPU only to test that path ([`Model::run_carrying`]).
     pub carry_in_session_memory: bool,
     /// Write ONNX Runtime's per-node trace of every session into this directory
-    /// (`<graph>-<n>_<time>.json`, finished when the session is dropped): which operators, on
+    /// (`<graph>.v2l<n>_<time>.json`, finished when the session is dropped): which operators, on
     /// which provider, take the time. On CUDA a node's time is its kernels' only with
     /// `CUDA_LAUNCH_BLOCKING=1` (launches are asynchronous otherwise).
     pub profile: Option<PathBuf>,
@@ -529,7 +529,7 @@ fn profile_prefix(dir: &Path, graph: &Path) -> PathBuf {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "graph".into());
-    dir.join(format!("{stem}-{n}"))
+    dir.join(format!("{stem}.v2l{n}"))
 }
 
 /// ONNX Runtime's element type of a host tensor.

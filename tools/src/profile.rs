@@ -57,15 +57,42 @@ struct Args {
 
 /// Reads every `*.json` trace in `dir`.
 pub fn summarize(dir: &Path) -> Result<Profile, String> {
+    let files = traces(dir)?;
+    if files.is_empty() {
+        return Err(format!("{}: no ONNX Runtime trace in it", dir.display()));
+    }
+    summarize_files(files)
+}
+
+/// [`summarize`] per graph: the traces of `dir` grouped by the graph file they came from
+/// (`<graph>.v2l<n>_<time>.json`, as `SessionOptions::profile` names them), by graph name.
+pub fn by_graph(dir: &Path) -> Result<Vec<(String, Profile)>, String> {
+    let mut groups: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for f in traces(dir)? {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let graph = name.split_once(".v2l").map_or(name.as_str(), |(g, _)| g);
+        groups.entry(graph.to_string()).or_default().push(f);
+    }
+    groups
+        .into_iter()
+        .map(|(g, files)| Ok((g, summarize_files(files)?)))
+        .collect()
+}
+
+fn traces(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
-    if files.is_empty() {
-        return Err(format!("{}: no ONNX Runtime trace in it", dir.display()));
-    }
+    Ok(files)
+}
+
+fn summarize_files(files: Vec<PathBuf>) -> Result<Profile, String> {
     let mut p = Profile::default();
     let mut ops: BTreeMap<(String, String), (usize, f64)> = BTreeMap::new();
     for f in &files {
@@ -168,7 +195,7 @@ mod tests {
                 "args": {"op_name": op, "provider": ep}})
         };
         trace(
-            "a_1.json",
+            "vae_decoder.v2l0_2026-11-26_19-10-42_466.json",
             serde_json::json!([
                 {"cat": "Session", "name": "session_initialization", "dur": 9000.0},
                 {"cat": "Session", "name": "model_run", "dur": 5000.0},
@@ -179,13 +206,16 @@ mod tests {
             ]),
         );
         trace(
-            "b_1.json",
+            "dit.v2l3_2026-11-26_19-10-43_001.json",
             serde_json::json!([
                 {"cat": "Session", "name": "model_run", "dur": 4000.0},
                 node("conv_1_kernel_time", "Conv", "CUDAExecutionProvider", 2000.0),
             ]),
         );
         std::fs::write(d.path().join("notes.txt"), "not a trace").unwrap();
+        let graphs = by_graph(d.path()).unwrap();
+        let names: Vec<&str> = graphs.iter().map(|(g, _)| g.as_str()).collect();
+        assert_eq!(names, ["dit", "vae_decoder"]);
         let p = summarize(d.path()).unwrap();
         assert_eq!(p.files.len(), 2);
         assert_eq!((p.runs, p.run_ms), (2, 9.0));
