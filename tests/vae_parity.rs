@@ -212,3 +212,96 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
     assert_eq!(d0.data, d1.data);
     assert_close("carried decode", &d1, &io["decoded"], F32_REL_L2);
 }
+
+/// GPU engines below fp32 run the VAE in their precision (`bundle.json` `vae_lowered`): bf16
+/// at opset 22, where CUDA's `Conv` takes bf16, fp16 at the export's. Their CPU form (each node
+/// reads the low values widened and rounds its output, as a GPU kernel with f32 accumulation
+/// does; GroupNorms in f32 as torch computes them) decodes diffusers' fixture latents and
+/// encodes its clip no further from diffusers' f32 VAE than diffusers' own bf16 VAE is.
+#[test]
+fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
+    use v2l_graphs::passes::{lower_precision, Lowering, WeightFile};
+    use v2l_graphs::DType;
+    use v2l_runtime::backend::{Backend, Precision};
+    let dir = tempfile::tempdir().unwrap();
+    export_tiny_vae(&dir.path().join("export"));
+    let bound: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny().join("../vae_bf16.json")).unwrap()).unwrap();
+    let bound = |what: &str| bound["cogvideox-tiny"][what].as_f64().unwrap();
+    let io = load("vae_io.safetensors");
+    for (precision, dtype, opset) in [
+        (Precision::Bf16, DType::BF16, 22),
+        (Precision::Fp16, DType::F16, 17),
+    ] {
+        let engine = dir.path().join(format!("cuda-{}", precision.name()));
+        v2l_compile::compile(
+            &dir.path().join("export"),
+            &engine,
+            Backend::Cuda,
+            precision,
+        )
+        .unwrap();
+        let e = Engine::open(&engine).unwrap();
+        let bundle = e.bundle.as_ref().unwrap();
+        let lowered = bundle.vae_lowered.clone().expect("vae_lowered");
+        let entry = e.manifest.vae.clone().unwrap();
+        assert_eq!(e.vae_graphs(&entry), lowered);
+        for f in [&lowered.encoder, &lowered.decoder] {
+            let m = v2l_graphs::read_model(&engine.join(f)).unwrap();
+            assert_eq!(m.opset_import[0].version, opset, "{f}");
+            let g = m.graph.unwrap();
+            let low_weights = g
+                .initializer
+                .iter()
+                .filter(|t| t.data_type == dtype.onnx_code())
+                .count();
+            assert!(low_weights > 0, "{f}: no {dtype} weights");
+            assert!(
+                g.node.iter().all(|n| n.op_type != "Identity" || opset < 21),
+                "{f}"
+            );
+        }
+        // The CPU form of the same lowering, from the engine's f32 graphs.
+        let cpu = |f: &str| {
+            let src = engine.join(f);
+            let mut m = v2l_graphs::read_model(&src).unwrap();
+            let name = format!("cpu_{}_{f}", precision.name());
+            let data = engine.join(format!("{name}.data"));
+            let how = Lowering {
+                dtype,
+                emulate: true,
+            };
+            lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
+            v2l_graphs::write_model(&engine.join(&name), &m).unwrap();
+            name
+        };
+        let twins = v2l_contracts::bundle::VaeGraphs {
+            encoder: cpu(&entry.encoder),
+            decoder: cpu(&entry.decoder),
+        };
+        let mut vae =
+            Vae::load_graphs(&engine, entry.clone(), &twins, &SessionOptions::default()).unwrap();
+        let decoded = vae.decode(&io["latents"]).unwrap();
+        let (mean, _) = vae.encode(&io["video"]).unwrap();
+        for (what, got, want, limit) in [
+            ("decode", &decoded, &io["decoded"], bound("decode")),
+            (
+                "encode",
+                &mean,
+                &io["posterior_mean"],
+                bound("encode_posterior_mean"),
+            ),
+        ] {
+            let err = got.rel_l2(want);
+            eprintln!(
+                "{} {what}: {err:.2e} from diffusers' f32 VAE (its bf16: {limit:.2e})",
+                precision.name()
+            );
+            assert!(
+                err > 1e-6 && err < limit,
+                "{} {what}: {err:e} (bound {limit:e})",
+                precision.name()
+            );
+        }
+    }
+}

@@ -147,10 +147,14 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
                     .unwrap_or_else(|| panic!("no vae_decoder trace: {r}"));
                 let ops = decoder[1]["ops"].as_array().unwrap();
                 assert!(
-                    ops.iter().any(|o| o["op"] == "Conv" && o["provider"] == "CPU"),
+                    ops.iter()
+                        .any(|o| o["op"] == "Conv" && o["provider"] == "CPU"),
                     "{decoder}"
                 );
-                assert!(graphs.len() >= 3, "dit, VAE decoder and encoder at least: {r}");
+                assert!(
+                    graphs.len() >= 3,
+                    "dit, VAE decoder and encoder at least: {r}"
+                );
             }
         }
     }

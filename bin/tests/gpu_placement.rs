@@ -102,22 +102,38 @@ fn cuda_provider_settings_are_recorded_and_checked() {
             .arg(&export)
             .arg("-o")
             .arg(d.path().join(format!("refused-{backend}")))
-            .args(["--backend", backend, "--precision", "fp32", "--cuda-option", option])
+            .args([
+                "--backend",
+                backend,
+                "--precision",
+                "fp32",
+                "--cuda-option",
+                option,
+            ])
             .output()
             .unwrap()
     };
     for (option, says) in [
-        ("cudnn_conv_algo_search=FAST", "EXHAUSTIVE or HEURISTIC or DEFAULT"),
+        (
+            "cudnn_conv_algo_search=FAST",
+            "EXHAUSTIVE or HEURISTIC or DEFAULT",
+        ),
         ("use_tf32=1", "--tf32"),
         ("gpu_mem_limit=1", "known: cudnn_conv_algo_search"),
     ] {
         let o = v2l_compile("cuda", option);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{option}: {err}");
-        assert!(err.starts_with("error:") && err.contains(says), "{option}: {err}");
+        assert!(
+            err.starts_with("error:") && err.contains(says),
+            "{option}: {err}"
+        );
     }
     let o = v2l_compile("cpu", "prefer_nhwc=1");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("cuda and tensorrt engines"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("cuda and tensorrt engines"),
+        "{err}"
+    );
     assert!(!d.path().join("refused-cpu").join("bundle.json").exists());
 }

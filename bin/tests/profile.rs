@@ -14,7 +14,8 @@ fn a_profiled_stage_says_where_its_time_went() {
     let engine = common::engine(d.path());
     let io = read_safetensors(&common::tiny().join("vae_io.safetensors")).unwrap();
     let latents = d.path().join("latents.safetensors");
-    let feed: BTreeMap<String, Tensor> = BTreeMap::from([("latents".into(), io["latents"].clone())]);
+    let feed: BTreeMap<String, Tensor> =
+        BTreeMap::from([("latents".into(), io["latents"].clone())]);
     write_safetensors(&latents, &feed).unwrap();
     let prof = d.path().join("prof");
     let stage = || {
@@ -43,7 +44,10 @@ fn a_profiled_stage_says_where_its_time_went() {
     assert_eq!(conv["provider"], "CPU");
     assert!(conv["calls"].as_u64().unwrap() > 0 && conv["ms"].as_f64().unwrap() > 0.0);
     let node_ms = p["node_ms"].as_f64().unwrap();
-    assert!(node_ms > 0.0 && node_ms <= p["run_ms"].as_f64().unwrap() * 1.01, "{p}");
+    assert!(
+        node_ms > 0.0 && node_ms <= p["run_ms"].as_f64().unwrap() * 1.01,
+        "{p}"
+    );
     assert!(err.contains("profile:") && err.contains("Conv"), "{err}");
     let traces = std::fs::read_dir(&prof).unwrap().count();
     assert_eq!(traces, p["files"].as_array().unwrap().len());

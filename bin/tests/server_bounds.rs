@@ -646,8 +646,16 @@ fn a_worker_panic_fails_its_job_alone_and_a_gone_worker_shows_in_readyz() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(ready.status, 503, "{}", String::from_utf8_lossy(&ready.body));
-    assert!(ready.json()["status"].as_str().unwrap().contains("no worker"));
+    assert_eq!(
+        ready.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+    assert!(ready.json()["status"]
+        .as_str()
+        .unwrap()
+        .contains("no worker"));
     let r = c.post("/v1/videos", &form()).unwrap();
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"]["kind"], "no_worker");

@@ -161,6 +161,8 @@ fn every_written_graph_passes_the_onnx_checker() {
         ("cpu", "fp16", &[]),
         ("tensorrt", "bf16", &[]),
         ("tensorrt", "fp16", &[]),
+        ("cuda", "bf16", &[]),
+        ("cuda", "fp16", &[]),
     ] {
         let engine = d
             .path()
@@ -169,11 +171,13 @@ fn every_written_graph_passes_the_onnx_checker() {
         // fp32: 5 graphs + the bound and unfused DiT; below fp32: 5 graphs + the DiT of the
         // precision and the unfused one (static int8 too: Q/DQ graphs); on the CPU below fp32
         // those two call v2l's attention and have their twins on ONNX Runtime's, and the VAE's
-        // encoder and decoder have their twins on v2l's bf16 convolution.
-        let twins = if backend == "cpu" && precision != "fp32" {
-            4
-        } else {
-            0
+        // encoder and decoder have their twins on v2l's bf16 convolution. GPU engines below
+        // fp32 have the VAE's graphs in their precision.
+        let twins = match (backend, precision) {
+            ("cpu", "fp32") => 0,
+            ("cpu", _) => 4,
+            (_, "fp16" | "bf16") => 2,
+            _ => 0,
         };
         assert_eq!(files.len(), 7 + twins, "{backend} {precision}: {files:?}");
         models.extend(files);

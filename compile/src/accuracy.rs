@@ -207,8 +207,6 @@ pub fn vae_accuracy(
     vae: &v2l_contracts::manifest::VaeEntry,
     bf16: &v2l_contracts::bundle::VaeGraphs,
 ) -> Result<Vec<StageAccuracy>> {
-    use v2l_runtime::vae::Vae;
-    let opts = SessionOptions::default();
     let exported = v2l_contracts::bundle::VaeGraphs {
         encoder: vae.encoder.clone(),
         decoder: vae.decoder.clone(),
@@ -220,7 +218,39 @@ pub fn vae_accuracy(
         v2l_runtime::conv::Kernel::Bf16 => bf16,
         _ => &exported,
     };
-    let mut want = Vae::load_graphs(dir, vae.clone(), &exported, &opts)?;
+    let note = format!("ai.v2l.Conv kernel {} ({})", kernel.name(), kernel.reason());
+    vae_against(dir, vae, &exported, runs, &note)
+}
+
+/// A GPU engine's VAE graphs in its precision, through their CPU forms (`emulated`: each node
+/// reads its low-precision inputs widened and rounds its output, as a GPU kernel with f32
+/// accumulation does), against the export's f32 graphs.
+pub fn lowered_vae_accuracy(
+    dir: &Path,
+    vae: &v2l_contracts::manifest::VaeEntry,
+    emulated: &v2l_contracts::bundle::VaeGraphs,
+    precision: v2l_contracts::bundle::Precision,
+) -> Result<Vec<StageAccuracy>> {
+    let exported = v2l_contracts::bundle::VaeGraphs {
+        encoder: vae.encoder.clone(),
+        decoder: vae.decoder.clone(),
+    };
+    let note = format!("the {} graphs' CPU form", precision.name());
+    vae_against(dir, vae, &exported, emulated, &note)
+}
+
+/// `runs` against `exported` on a seeded clip: its encode, and its decode of the exported
+/// encoder's latents.
+fn vae_against(
+    dir: &Path,
+    vae: &v2l_contracts::manifest::VaeEntry,
+    exported: &v2l_contracts::bundle::VaeGraphs,
+    runs: &v2l_contracts::bundle::VaeGraphs,
+    note: &str,
+) -> Result<Vec<StageAccuracy>> {
+    use v2l_runtime::vae::Vae;
+    let opts = SessionOptions::default();
+    let mut want = Vae::load_graphs(dir, vae.clone(), exported, &opts)?;
     let mut got = Vae::load_graphs(dir, vae.clone(), runs, &opts)?;
     let frames = 1 + 2 * vae.temporal_compression;
     let clip = gaussian_noise(vec![1, vae.in_channels, frames, 64, 64], 11);
@@ -231,11 +261,7 @@ pub fn vae_accuracy(
         stage: stage.into(),
         rel_l2: got.rel_l2(want),
         psnr_db: None,
-        inputs: format!(
-            "{what}; ai.v2l.Conv kernel {} ({})",
-            kernel.name(),
-            kernel.reason()
-        ),
+        inputs: format!("{what}; {note}"),
         machine: Some(v2l_runtime::cpu::this().clone()),
     };
     Ok(vec![

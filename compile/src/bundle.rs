@@ -250,6 +250,7 @@ pub fn compile_with(
             job.tie_vae_caches(tmp)?;
             let mut dit = DitBuild::default();
             dit.vae_bf16 = job.vae_bf16_graphs(tmp, &mut dit.files)?;
+            job.vae_lowered_graphs(tmp, &mut dit)?;
             if let Some(d) = &job.manifest.dit {
                 job.build_dit(d, tmp, &targets, &mut dit)?;
             }
@@ -295,6 +296,10 @@ struct DitBuild {
     emulated: Option<PathBuf>,
     /// The VAE's graphs on v2l's bf16 convolution, when written.
     vae_bf16: Option<VaeGraphs>,
+    /// GPU engines below fp32: the VAE's graphs in the engine's precision, and their CPU
+    /// forms, written for the accuracy checks only.
+    vae_lowered: Option<VaeGraphs>,
+    vae_emulated: Option<VaeGraphs>,
     /// Whether the DiT's graphs call `ai.v2l.QMatMul`.
     v2l_int8_gemm: bool,
 }
@@ -476,13 +481,109 @@ impl<'a> Job<'a> {
         Ok(Some(VaeGraphs { encoder, decoder }))
     }
 
-    /// Step 6a: the VAE's bf16 graphs against the export's f32 ones (`accuracy::vae_accuracy`).
-    fn measure_vae(&self, tmp: &Path, dit: &mut DitBuild) -> Result<()> {
-        let (Some(graphs), Some(vae)) = (&dit.vae_bf16, &self.manifest.vae) else {
+    /// Step 4c (GPU engines at fp16/bf16): the VAE's graphs in the engine's precision, typed
+    /// for the GPU (`<graph>_<precision>.onnx`, one weight file each), bf16 moved to opset 22,
+    /// where CUDA's `Conv` takes bf16; and their CPU forms (emulated, at the export's opset,
+    /// sharing the weight files), for the accuracy checks only.
+    fn vae_lowered_graphs(&self, tmp: &Path, dit: &mut DitBuild) -> Result<()> {
+        use v2l_graphs::passes::{lower_precision, upgrade_opset, Lowering, WeightFile};
+        let dtype = match self.precision {
+            Precision::Fp16 => v2l_graphs::DType::F16,
+            Precision::Bf16 => v2l_graphs::DType::BF16,
+            _ => return Ok(()),
+        };
+        let Some(v) = self
+            .manifest
+            .vae
+            .as_ref()
+            .filter(|_| self.backend != Backend::Cpu)
+        else {
             return Ok(());
         };
-        let records = crate::accuracy::vae_accuracy(tmp, vae, graphs)?;
-        dit.accuracy.extend(records);
+        let p = self.precision.name();
+        let (mut typed, mut emulated) = (Vec::new(), Vec::new());
+        for f in [&v.encoder, &v.decoder] {
+            let src = tmp.join(f);
+            let pass_err = |source| CompileError::GraphPass {
+                path: src.clone(),
+                source,
+            };
+            let stem = f.strip_suffix(".onnx").unwrap_or(f);
+            let (name, cpu_name) = (
+                format!("{stem}_{p}.onnx"),
+                format!("{stem}_{p}_emulated.onnx"),
+            );
+            let data = format!("{name}.data");
+            let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;
+            let mut m = base.clone();
+            // The CPU form stays at the export's opset: ONNX Runtime's CPU provider lacks some
+            // opset-21 schemas (`Size`), and its convolutions are f32 anyway.
+            if dtype == v2l_graphs::DType::BF16 {
+                upgrade_opset(&mut m, 22).map_err(pass_err)?;
+            }
+            let how = Lowering {
+                dtype,
+                emulate: false,
+            };
+            let lowered = lower_precision(&mut m, &src, WeightFile::Write(&tmp.join(&data)), how)
+                .map_err(pass_err)?;
+            // A node without a CUDA kernel at the new opset (Wan's temporal `Pad` has none at
+            // schema 21 in the provider's table) keeps this graph in f32 rather than split it
+            // between the GPU and the CPU.
+            if self.backend == Backend::Cuda {
+                use v2l_graphs::placement::{cuda_placement, KernelTable};
+                let placed = cuda_placement(&m, KernelTable::ort_cuda());
+                if let Some(first) = placed.no_kernel.first() {
+                    eprintln!(
+                        "note: {f} stays f32 on {p}: {} node(s) would have no CUDA kernel in {p}, first {first}",
+                        placed.no_kernel.len()
+                    );
+                    let d = tmp.join(&data);
+                    std::fs::remove_file(&d).map_err(io(&d))?;
+                    typed.push(f.clone());
+                    emulated.push(f.clone());
+                    continue;
+                }
+            }
+            write_graph(&tmp.join(&name), &m)?;
+            let how = Lowering {
+                emulate: true,
+                ..how
+            };
+            lower_precision(&mut base, &src, WeightFile::Reuse(&lowered.tensors), how)
+                .map_err(pass_err)?;
+            write_graph(&tmp.join(&cpu_name), &base)?;
+            dit.files.extend([name.clone(), data]);
+            typed.push(name);
+            emulated.push(cpu_name);
+        }
+        if typed == [v.encoder.clone(), v.decoder.clone()] {
+            return Ok(());
+        }
+        let pair = |mut names: Vec<String>| {
+            let decoder = names.pop().unwrap_or_default();
+            let encoder = names.pop().unwrap_or_default();
+            VaeGraphs { encoder, decoder }
+        };
+        dit.vae_lowered = Some(pair(typed));
+        dit.vae_emulated = Some(pair(emulated));
+        Ok(())
+    }
+
+    /// Step 6a: the VAE's bf16 graphs (or a GPU engine's lowered graphs, through their CPU
+    /// forms) against the export's f32 ones (`accuracy::vae_accuracy`).
+    fn measure_vae(&self, tmp: &Path, dit: &mut DitBuild) -> Result<()> {
+        let Some(vae) = &self.manifest.vae else {
+            return Ok(());
+        };
+        if let Some(graphs) = &dit.vae_bf16 {
+            let records = crate::accuracy::vae_accuracy(tmp, vae, graphs)?;
+            dit.accuracy.extend(records);
+        }
+        if let Some(graphs) = &dit.vae_emulated {
+            let records = crate::accuracy::lowered_vae_accuracy(tmp, vae, graphs, self.precision)?;
+            dit.accuracy.extend(records);
+        }
         Ok(())
     }
 
@@ -744,6 +845,7 @@ impl<'a> Job<'a> {
                 calibration: dit.calibration.clone(),
                 pipeline: None,
                 vae_bf16: dit.vae_bf16.clone(),
+                vae_lowered: dit.vae_emulated.clone(),
                 tf32: false,
                 cuda_options: Default::default(),
                 bundle_hash: String::new(),
@@ -755,6 +857,20 @@ impl<'a> Job<'a> {
         }
         if let Some(p) = dit.emulated.take() {
             std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+        if let Some(g) = dit.vae_emulated.take() {
+            // A part kept f32 names the export's own graph, which stays.
+            let own = m
+                .vae
+                .as_ref()
+                .map(|v| [v.encoder.clone(), v.decoder.clone()]);
+            for f in [g.encoder, g.decoder] {
+                if own.as_ref().is_some_and(|o| o.contains(&f)) {
+                    continue;
+                }
+                let p = tmp.join(f);
+                std::fs::remove_file(&p).map_err(io(&p))?;
+            }
         }
         Ok(())
     }
@@ -823,6 +939,7 @@ impl<'a> Job<'a> {
             // A DiT-less export has none; a DiT of no known kind was refused before the build.
             pipeline: self.manifest.pipeline_kind().ok(),
             vae_bf16: dit.vae_bf16,
+            vae_lowered: dit.vae_lowered,
             tf32: self.tf32,
             cuda_options: self.cuda_options.clone(),
             bundle_hash: String::new(),

@@ -215,6 +215,11 @@ pub struct Bundle {
     /// for CPU engines below fp32); CPUs without AVX512-BF16 load the manifest's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae_bf16: Option<VaeGraphs>,
+    /// GPU engines below fp32: the VAE's graphs in the engine's precision (`<graph>_fp16.onnx`,
+    /// `<graph>_bf16.onnx`, bf16 at opset 22 for CUDA's bf16 `Conv`), run instead of the
+    /// manifest's f32 ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae_lowered: Option<VaeGraphs>,
     /// CUDA engines: fp32 convolutions and matrix products may run in TF32 (`v2l-compile
     /// --tf32`). Off by default, so an fp32 engine computes in fp32, as PyTorch does with TF32
     /// off; ONNX Runtime's CUDA provider would otherwise use TF32 on its own.
@@ -743,6 +748,7 @@ mod tests {
             calibration: None,
             pipeline: None,
             vae_bf16: None,
+            vae_lowered: None,
             tf32: false,
             cuda_options: BTreeMap::new(),
             bundle_hash: String::new(),

@@ -42,6 +42,7 @@
 
 use serde::{Deserialize, Serialize};
 use v2l_contracts::io::vae as vae_io;
+use v2l_graphs::passes::GROUP_NORM_SCOPE;
 use v2l_graphs::{Attr, DType, Dim, Graph, Value};
 
 use crate::checkpoint::Checkpoint;
@@ -469,13 +470,15 @@ fn group_norm(
     let gamma = vb.weight(g, "weight", &[channels])?;
     let beta = vb.weight(g, "bias", &[channels])?;
     Ok(g.scoped(vb.prefix(), |g| {
-        let (d, inv) = group_stats(g, x, channels, groups, eps);
-        let c = channels as i64;
-        let gm = g.reshape_to(&gamma, &[c, 1, 1, 1]);
-        let bt = g.reshape_to(&beta, &[c, 1, 1, 1]);
-        let scale = g.mul(&inv, &gm);
-        let y = g.mul(&d, &scale);
-        g.add(&y, &bt)
+        g.scoped(GROUP_NORM_SCOPE, |g| {
+            let (d, inv) = group_stats(g, x, channels, groups, eps);
+            let c = channels as i64;
+            let gm = g.reshape_to(&gamma, &[c, 1, 1, 1]);
+            let bt = g.reshape_to(&beta, &[c, 1, 1, 1]);
+            let scale = g.mul(&inv, &gm);
+            let y = g.mul(&d, &scale);
+            g.add(&y, &bt)
+        })
     }))
 }
 
@@ -526,49 +529,53 @@ fn spatial_norm(
     let gamma = nvb.weight(g, "weight", &[f_channels])?;
     let beta = nvb.weight(g, "bias", &[f_channels])?;
     let (d, inv) = g.scoped(nvb.prefix(), |g| {
-        group_stats(g, f, f_channels, groups, FIXED_EPS)
+        g.scoped(GROUP_NORM_SCOPE, |g| {
+            group_stats(g, f, f_channels, groups, FIXED_EPS)
+        })
     });
     Ok(g.scoped(vb.prefix(), |g| {
-        // Time first, at the latents' small spatial size: repeat each latent frame `rt` times
-        // and keep the last frames (diffusers' odd-frame rule: the first frame stays single).
-        let mut y = repeat(g, &y, z.rt, 1);
-        let mut b = repeat(g, &b, z.rt, 1);
-        if z.rt > 1 {
-            let tf = g.shape_range(f, 2, 3);
-            let start = g.op("Neg", &[&tf], vec![]);
-            let end = g.const_i64(&[i64::MAX]);
-            y = g.slice_dyn(&y, 2, &start, &end);
-            b = g.slice_dyn(&b, 2, &start, &end);
-        }
-        // GroupNorm's affine folded into the maps, all at the latents' size:
-        // ((x-μ)/σ·γ + β)·y + b = (x-μ)·(γ/σ·y) + (β·y + b).
-        let c = f_channels as i64;
-        let gm = g.reshape_to(&gamma, &[c, 1, 1, 1]);
-        let bt = g.reshape_to(&beta, &[c, 1, 1, 1]);
-        let gs = g.mul(&inv, &gm);
-        let scale = g.mul(&y, &gs);
-        let by = g.mul(&y, &bt);
-        let shift = g.add(&by, &b);
-        if z.rs == 1 {
-            let o = g.mul(&d, &scale);
-            return g.add(&o, &shift);
-        }
-        // Space by broadcasting, never materialising the upsampled maps: view the centred
-        // `[B,C,T,H,W]` as `[B,C,T,h,rs,w,rs]` and the maps as `[B,C,T,h,1,w,1]`. Nearest
-        // upsampling by an integer factor is exactly this replication (same values, bitwise).
-        let shape = g.shape(&d);
-        let bct = g.shape_range(&d, 0, 3);
-        let hw = g.shape_range(&d, 3, 5);
-        let r = g.const_i64(&[z.rs]);
-        let small = g.div(&hw, &r);
-        let (h, w) = (g.slice(&small, 0, 0, 1), g.slice(&small, 0, 1, 2));
-        let s7 = g.concat(&[&bct, &h, &r, &w, &r], 0);
-        let d7 = g.reshape(&d, &s7);
-        let scale7 = g.unsqueeze(&scale, &[4, 6]);
-        let shift7 = g.unsqueeze(&shift, &[4, 6]);
-        let o = g.mul(&d7, &scale7);
-        let o = g.add(&o, &shift7);
-        g.reshape(&o, &shape)
+        g.scoped(GROUP_NORM_SCOPE, |g| {
+            // Time first, at the latents' small spatial size: repeat each latent frame `rt` times
+            // and keep the last frames (diffusers' odd-frame rule: the first frame stays single).
+            let mut y = repeat(g, &y, z.rt, 1);
+            let mut b = repeat(g, &b, z.rt, 1);
+            if z.rt > 1 {
+                let tf = g.shape_range(f, 2, 3);
+                let start = g.op("Neg", &[&tf], vec![]);
+                let end = g.const_i64(&[i64::MAX]);
+                y = g.slice_dyn(&y, 2, &start, &end);
+                b = g.slice_dyn(&b, 2, &start, &end);
+            }
+            // GroupNorm's affine folded into the maps, all at the latents' size:
+            // ((x-μ)/σ·γ + β)·y + b = (x-μ)·(γ/σ·y) + (β·y + b).
+            let c = f_channels as i64;
+            let gm = g.reshape_to(&gamma, &[c, 1, 1, 1]);
+            let bt = g.reshape_to(&beta, &[c, 1, 1, 1]);
+            let gs = g.mul(&inv, &gm);
+            let scale = g.mul(&y, &gs);
+            let by = g.mul(&y, &bt);
+            let shift = g.add(&by, &b);
+            if z.rs == 1 {
+                let o = g.mul(&d, &scale);
+                return g.add(&o, &shift);
+            }
+            // Space by broadcasting, never materialising the upsampled maps: view the centred
+            // `[B,C,T,H,W]` as `[B,C,T,h,rs,w,rs]` and the maps as `[B,C,T,h,1,w,1]`. Nearest
+            // upsampling by an integer factor is exactly this replication (same values, bitwise).
+            let shape = g.shape(&d);
+            let bct = g.shape_range(&d, 0, 3);
+            let hw = g.shape_range(&d, 3, 5);
+            let r = g.const_i64(&[z.rs]);
+            let small = g.div(&hw, &r);
+            let (h, w) = (g.slice(&small, 0, 0, 1), g.slice(&small, 0, 1, 2));
+            let s7 = g.concat(&[&bct, &h, &r, &w, &r], 0);
+            let d7 = g.reshape(&d, &s7);
+            let scale7 = g.unsqueeze(&scale, &[4, 6]);
+            let shift7 = g.unsqueeze(&shift, &[4, 6]);
+            let o = g.mul(&d7, &scale7);
+            let o = g.add(&o, &shift7);
+            g.reshape(&o, &shape)
+        })
     }))
 }
 

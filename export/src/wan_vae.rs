@@ -324,18 +324,21 @@ fn rms_norm(g: &mut Graph, vb: &Scope, x: &Value, c: usize, images: bool) -> Res
     } else {
         vb.weight(g, "gamma", &[c, 1, 1, 1])?
     };
+    // `rms`: f32 below f32, as torch's norm accumulates (and CUDA has no bf16 ReduceL2).
     Ok(g.scoped(vb.prefix(), |g| {
-        let norm = g.op(
-            "ReduceL2",
-            &[x],
-            vec![("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(1))],
-        );
-        let eps = g.scalar(NORMALIZE_EPS);
-        let norm = g.op("Max", &[&norm, &eps], vec![]);
-        let y = g.div(x, &norm);
-        let scale = g.scalar((c as f32).sqrt());
-        let y = g.mul(&y, &scale);
-        g.mul(&y, &gamma)
+        g.scoped("rms", |g| {
+            let norm = g.op(
+                "ReduceL2",
+                &[x],
+                vec![("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(1))],
+            );
+            let eps = g.scalar(NORMALIZE_EPS);
+            let norm = g.op("Max", &[&norm, &eps], vec![]);
+            let y = g.div(x, &norm);
+            let scale = g.scalar((c as f32).sqrt());
+            let y = g.mul(&y, &scale);
+            g.mul(&y, &gamma)
+        })
     }))
 }
 

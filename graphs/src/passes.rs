@@ -15,6 +15,7 @@ mod chunk;
 mod conv;
 mod data_file;
 mod gelu;
+mod opset;
 mod precision;
 mod qmatmul;
 mod quantize;
@@ -23,8 +24,10 @@ pub use attention::{fuse_attention, v2l_attention, MS_DOMAIN, V2L_ATTENTION, V2L
 pub use chunk::{chunk_feed_forward, FF_CHUNKS};
 pub use conv::{conv_geometry, v2l_conv, V2L_CONV};
 pub use gelu::fuse_gelu;
+pub use opset::upgrade_opset;
 pub use precision::{
-    keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile, KEEP_IN_FP32,
+    keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile,
+    GROUP_NORM_SCOPE, KEEP_IN_FP32,
 };
 pub use qmatmul::{v2l_qmatmul, V2L_QMATMUL};
 pub use quantize::{quantize_linears, use_quantized_weights, QuantScheme, Quantized, WeightQuant};

@@ -218,7 +218,7 @@ fn tensor_type(d: DType) -> &'static str {
 }
 
 /// The schema version of `op` a model at `opset` uses: the largest at or below it.
-fn schema_version(op: &str, opset: i64) -> Option<i64> {
+pub(crate) fn schema_version(op: &str, opset: i64) -> Option<i64> {
     static V: OnceLock<HashMap<&'static str, Vec<i64>>> = OnceLock::new();
     let table = V.get_or_init(|| {
         SINCE_VERSIONS

@@ -79,12 +79,18 @@ pub struct BackendOptions {
 /// (`--tf32`) and `device_id` is the session's; CUDA graphs need graphs without the CPU's shape
 /// nodes, which v2l's graphs still have.
 const CUDA_OPTIONS: [(&str, &[&str]); 7] = [
-    ("cudnn_conv_algo_search", &["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]),
+    (
+        "cudnn_conv_algo_search",
+        &["EXHAUSTIVE", "HEURISTIC", "DEFAULT"],
+    ),
     ("cudnn_conv_use_max_workspace", &["0", "1"]),
     ("cudnn_conv1d_pad_to_nc1d", &["0", "1"]),
     ("prefer_nhwc", &["0", "1"]),
     ("enable_skip_layer_norm_strict_mode", &["0", "1"]),
-    ("arena_extend_strategy", &["kNextPowerOfTwo", "kSameAsRequested"]),
+    (
+        "arena_extend_strategy",
+        &["kNextPowerOfTwo", "kSameAsRequested"],
+    ),
     ("sdpa_kernel", &[]),
 ];
 
@@ -112,7 +118,10 @@ pub fn check_cuda_option(key: &str, value: &str) -> std::result::Result<(), Stri
     } else if values.is_empty() {
         Err(format!("`{key}` takes a bit set below 1024, not `{value}`"))
     } else {
-        Err(format!("`{key}` takes {}, not `{value}`", values.join(" or ")))
+        Err(format!(
+            "`{key}` takes {}, not `{value}`",
+            values.join(" or ")
+        ))
     }
 }
 
@@ -404,10 +413,8 @@ mod tests {
 
     #[test]
     fn cuda_settings_are_checked_and_passed_on() {
-        let o = parse_cuda_options(
-            "cudnn_conv_algo_search=HEURISTIC, prefer_nhwc=1,sdpa_kernel=8",
-        )
-        .unwrap();
+        let o = parse_cuda_options("cudnn_conv_algo_search=HEURISTIC, prefer_nhwc=1,sdpa_kernel=8")
+            .unwrap();
         let cuda = BackendOptions {
             backend: Backend::Cuda,
             cuda: o,
@@ -426,7 +433,10 @@ mod tests {
             );
         }
         for (bad, says) in [
-            ("cudnn_conv_algo_search=FAST", "EXHAUSTIVE or HEURISTIC or DEFAULT"),
+            (
+                "cudnn_conv_algo_search=FAST",
+                "EXHAUSTIVE or HEURISTIC or DEFAULT",
+            ),
             ("use_tf32=1", "--tf32"),
             ("enable_cuda_graph=1", "shape nodes"),
             ("sdpa_kernel=-1", "bit set"),

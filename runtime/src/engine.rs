@@ -305,10 +305,13 @@ impl Engine {
         })
     }
 
-    /// The VAE graph files this process loads: the bundle's on v2l's bf16 convolution
-    /// (`vae_bf16`) where this CPU runs its bf16 kernel (AVX512-BF16, `V2L_CONV` not `fp32`),
-    /// else the manifest's f32 graphs.
+    /// The VAE graph files this process loads: a GPU engine's in its precision
+    /// (`vae_lowered`); the bundle's on v2l's bf16 convolution (`vae_bf16`) where this CPU runs
+    /// its bf16 kernel (AVX512-BF16, `V2L_CONV` not `fp32`); else the manifest's f32 graphs.
     pub fn vae_graphs(&self, entry: &v2l_contracts::manifest::VaeEntry) -> VaeGraphs {
+        if let Some(g) = self.bundle.as_ref().and_then(|b| b.vae_lowered.clone()) {
+            return g;
+        }
         match self.bundle.as_ref().and_then(|b| b.vae_bf16.clone()) {
             Some(g) if crate::conv::Kernel::detect() == crate::conv::Kernel::Bf16 => g,
             _ => VaeGraphs {
@@ -322,6 +325,9 @@ impl Engine {
     /// `ort` (ONNX Runtime's f32 `Conv`), `bf16 (AVX512-BF16)` (v2l's), or `ort (fallback: …)`
     /// where an engine with bf16 VAE graphs meets a CPU without AVX512-BF16.
     pub fn vae_conv(&self) -> String {
+        if let Some(b) = self.bundle.as_ref().filter(|b| b.vae_lowered.is_some()) {
+            return format!("ort ({})", b.precision.name());
+        }
         let kernel = crate::conv::Kernel::detect();
         match self.bundle.as_ref().and_then(|b| b.vae_bf16.as_ref()) {
             None => "ort".into(),

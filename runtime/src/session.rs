@@ -248,7 +248,9 @@ impl Model {
         let eps = if gpu {
             // `V2L_CUDA_OPTIONS` over the engine's own settings, for this process.
             let mut backend = opts.backend.clone();
-            backend.cuda.extend(crate::backend::cuda_options_from_env()?);
+            backend
+                .cuda
+                .extend(crate::backend::cuda_options_from_env()?);
             backend.dispatch()
         } else {
             opts.backend.dispatch()

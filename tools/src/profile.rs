@@ -231,7 +231,9 @@ mod tests {
         assert!(text.contains("Conv") && text.contains("90.7%"), "{text}");
 
         let empty = tempfile::tempdir().unwrap();
-        assert!(summarize(empty.path()).unwrap_err().contains("no ONNX Runtime trace"));
+        assert!(summarize(empty.path())
+            .unwrap_err()
+            .contains("no ONNX Runtime trace"));
         std::fs::write(empty.path().join("x.json"), "{").unwrap();
         assert!(summarize(empty.path())
             .unwrap_err()

@@ -16,11 +16,15 @@
 //!   exporter writes an f32 `Cast` outside those scopes, which this pass retargets to the low
 //!   type;
 //! - `gelu`: torch's GELU widens each element and rounds its output once;
+//! - `group_norm`: a GroupNorm (the VAE's, with the decoder's spatial modulation folded in):
+//!   statistics and affine in f32, the output rounded once;
 //! - `rms`: an RMS norm's mean square and division (`torch.nn.RMSNorm`, T5's layer norm:
 //!   computed in f32 and rounded before the weight). Also a placement matter: ONNX Runtime's
 //!   CUDA provider has no bf16 `ReduceMean`, so a bf16 one would run on the CPU;
 //! - LoRA branches added by [`super::add_lora_branches`] (`…/lora_*` nodes): a LoRA kept
-//!   beside low-precision weights stays f32.
+//!   beside low-precision weights stays f32;
+//! - the VAE's cache ties ([`super::carried_outputs_first`]: a conv's bias plus 0 × the number
+//!   of elements of a cache): that count passes 65,504, fp16's largest.
 //!
 //! `LayerNormalization` runs in the low type with its default `stash_type = 1` (mean and
 //! variance in f32), as torch's `layer_norm` does. Everything else — the linears and their
@@ -81,7 +85,11 @@ pub struct Lowered {
 }
 
 /// Scopes kept in f32 wherever they are (module docs).
-const F32_SCOPES: &[&str] = &["rope", "gelu", "rms"];
+const F32_SCOPES: &[&str] = &["rope", "gelu", "rms", GROUP_NORM_SCOPE];
+
+/// The scope of a GroupNorm's nodes (the VAE's), all f32 below f32: torch's `group_norm` on
+/// bf16/fp16 input computes statistics and affine in f32 and rounds its output once.
+pub const GROUP_NORM_SCOPE: &str = "group_norm";
 
 /// Graph metadata key: the modules the model keeps in f32 below f32 (module docs).
 pub const KEEP_IN_FP32: &str = "v2l.keep_in_fp32_modules";
@@ -128,6 +136,17 @@ const DATA_OPS: &[&str] = &[
     "Flatten",
 ];
 
+/// Ops that compare floats and write bool.
+const PREDICATES: &[&str] = &[
+    "Greater",
+    "Less",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "Equal",
+    "IsNaN",
+    "IsInf",
+];
+
 /// Initializers up to this size stay inside the graph after conversion.
 const INLINE_MAX: usize = 1024;
 
@@ -141,6 +160,8 @@ enum Role {
     Cast,
     /// Computes in f32 (module docs).
     Island,
+    /// Compares floats, writes bool (`Greater`): in f32, output untouched.
+    Predicate,
     Data,
     Compute,
 }
@@ -153,6 +174,7 @@ fn is_island(n: &proto::NodeProto, keep: &[String]) -> bool {
         || scope == SINUSOID_SCOPE
         || (n.name.contains('/') && keeps_f32(keep, scope))
         || n.name.contains("/lora_")
+        || n.name.contains(super::schedule::AFTER_CACHE)
 }
 
 fn cast_to(n: &proto::NodeProto) -> Option<DType> {
@@ -206,7 +228,12 @@ pub fn lower_precision(
                 "Cast" if cast_to(n).is_some_and(DType::is_float) => Role::Cast,
                 "Cast" => Role::Int,
                 _ if !float_in => Role::Int,
+                op if PREDICATES.contains(&op) && n.domain.is_empty() => Role::Predicate,
                 _ if is_island(n) => Role::Island,
+                // ONNX Runtime's CPU `Expand` has no bf16: the CPU form widens it (exact).
+                "Expand" if how.emulate && low == DType::BF16 => Role::Compute,
+                // Nor has its CUDA `Clip` (the VAE posterior's clamp): in f32, which is exact.
+                "Clip" if low == DType::BF16 => Role::Island,
                 op if DATA_OPS.contains(&op) && n.domain.is_empty() => Role::Data,
                 _ => Role::Compute,
             };
@@ -223,7 +250,7 @@ pub fn lower_precision(
         Role::Island => Some(DType::F32),
         Role::Data | Role::Compute => Some(low),
         Role::Cast => Some(if is_island(n) { DType::F32 } else { low }),
-        Role::Int | Role::AnyInput => None,
+        Role::Int | Role::AnyInput | Role::Predicate => None,
     };
 
     // Float initializers: low where every node reading them computes low, else f32.
@@ -295,6 +322,9 @@ pub fn lower_precision(
         let out_ty = typed(role, &n);
         let compute = match role {
             Role::Compute if how.emulate => Some(DType::F32),
+            // Widening is exact, so comparing in f32 is comparing the low values (and CUDA
+            // compares no bf16).
+            Role::Predicate => Some(DType::F32),
             Role::Cast | Role::Int | Role::AnyInput => None,
             _ => out_ty,
         };
@@ -321,6 +351,32 @@ pub fn lower_precision(
         }
         if role == Role::Island {
             done.f32_nodes += 1;
+        }
+        // ONNX Runtime's CPU `Size` takes no bf16: the product of the shape, exactly.
+        let low_input = || {
+            n.input
+                .first()
+                .and_then(|x| ty.get(x))
+                .is_some_and(|t| *t != DType::F32 && t.is_float())
+        };
+        if how.emulate && n.op_type == "Size" && n.domain.is_empty() && low_input() {
+            let shape = fresh(format!("{}.shape", n.name));
+            nodes.push(proto::NodeProto {
+                input: n.input.clone(),
+                output: vec![shape.clone()],
+                name: format!("{}/Shape", n.name),
+                op_type: "Shape".into(),
+                ..Default::default()
+            });
+            nodes.push(proto::NodeProto {
+                input: vec![shape],
+                output: n.output.clone(),
+                name: format!("{}/ReduceProd", n.name),
+                op_type: "ReduceProd".into(),
+                attribute: vec![attr_proto("keepdims", Attr::Int(0))],
+                ..Default::default()
+            });
+            continue;
         }
         let Some(out_ty) = out_ty else {
             nodes.push(n);

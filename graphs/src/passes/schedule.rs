@@ -15,6 +15,9 @@
 
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
+/// The name part of the nodes that tie a conv to a cache output.
+pub(crate) const AFTER_CACHE: &str = "/after_cache/";
+
 use super::{node, Index};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto, NodeProto};
@@ -79,7 +82,7 @@ pub fn carried_outputs_first(model: &mut ModelProto) -> usize {
         let Some(bias) = conv.input.get_mut(2) else {
             continue;
         };
-        let t = |s: &str| format!("{base}/after_cache/{s}");
+        let t = |s: &str| format!("{base}{AFTER_CACHE}{s}");
         let deps = vec![
             node("Size", t("Size"), &[&out], &t("n"), vec![]),
             node(
