@@ -24,7 +24,7 @@ ALLOWED = {
                 "v2l-compile", "v2l-tools", "v2l-serve"},
     "v2l-tests": {"v2l-contracts", "v2l-graphs", "v2l-export", "v2l-runtime", "v2l-compile", "v2l-tools"},
     "v2l-bench": {"v2l-cli", "v2l-contracts", "v2l-graphs", "v2l-export", "v2l-runtime",
-                  "v2l-compile", "v2l-serve"},
+                  "v2l-compile", "v2l-tools", "v2l-serve"},
 }
 
 
