@@ -8,9 +8,7 @@
 //! |---|---|
 //! | [`engine`] | an opened, checked engine: manifest, [`bundle`] record, family |
 //! | [`ort_env`], [`session`], [`backend`] | ONNX Runtime: finding it, sessions on host tensors, CPU/CUDA/TensorRT providers |
-//! | [`cpu`] | the CPU's model and ISA flags, recorded beside every figure; which int8 GEMM ONNX Runtime may run |
-//! | [`attention`] | our CPU attention operator (`ai.v2l.Attention`): bf16 on AVX512-BF16, f32 elsewhere |
-//! | [`lora`] | LoRA files and formats, LiLoRA, exact merges, the fuse kernels, switching strategies |
+//! | [`lora`] | LoRA files and formats, LiLoRA, exact merges, switching strategies (the fuse kernels are `v2l-kernels`') |
 //! | [`predict`], [`effect`] | LoRAs from a reference clip (Video2LoRA) or an effect prompt (Prompt2Effect, LoFA) |
 //! | [`pipeline`] | a request, and running it: one denoise loop for CogVideoX and Wan |
 //! | [`step_cache`] | diffusers' First Block Cache: the DiT cut into head, blocks and output, and when to skip the blocks |
@@ -20,6 +18,9 @@
 //! | [`video`], [`image_preprocess`], [`layout`] | frames in and out (ffmpeg), image preprocessing, tensor layouts |
 //! | [`request`], [`limits`] | the one request builder every front end uses: defaults, limits, the frame-size rule, typed fields |
 //! | [`error`], [`tensor`] | typed errors, host tensors and safetensors files |
+//!
+//! The CPU kernels (attention, the VAE convolution, the int8 GEMM, the LoRA fuse, CPU
+//! detection) are the `v2l-kernels` crate below this one, re-exported under their old names.
 //!
 //! What the runtime shares with the exporter (the manifest, families, graph I/O names, LoRA
 //! targets, frame-batch rules) comes from `v2l-contracts`.
@@ -31,11 +32,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-pub mod attention;
 pub mod backend;
 pub mod bundle;
-pub mod conv;
-pub mod cpu;
 pub mod cuda_libs;
 pub mod effect;
 pub mod engine;
@@ -48,7 +46,6 @@ pub mod lora;
 pub mod ort_env;
 pub mod pipeline;
 pub mod predict;
-pub mod qgemm;
 pub mod request;
 pub mod rope;
 pub mod scheduler;
@@ -59,6 +56,9 @@ pub mod tensor;
 pub mod text;
 pub mod vae;
 pub mod video;
+
+/// The CPU kernels, from `v2l-kernels`, where the runtime has always named them.
+pub use v2l_kernels::{attention, conv, cpu, qgemm};
 
 pub use error::{Result, RuntimeError};
 pub use session::{Model, SessionOptions};

@@ -241,7 +241,7 @@ impl Model {
         }
         // Low-precision CPU engines call our attention and conv operators; registering them costs nothing
         // for graphs that do not.
-        b = v2l_domain()
+        b = v2l_kernels::operators()
             .and_then(|d| Ok(b.with_operators(d)?))
             .map_err(ort_err(format!("{ctx}: the ai.v2l operators")))?;
         let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
@@ -715,16 +715,6 @@ fn from_ort(v: &ort::value::DynValueRef<'_>) -> ort::Result<Tensor> {
             data: Data::F32(data.to_vec()),
         })
     }
-}
-
-/// The `ai.v2l` operator domain, registered with every session: v2l's attention
-/// ([`crate::attention`]), the VAE's bf16 convolution ([`crate::conv`]) and the int8 linears
-/// ([`crate::qgemm`]).
-fn v2l_domain() -> ort::Result<ort::operator::OperatorDomain> {
-    ort::operator::OperatorDomain::new(crate::attention::DOMAIN)?
-        .add(crate::attention::AttentionOp)?
-        .add(crate::conv::ConvOp)?
-        .add(crate::qgemm::QMatMulOp)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 
 pub mod apply;
 pub mod format;
-pub mod fuse;
+pub use v2l_kernels::fuse;
 pub mod lilora;
 pub mod merge;
 pub mod names;

@@ -118,20 +118,22 @@ impl BaseWeights {
                 len,
                 dtype,
             } => {
-                let p = map.as_ptr().wrapping_add(*start);
-                // SAFETY: `mapped` checked that `start..start + len·size` lies inside the map and
-                // that `p` is aligned for the element type; f32/f16/bf16 accept any bit pattern,
-                // and the map is read-only and lives as long as `self`.
-                unsafe {
-                    match dtype {
-                        v2l_graphs::DType::F32 => {
-                            Weights::F32(std::slice::from_raw_parts(p.cast::<f32>(), *len))
-                        }
-                        v2l_graphs::DType::F16 => {
-                            Weights::F16(std::slice::from_raw_parts(p.cast::<f16>(), *len))
-                        }
-                        _ => Weights::BF16(std::slice::from_raw_parts(p.cast::<bf16>(), *len)),
+                // `mapped` checked the range and the alignment, so the casts cannot fail; an
+                // empty view would only make the fuse refuse the layer's shape.
+                let size = if *dtype == v2l_graphs::DType::F32 {
+                    4
+                } else {
+                    2
+                };
+                let bytes = map.get(*start..*start + *len * size).unwrap_or(&[]);
+                match dtype {
+                    v2l_graphs::DType::F32 => {
+                        Weights::F32(bytemuck::try_cast_slice::<u8, f32>(bytes).unwrap_or(&[]))
                     }
+                    v2l_graphs::DType::F16 => {
+                        Weights::F16(bytemuck::try_cast_slice::<u8, f16>(bytes).unwrap_or(&[]))
+                    }
+                    _ => Weights::BF16(bytemuck::try_cast_slice::<u8, bf16>(bytes).unwrap_or(&[])),
                 }
             }
         }

@@ -103,11 +103,11 @@ impl Isa {
     /// kernel is exact (2.0× the u8·u8 kernel's speed per 5B-width block on AVX512-VNNI), u8
     /// weights everywhere else. Such an engine runs wherever it was compiled; moved to a CPU
     /// without VNNI, a u8s8 one is refused with the fix ([`check_int8_scheme`]).
-    pub fn native_int8_scheme(&self) -> crate::bundle::Int8Scheme {
+    pub fn native_int8_scheme(&self) -> v2l_contracts::bundle::Int8Scheme {
         if self.u8s8_sums_in_int32() {
-            crate::bundle::Int8Scheme::U8S8
+            v2l_contracts::bundle::Int8Scheme::U8S8
         } else {
-            crate::bundle::Int8Scheme::U8U8
+            v2l_contracts::bundle::Int8Scheme::U8U8
         }
     }
 }
@@ -117,12 +117,12 @@ impl Isa {
 /// CPU engine with s8 weights (`u8s8`, or `None`: compiled before the scheme was recorded)
 /// where ONNX Runtime's u8·s8 kernel pairs products in int16.
 pub fn check_int8_scheme(
-    precision: crate::bundle::Precision,
-    backend: crate::bundle::Backend,
-    recorded: Option<crate::bundle::Int8Scheme>,
+    precision: v2l_contracts::bundle::Precision,
+    backend: v2l_contracts::bundle::Backend,
+    recorded: Option<v2l_contracts::bundle::Int8Scheme>,
     isa: &Isa,
 ) -> Result<(), String> {
-    use crate::bundle::{Backend, Int8Scheme, Precision};
+    use v2l_contracts::bundle::{Backend, Int8Scheme, Precision};
     if precision != Precision::Int8 || backend != Backend::Cpu {
         return Ok(());
     }
@@ -336,7 +336,7 @@ mod tests {
     /// compiled with the default always opens on the CPU that compiled it.
     #[test]
     fn the_native_scheme_is_s8_only_with_vnni_and_always_opens_here() {
-        use crate::bundle::{Backend, Int8Scheme, Precision};
+        use v2l_contracts::bundle::{Backend, Int8Scheme, Precision};
         let [avx2, avx512, vnni, alder] = cpus();
         for (isa, want) in [
             (avx2, Int8Scheme::U8U8),
@@ -355,7 +355,7 @@ mod tests {
     /// other precisions and GPU engines are never refused.
     #[test]
     fn s8_weight_engines_are_refused_only_where_u8s8_saturates() {
-        use crate::bundle::{Backend, Int8Scheme, Precision};
+        use v2l_contracts::bundle::{Backend, Int8Scheme, Precision};
         let [avx2, _, vnni, _] = cpus();
         let check = |scheme, precision, backend, isa: &Isa| {
             check_int8_scheme(precision, backend, scheme, isa)
