@@ -25,6 +25,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod bf16;
+mod head;
+use head::Head;
 mod fp32;
 #[cfg(target_arch = "x86_64")]
 mod int8;
@@ -44,11 +46,6 @@ pub const OP: &str = "Attention";
 pub const SCORES: &str = "scores";
 /// The environment variable that forces the f32 kernel (`V2L_ATTENTION=fp32`).
 pub const ENV: &str = "V2L_ATTENTION";
-
-/// Queries per block: their scores with one key block are the only scores held.
-const BLOCK_ROWS: usize = 32;
-/// Keys per block.
-const BLOCK_KEYS: usize = 64;
 
 /// Which kernel this process runs `ai.v2l.Attention` with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,35 +126,6 @@ pub struct Shape {
 impl Shape {
     fn width(&self) -> usize {
         self.heads * self.head_dim
-    }
-}
-
-/// One (sample, head): row views into the `[tokens, heads·head_dim]` slices of one sample.
-struct Head<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    q_len: usize,
-    kv_len: usize,
-    head_dim: usize,
-    width: usize,
-    offset: usize,
-    scale: f32,
-}
-
-impl Head<'_> {
-    fn row<'b>(&self, x: &'b [f32], i: usize) -> &'b [f32] {
-        let at = i * self.width + self.offset;
-        &x[at..at + self.head_dim]
-    }
-    fn q_row(&self, i: usize) -> &[f32] {
-        self.row(self.q, i)
-    }
-    fn k_row(&self, i: usize) -> &[f32] {
-        self.row(self.k, i)
-    }
-    fn v_row(&self, i: usize) -> &[f32] {
-        self.row(self.v, i)
     }
 }
 

@@ -10,7 +10,6 @@ use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
 
 mod pager;
-pub mod split;
 pub use pager::release_freed_memory;
 
 /// Session settings that matter for speed and reproducibility.

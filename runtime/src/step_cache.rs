@@ -10,7 +10,7 @@
 //! replaced by calls that ran the blocks, and the first call of a request always runs them.
 //!
 //! To skip blocks the DiT runs as three sessions cut from its one compiled graph
-//! ([`crate::session::split`]) at the values the exporter recorded in the graph's metadata
+//! ([`parts`]) at the values the exporter recorded in the graph's metadata
 //! ([`v2l_contracts::io::dit::cache`]). A pipeline cuts its DiT the first time a request asks
 //! for the cache; later requests with the cache off run the three parts in a row.
 
@@ -20,9 +20,10 @@ use std::path::Path;
 use v2l_contracts::io::dit::{cache as keys, SAMPLE};
 
 use crate::error::{Result, RuntimeError};
-use crate::session::split::SplitModel;
+mod parts;
 use crate::session::{Model, SessionOptions};
 use crate::tensor::Tensor;
+pub use parts::SplitModel;
 
 pub use v2l_contracts::request::StepCache;
 

@@ -20,7 +20,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Head, BLOCK_KEYS, BLOCK_ROWS};
+use super::head::{Head, BLOCK_KEYS, BLOCK_ROWS};
 
 /// Dimensions per vector and keys per K tile.
 pub(super) const LANES: usize = 16;

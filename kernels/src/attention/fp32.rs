@@ -4,7 +4,7 @@
 //! key block) that the compiler vectorises; on x86-64 it is compiled for AVX2 + FMA when the CPU
 //! has them.
 
-use super::{Head, BLOCK_KEYS, BLOCK_ROWS};
+use super::head::{Head, BLOCK_KEYS, BLOCK_ROWS};
 
 /// How `a·b + c` is computed: fused where the target has FMA (`mul_add` is a library call
 /// without it).

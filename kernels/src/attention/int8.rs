@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 
 use super::bf16::{flash, lane_mask, padded, row_vec, Scores, LANES, TILES};
-use super::{Head, BLOCK_KEYS, BLOCK_ROWS};
+use super::head::{Head, BLOCK_KEYS, BLOCK_ROWS};
 
 /// Whether this CPU runs the kernel: VNNI for the scores, BF16 for the shared loop's p·v.
 pub(super) fn available() -> bool {

@@ -13,7 +13,12 @@
 
 use std::arch::x86_64::*;
 
-use super::{Out, ParFor, Shape};
+use super::geometry::{pack_rows, Shape};
+use crate::attention::ParFor;
+
+/// The output pointer shared by tasks that write disjoint output rows: each task writes only
+/// the rows of its own (sample, frame, row).
+type Out = crate::attention::Out<f32>;
 
 /// Pixels per vector.
 const LANES: usize = 16;
@@ -95,7 +100,7 @@ pub(super) fn conv(shape: &Shape, x: &[f32], w: &[u32], bias: &[f32], out: Out, 
         // SAFETY: the caller checked `available()`; the slices have equal lengths.
         unsafe { round_row(lo, hi, dst) }
     };
-    let packed = super::pack_rows(shape, x, 2, par, &fill);
+    let packed = pack_rows(shape, x, 2, par, &fill);
     let [t, _, _] = shape.input;
     let [to, ho, wo] = shape.output().unwrap_or([0; 3]);
     let (hp, ws) = shape.padded_rows();

@@ -5,12 +5,17 @@
 //! vectorises on any CPU. Exact to f32 rounding; not tuned (engines load the export's f32
 //! graphs on such CPUs, `Engine::vae_graphs`).
 
-use super::{Out, ParFor, Shape};
+use super::geometry::{pack_rows, Shape};
+use crate::attention::ParFor;
+
+/// The output pointer shared by tasks that write disjoint output rows: each task writes only
+/// the rows of its own (sample, frame, row).
+type Out = crate::attention::Out<f32>;
 
 /// The convolution; the caller checked the lengths.
 pub(super) fn conv(shape: &Shape, x: &[f32], w: &[f32], bias: &[f32], out: Out, par: ParFor<'_>) {
     let fill = |lo: &[f32], _: Option<&[f32]>, dst: &mut [f32]| dst.copy_from_slice(lo);
-    let packed = super::pack_rows(shape, x, 1, par, &fill);
+    let packed = pack_rows(shape, x, 1, par, &fill);
     let [t, _, _] = shape.input;
     let [to, ho, wo] = shape.output().unwrap_or([0; 3]);
     let [kt, kh, kw] = shape.kernel;

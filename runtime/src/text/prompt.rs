@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use v2l_contracts::io::text as text_io;
 
+use super::feed::encoder_feed;
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::session::{Model, SessionOptions};
@@ -258,8 +259,6 @@ fn html_unescape(text: &str) -> String {
     out.push_str(rest);
     out
 }
-
-pub use super::encoder_feed;
 
 #[cfg(test)]
 mod tests {
