@@ -387,3 +387,92 @@ fn a_learned_positional_table_fixes_the_size() {
         assert!(!d.path().join(format!("{field}.mp4")).exists());
     }
 }
+
+/// A step count above the scheduler's training steps (its `num_train_timesteps`, here an
+/// engine compiled with 20) is refused by the request check itself, before anything loads or
+/// runs, with the same message from the CLI, the C ABI and the server (the CLI and the C ABI
+/// used to fail later, inside the scheduler).
+#[test]
+fn steps_beyond_the_schedulers_training_steps_are_refused_everywhere() {
+    let d = tempfile::tempdir().unwrap();
+    let export = common::export_of(&common::tiny(), &d.path().join("export"));
+    let config = export.join("scheduler_config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("\"num_train_timesteps\": 1000"), "{text}");
+    std::fs::write(
+        &config,
+        text.replace(
+            "\"num_train_timesteps\": 1000",
+            "\"num_train_timesteps\": 20",
+        ),
+    )
+    .unwrap();
+    let engine = d.path().join("engine");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+        .arg(&export)
+        .arg("-o")
+        .arg(&engine)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = Server::start(&engine, &d.path().join("state"), &[]);
+    let path = CString::new(engine.display().to_string()).unwrap();
+    let mut e = null_mut();
+    assert_eq!(
+        unsafe { v2l_engine_open(path.as_ptr(), null(), &mut e) },
+        V2lStatus::Ok
+    );
+    let mut g = null_mut();
+    assert_eq!(unsafe { v2l_generator_new(e, &mut g) }, V2lStatus::Ok);
+    let c = case("steps", "--steps", "21");
+    let t = std::time::Instant::now();
+    let a = cli(&engine, d.path(), &c);
+    assert!(
+        t.elapsed().as_secs_f64() < 2.0,
+        "refused before loading: {:?}",
+        t.elapsed()
+    );
+    let (b, sv) = (c_abi(g, &c), server(&s, &c));
+    assert_eq!(
+        a,
+        "21: the scheduler takes at most 20 (its num_train_timesteps)"
+    );
+    assert_eq!(a, b, "CLI vs C ABI");
+    assert_eq!(a, sv, "CLI vs server");
+    // The scheduler's own count passes the check.
+    let mut p = V2lGenerateParams {
+        frames: 17,
+        height: 64,
+        width: 64,
+        steps: 20,
+        guidance: 6.0,
+        seed: 1,
+        first_frame: null(),
+        first_frame_len: 0,
+        prompt_embeds: null(),
+        negative_prompt_embeds: null(),
+        embed_len: 0,
+        embed_dim: 0,
+        noise: null(),
+        noise_len: 0,
+        prompt: null(),
+        negative_prompt: null(),
+        max_sequence_length: 0,
+        image_embeds: null(),
+        image_embed_len: 0,
+        image_embed_dim: 0,
+        scheduler: null(),
+        inpaint_noise: null(),
+        inpaint_noise_len: 0,
+        cache: null(),
+    };
+    let mut bytes = 0usize;
+    let status = unsafe { v2l_generator_output_size(g, &p, &mut bytes, null_mut()) };
+    assert_eq!(status, V2lStatus::Ok);
+    assert!(bytes > 0);
+    p.steps = 21;
+    let status = unsafe { v2l_generator_output_size(g, &p, &mut bytes, null_mut()) };
+    assert_eq!(status, V2lStatus::InvalidArgument);
+    assert_eq!(unsafe { v2l_generator_free(g) }, V2lStatus::Ok);
+    assert_eq!(unsafe { v2l_engine_free(e) }, V2lStatus::Ok);
+}

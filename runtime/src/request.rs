@@ -70,6 +70,9 @@ pub struct EngineDefaults {
     pub text_sequence_length: Option<usize>,
     /// The only size the DiT runs at (a learned positional table: [`Engine::fixed_size`]).
     pub fixed_size: Option<(usize, usize, usize)>,
+    /// Steps the scheduler can take (its `num_train_timesteps`); `None` where the engine has
+    /// no readable scheduler (it then fails when generating, with the scheduler's own error).
+    pub scheduler_steps: Option<usize>,
 }
 
 impl EngineDefaults {
@@ -82,13 +85,14 @@ impl EngineDefaults {
             multiple: frame_multiple(engine),
             text_sequence_length: engine.text_sequence_length(),
             fixed_size: engine.fixed_size(),
+            scheduler_steps: engine.train_timesteps().ok(),
         }
     }
 }
 
 impl Settings {
-    /// Checks the settings against `engine` and `limits`, in one fixed order: steps,
-    /// guidance, LoRA scale, height / width then frames (given or the engine's default), then the
+    /// Checks the settings against `engine` and `limits`, in one fixed order: steps (the
+    /// limit, then the scheduler's), guidance, LoRA scale, height / width then frames (given or the engine's default), then the
     /// prompt length.
     pub fn check(&self, engine: &Engine, limits: &Limits) -> Result<Checked, RequestError> {
         self.check_with(&EngineDefaults::of(engine), limits)
@@ -114,6 +118,16 @@ impl Settings {
         limits: &Limits,
     ) -> Result<Checked, RequestError> {
         self.check_alone(limits)?;
+        if let Some(max) = engine.scheduler_steps.filter(|&m| self.steps > m) {
+            // Refused before anything loads (it used to fail in `set_timesteps`, after).
+            return Err(RequestError::new(
+                Field::Steps,
+                format!(
+                    "{}: the scheduler takes at most {max} (its num_train_timesteps)",
+                    self.steps
+                ),
+            ));
+        }
         let (df, dh, dw) = (engine.frames, engine.height, engine.width);
         let need = |field: Field, given: Option<usize>, default: Option<usize>| {
             given

@@ -116,6 +116,7 @@ impl EngineFacts {
             multiple: self.multiple,
             text_sequence_length: Some(self.text_sequence_length),
             fixed_size: self.fixed_size,
+            scheduler_steps: Some(self.scheduler_steps),
         }
     }
 

@@ -206,15 +206,6 @@ pub fn video(
         .map_err(request_error)?;
     let (frames, height, width, steps, guidance) =
         (c.frames, c.height, c.width, c.steps, c.guidance);
-    if steps > facts.scheduler_steps {
-        return Err(ApiError::field(
-            "steps",
-            format!(
-                "{steps}: the scheduler takes at most {} (num_train_timesteps)",
-                facts.scheduler_steps
-            ),
-        ));
-    }
     let seed = form
         .number("seed", "an integer 0 to 2^64 - 1")?
         .unwrap_or(0);
