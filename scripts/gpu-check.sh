@@ -19,6 +19,9 @@
 #   V2L_CUDA_OPTIONS=cudnn_conv_algo_search=HEURISTIC,prefer_nhwc=1 bash scripts/gpu-check.sh ...
 #                                         # the CUDA provider's kernel choices for this run, over
 #                                         # each engine's (v2l-compile --cuda-option records them)
+#   ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 bash scripts/gpu-check.sh --scale --only none
+#                                         # ONNX Runtime prints which attention kernel each
+#                                         # MultiHeadAttention runs (flash, memory-efficient, cuDNN)
 #
 # Without a GPU it says so and exits 1, having written nothing.
 set -euo pipefail

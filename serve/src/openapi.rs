@@ -38,7 +38,13 @@ pub fn document(d: &Described) -> Value {
     if let (Some(f), Some(o)) = (facts.default_frames, frames.as_object_mut()) {
         o.insert("default".into(), json!(f));
     }
-    let steps = json!({"type": "integer", "minimum": 1, "maximum": limits.steps.min(facts.scheduler_steps), "default": 50});
+    // Defaults and the sampler names from the runtime's request contract, not spelled here.
+    let defaults = v2l_runtime::request::Settings::default();
+    let samplers: Vec<&str> = v2l_runtime::pipeline::Sampler::ALL
+        .iter()
+        .map(|s| s.name())
+        .collect();
+    let steps = json!({"type": "integer", "minimum": 1, "maximum": limits.steps.min(facts.scheduler_steps), "default": defaults.steps});
     let bad = error_response("A bad field: `error.field` names it.");
     let not_found = error_response("No such id.");
     let full = json!({
@@ -86,16 +92,16 @@ pub fn document(d: &Described) -> Value {
                     "reference": {"type": "string", "contentMediaType": "application/octet-stream", "description": "A reference clip (mp4, mov, mkv, webm, avi, gif), or a safetensors file with a `reference_u8` tensor [frames, height, width, 3] as `v2l-run --reference` takes: its predicted LoRA (cached)."},
                     "lora_id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "A LoRA stored on this server."},
                     "lora": {"type": "string", "contentMediaType": "application/octet-stream", "description": "A LoRA file (diffusers/PEFT, kohya or ComfyUI safetensors)."},
-                    "lora_scale": {"type": "number", "default": 1.0, "description": "The LoRA's multiplier; for `reference`, upstream's LoRA weight, which is also its alpha (alpha = weight²), so within ±1000 there. Finite, within ±1e4."},
+                    "lora_scale": {"type": "number", "default": defaults.lora_scale, "description": "The LoRA's multiplier; for `reference`, upstream's LoRA weight, which is also its alpha (alpha = weight²), so within ±1000 there. Finite, within ±1e4."},
                     "prompt": {"type": "string", "description": "At most 16 KiB of UTF-8."},
                     "prompt_embeds": {"type": "string", "contentMediaType": "application/octet-stream", "description": "safetensors with `prompt_embeds` and `negative_prompt_embeds`, float32 [1, L, D]."},
                     "negative_prompt": {"type": "string", "default": ""},
                     "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": facts.text_sequence_length.max(1), "description": "Prompt tokens (default: the DiT's)."},
                     "frames": frames,
                     "height": side(facts.default_height), "width": side(facts.default_width),
-                    "steps": steps.clone(), "guidance": {"type": "number", "default": 6.0, "description": "Finite, within ±1e4."},
+                    "steps": steps.clone(), "guidance": {"type": "number", "default": defaults.guidance, "description": "Finite, within ±1e4."},
                     "seed": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0}, "fps": {"type": "integer", "minimum": 1, "maximum": 240, "default": 8},
-                    "scheduler": {"type": "string", "enum": ["ddim", "cogvideox-ddim", "dpm"], "description": "A CogVideoX engine's sampler: `ddim` (diffusers' DDIMScheduler, VideoX-Fun's DDIM_Origin), `cogvideox-ddim` or `dpm` (CogVideoXDPMScheduler; its step noise comes from `seed`). Default: the engine's; Wan engines take none."},
+                    "scheduler": {"type": "string", "enum": samplers, "description": "A CogVideoX engine's sampler: `ddim` (diffusers' DDIMScheduler, VideoX-Fun's DDIM_Origin), `cogvideox-ddim` or `dpm` (CogVideoXDPMScheduler; its step noise comes from `seed`). Default: the engine's; Wan engines take none."},
                     "cache": {"type": "string", "pattern": "^first-block:[0-9.eE+-]+$", "description": "Step caching, off by default: `first-block:THRESHOLD` is diffusers' First Block Cache (the DiT's blocks after the first run only when the first block's output moved by more than THRESHOLD since they last ran). CogVideoX and Wan engines."}}},
                 "LoraForm": {"type": "object",
                     "oneOf": [{"required": ["reference"]}, {"required": ["lora"]}],
