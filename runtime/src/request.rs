@@ -24,6 +24,11 @@ pub struct Settings {
     pub max_sequence_length: Option<usize>,
 }
 
+/// diffusers' CogVideoX defaults, the one place every front end reads them from.
+pub const DEFAULT_STEPS: usize = 50;
+pub const DEFAULT_GUIDANCE: f32 = 6.0;
+pub const DEFAULT_LORA_SCALE: f32 = 1.0;
+
 impl Default for Settings {
     /// diffusers' CogVideoX defaults: 50 steps at guidance 6, LoRA scale 1.
     fn default() -> Self {
@@ -31,9 +36,9 @@ impl Default for Settings {
             frames: None,
             height: None,
             width: None,
-            steps: 50,
-            guidance: 6.0,
-            lora_scale: 1.0,
+            steps: DEFAULT_STEPS,
+            guidance: DEFAULT_GUIDANCE,
+            lora_scale: DEFAULT_LORA_SCALE,
             max_sequence_length: None,
         }
     }

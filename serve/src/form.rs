@@ -196,9 +196,11 @@ pub fn video(
         frames: form.count("frames")?,
         height: form.count("height")?,
         width: form.count("width")?,
-        steps: form.count("steps")?.unwrap_or(50),
-        guidance: form.real("guidance", 6.0)?,
-        lora_scale: form.real("lora_scale", 1.0)?,
+        steps: form
+            .count("steps")?
+            .unwrap_or(v2l_runtime::request::DEFAULT_STEPS),
+        guidance: form.real("guidance", v2l_runtime::request::DEFAULT_GUIDANCE)?,
+        lora_scale: form.real("lora_scale", v2l_runtime::request::DEFAULT_LORA_SCALE)?,
         max_sequence_length: form.count("max_sequence_length")?,
     };
     let c = settings

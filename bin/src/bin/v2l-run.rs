@@ -122,10 +122,10 @@ struct GenerateArgs {
     #[arg(long)]
     width: Option<usize>,
     /// Denoising steps
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = request::DEFAULT_STEPS)]
     steps: usize,
     /// Classifier-free guidance scale
-    #[arg(long, default_value_t = 6.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = request::DEFAULT_GUIDANCE, allow_negative_numbers = true)]
     guidance: f32,
     /// Seed of v2l's Gaussian noise (the same seed gives the same video); generation needs
     /// --seed or --noise. With --noise it seeds only what the file does not hold (a Fun-InP
