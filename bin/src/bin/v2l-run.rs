@@ -210,48 +210,7 @@ enum Command {
     ///   v2l-run --engine engine/ stage vae-decode --inputs latents.safetensors -o video.safetensors
     ///   v2l-run --engine engine/ stage text --prompts prompts.json -o embeds.safetensors
     #[command(verbatim_doc_comment)]
-    Stage {
-        #[arg(value_enum)]
-        stage: StageArg,
-        /// safetensors file with the stage's input tensors
-        #[arg(long, required_unless_present = "prompts")]
-        inputs: Option<PathBuf>,
-        /// `text` stage: a JSON file holding an array of prompt strings
-        #[arg(long, conflicts_with = "inputs")]
-        prompts: Option<PathBuf>,
-        /// Output .safetensors file for the outputs, replaced if it exists
-        #[arg(short, long)]
-        output: PathBuf,
-        /// LoRA to fuse into the DiT (diffusers/PEFT, kohya or ComfyUI safetensors)
-        #[arg(long)]
-        lora: Option<PathBuf>,
-        /// LoRA multiplier: the fuse scale is multiplier · alpha / rank
-        #[arg(long, default_value_t = 1.0)]
-        lora_scale: f32,
-        /// Reference outputs (e.g. from PyTorch) to compare against: prints the relative L2
-        /// error of each output against the tensor of the same name in this file
-        #[arg(long)]
-        compare: Option<PathBuf>,
-        /// Reference tensor name for an output, as OUTPUT=REFERENCE (e.g. sample=output); repeatable
-        #[arg(long = "compare-name", value_name = "OUT=REF")]
-        compare_names: Vec<String>,
-        /// With --compare: fail (exit 1) when an output's relative L2 error exceeds this, so a
-        /// script's parity check can fail (e.g. 1e-4 for f32 engines)
-        #[arg(long, value_name = "E", requires = "compare")]
-        max_error: Option<f64>,
-        /// Print one JSON object on stdout: output shapes, session build and run time (ms)
-        #[arg(long)]
-        json: bool,
-        /// Run the component this many times on one loaded session (timings: the median, and
-        /// every run with --json; the first run pays for first-touch memory)
-        #[arg(long, default_value_t = 1)]
-        repeat: usize,
-        /// Write ONNX Runtime's per-node trace of each session into DIR (new or without
-        /// traces) and print where the time went, by operator and provider (with --json, as
-        /// `profile`). On CUDA, set CUDA_LAUNCH_BLOCKING=1 so each node's time is its kernels'
-        #[arg(long, value_name = "DIR")]
-        profile: Option<PathBuf>,
-    },
+    Stage(StageArgs),
     /// Tell which effect each clip shows, measured from its pixels (no engine, no model)
     ///
     /// For each pair of consecutive frames a similarity transform (rotation, zoom, pan) is
@@ -335,6 +294,51 @@ impl From<StageArg> for Stage {
     }
 }
 
+/// `stage`'s arguments.
+#[derive(clap::Args)]
+struct StageArgs {
+    #[arg(value_enum)]
+    stage: StageArg,
+    /// safetensors file with the stage's input tensors
+    #[arg(long, required_unless_present = "prompts")]
+    inputs: Option<PathBuf>,
+    /// `text` stage: a JSON file holding an array of prompt strings
+    #[arg(long, conflicts_with = "inputs")]
+    prompts: Option<PathBuf>,
+    /// Output .safetensors file for the outputs, replaced if it exists
+    #[arg(short, long)]
+    output: PathBuf,
+    /// LoRA to fuse into the DiT (diffusers/PEFT, kohya or ComfyUI safetensors)
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// LoRA multiplier: the fuse scale is multiplier · alpha / rank
+    #[arg(long, default_value_t = 1.0)]
+    lora_scale: f32,
+    /// Reference outputs (e.g. from PyTorch) to compare against: prints the relative L2
+    /// error of each output against the tensor of the same name in this file
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Reference tensor name for an output, as OUTPUT=REFERENCE (e.g. sample=output); repeatable
+    #[arg(long = "compare-name", value_name = "OUT=REF")]
+    compare_names: Vec<String>,
+    /// With --compare: fail (exit 1) when an output's relative L2 error exceeds this, so a
+    /// script's parity check can fail (e.g. 1e-4 for f32 engines)
+    #[arg(long, value_name = "E", requires = "compare")]
+    max_error: Option<f64>,
+    /// Print one JSON object on stdout: output shapes, session build and run time (ms)
+    #[arg(long)]
+    json: bool,
+    /// Run the component this many times on one loaded session (timings: the median, and
+    /// every run with --json; the first run pays for first-touch memory)
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Write ONNX Runtime's per-node trace of each session into DIR (new or without
+    /// traces) and print where the time went, by operator and provider (with --json, as
+    /// `profile`). On CUDA, set CUDA_LAUNCH_BLOCKING=1 so each node's time is its kernels'
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     main_with(|| {
@@ -351,128 +355,131 @@ fn main() -> ExitCode {
         };
         match cli.command {
             Some(Command::Measure { videos, json }) => measure_clips(&videos, json),
-            Some(Command::Stage {
-                stage,
-                inputs,
-                prompts,
-                output,
-                lora,
-                lora_scale,
-                compare,
-                compare_names,
-                max_error,
-                json,
-                repeat,
-                profile,
-            }) => {
-                let engine = engine()?;
-                if let StageArg::Text = stage {
-                    let file = prompts.as_ref().ok_or_else(|| {
-                        Failure::usage(
-                            "the text stage reads --prompts FILE (a JSON array of strings)",
-                        )
-                    })?;
-                    check_output(&output, &["safetensors"])?;
-                    v2l_cli::check_outputs_are_not_inputs(
-                        &[("-o", &output)],
-                        &[("--prompts", file)],
-                    )?;
-                    v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
-                    let dir = Engine::open(engine)?;
-                    let opts = dir.session_options(opts.threads);
-                    return text_stage(&dir, &opts, file, &output, cli.gen.max_sequence_length);
-                }
-                let inputs = inputs.ok_or_else(|| {
-                    Failure::usage(format!(
-                        "stage {}: give --inputs FILE",
-                        Stage::from(stage).name()
-                    ))
-                })?;
-                let stage = Stage::from(stage);
-                check_output(&output, &["safetensors"])?;
-                let mut read = vec![("--inputs", inputs.as_path())];
-                read.extend(lora.as_deref().map(|l| ("--lora", l)));
-                v2l_cli::check_outputs_are_not_inputs(&[("-o", &output)], &read)?;
-                v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
-                v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
-                v2l_runtime::limits::Limits::from_env()?.check_threads(opts.threads)?;
-                let dir = Engine::open(engine)?;
-                let mut opts = dir.session_options(opts.threads);
-                if let Some(p) = &profile {
-                    check_profile_dir(p)?;
-                    opts.profile = Some(p.clone());
-                }
-                let tensors = read_safetensors(&inputs)?;
-                check_inputs(&dir, stage, &tensors, &inputs)?;
-                let lora = match lora {
-                    Some(path) => {
-                        let modules: Vec<String> =
-                            dir.dit_targets()?.iter().map(|t| t.name.clone()).collect();
-                        let lora = v2l_runtime::lora::format::read(&path, Some(&modules))
-                            .map_err(v2l_runtime::RuntimeError::from)?;
-                        Some(AppliedLora {
-                            lora: lora.into(),
-                            source: path,
-                            multiplier: lora_scale,
-                        })
-                    }
-                    None => None,
-                };
-                if !(1..=1000).contains(&repeat) {
-                    return Err(Failure::usage(format!(
-                        "--repeat {repeat}: must be 1 to 1000"
-                    )));
-                }
-                let run = run_stage(
-                    &dir,
-                    stage,
-                    &tensors,
-                    &opts,
-                    lora.as_ref(),
-                    cli.gen.vae_tiling.into(),
-                    repeat,
-                )?;
-                let out = run.outputs;
-                write_safetensors(&output, &out)?;
-                let profile = match &profile {
-                    Some(p) => {
-                        let summary = v2l_tools::profile::summarize(p).map_err(Failure::new)?;
-                        eprint!("{summary}");
-                        Some(summary)
-                    }
-                    None => None,
-                };
-                if json {
-                    let shapes: serde_json::Map<String, serde_json::Value> = out
-                        .iter()
-                        .map(|(n, t)| (n.clone(), serde_json::json!(t.shape)))
-                        .collect();
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
-                            "runs_ms": run.runs_ms, "attention": dir.attention(),
-                            "int8_gemm": dir.int8_gemm(),
-                            "vae_conv": dir.vae_conv(),
-                            "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
-                            "machine": v2l_runtime::cpu::this(),
-                            "compiled_on": dir.compiled_on(),
-                            "profile": profile,
-                        })
-                    );
-                } else {
-                    for (name, t) in &out {
-                        println!("{name} {:?}", t.shape);
-                    }
-                }
-                if let Some(reference) = compare {
-                    compare_outputs(&out, &reference, &compare_names, max_error)?;
-                }
-                Ok(())
-            }
+            Some(Command::Stage(args)) => stage(engine()?, &args, &cli.gen, opts.threads),
             None => generate(engine()?, &cli.gen, &opts),
         }
     })
+}
+
+/// `stage`: one component on a tensor file, checked, timed, optionally compared and profiled.
+fn stage(
+    engine: &std::path::Path,
+    args: &StageArgs,
+    gen: &GenerateArgs,
+    threads: usize,
+) -> Result<(), Failure> {
+    let StageArgs {
+        stage,
+        inputs,
+        prompts,
+        output,
+        lora,
+        lora_scale,
+        compare,
+        compare_names,
+        max_error,
+        json,
+        repeat,
+        profile,
+    } = args;
+    let (stage, lora_scale, json, repeat) = (*stage, *lora_scale, *json, *repeat);
+    if let StageArg::Text = stage {
+        let file = prompts.as_ref().ok_or_else(|| {
+            Failure::usage("the text stage reads --prompts FILE (a JSON array of strings)")
+        })?;
+        check_output(&output, &["safetensors"])?;
+        v2l_cli::check_outputs_are_not_inputs(&[("-o", &output)], &[("--prompts", file)])?;
+        v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
+        let dir = Engine::open(engine)?;
+        let opts = dir.session_options(threads);
+        return text_stage(&dir, &opts, file, &output, gen.max_sequence_length);
+    }
+    let inputs = inputs.clone().ok_or_else(|| {
+        Failure::usage(format!(
+            "stage {}: give --inputs FILE",
+            Stage::from(stage).name()
+        ))
+    })?;
+    let stage = Stage::from(stage);
+    check_output(&output, &["safetensors"])?;
+    let mut read = vec![("--inputs", inputs.as_path())];
+    read.extend(lora.as_deref().map(|l| ("--lora", l)));
+    v2l_cli::check_outputs_are_not_inputs(&[("-o", &output)], &read)?;
+    v2l_cli::check_outputs_outside_engine(&[("-o", &output)], engine)?;
+    v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
+    v2l_runtime::limits::Limits::from_env()?.check_threads(threads)?;
+    let dir = Engine::open(engine)?;
+    let mut opts = dir.session_options(threads);
+    if let Some(p) = &profile {
+        check_profile_dir(p)?;
+        opts.profile = Some(p.clone());
+    }
+    let tensors = read_safetensors(&inputs)?;
+    check_inputs(&dir, stage, &tensors, &inputs)?;
+    let lora = match lora {
+        Some(path) => {
+            let modules: Vec<String> = dir.dit_targets()?.iter().map(|t| t.name.clone()).collect();
+            let lora = v2l_runtime::lora::format::read(&path, Some(&modules))
+                .map_err(v2l_runtime::RuntimeError::from)?;
+            Some(AppliedLora {
+                lora: lora.into(),
+                source: path.clone(),
+                multiplier: lora_scale,
+            })
+        }
+        None => None,
+    };
+    if !(1..=1000).contains(&repeat) {
+        return Err(Failure::usage(format!(
+            "--repeat {repeat}: must be 1 to 1000"
+        )));
+    }
+    let run = run_stage(
+        &dir,
+        stage,
+        &tensors,
+        &opts,
+        lora.as_ref(),
+        gen.vae_tiling.into(),
+        repeat,
+    )?;
+    let out = run.outputs;
+    write_safetensors(&output, &out)?;
+    let profile = match &profile {
+        Some(p) => {
+            let summary = v2l_tools::profile::summarize(p).map_err(Failure::new)?;
+            eprint!("{summary}");
+            Some(summary)
+        }
+        None => None,
+    };
+    if json {
+        let shapes: serde_json::Map<String, serde_json::Value> = out
+            .iter()
+            .map(|(n, t)| (n.clone(), serde_json::json!(t.shape)))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "outputs": shapes, "load_ms": run.load_ms, "run_ms": run.run_ms,
+                "runs_ms": run.runs_ms, "attention": dir.attention(),
+                "int8_gemm": dir.int8_gemm(),
+                "vae_conv": dir.vae_conv(),
+                "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
+                "machine": v2l_runtime::cpu::this(),
+                "compiled_on": dir.compiled_on(),
+                "profile": profile,
+            })
+        );
+    } else {
+        for (name, t) in &out {
+            println!("{name} {:?}", t.shape);
+        }
+    }
+    if let Some(reference) = compare {
+        compare_outputs(&out, reference, compare_names, *max_error)?;
+    }
+    Ok(())
 }
 
 /// `measure`: reads each clip at its own size and prints what it shows.
