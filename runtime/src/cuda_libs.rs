@@ -47,7 +47,7 @@ pub fn find_dir() -> Option<PathBuf> {
                 .into_iter()
                 .map(|r| r.join(DIR)),
         )
-        .find(|d| d.join(LIBRARIES[0]).is_file())
+        .find(|d| LIBRARIES.first().is_some_and(|l| d.join(l).is_file()))
 }
 
 static PRELOADED: OnceLock<std::result::Result<Option<PathBuf>, (PathBuf, String)>> =

@@ -178,8 +178,7 @@ fn drop_identities(graph: &mut proto::GraphProto) -> usize {
     };
     let mut dropped = 0;
     let mut i = 0;
-    while i < graph.node.len() {
-        let n = &graph.node[i];
+    while let Some(n) = graph.node.get(i) {
         let identity = n.op_type == "Identity" && (n.domain.is_empty() || n.domain == "ai.onnx");
         let (Some(x), Some(y), true) = (
             n.input.first().cloned(),
