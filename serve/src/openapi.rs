@@ -39,6 +39,10 @@ pub fn document(d: &Described) -> Value {
         o.insert("default".into(), json!(f));
     }
     // Defaults and the sampler names from the runtime's request contract, not spelled here.
+    let job_error_kinds: Vec<&str> = crate::store::JobErrorKind::ALL
+        .iter()
+        .map(|k| k.name())
+        .collect();
     let defaults = v2l_runtime::request::Settings::default();
     let samplers: Vec<&str> = v2l_runtime::pipeline::Sampler::ALL
         .iter()
@@ -75,7 +79,7 @@ pub fn document(d: &Described) -> Value {
                     "step": {"type": "integer"}, "steps": {"type": "integer"}, "progress": {"type": "number"},
                     "created_at": {"type": "number"}, "started_at": {"type": ["number", "null"]}, "finished_at": {"type": ["number", "null"]},
                     "timings": {"type": "object", "additionalProperties": {"type": "number"}, "description": "Stage → milliseconds."},
-                    "error": {"type": ["object", "null"], "properties": {"kind": {"type": "string"}, "message": {"type": "string"}}},
+                    "error": {"type": ["object", "null"], "properties": {"kind": {"type": "string", "enum": job_error_kinds}, "message": {"type": "string"}}},
                     "lora_id": {"type": ["string", "null"]}, "lora_cached": {"type": ["boolean", "null"]},
                     "params": {"type": "object"}, "content_url": {"type": "string"}}},
                 "Accepted": {"type": "object", "properties": {"id": {"type": "string"}, "state": {"const": "queued"}, "status_url": {"type": "string"}, "events_url": {"type": "string"}, "content_url": {"type": "string"}}},

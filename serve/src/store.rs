@@ -61,8 +61,65 @@ impl State {
 /// Why a job failed: a stable `kind` for programs, a message for people.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobError {
-    pub kind: String,
+    pub kind: JobErrorKind,
     pub message: String,
+}
+
+/// A failed job's `error.kind`, as clients match it (snake_case in JSON and in the store).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobErrorKind {
+    /// A request value the pipeline refused (`RuntimeError`'s bad input).
+    BadInput,
+    /// An input file that could not be read as what it claims.
+    BadFile,
+    /// A LoRA that could not be read or applied.
+    Lora,
+    /// ONNX Runtime could not be loaded.
+    RuntimeUnavailable,
+    /// ONNX Runtime failed while running.
+    Runtime,
+    /// Cancelled by a client.
+    Cancelled,
+    /// Over `--job-timeout`.
+    Timeout,
+    /// The state directory refused a write (a full disk).
+    Storage,
+    /// The server stopped while the job ran.
+    Interrupted,
+    /// A fault of the server's own (a worker panic, a record that vanished).
+    Internal,
+}
+
+impl JobErrorKind {
+    pub const ALL: [JobErrorKind; 10] = [
+        JobErrorKind::BadInput,
+        JobErrorKind::BadFile,
+        JobErrorKind::Lora,
+        JobErrorKind::RuntimeUnavailable,
+        JobErrorKind::Runtime,
+        JobErrorKind::Cancelled,
+        JobErrorKind::Timeout,
+        JobErrorKind::Storage,
+        JobErrorKind::Interrupted,
+        JobErrorKind::Internal,
+    ];
+
+    /// The name clients see.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobErrorKind::BadInput => "bad_input",
+            JobErrorKind::BadFile => "bad_file",
+            JobErrorKind::Lora => "lora",
+            JobErrorKind::RuntimeUnavailable => "runtime_unavailable",
+            JobErrorKind::Runtime => "runtime",
+            JobErrorKind::Cancelled => "cancelled",
+            JobErrorKind::Timeout => "timeout",
+            JobErrorKind::Storage => "storage",
+            JobErrorKind::Interrupted => "interrupted",
+            JobErrorKind::Internal => "internal",
+        }
+    }
 }
 
 /// One job as stored and as `GET /v1/videos/{id}` shows it.
@@ -344,7 +401,7 @@ impl Store {
             ids.collect::<std::result::Result<_, _>>()?
         };
         let reason = serde_json::to_string(&JobError {
-            kind: "interrupted".into(),
+            kind: JobErrorKind::Interrupted,
             message:
                 "the server stopped while this job was running (a crash or a kill); submit it again"
                     .into(),
@@ -655,6 +712,15 @@ pub fn load_frames(path: &Path) -> v2l_runtime::Result<v2l_runtime::video::Frame
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn job_error_kinds_are_named_as_stored() {
+        for k in JobErrorKind::ALL {
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.name()));
+            assert_eq!(serde_json::from_str::<JobErrorKind>(&json).unwrap(), k);
+        }
+    }
     use crate::params::VideoParams;
 
     fn job(id: &str) -> JobRecord {
@@ -716,7 +782,7 @@ mod tests {
         assert_eq!(r.interrupted, vec!["a".to_string()]);
         let a = s.get("a").unwrap().unwrap();
         assert_eq!(a.state, State::Failed);
-        assert_eq!(a.error.unwrap().kind, "interrupted");
+        assert_eq!(a.error.unwrap().kind, JobErrorKind::Interrupted);
         assert_eq!(s.get("c").unwrap().unwrap().state, State::Cancelled);
         assert_eq!(
             s.get("b").unwrap().unwrap().params,
@@ -735,7 +801,7 @@ mod tests {
         s.set_lora("x", "abc", true).unwrap();
         let t = BTreeMap::from([("total".to_string(), 12.5)]);
         let e = JobError {
-            kind: "timeout".into(),
+            kind: JobErrorKind::Timeout,
             message: "too slow".into(),
         };
         s.finish("x", State::Failed, &t, Some(&e)).unwrap();

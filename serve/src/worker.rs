@@ -28,7 +28,7 @@ use crate::config::{Config, EngineFacts};
 use crate::form::{LoraChoice, VideoParams};
 use crate::jobs::{Jobs, Live, Snapshot};
 use crate::metrics::Metrics;
-use crate::store::{JobError, JobParams, JobRecord, Kind, State};
+use crate::store::{JobError, JobErrorKind, JobParams, JobRecord, Kind, State};
 
 /// Everything the HTTP handlers and the workers share.
 pub struct Shared {
@@ -53,11 +53,11 @@ struct Stop {
 }
 
 impl Stop {
-    fn failed(kind: &str, message: impl Into<String>) -> Stop {
+    fn failed(kind: JobErrorKind, message: impl Into<String>) -> Stop {
         Stop {
             state: State::Failed,
             error: JobError {
-                kind: kind.into(),
+                kind,
                 message: message.into(),
             },
         }
@@ -68,12 +68,12 @@ impl From<RuntimeError> for Stop {
     fn from(e: RuntimeError) -> Stop {
         use v2l_runtime::error::ErrorKind as K;
         let kind = match e.kind() {
-            K::BadInput => "bad_input",
-            K::BadFile => "bad_file",
-            K::Lora => "lora",
-            K::OrtUnavailable => "runtime_unavailable",
-            K::Runtime => "runtime",
-            K::Cancelled => "cancelled",
+            K::BadInput => JobErrorKind::BadInput,
+            K::BadFile => JobErrorKind::BadFile,
+            K::Lora => JobErrorKind::Lora,
+            K::OrtUnavailable => JobErrorKind::RuntimeUnavailable,
+            K::Runtime => JobErrorKind::Runtime,
+            K::Cancelled => JobErrorKind::Cancelled,
         };
         Stop::failed(kind, e.to_string())
     }
@@ -81,7 +81,7 @@ impl From<RuntimeError> for Stop {
 
 impl From<crate::store::StoreError> for Stop {
     fn from(e: crate::store::StoreError) -> Stop {
-        Stop::failed("internal", e.to_string())
+        Stop::failed(JobErrorKind::Internal, e.to_string())
     }
 }
 
@@ -165,8 +165,7 @@ impl Worker {
                     if self.shared.jobs.live(&id).is_none() {
                         continue;
                     }
-                    let stop = Stop::failed(
-                        "internal",
+                    let stop = Stop::failed(JobErrorKind::Internal,
                         format!("the worker panicked ({what}); this job failed alone and the queue goes on"),
                     );
                     let last = self.end(&id, &live, Err(stop), BTreeMap::new());
@@ -211,7 +210,7 @@ impl Worker {
                     id,
                     State::Failed,
                     JobError {
-                        kind: "storage".into(),
+                        kind: JobErrorKind::Storage,
                         message: format!("the job could not be started ({e}); is the disk full?"),
                     },
                 );
@@ -234,7 +233,7 @@ impl Worker {
         let outcome = match store.get(id) {
             Ok(Some(job)) => self.run_record(&job, live, &mut timings),
             Ok(None) => Err(Stop::failed(
-                "internal",
+                JobErrorKind::Internal,
                 "the job vanished from the database",
             )),
             Err(e) => Err(e.into()),
@@ -265,7 +264,7 @@ impl Worker {
             Err(stop) => {
                 // A cancellation is the client's wish, not an error.
                 if stop.state == State::Failed {
-                    let kind = format!("job_{}", stop.error.kind);
+                    let kind = format!("job_{}", stop.error.kind.name());
                     self.shared.metrics.error(&kind);
                 }
                 (stop.state, Some(stop.error))
@@ -284,7 +283,7 @@ impl Worker {
                 id,
                 State::Failed,
                 JobError {
-                    kind: "storage".into(),
+                    kind: JobErrorKind::Storage,
                     message: format!(
                         "the job's end could not be recorded ({e}); is the disk full?"
                     ),
@@ -317,10 +316,9 @@ impl Worker {
             JobParams::Video(p) => {
                 let req = self.video_request(&job.id, p, &dir, timings, true)?;
                 let gen = self.generate(&[(&job.id, live)], &[req])?;
-                let gen = gen
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| Stop::failed("internal", "the pipeline returned no video"))?;
+                let gen = gen.into_iter().next().ok_or_else(|| {
+                    Stop::failed(JobErrorKind::Internal, "the pipeline returned no video")
+                })?;
                 self.write_video(gen, p, &dir, timings)
             }
         }
@@ -339,10 +337,13 @@ impl Worker {
             let mut timings = BTreeMap::new();
             let prepared = (|| {
                 let job = self.shared.jobs.store.get(&id)?.ok_or_else(|| {
-                    Stop::failed("internal", "the job vanished from the database")
+                    Stop::failed(JobErrorKind::Internal, "the job vanished from the database")
                 })?;
                 let JobParams::Video(p) = job.params else {
-                    return Err(Stop::failed("internal", "a LoRA job in a video batch"));
+                    return Err(Stop::failed(
+                        JobErrorKind::Internal,
+                        "a LoRA job in a video batch",
+                    ));
                 };
                 let dir = self.shared.jobs.store.job_dir(&id)?;
                 let req = self.video_request(&id, &p, &dir, &mut timings, false)?;
@@ -449,7 +450,10 @@ impl Worker {
                 let mut t = v2l_runtime::tensor::read_safetensors(&dir.join(PROMPT_FILE))?;
                 let mut take = |name: &str| {
                     t.remove(name).ok_or_else(|| {
-                        Stop::failed("internal", format!("stored `{name}` is missing"))
+                        Stop::failed(
+                            JobErrorKind::Internal,
+                            format!("stored `{name}` is missing"),
+                        )
                     })
                 };
                 PromptInput::Embeds {
@@ -484,7 +488,10 @@ impl Worker {
             // Checked by the form when the job was queued.
             cache: (p.cache.as_deref().map(str::parse)).transpose().map_err(
                 |e: v2l_runtime::request::RequestError| {
-                    Stop::failed("internal", format!("stored `cache`: {}", e.message))
+                    Stop::failed(
+                        JobErrorKind::Internal,
+                        format!("stored `cache`: {}", e.message),
+                    )
                 },
             )?,
         };
@@ -535,7 +542,7 @@ impl Worker {
         let timeout = || {
             let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
             Stop::failed(
-                "timeout",
+                JobErrorKind::Timeout,
                 format!("stopped after the job's time limit of {secs} s (--job-timeout)"),
             )
         };
@@ -564,7 +571,7 @@ impl Worker {
         let rgb = v2l_runtime::video::to_rgb8(&gen.frames)?;
         v2l_runtime::video::write_mp4(&dir.join(VIDEO_FILE), &rgb, p.fps).map_err(|e| {
             Stop::failed(
-                "storage",
+                JobErrorKind::Storage,
                 format!(
                     "the video could not be written: {}",
                     e.to_string().replace(&*dir.to_string_lossy(), "<job>")
@@ -686,7 +693,7 @@ fn cancelled() -> Stop {
     Stop {
         state: State::Cancelled,
         error: JobError {
-            kind: "cancelled".into(),
+            kind: JobErrorKind::Cancelled,
             message: "cancelled by DELETE".into(),
         },
     }
