@@ -105,8 +105,9 @@ fn cli(engine: &Path, dir: &Path, c: &Case) -> String {
     core(&line[prefix.len()..])
 }
 
-fn c_abi(generator: *const V2lGenerator, c: &Case) -> String {
-    let mut p = V2lGenerateParams {
+/// The C ABI form of [`GOOD`]: 17 frames of 64×64, 2 steps, no inputs beyond the seed.
+fn good_params() -> V2lGenerateParams {
+    V2lGenerateParams {
         frames: 17,
         height: 64,
         width: 64,
@@ -131,7 +132,11 @@ fn c_abi(generator: *const V2lGenerator, c: &Case) -> String {
         inpaint_noise: std::ptr::null(),
         inpaint_noise_len: 0,
         cache: std::ptr::null(),
-    };
+    }
+}
+
+fn c_abi(generator: *const V2lGenerator, c: &Case) -> String {
+    let mut p = good_params();
     for (k, v) in settings(c) {
         match k {
             "frames" => p.frames = v.parse().unwrap(),
@@ -441,30 +446,8 @@ fn steps_beyond_the_schedulers_training_steps_are_refused_everywhere() {
     assert_eq!(a, sv, "CLI vs server");
     // The scheduler's own count passes the check.
     let mut p = V2lGenerateParams {
-        frames: 17,
-        height: 64,
-        width: 64,
         steps: 20,
-        guidance: 6.0,
-        seed: 1,
-        first_frame: null(),
-        first_frame_len: 0,
-        prompt_embeds: null(),
-        negative_prompt_embeds: null(),
-        embed_len: 0,
-        embed_dim: 0,
-        noise: null(),
-        noise_len: 0,
-        prompt: null(),
-        negative_prompt: null(),
-        max_sequence_length: 0,
-        image_embeds: null(),
-        image_embed_len: 0,
-        image_embed_dim: 0,
-        scheduler: null(),
-        inpaint_noise: null(),
-        inpaint_noise_len: 0,
-        cache: null(),
+        ..good_params()
     };
     let mut bytes = 0usize;
     let status = unsafe { v2l_generator_output_size(g, &p, &mut bytes, null_mut()) };

@@ -418,6 +418,13 @@ fn slow_downloads_of_a_large_video_are_streamed() {
     drop(readers);
 }
 
+/// Posts a video job that must be accepted; its id.
+fn accepted(c: &v2l_serve::client::Client, form: &Form) -> String {
+    let r = c.post("/v1/videos", form).unwrap();
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
 /// Cancellation that means it: a DELETE that comes after the last denoising step (while the
 /// VAE decodes) ends the job `cancelled`, not `succeeded` with no video to speak of the
 /// cancel; and `--job-timeout` bounds the whole job, the decode included.
@@ -437,11 +444,7 @@ fn a_cancel_or_time_limit_during_the_decode_holds() {
             .text("height", 480)
             .text("width", 720)
     };
-    let submit = |c: &v2l_serve::client::Client| -> String {
-        let r = c.post("/v1/videos", &form()).unwrap();
-        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-        r.json()["id"].as_str().unwrap().to_string()
-    };
+    let submit = |c: &v2l_serve::client::Client| accepted(c, &form());
     let s = Server::start(&engine, &d.path().join("state"), &[]);
     let c = s.client();
     let id = submit(&c);
@@ -611,11 +614,7 @@ fn a_worker_panic_fails_its_job_alone_and_a_gone_worker_shows_in_readyz() {
             .text("seed", 5)
             .text("steps", 1)
     };
-    let submit = |c: &v2l_serve::client::Client| -> String {
-        let r = c.post("/v1/videos", &form()).unwrap();
-        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-        r.json()["id"].as_str().unwrap().to_string()
-    };
+    let submit = |c: &v2l_serve::client::Client| accepted(c, &form());
 
     let s = Server::start_with(&engine, &d.path().join("state"), &[], |c| {
         c.env("V2L_FAULT", "worker-panic");

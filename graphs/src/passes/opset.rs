@@ -131,16 +131,27 @@ fn sizes_as_shape_products(graph: &mut proto::GraphProto) -> usize {
             continue;
         }
         let shape = format!("{}.shape", n.name);
-        nodes.push(proto::NodeProto {
+        nodes.extend(size_as_shape_product(&n, shape));
+        n_changed += 1;
+    }
+    graph.node = nodes;
+    n_changed
+}
+
+/// The `Shape` and `ReduceProd` (keepdims 0) that compute `Size` node `n`'s output exactly,
+/// through the value `shape`.
+pub(super) fn size_as_shape_product(n: &proto::NodeProto, shape: String) -> [proto::NodeProto; 2] {
+    [
+        proto::NodeProto {
             input: n.input.clone(),
             output: vec![shape.clone()],
             name: format!("{}/Shape", n.name),
             op_type: "Shape".into(),
             ..Default::default()
-        });
-        nodes.push(proto::NodeProto {
+        },
+        proto::NodeProto {
             input: vec![shape],
-            output: n.output,
+            output: n.output.clone(),
             name: format!("{}/ReduceProd", n.name),
             op_type: "ReduceProd".into(),
             attribute: vec![crate::builder::attr_proto(
@@ -148,11 +159,8 @@ fn sizes_as_shape_products(graph: &mut proto::GraphProto) -> usize {
                 crate::builder::Attr::Int(0),
             )],
             ..Default::default()
-        });
-        n_changed += 1;
-    }
-    graph.node = nodes;
-    n_changed
+        },
+    ]
 }
 
 /// `Identity` nodes gone (ONNX Runtime registers it up to schema 19 on CUDA): readers read

@@ -361,21 +361,7 @@ pub fn lower_precision(
         };
         if how.emulate && n.op_type == "Size" && n.domain.is_empty() && low_input() {
             let shape = fresh(format!("{}.shape", n.name));
-            nodes.push(proto::NodeProto {
-                input: n.input.clone(),
-                output: vec![shape.clone()],
-                name: format!("{}/Shape", n.name),
-                op_type: "Shape".into(),
-                ..Default::default()
-            });
-            nodes.push(proto::NodeProto {
-                input: vec![shape],
-                output: n.output.clone(),
-                name: format!("{}/ReduceProd", n.name),
-                op_type: "ReduceProd".into(),
-                attribute: vec![attr_proto("keepdims", Attr::Int(0))],
-                ..Default::default()
-            });
+            nodes.extend(super::opset::size_as_shape_product(&n, shape));
             continue;
         }
         let Some(out_ty) = out_ty else {
