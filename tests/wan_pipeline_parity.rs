@@ -8,7 +8,7 @@ use std::path::Path;
 use v2l_export::{dit, vae, Checkpoint, Manifest};
 use v2l_graphs::{save, DType, ExternalData};
 use v2l_runtime::engine::Engine;
-use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+use v2l_runtime::pipeline::{Pipeline, RequestLora, RequestParts};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 use v2l_tests::*;
 
@@ -95,7 +95,7 @@ fn check(variant: &str, transformer: &str, clip: bool) {
     );
     let mut p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
     let i2v = variant == "i2v";
-    let req = Request {
+    let req = RequestParts {
         image: i2v.then(first_frame),
         image_embeds: (i2v && !clip).then(|| get("image_embeds")),
         prompt_embeds: get("prompt_embeds"),
@@ -109,7 +109,9 @@ fn check(variant: &str, transformer: &str, clip: bool) {
         inpaint_noise: None,
         seed: None,
         cache: None,
-    };
+    }
+    .check(p.engine())
+    .unwrap();
     let g = p.generate(&req, &mut |_, _| true).unwrap();
     for (i, lat) in g.latents_steps.iter().enumerate() {
         assert_close(
@@ -149,8 +151,8 @@ fn wan_requests_that_do_not_fit_the_engine_are_refused_by_name() {
     let d = tempfile::tempdir().unwrap();
     let engine = export_engine(d.path(), "transformer", false);
     let io = read_safetensors(&wan().join("e2e_io.safetensors")).unwrap();
-    let mut p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
-    let mut req = Request {
+    let p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
+    let mut req = RequestParts {
         image: Some(first_frame()),
         image_embeds: None,
         prompt_embeds: io["t2v_prompt_embeds"].clone(),
@@ -165,34 +167,25 @@ fn wan_requests_that_do_not_fit_the_engine_are_refused_by_name() {
         seed: None,
         cache: None,
     };
-    let err = p
-        .generate(&req, &mut |_, _| true)
-        .err()
-        .unwrap()
-        .to_string();
+    // Refused when the request is checked, before anything runs.
+    let refused =
+        |req: &RequestParts, p: &Pipeline| req.clone().check(p.engine()).err().unwrap().to_string();
+    let err = refused(&req, &p);
     assert!(
         err.contains("image") && err.contains("text-to-video"),
         "{err}"
     );
     req.image = None;
     req.frames = 8;
-    let err = p
-        .generate(&req, &mut |_, _| true)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = refused(&req, &p);
     assert!(err.contains("1 + 4k"), "{err}");
 
     let d = tempfile::tempdir().unwrap();
     let engine = export_engine(d.path(), "transformer_i2v", false);
-    let mut p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
+    let p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
     req.frames = 9;
     req.image = Some(first_frame());
     req.noise = io["i2v_noise"].clone();
-    let err = p
-        .generate(&req, &mut |_, _| true)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = refused(&req, &p);
     assert!(err.contains("image_embeds"), "{err}");
 }

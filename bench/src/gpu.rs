@@ -456,7 +456,7 @@ fn model_dir(b: &GpuBench, model: &Model) -> Result<PathBuf, Failure> {
 fn run_case(b: &GpuBench, c: &Case, f: &mut Figures) -> Result<(), Failure> {
     use v2l_runtime::engine::Engine;
     use v2l_runtime::lora::strategy::Strategy;
-    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora, RequestParts};
     let model = MODELS
         .iter()
         .find(|m| m.name == c.model)
@@ -534,11 +534,14 @@ fn run_case(b: &GpuBench, c: &Case, f: &mut Figures) -> Result<(), Failure> {
     f.switch_unfused_ms = Some(switch(&mut gpu_p)?);
     let batch: Vec<Request> = loras
         .iter()
-        .map(|l| Request {
-            lora: RequestLora::Loras(vec![l.clone()]),
-            ..req.clone()
+        .map(|l| {
+            let parts = RequestParts {
+                lora: RequestLora::Loras(vec![l.clone()]),
+                ..RequestParts::clone(&req)
+            };
+            parts.check(gpu_p.engine())
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let (r, batched_ms) = crate::pipeline::time(|| gpu_p.generate_batch(&batch, &mut |_, _| true));
     r.map_err(Failure::from)?;
     f.batched_step_ms = Some(batched_ms / req.steps as f64);
@@ -616,7 +619,7 @@ fn compile(export: &Path, out: &Path, flags: &[String]) -> Result<(), Failure> {
 
 /// A seeded request at the engine's default size, two steps at guidance 6.
 fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Request, Failure> {
-    use v2l_runtime::pipeline::{gaussian_noise, Request, RequestLora};
+    use v2l_runtime::pipeline::{gaussian_noise, RequestLora, RequestParts};
     // Wan's configs name no sample size: the tiny fixture's own (9 frames at 32x48).
     let (frames, height, width) = match e.default_size() {
         (Some(f), Some(h), Some(w)) => (f, h, w),
@@ -634,7 +637,7 @@ fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Req
         .iter()
         .map(|x| (x * 40.0 + 128.0).clamp(0.0, 255.0) as u8)
         .collect();
-    Ok(Request {
+    let parts = RequestParts {
         image: Some(v2l_runtime::video::Frames {
             frames: 1,
             height,
@@ -656,7 +659,8 @@ fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Req
         // Fun-InP noises its conditioning clip from the request's seed.
         seed: Some(5),
         cache: None,
-    })
+    };
+    Ok(parts.check(e)?)
 }
 
 /// `n` LoRAs predicted by the engine's hypernetwork from seeded clips.

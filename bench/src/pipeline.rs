@@ -13,7 +13,7 @@ use std::time::Instant;
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request};
+use v2l_runtime::pipeline::{gaussian_noise, Pipeline, RequestParts};
 use v2l_runtime::video::Frames;
 use v2l_runtime::Tensor;
 
@@ -80,7 +80,6 @@ pub fn bench_pipeline(
             *s != Strategy::Bound || dir.precision() == v2l_runtime::backend::Precision::Fp32
         })
         .collect();
-    drop(dir);
 
     // Deterministic synthetic inputs of the default size.
     let rgb = |n: usize, seed: u64| -> Frames {
@@ -102,7 +101,7 @@ pub fn bench_pipeline(
     };
     let clip = rgb(frames, 1);
     let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, height, width).dims();
-    let req = Request {
+    let req = RequestParts {
         image: Some(rgb(1, 2)),
         image_embeds: None,
         prompt_embeds: gaussian_noise(vec![1, text_len, text_dim], 3),
@@ -116,7 +115,9 @@ pub fn bench_pipeline(
         inpaint_noise: None,
         seed: None,
         cache: None,
-    };
+    }
+    .check(&dir)?;
+    drop(dir);
 
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut strategies = BTreeMap::new();

@@ -275,7 +275,7 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
             .collect::<Result<_, _>>()?;
         // As in the server, a generation runs between switches (the weights are not hot).
         let embeds = random_embeddings(&engine);
-        let req = v2l_runtime::pipeline::Request {
+        let req = v2l_runtime::pipeline::RequestParts {
             image: Some(synthetic(1, height, width, 1)),
             image_embeds: None,
             prompt_embeds: embeds.clone(),
@@ -289,7 +289,8 @@ pub fn bench_serve(b: &ServeBench) -> Result<(), Failure> {
             inpaint_noise: None,
             seed: None,
             cache: None,
-        };
+        }
+        .check(&engine)?;
         let mut v = Vec::new();
         for i in 0..repeat.max(2) {
             let (r, ms) = time(|| p.set_lora(Some(&loras[i % 2])));

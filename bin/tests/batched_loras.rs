@@ -12,10 +12,11 @@ use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::format::{self, Factor};
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{Generation, Pipeline, Request, RequestLora};
+use v2l_runtime::pipeline::{Generation, Pipeline, Request, RequestLora, RequestParts};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
 use crate::common::tolerance::EFFECT_REL_L2;
+use crate::common::CheckOn;
 use crate::common::{self, frames_of, tiny};
 
 fn load(engine: &Path) -> Pipeline {
@@ -57,7 +58,7 @@ fn at(l: &AppliedLora, multiplier: f32) -> AppliedLora {
 }
 
 /// The four requests: X, Y, none, X at 0.5, seeds 11 to 14.
-fn four(engine: &Engine, base: &Request, x: &AppliedLora, y: &AppliedLora) -> Vec<Request> {
+fn four(engine: &Engine, base: &RequestParts, x: &AppliedLora, y: &AppliedLora) -> Vec<Request> {
     let loras = [
         RequestLora::Loras(vec![x.clone()]),
         RequestLora::Loras(vec![y.clone()]),
@@ -68,13 +69,14 @@ fn four(engine: &Engine, base: &Request, x: &AppliedLora, y: &AppliedLora) -> Ve
     loras
         .into_iter()
         .enumerate()
-        .map(|(i, lora)| Request {
+        .map(|(i, lora)| RequestParts {
             lora,
             noise: engine
                 .seeded_noise(base.frames, h, w, 11 + i as u64)
                 .unwrap(),
             ..base.clone()
         })
+        .map(|parts| parts.check(engine).unwrap())
         .collect()
 }
 
@@ -203,13 +205,13 @@ fn rank_padding_is_exact() {
     );
     let rank = y.lora.layers.iter().map(|l| l.rank()).max().unwrap();
     assert!(rank < 64, "the fixture LoRA has rank {rank}");
-    let req = Request {
+    let req = RequestParts {
         lora: RequestLora::Loras(vec![y]),
         ..common::cogvideox_request(&io)
     };
     let run = |eng: &Path| -> Tensor {
-        load(eng)
-            .generate(&req, &mut |_, _| true)
+        let mut p = load(eng);
+        p.generate(&req.on(&p), &mut |_, _| true)
             .unwrap()
             .latents_steps
             .last()

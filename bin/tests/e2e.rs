@@ -10,14 +10,15 @@ use std::process::Command;
 
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::Strategy;
-use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+use v2l_runtime::pipeline::{Pipeline, RequestLora, RequestParts};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
 use crate::common;
+use common::CheckOn;
 use common::{engine, engine_with, frames_of, mae, tiny};
 
 /// The fixture's request (first frame, prompts, noise: 17 frames at guidance 6), two steps.
-fn two_step_request(io: &std::collections::BTreeMap<String, Tensor>) -> Request {
+fn two_step_request(io: &std::collections::BTreeMap<String, Tensor>) -> RequestParts {
     common::cogvideox_request(io)
 }
 
@@ -53,13 +54,13 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     let eng = engine(d.path());
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
     let mut p = Pipeline::load(Engine::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
-    let mut req = Request {
+    let mut req = RequestParts {
         steps: 4,
         ..two_step_request(&io)
     };
     let mut steps_seen = 0;
     let base = p
-        .generate(&req, &mut |_, _| {
+        .generate(&req.on(&p), &mut |_, _| {
             steps_seen += 1;
             true
         })
@@ -75,7 +76,7 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     assert!(m <= FRAMES_MAE);
 
     req.lora = RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0);
-    let lora = p.generate(&req, &mut |_, _| true).unwrap();
+    let lora = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
     for name in ["reference_latents", "hyper_weights"] {
         let got = if name == "hyper_weights" {
             lora.hyper_weights.as_ref()
@@ -98,52 +99,48 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
     // The reference's LoRA was for that request only: base -> reference -> base is the base,
     // bitwise, for every LoRA strategy; so is a reference request cancelled half-way.
     req.lora = RequestLora::Resident;
-    let again = p.generate(&req, &mut |_, _| true).unwrap();
+    let again = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
     assert!(
         again.frames == base.frames && again.latents_steps == base.latents_steps,
         "a reference's LoRA lingered into the next request"
     );
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
         let mut p = load(&eng, strategy);
-        let mut with_ref = Request {
+        let mut with_ref = RequestParts {
             lora: RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0),
             steps: 2,
             ..req.clone()
         };
         let short_base = {
             with_ref.lora = RequestLora::Resident;
-            let g = p.generate(&with_ref, &mut |_, _| true).unwrap();
+            let g = p.generate(&with_ref.on(&p), &mut |_, _| true).unwrap();
             with_ref.lora = RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0);
             g
         };
-        let cancelled = p.generate(&with_ref, &mut |step, _| step < 1);
+        let cancelled = p.generate(&with_ref.on(&p), &mut |step, _| step < 1);
         assert!(matches!(
             cancelled,
             Err(v2l_runtime::RuntimeError::Cancelled)
         ));
-        let ref_run = p.generate(&with_ref, &mut |_, _| true).unwrap();
+        let ref_run = p.generate(&with_ref.on(&p), &mut |_, _| true).unwrap();
         assert!(
             ref_run.latents_steps != short_base.latents_steps,
             "{strategy:?}"
         );
         with_ref.lora = RequestLora::Resident;
-        let after = p.generate(&with_ref, &mut |_, _| true).unwrap();
+        let after = p.generate(&with_ref.on(&p), &mut |_, _| true).unwrap();
         assert!(
             after.latents_steps == short_base.latents_steps && after.frames == short_base.frames,
             "{strategy:?}: base -> reference (cancelled, then whole) -> base is not the base"
         );
     }
     // An image of several frames is refused, not read from the wrong channels.
-    let clip = Request {
+    let clip = RequestParts {
         image: Some(frames_of(&io["reference_u8"])),
         image_embeds: None,
         ..req.clone()
     };
-    let e = p
-        .generate(&clip, &mut |_, _| true)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = clip.check(p.engine()).err().unwrap().to_string();
     assert!(e.contains("17 frames; the first frame is one frame"), "{e}");
 }
 
@@ -340,7 +337,7 @@ fn lora_strategies_agree_and_switching_is_exact() {
         p.set_lora(Some(&x)).unwrap();
         // The last latents: frames of this random-weight model are mostly clamped to 0 or 1.
         let run = |p: &mut Pipeline| {
-            let g = p.generate(&req, &mut |_, _| true).unwrap();
+            let g = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
             (g.latents_steps.last().unwrap().clone(), g.frames)
         };
         let (lx, fx) = run(&mut p);
@@ -361,11 +358,11 @@ fn lora_strategies_agree_and_switching_is_exact() {
         // pipeline's own X is back afterwards; X and Y merged with X at weight 0 is Y alone (the
         // merge is exact); the base for one request, then X again.
         let per_request = |p: &mut Pipeline, lora: RequestLora| {
-            let r = Request {
+            let r = RequestParts {
                 lora,
                 ..req.clone()
             };
-            p.generate(&r, &mut |_, _| true)
+            p.generate(&r.on(&p), &mut |_, _| true)
                 .unwrap()
                 .latents_steps
                 .last()
@@ -664,7 +661,7 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
     let req = two_step_request(&io);
     let run = |p: &mut Pipeline| {
-        let g = p.generate(&req, &mut |_, _| true).unwrap();
+        let g = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
         g.latents_steps.last().unwrap().clone()
     };
     let mut reference = load(&f32_eng, Strategy::Bound);
@@ -875,7 +872,7 @@ fn effect_loras_switch_exactly() {
         let mut p = load(&bundle, strategy);
         let mut run = |lora: &AppliedLora| {
             p.set_lora(Some(lora)).unwrap();
-            let g = p.generate(&req, &mut |_, _| true).unwrap();
+            let g = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
             (g.latents_steps.last().unwrap().clone(), g.frames)
         };
         let (lx, fx) = run(&x);
@@ -911,17 +908,17 @@ fn the_predictor_loads_only_when_a_reference_needs_it() {
     std::fs::write(eng.join(&lilora), b"not a safetensors file").unwrap();
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
     let mut p = load(&eng, Strategy::Fused);
-    let req = Request {
+    let req = RequestParts {
         lora: RequestLora::Base,
         ..two_step_request(&io)
     };
-    p.generate(&req, &mut |_, _| true).unwrap();
-    let with_reference = Request {
+    p.generate(&req.on(&p), &mut |_, _| true).unwrap();
+    let with_reference = RequestParts {
         lora: RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0),
         ..two_step_request(&io)
     };
     let err = p
-        .generate(&with_reference, &mut |_, _| true)
+        .generate(&with_reference.on(&p), &mut |_, _| true)
         .err()
         .unwrap()
         .to_string();
@@ -929,5 +926,5 @@ fn the_predictor_loads_only_when_a_reference_needs_it() {
     let err = p.load_predictor().err().unwrap().to_string();
     assert!(err.contains(lilora.as_str()), "{err}");
     // The pipeline still serves requests without a reference.
-    p.generate(&req, &mut |_, _| true).unwrap();
+    p.generate(&req.on(&p), &mut |_, _| true).unwrap();
 }

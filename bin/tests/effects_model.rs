@@ -11,13 +11,14 @@ use std::collections::BTreeMap;
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::{DitRunner, Strategy};
 use v2l_runtime::lora::AppliedLora;
-use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+use v2l_runtime::pipeline::{Pipeline, RequestLora, RequestParts};
 use v2l_runtime::video::to_rgb8;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 use v2l_tools::measure::measure;
 
 use crate::common;
 use crate::common::tolerance::F32_REL_L2;
+use common::CheckOn;
 use common::{effects_model, engine_of, frames_of};
 
 fn fixture() -> std::path::PathBuf {
@@ -49,7 +50,7 @@ fn trained_model_matches_diffusers() {
     assert!(effects.len() >= 2, "{effects:?}");
 
     let mut p = Pipeline::load(Engine::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
-    let mut req = Request {
+    let mut req = RequestParts {
         steps,
         guidance: summary["guidance"].as_f64().unwrap() as f32,
         ..common::cogvideox_request(&io)
@@ -58,11 +59,14 @@ fn trained_model_matches_diffusers() {
     // reference clip's LoRA (predicted by the exported hypernetwork from the clip's frames).
     let mut runs = vec![(
         "base".to_string(),
-        p.generate(&req, &mut |_, _| true).unwrap(),
+        p.generate(&req.on(&p), &mut |_, _| true).unwrap(),
     )];
     for e in &effects {
         req.lora = RequestLora::Reference(frames_of(&io[&format!("{e}_reference_u8")]), 1.0);
-        runs.push((e.clone(), p.generate(&req, &mut |_, _| true).unwrap()));
+        runs.push((
+            e.clone(),
+            p.generate(&req.on(&p), &mut |_, _| true).unwrap(),
+        ));
     }
     for (name, g) in &runs {
         if name != "base" {

@@ -6,11 +6,12 @@
 //! reference and `lora_weight` 0.7.
 
 use crate::common::tolerance::{DECODE_REL_L2, F32_REL_L2, FRAMES_MAE, STEPS_REL_L2};
+use crate::common::CheckOn;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use v2l_runtime::engine::Engine;
-use v2l_runtime::pipeline::{Pipeline, PipelineKind, Request, RequestLora};
+use v2l_runtime::pipeline::{Pipeline, PipelineKind, RequestLora, RequestParts};
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
 use crate::common::{self, frames_of, mae};
@@ -31,8 +32,8 @@ fn variant(dir: &std::path::Path) -> (usize, f32) {
 
 /// The fixture's request as `predict_i2v.py` runs it: `frames` frames at the first frame's
 /// size, 4 steps, CFG 6, upstream's initial and augmentation noise.
-fn request(io: &BTreeMap<String, Tensor>, frames: usize) -> Request {
-    Request {
+fn request(io: &BTreeMap<String, Tensor>, frames: usize) -> RequestParts {
+    RequestParts {
         image: Some(frames_of(&io["first_frame_u8"])),
         image_embeds: None,
         prompt_embeds: io["prompt_embeds"].clone(),
@@ -91,14 +92,14 @@ fn library_matches(
     let mut p = Pipeline::load(engine, &SessionOptions::default()).unwrap();
 
     let mut req = request(&io, frames);
-    let base = p.generate(&req, &mut |_, _| true).unwrap();
+    let base = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
     check_steps("base", &base.latents_steps, &io);
     let m = mae(&base.frames, &io["base_frames_fhwc"]);
     eprintln!("base frames: mean absolute error {m:.3e} (bound {FRAMES_MAE:e})");
     assert!(m <= FRAMES_MAE);
 
     req.lora = RequestLora::Reference(frames_of(&io["reference_u8"]), lora_weight);
-    let lora = p.generate(&req, &mut |_, _| true).unwrap();
+    let lora = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
     for (name, got) in [
         ("reference_latents", lora.reference_latents.as_ref()),
         ("hyper_weights", lora.hyper_weights.as_ref()),
@@ -114,7 +115,7 @@ fn library_matches(
 
     // The reference at its source size (48×80): the pipeline resizes it as upstream does.
     req.lora = RequestLora::Reference(frames_of(&io["reference_u8_decoded"]), lora_weight);
-    let src = p.generate(&req, &mut |_, _| true).unwrap();
+    let src = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
     let err = src
         .reference_latents
         .as_ref()

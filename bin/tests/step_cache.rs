@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::Strategy;
-use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+use v2l_runtime::pipeline::{Pipeline, RequestLora, RequestParts};
 use v2l_runtime::step_cache::StepCache;
 use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
 
+use crate::common::CheckOn;
 use crate::common::{cogvideox_request, effects_model, engine_of, frames_of};
 
 fn fixture() -> std::path::PathBuf {
@@ -23,8 +24,8 @@ fn fixture() -> std::path::PathBuf {
 const CHANGE_REL: f64 = 1e-4;
 
 /// The demo's request (`e2e_io`'s inputs, guidance 1, base weights) over `steps` steps.
-fn request(io: &BTreeMap<String, Tensor>, steps: usize) -> Request {
-    Request {
+fn request(io: &BTreeMap<String, Tensor>, steps: usize) -> RequestParts {
+    RequestParts {
         steps,
         guidance: 1.0,
         lora: RequestLora::Base,
@@ -75,7 +76,7 @@ fn first_block_cache_skips_and_steps_as_diffusers_does() {
                     req.lora =
                         RequestLora::Reference(frames_of(&io[&format!("{run}_reference_u8")]), 1.0);
                 }
-                let g = p.generate(&req, &mut |_, _| true).unwrap();
+                let g = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
                 assert_eq!(g.dit_calls, steps);
                 let ran: Vec<u8> = g.cache_calls.iter().map(|c| c.ran_blocks as u8).collect();
                 let want = fbc[&format!("{key}_computed")].data.le_bytes().to_vec();
@@ -110,7 +111,9 @@ fn first_block_cache_skips_and_steps_as_diffusers_does() {
         }
         // The DiT stays cut; a request without the cache runs every block: diffusers'
         // uncached latents (e2e_io).
-        let g = p.generate(&request(&io, steps), &mut |_, _| true).unwrap();
+        let g = p
+            .generate(&request(&io, steps).on(&p), &mut |_, _| true)
+            .unwrap();
         assert!(g.cache_calls.is_empty() && g.cache_skips() == 0);
         for (i, l) in g.latents_steps.iter().enumerate() {
             let err = l.rel_l2(&io[&format!("base_latents_step{i}")]);
@@ -167,7 +170,7 @@ fn wan_first_block_cache_decides_per_guidance_branch_as_diffusers_does() {
             if run["lora"].as_bool().unwrap() {
                 req.lora = RequestLora::Loras(vec![lora.clone()]);
             }
-            let g = p.generate(&req, &mut |_, _| true).unwrap();
+            let g = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
             let branches = run["branches"].as_array().unwrap().len();
             assert_eq!(g.dit_calls, steps);
             assert_eq!(g.cache_calls.len(), steps * branches, "{label} {key}");

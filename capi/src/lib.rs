@@ -641,7 +641,7 @@ fn settings(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Checked> {
 
 fn sizes(g: &V2lGenerator, p: &V2lGenerateParams) -> Result<Sizes> {
     let c = settings(g, p)?;
-    let (f, h, w) = (c.frames, c.height, c.width);
+    let (f, h, w) = (c.frames(), c.height(), c.width());
     let latent_frames = v2l_contracts::LatentGrid::of_video(f, h, w).frames;
     let frames = g.vae.decoded_frames(latent_frames);
     let out_bytes = product(&[frames, h, w, 3], "output")?;
@@ -1066,7 +1066,7 @@ unsafe fn noise_input(s: &Sizes, p: &V2lGenerateParams) -> Result<NoiseInput> {
     let inpaint_noise = if p.inpaint_noise.is_null() {
         None
     } else {
-        let shape = vec![1, 3, s.checked.frames, s.height, s.width];
+        let shape = vec![1, 3, s.checked.frames(), s.height, s.width];
         let need = product(&shape, files_io::INPAINT_NOISE)?;
         if p.inpaint_noise_len != need {
             return Err(Error::new(

@@ -1012,7 +1012,7 @@ fn wan_generates_through_the_c_abi() {
 /// `params.cache` turns on step caching as the Rust API's `Request::cache` does.
 #[test]
 fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
-    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+    use v2l_runtime::pipeline::{Pipeline, RequestLora, RequestParts};
     let fun = tiny().join("../cogvideox-fun-inp-tiny");
     let d = tempfile::tempdir().unwrap();
     let eng = build_engine_of(&fun, d.path());
@@ -1041,7 +1041,7 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
         |noise: v2l_runtime::Tensor, inpaint: Option<v2l_runtime::Tensor>, sampler, cache| {
             let engine = v2l_runtime::engine::Engine::open(&eng).unwrap();
             let mut pl = Pipeline::load(engine, &Default::default()).unwrap();
-            let req = Request {
+            let req = RequestParts {
                 image: Some(inp.first_frame.clone()),
                 image_embeds: None,
                 prompt_embeds: inp.prompt.clone(),
@@ -1055,7 +1055,9 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
                 inpaint_noise: inpaint,
                 seed: Some(seed),
                 cache,
-            };
+            }
+            .check(pl.engine())
+            .unwrap();
             let out = pl.generate(&req, &mut |_, _| true).unwrap();
             v2l_runtime::video::to_rgb8(&out.frames).unwrap().rgb
         };

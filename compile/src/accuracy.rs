@@ -309,7 +309,7 @@ pub fn generation_accuracy(
     low: v2l_runtime::engine::Engine,
 ) -> Result<StageAccuracy> {
     use v2l_runtime::lora::strategy::Strategy;
-    use v2l_runtime::pipeline::{Pipeline, Request, RequestLora};
+    use v2l_runtime::pipeline::{Pipeline, RequestLora, RequestParts};
     let cfg = fp32
         .manifest
         .dit
@@ -334,7 +334,7 @@ pub fn generation_accuracy(
         })
         .collect();
     let prompt = gaussian_noise(vec![1, text, text_dim], 7);
-    let req = Request {
+    let parts = RequestParts {
         image_embeds,
         image: (!t2v).then_some(v2l_runtime::video::Frames {
             frames: 1,
@@ -360,6 +360,7 @@ pub fn generation_accuracy(
         ..Default::default()
     };
     let run = |e: v2l_runtime::engine::Engine| -> Result<Tensor> {
+        let req = parts.clone().check(&e)?;
         let mut p = Pipeline::load_with_strategy(e, &opts, Strategy::Fused)?;
         Ok(p.generate(&req, &mut |_, _| true)?.frames)
     };

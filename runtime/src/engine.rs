@@ -121,6 +121,14 @@ impl Engine {
         }
     }
 
+    /// The engine's DiT entry; an error naming the engine when it has none.
+    pub fn dit_entry(&self) -> Result<&v2l_contracts::manifest::DitEntry> {
+        self.manifest
+            .dit
+            .as_ref()
+            .ok_or_else(|| self.missing("DiT", "dit"))
+    }
+
     /// Loads the DiT graph (of the engine's precision).
     pub fn dit(&self, opts: &SessionOptions) -> Result<Model> {
         Model::load(&self.dit_path()?, &self.dit_options(opts))
@@ -236,11 +244,7 @@ impl Engine {
     /// The DiT graph this engine runs without a LoRA: the export's, or the bundle's graph for
     /// its precision (`dit_int8.onnx` in an int8 engine).
     pub fn dit_path(&self) -> Result<PathBuf> {
-        let e = self
-            .manifest
-            .dit
-            .as_ref()
-            .ok_or_else(|| self.missing("DiT", "dit"))?;
+        let e = self.dit_entry()?;
         let variant = self.bundle.as_ref().and_then(|b| {
             (b.precision != crate::backend::Precision::Fp32)
                 .then(|| self.dit_variant(VariantGraph::Precision(b.precision)))
@@ -476,11 +480,7 @@ impl Engine {
     /// The initial noise's shape for a `frames × height × width` request, in the layout the
     /// family's pipeline draws: Wan channels first, CogVideoX frames first.
     pub fn noise_shape(&self, frames: usize, height: usize, width: usize) -> Result<Vec<usize>> {
-        let dit = self
-            .manifest
-            .dit
-            .as_ref()
-            .ok_or_else(|| self.missing("DiT", "dit"))?;
+        let dit = self.dit_entry()?;
         let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, height, width).dims();
         // The DiT predicts the noisy latents: its output channels are the latent channels.
         let c = dit.out_channels;

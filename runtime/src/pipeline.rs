@@ -14,7 +14,6 @@
 //! fusing is exact.
 
 use std::time::Instant;
-use v2l_contracts::io::files as files_io;
 use v2l_contracts::io::vae as vae_io;
 
 use crate::engine::Engine;
@@ -24,7 +23,6 @@ use crate::lora::format::Lora;
 use crate::lora::strategy::{DitRunner, Strategy};
 use crate::lora::AppliedLora;
 use crate::predict::Predictor;
-use crate::request::{Field, RequestError};
 use crate::scheduler::SchedulerConfig;
 use crate::session::SessionOptions;
 use crate::stages::Timings;
@@ -37,66 +35,14 @@ pub use v2l_contracts::{PipelineKind, Sampler};
 mod cogvideox;
 mod denoise;
 mod fun_inpaint;
-mod inputs;
 mod wan;
 
-pub use inputs::{
-    check_first_frame, check_sampler, Built, Inputs, LoraInput, MediaInput, NoiseInput,
-    PromptEncoders, PromptInput,
+use crate::request::LatentShape;
+/// The request contract's types, where the pipeline takes them ([`crate::request`]).
+pub use crate::request::{
+    Built, Inputs, LoraInput, MediaInput, NoiseInput, PromptEncoders, PromptInput, Request,
+    RequestLora, RequestParts,
 };
-
-/// One generation request.
-#[derive(Clone)]
-pub struct Request {
-    /// First frame, RGB8 at the output size (image-to-video); `None` for text-to-video (Wan
-    /// T2V), where the size comes from `noise`.
-    pub image: Option<Frames>,
-    /// Wan I2V: the first frame's CLIP image tokens `[1, tokens, image_dim]`.
-    pub image_embeds: Option<Tensor>,
-    /// `[1, L, D]` each.
-    pub prompt_embeds: Tensor,
-    pub negative_prompt_embeds: Tensor,
-    /// Pixel frames to generate (1 + 4k for CogVideoX).
-    pub frames: usize,
-    pub steps: usize,
-    pub guidance: f32,
-    /// CogVideoX `[1, latent_frames, 16, h, w]`, Wan `[1, 16, latent_frames, h, w]`; see
-    /// [`Engine::seeded_noise`] for seeded noise of the engine's layout.
-    pub noise: Tensor,
-    /// Which LoRA the DiT runs with for this request.
-    pub lora: RequestLora,
-    /// The CogVideoX sampler (`None`: the pipeline kind's default, [`Sampler::default_for`]).
-    /// Wan engines take none.
-    pub sampler: Option<Sampler>,
-    /// CogVideoX-Fun-InP: the conditioning clip's augmentation noise `[1, 3, F, H, W]` as
-    /// upstream adds it (scaled, zero where the pixel is -1), for parity with an upstream run
-    /// (`--noise FILE`'s `inpaint_noise`); `None`: drawn from `seed`. Other kinds ignore it.
-    pub inpaint_noise: Option<Tensor>,
-    /// Seeds what the pipeline draws beyond the initial `noise`: Fun-InP's augmentation noise
-    /// (unless given) and the `dpm` sampler's step noise. Front ends pass the request's seed.
-    pub seed: Option<u64>,
-    /// Step caching for this request (`None`: every DiT call runs every block). The first
-    /// cached request cuts the pipeline's DiT into head, blocks and output sessions for good
-    /// ([`crate::step_cache`]).
-    pub cache: Option<crate::step_cache::StepCache>,
-}
-
-/// The LoRA a request runs with. Whatever it is, it holds for that request only: afterwards the
-/// DiT is back to the pipeline's own LoRA ([`Pipeline::set_lora`], or the base weights).
-#[derive(Clone, Debug, Default)]
-pub enum RequestLora {
-    /// The pipeline's own LoRA, set with [`Pipeline::set_lora`] (the base weights if none).
-    #[default]
-    Resident,
-    /// The base weights, whatever the pipeline holds.
-    Base,
-    /// A reference clip's LoRA, predicted by the Video2LoRA hypernetwork, with upstream's
-    /// LoRA weight (used as multiplier and alpha).
-    Reference(Frames, f32),
-    /// LoRAs (files or predicted), each with its multiplier; several are merged exactly by rank
-    /// concatenation ([`crate::lora::merge`]).
-    Loras(Vec<AppliedLora>),
-}
 
 /// What a run produced, with the intermediates `--dump` writes.
 pub struct Generation {
@@ -185,7 +131,8 @@ impl Pipeline {
             (Family::CogVideoX, _) => Box::new(cogvideox::CogVideoX {
                 scheduler: SchedulerConfig::from_file(&dir.dir.join(sched))?,
                 kind,
-                add_noise: dit_entry(&dir)?
+                add_noise: dir
+                    .dit_entry()?
                     .config
                     .get("add_noise_in_inpaint_model")
                     .and_then(|v| v.as_bool())
@@ -295,9 +242,9 @@ impl Pipeline {
     /// Steps 0 and 1, with the request's clock and timings started.
     fn begin(&mut self, req: &Request) -> Result<Begun> {
         let t_all = Instant::now();
-        let shape = self.check_request(req)?;
+        let shape = self.accept(req)?;
         let mut timings = Timings::with_memory(self.stage_memory);
-        let size = (shape.height * VAE_SPATIAL, shape.width * VAE_SPATIAL);
+        let size = shape.pixels();
         let (prediction, switched) = self.apply_request_lora(&req.lora, size, &mut timings)?;
         Ok(Begun {
             t_all,
@@ -308,116 +255,20 @@ impl Pipeline {
         })
     }
 
-    /// Step 0: the request's sizes against the model, before any work.
-    fn check_request(&self, req: &Request) -> Result<LatentShape> {
-        let dit = dit_entry(&self.dir)?;
-        let invalid =
-            |field: Field, message: String| RuntimeError::from(RequestError::new(field, message));
-        let wan = self.family.channels_first();
-        // The builder's rules (`Inputs::build`), for requests built by hand too.
-        inputs::check_sampler(self.kind, req.sampler)?;
-        inputs::check_first_frame(self.kind, req.image.is_some())?;
-        let (h, w) = match &req.image {
-            Some(image) if image.frames != 1 => {
-                return Err(invalid(
-                    Field::Image,
-                    format!("{} frames; the first frame is one frame", image.frames),
-                ))
-            }
-            Some(image) => (image.height, image.width),
-            None => match req.noise.shape[..] {
-                [1, _, _, h, w] => (h * VAE_SPATIAL, w * VAE_SPATIAL),
-                _ => {
-                    return Err(invalid(
-                        Field::Noise,
-                        format!(
-                            "shape {:?}; expected [1, C, latent_frames, h, w]",
-                            req.noise.shape
-                        ),
-                    ))
-                }
-            },
-        };
-        let m = VAE_SPATIAL * dit.patch_size;
-        if h % m != 0 || w % m != 0 || req.frames == 0 || (req.frames - 1) % VAE_TEMPORAL != 0 {
-            return Err(invalid(
-                Field::Size,
-                format!(
-                    "{w}x{h} with {} frames: height and width must be multiples of {m}, frames 1 + 4k",
-                    req.frames
+    /// Step 0: the request's latent shape, once it is known to have been checked against this
+    /// pipeline's engine ([`RequestParts::check`] checked the rest).
+    fn accept(&self, req: &Request) -> Result<LatentShape> {
+        match req.engine_dir() == self.dir.dir {
+            true => Ok(*req.shape()),
+            false => Err(RuntimeError::Invalid {
+                what: "request".into(),
+                message: format!(
+                    "checked against the engine {}; this pipeline runs {}",
+                    req.engine_dir().display(),
+                    self.dir.dir.display()
                 ),
-            ));
+            }),
         }
-        let shape = LatentShape {
-            frames: (req.frames - 1) / VAE_TEMPORAL + 1,
-            // The DiT predicts the noisy latents: its output channels are theirs.
-            channels: dit.out_channels,
-            height: h / VAE_SPATIAL,
-            width: w / VAE_SPATIAL,
-            channels_first: wan,
-        };
-        if req.noise.shape != shape.dims() {
-            return Err(invalid(
-                Field::Noise,
-                format!("shape {:?}; expected {:?}", req.noise.shape, shape.dims()),
-            ));
-        }
-        let prompts = [
-            (Field::PromptEmbeds, &req.prompt_embeds),
-            (Field::NegativePromptEmbeds, &req.negative_prompt_embeds),
-        ];
-        for (field, t) in prompts {
-            if !matches!(t.shape[..], [1, _, d] if d == dit.text_embed_dim) {
-                return Err(invalid(
-                    field,
-                    format!(
-                        "shape {:?}; expected [1, L, {}]",
-                        t.shape, dit.text_embed_dim
-                    ),
-                ));
-            }
-        }
-        if let Some((d, encodes)) = self.family.image_tokens() {
-            match &req.image_embeds {
-                Some(e) if matches!(e.shape[..], [1, l, w] if l > 0 && w == d) => {}
-                Some(e) => {
-                    return Err(invalid(
-                        Field::ImageEmbeds,
-                        format!("shape {:?}; expected [1, tokens, {d}]", e.shape),
-                    ))
-                }
-                // The engine's CLIP encoder computes them from the first frame.
-                None if encodes => {}
-                None => {
-                    return Err(invalid(
-                        Field::ImageEmbeds,
-                        format!("missing: an I2V Wan engine needs the first frame's CLIP tokens [1, tokens, {d}]"),
-                    ))
-                }
-            }
-        }
-        for (field, t) in prompts {
-            // Attention over the text grows with its length: bounded like prompt text.
-            let max = crate::request::MAX_SEQUENCE_LENGTH;
-            if let Some(&l) = t.shape.get(1).filter(|&&l| l > max) {
-                return Err(invalid(field, format!("{l} tokens; at most {max}")));
-            }
-            let name = field.name();
-            crate::error::check_finite(|| name.to_string(), t.as_f32(name)?)?;
-        }
-        if let Some(e) = &req.image_embeds {
-            crate::error::check_finite(
-                || files_io::IMAGE_EMBEDS.into(),
-                e.as_f32(files_io::IMAGE_EMBEDS)?,
-            )?;
-        }
-        if req.prompt_embeds.shape != req.negative_prompt_embeds.shape {
-            return Err(invalid(
-                Field::NegativePromptEmbeds,
-                "must have the shape of prompt_embeds".into(),
-            ));
-        }
-        Ok(shape)
     }
 
     /// Step 1: the request's LoRA onto the DiT. Returns the prediction (for a reference clip)
@@ -511,9 +362,7 @@ impl Pipeline {
         };
         let mut shapes = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
-            let shape = self
-                .check_request(r)
-                .map_err(|e| invalid(i, e.to_string()))?;
+            let shape = self.accept(r).map_err(|e| invalid(i, e.to_string()))?;
             if r.cache.is_some() && requests.len() > 1 {
                 return Err(invalid(
                     i,
@@ -544,8 +393,7 @@ impl Pipeline {
         let mut predictions = Vec::with_capacity(requests.len());
         let mut loras = Vec::with_capacity(requests.len());
         for ((r, t), shape) in requests.iter().zip(&mut timings).zip(&shapes) {
-            let size = (shape.height * VAE_SPATIAL, shape.width * VAE_SPATIAL);
-            let (p, l) = self.request_lora(&r.lora, size, t)?;
+            let (p, l) = self.request_lora(&r.lora, shape.pixels(), t)?;
             predictions.push(p);
             loras.push(l);
         }
@@ -576,7 +424,7 @@ impl Pipeline {
                 tm.insert("lora_fuse".into(), switch);
                 let parts = Parts {
                     vae: &mut self.vae,
-                    entry: dit_entry(&self.dir)?,
+                    entry: self.dir.dit_entry()?,
                 };
                 lanes.push(self.family.lane(parts, r, shape, tm)?);
             }
@@ -624,7 +472,7 @@ impl Pipeline {
     ) -> Result<denoise::Denoised> {
         let parts = Parts {
             vae: &mut self.vae,
-            entry: dit_entry(&self.dir)?,
+            entry: self.dir.dit_entry()?,
         };
         let lane = self.family.lane(parts, req, shape, timings)?;
         if req.cache.is_some() {
@@ -774,12 +622,6 @@ fn generation(
 /// sampler, and decodes its latent layout. CogVideoX in `pipeline/cogvideox.rs`, Wan in
 /// `pipeline/wan.rs`.
 trait FamilySteps: Send {
-    /// Whether latents are channels first (Wan) or frames first (CogVideoX).
-    fn channels_first(&self) -> bool;
-    /// Wan I2V: the width of the CLIP image tokens, and whether the engine encodes them itself.
-    fn image_tokens(&self) -> Option<(usize, bool)> {
-        None
-    }
     /// Step 2 and the request's share of step 3: condition on the first frame, and everything
     /// its lane of the denoise loop needs (sampler, DiT inputs, initial latents).
     fn lane(
@@ -805,17 +647,6 @@ fn same_lora(a: Option<&AppliedLora>, b: Option<&AppliedLora>) -> bool {
     }
 }
 
-/// The engine's DiT entry.
-fn dit_entry(dir: &Engine) -> Result<&v2l_contracts::manifest::DitEntry> {
-    dir.manifest
-        .dit
-        .as_ref()
-        .ok_or_else(|| RuntimeError::Engine {
-            dir: dir.dir.clone(),
-            message: "holds no DiT".into(),
-        })
-}
-
 /// The pipeline's models a family's conditioning runs.
 struct Parts<'a> {
     vae: &'a mut Vae,
@@ -837,29 +668,6 @@ fn to_frames(video: &Tensor) -> Result<Tensor> {
         (x / 2.0 + 0.5).clamp(0.0, 1.0)
     })?;
     Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))
-}
-
-/// VAE strides of CogVideoX: 8 pixels per latent, 4 frames per latent frame (after the first).
-const VAE_SPATIAL: usize = 8;
-const VAE_TEMPORAL: usize = 4;
-
-/// Latent video sizes of a request: CogVideoX `[1, frames, channels, height, width]`, Wan
-/// channels first.
-struct LatentShape {
-    frames: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
-    channels_first: bool,
-}
-
-impl LatentShape {
-    fn dims(&self) -> [usize; 5] {
-        match self.channels_first {
-            true => [1, self.channels, self.frames, self.height, self.width],
-            false => [1, self.frames, self.channels, self.height, self.width],
-        }
-    }
 }
 
 fn no_hypernet(dir: &Engine) -> RuntimeError {

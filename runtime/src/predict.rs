@@ -8,6 +8,7 @@ use std::path::Path;
 use v2l_contracts::io::hypernet as hypernet_io;
 
 use v2l_contracts::io::vae as vae_io;
+use v2l_contracts::request::{Field, RequestError};
 use v2l_contracts::LinearInfo;
 
 use crate::engine::Engine;
@@ -38,6 +39,27 @@ pub fn check_reference(frames: &Frames, source: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Upstream's LoRA weight for a LoRA predicted from a reference clip: it becomes both the
+/// multiplier and the alpha, so the LoRA v2l writes and caches holds alpha = weight², which
+/// must stay within the ±1e6 every LoRA value is held to (`lora::format::MAX_VALUE`): |weight|
+/// up to 1,000. Checked with the request, before any work (a server answered 500 after the
+/// prediction ran).
+pub fn check_reference_weight(w: f32) -> std::result::Result<f32, RequestError> {
+    let w = crate::limits::bounded(w).map_err(|m| RequestError::new(Field::LoraScale, m))?;
+    let max = crate::lora::format::MAX_VALUE.sqrt();
+    match w.abs() <= max {
+        true => Ok(w),
+        false => Err(RequestError::new(
+            Field::LoraScale,
+            format!(
+                "{w}: a LoRA predicted from a reference takes it as multiplier and alpha (alpha = {:e}); at most ±{max} so alpha stays within ±{:e}",
+                w * w,
+                crate::lora::format::MAX_VALUE
+            ),
+        )),
+    }
 }
 
 /// Refuses reference latents `[B, C, T, H, W]` whose grid differs from the one the
@@ -167,7 +189,7 @@ impl Predictor {
         timings: &mut Timings,
     ) -> Result<Prediction> {
         check_reference(frames, "reference clip")?;
-        crate::request::check_reference_weight(lora_weight).map_err(|e| RuntimeError::Invalid {
+        check_reference_weight(lora_weight).map_err(|e| RuntimeError::Invalid {
             what: "lora_weight".into(),
             message: e.message,
         })?;

@@ -207,13 +207,15 @@ pub fn video(
         .check_with(&facts.request_defaults(), &runtime_limits(limits))
         .map_err(request_error)?;
     let (frames, height, width, steps, guidance) =
-        (c.frames, c.height, c.width, c.steps, c.guidance);
+        (c.frames(), c.height(), c.width(), c.steps(), c.guidance());
     let seed = form
         .number("seed", "an integer 0 to 2^64 - 1")?
         .unwrap_or(0);
     let fps = form.number("fps", "an integer 1 to 240")?.unwrap_or(8u32);
     let fps = check_fps(fps).map_err(request_error)?;
-    let max_sequence_length = c.max_sequence_length.unwrap_or(facts.text_sequence_length);
+    let max_sequence_length = c
+        .max_sequence_length()
+        .unwrap_or(facts.text_sequence_length);
     let negative_prompt = form.text("negative_prompt")?.unwrap_or_default();
     // Prompt text is bounded before it is kept or tokenised (the tokenizer's memory grows with
     // the text).
@@ -246,7 +248,7 @@ pub fn video(
         }
     };
     // The cheap checks first: which LoRA, and whether it exists; decoding comes last.
-    let scale = c.lora_scale;
+    let scale = c.lora_scale();
     let chosen: Vec<&str> = ["reference", "lora_id", "lora"]
         .into_iter()
         .filter(|f| form.bytes(f).is_some())
@@ -292,7 +294,7 @@ pub fn video(
     // The runtime's rule: text-to-video engines (Wan T2V) take no first frame, every other
     // kind needs one.
     let image_bytes = form.bytes("image");
-    v2l_runtime::pipeline::check_first_frame(facts.pipeline, image_bytes.is_some())
+    v2l_runtime::request::check_first_frame(facts.pipeline, image_bytes.is_some())
         .map_err(request_error)?;
     let image = match image_bytes {
         Some(bytes) => Some(decode(
@@ -319,7 +321,7 @@ pub fn video(
                 .map_err(|m| ApiError::field("scheduler", m))?,
         ),
     };
-    v2l_runtime::pipeline::check_sampler(facts.pipeline, scheduler).map_err(request_error)?;
+    v2l_runtime::request::check_sampler(facts.pipeline, scheduler).map_err(request_error)?;
     let cache = match form.text("cache")? {
         None => None,
         Some(text) => Some(
@@ -407,7 +409,7 @@ pub fn is_id(s: &str) -> bool {
 }
 
 /// The shared limits (`v2l_runtime::limits`) at this server's `--max-*` values.
-fn runtime_limits(limits: &RequestLimits) -> Limits {
+pub(crate) fn runtime_limits(limits: &RequestLimits) -> Limits {
     Limits {
         max_frames: limits.frames,
         max_pixels: limits.pixels,
@@ -447,7 +449,7 @@ fn size(
     let c = settings
         .check_with(&facts.request_defaults(), &runtime_limits(limits))
         .map_err(request_error)?;
-    Ok((c.frames, c.height, c.width))
+    Ok((c.frames(), c.height(), c.width()))
 }
 
 /// Writes `bytes` to a scratch file and decodes at most `max_frames` frames of it, at `size`

@@ -19,7 +19,7 @@ use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{
     Inputs, LoraInput, MediaInput, NoiseInput, Pipeline, PromptEncoders, PromptInput, Request,
 };
-use v2l_runtime::request::Checked;
+use v2l_runtime::request::Settings;
 use v2l_runtime::session::SessionOptions;
 use v2l_runtime::RuntimeError;
 
@@ -469,15 +469,20 @@ impl Worker {
             true => Some(MediaInput::Frames(crate::store::load_frames(&image_file)?)),
             false => None,
         };
-        let checked = Checked {
-            frames: p.frames,
-            height: p.height,
-            width: p.width,
+        // The stored settings, through the contract again (the form checked them when the job
+        // was queued; a store edited since is refused here, not run).
+        let settings = Settings {
+            frames: Some(p.frames),
+            height: Some(p.height),
+            width: Some(p.width),
             steps: p.steps,
             guidance: p.guidance,
-            lora_scale: 1.0,
+            lora_scale: v2l_runtime::request::DEFAULT_LORA_SCALE,
             max_sequence_length: Some(p.max_sequence_length),
         };
+        let limits = crate::form::runtime_limits(&self.shared.config.limits);
+        let checked = (settings.check_with(&self.shared.facts.request_defaults(), &limits))
+            .map_err(RuntimeError::from)?;
         let inputs = Inputs {
             prompt,
             image,

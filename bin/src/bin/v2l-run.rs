@@ -421,7 +421,7 @@ fn generate(
         eprintln!("warning: {}: {w} (--max-sequence-length)", field.flag());
     }
     for path in g.image.iter().chain(g.reference.as_ref()) {
-        let warning = v2l_runtime::video::aspect_warning(path, checked.height, checked.width);
+        let warning = v2l_runtime::video::aspect_warning(path, checked.height(), checked.width());
         warning.into_iter().for_each(|w| eprintln!("warning: {w}"));
     }
     if let Some(ms) = built.text_encode_ms {
@@ -438,14 +438,7 @@ fn generate(
     pipeline.set_posterior_sampling(g.posterior_seed);
     pipeline.set_vae_tiling(g.vae_tiling.into());
     let req = built.request;
-    let e = pipeline.engine();
-    let (kind, attention, int8_gemm, vae_conv, compiled_on) = (
-        e.pipeline_kind()?,
-        e.attention(),
-        e.int8_gemm(),
-        e.vae_conv(),
-        e.compiled_on().cloned(),
-    );
+    let facts = RunFacts::of(pipeline.engine(), checked.steps())?;
     let dumped_prompts = (g.dump.as_ref()).map(|_| {
         (
             req.prompt_embeds.clone(),
@@ -463,6 +456,44 @@ fn generate(
     if let Some(d) = &g.dump {
         write_dump(d, &gen, dumped_prompts)?;
     }
+    report(g, output, &rgb, gen, outer, facts, ms_since(t0));
+    Ok(())
+}
+
+/// What the engine ran with, read before the pipeline is consumed, for `--json`.
+struct RunFacts {
+    steps: usize,
+    kind: v2l_runtime::pipeline::PipelineKind,
+    attention: String,
+    int8_gemm: Option<String>,
+    vae_conv: String,
+    compiled_on: Option<v2l_runtime::bundle::Machine>,
+}
+
+impl RunFacts {
+    fn of(e: &Engine, steps: usize) -> Result<RunFacts, Failure> {
+        Ok(RunFacts {
+            steps,
+            kind: e.pipeline_kind()?,
+            attention: e.attention(),
+            int8_gemm: e.int8_gemm(),
+            vae_conv: e.vae_conv(),
+            compiled_on: e.compiled_on().cloned(),
+        })
+    }
+}
+
+/// The run's summary: `--json`'s object, or one line.
+fn report(
+    g: &GenerateArgs,
+    output: &std::path::Path,
+    rgb: &v2l_runtime::video::Frames,
+    gen: v2l_runtime::pipeline::Generation,
+    outer: v2l_runtime::stages::Timings,
+    facts: RunFacts,
+    wall_ms: f64,
+) {
+    let sheet = output.with_extension("png");
     if g.json {
         let lora_layers = gen.lora.as_ref().map(|l| l.layers.len());
         let cache_skips = gen.cache_skips();
@@ -472,16 +503,16 @@ fn generate(
             "{}",
             serde_json::json!({
                 "output": output, "contact_sheet": sheet, "dump": g.dump,
-                "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": checked.steps,
-                "lora": lora_layers, "stages_ms": stages.ms, "wall_ms": ms_since(t0),
+                "frames": rgb.frames, "height": rgb.height, "width": rgb.width, "steps": facts.steps,
+                "lora": lora_layers, "stages_ms": stages.ms, "wall_ms": wall_ms,
                 "stage_peak_rss_mb": stages.peak_rss_mb, "dit_steps_ms": stages.steps_ms,
                 "dit_steps_peak_rss_mb": g.stage_memory.then_some(stages.steps_peak_rss_mb),
-                "pipeline": kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(kind)),
-                "attention": attention, "int8_gemm": int8_gemm, "vae_conv": vae_conv,
+                "pipeline": facts.kind, "scheduler": g.scheduler.or(v2l_runtime::pipeline::Sampler::default_for(facts.kind)),
+                "attention": facts.attention, "int8_gemm": facts.int8_gemm, "vae_conv": facts.vae_conv,
                 "peak_rss_mb": v2l_cli::own_peak_rss_mb(),
                 "cache": g.cache.map(|c| c.describe()), "dit_calls": gen.dit_calls,
                 "cache_skips": cache_skips,
-                "machine": v2l_runtime::cpu::this(), "compiled_on": compiled_on,
+                "machine": v2l_runtime::cpu::this(), "compiled_on": facts.compiled_on,
             })
         );
     } else if !g.quiet {
@@ -494,7 +525,6 @@ fn generate(
             rgb.height
         );
     }
-    Ok(())
 }
 
 impl GenerateArgs {

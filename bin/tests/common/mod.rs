@@ -124,8 +124,8 @@ pub fn workspace() -> PathBuf {
 /// (`cogvideox-effects/e2e_io`) has the same tensors: its tests change steps and guidance.
 pub fn cogvideox_request(
     io: &std::collections::BTreeMap<String, Tensor>,
-) -> v2l_runtime::pipeline::Request {
-    v2l_runtime::pipeline::Request {
+) -> v2l_runtime::pipeline::RequestParts {
+    v2l_runtime::pipeline::RequestParts {
         image: Some(frames_of(&io["first_frame_u8"])),
         image_embeds: None,
         prompt_embeds: io["prompt_embeds"].clone(),
@@ -146,8 +146,8 @@ pub fn cogvideox_request(
 pub fn wan_t2v_request(
     io: &std::collections::BTreeMap<String, Tensor>,
     steps: usize,
-) -> v2l_runtime::pipeline::Request {
-    v2l_runtime::pipeline::Request {
+) -> v2l_runtime::pipeline::RequestParts {
+    v2l_runtime::pipeline::RequestParts {
         image: None,
         image_embeds: None,
         prompt_embeds: io["t2v_prompt_embeds"].clone(),
@@ -233,4 +233,18 @@ pub fn cpu_has_avx512_bf16() -> bool {
         && std::arch::is_x86_feature_detected!("avx512bf16");
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// A request's parts checked against the pipeline's engine, as every front end checks them
+/// (`RequestParts::check`); the tests change parts between runs and check again.
+pub trait CheckOn {
+    fn on(&self, p: &v2l_runtime::pipeline::Pipeline) -> v2l_runtime::pipeline::Request;
+}
+
+impl CheckOn for v2l_runtime::pipeline::RequestParts {
+    fn on(&self, p: &v2l_runtime::pipeline::Pipeline) -> v2l_runtime::pipeline::Request {
+        self.clone()
+            .check(p.engine())
+            .unwrap_or_else(|e| panic!("the request is refused: {e}"))
+    }
 }

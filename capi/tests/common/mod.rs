@@ -243,7 +243,7 @@ pub fn rust_generate(
 ) -> Vec<u8> {
     use v2l_runtime::engine::Engine;
     use v2l_runtime::lora::AppliedLora;
-    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, Request, RequestLora};
+    use v2l_runtime::pipeline::{gaussian_noise, Pipeline, RequestLora, RequestParts};
     let dir = Engine::open(engine).unwrap();
     let dit = dir.manifest.dit.clone().unwrap();
     let mut p = Pipeline::load(dir, &Default::default()).unwrap();
@@ -265,7 +265,7 @@ pub fn rust_generate(
             .unwrap();
         }
     }
-    let req = Request {
+    let req = RequestParts {
         image: Some(inp.first_frame.clone()),
         image_embeds: None,
         prompt_embeds: inp.prompt.clone(),
@@ -282,7 +282,9 @@ pub fn rust_generate(
         inpaint_noise: None,
         seed: None,
         cache: None,
-    };
+    }
+    .check(p.engine())
+    .unwrap();
     let gen = p.generate(&req, &mut |_, _| true).unwrap();
     v2l_runtime::video::to_rgb8(&gen.frames).unwrap().rgb
 }

@@ -23,7 +23,8 @@ use crate::video::Frames;
 use v2l_contracts::PipelineKind;
 
 use super::denoise::{Guidance, Lane, Sampling};
-use super::{config_usize, ms, FamilySteps, LatentShape, Parts, Request};
+use super::{config_usize, ms, FamilySteps, Parts};
+use crate::request::{LatentShape, Request};
 
 /// CogVideoX's steps: DDIM over frames-first latents, conditioned on the first frame's latent
 /// (diffusers' I2V) or on VideoX-Fun's inpaint latents.
@@ -36,10 +37,6 @@ pub(super) struct CogVideoX {
 }
 
 impl FamilySteps for CogVideoX {
-    fn channels_first(&self) -> bool {
-        false
-    }
-
     fn lane(
         &mut self,
         parts: Parts<'_>,

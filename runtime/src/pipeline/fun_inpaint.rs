@@ -17,7 +17,7 @@ use crate::vae::Vae;
 use crate::video::Frames;
 use v2l_contracts::io::files as files_io;
 
-use super::LatentShape;
+use crate::request::LatentShape;
 
 /// `noise_aug_strength`, `CogVideoXFunInpaintPipeline.__call__`'s default.
 pub const NOISE_AUG_STRENGTH: f32 = 0.0563;

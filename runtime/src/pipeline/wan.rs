@@ -34,7 +34,8 @@ use crate::video::Frames;
 use v2l_contracts::io::dit as io;
 
 use super::denoise::{Guidance, Lane, Sampling};
-use super::{ms, FamilySteps, LatentShape, Parts, Request};
+use super::{ms, FamilySteps, Parts};
+use crate::request::{LatentShape, Request};
 
 /// Wan's steps: a flow sampler over channels-first latents; I2V conditions on a mask and the
 /// first frame's latent, and on its CLIP tokens (given, or from the engine's image encoder).
@@ -45,14 +46,6 @@ pub(super) struct Wan {
 }
 
 impl FamilySteps for Wan {
-    fn channels_first(&self) -> bool {
-        true
-    }
-
-    fn image_tokens(&self) -> Option<(usize, bool)> {
-        self.config.image_dim.map(|d| (d, self.encoder.is_some()))
-    }
-
     fn lane(
         &mut self,
         parts: Parts<'_>,

@@ -1,6 +1,6 @@
 //! The one request builder: every front end (the CLI, the C ABI, the server, Python through
 //! the C ABI) hands over [`Inputs`] as it received them, plus settings already checked by
-//! [`crate::request::Settings::check`], and [`Inputs::build`] returns the [`Request`] the
+//! [`super::Settings::check`], and [`Inputs::build`] returns the [`super::Request`] the
 //! pipeline runs. What depends on the engine is decided here and only here: whether it takes a
 //! first frame (text-to-video), whether a sampler may be chosen, which LoRA files fit its DiT,
 //! the noise's shape. A bad input is a [`RequestError`] naming its [`Field`], which each front
@@ -13,11 +13,11 @@ use v2l_contracts::io::files as files_io;
 use v2l_contracts::request::{Field, RequestError};
 use v2l_contracts::{PipelineKind, Sampler};
 
-use super::{Request, RequestLora};
+use super::checked::{check_first_frame, check_sampler, Request, RequestLora, RequestParts};
+use super::settings::Checked;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::lora::AppliedLora;
-use crate::request::Checked;
 use crate::session::SessionOptions;
 use crate::tensor::Tensor;
 use crate::video::Frames;
@@ -38,7 +38,7 @@ pub enum MediaInput {
 
 /// The LoRA the request runs with.
 pub enum LoraInput {
-    /// The pipeline's own ([`super::Pipeline::set_lora`], or the base weights).
+    /// The pipeline's own ([`crate::pipeline::Pipeline::set_lora`], or the base weights).
     Resident,
     /// The base weights.
     Base,
@@ -158,7 +158,7 @@ impl Inputs {
         check_first_frame(kind, self.image.is_some())?;
         check_sampler(kind, self.sampler)?;
         let (noise, inpaint_noise, seed) = self.noise.resolve(engine, checked)?;
-        let (h, w) = (checked.height, checked.width);
+        let (h, w) = (checked.height(), checked.width());
         let image = match self.image {
             None => None,
             Some(m) => Some(m.first_frame(h, w)?),
@@ -169,7 +169,7 @@ impl Inputs {
             LoraInput::Reference(m) => {
                 let (clip, source) = m.reference(kind, h, w)?;
                 crate::predict::check_reference(&clip, &source)?;
-                RequestLora::Reference(clip, checked.lora_scale)
+                RequestLora::Reference(clip, checked.lora_scale())
             }
             LoraInput::Files(files) => RequestLora::Loras(read_loras(engine, &files)?),
             LoraInput::Applied(loras) => RequestLora::Loras(loras),
@@ -192,55 +192,27 @@ impl Inputs {
                 (p, n)
             }
         };
+        let parts = RequestParts {
+            image: image.map(|i| i.frames_first()),
+            image_embeds: self.image_embeds,
+            prompt_embeds,
+            negative_prompt_embeds,
+            frames: checked.frames(),
+            steps: checked.steps(),
+            guidance: checked.guidance(),
+            noise,
+            lora,
+            sampler: self.sampler,
+            inpaint_noise,
+            seed,
+            cache: self.cache,
+        };
+        let request: Request = parts.check(engine)?;
         Ok(Built {
-            request: Request {
-                image: image.map(|i| i.frames_first()),
-                image_embeds: self.image_embeds,
-                prompt_embeds,
-                negative_prompt_embeds,
-                frames: checked.frames,
-                steps: checked.steps,
-                guidance: checked.guidance,
-                noise,
-                lora,
-                sampler: self.sampler,
-                inpaint_noise,
-                seed,
-                cache: self.cache,
-            },
+            request,
             warnings,
             text_encode_ms,
         })
-    }
-}
-
-/// Text-to-video engines (Wan T2V) take no first frame; every other one needs it. The one
-/// rule, for the builder and for a server checking a form before it queues the job.
-pub fn check_first_frame(kind: PipelineKind, given: bool) -> std::result::Result<(), RequestError> {
-    match (kind.takes_image(), given) {
-        (false, true) => Err(RequestError::new(
-            Field::Image,
-            format!("this engine is text-to-video ({kind}): it takes no first frame"),
-        )),
-        (true, false) => Err(RequestError::new(
-            Field::Image,
-            format!("required: this engine is image-to-video ({kind}); give the first frame"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Wan engines sample with their flow scheduler; a CogVideoX sampler is refused there.
-pub fn check_sampler(
-    kind: PipelineKind,
-    sampler: Option<Sampler>,
-) -> std::result::Result<(), RequestError> {
-    match (kind.family(), sampler) {
-        (v2l_contracts::Family::Wan, Some(s)) => Err(RequestError::new(
-            Field::Scheduler,
-            format!("`{s}`: this is a Wan engine ({kind}); it samples with its flow scheduler"),
-        )),
-        _ => Ok(()),
     }
 }
 
@@ -259,7 +231,8 @@ impl NoiseInput {
                 inpaint_noise,
                 seed,
             } => {
-                let want = engine.noise_shape(c.frames, c.height, c.width)?;
+                let (frames, height, width) = (c.frames(), c.height(), c.width());
+                let want = engine.noise_shape(frames, height, width)?;
                 if noise.shape != want {
                     return Err(RequestError::new(
                         Field::Noise,
@@ -267,15 +240,15 @@ impl NoiseInput {
                             "`{}` has shape {:?}; {} frames of {}x{} need {want:?}",
                             files_io::INITIAL_NOISE,
                             noise.shape,
-                            c.frames,
-                            c.width,
-                            c.height
+                            frames,
+                            width,
+                            height
                         ),
                     )
                     .into());
                 }
                 if let Some(t) = &inpaint_noise {
-                    let want = [1, 3, c.frames, c.height, c.width];
+                    let want = [1, 3, frames, height, width];
                     if t.shape != want {
                         return Err(RequestError::new(
                             Field::Noise,
