@@ -255,6 +255,12 @@ pub struct DitEntry {
     pub lora_targets: Vec<LinearInfo>,
 }
 
+/// An integer of a model's config (`sample_frames`, `max_text_seq_length`), if it holds one:
+/// the one reader of configs' sizes.
+pub fn config_usize(config: &serde_json::Value, key: &str) -> Option<usize> {
+    config.get(key)?.as_u64().map(|v| v as usize)
+}
+
 impl DitEntry {
     /// The DiT's family, or an error naming a class this v2l does not run (an export from a
     /// newer v2l, or an edited manifest): never a guess.

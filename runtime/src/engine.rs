@@ -367,7 +367,7 @@ impl Engine {
         } else {
             self.manifest.vae.as_ref().map(|v| &v.config)
         };
-        config?.get(key)?.as_u64().map(|v| v as usize)
+        v2l_contracts::manifest::config_usize(config?, key)
     }
 
     /// The video size a request gets when it names none: `(frames, height, width)` from the

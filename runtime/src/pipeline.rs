@@ -34,6 +34,7 @@ pub use v2l_contracts::{PipelineKind, Sampler};
 
 mod cogvideox;
 mod denoise;
+mod family;
 mod fun_inpaint;
 mod wan;
 
@@ -43,6 +44,8 @@ pub use crate::request::{
     Built, Inputs, LoraInput, MediaInput, NoiseInput, PromptEncoders, PromptInput, Request,
     RequestLora, RequestParts,
 };
+use crate::stages::ms_since as ms;
+use family::{FamilySteps, Parts};
 
 /// What a run produced, with the intermediates `--dump` writes.
 pub struct Generation {
@@ -617,24 +620,6 @@ fn generation(
     }
 }
 
-/// What differs between the families when a request runs, behind one trait: each
-/// conditions on the first frame, runs the one denoise loop (`pipeline/denoise.rs`) with its
-/// sampler, and decodes its latent layout. CogVideoX in `pipeline/cogvideox.rs`, Wan in
-/// `pipeline/wan.rs`.
-trait FamilySteps: Send {
-    /// Step 2 and the request's share of step 3: condition on the first frame, and everything
-    /// its lane of the denoise loop needs (sampler, DiT inputs, initial latents).
-    fn lane(
-        &mut self,
-        parts: Parts<'_>,
-        req: &Request,
-        shape: &LatentShape,
-        timings: &mut Timings,
-    ) -> Result<denoise::Lane>;
-    /// Step 4: the final latents → the video `[1, 3, F, H, W]` in [-1, 1].
-    fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor>;
-}
-
 /// Whether two requests' LoRAs are the same one at the same multiplier (or both none).
 fn same_lora(a: Option<&AppliedLora>, b: Option<&AppliedLora>) -> bool {
     match (a, b) {
@@ -645,12 +630,6 @@ fn same_lora(a: Option<&AppliedLora>, b: Option<&AppliedLora>) -> bool {
         }
         _ => false,
     }
-}
-
-/// The pipeline's models a family's conditioning runs.
-struct Parts<'a> {
-    vae: &'a mut Vae,
-    entry: &'a v2l_contracts::manifest::DitEntry,
 }
 
 /// The VAE's `[1, 3, F, H, W]` in [-1, 1] → frames `[1, F, H, W, 3]` as
@@ -677,14 +656,6 @@ fn no_hypernet(dir: &Engine) -> RuntimeError {
             "holds no hypernetwork; export with `v2l-export pipeline ... --hypernet F --lilora F`"
                 .into(),
     }
-}
-
-fn ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
-
-fn config_usize(cfg: &serde_json::Value, key: &str) -> Option<usize> {
-    cfg.get(key).and_then(|v| v.as_u64()).map(|v| v as usize)
 }
 
 pub use crate::tensor::gaussian_noise;

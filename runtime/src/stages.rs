@@ -109,6 +109,11 @@ impl Timings {
 }
 
 /// The middle value (the upper one of an even count).
+/// Milliseconds since `t`, as every stage is recorded.
+pub fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied()

@@ -21,6 +21,7 @@ use v2l_runtime::pipeline::{
 };
 use v2l_runtime::request::Settings;
 use v2l_runtime::session::SessionOptions;
+use v2l_runtime::stages::ms_since as ms;
 use v2l_runtime::RuntimeError;
 
 use crate::cache::LoraCache;
@@ -702,8 +703,4 @@ fn cancelled() -> Stop {
             message: "cancelled by DELETE".into(),
         },
     }
-}
-
-fn ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
 }

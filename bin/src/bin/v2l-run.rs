@@ -11,6 +11,7 @@ use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::AppliedLora;
 use v2l_runtime::pipeline::{LoraInput, MediaInput, NoiseInput, Pipeline, PromptInput};
 use v2l_runtime::request::{self, Settings};
+use v2l_runtime::stages::ms_since;
 use v2l_runtime::{read_safetensors, write_safetensors, SessionOptions};
 
 /// Generate a video from a first frame (and optionally a reference clip whose effect a
@@ -713,8 +714,4 @@ fn write_dump(
         m.insert(files_io::NEGATIVE_PROMPT_EMBEDS.into(), n);
     }
     Ok(write_safetensors(d, &m)?)
-}
-
-fn ms_since(t: std::time::Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
 }

@@ -19,12 +19,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{attr_i, attr_ints};
+use super::edit::{attr_i, attr_ints};
+use super::edit::{MS_DOMAIN, V2L_DOMAIN};
 use crate::builder::Attr;
 use crate::proto::{self, ModelProto, NodeProto};
-
-/// ONNX Runtime's contrib-op domain.
-pub const MS_DOMAIN: &str = "com.microsoft";
 
 fn i64s(t: &proto::TensorProto) -> Vec<i64> {
     t.raw_data
@@ -53,7 +51,7 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
-    let ix = super::Index::new(graph);
+    let ix = super::edit::Index::new(graph);
     let (inits, producer, consumers) = (&ix.inits, &ix.producer, &ix.consumers);
     let nodes = &graph.node;
     let op = |i: usize, t: &str| {
@@ -88,7 +86,7 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
                 (None, Some(t)) => (mul.input.get(1)?, t),
                 _ => return None,
             };
-            let scale = super::scalar_f32(scale_init)?;
+            let scale = super::edit::scalar_f32(scale_init)?;
             let (qi, qk) = from(scores, "MatMul")?;
             only_use(qk.output.first()?, "Mul")?;
             // Each of q, kᵀ, v is a Transpose (read only here) of a `[B,S,H,Dh]` tensor.
@@ -178,12 +176,12 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
         replace.insert(m.reshape, new);
     }
     // The scale constants are now attributes and get dropped.
-    super::splice(model, &removed, replace);
+    super::edit::splice(model, &removed, replace);
     count
 }
 
-/// v2l's own attention operator (the runtime's `attention` module): the domain and op name.
-pub const V2L_DOMAIN: &str = "ai.v2l";
+/// v2l's own attention operator (the runtime's `attention` module): its op name in
+/// [`V2L_DOMAIN`].
 pub const V2L_ATTENTION: &str = "Attention";
 
 /// Moves every fused `MultiHeadAttention(q, k, v)` onto v2l's `ai.v2l.Attention`, which takes
@@ -214,7 +212,7 @@ pub fn v2l_attention(model: &mut ModelProto, int8_scores: bool) -> usize {
         }
     }
     if moved > 0 {
-        super::import_domain(model, V2L_DOMAIN);
+        super::edit::import_domain(model, V2L_DOMAIN);
     }
     moved
 }

@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{i64_tensor, int_attr, node};
+use super::edit::{i64_tensor, int_attr, node};
 use crate::dtype::DType;
 use crate::proto::{self, attribute_type, GraphProto, ModelProto, NodeProto};
 
@@ -322,7 +322,7 @@ pub fn chunk_feed_forward(model: &mut ModelProto, chunks: i64) -> usize {
     graph.initializer.extend(consts);
     let count = replace.len();
     if count > 0 {
-        super::splice(model, &removed, replace);
+        super::edit::splice(model, &removed, replace);
     }
     count
 }

@@ -1,7 +1,8 @@
 //! The VAE decoder's convolutions moved onto v2l's bf16 operator `ai.v2l.Conv`
 //! (`v2l_runtime::conv`), for CPU engines below fp32: ONNX Runtime runs `Conv` in f32 only.
 
-use super::{attr_i, attr_ints, V2L_DOMAIN};
+use super::edit::V2L_DOMAIN;
+use super::edit::{attr_i, attr_ints};
 use crate::dtype::DType;
 use crate::proto::{ModelProto, NodeProto};
 
@@ -92,7 +93,7 @@ pub fn v2l_conv(model: &mut ModelProto) -> usize {
             .retain(|a| a.name == "kernel_shape" || a.name == "pads");
     }
     if !moving.is_empty() {
-        super::import_domain(model, V2L_DOMAIN);
+        super::edit::import_domain(model, V2L_DOMAIN);
     }
     moving.len()
 }

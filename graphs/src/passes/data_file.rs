@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::PassError;
+use super::edit::PassError;
 use crate::dtype::DType;
 use crate::proto;
 

@@ -12,11 +12,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::attention::MS_DOMAIN;
+use super::edit::MS_DOMAIN;
 use crate::proto::{self, ModelProto, NodeProto};
 
 fn scalar(inits: &HashMap<&str, &proto::TensorProto>, name: &str) -> Option<f32> {
-    super::scalar_f32(inits.get(name)?)
+    super::edit::scalar_f32(inits.get(name)?)
 }
 
 /// Rewrites every tanh-GELU of the exported form; returns how many were fused.
@@ -24,7 +24,7 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
-    let ix = super::Index::new(graph);
+    let ix = super::edit::Index::new(graph);
     let (inits, producer) = (&ix.inits, &ix.producer);
     let reads = |name: &str| ix.consumers.get(name).map_or(0, Vec::len);
     let nodes = &graph.node;
@@ -122,6 +122,6 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
             }],
         );
     }
-    super::splice(model, &removed, replace);
+    super::edit::splice(model, &removed, replace);
     count
 }

@@ -6,7 +6,7 @@
 //! input at 18, and the operators whose newer schemas only accept more types. Any other
 //! operator whose schema changed on the way is an error, never a silent change of meaning.
 
-use super::{i64_tensor, PassError};
+use super::edit::{i64_tensor, PassError};
 use crate::placement::schema_version;
 use crate::proto::{self, ModelProto};
 

@@ -21,9 +21,9 @@
 //! - `rms`: an RMS norm's mean square and division (`torch.nn.RMSNorm`, T5's layer norm:
 //!   computed in f32 and rounded before the weight). Also a placement matter: ONNX Runtime's
 //!   CUDA provider has no bf16 `ReduceMean`, so a bf16 one would run on the CPU;
-//! - LoRA branches added by [`super::add_lora_branches`] (`…/lora_*` nodes): a LoRA kept
+//! - LoRA branches added by [`super::lora::add_lora_branches`] (`…/lora_*` nodes): a LoRA kept
 //!   beside low-precision weights stays f32;
-//! - the VAE's cache ties ([`super::carried_outputs_first`]: a conv's bias plus 0 × the number
+//! - the VAE's cache ties ([`super::schedule::carried_outputs_first`]: a conv's bias plus 0 × the number
 //!   of elements of a cache): that count passes 65,504, fp16's largest.
 //!
 //! `LayerNormalization` runs in the low type with its default `stash_type = 1` (mean and
@@ -44,7 +44,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::data_file::DataFile;
-use super::PassError;
+use super::edit::PassError;
 use crate::builder::{attr_proto, Attr};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto};
@@ -431,7 +431,7 @@ fn input_dtype(i: &proto::ValueInfoProto) -> Option<DType> {
 /// --weight-dtype`); the lowered graph reads them directly (and converts them if the stored
 /// type is not the wanted one), so those Casts go.
 fn unwrap_weight_casts(graph: &mut proto::GraphProto) {
-    let casts: HashMap<String, (usize, String)> = super::cast_initializers(graph)
+    let casts: HashMap<String, (usize, String)> = super::edit::cast_initializers(graph)
         .into_iter()
         .map(|(out, (i, w))| (out.to_string(), (i, w.to_string())))
         .collect();

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use super::{MS_DOMAIN, V2L_DOMAIN};
+use super::edit::{MS_DOMAIN, V2L_DOMAIN};
 use crate::dtype::DType;
 use crate::proto::{ModelProto, NodeProto};
 
@@ -51,7 +51,7 @@ pub fn v2l_qmatmul(model: &mut ModelProto) -> usize {
         }
     }
     if moved > 0 {
-        super::import_domain(model, V2L_DOMAIN);
+        super::edit::import_domain(model, V2L_DOMAIN);
     }
     moved
 }

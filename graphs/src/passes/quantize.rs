@@ -23,7 +23,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::data_file::DataFile;
-use super::{attr_i, import_ms_domain, PassError, MS_DOMAIN};
+use super::edit::MS_DOMAIN;
+use super::edit::{attr_i, import_ms_domain, PassError};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto};
 
@@ -173,7 +174,7 @@ fn gemms_of(
         .iter()
         .map(|t| (t.name.as_str(), t.dims.as_slice()))
         .collect();
-    let casts = super::cast_initializers(graph);
+    let casts = super::edit::cast_initializers(graph);
     // The initializer behind an input, and the Cast in between (f16/bf16-stored weights).
     let source = |name: &str| -> Option<(String, Option<usize>)> {
         match casts.get(name) {

@@ -18,7 +18,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 /// The name part of the nodes that tie a conv to a cache output.
 pub(crate) const AFTER_CACHE: &str = "/after_cache/";
 
-use super::{node, Index};
+use super::edit::{node, Index};
 use crate::dtype::DType;
 use crate::proto::{self, ModelProto, NodeProto};
 
@@ -90,7 +90,7 @@ pub fn carried_outputs_first(model: &mut ModelProto) -> usize {
                 t("Cast"),
                 &[&t("n")],
                 &t("n_f32"),
-                vec![super::int_attr("to", DType::F32.onnx_code() as i64)],
+                vec![super::edit::int_attr("to", DType::F32.onnx_code() as i64)],
             ),
             node("Mul", t("Mul"), &[&t("n_f32"), ZERO], &t("zero"), vec![]),
             node(

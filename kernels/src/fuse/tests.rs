@@ -1,5 +1,6 @@
 //! The fuse kernel against a scalar reference: every dtype, rank and path, bit for bit.
 
+use super::elem::*;
 use super::*;
 
 /// Deterministic values in (-1, 1).

@@ -23,8 +23,10 @@ use crate::video::Frames;
 use v2l_contracts::PipelineKind;
 
 use super::denoise::{Guidance, Lane, Sampling};
-use super::{config_usize, ms, FamilySteps, Parts};
+use super::family::{FamilySteps, Parts};
 use crate::request::{LatentShape, Request};
+use crate::stages::ms_since as ms;
+use v2l_contracts::manifest::config_usize;
 
 /// CogVideoX's steps: DDIM over frames-first latents, conditioned on the first frame's latent
 /// (diffusers' I2V) or on VideoX-Fun's inpaint latents.

@@ -18,8 +18,8 @@ use crate::lora::strategy::DitRunner;
 use crate::step_cache::{CacheCall, FirstBlockState, StepCache};
 use crate::tensor::Tensor;
 
-use super::ms;
 use crate::request::Request;
+use crate::stages::ms_since as ms;
 
 /// What a family contributes to each step of the loop.
 pub(super) trait Sampling {

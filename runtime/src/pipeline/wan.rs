@@ -34,8 +34,9 @@ use crate::video::Frames;
 use v2l_contracts::io::dit as io;
 
 use super::denoise::{Guidance, Lane, Sampling};
-use super::{ms, FamilySteps, Parts};
+use super::family::{FamilySteps, Parts};
 use crate::request::{LatentShape, Request};
+use crate::stages::ms_since as ms;
 
 /// Wan's steps: a flow sampler over channels-first latents; I2V conditions on a mask and the
 /// first frame's latent, and on its CLIP tokens (given, or from the engine's image encoder).

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use v2l_contracts::io::files as files_io;
 
-use super::Frames;
+use super::frames::Frames;
 use crate::error::{Result, RuntimeError};
 
 /// The ffmpeg program: `V2L_FFMPEG` when set (the Python wheel points it at `imageio-ffmpeg`'s

@@ -1,0 +1,173 @@
+//! The LoRA strategies' graph passes: targeted weights as inputs, low-rank branches as inputs.
+
+use std::collections::HashMap;
+
+use super::edit::*;
+use crate::builder::{attr_proto, Attr};
+use crate::dtype::DType;
+use crate::proto::{self, ModelProto};
+
+/// Turns the named initializers into required graph inputs (the initializers are removed).
+///
+/// Why removed, not kept as defaults: ONNX Runtime would load the defaults into memory beside
+/// the weights the runtime binds, one more copy of every targeted weight. The base values stay
+/// in the main graph's weight file, which the runtime memory-maps.
+pub fn bind_weights_as_inputs(model: &mut ModelProto, names: &[String]) -> Result<(), PassError> {
+    let graph = model.graph.get_or_insert_with(Default::default);
+    let inits: HashMap<&str, &proto::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut new_inputs = Vec::new();
+    for n in names {
+        let t = inits
+            .get(n.as_str())
+            .ok_or_else(|| PassError::MissingInitializer(n.clone()))?;
+        let dtype = DType::from_onnx_code(t.data_type).unwrap_or(DType::F32);
+        new_inputs.push(io(n, dtype, t.dims.iter().map(|&d| Ok(d)).collect()));
+    }
+    graph.input.extend(new_inputs);
+    let bound: std::collections::HashSet<&String> = names.iter().collect();
+    graph.initializer.retain(|t| !bound.contains(&t.name));
+    Ok(())
+}
+
+/// Input names of the branch added for weight `name` (`<module>.weight`).
+pub fn lora_input_names(weight: &str) -> [String; 3] {
+    let module = weight.strip_suffix(".weight").unwrap_or(weight);
+    [
+        format!("{module}.lora_A"),
+        format!("{module}.lora_B"),
+        format!("{module}.lora_scale"),
+    ]
+}
+
+/// Adds an unfused LoRA branch to every Gemm whose B input is one of `weights`.
+pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(), PassError> {
+    let graph = model.graph.get_or_insert_with(Default::default);
+    let shapes: HashMap<String, Vec<i64>> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.dims.clone()))
+        .collect();
+    let mut nodes = Vec::with_capacity(graph.node.len() + 4 * weights.len());
+    let mut found: HashMap<&str, bool> = weights.iter().map(|w| (w.as_str(), false)).collect();
+    let node = |op: &str,
+                name: String,
+                inputs: Vec<String>,
+                output: String,
+                attrs: Vec<proto::AttributeProto>| proto::NodeProto {
+        input: inputs,
+        output: vec![output],
+        name,
+        op_type: op.into(),
+        attribute: attrs,
+        ..Default::default()
+    };
+    let via_cast: HashMap<String, String> = cast_initializers(graph)
+        .into_iter()
+        .map(|(out, (_, w))| (out.to_string(), w.to_string()))
+        .collect();
+    for mut n in std::mem::take(&mut graph.node) {
+        let target = (n.op_type == "Gemm")
+            .then(|| n.input.get(1).cloned())
+            .flatten()
+            .map(|b| via_cast.get(&b).cloned().unwrap_or(b))
+            .filter(|w| found.contains_key(w.as_str()));
+        let (Some(w), Some(x), Some(y)) =
+            (target, n.input.first().cloned(), n.output.first().cloned())
+        else {
+            nodes.push(n);
+            continue;
+        };
+        found.insert(
+            weights
+                .iter()
+                .find(|x| **x == w)
+                .map(|x| x.as_str())
+                .unwrap_or(""),
+            true,
+        );
+        let [a, b, s] = lora_input_names(&w);
+        let dims = shapes.get(&w).cloned().unwrap_or_default();
+        let (out, inp) = (
+            dims.first().copied().unwrap_or(0),
+            dims.get(1).copied().unwrap_or(0),
+        );
+        let base = format!("{y}/base");
+        if let Some(o) = n.output.first_mut() {
+            o.clone_from(&base);
+        }
+        let p = n.name.clone();
+        nodes.push(n);
+        // Factors per sample: A [Bf, r, in], B [Bf, out, r], scale [Bf, 1, 1], with Bf 1 (one
+        // LoRA for the whole batch) or the DiT's batch (one per sample). The 2-D activations
+        // [rows, in] become [Bf, rows / Bf, in]: rows are sample-major, so each sample's
+        // tokens meet its own factors.
+        let t = |name: &str| format!("{p}/lora_{name}:0");
+        let x_tail = format!("{p}/lora_x_tail");
+        let y_shape = format!("{p}/lora_y_shape");
+        graph
+            .initializer
+            .push(i64_tensor(x_tail.clone(), &[-1, inp]));
+        graph
+            .initializer
+            .push(i64_tensor(y_shape.clone(), &[-1, out]));
+        let perm = || vec![attr_proto("perm", Attr::Ints(vec![0, 2, 1]))];
+        let steps: [(&str, Vec<String>, &str, Vec<proto::AttributeProto>); 9] = [
+            (
+                "Shape",
+                vec![a.clone()],
+                "samples",
+                vec![int_attr("start", 0), int_attr("end", 1)],
+            ),
+            (
+                "Concat",
+                vec![t("samples"), x_tail],
+                "x_shape",
+                vec![int_attr("axis", 0)],
+            ),
+            ("Reshape", vec![x, t("x_shape")], "x", vec![]),
+            ("Transpose", vec![a.clone()], "a_t", perm()),
+            ("MatMul", vec![t("x"), t("a_t")], "down", vec![]),
+            ("Transpose", vec![b.clone()], "b_t", perm()),
+            ("MatMul", vec![t("down"), t("b_t")], "up", vec![]),
+            ("Mul", vec![t("up"), s.clone()], "scaled", vec![]),
+            ("Reshape", vec![t("scaled"), y_shape], "flat", vec![]),
+        ];
+        for (op, inputs, out_name, attrs) in steps {
+            nodes.push(node(
+                op,
+                format!("{p}/lora_{out_name}"),
+                inputs,
+                t(out_name),
+                attrs,
+            ));
+        }
+        nodes.push(node(
+            "Add",
+            format!("{p}/lora_add"),
+            vec![base, t("flat")],
+            y,
+            vec![],
+        ));
+        let module = w.strip_suffix(".weight").unwrap_or(&w).to_string();
+        let samples = || Err("lora_samples".to_string());
+        let rank = || Err(format!("{module}.rank"));
+        graph
+            .input
+            .push(io(&a, DType::F32, vec![samples(), rank(), Ok(inp)]));
+        graph
+            .input
+            .push(io(&b, DType::F32, vec![samples(), Ok(out), rank()]));
+        graph
+            .input
+            .push(io(&s, DType::F32, vec![samples(), Ok(1), Ok(1)]));
+    }
+    graph.node = nodes;
+    if let Some((w, _)) = found.iter().find(|(_, f)| !**f) {
+        return Err(PassError::NotGemm(w.to_string()));
+    }
+    Ok(())
+}
