@@ -17,7 +17,7 @@ done
 # Inside the crates along the data flow, modules import each other one way only.
 # Every crate depends only on the layers below it (scripts/crate-layers.py holds the table).
 python3 scripts/crate-layers.py
-crates="contracts graphs calibration export kernels runtime compile tools serve capi bin bench"
+crates="contracts graphs calibration export kernels sampling runtime compile tools serve capi bin bench"
 python3 scripts/module-cycles.py $(for c in $crates; do echo "$c/src"; done)
 echo "check-layers: no module import cycles in $crates beyond the known parent-child ones listed above"
 # Prompt text and video files are features: the runtime must build without them (and without

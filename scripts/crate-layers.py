@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fails if a workspace crate depends (normal or build dependencies) on a crate above its layer.
 
-Data flows one way: contracts -> graphs -> export / calibration / kernels -> runtime -> compile / tools
+Data flows one way: contracts -> graphs -> export / calibration / kernels / sampling -> runtime -> compile / tools
 -> the front ends (bin, capi, serve) -> bench. Each crate may depend only on the crates this
 table lists for it; a new workspace crate missing from the table is an error too, so the check
 covers every crate. Dev-dependencies (tests) may reach further. Run by scripts/check-layers.sh.
@@ -16,7 +16,8 @@ ALLOWED = {
     "v2l-calibration": {"v2l-contracts", "v2l-graphs"},
     "v2l-export": {"v2l-contracts", "v2l-graphs"},
     "v2l-kernels": {"v2l-contracts", "v2l-graphs"},
-    "v2l-runtime": {"v2l-contracts", "v2l-graphs", "v2l-kernels"},
+    "v2l-sampling": {"v2l-contracts"},
+    "v2l-runtime": {"v2l-contracts", "v2l-graphs", "v2l-kernels", "v2l-sampling"},
     "v2l-compile": {"v2l-contracts", "v2l-graphs", "v2l-calibration", "v2l-runtime"},
     "v2l-tools": {"v2l-contracts", "v2l-runtime", "v2l-export"},
     "v2l-serve": {"v2l-contracts", "v2l-runtime"},

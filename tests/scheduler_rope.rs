@@ -164,6 +164,7 @@ fn config_error(json: &str) -> String {
     match SchedulerConfig::from_json_str(json, path) {
         Ok(cfg) => panic!("accepted {cfg:?}"),
         Err(e) => {
+            let e = RuntimeError::from(e);
             assert!(matches!(e, RuntimeError::BadFile { .. }), "{e:?}");
             e.to_string()
         }

@@ -65,7 +65,8 @@ pub fn dit_inputs_at(
         p,
         get("sample_height"),
         get("sample_width"),
-    )?;
+    )
+    .map_err(v2l_runtime::RuntimeError::from)?;
     let s = lf * (lh / p.max(1)) * (lw / p.max(1));
     Ok(vec![
         (
@@ -107,7 +108,8 @@ fn wan_inputs_at(
     })?;
     let dh = w.attention_head_dim;
     let (lf, lh, lw) = v2l_contracts::LatentGrid::of_video(frames, height, width).dims();
-    let (cos, sin) = v2l_runtime::rope::wan_rope(dh, lf, lh, lw, w.patch(), w.rope_max_seq_len)?;
+    let (cos, sin) = v2l_runtime::rope::wan_rope(dh, lf, lh, lw, w.patch(), w.rope_max_seq_len)
+        .map_err(v2l_runtime::RuntimeError::from)?;
     let rows = cos.len() / dh.max(1);
     let t = timestep as f32;
     let mut inputs = vec![

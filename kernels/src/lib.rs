@@ -25,6 +25,7 @@ pub mod attention;
 pub mod conv;
 pub mod cpu;
 pub mod fuse;
+pub mod memory;
 pub mod qgemm;
 
 /// The `ai.v2l` operator domain every session registers: the attention ([`attention`]), the

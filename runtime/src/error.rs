@@ -94,6 +94,18 @@ impl ErrorKind {
     }
 }
 
+impl From<v2l_sampling::SamplingError> for RuntimeError {
+    fn from(e: v2l_sampling::SamplingError) -> Self {
+        use v2l_sampling::SamplingError as S;
+        match e {
+            S::Io { path, source } => RuntimeError::Io { path, source },
+            S::BadFile { path, message } => RuntimeError::BadFile { path, message },
+            S::Invalid { what, message } => RuntimeError::Invalid { what, message },
+            S::Internal { what, message } => RuntimeError::Internal { what, message },
+        }
+    }
+}
+
 impl RuntimeError {
     /// `graph` gave no output `output`.
     pub fn missing_output(graph: &str, output: &str) -> Self {

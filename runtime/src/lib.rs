@@ -38,7 +38,6 @@ pub mod cuda_libs;
 pub mod effect;
 pub mod engine;
 pub mod error;
-pub mod flow;
 pub mod image_preprocess;
 pub mod layout;
 pub mod limits;
@@ -47,8 +46,6 @@ pub mod ort_env;
 pub mod pipeline;
 pub mod predict;
 pub mod request;
-pub mod rope;
-pub mod scheduler;
 pub mod session;
 pub mod stages;
 pub mod step_cache;
@@ -56,6 +53,9 @@ pub mod tensor;
 pub mod text;
 pub mod vae;
 pub mod video;
+
+/// The sampling math (schedulers, RoPE tables), from its own crate.
+pub use v2l_sampling::{flow, rope, scheduler};
 
 /// The CPU kernels, from `v2l-kernels`, where the runtime has always named them.
 pub use v2l_kernels::{attention, conv, cpu, qgemm};

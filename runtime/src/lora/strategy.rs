@@ -481,10 +481,8 @@ fn mapped_base(
                     Some(m) => m.clone(),
                     None => {
                         let f = std::fs::File::open(&file).map_err(io(&file))?;
-                        // SAFETY: bundle files are written once and verified on load; v2l never
-                        // writes to a weight file it has mapped.
                         let m = std::sync::Arc::new(
-                            unsafe { memmap2::Mmap::map(&f) }.map_err(io(&file))?,
+                            v2l_kernels::memory::map_weights(&f).map_err(io(&file))?,
                         );
                         maps.insert(file.clone(), m.clone());
                         m

@@ -133,7 +133,15 @@ struct Conditioning {
 }
 
 /// A RoPE table builder ([`cogvideox_rope`] or [`cogvideox_fun_rope`]).
-type RopeFn = fn(usize, usize, usize, usize, usize, usize, usize) -> Result<(Vec<f32>, Vec<f32>)>;
+type RopeFn = fn(
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+) -> v2l_sampling::Result<(Vec<f32>, Vec<f32>)>;
 
 fn lane(
     entry: &DitEntry,
@@ -254,7 +262,7 @@ impl Sampling for Ddim {
     fn step(&mut self, prediction: &[f32], i: usize, latents: &[f32]) -> Result<Vec<f32>> {
         let t = self.timestep(i)?;
         if self.sched.sampler() != Sampler::Dpm {
-            return self.sched.step(prediction, t, latents);
+            return Ok(self.sched.step(prediction, t, latents)?);
         }
         // As diffusers' CogVideoX pipelines call it: the previous timestep as `timestep_back`.
         let back = match i {

@@ -299,7 +299,7 @@ impl Sampling for Flow {
     }
 
     fn step(&mut self, prediction: &[f32], _i: usize, latents: &[f32]) -> Result<Vec<f32>> {
-        self.sched.step(prediction, latents)
+        Ok(self.sched.step(prediction, latents)?)
     }
 
     /// `WanPipeline` runs `cache_context("cond")` then `cache_context("uncond")`.

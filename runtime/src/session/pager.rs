@@ -93,13 +93,8 @@ fn page_out(files: &[PathBuf]) {
         return;
     };
     for (start, end) in mapped_ranges(&maps, files) {
-        // SAFETY: the range is a whole mapping of this process, as the kernel listed it.
-        // MADV_PAGEOUT only reclaims: clean file pages are dropped and faulted back in from
-        // the file on the next read, so no mapping's contents change. If ONNX Runtime unmapped
-        // the range meanwhile, the call fails with ENOMEM and nothing happens.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT);
-        }
+        // A whole mapping of this process, as the kernel listed it.
+        v2l_kernels::memory::page_out(start, end);
     }
 }
 
@@ -111,11 +106,7 @@ fn page_out(_files: &[PathBuf]) {}
 /// would stay resident under the next stage's (measured at CogVideoX-5B size: the reference
 /// clip's VAE encode left ~2 GB behind through the VAE decode).
 pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory of glibc's own arenas; it takes no pointer.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    v2l_kernels::memory::release_freed_memory();
 }
 
 #[cfg(test)]
@@ -150,8 +141,7 @@ mod tests {
             .unwrap();
         let p = p.canonicalize().unwrap();
         let file = std::fs::File::open(&p).unwrap();
-        // SAFETY: the file is ours and not modified while mapped.
-        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let map = v2l_kernels::memory::map_weights(&file).unwrap();
         assert_eq!(&map[..], &bytes[..]);
         let pager = Pager::start(vec![p.clone()]).unwrap();
         std::thread::sleep(PERIOD * 2);

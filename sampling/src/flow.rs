@@ -14,7 +14,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::error::{Result, RuntimeError};
+use crate::{Result, SamplingError};
 
 /// The `scheduler_config.json` fields these samplers read (others are ignored; the unsupported
 /// settings that change the arithmetic are refused by name).
@@ -91,12 +91,12 @@ impl FlowScheduler {
     /// From a diffusers `scheduler_config.json` (`_class_name` picks the sampler).
     pub fn from_file(path: &Path) -> Result<FlowScheduler> {
         let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record)
-            .map_err(|e| RuntimeError::io(path, e))?;
-        let cfg: FlowConfig = serde_json::from_str(&text).map_err(|e| RuntimeError::BadFile {
+            .map_err(|e| SamplingError::io(path, e))?;
+        let cfg: FlowConfig = serde_json::from_str(&text).map_err(|e| SamplingError::BadFile {
             path: path.into(),
             message: e.to_string(),
         })?;
-        Self::new(&cfg).map_err(|message| RuntimeError::BadFile {
+        Self::new(&cfg).map_err(|message| SamplingError::BadFile {
             path: path.into(),
             message,
         })
@@ -169,7 +169,7 @@ impl FlowScheduler {
 
     pub fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         if steps == 0 {
-            return Err(RuntimeError::Invalid {
+            return Err(SamplingError::Invalid {
                 what: "steps".into(),
                 message: "must be at least 1".into(),
             });
@@ -200,7 +200,7 @@ impl FlowScheduler {
     /// One step from the model's flow prediction at the current step; steps go in order.
     pub fn step(&mut self, model_output: &[f32], sample: &[f32]) -> Result<Vec<f32>> {
         if model_output.len() != sample.len() {
-            return Err(RuntimeError::Invalid {
+            return Err(SamplingError::Invalid {
                 what: "model_output".into(),
                 message: format!(
                     "{} values for a sample of {}",
@@ -209,7 +209,7 @@ impl FlowScheduler {
                 ),
             });
         }
-        let over = || RuntimeError::Internal {
+        let over = || SamplingError::Internal {
             what: "scheduler".into(),
             message: "stepped past the last timestep (call set_timesteps again)".into(),
         };

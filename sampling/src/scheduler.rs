@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{Result, RuntimeError};
+use crate::{Result, SamplingError};
 pub use v2l_contracts::Sampler;
 
 /// `scheduler_config.json` of a diffusers `CogVideoXDDIMScheduler` (missing fields take diffusers'
@@ -76,7 +76,7 @@ impl SchedulerConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = v2l_contracts::input::read_text(path, v2l_contracts::input::InputKind::Record)
-            .map_err(|source| RuntimeError::Io {
+            .map_err(|source| SamplingError::Io {
             path: path.into(),
             source,
         })?;
@@ -86,7 +86,7 @@ impl SchedulerConfig {
     /// Parses and checks the JSON text of a scheduler config; `path` only names it in errors.
     pub fn from_json_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let bad = |message: String| RuntimeError::BadFile {
+        let bad = |message: String| SamplingError::BadFile {
             path: path.clone(),
             message,
         };
@@ -257,7 +257,7 @@ impl DdimScheduler {
     }
 
     fn cogvideox(cfg: &SchedulerConfig) -> Result<Self> {
-        let parsed = cfg.check().map_err(|message| RuntimeError::Invalid {
+        let parsed = cfg.check().map_err(|message| SamplingError::Invalid {
             what: "scheduler config".into(),
             message,
         })?;
@@ -351,7 +351,7 @@ impl DdimScheduler {
     /// (61, 103, 121, …) yields one extra, final timestep of `-1`; it is reproduced as is.
     pub fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         if steps == 0 || steps > self.num_train_timesteps {
-            return Err(RuntimeError::Invalid {
+            return Err(SamplingError::Invalid {
                 what: "num_inference_steps".into(),
                 message: format!(
                     "must be between 1 and num_train_timesteps = {}, got {steps}",
@@ -398,7 +398,7 @@ impl DdimScheduler {
         usize::try_from(k)
             .ok()
             .and_then(|k| self.alphas_cumprod.get(k).copied())
-            .ok_or_else(|| RuntimeError::Invalid {
+            .ok_or_else(|| SamplingError::Invalid {
                 what: what.into(),
                 message: format!("timestep {i} is out of range for {n} training timesteps"),
             })
@@ -409,7 +409,7 @@ impl DdimScheduler {
     fn step_alphas(&self, t: i64, what: &str) -> Result<(f64, f64, i64)> {
         let steps = self
             .num_inference_steps
-            .ok_or_else(|| RuntimeError::Internal {
+            .ok_or_else(|| SamplingError::Internal {
                 what: what.into(),
                 message: "set_timesteps was not called".into(),
             })?;
@@ -449,7 +449,7 @@ impl DdimScheduler {
     /// outside `[-num_train_timesteps, num_train_timesteps)` (torch would raise an IndexError).
     pub fn step(&self, model_output: &[f32], t: i64, sample: &[f32]) -> Result<Vec<f32>> {
         if model_output.len() != sample.len() {
-            return Err(RuntimeError::Invalid {
+            return Err(SamplingError::Invalid {
                 what: "DDIM step".into(),
                 message: format!(
                     "model_output has {} values, sample {}",
@@ -461,7 +461,7 @@ impl DdimScheduler {
         match self.sampler {
             Sampler::Ddim => return self.step_plain(model_output, t, sample),
             Sampler::Dpm => {
-                return Err(RuntimeError::Invalid {
+                return Err(SamplingError::Invalid {
                     what: "DPM step".into(),
                     message:
                         "the dpm sampler steps with `step_dpm` (it needs the previous x̂₀ and noise)"
@@ -539,7 +539,7 @@ impl DdimScheduler {
         old_x0: Option<&[f32]>,
         noise: &mut dyn FnMut(usize) -> Vec<f32>,
     ) -> Result<DpmStep> {
-        let bad = |message: String| RuntimeError::Invalid {
+        let bad = |message: String| SamplingError::Invalid {
             what: "DPM step".into(),
             message,
         };

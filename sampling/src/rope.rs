@@ -96,7 +96,7 @@ fn rope_with(
 ) -> crate::Result<(Vec<f32>, Vec<f32>)> {
     // diffusers splits the head into time (1/4), height and width (3/8 each): a multiple of 8.
     if patch_size == 0 || head_dim == 0 || head_dim % 8 != 0 {
-        return Err(crate::RuntimeError::Invalid {
+        return Err(crate::SamplingError::Invalid {
             what: "RoPE".into(),
             message: format!(
                 "attention_head_dim {head_dim} with patch size {patch_size}: CogVideoX's 3-D RoPE needs a positive patch size and a head size that is a multiple of 8"
@@ -182,7 +182,7 @@ pub fn wan_rope(
     max_seq_len: usize,
 ) -> crate::Result<(Vec<f32>, Vec<f32>)> {
     let (pt, ph, pw) = patch;
-    let bad = |message: String| crate::RuntimeError::Invalid {
+    let bad = |message: String| crate::SamplingError::Invalid {
         what: "RoPE".into(),
         message,
     };
