@@ -233,8 +233,8 @@ impl EffectPredictor {
                     name: n.clone(),
                 })?;
                 if v.len() != d * d {
-                    return Err(RuntimeError::Invalid {
-                        what: n.clone(),
+                    return Err(RuntimeError::Graph {
+                        graph: n.clone(),
                         message: format!("{} values, not {d}×{d}", v.len()),
                     });
                 }
@@ -252,8 +252,8 @@ impl EffectPredictor {
             for (i, t) in part.iter().enumerate() {
                 let (ra, rb) = (i * r * d..(i + 1) * r * d, i * d * r..(i + 1) * d * r);
                 let (Some(a), Some(b)) = (a.get(ra), b.get(rb)) else {
-                    return Err(RuntimeError::Invalid {
-                        what: "Prompt2Effect graph".into(),
+                    return Err(RuntimeError::Graph {
+                        graph: "Prompt2Effect graph".into(),
                         message: format!("fewer factors than the {n} layers fed"),
                     });
                 };
@@ -447,10 +447,9 @@ fn prompt_embeds(
     _: &str,
     _: usize,
 ) -> Result<Tensor> {
-    Err(RuntimeError::Invalid {
-        what: "prompt".into(),
-        message:
-            "this v2l was built without the `text` feature: give the effect as prompt embeddings"
-                .into(),
-    })
+    Err(v2l_contracts::request::RequestError::new(
+        v2l_contracts::request::Field::Prompt,
+        "this v2l was built without the `text` feature: give the effect as prompt embeddings",
+    )
+    .into())
 }

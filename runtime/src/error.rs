@@ -36,6 +36,28 @@ pub enum RuntimeError {
     MissingOutput { graph: String, output: String },
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    /// An engine graph whose inputs, outputs or placement are not what v2l expects of it: a
+    /// graph from another export or tool, or a run the graph cannot take.
+    #[error("{graph}: {message}")]
+    Graph { graph: String, message: String },
+    /// A reference clip Video2LoRA cannot predict an effect from (too short, another grid).
+    #[error("{clip}: {message}")]
+    Reference { clip: String, message: String },
+    /// ffmpeg or ffprobe could not be run.
+    #[error("{tool}: {message}")]
+    Tool { tool: String, message: String },
+    /// Tensors of shapes or types an operation cannot take.
+    #[error("{what}: {message}")]
+    Tensor { what: String, message: String },
+    /// A picture larger than the decoder is allowed to open (`UntrustedMedia::max_pixels`).
+    #[error(
+        "{path}: declares a {size} picture, more than the {max_pixels} pixels allowed; not decoded"
+    )]
+    MediaTooLarge {
+        path: PathBuf,
+        size: String,
+        max_pixels: usize,
+    },
     /// A stage's output went NaN or infinite: stopped there instead of writing a black video.
     #[error("{stage}: {count} of {total} values are NaN or infinite; stopped rather than write a broken video (an input too large for the model? guidance, a LoRA or its scale, prompt embeddings)")]
     NonFinite {
@@ -134,11 +156,16 @@ impl RuntimeError {
             RuntimeError::Io { .. }
             | RuntimeError::BadFile { .. }
             | RuntimeError::MissingTensor { .. }
+            | RuntimeError::MediaTooLarge { .. }
             | RuntimeError::MissingOutput { .. }
             | RuntimeError::Manifest(_)
             | RuntimeError::Lora(LoraError::Io { .. })
             | RuntimeError::LiLora(LiLoraError::Io { .. }) => ErrorKind::BadFile,
             RuntimeError::Invalid { .. }
+            | RuntimeError::Graph { .. }
+            | RuntimeError::Reference { .. }
+            | RuntimeError::Tool { .. }
+            | RuntimeError::Tensor { .. }
             | RuntimeError::Request(_)
             | RuntimeError::Engine { .. }
             | RuntimeError::NonFinite { .. } => ErrorKind::BadInput,

@@ -10,7 +10,7 @@ use ndarray::{concatenate, Array4, ArrayView3, ArrayView4, Axis};
 use crate::error::{Result, RuntimeError};
 
 fn shape_err(what: &str, e: ndarray::ShapeError) -> RuntimeError {
-    RuntimeError::Invalid {
+    RuntimeError::Tensor {
         what: what.into(),
         message: format!("layout: {e}"),
     }

@@ -636,8 +636,8 @@ fn same_lora(a: Option<&AppliedLora>, b: Option<&AppliedLora>) -> bool {
 /// `(x / 2 + 0.5).clamp(0, 1)` (diffusers' `postprocess_video`).
 fn to_frames(video: &Tensor) -> Result<Tensor> {
     let [_, 3, fo, ho, wo] = video.shape[..] else {
-        return Err(RuntimeError::Invalid {
-            what: "VAE decoder".into(),
+        return Err(RuntimeError::Graph {
+            graph: "VAE decoder".into(),
             message: format!("output shape {:?}; expected [1, 3, F, H, W]", video.shape),
         });
     };

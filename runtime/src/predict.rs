@@ -29,8 +29,8 @@ pub const MIN_REFERENCE_FRAMES: usize = 5;
 /// it in the error (a path, or "reference frames").
 pub fn check_reference(frames: &Frames, source: &str) -> Result<()> {
     if frames.frames < MIN_REFERENCE_FRAMES {
-        return Err(RuntimeError::Invalid {
-            what: source.into(),
+        return Err(RuntimeError::Reference {
+            clip: source.into(),
             message: format!(
                 "the reference clip has {} frame{}; Video2LoRA predicts an effect from motion and needs at least {MIN_REFERENCE_FRAMES} (two latent frames)",
                 frames.frames,
@@ -73,8 +73,8 @@ fn check_reference_grid(
     let &[_, _, t, h, w] = shape else {
         return Ok(()); // the graph's own input check names the rank
     };
-    let refuse = |trained: String| RuntimeError::Invalid {
-        what: "reference clip".into(),
+    let refuse = |trained: String| RuntimeError::Reference {
+        clip: "reference clip".into(),
         message: format!(
             "its latents are {t}×{h}×{w} (T×H×W), but this hypernetwork's {trained}: give the \
              reference the frame count and size the model was trained with"
@@ -189,10 +189,7 @@ impl Predictor {
         timings: &mut Timings,
     ) -> Result<Prediction> {
         check_reference(frames, "reference clip")?;
-        check_reference_weight(lora_weight).map_err(|e| RuntimeError::Invalid {
-            what: "lora_weight".into(),
-            message: e.message,
-        })?;
+        check_reference_weight(lora_weight)?;
         let t = std::time::Instant::now();
         let mean = vae.latent(&frames.to_unit_video()?)?;
         let sf = vae.entry.scaling_factor as f32;
@@ -210,8 +207,8 @@ impl Predictor {
         let rows = hw.as_f32(hypernet_io::HYPER_WEIGHTS)?;
         let rows = rows
             .get(..self.lilora.layers.len() * width)
-            .ok_or_else(|| RuntimeError::Invalid {
-                what: "hypernetwork graph".into(),
+            .ok_or_else(|| RuntimeError::Graph {
+                graph: "hypernetwork graph".into(),
                 message: format!(
                     "`hyper_weights` has shape {:?}; expected {} rows",
                     hw.shape,

@@ -439,8 +439,8 @@ impl Model {
             } else if borrowed.iter().any(|(n, _, _)| n == name) {
                 continue;
             } else {
-                return Err(RuntimeError::Invalid {
-                    what: ctx.clone(),
+                return Err(RuntimeError::Graph {
+                    graph: ctx.clone(),
                     message: format!("input `{name}` was not given"),
                 });
             }
@@ -581,8 +581,8 @@ fn gpu_placement(
             .take(5)
             .map(String::as_str)
             .collect();
-        return Err(RuntimeError::Invalid {
-            what: ctx.into(),
+        return Err(RuntimeError::Graph {
+            graph: ctx.into(),
             message: format!(
                 "{n} node(s) have no kernel in ONNX Runtime's CUDA provider and would run on the CPU: {}{} (V2L_ALLOW_CPU_FALLBACK=1 loads it anyway)",
                 shown.join("; "),

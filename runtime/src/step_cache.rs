@@ -246,8 +246,8 @@ impl CutDit {
 fn same_size(what: &str, got: usize, want: usize) -> Result<()> {
     match got == want {
         true => Ok(()),
-        false => Err(RuntimeError::Invalid {
-            what: "DiT (step cache)".into(),
+        false => Err(RuntimeError::Graph {
+            graph: "DiT (step cache)".into(),
             message: format!(
                 "`{what}` has {got} values, the first block's output {want}: the graph's cut points do not match"
             ),

@@ -69,7 +69,7 @@ impl Tensor {
     pub fn as_f32(&self, what: &str) -> Result<&[f32]> {
         match &self.data {
             Data::F32(v) => Ok(v),
-            _ => Err(RuntimeError::Invalid {
+            _ => Err(RuntimeError::Tensor {
                 what: what.into(),
                 message: "expected a float32 tensor".into(),
             }),
@@ -93,7 +93,7 @@ impl Tensor {
         let n = match self.shape.get(axis) {
             Some(&n) if start <= end && end <= n => n,
             _ => {
-                return Err(RuntimeError::Invalid {
+                return Err(RuntimeError::Tensor {
                     what: "slice".into(),
                     message: format!(
                         "{start}..{end} on axis {axis} of a tensor of shape {:?}",
@@ -116,7 +116,7 @@ impl Tensor {
 
     /// Concatenates f32 tensors along `axis`; an error unless every other dimension agrees.
     pub fn concat(parts: &[Tensor], axis: usize) -> Result<Tensor> {
-        let bad = |message: String| RuntimeError::Invalid {
+        let bad = |message: String| RuntimeError::Tensor {
             what: "concat".into(),
             message,
         };
@@ -291,13 +291,13 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
         .map(|(k, dt, s, b)| {
             safetensors::tensor::TensorView::new(*dt, s.clone(), b)
                 .map(|v| (k.clone(), v))
-                .map_err(|e| RuntimeError::Invalid {
+                .map_err(|e| RuntimeError::Tensor {
                     what: k.clone(),
                     message: e.to_string(),
                 })
         })
         .collect::<Result<Vec<_>>>()?;
-    let blob = safetensors::serialize(views, &None).map_err(|e| RuntimeError::Invalid {
+    let blob = safetensors::serialize(views, &None).map_err(|e| RuntimeError::Tensor {
         what: path.display().to_string(),
         message: e.to_string(),
     })?;

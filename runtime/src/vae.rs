@@ -104,7 +104,7 @@ impl Vae {
         let batches = self
             .entry
             .encoder_batches(video.shape.get(2).copied().unwrap_or(0))
-            .map_err(|message| RuntimeError::Invalid {
+            .map_err(|message| RuntimeError::Tensor {
                 what: "`video`".into(),
                 message,
             })?;
@@ -177,7 +177,7 @@ impl Vae {
         let batches = self
             .entry
             .decoder_batches(latents.shape.get(2).copied().unwrap_or(0))
-            .map_err(|message| RuntimeError::Invalid {
+            .map_err(|message| RuntimeError::Tensor {
                 what: "`latents`".into(),
                 message,
             })?;
@@ -209,8 +209,8 @@ fn check_5d(t: &Tensor, name: &str, channels: usize) -> Result<[usize; 5]> {
         [b, c, f, h, w] if c == channels && !t.shape.contains(&0) => {
             t.as_f32(name).map(|_| [b, c, f, h, w])
         }
-        _ => Err(RuntimeError::Invalid {
-            what: format!("`{name}`"),
+        _ => Err(RuntimeError::Graph {
+            graph: format!("`{name}`"),
             message: format!(
                 "shape {:?}; expected [batch, {channels}, frames > 0, height, width]",
                 t.shape
@@ -230,8 +230,8 @@ fn run_batches(
     batches: &[(usize, usize)],
 ) -> Result<Vec<BTreeMap<String, Tensor>>> {
     let [b, _, _, h, w] = x.shape[..] else {
-        return Err(RuntimeError::Invalid {
-            what: format!("`{input}`"),
+        return Err(RuntimeError::Graph {
+            graph: format!("`{input}`"),
             message: format!("shape {:?}; expected [B, C, F, H, W]", x.shape),
         });
     };

@@ -478,14 +478,19 @@ fn decode(
         }
         None => v2l_runtime::video::read_untrusted_at_source_size(file.path(), media),
     };
-    frames.map_err(|e| {
-        // ffmpeg names its input; the client knows it by its field.
-        let mut err = upload_error(field, e);
-        err.message = err.message.replace(&*file.path().to_string_lossy(), field);
-        if err.message.contains("pixels allowed") {
-            err.message.push_str(" (the server's --max-source-pixels)");
+    frames.map_err(|e| match e {
+        v2l_runtime::RuntimeError::MediaTooLarge {
+            size, max_pixels, ..
+        } => ApiError::field(
+            field,
+            format!("declares a {size} picture, more than the {max_pixels} pixels allowed; not decoded (the server's --max-source-pixels)"),
+        ),
+        e => {
+            // ffmpeg names its input; the client knows it by its field.
+            let mut err = upload_error(field, e);
+            err.message = err.message.replace(&*file.path().to_string_lossy(), field);
+            err
         }
-        err
     })
 }
 

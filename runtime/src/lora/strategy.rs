@@ -387,8 +387,8 @@ impl DitRunner {
                 .unwrap_or(1);
             if batch != self.laid_out {
                 if self.samples.len() != 1 {
-                    return Err(RuntimeError::Invalid {
-                        what: "DiT batch".into(),
+                    return Err(RuntimeError::Graph {
+                        graph: "DiT batch".into(),
                         message: format!(
                             "{batch} samples, but LoRAs were set for {}",
                             self.samples.len()
@@ -418,8 +418,8 @@ impl DitRunner {
         let mut bound = Vec::with_capacity(names.len());
         for ((t, name), shape) in self.targets.iter().zip(&names).zip(&shapes) {
             let Some(Buffer::F32(v)) = sw.live(&t.name) else {
-                return Err(RuntimeError::Invalid {
-                    what: name.clone(),
+                return Err(RuntimeError::Graph {
+                    graph: name.clone(),
                     message: "bound weights need f32".into(),
                 });
             };
@@ -457,8 +457,8 @@ fn mapped_base(
             message,
         };
         if info.dtype != v2l_graphs::DType::F32 {
-            return Err(RuntimeError::Invalid {
-                what: info.name,
+            return Err(RuntimeError::Graph {
+                graph: info.name,
                 message: format!("bound weights need f32, found {}", info.dtype),
             });
         }

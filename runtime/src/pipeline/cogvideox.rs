@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Instant;
+use v2l_contracts::request::{Field, RequestError};
 
 use v2l_contracts::io::dit as io;
 use v2l_contracts::manifest::DitEntry;
@@ -47,9 +48,11 @@ impl FamilySteps for CogVideoX {
         timings: &mut crate::stages::Timings,
     ) -> Result<Lane> {
         let t = Instant::now();
-        let image = req.image.as_ref().ok_or_else(|| RuntimeError::Invalid {
-            what: "image".into(),
-            message: "CogVideoX image-to-video needs the first frame".into(),
+        let image = req.image.as_ref().ok_or_else(|| {
+            RequestError::new(
+                Field::Image,
+                "CogVideoX image-to-video needs the first frame",
+            )
         })?;
         let (cond, cond_channels) = match self.kind {
             PipelineKind::CogvideoxFunInpaint => (
@@ -110,8 +113,8 @@ fn encode_image(vae: &mut Vae, image: &Frames, shape: &LatentShape) -> Result<Ve
     let first = mean
         .as_f32("posterior_mean")?
         .get(..shape.channels * frame)
-        .ok_or_else(|| RuntimeError::Invalid {
-            what: "VAE encoder".into(),
+        .ok_or_else(|| RuntimeError::Graph {
+            graph: "VAE encoder".into(),
             message: format!(
                 "the first frame's latent has {:?} values; expected {} channels of {frame}",
                 mean.shape, shape.channels
@@ -185,10 +188,11 @@ fn lane(
         .map(|v| v * sigma)
         .collect();
     if sampler == Sampler::Dpm && req.seed.is_none() {
-        return Err(RuntimeError::Invalid {
-            what: "scheduler".into(),
-            message: "`dpm` draws fresh noise every step: give the request a seed".into(),
-        });
+        return Err(RequestError::new(
+            Field::Scheduler,
+            "`dpm` draws fresh noise every step: give the request a seed",
+        )
+        .into());
     }
     let ddim = Ddim {
         timesteps: sched.timesteps().to_vec(),

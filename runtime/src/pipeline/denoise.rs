@@ -82,8 +82,8 @@ impl Guidance {
     pub(super) fn combine(self, sample: &[f32], n: usize) -> Result<Vec<f32>> {
         let want = self.batch() * n;
         if sample.len() != want {
-            return Err(RuntimeError::Invalid {
-                what: "DiT".into(),
+            return Err(RuntimeError::Graph {
+                graph: "DiT".into(),
                 message: format!("`sample` has {} values; expected {want}", sample.len()),
             });
         }
@@ -129,8 +129,8 @@ const PER_SAMPLE: [&str; 2] = [io::ENCODER_HIDDEN_STATES, io::ENCODER_HIDDEN_STA
 /// Batch-axis concatenation of any element type (one lane: the tensor itself, untouched).
 fn stack(parts: Vec<Tensor>) -> Result<Tensor> {
     use crate::tensor::Data;
-    let bad = |message: String| RuntimeError::Invalid {
-        what: "DiT batch".into(),
+    let bad = |message: String| RuntimeError::Graph {
+        graph: "DiT batch".into(),
         message,
     };
     let mut parts = parts.into_iter();
@@ -166,8 +166,8 @@ fn fixed_inputs(lanes: &mut [Lane]) -> Result<BTreeMap<String, Tensor>> {
         let parts: Vec<Tensor> = lanes
             .iter_mut()
             .map(|l| {
-                l.inputs.remove(&name).ok_or_else(|| RuntimeError::Invalid {
-                    what: "DiT batch".into(),
+                l.inputs.remove(&name).ok_or_else(|| RuntimeError::Graph {
+                    graph: "DiT batch".into(),
                     message: format!("a request lacks the DiT input `{name}` another has"),
                 })
             })
@@ -181,8 +181,8 @@ fn fixed_inputs(lanes: &mut [Lane]) -> Result<BTreeMap<String, Tensor>> {
                 message: "no requests".into(),
             })?;
             if parts.any(|p| p != one) {
-                return Err(RuntimeError::Invalid {
-                    what: "DiT batch".into(),
+                return Err(RuntimeError::Graph {
+                    graph: "DiT batch".into(),
                     message: format!(
                         "requests differ in `{name}`: only requests of one size share a DiT call"
                     ),
@@ -206,15 +206,15 @@ pub(super) fn run(
 ) -> Result<(Vec<Denoised>, Vec<f64>)> {
     let steps = lanes.first().map(|l| l.sampling.steps()).unwrap_or(0);
     if lanes.iter().any(|l| l.sampling.steps() != steps) {
-        return Err(RuntimeError::Invalid {
-            what: "DiT batch".into(),
+        return Err(RuntimeError::Graph {
+            graph: "DiT batch".into(),
             message: "requests with different step counts cannot share DiT calls".into(),
         });
     }
     let mut cache = match lanes.iter().find(|l| l.cache.is_some()) {
         Some(_) if lanes.len() > 1 => {
-            return Err(RuntimeError::Invalid {
-                what: "DiT batch".into(),
+            return Err(RuntimeError::Graph {
+                graph: "DiT batch".into(),
                 message: "a request with step caching runs alone, not in a batch".into(),
             })
         }
@@ -276,8 +276,8 @@ pub(super) fn run(
             trail.push(Tensor::f32(l.shape.clone(), l.latents.clone()));
         }
         if at != sample.len() {
-            return Err(RuntimeError::Invalid {
-                what: "DiT".into(),
+            return Err(RuntimeError::Graph {
+                graph: "DiT".into(),
                 message: format!("`sample` has {} values; expected {at}", sample.len()),
             });
         }

@@ -16,6 +16,7 @@ use crate::tensor::Tensor;
 use crate::vae::Vae;
 use crate::video::Frames;
 use v2l_contracts::io::files as files_io;
+use v2l_contracts::request::{Field, RequestError};
 
 use crate::request::LatentShape;
 
@@ -57,13 +58,15 @@ fn augmentation(
     match (given, seed) {
         (Some(t), _) => {
             if t.shape != shape {
-                return Err(RuntimeError::Invalid {
-                    what: files_io::INPAINT_NOISE.into(),
-                    message: format!(
-                        "shape {:?}; expected {shape:?} (the conditioning clip)",
+                return Err(RequestError::new(
+                    Field::Noise,
+                    format!(
+                        "`{}` has shape {:?}; expected {shape:?} (the conditioning clip)",
+                        files_io::INPAINT_NOISE,
                         t.shape
                     ),
-                });
+                )
+                .into());
             }
             let v = t.as_f32(files_io::INPAINT_NOISE)?;
             crate::error::check_finite(|| files_io::INPAINT_NOISE.into(), v)?;
@@ -83,12 +86,12 @@ fn augmentation(
                 })
                 .collect())
         }
-        (None, None) => Err(RuntimeError::Invalid {
-            what: files_io::INPAINT_NOISE.into(),
-            message: "this CogVideoX-Fun-InP model adds noise to its conditioning clip \
-                      (`add_noise_in_inpaint_model`): give the request a seed or the noise"
-                .into(),
-        }),
+        (None, None) => Err(RequestError::new(
+            Field::Noise,
+            "this CogVideoX-Fun-InP model adds noise to its conditioning clip \
+             (`add_noise_in_inpaint_model`): give the request a seed or its `inpaint_noise`",
+        )
+        .into()),
     }
 }
 
@@ -115,8 +118,8 @@ pub(super) fn inpaint_latents(
     let sf = vae.entry.scaling_factor as f32;
     let (lf, c, plane) = (shape.frames, shape.channels, shape.height * shape.width);
     if mean.shape != [1, c, lf, shape.height, shape.width] {
-        return Err(RuntimeError::Invalid {
-            what: "VAE encoder".into(),
+        return Err(RuntimeError::Graph {
+            graph: "VAE encoder".into(),
             message: format!(
                 "the conditioning clip's latents are {:?}; expected {:?}",
                 mean.shape,

@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 use v2l_contracts::io::image as image_io;
+use v2l_contracts::request::{Field, RequestError};
 
 use v2l_contracts::family::WanDitConfig;
 
@@ -138,8 +139,8 @@ impl LatentStats {
     fn of(vae: &Vae, channels: usize) -> Result<LatentStats> {
         let e = &vae.entry;
         if e.latents_mean.len() != channels || e.latents_std.len() != channels {
-            return Err(RuntimeError::Invalid {
-                what: "VAE".into(),
+            return Err(RuntimeError::Graph {
+                graph: "VAE".into(),
                 message: format!(
                     "`latents_mean`/`latents_std` have {}/{} entries; the Wan pipeline needs {channels} (export the VAE again)",
                     e.latents_mean.len(),
@@ -181,8 +182,8 @@ fn condition(vae: &mut Vae, image: &Frames, frames: usize, shape: &LatentShape) 
     let (mean, _) = vae.encode(&Tensor::f32(vec![1, 3, frames, h, w], video))?;
     let want = shape.dims();
     if mean.shape != want {
-        return Err(RuntimeError::Invalid {
-            what: "VAE encoder".into(),
+        return Err(RuntimeError::Graph {
+            graph: "VAE encoder".into(),
             message: format!(
                 "the conditioning video's latent has shape {:?}; expected {want:?}",
                 mean.shape
@@ -234,9 +235,11 @@ fn lane(
     inputs.insert(io::ROPE_SIN.to_string(), Tensor::f32(vec![rows, head], sin));
     inputs.insert(io::ENCODER_HIDDEN_STATES.to_string(), guidance.text(req)?);
     if w.image_dim.is_some() {
-        let embeds = image_embeds.ok_or_else(|| RuntimeError::Invalid {
-            what: image_io::IMAGE_EMBEDS.into(),
-            message: "an I2V Wan DiT needs the first frame's CLIP image tokens".into(),
+        let embeds = image_embeds.ok_or_else(|| {
+            RequestError::new(
+                Field::ImageEmbeds,
+                "an I2V Wan DiT needs the first frame's CLIP image tokens",
+            )
         })?;
         inputs.insert(
             io::ENCODER_HIDDEN_STATES_IMAGE.to_string(),

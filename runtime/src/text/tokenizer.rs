@@ -9,6 +9,7 @@
 //! before normalisation. A `tokenizer.json`, where a model ships one, is read as it is.
 
 use std::path::Path;
+use v2l_contracts::request::{Field, RequestError};
 
 use crate::error::{Result, RuntimeError};
 use crate::text::spiece::{PieceType, SpModel};
@@ -64,10 +65,7 @@ impl PromptTokenizer {
         let e = self
             .inner
             .encode(text, true)
-            .map_err(|e| RuntimeError::Invalid {
-                what: "prompt".into(),
-                message: format!("cannot tokenize: {e}"),
-            })?;
+            .map_err(|e| RequestError::new(Field::Prompt, format!("cannot tokenize: {e}")))?;
         Ok(e.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 

@@ -355,8 +355,8 @@ pub fn read_untrusted_at_source_size(path: &Path, limits: UntrustedMedia) -> Res
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| RuntimeError::Invalid {
-            what: "ffprobe".into(),
+        .map_err(|e| RuntimeError::Tool {
+            tool: "ffprobe".into(),
             message: format!(
                 "cannot start ffprobe ({e}); it comes with ffmpeg (bash scripts/setup.sh)"
             ),
@@ -370,13 +370,11 @@ pub fn read_untrusted_at_source_size(path: &Path, limits: UntrustedMedia) -> Res
     })?;
     let (h, w) = displayed_size(&stdout).ok_or_else(|| bad(path, NO_VIDEO_STREAM))?;
     if h.saturating_mul(w) > limits.max_pixels {
-        return Err(bad(
-            path,
-            format!(
-                "declares a {w}x{h} picture, more than the {} pixels allowed; not decoded",
-                limits.max_pixels
-            ),
-        ));
+        return Err(RuntimeError::MediaTooLarge {
+            path: path.into(),
+            size: format!("{w}x{h}"),
+            max_pixels: limits.max_pixels,
+        });
     }
     read_untrusted(path, h, w, limits)
 }
@@ -417,8 +415,8 @@ fn ffmpeg_decode_with(
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    let child = cmd.spawn().map_err(|e| RuntimeError::Invalid {
-        what: "ffmpeg".into(),
+    let child = cmd.spawn().map_err(|e| RuntimeError::Tool {
+        tool: "ffmpeg".into(),
         message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
     })?;
     let timeout = untrusted.map(|u| u.timeout);
@@ -439,13 +437,11 @@ fn ffmpeg_decode_with(
         let msg = String::from_utf8_lossy(&stderr);
         if let Some(u) = untrusted {
             if let Some(size) = oversized_picture(&msg) {
-                return Err(bad(
-                    path,
-                    format!(
-                        "declares a {size} picture, more than the {} pixels allowed; not decoded",
-                        u.max_pixels
-                    ),
-                ));
+                return Err(RuntimeError::MediaTooLarge {
+                    path: path.into(),
+                    size: size.to_string(),
+                    max_pixels: u.max_pixels,
+                });
             }
         }
         if msg.contains("does not contain any stream") || msg.contains("matches no streams") {
@@ -580,8 +576,8 @@ fn ffmpeg_encode(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| RuntimeError::Invalid {
-            what: "ffmpeg".into(),
+        .map_err(|e| RuntimeError::Tool {
+            tool: "ffmpeg".into(),
             message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
         })?;
     let wrote = child.stdin.take().map(|mut s| s.write_all(rgb));

@@ -91,7 +91,7 @@ impl Frames {
 pub fn to_rgb8(frames: &Tensor) -> Result<Frames> {
     let v = frames.as_f32("frames")?;
     let [1, f, h, w, 3] = frames.shape[..] else {
-        return Err(RuntimeError::Invalid {
+        return Err(RuntimeError::Tensor {
             what: "frames".into(),
             message: format!("shape {:?}; expected [1, F, H, W, 3]", frames.shape),
         });
