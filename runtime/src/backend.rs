@@ -249,7 +249,7 @@ impl BackendOptions {
             // ORT's CPU arena keeps freed blocks for reuse, so later steps touch no fresh pages
             // (the kernel zeroing new pages was ~20 % of a step here). Without feed-forward
             // chunking it cost memory (5B block, 5,626 tokens: 2.8 GB against 1.9 GB); with it,
-            // the same 2.2 GB and 2–3 s faster per step (docs/benchmarks.md). The
+            // the same 2.2 GB and 2–3 s faster per step (docs/history/benchmarks-2026-11-22-to-26.md). The
             // session turns off ORT's memory pattern, which pre-plans one block per run.
             Backend::Cpu => vec![ort::ep::CPU::default().with_arena_allocator(true).build()],
             Backend::Cuda => vec![cuda()],

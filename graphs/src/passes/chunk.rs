@@ -7,7 +7,7 @@
 //! expensive here: the kernel zeroes every page on first touch (`clear_page`, a third of a
 //! one-step process's CPU time). Measured on one 5B-width block (ORT 1.31, 2 threads), int8
 //! at 5,626 tokens: first step 7.6 → 5.5 s, peak 2.81 → 1.83 GB with ORT's CPU arena on; fp32:
-//! 17.8 → 15.3 s, 13.4 s warm. docs/benchmarks.md.
+//! 17.8 → 15.3 s, 13.4 s warm (2026-11-23; docs/history/benchmarks-2026-11-22-to-26.md).
 //!
 //! The feed-forward is found by module name: every node under `<block>.ff.` (CogVideoX) or
 //! `<block>.ffn.` (Wan), LoRA branches and quantised linears included. It becomes the `Scan`
