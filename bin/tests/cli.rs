@@ -25,6 +25,18 @@ fn run(bin: &str, args: &[&str]) -> Output {
 }
 
 /// `v2l-run --engine <engine> stage dit --inputs <inputs> -o <out> [extra...]`.
+/// `run`, which must succeed: its stderr is the failure message.
+fn run_ok(bin: &str, args: &[&str]) -> Output {
+    let o = run(bin, args);
+    assert!(
+        o.status.success(),
+        "{bin} {}: {}",
+        args.join(" "),
+        stderr(&o)
+    );
+    o
+}
+
 fn stage_dit(engine: &str, inputs: &str, out: &str, extra: &[&str]) -> Output {
     let mut args = vec![
         "--engine", engine, "stage", "dit", "--inputs", inputs, "-o", out,
@@ -60,7 +72,7 @@ fn assert_clean_failure_with(o: &Output, code: i32, needle: &str) {
 
 /// `v2l-export dit` of the tiny transformer into `out`.
 fn export_tiny_dit(out: &Path) {
-    let o = run(
+    run_ok(
         "v2l-export",
         &[
             "dit",
@@ -69,7 +81,6 @@ fn export_tiny_dit(out: &Path) {
             out.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// Copies the tiny transformer checkpoint so a test can break it.
@@ -202,16 +213,14 @@ fn measure_labels_clips_and_names_bad_ones() {
         write("one.safetensors", one),
     );
 
-    let o = run("v2l-run", &["measure", "--json", &rot]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_ok("v2l-run", &["measure", "--json", &rot]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["label"], "rotate_cw", "{v}");
     assert!(v["motion"]["rotation_deg"].as_f64().unwrap() > 80.0, "{v}");
     assert_eq!(v["scores"].as_object().unwrap().len(), 8, "{v}");
     // Text: one line per clip, an mp4 read at its own size.
     let mp4 = tiny().join("reference.mp4");
-    let o = run("v2l-run", &["measure", &rot, mp4.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_ok("v2l-run", &["measure", &rot, mp4.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(text.lines().count(), 2, "{text}");
     assert!(
@@ -353,12 +362,11 @@ fn predict_matches_upstream_video2lora() {
         ],
     ] {
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let o = run("v2l-export", &args);
-        assert!(o.status.success(), "{}", stderr(&o));
+        run_ok("v2l-export", &args);
     }
     let lora = d.path().join("pred.safetensors");
     let dump = d.path().join("dump.safetensors");
-    let o = run(
+    run_ok(
         "v2l-lora",
         &[
             "predict",
@@ -372,7 +380,6 @@ fn predict_matches_upstream_video2lora() {
             dump.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let got = v2l_runtime::read_safetensors(&dump).unwrap();
     let want = v2l_runtime::read_safetensors(&t.join("e2e_io.safetensors")).unwrap();
     for name in ["reference_latents", "hyper_weights"] {
@@ -444,14 +451,13 @@ fn lora_fuse_and_convert_through_the_cli() {
         (peft.as_str(), &kohya, "kohya"),
         (kohya.to_str().unwrap(), &comfy, "comfyui"),
     ] {
-        let r = run(
+        run_ok(
             "v2l-lora",
             &["convert", i, "-o", o.to_str().unwrap(), "--format", f],
         );
-        assert!(r.status.success(), "{}", stderr(&r));
     }
     let fused = d.path().join("fused");
-    let r = run(
+    run_ok(
         "v2l-lora",
         &[
             "fuse",
@@ -463,13 +469,11 @@ fn lora_fuse_and_convert_through_the_cli() {
             fused.to_str().unwrap(),
         ],
     );
-    assert!(r.status.success(), "{}", stderr(&r));
     let out = d.path().join("out");
-    let r = run(
+    run_ok(
         "v2l-export",
         &["dit", fused.to_str().unwrap(), "-o", out.to_str().unwrap()],
     );
-    assert!(r.status.success(), "{}", stderr(&r));
     let res = d.path().join("r.safetensors");
     let r = stage_dit(
         out.to_str().unwrap(),
@@ -719,7 +723,7 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
 
     // ORT_DYLIB_PATH that does not exist is an error, not a silent fallback.
     let ex = d.path().join("ex");
-    let o = run(
+    run_ok(
         "v2l-export",
         &[
             "dit",
@@ -728,7 +732,6 @@ fn v2l_run_checks_its_flags_before_opening_the_engine() {
             ex.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
         .args(["--engine", ex.to_str().unwrap(), "stage", "dit"])
@@ -751,7 +754,7 @@ fn edited_bundle_json_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny();
     let ex = d.path().join("ex");
-    let o = run(
+    run_ok(
         "v2l-export",
         &[
             "dit",
@@ -760,7 +763,6 @@ fn edited_bundle_json_is_refused() {
             ex.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let compile = |backend: &str, out: &Path| {
         Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
             .arg(&ex)
@@ -985,8 +987,7 @@ fn bad_stage_inputs_are_refused_before_work() {
     assert_eq!(std::fs::read_dir(&full).unwrap().count(), 1);
     let empty = d.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let o = run("v2l-compile", &[engine, "-o", empty.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    run_ok("v2l-compile", &[engine, "-o", empty.to_str().unwrap()]);
     assert!(empty.join("bundle.json").is_file());
 
     // Precisions not built for a backend are refused by name, leaving nothing behind.
@@ -1053,7 +1054,7 @@ fn bad_stage_inputs_are_refused_before_work() {
 fn short_and_squashed_reference_clips() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("e");
-    let o = run(
+    run_ok(
         "v2l-export",
         &[
             "pipeline",
@@ -1066,7 +1067,6 @@ fn short_and_squashed_reference_clips() {
             out.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let engine = out.to_str().unwrap();
     let lora = d.path().join("l.safetensors");
     let reference = tiny().join("reference.mp4");
@@ -1215,7 +1215,7 @@ fn wan_parts_export_and_run_through_the_cli() {
 
     let inp = wan_t2v_dit_inputs(&d.path().join("in.safetensors"));
     let res = d.path().join("out.safetensors");
-    let o = run(
+    let o = run_ok(
         "v2l-run",
         &[
             "--engine",
@@ -1234,7 +1234,6 @@ fn wan_parts_export_and_run_through_the_cli() {
             wan.join("lora_io.safetensors").to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     let err: f64 = text
         .lines()
@@ -1269,7 +1268,7 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
         }
         common::wan_model_dir(&model, &parts);
         let engine = d.path().join(variant);
-        let o = run(
+        run_ok(
             "v2l-export",
             &[
                 "pipeline",
@@ -1278,7 +1277,6 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
                 engine.to_str().unwrap(),
             ],
         );
-        assert!(o.status.success(), "{}", stderr(&o));
         let get = |n: &str| io[&format!("{variant}_{n}")].clone();
         let mut inputs = std::collections::BTreeMap::new();
         inputs.insert("prompt_embeds".to_string(), get("prompt_embeds"));
@@ -1341,7 +1339,7 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
             // The same engine compiled to int8, generating with a Wan LoRA unfused beside
             // the int8 weights: within int8's distance of diffusers' fp32 frames.
             let bundle = d.path().join("t2v-int8");
-            let o = run(
+            run_ok(
                 "v2l-compile",
                 &[
                     engine.to_str().unwrap(),
@@ -1351,7 +1349,6 @@ fn wan_pipelines_export_and_generate_through_the_cli() {
                     "int8",
                 ],
             );
-            assert!(o.status.success(), "{}", stderr(&o));
             let lora = wan.join("lora/pytorch_lora_weights.safetensors");
             let mut with_bundle = args.clone();
             with_bundle[1] = bundle.to_str().unwrap();
@@ -1415,11 +1412,10 @@ fn loras_merge_equalize_and_compare_through_the_cli() {
     let d = tempfile::tempdir().unwrap();
     let merged = d.path().join("merged.safetensors");
     let m_s = merged.to_str().unwrap();
-    let o = run(
+    run_ok(
         "v2l-lora",
         &["merge", a_s, b_s, "--weights", "0.6,-0.4", "-o", m_s],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let (la, lb, lm) = (
         read(&a, None).unwrap(),
         read(&b, None).unwrap(),
@@ -1462,7 +1458,7 @@ fn loras_merge_equalize_and_compare_through_the_cli() {
 
     // Equalised to norm 0.5: each LoRA's columns of each layer carry an update of norm 0.5.
     let eq = d.path().join("eq.safetensors");
-    let o = run(
+    let o = run_ok(
         "v2l-lora",
         &[
             "merge",
@@ -1477,7 +1473,6 @@ fn loras_merge_equalize_and_compare_through_the_cli() {
             eq.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("norm → factor"));
     for l in &read(&eq, None).unwrap().layers {
         let ra = find(&la, &l.module).map_or(0, |x| x.rank());
@@ -1488,16 +1483,14 @@ fn loras_merge_equalize_and_compare_through_the_cli() {
     }
 
     // inspect --compare: a against itself overlaps fully; against b somewhere in [0, 1].
-    let o = run("v2l-lora", &["inspect", a_s, a_s, "--compare", "--json"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_ok("v2l-lora", &["inspect", a_s, a_s, "--compare", "--json"]);
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["shared_layers"], 20);
     for l in j["layers"].as_array().unwrap() {
         assert!((l["overlap"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{l}");
         assert!((l["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{l}");
     }
-    let o = run("v2l-lora", &["inspect", a_s, b_s, "--compare"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_ok("v2l-lora", &["inspect", a_s, b_s, "--compare"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         text.contains("shared layers: 16  only in a: 4  only in b: 0"),
@@ -1570,7 +1563,7 @@ fn export_wan_t2v_with_tokenizer(dir: &Path) -> PathBuf {
         ],
     );
     let engine = dir.join("engine");
-    let o = run(
+    run_ok(
         "v2l-export",
         &[
             "pipeline",
@@ -1579,7 +1572,6 @@ fn export_wan_t2v_with_tokenizer(dir: &Path) -> PathBuf {
             engine.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     engine
 }
 
@@ -1612,7 +1604,7 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
         ],
     );
     assert_clean_failure(&o, "v2l-export prompt2effect");
-    let o = run(
+    run_ok(
         "v2l-export",
         &[
             "prompt2effect",
@@ -1621,7 +1613,6 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
             e,
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
 
     // The fixture's two prompts' embeddings, as files.
     let text = io["text"].as_f32("text").unwrap();
@@ -1637,7 +1628,7 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
         .collect();
     let (e0, e1) = (embeds[0].to_str().unwrap(), embeds[1].to_str().unwrap());
     let l0 = lora0.to_str().unwrap();
-    let o = run(
+    run_ok(
         "v2l-lora",
         &[
             "predict",
@@ -1651,7 +1642,6 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
             l0,
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let (got, want) = (
         read(&lora0, None).unwrap(),
         read(&wan.join("prompt2effect/lora_prompt0.safetensors"), None).unwrap(),
@@ -1668,10 +1658,9 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
 
     // Compiled into an engine bundle, the hypernetwork comes along and predicts the same LoRA.
     let bundle = d.path().join("bundle");
-    let o = run("v2l-compile", &[e, "-o", bundle.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    run_ok("v2l-compile", &[e, "-o", bundle.to_str().unwrap()]);
     let from_bundle = d.path().join("p0-bundle.safetensors");
-    let o = run(
+    run_ok(
         "v2l-lora",
         &[
             "predict",
@@ -1683,7 +1672,6 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
             from_bundle.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&from_bundle, None).unwrap(), got, "bundle vs export");
 
     // The DiT with the predicted LoRA gives the reproduction's output.
@@ -1719,7 +1707,7 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
 
     // Two effects at 0.5 each: ΔW = 0.5·ΔW₀ + 0.5·ΔW₁, the reproduction's updates.
     let blend = d.path().join("blend.safetensors");
-    let o = run(
+    run_ok(
         "v2l-lora",
         &[
             "predict",
@@ -1735,7 +1723,6 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
             blend.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let delta = io["delta_weight"].as_f32("delta").unwrap();
     for l in &read(&blend, None).unwrap().layers {
         assert_eq!(l.rank(), 8);
@@ -1752,7 +1739,7 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
 
     // From text: the engine's tokenizer and umT5, then generation with the effect.
     let fox = d.path().join("fox.safetensors");
-    let o = run(
+    run_ok(
         "v2l-lora",
         &[
             "predict",
@@ -1764,7 +1751,6 @@ fn prompt2effect_predicts_blends_and_generates_through_the_cli() {
             fox.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let e2e = v2l_runtime::read_safetensors(&wan.join("e2e_io.safetensors")).unwrap();
     let gen_in = d.path().join("gen.safetensors");
     let m: std::collections::BTreeMap<String, v2l_runtime::Tensor> = [
@@ -1871,11 +1857,10 @@ fn lofa_predicts_through_the_cli() {
     let engine = export_wan_t2v_with_tokenizer(d.path());
     let e = engine.to_str().unwrap();
     let (s1, s2) = (wan.join("lofa/stage1"), wan.join("lofa/stage2"));
-    let o = run(
+    run_ok(
         "v2l-export",
         &["lofa", s1.to_str().unwrap(), s2.to_str().unwrap(), "-o", e],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let text = d.path().join("p0.safetensors");
     let m = std::collections::BTreeMap::from([(
         "prompt_embeds".to_string(),
@@ -1901,8 +1886,7 @@ fn lofa_predicts_through_the_cli() {
             out.to_str().unwrap(),
         ];
         args.extend(extra);
-        let o = run("v2l-lora", &args);
-        assert!(o.status.success(), "{}", stderr(&o));
+        run_ok("v2l-lora", &args);
         let lora = read(&out, None).unwrap();
         assert_eq!(lora.layers.len(), 16);
         // Over the stack of 16 updates (the fixture's tensor): with the round trip, an element
@@ -1924,7 +1908,7 @@ fn lofa_predicts_through_the_cli() {
         assert!(err < SAME_F32_REL_L2, "{want}: {err}");
     }
     let out = d.path().join("wave.safetensors");
-    let o = run(
+    run_ok(
         "v2l-lora",
         &[
             "predict",
@@ -1936,7 +1920,6 @@ fn lofa_predicts_through_the_cli() {
             out.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out, None).unwrap().layers.len(), 16);
 
     // LoFA's response map: fuse only |ΔW| > τ·|W|. τ 0 is the full fuse; the paper's τ 0.02
@@ -1957,11 +1940,10 @@ fn lofa_predicts_through_the_cli() {
         if let Some(t) = tau {
             args.extend(["--response-tau", t]);
         }
-        let o = run("v2l-lora", &args);
-        assert!(o.status.success(), "{}", stderr(&o));
+        let o = run_ok("v2l-lora", &args);
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
         let exported = d.path().join(format!("export-{name}"));
-        let o = run(
+        run_ok(
             "v2l-export",
             &[
                 "dit",
@@ -1970,7 +1952,6 @@ fn lofa_predicts_through_the_cli() {
                 exported.to_str().unwrap(),
             ],
         );
-        assert!(o.status.success(), "{}", stderr(&o));
         let res = d.path().join(format!("out-{name}.safetensors"));
         let o = stage_dit(
             exported.to_str().unwrap(),
