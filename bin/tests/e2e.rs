@@ -928,3 +928,51 @@ fn the_predictor_loads_only_when_a_reference_needs_it() {
     // The pipeline still serves requests without a reference.
     p.generate(&req.on(&p), &mut |_, _| true).unwrap();
 }
+
+/// The request contract: parts are checked once, against one engine; a pipeline of another
+/// engine refuses the request instead of running it unchecked, and steps outside the
+/// scheduler's schedule never reach the pipeline.
+#[test]
+fn a_request_is_checked_once_against_its_own_engine() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ea, eb) = (engine(a.path()), engine(b.path()));
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let engine_b = Engine::open(&eb).unwrap();
+    for (steps, needle) in [
+        (0, "steps: 0"),
+        (1_001, "steps: 1001: the scheduler takes at most"),
+    ] {
+        let parts = RequestParts {
+            steps,
+            ..two_step_request(&io)
+        };
+        let e = parts.check(&engine_b).err().unwrap().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    let req = two_step_request(&io).check(&engine_b).unwrap();
+    let mut p = load(&ea, Strategy::Fused);
+    let e = p
+        .generate(&req, &mut |_, _| true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("checked against the engine") && e.contains(&*eb.to_string_lossy()),
+        "{e}"
+    );
+    let e = p
+        .generate_batch(&[req.clone()], &mut |_, _| true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("request 1 of the batch"), "{e}");
+    // The same parts checked against the pipeline's own engine run.
+    let own = two_step_request(&io).check(p.engine()).unwrap();
+    assert_eq!(
+        p.generate(&own, &mut |_, _| true)
+            .unwrap()
+            .latents_steps
+            .len(),
+        2
+    );
+}
