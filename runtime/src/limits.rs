@@ -76,7 +76,7 @@ impl Limits {
         multiple: usize,
     ) -> std::result::Result<(), RequestError> {
         self.check_frame_size(height, width, multiple)?;
-        if frames == 0 || (frames - 1) % 4 != 0 {
+        if frames == 0 || (frames - 1) % v2l_contracts::latent::TIME_STRIDE != 0 {
             return Err(RequestError::new(
                 Field::Frames,
                 format!("{frames}: must be 1 + 4k (1, 5, 9, …, 49)"),

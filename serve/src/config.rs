@@ -158,7 +158,7 @@ impl EngineFacts {
             fixed_size: engine.fixed_size(),
             default_height,
             default_width,
-            multiple: 8 * dit.patch_size,
+            multiple: v2l_runtime::request::frame_multiple(engine),
             text_embed_dim: dit.text_embed_dim,
             text_sequence_length: engine.text_sequence_length().unwrap_or(226),
             has_text_encoder: engine.manifest.text_encoder.is_some(),

@@ -223,7 +223,7 @@ pub fn frame_multiple(engine: &Engine) -> usize {
         .dit
         .as_ref()
         .map_or(2, |d| d.patch_size.max(1));
-    8 * patch
+    v2l_contracts::latent::SPACE_STRIDE * patch
 }
 
 pub use crate::limits::{bounded, MAX_SCALE};
