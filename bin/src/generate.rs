@@ -386,15 +386,19 @@ fn prompt_input(g: &GenerateArgs) -> Result<PromptInput, Failure> {
 
 /// `--reference`, the effect flags (predicted here by the engine's effect hypernetwork),
 /// `--lora` files, or the engine's own LoRA.
-fn lora_input(dir: &Engine, opts: &SessionOptions, g: &GenerateArgs) -> Result<LoraInput, Failure> {
+fn lora_input(
+    engine: &Engine,
+    opts: &SessionOptions,
+    g: &GenerateArgs,
+) -> Result<LoraInput, Failure> {
     if let Some(r) = &g.reference {
         return Ok(LoraInput::Reference(MediaInput::File(r.clone())));
     }
     if g.effects.any() {
         let effects = g.effects.effects()?;
-        let which = crate::hypernet(dir, g.effects.hypernet)?;
+        let which = crate::hypernet(engine, g.effects.hypernet)?;
         let lora = v2l_runtime::effect::predict_effects(
-            dir,
+            engine,
             which,
             true,
             opts,

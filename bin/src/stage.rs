@@ -243,10 +243,10 @@ fn compare_outputs(
 }
 
 /// The prompt length: `--max-sequence-length`, or the DiT's `max_text_seq_length`.
-fn sequence_length(dir: &Engine, given: Option<usize>) -> Result<usize, Failure> {
+fn sequence_length(engine: &Engine, given: Option<usize>) -> Result<usize, Failure> {
     match given {
         Some(l) => Ok(request::check_sequence_length(l)?),
-        None => dir.text_sequence_length().ok_or_else(|| {
+        None => engine.text_sequence_length().ok_or_else(|| {
             Failure::usage("give --max-sequence-length (the engine has no DiT to take it from)")
         }),
     }
@@ -254,7 +254,7 @@ fn sequence_length(dir: &Engine, given: Option<usize>) -> Result<usize, Failure>
 
 /// `stage text`: prompts from a JSON array → `input_ids [N, L]` and `prompt_embeds [N, L, D]`.
 fn text_stage(
-    dir: &Engine,
+    engine: &Engine,
     opts: &SessionOptions,
     file: &std::path::Path,
     output: &std::path::Path,
@@ -268,8 +268,8 @@ fn text_stage(
     if prompts.is_empty() {
         return Err(bad("holds no prompts".into()));
     }
-    let len = sequence_length(dir, max_sequence_length)?;
-    let mut enc = v2l_runtime::text::prompt::PromptEncoder::load(dir, opts)?;
+    let len = sequence_length(engine, max_sequence_length)?;
+    let mut enc = v2l_runtime::text::prompt::PromptEncoder::load(engine, opts)?;
     let (mut ids, mut embeds) = (Vec::new(), Vec::new());
     for (i, p) in prompts.iter().enumerate() {
         let mut warn =

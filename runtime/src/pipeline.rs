@@ -73,7 +73,7 @@ impl Generation {
 
 /// A loaded pipeline: VAE, DiT (rebuilt with fused weights when a LoRA is applied), scheduler.
 pub struct Pipeline {
-    dir: Engine,
+    engine: Engine,
     /// What the engine deploys (checked at load).
     kind: PipelineKind,
     vae: Vae,
@@ -94,47 +94,47 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Loads with the engine's default LoRA strategy (`fused` for a plain export directory).
-    pub fn load(dir: Engine, opts: &SessionOptions) -> Result<Pipeline> {
-        let strategy = dir
+    pub fn load(engine: Engine, opts: &SessionOptions) -> Result<Pipeline> {
+        let strategy = engine
             .bundle
             .as_ref()
             .map(|b| b.lora_strategy)
             .unwrap_or_default();
-        Self::load_with_strategy(dir, opts, strategy)
+        Self::load_with_strategy(engine, opts, strategy)
     }
 
     pub fn load_with_strategy(
-        dir: Engine,
+        engine: Engine,
         opts: &SessionOptions,
         strategy: Strategy,
     ) -> Result<Pipeline> {
-        let sched = dir.manifest.scheduler.clone().ok_or_else(|| RuntimeError::Engine {
-            dir: dir.dir.clone(),
+        let sched = engine.manifest.scheduler.clone().ok_or_else(|| RuntimeError::Engine {
+            dir: engine.dir.clone(),
             message: "holds no scheduler config; export the whole pipeline with `v2l-export pipeline`".into(),
         })?;
-        let kind = dir.pipeline_kind()?;
-        let family: Box<dyn FamilySteps> = match (kind.family(), dir.wan_config()?) {
+        let kind = engine.pipeline_kind()?;
+        let family: Box<dyn FamilySteps> = match (kind.family(), engine.wan_config()?) {
             (Family::Wan, Some(config)) => {
                 let encoder = match config.image_dim {
-                    Some(_) => wan::ImageEncoder::load(&dir, opts)?,
+                    Some(_) => wan::ImageEncoder::load(&engine, opts)?,
                     None => None,
                 };
                 Box::new(wan::Wan {
-                    sampler: FlowScheduler::from_file(&dir.dir.join(sched))?,
+                    sampler: FlowScheduler::from_file(&engine.dir.join(sched))?,
                     config,
                     encoder,
                 })
             }
             (Family::Wan, None) => {
                 return Err(RuntimeError::Engine {
-                    dir: dir.dir.clone(),
+                    dir: engine.dir.clone(),
                     message: "a Wan engine without its DiT config".into(),
                 })
             }
             (Family::CogVideoX, _) => Box::new(cogvideox::CogVideoX {
-                scheduler: SchedulerConfig::from_file(&dir.dir.join(sched))?,
+                scheduler: SchedulerConfig::from_file(&engine.dir.join(sched))?,
                 kind,
-                add_noise: dir
+                add_noise: engine
                     .dit_entry()?
                     .config
                     .get("add_noise_in_inpaint_model")
@@ -142,10 +142,10 @@ impl Pipeline {
                     .unwrap_or(false),
             }),
         };
-        let vae = Vae::load(&dir, opts)?;
-        let dit = DitRunner::load(&dir, opts, strategy)?;
+        let vae = Vae::load(&engine, opts)?;
+        let dit = DitRunner::load(&engine, opts, strategy)?;
         Ok(Pipeline {
-            dir,
+            engine,
             kind,
             vae,
             dit,
@@ -161,21 +161,21 @@ impl Pipeline {
     /// with a reference clip (a server does, so no request waits for it). Without a
     /// hypernetwork in the engine, nothing happens.
     pub fn load_predictor(&mut self) -> Result<()> {
-        match self.dir.manifest.hypernet {
-            Some(_) => self.predictor.get(&self.dir, &self.opts).map(|_| ()),
+        match self.engine.manifest.hypernet {
+            Some(_) => self.predictor.get(&self.engine, &self.opts).map(|_| ()),
             None => Ok(()),
         }
     }
 
     pub fn engine(&self) -> &Engine {
-        &self.dir
+        &self.engine
     }
 
     /// Applies `lora` to the DiT by the pipeline's strategy, or restores the base for `None`.
     /// This LoRA then stays until the next `set_lora`: it is the pipeline's own state, which
     /// every request with [`RequestLora::Resident`] runs with.
     pub fn set_lora(&mut self, lora: Option<&AppliedLora>) -> Result<()> {
-        self.dit.set_lora(&self.dir, lora)?;
+        self.dit.set_lora(&self.engine, lora)?;
         self.applied = lora.cloned();
         Ok(())
     }
@@ -207,7 +207,7 @@ impl Pipeline {
         clip: &Frames,
         lora_weight: f32,
     ) -> Result<crate::predict::Prediction> {
-        let p = self.predictor.get(&self.dir, &self.opts)?;
+        let p = self.predictor.get(&self.engine, &self.opts)?;
         p.predict(&mut self.vae, clip, lora_weight)
     }
 
@@ -234,7 +234,7 @@ impl Pipeline {
         if switched {
             // Restore before reporting anything: a failed restore must not go unnoticed.
             let t = Instant::now();
-            self.dit.set_lora(&self.dir, self.applied.as_ref())?;
+            self.dit.set_lora(&self.engine, self.applied.as_ref())?;
             timings.insert("lora_restore".into(), ms(t));
         }
         let (frames, d) = result?;
@@ -261,14 +261,14 @@ impl Pipeline {
     /// Step 0: the request's latent shape, once it is known to have been checked against this
     /// pipeline's engine ([`RequestParts::check`] checked the rest).
     fn accept(&self, req: &Request) -> Result<LatentShape> {
-        match req.engine_dir() == self.dir.dir {
+        match req.engine_dir() == self.engine.dir {
             true => Ok(*req.shape()),
             false => Err(RuntimeError::Invalid {
                 what: "request".into(),
                 message: format!(
                     "checked against the engine {}; this pipeline runs {}",
                     req.engine_dir().display(),
-                    self.dir.dir.display()
+                    self.engine.dir.display()
                 ),
             }),
         }
@@ -289,7 +289,7 @@ impl Pipeline {
         }
         let (prediction, lora) = self.request_lora(choice, size, timings)?;
         let t = Instant::now();
-        self.dit.set_lora(&self.dir, lora.as_ref())?;
+        self.dit.set_lora(&self.engine, lora.as_ref())?;
         timings.insert("lora_fuse".into(), ms(t));
         Ok((prediction, true))
     }
@@ -307,7 +307,7 @@ impl Pipeline {
             RequestLora::Resident => (None, self.applied.clone()),
             RequestLora::Base => (None, None),
             RequestLora::Reference(clip, weight) => {
-                let predictor = self.predictor.get(&self.dir, &self.opts)?;
+                let predictor = self.predictor.get(&self.engine, &self.opts)?;
                 let vae = &mut self.vae;
                 let resized;
                 let fun = self.kind == PipelineKind::CogvideoxFunInpaint;
@@ -413,11 +413,11 @@ impl Pipeline {
             _ => true,
         });
         let set = match (same, loras.first()) {
-            (true, Some(one)) => self.dit.set_lora(&self.dir, one.as_ref()),
-            _ => self.dit.set_sample_loras(&self.dir, &samples),
+            (true, Some(one)) => self.dit.set_lora(&self.engine, one.as_ref()),
+            _ => self.dit.set_sample_loras(&self.engine, &samples),
         };
         let cut = match requests.iter().any(|r| r.cache.is_some()) {
-            true => self.dit.cut_for_caching(&self.dir),
+            true => self.dit.cut_for_caching(&self.engine),
             false => Ok(()),
         };
         let result = set.and_then(|()| cut).and_then(|()| {
@@ -427,7 +427,7 @@ impl Pipeline {
                 tm.insert("lora_fuse".into(), switch);
                 let parts = Parts {
                     vae: &mut self.vae,
-                    entry: self.dir.dit_entry()?,
+                    entry: self.engine.dit_entry()?,
                 };
                 lanes.push(self.family.lane(parts, r, shape, tm)?);
             }
@@ -435,7 +435,7 @@ impl Pipeline {
         });
         // Back to the pipeline's own LoRA before reporting anything.
         let t = Instant::now();
-        self.dit.set_lora(&self.dir, self.applied.as_ref())?;
+        self.dit.set_lora(&self.engine, self.applied.as_ref())?;
         let restore = ms(t);
         let (done, dit_ms) = result?;
         let mut out = Vec::with_capacity(requests.len());
@@ -475,12 +475,12 @@ impl Pipeline {
     ) -> Result<denoise::Denoised> {
         let parts = Parts {
             vae: &mut self.vae,
-            entry: self.dir.dit_entry()?,
+            entry: self.engine.dit_entry()?,
         };
         let lane = self.family.lane(parts, req, shape, timings)?;
         if req.cache.is_some() {
             let t = Instant::now();
-            self.dit.cut_for_caching(&self.dir)?;
+            self.dit.cut_for_caching(&self.engine)?;
             timings.insert("dit_cut".into(), ms(t));
         }
         if one_shot {
@@ -552,12 +552,12 @@ enum PredictorSlot {
 impl PredictorSlot {
     /// The predictor, loaded from `dir` on first use; an error naming the engine when it has
     /// none.
-    fn get(&mut self, dir: &Engine, opts: &SessionOptions) -> Result<&mut Predictor> {
-        if dir.manifest.hypernet.is_none() {
-            return Err(no_hypernet(dir));
+    fn get(&mut self, engine: &Engine, opts: &SessionOptions) -> Result<&mut Predictor> {
+        if engine.manifest.hypernet.is_none() {
+            return Err(no_hypernet(engine));
         }
         if let PredictorSlot::NotLoaded = self {
-            *self = PredictorSlot::Loaded(Predictor::load(dir, opts)?);
+            *self = PredictorSlot::Loaded(Predictor::load(engine, opts)?);
         }
         match self {
             PredictorSlot::Loaded(p) => Ok(p),
@@ -649,9 +649,9 @@ fn to_frames(video: &Tensor) -> Result<Tensor> {
     Ok(Tensor::f32(vec![1, fo, ho, wo, 3], frames))
 }
 
-fn no_hypernet(dir: &Engine) -> RuntimeError {
+fn no_hypernet(engine: &Engine) -> RuntimeError {
     RuntimeError::Engine {
-        dir: dir.dir.clone(),
+        dir: engine.dir.clone(),
         message:
             "holds no hypernetwork; export with `v2l-export pipeline ... --hypernet F --lilora F`"
                 .into(),

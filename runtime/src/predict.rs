@@ -111,31 +111,31 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    pub fn load(dir: &Engine, opts: &SessionOptions) -> Result<Predictor> {
-        let e = dir
+    pub fn load(engine: &Engine, opts: &SessionOptions) -> Result<Predictor> {
+        let e = engine
             .manifest
             .hypernet
             .as_ref()
             .ok_or_else(|| RuntimeError::Engine {
-                dir: dir.dir.clone(),
+                dir: engine.dir.clone(),
                 message: format!(
                     "holds no hypernetwork; export one with `v2l-export hypernet ... -o {}`",
-                    dir.dir.display()
+                    engine.dir.display()
                 ),
             })?;
-        let targets: Vec<LinearInfo> = match &dir.manifest.dit {
+        let targets: Vec<LinearInfo> = match &engine.manifest.dit {
             Some(d) => d.lora_targets.clone(),
             None => {
                 return Err(RuntimeError::Engine {
-                    dir: dir.dir.clone(),
+                    dir: engine.dir.clone(),
                     message: "holds no DiT; the LiLoRA layers are checked against it: run `v2l-export dit` too".into(),
                 })
             }
         };
-        let lilora = LiLora::load(&dir.dir.join(&e.lilora), &targets)?;
+        let lilora = LiLora::load(&engine.dir.join(&e.lilora), &targets)?;
         if lilora.layers.len() != e.dims.num_layers {
             return Err(RuntimeError::Engine {
-                dir: dir.dir.clone(),
+                dir: engine.dir.clone(),
                 message: format!(
                     "the hypernetwork predicts {} rows but the LiLoRA file has {} layers",
                     e.dims.num_layers,
@@ -144,7 +144,7 @@ impl Predictor {
             });
         }
         Ok(Predictor {
-            hypernet: Model::load(&dir.dir.join(&e.file), opts)?,
+            hypernet: Model::load(&engine.dir.join(&e.file), opts)?,
             lilora,
             context_len: e.dims.context_len,
             context_grid: e.dims.context_encoder.map(|c| c.grid),

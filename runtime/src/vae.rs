@@ -39,20 +39,20 @@ pub struct Vae {
 
 impl Vae {
     /// The VAE of engine `dir`, on the graphs this process runs ([`Engine::vae_graphs`]).
-    pub fn load(dir: &Engine, opts: &SessionOptions) -> Result<Vae> {
-        let entry = dir
+    pub fn load(engine: &Engine, opts: &SessionOptions) -> Result<Vae> {
+        let entry = engine
             .manifest
             .vae
             .clone()
             .ok_or_else(|| RuntimeError::Engine {
-                dir: dir.dir.clone(),
+                dir: engine.dir.clone(),
                 message: format!(
                     "holds no VAE; export one with `v2l-export vae ... -o {}`",
-                    dir.dir.display()
+                    engine.dir.display()
                 ),
             })?;
-        let graphs = dir.vae_graphs(&entry);
-        Vae::load_graphs(&dir.dir, entry, &graphs, opts)
+        let graphs = engine.vae_graphs(&entry);
+        Vae::load_graphs(&engine.dir, entry, &graphs, opts)
     }
 
     /// The VAE described by `entry`, from the graph files `graphs` in `dir`.

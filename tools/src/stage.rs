@@ -139,7 +139,7 @@ fn sized<const N: usize>(shape: &[usize], layout: &str) -> std::result::Result<[
 /// A bad input is one clear error in milliseconds, not an ONNX Runtime kernel message after
 /// seconds of loading.
 pub fn check_inputs(
-    dir: &Engine,
+    engine: &Engine,
     stage: Stage,
     inputs: &BTreeMap<String, Tensor>,
     source: &Path,
@@ -149,8 +149,8 @@ pub fn check_inputs(
         message: format!("`{name}` {message}"),
     };
     let mut shapes = BTreeMap::new();
-    let wan = dir.wan_config()?;
-    for name in stage.required_inputs(dir) {
+    let wan = engine.wan_config()?;
+    for name in stage.required_inputs(engine) {
         let t = inputs
             .get(name)
             .ok_or_else(|| RuntimeError::MissingTensor {
@@ -190,12 +190,12 @@ pub fn check_inputs(
         }
         Ok(s)
     };
-    let manifest = &dir.manifest;
+    let manifest = &engine.manifest;
     match stage {
         Stage::Dit if wan.is_some() => {
             let (d, w) = match (manifest.dit.as_ref(), wan.as_ref()) {
                 (Some(d), Some(w)) => (d, w),
-                _ => return Err(dir.missing("DiT", "dit")),
+                _ => return Err(engine.missing("DiT", "dit")),
             };
             let hs = dims(dit_io::HIDDEN_STATES);
             let [b, c, f, h, wd] =
@@ -246,7 +246,7 @@ pub fn check_inputs(
             let d = manifest
                 .dit
                 .as_ref()
-                .ok_or_else(|| dir.missing("DiT", "dit"))?;
+                .ok_or_else(|| engine.missing("DiT", "dit"))?;
             let hs = dims(dit_io::HIDDEN_STATES);
             let [b, f, c, h, w] =
                 sized(hs, "[B, F, C, H, W]").map_err(|m| bad(dit_io::HIDDEN_STATES, m))?;
@@ -276,7 +276,7 @@ pub fn check_inputs(
             }
             let train_steps = match &manifest.scheduler {
                 Some(file) => {
-                    v2l_runtime::scheduler::SchedulerConfig::from_file(&dir.dir.join(file))?
+                    v2l_runtime::scheduler::SchedulerConfig::from_file(&engine.dir.join(file))?
                         .num_train_timesteps
                 }
                 None => 1000,
@@ -306,7 +306,7 @@ pub fn check_inputs(
             let v = manifest
                 .vae
                 .as_ref()
-                .ok_or_else(|| dir.missing("VAE", "vae"))?;
+                .ok_or_else(|| engine.missing("VAE", "vae"))?;
             let [_, _, _, h, w] =
                 channels(vae_io::VIDEO, "[B, 3, F, H, W]", v.in_channels, "the VAE")?;
             if h % 8 != 0 || w % 8 != 0 {
@@ -320,7 +320,7 @@ pub fn check_inputs(
             let v = manifest
                 .vae
                 .as_ref()
-                .ok_or_else(|| dir.missing("VAE", "vae"))?;
+                .ok_or_else(|| engine.missing("VAE", "vae"))?;
             channels(
                 vae_io::LATENTS,
                 "[B, C, F, H, W]",
@@ -332,7 +332,7 @@ pub fn check_inputs(
             let e = manifest
                 .hypernet
                 .as_ref()
-                .ok_or_else(|| dir.missing("hypernetwork", "hypernet"))?;
+                .ok_or_else(|| engine.missing("hypernetwork", "hypernet"))?;
             let want = e.dims.feature_dim;
             channels(
                 hypernet_io::REFERENCE_LATENTS,
@@ -345,7 +345,7 @@ pub fn check_inputs(
             let e = manifest
                 .text_encoder
                 .as_ref()
-                .ok_or_else(|| dir.missing("text encoder", "text-encoder"))?;
+                .ok_or_else(|| engine.missing("text encoder", "text-encoder"))?;
             let _: [usize; 2] = sized(dims(text_io::INPUT_IDS), "[B, L]")
                 .map_err(|m| bad(text_io::INPUT_IDS, m))?;
             // Optional (umT5 graphs take one; without it every non-padding token counts).
@@ -413,7 +413,7 @@ fn timed<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<(T, Vec<f64
 /// Runs `stage` of the export in `dir` on `inputs`, with `lora` fused into the DiT if given,
 /// `runs` times on one loaded session (for timing; the outputs are the last run's).
 pub fn run_stage(
-    dir: &Engine,
+    engine: &Engine,
     stage: Stage,
     inputs: &BTreeMap<String, Tensor>,
     opts: &SessionOptions,
@@ -438,16 +438,16 @@ pub fn run_stage(
     let (outputs, load_ms, runs_ms) = match stage {
         Stage::Dit => {
             let mut m = match lora {
-                None => dir.dit(opts)?,
-                Some(l) => v2l_runtime::lora::strategy::fused_dit(dir, opts, l)?,
+                None => engine.dit(opts)?,
+                Some(l) => v2l_runtime::lora::strategy::fused_dit(engine, opts, l)?,
             };
             let load_ms = ms(t0);
             let mut feed: BTreeMap<String, Tensor> = stage
-                .required_inputs(dir)
+                .required_inputs(engine)
                 .iter()
                 .map(|n| Ok((n.to_string(), get(n)?.clone())))
                 .collect::<Result<_>>()?;
-            if let Some(w) = dir.wan_config()? {
+            if let Some(w) = engine.wan_config()? {
                 wan_feed(&w, inputs, &mut feed)?;
             }
             let (mut out, times) = timed(runs, || m.run(&feed))?;
@@ -460,7 +460,7 @@ pub fn run_stage(
             )
         }
         Stage::VaeEncode => {
-            let mut vae = v2l_runtime::vae::Vae::load(dir, opts)?;
+            let mut vae = v2l_runtime::vae::Vae::load(engine, opts)?;
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
             let ((mean, logvar), times) = timed(runs, || vae.encode(get(vae_io::VIDEO)?))?;
@@ -474,7 +474,7 @@ pub fn run_stage(
             )
         }
         Stage::VaeDecode => {
-            let mut vae = v2l_runtime::vae::Vae::load(dir, opts)?;
+            let mut vae = v2l_runtime::vae::Vae::load(engine, opts)?;
             vae.tiling = vae_tiling;
             let load_ms = ms(t0);
             let (sample, times) = timed(runs, || vae.decode(get(vae_io::LATENTS)?))?;
@@ -485,7 +485,7 @@ pub fn run_stage(
             )
         }
         Stage::Hypernet => {
-            let mut p = v2l_runtime::predict::Predictor::load(dir, opts)?;
+            let mut p = v2l_runtime::predict::Predictor::load(engine, opts)?;
             let load_ms = ms(t0);
             let (hw, times) = timed(runs, || {
                 p.hyper_weights(get(hypernet_io::REFERENCE_LATENTS)?)
@@ -497,14 +497,14 @@ pub fn run_stage(
             )
         }
         Stage::TextEncoder => {
-            let e = dir
+            let e = engine
                 .manifest
                 .text_encoder
                 .as_ref()
-                .ok_or_else(|| dir.missing("text encoder", "text-encoder"))?;
+                .ok_or_else(|| engine.missing("text encoder", "text-encoder"))?;
             let mut m = v2l_runtime::session::Model::load(
-                &dir.dir.join(&e.file),
-                &dir.text_encoder_options(opts),
+                &engine.dir.join(&e.file),
+                &engine.text_encoder_options(opts),
             )?;
             let load_ms = ms(t0);
             let mask = inputs.get("attention_mask").cloned();

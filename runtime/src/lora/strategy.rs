@@ -46,12 +46,12 @@ pub struct DitRunner {
     max_rank: Option<usize>,
 }
 
-fn variant(dir: &Engine, strategy: Strategy) -> Result<PathBuf> {
+fn variant(engine: &Engine, strategy: Strategy) -> Result<PathBuf> {
     let graph = v2l_contracts::bundle::VariantGraph::Strategy(strategy);
-    dir.dit_variant(graph)
-        .map(|f| dir.dir.join(f))
+    engine.dit_variant(graph)
+        .map(|f| engine.dir.join(f))
         .ok_or_else(|| RuntimeError::Engine {
-            dir: dir.dir.clone(),
+            dir: engine.dir.clone(),
             message: format!("the `{}` LoRA strategy needs an engine bundle with its DiT variant; run `v2l-compile` on the export", strategy.name()),
         })
 }
@@ -200,21 +200,21 @@ fn write_factors(
 }
 
 impl DitRunner {
-    pub fn load(dir: &Engine, opts: &SessionOptions, strategy: Strategy) -> Result<DitRunner> {
-        let targets = dir.dit_targets()?.to_vec();
+    pub fn load(engine: &Engine, opts: &SessionOptions, strategy: Strategy) -> Result<DitRunner> {
+        let targets = engine.dit_targets()?.to_vec();
         let mut weights = None;
         match strategy {
-            Strategy::Bound if dir.precision() != crate::backend::Precision::Fp32 => {
+            Strategy::Bound if engine.precision() != crate::backend::Precision::Fp32 => {
                 return Err(RuntimeError::Engine {
-                    dir: dir.dir.clone(),
+                    dir: engine.dir.clone(),
                     message: format!(
                         "the `bound` LoRA strategy feeds f32 weights; this {} engine uses `unfused` or `fused`",
-                        dir.precision().name()
+                        engine.precision().name()
                     ),
                 })
             }
             Strategy::Bound => {
-                let e = dir
+                let e = engine
                     .manifest
                     .dit
                     .as_ref()
@@ -223,14 +223,14 @@ impl DitRunner {
                         message: "no DiT".into(),
                     })?;
                 let sw =
-                    SwitchableWeights::from_base(mapped_base(&dir.dir.join(&e.file), &targets)?);
+                    SwitchableWeights::from_base(mapped_base(&engine.dir.join(&e.file), &targets)?);
                 weights = Some(sw);
             }
             Strategy::Fused | Strategy::Unfused => {}
         }
-        let mut model = dit_load(dir, opts, strategy, None)?.load(false)?;
+        let mut model = dit_load(engine, opts, strategy, None)?.load(false)?;
         if strategy == Strategy::Unfused {
-            let pad = dir.bundle.as_ref().and_then(|b| b.max_rank);
+            let pad = engine.bundle.as_ref().and_then(|b| b.max_rank);
             write_factors(&mut model, &targets, &[None], pad)?;
         }
         Ok(DitRunner {
@@ -242,17 +242,17 @@ impl DitRunner {
             weights,
             samples: vec![None],
             laid_out: 1,
-            max_rank: dir.bundle.as_ref().and_then(|b| b.max_rank),
+            max_rank: engine.bundle.as_ref().and_then(|b| b.max_rank),
         })
     }
 
     /// Applies `lora` (or the base weights for `None`). Everything is validated first: a
     /// refused LoRA leaves the previous one in place.
-    pub fn set_lora(&mut self, dir: &Engine, lora: Option<&AppliedLora>) -> Result<()> {
+    pub fn set_lora(&mut self, engine: &Engine, lora: Option<&AppliedLora>) -> Result<()> {
         match self.strategy {
             Strategy::Fused => {
                 let cut = self.model.is_cut();
-                self.model = dit_load(dir, &self.opts, Strategy::Fused, lora)?.load(cut)?;
+                self.model = dit_load(engine, &self.opts, Strategy::Fused, lora)?.load(cut)?;
                 self.fused = lora.cloned();
             }
             Strategy::Bound => {
@@ -267,7 +267,7 @@ impl DitRunner {
                 // rewriting them is the whole switch.
                 sw.apply(lora.map(|l| (&*l.lora, l.multiplier, l.source.as_path())))?;
             }
-            Strategy::Unfused => self.set_sample_loras(dir, &[lora])?,
+            Strategy::Unfused => self.set_sample_loras(engine, &[lora])?,
         }
         Ok(())
     }
@@ -281,7 +281,7 @@ impl DitRunner {
     /// so a request's output does not depend on its company (bitwise, on the CPU).
     pub fn set_sample_loras(
         &mut self,
-        _dir: &Engine,
+        _engine: &Engine,
         samples: &[Option<&AppliedLora>],
     ) -> Result<()> {
         if self.strategy != Strategy::Unfused {
@@ -320,11 +320,11 @@ impl DitRunner {
     /// Runs the DiT from now on as three sessions (head, blocks, output) so that step caching
     /// can skip the blocks ([`DitRunner::run_cached`]); the LoRA in place stays. Done once: a
     /// DiT already cut is kept.
-    pub fn cut_for_caching(&mut self, dir: &Engine) -> Result<()> {
+    pub fn cut_for_caching(&mut self, engine: &Engine) -> Result<()> {
         if self.model.is_cut() {
             return Ok(());
         }
-        let plan = dit_load(dir, &self.opts, self.strategy, self.fused.as_ref())?;
+        let plan = dit_load(engine, &self.opts, self.strategy, self.fused.as_ref())?;
         // Read (and refused) before anything is released: a graph without cut points.
         let graph = crate::step_cache::cut_names(&plan.path)?;
         // The whole DiT goes first, so its weights are not held twice. Should the cut fail,
@@ -336,7 +336,7 @@ impl DitRunner {
                 None
             }
             Err(e) => {
-                let whole = dit_load(dir, &self.opts, self.strategy, self.fused.as_ref())?;
+                let whole = dit_load(engine, &self.opts, self.strategy, self.fused.as_ref())?;
                 self.model = whole.load(false)?;
                 Some(e)
             }
@@ -524,26 +524,26 @@ impl DitLoad {
 /// The DiT session `strategy` runs, with `lora` fused for `fused` (other strategies apply
 /// their LoRA after the session is built).
 fn dit_load(
-    dir: &Engine,
+    engine: &Engine,
     opts: &SessionOptions,
     strategy: Strategy,
     lora: Option<&AppliedLora>,
 ) -> Result<DitLoad> {
     Ok(match (strategy, lora) {
-        (Strategy::Fused, Some(l)) => fused_load(dir, opts, l)?,
+        (Strategy::Fused, Some(l)) => fused_load(engine, opts, l)?,
         (Strategy::Fused, None) => DitLoad {
-            path: dir.dit_path()?,
-            opts: dir.dit_options(opts),
+            path: engine.dit_path()?,
+            opts: engine.dit_options(opts),
             weights: Vec::new(),
         },
         (Strategy::Bound, _) => DitLoad {
-            path: variant(dir, Strategy::Bound)?,
+            path: variant(engine, Strategy::Bound)?,
             opts: opts.clone(),
             weights: Vec::new(),
         },
         (Strategy::Unfused, _) => DitLoad {
-            path: variant(dir, Strategy::Unfused)?,
-            opts: dir.dit_options(opts),
+            path: variant(engine, Strategy::Unfused)?,
+            opts: engine.dit_options(opts),
             weights: Vec::new(),
         },
     })
