@@ -11,6 +11,7 @@ use v2l_contracts::io::files as files_io;
 use v2l_contracts::request::Field;
 
 pub mod fuse_checkpoint;
+pub mod lora;
 pub mod stage;
 
 /// A failure as shown to the user: the message and an optional fix.
