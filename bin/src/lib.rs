@@ -12,6 +12,7 @@ use v2l_contracts::request::Field;
 
 pub mod fuse_checkpoint;
 pub mod generate;
+pub mod lora;
 pub mod stage;
 
 /// A failure as shown to the user: the message and an optional fix.
