@@ -929,12 +929,16 @@ fn the_predictor_loads_only_when_a_reference_needs_it() {
     p.generate(&req.on(&p), &mut |_, _| true).unwrap();
 }
 
-/// The request contract: parts are checked once, against one engine; a pipeline of another
-/// engine refuses the request instead of running it unchecked, and steps outside the
-/// scheduler's schedule never reach the pipeline.
+/// The request contract: parts are checked once, against one engine; a pipeline runs the
+/// request unchecked when its engine has the same facts (another bundle of the same export),
+/// refuses it when they differ, and steps outside the scheduler's schedule never reach it.
 #[test]
-fn a_request_is_checked_once_against_its_own_engine() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+fn a_request_is_checked_once_against_engines_of_its_kind() {
+    let (a, b, w) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
     let (ea, eb) = (engine(a.path()), engine(b.path()));
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
     let engine_b = Engine::open(&eb).unwrap();
@@ -949,30 +953,39 @@ fn a_request_is_checked_once_against_its_own_engine() {
         let e = parts.check(&engine_b).err().unwrap().to_string();
         assert!(e.contains(needle), "{e}");
     }
-    let req = two_step_request(&io).check(&engine_b).unwrap();
+    // Checked against a twin engine: runs as if checked against the pipeline's own.
     let mut p = load(&ea, Strategy::Fused);
+    let twin = two_step_request(&io).check(&engine_b).unwrap();
+    let own = two_step_request(&io).check(p.engine()).unwrap();
+    let g_twin = p.generate(&twin, &mut |_, _| true).unwrap();
+    let g_own = p.generate(&own, &mut |_, _| true).unwrap();
+    assert!(g_twin.latents_steps == g_own.latents_steps);
+    // Checked against a Wan engine: a CogVideoX pipeline refuses it, alone or in a batch.
+    let wan_engine = common::wan_engine(
+        w.path(),
+        &[
+            ("transformer", "transformer"),
+            ("vae", "vae"),
+            ("scheduler_unipc", "scheduler"),
+        ],
+    );
+    let wan_io = read_safetensors(&tiny().join("../wan-tiny/e2e_io.safetensors")).unwrap();
+    let wan_req = common::wan_t2v_request(&wan_io, 2)
+        .check(&Engine::open(&wan_engine).unwrap())
+        .unwrap();
     let e = p
-        .generate(&req, &mut |_, _| true)
+        .generate(&wan_req, &mut |_, _| true)
         .err()
         .unwrap()
         .to_string();
     assert!(
-        e.contains("checked against the engine") && e.contains(&*eb.to_string_lossy()),
+        e.contains("whose DiT or scheduler differs") && e.contains(&*wan_engine.to_string_lossy()),
         "{e}"
     );
-    let e = p
-        .generate_batch(&[req.clone()], &mut |_, _| true)
+    let e = (p
+        .generate_batch(&[wan_req], &mut |_, _| true)
         .err()
-        .unwrap()
-        .to_string();
+        .unwrap())
+    .to_string();
     assert!(e.contains("request 1 of the batch"), "{e}");
-    // The same parts checked against the pipeline's own engine run.
-    let own = two_step_request(&io).check(p.engine()).unwrap();
-    assert_eq!(
-        p.generate(&own, &mut |_, _| true)
-            .unwrap()
-            .latents_steps
-            .len(),
-        2
-    );
 }

@@ -74,6 +74,8 @@ impl Generation {
 /// A loaded pipeline: VAE, DiT (rebuilt with fused weights when a LoRA is applied), scheduler.
 pub struct Pipeline {
     engine: Engine,
+    /// What requests are checked against ([`RequestParts::check`]).
+    facts: crate::request::EngineFacts,
     /// What the engine deploys (checked at load).
     kind: PipelineKind,
     vae: Vae,
@@ -145,6 +147,7 @@ impl Pipeline {
         let vae = Vae::load(&engine, opts)?;
         let dit = DitRunner::load(&engine, opts, strategy)?;
         Ok(Pipeline {
+            facts: crate::request::EngineFacts::of(&engine)?,
             engine,
             kind,
             vae,
@@ -258,15 +261,15 @@ impl Pipeline {
         })
     }
 
-    /// Step 0: the request's latent shape, once it is known to have been checked against this
-    /// pipeline's engine ([`RequestParts::check`] checked the rest).
+    /// Step 0: the request's latent shape, once it is known to have been checked against an
+    /// engine with this pipeline's facts ([`RequestParts::check`] checked the rest).
     fn accept(&self, req: &Request) -> Result<LatentShape> {
-        match req.engine_dir() == self.engine.dir {
+        match *req.facts() == self.facts {
             true => Ok(*req.shape()),
             false => Err(RuntimeError::Invalid {
                 what: "request".into(),
                 message: format!(
-                    "checked against the engine {}; this pipeline runs {}",
+                    "checked against the engine {}, whose DiT or scheduler differs from this pipeline's ({}): check it against this one",
                     req.engine_dir().display(),
                     self.engine.dir.display()
                 ),

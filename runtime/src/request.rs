@@ -19,7 +19,9 @@ mod settings;
 
 pub use crate::predict::check_reference_weight;
 pub(crate) use checked::LatentShape;
-pub use checked::{check_first_frame, check_sampler, Request, RequestLora, RequestParts};
+pub use checked::{
+    check_first_frame, check_sampler, EngineFacts, Request, RequestLora, RequestParts,
+};
 pub use inputs::{Built, Inputs, LoraInput, MediaInput, NoiseInput, PromptEncoders, PromptInput};
 pub use settings::{
     bounded, check_fps, check_sequence_length, finite, frame_multiple, Checked, EngineDefaults,

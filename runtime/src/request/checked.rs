@@ -1,7 +1,8 @@
 //! A generation request checked against its engine. [`RequestParts`] is what a caller fills
 //! in; [`RequestParts::check`] is the only way to a [`Request`], and the pipeline runs a
-//! `Request` without checking it again (it only makes sure the request was checked against
-//! its own engine).
+//! `Request` without checking it again: it only compares the [`EngineFacts`] the request was
+//! checked against with its own engine's (equal for every bundle of one export, so one request
+//! can run on an fp32 and a bf16 engine alike).
 
 use std::ops::Deref;
 use std::path::PathBuf;
@@ -81,8 +82,39 @@ pub enum RequestLora {
 pub struct Request {
     parts: RequestParts,
     shape: LatentShape,
-    /// The engine it was checked against, so a pipeline of another engine refuses it.
+    /// What the checks read of the engine, so a pipeline whose engine differs refuses it.
+    facts: EngineFacts,
+    /// The engine it was checked against, to name it.
     engine: PathBuf,
+}
+
+/// What [`RequestParts::check`] reads of an engine: two engines with equal facts accept the
+/// same requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineFacts {
+    kind: PipelineKind,
+    patch_size: usize,
+    out_channels: usize,
+    text_embed_dim: usize,
+    /// Wan I2V: the CLIP tokens' width, and whether the engine encodes them itself.
+    image_tokens: Option<(usize, bool)>,
+    train_timesteps: usize,
+}
+
+impl EngineFacts {
+    /// The facts of `engine` (reads its scheduler config once).
+    pub fn of(engine: &Engine) -> Result<EngineFacts> {
+        let dit = engine.dit_entry()?;
+        let image_dim = engine.wan_config()?.and_then(|c| c.image_dim);
+        Ok(EngineFacts {
+            kind: engine.pipeline_kind()?,
+            patch_size: dit.patch_size,
+            out_channels: dit.out_channels,
+            text_embed_dim: dit.text_embed_dim,
+            image_tokens: image_dim.map(|d| (d, engine.manifest.image_encoder.is_some())),
+            train_timesteps: engine.train_timesteps()?,
+        })
+    }
 }
 
 impl Deref for Request {
@@ -107,6 +139,11 @@ impl Request {
     pub fn engine_dir(&self) -> &std::path::Path {
         &self.engine
     }
+
+    /// The engine facts the request was checked against.
+    pub fn facts(&self) -> &EngineFacts {
+        &self.facts
+    }
 }
 
 impl RequestParts {
@@ -115,8 +152,8 @@ impl RequestParts {
     /// the noise's shape, the prompt and image embeddings' shapes and values, the reference's
     /// LoRA weight.
     pub fn check(self, engine: &Engine) -> Result<Request> {
-        let dit = engine.dit_entry()?;
-        let kind = engine.pipeline_kind()?;
+        let facts = EngineFacts::of(engine)?;
+        let kind = facts.kind;
         let invalid =
             |field: Field, message: String| RuntimeError::from(RequestError::new(field, message));
         check_sampler(kind, self.sampler)?;
@@ -124,7 +161,7 @@ impl RequestParts {
         if self.steps == 0 {
             return Err(invalid(Field::Steps, "0: at least 1".into()));
         }
-        let max = engine.train_timesteps()?;
+        let max = facts.train_timesteps;
         if self.steps > max {
             return Err(invalid(
                 Field::Steps,
@@ -156,7 +193,7 @@ impl RequestParts {
                 }
             },
         };
-        let m = SPACE_STRIDE * dit.patch_size;
+        let m = SPACE_STRIDE * facts.patch_size;
         let frames = self.frames;
         if h % m != 0 || w % m != 0 || frames == 0 || (frames - 1) % TIME_STRIDE != 0 {
             return Err(invalid(
@@ -168,7 +205,7 @@ impl RequestParts {
         let shape = LatentShape {
             frames: grid.frames,
             // The DiT predicts the noisy latents: its output channels are theirs.
-            channels: dit.out_channels,
+            channels: facts.out_channels,
             height: grid.height,
             width: grid.width,
             channels_first: kind.family() == Family::Wan,
@@ -184,17 +221,17 @@ impl RequestParts {
             (Field::NegativePromptEmbeds, &self.negative_prompt_embeds),
         ];
         for (field, t) in prompts {
-            if !matches!(t.shape[..], [1, _, d] if d == dit.text_embed_dim) {
+            if !matches!(t.shape[..], [1, _, d] if d == facts.text_embed_dim) {
                 return Err(invalid(
                     field,
                     format!(
                         "shape {:?}; expected [1, L, {}]",
-                        t.shape, dit.text_embed_dim
+                        t.shape, facts.text_embed_dim
                     ),
                 ));
             }
         }
-        self.check_image_embeds(engine)?;
+        self.check_image_embeds(facts.image_tokens)?;
         for (field, t) in prompts {
             // Attention over the text grows with its length: bounded like prompt text.
             let max = MAX_SEQUENCE_LENGTH;
@@ -213,24 +250,24 @@ impl RequestParts {
         Ok(Request {
             parts: self,
             shape,
+            facts,
             engine: engine.dir.clone(),
         })
     }
 
     /// Wan I2V takes the first frame's CLIP tokens, given or computed by the engine's image
     /// encoder; other engines ignore them.
-    fn check_image_embeds(&self, engine: &Engine) -> Result<()> {
-        let image_dim = engine.wan_config()?.and_then(|c| c.image_dim);
+    fn check_image_embeds(&self, image_tokens: Option<(usize, bool)>) -> Result<()> {
         let invalid =
             |message: String| RuntimeError::from(RequestError::new(Field::ImageEmbeds, message));
-        if let Some(d) = image_dim {
+        if let Some((d, encodes)) = image_tokens {
             match &self.image_embeds {
                 Some(e) if matches!(e.shape[..], [1, l, w] if l > 0 && w == d) => {}
                 Some(e) => {
                     return Err(invalid(format!("shape {:?}; expected [1, tokens, {d}]", e.shape)))
                 }
                 // The engine's CLIP encoder computes them from the first frame.
-                None if engine.manifest.image_encoder.is_some() => {}
+                None if encodes => {}
                 None => {
                     return Err(invalid(format!(
                         "missing: an I2V Wan engine needs the first frame's CLIP tokens [1, tokens, {d}]"
