@@ -7,7 +7,8 @@
 //! 2. [`Inputs`] + [`Checked`] → [`Inputs::build`]: files read, prompt text encoded, and
 //! 3. [`RequestParts`] → [`RequestParts::check`] → [`Request`]: the whole request against the
 //!    engine (shapes, values, the first-frame and sampler rules). The pipeline trusts a
-//!    [`Request`]; neither it nor [`Checked`] can be made any other way.
+//!    [`Request`] checked against an engine with its own [`EngineFacts`] (any bundle of the
+//!    same export); neither a `Request` nor a [`Checked`] can be made any other way.
 //!
 //! A bad value is a [`RequestError`] carrying a typed [`Field`]; each front end names that
 //! field its own way (`--frames`, `params.frames`, the form field `frames`), so the same bad
