@@ -75,7 +75,7 @@ impl Generation {
 pub struct Pipeline {
     engine: Engine,
     /// What requests are checked against ([`RequestParts::check`]).
-    facts: crate::request::EngineFacts,
+    facts: crate::request::RequestFacts,
     /// What the engine deploys (checked at load).
     kind: PipelineKind,
     vae: Vae,
@@ -147,7 +147,7 @@ impl Pipeline {
         let vae = Vae::load(&engine, opts)?;
         let dit = DitRunner::load(&engine, opts, strategy)?;
         Ok(Pipeline {
-            facts: crate::request::EngineFacts::of(&engine)?,
+            facts: crate::request::RequestFacts::of(&engine)?,
             engine,
             kind,
             vae,

@@ -7,7 +7,7 @@
 //! 2. [`Inputs`] + [`Checked`] → [`Inputs::build`]: files read, prompt text encoded, and
 //! 3. [`RequestParts`] → [`RequestParts::check`] → [`Request`]: the whole request against the
 //!    engine (shapes, values, the first-frame and sampler rules). The pipeline trusts a
-//!    [`Request`] checked against an engine with its own [`EngineFacts`] (any bundle of the
+//!    [`Request`] checked against an engine with its own [`RequestFacts`] (any bundle of the
 //!    same export); neither a `Request` nor a [`Checked`] can be made any other way.
 //!
 //! A bad value is a [`RequestError`] carrying a typed [`Field`]; each front end names that
@@ -21,7 +21,7 @@ mod settings;
 pub use crate::predict::check_reference_weight;
 pub(crate) use checked::LatentShape;
 pub use checked::{
-    check_first_frame, check_sampler, EngineFacts, Request, RequestLora, RequestParts,
+    check_first_frame, check_sampler, Request, RequestFacts, RequestLora, RequestParts,
 };
 pub use inputs::{Built, Inputs, LoraInput, MediaInput, NoiseInput, PromptEncoders, PromptInput};
 pub use settings::{

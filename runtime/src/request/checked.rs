@@ -1,6 +1,6 @@
 //! A generation request checked against its engine. [`RequestParts`] is what a caller fills
 //! in; [`RequestParts::check`] is the only way to a [`Request`], and the pipeline runs a
-//! `Request` without checking it again: it only compares the [`EngineFacts`] the request was
+//! `Request` without checking it again: it only compares the [`RequestFacts`] the request was
 //! checked against with its own engine's (equal for every bundle of one export, so one request
 //! can run on an fp32 and a bf16 engine alike).
 
@@ -83,7 +83,7 @@ pub struct Request {
     parts: RequestParts,
     shape: LatentShape,
     /// What the checks read of the engine, so a pipeline whose engine differs refuses it.
-    facts: EngineFacts,
+    facts: RequestFacts,
     /// The engine it was checked against, to name it.
     engine: PathBuf,
 }
@@ -91,7 +91,7 @@ pub struct Request {
 /// What [`RequestParts::check`] reads of an engine: two engines with equal facts accept the
 /// same requests.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EngineFacts {
+pub struct RequestFacts {
     kind: PipelineKind,
     patch_size: usize,
     out_channels: usize,
@@ -101,12 +101,12 @@ pub struct EngineFacts {
     train_timesteps: usize,
 }
 
-impl EngineFacts {
+impl RequestFacts {
     /// The facts of `engine` (reads its scheduler config once).
-    pub fn of(engine: &Engine) -> Result<EngineFacts> {
+    pub fn of(engine: &Engine) -> Result<RequestFacts> {
         let dit = engine.dit_entry()?;
         let image_dim = engine.wan_config()?.and_then(|c| c.image_dim);
-        Ok(EngineFacts {
+        Ok(RequestFacts {
             kind: engine.pipeline_kind()?,
             patch_size: dit.patch_size,
             out_channels: dit.out_channels,
@@ -141,7 +141,7 @@ impl Request {
     }
 
     /// The engine facts the request was checked against.
-    pub fn facts(&self) -> &EngineFacts {
+    pub fn facts(&self) -> &RequestFacts {
         &self.facts
     }
 }
@@ -152,7 +152,7 @@ impl RequestParts {
     /// the noise's shape, the prompt and image embeddings' shapes and values, the reference's
     /// LoRA weight.
     pub fn check(self, engine: &Engine) -> Result<Request> {
-        let facts = EngineFacts::of(engine)?;
+        let facts = RequestFacts::of(engine)?;
         let kind = facts.kind;
         let invalid =
             |field: Field, message: String| RuntimeError::from(RequestError::new(field, message));
