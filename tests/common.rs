@@ -114,3 +114,60 @@ pub fn assert_finite(what: &str, t: &Tensor) {
     let v = t.as_f32(what).unwrap();
     assert!(v.iter().all(|x| x.is_finite()), "{what}: non-finite values");
 }
+
+/// The VAE graphs `graphs` in `dir` read no `cache_in.*` on a clip's first batch: caches full
+/// of NaN give bitwise the outputs (caches out included) that caches of zeros give. The runtime
+/// relies on it where it carries caches in session memory (a GPU's): the first batch's caches
+/// start there unwritten (`Model::unwritten_carry`).
+pub fn assert_first_batch_ignores_caches(
+    dir: &Path,
+    entry: &v2l_contracts::manifest::VaeEntry,
+    graphs: &v2l_contracts::bundle::VaeGraphs,
+    video: &Tensor,
+    latents: &Tensor,
+) {
+    use v2l_runtime::session::Model;
+    let cases = [
+        (
+            &graphs.encoder,
+            &entry.encoder_caches,
+            "video",
+            video,
+            entry.encoder_batches(video.shape[2]).unwrap(),
+        ),
+        (
+            &graphs.decoder,
+            &entry.decoder_caches,
+            "latents",
+            latents,
+            entry.decoder_batches(latents.shape[2]).unwrap(),
+        ),
+    ];
+    for (graph, caches, input, x, batches) in cases {
+        assert!(!caches.is_empty(), "{graph}: no caches to test");
+        let mut m = Model::load(&dir.join(graph), &v2l_runtime::SessionOptions::default()).unwrap();
+        let (b, h, w) = (x.shape[0], x.shape[3], x.shape[4]);
+        let (start, end) = batches[0];
+        let mut run = |fill: f32| {
+            let mut feed = BTreeMap::new();
+            feed.insert(input.to_string(), x.slice_axis(2, start, end).unwrap());
+            feed.insert("first_batch".to_string(), Tensor::f32(vec![1], vec![1.0]));
+            for c in caches {
+                let shape = c.shape(b, h, w).to_vec();
+                let n = shape.iter().product();
+                feed.insert(c.name.clone(), Tensor::f32(shape, vec![fill; n]));
+            }
+            m.run(&feed).unwrap()
+        };
+        let zeros = run(0.0);
+        let nan = run(f32::NAN);
+        assert_eq!(zeros.len(), nan.len(), "{graph}");
+        for (name, z) in &zeros {
+            let n = &nan[name];
+            let (z, n) = (z.as_f32(name).unwrap(), n.as_f32(name).unwrap());
+            assert!(z.iter().all(|v| v.is_finite()), "{graph}: `{name}` not finite");
+            let same = z.iter().zip(n).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{graph}: `{name}` read the first batch's caches");
+        }
+    }
+}

@@ -94,6 +94,7 @@ fn tiled_vae_matches_diffusers_enable_tiling() {
         overlap_height: f("tile_overlap_factor_height"),
         overlap_width: f("tile_overlap_factor_width"),
         factor: 8,
+        auto_max_pixels: v2l_runtime::vae::AUTO_MAX_UNTILED_PIXELS,
     };
     let io = load("vae_io.safetensors");
     let tiled = load("vae_tiling_io.safetensors");
@@ -211,6 +212,9 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
     assert_eq!(d0.shape, d1.shape);
     assert_eq!(d0.data, d1.data);
     assert_close("carried decode", &d1, &io["decoded"], F32_REL_L2);
+    let entry = e.manifest.vae.clone().unwrap();
+    let graphs = e.vae_graphs(&entry);
+    assert_first_batch_ignores_caches(&engine, &entry, &graphs, &io["video"], &io["latents"]);
 }
 
 /// GPU engines below fp32 run the VAE in their precision (`bundle.json` `vae_lowered`): bf16
@@ -279,6 +283,7 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
             encoder: cpu(&entry.encoder),
             decoder: cpu(&entry.decoder),
         };
+        assert_first_batch_ignores_caches(&engine, &entry, &twins, &io["video"], &io["latents"]);
         let mut vae =
             Vae::load_graphs(&engine, entry.clone(), &twins, &SessionOptions::default()).unwrap();
         let decoded = vae.decode(&io["latents"]).unwrap();

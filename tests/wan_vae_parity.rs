@@ -40,6 +40,10 @@ fn wan_vae_matches_diffusers() {
     let sample = vae.decode(&io["latents"]).unwrap();
     assert_eq!(vae.entry.decoded_frames(4), 13);
     assert_close("sample", &sample, &io["sample"], REL_L2);
+    let e = Engine::open(dir.path()).unwrap();
+    let entry = e.manifest.vae.clone().unwrap();
+    let graphs = e.vae_graphs(&entry);
+    assert_first_batch_ignores_caches(dir.path(), &entry, &graphs, &io["video"], &io["latents"]);
 }
 
 #[test]

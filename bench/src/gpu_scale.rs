@@ -208,7 +208,10 @@ fn run_case(
         .arg(case.join("inputs.safetensors"))
         .arg("-o")
         .arg(&out)
-        .args(["--json", "--repeat", &b.repeat.max(3).to_string()]);
+        .args(["--json", "--repeat", &b.repeat.max(3).to_string()])
+        // PyTorch decodes whole (diffusers' default): the same computation on both sides,
+        // whatever `auto` picks.
+        .args(["--vae-tiling", "off"]);
     if b.profile {
         let traces = case.join(format!("profile-{}", c.precision));
         let _ = std::fs::remove_dir_all(&traces);

@@ -119,8 +119,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 8)]
     pub fps: u32,
     /// Tile the VAE spatially as diffusers' enable_tiling() does: `on` whenever a frame is
-    /// larger than a tile (half the VAE's sample size), `auto` likewise above 256x384 pixels
-    /// (real resolutions; memory bounded by one tile), `off` never
+    /// larger than a tile (half the VAE's sample size), `auto` likewise above 256x384 pixels on
+    /// the CPU (real resolutions; memory bounded by one tile) and above 480x832 on a GPU
+    /// engine (480p decodes whole, as diffusers does), `off` never
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub vae_tiling: TilingArg,
     /// No progress bar

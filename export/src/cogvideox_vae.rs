@@ -21,8 +21,9 @@
 //!
 //! * `first_batch` is 1.0 for the first batch of a clip, 0.0 afterwards. With 1.0 each causal
 //!   conv pads time by replicating the first frame of its input (diffusers with no cache) and
-//!   the `cache_in.*` values are ignored (feed zeros of the declared shape); with 0.0 it pads
-//!   with `cache_in.*`.
+//!   the `cache_in.*` values are ignored: any values of the declared shape, NaN included (each
+//!   is read only through a `Where` on `first_batch`; v2l feeds zeros on the CPU and leaves a
+//!   GPU's unwritten); with 0.0 it pads with `cache_in.*`.
 //! * `cache_in.<module>` (one per causal conv with a temporal kernel > 1, e.g.
 //!   `cache_in.encoder.down_blocks.0.resnets.0.conv1`) is `[B, C, k_t-1, H·num/den, W·num/den]`
 //!   as listed in [`CacheSpec`]; after a batch, feed each `cache_out.<module>` back as

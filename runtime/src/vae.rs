@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use v2l_contracts::io::vae as vae_io;
 
 mod tiling;
-pub use tiling::{Tiling, TilingMode};
+pub use tiling::{Tiling, TilingMode, AUTO_MAX_UNTILED_PIXELS, AUTO_MAX_UNTILED_PIXELS_GPU};
 
 use v2l_contracts::bundle::VaeGraphs;
 use v2l_contracts::frame_batch::CacheSpec;
@@ -64,7 +64,8 @@ impl Vae {
     ) -> Result<Vae> {
         let encoder = Model::load(&dir.join(&graphs.encoder), opts)?;
         let decoder = Model::load(&dir.join(&graphs.decoder), opts)?;
-        let tile = Tiling::for_config(&entry.config);
+        let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
+        let tile = Tiling::for_config(&entry.config).on_gpu(gpu);
         Ok(Vae {
             tiling: TilingMode::default(),
             tile,
@@ -235,17 +236,27 @@ fn run_batches(
             message: format!("shape {:?}; expected [B, C, F, H, W]", x.shape),
         });
     };
-    // The first batch ignores its caches (`first_batch`); zeros from the allocator cost no
-    // memory until written, and ONNX Runtime only reads them.
-    let mut feed: BTreeMap<String, Tensor> = caches
+    // The first batch ignores its caches (`first_batch` selects around them). Where the
+    // caches are carried in session memory (a GPU's), they start there unwritten; else zeros
+    // from the allocator, which cost no memory until written (ONNX Runtime only reads them).
+    let shapes: Vec<(String, Vec<usize>)> = caches
         .iter()
-        .map(|c| (c.name.clone(), Tensor::zeros(c.shape(b, h, w).to_vec())))
+        .map(|c| (c.name.clone(), c.shape(b, h, w).to_vec()))
         .collect();
+    let (mut carry, mut feed) = match model.unwritten_carry(&shapes)? {
+        Some(carry) => (carry, BTreeMap::new()),
+        None => (
+            crate::session::Carry::default(),
+            shapes
+                .into_iter()
+                .map(|(name, shape)| (name, Tensor::zeros(shape)))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+    };
     let links: Vec<(String, String)> = caches
         .iter()
         .map(|c| (c.name.clone(), c.output_name()))
         .collect();
-    let mut carry = crate::session::Carry::default();
     let mut results = Vec::new();
     for (i, &(start, end)) in batches.iter().enumerate() {
         feed.insert(input.to_string(), x.slice_axis(2, start, end)?);

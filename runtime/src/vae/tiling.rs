@@ -20,8 +20,10 @@ use crate::tensor::Tensor;
 /// When to tile.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TilingMode {
-    /// Tile frames of more than [`AUTO_MAX_UNTILED_PIXELS`] that are larger than a tile: real
-    /// resolutions (480×720 and up) are tiled; 256×384 and smaller are not.
+    /// Tile frames larger than a tile and than [`Tiling::auto_max_pixels`]: on the CPU
+    /// ([`AUTO_MAX_UNTILED_PIXELS`]) real resolutions (480×720 and up) are tiled, 256×384 and
+    /// smaller are not; on a GPU ([`AUTO_MAX_UNTILED_PIXELS_GPU`]) up to 480×832 decodes whole,
+    /// as diffusers does.
     #[default]
     Auto,
     /// diffusers' `enable_tiling()`: tile whenever a frame is larger than a tile.
@@ -34,6 +36,13 @@ pub enum TilingMode {
 /// 49 s against 64 s tiled; diffusers' pipelines decode untiled unless told. At 480×720 it would
 /// need about 3.5× that memory, so real resolutions stay tiled (docs/benchmarks.md, "VAE").
 pub const AUTO_MAX_UNTILED_PIXELS: usize = 256 * 384;
+
+/// `auto` on a GPU engine leaves frames up to 480×832 pixels untiled (CogVideoX's 480×720 and
+/// Wan's 480p): what diffusers' pipelines and PyTorch decode, so the frames are the same
+/// computation, and the GPU is not held to one tile's small convolutions. PyTorch fp32 decodes
+/// 17×480×720 untiled on an 80 GB H100 (2026-11-26); v2l's untiled peak there is not yet
+/// measured (`v2l-bench gpu --scale` reports it). Larger frames are tiled as on the CPU.
+pub const AUTO_MAX_UNTILED_PIXELS_GPU: usize = 480 * 832;
 
 impl TilingMode {
     pub fn parse(s: &str) -> Option<TilingMode> {
@@ -57,6 +66,8 @@ pub struct Tiling {
     pub overlap_width: f64,
     /// Pixels per latent (`2^(len(block_out_channels) - 1)`).
     pub factor: usize,
+    /// The largest frame `auto` leaves untiled (by the provider: [`Tiling::on_gpu`]).
+    pub auto_max_pixels: usize,
 }
 
 impl Tiling {
@@ -80,6 +91,19 @@ impl Tiling {
             overlap_width: 1.0 / 5.0,
             // Capped so a malformed config cannot overflow the shift.
             factor: 1 << blocks.saturating_sub(1).min(16),
+            auto_max_pixels: AUTO_MAX_UNTILED_PIXELS,
+        }
+    }
+
+    /// The same geometry with `auto` set for a GPU provider when `gpu` holds.
+    pub fn on_gpu(self, gpu: bool) -> Tiling {
+        Tiling {
+            auto_max_pixels: if gpu {
+                AUTO_MAX_UNTILED_PIXELS_GPU
+            } else {
+                AUTO_MAX_UNTILED_PIXELS
+            },
+            ..self
         }
     }
 
@@ -97,7 +121,7 @@ impl Tiling {
         match mode {
             TilingMode::Off => false,
             TilingMode::On => larger,
-            TilingMode::Auto => larger && height * width > AUTO_MAX_UNTILED_PIXELS,
+            TilingMode::Auto => larger && height * width > self.auto_max_pixels,
         }
     }
 
@@ -262,6 +286,7 @@ mod tests {
             overlap_height: 0.25,
             overlap_width: 0.25,
             factor: 1,
+            auto_max_pixels: AUTO_MAX_UNTILED_PIXELS,
         };
         let (h, w) = (14, 20);
         let v: Vec<f32> = (0..h * w).map(|i| i as f32).collect();
@@ -281,5 +306,19 @@ mod tests {
         assert!(t.applies(TilingMode::On, 256, 384));
         assert!(!t.applies(TilingMode::Auto, 256, 384) && !t.applies(TilingMode::Auto, 384, 256));
         assert!(t.applies(TilingMode::Auto, 480, 720) && t.applies(TilingMode::Auto, 272, 384));
+    }
+
+    #[test]
+    fn auto_on_a_gpu_decodes_480p_whole_as_diffusers_does() {
+        let cpu =
+            Tiling::for_config(&serde_json::json!({"block_out_channels": [128, 256, 256, 512]}));
+        let gpu = cpu.on_gpu(true);
+        assert_eq!(gpu.on_gpu(false), cpu);
+        for (h, w) in [(480, 720), (480, 832), (832, 480)] {
+            assert!(cpu.applies(TilingMode::Auto, h, w), "{h}x{w} on the CPU");
+            assert!(!gpu.applies(TilingMode::Auto, h, w), "{h}x{w} on a GPU");
+            assert!(gpu.applies(TilingMode::On, h, w), "{h}x{w} on a GPU, on");
+        }
+        assert!(gpu.applies(TilingMode::Auto, 720, 1280));
     }
 }
