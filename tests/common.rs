@@ -165,9 +165,59 @@ pub fn assert_first_batch_ignores_caches(
         for (name, z) in &zeros {
             let n = &nan[name];
             let (z, n) = (z.as_f32(name).unwrap(), n.as_f32(name).unwrap());
-            assert!(z.iter().all(|v| v.is_finite()), "{graph}: `{name}` not finite");
+            assert!(
+                z.iter().all(|v| v.is_finite()),
+                "{graph}: `{name}` not finite"
+            );
             let same = z.iter().zip(n).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{graph}: `{name}` read the first batch's caches");
         }
     }
+}
+
+/// The DiT graph at `path` with its RoPE fused (`v2l_graphs::passes::fuse_rope`, what
+/// `v2l-compile` writes for CUDA): `expected` fusions (q and k of every block), no rotation
+/// product left, and on `feed` the unfused graph's `sample` within 1e-6 and `want` within
+/// `tol`. Returns the fused graph's `sample`.
+pub fn assert_rope_fuses(
+    path: &Path,
+    feed: &BTreeMap<String, Tensor>,
+    expected: usize,
+    want: &Tensor,
+    tol: f64,
+) -> Tensor {
+    use v2l_runtime::{Model, SessionOptions};
+    let mut m = v2l_graphs::read_model(path).unwrap();
+    let matmuls = |m: &v2l_graphs::proto::ModelProto| {
+        let g = m.graph.as_ref().unwrap();
+        g.node.iter().filter(|n| n.op_type == "MatMul").count()
+    };
+    let before = matmuls(&m);
+    assert_eq!(v2l_graphs::passes::fuse_rope(&mut m, path), expected);
+    assert_eq!(
+        matmuls(&m),
+        before - expected,
+        "one rotation product per RoPE"
+    );
+    assert_eq!(
+        v2l_graphs::passes::fuse_rope(&mut m, path),
+        0,
+        "nothing left"
+    );
+    let fused_path = path.with_file_name("dit_rope_fused.onnx");
+    v2l_graphs::write_model(&fused_path, &m).unwrap();
+    let plain = Model::load(path, &SessionOptions::default())
+        .unwrap()
+        .run(feed)
+        .unwrap();
+    let fused = Model::load(&fused_path, &SessionOptions::default())
+        .unwrap()
+        .run(feed)
+        .unwrap();
+    let (p, f) = (&plain["sample"], &fused["sample"]);
+    let err = f.rel_l2(p);
+    eprintln!("fused RoPE: {err:.2e} from the exported form");
+    assert!(err <= 1e-6, "fused RoPE: {err:e} from the exported form");
+    assert_close("fused RoPE sample", f, want, tol);
+    f.clone()
 }

@@ -239,3 +239,28 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
         .unwrap();
     assert_close("fused dit sample", &out["sample"], &io["output"], 1e-5);
 }
+
+/// The graph `v2l-compile` gives ONNX Runtime's CUDA provider: each RoPE one
+/// `com.microsoft.RotaryEmbedding` (run here on the CPU provider, which has the same op), still
+/// what diffusers computes and within 1e-6 of the exported form.
+#[test]
+fn dit_with_fused_rope_matches_diffusers() {
+    let ck = Checkpoint::open_dir(&tiny().join("transformer")).unwrap();
+    let ex = cogvideox_dit::export(&ck, &Default::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dit.onnx");
+    save(&ex.graph, &path, ExternalData::Auto).unwrap();
+    let io = load("dit_io.safetensors");
+    let feed = pick(
+        &io,
+        &[
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "rope_cos",
+            "rope_sin",
+        ],
+    );
+    let q_and_k = 2 * ex.config.num_layers;
+    assert_rope_fuses(&path, &feed, q_and_k, &io["output"], F32_REL_L2);
+}

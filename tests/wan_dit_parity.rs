@@ -85,6 +85,26 @@ fn check(variant: &str, dir: &str) {
     assert_eq!(names.last(), Some(&"proj_out"));
 }
 
+/// Wan's RoPE fused for CUDA (`v2l_graphs::passes::fuse_rope`; run on the CPU provider): T2V
+/// and I2V still compute what diffusers computes.
+#[test]
+fn wan_dit_with_fused_rope_matches_diffusers() {
+    let io = read_safetensors(&fixtures().join("wan-tiny/dit_io.safetensors")).unwrap();
+    for (variant, dir) in [("t2v", "transformer"), ("i2v", "transformer_i2v")] {
+        let d = tempfile::tempdir().unwrap();
+        let (ex, feed) = export(variant, dir, d.path());
+        let want = &io[&format!("{variant}_sample")];
+        let q_and_k = 2 * ex.config.num_layers;
+        assert_rope_fuses(
+            &d.path().join("dit.onnx"),
+            &feed,
+            q_and_k,
+            want,
+            SAMPLE_REL_L2,
+        );
+    }
+}
+
 #[test]
 fn wan_t2v_dit_matches_diffusers() {
     check("t2v", "transformer");

@@ -29,6 +29,16 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
                 p.cpu_shape_nodes.len()
             );
             assert!(p.nodes > 0);
+            // The DiT's RoPE runs as one CUDA kernel (`passes::fuse_rope`).
+            let name = g.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("dit") && name.ends_with(".onnx") {
+                let graph = model.graph.as_ref().unwrap();
+                let fused = graph.node.iter().filter(|n| n.op_type == "RotaryEmbedding");
+                assert!(
+                    fused.count() > 0,
+                    "{what} {precision} {name}: RoPE not fused"
+                );
+            }
             for n in p.no_kernel {
                 problems.push(format!(
                     "{what} {precision} {}: {n}",

@@ -606,8 +606,8 @@ impl<'a> Job<'a> {
         Ok(())
     }
 
-    /// Step 5a: attention (and GELU) fused into ONNX Runtime's contrib ops, the feed-forward
-    /// chunked on the CPU; the graph at `src` is rewritten when anything changed. Returns the
+    /// Step 5a: attention, GELU (and on CUDA the RoPE) fused into ONNX Runtime's contrib ops,
+    /// the feed-forward chunked on the CPU; the graph at `src` is rewritten when anything changed. Returns the
     /// graph the other DiT steps start from.
     fn rewrite_for_backend(&self, d: &DitEntry, src: &Path) -> Result<ModelProto> {
         let mut base = v2l_graphs::read_model(src).map_err(io(src))?;
@@ -622,7 +622,13 @@ impl<'a> Job<'a> {
             } else {
                 0
             };
-            if attention + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
+            // RoPE in one kernel on the GPU (CPU engines keep the exported form: the fused op
+            // is not measured against it there).
+            let rope = match self.backend {
+                Backend::Cuda => v2l_graphs::passes::fuse_rope(&mut base, src),
+                _ => 0,
+            };
+            if attention + rope + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
                 write_graph(src, &ff_chunked(self.backend, &base))?;
             }
         }

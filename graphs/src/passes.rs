@@ -1,7 +1,8 @@
 //! Graph passes over a written model: small patches, each one idea.
 //!
 //! [`fuse_attention`] and [`fuse_gelu`] (`passes/attention.rs`, `passes/gelu.rs`) are the backend
-//! rewrites `v2l-compile` applies for ONNX Runtime. The other two serve the LoRA strategies that avoid rebuilding a session per LoRA:
+//! rewrites `v2l-compile` applies for ONNX Runtime; [`fuse_rope`] (`passes/rope.rs`) the one for
+//! its CUDA provider. The other two serve the LoRA strategies that avoid rebuilding a session per LoRA:
 //! - [`bind_weights_as_inputs`]: the LoRA-targetable weights become graph inputs, so a runtime
 //!   passes (fused) weights per request; the base stays in the main graph's weight file.
 //! - [`add_lora_branches`]: every `Gemm` consuming a targeted weight gets a parallel low-rank
@@ -19,6 +20,7 @@ mod opset;
 mod precision;
 mod qmatmul;
 mod quantize;
+mod rope;
 mod schedule;
 pub use attention::{fuse_attention, v2l_attention, V2L_ATTENTION};
 pub use chunk::{chunk_feed_forward, FF_CHUNKS};
@@ -31,6 +33,7 @@ pub use precision::{
 };
 pub use qmatmul::{v2l_qmatmul, V2L_QMATMUL};
 pub use quantize::{quantize_linears, use_quantized_weights, QuantScheme, Quantized, WeightQuant};
+pub use rope::fuse_rope;
 pub use schedule::carried_outputs_first;
 
 pub use edit::{PassError, MS_DOMAIN, V2L_DOMAIN};
