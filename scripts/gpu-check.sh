@@ -11,6 +11,10 @@
 #                                         # batched-LoRA timings, a row as each case ends
 #   bash scripts/gpu-check.sh --scale     # also the 5B-width DiT and the real VAE decode beside
 #                                         # PyTorch on the same GPU (--torch-python PY)
+#   bash scripts/gpu-check.sh --scale --sweep
+#                                         # and v2l's side of each real-size case again under other
+#                                         # kernel choices, a row each (attention kernels for the DiT;
+#                                         # cuDNN conv search, workspace and tiling for the VAE)
 #   bash scripts/gpu-check.sh --json      # one JSON line per row
 #   CUDA_LAUNCH_BLOCKING=1 bash scripts/gpu-check.sh --profile --only effects
 #                                         # where each graph's time goes, by operator and provider

@@ -51,6 +51,11 @@ pub struct GpuBench {
     /// fast path's: profile in a run of its own)
     #[arg(long)]
     pub profile: bool,
+    /// With --scale: also run v2l's side of each real-size case under other kernel choices, a
+    /// row each (the DiT held to each attention kernel: flash, memory-efficient, cuDNN flash;
+    /// the VAE with cuDNN's heuristic convolution search, a small workspace, and tiled)
+    #[arg(long, requires = "scale")]
+    pub sweep: bool,
     /// Run every case on this ONNX Runtime provider: `cpu` checks the check itself on a machine
     /// without a GPU (frames against the CPU fp32 engine, timings of the CPU)
     #[arg(long, value_enum, default_value = "gpu", hide = true)]
@@ -213,7 +218,7 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
         .collect();
     let scale = if b.scale { scale_cases() } else { Vec::new() };
     if b.dry_run {
-        print_plan(&cases, &scale, b.json);
+        print_plan(&cases, &scale, b.sweep, b.json);
         return Ok(());
     }
     if !on_cpu {
@@ -245,6 +250,7 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
                 repeat: b.repeat,
                 json: b.json,
                 profile: b.profile,
+                sweep: b.sweep,
             },
             &scale,
         )?;
@@ -257,7 +263,7 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
     Ok(())
 }
 
-fn print_plan(cases: &[Case], scale: &[ScaleCase], json: bool) {
+fn print_plan(cases: &[Case], scale: &[ScaleCase], sweep: bool, json: bool) {
     if json {
         let v = serde_json::json!({"dry_run": true, "cases": cases, "scale": scale});
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -307,6 +313,18 @@ fn print_plan(cases: &[Case], scale: &[ScaleCase], json: bool) {
             );
         }
         println!("  each: median ms, peak GPU memory, relative L2 against PyTorch fp32");
+        if sweep {
+            println!("  --sweep: v2l's side again, a row each, under");
+            for stage in ["dit", "vae-decode"] {
+                for v in crate::gpu_scale::variants(stage).iter().skip(1) {
+                    let how = match (v.cuda_options, v.vae_tiling) {
+                        ("", tiling) => format!("--vae-tiling {tiling}"),
+                        (o, _) => format!("V2L_CUDA_OPTIONS={o}"),
+                    };
+                    println!("    {stage:<10} {:<20} {how}", v.name);
+                }
+            }
+        }
     }
 }
 
@@ -745,6 +763,19 @@ mod tests {
         // On this machine (the CPU library, or a GPU one without TensorRT 10) it cannot run.
         if !v2l_runtime::cuda_libs::loads_by_name("libnvinfer.so.10") {
             assert!(tensorrt_here().is_err());
+        }
+    }
+
+    #[test]
+    fn every_sweep_variant_is_a_setting_v2l_takes() {
+        for stage in ["dit", "vae-decode"] {
+            let v = crate::gpu_scale::variants(stage);
+            assert_eq!(v[0].name, "default");
+            assert!(v.len() > 2, "{stage}");
+            for v in v {
+                v2l_runtime::backend::parse_cuda_options(v.cuda_options).unwrap();
+                assert!(v2l_runtime::vae::TilingMode::parse(v.vae_tiling).is_some());
+            }
         }
     }
 

@@ -27,6 +27,66 @@ pub struct Settings {
     pub json: bool,
     /// Trace v2l's stage (`v2l-run stage --profile`) and report its longest operators.
     pub profile: bool,
+    /// Also run v2l's side under each of the stage's [`variants`], a row each.
+    pub sweep: bool,
+}
+
+/// One way of running v2l's side of a case: CUDA provider settings (`V2L_CUDA_OPTIONS`) and
+/// the VAE's tiling.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant {
+    /// What the row says (`default`, or the settings).
+    pub name: &'static str,
+    pub cuda_options: &'static str,
+    /// `--vae-tiling`: `off` as PyTorch decodes, or `on`.
+    pub vae_tiling: &'static str,
+}
+
+const DEFAULT: Variant = Variant {
+    name: "default",
+    cuda_options: "",
+    vae_tiling: "off",
+};
+
+/// What `--sweep` tries beside the default, per stage: for the DiT, each attention kernel
+/// `MultiHeadAttention` may be held to (`sdpa_kernel`: flash 1, memory-efficient 2, cuDNN
+/// flash 8); for the VAE, cuDNN's convolution search and workspace, and the tiled decode that
+/// `--vae-tiling auto` chose at 480×720 before GPU engines decoded it whole.
+pub fn variants(stage: &str) -> Vec<Variant> {
+    let mut out = vec![DEFAULT];
+    match stage {
+        "dit" => {
+            for (name, cuda_options) in [
+                ("flash", "sdpa_kernel=1"),
+                ("mem-efficient", "sdpa_kernel=2"),
+                ("cudnn-flash", "sdpa_kernel=8"),
+            ] {
+                out.push(Variant {
+                    name,
+                    cuda_options,
+                    vae_tiling: "off",
+                });
+            }
+        }
+        _ => {
+            out.push(Variant {
+                name: "conv-heuristic",
+                cuda_options: "cudnn_conv_algo_search=HEURISTIC",
+                vae_tiling: "off",
+            });
+            out.push(Variant {
+                name: "conv-small-workspace",
+                cuda_options: "cudnn_conv_use_max_workspace=0",
+                vae_tiling: "off",
+            });
+            out.push(Variant {
+                name: "tiled",
+                cuda_options: "",
+                vae_tiling: "on",
+            });
+        }
+    }
+    out
 }
 
 /// One real-size case of `--scale`.
@@ -69,10 +129,12 @@ pub fn scale_cases() -> Vec<ScaleCase> {
 }
 
 /// One real-size row.
-#[derive(Serialize, Default)]
+#[derive(Serialize, Default, Clone)]
 struct Row {
     stage: &'static str,
     precision: &'static str,
+    /// How v2l's side ran ([`Variant::name`]).
+    variant: &'static str,
     size: [usize; 3],
     v2l_ms: Option<f64>,
     v2l_peak_gpu_mb: Option<f64>,
@@ -96,9 +158,10 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
         .map_err(|e| Failure::new(format!("{}: {e}", script.display())))?;
     if !b.json {
         println!(
-            "{:<10} {:<5} {:<11} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  status",
+            "{:<10} {:<5} {:<20} {:<11} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  status",
             "stage",
             "prec",
+            "variant",
             "size",
             "v2l ms",
             "torch ms",
@@ -116,16 +179,44 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
         let mut row = Row {
             stage: c.stage,
             precision: c.precision,
+            variant: DEFAULT.name,
             size: c.size,
             ..Default::default()
         };
-        if let Err(e) = run_case(b, &script, &dir, c, &mut row) {
-            row.error = Some(e.message);
-            failed += 1;
+        let prepared = match prepare_case(b, &script, &dir, c, &mut row) {
+            Ok(p) => p,
+            Err(e) => {
+                row.error = Some(e.message);
+                failed += 1;
+                print_row(&row, b.json);
+                continue;
+            }
+        };
+        let tried = if b.sweep {
+            variants(c.stage)
+        } else {
+            vec![DEFAULT]
+        };
+        for v in tried {
+            let mut row = Row {
+                variant: v.name,
+                ..row.clone()
+            };
+            if let Err(e) = run_v2l(b, c, &prepared, &v, &mut row) {
+                row.error = Some(e.message);
+                failed += 1;
+            }
+            print_row(&row, b.json);
         }
-        print_row(&row, b.json);
     }
     Ok(failed)
+}
+
+/// What a case's v2l runs share: its directory, engine and PyTorch fp32 reference.
+struct Prepared {
+    case: PathBuf,
+    engine: PathBuf,
+    reference: PathBuf,
 }
 
 fn case_dir(dir: &Path, c: &ScaleCase) -> PathBuf {
@@ -141,13 +232,15 @@ fn py(b: &Settings, script: &Path) -> Command {
     cmd
 }
 
-fn run_case(
+/// The case's checkpoint, PyTorch's runs (its fp32 reference, its time at the case's
+/// precision into `row`) and v2l's engine.
+fn prepare_case(
     b: &Settings,
     script: &Path,
     dir: &Path,
     c: &ScaleCase,
     row: &mut Row,
-) -> Result<(), Failure> {
+) -> Result<Prepared, Failure> {
     let case = case_dir(dir, c);
     let (component, made) = match c.stage {
         "dit" => ("transformer", case.join("transformer/config.json")),
@@ -198,8 +291,31 @@ fn run_case(
                 .args(["--backend", "cuda", "--precision", c.precision]),
         )?;
     }
-    let out = case.join(format!("v2l-{}.safetensors", c.precision));
+    Ok(Prepared {
+        case,
+        engine,
+        reference,
+    })
+}
+
+/// v2l's stage on the case's engine under variant `v`, its figures into `row`.
+fn run_v2l(
+    b: &Settings,
+    c: &ScaleCase,
+    p: &Prepared,
+    v: &Variant,
+    row: &mut Row,
+) -> Result<(), Failure> {
+    let Prepared {
+        case,
+        engine,
+        reference,
+    } = p;
+    let out = case.join(format!("v2l-{}-{}.safetensors", c.precision, v.name));
     let mut cmd = Command::new(sibling("v2l-run")?);
+    if !v.cuda_options.is_empty() {
+        cmd.env("V2L_CUDA_OPTIONS", v.cuda_options);
+    }
     cmd.arg("--engine")
         .arg(&engine)
         .arg("stage")
@@ -210,10 +326,10 @@ fn run_case(
         .arg(&out)
         .args(["--json", "--repeat", &b.repeat.max(3).to_string()])
         // PyTorch decodes whole (diffusers' default): the same computation on both sides,
-        // whatever `auto` picks.
-        .args(["--vae-tiling", "off"]);
+        // whatever `auto` picks (a variant may ask for tiles).
+        .args(["--vae-tiling", v.vae_tiling]);
     if b.profile {
-        let traces = case.join(format!("profile-{}", c.precision));
+        let traces = case.join(format!("profile-{}-{}", c.precision, v.name));
         let _ = std::fs::remove_dir_all(&traces);
         cmd.arg("--profile").arg(traces);
     }
@@ -241,7 +357,7 @@ fn run_case(
             .remove("sample")
             .ok_or_else(|| Failure::new(format!("{}: no `sample`", p.display())))
     };
-    row.v2l_rel_l2_vs_torch_fp32 = Some(read(&out)?.rel_l2(&read(&reference)?));
+    row.v2l_rel_l2_vs_torch_fp32 = Some(read(&out)?.rel_l2(&read(reference)?));
     if let (Some(v), Some(t)) = (row.v2l_ms, row.torch_same_ms) {
         row.ratio = Some(v / t);
     }
@@ -309,9 +425,10 @@ fn print_row(r: &Row, json: bool) {
     }
     let f = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
     println!(
-        "{:<10} {:<5} {:<11} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  {}",
+        "{:<10} {:<5} {:<20} {:<11} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  {}",
         r.stage,
         r.precision,
+        r.variant,
         format!("{}x{}x{}", r.size[0], r.size[1], r.size[2]),
         f(r.v2l_ms, 1),
         f(r.torch_same_ms, 1),

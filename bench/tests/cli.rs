@@ -73,6 +73,18 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
         text.contains("8 real-size cases") && text.contains("49x480x720  17776 tokens"),
         "{text}"
     );
+    assert!(!text.contains("--sweep"), "{text}");
+    let o = bench(&["gpu", "--dry-run", "--scale", "--sweep"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        text.contains("cudnn-flash          V2L_CUDA_OPTIONS=sdpa_kernel=8")
+            && text.contains("tiled                --vae-tiling on"),
+        "{text}"
+    );
+    // --sweep varies the real-size cases: without --scale it is refused.
+    let o = bench(&["gpu", "--dry-run", "--sweep"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
 
     let file = d.path().join("a-file");
     std::fs::write(&file, b"").unwrap();
