@@ -69,7 +69,8 @@ enum Command {
     ///   v2l-bench serve --engine engine/ --clients 8 --seconds 20 --repeat 5
     #[command(verbatim_doc_comment)]
     Serve(v2l_bench::serve::ServeBench),
-    /// The GPU check (CUDA, TensorRT if present; not yet run on a GPU): compile the fixture
+    /// The GPU check (CUDA, TensorRT if present; first run on an H100 on 2026-11-26, TensorRT
+    /// never): compile the fixture
     /// and demo engines at fp32/fp16/bf16, parity against the CPU engine at each precision's
     /// bound, DiT step, LoRA switch (factors as inputs vs fused), a batched four-LoRA step
     ///

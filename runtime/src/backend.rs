@@ -1,5 +1,6 @@
-//! Execution backends: ONNX Runtime's CPU provider (runs here), CUDA and TensorRT (built and
-//! unit-tested for their option plumbing; **not yet run on a GPU**).
+//! Execution backends: ONNX Runtime's CPU provider (runs here), CUDA (first run on an H100 on
+//! 2026-11-26, `docs/benchmarks.md`) and TensorRT (built and unit-tested for its option
+//! plumbing; **not yet run**: TensorRT cannot be installed from PyPI).
 //!
 //! Two traps this module exists for:
 //! - ORT's TensorRT engine cache key ignores initializer values, so a cached engine silently

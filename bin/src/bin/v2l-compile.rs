@@ -16,12 +16,15 @@ use v2l_runtime::bundle::{Attention, Int8Scheme};
 /// reading 20 GB) and refuses a modified or mismatched part.
 ///
 /// The DiT is rewritten for the backend: on cpu/cuda attention becomes ONNX Runtime's fused
-/// MultiHeadAttention and GELU its FastGelu; tensorrt keeps the plain pattern its builder fuses.
+/// MultiHeadAttention and GELU its FastGelu, on cuda the RoPE its RotaryEmbedding; tensorrt
+/// keeps the plain pattern its builder fuses.
 ///
 /// Backends: `cpu` (ONNX Runtime, runs here); `cuda` and `tensorrt` go through ONNX Runtime's
-/// execution providers on a machine with onnxruntime-gpu (not yet run on a GPU).
+/// execution providers on a machine with onnxruntime-gpu (cuda first run on an H100 on
+/// 2026-11-26; tensorrt not yet run: TensorRT cannot be installed from PyPI).
 ///
-/// Precision (the DiT; the VAE and the hypernetwork stay fp32):
+/// Precision (the DiT; the hypernetwork stays fp32, the VAE too on cpu, while cuda/tensorrt
+/// run it in bf16/fp16 with its GroupNorms in fp32):
 ///   fp32   every backend.
 ///   bf16, fp16
 ///          weights and activations in the type, softmax, RoPE, the timestep sinusoid, GELU
