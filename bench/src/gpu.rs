@@ -345,6 +345,10 @@ struct Figures {
     switch_fused_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     batched_step_ms: Option<f64>,
+    /// The stages beside the DiT, warm medians on this engine and on the CPU fp32 engine in the
+    /// same process: `vae_encode` (the first frame), `vae_decode`, `predict_lora` (Video2LoRA).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stages: Vec<StageFigure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     skipped: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -352,6 +356,35 @@ struct Figures {
     /// `--profile`: each graph's traced generation, by operator and provider.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     profile: Vec<(String, v2l_tools::profile::Profile)>,
+}
+
+/// One stage's warm median on the case's engine and on the CPU fp32 engine.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+struct StageFigure {
+    stage: &'static str,
+    engine_ms: f64,
+    cpu_engine_ms: f64,
+}
+
+/// `engine` and `cpu` stage times (each a run's `Timings::ms`) side by side, medians per stage.
+fn stage_figures(
+    engine: &[std::collections::BTreeMap<String, f64>],
+    cpu: &[std::collections::BTreeMap<String, f64>],
+) -> Vec<StageFigure> {
+    let median = |runs: &[std::collections::BTreeMap<String, f64>], k: &str| {
+        let v: Vec<f64> = runs.iter().filter_map(|t| t.get(k).copied()).collect();
+        (!v.is_empty()).then(|| crate::pipeline::stats(v).0)
+    };
+    ["vae_encode", "vae_decode", "predict_lora"]
+        .into_iter()
+        .filter_map(|k| {
+            Some(StageFigure {
+                stage: k,
+                engine_ms: median(engine, k)?,
+                cpu_engine_ms: median(cpu, k)?,
+            })
+        })
+        .collect()
 }
 
 fn cell(v: Option<f64>, prec: usize) -> String {
@@ -384,6 +417,17 @@ fn print_row(f: &Figures, json: bool) {
         cell(f.switch_fused_ms, 1),
         cell(f.batched_step_ms, 1),
     );
+    if !f.stages.is_empty() {
+        let cells: Vec<String> = f
+            .stages
+            .iter()
+            .map(|s| format!("{} {:.1} / {:.1}", s.stage, s.engine_ms, s.cpu_engine_ms))
+            .collect();
+        println!(
+            "    stages, warm median ms (this engine / the CPU fp32 engine): {}",
+            cells.join(", ")
+        );
+    }
     for (graph, p) in &f.profile {
         let top: Vec<String> = p
             .ops
@@ -519,6 +563,17 @@ fn run_case(b: &GpuBench, c: &Case, f: &mut Figures) -> Result<(), Failure> {
     let a = cpu_p
         .generate(&req, &mut |_, _| true)
         .map_err(Failure::from)?;
+    // The CPU engine's stage times, warm (the parity run above was its first).
+    let mut cpu_stages = Vec::new();
+    for _ in 0..b.repeat.max(1) {
+        let g = cpu_p
+            .generate(&req, &mut |_, _| true)
+            .map_err(Failure::from)?;
+        cpu_stages.push(g.timings.ms);
+    }
+    if model.hypernet {
+        predict_times(&mut cpu_p, &req, b.repeat, &mut cpu_stages)?;
+    }
     drop(cpu_p);
     let g = gpu_p
         .generate(&req, &mut |_, _| true)
@@ -527,12 +582,17 @@ fn run_case(b: &GpuBench, c: &Case, f: &mut Figures) -> Result<(), Failure> {
     f.frames_rel_l2 = Some(rel);
     f.within_bound = rel <= c.parity_bound;
     let mut steps = Vec::new();
+    let mut stages = Vec::new();
     for _ in 0..b.repeat.max(1) {
         let (r, ms) = crate::pipeline::time(|| gpu_p.generate(&req, &mut |_, _| true));
-        r.map_err(Failure::from)?;
+        stages.push(r.map_err(Failure::from)?.timings.ms);
         steps.push(ms / req.steps as f64);
     }
     f.dit_step_ms = Some(crate::pipeline::stats(steps).0);
+    if model.hypernet {
+        predict_times(&mut gpu_p, &req, b.repeat, &mut stages)?;
+    }
+    f.stages = stage_figures(&stages, &cpu_stages);
     if b.profile {
         f.profile = profile_case(&gpu, lora_strategy, &req)?;
     }
@@ -682,32 +742,58 @@ fn request(e: &v2l_runtime::engine::Engine) -> Result<v2l_runtime::pipeline::Req
 }
 
 /// `n` LoRAs predicted by the engine's hypernetwork from seeded clips.
+/// A seeded reference clip of the request's size.
+fn clip(
+    req: &v2l_runtime::pipeline::Request,
+    seed: u64,
+) -> Result<v2l_runtime::video::Frames, Failure> {
+    let first = req
+        .image
+        .as_ref()
+        .ok_or_else(|| Failure::new("no first frame"))?;
+    let rgb = v2l_runtime::pipeline::gaussian_noise(
+        vec![req.frames * first.height * first.width * 3],
+        10 + seed,
+    )
+    .as_f32("clip")
+    .map_err(Failure::from)?
+    .iter()
+    .map(|x| (x * 40.0 + 128.0).clamp(0.0, 255.0) as u8)
+    .collect();
+    Ok(v2l_runtime::video::Frames {
+        frames: req.frames,
+        height: first.height,
+        width: first.width,
+        rgb,
+    })
+}
+
+/// Video2LoRA's prediction from a reference clip (VAE encode and hypernetwork), timed warm:
+/// one untimed run, then `repeat` runs, each pushed as a `predict_lora` time.
+fn predict_times(
+    p: &mut v2l_runtime::pipeline::Pipeline,
+    req: &v2l_runtime::pipeline::Request,
+    repeat: usize,
+    times: &mut Vec<std::collections::BTreeMap<String, f64>>,
+) -> Result<(), Failure> {
+    let c = clip(req, 0)?;
+    p.predict(&c, 1.0).map_err(Failure::from)?;
+    for _ in 0..repeat.max(1) {
+        let (r, ms) = crate::pipeline::time(|| p.predict(&c, 1.0));
+        r.map_err(Failure::from)?;
+        times.push([("predict_lora".to_string(), ms)].into());
+    }
+    Ok(())
+}
+
 fn predicted_loras(
     p: &mut v2l_runtime::pipeline::Pipeline,
     req: &v2l_runtime::pipeline::Request,
     n: usize,
 ) -> Result<Vec<v2l_runtime::lora::AppliedLora>, Failure> {
-    let first = req
-        .image
-        .as_ref()
-        .ok_or_else(|| Failure::new("no first frame"))?;
     let mut out = Vec::with_capacity(n);
     for seed in 0..n as u64 {
-        let rgb = v2l_runtime::pipeline::gaussian_noise(
-            vec![req.frames * first.height * first.width * 3],
-            10 + seed,
-        )
-        .as_f32("clip")
-        .map_err(Failure::from)?
-        .iter()
-        .map(|x| (x * 40.0 + 128.0).clamp(0.0, 255.0) as u8)
-        .collect();
-        let clip = v2l_runtime::video::Frames {
-            frames: req.frames,
-            height: first.height,
-            width: first.width,
-            rgb,
-        };
+        let clip = clip(req, seed)?;
         out.push(v2l_runtime::lora::AppliedLora {
             lora: p.predict(&clip, 1.0).map_err(Failure::from)?.lora.into(),
             source: format!("clip{seed}").into(),
@@ -764,6 +850,28 @@ mod tests {
         if !v2l_runtime::cuda_libs::loads_by_name("libnvinfer.so.10") {
             assert!(tensorrt_here().is_err());
         }
+    }
+
+    #[test]
+    fn stages_are_compared_only_where_both_engines_ran_them() {
+        let run = |pairs: &[(&str, f64)]| -> std::collections::BTreeMap<String, f64> {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        let engine = [
+            run(&[("vae_decode", 3.0), ("dit", 9.0)]),
+            run(&[("vae_decode", 1.0)]),
+            run(&[("vae_decode", 2.0), ("predict_lora", 4.0)]),
+        ];
+        let cpu = [run(&[("vae_decode", 10.0), ("vae_encode", 5.0)])];
+        let f = stage_figures(&engine, &cpu);
+        assert_eq!(
+            f,
+            [StageFigure {
+                stage: "vae_decode",
+                engine_ms: 2.0,
+                cpu_engine_ms: 10.0
+            }]
+        );
     }
 
     #[test]

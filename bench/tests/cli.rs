@@ -151,6 +151,19 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
             _ => {
                 assert_eq!(r["within_bound"], true, "{r}");
                 assert!(r["dit_step_ms"].as_f64().unwrap() > 0.0, "{r}");
+                // The stages beside the DiT, this engine against the CPU fp32 engine (Wan has
+                // no Video2LoRA, so no prediction).
+                let stages: Vec<&str> = r["stages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| {
+                        assert!(s["engine_ms"].as_f64().unwrap() > 0.0, "{s}");
+                        assert!(s["cpu_engine_ms"].as_f64().unwrap() > 0.0, "{s}");
+                        s["stage"].as_str().unwrap()
+                    })
+                    .collect();
+                assert_eq!(stages, ["vae_encode", "vae_decode"], "{r}");
                 // --profile: each graph of the traced generation, by operator and provider.
                 let graphs = r["profile"].as_array().unwrap();
                 let decoder = graphs
