@@ -48,19 +48,24 @@ const DEFAULT: Variant = Variant {
     vae_tiling: "off",
 };
 
-/// What `--sweep` tries beside the default, per stage: for the DiT, each attention kernel
-/// `MultiHeadAttention` may be held to (`sdpa_kernel`: flash 1, memory-efficient 2, cuDNN
-/// flash 8); for the VAE, cuDNN's convolution search and workspace, and the tiled decode that
-/// `--vae-tiling auto` chose at 480×720 before GPU engines decoded it whole.
-pub fn variants(stage: &str) -> Vec<Variant> {
+/// What `--sweep` tries beside the default, per stage and precision: for the DiT, each
+/// attention kernel `MultiHeadAttention` may be held to (`sdpa_kernel`: flash 1,
+/// memory-efficient 2, cuDNN flash 8; the flash kernels take fp16/bf16 only, so fp32 tries the
+/// memory-efficient one alone); for the VAE, cuDNN's convolution search and workspace, and the
+/// tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it whole.
+pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
     let mut out = vec![DEFAULT];
     match stage {
         "dit" => {
-            for (name, cuda_options) in [
-                ("flash", "sdpa_kernel=1"),
-                ("mem-efficient", "sdpa_kernel=2"),
-                ("cudnn-flash", "sdpa_kernel=8"),
-            ] {
+            let kernels: &[(&'static str, &'static str)] = match precision {
+                "fp32" => &[("mem-efficient", "sdpa_kernel=2")],
+                _ => &[
+                    ("flash", "sdpa_kernel=1"),
+                    ("mem-efficient", "sdpa_kernel=2"),
+                    ("cudnn-flash", "sdpa_kernel=8"),
+                ],
+            };
+            for &(name, cuda_options) in kernels {
                 out.push(Variant {
                     name,
                     cuda_options,
@@ -193,7 +198,7 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
             }
         };
         let tried = if b.sweep {
-            variants(c.stage)
+            variants(c.stage, c.precision)
         } else {
             vec![DEFAULT]
         };
@@ -314,7 +319,12 @@ fn run_v2l(
     let out = case.join(format!("v2l-{}-{}.safetensors", c.precision, v.name));
     let mut cmd = Command::new(sibling("v2l-run")?);
     if !v.cuda_options.is_empty() {
-        cmd.env("V2L_CUDA_OPTIONS", v.cuda_options);
+        // Over the settings this check was started with (later keys win).
+        let all = match std::env::var("V2L_CUDA_OPTIONS") {
+            Ok(outer) if !outer.trim().is_empty() => format!("{outer},{}", v.cuda_options),
+            _ => v.cuda_options.to_string(),
+        };
+        cmd.env("V2L_CUDA_OPTIONS", all);
     }
     cmd.arg("--engine")
         .arg(&engine)

@@ -29,15 +29,14 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
                 p.cpu_shape_nodes.len()
             );
             assert!(p.nodes > 0);
-            // The DiT's RoPE runs as one CUDA kernel (`passes::fuse_rope`).
+            // CogVideoX's RoPE runs as one CUDA kernel (`passes::fuse_rope`), q and k of every
+            // block; Wan's stays as exported (its 720p passes the kernel's token limit).
             let name = g.file_name().unwrap().to_string_lossy().into_owned();
             if name.starts_with("dit") && name.ends_with(".onnx") {
                 let graph = model.graph.as_ref().unwrap();
                 let fused = graph.node.iter().filter(|n| n.op_type == "RotaryEmbedding");
-                assert!(
-                    fused.count() > 0,
-                    "{what} {precision} {name}: RoPE not fused"
-                );
+                let want = if what == "wan" { 0 } else { 4 };
+                assert_eq!(fused.count(), want, "{what} {precision} {name}");
             }
             for n in p.no_kernel {
                 problems.push(format!(
@@ -146,4 +145,88 @@ fn cuda_provider_settings_are_recorded_and_checked() {
         "{err}"
     );
     assert!(!d.path().join("refused-cpu").join("bundle.json").exists());
+}
+
+/// A CUDA engine whose RoPE is one kernel refuses, where requests are checked, a size above
+/// that kernel's 65,535 tokens, naming the size and `--unfused-rope`; an engine compiled with
+/// `--unfused-rope` (and the CPU engine) takes it. The fixture's own size passes everywhere.
+#[test]
+fn cuda_engines_refuse_sizes_above_the_fused_ropes_token_limit() {
+    use v2l_runtime::engine::Engine;
+    use v2l_runtime::pipeline::RequestParts;
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    export_pipeline_of(&common::tiny(), &export, 5);
+    let fused = d.path().join("cuda");
+    compile(&export, &fused, "cuda", "fp32", &[]);
+    let unfused = d.path().join("cuda-unfused-rope");
+    compile(&export, &unfused, "cuda", "fp32", &["--unfused-rope"]);
+    let cpu = d.path().join("cpu");
+    compile(&export, &cpu, "cpu", "fp32", &[]);
+    let io = v2l_runtime::read_safetensors(&common::tiny().join("e2e_io.safetensors")).unwrap();
+    let small = common::cogvideox_request(&io);
+    // 257 frames at 512x512: 65 latent frames of 32x32 patches, 66,560 video tokens.
+    let c = small.noise.shape[2];
+    let text = small.prompt_embeds.shape[1];
+    let big = RequestParts {
+        image: Some(v2l_runtime::video::Frames {
+            frames: 1,
+            height: 512,
+            width: 512,
+            rgb: vec![128; 512 * 512 * 3],
+        }),
+        frames: 257,
+        noise: v2l_runtime::Tensor::zeros(vec![1, 65, c, 64, 64]),
+        ..small.clone()
+    };
+    let record = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("bundle.json")).unwrap()).unwrap()
+    };
+    assert_eq!(record(&fused)["rope_max_tokens"], 65_535);
+    for dir in [&unfused, &cpu] {
+        assert!(
+            record(dir).get("rope_max_tokens").is_none(),
+            "{}",
+            dir.display()
+        );
+    }
+    for dir in [&fused, &unfused, &cpu] {
+        let e = Engine::open(dir).unwrap();
+        small.clone().check(&e).unwrap();
+        let got = big.clone().check(&e);
+        if dir == &fused {
+            let err = got.err().expect("refused").to_string();
+            let tokens = format!("{} DiT tokens", 66_560 + text);
+            assert!(
+                err.contains(&tokens)
+                    && err.contains("at most 65535")
+                    && err.contains("--unfused-rope"),
+                "{err}"
+            );
+        } else {
+            got.unwrap();
+        }
+    }
+    for g in onnx_files(&unfused)
+        .iter()
+        .filter(|g| g.to_string_lossy().contains("dit"))
+    {
+        let m = v2l_graphs::read_model(g).unwrap();
+        let ops = m.graph.unwrap().node;
+        assert!(
+            !ops.iter().any(|n| n.op_type == "RotaryEmbedding"),
+            "{}",
+            g.display()
+        );
+    }
+    // Only a cuda engine fuses its RoPE: the flag elsewhere is an error naming it.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+        .arg(&export)
+        .arg("-o")
+        .arg(d.path().join("cpu-unfused"))
+        .args(["--backend", "cpu", "--unfused-rope"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--unfused-rope"));
 }

@@ -125,6 +125,9 @@ pub struct Options<'a> {
     /// CUDA/TensorRT engines: CUDA provider settings recorded in the bundle
     /// ([`v2l_runtime::backend::check_cuda_option`] says which).
     pub cuda_options: &'a [(String, String)],
+    /// CUDA engines of CogVideoX: keep the exported RoPE instead of one `RotaryEmbedding`
+    /// kernel, whose calls hold at most `CUDA_ROPE_MAX_TOKENS` tokens.
+    pub unfused_rope: bool,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -199,6 +202,13 @@ pub fn compile_with(
         });
     }
     job.tf32 = opts.tf32;
+    if opts.unfused_rope && backend != Backend::Cuda {
+        return Err(CompileError::Invalid {
+            what: "--unfused-rope".into(),
+            message: "only cuda engines fuse the RoPE".into(),
+        });
+    }
+    job.unfused_rope = opts.unfused_rope;
     if !opts.cuda_options.is_empty() && backend == Backend::Cpu {
         return Err(CompileError::Invalid {
             what: "--cuda-option".into(),
@@ -281,6 +291,8 @@ struct Job<'a> {
     /// fp32 products may run in TF32 on the GPU.
     tf32: bool,
     cuda_options: std::collections::BTreeMap<String, String>,
+    /// Keep the exported RoPE on a CUDA engine.
+    unfused_rope: bool,
 }
 
 /// What the DiT steps add to the bundle.
@@ -294,6 +306,8 @@ struct DitBuild {
     calibration: Option<crate::calibrate::CalibrationRecord>,
     /// A typed fp16/bf16 graph's CPU form, written for the accuracy checks only.
     emulated: Option<PathBuf>,
+    /// The RoPE runs as one `RotaryEmbedding` (CUDA engines of CogVideoX).
+    rope_fused: bool,
     /// The VAE's graphs on v2l's bf16 convolution, when written.
     vae_bf16: Option<VaeGraphs>,
     /// GPU engines below fp32: the VAE's graphs in the engine's precision, and their CPU
@@ -335,6 +349,7 @@ impl<'a> Job<'a> {
             ort_int8_linears: false,
             tf32: false,
             cuda_options: Default::default(),
+            unfused_rope: false,
         })
     }
 
@@ -597,7 +612,7 @@ impl<'a> Job<'a> {
         out: &mut DitBuild,
     ) -> Result<()> {
         let src = tmp.join(&d.file);
-        let base = self.rewrite_for_backend(d, &src)?;
+        let base = self.rewrite_for_backend(d, &src, out)?;
         let low = self.lower_dit_precision(d, &base, &src, tmp, targets, out)?;
         self.lora_variants(d, &base, &src, tmp, low.as_ref(), out)?;
         if self.backend == Backend::TensorRt {
@@ -609,7 +624,12 @@ impl<'a> Job<'a> {
     /// Step 5a: attention, GELU (and on CUDA the RoPE) fused into ONNX Runtime's contrib ops,
     /// the feed-forward chunked on the CPU; the graph at `src` is rewritten when anything changed. Returns the
     /// graph the other DiT steps start from.
-    fn rewrite_for_backend(&self, d: &DitEntry, src: &Path) -> Result<ModelProto> {
+    fn rewrite_for_backend(
+        &self,
+        d: &DitEntry,
+        src: &Path,
+        out: &mut DitBuild,
+    ) -> Result<ModelProto> {
         let mut base = v2l_graphs::read_model(src).map_err(io(src))?;
         if fuses_attention(self.backend) {
             let heads = d
@@ -623,11 +643,17 @@ impl<'a> Job<'a> {
                 0
             };
             // RoPE in one kernel on the GPU (CPU engines keep the exported form: the fused op
-            // is not measured against it there).
+            // is not measured against it there). CogVideoX only: the kernel takes at most
+            // CUDA_ROPE_MAX_TOKENS tokens, which Wan's 720p (75,600) passes.
+            let cogvideox = v2l_contracts::Family::of_dit_class(&d.class_name)
+                == Some(v2l_contracts::Family::CogVideoX);
             let rope = match self.backend {
-                Backend::Cuda => v2l_graphs::passes::fuse_rope(&mut base, src),
+                Backend::Cuda if cogvideox && !self.unfused_rope => {
+                    v2l_graphs::passes::fuse_rope(&mut base, src)
+                }
                 _ => 0,
             };
+            out.rope_fused = rope > 0;
             if attention + rope + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
                 write_graph(src, &ff_chunked(self.backend, &base))?;
             }
@@ -854,6 +880,7 @@ impl<'a> Job<'a> {
                 vae_lowered: dit.vae_emulated.clone(),
                 tf32: false,
                 cuda_options: Default::default(),
+                rope_max_tokens: None,
                 bundle_hash: String::new(),
             };
             dit.accuracy.push(crate::accuracy::generation_accuracy(
@@ -948,6 +975,9 @@ impl<'a> Job<'a> {
             vae_lowered: dit.vae_lowered,
             tf32: self.tf32,
             cuda_options: self.cuda_options.clone(),
+            rope_max_tokens: dit
+                .rope_fused
+                .then_some(v2l_contracts::bundle::CUDA_ROPE_MAX_TOKENS),
             bundle_hash: String::new(),
         };
         let bundle = Bundle {

@@ -265,7 +265,11 @@ impl Pipeline {
     /// engine with this pipeline's facts ([`RequestParts::check`] checked the rest).
     fn accept(&self, req: &Request) -> Result<LatentShape> {
         match *req.facts() == self.facts {
-            true => Ok(*req.shape()),
+            true => {
+                let patch = self.engine.dit_entry()?.patch_size;
+                crate::request::check_rope_tokens(&self.engine, req, req.shape(), patch)?;
+                Ok(*req.shape())
+            }
             false => Err(RuntimeError::Invalid {
                 what: "request".into(),
                 message: format!(

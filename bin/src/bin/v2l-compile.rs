@@ -119,6 +119,12 @@ struct Cli {
     /// time
     #[arg(long = "cuda-option", value_name = "KEY=VALUE", value_parser = cuda_option)]
     cuda_options: Vec<(String, String)>,
+    /// cuda engines of CogVideoX: keep the exported RoPE (four elementwise passes per q and k)
+    /// instead of ONNX Runtime's one RotaryEmbedding kernel, which takes at most 65,535 tokens
+    /// a DiT call (49 frames at 768x1360 fit, 81 at 720x1280 do not); requests above it are
+    /// refused otherwise
+    #[arg(long)]
+    unfused_rope: bool,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
@@ -224,6 +230,7 @@ fn main() -> ExitCode {
                 ort_int8_linears: matches!(cli.int8_linears, Int8LinearsArg::Ort),
                 tf32: cli.tf32,
                 cuda_options: &cli.cuda_options,
+                unfused_rope: cli.unfused_rope,
             },
         )
         .map_err(Failure::from)?;

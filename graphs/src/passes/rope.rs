@@ -17,7 +17,10 @@
 //! sin[:, ::2], interleaved=1), Shape(x))`. That is exact only for tables whose pairs share a
 //! value (`cos[2i] = cos[2i+1]`, likewise `sin`), which every RoPE v2l computes has (one
 //! frequency per pair: diffusers' `repeat_interleave(2)`), and that hold one row per token
-//! (no batch axis). The new nodes keep the `rope` scope, so they stay f32 below f32.
+//! (no batch axis). Only nodes in a `rope` scope are fused, and the new nodes keep it, so they
+//! stay f32 below f32. ONNX Runtime's CUDA kernel launches one block row per token, at most
+//! 65,535 (CUDA's grid height): the compile layer records that limit in the bundle, and the
+//! request check refuses larger sizes.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -33,7 +36,11 @@ pub fn fuse_rope(model: &mut ModelProto, source: &Path) -> usize {
         return 0;
     };
     let ix = Index::new(graph);
-    let reads = |name: &str| ix.consumers.get(name).map_or(0, Vec::len);
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    // A graph output counts as a reader: the nodes a fusion removes must have no other.
+    let reads = |name: &str| {
+        ix.consumers.get(name).map_or(0, Vec::len) + usize::from(outputs.contains(name))
+    };
     let nodes = &graph.node;
     // The producer of `name` if it is a default-domain `op` whose output nothing else reads.
     let inner = |name: &str, op: &str| -> Option<(usize, &NodeProto)> {
@@ -45,7 +52,12 @@ pub fn fuse_rope(model: &mut ModelProto, source: &Path) -> usize {
     let mut rotations: HashMap<String, Option<i64>> = HashMap::new();
     let mut fused: Vec<Match> = Vec::new();
     for (yi, y) in nodes.iter().enumerate() {
-        if y.op_type != "Add" || !y.domain.is_empty() || y.input.len() != 2 {
+        // Only the exporter's `rope` scope: the new nodes keep it, so they stay f32 below f32.
+        let in_rope_scope = y
+            .name
+            .rsplit_once('/')
+            .is_some_and(|(scope, _)| scope.rsplit('.').next() == Some("rope"));
+        if y.op_type != "Add" || !y.domain.is_empty() || y.input.len() != 2 || !in_rope_scope {
             continue;
         }
         let m = (|| {
@@ -102,8 +114,8 @@ pub fn fuse_rope(model: &mut ModelProto, source: &Path) -> usize {
     let position = "rope_fused.position_offset".to_string();
     inits.push(i64_tensor(position.clone(), &[0]));
     for (n, f) in fused.into_iter().enumerate() {
-        let name = graph.node.get(f.add).map_or("rope", |n| n.name.as_str());
-        let scope = name.rsplit_once('/').map_or(name, |(p, _)| p).to_string();
+        let name = graph.node.get(f.add).map_or("rope/", |n| n.name.as_str());
+        let scope = name.rsplit_once('/').map_or("rope", |(p, _)| p).to_string();
         let mut new = Vec::new();
         let mut half = |table: &str, new: &mut Vec<NodeProto>, inits: &mut Vec<TensorProto>| {
             let k = halves.len();
@@ -307,6 +319,13 @@ mod tests {
         other[4] = 1.0;
         let (_d, p) = rope_graph(&other, ExternalData::Never);
         let mut m = crate::read_model(&p).expect("read back");
+        assert_eq!(fuse_rope(&mut m, &p), 0);
+        // Outside a `rope` scope (where lowering would not keep it f32) it is left alone too.
+        let (_d, p) = rope_graph(&ROTATE, ExternalData::Never);
+        let mut m = crate::read_model(&p).expect("read back");
+        for n in &mut m.graph.as_mut().expect("a graph").node {
+            n.name = n.name.replace("blk.rope/", "blk.attn/");
+        }
         assert_eq!(fuse_rope(&mut m, &p), 0);
     }
 }
