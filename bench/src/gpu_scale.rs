@@ -327,7 +327,7 @@ fn run_v2l(
         cmd.env("V2L_CUDA_OPTIONS", all);
     }
     cmd.arg("--engine")
-        .arg(&engine)
+        .arg(engine)
         .arg("stage")
         .arg(c.stage)
         .arg("--inputs")

@@ -116,3 +116,30 @@ pub fn loads_by_name(soname: &str) -> bool {
     let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_GLOBAL) };
     !handle.is_null()
 }
+
+/// The current CUDA device's total memory in bytes, from the CUDA runtime ONNX Runtime's
+/// provider has loaded (`cudaMemGetInfo`, on the thread that built the GPU sessions, whose
+/// device the provider set); `None` where no CUDA runtime is loaded or it reports no device.
+pub fn device_total_memory() -> Option<u64> {
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    // SAFETY: a NUL-terminated name looked up in the libraries already loaded.
+    let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"cudaMemGetInfo".as_ptr()) };
+    if sym.is_null() {
+        return None;
+    }
+    // SAFETY: `cudaMemGetInfo(size_t *free, size_t *total)` returns a `cudaError_t` (0 is
+    // success) and writes only through the two pointers it is given.
+    let get: MemGetInfo = unsafe { std::mem::transmute::<*mut libc::c_void, MemGetInfo>(sym) };
+    let (mut free, mut total) = (0usize, 0usize);
+    let rc = unsafe { get(&mut free, &mut total) };
+    (rc == 0 && total > 0).then_some(total as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn device_memory_is_known_only_with_a_cuda_device() {
+        // Without a GPU (this project's CI), no CUDA runtime is loaded or it finds no device.
+        assert!(super::device_total_memory().is_none() || super::gpu_present());
+    }
+}

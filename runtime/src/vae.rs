@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 use v2l_contracts::io::vae as vae_io;
 
 mod tiling;
-pub use tiling::{Tiling, TilingMode, AUTO_MAX_UNTILED_PIXELS, AUTO_MAX_UNTILED_PIXELS_GPU};
+pub use tiling::{
+    Tiling, TilingMode, AUTO_MAX_UNTILED_PIXELS, AUTO_MAX_UNTILED_PIXELS_GPU,
+    AUTO_UNTILED_GPU_MIN_MEMORY,
+};
 
 use v2l_contracts::bundle::VaeGraphs;
 use v2l_contracts::frame_batch::CacheSpec;
@@ -64,8 +67,12 @@ impl Vae {
     ) -> Result<Vae> {
         let encoder = Model::load(&dir.join(&graphs.encoder), opts)?;
         let decoder = Model::load(&dir.join(&graphs.decoder), opts)?;
-        let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
-        let tile = Tiling::for_config(&entry.config).on_gpu(gpu);
+        // On a GPU, after its sessions: the provider has set the device whose memory counts.
+        let tile = match opts.backend.backend {
+            crate::backend::Backend::Cpu => Tiling::for_config(&entry.config),
+            _ => Tiling::for_config(&entry.config)
+                .on_gpu_with(crate::cuda_libs::device_total_memory()),
+        };
         Ok(Vae {
             tiling: TilingMode::default(),
             tile,

@@ -61,7 +61,10 @@ pub fn fuse_rope(model: &mut ModelProto, source: &Path) -> usize {
             continue;
         }
         let m = (|| {
-            let (a, b) = (inner(&y.input[0], "Mul")?, inner(&y.input[1], "Mul")?);
+            let (a, b) = (
+                inner(y.input.first()?, "Mul")?,
+                inner(y.input.get(1)?, "Mul")?,
+            );
             // One Mul multiplies the rotated x by sin, the other x by cos.
             let rotated = |m: &NodeProto| {
                 m.input
@@ -74,15 +77,16 @@ pub fn fuse_rope(model: &mut ModelProto, source: &Path) -> usize {
                 (None, Some(r)) => (b, a, r),
                 _ => return None,
             };
-            let sin = sin_mul.1.input[1 - k].clone();
-            let (x, r) = (mm.input[0].clone(), &mm.input[1]);
+            let sin = sin_mul.1.input.get(1 - k)?.clone();
+            let (x, r) = (mm.input.first()?.clone(), mm.input.get(1)?);
             let dh = *rotations.entry(r.clone()).or_insert_with(|| {
                 ix.inits
                     .get(r.as_str())
                     .and_then(|t| pair_rotation(t, source))
             });
             let dh = dh?;
-            let cos = match (cos_mul.1.input[0].as_str(), cos_mul.1.input[1].as_str()) {
+            let (c0, c1) = (cos_mul.1.input.first()?, cos_mul.1.input.get(1)?);
+            let cos = match (c0.as_str(), c1.as_str()) {
                 (p, c) if p == x => c.to_string(),
                 (c, p) if p == x => c.to_string(),
                 _ => return None,
@@ -233,7 +237,8 @@ fn pair_rotation(t: &TensorProto, source: &Path) -> Option<i64> {
     }
     let at = |row: usize, col: usize| {
         let i = (row * n + col) * 4;
-        f32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]])
+        let b: [u8; 4] = bytes.get(i..i + 4)?.try_into().ok()?;
+        Some(f32::from_le_bytes(b))
     };
     let exact = (0..n).all(|row| {
         (0..n).all(|col| {
@@ -242,7 +247,7 @@ fn pair_rotation(t: &TensorProto, source: &Path) -> Option<i64> {
                 (1, c) if c + 1 == row => -1.0,
                 _ => 0.0,
             };
-            at(row, col) == want
+            at(row, col) == Some(want)
         })
     });
     exact.then_some(n as i64)

@@ -44,6 +44,13 @@ pub const AUTO_MAX_UNTILED_PIXELS: usize = 256 * 384;
 /// measured (`v2l-bench gpu --scale` reports it). Larger frames are tiled as on the CPU.
 pub const AUTO_MAX_UNTILED_PIXELS_GPU: usize = 480 * 832;
 
+/// The least device memory for [`AUTO_MAX_UNTILED_PIXELS_GPU`]: a GPU with less keeps the CPU's
+/// rule. Scaled from the CPU's measured untiled peak (8.0 GB at 9×256×384, fp32), a 480×832
+/// decode needs about 32 GB beside the DiT and text encoder a pipeline also holds (about 20 GB
+/// at CogVideoX-5B, bf16): an 80 GB H100 or A100 qualifies, a 48 GB card does not. An estimate,
+/// not a measurement.
+pub const AUTO_UNTILED_GPU_MIN_MEMORY: u64 = 64 << 30;
+
 impl TilingMode {
     pub fn parse(s: &str) -> Option<TilingMode> {
         match s {
@@ -93,6 +100,12 @@ impl Tiling {
             factor: 1 << blocks.saturating_sub(1).min(16),
             auto_max_pixels: AUTO_MAX_UNTILED_PIXELS,
         }
+    }
+
+    /// The same geometry with `auto` set for a GPU provider with `memory` bytes of device
+    /// memory (`None`: unknown, so the CPU's rule).
+    pub fn on_gpu_with(self, memory: Option<u64>) -> Tiling {
+        self.on_gpu(memory.is_some_and(|m| m >= AUTO_UNTILED_GPU_MIN_MEMORY))
     }
 
     /// The same geometry with `auto` set for a GPU provider when `gpu` holds.
@@ -320,5 +333,10 @@ mod tests {
             assert!(gpu.applies(TilingMode::On, h, w), "{h}x{w} on a GPU, on");
         }
         assert!(gpu.applies(TilingMode::Auto, 720, 1280));
+        // By the device's memory: an 80 GB card decodes whole, a 48 GB one or an unknown one
+        // keeps the CPU's rule.
+        assert_eq!(cpu.on_gpu_with(Some(80_000_000_000)), gpu);
+        assert_eq!(cpu.on_gpu_with(Some(48_000_000_000)), cpu);
+        assert_eq!(cpu.on_gpu_with(None), cpu);
     }
 }
