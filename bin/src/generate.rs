@@ -120,8 +120,8 @@ pub struct GenerateArgs {
     pub fps: u32,
     /// Tile the VAE spatially as diffusers' enable_tiling() does: `on` whenever a frame is
     /// larger than a tile (half the VAE's sample size), `auto` likewise above 256x384 pixels on
-    /// the CPU (real resolutions; memory bounded by one tile) and above 480x832 on a GPU
-    /// engine (480p decodes whole, as diffusers does), `off` never
+    /// the CPU (real resolutions; memory bounded by one tile) and above 480x832 on a GPU with
+    /// 64 GiB or more (480p decodes whole, as diffusers does), `off` never
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub vae_tiling: TilingArg,
     /// No progress bar
