@@ -5,6 +5,29 @@ use v2l_graphs::{save, ExternalData};
 use v2l_runtime::{Model, SessionOptions, Tensor};
 use v2l_tests::*;
 
+/// The DiT's inputs of fixture `dit_io`.
+fn dit_feed(
+    io: &std::collections::BTreeMap<String, Tensor>,
+) -> std::collections::BTreeMap<String, Tensor> {
+    const INPUTS: [&str; 5] = [
+        "hidden_states",
+        "encoder_hidden_states",
+        "timestep",
+        "rope_cos",
+        "rope_sin",
+    ];
+    pick(io, &INPUTS)
+}
+
+/// The tiny fixture's DiT exported to `dir/dit.onnx`.
+fn export_tiny(dir: &std::path::Path) -> (cogvideox_dit::DitExport, std::path::PathBuf) {
+    let ck = Checkpoint::open_dir(&tiny().join("transformer")).unwrap();
+    let ex = cogvideox_dit::export(&ck, &Default::default()).unwrap();
+    let path = dir.join("dit.onnx");
+    save(&ex.graph, &path, ExternalData::Auto).unwrap();
+    (ex, path)
+}
+
 #[test]
 fn dit_matches_diffusers() {
     let ck = Checkpoint::open_dir(&tiny().join("transformer")).unwrap();
@@ -45,16 +68,7 @@ fn dit_matches_diffusers() {
     save(&ex.graph, &path, ExternalData::Auto).unwrap();
     let mut model = Model::load(&path, &SessionOptions::default()).unwrap();
     let io = load("dit_io.safetensors");
-    let inputs = pick(
-        &io,
-        &[
-            "hidden_states",
-            "encoder_hidden_states",
-            "timestep",
-            "rope_cos",
-            "rope_sin",
-        ],
-    );
+    let inputs = dit_feed(&io);
     let out = model.run(&inputs).unwrap();
     assert_close("dit sample", &out["sample"], &io["output"], F32_REL_L2);
 }
@@ -103,11 +117,8 @@ fn dit_of_another_shape_exports_and_runs() {
 /// (no score matrix) and GELU as `com.microsoft.FastGelu`, still what diffusers computes.
 #[test]
 fn dit_with_fused_attention_and_gelu_matches_diffusers() {
-    let ck = Checkpoint::open_dir(&tiny().join("transformer")).unwrap();
-    let ex = cogvideox_dit::export(&ck, &Default::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dit.onnx");
-    save(&ex.graph, &path, ExternalData::Auto).unwrap();
+    let (ex, path) = export_tiny(dir.path());
     let mut m = v2l_graphs::read_model(&path).unwrap();
     let heads = ex.config.num_attention_heads as i64;
     assert_eq!(
@@ -145,16 +156,7 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
     // Chunked, the branches still meet each sample's own factors: a batch of 2 with a
     // different LoRA per sample gives the unchunked graph's output.
     let io = load("dit_io.safetensors");
-    let mut feed = pick(
-        &io,
-        &[
-            "hidden_states",
-            "encoder_hidden_states",
-            "timestep",
-            "rope_cos",
-            "rope_sin",
-        ],
-    );
+    let mut feed = dit_feed(&io);
     assert_eq!(feed["hidden_states"].shape[0], 2, "the fixture's batch");
     for (i, l) in ex.linears.iter().enumerate() {
         let [a, b, sc] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", l.name));
@@ -223,16 +225,7 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
     let fused = dir.path().join("dit_fused.onnx");
     v2l_graphs::write_model(&fused, &m).unwrap();
 
-    let inputs = pick(
-        &io,
-        &[
-            "hidden_states",
-            "encoder_hidden_states",
-            "timestep",
-            "rope_cos",
-            "rope_sin",
-        ],
-    );
+    let inputs = dit_feed(&io);
     let out = Model::load(&fused, &SessionOptions::default())
         .unwrap()
         .run(&inputs)
@@ -245,22 +238,10 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
 /// what diffusers computes and within 1e-6 of the exported form.
 #[test]
 fn dit_with_fused_rope_matches_diffusers() {
-    let ck = Checkpoint::open_dir(&tiny().join("transformer")).unwrap();
-    let ex = cogvideox_dit::export(&ck, &Default::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dit.onnx");
-    save(&ex.graph, &path, ExternalData::Auto).unwrap();
+    let (ex, path) = export_tiny(dir.path());
     let io = load("dit_io.safetensors");
-    let feed = pick(
-        &io,
-        &[
-            "hidden_states",
-            "encoder_hidden_states",
-            "timestep",
-            "rope_cos",
-            "rope_sin",
-        ],
-    );
+    let feed = dit_feed(&io);
     let q_and_k = 2 * ex.config.num_layers;
     assert_rope_fuses(&path, &feed, q_and_k, &io["output"], F32_REL_L2);
 }
