@@ -18,6 +18,7 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
         let engine = dir.join(format!("{what}-cuda-{precision}"));
         let graphs = compile(export, &engine, "cuda", precision, &[]);
         assert!(!graphs.is_empty(), "{what} {precision}: no graphs");
+        let mut low_ropes = 0;
         for g in graphs {
             let model = v2l_graphs::read_model(&g).unwrap();
             let p = cuda_placement(&model, KernelTable::ort_cuda());
@@ -37,6 +38,25 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
                 let fused = graph.node.iter().filter(|n| n.op_type == "RotaryEmbedding");
                 let want = if what == "wan" { 0 } else { 4 };
                 assert_eq!(fused.count(), want, "{what} {precision} {name}");
+                // Below fp32 it reads q and k widened to f32, as diffusers' RoPE computes.
+                if name.contains(&format!("_{precision}")) && precision != "fp32" {
+                    let producer =
+                        |v: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == v));
+                    for rope in graph.node.iter().filter(|n| n.op_type == "RotaryEmbedding") {
+                        let flat = producer(&rope.input[0]).unwrap();
+                        assert_eq!(flat.op_type, "Reshape", "{name}: {}", rope.name);
+                        let cast = producer(&flat.input[0]).unwrap();
+                        let to = cast.attribute.iter().find(|a| a.name == "to").map(|a| a.i);
+                        assert_eq!(
+                            (cast.op_type.as_str(), to),
+                            ("Cast", Some(1)),
+                            "{name}: {} reads {}",
+                            rope.name,
+                            cast.name
+                        );
+                        low_ropes += 1;
+                    }
+                }
             }
             for n in p.no_kernel {
                 problems.push(format!(
@@ -44,6 +64,12 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
                     g.file_name().unwrap().to_string_lossy()
                 ));
             }
+        }
+        if what != "wan" && precision != "fp32" {
+            assert!(
+                low_ropes > 0,
+                "{what} {precision}: no lowered DiT graph was checked"
+            );
         }
     }
     assert!(
