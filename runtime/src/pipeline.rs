@@ -266,8 +266,7 @@ impl Pipeline {
     fn accept(&self, req: &Request) -> Result<LatentShape> {
         match *req.facts() == self.facts {
             true => {
-                let patch = self.engine.dit_entry()?.patch_size;
-                crate::request::check_rope_tokens(&self.engine, req, req.shape(), patch)?;
+                crate::request::check_rope_tokens(&self.engine, req, req.shape(), &self.facts)?;
                 Ok(*req.shape())
             }
             false => Err(RuntimeError::Invalid {

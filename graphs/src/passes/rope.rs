@@ -222,7 +222,8 @@ struct Match {
 /// (inline, or in the external data beside `source`).
 fn pair_rotation(t: &TensorProto, source: &Path) -> Option<i64> {
     let [n, m] = t.dims[..] else { return None };
-    if n != m || n < 2 || n % 2 != 0 || t.data_type != DType::F32.onnx_code() {
+    // A head is at most 1,024 wide: nothing larger is read from the weight file.
+    if n != m || !(2..=1024).contains(&n) || n % 2 != 0 || t.data_type != DType::F32.onnx_code() {
         return None;
     }
     let bytes = if t.raw_data.is_empty() {

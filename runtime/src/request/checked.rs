@@ -125,15 +125,18 @@ pub(crate) fn check_rope_tokens(
     engine: &Engine,
     req: &RequestParts,
     shape: &LatentShape,
-    patch: usize,
+    facts: &RequestFacts,
 ) -> Result<()> {
     let Some(max) = engine.bundle.as_ref().and_then(|b| b.rope_max_tokens) else {
         return Ok(());
     };
-    let p = patch.max(1);
-    let video = shape.frames * (shape.height / p) * (shape.width / p);
+    let p = facts.patch_size.max(1);
+    let video = shape
+        .frames
+        .saturating_mul(shape.height / p)
+        .saturating_mul(shape.width / p);
     let text = req.prompt_embeds.shape.get(1).copied().unwrap_or(0);
-    let tokens = video + text;
+    let tokens = video.saturating_add(text);
     if tokens <= max {
         return Ok(());
     }
@@ -280,7 +283,7 @@ impl RequestParts {
                 "must have the shape of prompt_embeds".into(),
             ));
         }
-        check_rope_tokens(engine, &self, &shape, facts.patch_size)?;
+        check_rope_tokens(engine, &self, &shape, &facts)?;
         Ok(Request {
             parts: self,
             shape,
