@@ -2,6 +2,7 @@
 //! cache, computes what diffusers computes (fixture `vae_io`: 17 frames = encoder batches of
 //! 9 + 8 frames, 5 latent frames = decoder batches of 3 + 2).
 
+use v2l_contracts::io::vae as vae_io;
 use v2l_export::{cogvideox_vae, Checkpoint, Manifest};
 use v2l_graphs::{save, ExternalData};
 use v2l_runtime::engine::Engine;
@@ -264,6 +265,32 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
                 g.node.iter().all(|n| n.op_type != "Identity" || opset < 21),
                 "{f}"
             );
+            // The caches carry in the engine's precision and nothing casts them: each value
+            // was low before any node read it, so the engine computes what it did with f32
+            // caches, without two casts per conv and batch and at half the carried memory.
+            let caches = match f == &lowered.encoder {
+                true => &entry.encoder_caches,
+                false => &entry.decoder_caches,
+            };
+            assert!(!caches.is_empty(), "{f}");
+            for c in caches {
+                let (out, low) = (c.output_name(), Some(dtype.onnx_code()));
+                assert_eq!(elem_type(&g.input, &c.name), low, "{f}: {}", c.name);
+                assert_eq!(elem_type(&g.output, &out), low, "{f}: {out}");
+                let cast = g.node.iter().find(|n| {
+                    n.op_type == "Cast" && (n.input.contains(&c.name) || n.output.contains(&out))
+                });
+                assert!(cast.is_none(), "{f}: {cast:?}");
+            }
+            for main in [vae_io::VIDEO, vae_io::LATENTS, vae_io::SAMPLE] {
+                for vs in [&g.input, &g.output] {
+                    let t = elem_type(vs, main);
+                    assert!(
+                        t.is_none() || t == Some(DType::F32.onnx_code()),
+                        "{f}: {main}"
+                    );
+                }
+            }
         }
         // The CPU form of the same lowering, from the engine's f32 graphs.
         let cpu = |f: &str| {
@@ -274,6 +301,7 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
             let how = Lowering {
                 dtype,
                 emulate: true,
+                low_caches: false,
             };
             lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
             v2l_graphs::write_model(&engine.join(&name), &m).unwrap();
@@ -309,4 +337,88 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
             );
         }
     }
+}
+
+/// The element type a graph declares for its input or output `name`.
+fn elem_type(vs: &[v2l_graphs::proto::ValueInfoProto], name: &str) -> Option<i32> {
+    use v2l_graphs::proto::type_proto::Value;
+    let v = vs.iter().find(|v| v.name == name)?;
+    match v.r#type.as_ref()?.value.as_ref()? {
+        Value::TensorType(t) => Some(t.elem_type),
+    }
+}
+
+/// A cache a graph declares bf16 (a GPU engine's lowered VAE) is carried as bf16 both ways the
+/// runtime carries caches: in session memory (a GPU's; here the CPU provider's), starting
+/// unwritten, and from the host, starting at zeros of its declared type. Each batch after the
+/// first reads exactly the previous batch's last two frames.
+#[test]
+fn low_precision_caches_carry_in_their_declared_type() {
+    use half::bf16;
+    use v2l_graphs::{DType, Graph};
+    use v2l_runtime::tensor::Data;
+    use v2l_runtime::{Model, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Graph::new("carry");
+    let x = g.input(
+        "x",
+        DType::F32,
+        vec![1.into(), 2.into(), "t".into(), 2.into(), 2.into()],
+    );
+    let cache_dims = vec![1.into(), 2.into(), 2.into(), 2.into(), 2.into()];
+    let cache = g.input("cache_in.c", DType::BF16, cache_dims.clone());
+    let xb = g.cast(&x, DType::BF16);
+    let padded = g.concat(&[&cache, &xb], 2);
+    let cache_out = g.slice(&padded, 2, -2, i64::MAX);
+    let y = g.cast(&padded, DType::F32);
+    g.output(&y, "y", DType::F32, vec![]);
+    g.output(&cache_out, "cache_out.c", DType::BF16, cache_dims);
+    let path = dir.path().join("carry.onnx");
+    save(&g, &path, ExternalData::Never).unwrap();
+    let shapes = vec![("cache_in.c".to_string(), vec![1, 2, 2, 2, 2])];
+    let links = [("cache_in.c".to_string(), "cache_out.c".to_string())];
+    // Three batches of 3 frames; values exact in bf16 so the expected frames are the inputs.
+    let batch = |i: usize| {
+        let v: Vec<f32> = (0..24)
+            .map(|k| (k as f32 - 11.0) * 0.25 + i as f32)
+            .collect();
+        Tensor::f32(vec![1, 2, 3, 2, 2], v)
+    };
+    let frames = |t: &Tensor, from: usize, to: usize| t.slice_axis(2, from, to).unwrap().data;
+    let mut outs: Vec<Vec<Tensor>> = Vec::new();
+    for in_session in [true, false] {
+        let opts = SessionOptions {
+            carry_in_session_memory: in_session,
+            ..Default::default()
+        };
+        let mut m = Model::load(&path, &opts).unwrap();
+        let (mut carry, mut feed) = match m.unwritten_carry(&shapes).unwrap() {
+            Some(c) => (c, std::collections::BTreeMap::new()),
+            None => (Default::default(), m.zero_inputs(shapes.clone()).unwrap()),
+        };
+        assert_eq!(in_session, feed.is_empty());
+        if let Some(z) = feed.get("cache_in.c") {
+            assert_eq!(z.data, Data::BF16(vec![bf16::ZERO; 16]));
+        }
+        let mut ys = Vec::new();
+        for i in 0..3 {
+            feed.insert("x".into(), batch(i));
+            let mut out = m
+                .run_carrying(&feed, &mut carry, &links, &["y"], true)
+                .unwrap();
+            feed.remove("cache_in.c");
+            ys.push(out.remove("y").unwrap());
+        }
+        outs.push(ys);
+    }
+    for ys in &outs {
+        for (i, y) in ys.iter().enumerate() {
+            assert_eq!(y.shape, [1, 2, 5, 2, 2]);
+            assert_eq!(frames(y, 2, 5), batch(i).data, "batch {i}");
+            if i > 0 {
+                assert_eq!(frames(y, 0, 2), frames(&batch(i - 1), 1, 3), "batch {i}");
+            }
+        }
+    }
+    assert_eq!(frames(&outs[1][0], 0, 2), Data::F32(vec![0.0; 16]));
 }

@@ -138,6 +138,7 @@ fn check_bf16(variant: &str, dir: &str) {
         let how = Lowering {
             dtype: v2l_graphs::DType::BF16,
             emulate: true,
+            low_caches: false,
         };
         let data = d.path().join(format!("bf16_{keep}.bin"));
         lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();

@@ -539,6 +539,7 @@ impl<'a> Job<'a> {
             let how = Lowering {
                 dtype,
                 emulate: false,
+                low_caches: true,
             };
             let lowered = lower_precision(&mut m, &src, WeightFile::Write(&tmp.join(&data)), how)
                 .map_err(pass_err)?;
@@ -1196,6 +1197,7 @@ fn lower_dit(
     let how = passes::Lowering {
         dtype,
         emulate: backend == Backend::Cpu,
+        low_caches: false,
     };
     let l = passes::lower_precision(model, src, passes::WeightFile::Write(data), how)?;
     Ok(LowWeights::Float(how, l.tensors))

@@ -38,6 +38,11 @@ impl SpatialScale {
     }
 }
 
+/// A VAE graph's input carrying a causal-conv cache into a frame batch: `cache_in.<module>`.
+pub const CACHE_INPUT_PREFIX: &str = "cache_in.";
+/// The output carrying it on to the next batch: `cache_out.<module>`.
+pub const CACHE_OUTPUT_PREFIX: &str = "cache_out.";
+
 /// One causal-conv cache the runtime threads between frame batches.
 ///
 /// Why: the runtime must build zero caches for the first batch, so it needs each shape as a
@@ -58,12 +63,14 @@ pub struct CacheSpec {
 impl CacheSpec {
     /// The graph output carrying this cache for the next batch (`cache_out.<module path>`).
     pub fn output_name(&self) -> String {
-        format!("cache_out.{}", self.module())
+        format!("{CACHE_OUTPUT_PREFIX}{}", self.module())
     }
 
     /// The diffusers module path (`encoder.conv_in`).
     pub fn module(&self) -> &str {
-        self.name.strip_prefix("cache_in.").unwrap_or(&self.name)
+        self.name
+            .strip_prefix(CACHE_INPUT_PREFIX)
+            .unwrap_or(&self.name)
     }
 
     /// The cache's shape for batch size `batch` and main-input spatial size `height × width`.

@@ -430,22 +430,53 @@ impl Model {
         let ctx = self.path.display().to_string();
         let mut carry = Carry::default();
         for (name, shape) in shapes {
-            let ty = self
-                .session
-                .inputs()
-                .iter()
-                .find(|i| i.name() == name)
-                .and_then(|i| i.dtype().tensor_type())
-                .ok_or_else(|| RuntimeError::Graph {
-                    graph: ctx.clone(),
-                    message: format!("has no tensor input `{name}` to carry"),
-                })?;
             let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-            let v = ort::value::DynTensor::new(alloc, ty, dims)
+            let v = ort::value::DynTensor::new(alloc, self.input_type(name)?, dims)
                 .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
             carry.0.insert(name.clone(), v.into_dyn());
         }
         Ok(Some(carry))
+    }
+
+    /// Zeros for the inputs `shapes`, each in its declared element type: a loop's first
+    /// carried values where they live on the host (a GPU engine's lowered VAE declares its
+    /// caches in the engine's precision).
+    pub fn zero_inputs(
+        &self,
+        shapes: Vec<(String, Vec<usize>)>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        use ort::value::TensorElementType as E;
+        shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let n = shape.iter().product();
+                let data = match self.input_type(&name)? {
+                    E::Float32 => Data::F32(vec![0.0; n]),
+                    E::Float16 => Data::F16(vec![half::f16::ZERO; n]),
+                    E::Bfloat16 => Data::BF16(vec![half::bf16::ZERO; n]),
+                    other => {
+                        return Err(RuntimeError::Graph {
+                            graph: self.path.display().to_string(),
+                            message: format!("carried input `{name}` is {other:?}, not a float"),
+                        })
+                    }
+                };
+                Ok((name, Tensor { shape, data }))
+            })
+            .collect()
+    }
+
+    /// The element type the graph declares for input `name`.
+    fn input_type(&self, name: &str) -> Result<ort::value::TensorElementType> {
+        self.session
+            .inputs()
+            .iter()
+            .find(|i| i.name() == name)
+            .and_then(|i| i.dtype().tensor_type())
+            .ok_or_else(|| RuntimeError::Graph {
+                graph: self.path.display().to_string(),
+                message: format!("has no tensor input `{name}` to carry"),
+            })
     }
 
     fn run_core(

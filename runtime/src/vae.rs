@@ -245,20 +245,15 @@ fn run_batches(
     };
     // The first batch ignores its caches (`first_batch` selects around them). Where the
     // caches are carried in session memory (a GPU's), they start there unwritten; else zeros
-    // from the allocator, which cost no memory until written (ONNX Runtime only reads them).
+    // from the allocator, which cost no memory until written (ONNX Runtime only reads them),
+    // in each cache's declared type.
     let shapes: Vec<(String, Vec<usize>)> = caches
         .iter()
         .map(|c| (c.name.clone(), c.shape(b, h, w).to_vec()))
         .collect();
     let (mut carry, mut feed) = match model.unwritten_carry(&shapes)? {
         Some(carry) => (carry, BTreeMap::new()),
-        None => (
-            crate::session::Carry::default(),
-            shapes
-                .into_iter()
-                .map(|(name, shape)| (name, Tensor::zeros(shape)))
-                .collect::<BTreeMap<_, _>>(),
-        ),
+        None => (crate::session::Carry::default(), model.zero_inputs(shapes)?),
     };
     let links: Vec<(String, String)> = caches
         .iter()

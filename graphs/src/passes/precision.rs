@@ -43,6 +43,8 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use v2l_contracts::frame_batch::{CACHE_INPUT_PREFIX, CACHE_OUTPUT_PREFIX};
+
 use super::data_file::DataFile;
 use super::edit::PassError;
 use crate::builder::{attr_proto, Attr};
@@ -56,6 +58,12 @@ pub struct Lowering {
     pub dtype: DType,
     /// The CPU form (see the module docs).
     pub emulate: bool,
+    /// Typed form only: a VAE's frame-batch caches (`cache_in.*` inputs, `cache_out.*`
+    /// outputs) in the low type too, where every node reading a cache computes in the low type.
+    /// Nothing changes but the carried bytes: each value was rounded to the low type before any
+    /// node read it, so storing it low is exact; the runtime carries a cache in its graph's
+    /// declared type, on the device, without the two casts per batch and at half the memory.
+    pub low_caches: bool,
 }
 
 /// Where the converted weights go.
@@ -252,6 +260,18 @@ pub fn lower_precision(
         Role::Cast => Some(if is_island(n) { DType::F32 } else { low }),
         Role::Int | Role::AnyInput | Role::Predicate => None,
     };
+    let low_caches = match how.low_caches && !how.emulate {
+        true => caches_read_low(graph, &roles, |r, n| typed(r, n) == Some(low)),
+        false => HashSet::new(),
+    };
+    for i in graph
+        .input
+        .iter_mut()
+        .filter(|i| low_caches.contains(&i.name))
+    {
+        set_elem_type(i, low);
+        ty.insert(i.name.clone(), low);
+    }
 
     // Float initializers: low where every node reading them computes low, else f32.
     let mut wanted: HashMap<&str, DType> = HashMap::new();
@@ -387,20 +407,42 @@ pub fn lower_precision(
         nodes.push(n);
         nodes.extend(rounding);
     }
-    // The graph's outputs keep their declared f32.
+    // The graph's outputs keep their declared f32, but for low caches.
+    for o in graph.output.iter_mut() {
+        let low_cache = o
+            .name
+            .strip_prefix(CACHE_OUTPUT_PREFIX)
+            .is_some_and(|m| low_caches.contains(&format!("{CACHE_INPUT_PREFIX}{m}")));
+        if !low_cache {
+            continue;
+        }
+        set_elem_type(o, low);
+        if ty.get(&o.name) == Some(&DType::F32) {
+            // Computed f32 but only ever read low: rounding it here is what its reader did.
+            let inner = fresh(format!("{}.f32", o.name));
+            rename(&mut nodes, &o.name, &inner);
+            nodes.push(cast_node(&format!("{}/Cast", o.name), &inner, &o.name, low));
+            done.casts += 1;
+        }
+        ty.insert(o.name.clone(), low);
+    }
+    let kept_low: HashSet<String> = graph
+        .output
+        .iter()
+        .filter(|o| o.name.starts_with(CACHE_OUTPUT_PREFIX) && ty.get(&o.name) == Some(&low))
+        .filter(|o| input_dtype(o) == Some(low))
+        .map(|o| o.name.clone())
+        .collect();
     for out in graph.output.iter().map(|o| o.name.clone()) {
+        if kept_low.contains(&out) {
+            continue;
+        }
         if ty
             .get(&out)
             .is_some_and(|t| t.is_float() && *t != DType::F32)
         {
             let inner = fresh(format!("{out}.{}", low.name()));
-            for n in nodes.iter_mut() {
-                for v in n.output.iter_mut().chain(n.input.iter_mut()) {
-                    if *v == out {
-                        v.clone_from(&inner);
-                    }
-                }
-            }
+            rename(&mut nodes, &out, &inner);
             nodes.push(cast_node(&format!("{out}/Cast"), &inner, &out, DType::F32));
             done.casts += 1;
         }
@@ -418,6 +460,57 @@ fn cast_node(name: &str, x: &str, y: &str, to: DType) -> proto::NodeProto {
         op_type: "Cast".into(),
         attribute: vec![attr_proto("to", Attr::Int(to.onnx_code() as i64))],
         ..Default::default()
+    }
+}
+
+/// Every node input or output named `from` renamed `to`.
+fn rename(nodes: &mut [proto::NodeProto], from: &str, to: &str) {
+    for n in nodes.iter_mut() {
+        for v in n.output.iter_mut().chain(n.input.iter_mut()) {
+            if v == from {
+                *v = to.to_string();
+            }
+        }
+    }
+}
+
+/// The `cache_in.*` inputs with a matching `cache_out.*` output whose every reader computes in
+/// the low type (`reads_low`): the caches [`Lowering::low_caches`] types low.
+fn caches_read_low(
+    graph: &proto::GraphProto,
+    roles: &[Role],
+    reads_low: impl Fn(Role, &proto::NodeProto) -> bool,
+) -> HashSet<String> {
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    graph
+        .input
+        .iter()
+        .filter(|i| input_dtype(i) == Some(DType::F32))
+        .filter_map(|i| {
+            let module = i.name.strip_prefix(CACHE_INPUT_PREFIX)?;
+            outputs
+                .contains(format!("{CACHE_OUTPUT_PREFIX}{module}").as_str())
+                .then_some(i.name.as_str())
+        })
+        .filter(|name| {
+            let mut readers = graph
+                .node
+                .iter()
+                .zip(roles)
+                .filter(|(n, _)| n.input.iter().any(|x| x == name))
+                .peekable();
+            readers.peek().is_some() && readers.all(|(n, &r)| reads_low(r, n))
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// Declares a graph input or output of element type `t` (its shape untouched).
+fn set_elem_type(v: &mut proto::ValueInfoProto, t: DType) {
+    if let Some(proto::type_proto::Value::TensorType(tt)) =
+        v.r#type.as_mut().and_then(|ty| ty.value.as_mut())
+    {
+        tt.elem_type = t.onnx_code();
     }
 }
 
@@ -524,6 +617,7 @@ fn convert_initializers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::builder::Attr;
     use crate::{save, ExternalData, Graph, TensorData};
 
     /// `y = softmax(rope(x·Wᵀ + b))` with a `rope` scope doing `h·c` (c an f32 input).
@@ -560,6 +654,7 @@ mod tests {
         let how = Lowering {
             dtype: DType::BF16,
             emulate,
+            low_caches: false,
         };
         let data = d.path().join("low.data");
         let done = lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
@@ -629,6 +724,92 @@ mod tests {
         // The Gemm and the final Mul compute (rounded); the islands do not round.
         assert_eq!(rounds.len(), 2);
         assert!(rounds.iter().all(|n| cast_to(n) == Some(DType::BF16)));
+    }
+
+    /// A causal conv as the VAE export writes it, its cache read by `Where`; with `island`
+    /// the cache is also read in a `group_norm` scope (in f32 below f32).
+    fn causal(dir: &Path, island: bool) -> std::path::PathBuf {
+        let mut g = Graph::new("causal");
+        let dims = || vec![1.into(), 2.into(), "t".into(), 4.into(), 4.into()];
+        let x = g.input("x", DType::F32, dims());
+        let first = g.input("first_batch", DType::Bool, vec![1.into()]);
+        let cache = g.input("cache_in.conv", DType::F32, dims());
+        let w = g.const_f32(&[0.1; 2 * 2 * 27], &[2, 2, 3, 3, 3]);
+        let b = g.const_f32(&[0.5, -0.5], &[2]);
+        let x0 = g.slice(&x, 2, 0, 1);
+        let replicated = g.concat(&[&x0, &x0], 2);
+        let pad = g.op("Where", &[&first, &replicated, &cache], vec![]);
+        let padded = g.concat(&[&pad, &x], 2);
+        let cache_out = g.slice(&padded, 2, -2, i64::MAX);
+        let y = g.op(
+            "Conv",
+            &[&padded, &w, &b],
+            vec![
+                ("kernel_shape", Attr::Ints(vec![3, 3, 3])),
+                ("pads", Attr::Ints(vec![0, 1, 1, 0, 1, 1])),
+            ],
+        );
+        let y = match island {
+            true => {
+                let m = g.scoped("norm.group_norm", |g| g.mul(&cache, &cache));
+                let s = g.op("ReduceSum", &[&m], vec![("keepdims", Attr::Int(1))]);
+                g.add(&y, &s)
+            }
+            false => y,
+        };
+        g.output(&y, "y", DType::F32, vec![]);
+        g.output(&cache_out, "cache_out.conv", DType::F32, dims());
+        let p = dir.join("causal.onnx");
+        save(&g, &p, ExternalData::Always).unwrap();
+        p
+    }
+
+    fn declared(vs: &[proto::ValueInfoProto], name: &str) -> Option<DType> {
+        input_dtype(vs.iter().find(|v| v.name == name)?)
+    }
+
+    #[test]
+    fn low_caches_are_carried_in_the_low_type_without_casts() {
+        let d = tempfile::tempdir().unwrap();
+        let lower = |island: bool, emulate: bool, low_caches: bool| {
+            let src = causal(d.path(), island);
+            let mut m = crate::read_model(&src).unwrap();
+            let how = Lowering {
+                dtype: DType::BF16,
+                emulate,
+                low_caches,
+            };
+            lower_precision(
+                &mut m,
+                &src,
+                WeightFile::Write(&d.path().join("w.data")),
+                how,
+            )
+            .unwrap();
+            m.graph.unwrap()
+        };
+        let g = lower(false, false, true);
+        let bf16 = Some(DType::BF16);
+        assert_eq!(declared(&g.input, "cache_in.conv"), bf16);
+        assert_eq!(declared(&g.output, "cache_out.conv"), bf16);
+        // The main input and output keep the runtime's f32; nothing casts the cache.
+        assert_eq!(declared(&g.input, "x"), Some(DType::F32));
+        assert_eq!(declared(&g.output, "y"), Some(DType::F32));
+        for n in &g.node {
+            let casts_cache = n.op_type == "Cast"
+                && (n.input[0].starts_with("cache_") || n.output[0].starts_with("cache_"));
+            assert!(!casts_cache, "{} casts a cache", n.name);
+        }
+        // Without the option, in the CPU form, or where an f32 node reads the cache: f32 caches.
+        for (island, emulate, low) in [
+            (false, false, false),
+            (false, true, true),
+            (true, false, true),
+        ] {
+            let g = lower(island, emulate, low);
+            assert_eq!(declared(&g.input, "cache_in.conv"), Some(DType::F32));
+            assert_eq!(declared(&g.output, "cache_out.conv"), Some(DType::F32));
+        }
     }
 
     #[test]
