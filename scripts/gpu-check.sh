@@ -14,8 +14,11 @@
 #   bash scripts/gpu-check.sh --scale --sweep
 #                                         # and v2l's side of each real-size case again under other
 #                                         # kernel choices, a row each (attention kernels for the DiT;
-#                                         # cuDNN conv search, workspace and tiling for the VAE)
+#                                         # cuDNN conv search, workspace, NHWC and tiling for the VAE)
 #   bash scripts/gpu-check.sh --json      # one JSON line per row
+#   bash scripts/gpu-check.sh --only effects --scale --budget-min 8
+#                                         # start nothing after 8 minutes (a GPU lent for a fixed
+#                                         # time): the rest get a "not started" row, exit 1
 #   CUDA_LAUNCH_BLOCKING=1 bash scripts/gpu-check.sh --profile --only effects
 #                                         # where each graph's time goes, by operator and provider
 #                                         # (ONNX Runtime's traces; blocking launches so a node's

@@ -53,9 +53,15 @@ pub struct GpuBench {
     pub profile: bool,
     /// With --scale: also run v2l's side of each real-size case under other kernel choices, a
     /// row each (the DiT held to each attention kernel: flash, memory-efficient, cuDNN flash;
-    /// the VAE with cuDNN's heuristic convolution search, a small workspace, and tiled)
+    /// the VAE with cuDNN's heuristic convolution search, a small workspace, channels-last
+    /// (prefer_nhwc), and tiled)
     #[arg(long, requires = "scale")]
     pub sweep: bool,
+    /// Start no case (or real-size variant) after this many minutes, for a GPU lent for a
+    /// fixed time: the rest get a row saying they were not started, and the check exits
+    /// non-zero. Cases run in plan order, the real sizes last
+    #[arg(long, value_name = "MIN")]
+    pub budget_min: Option<f64>,
     /// Run every case on this ONNX Runtime provider: `cpu` checks the check itself on a machine
     /// without a GPU (frames against the CPU fp32 engine, timings of the CPU)
     #[arg(long, value_enum, default_value = "gpu", hide = true)]
@@ -206,6 +212,12 @@ pub fn no_gpu_reason() -> Option<String> {
 }
 
 pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
+    if let Some(m) = b.budget_min.filter(|m| !(m.is_finite() && *m > 0.0)) {
+        return Err(Failure::new(format!(
+            "--budget-min {m}: a number of minutes above 0"
+        )));
+    }
+    let budget = crate::gpu_scale::Budget::new(b.budget_min);
     let on_cpu = b.provider == ProviderArg::Cpu;
     let tensorrt = if on_cpu {
         Err("--provider cpu".to_string())
@@ -236,14 +248,14 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
     if let Ok(o) = std::env::var("V2L_CUDA_OPTIONS") {
         eprintln!("v2l-bench gpu: CUDA provider settings from V2L_CUDA_OPTIONS: {o}");
     }
-    let mut failed = run_cases(b, &cases)?;
+    let (mut failed, mut not_started) = run_cases(b, &cases, budget)?;
     if b.scale {
         if on_cpu {
             return Err(Failure::new(
                 "--scale measures on the GPU against PyTorch on the same GPU; --provider cpu has none",
             ));
         }
-        failed += crate::gpu_scale::run(
+        let (f, n) = crate::gpu_scale::run(
             &crate::gpu_scale::Settings {
                 dir: b.dir.join("scale"),
                 torch_python: b.torch_python.clone(),
@@ -251,16 +263,26 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
                 json: b.json,
                 profile: b.profile,
                 sweep: b.sweep,
+                budget,
             },
             &scale,
         )?;
+        failed += f;
+        not_started += n;
     }
-    if failed > 0 {
-        return Err(Failure::new(format!(
-            "{failed} GPU case(s) failed or missed their bound (see their rows)"
-        )));
+    match (failed, not_started) {
+        (0, 0) => Ok(()),
+        (0, n) => Err(Failure::new(format!(
+            "{n} case(s) not started: the --budget-min time was spent (every case that ran passed)"
+        ))),
+        (f, 0) => Err(Failure::new(format!(
+            "{f} GPU case(s) failed or missed their bound (see their rows)"
+        ))),
+        (f, n) => Err(Failure::new(format!(
+            "{f} GPU case(s) failed or missed their bound (see their rows); {n} not started: \
+             the --budget-min time was spent"
+        ))),
     }
-    Ok(())
 }
 
 fn print_plan(cases: &[Case], scale: &[ScaleCase], sweep: bool, json: bool) {
@@ -351,6 +373,13 @@ struct Figures {
     /// same process: `vae_encode` (the first frame), `vae_decode`, `predict_lora` (Video2LoRA).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     stages: Vec<StageFigure>,
+    /// The first generation on each engine, cold (cuDNN's convolution search per new shape,
+    /// CUDA's lazy module loading, ONNX Runtime's arena growth): what the first request of a
+    /// size waits. Whole milliseconds on this engine and on the CPU fp32 engine, then its stages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_generation_ms: Option<(f64, f64)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    first_stages: Vec<StageFigure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     skipped: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -430,6 +459,17 @@ fn print_row(f: &Figures, json: bool) {
             cells.join(", ")
         );
     }
+    if let Some((gpu, cpu)) = f.first_generation_ms {
+        let cells: Vec<String> = f
+            .first_stages
+            .iter()
+            .map(|s| format!("{} {:.1} / {:.1}", s.stage, s.engine_ms, s.cpu_engine_ms))
+            .collect();
+        println!(
+            "    first generation, cold ms (this engine / the CPU fp32 engine): {gpu:.1} / {cpu:.1}; {}",
+            cells.join(", ")
+        );
+    }
     for (graph, p) in &f.profile {
         let top: Vec<String> = p
             .ops
@@ -450,8 +490,13 @@ fn print_row(f: &Figures, json: bool) {
     }
 }
 
-/// Runs every case, printing each row as it ends; the number that failed or missed its bound.
-fn run_cases(b: &GpuBench, cases: &[Case]) -> Result<usize, Failure> {
+/// Runs every case, printing each row as it ends; how many failed or missed their bound, and
+/// how many were not started within `budget`.
+fn run_cases(
+    b: &GpuBench,
+    cases: &[Case],
+    budget: crate::gpu_scale::Budget,
+) -> Result<(usize, usize), Failure> {
     std::fs::create_dir_all(&b.dir)
         .map_err(|e| Failure::new(format!("{}: {e}", b.dir.display())))?;
     if !b.json {
@@ -460,7 +505,7 @@ fn run_cases(b: &GpuBench, cases: &[Case]) -> Result<usize, Failure> {
             "model", "backend", "prec", "rel L2", "step ms", "unfused ms", "fused ms", "batch4 ms"
         );
     }
-    let mut failed = 0;
+    let (mut failed, mut not_started) = (0, 0);
     // The CPU fp32 engine's stage times, measured once per model.
     let mut cpu_stages = std::collections::HashMap::new();
     for c in cases {
@@ -471,7 +516,10 @@ fn run_cases(b: &GpuBench, cases: &[Case]) -> Result<usize, Failure> {
             skipped: c.skipped.clone(),
             ..Default::default()
         };
-        if c.skipped.is_none() {
+        if let Some(why) = budget.spent().filter(|_| c.skipped.is_none()) {
+            f.skipped = Some(why);
+            not_started += 1;
+        } else if c.skipped.is_none() {
             if let Err(e) = run_case(b, c, &mut f, &mut cpu_stages) {
                 f.error = Some(e.message);
             }
@@ -481,7 +529,7 @@ fn run_cases(b: &GpuBench, cases: &[Case]) -> Result<usize, Failure> {
         }
         print_row(&f, b.json);
     }
-    Ok(failed)
+    Ok((failed, not_started))
 }
 
 /// The model directory of `model`: Wan's is assembled from its fixture's parts.
@@ -572,9 +620,8 @@ fn run_case(
     let lora_strategy = model.hypernet.then_some(Strategy::Unfused);
     let mut gpu_p = open(&gpu, lora_strategy)?;
     let req: Request = request(gpu_p.engine())?;
-    let a = cpu_p
-        .generate(&req, &mut |_, _| true)
-        .map_err(Failure::from)?;
+    let (a, cpu_first_ms) = crate::pipeline::time(|| cpu_p.generate(&req, &mut |_, _| true));
+    let a = a.map_err(Failure::from)?;
     // The CPU engine's stage times, warm (the parity run above was its first), once per model.
     if !cpu_stages.contains_key(model.name) {
         let mut times = Vec::new();
@@ -590,9 +637,13 @@ fn run_case(
         cpu_stages.insert(model.name, times);
     }
     drop(cpu_p);
-    let g = gpu_p
-        .generate(&req, &mut |_, _| true)
-        .map_err(Failure::from)?;
+    let (g, first_ms) = crate::pipeline::time(|| gpu_p.generate(&req, &mut |_, _| true));
+    let g = g.map_err(Failure::from)?;
+    f.first_generation_ms = Some((first_ms, cpu_first_ms));
+    f.first_stages = stage_figures(
+        std::slice::from_ref(&g.timings.ms),
+        std::slice::from_ref(&a.timings.ms),
+    );
     let rel = a.frames.rel_l2(&g.frames);
     f.frames_rel_l2 = Some(rel);
     f.within_bound = rel <= c.parity_bound;

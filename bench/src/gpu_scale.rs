@@ -29,6 +29,36 @@ pub struct Settings {
     pub profile: bool,
     /// Also run v2l's side under each of the stage's [`variants`], a row each.
     pub sweep: bool,
+    /// When to stop starting cases and variants.
+    pub budget: Budget,
+}
+
+/// `--budget-min`: when the check stops starting cases.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    until: Option<(std::time::Instant, f64)>,
+}
+
+impl Budget {
+    /// `minutes` from now; `None`: no limit.
+    pub fn new(minutes: Option<f64>) -> Budget {
+        Budget {
+            until: minutes.map(|m| {
+                let secs = (m.max(0.0) * 60.0).min(1e9);
+                (
+                    std::time::Instant::now() + std::time::Duration::from_secs_f64(secs),
+                    m,
+                )
+            }),
+        }
+    }
+
+    /// Why a case may not start now; `None` while time is left.
+    pub fn spent(&self) -> Option<String> {
+        let (until, minutes) = self.until?;
+        (std::time::Instant::now() >= until)
+            .then(|| format!("not started: the {minutes}-minute budget (--budget-min) was spent"))
+    }
 }
 
 /// One way of running v2l's side of a case: CUDA provider settings (`V2L_CUDA_OPTIONS`) and
@@ -51,8 +81,9 @@ const DEFAULT: Variant = Variant {
 /// What `--sweep` tries beside the default, per stage and precision: for the DiT, each
 /// attention kernel `MultiHeadAttention` may be held to (`sdpa_kernel`: flash 1,
 /// memory-efficient 2, cuDNN flash 8; the flash kernels take fp16/bf16 only, so fp32 tries the
-/// memory-efficient one alone); for the VAE, cuDNN's convolution search and workspace, and the
-/// tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it whole.
+/// memory-efficient one alone); for the VAE, cuDNN's convolution search and workspace, ONNX
+/// Runtime's channels-last layout (`prefer_nhwc`: cuDNN's NHWC kernels, with transposes where
+/// its layout pass inserts them), and the tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it whole.
 pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
     let mut out = vec![DEFAULT];
     match stage {
@@ -82,6 +113,11 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
             out.push(Variant {
                 name: "conv-small-workspace",
                 cuda_options: "cudnn_conv_use_max_workspace=0",
+                vae_tiling: "off",
+            });
+            out.push(Variant {
+                name: "nhwc",
+                cuda_options: "prefer_nhwc=1",
                 vae_tiling: "off",
             });
             out.push(Variant {
@@ -142,6 +178,9 @@ struct Row {
     variant: &'static str,
     size: [usize; 3],
     v2l_ms: Option<f64>,
+    /// The first of v2l's runs in its process, cold (cuDNN's convolution search per shape,
+    /// CUDA's lazy module loading): what a first request of the size waits.
+    v2l_first_ms: Option<f64>,
     v2l_peak_gpu_mb: Option<f64>,
     v2l_rel_l2_vs_torch_fp32: Option<f64>,
     torch_same_ms: Option<f64>,
@@ -149,13 +188,16 @@ struct Row {
     /// v2l's time over PyTorch's at the same precision.
     ratio: Option<f64>,
     error: Option<String>,
+    /// Why it did not run (`--budget-min` spent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<String>,
     /// With `--profile`: v2l's longest operators, `op (provider) ms`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     v2l_top_ops: Vec<String>,
 }
 
-/// Runs every case; the number that failed.
-pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
+/// Runs every case; how many rows failed, and how many were not started within the budget.
+pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure> {
     let dir = b.dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Failure::new(format!("{}: {e}", dir.display())))?;
     let script = dir.join("torch_gpu.py");
@@ -163,12 +205,13 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
         .map_err(|e| Failure::new(format!("{}: {e}", script.display())))?;
     if !b.json {
         println!(
-            "{:<10} {:<5} {:<20} {:<11} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  status",
+            "{:<10} {:<5} {:<20} {:<11} {:>10} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  status",
             "stage",
             "prec",
             "variant",
             "size",
             "v2l ms",
+            "first ms",
             "torch ms",
             "ratio",
             "v2l GPU MB",
@@ -176,7 +219,7 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
             "rel L2"
         );
     }
-    let mut failed = 0;
+    let (mut failed, mut not_started) = (0, 0);
     // PyTorch fp32 first in each group: it writes the reference.
     let mut order: Vec<&ScaleCase> = cases.iter().collect();
     order.sort_by_key(|c| (c.stage, c.size, c.precision != "fp32"));
@@ -188,6 +231,12 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
             size: c.size,
             ..Default::default()
         };
+        if let Some(why) = b.budget.spent() {
+            row.skipped = Some(why);
+            not_started += 1;
+            print_row(&row, b.json);
+            continue;
+        }
         let prepared = match prepare_case(b, &script, &dir, c, &mut row) {
             Ok(p) => p,
             Err(e) => {
@@ -207,14 +256,17 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<usize, Failure> {
                 variant: v.name,
                 ..row.clone()
             };
-            if let Err(e) = run_v2l(b, c, &prepared, &v, &mut row) {
+            if let Some(why) = b.budget.spent() {
+                row.skipped = Some(why);
+                not_started += 1;
+            } else if let Err(e) = run_v2l(b, c, &prepared, &v, &mut row) {
                 row.error = Some(e.message);
                 failed += 1;
             }
             print_row(&row, b.json);
         }
     }
-    Ok(failed)
+    Ok((failed, not_started))
 }
 
 /// What a case's v2l runs share: its directory, engine and PyTorch fp32 reference.
@@ -360,6 +412,7 @@ fn run_v2l(
             .collect();
     }
     row.v2l_ms = j["run_ms"].as_f64();
+    row.v2l_first_ms = j["runs_ms"].get(0).and_then(|v| v.as_f64());
     row.v2l_peak_gpu_mb = peak;
     let read = |p: &Path| -> Result<v2l_runtime::Tensor, Failure> {
         v2l_runtime::read_safetensors(p)
@@ -435,12 +488,13 @@ fn print_row(r: &Row, json: bool) {
     }
     let f = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
     println!(
-        "{:<10} {:<5} {:<20} {:<11} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  {}",
+        "{:<10} {:<5} {:<20} {:<11} {:>10} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  {}",
         r.stage,
         r.precision,
         r.variant,
         format!("{}x{}x{}", r.size[0], r.size[1], r.size[2]),
         f(r.v2l_ms, 1),
+        f(r.v2l_first_ms, 1),
         f(r.torch_same_ms, 1),
         f(r.ratio, 2),
         f(r.v2l_peak_gpu_mb, 0),
@@ -448,10 +502,11 @@ fn print_row(r: &Row, json: bool) {
         r.v2l_rel_l2_vs_torch_fp32
             .map(|x| format!("{x:.2e}"))
             .unwrap_or_else(|| "-".into()),
-        r.error
-            .as_deref()
-            .map(|e| format!("FAILED: {e}"))
-            .unwrap_or_else(|| "ok".into())
+        match (&r.skipped, &r.error) {
+            (Some(why), _) => why.clone(),
+            (_, Some(e)) => format!("FAILED: {e}"),
+            _ => "ok".into(),
+        }
     );
     if !r.v2l_top_ops.is_empty() {
         println!("    v2l's longest operators: {}", r.v2l_top_ops.join(", "));

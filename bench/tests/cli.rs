@@ -164,6 +164,16 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
                     })
                     .collect();
                 assert_eq!(stages, ["vae_encode", "vae_decode"], "{r}");
+                // The first generation on each engine, cold, and its stages.
+                let first = r["first_generation_ms"].as_array().unwrap();
+                assert!(first.iter().all(|v| v.as_f64().unwrap() > 0.0), "{r}");
+                let cold: Vec<&str> = r["first_stages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["stage"].as_str().unwrap())
+                    .collect();
+                assert_eq!(cold, ["vae_encode", "vae_decode"], "{r}");
                 // --profile: each graph of the traced generation, by operator and provider.
                 let graphs = r["profile"].as_array().unwrap();
                 let decoder = graphs
@@ -182,5 +192,47 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
                 );
             }
         }
+    }
+}
+
+/// `--budget-min`: once the time is spent no case starts; each gets a row saying so and the
+/// check exits non-zero (here every case, the budget being a millisecond's worth). A budget
+/// that is not a positive number of minutes is refused before anything runs.
+#[test]
+fn the_gpu_check_starts_no_case_after_its_budget() {
+    let d = tempfile::tempdir().unwrap();
+    let scratch = d.path().join("gpu");
+    let run = |budget: &str| {
+        Command::new(env!("CARGO_BIN_EXE_v2l-bench"))
+            .args(["gpu", "--provider", "cpu", "--only", "wan", "--json"])
+            .arg(format!("--budget-min={budget}"))
+            .arg("--dir")
+            .arg(&scratch)
+            .output()
+            .unwrap()
+    };
+    let o = run("1e-12");
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6);
+    for r in rows.iter().filter(|r| r["backend"] == "cuda") {
+        let why = r["skipped"].as_str().unwrap();
+        assert!(why.contains("--budget-min"), "{r}");
+        assert!(
+            r.get("error").is_none() && r.get("frames_rel_l2").is_none(),
+            "{r}"
+        );
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("3 case(s) not started"), "{err}");
+    assert!(!scratch.join("wan-tiny-i2v-export").exists());
+    for bad in ["0", "-1", "NaN", "inf"] {
+        let o = run(bad);
+        assert_eq!(o.status.code(), Some(1), "{bad}: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--budget-min"), "{bad}: {err}");
     }
 }
