@@ -16,7 +16,7 @@
 #                                         # kernel choices, a row each (attention kernels for the DiT;
 #                                         # cuDNN conv search, workspace, NHWC and tiling for the VAE)
 #   bash scripts/gpu-check.sh --json      # one JSON line per row
-#   bash scripts/gpu-check.sh --only effects --scale --budget-min 8
+#   bash scripts/gpu-check.sh --only effects --scale --scale-only "vae-decode bf16" --budget-min 8
 #                                         # start nothing after 8 minutes (a GPU lent for a fixed
 #                                         # time): the rest get a "not started" row, exit 1
 #   CUDA_LAUNCH_BLOCKING=1 bash scripts/gpu-check.sh --profile --only effects

@@ -57,6 +57,10 @@ pub struct GpuBench {
     /// (prefer_nhwc), and tiled)
     #[arg(long, requires = "scale")]
     pub sweep: bool,
+    /// With --scale: only the real-size cases whose `STAGE PRECISION FRAMESxHxW` contains this
+    /// (e.g. `vae-decode bf16`, `dit bf16 49x`): one GPU session measures what matters first
+    #[arg(long, value_name = "TEXT", requires = "scale")]
+    pub scale_only: Option<String>,
     /// Start no case (or real-size variant) after this many minutes, for a GPU lent for a
     /// fixed time: the rest get a row saying they were not started, and the check exits
     /// non-zero. Cases run in plan order, the real sizes last
@@ -228,7 +232,20 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
         .into_iter()
         .filter(|c| b.only.as_ref().is_none_or(|o| c.model.contains(o.as_str())))
         .collect();
-    let scale = if b.scale { scale_cases() } else { Vec::new() };
+    let scale: Vec<ScaleCase> = match b.scale {
+        true => scale_cases()
+            .into_iter()
+            .filter(|c| (b.scale_only.as_deref()).is_none_or(|o| c.label().contains(o)))
+            .collect(),
+        false => Vec::new(),
+    };
+    if scale.is_empty() && b.scale {
+        return Err(Failure::new(format!(
+            "--scale-only {:?} matches no real-size case",
+            b.scale_only.as_deref().unwrap_or_default()
+        ))
+        .with_hint("`v2l-bench gpu --dry-run --scale` lists them"));
+    }
     if b.dry_run {
         print_plan(&cases, &scale, b.sweep, b.json);
         return Ok(());

@@ -143,6 +143,14 @@ pub struct ScaleCase {
     pub what: String,
 }
 
+impl ScaleCase {
+    /// `STAGE PRECISION FRAMESxHxW`, what `--scale-only` matches.
+    pub fn label(&self) -> String {
+        let [f, h, w] = self.size;
+        format!("{} {} {f}x{h}x{w}", self.stage, self.precision)
+    }
+}
+
 /// `--scale`: the 5B-width DiT (2 blocks, batch 2) at 5,626 tokens (13x480x720) and 17,776
 /// (49x480x720) in bf16, fp16 and fp32, and the real VAE decode of 5 latent frames at 60x90
 /// (17x480x720) in fp32 and bf16.

@@ -82,6 +82,29 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
             && text.contains("tiled                --vae-tiling on"),
         "{text}"
     );
+    // --scale-only picks real-size cases by `STAGE PRECISION FRAMESxHxW`; none is an error.
+    let o = bench(&[
+        "gpu",
+        "--dry-run",
+        "--json",
+        "--scale",
+        "--scale-only",
+        "dit bf16 49x",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let picked = plan["scale"].as_array().unwrap();
+    assert_eq!(picked.len(), 1, "{plan}");
+    assert_eq!(picked[0]["size"], serde_json::json!([49, 480, 720]));
+    let o = bench(&[
+        "gpu",
+        "--dry-run",
+        "--scale",
+        "--scale-only",
+        "vae-decode fp8",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("matches no real-size case"));
     // --sweep varies the real-size cases: without --scale it is refused.
     let o = bench(&["gpu", "--dry-run", "--sweep"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
