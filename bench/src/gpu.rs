@@ -194,6 +194,40 @@ pub fn plan(tensorrt: Result<(), String>) -> Vec<Case> {
     out
 }
 
+/// What every figure of this run was measured on: the GPU (`nvidia-smi`: name, memory, driver),
+/// the ONNX Runtime library and the CPU, so a figure can be compared only with one of its card.
+fn machine_line(on_cpu: bool) -> String {
+    let gpu = match on_cpu {
+        true => "none (--provider cpu)".to_string(),
+        false => std::process::Command::new("nvidia-smi")
+            .args([
+                "--query-gpu=name,memory.total,driver_version",
+                "--format=csv,noheader",
+            ])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .replace('\n', "; ")
+            })
+            .unwrap_or_else(|| "? (nvidia-smi did not answer)".into()),
+    };
+    let ort = match v2l_runtime::ort_env::init() {
+        Ok(_) => v2l_runtime::ort_env::library_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "?".into()),
+        Err(e) => format!("not loaded ({e})"),
+    };
+    let cpu = crate::common::cpu_facts();
+    let cores = cpu["cores"].as_u64().unwrap_or(1) as usize;
+    format!(
+        "GPU {gpu}; ONNX Runtime {ort}; {}",
+        crate::common::cpu_line(&cpu, cores)
+    )
+}
+
 /// Why this machine cannot run the plan, or `None` when it has a GPU ONNX Runtime can use.
 pub fn no_gpu_reason() -> Option<String> {
     let nvidia = v2l_runtime::cuda_libs::gpu_present()
@@ -262,6 +296,7 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
              not kernel times"
         );
     }
+    eprintln!("v2l-bench gpu: {}", machine_line(on_cpu));
     if let Ok(o) = std::env::var("V2L_CUDA_OPTIONS") {
         eprintln!("v2l-bench gpu: CUDA provider settings from V2L_CUDA_OPTIONS: {o}");
     }

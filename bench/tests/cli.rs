@@ -219,7 +219,7 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
 }
 
 /// `--budget-min`: once the time is spent no case starts; each gets a row saying so and the
-/// check exits non-zero (here every case, the budget being a millisecond's worth). A budget
+/// check exits non-zero (here every case, the budget being a picosecond's worth). A budget
 /// that is not a positive number of minutes is refused before anything runs.
 #[test]
 fn the_gpu_check_starts_no_case_after_its_budget() {
@@ -251,6 +251,12 @@ fn the_gpu_check_starts_no_case_after_its_budget() {
     }
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("3 case(s) not started"), "{err}");
+    // Every run says what it measured on: the GPU, ONNX Runtime's library and the CPU.
+    assert!(
+        err.contains("v2l-bench gpu: GPU none (--provider cpu); ONNX Runtime /")
+            && err.contains("; CPU: "),
+        "{err}"
+    );
     assert!(!scratch.join("wan-tiny-i2v-export").exists());
     for bad in ["0", "-1", "NaN", "inf"] {
         let o = run(bad);
