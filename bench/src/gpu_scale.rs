@@ -193,6 +193,9 @@ struct Row {
     v2l_rel_l2_vs_torch_fp32: Option<f64>,
     torch_same_ms: Option<f64>,
     torch_same_peak_gpu_mb: Option<f64>,
+    /// PyTorch's version and the GPU it ran on, as it reports them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    torch: Option<String>,
     /// v2l's time over PyTorch's at the same precision.
     ratio: Option<f64>,
     error: Option<String>,
@@ -334,6 +337,7 @@ fn prepare_case(
     let t = torch_run(b, script, &case, c.stage, c.precision)?;
     row.torch_same_ms = t["torch_ms"].as_f64();
     row.torch_same_peak_gpu_mb = t["peak_gpu_mb"].as_f64();
+    row.torch = t["torch"].as_str().map(String::from);
     // v2l: export once, an engine per precision.
     let export = case.join("v2l-export");
     if !export.join("manifest.json").is_file() {

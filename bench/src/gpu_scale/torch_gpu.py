@@ -103,7 +103,8 @@ def run(a):
         times.append((time.perf_counter() - t) * 1e3)
     times.sort()
     r = {"torch_ms": times[len(times) // 2], "dtype": a.dtype,
-         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+         "torch": f"{torch.__version__} on {torch.cuda.get_device_name()}"}
     out = out.float().cpu().contiguous()
     if a.dtype == "fp32":
         save_file({"sample": out}, f"{a.dir}/torch_fp32.safetensors")
