@@ -498,9 +498,8 @@ impl<'a> Job<'a> {
 
     /// Step 4c (GPU engines at fp16/bf16): the VAE's graphs in the engine's precision, typed
     /// for the GPU (`<graph>_<precision>.onnx`, one weight file each), bf16 moved to opset 22,
-    /// where CUDA's `Conv` takes bf16, its caches carried in the low type and its GroupNorms'
-    /// mean squares summed by `ReduceSumSquare`; and their CPU forms (emulated, at the
-    /// export's opset, sharing the weight files), for the accuracy checks only.
+    /// where CUDA's `Conv` takes bf16; and their CPU forms (emulated, at the export's opset,
+    /// sharing the weight files), for the accuracy checks only.
     fn vae_lowered_graphs(&self, tmp: &Path, dit: &mut DitBuild) -> Result<()> {
         use v2l_graphs::passes::{lower_precision, upgrade_opset, Lowering, WeightFile};
         let dtype = match self.precision {
@@ -531,9 +530,6 @@ impl<'a> Job<'a> {
             );
             let data = format!("{name}.data");
             let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;
-            // GPU reductions are trees: the GroupNorms' mean squares without a squared copy
-            // (both forms, so the CPU form measures what the GPU computes).
-            v2l_graphs::passes::group_norm_square_sums(&mut base);
             let mut m = base.clone();
             // The CPU form stays at the export's opset: ONNX Runtime's CPU provider lacks some
             // opset-21 schemas (`Size`), and its convolutions are f32 anyway.
