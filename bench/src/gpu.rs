@@ -251,7 +251,7 @@ pub fn no_gpu_reason() -> Option<String> {
 
 pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
     if let Some(m) = b.budget_min.filter(|m| !(m.is_finite() && *m > 0.0)) {
-        return Err(Failure::new(format!(
+        return Err(Failure::usage(format!(
             "--budget-min {m}: a number of minutes above 0"
         )));
     }
@@ -274,7 +274,7 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
         false => Vec::new(),
     };
     if scale.is_empty() && b.scale {
-        return Err(Failure::new(format!(
+        return Err(Failure::usage(format!(
             "--scale-only {:?} matches no real-size case",
             b.scale_only.as_deref().unwrap_or_default()
         ))
@@ -325,14 +325,14 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
     match (failed, not_started) {
         (0, 0) => Ok(()),
         (0, n) => Err(Failure::new(format!(
-            "{n} case(s) not started: the --budget-min time was spent (every case that ran passed)"
+            "{n} row(s) not started: the --budget-min time was spent (every row that ran passed)"
         ))),
         (f, 0) => Err(Failure::new(format!(
             "{f} GPU case(s) failed or missed their bound (see their rows)"
         ))),
         (f, n) => Err(Failure::new(format!(
-            "{f} GPU case(s) failed or missed their bound (see their rows); {n} not started: \
-             the --budget-min time was spent"
+            "{f} GPU case(s) failed or missed their bound (see their rows); {n} row(s) not \
+             started: the --budget-min time was spent"
         ))),
     }
 }
@@ -425,9 +425,10 @@ struct Figures {
     /// same process: `vae_encode` (the first frame), `vae_decode`, `predict_lora` (Video2LoRA).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     stages: Vec<StageFigure>,
-    /// The first generation on each engine, cold (cuDNN's convolution search per new shape,
-    /// CUDA's lazy module loading, ONNX Runtime's arena growth): what the first request of a
-    /// size waits. Whole milliseconds on this engine and on the CPU fp32 engine, then its stages.
+    /// The first generation on each engine, cold: cuDNN's convolution search for each new shape
+    /// and ONNX Runtime's arena growth (and, in the first case of the process only, CUDA's lazy
+    /// loading of kernels): what the first request of a size waits. Whole milliseconds on this
+    /// engine and on the CPU fp32 engine, then its stages.
     #[serde(skip_serializing_if = "Option::is_none")]
     first_generation_ms: Option<(f64, f64)>,
     #[serde(skip_serializing_if = "Vec::is_empty")]

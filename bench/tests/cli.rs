@@ -103,7 +103,7 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
         "--scale-only",
         "vae-decode fp8",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("matches no real-size case"));
     // --sweep varies the real-size cases: without --scale it is refused.
     let o = bench(&["gpu", "--dry-run", "--sweep"]);
@@ -219,8 +219,8 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
 }
 
 /// `--budget-min`: once the time is spent no case starts; each gets a row saying so and the
-/// check exits non-zero (here every case, the budget being a picosecond's worth). A budget
-/// that is not a positive number of minutes is refused before anything runs.
+/// check exits 1 (here every case, the budget being a picosecond's worth). A budget that is
+/// not a positive number of minutes is a usage error (2) before anything runs.
 #[test]
 fn the_gpu_check_starts_no_case_after_its_budget() {
     let d = tempfile::tempdir().unwrap();
@@ -250,7 +250,7 @@ fn the_gpu_check_starts_no_case_after_its_budget() {
         );
     }
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("3 case(s) not started"), "{err}");
+    assert!(err.contains("3 row(s) not started"), "{err}");
     // Every run says what it measured on: the GPU, ONNX Runtime's library and the CPU.
     assert!(
         err.contains("v2l-bench gpu: GPU none (--provider cpu); ONNX Runtime /")
@@ -260,7 +260,7 @@ fn the_gpu_check_starts_no_case_after_its_budget() {
     assert!(!scratch.join("wan-tiny-i2v-export").exists());
     for bad in ["0", "-1", "NaN", "inf"] {
         let o = run(bad);
-        assert_eq!(o.status.code(), Some(1), "{bad}: {o:?}");
+        assert_eq!(o.status.code(), Some(2), "{bad}: {o:?}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("--budget-min"), "{bad}: {err}");
     }

@@ -245,8 +245,8 @@ fn run_batches(
     };
     // The first batch ignores its caches (`first_batch` selects around them). Where the
     // caches are carried in session memory (a GPU's), they start there unwritten; else zeros
-    // from the allocator, which cost no memory until written (ONNX Runtime only reads them),
-    // in each cache's declared type.
+    // of each cache's declared type (f32 ones from the allocator cost no memory until
+    // written, and ONNX Runtime only reads them; low-precision caches are a GPU engine's).
     let shapes: Vec<(String, Vec<usize>)> = caches
         .iter()
         .map(|c| (c.name.clone(), c.shape(b, h, w).to_vec()))

@@ -1,5 +1,7 @@
 //! fp16/bf16 graphs: weights and activations in the low type, what diffusers keeps in f32 kept
-//! f32, and the graph's inputs and outputs still f32 (the runtime's contract).
+//! f32, and the graph's inputs and outputs still f32 (the runtime's contract) but for a VAE's
+//! frame-batch caches when [`Lowering::low_caches`] asks (the runtime carries a cache in the type
+//! its graph declares).
 //!
 //! Kept f32 ("islands"), following what diffusers computes when the model is in bf16/fp16:
 //! - `Softmax`: attention probabilities (torch's attention kernels accumulate them in f32);
@@ -407,32 +409,19 @@ pub fn lower_precision(
         nodes.push(n);
         nodes.extend(rounding);
     }
-    // The graph's outputs keep their declared f32, but for low caches.
+    // The graph's outputs keep their declared f32, but for low caches (written low: their
+    // producers compute low, `caches_read_low`).
+    let mut kept_low = HashSet::new();
     for o in graph.output.iter_mut() {
         let low_cache = o
             .name
             .strip_prefix(CACHE_OUTPUT_PREFIX)
             .is_some_and(|m| low_caches.contains(&format!("{CACHE_INPUT_PREFIX}{m}")));
-        if !low_cache {
-            continue;
+        if low_cache && ty.get(&o.name) == Some(&low) {
+            set_elem_type(o, low);
+            kept_low.insert(o.name.clone());
         }
-        set_elem_type(o, low);
-        if ty.get(&o.name) == Some(&DType::F32) {
-            // Computed f32 but only ever read low: rounding it here is what its reader did.
-            let inner = fresh(format!("{}.f32", o.name));
-            rename(&mut nodes, &o.name, &inner);
-            nodes.push(cast_node(&format!("{}/Cast", o.name), &inner, &o.name, low));
-            done.casts += 1;
-        }
-        ty.insert(o.name.clone(), low);
     }
-    let kept_low: HashSet<String> = graph
-        .output
-        .iter()
-        .filter(|o| o.name.starts_with(CACHE_OUTPUT_PREFIX) && ty.get(&o.name) == Some(&low))
-        .filter(|o| input_dtype(o) == Some(low))
-        .map(|o| o.name.clone())
-        .collect();
     for out in graph.output.iter().map(|o| o.name.clone()) {
         if kept_low.contains(&out) {
             continue;
@@ -474,34 +463,41 @@ fn rename(nodes: &mut [proto::NodeProto], from: &str, to: &str) {
     }
 }
 
-/// The `cache_in.*` inputs with a matching `cache_out.*` output whose every reader computes in
-/// the low type (`reads_low`): the caches [`Lowering::low_caches`] types low.
+/// The `cache_in.*` inputs whose every reader computes in the low type (`low_op`), and whose
+/// `cache_out.*` output is written by a node computing in it: the caches
+/// [`Lowering::low_caches`] types low, both sides.
 fn caches_read_low(
     graph: &proto::GraphProto,
     roles: &[Role],
-    reads_low: impl Fn(Role, &proto::NodeProto) -> bool,
+    low_op: impl Fn(Role, &proto::NodeProto) -> bool,
 ) -> HashSet<String> {
     let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let low_nodes = || {
+        graph
+            .node
+            .iter()
+            .zip(roles)
+            .map(|(n, &r)| (n, low_op(r, n)))
+    };
     graph
         .input
         .iter()
         .filter(|i| input_dtype(i) == Some(DType::F32))
         .filter_map(|i| {
             let module = i.name.strip_prefix(CACHE_INPUT_PREFIX)?;
+            let out = format!("{CACHE_OUTPUT_PREFIX}{module}");
             outputs
-                .contains(format!("{CACHE_OUTPUT_PREFIX}{module}").as_str())
-                .then_some(i.name.as_str())
+                .contains(out.as_str())
+                .then_some((i.name.as_str(), out))
         })
-        .filter(|name| {
-            let mut readers = graph
-                .node
-                .iter()
-                .zip(roles)
+        .filter(|(name, out)| {
+            let mut readers = low_nodes()
                 .filter(|(n, _)| n.input.iter().any(|x| x == name))
                 .peekable();
-            readers.peek().is_some() && readers.all(|(n, &r)| reads_low(r, n))
+            let written_low = low_nodes().any(|(n, low)| low && n.output.contains(out));
+            written_low && readers.peek().is_some() && readers.all(|(_, low)| low)
         })
-        .map(String::from)
+        .map(|(name, _)| name.to_string())
         .collect()
 }
 
@@ -726,9 +722,18 @@ mod tests {
         assert!(rounds.iter().all(|n| cast_to(n) == Some(DType::BF16)));
     }
 
-    /// A causal conv as the VAE export writes it, its cache read by `Where`; with `island`
-    /// the cache is also read in a `group_norm` scope (in f32 below f32).
-    fn causal(dir: &Path, island: bool) -> std::path::PathBuf {
+    /// Where [`causal`]'s cache meets an f32 node (a `group_norm` scope, f32 below f32).
+    #[derive(Clone, Copy)]
+    enum Island {
+        None,
+        /// An f32 node reads the cache.
+        Reader,
+        /// The cache output is written by an f32 node.
+        Writer,
+    }
+
+    /// A causal conv as the VAE export writes it, its cache read by `Where`.
+    fn causal(dir: &Path, island: Island) -> std::path::PathBuf {
         let mut g = Graph::new("causal");
         let dims = || vec![1.into(), 2.into(), "t".into(), 4.into(), 4.into()];
         let x = g.input("x", DType::F32, dims());
@@ -750,15 +755,22 @@ mod tests {
             ],
         );
         let y = match island {
-            true => {
+            Island::Reader => {
                 let m = g.scoped("norm.group_norm", |g| g.mul(&cache, &cache));
                 let s = g.op("ReduceSum", &[&m], vec![("keepdims", Attr::Int(1))]);
                 g.add(&y, &s)
             }
-            false => y,
+            _ => y,
         };
         g.output(&y, "y", DType::F32, vec![]);
-        g.output(&cache_out, "cache_out.conv", DType::F32, dims());
+        // The output's own node (an `Identity`) in an f32 scope: the cache is written f32.
+        let scope = match island {
+            Island::Writer => "norm.group_norm",
+            _ => "out",
+        };
+        g.scoped(scope, |g| {
+            g.output(&cache_out, "cache_out.conv", DType::F32, dims());
+        });
         let p = dir.join("causal.onnx");
         save(&g, &p, ExternalData::Always).unwrap();
         p
@@ -771,7 +783,7 @@ mod tests {
     #[test]
     fn low_caches_are_carried_in_the_low_type_without_casts() {
         let d = tempfile::tempdir().unwrap();
-        let lower = |island: bool, emulate: bool, low_caches: bool| {
+        let lower = |island: Island, emulate: bool, low_caches: bool| {
             let src = causal(d.path(), island);
             let mut m = crate::read_model(&src).unwrap();
             let how = Lowering {
@@ -788,7 +800,7 @@ mod tests {
             .unwrap();
             m.graph.unwrap()
         };
-        let g = lower(false, false, true);
+        let g = lower(Island::None, false, true);
         let bf16 = Some(DType::BF16);
         assert_eq!(declared(&g.input, "cache_in.conv"), bf16);
         assert_eq!(declared(&g.output, "cache_out.conv"), bf16);
@@ -800,11 +812,13 @@ mod tests {
                 && (n.input[0].starts_with("cache_") || n.output[0].starts_with("cache_"));
             assert!(!casts_cache, "{} casts a cache", n.name);
         }
-        // Without the option, in the CPU form, or where an f32 node reads the cache: f32 caches.
+        // Without the option, in the CPU form, or where an f32 node reads or writes the cache:
+        // f32 caches, both sides.
         for (island, emulate, low) in [
-            (false, false, false),
-            (false, true, true),
-            (true, false, true),
+            (Island::None, false, false),
+            (Island::None, true, true),
+            (Island::Reader, false, true),
+            (Island::Writer, false, true),
         ] {
             let g = lower(island, emulate, low);
             assert_eq!(declared(&g.input, "cache_in.conv"), Some(DType::F32));
