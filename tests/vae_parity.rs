@@ -282,6 +282,28 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
                 });
                 assert!(cast.is_none(), "{f}: {cast:?}");
             }
+            // The GroupNorms' row statistics read the low-type activation
+            // (`passes::group_norm_row_stats`), and only their mean and deviation are f32.
+            let stats: Vec<_> = g
+                .node
+                .iter()
+                .filter(|n| n.op_type == "LayerNormalization")
+                .collect();
+            assert!(!stats.is_empty(), "{f}");
+            for n in stats {
+                let rows = g
+                    .node
+                    .iter()
+                    .find(|p| p.output.contains(&n.input[0]))
+                    .unwrap();
+                assert_eq!(rows.op_type, "Reshape", "{f}: {}", n.name);
+                let x = g
+                    .node
+                    .iter()
+                    .find(|p| p.output.contains(&rows.input[0]))
+                    .unwrap();
+                assert_ne!(x.op_type, "Cast", "{f}: {} reads a cast", n.name);
+            }
             for main in [vae_io::VIDEO, vae_io::LATENTS, vae_io::SAMPLE] {
                 for vs in [&g.input, &g.output] {
                     let t = elem_type(vs, main);
@@ -337,6 +359,62 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
             );
         }
     }
+}
+
+/// GPU engines take each GroupNorm's row statistics from one `LayerNormalization` over the
+/// activation (`passes::group_norm_row_stats`): every GroupNorm of both graphs is rewritten,
+/// the square of the centred activation is gone, and the rewritten graphs encode and decode
+/// what the exported ones do, on the CPU provider in f32.
+#[test]
+fn gpu_group_norm_row_stats_compute_what_the_export_does() {
+    use v2l_graphs::passes::group_norm_row_stats;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    let mut exported = export_tiny_vae(&export);
+    let entry = Engine::open(&export).unwrap().manifest.vae.unwrap();
+    let in_norm = |n: &v2l_graphs::proto::NodeProto| n.name.contains(".group_norm/");
+    let rewrite = |f: &str| {
+        let mut m = v2l_graphs::read_model(&export.join(f)).unwrap();
+        let count = |m: &v2l_graphs::proto::ModelProto, op: &str| {
+            let g = m.graph.as_ref().unwrap();
+            g.node
+                .iter()
+                .filter(|n| n.op_type == op && in_norm(n))
+                .count()
+        };
+        // Two levels of means for the mean and two for the mean square, per GroupNorm.
+        let norms = count(&m, "ReduceMean") / 4;
+        assert!(norms > 0, "{f}");
+        assert_eq!(group_norm_row_stats(&mut m), norms, "{f}");
+        let g = m.graph.as_ref().unwrap();
+        let stats = g.node.iter().filter(|n| n.op_type == "LayerNormalization");
+        assert_eq!(stats.count(), norms, "{f}");
+        assert_eq!(count(&m, "ReduceMean"), 2 * norms, "{f}");
+        let squares = g.node.iter().filter(|n| {
+            n.op_type == "Mul"
+                && in_norm(n)
+                && n.input.first() == n.input.get(1)
+                && !n.name.contains("/Row")
+        });
+        assert_eq!(squares.count(), 0, "{f}");
+        // Twice is the same as once.
+        assert_eq!(group_norm_row_stats(&mut m.clone()), 0, "{f}");
+        let name = format!("row_stats_{f}");
+        v2l_graphs::write_model(&export.join(&name), &m).unwrap();
+        name
+    };
+    let graphs = v2l_contracts::bundle::VaeGraphs {
+        encoder: rewrite(&entry.encoder),
+        decoder: rewrite(&entry.decoder),
+    };
+    let mut vae = Vae::load_graphs(&export, entry, &graphs, &SessionOptions::default()).unwrap();
+    let io = load("vae_io.safetensors");
+    // Only how the f32 sums are ordered differs; a wrong row, group or count would be off by
+    // a factor.
+    let (want, got) = (exported.decode(&io["latents"]), vae.decode(&io["latents"]));
+    assert_close("decode", &got.unwrap(), &want.unwrap(), 1e-5);
+    let (want, got) = (exported.encode(&io["video"]), vae.encode(&io["video"]));
+    assert_close("encode", &got.unwrap().0, &want.unwrap().0, 1e-5);
 }
 
 /// The element type a graph declares for its input or output `name`.

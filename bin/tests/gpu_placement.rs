@@ -100,7 +100,11 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
         // Both VAE graphs, but Wan's encoder in bf16 (it stays f32 whole: its Pad has no CUDA
         // kernel at opset 22).
         if precision != "fp32" {
-            let want = if what == "wan" && precision == "bf16" { 1 } else { 2 };
+            let want = if what == "wan" && precision == "bf16" {
+                1
+            } else {
+                2
+            };
             assert_eq!(
                 low_vaes, want,
                 "{what} {precision}: lowered VAE graphs checked"

@@ -530,6 +530,22 @@ impl<'a> Job<'a> {
             );
             let data = format!("{name}.data");
             let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;
+            // The GroupNorms' statistics from the low-type activation in one pass (both forms,
+            // so the CPU form measures what the GPU computes). The lowering reads weights from
+            // its source file: the rewritten graph, with the pass's constants, is written for
+            // it beside the export's (sharing its weight file) and removed after.
+            let src = match v2l_graphs::passes::group_norm_row_stats(&mut base) {
+                0 => src.clone(),
+                _ => {
+                    let p = tmp.join(format!("{stem}.row_stats.onnx"));
+                    write_graph(&p, &base)?;
+                    p
+                }
+            };
+            let done_with = |p: &Path| match p == tmp.join(f) {
+                true => Ok(()),
+                false => std::fs::remove_file(p).map_err(io(p)),
+            };
             let mut m = base.clone();
             // The CPU form stays at the export's opset: ONNX Runtime's CPU provider lacks some
             // opset-21 schemas (`Size`), and its convolutions are f32 anyway.
@@ -556,6 +572,7 @@ impl<'a> Job<'a> {
                     );
                     let d = tmp.join(&data);
                     std::fs::remove_file(&d).map_err(io(&d))?;
+                    done_with(&src)?;
                     typed.push(f.clone());
                     emulated.push(f.clone());
                     continue;
@@ -569,6 +586,7 @@ impl<'a> Job<'a> {
             lower_precision(&mut base, &src, WeightFile::Reuse(&lowered.tensors), how)
                 .map_err(pass_err)?;
             write_graph(&tmp.join(&cpu_name), &base)?;
+            done_with(&src)?;
             dit.files.extend([name.clone(), data]);
             typed.push(name);
             emulated.push(cpu_name);

@@ -396,8 +396,20 @@ pub fn lower_precision(
                 .push(attr_proto("to", Attr::Int(out_ty.onnx_code() as i64)));
         }
         let round = role == Role::Compute && how.emulate;
+        // LayerNormalization's mean and inverse deviation are f32 (`stash_type` 1) whatever
+        // its input: only its normalized output is in the type.
+        let stats_f32 = n.op_type == "LayerNormalization" && n.domain.is_empty();
         let mut rounding = Vec::new();
-        for o in n.output.iter_mut().filter(|o| !o.is_empty()) {
+        for (k, o) in n
+            .output
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, o)| !o.is_empty())
+        {
+            if stats_f32 && k > 0 {
+                ty.insert(o.clone(), DType::F32);
+                continue;
+            }
             ty.insert(o.clone(), out_ty);
             if round {
                 let wide = fresh(format!("{o}.f32"));

@@ -1,0 +1,251 @@
+//! GroupNorm statistics for the GPU's lowered VAE: each row's mean and variance from one
+//! `LayerNormalization` reading the activation in its own (low) type, instead of an f32 copy
+//! reduced, squared into a second f32 tensor and reduced again.
+//!
+//! The exporter (`v2l_export`'s `group_stats`) computes a GroupNorm's statistics in two levels,
+//! rows of `H·W` elements then the rows of a group, to keep the CPU's sequential f32 sums
+//! within 1e-6 of PyTorch. In a bf16 engine those statistics read the f32 copy of the input
+//! (the group-norm island's), write and read its square: 16 of the 56 bytes an element its
+//! norm path moves. `LayerNormalization` with `stash_type = 1` returns each row's mean and
+//! inverse deviation in f32 from the bf16 input (ONNX Runtime's CUDA kernel: Welford sums in
+//! f32), 6 bytes an element with its unused normalized output. The groups then combine their
+//! rows exactly as before, in f32: the mean of the row means, and the mean of each row's variance
+//! plus its mean's squared distance from the group's (rows of one group are the same length).
+//!
+//! Matched on the exported form, in a `group_norm` scope:
+//!
+//! ```text
+//! xg = Reshape(x, s)    rows = ReduceMean(xg, [3])   mean = ReduceMean(rows, [2])
+//! d = Sub(xg, mean)     sq = ReduceMean(Mul(d, d), [3])   var = ReduceMean(sq, [2])
+//! ```
+//!
+//! becomes `(_, μᵣ, ιᵣ) = LayerNormalization(Reshape(x, s), 1, axis −1)` outside the scope (so it
+//! computes in the low type), `mean = ReduceMean(μᵣ, [2])` and
+//! `var = ReduceMean(max(1/ιᵣ² − ε, 0) + (μᵣ − mean)², [2])` inside it. The centring `d` and
+//! everything after it stay as exported.
+
+use std::collections::HashMap;
+
+use super::edit::{attr_i, attr_ints, int_attr, node, Index};
+use super::precision::GROUP_NORM_SCOPE;
+use crate::builder::{attr_proto, Attr};
+use crate::dtype::DType;
+use crate::proto::{ModelProto, NodeProto, TensorProto};
+
+/// `LayerNormalization`'s epsilon, subtracted again from `1/ι²`: large enough that a constant
+/// row (variance 0, or a hair below from f32 rounding) stays finite, small beside any variance
+/// the VAE's groups have (their own epsilon is 1e-6).
+const ROW_EPSILON: f32 = 1e-12;
+
+/// Rewrites the statistics of every GroupNorm of the exported form; returns how many.
+pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let ix = Index::new(graph);
+    let nodes = &graph.node;
+    let reads = |name: &str| ix.consumers.get(name).map_or(0, Vec::len);
+    let output_names: std::collections::HashSet<&str> =
+        graph.output.iter().map(|o| o.name.as_str()).collect();
+    // The producer of `name`: a default-domain `op`.
+    let made = |name: &str, op: &str| -> Option<(usize, &NodeProto)> {
+        let i = *ix.producer.get(name)?;
+        let n = nodes.get(i)?;
+        (n.op_type == op && n.domain.is_empty()).then_some((i, n))
+    };
+    // A ReduceMean over exactly `axis`, keeping dims, that only `reads` reads.
+    let mean_over = |name: &str, axis: i64| -> Option<(usize, &NodeProto)> {
+        let (i, n) = made(name, "ReduceMean")?;
+        let keeps = attr_i(n, "keepdims").unwrap_or(1) == 1;
+        (keeps && attr_ints(n, "axes") == Some(&[axis][..]) && n.input.len() == 1).then_some((i, n))
+    };
+    let in_scope = |n: &NodeProto| {
+        n.name
+            .rsplit_once('/')
+            .is_some_and(|(scope, _)| scope.rsplit('.').next() == Some(GROUP_NORM_SCOPE))
+    };
+    // Per match: node index → the nodes that take its place (empty: removed).
+    let mut plan: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut n = 0;
+    for sub in nodes.iter() {
+        if sub.op_type != "Sub" || !sub.domain.is_empty() || !in_scope(sub) {
+            continue;
+        }
+        let m = (|| {
+            let (xg, mean) = (sub.input.first()?, sub.input.get(1)?);
+            let d = sub.output.first()?;
+            let (_, reshape) = made(xg, "Reshape")?;
+            let (x, shape) = (reshape.input.first()?, reshape.input.get(1)?);
+            let (mean_i, mean_n) = mean_over(mean, 2)?;
+            let (rows_i, rows_n) = mean_over(mean_n.input.first()?, 3)?;
+            if rows_n.input.first() != Some(xg) || reads(rows_n.output.first()?) != 1 {
+                return None;
+            }
+            // d is read by its square (twice, by one Mul) and by the rest of the norm.
+            let muls: Vec<usize> = ix.consumers.get(d.as_str())?.clone();
+            let (mul_i, mul) = muls.iter().find_map(|&c| {
+                let m = nodes.get(c)?;
+                (m.op_type == "Mul" && m.input.first() == Some(d) && m.input.get(1) == Some(d))
+                    .then_some((c, m))
+            })?;
+            let squared = mul.output.first()?;
+            let (sq_i, sq) = ix
+                .consumers
+                .get(squared.as_str())
+                .and_then(|cs| match cs[..] {
+                    [c] => nodes.get(c).map(|n| (c, n)),
+                    _ => None,
+                })?;
+            let sq_out = sq.output.first()?;
+            if sq.op_type != "ReduceMean"
+                || attr_ints(sq, "axes") != Some(&[3][..])
+                || reads(sq_out) != 1
+                || output_names.contains(sq_out.as_str())
+            {
+                return None;
+            }
+            let (var_i, var_n) = ix
+                .consumers
+                .get(sq_out.as_str())
+                .and_then(|cs| cs.first())
+                .and_then(|&c| Some((c, nodes.get(c)?)))?;
+            if mean_over(var_n.output.first()?, 2).map(|(i, _)| i) != Some(var_i) {
+                return None;
+            }
+            let (scope, tail) = sub.name.rsplit_once('/')?;
+            let stats_scope = scope.strip_suffix(GROUP_NORM_SCOPE)?;
+            let name = |s: &str, what: &str| format!("{s}{what}_{tail}");
+            let out = |s: &str, what: &str| format!("{}:0", name(s, what));
+            let low = format!("{stats_scope}group_stats/");
+            let f32 = format!("{scope}/");
+            let hw = made(shape, "Concat")?.1.input.get(1)?;
+            let mut at_rows = vec![
+                // In the activation's type: the rows as the exporter shaped them, ones to scale.
+                node(
+                    "Reshape",
+                    name(&low, "Rows"),
+                    &[x, shape],
+                    &out(&low, "Rows"),
+                    vec![],
+                ),
+                node(
+                    "Expand",
+                    name(&low, "Ones"),
+                    &[ONE, hw],
+                    &out(&low, "Ones"),
+                    vec![],
+                ),
+            ];
+            let mut ln = node(
+                "LayerNormalization",
+                name(&low, "RowStats"),
+                &[&out(&low, "Rows"), &out(&low, "Ones")],
+                &out(&low, "Normalized"),
+                vec![
+                    int_attr("axis", -1),
+                    int_attr("stash_type", 1),
+                    attr_proto("epsilon", Attr::Float(ROW_EPSILON)),
+                ],
+            );
+            let (row_mean, row_inv) = (out(&low, "RowMean"), out(&low, "RowInvStd"));
+            ln.output.extend([row_mean.clone(), row_inv.clone()]);
+            at_rows.push(ln);
+            let mut mean_n = mean_n.clone();
+            *mean_n.input.first_mut()? = row_mean.clone();
+            // In f32: each row's variance back from its inverse deviation, plus the squared
+            // distance of its mean from the group's.
+            let f = |what: &str| out(&f32, what);
+            let at_square = vec![
+                node(
+                    "Mul",
+                    name(&f32, "RowInvSq"),
+                    &[&row_inv, &row_inv],
+                    &f("RowInvSq"),
+                    vec![],
+                ),
+                node(
+                    "Reciprocal",
+                    name(&f32, "RowVarEps"),
+                    &[&f("RowInvSq")],
+                    &f("RowVarEps"),
+                    vec![],
+                ),
+                node(
+                    "Sub",
+                    name(&f32, "RowVarRaw"),
+                    &[&f("RowVarEps"), EPSILON],
+                    &f("RowVarRaw"),
+                    vec![],
+                ),
+                node(
+                    "Max",
+                    name(&f32, "RowVar"),
+                    &[&f("RowVarRaw"), ZERO],
+                    &f("RowVar"),
+                    vec![],
+                ),
+                node(
+                    "Sub",
+                    name(&f32, "RowDev"),
+                    &[&row_mean, mean],
+                    &f("RowDev"),
+                    vec![],
+                ),
+                node(
+                    "Mul",
+                    name(&f32, "RowDevSq"),
+                    &[&f("RowDev"), &f("RowDev")],
+                    &f("RowDevSq"),
+                    vec![],
+                ),
+                node(
+                    "Add",
+                    name(&f32, "RowSpread"),
+                    &[&f("RowVar"), &f("RowDevSq")],
+                    sq_out,
+                    vec![],
+                ),
+            ];
+            Some([
+                (rows_i, at_rows),
+                (mean_i, vec![mean_n]),
+                (mul_i, at_square),
+                (sq_i, Vec::new()),
+            ])
+        })();
+        if let Some(edits) = m {
+            n += 1;
+            plan.extend(edits);
+        }
+    }
+    if n == 0 {
+        return 0;
+    }
+    let old = std::mem::take(&mut graph.node);
+    for (i, node) in old.into_iter().enumerate() {
+        match plan.remove(&i) {
+            Some(new) => graph.node.extend(new),
+            None => graph.node.push(node),
+        }
+    }
+    for (name, v) in [(ONE, 1.0), (EPSILON, ROW_EPSILON), (ZERO, 0.0)] {
+        if !graph.initializer.iter().any(|t| t.name == name) {
+            graph.initializer.push(scalar(name, v));
+        }
+    }
+    n
+}
+
+const ONE: &str = "v2l.group_stats.one";
+const EPSILON: &str = "v2l.group_stats.row_epsilon";
+const ZERO: &str = "v2l.group_stats.zero";
+
+fn scalar(name: &str, v: f32) -> TensorProto {
+    TensorProto {
+        dims: vec![],
+        data_type: DType::F32.onnx_code(),
+        name: name.into(),
+        raw_data: v.to_le_bytes().to_vec(),
+        ..Default::default()
+    }
+}
