@@ -54,7 +54,7 @@ pub struct GpuBench {
     /// With --scale: also run v2l's side of each real-size case under other kernel choices, a
     /// row each (the DiT held to each attention kernel: flash, memory-efficient, cuDNN flash;
     /// the VAE with cuDNN's heuristic convolution search, a small workspace, channels-last
-    /// (prefer_nhwc), and tiled)
+    /// (prefer_nhwc), tiled, and below fp32 with its GroupNorm statistics as exported)
     #[arg(long, requires = "scale")]
     pub sweep: bool,
     /// With --scale: only the real-size cases whose `STAGE PRECISION FRAMESxHxW` contains this
@@ -393,9 +393,13 @@ fn print_plan(cases: &[Case], scale: &[ScaleCase], sweep: bool, json: bool) {
             );
             for stage in ["dit", "vae-decode"] {
                 for v in crate::gpu_scale::variants(stage, "bf16").iter().skip(1) {
-                    let how = match (v.cuda_options, v.vae_tiling) {
-                        ("", tiling) => format!("--vae-tiling {tiling}"),
-                        (o, _) => format!("V2L_CUDA_OPTIONS={o}"),
+                    let how = match (v.cuda_options, v.vae_tiling, v.compile_flags) {
+                        ("", _, [_, ..]) => format!(
+                            "an engine of its own: v2l-compile {} (fp16/bf16)",
+                            v.compile_flags.join(" ")
+                        ),
+                        ("", tiling, _) => format!("--vae-tiling {tiling}"),
+                        (o, _, _) => format!("V2L_CUDA_OPTIONS={o}"),
                     };
                     println!("    {stage:<10} {:<20} {how}", v.name);
                 }
@@ -1005,9 +1009,16 @@ mod tests {
                 .iter()
                 .all(|v| !v.cuda_options.contains("sdpa_kernel=1")
                     && !v.cuda_options.contains("sdpa_kernel=8")));
+            // An engine of its own only where the compile takes its flag (fp16/bf16 VAEs;
+            // bin/tests/gpu_placement.rs checks the flag).
+            assert!(fp32.iter().all(|v| v.compile_flags.is_empty()), "{stage}");
             for v in v.into_iter().chain(fp32) {
                 v2l_runtime::backend::parse_cuda_options(v.cuda_options).unwrap();
                 assert!(v2l_runtime::vae::TilingMode::parse(v.vae_tiling).is_some());
+                assert!(v
+                    .compile_flags
+                    .iter()
+                    .all(|f| *f == "--exported-group-norm"));
             }
         }
     }

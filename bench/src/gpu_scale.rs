@@ -70,12 +70,15 @@ pub struct Variant {
     pub cuda_options: &'static str,
     /// `--vae-tiling`: `off` as PyTorch decodes, or `on`.
     pub vae_tiling: &'static str,
+    /// `v2l-compile` flags of an engine of its own (empty: the case's engine).
+    pub compile_flags: &'static [&'static str],
 }
 
 const DEFAULT: Variant = Variant {
     name: "default",
     cuda_options: "",
     vae_tiling: "off",
+    compile_flags: &[],
 };
 
 /// What `--sweep` tries beside the default, per stage and precision: for the DiT, each
@@ -101,6 +104,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     name,
                     cuda_options,
                     vae_tiling: "off",
+                    compile_flags: &[],
                 });
             }
         }
@@ -109,22 +113,35 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 name: "conv-heuristic",
                 cuda_options: "cudnn_conv_algo_search=HEURISTIC",
                 vae_tiling: "off",
+                compile_flags: &[],
             });
             out.push(Variant {
                 name: "conv-small-workspace",
                 cuda_options: "cudnn_conv_use_max_workspace=0",
                 vae_tiling: "off",
+                compile_flags: &[],
             });
             out.push(Variant {
                 name: "nhwc",
                 cuda_options: "prefer_nhwc=1",
                 vae_tiling: "off",
+                compile_flags: &[],
             });
             out.push(Variant {
                 name: "tiled",
                 cuda_options: "",
                 vae_tiling: "on",
+                compile_flags: &[],
             });
+            // The GroupNorm statistics as exported, on an engine of their own (fp16/bf16 only).
+            if precision != "fp32" {
+                out.push(Variant {
+                    name: "exported-group-norm",
+                    cuda_options: "",
+                    vae_tiling: "off",
+                    compile_flags: &["--exported-group-norm"],
+                });
+            }
         }
     }
     out
@@ -381,6 +398,23 @@ fn run_v2l(
         reference,
     } = p;
     let out = case.join(format!("v2l-{}-{}.safetensors", c.precision, v.name));
+    let engine = match v.compile_flags {
+        [] => engine.clone(),
+        flags => {
+            let own = case.join(format!("v2l-cuda-{}-{}", c.precision, v.name));
+            if !own.join("bundle.json").is_file() {
+                run_measured(
+                    Command::new(sibling("v2l-compile")?)
+                        .arg(case.join("v2l-export"))
+                        .arg("-o")
+                        .arg(&own)
+                        .args(["--backend", "cuda", "--precision", c.precision])
+                        .args(flags),
+                )?;
+            }
+            own
+        }
+    };
     let mut cmd = Command::new(sibling("v2l-run")?);
     if !v.cuda_options.is_empty() {
         // Over the settings this check was started with (later keys win).
@@ -391,7 +425,7 @@ fn run_v2l(
         cmd.env("V2L_CUDA_OPTIONS", all);
     }
     cmd.arg("--engine")
-        .arg(engine)
+        .arg(&engine)
         .arg("stage")
         .arg(c.stage)
         .arg("--inputs")

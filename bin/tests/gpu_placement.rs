@@ -295,3 +295,42 @@ fn cuda_engines_refuse_sizes_above_the_fused_ropes_token_limit() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--unfused-rope"));
 }
+
+/// `--exported-group-norm` keeps the lowered VAE's GroupNorm statistics as exported (no
+/// LayerNormalization, the square of the centred activation back), for measuring one form
+/// against the other on a GPU; engines whose VAE is not lowered refuse it, naming the flag.
+#[test]
+fn exported_group_norm_keeps_the_exported_statistics() {
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    export_pipeline_of(&common::tiny(), &export, 5);
+    let layer_norms = |engine: &Path| {
+        let m = v2l_graphs::read_model(&engine.join("vae_decoder_bf16.onnx")).unwrap();
+        let g = m.graph.unwrap();
+        g.node
+            .iter()
+            .filter(|n| n.op_type == "LayerNormalization")
+            .count()
+    };
+    let (rewritten, kept) = (d.path().join("rewritten"), d.path().join("kept"));
+    compile(&export, &rewritten, "cuda", "bf16", &[]);
+    compile(&export, &kept, "cuda", "bf16", &["--exported-group-norm"]);
+    assert!(layer_norms(&rewritten) > 0);
+    assert_eq!(layer_norms(&kept), 0);
+    for (backend, precision) in [("cuda", "fp32"), ("cpu", "bf16")] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+            .arg(&export)
+            .arg("-o")
+            .arg(d.path().join(format!("refused-{backend}-{precision}")))
+            .args(["--backend", backend, "--precision", precision])
+            .arg("--exported-group-norm")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{backend} {precision}");
+        assert!(
+            err.contains("--exported-group-norm"),
+            "{backend} {precision}: {err}"
+        );
+    }
+}

@@ -128,6 +128,9 @@ pub struct Options<'a> {
     /// CUDA engines of CogVideoX: keep the exported RoPE instead of one `RotaryEmbedding`
     /// kernel, whose calls hold at most `CUDA_ROPE_MAX_TOKENS` tokens.
     pub unfused_rope: bool,
+    /// GPU engines below fp32: keep the exported GroupNorm statistics in the lowered VAE
+    /// instead of `passes::group_norm_row_stats` (to measure one against the other).
+    pub exported_group_norm: bool,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -209,6 +212,16 @@ pub fn compile_with(
         });
     }
     job.unfused_rope = opts.unfused_rope;
+    if opts.exported_group_norm
+        && (backend == Backend::Cpu || !matches!(precision, Precision::Fp16 | Precision::Bf16))
+    {
+        return Err(CompileError::Invalid {
+            what: "--exported-group-norm".into(),
+            message: "only cuda and tensorrt engines at fp16 or bf16 rewrite the VAE's GroupNorms"
+                .into(),
+        });
+    }
+    job.exported_group_norm = opts.exported_group_norm;
     if !opts.cuda_options.is_empty() && backend == Backend::Cpu {
         return Err(CompileError::Invalid {
             what: "--cuda-option".into(),
@@ -293,6 +306,8 @@ struct Job<'a> {
     cuda_options: std::collections::BTreeMap<String, String>,
     /// Keep the exported RoPE on a CUDA engine.
     unfused_rope: bool,
+    /// Keep the exported GroupNorm statistics in a GPU engine's lowered VAE.
+    exported_group_norm: bool,
 }
 
 /// What the DiT steps add to the bundle.
@@ -350,6 +365,7 @@ impl<'a> Job<'a> {
             tf32: false,
             cuda_options: Default::default(),
             unfused_rope: false,
+            exported_group_norm: false,
         })
     }
 
@@ -534,7 +550,11 @@ impl<'a> Job<'a> {
             // so the CPU form measures what the GPU computes). The lowering reads weights from
             // its source file: the rewritten graph, with the pass's constants, is written for
             // it beside the export's (sharing its weight file) and removed after.
-            let src = match v2l_graphs::passes::group_norm_row_stats(&mut base) {
+            let rewritten = match self.exported_group_norm {
+                true => 0,
+                false => v2l_graphs::passes::group_norm_row_stats(&mut base),
+            };
+            let src = match rewritten {
                 0 => src.clone(),
                 _ => {
                     let p = tmp.join(format!("{stem}.row_stats.onnx"));

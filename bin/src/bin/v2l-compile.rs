@@ -125,6 +125,11 @@ struct Cli {
     /// refused otherwise
     #[arg(long)]
     unfused_rope: bool,
+    /// cuda/tensorrt engines at fp16/bf16: keep the VAE's GroupNorm statistics as exported (an
+    /// f32 copy reduced, squared and reduced again) instead of one LayerNormalization over the
+    /// low-precision activation per GroupNorm; to measure one against the other
+    #[arg(long)]
+    exported_group_norm: bool,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
@@ -231,6 +236,7 @@ fn main() -> ExitCode {
                 tf32: cli.tf32,
                 cuda_options: &cli.cuda_options,
                 unfused_rope: cli.unfused_rope,
+                exported_group_norm: cli.exported_group_norm,
             },
         )
         .map_err(Failure::from)?;
