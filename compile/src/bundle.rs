@@ -128,7 +128,7 @@ pub struct Options<'a> {
     /// CUDA engines of CogVideoX: keep the exported RoPE instead of one `RotaryEmbedding`
     /// kernel, whose calls hold at most `CUDA_ROPE_MAX_TOKENS` tokens.
     pub unfused_rope: bool,
-    /// GPU engines below fp32: keep the exported GroupNorm statistics in the lowered VAE
+    /// CUDA engines below fp32: keep the exported GroupNorm statistics in the lowered VAE
     /// instead of `passes::group_norm_row_stats` (to measure one against the other).
     pub exported_group_norm: bool,
 }
@@ -213,12 +213,11 @@ pub fn compile_with(
     }
     job.unfused_rope = opts.unfused_rope;
     if opts.exported_group_norm
-        && (backend == Backend::Cpu || !matches!(precision, Precision::Fp16 | Precision::Bf16))
+        && (backend != Backend::Cuda || !matches!(precision, Precision::Fp16 | Precision::Bf16))
     {
         return Err(CompileError::Invalid {
             what: "--exported-group-norm".into(),
-            message: "only cuda and tensorrt engines at fp16 or bf16 rewrite the VAE's GroupNorms"
-                .into(),
+            message: "only cuda engines at fp16 or bf16 rewrite the VAE's GroupNorms".into(),
         });
     }
     job.exported_group_norm = opts.exported_group_norm;
@@ -546,19 +545,24 @@ impl<'a> Job<'a> {
             );
             let data = format!("{name}.data");
             let mut base = v2l_graphs::read_model(&src).map_err(io(&src))?;
-            // The GroupNorms' statistics from the low-type activation in one pass (both forms,
-            // so the CPU form measures what the GPU computes). The lowering reads weights from
-            // its source file: the rewritten graph, with the pass's constants, is written for
-            // it beside the export's (sharing its weight file) and removed after.
-            let rewritten = match self.exported_group_norm {
+            let mut m = base.clone();
+            // On CUDA, each GroupNorm's row statistics from one LayerNormalization over the
+            // low-type activation. Not on TensorRT: its parser takes a LayerNormalization's
+            // first output only, so each would split the engine. Not in the CPU form: ONNX
+            // Runtime's CPU kernel sums E[x²] − E[x]² in one f32 pass, which cancels (the
+            // CUDA kernel's Welford sums and the exported two-pass ones agree to ~1e-7, far
+            // inside bf16's rounding). The lowering reads weights from its source file: the
+            // rewritten graph, with the pass's constants, is written for it beside the export's
+            // (sharing its weight file) and removed after.
+            let rewritten = match self.exported_group_norm || self.backend != Backend::Cuda {
                 true => 0,
-                false => v2l_graphs::passes::group_norm_row_stats(&mut base),
+                false => v2l_graphs::passes::group_norm_row_stats(&mut m),
             };
-            let src = match rewritten {
+            let typed_src = match rewritten {
                 0 => src.clone(),
                 _ => {
                     let p = tmp.join(format!("{stem}.row_stats.onnx"));
-                    write_graph(&p, &base)?;
+                    write_graph(&p, &m)?;
                     p
                 }
             };
@@ -566,7 +570,6 @@ impl<'a> Job<'a> {
                 true => Ok(()),
                 false => std::fs::remove_file(p).map_err(io(p)),
             };
-            let mut m = base.clone();
             // The CPU form stays at the export's opset: ONNX Runtime's CPU provider lacks some
             // opset-21 schemas (`Size`), and its convolutions are f32 anyway.
             if dtype == v2l_graphs::DType::BF16 {
@@ -577,8 +580,10 @@ impl<'a> Job<'a> {
                 emulate: false,
                 low_caches: true,
             };
-            let lowered = lower_precision(&mut m, &src, WeightFile::Write(&tmp.join(&data)), how)
-                .map_err(pass_err)?;
+            let lowered =
+                lower_precision(&mut m, &typed_src, WeightFile::Write(&tmp.join(&data)), how)
+                    .map_err(pass_err)?;
+            done_with(&typed_src)?;
             // A node without a CUDA kernel at the new opset (Wan's temporal `Pad` has none at
             // schema 21 in the provider's table) keeps this graph in f32 rather than split it
             // between the GPU and the CPU.
@@ -592,7 +597,6 @@ impl<'a> Job<'a> {
                     );
                     let d = tmp.join(&data);
                     std::fs::remove_file(&d).map_err(io(&d))?;
-                    done_with(&src)?;
                     typed.push(f.clone());
                     emulated.push(f.clone());
                     continue;
@@ -606,7 +610,6 @@ impl<'a> Job<'a> {
             lower_precision(&mut base, &src, WeightFile::Reuse(&lowered.tensors), how)
                 .map_err(pass_err)?;
             write_graph(&tmp.join(&cpu_name), &base)?;
-            done_with(&src)?;
             dit.files.extend([name.clone(), data]);
             typed.push(name);
             emulated.push(cpu_name);

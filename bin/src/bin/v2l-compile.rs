@@ -125,7 +125,7 @@ struct Cli {
     /// refused otherwise
     #[arg(long)]
     unfused_rope: bool,
-    /// cuda/tensorrt engines at fp16/bf16: keep the VAE's GroupNorm statistics as exported (an
+    /// cuda engines at fp16/bf16: keep the VAE's GroupNorm statistics as exported (an
     /// f32 copy reduced, squared and reduced again) instead of one LayerNormalization over the
     /// low-precision activation per GroupNorm; to measure one against the other
     #[arg(long)]

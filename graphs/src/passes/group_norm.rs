@@ -1,4 +1,4 @@
-//! GroupNorm statistics for the GPU's lowered VAE: each row's mean and variance from one
+//! GroupNorm statistics for a CUDA engine's lowered VAE: each row's mean and variance from one
 //! `LayerNormalization` reading the activation in its own (low) type, instead of an f32 copy
 //! reduced, squared into a second f32 tensor and reduced again.
 //!
@@ -32,9 +32,11 @@ use crate::builder::{attr_proto, Attr};
 use crate::dtype::DType;
 use crate::proto::{ModelProto, NodeProto, TensorProto};
 
-/// `LayerNormalization`'s epsilon, subtracted again from `1/ι²`: large enough that a constant
-/// row (variance 0, or a hair below from f32 rounding) stays finite, small beside any variance
-/// the VAE's groups have (their own epsilon is 1e-6).
+/// `LayerNormalization`'s epsilon, subtracted again from `1/ι²`: a constant row (variance 0;
+/// the CUDA kernel's Welford variance is never below it) stays finite, and it is small beside
+/// any variance the VAE's groups have (their own epsilon is 1e-6). ONNX Runtime's CPU kernel
+/// sums `E[x²] − E[x]²` in one f32 pass, which can cancel below zero: the CPU form of a graph
+/// keeps the exported statistics (`v2l_compile`).
 const ROW_EPSILON: f32 = 1e-12;
 
 /// Rewrites the statistics of every GroupNorm of the exported form; returns how many.
@@ -53,7 +55,7 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
         let n = nodes.get(i)?;
         (n.op_type == op && n.domain.is_empty()).then_some((i, n))
     };
-    // A ReduceMean over exactly `axis`, keeping dims, that only `reads` reads.
+    // The producer of `name` if it is a ReduceMean over exactly `axis`, keeping dims.
     let mean_over = |name: &str, axis: i64| -> Option<(usize, &NodeProto)> {
         let (i, n) = made(name, "ReduceMean")?;
         let keeps = attr_i(n, "keepdims").unwrap_or(1) == 1;
@@ -97,8 +99,7 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
                     _ => None,
                 })?;
             let sq_out = sq.output.first()?;
-            if sq.op_type != "ReduceMean"
-                || attr_ints(sq, "axes") != Some(&[3][..])
+            if mean_over(sq_out, 3).map(|(i, _)| i) != Some(sq_i)
                 || reads(sq_out) != 1
                 || output_names.contains(sq_out.as_str())
             {
@@ -118,7 +119,9 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
             let out = |s: &str, what: &str| format!("{}:0", name(s, what));
             let low = format!("{stats_scope}group_stats/");
             let f32 = format!("{scope}/");
-            let hw = made(shape, "Concat")?.1.input.get(1)?;
+            // The rows' length: the exporter's `Concat([0, G, -1], hw)`.
+            let (_, concat) = made(shape, "Concat")?;
+            let hw = concat.input.get(1).filter(|_| concat.input.len() == 2)?;
             let mut at_rows = vec![
                 // In the activation's type: the rows as the exporter shaped them, ones to scale.
                 node(

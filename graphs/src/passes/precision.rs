@@ -398,7 +398,9 @@ pub fn lower_precision(
         let round = role == Role::Compute && how.emulate;
         // LayerNormalization's mean and inverse deviation are f32 (`stash_type` 1) whatever
         // its input: only its normalized output is in the type.
-        let stats_f32 = n.op_type == "LayerNormalization" && n.domain.is_empty();
+        let stats_f32 = n.op_type == "LayerNormalization"
+            && n.domain.is_empty()
+            && super::edit::attr_i(&n, "stash_type").unwrap_or(1) == 1;
         let mut rounding = Vec::new();
         for (k, o) in n
             .output
