@@ -505,26 +505,24 @@ fn print_row(f: &Figures, json: bool) {
         cell(f.switch_fused_ms, 1),
         cell(f.batched_step_ms, 1),
     );
-    if !f.stages.is_empty() {
-        let cells: Vec<String> = f
-            .stages
+    // `stage engine / cpu, …`
+    let cells = |stages: &[StageFigure]| {
+        let c: Vec<String> = stages
             .iter()
             .map(|s| format!("{} {:.1} / {:.1}", s.stage, s.engine_ms, s.cpu_engine_ms))
             .collect();
+        c.join(", ")
+    };
+    if !f.stages.is_empty() {
         println!(
             "    stages, warm median ms (this engine / the CPU fp32 engine): {}",
-            cells.join(", ")
+            cells(&f.stages)
         );
     }
     if let Some((gpu, cpu)) = f.first_generation_ms {
-        let cells: Vec<String> = f
-            .first_stages
-            .iter()
-            .map(|s| format!("{} {:.1} / {:.1}", s.stage, s.engine_ms, s.cpu_engine_ms))
-            .collect();
         println!(
             "    first generation, cold ms (this engine / the CPU fp32 engine): {gpu:.1} / {cpu:.1}; {}",
-            cells.join(", ")
+            cells(&f.first_stages)
         );
     }
     for (graph, p) in &f.profile {

@@ -158,56 +158,22 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
             // In f32: each row's variance back from its inverse deviation, plus the squared
             // distance of its mean from the group's.
             let f = |what: &str| out(&f32, what);
+            // `what = op(inputs)`, named in the group-norm scope; the last writes `sq_out`.
+            let step = |op: &str, what: &str, inputs: &[&str]| {
+                node(op, name(&f32, what), inputs, &f(what), vec![])
+            };
+            let (inv_sq, var_eps, var_raw) = (f("RowInvSq"), f("RowVarEps"), f("RowVarRaw"));
+            let (var, dev, dev_sq) = (f("RowVar"), f("RowDev"), f("RowDevSq"));
+            let mut spread = step("Add", "RowSpread", &[&var, &dev_sq]);
+            spread.output = vec![sq_out.clone()];
             let at_square = vec![
-                node(
-                    "Mul",
-                    name(&f32, "RowInvSq"),
-                    &[&row_inv, &row_inv],
-                    &f("RowInvSq"),
-                    vec![],
-                ),
-                node(
-                    "Reciprocal",
-                    name(&f32, "RowVarEps"),
-                    &[&f("RowInvSq")],
-                    &f("RowVarEps"),
-                    vec![],
-                ),
-                node(
-                    "Sub",
-                    name(&f32, "RowVarRaw"),
-                    &[&f("RowVarEps"), EPSILON],
-                    &f("RowVarRaw"),
-                    vec![],
-                ),
-                node(
-                    "Max",
-                    name(&f32, "RowVar"),
-                    &[&f("RowVarRaw"), ZERO],
-                    &f("RowVar"),
-                    vec![],
-                ),
-                node(
-                    "Sub",
-                    name(&f32, "RowDev"),
-                    &[&row_mean, mean],
-                    &f("RowDev"),
-                    vec![],
-                ),
-                node(
-                    "Mul",
-                    name(&f32, "RowDevSq"),
-                    &[&f("RowDev"), &f("RowDev")],
-                    &f("RowDevSq"),
-                    vec![],
-                ),
-                node(
-                    "Add",
-                    name(&f32, "RowSpread"),
-                    &[&f("RowVar"), &f("RowDevSq")],
-                    sq_out,
-                    vec![],
-                ),
+                step("Mul", "RowInvSq", &[&row_inv, &row_inv]),
+                step("Reciprocal", "RowVarEps", &[&inv_sq]),
+                step("Sub", "RowVarRaw", &[&var_eps, EPSILON]),
+                step("Max", "RowVar", &[&var_raw, ZERO]),
+                step("Sub", "RowDev", &[&row_mean, mean]),
+                step("Mul", "RowDevSq", &[&dev, &dev]),
+                spread,
             ];
             Some([
                 (rows_i, at_rows),
