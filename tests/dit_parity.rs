@@ -1,5 +1,7 @@
 //! The exported CogVideoX DiT computes what diffusers computes (fixture `dit_io`).
 
+use std::collections::BTreeMap;
+
 use v2l_export::{cogvideox_dit, Checkpoint};
 use v2l_graphs::{save, ExternalData};
 use v2l_runtime::{Model, SessionOptions, Tensor};
@@ -244,4 +246,84 @@ fn dit_with_fused_rope_matches_diffusers() {
     let feed = dit_feed(&io);
     let q_and_k = 2 * ex.config.num_layers;
     assert_rope_fuses(&path, &feed, q_and_k, &io["output"], F32_REL_L2);
+}
+
+/// On CUDA engines the feed-forward's bias moves from its `Gemm` into the `FastGelu` after it
+/// (`passes::fuse_gelu_bias`): the same sum, run here on the CPU provider, with and without
+/// LoRA branches added afterwards (as `v2l-compile` orders the passes).
+#[test]
+fn dit_with_the_gelu_bias_fused_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ex, path) = export_tiny(dir.path());
+    let mut m = v2l_graphs::read_model(&path).unwrap();
+    assert_eq!(v2l_graphs::passes::fuse_gelu(&mut m), 2, "one per block");
+    let before = m.clone();
+    assert_eq!(
+        v2l_graphs::passes::fuse_gelu_bias(&mut m),
+        2,
+        "one per block"
+    );
+    assert_eq!(
+        v2l_graphs::passes::fuse_gelu_bias(&mut m),
+        0,
+        "nothing left"
+    );
+    let nodes = &m.graph.as_ref().unwrap().node;
+    for g in nodes.iter().filter(|n| n.op_type == "FastGelu") {
+        let bias = g.input.get(1).expect("FastGelu takes the bias");
+        assert!(bias.ends_with("ff.net.0.proj.bias"), "{bias}");
+        assert!(
+            nodes
+                .iter()
+                .all(|n| n.op_type != "Gemm" || !n.input.contains(bias)),
+            "{bias} is still a Gemm's"
+        );
+    }
+    let io = load("dit_io.safetensors");
+    let run = |m: &v2l_graphs::proto::ModelProto, name: &str, feed: &BTreeMap<String, Tensor>| {
+        let p = dir.path().join(name);
+        v2l_graphs::write_model(&p, m).unwrap();
+        Model::load(&p, &SessionOptions::default())
+            .unwrap()
+            .run(feed)
+            .unwrap()
+            .remove("sample")
+            .unwrap()
+    };
+    let feed = dit_feed(&io);
+    let fused = run(&m, "bias_fused.onnx", &feed);
+    assert_close("bias-fused dit sample", &fused, &io["output"], 1e-5);
+    assert_close(
+        "bias-fused against the exported bias",
+        &fused,
+        &run(&before, "bias_in_gemm.onnx", &feed),
+        1e-6,
+    );
+    // LoRA branches over the fused form: the branch adds onto the bias-free product.
+    let targets: Vec<String> = ex
+        .linears
+        .iter()
+        .map(|l| format!("{}.weight", l.name))
+        .collect();
+    let mut feed = feed;
+    for (i, l) in ex.linears.iter().enumerate() {
+        let [a, b, sc] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", l.name));
+        let factor = |shape: Vec<usize>, seed: u64| {
+            let t = v2l_runtime::tensor::gaussian_noise(shape.clone(), seed);
+            let v = t.as_f32("f").unwrap().iter().map(|x| x * 0.05).collect();
+            Tensor::f32(shape, v)
+        };
+        feed.insert(a, factor(vec![1, 2, l.in_features], 300 + 2 * i as u64));
+        feed.insert(b, factor(vec![1, l.out_features, 2], 301 + 2 * i as u64));
+        feed.insert(sc, Tensor::f32(vec![1, 1, 1], vec![0.8]));
+    }
+    let (mut with, mut without) = (m, before);
+    v2l_graphs::passes::add_lora_branches(&mut with, &targets).unwrap();
+    v2l_graphs::passes::add_lora_branches(&mut without, &targets).unwrap();
+    assert_close(
+        "bias-fused with LoRA branches",
+        &run(&with, "bias_fused_lora.onnx", &feed),
+        &run(&without, "bias_in_gemm_lora.onnx", &feed),
+        1e-6,
+    );
 }

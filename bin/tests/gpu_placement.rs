@@ -58,6 +58,40 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
                     }
                 }
             }
+            if name.starts_with("dit") && name.ends_with(".onnx") {
+                let graph = model.graph.as_ref().unwrap();
+                let producer =
+                    |v: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == v));
+                // The feed-forward's bias is added by its GELU (`passes::fuse_gelu_bias`).
+                let gelus: Vec<_> = graph
+                    .node
+                    .iter()
+                    .filter(|n| n.op_type == "FastGelu")
+                    .collect();
+                assert!(!gelus.is_empty(), "{what} {precision} {name}");
+                for g in gelus {
+                    assert_eq!(g.input.len(), 2, "{name}: {} takes no bias", g.name);
+                }
+                // Below fp32 a LoRA branch runs in the engine's type but for its scale: its
+                // products and its sum read nothing widened to f32.
+                if name == "dit_unfused.onnx" && precision != "fp32" {
+                    let branch = graph.node.iter().filter(|n| {
+                        n.name.contains("/lora_") && matches!(n.op_type.as_str(), "MatMul" | "Add")
+                    });
+                    let mut checked = 0;
+                    for n in branch {
+                        for i in &n.input {
+                            let to_f32 = producer(i).is_some_and(|c| {
+                                c.op_type == "Cast"
+                                    && c.attribute.iter().any(|a| a.name == "to" && a.i == 1)
+                            });
+                            assert!(!to_f32, "{name}: {} reads {i} widened to f32", n.name);
+                        }
+                        checked += 1;
+                    }
+                    assert!(checked > 0, "{what} {precision}: no LoRA branch");
+                }
+            }
             // A lowered VAE graph carries its caches in the engine's precision, both sides.
             if name.starts_with("vae_") && name.ends_with(&format!("_{precision}.onnx")) {
                 let graph = model.graph.as_ref().unwrap();

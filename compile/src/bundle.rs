@@ -696,7 +696,14 @@ impl<'a> Job<'a> {
                 _ => 0,
             };
             out.rope_fused = rope > 0;
-            if attention + rope + v2l_graphs::passes::fuse_gelu(&mut base) > 0 {
+            let gelu = v2l_graphs::passes::fuse_gelu(&mut base);
+            // The feed-forward's bias into its GELU on the GPU (CPU engines keep the exported
+            // `Gemm` bias: their feed-forward chunking matches that form).
+            let gelu_bias = match self.backend {
+                Backend::Cuda => v2l_graphs::passes::fuse_gelu_bias(&mut base),
+                _ => 0,
+            };
+            if attention + rope + gelu + gelu_bias > 0 {
                 write_graph(src, &ff_chunked(self.backend, &base))?;
             }
         }

@@ -19,17 +19,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::edit::{attr_i, attr_ints};
+use super::edit::{attr_i, attr_ints, i64_values as i64s};
 use super::edit::{MS_DOMAIN, V2L_DOMAIN};
 use crate::builder::Attr;
-use crate::proto::{self, ModelProto, NodeProto};
-
-fn i64s(t: &proto::TensorProto) -> Vec<i64> {
-    t.raw_data
-        .chunks_exact(8)
-        .filter_map(|c| c.try_into().ok().map(i64::from_le_bytes))
-        .collect()
-}
+use crate::proto::{ModelProto, NodeProto};
 
 /// One matched attention: node indices and the tensors the fused node needs.
 struct Match {

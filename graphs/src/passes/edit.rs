@@ -139,6 +139,17 @@ pub(super) fn scalar_f32(t: &proto::TensorProto) -> Option<f32> {
     }
 }
 
+/// The values of an int64 initializer (shapes, axes), raw or listed.
+pub(super) fn i64_values(t: &proto::TensorProto) -> Vec<i64> {
+    if !t.int64_data.is_empty() {
+        return t.int64_data.clone();
+    }
+    t.raw_data
+        .chunks_exact(8)
+        .filter_map(|c| c.try_into().ok().map(i64::from_le_bytes))
+        .collect()
+}
+
 /// Removes initializers no node reads and that are not graph inputs (left behind by fusions).
 /// Reads inside subgraphs (a `Scan` body reading outer-scope weights) count.
 pub(super) fn drop_unused_initializers(graph: &mut proto::GraphProto) {

@@ -125,3 +125,90 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
     super::edit::splice(model, &removed, replace);
     count
 }
+
+/// Moves the bias of the linear feeding each `FastGelu` into the `FastGelu` (its second
+/// input): `Gemm(x, W, b) → Reshape → FastGelu` becomes `Gemm(x, W) → Reshape → FastGelu(·, b)`,
+/// the same sum. ONNX Runtime's CUDA `Gemm` adds a bias by first writing it across the whole
+/// output (a rank-1 product) and then accumulating onto it (`beta` 1): a write and a read of
+/// the feed-forward's widest activation that `FastGelu` does in its one pass. Below f32 the
+/// bias also stays f32 there (`FastGelu` computes in f32) instead of being rounded into the
+/// product's type. Returns how many moved.
+///
+/// Matched only where the sum is the same by construction: a plain `Gemm` (`alpha`, `beta` 1)
+/// with a 1-D bias of its output width, read by one `Reshape` whose target keeps that width
+/// last (a constant, or a `Concat` ending in one), read by one single-input `FastGelu`.
+pub fn fuse_gelu_bias(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let ix = super::edit::Index::new(graph);
+    let via_cast = super::edit::cast_initializers(graph);
+    let nodes = &graph.node;
+    let only_reader = |name: &str| -> Option<usize> {
+        match ix.consumers.get(name).map(Vec::as_slice) {
+            Some([i]) => Some(*i),
+            _ => None,
+        }
+    };
+    // The width a Reshape's target ends in, where it is a constant.
+    let last_width = |shape: &str| -> Option<i64> {
+        if let Some(t) = ix.inits.get(shape) {
+            return super::edit::i64_values(t).last().copied();
+        }
+        let c = nodes.get(*ix.producer.get(shape)?)?;
+        if c.op_type != "Concat" || !c.domain.is_empty() {
+            return None;
+        }
+        super::edit::i64_values(ix.inits.get(c.input.last()?.as_str())?)
+            .last()
+            .copied()
+    };
+    let unit = |n: &NodeProto, attr: &str| {
+        n.attribute
+            .iter()
+            .find(|a| a.name == attr)
+            .is_none_or(|a| a.f == 1.0)
+    };
+    // (gemm index, gelu index, bias tensor)
+    let mut moved: Vec<(usize, usize, String)> = Vec::new();
+    for (gi, gelu) in nodes.iter().enumerate() {
+        if gelu.op_type != "FastGelu" || gelu.domain != MS_DOMAIN || gelu.input.len() != 1 {
+            continue;
+        }
+        let m = (|| {
+            let r = nodes.get(*ix.producer.get(gelu.input.first()?.as_str())?)?;
+            if r.op_type != "Reshape" || !r.domain.is_empty() {
+                return None;
+            }
+            only_reader(r.output.first()?)?;
+            let mi = *ix.producer.get(r.input.first()?.as_str())?;
+            let g = nodes.get(mi)?;
+            if g.op_type != "Gemm" || !g.domain.is_empty() || !unit(g, "alpha") || !unit(g, "beta")
+            {
+                return None;
+            }
+            only_reader(g.output.first()?)?;
+            let bias = g.input.get(2)?;
+            let init = match via_cast.get(bias.as_str()) {
+                Some((_, w)) => *w,
+                None => bias.as_str(),
+            };
+            let width = match ix.inits.get(init)?.dims.as_slice() {
+                [n] => *n,
+                _ => return None,
+            };
+            (last_width(r.input.get(1)?)? == width).then(|| (mi, gi, bias.clone()))
+        })();
+        moved.extend(m);
+    }
+    let count = moved.len();
+    for (mi, gi, bias) in moved {
+        if let Some(g) = graph.node.get_mut(mi) {
+            g.input.truncate(2);
+        }
+        if let Some(f) = graph.node.get_mut(gi) {
+            f.input.push(bias);
+        }
+    }
+    count
+}

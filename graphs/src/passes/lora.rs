@@ -33,6 +33,11 @@ pub fn bind_weights_as_inputs(model: &mut ModelProto, names: &[String]) -> Resul
     Ok(())
 }
 
+/// The name of a branch's scale node ends in this: the one node of a branch a lowering to
+/// bf16/fp16 keeps in f32 (`passes/precision.rs`).
+pub const LORA_SCALE_NODE: &str = "/lora_scaled";
+const SCALED: &str = "scaled";
+
 /// Input names of the branch added for weight `name` (`<module>.weight`).
 pub fn lora_input_names(weight: &str) -> [String; 3] {
     let module = weight.strip_suffix(".weight").unwrap_or(weight);
@@ -131,10 +136,12 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
             ("Reshape", vec![x, t("x_shape")], "x", vec![]),
             ("Transpose", vec![a.clone()], "a_t", perm()),
             ("MatMul", vec![t("x"), t("a_t")], "down", vec![]),
+            // The scale on the rank-wide product, not the output-wide one: the same sum for a
+            // fraction of the traffic.
+            ("Mul", vec![t("down"), s.clone()], SCALED, vec![]),
             ("Transpose", vec![b.clone()], "b_t", perm()),
-            ("MatMul", vec![t("down"), t("b_t")], "up", vec![]),
-            ("Mul", vec![t("up"), s.clone()], "scaled", vec![]),
-            ("Reshape", vec![t("scaled"), y_shape], "flat", vec![]),
+            ("MatMul", vec![t("scaled"), t("b_t")], "up", vec![]),
+            ("Reshape", vec![t("up"), y_shape], "flat", vec![]),
         ];
         for (op, inputs, out_name, attrs) in steps {
             nodes.push(node(

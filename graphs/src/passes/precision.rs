@@ -23,8 +23,11 @@
 //! - `rms`: an RMS norm's mean square and division (`torch.nn.RMSNorm`, T5's layer norm:
 //!   computed in f32 and rounded before the weight). Also a placement matter: ONNX Runtime's
 //!   CUDA provider has no bf16 `ReduceMean`, so a bf16 one would run on the CPU;
-//! - LoRA branches added by [`super::lora::add_lora_branches`] (`…/lora_*` nodes): a LoRA kept
-//!   beside low-precision weights stays f32;
+//! - a LoRA branch's scale ([`super::lora::LORA_SCALE_NODE`], on the rank-wide product), so
+//!   the scale is not rounded. The rest of a branch computes in the low type, as PEFT runs a
+//!   LoRA on a bf16/fp16 model: an f32 branch (v2l's form before 2026-11-27) cast the layer's
+//!   input up, wrote its output-wide product in f32 and cast the sum back, which at
+//!   CogVideoX-5B width moved more bytes per block than the block's own elementwise work;
 //! - the VAE's cache ties ([`super::schedule::carried_outputs_first`]: a conv's bias plus 0 × the number
 //!   of elements of a cache): that count passes 65,504, fp16's largest.
 //!
@@ -183,7 +186,7 @@ fn is_island(n: &proto::NodeProto, keep: &[String]) -> bool {
         || F32_SCOPES.contains(&last)
         || scope == SINUSOID_SCOPE
         || (n.name.contains('/') && keeps_f32(keep, scope))
-        || n.name.contains("/lora_")
+        || n.name.ends_with(super::lora::LORA_SCALE_NODE)
         || n.name.contains(super::schedule::AFTER_CACHE)
 }
 
