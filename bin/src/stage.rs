@@ -52,10 +52,11 @@ pub struct StageArgs {
     /// Output .safetensors file for the outputs, replaced if it exists
     #[arg(short, long)]
     pub output: PathBuf,
-    /// LoRA to fuse into the DiT (diffusers/PEFT, kohya or ComfyUI safetensors)
+    /// LoRA for the DiT (diffusers/PEFT, kohya or ComfyUI safetensors), applied by the engine's
+    /// LoRA strategy as generation applies it (`unfused` on GPU engines: a branch per layer)
     #[arg(long)]
     pub lora: Option<PathBuf>,
-    /// LoRA multiplier: the fuse scale is multiplier · alpha / rank
+    /// LoRA multiplier: the scale is multiplier · alpha / rank
     #[arg(long, default_value_t = 1.0)]
     pub lora_scale: f32,
     /// Reference outputs (e.g. from PyTorch) to compare against: prints the relative L2

@@ -989,3 +989,53 @@ fn a_request_is_checked_once_against_engines_of_its_kind() {
     .to_string();
     assert!(e.contains("request 1 of the batch"), "{e}");
 }
+
+/// `v2l-run stage dit --lora` applies the LoRA as generation does, by the engine's strategy:
+/// `bound` on an fp32 CPU engine, `unfused` (factors as inputs, a branch per layer, what GPU
+/// engines run) on an int8 one; each output is PyTorch's with the PEFT LoRA (fixture
+/// `peft_lora_io`) within its precision's bound, and differs from the output without it.
+#[test]
+fn the_dit_stage_applies_a_lora_by_the_engines_strategy() {
+    let d = tempfile::tempdir().unwrap();
+    let lora = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    let want = read_safetensors(&tiny().join("peft_lora_io.safetensors")).unwrap();
+    let inputs = tiny().join("dit_io.safetensors");
+    for (precision, strategy, bound) in [
+        ("fp32", "bound", SAME_F32_REL_L2),
+        ("int8", "unfused", INT8_REL_L2),
+    ] {
+        let eng = engine_with(&d.path().join(precision), &["--precision", precision]);
+        let bundle: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(eng.join("bundle.json")).unwrap())
+                .unwrap();
+        assert_eq!(bundle["lora_strategy"], strategy, "{precision}");
+        let sample = |with_lora: bool| {
+            let out = d
+                .path()
+                .join(format!("{precision}-{with_lora}.safetensors"));
+            let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-run"));
+            c.arg("--engine")
+                .arg(&eng)
+                .args(["stage", "dit", "--json", "--repeat", "2", "--inputs"])
+                .arg(&inputs)
+                .arg("-o")
+                .arg(&out);
+            if with_lora {
+                c.arg("--lora").arg(&lora);
+            }
+            let o = c.output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            read_safetensors(&out).unwrap().remove("sample").unwrap()
+        };
+        let (base, with) = (sample(false), sample(true));
+        let e = with.rel_l2(&want["output_with_peft_lora"]);
+        eprintln!(
+            "{precision} ({strategy}): stage dit --lora vs PyTorch f32 with the LoRA: {e:.3e}"
+        );
+        assert!(e <= bound, "{precision}: {e}");
+        assert!(
+            with.rel_l2(&base) > EFFECT_REL_L2,
+            "{precision}: the LoRA had no effect"
+        );
+    }
+}

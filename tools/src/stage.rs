@@ -13,6 +13,7 @@ use v2l_contracts::io::vae as vae_io;
 
 use v2l_contracts::family::WanDitConfig;
 use v2l_runtime::engine::Engine;
+use v2l_runtime::lora::strategy::DitRunner;
 use v2l_runtime::lora::AppliedLora;
 
 use v2l_runtime::error::{Result, RuntimeError};
@@ -410,7 +411,8 @@ fn timed<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<(T, Vec<f64
     }
 }
 
-/// Runs `stage` of the export in `dir` on `inputs`, with `lora` fused into the DiT if given,
+/// Runs `stage` of the export in `dir` on `inputs`, with `lora` applied to the DiT if given (by
+/// the engine's LoRA strategy, as generation applies it),
 /// `runs` times on one loaded session (for timing; the outputs are the last run's).
 pub fn run_stage(
     engine: &Engine,
@@ -437,11 +439,6 @@ pub fn run_stage(
     let t0 = std::time::Instant::now();
     let (outputs, load_ms, runs_ms) = match stage {
         Stage::Dit => {
-            let mut m = match lora {
-                None => engine.dit(opts)?,
-                Some(l) => v2l_runtime::lora::strategy::fused_dit(engine, opts, l)?,
-            };
-            let load_ms = ms(t0);
             let mut feed: BTreeMap<String, Tensor> = stage
                 .required_inputs(engine)
                 .iter()
@@ -450,7 +447,34 @@ pub fn run_stage(
             if let Some(w) = engine.wan_config()? {
                 wan_feed(&w, inputs, &mut feed)?;
             }
-            let (mut out, times) = timed(runs, || m.run(&feed))?;
+            // Every input is held by the session (on a GPU engine, on the device): a repeat
+            // times the call as a denoising loop makes it with a request's constants in place,
+            // and as PyTorch's timing has its inputs on the device already.
+            let none = BTreeMap::new();
+            let (mut out, load_ms, times) = match lora {
+                None => {
+                    let mut m = engine.dit(opts)?;
+                    m.set_fixed_inputs(feed.into_iter().collect())?;
+                    let load_ms = ms(t0);
+                    let (out, times) = timed(runs, || m.run(&none))?;
+                    (out, load_ms, times)
+                }
+                // The LoRA as generation applies it: the engine's strategy (a GPU engine's
+                // factors as inputs, a branch per layer).
+                Some(l) => {
+                    let strategy = engine
+                        .bundle
+                        .as_ref()
+                        .map(|b| b.lora_strategy)
+                        .unwrap_or_default();
+                    let mut dit = DitRunner::load(engine, opts, strategy)?;
+                    dit.set_lora(engine, Some(l))?;
+                    dit.set_constant_inputs(feed)?;
+                    let load_ms = ms(t0);
+                    let (out, times) = timed(runs, || dit.run(&none))?;
+                    (out, load_ms, times)
+                }
+            };
             let sample = (out.remove("sample"))
                 .ok_or_else(|| RuntimeError::missing_output("DiT", "sample"))?;
             (
