@@ -61,13 +61,19 @@ pub struct GpuBench {
     /// (e.g. `vae-decode bf16`, `dit bf16 49x`): one GPU session measures what matters first
     #[arg(long, value_name = "TEXT", requires = "scale")]
     pub scale_only: Option<String>,
+    /// With --scale: every real-size case at this size instead (`FRAMESxHEIGHTxWIDTH`, frames
+    /// 1 + 4k, sides multiples of 16), e.g. `9x64x96` with `--provider cpu` to check the
+    /// PyTorch and v2l sides end to end where there is no GPU
+    #[arg(long, value_name = "FxHxW", requires = "scale", value_parser = parse_scale_size)]
+    pub scale_size: Option<[usize; 3]>,
     /// Start no case (or real-size variant) after this many minutes, for a GPU lent for a
     /// fixed time: the rest get a row saying they were not started, and the check exits
     /// non-zero. Cases run in plan order, the real sizes last
     #[arg(long, value_name = "MIN")]
     pub budget_min: Option<f64>,
     /// Run every case on this ONNX Runtime provider: `cpu` checks the check itself on a machine
-    /// without a GPU (frames against the CPU fp32 engine, timings of the CPU)
+    /// without a GPU (frames against the CPU fp32 engine, timings of the CPU; with --scale, v2l's
+    /// CPU engines beside PyTorch on the CPU)
     #[arg(long, value_enum, default_value = "gpu", hide = true)]
     pub provider: ProviderArg,
     #[arg(skip)]
@@ -269,6 +275,15 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
     let scale: Vec<ScaleCase> = match b.scale {
         true => scale_cases()
             .into_iter()
+            .map(|c| match b.scale_size {
+                Some(size) => c.at(size),
+                None => c,
+            })
+            // At one --scale-size the DiT's two sizes are one case.
+            .scan(std::collections::HashSet::new(), |seen, c| {
+                Some(seen.insert(c.label()).then_some(c))
+            })
+            .flatten()
             .filter(|c| (b.scale_only.as_deref()).is_none_or(|o| c.label().contains(o)))
             .collect(),
         false => Vec::new(),
@@ -281,7 +296,7 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
         .with_hint("`v2l-bench gpu --dry-run --scale` lists them"));
     }
     if b.dry_run {
-        print_plan(&cases, &scale, b.sweep, b.json);
+        print_plan(&cases, &scale, b.sweep, b.json, on_cpu);
         return Ok(());
     }
     if !on_cpu {
@@ -302,14 +317,10 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
     }
     let (mut failed, mut not_started) = run_cases(b, &cases, budget)?;
     if b.scale {
-        if on_cpu {
-            return Err(Failure::new(
-                "--scale measures on the GPU against PyTorch on the same GPU; --provider cpu has none",
-            ));
-        }
         let (f, n) = crate::gpu_scale::run(
             &crate::gpu_scale::Settings {
                 dir: b.dir.join("scale"),
+                on_cpu,
                 torch_python: b.torch_python.clone(),
                 repeat: b.repeat,
                 json: b.json,
@@ -337,7 +348,7 @@ pub fn bench_gpu(b: &GpuBench) -> Result<(), Failure> {
     }
 }
 
-fn print_plan(cases: &[Case], scale: &[ScaleCase], sweep: bool, json: bool) {
+fn print_plan(cases: &[Case], scale: &[ScaleCase], sweep: bool, json: bool, on_cpu: bool) {
     if json {
         let v = serde_json::json!({"dry_run": true, "cases": cases, "scale": scale});
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -379,7 +390,11 @@ fn print_plan(cases: &[Case], scale: &[ScaleCase], sweep: bool, json: bool) {
     }
     println!("  (LoRA cases only for models with a Video2LoRA hypernetwork; Wan's has none)");
     if !scale.is_empty() {
-        println!("real size (--scale), v2l cuda beside PyTorch on the same GPU (fp32 with TF32 off as the reference, bf16 as the baseline):");
+        let sides = match on_cpu {
+            true => "v2l cpu beside PyTorch on the CPU (--provider cpu: a check of the check)",
+            false => "v2l cuda beside PyTorch on the same GPU",
+        };
+        println!("real size (--scale), {sides} (fp32 with TF32 off as the reference, bf16 as the baseline):");
         for s in scale {
             println!(
                 "  {:<10} {:<5} {}x{}x{}  {}",
@@ -1035,4 +1050,24 @@ mod tests {
             .iter()
             .any(|c| c.stage == "vae-decode" && c.precision == "fp32" && c.size == [17, 480, 720]));
     }
+}
+
+/// `--scale-size`: `FRAMESxHEIGHTxWIDTH` with frames 1 + 4k (the VAE's temporal compression)
+/// and sides multiples of 16 (the VAE's 8 times the DiT's patch of 2).
+fn parse_scale_size(s: &str) -> Result<[usize; 3], String> {
+    let bad = || format!("{s:?}: want FRAMESxHEIGHTxWIDTH, e.g. 9x64x96");
+    let parts: Vec<usize> = s
+        .split('x')
+        .map(|p| p.trim().parse::<usize>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let [f, h, w] = <[usize; 3]>::try_from(parts).map_err(|_| bad())?;
+    if f == 0 || (f - 1) % 4 != 0 {
+        return Err(format!("{s:?}: frames must be 1 + 4k (1, 5, 9, …, 49)"));
+    }
+    if h == 0 || w == 0 || h % 16 != 0 || w % 16 != 0 || h > 2048 || w > 2048 {
+        return Err(format!(
+            "{s:?}: height and width must be multiples of 16 up to 2048"
+        ));
+    }
+    Ok([f, h, w])
 }

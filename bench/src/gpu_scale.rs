@@ -21,6 +21,9 @@ const TORCH_SCRIPT: &str = include_str!("gpu_scale/torch_gpu.py");
 pub struct Settings {
     /// Scratch directory (checkpoints, engines, outputs).
     pub dir: PathBuf,
+    /// Both sides on the CPU (`--provider cpu`): v2l's `cpu` engines, PyTorch on the CPU. A
+    /// check of the check where there is no GPU; its timings are the CPU's.
+    pub on_cpu: bool,
     /// Python with torch (CUDA) and diffusers.
     pub torch_python: PathBuf,
     pub repeat: usize,
@@ -158,38 +161,72 @@ pub struct ScaleCase {
     pub size: [usize; 3],
     /// DiT tokens (text included), or latent frames for the VAE.
     pub what: String,
+    /// A LoRA of this rank on every linear of the DiT's blocks, on both sides: PyTorch's
+    /// unmerged, as PEFT runs it; v2l's by the engine's strategy (`unfused` on GPU engines),
+    /// as generation applies it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
 }
 
 impl ScaleCase {
-    /// `STAGE PRECISION FRAMESxHxW`, what `--scale-only` matches.
+    /// `STAGE PRECISION FRAMESxHxW[ loraR]`, what `--scale-only` matches.
     pub fn label(&self) -> String {
         let [f, h, w] = self.size;
-        format!("{} {} {f}x{h}x{w}", self.stage, self.precision)
+        let lora = self
+            .lora_rank
+            .map(|r| format!(" lora{r}"))
+            .unwrap_or_default();
+        format!("{} {} {f}x{h}x{w}{lora}", self.stage, self.precision)
+    }
+
+    /// The case at another pixel size (`--scale-size`).
+    pub fn at(self, size: [usize; 3]) -> ScaleCase {
+        let [f, h, w] = size;
+        let what = match self.stage {
+            "dit" => {
+                let tokens = ((f - 1) / 4 + 1) * (h / 16) * (w / 16) + TEXT_TOKENS;
+                let lora = self
+                    .lora_rank
+                    .map(|r| format!(", a rank-{r} LoRA"))
+                    .unwrap_or_default();
+                format!("{tokens} tokens, batch 2, 2 blocks{lora}")
+            }
+            _ => format!("{} latent frames at {}x{}", (f - 1) / 4 + 1, h / 8, w / 8),
+        };
+        ScaleCase { size, what, ..self }
     }
 }
 
+/// CogVideoX-5B's prompt length, every `--scale` DiT case's text tokens.
+const TEXT_TOKENS: usize = 226;
+
+/// The rank of the `--scale` LoRA cases: what GPU engines pad factors to by default.
+const LORA_RANK: usize = 64;
+
 /// `--scale`: the 5B-width DiT (2 blocks, batch 2) at 5,626 tokens (13x480x720) and 17,776
-/// (49x480x720) in bf16, fp16 and fp32, and the real VAE decode of 5 latent frames at 60x90
-/// (17x480x720) in fp32 and bf16.
+/// (49x480x720) in bf16, fp16 and fp32, and in bf16 with a rank-64 LoRA on every block linear
+/// (what a request runs); the real VAE decode of 5 latent frames at 60x90 (17x480x720) in fp32
+/// and bf16.
 pub fn scale_cases() -> Vec<ScaleCase> {
-    let mut out = Vec::new();
-    for (size, tokens) in [([13, 480, 720], 5_626), ([49, 480, 720], 17_776)] {
-        for precision in ["bf16", "fp16", "fp32"] {
-            out.push(ScaleCase {
-                stage: "dit",
-                precision,
-                size,
-                what: format!("{tokens} tokens, batch 2, 2 blocks"),
-            });
+    let case = |stage, precision, size, lora_rank| {
+        ScaleCase {
+            stage,
+            precision,
+            size,
+            what: String::new(),
+            lora_rank,
         }
+        .at(size)
+    };
+    let mut out = Vec::new();
+    for size in [[13, 480, 720], [49, 480, 720]] {
+        for precision in ["bf16", "fp16", "fp32"] {
+            out.push(case("dit", precision, size, None));
+        }
+        out.push(case("dit", "bf16", size, Some(LORA_RANK)));
     }
     for precision in ["fp32", "bf16"] {
-        out.push(ScaleCase {
-            stage: "vae-decode",
-            precision,
-            size: [17, 480, 720],
-            what: "5 latent frames at 60x90".into(),
-        });
+        out.push(case("vae-decode", precision, [17, 480, 720], None));
     }
     out
 }
@@ -199,6 +236,8 @@ pub fn scale_cases() -> Vec<ScaleCase> {
 struct Row {
     stage: &'static str,
     precision: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_rank: Option<usize>,
     /// How v2l's side ran ([`Variant::name`]).
     variant: &'static str,
     size: [usize; 3],
@@ -233,7 +272,7 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
         .map_err(|e| Failure::new(format!("{}: {e}", script.display())))?;
     if !b.json {
         println!(
-            "{:<10} {:<5} {:<20} {:<11} {:>10} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  status",
+            "{:<12} {:<5} {:<20} {:<11} {:>10} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  status",
             "stage",
             "prec",
             "variant",
@@ -250,11 +289,12 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
     let (mut failed, mut not_started) = (0, 0);
     // PyTorch fp32 first in each group: it writes the reference.
     let mut order: Vec<&ScaleCase> = cases.iter().collect();
-    order.sort_by_key(|c| (c.stage, c.size, c.precision != "fp32"));
+    order.sort_by_key(|c| (c.stage, c.size, c.lora_rank, c.precision != "fp32"));
     for c in order {
         let mut row = Row {
             stage: c.stage,
             precision: c.precision,
+            lora_rank: c.lora_rank,
             variant: DEFAULT.name,
             size: c.size,
             ..Default::default()
@@ -274,7 +314,7 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
                 continue;
             }
         };
-        let tried = if b.sweep {
+        let tried = if b.sweep && !b.on_cpu {
             variants(c.stage, c.precision)
         } else {
             vec![DEFAULT]
@@ -302,6 +342,8 @@ struct Prepared {
     case: PathBuf,
     engine: PathBuf,
     reference: PathBuf,
+    /// The case's LoRA file, both sides apply.
+    lora: Option<PathBuf>,
 }
 
 fn case_dir(dir: &Path, c: &ScaleCase) -> PathBuf {
@@ -332,26 +374,55 @@ fn prepare_case(
         _ => ("vae", case.join("vae/config.json")),
     };
     if !made.is_file() {
-        let mut cmd = py(b, script);
-        if c.stage == "dit" {
-            cmd.arg("make-dit").arg(&case).args([
-                "--frames",
-                &c.size[0].to_string(),
-                "--height",
-                &c.size[1].to_string(),
-                "--width",
-                &c.size[2].to_string(),
-            ]);
+        let make = if c.stage == "dit" {
+            "make-dit"
         } else {
-            cmd.arg("make-vae").arg(&case);
+            "make-vae"
+        };
+        run_measured(py(b, script).arg(make).arg(&case).args([
+            "--frames",
+            &c.size[0].to_string(),
+            "--height",
+            &c.size[1].to_string(),
+            "--width",
+            &c.size[2].to_string(),
+        ]))?;
+    }
+    let lora = match c.lora_rank {
+        Some(rank) => {
+            let file = case.join(format!("lora{rank}.safetensors"));
+            if !file.is_file() {
+                run_measured(
+                    py(b, script)
+                        .arg("make-lora")
+                        .arg(&case)
+                        .args(["--rank", &rank.to_string(), "-o"])
+                        .arg(&file),
+                )?;
+            }
+            Some(file)
         }
-        run_measured(&mut cmd)?;
-    }
-    let reference = case.join("torch_fp32.safetensors");
+        None => None,
+    };
+    let reference = case.join(match &lora {
+        Some(l) => format!(
+            "torch_fp32_{}",
+            l.file_name().unwrap_or_default().to_string_lossy()
+        ),
+        None => "torch_fp32.safetensors".into(),
+    });
     if !reference.is_file() {
-        torch_run(b, script, &case, c.stage, "fp32")?;
+        torch_run(b, script, &case, c, "fp32", &reference, lora.as_deref())?;
     }
-    let t = torch_run(b, script, &case, c.stage, c.precision)?;
+    let t = torch_run(
+        b,
+        script,
+        &case,
+        c,
+        c.precision,
+        &reference,
+        lora.as_deref(),
+    )?;
     row.torch_same_ms = t["torch_ms"].as_f64();
     row.torch_same_peak_gpu_mb = t["peak_gpu_mb"].as_f64();
     row.torch = t["torch"].as_str().map(String::from);
@@ -367,21 +438,34 @@ fn prepare_case(
                 .arg(&export),
         )?;
     }
-    let engine = case.join(format!("v2l-cuda-{}", c.precision));
+    let backend = b.backend();
+    let engine = case.join(format!("v2l-{backend}-{}", c.precision));
     if !engine.join("bundle.json").is_file() {
         run_measured(
             Command::new(sibling("v2l-compile")?)
                 .arg(&export)
                 .arg("-o")
                 .arg(&engine)
-                .args(["--backend", "cuda", "--precision", c.precision]),
+                .args(["--backend", backend, "--precision", c.precision]),
         )?;
     }
     Ok(Prepared {
         case,
         engine,
         reference,
+        lora,
     })
+}
+
+impl Settings {
+    /// The engines' `--backend`.
+    fn backend(&self) -> &'static str {
+        if self.on_cpu {
+            "cpu"
+        } else {
+            "cuda"
+        }
+    }
 }
 
 /// v2l's stage on the case's engine under variant `v`, its figures into `row`.
@@ -396,19 +480,21 @@ fn run_v2l(
         case,
         engine,
         reference,
+        lora,
     } = p;
-    let out = case.join(format!("v2l-{}-{}.safetensors", c.precision, v.name));
+    let tag = c.lora_rank.map(|r| format!("-lora{r}")).unwrap_or_default();
+    let out = case.join(format!("v2l-{}{tag}-{}.safetensors", c.precision, v.name));
     let engine = match v.compile_flags {
         [] => engine.clone(),
         flags => {
-            let own = case.join(format!("v2l-cuda-{}-{}", c.precision, v.name));
+            let own = case.join(format!("v2l-{}-{}-{}", b.backend(), c.precision, v.name));
             if !own.join("bundle.json").is_file() {
                 run_measured(
                     Command::new(sibling("v2l-compile")?)
                         .arg(case.join("v2l-export"))
                         .arg("-o")
                         .arg(&own)
-                        .args(["--backend", "cuda", "--precision", c.precision])
+                        .args(["--backend", b.backend(), "--precision", c.precision])
                         .args(flags),
                 )?;
             }
@@ -436,8 +522,11 @@ fn run_v2l(
         // PyTorch decodes whole (diffusers' default): the same computation on both sides,
         // whatever `auto` picks (a variant may ask for tiles).
         .args(["--vae-tiling", v.vae_tiling]);
+    if let Some(l) = lora {
+        cmd.arg("--lora").arg(l);
+    }
     if b.profile {
-        let traces = case.join(format!("profile-{}-{}", c.precision, v.name));
+        let traces = case.join(format!("profile-{}{tag}-{}", c.precision, v.name));
         let _ = std::fs::remove_dir_all(&traces);
         cmd.arg("--profile").arg(traces);
     }
@@ -473,21 +562,31 @@ fn run_v2l(
     Ok(())
 }
 
+/// PyTorch's run of case `c` at `dtype` (fp32 writes `reference`; the others are compared
+/// with it), with `lora` on the DiT if given.
 fn torch_run(
     b: &Settings,
     script: &Path,
     case: &Path,
-    stage: &str,
+    c: &ScaleCase,
     dtype: &str,
+    reference: &Path,
+    lora: Option<&Path>,
 ) -> Result<serde_json::Value, Failure> {
-    let r = run_measured(
-        py(b, script)
-            .arg("run")
-            .arg(case)
-            .args(["--stage", stage, "--dtype", dtype, "-n"])
-            .arg(b.repeat.max(3).to_string()),
-    )?;
-    last_json(&r.stdout)
+    let mut cmd = py(b, script);
+    cmd.arg("run")
+        .arg(case)
+        .args(["--stage", c.stage, "--dtype", dtype, "-n"])
+        .arg(b.repeat.max(3).to_string())
+        .arg("--reference")
+        .arg(reference);
+    if let Some(l) = lora {
+        cmd.arg("--lora").arg(l);
+    }
+    if b.on_cpu {
+        cmd.args(["--device", "cpu"]);
+    }
+    last_json(&run_measured(&mut cmd)?.stdout)
 }
 
 /// `f`'s result and the most GPU memory any process used while it ran, polled from
@@ -534,8 +633,11 @@ fn print_row(r: &Row, json: bool) {
     }
     let f = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
     println!(
-        "{:<10} {:<5} {:<20} {:<11} {:>10} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  {}",
-        r.stage,
+        "{:<12} {:<5} {:<20} {:<11} {:>10} {:>10} {:>10} {:>7} {:>12} {:>12} {:>10}  {}",
+        match r.lora_rank {
+            Some(k) => format!("{}+lora{k}", r.stage),
+            None => r.stage.to_string(),
+        },
         r.precision,
         r.variant,
         format!("{}x{}x{}", r.size[0], r.size[1], r.size[2]),

@@ -70,7 +70,9 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
     assert!(
-        text.contains("8 real-size cases") && text.contains("49x480x720  17776 tokens"),
+        text.contains("10 real-size cases")
+            && text.contains("49x480x720  17776 tokens")
+            && text.contains("17776 tokens, batch 2, 2 blocks, a rank-64 LoRA"),
         "{text}"
     );
     assert!(!text.contains("--sweep"), "{text}");
@@ -94,8 +96,35 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
     assert!(o.status.success(), "{o:?}");
     let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let picked = plan["scale"].as_array().unwrap();
-    assert_eq!(picked.len(), 1, "{plan}");
+    // The case without a LoRA and the one with (`dit bf16 49x480x720 lora64`).
+    assert_eq!(picked.len(), 2, "{plan}");
     assert_eq!(picked[0]["size"], serde_json::json!([49, 480, 720]));
+    assert!(picked[0].get("lora_rank").is_none(), "{plan}");
+    assert_eq!(picked[1]["lora_rank"], 64, "{plan}");
+    // --scale-size puts every case at one size (the DiT's two sizes become one case each);
+    // a size the VAE and the DiT's patches do not divide is refused.
+    let o = bench(&[
+        "gpu",
+        "--dry-run",
+        "--json",
+        "--scale",
+        "--scale-size",
+        "9x64x96",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cases = plan["scale"].as_array().unwrap();
+    assert_eq!(cases.len(), 6, "{plan}");
+    assert!(cases.iter().all(|c| c["size"] == serde_json::json!([9, 64, 96])));
+    assert_eq!(cases[0]["what"], "298 tokens, batch 2, 2 blocks", "{plan}");
+    for bad in ["8x64x96", "9x60x96", "9x64", "nine"] {
+        let o = bench(&["gpu", "--dry-run", "--scale", "--scale-size", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("--scale-size"),
+            "{bad}: {o:?}"
+        );
+    }
     let o = bench(&[
         "gpu",
         "--dry-run",
