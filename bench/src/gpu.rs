@@ -939,6 +939,26 @@ fn predicted_loras(
     Ok(out)
 }
 
+/// `--scale-size`: `FRAMESxHEIGHTxWIDTH` with frames 1 + 4k (the VAE's temporal compression)
+/// and sides multiples of 16 (the VAE's 8 times the DiT's patch of 2).
+fn parse_scale_size(s: &str) -> Result<[usize; 3], String> {
+    let bad = || format!("{s:?}: want FRAMESxHEIGHTxWIDTH, e.g. 9x64x96");
+    let parts: Vec<usize> = s
+        .split('x')
+        .map(|p| p.trim().parse::<usize>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let [f, h, w] = <[usize; 3]>::try_from(parts).map_err(|_| bad())?;
+    if f == 0 || (f - 1) % 4 != 0 {
+        return Err(format!("{s:?}: frames must be 1 + 4k (1, 5, 9, …, 49)"));
+    }
+    if h == 0 || w == 0 || h % 16 != 0 || w % 16 != 0 || h > 2048 || w > 2048 {
+        return Err(format!(
+            "{s:?}: height and width must be multiples of 16 up to 2048"
+        ));
+    }
+    Ok([f, h, w])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1050,24 +1070,4 @@ mod tests {
             .iter()
             .any(|c| c.stage == "vae-decode" && c.precision == "fp32" && c.size == [17, 480, 720]));
     }
-}
-
-/// `--scale-size`: `FRAMESxHEIGHTxWIDTH` with frames 1 + 4k (the VAE's temporal compression)
-/// and sides multiples of 16 (the VAE's 8 times the DiT's patch of 2).
-fn parse_scale_size(s: &str) -> Result<[usize; 3], String> {
-    let bad = || format!("{s:?}: want FRAMESxHEIGHTxWIDTH, e.g. 9x64x96");
-    let parts: Vec<usize> = s
-        .split('x')
-        .map(|p| p.trim().parse::<usize>().map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
-    let [f, h, w] = <[usize; 3]>::try_from(parts).map_err(|_| bad())?;
-    if f == 0 || (f - 1) % 4 != 0 {
-        return Err(format!("{s:?}: frames must be 1 + 4k (1, 5, 9, …, 49)"));
-    }
-    if h == 0 || w == 0 || h % 16 != 0 || w % 16 != 0 || h > 2048 || w > 2048 {
-        return Err(format!(
-            "{s:?}: height and width must be multiples of 16 up to 2048"
-        ));
-    }
-    Ok([f, h, w])
 }

@@ -115,7 +115,9 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
     let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let cases = plan["scale"].as_array().unwrap();
     assert_eq!(cases.len(), 6, "{plan}");
-    assert!(cases.iter().all(|c| c["size"] == serde_json::json!([9, 64, 96])));
+    assert!(cases
+        .iter()
+        .all(|c| c["size"] == serde_json::json!([9, 64, 96])));
     assert_eq!(cases[0]["what"], "298 tokens, batch 2, 2 blocks", "{plan}");
     for bad in ["8x64x96", "9x60x96", "9x64", "nine"] {
         let o = bench(&["gpu", "--dry-run", "--scale", "--scale-size", bad]);
