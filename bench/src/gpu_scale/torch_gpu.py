@@ -78,7 +78,8 @@ def make_lora(a):
         if name.startswith("transformer_blocks.") and isinstance(mod, torch.nn.Linear):
             out[f"transformer.{name}.lora_A.weight"] = (
                 torch.randn(a.rank, mod.in_features) / mod.in_features**0.5)
-            out[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, a.rank) * 0.02
+            # Moves the DiT's output by ~5% (0.02: 1.0%, the size of bf16's own error).
+            out[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, a.rank) * 0.1
     save_file(out, a.output)
     print(json.dumps({"rank": a.rank, "layers": len(out) // 2}))
 
