@@ -164,6 +164,23 @@ fn values_that_would_make_a_black_video_are_refused_and_nothing_is_written() {
         &generate(&engine, &out, &["--lora", huge.to_str().unwrap()]),
         &[huge.to_str().unwrap(), "beyond ±1e6"],
     );
+    // On an fp16 engine a LoRA branch computes in fp16 (`unfused`): a factor past fp16's
+    // range is refused by name there, while bf16's range takes it.
+    let fp16 = common::engine_with(&d.path().join("fp16"), &["--precision", "fp16"]);
+    let past_fp16 = edited_peft(d.path(), 1e6, "8");
+    let unfused = [
+        "--lora-strategy",
+        "unfused",
+        "--lora",
+        past_fp16.to_str().unwrap(),
+    ];
+    refused(
+        &generate(&fp16, &out, &unfused),
+        &[
+            past_fp16.to_str().unwrap(),
+            "beyond this fp16 engine's range",
+        ],
+    );
     // Prompt embeddings: NaN is refused on entry; 3e38 is finite, and the first denoising step
     // turns it into infinities, which stop the run there.
     let nan = embeds_with(d.path(), f32::NAN);

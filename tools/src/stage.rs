@@ -447,16 +447,24 @@ pub fn run_stage(
             if let Some(w) = engine.wan_config()? {
                 wan_feed(&w, inputs, &mut feed)?;
             }
-            // Every input is held by the session (on a GPU engine, on the device): a repeat
-            // times the call as a denoising loop makes it with a request's constants in place,
-            // and as PyTorch's timing has its inputs on the device already.
-            let none = BTreeMap::new();
+            // A repeat times the call as a denoising step makes it: the request's constants
+            // (prompt, RoPE tables, timestep) held by the session (on a GPU engine, on the
+            // device), the latents given per call.
+            let step: BTreeMap<String, Tensor> = feed
+                .remove_entry(dit_io::HIDDEN_STATES)
+                .into_iter()
+                .collect();
             let (mut out, load_ms, times) = match lora {
                 None => {
                     let mut m = engine.dit(opts)?;
-                    m.set_fixed_inputs(feed.into_iter().collect())?;
+                    let takes = m.input_names().to_vec();
+                    m.set_fixed_inputs(
+                        feed.into_iter()
+                            .filter(|(n, _)| takes.contains(n))
+                            .collect(),
+                    )?;
                     let load_ms = ms(t0);
-                    let (out, times) = timed(runs, || m.run(&none))?;
+                    let (out, times) = timed(runs, || m.run(&step))?;
                     (out, load_ms, times)
                 }
                 // The LoRA as generation applies it: the engine's strategy (a GPU engine's
@@ -471,7 +479,7 @@ pub fn run_stage(
                     dit.set_lora(engine, Some(l))?;
                     dit.set_constant_inputs(feed)?;
                     let load_ms = ms(t0);
-                    let (out, times) = timed(runs, || dit.run(&none))?;
+                    let (out, times) = timed(runs, || dit.run(&step))?;
                     (out, load_ms, times)
                 }
             };

@@ -44,6 +44,9 @@ pub struct DitRunner {
     samples: Vec<Option<AppliedLora>>,
     laid_out: usize,
     max_rank: Option<usize>,
+    /// `unfused` on an fp16 engine: the largest factor its branches take (fp16's largest
+    /// finite value; they compute in fp16, as PEFT's on an fp16 model).
+    factor_limit: Option<f32>,
 }
 
 fn variant(engine: &Engine, strategy: Strategy) -> Result<PathBuf> {
@@ -119,6 +122,7 @@ fn plan_factors<'a>(
     targets: &'a [LinearInfo],
     samples: &[Option<&'a AppliedLora>],
     pad: Option<usize>,
+    limit: Option<f32>,
 ) -> Result<Vec<TargetFactors<'a>>> {
     let mut by_sample: Vec<BTreeMap<&str, (&'a LoraLayer, f32)>> = Vec::new();
     for lora in samples {
@@ -132,6 +136,17 @@ fn plan_factors<'a>(
                             source: e,
                         },
                     )?;
+                    if let Some(limit) = limit {
+                        if let Some(v) = f.to_f32().into_iter().find(|v| v.abs() > limit) {
+                            return Err(RuntimeError::LoraLayer {
+                                layer: layer.module.clone(),
+                                message: format!(
+                                    "{}: a factor of {v} is beyond this fp16 engine's range (±{limit}; its LoRA branches compute in fp16): use a bf16 or fp32 engine",
+                                    l.source.display()
+                                ),
+                            });
+                        }
+                    }
                 }
                 // Matched by name: the layer's module is the target's.
                 debug_assert_eq!(t.name, layer.module);
@@ -181,9 +196,9 @@ fn write_factors(
     model: &mut DitModel,
     targets: &[LinearInfo],
     samples: &[Option<&AppliedLora>],
-    pad: Option<usize>,
+    (pad, limit): (Option<usize>, Option<f32>),
 ) -> Result<()> {
-    let plan = plan_factors(targets, samples, pad)?;
+    let plan = plan_factors(targets, samples, pad, limit)?;
     for (t, f) in targets.iter().zip(&plan) {
         let names = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
         for (which, (name, shape)) in names.into_iter().zip(f.shapes(t)).enumerate() {
@@ -231,7 +246,7 @@ impl DitRunner {
         let mut model = dit_load(engine, opts, strategy, None)?.load(false)?;
         if strategy == Strategy::Unfused {
             let pad = engine.bundle.as_ref().and_then(|b| b.max_rank);
-            write_factors(&mut model, &targets, &[None], pad)?;
+            write_factors(&mut model, &targets, &[None], (pad, None))?;
         }
         Ok(DitRunner {
             strategy,
@@ -243,6 +258,8 @@ impl DitRunner {
             samples: vec![None],
             laid_out: 1,
             max_rank: engine.bundle.as_ref().and_then(|b| b.max_rank),
+            factor_limit: (engine.precision() == crate::backend::Precision::Fp16)
+                .then(|| half::f16::MAX.to_f32()),
         })
     }
 
@@ -312,7 +329,8 @@ impl DitRunner {
             [one] => vec![one.as_ref(); batch],
             many => many.iter().map(|l| l.as_ref()).collect(),
         };
-        write_factors(&mut self.model, &self.targets, &per_sample, self.max_rank)?;
+        let bounds = (self.max_rank, self.factor_limit);
+        write_factors(&mut self.model, &self.targets, &per_sample, bounds)?;
         self.laid_out = batch;
         Ok(())
     }
