@@ -324,6 +324,7 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
                 dtype,
                 emulate: true,
                 low_caches: false,
+                low_gelu: false,
             };
             lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
             v2l_graphs::write_model(&engine.join(&name), &m).unwrap();

@@ -139,6 +139,7 @@ fn check_bf16(variant: &str, dir: &str) {
             dtype: v2l_graphs::DType::BF16,
             emulate: true,
             low_caches: false,
+            low_gelu: false,
         };
         let data = d.path().join(format!("bf16_{keep}.bin"));
         lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();

@@ -52,7 +52,8 @@ pub struct GpuBench {
     #[arg(long)]
     pub profile: bool,
     /// With --scale: also run v2l's side of each real-size case under other kernel choices, a
-    /// row each (the DiT held to each attention kernel: flash, memory-efficient, cuDNN flash;
+    /// row each (the DiT held to each attention kernel: flash, memory-efficient, cuDNN flash,
+    /// and below fp32 with its GELUs in the engine's type;
     /// the VAE with cuDNN's heuristic convolution search, a small workspace, channels-last
     /// (prefer_nhwc), tiled, and below fp32 with its GroupNorm statistics as exported)
     #[arg(long, requires = "scale")]
@@ -1042,8 +1043,8 @@ mod tests {
                 .iter()
                 .all(|v| !v.cuda_options.contains("sdpa_kernel=1")
                     && !v.cuda_options.contains("sdpa_kernel=8")));
-            // An engine of its own only where the compile takes its flag (fp16/bf16 VAEs;
-            // bin/tests/gpu_placement.rs checks the flag).
+            // An engine of its own only where the compile takes its flag (fp16/bf16;
+            // bin/tests/gpu_placement.rs checks the flags).
             assert!(fp32.iter().all(|v| v.compile_flags.is_empty()), "{stage}");
             for v in v.into_iter().chain(fp32) {
                 v2l_runtime::backend::parse_cuda_options(v.cuda_options).unwrap();
@@ -1051,7 +1052,7 @@ mod tests {
                 assert!(v
                     .compile_flags
                     .iter()
-                    .all(|f| *f == "--exported-group-norm"));
+                    .all(|f| *f == "--exported-group-norm" || *f == "--low-gelu"));
             }
         }
     }

@@ -87,7 +87,7 @@ const DEFAULT: Variant = Variant {
 /// What `--sweep` tries beside the default, per stage and precision: for the DiT, each
 /// attention kernel `MultiHeadAttention` may be held to (`sdpa_kernel`: flash 1,
 /// memory-efficient 2, cuDNN flash 8; the flash kernels take fp16/bf16 only, so fp32 tries the
-/// memory-efficient one alone); for the VAE, cuDNN's convolution search and workspace, ONNX
+/// memory-efficient one alone) and below fp32 its GELUs in the engine's type (`--low-gelu`); for the VAE, cuDNN's convolution search and workspace, ONNX
 /// Runtime's channels-last layout (`prefer_nhwc`: cuDNN's NHWC kernels, with transposes where
 /// its layout pass inserts them), and the tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it whole.
 pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
@@ -108,6 +108,16 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     cuda_options,
                     vae_tiling: "off",
                     compile_flags: &[],
+                });
+            }
+            // The GELUs in the engine's type, on an engine of its own (fp16/bf16 only): the
+            // f32 island's two casts against ONNX Runtime's per-operation rounding.
+            if precision != "fp32" {
+                out.push(Variant {
+                    name: "low-gelu",
+                    cuda_options: "",
+                    vae_tiling: "off",
+                    compile_flags: &["--low-gelu"],
                 });
             }
         }

@@ -374,3 +374,62 @@ fn exported_group_norm_keeps_the_exported_statistics() {
         );
     }
 }
+
+/// `--low-gelu` puts a cuda engine's DiT GELUs in the engine's type (ONNX Runtime's bf16
+/// `FastGelu`, which has a CUDA kernel) instead of f32 between two casts, for measuring one
+/// against the other on a GPU; other engines refuse it, naming the flag.
+#[test]
+fn low_gelu_keeps_the_dits_gelus_in_the_engines_type() {
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    export_pipeline_of(&common::tiny(), &export, 5);
+    // The FastGelus of the lowered DiT, and whether each reads a tensor widened to f32.
+    let gelus = |engine: &Path| -> Vec<bool> {
+        let m = v2l_graphs::read_model(&engine.join("dit_bf16.onnx")).unwrap();
+        let g = m.graph.unwrap();
+        let widened = |v: &str| {
+            g.node.iter().any(|n| {
+                n.output.iter().any(|o| o == v)
+                    && n.op_type == "Cast"
+                    && n.attribute.iter().any(|a| a.name == "to" && a.i == 1)
+            })
+        };
+        g.node
+            .iter()
+            .filter(|n| n.op_type == "FastGelu")
+            .map(|n| widened(&n.input[0]))
+            .collect()
+    };
+    let (island, low) = (d.path().join("island"), d.path().join("low"));
+    compile(&export, &island, "cuda", "bf16", &[]);
+    let graphs = compile(&export, &low, "cuda", "bf16", &["--low-gelu"]);
+    let (f32_gelus, low_gelus) = (gelus(&island), gelus(&low));
+    assert!(
+        !f32_gelus.is_empty() && f32_gelus.iter().all(|w| *w),
+        "{f32_gelus:?}"
+    );
+    assert!(
+        !low_gelus.is_empty() && low_gelus.iter().all(|w| !*w),
+        "{low_gelus:?}"
+    );
+    for g in graphs {
+        let p = cuda_placement(
+            &v2l_graphs::read_model(&g).unwrap(),
+            KernelTable::ort_cuda(),
+        );
+        assert!(p.no_kernel.is_empty(), "{}: {:?}", g.display(), p.no_kernel);
+    }
+    for (backend, precision) in [("cuda", "fp32"), ("cpu", "bf16"), ("tensorrt", "bf16")] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+            .arg(&export)
+            .arg("-o")
+            .arg(d.path().join(format!("refused-{backend}-{precision}")))
+            .args(["--backend", backend, "--precision", precision])
+            .arg("--low-gelu")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{backend} {precision}");
+        assert!(err.contains("--low-gelu"), "{backend} {precision}: {err}");
+    }
+}

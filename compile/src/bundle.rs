@@ -131,6 +131,9 @@ pub struct Options<'a> {
     /// CUDA engines below fp32: keep the exported GroupNorm statistics in the lowered VAE
     /// instead of `passes::group_norm_row_stats` (to measure one against the other).
     pub exported_group_norm: bool,
+    /// CUDA engines below fp32: the DiT's GELUs in the engine's type
+    /// ([`v2l_graphs::passes::Lowering::low_gelu`]; to measure against the f32 ones).
+    pub low_gelu: bool,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -221,6 +224,15 @@ pub fn compile_with(
         });
     }
     job.exported_group_norm = opts.exported_group_norm;
+    if opts.low_gelu
+        && (backend != Backend::Cuda || !matches!(precision, Precision::Fp16 | Precision::Bf16))
+    {
+        return Err(CompileError::Invalid {
+            what: "--low-gelu".into(),
+            message: "only cuda engines at fp16 or bf16 have a GELU to lower".into(),
+        });
+    }
+    job.low_gelu = opts.low_gelu;
     if !opts.cuda_options.is_empty() && backend == Backend::Cpu {
         return Err(CompileError::Invalid {
             what: "--cuda-option".into(),
@@ -307,6 +319,8 @@ struct Job<'a> {
     unfused_rope: bool,
     /// Keep the exported GroupNorm statistics in a GPU engine's lowered VAE.
     exported_group_norm: bool,
+    /// The DiT's GELUs in the engine's type (CUDA engines below fp32).
+    low_gelu: bool,
 }
 
 /// What the DiT steps add to the bundle.
@@ -365,6 +379,7 @@ impl<'a> Job<'a> {
             cuda_options: Default::default(),
             unfused_rope: false,
             exported_group_norm: false,
+            low_gelu: false,
         })
     }
 
@@ -579,6 +594,7 @@ impl<'a> Job<'a> {
                 dtype,
                 emulate: false,
                 low_caches: true,
+                low_gelu: false,
             };
             let lowered =
                 lower_precision(&mut m, &typed_src, WeightFile::Write(&tmp.join(&data)), how)
@@ -752,6 +768,7 @@ impl<'a> Job<'a> {
                 self.precision,
                 self.backend,
                 targets,
+                self.low_gelu,
             )
             .map_err(pass_err)?,
         };
@@ -1217,6 +1234,7 @@ fn lower_dit(
     precision: Precision,
     backend: Backend,
     targets: &[LoraTarget],
+    low_gelu: bool,
 ) -> std::result::Result<LowWeights, v2l_graphs::passes::PassError> {
     use v2l_graphs::{passes, DType};
     let dtype = match precision {
@@ -1246,6 +1264,7 @@ fn lower_dit(
         dtype,
         emulate: backend == Backend::Cpu,
         low_caches: false,
+        low_gelu,
     };
     let l = passes::lower_precision(model, src, passes::WeightFile::Write(data), how)?;
     Ok(LowWeights::Float(how, l.tensors))

@@ -130,6 +130,11 @@ struct Cli {
     /// low-precision activation per GroupNorm; to measure one against the other
     #[arg(long)]
     exported_group_norm: bool,
+    /// cuda engines at fp16/bf16: the DiT's GELUs in the engine's type, on ONNX Runtime's
+    /// fp16/bf16 FastGelu (which rounds after each step of its formula; torch rounds once),
+    /// instead of in f32 between two casts; to measure its speed and distance against them
+    #[arg(long)]
+    low_gelu: bool,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
@@ -237,6 +242,7 @@ fn main() -> ExitCode {
                 cuda_options: &cli.cuda_options,
                 unfused_rope: cli.unfused_rope,
                 exported_group_norm: cli.exported_group_norm,
+                low_gelu: cli.low_gelu,
             },
         )
         .map_err(Failure::from)?;

@@ -69,6 +69,11 @@ pub struct Lowering {
     /// node read it, so storing it low is exact; the runtime carries a cache in its graph's
     /// declared type, on the device, without the two casts per batch and at half the memory.
     pub low_caches: bool,
+    /// The GELUs (scope `gelu`) in the low type instead of f32: ONNX Runtime's fp16/bf16
+    /// `FastGelu` then reads and writes the low type but rounds after each operation of its
+    /// formula, where torch widens and rounds once (`v2l-compile --low-gelu`: what the f32
+    /// island's two casts cost against that, measured on a GPU).
+    pub low_gelu: bool,
 }
 
 /// Where the converted weights go.
@@ -179,11 +184,11 @@ enum Role {
     Compute,
 }
 
-fn is_island(n: &proto::NodeProto, keep: &[String]) -> bool {
+fn is_island(n: &proto::NodeProto, keep: &[String], low_gelu: bool) -> bool {
     let scope = n.name.split('/').next().unwrap_or("");
     let last = scope.rsplit('.').next().unwrap_or("");
     n.op_type == "Softmax"
-        || F32_SCOPES.contains(&last)
+        || (F32_SCOPES.contains(&last) && !(low_gelu && last == "gelu"))
         || scope == SINUSOID_SCOPE
         || (n.name.contains('/') && keeps_f32(keep, scope))
         || n.name.ends_with(super::lora::LORA_SCALE_NODE)
@@ -212,7 +217,7 @@ pub fn lower_precision(
         )));
     }
     let keep = keep_in_fp32_modules(model);
-    let is_island = |n: &proto::NodeProto| is_island(n, &keep);
+    let is_island = |n: &proto::NodeProto| is_island(n, &keep, how.low_gelu);
     let graph = model.graph.get_or_insert_with(Default::default);
     unwrap_weight_casts(graph);
 
@@ -668,6 +673,7 @@ mod tests {
             dtype: DType::BF16,
             emulate,
             low_caches: false,
+            low_gelu: false,
         };
         let data = d.path().join("low.data");
         let done = lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
@@ -807,6 +813,7 @@ mod tests {
                 dtype: DType::BF16,
                 emulate,
                 low_caches,
+                low_gelu: false,
             };
             lower_precision(
                 &mut m,
