@@ -75,7 +75,7 @@ pub struct GpuBench {
     /// Run every case on this ONNX Runtime provider: `cpu` checks the check itself on a machine
     /// without a GPU (frames against the CPU fp32 engine, timings of the CPU; with --scale, v2l's
     /// CPU engines beside PyTorch on the CPU)
-    #[arg(long, value_enum, default_value = "gpu", hide = true)]
+    #[arg(long, value_enum, default_value = "gpu")]
     pub provider: ProviderArg,
     #[arg(skip)]
     pub json: bool,
