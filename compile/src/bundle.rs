@@ -215,23 +215,25 @@ pub fn compile_with(
         });
     }
     job.unfused_rope = opts.unfused_rope;
-    if opts.exported_group_norm
-        && (backend != Backend::Cuda || !matches!(precision, Precision::Fp16 | Precision::Bf16))
-    {
-        return Err(CompileError::Invalid {
-            what: "--exported-group-norm".into(),
-            message: "only cuda engines at fp16 or bf16 rewrite the VAE's GroupNorms".into(),
-        });
+    // Flags that choose between two forms of a cuda engine's lowered graphs.
+    let cuda_low =
+        backend == Backend::Cuda && matches!(precision, Precision::Fp16 | Precision::Bf16);
+    for (on, flag, why) in [
+        (
+            opts.exported_group_norm,
+            "--exported-group-norm",
+            "rewrite the VAE's GroupNorms",
+        ),
+        (opts.low_gelu, "--low-gelu", "have a GELU to lower"),
+    ] {
+        if on && !cuda_low {
+            return Err(CompileError::Invalid {
+                what: flag.into(),
+                message: format!("only cuda engines at fp16 or bf16 {why}"),
+            });
+        }
     }
     job.exported_group_norm = opts.exported_group_norm;
-    if opts.low_gelu
-        && (backend != Backend::Cuda || !matches!(precision, Precision::Fp16 | Precision::Bf16))
-    {
-        return Err(CompileError::Invalid {
-            what: "--low-gelu".into(),
-            message: "only cuda engines at fp16 or bf16 have a GELU to lower".into(),
-        });
-    }
     job.low_gelu = opts.low_gelu;
     if !opts.cuda_options.is_empty() && backend == Backend::Cpu {
         return Err(CompileError::Invalid {
