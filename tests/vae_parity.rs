@@ -325,6 +325,7 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
                 emulate: true,
                 low_caches: false,
                 low_gelu: false,
+                half_attention: false,
             };
             lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
             v2l_graphs::write_model(&engine.join(&name), &m).unwrap();

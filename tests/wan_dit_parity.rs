@@ -140,6 +140,7 @@ fn check_bf16(variant: &str, dir: &str) {
             emulate: true,
             low_caches: false,
             low_gelu: false,
+            half_attention: false,
         };
         let data = d.path().join(format!("bf16_{keep}.bin"));
         lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();

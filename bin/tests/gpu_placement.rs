@@ -424,3 +424,126 @@ fn refused_but_on_cuda_below_fp32(export: &Path, dir: &Path, flag: &str) {
         assert!(err.contains(flag), "{flag}: {backend} {precision}: {err}");
     }
 }
+
+/// A bf16 cuda engine's attention runs in fp16 (ONNX Runtime's CUDA `MultiHeadAttention` has
+/// its flash and cuDNN kernels for fp16 only): q and k are cast once, from the RoPE's f32 to
+/// fp16, v from bf16 (exact), the output back to bf16; and the DiT stays as near fp32 as with
+/// bf16 attention (the compile's CPU form of each, on the same generated inputs).
+/// `--bf16-attention` keeps it bf16; other engines refuse the flag.
+#[test]
+fn bf16_cuda_engines_attend_in_fp16() {
+    let d = tempfile::tempdir().unwrap();
+    let export = d.path().join("export");
+    export_pipeline_of(&common::tiny(), &export, 5);
+    // Per MultiHeadAttention: for each of q, k and v, the Cast it comes through (past
+    // reshapes) as (type written, type read), and the type its output is cast to.
+    type Casts = ([Option<(i64, i64)>; 3], Option<i64>);
+    let attention = |engine: &Path, file: &str| -> Vec<Casts> {
+        let m = v2l_graphs::read_model(&engine.join(file)).unwrap();
+        let g = m.graph.unwrap();
+        let producer = |v: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == v));
+        let to = |n: &v2l_graphs::proto::NodeProto| {
+            n.attribute.iter().find(|a| a.name == "to").map(|a| a.i)
+        };
+        // Past reshapes: the RoPE's scope computes in f32, a Cast writes its `to`, anything
+        // else (a Gemm) the engine's bf16.
+        let past_reshapes = |v: &str| {
+            let mut n = producer(v).unwrap();
+            while n.op_type == "Reshape" && !n.name.contains(".rope/") {
+                n = producer(&n.input[0]).unwrap();
+            }
+            n
+        };
+        let written = |n: &v2l_graphs::proto::NodeProto| match n.op_type.as_str() {
+            "Cast" => to(n).unwrap(),
+            _ if n.name.contains(".rope/") => 1,
+            _ => 16,
+        };
+        let cast_before = |v: &str| {
+            let c = past_reshapes(v);
+            (c.op_type == "Cast").then(|| (written(c), written(past_reshapes(&c.input[0]))))
+        };
+        g.node
+            .iter()
+            .filter(|n| n.op_type == "MultiHeadAttention")
+            .map(|n| {
+                let after = g
+                    .node
+                    .iter()
+                    .find(|c| c.op_type == "Cast" && c.input[0] == n.output[0])
+                    .and_then(to);
+                let qkv = [0, 1, 2].map(|i| cast_before(&n.input[i]));
+                (qkv, after)
+            })
+            .collect()
+    };
+    let (half, bf16) = (d.path().join("half"), d.path().join("bf16"));
+    let graphs = compile(&export, &half, "cuda", "bf16", &[]);
+    compile(&export, &bf16, "cuda", "bf16", &["--bf16-attention"]);
+    const F32: i64 = 1;
+    const F16: i64 = 10;
+    const BF16: i64 = 16;
+    for file in ["dit_bf16.onnx", "dit_unfused.onnx"] {
+        let got = attention(&half, file);
+        assert!(!got.is_empty(), "{file}");
+        for a in got {
+            let want = [Some((F16, F32)), Some((F16, F32)), Some((F16, BF16))];
+            assert_eq!(a, (want, Some(BF16)), "{file}");
+        }
+        // Kept bf16: q and k cast from f32 to bf16, v read as its Gemm wrote it, no cast after.
+        for a in attention(&bf16, file) {
+            let want = [Some((BF16, F32)), Some((BF16, F32)), None];
+            assert_eq!(a, (want, None), "{file}");
+        }
+    }
+    for g in graphs {
+        let p = cuda_placement(
+            &v2l_graphs::read_model(&g).unwrap(),
+            KernelTable::ort_cuda(),
+        );
+        assert!(p.no_kernel.is_empty(), "{}: {:?}", g.display(), p.no_kernel);
+    }
+    let dit_rel_l2 = |engine: &Path| -> f64 {
+        let b: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(engine.join("bundle.json")).unwrap()).unwrap();
+        b["accuracy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["stage"] == "dit")
+            .and_then(|r| r["rel_l2"].as_f64())
+            .unwrap()
+    };
+    let (h, b) = (dit_rel_l2(&half), dit_rel_l2(&bf16));
+    eprintln!("DiT against fp32: fp16 attention {h:.3e}, bf16 attention {b:.3e}");
+    assert!(
+        h < 1e-2 && (h - b).abs() < 0.1 * b,
+        "fp16 {h:.3e}, bf16 {b:.3e}"
+    );
+    for (backend, precision) in [
+        ("cuda", "fp16"),
+        ("cuda", "fp32"),
+        ("cpu", "bf16"),
+        ("tensorrt", "bf16"),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+            .arg(&export)
+            .arg("-o")
+            .arg(d.path().join(format!("refused-{backend}-{precision}")))
+            .args([
+                "--backend",
+                backend,
+                "--precision",
+                precision,
+                "--bf16-attention",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{backend} {precision}");
+        assert!(
+            err.contains("--bf16-attention"),
+            "{backend} {precision}: {err}"
+        );
+    }
+}

@@ -134,6 +134,9 @@ pub struct Options<'a> {
     /// CUDA engines below fp32: the DiT's GELUs in the engine's type
     /// ([`v2l_graphs::passes::Lowering::low_gelu`]; to measure against the f32 ones).
     pub low_gelu: bool,
+    /// CUDA engines at bf16: keep the DiT's attention in bf16 instead of fp16
+    /// ([`v2l_graphs::passes::Lowering::half_attention`]; to measure one against the other).
+    pub bf16_attention: bool,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -233,8 +236,15 @@ pub fn compile_with(
             });
         }
     }
+    if opts.bf16_attention && !(backend == Backend::Cuda && precision == Precision::Bf16) {
+        return Err(CompileError::Invalid {
+            what: "--bf16-attention".into(),
+            message: "only cuda engines at bf16 run their attention in fp16".into(),
+        });
+    }
     job.exported_group_norm = opts.exported_group_norm;
     job.low_gelu = opts.low_gelu;
+    job.half_attention = backend == Backend::Cuda && !opts.bf16_attention;
     if !opts.cuda_options.is_empty() && backend == Backend::Cpu {
         return Err(CompileError::Invalid {
             what: "--cuda-option".into(),
@@ -323,6 +333,8 @@ struct Job<'a> {
     exported_group_norm: bool,
     /// The DiT's GELUs in the engine's type (CUDA engines below fp32).
     low_gelu: bool,
+    /// The DiT's attention in fp16 (CUDA engines at bf16).
+    half_attention: bool,
 }
 
 /// What the DiT steps add to the bundle.
@@ -382,6 +394,7 @@ impl<'a> Job<'a> {
             unfused_rope: false,
             exported_group_norm: false,
             low_gelu: false,
+            half_attention: false,
         })
     }
 
@@ -597,6 +610,7 @@ impl<'a> Job<'a> {
                 emulate: false,
                 low_caches: true,
                 low_gelu: false,
+                half_attention: false,
             };
             let lowered =
                 lower_precision(&mut m, &typed_src, WeightFile::Write(&tmp.join(&data)), how)
@@ -770,7 +784,7 @@ impl<'a> Job<'a> {
                 self.precision,
                 self.backend,
                 targets,
-                self.low_gelu,
+                (self.low_gelu, self.half_attention),
             )
             .map_err(pass_err)?,
         };
@@ -1236,7 +1250,7 @@ fn lower_dit(
     precision: Precision,
     backend: Backend,
     targets: &[LoraTarget],
-    low_gelu: bool,
+    (low_gelu, half_attention): (bool, bool),
 ) -> std::result::Result<LowWeights, v2l_graphs::passes::PassError> {
     use v2l_graphs::{passes, DType};
     let dtype = match precision {
@@ -1267,6 +1281,7 @@ fn lower_dit(
         emulate: backend == Backend::Cpu,
         low_caches: false,
         low_gelu,
+        half_attention,
     };
     let l = passes::lower_precision(model, src, passes::WeightFile::Write(data), how)?;
     Ok(LowWeights::Float(how, l.tensors))

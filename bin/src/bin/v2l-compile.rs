@@ -135,6 +135,11 @@ struct Cli {
     /// instead of in f32 between two casts; to measure its speed and distance against them
     #[arg(long)]
     low_gelu: bool,
+    /// cuda engines at bf16: keep the DiT's attention (MultiHeadAttention) in bf16 instead
+    /// of fp16, where ONNX Runtime's CUDA provider runs only its memory-efficient kernel (its
+    /// flash and cuDNN attention take fp16); to measure one against the other
+    #[arg(long)]
+    bf16_attention: bool,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
@@ -243,6 +248,7 @@ fn main() -> ExitCode {
                 unfused_rope: cli.unfused_rope,
                 exported_group_norm: cli.exported_group_norm,
                 low_gelu: cli.low_gelu,
+                bf16_attention: cli.bf16_attention,
             },
         )
         .map_err(Failure::from)?;

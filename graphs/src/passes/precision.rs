@@ -74,6 +74,13 @@ pub struct Lowering {
     /// formula, where torch widens and rounds once (`v2l-compile --low-gelu`: what the f32
     /// island's two casts cost against that, measured on a GPU).
     pub low_gelu: bool,
+    /// bf16 graphs: each `com.microsoft.MultiHeadAttention`, and the reshapes that only feed
+    /// it, in fp16. ONNX Runtime's CUDA kernel offers its flash and cuDNN attention for fp16
+    /// only; bf16 runs the memory-efficient one (`multihead_attention.cc`: `kIsFp16`). fp16
+    /// holds bf16's values exactly within its range (|x| ≤ 65,504) with three more mantissa
+    /// bits, so q and k (f32 after the RoPE) are rounded once, to fp16, v is carried exactly,
+    /// and the output is rounded to bf16 once.
+    pub half_attention: bool,
 }
 
 /// Where the converted weights go.
@@ -182,6 +189,15 @@ enum Role {
     Predicate,
     Data,
     Compute,
+    /// Computes in fp16 inside a bf16 graph ([`Lowering::half_attention`]); `data`: a
+    /// reshape that only feeds such a node.
+    Half {
+        data: bool,
+    },
+}
+
+fn is_half_attention(n: &proto::NodeProto) -> bool {
+    n.op_type == "MultiHeadAttention" && n.domain == "com.microsoft"
 }
 
 fn is_island(n: &proto::NodeProto, keep: &[String], low_gelu: bool) -> bool {
@@ -218,6 +234,7 @@ pub fn lower_precision(
     }
     let keep = keep_in_fp32_modules(model);
     let is_island = |n: &proto::NodeProto| is_island(n, &keep, how.low_gelu);
+    let half = how.half_attention && low == DType::BF16;
     let graph = model.graph.get_or_insert_with(Default::default);
     unwrap_weight_casts(graph);
 
@@ -252,10 +269,14 @@ pub fn lower_precision(
                 "Expand" if how.emulate && low == DType::BF16 => Role::Compute,
                 // Nor has its CUDA `Clip` (the VAE posterior's clamp): in f32, which is exact.
                 "Clip" if low == DType::BF16 => Role::Island,
+                _ if half && is_half_attention(n) => Role::Half { data: false },
                 op if DATA_OPS.contains(&op) && n.domain.is_empty() => Role::Data,
                 _ => Role::Compute,
             };
-            if matches!(role, Role::Cast | Role::Island | Role::Data | Role::Compute) {
+            if matches!(
+                role,
+                Role::Cast | Role::Island | Role::Data | Role::Compute | Role::Half { .. }
+            ) {
                 for o in &n.output {
                     float_seen.insert(o.clone(), DType::F32);
                 }
@@ -263,9 +284,13 @@ pub fn lower_precision(
             roles.push(role);
         }
     }
+    if half {
+        half_feeders(graph, &mut roles);
+    }
     // The type each role computes in, in the typed graph.
     let typed = |role: Role, n: &proto::NodeProto| match role {
         Role::Island => Some(DType::F32),
+        Role::Half { .. } => Some(DType::F16),
         Role::Data | Role::Compute => Some(low),
         Role::Cast => Some(if is_island(n) { DType::F32 } else { low }),
         Role::Int | Role::AnyInput | Role::Predicate => None,
@@ -350,8 +375,9 @@ pub fn lower_precision(
     };
     for (mut n, role) in std::mem::take(&mut graph.node).into_iter().zip(roles) {
         let out_ty = typed(role, &n);
+        let computes = matches!(role, Role::Compute | Role::Half { data: false });
         let compute = match role {
-            Role::Compute if how.emulate => Some(DType::F32),
+            _ if computes && how.emulate => Some(DType::F32),
             // Widening is exact, so comparing in f32 is comparing the low values (and CUDA
             // compares no bf16).
             Role::Predicate => Some(DType::F32),
@@ -366,17 +392,23 @@ pub fn lower_precision(
                 if t == c {
                     continue;
                 }
-                let key = (x.clone(), c);
-                if let Some(y) = casts.get(&key) {
-                    *x = y.clone();
-                    continue;
+                // The CPU form widens what the typed graph reads: an input of a third type
+                // (fp16 attention's output, read by a bf16 node) is first rounded as the typed
+                // graph's cast rounds it.
+                let via = out_ty.filter(|&o| how.emulate && computes && t != o && t != DType::F32);
+                for c in via.into_iter().chain([c]) {
+                    let key = (x.clone(), c);
+                    if let Some(y) = casts.get(&key) {
+                        *x = y.clone();
+                        continue;
+                    }
+                    let y = fresh(format!("{x}.{}", c.name()));
+                    nodes.push(cast_node(&format!("{y}/Cast"), x, &y, c));
+                    done.casts += 1;
+                    ty.insert(y.clone(), c);
+                    casts.insert(key, y.clone());
+                    *x = y;
                 }
-                let y = fresh(format!("{x}.{}", c.name()));
-                nodes.push(cast_node(&format!("{y}/Cast"), x, &y, c));
-                done.casts += 1;
-                ty.insert(y.clone(), c);
-                casts.insert(key, y.clone());
-                *x = y;
             }
         }
         if role == Role::Island {
@@ -403,7 +435,7 @@ pub fn lower_precision(
             n.attribute
                 .push(attr_proto("to", Attr::Int(out_ty.onnx_code() as i64)));
         }
-        let round = role == Role::Compute && how.emulate;
+        let round = computes && how.emulate;
         // LayerNormalization's mean and inverse deviation are f32 (`stash_type` 1) whatever
         // its input: only its normalized output is in the type.
         let stats_f32 = n.op_type == "LayerNormalization"
@@ -423,7 +455,7 @@ pub fn lower_precision(
             ty.insert(o.clone(), out_ty);
             if round {
                 let wide = fresh(format!("{o}.f32"));
-                rounding.push(cast_node(&format!("{o}/Round"), &wide, o, low));
+                rounding.push(cast_node(&format!("{o}/Round"), &wide, o, out_ty));
                 done.casts += 1;
                 *o = wide;
             }
@@ -461,6 +493,37 @@ pub fn lower_precision(
     graph.node = nodes;
     graph.value_info.clear();
     Ok(done)
+}
+
+/// Marks the data movers (`Reshape`, …) whose every reader computes in fp16
+/// ([`Role::Half`]) fp16 themselves, so what they move is cast once, before them: the
+/// attention's q and k go from the RoPE's f32 to fp16 directly.
+fn half_feeders(graph: &proto::GraphProto, roles: &mut [Role]) {
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (j, m) in graph.node.iter().enumerate() {
+        for x in &m.input {
+            readers.entry(x.as_str()).or_default().push(j);
+        }
+    }
+    // Backwards, so a chain of movers before the attention turns fp16 as a whole.
+    for (i, n) in graph.node.iter().enumerate().rev() {
+        if roles.get(i) != Some(&Role::Data)
+            || n.output.iter().any(|o| outputs.contains(o.as_str()))
+        {
+            continue;
+        }
+        let mut read_by = n
+            .output
+            .iter()
+            .flat_map(|o| readers.get(o.as_str()).into_iter().flatten())
+            .peekable();
+        let only_half = read_by.peek().is_some()
+            && read_by.all(|&j| matches!(roles.get(j), Some(Role::Half { .. })));
+        if let (true, Some(r)) = (only_half, roles.get_mut(i)) {
+            *r = Role::Half { data: true };
+        }
+    }
 }
 
 fn cast_node(name: &str, x: &str, y: &str, to: DType) -> proto::NodeProto {
@@ -674,6 +737,7 @@ mod tests {
             emulate,
             low_caches: false,
             low_gelu: false,
+            half_attention: false,
         };
         let data = d.path().join("low.data");
         let done = lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
@@ -814,6 +878,7 @@ mod tests {
                 emulate,
                 low_caches,
                 low_gelu: false,
+                half_attention: false,
             };
             lower_precision(
                 &mut m,
