@@ -411,8 +411,13 @@ fn print_plan(cases: &[Case], scale: &[ScaleCase], sweep: bool, json: bool, on_c
                 for v in crate::gpu_scale::variants(stage, "bf16").iter().skip(1) {
                     let how = match (v.cuda_options, v.vae_tiling, v.compile_flags) {
                         ("", _, [_, ..]) => format!(
-                            "an engine of its own: v2l-compile {} (fp16/bf16)",
-                            v.compile_flags.join(" ")
+                            "an engine of its own: v2l-compile {} ({})",
+                            v.compile_flags.join(" "),
+                            ["fp16", "bf16"]
+                                .into_iter()
+                                .filter(|p| crate::gpu_scale::variants(stage, p).contains(v))
+                                .collect::<Vec<_>>()
+                                .join("/")
                         ),
                         ("", tiling, _) => format!("--vae-tiling {tiling}"),
                         (o, _, _) => format!("V2L_CUDA_OPTIONS={o}"),
@@ -1037,24 +1042,54 @@ mod tests {
             let v = crate::gpu_scale::variants(stage, "bf16");
             assert_eq!(v[0].name, "default");
             assert!(v.len() > 2, "{stage}");
-            // The flash kernels take no fp32: fp32 DiTs are not held to them.
+            // The flash kernels take no fp32: fp32 DiTs are not held to them. Every bit set
+            // keeps a fused kernel the precision has behind the one tried first
+            // (memory-efficient, 2), so none falls to the unfused attention.
             let fp32 = crate::gpu_scale::variants(stage, "fp32");
+            for v in fp32.iter().chain(&v) {
+                if let Some(bits) = v.cuda_options.strip_prefix("sdpa_kernel=") {
+                    let bits: u32 = bits.parse().unwrap();
+                    assert_eq!(bits & 2, 2, "{stage} {}", v.name);
+                }
+            }
             assert!(fp32
                 .iter()
-                .all(|v| !v.cuda_options.contains("sdpa_kernel=1")
-                    && !v.cuda_options.contains("sdpa_kernel=8")));
+                .all(|v| !v.cuda_options.contains("sdpa") || v.cuda_options == "sdpa_kernel=2"));
             // An engine of its own only where the compile takes its flag (fp16/bf16;
             // bin/tests/gpu_placement.rs checks the flags).
             assert!(fp32.iter().all(|v| v.compile_flags.is_empty()), "{stage}");
             for v in v.into_iter().chain(fp32) {
                 v2l_runtime::backend::parse_cuda_options(v.cuda_options).unwrap();
                 assert!(v2l_runtime::vae::TilingMode::parse(v.vae_tiling).is_some());
-                assert!(v
-                    .compile_flags
-                    .iter()
-                    .all(|f| *f == "--exported-group-norm" || *f == "--low-gelu"));
+                assert!(v.compile_flags.iter().all(|f| [
+                    "--exported-group-norm",
+                    "--low-gelu",
+                    "--bf16-attention"
+                ]
+                .contains(f)));
             }
         }
+        // Only bf16 engines take `--bf16-attention`.
+        for p in ["fp16", "fp32"] {
+            let v = crate::gpu_scale::variants("dit", p);
+            assert!(v
+                .iter()
+                .all(|v| !v.compile_flags.contains(&"--bf16-attention")));
+        }
+    }
+
+    #[test]
+    fn the_attention_kernel_is_read_off_onnx_runtimes_debug_lines() {
+        let out = "\u{1b}[36mAttentionKernelOptions: FLASH_ATTENTION=1 EFFICIENT_ATTENTION=1\u{1b}[0m
+\u{1b}[36mOperator=MultiHeadAttention Node=transformer_blocks.0.attn1/MultiHeadAttention DataType=fp16 SdpaKernel=FLASH_ATTENTION\u{1b}[0m
+\u{1b}[36mOperator=MultiHeadAttention Node=transformer_blocks.1.attn1/MultiHeadAttention DataType=fp16 SdpaKernel=FLASH_ATTENTION\u{1b}[0m
+Operator=MultiHeadAttention Node=x DataType=bf16 SdpaKernel=EFFICIENT_ATTENTION
+{\"run_ms\": 1.0}";
+        assert_eq!(
+            crate::gpu_scale::attention_kernels(out),
+            ["fp16 FLASH_ATTENTION", "bf16 EFFICIENT_ATTENTION"]
+        );
+        assert!(crate::gpu_scale::attention_kernels("{}").is_empty());
     }
 
     #[test]

@@ -84,12 +84,19 @@ const DEFAULT: Variant = Variant {
     compile_flags: &[],
 };
 
-/// What `--sweep` tries beside the default, per stage and precision: for the DiT, each
-/// attention kernel `MultiHeadAttention` may be held to (`sdpa_kernel`: flash 1,
-/// memory-efficient 2, cuDNN flash 8; the flash kernels take fp16/bf16 only, so fp32 tries the
-/// memory-efficient one alone) and below fp32 its GELUs in the engine's type (`--low-gelu`); for the VAE, cuDNN's convolution search and workspace, ONNX
-/// Runtime's channels-last layout (`prefer_nhwc`: cuDNN's NHWC kernels, with transposes where
-/// its layout pass inserts them), and the tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it whole.
+/// What `--sweep` tries beside the default, per stage and precision. For the DiT, the attention
+/// kernels `MultiHeadAttention` may be held to besides its default (flash, for fp16 and for a
+/// bf16 engine's attention, which runs in fp16): the memory-efficient one (`sdpa_kernel=2`)
+/// and cuDNN's flash attention with the memory-efficient one behind it (`sdpa_kernel=10`: ONNX
+/// Runtime tries cuDNN first, and a bit set without a fused kernel it can run falls to the
+/// unfused one, a (batch, heads, tokens, tokens) scratch tensor); fp32 has the memory-efficient
+/// one only. Below fp32 also the GELUs in the engine's type (`--low-gelu`) and, at bf16, the
+/// attention kept in bf16 (`--bf16-attention`: the memory-efficient kernel, the only one ONNX
+/// Runtime has for bf16). Each row reports the kernel that ran (`attention_kernel`). For the
+/// VAE, cuDNN's convolution search and workspace, ONNX Runtime's channels-last layout
+/// (`prefer_nhwc`: cuDNN's NHWC kernels, with transposes where its layout pass inserts them),
+/// and the tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it
+/// whole.
 pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
     let mut out = vec![DEFAULT];
     match stage {
@@ -97,9 +104,8 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
             let kernels: &[(&'static str, &'static str)] = match precision {
                 "fp32" => &[("mem-efficient", "sdpa_kernel=2")],
                 _ => &[
-                    ("flash", "sdpa_kernel=1"),
                     ("mem-efficient", "sdpa_kernel=2"),
-                    ("cudnn-flash", "sdpa_kernel=8"),
+                    ("cudnn-flash", "sdpa_kernel=10"),
                 ],
             };
             for &(name, cuda_options) in kernels {
@@ -118,6 +124,14 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     cuda_options: "",
                     vae_tiling: "off",
                     compile_flags: &["--low-gelu"],
+                });
+            }
+            if precision == "bf16" {
+                out.push(Variant {
+                    name: "bf16-attention",
+                    cuda_options: "",
+                    vae_tiling: "off",
+                    compile_flags: &["--bf16-attention"],
                 });
             }
         }
@@ -268,6 +282,10 @@ struct Row {
     /// Why it did not run (`--budget-min` spent).
     #[serde(skip_serializing_if = "Option::is_none")]
     skipped: Option<String>,
+    /// The DiT's attention kernels as ONNX Runtime reports them
+    /// (`ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1`): `fp16 FLASH_ATTENTION`, …
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    attention_kernel: Vec<String>,
     /// With `--profile`: v2l's longest operators, `op (provider) ms`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     v2l_top_ops: Vec<String>,
@@ -535,13 +553,19 @@ fn run_v2l(
     if let Some(l) = lora {
         cmd.arg("--lora").arg(l);
     }
+    if c.stage == "dit" {
+        // ONNX Runtime's CUDA MultiHeadAttention prints the kernel it picked, per call.
+        cmd.env("ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO", "1");
+    }
     if b.profile {
         let traces = case.join(format!("profile-{}{tag}-{}", c.precision, v.name));
         let _ = std::fs::remove_dir_all(&traces);
         cmd.arg("--profile").arg(traces);
     }
     let (r, peak) = with_gpu_peak(|| run_measured(&mut cmd));
-    let j = last_json(&r?.stdout)?;
+    let stdout = r?.stdout;
+    row.attention_kernel = attention_kernels(&stdout);
+    let j = last_json(&stdout)?;
     if let Some(ops) = j["profile"]["ops"].as_array() {
         row.v2l_top_ops = ops
             .iter()
@@ -636,6 +660,29 @@ fn with_gpu_peak<T>(f: impl FnOnce() -> T) -> (T, Option<f64>) {
     (r, poll.join().ok().flatten())
 }
 
+/// The distinct `DataType=… SdpaKernel=…` pairs of ONNX Runtime's attention debug lines
+/// (`Operator=MultiHeadAttention Node=… DataType=fp16 SdpaKernel=FLASH_ATTENTION`, in colour),
+/// as `fp16 FLASH_ATTENTION`.
+pub fn attention_kernels(stdout: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in stdout.lines().filter(|l| l.contains("SdpaKernel=")) {
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .map(|v| v.split('\u{1b}').next().unwrap_or(v).to_string())
+        };
+        let kernel = field("SdpaKernel=").unwrap_or_default();
+        let k = match field("DataType=") {
+            Some(t) => format!("{t} {kernel}"),
+            None => kernel,
+        };
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    out
+}
+
 fn print_row(r: &Row, json: bool) {
     if json {
         println!("{}", serde_json::to_string(r).unwrap_or_default());
@@ -666,6 +713,9 @@ fn print_row(r: &Row, json: bool) {
             _ => "ok".into(),
         }
     );
+    if !r.attention_kernel.is_empty() {
+        println!("    attention kernel: {}", r.attention_kernel.join(", "));
+    }
     if !r.v2l_top_ops.is_empty() {
         println!("    v2l's longest operators: {}", r.v2l_top_ops.join(", "));
     }

@@ -80,7 +80,10 @@ fn the_gpu_check_plans_anywhere_and_runs_only_where_a_gpu_can() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
     assert!(
-        text.contains("cudnn-flash          V2L_CUDA_OPTIONS=sdpa_kernel=8")
+        text.contains("cudnn-flash          V2L_CUDA_OPTIONS=sdpa_kernel=10")
+            && text.contains(
+                "bf16-attention       an engine of its own: v2l-compile --bf16-attention (bf16)"
+            )
             && text.contains("tiled                --vae-tiling on"),
         "{text}"
     );
