@@ -327,3 +327,86 @@ fn dit_with_the_gelu_bias_fused_matches_diffusers() {
         1e-6,
     );
 }
+
+/// On CUDA engines each AdaLN modulation, `LayerNorm(x)·(1 + scale) + shift`, is folded into
+/// its `LayerNormalization`'s scale and bias (`passes::fold_modulation`, `[batch, 1, hidden]`
+/// vectors broadcast over the tokens): the same sums, run here on the CPU provider, before and
+/// after the other CUDA rewrites and with LoRA branches added afterwards.
+#[test]
+fn dit_with_the_modulation_folded_into_its_norms_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ex, path) = export_tiny(dir.path());
+    let before = v2l_graphs::read_model(&path).unwrap();
+    let mut m = before.clone();
+    // Text and video of norm1 and norm2 in each of 2 blocks, and the output norm.
+    assert_eq!(v2l_graphs::passes::fold_modulation(&mut m), 9);
+    assert_eq!(
+        v2l_graphs::passes::fold_modulation(&mut m),
+        0,
+        "nothing left"
+    );
+    let nodes = &m.graph.as_ref().unwrap().node;
+    let norms: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.op_type == "LayerNormalization")
+        .collect();
+    // Every norm reads its scale and bias; the folded ones read computed ones.
+    let folded = norms
+        .iter()
+        .filter(|n| n.input.get(1).is_some_and(|g| g.ends_with(".scale")))
+        .count();
+    assert_eq!(folded, 9, "{norms:?}");
+    let io = load("dit_io.safetensors");
+    let run = |m: &v2l_graphs::proto::ModelProto, name: &str, feed: &BTreeMap<String, Tensor>| {
+        let p = dir.path().join(name);
+        v2l_graphs::write_model(&p, m).unwrap();
+        Model::load(&p, &SessionOptions::default())
+            .unwrap()
+            .run(feed)
+            .unwrap()
+            .remove("sample")
+            .unwrap()
+    };
+    let feed = dit_feed(&io);
+    let folded = run(&m, "folded.onnx", &feed);
+    assert_close("modulation-folded dit sample", &folded, &io["output"], 1e-5);
+    assert_close(
+        "modulation folded against the exported form",
+        &folded,
+        &run(&before, "exported.onnx", &feed),
+        1e-6,
+    );
+    // After the other CUDA rewrites (as `v2l-compile` orders them), and with LoRA branches.
+    let mut cuda = before.clone();
+    let heads = ex.config.num_attention_heads as i64;
+    assert_eq!(v2l_graphs::passes::fuse_attention(&mut cuda, heads), 2);
+    assert_eq!(v2l_graphs::passes::fuse_gelu(&mut cuda), 2);
+    assert_eq!(v2l_graphs::passes::fuse_gelu_bias(&mut cuda), 2);
+    let mut cuda_folded = cuda.clone();
+    assert_eq!(v2l_graphs::passes::fold_modulation(&mut cuda_folded), 9);
+    let targets: Vec<String> = ex
+        .linears
+        .iter()
+        .map(|l| format!("{}.weight", l.name))
+        .collect();
+    let mut feed = feed;
+    for (i, l) in ex.linears.iter().enumerate() {
+        let [a, b, sc] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", l.name));
+        let factor = |shape: Vec<usize>, seed: u64| {
+            let t = v2l_runtime::tensor::gaussian_noise(shape.clone(), seed);
+            let v = t.as_f32("f").unwrap().iter().map(|x| x * 0.05).collect();
+            Tensor::f32(shape, v)
+        };
+        feed.insert(a, factor(vec![1, 2, l.in_features], 500 + 2 * i as u64));
+        feed.insert(b, factor(vec![1, l.out_features, 2], 501 + 2 * i as u64));
+        feed.insert(sc, Tensor::f32(vec![1, 1, 1], vec![0.8]));
+    }
+    v2l_graphs::passes::add_lora_branches(&mut cuda, &targets).unwrap();
+    v2l_graphs::passes::add_lora_branches(&mut cuda_folded, &targets).unwrap();
+    assert_close(
+        "modulation folded, cuda rewrites, LoRA branches",
+        &run(&cuda_folded, "cuda_folded_lora.onnx", &feed),
+        &run(&cuda, "cuda_lora.onnx", &feed),
+        1e-6,
+    );
+}

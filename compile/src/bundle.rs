@@ -735,7 +735,13 @@ impl<'a> Job<'a> {
                 Backend::Cuda => v2l_graphs::passes::fuse_gelu_bias(&mut base),
                 _ => 0,
             };
-            if attention + rope + gelu + gelu_bias > 0 {
+            // CogVideoX's AdaLN modulation into its norms' scale and bias on the GPU (Wan's
+            // norms are f32 islands whose modulation diffusers computes apart from them).
+            let modulation = match self.backend {
+                Backend::Cuda if cogvideox => v2l_graphs::passes::fold_modulation(&mut base),
+                _ => 0,
+            };
+            if attention + rope + gelu + gelu_bias + modulation > 0 {
                 write_graph(src, &ff_chunked(self.backend, &base))?;
             }
         }

@@ -1,8 +1,9 @@
 //! Graph passes over a written model: small patches, each one idea.
 //!
 //! [`fuse_attention`] and [`fuse_gelu`] (`passes/attention.rs`, `passes/gelu.rs`) are the backend
-//! rewrites `v2l-compile` applies for ONNX Runtime; [`fuse_rope`] (`passes/rope.rs`) and
-//! [`group_norm_row_stats`] (`passes/group_norm.rs`) the ones for its CUDA provider. The other two serve the LoRA strategies that avoid rebuilding a session per LoRA:
+//! rewrites `v2l-compile` applies for ONNX Runtime; [`fuse_rope`] (`passes/rope.rs`),
+//! [`fold_modulation`] (`passes/modulation.rs`) and [`group_norm_row_stats`]
+//! (`passes/group_norm.rs`) the ones for its CUDA provider. The other two serve the LoRA strategies that avoid rebuilding a session per LoRA:
 //! - [`bind_weights_as_inputs`]: the LoRA-targetable weights become graph inputs, so a runtime
 //!   passes (fused) weights per request; the base stays in the main graph's weight file.
 //! - [`add_lora_branches`]: every `Gemm` consuming a targeted weight gets a parallel low-rank
@@ -17,6 +18,7 @@ mod edit;
 mod gelu;
 mod group_norm;
 mod lora;
+mod modulation;
 mod opset;
 mod precision;
 mod qmatmul;
@@ -28,6 +30,7 @@ pub use chunk::{chunk_feed_forward, FF_CHUNKS};
 pub use conv::{conv_geometry, v2l_conv, V2L_CONV};
 pub use gelu::{fuse_gelu, fuse_gelu_bias};
 pub use group_norm::group_norm_row_stats;
+pub use modulation::fold_modulation;
 pub use opset::upgrade_opset;
 pub use precision::{
     keep_in_fp32_modules, keeps_f32, lower_precision, Lowered, Lowering, WeightFile,
