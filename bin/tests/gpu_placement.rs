@@ -47,7 +47,10 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
                 });
                 let want = if what == "wan" { 0 } else { 9 };
                 assert_eq!(folded.count(), want, "{what} {precision} {name}");
-                // Below fp32 it reads q and k widened to f32, as diffusers' RoPE computes.
+                // Below fp32 it reads q and k widened to f32, as diffusers' RoPE computes; at
+                // bf16 cast exactly to fp16, where the attention runs
+                // (`Lowering::half_attention`).
+                let rope_type = if precision == "bf16" { 10 } else { 1 };
                 if name.contains(&format!("_{precision}")) && precision != "fp32" {
                     let producer =
                         |v: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == v));
@@ -58,7 +61,7 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
                         let to = cast.attribute.iter().find(|a| a.name == "to").map(|a| a.i);
                         assert_eq!(
                             (cast.op_type.as_str(), to),
-                            ("Cast", Some(1)),
+                            ("Cast", Some(rope_type)),
                             "{name}: {} reads {}",
                             rope.name,
                             cast.name
@@ -454,15 +457,16 @@ fn bf16_cuda_engines_attend_in_fp16() {
         let to = |n: &v2l_graphs::proto::NodeProto| {
             n.attribute.iter().find(|a| a.name == "to").map(|a| a.i)
         };
-        // Past reshapes: the RoPE's scope computes in f32, a Cast writes its `to`, anything
-        // else (a Gemm) the engine's bf16.
+        // Past reshapes and the RoPE.
         let past_reshapes = |v: &str| {
             let mut n = producer(v).unwrap();
-            while n.op_type == "Reshape" && !n.name.contains(".rope/") {
+            while matches!(n.op_type.as_str(), "Reshape" | "RotaryEmbedding") {
                 n = producer(&n.input[0]).unwrap();
             }
             n
         };
+        // What a node writes: a Cast its `to`, the RoPE's scope f32 (kept bf16 attention),
+        // anything else (a Gemm, a LayerNormalization) the engine's bf16.
         let written = |n: &v2l_graphs::proto::NodeProto| match n.op_type.as_str() {
             "Cast" => to(n).unwrap(),
             _ if n.name.contains(".rope/") => 1,
@@ -470,7 +474,8 @@ fn bf16_cuda_engines_attend_in_fp16() {
         };
         let cast_before = |v: &str| {
             let c = past_reshapes(v);
-            (c.op_type == "Cast").then(|| (written(c), written(past_reshapes(&c.input[0]))))
+            let read = |c: &v2l_graphs::proto::NodeProto| written(producer(&c.input[0]).unwrap());
+            (c.op_type == "Cast").then(|| (written(c), read(c)))
         };
         g.node
             .iter()
@@ -496,7 +501,8 @@ fn bf16_cuda_engines_attend_in_fp16() {
         let got = attention(&half, file);
         assert!(!got.is_empty(), "{file}");
         for a in got {
-            let want = [Some((F16, F32)), Some((F16, F32)), Some((F16, BF16))];
+            // q and k: the norm's bf16 output cast exactly, then the RoPE in fp16.
+            let want = [Some((F16, BF16)), Some((F16, BF16)), Some((F16, BF16))];
             assert_eq!(a, (want, Some(BF16)), "{file}");
         }
         // Kept bf16: q and k cast from f32 to bf16, v read as its Gemm wrote it, no cast after.

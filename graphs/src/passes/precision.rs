@@ -74,12 +74,15 @@ pub struct Lowering {
     /// formula, where torch widens and rounds once (`v2l-compile --low-gelu`: what the f32
     /// island's two casts cost against that, measured on a GPU).
     pub low_gelu: bool,
-    /// bf16 graphs: each `com.microsoft.MultiHeadAttention`, and the reshapes that only feed
-    /// it, in fp16. ONNX Runtime's CUDA kernel offers its flash and cuDNN attention for fp16
-    /// only; bf16 runs the memory-efficient one (`multihead_attention.cc`: `kIsFp16`). fp16
-    /// holds bf16's values exactly within its range (|x| ≤ 65,504) with three more mantissa
-    /// bits, so q and k (f32 after the RoPE) are rounded once, to fp16, v is carried exactly,
-    /// and the output is rounded to bf16 once.
+    /// bf16 graphs: each `com.microsoft.MultiHeadAttention`, the RoPE before it (scope
+    /// `rope`) and the reshapes that only feed them, in fp16. ONNX Runtime's CUDA kernel
+    /// offers its flash and cuDNN attention for fp16 only; bf16 runs the memory-efficient one
+    /// (`multihead_attention.cc`: `kIsFp16`). fp16 holds bf16's values exactly within its
+    /// range (|x| ≤ 65,504) with three more significand bits: q and k enter the RoPE exactly,
+    /// which rounds three times to fp16 (its CUDA kernel computes in its input's type), less
+    /// than the one bf16 rounding of torch's f32 RoPE; v is carried exactly and the output is
+    /// rounded to bf16 once. The CPU form rounds the RoPE's inputs and output to fp16 but
+    /// computes it in f32.
     pub half_attention: bool,
 }
 
@@ -110,7 +113,11 @@ pub struct Lowered {
 }
 
 /// Scopes kept in f32 wherever they are (module docs).
-const F32_SCOPES: &[&str] = &["rope", "gelu", "rms", GROUP_NORM_SCOPE];
+const F32_SCOPES: &[&str] = &[ROPE_SCOPE, "gelu", "rms", GROUP_NORM_SCOPE];
+
+/// The rotary embedding's scope: f32, as diffusers computes it, but for fp16 attention in a
+/// bf16 graph ([`Lowering::half_attention`]).
+const ROPE_SCOPE: &str = "rope";
 
 /// The scope of a GroupNorm's nodes (the VAE's), all f32 below f32: torch's `group_norm` on
 /// bf16/fp16 input computes statistics and affine in f32 and rounds its output once.
@@ -196,8 +203,11 @@ enum Role {
     },
 }
 
-fn is_half_attention(n: &proto::NodeProto) -> bool {
-    n.op_type == "MultiHeadAttention" && n.domain == "com.microsoft"
+/// The attention, and the RoPE that feeds it, when [`Lowering::half_attention`] asks.
+fn is_half(n: &proto::NodeProto) -> bool {
+    let scope = n.name.split('/').next().unwrap_or("");
+    (n.op_type == "MultiHeadAttention" && n.domain == "com.microsoft")
+        || scope.rsplit('.').next() == Some(ROPE_SCOPE)
 }
 
 fn is_island(n: &proto::NodeProto, keep: &[String], low_gelu: bool) -> bool {
@@ -264,12 +274,14 @@ pub fn lower_precision(
                 "Cast" => Role::Int,
                 _ if !float_in => Role::Int,
                 op if PREDICATES.contains(&op) && n.domain.is_empty() => Role::Predicate,
+                op if half && is_half(n) => Role::Half {
+                    data: DATA_OPS.contains(&op) && n.domain.is_empty(),
+                },
                 _ if is_island(n) => Role::Island,
                 // ONNX Runtime's CPU `Expand` has no bf16: the CPU form widens it (exact).
                 "Expand" if how.emulate && low == DType::BF16 => Role::Compute,
                 // Nor has its CUDA `Clip` (the VAE posterior's clamp): in f32, which is exact.
                 "Clip" if low == DType::BF16 => Role::Island,
-                _ if half && is_half_attention(n) => Role::Half { data: false },
                 op if DATA_OPS.contains(&op) && n.domain.is_empty() => Role::Data,
                 _ => Role::Compute,
             };
@@ -292,6 +304,7 @@ pub fn lower_precision(
         Role::Island => Some(DType::F32),
         Role::Half { .. } => Some(DType::F16),
         Role::Data | Role::Compute => Some(low),
+        Role::Cast if half && is_half(n) => Some(DType::F16),
         Role::Cast => Some(if is_island(n) { DType::F32 } else { low }),
         Role::Int | Role::AnyInput | Role::Predicate => None,
     };
