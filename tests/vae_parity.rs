@@ -326,6 +326,7 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
                 low_caches: false,
                 low_gelu: false,
                 half_attention: false,
+                half_gelu: false,
             };
             lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
             v2l_graphs::write_model(&engine.join(&name), &m).unwrap();

@@ -141,6 +141,7 @@ fn check_bf16(variant: &str, dir: &str) {
             low_caches: false,
             low_gelu: false,
             half_attention: false,
+            half_gelu: false,
         };
         let data = d.path().join(format!("bf16_{keep}.bin"));
         lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();

@@ -1064,17 +1064,18 @@ mod tests {
                 assert!(v.compile_flags.iter().all(|f| [
                     "--exported-group-norm",
                     "--low-gelu",
-                    "--bf16-attention"
+                    "--bf16-attention",
+                    "--f32-gelu"
                 ]
                 .contains(f)));
             }
         }
-        // Only bf16 engines take `--bf16-attention`.
+        // Only bf16 engines take `--bf16-attention` and `--f32-gelu`.
         for p in ["fp16", "fp32"] {
-            let v = crate::gpu_scale::variants("dit", p);
-            assert!(v
-                .iter()
-                .all(|v| !v.compile_flags.contains(&"--bf16-attention")));
+            for v in crate::gpu_scale::variants("dit", p) {
+                let bf16_only = ["--bf16-attention", "--f32-gelu"];
+                assert!(v.compile_flags.iter().all(|f| !bf16_only.contains(f)));
+            }
         }
     }
 

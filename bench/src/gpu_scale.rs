@@ -92,7 +92,8 @@ const DEFAULT: Variant = Variant {
 /// unfused one, a (batch, heads, tokens, tokens) scratch tensor); fp32 has the memory-efficient
 /// one only. Below fp32 also the GELUs in the engine's type (`--low-gelu`) and, at bf16, the
 /// attention kept in bf16 (`--bf16-attention`: the memory-efficient kernel, the only one ONNX
-/// Runtime has for bf16). Each row reports the kernel that ran (`attention_kernel`). For the
+/// Runtime has for bf16) and the GELUs in f32 (`--f32-gelu`, where bf16 engines compute them
+/// in fp16). Each row reports the kernel that ran (`attention_kernel`). For the
 /// VAE, cuDNN's convolution search and workspace, ONNX Runtime's channels-last layout
 /// (`prefer_nhwc`: cuDNN's NHWC kernels, with transposes where its layout pass inserts them),
 /// and the tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it
@@ -132,6 +133,12 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     cuda_options: "",
                     vae_tiling: "off",
                     compile_flags: &["--bf16-attention"],
+                });
+                out.push(Variant {
+                    name: "f32-gelu",
+                    cuda_options: "",
+                    vae_tiling: "off",
+                    compile_flags: &["--f32-gelu"],
                 });
             }
         }

@@ -372,44 +372,49 @@ fn exported_group_norm_keeps_the_exported_statistics() {
     refused_but_on_cuda_below_fp32(&export, d.path(), "--exported-group-norm");
 }
 
-/// `--low-gelu` puts a cuda engine's DiT GELUs in the engine's type (ONNX Runtime's bf16
-/// `FastGelu`, which has a CUDA kernel) instead of f32 between two casts, for measuring one
-/// against the other on a GPU; other engines refuse it, naming the flag.
+/// A bf16 cuda engine's DiT GELUs run in fp16 (the exact cast of the feed-forward's bf16
+/// activation, ONNX Runtime's fp16 `FastGelu`); `--f32-gelu` keeps them in f32 between two
+/// casts, `--low-gelu` puts them in the engine's type (its bf16 `FastGelu`): each a CUDA
+/// kernel, for measuring one against the other on a GPU. Other engines refuse the flags, and
+/// the two together are refused.
 #[test]
-fn low_gelu_keeps_the_dits_gelus_in_the_engines_type() {
+fn the_dits_gelus_compute_in_fp16_f32_or_the_engines_type() {
     let d = tempfile::tempdir().unwrap();
     let export = d.path().join("export");
     export_pipeline_of(&common::tiny(), &export, 5);
-    // The FastGelus of the lowered DiT, and whether each reads a tensor widened to f32.
-    let gelus = |engine: &Path| -> Vec<bool> {
+    // Per FastGelu of the lowered DiT: the type its input was cast to (past reshapes), 0 where
+    // it reads what the feed-forward's Gemm wrote.
+    let gelus = |engine: &Path| -> Vec<i64> {
         let m = v2l_graphs::read_model(&engine.join("dit_bf16.onnx")).unwrap();
         let g = m.graph.unwrap();
-        let widened = |v: &str| {
-            g.node.iter().any(|n| {
-                n.output.iter().any(|o| o == v)
-                    && n.op_type == "Cast"
-                    && n.attribute.iter().any(|a| a.name == "to" && a.i == 1)
-            })
-        };
+        let producer = |v: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == v));
         g.node
             .iter()
             .filter(|n| n.op_type == "FastGelu")
-            .map(|n| widened(&n.input[0]))
+            .map(|n| {
+                let mut p = producer(&n.input[0]).unwrap();
+                while p.op_type == "Reshape" {
+                    p = producer(&p.input[0]).unwrap();
+                }
+                match p.op_type.as_str() {
+                    "Cast" => p.attribute.iter().find(|a| a.name == "to").unwrap().i,
+                    _ => 0,
+                }
+            })
             .collect()
     };
-    let (island, low) = (d.path().join("island"), d.path().join("low"));
-    compile(&export, &island, "cuda", "bf16", &[]);
-    let graphs = compile(&export, &low, "cuda", "bf16", &["--low-gelu"]);
-    let (f32_gelus, low_gelus) = (gelus(&island), gelus(&low));
-    assert!(
-        !f32_gelus.is_empty() && f32_gelus.iter().all(|w| *w),
-        "{f32_gelus:?}"
-    );
-    assert!(
-        !low_gelus.is_empty() && low_gelus.iter().all(|w| !*w),
-        "{low_gelus:?}"
-    );
-    for g in graphs {
+    let mut all = Vec::new();
+    for (flag, want) in [("", 10), ("--f32-gelu", 1), ("--low-gelu", 0)] {
+        let engine = d.path().join(format!("gelu{flag}"));
+        let flags: Vec<&str> = [flag].into_iter().filter(|f| !f.is_empty()).collect();
+        all.extend(compile(&export, &engine, "cuda", "bf16", &flags));
+        let got = gelus(&engine);
+        assert!(
+            !got.is_empty() && got.iter().all(|&t| t == want),
+            "{flag}: {got:?}"
+        );
+    }
+    for g in all {
         let p = cuda_placement(
             &v2l_graphs::read_model(&g).unwrap(),
             KernelTable::ort_cuda(),
@@ -417,6 +422,34 @@ fn low_gelu_keeps_the_dits_gelus_in_the_engines_type() {
         assert!(p.no_kernel.is_empty(), "{}: {:?}", g.display(), p.no_kernel);
     }
     refused_but_on_cuda_below_fp32(&export, d.path(), "--low-gelu");
+    for (backend, precision) in [("cuda", "fp16"), ("cpu", "bf16"), ("tensorrt", "bf16")] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+            .arg(&export)
+            .arg("-o")
+            .arg(d.path().join(format!("f32-gelu-{backend}-{precision}")))
+            .args(["--backend", backend, "--precision", precision, "--f32-gelu"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{backend} {precision}");
+        assert!(err.contains("--f32-gelu"), "{backend} {precision}: {err}");
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+        .arg(&export)
+        .arg("-o")
+        .arg(d.path().join("both"))
+        .args([
+            "--backend",
+            "cuda",
+            "--precision",
+            "bf16",
+            "--f32-gelu",
+            "--low-gelu",
+        ])
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("two types of one GELU"));
 }
 
 /// A compile flag for cuda engines at fp16/bf16 only: fp32 cuda, bf16 cpu and bf16 tensorrt

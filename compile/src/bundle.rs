@@ -137,6 +137,9 @@ pub struct Options<'a> {
     /// CUDA engines at bf16: keep the DiT's attention in bf16 instead of fp16
     /// ([`v2l_graphs::passes::Lowering::half_attention`]; to measure one against the other).
     pub bf16_attention: bool,
+    /// CUDA engines at bf16: keep the DiT's GELUs in f32 instead of fp16
+    /// ([`v2l_graphs::passes::Lowering::half_gelu`]; to measure one against the other).
+    pub f32_gelu: bool,
 }
 
 /// v2l's bf16 attention for CPU engines below fp32 (their step is otherwise ~40 % f32
@@ -236,15 +239,28 @@ pub fn compile_with(
             });
         }
     }
-    if opts.bf16_attention && !(backend == Backend::Cuda && precision == Precision::Bf16) {
+    let cuda_bf16 = backend == Backend::Cuda && precision == Precision::Bf16;
+    for (on, flag, what) in [
+        (opts.bf16_attention, "--bf16-attention", "attention"),
+        (opts.f32_gelu, "--f32-gelu", "GELUs"),
+    ] {
+        if on && !cuda_bf16 {
+            return Err(CompileError::Invalid {
+                what: flag.into(),
+                message: format!("only cuda engines at bf16 run their {what} in fp16"),
+            });
+        }
+    }
+    if opts.f32_gelu && opts.low_gelu {
         return Err(CompileError::Invalid {
-            what: "--bf16-attention".into(),
-            message: "only cuda engines at bf16 run their attention in fp16".into(),
+            what: "--f32-gelu".into(),
+            message: "--low-gelu and --f32-gelu ask for two types of one GELU".into(),
         });
     }
     job.exported_group_norm = opts.exported_group_norm;
     job.low_gelu = opts.low_gelu;
     job.half_attention = backend == Backend::Cuda && !opts.bf16_attention;
+    job.half_gelu = backend == Backend::Cuda && !opts.f32_gelu;
     if !opts.cuda_options.is_empty() && backend == Backend::Cpu {
         return Err(CompileError::Invalid {
             what: "--cuda-option".into(),
@@ -335,6 +351,8 @@ struct Job<'a> {
     low_gelu: bool,
     /// The DiT's attention in fp16 (CUDA engines at bf16).
     half_attention: bool,
+    /// The DiT's GELUs in fp16 (CUDA engines at bf16).
+    half_gelu: bool,
 }
 
 /// What the DiT steps add to the bundle.
@@ -395,6 +413,7 @@ impl<'a> Job<'a> {
             exported_group_norm: false,
             low_gelu: false,
             half_attention: false,
+            half_gelu: false,
         })
     }
 
@@ -611,6 +630,7 @@ impl<'a> Job<'a> {
                 low_caches: true,
                 low_gelu: false,
                 half_attention: false,
+                half_gelu: false,
             };
             let lowered =
                 lower_precision(&mut m, &typed_src, WeightFile::Write(&tmp.join(&data)), how)
@@ -790,7 +810,11 @@ impl<'a> Job<'a> {
                 self.precision,
                 self.backend,
                 targets,
-                (self.low_gelu, self.half_attention),
+                HalfOps {
+                    low_gelu: self.low_gelu,
+                    half_attention: self.half_attention,
+                    half_gelu: self.half_gelu,
+                },
             )
             .map_err(pass_err)?,
         };
@@ -1245,6 +1269,14 @@ fn calibrate_dit(
     record
 }
 
+/// Where a bf16/fp16 DiT computes some ops in another type than the engine's
+/// ([`v2l_graphs::passes::Lowering`]).
+struct HalfOps {
+    low_gelu: bool,
+    half_attention: bool,
+    half_gelu: bool,
+}
+
 /// Rewrites the DiT `model` (read from `src`) for `precision`, writing its new weights to
 /// `data`: int8/int4 quantise the targets the table marks so ([`quantises`]); fp16/bf16
 /// lower the whole graph, typed for GPU backends and emulated for the CPU
@@ -1256,7 +1288,7 @@ fn lower_dit(
     precision: Precision,
     backend: Backend,
     targets: &[LoraTarget],
-    (low_gelu, half_attention): (bool, bool),
+    ops: HalfOps,
 ) -> std::result::Result<LowWeights, v2l_graphs::passes::PassError> {
     use v2l_graphs::{passes, DType};
     let dtype = match precision {
@@ -1286,8 +1318,9 @@ fn lower_dit(
         dtype,
         emulate: backend == Backend::Cpu,
         low_caches: false,
-        low_gelu,
-        half_attention,
+        low_gelu: ops.low_gelu,
+        half_attention: ops.half_attention,
+        half_gelu: ops.half_gelu,
     };
     let l = passes::lower_precision(model, src, passes::WeightFile::Write(data), how)?;
     Ok(LowWeights::Float(how, l.tensors))

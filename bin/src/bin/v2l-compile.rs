@@ -140,6 +140,11 @@ struct Cli {
     /// flash and cuDNN attention take fp16); to measure one against the other
     #[arg(long)]
     bf16_attention: bool,
+    /// cuda engines at bf16: keep the DiT's GELUs in f32 between two casts of the
+    /// feed-forward's 4x-wide activation instead of in fp16 (the exact cast of the input,
+    /// ONNX Runtime's fp16 FastGelu, one rounding to bf16); to measure one against the other
+    #[arg(long)]
+    f32_gelu: bool,
     /// Print the accuracy report as one JSON line too (it is always recorded in bundle.json:
     /// below fp32, each changed stage's relative L2 against fp32 on generated inputs)
     #[arg(long)]
@@ -249,6 +254,7 @@ fn main() -> ExitCode {
                 exported_group_norm: cli.exported_group_norm,
                 low_gelu: cli.low_gelu,
                 bf16_attention: cli.bf16_attention,
+                f32_gelu: cli.f32_gelu,
             },
         )
         .map_err(Failure::from)?;

@@ -84,6 +84,15 @@ pub struct Lowering {
     /// rounded to bf16 once. The CPU form rounds the RoPE's inputs and output to fp16 but
     /// computes it in f32.
     pub half_attention: bool,
+    /// bf16 graphs: the GELUs (scope `gelu`) in fp16 instead of f32, unless [`Self::low_gelu`].
+    /// The f32 island casts the feed-forward's 4×-wide activation up and back (40 passes over
+    /// a hidden-size bf16 vector per token, the largest elementwise cost of a block); in fp16
+    /// it is 24: the input is cast exactly, ONNX Runtime's fp16 `FastGelu` computes in fp16
+    /// (roundings 8× finer than bf16's) and the output is rounded to bf16 once, as torch
+    /// rounds its f32 GELU. An input beyond ±65,504 would be inf (a pre-activation that large
+    /// is not seen in these models). The CPU form rounds its input and output to fp16 but
+    /// computes it in f32.
+    pub half_gelu: bool,
 }
 
 /// Where the converted weights go.
@@ -113,7 +122,11 @@ pub struct Lowered {
 }
 
 /// Scopes kept in f32 wherever they are (module docs).
-const F32_SCOPES: &[&str] = &[ROPE_SCOPE, "gelu", "rms", GROUP_NORM_SCOPE];
+const F32_SCOPES: &[&str] = &[ROPE_SCOPE, GELU_SCOPE, "rms", GROUP_NORM_SCOPE];
+
+/// The GELUs' scope: f32, as torch computes them, but for [`Lowering::half_gelu`] and
+/// [`Lowering::low_gelu`].
+const GELU_SCOPE: &str = "gelu";
 
 /// The rotary embedding's scope: f32, as diffusers computes it, but for fp16 attention in a
 /// bf16 graph ([`Lowering::half_attention`]).
@@ -203,18 +216,22 @@ enum Role {
     },
 }
 
-/// The attention, and the RoPE that feeds it, when [`Lowering::half_attention`] asks.
-fn is_half(n: &proto::NodeProto) -> bool {
+/// Nodes in fp16 inside a bf16 graph: the attention and the RoPE that feeds it
+/// ([`Lowering::half_attention`]), the GELUs ([`Lowering::half_gelu`]).
+fn is_half(n: &proto::NodeProto, how: &Lowering) -> bool {
     let scope = n.name.split('/').next().unwrap_or("");
-    (n.op_type == "MultiHeadAttention" && n.domain == "com.microsoft")
-        || scope.rsplit('.').next() == Some(ROPE_SCOPE)
+    let last = scope.rsplit('.').next();
+    let attention = (n.op_type == "MultiHeadAttention" && n.domain == "com.microsoft")
+        || last == Some(ROPE_SCOPE);
+    let gelu = last == Some(GELU_SCOPE) && !how.low_gelu;
+    (how.half_attention && attention) || (how.half_gelu && gelu)
 }
 
 fn is_island(n: &proto::NodeProto, keep: &[String], low_gelu: bool) -> bool {
     let scope = n.name.split('/').next().unwrap_or("");
     let last = scope.rsplit('.').next().unwrap_or("");
     n.op_type == "Softmax"
-        || (F32_SCOPES.contains(&last) && !(low_gelu && last == "gelu"))
+        || (F32_SCOPES.contains(&last) && !(low_gelu && last == GELU_SCOPE))
         || scope == SINUSOID_SCOPE
         || (n.name.contains('/') && keeps_f32(keep, scope))
         || n.name.ends_with(super::lora::LORA_SCALE_NODE)
@@ -244,7 +261,7 @@ pub fn lower_precision(
     }
     let keep = keep_in_fp32_modules(model);
     let is_island = |n: &proto::NodeProto| is_island(n, &keep, how.low_gelu);
-    let half = how.half_attention && low == DType::BF16;
+    let half = low == DType::BF16;
     let graph = model.graph.get_or_insert_with(Default::default);
     unwrap_weight_casts(graph);
 
@@ -274,7 +291,7 @@ pub fn lower_precision(
                 "Cast" => Role::Int,
                 _ if !float_in => Role::Int,
                 op if PREDICATES.contains(&op) && n.domain.is_empty() => Role::Predicate,
-                op if half && is_half(n) => Role::Half {
+                op if half && is_half(n, &how) => Role::Half {
                     data: DATA_OPS.contains(&op) && n.domain.is_empty(),
                 },
                 _ if is_island(n) => Role::Island,
@@ -304,7 +321,7 @@ pub fn lower_precision(
         Role::Island => Some(DType::F32),
         Role::Half { .. } => Some(DType::F16),
         Role::Data | Role::Compute => Some(low),
-        Role::Cast if half && is_half(n) => Some(DType::F16),
+        Role::Cast if half && is_half(n, &how) => Some(DType::F16),
         Role::Cast => Some(if is_island(n) { DType::F32 } else { low }),
         Role::Int | Role::AnyInput | Role::Predicate => None,
     };
@@ -751,6 +768,7 @@ mod tests {
             low_caches: false,
             low_gelu: false,
             half_attention: false,
+            half_gelu: false,
         };
         let data = d.path().join("low.data");
         let done = lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
@@ -892,6 +910,7 @@ mod tests {
                 low_caches,
                 low_gelu: false,
                 half_attention: false,
+                half_gelu: false,
             };
             lower_precision(
                 &mut m,
