@@ -370,10 +370,25 @@ fn dit_with_the_modulation_folded_into_its_norms_matches_diffusers() {
     let feed = dit_feed(&io);
     let folded = run(&m, "folded.onnx", &feed);
     assert_close("modulation-folded dit sample", &folded, &io["output"], 1e-5);
+    // The fixture's two samples share a timestep; with two, each sample's modulation must
+    // reach its own rows.
+    let mut feed = feed;
+    let two = match &feed["timestep"].data {
+        v2l_runtime::tensor::Data::I64(t) => {
+            assert_eq!(t.len(), 2);
+            Tensor::i64(vec![2], vec![t[0], t[1] / 3 + 10])
+        }
+        v2l_runtime::tensor::Data::F32(t) => {
+            assert_eq!(t.len(), 2);
+            Tensor::f32(vec![2], vec![t[0], t[1] / 3.0 + 10.0])
+        }
+        other => panic!("timestep of {other:?}"),
+    };
+    feed.insert("timestep".into(), two);
     assert_close(
-        "modulation folded against the exported form",
-        &folded,
-        &run(&before, "exported.onnx", &feed),
+        "modulation folded against the exported form, a timestep per sample",
+        &run(&m, "folded_two.onnx", &feed),
+        &run(&before, "exported_two.onnx", &feed),
         1e-6,
     );
     // After the other CUDA rewrites (as `v2l-compile` orders them), and with LoRA branches.
@@ -389,7 +404,6 @@ fn dit_with_the_modulation_folded_into_its_norms_matches_diffusers() {
         .iter()
         .map(|l| format!("{}.weight", l.name))
         .collect();
-    let mut feed = feed;
     for (i, l) in ex.linears.iter().enumerate() {
         let [a, b, sc] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", l.name));
         let factor = |shape: Vec<usize>, seed: u64| {

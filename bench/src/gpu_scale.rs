@@ -118,7 +118,8 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 });
             }
             // The GELUs in the engine's type, on an engine of its own (fp16/bf16 only): the
-            // f32 island's two casts against ONNX Runtime's per-operation rounding.
+            // casts around an f32 (fp16 engines) or fp16 (bf16 engines) GELU against ONNX
+            // Runtime's per-operation rounding in the engine's type.
             if precision != "fp32" {
                 out.push(Variant {
                     name: "low-gelu",
@@ -325,6 +326,7 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
     // PyTorch fp32 first in each group: it writes the reference.
     let mut order: Vec<&ScaleCase> = cases.iter().collect();
     order.sort_by_key(|c| (c.stage, c.size, c.lora_rank, c.precision != "fp32"));
+    let mut swept = Vec::new();
     for c in order {
         let mut row = Row {
             stage: c.stage,
@@ -349,12 +351,22 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
                 continue;
             }
         };
-        let tried = if b.sweep && !b.on_cpu {
-            variants(c.stage, c.precision)
-        } else {
-            vec![DEFAULT]
-        };
-        for v in tried {
+        // PyTorch's figures, which every row of the case shares.
+        let template = row.clone();
+        if let Err(e) = run_v2l(b, c, &prepared, &DEFAULT, &mut row) {
+            row.error = Some(e.message);
+            failed += 1;
+        }
+        print_row(&row, b.json);
+        swept.push((c, template, prepared));
+    }
+    // Every case's default row comes first, then the variants, case by case: a budget that
+    // runs out stops the variants, not the cases.
+    for (c, row, prepared) in swept {
+        if !b.sweep || b.on_cpu {
+            break;
+        }
+        for v in variants(c.stage, c.precision).into_iter().skip(1) {
             let mut row = Row {
                 variant: v.name,
                 ..row.clone()
@@ -561,7 +573,8 @@ fn run_v2l(
         cmd.arg("--lora").arg(l);
     }
     if c.stage == "dit" {
-        // ONNX Runtime's CUDA MultiHeadAttention prints the kernel it picked, per call.
+        // ONNX Runtime's CUDA MultiHeadAttention prints the kernel it picked, a line per node
+        // and call (a few per timed run, beside a call of tens of milliseconds).
         cmd.env("ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO", "1");
     }
     if b.profile {

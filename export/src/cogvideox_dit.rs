@@ -447,7 +447,8 @@ fn attention(
     let q = vb.layer_norm(g, &q, "norm_q", dh as usize, 1e-6, true)?;
     let k = vb.layer_norm(g, &k, "norm_k", dh as usize, 1e-6, true)?;
     let o = g.scoped(vb.prefix(), |g| {
-        // Scoped `rope`: kept f32 in bf16/fp16 engines (`v2l_graphs::passes::lower_precision`).
+        // Scoped `rope`: kept f32 in bf16/fp16 engines, fp16 before a bf16 cuda engine's fp16
+        // attention (`v2l_graphs::passes::lower_precision`).
         let (q, k) = g.scoped("rope", |g| (rope.apply(g, &q), rope.apply(g, &k)));
         crate::layers::sdpa(g, &q, &k, &v, dh, d)
     });

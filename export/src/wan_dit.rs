@@ -32,7 +32,9 @@ pub const CLASS_NAME: &str = v2l_contracts::Family::Wan.dit_class();
 
 /// diffusers' `WanTransformer3DModel._keep_in_fp32_modules`, plus `norm_out` (an
 /// `FP32LayerNorm` without parameters, so absent from that list but computed in f32): what a
-/// bf16/fp16 engine keeps in f32 (`v2l_graphs::passes::lower_precision`).
+/// bf16/fp16 engine keeps in f32 (`v2l_graphs::passes::lower_precision`), but for the `rope`
+/// scope of a bf16 cuda engine, which computes in fp16 before its fp16 attention
+/// (`Lowering::half_attention`).
 const KEEP_IN_FP32_MODULES: &[&str] = &[
     "rope",
     "time_embedder",
@@ -354,7 +356,8 @@ fn attention(
     let (q, k, v) = g.scoped(vb.prefix(), |g| {
         let (q, k, v) = (heads(g, &q), heads(g, &k), heads(g, &v));
         match rope {
-            // Scoped `rope`: kept f32 in bf16/fp16 engines, as for CogVideoX.
+            // Scoped `rope`: kept f32 in bf16/fp16 engines (fp16 before a bf16 cuda
+            // engine's fp16 attention), as for CogVideoX.
             Some((cos, sin, rot)) => g.scoped("rope", |g| {
                 (
                     apply_rope(g, &q, cos, sin, rot),

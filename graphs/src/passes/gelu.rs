@@ -131,8 +131,9 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
 /// the same sum. ONNX Runtime's CUDA `Gemm` adds a bias by first writing it across the whole
 /// output (a rank-1 product) and then accumulating onto it (`beta` 1): a write and a read of
 /// the feed-forward's widest activation that `FastGelu` does in its one pass. Below f32 the
-/// bias also stays f32 there (`FastGelu` computes in f32) instead of being rounded into the
-/// product's type. Returns how many moved.
+/// bias is added in the GELU's type (f32 in fp16 engines, fp16 in bf16 ones:
+/// `Lowering::half_gelu`) instead of being rounded into the product's type. Returns how many
+/// moved.
 ///
 /// Matched only where the sum is the same by construction: a plain `Gemm` (`alpha`, `beta` 1)
 /// with a 1-D bias of its output width, read by one `Reshape` whose target keeps that width

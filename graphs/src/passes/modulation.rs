@@ -13,8 +13,13 @@
 //! ```
 //!
 //! whose new scale and bias are computed on `[batch, 1, hidden]` vectors. Below fp32 the
-//! folded scale is rounded once to the engine's type where torch rounds the norm's output and
-//! then the product: the same size of error, in another place.
+//! typed graph rounds those vectors (`γ·s`, `β·s`, `β·s + shift`) and the norm's output, where
+//! torch rounds the norm's output, the product and the sum: the same size of error, in other
+//! places.
+//!
+//! Nothing checks the operands' shapes (the graph has none): a fold is right for any
+//! broadcastable `scale` and `shift`, and saves bytes when they are small, which the exported
+//! AdaLN's are; `v2l-compile` applies it to CogVideoX's DiTs.
 
 use std::collections::{HashMap, HashSet};
 
@@ -28,9 +33,11 @@ pub fn fold_modulation(model: &mut ModelProto) -> usize {
     };
     let ix = super::edit::Index::new(graph);
     let nodes = &graph.node;
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    // The one node reading `name`, which no graph output is.
     let only_reader = |name: &str| -> Option<usize> {
         match ix.consumers.get(name).map(Vec::as_slice) {
-            Some([i]) => Some(*i),
+            Some([i]) if !outputs.contains(name) => Some(*i),
             _ => None,
         }
     };
@@ -128,4 +135,132 @@ pub fn fold_modulation(model: &mut ModelProto) -> usize {
     }
     super::edit::splice(model, &removed, replace);
     count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Attr, DType, Graph};
+
+    fn model(g: &Graph) -> ModelProto {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.onnx");
+        crate::save(g, &p, crate::ExternalData::Auto).unwrap();
+        crate::read_model(&p).unwrap()
+    }
+
+    /// `LayerNorm(x) · s + t` with per-sample `s` and `t`; `bias`: the norm has one; `swap`:
+    /// the operands in the other order.
+    fn adaln(bias: bool, swap: bool) -> (Graph, crate::Value) {
+        let mut g = Graph::new("t");
+        let dims = || vec!["b".into(), "n".into(), 4.into()];
+        let x = g.input("x", DType::F32, dims());
+        let s = g.input("s", DType::F32, vec!["b".into(), 1.into(), 4.into()]);
+        let t = g.input("t", DType::F32, vec!["b".into(), 1.into(), 4.into()]);
+        let w = g.const_f32(&[1.0, 2.0, 0.5, 1.5], &[4]);
+        let y = match bias {
+            true => {
+                let b = g.const_f32(&[0.1, 0.0, -0.1, 0.2], &[4]);
+                g.layer_norm(&x, &w, &b, 1e-6)
+            }
+            false => g.op(
+                "LayerNormalization",
+                &[&x, &w],
+                vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(1e-6))],
+            ),
+        };
+        let z = g.scoped("norm1", |g| match swap {
+            true => {
+                let p = g.mul(&s, &y);
+                g.add(&t, &p)
+            }
+            false => {
+                let p = g.mul(&y, &s);
+                g.add(&p, &t)
+            }
+        });
+        g.output(&z, "out", DType::F32, dims());
+        (g, y)
+    }
+
+    fn norms(m: &ModelProto) -> Vec<&NodeProto> {
+        let g = m.graph.as_ref().unwrap();
+        g.node
+            .iter()
+            .filter(|n| n.op_type == "LayerNormalization")
+            .collect()
+    }
+
+    #[test]
+    fn folds_with_or_without_a_bias_and_in_either_operand_order() {
+        for (bias, swap) in [(true, false), (true, true), (false, false), (false, true)] {
+            let (g, _) = adaln(bias, swap);
+            let mut m = model(&g);
+            assert_eq!(fold_modulation(&mut m), 1, "bias {bias}, swap {swap}");
+            let g = m.graph.as_ref().unwrap();
+            // The norm now writes the output; no Mul or Add reads the activation.
+            let n = norms(&m);
+            assert_eq!(n.len(), 1);
+            let y = &n[0].output[0];
+            let reads_y = |op: &str| {
+                g.node
+                    .iter()
+                    .any(|m| m.op_type == op && m.input.contains(y))
+            };
+            assert!(!reads_y("Mul") && !reads_y("Add"), "{:?}", g.node);
+            assert!(n[0].input[1].ends_with(".scale"), "{:?}", n[0].input);
+            // Without a bias of its own the shift is the bias.
+            let want_bias = if bias {
+                n[0].input[2].ends_with(".bias")
+            } else {
+                n[0].input[2] == "t"
+            };
+            assert!(want_bias, "{:?}", n[0].input);
+            // Every node comes after what it reads.
+            let mut known: HashSet<&str> = ["x", "s", "t"].into();
+            known.extend(g.initializer.iter().map(|t| t.name.as_str()));
+            for node in &g.node {
+                assert!(
+                    node.input.iter().all(|i| known.contains(i.as_str())),
+                    "{}",
+                    node.name
+                );
+                known.extend(node.output.iter().map(String::as_str));
+            }
+        }
+    }
+
+    #[test]
+    fn leaves_a_norm_whose_output_is_read_elsewhere_or_whose_scale_reads_it() {
+        // The norm's output is also a graph output.
+        let (mut g, y) = adaln(true, false);
+        g.output(
+            &y,
+            "normed",
+            DType::F32,
+            vec!["b".into(), "n".into(), 4.into()],
+        );
+        assert_eq!(fold_modulation(&mut model(&g)), 0);
+        // The multiplier is computed from the normalised tensor itself.
+        let mut g = Graph::new("t");
+        let x = g.input("x", DType::F32, vec!["b".into(), "n".into(), 4.into()]);
+        let t = g.input("t", DType::F32, vec!["b".into(), 1.into(), 4.into()]);
+        let w = g.const_f32(&[1.0; 4], &[4]);
+        let b = g.const_f32(&[0.0; 4], &[4]);
+        let y = g.layer_norm(&x, &w, &b, 1e-6);
+        let s = g.op(
+            "ReduceMean",
+            &[&x],
+            vec![("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(1))],
+        );
+        let p = g.mul(&y, &s);
+        let z = g.add(&p, &t);
+        g.output(
+            &z,
+            "out",
+            DType::F32,
+            vec!["b".into(), "n".into(), 4.into()],
+        );
+        assert_eq!(fold_modulation(&mut model(&g)), 0);
+    }
 }

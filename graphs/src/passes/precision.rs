@@ -75,14 +75,18 @@ pub struct Lowering {
     /// island's two casts cost against that, measured on a GPU).
     pub low_gelu: bool,
     /// bf16 graphs: each `com.microsoft.MultiHeadAttention`, the RoPE before it (scope
-    /// `rope`) and the reshapes that only feed them, in fp16. ONNX Runtime's CUDA kernel
-    /// offers its flash and cuDNN attention for fp16 only; bf16 runs the memory-efficient one
-    /// (`multihead_attention.cc`: `kIsFp16`). fp16 holds bf16's values exactly within its
-    /// range (|x| ≤ 65,504) with three more significand bits: q and k enter the RoPE exactly,
-    /// which rounds three times to fp16 (its CUDA kernel computes in its input's type), less
-    /// than the one bf16 rounding of torch's f32 RoPE; v is carried exactly and the output is
-    /// rounded to bf16 once. The CPU form rounds the RoPE's inputs and output to fp16 but
-    /// computes it in f32.
+    /// `rope`, whatever the model's f32 module list says: diffusers computes it in f32 for
+    /// precision, which fp16 keeps) and the reshapes that only feed them, in fp16. ONNX
+    /// Runtime's CUDA kernel offers its flash and cuDNN attention for fp16 only; bf16 runs the
+    /// memory-efficient one (`multihead_attention.cc`: `kIsFp16`). fp16 holds bf16's values
+    /// with three more significand bits, exactly from 2⁻¹⁴ to 65,504 in magnitude (smaller
+    /// ones lose at most 2⁻²⁵, larger ones would be inf): q and k enter the RoPE exactly, which
+    /// rounds three times to fp16 (its CUDA kernel computes in its input's type; its cos/sin
+    /// tables are rounded to fp16), less than the one bf16 rounding of torch's f32 RoPE; v is
+    /// carried exactly; the attention's fp16 output is rounded to bf16. The CPU form (the
+    /// compile's accuracy record) rounds each of these nodes' inputs and outputs to fp16 but
+    /// computes the fused RoPE and the attention in f32, so their kernels' own fp16 roundings
+    /// (flash attention's fp16 probabilities among them) are not in the record.
     pub half_attention: bool,
     /// bf16 graphs: the GELUs (scope `gelu`) in fp16 instead of f32, unless [`Self::low_gelu`].
     /// The f32 island casts the feed-forward's 4×-wide activation up and back (40 passes over
@@ -90,8 +94,10 @@ pub struct Lowering {
     /// it is 24: the input is cast exactly, ONNX Runtime's fp16 `FastGelu` computes in fp16
     /// (roundings 8× finer than bf16's) and the output is rounded to bf16 once, as torch
     /// rounds its f32 GELU. An input beyond ±65,504 would be inf (a pre-activation that large
-    /// is not seen in these models). The CPU form rounds its input and output to fp16 but
-    /// computes it in f32.
+    /// is not seen in these models). The feed-forward's bias, moved into the GELU on CUDA
+    /// engines (`passes::fuse_gelu_bias`), is added in fp16 there. The CPU form rounds the
+    /// GELU's inputs and output to fp16 but computes it in f32. A GELU in a module the model
+    /// keeps in f32 stays f32.
     pub half_gelu: bool,
 }
 
@@ -209,22 +215,25 @@ enum Role {
     Predicate,
     Data,
     Compute,
-    /// Computes in fp16 inside a bf16 graph ([`Lowering::half_attention`]); `data`: a
-    /// reshape that only feeds such a node.
+    /// Computes in fp16 inside a bf16 graph (the attention, the RoPE and the GELUs:
+    /// [`Lowering::half_attention`], [`Lowering::half_gelu`]); `data`: a data mover among them,
+    /// or one that only feeds such nodes ([`half_feeders`]).
     Half {
         data: bool,
     },
 }
 
 /// Nodes in fp16 inside a bf16 graph: the attention and the RoPE that feeds it
-/// ([`Lowering::half_attention`]), the GELUs ([`Lowering::half_gelu`]).
-fn is_half(n: &proto::NodeProto, how: &Lowering) -> bool {
+/// ([`Lowering::half_attention`]), the GELUs ([`Lowering::half_gelu`]). The attention and a
+/// GELU in a module the model keeps in f32 stay f32 (`keep`); the RoPE goes fp16 either way.
+fn is_half(n: &proto::NodeProto, how: &Lowering, keep: &[String]) -> bool {
     let scope = n.name.split('/').next().unwrap_or("");
     let last = scope.rsplit('.').next();
-    let attention = (n.op_type == "MultiHeadAttention" && n.domain == "com.microsoft")
-        || last == Some(ROPE_SCOPE);
-    let gelu = last == Some(GELU_SCOPE) && !how.low_gelu;
-    (how.half_attention && attention) || (how.half_gelu && gelu)
+    let kept = n.name.contains('/') && keeps_f32(keep, scope);
+    let rope = last == Some(ROPE_SCOPE);
+    let attention = n.op_type == "MultiHeadAttention" && n.domain == "com.microsoft" && !kept;
+    let gelu = last == Some(GELU_SCOPE) && !how.low_gelu && !kept;
+    (how.half_attention && (rope || attention)) || (how.half_gelu && gelu)
 }
 
 fn is_island(n: &proto::NodeProto, keep: &[String], low_gelu: bool) -> bool {
@@ -291,7 +300,7 @@ pub fn lower_precision(
                 "Cast" => Role::Int,
                 _ if !float_in => Role::Int,
                 op if PREDICATES.contains(&op) && n.domain.is_empty() => Role::Predicate,
-                op if half && is_half(n, &how) => Role::Half {
+                op if half && is_half(n, &how, &keep) => Role::Half {
                     data: DATA_OPS.contains(&op) && n.domain.is_empty(),
                 },
                 _ if is_island(n) => Role::Island,
@@ -321,7 +330,7 @@ pub fn lower_precision(
         Role::Island => Some(DType::F32),
         Role::Half { .. } => Some(DType::F16),
         Role::Data | Role::Compute => Some(low),
-        Role::Cast if half && is_half(n, &how) => Some(DType::F16),
+        Role::Cast if half && is_half(n, &how, &keep) => Some(DType::F16),
         Role::Cast => Some(if is_island(n) { DType::F32 } else { low }),
         Role::Int | Role::AnyInput | Role::Predicate => None,
     };
@@ -514,7 +523,10 @@ pub fn lower_precision(
             .get(&out)
             .is_some_and(|t| t.is_float() && *t != DType::F32)
         {
-            let inner = fresh(format!("{out}.{}", low.name()));
+            let inner = match ty.get(&out) {
+                Some(t) => fresh(format!("{out}.{}", t.name())),
+                None => fresh(format!("{out}.{}", low.name())),
+            };
             rename(&mut nodes, &out, &inner);
             nodes.push(cast_node(&format!("{out}/Cast"), &inner, &out, DType::F32));
             done.casts += 1;
@@ -526,8 +538,8 @@ pub fn lower_precision(
 }
 
 /// Marks the data movers (`Reshape`, …) whose every reader computes in fp16
-/// ([`Role::Half`]) fp16 themselves, so what they move is cast once, before them: the
-/// attention's q and k go from the RoPE's f32 to fp16 directly.
+/// ([`Role::Half`]) fp16 themselves, so what they move is cast once, before them: v reaches
+/// the attention, and the feed-forward's activation its GELU, through one cast.
 fn half_feeders(graph: &proto::GraphProto, roles: &mut [Role]) {
     let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
     let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
