@@ -432,9 +432,14 @@ pub fn lower_precision(
                     continue;
                 }
                 // The CPU form widens what the typed graph reads: an input of a third type
-                // (fp16 attention's output, read by a bf16 node) is first rounded as the typed
-                // graph's cast rounds it.
-                let via = out_ty.filter(|&o| how.emulate && computes && t != o && t != DType::F32);
+                // (fp16 attention's output, read by a bf16 node), or an f32 one read by an fp16
+                // node (Wan's RoPE tables), is first rounded as the typed graph's cast rounds
+                // it. (An f32 island's output read by a bf16 node is not: the CPU form has
+                // always read it unrounded.)
+                let half_reads_f32 = matches!(role, Role::Half { .. }) && t == DType::F32;
+                let via = out_ty.filter(|&o| {
+                    how.emulate && computes && t != o && (t != DType::F32 || half_reads_f32)
+                });
                 for c in via.into_iter().chain([c]) {
                     let key = (x.clone(), c);
                     if let Some(y) = casts.get(&key) {
