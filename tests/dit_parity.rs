@@ -21,6 +21,46 @@ fn dit_feed(
     pick(io, &INPUTS)
 }
 
+/// `m` written to `path`, run on the CPU provider with `feed`: its `sample`.
+fn sample_of(
+    path: &std::path::Path,
+    m: &v2l_graphs::proto::ModelProto,
+    feed: &BTreeMap<String, Tensor>,
+) -> Tensor {
+    v2l_graphs::write_model(path, m).unwrap();
+    Model::load(path, &SessionOptions::default())
+        .unwrap()
+        .run(feed)
+        .unwrap()
+        .remove("sample")
+        .unwrap()
+}
+
+/// Rank-2 LoRA factors (scale 0.8) for every linear of `ex` into `feed`, seeded from `seed`;
+/// the weights they target.
+fn rank2_lora(
+    ex: &cogvideox_dit::DitExport,
+    feed: &mut BTreeMap<String, Tensor>,
+    seed: u64,
+) -> Vec<String> {
+    for (i, l) in ex.linears.iter().enumerate() {
+        let [a, b, sc] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", l.name));
+        let factor = |shape: Vec<usize>, seed: u64| {
+            let t = v2l_runtime::tensor::gaussian_noise(shape.clone(), seed);
+            let v = t.as_f32("f").unwrap().iter().map(|x| x * 0.05).collect();
+            Tensor::f32(shape, v)
+        };
+        let k = seed + 2 * i as u64;
+        feed.insert(a, factor(vec![1, 2, l.in_features], k));
+        feed.insert(b, factor(vec![1, l.out_features, 2], k + 1));
+        feed.insert(sc, Tensor::f32(vec![1, 1, 1], vec![0.8]));
+    }
+    ex.linears
+        .iter()
+        .map(|l| format!("{}.weight", l.name))
+        .collect()
+}
+
 /// The tiny fixture's DiT exported to `dir/dit.onnx`.
 fn export_tiny(dir: &std::path::Path) -> (cogvideox_dit::DitExport, std::path::PathBuf) {
     let ck = Checkpoint::open_dir(&tiny().join("transformer")).unwrap();
@@ -281,14 +321,7 @@ fn dit_with_the_gelu_bias_fused_matches_diffusers() {
     }
     let io = load("dit_io.safetensors");
     let run = |m: &v2l_graphs::proto::ModelProto, name: &str, feed: &BTreeMap<String, Tensor>| {
-        let p = dir.path().join(name);
-        v2l_graphs::write_model(&p, m).unwrap();
-        Model::load(&p, &SessionOptions::default())
-            .unwrap()
-            .run(feed)
-            .unwrap()
-            .remove("sample")
-            .unwrap()
+        sample_of(&dir.path().join(name), m, feed)
     };
     let feed = dit_feed(&io);
     let fused = run(&m, "bias_fused.onnx", &feed);
@@ -300,23 +333,8 @@ fn dit_with_the_gelu_bias_fused_matches_diffusers() {
         1e-6,
     );
     // LoRA branches over the fused form: the branch adds onto the bias-free product.
-    let targets: Vec<String> = ex
-        .linears
-        .iter()
-        .map(|l| format!("{}.weight", l.name))
-        .collect();
     let mut feed = feed;
-    for (i, l) in ex.linears.iter().enumerate() {
-        let [a, b, sc] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", l.name));
-        let factor = |shape: Vec<usize>, seed: u64| {
-            let t = v2l_runtime::tensor::gaussian_noise(shape.clone(), seed);
-            let v = t.as_f32("f").unwrap().iter().map(|x| x * 0.05).collect();
-            Tensor::f32(shape, v)
-        };
-        feed.insert(a, factor(vec![1, 2, l.in_features], 300 + 2 * i as u64));
-        feed.insert(b, factor(vec![1, l.out_features, 2], 301 + 2 * i as u64));
-        feed.insert(sc, Tensor::f32(vec![1, 1, 1], vec![0.8]));
-    }
+    let targets = rank2_lora(&ex, &mut feed, 300);
     let (mut with, mut without) = (m, before);
     v2l_graphs::passes::add_lora_branches(&mut with, &targets).unwrap();
     v2l_graphs::passes::add_lora_branches(&mut without, &targets).unwrap();
@@ -358,14 +376,7 @@ fn dit_with_the_modulation_folded_into_its_norms_matches_diffusers() {
     assert_eq!(folded, 9, "{norms:?}");
     let io = load("dit_io.safetensors");
     let run = |m: &v2l_graphs::proto::ModelProto, name: &str, feed: &BTreeMap<String, Tensor>| {
-        let p = dir.path().join(name);
-        v2l_graphs::write_model(&p, m).unwrap();
-        Model::load(&p, &SessionOptions::default())
-            .unwrap()
-            .run(feed)
-            .unwrap()
-            .remove("sample")
-            .unwrap()
+        sample_of(&dir.path().join(name), m, feed)
     };
     let feed = dit_feed(&io);
     let folded = run(&m, "folded.onnx", &feed);
@@ -399,22 +410,7 @@ fn dit_with_the_modulation_folded_into_its_norms_matches_diffusers() {
     assert_eq!(v2l_graphs::passes::fuse_gelu_bias(&mut cuda), 2);
     let mut cuda_folded = cuda.clone();
     assert_eq!(v2l_graphs::passes::fold_modulation(&mut cuda_folded), 9);
-    let targets: Vec<String> = ex
-        .linears
-        .iter()
-        .map(|l| format!("{}.weight", l.name))
-        .collect();
-    for (i, l) in ex.linears.iter().enumerate() {
-        let [a, b, sc] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", l.name));
-        let factor = |shape: Vec<usize>, seed: u64| {
-            let t = v2l_runtime::tensor::gaussian_noise(shape.clone(), seed);
-            let v = t.as_f32("f").unwrap().iter().map(|x| x * 0.05).collect();
-            Tensor::f32(shape, v)
-        };
-        feed.insert(a, factor(vec![1, 2, l.in_features], 500 + 2 * i as u64));
-        feed.insert(b, factor(vec![1, l.out_features, 2], 501 + 2 * i as u64));
-        feed.insert(sc, Tensor::f32(vec![1, 1, 1], vec![0.8]));
-    }
+    let targets = rank2_lora(&ex, &mut feed, 500);
     v2l_graphs::passes::add_lora_branches(&mut cuda, &targets).unwrap();
     v2l_graphs::passes::add_lora_branches(&mut cuda_folded, &targets).unwrap();
     assert_close(

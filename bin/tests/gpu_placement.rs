@@ -432,18 +432,7 @@ fn the_dits_gelus_compute_in_fp16_f32_or_the_engines_type() {
         assert!(p.no_kernel.is_empty(), "{}: {:?}", g.display(), p.no_kernel);
     }
     refused_but_on_cuda_below_fp32(&export, d.path(), "--low-gelu");
-    for (backend, precision) in [("cuda", "fp16"), ("cpu", "bf16"), ("tensorrt", "bf16")] {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
-            .arg(&export)
-            .arg("-o")
-            .arg(d.path().join(format!("f32-gelu-{backend}-{precision}")))
-            .args(["--backend", backend, "--precision", precision, "--f32-gelu"])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_ne!(o.status.code(), Some(0), "{backend} {precision}");
-        assert!(err.contains("--f32-gelu"), "{backend} {precision}: {err}");
-    }
+    refused_but_on_cuda_bf16(&export, d.path(), "--f32-gelu");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
         .arg(&export)
         .arg("-o")
@@ -479,11 +468,36 @@ fn dit_rel_l2(engine: &Path) -> f64 {
 /// A compile flag for cuda engines at fp16/bf16 only: fp32 cuda, bf16 cpu and bf16 tensorrt
 /// engines refuse it, naming it.
 fn refused_but_on_cuda_below_fp32(export: &Path, dir: &Path, flag: &str) {
-    for (backend, precision) in [("cuda", "fp32"), ("cpu", "bf16"), ("tensorrt", "bf16")] {
+    refused_on(
+        export,
+        dir,
+        flag,
+        &[("cuda", "fp32"), ("cpu", "bf16"), ("tensorrt", "bf16")],
+    );
+}
+
+/// A compile flag for cuda engines at bf16 only: fp16 and fp32 cuda engines refuse it too.
+fn refused_but_on_cuda_bf16(export: &Path, dir: &Path, flag: &str) {
+    refused_on(
+        export,
+        dir,
+        flag,
+        &[
+            ("cuda", "fp16"),
+            ("cuda", "fp32"),
+            ("cpu", "bf16"),
+            ("tensorrt", "bf16"),
+        ],
+    );
+}
+
+/// Each of `engines` (backend, precision) refuses `flag`, naming it.
+fn refused_on(export: &Path, dir: &Path, flag: &str, engines: &[(&str, &str)]) {
+    for &(backend, precision) in engines {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
             .arg(export)
             .arg("-o")
-            .arg(dir.join(format!("refused-{backend}-{precision}")))
+            .arg(dir.join(format!("refused{flag}-{backend}-{precision}")))
             .args(["--backend", backend, "--precision", precision])
             .arg(flag)
             .output()
@@ -581,30 +595,5 @@ fn bf16_cuda_engines_attend_in_fp16() {
         h < 1e-2 && (h - b).abs() < 0.1 * b,
         "fp16 {h:.3e}, bf16 {b:.3e}"
     );
-    for (backend, precision) in [
-        ("cuda", "fp16"),
-        ("cuda", "fp32"),
-        ("cpu", "bf16"),
-        ("tensorrt", "bf16"),
-    ] {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
-            .arg(&export)
-            .arg("-o")
-            .arg(d.path().join(format!("refused-{backend}-{precision}")))
-            .args([
-                "--backend",
-                backend,
-                "--precision",
-                precision,
-                "--bf16-attention",
-            ])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_ne!(o.status.code(), Some(0), "{backend} {precision}");
-        assert!(
-            err.contains("--bf16-attention"),
-            "{backend} {precision}: {err}"
-        );
-    }
+    refused_but_on_cuda_bf16(&export, d.path(), "--bf16-attention");
 }

@@ -27,3 +27,12 @@ pub use write::{
     external_data_files, for_each_initializer, locate_initializers, read_initializers, read_model,
     save, write_model, ExternalData, InitializerData, InitializerInfo, WriteError, Written,
 };
+
+/// `g` saved to a temporary file and read back as the model passes rewrite (unit tests).
+#[cfg(test)]
+pub(crate) fn saved_model(g: &Graph) -> proto::ModelProto {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("m.onnx");
+    save(g, &p, ExternalData::Auto).unwrap();
+    read_model(&p).unwrap()
+}

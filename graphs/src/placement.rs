@@ -397,12 +397,7 @@ mod tests {
     use super::*;
     use crate::{Attr, Graph, TensorData};
 
-    fn model(g: &Graph) -> ModelProto {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("m.onnx");
-        crate::save(g, &p, crate::ExternalData::Auto).unwrap();
-        crate::read_model(&p).unwrap()
-    }
+    use crate::saved_model as model;
 
     #[test]
     fn the_table_reads_as_onnx_runtime_registers() {

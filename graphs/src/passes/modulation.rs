@@ -142,19 +142,18 @@ mod tests {
     use super::*;
     use crate::{Attr, DType, Graph};
 
-    fn model(g: &Graph) -> ModelProto {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("m.onnx");
-        crate::save(g, &p, crate::ExternalData::Auto).unwrap();
-        crate::read_model(&p).unwrap()
+    use crate::saved_model as model;
+
+    /// `[b, n, 4]`: a batch of token rows.
+    fn tokens() -> Vec<crate::Dim> {
+        vec!["b".into(), "n".into(), 4.into()]
     }
 
     /// `LayerNorm(x) · s + t` with per-sample `s` and `t`; `bias`: the norm has one; `swap`:
     /// the operands in the other order.
     fn adaln(bias: bool, swap: bool) -> (Graph, crate::Value) {
         let mut g = Graph::new("t");
-        let dims = || vec!["b".into(), "n".into(), 4.into()];
-        let x = g.input("x", DType::F32, dims());
+        let x = g.input("x", DType::F32, tokens());
         let s = g.input("s", DType::F32, vec!["b".into(), 1.into(), 4.into()]);
         let t = g.input("t", DType::F32, vec!["b".into(), 1.into(), 4.into()]);
         let w = g.const_f32(&[1.0, 2.0, 0.5, 1.5], &[4]);
@@ -179,7 +178,7 @@ mod tests {
                 g.add(&p, &t)
             }
         });
-        g.output(&z, "out", DType::F32, dims());
+        g.output(&z, "out", DType::F32, tokens());
         (g, y)
     }
 
@@ -234,16 +233,11 @@ mod tests {
     fn leaves_a_norm_whose_output_is_read_elsewhere_or_whose_scale_reads_it() {
         // The norm's output is also a graph output.
         let (mut g, y) = adaln(true, false);
-        g.output(
-            &y,
-            "normed",
-            DType::F32,
-            vec!["b".into(), "n".into(), 4.into()],
-        );
+        g.output(&y, "normed", DType::F32, tokens());
         assert_eq!(fold_modulation(&mut model(&g)), 0);
         // The multiplier is computed from the normalised tensor itself.
         let mut g = Graph::new("t");
-        let x = g.input("x", DType::F32, vec!["b".into(), "n".into(), 4.into()]);
+        let x = g.input("x", DType::F32, tokens());
         let t = g.input("t", DType::F32, vec!["b".into(), 1.into(), 4.into()]);
         let w = g.const_f32(&[1.0; 4], &[4]);
         let b = g.const_f32(&[0.0; 4], &[4]);
@@ -255,12 +249,7 @@ mod tests {
         );
         let p = g.mul(&y, &s);
         let z = g.add(&p, &t);
-        g.output(
-            &z,
-            "out",
-            DType::F32,
-            vec!["b".into(), "n".into(), 4.into()],
-        );
+        g.output(&z, "out", DType::F32, tokens());
         assert_eq!(fold_modulation(&mut model(&g)), 0);
     }
 }
