@@ -203,6 +203,14 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
         ..Default::default()
     };
     let mut device = Vae::load(&e, &carried).unwrap();
+    // Bound runs (what CUDA graphs need): each batch's inputs copied into the buffers of its
+    // shapes, the caches from the previous batch's output buffers; twice, so the second
+    // clip runs on buffers bound by the first.
+    let bound = SessionOptions {
+        bound_runs: true,
+        ..carried.clone()
+    };
+    let mut replayed = Vae::load(&e, &bound).unwrap();
     let io = load("vae_io.safetensors");
     let (m0, l0) = host.encode(&io["video"]).unwrap();
     let (m1, l1) = device.encode(&io["video"]).unwrap();
@@ -213,6 +221,18 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
     assert_eq!(d0.shape, d1.shape);
     assert_eq!(d0.data, d1.data);
     assert_close("carried decode", &d1, &io["decoded"], F32_REL_L2);
+    for round in 0..2 {
+        let (m2, l2) = replayed.encode(&io["video"]).unwrap();
+        assert!(
+            m2.data == m0.data && l2.data == l0.data,
+            "bound encode {round}"
+        );
+        let d2 = replayed.decode(&io["latents"]).unwrap();
+        assert!(
+            d2.shape == d0.shape && d2.data == d0.data,
+            "bound decode {round}"
+        );
+    }
     let entry = e.manifest.vae.clone().unwrap();
     let graphs = e.vae_graphs(&entry);
     assert_first_batch_ignores_caches(&engine, &entry, &graphs, &io["video"], &io["latents"]);
@@ -467,9 +487,10 @@ fn low_precision_caches_carry_in_their_declared_type() {
     };
     let frames = |t: &Tensor, from: usize, to: usize| t.slice_axis(2, from, to).unwrap().data;
     let mut outs: Vec<Vec<Tensor>> = Vec::new();
-    for in_session in [true, false] {
+    for (in_session, bound_runs) in [(true, false), (false, false), (true, true)] {
         let opts = SessionOptions {
             carry_in_session_memory: in_session,
+            bound_runs,
             ..Default::default()
         };
         let mut m = Model::load(&path, &opts).unwrap();

@@ -145,6 +145,59 @@ fn image_to_video_matches_diffusers_with_and_without_video2lora() {
 }
 
 /// A successful `v2l-run --json`'s report: its last stdout line, and that line parsed.
+/// Bound runs (what a CUDA graph needs: every session's inputs copied into buffers bound once
+/// per set of shapes, its outputs left in buffers of its own) give the frames of plain runs,
+/// bitwise, on the CPU provider: the reference's LoRA predicted and switched in (the
+/// `unfused` factors, fixed inputs copied again only when changed; `fused` and `bound`
+/// weights rebuilt or borrowed per run), the VAE's caches carried between frame batches, a
+/// request with a different step count, and back to the base.
+#[test]
+fn bound_runs_give_the_frames_of_plain_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine(d.path());
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let base = two_step_request(&io);
+    let with_ref = RequestParts {
+        lora: RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0),
+        ..base.clone()
+    };
+    let longer = RequestParts {
+        steps: 3,
+        ..base.clone()
+    };
+    for strategy in [Strategy::Unfused, Strategy::Fused, Strategy::Bound] {
+        let mut results = Vec::new();
+        for bound_runs in [false, true] {
+            let opts = SessionOptions {
+                bound_runs,
+                ..Default::default()
+            };
+            let mut p =
+                Pipeline::load_with_strategy(Engine::open(&eng).unwrap(), &opts, strategy).unwrap();
+            let mut run = |req: &RequestParts| {
+                let g = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
+                (g.frames, g.latents_steps, g.hyper_weights)
+            };
+            results.push([run(&base), run(&with_ref), run(&longer), run(&base)]);
+        }
+        let names = ["base", "reference", "3 steps", "base again"];
+        for (i, name) in names.iter().enumerate() {
+            assert!(
+                results[0][i] == results[1][i],
+                "{strategy:?}: {name}: bound runs differ from plain ones"
+            );
+        }
+        assert!(
+            results[1][0] == results[1][3],
+            "{strategy:?}: the LoRA lingered"
+        );
+        assert!(
+            results[1][0].0 != results[1][1].0,
+            "{strategy:?}: the LoRA did nothing"
+        );
+    }
+}
+
 fn json_report(o: &std::process::Output) -> (String, serde_json::Value) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let line = String::from_utf8_lossy(&o.stdout)

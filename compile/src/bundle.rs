@@ -272,6 +272,12 @@ pub fn compile_with(
             what: format!("--cuda-option {k}={v}"),
             message,
         })?;
+        if k == "enable_cuda_graph" && v == "1" && backend != Backend::Cuda {
+            return Err(CompileError::Invalid {
+                what: format!("--cuda-option {k}={v}"),
+                message: "CUDA graphs are for cuda engines: a tensorrt engine's CUDA provider runs only the nodes TensorRT does not take, so no run can be captured whole".into(),
+            });
+        }
     }
     job.cuda_options = opts.cuda_options.iter().cloned().collect();
     job.vae_bf16 = opts
@@ -1022,7 +1028,9 @@ impl<'a> Job<'a> {
 
     /// Step 7 (cuda engines): every node of every graph has a kernel in ONNX Runtime's CUDA
     /// provider ([`v2l_graphs::placement`]): a node without one would run on the CPU with a
-    /// copy on each side, so such an engine is refused, naming the nodes.
+    /// copy on each side, so such an engine is refused, naming the nodes. With CUDA graphs
+    /// (`enable_cuda_graph=1`) no graph may branch or loop: ONNX Runtime cannot capture
+    /// control flow and would refuse the session at load.
     fn check_cuda_placement(&self, tmp: &Path) -> Result<()> {
         use v2l_graphs::placement::{cuda_placement, KernelTable};
         if self.backend != Backend::Cuda {
@@ -1036,6 +1044,24 @@ impl<'a> Job<'a> {
         graphs.sort();
         for g in graphs {
             let model = v2l_graphs::read_model(&g).map_err(io(&g))?;
+            let captured = self
+                .cuda_options
+                .get("enable_cuda_graph")
+                .is_some_and(|v| v == "1");
+            let flow = model.graph.iter().flat_map(|g| &g.node).find(|n| {
+                matches!(n.op_type.as_str(), "If" | "Loop" | "Scan") && n.domain.is_empty()
+            });
+            if let (true, Some(n)) = (captured, flow) {
+                return Err(CompileError::Invalid {
+                    what: "--cuda-option enable_cuda_graph=1".into(),
+                    message: format!(
+                        "{} has a `{}` node ({}): ONNX Runtime cannot capture control flow in a CUDA graph",
+                        g.file_name().unwrap_or_default().to_string_lossy(),
+                        n.op_type,
+                        n.name
+                    ),
+                });
+            }
             let p = cuda_placement(&model, KernelTable::ort_cuda());
             if let Some(first) = p.no_kernel.first() {
                 return Err(CompileError::Invalid {

@@ -77,9 +77,11 @@ pub struct BackendOptions {
 /// kernels, not numbers' meaning, except `sdpa_kernel` (which attention kernels
 /// `MultiHeadAttention` may pick: a bit set of flash 1, memory-efficient 2, TensorRT fused 4,
 /// cuDNN flash 8, math 16, …; 0 lets ONNX Runtime choose). `use_tf32` has its own switch
-/// (`--tf32`) and `device_id` is the session's; CUDA graphs need graphs without the CPU's shape
-/// nodes, which v2l's graphs still have.
-const CUDA_OPTIONS: [(&str, &[&str]); 7] = [
+/// (`--tf32`) and `device_id` is the session's. `enable_cuda_graph=1` captures each session's
+/// runs as CUDA graphs, one per set of input shapes, and turns on the bound runs that need
+/// ([`crate::SessionOptions::bound_runs`]).
+const CUDA_OPTIONS: [(&str, &[&str]); 8] = [
+    ("enable_cuda_graph", &["0", "1"]),
     (
         "cudnn_conv_algo_search",
         &["EXHAUSTIVE", "HEURISTIC", "DEFAULT"],
@@ -101,7 +103,6 @@ pub fn check_cuda_option(key: &str, value: &str) -> std::result::Result<(), Stri
         let known: Vec<&str> = CUDA_OPTIONS.iter().map(|(k, _)| *k).collect();
         let hint = match key {
             "use_tf32" => " (TF32 is `v2l-compile --tf32`)",
-            "enable_cuda_graph" => " (CUDA graphs need graphs without CPU shape nodes)",
             _ => "",
         };
         return Err(format!(
@@ -221,6 +222,13 @@ impl BackendOptions {
         o
     }
 
+    /// Whether the CUDA provider captures CUDA graphs (`enable_cuda_graph=1`): a cuda
+    /// engine's sessions then run through bound buffers.
+    pub fn cuda_graph(&self) -> bool {
+        self.backend == Backend::Cuda
+            && self.cuda.get("enable_cuda_graph").is_some_and(|v| v == "1")
+    }
+
     /// CUDA provider options. ONNX Runtime's CUDA provider runs fp32 convolutions and
     /// matrix products in TF32 unless `use_tf32` is 0: on the H100 that put the tiny fixture's
     /// fp32 frames 3.2e-3 from the CPU engine and the real VAE decode 2.1e-2 from PyTorch fp32.
@@ -229,7 +237,14 @@ impl BackendOptions {
             ("device_id".to_string(), self.device_id.to_string()),
             ("use_tf32".into(), u8::from(self.tf32).to_string()),
         ];
-        o.extend(self.cuda.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // A TensorRT engine's CUDA provider takes the nodes TensorRT does not: it cannot
+        // capture the run whole, and ONNX Runtime refuses the session if asked to.
+        o.extend(
+            self.cuda
+                .iter()
+                .filter(|(k, _)| self.backend == Backend::Cuda || *k != "enable_cuda_graph")
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         o
     }
 
@@ -439,7 +454,7 @@ mod tests {
                 "EXHAUSTIVE or HEURISTIC or DEFAULT",
             ),
             ("use_tf32=1", "--tf32"),
-            ("enable_cuda_graph=1", "shape nodes"),
+            ("enable_cuda_graph=yes", "0 or 1"),
             ("sdpa_kernel=-1", "bit set"),
             ("prefer_nhwc", "KEY=VALUE"),
         ] {

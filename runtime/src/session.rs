@@ -9,6 +9,7 @@ use ort::value::{DynValue, DynValueRef, Tensor as OrtTensor, TensorRef, ValueTyp
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
 
+mod bound;
 mod pager;
 pub use pager::release_freed_memory;
 
@@ -40,6 +41,10 @@ pub struct SessionOptions {
     /// which provider, take the time. On CUDA a node's time is its kernels' only with
     /// `CUDA_LAUNCH_BLOCKING=1` (launches are asynchronous otherwise).
     pub profile: Option<PathBuf>,
+    /// Run through buffers bound once per set of input shapes, as CUDA graphs need (the
+    /// engine's `enable_cuda_graph`, which turns this on): each set's inputs are copied into
+    /// its own buffers and its outputs read from its own. On the CPU only to test that path.
+    pub bound_runs: bool,
 }
 
 /// An ONNX model ready to run on the CPU backend.
@@ -58,6 +63,8 @@ pub struct Model {
     carry_alloc: Option<ort::memory::Allocator>,
     /// Profiling is on ([`SessionOptions::profile`]): the trace is finished on drop.
     profiling: bool,
+    /// The buffers of bound runs ([`SessionOptions::bound_runs`]).
+    bound: Option<Box<bound::Bound>>,
 }
 
 impl Drop for Model {
@@ -244,16 +251,15 @@ impl Model {
             .and_then(|d| Ok(b.with_operators(d)?))
             .map_err(ort_err(format!("{ctx}: the ai.v2l operators")))?;
         let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
-        let eps = if gpu {
+        let mut backend = opts.backend.clone();
+        if gpu {
             // `V2L_CUDA_OPTIONS` over the engine's own settings, for this process.
-            let mut backend = opts.backend.clone();
             backend
                 .cuda
                 .extend(crate::backend::cuda_options_from_env()?);
-            backend.dispatch()
-        } else {
-            opts.backend.dispatch()
-        };
+        }
+        let eps = backend.dispatch();
+        let bound_runs = opts.bound_runs || backend.cuda_graph();
         if !eps.is_empty() {
             let backend = opts.backend.backend.name();
             if gpu {
@@ -317,6 +323,24 @@ impl Model {
             ),
             None => None,
         };
+        let bound = match bound_runs {
+            false => None,
+            true => {
+                let info = match device {
+                    Some(id) => ort::memory::MemoryInfo::new(
+                        ort::memory::AllocationDevice::CUDA,
+                        id,
+                        ort::memory::AllocatorType::Device,
+                        ort::memory::MemoryType::Default,
+                    ),
+                    None => Ok(ort::memory::MemoryInfo::default()),
+                };
+                let alloc = info
+                    .and_then(|info| ort::memory::Allocator::new(&session, info))
+                    .map_err(ort_err(format!("{ctx}: allocator of bound runs")))?;
+                Some(Box::new(bound::Bound::new(alloc, device)))
+            }
+        };
         Ok(Model {
             path: path.into(),
             session,
@@ -326,6 +350,7 @@ impl Model {
             device,
             carry_alloc,
             profiling: opts.profile.is_some(),
+            bound,
         })
     }
 
@@ -347,6 +372,9 @@ impl Model {
             let err = || ort_err(format!("{ctx}: input `{name}`"));
             // The replaced value goes first, so a large input is not held twice.
             self.fixed.remove(&name);
+            if let Some(b) = &mut self.bound {
+                b.fixed_changed(&name);
+            }
             let v = into_ort(t).map_err(err())?;
             let v = match self.device {
                 None => v,
@@ -367,6 +395,9 @@ impl Model {
     pub fn fixed_f32_mut(&mut self, name: &str, shape: &[usize]) -> Option<&mut [f32]> {
         if self.device.is_some() {
             return None;
+        }
+        if let Some(b) = &mut self.bound {
+            b.fixed_changed(name);
         }
         let (have, data) = self
             .fixed
@@ -433,8 +464,9 @@ impl Model {
             let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
             let v = ort::value::DynTensor::new(alloc, self.input_type(name)?, dims)
                 .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
-            carry.0.insert(name.clone(), v.into_dyn());
+            carry.values.insert(name.clone(), v.into_dyn());
         }
+        carry.unwritten = true;
         Ok(Some(carry))
     }
 
@@ -487,11 +519,14 @@ impl Model {
         links: &[(String, String)],
         wanted: Option<&[&str]>,
     ) -> Result<BTreeMap<String, Tensor>> {
+        if self.bound.is_some() {
+            return self.run_bound(inputs, borrowed, carry, links, wanted);
+        }
         let ctx = self.path.display().to_string();
         let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> =
             Vec::with_capacity(self.inputs.len() + borrowed.len());
         for name in &self.inputs {
-            if let Some(v) = carry.0.get(name) {
+            if let Some(v) = carry.values.get(name) {
                 values.push((name.clone(), v.into()));
             } else if let Some(t) = inputs.get(name) {
                 let v = view(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?;
@@ -531,7 +566,7 @@ impl Model {
                 // return each output in host memory and copy it back for the next batch).
                 if let Some(alloc) = &self.carry_alloc {
                     for (input, output) in links {
-                        let (ty, shape) = match carry.0.get(input) {
+                        let (ty, shape) = match carry.values.get(input) {
                             Some(v) => (
                                 v.dtype().tensor_type(),
                                 v.dtype().tensor_shape().map(|s| s.to_vec()),
@@ -578,7 +613,76 @@ impl Model {
             );
         }
         drop(outs);
-        carry.0 = next;
+        carry.values = next;
+        carry.unwritten = false;
+        Ok(result)
+    }
+
+    /// [`Model::run_core`] through bound buffers ([`SessionOptions::bound_runs`]): every input,
+    /// from wherever it is held, copied into the buffers of its shapes' set (a fixed input only
+    /// when it has changed, a carried one from the output buffer that holds it).
+    fn run_bound(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        borrowed: &[(&str, &[usize], &[f32])],
+        carry: &mut Carry,
+        links: &[(String, String)],
+        wanted: Option<&[&str]>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        use bound::Source;
+        let ctx = self.path.display().to_string();
+        let mut sources: Vec<(String, Source<'_>)> = Vec::new();
+        for name in &self.inputs {
+            let source = if let Some(at) = carry.bound.get(name) {
+                Source::Output(at.0, at.1.clone())
+            } else if let Some(v) = carry.values.get(name) {
+                match carry.unwritten {
+                    true => Source::Unwritten(v),
+                    false => Source::Fixed(v),
+                }
+            } else if let Some(t) = inputs.get(name) {
+                Source::Host(t)
+            } else if let Some(v) = self.fixed.get(name) {
+                Source::Fixed(v)
+            } else if let Some((_, shape, data)) = borrowed.iter().find(|(n, _, _)| n == name) {
+                Source::Borrowed(shape, data)
+            } else {
+                return Err(RuntimeError::Graph {
+                    graph: ctx,
+                    message: format!("input `{name}` was not given"),
+                });
+            };
+            sources.push((name.clone(), source));
+        }
+        for (name, v) in &self.fixed {
+            if !self.inputs.contains(name) {
+                sources.push((name.clone(), Source::Fixed(v)));
+            }
+        }
+        let linked: Vec<&str> = links.iter().map(|(_, o)| o.as_str()).collect();
+        let fetch: Vec<String> = match wanted {
+            Some(names) => names.iter().map(|n| n.to_string()).collect(),
+            None => self.outputs.clone(),
+        }
+        .into_iter()
+        .filter(|n| !linked.contains(&n.as_str()))
+        .collect();
+        let Some(bound) = self.bound.as_mut() else {
+            return Err(RuntimeError::Graph {
+                graph: ctx,
+                message: "is not set up for bound runs".into(),
+            });
+        };
+        let result = bound.run(
+            &mut self.session,
+            &ctx,
+            sources,
+            &fetch,
+            links,
+            &mut carry.bound,
+        )?;
+        carry.values.clear();
+        carry.unwritten = false;
         Ok(result)
     }
 }
@@ -609,7 +713,14 @@ fn ort_element_type(t: &Tensor) -> Option<ort::value::TensorElementType> {
 
 /// Outputs of one run held for the next as ONNX Runtime values ([`Model::run_carrying`]).
 #[derive(Default)]
-pub struct Carry(BTreeMap<String, DynValue>);
+pub struct Carry {
+    values: BTreeMap<String, DynValue>,
+    /// [`Model::unwritten_carry`]'s: `values` were never written, so a bound run copies none.
+    unwritten: bool,
+    /// After a bound run: each carried input's value is still in that run's output buffer
+    /// (set, output), copied from there into the next run's own.
+    bound: BTreeMap<String, (usize, String)>,
+}
 
 /// A GPU session keeps every node on the GPU provider. ONNX Runtime itself refuses a CPU node
 /// (`session.disable_cpu_ep_fallback`) where it can: in a graph without `Shape`/`Size`, whose

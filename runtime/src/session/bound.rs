@@ -1,0 +1,456 @@
+//! Runs through buffers bound once per shape of the inputs (ONNX Runtime's IoBinding), as the
+//! CUDA provider's graph capture needs (`enable_cuda_graph`): a captured CUDA graph replays
+//! its kernels on the addresses it was captured with and reads no feeds, so every run of one
+//! set of input shapes must find its inputs in the same buffers and leaves its outputs in the
+//! same buffers. Each set gets its own buffers and graph id (`gpu_graph_id`); its first run
+//! is plain (its outputs' shapes are learnt from it), ONNX Runtime captures on the second and
+//! replays from then on. On the CPU provider the same buffers run without a graph: that is how
+//! this path is tested where there is no GPU.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ort::memory::Allocator;
+use ort::session::{IoBinding, RunOptions, Session};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType};
+
+use super::{from_ort, ort_err, view};
+use crate::error::{Result, RuntimeError};
+use crate::tensor::Tensor;
+
+/// At most this many sets of buffers per session; the oldest goes first. A set's graph id is
+/// never reused: ONNX Runtime would replay the graph captured on the dropped set's buffers.
+const MAX_SETS: usize = 8;
+
+/// The bound buffers of one session.
+pub(super) struct Bound {
+    sets: Vec<Set>,
+    /// Where the buffers live: the session's device (the host on the CPU provider).
+    alloc: Allocator,
+    /// The CUDA device, `None` on the CPU provider (no graph to capture).
+    device: Option<i32>,
+    next_id: i32,
+    /// Identity sessions that copy into and out of the buffers, one per element type.
+    copiers: Vec<Copier>,
+    /// Each fixed input's generation, bumped whenever it is set or rewritten: a set copies a
+    /// fixed input into its buffer again only when it has changed.
+    generation: HashMap<String, u64>,
+    tick: u64,
+}
+
+/// The buffers, binding and graph of one set of input shapes.
+struct Set {
+    /// Every input's (name, element type, shape): what selects the set.
+    key: Vec<(String, TensorElementType, Vec<i64>)>,
+    /// The CUDA graph annotation: 1, 2, … (0 is ONNX Runtime's own, -1 runs without a graph).
+    id: i32,
+    binding: IoBinding,
+    inputs: BTreeMap<String, DynTensor>,
+    /// Fixed inputs' generations as last copied into `inputs`.
+    copied: HashMap<String, u64>,
+    /// Output buffers: `None` until the set's first run has given their shapes.
+    outputs: Option<BTreeMap<String, DynTensor>>,
+    /// For dropping the least recently used set.
+    last_used: u64,
+}
+
+/// Where one input of a bound run comes from.
+pub(super) enum Source<'a> {
+    /// A host tensor given for this run (copied in on every run).
+    Host(&'a Tensor),
+    /// A fixed input (copied in when its generation changed).
+    Fixed(&'a DynValue),
+    /// f32 data borrowed for this run.
+    Borrowed(&'a [usize], &'a [f32]),
+    /// A carried value never written ([`super::Model::unwritten_carry`]): nothing to copy.
+    Unwritten(&'a DynValue),
+    /// A carried value still in the output buffer `.1` of set `.0` (a previous bound run's).
+    Output(usize, String),
+}
+
+impl Bound {
+    pub(super) fn new(alloc: Allocator, device: Option<i32>) -> Bound {
+        Bound {
+            sets: Vec::new(),
+            alloc,
+            device,
+            next_id: 1,
+            copiers: Vec::new(),
+            generation: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// Marks the fixed input `name` as changed (set again, or written in place).
+    pub(super) fn fixed_changed(&mut self, name: &str) {
+        self.tick += 1;
+        self.generation.insert(name.to_string(), self.tick);
+    }
+
+    /// One bound run: copies each input from its source into the buffers of the set its
+    /// shapes select, runs, and returns the `fetch` outputs on the host. Afterwards `carry`
+    /// names, for each `(input, output)` of `links`, the output buffer that holds the input's
+    /// next value.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run(
+        &mut self,
+        session: &mut Session,
+        ctx: &str,
+        sources: Vec<(String, Source<'_>)>,
+        fetch: &[String],
+        links: &[(String, String)],
+        carry: &mut BTreeMap<String, (usize, String)>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let mut key = Vec::with_capacity(sources.len());
+        for (name, source) in &sources {
+            let (ty, shape) = self
+                .source_type(source)
+                .ok_or_else(|| RuntimeError::Graph {
+                    graph: ctx.to_string(),
+                    message: format!("input `{name}` is not a tensor"),
+                })?;
+            key.push((name.clone(), ty, shape));
+        }
+        let at = match self.sets.iter().position(|s| s.key == key) {
+            Some(at) => at,
+            None => self.add_set(session, ctx, key)?,
+        };
+        self.tick += 1;
+        self.sets[at].last_used = self.tick;
+        for (name, source) in &sources {
+            self.fill(at, name, source)
+                .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
+        }
+
+        let set = &mut self.sets[at];
+        let first = set.outputs.is_none();
+        let mut options = RunOptions::new().map_err(ort_err(ctx))?;
+        if self.device.is_some() {
+            let id = if first { -1 } else { set.id };
+            options
+                .set("gpu_graph_id", id.to_string())
+                .map_err(ort_err(ctx))?;
+        }
+        let outs = session
+            .run_binding_with_options(&set.binding, &options)
+            .map_err(ort_err(ctx))?;
+        if first {
+            // This run's outputs, allocated by ONNX Runtime, are copied once into the set's
+            // own buffers, bound from now on.
+            let mut buffers = BTreeMap::new();
+            for (name, v) in outs.iter() {
+                let err = ort_err(format!("{ctx}: output `{name}`"));
+                let v = v.downcast::<DynTensorValueType>().map_err(err)?;
+                let shape = v.shape().to_vec();
+                let err = ort_err(format!("{ctx}: output `{name}`"));
+                let ty = *v.data_type();
+                let buffer = copier(&mut self.copiers, ty, self.device)
+                    .and_then(|c| {
+                        let mut b = DynTensor::new(&self.alloc, ty, shape)?;
+                        c.copy(&v, &mut b).map(|()| b)
+                    })
+                    .map_err(err)?;
+                buffers.insert(name.to_string(), buffer);
+            }
+            drop(outs);
+            for (name, buffer) in buffers.iter_mut() {
+                set.binding
+                    .bind_output(name.as_str(), buffer)
+                    .map_err(ort_err(format!("{ctx}: output `{name}`")))?;
+            }
+            set.outputs = Some(buffers);
+        } else {
+            drop(outs);
+        }
+
+        let mut result = BTreeMap::new();
+        for name in fetch {
+            let buffer = self.sets[at]
+                .outputs
+                .as_ref()
+                .and_then(|o| o.get(name))
+                .ok_or_else(|| RuntimeError::missing_output(ctx, name))?;
+            let t = to_host(&mut self.copiers, self.device, buffer)
+                .map_err(ort_err(format!("{ctx}: output `{name}`")))?;
+            result.insert(name.clone(), t);
+        }
+        carry.clear();
+        for (input, output) in links {
+            carry.insert(input.clone(), (at, output.clone()));
+        }
+        Ok(result)
+    }
+
+    fn source_type(&self, source: &Source<'_>) -> Option<(TensorElementType, Vec<i64>)> {
+        let dims = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
+        match source {
+            Source::Host(t) => Some((super::ort_element_type(t)?, dims(&t.shape))),
+            Source::Fixed(v) | Source::Unwritten(v) => {
+                Some((v.dtype().tensor_type()?, v.dtype().tensor_shape()?.to_vec()))
+            }
+            Source::Borrowed(shape, _) => Some((TensorElementType::Float32, dims(shape))),
+            Source::Output(set, name) => {
+                let b = self.sets.get(*set)?.outputs.as_ref()?.get(name)?;
+                Some((*b.data_type(), b.shape().to_vec()))
+            }
+        }
+    }
+
+    /// A new set for `key`: a buffer per input, bound; outputs to the device until the first
+    /// run gives their shapes. Drops the least recently used set beyond [`MAX_SETS`].
+    fn add_set(
+        &mut self,
+        session: &Session,
+        ctx: &str,
+        key: Vec<(String, TensorElementType, Vec<i64>)>,
+    ) -> Result<usize> {
+        if self.sets.len() >= MAX_SETS {
+            if let Some(oldest) = (0..self.sets.len()).min_by_key(|&i| self.sets[i].last_used) {
+                self.sets.remove(oldest);
+            }
+        }
+        let mut binding = session.create_binding().map_err(ort_err(ctx))?;
+        let mut inputs = BTreeMap::new();
+        for (name, ty, shape) in &key {
+            let err = || ort_err(format!("{ctx}: input `{name}`"));
+            let buffer = DynTensor::new(&self.alloc, *ty, shape.clone()).map_err(err())?;
+            binding.bind_input(name.as_str(), &buffer).map_err(err())?;
+            inputs.insert(name.clone(), buffer);
+        }
+        for output in session.outputs() {
+            binding
+                .bind_output_to_device(output.name(), self.alloc.memory_info())
+                .map_err(ort_err(format!("{ctx}: output `{}`", output.name())))?;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.sets.push(Set {
+            key,
+            id,
+            binding,
+            inputs,
+            copied: HashMap::new(),
+            outputs: None,
+            last_used: 0,
+        });
+        Ok(self.sets.len() - 1)
+    }
+
+    /// Copies input `name` of set `at` from `source` where its buffer does not hold it yet.
+    fn fill(&mut self, at: usize, name: &str, source: &Source<'_>) -> ort::Result<()> {
+        let generation = self.generation.get(name).copied().unwrap_or(0);
+        let ty = self.sets[at]
+            .inputs
+            .get(name)
+            .map(|b| *b.data_type())
+            .ok_or_else(|| missing(name))?;
+        let c = copier(&mut self.copiers, ty, self.device)?;
+        if let Source::Output(from, output) = source {
+            let from = *from;
+            if from == at {
+                let Set {
+                    inputs, outputs, ..
+                } = &mut self.sets[at];
+                return match (
+                    outputs.as_ref().and_then(|o| o.get(output)),
+                    inputs.get_mut(name),
+                ) {
+                    (Some(src), Some(dst)) => c.copy(src, dst),
+                    _ => Err(missing(name)),
+                };
+            }
+            let (src_set, dst_set) = if from < at {
+                let (a, b) = self.sets.split_at_mut(at);
+                (&a[from], &mut b[0])
+            } else {
+                let (a, b) = self.sets.split_at_mut(from);
+                (&b[0], &mut a[at])
+            };
+            return match (
+                src_set.outputs.as_ref().and_then(|o| o.get(output)),
+                dst_set.inputs.get_mut(name),
+            ) {
+                (Some(src), Some(dst)) => c.copy(src, dst),
+                _ => Err(missing(name)),
+            };
+        }
+        let set = &mut self.sets[at];
+        let dst = set.inputs.get_mut(name).ok_or_else(|| missing(name))?;
+        match source {
+            Source::Host(t) => c.copy(&*view(t)?, dst),
+            Source::Borrowed(shape, data) => {
+                let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                let v = ort::value::TensorRef::from_array_view((s, *data))?;
+                c.copy(&*v.into_dyn(), dst)
+            }
+            Source::Fixed(v) => {
+                if set.copied.get(name) == Some(&generation) {
+                    return Ok(());
+                }
+                c.copy(v, dst)?;
+                set.copied.insert(name.to_string(), generation);
+                Ok(())
+            }
+            Source::Unwritten(_) | Source::Output(..) => Ok(()),
+        }
+    }
+}
+
+/// An `Identity` session over one element type on the buffers' provider: copies a value
+/// (host or device) into a bound buffer, and a buffer out to the host.
+struct Copier {
+    ty: TensorElementType,
+    session: Session,
+    binding: IoBinding,
+}
+
+impl Copier {
+    /// Copies `src` into `dst` (same type and shape), waiting for it.
+    fn copy<T: ort::value::ValueTypeMarker + ?Sized>(
+        &mut self,
+        src: &ort::value::Value<T>,
+        dst: &mut DynTensor,
+    ) -> ort::Result<()> {
+        use ort::AsPointer;
+        // ort's `bind_input` copies a value that borrows its data (ort 2.0.0-rc.15 through
+        // its own identity sessions, under a lock it may already hold): the value is bound
+        // as it is instead, and unbound before this returns.
+        // SAFETY: both pointers are live for the call; ONNX Runtime keeps its own reference
+        // to the value until `clear_inputs`, which runs before `src` can go.
+        let status =
+            unsafe { (ort::api().BindInput)(self.binding.ptr_mut(), c"x".as_ptr(), src.ptr()) };
+        check(status)?;
+        let result = self
+            .binding
+            .bind_output("y", dst)
+            .and_then(|()| self.session.run_binding(&self.binding).map(drop));
+        self.binding.clear();
+        result
+    }
+}
+
+/// An ONNX Runtime status as a result.
+fn check(status: ort::sys::OrtStatusPtr) -> ort::Result<()> {
+    let Some(ptr) = std::ptr::NonNull::new(status.0) else {
+        return Ok(());
+    };
+    // SAFETY: a non-null status from the API, released once here.
+    let message = unsafe {
+        let raw = (ort::api().GetErrorMessage)(ptr.as_ptr());
+        let m = std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned();
+        (ort::api().ReleaseStatus)(ptr.as_ptr());
+        m
+    };
+    Err(ort::Error::new(message))
+}
+
+/// The copier of `ty`, built on first use.
+fn copier(
+    copiers: &mut Vec<Copier>,
+    ty: TensorElementType,
+    device: Option<i32>,
+) -> ort::Result<&mut Copier> {
+    let at = match copiers.iter().position(|c| c.ty == ty) {
+        Some(at) => at,
+        None => {
+            let session = identity_session(ty, device)?;
+            let binding = session.create_binding()?;
+            copiers.push(Copier {
+                ty,
+                session,
+                binding,
+            });
+            copiers.len() - 1
+        }
+    };
+    Ok(&mut copiers[at])
+}
+
+fn missing(name: &str) -> ort::Error {
+    ort::Error::new(format!("no bound buffer for `{name}`"))
+}
+
+/// `buffer` on the host: read in place where the host can, else copied out by the copier of
+/// its type (a plain run returns its output in host memory).
+fn to_host(
+    copiers: &mut Vec<Copier>,
+    device: Option<i32>,
+    buffer: &DynTensor,
+) -> ort::Result<Tensor> {
+    if buffer.memory_info().is_cpu_accessible() {
+        return from_ort(&buffer.view().into_dyn());
+    }
+    let c = copier(copiers, *buffer.data_type(), device)?;
+    let outs = c.session.run(vec![(
+        "x".to_string(),
+        ort::session::SessionInputValue::from(buffer.view().into_dyn()),
+    )])?;
+    let y = outs
+        .get("y")
+        .ok_or_else(|| ort::Error::new("the copy returned nothing"))?;
+    from_ort(&y.view())
+}
+
+/// A session of one `Identity` over `ty` tensors of any shape, on the CUDA provider of
+/// `device` (or the CPU's).
+fn identity_session(ty: TensorElementType, device: Option<i32>) -> ort::Result<Session> {
+    use prost::Message;
+    use v2l_graphs::proto;
+    let io = |name: &str| proto::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: onnx_code(ty),
+                    shape: None,
+                },
+            )),
+        }),
+        doc_string: String::new(),
+    };
+    let model = proto::ModelProto {
+        ir_version: 8,
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: String::new(),
+            version: 21,
+        }],
+        producer_name: "v2l".into(),
+        graph: Some(proto::GraphProto {
+            node: vec![proto::NodeProto {
+                op_type: "Identity".into(),
+                input: vec!["x".into()],
+                output: vec!["y".into()],
+                ..Default::default()
+            }],
+            name: "to_host".into(),
+            input: vec![io("x")],
+            output: vec![io("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let env = crate::ort_env::init().map_err(|e| ort::Error::new(e.to_string()))?;
+    let mut b = Session::builder(env)?;
+    if let Some(id) = device {
+        b = b.with_execution_providers([ort::ep::CUDA::default()
+            .with_device_id(id)
+            .build()
+            .error_on_failure()])?;
+    }
+    b.commit_from_memory(&model.encode_to_vec())
+}
+
+/// ONNX's element type code.
+fn onnx_code(ty: TensorElementType) -> i32 {
+    use TensorElementType as E;
+    match ty {
+        E::Float32 => 1,
+        E::Uint8 => 2,
+        E::Int8 => 3,
+        E::Int32 => 6,
+        E::Int64 => 7,
+        E::Bool => 9,
+        E::Float16 => 10,
+        E::Bfloat16 => 16,
+        _ => 0,
+    }
+}
