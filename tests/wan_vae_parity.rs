@@ -46,6 +46,33 @@ fn wan_vae_matches_diffusers() {
     assert_first_batch_ignores_caches(dir.path(), &entry, &graphs, &io["video"], &io["latents"]);
 }
 
+/// Bound runs (what CUDA graphs need) give the frames of plain runs, bitwise, twice over:
+/// Wan's first frame batch has the shapes of later ones but yields one frame where they yield
+/// four, so a set of buffers is chosen by `first_batch`'s value as well as by shapes.
+#[test]
+fn wan_vae_bound_runs_give_the_frames_of_plain_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = export_wan_vae(dir.path());
+    let e = Engine::open(dir.path()).unwrap();
+    let opts = SessionOptions {
+        bound_runs: true,
+        carry_in_session_memory: true,
+        ..Default::default()
+    };
+    let mut bound = Vae::load(&e, &opts).unwrap();
+    let io = read_safetensors(&fixtures().join("wan-tiny/vae_io.safetensors")).unwrap();
+    let (m0, l0) = plain.encode(&io["video"]).unwrap();
+    let d0 = plain.decode(&io["latents"]).unwrap();
+    for round in 0..2 {
+        let (m1, l1) = bound.encode(&io["video"]).unwrap();
+        assert!(m1 == m0 && l1 == l0, "encode {round}");
+        assert!(
+            bound.decode(&io["latents"]).unwrap() == d0,
+            "decode {round}"
+        );
+    }
+}
+
 #[test]
 fn wan_vae_refuses_frame_counts_its_loop_cannot_take() {
     let dir = tempfile::tempdir().unwrap();

@@ -173,6 +173,9 @@ pub fn plan(tensorrt: Result<(), String>) -> Vec<Case> {
                     "parity against CPU fp32 (2 steps, fixed noise)",
                     "DiT step (batch 2)",
                 ];
+                if b == Backend::Cuda {
+                    measures.push("the same with CUDA graphs: parity, DiT step, stages");
+                }
                 if model.hypernet {
                     measures
                         .push("LoRA switch: unfused (factors as inputs) vs fused (engine build)");
@@ -458,6 +461,17 @@ struct Figures {
     first_generation_ms: Option<(f64, f64)>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     first_stages: Vec<StageFigure>,
+    /// cuda cases: the same generation with each session's runs captured as CUDA graphs
+    /// (bound runs; on `--provider cpu` the bound runs alone): its frames against the CPU fp32
+    /// engine's, its DiT step and its stages, warm (after the plain run and the capture).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graph_frames_rel_l2: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graph_dit_step_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    graph_stages: Vec<StageFigure>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graph_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     skipped: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -544,6 +558,15 @@ fn print_row(f: &Figures, json: bool) {
         println!(
             "    first generation, cold ms (this engine / the CPU fp32 engine): {gpu:.1} / {cpu:.1}; {}",
             cells(&f.first_stages)
+        );
+    }
+    if let Some(e) = &f.graph_error {
+        println!("    CUDA graphs: FAILED: {e}");
+    } else if let Some(rel) = f.graph_frames_rel_l2 {
+        println!(
+            "    CUDA graphs: rel L2 {rel:.2e}, step {} ms; stages, warm median ms (this engine / the CPU fp32 engine): {}",
+            cell(f.graph_dit_step_ms, 1),
+            cells(&f.graph_stages)
         );
     }
     for (graph, p) in &f.profile {
@@ -735,6 +758,20 @@ fn run_case(
         predict_times(&mut gpu_p, &req, b.repeat, &mut stages)?;
     }
     f.stages = stage_figures(&stages, &cpu_stages[model.name]);
+    if c.backend == "cuda" {
+        let cpu_times = &cpu_stages[model.name];
+        if let Err(e) = graph_pass(
+            b,
+            &gpu,
+            lora_strategy,
+            &req,
+            (&a.frames, c.parity_bound),
+            cpu_times,
+            f,
+        ) {
+            f.graph_error = Some(e.message);
+        }
+    }
     if b.profile {
         f.profile = profile_case(&gpu, lora_strategy, &req)?;
     }
@@ -768,6 +805,56 @@ fn run_case(
     drop(gpu_p);
     let mut fused = open(&gpu, Some(Strategy::Fused))?;
     f.switch_fused_ms = Some(switch(&mut fused)?);
+    Ok(())
+}
+
+/// The case's generation on engine `dir` again with each session's runs captured as CUDA
+/// graphs and replayed (`enable_cuda_graph=1`, through bound buffers; on the CPU provider the
+/// bound buffers alone): two generations and a LoRA prediction to warm up (each set of
+/// shapes runs plain once, then is captured), then warm medians. Its frames must stay within
+/// the case's bound of the CPU fp32 engine's.
+fn graph_pass(
+    b: &GpuBench,
+    dir: &Path,
+    strategy: Option<v2l_runtime::lora::strategy::Strategy>,
+    req: &v2l_runtime::pipeline::Request,
+    (cpu_frames, bound): (&v2l_runtime::Tensor, f64),
+    cpu_stages: &StageTimes,
+    f: &mut Figures,
+) -> Result<(), Failure> {
+    use v2l_runtime::pipeline::Pipeline;
+    let e = v2l_runtime::engine::Engine::open(dir).map_err(Failure::from)?;
+    let hypernet = e.manifest.hypernet.is_some();
+    let mut opts = e.session_options(0);
+    opts.bound_runs = true;
+    opts.backend
+        .cuda
+        .insert("enable_cuda_graph".into(), "1".into());
+    let mut p = match strategy {
+        Some(s) => Pipeline::load_with_strategy(e, &opts, s),
+        None => Pipeline::load(e, &opts),
+    }
+    .map_err(Failure::from)?;
+    for _ in 0..2 {
+        p.generate(req, &mut |_, _| true).map_err(Failure::from)?;
+    }
+    let (mut steps, mut stages, mut frames) = (Vec::new(), Vec::new(), None);
+    for _ in 0..b.repeat.max(1) {
+        let (r, ms) = crate::pipeline::time(|| p.generate(req, &mut |_, _| true));
+        let g = r.map_err(Failure::from)?;
+        stages.push(g.timings.ms);
+        steps.push(ms / req.steps as f64);
+        frames = Some(g.frames);
+    }
+    if hypernet {
+        p.predict(&clip(req, 0)?, 1.0).map_err(Failure::from)?;
+        predict_times(&mut p, req, b.repeat, &mut stages)?;
+    }
+    let rel = frames.map(|g| cpu_frames.rel_l2(&g));
+    f.within_bound &= rel.is_some_and(|r| r <= bound);
+    f.graph_frames_rel_l2 = rel;
+    f.graph_dit_step_ms = Some(crate::pipeline::stats(steps).0);
+    f.graph_stages = stage_figures(&stages, cpu_stages);
     Ok(())
 }
 
@@ -1042,6 +1129,11 @@ mod tests {
             let v = crate::gpu_scale::variants(stage, "bf16");
             assert_eq!(v[0].name, "default");
             assert!(v.len() > 2, "{stage}");
+            // CUDA graphs, timed after the plain run and the capture.
+            assert!(v
+                .iter()
+                .any(|v| v.cuda_options == "enable_cuda_graph=1" && v.warmup_runs == 2));
+            assert!(v.iter().filter(|v| v.warmup_runs > 0).count() == 1);
             // The flash kernels take no fp32: fp32 DiTs are not held to them. Every bit set
             // keeps a fused kernel the precision has behind the one tried first
             // (memory-efficient, 2), so none falls to the unfused attention.

@@ -75,6 +75,9 @@ pub struct Variant {
     pub vae_tiling: &'static str,
     /// `v2l-compile` flags of an engine of its own (empty: the case's engine).
     pub compile_flags: &'static [&'static str],
+    /// Runs before the timed ones, left out of the median: a CUDA graph's first run of a set
+    /// of shapes is plain and its second captures (ONNX Runtime runs it once more inside).
+    pub warmup_runs: usize,
 }
 
 const DEFAULT: Variant = Variant {
@@ -82,6 +85,16 @@ const DEFAULT: Variant = Variant {
     cuda_options: "",
     vae_tiling: "off",
     compile_flags: &[],
+    warmup_runs: 0,
+};
+
+/// Each session's runs captured as CUDA graphs and replayed, through bound buffers.
+const CUDA_GRAPH: Variant = Variant {
+    name: "cuda-graph",
+    cuda_options: "enable_cuda_graph=1",
+    vae_tiling: "off",
+    compile_flags: &[],
+    warmup_runs: 2,
 };
 
 /// What `--sweep` tries beside the default, per stage and precision. For the DiT, the attention
@@ -97,7 +110,8 @@ const DEFAULT: Variant = Variant {
 /// VAE, cuDNN's convolution search and workspace, ONNX Runtime's channels-last layout
 /// (`prefer_nhwc`: cuDNN's NHWC kernels, with transposes where its layout pass inserts them),
 /// and the tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it
-/// whole.
+/// whole. For both, each session's runs captured as CUDA graphs (`cuda-graph`: timed after two
+/// warm-up runs, the plain one and the capture).
 pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
     let mut out = vec![DEFAULT];
     match stage {
@@ -115,8 +129,10 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     cuda_options,
                     vae_tiling: "off",
                     compile_flags: &[],
+                    warmup_runs: 0,
                 });
             }
+            out.push(CUDA_GRAPH);
             // The GELUs in the engine's type, on an engine of its own (fp16/bf16 only): the
             // casts around an f32 (fp16 engines) or fp16 (bf16 engines) GELU against ONNX
             // Runtime's per-operation rounding in the engine's type.
@@ -126,6 +142,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     cuda_options: "",
                     vae_tiling: "off",
                     compile_flags: &["--low-gelu"],
+                    warmup_runs: 0,
                 });
             }
             if precision == "bf16" {
@@ -134,12 +151,14 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     cuda_options: "",
                     vae_tiling: "off",
                     compile_flags: &["--bf16-attention"],
+                    warmup_runs: 0,
                 });
                 out.push(Variant {
                     name: "f32-gelu",
                     cuda_options: "",
                     vae_tiling: "off",
                     compile_flags: &["--f32-gelu"],
+                    warmup_runs: 0,
                 });
             }
         }
@@ -149,24 +168,29 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 cuda_options: "cudnn_conv_algo_search=HEURISTIC",
                 vae_tiling: "off",
                 compile_flags: &[],
+                warmup_runs: 0,
             });
             out.push(Variant {
                 name: "conv-small-workspace",
                 cuda_options: "cudnn_conv_use_max_workspace=0",
                 vae_tiling: "off",
                 compile_flags: &[],
+                warmup_runs: 0,
             });
             out.push(Variant {
                 name: "nhwc",
                 cuda_options: "prefer_nhwc=1",
                 vae_tiling: "off",
                 compile_flags: &[],
+                warmup_runs: 0,
             });
+            out.push(CUDA_GRAPH);
             out.push(Variant {
                 name: "tiled",
                 cuda_options: "",
                 vae_tiling: "on",
                 compile_flags: &[],
+                warmup_runs: 0,
             });
             // The GroupNorm statistics as exported, on an engine of their own (fp16/bf16 only).
             if precision != "fp32" {
@@ -175,6 +199,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     cuda_options: "",
                     vae_tiling: "off",
                     compile_flags: &["--exported-group-norm"],
+                    warmup_runs: 0,
                 });
             }
         }
@@ -565,7 +590,11 @@ fn run_v2l(
         .arg(case.join("inputs.safetensors"))
         .arg("-o")
         .arg(&out)
-        .args(["--json", "--repeat", &b.repeat.max(3).to_string()])
+        .args([
+            "--json",
+            "--repeat",
+            &(b.repeat.max(3) + v.warmup_runs).to_string(),
+        ])
         // PyTorch decodes whole (diffusers' default): the same computation on both sides,
         // whatever `auto` picks (a variant may ask for tiles).
         .args(["--vae-tiling", v.vae_tiling]);
@@ -600,7 +629,14 @@ fn run_v2l(
             })
             .collect();
     }
-    row.v2l_ms = j["run_ms"].as_f64();
+    row.v2l_ms = match v.warmup_runs {
+        0 => j["run_ms"].as_f64(),
+        // The median of the runs after the warm-up ones.
+        skip => j["runs_ms"].as_array().and_then(|runs| {
+            let timed: Vec<f64> = runs.iter().skip(skip).filter_map(|r| r.as_f64()).collect();
+            (!timed.is_empty()).then(|| crate::pipeline::stats(timed).0)
+        }),
+    };
     row.v2l_first_ms = j["runs_ms"].get(0).and_then(|v| v.as_f64());
     row.v2l_peak_gpu_mb = peak;
     let read = |p: &Path| -> Result<v2l_runtime::Tensor, Failure> {

@@ -231,6 +231,12 @@ fn the_gpu_check_runs_its_plan_on_the_cpu_provider() {
                     .map(|s| s["stage"].as_str().unwrap())
                     .collect();
                 assert_eq!(cold, ["vae_encode", "vae_decode"], "{r}");
+                // The same generation through bound buffers (CUDA graphs on a GPU): within the
+                // case's bound (`within_bound` above), with its own step and stages.
+                assert!(r.get("graph_error").is_none(), "{r}");
+                assert!(r["graph_frames_rel_l2"].as_f64().is_some(), "{r}");
+                assert!(r["graph_dit_step_ms"].as_f64().unwrap() > 0.0, "{r}");
+                assert_eq!(r["graph_stages"].as_array().unwrap().len(), 2, "{r}");
                 // --profile: each graph of the traced generation, by operator and provider.
                 let graphs = r["profile"].as_array().unwrap();
                 let decoder = graphs

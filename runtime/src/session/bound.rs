@@ -17,6 +17,12 @@ use super::{from_ort, ort_err, view};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
 
+/// Inputs whose values, not only their shapes, decide the shapes a run computes: the VAE's
+/// `first_batch` (its first frame batch yields fewer frames in time, Wan's one where later
+/// ones yield four). Their values are part of a set's key, so no graph captured on one is
+/// replayed for the other.
+const SHAPING_INPUTS: [&str; 1] = ["first_batch"];
+
 /// At most this many sets of buffers per session; the oldest goes first. A set's graph id is
 /// never reused: ONNX Runtime would replay the graph captured on the dropped set's buffers.
 const MAX_SETS: usize = 8;
@@ -39,8 +45,8 @@ pub(super) struct Bound {
 
 /// The buffers, binding and graph of one set of input shapes.
 struct Set {
-    /// Every input's (name, element type, shape): what selects the set.
-    key: Vec<(String, TensorElementType, Vec<i64>)>,
+    /// What selects the set.
+    key: Vec<KeyPart>,
     /// The CUDA graph annotation: 1, 2, … (0 is ONNX Runtime's own, -1 runs without a graph).
     id: i32,
     binding: IoBinding,
@@ -52,6 +58,10 @@ struct Set {
     /// For dropping the least recently used set.
     last_used: u64,
 }
+
+/// One input's part of a set's key: name, element type, shape, and for
+/// [`SHAPING_INPUTS`] the value.
+type KeyPart = (String, TensorElementType, Vec<i64>, Option<Vec<u32>>);
 
 /// Where one input of a bound run comes from.
 pub(super) enum Source<'a> {
@@ -108,7 +118,11 @@ impl Bound {
                     graph: ctx.to_string(),
                     message: format!("input `{name}` is not a tensor"),
                 })?;
-            key.push((name.clone(), ty, shape));
+            let value = match source {
+                Source::Host(t) if SHAPING_INPUTS.contains(&name.as_str()) => Some(bits(t)),
+                _ => None,
+            };
+            key.push((name.clone(), ty, shape, value));
         }
         let at = match self.sets.iter().position(|s| s.key == key) {
             Some(at) => at,
@@ -197,12 +211,7 @@ impl Bound {
 
     /// A new set for `key`: a buffer per input, bound; outputs to the device until the first
     /// run gives their shapes. Drops the least recently used set beyond [`MAX_SETS`].
-    fn add_set(
-        &mut self,
-        session: &Session,
-        ctx: &str,
-        key: Vec<(String, TensorElementType, Vec<i64>)>,
-    ) -> Result<usize> {
+    fn add_set(&mut self, session: &Session, ctx: &str, key: Vec<KeyPart>) -> Result<usize> {
         if self.sets.len() >= MAX_SETS {
             if let Some(oldest) = (0..self.sets.len()).min_by_key(|&i| self.sets[i].last_used) {
                 self.sets.remove(oldest);
@@ -210,7 +219,7 @@ impl Bound {
         }
         let mut binding = session.create_binding().map_err(ort_err(ctx))?;
         let mut inputs = BTreeMap::new();
-        for (name, ty, shape) in &key {
+        for (name, ty, shape, _) in &key {
             let err = || ort_err(format!("{ctx}: input `{name}`"));
             let buffer = DynTensor::new(&self.alloc, *ty, shape.clone()).map_err(err())?;
             binding.bind_input(name.as_str(), &buffer).map_err(err())?;
@@ -363,6 +372,22 @@ fn copier(
         }
     };
     Ok(&mut copiers[at])
+}
+
+/// A small tensor's values as bits, for a key.
+fn bits(t: &Tensor) -> Vec<u32> {
+    use crate::tensor::Data;
+    match &t.data {
+        Data::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+        Data::I64(v) => v
+            .iter()
+            .flat_map(|x| [*x as u32, (*x >> 32) as u32])
+            .collect(),
+        Data::U8(v) => v.iter().map(|&x| u32::from(x)).collect(),
+        Data::I8(v) => v.iter().map(|&x| x as u8 as u32).collect(),
+        Data::F16(v) => v.iter().map(|x| u32::from(x.to_bits())).collect(),
+        Data::BF16(v) => v.iter().map(|x| u32::from(x.to_bits())).collect(),
+    }
 }
 
 fn missing(name: &str) -> ort::Error {
