@@ -55,7 +55,8 @@ pub struct GpuBench {
     /// row each (the DiT held to each attention kernel: flash, memory-efficient, cuDNN flash,
     /// and below fp32 with its GELUs in the engine's type;
     /// the VAE with cuDNN's heuristic convolution search, a small workspace, channels-last
-    /// (prefer_nhwc), tiled, and below fp32 with its GroupNorm statistics as exported)
+    /// (prefer_nhwc), tiled, and below fp32 with its GroupNorm statistics as exported; both
+    /// with CUDA graphs, timed after the plain run and the capture)
     #[arg(long, requires = "scale")]
     pub sweep: bool,
     /// With --scale: only the real-size cases whose `STAGE PRECISION FRAMESxHxW` contains this

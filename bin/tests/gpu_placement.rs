@@ -209,13 +209,15 @@ fn cuda_provider_settings_are_recorded_and_checked() {
             "cudnn_conv_algo_search=HEURISTIC",
             "--cuda-option",
             "sdpa_kernel=8",
+            "--cuda-option",
+            "enable_cuda_graph=1",
         ],
     );
     let bundle: serde_json::Value =
         serde_json::from_slice(&std::fs::read(engine.join("bundle.json")).unwrap()).unwrap();
     assert_eq!(
         bundle["cuda_options"],
-        serde_json::json!({"cudnn_conv_algo_search": "HEURISTIC", "sdpa_kernel": "8"})
+        serde_json::json!({"cudnn_conv_algo_search": "HEURISTIC", "sdpa_kernel": "8", "enable_cuda_graph": "1"})
     );
     let v2l_compile = |backend: &str, option: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
@@ -249,6 +251,18 @@ fn cuda_provider_settings_are_recorded_and_checked() {
             "{option}: {err}"
         );
     }
+    // A TensorRT engine's CUDA provider runs only what TensorRT leaves: nothing to capture.
+    let o = v2l_compile("tensorrt", "enable_cuda_graph=1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("enable_cuda_graph") && err.contains("cuda engines"),
+        "{err}"
+    );
+    assert!(!d
+        .path()
+        .join("refused-tensorrt")
+        .join("bundle.json")
+        .exists());
     let o = v2l_compile("cpu", "prefer_nhwc=1");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

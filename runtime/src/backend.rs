@@ -81,7 +81,6 @@ pub struct BackendOptions {
 /// runs as CUDA graphs, one per set of input shapes, and turns on the bound runs that need
 /// ([`crate::SessionOptions::bound_runs`]).
 const CUDA_OPTIONS: [(&str, &[&str]); 8] = [
-    ("enable_cuda_graph", &["0", "1"]),
     (
         "cudnn_conv_algo_search",
         &["EXHAUSTIVE", "HEURISTIC", "DEFAULT"],
@@ -95,6 +94,7 @@ const CUDA_OPTIONS: [(&str, &[&str]); 8] = [
         &["kNextPowerOfTwo", "kSameAsRequested"],
     ),
     ("sdpa_kernel", &[]),
+    ("enable_cuda_graph", &["0", "1"]),
 ];
 
 /// Whether `key=value` is a CUDA provider setting v2l passes through; the reason when not.

@@ -115,8 +115,10 @@ struct Cli {
     /// `cudnn_conv_algo_search=EXHAUSTIVE|HEURISTIC|DEFAULT`, `cudnn_conv_use_max_workspace=0|1`,
     /// `prefer_nhwc=0|1`, `sdpa_kernel=BITS` (attention kernels: flash 1, memory-efficient 2,
     /// cuDNN flash 8, math 16), `arena_extend_strategy`, `cudnn_conv1d_pad_to_nc1d`,
-    /// `enable_skip_layer_norm_strict_mode`. `V2L_CUDA_OPTIONS=KEY=VALUE,...` overrides them at run
-    /// time
+    /// `enable_skip_layer_norm_strict_mode`, `enable_cuda_graph=0|1` (cuda engines: each
+    /// session's runs captured as CUDA graphs, one per set of input shapes, and replayed from
+    /// buffers bound once; not yet run on a GPU). `V2L_CUDA_OPTIONS=KEY=VALUE,...` overrides
+    /// them at run time
     #[arg(long = "cuda-option", value_name = "KEY=VALUE", value_parser = cuda_option)]
     cuda_options: Vec<(String, String)>,
     /// cuda engines of CogVideoX: keep the exported RoPE (four elementwise passes per q and k)
