@@ -4,14 +4,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ort::session::Session;
-use ort::value::{DynValue, DynValueRef, Tensor as OrtTensor, TensorRef, ValueType};
+use ort::value::{DynValue, TensorRef};
 
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
 
 mod bound;
 mod pager;
+mod values;
 pub use pager::release_freed_memory;
+use values::{from_ort, into_ort, ort_element_type, ort_err, view};
 
 /// Session settings that matter for speed and reproducibility.
 #[derive(Clone, Debug, Default)]
@@ -75,36 +77,6 @@ impl Drop for Model {
             }
         }
     }
-}
-
-fn ort_err(context: impl std::fmt::Display) -> impl FnOnce(ort::Error) -> RuntimeError {
-    let context = context.to_string();
-    move |e| RuntimeError::Ort {
-        context,
-        message: plain(&e.to_string()),
-    }
-}
-
-/// ONNX Runtime's message without terminal colour codes, on one line.
-fn plain(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut chars = message.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI sequence: ESC [ parameters final-byte.
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(if c == '\n' || c == '\r' { ' ' } else { c });
-    }
-    out.trim().to_string()
 }
 
 /// The optimisers that would widen low-precision weights into f32 copies at session build (a
@@ -452,21 +424,30 @@ impl Model {
     /// ([`SessionOptions::carry_in_session_memory`]) and left unwritten: for inputs the graph
     /// reads only after a switch has discarded them (the VAE's `cache_in.*` on the first
     /// batch, behind `first_batch`'s `Where`). On a GPU this spares copying a first batch of
-    /// host zeros to the device (1.4 GB at CogVideoX's 480×720). `None` where carried values
-    /// live on the host: the caller feeds its own.
+    /// host zeros to the device (1.4 GB at CogVideoX's 480×720). With bound runs nothing is
+    /// allocated: the bound buffers are left as they are. `None` where carried values live on
+    /// the host: the caller feeds its own.
     pub fn unwritten_carry(&self, shapes: &[(String, Vec<usize>)]) -> Result<Option<Carry>> {
+        let mut carry = Carry::default();
+        if self.bound.is_some() {
+            for (name, shape) in shapes {
+                let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                carry
+                    .unwritten
+                    .insert(name.clone(), (self.input_type(name)?, dims));
+            }
+            return Ok(Some(carry));
+        }
         let Some(alloc) = &self.carry_alloc else {
             return Ok(None);
         };
         let ctx = self.path.display().to_string();
-        let mut carry = Carry::default();
         for (name, shape) in shapes {
             let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
             let v = ort::value::DynTensor::new(alloc, self.input_type(name)?, dims)
                 .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
             carry.values.insert(name.clone(), v.into_dyn());
         }
-        carry.unwritten = true;
         Ok(Some(carry))
     }
 
@@ -614,7 +595,6 @@ impl Model {
         }
         drop(outs);
         carry.values = next;
-        carry.unwritten = false;
         Ok(result)
     }
 
@@ -635,11 +615,8 @@ impl Model {
         for name in &self.inputs {
             let source = if let Some(at) = carry.bound.get(name) {
                 Source::Output(at.0, at.1.clone())
-            } else if let Some(v) = carry.values.get(name) {
-                match carry.unwritten {
-                    true => Source::Unwritten(v),
-                    false => Source::Fixed(v),
-                }
+            } else if let Some((ty, shape)) = carry.unwritten.get(name) {
+                Source::Unwritten(*ty, shape.clone())
             } else if let Some(t) = inputs.get(name) {
                 Source::Host(t)
             } else if let Some(v) = self.fixed.get(name) {
@@ -681,8 +658,7 @@ impl Model {
             links,
             &mut carry.bound,
         )?;
-        carry.values.clear();
-        carry.unwritten = false;
+        carry.unwritten.clear();
         Ok(result)
     }
 }
@@ -699,27 +675,16 @@ fn profile_prefix(dir: &Path, graph: &Path) -> PathBuf {
     dir.join(format!("{stem}.v2l{n}"))
 }
 
-/// ONNX Runtime's element type of a host tensor.
-fn ort_element_type(t: &Tensor) -> Option<ort::value::TensorElementType> {
-    use ort::value::TensorElementType as E;
-    Some(match &t.data {
-        Data::F32(_) => E::Float32,
-        Data::F16(_) => E::Float16,
-        Data::BF16(_) => E::Bfloat16,
-        Data::I64(_) => E::Int64,
-        _ => return None,
-    })
-}
-
 /// Outputs of one run held for the next as ONNX Runtime values ([`Model::run_carrying`]).
 #[derive(Default)]
 pub struct Carry {
     values: BTreeMap<String, DynValue>,
-    /// [`Model::unwritten_carry`]'s: `values` were never written, so a bound run copies none.
-    unwritten: bool,
+    /// [`Model::unwritten_carry`]'s under bound runs: inputs the next run may leave unwritten
+    /// (their element type and shape; nothing is allocated or copied).
+    unwritten: BTreeMap<String, (ort::value::TensorElementType, Vec<i64>)>,
     /// After a bound run: each carried input's value is still in that run's output buffer
-    /// (set, output), copied from there into the next run's own.
-    bound: BTreeMap<String, (usize, String)>,
+    /// (its set's id, the output), copied from there into the next run's own.
+    bound: BTreeMap<String, (i32, String)>,
 }
 
 /// A GPU session keeps every node on the GPU provider. ONNX Runtime itself refuses a CPU node
@@ -826,19 +791,6 @@ fn commit(
     Ok(session)
 }
 
-/// `t` as an ONNX Runtime value borrowing its data.
-fn view(t: &Tensor) -> ort::Result<DynValueRef<'_>> {
-    let s: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-    Ok(match &t.data {
-        Data::F32(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
-        Data::I64(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
-        Data::U8(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
-        Data::I8(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
-        Data::F16(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
-        Data::BF16(v) => TensorRef::from_array_view((s, v.as_slice()))?.into_dyn(),
-    })
-}
-
 /// Weight files of the graph at `path` worth paging during its build: those of
 /// [`PAGED_BYTES`] or more, as the kernel names them in `/proc/self/maps` (canonical paths).
 fn large_weight_files(path: &Path) -> Vec<PathBuf> {
@@ -852,50 +804,3 @@ fn large_weight_files(path: &Path) -> Vec<PathBuf> {
 
 /// Below this, a weight file is not worth a pager thread.
 const PAGED_BYTES: u64 = 256 << 20;
-
-/// An ONNX Runtime value of `t`: its buffer moves into the value without a copy.
-fn into_ort(t: Tensor) -> ort::Result<DynValue> {
-    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-    Ok(match t.data {
-        Data::F32(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
-        Data::I64(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
-        Data::U8(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
-        Data::I8(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
-        Data::F16(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
-        Data::BF16(v) => OrtTensor::from_array((shape, v))?.into_dyn(),
-    })
-}
-
-fn from_ort(v: &ort::value::DynValueRef<'_>) -> ort::Result<Tensor> {
-    let is_i64 = matches!(
-        v.dtype(),
-        ValueType::Tensor {
-            ty: ort::value::TensorElementType::Int64,
-            ..
-        }
-    );
-    if is_i64 {
-        let (shape, data) = v.try_extract_tensor::<i64>()?;
-        Ok(Tensor {
-            shape: shape.iter().map(|&d| d as usize).collect(),
-            data: Data::I64(data.to_vec()),
-        })
-    } else {
-        let (shape, data) = v.try_extract_tensor::<f32>()?;
-        Ok(Tensor {
-            shape: shape.iter().map(|&d| d as usize).collect(),
-            data: Data::F32(data.to_vec()),
-        })
-    }
-}
-
-#[cfg(test)]
-mod message_tests {
-    #[test]
-    fn colour_codes_and_newlines_are_removed() {
-        assert_eq!(
-            super::plain("\u{1b}[1;31m2026 [E:onnxruntime] bad\u{1b}[m\nshape {2,3}\n"),
-            "2026 [E:onnxruntime] bad shape {2,3}"
-        );
-    }
-}

@@ -13,7 +13,7 @@ use ort::memory::Allocator;
 use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType};
 
-use super::{from_ort, ort_err, view};
+use super::values::{from_ort, ort_element_type, ort_err, view};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
 
@@ -71,10 +71,12 @@ pub(super) enum Source<'a> {
     Fixed(&'a DynValue),
     /// f32 data borrowed for this run.
     Borrowed(&'a [usize], &'a [f32]),
-    /// A carried value never written ([`super::Model::unwritten_carry`]): nothing to copy.
-    Unwritten(&'a DynValue),
-    /// A carried value still in the output buffer `.1` of set `.0` (a previous bound run's).
-    Output(usize, String),
+    /// A carried value never written (`Model::unwritten_carry`), of this type and shape:
+    /// nothing to copy.
+    Unwritten(TensorElementType, Vec<i64>),
+    /// A carried value still in the output buffer `.1` of the set with id `.0` (a previous
+    /// bound run's; ids, unlike places in the list, survive a set's eviction).
+    Output(i32, String),
 }
 
 impl Bound {
@@ -108,7 +110,7 @@ impl Bound {
         sources: Vec<(String, Source<'_>)>,
         fetch: &[String],
         links: &[(String, String)],
-        carry: &mut BTreeMap<String, (usize, String)>,
+        carry: &mut BTreeMap<String, (i32, String)>,
     ) -> Result<BTreeMap<String, Tensor>> {
         let mut key = Vec::with_capacity(sources.len());
         for (name, source) in &sources {
@@ -189,7 +191,7 @@ impl Bound {
         }
         carry.clear();
         for (input, output) in links {
-            carry.insert(input.clone(), (at, output.clone()));
+            carry.insert(input.clone(), (self.sets[at].id, output.clone()));
         }
         Ok(result)
     }
@@ -197,13 +199,15 @@ impl Bound {
     fn source_type(&self, source: &Source<'_>) -> Option<(TensorElementType, Vec<i64>)> {
         let dims = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
         match source {
-            Source::Host(t) => Some((super::ort_element_type(t)?, dims(&t.shape))),
-            Source::Fixed(v) | Source::Unwritten(v) => {
+            Source::Host(t) => Some((ort_element_type(t)?, dims(&t.shape))),
+            Source::Unwritten(ty, shape) => Some((*ty, shape.clone())),
+            Source::Fixed(v) => {
                 Some((v.dtype().tensor_type()?, v.dtype().tensor_shape()?.to_vec()))
             }
             Source::Borrowed(shape, _) => Some((TensorElementType::Float32, dims(shape))),
-            Source::Output(set, name) => {
-                let b = self.sets.get(*set)?.outputs.as_ref()?.get(name)?;
+            Source::Output(id, name) => {
+                let set = self.sets.iter().find(|s| s.id == *id)?;
+                let b = set.outputs.as_ref()?.get(name)?;
                 Some((*b.data_type(), b.shape().to_vec()))
             }
         }
@@ -253,8 +257,12 @@ impl Bound {
             .map(|b| *b.data_type())
             .ok_or_else(|| missing(name))?;
         let c = copier(&mut self.copiers, ty, self.device)?;
-        if let Source::Output(from, output) = source {
-            let from = *from;
+        if let Source::Output(id, output) = source {
+            let from = self
+                .sets
+                .iter()
+                .position(|s| s.id == *id)
+                .ok_or_else(|| missing(name))?;
             if from == at {
                 let Set {
                     inputs, outputs, ..
@@ -299,7 +307,7 @@ impl Bound {
                 set.copied.insert(name.to_string(), generation);
                 Ok(())
             }
-            Source::Unwritten(_) | Source::Output(..) => Ok(()),
+            Source::Unwritten(..) | Source::Output(..) => Ok(()),
         }
     }
 }
