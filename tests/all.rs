@@ -3,6 +3,7 @@
 
 mod attention_kernel;
 mod backend_errors;
+mod bound_runs;
 mod clip_vision_parity;
 mod dit_parity;
 mod flow_schedulers;

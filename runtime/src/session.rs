@@ -110,7 +110,7 @@ impl Model {
                 _ => source,
             },
         })?;
-        Self::build(GraphSource::File(path), opts, weights)
+        Self::build(GraphSource::File(path), opts, weights, true)
     }
 
     /// [`Model::load_with_weights`] for a graph held in memory (`bytes`, an ONNX model) whose
@@ -131,13 +131,17 @@ impl Model {
             },
             opts,
             weights,
+            true,
         )
     }
 
+    /// Builds the session; with `graphs` false, without CUDA graphs whatever the settings (the
+    /// second try for a graph ONNX Runtime will not capture).
     fn build(
         source: GraphSource<'_>,
         opts: &SessionOptions,
         weights: Vec<(String, Tensor)>,
+        graphs: bool,
     ) -> Result<Model> {
         let env = crate::ort_env::init()?;
         let path = source.path();
@@ -230,8 +234,14 @@ impl Model {
                 .cuda
                 .extend(crate::backend::cuda_options_from_env()?);
         }
+        if !graphs {
+            backend.cuda.remove("enable_cuda_graph");
+        }
         let eps = backend.dispatch();
         let bound_runs = opts.bound_runs || backend.cuda_graph();
+        // ONNX Runtime refuses to capture a graph with control flow, a compute node on the CPU
+        // or a copy between devices, at session build: the weights are kept for a second try.
+        let spare = backend.cuda_graph().then(|| weights.clone());
         if !eps.is_empty() {
             let backend = opts.backend.backend.name();
             if gpu {
@@ -264,7 +274,18 @@ impl Model {
             crate::backend::Backend::Cpu => pager::Pager::start(large_weight_files(path)),
             _ => None,
         };
-        let session = commit(b, source).map_err(ort_err(&ctx))?;
+        let session = match (commit(b, source), spare) {
+            (Ok(s), _) => s,
+            (Err(e), Some(weights)) if e.to_string().contains("graph capture") => {
+                drop(pager);
+                eprintln!(
+                    "{ctx}: runs without CUDA graphs: {}",
+                    values::plain(&e.to_string())
+                );
+                return Self::build(source, opts, weights, false);
+            }
+            (Err(e), _) => return Err(ort_err(&ctx)(e)),
+        };
         drop(pager);
         let inputs = session
             .inputs()
@@ -297,21 +318,10 @@ impl Model {
         };
         let bound = match bound_runs {
             false => None,
-            true => {
-                let info = match device {
-                    Some(id) => ort::memory::MemoryInfo::new(
-                        ort::memory::AllocationDevice::CUDA,
-                        id,
-                        ort::memory::AllocatorType::Device,
-                        ort::memory::MemoryType::Default,
-                    ),
-                    None => Ok(ort::memory::MemoryInfo::default()),
-                };
-                let alloc = info
-                    .and_then(|info| ort::memory::Allocator::new(&session, info))
-                    .map_err(ort_err(format!("{ctx}: allocator of bound runs")))?;
-                Some(Box::new(bound::Bound::new(alloc, device)))
-            }
+            true => Some(Box::new(
+                bound::Bound::new(&session, device)
+                    .map_err(ort_err(format!("{ctx}: buffers of bound runs")))?,
+            )),
         };
         Ok(Model {
             path: path.into(),
@@ -631,10 +641,15 @@ impl Model {
             };
             sources.push((name.clone(), source));
         }
-        for (name, v) in &self.fixed {
-            if !self.inputs.contains(name) {
-                sources.push((name.clone(), Source::Fixed(v)));
-            }
+        // Sorted: the key of a set must not depend on the map's order.
+        let mut extra: Vec<(&String, &DynValue)> = self
+            .fixed
+            .iter()
+            .filter(|(name, _)| !self.inputs.contains(name))
+            .collect();
+        extra.sort_by_key(|(name, _)| *name);
+        for (name, v) in extra {
+            sources.push((name.clone(), Source::Fixed(v)));
         }
         let linked: Vec<&str> = links.iter().map(|(_, o)| o.as_str()).collect();
         let fetch: Vec<String> = match wanted {

@@ -27,20 +27,27 @@ const SHAPING_INPUTS: [&str; 1] = ["first_batch"];
 /// never reused: ONNX Runtime would replay the graph captured on the dropped set's buffers.
 const MAX_SETS: usize = 8;
 
-/// The bound buffers of one session.
+/// The bound buffers of one session. Fields drop in order: the buffers before the allocator,
+/// the allocator before the session it was made from.
 pub(super) struct Bound {
     sets: Vec<Set>,
-    /// Where the buffers live: the session's device (the host on the CPU provider).
-    alloc: Allocator,
-    /// The CUDA device, `None` on the CPU provider (no graph to capture).
-    device: Option<i32>,
-    next_id: i32,
     /// Identity sessions that copy into and out of the buffers, one per element type.
     copiers: Vec<Copier>,
+    /// The CUDA device, `None` on the CPU provider (no graph to capture).
+    device: Option<i32>,
+    /// Inputs the session reads from host memory (a CPU node's, or a CUDA kernel's host-side
+    /// input): their buffers are on the host, or ONNX Runtime would bind a copy made once.
+    host_inputs: Vec<String>,
+    next_id: i32,
     /// Each fixed input's generation, bumped whenever it is set or rewritten: a set copies a
     /// fixed input into its buffer again only when it has changed.
     generation: HashMap<String, u64>,
     tick: u64,
+    /// Where the buffers live: the device's memory (the host's on the CPU provider), from a
+    /// session of its own. Not the run's session: a captured graph goes on writing the
+    /// intermediates it was captured with, which its session's arena may hand out again.
+    alloc: Allocator,
+    _alloc_session: Option<Session>,
 }
 
 /// The buffers, binding and graph of one set of input shapes.
@@ -80,16 +87,32 @@ pub(super) enum Source<'a> {
 }
 
 impl Bound {
-    pub(super) fn new(alloc: Allocator, device: Option<i32>) -> Bound {
-        Bound {
+    /// Bound runs of `session`, on the CUDA `device` or the CPU.
+    pub(super) fn new(session: &Session, device: Option<i32>) -> ort::Result<Bound> {
+        let (alloc, alloc_session) = match device {
+            None => (Allocator::default(), None),
+            Some(id) => {
+                let own = identity_session(TensorElementType::Float32, device)?;
+                let info = ort::memory::MemoryInfo::new(
+                    ort::memory::AllocationDevice::CUDA,
+                    id,
+                    ort::memory::AllocatorType::Device,
+                    ort::memory::MemoryType::Default,
+                )?;
+                (Allocator::new(&own, info)?, Some(own))
+            }
+        };
+        Ok(Bound {
             sets: Vec::new(),
-            alloc,
-            device,
-            next_id: 1,
             copiers: Vec::new(),
+            device,
+            host_inputs: inputs_on_host(session)?,
+            next_id: 1,
             generation: HashMap::new(),
             tick: 0,
-        }
+            alloc,
+            _alloc_session: alloc_session,
+        })
     }
 
     /// Marks the fixed input `name` as changed (set again, or written in place).
@@ -131,13 +154,13 @@ impl Bound {
             None => self.add_set(session, ctx, key)?,
         };
         self.tick += 1;
-        self.sets[at].last_used = self.tick;
+        set_at(&mut self.sets, at).map_err(ort_err(ctx))?.last_used = self.tick;
         for (name, source) in &sources {
             self.fill(at, name, source)
                 .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
         }
 
-        let set = &mut self.sets[at];
+        let set = set_at(&mut self.sets, at).map_err(ort_err(ctx))?;
         let first = set.outputs.is_none();
         let mut options = RunOptions::new().map_err(ort_err(ctx))?;
         if self.device.is_some() {
@@ -178,9 +201,11 @@ impl Bound {
             drop(outs);
         }
 
+        let set = set_at(&mut self.sets, at).map_err(ort_err(ctx))?;
+        let id = set.id;
         let mut result = BTreeMap::new();
         for name in fetch {
-            let buffer = self.sets[at]
+            let buffer = set
                 .outputs
                 .as_ref()
                 .and_then(|o| o.get(name))
@@ -191,7 +216,7 @@ impl Bound {
         }
         carry.clear();
         for (input, output) in links {
-            carry.insert(input.clone(), (self.sets[at].id, output.clone()));
+            carry.insert(input.clone(), (id, output.clone()));
         }
         Ok(result)
     }
@@ -217,7 +242,12 @@ impl Bound {
     /// run gives their shapes. Drops the least recently used set beyond [`MAX_SETS`].
     fn add_set(&mut self, session: &Session, ctx: &str, key: Vec<KeyPart>) -> Result<usize> {
         if self.sets.len() >= MAX_SETS {
-            if let Some(oldest) = (0..self.sets.len()).min_by_key(|&i| self.sets[i].last_used) {
+            let oldest = self
+                .sets
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.last_used);
+            if let Some((oldest, _)) = oldest {
                 self.sets.remove(oldest);
             }
         }
@@ -225,7 +255,11 @@ impl Bound {
         let mut inputs = BTreeMap::new();
         for (name, ty, shape, _) in &key {
             let err = || ort_err(format!("{ctx}: input `{name}`"));
-            let buffer = DynTensor::new(&self.alloc, *ty, shape.clone()).map_err(err())?;
+            let buffer = match self.host_inputs.contains(name) {
+                true => DynTensor::new(&Allocator::default(), *ty, shape.clone()),
+                false => DynTensor::new(&self.alloc, *ty, shape.clone()),
+            }
+            .map_err(err())?;
             binding.bind_input(name.as_str(), &buffer).map_err(err())?;
             inputs.insert(name.clone(), buffer);
         }
@@ -251,9 +285,10 @@ impl Bound {
     /// Copies input `name` of set `at` from `source` where its buffer does not hold it yet.
     fn fill(&mut self, at: usize, name: &str, source: &Source<'_>) -> ort::Result<()> {
         let generation = self.generation.get(name).copied().unwrap_or(0);
-        let ty = self.sets[at]
-            .inputs
-            .get(name)
+        let ty = self
+            .sets
+            .get(at)
+            .and_then(|s| s.inputs.get(name))
             .map(|b| *b.data_type())
             .ok_or_else(|| missing(name))?;
         let c = copier(&mut self.copiers, ty, self.device)?;
@@ -263,35 +298,39 @@ impl Bound {
                 .iter()
                 .position(|s| s.id == *id)
                 .ok_or_else(|| missing(name))?;
-            if from == at {
+            let (src, dst) = if from == at {
                 let Set {
-                    inputs, outputs, ..
-                } = &mut self.sets[at];
-                return match (
-                    outputs.as_ref().and_then(|o| o.get(output)),
-                    inputs.get_mut(name),
-                ) {
-                    (Some(src), Some(dst)) => c.copy(src, dst),
-                    _ => Err(missing(name)),
-                };
-            }
-            let (src_set, dst_set) = if from < at {
-                let (a, b) = self.sets.split_at_mut(at);
-                (&a[from], &mut b[0])
+                    inputs,
+                    outputs,
+                    copied,
+                    ..
+                } = set_at(&mut self.sets, at)?;
+                copied.remove(name);
+                (outputs.as_ref(), inputs.get_mut(name))
             } else {
-                let (a, b) = self.sets.split_at_mut(from);
-                (&b[0], &mut a[at])
+                // Two sets at once: one read, one written.
+                let (low, high) = self.sets.split_at_mut(from.max(at));
+                let (src, dst) = match from < at {
+                    true => (low.get(from), high.first_mut()),
+                    false => (high.first(), low.get_mut(at)),
+                };
+                let (Some(src), Some(dst)) = (src, dst) else {
+                    return Err(missing(name));
+                };
+                dst.copied.remove(name);
+                (src.outputs.as_ref(), dst.inputs.get_mut(name))
             };
-            return match (
-                src_set.outputs.as_ref().and_then(|o| o.get(output)),
-                dst_set.inputs.get_mut(name),
-            ) {
+            return match (src.and_then(|o| o.get(output)), dst) {
                 (Some(src), Some(dst)) => c.copy(src, dst),
                 _ => Err(missing(name)),
             };
         }
-        let set = &mut self.sets[at];
+        let set = set_at(&mut self.sets, at)?;
         let dst = set.inputs.get_mut(name).ok_or_else(|| missing(name))?;
+        if !matches!(source, Source::Fixed(_)) {
+            // Written from elsewhere this run: a fixed value of the same name is copied again.
+            set.copied.remove(name);
+        }
         match source {
             Source::Host(t) => c.copy(&*view(t)?, dst),
             Source::Borrowed(shape, data) => {
@@ -335,14 +374,44 @@ impl Copier {
         // to the value until `clear_inputs`, which runs before `src` can go.
         let status =
             unsafe { (ort::api().BindInput)(self.binding.ptr_mut(), c"x".as_ptr(), src.ptr()) };
-        check(status)?;
-        let result = self
-            .binding
-            .bind_output("y", dst)
+        let result = check(status)
+            .and_then(|()| self.binding.bind_output("y", dst))
             .and_then(|()| self.session.run_binding(&self.binding).map(drop));
+        // On every path: ONNX Runtime records a name before a bind can fail.
         self.binding.clear();
         result
     }
+}
+
+/// Set `at` of `sets` (a place just found or made).
+fn set_at(sets: &mut [Set], at: usize) -> ort::Result<&mut Set> {
+    sets.get_mut(at)
+        .ok_or_else(|| ort::Error::new("no such set of bound buffers"))
+}
+
+/// The inputs `session` wants in host memory (ONNX Runtime's `SessionGetMemoryInfoForInputs`).
+fn inputs_on_host(session: &Session) -> ort::Result<Vec<String>> {
+    use ort::AsPointer;
+    let inputs = session.inputs();
+    let mut infos = vec![std::ptr::null(); inputs.len()];
+    // SAFETY: `infos` has one slot per input; ONNX Runtime fills each with a pointer it owns.
+    let status = unsafe {
+        (ort::api().SessionGetMemoryInfoForInputs)(session.ptr(), infos.as_mut_ptr(), infos.len())
+    };
+    check(status)?;
+    let mut out = Vec::new();
+    for (input, info) in inputs.iter().zip(infos) {
+        if info.is_null() {
+            continue;
+        }
+        let mut ty = ort::sys::OrtMemoryInfoDeviceType::OrtMemoryInfoDeviceType_CPU;
+        // SAFETY: a non-null memory info of the live session.
+        unsafe { (ort::api().MemoryInfoGetDeviceType)(info, &mut ty) };
+        if ty == ort::sys::OrtMemoryInfoDeviceType::OrtMemoryInfoDeviceType_CPU {
+            out.push(input.name().to_string());
+        }
+    }
+    Ok(out)
 }
 
 /// An ONNX Runtime status as a result.
@@ -379,7 +448,9 @@ fn copier(
             copiers.len() - 1
         }
     };
-    Ok(&mut copiers[at])
+    copiers
+        .get_mut(at)
+        .ok_or_else(|| ort::Error::new("no copier"))
 }
 
 /// A small tensor's values as bits, for a key.
