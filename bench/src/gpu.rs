@@ -473,6 +473,10 @@ struct Figures {
     graph_stages: Vec<StageFigure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     graph_error: Option<String>,
+    /// The case's graphs ONNX Runtime would not capture (built again without CUDA graphs),
+    /// each with its reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    graph_not_captured: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     skipped: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -569,6 +573,9 @@ fn print_row(f: &Figures, json: bool) {
             cell(f.graph_dit_step_ms, 1),
             cells(&f.graph_stages)
         );
+        for g in &f.graph_not_captured {
+            println!("      not captured: {g}");
+        }
     }
     for (graph, p) in &f.profile {
         let top: Vec<String> = p
@@ -826,6 +833,7 @@ fn graph_pass(
     use v2l_runtime::pipeline::Pipeline;
     let e = v2l_runtime::engine::Engine::open(dir).map_err(Failure::from)?;
     let hypernet = e.manifest.hypernet.is_some();
+    let before = v2l_runtime::session::uncaptured_graphs().len();
     let mut opts = e.session_options(0);
     opts.bound_runs = true;
     opts.backend
@@ -851,6 +859,10 @@ fn graph_pass(
         p.predict(&clip(req, 0)?, 1.0).map_err(Failure::from)?;
         predict_times(&mut p, req, b.repeat, &mut stages)?;
     }
+    f.graph_not_captured = v2l_runtime::session::uncaptured_graphs()
+        .into_iter()
+        .skip(before)
+        .collect();
     let rel = frames.map(|g| cpu_frames.rel_l2(&g));
     f.within_bound &= rel.is_some_and(|r| r <= bound);
     f.graph_frames_rel_l2 = rel;

@@ -15,6 +15,18 @@ mod values;
 pub use pager::release_freed_memory;
 use values::{from_ort, into_ort, ort_element_type, ort_err, view};
 
+/// The graphs this process was asked to capture as CUDA graphs and built without (ONNX
+/// Runtime refused the capture), each with the reason.
+static UNCAPTURED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// [`UNCAPTURED`] so far: what the GPU check reports beside a CUDA-graph pass.
+pub fn uncaptured_graphs() -> Vec<String> {
+    UNCAPTURED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 /// Session settings that matter for speed and reproducibility.
 #[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
@@ -278,10 +290,16 @@ impl Model {
             (Ok(s), _) => s,
             (Err(e), Some(weights)) if e.to_string().contains("graph capture") => {
                 drop(pager);
-                eprintln!(
-                    "{ctx}: runs without CUDA graphs: {}",
-                    values::plain(&e.to_string())
-                );
+                let why = values::plain(&e.to_string());
+                eprintln!("{ctx}: runs without CUDA graphs: {why}");
+                let mut seen = UNCAPTURED
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Bounded: a server builds sessions for as long as it runs.
+                if seen.len() < 256 {
+                    seen.push(format!("{ctx}: {why}"));
+                }
+                drop(seen);
                 return Self::build(source, opts, weights, false);
             }
             (Err(e), _) => return Err(ort_err(&ctx)(e)),
