@@ -365,7 +365,8 @@ impl Model {
     /// Sets inputs that stay the same across runs: converted once and passed by reference on
     /// every run; on a GPU backend copied to the device once, so no run copies them from the
     /// host again (what ORT's IoBinding is for; a device-resident value given to `run` binds
-    /// the same way). Not yet run on a GPU.
+    /// the same way). With bound runs they stay on the host, copied into each set's buffers
+    /// when changed. Not yet run on a GPU.
     pub fn set_fixed_inputs(&mut self, inputs: Vec<(String, Tensor)>) -> Result<()> {
         let ctx = self.path.display().to_string();
         for (name, t) in inputs {
@@ -376,7 +377,9 @@ impl Model {
                 b.fixed_changed(&name);
             }
             let v = into_ort(t).map_err(err())?;
-            let v = match self.device {
+            // Bound runs copy a fixed input into each set's own buffer when it changes: it
+            // stays on the host until then, not on the device twice over.
+            let v = match self.device.filter(|_| self.bound.is_none()) {
                 None => v,
                 Some(id) => v
                     .downcast::<ort::value::DynTensorValueType>()
@@ -393,7 +396,8 @@ impl Model {
     /// for rewriting in place (a LoRA switch to factors of the same shape writes into the
     /// buffers ONNX Runtime already reads, with no allocation and no second copy).
     pub fn fixed_f32_mut(&mut self, name: &str, shape: &[usize]) -> Option<&mut [f32]> {
-        if self.device.is_some() {
+        // On a GPU only where bound runs keep fixed inputs on the host.
+        if self.device.is_some() && self.bound.is_none() {
             return None;
         }
         if let Some(b) = &mut self.bound {
