@@ -322,6 +322,10 @@ struct Row {
     /// With `--profile`: v2l's longest operators, `op (provider) ms`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     v2l_top_ops: Vec<String>,
+    /// Graphs ONNX Runtime would not capture as CUDA graphs (built again without), each with
+    /// its reason: a `cuda-graph` row with any timed plain runs of those.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    not_captured: Vec<String>,
 }
 
 /// Runs every case; how many rows failed, and how many were not started within the budget.
@@ -638,6 +642,15 @@ fn run_v2l(
         }),
     };
     row.v2l_first_ms = j["runs_ms"].get(0).and_then(|v| v.as_f64());
+    // A `cuda-graph` row whose graph ONNX Runtime would not capture timed plain runs: it says so.
+    row.not_captured = j["uncaptured_graphs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
     row.v2l_peak_gpu_mb = peak;
     let read = |p: &Path| -> Result<v2l_runtime::Tensor, Failure> {
         v2l_runtime::read_safetensors(p)
@@ -774,5 +787,8 @@ fn print_row(r: &Row, json: bool) {
     }
     if !r.v2l_top_ops.is_empty() {
         println!("    v2l's longest operators: {}", r.v2l_top_ops.join(", "));
+    }
+    for g in &r.not_captured {
+        println!("    not captured (ran without CUDA graphs): {g}");
     }
 }

@@ -185,6 +185,8 @@ pub fn run(
                 "machine": v2l_runtime::cpu::this(),
                 "compiled_on": dir.compiled_on(),
                 "profile": profile,
+                // Graphs asked to run as CUDA graphs that ONNX Runtime would not capture.
+                "uncaptured_graphs": v2l_runtime::session::uncaptured_graphs(),
             })
         );
     } else {

@@ -74,6 +74,8 @@ fn int8_attention_follows_the_cpu_and_falls_back_to_ort_by_name() {
 
     let (j_ort, y_ort) = stage_dit(&ort, &inp, &out("ort"), false);
     assert_eq!(j_ort["attention"], "ort");
+    // No CUDA graphs asked for, none refused.
+    assert_eq!(j_ort["uncaptured_graphs"], serde_json::json!([]), "{j_ort}");
     let bf16_cpu = cpu_has_avx512_bf16();
     let (j_fb, y_fb) = stage_dit(&ours, &inp, &out("fallback"), true);
     let why = if bf16_cpu {
