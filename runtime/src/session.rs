@@ -252,8 +252,11 @@ impl Model {
         let eps = backend.dispatch();
         let bound_runs = opts.bound_runs || backend.cuda_graph();
         // ONNX Runtime refuses to capture a graph with control flow, a compute node on the CPU
-        // or a copy between devices, at session build: the weights are kept for a second try.
-        let spare = backend.cuda_graph().then(|| weights.clone());
+        // or a copy between devices, at session build. A graph without replacement weights is
+        // then built again without CUDA graphs; one with them (a fused LoRA) is not, as that
+        // would hold every weight twice: its error says how to turn graphs off.
+        let graph_capture = backend.cuda_graph();
+        let retry = graph_capture && weights.is_empty();
         if !eps.is_empty() {
             let backend = opts.backend.backend.name();
             if gpu {
@@ -286,9 +289,9 @@ impl Model {
             crate::backend::Backend::Cpu => pager::Pager::start(large_weight_files(path)),
             _ => None,
         };
-        let session = match (commit(b, source), spare) {
-            (Ok(s), _) => s,
-            (Err(e), Some(weights)) if e.to_string().contains("graph capture") => {
+        let session = match commit(b, source) {
+            Ok(s) => s,
+            Err(e) if retry && e.to_string().contains("graph capture") => {
                 drop(pager);
                 let why = values::plain(&e.to_string());
                 eprintln!("{ctx}: runs without CUDA graphs: {why}");
@@ -300,9 +303,18 @@ impl Model {
                     seen.push(format!("{ctx}: {why}"));
                 }
                 drop(seen);
-                return Self::build(source, opts, weights, false);
+                return Self::build(source, opts, Vec::new(), false);
             }
-            (Err(e), _) => return Err(ort_err(&ctx)(e)),
+            Err(e) if graph_capture && e.to_string().contains("graph capture") => {
+                return Err(RuntimeError::Ort {
+                    context: ctx,
+                    message: format!(
+                        "{} (V2L_CUDA_OPTIONS=enable_cuda_graph=0 runs it without CUDA graphs)",
+                        values::plain(&e.to_string())
+                    ),
+                });
+            }
+            Err(e) => return Err(ort_err(&ctx)(e)),
         };
         drop(pager);
         let inputs = session

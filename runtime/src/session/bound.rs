@@ -125,7 +125,6 @@ impl Bound {
     /// shapes select, runs, and returns the `fetch` outputs on the host. Afterwards `carry`
     /// names, for each `(input, output)` of `links`, the output buffer that holds the input's
     /// next value.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn run(
         &mut self,
         session: &mut Session,
@@ -177,17 +176,15 @@ impl Bound {
             // own buffers, bound from now on.
             let mut buffers = BTreeMap::new();
             for (name, v) in outs.iter() {
-                let err = ort_err(format!("{ctx}: output `{name}`"));
-                let v = v.downcast::<DynTensorValueType>().map_err(err)?;
-                let shape = v.shape().to_vec();
-                let err = ort_err(format!("{ctx}: output `{name}`"));
-                let ty = *v.data_type();
-                let buffer = copier(&mut self.copiers, ty, self.device)
-                    .and_then(|c| {
-                        let mut b = DynTensor::new(&self.alloc, ty, shape)?;
-                        c.copy(&v, &mut b).map(|()| b)
+                let buffer = v
+                    .downcast::<DynTensorValueType>()
+                    .and_then(|v| {
+                        let ty = *v.data_type();
+                        let mut b = DynTensor::new(&self.alloc, ty, v.shape().to_vec())?;
+                        copier(&mut self.copiers, ty, self.device)?.copy(&v, &mut b)?;
+                        Ok(b)
                     })
-                    .map_err(err)?;
+                    .map_err(ort_err(format!("{ctx}: output `{name}`")))?;
                 buffers.insert(name.to_string(), buffer);
             }
             drop(outs);
