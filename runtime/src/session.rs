@@ -10,8 +10,10 @@ use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
 
 mod bound;
+mod inputs;
 mod pager;
 mod values;
+pub use inputs::Carry;
 pub use pager::release_freed_memory;
 use values::{from_ort, into_ort, ort_element_type, ort_err, view};
 
@@ -544,41 +546,64 @@ impl Model {
         links: &[(String, String)],
         wanted: Option<&[&str]>,
     ) -> Result<BTreeMap<String, Tensor>> {
-        if self.bound.is_some() {
-            return self.run_bound(inputs, borrowed, carry, links, wanted);
-        }
+        use inputs::Source;
         let ctx = self.path.display().to_string();
+        let sources = inputs::sources(
+            &self.inputs,
+            &self.fixed,
+            inputs,
+            borrowed,
+            &carry.values,
+            carry,
+        )
+        .map_err(|name| RuntimeError::Graph {
+            graph: ctx.clone(),
+            message: format!("input `{name}` was not given"),
+        })?;
+        if let Some(bound) = self.bound.as_mut() {
+            let linked: Vec<&str> = links.iter().map(|(_, o)| o.as_str()).collect();
+            let fetch: Vec<String> = match wanted {
+                Some(names) => names.iter().map(|n| n.to_string()).collect(),
+                None => self.outputs.clone(),
+            }
+            .into_iter()
+            .filter(|n| !linked.contains(&n.as_str()))
+            .collect();
+            let result = bound.run(
+                &mut self.session,
+                &ctx,
+                sources,
+                &fetch,
+                links,
+                &mut carry.bound,
+            )?;
+            carry.unwritten.clear();
+            return Ok(result);
+        }
         let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> =
-            Vec::with_capacity(self.inputs.len() + borrowed.len());
-        for name in &self.inputs {
-            if let Some(v) = carry.values.get(name) {
-                values.push((name.clone(), v.into()));
-            } else if let Some(t) = inputs.get(name) {
-                let v = view(t).map_err(ort_err(format!("{ctx}: input `{name}`")))?;
-                values.push((name.clone(), v.into()));
-            } else if let Some(v) = self.fixed.get(name) {
-                values.push((name.clone(), v.into()));
-            } else if borrowed.iter().any(|(n, _, _)| n == name) {
-                continue;
-            } else {
-                return Err(RuntimeError::Graph {
-                    graph: ctx.clone(),
-                    message: format!("input `{name}` was not given"),
-                });
-            }
-        }
-        for (name, shape, data) in borrowed {
-            let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-            let v = TensorRef::from_array_view((s, *data))
-                .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
-            values.push((name.to_string(), v.into_dyn().into()));
-        }
-        // ORT lists initializers that are also graph inputs (overridable weights) apart from
-        // the inputs; they are fed by name all the same.
-        for (name, v) in &self.fixed {
-            if !self.inputs.contains(name) {
-                values.push((name.clone(), v.into()));
-            }
+            Vec::with_capacity(sources.len());
+        for (name, source) in sources {
+            let value = match source {
+                Source::Carried(v) | Source::Fixed(v) => v.into(),
+                Source::Host(t) => view(t)
+                    .map_err(ort_err(format!("{ctx}: input `{name}`")))?
+                    .into(),
+                Source::Borrowed(shape, data) => {
+                    let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                    TensorRef::from_array_view((s, data))
+                        .map_err(ort_err(format!("{ctx}: input `{name}`")))?
+                        .into_dyn()
+                        .into()
+                }
+                // Only bound runs leave carried values in their buffers or unwritten.
+                Source::Output(..) | Source::Unwritten(..) => {
+                    return Err(RuntimeError::Graph {
+                        graph: ctx,
+                        message: format!("input `{name}` was carried by a bound run"),
+                    })
+                }
+            };
+            values.push((name, value));
         }
         let options = match wanted {
             Some(names) => {
@@ -641,75 +666,6 @@ impl Model {
         carry.values = next;
         Ok(result)
     }
-
-    /// [`Model::run_core`] through bound buffers ([`SessionOptions::bound_runs`]): every input,
-    /// from wherever it is held, copied into the buffers of its shapes' set (a fixed input only
-    /// when it has changed, a carried one from the output buffer that holds it).
-    fn run_bound(
-        &mut self,
-        inputs: &BTreeMap<String, Tensor>,
-        borrowed: &[(&str, &[usize], &[f32])],
-        carry: &mut Carry,
-        links: &[(String, String)],
-        wanted: Option<&[&str]>,
-    ) -> Result<BTreeMap<String, Tensor>> {
-        use bound::Source;
-        let ctx = self.path.display().to_string();
-        let mut sources: Vec<(String, Source<'_>)> = Vec::new();
-        for name in &self.inputs {
-            let source = if let Some(at) = carry.bound.get(name) {
-                Source::Output(at.0, at.1.clone())
-            } else if let Some((ty, shape)) = carry.unwritten.get(name) {
-                Source::Unwritten(*ty, shape.clone())
-            } else if let Some(t) = inputs.get(name) {
-                Source::Host(t)
-            } else if let Some(v) = self.fixed.get(name) {
-                Source::Fixed(v)
-            } else if let Some((_, shape, data)) = borrowed.iter().find(|(n, _, _)| n == name) {
-                Source::Borrowed(shape, data)
-            } else {
-                return Err(RuntimeError::Graph {
-                    graph: ctx,
-                    message: format!("input `{name}` was not given"),
-                });
-            };
-            sources.push((name.clone(), source));
-        }
-        // Sorted: the key of a set must not depend on the map's order.
-        let mut extra: Vec<(&String, &DynValue)> = self
-            .fixed
-            .iter()
-            .filter(|(name, _)| !self.inputs.contains(name))
-            .collect();
-        extra.sort_by_key(|(name, _)| *name);
-        for (name, v) in extra {
-            sources.push((name.clone(), Source::Fixed(v)));
-        }
-        let linked: Vec<&str> = links.iter().map(|(_, o)| o.as_str()).collect();
-        let fetch: Vec<String> = match wanted {
-            Some(names) => names.iter().map(|n| n.to_string()).collect(),
-            None => self.outputs.clone(),
-        }
-        .into_iter()
-        .filter(|n| !linked.contains(&n.as_str()))
-        .collect();
-        let Some(bound) = self.bound.as_mut() else {
-            return Err(RuntimeError::Graph {
-                graph: ctx,
-                message: "is not set up for bound runs".into(),
-            });
-        };
-        let result = bound.run(
-            &mut self.session,
-            &ctx,
-            sources,
-            &fetch,
-            links,
-            &mut carry.bound,
-        )?;
-        carry.unwritten.clear();
-        Ok(result)
-    }
 }
 
 /// A profile file prefix in `dir` no other session of this process shares: ONNX Runtime adds
@@ -722,18 +678,6 @@ fn profile_prefix(dir: &Path, graph: &Path) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "graph".into());
     dir.join(format!("{stem}.v2l{n}"))
-}
-
-/// Outputs of one run held for the next as ONNX Runtime values ([`Model::run_carrying`]).
-#[derive(Default)]
-pub struct Carry {
-    values: BTreeMap<String, DynValue>,
-    /// [`Model::unwritten_carry`]'s under bound runs: inputs the next run may leave unwritten
-    /// (their element type and shape; nothing is allocated or copied).
-    unwritten: BTreeMap<String, (ort::value::TensorElementType, Vec<i64>)>,
-    /// After a bound run: each carried input's value is still in that run's output buffer
-    /// (its set's id, the output), copied from there into the next run's own.
-    bound: BTreeMap<String, (i32, String)>,
 }
 
 /// A GPU session keeps every node on the GPU provider. ONNX Runtime itself refuses a CPU node

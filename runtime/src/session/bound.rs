@@ -11,8 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use ort::memory::Allocator;
 use ort::session::{IoBinding, RunOptions, Session};
-use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType};
+use ort::value::{DynTensor, DynTensorValueType, TensorElementType};
 
+use super::inputs::Source;
 use super::values::{from_ort, ort_element_type, ort_err, view};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
@@ -69,22 +70,6 @@ struct Set {
 /// One input's part of a set's key: name, element type, shape, and for
 /// [`SHAPING_INPUTS`] the value.
 type KeyPart = (String, TensorElementType, Vec<i64>, Option<Vec<u32>>);
-
-/// Where one input of a bound run comes from.
-pub(super) enum Source<'a> {
-    /// A host tensor given for this run (copied in on every run).
-    Host(&'a Tensor),
-    /// A fixed input (copied in when its generation changed).
-    Fixed(&'a DynValue),
-    /// f32 data borrowed for this run.
-    Borrowed(&'a [usize], &'a [f32]),
-    /// A carried value never written (`Model::unwritten_carry`), of this type and shape:
-    /// nothing to copy.
-    Unwritten(TensorElementType, Vec<i64>),
-    /// A carried value still in the output buffer `.1` of the set with id `.0` (a previous
-    /// bound run's; ids, unlike places in the list, survive a set's eviction).
-    Output(i32, String),
-}
 
 impl Bound {
     /// Bound runs of `session`, on the CUDA `device` or the CPU.
@@ -223,7 +208,7 @@ impl Bound {
         match source {
             Source::Host(t) => Some((ort_element_type(t)?, dims(&t.shape))),
             Source::Unwritten(ty, shape) => Some((*ty, shape.clone())),
-            Source::Fixed(v) => {
+            Source::Fixed(v) | Source::Carried(v) => {
                 Some((v.dtype().tensor_type()?, v.dtype().tensor_shape()?.to_vec()))
             }
             Source::Borrowed(shape, _) => Some((TensorElementType::Float32, dims(shape))),
@@ -330,6 +315,7 @@ impl Bound {
         }
         match source {
             Source::Host(t) => c.copy(&*view(t)?, dst),
+            Source::Carried(v) => c.copy(v, dst),
             Source::Borrowed(shape, data) => {
                 let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 let v = ort::value::TensorRef::from_array_view((s, *data))?;
