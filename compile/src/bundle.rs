@@ -125,8 +125,8 @@ pub struct Options<'a> {
     /// CUDA/TensorRT engines: CUDA provider settings recorded in the bundle
     /// ([`v2l_runtime::backend::check_cuda_option`] says which).
     pub cuda_options: &'a [(String, String)],
-    /// CUDA engines of CogVideoX: keep the exported RoPE instead of one `RotaryEmbedding`
-    /// kernel, whose calls hold at most `CUDA_ROPE_MAX_TOKENS` tokens.
+    /// CUDA engines: keep the exported RoPE instead of one `RotaryEmbedding` kernel (to
+    /// measure one against the other).
     pub unfused_rope: bool,
     /// CUDA engines below fp32: keep the exported GroupNorm statistics in the lowered VAE
     /// instead of `passes::group_norm_row_stats` (to measure one against the other).
@@ -372,8 +372,6 @@ struct DitBuild {
     calibration: Option<crate::calibrate::CalibrationRecord>,
     /// A typed fp16/bf16 graph's CPU form, written for the accuracy checks only.
     emulated: Option<PathBuf>,
-    /// The RoPE runs as one `RotaryEmbedding` (CUDA engines of CogVideoX).
-    rope_fused: bool,
     /// The VAE's graphs on v2l's bf16 convolution, when written.
     vae_bf16: Option<VaeGraphs>,
     /// GPU engines below fp32: the VAE's graphs in the engine's precision, and their CPU
@@ -712,7 +710,7 @@ impl<'a> Job<'a> {
         out: &mut DitBuild,
     ) -> Result<()> {
         let src = tmp.join(&d.file);
-        let base = self.rewrite_for_backend(d, &src, out)?;
+        let base = self.rewrite_for_backend(d, &src)?;
         let low = self.lower_dit_precision(d, &base, &src, tmp, targets, out)?;
         self.lora_variants(d, &base, &src, tmp, low.as_ref(), out)?;
         if self.backend == Backend::TensorRt {
@@ -724,12 +722,7 @@ impl<'a> Job<'a> {
     /// Step 5a: attention, GELU (and on CUDA the RoPE) fused into ONNX Runtime's contrib ops,
     /// the feed-forward chunked on the CPU; the graph at `src` is rewritten when anything changed. Returns the
     /// graph the other DiT steps start from.
-    fn rewrite_for_backend(
-        &self,
-        d: &DitEntry,
-        src: &Path,
-        out: &mut DitBuild,
-    ) -> Result<ModelProto> {
+    fn rewrite_for_backend(&self, d: &DitEntry, src: &Path) -> Result<ModelProto> {
         let mut base = v2l_graphs::read_model(src).map_err(io(src))?;
         if fuses_attention(self.backend) {
             let heads = d
@@ -743,17 +736,15 @@ impl<'a> Job<'a> {
                 0
             };
             // RoPE in one kernel on the GPU (CPU engines keep the exported form: the fused op
-            // is not measured against it there). CogVideoX only: the kernel takes at most
-            // CUDA_ROPE_MAX_TOKENS tokens, which Wan's 720p (75,600) passes.
+            // is not measured against it there).
             let cogvideox = v2l_contracts::Family::of_dit_class(&d.class_name)
                 == Some(v2l_contracts::Family::CogVideoX);
             let rope = match self.backend {
-                Backend::Cuda if cogvideox && !self.unfused_rope => {
+                Backend::Cuda if !self.unfused_rope => {
                     v2l_graphs::passes::fuse_rope(&mut base, src)
                 }
                 _ => 0,
             };
-            out.rope_fused = rope > 0;
             let gelu = v2l_graphs::passes::fuse_gelu(&mut base);
             // The feed-forward's bias into its GELU on the GPU (CPU engines keep the exported
             // `Gemm` bias: their feed-forward chunking matches that form).
@@ -1113,9 +1104,7 @@ impl<'a> Job<'a> {
             vae_lowered: dit.vae_lowered,
             tf32: self.tf32,
             cuda_options: self.cuda_options.clone(),
-            rope_max_tokens: dit
-                .rope_fused
-                .then_some(v2l_contracts::bundle::CUDA_ROPE_MAX_TOKENS),
+            rope_max_tokens: None,
             bundle_hash: String::new(),
         };
         let bundle = Bundle {

@@ -167,10 +167,6 @@ pub struct LoraTarget {
     pub dtype: crate::dtype::Stored,
 }
 
-/// The most tokens ONNX Runtime's CUDA `RotaryEmbedding` kernel takes in one call: it launches
-/// a grid of (heads, tokens, batch) blocks, and CUDA's grid is at most 65,535 blocks high.
-pub const CUDA_ROPE_MAX_TOKENS: usize = 65_535;
-
 /// `bundle.json`: what an engine was compiled as, and the hashes that prove its parts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Bundle {
@@ -233,9 +229,10 @@ pub struct Bundle {
     /// `cudnn_conv_algo_search=HEURISTIC`); ONNX Runtime's defaults for the keys not set.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub cuda_options: BTreeMap<String, String>,
-    /// CUDA engines whose DiT runs its RoPE as one `RotaryEmbedding` kernel: the most tokens
-    /// (text and video) a DiT call may hold, since that kernel launches one block row per token
-    /// and CUDA's grid holds at most [`CUDA_ROPE_MAX_TOKENS`]. Requests above it are refused.
+    /// Written by `v2l-compile` before 2026-11-27 for CUDA engines with a fused RoPE, as a
+    /// limit of 65,535 tokens a DiT call, read from an ONNX Runtime kernel older than the ones
+    /// v2l loads (its `RotaryEmbedding` takes more since 1.18). Neither written nor read now:
+    /// kept so that those engines' records still hash as they were written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_max_tokens: Option<usize>,
     /// BLAKE3 of this record with this field empty: an edit to `bundle.json` itself (strategy,

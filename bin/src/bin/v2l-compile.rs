@@ -114,17 +114,17 @@ struct Cli {
     /// cuda/tensorrt engines: a CUDA provider setting recorded in bundle.json, repeatable:
     /// `cudnn_conv_algo_search=EXHAUSTIVE|HEURISTIC|DEFAULT`, `cudnn_conv_use_max_workspace=0|1`,
     /// `prefer_nhwc=0|1`, `sdpa_kernel=BITS` (attention kernels: flash 1, memory-efficient 2,
-    /// cuDNN flash 8, math 16), `arena_extend_strategy`, `cudnn_conv1d_pad_to_nc1d`,
+    /// cuDNN flash 8, math 16; keep 1 or 2 in the set: where none of the chosen kernels can
+    /// run, ONNX Runtime falls to its unfused one, whose scores take batch·heads·tokens² memory,
+    /// 60 GB at 17,776 tokens), `arena_extend_strategy`, `cudnn_conv1d_pad_to_nc1d`,
     /// `enable_skip_layer_norm_strict_mode`, `enable_cuda_graph=0|1` (cuda engines: each
     /// session's runs captured as CUDA graphs, one per set of input shapes, and replayed from
     /// buffers bound once; not yet run on a GPU). `V2L_CUDA_OPTIONS=KEY=VALUE,...` overrides
     /// them at run time
     #[arg(long = "cuda-option", value_name = "KEY=VALUE", value_parser = cuda_option)]
     cuda_options: Vec<(String, String)>,
-    /// cuda engines of CogVideoX: keep the exported RoPE (four elementwise passes per q and k)
-    /// instead of ONNX Runtime's one RotaryEmbedding kernel, which takes at most 65,535 tokens
-    /// a DiT call (49 frames at 768x1360 fit, 81 at 720x1280 do not); requests above it are
-    /// refused otherwise
+    /// cuda engines: keep the exported RoPE (four elementwise passes per q and k) instead of
+    /// ONNX Runtime's one RotaryEmbedding kernel; to measure one against the other
     #[arg(long)]
     unfused_rope: bool,
     /// cuda engines at fp16/bf16: keep the VAE's GroupNorm statistics as exported (an

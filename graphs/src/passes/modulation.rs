@@ -17,9 +17,14 @@
 //! torch rounds the norm's output, the product and the sum: the same size of error, in other
 //! places.
 //!
-//! Nothing checks the operands' shapes (the graph has none): a fold is right for any
-//! broadcastable `scale` and `shift`, and saves bytes when they are small, which the exported
-//! AdaLN's are; `v2l-compile` applies it to CogVideoX's DiTs.
+//! ONNX Runtime's CUDA kernel is right only for a rank-3 input whose scale and bias have one
+//! shape among `[H]`, `[1, 1, H]`, `[B, 1, H]`, `[1, S, H]`, `[B, S, H]`: from 1.24 its shared
+//! shape check lets any broadcastable pair through, and the CUDA kernel then applies the first
+//! row of an unsupported one to every row, silently (the CPU kernel broadcasts them right, so
+//! no CPU test would see it). The graph has no shapes, so a fold is made only where the
+//! exported AdaLN's structure proves `[B, 1, H]`: `scale` (or `1 + scale`) and `shift` are two
+//! parts of one equal-sized `Split` on the last axis of an `Unsqueeze(·, [1])`, the chunked
+//! timestep projection. `v2l-compile` applies it to CogVideoX's DiTs.
 
 use std::collections::{HashMap, HashSet};
 
@@ -59,6 +64,54 @@ pub fn fold_modulation(model: &mut ModelProto) -> usize {
         }
         false
     };
+    // The `Split` of which `v` is a part, when that proves `v` is `[B, 1, H]` (module doc):
+    // equal parts on the last axis of a rank-3 `Unsqueeze(·, [1])`.
+    let per_sample_part = |v: &str| -> Option<usize> {
+        let si = *ix.producer.get(v)?;
+        let split = nodes.get(si)?;
+        let axis = super::edit::attr_i(split, "axis").unwrap_or(0);
+        let equal = match split.input.get(1).filter(|s| !s.is_empty()) {
+            None => true,
+            Some(sizes) => {
+                let sizes = super::edit::i64_values(ix.inits.get(sizes.as_str())?);
+                sizes.windows(2).all(|w| w.first() == w.get(1)) && !sizes.is_empty()
+            }
+        };
+        let source = nodes.get(*ix.producer.get(split.input.first()?.as_str())?)?;
+        let axes = source
+            .input
+            .get(1)
+            .and_then(|a| ix.inits.get(a.as_str()))
+            .map(|t| super::edit::i64_values(t));
+        let unsqueezed = source.op_type == "Unsqueeze"
+            && source.domain.is_empty()
+            && axes.as_deref() == Some(&[1][..]);
+        (split.op_type == "Split"
+            && split.domain.is_empty()
+            && (axis == 2 || axis == -1)
+            && equal
+            && unsqueezed)
+            .then_some(si)
+    };
+    // `scale` itself or, as exported, `1 + scale`.
+    let scale_part = |v: &str| -> Option<usize> {
+        if let Some(si) = per_sample_part(v) {
+            return Some(si);
+        }
+        let add = nodes.get(*ix.producer.get(v)?)?;
+        if add.op_type != "Add" || !add.domain.is_empty() {
+            return None;
+        }
+        let is_scalar = |n: &str| {
+            ix.inits
+                .get(n)
+                .is_some_and(|t| t.dims.iter().product::<i64>() == 1)
+        };
+        match (add.input.first()?.as_str(), add.input.get(1)?.as_str()) {
+            (c, part) | (part, c) if is_scalar(c) => per_sample_part(part),
+            _ => None,
+        }
+    };
     let binary = |i: usize, op: &str, operand: &str| -> Option<(usize, String)> {
         let n = nodes.get(i)?;
         if n.op_type != op || !n.domain.is_empty() || n.input.len() != 2 {
@@ -88,6 +141,10 @@ pub fn fold_modulation(model: &mut ModelProto) -> usize {
             let product = nodes.get(mi)?.output.first()?;
             let (ai, shift) = binary(only_reader(product)?, "Add", product)?;
             if depends_on(&scale, x) || depends_on(&shift, x) {
+                return None;
+            }
+            let split = per_sample_part(&shift)?;
+            if scale_part(&scale)? != split {
                 return None;
             }
             Some((li, mi, ai, scale, shift))
@@ -149,13 +206,41 @@ mod tests {
         vec!["b".into(), "n".into(), 4.into()]
     }
 
-    /// `LayerNorm(x) · s + t` with per-sample `s` and `t`; `bias`: the norm has one; `swap`:
-    /// the operands in the other order.
-    fn adaln(bias: bool, swap: bool) -> (Graph, crate::Value) {
+    /// Where a test's modulation comes from.
+    #[derive(Clone, Copy, Debug)]
+    enum Modulation {
+        /// As exported: `t, s = Split(Unsqueeze(m, [1]), axis 2)`, the multiplier `1 + s`.
+        Exported,
+        /// The multiplier `s` itself, from the same split.
+        Bare,
+        /// `s` and `t` given as graph inputs: no structure proves their shapes.
+        Inputs,
+    }
+
+    /// `LayerNorm(x) · s' + t` with per-sample `s'` (`s` or `1 + s`) and `t`; `bias`: the norm
+    /// has one; `swap`: the operands in the other order.
+    fn adaln(bias: bool, swap: bool, how: Modulation) -> (Graph, crate::Value) {
         let mut g = Graph::new("t");
         let x = g.input("x", DType::F32, tokens());
-        let s = g.input("s", DType::F32, vec!["b".into(), 1.into(), 4.into()]);
-        let t = g.input("t", DType::F32, vec!["b".into(), 1.into(), 4.into()]);
+        let (t, s) = match how {
+            Modulation::Inputs => (
+                g.input("t", DType::F32, vec!["b".into(), 1.into(), 4.into()]),
+                g.input("s", DType::F32, vec!["b".into(), 1.into(), 4.into()]),
+            ),
+            Modulation::Exported | Modulation::Bare => {
+                let m = g.input("m", DType::F32, vec!["b".into(), 8.into()]);
+                let m = g.unsqueeze(&m, &[1]);
+                let [t, s] = g.chunk::<2>(&m, 4, 2);
+                match how {
+                    Modulation::Exported => {
+                        let one = g.scalar(1.0);
+                        let s = g.add(&one, &s);
+                        (t, s)
+                    }
+                    _ => (t, s),
+                }
+            }
+        };
         let w = g.const_f32(&[1.0, 2.0, 0.5, 1.5], &[4]);
         let y = match bias {
             true => {
@@ -192,47 +277,60 @@ mod tests {
 
     #[test]
     fn folds_with_or_without_a_bias_and_in_either_operand_order() {
-        for (bias, swap) in [(true, false), (true, true), (false, false), (false, true)] {
-            let (g, _) = adaln(bias, swap);
-            let mut m = model(&g);
-            assert_eq!(fold_modulation(&mut m), 1, "bias {bias}, swap {swap}");
-            let g = m.graph.as_ref().unwrap();
-            // The norm now writes the output; no Mul or Add reads the activation.
-            let n = norms(&m);
-            assert_eq!(n.len(), 1);
-            let y = &n[0].output[0];
-            let reads_y = |op: &str| {
-                g.node
-                    .iter()
-                    .any(|m| m.op_type == op && m.input.contains(y))
-            };
-            assert!(!reads_y("Mul") && !reads_y("Add"), "{:?}", g.node);
-            assert!(n[0].input[1].ends_with(".scale"), "{:?}", n[0].input);
-            // Without a bias of its own the shift is the bias.
-            let want_bias = if bias {
-                n[0].input[2].ends_with(".bias")
-            } else {
-                n[0].input[2] == "t"
-            };
-            assert!(want_bias, "{:?}", n[0].input);
-            // Every node comes after what it reads.
-            let mut known: HashSet<&str> = ["x", "s", "t"].into();
-            known.extend(g.initializer.iter().map(|t| t.name.as_str()));
-            for node in &g.node {
-                assert!(
-                    node.input.iter().all(|i| known.contains(i.as_str())),
-                    "{}",
-                    node.name
-                );
-                known.extend(node.output.iter().map(String::as_str));
+        for how in [Modulation::Exported, Modulation::Bare] {
+            for (bias, swap) in [(true, false), (true, true), (false, false), (false, true)] {
+                let (g, _) = adaln(bias, swap, how);
+                let mut m = model(&g);
+                let what = format!("bias {bias}, swap {swap}, {how:?}");
+                assert_eq!(fold_modulation(&mut m), 1, "{what}");
+                let g = m.graph.as_ref().unwrap();
+                // The norm now writes the output; no Mul or Add reads the activation.
+                let n = norms(&m);
+                assert_eq!(n.len(), 1);
+                let y = &n[0].output[0];
+                let reads_y = |op: &str| {
+                    g.node
+                        .iter()
+                        .any(|m| m.op_type == op && m.input.contains(y))
+                };
+                assert!(!reads_y("Mul") && !reads_y("Add"), "{what}: {:?}", g.node);
+                assert!(n[0].input[1].ends_with(".scale"), "{:?}", n[0].input);
+                // Without a bias of its own the shift, the split's first part, is the bias.
+                let want_bias = if bias {
+                    n[0].input[2].ends_with(".bias")
+                } else {
+                    n[0].input[2].ends_with(":0")
+                };
+                assert!(want_bias, "{what}: {:?}", n[0].input);
+                // Every node comes after what it reads.
+                let mut known: HashSet<&str> = ["x", "m"].into();
+                known.extend(g.initializer.iter().map(|t| t.name.as_str()));
+                for node in &g.node {
+                    assert!(
+                        node.input.iter().all(|i| known.contains(i.as_str())),
+                        "{}",
+                        node.name
+                    );
+                    known.extend(node.output.iter().map(String::as_str));
+                }
             }
+        }
+    }
+
+    #[test]
+    fn leaves_a_modulation_whose_shape_no_structure_proves() {
+        // ONNX Runtime's CUDA kernel would apply an unsupported broadcast's first row to
+        // every row, so operands of unknown shape are left as they are.
+        for (bias, swap) in [(true, false), (false, true)] {
+            let (g, _) = adaln(bias, swap, Modulation::Inputs);
+            assert_eq!(fold_modulation(&mut model(&g)), 0);
         }
     }
 
     #[test]
     fn leaves_a_norm_whose_output_is_read_elsewhere_or_whose_scale_reads_it() {
         // The norm's output is also a graph output.
-        let (mut g, y) = adaln(true, false);
+        let (mut g, y) = adaln(true, false, Modulation::Exported);
         g.output(&y, "normed", DType::F32, tokens());
         assert_eq!(fold_modulation(&mut model(&g)), 0);
         // The multiplier is computed from the normalised tensor itself.

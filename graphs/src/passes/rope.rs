@@ -18,9 +18,8 @@
 //! value (`cos[2i] = cos[2i+1]`, likewise `sin`), which every RoPE v2l computes has (one
 //! frequency per pair: diffusers' `repeat_interleave(2)`), and that hold one row per token
 //! (no batch axis). Only nodes in a `rope` scope are fused, and the new nodes keep it, so they
-//! stay f32 below f32. ONNX Runtime's CUDA kernel launches one block row per token, at most
-//! 65,535 (CUDA's grid height): the compile layer records that limit in the bundle, and the
-//! request check refuses larger sizes.
+//! stay f32 below f32. ONNX Runtime's CUDA kernel takes any number of tokens since 1.18 (its
+//! pull request 20204 moved the tokens off CUDA's 65,535-high grid axis).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

@@ -117,42 +117,6 @@ impl RequestFacts {
     }
 }
 
-/// A CUDA engine whose DiT runs its RoPE as one kernel (`bundle.json` `rope_max_tokens`) takes
-/// at most that many tokens a call, the prompt's and the video's: checked where a request is
-/// checked, and again by the pipeline that runs it (a request checked against the CPU engine of
-/// the same export has the same facts).
-pub(crate) fn check_rope_tokens(
-    engine: &Engine,
-    req: &RequestParts,
-    shape: &LatentShape,
-    facts: &RequestFacts,
-) -> Result<()> {
-    let Some(max) = engine.bundle.as_ref().and_then(|b| b.rope_max_tokens) else {
-        return Ok(());
-    };
-    let p = facts.patch_size.max(1);
-    let video = shape
-        .frames
-        .saturating_mul(shape.height / p)
-        .saturating_mul(shape.width / p);
-    let text = req.prompt_embeds.shape.get(1).copied().unwrap_or(0);
-    let tokens = video.saturating_add(text);
-    if tokens <= max {
-        return Ok(());
-    }
-    Err(RequestError::new(
-        Field::Size,
-        format!(
-            "{} frames at {}x{} are {tokens} DiT tokens ({video} video, {text} prompt); the engine {} runs its RoPE as one CUDA kernel, which takes at most {max}: a smaller size, or an engine compiled with `v2l-compile --unfused-rope`",
-            req.frames,
-            shape.width * SPACE_STRIDE,
-            shape.height * SPACE_STRIDE,
-            engine.dir.display()
-        ),
-    )
-    .into())
-}
-
 impl Deref for Request {
     type Target = RequestParts;
     fn deref(&self) -> &RequestParts {
@@ -283,7 +247,6 @@ impl RequestParts {
                 "must have the shape of prompt_embeds".into(),
             ));
         }
-        check_rope_tokens(engine, &self, &shape, &facts)?;
         Ok(Request {
             parts: self,
             shape,
