@@ -246,7 +246,27 @@ pub struct Placement {
     pub needs_cpu_fallback: bool,
     /// Nodes checked.
     pub nodes: usize,
+    /// Some node that TF32 would change computes in f32 (or in a type v2l cannot tell): a
+    /// convolution, matrix product or attention ([`TF32_OPS`]), or a subgraph. Where none
+    /// does, the CUDA provider's `use_tf32` changes no value.
+    pub tf32_matters: bool,
 }
+
+/// The CUDA provider's operators whose f32 arithmetic `use_tf32` puts on TF32 tensor cores
+/// (cuDNN convolutions, cuBLAS products). ONNX Runtime's cuDNN-9 convolution also deselects
+/// tensor-core engines for every element type when `use_tf32` is 0 (`nn/conv.cc`,
+/// `CreateCudnnFeExecutionPlan`, read in its 1.25 source), bf16 and fp16 included.
+pub const TF32_OPS: [&str; 9] = [
+    "Conv",
+    "ConvTranspose",
+    "MatMul",
+    "Gemm",
+    "FusedMatMul",
+    "Einsum",
+    "MultiHeadAttention",
+    "Attention",
+    "GemmFastGelu",
+];
 
 /// Checks every node of `model` against `table`.
 pub fn cuda_placement(model: &ModelProto, table: &KernelTable) -> Placement {
@@ -285,6 +305,14 @@ pub fn cuda_placement(model: &ModelProto, table: &KernelTable) -> Placement {
         .node
         .iter()
         .any(|n| n.domain.is_empty() && matches!(n.op_type.as_str(), "Shape" | "Size"));
+    p.tf32_matters = graph.node.iter().any(|n| {
+        let subgraph = n.attribute.iter().any(|a| a.g.is_some());
+        let f32_math = TF32_OPS.contains(&n.op_type.as_str())
+            && n.input
+                .first()
+                .is_none_or(|x| types.get(x.as_str()).is_none_or(|&t| t == DType::F32));
+        subgraph || f32_math
+    });
     p
 }
 
@@ -497,5 +525,30 @@ mod tests {
         assert_eq!(p.cpu_shape_nodes.len(), 3, "{:?}", p.cpu_shape_nodes);
         assert!(p.cpu_shape_nodes.iter().all(|n| !n.starts_with("Reshape")));
         assert!(p.needs_cpu_fallback);
+    }
+
+    #[test]
+    fn tf32_matters_only_where_a_product_computes_in_f32() {
+        // A bf16 product, and its f32 output cast and added: TF32 changes nothing.
+        let product = |ty: DType| {
+            let mut g = Graph::new("t");
+            let x = g.input("x", ty, vec!["n".into(), 4.into()]);
+            let w = g.input("w", ty, vec![4.into(), 4.into()]);
+            let y = g.matmul(&x, &w);
+            let y = g.cast(&y, DType::F32);
+            let y = g.add(&y, &y);
+            g.output(&y, "y", DType::F32, vec!["n".into(), 4.into()]);
+            cuda_placement(&model(&g), KernelTable::ort_cuda()).tf32_matters
+        };
+        assert!(!product(DType::BF16));
+        assert!(!product(DType::F16));
+        assert!(product(DType::F32));
+        // A product whose input's type is not known counts as f32.
+        let mut g = Graph::new("t");
+        let x = g.input("x", DType::BF16, vec![4.into(), 4.into()]);
+        let u = g.op("SomeUnknownOp", &[], vec![]);
+        let y = g.matmul(&u, &x);
+        g.output(&y, "y", DType::BF16, vec![4.into(), 4.into()]);
+        assert!(cuda_placement(&model(&g), KernelTable::ort_cuda()).tf32_matters);
     }
 }

@@ -251,6 +251,17 @@ impl Model {
         if !graphs {
             backend.cuda.remove("enable_cuda_graph");
         }
+        if gpu {
+            // The CUDA 13 libraries of `scripts/setup.sh --gpu`, before the provider
+            // looks them up by name.
+            crate::cuda_libs::preload()?;
+            let tf32_matters;
+            (b, tf32_matters) = gpu_placement(b, source, &ctx)?;
+            // TF32 changes no value of a graph without f32 convolutions and products (a
+            // lowered VAE's), while `use_tf32=0` keeps cuDNN's convolutions off tensor cores
+            // in every type: such a session runs with it on, whatever the engine asked.
+            backend.tf32 |= !tf32_matters;
+        }
         let eps = backend.dispatch();
         let bound_runs = opts.bound_runs || backend.cuda_graph();
         // ONNX Runtime refuses to capture a graph with control flow, a compute node on the CPU
@@ -261,12 +272,6 @@ impl Model {
         let retry = graph_capture && weights.is_empty();
         if !eps.is_empty() {
             let backend = opts.backend.backend.name();
-            if gpu {
-                // The CUDA 13 libraries of `scripts/setup.sh --gpu`, before the provider
-                // looks them up by name.
-                crate::cuda_libs::preload()?;
-                b = gpu_placement(b, source, &ctx)?;
-            }
             b = b.with_execution_providers(eps).map_err(|e| RuntimeError::Ort {
                 context: format!("{ctx}: {backend} execution provider"),
                 message: if gpu {
@@ -685,12 +690,13 @@ fn profile_prefix(dir: &Path, graph: &Path) -> PathBuf {
 /// shape arithmetic it keeps on the CPU on purpose. In every graph, a node that v2l's copy of
 /// ONNX Runtime's CUDA kernel table ([`v2l_graphs::placement`]) has no kernel for is an error
 /// naming it, before the session is built. `V2L_ALLOW_CPU_FALLBACK=1` lets such a graph load
-/// (for a newer ONNX Runtime whose table has kernels v2l's copy lacks).
+/// (for a newer ONNX Runtime whose table has kernels v2l's copy lacks). Also returns whether
+/// TF32 would change any value of the graph ([`v2l_graphs::placement::Placement::tf32_matters`]).
 fn gpu_placement(
     b: ort::session::builder::SessionBuilder,
     source: GraphSource<'_>,
     ctx: &str,
-) -> Result<ort::session::builder::SessionBuilder> {
+) -> Result<(ort::session::builder::SessionBuilder, bool)> {
     use prost::Message;
     use v2l_graphs::placement::{cuda_placement, KernelTable};
     let model = match source {
@@ -722,13 +728,15 @@ fn gpu_placement(
         });
     }
     if placement.needs_cpu_fallback || allowed {
-        return Ok(b);
+        return Ok((b, placement.tf32_matters));
     }
-    b.with_config_entry("session.disable_cpu_ep_fallback", "1")
+    let b = b
+        .with_config_entry("session.disable_cpu_ep_fallback", "1")
         .map_err(|e| RuntimeError::Ort {
             context: ctx.into(),
             message: e.to_string(),
-        })
+        })?;
+    Ok((b, placement.tf32_matters))
 }
 
 /// Where a session's graph comes from.
