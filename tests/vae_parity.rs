@@ -211,7 +211,35 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
         ..carried.clone()
     };
     let mut replayed = Vae::load(&e, &bound).unwrap();
+    // A GPU's sessions: the first frame batch in one, the rest in another (each convolution's
+    // cuDNN plan built once a shape); twice, so the second clip runs on both as built.
+    let split = SessionOptions {
+        first_batch_session: true,
+        ..carried.clone()
+    };
+    let mut split = Vae::load(&e, &split).unwrap();
     let io = load("vae_io.safetensors");
+    let frames_of = |t: &v2l_runtime::Tensor| t.shape[2];
+    assert!(
+        e.manifest
+            .vae
+            .as_ref()
+            .unwrap()
+            .encoder_batches(frames_of(&io["video"]))
+            .unwrap()
+            .len()
+            > 1
+    );
+    assert!(
+        e.manifest
+            .vae
+            .as_ref()
+            .unwrap()
+            .decoder_batches(frames_of(&io["latents"]))
+            .unwrap()
+            .len()
+            > 1
+    );
     let (m0, l0) = host.encode(&io["video"]).unwrap();
     let (m1, l1) = device.encode(&io["video"]).unwrap();
     assert_eq!(m0.data, m1.data);
@@ -222,6 +250,16 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
     assert_eq!(d0.data, d1.data);
     assert_close("carried decode", &d1, &io["decoded"], F32_REL_L2);
     for round in 0..2 {
+        let (m3, l3) = split.encode(&io["video"]).unwrap();
+        assert!(
+            m3.data == m0.data && l3.data == l0.data,
+            "split encode {round}"
+        );
+        let d3 = split.decode(&io["latents"]).unwrap();
+        assert!(
+            d3.shape == d0.shape && d3.data == d0.data,
+            "split decode {round}"
+        );
         let (m2, l2) = replayed.encode(&io["video"]).unwrap();
         assert!(
             m2.data == m0.data && l2.data == l0.data,

@@ -48,7 +48,8 @@ fn wan_vae_matches_diffusers() {
 
 /// Bound runs (what CUDA graphs need) give the frames of plain runs, bitwise, twice over:
 /// Wan's first frame batch has the shapes of later ones but yields one frame where they yield
-/// four, so a set of buffers is chosen by `first_batch`'s value as well as by shapes.
+/// four, so a set of buffers is chosen by `first_batch`'s value as well as by shapes. So do
+/// a GPU's sessions, the first frame batch in one and the rest in another.
 #[test]
 fn wan_vae_bound_runs_give_the_frames_of_plain_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -60,10 +61,22 @@ fn wan_vae_bound_runs_give_the_frames_of_plain_runs() {
         ..Default::default()
     };
     let mut bound = Vae::load(&e, &opts).unwrap();
+    let split = SessionOptions {
+        first_batch_session: true,
+        carry_in_session_memory: true,
+        ..Default::default()
+    };
+    let mut split = Vae::load(&e, &split).unwrap();
     let io = read_safetensors(&fixtures().join("wan-tiny/vae_io.safetensors")).unwrap();
     let (m0, l0) = plain.encode(&io["video"]).unwrap();
     let d0 = plain.decode(&io["latents"]).unwrap();
     for round in 0..2 {
+        let (m2, l2) = split.encode(&io["video"]).unwrap();
+        assert!(m2 == m0 && l2 == l0, "split encode {round}");
+        assert!(
+            split.decode(&io["latents"]).unwrap() == d0,
+            "split decode {round}"
+        );
         let (m1, l1) = bound.encode(&io["video"]).unwrap();
         assert!(m1 == m0 && l1 == l0, "encode {round}");
         assert!(

@@ -52,6 +52,13 @@ pub struct SessionOptions {
     /// allocates, so they never leave the device between batches. On for GPU backends; on the
     /// CPU only to test that path ([`Model::run_carrying`]).
     pub carry_in_session_memory: bool,
+    /// Run a loop's first batch in a session of its own and the rest in another (the VAE's,
+    /// whose first frame batch has other shapes than the rest): ONNX Runtime's CUDA
+    /// convolution keeps one cuDNN plan per node and builds it again whenever its input's
+    /// shape changes, twice a clip in one session. On for GPU backends without bound runs (a
+    /// replayed CUDA graph builds nothing); on the CPU only to test that path
+    /// ([`crate::vae::Vae`]).
+    pub first_batch_session: bool,
     /// Write ONNX Runtime's per-node trace of every session into this directory
     /// (`<graph>.v2l<n>_<time>.json`, finished when the session is dropped): which operators, on
     /// which provider, take the time. On CUDA a node's time is its kernels' only with
@@ -469,6 +476,12 @@ impl Model {
         let mut wanted: Vec<&str> = fetch.to_vec();
         wanted.extend(links.iter().map(|(_, o)| o.as_str()));
         self.run_core(inputs, &[], carry, links, Some(&wanted))
+    }
+
+    /// Whether this session runs through bound buffers ([`SessionOptions::bound_runs`], or the
+    /// engine's CUDA graphs).
+    pub fn bound_runs(&self) -> bool {
+        self.bound.is_some()
     }
 
     /// A loop's first carried values, allocated where its later ones will be

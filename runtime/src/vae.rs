@@ -36,8 +36,56 @@ pub struct Vae {
     /// Tile geometry (diffusers' defaults for this VAE unless changed).
     pub tile: Tiling,
     /// `None` once released ([`Vae::release_encoder`]).
-    encoder: Option<Model>,
-    decoder: Model,
+    encoder: Option<BatchSessions>,
+    decoder: BatchSessions,
+}
+
+/// One VAE graph's sessions: the one every clip's first frame batch runs in and, where
+/// [`SessionOptions::first_batch_session`] asks, a second for the later batches, built at the
+/// first clip that has any (the weights and ONNX Runtime's arena twice on the device, each
+/// convolution's cuDNN plan built once for each shape instead of twice a clip).
+struct BatchSessions {
+    first: Model,
+    rest: Option<Model>,
+    /// Where to build `rest` from, when it is wanted.
+    split: Option<(std::path::PathBuf, SessionOptions)>,
+    /// Clips of frames up to this many pixels use `rest`: an f32 graph's only up to
+    /// [`AUTO_MAX_UNTILED_PIXELS`] (a second arena of an f32 decode at 480×720 whole, some
+    /// 30 GB by the CPU's measured peak, would not fit beside a pipeline on an 80 GB GPU), a
+    /// lowered graph's (half the bytes) at any size.
+    split_max_pixels: usize,
+}
+
+impl BatchSessions {
+    fn load(path: &std::path::Path, opts: &SessionOptions, lowered: bool) -> Result<BatchSessions> {
+        let first = Model::load(path, opts)?;
+        let wanted =
+            opts.first_batch_session || opts.backend.backend != crate::backend::Backend::Cpu;
+        let split = (wanted && !first.bound_runs()).then(|| (path.to_path_buf(), opts.clone()));
+        Ok(BatchSessions {
+            first,
+            rest: None,
+            split,
+            split_max_pixels: if lowered {
+                usize::MAX
+            } else {
+                AUTO_MAX_UNTILED_PIXELS
+            },
+        })
+    }
+
+    /// The session for batch `i` of a clip of frames of `pixels` pixels.
+    fn for_batch(&mut self, i: usize, pixels: usize) -> Result<&mut Model> {
+        let wanted = i > 0 && pixels <= self.split_max_pixels;
+        let Some((path, opts)) = self.split.as_ref().filter(|_| wanted) else {
+            return Ok(&mut self.first);
+        };
+        let rest = match self.rest.take() {
+            Some(m) => m,
+            None => Model::load(path, opts)?,
+        };
+        Ok(self.rest.insert(rest))
+    }
 }
 
 impl Vae {
@@ -65,8 +113,17 @@ impl Vae {
         graphs: &VaeGraphs,
         opts: &SessionOptions,
     ) -> Result<Vae> {
-        let encoder = Model::load(&dir.join(&graphs.encoder), opts)?;
-        let decoder = Model::load(&dir.join(&graphs.decoder), opts)?;
+        // A GPU engine's lowered graph has another name than the export's.
+        let encoder = BatchSessions::load(
+            &dir.join(&graphs.encoder),
+            opts,
+            graphs.encoder != entry.encoder,
+        )?;
+        let decoder = BatchSessions::load(
+            &dir.join(&graphs.decoder),
+            opts,
+            graphs.decoder != entry.decoder,
+        )?;
         // On a GPU, after its sessions: the provider has set the device whose memory counts.
         let tile = match opts.backend.backend {
             crate::backend::Backend::Cpu => Tiling::for_config(&entry.config),
@@ -127,7 +184,7 @@ impl Vae {
         let mut outs = run_batches(
             encoder,
             &self.entry.encoder_caches,
-            (vae_io::VIDEO, video),
+            (vae_io::VIDEO, video, video.shape.iter().skip(3).product()),
             &[vae_io::POSTERIOR_MEAN, vae_io::POSTERIOR_LOGVAR],
             &batches,
         )?;
@@ -192,7 +249,11 @@ impl Vae {
         let outs = run_batches(
             &mut self.decoder,
             &self.entry.decoder_caches,
-            (vae_io::LATENTS, latents),
+            (
+                vae_io::LATENTS,
+                latents,
+                latents.shape.iter().skip(3).product::<usize>() * self.tile.factor.pow(2),
+            ),
             &[vae_io::SAMPLE],
             &batches,
         )?;
@@ -231,9 +292,9 @@ fn check_5d(t: &Tensor, name: &str, channels: usize) -> Result<[usize; 5]> {
 /// batch to batch inside ONNX Runtime ([`crate::session::Carry`]: at real widths they are
 /// 1.4 GB a batch), and returns the `fetch` outputs of each batch.
 fn run_batches(
-    model: &mut Model,
+    model: &mut BatchSessions,
     caches: &[CacheSpec],
-    (input, x): (&str, &Tensor),
+    (input, x, pixels): (&str, &Tensor, usize),
     fetch: &[&str],
     batches: &[(usize, usize)],
 ) -> Result<Vec<BTreeMap<String, Tensor>>> {
@@ -251,9 +312,10 @@ fn run_batches(
         .iter()
         .map(|c| (c.name.clone(), c.shape(b, h, w).to_vec()))
         .collect();
-    let (mut carry, mut feed) = match model.unwritten_carry(&shapes)? {
+    let first = model.for_batch(0, pixels)?;
+    let (mut carry, mut feed) = match first.unwritten_carry(&shapes)? {
         Some(carry) => (carry, BTreeMap::new()),
-        None => (crate::session::Carry::default(), model.zero_inputs(shapes)?),
+        None => (crate::session::Carry::default(), first.zero_inputs(shapes)?),
     };
     let links: Vec<(String, String)> = caches
         .iter()
@@ -267,7 +329,9 @@ fn run_batches(
             Tensor::f32(vec![1], vec![if i == 0 { 1.0 } else { 0.0 }]),
         );
         let last = i + 1 == batches.len();
-        let out = model.run_carrying(&feed, &mut carry, &links, fetch, !last)?;
+        let out = model
+            .for_batch(i, pixels)?
+            .run_carrying(&feed, &mut carry, &links, fetch, !last)?;
         if i == 0 {
             for c in caches {
                 feed.remove(&c.name);

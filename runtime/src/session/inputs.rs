@@ -79,6 +79,10 @@ pub(super) fn sources<'a>(
         .filter(|(name, _)| !names.contains(name))
         .collect();
     extra.sort_by_key(|(name, _)| *name);
-    sources.extend(extra.into_iter().map(|(n, v)| (n.clone(), Source::Fixed(v))));
+    sources.extend(
+        extra
+            .into_iter()
+            .map(|(n, v)| (n.clone(), Source::Fixed(v))),
+    );
     Ok(sources)
 }
