@@ -107,7 +107,8 @@ const CUDA_GRAPH: Variant = Variant {
 /// attention kept in bf16 (`--bf16-attention`: the memory-efficient kernel, the only one ONNX
 /// Runtime has for bf16) and the GELUs in f32 (`--f32-gelu`, where bf16 engines compute them
 /// in fp16). Each row reports the kernel that ran (`attention_kernel`). For the
-/// VAE, cuDNN's convolution search and workspace, ONNX Runtime's channels-last layout
+/// VAE, cuDNN's convolution bias fused into its plan (`fuse_conv_bias`), search and workspace,
+/// ONNX Runtime's channels-last layout
 /// (`prefer_nhwc`: cuDNN's NHWC kernels, with transposes where its layout pass inserts them),
 /// and the tiled decode that `--vae-tiling auto` chose at 480×720 before GPU engines decoded it
 /// whole. For both, each session's runs captured as CUDA graphs (`cuda-graph`: timed after two
@@ -163,6 +164,14 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
             }
         }
         _ => {
+            // A convolution's bias in cuDNN's plan rather than added after it.
+            out.push(Variant {
+                name: "fuse-conv-bias",
+                cuda_options: "fuse_conv_bias=1",
+                vae_tiling: "off",
+                compile_flags: &[],
+                warmup_runs: 0,
+            });
             out.push(Variant {
                 name: "conv-heuristic",
                 cuda_options: "cudnn_conv_algo_search=HEURISTIC",

@@ -79,8 +79,10 @@ pub struct BackendOptions {
 /// cuDNN flash 8, math 16, …; 0 lets ONNX Runtime choose). `use_tf32` has its own switch
 /// (`--tf32`) and `device_id` is the session's. `enable_cuda_graph=1` captures each session's
 /// runs as CUDA graphs, one per set of input shapes, and turns on the bound runs that need
-/// ([`crate::SessionOptions::bound_runs`]).
-const CUDA_OPTIONS: [(&str, &[&str]); 8] = [
+/// ([`crate::SessionOptions::bound_runs`]). `fuse_conv_bias=1` adds a convolution's bias in
+/// cuDNN's plan, where it is otherwise a `cudnnAddTensor` after it (never tried by ONNX
+/// Runtime's own tests on bf16 5-D tensors, which a bf16 engine's VAE has).
+const CUDA_OPTIONS: [(&str, &[&str]); 9] = [
     (
         "cudnn_conv_algo_search",
         &["EXHAUSTIVE", "HEURISTIC", "DEFAULT"],
@@ -95,6 +97,7 @@ const CUDA_OPTIONS: [(&str, &[&str]); 8] = [
     ),
     ("sdpa_kernel", &[]),
     ("enable_cuda_graph", &["0", "1"]),
+    ("fuse_conv_bias", &["0", "1"]),
 ];
 
 /// Whether `key=value` is a CUDA provider setting v2l passes through; the reason when not.

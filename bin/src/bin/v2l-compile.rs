@@ -117,7 +117,8 @@ struct Cli {
     /// cuDNN flash 8, math 16; keep 1 or 2 in the set: where none of the chosen kernels can
     /// run, ONNX Runtime falls to its unfused one, whose scores take batch·heads·tokens² memory,
     /// 60 GB at 17,776 tokens), `arena_extend_strategy`, `cudnn_conv1d_pad_to_nc1d`,
-    /// `enable_skip_layer_norm_strict_mode`, `enable_cuda_graph=0|1` (cuda engines: each
+    /// `enable_skip_layer_norm_strict_mode`, `fuse_conv_bias=0|1` (a convolution's bias added
+    /// in cuDNN's plan), `enable_cuda_graph=0|1` (cuda engines: each
     /// session's runs captured as CUDA graphs, one per set of input shapes, and replayed from
     /// buffers bound once; not yet run on a GPU). `V2L_CUDA_OPTIONS=KEY=VALUE,...` overrides
     /// them at run time
