@@ -248,7 +248,8 @@ pub struct Placement {
     pub nodes: usize,
     /// Some node that TF32 would change computes in f32 (or in a type v2l cannot tell): a
     /// convolution, matrix product or attention ([`TF32_OPS`]), or a subgraph. Where none
-    /// does, the CUDA provider's `use_tf32` changes no value.
+    /// does, the CUDA provider's `use_tf32` rounds no operand (it may change which cuDNN engine
+    /// runs a bf16/fp16 convolution, and so its order of accumulation).
     pub tf32_matters: bool,
 }
 

@@ -264,9 +264,10 @@ impl Model {
             crate::cuda_libs::preload()?;
             let tf32_matters;
             (b, tf32_matters) = gpu_placement(b, source, &ctx)?;
-            // TF32 changes no value of a graph without f32 convolutions and products (a
-            // lowered VAE's), while `use_tf32=0` keeps cuDNN's convolutions off tensor cores
-            // in every type: such a session runs with it on, whatever the engine asked.
+            // TF32 rounds no operand of a graph without f32 convolutions and products (a
+            // lowered VAE's; only the cuDNN engine its bf16/fp16 convolutions run on, and so
+            // their order of accumulation, may change), while `use_tf32=0` keeps cuDNN's
+            // convolutions off tensor cores in every type: such a session runs with it on.
             backend.tf32 |= !tf32_matters;
         }
         let eps = backend.dispatch();

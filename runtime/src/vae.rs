@@ -59,8 +59,17 @@ struct BatchSessions {
 impl BatchSessions {
     fn load(path: &std::path::Path, opts: &SessionOptions, lowered: bool) -> Result<BatchSessions> {
         let first = Model::load(path, opts)?;
-        let wanted =
-            opts.first_batch_session || opts.backend.backend != crate::backend::Backend::Cpu;
+        // The CUDA provider's convolution (not TensorRT's engines). Not where CUDA graphs are
+        // asked for: a replay builds no plan, and a session whose capture was refused (built
+        // again without) would be refused again.
+        let mut backend = opts.backend.clone();
+        let cuda = backend.backend == crate::backend::Backend::Cuda;
+        if cuda {
+            backend
+                .cuda
+                .extend(crate::backend::cuda_options_from_env()?);
+        }
+        let wanted = opts.first_batch_session || (cuda && !backend.cuda_graph());
         let split = (wanted && !first.bound_runs()).then(|| (path.to_path_buf(), opts.clone()));
         Ok(BatchSessions {
             first,
@@ -82,7 +91,19 @@ impl BatchSessions {
         };
         let rest = match self.rest.take() {
             Some(m) => m,
-            None => Model::load(path, opts)?,
+            None => match Model::load(path, opts) {
+                Ok(m) => m,
+                // Most likely the device's memory, which already holds the first session:
+                // this clip and the later ones go on in that one.
+                Err(e) => {
+                    eprintln!(
+                        "note: {}: the later frame batches run in the first batch's session ({e})",
+                        path.display()
+                    );
+                    self.split = None;
+                    return Ok(&mut self.first);
+                }
+            },
         };
         Ok(self.rest.insert(rest))
     }

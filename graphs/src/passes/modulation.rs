@@ -74,7 +74,9 @@ pub fn fold_modulation(model: &mut ModelProto) -> usize {
             None => true,
             Some(sizes) => {
                 let sizes = super::edit::i64_values(ix.inits.get(sizes.as_str())?);
-                sizes.windows(2).all(|w| w.first() == w.get(1)) && !sizes.is_empty()
+                // Parts one wide would be `[B, 1, 1]`, no shape the CUDA kernel takes.
+                sizes.windows(2).all(|w| w.first() == w.get(1))
+                    && sizes.first().is_some_and(|&s| s > 1)
             }
         };
         let source = nodes.get(*ix.producer.get(split.input.first()?.as_str())?)?;
@@ -105,7 +107,7 @@ pub fn fold_modulation(model: &mut ModelProto) -> usize {
         let is_scalar = |n: &str| {
             ix.inits
                 .get(n)
-                .is_some_and(|t| t.dims.iter().product::<i64>() == 1)
+                .is_some_and(|t| t.dims.len() <= 1 && t.dims.iter().product::<i64>() == 1)
         };
         match (add.input.first()?.as_str(), add.input.get(1)?.as_str()) {
             (c, part) | (part, c) if is_scalar(c) => per_sample_part(part),

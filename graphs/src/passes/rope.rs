@@ -19,7 +19,8 @@
 //! frequency per pair: diffusers' `repeat_interleave(2)`), and that hold one row per token
 //! (no batch axis). Only nodes in a `rope` scope are fused, and the new nodes keep it, so they
 //! stay f32 below f32. ONNX Runtime's CUDA kernel takes any number of tokens since 1.18 (its
-//! pull request 20204 moved the tokens off CUDA's 65,535-high grid axis).
+//! pull request 20204 moved the tokens off CUDA's 65,535-high grid axis); its offsets are
+//! 32-bit, so a call holds fewer than 2³¹ elements of `q` (Wan-14B at 720p, batch 2: 7.7e8).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

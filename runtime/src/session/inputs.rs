@@ -76,7 +76,7 @@ pub(super) fn sources<'a>(
     }
     let mut extra: Vec<(&String, &DynValue)> = fixed
         .iter()
-        .filter(|(name, _)| !names.contains(name))
+        .filter(|(name, _)| !names.contains(name) && !borrowed.iter().any(|(n, _, _)| n == name))
         .collect();
     extra.sort_by_key(|(name, _)| *name);
     sources.extend(
