@@ -225,6 +225,16 @@ impl BackendOptions {
         o
     }
 
+    /// These options with `V2L_CUDA_OPTIONS` over a GPU engine's own CUDA settings: what this
+    /// process's sessions run with.
+    pub fn for_this_process(&self) -> crate::Result<BackendOptions> {
+        let mut o = self.clone();
+        if o.backend != Backend::Cpu {
+            o.cuda.extend(cuda_options_from_env()?);
+        }
+        Ok(o)
+    }
+
     /// Whether the CUDA provider captures CUDA graphs (`enable_cuda_graph=1`): a cuda
     /// engine's sessions then run through bound buffers.
     pub fn cuda_graph(&self) -> bool {

@@ -248,13 +248,7 @@ impl Model {
             .and_then(|d| Ok(b.with_operators(d)?))
             .map_err(ort_err(format!("{ctx}: the ai.v2l operators")))?;
         let gpu = opts.backend.backend != crate::backend::Backend::Cpu;
-        let mut backend = opts.backend.clone();
-        if gpu {
-            // `V2L_CUDA_OPTIONS` over the engine's own settings, for this process.
-            backend
-                .cuda
-                .extend(crate::backend::cuda_options_from_env()?);
-        }
+        let mut backend = opts.backend.for_this_process()?;
         if !graphs {
             backend.cuda.remove("enable_cuda_graph");
         }

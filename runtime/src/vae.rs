@@ -62,13 +62,8 @@ impl BatchSessions {
         // The CUDA provider's convolution (not TensorRT's engines). Not where CUDA graphs are
         // asked for: a replay builds no plan, and a session whose capture was refused (built
         // again without) would be refused again.
-        let mut backend = opts.backend.clone();
+        let backend = opts.backend.for_this_process()?;
         let cuda = backend.backend == crate::backend::Backend::Cuda;
-        if cuda {
-            backend
-                .cuda
-                .extend(crate::backend::cuda_options_from_env()?);
-        }
         let wanted = opts.first_batch_session || (cuda && !backend.cuda_graph());
         let split = (wanted && !first.bound_runs()).then(|| (path.to_path_buf(), opts.clone()));
         Ok(BatchSessions {
