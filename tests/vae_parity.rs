@@ -400,8 +400,9 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
 
 /// GPU engines take each GroupNorm's row statistics from one `LayerNormalization` over the
 /// activation (`passes::group_norm_row_stats`): every GroupNorm of both graphs is rewritten,
-/// the square of the centred activation is gone, and the rewritten graphs encode and decode
-/// what the exported ones do, on the CPU provider in f32.
+/// the centred activation and its square are gone (each apply scales the activation and
+/// shifts by `H − mean·S`), and the rewritten graphs encode and decode what the exported ones
+/// do, on the CPU provider in f32.
 #[test]
 fn gpu_group_norm_row_stats_compute_what_the_export_does() {
     use v2l_graphs::passes::group_norm_row_stats;
@@ -434,6 +435,17 @@ fn gpu_group_norm_row_stats_compute_what_the_export_does() {
                 && !n.name.contains("/Row")
         });
         assert_eq!(squares.count(), 0, "{f}");
+        // Every apply scales the activation itself: no centred copy is written, and each norm
+        // has its shift moved by the centring (`H − mean·S`).
+        let made_by = |t: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == t));
+        let centred = g.node.iter().filter(|n| {
+            n.op_type == "Reshape"
+                && in_norm(n)
+                && made_by(&n.input[0]).is_some_and(|p| p.op_type == "Sub")
+        });
+        assert_eq!(centred.count(), 0, "{f}");
+        let shifts = g.node.iter().filter(|n| n.name.contains("/Shift_"));
+        assert_eq!(shifts.count(), norms, "{f}");
         // Twice is the same as once.
         assert_eq!(group_norm_row_stats(&mut m.clone()), 0, "{f}");
         let name = format!("row_stats_{f}");

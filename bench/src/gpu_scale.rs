@@ -201,7 +201,8 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 compile_flags: &[],
                 warmup_runs: 0,
             });
-            // The GroupNorm statistics as exported, on an engine of their own (fp16/bf16 only).
+            // The GroupNorms as exported (statistics and apply), on an engine of their own
+            // (fp16/bf16 only).
             if precision != "fp32" {
                 out.push(Variant {
                     name: "exported-group-norm",

@@ -21,12 +21,14 @@
 //!
 //! becomes `(_, μᵣ, ιᵣ) = LayerNormalization(Reshape(x, s), 1, axis −1)` outside the scope (so it
 //! computes in the low type), `mean = ReduceMean(μᵣ, [2])` and
-//! `var = ReduceMean(max(1/ιᵣ² − ε, 0) + (μᵣ − mean)², [2])` inside it. The centring `d` and
-//! everything after it stay as exported.
+//! `var = ReduceMean(max(1/ιᵣ² − ε, 0) + (μᵣ − mean)², [2])` inside it. The apply,
+//! `d·S + H` (`S` and `H` per channel, or the decoder's spatial maps), then scales `x` itself
+//! and moves the centring into the shift, `x·S + (H − mean·S)` ([`fold_centring`]), so no
+//! centred copy of the activation is written.
 
 use std::collections::HashMap;
 
-use super::edit::{attr_i, attr_ints, int_attr, node, Index};
+use super::edit::{attr_i, attr_ints, i64_values, int_attr, node, Index};
 use super::precision::GROUP_NORM_SCOPE;
 use crate::builder::{attr_proto, Attr};
 use crate::dtype::DType;
@@ -69,7 +71,7 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
     // Per match: node index → the nodes that take its place (empty: removed).
     let mut plan: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut n = 0;
-    for sub in nodes.iter() {
+    for (sub_i, sub) in nodes.iter().enumerate() {
         if sub.op_type != "Sub" || !sub.domain.is_empty() || !in_scope(sub) {
             continue;
         }
@@ -175,12 +177,18 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
                 step("Mul", "RowDevSq", &[&dev, &dev]),
                 spread,
             ];
-            Some([
+            let mut edits = vec![
                 (rows_i, at_rows),
                 (mean_i, vec![mean_n]),
                 (mul_i, at_square),
                 (sq_i, Vec::new()),
-            ])
+            ];
+            // The apply, where its form is the exporter's: the centring folded into the shift.
+            if let Some(fold) = fold_centring(&ix, nodes, sub_i, mul_i, var_n, mean, xg, &f32, tail)
+            {
+                edits.extend(fold);
+            }
+            Some(edits)
         })();
         if let Some(edits) = m {
             n += 1;
@@ -217,4 +225,142 @@ fn scalar(name: &str, v: f32) -> TensorProto {
         raw_data: v.to_le_bytes().to_vec(),
         ..Default::default()
     }
+}
+
+/// The exporter's apply of the GroupNorm centred by Sub `sub_i`, `y = d·S + H` with
+/// `d = x − μ` (seen through a reshape to `x`'s shape and, for the decoder's upsampled spatial
+/// maps, a second one to 7 dimensions), as `y = x·S + (H − μ·S)`: the edits that make it, or
+/// None where the graph has another form. Once the row statistics no longer square `d`, its
+/// only reader is this apply, and the folded form writes and reads no centred copy of the
+/// activation (8 of the ~44 bytes an element a bf16 norm path moves). `μ·S` and the new
+/// shift are computed at `S`'s size (per channel, or the decoder's maps at the latents' size).
+/// It is PyTorch's own order (`group_norm`'s kernels scale and shift `x` by per-channel
+/// `γ/σ` and `β − μ·γ/σ`). The reshapes and the apply are in the group-norm scope, so they
+/// stay f32 in a lowered graph; the cancellation `x·S − μ·S` costs f32 digits only where
+/// `|μ|` is many times the group's deviation.
+#[allow(clippy::too_many_arguments)]
+fn fold_centring(
+    ix: &Index,
+    nodes: &[NodeProto],
+    sub_i: usize,
+    square_i: usize,
+    var_n: &NodeProto,
+    mean: &str,
+    xg: &str,
+    scope: &str,
+    tail: &str,
+) -> Option<Vec<(usize, Vec<NodeProto>)>> {
+    // The sole reader of `name`, if it is a default-domain `op`.
+    let only = |name: &str, op: &str| -> Option<(usize, &NodeProto)> {
+        match ix.consumers.get(name)?.as_slice() {
+            [c] => nodes
+                .get(*c)
+                .filter(|n| n.op_type == op && n.domain.is_empty())
+                .map(|n| (*c, n)),
+            _ => None,
+        }
+    };
+    let d = nodes.get(sub_i)?.output.first()?;
+    // `d`'s readers: its square (which the row statistics replace) and one reshape.
+    let readers = ix.consumers.get(d.as_str())?;
+    let others: Vec<usize> = readers.iter().copied().filter(|&c| c != square_i).collect();
+    let [r_i] = others[..] else {
+        return None;
+    };
+    let r = nodes.get(r_i)?;
+    if r.op_type != "Reshape" || !r.domain.is_empty() || r.input.first() != Some(d) {
+        return None;
+    }
+    let d5 = r.output.first()?;
+    // `d·S`, `d` as x's shape or (the decoder's upsampled maps) viewed in 7 dimensions; its
+    // `Shape`s read only its shape, which is x's.
+    let values: Vec<&NodeProto> = ix
+        .consumers
+        .get(d5.as_str())?
+        .iter()
+        .filter_map(|&c| nodes.get(c))
+        .filter(|n| !(n.op_type == "Shape" && n.domain.is_empty()))
+        .collect();
+    let (mul, viewed, seven) = match values[..] {
+        [m] if m.op_type == "Mul" && m.domain.is_empty() => (m, d5, false),
+        [r7] if r7.op_type == "Reshape" && r7.domain.is_empty() => {
+            let d7 = r7.output.first().filter(|_| r7.input.first() == Some(d5))?;
+            (only(d7, "Mul")?.1, d7, true)
+        }
+        _ => return None,
+    };
+    if mul.input.first() != Some(viewed) {
+        return None;
+    }
+    let mul_out = mul.output.first()?;
+    let (add_i, add) = only(mul_out, "Add")?;
+    if add.input.first() != Some(mul_out) {
+        return None;
+    }
+    let (scale, shift) = (mul.input.get(1)?, add.input.get(1)?);
+    // The 7-dimensional case: both maps are one `Unsqueeze` of their 5-dimensional forms.
+    let unsqueezed = |name: &str| {
+        let n = nodes.get(*ix.producer.get(name)?)?;
+        (n.op_type == "Unsqueeze" && n.domain.is_empty()).then_some(n)
+    };
+    let (s5, h5, up) = match seven {
+        false => (scale.as_str(), shift.as_str(), None),
+        true => {
+            let (us, uh) = (unsqueezed(scale)?, unsqueezed(shift)?);
+            // The same axes: one input, or two constants of equal values.
+            let axes = |n: &NodeProto| -> Option<Result<Vec<i64>, String>> {
+                let a = n.input.get(1)?;
+                Some(
+                    ix.inits
+                        .get(a.as_str())
+                        .map(|t| i64_values(t))
+                        .ok_or(a.clone()),
+                )
+            };
+            let same = axes(us) == axes(uh) && us.attribute == uh.attribute;
+            if !same {
+                return None;
+            }
+            (
+                us.input.first()?.as_str(),
+                uh.input.first()?.as_str(),
+                Some(uh),
+            )
+        }
+    };
+    // The group's mean per channel, shaped as the exporter shapes its inverse deviation:
+    // var → Add ε → Sqrt → Reciprocal → Expand(·, per) → Reshape(·, [0, C, 1, 1, 1]).
+    let (_, eps) = only(var_n.output.first()?, "Add")?;
+    let (_, sqrt) = only(eps.output.first()?, "Sqrt")?;
+    let (_, inv) = only(sqrt.output.first()?, "Reciprocal")?;
+    let (_, expand) = only(inv.output.first()?, "Expand")?;
+    let (_, per_channel) = only(expand.output.first()?, "Reshape")?;
+    let (per, c5) = (expand.input.get(1)?, per_channel.input.get(1)?);
+    let name = |what: &str| format!("{scope}{what}_{tail}");
+    let out = |what: &str| format!("{}:0", name(what));
+    let step =
+        |op: &str, what: &str, inputs: &[&str]| node(op, name(what), inputs, &out(what), vec![]);
+    let mut at_add = vec![
+        step("Expand", "MeanPer", &[mean, per]),
+        step("Reshape", "MeanChannel", &[&out("MeanPer"), c5]),
+        step("Mul", "MeanScaled", &[&out("MeanChannel"), s5]),
+        step("Sub", "Shift", &[h5, &out("MeanScaled")]),
+    ];
+    let new_shift = match up {
+        None => out("Shift"),
+        Some(uh) => {
+            let mut u = uh.clone();
+            u.name = name("ShiftUp");
+            *u.input.first_mut()? = out("Shift");
+            u.output = vec![out("ShiftUp")];
+            at_add.push(u);
+            out("ShiftUp")
+        }
+    };
+    let mut add = add.clone();
+    *add.input.get_mut(1)? = new_shift;
+    at_add.push(add);
+    let mut r = r.clone();
+    *r.input.first_mut()? = xg.to_string();
+    Some(vec![(sub_i, Vec::new()), (r_i, vec![r]), (add_i, at_add)])
 }
