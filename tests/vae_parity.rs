@@ -466,6 +466,59 @@ fn gpu_group_norm_row_stats_compute_what_the_export_does() {
     assert_close("encode", &got.unwrap().0, &want.unwrap().0, 1e-5);
 }
 
+/// A GroupNorm apply in another form than the exporter's (here the encoder's first, its
+/// product's operands swapped) keeps its centred activation: its statistics are still
+/// rewritten, the other norms fold, and the encoder still encodes what the export does.
+#[test]
+fn gpu_group_norm_apply_of_another_form_keeps_its_centring() {
+    use v2l_graphs::passes::group_norm_row_stats;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    let mut exported = export_tiny_vae(&export);
+    let entry = Engine::open(&export).unwrap().manifest.vae.unwrap();
+    let mut m = v2l_graphs::read_model(&export.join(&entry.encoder)).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let made_by = |g: &v2l_graphs::proto::GraphProto, t: &str| {
+        g.node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == t))
+            .cloned()
+    };
+    // The product that scales the centred activation: `Mul(Reshape(Sub(..)), S)`.
+    let apply = g
+        .node
+        .iter()
+        .position(|n| {
+            n.op_type == "Mul"
+                && n.name.contains(".group_norm/")
+                && made_by(g, &n.input[0]).is_some_and(|r| {
+                    r.op_type == "Reshape"
+                        && made_by(g, &r.input[0]).is_some_and(|d| d.op_type == "Sub")
+                })
+        })
+        .unwrap();
+    g.node[apply].input.swap(0, 1);
+    let norms = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Sub" && n.name.contains(".group_norm/"))
+        .count();
+    assert_eq!(group_norm_row_stats(&mut m), norms);
+    let g = m.graph.as_ref().unwrap();
+    let shifts = g.node.iter().filter(|n| n.name.contains("/Shift_")).count();
+    assert_eq!(shifts, norms - 1);
+    let name = format!("row_stats_{}", entry.encoder);
+    v2l_graphs::write_model(&export.join(&name), &m).unwrap();
+    let graphs = v2l_contracts::bundle::VaeGraphs {
+        encoder: name,
+        decoder: entry.decoder.clone(),
+    };
+    let mut vae = Vae::load_graphs(&export, entry, &graphs, &SessionOptions::default()).unwrap();
+    let io = load("vae_io.safetensors");
+    let (want, got) = (exported.encode(&io["video"]), vae.encode(&io["video"]));
+    assert_close("encode", &got.unwrap().0, &want.unwrap().0, 1e-5);
+}
+
 /// The element type a graph declares for its input or output `name`.
 fn elem_type(vs: &[v2l_graphs::proto::ValueInfoProto], name: &str) -> Option<i32> {
     use v2l_graphs::proto::type_proto::Value;

@@ -201,17 +201,14 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 compile_flags: &[],
                 warmup_runs: 0,
             });
-            // The GroupNorms as exported (statistics and apply), on an engine of their own
-            // (fp16/bf16 only).
-            if precision != "fp32" {
-                out.push(Variant {
-                    name: "exported-group-norm",
-                    cuda_options: "",
-                    vae_tiling: "off",
-                    compile_flags: &["--exported-group-norm"],
-                    warmup_runs: 0,
-                });
-            }
+            // The GroupNorms as exported (statistics and apply), on an engine of their own.
+            out.push(Variant {
+                name: "exported-group-norm",
+                cuda_options: "",
+                vae_tiling: "off",
+                compile_flags: &["--exported-group-norm"],
+                warmup_runs: 0,
+            });
         }
     }
     out

@@ -351,34 +351,74 @@ fn cuda_engines_with_a_fused_rope_take_sizes_above_65535_tokens() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--unfused-rope"));
 }
 
-/// `--exported-group-norm` keeps a cuda engine's lowered VAE's GroupNorm statistics as exported
-/// (no LayerNormalization, the square of the centred activation back), for measuring one form
-/// against the other on a GPU; other engines (whose VAE has no row statistics) refuse it,
-/// naming the flag.
+/// `--exported-group-norm` keeps a cuda engine's VAE's GroupNorms as exported (no
+/// LayerNormalization, the square of the centred activation back), for measuring one form
+/// against the other on a GPU: at bf16 in its lowered graphs, at fp32 as the export's graphs
+/// (the rewritten ones are `<graph>_cuda.onnx`, and the engine runs them). Other engines (whose
+/// VAE has no row statistics) refuse it, naming the flag.
 #[test]
 fn exported_group_norm_keeps_the_exported_statistics() {
     let d = tempfile::tempdir().unwrap();
     let export = d.path().join("export");
     export_pipeline_of(&common::tiny(), &export, 5);
-    let layer_norms = |engine: &Path| {
-        let m = v2l_graphs::read_model(&engine.join("vae_decoder_bf16.onnx")).unwrap();
+    let layer_norms = |file: &Path| {
+        let m = v2l_graphs::read_model(file).unwrap();
         let g = m.graph.unwrap();
         g.node
             .iter()
             .filter(|n| n.op_type == "LayerNormalization")
             .count()
     };
-    let (rewritten, kept) = (d.path().join("rewritten"), d.path().join("kept"));
-    compile(&export, &rewritten, "cuda", "bf16", &[]);
-    compile(&export, &kept, "cuda", "bf16", &["--exported-group-norm"]);
-    assert!(layer_norms(&rewritten) > 0);
-    assert_eq!(layer_norms(&kept), 0);
+    for (precision, decoder) in [
+        ("bf16", "vae_decoder_bf16.onnx"),
+        ("fp32", "vae_decoder_cuda.onnx"),
+    ] {
+        let rewritten = d.path().join(format!("rewritten-{precision}"));
+        let kept = d.path().join(format!("kept-{precision}"));
+        compile(&export, &rewritten, "cuda", precision, &[]);
+        compile(
+            &export,
+            &kept,
+            "cuda",
+            precision,
+            &["--exported-group-norm"],
+        );
+        assert!(layer_norms(&rewritten.join(decoder)) > 0, "{precision}");
+        let runs = v2l_runtime::engine::Engine::open(&rewritten).unwrap();
+        let entry = runs.manifest.vae.clone().unwrap();
+        assert_eq!(runs.vae_graphs(&entry).decoder, decoder, "{precision}");
+        match precision {
+            "fp32" => {
+                assert!(!kept.join(decoder).exists());
+                let kept = v2l_runtime::engine::Engine::open(&kept).unwrap();
+                assert_eq!(kept.vae_graphs(&entry).decoder, entry.decoder);
+                // The engine loads the rewritten graphs from its own directory (the export's
+                // weights under them) and decodes what the export's do, here on the CPU
+                // provider: the same f32 sums in another order.
+                let io = v2l_runtime::read_safetensors(&common::tiny().join("vae_io.safetensors"))
+                    .unwrap();
+                let opts = v2l_runtime::SessionOptions::default();
+                let decode = |e: &v2l_runtime::engine::Engine| {
+                    let mut vae = v2l_runtime::vae::Vae::load(e, &opts).unwrap();
+                    vae.decode(&io["latents"]).unwrap()
+                };
+                let err = decode(&runs).rel_l2(&decode(&kept));
+                assert!(err > 0.0 && err < 1e-5, "{err:e}");
+            }
+            _ => assert_eq!(layer_norms(&kept.join(decoder)), 0, "{precision}"),
+        }
+    }
     // TensorRT's parser takes a LayerNormalization's first output only: its engines keep the
     // exported statistics.
     let trt = d.path().join("tensorrt");
     compile(&export, &trt, "tensorrt", "bf16", &[]);
-    assert_eq!(layer_norms(&trt), 0);
-    refused_but_on_cuda_below_fp32(&export, d.path(), "--exported-group-norm");
+    assert_eq!(layer_norms(&trt.join("vae_decoder_bf16.onnx")), 0);
+    refused_on(
+        &export,
+        d.path(),
+        "--exported-group-norm",
+        &[("cpu", "bf16"), ("cpu", "fp32"), ("tensorrt", "fp32")],
+    );
 }
 
 /// A bf16 cuda engine's DiT GELUs run in fp16 (the exact cast of the feed-forward's bf16

@@ -221,21 +221,28 @@ pub fn compile_with(
         });
     }
     job.unfused_rope = opts.unfused_rope;
-    // Flags that choose between two forms of a cuda engine's lowered graphs.
+    // Flags that choose between two forms of a cuda engine's graphs.
     let cuda_low =
         backend == Backend::Cuda && matches!(precision, Precision::Fp16 | Precision::Bf16);
-    for (on, flag, why) in [
+    let cuda_float = cuda_low || (backend == Backend::Cuda && precision == Precision::Fp32);
+    for (on, flag, why, allowed) in [
         (
             opts.exported_group_norm,
             "--exported-group-norm",
-            "rewrite the VAE's GroupNorms",
+            "at fp32, fp16 or bf16 rewrite the VAE's GroupNorms",
+            cuda_float,
         ),
-        (opts.low_gelu, "--low-gelu", "have a GELU to lower"),
+        (
+            opts.low_gelu,
+            "--low-gelu",
+            "at fp16 or bf16 have a GELU to lower",
+            cuda_low,
+        ),
     ] {
-        if on && !cuda_low {
+        if on && !allowed {
             return Err(CompileError::Invalid {
                 what: flag.into(),
-                message: format!("only cuda engines at fp16 or bf16 {why}"),
+                message: format!("only cuda engines {why}"),
             });
         }
     }
@@ -573,6 +580,7 @@ impl<'a> Job<'a> {
         let dtype = match self.precision {
             Precision::Fp16 => v2l_graphs::DType::F16,
             Precision::Bf16 => v2l_graphs::DType::BF16,
+            Precision::Fp32 => return self.vae_cuda_f32_graphs(tmp, dit),
             _ => return Ok(()),
         };
         let Some(v) = self
@@ -680,6 +688,46 @@ impl<'a> Job<'a> {
         };
         dit.vae_lowered = Some(pair(typed));
         dit.vae_emulated = Some(pair(emulated));
+        Ok(())
+    }
+
+    /// Step 4c at fp32 on cuda: the VAE's graphs with their GroupNorms rewritten as on the lower
+    /// precisions (`<graph>_cuda.onnx`, reading the export's weights): each row's statistics
+    /// from one `LayerNormalization`, the centring folded into the shift, so no centred copy
+    /// nor its square is written (16 of the 48 bytes an element an f32 norm path moved, by
+    /// count). Exact but for the order of f32 sums (`tests/vae_parity.rs`: 3.4e-7 and 6.6e-7 of
+    /// the export's on the tiny fixture); the compile records no accuracy for them, as their
+    /// statistics are the CUDA kernel's (the CPU's sums `E[x²] − E[x]²` in one pass).
+    /// `--exported-group-norm` keeps the export's; graphs without a GroupNorm (Wan's) stay.
+    fn vae_cuda_f32_graphs(&self, tmp: &Path, dit: &mut DitBuild) -> Result<()> {
+        let Some(v) = self.manifest.vae.as_ref() else {
+            return Ok(());
+        };
+        if self.backend != Backend::Cuda || self.exported_group_norm {
+            return Ok(());
+        }
+        let mut runs = Vec::new();
+        for f in [&v.encoder, &v.decoder] {
+            let src = tmp.join(f);
+            let mut m = v2l_graphs::read_model(&src).map_err(io(&src))?;
+            if v2l_graphs::passes::group_norm_row_stats(&mut m) == 0 {
+                runs.push(f.clone());
+                continue;
+            }
+            let name = format!("{}_cuda.onnx", f.strip_suffix(".onnx").unwrap_or(f));
+            write_graph(&tmp.join(&name), &m)?;
+            dit.files.push(name.clone());
+            runs.push(name);
+        }
+        if runs == [v.encoder.clone(), v.decoder.clone()] {
+            return Ok(());
+        }
+        let [encoder, decoder] =
+            <[String; 2]>::try_from(runs).map_err(|_| CompileError::Invalid {
+                what: "VAE".into(),
+                message: "expected an encoder and a decoder".into(),
+            })?;
+        dit.vae_lowered = Some(VaeGraphs { encoder, decoder });
         Ok(())
     }
 

@@ -217,7 +217,8 @@ pub struct Bundle {
     pub vae_bf16: Option<VaeGraphs>,
     /// GPU engines below fp32: the VAE's graphs in the engine's precision (`<graph>_fp16.onnx`,
     /// `<graph>_bf16.onnx`, bf16 at opset 22 for CUDA's bf16 `Conv`), run instead of the
-    /// manifest's f32 ones.
+    /// manifest's f32 ones; cuda engines at fp32: the manifest's with their GroupNorms
+    /// rewritten (`<graph>_cuda.onnx`, since 2026-11-27).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae_lowered: Option<VaeGraphs>,
     /// CUDA engines: fp32 convolutions and matrix products may run in TF32 (`v2l-compile

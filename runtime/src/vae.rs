@@ -119,7 +119,10 @@ impl Vae {
                 ),
             })?;
         let graphs = engine.vae_graphs(&entry);
-        Vae::load_graphs(&engine.dir, entry, &graphs, opts)
+        // An fp32 engine's graphs are f32 whatever their names (a cuda engine's are the
+        // export's with their GroupNorms rewritten).
+        let f32 = engine.precision() == crate::backend::Precision::Fp32;
+        Vae::load_sessions(&engine.dir, entry, &graphs, opts, f32)
     }
 
     /// The VAE described by `entry`, from the graph files `graphs` in `dir`.
@@ -129,16 +132,28 @@ impl Vae {
         graphs: &VaeGraphs,
         opts: &SessionOptions,
     ) -> Result<Vae> {
+        Vae::load_sessions(dir, entry, graphs, opts, false)
+    }
+
+    /// [`Vae::load_graphs`]; `f32`: the graphs compute in f32 even where their names are not
+    /// the export's.
+    fn load_sessions(
+        dir: &std::path::Path,
+        entry: VaeEntry,
+        graphs: &VaeGraphs,
+        opts: &SessionOptions,
+        f32: bool,
+    ) -> Result<Vae> {
         // A GPU engine's lowered graph has another name than the export's.
         let encoder = BatchSessions::load(
             &dir.join(&graphs.encoder),
             opts,
-            graphs.encoder != entry.encoder,
+            !f32 && graphs.encoder != entry.encoder,
         )?;
         let decoder = BatchSessions::load(
             &dir.join(&graphs.decoder),
             opts,
-            graphs.decoder != entry.decoder,
+            !f32 && graphs.decoder != entry.decoder,
         )?;
         // On a GPU, after its sessions: the provider has set the device whose memory counts.
         let tile = match opts.backend.backend {

@@ -128,10 +128,10 @@ struct Cli {
     /// ONNX Runtime's one RotaryEmbedding kernel; to measure one against the other
     #[arg(long)]
     unfused_rope: bool,
-    /// cuda engines at fp16/bf16: keep the VAE's GroupNorms as exported (an f32 copy reduced,
-    /// centred, squared and reduced again, the centred copy scaled) instead of one
-    /// LayerNormalization over the low-precision activation per GroupNorm and the centring
-    /// folded into the shift; to measure one against the other
+    /// cuda engines: keep the VAE's GroupNorms as exported (the activation reduced, centred,
+    /// squared and reduced again, the centred copy scaled) instead of one LayerNormalization
+    /// per GroupNorm (over the fp16/bf16 activation below fp32) and the centring folded into
+    /// the shift; to measure one against the other
     #[arg(long)]
     exported_group_norm: bool,
     /// cuda engines at fp16/bf16: the DiT's GELUs in the engine's type, on ONNX Runtime's
