@@ -694,7 +694,7 @@ impl<'a> Job<'a> {
     /// Step 4c at fp32 on cuda: the VAE's graphs with their GroupNorms rewritten as on the lower
     /// precisions (`<graph>_cuda.onnx`, reading the export's weights): each row's statistics
     /// from one `LayerNormalization`, the centring folded into the shift, so no centred copy
-    /// nor its square is written (16 of the 48 bytes an element an f32 norm path moved, by
+    /// nor its square is written (12 of the 48 bytes an element an f32 norm path moved, by
     /// count). Exact but for the order of f32 sums (`tests/vae_parity.rs`: 3.4e-7 and 6.6e-7 of
     /// the export's on the tiny fixture); the compile records no accuracy for them, as their
     /// statistics are the CUDA kernel's (the CPU's sums `E[x²] − E[x]²` in one pass).

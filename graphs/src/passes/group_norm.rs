@@ -232,7 +232,7 @@ fn scalar(name: &str, v: f32) -> TensorProto {
 /// maps, a second one to 7 dimensions), as `y = x·S + (H − μ·S)`: the edits that make it, or
 /// None where the graph has another form. Once the row statistics no longer square `d`, its
 /// only reader is this apply, and the folded form writes and reads no centred copy of the
-/// activation (8 of the ~44 bytes an element a bf16 norm path moves). `μ·S` and the new
+/// activation (8 of the ~46 bytes an element a bf16 norm path moves). `μ·S` and the new
 /// shift are computed at `S`'s size (per channel, or the decoder's maps at the latents' size).
 /// It is PyTorch's own order (`group_norm`'s kernels scale and shift `x` by per-channel
 /// `γ/σ` and `β − μ·γ/σ`). The reshapes and the apply are in the group-norm scope, so they
