@@ -22,7 +22,11 @@ phases=()
 for a in "$@"; do
   case $a in
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
-    effects|vae|dit|profile|effects:[0-9]*|vae:[0-9]*|dit:[0-9]*|profile:[0-9]*) phases+=("$a") ;;
+    effects|vae|dit|profile) phases+=("$a:3") ;;
+    effects:*|vae:*|dit:*|profile:*)
+      m=${a#*:}
+      case $m in ''|*[!0-9]*|0*) echo "gpu-lease: $a: minutes must be a whole number from 1" >&2; exit 2 ;; esac
+      phases+=("$a") ;;
     *) echo "gpu-lease: unknown argument $a (phases: effects vae dit profile, each as NAME or NAME:MINUTES)" >&2; exit 2 ;;
   esac
 done
@@ -35,8 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 names=()
 for spec in "${phases[@]}"; do
-  p=${spec%%:*}; minutes=${spec#*:}; [ "$minutes" = "$spec" ] && minutes=3
-  [ "$minutes" -ge 1 ] 2>/dev/null || { echo "gpu-lease: $spec: minutes must be a whole number from 1" >&2; exit 2; }
+  p=${spec%%:*}; minutes=${spec#*:}
   share=$(( minutes * 60 )); budget=$(( minutes > 1 ? minutes - 1 : 1 ))
   names+=("$p")
   case $p in

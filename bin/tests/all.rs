@@ -9,6 +9,7 @@ mod cli;
 mod e2e;
 mod effects_model;
 mod fun_inpaint;
+mod gpu_lease;
 mod gpu_placement;
 mod hardening;
 mod profile;
