@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The next GPU lease's measurements (docs/status.md, "What to run on the next GPU") in one call
 # of the device tool, which stops a command after 10 minutes. Run where host-run.sh unpacked
-# the bundle (../shared/gpu/README.md), e.g. as the last upload's command:
+# the bundle (the GPU kit's README.md, shared/gpu beside the checkout), e.g. as the last
+# upload's command:
 #   bash .gpu/p4/host-run.sh -- bash "$PWD/scripts/gpu-lease.sh" effects:2 vae:3 dit:3
 # Phases, in the order given, each with its minutes (default: effects:2 vae:3 dit:3):
 #   effects  the demo model and fixtures' cuda cases: parity, warm and cold stages against the
@@ -21,7 +22,7 @@ set -u
 phases=()
 for a in "$@"; do
   case $a in
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     effects|vae|dit|profile) phases+=("$a:3") ;;
     effects:*|vae:*|dit:*|profile:*)
       m=${a#*:}

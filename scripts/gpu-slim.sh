@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The working tree for a GPU lease through the device tool, whose every call carries the tree
-# and one part of ../shared/gpu/bundle.sh's .gpu/ within 64 MiB. ../shared/gpu/slim-tree.sh
-# holds out the fixtures, models and training runs; the tree left was 4.32 MB on 2026-11-27,
+# and one part of the GPU kit's bundle (bundle.sh in shared/gpu beside the checkout, which
+# writes .gpu/) within 64 MiB. The kit's slim-tree.sh holds out the fixtures, models and
+# training runs; the tree left was 4.32 MB on 2026-11-27,
 # 64 KB too many beside the bundle's first part (62,855,785 bytes: 60 MiB parts, the CUDA
 # provider in three). This script runs it, then holds out the tracked folders the GPU host
 # never reads (the host runs the bundle's binaries, not the tree) the same way, and checks that
 # the tree travels with every part.
 #   bash scripts/gpu-slim.sh --check    # would the slim tree fit beside each part? changes nothing
-#   bash scripts/gpu-slim.sh            # after ../shared/gpu/bundle.sh, before the uploads
+#   bash scripts/gpu-slim.sh            # after the kit's bundle.sh, before the uploads
 #   bash scripts/gpu-slim.sh --restore  # right after the last upload; never commit while slim
 # Exit 1 (having moved nothing) when the tree has changes to commit or would not fit.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel); cd "$root"
-kit=${V2L_GPU_KIT:-$root/../shared/gpu}
+# The kit (only slimming and restoring use it; --check reads the tree alone).
+kit=${V2L_GPU_KIT:-$(dirname "$root")/shared/gpu}
 hold=${V2L_SLIM_HOLD:-/tmp/v2l-slim-hold}/more$(echo "$root" | tr / _)
 # Held by slim-tree.sh, then by this script: none is read on the GPU host.
 kit_held="tests/fixtures models training/runs"
