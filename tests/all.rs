@@ -17,6 +17,7 @@ mod measure_parity;
 mod prompt2effect_parity;
 mod scheduler_rope;
 mod session_race;
+mod shared_arena;
 mod text_encoder_parity;
 mod tokenizer_parity;
 mod umt5_parity;

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 
 use v2l_runtime::Tensor;
 
+/// Held by every test whose sessions take the process's shared arena
+/// (`SessionOptions::shared_arena`), so the arena's counts a test reads are its own runs'.
+pub static SHARED_ARENA: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Relative L2 bound for float32 parity with PyTorch.
 pub const F32_REL_L2: f64 = 1e-4;
 

@@ -217,7 +217,17 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
         first_batch_session: true,
         ..carried.clone()
     };
+    // The same with both sessions on the process's one arena (a cuda engine's sessions), so
+    // the caches one session allocates are read by the other.
+    let _held = SHARED_ARENA
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let shared = SessionOptions {
+        shared_arena: true,
+        ..split.clone()
+    };
     let mut split = Vae::load(&e, &split).unwrap();
+    let mut shared = Vae::load(&e, &shared).unwrap();
     let io = load("vae_io.safetensors");
     // More than one frame batch each way, so the later ones run in the second session.
     let vae = e.manifest.vae.as_ref().unwrap();
@@ -234,7 +244,11 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
     assert_eq!(d0.data, d1.data);
     assert_close("carried decode", &d1, &io["decoded"], F32_REL_L2);
     for round in 0..2 {
-        for (what, vae) in [("split", &mut split), ("bound", &mut replayed)] {
+        for (what, vae) in [
+            ("split", &mut split),
+            ("shared", &mut shared),
+            ("bound", &mut replayed),
+        ] {
             let (m, l) = vae.encode(&io["video"]).unwrap();
             assert!(
                 m.data == m0.data && l.data == l0.data,

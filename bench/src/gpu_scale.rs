@@ -310,6 +310,10 @@ struct Row {
     /// CUDA's lazy module loading): what a first request of the size waits.
     v2l_first_ms: Option<f64>,
     v2l_peak_gpu_mb: Option<f64>,
+    /// The shared arenas v2l's sessions took (`cuda:0`), or why each kept its own: what its
+    /// peak memory was measured with.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    shared_arenas: Vec<String>,
     v2l_rel_l2_vs_torch_fp32: Option<f64>,
     torch_same_ms: Option<f64>,
     torch_same_peak_gpu_mb: Option<f64>,
@@ -650,15 +654,9 @@ fn run_v2l(
     };
     row.v2l_first_ms = j["runs_ms"].get(0).and_then(|v| v.as_f64());
     // A `cuda-graph` row whose graph ONNX Runtime would not capture timed plain runs: it says so.
-    row.not_captured = j["uncaptured_graphs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    row.not_captured = strings(&j["uncaptured_graphs"]);
     row.v2l_peak_gpu_mb = peak;
+    row.shared_arenas = strings(&j["shared_arenas"]);
     let read = |p: &Path| -> Result<v2l_runtime::Tensor, Failure> {
         v2l_runtime::read_safetensors(p)
             .map_err(Failure::from)?
@@ -697,6 +695,17 @@ fn torch_run(
         cmd.args(["--device", "cpu"]);
     }
     last_json(&run_measured(&mut cmd)?.stdout)
+}
+
+/// A JSON array's strings (none where it is not an array).
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `f`'s result and the most GPU memory any process used while it ran, polled from

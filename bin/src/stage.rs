@@ -187,6 +187,8 @@ pub fn run(
                 "profile": profile,
                 // Graphs asked to run as CUDA graphs that ONNX Runtime would not capture.
                 "uncaptured_graphs": v2l_runtime::session::uncaptured_graphs(),
+                // Whether the sessions took one arena (`cuda:0`) or each their own.
+                "shared_arenas": v2l_runtime::session::shared_arenas(),
             })
         );
     } else {

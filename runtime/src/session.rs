@@ -9,6 +9,7 @@ use ort::value::{DynValue, TensorRef};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Data, Tensor};
 
+mod arena;
 mod bound;
 mod inputs;
 mod pager;
@@ -20,6 +21,12 @@ use values::{from_ort, into_ort, ort_element_type, ort_err, view};
 /// The graphs this process was asked to capture as CUDA graphs and built without (ONNX
 /// Runtime refused the capture), each with the reason.
 static UNCAPTURED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The shared arenas this process registered ([`SessionOptions::shared_arena`]): `cuda:0`,
+/// or `cuda:0 refused: …` where ONNX Runtime would not, and each session kept its own.
+pub fn shared_arenas() -> Vec<String> {
+    arena::registered()
+}
 
 /// [`UNCAPTURED`] so far: what the GPU check reports beside a CUDA-graph pass.
 pub fn uncaptured_graphs() -> Vec<String> {
@@ -68,6 +75,12 @@ pub struct SessionOptions {
     /// engine's `enable_cuda_graph`, which turns this on): each set's inputs are copied into
     /// its own buffers and its outputs read from its own. On the CPU only to test that path.
     pub bound_runs: bool,
+    /// Take working memory from one arena shared by the process's sessions ([`arena`]) instead
+    /// of one per session, which keeps its largest run's size for its life. On for cuda
+    /// engines without CUDA graphs (a captured graph goes on writing where it was captured,
+    /// which a shared arena may since have handed to another session); on the CPU only to
+    /// test that path.
+    pub shared_arena: bool,
 }
 
 /// An ONNX model ready to run on the CPU backend.
@@ -88,6 +101,9 @@ pub struct Model {
     profiling: bool,
     /// The buffers of bound runs ([`SessionOptions::bound_runs`]).
     bound: Option<Box<bound::Bound>>,
+    /// The session's working memory comes from the process's shared arena
+    /// ([`SessionOptions::shared_arena`]).
+    shares_arena: bool,
 }
 
 impl Drop for Model {
@@ -283,6 +299,19 @@ impl Model {
                 },
             })?;
         }
+        // After the providers: a CPU-only ONNX Runtime has refused a GPU engine by then.
+        let shares_arena = match opts.backend.backend {
+            crate::backend::Backend::Cuda => !backend.cuda_graph(),
+            crate::backend::Backend::Cpu => opts.shared_arena,
+            // TensorRT has not run: its engines keep ONNX Runtime's arrangement.
+            crate::backend::Backend::TensorRt => false,
+        } && share_arena(&opts.backend, &backend);
+        if shares_arena {
+            b = b.with_env_allocators().map_err(|e| RuntimeError::Ort {
+                context: format!("{ctx}: the shared arena"),
+                message: e.to_string(),
+            })?;
+        }
         for (name, t) in weights {
             let v = into_ort(t).map_err(ort_err(format!("{ctx}: weight `{name}`")))?;
             b = b
@@ -372,7 +401,20 @@ impl Model {
             carry_alloc,
             profiling: opts.profile.is_some(),
             bound,
+            shares_arena,
         })
+    }
+
+    /// Whether this session's working memory comes from the process's shared arena.
+    pub fn shares_arena(&self) -> bool {
+        self.shares_arena
+    }
+
+    /// ONNX Runtime's statistics of the arena this session's working memory comes from
+    /// (`NumAllocs`, `InUse`, `MaxInUse`, `TotalAllocated`, …): the process's shared one where
+    /// [`Model::shares_arena`].
+    pub fn arena_stats(&self) -> Result<BTreeMap<String, u64>> {
+        arena::stats(&self.session, self.device).map_err(ort_err(self.path.display().to_string()))
     }
 
     pub fn input_names(&self) -> &[String] {
@@ -745,6 +787,24 @@ fn gpu_placement(
             message: e.to_string(),
         })?;
     Ok((b, placement.tf32_matters))
+}
+
+/// Registers the process's shared arena for the sessions of `opts` (once); `false`, with a
+/// note, where ONNX Runtime refuses it: those sessions keep arenas of their own.
+fn share_arena(
+    opts: &crate::backend::BackendOptions,
+    this: &crate::backend::BackendOptions,
+) -> bool {
+    let device = (opts.backend != crate::backend::Backend::Cpu).then_some(opts.device_id);
+    let extend = this.cuda.get("arena_extend_strategy").map(String::as_str);
+    match arena::register(device, extend) {
+        Ok(()) => true,
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("note: each session keeps an arena of its own: {e}"));
+            false
+        }
+    }
 }
 
 /// Where a session's graph comes from.

@@ -49,10 +49,11 @@ struct BatchSessions {
     rest: Option<Model>,
     /// Where to build `rest` from, when it is wanted.
     split: Option<(std::path::PathBuf, SessionOptions)>,
-    /// Clips of frames up to this many pixels use `rest`: an f32 graph's only up to
-    /// [`AUTO_MAX_UNTILED_PIXELS`] (a second arena of an f32 decode at 480×720 whole, some
-    /// 30 GB by the CPU's measured peak, would not fit beside a pipeline on an 80 GB GPU), a
-    /// lowered graph's (half the bytes) at any size.
+    /// Clips of frames up to this many pixels use `rest`: any size where the two sessions
+    /// share the process's arena ([`Model::shares_arena`]), or the graph is lowered (half the
+    /// bytes); otherwise only up to [`AUTO_MAX_UNTILED_PIXELS`] (a second arena of an f32
+    /// decode at 480×720 whole, some 30 GB by the CPU's measured peak, would not fit beside a
+    /// pipeline on an 80 GB GPU).
     split_max_pixels: usize,
 }
 
@@ -66,15 +67,16 @@ impl BatchSessions {
         let cuda = backend.backend == crate::backend::Backend::Cuda;
         let wanted = opts.first_batch_session || (cuda && !backend.cuda_graph());
         let split = (wanted && !first.bound_runs()).then(|| (path.to_path_buf(), opts.clone()));
+        let split_max_pixels = if lowered || first.shares_arena() {
+            usize::MAX
+        } else {
+            AUTO_MAX_UNTILED_PIXELS
+        };
         Ok(BatchSessions {
             first,
             rest: None,
             split,
-            split_max_pixels: if lowered {
-                usize::MAX
-            } else {
-                AUTO_MAX_UNTILED_PIXELS
-            },
+            split_max_pixels,
         })
     }
 

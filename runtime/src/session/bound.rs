@@ -398,7 +398,7 @@ fn inputs_on_host(session: &Session) -> ort::Result<Vec<String>> {
 }
 
 /// An ONNX Runtime status as a result.
-fn check(status: ort::sys::OrtStatusPtr) -> ort::Result<()> {
+pub(super) fn check(status: ort::sys::OrtStatusPtr) -> ort::Result<()> {
     let Some(ptr) = std::ptr::NonNull::new(status.0) else {
         return Ok(());
     };
