@@ -352,6 +352,37 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
                     .unwrap();
                 assert_ne!(x.op_type, "Cast", "{f}: {} reads a cast", n.name);
             }
+            // The decoder's applies over upsampled maps scale the normalized rows in the low
+            // type: nothing casts the rows, the product or the sum.
+            let made_by = |t: &str| g.node.iter().find(|p| p.output.iter().any(|o| o == t));
+            let read_by = |t: &str| -> Vec<&v2l_graphs::proto::NodeProto> {
+                g.node
+                    .iter()
+                    .filter(|c| c.input.iter().any(|i| i == t))
+                    .collect()
+            };
+            let on_rows: Vec<_> = g
+                .node
+                .iter()
+                .filter(|n| n.op_type == "Mul" && n.input[1].contains("RowScaleUp"))
+                .collect();
+            assert_eq!(on_rows.is_empty(), f == &lowered.encoder, "{f}");
+            for mul in on_rows {
+                assert_ne!(made_by(&mul.input[0]).unwrap().op_type, "Cast", "{f}");
+                for add in read_by(&mul.output[0]) {
+                    assert_eq!(add.op_type, "Add", "{f}");
+                    let after = read_by(&add.output[0]);
+                    assert!(
+                        after.iter().all(|c| c.op_type != "Cast"),
+                        "{f}: {} → {:?}",
+                        add.name,
+                        after
+                            .iter()
+                            .map(|c| (&c.name, &c.op_type, &c.attribute))
+                            .collect::<Vec<_>>()
+                    );
+                }
+            }
             for main in [vae_io::VIDEO, vae_io::LATENTS, vae_io::SAMPLE] {
                 for vs in [&g.input, &g.output] {
                     let t = elem_type(vs, main);
@@ -362,11 +393,23 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
                 }
             }
         }
-        // The CPU form of the same lowering, from the engine's f32 graphs.
-        let cpu = |f: &str| {
-            let src = engine.join(f);
+        // The CPU form of the same lowering, from the engine's f32 graphs; `rows`: with the
+        // GroupNorms rewritten as the cuda graphs have them (their applies over upsampled
+        // maps on the normalized rows, in the low type).
+        let cpu_of = |f: &str, rows: bool| {
+            let mut src = engine.join(f);
             let mut m = v2l_graphs::read_model(&src).unwrap();
-            let name = format!("cpu_{}_{f}", precision.name());
+            if rows {
+                use v2l_graphs::passes::{group_norm_row_stats, GroupNormApply};
+                assert!(group_norm_row_stats(&mut m, GroupNormApply::OnRows) > 0);
+                src = engine.join(format!("rows_{f}"));
+                v2l_graphs::write_model(&src, &m).unwrap();
+            }
+            let name = format!(
+                "cpu_{}_{}{f}",
+                precision.name(),
+                ["", "rows_"][rows as usize]
+            );
             let data = engine.join(format!("{name}.data"));
             let how = Lowering {
                 dtype,
@@ -380,6 +423,7 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
             v2l_graphs::write_model(&engine.join(&name), &m).unwrap();
             name
         };
+        let cpu = |f: &str| cpu_of(f, false);
         let twins = v2l_contracts::bundle::VaeGraphs {
             encoder: cpu(&entry.encoder),
             decoder: cpu(&entry.decoder),
@@ -409,6 +453,26 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
                 precision.name()
             );
         }
+        // The decoder as a cuda engine computes its norms: three roundings where the apply
+        // scales an upsampled map (normalized rows, product, sum), as PyTorch's bf16 spatial
+        // norm has, still within diffusers' own bf16 distance. (The CPU's row statistics sum
+        // in one pass; on the tiny fixture in f32 that is 3e-7 from the export's, below.)
+        let rows = v2l_contracts::bundle::VaeGraphs {
+            encoder: twins.encoder.clone(),
+            decoder: cpu_of(&entry.decoder, true),
+        };
+        let mut vae =
+            Vae::load_graphs(&engine, entry.clone(), &rows, &SessionOptions::default()).unwrap();
+        let on_rows = vae.decode(&io["latents"]).unwrap();
+        let err = on_rows.rel_l2(&io["decoded"]);
+        let limit = bound("decode");
+        eprintln!(
+            "{} decode, applies on the rows: {err:.2e} from diffusers' f32 VAE (its bf16: {limit:.2e}; folded: {:.2e})",
+            precision.name(),
+            decoded.rel_l2(&io["decoded"])
+        );
+        assert!(err > 1e-6 && err < limit, "{err:e} (bound {limit:e})");
+        assert_ne!(on_rows.data, decoded.data);
     }
 }
 
@@ -419,13 +483,13 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
 /// do, on the CPU provider in f32.
 #[test]
 fn gpu_group_norm_row_stats_compute_what_the_export_does() {
-    use v2l_graphs::passes::group_norm_row_stats;
+    use v2l_graphs::passes::{group_norm_row_stats, GroupNormApply};
     let dir = tempfile::tempdir().unwrap();
     let export = dir.path().join("export");
     let mut exported = export_tiny_vae(&export);
     let entry = Engine::open(&export).unwrap().manifest.vae.unwrap();
     let in_norm = |n: &v2l_graphs::proto::NodeProto| n.name.contains(".group_norm/");
-    let rewrite = |f: &str| {
+    let rewrite = |f: &str, apply: GroupNormApply| {
         let mut m = v2l_graphs::read_model(&export.join(f)).unwrap();
         let count = |m: &v2l_graphs::proto::ModelProto, op: &str| {
             let g = m.graph.as_ref().unwrap();
@@ -437,7 +501,7 @@ fn gpu_group_norm_row_stats_compute_what_the_export_does() {
         // Two levels of means for the mean and two for the mean square, per GroupNorm.
         let norms = count(&m, "ReduceMean") / 4;
         assert!(norms > 0, "{f}");
-        assert_eq!(group_norm_row_stats(&mut m), norms, "{f}");
+        assert_eq!(group_norm_row_stats(&mut m, apply), norms, "{f}");
         let g = m.graph.as_ref().unwrap();
         let stats = g.node.iter().filter(|n| n.op_type == "LayerNormalization");
         assert_eq!(stats.count(), norms, "{f}");
@@ -458,26 +522,46 @@ fn gpu_group_norm_row_stats_compute_what_the_export_does() {
                 && made_by(&n.input[0]).is_some_and(|p| p.op_type == "Sub")
         });
         assert_eq!(centred.count(), 0, "{f}");
-        let shifts = g.node.iter().filter(|n| n.name.contains("/Shift_"));
-        assert_eq!(shifts.count(), norms, "{f}");
+        let shifts = g.node.iter().filter(|n| n.name.contains("/Shift_")).count();
+        // On the rows: the decoder's applies over upsampled maps (some, not all: the first
+        // blocks run at the latents' size).
+        let on_rows = g
+            .node
+            .iter()
+            .filter(|n| n.name.contains("/RowShift_"))
+            .count();
+        match (apply, f == entry.decoder.as_str()) {
+            (GroupNormApply::OnRows, true) => assert!(on_rows > 0 && shifts > 0, "{f}"),
+            _ => assert_eq!(on_rows, 0, "{f}"),
+        }
+        assert_eq!(shifts + on_rows, norms, "{f}");
         // Twice is the same as once.
-        assert_eq!(group_norm_row_stats(&mut m.clone()), 0, "{f}");
-        let name = format!("row_stats_{f}");
+        assert_eq!(group_norm_row_stats(&mut m.clone(), apply), 0, "{f}");
+        let name = format!("row_stats_{apply:?}_{f}");
         v2l_graphs::write_model(&export.join(&name), &m).unwrap();
         name
     };
-    let graphs = v2l_contracts::bundle::VaeGraphs {
-        encoder: rewrite(&entry.encoder),
-        decoder: rewrite(&entry.decoder),
-    };
-    let mut vae = Vae::load_graphs(&export, entry, &graphs, &SessionOptions::default()).unwrap();
     let io = load("vae_io.safetensors");
-    // Only how the f32 sums are ordered differs; a wrong row, group or count would be off by
-    // a factor.
-    let (want, got) = (exported.decode(&io["latents"]), vae.decode(&io["latents"]));
-    assert_close("decode", &got.unwrap(), &want.unwrap(), 1e-5);
-    let (want, got) = (exported.encode(&io["video"]), vae.encode(&io["video"]));
-    assert_close("encode", &got.unwrap().0, &want.unwrap().0, 1e-5);
+    let want_decoded = exported.decode(&io["latents"]).unwrap();
+    let want_encoded = exported.encode(&io["video"]).unwrap().0;
+    for apply in [GroupNormApply::Folded, GroupNormApply::OnRows] {
+        let graphs = v2l_contracts::bundle::VaeGraphs {
+            encoder: rewrite(&entry.encoder, apply),
+            decoder: rewrite(&entry.decoder, apply),
+        };
+        let mut vae =
+            Vae::load_graphs(&export, entry.clone(), &graphs, &SessionOptions::default()).unwrap();
+        // Only how the f32 sums are ordered differs; a wrong row, group or count would be off
+        // by a factor.
+        let got = vae.decode(&io["latents"]).unwrap();
+        assert_close(&format!("{apply:?} decode"), &got, &want_decoded, 1e-5);
+        eprintln!(
+            "{apply:?} decode: {:.2e} from the export's",
+            got.rel_l2(&want_decoded)
+        );
+        let got = vae.encode(&io["video"]).unwrap().0;
+        assert_close(&format!("{apply:?} encode"), &got, &want_encoded, 1e-5);
+    }
 }
 
 /// A GroupNorm apply in another form than the exporter's (here the encoder's first, its
@@ -485,7 +569,7 @@ fn gpu_group_norm_row_stats_compute_what_the_export_does() {
 /// rewritten, the other norms fold, and the encoder still encodes what the export does.
 #[test]
 fn gpu_group_norm_apply_of_another_form_keeps_its_centring() {
-    use v2l_graphs::passes::group_norm_row_stats;
+    use v2l_graphs::passes::{group_norm_row_stats, GroupNormApply};
     let dir = tempfile::tempdir().unwrap();
     let export = dir.path().join("export");
     let mut exported = export_tiny_vae(&export);
@@ -517,7 +601,7 @@ fn gpu_group_norm_apply_of_another_form_keeps_its_centring() {
         .iter()
         .filter(|n| n.op_type == "Sub" && n.name.contains(".group_norm/"))
         .count();
-    assert_eq!(group_norm_row_stats(&mut m), norms);
+    assert_eq!(group_norm_row_stats(&mut m, GroupNormApply::Folded), norms);
     let g = m.graph.as_ref().unwrap();
     let shifts = g.node.iter().filter(|n| n.name.contains("/Shift_")).count();
     assert_eq!(shifts, norms - 1);

@@ -617,7 +617,10 @@ impl<'a> Job<'a> {
             // (sharing its weight file) and removed after.
             let rewritten = match self.exported_group_norm || self.backend != Backend::Cuda {
                 true => 0,
-                false => v2l_graphs::passes::group_norm_row_stats(&mut m),
+                false => v2l_graphs::passes::group_norm_row_stats(
+                    &mut m,
+                    v2l_graphs::passes::GroupNormApply::OnRows,
+                ),
             };
             let typed_src = match rewritten {
                 0 => src.clone(),
@@ -710,7 +713,8 @@ impl<'a> Job<'a> {
         for f in [&v.encoder, &v.decoder] {
             let src = tmp.join(f);
             let mut m = v2l_graphs::read_model(&src).map_err(io(&src))?;
-            if v2l_graphs::passes::group_norm_row_stats(&mut m) == 0 {
+            let folded = v2l_graphs::passes::GroupNormApply::Folded;
+            if v2l_graphs::passes::group_norm_row_stats(&mut m, folded) == 0 {
                 runs.push(f.clone());
                 continue;
             }

@@ -29,7 +29,7 @@ pub use attention::{fuse_attention, v2l_attention, V2L_ATTENTION};
 pub use chunk::{chunk_feed_forward, FF_CHUNKS};
 pub use conv::{conv_geometry, v2l_conv, V2L_CONV};
 pub use gelu::{fuse_gelu, fuse_gelu_bias};
-pub use group_norm::group_norm_row_stats;
+pub use group_norm::{group_norm_row_stats, GroupNormApply};
 pub use modulation::fold_modulation;
 pub use opset::upgrade_opset;
 pub use precision::{

@@ -24,7 +24,9 @@
 //! `var = ReduceMean(max(1/ιᵣ² − ε, 0) + (μᵣ − mean)², [2])` inside it. The apply,
 //! `d·S + H` (`S` and `H` per channel, or the decoder's spatial maps), then scales `x` itself
 //! and moves the centring into the shift, `x·S + (H − mean·S)` ([`fold_centring`]), so no
-//! centred copy of the activation is written.
+//! centred copy of the activation is written. In a lowered graph, an apply over the decoder's
+//! upsampled maps instead scales the rows' normalized output in the low type ([`on_rows`]),
+//! so the activation is neither copied to f32 nor the result cast back.
 
 use std::collections::HashMap;
 
@@ -41,8 +43,19 @@ use crate::proto::{ModelProto, NodeProto, TensorProto};
 /// keeps the exported statistics (`v2l_compile`).
 const ROW_EPSILON: f32 = 1e-12;
 
+/// How a rewritten GroupNorm applies its statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupNormApply {
+    /// `x·S + (H − mean·S)` in f32 ([`fold_centring`]): an f32 graph's, where every form moves
+    /// the same bytes.
+    Folded,
+    /// A lowered graph's: where the apply scales the decoder's upsampled spatial maps, it
+    /// scales the rows' normalized output in the low type ([`on_rows`]); elsewhere folded.
+    OnRows,
+}
+
 /// Rewrites the statistics of every GroupNorm of the exported form; returns how many.
-pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
+pub fn group_norm_row_stats(model: &mut ModelProto, apply: GroupNormApply) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
@@ -70,6 +83,7 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
     };
     // Per match: node index → the nodes that take its place (empty: removed).
     let mut plan: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut new_inits: Vec<TensorProto> = Vec::new();
     let mut n = 0;
     for (sub_i, sub) in nodes.iter().enumerate() {
         if sub.op_type != "Sub" || !sub.domain.is_empty() || !in_scope(sub) {
@@ -183,10 +197,26 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
                 (mul_i, at_square),
                 (sq_i, Vec::new()),
             ];
-            // The apply, where its form is the exporter's: the centring folded into the shift.
-            if let Some(fold) = fold_centring(&ix, nodes, sub_i, mul_i, var_n, mean, xg, &f32, tail)
-            {
+            // The apply, where its form is the exporter's: the centring folded into the shift,
+            // or the rows' normalized output scaled.
+            let rows = (apply == GroupNormApply::OnRows).then(|| Rows {
+                normalized: out(&low, "Normalized"),
+                mean: row_mean.clone(),
+                inv_std: row_inv.clone(),
+                low: low.clone(),
+            });
+            let at = Apply {
+                sub_i,
+                square_i: mul_i,
+                var_n,
+                mean,
+                xg,
+                scope: &f32,
+                tail,
+            };
+            if let Some((fold, inits)) = fold_centring(&ix, nodes, &at, rows.as_ref()) {
                 edits.extend(fold);
+                new_inits.extend(inits);
             }
             Some(edits)
         })();
@@ -210,7 +240,36 @@ pub fn group_norm_row_stats(model: &mut ModelProto) -> usize {
             graph.initializer.push(scalar(name, v));
         }
     }
+    for t in new_inits {
+        if !graph.initializer.iter().any(|i| i.name == t.name) {
+            graph.initializer.push(t);
+        }
+    }
     n
+}
+
+/// An apply's rewrite: node index → the nodes that take its place, and new initializers.
+type Rewrite = (Vec<(usize, Vec<NodeProto>)>, Vec<TensorProto>);
+
+/// One matched GroupNorm's apply: the centring `Sub` (`d = xg − mean`), the square its
+/// statistics no longer compute, the group variance's reduction, and where new nodes go.
+struct Apply<'a> {
+    sub_i: usize,
+    square_i: usize,
+    var_n: &'a NodeProto,
+    mean: &'a str,
+    xg: &'a str,
+    scope: &'a str,
+    tail: &'a str,
+}
+
+/// The row statistics' outputs, for [`on_rows`]: the normalized rows (the low type in a
+/// lowered graph), each row's f32 mean and inverse deviation, and the low-type scope.
+struct Rows {
+    normalized: String,
+    mean: String,
+    inv_std: String,
+    low: String,
 }
 
 const ONE: &str = "v2l.group_stats.one";
@@ -238,18 +297,21 @@ fn scalar(name: &str, v: f32) -> TensorProto {
 /// `γ/σ` and `β − μ·γ/σ`). The reshapes and the apply are in the group-norm scope, so they
 /// stay f32 in a lowered graph; the cancellation `x·S − μ·S` costs f32 digits only where
 /// `|μ|` is many times the group's deviation.
-#[allow(clippy::too_many_arguments)]
 fn fold_centring(
     ix: &Index,
     nodes: &[NodeProto],
-    sub_i: usize,
-    square_i: usize,
-    var_n: &NodeProto,
-    mean: &str,
-    xg: &str,
-    scope: &str,
-    tail: &str,
-) -> Option<Vec<(usize, Vec<NodeProto>)>> {
+    at: &Apply,
+    rows: Option<&Rows>,
+) -> Option<Rewrite> {
+    let Apply {
+        sub_i,
+        square_i,
+        var_n,
+        mean,
+        xg,
+        scope,
+        tail,
+    } = *at;
     // The sole reader of `name`, if it is a default-domain `op`.
     let only = |name: &str, op: &str| -> Option<(usize, &NodeProto)> {
         match ix.consumers.get(name)?.as_slice() {
@@ -340,12 +402,38 @@ fn fold_centring(
     let out = |what: &str| format!("{}:0", name(what));
     let step =
         |op: &str, what: &str, inputs: &[&str]| node(op, name(what), inputs, &out(what), vec![]);
-    let mut at_add = vec![
+    let mean_channel = vec![
         step("Expand", "MeanPer", &[mean, per]),
         step("Reshape", "MeanChannel", &[&out("MeanPer"), c5]),
+    ];
+    if let (Some(rows), Some(uh)) = (rows, up) {
+        let r7_i = *ix.producer.get(viewed.as_str())?;
+        let (back_i, back) = only(add.output.first()?, "Reshape")?;
+        let on = OnRowsAt {
+            back_i,
+            back,
+            r_i,
+            r,
+            r7_i,
+            r7: nodes.get(r7_i)?,
+            mul_i: *ix.producer.get(mul_out.as_str())?,
+            mul,
+            add_i,
+            add,
+            s5,
+            h5,
+            c5,
+            unsqueeze: uh,
+        };
+        if let Some(done) = on_rows(ix, &on, rows, mean_channel.clone(), &name, sub_i) {
+            return Some(done);
+        }
+    }
+    let mut at_add = mean_channel;
+    at_add.extend([
         step("Mul", "MeanScaled", &[&out("MeanChannel"), s5]),
         step("Sub", "Shift", &[h5, &out("MeanScaled")]),
-    ];
+    ]);
     let new_shift = match up {
         None => out("Shift"),
         Some(uh) => {
@@ -362,5 +450,116 @@ fn fold_centring(
     at_add.push(add);
     let mut r = r.clone();
     *r.input.first_mut()? = xg.to_string();
-    Some(vec![(sub_i, Vec::new()), (r_i, vec![r]), (add_i, at_add)])
+    Some((
+        vec![(sub_i, Vec::new()), (r_i, vec![r]), (add_i, at_add)],
+        Vec::new(),
+    ))
+}
+
+/// The nodes of an exported apply over upsampled spatial maps that [`on_rows`] rewrites.
+struct OnRowsAt<'a> {
+    /// The reshape of the centred rows to the activation's shape, and its index.
+    r_i: usize,
+    r: &'a NodeProto,
+    /// Its view in 7 dimensions.
+    r7_i: usize,
+    r7: &'a NodeProto,
+    /// `d·S` in 7 dimensions, and `· + H`.
+    mul_i: usize,
+    mul: &'a NodeProto,
+    add_i: usize,
+    add: &'a NodeProto,
+    /// The sum's view back in 5 dimensions, its sole reader.
+    back_i: usize,
+    back: &'a NodeProto,
+    /// `S` and `H` in 5 dimensions (at the latents' size), and the per-channel shape
+    /// `[0, C, 1, 1, 1]`.
+    s5: &'a str,
+    h5: &'a str,
+    c5: &'a str,
+    /// The `Unsqueeze` that views `H` in 7 dimensions (`S`'s has the same axes).
+    unsqueeze: &'a NodeProto,
+}
+
+/// A lowered graph's apply over the decoder's upsampled spatial maps, on the rows' normalized
+/// output `y = (x − μᵣ)·ιᵣ` (one rounding to the low type, in `LayerNormalization`'s one pass):
+/// `d·S + H = y·(S/ιᵣ) + (H + (μᵣ − mean)·S)`, the new scale and shift computed in f32 at the
+/// maps' size (each row, a channel's frame, has its own), the product and sum in the low type.
+/// The folded form's f32 apply read an f32 copy of the activation and wrote an f32 result
+/// cast down after (about 20 of its 38 bytes an element in a bf16 graph); here the apply
+/// reads and writes the low type, as PyTorch's bf16 `CogVideoXSpatialNorm3D` does (its
+/// GroupNorm's output, the product with the map and the sum each rounded to bf16). No term
+/// cancels: `y` and `(μᵣ − mean)·ιg` are the row's values in units of deviations. None where
+/// the per-channel shape is not a constant.
+fn on_rows(
+    ix: &Index,
+    at: &OnRowsAt,
+    rows: &Rows,
+    mean_channel: Vec<NodeProto>,
+    name: &dyn Fn(&str) -> String,
+    sub_i: usize,
+) -> Option<Rewrite> {
+    // `[0, C, 1, 1, 1]` → `[0, C, −1, 1, 1]`: the rows (a channel's frames) as `[N, C, T, 1, 1]`.
+    let c5 = i64_values(ix.inits.get(at.c5)?);
+    let [0, c, 1, 1, 1] = c5[..] else {
+        return None;
+    };
+    let out = |what: &str| format!("{}:0", name(what));
+    let step =
+        |op: &str, what: &str, inputs: &[&str]| node(op, name(what), inputs, &out(what), vec![]);
+    let shape = TensorProto {
+        dims: vec![5],
+        data_type: DType::I64.onnx_code(),
+        name: format!("v2l.group_stats.rows_of_{c}"),
+        raw_data: [0i64, c, -1, 1, 1]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        ..Default::default()
+    };
+    let up = |what: &str, from: &str| {
+        let mut u = at.unsqueeze.clone();
+        u.name = name(what);
+        *u.input.first_mut()? = out(from);
+        u.output = vec![out(what)];
+        Some(u)
+    };
+    // In f32, at the maps' size.
+    let mut at_mul = mean_channel;
+    at_mul.extend([
+        step("Reciprocal", "RowStd", &[&rows.inv_std]),
+        step("Reshape", "RowStd5", &[&out("RowStd"), &shape.name]),
+        step("Mul", "RowScale", &[at.s5, &out("RowStd5")]),
+        step("Reshape", "RowMean5", &[&rows.mean, &shape.name]),
+        step("Sub", "RowOffset", &[&out("RowMean5"), &out("MeanChannel")]),
+        step("Mul", "RowOffsetScaled", &[&out("RowOffset"), at.s5]),
+        step("Add", "RowShift", &[at.h5, &out("RowOffsetScaled")]),
+        up("RowScaleUp", "RowScale")?,
+        up("RowShiftUp", "RowShift")?,
+    ]);
+    // In the low type: the normalized rows viewed as the activation, scaled and shifted.
+    let low = |n: &NodeProto| -> Option<NodeProto> {
+        let mut n = n.clone();
+        let (_, tail) = n.name.rsplit_once('/')?;
+        n.name = format!("{}{tail}", rows.low);
+        Some(n)
+    };
+    let mut r = low(at.r)?;
+    *r.input.first_mut()? = rows.normalized.clone();
+    let mut mul = low(at.mul)?;
+    *mul.input.get_mut(1)? = out("RowScaleUp");
+    at_mul.push(mul);
+    let mut add = low(at.add)?;
+    *add.input.get_mut(1)? = out("RowShiftUp");
+    let mut edits = vec![
+        (sub_i, Vec::new()),
+        (at.r_i, vec![r]),
+        (at.mul_i, at_mul),
+        (at.add_i, vec![add]),
+    ];
+    // The 7-dimensional view of the rows, between `r` and the product, and the view of the
+    // sum back in 5, compute low too.
+    edits.push((at.r7_i, vec![low(at.r7)?]));
+    edits.push((at.back_i, vec![low(at.back)?]));
+    Some((edits, vec![shape]))
 }
