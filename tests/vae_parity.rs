@@ -479,8 +479,9 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
 /// GPU engines take each GroupNorm's row statistics from one `LayerNormalization` over the
 /// activation (`passes::group_norm_row_stats`): every GroupNorm of both graphs is rewritten,
 /// the centred activation and its square are gone (each apply scales the activation and
-/// shifts by `H − mean·S`), and the rewritten graphs encode and decode what the exported ones
-/// do, on the CPU provider in f32.
+/// shifts by `H − mean·S`, or, `OnRows` in the decoder's upsampled norms, scales the
+/// normalized rows), and the rewritten graphs encode and decode what the exported ones do, on
+/// the CPU provider in f32, in either form.
 #[test]
 fn gpu_group_norm_row_stats_compute_what_the_export_does() {
     use v2l_graphs::passes::{group_norm_row_stats, GroupNormApply};
