@@ -11,8 +11,13 @@ use v2l_runtime::SessionOptions;
 use v2l_tests::*;
 
 fn export_tiny_vae(dir: &std::path::Path) -> Vae {
+    export_vae(&tiny().join("vae"), dir)
+}
+
+/// The diffusers CogVideoX VAE in `checkpoint`, exported into `dir` and loaded on the CPU.
+fn export_vae(checkpoint: &std::path::Path, dir: &std::path::Path) -> Vae {
     std::fs::create_dir_all(dir).unwrap();
-    let ck = Checkpoint::open_dir(&tiny().join("vae")).unwrap();
+    let ck = Checkpoint::open_dir(checkpoint).unwrap();
     let ex = cogvideox_vae::export(&ck).unwrap();
     assert!(ex.unused_keys.is_empty(), "unused: {:?}", ex.unused_keys);
     save(&ex.encoder, &dir.join("e.onnx"), ExternalData::Auto).unwrap();
@@ -25,6 +30,34 @@ fn export_tiny_vae(dir: &std::path::Path) -> Vae {
     };
     manifest.write(dir).unwrap();
     Vae::load(&Engine::open(dir).unwrap(), &SessionOptions::default()).unwrap()
+}
+
+/// The CPU form of a GPU engine's lowering of graph `f` in `dir` to `dtype` (each node reads
+/// the low values widened and rounds its output), written beside it; `rows`: with the
+/// GroupNorms rewritten as a cuda engine's lowered graphs have them (`GroupNormApply::OnRows`).
+fn cpu_form(dir: &std::path::Path, f: &str, dtype: v2l_graphs::DType, rows: bool) -> String {
+    use v2l_graphs::passes::{group_norm_row_stats, lower_precision, GroupNormApply, Lowering};
+    let mut src = dir.join(f);
+    let mut m = v2l_graphs::read_model(&src).unwrap();
+    if rows {
+        assert!(group_norm_row_stats(&mut m, GroupNormApply::OnRows) > 0);
+        src = dir.join(format!("rows_{f}"));
+        v2l_graphs::write_model(&src, &m).unwrap();
+    }
+    let name = format!("cpu_{dtype}_{}{f}", ["", "rows_"][rows as usize]);
+    let data = dir.join(format!("{name}.data"));
+    let how = Lowering {
+        dtype,
+        emulate: true,
+        low_caches: false,
+        low_gelu: false,
+        half_attention: false,
+        half_gelu: false,
+    };
+    let weights = v2l_graphs::passes::WeightFile::Write(&data);
+    lower_precision(&mut m, &src, weights, how).unwrap();
+    v2l_graphs::write_model(&dir.join(&name), &m).unwrap();
+    name
 }
 
 #[test]
@@ -273,7 +306,6 @@ fn caches_carried_in_session_memory_give_the_same_frames() {
 /// encodes its clip no further from diffusers' f32 VAE than diffusers' own bf16 VAE is.
 #[test]
 fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
-    use v2l_graphs::passes::{lower_precision, Lowering, WeightFile};
     use v2l_graphs::DType;
     use v2l_runtime::backend::{Backend, Precision};
     let dir = tempfile::tempdir().unwrap();
@@ -396,33 +428,7 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
         // The CPU form of the same lowering, from the engine's f32 graphs; `rows`: with the
         // GroupNorms rewritten as the cuda graphs have them (their applies over upsampled
         // maps on the normalized rows, in the low type).
-        let cpu_of = |f: &str, rows: bool| {
-            let mut src = engine.join(f);
-            let mut m = v2l_graphs::read_model(&src).unwrap();
-            if rows {
-                use v2l_graphs::passes::{group_norm_row_stats, GroupNormApply};
-                assert!(group_norm_row_stats(&mut m, GroupNormApply::OnRows) > 0);
-                src = engine.join(format!("rows_{f}"));
-                v2l_graphs::write_model(&src, &m).unwrap();
-            }
-            let name = format!(
-                "cpu_{}_{}{f}",
-                precision.name(),
-                ["", "rows_"][rows as usize]
-            );
-            let data = engine.join(format!("{name}.data"));
-            let how = Lowering {
-                dtype,
-                emulate: true,
-                low_caches: false,
-                low_gelu: false,
-                half_attention: false,
-                half_gelu: false,
-            };
-            lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
-            v2l_graphs::write_model(&engine.join(&name), &m).unwrap();
-            name
-        };
+        let cpu_of = |f: &str, rows: bool| cpu_form(&engine, f, dtype, rows);
         let cpu = |f: &str| cpu_of(f, false);
         let twins = v2l_contracts::bundle::VaeGraphs {
             encoder: cpu(&entry.encoder),
@@ -701,4 +707,54 @@ fn low_precision_caches_carry_in_their_declared_type() {
         }
     }
     assert_eq!(frames(&outs[1][0], 0, 2), Data::F32(vec![0.0; 16]));
+}
+
+/// The GroupNorm rewrites at CogVideoX's real VAE widths (128–512 channels, 32 groups; diffusers'
+/// random initialisation), from `V2L_REAL_VAE` as `tests/fixtures/gen/vae_real_width.py` writes
+/// it: the f32 rewrites, folded and on the rows, decode what the export does; the bf16 CPU
+/// forms of the lowered decoder, with the exported norms and with a cuda engine's, decode no
+/// further from diffusers' fp32 than diffusers' bf16 does.
+#[test]
+#[ignore = "needs V2L_REAL_VAE from tests/fixtures/gen/vae_real_width.py (torch, 860 MB)"]
+fn real_width_group_norm_rewrites() {
+    use v2l_graphs::passes::{group_norm_row_stats, GroupNormApply};
+    let Some(real) = std::env::var_os("V2L_REAL_VAE").map(std::path::PathBuf::from) else {
+        panic!("set V2L_REAL_VAE (tests/fixtures/gen/vae_real_width.py)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    let mut exported = export_vae(&real.join("vae"), &export);
+    let entry = Engine::open(&export).unwrap().manifest.vae.unwrap();
+    let io = v2l_runtime::read_safetensors(&real.join("io.safetensors")).unwrap();
+    let want = exported.decode(&io["latents"]).unwrap();
+    assert_close("export", &want, &io["decoded"], F32_REL_L2);
+    let load = |decoder: String| {
+        let graphs = v2l_contracts::bundle::VaeGraphs {
+            encoder: entry.encoder.clone(),
+            decoder,
+        };
+        Vae::load_graphs(&export, entry.clone(), &graphs, &SessionOptions::default()).unwrap()
+    };
+    for apply in [GroupNormApply::Folded, GroupNormApply::OnRows] {
+        let mut m = v2l_graphs::read_model(&export.join(&entry.decoder)).unwrap();
+        assert!(group_norm_row_stats(&mut m, apply) > 0);
+        let name = format!("{apply:?}_{}", entry.decoder);
+        v2l_graphs::write_model(&export.join(&name), &m).unwrap();
+        let got = load(name).decode(&io["latents"]).unwrap();
+        eprintln!("{apply:?} f32: {:.2e} from the export's", got.rel_l2(&want));
+        assert_close(&format!("{apply:?}"), &got, &want, 1e-5);
+    }
+    let limit = io["decoded_bf16"].rel_l2(&io["decoded"]);
+    for rows in [false, true] {
+        let name = cpu_form(&export, &entry.decoder, v2l_graphs::DType::BF16, rows);
+        let err = load(name)
+            .decode(&io["latents"])
+            .unwrap()
+            .rel_l2(&io["decoded"]);
+        eprintln!("bf16, rows {rows}: {err:.2e} from diffusers' fp32 (its bf16: {limit:.2e})");
+        assert!(
+            err > 1e-6 && err < limit,
+            "rows {rows}: {err:e} (bound {limit:e})"
+        );
+    }
 }
