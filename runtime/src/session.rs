@@ -790,11 +790,15 @@ fn gpu_placement(
 }
 
 /// Registers the process's shared arena for the sessions of `opts` (once); `false`, with a
-/// note, where ONNX Runtime refuses it: those sessions keep arenas of their own.
+/// note, where ONNX Runtime refuses it, and without one under `V2L_SHARED_ARENA=0` (to compare
+/// on a GPU): those sessions keep arenas of their own.
 fn share_arena(
     opts: &crate::backend::BackendOptions,
     this: &crate::backend::BackendOptions,
 ) -> bool {
+    if std::env::var("V2L_SHARED_ARENA").is_ok_and(|v| v == "0") {
+        return false;
+    }
     let device = (opts.backend != crate::backend::Backend::Cpu).then_some(opts.device_id);
     let extend = this.cuda.get("arena_extend_strategy").map(String::as_str);
     match arena::register(device, extend) {
