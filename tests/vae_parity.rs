@@ -318,14 +318,30 @@ fn gpu_engines_lower_the_vae_within_diffusers_bf16_distance() {
         (Precision::Bf16, DType::BF16, 22),
         (Precision::Fp16, DType::F16, 17),
     ] {
-        let engine = dir.path().join(format!("cuda-{}", precision.name()));
-        v2l_compile::compile(
-            &dir.path().join("export"),
-            &engine,
-            Backend::Cuda,
-            precision,
-        )
-        .unwrap();
+        // The default (the decoder's spatial norms applied on the normalized rows), and with
+        // `--folded-norms` (every norm applied folded, in f32).
+        let (engine, folded_engine) = (
+            dir.path().join(format!("cuda-{}", precision.name())),
+            dir.path().join(format!("cuda-{}-folded", precision.name())),
+        );
+        let folded = v2l_compile::Options {
+            folded_norms: true,
+            ..Default::default()
+        };
+        for (out, opts) in [(&engine, Default::default()), (&folded_engine, folded)] {
+            let export = dir.path().join("export");
+            v2l_compile::compile_with(&export, out, Backend::Cuda, precision, &opts).unwrap();
+        }
+        let d = Engine::open(&folded_engine).unwrap();
+        let folded = d.bundle.as_ref().unwrap().vae_lowered.clone().unwrap();
+        let g = v2l_graphs::read_model(&folded_engine.join(&folded.decoder)).unwrap();
+        let scaled = |g: &v2l_graphs::proto::GraphProto| {
+            g.node
+                .iter()
+                .filter(|n| n.op_type == "Mul" && n.input[1].contains("RowScaleUp"))
+                .count()
+        };
+        assert_eq!(scaled(g.graph.as_ref().unwrap()), 0);
         let e = Engine::open(&engine).unwrap();
         let bundle = e.bundle.as_ref().unwrap();
         let lowered = bundle.vae_lowered.clone().expect("vae_lowered");

@@ -1174,6 +1174,7 @@ mod tests {
                 assert!(v2l_runtime::vae::TilingMode::parse(v.vae_tiling).is_some());
                 assert!(v.compile_flags.iter().all(|f| [
                     "--exported-group-norm",
+                    "--folded-norms",
                     "--low-gelu",
                     "--bf16-attention",
                     "--f32-gelu"

@@ -209,6 +209,17 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 compile_flags: &["--exported-group-norm"],
                 warmup_runs: 0,
             });
+            // Below fp32, the decoder's spatial norms applied folded in f32 (where the default
+            // applies them on the normalized rows in the engine's type).
+            if precision != "fp32" {
+                out.push(Variant {
+                    name: "folded-norms",
+                    cuda_options: "",
+                    vae_tiling: "off",
+                    compile_flags: &["--folded-norms"],
+                    warmup_runs: 0,
+                });
+            }
         }
     }
     out

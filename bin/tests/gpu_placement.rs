@@ -419,6 +419,13 @@ fn exported_group_norm_keeps_the_exported_statistics() {
         "--exported-group-norm",
         &[("cpu", "bf16"), ("cpu", "fp32"), ("tensorrt", "fp32")],
     );
+    // The folded applies are a choice of the lowered cuda graphs only.
+    refused_on(
+        &export,
+        d.path(),
+        "--folded-norms",
+        &[("cpu", "bf16"), ("cuda", "fp32"), ("tensorrt", "bf16")],
+    );
 }
 
 /// A bf16 cuda engine's DiT GELUs run in fp16 (the exact cast of the feed-forward's bf16

@@ -131,6 +131,11 @@ pub struct Options<'a> {
     /// CUDA engines below fp32: keep the exported GroupNorm statistics in the lowered VAE
     /// instead of `passes::group_norm_row_stats` (to measure one against the other).
     pub exported_group_norm: bool,
+    /// CUDA engines below fp32: the lowered decoder's applies over upsampled spatial maps
+    /// folded in f32, as fp32 engines have them, instead of on the rows' normalized output in
+    /// the engine's type ([`v2l_graphs::passes::GroupNormApply`]; to measure one against the
+    /// other).
+    pub folded_norms: bool,
     /// CUDA engines below fp32: the DiT's GELUs in the engine's type
     /// ([`v2l_graphs::passes::Lowering::low_gelu`]; to measure against the f32 ones).
     pub low_gelu: bool,
@@ -238,6 +243,12 @@ pub fn compile_with(
             "at fp16 or bf16 have a GELU to lower",
             cuda_low,
         ),
+        (
+            opts.folded_norms,
+            "--folded-norms",
+            "at fp16 or bf16 lower their VAE's GroupNorms",
+            cuda_low,
+        ),
     ] {
         if on && !allowed {
             return Err(CompileError::Invalid {
@@ -258,6 +269,12 @@ pub fn compile_with(
             });
         }
     }
+    if opts.folded_norms && opts.exported_group_norm {
+        return Err(CompileError::Invalid {
+            what: "--folded-norms".into(),
+            message: "--exported-group-norm keeps the GroupNorms --folded-norms rewrites".into(),
+        });
+    }
     if opts.f32_gelu && opts.low_gelu {
         return Err(CompileError::Invalid {
             what: "--f32-gelu".into(),
@@ -265,6 +282,7 @@ pub fn compile_with(
         });
     }
     job.exported_group_norm = opts.exported_group_norm;
+    job.folded_norms = opts.folded_norms;
     job.low_gelu = opts.low_gelu;
     job.half_attention = backend == Backend::Cuda && !opts.bf16_attention;
     job.half_gelu = backend == Backend::Cuda && !opts.f32_gelu;
@@ -360,6 +378,8 @@ struct Job<'a> {
     unfused_rope: bool,
     /// Keep the exported GroupNorm statistics in a GPU engine's lowered VAE.
     exported_group_norm: bool,
+    /// The lowered decoder's spatial norms applied folded, in f32.
+    folded_norms: bool,
     /// The DiT's GELUs in the engine's type (CUDA engines below fp32).
     low_gelu: bool,
     /// The DiT's attention in fp16 (CUDA engines at bf16).
@@ -422,6 +442,7 @@ impl<'a> Job<'a> {
             cuda_options: Default::default(),
             unfused_rope: false,
             exported_group_norm: false,
+            folded_norms: false,
             low_gelu: false,
             half_attention: false,
             half_gelu: false,
@@ -619,7 +640,10 @@ impl<'a> Job<'a> {
                 true => 0,
                 false => v2l_graphs::passes::group_norm_row_stats(
                     &mut m,
-                    v2l_graphs::passes::GroupNormApply::OnRows,
+                    match self.folded_norms {
+                        true => v2l_graphs::passes::GroupNormApply::Folded,
+                        false => v2l_graphs::passes::GroupNormApply::OnRows,
+                    },
                 ),
             };
             let typed_src = match rewritten {

@@ -134,6 +134,12 @@ struct Cli {
     /// the shift; to measure one against the other
     #[arg(long)]
     exported_group_norm: bool,
+    /// cuda engines at fp16/bf16: apply the VAE decoder's spatial norms (above the latents'
+    /// size) folded in f32, as fp32 engines do (one rounding, 38 bytes an element), instead of
+    /// to LayerNormalization's normalized rows in the engine's type (three roundings, as
+    /// PyTorch's bf16 spatial norm; 18 bytes an element); to measure one against the other
+    #[arg(long)]
+    folded_norms: bool,
     /// cuda engines at fp16/bf16: the DiT's GELUs in the engine's type, on ONNX Runtime's
     /// fp16/bf16 FastGelu (which rounds after each step of its formula; torch rounds once),
     /// instead of in f32 between two casts; to measure its speed and distance against them
@@ -256,6 +262,7 @@ fn main() -> ExitCode {
                 cuda_options: &cli.cuda_options,
                 unfused_rope: cli.unfused_rope,
                 exported_group_norm: cli.exported_group_norm,
+                folded_norms: cli.folded_norms,
                 low_gelu: cli.low_gelu,
                 bf16_attention: cli.bf16_attention,
                 f32_gelu: cli.f32_gelu,
