@@ -35,7 +35,12 @@ fn export_vae(checkpoint: &std::path::Path, dir: &std::path::Path) -> Vae {
 /// The CPU form of a GPU engine's lowering of graph `f` in `dir` to `dtype` (each node reads
 /// the low values widened and rounds its output), written beside it; `rows`: with the
 /// GroupNorms rewritten as a cuda engine's lowered graphs have them (`GroupNormApply::OnRows`).
-fn cpu_form(dir: &std::path::Path, f: &str, dtype: v2l_graphs::DType, rows: bool) -> String {
+pub(crate) fn cpu_form(
+    dir: &std::path::Path,
+    f: &str,
+    dtype: v2l_graphs::DType,
+    rows: bool,
+) -> String {
     use v2l_graphs::passes::{group_norm_row_stats, lower_precision, GroupNormApply, Lowering};
     let mut src = dir.join(f);
     let mut m = v2l_graphs::read_model(&src).unwrap();

@@ -98,3 +98,65 @@ fn wan_vae_refuses_frame_counts_its_loop_cannot_take() {
         .to_string();
     assert!(err.contains("`video`") && err.contains("1 + 4"), "{err}");
 }
+
+/// A bf16 or fp16 GPU engine runs both of Wan's VAE graphs lowered (its encoder's time
+/// downsampling pads in its conv, so no `Pad` keeps it in f32). Their CPU form (each node reads
+/// the low values widened and rounds its output) encodes diffusers' clip and decodes its latents
+/// no further from diffusers' f32 VAE than diffusers' own bf16 VAE is
+/// (`fixtures/vae_bf16.json`).
+#[test]
+fn wan_vae_lowered_keeps_diffusers_bf16_distance() {
+    use v2l_graphs::DType;
+    let dir = tempfile::tempdir().unwrap();
+    export_wan_vae(dir.path());
+    let e = Engine::open(dir.path()).unwrap();
+    let entry = e.manifest.vae.clone().unwrap();
+    let encoder = v2l_graphs::read_model(&dir.path().join(&entry.encoder)).unwrap();
+    assert!(
+        encoder
+            .graph
+            .unwrap()
+            .node
+            .iter()
+            .all(|n| n.op_type != "Pad"),
+        "a Pad node has no bf16 CUDA kernel"
+    );
+    let bound: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("vae_bf16.json")).unwrap()).unwrap();
+    let bound = |what: &str| bound["wan-tiny"][what].as_f64().unwrap();
+    let io = read_safetensors(&fixtures().join("wan-tiny/vae_io.safetensors")).unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let cpu = |f: &str| crate::vae_parity::cpu_form(dir.path(), f, dtype, false);
+        let twins = v2l_contracts::bundle::VaeGraphs {
+            encoder: cpu(&entry.encoder),
+            decoder: cpu(&entry.decoder),
+        };
+        let mut vae = Vae::load_graphs(
+            dir.path(),
+            entry.clone(),
+            &twins,
+            &SessionOptions::default(),
+        )
+        .unwrap();
+        let (mean, _) = vae.encode(&io["video"]).unwrap();
+        let sample = vae.decode(&io["latents"]).unwrap();
+        for (what, got, want, limit) in [
+            (
+                "encode",
+                &mean,
+                &io["posterior_mean"],
+                bound("encode_posterior_mean"),
+            ),
+            ("decode", &sample, &io["sample"], bound("decode")),
+        ] {
+            let err = got.rel_l2(want);
+            eprintln!(
+                "wan {dtype} {what}: {err:.2e} from diffusers' f32 VAE (its bf16: {limit:.2e})"
+            );
+            assert!(
+                err > 1e-6 && err < limit,
+                "{dtype} {what}: {err:e} (bound {limit:e})"
+            );
+        }
+    }
+}

@@ -675,9 +675,9 @@ impl<'a> Job<'a> {
                 lower_precision(&mut m, &typed_src, WeightFile::Write(&tmp.join(&data)), how)
                     .map_err(pass_err)?;
             done_with(&typed_src)?;
-            // A node without a CUDA kernel at the new opset (Wan's temporal `Pad` has none at
-            // schema 21 in the provider's table) keeps this graph in f32 rather than split it
-            // between the GPU and the CPU.
+            // A node without a CUDA kernel in the low type at the new opset (none in today's
+            // exports; a `Pad`, say, has no bf16 kernel in the provider's table) keeps this
+            // graph in f32 rather than split it between the GPU and the CPU.
             if self.backend == Backend::Cuda {
                 use v2l_graphs::placement::{cuda_placement, KernelTable};
                 let placed = cuda_placement(&m, KernelTable::ort_cuda());

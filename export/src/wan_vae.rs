@@ -446,17 +446,18 @@ fn downsample(
     let first_i = w.first_i.clone();
     let (y, out) = g.scoped(tv.prefix(), |g| {
         let out = g.slice(&x, 2, -1, i64::MAX);
-        // Two filler frames keep the conv's input ≥ its kernel on the 1-frame first chunk;
-        // the outputs they touch are sliced off (a chunk of T frames yields ⌊T/2⌋).
+        // Two zero filler frames keep the conv's input ≥ its kernel on the 1-frame first
+        // chunk; the outputs they touch are sliced off (a chunk of T frames yields ⌊T/2⌋).
+        // They are the conv's own trailing pad, not a `Pad` node: ONNX Runtime's CUDA `Pad`
+        // has no bf16 kernel, which kept a bf16 GPU engine's whole encoder in f32.
         let joined = g.concat(&[&cache, &x], 2);
-        let pads = g.const_i64(&[0, 0, 0, 0, 0, 0, 0, 2, 0, 0]);
-        let padded = g.op("Pad", &[&joined, &pads], vec![]);
         let y = g.op(
             "Conv",
-            &[&padded, &tw, &tb],
+            &[&joined, &tw, &tb],
             vec![
                 ("kernel_shape", Attr::Ints(vec![3, 1, 1])),
                 ("strides", Attr::Ints(vec![2, 1, 1])),
+                ("pads", Attr::Ints(vec![0, 0, 0, 2, 0, 0])),
             ],
         );
         let t = g.shape_range(&x, 2, 3);
