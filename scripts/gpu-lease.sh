@@ -16,13 +16,14 @@
 # its minutes; a real-size case takes a minute or two (PyTorch's checkpoint and runs, v2l's
 # export, compile and runs). Each phase's JSON rows go to $OUT/<phase>.jsonl (printed as each
 # case ends, so a stopped phase keeps its finished ones), its stderr to $OUT/<phase>.log; a
-# line per row comes last. V2L_LEASE_ARGS adds arguments to every v2l-bench call (e.g.
+# line per row comes last. A phase killed by a signal runs again in its time left with
+# V2L_SHARED_ARENA=0 (each session's own arena), as do the phases after it. V2L_LEASE_ARGS adds arguments to every v2l-bench call (e.g.
 # `--provider cpu` to rehearse on a machine without a GPU).
 set -u
 phases=()
 for a in "$@"; do
   case $a in
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     effects|vae|dit|profile) phases+=("$a:3") ;;
     effects:*|vae:*|dit:*|profile:*)
       m=${a#*:}
@@ -49,22 +50,36 @@ for spec in "${phases[@]}"; do
     dit) args=(--only none --scale --scale-only "dit bf16 49x" --sweep --repeat 3) ;;
     profile) args=(--only none --scale --scale-only "vae-decode bf16" --profile --repeat 1) ;;
   esac
-  echo "gpu-lease: $p: bin/v2l-bench gpu ${args[*]} --json --budget-min $budget ${extra[*]:-}"
   start=$(date +%s)
-  if [ "$p" = profile ]; then
-    CUDA_LAUNCH_BLOCKING=1 timeout -k 10 "$share" bin/v2l-bench gpu "${args[@]}" --json --budget-min "$budget" "${extra[@]}" \
-      > "$out/$p.jsonl" 2> "$out/$p.log"
-  else
-    timeout -k 10 "$share" bin/v2l-bench gpu "${args[@]}" --json --budget-min "$budget" "${extra[@]}" \
-      > "$out/$p.jsonl" 2> "$out/$p.log"
-  fi
-  rc=$?
-  case $rc in
-    124|137) why=" (stopped at its ${share} s)" ;;
-    *) why="" ;;
-  esac
-  echo "gpu-lease: $p: exit $rc$why after $(( $(date +%s) - start )) s, $(grep -c '^{' "$out/$p.jsonl") rows"
-  [ "$rc" -eq 0 ] || tail -n 3 "$out/$p.log" | sed "s/^/gpu-lease: $p: /"
+  : > "$out/$p.jsonl"; : > "$out/$p.log"
+  # A crash (a signal, not the timeout's stop) with a minute and a half left runs the phase
+  # once more with each session's own arena (V2L_SHARED_ARENA=0): the shared device arena is
+  # the newest thing no GPU has run, and a crash in it would otherwise cost every phase.
+  for try in 1 2; do
+    left=$(( share - ($(date +%s) - start) ))
+    [ "$try" -eq 1 ] || budget=$(( left / 60 > 1 ? left / 60 - 1 : 1 ))
+    echo "gpu-lease: $p: bin/v2l-bench gpu ${args[*]} --json --budget-min $budget ${extra[*]:-}"
+    if [ "$p" = profile ]; then
+      CUDA_LAUNCH_BLOCKING=1 timeout -k 10 "$left" bin/v2l-bench gpu "${args[@]}" --json --budget-min "$budget" "${extra[@]}" \
+        >> "$out/$p.jsonl" 2>> "$out/$p.log"
+    else
+      timeout -k 10 "$left" bin/v2l-bench gpu "${args[@]}" --json --budget-min "$budget" "${extra[@]}" \
+        >> "$out/$p.jsonl" 2>> "$out/$p.log"
+    fi
+    rc=$?
+    case $rc in
+      124|137) why=" (stopped at its ${share} s)" ;;
+      12[89]|1[3-9][0-9]|2[0-5][0-9]) why=" (killed by signal $(( rc - 128 )))" ;;
+      *) why="" ;;
+    esac
+    echo "gpu-lease: $p: exit $rc$why after $(( $(date +%s) - start )) s, $(grep -c '^{' "$out/$p.jsonl") rows"
+    [ "$rc" -eq 0 ] || tail -n 3 "$out/$p.log" | sed "s/^/gpu-lease: $p: /"
+    case $rc in 124|137) break ;; esac
+    [ "$rc" -ge 128 ] && [ "$try" -eq 1 ] && [ "${V2L_SHARED_ARENA:-}" != 0 ] \
+      && [ $(( share - ($(date +%s) - start) )) -ge 90 ] || break
+    echo "gpu-lease: $p: again with V2L_SHARED_ARENA=0 (each session's own arena, this phase and later ones), rows appended"
+    export V2L_SHARED_ARENA=0
+  done
 done
 
 # The rows, one line each: what ran, v2l against its baseline, the distance, the kernel.
