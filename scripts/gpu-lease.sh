@@ -17,13 +17,13 @@
 # export, compile and runs). Each phase's JSON rows go to $OUT/<phase>.jsonl (printed as each
 # case ends, so a stopped phase keeps its finished ones), its stderr to $OUT/<phase>.log; a
 # line per row comes last. A phase killed by a signal runs again in its time left with
-# V2L_SHARED_ARENA=0 (each session's own arena), as do the phases after it. V2L_LEASE_ARGS adds arguments to every v2l-bench call (e.g.
-# `--provider cpu` to rehearse on a machine without a GPU).
+# V2L_SHARED_ARENA=0 (each session's own arena), as do the phases after it. V2L_LEASE_ARGS
+# adds arguments to every v2l-bench call (e.g. `--provider cpu` to rehearse without a GPU).
 set -u
 phases=()
 for a in "$@"; do
   case $a in
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     effects|vae|dit|profile) phases+=("$a:3") ;;
     effects:*|vae:*|dit:*|profile:*)
       m=${a#*:}
