@@ -368,15 +368,10 @@ impl Model {
         let device = (opts.backend.backend != crate::backend::Backend::Cpu)
             .then_some(opts.backend.device_id);
         let carry_alloc = match device {
-            Some(id) => Some(
-                ort::memory::MemoryInfo::new(
-                    ort::memory::AllocationDevice::CUDA,
-                    id,
-                    ort::memory::AllocatorType::Device,
-                    ort::memory::MemoryType::Default,
-                )
-                .and_then(|info| ort::memory::Allocator::new(&session, info))
-                .map_err(ort_err(format!("{ctx}: device allocator")))?,
+            Some(_) => Some(
+                arena::memory_info(device, ort::memory::AllocatorType::Device)
+                    .and_then(|info| ort::memory::Allocator::new(&session, info))
+                    .map_err(ort_err(format!("{ctx}: device allocator")))?,
             ),
             None if opts.carry_in_session_memory => Some(
                 ort::memory::Allocator::new(&session, ort::memory::MemoryInfo::default())

@@ -76,14 +76,9 @@ impl Bound {
     pub(super) fn new(session: &Session, device: Option<i32>) -> ort::Result<Bound> {
         let (alloc, alloc_session) = match device {
             None => (Allocator::default(), None),
-            Some(id) => {
+            Some(_) => {
                 let own = identity_session(TensorElementType::Float32, device)?;
-                let info = ort::memory::MemoryInfo::new(
-                    ort::memory::AllocationDevice::CUDA,
-                    id,
-                    ort::memory::AllocatorType::Device,
-                    ort::memory::MemoryType::Default,
-                )?;
+                let info = super::arena::memory_info(device, ort::memory::AllocatorType::Device)?;
                 (Allocator::new(&own, info)?, Some(own))
             }
         };
