@@ -8,10 +8,11 @@ use crate::common::tolerance::{
 use std::path::Path;
 use std::process::Command;
 
+use v2l_contracts::bundle::VariantGraph;
 use v2l_runtime::engine::Engine;
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::pipeline::{Pipeline, RequestLora, RequestParts};
-use v2l_runtime::{read_safetensors, SessionOptions, Tensor};
+use v2l_runtime::{read_safetensors, Model, SessionOptions, Tensor};
 
 use crate::common;
 use common::CheckOn;
@@ -371,10 +372,90 @@ fn v2l_run_generates_reproducibly_and_refuses_bad_input() {
 /// Y: the PEFT fixture LoRA).
 #[test]
 fn lora_strategies_agree_and_switching_is_exact() {
+    let d = tempfile::tempdir().unwrap();
+    strategies_agree_and_switch_exactly(&engine(d.path()));
+}
+
+/// A cuda engine's `bound` makes its targeted weights on the device (`lora_merge.onnx`, one
+/// GEMM a weight into the buffers the DiT reads by reference), and agrees with the other
+/// strategies as a CPU engine's host fuse does: an fp32 cuda engine on the CPU provider, where
+/// its session memory stands in for the device's. A switch rewrites the buffers in place.
+#[test]
+fn cuda_engines_merge_a_lora_on_the_device() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine_with(d.path(), &["--backend", "cuda"]);
+    let bundle = Engine::open(&eng).unwrap().bundle.unwrap();
+    let merge = bundle.dit_variants.file(VariantGraph::LoraMerge, false);
+    assert_eq!(merge, Some("lora_merge.onnx"));
+    strategies_agree_and_switch_exactly(&eng);
+
+    // The merge graph's outputs go into the buffers handed to it: the same memory each switch.
+    let opts = SessionOptions::default();
+    let mut merge = Model::load_for_handoff(&eng.join("lora_merge.onnx"), &opts).unwrap();
+    let factors: std::collections::BTreeMap<String, Tensor> = bundle
+        .lora_targets
+        .iter()
+        .flat_map(|t| {
+            let name = t.initializer.strip_suffix(".weight").unwrap();
+            let [out, inp] = [t.shape[0], t.shape[1]];
+            [
+                (format!("{name}.lora_A"), Tensor::zeros(vec![1, inp])),
+                (format!("{name}.lora_B"), Tensor::zeros(vec![out, 1])),
+            ]
+        })
+        .collect();
+    let first = merge.run_on_device(&factors, Default::default()).unwrap();
+    assert_eq!(first.len(), bundle.lora_targets.len());
+    let name = bundle.lora_targets[0].initializer.clone();
+    let at = first.data_ptr(&name).unwrap();
+    let again = merge.run_on_device(&factors, first).unwrap();
+    assert_eq!(
+        again.data_ptr(&name),
+        Some(at),
+        "{name} was not written in place"
+    );
+
+    // Cut for step caching, the DiT's three sessions take the merged weights again: every
+    // block run (threshold 0) gives the uncut DiT's latents with the LoRA.
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let mut p = load(&eng, Strategy::Bound);
+    let x = reference_lora(&mut p, &io);
+    p.set_lora(Some(&x)).unwrap();
+    let req = two_step_request(&io);
+    let mut last = |p: &mut Pipeline, req: &RequestParts| {
+        let g = p.generate(&req.on(p), &mut |_, _| true).unwrap();
+        assert_eq!(g.cache_skips(), 0);
+        assert_eq!(g.cache_calls.is_empty(), req.cache.is_none());
+        g.latents_steps.last().unwrap().clone()
+    };
+    let whole = last(&mut p, &req);
+    let cached = RequestParts {
+        cache: Some(v2l_runtime::step_cache::StepCache::FirstBlock { threshold: 0.0 }),
+        ..req.clone()
+    };
+    let err = last(&mut p, &cached).rel_l2(&whole);
+    eprintln!("cut DiT with the merged LoRA vs whole: latents relative L2 {err:.3e}");
+    assert!(err <= SAME_F32_REL_L2, "{err:e}");
+
+    // Bound runs (CUDA graphs) copy the merged weights into their own buffers when changed.
+    let opts = SessionOptions {
+        bound_runs: true,
+        ..Default::default()
+    };
+    let mut p =
+        Pipeline::load_with_strategy(Engine::open(&eng).unwrap(), &opts, Strategy::Bound).unwrap();
+    let base = last(&mut p, &req);
+    p.set_lora(Some(&x)).unwrap();
+    assert!(last(&mut p, &req) == whole, "bound runs: X");
+    p.set_lora(None).unwrap();
+    assert!(last(&mut p, &req) == base, "bound runs: back to the base");
+    assert!(base.rel_l2(&whole) > EFFECT_REL_L2);
+}
+
+fn strategies_agree_and_switch_exactly(eng: &Path) {
     use v2l_runtime::lora::format;
     use v2l_runtime::lora::AppliedLora;
-    let d = tempfile::tempdir().unwrap();
-    let eng = engine(d.path());
+    let eng = eng.to_path_buf();
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
     let req = two_step_request(&io);
     let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");

@@ -93,15 +93,27 @@ fn a_crashed_phase_runs_again_without_the_shared_arena() {
     };
     let o = run(false);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("effects: exit 139 (killed by signal 11)"), "{out}");
-    assert!(out.contains("effects: again with V2L_SHARED_ARENA=0"), "{out}");
+    assert!(
+        out.contains("effects: exit 139 (killed by signal 11)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("effects: again with V2L_SHARED_ARENA=0"),
+        "{out}"
+    );
     assert!(out.contains("== effects: 1 rows"), "{out}");
     assert!(out.contains("== vae: 1 rows"), "{out}");
     assert!(!out.contains("vae: again"), "{out}");
     let log = std::fs::read_to_string(d.path().join("out/vae.log")).unwrap();
-    assert!(log.contains("arena=0") && !log.contains("arena=shared"), "{log}");
+    assert!(
+        log.contains("arena=0") && !log.contains("arena=shared"),
+        "{log}"
+    );
     let log = std::fs::read_to_string(d.path().join("out/effects.log")).unwrap();
-    assert!(log.contains("arena=shared") && log.contains("arena=0"), "{log}");
+    assert!(
+        log.contains("arena=shared") && log.contains("arena=0"),
+        "{log}"
+    );
     let o = run(true);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("effects: exit 1 after"), "{out}");

@@ -973,8 +973,9 @@ impl<'a> Job<'a> {
     }
 
     /// Step 5c: the graphs of the LoRA strategies that keep one session: `bound` (targeted
-    /// weights as inputs; f32 engines only) and `unfused` (a low-rank branch per target, over
-    /// the precision's weights).
+    /// weights as inputs: f32 engines, and cuda engines at fp16/bf16, whose weights are made on
+    /// the device by `lora_merge.onnx`) and `unfused` (a low-rank branch per target, over the
+    /// precision's weights).
     fn lora_variants(
         &self,
         d: &DitEntry,
@@ -994,8 +995,23 @@ impl<'a> Job<'a> {
             (Strategy::Unfused, "dit_unfused.onnx"),
         ] {
             let mut model = base.clone();
+            let on_device = self.backend == Backend::Cuda;
             match (strategy, low) {
-                // `bound` feeds f32 weights by reference; a low-precision engine has none.
+                // A cuda engine merges a LoRA into its weights on the device, in their type.
+                (Strategy::Bound, None | Some(LowWeights::Float(..))) if on_device => {
+                    if let Some(low) = low {
+                        low.reuse(&mut model, src).map_err(pass_err)?;
+                    }
+                    let merge = v2l_graphs::passes::lora_merge_graph(&mut model, &names)
+                        .map_err(pass_err)?;
+                    let file = "lora_merge.onnx";
+                    write_graph(&tmp.join(file), &merge)?;
+                    out.files.push(file.to_string());
+                    out.variants
+                        .insert(DitVariant::of(VariantGraph::LoraMerge), file);
+                }
+                // Elsewhere `bound` feeds f32 weights from the host by reference; a
+                // low-precision engine has none.
                 (Strategy::Bound, Some(_)) => continue,
                 (Strategy::Bound, None) => {
                     v2l_graphs::passes::bind_weights_as_inputs(&mut model, &names)

@@ -563,6 +563,9 @@ pub enum VariantGraph {
     /// The graph a LoRA strategy runs: `bound` (targeted weights are inputs) or `unfused` (a
     /// low-rank branch per targeted layer).
     Strategy(Strategy),
+    /// A GPU engine's `bound` weights made on its device: each targeted weight plus a LoRA's
+    /// low-rank product, `W + B·A`, from factors given as inputs (`lora_merge.onnx`).
+    LoraMerge,
 }
 
 /// One variant: its graph, on v2l's attention operator or (`ort_twin`) on ONNX Runtime's.
@@ -594,6 +597,7 @@ impl fmt::Display for DitVariant {
         let name = match self.graph {
             VariantGraph::Precision(p) => p.name(),
             VariantGraph::Strategy(s) => s.name(),
+            VariantGraph::LoraMerge => "lora_merge",
         };
         match self.ort_twin {
             true => write!(f, "{name}.ort"),
@@ -613,13 +617,14 @@ impl FromStr for DitVariant {
         let graph = match name {
             "bound" => VariantGraph::Strategy(Strategy::Bound),
             "unfused" => VariantGraph::Strategy(Strategy::Unfused),
+            "lora_merge" => VariantGraph::LoraMerge,
             "fp16" => VariantGraph::Precision(Precision::Fp16),
             "bf16" => VariantGraph::Precision(Precision::Bf16),
             "int8" => VariantGraph::Precision(Precision::Int8),
             "int4" => VariantGraph::Precision(Precision::Int4),
             _ => {
                 return Err(format!(
-                    "unknown DiT variant `{s}`: expected a precision below fp32 (fp16, bf16, int8, int4) or a strategy (bound, unfused), optionally with `.ort`"
+                    "unknown DiT variant `{s}`: expected a precision below fp32 (fp16, bf16, int8, int4) a strategy (bound, unfused) or lora_merge, optionally with `.ort`"
                 ))
             }
         };

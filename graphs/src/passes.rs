@@ -42,4 +42,4 @@ pub use rope::fuse_rope;
 pub use schedule::carried_outputs_first;
 
 pub use edit::{PassError, MS_DOMAIN, V2L_DOMAIN};
-pub use lora::{add_lora_branches, bind_weights_as_inputs, lora_input_names};
+pub use lora::{add_lora_branches, bind_weights_as_inputs, lora_input_names, lora_merge_graph};

@@ -11,9 +11,11 @@ use crate::tensor::{Data, Tensor};
 
 mod arena;
 mod bound;
+mod handoff;
 mod inputs;
 mod pager;
 mod values;
+pub use handoff::DeviceValues;
 pub use inputs::Carry;
 pub use pager::release_freed_memory;
 use values::{from_ort, into_ort, ort_element_type, ort_err, view};
@@ -135,18 +137,7 @@ impl Model {
         opts: &SessionOptions,
         weights: Vec<(String, Tensor)>,
     ) -> Result<Model> {
-        // ONNX Runtime opens the graph itself: a FIFO or a device in its place would block or
-        // stream forever, so what it is gets checked first (a compiled engine's parts are
-        // also hashed through the same opener).
-        v2l_contracts::input::open_regular(path).map_err(|source| RuntimeError::Io {
-            path: path.into(),
-            source: match source.kind() {
-                std::io::ErrorKind::NotFound => {
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file")
-                }
-                _ => source,
-            },
-        })?;
+        check_model_file(path)?;
         Self::build(GraphSource::File(path), opts, weights, true)
     }
 
@@ -804,6 +795,23 @@ fn share_arena(
             false
         }
     }
+}
+
+/// ONNX Runtime opens the graph itself: a FIFO or a device in its place would block or stream
+/// forever, so what it is gets checked first (a compiled engine's parts are also hashed through
+/// the same opener).
+fn check_model_file(path: &Path) -> Result<()> {
+    v2l_contracts::input::open_regular(path)
+        .map(drop)
+        .map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source: match source.kind() {
+                std::io::ErrorKind::NotFound => {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file")
+                }
+                _ => source,
+            },
+        })
 }
 
 /// Where a session's graph comes from.

@@ -21,7 +21,7 @@ use v2l_contracts::io::dit::{cache as keys, SAMPLE};
 
 use crate::error::{Result, RuntimeError};
 mod parts;
-use crate::session::{Model, SessionOptions};
+use crate::session::{DeviceValues, Model, SessionOptions};
 use crate::tensor::Tensor;
 pub use parts::SplitModel;
 
@@ -117,6 +117,27 @@ impl DitModel {
         match self {
             DitModel::Whole(m) => m.set_fixed_inputs(inputs),
             DitModel::Cut(c) => c.parts.set_fixed_inputs(inputs),
+            DitModel::Released => Err(released()),
+        }
+    }
+
+    /// [`Model::take_fixed`].
+    pub fn take_fixed(&mut self, names: &[String]) -> DeviceValues {
+        match self {
+            DitModel::Whole(m) => m.take_fixed(names.iter().map(String::as_str)),
+            DitModel::Cut(c) => c.parts.take_fixed(names),
+            DitModel::Released => DeviceValues::default(),
+        }
+    }
+
+    /// [`Model::set_fixed_values`].
+    pub fn set_fixed_values(&mut self, values: DeviceValues) -> Result<()> {
+        match self {
+            DitModel::Whole(m) => {
+                m.set_fixed_values(values);
+                Ok(())
+            }
+            DitModel::Cut(c) => c.parts.set_fixed_values(values),
             DitModel::Released => Err(released()),
         }
     }

@@ -33,6 +33,63 @@ pub fn bind_weights_as_inputs(model: &mut ModelProto, names: &[String]) -> Resul
     Ok(())
 }
 
+/// Splits the targeted weights `names` out of `model` for a GPU engine's `bound` strategy, which
+/// makes them on the device: they become required inputs of `model` (as
+/// [`bind_weights_as_inputs`]) and the returned graph computes each one from its initializer
+/// (renamed `<name>.base`, its data where it was) and a LoRA's factors,
+/// `<name> = <module>.lora_B · <module>.lora_A + <name>.base`, one `Gemm` per weight in the
+/// weight's own type (`A [rank, in]`, `B [out, rank]`, the LoRA's scale folded into B). A GPU
+/// GEMM sums in f32 and rounds each merged weight once, as a fuse on the host does.
+pub fn lora_merge_graph(model: &mut ModelProto, names: &[String]) -> Result<ModelProto, PassError> {
+    let graph = model.graph.get_or_insert_with(Default::default);
+    let mut merge = proto::GraphProto {
+        name: "lora_merge".into(),
+        ..Default::default()
+    };
+    for (k, name) in names.iter().enumerate() {
+        let mut base = graph
+            .initializer
+            .iter()
+            .find(|t| &t.name == name)
+            .cloned()
+            .ok_or_else(|| PassError::MissingInitializer(name.clone()))?;
+        let [out, inp] = base.dims[..] else {
+            return Err(PassError::Unsupported(format!(
+                "`{name}` has shape {:?}; a LoRA merges into a 2-D weight",
+                base.dims
+            )));
+        };
+        let dtype = DType::from_onnx_code(base.data_type).unwrap_or(DType::F32);
+        let [a, b, _] = lora_input_names(name);
+        let rank = || Err(format!("rank_{k}"));
+        merge.input.push(io(&a, dtype, vec![rank(), Ok(inp)]));
+        merge.input.push(io(&b, dtype, vec![Ok(out), rank()]));
+        merge.output.push(io(name, dtype, vec![Ok(out), Ok(inp)]));
+        base.name = format!("{name}.base");
+        merge.node.push(proto::NodeProto {
+            input: vec![b, a, base.name.clone()],
+            output: vec![name.clone()],
+            name: format!("{name}/merge"),
+            op_type: "Gemm".into(),
+            ..Default::default()
+        });
+        merge.initializer.push(base);
+    }
+    bind_weights_as_inputs(model, names)?;
+    Ok(ModelProto {
+        ir_version: model.ir_version,
+        producer_name: model.producer_name.clone(),
+        opset_import: model
+            .opset_import
+            .iter()
+            .filter(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .cloned()
+            .collect(),
+        graph: Some(merge),
+        ..Default::default()
+    })
+}
+
 /// The name of a branch's scale node ends in this: the one node of a branch a lowering to
 /// bf16/fp16 keeps in f32 (`passes/precision.rs`).
 pub const LORA_SCALE_NODE: &str = "/lora_scaled";

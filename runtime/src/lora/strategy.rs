@@ -33,7 +33,8 @@ pub use v2l_contracts::bundle::Strategy;
 pub struct DitRunner {
     pub strategy: Strategy,
     model: DitModel,
-    /// `fused`: the LoRA fused into the session's weights now (to build it again, cut).
+    /// `fused`, and `bound` on a GPU: the LoRA in the session's weights now (to build them
+    /// again, cut).
     fused: Option<AppliedLora>,
     opts: SessionOptions,
     targets: Vec<LinearInfo>,
@@ -47,6 +48,100 @@ pub struct DitRunner {
     /// `unfused` on an fp16 engine: the largest factor its branches take (fp16's largest
     /// finite value; they compute in fp16, as PEFT's on an fp16 model).
     factor_limit: Option<f32>,
+    /// `bound` on a GPU engine: the session that makes the targeted weights on the device
+    /// (`lora_merge.onnx`). Declared after `model`, whose inputs it allocated: dropped after.
+    merge: Option<DeviceMerge>,
+}
+
+/// `bound` on a GPU engine: each targeted weight made on the device as `W + s·B·A` by one GEMM
+/// from the base (held by this session) and a LoRA's factors, written into the buffers the DiT
+/// reads by reference. A switch moves the factors (a few MB) up and rewrites the weights in
+/// place; a step runs the bare DiT, with no low-rank branch.
+struct DeviceMerge {
+    model: Model,
+    /// The weights' element type, which the factors are given in.
+    dtype: v2l_graphs::DType,
+}
+
+impl DeviceMerge {
+    fn load(engine: &Engine, opts: &SessionOptions) -> Result<Option<DeviceMerge>> {
+        let graph = v2l_contracts::bundle::VariantGraph::LoraMerge;
+        let Some(file) = engine.dit_variant(graph) else {
+            return Ok(None);
+        };
+        use crate::backend::Precision;
+        let dtype = match engine.precision() {
+            Precision::Fp32 => v2l_graphs::DType::F32,
+            Precision::Bf16 => v2l_graphs::DType::BF16,
+            Precision::Fp16 => v2l_graphs::DType::F16,
+            p => {
+                return Err(RuntimeError::Engine {
+                    dir: engine.dir.clone(),
+                    message: format!("a {} engine has no LoRA merge graph", p.name()),
+                })
+            }
+        };
+        let model = Model::load_for_handoff(&engine.dir.join(file), opts)?;
+        Ok(Some(DeviceMerge { model, dtype }))
+    }
+
+    /// Makes `dit`'s targeted weights with `lora` merged (the base where it is `None` or has
+    /// no layer: zero factors add exact zeros), in the buffers `dit` held. Everything a switch
+    /// can refuse is checked before any buffer is touched.
+    fn merge_into(
+        &mut self,
+        dit: &mut DitModel,
+        targets: &[LinearInfo],
+        lora: Option<&AppliedLora>,
+        limit: Option<f32>,
+    ) -> Result<()> {
+        let plan = plan_factors(targets, &[lora], None, limit)?;
+        let mut inputs = BTreeMap::new();
+        for (t, f) in targets.iter().zip(&plan) {
+            let [a, b, _] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+            let [sa, sb, _] = f.shapes(t);
+            let (mut fa, mut fb, mut scale) = (
+                vec![0f32; sa.iter().product()],
+                vec![0f32; sb.iter().product()],
+                [0f32],
+            );
+            f.fill(t, 0, &mut fa);
+            f.fill(t, 1, &mut fb);
+            f.fill(t, 2, &mut scale);
+            fb.iter_mut().for_each(|v| *v *= scale[0]);
+            if let Some(v) = limit.and_then(|l| fb.iter().find(|v| v.abs() > l)) {
+                return Err(RuntimeError::LoraLayer {
+                    layer: t.name.clone(),
+                    message: format!(
+                        "a factor scaled to {v} is beyond this fp16 engine's range (±{}): use a bf16 or fp32 engine",
+                        limit.unwrap_or_default()
+                    ),
+                });
+            }
+            // One slot: `[1, rank, in]` and `[1, out, rank]` are the graph's `[rank, in]`
+            // and `[out, rank]`.
+            inputs.insert(a, typed(sa[1..].to_vec(), fa, self.dtype));
+            inputs.insert(b, typed(sb[1..].to_vec(), fb, self.dtype));
+        }
+        let names: Vec<String> = targets
+            .iter()
+            .map(|t| format!("{}.weight", t.name))
+            .collect();
+        let reuse = dit.take_fixed(&names);
+        let merged = self.model.run_on_device(&inputs, reuse)?;
+        dit.set_fixed_values(merged)
+    }
+}
+
+/// `v` as a host tensor of `dtype` (f32, bf16 or f16), rounded to nearest.
+fn typed(shape: Vec<usize>, v: Vec<f32>, dtype: v2l_graphs::DType) -> Tensor {
+    use crate::tensor::Data;
+    let data = match dtype {
+        v2l_graphs::DType::BF16 => Data::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        v2l_graphs::DType::F16 => Data::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        _ => Data::F32(v),
+    };
+    Tensor { shape, data }
 }
 
 fn variant(engine: &Engine, strategy: Strategy) -> Result<PathBuf> {
@@ -218,7 +313,12 @@ impl DitRunner {
     pub fn load(engine: &Engine, opts: &SessionOptions, strategy: Strategy) -> Result<DitRunner> {
         let targets = engine.dit_targets()?.to_vec();
         let mut weights = None;
+        let merge = match strategy {
+            Strategy::Bound => DeviceMerge::load(engine, opts)?,
+            _ => None,
+        };
         match strategy {
+            Strategy::Bound if merge.is_some() => {}
             Strategy::Bound if engine.precision() != crate::backend::Precision::Fp32 => {
                 return Err(RuntimeError::Engine {
                     dir: engine.dir.clone(),
@@ -248,6 +348,12 @@ impl DitRunner {
             let pad = engine.bundle.as_ref().and_then(|b| b.max_rank);
             write_factors(&mut model, &targets, &[None], (pad, None))?;
         }
+        let factor_limit = (engine.precision() == crate::backend::Precision::Fp16)
+            .then(|| half::f16::MAX.to_f32());
+        let mut merge = merge;
+        if let Some(m) = &mut merge {
+            m.merge_into(&mut model, &targets, None, factor_limit)?;
+        }
         Ok(DitRunner {
             strategy,
             model,
@@ -258,8 +364,8 @@ impl DitRunner {
             samples: vec![None],
             laid_out: 1,
             max_rank: engine.bundle.as_ref().and_then(|b| b.max_rank),
-            factor_limit: (engine.precision() == crate::backend::Precision::Fp16)
-                .then(|| half::f16::MAX.to_f32()),
+            factor_limit,
+            merge,
         })
     }
 
@@ -270,6 +376,12 @@ impl DitRunner {
             Strategy::Fused => {
                 let cut = self.model.is_cut();
                 self.model = dit_load(engine, &self.opts, Strategy::Fused, lora)?.load(cut)?;
+                self.fused = lora.cloned();
+            }
+            Strategy::Bound if self.merge.is_some() => {
+                if let Some(m) = &mut self.merge {
+                    m.merge_into(&mut self.model, &self.targets, lora, self.factor_limit)?;
+                }
                 self.fused = lora.cloned();
             }
             Strategy::Bound => {
@@ -362,6 +474,14 @@ impl DitRunner {
         if self.strategy == Strategy::Unfused {
             let samples = self.samples.clone();
             self.lay_out(&samples, self.laid_out)?;
+        }
+        if let Some(m) = &mut self.merge {
+            m.merge_into(
+                &mut self.model,
+                &self.targets,
+                self.fused.as_ref(),
+                self.factor_limit,
+            )?;
         }
         failure.map_or(Ok(()), Err)
     }
@@ -556,7 +676,11 @@ fn dit_load(
         },
         (Strategy::Bound, _) => DitLoad {
             path: variant(engine, Strategy::Bound)?,
-            opts: opts.clone(),
+            // A GPU engine's `bound` graph is its precision's graph, weights aside.
+            opts: match engine.dit_variant(v2l_contracts::bundle::VariantGraph::LoraMerge) {
+                Some(_) => engine.dit_options(opts),
+                None => opts.clone(),
+            },
             weights: Vec::new(),
         },
         (Strategy::Unfused, _) => DitLoad {

@@ -100,6 +100,30 @@ impl SplitModel {
         Ok(())
     }
 
+    /// [`Model::take_fixed`] from every part.
+    pub fn take_fixed(&mut self, names: &[String]) -> crate::session::DeviceValues {
+        let mut all = crate::session::DeviceValues::default();
+        for p in &mut self.parts {
+            all.extend(p.model.take_fixed(names.iter().map(String::as_str)));
+        }
+        all
+    }
+
+    /// [`Model::set_fixed_values`], each value to the part that takes it (a value on the device
+    /// is not copied, so two parts cannot take one).
+    pub fn set_fixed_values(&mut self, mut values: crate::session::DeviceValues) -> Result<()> {
+        for p in &mut self.parts {
+            p.model.set_fixed_values(values.split_off(&p.takes));
+        }
+        match values.names().next() {
+            None => Ok(()),
+            Some(name) => Err(RuntimeError::Internal {
+                what: "split model".into(),
+                message: format!("no part takes `{name}`, or another part took it"),
+            }),
+        }
+    }
+
     /// [`Model::fixed_f32_mut`] when exactly one part takes `name`.
     pub fn fixed_f32_mut(&mut self, name: &str, shape: &[usize]) -> Option<&mut [f32]> {
         let mut takers = self.parts.iter_mut().filter(|p| p.takes.contains(name));
