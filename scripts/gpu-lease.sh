@@ -123,6 +123,7 @@ for p in phases:
             graph = " ".join(f'{s["stage"]} {f(s.get("engine_ms"), ".1f")}' for s in r.get("graph_stages", []))
             line = (f'{what:40} rel {f(r.get("frames_rel_l2"), ".1e")} ok {r.get("within_bound")} '
                     f'step {f(r.get("dit_step_ms"), ".1f")} ms switch {f(r.get("switch_unfused_ms"), ".1f")} ms '
+                    f'merged: switch {f(r.get("switch_bound_ms"), ".1f")} step {f(r.get("bound_step_ms"), ".1f")} ms '
                     f'stages (gpu/cpu ms) {stages}')
             if graph:
                 line += f' | cuda graphs: step {f(r.get("graph_dit_step_ms"), ".1f")} {graph}'

@@ -109,7 +109,7 @@ fn a_wan_lora_fuses_to_diffusers_output_under_every_naming() {
             v2l_tools::stage::Stage::Dit,
             inputs,
             &opts,
-            lora,
+            lora.map(|l| (l, None)),
             Default::default(),
             1,
         )

@@ -448,6 +448,12 @@ struct Figures {
     switch_unfused_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     switch_fused_ms: Option<f64>,
+    /// `bound` on a cuda engine: the LoRA merged into the DiT's weights on the device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    switch_bound_ms: Option<f64>,
+    /// A DiT step of that engine with the LoRA merged (the bare DiT's work).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bound_step_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     batched_step_ms: Option<f64>,
     /// The stages beside the DiT, warm medians on this engine and on the CPU fp32 engine in the
@@ -533,7 +539,7 @@ fn print_row(f: &Figures, json: bool) {
         _ => "OUTSIDE BOUND".into(),
     };
     println!(
-        "{:<24} {:<9} {:<5} {:>9} {:>9} {:>11} {:>10} {:>10}  {status}",
+        "{:<24} {:<9} {:<5} {:>9} {:>9} {:>11} {:>10} {:>10} {:>9}  {status}",
         f.model,
         f.backend,
         f.precision,
@@ -544,6 +550,7 @@ fn print_row(f: &Figures, json: bool) {
         cell(f.switch_unfused_ms, 2),
         cell(f.switch_fused_ms, 1),
         cell(f.batched_step_ms, 1),
+        cell(f.switch_bound_ms, 2),
     );
     // `stage engine / cpu, …`
     let cells = |stages: &[StageFigure]| {
@@ -608,8 +615,16 @@ fn run_cases(
         .map_err(|e| Failure::new(format!("{}: {e}", b.dir.display())))?;
     if !b.json {
         println!(
-            "{:<24} {:<9} {:<5} {:>9} {:>9} {:>11} {:>10} {:>10}  status",
-            "model", "backend", "prec", "rel L2", "step ms", "unfused ms", "fused ms", "batch4 ms"
+            "{:<24} {:<9} {:<5} {:>9} {:>9} {:>11} {:>10} {:>10} {:>9}  status",
+            "model",
+            "backend",
+            "prec",
+            "rel L2",
+            "step ms",
+            "unfused ms",
+            "fused ms",
+            "batch4 ms",
+            "bound ms"
         );
     }
     let (mut failed, mut not_started) = (0, 0);
@@ -813,6 +828,19 @@ fn run_case(
     drop(gpu_p);
     let mut fused = open(&gpu, Some(Strategy::Fused))?;
     f.switch_fused_ms = Some(switch(&mut fused)?);
+    drop(fused);
+    // A cuda engine's `bound`: the switch merges on the device; a step runs the bare DiT.
+    let merges = Engine::open(&gpu)
+        .map_err(Failure::from)?
+        .dit_variant(v2l_contracts::bundle::VariantGraph::LoraMerge)
+        .is_some();
+    if merges {
+        let mut bound = open(&gpu, Some(Strategy::Bound))?;
+        f.switch_bound_ms = Some(switch(&mut bound)?);
+        let (r, ms) = crate::pipeline::time(|| bound.generate(&req, &mut |_, _| true));
+        r.map_err(Failure::from)?;
+        f.bound_step_ms = Some(ms / req.steps as f64);
+    }
     Ok(())
 }
 

@@ -78,6 +78,8 @@ pub struct Variant {
     /// Runs before the timed ones, left out of the median: a CUDA graph's first run of a set
     /// of shapes is plain and its second captures (ONNX Runtime runs it once more inside).
     pub warmup_runs: usize,
+    /// More `v2l-run stage` flags.
+    pub stage_flags: &'static [&'static str],
 }
 
 const DEFAULT: Variant = Variant {
@@ -86,6 +88,7 @@ const DEFAULT: Variant = Variant {
     vae_tiling: "off",
     compile_flags: &[],
     warmup_runs: 0,
+    stage_flags: &[],
 };
 
 /// Each session's runs captured as CUDA graphs and replayed, through bound buffers.
@@ -95,6 +98,19 @@ const CUDA_GRAPH: Variant = Variant {
     vae_tiling: "off",
     compile_flags: &[],
     warmup_runs: 2,
+    stage_flags: &[],
+};
+
+/// A LoRA case's second row, run with its default whatever `--sweep` says: the LoRA merged
+/// into the DiT's weights on the GPU (`bound` on a cuda engine), so each call runs the bare
+/// DiT, where the default (`unfused`) adds a low-rank branch per layer.
+const LORA_MERGED: Variant = Variant {
+    name: "lora-merged",
+    cuda_options: "",
+    vae_tiling: "off",
+    compile_flags: &[],
+    warmup_runs: 0,
+    stage_flags: &["--lora-strategy", "bound"],
 };
 
 /// What `--sweep` tries beside the default, per stage and precision. For the DiT, the attention
@@ -131,6 +147,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     vae_tiling: "off",
                     compile_flags: &[],
                     warmup_runs: 0,
+                    stage_flags: &[],
                 });
             }
             out.push(CUDA_GRAPH);
@@ -144,6 +161,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     vae_tiling: "off",
                     compile_flags: &["--low-gelu"],
                     warmup_runs: 0,
+                    stage_flags: &[],
                 });
             }
             if precision == "bf16" {
@@ -153,6 +171,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     vae_tiling: "off",
                     compile_flags: &["--bf16-attention"],
                     warmup_runs: 0,
+                    stage_flags: &[],
                 });
                 out.push(Variant {
                     name: "f32-gelu",
@@ -160,6 +179,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     vae_tiling: "off",
                     compile_flags: &["--f32-gelu"],
                     warmup_runs: 0,
+                    stage_flags: &[],
                 });
             }
         }
@@ -171,6 +191,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 vae_tiling: "off",
                 compile_flags: &[],
                 warmup_runs: 0,
+                stage_flags: &[],
             });
             out.push(Variant {
                 name: "conv-heuristic",
@@ -178,6 +199,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 vae_tiling: "off",
                 compile_flags: &[],
                 warmup_runs: 0,
+                stage_flags: &[],
             });
             out.push(Variant {
                 name: "conv-small-workspace",
@@ -185,6 +207,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 vae_tiling: "off",
                 compile_flags: &[],
                 warmup_runs: 0,
+                stage_flags: &[],
             });
             out.push(Variant {
                 name: "nhwc",
@@ -192,6 +215,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 vae_tiling: "off",
                 compile_flags: &[],
                 warmup_runs: 0,
+                stage_flags: &[],
             });
             out.push(CUDA_GRAPH);
             out.push(Variant {
@@ -200,6 +224,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 vae_tiling: "on",
                 compile_flags: &[],
                 warmup_runs: 0,
+                stage_flags: &[],
             });
             // The GroupNorms as exported (statistics and apply), on an engine of their own.
             out.push(Variant {
@@ -208,6 +233,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                 vae_tiling: "off",
                 compile_flags: &["--exported-group-norm"],
                 warmup_runs: 0,
+                stage_flags: &[],
             });
             // Below fp32, the decoder's spatial norms applied folded in f32 (where the default
             // applies them on the normalized rows in the engine's type).
@@ -218,6 +244,7 @@ pub fn variants(stage: &str, precision: &str) -> Vec<Variant> {
                     vae_tiling: "off",
                     compile_flags: &["--folded-norms"],
                     warmup_runs: 0,
+                    stage_flags: &[],
                 });
             }
         }
@@ -409,6 +436,22 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
             failed += 1;
         }
         print_row(&row, b.json);
+        // On a GPU, a LoRA case's LoRA merged into the weights too (a CPU engine below fp32
+        // has no `bound`).
+        if c.lora_rank.is_some() && !b.on_cpu {
+            let mut merged = Row {
+                variant: LORA_MERGED.name,
+                ..template.clone()
+            };
+            if let Some(why) = b.budget.spent() {
+                merged.skipped = Some(why);
+                not_started += 1;
+            } else if let Err(e) = run_v2l(b, c, &prepared, &LORA_MERGED, &mut merged) {
+                merged.error = Some(e.message);
+                failed += 1;
+            }
+            print_row(&merged, b.json);
+        }
         swept.push((c, template, prepared));
     }
     // Every case's default row comes first, then the variants, case by case: a budget that
@@ -625,7 +668,7 @@ fn run_v2l(
         // whatever `auto` picks (a variant may ask for tiles).
         .args(["--vae-tiling", v.vae_tiling]);
     if let Some(l) = lora {
-        cmd.arg("--lora").arg(l);
+        cmd.arg("--lora").arg(l).args(v.stage_flags);
     }
     if c.stage == "dit" {
         // ONNX Runtime's CUDA MultiHeadAttention prints the kernel it picked, a line per node

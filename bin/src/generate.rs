@@ -467,7 +467,7 @@ fn read_with(
     Ok(v2l_runtime::tensor::read_safetensors_with(path, required)?)
 }
 
-fn parse_strategy(s: &str) -> Result<v2l_runtime::lora::strategy::Strategy, Failure> {
+pub(crate) fn parse_strategy(s: &str) -> Result<v2l_runtime::lora::strategy::Strategy, Failure> {
     v2l_runtime::lora::strategy::Strategy::parse(s).ok_or_else(|| {
         Failure::new(format!(
             "--lora-strategy {s}: expected fused, bound or unfused"

@@ -56,6 +56,10 @@ pub struct StageArgs {
     /// LoRA strategy as generation applies it (`unfused` on GPU engines: a branch per layer)
     #[arg(long)]
     pub lora: Option<PathBuf>,
+    /// With --lora: the LoRA strategy instead of the engine's (fused, bound or unfused; on a
+    /// cuda engine `bound` merges the LoRA into the weights on the GPU)
+    #[arg(long, value_name = "STRATEGY", requires = "lora")]
+    pub lora_strategy: Option<String>,
     /// LoRA multiplier: the scale is multiplier · alpha / rank
     #[arg(long, default_value_t = 1.0)]
     pub lora_scale: f32,
@@ -98,6 +102,7 @@ pub fn run(
         prompts,
         output,
         lora,
+        lora_strategy,
         lora_scale,
         compare,
         compare_names,
@@ -131,6 +136,10 @@ pub fn run(
     crate::check_outputs_are_not_inputs(&[("-o", &output)], &read)?;
     crate::check_outputs_outside_engine(&[("-o", &output)], engine)?;
     v2l_runtime::limits::finite("--lora-scale", lora_scale)?;
+    let strategy = lora_strategy
+        .as_deref()
+        .map(crate::generate::parse_strategy)
+        .transpose()?;
     v2l_runtime::limits::Limits::from_env()?.check_threads(threads)?;
     let dir = Engine::open(engine)?;
     let mut opts = dir.session_options(threads);
@@ -158,7 +167,8 @@ pub fn run(
             "--repeat {repeat}: must be 1 to 1000"
         )));
     }
-    let run = run_stage(&dir, stage, &tensors, &opts, lora.as_ref(), tiling, repeat)?;
+    let lora = lora.as_ref().map(|l| (l, strategy));
+    let run = run_stage(&dir, stage, &tensors, &opts, lora, tiling, repeat)?;
     let out = run.outputs;
     write_safetensors(&output, &out)?;
     let profile = match &profile {

@@ -13,7 +13,7 @@ use v2l_contracts::io::vae as vae_io;
 
 use v2l_contracts::family::WanDitConfig;
 use v2l_runtime::engine::Engine;
-use v2l_runtime::lora::strategy::DitRunner;
+use v2l_runtime::lora::strategy::{DitRunner, Strategy};
 use v2l_runtime::lora::AppliedLora;
 
 use v2l_runtime::error::{Result, RuntimeError};
@@ -412,14 +412,14 @@ fn timed<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<(T, Vec<f64
 }
 
 /// Runs `stage` of the export in `dir` on `inputs`, with `lora` applied to the DiT if given (by
-/// the engine's LoRA strategy, as generation applies it),
+/// the strategy given with it, or the engine's, as generation applies it),
 /// `runs` times on one loaded session (for timing; the outputs are the last run's).
 pub fn run_stage(
     engine: &Engine,
     stage: Stage,
     inputs: &BTreeMap<String, Tensor>,
     opts: &SessionOptions,
-    lora: Option<&AppliedLora>,
+    lora: Option<(&AppliedLora, Option<Strategy>)>,
     vae_tiling: v2l_runtime::vae::TilingMode,
     runs: usize,
 ) -> Result<StageRun> {
@@ -467,14 +467,16 @@ pub fn run_stage(
                     let (out, times) = timed(runs, || m.run(&step))?;
                     (out, load_ms, times)
                 }
-                // The LoRA as generation applies it: the engine's strategy (a GPU engine's
-                // factors as inputs, a branch per layer).
-                Some(l) => {
-                    let strategy = engine
-                        .bundle
-                        .as_ref()
-                        .map(|b| b.lora_strategy)
-                        .unwrap_or_default();
+                // The LoRA as generation applies it: by default the engine's strategy (a GPU
+                // engine's factors as inputs, a branch per layer).
+                Some((l, strategy)) => {
+                    let strategy = strategy.unwrap_or_else(|| {
+                        engine
+                            .bundle
+                            .as_ref()
+                            .map(|b| b.lora_strategy)
+                            .unwrap_or_default()
+                    });
                     let mut dit = DitRunner::load(engine, opts, strategy)?;
                     dit.set_lora(engine, Some(l))?;
                     dit.set_constant_inputs(feed)?;
