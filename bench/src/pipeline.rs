@@ -72,12 +72,17 @@ pub fn bench_pipeline(
         .as_ref()
         .map(|d| d.in_channels / 2)
         .unwrap_or(16);
-    // `bound` feeds f32 weights by reference: fp32 engines only (fp16/bf16 CUDA engines switch
-    // with `unfused` factors or a `fused` rebuild).
+    // `bound` feeds f32 weights by reference from the host (fp32 engines), or merges the LoRA
+    // on the device (cuda engines at any float precision).
+    let merges = dir
+        .dit_variant(v2l_contracts::bundle::VariantGraph::LoraMerge)
+        .is_some();
     let run: Vec<Strategy> = [Strategy::Fused, Strategy::Bound, Strategy::Unfused]
         .into_iter()
         .filter(|s| {
-            *s != Strategy::Bound || dir.precision() == v2l_runtime::backend::Precision::Fp32
+            *s != Strategy::Bound
+                || merges
+                || dir.precision() == v2l_runtime::backend::Precision::Fp32
         })
         .collect();
 

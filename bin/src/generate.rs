@@ -469,7 +469,7 @@ fn read_with(
 
 pub(crate) fn parse_strategy(s: &str) -> Result<v2l_runtime::lora::strategy::Strategy, Failure> {
     v2l_runtime::lora::strategy::Strategy::parse(s).ok_or_else(|| {
-        Failure::new(format!(
+        Failure::usage(format!(
             "--lora-strategy {s}: expected fused, bound or unfused"
         ))
     })

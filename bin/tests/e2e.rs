@@ -415,6 +415,32 @@ fn cuda_engines_merge_a_lora_on_the_device() {
         "{name} was not written in place"
     );
 
+    // The DiT stage with the PEFT LoRA merged on the device: PyTorch's output with it.
+    let want = read_safetensors(&tiny().join("peft_lora_io.safetensors")).unwrap();
+    let inputs = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
+    let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    let y = v2l_runtime::lora::AppliedLora {
+        lora: v2l_runtime::lora::format::read(&y_path, None)
+            .unwrap()
+            .into(),
+        source: y_path,
+        multiplier: 1.0,
+    };
+    let engine = Engine::open(&eng).unwrap();
+    let run = v2l_tools::stage::run_stage(
+        &engine,
+        v2l_tools::stage::Stage::Dit,
+        &inputs,
+        &opts,
+        Some((&y, Some(Strategy::Bound))),
+        Default::default(),
+        1,
+    )
+    .unwrap();
+    let e = run.outputs["sample"].rel_l2(&want["output_with_peft_lora"]);
+    eprintln!("stage dit, the PEFT LoRA merged on the device vs PyTorch f32 with it: {e:.3e}");
+    assert!(e <= SAME_F32_REL_L2, "{e}");
+
     // Cut for step caching, the DiT's three sessions take the merged weights again: every
     // block run (threshold 0) gives the uncut DiT's latents with the LoRA.
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
@@ -1172,4 +1198,32 @@ fn the_dit_stage_applies_a_lora_by_the_engines_strategy() {
             "{precision}: the LoRA had no effect"
         );
     }
+    // `--lora-strategy` names another strategy; a name it does not know is refused by name.
+    let eng = d.path().join("fp32/engine");
+    let run = |strategy: &str| {
+        Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+            .arg("--engine")
+            .arg(&eng)
+            .args(["stage", "dit", "--json", "--inputs"])
+            .arg(&inputs)
+            .arg("-o")
+            .arg(d.path().join(format!("{strategy}.safetensors")))
+            .arg("--lora")
+            .arg(&lora)
+            .args(["--lora-strategy", strategy])
+            .output()
+            .unwrap()
+    };
+    let o = run("unfused");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = read_safetensors(&d.path().join("unfused.safetensors")).unwrap();
+    let e = out["sample"].rel_l2(&want["output_with_peft_lora"]);
+    assert!(e <= SAME_F32_REL_L2, "fp32 unfused: {e}");
+    let o = run("merged");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--lora-strategy merged: expected fused, bound or unfused"),
+        "{err}"
+    );
 }
