@@ -478,6 +478,115 @@ fn cuda_engines_merge_a_lora_on_the_device() {
     assert!(base.rel_l2(&whole) > EFFECT_REL_L2);
 }
 
+/// A bf16 cuda engine merges a LoRA in bf16 (`lora_merge.onnx`: bf16 weights and factors, one
+/// GEMM a weight, which a GPU sums in f32 and rounds once) into the bf16 weights its `bound` DiT
+/// takes as inputs. In their CPU form (from the engine's f32 graph, lowered as the compile
+/// measures its DiT: each node reads the low values widened and rounds its output), the DiT
+/// with the PEFT LoRA merged is PyTorch f32's output with it within bf16's bound.
+#[test]
+fn a_bf16_cuda_engine_merges_within_bf16s_bound() {
+    use v2l_graphs::passes::{lora_merge_graph, lower_precision, Lowering, WeightFile};
+    use v2l_graphs::DType;
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine_with(d.path(), &["--backend", "cuda", "--precision", "bf16"]);
+    let engine = Engine::open(&eng).unwrap();
+    let typed = v2l_graphs::read_model(&eng.join("lora_merge.onnx")).unwrap();
+    let g = typed.graph.as_ref().unwrap();
+    assert!(g.node.iter().all(|n| n.op_type == "Gemm"));
+    let bf16 = DType::BF16.onnx_code();
+    assert!(g.initializer.iter().all(|t| t.data_type == bf16));
+    let bound = v2l_graphs::read_model(&eng.join("dit_bound.onnx")).unwrap();
+    let targets = engine.dit_targets().unwrap().to_vec();
+    let names: Vec<String> = targets
+        .iter()
+        .map(|t| format!("{}.weight", t.name))
+        .collect();
+    for vs in [&g.input, &g.output, &bound.graph.as_ref().unwrap().input] {
+        for v in vs
+            .iter()
+            .filter(|v| v.name.contains(".lora_") || names.contains(&v.name))
+        {
+            let Some(v2l_graphs::proto::type_proto::Value::TensorType(t)) =
+                v.r#type.as_ref().and_then(|t| t.value.as_ref())
+            else {
+                panic!("{}", v.name)
+            };
+            assert_eq!(t.elem_type, bf16, "{}", v.name);
+        }
+    }
+
+    let src = eng.join(&engine.manifest.dit.as_ref().unwrap().file);
+    let mut bound = v2l_graphs::read_model(&src).unwrap();
+    let mut merge = lora_merge_graph(&mut bound, &names).unwrap();
+    let how = Lowering {
+        dtype: DType::BF16,
+        emulate: true,
+        low_caches: false,
+        low_gelu: false,
+        half_attention: true,
+        half_gelu: true,
+    };
+    // The merge graph's renamed bases are read from a file of its own, beside the weights.
+    let merge_src = eng.join("f32_merge.onnx");
+    v2l_graphs::write_model(&merge_src, &merge).unwrap();
+    for (m, from, name) in [
+        (&mut merge, &merge_src, "cpu_merge.onnx"),
+        (&mut bound, &src, "cpu_bound.onnx"),
+    ] {
+        let data = eng.join(format!("{name}.data"));
+        lower_precision(m, from, WeightFile::Write(&data), how).unwrap();
+        v2l_graphs::write_model(&eng.join(name), m).unwrap();
+    }
+    let opts = SessionOptions {
+        keep_weight_casts: true,
+        ..Default::default()
+    };
+    let mut merge = Model::load_for_handoff(&eng.join("cpu_merge.onnx"), &opts).unwrap();
+    let mut dit = Model::load(&eng.join("cpu_bound.onnx"), &opts).unwrap();
+    let io = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
+    let want = read_safetensors(&tiny().join("peft_lora_io.safetensors")).unwrap();
+    let inputs: std::collections::BTreeMap<String, Tensor> = io
+        .iter()
+        .filter(|(n, _)| dit.input_names().contains(n))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    let y = v2l_runtime::lora::AppliedLora {
+        lora: v2l_runtime::lora::format::read(&y_path, None)
+            .unwrap()
+            .into(),
+        source: y_path,
+        multiplier: 1.0,
+    };
+    let mut run = |lora: Option<&v2l_runtime::lora::AppliedLora>| {
+        // The factors rounded to bf16 as the engine takes them, widened for the CPU form.
+        let factors = v2l_runtime::lora::strategy::merge_inputs(&targets, lora, None, DType::BF16)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| match t.data {
+                v2l_runtime::tensor::Data::BF16(v) => (
+                    n,
+                    Tensor::f32(t.shape, v.iter().map(|x| x.to_f32()).collect()),
+                ),
+                _ => panic!("{n}: not bf16"),
+            })
+            .collect();
+        let weights = dit.take_fixed(names.iter().map(String::as_str));
+        let merged = merge.run_on_device(&factors, weights).unwrap();
+        dit.set_fixed_values(merged);
+        dit.run(&inputs).unwrap().remove("sample").unwrap()
+    };
+    let (base, with) = (run(None), run(Some(&y)));
+    let (e0, e) = (
+        base.rel_l2(&io["output"]),
+        with.rel_l2(&want["output_with_peft_lora"]),
+    );
+    eprintln!("bf16 cuda engine, CPU form: base {e0:.3e}, PEFT LoRA merged {e:.3e} from PyTorch f32 (bound {BF16_REL_L2:e})");
+    assert!(e0 > 1e-6 && e0 <= BF16_REL_L2, "{e0}");
+    assert!(e > 1e-6 && e <= BF16_REL_L2, "{e}");
+    assert!(with.rel_l2(&base) > EFFECT_REL_L2);
+}
+
 fn strategies_agree_and_switch_exactly(eng: &Path) {
     use v2l_runtime::lora::format;
     use v2l_runtime::lora::AppliedLora;

@@ -95,34 +95,7 @@ impl DeviceMerge {
         lora: Option<&AppliedLora>,
         limit: Option<f32>,
     ) -> Result<()> {
-        let plan = plan_factors(targets, &[lora], None, limit)?;
-        let mut inputs = BTreeMap::new();
-        for (t, f) in targets.iter().zip(&plan) {
-            let [a, b, _] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
-            let [sa, sb, _] = f.shapes(t);
-            let (mut fa, mut fb, mut scale) = (
-                vec![0f32; sa.iter().product()],
-                vec![0f32; sb.iter().product()],
-                [0f32],
-            );
-            f.fill(t, 0, &mut fa);
-            f.fill(t, 1, &mut fb);
-            f.fill(t, 2, &mut scale);
-            fb.iter_mut().for_each(|v| *v *= scale[0]);
-            if let Some(v) = limit.and_then(|l| fb.iter().find(|v| v.abs() > l)) {
-                return Err(RuntimeError::LoraLayer {
-                    layer: t.name.clone(),
-                    message: format!(
-                        "a factor scaled to {v} is beyond this fp16 engine's range (±{}): use a bf16 or fp32 engine",
-                        limit.unwrap_or_default()
-                    ),
-                });
-            }
-            // One slot: `[1, rank, in]` and `[1, out, rank]` are the graph's `[rank, in]`
-            // and `[out, rank]`.
-            inputs.insert(a, typed(sa[1..].to_vec(), fa, self.dtype));
-            inputs.insert(b, typed(sb[1..].to_vec(), fb, self.dtype));
-        }
+        let inputs = merge_inputs(targets, lora, limit, self.dtype)?;
         let names: Vec<String> = targets
             .iter()
             .map(|t| format!("{}.weight", t.name))
@@ -131,6 +104,48 @@ impl DeviceMerge {
         let merged = self.model.run_on_device(&inputs, reuse)?;
         dit.set_fixed_values(merged)
     }
+}
+
+/// The inputs of `lora_merge.onnx` for `lora` (`None`: the base) on `targets`, in the weights'
+/// type `dtype` (f32, bf16 or f16, rounded to nearest): per target `<module>.lora_A [rank, in]`
+/// and `<module>.lora_B [out, rank]` with the LoRA's scale folded into B (rank 1 of zeros
+/// where the LoRA has no layer). `limit`: the largest magnitude a factor may take (an fp16
+/// engine's range), refused by name beyond it.
+pub fn merge_inputs(
+    targets: &[LinearInfo],
+    lora: Option<&AppliedLora>,
+    limit: Option<f32>,
+    dtype: v2l_graphs::DType,
+) -> Result<BTreeMap<String, Tensor>> {
+    let plan = plan_factors(targets, &[lora], None, limit)?;
+    let mut inputs = BTreeMap::new();
+    for (t, f) in targets.iter().zip(&plan) {
+        let [a, b, _] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+        let [sa, sb, _] = f.shapes(t);
+        let (mut fa, mut fb, mut scale) = (
+            vec![0f32; sa.iter().product()],
+            vec![0f32; sb.iter().product()],
+            [0f32],
+        );
+        f.fill(t, 0, &mut fa);
+        f.fill(t, 1, &mut fb);
+        f.fill(t, 2, &mut scale);
+        fb.iter_mut().for_each(|v| *v *= scale[0]);
+        if let Some(v) = limit.and_then(|l| fb.iter().find(|v| v.abs() > l)) {
+            return Err(RuntimeError::LoraLayer {
+                layer: t.name.clone(),
+                message: format!(
+                    "a factor scaled to {v} is beyond this fp16 engine's range (±{}): use a bf16 or fp32 engine",
+                    limit.unwrap_or_default()
+                ),
+            });
+        }
+        // One slot: `[1, rank, in]` and `[1, out, rank]` are the graph's `[rank, in]` and
+        // `[out, rank]`.
+        inputs.insert(a, typed(sa[1..].to_vec(), fa, dtype));
+        inputs.insert(b, typed(sb[1..].to_vec(), fb, dtype));
+    }
+    Ok(inputs)
 }
 
 /// `v` as a host tensor of `dtype` (f32, bf16 or f16), rounded to nearest.
