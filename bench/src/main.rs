@@ -72,7 +72,8 @@ enum Command {
     /// The GPU check (CUDA, TensorRT if present; first run on an H100 on 2026-11-26, TensorRT
     /// never): compile the fixture
     /// and demo engines at fp32/fp16/bf16, parity against the CPU engine at each precision's
-    /// bound, DiT step, LoRA switch (factors as inputs vs fused), a batched four-LoRA step
+    /// bound, DiT step, LoRA switch (factors as inputs, fused, merged on the GPU), a batched
+    /// four-LoRA step
     ///
     /// Examples:
     ///   v2l-bench gpu --dry-run
