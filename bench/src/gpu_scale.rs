@@ -439,18 +439,8 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
         // On a GPU, a LoRA case's LoRA merged into the weights too (a CPU engine below fp32
         // has no `bound`).
         if c.lora_rank.is_some() && !b.on_cpu {
-            let mut merged = Row {
-                variant: LORA_MERGED.name,
-                ..template.clone()
-            };
-            if let Some(why) = b.budget.spent() {
-                merged.skipped = Some(why);
-                not_started += 1;
-            } else if let Err(e) = run_v2l(b, c, &prepared, &LORA_MERGED, &mut merged) {
-                merged.error = Some(e.message);
-                failed += 1;
-            }
-            print_row(&merged, b.json);
+            let (f, n) = variant_row(b, c, &prepared, &LORA_MERGED, &template);
+            (failed, not_started) = (failed + f, not_started + n);
         }
         swept.push((c, template, prepared));
     }
@@ -461,21 +451,37 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
             break;
         }
         for v in variants(c.stage, c.precision).into_iter().skip(1) {
-            let mut row = Row {
-                variant: v.name,
-                ..row.clone()
-            };
-            if let Some(why) = b.budget.spent() {
-                row.skipped = Some(why);
-                not_started += 1;
-            } else if let Err(e) = run_v2l(b, c, &prepared, &v, &mut row) {
-                row.error = Some(e.message);
-                failed += 1;
-            }
-            print_row(&row, b.json);
+            let (f, n) = variant_row(b, c, &prepared, &v, &row);
+            (failed, not_started) = (failed + f, not_started + n);
         }
     }
     Ok((failed, not_started))
+}
+
+/// One row of case `c` under variant `v` (PyTorch's figures from `template`), printed; whether
+/// it failed and whether it was not started (the budget spent), as counts.
+fn variant_row(
+    b: &Settings,
+    c: &ScaleCase,
+    prepared: &Prepared,
+    v: &Variant,
+    template: &Row,
+) -> (usize, usize) {
+    let mut row = Row {
+        variant: v.name,
+        ..template.clone()
+    };
+    let counts = if let Some(why) = b.budget.spent() {
+        row.skipped = Some(why);
+        (0, 1)
+    } else if let Err(e) = run_v2l(b, c, prepared, v, &mut row) {
+        row.error = Some(e.message);
+        (1, 0)
+    } else {
+        (0, 0)
+    };
+    print_row(&row, b.json);
+    counts
 }
 
 /// What a case's v2l runs share: its directory, engine and PyTorch fp32 reference.

@@ -39,6 +39,16 @@ fn reference_lora(
     }
 }
 
+/// The PEFT fixture LoRA ("Y"), at multiplier 1.
+fn peft_lora() -> v2l_runtime::lora::AppliedLora {
+    let path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    v2l_runtime::lora::AppliedLora {
+        lora: v2l_runtime::lora::format::read(&path, None).unwrap().into(),
+        source: path,
+        multiplier: 1.0,
+    }
+}
+
 /// The engine's pipeline with a given LoRA strategy.
 fn load(engine: &Path, strategy: Strategy) -> Pipeline {
     Pipeline::load_with_strategy(
@@ -418,14 +428,7 @@ fn cuda_engines_merge_a_lora_on_the_device() {
     // The DiT stage with the PEFT LoRA merged on the device: PyTorch's output with it.
     let want = read_safetensors(&tiny().join("peft_lora_io.safetensors")).unwrap();
     let inputs = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
-    let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
-    let y = v2l_runtime::lora::AppliedLora {
-        lora: v2l_runtime::lora::format::read(&y_path, None)
-            .unwrap()
-            .into(),
-        source: y_path,
-        multiplier: 1.0,
-    };
+    let y = peft_lora();
     let engine = Engine::open(&eng).unwrap();
     let run = v2l_tools::stage::run_stage(
         &engine,
@@ -448,7 +451,7 @@ fn cuda_engines_merge_a_lora_on_the_device() {
     let x = reference_lora(&mut p, &io);
     p.set_lora(Some(&x)).unwrap();
     let req = two_step_request(&io);
-    let mut last = |p: &mut Pipeline, req: &RequestParts| {
+    let last = |p: &mut Pipeline, req: &RequestParts| {
         let g = p.generate(&req.on(p), &mut |_, _| true).unwrap();
         assert_eq!(g.cache_skips(), 0);
         assert_eq!(g.cache_calls.is_empty(), req.cache.is_none());
@@ -550,14 +553,7 @@ fn a_bf16_cuda_engine_merges_within_bf16s_bound() {
         .filter(|(n, _)| dit.input_names().contains(n))
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
-    let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
-    let y = v2l_runtime::lora::AppliedLora {
-        lora: v2l_runtime::lora::format::read(&y_path, None)
-            .unwrap()
-            .into(),
-        source: y_path,
-        multiplier: 1.0,
-    };
+    let y = peft_lora();
     let mut run = |lora: Option<&v2l_runtime::lora::AppliedLora>| {
         // The factors rounded to bf16 as the engine takes them, widened for the CPU form.
         let factors = v2l_runtime::lora::strategy::merge_inputs(&targets, lora, None, DType::BF16)
@@ -588,17 +584,11 @@ fn a_bf16_cuda_engine_merges_within_bf16s_bound() {
 }
 
 fn strategies_agree_and_switch_exactly(eng: &Path) {
-    use v2l_runtime::lora::format;
     use v2l_runtime::lora::AppliedLora;
     let eng = eng.to_path_buf();
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
     let req = two_step_request(&io);
-    let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
-    let y = AppliedLora {
-        lora: format::read(&y_path, None).unwrap().into(),
-        source: y_path,
-        multiplier: 1.0,
-    };
+    let y = peft_lora();
     let mut results = Vec::new();
     for strategy in [Strategy::Fused, Strategy::Bound, Strategy::Unfused] {
         let mut p = load(&eng, strategy);
@@ -824,9 +814,7 @@ fn static_int8_engine_tracks_fp32_and_switches_loras_exactly() {
 
 fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &str, bound: f64) {
     use std::collections::BTreeMap;
-    use v2l_runtime::lora::format;
     use v2l_runtime::lora::strategy::DitRunner;
-    use v2l_runtime::lora::AppliedLora;
     let d = tempfile::tempdir().unwrap();
     let f32_eng = engine(&d.path().join("f32"));
     let mut all_args = vec!["--precision", precision];
@@ -881,12 +869,7 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
     let psnr = frames["psnr_db"].as_f64().unwrap();
     eprintln!("{precision}: compile-time generation PSNR {psnr:.1} dB");
     assert!(psnr > 20.0 && psnr < 999.0, "{psnr}");
-    let y_path = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
-    let y = AppliedLora {
-        lora: format::read(&y_path, None).unwrap().into(),
-        source: y_path,
-        multiplier: 1.0,
-    };
+    let y = peft_lora();
 
     // The DiT stage against PyTorch f32 (fixtures `dit_io`, `peft_lora_io`).
     let dit_io = read_safetensors(&tiny().join("dit_io.safetensors")).unwrap();
