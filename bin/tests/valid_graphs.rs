@@ -173,11 +173,14 @@ fn every_written_graph_passes_the_onnx_checker() {
         // those two call v2l's attention and have their twins on ONNX Runtime's, and the VAE's
         // encoder and decoder have their twins on v2l's bf16 convolution. GPU engines below
         // fp32 have the VAE's graphs in their precision, cuda engines at fp32 the VAE's with
-        // their GroupNorms rewritten.
+        // their GroupNorms rewritten. cuda engines also have the LoRA merge graph, and below
+        // fp32 the `bound` DiT it feeds.
         let twins = match (backend, precision) {
             ("cpu", "fp32") => 0,
             ("cpu", _) => 4,
-            (_, "fp16" | "bf16") | ("cuda", "fp32") => 2,
+            ("cuda", "fp32") => 3,
+            ("cuda", _) => 4,
+            (_, "fp16" | "bf16") => 2,
             _ => 0,
         };
         assert_eq!(files.len(), 7 + twins, "{backend} {precision}: {files:?}");

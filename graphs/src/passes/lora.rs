@@ -59,6 +59,23 @@ pub fn lora_merge_graph(model: &mut ModelProto, names: &[String]) -> Result<Mode
                 base.dims
             )));
         };
+        // `[out, in]` as a `Linear` holds it: read only as a `Gemm`'s B, transposed.
+        let readers: Vec<&proto::NodeProto> = graph
+            .node
+            .iter()
+            .filter(|n| n.input.iter().any(|i| i == name))
+            .collect();
+        let linear = |n: &&proto::NodeProto| {
+            n.op_type == "Gemm"
+                && n.input.get(1) == Some(name)
+                && attr_i(n, "transB") == Some(1)
+                && attr_i(n, "transA").unwrap_or(0) == 0
+        };
+        if readers.is_empty() || !readers.iter().all(linear) {
+            return Err(PassError::Unsupported(format!(
+                "`{name}` is read other than as a linear layer's weight (a Gemm's B, transposed)"
+            )));
+        }
         let dtype = DType::from_onnx_code(base.data_type).unwrap_or(DType::F32);
         let [a, b, _] = lora_input_names(name);
         let rank = || Err(format!("rank_{k}"));
@@ -234,4 +251,64 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
         return Err(PassError::NotGemm(w.to_string()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::TensorData;
+    use crate::saved_model as model;
+    use crate::{Attr, Graph};
+
+    /// `x [n, 3] → y [n, 2]` through a `Linear` weight `l.weight [2, 3]` (`trans_b`: as torch
+    /// exports it, else stored `[3, 2]` and read untransposed).
+    fn linear(trans_b: bool) -> Graph {
+        let mut g = Graph::new("t");
+        let x = g.input("x", DType::F32, vec!["n".into(), 3.into()]);
+        let dims = if trans_b { vec![2, 3] } else { vec![3, 2] };
+        let bytes = (0..6).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let w = g.initializer("l.weight", DType::F32, dims, TensorData::Owned(bytes));
+        let y = g.op(
+            "Gemm",
+            &[&x, &w],
+            vec![("transB", Attr::Int(trans_b as i64))],
+        );
+        g.output(&y, "y", DType::F32, vec!["n".into(), 2.into()]);
+        g
+    }
+
+    #[test]
+    fn a_merge_graph_makes_each_weight_from_its_base_and_factors() {
+        let mut m = model(&linear(true));
+        let merge = lora_merge_graph(&mut m, &["l.weight".to_string()]).unwrap();
+        // The DiT side takes the weight as an input, holding no copy.
+        let g = m.graph.as_ref().unwrap();
+        assert!(g.initializer.is_empty());
+        assert!(g.input.iter().any(|i| i.name == "l.weight"));
+        // The merge side: `l.weight = l.lora_B · l.lora_A + l.weight.base`.
+        let g = merge.graph.as_ref().unwrap();
+        assert_eq!(g.initializer.len(), 1);
+        assert_eq!(g.initializer[0].name, "l.weight.base");
+        assert_eq!(g.initializer[0].dims, [2, 3]);
+        let n = &g.node[..];
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].op_type, "Gemm");
+        assert_eq!(n[0].input, ["l.lora_B", "l.lora_A", "l.weight.base"]);
+        assert_eq!(n[0].output, ["l.weight"]);
+        assert!(
+            n[0].attribute.is_empty(),
+            "alpha, beta 1; nothing transposed"
+        );
+        let names: Vec<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["l.lora_A", "l.lora_B"]);
+    }
+
+    #[test]
+    fn a_weight_read_untransposed_is_not_merged_as_out_by_in() {
+        let mut m = model(&linear(false));
+        let err = lora_merge_graph(&mut m, &["l.weight".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("a Gemm's B, transposed"), "{err}");
+        let err = lora_merge_graph(&mut m, &["nope.weight".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("nope.weight"), "{err}");
+    }
 }
