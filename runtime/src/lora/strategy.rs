@@ -130,7 +130,8 @@ pub fn merge_inputs(
         f.fill(t, 0, &mut fa);
         f.fill(t, 1, &mut fb);
         f.fill(t, 2, &mut scale);
-        fb.iter_mut().for_each(|v| *v *= scale[0]);
+        let [scale] = scale;
+        fb.iter_mut().for_each(|v| *v *= scale);
         if let Some(v) = limit.and_then(|l| fb.iter().find(|v| v.abs() > l)) {
             return Err(RuntimeError::LoraLayer {
                 layer: t.name.clone(),
@@ -142,8 +143,9 @@ pub fn merge_inputs(
         }
         // One slot: `[1, rank, in]` and `[1, out, rank]` are the graph's `[rank, in]` and
         // `[out, rank]`.
-        inputs.insert(a, typed(sa[1..].to_vec(), fa, dtype));
-        inputs.insert(b, typed(sb[1..].to_vec(), fb, dtype));
+        let (r, n_in, n_out) = (f.rank, t.in_features, t.out_features);
+        inputs.insert(a, typed(vec![r, n_in], fa, dtype));
+        inputs.insert(b, typed(vec![n_out, r], fb, dtype));
     }
     Ok(inputs)
 }

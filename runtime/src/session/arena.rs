@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use ort::session::Session;
 use ort::AsPointer;
 
-use super::bound::check;
+use super::values::check;
 
 /// A registration's device (`None`: the CPU) and outcome.
 type Registered = (Option<i32>, Result<(), String>);

@@ -14,7 +14,7 @@ use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType};
 
 use super::inputs::Source;
-use super::values::{from_ort, ort_element_type, ort_err, view};
+use super::values::{check, from_ort, ort_element_type, ort_err, view};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
 
@@ -390,21 +390,6 @@ fn inputs_on_host(session: &Session) -> ort::Result<Vec<String>> {
         }
     }
     Ok(out)
-}
-
-/// An ONNX Runtime status as a result.
-pub(super) fn check(status: ort::sys::OrtStatusPtr) -> ort::Result<()> {
-    let Some(ptr) = std::ptr::NonNull::new(status.0) else {
-        return Ok(());
-    };
-    // SAFETY: a non-null status from the API, released once here.
-    let message = unsafe {
-        let raw = (ort::api().GetErrorMessage)(ptr.as_ptr());
-        let m = std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned();
-        (ort::api().ReleaseStatus)(ptr.as_ptr());
-        m
-    };
-    Err(ort::Error::new(message))
 }
 
 /// The copier of `ty`, built on first use.

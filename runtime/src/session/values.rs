@@ -106,3 +106,18 @@ mod message_tests {
         );
     }
 }
+
+/// An ONNX Runtime status as a result.
+pub(super) fn check(status: ort::sys::OrtStatusPtr) -> ort::Result<()> {
+    let Some(ptr) = std::ptr::NonNull::new(status.0) else {
+        return Ok(());
+    };
+    // SAFETY: a non-null status from the API, released once here.
+    let message = unsafe {
+        let raw = (ort::api().GetErrorMessage)(ptr.as_ptr());
+        let m = std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned();
+        (ort::api().ReleaseStatus)(ptr.as_ptr());
+        m
+    };
+    Err(ort::Error::new(message))
+}
