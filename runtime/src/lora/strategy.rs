@@ -330,7 +330,7 @@ impl DitRunner {
     pub fn load(engine: &Engine, opts: &SessionOptions, strategy: Strategy) -> Result<DitRunner> {
         let targets = engine.dit_targets()?.to_vec();
         let mut weights = None;
-        let merge = match strategy {
+        let mut merge = match strategy {
             Strategy::Bound => DeviceMerge::load(engine, opts)?,
             _ => None,
         };
@@ -367,7 +367,6 @@ impl DitRunner {
         }
         let factor_limit = (engine.precision() == crate::backend::Precision::Fp16)
             .then(|| half::f16::MAX.to_f32());
-        let mut merge = merge;
         if let Some(m) = &mut merge {
             m.merge_into(&mut model, &targets, None, factor_limit)?;
         }
@@ -395,23 +394,21 @@ impl DitRunner {
                 self.model = dit_load(engine, &self.opts, Strategy::Fused, lora)?.load(cut)?;
                 self.fused = lora.cloned();
             }
-            Strategy::Bound if self.merge.is_some() => {
-                if let Some(m) = &mut self.merge {
-                    m.merge_into(&mut self.model, &self.targets, lora, self.factor_limit)?;
-                }
+            // A GPU engine merges on the device; the session reads the result by reference.
+            Strategy::Bound if self.weights.is_none() => {
+                let m = self.merge.as_mut().ok_or_else(|| RuntimeError::Internal {
+                    what: "bound".into(),
+                    message: "neither live weights nor a merge session".into(),
+                })?;
+                m.merge_into(&mut self.model, &self.targets, lora, self.factor_limit)?;
                 self.fused = lora.cloned();
             }
+            // The session reads the live weights by reference on every run, so rewriting them
+            // is the whole switch.
             Strategy::Bound => {
-                let sw = self
-                    .weights
-                    .as_mut()
-                    .ok_or_else(|| RuntimeError::Internal {
-                        what: "bound".into(),
-                        message: "no weights".into(),
-                    })?;
-                // The session reads the live weights by reference on every run, so
-                // rewriting them is the whole switch.
-                sw.apply(lora.map(|l| (&*l.lora, l.multiplier, l.source.as_path())))?;
+                if let Some(sw) = self.weights.as_mut() {
+                    sw.apply(lora.map(|l| (&*l.lora, l.multiplier, l.source.as_path())))?;
+                }
             }
             Strategy::Unfused => self.set_sample_loras(engine, &[lora])?,
         }
