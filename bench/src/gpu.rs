@@ -837,9 +837,13 @@ fn run_case(
     if merges {
         let mut bound = open(&gpu, Some(Strategy::Bound))?;
         f.switch_bound_ms = Some(switch(&mut bound)?);
-        let (r, ms) = crate::pipeline::time(|| bound.generate(&req, &mut |_, _| true));
-        r.map_err(Failure::from)?;
-        f.bound_step_ms = Some(ms / req.steps as f64);
+        let mut steps = Vec::new();
+        for _ in 0..b.repeat.max(1) {
+            let (r, ms) = crate::pipeline::time(|| bound.generate(&req, &mut |_, _| true));
+            r.map_err(Failure::from)?;
+            steps.push(ms / req.steps as f64);
+        }
+        f.bound_step_ms = Some(crate::pipeline::stats(steps).0);
     }
     Ok(())
 }

@@ -36,9 +36,7 @@ impl DeviceValues {
         check(status).ok()?;
         Some(p.cast_const())
     }
-}
 
-impl DeviceValues {
     /// Splits off the values named in `takes`.
     pub(crate) fn split_off(&mut self, takes: &std::collections::HashSet<String>) -> DeviceValues {
         let names: Vec<String> = self
