@@ -55,6 +55,7 @@ pub(crate) fn cpu_form(
         dtype,
         emulate: true,
         low_caches: false,
+        low_factors: false,
         low_gelu: false,
         half_attention: false,
         half_gelu: false,

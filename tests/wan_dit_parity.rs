@@ -139,6 +139,7 @@ fn check_bf16(variant: &str, dir: &str) {
             dtype: v2l_graphs::DType::BF16,
             emulate: true,
             low_caches: false,
+            low_factors: false,
             low_gelu: false,
             half_attention: false,
             half_gelu: false,

@@ -518,6 +518,31 @@ fn a_bf16_cuda_engine_merges_within_bf16s_bound() {
         }
     }
 
+    // Its `unfused` DiT takes the factors in bf16 too (half the bytes a switch moves), the
+    // scale in f32.
+    let unfused = v2l_graphs::read_model(&eng.join("dit_unfused.onnx")).unwrap();
+    let declared: std::collections::BTreeMap<&str, i32> = unfused
+        .graph
+        .as_ref()
+        .unwrap()
+        .input
+        .iter()
+        .filter(|v| v.name.contains(".lora_"))
+        .filter_map(|v| match v.r#type.as_ref()?.value.as_ref()? {
+            v2l_graphs::proto::type_proto::Value::TensorType(t) => {
+                Some((v.name.as_str(), t.elem_type))
+            }
+        })
+        .collect();
+    assert_eq!(declared.len(), 3 * targets.len());
+    for (name, ty) in declared {
+        let want = match name.ends_with(".lora_scale") {
+            true => DType::F32.onnx_code(),
+            false => bf16,
+        };
+        assert_eq!(ty, want, "{name}");
+    }
+
     let src = eng.join(&engine.manifest.dit.as_ref().unwrap().file);
     let mut bound = v2l_graphs::read_model(&src).unwrap();
     let mut merge = lora_merge_graph(&mut bound, &names).unwrap();
@@ -525,6 +550,7 @@ fn a_bf16_cuda_engine_merges_within_bf16s_bound() {
         dtype: DType::BF16,
         emulate: true,
         low_caches: false,
+        low_factors: false,
         low_gelu: false,
         half_attention: true,
         half_gelu: true,
@@ -899,6 +925,9 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
         );
         assert!(e_base <= bound && e_y <= bound, "{strategy:?}");
     }
+    if matches!(precision, "bf16" | "fp16") {
+        factors_in_the_engines_type(&engine8, &inputs, &y);
+    }
     let err = DitRunner::load(&engine8, &opts, Strategy::Bound)
         .err()
         .expect("bound is refused below fp32")
@@ -940,6 +969,89 @@ fn low_precision_engine_with(precision: &str, args: &[&str], default_strategy: &
         p.set_lora(Some(&x)).unwrap();
         assert!(run(&mut p) == x8, "{strategy:?}: X -> Y -> X is not X");
     }
+}
+
+/// A bf16 or fp16 engine's `unfused` DiT takes the LoRA factors in its own type (the scale in
+/// f32), and gives bitwise the output of the same graph taking them f32 and rounding them
+/// itself: the host rounds as ONNX Runtime's `Cast` does.
+fn factors_in_the_engines_type(
+    engine: &Engine,
+    inputs: &std::collections::BTreeMap<String, Tensor>,
+    y: &v2l_runtime::lora::AppliedLora,
+) {
+    use v2l_graphs::proto::type_proto::Value;
+    use v2l_runtime::lora::strategy::DitRunner;
+    let file = engine.dir.join(
+        engine
+            .dit_variant(VariantGraph::Strategy(Strategy::Unfused))
+            .unwrap(),
+    );
+    let mut m = v2l_graphs::read_model(&file).unwrap();
+    let low = match engine.bundle.as_ref().unwrap().precision.name() {
+        "bf16" => v2l_graphs::DType::BF16,
+        _ => v2l_graphs::DType::F16,
+    }
+    .onnx_code();
+    let f32_code = v2l_graphs::DType::F32.onnx_code();
+    let g = m.graph.as_mut().unwrap();
+    let mut factors = 0;
+    let mut casts = Vec::new();
+    for i in g.input.iter_mut() {
+        let Some(Value::TensorType(t)) = i.r#type.as_mut().and_then(|t| t.value.as_mut()) else {
+            continue;
+        };
+        if i.name.ends_with(".lora_scale") {
+            assert_eq!(t.elem_type, f32_code, "{}", i.name);
+        }
+        if !v2l_graphs::passes::is_factor(&i.name) {
+            continue;
+        }
+        assert_eq!(t.elem_type, low, "{}", i.name);
+        factors += 1;
+        // The form before: an f32 input, rounded in the graph.
+        t.elem_type = f32_code;
+        casts.push(i.name.clone());
+    }
+    assert!(factors > 0);
+    for n in g.node.iter_mut() {
+        for x in n.input.iter_mut().filter(|x| casts.contains(x)) {
+            x.push_str(".rounded");
+        }
+    }
+    for (k, name) in casts.iter().enumerate() {
+        g.node.insert(
+            k,
+            v2l_graphs::proto::NodeProto {
+                input: vec![name.clone()],
+                output: vec![format!("{name}.rounded")],
+                name: format!("{name}/Cast"),
+                op_type: "Cast".into(),
+                attribute: vec![v2l_graphs::proto::AttributeProto {
+                    name: "to".into(),
+                    r#type: v2l_graphs::proto::attribute_type::INT,
+                    i: low.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+    }
+    let run = |engine: &Engine| {
+        let mut dit =
+            DitRunner::load(engine, &engine.session_options(0), Strategy::Unfused).unwrap();
+        dit.set_lora(engine, Some(y)).unwrap();
+        dit.run(inputs).unwrap()["sample"].clone()
+    };
+    let given_low = run(engine);
+    std::fs::rename(&file, file.with_extension("onnx.low")).unwrap();
+    v2l_graphs::write_model(&file, &m).unwrap();
+    let rounded_in_graph = run(engine);
+    std::fs::rename(file.with_extension("onnx.low"), &file).unwrap();
+    assert!(
+        given_low == rounded_in_graph,
+        "{:.3e}",
+        given_low.rel_l2(&rounded_in_graph)
+    );
 }
 
 /// Prompt text in (fixture `e2e_text_io` + `e2e_text.json`: the stock pipeline driven by text,

@@ -42,4 +42,6 @@ pub use rope::fuse_rope;
 pub use schedule::carried_outputs_first;
 
 pub use edit::{PassError, MS_DOMAIN, V2L_DOMAIN};
-pub use lora::{add_lora_branches, bind_weights_as_inputs, lora_input_names, lora_merge_graph};
+pub use lora::{
+    add_lora_branches, bind_weights_as_inputs, is_factor, lora_input_names, lora_merge_graph,
+};

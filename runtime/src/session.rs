@@ -7,7 +7,7 @@ use ort::session::Session;
 use ort::value::{DynValue, TensorRef};
 
 use crate::error::{Result, RuntimeError};
-use crate::tensor::{Data, Tensor};
+use crate::tensor::{Data, FloatsMut, Tensor};
 
 mod arena;
 mod bound;
@@ -425,7 +425,7 @@ impl Model {
             if let Some(b) = &mut self.bound {
                 b.fixed_changed(&name);
             }
-            let v = into_ort(t).map_err(err())?;
+            let v = into_ort(self.as_declared(&name, t)).map_err(err())?;
             // Bound runs copy a fixed input into each set's own buffer when it changes: it
             // stays on the host until then, not on the device twice over.
             let v = match self.device.filter(|_| self.bound.is_none()) {
@@ -441,10 +441,11 @@ impl Model {
         Ok(())
     }
 
-    /// The data of the fixed f32 input `name` when it is held on the CPU with exactly `shape`:
-    /// for rewriting in place (a LoRA switch to factors of the same shape writes into the
-    /// buffers ONNX Runtime already reads, with no allocation and no second copy).
-    pub fn fixed_f32_mut(&mut self, name: &str, shape: &[usize]) -> Option<&mut [f32]> {
+    /// The data of the fixed float input `name` when it is held on the CPU with exactly
+    /// `shape`, in its declared type: for rewriting in place (a LoRA switch to factors of the
+    /// same shape writes into the buffers ONNX Runtime already reads, with no allocation and no
+    /// second copy).
+    pub fn fixed_mut(&mut self, name: &str, shape: &[usize]) -> Option<FloatsMut<'_>> {
         // On a GPU only where bound runs keep fixed inputs on the host.
         if self.device.is_some() && self.bound.is_none() {
             return None;
@@ -452,17 +453,30 @@ impl Model {
         if let Some(b) = &mut self.bound {
             b.fixed_changed(name);
         }
-        let (have, data) = self
-            .fixed
-            .get_mut(name)?
-            .try_extract_tensor_mut::<f32>()
-            .ok()?;
-        let same = have.len() == shape.len()
-            && have
-                .iter()
-                .zip(shape)
-                .all(|(&a, &b)| usize::try_from(a) == Ok(b));
-        same.then_some(data)
+        let v = self.fixed.get_mut(name)?;
+        let same = |have: &[i64]| {
+            have.len() == shape.len()
+                && have
+                    .iter()
+                    .zip(shape)
+                    .all(|(&a, &b)| usize::try_from(a) == Ok(b))
+        };
+        use ort::value::TensorElementType as E;
+        match v.dtype().tensor_type()? {
+            E::Float32 => {
+                let (have, d) = v.try_extract_tensor_mut::<f32>().ok()?;
+                same(have).then_some(FloatsMut::F32(d))
+            }
+            E::Bfloat16 => {
+                let (have, d) = v.try_extract_tensor_mut::<half::bf16>().ok()?;
+                same(have).then_some(FloatsMut::BF16(d))
+            }
+            E::Float16 => {
+                let (have, d) = v.try_extract_tensor_mut::<half::f16>().ok()?;
+                same(have).then_some(FloatsMut::F16(d))
+            }
+            _ => None,
+        }
     }
 
     /// Runs the model. Every graph input must be given (here or as a fixed input); all outputs
@@ -564,6 +578,24 @@ impl Model {
                 Ok((name, Tensor { shape, data }))
             })
             .collect()
+    }
+
+    /// `t` in the float type the graph declares for input `name` (an f32 tensor for a bf16 or
+    /// f16 input rounded to nearest, as [`Tensor::floats`]); anything else as it is.
+    fn as_declared(&self, name: &str, t: Tensor) -> Tensor {
+        use ort::value::TensorElementType as E;
+        let want = match self.input_type(name) {
+            Ok(E::Bfloat16) => v2l_graphs::DType::BF16,
+            Ok(E::Float16) => v2l_graphs::DType::F16,
+            _ => return t,
+        };
+        match t.data {
+            Data::F32(v) => Tensor::floats(t.shape, v, want),
+            data => Tensor {
+                shape: t.shape,
+                data,
+            },
+        }
     }
 
     /// The element type the graph declares for input `name`.

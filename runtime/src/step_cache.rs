@@ -142,10 +142,14 @@ impl DitModel {
         }
     }
 
-    pub fn fixed_f32_mut(&mut self, name: &str, shape: &[usize]) -> Option<&mut [f32]> {
+    pub fn fixed_mut(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Option<crate::tensor::FloatsMut<'_>> {
         match self {
-            DitModel::Whole(m) => m.fixed_f32_mut(name, shape),
-            DitModel::Cut(c) => c.parts.fixed_f32_mut(name, shape),
+            DitModel::Whole(m) => m.fixed_mut(name, shape),
+            DitModel::Cut(c) => c.parts.fixed_mut(name, shape),
             DitModel::Released => None,
         }
     }

@@ -33,6 +33,42 @@ impl Data {
     }
 }
 
+/// The elements of a float tensor held elsewhere (an ONNX Runtime value), written in place.
+pub enum FloatsMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [half::f16]),
+    BF16(&'a mut [half::bf16]),
+}
+
+impl FloatsMut<'_> {
+    /// Writes the values `write` makes: straight into f32 elements, else through `scratch`
+    /// and rounded to nearest, as [`Tensor::floats`].
+    pub fn write_with(self, scratch: &mut Vec<f32>, write: impl FnOnce(&mut [f32])) {
+        let n = match &self {
+            FloatsMut::F32(_) => 0,
+            FloatsMut::F16(d) => d.len(),
+            FloatsMut::BF16(d) => d.len(),
+        };
+        scratch.clear();
+        scratch.resize(n, 0.0);
+        match self {
+            FloatsMut::F32(d) => write(d),
+            FloatsMut::F16(d) => {
+                write(scratch);
+                d.iter_mut()
+                    .zip(scratch.iter())
+                    .for_each(|(d, &v)| *d = half::f16::from_f32(v));
+            }
+            FloatsMut::BF16(d) => {
+                write(scratch);
+                d.iter_mut()
+                    .zip(scratch.iter())
+                    .for_each(|(d, &v)| *d = half::bf16::from_f32(v));
+            }
+        }
+    }
+}
+
 /// A dense row-major host tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
@@ -59,6 +95,19 @@ impl Tensor {
     pub fn zeros(shape: Vec<usize>) -> Tensor {
         let n = shape.iter().product();
         Tensor::f32(shape, vec![0.0; n])
+    }
+
+    /// `v` as a float tensor of `dtype` (f32, bf16 or f16; another type: f32), rounded to
+    /// nearest (ties to even, as ONNX Runtime's `Cast` rounds).
+    pub fn floats(shape: Vec<usize>, v: Vec<f32>, dtype: v2l_graphs::DType) -> Tensor {
+        let data = match dtype {
+            v2l_graphs::DType::BF16 => {
+                Data::BF16(v.into_iter().map(half::bf16::from_f32).collect())
+            }
+            v2l_graphs::DType::F16 => Data::F16(v.into_iter().map(half::f16::from_f32).collect()),
+            _ => Data::F32(v),
+        };
+        Tensor { shape, data }
     }
 
     pub fn numel(&self) -> usize {

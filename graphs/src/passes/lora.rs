@@ -122,6 +122,12 @@ pub fn lora_input_names(weight: &str) -> [String; 3] {
     ]
 }
 
+/// Whether `input` is a LoRA factor input of [`add_lora_branches`] or [`lora_merge_graph`]
+/// (`<module>.lora_A` or `<module>.lora_B`).
+pub fn is_factor(input: &str) -> bool {
+    input.ends_with(".lora_A") || input.ends_with(".lora_B")
+}
+
 /// Adds an unfused LoRA branch to every Gemm whose B input is one of `weights`.
 pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(), PassError> {
     let graph = model.graph.get_or_insert_with(Default::default);

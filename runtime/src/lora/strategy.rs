@@ -144,21 +144,10 @@ pub fn merge_inputs(
         // One slot: `[1, rank, in]` and `[1, out, rank]` are the graph's `[rank, in]` and
         // `[out, rank]`.
         let (r, n_in, n_out) = (f.rank, t.in_features, t.out_features);
-        inputs.insert(a, typed(vec![r, n_in], fa, dtype));
-        inputs.insert(b, typed(vec![n_out, r], fb, dtype));
+        inputs.insert(a, Tensor::floats(vec![r, n_in], fa, dtype));
+        inputs.insert(b, Tensor::floats(vec![n_out, r], fb, dtype));
     }
     Ok(inputs)
-}
-
-/// `v` as a host tensor of `dtype` (f32, bf16 or f16), rounded to nearest.
-fn typed(shape: Vec<usize>, v: Vec<f32>, dtype: v2l_graphs::DType) -> Tensor {
-    use crate::tensor::Data;
-    let data = match dtype {
-        v2l_graphs::DType::BF16 => Data::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
-        v2l_graphs::DType::F16 => Data::F16(v.into_iter().map(half::f16::from_f32).collect()),
-        _ => Data::F32(v),
-    };
-    Tensor { shape, data }
 }
 
 fn variant(engine: &Engine, strategy: Strategy) -> Result<PathBuf> {
@@ -311,13 +300,16 @@ fn write_factors(
     (pad, limit): (Option<usize>, Option<f32>),
 ) -> Result<()> {
     let plan = plan_factors(targets, samples, pad, limit)?;
+    let mut scratch = Vec::new();
     for (t, f) in targets.iter().zip(&plan) {
         let names = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
         for (which, (name, shape)) in names.into_iter().zip(f.shapes(t)).enumerate() {
-            if let Some(dst) = model.fixed_f32_mut(&name, &shape) {
-                f.fill(t, which, dst);
+            if let Some(dst) = model.fixed_mut(&name, &shape) {
+                dst.write_with(&mut scratch, |d| f.fill(t, which, d));
                 continue;
             }
+            // Made f32; the session rounds it to the type its graph declares (a low-precision
+            // engine takes its factors in its own type).
             let mut v = vec![0f32; shape.iter().product()];
             f.fill(t, which, &mut v);
             model.set_fixed_inputs(vec![(name, Tensor::f32(shape, v))])?;

@@ -124,11 +124,15 @@ impl SplitModel {
         }
     }
 
-    /// [`Model::fixed_f32_mut`] when exactly one part takes `name`.
-    pub fn fixed_f32_mut(&mut self, name: &str, shape: &[usize]) -> Option<&mut [f32]> {
+    /// [`Model::fixed_mut`] when exactly one part takes `name`.
+    pub fn fixed_mut(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Option<crate::tensor::FloatsMut<'_>> {
         let mut takers = self.parts.iter_mut().filter(|p| p.takes.contains(name));
         match (takers.next(), takers.next()) {
-            (Some(p), None) => p.model.fixed_f32_mut(name, shape),
+            (Some(p), None) => p.model.fixed_mut(name, shape),
             _ => None,
         }
     }
