@@ -426,8 +426,9 @@ impl Model {
                 b.fixed_changed(&name);
             }
             let v = into_ort(self.as_declared(&name, t)).map_err(err())?;
-            // Bound runs copy a fixed input into each set's own buffer when it changes: it
-            // stays on the host until then, not on the device twice over.
+            // Bound runs copy a fixed host value into each set's own buffer when it changes:
+            // it stays on the host until then, not on the device twice over. (One already on
+            // the device, `set_fixed_values`, every set binds by reference.)
             let v = match self.device.filter(|_| self.bound.is_none()) {
                 None => v,
                 Some(id) => v

@@ -4,8 +4,11 @@
 //! set of input shapes must find its inputs in the same buffers and leaves its outputs in the
 //! same buffers. Each set gets its own buffers and graph id (`gpu_graph_id`); its first run
 //! is plain (its outputs' shapes are learnt from it), ONNX Runtime captures on the second and
-//! replays from then on. On the CPU provider the same buffers run without a graph: that is how
-//! this path is tested where there is no GPU.
+//! replays from then on. A fixed input whose value already lives where the set's buffer would
+//! (the weights a LoRA merge writes on the device) is bound by reference instead: one value for
+//! every set, rewritten in place between runs, never copied; where it moves, the set takes a
+//! new graph id. On the CPU provider the same buffers run without a graph: that is how this
+//! path is tested where there is no GPU.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -59,8 +62,13 @@ struct Set {
     id: i32,
     binding: IoBinding,
     inputs: BTreeMap<String, DynTensor>,
-    /// Fixed inputs' generations as last copied into `inputs`.
+    /// Fixed inputs' generations as last copied into `inputs` or bound by reference.
     copied: HashMap<String, u64>,
+    /// Fixed inputs bound by reference (no buffer of the set's own): where their data was.
+    referenced: HashMap<String, usize>,
+    /// An input is bound at another address than the graph captured on this set's id read:
+    /// the set takes a new id before its next run.
+    moved: bool,
     /// Output buffers: `None` until the set's first run has given their shapes.
     outputs: Option<BTreeMap<String, DynTensor>>,
     /// For dropping the least recently used set.
@@ -130,7 +138,14 @@ impl Bound {
         }
         let at = match self.sets.iter().position(|s| s.key == key) {
             Some(at) => at,
-            None => self.add_set(session, ctx, key)?,
+            None => {
+                let by_reference: Vec<&str> = sources
+                    .iter()
+                    .filter(|(name, source)| self.referable(name, source))
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                self.add_set(session, ctx, key, &by_reference)?
+            }
         };
         self.tick += 1;
         set_at(&mut self.sets, at).map_err(ort_err(ctx))?.last_used = self.tick;
@@ -140,6 +155,10 @@ impl Bound {
         }
 
         let set = set_at(&mut self.sets, at).map_err(ort_err(ctx))?;
+        if std::mem::take(&mut set.moved) {
+            set.id = self.next_id;
+            self.next_id += 1;
+        }
         let first = set.outputs.is_none();
         let mut options = RunOptions::new().map_err(ort_err(ctx))?;
         if self.device.is_some() {
@@ -215,9 +234,37 @@ impl Bound {
         }
     }
 
-    /// A new set for `key`: a buffer per input, bound; outputs to the device until the first
-    /// run gives their shapes. Drops the least recently used set beyond [`MAX_SETS`].
-    fn add_set(&mut self, session: &Session, ctx: &str, key: Vec<KeyPart>) -> Result<usize> {
+    /// Whether input `name` from `source` is bound by reference, not copied: a fixed value
+    /// already where the set's buffer would be (the device's memory, or the host's for an
+    /// input read there), such as the weights a LoRA merge wrote on the device. Every set then
+    /// reads that one value, and a rewrite in place is seen by every set with no copy.
+    fn referable(&self, name: &str, source: &Source<'_>) -> bool {
+        let Source::Fixed(v) = source else {
+            return false;
+        };
+        let Ok(t) = v.view().downcast::<DynTensorValueType>() else {
+            return false;
+        };
+        let info = t.memory_info();
+        match self.device {
+            Some(id) if !self.host_inputs.iter().any(|h| h == name) => {
+                info.allocation_device() == ort::memory::AllocationDevice::CUDA
+                    && info.device_id() == id
+            }
+            _ => info.is_cpu_accessible(),
+        }
+    }
+
+    /// A new set for `key`: a buffer per input but those bound by reference (`by_reference`),
+    /// bound; outputs to the device until the first run gives their shapes. Drops the least
+    /// recently used set beyond [`MAX_SETS`].
+    fn add_set(
+        &mut self,
+        session: &Session,
+        ctx: &str,
+        key: Vec<KeyPart>,
+        by_reference: &[&str],
+    ) -> Result<usize> {
         if self.sets.len() >= MAX_SETS {
             let oldest = self
                 .sets
@@ -230,14 +277,13 @@ impl Bound {
         }
         let mut binding = session.create_binding().map_err(ort_err(ctx))?;
         let mut inputs = BTreeMap::new();
-        for (name, ty, shape, _) in &key {
-            let err = || ort_err(format!("{ctx}: input `{name}`"));
-            let buffer = match self.host_inputs.contains(name) {
-                true => DynTensor::new(&Allocator::default(), *ty, shape.clone()),
-                false => DynTensor::new(&self.alloc, *ty, shape.clone()),
-            }
-            .map_err(err())?;
-            binding.bind_input(name.as_str(), &buffer).map_err(err())?;
+        for (name, ty, shape, _) in key.iter().filter(|k| !by_reference.contains(&k.0.as_str())) {
+            let buffer = self
+                .buffer(name, *ty, shape)
+                .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
+            binding
+                .bind_input(name.as_str(), &buffer)
+                .map_err(ort_err(format!("{ctx}: input `{name}`")))?;
             inputs.insert(name.clone(), buffer);
         }
         for output in session.outputs() {
@@ -253,21 +299,70 @@ impl Bound {
             binding,
             inputs,
             copied: HashMap::new(),
+            referenced: HashMap::new(),
+            moved: false,
             outputs: None,
             last_used: 0,
         });
         Ok(self.sets.len() - 1)
     }
 
+    /// A buffer of the set's own for input `name`: on the host for an input read there, else
+    /// where the buffers live.
+    fn buffer(&self, name: &str, ty: TensorElementType, shape: &[i64]) -> ort::Result<DynTensor> {
+        match self.host_inputs.iter().any(|h| h == name) {
+            true => DynTensor::new(&Allocator::default(), ty, shape.to_vec()),
+            false => DynTensor::new(&self.alloc, ty, shape.to_vec()),
+        }
+    }
+
+    /// Binds the fixed value `v` as input `name` of set `at` by reference, unless it is bound
+    /// already at its generation. A set whose graph read the input elsewhere captures anew.
+    fn bind_reference(
+        &mut self,
+        at: usize,
+        name: &str,
+        v: &ort::value::DynValue,
+    ) -> ort::Result<()> {
+        let generation = self.generation.get(name).copied().unwrap_or(0);
+        let set = set_at(&mut self.sets, at)?;
+        let address = v.view().downcast::<DynTensorValueType>()?.data_ptr() as usize;
+        if set.copied.get(name) == Some(&generation) && set.referenced.get(name) == Some(&address) {
+            return Ok(());
+        }
+        set.binding.bind_input(name, v)?;
+        // A buffer of its own (an earlier source of another kind) goes.
+        set.inputs.remove(name);
+        let before = set.referenced.insert(name.to_string(), address);
+        if set.outputs.is_some() && before != Some(address) {
+            set.moved = true;
+        }
+        set.copied.insert(name.to_string(), generation);
+        Ok(())
+    }
+
     /// Copies input `name` of set `at` from `source` where its buffer does not hold it yet.
     fn fill(&mut self, at: usize, name: &str, source: &Source<'_>) -> ort::Result<()> {
+        if let (Source::Fixed(v), true) = (source, self.referable(name, source)) {
+            return self.bind_reference(at, name, v);
+        }
         let generation = self.generation.get(name).copied().unwrap_or(0);
-        let ty = self
+        let (ty, shape) = self
             .sets
             .get(at)
-            .and_then(|s| s.inputs.get(name))
-            .map(|b| *b.data_type())
+            .and_then(|s| s.key.iter().find(|k| k.0 == name))
+            .map(|k| (k.1, k.2.clone()))
             .ok_or_else(|| missing(name))?;
+        // Bound by reference until now: a buffer of its own from here on.
+        if set_at(&mut self.sets, at)?.referenced.contains_key(name) {
+            let buffer = self.buffer(name, ty, &shape)?;
+            let set = set_at(&mut self.sets, at)?;
+            set.binding.bind_input(name, &buffer)?;
+            set.inputs.insert(name.to_string(), buffer);
+            set.referenced.remove(name);
+            set.copied.remove(name);
+            set.moved |= set.outputs.is_some();
+        }
         let c = copier(&mut self.copiers, ty, self.device)?;
         if let Source::Output(id, output) = source {
             let from = self
@@ -519,5 +614,93 @@ fn onnx_code(ty: TensorElementType) -> i32 {
         E::Float16 => 10,
         E::Bfloat16 => 16,
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::session::{Model, SessionOptions};
+    use crate::tensor::{Data, FloatsMut, Tensor};
+
+    /// `y = x + c` over any length, run bound on the CPU provider.
+    fn sum(dir: &std::path::Path) -> Model {
+        use v2l_graphs::{DType, Graph};
+        let mut g = Graph::new("sum");
+        let x = g.input("x", DType::F32, vec!["n".into()]);
+        let c = g.input("c", DType::F32, vec!["n".into()]);
+        let y = g.add(&x, &c);
+        g.output(&y, "y", DType::F32, vec!["n".into()]);
+        let path = dir.join("sum.onnx");
+        v2l_graphs::save(&g, &path, v2l_graphs::ExternalData::Never).unwrap();
+        let opts = SessionOptions {
+            bound_runs: true,
+            ..Default::default()
+        };
+        Model::load(&path, &opts).unwrap()
+    }
+
+    fn y(m: &mut Model, given: &[(&str, [f32; 2])]) -> Vec<f32> {
+        let mut inputs =
+            BTreeMap::from([("x".to_string(), Tensor::f32(vec![2], vec![10.0, 20.0]))]);
+        for (name, v) in given {
+            inputs.insert(name.to_string(), Tensor::f32(vec![2], v.to_vec()));
+        }
+        match m.run(&inputs).unwrap().remove("y").unwrap().data {
+            Data::F32(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The one set's id, whether it holds a buffer of its own for `c`, and where `c` is bound
+    /// by reference.
+    fn set(m: &Model) -> (i32, bool, Option<usize>) {
+        let b = m.bound.as_ref().unwrap();
+        assert_eq!(b.sets.len(), 1);
+        let s = &b.sets[0];
+        (
+            s.id,
+            s.inputs.contains_key("c"),
+            s.referenced.get("c").copied(),
+        )
+    }
+
+    #[test]
+    fn fixed_values_where_the_buffers_are_are_bound_by_reference() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = sum(d.path());
+        m.set_fixed_inputs(vec![("c".into(), Tensor::f32(vec![2], vec![1.0, 2.0]))])
+            .unwrap();
+        assert_eq!(y(&mut m, &[]), [11.0, 22.0]);
+        let (id, own, at) = set(&m);
+        assert!(
+            !own && at.is_some(),
+            "`c` was copied into a buffer of the set's own"
+        );
+        // Rewritten in place: seen by the set, at the same address, with the same graph.
+        match m.fixed_mut("c", &[2]) {
+            Some(FloatsMut::F32(c)) => c.copy_from_slice(&[3.0, 4.0]),
+            _ => panic!("no f32 `c` to rewrite"),
+        }
+        assert_eq!(y(&mut m, &[]), [13.0, 24.0]);
+        assert_eq!(set(&m), (id, false, at));
+        // A run's own `c` takes a buffer of the set's own; the fixed one comes back after.
+        assert_eq!(y(&mut m, &[("c", [100.0, 100.0])]), [110.0, 120.0]);
+        let (moved, own, _) = set(&m);
+        assert!(
+            own && moved != id,
+            "a graph captured on `c`'s address would be replayed"
+        );
+        assert_eq!(y(&mut m, &[]), [13.0, 24.0]);
+        let (back, own, at) = set(&m);
+        assert!(!own && at.is_some() && back != moved);
+        // A new value elsewhere: bound there, under a new graph id.
+        m.set_fixed_inputs(vec![("c".into(), Tensor::f32(vec![2], vec![5.0, 6.0]))])
+            .unwrap();
+        assert_eq!(y(&mut m, &[]), [15.0, 26.0]);
+        let (id, own, new_at) = set(&m);
+        assert!(!own && new_at.is_some());
+        assert_eq!(id != back, new_at != at, "a new id exactly when `c` moved");
     }
 }
