@@ -61,6 +61,9 @@ struct DeviceMerge {
     model: Model,
     /// The weights' element type, which the factors are given in.
     dtype: v2l_graphs::DType,
+    /// The last merge failed after taking the DiT's weights (their buffers, half written, are
+    /// gone): why, until a merge succeeds. The DiT refuses to run meanwhile.
+    failed: Option<String>,
 }
 
 impl DeviceMerge {
@@ -82,7 +85,11 @@ impl DeviceMerge {
             }
         };
         let model = Model::load_for_handoff(&engine.dir.join(file), opts)?;
-        Ok(Some(DeviceMerge { model, dtype }))
+        Ok(Some(DeviceMerge {
+            model,
+            dtype,
+            failed: None,
+        }))
     }
 
     /// Makes `dit`'s targeted weights with `lora` merged (the base where it is `None` or has
@@ -101,8 +108,25 @@ impl DeviceMerge {
             .map(|t| format!("{}.weight", t.name))
             .collect();
         let reuse = dit.take_fixed(&names);
-        let merged = self.model.run_on_device(&inputs, reuse)?;
-        dit.set_fixed_values(merged)
+        let done = self
+            .model
+            .run_on_device(&inputs, reuse)
+            .and_then(|merged| dit.set_fixed_values(merged));
+        self.failed = done.as_ref().err().map(|e| e.to_string());
+        done
+    }
+
+    /// An error while the DiT has no weights (a failed merge), naming why.
+    fn check_weights(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(why) => Err(RuntimeError::Invalid {
+                what: "DiT weights".into(),
+                message: format!(
+                    "the LoRA merge on the device failed ({why}), leaving the DiT without its weights; set a LoRA (or none) again"
+                ),
+            }),
+        }
     }
 }
 
@@ -524,6 +548,9 @@ impl DitRunner {
         inputs: &BTreeMap<String, Tensor>,
         state: Option<&mut FirstBlockState>,
     ) -> Result<BTreeMap<String, Tensor>> {
+        if let Some(m) = &self.merge {
+            m.check_weights()?;
+        }
         if self.strategy == Strategy::Unfused {
             let batch = inputs
                 .get(v2l_contracts::io::dit::HIDDEN_STATES)
