@@ -44,6 +44,7 @@ impl FloatsMut<'_> {
     /// Writes the values `write` makes: straight into f32 elements, else through `scratch`
     /// and rounded to nearest, as [`Tensor::floats`].
     pub fn write_with(self, scratch: &mut Vec<f32>, write: impl FnOnce(&mut [f32])) {
+        use half::slice::HalfFloatSliceExt;
         let n = match &self {
             FloatsMut::F32(_) => 0,
             FloatsMut::F16(d) => d.len(),
@@ -53,17 +54,15 @@ impl FloatsMut<'_> {
         scratch.resize(n, 0.0);
         match self {
             FloatsMut::F32(d) => write(d),
+            // The slice conversions use the CPU's F16C where it has one (a scalar f16 rounding
+            // is several times slower).
             FloatsMut::F16(d) => {
                 write(scratch);
-                d.iter_mut()
-                    .zip(scratch.iter())
-                    .for_each(|(d, &v)| *d = half::f16::from_f32(v));
+                d.convert_from_f32_slice(scratch);
             }
             FloatsMut::BF16(d) => {
                 write(scratch);
-                d.iter_mut()
-                    .zip(scratch.iter())
-                    .for_each(|(d, &v)| *d = half::bf16::from_f32(v));
+                d.convert_from_f32_slice(scratch);
             }
         }
     }
@@ -100,11 +99,18 @@ impl Tensor {
     /// `v` as a float tensor of `dtype` (f32, bf16 or f16; another type: f32), rounded to
     /// nearest (ties to even, as ONNX Runtime's `Cast` rounds).
     pub fn floats(shape: Vec<usize>, v: Vec<f32>, dtype: v2l_graphs::DType) -> Tensor {
+        use half::slice::HalfFloatSliceExt;
         let data = match dtype {
             v2l_graphs::DType::BF16 => {
-                Data::BF16(v.into_iter().map(half::bf16::from_f32).collect())
+                let mut low = vec![half::bf16::ZERO; v.len()];
+                low.convert_from_f32_slice(&v);
+                Data::BF16(low)
             }
-            v2l_graphs::DType::F16 => Data::F16(v.into_iter().map(half::f16::from_f32).collect()),
+            v2l_graphs::DType::F16 => {
+                let mut low = vec![half::f16::ZERO; v.len()];
+                low.convert_from_f32_slice(&v);
+                Data::F16(low)
+            }
             _ => Data::F32(v),
         };
         Tensor { shape, data }
