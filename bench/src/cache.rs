@@ -104,6 +104,7 @@ pub fn bench_cache(b: &CacheBench) -> Result<(), Failure> {
         dir: b.dir.clone(),
         json: b.json,
         vae_cases: Vec::new(),
+        lora_strategies: Vec::new(),
     };
     let (_, engine_dir, _) = prepare(&scale, &log)?;
     let config = cogvideox_5b_config(b.layers)?;

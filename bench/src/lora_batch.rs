@@ -97,6 +97,7 @@ pub fn bench_lora_batch(b: &LoraBatchBench) -> Result<(), Failure> {
         dir: b.dir.clone(),
         json: b.json,
         vae_cases: vec![],
+        lora_strategies: Vec::new(),
     };
     let (_, engine_dir, _) = crate::scale::prepare(&scale, &log)?;
     let engine = Engine::open(&engine_dir)?;

@@ -208,6 +208,11 @@ enum Command {
         /// Skip the VAE measurements
         #[arg(long)]
         no_vae: bool,
+        /// Also time the LoRA switch of this strategy (repeatable: fused, bound, unfused),
+        /// beside the engine's default: `--lora-strategy unfused` on an fp32 and a bf16 engine
+        /// compares the factors' host work in f32 and in the engine's type
+        #[arg(long = "lora-strategy", value_name = "STRATEGY", value_parser = parse_strategy)]
+        lora_strategies: Vec<v2l_runtime::lora::strategy::Strategy>,
     },
     /// The effect hypernetworks at real size (generated weights): Prompt2Effect (paper size,
     /// 1.54 B) over Wan2.1-I2V-14B's 400 attention layers, or LoFA's two stages (199 M + 214 M)
@@ -313,6 +318,7 @@ fn main() -> ExitCode {
             dir,
             vae_cases,
             no_vae,
+            lora_strategies,
         } => {
             let parse = |s: &String| -> Result<(usize, usize, usize), Failure> {
                 let v: Vec<usize> = s.split('x').filter_map(|p| p.parse().ok()).collect();
@@ -347,6 +353,7 @@ fn main() -> ExitCode {
                 dir,
                 json: cli.json,
                 vae_cases,
+                lora_strategies,
             })
         }
         Command::Conv(mut b) => {
@@ -691,4 +698,10 @@ fn run_t5(
         "tokens": 226, "process_s": r.wall_s, "peak_rss_mb": r.peak_rss_mb,
         "load_ms": j["load_ms"], "run_ms": j["run_ms"],
     }))
+}
+
+/// A `--lora-strategy` value.
+fn parse_strategy(s: &str) -> Result<v2l_runtime::lora::strategy::Strategy, String> {
+    v2l_runtime::lora::strategy::Strategy::parse(s)
+        .ok_or_else(|| format!("`{s}`: expected fused, bound or unfused"))
 }

@@ -39,6 +39,9 @@ pub struct ScaleBench {
     /// VAE decode cases (pixel frames, height, width); needs `torch_python` to generate the
     /// real-width VAE checkpoint.
     pub vae_cases: Vec<(usize, usize, usize)>,
+    /// LoRA strategies whose switch is timed besides the engine's default (and, below fp32 on
+    /// one block, the other that keeps low-precision weights).
+    pub lora_strategies: Vec<Strategy>,
 }
 
 /// One process run: wall time, peak RSS, and its stdout.
@@ -287,6 +290,15 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     } else {
         None
     };
+    let mut asked = serde_json::Map::new();
+    let timed = |s: Strategy| s == strategy || (other_switch_ms.is_some() && s == other);
+    for &s in b.lora_strategies.iter().filter(|&&s| !timed(s)) {
+        let (ms, _) = bench_switch(&engine, s, b.threads, b.repeat.max(3), 64)?;
+        if !b.json {
+            println!("LoRA switch: {ms:.1} ms ({} strategy)", s.name());
+        }
+        asked.insert(s.name().to_string(), serde_json::json!(ms));
+    }
     let mut rows = Vec::new();
     for &(frames, h, w) in &b.cases {
         if frames == 0 || (frames - 1) % 4 != 0 || h % 16 != 0 || w % 16 != 0 {
@@ -350,6 +362,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             "load_s": j["load_ms"].as_f64().map(|v| v / 1e3), "lora_switch_ms": switch_ms,
             "bound_heap_mb": bound_mb, "lora_strategy": strategy.name(),
             "lora_switch_other": other_switch_ms.map(|ms| serde_json::json!({"strategy": other.name(), "ms": ms})),
+            "lora_switch_asked": asked,
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
         if let Some(py) = &b.torch_python {
