@@ -305,3 +305,118 @@ fn a_tensorrt_bundle_takes_lora_factors_as_inputs() {
         "{min}"
     );
 }
+
+/// Kept factor inputs (`DitRunner::set_factor_cache`): switching back to a LoRA used before
+/// hands its kept inputs to the session and gives the outputs of laying them out anew, bitwise,
+/// through plain and bound runs and after the DiT is cut for step caching; the budget drops the
+/// least recently used; a refused LoRA changes neither the inputs nor what is kept.
+#[test]
+fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
+    use std::collections::BTreeMap;
+    use v2l_runtime::lora::factors::FactorCacheStats;
+    use v2l_runtime::lora::strategy::DitRunner;
+
+    let d = tempfile::tempdir().unwrap();
+    let eng = common::engine(d.path());
+    let engine = Engine::open(&eng).unwrap();
+    let inputs: BTreeMap<String, Tensor> = read_safetensors(&tiny().join("dit_io.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("output"))
+        .collect();
+    let x = file_lora(
+        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
+        1.0,
+    );
+    let (y, z) = (negated(&x), at(&x, 0.5));
+    let loras = [Some(&x), Some(&y), Some(&z), None];
+    let plain = engine.session_options(0);
+    let bound = SessionOptions {
+        bound_runs: true,
+        ..plain.clone()
+    };
+    let sample = |r: &mut DitRunner| r.run(&inputs).unwrap().remove("sample").unwrap();
+    // Each LoRA laid out by a runner of its own that keeps nothing.
+    let fresh = |opts: &SessionOptions, l: Option<&AppliedLora>, cut: bool| {
+        let mut r = DitRunner::load(&engine, opts, Strategy::Unfused).unwrap();
+        r.set_lora(&engine, l).unwrap();
+        if cut {
+            r.cut_for_caching(&engine).unwrap();
+        }
+        sample(&mut r)
+    };
+    let want: Vec<Tensor> = loras.iter().map(|l| fresh(&plain, *l, false)).collect();
+    for i in 0..want.len() {
+        for j in i + 1..want.len() {
+            assert!(want[i].rel_l2(&want[j]) > EFFECT_REL_L2, "{i} and {j}");
+        }
+    }
+    let stats = |r: &DitRunner| {
+        let s = r.factor_cache_stats();
+        (s.entries, s.hits, s.misses)
+    };
+    for opts in [&plain, &bound] {
+        let what = if opts.bound_runs { "bound" } else { "plain" };
+        let mut r = DitRunner::load(&engine, opts, Strategy::Unfused).unwrap();
+        // Loading laid one sample out; the first run, two (CFG): both misses, nothing kept.
+        assert!(sample(&mut r) == want[3], "{what}: the base");
+        assert_eq!(stats(&r), (0, 0, 2), "{what}");
+        r.set_factor_cache(1 << 30);
+        let switch = |r: &mut DitRunner, k: usize| {
+            r.set_lora(&engine, loras[k]).unwrap();
+            assert!(sample(r) == want[k], "{what}: LoRA {k} differs");
+        };
+        // X, Y, Z laid out; the base was kept.
+        switch(&mut r, 0);
+        let base_bytes = r.factor_cache_stats().bytes;
+        switch(&mut r, 1);
+        let one = r.factor_cache_stats().bytes - base_bytes;
+        switch(&mut r, 2);
+        switch(&mut r, 3);
+        assert_eq!(stats(&r), (3, 1, 5), "{what}");
+        for k in [0, 2, 1, 3, 0] {
+            switch(&mut r, k);
+        }
+        assert_eq!(stats(&r), (3, 6, 5), "{what}");
+        // The same LoRA again: nothing to do, not even a hit.
+        switch(&mut r, 0);
+        assert_eq!(stats(&r), (3, 6, 5), "{what}");
+
+        // A LoRA that matches no layer of the DiT is refused: X stays, the kept stay.
+        let mut stray = (*x.lora).clone();
+        stray.layers[0].module = "no_such_block.attn1.to_q".into();
+        let stray = AppliedLora {
+            lora: stray.into(),
+            ..x.clone()
+        };
+        assert!(r.set_lora(&engine, Some(&stray)).is_err(), "{what}");
+        assert!(
+            sample(&mut r) == want[0],
+            "{what}: the refused LoRA changed X"
+        );
+        assert_eq!(stats(&r), (3, 6, 5), "{what}");
+
+        // Room for one LoRA's layout: the least recently used go (the base's stays).
+        r.set_factor_cache(one);
+        assert_eq!(stats(&r), (1, 6, 5), "{what}");
+        switch(&mut r, 1); // laid out again; X kept, the base dropped
+        switch(&mut r, 2); // laid out again over X's inputs; Y kept
+        switch(&mut r, 1); // Y kept: a hit
+        assert_eq!(stats(&r), (1, 7, 7), "{what}");
+        let s: FactorCacheStats = r.factor_cache_stats();
+        assert!(s.bytes <= one, "{what}: {} bytes kept over {one}", s.bytes);
+
+        // Cut for step caching: the new sessions take Y anew; Z's kept inputs serve them.
+        r.cut_for_caching(&engine).unwrap();
+        assert!(
+            sample(&mut r) == fresh(opts, loras[1], true),
+            "{what}: cut, Y"
+        );
+        r.set_lora(&engine, loras[2]).unwrap();
+        assert!(
+            sample(&mut r) == fresh(opts, loras[2], true),
+            "{what}: cut, Z"
+        );
+        assert_eq!(stats(&r), (1, 8, 8), "{what}");
+    }
+}

@@ -412,7 +412,7 @@ impl Pipeline {
             })
             .collect();
         let same = loras.windows(2).all(|w| match w {
-            [a, b] => same_lora(a.as_ref(), b.as_ref()),
+            [a, b] => AppliedLora::same(a.as_ref(), b.as_ref()),
             _ => true,
         });
         let set = match (same, loras.first()) {
@@ -620,18 +620,6 @@ fn generation(
         hyper_weights,
         lora,
         timings,
-    }
-}
-
-/// Whether two requests' LoRAs are the same one at the same multiplier (or both none).
-fn same_lora(a: Option<&AppliedLora>, b: Option<&AppliedLora>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => {
-            std::sync::Arc::ptr_eq(&a.lora, &b.lora)
-                && a.multiplier.to_bits() == b.multiplier.to_bits()
-        }
-        _ => false,
     }
 }
 

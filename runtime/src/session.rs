@@ -480,6 +480,36 @@ impl Model {
         }
     }
 
+    /// Moves the fixed inputs among `names` that bound runs would copy from the host into each
+    /// set's buffers to the device instead, where every set binds them by reference: values
+    /// kept across LoRA switches ([`crate::lora::factors`]) then never cross the bus again.
+    /// Nothing to do on the CPU, or without bound runs (fixed inputs go to the device when
+    /// set). Not yet run on a GPU.
+    pub fn fixed_to_device(&mut self, names: &[String]) -> Result<()> {
+        let (Some(id), Some(b)) = (self.device, &mut self.bound) else {
+            return Ok(());
+        };
+        for name in names {
+            let Some(v) = self.fixed.get(name) else {
+                continue;
+            };
+            let on_device = v
+                .view()
+                .downcast::<ort::value::DynTensorValueType>()
+                .map_err(ort_err(format!("{}: input `{name}`", self.path.display())))?;
+            if b.reads_on_host(name) || !on_device.memory_info().is_cpu_accessible() {
+                continue;
+            }
+            let moved = on_device
+                .to(ort::memory::AllocationDevice::CUDA, id)
+                .map_err(ort_err(format!("{}: input `{name}`", self.path.display())))?
+                .into_dyn();
+            b.fixed_changed(name);
+            self.fixed.insert(name.clone(), moved);
+        }
+        Ok(())
+    }
+
     /// Runs the model. Every graph input must be given (here or as a fixed input); all outputs
     /// are returned. Inputs are passed to ONNX Runtime by reference, not copied.
     pub fn run(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {

@@ -142,6 +142,15 @@ impl DitModel {
         }
     }
 
+    /// [`Model::fixed_to_device`].
+    pub fn fixed_to_device(&mut self, names: &[String]) -> Result<()> {
+        match self {
+            DitModel::Whole(m) => m.fixed_to_device(names),
+            DitModel::Cut(c) => c.parts.fixed_to_device(names),
+            DitModel::Released => Err(released()),
+        }
+    }
+
     pub fn fixed_mut(
         &mut self,
         name: &str,

@@ -9,10 +9,12 @@
 //! | [`response`] | LoFA's response map `|ΔW/W| > τ` and a fuse restricted to it |
 //! | [`apply`] | matching a LoRA to a model's layers and fusing it from the base weights |
 //! | [`switch`] | base + live weights: switching LoRAs rewrites the union of touched layers from the base |
+//! | [`factors`] | the `unfused` graph's factor inputs, laid out and kept for LoRAs used before |
 //! | [`strategy`] | fused / bound / unfused: three ways to apply a LoRA to the DiT, one API |
 //! | [`fuse`] | the fuse kernel `W' = W + s·B·A`, f32/f16/bf16, streaming, multi-threaded |
 
 pub mod apply;
+pub mod factors;
 pub mod format;
 pub use v2l_kernels::fuse;
 pub mod lilora;
@@ -30,4 +32,18 @@ pub struct AppliedLora {
     pub lora: std::sync::Arc<format::Lora>,
     pub source: std::path::PathBuf,
     pub multiplier: f32,
+}
+
+impl AppliedLora {
+    /// The same factors (one `Arc`) at the same multiplier; two `None`s are the same.
+    pub fn same(a: Option<&AppliedLora>, b: Option<&AppliedLora>) -> bool {
+        match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                std::sync::Arc::ptr_eq(&a.lora, &b.lora)
+                    && a.multiplier.to_bits() == b.multiplier.to_bits()
+            }
+            _ => false,
+        }
+    }
 }

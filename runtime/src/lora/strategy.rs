@@ -17,8 +17,7 @@ use std::path::PathBuf;
 
 use v2l_contracts::LinearInfo;
 
-use super::apply::match_targets;
-use super::format::LoraLayer;
+use super::factors::{plan_factors, FactorCacheStats, FactorInputs};
 use super::switch::{BaseWeights, Buffer, SwitchableWeights};
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
@@ -44,6 +43,8 @@ pub struct DitRunner {
     /// the batch the factor inputs are laid out for now.
     samples: Vec<Option<AppliedLora>>,
     laid_out: usize,
+    /// `unfused`: what the factor inputs hold, and those kept for other LoRAs.
+    factors: FactorInputs,
     max_rank: Option<usize>,
     /// `unfused` on an fp16 engine: the largest factor its branches take (fp16's largest
     /// finite value; they compute in fp16, as PEFT's on an fp16 model).
@@ -184,164 +185,6 @@ fn variant(engine: &Engine, strategy: Strategy) -> Result<PathBuf> {
         })
 }
 
-/// One sample's layer on one target of the unfused graph, with its fuse scale; `None`: that
-/// sample has no LoRA there (its branch adds exact zeros).
-type SampleLayer<'a> = Option<(&'a LoraLayer, f32)>;
-
-/// A target's factor inputs for the unfused graph, one slot per sample: `A [samples, rank, in]`,
-/// `B [samples, out, rank]`, `scale [samples, 1, 1]`. A sample without a LoRA, and the rows and
-/// columns beyond a LoRA's own rank, are zeros: they add exact zeros to the base output.
-struct TargetFactors<'a> {
-    rank: usize,
-    samples: Vec<SampleLayer<'a>>,
-}
-
-impl TargetFactors<'_> {
-    fn shapes(&self, t: &LinearInfo) -> [Vec<usize>; 3] {
-        let n = self.samples.len();
-        [
-            vec![n, self.rank, t.in_features],
-            vec![n, t.out_features, self.rank],
-            vec![n, 1, 1],
-        ]
-    }
-
-    /// Writes input `which` (0: A, 1: B, 2: scale) into `dst`, laid out as [`Self::shapes`].
-    /// Every element is written (zeros included), so `dst` may hold an earlier LoRA.
-    fn fill(&self, t: &LinearInfo, which: usize, dst: &mut [f32]) {
-        let (rr, n_in, n_out) = (self.rank, t.in_features, t.out_features);
-        let slot = match which {
-            0 => rr * n_in,
-            1 => n_out * rr,
-            _ => 1,
-        };
-        for (sample, dst) in self.samples.iter().zip(dst.chunks_exact_mut(slot.max(1))) {
-            dst.fill(0.0);
-            let Some((layer, scale)) = sample else {
-                continue;
-            };
-            let r = layer.rank();
-            let size = layer.a.dtype.size();
-            // Shapes were matched to the target and ranks to the slot by `plan_factors`.
-            let _ = match which {
-                0 => dst.get_mut(..r * n_in).and_then(|d| {
-                    v2l_graphs::dtype::f32_values_into(&layer.a.bytes, layer.a.dtype, d)
-                }),
-                1 => dst
-                    .chunks_exact_mut(rr.max(1))
-                    .zip(layer.b.bytes.chunks_exact((r * size).max(1)))
-                    .try_for_each(|(row, src)| {
-                        v2l_graphs::dtype::f32_values_into(src, layer.b.dtype, row.get_mut(..r)?)
-                    }),
-                _ => dst.first_mut().map(|d| *d = *scale),
-            };
-        }
-    }
-}
-
-/// Which layer of which sample's LoRA each target of the unfused graph takes, and the rank its
-/// factor inputs are padded to: the largest among the samples, or `pad` (an engine's
-/// `--max-rank`, so a GPU engine sees one shape). Everything a switch can refuse is checked
-/// here, before any input is written: unmatched layers, non-finite factors, ranks over `pad`.
-fn plan_factors<'a>(
-    targets: &'a [LinearInfo],
-    samples: &[Option<&'a AppliedLora>],
-    pad: Option<usize>,
-    limit: Option<f32>,
-) -> Result<Vec<TargetFactors<'a>>> {
-    let mut by_sample: Vec<BTreeMap<&str, (&'a LoraLayer, f32)>> = Vec::new();
-    for lora in samples {
-        let mut by_target = BTreeMap::new();
-        if let Some(l) = lora {
-            for (t, layer) in match_targets(&l.lora, targets, &l.source)? {
-                for f in [&layer.a, &layer.b] {
-                    super::fuse::check_finite_bytes(&layer.module, &f.bytes, f.dtype).map_err(
-                        |e| RuntimeError::Fuse {
-                            what: l.source.display().to_string(),
-                            source: e,
-                        },
-                    )?;
-                    if let Some(limit) = limit {
-                        if let Some(v) = f.to_f32().into_iter().find(|v| v.abs() > limit) {
-                            return Err(RuntimeError::LoraLayer {
-                                layer: layer.module.clone(),
-                                message: format!(
-                                    "{}: a factor of {v} is beyond this fp16 engine's range (±{limit}; its LoRA branches compute in fp16): use a bf16 or fp32 engine",
-                                    l.source.display()
-                                ),
-                            });
-                        }
-                    }
-                }
-                // Matched by name: the layer's module is the target's.
-                debug_assert_eq!(t.name, layer.module);
-                by_target.insert(layer.module.as_str(), (layer, layer.scale(l.multiplier)));
-            }
-        }
-        by_sample.push(by_target);
-    }
-    targets
-        .iter()
-        .map(|t| {
-            let layers: Vec<SampleLayer> = by_sample
-                .iter()
-                .map(|p| p.get(t.name.as_str()).copied())
-                .collect();
-            let most = layers
-                .iter()
-                .flatten()
-                .map(|(l, _)| l.rank())
-                .max()
-                .unwrap_or(1)
-                .max(1);
-            let rank = match pad {
-                Some(r) if most > r => {
-                    return Err(RuntimeError::LoraLayer {
-            layer: t.name.clone(),
-            message: format!(
-                            "the LoRA has rank {most} here; this engine takes at most {r} (v2l-compile --max-rank)"
-                        ),
-        })
-                }
-                Some(r) => r,
-                None => most,
-            };
-            Ok(TargetFactors {
-                rank,
-                samples: layers,
-            })
-        })
-        .collect()
-}
-
-/// Sets the unfused graph's factor inputs of `model` for `samples` (one LoRA or none per
-/// sample of the DiT batch). An input already held with the same shape (the usual switch
-/// between LoRAs of one rank) is rewritten in place: no allocation, one pass over the factors.
-fn write_factors(
-    model: &mut DitModel,
-    targets: &[LinearInfo],
-    samples: &[Option<&AppliedLora>],
-    (pad, limit): (Option<usize>, Option<f32>),
-) -> Result<()> {
-    let plan = plan_factors(targets, samples, pad, limit)?;
-    let mut scratch = Vec::new();
-    for (t, f) in targets.iter().zip(&plan) {
-        let names = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
-        for (which, (name, shape)) in names.into_iter().zip(f.shapes(t)).enumerate() {
-            if let Some(dst) = model.fixed_mut(&name, &shape) {
-                dst.write_with(&mut scratch, |d| f.fill(t, which, d));
-                continue;
-            }
-            // Made f32; the session rounds it to the type its graph declares (a low-precision
-            // engine takes its factors in its own type).
-            let mut v = vec![0f32; shape.iter().product()];
-            f.fill(t, which, &mut v);
-            model.set_fixed_inputs(vec![(name, Tensor::f32(shape, v))])?;
-        }
-    }
-    Ok(())
-}
-
 impl DitRunner {
     pub fn load(engine: &Engine, opts: &SessionOptions, strategy: Strategy) -> Result<DitRunner> {
         let targets = engine.dit_targets()?.to_vec();
@@ -377,9 +220,10 @@ impl DitRunner {
             Strategy::Fused | Strategy::Unfused => {}
         }
         let mut model = dit_load(engine, opts, strategy, None)?.load(false)?;
+        let mut factors = FactorInputs::default();
         if strategy == Strategy::Unfused {
             let pad = engine.bundle.as_ref().and_then(|b| b.max_rank);
-            write_factors(&mut model, &targets, &[None], (pad, None))?;
+            factors.lay_out(&mut model, &targets, &[None], (pad, None))?;
         }
         let factor_limit = (engine.precision() == crate::backend::Precision::Fp16)
             .then(|| half::f16::MAX.to_f32());
@@ -395,6 +239,7 @@ impl DitRunner {
             weights,
             samples: vec![None],
             laid_out: 1,
+            factors,
             max_rank: engine.bundle.as_ref().and_then(|b| b.max_rank),
             factor_limit,
             merge,
@@ -429,6 +274,19 @@ impl DitRunner {
             Strategy::Unfused => self.set_sample_loras(engine, &[lora])?,
         }
         Ok(())
+    }
+
+    /// `unfused`: keep up to `bytes` of laid-out factor inputs for LoRAs switched away from
+    /// (where the session reads them: the device's memory on a GPU), so that switching back to
+    /// one moves no factor ([`crate::lora::factors`]). 0 (the default) keeps none. Other
+    /// strategies have no factor inputs to keep.
+    pub fn set_factor_cache(&mut self, bytes: u64) {
+        self.factors.set_budget(bytes);
+    }
+
+    /// How the kept factor inputs have served.
+    pub fn factor_cache_stats(&self) -> FactorCacheStats {
+        self.factors.stats()
     }
 
     /// `unfused` only: one LoRA (or none) per sample of the DiT batch, in batch order: the
@@ -472,7 +330,8 @@ impl DitRunner {
             many => many.iter().map(|l| l.as_ref()).collect(),
         };
         let bounds = (self.max_rank, self.factor_limit);
-        write_factors(&mut self.model, &self.targets, &per_sample, bounds)?;
+        self.factors
+            .lay_out(&mut self.model, &self.targets, &per_sample, bounds)?;
         self.laid_out = batch;
         Ok(())
     }
@@ -502,6 +361,7 @@ impl DitRunner {
             }
         };
         if self.strategy == Strategy::Unfused {
+            self.factors.forget_session();
             let samples = self.samples.clone();
             self.lay_out(&samples, self.laid_out)?;
         }

@@ -103,6 +103,11 @@ impl Bound {
         })
     }
 
+    /// Whether the session reads input `name` from host memory.
+    pub(super) fn reads_on_host(&self, name: &str) -> bool {
+        self.host_inputs.iter().any(|h| h == name)
+    }
+
     /// Marks the fixed input `name` as changed (set again, or written in place).
     pub(super) fn fixed_changed(&mut self, name: &str) {
         self.tick += 1;
@@ -247,7 +252,7 @@ impl Bound {
         };
         let info = t.memory_info();
         match self.device {
-            Some(id) if !self.host_inputs.iter().any(|h| h == name) => {
+            Some(id) if !self.reads_on_host(name) => {
                 info.allocation_device() == ort::memory::AllocationDevice::CUDA
                     && info.device_id() == id
             }
@@ -310,7 +315,7 @@ impl Bound {
     /// A buffer of the set's own for input `name`: on the host for an input read there, else
     /// where the buffers live.
     fn buffer(&self, name: &str, ty: TensorElementType, shape: &[i64]) -> ort::Result<DynTensor> {
-        match self.host_inputs.iter().any(|h| h == name) {
+        match self.reads_on_host(name) {
             true => DynTensor::new(&Allocator::default(), ty, shape.to_vec()),
             false => DynTensor::new(&self.alloc, ty, shape.to_vec()),
         }

@@ -27,6 +27,25 @@ impl DeviceValues {
         self.0.keys().map(String::as_str)
     }
 
+    /// The values' data in bytes.
+    pub fn bytes(&self) -> u64 {
+        use ort::value::TensorElementType as E;
+        self.0
+            .values()
+            .filter_map(|v| {
+                let ty = v.dtype().tensor_type()?;
+                let size = match ty {
+                    E::Float64 | E::Int64 | E::Uint64 => 8,
+                    E::Float32 | E::Int32 | E::Uint32 => 4,
+                    E::Float16 | E::Bfloat16 | E::Int16 | E::Uint16 => 2,
+                    _ => 1,
+                };
+                let elements: i64 = v.dtype().tensor_shape()?.iter().product();
+                Some(u64::try_from(elements).unwrap_or(0) * size)
+            })
+            .sum()
+    }
+
     /// Where the value `name`'s data starts, to tell whether a buffer was written in place.
     pub fn data_ptr(&self, name: &str) -> Option<*const std::ffi::c_void> {
         let v = self.0.get(name)?;

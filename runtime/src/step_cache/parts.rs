@@ -124,6 +124,13 @@ impl SplitModel {
         }
     }
 
+    /// [`Model::fixed_to_device`] on every part.
+    pub fn fixed_to_device(&mut self, names: &[String]) -> Result<()> {
+        self.parts
+            .iter_mut()
+            .try_for_each(|p| p.model.fixed_to_device(names))
+    }
+
     /// [`Model::fixed_mut`] when exactly one part takes `name`.
     pub fn fixed_mut(
         &mut self,

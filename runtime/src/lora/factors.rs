@@ -1,0 +1,335 @@
+//! The `unfused` graph's LoRA factor inputs: laid out from the samples' LoRAs, and kept for
+//! LoRAs used before.
+//!
+//! Laying factors out costs a pass over every factor of every targeted layer, once per sample
+//! slot: at CogVideoX-5B width with rank 64 about a gigabyte of writes per switch, and on a GPU
+//! as much again to move them up. A server switching among a few effects (or to a request's
+//! LoRA and back to its resident one) lays the same factors out again and again. With a budget
+//! ([`FactorInputs::set_budget`]), the inputs of the LoRAs switched away from are kept where the
+//! session reads them (the device's memory on a GPU): switching back hands the kept values to
+//! the session, with no pass over the factors and nothing copied.
+
+use std::collections::BTreeMap;
+
+use v2l_contracts::LinearInfo;
+
+use super::apply::match_targets;
+use super::format::LoraLayer;
+use crate::error::{Result, RuntimeError};
+use crate::lora::AppliedLora;
+use crate::session::DeviceValues;
+use crate::step_cache::DitModel;
+use crate::tensor::Tensor;
+
+/// One sample's layer on one target of the unfused graph, with its fuse scale; `None`: that
+/// sample has no LoRA there (its branch adds exact zeros).
+type SampleLayer<'a> = Option<(&'a LoraLayer, f32)>;
+
+/// A target's factor inputs for the unfused graph, one slot per sample: `A [samples, rank, in]`,
+/// `B [samples, out, rank]`, `scale [samples, 1, 1]`. A sample without a LoRA, and the rows and
+/// columns beyond a LoRA's own rank, are zeros: they add exact zeros to the base output.
+pub(super) struct TargetFactors<'a> {
+    pub(super) rank: usize,
+    samples: Vec<SampleLayer<'a>>,
+}
+
+impl TargetFactors<'_> {
+    pub(super) fn shapes(&self, t: &LinearInfo) -> [Vec<usize>; 3] {
+        let n = self.samples.len();
+        [
+            vec![n, self.rank, t.in_features],
+            vec![n, t.out_features, self.rank],
+            vec![n, 1, 1],
+        ]
+    }
+
+    /// Writes input `which` (0: A, 1: B, 2: scale) into `dst`, laid out as [`Self::shapes`].
+    /// Every element is written (zeros included), so `dst` may hold an earlier LoRA.
+    pub(super) fn fill(&self, t: &LinearInfo, which: usize, dst: &mut [f32]) {
+        let (rr, n_in, n_out) = (self.rank, t.in_features, t.out_features);
+        let slot = match which {
+            0 => rr * n_in,
+            1 => n_out * rr,
+            _ => 1,
+        };
+        for (sample, dst) in self.samples.iter().zip(dst.chunks_exact_mut(slot.max(1))) {
+            dst.fill(0.0);
+            let Some((layer, scale)) = sample else {
+                continue;
+            };
+            let r = layer.rank();
+            let size = layer.a.dtype.size();
+            // Shapes were matched to the target and ranks to the slot by `plan_factors`.
+            let _ = match which {
+                0 => dst.get_mut(..r * n_in).and_then(|d| {
+                    v2l_graphs::dtype::f32_values_into(&layer.a.bytes, layer.a.dtype, d)
+                }),
+                1 => dst
+                    .chunks_exact_mut(rr.max(1))
+                    .zip(layer.b.bytes.chunks_exact((r * size).max(1)))
+                    .try_for_each(|(row, src)| {
+                        v2l_graphs::dtype::f32_values_into(src, layer.b.dtype, row.get_mut(..r)?)
+                    }),
+                _ => dst.first_mut().map(|d| *d = *scale),
+            };
+        }
+    }
+}
+
+/// Which layer of which sample's LoRA each target of the unfused graph takes, and the rank its
+/// factor inputs are padded to: the largest among the samples, or `pad` (an engine's
+/// `--max-rank`, so a GPU engine sees one shape). Everything a switch can refuse is checked
+/// here, before any input is written: unmatched layers, non-finite factors, ranks over `pad`.
+pub(super) fn plan_factors<'a>(
+    targets: &'a [LinearInfo],
+    samples: &[Option<&'a AppliedLora>],
+    pad: Option<usize>,
+    limit: Option<f32>,
+) -> Result<Vec<TargetFactors<'a>>> {
+    let mut by_sample: Vec<BTreeMap<&str, (&'a LoraLayer, f32)>> = Vec::new();
+    for lora in samples {
+        let mut by_target = BTreeMap::new();
+        if let Some(l) = lora {
+            for (t, layer) in match_targets(&l.lora, targets, &l.source)? {
+                for f in [&layer.a, &layer.b] {
+                    super::fuse::check_finite_bytes(&layer.module, &f.bytes, f.dtype).map_err(
+                        |e| RuntimeError::Fuse {
+                            what: l.source.display().to_string(),
+                            source: e,
+                        },
+                    )?;
+                    if let Some(limit) = limit {
+                        if let Some(v) = f.to_f32().into_iter().find(|v| v.abs() > limit) {
+                            return Err(RuntimeError::LoraLayer {
+                                layer: layer.module.clone(),
+                                message: format!(
+                                    "{}: a factor of {v} is beyond this fp16 engine's range (±{limit}; its LoRA branches compute in fp16): use a bf16 or fp32 engine",
+                                    l.source.display()
+                                ),
+                            });
+                        }
+                    }
+                }
+                // Matched by name: the layer's module is the target's.
+                debug_assert_eq!(t.name, layer.module);
+                by_target.insert(layer.module.as_str(), (layer, layer.scale(l.multiplier)));
+            }
+        }
+        by_sample.push(by_target);
+    }
+    targets
+        .iter()
+        .map(|t| {
+            let layers: Vec<SampleLayer> = by_sample
+                .iter()
+                .map(|p| p.get(t.name.as_str()).copied())
+                .collect();
+            let most = layers
+                .iter()
+                .flatten()
+                .map(|(l, _)| l.rank())
+                .max()
+                .unwrap_or(1)
+                .max(1);
+            let rank = match pad {
+                Some(r) if most > r => {
+                    return Err(RuntimeError::LoraLayer {
+            layer: t.name.clone(),
+            message: format!(
+                            "the LoRA has rank {most} here; this engine takes at most {r} (v2l-compile --max-rank)"
+                        ),
+        })
+                }
+                Some(r) => r,
+                None => most,
+            };
+            Ok(TargetFactors {
+                rank,
+                samples: layers,
+            })
+        })
+        .collect()
+}
+
+/// Writes the factor inputs `plan` describes into `model`. An input already held with the
+/// same shape (the usual switch between LoRAs of one rank) is rewritten in place: no
+/// allocation, one pass over the factors.
+fn write_planned(
+    model: &mut DitModel,
+    targets: &[LinearInfo],
+    plan: &[TargetFactors<'_>],
+) -> Result<()> {
+    let mut scratch = Vec::new();
+    for (t, f) in targets.iter().zip(plan) {
+        let names = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
+        for (which, (name, shape)) in names.into_iter().zip(f.shapes(t)).enumerate() {
+            if let Some(dst) = model.fixed_mut(&name, &shape) {
+                dst.write_with(&mut scratch, |d| f.fill(t, which, d));
+                continue;
+            }
+            // Made f32; the session rounds it to the type its graph declares (a low-precision
+            // engine takes its factors in its own type).
+            let mut v = vec![0f32; shape.iter().product()];
+            f.fill(t, which, &mut v);
+            model.set_fixed_inputs(vec![(name, Tensor::f32(shape, v))])?;
+        }
+    }
+    Ok(())
+}
+
+/// The factor inputs of every target (`A`, `B` and scale of each).
+fn input_names(targets: &[LinearInfo]) -> Vec<String> {
+    targets
+        .iter()
+        .flat_map(|t| v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name)))
+        .collect()
+}
+
+/// One LoRA (or none) per sample slot of the DiT batch.
+type Layout = Vec<Option<AppliedLora>>;
+
+fn same_layout(a: &[Option<AppliedLora>], b: &[Option<&AppliedLora>]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| AppliedLora::same(a.as_ref(), *b))
+}
+
+/// Factor inputs laid out for a layout other than the session's current one.
+struct Kept {
+    /// Held so the LoRAs' identities (`Arc` addresses) cannot be reused by others meanwhile.
+    layout: Layout,
+    values: DeviceValues,
+    bytes: u64,
+}
+
+/// How the kept factor inputs have served (for benchmarks, tests and a server's metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FactorCacheStats {
+    /// Layouts kept, and their bytes (where the session reads them: device memory on a GPU).
+    pub entries: usize,
+    pub bytes: u64,
+    /// Switches served from kept inputs, and switches that laid factors out.
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// The session's factor inputs: which layout they hold now, and those kept for others.
+#[derive(Default)]
+pub(super) struct FactorInputs {
+    /// The layout the session's inputs hold; `None` when unknown (a new session, or a write
+    /// that failed part-way).
+    holds: Option<Layout>,
+    /// Oldest first.
+    kept: Vec<Kept>,
+    /// Bytes the kept layouts may take (0: none kept, every switch lays factors out in place).
+    budget: u64,
+    hits: u64,
+    misses: u64,
+}
+
+impl FactorInputs {
+    /// Keeps up to `bytes` of laid-out factor inputs for layouts switched away from; the
+    /// least recently used go first. 0 drops every kept layout.
+    pub(super) fn set_budget(&mut self, bytes: u64) {
+        self.budget = bytes;
+        self.trim();
+    }
+
+    pub(super) fn stats(&self) -> FactorCacheStats {
+        FactorCacheStats {
+            entries: self.kept.len(),
+            bytes: self.kept.iter().map(|k| k.bytes).sum(),
+            hits: self.hits,
+            misses: self.misses,
+        }
+    }
+
+    /// The session was built again: its factor inputs hold nothing yet (kept layouts stay:
+    /// their values belong to no session).
+    pub(super) fn forget_session(&mut self) {
+        self.holds = None;
+    }
+
+    /// Sets `model`'s factor inputs for `samples` (one LoRA or none per sample slot):
+    /// nothing to do when they hold that layout already, kept values handed over when it was
+    /// kept, else laid out (in place where nothing is to be kept). `bounds`: the engine's rank
+    /// pad and an fp16 engine's factor limit. A refused LoRA leaves the inputs as they were.
+    pub(super) fn lay_out(
+        &mut self,
+        model: &mut DitModel,
+        targets: &[LinearInfo],
+        samples: &[Option<&AppliedLora>],
+        (pad, limit): (Option<usize>, Option<f32>),
+    ) -> Result<()> {
+        if self
+            .holds
+            .as_deref()
+            .is_some_and(|h| same_layout(h, samples))
+        {
+            return Ok(());
+        }
+        let names = input_names(targets);
+        if let Some(at) = self
+            .kept
+            .iter()
+            .position(|k| same_layout(&k.layout, samples))
+        {
+            let kept = self.kept.remove(at);
+            let current = model.take_fixed(&names);
+            self.keep(current);
+            self.holds = None;
+            model.set_fixed_values(kept.values)?;
+            self.holds = Some(kept.layout);
+            self.hits += 1;
+            return Ok(());
+        }
+        // Everything a switch can refuse is checked before the inputs are touched.
+        let plan = plan_factors(targets, samples, pad, limit)?;
+        if self.budget > 0 {
+            let current = model.take_fixed(&names);
+            // The values an eviction frees are written over in place: no allocation.
+            if let Some(free) = self.keep(current) {
+                model.set_fixed_values(free)?;
+            }
+        }
+        self.holds = None;
+        write_planned(model, targets, &plan)?;
+        if self.budget > 0 {
+            // Kept where the session reads them, so a switch back moves nothing.
+            model.fixed_to_device(&names)?;
+        }
+        self.holds = Some(samples.iter().map(|l| l.cloned()).collect());
+        self.misses += 1;
+        Ok(())
+    }
+
+    /// Keeps `values`, the inputs of the layout held until now, within the budget; returns
+    /// values that no longer fit (evicted, or these), to be written over.
+    fn keep(&mut self, values: DeviceValues) -> Option<DeviceValues> {
+        if values.is_empty() {
+            return None;
+        }
+        let Some(layout) = self.holds.take() else {
+            return Some(values);
+        };
+        let bytes = values.bytes();
+        self.kept.push(Kept {
+            layout,
+            values,
+            bytes,
+        });
+        self.trim()
+    }
+
+    /// Drops the oldest kept layouts beyond the budget; returns the values of the last one
+    /// dropped.
+    fn trim(&mut self) -> Option<DeviceValues> {
+        let mut freed = None;
+        while self.kept.iter().map(|k| k.bytes).sum::<u64>() > self.budget && !self.kept.is_empty()
+        {
+            freed = Some(self.kept.remove(0).values);
+        }
+        freed
+    }
+}
