@@ -446,6 +446,9 @@ struct Figures {
     dit_step_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     switch_unfused_ms: Option<f64>,
+    /// `unfused` back to a LoRA whose laid-out inputs were kept (`--factor-cache-mb`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    switch_unfused_kept_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     switch_fused_ms: Option<f64>,
     /// `bound` on a cuda engine: the LoRA merged into the DiT's weights on the device.
@@ -565,6 +568,9 @@ fn print_row(f: &Figures, json: bool) {
             "    stages, warm median ms (this engine / the CPU fp32 engine): {}",
             cells(&f.stages)
         );
+    }
+    if let Some(ms) = f.switch_unfused_kept_ms {
+        println!("    unfused LoRA switch back to a LoRA whose inputs were kept: {ms:.2} ms");
     }
     if let Some((gpu, cpu)) = f.first_generation_ms {
         println!(
@@ -812,6 +818,14 @@ fn run_case(
         Ok(crate::pipeline::stats(t).0)
     };
     f.switch_unfused_ms = Some(switch(&mut gpu_p)?);
+    // The same switches with every LoRA's laid-out inputs kept: after a round that lays each
+    // out, a switch hands kept inputs (on the device) to the session.
+    gpu_p.set_factor_cache(u64::MAX);
+    for l in &loras {
+        gpu_p.set_lora(Some(l)).map_err(Failure::from)?;
+    }
+    f.switch_unfused_kept_ms = Some(switch(&mut gpu_p)?);
+    gpu_p.set_factor_cache(0);
     let batch: Vec<Request> = loras
         .iter()
         .map(|l| {

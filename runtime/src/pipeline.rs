@@ -183,6 +183,17 @@ impl Pipeline {
         Ok(())
     }
 
+    /// `unfused`: keep up to `bytes` of laid-out factor inputs for LoRAs switched away from,
+    /// so a switch back moves no factor ([`DitRunner::set_factor_cache`]).
+    pub fn set_factor_cache(&mut self, bytes: u64) {
+        self.dit.set_factor_cache(bytes);
+    }
+
+    /// How the kept factor inputs have served.
+    pub fn factor_cache_stats(&self) -> crate::lora::factors::FactorCacheStats {
+        self.dit.factor_cache_stats()
+    }
+
     /// Measure each stage's own peak RSS in [`Generation::timings`]. It resets the process's
     /// high-water mark between stages ([`crate::stages`]), so it is off unless asked for.
     pub fn set_stage_memory(&mut self, on: bool) {

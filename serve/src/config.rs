@@ -56,6 +56,9 @@ pub struct Config {
     /// Jobs waiting at most; more get `429`.
     pub queue: usize,
     pub lora_cache_bytes: u64,
+    /// Per worker, `unfused` only: laid-out factor inputs kept for LoRAs switched away from
+    /// (on a GPU in its memory), so a switch back moves no factor (`--factor-cache-mb`).
+    pub factor_cache_bytes: u64,
     /// Bearer token required on `/v1/*` when set.
     pub token: Option<String>,
     /// Host names (beyond IP literals and `localhost`) a request's `Host` and a browser's

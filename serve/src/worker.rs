@@ -107,6 +107,7 @@ impl Worker {
         };
         // Loaded now, so no request with a reference waits for it.
         pipeline.load_predictor()?;
+        pipeline.set_factor_cache(shared.config.factor_cache_bytes);
         Ok(Worker {
             shared,
             engine,
