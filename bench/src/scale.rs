@@ -273,7 +273,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         if let Some(ms) = sw.kept_ms {
             if !b.json {
                 println!(
-                    "LoRA switch: {ms:.1} ms ({} strategy, back to a LoRA whose inputs were kept)",
+                    "LoRA switch: {ms:.3} ms ({} strategy, back to a LoRA whose inputs were kept)",
                     s.name()
                 );
             }

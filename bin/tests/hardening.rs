@@ -1126,6 +1126,7 @@ fn huge_server_flags_are_refused_when_parsed() {
         "--queue",
         "--max-upload-mb",
         "--lora-cache-mb",
+        "--factor-cache-mb",
     ] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
         c.arg("--engine")

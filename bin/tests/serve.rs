@@ -697,6 +697,27 @@ fn batched_jobs_get_exactly_their_solo_videos() {
         }
     }
     assert!(batched >= 2, "no jobs shared a DiT call: {results:?}");
+    // The reference clip's LoRA twice in turn: the second switch finds its factor inputs kept
+    // (`--factor-cache-mb`, on by default), and the video is still the CLI's.
+    for _ in 0..2 {
+        let (job, mp4) = c
+            .generate(&choice(1, 2).0, Duration::from_secs(120))
+            .unwrap();
+        assert!(
+            frames_of(&mp4, tmp.path(), "a.mp4") == frames_of(&expected[1], tmp.path(), "b.mp4"),
+            "with kept factor inputs: not its solo video ({job})"
+        );
+    }
+    let metrics = String::from_utf8(c.get("/metrics").unwrap().body).unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    assert!(value("v2l_factor_cache_hits_total") >= 1, "{metrics}");
+    assert!(value("v2l_factor_cache_entries") >= 1, "{metrics}");
+    assert!(value("v2l_factor_cache_bytes") > 0, "{metrics}");
     // Without the unfused strategy, batching is refused at start.
     let o = Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
         .arg("--engine")

@@ -768,6 +768,7 @@ async fn metrics(State(app): State<App>) -> Response {
         cache_capacity: s.cache.capacity(),
         cache_hits: s.cache.hits.load(std::sync::atomic::Ordering::Relaxed),
         cache_misses: s.cache.misses.load(std::sync::atomic::Ordering::Relaxed),
+        factor_cache: s.factor_cache(),
         jobs: s.jobs.store.counts().unwrap_or_default(),
         state_bytes: s.jobs.store.size_bytes(),
         workers: s.workers.load(std::sync::atomic::Ordering::SeqCst),

@@ -51,6 +51,8 @@ pub struct Gauges {
     pub cache_capacity: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// The workers' kept factor inputs (`--factor-cache-mb`), summed.
+    pub factor_cache: v2l_runtime::lora::factors::FactorCacheStats,
     pub jobs: BTreeMap<String, u64>,
     /// Bytes under `--state-dir`.
     pub state_bytes: u64,
@@ -92,7 +94,7 @@ impl Metrics {
     pub fn render(&self, g: &Gauges) -> String {
         let inner = self.inner();
         let mut s = String::new();
-        let scalars: [(&str, &str, &str, String); 9] = [
+        let scalars: [(&str, &str, &str, String); 13] = [
             (
                 "v2l_queue_depth",
                 "Jobs waiting for a worker.",
@@ -146,6 +148,30 @@ impl Metrics {
                 "LoRA lookups that had to predict or load.",
                 "counter",
                 g.cache_misses.to_string(),
+            ),
+            (
+                "v2l_factor_cache_entries",
+                "LoRA layouts whose DiT factor inputs the workers keep (--factor-cache-mb).",
+                "gauge",
+                g.factor_cache.entries.to_string(),
+            ),
+            (
+                "v2l_factor_cache_bytes",
+                "Bytes of kept DiT factor inputs (device memory on a GPU).",
+                "gauge",
+                g.factor_cache.bytes.to_string(),
+            ),
+            (
+                "v2l_factor_cache_hits_total",
+                "LoRA switches that handed kept factor inputs to the DiT.",
+                "counter",
+                g.factor_cache.hits.to_string(),
+            ),
+            (
+                "v2l_factor_cache_misses_total",
+                "LoRA switches that laid factor inputs out.",
+                "counter",
+                g.factor_cache.misses.to_string(),
             ),
         ];
         for (name, help, kind, v) in scalars {
@@ -232,6 +258,12 @@ mod tests {
             cache_capacity: 10,
             cache_hits: 5,
             cache_misses: 1,
+            factor_cache: v2l_runtime::lora::factors::FactorCacheStats {
+                entries: 2,
+                bytes: 1024,
+                hits: 7,
+                misses: 3,
+            },
             jobs: BTreeMap::from([("queued".to_string(), 2)]),
             state_bytes: 4096,
             workers: 1,
@@ -239,6 +271,8 @@ mod tests {
         for line in [
             "v2l_queue_depth 2",
             "v2l_lora_cache_hits_total 5",
+            "v2l_factor_cache_hits_total 7",
+            "v2l_factor_cache_bytes 1024",
             "v2l_state_dir_bytes 4096",
             "v2l_jobs{state=\"queued\"} 2",
             "v2l_errors_total{kind=\"bad_field\"} 2",

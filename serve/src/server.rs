@@ -45,6 +45,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         cache: LoraCache::new(config.lora_cache_bytes),
         metrics: Metrics::default(),
         workers: Default::default(),
+        factor_caches: Default::default(),
         facts,
         config,
     });

@@ -13,6 +13,7 @@ use std::time::Instant;
 use v2l_contracts::io::files as files_io;
 
 use v2l_runtime::engine::Engine;
+use v2l_runtime::lora::factors::FactorCacheStats;
 use v2l_runtime::lora::format::{Lora, LoraFormat};
 use v2l_runtime::lora::strategy::Strategy;
 use v2l_runtime::lora::AppliedLora;
@@ -41,6 +42,22 @@ pub struct Shared {
     /// Worker threads still taking jobs: counted up before each starts and down when its
     /// thread ends, however it ends. `/readyz` and new submissions see none left.
     pub workers: std::sync::atomic::AtomicUsize,
+    /// Each worker's kept factor inputs (`--factor-cache-mb`), as of its last switch.
+    pub factor_caches: std::sync::Mutex<Vec<FactorCacheStats>>,
+}
+
+impl Shared {
+    /// Every worker's kept factor inputs, summed.
+    pub fn factor_cache(&self) -> FactorCacheStats {
+        let all = self.factor_caches.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .fold(FactorCacheStats::default(), |a, s| FactorCacheStats {
+                entries: a.entries + s.entries,
+                bytes: a.bytes + s.bytes,
+                hits: a.hits + s.hits,
+                misses: a.misses + s.misses,
+            })
+    }
 }
 
 /// Files in a job's directory.
@@ -95,6 +112,8 @@ pub struct Worker {
     prompts: PromptEncoders,
     /// `(lora id, multiplier bits)` the pipeline holds; `None` for the base weights.
     resident: Option<(String, u32)>,
+    /// This worker's entry in [`Shared::factor_caches`].
+    factor_slot: usize,
 }
 
 impl Worker {
@@ -108,6 +127,14 @@ impl Worker {
         // Loaded now, so no request with a reference waits for it.
         pipeline.load_predictor()?;
         pipeline.set_factor_cache(shared.config.factor_cache_bytes);
+        let factor_slot = {
+            let mut all = shared
+                .factor_caches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            all.push(pipeline.factor_cache_stats());
+            all.len() - 1
+        };
         Ok(Worker {
             shared,
             engine,
@@ -115,6 +142,7 @@ impl Worker {
             pipeline,
             prompts: PromptEncoders::default(),
             resident: None,
+            factor_slot,
         })
     }
 
@@ -546,6 +574,7 @@ impl Worker {
             [one] => self.pipeline.generate(one, &mut progress).map(|g| vec![g]),
             many => self.pipeline.generate_batch(many, &mut progress),
         };
+        self.note_factor_cache();
         let timeout = || {
             let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
             Stop::failed(
@@ -644,6 +673,19 @@ impl Worker {
         Ok((lora, false))
     }
 
+    /// Publishes this worker's kept factor inputs for `/metrics`.
+    fn note_factor_cache(&self) {
+        let stats = self.pipeline.factor_cache_stats();
+        let mut all = self
+            .shared
+            .factor_caches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = all.get_mut(self.factor_slot) {
+            *s = stats;
+        }
+    }
+
     fn make_resident(&mut self, wanted: Option<(String, Arc<Lora>, f32)>) -> Result<(), Stop> {
         let key = wanted.as_ref().map(|(id, _, m)| (id.clone(), m.to_bits()));
         if key == self.resident {
@@ -656,7 +698,9 @@ impl Worker {
         });
         // Until the switch is known to have finished, the weights are not any LoRA's.
         self.resident = Some((String::new(), 0));
-        self.pipeline.set_lora(applied.as_ref())?;
+        let set = self.pipeline.set_lora(applied.as_ref());
+        self.note_factor_cache();
+        set?;
         self.resident = key;
         Ok(())
     }
