@@ -267,6 +267,17 @@ V2lStatus v2l_generator_set_lora(struct V2lGenerator *generator,
                                  const struct V2lLora *lora,
                                  float scale);
 
+// Keeps up to `bytes` of LoRA factors laid out as the DiT takes them (on a GPU, in its memory)
+// for LoRAs switched away from, least recently used dropped first: `v2l_generator_set_lora`
+// back to one of them (the same LoRA handle at the same scale) then moves no factor. Only the
+// `unfused` LoRA strategy has factor inputs (the default of GPU and int8 engines); elsewhere
+// this keeps nothing. 0 (the default) keeps none. Up to about 1 GiB per LoRA at CogVideoX-5B
+// width (rank 64 on every linear, bf16, two guidance samples).
+//
+// # Safety
+// `generator` is a live generator handle.
+V2lStatus v2l_generator_set_factor_cache(struct V2lGenerator *generator, uint64_t bytes);
+
 // Removes the applied LoRA: the DiT runs on its base weights again.
 //
 // # Safety

@@ -94,7 +94,10 @@ pub unsafe extern "C" fn v2l_engine_load_lora(
         // Shapes too, now: a LoRA for another model must fail here, not at `set_lora`.
         v2l_runtime::lora::apply::match_targets(&lora, e.dir.dit_targets()?, &path)
             .map_err(RuntimeError::from)?;
-        *out = register(V2lLora { lora, source: path });
+        *out = register(V2lLora {
+            lora: lora.into(),
+            source: path,
+        });
         Ok(())
     })
 }

@@ -100,7 +100,7 @@ pub unsafe extern "C" fn v2l_generator_predict_lora(
         let w = finite(lora_weight, "lora_weight")?;
         let p = lock(&g)?.predict(&reference, w)?;
         *out = register(V2lLora {
-            lora: p.lora,
+            lora: p.lora.into(),
             source: "reference frames".into(),
         });
         Ok(())
@@ -138,7 +138,7 @@ pub unsafe extern "C" fn v2l_generator_predict_lora_from_video(
         let reference = video::read_reference(&path, kind, height as usize, width as usize)?;
         let p = lock(&g)?.predict(&reference, w)?;
         *out = register(V2lLora {
-            lora: p.lora,
+            lora: p.lora.into(),
             source: path,
         });
         Ok(())
@@ -163,11 +163,32 @@ pub unsafe extern "C" fn v2l_generator_set_lora(
         let l = lookup(lora, "lora")?;
         let multiplier = finite(scale, "scale")?;
         let applied = AppliedLora {
-            lora: l.lora.clone().into(),
+            lora: l.lora.clone(),
             source: l.source.clone(),
             multiplier,
         };
         lock(&g)?.set_lora(Some(&applied))?;
+        Ok(())
+    })
+}
+
+/// Keeps up to `bytes` of LoRA factors laid out as the DiT takes them (on a GPU, in its memory)
+/// for LoRAs switched away from, least recently used dropped first: `v2l_generator_set_lora`
+/// back to one of them (the same LoRA handle at the same scale) then moves no factor. Only the
+/// `unfused` LoRA strategy has factor inputs (the default of GPU and int8 engines); elsewhere
+/// this keeps nothing. 0 (the default) keeps none. Up to about 1 GiB per LoRA at CogVideoX-5B
+/// width (rank 64 on every linear, bf16, two guidance samples).
+///
+/// # Safety
+/// `generator` is a live generator handle.
+#[no_mangle]
+pub unsafe extern "C" fn v2l_generator_set_factor_cache(
+    generator: *mut V2lGenerator,
+    bytes: u64,
+) -> V2lStatus {
+    guard("v2l_generator_set_factor_cache", || {
+        let g = lookup(generator, "generator")?;
+        lock(&g)?.set_factor_cache(bytes);
         Ok(())
     })
 }

@@ -38,7 +38,9 @@ pub struct V2lGenerator {
 
 /// A LoRA: immutable, shareable between threads and generators.
 pub struct V2lLora {
-    pub(crate) lora: Lora,
+    /// Shared with every generator it is applied to: no copy per switch, and one identity, by
+    /// which a generator finds the factor inputs it kept for it.
+    pub(crate) lora: Arc<Lora>,
     pub(crate) source: PathBuf,
 }
 

@@ -55,7 +55,7 @@ pub use error::{v2l_last_error, v2l_status_str};
 pub use generate::{v2l_generator_cancel, v2l_generator_generate, v2l_generator_output_size};
 pub use generator::{
     v2l_generator_clear_lora, v2l_generator_free, v2l_generator_new, v2l_generator_predict_lora,
-    v2l_generator_predict_lora_from_video, v2l_generator_set_lora,
+    v2l_generator_predict_lora_from_video, v2l_generator_set_factor_cache, v2l_generator_set_lora,
 };
 pub use handles::{V2lEngine, V2lGenerator, V2lLora};
 pub use lora::{v2l_lora_free, v2l_lora_layer_count};
@@ -77,6 +77,18 @@ pub mod testing {
     /// Runs a panicking closure through the entry-point guard: the status it returns.
     pub fn guard_panic() -> crate::types::V2lStatus {
         crate::error::guard("testing::guard_panic", || panic!("deliberate test panic"))
+    }
+
+    /// How a generator's kept factor inputs have served (`v2l_generator_set_factor_cache`).
+    ///
+    /// # Safety
+    /// `generator` is a live generator handle.
+    pub unsafe fn factor_cache_stats(
+        generator: *mut crate::V2lGenerator,
+    ) -> Option<v2l_runtime::lora::factors::FactorCacheStats> {
+        let g = crate::handles::lookup(generator, "generator").ok()?;
+        let stats = crate::args::lock(&g).ok()?.factor_cache_stats();
+        Some(stats)
     }
 
     /// The C status a runtime error maps to.

@@ -1166,3 +1166,64 @@ fn fun_inpaint_generation_matches_the_rust_api_bitwise() {
         ok(s);
     }
 }
+
+/// `v2l_generator_set_factor_cache` on an engine whose LoRAs are factor inputs (int8, whose
+/// default strategy is `unfused`): switching back to a LoRA handle hands the factor inputs kept
+/// for it to the DiT, with the frames of laying them out anew; a NULL generator is refused.
+#[test]
+fn kept_factor_inputs_switch_back_with_the_same_frames() {
+    let d = tempfile::tempdir().unwrap();
+    build_engine(d.path());
+    let eng = d.path().join("int8");
+    v2l_compile::compile(
+        &d.path().join("export"),
+        &eng,
+        v2l_runtime::backend::Backend::Cpu,
+        v2l_runtime::backend::Precision::Int8,
+    )
+    .unwrap();
+    let inp = inputs();
+    let e = open(&eng);
+    let g = generator(e);
+    let p = params(&inp, 5, 2, 42);
+    let predicted = predict(g, &inp.reference, inp.reference.frames, 1.0);
+    let peft = tiny().join("peft_lora/pytorch_lora_weights.safetensors");
+    let mut file = null_mut();
+    ok(unsafe { v2l_engine_load_lora(e, cpath(&peft).as_ptr(), &mut file) });
+    // Laid out anew on every switch (nothing kept by default).
+    ok(unsafe { v2l_generator_set_lora(g, predicted, 1.0) });
+    let a = generate(g, &p);
+    ok(unsafe { v2l_generator_set_lora(g, file, 0.5) });
+    let b = generate(g, &p);
+    assert_ne!(a, b);
+    let stats = || unsafe { v2l::testing::factor_cache_stats(g) }.unwrap();
+    assert_eq!((stats().entries, stats().hits), (0, 0));
+
+    ok(unsafe { v2l_generator_set_factor_cache(g, 1 << 30) });
+    for (lora, scale, want) in [(predicted, 1.0, &a), (file, 0.5, &b), (predicted, 1.0, &a)] {
+        ok(unsafe { v2l_generator_set_lora(g, lora, scale) });
+        assert!(generate(g, &p) == *want, "scale {scale}: frames differ");
+    }
+    let s = stats();
+    assert!(s.hits >= 2 && s.entries >= 1 && s.bytes > 0, "{s:?}");
+    // The same handle at another scale is another layout: laid out, not a hit.
+    ok(unsafe { v2l_generator_set_lora(g, predicted, 0.5) });
+    assert_eq!(stats().hits, s.hits);
+    ok(unsafe { v2l_generator_set_factor_cache(g, 0) });
+    assert_eq!(stats().entries, 0);
+    fails(
+        unsafe { v2l_generator_set_factor_cache(null_mut(), 0) },
+        V2lStatus::InvalidHandle,
+        "generator",
+    );
+    for s in unsafe {
+        [
+            v2l_lora_free(predicted),
+            v2l_lora_free(file),
+            v2l_generator_free(g),
+            v2l_engine_free(e),
+        ]
+    } {
+        ok(s);
+    }
+}

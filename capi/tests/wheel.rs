@@ -141,6 +141,13 @@ for name, call in [("sparse", lambda: engine.load_lora(sparse)),
         print("accepted", name)
     except v2l.V2lError as e:
         print("refused", name, e.status)
+# Kept factor inputs: a byte count, else ValueError before the C call.
+generator.set_factor_cache(1 << 28)
+try:
+    generator.set_factor_cache(-1)
+    print("accepted", "negative-budget")
+except ValueError:
+    print("refused", "negative-budget", "ValueError")
 print("alive")
 "#;
 
@@ -207,7 +214,7 @@ fn the_wheel_installs_into_a_fresh_venv_and_generates_the_c_abi_frames() {
         .copied()
         .filter(|l| l.starts_with("refused ") || l.starts_with("accepted "))
         .collect();
-    assert_eq!(refused.len(), 3, "{printed}");
+    assert_eq!(refused.len(), 4, "{printed}");
     assert!(
         refused.iter().all(|l| l.starts_with("refused ")),
         "{printed}"

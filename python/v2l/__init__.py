@@ -157,6 +157,7 @@ def library() -> ctypes.CDLL:
             ),
             "v2l_generator_set_lora": ([vp, vp, ctypes.c_float], ctypes.c_int32),
             "v2l_generator_clear_lora": ([vp], ctypes.c_int32),
+            "v2l_generator_set_factor_cache": ([vp, ctypes.c_uint64], ctypes.c_int32),
             "v2l_generator_output_size": (
                 [vp, P(_Params), P(ctypes.c_size_t), P(ctypes.c_uint32)],
                 ctypes.c_int32,
@@ -297,6 +298,14 @@ class Generator(_Handle):
     def set_lora(self, lora: Lora, scale: float = 1.0) -> None:
         """Applies `lora`, replacing any other: an exact switch (`v2l_generator_set_lora`)."""
         _check(library().v2l_generator_set_lora(self._ptr, lora._ptr, scale))
+
+    def set_factor_cache(self, nbytes: int) -> None:
+        """Keeps up to `nbytes` of laid-out LoRA factors for LoRAs switched away from, so that
+        `set_lora` back to one (same `Lora`, same scale) moves none; `unfused` engines only (GPU
+        and int8 engines' default); 0 keeps none (`v2l_generator_set_factor_cache`)."""
+        if not 0 <= nbytes < 1 << 64:
+            raise ValueError(f"nbytes: {nbytes} is not a byte count")
+        _check(library().v2l_generator_set_factor_cache(self._ptr, nbytes))
 
     def clear_lora(self) -> None:
         """Back to the base weights (`v2l_generator_clear_lora`)."""
