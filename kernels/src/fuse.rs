@@ -359,6 +359,11 @@ pub fn check_finite_bytes(
                 value: f32::NAN,
             });
         }
+        // A branch-free pass first (vectorised), then the index only where one is not finite.
+        let all_finite = dst.iter().fold(true, |ok, x| ok & x.is_finite());
+        if all_finite {
+            continue;
+        }
         if let Some((j, &value)) = dst.iter().enumerate().find(|(_, x)| !x.is_finite()) {
             return Err(FuseError::NonFinite {
                 name: name.to_string(),

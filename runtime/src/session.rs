@@ -454,30 +454,30 @@ impl Model {
         if let Some(b) = &mut self.bound {
             b.fixed_changed(name);
         }
-        let v = self.fixed.get_mut(name)?;
-        let same = |have: &[i64]| {
-            have.len() == shape.len()
-                && have
-                    .iter()
-                    .zip(shape)
-                    .all(|(&a, &b)| usize::try_from(a) == Ok(b))
-        };
-        use ort::value::TensorElementType as E;
-        match v.dtype().tensor_type()? {
-            E::Float32 => {
-                let (have, d) = v.try_extract_tensor_mut::<f32>().ok()?;
-                same(have).then_some(FloatsMut::F32(d))
-            }
-            E::Bfloat16 => {
-                let (have, d) = v.try_extract_tensor_mut::<half::bf16>().ok()?;
-                same(have).then_some(FloatsMut::BF16(d))
-            }
-            E::Float16 => {
-                let (have, d) = v.try_extract_tensor_mut::<half::f16>().ok()?;
-                same(have).then_some(FloatsMut::F16(d))
-            }
-            _ => None,
+        floats_mut(self.fixed.get_mut(name)?, shape)
+    }
+
+    /// [`Model::fixed_mut`] for every input `wanted` names, at once: disjoint buffers, to be
+    /// written by several threads. Inputs not held on the CPU with the wanted shape are left out.
+    pub fn fixed_mut_many<'a>(
+        &'a mut self,
+        wanted: &std::collections::HashMap<&str, &[usize]>,
+    ) -> Vec<(&'a str, FloatsMut<'a>)> {
+        if self.device.is_some() && self.bound.is_none() {
+            return Vec::new();
         }
+        if let Some(b) = &mut self.bound {
+            for name in wanted.keys().filter(|n| self.fixed.contains_key(**n)) {
+                b.fixed_changed(name);
+            }
+        }
+        self.fixed
+            .iter_mut()
+            .filter_map(|(name, v)| {
+                let shape = wanted.get(name.as_str())?;
+                Some((name.as_str(), floats_mut(v, shape)?))
+            })
+            .collect()
     }
 
     /// Moves the fixed inputs among `names` that bound runs would copy from the host into each
@@ -972,6 +972,34 @@ impl Model {
             }
             self.fixed.insert(name, v);
         }
+    }
+}
+
+/// The data of a float tensor value in its own type, when its shape is `shape` and it lives in
+/// host memory.
+fn floats_mut<'a>(v: &'a mut DynValue, shape: &[usize]) -> Option<FloatsMut<'a>> {
+    let same = |have: &[i64]| {
+        have.len() == shape.len()
+            && have
+                .iter()
+                .zip(shape)
+                .all(|(&a, &b)| usize::try_from(a) == Ok(b))
+    };
+    use ort::value::TensorElementType as E;
+    match v.dtype().tensor_type()? {
+        E::Float32 => {
+            let (have, d) = v.try_extract_tensor_mut::<f32>().ok()?;
+            same(have).then_some(FloatsMut::F32(d))
+        }
+        E::Bfloat16 => {
+            let (have, d) = v.try_extract_tensor_mut::<half::bf16>().ok()?;
+            same(have).then_some(FloatsMut::BF16(d))
+        }
+        E::Float16 => {
+            let (have, d) = v.try_extract_tensor_mut::<half::f16>().ok()?;
+            same(have).then_some(FloatsMut::F16(d))
+        }
+        _ => None,
     }
 }
 

@@ -142,6 +142,18 @@ impl DitModel {
         }
     }
 
+    /// [`Model::fixed_mut_many`].
+    pub fn fixed_mut_many<'a>(
+        &'a mut self,
+        wanted: &std::collections::HashMap<&str, &[usize]>,
+    ) -> Vec<(&'a str, crate::tensor::FloatsMut<'a>)> {
+        match self {
+            DitModel::Whole(m) => m.fixed_mut_many(wanted),
+            DitModel::Cut(c) => c.parts.fixed_mut_many(wanted),
+            DitModel::Released => Vec::new(),
+        }
+    }
+
     /// [`Model::fixed_to_device`].
     pub fn fixed_to_device(&mut self, names: &[String]) -> Result<()> {
         match self {

@@ -76,6 +76,68 @@ impl TargetFactors<'_> {
     }
 }
 
+/// Refuses `l`'s `layers` with a non-finite factor, or one beyond `limit` (an fp16 engine's
+/// range), naming the first such layer; checked on up to `threads` threads (0: one per core),
+/// as the factors are a gigabyte at 5B width.
+fn check_layers(
+    l: &AppliedLora,
+    layers: &[&LoraLayer],
+    limit: Option<f32>,
+    threads: usize,
+) -> Result<()> {
+    let check = |layer: &LoraLayer| -> Result<()> {
+        for f in [&layer.a, &layer.b] {
+            super::fuse::check_finite_bytes(&layer.module, &f.bytes, f.dtype).map_err(|e| {
+                RuntimeError::Fuse {
+                    what: l.source.display().to_string(),
+                    source: e,
+                }
+            })?;
+            if let Some(limit) = limit {
+                if let Some(v) = f.to_f32().into_iter().find(|v| v.abs() > limit) {
+                    return Err(RuntimeError::LoraLayer {
+                        layer: layer.module.clone(),
+                        message: format!(
+                            "{}: a factor of {v} is beyond this fp16 engine's range (±{limit}; its LoRA branches compute in fp16): use a bf16 or fp32 engine",
+                            l.source.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    };
+    let threads = thread_count(threads).clamp(1, layers.len().max(1));
+    let per = layers.len().div_ceil(threads).max(1);
+    // Each share stops at its first refusal; the earliest share's is reported.
+    let refusals: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = layers
+            .chunks(per)
+            .map(|share| s.spawn(move || share.iter().try_for_each(|layer| check(layer))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(RuntimeError::Internal {
+                        what: "LoRA factor check".into(),
+                        message: "a checking thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    refusals.into_iter().collect()
+}
+
+/// `threads`, or one per core for 0.
+fn thread_count(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// Which layer of which sample's LoRA each target of the unfused graph takes, and the rank its
 /// factor inputs are padded to: the largest among the samples, or `pad` (an engine's
 /// `--max-rank`, so a GPU engine sees one shape). Everything a switch can refuse is checked
@@ -85,31 +147,26 @@ pub(super) fn plan_factors<'a>(
     samples: &[Option<&'a AppliedLora>],
     pad: Option<usize>,
     limit: Option<f32>,
+    threads: usize,
 ) -> Result<Vec<TargetFactors<'a>>> {
     let mut by_sample: Vec<BTreeMap<&str, (&'a LoraLayer, f32)>> = Vec::new();
-    for lora in samples {
+    for (k, lora) in samples.iter().enumerate() {
+        // A LoRA repeated over samples (every guidance sample takes it) is checked once.
+        let before = samples.iter().zip(&by_sample).take(k);
+        if let Some((_, same)) = before
+            .into_iter()
+            .find(|(l, _)| AppliedLora::same(**l, *lora))
+        {
+            let same = same.clone();
+            by_sample.push(same);
+            continue;
+        }
         let mut by_target = BTreeMap::new();
         if let Some(l) = lora {
-            for (t, layer) in match_targets(&l.lora, targets, &l.source)? {
-                for f in [&layer.a, &layer.b] {
-                    super::fuse::check_finite_bytes(&layer.module, &f.bytes, f.dtype).map_err(
-                        |e| RuntimeError::Fuse {
-                            what: l.source.display().to_string(),
-                            source: e,
-                        },
-                    )?;
-                    if let Some(limit) = limit {
-                        if let Some(v) = f.to_f32().into_iter().find(|v| v.abs() > limit) {
-                            return Err(RuntimeError::LoraLayer {
-                                layer: layer.module.clone(),
-                                message: format!(
-                                    "{}: a factor of {v} is beyond this fp16 engine's range (±{limit}; its LoRA branches compute in fp16): use a bf16 or fp32 engine",
-                                    l.source.display()
-                                ),
-                            });
-                        }
-                    }
-                }
+            let matched = match_targets(&l.lora, targets, &l.source)?;
+            let layers: Vec<&LoraLayer> = matched.iter().map(|(_, layer)| *layer).collect();
+            check_layers(l, &layers, limit, threads)?;
+            for (t, layer) in matched {
                 // Matched by name: the layer's module is the target's.
                 debug_assert_eq!(t.name, layer.module);
                 by_target.insert(layer.module.as_str(), (layer, layer.scale(l.multiplier)));
@@ -151,28 +208,78 @@ pub(super) fn plan_factors<'a>(
         .collect()
 }
 
-/// Writes the factor inputs `plan` describes into `model`. An input already held with the
-/// same shape (the usual switch between LoRAs of one rank) is rewritten in place: no
-/// allocation, one pass over the factors.
+/// Writes the factor inputs `plan` describes into `model`. Inputs already held with the same
+/// shape (the usual switch between LoRAs of one rank) are rewritten in place, no allocation,
+/// on up to `threads` threads (0: one per core): a pass over a gigabyte at 5B width is bound by
+/// memory bandwidth, which one core does not saturate on a server.
 fn write_planned(
     model: &mut DitModel,
     targets: &[LinearInfo],
     plan: &[TargetFactors<'_>],
+    threads: usize,
 ) -> Result<()> {
-    let mut scratch = Vec::new();
+    /// One factor input: its target, which of A, B, scale, its name and shape.
+    struct Input<'p, 'l> {
+        target: &'p LinearInfo,
+        factors: &'p TargetFactors<'l>,
+        which: usize,
+        name: String,
+        shape: Vec<usize>,
+    }
+    let mut inputs = Vec::new();
     for (t, f) in targets.iter().zip(plan) {
         let names = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
         for (which, (name, shape)) in names.into_iter().zip(f.shapes(t)).enumerate() {
-            if let Some(dst) = model.fixed_mut(&name, &shape) {
-                dst.write_with(&mut scratch, |d| f.fill(t, which, d));
-                continue;
-            }
-            // Made f32; the session rounds it to the type its graph declares (a low-precision
-            // engine takes its factors in its own type).
-            let mut v = vec![0f32; shape.iter().product()];
-            f.fill(t, which, &mut v);
-            model.set_fixed_inputs(vec![(name, Tensor::f32(shape, v))])?;
+            inputs.push(Input {
+                target: t,
+                factors: f,
+                which,
+                name,
+                shape,
+            });
         }
+    }
+    let wanted: std::collections::HashMap<&str, &[usize]> = inputs
+        .iter()
+        .map(|i| (i.name.as_str(), i.shape.as_slice()))
+        .collect();
+    let mut held: std::collections::HashMap<&str, crate::tensor::FloatsMut<'_>> =
+        model.fixed_mut_many(&wanted).into_iter().collect();
+    // Each thread takes a share of the elements, largest inputs first.
+    let mut in_place: Vec<(&Input, crate::tensor::FloatsMut<'_>)> = Vec::new();
+    let mut fresh = Vec::new();
+    for i in &inputs {
+        match held.remove(i.name.as_str()) {
+            Some(dst) => in_place.push((i, dst)),
+            None => fresh.push(i),
+        }
+    }
+    in_place.sort_by_key(|(i, _)| std::cmp::Reverse(i.shape.iter().product::<usize>()));
+    let threads = thread_count(threads).clamp(1, in_place.len().max(1));
+    let mut shares: Vec<(usize, Vec<_>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+    for (i, dst) in in_place {
+        if let Some(least) = shares.iter_mut().min_by_key(|(load, _)| *load) {
+            least.0 += i.shape.iter().product::<usize>();
+            least.1.push((i, dst));
+        }
+    }
+    std::thread::scope(|s| {
+        for (_, share) in shares {
+            s.spawn(move || {
+                let mut scratch = Vec::new();
+                for (i, dst) in share {
+                    dst.write_with(&mut scratch, |d| i.factors.fill(i.target, i.which, d));
+                }
+            });
+        }
+    });
+    drop(held);
+    for i in fresh {
+        // Made f32; the session rounds it to the type its graph declares (a low-precision
+        // engine takes its factors in its own type).
+        let mut v = vec![0f32; i.shape.iter().product()];
+        i.factors.fill(i.target, i.which, &mut v);
+        model.set_fixed_inputs(vec![(i.name.clone(), Tensor::f32(i.shape.clone(), v))])?;
     }
     Ok(())
 }
@@ -253,14 +360,15 @@ impl FactorInputs {
 
     /// Sets `model`'s factor inputs for `samples` (one LoRA or none per sample slot):
     /// nothing to do when they hold that layout already, kept values handed over when it was
-    /// kept, else laid out (in place where nothing is to be kept). `bounds`: the engine's rank
-    /// pad and an fp16 engine's factor limit. A refused LoRA leaves the inputs as they were.
+    /// kept, else laid out (in place where nothing is to be kept, on `threads` threads).
+    /// `bounds`: the engine's rank pad and an fp16 engine's factor limit. A refused LoRA leaves the inputs as they were.
     pub(super) fn lay_out(
         &mut self,
         model: &mut DitModel,
         targets: &[LinearInfo],
         samples: &[Option<&AppliedLora>],
         (pad, limit): (Option<usize>, Option<f32>),
+        threads: usize,
     ) -> Result<()> {
         if self
             .holds
@@ -285,7 +393,7 @@ impl FactorInputs {
             return Ok(());
         }
         // Everything a switch can refuse is checked before the inputs are touched.
-        let plan = plan_factors(targets, samples, pad, limit)?;
+        let plan = plan_factors(targets, samples, pad, limit, threads)?;
         if self.budget > 0 {
             let current = model.take_fixed(&names);
             // The values an eviction frees are written over in place: no allocation.
@@ -294,7 +402,7 @@ impl FactorInputs {
             }
         }
         self.holds = None;
-        write_planned(model, targets, &plan)?;
+        write_planned(model, targets, &plan, threads)?;
         if self.budget > 0 {
             // Kept where the session reads them, so a switch back moves nothing.
             model.fixed_to_device(&names)?;

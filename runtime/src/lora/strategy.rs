@@ -142,7 +142,7 @@ pub fn merge_inputs(
     limit: Option<f32>,
     dtype: v2l_graphs::DType,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let plan = plan_factors(targets, &[lora], None, limit)?;
+    let plan = plan_factors(targets, &[lora], None, limit, 0)?;
     let mut inputs = BTreeMap::new();
     for (t, f) in targets.iter().zip(&plan) {
         let [a, b, _] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
@@ -223,7 +223,7 @@ impl DitRunner {
         let mut factors = FactorInputs::default();
         if strategy == Strategy::Unfused {
             let pad = engine.bundle.as_ref().and_then(|b| b.max_rank);
-            factors.lay_out(&mut model, &targets, &[None], (pad, None))?;
+            factors.lay_out(&mut model, &targets, &[None], (pad, None), opts.threads)?;
         }
         let factor_limit = (engine.precision() == crate::backend::Precision::Fp16)
             .then(|| half::f16::MAX.to_f32());
@@ -330,8 +330,9 @@ impl DitRunner {
             many => many.iter().map(|l| l.as_ref()).collect(),
         };
         let bounds = (self.max_rank, self.factor_limit);
+        let threads = self.opts.threads;
         self.factors
-            .lay_out(&mut self.model, &self.targets, &per_sample, bounds)?;
+            .lay_out(&mut self.model, &self.targets, &per_sample, bounds, threads)?;
         self.laid_out = batch;
         Ok(())
     }

@@ -124,6 +124,28 @@ impl SplitModel {
         }
     }
 
+    /// [`Model::fixed_mut_many`] over the parts, for the inputs exactly one part takes.
+    pub fn fixed_mut_many<'a>(
+        &'a mut self,
+        wanted: &std::collections::HashMap<&str, &[usize]>,
+    ) -> Vec<(&'a str, crate::tensor::FloatsMut<'a>)> {
+        let once: std::collections::HashMap<&str, &[usize]> = wanted
+            .iter()
+            .filter(|(name, _)| {
+                self.parts
+                    .iter()
+                    .filter(|p| p.takes.contains(**name))
+                    .count()
+                    == 1
+            })
+            .map(|(name, shape)| (*name, *shape))
+            .collect();
+        self.parts
+            .iter_mut()
+            .flat_map(|p| p.model.fixed_mut_many(&once))
+            .collect()
+    }
+
     /// [`Model::fixed_to_device`] on every part.
     pub fn fixed_to_device(&mut self, names: &[String]) -> Result<()> {
         self.parts
