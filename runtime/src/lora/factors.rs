@@ -255,8 +255,10 @@ fn write_planned(
         }
     }
     in_place.sort_by_key(|(i, _)| std::cmp::Reverse(i.shape.iter().product::<usize>()));
-    let threads = thread_count(threads).clamp(1, in_place.len().max(1));
-    let mut shares: Vec<(usize, Vec<_>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+    let workers = thread_count(threads).max(1);
+    let mut shares: Vec<(usize, Vec<_>)> = (0..workers.min(in_place.len().max(1)))
+        .map(|_| (0, Vec::new()))
+        .collect();
     for (i, dst) in in_place {
         if let Some(least) = shares.iter_mut().min_by_key(|(load, _)| *load) {
             least.0 += i.shape.iter().product::<usize>();
@@ -274,12 +276,30 @@ fn write_planned(
         }
     });
     drop(held);
-    for i in fresh {
-        // Made f32; the session rounds it to the type its graph declares (a low-precision
-        // engine takes its factors in its own type).
-        let mut v = vec![0f32; i.shape.iter().product()];
-        i.factors.fill(i.target, i.which, &mut v);
-        model.set_fixed_inputs(vec![(i.name.clone(), Tensor::f32(i.shape.clone(), v))])?;
+    // Inputs not held in place (the first layout; on a GPU, every one): made f32, `threads`
+    // at a time (not all: at 5B width they are gigabytes), and handed to the session, which
+    // rounds them to the type its graph declares and moves them to the device.
+    for group in fresh.chunks(workers) {
+        let made: Vec<(String, Tensor)> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|i| {
+                    s.spawn(move || {
+                        let mut v = vec![0f32; i.shape.iter().product()];
+                        i.factors.fill(i.target, i.which, &mut v);
+                        (i.name.clone(), Tensor::f32(i.shape.clone(), v))
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        if made.len() != group.len() {
+            return Err(RuntimeError::Internal {
+                what: "LoRA factor layout".into(),
+                message: "a filling thread panicked".into(),
+            });
+        }
+        model.set_fixed_inputs(made)?;
     }
     Ok(())
 }
