@@ -415,12 +415,18 @@ impl Pipeline {
             loras.push(l);
         }
         let t = Instant::now();
-        let samples: Vec<Option<&AppliedLora>> = requests
+        // One entry per request where each runs as many guidance samples (its samples are
+        // consecutive in the batch): each request's LoRA branch then multiplies its own rows
+        // as one matrix, as when it runs alone. Else one entry per sample.
+        let per_request: Vec<usize> = requests
             .iter()
-            .zip(&loras)
-            .flat_map(|(r, l)| {
-                std::iter::repeat_n(l.as_ref(), denoise::Guidance(r.guidance).batch())
-            })
+            .map(|r| denoise::Guidance(r.guidance).batch())
+            .collect();
+        let uniform = per_request.windows(2).all(|w| w[0] == w[1]);
+        let samples: Vec<Option<&AppliedLora>> = loras
+            .iter()
+            .zip(&per_request)
+            .flat_map(|(l, &n)| std::iter::repeat_n(l.as_ref(), if uniform { 1 } else { n }))
             .collect();
         let same = loras.windows(2).all(|w| match w {
             [a, b] => AppliedLora::same(a.as_ref(), b.as_ref()),

@@ -186,10 +186,11 @@ pub fn add_lora_branches(model: &mut ModelProto, weights: &[String]) -> Result<(
         }
         let p = n.name.clone();
         nodes.push(n);
-        // Factors per sample: A [Bf, r, in], B [Bf, out, r], scale [Bf, 1, 1], with Bf 1 (one
-        // LoRA for the whole batch) or the DiT's batch (one per sample). The 2-D activations
-        // [rows, in] become [Bf, rows / Bf, in]: rows are sample-major, so each sample's
-        // tokens meet its own factors.
+        // Factors per group of samples: A [Bf, r, in], B [Bf, out, r], scale [Bf, 1, 1], with
+        // Bf any divisor of the DiT's batch: 1 (one LoRA for the whole batch), one per request
+        // (its guidance samples together) or one per sample. The 2-D activations [rows, in]
+        // become [Bf, rows / Bf, in]: rows are sample-major, so each group's tokens meet its
+        // own factors.
         let t = |name: &str| format!("{p}/lora_{name}:0");
         let x_tail = format!("{p}/lora_x_tail");
         let y_shape = format!("{p}/lora_y_shape");

@@ -1,9 +1,9 @@
 //! The `unfused` graph's LoRA factor inputs: laid out from the samples' LoRAs, and kept for
 //! LoRAs used before.
 //!
-//! Laying factors out costs a pass over every factor of every targeted layer, once per sample
-//! slot: at CogVideoX-5B width with rank 64 about a gigabyte of writes per switch, and on a GPU
-//! as much again to move them up. A server switching among a few effects (or to a request's
+//! Laying factors out costs a pass over every factor of every targeted layer, once per slot
+//! (a request's samples share one): at CogVideoX-5B width with rank 64 about half a gigabyte
+//! of writes per switch, and on a GPU as much again to move them up. A server switching among a few effects (or to a request's
 //! LoRA and back to its resident one) lays the same factors out again and again. With a budget
 //! ([`FactorInputs::set_budget`]), the inputs of the LoRAs switched away from are kept where the
 //! session reads them (the device's memory on a GPU): switching back hands the kept values to
@@ -25,9 +25,10 @@ use crate::tensor::Tensor;
 /// sample has no LoRA there (its branch adds exact zeros).
 type SampleLayer<'a> = Option<(&'a LoraLayer, f32)>;
 
-/// A target's factor inputs for the unfused graph, one slot per sample: `A [samples, rank, in]`,
-/// `B [samples, out, rank]`, `scale [samples, 1, 1]`. A sample without a LoRA, and the rows and
-/// columns beyond a LoRA's own rank, are zeros: they add exact zeros to the base output.
+/// A target's factor inputs for the unfused graph, one slot per group of samples (the graph
+/// splits the batch evenly): `A [slots, rank, in]`, `B [slots, out, rank]`,
+/// `scale [slots, 1, 1]`. A slot without a LoRA, and the rows and columns beyond a LoRA's own
+/// rank, are zeros: they add exact zeros to the base output.
 pub(super) struct TargetFactors<'a> {
     pub(super) rank: usize,
     samples: Vec<SampleLayer<'a>>,
@@ -151,7 +152,7 @@ pub(super) fn plan_factors<'a>(
 ) -> Result<Vec<TargetFactors<'a>>> {
     let mut by_sample: Vec<BTreeMap<&str, (&'a LoraLayer, f32)>> = Vec::new();
     for (k, lora) in samples.iter().enumerate() {
-        // A LoRA repeated over samples (every guidance sample takes it) is checked once.
+        // A LoRA repeated over slots (requests of a batch with one LoRA) is checked once.
         let before = samples.iter().zip(&by_sample).take(k);
         if let Some((_, same)) = before
             .into_iter()
@@ -312,7 +313,7 @@ fn input_names(targets: &[LinearInfo]) -> Vec<String> {
         .collect()
 }
 
-/// One LoRA (or none) per sample slot of the DiT batch.
+/// One LoRA (or none) per slot of the DiT batch.
 type Layout = Vec<Option<AppliedLora>>;
 
 fn same_layout(a: &[Option<AppliedLora>], b: &[Option<&AppliedLora>]) -> bool {
@@ -378,7 +379,7 @@ impl FactorInputs {
         self.holds = None;
     }
 
-    /// Sets `model`'s factor inputs for `samples` (one LoRA or none per sample slot):
+    /// Sets `model`'s factor inputs for `samples` (one LoRA or none per slot):
     /// nothing to do when they hold that layout already, kept values handed over when it was
     /// kept, else laid out (in place where nothing is to be kept, on `threads` threads).
     /// `bounds`: the engine's rank pad and an fp16 engine's factor limit. A refused LoRA leaves the inputs as they were.

@@ -39,10 +39,8 @@ pub struct DitRunner {
     targets: Vec<LinearInfo>,
     /// `bound`: base and live weights.
     weights: Option<SwitchableWeights>,
-    /// `unfused`: the LoRA of each sample of the DiT batch (one entry: every sample's), and
-    /// the batch the factor inputs are laid out for now.
+    /// `unfused`: the LoRA of each sample of the DiT batch (one entry: every sample's).
     samples: Vec<Option<AppliedLora>>,
-    laid_out: usize,
     /// `unfused`: what the factor inputs hold, and those kept for other LoRAs.
     factors: FactorInputs,
     max_rank: Option<usize>,
@@ -238,7 +236,6 @@ impl DitRunner {
             targets,
             weights,
             samples: vec![None],
-            laid_out: 1,
             factors,
             max_rank: engine.bundle.as_ref().and_then(|b| b.max_rank),
             factor_limit,
@@ -289,13 +286,16 @@ impl DitRunner {
         self.factors.stats()
     }
 
-    /// `unfused` only: one LoRA (or none) per sample of the DiT batch, in batch order: the
-    /// DiT then runs requests with different LoRAs in one call. A single entry applies to the
-    /// whole batch (what [`DitRunner::set_lora`] sets).
+    /// `unfused` only: one LoRA (or none) per group of consecutive samples of the DiT batch,
+    /// which splits evenly into `samples.len()` groups (one per sample, or one per request
+    /// with its guidance samples): the DiT then runs requests with different LoRAs in one
+    /// call. A single entry applies to the whole batch (what [`DitRunner::set_lora`] sets).
     ///
-    /// Factors are always laid out one slot per sample, a single LoRA repeated: each sample's
-    /// branch then runs the same matrix shapes whether its request runs alone or in a batch,
-    /// so a request's output does not depend on its company (bitwise, on the CPU).
+    /// Each entry is one slot of factors, applied to its group's rows as one matrix: a
+    /// request with guidance lays out, checks, keeps and (on a GPU) moves up its factors once,
+    /// not once per sample, and given one entry per request its branch multiplies the same
+    /// matrices alone or in a batch, so its output does not depend on its company (bitwise,
+    /// on the CPU; `tests/batched_loras.rs`).
     pub fn set_sample_loras(
         &mut self,
         _engine: &Engine,
@@ -311,30 +311,19 @@ impl DitRunner {
             });
         }
         let owned: Vec<Option<AppliedLora>> = samples.iter().map(|l| l.cloned()).collect();
-        // Validate now (a refused LoRA leaves the previous one in place), at the batch the
-        // factors were last laid out for when that fits.
-        let batch = if owned.len() == 1 {
-            self.laid_out
-        } else {
-            owned.len()
-        };
-        self.lay_out(&owned, batch)?;
+        // Validated now: a refused LoRA leaves the previous one in place.
+        self.lay_out(&owned)?;
         self.samples = owned;
         Ok(())
     }
 
-    /// Sets the factor inputs for `batch` samples from `samples` (one entry: repeated).
-    fn lay_out(&mut self, samples: &[Option<AppliedLora>], batch: usize) -> Result<()> {
-        let per_sample: Vec<Option<&AppliedLora>> = match samples {
-            [one] => vec![one.as_ref(); batch],
-            many => many.iter().map(|l| l.as_ref()).collect(),
-        };
+    /// Sets the factor inputs from `samples`, one slot per entry.
+    fn lay_out(&mut self, samples: &[Option<AppliedLora>]) -> Result<()> {
+        let slots: Vec<Option<&AppliedLora>> = samples.iter().map(|l| l.as_ref()).collect();
         let bounds = (self.max_rank, self.factor_limit);
         let threads = self.opts.threads;
         self.factors
-            .lay_out(&mut self.model, &self.targets, &per_sample, bounds, threads)?;
-        self.laid_out = batch;
-        Ok(())
+            .lay_out(&mut self.model, &self.targets, &slots, bounds, threads)
     }
 
     /// Runs the DiT from now on as three sessions (head, blocks, output) so that step caching
@@ -364,7 +353,7 @@ impl DitRunner {
         if self.strategy == Strategy::Unfused {
             self.factors.forget_session();
             let samples = self.samples.clone();
-            self.lay_out(&samples, self.laid_out)?;
+            self.lay_out(&samples)?;
         }
         if let Some(m) = &mut self.merge {
             m.merge_into(
@@ -417,18 +406,15 @@ impl DitRunner {
                 .get(v2l_contracts::io::dit::HIDDEN_STATES)
                 .and_then(|h| h.shape.first().copied())
                 .unwrap_or(1);
-            if batch != self.laid_out {
-                if self.samples.len() != 1 {
-                    return Err(RuntimeError::Graph {
-                        graph: "DiT batch".into(),
-                        message: format!(
-                            "{batch} samples, but LoRAs were set for {}",
-                            self.samples.len()
-                        ),
-                    });
-                }
-                let samples = self.samples.clone();
-                self.lay_out(&samples, batch)?;
+            // Each slot takes an equal group of the batch's samples.
+            if batch % self.samples.len() != 0 {
+                return Err(RuntimeError::Graph {
+                    graph: "DiT batch".into(),
+                    message: format!(
+                        "{batch} samples do not split into the {} groups LoRAs were set for",
+                        self.samples.len()
+                    ),
+                });
             }
         }
         let Some(sw) = &self.weights else {
