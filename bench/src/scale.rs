@@ -268,8 +268,17 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         strategy.name()
     ));
     // `unfused` switches with the other LoRA's laid-out inputs kept, by strategy.
-    let mut kept = serde_json::Map::new();
+    let (mut kept, mut per_sample) = (serde_json::Map::new(), serde_json::Map::new());
     let mut note_kept = |s: Strategy, sw: &Switch| {
+        if let Some(ms) = sw.per_sample_ms {
+            if !b.json {
+                println!(
+                    "LoRA switch: {ms:.1} ms ({} strategy, laid out once per guidance sample, as before 2026-11-28)",
+                    s.name()
+                );
+            }
+            per_sample.insert(s.name().to_string(), serde_json::json!(ms));
+        }
         if let Some(ms) = sw.kept_ms {
             if !b.json {
                 println!(
@@ -380,6 +389,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             "bound_heap_mb": bound_mb, "lora_strategy": strategy.name(),
             "lora_switch_other": other_switch_ms.map(|ms| serde_json::json!({"strategy": other.name(), "ms": ms})),
             "lora_switch_asked": asked, "lora_switch_kept_ms": kept,
+            "lora_switch_per_sample_ms": per_sample,
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
         if let Some(py) = &b.torch_python {
@@ -618,6 +628,22 @@ fn bench_switch(
         Ok::<_, Failure>(median(times))
     };
     let ms = switches(&mut runner)?;
+    // `unfused` laid out one slot per guidance sample (two), as a request's switch was
+    // before 2026-11-28: the baseline of `ms`, one slot per request.
+    let per_sample_ms = match strategy {
+        Strategy::Unfused => {
+            let mut times = Vec::new();
+            for i in 0..repeat.max(1) {
+                let l = Some(&loras[i % 2]);
+                let t = Instant::now();
+                runner.set_sample_loras(&dir, &[l, l])?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            runner.set_lora(&dir, Some(&loras[1]))?;
+            Some(median(times))
+        }
+        _ => None,
+    };
     // `unfused` with the other LoRA's inputs kept (`--factor-cache-mb`): every switch a hit.
     let kept_ms = match strategy {
         Strategy::Unfused => {
@@ -630,14 +656,17 @@ fn bench_switch(
     };
     Ok(Switch {
         ms,
+        per_sample_ms,
         kept_ms,
         heap_mb: added,
     })
 }
 
-/// A LoRA switch's median time; `unfused` also with the LoRAs' laid-out inputs kept.
+/// A LoRA switch's median time; `unfused` also laid out per guidance sample, and with the
+/// LoRAs' laid-out inputs kept.
 struct Switch {
     ms: f64,
+    per_sample_ms: Option<f64>,
     kept_ms: Option<f64>,
     heap_mb: f64,
 }

@@ -110,6 +110,13 @@ pub enum FuseError {
         index: usize,
         value: f32,
     },
+    #[error("{name}: {value} at index {index} is beyond ±{limit}")]
+    BeyondLimit {
+        name: String,
+        index: usize,
+        value: f32,
+        limit: f32,
+    },
 }
 
 /// Read-only weights in their storage type.
@@ -338,15 +345,20 @@ pub fn check_finite(name: &str, v: &[f32]) -> Result<(), FuseError> {
 }
 
 /// [`check_finite`] on stored factor bytes (f32, f16 or bf16), without widening them all at
-/// once: a switch checks a LoRA before writing any of it.
-pub fn check_finite_bytes(
+/// once (a switch checks a LoRA before writing any of it), and with `limit`, also that every
+/// element's magnitude is within it (an fp16 engine's range): one pass for both.
+pub fn check_factor_bytes(
     name: &str,
     bytes: &[u8],
     dtype: v2l_graphs::DType,
+    limit: Option<f32>,
 ) -> Result<(), FuseError> {
     const CHUNK: usize = 1024;
     let mut buf = [0f32; CHUNK];
     let size = dtype.size().max(1);
+    // `|x| <= bound` is false for NaN and for infinities (`bound` is finite): one compare
+    // finds all three.
+    let bound = limit.map_or(f32::MAX, |l| l.min(f32::MAX));
     for (i, chunk) in bytes.chunks(CHUNK * size).enumerate() {
         let n = chunk.len() / size;
         let Some(dst) = buf.get_mut(..n) else {
@@ -359,16 +371,20 @@ pub fn check_finite_bytes(
                 value: f32::NAN,
             });
         }
-        // A branch-free pass first (vectorised), then the index only where one is not finite.
-        let all_finite = dst.iter().fold(true, |ok, x| ok & x.is_finite());
-        if all_finite {
+        // A branch-free pass first (vectorised), then the index only where one fails.
+        if dst.iter().fold(true, |ok, x| ok & (x.abs() <= bound)) {
             continue;
         }
-        if let Some((j, &value)) = dst.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-            return Err(FuseError::NonFinite {
-                name: name.to_string(),
-                index: i * CHUNK + j,
-                value,
+        if let Some((j, &value)) = dst.iter().enumerate().find(|(_, x)| !(x.abs() <= bound)) {
+            let (name, index) = (name.to_string(), i * CHUNK + j);
+            return Err(match (value.is_finite(), limit) {
+                (true, Some(limit)) => FuseError::BeyondLimit {
+                    name,
+                    index,
+                    value,
+                    limit,
+                },
+                _ => FuseError::NonFinite { name, index, value },
             });
         }
     }

@@ -620,6 +620,61 @@ fn check_finite_finds_first_bad_value() {
     assert!(matches!(e, FuseError::NonFinite { index: 1, ref name, .. } if name == "down"));
 }
 
+/// Stored factors in each type, checked in chunks: the first failing element is found past the
+/// first chunk, named by kind (not finite, or beyond an fp16 engine's range), and a limit
+/// never admits what is not finite.
+#[test]
+fn check_factor_bytes_finds_the_first_failure_by_kind() {
+    use v2l_graphs::DType;
+    let bytes = |v: &[f32], dtype: DType| -> Vec<u8> {
+        match dtype {
+            DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            _ => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+        }
+    };
+    let fp16 = Some(65504.0);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let mut v = vec![0.5f32; 3000];
+        v[2999] = -60000.0;
+        let b = bytes(&v, dtype);
+        assert_eq!(check_factor_bytes("a", &b, dtype, None), Ok(()), "{dtype}");
+        assert_eq!(check_factor_bytes("a", &b, dtype, fp16), Ok(()), "{dtype}");
+        let e = check_factor_bytes("a", &b, dtype, Some(1.0)).expect_err("past 1");
+        assert!(
+            matches!(e, FuseError::BeyondLimit { index: 2999, limit, .. } if limit == 1.0),
+            "{dtype}: {e}"
+        );
+        for (bad, at) in [
+            (f32::NAN, 2100),
+            (f32::INFINITY, 1500),
+            (f32::NEG_INFINITY, 7),
+        ] {
+            let mut w = v.clone();
+            w[at] = bad;
+            let b = bytes(&w, dtype);
+            for limit in [None, fp16, Some(f32::INFINITY)] {
+                let e = check_factor_bytes("up", &b, dtype, limit).expect_err("not finite");
+                assert!(
+                    matches!(e, FuseError::NonFinite { index, ref name, .. } if index == at && name == "up"),
+                    "{dtype} {limit:?}: {e}"
+                );
+            }
+        }
+    }
+    // f32's 1e6 passes bf16 (its range is f32's) but not an fp16 engine's limit.
+    let b = bytes(&[1e6], DType::BF16);
+    assert!(check_factor_bytes("a", &b, DType::BF16, None).is_ok());
+    assert!(check_factor_bytes("a", &b, DType::BF16, fp16).is_err());
+    assert!(check_factor_bytes("a", &[0, 0, 0, 0], DType::I8, None).is_err());
+}
+
 #[test]
 fn kernel_is_named() {
     assert!(["portable", "avx2+f16c"].contains(&kernel_name()));

@@ -88,27 +88,27 @@ fn check_layers(
 ) -> Result<()> {
     let check = |layer: &LoraLayer| -> Result<()> {
         for f in [&layer.a, &layer.b] {
-            super::fuse::check_finite_bytes(&layer.module, &f.bytes, f.dtype).map_err(|e| {
-                RuntimeError::Fuse {
-                    what: l.source.display().to_string(),
-                    source: e,
-                }
-            })?;
-            if let Some(limit) = limit {
-                if let Some(v) = f.to_f32().into_iter().find(|v| v.abs() > limit) {
-                    return Err(RuntimeError::LoraLayer {
-                        layer: layer.module.clone(),
-                        message: format!(
-                            "{}: a factor of {v} is beyond this fp16 engine's range (±{limit}; its LoRA branches compute in fp16): use a bf16 or fp32 engine",
-                            l.source.display()
-                        ),
-                    });
-                }
-            }
+            super::fuse::check_factor_bytes(&layer.module, &f.bytes, f.dtype, limit).map_err(
+                |e| match e {
+                    super::fuse::FuseError::BeyondLimit { value, limit, .. } => {
+                        RuntimeError::LoraLayer {
+                            layer: layer.module.clone(),
+                            message: format!(
+                                "{}: a factor of {value} is beyond this fp16 engine's range (±{limit}; its LoRA branches compute in fp16): use a bf16 or fp32 engine",
+                                l.source.display()
+                            ),
+                        }
+                    }
+                    e => RuntimeError::Fuse {
+                        what: l.source.display().to_string(),
+                        source: e,
+                    },
+                },
+            )?;
         }
         Ok(())
     };
-    let threads = thread_count(threads).clamp(1, layers.len().max(1));
+    let threads = super::fuse::resolve_threads(threads).clamp(1, layers.len().max(1));
     let per = layers.len().div_ceil(threads).max(1);
     // Each share stops at its first refusal; the earliest share's is reported.
     let refusals: Vec<Result<()>> = std::thread::scope(|s| {
@@ -129,14 +129,6 @@ fn check_layers(
             .collect()
     });
     refusals.into_iter().collect()
-}
-
-/// `threads`, or one per core for 0.
-fn thread_count(threads: usize) -> usize {
-    match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
 }
 
 /// Which layer of which sample's LoRA each target of the unfused graph takes, and the rank its
@@ -256,7 +248,7 @@ fn write_planned(
         }
     }
     in_place.sort_by_key(|(i, _)| std::cmp::Reverse(i.shape.iter().product::<usize>()));
-    let workers = thread_count(threads).max(1);
+    let workers = super::fuse::resolve_threads(threads).max(1);
     let mut shares: Vec<(usize, Vec<_>)> = (0..workers.min(in_place.len().max(1)))
         .map(|_| (0, Vec::new()))
         .collect();
