@@ -267,26 +267,28 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
         "LoRA switch ({} strategy, rank 64 on every targeted layer)",
         strategy.name()
     ));
-    // `unfused` switches with the other LoRA's laid-out inputs kept, by strategy.
+    // `unfused` switches laid out per guidance sample, and with the other LoRA's laid-out
+    // inputs kept, by strategy.
     let (mut kept, mut per_sample) = (serde_json::Map::new(), serde_json::Map::new());
     let mut note_kept = |s: Strategy, sw: &Switch| {
-        if let Some(ms) = sw.per_sample_ms {
+        let variants = [
+            (
+                sw.per_sample_ms,
+                &mut per_sample,
+                "laid out once per guidance sample, as before 2026-11-28",
+            ),
+            (
+                sw.kept_ms,
+                &mut kept,
+                "back to a LoRA whose inputs were kept",
+            ),
+        ];
+        for (ms, into, what) in variants {
+            let Some(ms) = ms else { continue };
             if !b.json {
-                println!(
-                    "LoRA switch: {ms:.1} ms ({} strategy, laid out once per guidance sample, as before 2026-11-28)",
-                    s.name()
-                );
+                println!("LoRA switch: {ms:.3} ms ({} strategy, {what})", s.name());
             }
-            per_sample.insert(s.name().to_string(), serde_json::json!(ms));
-        }
-        if let Some(ms) = sw.kept_ms {
-            if !b.json {
-                println!(
-                    "LoRA switch: {ms:.3} ms ({} strategy, back to a LoRA whose inputs were kept)",
-                    s.name()
-                );
-            }
-            kept.insert(s.name().to_string(), serde_json::json!(ms));
+            into.insert(s.name().to_string(), serde_json::json!(ms));
         }
     };
     let sw = bench_switch(&engine, strategy, b.threads, b.repeat.max(3), 64)?;
