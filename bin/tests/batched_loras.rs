@@ -65,21 +65,22 @@ fn four(engine: &Engine, base: &RequestParts, x: &AppliedLora, y: &AppliedLora) 
         RequestLora::Base,
         RequestLora::Loras(vec![at(x, 0.5)]),
     ];
-    seeded(engine, base, loras)
+    seeded(engine, base, loras.map(|l| (l, base.guidance)))
 }
 
-/// Requests with `loras`, seeds 11 on.
+/// Requests with these LoRAs and guidance scales, seeds 11 on.
 fn seeded(
     engine: &Engine,
     base: &RequestParts,
-    loras: impl IntoIterator<Item = RequestLora>,
+    loras: impl IntoIterator<Item = (RequestLora, f32)>,
 ) -> Vec<Request> {
     let (h, w) = (base.noise.shape[3] * 8, base.noise.shape[4] * 8);
     loras
         .into_iter()
         .enumerate()
-        .map(|(i, lora)| RequestParts {
+        .map(|(i, (lora, guidance))| RequestParts {
             lora,
+            guidance,
             noise: engine
                 .seeded_noise(base.frames, h, w, 11 + i as u64)
                 .unwrap(),
@@ -186,11 +187,39 @@ fn a_one_lora_batch_gives_each_request_its_solo_video() {
     let reqs = seeded(
         &engine,
         &base,
-        (0..4).map(|_| RequestLora::Loras(vec![x.clone()])),
+        (0..4).map(|_| (RequestLora::Loras(vec![x.clone()]), base.guidance)),
     );
     let worst = solo_equals_batch(&mut p, &reqs, d.path());
     eprintln!("CogVideoX batch of 4 with one LoRA: largest relative L2 from solo {worst:e}");
     assert_eq!(worst, 0.0, "not bitwise: {worst:e}");
+}
+
+/// A batch whose requests run different numbers of guidance samples (one at guidance 1) takes
+/// one slot of factors per sample: each request's video is still its own, within rounding of
+/// its solo run (its branch's rows are split differently).
+#[test]
+fn a_batch_with_and_without_guidance_gives_each_request_its_solo_video() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = common::engine(d.path());
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let mut p = load(&eng);
+    let x = file_lora(
+        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
+        1.0,
+    );
+    let y = negated(&x);
+    let base = common::cogvideox_request(&io);
+    assert!(base.guidance > 1.0, "the fixture request runs guidance");
+    let engine = Engine::open(&eng).unwrap();
+    let reqs = seeded(
+        &engine,
+        &base,
+        [(x.clone(), base.guidance), (y, 1.0), (x, base.guidance)]
+            .map(|(l, g)| (RequestLora::Loras(vec![l]), g)),
+    );
+    let worst = solo_equals_batch(&mut p, &reqs, d.path());
+    eprintln!("CogVideoX batch with and without guidance: largest relative L2 from solo {worst:e}");
+    assert!(worst < 1e-5, "{worst:e}");
 }
 
 #[test]
