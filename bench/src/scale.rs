@@ -270,8 +270,14 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     // `unfused` switches laid out per guidance sample, and with the other LoRA's laid-out
     // inputs kept, by strategy.
     let (mut kept, mut per_sample) = (serde_json::Map::new(), serde_json::Map::new());
+    let mut fresh = serde_json::Map::new();
     let mut note_kept = |s: Strategy, sw: &Switch| {
         let variants = [
+            (
+                sw.fresh_ms,
+                &mut fresh,
+                "to ranks 64 and 32 in turn: new inputs every switch",
+            ),
             (
                 sw.per_sample_ms,
                 &mut per_sample,
@@ -391,7 +397,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             "bound_heap_mb": bound_mb, "lora_strategy": strategy.name(),
             "lora_switch_other": other_switch_ms.map(|ms| serde_json::json!({"strategy": other.name(), "ms": ms})),
             "lora_switch_asked": asked, "lora_switch_kept_ms": kept,
-            "lora_switch_per_sample_ms": per_sample,
+            "lora_switch_per_sample_ms": per_sample, "lora_switch_fresh_ms": fresh,
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
         if let Some(py) = &b.torch_python {
@@ -630,6 +636,23 @@ fn bench_switch(
         Ok::<_, Failure>(median(times))
     };
     let ms = switches(&mut runner)?;
+    // `unfused` to LoRAs of alternating ranks (64, 32): a CPU engine pads no rank, so each
+    // switch makes new inputs of another shape, as a GPU engine's session takes every switch.
+    let fresh_ms = match strategy {
+        Strategy::Unfused => {
+            let other = crate::common::generated_lora(&dir, rank / 2, 2)?;
+            let mut times = Vec::new();
+            for i in 0..repeat.max(1) {
+                let l = if i % 2 == 0 { &other } else { &loras[1] };
+                let t = Instant::now();
+                runner.set_lora(&dir, Some(l))?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            runner.set_lora(&dir, Some(&loras[1]))?;
+            Some(median(times))
+        }
+        _ => None,
+    };
     // `unfused` laid out one slot per guidance sample (two), as a request's switch was
     // before 2026-11-28: the baseline of `ms`, one slot per request.
     let per_sample_ms = match strategy {
@@ -658,16 +681,18 @@ fn bench_switch(
     };
     Ok(Switch {
         ms,
+        fresh_ms,
         per_sample_ms,
         kept_ms,
         heap_mb: added,
     })
 }
 
-/// A LoRA switch's median time; `unfused` also laid out per guidance sample, and with the
-/// LoRAs' laid-out inputs kept.
+/// A LoRA switch's median time; `unfused` also to inputs of a new shape, laid out per
+/// guidance sample, and with the LoRAs' laid-out inputs kept.
 struct Switch {
     ms: f64,
+    fresh_ms: Option<f64>,
     per_sample_ms: Option<f64>,
     kept_ms: Option<f64>,
     heap_mb: f64,

@@ -614,18 +614,27 @@ impl Model {
     /// `t` in the float type the graph declares for input `name` (an f32 tensor for a bf16 or
     /// f16 input rounded to nearest, as [`Tensor::floats`]); anything else as it is.
     fn as_declared(&self, name: &str, t: Tensor) -> Tensor {
-        use ort::value::TensorElementType as E;
-        let want = match self.input_type(name) {
-            Ok(E::Bfloat16) => v2l_graphs::DType::BF16,
-            Ok(E::Float16) => v2l_graphs::DType::F16,
-            _ => return t,
-        };
+        let want = self.declared_float(name);
+        if want == v2l_graphs::DType::F32 {
+            return t;
+        }
         match t.data {
             Data::F32(v) => Tensor::floats(t.shape, v, want),
             data => Tensor {
                 shape: t.shape,
                 data,
             },
+        }
+    }
+
+    /// The float type the graph declares for input `name` (bf16, f16, else f32): what
+    /// [`Model::set_fixed_inputs`] rounds a value to, so a caller can make it so at once.
+    pub fn declared_float(&self, name: &str) -> v2l_graphs::DType {
+        use ort::value::TensorElementType as E;
+        match self.input_type(name) {
+            Ok(E::Bfloat16) => v2l_graphs::DType::BF16,
+            Ok(E::Float16) => v2l_graphs::DType::F16,
+            _ => v2l_graphs::DType::F32,
         }
     }
 

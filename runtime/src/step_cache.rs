@@ -113,6 +113,15 @@ impl DitModel {
         }
     }
 
+    /// [`Model::declared_float`] of the session that takes `name`.
+    pub fn declared_float(&self, name: &str) -> v2l_graphs::DType {
+        match self {
+            DitModel::Whole(m) => m.declared_float(name),
+            DitModel::Cut(c) => c.parts.declared_float(name),
+            DitModel::Released => v2l_graphs::DType::F32,
+        }
+    }
+
     pub fn set_fixed_inputs(&mut self, inputs: Vec<(String, Tensor)>) -> Result<()> {
         match self {
             DitModel::Whole(m) => m.set_fixed_inputs(inputs),

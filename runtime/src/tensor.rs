@@ -120,6 +120,32 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// A float tensor of `dtype` (f32, bf16 or f16; another type: f32) whose values `fill`
+    /// writes as f32, rounded to nearest as [`Tensor::floats`]. A low type's f32 values go
+    /// through `scratch`, which a caller making many reuses.
+    pub fn floats_with(
+        shape: Vec<usize>,
+        dtype: v2l_graphs::DType,
+        scratch: &mut Vec<f32>,
+        fill: impl FnOnce(&mut [f32]),
+    ) -> Tensor {
+        let n = shape.iter().product();
+        let data = match dtype {
+            v2l_graphs::DType::BF16 => Data::BF16(vec![half::bf16::ZERO; n]),
+            v2l_graphs::DType::F16 => Data::F16(vec![half::f16::ZERO; n]),
+            _ => Data::F32(vec![0.0; n]),
+        };
+        let mut t = Tensor { shape, data };
+        let dst = match &mut t.data {
+            Data::BF16(d) => FloatsMut::BF16(d),
+            Data::F16(d) => FloatsMut::F16(d),
+            Data::F32(d) => FloatsMut::F32(d),
+            _ => return t,
+        };
+        dst.write_with(scratch, fill);
+        t
+    }
+
     /// The f32 values, or an error naming `what` if the tensor holds another type.
     pub fn as_f32(&self, what: &str) -> Result<&[f32]> {
         match &self.data {
@@ -374,4 +400,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn gaussian_noise(shape: Vec<usize>, seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     Tensor::f32(shape, v2l_contracts::noise::gaussian(n, seed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Made in place as [`Tensor::floats`] converts: the same elements in each type, one
+    /// scratch serving tensors of several sizes.
+    #[test]
+    fn floats_with_rounds_as_floats_does() {
+        use v2l_graphs::DType;
+        let mut scratch = Vec::new();
+        for n in [5usize, 1000, 3] {
+            let v: Vec<f32> = (0..n)
+                .map(|i| (i as f32 * 0.37).sin() * 1e3 + 0.1)
+                .collect();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let made =
+                    Tensor::floats_with(vec![n], dtype, &mut scratch, |d| d.copy_from_slice(&v));
+                let want = Tensor::floats(vec![n], v.clone(), dtype);
+                assert_eq!(made.shape, want.shape);
+                assert!(made.data == want.data, "{dtype} at {n}");
+            }
+        }
+    }
 }

@@ -269,18 +269,27 @@ fn write_planned(
         }
     });
     drop(held);
-    // Inputs not held in place (the first layout; on a GPU, every one): made f32, `threads`
-    // at a time (not all: at 5B width they are gigabytes), and handed to the session, which
-    // rounds them to the type its graph declares and moves them to the device.
-    for group in fresh.chunks(workers) {
+    // Inputs not held in place (the first layout, a new rank; on a GPU, every one): made in
+    // the type the graph declares, on the session's threads, `workers` at a time (at 5B width
+    // they are gigabytes), then handed to the session, which moves them to the device.
+    let dtypes: Vec<v2l_graphs::DType> = fresh
+        .iter()
+        .map(|i| model.declared_float(&i.name))
+        .collect();
+    // A low type's values pass through f32 scratch, one per thread, reused across groups.
+    let mut scratches: Vec<Vec<f32>> = vec![Vec::new(); workers];
+    for (group, dtypes) in fresh.chunks(workers).zip(dtypes.chunks(workers)) {
         let made: Vec<(String, Tensor)> = std::thread::scope(|s| {
             let handles: Vec<_> = group
                 .iter()
-                .map(|i| {
+                .zip(dtypes)
+                .zip(scratches.iter_mut())
+                .map(|((i, &dtype), scratch)| {
                     s.spawn(move || {
-                        let mut v = vec![0f32; i.shape.iter().product()];
-                        i.factors.fill(i.target, i.which, &mut v);
-                        (i.name.clone(), Tensor::f32(i.shape.clone(), v))
+                        let t = Tensor::floats_with(i.shape.clone(), dtype, scratch, |d| {
+                            i.factors.fill(i.target, i.which, d)
+                        });
+                        (i.name.clone(), t)
                     })
                 })
                 .collect();

@@ -93,11 +93,28 @@ impl SplitModel {
     /// [`Model::set_fixed_inputs`], each input given to the parts that take it.
     pub fn set_fixed_inputs(&mut self, inputs: Vec<(String, Tensor)>) -> Result<()> {
         for (name, t) in inputs {
-            for p in self.parts.iter_mut().filter(|p| p.takes.contains(&name)) {
-                p.model.set_fixed_inputs(vec![(name.clone(), t.clone())])?;
+            let mut takers: Vec<&mut Part> = self
+                .parts
+                .iter_mut()
+                .filter(|p| p.takes.contains(&name))
+                .collect();
+            // Copied only for a second part that takes it; the last gets the value itself.
+            if let Some(last) = takers.pop() {
+                for p in takers {
+                    p.model.set_fixed_inputs(vec![(name.clone(), t.clone())])?;
+                }
+                last.model.set_fixed_inputs(vec![(name, t)])?;
             }
         }
         Ok(())
+    }
+
+    /// [`Model::declared_float`] of the first part that takes `name`.
+    pub fn declared_float(&self, name: &str) -> v2l_graphs::DType {
+        self.parts
+            .iter()
+            .find(|p| p.takes.contains(name))
+            .map_or(v2l_graphs::DType::F32, |p| p.model.declared_float(name))
     }
 
     /// [`Model::take_fixed`] from every part.
