@@ -622,63 +622,42 @@ fn bench_switch(
     let mut runner = DitRunner::load(&dir, &opts, strategy)?;
     let added = status_mb("RssAnon:") - before;
     // Two LoRAs of the same rank: a switch is from one to the other, as a server serving
-    // different effects makes it (the first LoRA after none lays the factor inputs out).
-    let lora = |seed| crate::common::generated_lora(&dir, rank, seed);
-    let loras = [lora(0)?, lora(1)?];
+    // different effects makes it (the first LoRA after none lays the factor inputs out); a
+    // third of half the rank.
+    let lora = |rank, seed| crate::common::generated_lora(&dir, rank, seed);
+    let loras = [lora(rank, 0)?, lora(rank, 1)?, lora(rank / 2, 2)?];
     runner.set_lora(&dir, Some(&loras[1]))?;
-    let switches = |runner: &mut DitRunner| {
+    // Median ms of `repeat` switches, the i-th to the LoRAs `slots(i)` names (one: the whole
+    // batch's); back to the second after.
+    let timed = |runner: &mut DitRunner, slots: &dyn Fn(usize) -> Vec<usize>| {
         let mut times = Vec::new();
         for i in 0..repeat.max(1) {
+            let slots: Vec<_> = slots(i).into_iter().map(|k| loras.get(k)).collect();
             let t = Instant::now();
-            runner.set_lora(&dir, Some(&loras[i % 2]))?;
+            match slots[..] {
+                [one] => runner.set_lora(&dir, one)?,
+                _ => runner.set_sample_loras(&dir, &slots)?,
+            }
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        runner.set_lora(&dir, Some(&loras[1]))?;
         Ok::<_, Failure>(median(times))
     };
-    let ms = switches(&mut runner)?;
-    // `unfused` to LoRAs of alternating ranks (64, 32): a CPU engine pads no rank, so each
-    // switch makes new inputs of another shape, as a GPU engine's session takes every switch.
-    let fresh_ms = match strategy {
-        Strategy::Unfused => {
-            let other = crate::common::generated_lora(&dir, rank / 2, 2)?;
-            let mut times = Vec::new();
-            for i in 0..repeat.max(1) {
-                let l = if i % 2 == 0 { &other } else { &loras[1] };
-                let t = Instant::now();
-                runner.set_lora(&dir, Some(l))?;
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            runner.set_lora(&dir, Some(&loras[1]))?;
-            Some(median(times))
-        }
-        _ => None,
-    };
-    // `unfused` laid out one slot per guidance sample (two), as a request's switch was
-    // before 2026-11-28: the baseline of `ms`, one slot per request.
-    let per_sample_ms = match strategy {
-        Strategy::Unfused => {
-            let mut times = Vec::new();
-            for i in 0..repeat.max(1) {
-                let l = Some(&loras[i % 2]);
-                let t = Instant::now();
-                runner.set_sample_loras(&dir, &[l, l])?;
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            runner.set_lora(&dir, Some(&loras[1]))?;
-            Some(median(times))
-        }
-        _ => None,
-    };
-    // `unfused` with the other LoRA's inputs kept (`--factor-cache-mb`): every switch a hit.
-    let kept_ms = match strategy {
-        Strategy::Unfused => {
-            runner.set_factor_cache(u64::MAX);
-            runner.set_lora(&dir, Some(&loras[0]))?;
-            runner.set_lora(&dir, Some(&loras[1]))?;
-            Some(switches(&mut runner)?)
-        }
-        _ => None,
-    };
+    let ms = timed(&mut runner, &|i| vec![i % 2])?;
+    let (mut fresh_ms, mut per_sample_ms, mut kept_ms) = (None, None, None);
+    if strategy == Strategy::Unfused {
+        // To ranks 64 and 32 in turn: a CPU engine pads no rank, so each switch makes new
+        // inputs of another shape, as a GPU engine's session takes every switch.
+        fresh_ms = Some(timed(&mut runner, &|i| vec![2 - i % 2])?);
+        // Laid out one slot per guidance sample (two), as a request's switch was before
+        // 2026-11-28: the baseline of `ms`, one slot per request.
+        per_sample_ms = Some(timed(&mut runner, &|i| vec![i % 2; 2])?);
+        // With the other LoRA's inputs kept (`--factor-cache-mb`): every switch a hit.
+        runner.set_factor_cache(u64::MAX);
+        runner.set_lora(&dir, Some(&loras[0]))?;
+        runner.set_lora(&dir, Some(&loras[1]))?;
+        kept_ms = Some(timed(&mut runner, &|i| vec![i % 2])?);
+    }
     Ok(Switch {
         ms,
         fresh_ms,

@@ -170,35 +170,13 @@ fn a_mixed_lora_batch_gives_each_cogvideox_request_its_solo_video() {
     assert_eq!(worst, 0.0, "not bitwise: {worst:e}");
 }
 
-/// Four requests with one LoRA share one slot of factors over the whole batch (eight
-/// samples): each still gets its solo video, bitwise.
+/// Two other batches, each request's video against its solo run:
+/// - four requests with one LoRA share one slot of factors over the whole batch (eight
+///   samples): bitwise;
+/// - requests running different numbers of guidance samples (one at guidance 1) take one slot
+///   per sample: within rounding (a request's branch rows are split otherwise than alone).
 #[test]
-fn a_one_lora_batch_gives_each_request_its_solo_video() {
-    let d = tempfile::tempdir().unwrap();
-    let eng = common::engine(d.path());
-    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
-    let mut p = load(&eng);
-    let x = file_lora(
-        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
-        1.0,
-    );
-    let base = common::cogvideox_request(&io);
-    let engine = Engine::open(&eng).unwrap();
-    let reqs = seeded(
-        &engine,
-        &base,
-        (0..4).map(|_| (RequestLora::Loras(vec![x.clone()]), base.guidance)),
-    );
-    let worst = solo_equals_batch(&mut p, &reqs, d.path());
-    eprintln!("CogVideoX batch of 4 with one LoRA: largest relative L2 from solo {worst:e}");
-    assert_eq!(worst, 0.0, "not bitwise: {worst:e}");
-}
-
-/// A batch whose requests run different numbers of guidance samples (one at guidance 1) takes
-/// one slot of factors per sample: each request's video is still its own, within rounding of
-/// its solo run (its branch's rows are split differently).
-#[test]
-fn a_batch_with_and_without_guidance_gives_each_request_its_solo_video() {
+fn batches_of_one_lora_and_of_mixed_guidance_give_each_request_its_solo_video() {
     let d = tempfile::tempdir().unwrap();
     let eng = common::engine(d.path());
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
@@ -209,17 +187,26 @@ fn a_batch_with_and_without_guidance_gives_each_request_its_solo_video() {
     );
     let y = negated(&x);
     let base = common::cogvideox_request(&io);
-    assert!(base.guidance > 1.0, "the fixture request runs guidance");
+    let g = base.guidance;
+    assert!(g > 1.0, "the fixture request runs guidance");
     let engine = Engine::open(&eng).unwrap();
-    let reqs = seeded(
-        &engine,
-        &base,
-        [(x.clone(), base.guidance), (y, 1.0), (x, base.guidance)]
-            .map(|(l, g)| (RequestLora::Loras(vec![l]), g)),
-    );
-    let worst = solo_equals_batch(&mut p, &reqs, d.path());
-    eprintln!("CogVideoX batch with and without guidance: largest relative L2 from solo {worst:e}");
-    assert!(worst < 1e-5, "{worst:e}");
+    let cases = [
+        ("four with one LoRA", vec![(&x, g); 4], 0.0),
+        (
+            "with and without guidance",
+            vec![(&x, g), (&y, 1.0), (&x, g)],
+            1e-5,
+        ),
+    ];
+    for (what, loras, bound) in cases {
+        let loras = loras
+            .into_iter()
+            .map(|(l, g)| (RequestLora::Loras(vec![l.clone()]), g));
+        let reqs = seeded(&engine, &base, loras);
+        let worst = solo_equals_batch(&mut p, &reqs, d.path());
+        eprintln!("CogVideoX batch, {what}: largest relative L2 from solo {worst:e}");
+        assert!(worst <= bound, "{what}: {worst:e}");
+    }
 }
 
 #[test]
