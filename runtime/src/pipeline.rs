@@ -365,7 +365,7 @@ impl Pipeline {
     /// request's guidance batch in turn), each request with its own LoRA ([`RequestLora`],
     /// none included), noise, prompt and first frame. They must share their size, frame count
     /// and step count. Requests with different LoRAs need the `unfused` strategy, whose
-    /// factors are DiT inputs per sample; each request's video is its solo run's
+    /// factors are DiT inputs per request; each request's video is its solo run's
     /// (`tests/batched_loras.rs`). Afterwards the DiT holds the pipeline's own LoRA again.
     pub fn generate_batch(
         &mut self,

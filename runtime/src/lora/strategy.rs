@@ -39,8 +39,9 @@ pub struct DitRunner {
     targets: Vec<LinearInfo>,
     /// `bound`: base and live weights.
     weights: Option<SwitchableWeights>,
-    /// `unfused`: the LoRA of each sample of the DiT batch (one entry: every sample's).
-    samples: Vec<Option<AppliedLora>>,
+    /// `unfused`: the LoRA of each slot, a group of consecutive samples of the DiT batch (one
+    /// entry: every sample's).
+    slots: Vec<Option<AppliedLora>>,
     /// `unfused`: what the factor inputs hold, and those kept for other LoRAs.
     factors: FactorInputs,
     max_rank: Option<usize>,
@@ -235,7 +236,7 @@ impl DitRunner {
             opts: opts.clone(),
             targets,
             weights,
-            samples: vec![None],
+            slots: vec![None],
             factors,
             max_rank: engine.bundle.as_ref().and_then(|b| b.max_rank),
             factor_limit,
@@ -313,13 +314,13 @@ impl DitRunner {
         let owned: Vec<Option<AppliedLora>> = samples.iter().map(|l| l.cloned()).collect();
         // Validated now: a refused LoRA leaves the previous one in place.
         self.lay_out(&owned)?;
-        self.samples = owned;
+        self.slots = owned;
         Ok(())
     }
 
-    /// Sets the factor inputs from `samples`, one slot per entry.
-    fn lay_out(&mut self, samples: &[Option<AppliedLora>]) -> Result<()> {
-        let slots: Vec<Option<&AppliedLora>> = samples.iter().map(|l| l.as_ref()).collect();
+    /// Sets the factor inputs, one slot per entry of `slots`.
+    fn lay_out(&mut self, slots: &[Option<AppliedLora>]) -> Result<()> {
+        let slots: Vec<Option<&AppliedLora>> = slots.iter().map(|l| l.as_ref()).collect();
         let bounds = (self.max_rank, self.factor_limit);
         let threads = self.opts.threads;
         self.factors
@@ -352,8 +353,8 @@ impl DitRunner {
         };
         if self.strategy == Strategy::Unfused {
             self.factors.forget_session();
-            let samples = self.samples.clone();
-            self.lay_out(&samples)?;
+            let slots = self.slots.clone();
+            self.lay_out(&slots)?;
         }
         if let Some(m) = &mut self.merge {
             m.merge_into(
@@ -407,12 +408,12 @@ impl DitRunner {
                 .and_then(|h| h.shape.first().copied())
                 .unwrap_or(1);
             // Each slot takes an equal group of the batch's samples.
-            if batch % self.samples.len() != 0 {
+            if batch % self.slots.len() != 0 {
                 return Err(RuntimeError::Graph {
                     graph: "DiT batch".into(),
                     message: format!(
                         "{batch} samples do not split into the {} groups LoRAs were set for",
-                        self.samples.len()
+                        self.slots.len()
                     ),
                 });
             }
