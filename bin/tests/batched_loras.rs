@@ -476,3 +476,46 @@ fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
         assert_eq!(stats(&r), (1, 8, 7), "{what}");
     }
 }
+
+/// `set_sample_loras` gives each of its slots an equal group of consecutive samples: two slots
+/// over a batch of two give each sample its own LoRA (the rows of that LoRA's whole-batch run);
+/// three slots do not split two samples, and the run says so.
+#[test]
+fn slots_split_the_dit_batch_into_equal_groups() {
+    use std::collections::BTreeMap;
+    use v2l_runtime::lora::strategy::DitRunner;
+
+    let d = tempfile::tempdir().unwrap();
+    let eng = common::engine(d.path());
+    let engine = Engine::open(&eng).unwrap();
+    let inputs: BTreeMap<String, Tensor> = read_safetensors(&tiny().join("dit_io.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("output"))
+        .collect();
+    assert_eq!(inputs[v2l_contracts::io::dit::HIDDEN_STATES].shape[0], 2);
+    let x = file_lora(
+        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
+        1.0,
+    );
+    let y = negated(&x);
+    let mut r = DitRunner::load(&engine, &engine.session_options(0), Strategy::Unfused).unwrap();
+    let mut sample = |r: &mut DitRunner| r.run(&inputs).unwrap().remove("sample").unwrap();
+    let row = |t: &Tensor, i: usize| t.slice_axis(0, i, i + 1).unwrap();
+    r.set_lora(&engine, Some(&x)).unwrap();
+    let all_x = sample(&mut r);
+    r.set_lora(&engine, Some(&y)).unwrap();
+    let all_y = sample(&mut r);
+    assert!(row(&all_x, 0).rel_l2(&row(&all_y, 0)) > EFFECT_REL_L2);
+    r.set_sample_loras(&engine, &[Some(&x), Some(&y)]).unwrap();
+    let mixed = sample(&mut r);
+    assert!(row(&mixed, 0) == row(&all_x, 0), "sample 0 took X");
+    assert!(row(&mixed, 1) == row(&all_y, 1), "sample 1 took Y");
+    r.set_sample_loras(&engine, &[Some(&x), Some(&y), None])
+        .unwrap();
+    let e = r.run(&inputs).unwrap_err().to_string();
+    assert!(
+        e.contains("2 samples do not split into the 3 groups"),
+        "{e}"
+    );
+}
