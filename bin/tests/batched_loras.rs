@@ -518,4 +518,6 @@ fn slots_split_the_dit_batch_into_equal_groups() {
         e.contains("2 samples do not split into the 3 groups"),
         "{e}"
     );
+    let e = r.set_sample_loras(&engine, &[]).unwrap_err().to_string();
+    assert!(e.contains("none given"), "{e}");
 }

@@ -375,7 +375,11 @@ pub fn check_factor_bytes(
         if dst.iter().fold(true, |ok, x| ok & (x.abs() <= bound)) {
             continue;
         }
-        if let Some((j, &value)) = dst.iter().enumerate().find(|(_, x)| !(x.abs() <= bound)) {
+        if let Some((j, &value)) = dst
+            .iter()
+            .enumerate()
+            .find(|(_, x)| x.is_nan() || x.abs() > bound)
+        {
             let (name, index) = (name.to_string(), i * CHUNK + j);
             return Err(match (value.is_finite(), limit) {
                 (true, Some(limit)) => FuseError::BeyondLimit {

@@ -311,6 +311,13 @@ impl DitRunner {
                 ),
             });
         }
+        if samples.is_empty() {
+            return Err(RuntimeError::Invalid {
+                what: "LoRAs per sample".into(),
+                message: "none given: give one entry (none for the base) per group of samples"
+                    .into(),
+            });
+        }
         let owned: Vec<Option<AppliedLora>> = samples.iter().map(|l| l.cloned()).collect();
         // Validated now: a refused LoRA leaves the previous one in place.
         self.lay_out(&owned)?;
@@ -408,7 +415,7 @@ impl DitRunner {
                 .and_then(|h| h.shape.first().copied())
                 .unwrap_or(1);
             // Each slot takes an equal group of the batch's samples.
-            if batch % self.slots.len() != 0 {
+            if !batch.is_multiple_of(self.slots.len()) {
                 return Err(RuntimeError::Graph {
                     graph: "DiT batch".into(),
                     message: format!(
