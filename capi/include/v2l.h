@@ -271,8 +271,8 @@ V2lStatus v2l_generator_set_lora(struct V2lGenerator *generator,
 // for LoRAs switched away from, least recently used dropped first: `v2l_generator_set_lora`
 // back to one of them (the same LoRA handle at the same scale) then moves no factor. Only the
 // `unfused` LoRA strategy has factor inputs (the default of GPU and int8 engines); elsewhere
-// this keeps nothing. 0 (the default) keeps none. Up to about 1 GiB per LoRA at CogVideoX-5B
-// width (rank 64 on every linear, bf16, two guidance samples).
+// this keeps nothing. 0 (the default) keeps none. Up to about 0.5 GiB per LoRA at
+// CogVideoX-5B width (rank 64 on every linear, bf16; a request's guidance samples share it).
 //
 // # Safety
 // `generator` is a live generator handle.

@@ -56,8 +56,8 @@ struct Args {
     /// Per worker, with the unfused strategy: memory for LoRA factors laid out as the DiT
     /// takes them (on a GPU, the GPU's memory), kept for LoRAs switched away from, so a switch
     /// back to one moves nothing; in MiB, least recently used dropped first. 0 lays factors
-    /// out on every switch. Up to about 1 GiB per LoRA at CogVideoX-5B width (rank 64 on every
-    /// linear, bf16, two CFG samples).
+    /// out on every switch. Up to about 0.5 GiB per LoRA at CogVideoX-5B width (rank 64 on
+    /// every linear, bf16; a request's CFG samples share it).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=1048576))]
     factor_cache_mb: u64,
     /// File holding a bearer token that /v1/* requests must carry.
