@@ -3,11 +3,12 @@
 //!
 //! Laying factors out costs a pass over every factor of every targeted layer, once per slot
 //! (a request's samples share one): at CogVideoX-5B width with rank 64 about half a gigabyte
-//! of writes per switch, and on a GPU as much again to move them up. A server switching among a few effects (or to a request's
-//! LoRA and back to its resident one) lays the same factors out again and again. With a budget
-//! ([`FactorInputs::set_budget`]), the inputs of the LoRAs switched away from are kept where the
-//! session reads them (the device's memory on a GPU): switching back hands the kept values to
-//! the session, with no pass over the factors and nothing copied.
+//! of writes per switch, and on a GPU as much again to move them up. A server switching among
+//! a few effects (or to a request's LoRA and back to its resident one) lays the same factors
+//! out again and again. With a budget ([`FactorInputs::set_budget`]), the inputs of the LoRAs
+//! switched away from are kept where the session reads them (the device's memory on a GPU):
+//! switching back hands the kept values to the session, with no pass over the factors and
+//! nothing copied.
 
 use std::collections::BTreeMap;
 
