@@ -57,6 +57,23 @@ fn at(l: &AppliedLora, multiplier: f32) -> AppliedLora {
     }
 }
 
+/// The tiny fixture's PEFT LoRA at multiplier 1.
+fn peft_lora() -> AppliedLora {
+    file_lora(
+        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
+        1.0,
+    )
+}
+
+/// The tiny DiT's fixture inputs (batch 2), without its outputs.
+fn dit_inputs() -> std::collections::BTreeMap<String, Tensor> {
+    read_safetensors(&tiny().join("dit_io.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("output"))
+        .collect()
+}
+
 /// The four requests: X, Y, none, X at 0.5, seeds 11 to 14.
 fn four(engine: &Engine, base: &RequestParts, x: &AppliedLora, y: &AppliedLora) -> Vec<Request> {
     let loras = [
@@ -158,10 +175,7 @@ fn a_mixed_lora_batch_gives_each_cogvideox_request_its_solo_video() {
         source: "x".into(),
         multiplier: 1.0,
     };
-    let y = file_lora(
-        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
-        1.0,
-    );
+    let y = peft_lora();
     let base = common::cogvideox_request(&io);
     let engine = Engine::open(&eng).unwrap();
     let reqs = four(&engine, &base, &x, &y);
@@ -181,10 +195,7 @@ fn batches_of_one_lora_and_of_mixed_guidance_give_each_request_its_solo_video() 
     let eng = common::engine(d.path());
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
     let mut p = load(&eng);
-    let x = file_lora(
-        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
-        1.0,
-    );
+    let x = peft_lora();
     let y = negated(&x);
     let base = common::cogvideox_request(&io);
     let g = base.guidance;
@@ -248,10 +259,7 @@ fn rank_padding_is_exact() {
         Some(64)
     );
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
-    let y = file_lora(
-        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
-        1.0,
-    );
+    let y = peft_lora();
     let rank = y.lora.layers.iter().map(|l| l.rank()).max().unwrap();
     assert!(rank < 64, "the fixture LoRA has rank {rank}");
     let req = RequestParts {
@@ -361,22 +369,14 @@ fn a_tensorrt_bundle_takes_lora_factors_as_inputs() {
 /// least recently used; a refused LoRA changes neither the inputs nor what is kept.
 #[test]
 fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
-    use std::collections::BTreeMap;
     use v2l_runtime::lora::factors::FactorCacheStats;
     use v2l_runtime::lora::strategy::DitRunner;
 
     let d = tempfile::tempdir().unwrap();
     let eng = common::engine(d.path());
     let engine = Engine::open(&eng).unwrap();
-    let inputs: BTreeMap<String, Tensor> = read_safetensors(&tiny().join("dit_io.safetensors"))
-        .unwrap()
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("output"))
-        .collect();
-    let x = file_lora(
-        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
-        1.0,
-    );
+    let inputs = dit_inputs();
+    let x = peft_lora();
     let (y, z) = (negated(&x), at(&x, 0.5));
     let loras = [Some(&x), Some(&y), Some(&z), None];
     let plain = engine.session_options(0);
@@ -482,25 +482,17 @@ fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
 /// three slots do not split two samples, and the run says so.
 #[test]
 fn slots_split_the_dit_batch_into_equal_groups() {
-    use std::collections::BTreeMap;
     use v2l_runtime::lora::strategy::DitRunner;
 
     let d = tempfile::tempdir().unwrap();
     let eng = common::engine(d.path());
     let engine = Engine::open(&eng).unwrap();
-    let inputs: BTreeMap<String, Tensor> = read_safetensors(&tiny().join("dit_io.safetensors"))
-        .unwrap()
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("output"))
-        .collect();
+    let inputs = dit_inputs();
     assert_eq!(inputs[v2l_contracts::io::dit::HIDDEN_STATES].shape[0], 2);
-    let x = file_lora(
-        &tiny().join("peft_lora/pytorch_lora_weights.safetensors"),
-        1.0,
-    );
+    let x = peft_lora();
     let y = negated(&x);
     let mut r = DitRunner::load(&engine, &engine.session_options(0), Strategy::Unfused).unwrap();
-    let mut sample = |r: &mut DitRunner| r.run(&inputs).unwrap().remove("sample").unwrap();
+    let sample = |r: &mut DitRunner| r.run(&inputs).unwrap().remove("sample").unwrap();
     let row = |t: &Tensor, i: usize| t.slice_axis(0, i, i + 1).unwrap();
     r.set_lora(&engine, Some(&x)).unwrap();
     let all_x = sample(&mut r);
