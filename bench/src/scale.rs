@@ -622,10 +622,13 @@ fn bench_switch(
     let mut runner = DitRunner::load(&dir, &opts, strategy)?;
     let added = status_mb("RssAnon:") - before;
     // Two LoRAs of the same rank: a switch is from one to the other, as a server serving
-    // different effects makes it (the first LoRA after none lays the factor inputs out); a
-    // third of half the rank.
+    // different effects makes it (the first LoRA after none lays the factor inputs out);
+    // `unfused` also times a third of half the rank.
     let lora = |rank, seed| crate::common::generated_lora(&dir, rank, seed);
-    let loras = [lora(rank, 0)?, lora(rank, 1)?, lora(rank / 2, 2)?];
+    let mut loras = vec![lora(rank, 0)?, lora(rank, 1)?];
+    if strategy == Strategy::Unfused {
+        loras.push(lora(rank / 2, 2)?);
+    }
     runner.set_lora(&dir, Some(&loras[1]))?;
     // Median ms of `repeat` switches, the i-th to the LoRAs `slots(i)` names (one: the whole
     // batch's); back to the second after.
