@@ -270,13 +270,18 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
     // `unfused` switches laid out per guidance sample, and with the other LoRA's laid-out
     // inputs kept, by strategy.
     let (mut kept, mut per_sample) = (serde_json::Map::new(), serde_json::Map::new());
-    let mut fresh = serde_json::Map::new();
+    let (mut fresh, mut packed) = (serde_json::Map::new(), serde_json::Map::new());
     let mut note_kept = |s: Strategy, sw: &Switch| {
         let variants = [
             (
                 sw.fresh_ms,
                 &mut fresh,
                 "to ranks 64 and 32 in turn: new inputs every switch",
+            ),
+            (
+                sw.packed_ms,
+                &mut packed,
+                "the same, made in one buffer as a GPU session takes them (here left on the host)",
             ),
             (
                 sw.per_sample_ms,
@@ -398,6 +403,7 @@ pub fn bench_scale(b: &ScaleBench) -> Result<(), Failure> {
             "lora_switch_other": other_switch_ms.map(|ms| serde_json::json!({"strategy": other.name(), "ms": ms})),
             "lora_switch_asked": asked, "lora_switch_kept_ms": kept,
             "lora_switch_per_sample_ms": per_sample, "lora_switch_fresh_ms": fresh,
+            "lora_switch_packed_ms": packed,
             "torch_ms": null, "torch_peak_rss_mb": null, "rel_l2_vs_torch": null,
         });
         if let Some(py) = &b.torch_python {
@@ -648,10 +654,21 @@ fn bench_switch(
     };
     let ms = timed(&mut runner, &|i| vec![i % 2])?;
     let (mut fresh_ms, mut per_sample_ms, mut kept_ms) = (None, None, None);
+    let mut packed_ms = None;
     if strategy == Strategy::Unfused {
         // To ranks 64 and 32 in turn: a CPU engine pads no rank, so each switch makes new
         // inputs of another shape, as a GPU engine's session takes every switch.
         fresh_ms = Some(timed(&mut runner, &|i| vec![2 - i % 2])?);
+        // The same switches as a GPU session makes them: every input in one buffer, which
+        // there moves to the device in one copy (here it stays on the host).
+        let packs = v2l_runtime::SessionOptions {
+            pack_fixed_inputs: true,
+            ..opts.clone()
+        };
+        let mut packing = DitRunner::load(&dir, &packs, strategy)?;
+        packing.set_lora(&dir, Some(&loras[1]))?;
+        packed_ms = Some(timed(&mut packing, &|i| vec![2 - i % 2])?);
+        drop(packing);
         // Laid out one slot per guidance sample (two), as a request's switch was before
         // 2026-11-28: the baseline of `ms`, one slot per request.
         per_sample_ms = Some(timed(&mut runner, &|i| vec![i % 2; 2])?);
@@ -664,17 +681,19 @@ fn bench_switch(
     Ok(Switch {
         ms,
         fresh_ms,
+        packed_ms,
         per_sample_ms,
         kept_ms,
         heap_mb: added,
     })
 }
 
-/// A LoRA switch's median time; `unfused` also to inputs of a new shape, laid out per
-/// guidance sample, and with the LoRAs' laid-out inputs kept.
+/// A LoRA switch's median time; `unfused` also to inputs of a new shape (one by one and in
+/// one buffer), laid out per guidance sample, and with the LoRAs' laid-out inputs kept.
 struct Switch {
     ms: f64,
     fresh_ms: Option<f64>,
+    packed_ms: Option<f64>,
     per_sample_ms: Option<f64>,
     kept_ms: Option<f64>,
     heap_mb: f64,

@@ -20,12 +20,11 @@ use crate::common::CheckOn;
 use crate::common::{self, frames_of, tiny};
 
 fn load(engine: &Path) -> Pipeline {
-    Pipeline::load_with_strategy(
-        Engine::open(engine).unwrap(),
-        &SessionOptions::default(),
-        Strategy::Unfused,
-    )
-    .unwrap()
+    load_with(engine, &SessionOptions::default())
+}
+
+fn load_with(engine: &Path, opts: &SessionOptions) -> Pipeline {
+    Pipeline::load_with_strategy(Engine::open(engine).unwrap(), opts, Strategy::Unfused).unwrap()
 }
 
 fn file_lora(path: &Path, multiplier: f32) -> AppliedLora {
@@ -182,6 +181,20 @@ fn a_mixed_lora_batch_gives_each_cogvideox_request_its_solo_video() {
     let worst = solo_equals_batch(&mut p, &reqs, d.path());
     eprintln!("CogVideoX mixed batch of 4: largest relative L2 from solo {worst:e}");
     assert_eq!(worst, 0.0, "not bitwise: {worst:e}");
+    // A GPU session's way, the four slots' factors made in one buffer and each input a view
+    // into it, gives the same batch.
+    let packed = SessionOptions {
+        pack_fixed_inputs: true,
+        ..Default::default()
+    };
+    let last = |g: Vec<Generation>| -> Vec<Tensor> {
+        g.into_iter()
+            .map(|g| g.latents_steps.last().unwrap().clone())
+            .collect()
+    };
+    let want = last(p.generate_batch(&reqs, &mut |_, _| true).unwrap());
+    let mut q = load_with(&eng, &packed);
+    assert!(last(q.generate_batch(&reqs, &mut |_, _| true).unwrap()) == want);
 }
 
 /// Two other batches, each request's video against its solo run:
@@ -365,7 +378,8 @@ fn a_tensorrt_bundle_takes_lora_factors_as_inputs() {
 
 /// Kept factor inputs (`DitRunner::set_factor_cache`): switching back to a LoRA used before
 /// hands its kept inputs to the session and gives the outputs of laying them out anew, bitwise,
-/// through plain and bound runs and after the DiT is cut for step caching; the budget drops the
+/// through plain and bound runs, with every layout packed in one buffer (a GPU session's way),
+/// and after the DiT is cut for step caching; the budget drops the
 /// least recently used; a refused LoRA changes neither the inputs nor what is kept.
 #[test]
 fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
@@ -382,6 +396,11 @@ fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
     let plain = engine.session_options(0);
     let bound = SessionOptions {
         bound_runs: true,
+        ..plain.clone()
+    };
+    // A GPU session's way: every layout made in one buffer, each input a view into it.
+    let packed = SessionOptions {
+        pack_fixed_inputs: true,
         ..plain.clone()
     };
     let sample = |r: &mut DitRunner| r.run(&inputs).unwrap().remove("sample").unwrap();
@@ -404,8 +423,12 @@ fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
         let s = r.factor_cache_stats();
         (s.entries, s.hits, s.misses)
     };
-    for opts in [&plain, &bound] {
-        let what = if opts.bound_runs { "bound" } else { "plain" };
+    for opts in [&plain, &bound, &packed] {
+        let what = match (opts.bound_runs, opts.pack_fixed_inputs) {
+            (true, _) => "bound",
+            (_, true) => "packed",
+            _ => "plain",
+        };
         let mut r = DitRunner::load(&engine, opts, Strategy::Unfused).unwrap();
         // Loading laid one slot out, which serves both samples (CFG): a miss, nothing kept.
         assert!(sample(&mut r) == want[3], "{what}: the base");

@@ -13,10 +13,13 @@ mod arena;
 mod bound;
 mod handoff;
 mod inputs;
+mod packed;
 mod pager;
 mod values;
 pub use handoff::DeviceValues;
 pub use inputs::Carry;
+use packed::Held;
+pub use packed::Packed;
 pub use pager::release_freed_memory;
 use values::{from_ort, into_ort, ort_element_type, ort_err, view};
 
@@ -83,6 +86,10 @@ pub struct SessionOptions {
     /// which a shared arena may since have handed to another session); on the CPU only to
     /// test that path.
     pub shared_arena: bool,
+    /// Take the fixed inputs made together (a LoRA switch's factor inputs,
+    /// [`Model::set_fixed_packed`]) as one buffer moved at once, each input a view into it.
+    /// On for GPU backends without bound runs; on the CPU only to test that path.
+    pub pack_fixed_inputs: bool,
 }
 
 /// An ONNX model ready to run on the CPU backend.
@@ -93,7 +100,7 @@ pub struct Model {
     outputs: Vec<String>,
     /// Inputs converted once and passed by reference on every run (bound weights, LoRA factors,
     /// a request's constants): on a GPU backend they live on the device.
-    fixed: std::collections::HashMap<String, DynValue>,
+    fixed: std::collections::HashMap<String, Held>,
     /// The CUDA device of a GPU backend, where fixed inputs are placed; `None` on the CPU.
     device: Option<i32>,
     /// Where carried outputs are allocated ([`SessionOptions::carry_in_session_memory`]): the
@@ -106,6 +113,8 @@ pub struct Model {
     /// The session's working memory comes from the process's shared arena
     /// ([`SessionOptions::shared_arena`]).
     shares_arena: bool,
+    /// Fixed inputs made together come as one buffer ([`SessionOptions::pack_fixed_inputs`]).
+    packs_fixed: bool,
 }
 
 impl Drop for Model {
@@ -386,6 +395,7 @@ impl Model {
             device,
             carry_alloc,
             profiling: opts.profile.is_some(),
+            packs_fixed: opts.pack_fixed_inputs || (device.is_some() && bound.is_none()),
             bound,
             shares_arena,
         })
@@ -437,9 +447,41 @@ impl Model {
                     .map(|t| t.into_dyn())
                     .map_err(err())?,
             };
-            self.fixed.insert(name, v);
+            self.fixed.insert(name, Held::Own(v));
         }
         Ok(())
+    }
+
+    /// Whether fixed inputs made together should come as one [`Packed`] buffer
+    /// ([`Model::set_fixed_packed`]) rather than one by one.
+    pub fn packs_fixed(&self) -> bool {
+        self.packs_fixed
+    }
+
+    /// Sets the fixed inputs `packed` holds: its buffer moved where the session reads (to the
+    /// device in one copy and one wait), each input a view into it, passed by reference on
+    /// every run. The buffer lives as long as any of its inputs is held (here, or kept after
+    /// [`Model::take_fixed`]). Not yet run on a GPU.
+    pub fn set_fixed_packed(&mut self, packed: Packed) -> Result<()> {
+        let values = self.place_packed(packed)?;
+        self.set_fixed_values(values);
+        Ok(())
+    }
+
+    /// `packed`'s buffer where this session reads, as values to set ([`Model::set_fixed_values`]).
+    pub fn place_packed(&self, packed: Packed) -> Result<DeviceValues> {
+        let ctx = format!("{}: fixed inputs moved as one buffer", self.path.display());
+        let device = self.device;
+        let held = packed
+            .place(|host| match device {
+                None => Ok(host),
+                Some(id) => host
+                    .downcast::<ort::value::DynTensorValueType>()
+                    .and_then(|t| t.to(ort::memory::AllocationDevice::CUDA, id))
+                    .map(|t| t.into_dyn()),
+            })
+            .map_err(ort_err(ctx))?;
+        Ok(DeviceValues(held.into_iter().collect()))
     }
 
     /// The data of the fixed float input `name` when it is held on the CPU with exactly
@@ -454,7 +496,7 @@ impl Model {
         if let Some(b) = &mut self.bound {
             b.fixed_changed(name);
         }
-        floats_mut(self.fixed.get_mut(name)?, shape)
+        floats_mut(self.fixed.get_mut(name)?.own_mut()?, shape)
     }
 
     /// [`Model::fixed_mut`] for every input `wanted` names, at once: disjoint buffers, to be
@@ -475,7 +517,7 @@ impl Model {
             .iter_mut()
             .filter_map(|(name, v)| {
                 let shape = wanted.get(name.as_str())?;
-                Some((name.as_str(), floats_mut(v, shape)?))
+                Some((name.as_str(), floats_mut(v.own_mut()?, shape)?))
             })
             .collect()
     }
@@ -505,7 +547,7 @@ impl Model {
                 .map_err(ort_err(format!("{}: input `{name}`", self.path.display())))?
                 .into_dyn();
             b.fixed_changed(name);
-            self.fixed.insert(name.clone(), moved);
+            self.fixed.insert(name.clone(), Held::Own(moved));
         }
         Ok(())
     }
@@ -921,8 +963,9 @@ impl Model {
                 v.dtype().tensor_type() == Some(ty)
                     && v.dtype().tensor_shape().map(|s| s.to_vec()).as_ref() == Some(&shape)
             };
+            // Only a value of its own can be written again (a view shares its buffer).
             let v = match reuse.0.remove(&name) {
-                Some(v) if same(&v) => v,
+                Some(Held::Own(v)) if same(&v) => v,
                 _ => ort::value::DynTensor::new(alloc, ty, shape)
                     .map_err(ort_err(format!("{ctx}: output `{name}`")))?
                     .into_dyn(),
@@ -952,7 +995,7 @@ impl Model {
             let v = outs
                 .remove(name.as_str())
                 .ok_or_else(|| RuntimeError::missing_output(&ctx, &name))?;
-            made.insert(name, v);
+            made.insert(name, Held::Own(v));
         }
         Ok(DeviceValues(made))
     }

@@ -130,6 +130,24 @@ impl DitModel {
         }
     }
 
+    /// [`Model::packs_fixed`].
+    pub fn packs_fixed(&self) -> bool {
+        match self {
+            DitModel::Whole(m) => m.packs_fixed(),
+            DitModel::Cut(c) => c.parts.packs_fixed(),
+            DitModel::Released => false,
+        }
+    }
+
+    /// [`Model::set_fixed_packed`].
+    pub fn set_fixed_packed(&mut self, packed: crate::session::Packed) -> Result<()> {
+        match self {
+            DitModel::Whole(m) => m.set_fixed_packed(packed),
+            DitModel::Cut(c) => c.parts.set_fixed_packed(packed),
+            DitModel::Released => Err(released()),
+        }
+    }
+
     /// [`Model::take_fixed`].
     pub fn take_fixed(&mut self, names: &[String]) -> DeviceValues {
         match self {

@@ -237,15 +237,43 @@ fn write_planned(
         .iter()
         .map(|i| (i.name.as_str(), i.shape.as_slice()))
         .collect();
+    // A session that takes inputs made together as one buffer (a GPU's, which then moves
+    // them in one copy) has the fresh ones written straight into it, beside those rewritten
+    // in place. Their declared types first: the buffers below borrow the model.
+    let packs = model.packs_fixed();
+    let declared: Vec<v2l_graphs::DType> = match packs {
+        true => inputs
+            .iter()
+            .map(|i| model.declared_float(&i.name))
+            .collect(),
+        false => Vec::new(),
+    };
     let mut held: std::collections::HashMap<&str, crate::tensor::FloatsMut<'_>> =
         model.fixed_mut_many(&wanted).into_iter().collect();
     // Each thread takes a share of the elements, largest inputs first.
     let mut in_place: Vec<(&Input, crate::tensor::FloatsMut<'_>)> = Vec::new();
     let mut fresh = Vec::new();
-    for i in &inputs {
+    let mut fresh_types = Vec::new();
+    for (k, i) in inputs.iter().enumerate() {
         match held.remove(i.name.as_str()) {
             Some(dst) => in_place.push((i, dst)),
-            None => fresh.push(i),
+            None => {
+                fresh.push(i);
+                fresh_types.extend(declared.get(k).copied());
+            }
+        }
+    }
+    let mut packed = (packs && !fresh.is_empty()).then(|| {
+        crate::session::Packed::new(
+            fresh
+                .iter()
+                .zip(&fresh_types)
+                .map(|(i, &dtype)| (i.name.clone(), dtype, i.shape.clone())),
+        )
+    });
+    if let Some(p) = packed.as_mut() {
+        for (i, (_, dst)) in fresh.drain(..).zip(p.floats_mut()) {
+            in_place.push((i, dst));
         }
     }
     in_place.sort_by_key(|(i, _)| std::cmp::Reverse(i.shape.iter().product::<usize>()));
@@ -270,9 +298,12 @@ fn write_planned(
         }
     });
     drop(held);
-    // Inputs not held in place (the first layout, a new rank; on a GPU, every one): made in
-    // the type the graph declares, on the session's threads, `workers` at a time (at 5B width
-    // they are gigabytes), then handed to the session, which moves them to the device.
+    if let Some(p) = packed {
+        return model.set_fixed_packed(p);
+    }
+    // Inputs not held in place (the first layout, a new rank): made in the type the graph
+    // declares, on the session's threads, `workers` at a time (at 5B width they are
+    // gigabytes), then handed to the session.
     let dtypes: Vec<v2l_graphs::DType> = fresh
         .iter()
         .map(|i| model.declared_float(&i.name))

@@ -5,14 +5,15 @@
 
 use std::collections::BTreeMap;
 
-use ort::value::DynValue;
 use ort::AsPointer;
 
+use super::packed::Held;
 use super::values::check;
 
-/// Tensors left in memory of a session's device (on the CPU provider, the session's), by name.
+/// Tensors left in memory of a session's device (on the CPU provider, the session's), by name:
+/// values of their own, or views into a buffer moved with others ([`super::packed`]).
 #[derive(Default)]
-pub struct DeviceValues(pub(super) BTreeMap<String, DynValue>);
+pub struct DeviceValues(pub(super) BTreeMap<String, Held>);
 
 impl DeviceValues {
     pub fn len(&self) -> usize {

@@ -44,7 +44,7 @@ pub(super) enum Source<'a> {
 /// [`Carry`]'s parts, is borrowed by the result: a bound run goes on to rewrite `carry.bound`.
 pub(super) fn sources<'a>(
     names: &[String],
-    fixed: &'a HashMap<String, DynValue>,
+    fixed: &'a HashMap<String, super::packed::Held>,
     given: &'a BTreeMap<String, Tensor>,
     borrowed: &'a [(&'a str, &'a [usize], &'a [f32])],
     carried: &'a BTreeMap<String, DynValue>,
@@ -76,6 +76,7 @@ pub(super) fn sources<'a>(
     }
     let mut extra: Vec<(&String, &DynValue)> = fixed
         .iter()
+        .map(|(name, v)| (name, &**v))
         .filter(|(name, _)| !names.contains(name) && !borrowed.iter().any(|(n, _, _)| n == name))
         .collect();
     extra.sort_by_key(|(name, _)| *name);

@@ -109,6 +109,21 @@ impl SplitModel {
         Ok(())
     }
 
+    /// [`Model::packs_fixed`] (the parts share their options).
+    pub fn packs_fixed(&self) -> bool {
+        self.parts.first().is_some_and(|p| p.model.packs_fixed())
+    }
+
+    /// [`Model::set_fixed_packed`]: the buffer placed once, each input's view to the part that
+    /// takes it.
+    pub fn set_fixed_packed(&mut self, packed: crate::session::Packed) -> Result<()> {
+        let Some(first) = self.parts.first() else {
+            return Ok(());
+        };
+        let values = first.model.place_packed(packed)?;
+        self.set_fixed_values(values)
+    }
+
     /// [`Model::declared_float`] of the first part that takes `name`.
     pub fn declared_float(&self, name: &str) -> v2l_graphs::DType {
         self.parts

@@ -1,0 +1,209 @@
+//! Fixed inputs made together and moved to the device as one buffer.
+//!
+//! A LoRA switch on a GPU engine's `unfused` DiT sets three inputs per targeted layer (A, B
+//! and the scale): over a thousand at CogVideoX-5B width with every linear targeted, as
+//! Video2LoRA's LiLoRA does. Moved one by one, each costs a run of ONNX Runtime's copy session
+//! and a wait for the device. Written into one host buffer ([`Packed`]) and moved at once, the
+//! switch waits once, and each input is a view into the device buffer ([`Held::Part`]), which
+//! lives as long as any of its views.
+
+use std::sync::Arc;
+
+use ort::value::{DynValue, DynValueRefMut, Tensor as OrtTensor, TensorRefMut};
+use v2l_graphs::DType;
+
+use crate::tensor::FloatsMut;
+
+/// Where each input starts: CUDA's allocations, and the kernels' widest loads, are aligned to
+/// this many bytes.
+const ALIGN: usize = 256;
+
+/// A fixed input as a session holds it.
+pub enum Held {
+    /// A value of its own.
+    Own(DynValue),
+    /// A view into a buffer moved with other inputs at once. Fields drop in order: the view
+    /// before the buffer it points into.
+    Part {
+        view: DynValueRefMut<'static>,
+        _buffer: Arc<DynValue>,
+    },
+}
+
+impl Held {
+    /// The value itself when it is one of its own (a view is not rewritten in place: the
+    /// buffer it shares may be on the device, or kept for a LoRA switched away from).
+    pub(super) fn own_mut(&mut self) -> Option<&mut DynValue> {
+        match self {
+            Held::Own(v) => Some(v),
+            Held::Part { .. } => None,
+        }
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = DynValue;
+
+    fn deref(&self) -> &DynValue {
+        match self {
+            Held::Own(v) => v,
+            Held::Part { view, .. } => view,
+        }
+    }
+}
+
+/// One input laid out in a [`Packed`] buffer.
+struct Entry {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte offset in the buffer, a multiple of [`ALIGN`].
+    at: usize,
+    bytes: usize,
+}
+
+/// Float inputs laid out in one host buffer, to be written in place ([`Packed::floats_mut`])
+/// and handed to a session at once ([`super::Model::set_fixed_packed`]).
+pub struct Packed {
+    entries: Vec<Entry>,
+    /// 8-byte words, so every entry (at a multiple of [`ALIGN`] bytes) is aligned for its type.
+    words: Vec<u64>,
+}
+
+impl Packed {
+    /// Lays out `inputs` (name, the type the graph declares, shape) one after another; every
+    /// element starts at zero. A type other than f16 and bf16 is laid out as f32.
+    pub fn new(inputs: impl IntoIterator<Item = (String, DType, Vec<usize>)>) -> Packed {
+        let mut at = 0;
+        let entries: Vec<Entry> = inputs
+            .into_iter()
+            .map(|(name, dtype, shape)| {
+                let dtype = match dtype {
+                    DType::F16 | DType::BF16 => dtype,
+                    _ => DType::F32,
+                };
+                let bytes = shape.iter().product::<usize>() * dtype.size();
+                let e = Entry {
+                    name,
+                    dtype,
+                    shape,
+                    at,
+                    bytes,
+                };
+                at += bytes.div_ceil(ALIGN) * ALIGN;
+                e
+            })
+            .collect();
+        Packed {
+            entries,
+            words: vec![0; at / 8],
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every input's elements, by name, in the order given to [`Packed::new`]: disjoint, to be
+    /// written by several threads.
+    pub fn floats_mut(&mut self) -> Vec<(&str, FloatsMut<'_>)> {
+        let mut rest: &mut [u8] = bytemuck::cast_slice_mut(&mut self.words);
+        let mut done = 0;
+        let mut out = Vec::with_capacity(self.entries.len());
+        for e in &self.entries {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(e.at - done);
+            let (mine, tail) = tail.split_at_mut(e.bytes);
+            rest = tail;
+            done = e.at + e.bytes;
+            // Aligned (each entry starts at a multiple of ALIGN from an 8-aligned start) and
+            // a whole number of elements long, so the casts cannot fail.
+            let floats = match e.dtype {
+                DType::F16 => FloatsMut::F16(bytemuck::cast_slice_mut(mine)),
+                DType::BF16 => FloatsMut::BF16(bytemuck::cast_slice_mut(mine)),
+                _ => FloatsMut::F32(bytemuck::cast_slice_mut(mine)),
+            };
+            out.push((e.name.as_str(), floats));
+        }
+        out
+    }
+
+    /// The buffer moved by `place` (to the device; on the CPU left where it is), and a view
+    /// into it per input.
+    pub(super) fn place(
+        self,
+        place: impl FnOnce(DynValue) -> ort::Result<DynValue>,
+    ) -> ort::Result<Vec<(String, Held)>> {
+        let words = self.words.len();
+        let host = OrtTensor::from_array((vec![words as i64], self.words))?.into_dyn();
+        let buffer = Arc::new(place(host)?);
+        let tensor = buffer.view().downcast::<ort::value::DynTensorValueType>()?;
+        let info = tensor.memory_info().to_owned();
+        let base = tensor.data_ptr().cast::<u8>().cast_mut();
+        drop(tensor);
+        self.entries
+            .into_iter()
+            .map(|e| {
+                let shape = ort::value::Shape::from(e.shape.as_slice());
+                // SAFETY: `base + at` starts `bytes` bytes of the buffer (laid out by `new`),
+                // which the view's `_buffer` keeps alive for as long as the view, and the
+                // element type and shape describe exactly those bytes.
+                let view = unsafe {
+                    let p = base.add(e.at).cast();
+                    match e.dtype {
+                        DType::F16 => {
+                            TensorRefMut::<half::f16>::from_raw(info.clone(), p, shape)?.into_dyn()
+                        }
+                        DType::BF16 => {
+                            TensorRefMut::<half::bf16>::from_raw(info.clone(), p, shape)?.into_dyn()
+                        }
+                        _ => TensorRefMut::<f32>::from_raw(info.clone(), p, shape)?.into_dyn(),
+                    }
+                };
+                let held = Held::Part {
+                    view,
+                    _buffer: buffer.clone(),
+                };
+                Ok((e.name, held))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_start_aligned_and_are_written_where_their_views_read() {
+        crate::ort_env::init().unwrap();
+        let mut p = Packed::new([
+            ("a".to_string(), DType::F32, vec![3]),
+            ("b".to_string(), DType::BF16, vec![2, 5]),
+            ("c".to_string(), DType::F16, vec![0]),
+            ("d".to_string(), DType::F32, vec![1, 1]),
+        ]);
+        let starts: Vec<usize> = p.entries.iter().map(|e| e.at).collect();
+        assert_eq!(starts, [0, 256, 512, 512]);
+        let mut scratch = Vec::new();
+        for (i, (_, dst)) in p.floats_mut().into_iter().enumerate() {
+            dst.write_with(&mut scratch, |d| {
+                d.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, v)| *v = (10 * i + j) as f32)
+            });
+        }
+        let held = p.place(Ok).unwrap();
+        let names: Vec<&str> = held.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        let a = held[0].1.try_extract_tensor::<f32>().unwrap();
+        assert_eq!((a.0.to_vec(), a.1.to_vec()), (vec![3], vec![0.0, 1.0, 2.0]));
+        let b = held[1].1.try_extract_tensor::<half::bf16>().unwrap();
+        assert_eq!(b.0.to_vec(), [2, 5]);
+        let b: Vec<f32> = b.1.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(b, (10..20).map(|v| v as f32).collect::<Vec<_>>());
+        assert_eq!(held[3].1.try_extract_tensor::<f32>().unwrap().1, [30.0]);
+        // The views keep the buffer: dropping all but one leaves it readable.
+        let last = held.into_iter().nth(3).unwrap().1;
+        assert_eq!(last.try_extract_tensor::<f32>().unwrap().1, [30.0]);
+    }
+}
