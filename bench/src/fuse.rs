@@ -83,9 +83,9 @@ const RANK: usize = 1;
 /// Length of the fill pattern (prime, so it does not line up with rows).
 const PATTERN: usize = 65_521;
 
-struct Layer {
-    out: usize,
-    inp: usize,
+pub(crate) struct Layer {
+    pub(crate) out: usize,
+    pub(crate) inp: usize,
 }
 
 /// Median, min, max of a sample (sorted in place).
@@ -128,7 +128,7 @@ fn mem_available() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn layers(model: FuseModel) -> Result<Vec<(String, Layer)>, Failure> {
+pub(crate) fn layers(model: FuseModel) -> Result<Vec<(String, Layer)>, Failure> {
     let v: serde_json::Value = serde_json::from_str(include_str!(
         "../../tests/fixtures/fullscale_linear_shapes.json"
     ))

@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod gpu_scale;
 pub mod hypernet;
 pub mod int8_gemm;
+pub mod lilora;
 pub mod lora_batch;
 pub mod peaks;
 pub mod pipeline;

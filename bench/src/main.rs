@@ -242,6 +242,26 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Video2LoRA's LiLoRA expansion (predicted rows → LoRA factors, on the host for every
+    /// predicted LoRA) on CogVideoX-Fun-5B-InP's 341 linears, generated auxiliaries
+    ///
+    /// Example:
+    ///   v2l-bench lilora --down-dim 200 --up-dim 100 --repeat 5
+    #[command(verbatim_doc_comment)]
+    Lilora {
+        /// Rows of each `down_aux` (upstream's --lora_down_dim: 200 in Python, 100 in its script)
+        #[arg(long, default_value_t = 200)]
+        down_dim: usize,
+        /// Columns of each `up_aux` (upstream's --lora_up_dim: 100 in Python, 50 in its script)
+        #[arg(long, default_value_t = 100)]
+        up_dim: usize,
+        /// LoRA rank (upstream's --lora_rank)
+        #[arg(long, default_value_t = 1)]
+        rank: usize,
+        /// Timed expansions; the median is reported
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
     /// Time the LoRA fuse kernel against this machine's memcpy bandwidth
     ///
     /// Example:
@@ -295,6 +315,18 @@ fn main() -> ExitCode {
             threads,
             dir: &dir,
             keep,
+            json: cli.json,
+        }),
+        Command::Lilora {
+            down_dim,
+            up_dim,
+            rank,
+            repeat,
+        } => v2l_bench::lilora::bench_lilora(&v2l_bench::lilora::LiLoraBench {
+            down_dim,
+            up_dim,
+            rank,
+            repeat,
             json: cli.json,
         }),
         Command::Pipeline {

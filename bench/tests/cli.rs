@@ -12,7 +12,7 @@ fn bench(args: &[&str]) -> Output {
 #[test]
 fn every_help_has_an_example_and_is_stable() {
     let subs = [
-        "pipeline", "export", "scale", "fuse", "serve", "hypernet", "e2e",
+        "pipeline", "export", "scale", "fuse", "serve", "hypernet", "e2e", "lilora",
     ];
     for sub in std::iter::once(None).chain(subs.iter().map(Some)) {
         let mut args: Vec<&str> = sub.into_iter().copied().collect();

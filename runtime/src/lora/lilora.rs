@@ -59,9 +59,91 @@ pub struct AuxLayer {
     pub out_features: usize,
     pub in_features: usize,
     /// `[a, in]`
-    pub down_aux: Vec<f32>,
-    /// `[out, b]`
-    pub up_aux: Vec<f32>,
+    down_aux: Vec<f32>,
+    /// `up_aux [out, b]` transposed, `[b, out]`: `B`'s columns are then sums of its rows, as
+    /// `A`'s rows are of `down_aux`'s, which vectorise (a dot product over `b` does not,
+    /// summed in order).
+    up_aux_t: Vec<f32>,
+}
+
+impl AuxLayer {
+    /// One layer's auxiliaries: `down_aux [a, in]`, `up_aux [out, b]`, row-major.
+    pub fn new(
+        module: String,
+        out_features: usize,
+        in_features: usize,
+        down_aux: Vec<f32>,
+        up_aux: Vec<f32>,
+    ) -> AuxLayer {
+        let b = up_aux.len() / out_features.max(1);
+        let mut up_aux_t = vec![0f32; up_aux.len()];
+        for (i, row) in up_aux.chunks_exact(b.max(1)).enumerate() {
+            for (q, &x) in row.iter().enumerate() {
+                if let Some(t) = up_aux_t.get_mut(q * out_features + i) {
+                    *t = x;
+                }
+            }
+        }
+        AuxLayer {
+            module,
+            out_features,
+            in_features,
+            down_aux,
+            up_aux_t,
+        }
+    }
+
+    /// This layer's LoRA from its predicted row `[down_w (r·a) | up_w (b·r)]`:
+    /// `A = down_w [r, a] · down_aux`, `B = up_aux · up_w [b, r]`, each element summed over
+    /// `p` (or `q`) ascending, as upstream's layer computes them in f32.
+    fn expand(&self, row: &[f32], a: usize, r: usize, alpha: f32) -> LoraLayer {
+        let (down_w, up_w) = row.split_at((a * r).min(row.len()));
+        let (n_in, n_out, r1) = (self.in_features.max(1), self.out_features.max(1), r.max(1));
+        // lora_A[k, :] = Σ_p down_w[k, p] · down_aux[p, :].
+        let mut lora_a = vec![0f32; r * self.in_features];
+        for (dst, dw) in lora_a
+            .chunks_exact_mut(n_in)
+            .zip(down_w.chunks_exact(a.max(1)))
+        {
+            for (&w, aux) in dw.iter().zip(self.down_aux.chunks_exact(n_in)) {
+                axpy(dst, w, aux);
+            }
+        }
+        // lora_B[:, k] = Σ_q up_w[q, k] · up_aux[:, q], laid out [r, out], then as [out, r].
+        let mut cols = vec![0f32; r * self.out_features];
+        for (k, dst) in cols.chunks_exact_mut(n_out).enumerate() {
+            for (u, aux) in up_w.chunks_exact(r1).zip(self.up_aux_t.chunks_exact(n_out)) {
+                axpy(dst, u.get(k).copied().unwrap_or(0.0), aux);
+            }
+        }
+        let lora_b = match r {
+            1 => cols,
+            _ => {
+                let mut b = vec![0f32; cols.len()];
+                for (k, col) in cols.chunks_exact(n_out).enumerate() {
+                    for (i, &v) in col.iter().enumerate() {
+                        if let Some(t) = b.get_mut(i * r + k) {
+                            *t = v;
+                        }
+                    }
+                }
+                b
+            }
+        };
+        LoraLayer {
+            module: self.module.clone(),
+            a: Factor::from_f32([r, self.in_features], &lora_a),
+            b: Factor::from_f32([self.out_features, r], &lora_b),
+            alpha,
+        }
+    }
+}
+
+/// `dst += w · x`, element by element (a multiply, then an add: no fused rounding).
+fn axpy(dst: &mut [f32], w: f32, x: &[f32]) {
+    for (o, &v) in dst.iter_mut().zip(x) {
+        *o += w * v;
+    }
 }
 
 /// The auxiliaries of every layer, in the hypernetwork's row order.
@@ -140,13 +222,13 @@ impl LiLora {
                     expected: format!("[{}, {b}]", l.out_features),
                 });
             }
-            layers.push(AuxLayer {
-                module: l.name.clone(),
-                out_features: l.out_features,
-                in_features: l.in_features,
+            layers.push(AuxLayer::new(
+                l.name.clone(),
+                l.out_features,
+                l.in_features,
                 down_aux,
                 up_aux,
-            });
+            ));
         }
         let used: std::collections::HashSet<String> =
             linears.iter().map(|l| upstream_name(&l.name)).collect();
@@ -186,51 +268,133 @@ impl LiLora {
             });
         }
         let r = width / ab;
-        let (a, b) = (self.a, self.b);
-        let layers = self
-            .layers
-            .iter()
-            .zip(rows.chunks_exact(width))
-            .map(|(l, row)| {
-                let (down_w, up_w) = row.split_at(a * r); // down_w [r, a], up_w [b, r]
-                let (n_in, r1) = (l.in_features.max(1), r.max(1));
-                // lora_A[k, :] = Σ_p down_w[k, p] · down_aux[p, :], p ascending.
-                let mut lora_a = vec![0f32; r * l.in_features];
-                for (dst, dw) in lora_a
-                    .chunks_exact_mut(n_in)
-                    .zip(down_w.chunks_exact(a.max(1)))
-                {
-                    for (&w, aux) in dw.iter().zip(l.down_aux.chunks_exact(n_in)) {
-                        for (o, &x) in dst.iter_mut().zip(aux) {
-                            *o += w * x;
-                        }
-                    }
-                }
-                // lora_B[i, k] = Σ_q up_aux[i, q] · up_w[q, k], q ascending.
-                let mut lora_b = vec![0f32; l.out_features * r];
-                for (row, aux) in lora_b
-                    .chunks_exact_mut(r1)
-                    .zip(l.up_aux.chunks_exact(b.max(1)))
-                {
-                    for (k, o) in row.iter_mut().enumerate() {
-                        *o = aux
+        // Layers on every core, in runs of consecutive layers (a block's mix of shapes in
+        // each): the expansion reads every auxiliary once, gigabytes at 5B width, and one core
+        // does not reach the memory's bandwidth.
+        let threads = v2l_kernels::fuse::resolve_threads(0).clamp(1, n.max(1));
+        let per = n.div_ceil(threads).max(1);
+        let alpha = multiplier * alpha;
+        let layers: Vec<LoraLayer> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .layers
+                .chunks(per)
+                .zip(rows.chunks(per * width))
+                .map(|(layers, rows)| {
+                    s.spawn(move || {
+                        layers
                             .iter()
-                            .zip(up_w.chunks_exact(r1))
-                            .map(|(&x, u)| x * u.get(k).copied().unwrap_or(0.0))
-                            .sum();
-                    }
-                }
-                LoraLayer {
-                    module: l.module.clone(),
-                    a: Factor::from_f32([r, l.in_features], &lora_a),
-                    b: Factor::from_f32([l.out_features, r], &lora_b),
-                    alpha: multiplier * alpha,
-                }
-            })
-            .collect();
+                            .zip(rows.chunks_exact(width))
+                            .map(|(l, row)| l.expand(row, self.a, r, alpha))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        if layers.len() != n {
+            return Err(LiLoraError::Bad {
+                path: self.path.clone(),
+                message: "a thread expanding the LiLoRA layers panicked".into(),
+            });
+        }
         Ok(Lora {
             format: LoraFormat::Diffusers,
             layers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The factors summed element by element in upstream's order (`p`, `q` ascending), as
+    /// plainly as it can be written.
+    fn reference(
+        l: &AuxLayer,
+        up_aux: &[f32],
+        row: &[f32],
+        a: usize,
+        b: usize,
+        r: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (down_w, up_w) = row.split_at(a * r);
+        let mut lora_a = vec![0f32; r * l.in_features];
+        for k in 0..r {
+            for j in 0..l.in_features {
+                let mut s = 0f32;
+                for p in 0..a {
+                    s += down_w[k * a + p] * l.down_aux[p * l.in_features + j];
+                }
+                lora_a[k * l.in_features + j] = s;
+            }
+        }
+        let mut lora_b = vec![0f32; l.out_features * r];
+        for i in 0..l.out_features {
+            for k in 0..r {
+                let mut s = 0f32;
+                for q in 0..b {
+                    s += up_aux[i * b + q] * up_w[q * r + k];
+                }
+                lora_b[i * r + k] = s;
+            }
+        }
+        (lora_a, lora_b)
+    }
+
+    #[test]
+    fn expanded_factors_are_the_ordered_sums_on_every_thread() {
+        let wave = |n: usize, salt: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 * 0.37 + salt).sin()) * 0.5)
+                .collect()
+        };
+        let (a, b) = (5, 3);
+        for r in [1, 3] {
+            let shapes = [(7, 4), (2, 9), (6, 6), (1, 3), (8, 5)];
+            let up: Vec<Vec<f32>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(k, &(o, _))| wave(o * b, k as f32))
+                .collect();
+            let layers: Vec<AuxLayer> = shapes
+                .iter()
+                .zip(&up)
+                .enumerate()
+                .map(|(k, (&(o, i), up))| {
+                    AuxLayer::new(
+                        format!("l{k}"),
+                        o,
+                        i,
+                        wave(a * i, 10.0 + k as f32),
+                        up.clone(),
+                    )
+                })
+                .collect();
+            let lilora = LiLora {
+                path: "t".into(),
+                a,
+                b,
+                layers,
+            };
+            let width = (a + b) * r;
+            let rows = wave(shapes.len() * width, 3.0);
+            let lora = lilora.to_lora(&rows, width, 2.0, 0.5).unwrap();
+            assert_eq!(lora.layers.len(), shapes.len());
+            for (k, (got, l)) in lora.layers.iter().zip(&lilora.layers).enumerate() {
+                let (ra, rb) = reference(l, &up[k], &rows[k * width..(k + 1) * width], a, b, r);
+                let f = |x: &Factor| v2l_graphs::dtype::f32_values(&x.bytes, x.dtype).unwrap();
+                assert_eq!(f(&got.a), ra, "r {r}, layer {k}: A");
+                assert_eq!(f(&got.b), rb, "r {r}, layer {k}: B");
+                assert_eq!(
+                    (got.a.shape, got.b.shape),
+                    ([r, l.in_features], [l.out_features, r])
+                );
+                assert_eq!(got.alpha, 1.0);
+            }
+        }
     }
 }
