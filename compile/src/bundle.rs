@@ -105,7 +105,8 @@ pub fn compile(src: &Path, out: &Path, backend: Backend, precision: Precision) -
 pub struct Options<'a> {
     /// int8 only: calibrate activation ranges for static int8 (Q/DQ).
     pub calibration: Option<&'a crate::calibrate::Calibration>,
-    /// The rank `unfused` LoRA factors are padded to ([`lora_max_rank`] when `None`).
+    /// The largest rank of an `unfused` LoRA, padded to where a session needs one shape
+    /// ([`lora_max_rank`] when `None`).
     pub max_rank: Option<usize>,
     /// The DiT's attention kernel ([`default_attention`] when `None`).
     pub attention: Option<Attention>,
@@ -1435,10 +1436,11 @@ fn lower_dit(
     Ok(LowWeights::Float(how, l.tensors))
 }
 
-/// The rank `unfused` LoRA factors are padded to: `--max-rank` when given; on GPU backends
-/// otherwise the engine's hypernetwork rank (Prompt2Effect, LoFA) or 64, so the engine sees
-/// one factor shape (TensorRT builds its profile for it); on the CPU none (each LoRA keeps its
-/// own rank, no work on padding).
+/// The largest rank of an `unfused` LoRA, which sessions needing one factor shape pad every
+/// LoRA to (TensorRT builds its profile for it; a CUDA graph is captured per shape; a plain
+/// cuda session takes each LoRA's own rank, `v2l_runtime`'s `Ranks`): `--max-rank` when given;
+/// on GPU backends otherwise the engine's hypernetwork rank (Prompt2Effect, LoFA) or 64; on the
+/// CPU none (each LoRA keeps its own rank, no work on padding).
 pub fn lora_max_rank(backend: Backend, flag: Option<usize>, manifest: &Manifest) -> Option<usize> {
     if flag.is_some() {
         return flag;

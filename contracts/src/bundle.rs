@@ -183,8 +183,9 @@ pub struct Bundle {
     /// weights are also inputs) and `unfused` (a low-rank branch per targeted layer).
     #[serde(default)]
     pub dit_variants: DitVariants,
-    /// `unfused`: the rank every LoRA factor is padded to (`v2l-compile --max-rank`), so GPU
-    /// engines see one factor shape; `None` on the CPU, where factors keep their own rank.
+    /// `unfused`: the largest rank of a LoRA (`v2l-compile --max-rank`), which sessions needing
+    /// one factor shape (TensorRT, CUDA graphs) pad every LoRA to; `None` on the CPU, where
+    /// factors keep their own rank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rank: Option<usize>,
     /// The DiT's attention kernel (`v2l-compile --attention`).

@@ -63,9 +63,10 @@ struct Cli {
     /// encoder_hidden_states, timestep, rope_cos, rope_sin) to calibrate activation ranges on
     #[arg(long, value_name = "DIR", conflicts_with = "calibration_samples")]
     calibration: Option<PathBuf>,
-    /// Rank every `unfused` LoRA factor is padded to (a LoRA of higher rank is refused). Default:
-    /// on `cuda`/`tensorrt` the hypernetwork's rank or 64, so the engine sees one factor shape;
-    /// on `cpu` none (each LoRA keeps its own rank)
+    /// Largest rank of a LoRA on the `unfused` DiT (a higher one is refused); sessions that need
+    /// one factor shape (tensorrt, cuda with CUDA graphs, cpu when given) pad every LoRA to it.
+    /// Default: on `cuda`/`tensorrt` the hypernetwork's rank or 64; on `cpu` none (each LoRA
+    /// keeps its own rank)
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_rank: Option<u32>,
     /// Static int8 on N generated samples (seeded Gaussian latents at timesteps 999..0)

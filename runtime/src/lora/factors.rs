@@ -132,14 +132,36 @@ fn check_layers(
     refusals.into_iter().collect()
 }
 
+/// The rank of a layout's factor inputs: the largest its LoRAs have on a target, at most
+/// `max` (an engine's `--max-rank`); with `pad`, `max` always, for a session that needs one
+/// shape (TensorRT's profile; a CUDA graph, captured per set of input shapes). Without it a
+/// rank-1 Video2LoRA LoRA takes rank-1 inputs on a GPU too, not 64 ranks of mostly zeros to
+/// write, move and multiply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ranks {
+    pub max: Option<usize>,
+    pub pad: bool,
+}
+
+impl Ranks {
+    /// The rank of inputs for LoRAs whose largest rank is `most`, or `most` again as the refused
+    /// rank when it is over `max`.
+    pub(super) fn of(self, most: usize) -> std::result::Result<usize, usize> {
+        match self.max {
+            Some(r) if most > r => Err(most),
+            Some(r) if self.pad => Ok(r),
+            _ => Ok(most),
+        }
+    }
+}
+
 /// Which layer of which sample's LoRA each target of the unfused graph takes, and the rank its
-/// factor inputs are padded to: the largest among the samples, or `pad` (an engine's
-/// `--max-rank`, so a GPU engine sees one shape). Everything a switch can refuse is checked
-/// here, before any input is written: unmatched layers, non-finite factors, ranks over `pad`.
+/// factor inputs take ([`Ranks`]). Everything a switch can refuse is checked here, before any
+/// input is written: unmatched layers, non-finite factors, ranks over the engine's largest.
 pub(super) fn plan_factors<'a>(
     targets: &'a [LinearInfo],
     samples: &[Option<&'a AppliedLora>],
-    pad: Option<usize>,
+    ranks: Ranks,
     limit: Option<f32>,
     threads: usize,
 ) -> Result<Vec<TargetFactors<'a>>> {
@@ -182,18 +204,13 @@ pub(super) fn plan_factors<'a>(
                 .max()
                 .unwrap_or(1)
                 .max(1);
-            let rank = match pad {
-                Some(r) if most > r => {
-                    return Err(RuntimeError::LoraLayer {
-            layer: t.name.clone(),
-            message: format!(
-                            "the LoRA has rank {most} here; this engine takes at most {r} (v2l-compile --max-rank)"
-                        ),
-        })
-                }
-                Some(r) => r,
-                None => most,
-            };
+            let rank = ranks.of(most).map_err(|most| RuntimeError::LoraLayer {
+                layer: t.name.clone(),
+                message: format!(
+                    "the LoRA has rank {most} here; this engine takes at most {} (v2l-compile --max-rank)",
+                    ranks.max.unwrap_or(most)
+                ),
+            })?;
             Ok(TargetFactors {
                 rank,
                 samples: layers,
@@ -415,13 +432,14 @@ impl FactorInputs {
     /// Sets `model`'s factor inputs for `samples` (one LoRA or none per slot):
     /// nothing to do when they hold that layout already, kept values handed over when it was
     /// kept, else laid out (in place where nothing is to be kept, on `threads` threads).
-    /// `bounds`: the engine's rank pad and an fp16 engine's factor limit. A refused LoRA leaves the inputs as they were.
+    /// `bounds`: the inputs' [`Ranks`] and an fp16 engine's factor limit. A refused LoRA leaves
+    /// the inputs as they were.
     pub(super) fn lay_out(
         &mut self,
         model: &mut DitModel,
         targets: &[LinearInfo],
         samples: &[Option<&AppliedLora>],
-        (pad, limit): (Option<usize>, Option<f32>),
+        (ranks, limit): (Ranks, Option<f32>),
         threads: usize,
     ) -> Result<()> {
         if self
@@ -447,7 +465,7 @@ impl FactorInputs {
             return Ok(());
         }
         // Everything a switch can refuse is checked before the inputs are touched.
-        let plan = plan_factors(targets, samples, pad, limit, threads)?;
+        let plan = plan_factors(targets, samples, ranks, limit, threads)?;
         if self.budget > 0 {
             let current = model.take_fixed(&names);
             // The values an eviction frees are written over in place: no allocation.

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use v2l_contracts::LinearInfo;
 
-use super::factors::{plan_factors, FactorCacheStats, FactorInputs};
+use super::factors::{plan_factors, FactorCacheStats, FactorInputs, Ranks};
 use super::switch::{BaseWeights, Buffer, SwitchableWeights};
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
@@ -44,7 +44,8 @@ pub struct DitRunner {
     slots: Vec<Option<AppliedLora>>,
     /// `unfused`: what the factor inputs hold, and those kept for other LoRAs.
     factors: FactorInputs,
-    max_rank: Option<usize>,
+    /// `unfused`: the rank the factor inputs take.
+    ranks: Ranks,
     /// `unfused` on an fp16 engine: the largest factor its branches take (fp16's largest
     /// finite value; they compute in fp16, as PEFT's on an fp16 model).
     factor_limit: Option<f32>,
@@ -141,7 +142,7 @@ pub fn merge_inputs(
     limit: Option<f32>,
     dtype: v2l_graphs::DType,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let plan = plan_factors(targets, &[lora], None, limit, 0)?;
+    let plan = plan_factors(targets, &[lora], Ranks::default(), limit, 0)?;
     let mut inputs = BTreeMap::new();
     for (t, f) in targets.iter().zip(&plan) {
         let [a, b, _] = v2l_graphs::passes::lora_input_names(&format!("{}.weight", t.name));
@@ -220,9 +221,9 @@ impl DitRunner {
         }
         let mut model = dit_load(engine, opts, strategy, None)?.load(false)?;
         let mut factors = FactorInputs::default();
+        let ranks = factor_ranks(engine.bundle.as_ref().and_then(|b| b.max_rank), opts);
         if strategy == Strategy::Unfused {
-            let pad = engine.bundle.as_ref().and_then(|b| b.max_rank);
-            factors.lay_out(&mut model, &targets, &[None], (pad, None), opts.threads)?;
+            factors.lay_out(&mut model, &targets, &[None], (ranks, None), opts.threads)?;
         }
         let factor_limit = (engine.precision() == crate::backend::Precision::Fp16)
             .then(|| half::f16::MAX.to_f32());
@@ -238,7 +239,7 @@ impl DitRunner {
             weights,
             slots: vec![None],
             factors,
-            max_rank: engine.bundle.as_ref().and_then(|b| b.max_rank),
+            ranks,
             factor_limit,
             merge,
         })
@@ -328,7 +329,7 @@ impl DitRunner {
     /// Sets the factor inputs, one slot per entry of `slots`.
     fn lay_out(&mut self, slots: &[Option<AppliedLora>]) -> Result<()> {
         let slots: Vec<Option<&AppliedLora>> = slots.iter().map(|l| l.as_ref()).collect();
-        let bounds = (self.max_rank, self.factor_limit);
+        let bounds = (self.ranks, self.factor_limit);
         let threads = self.opts.threads;
         self.factors
             .lay_out(&mut self.model, &self.targets, &slots, bounds, threads)
@@ -549,6 +550,19 @@ impl DitLoad {
 
 /// The DiT session `strategy` runs, with `lora` fused for `fused` (other strategies apply
 /// their LoRA after the session is built).
+/// The rank of `engine`'s `unfused` factor inputs in sessions made with `opts`: at most the
+/// engine's `--max-rank`, padded to it where a session needs one shape (TensorRT; a cuda
+/// session capturing CUDA graphs; a CPU engine compiled with `--max-rank`), else each layout's
+/// own largest rank (a plain cuda session: any shape costs nothing there).
+fn factor_ranks(max: Option<usize>, opts: &SessionOptions) -> Ranks {
+    use crate::backend::Backend;
+    let pad = match opts.backend.backend {
+        Backend::Cuda => opts.bound_runs,
+        Backend::Cpu | Backend::TensorRt => true,
+    };
+    Ranks { max, pad }
+}
+
 fn dit_load(
     engine: &Engine,
     opts: &SessionOptions,
@@ -638,4 +652,47 @@ fn fused_load(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> Res
         opts: session,
         weights,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+
+    /// A plain cuda session takes each layout's own rank (at most the engine's); sessions that
+    /// need one shape pad to it; the cap holds either way.
+    #[test]
+    fn factor_inputs_are_padded_only_where_a_session_needs_one_shape() {
+        let opts = |backend, bound_runs| {
+            let mut o = SessionOptions {
+                bound_runs,
+                ..Default::default()
+            };
+            o.backend.backend = backend;
+            o
+        };
+        let cases = [
+            (Backend::Cuda, false, false),
+            (Backend::Cuda, true, true),
+            (Backend::TensorRt, false, true),
+            (Backend::Cpu, false, true),
+        ];
+        for (backend, bound, pad) in cases {
+            let r = factor_ranks(Some(64), &opts(backend, bound));
+            assert_eq!(
+                r,
+                Ranks { max: Some(64), pad },
+                "{backend:?}, bound {bound}"
+            );
+        }
+        let plain = factor_ranks(Some(64), &opts(Backend::Cuda, false));
+        let graphs = factor_ranks(Some(64), &opts(Backend::Cuda, true));
+        assert_eq!((plain.of(1), graphs.of(1)), (Ok(1), Ok(64)));
+        assert_eq!((plain.of(65), graphs.of(65)), (Err(65), Err(65)));
+        // An engine without a largest rank (a CPU engine by default): each layout's own.
+        assert_eq!(
+            factor_ranks(None, &opts(Backend::Cpu, false)).of(80),
+            Ok(80)
+        );
+    }
 }
