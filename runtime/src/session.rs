@@ -469,18 +469,41 @@ impl Model {
     }
 
     /// `packed`'s buffer where this session reads, as values to set ([`Model::set_fixed_values`]).
+    /// Should the one copy to the device fail (it has not run on a GPU yet), the inputs move
+    /// one by one, as before, and the process says so once.
     pub fn place_packed(&self, packed: Packed) -> Result<DeviceValues> {
         let ctx = format!("{}: fixed inputs moved as one buffer", self.path.display());
-        let device = self.device;
-        let held = packed
-            .place(|host| match device {
-                None => Ok(host),
-                Some(id) => host
-                    .downcast::<ort::value::DynTensorValueType>()
-                    .and_then(|t| t.to(ort::memory::AllocationDevice::CUDA, id))
-                    .map(|t| t.into_dyn()),
-            })
-            .map_err(ort_err(ctx))?;
+        let host = packed.into_host().map_err(ort_err(&ctx))?;
+        let Some(id) = self.device else {
+            let held = host.views().map_err(ort_err(&ctx))?;
+            return Ok(DeviceValues(held.into_iter().collect()));
+        };
+        let to_device = |v: &DynValue| {
+            v.view()
+                .downcast::<ort::value::DynTensorValueType>()
+                .and_then(|t| t.to(ort::memory::AllocationDevice::CUDA, id))
+                .map(|t| t.into_dyn())
+        };
+        let held = match host.moved(to_device) {
+            Ok(on_device) => on_device.views(),
+            Err(e) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!(
+                        "v2l: {ctx}: the copy of {} inputs failed ({}); they move one by one",
+                        host.len(),
+                        values::plain(&e.to_string())
+                    )
+                });
+                host.views().and_then(|views| {
+                    views
+                        .into_iter()
+                        .map(|(name, h)| Ok((name, Held::Own(to_device(&h)?))))
+                        .collect()
+                })
+            }
+        }
+        .map_err(ort_err(&ctx))?;
         Ok(DeviceValues(held.into_iter().collect()))
     }
 

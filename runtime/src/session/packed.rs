@@ -53,6 +53,7 @@ impl std::ops::Deref for Held {
 }
 
 /// One input laid out in a [`Packed`] buffer.
+#[derive(Clone)]
 struct Entry {
     name: String,
     dtype: DType,
@@ -127,16 +128,45 @@ impl Packed {
         out
     }
 
-    /// The buffer moved by `place` (to the device; on the CPU left where it is), and a view
-    /// into it per input.
-    pub(super) fn place(
-        self,
-        place: impl FnOnce(DynValue) -> ort::Result<DynValue>,
-    ) -> ort::Result<Vec<(String, Held)>> {
+    /// The buffer as an ONNX Runtime value in host memory (its words move in, uncopied).
+    pub(super) fn into_host(self) -> ort::Result<Placed> {
         let words = self.words.len();
         let host = OrtTensor::from_array((vec![words as i64], self.words))?.into_dyn();
-        let buffer = Arc::new(place(host)?);
-        let tensor = buffer.view().downcast::<ort::value::DynTensorValueType>()?;
+        Ok(Placed {
+            buffer: Arc::new(host),
+            entries: self.entries,
+        })
+    }
+}
+
+/// A [`Packed`] buffer as an ONNX Runtime value, in host or device memory.
+pub(super) struct Placed {
+    buffer: Arc<DynValue>,
+    entries: Vec<Entry>,
+}
+
+impl Placed {
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The buffer copied by `to` (to the device: one copy for every input).
+    pub(super) fn moved(
+        &self,
+        to: impl FnOnce(&DynValue) -> ort::Result<DynValue>,
+    ) -> ort::Result<Placed> {
+        Ok(Placed {
+            buffer: Arc::new(to(&self.buffer)?),
+            entries: self.entries.clone(),
+        })
+    }
+
+    /// A view into the buffer per input, each holding the buffer.
+    pub(super) fn views(self) -> ort::Result<Vec<(String, Held)>> {
+        let tensor = self
+            .buffer
+            .view()
+            .downcast::<ort::value::DynTensorValueType>()?;
         let info = tensor.memory_info().to_owned();
         let base = tensor.data_ptr().cast::<u8>().cast_mut();
         drop(tensor);
@@ -161,7 +191,7 @@ impl Packed {
                 };
                 let held = Held::Part {
                     view,
-                    _buffer: buffer.clone(),
+                    _buffer: self.buffer.clone(),
                 };
                 Ok((e.name, held))
             })
@@ -192,7 +222,13 @@ mod tests {
                     .for_each(|(j, v)| *v = (10 * i + j) as f32)
             });
         }
-        let held = p.place(Ok).unwrap();
+        let host = p.into_host().unwrap();
+        // Moved (here: copied on the host) as one buffer: the views read the copy.
+        let copy = |v: &DynValue| {
+            let (_, words) = v.try_extract_tensor::<u64>()?;
+            Ok(OrtTensor::from_array((vec![words.len() as i64], words.to_vec()))?.into_dyn())
+        };
+        let held = host.moved(copy).unwrap().views().unwrap();
         let names: Vec<&str> = held.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["a", "b", "c", "d"]);
         let a = held[0].1.try_extract_tensor::<f32>().unwrap();
