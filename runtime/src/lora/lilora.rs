@@ -256,6 +256,30 @@ impl LiLora {
     /// Turns hypernetwork rows `[N, (a+b)·r]` (one batch item) into a standard LoRA whose
     /// alpha makes the fuse scale `multiplier · alpha / r` (upstream passes both as the LoRA weight).
     pub fn to_lora(&self, rows: &[f32], width: usize, multiplier: f32, alpha: f32) -> Result<Lora> {
+        // Every core where the auxiliaries are large (gigabytes at 5B width: one core does not
+        // reach the memory's bandwidth), one thread per AUX_BYTES_PER_THREAD; the caller's
+        // thread alone for small models (no thread is started for a few megabytes).
+        const AUX_BYTES_PER_THREAD: usize = 16 << 20;
+        let bytes: usize = self
+            .layers
+            .iter()
+            .map(|l| 4 * (l.down_aux.len() + l.up_aux_t.len()))
+            .sum();
+        let threads = v2l_kernels::fuse::resolve_threads(0)
+            .min(bytes.div_ceil(AUX_BYTES_PER_THREAD))
+            .max(1);
+        self.to_lora_on(rows, width, multiplier, alpha, threads)
+    }
+
+    /// [`LiLora::to_lora`] on `threads` threads, each a run of consecutive layers.
+    fn to_lora_on(
+        &self,
+        rows: &[f32],
+        width: usize,
+        multiplier: f32,
+        alpha: f32,
+        threads: usize,
+    ) -> Result<Lora> {
         let n = self.layers.len();
         let ab = self.a + self.b;
         if width == 0 || rows.len() != n * width || width % ab != 0 {
@@ -268,12 +292,22 @@ impl LiLora {
             });
         }
         let r = width / ab;
-        // Layers on every core, in runs of consecutive layers (a block's mix of shapes in
-        // each): the expansion reads every auxiliary once, gigabytes at 5B width, and one core
-        // does not reach the memory's bandwidth.
-        let threads = v2l_kernels::fuse::resolve_threads(0).clamp(1, n.max(1));
-        let per = n.div_ceil(threads).max(1);
         let alpha = multiplier * alpha;
+        let threads = threads.clamp(1, n.max(1));
+        if threads == 1 {
+            let layers = self
+                .layers
+                .iter()
+                .zip(rows.chunks_exact(width))
+                .map(|(l, row)| l.expand(row, self.a, r, alpha))
+                .collect();
+            return Ok(Lora {
+                format: LoraFormat::Diffusers,
+                layers,
+            });
+        }
+        // Runs of consecutive layers: a block's mix of shapes in each.
+        let per = n.div_ceil(threads).max(1);
         let layers: Vec<LoraLayer> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .layers
@@ -346,7 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn expanded_factors_are_the_ordered_sums_on_every_thread() {
+    fn expanded_factors_are_the_ordered_sums_on_one_thread_or_several() {
         let wave = |n: usize, salt: f32| -> Vec<f32> {
             (0..n)
                 .map(|i| ((i as f32 * 0.37 + salt).sin()) * 0.5)
@@ -383,6 +417,9 @@ mod tests {
             let width = (a + b) * r;
             let rows = wave(shapes.len() * width, 3.0);
             let lora = lilora.to_lora(&rows, width, 2.0, 0.5).unwrap();
+            // On the caller's thread (a few bytes) and on three threads: the same factors.
+            let on_three = lilora.to_lora_on(&rows, width, 2.0, 0.5, 3).unwrap();
+            assert_eq!(lora.layers, on_three.layers);
             assert_eq!(lora.layers.len(), shapes.len());
             for (k, (got, l)) in lora.layers.iter().zip(&lilora.layers).enumerate() {
                 let (ra, rb) = reference(l, &up[k], &rows[k * width..(k + 1) * width], a, b, r);
