@@ -474,19 +474,16 @@ impl Model {
     pub fn place_packed(&self, packed: Packed) -> Result<DeviceValues> {
         let ctx = format!("{}: fixed inputs moved as one buffer", self.path.display());
         let host = packed.into_host().map_err(ort_err(&ctx))?;
-        let Some(id) = self.device else {
-            let held = host.views().map_err(ort_err(&ctx))?;
-            return Ok(DeviceValues(held.into_iter().collect()));
-        };
-        let to_device = |v: &DynValue| {
+        let to_device = |id: i32, v: &DynValue| {
             v.view()
                 .downcast::<ort::value::DynTensorValueType>()
                 .and_then(|t| t.to(ort::memory::AllocationDevice::CUDA, id))
                 .map(|t| t.into_dyn())
         };
-        let held = match host.moved(to_device) {
-            Ok(on_device) => on_device.views(),
-            Err(e) => {
+        let held = match self.device.map(|id| (id, host.moved(|v| to_device(id, v)))) {
+            None => host.views(),
+            Some((_, Ok(on_device))) => on_device.views(),
+            Some((id, Err(e))) => {
                 static SAID: std::sync::Once = std::sync::Once::new();
                 SAID.call_once(|| {
                     eprintln!(
@@ -498,7 +495,7 @@ impl Model {
                 host.views().and_then(|views| {
                     views
                         .into_iter()
-                        .map(|(name, h)| Ok((name, Held::Own(to_device(&h)?))))
+                        .map(|(name, h)| Ok((name, Held::Own(to_device(id, &h)?))))
                         .collect()
                 })
             }

@@ -75,15 +75,7 @@ impl AuxLayer {
         down_aux: Vec<f32>,
         up_aux: Vec<f32>,
     ) -> AuxLayer {
-        let b = up_aux.len() / out_features.max(1);
-        let mut up_aux_t = vec![0f32; up_aux.len()];
-        for (i, row) in up_aux.chunks_exact(b.max(1)).enumerate() {
-            for (q, &x) in row.iter().enumerate() {
-                if let Some(t) = up_aux_t.get_mut(q * out_features + i) {
-                    *t = x;
-                }
-            }
-        }
+        let up_aux_t = transposed(&up_aux, out_features);
         AuxLayer {
             module,
             out_features,
@@ -118,17 +110,7 @@ impl AuxLayer {
         }
         let lora_b = match r {
             1 => cols,
-            _ => {
-                let mut b = vec![0f32; cols.len()];
-                for (k, col) in cols.chunks_exact(n_out).enumerate() {
-                    for (i, &v) in col.iter().enumerate() {
-                        if let Some(t) = b.get_mut(i * r + k) {
-                            *t = v;
-                        }
-                    }
-                }
-                b
-            }
+            _ => transposed(&cols, r),
         };
         LoraLayer {
             module: self.module.clone(),
@@ -137,6 +119,20 @@ impl AuxLayer {
             alpha,
         }
     }
+}
+
+/// `m` (row-major, `rows` rows) transposed.
+fn transposed(m: &[f32], rows: usize) -> Vec<f32> {
+    let cols = m.len() / rows.max(1);
+    let mut t = vec![0f32; m.len()];
+    for (i, row) in m.chunks_exact(cols.max(1)).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            if let Some(dst) = t.get_mut(j * rows + i) {
+                *dst = x;
+            }
+        }
+    }
+    t
 }
 
 /// `dst += w · x`, element by element (a multiply, then an add: no fused rounding).
@@ -294,34 +290,27 @@ impl LiLora {
         let r = width / ab;
         let alpha = multiplier * alpha;
         let threads = threads.clamp(1, n.max(1));
-        if threads == 1 {
-            let layers = self
-                .layers
+        // A run of consecutive layers (on a thread: a block's mix of shapes in each).
+        let run = move |layers: &[AuxLayer], rows: &[f32]| -> Vec<LoraLayer> {
+            layers
                 .iter()
                 .zip(rows.chunks_exact(width))
                 .map(|(l, row)| l.expand(row, self.a, r, alpha))
-                .collect();
+                .collect()
+        };
+        if threads == 1 {
             return Ok(Lora {
                 format: LoraFormat::Diffusers,
-                layers,
+                layers: run(&self.layers, rows),
             });
         }
-        // Runs of consecutive layers: a block's mix of shapes in each.
         let per = n.div_ceil(threads).max(1);
         let layers: Vec<LoraLayer> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .layers
                 .chunks(per)
                 .zip(rows.chunks(per * width))
-                .map(|(layers, rows)| {
-                    s.spawn(move || {
-                        layers
-                            .iter()
-                            .zip(rows.chunks_exact(width))
-                            .map(|(l, row)| l.expand(row, self.a, r, alpha))
-                            .collect::<Vec<_>>()
-                    })
-                })
+                .map(|(layers, rows)| s.spawn(move || run(layers, rows)))
                 .collect();
             handles
                 .into_iter()
