@@ -227,9 +227,9 @@ pub fn run(
         )
     });
     let bar = !g.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut progress = crate::progress_bar("denoising", bar);
+    let mut progress = crate::ProgressBars::new(bar);
     // One request: each part is released once done with (the DiT before the VAE decodes).
-    let gen = pipeline.generate_once(&req, &mut |i, n| progress(i, n))?;
+    let gen = pipeline.generate_once(&req, &mut progress)?;
     let rgb = v2l_runtime::video::to_rgb8(&gen.frames)?;
     let sheet = output.with_extension("png");
     v2l_runtime::video::write_mp4(output, &rgb, g.fps)?;

@@ -113,25 +113,51 @@ impl From<v2l_graphs::WriteError> for Failure {
     }
 }
 
-/// A progress callback for a long run: a bar on stderr (`what [#####     ] i/n  12.3s`),
-/// redrawn after each step when `show` (stderr is a terminal and not `--quiet`); it never
+/// A run's progress on stderr when `show` (stderr is a terminal and not `--quiet`): a bar
+/// for the denoising steps, then one for the decode's frame batches (`decoding [###   ] i/n
+/// 12.3s`, each timed from its own start), redrawn as each step or batch ends. It never
 /// cancels.
-pub fn progress_bar(what: &'static str, show: bool) -> impl FnMut(usize, usize) -> bool {
-    let started = std::time::Instant::now();
-    move |i, n| {
-        if show {
-            let w = 30;
-            let done = (i * w / n.max(1)).min(w);
-            let el = started.elapsed().as_secs_f64();
-            eprint!(
-                "\r{what} [{}{}] {i}/{n}  {el:.1}s",
-                "#".repeat(done),
-                " ".repeat(w - done)
-            );
-            if i == n {
-                eprintln!();
-            }
+pub struct ProgressBars {
+    show: bool,
+    started: std::time::Instant,
+}
+
+impl ProgressBars {
+    pub fn new(show: bool) -> ProgressBars {
+        ProgressBars {
+            show,
+            started: std::time::Instant::now(),
         }
+    }
+
+    fn draw(&mut self, what: &str, i: usize, n: usize) {
+        if !self.show {
+            return;
+        }
+        let w = 30;
+        let done = (i * w / n.max(1)).min(w);
+        let el = self.started.elapsed().as_secs_f64();
+        eprint!(
+            "\r{what} [{}{}] {i}/{n}  {el:.1}s",
+            "#".repeat(done),
+            " ".repeat(w - done)
+        );
+        if i == n {
+            eprintln!();
+            // The next bar is timed from here.
+            self.started = std::time::Instant::now();
+        }
+    }
+}
+
+impl v2l_runtime::pipeline::Progress for ProgressBars {
+    fn step(&mut self, done: usize, of: usize) -> bool {
+        self.draw("denoising", done, of);
+        true
+    }
+
+    fn decode(&mut self, done: usize, of: usize) -> bool {
+        self.draw("decoding", done, of);
         true
     }
 }

@@ -209,6 +209,71 @@ fn bound_runs_give_the_frames_of_plain_runs() {
     }
 }
 
+/// Records what a run reports, and stops its decode after frame batch `stop_at` (0: never).
+#[derive(Default)]
+struct Heard {
+    steps: Vec<(usize, usize)>,
+    decode: Vec<(usize, usize)>,
+    stop_at: usize,
+}
+
+impl v2l_runtime::pipeline::Progress for Heard {
+    fn step(&mut self, done: usize, of: usize) -> bool {
+        self.steps.push((done, of));
+        true
+    }
+
+    fn decode(&mut self, done: usize, of: usize) -> bool {
+        self.decode.push((done, of));
+        done != self.stop_at
+    }
+}
+
+#[test]
+fn the_decode_reports_each_frame_batch_and_stops_when_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine(d.path());
+    let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();
+    let req = two_step_request(&io);
+    let mut p = Pipeline::load(Engine::open(&eng).unwrap(), &SessionOptions::default()).unwrap();
+    let g = p.generate(&req.on(&p), &mut |_, _| true).unwrap();
+    let plain = g.frames;
+    // Latents `[1, frames, channels, h, w]`.
+    let lf = g.latents_steps[0].shape[1];
+    let vae = Engine::open(&eng).unwrap().manifest.vae.unwrap();
+    let batches = vae.decoder_batches(lf).unwrap().len();
+    assert!(batches > 1, "the fixture decodes in {batches} batch");
+    for tiling in ["off", "on"] {
+        p.set_vae_tiling(v2l_runtime::vae::TilingMode::parse(tiling).unwrap());
+        let mut heard = Heard::default();
+        let whole = p.generate(&req.on(&p), &mut heard).unwrap().frames;
+        assert_eq!(heard.steps, vec![(1, 2), (2, 2)]);
+        let of = heard.decode.len();
+        let expected: Vec<_> = (1..=of).map(|i| (i, of)).collect();
+        assert_eq!(heard.decode, expected, "tiling {tiling}");
+        match tiling {
+            "off" => {
+                assert_eq!(of, batches);
+                assert!(whole == plain, "reporting changed the frames");
+            }
+            _ => assert!(of > batches && of % batches == 0, "{of} with tiles"),
+        }
+        // Stopped after the first batch: cancelled, and the next run is whole and the same.
+        let mut stop = Heard {
+            stop_at: 1,
+            ..Heard::default()
+        };
+        let stopped = p.generate(&req.on(&p), &mut stop);
+        assert!(matches!(stopped, Err(v2l_runtime::RuntimeError::Cancelled)));
+        assert_eq!(stop.decode, vec![(1, of)]);
+        let again = p.generate(&req.on(&p), &mut |_, _| true).unwrap().frames;
+        assert!(
+            again == whole,
+            "tiling {tiling}: a stopped decode left state behind"
+        );
+    }
+}
+
 fn json_report(o: &std::process::Output) -> (String, serde_json::Value) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let line = String::from_utf8_lossy(&o.stdout)

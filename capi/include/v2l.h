@@ -306,7 +306,8 @@ V2lStatus v2l_generator_output_size(const struct V2lGenerator *generator,
 // with the applied LoRA if any. `out_len` must be at least `v2l_generator_output_size`; only
 // that many bytes are written. `progress` may be NULL; `user_data` is passed to it as is.
 // Returns `V2L_STATUS_CANCELLED` when the callback or `v2l_generator_cancel` stops the run
-// (checked after each denoising step); `out` is then left untouched.
+// (the callback is called after each denoising step; a cancel is also checked after each
+// frame batch of the VAE decode); `out` is then left untouched.
 //
 // # Safety
 // `generator` is a live generator handle; `params` points to a `V2lGenerateParams` whose
@@ -319,8 +320,8 @@ V2lStatus v2l_generator_generate(struct V2lGenerator *generator,
                                  uint8_t *out,
                                  size_t out_len);
 
-// Asks the generation running on `generator` to stop after its current denoising step (its
-// call then returns `V2L_STATUS_CANCELLED`). Callable from any thread at any time, including
+// Asks the generation running on `generator` to stop after its current denoising step, or
+// its current frame batch once it decodes (its call then returns `V2L_STATUS_CANCELLED`). Callable from any thread at any time, including
 // from the progress callback; a request made while no generation runs is ignored (each
 // generation starts uncancelled).
 //

@@ -2,7 +2,7 @@
 //! generation itself and its cancellation.
 
 use std::ffi::c_void;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::MutexGuard;
 use v2l_contracts::io::files as files_io;
 
@@ -11,7 +11,7 @@ use crate::error::{guard, request_error, Error, Result};
 use crate::handles::{lookup, V2lGenerator};
 use crate::types::{V2lGenerateParams, V2lProgressFn, V2lStatus};
 use v2l_runtime::limits::Limits;
-use v2l_runtime::pipeline::{Inputs, LoraInput, MediaInput, NoiseInput, PromptInput};
+use v2l_runtime::pipeline::{Inputs, LoraInput, MediaInput, NoiseInput, Progress, PromptInput};
 use v2l_runtime::request::{Checked, Field, RequestError, Settings};
 use v2l_runtime::video;
 use v2l_runtime::{RuntimeError, Tensor};
@@ -254,7 +254,8 @@ pub unsafe extern "C" fn v2l_generator_output_size(
 /// with the applied LoRA if any. `out_len` must be at least `v2l_generator_output_size`; only
 /// that many bytes are written. `progress` may be NULL; `user_data` is passed to it as is.
 /// Returns `V2L_STATUS_CANCELLED` when the callback or `v2l_generator_cancel` stops the run
-/// (checked after each denoising step); `out` is then left untouched.
+/// (the callback is called after each denoising step; a cancel is also checked after each
+/// frame batch of the VAE decode); `out` is then left untouched.
 ///
 /// # Safety
 /// `generator` is a live generator handle; `params` points to a `V2lGenerateParams` whose
@@ -323,32 +324,24 @@ pub unsafe extern "C" fn v2l_generator_generate(
 
         let mut pipeline = lock(&g)?;
         g.cancel.store(false, Ordering::SeqCst);
-        let mut stopped: Option<(&str, usize, usize)> = None;
-        let result = pipeline.generate(&req, &mut |step, steps| {
-            if let Some(f) = progress {
-                if f(user_data, step as u32, steps as u32) != 0 {
-                    stopped = Some(("the progress callback", step, steps));
-                    return false;
-                }
-            }
-            if g.cancel.load(Ordering::SeqCst) {
-                stopped = Some(("v2l_generator_cancel", step, steps));
-                return false;
-            }
-            if g.freed.load(Ordering::SeqCst) {
-                stopped = Some(("v2l_generator_free", step, steps));
-                return false;
-            }
-            true
-        });
+        let mut watch = Watch {
+            callback: progress,
+            user_data,
+            cancel: &g.cancel,
+            freed: &g.freed,
+            stopped: None,
+        };
+        let result = pipeline.generate(&req, &mut watch);
         drop(pipeline);
         let generation = match result {
             Ok(gen) => gen,
             Err(RuntimeError::Cancelled) => {
-                let (by, step, steps) = stopped.unwrap_or(("a cancel request", 0, 0));
+                let (by, when) = watch
+                    .stopped
+                    .unwrap_or(("a cancel request", String::from("at an unknown point")));
                 return Err(Error::new(
                     V2lStatus::Cancelled,
-                    format!("cancelled by {by} after step {step} of {steps}"),
+                    format!("cancelled by {by} {when}"),
                 ));
             }
             Err(e) => return Err(e.into()),
@@ -370,8 +363,8 @@ pub unsafe extern "C" fn v2l_generator_generate(
     })
 }
 
-/// Asks the generation running on `generator` to stop after its current denoising step (its
-/// call then returns `V2L_STATUS_CANCELLED`). Callable from any thread at any time, including
+/// Asks the generation running on `generator` to stop after its current denoising step, or
+/// its current frame batch once it decodes (its call then returns `V2L_STATUS_CANCELLED`). Callable from any thread at any time, including
 /// from the progress callback; a request made while no generation runs is ignored (each
 /// generation starts uncancelled).
 ///
@@ -385,4 +378,49 @@ pub unsafe extern "C" fn v2l_generator_cancel(generator: *const V2lGenerator) ->
             .store(true, Ordering::SeqCst);
         Ok(())
     })
+}
+
+/// A C generation's progress: the caller's callback after each denoising step, and
+/// `v2l_generator_cancel` or `v2l_generator_free` after each step and each frame batch of the
+/// decode. Remembers what stopped the run, for its error message.
+struct Watch<'a> {
+    callback: V2lProgressFn,
+    user_data: *mut c_void,
+    cancel: &'a AtomicBool,
+    freed: &'a AtomicBool,
+    stopped: Option<(&'static str, String)>,
+}
+
+impl Watch<'_> {
+    /// Whether a cancel or a free asks the run to stop; `when` names the point, if so.
+    fn go_on(&mut self, when: impl FnOnce() -> String) -> bool {
+        let by = match (
+            self.cancel.load(Ordering::SeqCst),
+            self.freed.load(Ordering::SeqCst),
+        ) {
+            (true, _) => "v2l_generator_cancel",
+            (_, true) => "v2l_generator_free",
+            _ => return true,
+        };
+        self.stopped = Some((by, when()));
+        false
+    }
+}
+
+impl Progress for Watch<'_> {
+    fn step(&mut self, done: usize, of: usize) -> bool {
+        let when = || format!("after step {done} of {of}");
+        if let Some(f) = self.callback {
+            // SAFETY: the caller's callback, with the user data it gave for it.
+            if unsafe { f(self.user_data, done as u32, of as u32) } != 0 {
+                self.stopped = Some(("the progress callback", when()));
+                return false;
+            }
+        }
+        self.go_on(when)
+    }
+
+    fn decode(&mut self, done: usize, of: usize) -> bool {
+        self.go_on(|| format!("in the decode, after frame batch {done} of {of}"))
+    }
 }

@@ -36,7 +36,10 @@ mod cogvideox;
 mod denoise;
 mod family;
 mod fun_inpaint;
+mod progress;
 mod wan;
+
+pub use progress::Progress;
 
 use crate::request::LatentShape;
 /// The request contract's types, where the pipeline takes them ([`crate::request`]).
@@ -225,18 +228,14 @@ impl Pipeline {
         p.predict(&mut self.vae, clip, lora_weight)
     }
 
-    /// Runs one request; `progress(step, steps)` is called after each denoising step and
-    /// returns `false` to cancel the run ([`RuntimeError::Cancelled`]).
+    /// Runs one request; `progress` hears of each denoising step and each frame batch of the
+    /// decode, and may cancel the run there ([`Progress`], [`RuntimeError::Cancelled`]).
     ///
     /// The request's LoRA ([`RequestLora`]) is request-scoped: it is applied for this run only,
     /// and the DiT goes back to the pipeline's own LoRA ([`Pipeline::set_lora`], or the base)
     /// afterwards, whether the run succeeded, failed or was cancelled. Nothing lingers into the
     /// next request.
-    pub fn generate(
-        &mut self,
-        req: &Request,
-        progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<Generation> {
+    pub fn generate(&mut self, req: &Request, progress: &mut dyn Progress) -> Result<Generation> {
         let Begun {
             t_all,
             shape,
@@ -370,7 +369,7 @@ impl Pipeline {
     pub fn generate_batch(
         &mut self,
         requests: &[Request],
-        progress: &mut dyn FnMut(usize, usize) -> bool,
+        progress: &mut dyn Progress,
     ) -> Result<Vec<Generation>> {
         let t_all = Instant::now();
         let invalid = |i: usize, message: String| RuntimeError::Invalid {
@@ -451,7 +450,7 @@ impl Pipeline {
                 };
                 lanes.push(self.family.lane(parts, r, shape, tm)?);
             }
-            denoise::run(&mut self.dit, lanes, progress)
+            denoise::run(&mut self.dit, lanes, &mut |i, n| progress.step(i, n))
         });
         // Back to the pipeline's own LoRA before reporting anything.
         let t = Instant::now();
@@ -459,11 +458,20 @@ impl Pipeline {
         let restore = ms(t);
         let (done, dit_ms) = result?;
         let mut out = Vec::with_capacity(requests.len());
-        for (((d, shape), mut tm), p) in done.into_iter().zip(&shapes).zip(timings).zip(predictions)
+        let n = requests.len();
+        for (k, (((d, shape), mut tm), p)) in done
+            .into_iter()
+            .zip(&shapes)
+            .zip(timings)
+            .zip(predictions)
+            .enumerate()
         {
             tm.insert("lora_restore".into(), restore);
             tm.steps(dit_ms.clone());
-            let frames = self.decode(&d.latents, shape, &mut tm)?;
+            // The requests share their size: each decodes as many batches.
+            let frames = self.decode(&d.latents, shape, &mut tm, &mut |done, of| {
+                progress.decode(k * of + done, n * of)
+            })?;
             tm.insert("total".into(), ms(t_all));
             out.push(generation(frames, d, p, tm));
         }
@@ -476,10 +484,12 @@ impl Pipeline {
         req: &Request,
         shape: &LatentShape,
         timings: &mut Timings,
-        progress: &mut dyn FnMut(usize, usize) -> bool,
+        progress: &mut dyn Progress,
     ) -> Result<(Tensor, denoise::Denoised)> {
         let d = self.denoise_request(req, shape, timings, false, progress)?;
-        let frames = self.decode(&d.latents, shape, timings)?;
+        let frames = self.decode(&d.latents, shape, timings, &mut |done, of| {
+            progress.decode(done, of)
+        })?;
         Ok((frames, d))
     }
 
@@ -491,7 +501,7 @@ impl Pipeline {
         shape: &LatentShape,
         timings: &mut Timings,
         one_shot: bool,
-        progress: &mut dyn FnMut(usize, usize) -> bool,
+        progress: &mut dyn Progress,
     ) -> Result<denoise::Denoised> {
         let parts = Parts {
             vae: &mut self.vae,
@@ -512,7 +522,7 @@ impl Pipeline {
         }
         let mut on_step = |i: usize, n: usize| {
             timings.end_step();
-            progress(i, n)
+            progress.step(i, n)
         };
         let (mut done, dit_ms) = denoise::run(&mut self.dit, vec![lane], &mut on_step)?;
         timings.steps(dit_ms);
@@ -522,14 +532,15 @@ impl Pipeline {
         })
     }
 
-    /// Step 4: latents → frames `[1, F, H, W, 3]` in [0, 1].
+    /// Step 4: latents → frames `[1, F, H, W, 3]` in [0, 1]; `go_on` as [`Progress::decode`].
     fn decode(
         &mut self,
         latents: &[f32],
         shape: &LatentShape,
         timings: &mut Timings,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Tensor> {
-        decode_with(&*self.family, &mut self.vae, latents, shape, timings)
+        decode_with(&*self.family, &mut self.vae, latents, shape, timings, go_on)
     }
 
     /// Runs one request, releasing each part once the request is done with it: the
@@ -542,7 +553,7 @@ impl Pipeline {
     pub fn generate_once(
         mut self,
         req: &Request,
-        progress: &mut dyn FnMut(usize, usize) -> bool,
+        progress: &mut dyn Progress,
     ) -> Result<Generation> {
         let mut b = self.begin(req)?;
         let (shape, timings) = (b.shape, &mut b.timings);
@@ -555,7 +566,14 @@ impl Pipeline {
         crate::session::release_freed_memory();
         // A stage of its own, so the decode's peak starts without the DiT.
         timings.insert("dit_release".into(), ms(t));
-        let frames = decode_with(&*self.family, &mut self.vae, &d.latents, &shape, timings)?;
+        let frames = decode_with(
+            &*self.family,
+            &mut self.vae,
+            &d.latents,
+            &shape,
+            timings,
+            &mut |done, of| progress.decode(done, of),
+        )?;
         timings.insert("total".into(), ms(b.t_all));
         Ok(generation(frames, d, b.prediction, b.timings))
     }
@@ -599,16 +617,18 @@ struct Begun {
     switched: bool,
 }
 
-/// Step 4 for `family`: latents → frames `[1, F, H, W, 3]` in [0, 1].
+/// Step 4 for `family`: latents → frames `[1, F, H, W, 3]` in [0, 1]; `go_on` as
+/// [`Progress::decode`].
 fn decode_with(
     family: &dyn FamilySteps,
     vae: &mut Vae,
     latents: &[f32],
     shape: &LatentShape,
     timings: &mut Timings,
+    go_on: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<Tensor> {
     let t = Instant::now();
-    let video = family.decode(vae, latents, shape)?;
+    let video = family.decode(vae, latents, shape, go_on)?;
     timings.insert("vae_decode".into(), ms(t));
     to_frames(&video)
 }

@@ -23,7 +23,8 @@ pub struct RequestLimits {
     pub source_pixels: usize,
     /// Uploads decoded at once at most; more wait their turn.
     pub decodes: usize,
-    /// Wall-clock bound on running one job (checked between denoising steps).
+    /// Wall-clock bound on running one job (checked after each denoising step and each frame
+    /// batch of the decode).
     pub job_timeout: Option<Duration>,
 }
 

@@ -537,8 +537,9 @@ impl Worker {
     }
 
     /// Generates `reqs` (one request alone, or a batch), watching every job's cancellation
-    /// and time limit between steps: a batch stops when all its jobs are cancelled, or when
-    /// one reaches its time limit (all bounded alike).
+    /// and time limit after each step and each frame batch of the decode ([`Watch`]): a
+    /// batch stops when all its jobs are cancelled, or when one reaches its time limit (all
+    /// bounded alike).
     fn generate(
         &mut self,
         jobs: &[(&str, &Live)],
@@ -553,27 +554,17 @@ impl Worker {
             // Checked: a deadline past what `Instant` holds is no deadline (the flag is
             // bounded at a year, a library caller may pass more).
             .and_then(|t| Instant::now().checked_add(t).map(|d| (t, d)));
-        let mut timed_out = false;
-        let mut progress = |step, steps| {
-            for (id, live) in jobs {
-                live.status.send_modify(|s| {
-                    s.step = step;
-                    s.steps = steps;
-                });
-                if let Err(e) = store.progress(id, step, steps) {
-                    eprintln!("v2l-serve: job {id}: progress not stored: {e}");
-                }
-            }
-            if deadline.is_some_and(|(_, d)| Instant::now() > d) {
-                timed_out = true;
-                return false;
-            }
-            !jobs.iter().all(|(_, l)| l.cancel.load(Ordering::SeqCst))
+        let mut watch = Watch {
+            jobs,
+            store,
+            deadline: deadline.map(|(_, d)| d),
+            timed_out: false,
         };
         let result = match reqs {
-            [one] => self.pipeline.generate(one, &mut progress).map(|g| vec![g]),
-            many => self.pipeline.generate_batch(many, &mut progress),
+            [one] => self.pipeline.generate(one, &mut watch).map(|g| vec![g]),
+            many => self.pipeline.generate_batch(many, &mut watch),
         };
+        let timed_out = watch.timed_out;
         self.note_factor_cache();
         let timeout = || {
             let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
@@ -583,8 +574,8 @@ impl Worker {
             )
         };
         match result {
-            // The decode runs after the last step's check: a cancel or the time limit that
-            // came during it still holds, so the job ends as the client was told.
+            // A cancel or the time limit that came after the decode's last check (its last
+            // frame batch) still holds, so the job ends as the client was told.
             Ok(_) if deadline.is_some_and(|(_, d)| Instant::now() > d) => Err(timeout()),
             Ok(_) if jobs.iter().all(|(_, l)| l.cancel.load(Ordering::SeqCst)) => Err(cancelled()),
             Ok(g) => Ok(g),
@@ -738,6 +729,49 @@ fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
         steps: p.steps,
         max_sequence_length: p.max_sequence_length,
     })
+}
+
+/// A generation's jobs, watched by the pipeline: each step's progress stored and published,
+/// and after each step and each frame batch of the decode, whether the run should stop (every
+/// job cancelled, or the time limit passed).
+struct Watch<'a> {
+    jobs: &'a [(&'a str, &'a Live)],
+    store: &'a crate::store::Store,
+    deadline: Option<Instant>,
+    /// Whether the time limit stopped the run (else a cancel did).
+    timed_out: bool,
+}
+
+impl Watch<'_> {
+    fn go_on(&mut self) -> bool {
+        if self.deadline.is_some_and(|d| Instant::now() > d) {
+            self.timed_out = true;
+            return false;
+        }
+        !self
+            .jobs
+            .iter()
+            .all(|(_, l)| l.cancel.load(Ordering::SeqCst))
+    }
+}
+
+impl v2l_runtime::pipeline::Progress for Watch<'_> {
+    fn step(&mut self, done: usize, of: usize) -> bool {
+        for (id, live) in self.jobs {
+            live.status.send_modify(|s| {
+                s.step = done;
+                s.steps = of;
+            });
+            if let Err(e) = self.store.progress(id, done, of) {
+                eprintln!("v2l-serve: job {id}: progress not stored: {e}");
+            }
+        }
+        self.go_on()
+    }
+
+    fn decode(&mut self, _done: usize, _of: usize) -> bool {
+        self.go_on()
+    }
 }
 
 fn cancelled() -> Stop {

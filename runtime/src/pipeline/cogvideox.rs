@@ -93,8 +93,14 @@ impl FamilySteps for CogVideoX {
         )
     }
 
-    fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
-        decode(vae, latents, shape)
+    fn decode(
+        &self,
+        vae: &mut Vae,
+        latents: &[f32],
+        shape: &LatentShape,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Tensor> {
+        decode(vae, latents, shape, go_on)
     }
 }
 
@@ -297,10 +303,18 @@ fn dpm_noise_seed(seed: u64, i: usize, k: usize) -> u64 {
 }
 
 /// Step 4: latents `[1, lf, C, h, w]` → `[1, C, lf, h, w]` / scaling factor → VAE.
-fn decode(vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+fn decode(
+    vae: &mut Vae,
+    latents: &[f32],
+    shape: &LatentShape,
+    go_on: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Tensor> {
     let (lf, c) = (shape.frames, shape.channels);
     let frame = shape.height * shape.width;
     let sf = vae.entry.scaling_factor as f32;
     let z = crate::layout::swap_leading(latents, lf, c, frame, |v| v / sf)?;
-    vae.decode(&Tensor::f32(vec![1, c, lf, shape.height, shape.width], z))
+    vae.decode_reporting(
+        &Tensor::f32(vec![1, c, lf, shape.height, shape.width], z),
+        go_on,
+    )
 }

@@ -22,8 +22,15 @@ pub(super) trait FamilySteps: Send {
         shape: &LatentShape,
         timings: &mut Timings,
     ) -> Result<denoise::Lane>;
-    /// Step 4: the final latents → the video `[1, 3, F, H, W]` in [-1, 1].
-    fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor>;
+    /// Step 4: the final latents → the video `[1, 3, F, H, W]` in [-1, 1]; `go_on` as
+    /// [`Vae::decode_reporting`].
+    fn decode(
+        &self,
+        vae: &mut Vae,
+        latents: &[f32],
+        shape: &LatentShape,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Tensor>;
 }
 
 /// The pipeline's models a family's conditioning runs.

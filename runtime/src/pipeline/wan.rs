@@ -84,8 +84,14 @@ impl FamilySteps for Wan {
         )
     }
 
-    fn decode(&self, vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
-        decode(vae, latents, shape)
+    fn decode(
+        &self,
+        vae: &mut Vae,
+        latents: &[f32],
+        shape: &LatentShape,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Tensor> {
+        decode(vae, latents, shape, go_on)
     }
 }
 
@@ -312,9 +318,14 @@ impl Sampling for Flow {
 }
 
 /// Step 4: latents `[z, lf, h, w]` → `z / (1 / std) + mean` → VAE → `[1, 3, F, H, W]`.
-fn decode(vae: &mut Vae, latents: &[f32], shape: &LatentShape) -> Result<Tensor> {
+fn decode(
+    vae: &mut Vae,
+    latents: &[f32],
+    shape: &LatentShape,
+    go_on: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Tensor> {
     let stats = LatentStats::of(vae, shape.channels)?;
     let plane = shape.frames * shape.height * shape.width;
     let z = stats.map(latents, plane, |v, m, s| v / s + m);
-    vae.decode(&Tensor::f32(shape.dims().to_vec(), z))
+    vae.decode_reporting(&Tensor::f32(shape.dims().to_vec(), z), go_on)
 }

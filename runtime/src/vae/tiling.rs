@@ -173,6 +173,12 @@ impl Tiling {
         ])
     }
 
+    /// How many tiles [`Tiling::run`] cuts an input of `height × width` (its own units) into.
+    pub fn count(&self, height: usize, width: usize, to_sample: bool) -> Result<usize> {
+        let [_, _, stride_h, stride_w, ..] = self.plan(to_sample)?;
+        Ok(height.div_ceil(stride_h) * width.div_ceil(stride_w))
+    }
+
     /// Runs `f` (the whole frame-batch loop, returning one or more tensors `[B,C,F,h,w]`) tile
     /// by tile over `x [B,C,F,H,W]` and stitches each output as diffusers does.
     pub fn run(
@@ -309,6 +315,28 @@ mod tests {
         assert_eq!(out[0].as_f32("o").unwrap(), &v[..]);
         assert!(t.applies(TilingMode::On, 9, 8) && !t.applies(TilingMode::Off, 900, 900));
         assert!(!t.applies(TilingMode::Auto, 64, 64));
+    }
+
+    #[test]
+    fn count_is_the_tiles_run_visits() {
+        let t = Tiling {
+            sample_height: 8,
+            sample_width: 8,
+            overlap_height: 0.25,
+            overlap_width: 0.5,
+            factor: 2,
+            auto_max_pixels: AUTO_MAX_UNTILED_PIXELS,
+        };
+        for (h, w, to_sample) in [(14, 20, false), (7, 10, true), (4, 4, true), (9, 8, false)] {
+            let x = Tensor::f32(vec![1, 1, 1, h, w], vec![0.0; h * w]);
+            let mut visits = 0;
+            t.run(&x, to_sample, &mut |tile| {
+                visits += 1;
+                Ok(vec![tile.clone()])
+            })
+            .ok();
+            assert_eq!(t.count(h, w, to_sample).unwrap(), visits, "{h}x{w}");
+        }
     }
 
     #[test]
