@@ -114,9 +114,9 @@ impl From<v2l_graphs::WriteError> for Failure {
 }
 
 /// A run's progress on stderr when `show` (stderr is a terminal and not `--quiet`): a bar
-/// for the denoising steps, then one for the decode's frame batches (`decoding [###   ] i/n
-/// 12.3s`, each timed from its own start), redrawn as each step or batch ends. It never
-/// cancels.
+/// for the reference clip's encode (with `--reference`), one for the denoising steps, then
+/// one for the decode's frame batches (`decoding [###   ] i/n  12.3s`, each timed from the end
+/// of the one before), redrawn as each step or batch ends. It never cancels.
 pub struct ProgressBars {
     show: bool,
     started: std::time::Instant,
@@ -151,6 +151,11 @@ impl ProgressBars {
 }
 
 impl v2l_runtime::pipeline::Progress for ProgressBars {
+    fn reference(&mut self, done: usize, of: usize) -> bool {
+        self.draw("reference", done, of);
+        true
+    }
+
     fn step(&mut self, done: usize, of: usize) -> bool {
         self.draw("denoising", done, of);
         true

@@ -209,15 +209,23 @@ fn bound_runs_give_the_frames_of_plain_runs() {
     }
 }
 
-/// Records what a run reports, and stops its decode after frame batch `stop_at` (0: never).
+/// Records what a run reports, and stops its reference encode after frame batch
+/// `stop_reference_at`, its decode after `stop_at` (0: never).
 #[derive(Default)]
 struct Heard {
+    reference: Vec<(usize, usize)>,
     steps: Vec<(usize, usize)>,
     decode: Vec<(usize, usize)>,
+    stop_reference_at: usize,
     stop_at: usize,
 }
 
 impl v2l_runtime::pipeline::Progress for Heard {
+    fn reference(&mut self, done: usize, of: usize) -> bool {
+        self.reference.push((done, of));
+        done != self.stop_reference_at
+    }
+
     fn step(&mut self, done: usize, of: usize) -> bool {
         self.steps.push((done, of));
         true
@@ -230,7 +238,7 @@ impl v2l_runtime::pipeline::Progress for Heard {
 }
 
 #[test]
-fn the_decode_reports_each_frame_batch_and_stops_when_asked() {
+fn the_vae_reports_each_frame_batch_and_stops_when_asked() {
     let d = tempfile::tempdir().unwrap();
     let eng = engine(d.path());
     let io = read_safetensors(&tiny().join("e2e_io.safetensors")).unwrap();

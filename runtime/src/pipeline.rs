@@ -242,7 +242,7 @@ impl Pipeline {
             mut timings,
             prediction,
             switched,
-        } = self.begin(req)?;
+        } = self.begin(req, progress)?;
         let result = self.run_request(req, &shape, &mut timings, progress);
         if switched {
             // Restore before reporting anything: a failed restore must not go unnoticed.
@@ -256,12 +256,15 @@ impl Pipeline {
     }
 
     /// Steps 0 and 1, with the request's clock and timings started.
-    fn begin(&mut self, req: &Request) -> Result<Begun> {
+    fn begin(&mut self, req: &Request, progress: &mut dyn Progress) -> Result<Begun> {
         let t_all = Instant::now();
         let shape = self.accept(req)?;
         let mut timings = Timings::with_memory(self.stage_memory);
         let size = shape.pixels();
-        let (prediction, switched) = self.apply_request_lora(&req.lora, size, &mut timings)?;
+        let (prediction, switched) =
+            self.apply_request_lora(&req.lora, size, &mut timings, &mut |done, of| {
+                progress.reference(done, of)
+            })?;
         Ok(Begun {
             t_all,
             shape,
@@ -294,13 +297,14 @@ impl Pipeline {
         choice: &RequestLora,
         size: (usize, usize),
         timings: &mut Timings,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Option<crate::predict::Prediction>, bool)> {
         match choice {
             RequestLora::Resident => return Ok((None, false)),
             RequestLora::Base if self.applied.is_none() => return Ok((None, false)),
             _ => {}
         }
-        let (prediction, lora) = self.request_lora(choice, size, timings)?;
+        let (prediction, lora) = self.request_lora(choice, size, timings, go_on)?;
         let t = Instant::now();
         self.dit.set_lora(&self.engine, lora.as_ref())?;
         timings.insert("lora_fuse".into(), ms(t));
@@ -308,13 +312,15 @@ impl Pipeline {
     }
 
     /// The LoRA a request runs with (`None`: the base weights), predicted first for a
-    /// reference clip, merged first for several files. `size` is the generation's
-    /// `(height, width)`: VideoX-Fun's pipeline resizes the reference clip to it (PIL bicubic).
+    /// reference clip (its encode reporting to `go_on`), merged first for several files.
+    /// `size` is the generation's `(height, width)`: VideoX-Fun's pipeline resizes the
+    /// reference clip to it (PIL bicubic).
     fn request_lora(
         &mut self,
         choice: &RequestLora,
         (height, width): (usize, usize),
         timings: &mut Timings,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Option<crate::predict::Prediction>, Option<AppliedLora>)> {
         Ok(match choice {
             RequestLora::Resident => (None, self.applied.clone()),
@@ -331,7 +337,7 @@ impl Pipeline {
                     }
                     false => clip,
                 };
-                let p = predictor.predict_timed(vae, clip, *weight, timings)?;
+                let p = predictor.predict_timed(vae, clip, *weight, timings, go_on)?;
                 let applied = AppliedLora {
                     lora: p.lora.clone().into(),
                     source: "reference".into(),
@@ -409,7 +415,9 @@ impl Pipeline {
         let mut predictions = Vec::with_capacity(requests.len());
         let mut loras = Vec::with_capacity(requests.len());
         for ((r, t), shape) in requests.iter().zip(&mut timings).zip(&shapes) {
-            let (p, l) = self.request_lora(&r.lora, shape.pixels(), t)?;
+            let (p, l) = self.request_lora(&r.lora, shape.pixels(), t, &mut |done, of| {
+                progress.reference(done, of)
+            })?;
             predictions.push(p);
             loras.push(l);
         }
@@ -555,7 +563,7 @@ impl Pipeline {
         req: &Request,
         progress: &mut dyn Progress,
     ) -> Result<Generation> {
-        let mut b = self.begin(req)?;
+        let mut b = self.begin(req, progress)?;
         let (shape, timings) = (b.shape, &mut b.timings);
         self.predictor = PredictorSlot::Released;
         crate::session::release_freed_memory();

@@ -176,22 +176,30 @@ impl Predictor {
         frames: &Frames,
         lora_weight: f32,
     ) -> Result<Prediction> {
-        self.predict_timed(vae, frames, lora_weight, &mut Timings::default())
+        self.predict_timed(
+            vae,
+            frames,
+            lora_weight,
+            &mut Timings::default(),
+            &mut |_, _| true,
+        )
     }
 
     /// [`Predictor::predict`], recording its two stages: `reference_encode` (the VAE) and
-    /// `hypernetwork` (the rows and the LoRA they make).
+    /// `hypernetwork` (the rows and the LoRA they make); the encode reports each frame batch
+    /// to `go_on` as [`Vae::encode_reporting`] does.
     pub fn predict_timed(
         &mut self,
         vae: &mut Vae,
         frames: &Frames,
         lora_weight: f32,
         timings: &mut Timings,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Prediction> {
         check_reference(frames, "reference clip")?;
         check_reference_weight(lora_weight)?;
         let t = std::time::Instant::now();
-        let mean = vae.latent(&frames.to_unit_video()?)?;
+        let mean = vae.latent_reporting(&frames.to_unit_video()?, go_on)?;
         let sf = vae.entry.scaling_factor as f32;
         let latents = Tensor::f32(
             mean.shape.clone(),

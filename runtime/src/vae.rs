@@ -182,12 +182,31 @@ impl Vae {
 
     /// `video [B, C, F, H, W]` in [-1, 1] → (`posterior_mean`, `posterior_logvar`), `[B, 16, f, h, w]`.
     pub fn encode(&mut self, video: &Tensor) -> Result<(Tensor, Tensor)> {
-        let [_, _, _, h, w] = check_5d(video, vae_io::VIDEO, self.entry.in_channels)?;
+        self.encode_reporting(video, &mut |_, _| true)
+    }
+
+    /// [`Vae::encode`], asking `go_on(done, of)` after each frame batch of each tile whether to
+    /// go on, as [`Vae::decode_reporting`] does.
+    pub fn encode_reporting(
+        &mut self,
+        video: &Tensor,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let [_, _, f, h, w] = check_5d(video, vae_io::VIDEO, self.entry.in_channels)?;
+        let batches = self
+            .entry
+            .encoder_batches(f)
+            .map_err(|message| RuntimeError::Tensor {
+                what: "`video`".into(),
+                message,
+            })?;
         let tile = self.tile;
         if tile.applies(self.tiling, h, w) {
+            let mut ticks = Ticks::new(tile.count(h, w, false)? * batches.len(), go_on);
             let mut parts = tile
                 .run(video, false, &mut |t| {
-                    self.encode_untiled(t).map(|(m, l)| vec![m, l])
+                    self.encode_untiled(t, &batches, &mut ticks)
+                        .map(|(m, l)| vec![m, l])
                 })?
                 .into_iter();
             return match (parts.next(), parts.next()) {
@@ -195,17 +214,15 @@ impl Vae {
                 _ => Err(missing_output(vae_io::POSTERIOR_MEAN)),
             };
         }
-        self.encode_untiled(video)
+        self.encode_untiled(video, &batches, &mut Ticks::new(batches.len(), go_on))
     }
 
-    fn encode_untiled(&mut self, video: &Tensor) -> Result<(Tensor, Tensor)> {
-        let batches = self
-            .entry
-            .encoder_batches(video.shape.get(2).copied().unwrap_or(0))
-            .map_err(|message| RuntimeError::Tensor {
-                what: "`video`".into(),
-                message,
-            })?;
+    fn encode_untiled(
+        &mut self,
+        video: &Tensor,
+        batches: &[(usize, usize)],
+        ticks: &mut Ticks<'_>,
+    ) -> Result<(Tensor, Tensor)> {
         let encoder = self
             .encoder
             .as_mut()
@@ -219,8 +236,8 @@ impl Vae {
             &self.entry.encoder_caches,
             (vae_io::VIDEO, video, video.shape.iter().skip(3).product()),
             &[vae_io::POSTERIOR_MEAN, vae_io::POSTERIOR_LOGVAR],
-            &batches,
-            &mut || Ok(()),
+            batches,
+            &mut || ticks.tick(),
         )?;
         let take = |outs: &mut Vec<BTreeMap<String, Tensor>>, name: &str| -> Result<Tensor> {
             let parts = outs
@@ -237,7 +254,16 @@ impl Vae {
     /// The latent of `video`: the posterior mode, or a sample `mean + exp(logvar / 2)·ε` with ε
     /// drawn from `posterior_seed`. Not multiplied by the scaling factor.
     pub fn latent(&mut self, video: &Tensor) -> Result<Tensor> {
-        let (mean, logvar) = self.encode(video)?;
+        self.latent_reporting(video, &mut |_, _| true)
+    }
+
+    /// [`Vae::latent`], its encode reporting as [`Vae::encode_reporting`]'s.
+    pub fn latent_reporting(
+        &mut self,
+        video: &Tensor,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Tensor> {
+        let (mean, logvar) = self.encode_reporting(video, go_on)?;
         let Some(seed) = self.posterior_seed else {
             return Ok(mean);
         };

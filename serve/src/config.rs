@@ -24,7 +24,7 @@ pub struct RequestLimits {
     /// Uploads decoded at once at most; more wait their turn.
     pub decodes: usize,
     /// Wall-clock bound on running one job (checked after each denoising step and each frame
-    /// batch of the decode).
+    /// batch of the VAE's encode of a reference clip and its decode).
     pub job_timeout: Option<Duration>,
 }
 

@@ -133,7 +133,7 @@ pub fn document(d: &Described) -> Value {
                     "400": bad, "404": not_found, "408": timeout.clone(), "413": error_response("The body is larger than --max-upload-mb."), "429": full, "503": error_response("Shutting down.")}}},
             "/v1/videos/{id}": {
                 "get": {"operationId": "getVideo", "summary": "A job's state, progress, timings and error.", "parameters": id_param("job id"), "responses": {"200": job, "404": not_found}},
-                "delete": {"operationId": "cancelVideo", "summary": "Cancel a job: a queued one at once (state `cancelled`), a running one after its current denoising step, or frame batch of its decode (`cancelling`, then `cancelled`). An ended job is deleted with its files and its result (`deleted`; then 404). A job's decoded inputs are removed when it ends, whatever the outcome.", "parameters": id_param("job id"),
+                "delete": {"operationId": "cancelVideo", "summary": "Cancel a job: a queued one at once (state `cancelled`), a running one after its current denoising step, or frame batch of its reference clip's encode or its decode (`cancelling`, then `cancelled`). An ended job is deleted with its files and its result (`deleted`; then 404). A job's decoded inputs are removed when it ends, whatever the outcome.", "parameters": id_param("job id"),
                     "responses": {"200": {"description": "Cancelled, or deleted.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Cancel"}}}},
                         "202": {"description": "Cancelling.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Cancel"}}}},
                         "404": not_found}}},

@@ -537,7 +537,7 @@ impl Worker {
     }
 
     /// Generates `reqs` (one request alone, or a batch), watching every job's cancellation
-    /// and time limit after each step and each frame batch of the decode ([`Watch`]): a
+    /// and time limit after each step and each frame batch of the VAE ([`Watch`]): a
     /// batch stops when all its jobs are cancelled, or when one reaches its time limit (all
     /// bounded alike).
     fn generate(
@@ -732,8 +732,8 @@ fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
 }
 
 /// A generation's jobs, watched by the pipeline: each step's progress stored and published,
-/// and after each step and each frame batch of the decode, whether the run should stop (every
-/// job cancelled, or the time limit passed).
+/// and after each frame batch of a reference clip's encode, each step and each frame batch of
+/// the decode, whether the run should stop (every job cancelled, or the time limit passed).
 struct Watch<'a> {
     jobs: &'a [(&'a str, &'a Live)],
     store: &'a crate::store::Store,
@@ -756,6 +756,10 @@ impl Watch<'_> {
 }
 
 impl v2l_runtime::pipeline::Progress for Watch<'_> {
+    fn reference(&mut self, _done: usize, _of: usize) -> bool {
+        self.go_on()
+    }
+
     fn step(&mut self, done: usize, of: usize) -> bool {
         for (id, live) in self.jobs {
             live.status.send_modify(|s| {
