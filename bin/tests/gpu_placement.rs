@@ -136,6 +136,12 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
                 }
                 low_vaes += 1;
             }
+            // Every RMS norm (Wan's q/k norms, T5's and umT5's) is one that ONNX Runtime's
+            // `SimplifiedLayerNormFusion` makes a single `SimplifiedLayerNormalization` kernel.
+            let rms = fusable_rms_norms(model.graph.as_ref().unwrap(), &name);
+            if name.starts_with("text_encoder") || (what == "wan" && name.starts_with("dit")) {
+                assert!(rms > 0, "{what} {precision} {name}: no RMS norm");
+            }
             for n in p.no_kernel {
                 problems.push(format!(
                     "{what} {precision} {}: {n}",
@@ -163,6 +169,109 @@ fn assert_all_on_cuda(export: &Path, dir: &Path, what: &str) {
         "nodes that would fall back to the CPU:\n{}",
         problems.join("\n")
     );
+}
+
+/// Checks each RMS norm of `graph` (the `Pow` of an `.rms/` scope) against the pattern ONNX
+/// Runtime's `SimplifiedLayerNormFusion` (`onnxruntime/core/optimizer/layer_norm_fusion.cc`)
+/// fuses on its CUDA provider, node by node as it matches: `Pow(x, 2)` (float exponent) →
+/// `ReduceMean` over the last axis → `Add` of a float ε → `Sqrt` → `Div(x, ·)` → `Mul` by a
+/// 1-D weight, each feeding only the next; below fp32, `x` is a `Cast` read by the `Pow` and
+/// the `Div` alone and a `Cast` sits between the `Div` and the `Mul` (the fused kernel then
+/// reads and writes the engine's type). An RMS norm squared as `x · x` is never fused, and is
+/// refused here. Returns how many were checked.
+fn fusable_rms_norms(graph: &v2l_graphs::proto::GraphProto, name: &str) -> usize {
+    use v2l_graphs::proto::NodeProto;
+    let consumers = |v: &str| -> Vec<&NodeProto> {
+        graph
+            .node
+            .iter()
+            .filter(|n| n.input.iter().any(|i| i == v))
+            .collect()
+    };
+    let edges = |v: &str| -> usize {
+        graph
+            .node
+            .iter()
+            .map(|n| n.input.iter().filter(|i| *i == v).count())
+            .sum()
+    };
+    let producer = |v: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == v));
+    let init = |v: &str| graph.initializer.iter().find(|t| t.name == v);
+    let only_child = |n: &NodeProto, op: &str| -> NodeProto {
+        let out = &n.output[0];
+        let c = consumers(out);
+        assert!(
+            c.len() == 1 && edges(out) == 1 && c[0].op_type == op,
+            "{name}: {} feeds {:?}, not one {op}",
+            n.name,
+            c.iter().map(|c| &c.op_type).collect::<Vec<_>>()
+        );
+        c[0].clone()
+    };
+    let mut checked = 0;
+    for n in graph.node.iter().filter(|n| n.name.contains(".rms/")) {
+        assert!(
+            !(n.op_type == "Mul" && n.input.len() == 2 && n.input[0] == n.input[1]),
+            "{name}: {} squares as x * x, which ONNX Runtime does not fuse",
+            n.name
+        );
+        if n.op_type != "Pow" {
+            continue;
+        }
+        let two = init(&n.input[1]).unwrap_or_else(|| panic!("{name}: {}: exponent", n.name));
+        assert_eq!(two.data_type, 1, "{name}: {}: a float exponent", n.name);
+        let mean = only_child(n, "ReduceMean");
+        let axes: Vec<i64> = match mean.attribute.iter().find(|a| a.name == "axes") {
+            Some(a) => a.ints.clone(),
+            // From opset 18, an input.
+            None => {
+                let t = init(&mean.input[1]).unwrap();
+                match t.raw_data.is_empty() {
+                    true => t.int64_data.clone(),
+                    false => t
+                        .raw_data
+                        .chunks(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
+                }
+            }
+        };
+        assert_eq!(axes, vec![-1], "{name}: {}", mean.name);
+        let add = only_child(&mean, "Add");
+        let eps = add.input.iter().find_map(|i| init(i));
+        assert_eq!(eps.map(|t| t.data_type), Some(1), "{name}: {}: ε", add.name);
+        let sqrt = only_child(&add, "Sqrt");
+        let div = only_child(&sqrt, "Div");
+        assert_eq!(
+            div.input[0], n.input[0],
+            "{name}: {} divides another x",
+            div.name
+        );
+        let x = &n.input[0];
+        let lowered = producer(x).is_some_and(|p| p.op_type == "Cast");
+        let mul = match lowered {
+            true => {
+                assert_eq!(
+                    edges(x),
+                    2,
+                    "{name}: the widened x of {} is read elsewhere",
+                    n.name
+                );
+                let cast = only_child(&div, "Cast");
+                only_child(&cast, "Mul")
+            }
+            false => only_child(&div, "Mul"),
+        };
+        let weight = mul.input.iter().find_map(|i| init(i));
+        assert_eq!(
+            weight.map(|w| w.dims.len()),
+            Some(1),
+            "{name}: {}: weight",
+            mul.name
+        );
+        checked += 1;
+    }
+    checked
 }
 
 #[test]

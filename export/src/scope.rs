@@ -155,8 +155,14 @@ impl<'a> Scope<'a> {
             // The `rms` scope is what torch computes in f32 whatever the model's type
             // (`torch.nn.RMSNorm`, T5's layer norm): a bf16/fp16 engine keeps it f32
             // (`passes::lower_precision`) and rounds before the weight, as torch does.
+            // `x²` as `Pow(x, 2)`, torch's own spelling: ONNX Runtime's
+            // `SimplifiedLayerNormFusion` starts its match at a `Pow`, and then makes the
+            // whole norm one `SimplifiedLayerNormalization` kernel, on the CPU in f32 and on
+            // CUDA across the casts of a bf16/fp16 engine's f32 island (`x * x` is never
+            // fused: eight passes over the activation instead of one).
             let y = g.scoped("rms", |g| {
-                let x2 = g.mul(x, x);
+                let two = g.scalar(2.0);
+                let x2 = g.op("Pow", &[x, &two], vec![]);
                 let var = g.op(
                     "ReduceMean",
                     &[&x2],
