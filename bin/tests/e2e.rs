@@ -280,6 +280,54 @@ fn the_vae_reports_each_frame_batch_and_stops_when_asked() {
             "tiling {tiling}: a stopped decode left state behind"
         );
     }
+
+    // A reference clip's encode reports its frame batches; stopped after the first, the run
+    // is cancelled before any step, and the pipeline's DiT is as it was.
+    p.set_vae_tiling(v2l_runtime::vae::TilingMode::Off);
+    let with_ref = RequestParts {
+        lora: RequestLora::Reference(frames_of(&io["reference_u8"]), 1.0),
+        ..req.clone()
+    };
+    let mut heard = Heard::default();
+    let predicted = p.generate(&with_ref.on(&p), &mut heard).unwrap().frames;
+    let clip_frames = io["reference_u8"].shape[0];
+    let of = vae.encoder_batches(clip_frames).unwrap().len();
+    let expected: Vec<_> = (1..=of).map(|i| (i, of)).collect();
+    assert_eq!(heard.reference, expected, "{clip_frames} reference frames");
+    assert_eq!(heard.steps.len(), 2);
+    let mut stop = Heard {
+        stop_reference_at: 1,
+        ..Heard::default()
+    };
+    let stopped = p.generate(&with_ref.on(&p), &mut stop);
+    assert!(matches!(stopped, Err(v2l_runtime::RuntimeError::Cancelled)));
+    assert!(stop.reference == vec![(1, of)] && stop.steps.is_empty());
+    let base = p.generate(&req.on(&p), &mut |_, _| true).unwrap().frames;
+    assert!(base == plain, "a stopped prediction left its LoRA behind");
+    let again = p
+        .generate(&with_ref.on(&p), &mut |_, _| true)
+        .unwrap()
+        .frames;
+    assert!(
+        again == predicted,
+        "a stopped prediction changed the next one"
+    );
+
+    // Bound runs (a GPU's CUDA-graph sessions, whose VAE caches stay in their bound buffers):
+    // a decode stopped half-way leaves nothing the next one reads.
+    let opts = SessionOptions {
+        bound_runs: true,
+        ..Default::default()
+    };
+    let mut p = Pipeline::load(Engine::open(&eng).unwrap(), &opts).unwrap();
+    let mut stop = Heard {
+        stop_at: 1,
+        ..Heard::default()
+    };
+    let stopped = p.generate(&req.on(&p), &mut stop);
+    assert!(matches!(stopped, Err(v2l_runtime::RuntimeError::Cancelled)));
+    let bound = p.generate(&req.on(&p), &mut |_, _| true).unwrap().frames;
+    assert!(bound == plain, "bound runs after a stopped decode");
 }
 
 fn json_report(o: &std::process::Output) -> (String, serde_json::Value) {
