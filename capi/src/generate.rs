@@ -364,9 +364,9 @@ pub unsafe extern "C" fn v2l_generator_generate(
 }
 
 /// Asks the generation running on `generator` to stop after its current denoising step, or
-/// its current frame batch once it decodes (its call then returns `V2L_STATUS_CANCELLED`). Callable from any thread at any time, including
-/// from the progress callback; a request made while no generation runs is ignored (each
-/// generation starts uncancelled).
+/// its current frame batch once it decodes (its call then returns `V2L_STATUS_CANCELLED`).
+/// Callable from any thread at any time, including from the progress callback; a request
+/// made while no generation runs is ignored (each generation starts uncancelled).
 ///
 /// # Safety
 /// `generator` is a live generator handle.

@@ -289,8 +289,8 @@ impl Vae {
 
     /// [`Vae::decode`], asking `go_on(done, of)` after each frame batch of each tile whether to
     /// go on: `false` stops the decode with [`RuntimeError::Cancelled`]. A 49-frame 480×720
-    /// decode on a CPU runs 13 batches in each of 9 tiles for some twenty minutes; a server's
-    /// cancel or time limit, or a progress bar, should not wait for all of them.
+    /// decode on a CPU runs its frame batches in each of 9 tiles for some twenty minutes; a
+    /// server's cancel or time limit, or a progress bar, should not wait for all of them.
     pub fn decode_reporting(
         &mut self,
         latents: &Tensor,
