@@ -27,6 +27,39 @@ pub fn load(name: &str) -> BTreeMap<String, Tensor> {
     v2l_runtime::read_safetensors(&tiny().join(name)).expect("fixture file")
 }
 
+/// `m` written to `path`, run on the CPU provider with `feed`: its `sample`.
+pub fn sample_of(
+    path: &Path,
+    m: &v2l_graphs::proto::ModelProto,
+    feed: &BTreeMap<String, Tensor>,
+) -> Tensor {
+    use v2l_runtime::{Model, SessionOptions};
+    v2l_graphs::write_model(path, m).unwrap();
+    Model::load(path, &SessionOptions::default())
+        .unwrap()
+        .run(feed)
+        .unwrap()
+        .remove("sample")
+        .unwrap()
+}
+
+/// A DiT feed's two samples given different timesteps (the fixtures' share one), so a test
+/// sees each sample's modulation reach its own rows.
+pub fn two_timesteps(feed: &mut BTreeMap<String, Tensor>) {
+    let two = match &feed["timestep"].data {
+        v2l_runtime::tensor::Data::I64(t) => {
+            assert_eq!(t.len(), 2);
+            Tensor::i64(vec![2], vec![t[0], t[1] / 3 + 10])
+        }
+        v2l_runtime::tensor::Data::F32(t) => {
+            assert_eq!(t.len(), 2);
+            Tensor::f32(vec![2], vec![t[0], t[1] / 3.0 + 10.0])
+        }
+        other => panic!("timestep of {other:?}"),
+    };
+    feed.insert("timestep".into(), two);
+}
+
 /// Asserts `got` matches `want` within `tol` relative L2, printing the measured error.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     assert_eq!(got.shape, want.shape, "{what}: shape");

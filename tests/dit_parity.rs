@@ -21,21 +21,6 @@ fn dit_feed(
     pick(io, &INPUTS)
 }
 
-/// `m` written to `path`, run on the CPU provider with `feed`: its `sample`.
-fn sample_of(
-    path: &std::path::Path,
-    m: &v2l_graphs::proto::ModelProto,
-    feed: &BTreeMap<String, Tensor>,
-) -> Tensor {
-    v2l_graphs::write_model(path, m).unwrap();
-    Model::load(path, &SessionOptions::default())
-        .unwrap()
-        .run(feed)
-        .unwrap()
-        .remove("sample")
-        .unwrap()
-}
-
 /// Rank-2 LoRA factors (scale 0.8) for every linear of `ex` into `feed`, seeded from `seed`;
 /// the weights they target.
 fn rank2_lora(
@@ -384,18 +369,7 @@ fn dit_with_the_modulation_folded_into_its_norms_matches_diffusers() {
     // The fixture's two samples share a timestep; with two, each sample's modulation must
     // reach its own rows.
     let mut feed = feed;
-    let two = match &feed["timestep"].data {
-        v2l_runtime::tensor::Data::I64(t) => {
-            assert_eq!(t.len(), 2);
-            Tensor::i64(vec![2], vec![t[0], t[1] / 3 + 10])
-        }
-        v2l_runtime::tensor::Data::F32(t) => {
-            assert_eq!(t.len(), 2);
-            Tensor::f32(vec![2], vec![t[0], t[1] / 3.0 + 10.0])
-        }
-        other => panic!("timestep of {other:?}"),
-    };
-    feed.insert("timestep".into(), two);
+    two_timesteps(&mut feed);
     assert_close(
         "modulation folded against the exported form, a timestep per sample",
         &run(&m, "folded_two.onnx", &feed),

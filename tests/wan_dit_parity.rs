@@ -105,6 +105,51 @@ fn wan_dit_with_fused_rope_matches_diffusers() {
     }
 }
 
+/// On CUDA engines Wan's AdaLN modulation is folded into its norms
+/// (`v2l_graphs::passes::fold_modulation`; run here on the CPU provider): T2V and I2V still
+/// compute what diffusers computes, and with a timestep per sample what the exported form does.
+#[test]
+fn wan_dit_with_the_modulation_folded_into_its_norms_matches_diffusers() {
+    let io = read_safetensors(&fixtures().join("wan-tiny/dit_io.safetensors")).unwrap();
+    for (variant, dir) in [("t2v", "transformer"), ("i2v", "transformer_i2v")] {
+        let d = tempfile::tempdir().unwrap();
+        let (ex, mut feed) = export(variant, dir, d.path());
+        let before = v2l_graphs::read_model(&d.path().join("dit.onnx")).unwrap();
+        let mut m = before.clone();
+        // norm1 and norm3 of each block (norm2, before the cross-attention, has no
+        // modulation) and the output norm.
+        let want = 2 * ex.config.num_layers + 1;
+        assert_eq!(
+            v2l_graphs::passes::fold_modulation(&mut m),
+            want,
+            "{variant}"
+        );
+        assert_eq!(v2l_graphs::passes::fold_modulation(&mut m), 0, "{variant}");
+        let folded = m.graph.as_ref().unwrap().node.iter().filter(|n| {
+            n.op_type == "LayerNormalization"
+                && n.input.get(1).is_some_and(|g| g.ends_with(".scale"))
+        });
+        assert_eq!(folded.count(), want, "{variant}");
+        let run =
+            |m: &v2l_graphs::proto::ModelProto, name: &str, feed: &BTreeMap<String, Tensor>| {
+                sample_of(&d.path().join(name), m, feed)
+            };
+        assert_close(
+            &format!("{variant} modulation-folded sample"),
+            &run(&m, "folded.onnx", &feed),
+            &io[&format!("{variant}_sample")],
+            SAMPLE_REL_L2,
+        );
+        two_timesteps(&mut feed);
+        assert_close(
+            &format!("{variant} folded against exported, a timestep per sample"),
+            &run(&m, "folded_two.onnx", &feed),
+            &run(&before, "exported_two.onnx", &feed),
+            1e-6,
+        );
+    }
+}
+
 #[test]
 fn wan_t2v_dit_matches_diffusers() {
     check("t2v", "transformer");
@@ -129,12 +174,17 @@ fn check_bf16(variant: &str, dir: &str) {
     let (_, feed) = export(variant, dir, d.path());
     let bf16 = read_safetensors(&fixtures().join("wan-tiny/dit_bf16_io.safetensors")).unwrap();
     let want = &bf16[&format!("{variant}_sample_bf16")];
-    let lowered = |keep: bool| {
+    let lowered = |keep: bool, fold: bool| {
         let src = d.path().join("dit.onnx");
         let mut m = v2l_graphs::read_model(&src).unwrap();
         if !keep {
             m.metadata_props.retain(|e| e.key != KEEP_IN_FP32);
         }
+        let folds = match fold {
+            true => v2l_graphs::passes::fold_modulation(&mut m),
+            false => 0,
+        };
+        assert_eq!(folds > 0, fold);
         let how = Lowering {
             dtype: v2l_graphs::DType::BF16,
             emulate: true,
@@ -144,9 +194,15 @@ fn check_bf16(variant: &str, dir: &str) {
             half_attention: false,
             half_gelu: false,
         };
-        let data = d.path().join(format!("bf16_{keep}.bin"));
+        let data = d.path().join(format!("bf16_{keep}_{fold}.bin"));
         lower_precision(&mut m, &src, WeightFile::Write(&data), how).unwrap();
-        let path = d.path().join(format!("bf16_{keep}.onnx"));
+        // The lowering keeps each folded norm whole (an f32 island, as diffusers computes it).
+        let still_folded = m.graph.as_ref().unwrap().node.iter().filter(|n| {
+            n.op_type == "LayerNormalization"
+                && n.input.get(1).is_some_and(|g| g.ends_with(".scale"))
+        });
+        assert_eq!(still_folded.count(), folds);
+        let path = d.path().join(format!("bf16_{keep}_{fold}.onnx"));
         v2l_graphs::write_model(&path, &m).unwrap();
         let opts = SessionOptions {
             keep_weight_casts: true,
@@ -155,12 +211,23 @@ fn check_bf16(variant: &str, dir: &str) {
         let mut m = Model::load(&path, &opts).unwrap();
         m.run(&feed).unwrap().remove("sample").unwrap()
     };
-    let (kept, all_low) = (lowered(true), lowered(false));
+    let (kept, all_low) = (lowered(true, false), lowered(false, false));
+    // As a CUDA engine lowers it: the modulation folded into the f32 norms first.
+    let folded = lowered(true, true);
     let (e_kept, e_all) = (kept.rel_l2(want), all_low.rel_l2(want));
     eprintln!(
-        "{variant} bf16 vs diffusers bf16: kept f32 modules {e_kept:.3e}, none kept {e_all:.3e}"
+        "{variant} bf16 vs diffusers bf16: kept f32 modules {e_kept:.3e}, none kept {e_all:.3e}, \
+         modulation folded {:.3e} (from unfolded {:.3e})",
+        folded.rel_l2(want),
+        folded.rel_l2(&kept)
     );
     assert_close(&format!("{variant} bf16 sample"), &kept, want, 8e-3);
+    assert_close(
+        &format!("{variant} bf16 sample, folded"),
+        &folded,
+        want,
+        8e-3,
+    );
     assert!(
         e_kept < e_all,
         "{variant}: keeping diffusers' f32 modules does not bring v2l nearer"

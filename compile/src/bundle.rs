@@ -815,8 +815,6 @@ impl<'a> Job<'a> {
             };
             // RoPE in one kernel on the GPU (CPU engines keep the exported form: the fused op
             // is not measured against it there).
-            let cogvideox = v2l_contracts::Family::of_dit_class(&d.class_name)
-                == Some(v2l_contracts::Family::CogVideoX);
             let rope = match self.backend {
                 Backend::Cuda if !self.unfused_rope => {
                     v2l_graphs::passes::fuse_rope(&mut base, src)
@@ -830,10 +828,9 @@ impl<'a> Job<'a> {
                 Backend::Cuda => v2l_graphs::passes::fuse_gelu_bias(&mut base),
                 _ => 0,
             };
-            // CogVideoX's AdaLN modulation into its norms' scale and bias on the GPU (Wan's
-            // norms are f32 islands whose modulation diffusers computes apart from them).
+            // The AdaLN modulation into its norms' scale and bias on the GPU.
             let modulation = match self.backend {
-                Backend::Cuda if cogvideox => v2l_graphs::passes::fold_modulation(&mut base),
+                Backend::Cuda => v2l_graphs::passes::fold_modulation(&mut base),
                 _ => 0,
             };
             if attention + rope + gelu + gelu_bias + modulation > 0 {

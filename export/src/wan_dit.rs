@@ -120,7 +120,9 @@ pub fn export(ckpt: &Checkpoint, weight_dtype: Option<DType>) -> Result<WanDitEx
     let table = vb.weight(&mut g, "scale_shift_table", &[1, 2, d])?;
     let nx = vb.layer_norm(&mut g, &x, "norm_out", d, cfg.eps, false)?;
     let x = g.scoped("norm_out", |g| {
-        let t = g.unsqueeze(&cond.temb, &[1]);
+        // `temb.unsqueeze(1)`, spelt as a `Reshape` whose shape shows the rank: what
+        // `passes::fold_modulation` needs to fold this norm's modulation on the GPU.
+        let t = g.reshape_to(&cond.temb, &[0, 1, d as i64]);
         let m = g.add(&table, &t);
         let [shift, scale] = g.chunk::<2>(&m, 1, 1);
         modulate(g, &nx, &scale, &shift)

@@ -16,8 +16,9 @@ use v2l_runtime::bundle::{Attention, Int8Scheme};
 /// reading 20 GB) and refuses a modified or mismatched part.
 ///
 /// The DiT is rewritten for the backend: on cpu/cuda attention becomes ONNX Runtime's fused
-/// MultiHeadAttention and GELU its FastGelu, on cuda the RoPE its RotaryEmbedding; tensorrt
-/// keeps the plain pattern its builder fuses.
+/// MultiHeadAttention and GELU its FastGelu, on cuda the RoPE its RotaryEmbedding and each
+/// AdaLN modulation its layer norm's scale and bias; tensorrt keeps the plain pattern its
+/// builder fuses.
 ///
 /// Backends: `cpu` (ONNX Runtime, runs here); `cuda` and `tensorrt` go through ONNX Runtime's
 /// execution providers on a machine with onnxruntime-gpu (cuda first run on an H100 on

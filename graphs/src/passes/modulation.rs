@@ -23,8 +23,15 @@
 //! row of an unsupported one to every row, silently (the CPU kernel broadcasts them right, so
 //! no CPU test would see it). The graph has no shapes, so a fold is made only where the
 //! exported AdaLN's structure proves `[B, 1, H]`: `scale` (or `1 + scale`) and `shift` are two
-//! parts of one equal-sized `Split` on the last axis of an `Unsqueeze(·, [1])`, the chunked
-//! timestep projection. `v2l-compile` applies it to CogVideoX's DiTs.
+//! parts of one `Split`, either equal parts on the last axis of an `Unsqueeze(·, [1])`
+//! (CogVideoX's chunked timestep projection) or parts one row each on the middle axis of
+//! `table + m`, a `[1, n, H]` initializer plus a `Reshape` to `[B, n or 1, H]` (Wan's
+//! `scale_shift_table + temb`). `v2l-compile` applies it to the DiTs of CUDA engines.
+//!
+//! Wan computes its block and output norms in f32 with the modulation (diffusers'
+//! `norm1(x.float()) · (1 + scale) + shift`, then `.type_as(x)`): folded, a bf16/fp16 engine
+//! still rounds once, after the modulation, and the two f32 passes between its norm and that
+//! rounding go.
 
 use std::collections::{HashMap, HashSet};
 
@@ -64,12 +71,52 @@ pub fn fold_modulation(model: &mut ModelProto) -> usize {
         }
         false
     };
+    // Whether `v` is `[B, n, H]` for a table `[1, n, H]` (Wan's `table + temb`, module doc):
+    // the table's sum with a `Reshape` to three dimensions, the last `H` and the middle `n`
+    // or 1.
+    let tabled = |v: &str, n: usize| -> bool {
+        let sum = (|| {
+            let add = nodes.get(*ix.producer.get(v)?)?;
+            if add.op_type != "Add" || !add.domain.is_empty() || add.input.len() != 2 {
+                return None;
+            }
+            let (a, b) = (add.input.first()?.as_str(), add.input.get(1)?.as_str());
+            let (table, other) = match (ix.inits.get(a), ix.inits.get(b)) {
+                (Some(t), None) => (*t, b),
+                (None, Some(t)) => (*t, a),
+                _ => return None,
+            };
+            let h = match table.dims.as_slice() {
+                [1, rows, h] if *rows == n as i64 && *h > 1 => *h,
+                _ => return None,
+            };
+            let reshape = nodes.get(*ix.producer.get(other)?)?;
+            if reshape.op_type != "Reshape" || !reshape.domain.is_empty() {
+                return None;
+            }
+            let shape = super::edit::i64_values(ix.inits.get(reshape.input.get(1)?.as_str())?);
+            Some(
+                matches!(shape.as_slice(), [_, m, last] if *last == h && (*m == n as i64 || *m == 1)),
+            )
+        })();
+        sum == Some(true)
+    };
     // The `Split` of which `v` is a part, when that proves `v` is `[B, 1, H]` (module doc):
-    // equal parts on the last axis of a rank-3 `Unsqueeze(·, [1])`.
+    // equal parts on the last axis of a rank-3 `Unsqueeze(·, [1])` (CogVideoX), or parts one
+    // row each on the middle axis of a table's sum (Wan).
     let per_sample_part = |v: &str| -> Option<usize> {
         let si = *ix.producer.get(v)?;
         let split = nodes.get(si)?;
         let axis = super::edit::attr_i(split, "axis").unwrap_or(0);
+        if split.op_type == "Split" && split.domain.is_empty() && (axis == 1 || axis == -2) {
+            let rows = split.output.len();
+            let sizes = match split.input.get(1).filter(|s| !s.is_empty()) {
+                Some(s) => super::edit::i64_values(ix.inits.get(s.as_str())?),
+                None => vec![1; rows],
+            };
+            let one_row_each = sizes.len() == rows && sizes.iter().all(|&s| s == 1);
+            return (one_row_each && tabled(split.input.first()?, rows)).then_some(si);
+        }
         let equal = match split.input.get(1).filter(|s| !s.is_empty()) {
             None => true,
             Some(sizes) => {
@@ -317,6 +364,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Wan's form: `shift, scale = Split(table + Reshape(m, [0, n, H]), axis 1)`, one row each
+    /// (`[B, 1, H]`), the multiplier `1 + scale`; `rows`: the reshape's middle dimension, `n`
+    /// (a block's table) or 1 (the output norm's, broadcast over the table's rows).
+    fn tabled(rows: i64, table: &[i64], split_axis: i64) -> Graph {
+        let mut g = Graph::new("t");
+        let x = g.input("x", DType::F32, tokens());
+        let m = g.input("m", DType::F32, vec!["b".into(), (rows * 4).into()]);
+        let m = g.reshape_to(&m, &[0, rows, 4]);
+        let n = table.iter().product::<i64>() as usize;
+        let t = g.const_f32(&vec![0.25; n], table);
+        let sum = g.add(&t, &m);
+        let size = if split_axis == 2 { 2 } else { 1 };
+        let [shift, scale] = g.chunk::<2>(&sum, size, split_axis);
+        let one = g.scalar(1.0);
+        let s = g.add(&one, &scale);
+        let w = g.const_f32(&[1.0; 4], &[4]);
+        let b = g.const_f32(&[0.0; 4], &[4]);
+        let y = g.layer_norm(&x, &w, &b, 1e-6);
+        let p = g.mul(&y, &s);
+        let z = g.add(&p, &shift);
+        g.output(&z, "out", DType::F32, tokens());
+        g
+    }
+
+    #[test]
+    fn folds_wans_table_modulation() {
+        for rows in [2, 1] {
+            let mut m = model(&tabled(rows, &[1, 2, 4], 1));
+            assert_eq!(fold_modulation(&mut m), 1, "reshaped to {rows} rows");
+            assert!(norms(&m)[0].input[1].ends_with(".scale"));
+        }
+        // Split on the middle axis counted from the end.
+        assert_eq!(fold_modulation(&mut model(&tabled(2, &[1, 2, 4], -2))), 1);
+    }
+
+    #[test]
+    fn leaves_a_table_modulation_whose_rows_are_not_one_sample_each() {
+        // A table with a batch of its own, or of another width than the reshape's: the parts
+        // need not be `[B, 1, H]`.
+        assert_eq!(fold_modulation(&mut model(&tabled(2, &[2, 2, 4], 1))), 0);
+        assert_eq!(fold_modulation(&mut model(&tabled(2, &[1, 2, 1], 1))), 0);
+        // Split on the last axis: parts `[B, 2, 2]`.
+        assert_eq!(fold_modulation(&mut model(&tabled(2, &[1, 2, 4], 2))), 0);
     }
 
     #[test]
