@@ -777,6 +777,88 @@ fn progress_callback_and_cancellation() {
     ok(unsafe { v2l_engine_free(e) });
 }
 
+/// Sends each step to another thread and returns at once (the decode-cancel test's callback).
+unsafe extern "C" fn tell_step(user: *mut c_void, step: u32, _steps: u32) -> i32 {
+    let tx = &*(user as *const mpsc::Sender<u32>);
+    let _ = tx.send(step);
+    0
+}
+
+/// A cancel that arrives during the VAE decode stops it after the frame batch in hand, with
+/// a message saying so, and writes nothing. Another thread cancels a moment after the last
+/// step's callback has returned, while a 25-frame 256×256 clip decodes (three frame batches,
+/// seconds on the tiny VAE); a cancel that lands before the decode starts (the check after
+/// the last step) is retried, up to three times.
+#[test]
+fn a_cancel_during_the_decode_stops_it() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = build_engine(d.path());
+    let mut inp = inputs();
+    // The fixture's first frame, 4× larger (nearest): a decode long enough to cancel in.
+    let (h, w, k) = (inp.first_frame.height, inp.first_frame.width, 4);
+    let src = inp.first_frame.rgb.clone();
+    let mut rgb = Vec::with_capacity(h * k * w * k * 3);
+    for y in 0..h * k {
+        for x in 0..w * k {
+            let at = ((y / k) * w + x / k) * 3;
+            rgb.extend_from_slice(&src[at..at + 3]);
+        }
+    }
+    inp.first_frame = v2l_runtime::video::Frames {
+        frames: 1,
+        height: h * k,
+        width: w * k,
+        rgb,
+    };
+    let e = open(&eng);
+    let g = generator(e);
+    const STEPS: u32 = 2;
+    // 25 frames: 7 latent frames, decoded in diffusers' batches of 3, 2 and 2.
+    let p = params(&inp, 25, STEPS, 5);
+    let shared = Shared(g);
+    let mut messages = Vec::new();
+    for _ in 0..3 {
+        let (tx, rx) = mpsc::channel::<u32>();
+        let other = std::thread::spawn(move || {
+            let shared = shared;
+            // The last step's number, then a moment for the decode to begin.
+            while rx.recv().is_ok_and(|step| step < STEPS) {}
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let asked = std::time::Instant::now();
+            (unsafe { v2l_generator_cancel(shared.0) }, asked)
+        });
+        let user = &tx as *const mpsc::Sender<u32> as *mut c_void;
+        let (s, out) = generate_with(g, &p, Some(tell_step), user);
+        let ended = std::time::Instant::now();
+        drop(tx);
+        let (cancel, asked) = other.join().unwrap();
+        ok(cancel);
+        let msg = last_error();
+        assert_eq!(s, V2lStatus::Cancelled, "{msg}");
+        assert!(out.iter().all(|&b| b == 0), "nothing is written");
+        if msg.contains("after step 2 of 2") {
+            messages.push(msg);
+            continue;
+        }
+        // Stopped before the last batch: 300 ms is well inside the first.
+        let stopped = ["1 of 3", "2 of 3"].map(|b| {
+            format!("cancelled by v2l_generator_cancel in the decode, after frame batch {b}")
+        });
+        assert!(stopped.iter().any(|s| msg.contains(s)), "{msg}");
+        // One frame batch at most runs after the cancel (the whole decode takes seconds).
+        let late = ended.saturating_duration_since(asked);
+        eprintln!("{msg}: returned {late:?} after the cancel");
+        assert!(
+            late.as_secs_f64() < 5.0,
+            "stopped {late:?} after the cancel"
+        );
+        ok(unsafe { v2l_generator_free(g) });
+        ok(unsafe { v2l_engine_free(e) });
+        return;
+    }
+    panic!("every cancel landed before the decode: {messages:?}");
+}
+
 /// `generate_with` without the size query (which would fail once the handle is freed).
 fn generate_with_no_size_query(
     g: *mut V2lGenerator,
