@@ -318,8 +318,10 @@ impl Graph {
         let k = self.scalar((2.0f64 / std::f64::consts::PI).sqrt() as f32);
         let half = self.scalar(0.5);
         let one = self.scalar(1.0);
-        let x2 = self.mul(x, x);
-        let x3 = self.mul(&x2, x);
+        // `Pow(x, 3)`, torch's spelling: ONNX Runtime fuses this form into one `FastGelu`
+        // (its `FastGeluFusion`), not `x·x·x`.
+        let three = self.scalar(3.0);
+        let x3 = self.op("Pow", &[x, &three], vec![]);
         let cx3 = self.mul(&x3, &c);
         let inner = self.add(x, &cx3);
         let inner = self.mul(&inner, &k);

@@ -48,6 +48,7 @@ const ROW_OPS: &[&str] = &[
     "Sub",
     "Div",
     "Tanh",
+    "Pow",
     "Erf",
     "Cast",
     "Flatten",

@@ -3,12 +3,16 @@
 //! same formula in one pass over memory. At CogVideoX-5B width the nine nodes cost ~0.6 s of a
 //! 5 s block step at 1,378 tokens (first-touch of eight 135 MB intermediates); the fused op ~30 ms.
 //!
-//! Matches what `Graph::gelu_tanh` emits, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`:
+//! Matches what `Graph::gelu_tanh` emits, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, and
+//! the `x·x·x` cube it wrote before 2026-11-28:
 //!
 //! ```text
-//! Mul(x,x) → Mul(·,x) → Mul(·,c) → Add(x,·) → Mul(·,k) → Tanh → Add(·,1) ─┐
-//! Mul(x,0.5) ───────────────────────────────────────────────────────────── Mul → y
+//! Pow(x,3) → Mul(·,c) → Add(x,·) → Mul(·,k) → Tanh → Add(·,1) ─┐
+//! Mul(x,0.5) ────────────────────────────────────────────────── Mul → y
 //! ```
+//!
+//! Graphs no pass rewrites (the T5 and umT5 text encoders) get the same `FastGelu` from ONNX
+//! Runtime's own `FastGeluFusion`, which matches the `Pow` spelling (torch's) and not `x·x·x`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -82,17 +86,27 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
             if !near(c, 0.044715) {
                 return None;
             }
-            let (x3i, x3n) = inner(&x3, "Mul")?;
-            let x2 = match (x3n.input.first(), x3n.input.get(1)) {
-                (Some(a), Some(b)) if *b == x => a.clone(),
-                (Some(a), Some(b)) if *a == x => b.clone(),
-                _ => return None,
-            };
-            let (x2i, x2n) = inner(&x2, "Mul")?;
-            if x2n.input.iter().any(|i| *i != x) {
-                return None;
+            let mut gone = vec![hi, ti, tni, ki, ai, ci];
+            // `Pow(x, 3)` as exported, or `x·x·x` as graphs exported before 2026-11-28 wrote it.
+            if let Some((pi, pow)) = inner(&x3, "Pow") {
+                let three = pow.input.get(1).and_then(|e| scalar(inits, e));
+                if pow.input.first() != Some(&x) || !near(three, 3.0) {
+                    return None;
+                }
+                gone.push(pi);
+            } else {
+                let (x3i, x3n) = inner(&x3, "Mul")?;
+                let x2 = match (x3n.input.first(), x3n.input.get(1)) {
+                    (Some(a), Some(b)) if *b == x => a.clone(),
+                    (Some(a), Some(b)) if *a == x => b.clone(),
+                    _ => return None,
+                };
+                let (x2i, x2n) = inner(&x2, "Mul")?;
+                if x2n.input.iter().any(|i| *i != x) {
+                    return None;
+                }
+                gone.extend([x3i, x2i]);
             }
-            let gone = vec![hi, ti, tni, ki, ai, ci, x3i, x2i];
             Some((yi, gone, x, y.output.first()?.clone()))
         })();
         fused.extend(m);
@@ -212,4 +226,69 @@ pub fn fuse_gelu_bias(model: &mut ModelProto) -> usize {
         }
     }
     count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::saved_model as model;
+    use crate::{DType, Graph};
+
+    fn ops(m: &ModelProto) -> Vec<&str> {
+        let g = m.graph.as_ref().unwrap();
+        g.node.iter().map(|n| n.op_type.as_str()).collect()
+    }
+
+    /// `gelu_tanh` of one input, its cube as the builder writes it (`Pow`) or as it wrote it
+    /// before (`x·x·x`).
+    fn gelu(pow: bool) -> ModelProto {
+        let mut g = Graph::new("t");
+        let x = g.input("x", DType::F32, vec!["n".into(), 8.into()]);
+        let y = match pow {
+            true => g.gelu_tanh(&x),
+            false => {
+                let c = g.scalar(0.044715);
+                let k = g.scalar((2.0f64 / std::f64::consts::PI).sqrt() as f32);
+                let (half, one) = (g.scalar(0.5), g.scalar(1.0));
+                let x2 = g.mul(&x, &x);
+                let x3 = g.mul(&x2, &x);
+                let cx3 = g.mul(&x3, &c);
+                let inner = g.add(&x, &cx3);
+                let inner = g.mul(&inner, &k);
+                let t = g.op("Tanh", &[&inner], vec![]);
+                let t1 = g.add(&t, &one);
+                let hx = g.mul(&x, &half);
+                g.mul(&hx, &t1)
+            }
+        };
+        g.output(&y, "y", DType::F32, vec!["n".into(), 8.into()]);
+        model(&g)
+    }
+
+    #[test]
+    fn fuses_either_spelling_of_the_cube() {
+        for pow in [true, false] {
+            let mut m = gelu(pow);
+            assert_eq!(ops(&m).contains(&"Pow"), pow);
+            assert_eq!(fuse_gelu(&mut m), 1, "pow {pow}");
+            // The builder names the output through an `Identity`.
+            let left: Vec<_> = ops(&m).into_iter().filter(|&o| o != "Identity").collect();
+            assert_eq!(left, ["FastGelu"], "pow {pow}");
+            let g = m.graph.as_ref().unwrap();
+            let fast = g.node.iter().find(|n| n.op_type == "FastGelu").unwrap();
+            assert_eq!(fast.input, ["x"]);
+        }
+    }
+
+    #[test]
+    fn leaves_a_power_other_than_the_cube() {
+        let mut m = gelu(true);
+        let g = m.graph.as_mut().unwrap();
+        let pow = g.node.iter().find(|n| n.op_type == "Pow").unwrap();
+        let e = pow.input[1].clone();
+        let t = g.initializer.iter_mut().find(|t| t.name == e).unwrap();
+        t.raw_data = 2.0f32.to_le_bytes().to_vec();
+        t.float_data.clear();
+        assert_eq!(fuse_gelu(&mut m), 0);
+    }
 }
