@@ -75,12 +75,14 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
             if !near(kc, k) {
                 return None;
             }
-            let (ai, add) = inner(&sum, "Add")?;
-            let cx3 = match (add.input.first(), add.input.get(1)) {
-                (Some(a), Some(b)) if *a == x => b.clone(),
-                (Some(a), Some(b)) if *b == x => a.clone(),
-                _ => return None,
+            // The operand of binary `n` beside `x`.
+            let beside_x = |n: &NodeProto| match (n.input.first(), n.input.get(1)) {
+                (Some(a), Some(b)) if *a == x => Some(b.clone()),
+                (Some(a), Some(b)) if *b == x => Some(a.clone()),
+                _ => None,
             };
+            let (ai, add) = inner(&sum, "Add")?;
+            let cx3 = beside_x(add)?;
             let (ci, cm) = inner(&cx3, "Mul")?;
             let (x3, c) = with_const(cm)?;
             if !near(c, 0.044715) {
@@ -96,11 +98,7 @@ pub fn fuse_gelu(model: &mut ModelProto) -> usize {
                 gone.push(pi);
             } else {
                 let (x3i, x3n) = inner(&x3, "Mul")?;
-                let x2 = match (x3n.input.first(), x3n.input.get(1)) {
-                    (Some(a), Some(b)) if *b == x => a.clone(),
-                    (Some(a), Some(b)) if *a == x => b.clone(),
-                    _ => return None,
-                };
+                let x2 = beside_x(x3n)?;
                 let (x2i, x2n) = inner(&x2, "Mul")?;
                 if x2n.input.iter().any(|i| *i != x) {
                     return None;
