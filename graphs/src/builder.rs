@@ -331,12 +331,14 @@ impl Graph {
         self.mul(&hx, &t1)
     }
 
-    /// Exact GELU: `0.5·x·(1 + erf(x/√2))`.
+    /// Exact GELU: `0.5·x·(1 + erf(x/√2))`. Spelt with `Div(x, √2)`, as torch exports it:
+    /// ONNX Runtime's `GeluFusion` makes that one `Gelu` (its kernel multiplies by 1/√2
+    /// itself) and leaves `x·(1/√2)` as five nodes.
     pub fn gelu_erf(&mut self, x: &Value) -> Value {
-        let inv_sqrt2 = self.scalar(std::f32::consts::FRAC_1_SQRT_2);
+        let sqrt2 = self.scalar(std::f32::consts::SQRT_2);
         let half = self.scalar(0.5);
         let one = self.scalar(1.0);
-        let xs = self.mul(x, &inv_sqrt2);
+        let xs = self.div(x, &sqrt2);
         let e = self.op("Erf", &[&xs], vec![]);
         let e1 = self.add(&e, &one);
         let hx = self.mul(x, &half);
