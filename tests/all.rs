@@ -14,6 +14,7 @@ mod hypernet_parity;
 mod lofa_parity;
 mod lora_parity;
 mod measure_parity;
+mod ort_fusions;
 mod prompt2effect_parity;
 mod scheduler_rope;
 mod session_race;

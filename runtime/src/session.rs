@@ -86,6 +86,9 @@ pub struct SessionOptions {
     /// which a shared arena may since have handed to another session); on the CPU only to
     /// test that path.
     pub shared_arena: bool,
+    /// Write the graph as ONNX Runtime optimised it for this session's provider to this file
+    /// (weights inline: for small graphs): which of its fusions took.
+    pub optimized_graph: Option<PathBuf>,
     /// Take the fixed inputs made together (a LoRA switch's factor inputs,
     /// [`Model::set_fixed_packed`]) as one buffer moved at once, each input a view into it.
     /// On for GPU backends without bound runs; on the CPU only to test that path.
@@ -232,6 +235,14 @@ impl Model {
                 .with_profiling(profile_prefix(dir, path))
                 .map_err(|e| RuntimeError::Ort {
                     context: format!("{ctx}: profiling into {}", dir.display()),
+                    message: e.to_string(),
+                })?;
+        }
+        if let Some(file) = &opts.optimized_graph {
+            b = b
+                .with_optimized_model_path(file)
+                .map_err(|e| RuntimeError::Ort {
+                    context: format!("{ctx}: writing the optimised graph to {}", file.display()),
                     message: e.to_string(),
                 })?;
         }
