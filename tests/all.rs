@@ -11,6 +11,7 @@ mod fullscale;
 mod fun_inpaint_parity;
 mod gpu_setup;
 mod hypernet_parity;
+mod interrupt;
 mod lofa_parity;
 mod lora_parity;
 mod measure_parity;

@@ -464,7 +464,8 @@ fn a_cancel_or_time_limit_during_the_decode_holds() {
     let end = c.wait(&id, Duration::from_secs(300)).unwrap();
     assert_eq!(end["state"], "cancelled", "{end}");
     // The whole decode takes some 30 s here (2 cores), a frame batch of it about one: the
-    // cancel waits for the batch, not for the decode (it used to wait for all of it).
+    // cancel cuts the batch short (since 2026-11-29; it waited for the batch before, and for
+    // the whole decode before 2026-11-28).
     let waited = t.elapsed();
     eprintln!(
         "DELETE during the decode: ended after {:.2} s",
@@ -486,10 +487,57 @@ fn a_cancel_or_time_limit_during_the_decode_holds() {
         &["--job-timeout", "1"],
     );
     let c = s.client();
+    let t = Instant::now();
     let id = submit(&c);
     let end = c.wait(&id, Duration::from_secs(300)).unwrap();
+    eprintln!(
+        "--job-timeout 1: ended after {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     assert_eq!(end["state"], "failed", "{end}");
     assert!(end.to_string().contains("timeout"), "{end}");
+}
+
+/// A DELETE reaches the ONNX Runtime call in flight: sent as soon as the first of three
+/// denoising steps at 25x480x720 (9,458 tokens) is reported, it ends the job `cancelled` at
+/// step 1, the second step cut short within a node. It used to finish that step and stop at
+/// its check (step 2).
+#[test]
+fn a_cancel_during_a_step_stops_it() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let s = Server::start(&engine, &d.path().join("state"), &[]);
+    let c = s.client();
+    let form = Form::new()
+        .file("image", image)
+        .text("prompt", PROMPT)
+        .text("steps", 3)
+        .text("frames", 25)
+        .text("height", 480)
+        .text("width", 720);
+    let id = accepted(&c, &form);
+    let t = Instant::now();
+    loop {
+        let j = c.get(&format!("/v1/videos/{id}")).unwrap().json();
+        if j["step"] == 1 {
+            break;
+        }
+        assert!(j["state"] == "queued" || j["state"] == "running", "{j}");
+        assert!(t.elapsed() < Duration::from_secs(120), "{j}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let del = c.delete(&format!("/v1/videos/{id}")).unwrap();
+    assert_eq!(del.status, 202, "{}", String::from_utf8_lossy(&del.body));
+    let t = Instant::now();
+    let end = c.wait(&id, Duration::from_secs(300)).unwrap();
+    let waited = t.elapsed();
+    eprintln!(
+        "DELETE during step 2: ended after {:.2} s",
+        waited.as_secs_f64()
+    );
+    assert_eq!(end["state"], "cancelled", "{end}");
+    assert_eq!(end["step"], 1, "the second step was cut short: {end}");
 }
 
 /// Retention: a job's decoded inputs go when it ends (cancelled too), and DELETE on an ended

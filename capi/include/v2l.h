@@ -320,10 +320,11 @@ V2lStatus v2l_generator_generate(struct V2lGenerator *generator,
                                  uint8_t *out,
                                  size_t out_len);
 
-// Asks the generation running on `generator` to stop after its current denoising step, or
-// its current frame batch once it decodes (its call then returns `V2L_STATUS_CANCELLED`).
-// Callable from any thread at any time, including from the progress callback; a request
-// made while no generation runs is ignored (each generation starts uncancelled).
+// Asks the generation running on `generator` to stop: within about 10 ms plus the ONNX
+// Runtime node in flight (a denoising step or a frame batch of the decode is cut short, not
+// finished), its call then returning `V2L_STATUS_CANCELLED`. Callable from any thread at any
+// time, including from the progress callback; a request made while no generation runs is
+// ignored (each generation starts uncancelled).
 //
 // # Safety
 // `generator` is a live generator handle.

@@ -323,6 +323,10 @@ pub unsafe extern "C" fn v2l_generator_generate(
         drop(prompts);
 
         let mut pipeline = lock(&g)?;
+        // A free since this call began still stops it (as its checks between steps would).
+        if !g.freed.load(Ordering::SeqCst) {
+            g.interrupt.reset();
+        }
         g.cancel.store(false, Ordering::SeqCst);
         let mut watch = Watch {
             callback: progress,
@@ -330,15 +334,22 @@ pub unsafe extern "C" fn v2l_generator_generate(
             cancel: &g.cancel,
             freed: &g.freed,
             stopped: None,
+            at: String::from("before the first step"),
         };
-        let result = pipeline.generate(&req, &mut watch);
+        // A cancel or a free reaches the ONNX Runtime call in flight too (a DiT step is
+        // minutes at a real size on a CPU), not only the checks between steps.
+        let result = g.interrupt.watch(|| pipeline.generate(&req, &mut watch));
         drop(pipeline);
         let generation = match result {
             Ok(gen) => gen,
             Err(RuntimeError::Cancelled) => {
-                let (by, when) = watch
-                    .stopped
-                    .unwrap_or(("a cancel request", String::from("at an unknown point")));
+                let (by, when) = watch.stopped.unwrap_or_else(|| {
+                    let by = match g.cancel.load(Ordering::SeqCst) {
+                        true => "v2l_generator_cancel",
+                        false => "v2l_generator_free",
+                    };
+                    (by, watch.at)
+                });
                 return Err(Error::new(
                     V2lStatus::Cancelled,
                     format!("cancelled by {by} {when}"),
@@ -363,19 +374,20 @@ pub unsafe extern "C" fn v2l_generator_generate(
     })
 }
 
-/// Asks the generation running on `generator` to stop after its current denoising step, or
-/// its current frame batch once it decodes (its call then returns `V2L_STATUS_CANCELLED`).
-/// Callable from any thread at any time, including from the progress callback; a request
-/// made while no generation runs is ignored (each generation starts uncancelled).
+/// Asks the generation running on `generator` to stop: within about 10 ms plus the ONNX
+/// Runtime node in flight (a denoising step or a frame batch of the decode is cut short, not
+/// finished), its call then returning `V2L_STATUS_CANCELLED`. Callable from any thread at any
+/// time, including from the progress callback; a request made while no generation runs is
+/// ignored (each generation starts uncancelled).
 ///
 /// # Safety
 /// `generator` is a live generator handle.
 #[no_mangle]
 pub unsafe extern "C" fn v2l_generator_cancel(generator: *const V2lGenerator) -> V2lStatus {
     guard("v2l_generator_cancel", || {
-        lookup(generator, "generator")?
-            .cancel
-            .store(true, Ordering::SeqCst);
+        let g = lookup(generator, "generator")?;
+        g.cancel.store(true, Ordering::SeqCst);
+        g.interrupt.interrupt();
         Ok(())
     })
 }
@@ -389,6 +401,8 @@ struct Watch<'a> {
     cancel: &'a AtomicBool,
     freed: &'a AtomicBool,
     stopped: Option<(&'static str, String)>,
+    /// Where the run is, for a stop inside a call: `during step 3 of 50`.
+    at: String,
 }
 
 impl Watch<'_> {
@@ -409,6 +423,10 @@ impl Watch<'_> {
 
 impl Progress for Watch<'_> {
     fn step(&mut self, done: usize, of: usize) -> bool {
+        self.at = match done < of {
+            true => format!("during step {} of {of}", done + 1),
+            false => String::from("in the decode, during its first frame batch"),
+        };
         let when = || format!("after step {done} of {of}");
         if let Some(f) = self.callback {
             // SAFETY: the caller's callback, with the user data it gave for it.
@@ -421,6 +439,7 @@ impl Progress for Watch<'_> {
     }
 
     fn decode(&mut self, done: usize, of: usize) -> bool {
+        self.at = format!("in the decode, during frame batch {} of {of}", done + 1);
         self.go_on(|| format!("in the decode, after frame batch {done} of {of}"))
     }
 }

@@ -50,6 +50,7 @@ pub unsafe extern "C" fn v2l_generator_new(
             opts: e.opts.clone(),
             cancel: AtomicBool::new(false),
             freed: AtomicBool::new(false),
+            interrupt: Default::default(),
             text_embed_dim,
             engine,
             vae,
@@ -68,6 +69,7 @@ pub unsafe extern "C" fn v2l_generator_free(generator: *mut V2lGenerator) -> V2l
     guard("v2l_generator_free", || {
         if let Some(g) = unregister(generator, "generator")? {
             g.freed.store(true, Ordering::SeqCst);
+            g.interrupt.interrupt();
         }
         Ok(())
     })

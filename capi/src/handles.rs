@@ -29,6 +29,9 @@ pub struct V2lGenerator {
     pub(crate) cancel: AtomicBool,
     /// Set by `v2l_generator_free`: a generation still running on another thread stops.
     pub(crate) freed: AtomicBool,
+    /// Stops the ONNX Runtime call a generation is in, for a cancel or a free from another
+    /// thread (no thread of v2l's own watches: a C caller's threads stay plain).
+    pub(crate) interrupt: v2l_runtime::session::Interrupt,
     pub(crate) text_embed_dim: usize,
     /// The engine (plain data): the noise layout and what a request must carry.
     pub(crate) engine: Engine,

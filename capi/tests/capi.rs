@@ -840,16 +840,23 @@ fn a_cancel_during_the_decode_stops_it() {
             messages.push(msg);
             continue;
         }
-        // Stopped before the last batch: 300 ms is well inside the first.
-        let stopped = ["1 of 3", "2 of 3"].map(|b| {
-            format!("cancelled by v2l_generator_cancel in the decode, after frame batch {b}")
-        });
+        // Stopped before the last batch (300 ms is well inside the first): inside a frame
+        // batch's call, or between two.
+        let stopped = [
+            "during its first frame batch",
+            "during frame batch 2 of 3",
+            "during frame batch 3 of 3",
+            "after frame batch 1 of 3",
+            "after frame batch 2 of 3",
+        ]
+        .map(|b| format!("cancelled by v2l_generator_cancel in the decode, {b}"));
         assert!(stopped.iter().any(|s| msg.contains(s)), "{msg}");
-        // One frame batch at most runs after the cancel (the whole decode takes seconds).
+        // The call in flight is cut short: a frame batch is not finished first (each takes
+        // some 0.4 s here on 2 cores; before 2026-11-29 the call returned 0.39 s after).
         let late = ended.saturating_duration_since(asked);
         eprintln!("{msg}: returned {late:?} after the cancel");
         assert!(
-            late.as_secs_f64() < 5.0,
+            late.as_secs_f64() < 0.2,
             "stopped {late:?} after the cancel"
         );
         ok(unsafe { v2l_generator_free(g) });

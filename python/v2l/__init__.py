@@ -312,8 +312,8 @@ class Generator(_Handle):
         _check(library().v2l_generator_clear_lora(self._ptr))
 
     def cancel(self) -> None:
-        """Stops a running `generate` after its current step, or frame batch of its decode
-        (`v2l_generator_cancel`)."""
+        """Stops a running `generate` within the ONNX Runtime node in flight: its current step,
+        or frame batch of its decode, is cut short (`v2l_generator_cancel`)."""
         _check(library().v2l_generator_cancel(self._ptr))
 
     def generate(

@@ -13,11 +13,13 @@ mod arena;
 mod bound;
 mod handoff;
 mod inputs;
+mod interrupt;
 mod packed;
 mod pager;
 mod values;
 pub use handoff::DeviceValues;
 pub use inputs::Carry;
+pub use interrupt::{interrupted, interruptible, Interrupt};
 use packed::Held;
 pub use packed::Packed;
 pub use pager::release_freed_memory;
@@ -830,11 +832,21 @@ impl Model {
             }
             None => None,
         };
+        // Run options on every run, so an interrupt can reach it.
+        let plain;
+        let flight;
         let mut outs = match &options {
-            Some(o) => self.session.run_with_options(values, o),
-            None => self.session.run(values),
+            Some(o) => {
+                flight = interrupt::InFlight::start(ort::AsPointer::ptr(o))?;
+                self.session.run_with_options(values, o)
+            }
+            None => {
+                plain = ort::session::RunOptions::new().map_err(ort_err(&ctx))?;
+                flight = interrupt::InFlight::start(ort::AsPointer::ptr(&plain))?;
+                self.session.run_with_options(values, &plain)
+            }
         }
-        .map_err(ort_err(&ctx))?;
+        .map_err(|e| flight.outcome(ort_err(&ctx)(e)))?;
         let mut next = BTreeMap::new();
         for (input, output) in links {
             let v =
@@ -1017,10 +1029,11 @@ impl Model {
         let options = ort::session::RunOptions::new()
             .map_err(ort_err(&ctx))?
             .with_outputs(select);
+        let flight = interrupt::InFlight::start(ort::AsPointer::ptr(&options))?;
         let mut outs = self
             .session
             .run_with_options(values, &options)
-            .map_err(ort_err(&ctx))?;
+            .map_err(|e| flight.outcome(ort_err(&ctx)(e)))?;
         let mut made = BTreeMap::new();
         for name in outputs {
             let v = outs

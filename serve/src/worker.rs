@@ -91,7 +91,8 @@ impl From<RuntimeError> for Stop {
             K::Lora => JobErrorKind::Lora,
             K::OrtUnavailable => JobErrorKind::RuntimeUnavailable,
             K::Runtime => JobErrorKind::Runtime,
-            K::Cancelled => JobErrorKind::Cancelled,
+            // Only a DELETE stops a run outside `generate` (which tells a time limit apart).
+            K::Cancelled => return cancelled(),
         };
         Stop::failed(kind, e.to_string())
     }
@@ -335,21 +336,34 @@ impl Worker {
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<(), Stop> {
         let dir = self.shared.jobs.store.job_dir(&job.id)?;
+        // A DELETE reaches the ONNX Runtime call in flight (predicting the LoRA, encoding the
+        // prompt), not only the checks between steps.
+        let deleted = || live.cancel.load(Ordering::SeqCst);
+        v2l_runtime::session::interruptible(deleted, || self.run_params(job, &dir, live, timings))
+    }
+
+    fn run_params(
+        &mut self,
+        job: &JobRecord,
+        dir: &Path,
+        live: &Live,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<(), Stop> {
         match &job.params {
             JobParams::Lora(p) => {
                 let t = Instant::now();
-                let (_, cached) = self.reference_lora(&p.id, p.weight, &dir)?;
+                let (_, cached) = self.reference_lora(&p.id, p.weight, dir)?;
                 timings.insert("lora".into(), ms(t));
                 self.shared.jobs.store.set_lora(&job.id, &p.id, cached)?;
                 Ok(())
             }
             JobParams::Video(p) => {
-                let req = self.video_request(&job.id, p, &dir, timings, true)?;
+                let req = self.video_request(&job.id, p, dir, timings, true)?;
                 let gen = self.generate(&[(&job.id, live)], &[req])?;
                 let gen = gen.into_iter().next().ok_or_else(|| {
                     Stop::failed(JobErrorKind::Internal, "the pipeline returned no video")
                 })?;
-                self.write_video(gen, p, &dir, timings)
+                self.write_video(gen, p, dir, timings)
             }
         }
     }
@@ -376,7 +390,10 @@ impl Worker {
                     ));
                 };
                 let dir = self.shared.jobs.store.job_dir(&id)?;
-                let req = self.video_request(&id, &p, &dir, &mut timings, false)?;
+                let deleted = || live.cancel.load(Ordering::SeqCst);
+                let req = v2l_runtime::session::interruptible(deleted, || {
+                    self.video_request(&id, &p, &dir, &mut timings, false)
+                })?;
                 Ok::<_, Stop>((p, dir, req))
             })();
             match prepared {
@@ -560,11 +577,19 @@ impl Worker {
             deadline: deadline.map(|(_, d)| d),
             timed_out: false,
         };
-        let result = match reqs {
-            [one] => self.pipeline.generate(one, &mut watch).map(|g| vec![g]),
-            many => self.pipeline.generate_batch(many, &mut watch),
-        };
-        let timed_out = watch.timed_out;
+        let over = || deadline.is_some_and(|(_, d)| Instant::now() > d);
+        let deleted = || jobs.iter().all(|(_, l)| l.cancel.load(Ordering::SeqCst));
+        // Both reach the ONNX Runtime call in flight (a DiT step is minutes at a real size on a
+        // CPU), besides the watch's checks between steps and frame batches.
+        let pipeline = &mut self.pipeline;
+        let result = v2l_runtime::session::interruptible(
+            || over() || deleted(),
+            || match reqs {
+                [one] => pipeline.generate(one, &mut watch).map(|g| vec![g]),
+                many => pipeline.generate_batch(many, &mut watch),
+            },
+        );
+        let timed_out = watch.timed_out || over();
         self.note_factor_cache();
         let timeout = || {
             let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
@@ -576,8 +601,8 @@ impl Worker {
         match result {
             // A cancel or the time limit that came after the decode's last check (its last
             // frame batch) still holds, so the job ends as the client was told.
-            Ok(_) if deadline.is_some_and(|(_, d)| Instant::now() > d) => Err(timeout()),
-            Ok(_) if jobs.iter().all(|(_, l)| l.cancel.load(Ordering::SeqCst)) => Err(cancelled()),
+            Ok(_) if over() => Err(timeout()),
+            Ok(_) if deleted() => Err(cancelled()),
             Ok(g) => Ok(g),
             Err(RuntimeError::Cancelled) if timed_out => Err(timeout()),
             Err(RuntimeError::Cancelled) => Err(cancelled()),

@@ -172,9 +172,10 @@ impl Bound {
                 .set("gpu_graph_id", id.to_string())
                 .map_err(ort_err(ctx))?;
         }
+        let flight = super::interrupt::InFlight::start(ort::AsPointer::ptr(&options))?;
         let outs = session
             .run_binding_with_options(&set.binding, &options)
-            .map_err(ort_err(ctx))?;
+            .map_err(|e| flight.outcome(ort_err(ctx)(e)))?;
         if first {
             // This run's outputs, allocated by ONNX Runtime, are copied once into the set's
             // own buffers, bound from now on.
