@@ -148,6 +148,28 @@ try:
     print("accepted", "negative-budget")
 except ValueError:
     print("refused", "negative-budget", "ValueError")
+# Ctrl-C during the decode of 25 frames at 256x256 (the first frame 4x larger, nearest): a
+# KeyboardInterrupt within the node in flight, not after the decode; the generator goes on.
+import _thread, threading, time
+small = open(first_frame, "rb").read()
+big = bytes(small[((y // 4) * 64 + x // 4) * 3 + c]
+            for y in range(256) for x in range(256) for c in range(3))
+asked = []
+def ctrl_c_in_the_decode(step, steps):
+    if step == steps:
+        def later():
+            time.sleep(0.3)
+            asked.append(time.monotonic())
+            _thread.interrupt_main()
+        threading.Thread(target=later, daemon=True).start()
+try:
+    generator.generate(big, height=256, width=256, frames=25, prompt=prompt, steps=2, seed=5,
+                       progress=ctrl_c_in_the_decode)
+    print("ctrl-c", "missed")
+except KeyboardInterrupt:
+    print("ctrl-c", "stopped", f"{time.monotonic() - asked[0]:.3f}")
+again = generator.generate(small, height=64, width=64, frames=17, prompt=prompt, steps=2, seed=5)
+print("after-ctrl-c", "same" if again.rgb == video.rgb else "differs")
 print("alive")
 "#;
 
@@ -220,6 +242,16 @@ fn the_wheel_installs_into_a_fresh_venv_and_generates_the_c_abi_frames() {
         "{printed}"
     );
     assert_eq!(lines.last(), Some(&"alive"), "{printed}");
+    // Ctrl-C in the decode: raised within the node in flight (before 2026-11-29, only after the
+    // whole decode, seconds on one thread), and the generator gives the same frames after.
+    let stopped = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("ctrl-c stopped "))
+        .unwrap_or_else(|| panic!("no KeyboardInterrupt: {printed}"));
+    let after: f64 = stopped.parse().unwrap();
+    eprintln!("Ctrl-C in the decode: KeyboardInterrupt {after} s after");
+    assert!(after < 0.5, "KeyboardInterrupt {after} s after Ctrl-C");
+    assert!(lines.contains(&"after-ctrl-c same"), "{printed}");
 
     assert!(
         std::fs::read(out.join("video.rgb")).unwrap() == c_abi_frames(&engine, None),

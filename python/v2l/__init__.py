@@ -338,8 +338,10 @@ class Generator(_Handle):
         Sizes the output with `v2l_generator_output_size`, then runs `v2l_generator_generate`.
         `scheduler` picks a CogVideoX engine's sampler (`ddim`, `cogvideox-ddim` or `dpm`; None: the
         engine's default). `cache="first-block:0.1"` turns on step caching (diffusers' First Block
-        Cache; None: off). `progress(step, steps)` is called after each denoising step;
-        returning False cancels.
+        Cache; None: off). `progress(step, steps)` is called after each denoising step (on
+        the thread that runs the call); returning False cancels. Ctrl-C (KeyboardInterrupt)
+        cancels too, within the ONNX Runtime node in flight, decode included, and is raised
+        once the call has returned; the generator stays usable.
         """
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed is {seed}; it must be an integer 0 to 2**64 - 1")
@@ -377,7 +379,29 @@ class Generator(_Handle):
                 return 1
 
         cb = _PROGRESS(on_step)
-        status = lib.v2l_generator_generate(self._ptr, ctypes.byref(p), cb, None, out, size.value)
+        # The call runs on a helper thread: Python delivers a KeyboardInterrupt to this one
+        # only between bytecodes, which a call into C would hold back until its end (minutes
+        # of decode on a CPU).
+        ended, result = threading.Event(), []
+
+        def call():
+            try:
+                result.append(lib.v2l_generator_generate(
+                    self._ptr, ctypes.byref(p), cb, None, out, size.value))
+            finally:
+                ended.set()
+
+        worker = threading.Thread(target=call, name="v2l-generate", daemon=True)
+        worker.start()
+        try:
+            while not ended.wait(0.1):
+                pass
+        except BaseException:
+            lib.v2l_generator_cancel(self._ptr)
+            worker.join()
+            raise
+        worker.join()
+        status = result[0]
         if raised:
             raise raised[0]
         _check(status)
