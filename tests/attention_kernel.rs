@@ -117,3 +117,40 @@ fn v2l_attention_tracks_ort_multi_head_attention_at_5b_shapes() {
         }
     }
 }
+
+/// A stop reaches inside v2l's attention node: ONNX Runtime checks its terminate flag between
+/// nodes only, and this graph is one attention over 1,024 tokens (48 heads): the kernel skips
+/// its remaining work items once the runtime's interrupt is set, and the call returns
+/// `Cancelled` long before the node would end.
+#[test]
+fn a_stop_reaches_inside_the_attention_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.onnx");
+    attention_graph(&plain);
+    let mut ours = read_model(&plain).unwrap();
+    assert_eq!(passes::fuse_attention(&mut ours, HEADS), 1);
+    assert_eq!(passes::v2l_attention(&mut ours, false), 1);
+    let path = dir.path().join("ours.onnx");
+    write_model(&path, &ours).unwrap();
+    let mut m = Model::load(&path, &SessionOptions::default()).unwrap();
+    let x = inputs(1024);
+    let t = std::time::Instant::now();
+    let whole = m.run(&x).unwrap().remove("out").unwrap();
+    let took = t.elapsed();
+
+    let start = std::time::Instant::now();
+    let stop = || start.elapsed() > std::time::Duration::from_millis(100);
+    let stopped = v2l_runtime::session::interruptible(stop, || m.run(&x).map(drop));
+    let returned = start.elapsed();
+    assert!(
+        matches!(stopped, Err(v2l_runtime::RuntimeError::Cancelled)),
+        "{stopped:?}"
+    );
+    assert!(
+        returned < took / 2,
+        "returned {returned:?} after the start; the node takes {took:?} ({})",
+        Kernel::detect().describe()
+    );
+    // Nothing left behind: the next run is whole and the same.
+    assert_eq!(m.run(&x).unwrap().remove("out").unwrap(), whole);
+}

@@ -31,6 +31,7 @@ mod fp32;
 #[cfg(target_arch = "x86_64")]
 mod int8;
 
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use ort::operator::{
@@ -243,8 +244,14 @@ pub(crate) fn named(shape: &[i64], symbols: &[String]) -> SymbolicDimensions {
 /// Runs `f(0..n)` on ONNX Runtime's intra-op pool from inside one of v2l's operators; a
 /// failed hand-over to the pool runs the tasks on this thread instead.
 pub(crate) fn on_pool(ctx: &ComputeContext, n: usize, f: &(dyn Fn(usize) + Sync)) {
-    if ctx.par_for(n, n, f).is_err() {
-        (0..n).for_each(f);
+    let stop = crate::stop::flag();
+    let item = |i: usize| {
+        if !stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            f(i)
+        }
+    };
+    if ctx.par_for(n, n, item).is_err() {
+        (0..n).for_each(item);
     }
 }
 
@@ -353,6 +360,7 @@ impl OrtKernel for AttentionKernel {
             .output(0, qs.to_vec())?
             .ok_or_else(|| ort::Error::new("ai.v2l.Attention: output missing"))?;
         let (_, od) = o.try_extract_tensor_mut::<f32>()?;
+        let stop = crate::stop::flag();
         let par = |n: usize, f: &(dyn Fn(usize) + Sync)| crate::attention::on_pool(ctx, n, f);
         attend(
             self.kernel,
@@ -366,7 +374,8 @@ impl OrtKernel for AttentionKernel {
             od,
             &par,
         )
-        .map_err(|e| ort::Error::new(e.to_string()))
+        .map_err(|e| ort::Error::new(e.to_string()))?;
+        crate::stop::check(&stop, "ai.v2l.Attention")
     }
 }
 

@@ -306,8 +306,10 @@ impl OrtKernel for ConvKernel {
             .output(0, dims)?
             .ok_or_else(|| ort::Error::new("ai.v2l.Conv: output missing"))?;
         let (_, od) = o.try_extract_tensor_mut::<f32>()?;
+        let stop = crate::stop::flag();
         let par = |n: usize, f: &(dyn Fn(usize) + Sync)| crate::attention::on_pool(ctx, n, f);
-        conv(&shape, xd, weights, bd, od, &par).map_err(|e| ort::Error::new(e.to_string()))
+        conv(&shape, xd, weights, bd, od, &par).map_err(|e| ort::Error::new(e.to_string()))?;
+        crate::stop::check(&stop, "ai.v2l.Conv")
     }
 }
 

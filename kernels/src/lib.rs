@@ -9,6 +9,7 @@
 //! | [`attention`] | the attention operator (`ai.v2l.Attention`): bf16 on AVX512-BF16, int8, f32 elsewhere |
 //! | [`conv`] | the VAE's convolution operator (`ai.v2l.Conv`): bf16 products with f32 sums on AVX512-BF16 |
 //! | [`qgemm`] | the int8 linear operator (`ai.v2l.QMatMul`): `vpdpbusd` on AVX512-VNNI |
+//! | [`stop`] | the runtime's stop flag, checked between a kernel's work items |
 //! | [`fuse`] | `W ± scale·(B·A)` into f32/f16/bf16 weights in place, exactly (AVX2 and portable) |
 //!
 //! GPU code does not live here: device-resident tensors and provider options sit beside the
@@ -27,6 +28,7 @@ pub mod cpu;
 pub mod fuse;
 pub mod memory;
 pub mod qgemm;
+pub mod stop;
 
 /// The `ai.v2l` operator domain every session registers: the attention ([`attention`]), the
 /// VAE's bf16 convolution ([`conv`]) and the int8 linears ([`qgemm`]). Registering costs nothing

@@ -615,9 +615,11 @@ impl OrtKernel for QMatMulKernel {
             .output(0, shape)?
             .ok_or_else(|| ort::Error::new("ai.v2l.QMatMul: output missing"))?;
         let (_, od) = o.try_extract_tensor_mut::<f32>()?;
+        let stop = crate::stop::flag();
         let par = |n: usize, f: &(dyn Fn(usize) + Sync)| crate::attention::on_pool(ctx, n, f);
         linear(xd, packed, sd, bd, od, &par)
-            .map_err(|e| ort::Error::new(format!("ai.v2l.QMatMul: {e}")))
+            .map_err(|e| ort::Error::new(format!("ai.v2l.QMatMul: {e}")))?;
+        crate::stop::check(&stop, "ai.v2l.QMatMul")
     }
 }
 

@@ -26,7 +26,8 @@ const POLL: Duration = Duration::from_millis(10);
 /// One [`interruptible`] scope: whether it stopped, and the runs in flight under it.
 #[derive(Default)]
 struct Scope {
-    stopped: AtomicBool,
+    /// Shared with v2l's own kernels, which check it between work items ([`v2l_kernels::stop`]).
+    stopped: Arc<AtomicBool>,
     runs: Mutex<Vec<Run>>,
 }
 
@@ -85,6 +86,7 @@ impl Interrupt {
 
     /// Runs `work` on this thread with every model run it makes under this interrupt.
     pub fn watch<R>(&self, work: impl FnOnce() -> R) -> R {
+        v2l_kernels::stop::set_source(kernel_flag);
         let _watching = Watching {
             previous: WATCHED.with(|w| w.replace(Some(self.0.clone()))),
         };
@@ -113,6 +115,11 @@ pub fn interruptible<R>(stop: impl Fn() -> bool + Sync, work: impl FnOnce() -> R
         let _done = done;
         interrupt.watch(work)
     })
+}
+
+/// The stop flag of this thread's scope, for v2l's kernels.
+fn kernel_flag() -> Option<Arc<AtomicBool>> {
+    WATCHED.with(|w| w.borrow().as_ref().map(|s| s.stopped.clone()))
 }
 
 /// Puts back the thread's previous scope, on return or unwind.
