@@ -167,6 +167,7 @@ pub fn run(
     engine: &std::path::Path,
     g: &GenerateArgs,
     opts: &SessionOptions,
+    device: u32,
 ) -> Result<(), Failure> {
     use v2l_runtime::pipeline::{Inputs, PromptEncoders};
     let output = need(&g.output, "-o/--output")?;
@@ -179,7 +180,7 @@ pub fn run(
     request::check_fps(g.fps)?;
     let t0 = std::time::Instant::now();
     let dir = Engine::open(engine)?;
-    let opts = &dir.session_options(opts.threads);
+    let opts = &dir.session_options_on(opts.threads, device)?;
     let checked = settings.check(&dir, &limits)?;
     let inputs = Inputs {
         prompt: prompt_input(g)?,

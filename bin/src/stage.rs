@@ -93,6 +93,7 @@ pub fn run(
     engine: &std::path::Path,
     args: &StageArgs,
     threads: usize,
+    device: u32,
     max_sequence_length: Option<usize>,
     tiling: v2l_runtime::vae::TilingMode,
 ) -> Result<(), Failure> {
@@ -120,7 +121,7 @@ pub fn run(
         crate::check_outputs_are_not_inputs(&[("-o", &output)], &[("--prompts", file)])?;
         crate::check_outputs_outside_engine(&[("-o", &output)], engine)?;
         let dir = Engine::open(engine)?;
-        let opts = dir.session_options(threads);
+        let opts = dir.session_options_on(threads, device)?;
         return text_stage(&dir, &opts, file, &output, max_sequence_length);
     }
     let inputs = inputs.clone().ok_or_else(|| {
@@ -142,7 +143,7 @@ pub fn run(
         .transpose()?;
     v2l_runtime::limits::Limits::from_env()?.check_threads(threads)?;
     let dir = Engine::open(engine)?;
-    let mut opts = dir.session_options(threads);
+    let mut opts = dir.session_options_on(threads, device)?;
     if let Some(p) = &profile {
         check_profile_dir(p)?;
         opts.profile = Some(p.clone());

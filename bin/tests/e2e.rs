@@ -1552,3 +1552,61 @@ fn the_dit_stage_applies_a_lora_by_the_engines_strategy() {
         "{err}"
     );
 }
+
+/// `--device` (v2l-run) and `--devices` (v2l-serve) pick the GPU of a cuda or tensorrt
+/// engine; on a CPU engine any but 0 is one clear error naming the device, with nothing
+/// written and no port opened.
+#[test]
+fn a_gpu_device_on_a_cpu_engine_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine(d.path());
+    let t = tiny();
+    let refused = |o: &std::process::Output, needle: &str| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error:")).count(),
+            1,
+            "{err}"
+        );
+        assert!(
+            err.contains(needle) && err.contains("runs on the CPU"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    let out = d.path().join("out.mp4");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&eng)
+        .args(["--device", "1", "--steps", "1", "--seed", "3", "--quiet"])
+        .arg("--image")
+        .arg(t.join("first_frame.png"))
+        .arg("--prompt-embeds")
+        .arg(t.join("e2e_io.safetensors"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    refused(&o, "device: 1");
+    assert!(!out.exists());
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-run"))
+        .arg("--engine")
+        .arg(&eng)
+        .args(["--device", "2", "stage", "dit", "--inputs"])
+        .arg(t.join("dit_io.safetensors"))
+        .arg("-o")
+        .arg(d.path().join("dit.safetensors"))
+        .output()
+        .unwrap();
+    refused(&o, "device: 2");
+    let o = Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
+        .arg("--engine")
+        .arg(&eng)
+        .arg("--state-dir")
+        .arg(d.path().join("state"))
+        .args(["--addr", "127.0.0.1:0", "--devices", "0,1"])
+        .output()
+        .unwrap();
+    refused(&o, "loading pipeline 1 (--devices: GPU 1)");
+}

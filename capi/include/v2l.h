@@ -25,8 +25,8 @@
 // Version of the C ABI described by this header. It changes whenever a function, a struct
 // layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
 // time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`;
-// 5: `cache`.
-#define V2L_ABI_VERSION 5
+// 5: `cache`; 6: `V2lEngineOptions` gained `device`.
+#define V2L_ABI_VERSION 6
 
 // What every call returns. `v2l_last_error()` has the message of a failed call.
 enum V2lStatus
@@ -84,6 +84,10 @@ typedef struct V2lLora V2lLora;
 typedef struct V2lEngineOptions {
   // Intra-op threads of each ONNX Runtime session (0: one per core).
   uint32_t threads;
+  // The GPU a cuda or tensorrt engine's sessions run on, as CUDA numbers them (`nvidia-smi`;
+  // 0: the first). A CPU engine takes 0 only. Every generator of the engine runs there: to
+  // serve from several GPUs, open the engine once per GPU.
+  uint32_t device;
 } V2lEngineOptions;
 
 // One generation request (image-to-video, classifier-free guidance, DDIM). Input buffers are

@@ -48,7 +48,8 @@ pub unsafe extern "C" fn v2l_engine_open(
             .map_err(|e| request_error("options.", e))?;
         v2l_runtime::ort_env::init()?;
         // The bundle's backend: a CUDA or TensorRT engine is never run on the CPU provider.
-        let opts = dir.session_options(options.threads as usize);
+        let opts = (dir.session_options_on(options.threads as usize, options.device))
+            .map_err(|e| Error::new(V2lStatus::InvalidArgument, format!("options.{e}")))?;
         *out = register(V2lEngine { dir, opts });
         Ok(())
     })

@@ -66,8 +66,8 @@ use std::ffi::c_char;
 /// Version of the C ABI described by this header. It changes whenever a function, a struct
 /// layout or a status value changes incompatibly; compare it with `v2l_abi_version()` at run
 /// time. 2: `V2lGenerateParams` gained `prompt`, `negative_prompt`, `max_sequence_length`;
-/// 5: `cache`.
-pub const V2L_ABI_VERSION: u32 = 5;
+/// 5: `cache`; 6: `V2lEngineOptions` gained `device`.
+pub const V2L_ABI_VERSION: u32 = 6;
 
 /// Helpers for this crate's Rust tests (status classification); not part of the C API.
 #[doc(hidden)]

@@ -105,14 +105,37 @@ fn bad_arguments_and_handles_are_refused() {
         unsafe {
             v2l_engine_open(
                 cpath(&eng).as_ptr(),
-                &V2lEngineOptions { threads: 100_000 },
+                &V2lEngineOptions {
+                    threads: 100_000,
+                    device: 0,
+                },
                 &mut e,
             )
         },
         V2lStatus::InvalidArgument,
         "options.threads: 100000 is over the limit of 256 (raise it with V2L_MAX_THREADS)",
     );
-    let opts = V2lEngineOptions { threads: 1 };
+    // A GPU device on a CPU engine: refused by name.
+    fails(
+        unsafe {
+            v2l_engine_open(
+                cpath(&eng).as_ptr(),
+                &V2lEngineOptions {
+                    threads: 1,
+                    device: 1,
+                },
+                &mut e,
+            )
+        },
+        V2lStatus::InvalidArgument,
+        "options.device: 1: ",
+    );
+    assert!(last_error().contains("runs on the CPU"), "{}", last_error());
+    assert!(e.is_null(), "*out is NULL on failure");
+    let opts = V2lEngineOptions {
+        threads: 1,
+        device: 0,
+    };
     ok(unsafe { v2l_engine_open(cpath(&eng).as_ptr(), &opts, &mut e) });
     // The thread's message is cleared by a successful call, and is per thread.
     assert_eq!(last_error(), "");

@@ -95,7 +95,10 @@ pub fn venv_with(dir: &Path, wheel: &Path, inherit: Option<&Path>) -> PathBuf {
 pub fn c_abi_frames(engine: &Path, lora: Option<&Path>) -> Vec<u8> {
     let inp = inputs();
     let mut e = std::ptr::null_mut();
-    let one = V2lEngineOptions { threads: 1 };
+    let one = V2lEngineOptions {
+        threads: 1,
+        device: 0,
+    };
     ok(unsafe { v2l_engine_open(cpath(engine).as_ptr(), &one, &mut e) });
     let g = generator(e);
     let prompt = CString::new(PROMPT).unwrap();

@@ -32,7 +32,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["Engine", "Generator", "Lora", "V2lError", "Video", "library"]
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 class V2lError(RuntimeError):
@@ -75,7 +75,7 @@ class _Params(ctypes.Structure):
 
 
 class _EngineOptions(ctypes.Structure):
-    _fields_ = [("threads", ctypes.c_uint32)]
+    _fields_ = [("threads", ctypes.c_uint32), ("device", ctypes.c_uint32)]
 
 
 _PROGRESS = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
@@ -234,14 +234,19 @@ class Engine(_Handle):
     """An opened engine (checked once, `v2l_engine_open`); shareable between threads and generators.
 
     `path` is a `v2l-compile` bundle or a `v2l-export` pipeline directory; `threads` is ONNX
-    Runtime's intra-op thread count per session (0: one per core). Freed by `v2l_engine_free`.
+    Runtime's intra-op thread count per session (0: one per core); `device` is the GPU a cuda or
+    tensorrt engine runs on, as CUDA numbers them (a CPU engine takes 0 only). Freed by
+    `v2l_engine_free`.
     """
 
     _free = "v2l_engine_free"
 
-    def __init__(self, path: PathLike, threads: int = 0) -> None:
+    def __init__(self, path: PathLike, threads: int = 0, device: int = 0) -> None:
+        for name, v in (("threads", threads), ("device", device)):
+            if not 0 <= v < 2**32:
+                raise ValueError(f"{name} is {v}; it must be an integer 0 to {2**32 - 1}")
         out = ctypes.c_void_p()
-        opts = _EngineOptions(threads)
+        opts = _EngineOptions(threads, device)
         _check(library().v2l_engine_open(_c_path(path), ctypes.byref(opts), ctypes.byref(out)))
         super().__init__(out)
 

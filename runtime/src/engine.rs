@@ -92,10 +92,40 @@ impl Engine {
     /// Every front end builds its sessions from these, so a CUDA or TensorRT engine is never
     /// silently run on the CPU provider.
     pub fn session_options(&self, threads: usize) -> SessionOptions {
+        self.options_on(threads, 0)
+    }
+
+    /// [`Engine::session_options`] on GPU `device` (CUDA's numbering, as `nvidia-smi` and
+    /// `CUDA_VISIBLE_DEVICES` give it): one process serving from several GPUs puts each
+    /// pipeline on its own. A CPU engine takes device 0 only; a device the machine lacks is
+    /// ONNX Runtime's error when the first session is built.
+    pub fn session_options_on(&self, threads: usize, device: u32) -> Result<SessionOptions> {
+        let gpu = self
+            .bundle
+            .as_ref()
+            .is_some_and(|b| b.backend != crate::backend::Backend::Cpu);
+        let id = i32::try_from(device).ok().filter(|_| gpu || device == 0);
+        let Some(id) = id else {
+            return Err(RuntimeError::Invalid {
+                what: "device".into(),
+                message: match gpu {
+                    true => format!("{device} is not a CUDA device number"),
+                    false => format!(
+                        "{device}: {} runs on the CPU; a GPU device is chosen for `cuda` and \
+                         `tensorrt` engines (v2l-compile --backend)",
+                        self.dir.display()
+                    ),
+                },
+            });
+        };
+        Ok(self.options_on(threads, id))
+    }
+
+    fn options_on(&self, threads: usize, device_id: i32) -> SessionOptions {
         let backend = match &self.bundle {
             Some(b) => crate::backend::BackendOptions {
                 backend: b.backend,
-                device_id: 0,
+                device_id,
                 trt_cache_dir: Some(self.dir.join("trt_cache")),
                 weight_hash: b.weight_hash.clone(),
                 trt_profile: Vec::new(),

@@ -52,6 +52,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Pipelines, each running one job at a time.
     pub workers: usize,
+    /// GPUs the workers go to in turn (worker `i` on `devices[i % len]`); empty: device 0.
+    pub devices: Vec<u32>,
     /// ONNX Runtime threads per pipeline (0: its default).
     pub threads: usize,
     /// Jobs waiting at most; more get `429`.
@@ -81,6 +83,16 @@ pub struct Config {
     /// How LoRAs reach the DiT; `None`: the engine's own choice.
     pub lora_strategy: Option<v2l_runtime::lora::strategy::Strategy>,
     pub limits: RequestLimits,
+}
+
+impl Config {
+    /// The GPU worker `i` runs on.
+    pub fn device_of(&self, worker: usize) -> u32 {
+        match self.devices.len() {
+            0 => 0,
+            n => self.devices[worker % n],
+        }
+    }
 }
 
 /// What requests are checked against, read from the engine once.
@@ -172,5 +184,41 @@ impl EngineFacts {
             targets: dit.lora_targets.clone(),
             pipeline: engine.pipeline_kind().map_err(|e| e.to_string())?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_go_to_the_devices_in_turn() {
+        let mut c = Config {
+            engine: PathBuf::new(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            state_dir: PathBuf::new(),
+            workers: 5,
+            devices: Vec::new(),
+            threads: 0,
+            queue: 1,
+            lora_cache_bytes: 0,
+            factor_cache_bytes: 0,
+            token: None,
+            allowed_hosts: Vec::new(),
+            retention: Default::default(),
+            connections: 1,
+            header_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            batch: 1,
+            batch_wait: Duration::ZERO,
+            lora_strategy: None,
+            limits: RequestLimits::default(),
+        };
+        assert_eq!((0..5).map(|i| c.device_of(i)).collect::<Vec<_>>(), [0; 5]);
+        c.devices = vec![2, 3];
+        assert_eq!(
+            (0..5).map(|i| c.device_of(i)).collect::<Vec<_>>(),
+            [2, 3, 2, 3, 2]
+        );
     }
 }

@@ -52,8 +52,13 @@ pub fn serve(config: Config) -> Result<(), String> {
     // Load every pipeline before listening: a broken engine is an error now, not a 5xx later.
     let mut threads = Vec::new();
     for i in 0..workers {
-        let w = Worker::load(shared.clone(), engine.clone())
-            .map_err(|e| format!("loading pipeline {i}: {e}"))?;
+        let device = shared.config.device_of(i);
+        let w = Worker::load(shared.clone(), engine.clone(), device).map_err(|e| {
+            match shared.config.devices.is_empty() {
+                true => format!("loading pipeline {i}: {e}"),
+                false => format!("loading pipeline {i} (--devices: GPU {device}): {e}"),
+            }
+        })?;
         shared
             .workers
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -79,8 +84,15 @@ pub fn serve(config: Config) -> Result<(), String> {
             .await
             .map_err(|e| format!("--addr {addr}: cannot listen ({e})"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let on = match shared.config.devices.as_slice() {
+            [] => String::new(),
+            d => {
+                let d: Vec<String> = d.iter().map(u32::to_string).collect();
+                format!(" on GPU {}", d.join(", "))
+            }
+        };
         eprintln!(
-            "v2l-serve: listening on http://{local} ({workers} worker(s), engine {})",
+            "v2l-serve: listening on http://{local} ({workers} worker(s){on}, engine {})",
             engine.dir.display()
         );
         let limits = Listening {

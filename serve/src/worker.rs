@@ -118,9 +118,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Loads a pipeline (VAE, DiT, hypernetwork sessions) for `engine`.
-    pub fn load(shared: Arc<Shared>, engine: Engine) -> Result<Worker, RuntimeError> {
-        let opts = engine.session_options(shared.config.threads);
+    /// Loads a pipeline (VAE, DiT, hypernetwork sessions) for `engine` on GPU `device` (a
+    /// CPU engine: 0).
+    pub fn load(shared: Arc<Shared>, engine: Engine, device: u32) -> Result<Worker, RuntimeError> {
+        let opts = engine.session_options_on(shared.config.threads, device)?;
         let mut pipeline = match shared.config.lora_strategy {
             Some(s) => Pipeline::load_with_strategy(engine.clone(), &opts, s)?,
             None => Pipeline::load(engine.clone(), &opts)?,

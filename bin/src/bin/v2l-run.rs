@@ -57,6 +57,10 @@ struct Cli {
     /// CPU threads for ONNX Runtime (0: one per core)
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
+    /// GPU to run a cuda or tensorrt engine on, as CUDA numbers them (`nvidia-smi`); a CPU
+    /// engine takes 0 only
+    #[arg(long, global = true, default_value_t = 0, value_name = "N")]
+    device: u32,
     #[command(flatten)]
     gen: v2l_cli::generate::GenerateArgs,
     #[command(subcommand)]
@@ -146,10 +150,11 @@ fn main() -> ExitCode {
                 engine()?,
                 &args,
                 opts.threads,
+                cli.device,
                 cli.gen.max_sequence_length,
                 cli.gen.vae_tiling.into(),
             ),
-            None => v2l_cli::generate::run(engine()?, &cli.gen, &opts),
+            None => v2l_cli::generate::run(engine()?, &cli.gen, &opts, cli.device),
         }
     })
 }

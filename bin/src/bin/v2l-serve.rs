@@ -38,8 +38,14 @@ struct Args {
     #[arg(long, default_value = "v2l-state")]
     state_dir: PathBuf,
     /// Pipelines (each a full copy of the engine's sessions), each running one job at a time.
-    #[arg(long, default_value_t = 1, value_parser = bounded::<1, 64>)]
-    workers: usize,
+    /// Default: 1, or one per --devices GPU.
+    #[arg(long, value_parser = bounded::<1, 64>)]
+    workers: Option<usize>,
+    /// GPUs for a cuda or tensorrt engine's workers, as CUDA numbers them (`nvidia-smi`),
+    /// comma-separated: worker i runs on the i-th, in turn (`--devices 0,1,2,3`: four workers,
+    /// one per GPU). Default: GPU 0. A CPU engine refuses any but 0.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    devices: Vec<u32>,
     /// ONNX Runtime threads per pipeline (0: ONNX Runtime's default).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -175,6 +181,12 @@ fn run(a: Args) -> Result<(), String> {
                 .ok_or_else(|| format!("--lora-strategy {s}: expected fused, bound or unfused"))?,
         ),
     };
+    if a.devices.len() > 64 {
+        return Err(format!(
+            "--devices: {} GPUs; a server runs at most 64 workers",
+            a.devices.len()
+        ));
+    }
     if a.batch > 1 && lora_strategy != Some(Strategy::Unfused) {
         return Err(format!(
             "--batch {}: jobs with different LoRAs share DiT calls only with --lora-strategy unfused",
@@ -186,7 +198,8 @@ fn run(a: Args) -> Result<(), String> {
         engine: a.engine,
         addr: a.addr,
         state_dir: a.state_dir,
-        workers: a.workers,
+        workers: a.workers.unwrap_or(a.devices.len().max(1)),
+        devices: a.devices,
         threads: a.threads,
         queue: a.queue,
         lora_cache_bytes: a.lora_cache_mb << 20,
