@@ -309,9 +309,31 @@ pub unsafe extern "C" fn v2l_generator_generate(
             cache: step_cache(p)?,
         };
         let no_frame = p.first_frame.is_null();
+        // The pipeline first (one call at a time), then this call's stop: a cancel or free
+        // from here on stops it, the prompt's encoding included; one before is ignored, unless
+        // the generator is being freed.
+        let mut pipeline = lock(&g)?;
+        g.cancel.store(false, Ordering::SeqCst);
+        g.interrupt.reset();
+        if g.cancel.load(Ordering::SeqCst) || g.freed.load(Ordering::SeqCst) {
+            g.interrupt.interrupt();
+        }
+        let stopped_by = || match g.freed.load(Ordering::SeqCst) {
+            true => "v2l_generator_free",
+            false => "v2l_generator_cancel",
+        };
         let mut prompts = prompt_encoders(&g)?;
-        let req = match inputs.build(&g.engine, &g.opts, &s.checked, &mut prompts) {
+        let built = g
+            .interrupt
+            .watch(|| inputs.build(&g.engine, &g.opts, &s.checked, &mut prompts));
+        let req = match built {
             Ok(built) => built.request,
+            Err(RuntimeError::Cancelled) => {
+                return Err(Error::new(
+                    V2lStatus::Cancelled,
+                    format!("cancelled by {} before the first step", stopped_by()),
+                ))
+            }
             // A first frame the engine needs, passed as NULL: the C ABI's NULL-pointer status.
             Err(RuntimeError::Request(e)) if e.field == Field::Image && no_frame => {
                 let mut e = request_error("params.", e);
@@ -322,12 +344,6 @@ pub unsafe extern "C" fn v2l_generator_generate(
         };
         drop(prompts);
 
-        let mut pipeline = lock(&g)?;
-        // A free since this call began still stops it (as its checks between steps would).
-        if !g.freed.load(Ordering::SeqCst) {
-            g.interrupt.reset();
-        }
-        g.cancel.store(false, Ordering::SeqCst);
         let mut watch = Watch {
             callback: progress,
             user_data,
@@ -343,13 +359,7 @@ pub unsafe extern "C" fn v2l_generator_generate(
         let generation = match result {
             Ok(gen) => gen,
             Err(RuntimeError::Cancelled) => {
-                let (by, when) = watch.stopped.unwrap_or_else(|| {
-                    let by = match g.cancel.load(Ordering::SeqCst) {
-                        true => "v2l_generator_cancel",
-                        false => "v2l_generator_free",
-                    };
-                    (by, watch.at)
-                });
+                let (by, when) = watch.stopped.unwrap_or_else(|| (stopped_by(), watch.at));
                 return Err(Error::new(
                     V2lStatus::Cancelled,
                     format!("cancelled by {by} {when}"),

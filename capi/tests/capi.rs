@@ -874,12 +874,14 @@ fn a_cancel_during_the_decode_stops_it() {
         ]
         .map(|b| format!("cancelled by v2l_generator_cancel in the decode, {b}"));
         assert!(stopped.iter().any(|s| msg.contains(s)), "{msg}");
-        // The call in flight is cut short: a frame batch is not finished first (each takes
-        // some 0.4 s here on 2 cores; before 2026-11-29 the call returned 0.39 s after).
+        // The call in flight is cut short ("during …", which only the interrupt reports): here
+        // 6–13 ms after the cancel, at rest, where the frame batch used to run on for 0.4–0.5 s.
+        // The bound is loose for a loaded machine (other tests beside it on 2 cores took 1.5 s);
+        // `tests/interrupt.rs` holds the timing itself.
         let late = ended.saturating_duration_since(asked);
         eprintln!("{msg}: returned {late:?} after the cancel");
         assert!(
-            late.as_secs_f64() < 0.2,
+            late.as_secs_f64() < 3.0,
             "stopped {late:?} after the cancel"
         );
         ok(unsafe { v2l_generator_free(g) });

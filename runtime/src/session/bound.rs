@@ -173,9 +173,16 @@ impl Bound {
                 .map_err(ort_err(ctx))?;
         }
         let flight = super::interrupt::InFlight::start(ort::AsPointer::ptr(&options))?;
-        let outs = session
-            .run_binding_with_options(&set.binding, &options)
-            .map_err(|e| flight.outcome(ort_err(ctx)(e)))?;
+        let outs = match session.run_binding_with_options(&set.binding, &options) {
+            Ok(outs) => outs,
+            Err(e) => {
+                // ONNX Runtime ends a CUDA graph capture even when the run failed (a stop cut
+                // it short): the set captures again under a new graph id next time, never
+                // replaying that partial graph.
+                set.moved = true;
+                return Err(flight.outcome(ort_err(ctx)(e)));
+            }
+        };
         if first {
             // This run's outputs, allocated by ONNX Runtime, are copied once into the set's
             // own buffers, bound from now on.
