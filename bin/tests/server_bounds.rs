@@ -498,6 +498,49 @@ fn a_cancel_or_time_limit_during_the_decode_holds() {
     assert!(end.to_string().contains("timeout"), "{end}");
 }
 
+/// `--job-timeout` counts from the job's start, its LoRA's prediction included: a job whose
+/// 49-frame 480x720 reference clip alone takes seconds to encode ends `failed` (timeout) inside
+/// that encode. The limit used to start with the denoising, after the prediction.
+#[test]
+fn a_time_limit_bounds_the_lora_prediction_too() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let clip = d.path().join("ref.mp4");
+    let o = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .args(["testsrc=size=720x480:rate=8", "-frames:v", "49"])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let form = Form::new()
+        .file("image", image)
+        .text("prompt", PROMPT)
+        .file("reference", std::fs::read(&clip).unwrap())
+        .text("steps", 1)
+        .text("frames", 49)
+        .text("height", 480)
+        .text("width", 720);
+    let s = Server::start(&engine, &d.path().join("state-1s"), &["--job-timeout", "1"]);
+    let c = s.client();
+    let t = Instant::now();
+    let id = accepted(&c, &form);
+    let end = c.wait(&id, Duration::from_secs(300)).unwrap();
+    let took = t.elapsed();
+    eprintln!(
+        "--job-timeout 1, prediction at 49x480x720: ended after {:.2} s",
+        took.as_secs_f64()
+    );
+    assert_eq!(end["state"], "failed", "{end}");
+    assert_eq!(end["error"]["kind"], "timeout", "{end}");
+    assert_eq!(end["step"], 0, "stopped before the first step: {end}");
+    // The prediction alone takes 16 s here (2 cores; `POST /v1/loras`): the job ended in
+    // 1.8 s, where it used to predict, then time out 1 s into the denoising.
+    assert!(took < Duration::from_secs(8), "ended after {took:?}");
+}
+
 /// A DELETE reaches the ONNX Runtime call in flight: sent as soon as the first of three
 /// denoising steps at 25x480x720 (9,458 tokens) is reported, it ends the job `cancelled` at
 /// step 1, the second step cut short within a node. It used to finish that step and stop at

@@ -23,8 +23,8 @@ pub struct RequestLimits {
     pub source_pixels: usize,
     /// Uploads decoded at once at most; more wait their turn.
     pub decodes: usize,
-    /// Wall-clock bound on running one job (checked after each denoising step and each frame
-    /// batch of the VAE's encode of a reference clip and its decode).
+    /// Wall-clock bound on running one job, from its start (its LoRA's prediction included);
+    /// it stops the ONNX Runtime call in flight.
     pub job_timeout: Option<Duration>,
 }
 

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 use v2l_contracts::io::files as files_io;
 
 use v2l_runtime::engine::Engine;
@@ -91,7 +91,7 @@ impl From<RuntimeError> for Stop {
             K::Lora => JobErrorKind::Lora,
             K::OrtUnavailable => JobErrorKind::RuntimeUnavailable,
             K::Runtime => JobErrorKind::Runtime,
-            // Only a DELETE stops a run outside `generate` (which tells a time limit apart).
+            // A DELETE or the time limit: `Bounds::run` says which.
             K::Cancelled => return cancelled(),
         };
         Stop::failed(kind, e.to_string())
@@ -262,8 +262,10 @@ impl Worker {
         let store = &shared.jobs.store;
         let started = Instant::now();
         let mut timings = BTreeMap::new();
+        let jobs = [(id, live)];
+        let bounds = Bounds::new(&jobs, self.deadline(started));
         let outcome = match store.get(id) {
-            Ok(Some(job)) => self.run_record(&job, live, &mut timings),
+            Ok(Some(job)) => self.run_record(&job, &bounds, &mut timings),
             Ok(None) => Err(Stop::failed(
                 JobErrorKind::Internal,
                 "the job vanished from the database",
@@ -333,21 +335,20 @@ impl Worker {
     fn run_record(
         &mut self,
         job: &JobRecord,
-        live: &Live,
+        bounds: &Bounds,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<(), Stop> {
         let dir = self.shared.jobs.store.job_dir(&job.id)?;
-        // A DELETE reaches the ONNX Runtime call in flight (predicting the LoRA, encoding the
-        // prompt), not only the checks between steps.
-        let deleted = || live.cancel.load(Ordering::SeqCst);
-        v2l_runtime::session::interruptible(deleted, || self.run_params(job, &dir, live, timings))
+        // A DELETE or the time limit reaches the ONNX Runtime call in flight (predicting the
+        // LoRA, encoding the prompt), not only the checks between steps.
+        bounds.run(|| self.run_params(job, &dir, bounds, timings))
     }
 
     fn run_params(
         &mut self,
         job: &JobRecord,
         dir: &Path,
-        live: &Live,
+        bounds: &Bounds,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<(), Stop> {
         match &job.params {
@@ -360,7 +361,7 @@ impl Worker {
             }
             JobParams::Video(p) => {
                 let req = self.video_request(&job.id, p, dir, timings, true)?;
-                let gen = self.generate(&[(&job.id, live)], &[req])?;
+                let gen = self.generate(bounds, &[req])?;
                 let gen = gen.into_iter().next().ok_or_else(|| {
                     Stop::failed(JobErrorKind::Internal, "the pipeline returned no video")
                 })?;
@@ -373,6 +374,7 @@ impl Worker {
     /// it would alone, its timings noting the batch size.
     fn run_batch(&mut self, batch: Vec<(String, Arc<Live>)>) {
         let started = Instant::now();
+        let deadline = self.deadline(started);
         let mut ready = Vec::new();
         for (id, live) in batch {
             if let Err(last) = self.start(&id, &live) {
@@ -391,10 +393,9 @@ impl Worker {
                     ));
                 };
                 let dir = self.shared.jobs.store.job_dir(&id)?;
-                let deleted = || live.cancel.load(Ordering::SeqCst);
-                let req = v2l_runtime::session::interruptible(deleted, || {
-                    self.video_request(&id, &p, &dir, &mut timings, false)
-                })?;
+                let one = [(id.as_str(), &*live)];
+                let req = Bounds::new(&one, deadline)
+                    .run(|| self.video_request(&id, &p, &dir, &mut timings, false))?;
                 Ok::<_, Stop>((p, dir, req))
             })();
             match prepared {
@@ -411,7 +412,7 @@ impl Worker {
         let n = ready.len() as f64;
         let lives: Vec<(&str, &Live)> = ready.iter().map(|r| (r.0.as_str(), &*r.1)).collect();
         let reqs: Vec<Request> = ready.iter().map(|r| r.4.clone()).collect();
-        let generated = self.generate(&lives, &reqs);
+        let generated = self.generate(&Bounds::new(&lives, deadline), &reqs);
         drop(lives);
         let mut gens = match generated {
             Ok(g) => g.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -554,61 +555,41 @@ impl Worker {
         Ok(built.request)
     }
 
-    /// Generates `reqs` (one request alone, or a batch), watching every job's cancellation
-    /// and time limit after each step and each frame batch of the VAE ([`Watch`]): a
-    /// batch stops when all its jobs are cancelled, or when one reaches its time limit (all
-    /// bounded alike).
+    /// Generates `reqs` (one request alone, or a batch) within `bounds`, which the pipeline
+    /// checks after each step and each frame batch of the VAE ([`Watch`]) and which reach the
+    /// ONNX Runtime call in flight: a batch stops when all its jobs are cancelled, or when the
+    /// time limit passes (all bounded alike).
     fn generate(
         &mut self,
-        jobs: &[(&str, &Live)],
+        bounds: &Bounds,
         reqs: &[Request],
     ) -> Result<Vec<v2l_runtime::pipeline::Generation>, Stop> {
-        let store = &self.shared.jobs.store;
-        let deadline = self
-            .shared
-            .config
-            .limits
-            .job_timeout
-            // Checked: a deadline past what `Instant` holds is no deadline (the flag is
-            // bounded at a year, a library caller may pass more).
-            .and_then(|t| Instant::now().checked_add(t).map(|d| (t, d)));
         let mut watch = Watch {
-            jobs,
-            store,
-            deadline: deadline.map(|(_, d)| d),
-            timed_out: false,
+            bounds,
+            store: &self.shared.jobs.store,
         };
-        let over = || deadline.is_some_and(|(_, d)| Instant::now() > d);
-        let deleted = || jobs.iter().all(|(_, l)| l.cancel.load(Ordering::SeqCst));
-        // Both reach the ONNX Runtime call in flight (a DiT step is minutes at a real size on a
-        // CPU), besides the watch's checks between steps and frame batches.
         let pipeline = &mut self.pipeline;
-        let result = v2l_runtime::session::interruptible(
-            || over() || deleted(),
-            || match reqs {
-                [one] => pipeline.generate(one, &mut watch).map(|g| vec![g]),
-                many => pipeline.generate_batch(many, &mut watch),
-            },
-        );
-        let timed_out = watch.timed_out || over();
+        let result = bounds.run(|| {
+            Ok(match reqs {
+                [one] => pipeline.generate(one, &mut watch).map(|g| vec![g])?,
+                many => pipeline.generate_batch(many, &mut watch)?,
+            })
+        });
         self.note_factor_cache();
-        let timeout = || {
-            let secs = deadline.map(|(t, _)| t.as_secs()).unwrap_or(0);
-            Stop::failed(
-                JobErrorKind::Timeout,
-                format!("stopped after the job's time limit of {secs} s (--job-timeout)"),
-            )
-        };
         match result {
             // A cancel or the time limit that came after the decode's last check (its last
             // frame batch) still holds, so the job ends as the client was told.
-            Ok(_) if over() => Err(timeout()),
-            Ok(_) if deleted() => Err(cancelled()),
-            Ok(g) => Ok(g),
-            Err(RuntimeError::Cancelled) if timed_out => Err(timeout()),
-            Err(RuntimeError::Cancelled) => Err(cancelled()),
-            Err(e) => Err(e.into()),
+            Ok(_) if bounds.stop() => Err(bounds.why()),
+            r => r,
         }
+    }
+
+    /// When a job started at `started` must end (`--job-timeout`), with the limit.
+    fn deadline(&self, started: Instant) -> Option<(Duration, Instant)> {
+        let limit = self.shared.config.limits.job_timeout?;
+        // Checked: a deadline past what `Instant` holds is no deadline (the flag is bounded at
+        // a year, a library caller may pass more).
+        started.checked_add(limit).map(|d| (limit, d))
     }
 
     /// Step 5: the mp4 (written under a temporary name, then renamed).
@@ -757,28 +738,86 @@ fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
     })
 }
 
+/// A run's bounds: the jobs whose DELETE stops it (all of them, for a batch) and the time
+/// limit, with what stopped it first, so that a DELETE that lands a moment before the limit is
+/// a cancel even if the run returns after the limit has passed.
+struct Bounds<'a> {
+    jobs: &'a [(&'a str, &'a Live)],
+    deadline: Option<(Duration, Instant)>,
+    cause: OnceLock<Cause>,
+}
+
+impl<'a> Bounds<'a> {
+    fn new(jobs: &'a [(&'a str, &'a Live)], deadline: Option<(Duration, Instant)>) -> Self {
+        Bounds {
+            jobs,
+            deadline,
+            cause: OnceLock::new(),
+        }
+    }
+
+    /// Whether the run should stop now (recording why, the first time).
+    fn stop(&self) -> bool {
+        let over = self.deadline.is_some_and(|(_, d)| Instant::now() > d);
+        let deleted = (self.jobs.iter()).all(|(_, l)| l.cancel.load(Ordering::SeqCst));
+        stop_cause(&self.cause, over, deleted)
+    }
+
+    /// How a stopped run ends.
+    fn why(&self) -> Stop {
+        self.stop();
+        match (self.cause.get(), self.deadline) {
+            (Some(Cause::TimeLimit), Some((limit, _))) => Stop::failed(
+                JobErrorKind::Timeout,
+                format!(
+                    "stopped after the job's time limit of {} s (--job-timeout)",
+                    limit.as_secs()
+                ),
+            ),
+            _ => cancelled(),
+        }
+    }
+
+    /// Runs `work` so that a DELETE or the time limit reaches the ONNX Runtime call in flight
+    /// (a DiT step is minutes at a real size on a CPU), and names what stopped it.
+    fn run<R>(&self, work: impl FnOnce() -> Result<R, Stop>) -> Result<R, Stop> {
+        match v2l_runtime::session::interruptible(|| self.stop(), work) {
+            Err(stop) if stop.state == State::Cancelled => Err(self.why()),
+            r => r,
+        }
+    }
+}
+
 /// A generation's jobs, watched by the pipeline: each step's progress stored and published,
 /// and after each frame batch of a reference clip's encode, each step and each frame batch of
-/// the decode, whether the run should stop (every job cancelled, or the time limit passed).
+/// the decode, whether the run should stop ([`Bounds`]).
 struct Watch<'a> {
-    jobs: &'a [(&'a str, &'a Live)],
+    bounds: &'a Bounds<'a>,
     store: &'a crate::store::Store,
-    deadline: Option<Instant>,
-    /// Whether the time limit stopped the run (else a cancel did).
-    timed_out: bool,
 }
 
 impl Watch<'_> {
     fn go_on(&mut self) -> bool {
-        if self.deadline.is_some_and(|d| Instant::now() > d) {
-            self.timed_out = true;
-            return false;
-        }
-        !self
-            .jobs
-            .iter()
-            .all(|(_, l)| l.cancel.load(Ordering::SeqCst))
+        !self.bounds.stop()
     }
+}
+
+/// Why a run stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    TimeLimit,
+    Deleted,
+}
+
+/// Whether to stop, recording the first cause seen (the time limit's if both hold at once).
+fn stop_cause(cause: &OnceLock<Cause>, over: bool, deleted: bool) -> bool {
+    let now = match (over, deleted) {
+        (true, _) => Cause::TimeLimit,
+        (false, true) => Cause::Deleted,
+        (false, false) => return false,
+    };
+    cause.get_or_init(|| now);
+    true
 }
 
 impl v2l_runtime::pipeline::Progress for Watch<'_> {
@@ -787,7 +826,7 @@ impl v2l_runtime::pipeline::Progress for Watch<'_> {
     }
 
     fn step(&mut self, done: usize, of: usize) -> bool {
-        for (id, live) in self.jobs {
+        for (id, live) in self.bounds.jobs {
             live.status.send_modify(|s| {
                 s.step = done;
                 s.steps = of;
@@ -811,5 +850,25 @@ fn cancelled() -> Stop {
             kind: JobErrorKind::Cancelled,
             message: "cancelled by DELETE".into(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_cause_to_stop_a_run_names_it() {
+        let cause = OnceLock::new();
+        assert!(!stop_cause(&cause, false, false));
+        assert_eq!(cause.get(), None);
+        // A DELETE, then the time limit passing while the run winds down: still a cancel.
+        assert!(stop_cause(&cause, false, true));
+        assert!(stop_cause(&cause, true, true));
+        assert_eq!(cause.get(), Some(&Cause::Deleted));
+        let cause = OnceLock::new();
+        assert!(stop_cause(&cause, true, true));
+        assert!(stop_cause(&cause, false, true));
+        assert_eq!(cause.get(), Some(&Cause::TimeLimit));
     }
 }

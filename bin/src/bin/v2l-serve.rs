@@ -122,8 +122,8 @@ struct Args {
     /// Hours an ended job and its result are kept (0: no time limit).
     #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=87600))]
     keep_hours: u64,
-    /// Seconds one job may run, its decode included (checked after each denoising step and
-    /// each frame batch of the VAE's encode of a reference clip and its decode; 0: no limit).
+    /// Seconds one job may run from its start: predicting its LoRA, encoding its prompt,
+    /// denoising and decoding (it stops the ONNX Runtime call in flight; 0: no limit).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=31536000))]
     job_timeout: u64,
 }
