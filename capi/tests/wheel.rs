@@ -173,6 +173,20 @@ except KeyboardInterrupt:
     print("ctrl-c", "stopped", f"{time.monotonic() - asked[0]:.3f}")
 again = generator.generate(small, height=64, width=64, frames=17, prompt=prompt, steps=2, seed=5)
 print("after-ctrl-c", "same" if again.rgb == video.rgb else "differs")
+# An exception from the call itself (ctypes raises before C, say) reaches the caller as
+# itself, not as an IndexError from the helper thread's empty result.
+lib = v2l.library()
+real = lib.v2l_generator_generate
+def broken(*args):
+    raise OSError("the call failed")
+lib.v2l_generator_generate = broken
+try:
+    generator.generate(small, height=64, width=64, frames=17, prompt=prompt, steps=2, seed=5)
+    print("call-error", "missed")
+except OSError as e:
+    print("call-error", "raised", e)
+finally:
+    lib.v2l_generator_generate = real
 print("alive")
 "#;
 
@@ -255,6 +269,10 @@ fn the_wheel_installs_into_a_fresh_venv_and_generates_the_c_abi_frames() {
     eprintln!("Ctrl-C in the decode: KeyboardInterrupt {after} s after");
     assert!(after < 0.5, "KeyboardInterrupt {after} s after Ctrl-C");
     assert!(lines.contains(&"after-ctrl-c same"), "{printed}");
+    assert!(
+        lines.contains(&"call-error raised the call failed"),
+        "{printed}"
+    );
 
     assert!(
         std::fs::read(out.join("video.rgb")).unwrap() == c_abi_frames(&engine, None),

@@ -393,6 +393,8 @@ class Generator(_Handle):
             try:
                 result.append(lib.v2l_generator_generate(
                     self._ptr, ctypes.byref(p), cb, None, out, size.value))
+            except BaseException as e:  # raised here, on the caller's thread
+                result.append(e)
             finally:
                 ended.set()
 
@@ -407,6 +409,8 @@ class Generator(_Handle):
             raise
         worker.join()
         status = result[0]
+        if isinstance(status, BaseException):
+            raise status
         if raised:
             raise raised[0]
         _check(status)
