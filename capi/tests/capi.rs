@@ -807,8 +807,8 @@ unsafe extern "C" fn tell_step(user: *mut c_void, step: u32, _steps: u32) -> i32
     0
 }
 
-/// A cancel that arrives during the VAE decode stops it after the frame batch in hand, with
-/// a message saying so, and writes nothing. Another thread cancels a moment after the last
+/// A cancel that arrives during the VAE decode stops the frame batch in hand, with a message
+/// saying so, and writes nothing. Another thread cancels a moment after the last
 /// step's callback has returned, while a 25-frame 256×256 clip decodes (three frame batches,
 /// seconds on the tiny VAE); a cancel that lands before the decode starts (the check after
 /// the last step) is retried, up to three times.
@@ -859,25 +859,25 @@ fn a_cancel_during_the_decode_stops_it() {
         let msg = last_error();
         assert_eq!(s, V2lStatus::Cancelled, "{msg}");
         assert!(out.iter().all(|&b| b == 0), "nothing is written");
-        if msg.contains("after step 2 of 2") {
+        // Landed between two checks' worth of work (before the decode, or in the moment
+        // between a frame batch's end and its check): try again.
+        if msg.contains("after step 2 of 2") || msg.contains(", after frame batch") {
             messages.push(msg);
             continue;
         }
-        // Stopped before the last batch (300 ms is well inside the first): inside a frame
-        // batch's call, or between two.
+        // The frame batch's call in flight is cut short: "during …", which only the interrupt
+        // reports (without it, the batch ran to its end and the message said "after frame
+        // batch 1 of 3", 0.4–0.5 s after the cancel).
         let stopped = [
             "during its first frame batch",
             "during frame batch 2 of 3",
             "during frame batch 3 of 3",
-            "after frame batch 1 of 3",
-            "after frame batch 2 of 3",
         ]
         .map(|b| format!("cancelled by v2l_generator_cancel in the decode, {b}"));
         assert!(stopped.iter().any(|s| msg.contains(s)), "{msg}");
-        // The call in flight is cut short ("during …", which only the interrupt reports): here
-        // 6–13 ms after the cancel, at rest, where the frame batch used to run on for 0.4–0.5 s.
-        // The bound is loose for a loaded machine (other tests beside it on 2 cores took 1.5 s);
-        // `tests/interrupt.rs` holds the timing itself.
+        // Here 6–13 ms after the cancel, at rest. The bound is loose for a loaded machine
+        // (other tests beside it on 2 cores took 1.5 s); `tests/interrupt.rs` holds the
+        // timing itself.
         let late = ended.saturating_duration_since(asked);
         eprintln!("{msg}: returned {late:?} after the cancel");
         assert!(
@@ -888,7 +888,7 @@ fn a_cancel_during_the_decode_stops_it() {
         ok(unsafe { v2l_engine_free(e) });
         return;
     }
-    panic!("every cancel landed before the decode: {messages:?}");
+    panic!("no cancel landed inside a frame batch: {messages:?}");
 }
 
 /// `generate_with` without the size query (which would fail once the handle is freed).
