@@ -418,6 +418,21 @@ fn slow_downloads_of_a_large_video_are_streamed() {
     drop(readers);
 }
 
+/// A 49-frame 480x720 reference clip (ffmpeg's test pattern) in `dir`: seconds to encode on
+/// the tiny VAE.
+fn reference_clip(dir: &Path) -> PathBuf {
+    let clip = dir.join("ref.mp4");
+    let o = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .args(["testsrc=size=720x480:rate=8", "-frames:v", "49"])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    clip
+}
+
 /// Posts a video job that must be accepted; its id.
 fn accepted(c: &v2l_serve::client::Client, form: &Form) -> String {
     let r = c.post("/v1/videos", form).unwrap();
@@ -500,20 +515,13 @@ fn a_cancel_or_time_limit_during_the_decode_holds() {
 
 /// `--job-timeout` counts from the job's start, its LoRA's prediction included: a job whose
 /// 49-frame 480x720 reference clip alone takes seconds to encode ends `failed` (timeout) inside
-/// that encode. The limit used to start with the denoising, after the prediction.
+/// that encode, and so does a `POST /v1/loras` of that clip. The limit used to start with the
+/// denoising, after the prediction, and not to bound a LoRA's prediction at all.
 #[test]
 fn a_time_limit_bounds_the_lora_prediction_too() {
     let d = tempfile::tempdir().unwrap();
     let engine = common::engine(d.path());
-    let clip = d.path().join("ref.mp4");
-    let o = Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
-        .args(["testsrc=size=720x480:rate=8", "-frames:v", "49"])
-        .args(["-pix_fmt", "yuv420p"])
-        .arg(&clip)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let clip = reference_clip(d.path());
     let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
     let form = Form::new()
         .file("image", image)
@@ -539,6 +547,18 @@ fn a_time_limit_bounds_the_lora_prediction_too() {
     // The prediction alone takes 16 s here (2 cores; `POST /v1/loras`): the job ended in
     // 1.8 s, where it used to predict, then time out 1 s into the denoising.
     assert!(took < Duration::from_secs(8), "ended after {took:?}");
+    // `POST /v1/loras` runs a job of its own, bounded alike (it used to have no limit).
+    let lora = Form::new()
+        .file("reference", std::fs::read(&clip).unwrap())
+        .text("height", 480)
+        .text("width", 720);
+    let t = Instant::now();
+    let r = c.post("/v1/loras", &lora).unwrap();
+    let took = t.elapsed();
+    let body = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 500, "{body}");
+    assert!(body.contains("time limit of 1 s"), "{body}");
+    assert!(took < Duration::from_secs(8), "answered after {took:?}");
 }
 
 /// A DELETE reaches the ONNX Runtime call in flight: sent as soon as the first of three
@@ -592,22 +612,7 @@ fn submit_and_delete_loops_leave_the_state_directory_small() {
     let d = tempfile::tempdir().unwrap();
     let engine = common::engine(d.path());
     let state = d.path().join("state");
-    let clip = d.path().join("ref.mp4");
-    let o = Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=720x480:rate=8",
-        ])
-        .args(["-frames:v", "49", "-pix_fmt", "yuv420p"])
-        .arg(&clip)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let clip = reference_clip(d.path());
     let reference = std::fs::read(&clip).unwrap();
     let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
     let s = Server::start(&engine, &state, &["--queue", "4"]);
