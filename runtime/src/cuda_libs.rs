@@ -117,22 +117,44 @@ pub fn loads_by_name(soname: &str) -> bool {
     !handle.is_null()
 }
 
-/// The current CUDA device's total memory in bytes, from the CUDA runtime ONNX Runtime's
-/// provider has loaded (`cudaMemGetInfo`, on the thread that built the GPU sessions, whose
-/// device the provider set); `None` where no CUDA runtime is loaded or it reports no device.
-pub fn device_total_memory() -> Option<u64> {
+/// CUDA device `device`'s total memory in bytes, from the CUDA runtime ONNX Runtime's provider
+/// has loaded (`cudaMemGetInfo` with that device made current, then the thread's own put
+/// back); `None` where no CUDA runtime is loaded or it reports no such device.
+pub fn device_total_memory(device: i32) -> Option<u64> {
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
-    // SAFETY: a NUL-terminated name looked up in the libraries already loaded.
-    let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"cudaMemGetInfo".as_ptr()) };
-    if sym.is_null() {
-        return None;
+    type GetDevice = unsafe extern "C" fn(*mut i32) -> i32;
+    type SetDevice = unsafe extern "C" fn(i32) -> i32;
+    let find = |name: &std::ffi::CStr| {
+        // SAFETY: a NUL-terminated name looked up in the libraries already loaded.
+        let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        (!sym.is_null()).then_some(sym)
+    };
+    let (mem, get, set) = (
+        find(c"cudaMemGetInfo")?,
+        find(c"cudaGetDevice")?,
+        find(c"cudaSetDevice")?,
+    );
+    // SAFETY: the CUDA runtime's signatures (`cudaError_t` results, 0 is success); each
+    // writes only through the pointers it is given.
+    unsafe {
+        let mem: MemGetInfo = std::mem::transmute::<*mut libc::c_void, MemGetInfo>(mem);
+        let get: GetDevice = std::mem::transmute::<*mut libc::c_void, GetDevice>(get);
+        let set: SetDevice = std::mem::transmute::<*mut libc::c_void, SetDevice>(set);
+        let mut current = 0i32;
+        if get(&mut current) != 0 {
+            return None;
+        }
+        // The thread's device is ONNX Runtime's concern too: switched only for the query.
+        if current != device && set(device) != 0 {
+            return None;
+        }
+        let (mut free, mut total) = (0usize, 0usize);
+        let rc = mem(&mut free, &mut total);
+        if current != device {
+            set(current);
+        }
+        (rc == 0 && total > 0).then_some(total as u64)
     }
-    // SAFETY: `cudaMemGetInfo(size_t *free, size_t *total)` returns a `cudaError_t` (0 is
-    // success) and writes only through the two pointers it is given.
-    let get: MemGetInfo = unsafe { std::mem::transmute::<*mut libc::c_void, MemGetInfo>(sym) };
-    let (mut free, mut total) = (0usize, 0usize);
-    let rc = unsafe { get(&mut free, &mut total) };
-    (rc == 0 && total > 0).then_some(total as u64)
 }
 
 #[cfg(test)]
@@ -140,6 +162,6 @@ mod tests {
     #[test]
     fn device_memory_is_known_only_with_a_cuda_device() {
         // Without a GPU (this project's CI), no CUDA runtime is loaded or it finds no device.
-        assert!(super::device_total_memory().is_none() || super::gpu_present());
+        assert!(super::device_total_memory(0).is_none() || super::gpu_present());
     }
 }

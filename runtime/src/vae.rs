@@ -157,11 +157,13 @@ impl Vae {
             opts,
             !f32 && graphs.decoder != entry.decoder,
         )?;
-        // On a GPU, after its sessions: the provider has set the device whose memory counts.
+        // On a GPU, after its sessions (the CUDA runtime is loaded): the engine's device's
+        // memory counts.
         let tile = match opts.backend.backend {
             crate::backend::Backend::Cpu => Tiling::for_config(&entry.config),
-            _ => Tiling::for_config(&entry.config)
-                .on_gpu_with(crate::cuda_libs::device_total_memory()),
+            _ => Tiling::for_config(&entry.config).on_gpu_with(
+                crate::cuda_libs::device_total_memory(opts.backend.device_id),
+            ),
         };
         Ok(Vae {
             tiling: TilingMode::default(),
