@@ -84,8 +84,9 @@ typedef struct V2lLora V2lLora;
 typedef struct V2lEngineOptions {
   // Intra-op threads of each ONNX Runtime session (0: one per core).
   uint32_t threads;
-  // The GPU a cuda or tensorrt engine's sessions run on, as CUDA numbers them (`nvidia-smi`;
-  // 0: the first). A CPU engine takes 0 only. Every generator of the engine runs there: to
+  // The GPU a cuda or tensorrt engine's sessions run on, as CUDA numbers them (0: the first
+  // after `CUDA_VISIBLE_DEVICES`; `nvidia-smi`'s order where the GPUs are alike, or with
+  // `CUDA_DEVICE_ORDER=PCI_BUS_ID`). A CPU engine takes 0 only. Every generator of the engine runs there: to
   // serve from several GPUs, open the engine once per GPU.
   uint32_t device;
 } V2lEngineOptions;

@@ -95,8 +95,9 @@ impl Engine {
         self.options_on(threads, 0)
     }
 
-    /// [`Engine::session_options`] on GPU `device` (CUDA's numbering, as `nvidia-smi` and
-    /// `CUDA_VISIBLE_DEVICES` give it): one process serving from several GPUs puts each
+    /// [`Engine::session_options`] on GPU `device` (CUDA's numbering, after
+    /// `CUDA_VISIBLE_DEVICES`; `nvidia-smi`'s where the GPUs are alike or
+    /// `CUDA_DEVICE_ORDER=PCI_BUS_ID`): one process serving from several GPUs puts each
     /// pipeline on its own. A CPU engine takes device 0 only; a device the machine lacks is
     /// ONNX Runtime's error when the first session is built.
     pub fn session_options_on(&self, threads: usize, device: u32) -> Result<SessionOptions> {

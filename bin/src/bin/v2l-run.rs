@@ -57,8 +57,9 @@ struct Cli {
     /// CPU threads for ONNX Runtime (0: one per core)
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
-    /// GPU to run a cuda or tensorrt engine on, as CUDA numbers them (`nvidia-smi`); a CPU
-    /// engine takes 0 only
+    /// GPU to run a cuda or tensorrt engine on, as CUDA numbers them (after
+    /// CUDA_VISIBLE_DEVICES; `nvidia-smi`'s order where the GPUs are alike, or with
+    /// CUDA_DEVICE_ORDER=PCI_BUS_ID); a CPU engine takes 0 only
     #[arg(long, global = true, default_value_t = 0, value_name = "N")]
     device: u32,
     #[command(flatten)]

@@ -41,8 +41,9 @@ struct Args {
     /// Default: 1, or one per --devices GPU.
     #[arg(long, value_parser = bounded::<1, 64>)]
     workers: Option<usize>,
-    /// GPUs for a cuda or tensorrt engine's workers, as CUDA numbers them (`nvidia-smi`),
-    /// comma-separated: worker i runs on the i-th, in turn (`--devices 0,1,2,3`: four workers,
+    /// GPUs for a cuda or tensorrt engine's workers, as CUDA numbers them (after
+    /// CUDA_VISIBLE_DEVICES; `nvidia-smi`'s order where the GPUs are alike, or with
+    /// CUDA_DEVICE_ORDER=PCI_BUS_ID), comma-separated: worker i runs on the i-th, in turn (`--devices 0,1,2,3`: four workers,
     /// one per GPU). Default: GPU 0. A CPU engine refuses any but 0.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     devices: Vec<u32>,
