@@ -561,6 +561,48 @@ fn a_time_limit_bounds_the_lora_prediction_too() {
     assert!(took < Duration::from_secs(8), "answered after {took:?}");
 }
 
+/// A DELETE that comes while the mp4 is written (held 3 s by the `slow-mp4` fault point) ends
+/// the job `cancelled`, without its video: the client was told 202. It used to end
+/// `succeeded`.
+#[test]
+fn a_cancel_while_the_mp4_is_written_holds() {
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let image = std::fs::read(common::tiny().join("first_frame.png")).unwrap();
+    let s = Server::start_with(&engine, &d.path().join("state"), &[], |c| {
+        c.env("V2L_FAULT", "slow-mp4");
+    });
+    let c = s.client();
+    let form = Form::new()
+        .file("image", image)
+        .text("prompt", PROMPT)
+        .text("seed", 5)
+        .text("steps", 1);
+    let id = accepted(&c, &form);
+    let t = Instant::now();
+    loop {
+        let j = c.get(&format!("/v1/videos/{id}")).unwrap().json();
+        if j["step"] == 1 {
+            break;
+        }
+        assert!(j["state"] == "queued" || j["state"] == "running", "{j}");
+        assert!(t.elapsed() < Duration::from_secs(120), "{j}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The tiny decode takes milliseconds; the write is held for 3 s after it.
+    std::thread::sleep(Duration::from_secs(1));
+    let del = c.delete(&format!("/v1/videos/{id}")).unwrap();
+    assert_eq!(del.status, 202, "{}", String::from_utf8_lossy(&del.body));
+    let end = c.wait(&id, Duration::from_secs(60)).unwrap();
+    assert_eq!(end["state"], "cancelled", "{end}");
+    assert_eq!(
+        c.get(&format!("/v1/videos/{id}/content")).unwrap().status,
+        409
+    );
+    let video = d.path().join("state/jobs").join(&id).join("video.mp4");
+    assert!(!video.exists(), "{} left", video.display());
+}
+
 /// A DELETE reaches the ONNX Runtime call in flight: sent as soon as the first of three
 /// denoising steps at 25x480x720 (9,458 tokens) is reported, it ends the job `cancelled` at
 /// step 1, the second step cut short within a node. It used to finish that step and stop at

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `worker-panic` | a panic inside the first job a worker runs |
 //! | `worker-exit` | a panic outside any job, after the first: the worker thread ends |
+//! | `slow-mp4` | the first job's mp4 is written 3 s late (a window to cancel it in) |
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;

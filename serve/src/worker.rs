@@ -365,7 +365,7 @@ impl Worker {
                 let gen = gen.into_iter().next().ok_or_else(|| {
                     Stop::failed(JobErrorKind::Internal, "the pipeline returned no video")
                 })?;
-                self.write_video(gen, p, dir, timings)
+                self.write_video(gen, p, dir, bounds, timings)
             }
         }
     }
@@ -428,7 +428,9 @@ impl Worker {
         };
         for ((id, live, p, dir, _, mut timings), gen) in ready.into_iter().zip(gens.drain(..)) {
             timings.insert("batch_size".into(), n);
-            let outcome = gen.and_then(|g| self.write_video(g, &p, &dir, &mut timings));
+            let one = [(id.as_str(), &*live)];
+            let bounds = Bounds::new(&one, deadline);
+            let outcome = gen.and_then(|g| self.write_video(g, &p, &dir, &bounds, &mut timings));
             // A job cancelled while its batch ran is cancelled, whatever the batch did.
             let outcome = match live.cancel.load(Ordering::SeqCst) {
                 true => Err(cancelled()),
@@ -592,18 +594,25 @@ impl Worker {
         started.checked_add(limit).map(|d| (limit, d))
     }
 
-    /// Step 5: the mp4 (written under a temporary name, then renamed).
+    /// Step 5: the mp4 (written under a temporary name, then renamed). A DELETE or the time
+    /// limit that comes while it is written still holds: the job ends as the client was told,
+    /// without its video.
     fn write_video(
         &self,
         gen: v2l_runtime::pipeline::Generation,
         p: &VideoParams,
         dir: &Path,
+        bounds: &Bounds,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<(), Stop> {
         timings.extend(gen.timings.ms.iter().map(|(k, v)| (k.clone(), *v)));
         let t = Instant::now();
+        if crate::fault::once("slow-mp4") {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
         let rgb = v2l_runtime::video::to_rgb8(&gen.frames)?;
-        v2l_runtime::video::write_mp4(&dir.join(VIDEO_FILE), &rgb, p.fps).map_err(|e| {
+        let path = dir.join(VIDEO_FILE);
+        v2l_runtime::video::write_mp4(&path, &rgb, p.fps).map_err(|e| {
             Stop::failed(
                 JobErrorKind::Storage,
                 format!(
@@ -613,6 +622,10 @@ impl Worker {
             )
         })?;
         timings.insert("encode_mp4".into(), ms(t));
+        if bounds.stop() {
+            let _ = std::fs::remove_file(&path);
+            return Err(bounds.why());
+        }
         Ok(())
     }
 
