@@ -379,12 +379,19 @@ fn a_tensorrt_bundle_takes_lora_factors_as_inputs() {
 /// Kept factor inputs (`DitRunner::set_factor_cache`): switching back to a LoRA used before
 /// hands its kept inputs to the session and gives the outputs of laying them out anew, bitwise,
 /// through plain and bound runs, with every layout packed in one buffer (a GPU session's way),
+/// and bound runs over packed inputs (a GPU session's with CUDA graphs),
 /// and after the DiT is cut for step caching; the budget drops the
 /// least recently used; a refused LoRA changes neither the inputs nor what is kept.
 #[test]
 fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
     use v2l_runtime::lora::factors::FactorCacheStats;
     use v2l_runtime::lora::strategy::DitRunner;
+    // Bound runs with packed inputs (views into one buffer) used to hang in ort's copy of a
+    // view, under a lock it already held.
+    let _watchdog = common::watchdog(
+        "kept_factor_inputs_give_the_outputs_of_fresh_ones",
+        std::time::Duration::from_secs(600),
+    );
 
     let d = tempfile::tempdir().unwrap();
     let eng = common::engine(d.path());
@@ -400,6 +407,12 @@ fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
     };
     // A GPU session's way: every layout made in one buffer, each input a view into it.
     let packed = SessionOptions {
+        pack_fixed_inputs: true,
+        ..plain.clone()
+    };
+    // A cuda engine's with CUDA graphs: both.
+    let bound_packed = SessionOptions {
+        bound_runs: true,
         pack_fixed_inputs: true,
         ..plain.clone()
     };
@@ -423,10 +436,11 @@ fn kept_factor_inputs_give_the_outputs_of_fresh_ones() {
         let s = r.factor_cache_stats();
         (s.entries, s.hits, s.misses)
     };
-    for opts in [&plain, &bound, &packed] {
+    for opts in [&plain, &bound, &packed, &bound_packed] {
         let what = match (opts.bound_runs, opts.pack_fixed_inputs) {
-            (true, _) => "bound",
-            (_, true) => "packed",
+            (true, true) => "bound and packed",
+            (true, false) => "bound",
+            (false, true) => "packed",
             _ => "plain",
         };
         let mut r = DitRunner::load(&engine, opts, Strategy::Unfused).unwrap();

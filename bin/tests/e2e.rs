@@ -1610,3 +1610,36 @@ fn a_gpu_device_on_a_cpu_engine_is_refused() {
         .unwrap();
     refused(&o, "loading pipeline 1 (--devices: GPU 1)");
 }
+
+/// `v2l-serve` refuses CUDA graphs with more than one worker, by name, before loading anything:
+/// ONNX Runtime captures in CUDA's global mode, which another worker's GPU work breaks. A cuda
+/// engine, here on a machine without a GPU: the refusal comes before any session is built.
+#[test]
+fn cuda_graphs_with_several_workers_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let eng = engine_with(d.path(), &["--backend", "cuda"]);
+    let serve = |graphs: &str| {
+        Command::new(env!("CARGO_BIN_EXE_v2l-serve"))
+            .arg("--engine")
+            .arg(&eng)
+            .arg("--state-dir")
+            .arg(d.path().join("state"))
+            .args(["--addr", "127.0.0.1:0", "--workers", "2"])
+            .env("V2L_CUDA_OPTIONS", format!("enable_cuda_graph={graphs}"))
+            .output()
+            .unwrap()
+    };
+    let o = serve("1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("--workers 2 with CUDA graphs") && err.contains("enable_cuda_graph=0"),
+        "{err}"
+    );
+    assert!(!err.contains("loading pipeline"), "{err}");
+    // Without them it goes on to load the pipelines (and, without a GPU, fails there).
+    let o = serve("0");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("with CUDA graphs"), "{err}");
+    assert!(err.contains("loading pipeline 0"), "{err}");
+}

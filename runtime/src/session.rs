@@ -505,10 +505,11 @@ impl Model {
                         values::plain(&e.to_string())
                     )
                 });
-                host.views().and_then(|views| {
-                    views
+                // Each from a host value of its own: `to` never returns on a view (`owned`).
+                host.owned().and_then(|values| {
+                    values
                         .into_iter()
-                        .map(|(name, h)| Ok((name, Held::Own(to_device(id, &h)?))))
+                        .map(|(name, v)| Ok((name, Held::Own(to_device(id, &v)?))))
                         .collect()
                 })
             }
@@ -565,7 +566,9 @@ impl Model {
             return Ok(());
         };
         for name in names {
-            let Some(v) = self.fixed.get(name) else {
+            // A view into a packed buffer stays where the buffer is (and `to` never returns
+            // on a view: `packed::Placed::owned`).
+            let Some(v @ Held::Own(_)) = self.fixed.get(name) else {
                 continue;
             };
             let on_device = v
@@ -772,7 +775,8 @@ impl Model {
             Vec::with_capacity(sources.len());
         for (name, source) in sources {
             let value = match source {
-                Source::Carried(v) | Source::Fixed(v) => v.into(),
+                Source::Carried(v) => v.into(),
+                Source::Fixed(v) => (&**v).into(),
                 Source::Host(t) => view(t)
                     .map_err(ort_err(format!("{ctx}: input `{name}`")))?
                     .into(),

@@ -14,6 +14,23 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::worker::{Shared, Worker};
 
+/// Refuses CUDA graphs with more than one worker: ONNX Runtime captures a graph in CUDA's
+/// global capture mode, where another thread's allocation or copy on any GPU during the
+/// capture fails, and fails the capture with it.
+fn check_cuda_graphs_alone(engine: &Engine, workers: usize) -> Result<(), String> {
+    let backend = engine.session_options(0).backend.for_this_process();
+    let graphs = backend.map_err(|e| e.to_string())?.cuda_graph();
+    match graphs && workers > 1 {
+        true => Err(format!(
+            "--workers {workers} with CUDA graphs (enable_cuda_graph=1, from the engine's \
+             bundle.json or V2L_CUDA_OPTIONS): ONNX Runtime captures a graph in CUDA's global \
+             mode, which another worker's GPU work breaks; run one worker a process (a v2l-serve \
+             per GPU), or V2L_CUDA_OPTIONS=enable_cuda_graph=0"
+        )),
+        false => Ok(()),
+    }
+}
+
 /// Runs the server until a shutdown signal; errors are one line for the user.
 pub fn serve(config: Config) -> Result<(), String> {
     if !config.addr.ip().is_loopback() && config.token.is_none() {
@@ -24,6 +41,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     }
     check_state_outside_engine(&config.state_dir, &config.engine)?;
     let engine = Engine::open(&config.engine).map_err(|e| e.to_string())?;
+    check_cuda_graphs_alone(&engine, config.workers)?;
     let facts = EngineFacts::of(&engine)?;
     let (store, recovered) = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
     store.prune(&config.retention).map_err(|e| e.to_string())?;

@@ -248,3 +248,18 @@ impl CheckOn for v2l_runtime::pipeline::RequestParts {
             .unwrap_or_else(|e| panic!("the request is refused: {e}"))
     }
 }
+
+/// Ends the whole test process, naming `what`, unless dropped within `limit`: a deadlock fails
+/// the run instead of hanging it (the harness has no time limit of its own).
+pub struct Watchdog(std::sync::mpsc::Sender<()>);
+
+pub fn watchdog(what: &'static str, limit: std::time::Duration) -> Watchdog {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("{what}: still running after {limit:?}; a deadlock? the process ends");
+            std::process::abort();
+        }
+    });
+    Watchdog(tx)
+}

@@ -11,12 +11,14 @@
 //! path is tested where there is no GPU.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use ort::memory::Allocator;
 use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType};
 
 use super::inputs::Source;
+use super::packed::Held;
 use super::values::{check, from_ort, ort_element_type, ort_err, view};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
@@ -66,6 +68,8 @@ struct Set {
     copied: HashMap<String, u64>,
     /// Fixed inputs bound by reference (no buffer of the set's own): where their data was.
     referenced: HashMap<String, usize>,
+    /// The packed buffers that inputs bound as views point into, kept while bound.
+    kept: HashMap<String, Arc<ort::value::DynValue>>,
     /// An input is bound at another address than the graph captured on this set's id read:
     /// the set takes a new id before its next run.
     moved: bool,
@@ -135,8 +139,13 @@ impl Bound {
                     graph: ctx.to_string(),
                     message: format!("input `{name}` is not a tensor"),
                 })?;
+            // A replayed graph runs none of its kernels' host code, so what a kernel reads on
+            // the host is read once, at the capture: on a device every host-read input's value
+            // selects the set, as the shaping ones do everywhere.
+            let keyed = SHAPING_INPUTS.contains(&name.as_str())
+                || self.device.is_some() && self.reads_on_host(name);
             let value = match source {
-                Source::Host(t) if SHAPING_INPUTS.contains(&name.as_str()) => Some(bits(t)),
+                Source::Host(t) if keyed => Some(bits(t)),
                 _ => None,
             };
             key.push((name.clone(), ty, shape, value));
@@ -235,7 +244,10 @@ impl Bound {
         match source {
             Source::Host(t) => Some((ort_element_type(t)?, dims(&t.shape))),
             Source::Unwritten(ty, shape) => Some((*ty, shape.clone())),
-            Source::Fixed(v) | Source::Carried(v) => {
+            Source::Fixed(v) => {
+                Some((v.dtype().tensor_type()?, v.dtype().tensor_shape()?.to_vec()))
+            }
+            Source::Carried(v) => {
                 Some((v.dtype().tensor_type()?, v.dtype().tensor_shape()?.to_vec()))
             }
             Source::Borrowed(shape, _) => Some((TensorElementType::Float32, dims(shape))),
@@ -313,6 +325,7 @@ impl Bound {
             inputs,
             copied: HashMap::new(),
             referenced: HashMap::new(),
+            kept: HashMap::new(),
             moved: false,
             outputs: None,
             last_used: 0,
@@ -331,19 +344,27 @@ impl Bound {
 
     /// Binds the fixed value `v` as input `name` of set `at` by reference, unless it is bound
     /// already at its generation. A set whose graph read the input elsewhere captures anew.
-    fn bind_reference(
-        &mut self,
-        at: usize,
-        name: &str,
-        v: &ort::value::DynValue,
-    ) -> ort::Result<()> {
+    fn bind_reference(&mut self, at: usize, name: &str, v: &Held) -> ort::Result<()> {
         let generation = self.generation.get(name).copied().unwrap_or(0);
         let set = set_at(&mut self.sets, at)?;
         let address = v.view().downcast::<DynTensorValueType>()?.data_ptr() as usize;
         if set.copied.get(name) == Some(&generation) && set.referenced.get(name) == Some(&address) {
             return Ok(());
         }
-        set.binding.bind_input(name, v)?;
+        match v {
+            // A value that owns its data: ort's binding holds it.
+            Held::Own(value) => {
+                set.binding.bind_input(name, value)?;
+                set.kept.remove(name);
+            }
+            // A view: ort's `bind_input` would copy it (through its identity sessions, under a
+            // lock it takes again: it never returns, ort 2.0.0-rc.15). Bound as it is; the set
+            // keeps the buffer it points into.
+            Held::Part { view, buffer } => {
+                bind_raw(&mut set.binding, name, view)?;
+                set.kept.insert(name.to_string(), buffer.clone());
+            }
+        }
         // A buffer of its own (an earlier source of another kind) goes.
         set.inputs.remove(name);
         let before = set.referenced.insert(name.to_string(), address);
@@ -373,6 +394,7 @@ impl Bound {
             set.binding.bind_input(name, &buffer)?;
             set.inputs.insert(name.to_string(), buffer);
             set.referenced.remove(name);
+            set.kept.remove(name);
             set.copied.remove(name);
             set.moved |= set.outputs.is_some();
         }
@@ -428,8 +450,13 @@ impl Bound {
                 if set.copied.get(name) == Some(&generation) {
                     return Ok(());
                 }
-                c.copy(v, dst)?;
+                c.copy(&***v, dst)?;
                 set.copied.insert(name.to_string(), generation);
+                // A changed value read on the host: a graph captured with the old one would
+                // go on reading it (see the key).
+                if self.device.is_some() && self.host_inputs.iter().any(|h| h == name) {
+                    set.moved |= set.outputs.is_some();
+                }
                 Ok(())
             }
             Source::Unwritten(..) | Source::Output(..) => Ok(()),
@@ -452,21 +479,32 @@ impl Copier {
         src: &ort::value::Value<T>,
         dst: &mut DynTensor,
     ) -> ort::Result<()> {
-        use ort::AsPointer;
         // ort's `bind_input` copies a value that borrows its data (ort 2.0.0-rc.15 through
         // its own identity sessions, under a lock it may already hold): the value is bound
-        // as it is instead, and unbound before this returns.
-        // SAFETY: both pointers are live for the call; ONNX Runtime keeps its own reference
-        // to the value until `clear_inputs`, which runs before `src` can go.
-        let status =
-            unsafe { (ort::api().BindInput)(self.binding.ptr_mut(), c"x".as_ptr(), src.ptr()) };
-        let result = check(status)
+        // as it is instead, and unbound (`clear`) before this returns, before `src` can go.
+        let result = bind_raw(&mut self.binding, "x", src)
             .and_then(|()| self.binding.bind_output("y", dst))
             .and_then(|()| self.session.run_binding(&self.binding).map(drop));
         // On every path: ONNX Runtime records a name before a bind can fail.
         self.binding.clear();
         result
     }
+}
+
+/// Binds `value` as input `name` as it is, where ort's `bind_input` would copy a value that
+/// borrows its data. ONNX Runtime keeps its own reference to the value (not to the data it
+/// borrows) until the input is bound again or cleared; the caller keeps the data alive.
+fn bind_raw<T: ort::value::ValueTypeMarker + ?Sized>(
+    binding: &mut IoBinding,
+    name: &str,
+    value: &ort::value::Value<T>,
+) -> ort::Result<()> {
+    use ort::AsPointer;
+    let name =
+        std::ffi::CString::new(name).map_err(|_| ort::Error::new("an input name with a NUL"))?;
+    // SAFETY: both pointers are live for the call; ONNX Runtime copies the name and takes its
+    // own reference to the value.
+    check(unsafe { (ort::api().BindInput)(binding.ptr_mut(), name.as_ptr(), value.ptr()) })
 }
 
 /// Set `at` of `sets` (a place just found or made).

@@ -31,8 +31,9 @@ pub(super) enum Source<'a> {
     Unwritten(TensorElementType, Vec<i64>),
     /// A host tensor given for this run.
     Host(&'a Tensor),
-    /// A fixed input (a bound run copies it in only when its generation changed).
-    Fixed(&'a DynValue),
+    /// A fixed input (a bound run copies it in only when its generation changed, or binds
+    /// it where it is).
+    Fixed(&'a super::packed::Held),
     /// f32 data borrowed for this run.
     Borrowed(&'a [usize], &'a [f32]),
 }
@@ -74,9 +75,8 @@ pub(super) fn sources<'a>(
             sources.push((name.to_string(), Source::Borrowed(shape, data)));
         }
     }
-    let mut extra: Vec<(&String, &DynValue)> = fixed
+    let mut extra: Vec<(&String, &super::packed::Held)> = fixed
         .iter()
-        .map(|(name, v)| (name, &**v))
         .filter(|(name, _)| !names.contains(name) && !borrowed.iter().any(|(n, _, _)| n == name))
         .collect();
     extra.sort_by_key(|(name, _)| *name);

@@ -26,7 +26,7 @@ pub enum Held {
     /// before the buffer it points into.
     Part {
         view: DynValueRefMut<'static>,
-        _buffer: Arc<DynValue>,
+        buffer: Arc<DynValue>,
     },
 }
 
@@ -161,6 +161,39 @@ impl Placed {
         })
     }
 
+    /// Each input as a host value of its own, copied out of a host buffer. ort's `Tensor::to`
+    /// cannot move a view (2.0.0-rc.15 copies a value that borrows its data through its own
+    /// identity sessions, under a lock it already holds: it never returns), so inputs moved
+    /// one by one are made from these.
+    pub(super) fn owned(&self) -> ort::Result<Vec<(String, DynValue)>> {
+        let (_, words) = self.buffer.try_extract_tensor::<u64>()?;
+        let bytes: &[u8] = bytemuck::cast_slice(words);
+        self.entries
+            .iter()
+            .map(|e| {
+                let raw = bytes
+                    .get(e.at..e.at + e.bytes)
+                    .ok_or_else(|| ort::Error::new("a packed input past its buffer's end"))?;
+                let shape: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
+                let value = match e.dtype {
+                    DType::F16 => {
+                        let v: Vec<half::f16> = bytemuck::pod_collect_to_vec(raw);
+                        OrtTensor::from_array((shape, v))?.into_dyn()
+                    }
+                    DType::BF16 => {
+                        let v: Vec<half::bf16> = bytemuck::pod_collect_to_vec(raw);
+                        OrtTensor::from_array((shape, v))?.into_dyn()
+                    }
+                    _ => {
+                        let v: Vec<f32> = bytemuck::pod_collect_to_vec(raw);
+                        OrtTensor::from_array((shape, v))?.into_dyn()
+                    }
+                };
+                Ok((e.name.clone(), value))
+            })
+            .collect()
+    }
+
     /// A view into the buffer per input, each holding the buffer.
     pub(super) fn views(self) -> ort::Result<Vec<(String, Held)>> {
         let tensor = self
@@ -175,7 +208,7 @@ impl Placed {
             .map(|e| {
                 let shape = ort::value::Shape::from(e.shape.as_slice());
                 // SAFETY: `base + at` starts `bytes` bytes of the buffer (laid out by `new`),
-                // which the view's `_buffer` keeps alive for as long as the view, and the
+                // which the view's `buffer` keeps alive for as long as the view, and the
                 // element type and shape describe exactly those bytes.
                 let view = unsafe {
                     let p = base.add(e.at).cast();
@@ -191,7 +224,7 @@ impl Placed {
                 };
                 let held = Held::Part {
                     view,
-                    _buffer: self.buffer.clone(),
+                    buffer: self.buffer.clone(),
                 };
                 Ok((e.name, held))
             })
@@ -228,7 +261,24 @@ mod tests {
             let (_, words) = v.try_extract_tensor::<u64>()?;
             Ok(OrtTensor::from_array((vec![words.len() as i64], words.to_vec()))?.into_dyn())
         };
-        let held = host.moved(copy).unwrap().views().unwrap();
+        let moved = host.moved(copy).unwrap();
+        // Owned copies, as inputs moved one by one are made: the same values, and ort's `to`
+        // returns on them (on a view it never did).
+        let owned = moved.owned().unwrap();
+        let names: Vec<&str> = owned.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        let b = owned[1].1.try_extract_tensor::<half::bf16>().unwrap();
+        assert_eq!(b.0.to_vec(), [2, 5]);
+        assert_eq!(b.1[9].to_f32(), 19.0);
+        let a = owned[0]
+            .1
+            .view()
+            .downcast::<ort::value::DynTensorValueType>()
+            .unwrap()
+            .to(ort::memory::AllocationDevice::CPU, 0)
+            .unwrap();
+        assert_eq!(a.try_extract_tensor::<f32>().unwrap().1, [0.0, 1.0, 2.0]);
+        let held = moved.views().unwrap();
         let names: Vec<&str> = held.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["a", "b", "c", "d"]);
         let a = held[0].1.try_extract_tensor::<f32>().unwrap();
