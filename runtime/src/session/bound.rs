@@ -29,6 +29,11 @@ use crate::tensor::Tensor;
 /// replayed for the other.
 const SHAPING_INPUTS: [&str; 1] = ["first_batch"];
 
+/// At most this many CUDA graphs captured per session: ONNX Runtime keeps each for the
+/// session's life, and a set takes a new id whenever an input it reads by reference moves (a
+/// LoRA switch does), so a long-lived server would grow without end. Beyond it, runs go plain.
+const MAX_GRAPHS: i32 = 64;
+
 /// At most this many sets of buffers per session; the oldest goes first. A set's graph id is
 /// never reused: ONNX Runtime would replay the graph captured on the dropped set's buffers.
 const MAX_SETS: usize = 8;
@@ -45,6 +50,8 @@ pub(super) struct Bound {
     /// input): their buffers are on the host, or ONNX Runtime would bind a copy made once.
     host_inputs: Vec<String>,
     next_id: i32,
+    /// Whether [`MAX_GRAPHS`] was reached and said.
+    said_spent: bool,
     /// Each fixed input's generation, bumped whenever it is set or rewritten: a set copies a
     /// fixed input into its buffer again only when it has changed.
     generation: HashMap<String, u64>,
@@ -100,6 +107,7 @@ impl Bound {
             device,
             host_inputs: inputs_on_host(session)?,
             next_id: 1,
+            said_spent: false,
             generation: HashMap::new(),
             tick: 0,
             alloc,
@@ -176,7 +184,14 @@ impl Bound {
         let first = set.outputs.is_none();
         let mut options = RunOptions::new().map_err(ort_err(ctx))?;
         if self.device.is_some() {
-            let id = if first { -1 } else { set.id };
+            let spent = set.id > MAX_GRAPHS;
+            if spent && !std::mem::replace(&mut self.said_spent, true) {
+                eprintln!(
+                    "v2l: {ctx}: {MAX_GRAPHS} CUDA graphs captured (ONNX Runtime keeps each \
+                     for the session's life); later input sets run without one"
+                );
+            }
+            let id = if first || spent { -1 } else { set.id };
             options
                 .set("gpu_graph_id", id.to_string())
                 .map_err(ort_err(ctx))?;
