@@ -97,6 +97,16 @@ pub struct SessionOptions {
     pub pack_fixed_inputs: bool,
 }
 
+impl SessionOptions {
+    /// Whether sessions made with these options run through bound buffers: asked for
+    /// ([`SessionOptions::bound_runs`]), or a cuda engine capturing CUDA graphs (its
+    /// `bundle.json` or `V2L_CUDA_OPTIONS`; an unreadable variable is the session build's
+    /// error, not this one's).
+    pub fn runs_bound(&self) -> bool {
+        self.bound_runs || (self.backend.for_this_process()).is_ok_and(|b| b.cuda_graph())
+    }
+}
+
 /// An ONNX model ready to run on the CPU backend.
 pub struct Model {
     path: PathBuf,

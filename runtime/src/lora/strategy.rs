@@ -557,7 +557,7 @@ impl DitLoad {
 fn factor_ranks(max: Option<usize>, opts: &SessionOptions) -> Ranks {
     use crate::backend::Backend;
     let pad = match opts.backend.backend {
-        Backend::Cuda => opts.bound_runs,
+        Backend::Cuda => opts.runs_bound(),
         Backend::Cpu | Backend::TensorRt => true,
     };
     Ranks { max, pad }
@@ -685,6 +685,10 @@ mod tests {
                 "{backend:?}, bound {bound}"
             );
         }
+        // CUDA graphs from the engine's own options: its sessions run bound, so they pad too.
+        let mut from_bundle = opts(Backend::Cuda, false);
+        (from_bundle.backend.cuda).insert("enable_cuda_graph".into(), "1".into());
+        assert!(factor_ranks(Some(64), &from_bundle).pad);
         let plain = factor_ranks(Some(64), &opts(Backend::Cuda, false));
         let graphs = factor_ranks(Some(64), &opts(Backend::Cuda, true));
         assert_eq!((plain.of(1), graphs.of(1)), (Ok(1), Ok(64)));
