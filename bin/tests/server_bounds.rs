@@ -433,6 +433,20 @@ fn reference_clip(dir: &Path) -> PathBuf {
     clip
 }
 
+/// Waits until job `id` reports its first denoising step done.
+fn until_step_1(c: &v2l_serve::client::Client, id: &str) {
+    let t = Instant::now();
+    loop {
+        let j = c.get(&format!("/v1/videos/{id}")).unwrap().json();
+        if j["step"] == 1 {
+            return;
+        }
+        assert!(j["state"] == "queued" || j["state"] == "running", "{j}");
+        assert!(t.elapsed() < Duration::from_secs(120), "{j}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Posts a video job that must be accepted; its id.
 fn accepted(c: &v2l_serve::client::Client, form: &Form) -> String {
     let r = c.post("/v1/videos", form).unwrap();
@@ -579,16 +593,7 @@ fn a_cancel_while_the_mp4_is_written_holds() {
         .text("seed", 5)
         .text("steps", 1);
     let id = accepted(&c, &form);
-    let t = Instant::now();
-    loop {
-        let j = c.get(&format!("/v1/videos/{id}")).unwrap().json();
-        if j["step"] == 1 {
-            break;
-        }
-        assert!(j["state"] == "queued" || j["state"] == "running", "{j}");
-        assert!(t.elapsed() < Duration::from_secs(120), "{j}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    until_step_1(&c, &id);
     // The tiny decode takes milliseconds; the write is held for 3 s after it.
     std::thread::sleep(Duration::from_secs(1));
     let del = c.delete(&format!("/v1/videos/{id}")).unwrap();
@@ -622,16 +627,7 @@ fn a_cancel_during_a_step_stops_it() {
         .text("height", 480)
         .text("width", 720);
     let id = accepted(&c, &form);
-    let t = Instant::now();
-    loop {
-        let j = c.get(&format!("/v1/videos/{id}")).unwrap().json();
-        if j["step"] == 1 {
-            break;
-        }
-        assert!(j["state"] == "queued" || j["state"] == "running", "{j}");
-        assert!(t.elapsed() < Duration::from_secs(120), "{j}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    until_step_1(&c, &id);
     let del = c.delete(&format!("/v1/videos/{id}")).unwrap();
     assert_eq!(del.status, 202, "{}", String::from_utf8_lossy(&del.body));
     let t = Instant::now();
