@@ -412,7 +412,8 @@ impl Worker {
         let n = ready.len() as f64;
         let lives: Vec<(&str, &Live)> = ready.iter().map(|r| (r.0.as_str(), &*r.1)).collect();
         let reqs: Vec<Request> = ready.iter().map(|r| r.4.clone()).collect();
-        let generated = self.generate(&Bounds::new(&lives, deadline), &reqs);
+        let bounds = Bounds::new(&lives, deadline);
+        let generated = bounds.run(|| self.generate(&bounds, &reqs));
         drop(lives);
         let mut gens = match generated {
             Ok(g) => g.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -558,9 +559,9 @@ impl Worker {
     }
 
     /// Generates `reqs` (one request alone, or a batch) within `bounds`, which the pipeline
-    /// checks after each step and each frame batch of the VAE ([`Watch`]) and which reach the
-    /// ONNX Runtime call in flight: a batch stops when all its jobs are cancelled, or when the
-    /// time limit passes (all bounded alike).
+    /// checks after each step and each frame batch of the VAE ([`Watch`]); run it under
+    /// [`Bounds::run`] so they reach the ONNX Runtime call in flight too. A batch stops when
+    /// all its jobs are cancelled, or when the time limit passes (all bounded alike).
     fn generate(
         &mut self,
         bounds: &Bounds,
@@ -570,18 +571,17 @@ impl Worker {
             bounds,
             store: &self.shared.jobs.store,
         };
-        let pipeline = &mut self.pipeline;
-        let result = bounds.run(|| {
-            Ok(match reqs {
-                [one] => pipeline.generate(one, &mut watch).map(|g| vec![g])?,
-                many => pipeline.generate_batch(many, &mut watch)?,
-            })
-        });
+        let result = match reqs {
+            [one] => self.pipeline.generate(one, &mut watch).map(|g| vec![g]),
+            many => self.pipeline.generate_batch(many, &mut watch),
+        }
+        .map_err(Stop::from);
         self.note_factor_cache();
         match result {
             // A cancel or the time limit that came after the decode's last check (its last
             // frame batch) still holds, so the job ends as the client was told.
             Ok(_) if bounds.stop() => Err(bounds.why()),
+            Err(stop) if stop.state == State::Cancelled => Err(bounds.why()),
             r => r,
         }
     }

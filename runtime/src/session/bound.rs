@@ -256,15 +256,14 @@ impl Bound {
 
     fn source_type(&self, source: &Source<'_>) -> Option<(TensorElementType, Vec<i64>)> {
         let dims = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
+        let tensor = |v: &ort::value::DynValue| {
+            Some((v.dtype().tensor_type()?, v.dtype().tensor_shape()?.to_vec()))
+        };
         match source {
             Source::Host(t) => Some((ort_element_type(t)?, dims(&t.shape))),
             Source::Unwritten(ty, shape) => Some((*ty, shape.clone())),
-            Source::Fixed(v) => {
-                Some((v.dtype().tensor_type()?, v.dtype().tensor_shape()?.to_vec()))
-            }
-            Source::Carried(v) => {
-                Some((v.dtype().tensor_type()?, v.dtype().tensor_shape()?.to_vec()))
-            }
+            Source::Fixed(v) => tensor(v),
+            Source::Carried(v) => tensor(v),
             Source::Borrowed(shape, _) => Some((TensorElementType::Float32, dims(shape))),
             Source::Output(id, name) => {
                 let set = self.sets.iter().find(|s| s.id == *id)?;
