@@ -1127,6 +1127,8 @@ fn huge_server_flags_are_refused_when_parsed() {
         "--max-upload-mb",
         "--lora-cache-mb",
         "--factor-cache-mb",
+        "--keep-loras",
+        "--keep-lora-mb",
     ] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
         c.arg("--engine")
@@ -1147,6 +1149,7 @@ fn huge_server_flags_are_refused_when_parsed() {
         "--max-connections",
         "--header-timeout",
         "--queue",
+        "--keep-loras",
     ] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-serve"));
         c.arg("--engine").arg(d.path()).args([flag, "0"]);

@@ -16,6 +16,8 @@ use crate::common;
 pub(crate) struct Server {
     child: Child,
     base: String,
+    /// What it printed before it listened.
+    start_log: Vec<String>,
     log: std::sync::mpsc::Receiver<String>,
 }
 
@@ -48,6 +50,7 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
+        let mut start_log = Vec::new();
         loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(60))
@@ -57,9 +60,11 @@ impl Server {
                 return Server {
                     child,
                     base,
+                    start_log,
                     log: rx,
                 };
             }
+            start_log.push(line);
         }
     }
 
@@ -80,7 +85,8 @@ impl Server {
     pub(crate) fn terminate(mut self) -> (i32, String) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
-        let log: Vec<String> = self.log.try_iter().collect();
+        let mut log = std::mem::take(&mut self.start_log);
+        log.extend(self.log.try_iter());
         (status.code().unwrap_or(-1), log.join("\n"))
     }
 
@@ -1009,4 +1015,85 @@ fn a_re_exported_model_does_not_reuse_cached_loras() {
         "a re-exported model's LoRA came from the cache"
     );
     assert_ne!(first, changed);
+}
+
+/// Stored LoRAs are bounded (`--keep-loras`): beyond it the least recently used goes (a
+/// download or a job naming one is a use), at once and at the next start; `DELETE
+/// /v1/loras/{id}` removes one, but not while a job that names it is queued or running.
+#[test]
+fn stored_loras_beyond_keep_loras_go_least_recently_used_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let state = tmp.path().join("state");
+    // Three LoRA files with their own ids: the fixture's factors scaled by 1, 2 and 3.
+    let base = v2l_runtime::lora::format::read(&common::tiny().join(LORA_FILE), None).unwrap();
+    let file = |k: f32| {
+        let mut l = base.clone();
+        for layer in &mut l.layers {
+            let a: Vec<f32> = layer.a.to_f32().iter().map(|x| x * k).collect();
+            layer.a = v2l_runtime::lora::format::Factor::from_f32(layer.a.shape, &a);
+        }
+        let p = tmp.path().join(format!("lora{k}.safetensors"));
+        v2l_runtime::lora::format::write(&p, &l, v2l_runtime::lora::format::LoraFormat::Diffusers)
+            .unwrap();
+        std::fs::read(p).unwrap()
+    };
+    let s = Server::start(&engine, &state, &["--keep-loras", "2"]);
+    let c = s.client();
+    let upload = |k: f32| {
+        let r = c
+            .post("/v1/loras", &Form::new().file("lora", file(k)))
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["lora_id"].as_str().unwrap().to_string()
+    };
+    let status = |id: &str| c.get(&format!("/v1/loras/{id}")).unwrap().status;
+    let (a, b) = (upload(1.0), upload(2.0));
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(status(&a), 200); // a is now used more recently than b
+    std::thread::sleep(Duration::from_millis(20));
+    let c3 = upload(3.0);
+    assert_eq!((status(&a), status(&b), status(&c3)), (200, 404, 200));
+    // A job naming the deleted id is refused before it is queued, as any unknown id.
+    let job = choice(0, 2).0.text("lora_id", &b);
+    let r = c.post("/v1/videos", &job).unwrap();
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["field"], "lora_id");
+
+    // A job that names `a` keeps it from DELETE until the job has ended.
+    let long = choice(0, 50).0.text("lora_id", &a);
+    let r = c.post("/v1/videos", &long).unwrap();
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let job_id = r.json()["id"].as_str().unwrap().to_string();
+    let refused = c.delete(&format!("/v1/loras/{a}")).unwrap();
+    assert_eq!(
+        refused.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.json()["error"]["kind"], "lora_in_use");
+    c.delete(&format!("/v1/videos/{job_id}")).unwrap();
+    let ended = c.wait(&job_id, Duration::from_secs(120)).unwrap();
+    assert_eq!(ended["state"], "cancelled", "{ended}");
+    let deleted = c.delete(&format!("/v1/loras/{a}")).unwrap();
+    assert_eq!(deleted.status, 200);
+    assert_eq!(deleted.json()["state"], "deleted");
+    assert_eq!(status(&a), 404);
+    assert_eq!(c.delete(&format!("/v1/loras/{a}")).unwrap().status, 404);
+    assert_eq!(c.delete("/v1/loras/..%2Fjobs").unwrap().status, 404);
+
+    // At the next start the bound applies to what is stored: c3, then a again (newest).
+    let a = upload(1.0);
+    drop(c);
+    s.terminate();
+    let s = Server::start(&engine, &state, &["--keep-loras", "1"]);
+    let c = s.client();
+    let status = |id: &str| c.get(&format!("/v1/loras/{id}")).unwrap().status;
+    assert_eq!((status(&a), status(&c3)), (200, 404));
+    let (_, log) = s.terminate();
+    assert!(
+        log.contains("deleted 1 least recently used stored LoRA"),
+        "{log}"
+    );
 }

@@ -30,7 +30,7 @@ use crate::error::{ApiError, ErrorKindTag};
 use crate::form::{self, LoraRequest};
 use crate::jobs::{Cancelled, EnqueueError, Slot, Snapshot};
 use crate::metrics::Gauges;
-use crate::store::{JobParams, JobRecord, Kind, State as JobState};
+use crate::store::{JobParams, JobRecord, Kind, LoraDeleted, State as JobState};
 use crate::worker::{Shared, IMAGE_FILE, PROMPT_FILE, REFERENCE_FILE, VIDEO_FILE};
 
 /// The router's state: what the workers share, and the shutdown signal (open event streams and
@@ -51,7 +51,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/videos/{id}/events", get(video_events))
         .route("/v1/videos/{id}/content", get(video_content))
         .route("/v1/loras", axum::routing::post(submit_lora))
-        .route("/v1/loras/{id}", get(download_lora))
+        .route("/v1/loras/{id}", get(download_lora).delete(delete_lora))
         .layer(DefaultBodyLimit::max(upload_limit))
         .layer(middleware::from_fn_with_state(app.clone(), authorize));
     Router::new()
@@ -327,16 +327,20 @@ fn keep_lora(
     id: &str,
     lora: Arc<v2l_runtime::lora::format::Lora>,
 ) -> Result<(), ApiError> {
-    let path = app.shared.jobs.store.lora_path(id);
-    if !path.exists() {
+    let store = &app.shared.jobs.store;
+    let new = !store.use_lora(id);
+    if new {
         v2l_runtime::lora::format::write(
-            &path,
+            &store.lora_path(id),
             &lora,
             v2l_runtime::lora::format::LoraFormat::Diffusers,
         )
         .map_err(ApiError::internal)?;
     }
     app.shared.cache.insert(id, lora);
+    if new {
+        app.shared.prune_loras(id);
+    }
     Ok(())
 }
 
@@ -378,7 +382,7 @@ async fn checked<'a, T: Send + 'static>(
             &shared.facts,
             &shared.config.limits,
             &scratch,
-            &|id| store.lora_path(id).exists(),
+            &|id| store.use_lora(id),
         )
     })
     .await?;
@@ -688,8 +692,9 @@ async fn download_lora(
         if !form::is_id(&id) {
             return Err(ApiError::not_found("LoRA"));
         }
-        let path = app.shared.jobs.store.lora_path(&id);
-        let bytes = match tokio::fs::read(&path).await {
+        let store = &app.shared.jobs.store;
+        store.use_lora(&id);
+        let bytes = match tokio::fs::read(store.lora_path(&id)).await {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ApiError::not_found("LoRA"))
@@ -706,6 +711,28 @@ async fn download_lora(
             headers.insert(header::CONTENT_DISPOSITION, v);
         }
         Ok((headers, bytes).into_response())
+    }
+}
+
+/// Deletes a stored LoRA (its file and its cache entry): `200`, then `404`; `409` while a
+/// queued or running job names it.
+async fn delete_lora(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if !form::is_id(&id) {
+        return Err(ApiError::not_found("LoRA"));
+    }
+    let (shared, lid) = (app.shared.clone(), id.clone());
+    let deleted = blocking(move || Ok(shared.jobs.store.delete_lora(&lid)?)).await?;
+    match deleted {
+        LoraDeleted::Deleted => {
+            app.shared.cache.remove(&id);
+            Ok(Json(json!({"lora_id": id, "state": "deleted"})).into_response())
+        }
+        LoraDeleted::InUse => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "lora_in_use",
+            "a queued or running job uses this LoRA; delete it once that job has ended",
+        )),
+        LoraDeleted::Unknown => Err(ApiError::not_found("LoRA")),
     }
 }
 

@@ -119,6 +119,14 @@ impl LoraCache {
         }
     }
 
+    /// Forgets `key` (its stored file was deleted: the id is gone).
+    pub fn remove(&self, key: &str) {
+        let mut inner = self.inner();
+        if let Some(e) = inner.map.remove(key) {
+            inner.bytes -= e.bytes;
+        }
+    }
+
     /// `(entries, bytes)` held.
     pub fn usage(&self) -> (usize, u64) {
         let inner = self.inner();
@@ -166,6 +174,10 @@ mod tests {
         assert_eq!(c.usage(), (2, 88));
         c.insert("a", lora(10)); // replacing does not double count
         assert_eq!(c.usage(), (2, 88));
+        c.remove("a");
+        c.remove("never");
+        assert!(c.get("a").is_none());
+        assert_eq!(c.usage(), (1, 44));
     }
 
     #[test]

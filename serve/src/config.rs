@@ -67,8 +67,9 @@ pub struct Config {
     /// Host names (beyond IP literals and `localhost`) a request's `Host` and a browser's
     /// `Origin` may name (`--allow-host`): a DNS-rebinding page names its own domain.
     pub allowed_hosts: Vec<String>,
-    /// Ended jobs kept, by count and age (`--keep-jobs`, `--keep-hours`); pruned at start and
-    /// whenever a job ends.
+    /// Ended jobs kept, by count and age (`--keep-jobs`, `--keep-hours`), pruned at start and
+    /// whenever a job ends; stored LoRAs, by count and bytes (`--keep-loras`,
+    /// `--keep-lora-mb`), pruned at start and whenever one is stored.
     pub retention: crate::store::Retention,
     /// Connections served at once; more wait in the kernel's accept backlog.
     pub connections: usize,

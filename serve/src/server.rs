@@ -45,6 +45,15 @@ pub fn serve(config: Config) -> Result<(), String> {
     let facts = EngineFacts::of(&engine)?;
     let (store, recovered) = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
     store.prune(&config.retention).map_err(|e| e.to_string())?;
+    let gone = store
+        .prune_loras(&config.retention, None)
+        .map_err(|e| e.to_string())?;
+    if !gone.is_empty() {
+        eprintln!(
+            "v2l-serve: deleted {} least recently used stored LoRA(s) (--keep-loras, --keep-lora-mb)",
+            gone.len()
+        );
+    }
     if !recovered.interrupted.is_empty() {
         eprintln!(
             "v2l-serve: {} job(s) were running when the last process stopped; marked failed",

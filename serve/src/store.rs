@@ -255,12 +255,25 @@ fn own(dir: &Path) -> Result<std::fs::File> {
     Ok(f)
 }
 
-/// How many ended jobs, and for how long, the state directory keeps (`--keep-jobs`,
-/// `--keep-hours`); `None`: no bound of that kind.
+/// What the state directory keeps; `None`: no bound of that kind. Ended jobs by count and
+/// age (`--keep-jobs`, `--keep-hours`); stored LoRAs by count and bytes (`--keep-loras`,
+/// `--keep-lora-mb`), the least recently used going first and none a queued or running job
+/// names.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Retention {
     pub jobs: Option<usize>,
     pub age: Option<std::time::Duration>,
+    pub loras: Option<usize>,
+    pub lora_bytes: Option<u64>,
+}
+
+/// What [`Store::delete_lora`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraDeleted {
+    Deleted,
+    /// A queued or running job names it: kept.
+    InUse,
+    Unknown,
 }
 
 /// A job's decoded inputs, written when it is accepted and read only by its run.
@@ -437,6 +450,129 @@ impl Store {
     /// Where LoRA `id` is stored (it may not be).
     pub fn lora_path(&self, id: &str) -> PathBuf {
         self.dir.join("loras").join(format!("{id}.safetensors"))
+    }
+
+    /// Marks stored LoRA `id` used now (its file's modification time, which outlives the
+    /// process), so [`Store::prune_loras`] keeps it longest; false when it is not stored.
+    pub fn use_lora(&self, id: &str) -> bool {
+        let path = self.lora_path(id);
+        let touched = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        match touched {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            // Read-only files still serve; they only age as if unused.
+            Err(e) => {
+                eprintln!("v2l-serve: stored LoRA {id}: its use not recorded: {e}");
+                path.exists()
+            }
+        }
+    }
+
+    /// The LoRA ids queued and running jobs name: to run with, or to predict and store.
+    fn loras_in_use(&self) -> Result<std::collections::HashSet<String>> {
+        let conn = self.conn()?;
+        let mut st =
+            conn.prepare("SELECT kind, params FROM jobs WHERE state IN ('queued', 'running')")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut ids = std::collections::HashSet::new();
+        for row in rows {
+            let (kind, text) = row?;
+            let kind = if kind == "lora" {
+                Kind::Lora
+            } else {
+                Kind::Video
+            };
+            match JobParams::from_record(kind, &text) {
+                Ok(JobParams::Lora(p)) => {
+                    ids.insert(p.id);
+                }
+                Ok(JobParams::Video(p)) => match p.lora {
+                    crate::params::LoraChoice::Stored { id, .. }
+                    | crate::params::LoraChoice::Reference { id, .. } => {
+                        ids.insert(id);
+                    }
+                    crate::params::LoraChoice::None => {}
+                },
+                // Such a job fails when it runs (`get` names why); it names nothing to keep.
+                Err(_) => {}
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Stored LoRAs as `(id, bytes, last use)`, the most recently used first.
+    fn stored_loras(&self) -> Result<Vec<(String, u64, std::time::SystemTime)>> {
+        let dir = self.dir.join("loras");
+        let io = |source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        };
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Temporary siblings (`.v2l-*`) are being written.
+            let Some(id) = name
+                .strip_suffix(".safetensors")
+                .filter(|_| !name.starts_with('.'))
+            else {
+                continue;
+            };
+            // Gone since the listing: another prune or a DELETE.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            all.push((id.to_string(), meta.len(), used));
+        }
+        all.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+        Ok(all)
+    }
+
+    /// Deletes stored LoRAs beyond `keep.loras` and `keep.lora_bytes`, the least recently
+    /// used first ([`Store::use_lora`]), but none a queued or running job names, nor
+    /// `just_stored` (one larger than the bound, about to be named by its job); those count
+    /// toward the bounds. The ids deleted.
+    pub fn prune_loras(&self, keep: &Retention, just_stored: Option<&str>) -> Result<Vec<String>> {
+        if keep.loras.is_none() && keep.lora_bytes.is_none() {
+            return Ok(Vec::new());
+        }
+        let stored = self.stored_loras()?;
+        let in_use = self.loras_in_use()?;
+        let (mut count, mut bytes) = (0usize, 0u64);
+        let mut gone = Vec::new();
+        for (id, len, _) in stored {
+            let fits = keep.loras.is_none_or(|n| count < n)
+                && keep.lora_bytes.is_none_or(|b| bytes + len <= b);
+            if fits || in_use.contains(&id) || just_stored == Some(id.as_str()) {
+                count += 1;
+                bytes += len;
+                continue;
+            }
+            let path = self.lora_path(&id);
+            match std::fs::remove_file(&path) {
+                Ok(()) => gone.push(id),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Io { path, source }),
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Deletes stored LoRA `id`, unless a queued or running job names it.
+    pub fn delete_lora(&self, id: &str) -> Result<LoraDeleted> {
+        if self.loras_in_use()?.contains(id) {
+            return Ok(LoraDeleted::InUse);
+        }
+        let path = self.lora_path(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(LoraDeleted::Deleted),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LoraDeleted::Unknown),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
     }
 
     pub fn insert(&self, job: &JobRecord) -> Result<()> {
@@ -814,5 +950,79 @@ mod tests {
             (Some("abc"), Some(true))
         );
         assert_eq!(s.counts().unwrap()["failed"], 1);
+    }
+
+    /// A stored LoRA of `bytes` bytes, last used `age_s` seconds ago.
+    fn stored(s: &Store, id: &str, bytes: usize, age_s: u64) {
+        let path = s.lora_path(id);
+        std::fs::write(&path, vec![0u8; bytes]).unwrap();
+        let when = std::time::SystemTime::now() - std::time::Duration::from_secs(age_s);
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(when).unwrap();
+    }
+
+    fn kept(s: &Store) -> Vec<String> {
+        s.stored_loras().unwrap().into_iter().map(|l| l.0).collect()
+    }
+
+    #[test]
+    fn stored_loras_go_least_recently_used_first_but_never_one_a_job_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(dir.path()).unwrap();
+        for (i, id) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+            stored(&s, id, 100, 100 * (i as u64 + 1)); // a newest, e oldest
+        }
+        // A file being written is not a stored LoRA.
+        std::fs::write(dir.path().join("loras/.v2l-tmp.safetensors"), b"x").unwrap();
+        assert!(s.use_lora("d"), "d is stored; now the most recently used");
+        assert!(!s.use_lora("zz"));
+        let unbounded = Retention::default();
+        assert!(s.prune_loras(&unbounded, None).unwrap().is_empty());
+        assert_eq!(kept(&s), ["d", "a", "b", "c", "e"]);
+
+        // A queued job names c (to run with), a running one e (to predict and store).
+        let mut with_c = VideoParams::sample();
+        with_c.lora = crate::params::LoraChoice::Stored {
+            id: "c".into(),
+            scale: 1.0,
+        };
+        s.insert(&JobRecord::queued("j1", JobParams::Video(with_c)))
+            .unwrap();
+        let predict_e = crate::params::LoraParams {
+            id: "e".into(),
+            weight: 1.0,
+        };
+        s.insert(&JobRecord::queued("j2", JobParams::Lora(predict_e)))
+            .unwrap();
+        s.start("j2").unwrap();
+        let two = Retention {
+            loras: Some(2),
+            ..Retention::default()
+        };
+        assert_eq!(s.prune_loras(&two, None).unwrap(), ["b"]);
+        assert_eq!(kept(&s), ["d", "a", "c", "e"]);
+        assert_eq!(s.delete_lora("c").unwrap(), LoraDeleted::InUse);
+
+        // Once the jobs end, what they named goes like any other.
+        s.finish("j2", State::Succeeded, &BTreeMap::new(), None)
+            .unwrap();
+        assert!(s.cancel_queued("j1").unwrap());
+        assert_eq!(s.prune_loras(&two, None).unwrap(), ["c", "e"]);
+        assert_eq!(kept(&s), ["d", "a"]);
+
+        // Bytes: 150 keeps one file of 100.
+        let bytes = Retention {
+            lora_bytes: Some(150),
+            ..Retention::default()
+        };
+        assert_eq!(s.prune_loras(&bytes, None).unwrap(), ["a"]);
+        assert_eq!(s.delete_lora("d").unwrap(), LoraDeleted::Deleted);
+        assert_eq!(s.delete_lora("d").unwrap(), LoraDeleted::Unknown);
+        // One larger than the bound stays while it is the one just stored.
+        stored(&s, "big", 400, 0);
+        assert!(s.prune_loras(&bytes, Some("big")).unwrap().is_empty());
+        assert_eq!(s.prune_loras(&bytes, None).unwrap(), ["big"]);
+        assert!(kept(&s).is_empty());
+        assert!(dir.path().join("loras/.v2l-tmp.safetensors").exists());
     }
 }

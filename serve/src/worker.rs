@@ -47,6 +47,29 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Applies the stored LoRAs' retention (`--keep-loras`, `--keep-lora-mb`) after `stored`
+    /// was stored; a deleted id leaves the cache too, so no later request finds it.
+    pub fn prune_loras(&self, stored: &str) {
+        match self
+            .jobs
+            .store
+            .prune_loras(&self.config.retention, Some(stored))
+        {
+            Ok(gone) => {
+                for id in &gone {
+                    self.cache.remove(id);
+                }
+                if !gone.is_empty() {
+                    eprintln!(
+                        "v2l-serve: deleted {} least recently used stored LoRA(s) (--keep-loras, --keep-lora-mb)",
+                        gone.len()
+                    );
+                }
+            }
+            Err(e) => eprintln!("v2l-serve: pruning stored LoRAs: {e}"),
+        }
+    }
+
     /// Every worker's kept factor inputs, summed.
     pub fn factor_cache(&self) -> FactorCacheStats {
         let all = self.factor_caches.lock().unwrap_or_else(|p| p.into_inner());
@@ -631,6 +654,7 @@ impl Worker {
 
     /// A stored LoRA by id: the cache, else its file (then cached). `(lora, from cache)`.
     fn stored_lora(&self, id: &str) -> Result<(Arc<Lora>, bool), Stop> {
+        self.shared.jobs.store.use_lora(id);
         match self.shared.cache.get(id) {
             Some(l) => Ok((l, true)),
             None => self.load_stored(id).map(|l| (l, false)),
@@ -668,19 +692,22 @@ impl Worker {
         weight: f32,
         dir: &Path,
     ) -> Result<(Arc<Lora>, bool), Stop> {
+        let store = &self.shared.jobs.store;
         if let Some(l) = self.shared.cache.get(id) {
+            store.use_lora(id);
             return Ok((l, true));
         }
-        let path = self.shared.jobs.store.lora_path(id);
-        if path.exists() {
+        if store.use_lora(id) {
             return self.load_stored(id).map(|l| (l, false));
         }
+        let path = store.lora_path(id);
         let clip = crate::store::load_frames(&dir.join(REFERENCE_FILE))?;
         let prediction = self.pipeline.predict(&clip, weight)?;
         let lora = Arc::new(prediction.lora);
         v2l_runtime::lora::format::write(&path, &lora, LoraFormat::Diffusers)
             .map_err(RuntimeError::from)?;
         self.shared.cache.insert(id, lora.clone());
+        self.shared.prune_loras(id);
         Ok((lora, false))
     }
 

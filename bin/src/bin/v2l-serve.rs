@@ -123,6 +123,14 @@ struct Args {
     /// Hours an ended job and its result are kept (0: no time limit).
     #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=87600))]
     keep_hours: u64,
+    /// Stored LoRAs kept (what `lora_id`s name, under `<state-dir>/loras`); beyond that the
+    /// least recently used are deleted, never one a queued or running job names (DELETE
+    /// /v1/loras/{id} removes one at any time).
+    #[arg(long, default_value_t = 1000, value_parser = bounded::<1, 10000000>)]
+    keep_loras: usize,
+    /// Megabytes of stored LoRAs kept, the least recently used deleted first (0: no limit).
+    #[arg(long, default_value_t = 51200, value_parser = clap::value_parser!(u64).range(0..=1u64 << 30))]
+    keep_lora_mb: u64,
     /// Seconds one job may run from its start: predicting its LoRA, encoding its prompt,
     /// denoising and decoding (it stops the ONNX Runtime call in flight; 0: no limit).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=31536000))]
@@ -215,6 +223,8 @@ fn run(a: Args) -> Result<(), String> {
         retention: v2l_serve::store::Retention {
             jobs: Some(a.keep_jobs),
             age: (a.keep_hours > 0).then(|| Duration::from_secs(a.keep_hours * 3600)),
+            loras: Some(a.keep_loras),
+            lora_bytes: (a.keep_lora_mb > 0).then(|| a.keep_lora_mb << 20),
         },
         limits: RequestLimits {
             frames: a.max_frames,
