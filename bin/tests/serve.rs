@@ -1054,6 +1054,11 @@ fn stored_loras_beyond_keep_loras_go_least_recently_used_first() {
     std::thread::sleep(Duration::from_millis(20));
     let c3 = upload(3.0);
     assert_eq!((status(&a), status(&b), status(&c3)), (200, 404, 200));
+    let metrics = String::from_utf8(c.get("/metrics").unwrap().body).unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "v2l_stored_loras 2"),
+        "{metrics}"
+    );
     // A job naming the deleted id is refused before it is queued, as any unknown id.
     let job = choice(0, 2).0.text("lora_id", &b);
     let r = c.post("/v1/videos", &job).unwrap();

@@ -798,6 +798,7 @@ async fn metrics(State(app): State<App>) -> Response {
         factor_cache: s.factor_cache(),
         jobs: s.jobs.store.counts().unwrap_or_default(),
         state_bytes: s.jobs.store.size_bytes(),
+        stored_loras: s.jobs.store.lora_usage(),
         workers: s.workers.load(std::sync::atomic::Ordering::SeqCst),
     };
     (

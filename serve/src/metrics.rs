@@ -56,6 +56,8 @@ pub struct Gauges {
     pub jobs: BTreeMap<String, u64>,
     /// Bytes under `--state-dir`.
     pub state_bytes: u64,
+    /// Stored LoRAs (`<state>/loras`) and their bytes, against `--keep-loras`/`--keep-lora-mb`.
+    pub stored_loras: (usize, u64),
     /// Worker threads still taking jobs.
     pub workers: usize,
 }
@@ -94,7 +96,7 @@ impl Metrics {
     pub fn render(&self, g: &Gauges) -> String {
         let inner = self.inner();
         let mut s = String::new();
-        let scalars: [(&str, &str, &str, String); 13] = [
+        let scalars: [(&str, &str, &str, String); 15] = [
             (
                 "v2l_queue_depth",
                 "Jobs waiting for a worker.",
@@ -136,6 +138,18 @@ impl Metrics {
                 "Bytes under --state-dir: the job database, results, stored LoRAs.",
                 "gauge",
                 g.state_bytes.to_string(),
+            ),
+            (
+                "v2l_stored_loras",
+                "LoRAs stored under --state-dir (bounded by --keep-loras).",
+                "gauge",
+                g.stored_loras.0.to_string(),
+            ),
+            (
+                "v2l_stored_lora_bytes",
+                "Bytes of stored LoRAs (bounded by --keep-lora-mb).",
+                "gauge",
+                g.stored_loras.1.to_string(),
             ),
             (
                 "v2l_lora_cache_hits_total",
@@ -266,6 +280,7 @@ mod tests {
             },
             jobs: BTreeMap::from([("queued".to_string(), 2)]),
             state_bytes: 4096,
+            stored_loras: (3, 300),
             workers: 1,
         });
         for line in [
@@ -274,6 +289,8 @@ mod tests {
             "v2l_factor_cache_hits_total 7",
             "v2l_factor_cache_bytes 1024",
             "v2l_state_dir_bytes 4096",
+            "v2l_stored_loras 3",
+            "v2l_stored_lora_bytes 300",
             "v2l_jobs{state=\"queued\"} 2",
             "v2l_errors_total{kind=\"bad_field\"} 2",
             "v2l_http_responses_total{route=\"/v1/videos\",status=\"202\"} 1",

@@ -532,6 +532,12 @@ impl Store {
         Ok(all)
     }
 
+    /// How many LoRAs are stored, and their bytes (for `/metrics`).
+    pub fn lora_usage(&self) -> (usize, u64) {
+        let all = self.stored_loras().unwrap_or_default();
+        (all.len(), all.iter().map(|l| l.1).sum())
+    }
+
     /// Deletes stored LoRAs beyond `keep.loras` and `keep.lora_bytes`, the least recently
     /// used first ([`Store::use_lora`]), but none a queued or running job names, nor
     /// `just_stored` (one larger than the bound, about to be named by its job); those count
@@ -974,6 +980,7 @@ mod tests {
         }
         // A file being written is not a stored LoRA.
         std::fs::write(dir.path().join("loras/.v2l-tmp.safetensors"), b"x").unwrap();
+        assert_eq!(s.lora_usage(), (5, 500));
         assert!(s.use_lora("d"), "d is stored; now the most recently used");
         assert!(!s.use_lora("zz"));
         let unbounded = Retention::default();
@@ -1024,5 +1031,6 @@ mod tests {
         assert_eq!(s.prune_loras(&bytes, None).unwrap(), ["big"]);
         assert!(kept(&s).is_empty());
         assert!(dir.path().join("loras/.v2l-tmp.safetensors").exists());
+        assert_eq!(s.lora_usage(), (0, 0));
     }
 }
