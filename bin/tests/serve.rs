@@ -1020,6 +1020,7 @@ fn a_re_exported_model_does_not_reuse_cached_loras() {
 /// Stored LoRAs are bounded (`--keep-loras`): beyond it the least recently used goes (a
 /// download or a job naming one is a use), at once and at the next start; `DELETE
 /// /v1/loras/{id}` removes one, but not while a job that names it is queued or running.
+/// `GET /v1/loras` and `GET /v1/videos` list them, bad parameters named.
 #[test]
 fn stored_loras_beyond_keep_loras_go_least_recently_used_first() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1059,6 +1060,18 @@ fn stored_loras_beyond_keep_loras_go_least_recently_used_first() {
         metrics.lines().any(|l| l == "v2l_stored_loras 2"),
         "{metrics}"
     );
+    // The listing: most recently used first, the next to go last.
+    let listed = c.get("/v1/loras").unwrap().json();
+    let ids: Vec<&str> = listed["loras"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["lora_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [c3.as_str(), a.as_str()], "{listed}");
+    assert_eq!(listed["total"], 2);
+    let page = c.get("/v1/loras?limit=1&offset=1").unwrap().json();
+    assert_eq!(page["loras"][0]["lora_id"], a.as_str(), "{page}");
     // A job naming the deleted id is refused before it is queued, as any unknown id.
     let job = choice(0, 2).0.text("lora_id", &b);
     let r = c.post("/v1/videos", &job).unwrap();
@@ -1081,6 +1094,21 @@ fn stored_loras_beyond_keep_loras_go_least_recently_used_first() {
     c.delete(&format!("/v1/videos/{job_id}")).unwrap();
     let ended = c.wait(&job_id, Duration::from_secs(120)).unwrap();
     assert_eq!(ended["state"], "cancelled", "{ended}");
+    let listed = c.get("/v1/videos?state=cancelled").unwrap().json();
+    assert_eq!(listed["total"], 1, "{listed}");
+    assert_eq!(listed["videos"][0]["id"], job_id.as_str());
+    assert_eq!(c.get("/v1/videos?state=queued").unwrap().json()["total"], 0);
+    for (query, field) in [
+        ("state=nope", "state"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("offset=-1", "offset"),
+        ("bogus=1", "bogus"),
+    ] {
+        let r = c.get(&format!("/v1/videos?{query}")).unwrap();
+        assert_eq!(r.status, 400, "{query}");
+        assert_eq!(r.json()["error"]["field"], field, "{query}");
+    }
     let deleted = c.delete(&format!("/v1/loras/{a}")).unwrap();
     assert_eq!(deleted.status, 200);
     assert_eq!(deleted.json()["state"], "deleted");

@@ -3,19 +3,23 @@
 //! | route | what |
 //! |---|---|
 //! | `POST /v1/videos` | multipart job → `202 {id}`; `429` + `Retry-After` when the queue is full |
+//! | `GET /v1/videos` | the video jobs' states, newest first (`state`, `limit`, `offset`) |
 //! | `GET /v1/videos/{id}` | state, progress, timings, error |
 //! | `GET /v1/videos/{id}/events` | server-sent progress events until the job ends |
 //! | `GET /v1/videos/{id}/content` | the mp4 |
 //! | `DELETE /v1/videos/{id}` | cancels (queued: at once; running: after the current step) |
 //! | `POST /v1/loras` | reference clip → predicted LoRA, or an uploaded LoRA file → `lora_id` |
+//! | `GET /v1/loras` | the stored LoRAs, most recently used first (`limit`, `offset`) |
 //! | `GET /v1/loras/{id}` | the LoRA as a diffusers/PEFT safetensors file |
+//! | `DELETE /v1/loras/{id}` | deletes a stored LoRA (`409` while a job names it) |
 //! | `/healthz`, `/readyz`, `/metrics`, `/openapi.json` | probes, Prometheus text, the API document |
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::multipart::{Multipart, MultipartRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -46,11 +50,17 @@ pub struct App {
 pub fn router(app: App) -> Router {
     let upload_limit = app.shared.config.limits.upload_bytes;
     let v1 = Router::new()
-        .route("/v1/videos", axum::routing::post(submit_video))
+        .route(
+            "/v1/videos",
+            axum::routing::post(submit_video).get(list_videos),
+        )
         .route("/v1/videos/{id}", get(video_status).delete(cancel_video))
         .route("/v1/videos/{id}/events", get(video_events))
         .route("/v1/videos/{id}/content", get(video_content))
-        .route("/v1/loras", axum::routing::post(submit_lora))
+        .route(
+            "/v1/loras",
+            axum::routing::post(submit_lora).get(list_loras),
+        )
         .route("/v1/loras/{id}", get(download_lora).delete(delete_lora))
         .layer(DefaultBodyLimit::max(upload_limit))
         .layer(middleware::from_fn_with_state(app.clone(), authorize));
@@ -468,6 +478,109 @@ fn status_body(job: &JobRecord) -> serde_json::Value {
         }
     }
     v
+}
+
+/// The most a listing gives at once (`limit`), and what it gives unasked.
+const LIST_MAX: usize = 1000;
+const LIST_DEFAULT: usize = 100;
+
+/// A listing's query: only `allowed` parameters; `limit` (1–[`LIST_MAX`]) and `offset`
+/// read here. Anything else is a `400` naming the parameter.
+fn listing(
+    query: Result<Query<std::collections::BTreeMap<String, String>>, QueryRejection>,
+    allowed: &[&str],
+) -> Result<(std::collections::BTreeMap<String, String>, usize, usize), ApiError> {
+    let q = query
+        .map_err(|e| ApiError::field("query", e.body_text()))?
+        .0;
+    if let Some(k) = q
+        .keys()
+        .find(|k| !allowed.contains(&k.as_str()) && !["limit", "offset"].contains(&k.as_str()))
+    {
+        return Err(ApiError::field(k, "not a parameter of this listing"));
+    }
+    let number = |name: &str, default: usize, range: std::ops::RangeInclusive<usize>| {
+        let Some(v) = q.get(name) else {
+            return Ok(default);
+        };
+        v.parse::<usize>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                ApiError::field(
+                    name,
+                    format!(
+                        "`{v}`: an integer from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            })
+    };
+    let limit = number("limit", LIST_DEFAULT, 1..=LIST_MAX)?;
+    let offset = number("offset", 0, 0..=i64::MAX as usize)?;
+    Ok((q, limit, offset))
+}
+
+/// `GET /v1/videos`: each video job's status as `GET /v1/videos/{id}` gives it, newest first.
+async fn list_videos(
+    State(app): State<App>,
+    query: Result<Query<std::collections::BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (q, limit, offset) = listing(query, &["state"])?;
+    let state = match q.get("state") {
+        None => None,
+        Some(s) => Some(JobState::named(s).ok_or_else(|| {
+            ApiError::field(
+                "state",
+                format!("`{s}`: one of queued, running, succeeded, failed, cancelled"),
+            )
+        })?),
+    };
+    let shared = app.shared.clone();
+    let body = blocking(move || {
+        let jobs = &shared.jobs;
+        let (ids, total) = jobs.store.list(Kind::Video, state, limit, offset)?;
+        let mut videos = Vec::with_capacity(ids.len());
+        for id in &ids {
+            // Deleted since the listing: left out.
+            if let Some(j) = jobs.record(id)? {
+                videos.push(status_body(&j));
+            }
+        }
+        Ok(json!({"videos": videos, "total": total, "limit": limit, "offset": offset}))
+    })
+    .await?;
+    Ok(Json(body).into_response())
+}
+
+/// `GET /v1/loras`: the stored LoRAs, most recently used first (the last to be deleted by
+/// `--keep-loras` and `--keep-lora-mb`).
+async fn list_loras(
+    State(app): State<App>,
+    query: Result<Query<std::collections::BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (_, limit, offset) = listing(query, &[])?;
+    let shared = app.shared.clone();
+    let body = blocking(move || {
+        let all = shared.jobs.store.loras()?;
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        };
+        let loras: Vec<_> = all
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|(id, bytes, used)| {
+                json!({"lora_id": id, "bytes": bytes, "last_used": unix(*used), "url": format!("/v1/loras/{id}")})
+            })
+            .collect();
+        Ok(json!({"loras": loras, "total": all.len(), "limit": limit, "offset": offset}))
+    })
+    .await?;
+    Ok(Json(body).into_response())
 }
 
 async fn video_status(

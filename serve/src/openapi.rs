@@ -50,6 +50,10 @@ pub fn document(d: &Described) -> Value {
         .collect();
     let steps = json!({"type": "integer", "minimum": 1, "maximum": limits.steps.min(facts.scheduler_steps), "default": defaults.steps});
     let bad = error_response("A bad field: `error.field` names it.");
+    let page_params = [
+        json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}),
+        json!({"name": "offset", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "default": 0}}),
+    ];
     let not_found = error_response("No such id.");
     let full = json!({
         "description": "The queue is full; retry after `Retry-After` seconds.",
@@ -60,6 +64,28 @@ pub fn document(d: &Described) -> Value {
     let timeout = error_response("The body did not arrive within --body-timeout.");
     let lora_links = json!({"GetLora": {"operationId": "getLora", "parameters": {"id": "$response.body#/lora_id"}}});
     let lora_created = json!({"description": "The LoRA's id.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoraId"}}}, "links": lora_links});
+    let job_list = json!({"type": "object", "required": ["videos", "total", "limit", "offset"], "properties": {
+        "videos": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+        "total": {"type": "integer", "description": "Jobs matching, in all pages."},
+        "limit": {"type": "integer"}, "offset": {"type": "integer"}}});
+    let lora_list = json!({"type": "object", "required": ["loras", "total", "limit", "offset"], "properties": {
+        "loras": {"type": "array", "items": {"type": "object", "required": ["lora_id", "bytes", "last_used"], "properties": {
+            "lora_id": {"type": "string"}, "bytes": {"type": "integer"},
+            "last_used": {"type": "number", "description": "Unix seconds: when a request last named it (a job, an upload, a download)."},
+            "url": {"type": "string"}}}},
+        "total": {"type": "integer"}, "limit": {"type": "integer"}, "offset": {"type": "integer"}}});
+    let list_videos = json!({
+        "operationId": "listVideos",
+        "summary": "The video jobs, newest first, each as getVideo gives it: ended ones until --keep-jobs and --keep-hours delete them.",
+        "parameters": [
+            {"name": "state", "in": "query", "required": false, "schema": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]}},
+            page_params[0].clone(), page_params[1].clone()],
+        "responses": {"200": {"description": "A page of jobs.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobList"}}}}, "400": bad.clone()}});
+    let list_loras = json!({
+        "operationId": "listLoras",
+        "summary": "The stored LoRAs, most recently used first (the least recently used are deleted first, beyond --keep-loras and --keep-lora-mb).",
+        "parameters": [page_params[0].clone(), page_params[1].clone()],
+        "responses": {"200": {"description": "A page of LoRAs.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoraList"}}}}, "400": bad.clone()}});
     let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
@@ -161,6 +187,11 @@ pub fn document(d: &Described) -> Value {
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
         }
     });
+    // Outside the one `json!` above, which is at the macro's recursion limit.
+    doc["components"]["schemas"]["JobList"] = job_list;
+    doc["components"]["schemas"]["LoraList"] = lora_list;
+    doc["paths"]["/v1/videos"]["get"] = list_videos;
+    doc["paths"]["/v1/loras"]["get"] = list_loras;
     if !facts.pipeline.takes_image() {
         // A text-to-video engine (Wan T2V) takes no first frame, and refuses one.
         let form = doc

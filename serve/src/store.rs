@@ -53,6 +53,20 @@ impl State {
         }
     }
 
+    /// The state `name` names, if any (`parse` reads the store's own, where anything else is
+    /// a failure).
+    pub fn named(name: &str) -> Option<State> {
+        [
+            State::Queued,
+            State::Running,
+            State::Succeeded,
+            State::Failed,
+            State::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
+
     pub fn is_final(self) -> bool {
         matches!(self, State::Succeeded | State::Failed | State::Cancelled)
     }
@@ -532,6 +546,11 @@ impl Store {
         Ok(all)
     }
 
+    /// Stored LoRAs as `(id, bytes, last use)`, the most recently used first (`GET /v1/loras`).
+    pub fn loras(&self) -> Result<Vec<(String, u64, std::time::SystemTime)>> {
+        self.stored_loras()
+    }
+
     /// How many LoRAs are stored, and their bytes (for `/metrics`).
     pub fn lora_usage(&self) -> (usize, u64) {
         let all = self.stored_loras().unwrap_or_default();
@@ -664,6 +683,36 @@ impl Store {
             lora_cached: cached,
             params,
         }))
+    }
+
+    /// Ids of the jobs of `kind` (in `state`, if given), newest first: `limit` of them from
+    /// `offset`, and how many there are in all.
+    pub fn list(
+        &self,
+        kind: Kind,
+        state: Option<State>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<String>, u64)> {
+        let kind = serde_json::to_string(&kind)?;
+        let (kind, state) = (kind.trim_matches('"'), state.map(State::name));
+        let conn = self.conn()?;
+        let total: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE kind = ?1 AND (?2 IS NULL OR state = ?2)",
+            params![kind, state],
+            |r| r.get(0),
+        )?;
+        let mut st = conn.prepare(
+            "SELECT id FROM jobs WHERE kind = ?1 AND (?2 IS NULL OR state = ?2)
+             ORDER BY created_at DESC, id DESC LIMIT ?3 OFFSET ?4",
+        )?;
+        let ids = st.query_map(params![kind, state, limit as i64, offset as i64], |r| {
+            r.get(0)
+        })?;
+        Ok((
+            ids.collect::<std::result::Result<_, _>>()?,
+            total.max(0) as u64,
+        ))
     }
 
     /// `queued` → `running`; false if the job is no longer queued (cancelled meanwhile).
@@ -931,6 +980,40 @@ mod tests {
             JobParams::Video(VideoParams::sample())
         );
         assert!(s.get("zzz").unwrap().is_none());
+    }
+
+    #[test]
+    fn jobs_are_listed_newest_first_by_kind_and_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(dir.path()).unwrap();
+        for (i, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            let mut j = job(id);
+            j.created_at = i as f64;
+            s.insert(&j).unwrap();
+        }
+        let lora = crate::params::LoraParams {
+            id: "x".into(),
+            weight: 1.0,
+        };
+        s.insert(&JobRecord::queued("l", JobParams::Lora(lora)))
+            .unwrap();
+        s.start("b").unwrap();
+        let ids = |v: (Vec<String>, u64)| (v.0, v.1);
+        let all = |state, limit, offset| ids(s.list(Kind::Video, state, limit, offset).unwrap());
+        assert_eq!(
+            all(None, 10, 0),
+            (vec!["d".into(), "c".into(), "b".into(), "a".into()], 4)
+        );
+        assert_eq!(all(None, 2, 1), (vec!["c".into(), "b".into()], 4));
+        assert_eq!(all(Some(State::Running), 10, 0), (vec!["b".into()], 1));
+        assert_eq!(all(Some(State::Failed), 10, 0), (vec![], 0));
+        assert_eq!(all(None, 10, 9), (vec![], 4));
+        assert_eq!(
+            ids(s.list(Kind::Lora, None, 10, 0).unwrap()),
+            (vec!["l".into()], 1)
+        );
+        assert_eq!(State::named("running"), Some(State::Running));
+        assert_eq!(State::named("bogus"), None);
     }
 
     #[test]
