@@ -34,7 +34,7 @@ use crate::error::{ApiError, ErrorKindTag};
 use crate::form::{self, LoraRequest};
 use crate::jobs::{Cancelled, EnqueueError, Slot, Snapshot};
 use crate::metrics::Gauges;
-use crate::store::{JobParams, JobRecord, Kind, LoraDeleted, State as JobState};
+use crate::store::{JobParams, JobRecord, Kind, LoraDeleted, LoraPin, State as JobState};
 use crate::worker::{Shared, IMAGE_FILE, PROMPT_FILE, REFERENCE_FILE, VIDEO_FILE};
 
 /// The router's state: what the workers share, and the shutdown signal (open event streams and
@@ -331,38 +331,49 @@ fn scratch(app: &App) -> Result<std::path::PathBuf, ApiError> {
     Ok(d)
 }
 
-/// Keeps an uploaded LoRA: stored (diffusers format) and cached.
-fn keep_lora(
+/// Keeps an uploaded LoRA: stored (diffusers format) and cached, and held from pruning and
+/// DELETE until the pin drops (once its job is queued, or its id answered).
+async fn keep_lora(
     app: &App,
     id: &str,
     lora: Arc<v2l_runtime::lora::format::Lora>,
-) -> Result<(), ApiError> {
-    let store = &app.shared.jobs.store;
-    let new = !store.use_lora(id);
-    if new {
-        v2l_runtime::lora::format::write(
-            &store.lora_path(id),
-            &lora,
-            v2l_runtime::lora::format::LoraFormat::Diffusers,
-        )
-        .map_err(ApiError::internal)?;
-    }
-    app.shared.cache.insert(id, lora);
-    if new {
-        app.shared.prune_loras(id);
-    }
-    Ok(())
+) -> Result<LoraPin, ApiError> {
+    let (shared, id) = (app.shared.clone(), id.to_string());
+    blocking(move || {
+        let store = &shared.jobs.store;
+        let (pin, new) = match store.pin_lora(&id) {
+            Some(pin) => (pin, false),
+            None => {
+                let pin = store.pin_new_lora(&id);
+                v2l_runtime::lora::format::write(
+                    &store.lora_path(&id),
+                    &lora,
+                    v2l_runtime::lora::format::LoraFormat::Diffusers,
+                )
+                .map_err(ApiError::internal)?;
+                (pin, true)
+            }
+        };
+        shared.cache.insert(&id, lora);
+        if new {
+            shared.prune_loras();
+        }
+        Ok(pin)
+    })
+    .await
 }
 
 /// Reads a multipart form with `fields` within the body timeout and checks it off the async
 /// threads with `check` (`form::video` or `form::lora`: both decode uploads, at most
 /// `--max-decodes` at once), after holding a place in the queue.
+/// The stored LoRAs the form names stay held until the pins drop: hold them until the job is
+/// queued.
 async fn checked<'a, T: Send + 'static>(
     app: &'a App,
     mp: Result<Multipart, MultipartRejection>,
     fields: &'static [&'static str],
     check: form::Check<T>,
-) -> Result<(T, Slot<'a>), ApiError> {
+) -> Result<(T, Slot<'a>, Vec<LoraPin>), ApiError> {
     let limit = app.shared.config.body_timeout;
     let slot = match admit(app) {
         Ok(slot) => slot,
@@ -385,18 +396,29 @@ async fn checked<'a, T: Send + 'static>(
         })??;
     let (shared, scratch) = (app.shared.clone(), scratch(app)?);
     let _decoding = app.decodes.acquire().await.map_err(ApiError::internal)?;
-    let checked = blocking(move || {
+    let (checked, pins) = blocking(move || {
         let store = &shared.jobs.store;
-        check(
+        let pins = std::sync::Mutex::new(Vec::new());
+        let checked = check(
             &form,
             &shared.facts,
             &shared.config.limits,
             &scratch,
-            &|id| store.use_lora(id),
-        )
+            &|id| match store.pin_lora(id) {
+                Some(pin) => {
+                    pins.lock().unwrap_or_else(|p| p.into_inner()).push(pin);
+                    true
+                }
+                None => false,
+            },
+        )?;
+        Ok((
+            checked,
+            pins.into_inner().unwrap_or_else(|p| p.into_inner()),
+        ))
     })
     .await?;
-    Ok((checked, slot))
+    Ok((checked, slot, pins))
 }
 
 async fn submit_video(
@@ -404,7 +426,7 @@ async fn submit_video(
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     {
-        let (req, slot) = checked(&app, mp, form::VIDEO_FIELDS, form::video).await?;
+        let (req, slot, _named) = checked(&app, mp, form::VIDEO_FIELDS, form::video).await?;
         let id = new_id()?;
         let store = &app.shared.jobs.store;
         let dir = store.job_dir(&id)?;
@@ -424,9 +446,10 @@ async fn submit_video(
             let _ = std::fs::remove_dir_all(&dir);
             return Err(ApiError::internal(e));
         }
-        if let Some((lid, lora)) = req.lora_upload {
-            keep_lora(&app, &lid, lora)?;
-        }
+        let _uploaded = match req.lora_upload {
+            Some((lid, lora)) => Some(keep_lora(&app, &lid, lora).await?),
+            None => None,
+        };
         enqueue(
             &app,
             &JobRecord::queued(&id, JobParams::Video(req.params)),
@@ -728,7 +751,7 @@ async fn submit_lora(
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     {
-        let (req, slot) = checked(&app, mp, form::LORA_FIELDS, form::lora).await?;
+        let (req, slot, _named) = checked(&app, mp, form::LORA_FIELDS, form::lora).await?;
         let created = |id: &str, status: StatusCode, cached: bool| {
             let url = format!("/v1/loras/{id}");
             (
@@ -740,7 +763,7 @@ async fn submit_lora(
         match req {
             LoraRequest::Stored(id) => Ok(created(&id, StatusCode::OK, true)),
             LoraRequest::Upload(id, lora) => {
-                keep_lora(&app, &id, lora)?;
+                let _pin = keep_lora(&app, &id, lora).await?;
                 Ok(created(&id, StatusCode::CREATED, false))
             }
             LoraRequest::Predict(params, clip) => {
@@ -897,8 +920,14 @@ async fn ready(State(app): State<App>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(app): State<App>) -> Response {
-    let s = &app.shared;
+async fn metrics(State(app): State<App>) -> Result<Response, ApiError> {
+    // Off the async threads: the state directory is walked.
+    let shared = app.shared.clone();
+    let text = blocking(move || Ok(render_metrics(&shared))).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+fn render_metrics(s: &Shared) -> String {
     let (cache_entries, cache_bytes) = s.cache.usage();
     let gauges = Gauges {
         queue_depth: s.jobs.depth(),
@@ -914,11 +943,7 @@ async fn metrics(State(app): State<App>) -> Response {
         stored_loras: s.jobs.store.lora_usage(),
         workers: s.workers.load(std::sync::atomic::Ordering::SeqCst),
     };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&gauges),
-    )
-        .into_response()
+    s.metrics.render(&gauges)
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub fn document(d: &Described) -> Value {
     let bad = error_response("A bad field: `error.field` names it.");
     let page_params = [
         json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}),
-        json!({"name": "offset", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "default": 0}}),
+        json!({"name": "offset", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": i64::MAX, "default": 0}}),
     ];
     let not_found = error_response("No such id.");
     let full = json!({
@@ -78,7 +78,7 @@ pub fn document(d: &Described) -> Value {
         "operationId": "listVideos",
         "summary": "The video jobs, newest first, each as getVideo gives it: ended ones until --keep-jobs and --keep-hours delete them.",
         "parameters": [
-            {"name": "state", "in": "query", "required": false, "schema": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]}},
+            {"name": "state", "in": "query", "required": false, "schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]}},
             page_params[0].clone(), page_params[1].clone()],
         "responses": {"200": {"description": "A page of jobs.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobList"}}}}, "400": bad.clone()}});
     let list_loras = json!({

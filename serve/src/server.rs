@@ -46,7 +46,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     let (store, recovered) = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
     store.prune(&config.retention).map_err(|e| e.to_string())?;
     let gone = store
-        .prune_loras(&config.retention, None)
+        .prune_loras(&config.retention)
         .map_err(|e| e.to_string())?;
     if !gone.is_empty() {
         eprintln!(

@@ -12,9 +12,9 @@
 //! left `running` by a process that died is marked failed with the reason, and `queued` jobs
 //! are handed back to be run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
@@ -225,6 +225,9 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     dir: PathBuf,
     conn: Mutex<Connection>,
+    /// Stored LoRAs a request holds between naming them and its job's row ([`LoraPin`]): no
+    /// prune or DELETE takes one. Locked across a prune's or a DELETE's look and unlink.
+    pins: Arc<Mutex<HashMap<String, usize>>>,
     /// `<state>/lock`, locked for as long as this store lives (the process's life): one owner
     /// per state directory. Released when the process ends, after its running job has.
     _owner: std::fs::File,
@@ -279,6 +282,25 @@ pub struct Retention {
     pub age: Option<std::time::Duration>,
     pub loras: Option<usize>,
     pub lora_bytes: Option<u64>,
+}
+
+/// A stored LoRA kept from pruning and DELETE while held: a request holds it from naming the
+/// LoRA (or storing it) until its job is queued, from when the job's row keeps it.
+pub struct LoraPin {
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+    id: String,
+}
+
+impl Drop for LoraPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = pins.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// What [`Store::delete_lora`] did.
@@ -390,6 +412,7 @@ impl Store {
             Store {
                 dir: dir.to_path_buf(),
                 conn: Mutex::new(conn),
+                pins: Arc::default(),
                 _owner: owner,
             },
             Recovered {
@@ -485,13 +508,39 @@ impl Store {
         }
     }
 
+    fn pins(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        // Counts stay whole under a panic (each change is one statement).
+        self.pins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pin(&self, pins: &mut HashMap<String, usize>, id: &str) -> LoraPin {
+        *pins.entry(id.to_string()).or_default() += 1;
+        LoraPin {
+            pins: self.pins.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    /// Stored LoRA `id`, marked used ([`Store::use_lora`]) and held from pruning and DELETE
+    /// until the pin drops; `None` when it is not stored.
+    pub fn pin_lora(&self, id: &str) -> Option<LoraPin> {
+        let mut pins = self.pins();
+        self.use_lora(id).then(|| self.pin(&mut pins, id))
+    }
+
+    /// Holds `id` from pruning before it is stored: a LoRA about to be written.
+    pub fn pin_new_lora(&self, id: &str) -> LoraPin {
+        let mut pins = self.pins();
+        self.pin(&mut pins, id)
+    }
+
     /// The LoRA ids queued and running jobs name: to run with, or to predict and store.
-    fn loras_in_use(&self) -> Result<std::collections::HashSet<String>> {
+    fn loras_in_use(&self) -> Result<HashSet<String>> {
         let conn = self.conn()?;
         let mut st =
             conn.prepare("SELECT kind, params FROM jobs WHERE state IN ('queued', 'running')")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        let mut ids = std::collections::HashSet::new();
+        let mut ids = HashSet::new();
         for row in rows {
             let (kind, text) = row?;
             let kind = if kind == "lora" {
@@ -528,15 +577,16 @@ impl Store {
         for entry in std::fs::read_dir(&dir).map_err(io)? {
             let entry = entry.map_err(io)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            // Temporary siblings (`.v2l-*`) are being written.
+            // Only what v2l-serve stores: not temporary siblings (`.v2l-*`) being written, nor
+            // anything else put there.
             let Some(id) = name
                 .strip_suffix(".safetensors")
-                .filter(|_| !name.starts_with('.'))
+                .filter(|id| crate::form::is_id(id))
             else {
                 continue;
             };
-            // Gone since the listing: another prune or a DELETE.
-            let Ok(meta) = entry.metadata() else {
+            // Gone since the listing (another prune, a DELETE), or not a file.
+            let Some(meta) = entry.metadata().ok().filter(|m| m.is_file()) else {
                 continue;
             };
             let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
@@ -558,13 +608,14 @@ impl Store {
     }
 
     /// Deletes stored LoRAs beyond `keep.loras` and `keep.lora_bytes`, the least recently
-    /// used first ([`Store::use_lora`]), but none a queued or running job names, nor
-    /// `just_stored` (one larger than the bound, about to be named by its job); those count
-    /// toward the bounds. The ids deleted.
-    pub fn prune_loras(&self, keep: &Retention, just_stored: Option<&str>) -> Result<Vec<String>> {
+    /// used first ([`Store::use_lora`]), but none a queued or running job names nor a request
+    /// holds ([`LoraPin`]); those count toward the bounds. The ids deleted; a file that will
+    /// not go is said on stderr and left.
+    pub fn prune_loras(&self, keep: &Retention) -> Result<Vec<String>> {
         if keep.loras.is_none() && keep.lora_bytes.is_none() {
             return Ok(Vec::new());
         }
+        let pins = self.pins();
         let stored = self.stored_loras()?;
         let in_use = self.loras_in_use()?;
         let (mut count, mut bytes) = (0usize, 0u64);
@@ -572,7 +623,7 @@ impl Store {
         for (id, len, _) in stored {
             let fits = keep.loras.is_none_or(|n| count < n)
                 && keep.lora_bytes.is_none_or(|b| bytes + len <= b);
-            if fits || in_use.contains(&id) || just_stored == Some(id.as_str()) {
+            if fits || in_use.contains(&id) || pins.contains_key(&id) {
                 count += 1;
                 bytes += len;
                 continue;
@@ -581,15 +632,16 @@ impl Store {
             match std::fs::remove_file(&path) {
                 Ok(()) => gone.push(id),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StoreError::Io { path, source }),
+                Err(e) => eprintln!("v2l-serve: {}: not deleted: {e}", path.display()),
             }
         }
         Ok(gone)
     }
 
-    /// Deletes stored LoRA `id`, unless a queued or running job names it.
+    /// Deletes stored LoRA `id`, unless a queued or running job names it or a request holds it.
     pub fn delete_lora(&self, id: &str) -> Result<LoraDeleted> {
-        if self.loras_in_use()?.contains(id) {
+        let pins = self.pins();
+        if pins.contains_key(id) || self.loras_in_use()?.contains(id) {
             return Ok(LoraDeleted::InUse);
         }
         let path = self.lora_path(id);
@@ -1056,30 +1108,39 @@ mod tests {
 
     #[test]
     fn stored_loras_go_least_recently_used_first_but_never_one_a_job_names() {
+        // Ids as the server makes them: 32 hex digits.
+        let id = |c: char| c.to_string().repeat(32);
+        let [a, b, c, d, e, big] = ['a', 'b', 'c', 'd', 'e', 'f'].map(id);
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Store::open(dir.path()).unwrap();
-        for (i, id) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+        for (i, id) in [&a, &b, &c, &d, &e].into_iter().enumerate() {
             stored(&s, id, 100, 100 * (i as u64 + 1)); // a newest, e oldest
         }
-        // A file being written is not a stored LoRA.
-        std::fs::write(dir.path().join("loras/.v2l-tmp.safetensors"), b"x").unwrap();
+        // Neither a file being written, nor what someone else put there, is a stored LoRA.
+        let loras = dir.path().join("loras");
+        std::fs::write(loras.join(".v2l-tmp.safetensors"), b"x").unwrap();
+        std::fs::write(loras.join("style.safetensors"), b"x").unwrap();
+        std::fs::create_dir(loras.join(format!("{}.safetensors", id('9')))).unwrap();
         assert_eq!(s.lora_usage(), (5, 500));
-        assert!(s.use_lora("d"), "d is stored; now the most recently used");
-        assert!(!s.use_lora("zz"));
+        assert!(s.use_lora(&d), "d is stored; now the most recently used");
+        assert!(!s.use_lora(&id('0')));
         let unbounded = Retention::default();
-        assert!(s.prune_loras(&unbounded, None).unwrap().is_empty());
-        assert_eq!(kept(&s), ["d", "a", "b", "c", "e"]);
+        assert!(s.prune_loras(&unbounded).unwrap().is_empty());
+        assert_eq!(
+            kept(&s),
+            [d.as_str(), a.as_str(), b.as_str(), c.as_str(), e.as_str()]
+        );
 
         // A queued job names c (to run with), a running one e (to predict and store).
         let mut with_c = VideoParams::sample();
         with_c.lora = crate::params::LoraChoice::Stored {
-            id: "c".into(),
+            id: c.clone(),
             scale: 1.0,
         };
         s.insert(&JobRecord::queued("j1", JobParams::Video(with_c)))
             .unwrap();
         let predict_e = crate::params::LoraParams {
-            id: "e".into(),
+            id: e.clone(),
             weight: 1.0,
         };
         s.insert(&JobRecord::queued("j2", JobParams::Lora(predict_e)))
@@ -1089,31 +1150,45 @@ mod tests {
             loras: Some(2),
             ..Retention::default()
         };
-        assert_eq!(s.prune_loras(&two, None).unwrap(), ["b"]);
-        assert_eq!(kept(&s), ["d", "a", "c", "e"]);
-        assert_eq!(s.delete_lora("c").unwrap(), LoraDeleted::InUse);
+        assert_eq!(s.prune_loras(&two).unwrap(), [b.as_str()]);
+        assert_eq!(kept(&s), [d.as_str(), a.as_str(), c.as_str(), e.as_str()]);
+        assert_eq!(s.delete_lora(&c).unwrap(), LoraDeleted::InUse);
 
         // Once the jobs end, what they named goes like any other.
         s.finish("j2", State::Succeeded, &BTreeMap::new(), None)
             .unwrap();
         assert!(s.cancel_queued("j1").unwrap());
-        assert_eq!(s.prune_loras(&two, None).unwrap(), ["c", "e"]);
-        assert_eq!(kept(&s), ["d", "a"]);
+        assert_eq!(s.prune_loras(&two).unwrap(), [c.as_str(), e.as_str()]);
+        assert_eq!(kept(&s), [d.as_str(), a.as_str()]);
 
         // Bytes: 150 keeps one file of 100.
         let bytes = Retention {
             lora_bytes: Some(150),
             ..Retention::default()
         };
-        assert_eq!(s.prune_loras(&bytes, None).unwrap(), ["a"]);
-        assert_eq!(s.delete_lora("d").unwrap(), LoraDeleted::Deleted);
-        assert_eq!(s.delete_lora("d").unwrap(), LoraDeleted::Unknown);
-        // One larger than the bound stays while it is the one just stored.
-        stored(&s, "big", 400, 0);
-        assert!(s.prune_loras(&bytes, Some("big")).unwrap().is_empty());
-        assert_eq!(s.prune_loras(&bytes, None).unwrap(), ["big"]);
+        assert_eq!(s.prune_loras(&bytes).unwrap(), [a.as_str()]);
+        // A request holding one (from naming it until its job is queued) keeps it from both.
+        let pin = s.pin_lora(&d).unwrap();
+        assert!(s.pin_lora(&id('0')).is_none());
+        assert_eq!(s.delete_lora(&d).unwrap(), LoraDeleted::InUse);
+        let none = Retention {
+            loras: Some(0),
+            ..bytes
+        };
+        assert!(s.prune_loras(&none).unwrap().is_empty());
+        drop(pin);
+        assert_eq!(s.delete_lora(&d).unwrap(), LoraDeleted::Deleted);
+        assert_eq!(s.delete_lora(&d).unwrap(), LoraDeleted::Unknown);
+        // One larger than the bound, held while its request queues its job.
+        let pin = s.pin_new_lora(&big);
+        stored(&s, &big, 400, 0);
+        assert!(s.prune_loras(&bytes).unwrap().is_empty());
+        drop(pin);
+        assert_eq!(s.prune_loras(&bytes).unwrap(), [big.as_str()]);
         assert!(kept(&s).is_empty());
-        assert!(dir.path().join("loras/.v2l-tmp.safetensors").exists());
         assert_eq!(s.lora_usage(), (0, 0));
+        for other in [".v2l-tmp", "style", &id('9')] {
+            assert!(loras.join(format!("{other}.safetensors")).exists());
+        }
     }
 }

@@ -47,14 +47,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Applies the stored LoRAs' retention (`--keep-loras`, `--keep-lora-mb`) after `stored`
-    /// was stored; a deleted id leaves the cache too, so no later request finds it.
-    pub fn prune_loras(&self, stored: &str) {
-        match self
-            .jobs
-            .store
-            .prune_loras(&self.config.retention, Some(stored))
-        {
+    /// Applies the stored LoRAs' retention (`--keep-loras`, `--keep-lora-mb`) after one was
+    /// stored; a deleted id leaves the cache too.
+    pub fn prune_loras(&self) {
+        match self.jobs.store.prune_loras(&self.config.retention) {
             Ok(gone) => {
                 for id in &gone {
                     self.cache.remove(id);
@@ -694,7 +690,12 @@ impl Worker {
     ) -> Result<(Arc<Lora>, bool), Stop> {
         let store = &self.shared.jobs.store;
         if let Some(l) = self.shared.cache.get(id) {
-            store.use_lora(id);
+            // Deleted a moment before the cache forgot it: stored again, so the id this job
+            // reports can be downloaded.
+            if !store.use_lora(id) {
+                v2l_runtime::lora::format::write(&store.lora_path(id), &l, LoraFormat::Diffusers)
+                    .map_err(RuntimeError::from)?;
+            }
             return Ok((l, true));
         }
         if store.use_lora(id) {
@@ -707,7 +708,7 @@ impl Worker {
         v2l_runtime::lora::format::write(&path, &lora, LoraFormat::Diffusers)
             .map_err(RuntimeError::from)?;
         self.shared.cache.insert(id, lora.clone());
-        self.shared.prune_loras(id);
+        self.shared.prune_loras();
         Ok((lora, false))
     }
 
