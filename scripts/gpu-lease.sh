@@ -110,7 +110,7 @@ for p in phases:
             for k in ("attention_kernel", "not_captured", "v2l_top_ops"):
                 if r.get(k):
                     line += f' {k}: {"; ".join(r[k])[:160]}'
-            for k in ("error", "skipped"):
+            for k in ("error", "torch_error", "skipped"):
                 if r.get(k):
                     line += f' {k}: {str(r[k])[:160]}'
         else:  # a model case of the GPU check

@@ -361,6 +361,10 @@ struct Row {
     /// v2l's time over PyTorch's at the same precision.
     ratio: Option<f64>,
     error: Option<String>,
+    /// PyTorch's run at the row's precision failed: v2l's side still ran, against PyTorch's
+    /// fp32 reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    torch_error: Option<String>,
     /// Why it did not run (`--budget-min` spent).
     #[serde(skip_serializing_if = "Option::is_none")]
     skipped: Option<String>,
@@ -433,6 +437,8 @@ pub fn run(b: &Settings, cases: &[ScaleCase]) -> Result<(usize, usize), Failure>
         let template = row.clone();
         if let Err(e) = run_v2l(b, c, &prepared, &DEFAULT, &mut row) {
             row.error = Some(e.message);
+        }
+        if row.error.is_some() || row.torch_error.is_some() {
             failed += 1;
         }
         print_row(&row, b.json);
@@ -561,7 +567,9 @@ fn prepare_case(
     if !reference.is_file() {
         torch_run(b, script, &case, c, "fp32", &reference, lora.as_deref())?;
     }
-    let t = torch_run(
+    // A failure here loses PyTorch's time, not the case: v2l's side still runs and is
+    // compared with the fp32 reference.
+    match torch_run(
         b,
         script,
         &case,
@@ -569,10 +577,14 @@ fn prepare_case(
         c.precision,
         &reference,
         lora.as_deref(),
-    )?;
-    row.torch_same_ms = t["torch_ms"].as_f64();
-    row.torch_same_peak_gpu_mb = t["peak_gpu_mb"].as_f64();
-    row.torch = t["torch"].as_str().map(String::from);
+    ) {
+        Ok(t) => {
+            row.torch_same_ms = t["torch_ms"].as_f64();
+            row.torch_same_peak_gpu_mb = t["peak_gpu_mb"].as_f64();
+            row.torch = t["torch"].as_str().map(String::from);
+        }
+        Err(e) => row.torch_error = Some(e.message),
+    }
     // v2l: export once, an engine per precision.
     let export = case.join("v2l-export");
     if !export.join("manifest.json").is_file() {
@@ -855,7 +867,10 @@ fn print_row(r: &Row, json: bool) {
         match (&r.skipped, &r.error) {
             (Some(why), _) => why.clone(),
             (_, Some(e)) => format!("FAILED: {e}"),
-            _ => "ok".into(),
+            _ => match &r.torch_error {
+                Some(e) => format!("PyTorch FAILED (v2l ran): {e}"),
+                None => "ok".into(),
+            },
         }
     );
     if !r.attention_kernel.is_empty() {
