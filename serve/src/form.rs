@@ -401,12 +401,7 @@ pub fn lora(
     }
 }
 
-/// A LoRA id: 32 lowercase hex digits (the cache key), nothing that could name a path.
-pub fn is_id(s: &str) -> bool {
-    s.len() == 32
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
+pub use crate::store::is_id;
 
 /// The shared limits (`v2l_runtime::limits`) at this server's `--max-*` values.
 pub(crate) fn runtime_limits(limits: &RequestLimits) -> Limits {

@@ -303,6 +303,13 @@ impl Drop for LoraPin {
     }
 }
 
+/// A LoRA id: 32 lowercase hex digits (the cache key), nothing that could name a path.
+pub fn is_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// What [`Store::delete_lora`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoraDeleted {
@@ -579,10 +586,7 @@ impl Store {
             let name = entry.file_name().to_string_lossy().into_owned();
             // Only what v2l-serve stores: not temporary siblings (`.v2l-*`) being written, nor
             // anything else put there.
-            let Some(id) = name
-                .strip_suffix(".safetensors")
-                .filter(|id| crate::form::is_id(id))
-            else {
+            let Some(id) = name.strip_suffix(".safetensors").filter(|id| is_id(id)) else {
                 continue;
             };
             // Gone since the listing (another prune, a DELETE), or not a file.
