@@ -260,6 +260,59 @@ fn dit_with_fused_attention_and_gelu_matches_diffusers() {
     assert_close("fused dit sample", &out["sample"], &io["output"], 1e-5);
 }
 
+/// Each fused `MultiHeadAttention` as ONNX's own `Attention` (`passes::onnx_attention`: opset
+/// 23, `[B,S,D]` inputs with the heads as attributes), run here in f32 on the CPU provider,
+/// which has the same operator: the same attention, still what diffusers computes.
+#[test]
+fn dit_on_onnx_attention_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ex, path) = export_tiny(dir.path());
+    let mut mha = v2l_graphs::read_model(&path).unwrap();
+    let heads = ex.config.num_attention_heads as i64;
+    assert_eq!(v2l_graphs::passes::fuse_attention(&mut mha, heads), 2);
+    let mut onnx = mha.clone();
+    assert_eq!(v2l_graphs::passes::onnx_attention(&mut onnx).unwrap(), 2);
+    let ai_onnx = |m: &v2l_graphs::proto::ModelProto| {
+        m.opset_import
+            .iter()
+            .find(|o| o.domain.is_empty())
+            .map(|o| o.version)
+    };
+    assert_eq!(ai_onnx(&onnx), Some(23));
+    let nodes = &onnx.graph.as_ref().unwrap().node;
+    assert!(nodes.iter().all(|n| n.op_type != "MultiHeadAttention"));
+    let attention: Vec<_> = nodes.iter().filter(|n| n.op_type == "Attention").collect();
+    assert_eq!(attention.len(), 2);
+    for n in attention {
+        assert!(n.domain.is_empty(), "{}", n.domain);
+        let int = |k: &str| n.attribute.iter().find(|a| a.name == k).map(|a| a.i);
+        assert_eq!(
+            (int("q_num_heads"), int("kv_num_heads")),
+            (Some(heads), Some(heads))
+        );
+    }
+    let io = load("dit_io.safetensors");
+    let feed = dit_feed(&io);
+    let run = |m: &v2l_graphs::proto::ModelProto, name: &str| {
+        let p = dir.path().join(name);
+        v2l_graphs::write_model(&p, m).unwrap();
+        Model::load(&p, &SessionOptions::default())
+            .unwrap()
+            .run(&feed)
+            .unwrap()
+            .remove("sample")
+            .unwrap()
+    };
+    let (a, b) = (run(&mha, "mha.onnx"), run(&onnx, "onnx_attention.onnx"));
+    assert_close("ONNX Attention against MultiHeadAttention", &b, &a, 1e-6);
+    assert_close(
+        "ONNX Attention against diffusers",
+        &b,
+        &io["output"],
+        F32_REL_L2,
+    );
+}
+
 /// The graph `v2l-compile` gives ONNX Runtime's CUDA provider: each RoPE one
 /// `com.microsoft.RotaryEmbedding` (run here on the CPU provider, which has the same op), still
 /// what diffusers computes and within 1e-6 of the exported form.

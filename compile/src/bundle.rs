@@ -1149,8 +1149,9 @@ impl<'a> Job<'a> {
                 return Err(CompileError::Invalid {
                     what: g.file_name().unwrap_or_default().to_string_lossy().into_owned(),
                     message: format!(
-                        "{} node(s) have no kernel in ONNX Runtime's CUDA provider and would run on the CPU, first {first}",
-                        p.no_kernel.len()
+                        "{} node(s) have no kernel in ONNX Runtime's CUDA provider and would run on the CPU ({}), first {first}",
+                        p.no_kernel.len(),
+                        v2l_graphs::placement::count_by_operator(&p.no_kernel)
                     ),
                 });
             }

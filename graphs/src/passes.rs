@@ -25,7 +25,7 @@ mod qmatmul;
 mod quantize;
 mod rope;
 mod schedule;
-pub use attention::{fuse_attention, v2l_attention, V2L_ATTENTION};
+pub use attention::{fuse_attention, onnx_attention, v2l_attention, V2L_ATTENTION};
 pub use chunk::{chunk_feed_forward, FF_CHUNKS};
 pub use conv::{conv_geometry, v2l_conv, V2L_CONV};
 pub use gelu::{fuse_gelu, fuse_gelu_bias};

@@ -234,6 +234,26 @@ pub(crate) fn schema_version(op: &str, opset: i64) -> Option<i64> {
     table.get(op)?.iter().copied().filter(|&v| v <= opset).max()
 }
 
+/// [`Placement::no_kernel`]'s entries counted by operator, most first: `ai.onnx.Flatten ×39,
+/// ai.onnx.Sin ×1` (the first entry alone rarely says what a whole graph lacks).
+pub fn count_by_operator(no_kernel: &[String]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for entry in no_kernel {
+        // `name` (domain.Op): why
+        let op = entry
+            .split_once("` (")
+            .and_then(|(_, rest)| rest.split_once("):"))
+            .map_or("?", |(op, _)| op);
+        match counts.iter_mut().find(|(o, _)| *o == op) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((op, 1)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let parts: Vec<String> = counts.iter().map(|(op, n)| format!("{op} ×{n}")).collect();
+    parts.join(", ")
+}
+
 /// Where the CUDA provider would put a graph's nodes.
 #[derive(Debug, Default)]
 pub struct Placement {
@@ -423,6 +443,20 @@ fn reads_host_input(n: &NodeProto) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn missing_kernels_are_counted_by_operator() {
+        let entries = [
+            "`a/Flatten_1` (ai.onnx.Flatten): no CUDA kernel for its schema version 23".to_string(),
+            "`t/Sin` (ai.onnx.Sin): no CUDA kernel for its schema version 22".to_string(),
+            "`b/Flatten_2` (ai.onnx.Flatten): no CUDA kernel for its schema version 23".to_string(),
+        ];
+        assert_eq!(
+            count_by_operator(&entries),
+            "ai.onnx.Flatten ×2, ai.onnx.Sin ×1"
+        );
+        assert_eq!(count_by_operator(&[]), "");
+    }
+
     use super::*;
     use crate::{Attr, Graph, TensorData};
 

@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::edit::{attr_i, attr_ints, i64_values as i64s};
-use super::edit::{MS_DOMAIN, V2L_DOMAIN};
+use super::edit::{PassError, MS_DOMAIN, V2L_DOMAIN};
 use crate::builder::Attr;
 use crate::proto::{ModelProto, NodeProto};
 
@@ -171,6 +171,46 @@ pub fn fuse_attention(model: &mut ModelProto, num_heads: i64) -> usize {
     // The scale constants are now attributes and get dropped.
     super::edit::splice(model, &removed, replace);
     count
+}
+
+/// ONNX's own `Attention` (opset 23) for every fused `MultiHeadAttention(q, k, v)`: the same
+/// `[B,S,D]` inputs, `q_num_heads` = `kv_num_heads` = its heads, its scale; the graph moves to
+/// opset 23 ([`super::opset::upgrade_opset`]). Why: read in ONNX Runtime's source near 1.31, its CUDA
+/// `Attention` runs flash attention on bf16 itself (flash for any 16-bit type, then
+/// memory-efficient, then unfused), where its `MultiHeadAttention` gives bf16 the
+/// memory-efficient kernel only, which is why a bf16 cuda engine casts its attention to fp16
+/// ([`super::precision::Lowering::half_attention`]). Not used by `v2l-compile` yet: at opset 23 a DiT's
+/// `Flatten`s (schema 23) and its timestep embedding's `Sin` and `Cos` (schema 22) have no
+/// CUDA kernel in ONNX Runtime 1.31.1's table (`crate::placement`), so those must be rewritten
+/// first. Returns how many moved; a graph whose other operators cannot move to opset 23 is
+/// refused, unchanged.
+pub fn onnx_attention(model: &mut ModelProto) -> Result<usize, PassError> {
+    // Checks every node before it changes any: a refused model is left as it was.
+    super::opset::upgrade_opset(model, 23)?;
+    let Some(graph) = model.graph.as_mut() else {
+        return Ok(0);
+    };
+    let mut moved = 0;
+    for n in graph.node.iter_mut() {
+        if n.op_type != "MultiHeadAttention" || n.domain != MS_DOMAIN || n.input.len() != 3 {
+            continue;
+        }
+        let heads = attr_i(n, "num_heads").ok_or_else(|| {
+            PassError::Unsupported(format!("{}: MultiHeadAttention without num_heads", n.name))
+        })?;
+        let scale = n.attribute.iter().find(|a| a.name == "scale").cloned();
+        let base = n.name.trim_end_matches("/MultiHeadAttention").to_string();
+        n.op_type = "Attention".into();
+        n.domain = String::new();
+        n.name = format!("{base}/Attention");
+        n.attribute = vec![
+            crate::builder::attr_proto("q_num_heads", Attr::Int(heads)),
+            crate::builder::attr_proto("kv_num_heads", Attr::Int(heads)),
+        ];
+        n.attribute.extend(scale);
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 /// v2l's own attention operator (the runtime's `attention` module): its op name in

@@ -1,6 +1,7 @@
 //! A graph moved to a newer ai.onnx opset, for kernels only the newer schemas have: ONNX
-//! Runtime's CUDA `Conv` takes bf16 from schema 22 (v2l writes opset 17), and a kernel is
-//! chosen by the node's schema version, which the model's opset fixes.
+//! Runtime's CUDA `Conv` takes bf16 from schema 22 (v2l writes opset 17), ONNX's own
+//! `Attention` exists from 23, and a kernel is chosen by the node's schema version, which the
+//! model's opset fixes.
 //!
 //! Only what v2l's graphs use is moved, each by a rule: the reductions whose `axes` became an
 //! input at 18, and the operators whose newer schemas only accept more types. Any other
@@ -22,11 +23,16 @@ const AXES_BECAME_INPUT: [&str; 8] = [
     "ReduceSumSquare",
 ];
 
-/// Operators whose schemas from 18 to 22 only add element types (or attributes and inputs
+/// Operators whose schemas from 18 to 23 only add element types (or attributes and inputs
 /// whose defaults keep the old meaning: `Cast`'s `saturate` concerns float8 only, `Pad`'s
 /// `axes` input is optional, `Split`'s `num_outputs` is an alternative to the `split` input).
-const SAME_MEANING: [&str; 17] = [
+/// Every schema change at 23 is one of these adding 4-bit float types; `Sin`, `Cos` and
+/// `Round` changed at 22 only to take bf16.
+const SAME_MEANING: [&str; 20] = [
     "Cast",
+    "Cos",
+    "Sin",
+    "Round",
     "Constant",
     "ConstantOfShape",
     "Conv",
@@ -45,13 +51,13 @@ const SAME_MEANING: [&str; 17] = [
     "AveragePool",
 ];
 
-/// Moves `model`'s ai.onnx opset up to `to` (at most 22, the schemas the rules above were
+/// Moves `model`'s ai.onnx opset up to `to` (at most 23, the schemas the rules above were
 /// read from). Returns how many nodes changed form; a model already at `to` or above is left
 /// as it is.
 pub fn upgrade_opset(model: &mut ModelProto, to: i64) -> Result<usize, PassError> {
-    if to > 22 {
+    if to > 23 {
         return Err(PassError::Unsupported(format!(
-            "opset {to}: the upgrade rules stop at 22"
+            "opset {to}: the upgrade rules stop at 23"
         )));
     }
     let Some(from) = model
@@ -270,6 +276,11 @@ mod tests {
         let e = upgrade_opset(&mut m, 22).unwrap_err().to_string();
         assert!(e.contains("no rule moves `Resize`"), "{e}");
         assert_eq!(m.opset_import[0].version, 17);
-        assert!(upgrade_opset(&mut m, 23).is_err());
+        assert!(upgrade_opset(&mut m, 24).is_err());
+
+        // To 23: a schema that changed there (Transpose's 23 adds 4-bit floats) moves too.
+        let mut m = model("Transpose", vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+        assert_eq!(upgrade_opset(&mut m, 23).unwrap(), 1);
+        assert_eq!(m.opset_import[0].version, 23);
     }
 }
