@@ -13,6 +13,25 @@ pub enum Kind {
     Lora,
 }
 
+impl Kind {
+    /// Its name in the job database (as serde writes it).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Video => "video",
+            Kind::Lora => "lora",
+        }
+    }
+
+    /// The kind the database names; anything else was written as a video job.
+    pub(crate) fn parse(name: &str) -> Kind {
+        if name == Kind::Lora.name() {
+            Kind::Lora
+        } else {
+            Kind::Video
+        }
+    }
+}
+
 /// Which LoRA a video job runs with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]

@@ -550,11 +550,7 @@ impl Store {
         let mut ids = HashSet::new();
         for row in rows {
             let (kind, text) = row?;
-            let kind = if kind == "lora" {
-                Kind::Lora
-            } else {
-                Kind::Video
-            };
+            let kind = Kind::parse(&kind);
             match JobParams::from_record(kind, &text) {
                 Ok(JobParams::Lora(p)) => {
                     ids.insert(p.id);
@@ -573,8 +569,8 @@ impl Store {
         Ok(ids)
     }
 
-    /// Stored LoRAs as `(id, bytes, last use)`, the most recently used first.
-    fn stored_loras(&self) -> Result<Vec<(String, u64, std::time::SystemTime)>> {
+    /// Stored LoRAs as `(id, bytes, last use)`, the most recently used first (`GET /v1/loras`).
+    pub fn loras(&self) -> Result<Vec<(String, u64, std::time::SystemTime)>> {
         let dir = self.dir.join("loras");
         let io = |source| StoreError::Io {
             path: dir.clone(),
@@ -600,14 +596,9 @@ impl Store {
         Ok(all)
     }
 
-    /// Stored LoRAs as `(id, bytes, last use)`, the most recently used first (`GET /v1/loras`).
-    pub fn loras(&self) -> Result<Vec<(String, u64, std::time::SystemTime)>> {
-        self.stored_loras()
-    }
-
     /// How many LoRAs are stored, and their bytes (for `/metrics`).
     pub fn lora_usage(&self) -> (usize, u64) {
-        let all = self.stored_loras().unwrap_or_default();
+        let all = self.loras().unwrap_or_default();
         (all.len(), all.iter().map(|l| l.1).sum())
     }
 
@@ -620,7 +611,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let pins = self.pins();
-        let stored = self.stored_loras()?;
+        let stored = self.loras()?;
         let in_use = self.loras_in_use()?;
         let (mut count, mut bytes) = (0usize, 0u64);
         let mut gone = Vec::new();
@@ -661,7 +652,7 @@ impl Store {
             "INSERT INTO jobs (id, kind, state, created_at, params) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 job.id,
-                serde_json::to_string(&job.kind)?.trim_matches('"'),
+                job.kind.name(),
                 job.state.name(),
                 job.created_at,
                 job.params.to_record()?
@@ -714,11 +705,7 @@ impl Store {
         else {
             return Ok(None);
         };
-        let kind = if kind == "lora" {
-            Kind::Lora
-        } else {
-            Kind::Video
-        };
+        let kind = Kind::parse(&kind);
         let params =
             JobParams::from_record(kind, &params).map_err(|message| StoreError::Params {
                 id: id.clone(),
@@ -750,8 +737,7 @@ impl Store {
         limit: usize,
         offset: usize,
     ) -> Result<(Vec<String>, u64)> {
-        let kind = serde_json::to_string(&kind)?;
-        let (kind, state) = (kind.trim_matches('"'), state.map(State::name));
+        let (kind, state) = (kind.name(), state.map(State::name));
         let conn = self.conn()?;
         let total: i64 = conn.query_row(
             "SELECT COUNT(*) FROM jobs WHERE kind = ?1 AND (?2 IS NULL OR state = ?2)",
@@ -967,6 +953,13 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", k.name()));
             assert_eq!(serde_json::from_str::<JobErrorKind>(&json).unwrap(), k);
         }
+        for k in [Kind::Video, Kind::Lora] {
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.name())
+            );
+            assert_eq!(Kind::parse(k.name()), k);
+        }
     }
     use crate::params::VideoParams;
 
@@ -1107,7 +1100,7 @@ mod tests {
     }
 
     fn kept(s: &Store) -> Vec<String> {
-        s.stored_loras().unwrap().into_iter().map(|l| l.0).collect()
+        s.loras().unwrap().into_iter().map(|l| l.0).collect()
     }
 
     #[test]
