@@ -6,7 +6,8 @@
 # 64 KB too many beside the bundle's first part (62,855,785 bytes: 60 MiB parts, the CUDA
 # provider in three). This script runs it, then holds out the tracked folders the GPU host
 # never reads (the host runs the bundle's binaries, not the tree) the same way, and checks that
-# the tree travels with every part.
+# the tree travels with every part. Since 2026-11-29 it holds out every top-level folder but
+# scripts/ (gpu-lease.sh is all the host reads of the tree): 569 KB were left to spare then.
 #   bash scripts/gpu-slim.sh --check    # would the slim tree fit beside each part? changes nothing
 #   bash scripts/gpu-slim.sh            # after the kit's bundle.sh, before the uploads
 #   bash scripts/gpu-slim.sh --restore  # right after the last upload; never commit while slim
@@ -16,9 +17,11 @@ root=$(git rev-parse --show-toplevel); cd "$root"
 # The kit (only slimming and restoring use it; --check reads the tree alone).
 kit=${V2L_GPU_KIT:-$(dirname "$root")/shared/gpu}
 hold=${V2L_SLIM_HOLD:-/tmp/v2l-slim-hold}/more$(echo "$root" | tr / _)
-# Held by slim-tree.sh, then by this script: none is read on the GPU host.
+# Held by slim-tree.sh, then by this script: none is read on the GPU host, which runs the
+# bundle's binaries and scripts/gpu-lease.sh.
 kit_held="tests/fixtures models training/runs"
-more="docs training fuzz"
+kept="scripts"
+more=$(git ls-files | cut -s -d/ -f1 | sort -u | grep -vxE "$(echo "$kept" | tr ' ' '|')" | tr '\n' ' ')
 limit=$((64 * 1024 * 1024))
 # The largest part the bundle writes (60 MiB less 64 KiB, its host-run.sh and part count).
 part=62855785
@@ -49,8 +52,11 @@ case "${1:-}" in
     fits "$(travels "$kit_held $more")" || { echo "gpu-slim: too large: hold out more, or split the bundle finer" >&2; exit 1; }
     exit 0 ;;
   --restore)
-    for d in $more; do
-      [ -e "$hold/$d" ] && { rm -rf "$d"; mv "$hold/$d" "$d"; }
+    # What was held, not what git lists now: the held folders are out of the index.
+    shopt -s dotglob nullglob
+    for h in "$hold"/*; do
+      [ -e "$h" ] || continue
+      d=$(basename "$h"); rm -rf "$d"; mv "$h" "$d"
     done
     sed -i '/^# v2l-slim-more$/,/^# v2l-slim-more-end$/d' .git/info/exclude
     exec bash "$kit/slim-tree.sh" --restore ;;
