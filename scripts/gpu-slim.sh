@@ -21,7 +21,8 @@ hold=${V2L_SLIM_HOLD:-/tmp/v2l-slim-hold}/more$(echo "$root" | tr / _)
 # bundle's binaries and scripts/gpu-lease.sh.
 kit_held="tests/fixtures models training/runs"
 kept="scripts"
-more=$(git ls-files | cut -s -d/ -f1 | sort -u | grep -vxE "$(echo "$kept" | tr ' ' '|')" | tr '\n' ' ')
+# (Empty while the tree is slim, when git lists scripts/ alone.)
+more=$(git ls-files | cut -s -d/ -f1 | sort -u | { grep -vxE "$(echo "$kept" | tr ' ' '|')" || true; } | tr '\n' ' ')
 limit=$((64 * 1024 * 1024))
 # The largest part the bundle writes (60 MiB less 64 KiB, its host-run.sh and part count).
 part=62855785
