@@ -4,6 +4,8 @@
 //! file, a LoRA), 2 command-line usage errors (clap's), 3 ONNX Runtime missing or unloadable,
 //! 4 ONNX Runtime failed while running, 5 cancelled: `RuntimeError::kind`, the same
 //! classification the C ABI's status codes come from. Data goes to stdout, messages to stderr.
+//! Ended by SIGINT, SIGTERM or SIGHUP, a binary first removes the outputs it was writing, then
+//! ends by the signal (a shell's 130 for Ctrl-C, 143 for SIGTERM).
 
 use std::fmt::Display;
 use std::process::ExitCode;
@@ -179,6 +181,7 @@ pub fn own_peak_rss_mb() -> f64 {
 /// the module doc).
 pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
     quiet_on_closed_stdout();
+    remove_partial_outputs_on_signal();
     match f() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -189,6 +192,38 @@ pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
             ExitCode::from(e.exit_code)
         }
     }
+}
+
+/// On Ctrl-C (SIGINT), SIGTERM or SIGHUP: removes the outputs being written (their
+/// temporary `.v2l-*` siblings; finished ones stay), says so on stderr, and ends the process
+/// by the signal, as it would have ended without this (a shell sees 130 for Ctrl-C). Without
+/// it the signal ended the process at once and left them: an export's weight file, many GB at
+/// 5B, or an engine directory half built.
+fn remove_partial_outputs_on_signal() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        // The signals keep their default action: nothing is worse than before.
+        return;
+    };
+    std::thread::spawn(move || {
+        let Some(signal) = signals.forever().next() else {
+            return;
+        };
+        let removed = v2l_contracts::atomic::remove_partial_outputs();
+        let name = match signal {
+            SIGINT => "SIGINT",
+            SIGTERM => "SIGTERM",
+            _ => "SIGHUP",
+        };
+        match removed {
+            0 => eprintln!("interrupted ({name})"),
+            1 => eprintln!("interrupted ({name}): removed the partial output"),
+            n => eprintln!("interrupted ({name}): removed {n} partial outputs"),
+        }
+        let _ = signal_hook::low_level::emulate_default_handler(signal);
+        // Where the signal did not end it (it cannot fail to, for these three).
+        signal_hook::low_level::exit(128 + signal);
+    });
 }
 
 /// An output path that can be written: a file name with one of `exts`, in an existing

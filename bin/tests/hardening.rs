@@ -1275,3 +1275,61 @@ fn requests_for_other_hosts_and_origins_are_refused() {
     let with = status(&a, &cross("Authorization: Bearer s3cret-s3cret-s3cret\r\n"));
     assert!(with != 403 && with != 401 && with >= 400, "{with}");
 }
+
+/// Ctrl-C (or SIGTERM) while `v2l-compile` builds an engine: the half-built directory (a
+/// hidden `.v2l-*.partial` sibling of the output) is removed, stderr says so, and the process
+/// still ends by the signal, as a shell expects. It used to stay behind: the signal ended the
+/// process before any destructor ran.
+#[test]
+fn a_signal_during_a_compile_leaves_no_partial_engine() {
+    use std::os::unix::process::ExitStatusExt;
+    let d = tempfile::tempdir().unwrap();
+    let ex = common::export_of(&common::tiny(), &d.path().join("export"));
+    let partial = || {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".v2l-"))
+            .collect::<Vec<_>>()
+    };
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        let engine = d.path().join(format!("engine-{name}"));
+        // int8: calibration runs and the accuracy record keep the build going for a second or
+        // more, time enough to see its directory appear.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
+            .arg(&ex)
+            .arg("-o")
+            .arg(&engine)
+            .args(["--precision", "int8"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while partial().is_empty() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the compile ended before its directory was seen"
+            );
+            assert!(start.elapsed().as_secs() < 120, "no partial directory");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // SAFETY: signalling our own child, not yet reaped (it was running just now).
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.signal(),
+            Some(signal),
+            "{name}: {:?} {err}",
+            o.status
+        );
+        assert!(
+            err.contains(&format!("interrupted ({name}): removed the partial output")),
+            "{err}"
+        );
+        assert!(partial().is_empty(), "{name}: {:?}", partial());
+        assert!(!engine.exists(), "{name}");
+    }
+}

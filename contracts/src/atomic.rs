@@ -1,19 +1,121 @@
 //! Files that appear whole or not at all: written to a temporary sibling (`tempfile`), then
 //! renamed over the destination. Every writer of v2l's outputs goes through here.
+//!
+//! A temporary sibling is deleted when dropped, which a process killed by a signal never
+//! does: Ctrl-C in a 5B export would leave a hidden weight file of many GB. So every one in
+//! flight is listed, and a front end that exits on a signal removes them first
+//! ([`remove_partial_outputs`]).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tempfile::NamedTempFile;
 
+/// The temporary files and directories in flight: written, not yet renamed into place.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn pending() -> MutexGuard<'static, Vec<PathBuf>> {
+    PENDING.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn unlist(list: &mut Vec<PathBuf>, path: &Path) {
+    if let Some(i) = list.iter().position(|p| p == path) {
+        list.swap_remove(i);
+    }
+}
+
+/// Removes every temporary output in flight, for a process about to exit on a signal, and
+/// returns how many it removed. The list stays locked: no output is renamed into place
+/// after this (a writer doing so waits until the process exits).
+pub fn remove_partial_outputs() -> usize {
+    let list = pending();
+    let removed = list
+        .iter()
+        .filter(|p| match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).is_ok(),
+            Ok(_) => std::fs::remove_file(p).is_ok(),
+            Err(_) => false,
+        })
+        .count();
+    std::mem::forget(list);
+    removed
+}
+
+/// A temporary path (a directory being staged) listed for [`remove_partial_outputs`] until
+/// dropped: for writers with their own staging, as [`build_dir`] lists its own.
+#[derive(Debug)]
+pub struct Listing(PathBuf);
+
+/// Lists `path` for [`remove_partial_outputs`] while the returned guard lives.
+pub fn list_partial(path: &Path) -> Listing {
+    pending().push(path.to_path_buf());
+    Listing(path.to_path_buf())
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        unlist(&mut pending(), &self.0);
+    }
+}
+
+/// A temporary sibling of an output ([`temp_sibling`]): deleted when dropped unless
+/// [`Partial::persist`]ed, and listed for [`remove_partial_outputs`] meanwhile.
+#[derive(Debug)]
+pub struct Partial {
+    // Dropped in this order: the file deleted, then unlisted.
+    file: NamedTempFile,
+    listing: Listing,
+}
+
+impl Partial {
+    /// Where it is being written.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    pub fn as_file(&self) -> &std::fs::File {
+        self.file.as_file()
+    }
+
+    /// A second handle on the file (for a buffered writer).
+    pub fn reopen(&self) -> std::io::Result<std::fs::File> {
+        self.file.reopen()
+    }
+
+    /// Renames it over `path`. On failure it is deleted.
+    pub fn persist(self, path: &Path) -> std::io::Result<()> {
+        let Partial { file, listing } = self;
+        // Under the list's lock: a signal's removal comes wholly before or after the rename.
+        let mut list = pending();
+        unlist(&mut list, &listing.0);
+        let persisted = file.persist(path).map(drop).map_err(|e| e.error);
+        drop(list);
+        drop(listing);
+        persisted
+    }
+}
+
+impl Write for Partial {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.as_file().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_file().flush()
+    }
+}
+
 /// A temporary file beside `path` ending in `suffix` (ffmpeg picks a container from it),
 /// readable like a normally created file (`tempfile` makes them owner-only). It is deleted
-/// when dropped unless persisted with [`NamedTempFile::persist`].
-pub fn temp_sibling(path: &Path, suffix: &str) -> std::io::Result<NamedTempFile> {
-    let tmp = tempfile::Builder::new()
+/// when dropped unless persisted with [`Partial::persist`].
+pub fn temp_sibling(path: &Path, suffix: &str) -> std::io::Result<Partial> {
+    let file = tempfile::Builder::new()
         .prefix(".v2l-")
         .suffix(suffix)
         .tempfile_in(parent_of(path))?;
+    let listing = list_partial(file.path());
+    let tmp = Partial { file, listing };
     set_mode(tmp.path(), 0o644)?;
     Ok(tmp)
 }
@@ -31,10 +133,17 @@ pub fn build_dir<T, E>(
         .suffix(".partial")
         .tempdir_in(parent_of(out))
         .map_err(|e| io(out, e))?;
+    // Unlisted however `fill` ends, a panic included (the `TempDir` removes itself).
+    let listed = list_partial(tmp.path());
     set_mode(tmp.path(), 0o755).map_err(|e| io(tmp.path(), e))?;
     let value = fill(tmp.path())?;
+    // Under the list's lock, as `Partial::persist`.
+    let list = pending();
     let built = tmp.keep();
-    std::fs::rename(&built, out).map_err(|e| {
+    let renamed = std::fs::rename(&built, out);
+    drop(list);
+    drop(listed);
+    renamed.map_err(|e| {
         let _ = std::fs::remove_dir_all(&built);
         io(out, e)
     })?;
@@ -65,8 +174,7 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = temp_sibling(path, ".tmp")?;
     tmp.write_all(bytes)?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    tmp.persist(path)
 }
 
 #[cfg(test)]
@@ -92,6 +200,45 @@ mod tests {
         assert!(write_atomic(&dir, b"x").is_err());
         let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(left.len(), 2, "{left:?}");
+    }
+
+    fn listed(p: &Path) -> bool {
+        pending().iter().any(|q| q == p)
+    }
+
+    /// A temporary output is listed for a signal's removal while it is written, and only then:
+    /// persisted, dropped, or a directory built or failed.
+    #[test]
+    fn outputs_in_flight_are_listed_until_renamed_or_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("a.bin");
+        let mut t = temp_sibling(&out, ".tmp").unwrap();
+        let at = t.path().to_path_buf();
+        assert!(listed(&at));
+        t.write_all(b"x").unwrap();
+        t.persist(&out).unwrap();
+        assert!(!listed(&at) && !at.exists());
+        assert_eq!(std::fs::read(&out).unwrap(), b"x");
+
+        let t = temp_sibling(&out, ".tmp").unwrap();
+        let at = t.path().to_path_buf();
+        drop(t);
+        assert!(!listed(&at) && !at.exists());
+
+        let io = |_: &Path, e: std::io::Error| e.to_string();
+        for fails in [false, true] {
+            let mut inside = None;
+            let _ = build_dir(&d.path().join(format!("e{fails}")), io, |tmp| {
+                inside = Some((tmp.to_path_buf(), listed(tmp)));
+                if fails {
+                    return Err("stopped".to_string());
+                }
+                Ok(())
+            });
+            let (tmp, was_listed) = inside.unwrap();
+            assert!(was_listed, "{fails}");
+            assert!(!listed(&tmp) && !tmp.exists(), "{fails}");
+        }
     }
 
     #[test]

@@ -296,7 +296,7 @@ pub fn hypernet(
         let copy = || -> std::io::Result<()> {
             let mut tmp = v2l_contracts::atomic::temp_sibling(&dst, ".tmp")?;
             std::io::copy(&mut std::fs::File::open(lilora)?, &mut tmp)?;
-            tmp.persist(&dst).map(drop).map_err(|e| e.error)
+            tmp.persist(&dst)
         };
         copy().map_err(|e| ExportError::Part(format!("{}: {e}", dst.display())))?;
     }
@@ -456,6 +456,8 @@ pub fn pipeline(
                 parent.display()
             ))
         })?;
+    // Removed on a signal too (the CLIs' Ctrl-C), not only by the next export.
+    let _listed = v2l_contracts::atomic::list_partial(staging.path());
     let stage = Output {
         output: staging.path(),
         shown_as: Some(out.output),

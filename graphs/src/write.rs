@@ -152,8 +152,7 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
     }
     match tmp_data {
         Some(t) => {
-            t.persist(&data_path)
-                .map_err(|e| io_err(&data_path)(e.error))?;
+            t.persist(&data_path).map_err(io_err(&data_path))?;
         }
         None if data_path.exists() => {
             // A stale side file from an earlier external export would confuse readers.
@@ -161,7 +160,7 @@ pub fn save(graph: &Graph, path: &Path, mode: ExternalData) -> Result<Written, W
         }
         None => {}
     }
-    tmp_model.persist(path).map_err(|e| io_err(path)(e.error))?;
+    tmp_model.persist(path).map_err(io_err(path))?;
     Ok(Written {
         model: path.to_path_buf(),
         data: external.then_some(data_path.clone()),

@@ -614,7 +614,7 @@ impl Worker {
     }
 
     /// Step 5: the mp4 (written under a temporary name, then renamed). A DELETE or the time
-    /// limit that comes while it is written still holds: the job ends as the client was told,
+    /// limit that comes while it is written stops ffmpeg: the job ends as the client was told,
     /// without its video.
     fn write_video(
         &self,
@@ -631,15 +631,18 @@ impl Worker {
         }
         let rgb = v2l_runtime::video::to_rgb8(&gen.frames)?;
         let path = dir.join(VIDEO_FILE);
-        v2l_runtime::video::write_mp4(&path, &rgb, p.fps).map_err(|e| {
-            Stop::failed(
-                JobErrorKind::Storage,
-                format!(
-                    "the video could not be written: {}",
-                    e.to_string().replace(&*dir.to_string_lossy(), "<job>")
+        v2l_runtime::video::write_mp4_until(&path, &rgb, p.fps, &|| bounds.stop()).map_err(
+            |e| match e {
+                RuntimeError::Cancelled => bounds.why(),
+                e => Stop::failed(
+                    JobErrorKind::Storage,
+                    format!(
+                        "the video could not be written: {}",
+                        e.to_string().replace(&*dir.to_string_lossy(), "<job>")
+                    ),
                 ),
-            )
-        })?;
+            },
+        )?;
         timings.insert("encode_mp4".into(), ms(t));
         if bounds.stop() {
             let _ = std::fs::remove_file(&path);

@@ -13,7 +13,7 @@ pub(super) struct DataFile {
     path: PathBuf,
     /// The file name the tensor entries refer to (relative, as the ONNX spec says).
     name: String,
-    tmp: tempfile::NamedTempFile,
+    tmp: v2l_contracts::atomic::Partial,
     file: std::io::BufWriter<std::fs::File>,
     offset: u64,
     tensors: Vec<proto::TensorProto>,
@@ -82,7 +82,7 @@ impl DataFile {
         let mut file = self.file;
         file.flush().map_err(io)?;
         drop(file);
-        self.tmp.persist(&path).map_err(|e| io(e.error))?;
+        self.tmp.persist(&path).map_err(io)?;
         Ok(self.tensors)
     }
 }

@@ -361,13 +361,15 @@ pub fn read_untrusted_at_source_size(path: &Path, limits: UntrustedMedia) -> Res
                 "cannot start ffprobe ({e}); it comes with ffmpeg (bash scripts/setup.sh)"
             ),
         })?;
-    let (_, stdout, _) = wait_bounded(child, Some(limits.timeout)).map_err(|e| match e {
-        Waited::Io(source) => RuntimeError::Io {
-            path: path.into(),
-            source,
-        },
-        Waited::TimedOut(_) => bad(path, "probing the media took too long; it is malformed"),
-    })?;
+    let (_, stdout, _) =
+        wait_bounded(child, Some(limits.timeout), &never).map_err(|e| match e {
+            Waited::Io(source) => RuntimeError::Io {
+                path: path.into(),
+                source,
+            },
+            Waited::TimedOut(_) => bad(path, "probing the media took too long; it is malformed"),
+            Waited::Stopped => RuntimeError::Cancelled,
+        })?;
     let (h, w) = displayed_size(&stdout).ok_or_else(|| bad(path, NO_VIDEO_STREAM))?;
     if h.saturating_mul(w) > limits.max_pixels {
         return Err(RuntimeError::MediaTooLarge {
@@ -420,11 +422,12 @@ fn ffmpeg_decode_with(
         message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
     })?;
     let timeout = untrusted.map(|u| u.timeout);
-    let (status, stdout, stderr) = wait_bounded(child, timeout).map_err(|e| match e {
+    let (status, stdout, stderr) = wait_bounded(child, timeout, &never).map_err(|e| match e {
         Waited::Io(source) => RuntimeError::Io {
             path: path.into(),
             source,
         },
+        Waited::Stopped => RuntimeError::Cancelled,
         Waited::TimedOut(t) => bad(
             path,
             format!(
@@ -507,12 +510,19 @@ fn oversized_picture(stderr: &str) -> Option<&str> {
 enum Waited {
     Io(std::io::Error),
     TimedOut(std::time::Duration),
+    Stopped,
 }
 
-/// Collects a child's output, killing it if it runs past `timeout`.
+/// Never stops: for the tools whose work is short or bounded by a time limit.
+fn never() -> bool {
+    false
+}
+
+/// Collects a child's output, killing it if it runs past `timeout` or once `stop` says so.
 fn wait_bounded(
     mut child: std::process::Child,
     timeout: Option<std::time::Duration>,
+    stop: &dyn Fn() -> bool,
 ) -> std::result::Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), Waited> {
     use std::io::Read;
     fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
@@ -529,17 +539,21 @@ fn wait_bounded(
     let err = drain(child.stderr.take());
     let started = std::time::Instant::now();
     let status = loop {
-        if timeout.is_none() {
-            break child.wait().map_err(Waited::Io)?;
-        }
+        // Asked before the exit status, so a stop that came while the child finished holds.
+        let stopped = stop();
         match child.try_wait().map_err(Waited::Io)? {
-            Some(s) => break s,
+            Some(s) if !stopped => break s,
+            _ if stopped => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Waited::Stopped);
+            }
             None if timeout.is_some_and(|t| started.elapsed() > t) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(Waited::TimedOut(timeout.unwrap_or_default()));
             }
-            None => std::thread::sleep(std::time::Duration::from_millis(5)),
+            _ => std::thread::sleep(std::time::Duration::from_millis(5)),
         }
     };
     let joined = |h: std::thread::JoinHandle<Vec<u8>>| h.join().unwrap_or_default();
@@ -547,14 +561,16 @@ fn wait_bounded(
 }
 
 /// Pipes raw RGB24 frames into ffmpeg writing `path` (format from its extension), under a
-/// temporary name renamed into place on success.
+/// temporary name renamed into place on success. Once `stop` says so (asked between frames
+/// and while ffmpeg finishes), ffmpeg is killed, nothing is written and the result is
+/// [`RuntimeError::Cancelled`].
 fn ffmpeg_encode(
     path: &Path,
     rgb: &[u8],
-    width: usize,
-    height: usize,
+    (width, height): (usize, usize),
     fps: u32,
     args: &[&str],
+    stop: &dyn Fn() -> bool,
 ) -> Result<()> {
     use std::io::Write;
     // ffmpeg picks the container from the extension: the temporary file keeps it. It is
@@ -580,15 +596,30 @@ fn ffmpeg_encode(
             tool: "ffmpeg".into(),
             message: format!("cannot start ffmpeg ({e}); install it (bash scripts/setup.sh, or apt-get install ffmpeg)"),
         })?;
-    let wrote = child.stdin.take().map(|mut s| s.write_all(rgb));
-    let out = child
-        .wait_with_output()
-        .map_err(|source| RuntimeError::Io {
+    // A frame at a time, so a stop is heard between frames (x264 holds a few dozen back, so
+    // writes wait on the encoder).
+    let mut stopped = false;
+    let wrote = child.stdin.take().map(|mut stdin| {
+        for frame in rgb.chunks((width * height * 3).max(1)) {
+            if stop() {
+                stopped = true;
+                break;
+            }
+            stdin.write_all(frame)?;
+        }
+        std::io::Result::Ok(())
+        // `stdin` is dropped here: ffmpeg sees the end of its input.
+    });
+    let stop = || stopped || stop();
+    let (status, _, stderr) = wait_bounded(child, None, &stop).map_err(|e| match e {
+        Waited::Io(source) => RuntimeError::Io {
             path: path.into(),
             source,
-        })?;
-    if !out.status.success() || !matches!(wrote, Some(Ok(()))) {
-        let msg = String::from_utf8_lossy(&out.stderr);
+        },
+        Waited::Stopped | Waited::TimedOut(_) => RuntimeError::Cancelled,
+    })?;
+    if !status.success() || !matches!(wrote, Some(Ok(()))) {
+        let msg = String::from_utf8_lossy(&stderr);
         return Err(bad(
             path,
             format!(
@@ -612,22 +643,29 @@ fn ffmpeg_encode(
             path: path.into(),
             source,
         })?;
-    tmp_file
-        .persist(path)
-        .map(drop)
-        .map_err(|e| RuntimeError::Io {
-            path: path.into(),
-            source: e.error,
-        })
+    tmp_file.persist(path).map_err(|source| RuntimeError::Io {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Writes an H.264 mp4 (yuv420p, even-padded) at `fps`.
 pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<()> {
+    write_mp4_until(path, frames, fps, &never)
+}
+
+/// [`write_mp4`] that stops once `stop` says so (a cancel, a time limit), between frames or
+/// while ffmpeg finishes: [`RuntimeError::Cancelled`], and no file at `path`.
+pub fn write_mp4_until(
+    path: &Path,
+    frames: &Frames,
+    fps: u32,
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
     ffmpeg_encode(
         path,
         &frames.rgb,
-        frames.width,
-        frames.height,
+        (frames.width, frames.height),
         fps,
         &[
             "-vf",
@@ -641,6 +679,7 @@ pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<()> {
             "-movflags",
             "+faststart",
         ],
+        stop,
     )
 }
 
@@ -669,12 +708,51 @@ pub fn write_contact_sheet(path: &Path, frames: &Frames, cols: usize) -> Result<
             }
         }
     }
-    ffmpeg_encode(path, &sheet, w, h, 1, &["-frames:v", "1"])
+    ffmpeg_encode(path, &sheet, (w, h), 1, &["-frames:v", "1"], &never)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{displayed_size, mp4_is_whole, oversized_picture};
+    use super::{displayed_size, mp4_is_whole, oversized_picture, write_mp4_until, Frames};
+    use crate::RuntimeError;
+
+    /// A stop asked for while frames are piped in, or once all are in and ffmpeg is finishing,
+    /// kills ffmpeg: `Cancelled`, and neither the mp4 nor its temporary sibling is left. Left
+    /// alone, the same frames make a whole mp4, so the stop is what removed it.
+    #[test]
+    fn a_stop_while_the_mp4_is_encoded_leaves_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let frames = Frames {
+            frames: 9,
+            height: 48,
+            width: 64,
+            rgb: (0..9 * 48 * 64 * 3).map(|i| (i % 251) as u8).collect(),
+        };
+        let files = || -> Vec<_> {
+            let mut v: Vec<_> = std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let out = d.path().join("out.mp4");
+        // `stop` is asked before each frame, then while ffmpeg finishes: the 3rd question is
+        // mid-clip, the 10th the first after the last frame.
+        for nth in [1, 3, 10] {
+            let asked = std::cell::Cell::new(0);
+            let stop = || {
+                asked.set(asked.get() + 1);
+                asked.get() >= nth
+            };
+            let r = write_mp4_until(&out, &frames, 8, &stop);
+            assert!(matches!(r, Err(RuntimeError::Cancelled)), "{nth}: {r:?}");
+            assert!(files().is_empty(), "{nth}: {:?}", files());
+        }
+        write_mp4_until(&out, &frames, 8, &|| false).unwrap();
+        assert!(mp4_is_whole(&out));
+        assert_eq!(files(), ["out.mp4"]);
+    }
 
     #[test]
     fn a_display_rotation_of_a_quarter_turn_swaps_the_sides() {
