@@ -1070,8 +1070,16 @@ fn stored_loras_beyond_keep_loras_go_least_recently_used_first() {
         .collect();
     assert_eq!(ids, [c3.as_str(), a.as_str()], "{listed}");
     assert_eq!(listed["total"], 2);
-    let page = c.get("/v1/loras?limit=1&offset=1").unwrap().json();
+    // Pages by `next`: the second page after the first, then none.
+    let first = c.get("/v1/loras?limit=1").unwrap().json();
+    assert_eq!(first["loras"][0]["lora_id"], c3.as_str(), "{first}");
+    let next = first["next"].as_str().unwrap();
+    let page = c
+        .get(&format!("/v1/loras?limit=1&after={next}"))
+        .unwrap()
+        .json();
     assert_eq!(page["loras"][0]["lora_id"], a.as_str(), "{page}");
+    assert!(page["next"].is_null(), "{page}");
     // A job naming the deleted id is refused before it is queued, as any unknown id.
     let job = choice(0, 2).0.text("lora_id", &b);
     let r = c.post("/v1/videos", &job).unwrap();
@@ -1102,7 +1110,8 @@ fn stored_loras_beyond_keep_loras_go_least_recently_used_first() {
         ("state=nope", "state"),
         ("limit=0", "limit"),
         ("limit=1001", "limit"),
-        ("offset=-1", "offset"),
+        ("offset=1", "offset"),
+        ("after=1", "after"),
         ("bogus=1", "bogus"),
     ] {
         let r = c.get(&format!("/v1/videos?{query}")).unwrap();

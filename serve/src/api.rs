@@ -3,13 +3,13 @@
 //! | route | what |
 //! |---|---|
 //! | `POST /v1/videos` | multipart job → `202 {id}`; `429` + `Retry-After` when the queue is full |
-//! | `GET /v1/videos` | the video jobs' states, newest first (`state`, `limit`, `offset`) |
+//! | `GET /v1/videos` | the video jobs' states, newest first (`state`, `limit`, `after`) |
 //! | `GET /v1/videos/{id}` | state, progress, timings, error |
 //! | `GET /v1/videos/{id}/events` | server-sent progress events until the job ends |
 //! | `GET /v1/videos/{id}/content` | the mp4 |
 //! | `DELETE /v1/videos/{id}` | cancels (queued: at once; running: after the current step) |
 //! | `POST /v1/loras` | reference clip → predicted LoRA, or an uploaded LoRA file → `lora_id` |
-//! | `GET /v1/loras` | the stored LoRAs, most recently used first (`limit`, `offset`) |
+//! | `GET /v1/loras` | the stored LoRAs, most recently used first (`limit`, `after`) |
 //! | `GET /v1/loras/{id}` | the LoRA as a diffusers/PEFT safetensors file |
 //! | `DELETE /v1/loras/{id}` | deletes a stored LoRA (`409` while a job names it) |
 //! | `/healthz`, `/readyz`, `/metrics`, `/openapi.json` | probes, Prometheus text, the API document |
@@ -427,6 +427,12 @@ async fn submit_video(
 ) -> Result<Response, ApiError> {
     {
         let (req, slot, _named) = checked(&app, mp, form::VIDEO_FIELDS, form::video).await?;
+        // Before the job's directory, the last await: a client gone meanwhile (the handler
+        // dropped) leaves no directory without a row, which no prune would find.
+        let _uploaded = match req.lora_upload {
+            Some((lid, lora)) => Some(keep_lora(&app, &lid, lora).await?),
+            None => None,
+        };
         let id = new_id()?;
         let store = &app.shared.jobs.store;
         let dir = store.job_dir(&id)?;
@@ -446,10 +452,6 @@ async fn submit_video(
             let _ = std::fs::remove_dir_all(&dir);
             return Err(ApiError::internal(e));
         }
-        let _uploaded = match req.lora_upload {
-            Some((lid, lora)) => Some(keep_lora(&app, &lid, lora).await?),
-            None => None,
-        };
         enqueue(
             &app,
             &JobRecord::queued(&id, JobParams::Video(req.params)),
@@ -507,42 +509,71 @@ fn status_body(job: &JobRecord) -> serde_json::Value {
 const LIST_MAX: usize = 1000;
 const LIST_DEFAULT: usize = 100;
 
-/// A listing's query: only `allowed` parameters; `limit` (1–[`LIST_MAX`]) and `offset`
-/// read here. Anything else is a `400` naming the parameter.
+/// A listing's query: only `allowed` parameters; `limit` (1–[`LIST_MAX`]) and `after` (a
+/// page's `next`) read here. Anything else is a `400` naming the parameter.
 fn listing(
     query: Result<Query<std::collections::BTreeMap<String, String>>, QueryRejection>,
     allowed: &[&str],
-) -> Result<(std::collections::BTreeMap<String, String>, usize, usize), ApiError> {
+) -> Result<
+    (
+        std::collections::BTreeMap<String, String>,
+        usize,
+        Option<Cursor>,
+    ),
+    ApiError,
+> {
     let q = query
         .map_err(|e| ApiError::field("query", e.body_text()))?
         .0;
     if let Some(k) = q
         .keys()
-        .find(|k| !allowed.contains(&k.as_str()) && !["limit", "offset"].contains(&k.as_str()))
+        .find(|k| !allowed.contains(&k.as_str()) && !["limit", "after"].contains(&k.as_str()))
     {
         return Err(ApiError::field(k, "not a parameter of this listing"));
     }
-    let number = |name: &str, default: usize, range: std::ops::RangeInclusive<usize>| {
-        let Some(v) = q.get(name) else {
-            return Ok(default);
-        };
-        v.parse::<usize>()
+    let limit = match q.get("limit") {
+        None => LIST_DEFAULT,
+        Some(v) => v
+            .parse::<usize>()
             .ok()
-            .filter(|n| range.contains(n))
+            .filter(|n| (1..=LIST_MAX).contains(n))
             .ok_or_else(|| {
-                ApiError::field(
-                    name,
-                    format!(
-                        "`{v}`: an integer from {} to {}",
-                        range.start(),
-                        range.end()
-                    ),
-                )
-            })
+                ApiError::field("limit", format!("`{v}`: an integer from 1 to {LIST_MAX}"))
+            })?,
     };
-    let limit = number("limit", LIST_DEFAULT, 1..=LIST_MAX)?;
-    let offset = number("offset", 0, 0..=i64::MAX as usize)?;
-    Ok((q, limit, offset))
+    let after = match q.get("after") {
+        None => None,
+        Some(v) => Some(Cursor::parse(v).ok_or_else(|| {
+            ApiError::field("after", format!("`{v}`: not a `next` this listing gave"))
+        })?),
+    };
+    Ok((q, limit, after))
+}
+
+/// A place in a listing, between pages: the last item's sort key and id, so a page is the
+/// same whatever was added before it or deleted since (an offset would skip or repeat
+/// items). Written as 16 hex digits of the key, then the id.
+struct Cursor {
+    key: u64,
+    id: String,
+}
+
+impl Cursor {
+    fn parse(s: &str) -> Option<Cursor> {
+        let (key, id) = (s.get(..16)?, s.get(16..)?);
+        let hex = |t: &str| {
+            t.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        (hex(key) && crate::store::is_id(id)).then(|| Cursor {
+            key: u64::from_str_radix(key, 16).unwrap_or_default(),
+            id: id.to_string(),
+        })
+    }
+
+    fn token(key: u64, id: &str) -> String {
+        format!("{key:016x}{id}")
+    }
 }
 
 /// `GET /v1/videos`: each video job's status as `GET /v1/videos/{id}` gives it, newest first.
@@ -550,7 +581,7 @@ async fn list_videos(
     State(app): State<App>,
     query: Result<Query<std::collections::BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (q, limit, offset) = listing(query, &["state"])?;
+    let (q, limit, after) = listing(query, &["state"])?;
     let state = match q.get("state") {
         None => None,
         Some(s) => Some(JobState::named(s).ok_or_else(|| {
@@ -563,44 +594,65 @@ async fn list_videos(
     let shared = app.shared.clone();
     let body = blocking(move || {
         let jobs = &shared.jobs;
-        let (ids, total) = jobs.store.list(Kind::Video, state, limit, offset)?;
-        let mut videos = Vec::with_capacity(ids.len());
-        for id in &ids {
-            // Deleted since the listing: left out.
-            if let Some(j) = jobs.record(id)? {
+        // Creation times are positive, so their bits sort as they do.
+        let after = after
+            .as_ref()
+            .map(|c| (f64::from_bits(c.key), c.id.as_str()));
+        let (mut rows, total) = jobs.store.list(Kind::Video, state, limit + 1, after)?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let mut videos = Vec::with_capacity(rows.len());
+        for (id, _) in &rows {
+            // Deleted since the listing, or no longer in the state asked for: left out.
+            if let Some(j) = jobs
+                .record(id)?
+                .filter(|j| state.is_none_or(|s| j.state == s))
+            {
                 videos.push(status_body(&j));
             }
         }
-        Ok(json!({"videos": videos, "total": total, "limit": limit, "offset": offset}))
+        let next = (rows.last())
+            .filter(|_| more)
+            .map(|(id, at)| Cursor::token(at.to_bits(), id));
+        Ok(json!({"videos": videos, "total": total, "limit": limit, "next": next}))
     })
     .await?;
     Ok(Json(body).into_response())
 }
 
 /// `GET /v1/loras`: the stored LoRAs, most recently used first (the last to be deleted by
-/// `--keep-loras` and `--keep-lora-mb`).
+/// `--keep-loras` and `--keep-lora-mb`). A LoRA used while a client pages moves to the front,
+/// before its cursor: that pass does not see it again; no other is skipped or repeated.
 async fn list_loras(
     State(app): State<App>,
     query: Result<Query<std::collections::BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (_, limit, offset) = listing(query, &[])?;
+    let (_, limit, after) = listing(query, &[])?;
     let shared = app.shared.clone();
     let body = blocking(move || {
         let all = shared.jobs.store.loras()?;
-        let unix = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0)
+        let since_epoch = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
         };
-        let loras: Vec<_> = all
+        // The listing's order: last use, newest first, then id.
+        let key = |t: std::time::SystemTime| since_epoch(t).as_nanos().min(u64::MAX as u128) as u64;
+        let after_cursor = |(id, _, used): &&(String, u64, std::time::SystemTime)| match &after {
+            None => true,
+            Some(c) => key(*used) < c.key || (key(*used) == c.key && *id > c.id),
+        };
+        let mut page: Vec<_> = all.iter().filter(after_cursor).take(limit + 1).collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = (page.last())
+            .filter(|_| more)
+            .map(|(id, _, used)| Cursor::token(key(*used), id));
+        let loras: Vec<_> = page
             .iter()
-            .skip(offset)
-            .take(limit)
             .map(|(id, bytes, used)| {
-                json!({"lora_id": id, "bytes": bytes, "last_used": unix(*used), "url": format!("/v1/loras/{id}")})
+                json!({"lora_id": id, "bytes": bytes, "last_used": since_epoch(*used).as_secs_f64(), "url": format!("/v1/loras/{id}")})
             })
             .collect();
-        Ok(json!({"loras": loras, "total": all.len(), "limit": limit, "offset": offset}))
+        Ok(json!({"loras": loras, "total": all.len(), "limit": limit, "next": next}))
     })
     .await?;
     Ok(Json(body).into_response())
@@ -769,8 +821,10 @@ async fn submit_lora(
             LoraRequest::Predict(params, clip) => {
                 let id = new_id()?;
                 let dir = app.shared.jobs.store.job_dir(&id)?;
-                crate::store::save_frames(&dir.join(REFERENCE_FILE), &clip)
-                    .map_err(ApiError::internal)?;
+                crate::store::save_frames(&dir.join(REFERENCE_FILE), &clip).map_err(|e| {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    ApiError::internal(e)
+                })?;
                 let lid = params.id.clone();
                 enqueue(
                     &app,
@@ -828,25 +882,32 @@ async fn download_lora(
         if !form::is_id(&id) {
             return Err(ApiError::not_found("LoRA"));
         }
-        let store = &app.shared.jobs.store;
-        store.use_lora(&id);
-        let bytes = match tokio::fs::read(store.lora_path(&id)).await {
-            Ok(b) => b,
+        // A use (off the async threads: it stamps the file); not a stored LoRA, a 404.
+        let (shared, lid) = (app.shared.clone(), id.clone());
+        if !blocking(move || Ok(shared.jobs.store.use_lora(&lid))).await? {
+            return Err(ApiError::not_found("LoRA"));
+        }
+        let file = match tokio::fs::File::open(app.shared.jobs.store.lora_path(&id)).await {
+            Ok(f) => f,
+            // Deleted since (a prune, a DELETE).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ApiError::not_found("LoRA"))
             }
             Err(e) => return Err(ApiError::internal(e)),
         };
+        let len = file.metadata().await.map_err(ApiError::internal)?.len();
         let disposition = format!("attachment; filename=\"{id}.safetensors\"");
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         if let Ok(v) = HeaderValue::from_str(&disposition) {
             headers.insert(header::CONTENT_DISPOSITION, v);
         }
-        Ok((headers, bytes).into_response())
+        // Streamed as videos are: a 5B LoRA at rank 64 is about a gigabyte.
+        Ok((headers, axum::body::Body::from_stream(file_chunks(file))).into_response())
     }
 }
 

@@ -52,7 +52,7 @@ pub fn document(d: &Described) -> Value {
     let bad = error_response("A bad field: `error.field` names it.");
     let page_params = [
         json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}),
-        json!({"name": "offset", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": i64::MAX, "default": 0}}),
+        json!({"name": "after", "in": "query", "required": false, "description": "The `next` of the page before: a place that holds when items are added or deleted.", "schema": {"type": "string", "pattern": "^[0-9a-f]{48}$"}}),
     ];
     let not_found = error_response("No such id.");
     let full = json!({
@@ -64,16 +64,17 @@ pub fn document(d: &Described) -> Value {
     let timeout = error_response("The body did not arrive within --body-timeout.");
     let lora_links = json!({"GetLora": {"operationId": "getLora", "parameters": {"id": "$response.body#/lora_id"}}});
     let lora_created = json!({"description": "The LoRA's id.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoraId"}}}, "links": lora_links});
-    let job_list = json!({"type": "object", "required": ["videos", "total", "limit", "offset"], "properties": {
+    let next = json!({"type": ["string", "null"], "description": "`after` for the next page; null on the last."});
+    let job_list = json!({"type": "object", "required": ["videos", "total", "limit", "next"], "properties": {
         "videos": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
         "total": {"type": "integer", "description": "Jobs matching, in all pages."},
-        "limit": {"type": "integer"}, "offset": {"type": "integer"}}});
-    let lora_list = json!({"type": "object", "required": ["loras", "total", "limit", "offset"], "properties": {
+        "limit": {"type": "integer"}, "next": next}});
+    let lora_list = json!({"type": "object", "required": ["loras", "total", "limit", "next"], "properties": {
         "loras": {"type": "array", "items": {"type": "object", "required": ["lora_id", "bytes", "last_used"], "properties": {
             "lora_id": {"type": "string"}, "bytes": {"type": "integer"},
             "last_used": {"type": "number", "description": "Unix seconds: when a request last named it (a job, an upload, a download)."},
             "url": {"type": "string"}}}},
-        "total": {"type": "integer"}, "limit": {"type": "integer"}, "offset": {"type": "integer"}}});
+        "total": {"type": "integer"}, "limit": {"type": "integer"}, "next": next}});
     let list_videos = json!({
         "operationId": "listVideos",
         "summary": "The video jobs, newest first, each as getVideo gives it: ended ones until --keep-jobs and --keep-hours delete them.",

@@ -228,6 +228,9 @@ pub struct Store {
     /// Stored LoRAs a request holds between naming them and its job's row ([`LoraPin`]): no
     /// prune or DELETE takes one. Locked across a prune's or a DELETE's look and unlink.
     pins: Arc<Mutex<HashMap<String, usize>>>,
+    /// The latest use stamped on a stored LoRA ([`Store::use_lora`]); read from the files at
+    /// the first use.
+    last_use: Mutex<Option<std::time::SystemTime>>,
     /// `<state>/lock`, locked for as long as this store lives (the process's life): one owner
     /// per state directory. Released when the process ends, after its running job has.
     _owner: std::fs::File,
@@ -420,6 +423,7 @@ impl Store {
                 dir: dir.to_path_buf(),
                 conn: Mutex::new(conn),
                 pins: Arc::default(),
+                last_use: Mutex::default(),
                 _owner: owner,
             },
             Recovered {
@@ -497,22 +501,41 @@ impl Store {
     }
 
     /// Marks stored LoRA `id` used now (its file's modification time, which outlives the
-    /// process), so [`Store::prune_loras`] keeps it longest; false when it is not stored.
+    /// process), so [`Store::prune_loras`] keeps it longest; false when it is not stored (only
+    /// a regular file is: not a directory or a link someone put there).
     pub fn use_lora(&self, id: &str) -> bool {
         let path = self.lora_path(id);
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            return false;
+        }
         let touched = std::fs::File::options()
             .write(true)
             .open(&path)
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            .and_then(|f| f.set_modified(self.use_stamp()));
         match touched {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             // Read-only files still serve; they only age as if unused.
             Err(e) => {
                 eprintln!("v2l-serve: stored LoRA {id}: its use not recorded: {e}");
-                path.exists()
+                true
             }
         }
+    }
+
+    /// Now, or a microsecond after the latest use stamped (kept across restarts in the files),
+    /// whichever is later: uses stay in the order they came when the clock steps back (a host
+    /// that booted a day fast, then corrected), so the latest use is never pruned first.
+    fn use_stamp(&self) -> std::time::SystemTime {
+        let mut last = self.last_use.lock().unwrap_or_else(|p| p.into_inner());
+        let latest = *last.get_or_insert_with(|| {
+            let stored = self.loras().unwrap_or_default();
+            let newest = stored.iter().map(|l| l.2).max();
+            newest.unwrap_or(std::time::UNIX_EPOCH)
+        });
+        let stamp = std::time::SystemTime::now().max(latest + std::time::Duration::from_micros(1));
+        *last = Some(stamp);
+        stamp
     }
 
     fn pins(&self) -> MutexGuard<'_, HashMap<String, usize>> {
@@ -604,21 +627,25 @@ impl Store {
 
     /// Deletes stored LoRAs beyond `keep.loras` and `keep.lora_bytes`, the least recently
     /// used first ([`Store::use_lora`]), but none a queued or running job names nor a request
-    /// holds ([`LoraPin`]); those count toward the bounds. The ids deleted; a file that will
-    /// not go is said on stderr and left.
+    /// holds ([`LoraPin`]); those count toward the bounds. Strictly by use: once one does not
+    /// fit, every one used before it goes too, even one small enough to. The ids deleted; a
+    /// file that will not go is said on stderr and left.
     pub fn prune_loras(&self, keep: &Retention) -> Result<Vec<String>> {
         if keep.loras.is_none() && keep.lora_bytes.is_none() {
             return Ok(Vec::new());
         }
-        let pins = self.pins();
+        // Listed before the pins are locked (a LoRA stored meanwhile waits for the next
+        // prune): the lock is held for the jobs' names and the unlinks only.
         let stored = self.loras()?;
+        let pins = self.pins();
         let in_use = self.loras_in_use()?;
-        let (mut count, mut bytes) = (0usize, 0u64);
+        let (mut count, mut bytes, mut full) = (0usize, 0u64, false);
         let mut gone = Vec::new();
         for (id, len, _) in stored {
-            let fits = keep.loras.is_none_or(|n| count < n)
-                && keep.lora_bytes.is_none_or(|b| bytes + len <= b);
-            if fits || in_use.contains(&id) || pins.contains_key(&id) {
+            full = full
+                || keep.loras.is_some_and(|n| count >= n)
+                || keep.lora_bytes.is_some_and(|b| bytes + len > b);
+            if !full || in_use.contains(&id) || pins.contains_key(&id) {
                 count += 1;
                 bytes += len;
                 continue;
@@ -728,15 +755,17 @@ impl Store {
         }))
     }
 
-    /// Ids of the jobs of `kind` (in `state`, if given), newest first: `limit` of them from
-    /// `offset`, and how many there are in all.
+    /// The jobs of `kind` (in `state`, if given) as `(id, created_at)`, newest first: `limit`
+    /// of them after the place `after` names (a job's `(created_at, id)`, which need not exist
+    /// any more: a page is found the same after its jobs are deleted), and how many match in
+    /// all.
     pub fn list(
         &self,
         kind: Kind,
         state: Option<State>,
         limit: usize,
-        offset: usize,
-    ) -> Result<(Vec<String>, u64)> {
+        after: Option<(f64, &str)>,
+    ) -> Result<(Vec<(String, f64)>, u64)> {
         let (kind, state) = (kind.name(), state.map(State::name));
         let conn = self.conn()?;
         let total: i64 = conn.query_row(
@@ -745,11 +774,13 @@ impl Store {
             |r| r.get(0),
         )?;
         let mut st = conn.prepare(
-            "SELECT id FROM jobs WHERE kind = ?1 AND (?2 IS NULL OR state = ?2)
-             ORDER BY created_at DESC, id DESC LIMIT ?3 OFFSET ?4",
+            "SELECT id, created_at FROM jobs WHERE kind = ?1 AND (?2 IS NULL OR state = ?2)
+             AND (?3 IS NULL OR created_at < ?3 OR (created_at = ?3 AND id < ?4))
+             ORDER BY created_at DESC, id DESC LIMIT ?5",
         )?;
-        let ids = st.query_map(params![kind, state, limit as i64, offset as i64], |r| {
-            r.get(0)
+        let (at, id) = (after.map(|a| a.0), after.map(|a| a.1));
+        let ids = st.query_map(params![kind, state, at, id, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
         })?;
         Ok((
             ids.collect::<std::result::Result<_, _>>()?,
@@ -1047,19 +1078,25 @@ mod tests {
         s.insert(&JobRecord::queued("l", JobParams::Lora(lora)))
             .unwrap();
         s.start("b").unwrap();
-        let ids = |v: (Vec<String>, u64)| (v.0, v.1);
-        let all = |state, limit, offset| ids(s.list(Kind::Video, state, limit, offset).unwrap());
+        let ids = |v: (Vec<(String, f64)>, u64)| (v.0.into_iter().map(|j| j.0).collect(), v.1);
+        let all = |state, limit, after| ids(s.list(Kind::Video, state, limit, after).unwrap());
+        let v = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(all(None, 10, None), (v(&["d", "c", "b", "a"]), 4));
+        // After d (created at 3): c and b. The place holds once d is gone, and a job created
+        // at the same time sorts by id.
+        assert_eq!(all(None, 2, Some((3.0, "d"))), (v(&["c", "b"]), 4));
+        assert!(s.cancel_queued("d").unwrap() && s.delete_ended("d").unwrap());
+        let mut e = job("e");
+        e.created_at = 2.0;
+        s.insert(&e).unwrap();
+        assert_eq!(all(None, 2, Some((3.0, "d"))), (v(&["e", "c"]), 4));
+        assert_eq!(all(None, 10, Some((2.0, "e"))), (v(&["c", "b", "a"]), 4));
+        assert_eq!(all(Some(State::Running), 10, None), (v(&["b"]), 1));
+        assert_eq!(all(Some(State::Failed), 10, None), (v(&[]), 0));
+        assert_eq!(all(None, 10, Some((0.0, "a"))), (v(&[]), 4));
         assert_eq!(
-            all(None, 10, 0),
-            (vec!["d".into(), "c".into(), "b".into(), "a".into()], 4)
-        );
-        assert_eq!(all(None, 2, 1), (vec!["c".into(), "b".into()], 4));
-        assert_eq!(all(Some(State::Running), 10, 0), (vec!["b".into()], 1));
-        assert_eq!(all(Some(State::Failed), 10, 0), (vec![], 0));
-        assert_eq!(all(None, 10, 9), (vec![], 4));
-        assert_eq!(
-            ids(s.list(Kind::Lora, None, 10, 0).unwrap()),
-            (vec!["l".into()], 1)
+            ids(s.list(Kind::Lora, None, 10, None).unwrap()),
+            (v(&["l"]), 1)
         );
         assert_eq!(State::named("running"), Some(State::Running));
         assert_eq!(State::named("bogus"), None);
@@ -1187,5 +1224,43 @@ mod tests {
         for other in [".v2l-tmp", "style", &id('9')] {
             assert!(loras.join(format!("{other}.safetensors")).exists());
         }
+        // A directory with a LoRA's name is not a stored LoRA.
+        assert!(!s.use_lora(&id('9')));
+    }
+
+    /// Strictly by use: a newer LoRA too large for the bytes left takes every older one with
+    /// it, a small one that would fit included. And a use is stamped after the latest one
+    /// even when the clock is behind it (a file stamped a day ahead, as a host that booted
+    /// fast leaves them).
+    #[test]
+    fn stored_loras_are_pruned_strictly_by_use_and_stamped_in_order() {
+        let id = |c: char| c.to_string().repeat(32);
+        let [a, b, c] = ['a', 'b', 'c'].map(id);
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(dir.path()).unwrap();
+        stored(&s, &a, 100, 30); // newest
+        stored(&s, &b, 300, 60);
+        stored(&s, &c, 10, 90); // oldest, small
+        let bytes = Retention {
+            lora_bytes: Some(150),
+            ..Retention::default()
+        };
+        assert_eq!(s.prune_loras(&bytes).unwrap(), [b.as_str(), c.as_str()]);
+        assert_eq!(kept(&s), [a.as_str()]);
+
+        let ahead = std::time::SystemTime::now() + std::time::Duration::from_secs(86_400);
+        stored(&s, &b, 10, 0);
+        std::fs::File::options()
+            .write(true)
+            .open(s.lora_path(&b))
+            .unwrap()
+            .set_modified(ahead)
+            .unwrap();
+        assert!(s.use_lora(&a));
+        assert_eq!(
+            kept(&s),
+            [a.as_str(), b.as_str()],
+            "a, used last, comes first"
+        );
     }
 }

@@ -48,7 +48,7 @@ pub struct Shared {
 
 impl Shared {
     /// Applies the stored LoRAs' retention (`--keep-loras`, `--keep-lora-mb`) after one was
-    /// stored; a deleted id leaves the cache too.
+    /// stored or a job ended; a deleted id leaves the cache too.
     pub fn prune_loras(&self) {
         match self.jobs.store.prune_loras(&self.config.retention) {
             Ok(gone) => {
@@ -347,6 +347,8 @@ impl Worker {
             if let Err(e) = store.prune(&self.shared.config.retention) {
                 eprintln!("v2l-serve: pruning ended jobs: {e}");
             }
+            // The LoRAs this job named are no longer in use: the bounds apply to them now.
+            self.shared.prune_loras();
         }
         last
     }
@@ -662,22 +664,9 @@ impl Worker {
 
     fn load_stored(&self, id: &str) -> Result<Arc<Lora>, Stop> {
         let path = self.shared.jobs.store.lora_path(id);
-        // Clients never see server paths: a stored LoRA is named by its id.
         let l = Arc::new(
-            v2l_runtime::lora::format::read(&path, Some(&self.shared.facts.modules)).map_err(
-                |e| {
-                    let message = e
-                        .to_string()
-                        .replace(&path.display().to_string(), &format!("stored LoRA `{id}`"));
-                    Stop {
-                        error: JobError {
-                            message,
-                            ..Stop::from(RuntimeError::from(e)).error
-                        },
-                        state: State::Failed,
-                    }
-                },
-            )?,
+            v2l_runtime::lora::format::read(&path, Some(&self.shared.facts.modules))
+                .map_err(|e| stored_lora_error(e.into(), &path, id))?,
         );
         self.shared.cache.insert(id, l.clone());
         Ok(l)
@@ -696,8 +685,9 @@ impl Worker {
             // Deleted a moment before the cache forgot it: stored again, so the id this job
             // reports can be downloaded.
             if !store.use_lora(id) {
-                v2l_runtime::lora::format::write(&store.lora_path(id), &l, LoraFormat::Diffusers)
-                    .map_err(RuntimeError::from)?;
+                let path = store.lora_path(id);
+                v2l_runtime::lora::format::write(&path, &l, LoraFormat::Diffusers)
+                    .map_err(|e| stored_lora_error(e.into(), &path, id))?;
             }
             return Ok((l, true));
         }
@@ -709,7 +699,7 @@ impl Worker {
         let prediction = self.pipeline.predict(&clip, weight)?;
         let lora = Arc::new(prediction.lora);
         v2l_runtime::lora::format::write(&path, &lora, LoraFormat::Diffusers)
-            .map_err(RuntimeError::from)?;
+            .map_err(|e| stored_lora_error(e.into(), &path, id))?;
         self.shared.cache.insert(id, lora.clone());
         self.shared.prune_loras();
         Ok((lora, false))
@@ -829,6 +819,19 @@ impl<'a> Bounds<'a> {
             Err(stop) if stop.state == State::Cancelled => Err(self.why()),
             r => r,
         }
+    }
+}
+
+/// A failure reading or writing stored LoRA `id` at `path`, as its job reports it: clients
+/// never see server paths, a stored LoRA is named by its id.
+fn stored_lora_error(e: RuntimeError, path: &Path, id: &str) -> Stop {
+    let message = e
+        .to_string()
+        .replace(&path.display().to_string(), &format!("stored LoRA `{id}`"));
+    let error = Stop::from(e).error;
+    Stop {
+        error: JobError { message, ..error },
+        state: State::Failed,
     }
 }
 
