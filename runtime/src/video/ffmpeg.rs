@@ -560,6 +560,35 @@ fn wait_bounded(
     Ok((status, joined(out), joined(err)))
 }
 
+/// Has the kernel kill `cmd`'s process when the thread that starts it ends, the process with
+/// it (Linux's parent-death signal): an encoder left running by a process that a signal ended
+/// would write its temporary file again after the signal's clean-up removed it
+/// (`v2l_contracts::atomic::remove_partial_outputs`). The thread outlives the child otherwise:
+/// [`ffmpeg_encode`] waits for it.
+fn ends_with_this_thread(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and calls only `prctl`,
+        // `getppid` and `_exit`, which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent ended before the signal was asked for: none will come.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 /// Pipes raw RGB24 frames into ffmpeg writing `path` (format from its extension), under a
 /// temporary name renamed into place on success. Once `stop` says so (asked between frames
 /// and while ffmpeg finishes), ffmpeg is killed, nothing is written and the result is
@@ -584,7 +613,9 @@ fn ffmpeg_encode(
             }
         })?;
     let tmp = tmp_file.path().to_path_buf();
-    let mut child = ffmpeg()
+    let mut cmd = ffmpeg();
+    ends_with_this_thread(&mut cmd);
+    let mut child = cmd
         .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &format!("{width}x{height}"), "-r", &fps.to_string(), "-i", "-"])
         .args(args)
         .arg(&tmp)
