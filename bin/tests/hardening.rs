@@ -1333,3 +1333,60 @@ fn a_signal_during_a_compile_leaves_no_partial_engine() {
         assert!(!engine.exists(), "{name}");
     }
 }
+
+/// Ctrl-C while `v2l-run` writes its mp4: the temporary mp4 is removed, the process ends by
+/// the signal, and the encoder it started dies with it rather than writing the file again
+/// (a stand-in ffmpeg that waits 5 s before encoding stands for a slow one).
+#[test]
+fn a_signal_while_the_mp4_is_written_leaves_no_file_and_no_encoder() {
+    use std::os::unix::process::ExitStatusExt;
+    let d = tempfile::tempdir().unwrap();
+    let engine = common::engine(d.path());
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let marker = d.path().join("encoder-ran");
+    let slow = d.path().join("slow-ffmpeg");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/bash\ncase \" $* \" in *\" -i - \"*) sleep 5; touch '{}';; esac\nexec ffmpeg \"$@\"\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new("chmod").arg("+x").arg(&slow).output().unwrap();
+    assert!(o.status.success());
+    let embeds = common::tiny().join("e2e_io.safetensors");
+    let mut child = generate_command(&engine, &out_dir.join("v.mp4"), &embeds, &[])
+        .env("V2L_FFMPEG", &slow)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let left = || -> Vec<String> {
+        std::fs::read_dir(&out_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    while !left().iter().any(|n| n.starts_with(".v2l-") && n.ends_with(".mp4")) {
+        assert!(child.try_wait().unwrap().is_none(), "ended before its mp4");
+        assert!(start.elapsed().as_secs() < 120, "no temporary mp4");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.signal(), Some(libc::SIGINT), "{err}");
+    assert!(
+        err.contains("interrupted (SIGINT): removed the partial output"),
+        "{err}"
+    );
+    // Past the stand-in's wait: had it lived, it would have encoded by now.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    assert!(left().is_empty(), "{:?}", left());
+    assert!(!marker.exists(), "the encoder outlived v2l-run");
+}
