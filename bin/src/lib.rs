@@ -198,32 +198,59 @@ pub fn main_with(f: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
 /// temporary `.v2l-*` siblings; finished ones stay), says so on stderr, and ends the process
 /// by the signal, as it would have ended without this (a shell sees 130 for Ctrl-C). Without
 /// it the signal ended the process at once and left them: an export's weight file, many GB at
-/// 5B, or an engine directory half built.
+/// 5B, or an engine directory half built. A signal the process was started ignoring (`nohup`,
+/// a script's background job) stays ignored; a second one ends the process at once, should
+/// the removal take long.
 fn remove_partial_outputs_on_signal() {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+    let caught: Vec<_> = [SIGINT, SIGTERM, SIGHUP]
+        .into_iter()
+        .filter(|&s| !ignored(s))
+        .collect();
+    let Ok(mut signals) = signal_hook::iterator::Signals::new(&caught) else {
         // The signals keep their default action: nothing is worse than before.
         return;
     };
     std::thread::spawn(move || {
-        let Some(signal) = signals.forever().next() else {
+        let mut arriving = signals.forever();
+        let Some(signal) = arriving.next() else {
             return;
         };
-        let removed = v2l_contracts::atomic::remove_partial_outputs();
-        let name = match signal {
-            SIGINT => "SIGINT",
-            SIGTERM => "SIGTERM",
-            _ => "SIGHUP",
-        };
-        match removed {
-            0 => eprintln!("interrupted ({name})"),
-            1 => eprintln!("interrupted ({name}): removed the partial output"),
-            n => eprintln!("interrupted ({name}): removed {n} partial outputs"),
+        std::thread::spawn(move || {
+            let removed = v2l_contracts::atomic::remove_partial_outputs();
+            let name = match signal {
+                SIGINT => "SIGINT",
+                SIGTERM => "SIGTERM",
+                _ => "SIGHUP",
+            };
+            match removed {
+                0 => eprintln!("interrupted ({name})"),
+                1 => eprintln!("interrupted ({name}): removed the partial output"),
+                n => eprintln!("interrupted ({name}): removed {n} partial outputs"),
+            }
+            end_by(signal);
+        });
+        if let Some(again) = arriving.next() {
+            end_by(again);
         }
-        let _ = signal_hook::low_level::emulate_default_handler(signal);
-        // Where the signal did not end it (it cannot fail to, for these three).
-        signal_hook::low_level::exit(128 + signal);
     });
+}
+
+/// Ends the process by `signal`'s default action, as if it had not been caught.
+fn end_by(signal: i32) -> ! {
+    let _ = signal_hook::low_level::emulate_default_handler(signal);
+    // Where the signal did not end it (it cannot fail to, for these three).
+    signal_hook::low_level::exit(128 + signal)
+}
+
+/// Whether the process was started with `signal` ignored (inherited across exec).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: a query only (no new action); `old` is a valid, zeroed `sigaction` to write.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// An output path that can be written: a file name with one of `exts`, in an existing

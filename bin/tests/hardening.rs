@@ -1279,7 +1279,7 @@ fn requests_for_other_hosts_and_origins_are_refused() {
 /// Ctrl-C (or SIGTERM) while `v2l-compile` builds an engine: the half-built directory (a
 /// hidden `.v2l-*.partial` sibling of the output) is removed, stderr says so, and the process
 /// still ends by the signal, as a shell expects. It used to stay behind: the signal ended the
-/// process before any destructor ran.
+/// process before any destructor ran. A signal ignored at start (`nohup`) stays ignored.
 #[test]
 fn a_signal_during_a_compile_leaves_no_partial_engine() {
     use std::os::unix::process::ExitStatusExt;
@@ -1332,6 +1332,46 @@ fn a_signal_during_a_compile_leaves_no_partial_engine() {
         assert!(partial().is_empty(), "{name}: {:?}", partial());
         assert!(!engine.exists(), "{name}");
     }
+    // Started with SIGHUP ignored (`nohup`): it stays ignored, and the compile finishes.
+    let engine = d.path().join("engine-nohup");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-compile"));
+    c.arg(&ex)
+        .arg("-o")
+        .arg(&engine)
+        .args(["--precision", "int8"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: `signal` is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    let start = std::time::Instant::now();
+    while partial().is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before its directory was seen"
+        );
+        assert!(start.elapsed().as_secs() < 120, "no partial directory");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "{:?} {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(engine.join("bundle.json").exists());
 }
 
 /// Ctrl-C while `v2l-run` writes its mp4: the temporary mp4 is removed, the process ends by
@@ -1371,13 +1411,19 @@ fn a_signal_while_the_mp4_is_written_leaves_no_file_and_no_encoder() {
             .collect()
     };
     let start = std::time::Instant::now();
-    while !left().iter().any(|n| n.starts_with(".v2l-") && n.ends_with(".mp4")) {
+    while !left()
+        .iter()
+        .any(|n| n.starts_with(".v2l-") && n.ends_with(".mp4"))
+    {
         assert!(child.try_wait().unwrap().is_none(), "ended before its mp4");
         assert!(start.elapsed().as_secs() < 120, "no temporary mp4");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     // SAFETY: signalling our own child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.signal(), Some(libc::SIGINT), "{err}");

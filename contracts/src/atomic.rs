@@ -30,32 +30,63 @@ fn unlist(list: &mut Vec<PathBuf>, path: &Path) {
 /// after this (a writer doing so waits until the process exits).
 pub fn remove_partial_outputs() -> usize {
     let list = pending();
-    let removed = list
-        .iter()
-        .filter(|p| match std::fs::symlink_metadata(p) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).is_ok(),
-            Ok(_) => std::fs::remove_file(p).is_ok(),
-            Err(_) => false,
-        })
-        .count();
+    let removed = list.iter().filter(|p| remove_partial(p)).count();
     std::mem::forget(list);
     removed
 }
 
+/// Removes `path`. A directory is first renamed aside, so the work still filling it (another
+/// thread, until the process ends) cannot add to it by its name while it is removed.
+fn remove_partial(path: &Path) -> bool {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".removing");
+            let aside = PathBuf::from(aside);
+            let gone = if std::fs::rename(path, &aside).is_ok() {
+                aside
+            } else {
+                path.to_path_buf()
+            };
+            // A file created in it by an open directory handle meanwhile: try again.
+            (0..3).any(|_| std::fs::remove_dir_all(&gone).is_ok() || !gone.exists())
+        }
+        Ok(_) => std::fs::remove_file(path).is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// A temporary path (a directory being staged) listed for [`remove_partial_outputs`] until
-/// dropped: for writers with their own staging, as [`build_dir`] lists its own.
+/// dropped or [`Listing::settle`]d: for writers with their own staging, as [`build_dir`]
+/// lists its own.
 #[derive(Debug)]
-pub struct Listing(PathBuf);
+pub struct Listing(Option<PathBuf>);
 
 /// Lists `path` for [`remove_partial_outputs`] while the returned guard lives.
 pub fn list_partial(path: &Path) -> Listing {
     pending().push(path.to_path_buf());
-    Listing(path.to_path_buf())
+    Listing(Some(path.to_path_buf()))
+}
+
+impl Listing {
+    /// Runs `publish` (the renames that put the listed path's work in place) under the list's
+    /// lock, the path unlisted first: a signal's removal comes wholly before (and `publish`
+    /// never runs: the process ends) or wholly after it, never while a rename is half done.
+    /// `publish` must not create or persist a temporary output of its own (the lock is held).
+    pub fn settle<R>(mut self, publish: impl FnOnce() -> R) -> R {
+        let mut list = pending();
+        if let Some(p) = self.0.take() {
+            unlist(&mut list, &p);
+        }
+        publish()
+    }
 }
 
 impl Drop for Listing {
     fn drop(&mut self) {
-        unlist(&mut pending(), &self.0);
+        if let Some(p) = self.0.take() {
+            unlist(&mut pending(), &p);
+        }
     }
 }
 
@@ -86,13 +117,7 @@ impl Partial {
     /// Renames it over `path`. On failure it is deleted.
     pub fn persist(self, path: &Path) -> std::io::Result<()> {
         let Partial { file, listing } = self;
-        // Under the list's lock: a signal's removal comes wholly before or after the rename.
-        let mut list = pending();
-        unlist(&mut list, &listing.0);
-        let persisted = file.persist(path).map(drop).map_err(|e| e.error);
-        drop(list);
-        drop(listing);
-        persisted
+        listing.settle(|| file.persist(path).map(drop).map_err(|e| e.error))
     }
 }
 
@@ -110,11 +135,15 @@ impl Write for Partial {
 /// readable like a normally created file (`tempfile` makes them owner-only). It is deleted
 /// when dropped unless persisted with [`Partial::persist`].
 pub fn temp_sibling(path: &Path, suffix: &str) -> std::io::Result<Partial> {
+    // Created and listed under the list's lock: no signal comes between the two.
+    let mut list = pending();
     let file = tempfile::Builder::new()
         .prefix(".v2l-")
         .suffix(suffix)
         .tempfile_in(parent_of(path))?;
-    let listing = list_partial(file.path());
+    list.push(file.path().to_path_buf());
+    drop(list);
+    let listing = Listing(Some(file.path().to_path_buf()));
     let tmp = Partial { file, listing };
     set_mode(tmp.path(), 0o644)?;
     Ok(tmp)
@@ -128,25 +157,26 @@ pub fn build_dir<T, E>(
     io: impl Fn(&Path, std::io::Error) -> E,
     fill: impl FnOnce(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
+    // Created and listed under the list's lock, as in `temp_sibling`.
+    let mut list = pending();
     let tmp = tempfile::Builder::new()
         .prefix(".v2l-")
         .suffix(".partial")
         .tempdir_in(parent_of(out))
         .map_err(|e| io(out, e))?;
+    list.push(tmp.path().to_path_buf());
+    drop(list);
     // Unlisted however `fill` ends, a panic included (the `TempDir` removes itself).
-    let listed = list_partial(tmp.path());
+    let listed = Listing(Some(tmp.path().to_path_buf()));
     set_mode(tmp.path(), 0o755).map_err(|e| io(tmp.path(), e))?;
     let value = fill(tmp.path())?;
-    // Under the list's lock, as `Partial::persist`.
-    let list = pending();
     let built = tmp.keep();
-    let renamed = std::fs::rename(&built, out);
-    drop(list);
-    drop(listed);
-    renamed.map_err(|e| {
-        let _ = std::fs::remove_dir_all(&built);
-        io(out, e)
-    })?;
+    listed
+        .settle(|| std::fs::rename(&built, out))
+        .map_err(|e| {
+            let _ = std::fs::remove_dir_all(&built);
+            io(out, e)
+        })?;
     Ok(value)
 }
 

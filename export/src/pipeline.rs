@@ -457,7 +457,7 @@ pub fn pipeline(
             ))
         })?;
     // Removed on a signal too (the CLIs' Ctrl-C), not only by the next export.
-    let _listed = v2l_contracts::atomic::list_partial(staging.path());
+    let listed = v2l_contracts::atomic::list_partial(staging.path());
     let stage = Output {
         output: staging.path(),
         shown_as: Some(out.output),
@@ -493,7 +493,9 @@ pub fn pipeline(
     manifest.scheduler = Some(name.into());
     manifest.pipeline = Some(kind);
     manifest.write(&stage.output)?;
-    publish(staging, out.output)?;
+    // The renames into place under the list's lock: a signal's clean-up never removes a
+    // staging directory half published.
+    listed.settle(|| publish(staging, out.output))?;
     (out.say)(&format!("wrote {}", out.output.join(name).display()));
     Ok(())
 }

@@ -351,6 +351,8 @@ async fn keep_lora(
                     v2l_runtime::lora::format::LoraFormat::Diffusers,
                 )
                 .map_err(ApiError::internal)?;
+                // Its store is its first use, stamped in order (`Store::use_lora`).
+                store.use_lora(&id);
                 (pin, true)
             }
         };

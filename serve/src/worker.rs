@@ -688,6 +688,7 @@ impl Worker {
                 let path = store.lora_path(id);
                 v2l_runtime::lora::format::write(&path, &l, LoraFormat::Diffusers)
                     .map_err(|e| stored_lora_error(e.into(), &path, id))?;
+                store.use_lora(id);
             }
             return Ok((l, true));
         }
@@ -700,6 +701,8 @@ impl Worker {
         let lora = Arc::new(prediction.lora);
         v2l_runtime::lora::format::write(&path, &lora, LoraFormat::Diffusers)
             .map_err(|e| stored_lora_error(e.into(), &path, id))?;
+        // Its store is its first use, stamped in order (`Store::use_lora`).
+        store.use_lora(id);
         self.shared.cache.insert(id, lora.clone());
         self.shared.prune_loras();
         Ok((lora, false))
@@ -823,11 +826,15 @@ impl<'a> Bounds<'a> {
 }
 
 /// A failure reading or writing stored LoRA `id` at `path`, as its job reports it: clients
-/// never see server paths, a stored LoRA is named by its id.
+/// never see server paths, a stored LoRA is named by its id (and a temporary file beside it,
+/// which a failed write may name, by the store's name).
 fn stored_lora_error(e: RuntimeError, path: &Path, id: &str) -> Stop {
-    let message = e
+    let mut message = e
         .to_string()
         .replace(&path.display().to_string(), &format!("stored LoRA `{id}`"));
+    if let Some(dir) = path.parent() {
+        message = message.replace(&dir.display().to_string(), "<stored LoRAs>");
+    }
     let error = Stop::from(e).error;
     Stop {
         error: JobError { message, ..error },

@@ -518,23 +518,25 @@ fn never() -> bool {
     false
 }
 
+/// Reads all of a child's stream on a thread of its own, so the child never waits on a full
+/// pipe.
+fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut r) = r {
+            // A read error ends the output early; the exit status reports the failure.
+            let _ = r.read_to_end(&mut v);
+        }
+        v
+    })
+}
+
 /// Collects a child's output, killing it if it runs past `timeout` or once `stop` says so.
 fn wait_bounded(
     mut child: std::process::Child,
     timeout: Option<std::time::Duration>,
     stop: &dyn Fn() -> bool,
 ) -> std::result::Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), Waited> {
-    use std::io::Read;
-    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            if let Some(mut r) = r {
-                // A read error ends the output early; the exit status reports the failure.
-                let _ = r.read_to_end(&mut v);
-            }
-            v
-        })
-    }
     let out = drain(child.stdout.take());
     let err = drain(child.stderr.take());
     let started = std::time::Instant::now();
@@ -629,6 +631,9 @@ fn ffmpeg_encode(
         })?;
     // A frame at a time, so a stop is heard between frames (x264 holds a few dozen back, so
     // writes wait on the encoder).
+    // Read while the frames go in: a write waiting on ffmpeg, itself waiting on a full stderr
+    // pipe, would never hear `stop`.
+    let stderr = drain(child.stderr.take());
     let mut stopped = false;
     let wrote = child.stdin.take().map(|mut stdin| {
         for frame in rgb.chunks((width * height * 3).max(1)) {
@@ -642,13 +647,14 @@ fn ffmpeg_encode(
         // `stdin` is dropped here: ffmpeg sees the end of its input.
     });
     let stop = || stopped || stop();
-    let (status, _, stderr) = wait_bounded(child, None, &stop).map_err(|e| match e {
+    let (status, _, _) = wait_bounded(child, None, &stop).map_err(|e| match e {
         Waited::Io(source) => RuntimeError::Io {
             path: path.into(),
             source,
         },
         Waited::Stopped | Waited::TimedOut(_) => RuntimeError::Cancelled,
     })?;
+    let stderr = stderr.join().unwrap_or_default();
     if !status.success() || !matches!(wrote, Some(Ok(()))) {
         let msg = String::from_utf8_lossy(&stderr);
         return Err(bad(
