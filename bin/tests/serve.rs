@@ -604,6 +604,72 @@ fn queued_jobs_survive_a_restart_and_a_crash_fails_the_running_one() {
     );
 }
 
+/// `--shutdown-grace`: a job still running when the grace after SIGTERM is over is stopped
+/// within the node in flight and queued again, not failed, and the next start runs it from its
+/// first step. Without the flag, a second signal does the same at once.
+#[test]
+fn a_job_running_past_the_shutdown_grace_is_queued_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = common::engine(tmp.path());
+    let state = tmp.path().join("state");
+    let args = ["--max-steps", "1000"];
+    let running = |c: &Client, id: &str| loop {
+        let j = c.get(&format!("/v1/videos/{id}")).unwrap().json();
+        if j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 1 {
+            return j;
+        }
+        assert!(
+            ["queued", "running"].contains(&j["state"].as_str().unwrap()),
+            "{j}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+
+    let server = Server::start(
+        &engine,
+        &state,
+        &[&args[..], &["--shutdown-grace", "1"]].concat(),
+    );
+    let c = server.client();
+    let r = c.post("/v1/videos", &choice(0, 1000).0).unwrap();
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    running(&c, &id);
+    let t = std::time::Instant::now();
+    let (code, log) = server.terminate();
+    assert_eq!(code, 0, "{log}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert!(log.contains("--shutdown-grace is over"), "{log}");
+    assert!(log.contains("queued again for its next start"), "{log}");
+    assert!(log.contains("1 queued job(s) kept"), "{log}");
+
+    // The next start runs it again, from its first step; a second signal stops it at once.
+    let server = Server::start(&engine, &state, &args);
+    let c = server.client();
+    let j = running(&c, &id);
+    assert!(j["error"].is_null(), "{j}");
+    // SAFETY: signalling the server's process, ours to end.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, log) = server.terminate();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("a second signal: stopping the running jobs"),
+        "{log}"
+    );
+
+    let server = Server::start(&engine, &state, &args);
+    let c = server.client();
+    let j = c.get(&format!("/v1/videos/{id}")).unwrap().json();
+    assert!(
+        ["queued", "running"].contains(&j["state"].as_str().unwrap()),
+        "{j}"
+    );
+    c.delete(&format!("/v1/videos/{id}")).unwrap();
+    let ended = c.wait(&id, Duration::from_secs(60)).unwrap();
+    assert_eq!(ended["state"], "cancelled", "{ended}");
+}
+
 /// The contract (`reference`: a video or a safetensors `reference_u8` clip, as `v2l-run
 /// --reference` takes it): the server's video from a safetensors clip equals the CLI's.
 #[test]

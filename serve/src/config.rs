@@ -83,6 +83,10 @@ pub struct Config {
     pub batch_wait: Duration,
     /// How LoRAs reach the DiT; `None`: the engine's own choice.
     pub lora_strategy: Option<v2l_runtime::lora::strategy::Strategy>,
+    /// After SIGTERM, how long running jobs may go on before they are stopped and queued
+    /// again for the next start (`--shutdown-grace`); `None`: until they end. A second
+    /// signal stops them at once either way.
+    pub shutdown_grace: Option<Duration>,
     pub limits: RequestLimits,
 }
 
@@ -207,6 +211,7 @@ mod tests {
             token: None,
             allowed_hosts: Vec::new(),
             retention: Default::default(),
+            shutdown_grace: None,
             connections: 1,
             header_timeout: Duration::from_secs(1),
             body_timeout: Duration::from_secs(1),

@@ -79,6 +79,8 @@ pub struct Jobs {
     /// until the store takes it.
     unrecorded: Mutex<HashMap<String, (State, JobError)>>,
     draining: AtomicBool,
+    /// Set once a shutdown's grace is over: running jobs stop and are queued again.
+    stopping: AtomicBool,
     running: AtomicUsize,
 }
 
@@ -116,6 +118,7 @@ impl Jobs {
             reserved: AtomicUsize::new(0),
             unrecorded: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             running: AtomicUsize::new(0),
         }
     }
@@ -254,6 +257,17 @@ impl Jobs {
         let _q = locked(&self.queue);
         self.draining.store(true, Ordering::SeqCst);
         self.wake.notify_all();
+    }
+
+    /// Ends a shutdown's grace (`--shutdown-grace`, or a second signal): running jobs stop
+    /// within the node in flight and are queued again for the next start.
+    pub fn stop_running(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether running jobs are to stop for the shutdown ([`Jobs::stop_running`]).
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub fn draining(&self) -> bool {

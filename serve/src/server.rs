@@ -129,7 +129,15 @@ pub fn serve(config: Config) -> Result<(), String> {
         let shared = shared.clone();
         let stop = async move {
             shutdown_signal().await;
-            eprintln!("v2l-serve: shutting down: no new jobs; finishing the running ones");
+            match shared.config.shutdown_grace {
+                None => eprintln!(
+                    "v2l-serve: shutting down: no new jobs; finishing the running ones (a second signal stops them)"
+                ),
+                Some(g) => eprintln!(
+                    "v2l-serve: shutting down: no new jobs; the running ones have {} s (--shutdown-grace), then are queued again",
+                    g.as_secs()
+                ),
+            }
             shared.jobs.drain();
             let _ = down_tx.send(true);
         };
@@ -138,14 +146,18 @@ pub fn serve(config: Config) -> Result<(), String> {
     });
     // Workers stop taking jobs once draining; on a listen error, drain them here.
     shared.jobs.drain();
-    for t in threads {
-        let _ = t.join();
-    }
+    let workers = std::thread::spawn(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    });
+    rt.block_on(stop_running_jobs(&shared, workers));
     served?;
-    eprintln!(
-        "v2l-serve: stopped; {} queued job(s) kept for the next start",
-        shared.jobs.depth()
-    );
+    // From the store: jobs the shutdown stopped are queued there again, not in the queue.
+    let queued = (shared.jobs.store.counts().ok())
+        .and_then(|c| c.get("queued").copied())
+        .unwrap_or(shared.jobs.depth() as u64);
+    eprintln!("v2l-serve: stopped; {queued} queued job(s) kept for the next start");
     Ok(())
 }
 
@@ -279,6 +291,29 @@ async fn refuse_long_uri(mut stream: tokio::net::TcpStream) {
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(body.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// Waits for the workers (`workers`, the thread joining them) to finish their running jobs,
+/// until `--shutdown-grace` is over or a second signal comes; then stops those jobs, which are
+/// queued again for the next start, and waits for the workers to wind down.
+async fn stop_running_jobs(shared: &Shared, workers: std::thread::JoinHandle<()>) {
+    let done = tokio::task::spawn_blocking(move || {
+        let _ = workers.join();
+    });
+    tokio::pin!(done);
+    let grace = async {
+        match shared.config.shutdown_grace {
+            Some(g) => tokio::time::sleep(g).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = &mut done => return,
+        _ = grace => eprintln!("v2l-serve: --shutdown-grace is over: stopping the running jobs"),
+        _ = shutdown_signal() => eprintln!("v2l-serve: a second signal: stopping the running jobs"),
+    }
+    shared.jobs.stop_running();
+    let _ = done.await;
 }
 
 async fn shutdown_signal() {

@@ -914,6 +914,18 @@ impl Store {
         Ok(())
     }
 
+    /// A running job stopped by the server's shutdown, queued again as it was submitted (its
+    /// inputs kept, its progress and its LoRA's record cleared), to run from the start at the
+    /// next start; false if it was not running.
+    pub fn requeue(&self, id: &str) -> Result<bool> {
+        let n = self.conn()?.execute(
+            "UPDATE jobs SET state = 'queued', started_at = NULL, step = 0, steps = 0,
+             lora_id = NULL, lora_cached = NULL WHERE id = ?1 AND state = 'running'",
+            params![id],
+        )?;
+        Ok(n == 1)
+    }
+
     /// A queued job cancelled before it ran; false if it was not queued.
     pub fn cancel_queued(&self, id: &str) -> Result<bool> {
         let n = self.conn()?.execute(

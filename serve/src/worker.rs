@@ -282,7 +282,7 @@ impl Worker {
         let started = Instant::now();
         let mut timings = BTreeMap::new();
         let jobs = [(id, live)];
-        let bounds = Bounds::new(&jobs, self.deadline(started));
+        let bounds = Bounds::new(&jobs, self.deadline(started), &shared.jobs);
         let outcome = match store.get(id) {
             Ok(Some(job)) => self.run_record(&job, &bounds, &mut timings),
             Ok(None) => Err(Stop::failed(
@@ -306,6 +306,11 @@ impl Worker {
         timings: BTreeMap<String, f64>,
     ) -> Snapshot {
         let store = &self.shared.jobs.store;
+        if let Err(stop) = &outcome {
+            if stop.state == State::Queued {
+                return self.requeue(id, &stop.error.message);
+            }
+        }
         let snap = *live.status.borrow();
         let mut last = Snapshot {
             state: State::Failed,
@@ -353,6 +358,30 @@ impl Worker {
         last
     }
 
+    /// A job the shutdown stopped: queued again (its inputs kept) for the next start; failed
+    /// should the store refuse, as a kill would have left it.
+    fn requeue(&self, id: &str, why: &str) -> Snapshot {
+        let queued = Snapshot {
+            state: State::Queued,
+            step: 0,
+            steps: 0,
+        };
+        match self.shared.jobs.store.requeue(id) {
+            Ok(true) => {
+                eprintln!("v2l-serve: job {id}: {why}");
+                queued
+            }
+            Ok(false) => queued,
+            Err(e) => {
+                eprintln!("v2l-serve: job {id}: {why}, but it could not be queued again: {e}");
+                Snapshot {
+                    state: State::Failed,
+                    ..queued
+                }
+            }
+        }
+    }
+
     fn run_record(
         &mut self,
         job: &JobRecord,
@@ -396,6 +425,7 @@ impl Worker {
     fn run_batch(&mut self, batch: Vec<(String, Arc<Live>)>) {
         let started = Instant::now();
         let deadline = self.deadline(started);
+        let shared = self.shared.clone();
         let mut ready = Vec::new();
         for (id, live) in batch {
             if let Err(last) = self.start(&id, &live) {
@@ -415,7 +445,7 @@ impl Worker {
                 };
                 let dir = self.shared.jobs.store.job_dir(&id)?;
                 let one = [(id.as_str(), &*live)];
-                let req = Bounds::new(&one, deadline)
+                let req = Bounds::new(&one, deadline, &shared.jobs)
                     .run(|| self.video_request(&id, &p, &dir, &mut timings, false))?;
                 Ok::<_, Stop>((p, dir, req))
             })();
@@ -433,7 +463,7 @@ impl Worker {
         let n = ready.len() as f64;
         let lives: Vec<(&str, &Live)> = ready.iter().map(|r| (r.0.as_str(), &*r.1)).collect();
         let reqs: Vec<Request> = ready.iter().map(|r| r.4.clone()).collect();
-        let bounds = Bounds::new(&lives, deadline);
+        let bounds = Bounds::new(&lives, deadline, &shared.jobs);
         let generated = bounds.run(|| self.generate(&bounds, &reqs));
         drop(lives);
         let mut gens = match generated {
@@ -451,7 +481,7 @@ impl Worker {
         for ((id, live, p, dir, _, mut timings), gen) in ready.into_iter().zip(gens.drain(..)) {
             timings.insert("batch_size".into(), n);
             let one = [(id.as_str(), &*live)];
-            let bounds = Bounds::new(&one, deadline);
+            let bounds = Bounds::new(&one, deadline, &self.shared.jobs);
             let outcome = gen.and_then(|g| self.write_video(g, &p, &dir, &bounds, &mut timings));
             // A job cancelled while its batch ran is cancelled, whatever the batch did.
             let outcome = match live.cancel.load(Ordering::SeqCst) {
@@ -781,14 +811,21 @@ fn batch_key(store: &crate::store::Store, id: &str) -> Option<BatchKey> {
 struct Bounds<'a> {
     jobs: &'a [(&'a str, &'a Live)],
     deadline: Option<(Duration, Instant)>,
+    /// The server's queue: a shutdown whose grace is over stops the run too.
+    queue: &'a crate::jobs::Jobs,
     cause: OnceLock<Cause>,
 }
 
 impl<'a> Bounds<'a> {
-    fn new(jobs: &'a [(&'a str, &'a Live)], deadline: Option<(Duration, Instant)>) -> Self {
+    fn new(
+        jobs: &'a [(&'a str, &'a Live)],
+        deadline: Option<(Duration, Instant)>,
+        queue: &'a crate::jobs::Jobs,
+    ) -> Self {
         Bounds {
             jobs,
             deadline,
+            queue,
             cause: OnceLock::new(),
         }
     }
@@ -797,7 +834,7 @@ impl<'a> Bounds<'a> {
     fn stop(&self) -> bool {
         let over = self.deadline.is_some_and(|(_, d)| Instant::now() > d);
         let deleted = (self.jobs.iter()).all(|(_, l)| l.cancel.load(Ordering::SeqCst));
-        stop_cause(&self.cause, over, deleted)
+        stop_cause(&self.cause, over, deleted, self.queue.stopping())
     }
 
     /// How a stopped run ends.
@@ -811,6 +848,14 @@ impl<'a> Bounds<'a> {
                     limit.as_secs()
                 ),
             ),
+            (Some(Cause::Shutdown), _) => Stop {
+                state: State::Queued,
+                error: JobError {
+                    kind: JobErrorKind::Interrupted,
+                    message: "stopped by the server's shutdown; queued again for its next start"
+                        .into(),
+                },
+            },
             _ => cancelled(),
         }
     }
@@ -861,14 +906,18 @@ impl Watch<'_> {
 enum Cause {
     TimeLimit,
     Deleted,
+    /// The server's shutdown, its grace over (`--shutdown-grace`, or a second signal).
+    Shutdown,
 }
 
-/// Whether to stop, recording the first cause seen (the time limit's if both hold at once).
-fn stop_cause(cause: &OnceLock<Cause>, over: bool, deleted: bool) -> bool {
-    let now = match (over, deleted) {
-        (true, _) => Cause::TimeLimit,
-        (false, true) => Cause::Deleted,
-        (false, false) => return false,
+/// Whether to stop, recording the first cause seen (of several at once: the time limit, then
+/// a DELETE, then the shutdown, which queues the job again).
+fn stop_cause(cause: &OnceLock<Cause>, over: bool, deleted: bool, shutdown: bool) -> bool {
+    let now = match (over, deleted, shutdown) {
+        (true, _, _) => Cause::TimeLimit,
+        (false, true, _) => Cause::Deleted,
+        (false, false, true) => Cause::Shutdown,
+        (false, false, false) => return false,
     };
     cause.get_or_init(|| now);
     true
@@ -914,15 +963,22 @@ mod tests {
     #[test]
     fn the_first_cause_to_stop_a_run_names_it() {
         let cause = OnceLock::new();
-        assert!(!stop_cause(&cause, false, false));
+        assert!(!stop_cause(&cause, false, false, false));
         assert_eq!(cause.get(), None);
         // A DELETE, then the time limit passing while the run winds down: still a cancel.
-        assert!(stop_cause(&cause, false, true));
-        assert!(stop_cause(&cause, true, true));
+        assert!(stop_cause(&cause, false, true, false));
+        assert!(stop_cause(&cause, true, true, false));
         assert_eq!(cause.get(), Some(&Cause::Deleted));
         let cause = OnceLock::new();
-        assert!(stop_cause(&cause, true, true));
-        assert!(stop_cause(&cause, false, true));
+        assert!(stop_cause(&cause, true, true, false));
+        assert!(stop_cause(&cause, false, true, false));
         assert_eq!(cause.get(), Some(&Cause::TimeLimit));
+        // The shutdown queues a job again, unless its client had deleted it.
+        let cause = OnceLock::new();
+        assert!(stop_cause(&cause, false, true, true));
+        assert_eq!(cause.get(), Some(&Cause::Deleted));
+        let cause = OnceLock::new();
+        assert!(stop_cause(&cause, false, false, true));
+        assert_eq!(cause.get(), Some(&Cause::Shutdown));
     }
 }

@@ -135,6 +135,13 @@ struct Args {
     /// denoising and decoding (it stops the ONNX Runtime call in flight; 0: no limit).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=31536000))]
     job_timeout: u64,
+    /// After SIGTERM or Ctrl-C, seconds the running jobs may go on; then they are stopped
+    /// within the ONNX Runtime node in flight and queued again, to run from the start at the
+    /// next start (not failed, as a kill would leave them). Without it they run to their end.
+    /// Set it below your orchestrator's kill timeout (Kubernetes: 30 s, Docker: 10 s). A
+    /// second signal stops them at once.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=31536000))]
+    shutdown_grace: Option<u64>,
 }
 
 /// A `usize` flag within `LO..=HI`: refused at parse time with clap's `error:` line and exit
@@ -204,6 +211,7 @@ fn run(a: Args) -> Result<(), String> {
     }
     v2l_serve::server::serve(Config {
         lora_strategy,
+        shutdown_grace: a.shutdown_grace.map(Duration::from_secs),
         engine: a.engine,
         addr: a.addr,
         state_dir: a.state_dir,
