@@ -1282,7 +1282,7 @@ fn requests_for_other_hosts_and_origins_are_refused() {
 /// process before any destructor ran. A signal ignored at start (`nohup`) stays ignored.
 #[test]
 fn a_signal_during_a_compile_leaves_no_partial_engine() {
-    use std::os::unix::process::ExitStatusExt;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     let d = tempfile::tempdir().unwrap();
     let ex = common::export_of(&common::tiny(), &d.path().join("export"));
     let partial = || {
@@ -1293,31 +1293,41 @@ fn a_signal_during_a_compile_leaves_no_partial_engine() {
             .filter(|n| n.starts_with(".v2l-"))
             .collect::<Vec<_>>()
     };
-    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
-        let engine = d.path().join(format!("engine-{name}"));
-        // int8: calibration runs and the accuracy record keep the build going for a second or
-        // more, time enough to see its directory appear.
-        let mut child = Command::new(env!("CARGO_BIN_EXE_v2l-compile"))
-            .arg(&ex)
+    // Compiles into `engine` (int8: calibration runs and the accuracy record keep the build
+    // going for a second or more) and sends `signal` once its directory is there.
+    let compile_and_signal = |engine: &Path, signal: i32, ignore_sighup: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-compile"));
+        c.arg(&ex)
             .arg("-o")
-            .arg(&engine)
-            .args(["--precision", "int8"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .arg(engine)
+            .args(["--precision", "int8"]);
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        if ignore_sighup {
+            // SAFETY: `signal` is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = c.spawn().unwrap();
         let start = std::time::Instant::now();
         while partial().is_empty() {
             assert!(
                 child.try_wait().unwrap().is_none(),
-                "the compile ended before its directory was seen"
+                "ended before its directory was seen"
             );
             assert!(start.elapsed().as_secs() < 120, "no partial directory");
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         // SAFETY: signalling our own child, not yet reaped (it was running just now).
         assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
-        let o = child.wait_with_output().unwrap();
+        child.wait_with_output().unwrap()
+    };
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        let engine = d.path().join(format!("engine-{name}"));
+        let o = compile_and_signal(&engine, signal, false);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(
             o.status.signal(),
@@ -1334,43 +1344,9 @@ fn a_signal_during_a_compile_leaves_no_partial_engine() {
     }
     // Started with SIGHUP ignored (`nohup`): it stays ignored, and the compile finishes.
     let engine = d.path().join("engine-nohup");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_v2l-compile"));
-    c.arg(&ex)
-        .arg("-o")
-        .arg(&engine)
-        .args(["--precision", "int8"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: `signal` is async-signal-safe; it runs in the child before exec.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        c.pre_exec(|| {
-            libc::signal(libc::SIGHUP, libc::SIG_IGN);
-            Ok(())
-        });
-    }
-    let mut child = c.spawn().unwrap();
-    let start = std::time::Instant::now();
-    while partial().is_empty() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "ended before its directory was seen"
-        );
-        assert!(start.elapsed().as_secs() < 120, "no partial directory");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
-        0
-    );
-    let o = child.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "{:?} {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = compile_and_signal(&engine, libc::SIGHUP, true);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{:?} {err}", o.status);
     assert!(engine.join("bundle.json").exists());
 }
 
