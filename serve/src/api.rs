@@ -7,7 +7,7 @@
 //! | `GET /v1/videos/{id}` | state, progress, timings, error |
 //! | `GET /v1/videos/{id}/events` | server-sent progress events until the job ends |
 //! | `GET /v1/videos/{id}/content` | the mp4 |
-//! | `DELETE /v1/videos/{id}` | cancels (queued: at once; running: after the current step) |
+//! | `DELETE /v1/videos/{id}` | cancels (queued: at once; running: within the node in flight) |
 //! | `POST /v1/loras` | reference clip → predicted LoRA, or an uploaded LoRA file → `lora_id` |
 //! | `GET /v1/loras` | the stored LoRAs, most recently used first (`limit`, `after`) |
 //! | `GET /v1/loras/{id}` | the LoRA as a diffusers/PEFT safetensors file |
