@@ -169,10 +169,49 @@ pub fn merge_inputs(
         // One slot: `[1, rank, in]` and `[1, out, rank]` are the graph's `[rank, in]` and
         // `[out, rank]`.
         let (r, n_in, n_out) = (f.rank, t.in_features, t.out_features);
+        if let Some(l) = limit {
+            check_merged_range(&t.name, &fa, &fb, (r, n_in), l)?;
+        }
         inputs.insert(a, Tensor::floats(vec![r, n_in], fa, dtype));
         inputs.insert(b, Tensor::floats(vec![n_out, r], fb, dtype));
     }
     Ok(inputs)
+}
+
+/// Refuses a LoRA whose product `B·A` could take a merged fp16 weight past `limit`: each
+/// row's `Σₖ |Bᵢₖ|·maxⱼ |Aₖⱼ|` bounds every entry of that row of `B·A`, and half the range is
+/// left to the base weight (trained weights stay within ±10). The merge runs on the device,
+/// where an overflow would be an infinite weight and every later frame NaN.
+fn check_merged_range(
+    layer: &str,
+    a: &[f32],
+    b: &[f32],
+    (rank, n_in): (usize, usize),
+    limit: f32,
+) -> Result<()> {
+    if rank == 0 || n_in == 0 {
+        return Ok(());
+    }
+    let a_max: Vec<f32> = (a.chunks(n_in))
+        .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect();
+    let worst = (b.chunks(rank))
+        .map(|row| {
+            row.iter()
+                .zip(&a_max)
+                .map(|(b, a)| b.abs() * a)
+                .sum::<f32>()
+        })
+        .fold(0f32, f32::max);
+    if worst > limit / 2.0 {
+        return Err(RuntimeError::LoraLayer {
+            layer: layer.to_string(),
+            message: format!(
+                "merged into its fp16 weight, the LoRA could reach {worst:.3e} (|B|·max|A| by row), beyond half this fp16 engine's range (±{limit}; the other half is the base weight's): use a bf16 or fp32 engine"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn variant(engine: &Engine, strategy: Strategy) -> Result<PathBuf> {
@@ -658,6 +697,47 @@ fn fused_load(engine: &Engine, opts: &SessionOptions, lora: &AppliedLora) -> Res
 mod tests {
     use super::*;
     use crate::backend::Backend;
+
+    /// An fp16 engine's merge refuses a LoRA whose `B·A` could pass half of fp16's range, by
+    /// its layer, and takes one just inside; without a limit (bf16, fp32) both pass.
+    #[test]
+    fn an_fp16_merge_refuses_a_product_past_its_range() {
+        use crate::lora::format::{Factor, Lora, LoraFormat, LoraLayer};
+        let target = v2l_contracts::LinearInfo {
+            name: "blocks.0.to_q".into(),
+            out_features: 3,
+            in_features: 2,
+        };
+        // Rank 2, alpha 2 (scale 1): row 0 of B·A is bounded by 100·150 + 80·10 = 15,800
+        // (and reaches it), twice that past half of ±65,504.
+        let lora = |b0: f32| {
+            let layer = LoraLayer {
+                module: "blocks.0.to_q".into(),
+                a: Factor::from_f32([2, 2], &[150.0, -3.0, 10.0, 1.0]),
+                b: Factor::from_f32([3, 2], &[b0, 80.0, 1.0, 0.0, 0.0, 1.0]),
+                alpha: 2.0,
+            };
+            AppliedLora {
+                lora: std::sync::Arc::new(Lora {
+                    format: LoraFormat::Diffusers,
+                    layers: vec![layer],
+                }),
+                source: "l.safetensors".into(),
+                multiplier: 1.0,
+            }
+        };
+        let fp16 = Some(half::f16::MAX.to_f32());
+        let targets = [target];
+        let (inside, past) = (lora(100.0), lora(300.0));
+        assert!(merge_inputs(&targets, Some(&inside), fp16, v2l_graphs::DType::F16).is_ok());
+        let e = merge_inputs(&targets, Some(&past), fp16, v2l_graphs::DType::F16).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("blocks.0.to_q") && e.contains("could reach 4.580e4"),
+            "{e}"
+        );
+        assert!(merge_inputs(&targets, Some(&past), None, v2l_graphs::DType::BF16).is_ok());
+    }
 
     /// A plain cuda session takes each layout's own rank (at most the engine's); sessions that
     /// need one shape pad to it; the cap holds either way.
