@@ -101,6 +101,8 @@ pub fn serve(config: Config) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let (down_tx, down_rx) = tokio::sync::watch::channel(false);
+    // When the shutdown signal came: `--shutdown-grace` counts from it.
+    let signalled = Arc::new(std::sync::OnceLock::new());
     let app = App {
         shared: shared.clone(),
         shutdown: down_rx,
@@ -126,9 +128,10 @@ pub fn serve(config: Config) -> Result<(), String> {
             connections: shared.config.connections,
             header_timeout: shared.config.header_timeout,
         };
-        let shared = shared.clone();
+        let (shared, signalled) = (shared.clone(), signalled.clone());
         let stop = async move {
             shutdown_signal().await;
+            let _ = signalled.set(std::time::Instant::now());
             match shared.config.shutdown_grace {
                 None => eprintln!(
                     "v2l-serve: shutting down: no new jobs; finishing the running ones (a second signal stops them)"
@@ -151,7 +154,11 @@ pub fn serve(config: Config) -> Result<(), String> {
             let _ = t.join();
         }
     });
-    rt.block_on(stop_running_jobs(&shared, workers));
+    let since = signalled
+        .get()
+        .copied()
+        .unwrap_or_else(std::time::Instant::now);
+    rt.block_on(stop_running_jobs(&shared, workers, since));
     served?;
     // From the store: jobs the shutdown stopped are queued there again, not in the queue.
     let queued = (shared.jobs.store.counts().ok())
@@ -294,16 +301,21 @@ async fn refuse_long_uri(mut stream: tokio::net::TcpStream) {
 }
 
 /// Waits for the workers (`workers`, the thread joining them) to finish their running jobs,
-/// until `--shutdown-grace` is over or a second signal comes; then stops those jobs, which are
-/// queued again for the next start, and waits for the workers to wind down.
-async fn stop_running_jobs(shared: &Shared, workers: std::thread::JoinHandle<()>) {
+/// until `--shutdown-grace` from `since` (the signal) is over or a second signal comes; then
+/// stops those jobs, which are queued again for the next start, and waits for the workers to
+/// wind down.
+async fn stop_running_jobs(
+    shared: &Shared,
+    workers: std::thread::JoinHandle<()>,
+    since: std::time::Instant,
+) {
     let done = tokio::task::spawn_blocking(move || {
         let _ = workers.join();
     });
     tokio::pin!(done);
     let grace = async {
         match shared.config.shutdown_grace {
-            Some(g) => tokio::time::sleep(g).await,
+            Some(g) => tokio::time::sleep(g.saturating_sub(since.elapsed())).await,
             None => std::future::pending().await,
         }
     };
