@@ -30,20 +30,38 @@ fn unlist(list: &mut Vec<PathBuf>, path: &Path) {
 /// after this (a writer doing so waits until the process exits).
 pub fn remove_partial_outputs() -> usize {
     let list = pending();
-    let removed = list.iter().filter(|p| remove_partial(p)).count();
+    let mut placeholders = Vec::new();
+    let removed = list
+        .iter()
+        .filter(|p| remove_partial(p, &mut placeholders))
+        .count();
+    // Last, just before the process ends: until now they kept the work still running from
+    // making the directories again by their names.
+    for p in placeholders {
+        let _ = std::fs::remove_file(p);
+    }
     std::mem::forget(list);
     removed
 }
 
-/// Removes `path`. A directory is first renamed aside, so the work still filling it (another
-/// thread, until the process ends) cannot add to it by its name while it is removed.
-fn remove_partial(path: &Path) -> bool {
+/// Removes `path`. A directory is first renamed aside and an empty file put in its place
+/// (pushed to `placeholders`, for the caller to remove last): the work still filling it, on
+/// another thread until the process ends, would otherwise make it again by its name (a
+/// `create_dir_all` of a path inside it) while it is removed.
+fn remove_partial(path: &Path, placeholders: &mut Vec<PathBuf>) -> bool {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => {
             let mut aside = path.as_os_str().to_owned();
             aside.push(".removing");
             let aside = PathBuf::from(aside);
             let gone = if std::fs::rename(path, &aside).is_ok() {
+                let held = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path);
+                if held.is_ok() {
+                    placeholders.push(path.to_path_buf());
+                }
                 aside
             } else {
                 path.to_path_buf()
