@@ -1321,6 +1321,10 @@ fn a_signal_during_a_compile_leaves_no_partial_engine() {
             assert!(start.elapsed().as_secs() < 120, "no partial directory");
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
+        // Past the build's first moments (its parts linked in), where a signal can still
+        // race the work filling the directory and leave it (left as found, 2026-11-29).
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(child.try_wait().unwrap().is_none(), "ended within 200 ms");
         // SAFETY: signalling our own child, not yet reaped (it was running just now).
         assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
         child.wait_with_output().unwrap()
@@ -1339,7 +1343,17 @@ fn a_signal_during_a_compile_leaves_no_partial_engine() {
             err.contains(&format!("interrupted ({name}): removed the partial output")),
             "{err}"
         );
-        assert!(partial().is_empty(), "{name}: {:?}", partial());
+        let left: Vec<_> = partial()
+            .iter()
+            .map(|n| {
+                let p = d.path().join(n);
+                let inside: Vec<_> = std::fs::read_dir(&p)
+                    .map(|r| r.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
+                (n.clone(), p.is_dir(), inside)
+            })
+            .collect();
+        assert!(left.is_empty(), "{name}: {left:?} {err}");
         assert!(!engine.exists(), "{name}");
     }
     // Started with SIGHUP ignored (`nohup`): it stays ignored, and the compile finishes.
